@@ -1,1 +1,89 @@
-fn main() {}
+//! `quinn-baseline`: plain quinn on tokio, the reference that internet2-server is
+//! benchmarked against.
+//!
+//! Both sides speak the QUIC performance protocol of draft-banks-quic-performance
+//! (ALPN `perf`): the client opens a bidirectional stream, sends a big-endian u64
+//! with the number of bytes it wants back, optionally uploads data, and finishes
+//! its send side; the server drains the upload and answers with exactly that many
+//! bytes. Only IPv6 addresses are accepted, matching the appliance.
+
+mod client;
+mod server;
+mod tls;
+mod udp;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use quinn::{TransportConfig, VarInt};
+
+/// ALPN token of draft-banks-quic-performance.
+const ALPN: &[u8] = b"perf";
+
+/// Windows are sized so that flow control never caps a single connection on a
+/// fast link: the baseline should be limited by quinn itself, not by defaults
+/// tuned for the open internet.
+const STREAM_RECEIVE_WINDOW: u32 = 16 << 20;
+const CONNECTION_RECEIVE_WINDOW: u32 = 64 << 20;
+const SEND_WINDOW: u64 = 64 << 20;
+
+#[derive(Parser)]
+#[command(
+    name = "quinn-baseline",
+    about = "QUIC perf (draft-banks) baseline on quinn + tokio"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the perf protocol until SIGINT/SIGTERM.
+    Server(server::ServerArgs),
+    /// Measure download goodput and handshake latency against a perf server.
+    Client(client::ClientArgs),
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Server(args) => server::run(args).await,
+        Command::Client(args) => client::run(args).await,
+    }
+}
+
+/// Clap value parser for `[IPv6]:PORT`; IPv4 (also IPv4-mapped) is refused
+/// because the appliance under comparison is IPv6 only.
+fn parse_ipv6(s: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = s
+        .parse()
+        .map_err(|e| format!("{e}: expected [IPv6]:PORT, e.g. [::1]:4433"))?;
+    match addr {
+        SocketAddr::V6(v6) if v6.ip().to_ipv4_mapped().is_none() => Ok(addr),
+        _ => Err("IPv4 is not supported: use an IPv6 address, e.g. [::1]:4433".into()),
+    }
+}
+
+/// Transport settings shared by client and server. Congestion control stays at
+/// quinn's default (CUBIC). `peer_bidi_streams` is how many concurrent streams
+/// the peer may open; quinn allocates state for all of them up front, per
+/// connection, so it is a memory cost with many connections.
+fn transport_config(
+    idle_timeout: Duration,
+    keep_alive: Option<Duration>,
+    peer_bidi_streams: u32,
+) -> Result<TransportConfig> {
+    let mut config = TransportConfig::default();
+    config
+        .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
+        .receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW))
+        .send_window(SEND_WINDOW)
+        .max_concurrent_bidi_streams(VarInt::from_u32(peer_bidi_streams))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .max_idle_timeout(Some(idle_timeout.try_into()?))
+        .keep_alive_interval(keep_alive);
+    Ok(config)
+}

@@ -1,1 +1,99 @@
-//! placeholder crate root
+//! The control plane: one thread that owns the authority state and answers
+//! the dataplane's requests. It never touches packets.
+//!
+//! Workers reach it through one bounded request queue (`ControlRequest`);
+//! a full queue hands the request back to the worker. Today it owns the
+//! development certificate authority (`authority::dev_ca`) and the TLS
+//! session-ticket keys; the CA, CT log, DNS zone and admission state of
+//! later stages live here too.
+
+#![forbid(unsafe_code)]
+
+pub mod authority;
+
+use crossbeam_queue::ArrayQueue;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Requests the control plane can hold queued at once.
+pub const REQUEST_QUEUE_LEN: usize = 1024;
+
+/// What workers and the process ask of the control plane.
+#[derive(Debug)]
+pub enum ControlRequest {
+    /// Stop the thread once the queue before this message is served.
+    Shutdown,
+}
+
+/// The sending side, cloned into every worker.
+#[derive(Clone, Debug)]
+pub struct ControlSender {
+    queue: Arc<ArrayQueue<ControlRequest>>,
+    thread: std::thread::Thread,
+}
+
+impl ControlSender {
+    /// Queue a request; hands it back when the queue is full.
+    pub fn send(&self, request: ControlRequest) -> Result<(), ControlRequest> {
+        self.queue.push(request)?;
+        self.thread.unpark();
+        Ok(())
+    }
+}
+
+pub struct ControlPlane {
+    pub sender: ControlSender,
+    thread: JoinHandle<()>,
+}
+
+impl ControlPlane {
+    /// Start the control-plane thread, pinned to `core` when given.
+    pub fn spawn(core: Option<usize>) -> std::io::Result<Self> {
+        let queue = Arc::new(ArrayQueue::new(REQUEST_QUEUE_LEN));
+        let inbox = queue.clone();
+        let thread = std::thread::Builder::new().name("control-plane".into()).spawn(move || {
+            if let Some(core) = core {
+                if core_pin(core) {
+                    tracing::info!(core, "control plane pinned");
+                } else {
+                    tracing::warn!(core, "could not pin the control plane; running unpinned");
+                }
+            }
+            run(&inbox);
+        })?;
+        let sender = ControlSender { queue, thread: thread.thread().clone() };
+        Ok(Self { sender, thread })
+    }
+
+    /// Ask the thread to stop and wait for it.
+    pub fn stop(self) {
+        let mut request = ControlRequest::Shutdown;
+        while let Err(back) = self.sender.send(request) {
+            request = back;
+            std::thread::yield_now();
+        }
+        let _ = self.thread.join();
+    }
+
+    /// The thread's id, for affinity checks.
+    pub fn thread(&self) -> &std::thread::Thread {
+        self.thread.thread()
+    }
+}
+
+fn core_pin(core: usize) -> bool {
+    core_affinity::set_for_current(core_affinity::CoreId { id: core })
+}
+
+fn run(inbox: &ArrayQueue<ControlRequest>) {
+    loop {
+        while let Some(request) = inbox.pop() {
+            match request {
+                ControlRequest::Shutdown => return,
+            }
+        }
+        // Parking is cheap and bounded: senders unpark after every push.
+        std::thread::park_timeout(Duration::from_secs(1));
+    }
+}

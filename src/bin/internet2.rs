@@ -1,1 +1,332 @@
-fn main() {}
+//! `internet2`: the client. `ping` and `stats` speak `stoq/1`; `bench`
+//! drives the `perf` protocol on the dataplane's own workers.
+
+#![forbid(unsafe_code)]
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
+use dataplane::client::bench::{BenchPlan, BenchReport};
+use dataplane::client::rpc::Reply;
+use dataplane::client::{self, ClientTarget};
+use dataplane::protocols::stoq::Kind;
+use dataplane::{BackendKind, CongestionControl, ServerTrust, StatsSnapshot, TransportSettings};
+use hdrhistogram::Histogram;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Parser)]
+#[command(version, about = "Client for internet2-server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Round-trip a stoq/1 ping; with --count > 1 later pings resume the
+    /// TLS session and use 0-RTT.
+    Ping {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Payload echoed by the server (at most 1024 bytes).
+        #[arg(long, default_value = "internet2")]
+        payload: String,
+    },
+    /// The server's live per-worker counters.
+    Stats {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Print the raw JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load the server with the perf protocol and report goodput and handshakes.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct TargetArgs {
+    /// Server address, IPv6 only.
+    #[arg(long, default_value = "[::1]:4433")]
+    connect: SocketAddr,
+    /// Root certificate to trust (default: the development CA in the
+    /// server's default data directory).
+    #[arg(long, value_name = "PEM")]
+    ca: Option<PathBuf>,
+    /// Name to verify in the server's certificate.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// Give up after this many milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    timeout_ms: u64,
+    #[arg(long, value_enum, default_value = "socket")]
+    backend: BackendArg,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum BackendArg {
+    Uring,
+    Socket,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum CongestionArg {
+    Cubic,
+    Bbr,
+    Newreno,
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Seconds to run (ignored once --requests is reached).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Connections to open and hold.
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
+    /// Connections that move data (default: all).
+    #[arg(long)]
+    active: Option<usize>,
+    /// Concurrent streams per active connection.
+    #[arg(long, default_value_t = 1)]
+    streams: usize,
+    /// Bytes requested per stream request.
+    #[arg(long, default_value_t = 16 << 20)]
+    download: u64,
+    /// Bytes uploaded per stream request.
+    #[arg(long, default_value_t = 0)]
+    upload: u64,
+    /// Requests per stream, then stop (default: until --duration).
+    #[arg(long)]
+    requests: Option<u64>,
+    /// Check every received byte against the perf pattern.
+    #[arg(long)]
+    verify: bool,
+    /// Measure handshakes: connect, complete, close, repeat.
+    #[arg(long)]
+    handshake_only: bool,
+    /// Client worker threads.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Pin client workers to these cores (comma separated).
+    #[arg(long, value_delimiter = ',')]
+    cores: Vec<usize>,
+    /// Handshakes in flight per client worker.
+    #[arg(long, default_value_t = 256)]
+    handshake_concurrency: usize,
+    #[arg(long, value_enum, default_value = "cubic")]
+    congestion: CongestionArg,
+    /// Write the result as JSON here.
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+    /// No progress lines.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Ping { target, count, payload } => ping(&target, count, &payload),
+        Command::Stats { target, json } => stats(&target, json),
+        Command::Bench(args) => bench(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn target(args: &TargetArgs, transport: TransportSettings) -> anyhow::Result<ClientTarget> {
+    let ca = args.ca.clone().unwrap_or_else(|| internet2_server::default_data_dir().join("ca.pem"));
+    let root = controlplane::authority::dev_ca::load_cert(&ca)
+        .with_context(|| format!("cannot read the CA certificate {} (pass --ca)", ca.display()))?;
+    Ok(ClientTarget {
+        remote: args.connect,
+        server_name: args.server_name.clone(),
+        trust: ServerTrust::Roots(vec![root]),
+        backend: match args.backend {
+            BackendArg::Uring => BackendKind::Uring,
+            BackendArg::Socket => BackendKind::Socket,
+        },
+        transport,
+    })
+}
+
+fn ping(args: &TargetArgs, count: u32, payload: &str) -> anyhow::Result<()> {
+    let target = target(args, TransportSettings::default())?;
+    let config = target.client_config(dataplane::protocols::ALPN_STOQ)?;
+    let timeout = Duration::from_millis(args.timeout_ms);
+    for n in 1..=count.max(1) {
+        let outcome = client::rpc(&target, &config, vec![(Kind::Ping, Bytes::copy_from_slice(payload.as_bytes()))], timeout)?;
+        match &outcome.replies[0] {
+            Reply::Ok(echo) if echo.as_ref() == payload.as_bytes() => {}
+            Reply::Ok(_) => bail!("ping {n}: the server echoed a different payload"),
+            Reply::Error { code, message } => bail!("ping {n}: server error {code}: {message}"),
+            Reply::Failed(why) => bail!("ping {n} to {}: {why}", args.connect),
+        }
+        let handshake = outcome.handshake.map_or(0.0, |d| d.as_secs_f64() * 1e3);
+        println!(
+            "ping {n} {}: reply {:.3} ms after connect (handshake {handshake:.3} ms, 0-RTT {})",
+            args.connect,
+            outcome.latency.map_or(0.0, |d| d.as_secs_f64() * 1e3),
+            if outcome.zero_rtt_accepted { "accepted" } else { "no" }
+        );
+    }
+    Ok(())
+}
+
+fn stats(args: &TargetArgs, json: bool) -> anyhow::Result<()> {
+    let target = target(args, TransportSettings::default())?;
+    let config = target.client_config(dataplane::protocols::ALPN_STOQ)?;
+    let outcome = client::rpc(&target, &config, vec![(Kind::Stats, Bytes::new())], Duration::from_millis(args.timeout_ms))?;
+    let body = match &outcome.replies[0] {
+        Reply::Ok(body) => body.clone(),
+        Reply::Error { code, message } => bail!("server error {code}: {message}"),
+        Reply::Failed(why) => bail!("stats from {}: {why}", args.connect),
+    };
+    if json {
+        println!("{}", String::from_utf8_lossy(&body));
+        return Ok(());
+    }
+    let snapshot: StatsSnapshot = serde_json::from_slice(&body).context("the server's stats are not valid JSON")?;
+    let total = serde_json::to_value(snapshot.total)?;
+    let workers: Vec<serde_json::Value> = snapshot.workers.iter().map(|w| serde_json::to_value(w).expect("counters serialize")).collect();
+    print!("{:<22}{:>14}", "counter", "total");
+    for i in 0..workers.len() {
+        print!("{:>14}", format!("worker {i}"));
+    }
+    println!();
+    for (key, value) in total.as_object().expect("counters are an object") {
+        print!("{key:<22}{:>14}", value.to_string());
+        for w in &workers {
+            print!("{:>14}", w[key].to_string());
+        }
+        println!();
+    }
+    Ok(())
+}
+
+fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+    let transport = TransportSettings {
+        congestion: match args.congestion {
+            CongestionArg::Cubic => CongestionControl::Cubic,
+            CongestionArg::Bbr => CongestionControl::Bbr,
+            CongestionArg::Newreno => CongestionControl::Newreno,
+        },
+        // Held connections must outlive the run: keep them alive.
+        keep_alive: Some(Duration::from_secs(5)),
+        idle_timeout: Duration::from_secs(60) + Duration::from_secs_f64(args.duration),
+        ..TransportSettings::default()
+    };
+    let target = target(&args.target, transport)?;
+    if !(args.duration > 0.0 && args.duration.is_finite()) {
+        bail!("--duration must be a positive number of seconds");
+    }
+    let plan = BenchPlan {
+        remote: args.target.connect,
+        server_name: args.target.server_name.clone(),
+        connections: args.connections.max(1),
+        active: args.active.unwrap_or(args.connections).min(args.connections),
+        streams: args.streams.max(1),
+        download_bytes: args.download,
+        upload_bytes: args.upload,
+        requests_per_stream: args.requests,
+        duration: Duration::from_secs_f64(args.duration),
+        handshake_only: args.handshake_only,
+        verify: args.verify,
+        handshake_concurrency: args.handshake_concurrency,
+    };
+    let cores = (!args.cores.is_empty()).then_some(args.cores.as_slice());
+    let started = Instant::now();
+    let handle = client::spawn_bench(&target, &plan, args.workers, cores)?;
+    let mut last_bytes = 0u64;
+    let mut last = started;
+    while !handle.is_finished() {
+        std::thread::sleep(Duration::from_millis(100));
+        if last.elapsed() >= Duration::from_secs(1) && !args.quiet {
+            let now = Instant::now();
+            let sum = |f: fn(&dataplane::client::bench::BenchProgress) -> u64| handle.progress.iter().map(|p| f(p)).sum::<u64>();
+            let bytes = sum(|p| p.bytes.load(Ordering::Relaxed));
+            let gbps = (bytes - last_bytes) as f64 * 8.0 / (now - last).as_secs_f64() / 1e9;
+            eprintln!(
+                "[{:>3.0}s] {gbps:.2} Gbit/s  conns {}  handshakes {}  errors {}",
+                (now - started).as_secs_f64(),
+                sum(|p| p.connections.load(Ordering::Relaxed)),
+                sum(|p| p.handshakes.load(Ordering::Relaxed)),
+                sum(|p| p.errors.load(Ordering::Relaxed)),
+            );
+            last_bytes = bytes;
+            last = now;
+        }
+    }
+    let reports = handle.join()?;
+    let result = summarize(&reports);
+    println!(
+        "goodput {:.3} Gbit/s  bytes {}  handshakes {} ({:.0}/s, p50 {} us, p99 {} us)  connections {}  errors {}  verify_failures {}",
+        result["goodput_gbps"].as_f64().unwrap_or(0.0),
+        result["bytes"],
+        result["handshakes"],
+        result["handshakes_per_s"].as_f64().unwrap_or(0.0),
+        result["handshake_us_p50"],
+        result["handshake_us_p99"],
+        result["connections"],
+        result["errors"],
+        result["verify_failures"],
+    );
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&result)?).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if let Some(first) = reports.iter().find_map(|r| r.first_error.clone()) {
+        eprintln!("first error: {first}");
+    }
+    let failures: u64 = reports.iter().map(|r| r.errors + r.verify_failures).sum();
+    if reports.iter().all(|r| r.handshakes == 0) {
+        bail!("no connection to {} completed a handshake", args.target.connect);
+    }
+    if args.verify && failures > 0 {
+        bail!("{failures} errors or verification failures");
+    }
+    Ok(())
+}
+
+fn summarize(reports: &[BenchReport]) -> serde_json::Value {
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+    for r in reports {
+        let _ = histogram.add(&r.handshake_us);
+    }
+    let elapsed = reports.iter().map(|r| r.elapsed).max().unwrap_or_default().as_secs_f64().max(1e-9);
+    let bytes: u64 = reports.iter().map(|r| r.bytes).sum();
+    let handshakes: u64 = reports.iter().map(|r| r.handshakes).sum();
+    serde_json::json!({
+        "goodput_gbps": bytes as f64 * 8.0 / elapsed / 1e9,
+        "bytes": bytes,
+        "uploaded_bytes": reports.iter().map(|r| r.uploaded).sum::<u64>(),
+        "duration_s": elapsed,
+        "connections": reports.iter().map(|r| r.connections_peak).sum::<u64>(),
+        "handshakes": handshakes,
+        "handshakes_per_s": handshakes as f64 / elapsed,
+        "handshake_us_p50": histogram.value_at_quantile(0.5),
+        "handshake_us_p99": histogram.value_at_quantile(0.99),
+        "requests": reports.iter().map(|r| r.requests).sum::<u64>(),
+        "errors": reports.iter().map(|r| r.errors).sum::<u64>(),
+        "verify_failures": reports.iter().map(|r| r.verify_failures).sum::<u64>(),
+    })
+}

@@ -1,0 +1,301 @@
+//! The `perf` load generator that `internet2 bench` and `bench-40g` run.
+//!
+//! It runs on the same workers as the server (its own sockets, one endpoint
+//! per worker), so the client is not the bottleneck of a measurement.
+
+use crate::client::rpc::{CLOSE_DONE, describe};
+use crate::protocols::perf::{REQUEST_HEADER_LEN, matches_pattern, write_pattern};
+use crate::stats::Counters;
+use crate::worker::{Actions, ConnectRequest, Service};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use quinn_proto::{ClientConfig, Connection, Dir, Event, ReadError, StreamEvent, StreamId, VarInt};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// What one bench worker does.
+#[derive(Clone, Debug)]
+pub struct BenchPlan {
+    pub remote: SocketAddr,
+    pub server_name: String,
+    /// Connections this worker opens and holds.
+    pub connections: usize,
+    /// How many of them run perf streams (the rest stay idle but open).
+    pub active: usize,
+    /// Concurrent streams per active connection.
+    pub streams: usize,
+    /// Bytes requested per stream request.
+    pub download_bytes: u64,
+    /// Bytes uploaded per stream request.
+    pub upload_bytes: u64,
+    /// Stop each stream slot after this many requests (else run until the deadline).
+    pub requests_per_stream: Option<u64>,
+    pub duration: Duration,
+    /// Open, complete and close connections in a loop instead of moving data.
+    pub handshake_only: bool,
+    /// Check every received byte against the perf pattern.
+    pub verify: bool,
+    /// Handshakes in flight at once per worker.
+    pub handshake_concurrency: usize,
+}
+
+/// Live totals the process prints once a second (single writer per worker).
+#[derive(Debug, Default)]
+pub struct BenchProgress {
+    pub bytes: AtomicU64,
+    pub handshakes: AtomicU64,
+    pub connections: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// One worker's result.
+#[derive(Debug)]
+pub struct BenchReport {
+    pub bytes: u64,
+    pub uploaded: u64,
+    pub handshakes: u64,
+    pub errors: u64,
+    pub verify_failures: u64,
+    pub requests: u64,
+    pub connections_peak: u64,
+    pub handshake_us: Histogram<u64>,
+    pub elapsed: Duration,
+    pub first_error: Option<String>,
+}
+
+struct StreamState {
+    received: u64,
+    upload_sent: u64,
+    upload_fin: bool,
+}
+
+pub struct BenchConn {
+    started: Instant,
+    active: bool,
+    streams: HashMap<StreamId, StreamState>,
+    requests: u64,
+}
+
+pub struct BenchService {
+    plan: BenchPlan,
+    config: ClientConfig,
+    progress: Arc<BenchProgress>,
+    to_open: usize,
+    in_handshake: usize,
+    opened: usize,
+    open: u64,
+    started: Option<Instant>,
+    deadline: Option<Instant>,
+    stopped_at: Option<Instant>,
+    report: BenchReport,
+}
+
+impl BenchService {
+    pub fn new(plan: BenchPlan, config: ClientConfig, progress: Arc<BenchProgress>) -> Self {
+        let report = BenchReport {
+            bytes: 0,
+            uploaded: 0,
+            handshakes: 0,
+            errors: 0,
+            verify_failures: 0,
+            requests: 0,
+            connections_peak: 0,
+            handshake_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds"),
+            elapsed: Duration::ZERO,
+            first_error: None,
+        };
+        Self {
+            to_open: plan.connections,
+            plan,
+            config,
+            progress,
+            in_handshake: 0,
+            opened: 0,
+            open: 0,
+            started: None,
+            deadline: None,
+            stopped_at: None,
+            report,
+        }
+    }
+
+    pub fn report(mut self) -> BenchReport {
+        if let (Some(start), Some(end)) = (self.started, self.stopped_at) {
+            self.report.elapsed = end - start;
+        }
+        self.report
+    }
+
+    fn error(&mut self, message: String) {
+        self.report.errors += 1;
+        self.progress.errors.fetch_add(1, Ordering::Relaxed);
+        if self.report.first_error.is_none() {
+            self.report.first_error = Some(message);
+        }
+    }
+
+    fn running(&self, now: Instant) -> bool {
+        self.stopped_at.is_none() && self.deadline.is_none_or(|d| now < d)
+    }
+
+    fn start_request(&mut self, st: &mut BenchConn, conn: &mut Connection) {
+        let Some(id) = conn.streams().open(Dir::Bi) else { return };
+        let header = Bytes::copy_from_slice(&self.plan.download_bytes.to_be_bytes());
+        debug_assert_eq!(header.len(), REQUEST_HEADER_LEN);
+        let _ = conn.send_stream(id).write_chunks(&mut [header]);
+        st.streams.insert(id, StreamState { received: 0, upload_sent: 0, upload_fin: false });
+        self.continue_upload(st, conn, id);
+    }
+
+    fn continue_upload(&mut self, st: &mut BenchConn, conn: &mut Connection, id: StreamId) {
+        let Some(s) = st.streams.get_mut(&id) else { return };
+        if s.upload_fin {
+            return;
+        }
+        let mut scratch = Counters::default();
+        let before = s.upload_sent;
+        write_pattern(conn, id, &mut s.upload_sent, self.plan.upload_bytes, &mut scratch);
+        self.report.uploaded += s.upload_sent - before;
+        if s.upload_sent == self.plan.upload_bytes {
+            s.upload_fin = conn.send_stream(id).finish().is_ok();
+        }
+    }
+
+    fn read(&mut self, st: &mut BenchConn, conn: &mut Connection, id: StreamId, now: Instant) {
+        let Some(s) = st.streams.get_mut(&id) else { return };
+        let mut recv = conn.recv_stream(id);
+        let Ok(mut chunks) = recv.read(true) else { return };
+        let mut finished = false;
+        let mut failure = None;
+        let mut got = 0u64;
+        loop {
+            match chunks.next(usize::MAX) {
+                Ok(Some(chunk)) => {
+                    if self.plan.verify && !matches_pattern(s.received, &chunk.bytes) {
+                        self.report.verify_failures += 1;
+                    }
+                    s.received += chunk.bytes.len() as u64;
+                    got += chunk.bytes.len() as u64;
+                }
+                Ok(None) => {
+                    finished = true;
+                    break;
+                }
+                Err(ReadError::Blocked) => break,
+                Err(ReadError::Reset(code)) => {
+                    failure = Some(format!("server reset a perf stream with code {code}"));
+                    break;
+                }
+            }
+        }
+        let _ = chunks.finalize();
+        self.report.bytes += got;
+        self.progress.bytes.fetch_add(got, Ordering::Relaxed);
+        if finished && s.received != self.plan.download_bytes {
+            failure = Some(format!("perf response had {} bytes, asked for {}", s.received, self.plan.download_bytes));
+        }
+        if finished || failure.is_some() {
+            st.streams.remove(&id);
+            if let Some(message) = failure {
+                self.error(message);
+            } else {
+                self.report.requests += 1;
+                st.requests += 1;
+            }
+            let per_slot = st.requests.div_ceil(self.plan.streams.max(1) as u64);
+            let more = self.plan.requests_per_stream.is_none_or(|max| per_slot < max);
+            if self.running(now) && more {
+                self.start_request(st, conn);
+            }
+        }
+    }
+}
+
+impl Service for BenchService {
+    type Conn = BenchConn;
+
+    fn on_open(&mut self, _conn: &mut Connection, now: Instant) -> BenchConn {
+        self.in_handshake += 1;
+        self.opened += 1;
+        self.open += 1;
+        self.report.connections_peak = self.report.connections_peak.max(self.open);
+        let active = self.opened <= self.plan.active || self.plan.handshake_only;
+        BenchConn { started: now, active, streams: HashMap::new(), requests: 0 }
+    }
+
+    fn on_event(&mut self, st: &mut BenchConn, conn: &mut Connection, event: Event, now: Instant, _c: &mut Counters) {
+        match event {
+            Event::Connected => {
+                self.in_handshake -= 1;
+                let us = (now - st.started).as_micros().max(1) as u64;
+                let _ = self.report.handshake_us.record(us);
+                self.report.handshakes += 1;
+                self.progress.handshakes.fetch_add(1, Ordering::Relaxed);
+                self.progress.connections.store(self.open, Ordering::Relaxed);
+                if self.plan.handshake_only {
+                    conn.close(now, VarInt::from_u32(CLOSE_DONE), Bytes::new());
+                } else if st.active {
+                    for _ in 0..self.plan.streams {
+                        self.start_request(st, conn);
+                    }
+                }
+            }
+            Event::Stream(StreamEvent::Readable { id }) => self.read(st, conn, id, now),
+            Event::Stream(StreamEvent::Writable { id }) => self.continue_upload(st, conn, id),
+            Event::ConnectionLost { reason } => {
+                if conn.is_handshaking() {
+                    self.in_handshake = self.in_handshake.saturating_sub(1);
+                }
+                let ours = matches!(&reason, quinn_proto::ConnectionError::LocallyClosed);
+                if !ours && self.running(now) {
+                    self.error(format!("connection lost: {}", describe(&reason)));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_close(&mut self, _st: BenchConn, _conn: &Connection, _c: &mut Counters) {
+        self.open -= 1;
+        self.progress.connections.store(self.open, Ordering::Relaxed);
+        if self.plan.handshake_only {
+            // Keep the same number of handshakes in flight until the deadline.
+            self.to_open += 1;
+        }
+    }
+
+    fn poll(&mut self, now: Instant, actions: &mut Actions) {
+        let start = *self.started.get_or_insert(now);
+        self.deadline.get_or_insert(start + self.plan.duration);
+        if !self.running(now) {
+            self.stopped_at.get_or_insert(now);
+            actions.stop = Some(Duration::ZERO);
+            return;
+        }
+        let fixed_done = self.plan.requests_per_stream.is_some()
+            && self.to_open == 0
+            && self.in_handshake == 0
+            && self.report.requests + self.report.errors
+                >= self.plan.requests_per_stream.unwrap_or(0) * (self.plan.active.min(self.plan.connections) * self.plan.streams) as u64;
+        if fixed_done {
+            self.stopped_at = Some(now);
+            actions.stop = Some(Duration::ZERO);
+            return;
+        }
+        while self.to_open > 0 && self.in_handshake + actions.connect.len() < self.plan.handshake_concurrency.max(1) {
+            self.to_open -= 1;
+            actions.connect.push(ConnectRequest {
+                config: self.config.clone(),
+                remote: self.plan.remote,
+                server_name: self.plan.server_name.clone(),
+            });
+        }
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.deadline
+    }
+}

@@ -1,0 +1,143 @@
+//! Clients built on the worker machinery: `stoq/1` requests and the `perf`
+//! load generator. Each client worker has its own ephemeral socket.
+
+pub mod bench;
+pub mod rpc;
+
+use crate::cid::WorkerId;
+use crate::io::BackendKind;
+use crate::io::sockopt::bind_client_socket;
+use crate::protocols::stoq::Kind;
+use crate::server::{ServeError, make_backend};
+use crate::stats::StatsRegistry;
+use crate::transport::{ServerTrust, TlsSetupError, TransportSettings, client_crypto};
+use crate::worker::{Mailbox, Routing, Service, Worker, WorkerParts};
+use bench::{BenchPlan, BenchProgress, BenchReport, BenchService};
+use bytes::Bytes;
+use quinn_proto::{ClientConfig, EndpointConfig};
+use rpc::{RpcOutcome, RpcService};
+use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Socket buffer size of client sockets.
+const CLIENT_SOCKET_BUFFER_BYTES: usize = 8 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("only IPv6 servers are served; {0} is IPv4 (or v4-mapped)")]
+    Ipv4Target(SocketAddr),
+    #[error(transparent)]
+    Tls(#[from] TlsSetupError),
+    #[error("cannot open a client socket: {0}")]
+    Socket(std::io::Error),
+    #[error(transparent)]
+    Setup(#[from] ServeError),
+    #[error("client worker failed: {0}")]
+    Worker(String),
+}
+
+/// How a client reaches and trusts a server.
+#[derive(Clone, Debug)]
+pub struct ClientTarget {
+    pub remote: SocketAddr,
+    pub server_name: String,
+    pub trust: ServerTrust,
+    pub backend: BackendKind,
+    pub transport: TransportSettings,
+}
+
+impl ClientTarget {
+    fn check(&self) -> Result<SocketAddrV6, ClientError> {
+        match self.remote {
+            SocketAddr::V6(a) if a.ip().to_ipv4_mapped().is_none() => Ok(a),
+            other => Err(ClientError::Ipv4Target(other)),
+        }
+    }
+
+    /// A QUIC client config for `alpn` (shares one session cache, so later
+    /// connections from it resume and may use 0-RTT).
+    pub fn client_config(&self, alpn: &[u8]) -> Result<ClientConfig, ClientError> {
+        let crypto = client_crypto(&self.trust, alpn)?;
+        let mut config = ClientConfig::new(crypto);
+        config.transport_config(Arc::new(self.transport.build()));
+        Ok(config)
+    }
+}
+
+fn client_worker<S: Service>(target: &ClientTarget, index: usize, service: S) -> Result<Worker<S>, ClientError> {
+    let remote = target.check()?;
+    let local = if remote.ip().is_loopback() { Ipv6Addr::LOCALHOST } else { Ipv6Addr::UNSPECIFIED };
+    let socket = bind_client_socket(SocketAddrV6::new(local, 0, 0, 0), CLIENT_SOCKET_BUFFER_BYTES).map_err(ClientError::Socket)?;
+    let mailbox = Arc::new(Mailbox::new(1).map_err(ClientError::Socket)?);
+    let io = make_backend(target.backend, socket, &mailbox, index)?;
+    let endpoint = quinn_proto::Endpoint::new(Arc::new(EndpointConfig::default()), None, true, None);
+    Ok(Worker::new(WorkerParts {
+        id: WorkerId(0),
+        endpoint,
+        io,
+        service,
+        routing: Routing::Alone { mailbox },
+        stats: Arc::new(StatsRegistry::new(1)),
+        gso: target.transport.gso,
+    }))
+}
+
+/// Send `requests` over one `stoq/1` connection made with `config` and wait
+/// for the replies. Reusing `config` for a later call resumes the session.
+pub fn rpc(target: &ClientTarget, config: &ClientConfig, requests: Vec<(Kind, Bytes)>, timeout: Duration) -> Result<RpcOutcome, ClientError> {
+    let service = RpcService::new(config.clone(), target.remote, &target.server_name, requests, timeout);
+    let worker = client_worker(target, 0, service)?;
+    let service = worker.run().map_err(|e| ClientError::Worker(e.to_string()))?;
+    Ok(service.outcome())
+}
+
+/// A running bench: one thread per client worker.
+pub struct BenchHandle {
+    pub progress: Vec<Arc<BenchProgress>>,
+    threads: Vec<JoinHandle<Result<BenchReport, String>>>,
+}
+
+impl BenchHandle {
+    pub fn is_finished(&self) -> bool {
+        self.threads.iter().all(JoinHandle::is_finished)
+    }
+
+    pub fn join(self) -> Result<Vec<BenchReport>, ClientError> {
+        self.threads
+            .into_iter()
+            .map(|t| t.join().map_err(|_| ClientError::Worker("bench worker panicked".into()))?.map_err(ClientError::Worker))
+            .collect()
+    }
+}
+
+/// Start `workers` bench workers, splitting connections and active
+/// connections of `plan` between them.
+pub fn spawn_bench(target: &ClientTarget, plan: &BenchPlan, workers: usize, cores: Option<&[usize]>) -> Result<BenchHandle, ClientError> {
+    let config = target.client_config(crate::protocols::ALPN_PERF)?;
+    let workers = workers.max(1);
+    let mut progress = Vec::new();
+    let mut threads = Vec::new();
+    for index in 0..workers {
+        let share = |total: usize| total / workers + usize::from(index < total % workers);
+        let mut worker_plan = plan.clone();
+        worker_plan.connections = share(plan.connections);
+        worker_plan.active = share(plan.active);
+        let p = Arc::new(BenchProgress::default());
+        progress.push(p.clone());
+        let worker = client_worker(target, index, BenchService::new(worker_plan, config.clone(), p))?;
+        let core = cores.and_then(|c| c.get(index).copied());
+        let thread = std::thread::Builder::new()
+            .name(format!("bench-worker-{index}"))
+            .spawn(move || {
+                if let Some(core) = core {
+                    core_affinity::set_for_current(core_affinity::CoreId { id: core });
+                }
+                worker.run().map(BenchService::report).map_err(|e| e.to_string())
+            })
+            .map_err(ClientError::Socket)?;
+        threads.push(thread);
+    }
+    Ok(BenchHandle { progress, threads })
+}

@@ -1,0 +1,213 @@
+//! A `stoq/1` client: one connection, a list of requests sent on parallel
+//! streams, their responses collected. 0-RTT is used when the session
+//! cache holds a ticket for the server, for idempotent requests only.
+
+use crate::protocols::stoq::{self, Kind, KIND_ERROR, Message, RESPONSE_PAYLOAD_MAX};
+use crate::stats::Counters;
+use crate::worker::{Actions, ConnectRequest, Service};
+use bytes::Bytes;
+use quinn_proto::{ClientConfig, Connection, ConnectionError, Dir, Event, ReadError, StreamEvent, StreamId, VarInt};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// Application close code of a client that is done.
+pub const CLOSE_DONE: u32 = 0;
+
+/// One response, or what went wrong with its request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    Ok(Bytes),
+    /// An error response: code and message.
+    Error { code: u16, message: String },
+    /// The connection failed before an answer came.
+    Failed(String),
+}
+
+#[derive(Debug)]
+pub struct RpcOutcome {
+    pub replies: Vec<Reply>,
+    /// Time from starting the connection to the handshake completing.
+    pub handshake: Option<Duration>,
+    /// Time from starting the connection to the last reply.
+    pub latency: Option<Duration>,
+    /// Whether the connection was resumed with 0-RTT that the server accepted.
+    pub zero_rtt_accepted: bool,
+    /// Why the connection ended, if not by us.
+    pub error: Option<String>,
+}
+
+pub struct RpcService {
+    target: Option<ConnectRequest>,
+    requests: Vec<(Kind, Bytes)>,
+    replies: Vec<Option<Reply>>,
+    started: Option<Instant>,
+    handshake: Option<Duration>,
+    replied: Option<Instant>,
+    zero_rtt_accepted: bool,
+    deadline: Instant,
+    error: Option<String>,
+    done: bool,
+}
+
+pub struct RpcConn {
+    streams: HashMap<StreamId, (usize, Vec<u8>)>,
+    sent: bool,
+    sent_early: bool,
+}
+
+impl RpcService {
+    pub fn new(config: ClientConfig, remote: SocketAddr, server_name: &str, requests: Vec<(Kind, Bytes)>, timeout: Duration) -> Self {
+        let count = requests.len();
+        Self {
+            target: Some(ConnectRequest { config, remote, server_name: server_name.to_owned() }),
+            requests,
+            replies: vec![None; count],
+            started: None,
+            handshake: None,
+            replied: None,
+            zero_rtt_accepted: false,
+            deadline: Instant::now() + timeout,
+            error: None,
+            done: false,
+        }
+    }
+
+    pub fn outcome(self) -> RpcOutcome {
+        let failure = self.error.clone().unwrap_or_else(|| "timed out".to_owned());
+        RpcOutcome {
+            replies: self.replies.into_iter().map(|r| r.unwrap_or_else(|| Reply::Failed(failure.clone()))).collect(),
+            handshake: self.handshake,
+            latency: self.replied.zip(self.started).map(|(r, s)| r - s),
+            zero_rtt_accepted: self.zero_rtt_accepted,
+            error: self.error,
+        }
+    }
+
+    fn send_requests(&mut self, st: &mut RpcConn, conn: &mut Connection) {
+        st.streams.clear();
+        for (index, (kind, payload)) in self.requests.iter().enumerate() {
+            if self.replies[index].is_some() {
+                continue;
+            }
+            let Some(id) = conn.streams().open(Dir::Bi) else { break };
+            let message = stoq::encode(*kind as u8, payload);
+            let mut send = conn.send_stream(id);
+            let _ = send.write_chunks(&mut [message]);
+            let _ = send.finish();
+            st.streams.insert(id, (index, Vec::new()));
+        }
+        st.sent = true;
+    }
+
+    fn read(&mut self, st: &mut RpcConn, conn: &mut Connection, id: StreamId) {
+        let Some((index, buf)) = st.streams.get_mut(&id) else { return };
+        let mut recv = conn.recv_stream(id);
+        let Ok(mut chunks) = recv.read(true) else { return };
+        let mut finished = false;
+        loop {
+            match chunks.next(usize::MAX) {
+                Ok(Some(chunk)) if buf.len() + chunk.bytes.len() <= stoq::HEADER_LEN + RESPONSE_PAYLOAD_MAX => {
+                    buf.extend_from_slice(&chunk.bytes)
+                }
+                Ok(Some(_)) => {
+                    self.replies[*index] = Some(Reply::Failed("response exceeds the size limit".into()));
+                    break;
+                }
+                Ok(None) => {
+                    finished = true;
+                    break;
+                }
+                Err(ReadError::Blocked) => break,
+                Err(ReadError::Reset(code)) => {
+                    self.replies[*index] = Some(Reply::Failed(format!("server reset the stream with code {code}")));
+                    break;
+                }
+            }
+        }
+        let _ = chunks.finalize();
+        if finished {
+            self.replies[*index] = Some(match stoq::decode(buf, RESPONSE_PAYLOAD_MAX) {
+                Ok(Message { kind: KIND_ERROR, payload }) => {
+                    let (code, message) = stoq::decode_error_payload(&payload);
+                    Reply::Error { code, message }
+                }
+                Ok(Message { payload, .. }) => Reply::Ok(payload),
+                Err(e) => Reply::Failed(format!("malformed response: {e}")),
+            });
+        }
+        if self.replies.iter().all(Option::is_some) {
+            self.done = true;
+            self.replied = Some(Instant::now());
+            conn.close(Instant::now(), VarInt::from_u32(CLOSE_DONE), Bytes::from_static(b"done"));
+        }
+    }
+}
+
+impl Service for RpcService {
+    type Conn = RpcConn;
+
+    fn on_open(&mut self, conn: &mut Connection, now: Instant) -> RpcConn {
+        self.started = Some(now);
+        let mut st = RpcConn { streams: HashMap::new(), sent: false, sent_early: false };
+        // With a session ticket the requests ride in 0-RTT; only idempotent
+        // ones may (docs/PROTOCOL.md).
+        if conn.has_0rtt() && self.requests.iter().all(|(k, _)| k.idempotent()) {
+            self.send_requests(&mut st, conn);
+            st.sent_early = true;
+        }
+        st
+    }
+
+    fn on_event(&mut self, st: &mut RpcConn, conn: &mut Connection, event: Event, now: Instant, _counters: &mut Counters) {
+        match event {
+            Event::Connected => {
+                self.handshake = self.started.map(|s| now - s);
+                self.zero_rtt_accepted = st.sent_early && conn.accepted_0rtt();
+                if !st.sent || (st.sent_early && !conn.accepted_0rtt()) {
+                    // Rejected 0-RTT streams are gone: send again in 1-RTT.
+                    self.send_requests(st, conn);
+                }
+            }
+            Event::Stream(StreamEvent::Readable { id }) => self.read(st, conn, id),
+            Event::ConnectionLost { reason } => {
+                if !self.done {
+                    self.error = Some(describe(&reason));
+                }
+                self.done = true;
+            }
+            _ => {}
+        }
+    }
+
+    fn poll(&mut self, now: Instant, actions: &mut Actions) {
+        if let Some(target) = self.target.take() {
+            actions.connect.push(target);
+        }
+        if now >= self.deadline && !self.done {
+            self.error.get_or_insert_with(|| "timed out waiting for the server".to_owned());
+            self.done = true;
+        }
+        if self.done {
+            actions.stop = Some(Duration::ZERO);
+        }
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        Some(self.deadline)
+    }
+}
+
+/// A connection error in words a user can act on.
+pub fn describe(reason: &ConnectionError) -> String {
+    match reason {
+        ConnectionError::TimedOut => "no answer from the server (timed out)".to_owned(),
+        ConnectionError::ConnectionClosed(c) if u64::from(c.error_code) == 0x178 => {
+            "the server does not speak this protocol (TLS no_application_protocol)".to_owned()
+        }
+        ConnectionError::ApplicationClosed(c) if c.error_code == VarInt::from_u32(crate::worker::CLOSE_SHUTDOWN) => {
+            "the server is shutting down".to_owned()
+        }
+        other => other.to_string(),
+    }
+}

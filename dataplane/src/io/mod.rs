@@ -1,0 +1,116 @@
+//! I/O backends: where datagrams enter and leave a worker.
+//!
+//! A backend owns one UDP socket (or ring) and moves batches; it knows
+//! nothing about QUIC. The worker calls `poll_recv` for everything that is
+//! ready, `send` for each transmit quinn-proto produced, `flush` once per loop
+//! iteration, and `wait` when it has nothing to do.
+
+pub mod signals;
+pub mod socket;
+pub mod sockopt;
+pub mod uring;
+pub mod wake;
+
+use quinn_proto::EcnCodepoint;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+pub use wake::Waker;
+
+/// Largest UDP payload a receive buffer must hold (a full GRO batch).
+pub const RECV_BUF_LEN: usize = 64 * 1024;
+
+/// One receive buffer: a single datagram, or several of `stride` bytes each
+/// when the kernel coalesced them (GRO).
+#[derive(Debug)]
+pub struct RecvDatagram<'a> {
+    pub remote: SocketAddr,
+    pub local_ip: Option<IpAddr>,
+    pub ecn: Option<EcnCodepoint>,
+    pub data: &'a [u8],
+    pub stride: usize,
+}
+
+impl<'a> RecvDatagram<'a> {
+    /// The individual datagrams of a GRO buffer.
+    pub fn segments(&self) -> impl Iterator<Item = &'a [u8]> + use<'a> {
+        let stride = if self.stride == 0 { self.data.len().max(1) } else { self.stride };
+        self.data.chunks(stride)
+    }
+}
+
+/// One transmit: a datagram, or `contents.len() / segment_size` of them sent
+/// with one GSO call.
+#[derive(Debug)]
+pub struct SendDatagram<'a> {
+    pub destination: SocketAddr,
+    pub ecn: Option<EcnCodepoint>,
+    pub src_ip: Option<IpAddr>,
+    pub contents: &'a [u8],
+    pub segment_size: Option<usize>,
+}
+
+/// Which backend a worker runs; chosen in `[stoq_transport] backend`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// io_uring, falling back to `socket` (logged) where the kernel refuses it.
+    Uring,
+    /// recvmmsg / sendmsg with GSO and GRO.
+    Socket,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Uring => "uring",
+            BackendKind::Socket => "socket",
+        }
+    }
+}
+
+/// The operations a worker needs from its I/O.
+pub trait Backend: Send {
+    /// Short name for logs and stats.
+    fn name(&self) -> &'static str;
+    /// Hand every datagram that is ready now to `sink`, without blocking.
+    /// Returns how many receive buffers were delivered.
+    fn poll_recv(&mut self, sink: &mut dyn FnMut(RecvDatagram<'_>)) -> io::Result<usize>;
+    /// Send or queue one transmit. `WouldBlock` means it was not taken: call
+    /// again after `wait(.., want_write = true)`.
+    fn send(&mut self, transmit: &SendDatagram<'_>) -> io::Result<()>;
+    /// Push queued sends to the kernel. Called once per loop iteration.
+    fn flush(&mut self) -> io::Result<()>;
+    /// Segments per GSO call the socket accepts (1 without GSO).
+    fn max_gso_segments(&self) -> usize;
+    /// Block until a datagram is ready, the waker fires, `timeout` passes, or
+    /// (with `want_write`) the socket can take sends again.
+    fn wait(&mut self, waker: &Waker, timeout: Option<Duration>, want_write: bool) -> io::Result<()>;
+}
+
+/// `ppoll` on the socket and the waker's eventfd.
+pub(crate) fn poll_fds(socket_fd: i32, waker: &Waker, timeout: Option<Duration>, want_write: bool) -> io::Result<()> {
+    let mut fds = [
+        libc::pollfd {
+            fd: socket_fd,
+            events: libc::POLLIN | if want_write { libc::POLLOUT } else { 0 },
+            revents: 0,
+        },
+        libc::pollfd { fd: waker.fd(), events: libc::POLLIN, revents: 0 },
+    ];
+    let ts = timeout.map(|t| libc::timespec {
+        tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: t.subsec_nanos() as libc::c_long,
+    });
+    let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: `fds` and `ts` are live locals; the lengths match.
+    let rc = unsafe { libc::ppoll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ts_ptr, std::ptr::null()) };
+    if rc < 0 {
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,314 @@
+//! `stoq/1`: the native request/response protocol (docs/PROTOCOL.md).
+//!
+//! One request per bidirectional stream: the client writes one message and
+//! FIN; the server answers with one message and FIN. A message is an 8-byte
+//! header (version, kind, two reserved zero bytes, big-endian u32 payload
+//! length) and the payload.
+
+use crate::stats::{Counters, StatsRegistry};
+use bytes::{BufMut, Bytes, BytesMut};
+use quinn_proto::{Connection, Dir, ReadError, StreamId, VarInt};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub const VERSION: u8 = 1;
+pub const HEADER_LEN: usize = 8;
+/// Largest request payload a server accepts.
+pub const REQUEST_PAYLOAD_MAX: usize = 64 * 1024;
+/// Largest response payload a client accepts.
+pub const RESPONSE_PAYLOAD_MAX: usize = 16 * 1024 * 1024;
+/// Largest ping payload (echoed back).
+pub const PING_PAYLOAD_MAX: usize = 1024;
+/// Set on the kind of every successful response.
+pub const RESPONSE_FLAG: u8 = 0x80;
+/// Kind of an error response: u16 code, then a UTF-8 message.
+pub const KIND_ERROR: u8 = 0xff;
+/// Stream error code used when the server stops reading a bad request.
+pub const STREAM_ERROR_BAD_REQUEST: u32 = 0x2;
+
+/// Request kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Ping = 0x01,
+    Stats = 0x02,
+}
+
+impl Kind {
+    pub fn from_u8(value: u8) -> Option<Kind> {
+        match value {
+            0x01 => Some(Kind::Ping),
+            0x02 => Some(Kind::Stats),
+            _ => None,
+        }
+    }
+
+    /// Whether a replay is harmless, so it may be served from 0-RTT data
+    /// (RFC 9001 §9.2, RFC 8446 §8: 0-RTT data can be replayed).
+    pub fn idempotent(self) -> bool {
+        match self {
+            Kind::Ping | Kind::Stats => true,
+        }
+    }
+}
+
+/// Error codes carried in error responses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum ErrorCode {
+    UnsupportedVersion = 1,
+    UnknownMessage = 2,
+    MessageTooLarge = 3,
+    Malformed = 4,
+}
+
+impl ErrorCode {
+    pub fn from_u16(value: u16) -> Option<ErrorCode> {
+        match value {
+            1 => Some(ErrorCode::UnsupportedVersion),
+            2 => Some(ErrorCode::UnknownMessage),
+            3 => Some(ErrorCode::MessageTooLarge),
+            4 => Some(ErrorCode::Malformed),
+            _ => None,
+        }
+    }
+}
+
+/// A decoded message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub kind: u8,
+    pub payload: Bytes,
+}
+
+/// Why bytes are not a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("message needs more bytes")]
+    Incomplete,
+    #[error("unsupported protocol version {0} (this build speaks {VERSION})")]
+    UnsupportedVersion(u8),
+    #[error("payload of {len} bytes exceeds the limit of {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("reserved header bytes are not zero")]
+    Malformed,
+    #[error("bytes after the end of the message")]
+    TrailingBytes,
+}
+
+impl DecodeError {
+    fn code(self) -> ErrorCode {
+        match self {
+            DecodeError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
+            DecodeError::TooLarge { .. } => ErrorCode::MessageTooLarge,
+            DecodeError::Incomplete | DecodeError::Malformed | DecodeError::TrailingBytes => ErrorCode::Malformed,
+        }
+    }
+}
+
+pub fn encode(kind: u8, payload: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(HEADER_LEN + payload.len());
+    out.put_u8(VERSION);
+    out.put_u8(kind);
+    out.put_u16(0);
+    out.put_u32(u32::try_from(payload.len()).expect("payloads are bounded far below 4 GiB"));
+    out.put_slice(payload);
+    out.freeze()
+}
+
+pub fn encode_error(code: ErrorCode, message: &str) -> Bytes {
+    let mut payload = Vec::with_capacity(2 + message.len());
+    payload.extend_from_slice(&(code as u16).to_be_bytes());
+    payload.extend_from_slice(message.as_bytes());
+    encode(KIND_ERROR, &payload)
+}
+
+/// The payload length a complete header announces, checked against `max`.
+pub fn header_payload_len(header: &[u8], max: usize) -> Result<usize, DecodeError> {
+    if header.len() < HEADER_LEN {
+        return Err(DecodeError::Incomplete);
+    }
+    if header[0] != VERSION {
+        return Err(DecodeError::UnsupportedVersion(header[0]));
+    }
+    if header[2] != 0 || header[3] != 0 {
+        return Err(DecodeError::Malformed);
+    }
+    let len = u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize;
+    if len > max {
+        return Err(DecodeError::TooLarge { len, max });
+    }
+    Ok(len)
+}
+
+/// Decode exactly one message from `bytes`.
+pub fn decode(bytes: &[u8], max: usize) -> Result<Message, DecodeError> {
+    let len = header_payload_len(bytes, max)?;
+    match bytes.len().cmp(&(HEADER_LEN + len)) {
+        std::cmp::Ordering::Less => Err(DecodeError::Incomplete),
+        std::cmp::Ordering::Greater => Err(DecodeError::TrailingBytes),
+        std::cmp::Ordering::Equal => {
+            Ok(Message { kind: bytes[1], payload: Bytes::copy_from_slice(&bytes[HEADER_LEN..]) })
+        }
+    }
+}
+
+/// An error response's code and message.
+pub fn decode_error_payload(payload: &[u8]) -> (u16, String) {
+    if payload.len() < 2 {
+        return (0, String::new());
+    }
+    (u16::from_be_bytes([payload[0], payload[1]]), String::from_utf8_lossy(&payload[2..]).into_owned())
+}
+
+#[derive(Debug, Default)]
+struct StoqStream {
+    buf: Vec<u8>,
+    answered: bool,
+}
+
+/// Server side of a `stoq/1` connection.
+#[derive(Debug, Default)]
+pub struct StoqServer {
+    streams: HashMap<StreamId, StoqStream>,
+}
+
+/// What a request needs from outside the connection.
+pub struct StoqContext<'a> {
+    pub stats: &'a Arc<StatsRegistry>,
+    /// True while the handshake is not complete: data is 0-RTT.
+    pub early: bool,
+}
+
+impl StoqServer {
+    pub fn on_readable(&mut self, conn: &mut Connection, id: Option<StreamId>, ctx: &StoqContext<'_>, counters: &mut Counters) {
+        while let Some(id) = conn.streams().accept(Dir::Bi) {
+            self.streams.insert(id, StoqStream::default());
+            self.read(conn, id, ctx, counters);
+        }
+        if let Some(id) = id {
+            self.read(conn, id, ctx, counters);
+        }
+    }
+
+    /// Retry requests held back during 0-RTT, once the handshake completed.
+    pub fn on_connected(&mut self, conn: &mut Connection, ctx: &StoqContext<'_>, counters: &mut Counters) {
+        let ids: Vec<StreamId> = self.streams.keys().copied().collect();
+        for id in ids {
+            self.try_answer(conn, id, ctx, counters);
+        }
+    }
+
+    pub fn on_finished(&mut self, id: StreamId) {
+        self.streams.remove(&id);
+    }
+
+    fn read(&mut self, conn: &mut Connection, id: StreamId, ctx: &StoqContext<'_>, counters: &mut Counters) {
+        let Some(stream) = self.streams.get_mut(&id) else { return };
+        let mut recv = conn.recv_stream(id);
+        let Ok(mut chunks) = recv.read(true) else { return };
+        let mut reset = false;
+        let limit = HEADER_LEN + REQUEST_PAYLOAD_MAX;
+        loop {
+            match chunks.next(limit + 1 - stream.buf.len().min(limit)) {
+                Ok(Some(chunk)) => {
+                    counters.stream_bytes_rx += chunk.bytes.len() as u64;
+                    stream.buf.extend_from_slice(&chunk.bytes);
+                    if stream.buf.len() > limit {
+                        break;
+                    }
+                }
+                Ok(None) | Err(ReadError::Blocked) => break,
+                Err(ReadError::Reset(_)) => {
+                    reset = true;
+                    break;
+                }
+            }
+        }
+        let _ = chunks.finalize();
+        if reset {
+            self.streams.remove(&id);
+            return;
+        }
+        self.try_answer(conn, id, ctx, counters);
+    }
+
+    fn try_answer(&mut self, conn: &mut Connection, id: StreamId, ctx: &StoqContext<'_>, counters: &mut Counters) {
+        let Some(stream) = self.streams.get_mut(&id) else { return };
+        if stream.answered {
+            return;
+        }
+        let response = match header_payload_len(&stream.buf, REQUEST_PAYLOAD_MAX) {
+            Err(DecodeError::Incomplete) => return,
+            Err(e) => Some(encode_error(e.code(), &e.to_string())),
+            Ok(len) if stream.buf.len() < HEADER_LEN + len => return,
+            Ok(len) if stream.buf.len() > HEADER_LEN + len => {
+                Some(encode_error(ErrorCode::Malformed, &DecodeError::TrailingBytes.to_string()))
+            }
+            Ok(_) => match Kind::from_u8(stream.buf[1]) {
+                None => Some(encode_error(ErrorCode::UnknownMessage, &format!("unknown message kind {:#04x}", stream.buf[1]))),
+                Some(kind) if ctx.early && !kind.idempotent() => {
+                    counters.zero_rtt_deferred += 1;
+                    None
+                }
+                Some(kind) => Some(answer(kind, &stream.buf[HEADER_LEN..], ctx)),
+            },
+        };
+        let Some(response) = response else { return };
+        stream.answered = true;
+        counters.stoq_requests += 1;
+        if response[1] == KIND_ERROR {
+            counters.stoq_errors += 1;
+            // Stop the peer from sending more of a request we rejected.
+            let _ = conn.recv_stream(id).stop(VarInt::from_u32(STREAM_ERROR_BAD_REQUEST));
+        }
+        counters.stream_bytes_tx += response.len() as u64;
+        let mut send = conn.send_stream(id);
+        // A response always fits the initial stream window, which the
+        // transport config keeps above RESPONSE_PAYLOAD_MAX.
+        let _ = send.write_chunks(&mut [response]);
+        let _ = send.finish();
+    }
+}
+
+fn answer(kind: Kind, payload: &[u8], ctx: &StoqContext<'_>) -> Bytes {
+    match kind {
+        Kind::Ping if payload.len() > PING_PAYLOAD_MAX => encode_error(
+            ErrorCode::MessageTooLarge,
+            &format!("ping payload of {} bytes exceeds {PING_PAYLOAD_MAX}", payload.len()),
+        ),
+        Kind::Ping => encode(Kind::Ping as u8 | RESPONSE_FLAG, payload),
+        Kind::Stats => {
+            let body = serde_json::to_vec(&ctx.stats.snapshot()).expect("counters serialize");
+            encode(Kind::Stats as u8 | RESPONSE_FLAG, &body)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let bytes = encode(Kind::Ping as u8, b"hello");
+        let message = decode(&bytes, REQUEST_PAYLOAD_MAX).unwrap();
+        assert_eq!(message, Message { kind: 1, payload: Bytes::from_static(b"hello") });
+    }
+
+    #[test]
+    fn bad_headers_are_refused() {
+        let mut bytes = encode(Kind::Ping as u8, b"x").to_vec();
+        assert_eq!(decode(&bytes[..5], 10), Err(DecodeError::Incomplete));
+        bytes[0] = 9;
+        assert_eq!(decode(&bytes, 10), Err(DecodeError::UnsupportedVersion(9)));
+        bytes[0] = VERSION;
+        bytes[2] = 1;
+        assert_eq!(decode(&bytes, 10), Err(DecodeError::Malformed));
+        let big = encode(Kind::Ping as u8, &[0u8; 20]);
+        assert_eq!(decode(&big, 10), Err(DecodeError::TooLarge { len: 20, max: 10 }));
+        let mut trailing = encode(Kind::Ping as u8, b"x").to_vec();
+        trailing.push(0);
+        assert_eq!(decode(&trailing, 10), Err(DecodeError::TrailingBytes));
+    }
+}

@@ -1,0 +1,307 @@
+//! The server: N pinned workers sharing one IPv6 address and port, each
+//! with its own socket (SO_REUSEPORT) and endpoint, serving `perf` and
+//! `stoq/1` streams.
+
+use crate::cid::{WorkerCidGenerator, WorkerId};
+use crate::io::socket::SocketBackend;
+use crate::io::sockopt::bind_worker_socket;
+use crate::io::uring::UringBackend;
+use crate::io::{Backend, BackendKind};
+use crate::protocols::perf::PerfServer;
+use crate::protocols::stoq::{StoqContext, StoqServer};
+use crate::protocols::{Alpn, SERVED_ALPNS};
+use crate::stats::{Counters, StatsRegistry};
+use crate::transport::{ServerIdentity, TlsSetupError, TransportSettings, server_crypto};
+use crate::worker::{Admission, Mailbox, Routing, Service, Worker, WorkerControl, WorkerParts};
+use quinn_proto::{Connection, EndpointConfig, Event, Incoming, ServerConfig, StreamEvent};
+use std::net::SocketAddrV6;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Everything the dataplane needs to serve, validated by the caller.
+#[derive(Clone, Debug)]
+pub struct ServerSettings {
+    pub listen: SocketAddrV6,
+    pub workers: usize,
+    /// Core each worker is pinned to; `None` leaves placement to the kernel.
+    pub worker_cores: Option<Vec<usize>>,
+    pub backend: BackendKind,
+    pub socket_buffer_bytes: usize,
+    pub handoff_queue_len: usize,
+    pub connections_per_worker_max: usize,
+    /// New handshakes per second (whole server) served without Retry; past
+    /// it, unvalidated clients must answer a Retry first. 0 = always Retry.
+    pub handshake_rate_retry_per_s: u32,
+    pub transport: TransportSettings,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot bind worker {worker} socket on [{addr}]:{port}: {source}", addr = listen.ip(), port = listen.port())]
+    Bind { worker: usize, listen: SocketAddrV6, source: std::io::Error },
+    #[error(transparent)]
+    Tls(#[from] TlsSetupError),
+    #[error("cannot set up worker {worker}: {source}")]
+    Setup { worker: usize, source: std::io::Error },
+    #[error("worker count {0} is outside 1..={max}", max = crate::cid::WORKERS_MAX)]
+    Workers(usize),
+}
+
+/// A running server.
+pub struct ServerHandle {
+    pub stats: Arc<StatsRegistry>,
+    mailboxes: Arc<[Mailbox]>,
+    threads: Vec<JoinHandle<()>>,
+    /// Which backend each worker runs.
+    pub backends: Vec<&'static str>,
+}
+
+impl ServerHandle {
+    /// Ask every worker to drain: refuse new handshakes, close connections
+    /// with `CLOSE_SHUTDOWN`, exit within `drain`.
+    pub fn shutdown(&self, drain: Duration) {
+        for mailbox in self.mailboxes.iter() {
+            let mut message = WorkerControl::Shutdown { drain };
+            while let Err(back) = mailbox.send_control(message) {
+                message = back;
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    /// Wait for every worker thread.
+    pub fn join(self) {
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+    }
+
+    /// Thread ids (kernel TIDs are read from /proc by tests; this is the
+    /// count for sanity checks).
+    pub fn worker_count(&self) -> usize {
+        self.threads.len()
+    }
+}
+
+/// Bind every worker socket, then start the workers. Nothing is served if
+/// any step fails.
+pub fn serve(settings: &ServerSettings, identity: &ServerIdentity) -> Result<ServerHandle, ServeError> {
+    if settings.workers == 0 || settings.workers > crate::cid::WORKERS_MAX {
+        return Err(ServeError::Workers(settings.workers));
+    }
+    let crypto = server_crypto(identity, &SERVED_ALPNS)?;
+    let mut server_config = ServerConfig::new(crypto, token_key());
+    server_config.transport_config(Arc::new(settings.transport.build()));
+    server_config.max_incoming(settings.connections_per_worker_max.max(1));
+    let server_config = Arc::new(server_config);
+    let reset_key = Arc::new(reset_key());
+
+    let stats = Arc::new(StatsRegistry::new(settings.workers));
+    let mailboxes: Arc<[Mailbox]> = (0..settings.workers)
+        .map(|worker| Mailbox::new(settings.handoff_queue_len).map_err(|source| ServeError::Setup { worker, source }))
+        .collect::<Result<Vec<_>, _>>()?
+        .into();
+
+    // Bind all sockets before starting any thread: a bad address fails whole.
+    let mut workers = Vec::with_capacity(settings.workers);
+    for index in 0..settings.workers {
+        let socket = bind_worker_socket(settings.listen, settings.socket_buffer_bytes)
+            .map_err(|source| ServeError::Bind { worker: index, listen: settings.listen, source })?;
+        let id = WorkerId(index as u16);
+        let io = make_backend(settings.backend, socket, &mailboxes[index], index)?;
+        let mut endpoint_config = EndpointConfig::new(reset_key.clone());
+        endpoint_config.cid_generator(move || Box::new(WorkerCidGenerator::new(id)));
+        // RFC 9287: without advertising grease_quic_bit, every valid packet
+        // has the fixed bit set, so the router and the XDP program can drop
+        // those that do not before any decryption.
+        endpoint_config.grease_quic_bit(false);
+        let endpoint = quinn_proto::Endpoint::new(Arc::new(endpoint_config), Some(server_config.clone()), true, None);
+        let service = ServerService::new(stats.clone(), settings, index);
+        let worker = Worker::new(WorkerParts {
+            id,
+            endpoint,
+            io,
+            service,
+            routing: Routing::Shared { mailboxes: mailboxes.clone() },
+            stats: stats.clone(),
+            gso: settings.transport.gso,
+        });
+        workers.push(worker);
+    }
+
+    let backends = workers.iter().map(|w| w.backend_name()).collect();
+    let mut threads = Vec::with_capacity(settings.workers);
+    for (index, worker) in workers.into_iter().enumerate() {
+        let core = settings.worker_cores.as_ref().map(|cores| cores[index]);
+        let thread = std::thread::Builder::new()
+            .name(format!("stoq-worker-{index}"))
+            .spawn(move || run_worker(index, core, worker))
+            .map_err(|source| ServeError::Setup { worker: index, source })?;
+        threads.push(thread);
+    }
+    Ok(ServerHandle { stats, mailboxes, threads, backends })
+}
+
+fn run_worker(index: usize, core: Option<usize>, worker: Worker<ServerService>) {
+    if let Some(core) = core {
+        if core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
+            tracing::info!(worker = index, core, backend = worker.backend_name(), "worker pinned");
+        } else {
+            tracing::warn!(worker = index, core, "could not pin worker to its core; running unpinned");
+        }
+    } else {
+        tracing::info!(worker = index, backend = worker.backend_name(), "worker started (unpinned)");
+    }
+    if let Err(e) = worker.run() {
+        tracing::error!(worker = index, error = %e, "worker stopped on an I/O error");
+    }
+}
+
+/// Build the configured backend, falling back from uring to socket with a
+/// logged reason where the kernel refuses io_uring.
+pub fn make_backend(
+    kind: BackendKind,
+    socket: std::net::UdpSocket,
+    mailbox: &Mailbox,
+    worker: usize,
+) -> Result<Box<dyn Backend>, ServeError> {
+    let setup = |source| ServeError::Setup { worker, source };
+    match kind {
+        BackendKind::Socket => {
+            tracing::info!(worker, "backend socket (chosen in config)");
+            Ok(Box::new(SocketBackend::new(socket).map_err(setup)?))
+        }
+        BackendKind::Uring => {
+            // quinn-udp's state sets GRO, PKTINFO, TCLASS and DONTFRAG and
+            // probes GSO; the ring then owns the socket.
+            let probe = quinn_udp::UdpSocketState::new((&socket).into()).map_err(setup)?;
+            let fallback = socket.try_clone().map_err(setup)?;
+            match UringBackend::new(socket, &mailbox.waker, probe.max_gso_segments()) {
+                Ok(backend) => {
+                    tracing::info!(worker, "backend uring (chosen in config)");
+                    Ok(Box::new(backend))
+                }
+                Err(e) => {
+                    tracing::warn!(worker, error = %e, "io_uring unavailable; backend socket instead");
+                    fallback.set_nonblocking(true).map_err(setup)?;
+                    Ok(Box::new(SocketBackend::new(fallback).map_err(setup)?))
+                }
+            }
+        }
+    }
+}
+
+fn token_key() -> Arc<ring::hkdf::Prk> {
+    let mut secret = [0u8; 64];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret).expect("CSPRNG");
+    // One key for all workers: a Retry issued by one worker validates on any.
+    Arc::new(ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[]).extract(&secret))
+}
+
+fn reset_key() -> ring::hmac::Key {
+    ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &ring::rand::SystemRandom::new()).expect("CSPRNG")
+}
+
+/// A token bucket of handshakes served without Retry.
+struct HandshakeBudget {
+    rate_per_s: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl HandshakeBudget {
+    fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate_per_s).min(self.rate_per_s.max(1.0));
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The server's application side: admission, then per-ALPN handlers.
+pub struct ServerService {
+    stats: Arc<StatsRegistry>,
+    connections_max: usize,
+    budget: HandshakeBudget,
+}
+
+impl ServerService {
+    fn new(stats: Arc<StatsRegistry>, settings: &ServerSettings, _worker: usize) -> Self {
+        let rate = f64::from(settings.handshake_rate_retry_per_s) / settings.workers as f64;
+        Self {
+            stats,
+            connections_max: settings.connections_per_worker_max,
+            budget: HandshakeBudget { rate_per_s: rate, tokens: rate, last: Instant::now() },
+        }
+    }
+}
+
+/// Per-connection server state.
+pub struct ServerConn {
+    alpn: Option<Alpn>,
+    perf: PerfServer,
+    stoq: StoqServer,
+}
+
+impl Service for ServerService {
+    type Conn = ServerConn;
+
+    fn admit(&mut self, incoming: &Incoming, now: Instant, open: usize) -> Admission {
+        if open >= self.connections_max {
+            return Admission::Refuse;
+        }
+        if incoming.remote_address_validated() || self.budget.take(now) {
+            Admission::Accept
+        } else {
+            Admission::Retry
+        }
+    }
+
+    fn on_open(&mut self, _conn: &mut Connection, _now: Instant) -> ServerConn {
+        ServerConn { alpn: None, perf: PerfServer::default(), stoq: StoqServer::default() }
+    }
+
+    fn on_event(&mut self, st: &mut ServerConn, conn: &mut Connection, event: Event, _now: Instant, counters: &mut Counters) {
+        if st.alpn.is_none() {
+            st.alpn = Alpn::of(conn);
+        }
+        let Some(alpn) = st.alpn else { return };
+        let early = conn.is_handshaking();
+        let ctx = StoqContext { stats: &self.stats, early };
+        match (alpn, event) {
+            (Alpn::Perf, Event::Stream(StreamEvent::Opened { .. })) => {
+                if early {
+                    // perf requests are not idempotent enough to serve from
+                    // replayable 0-RTT data: hold until the handshake is done.
+                    counters.zero_rtt_deferred += 1;
+                } else {
+                    st.perf.on_readable(conn, None, counters);
+                }
+            }
+            (Alpn::Perf, Event::Stream(StreamEvent::Readable { id })) if !early => st.perf.on_readable(conn, Some(id), counters),
+            (Alpn::Perf, Event::Stream(StreamEvent::Writable { id })) => st.perf.on_writable(conn, id, counters),
+            (Alpn::Perf, Event::Stream(StreamEvent::Finished { id } | StreamEvent::Stopped { id, .. })) => {
+                st.perf.on_finished(id)
+            }
+            (Alpn::Perf, Event::Connected) => {
+                st.perf.on_readable(conn, None, counters);
+                for id in st.perf.stream_ids() {
+                    st.perf.on_readable(conn, Some(id), counters);
+                }
+            }
+            (Alpn::Stoq, Event::Stream(StreamEvent::Opened { .. })) => st.stoq.on_readable(conn, None, &ctx, counters),
+            (Alpn::Stoq, Event::Stream(StreamEvent::Readable { id })) => st.stoq.on_readable(conn, Some(id), &ctx, counters),
+            (Alpn::Stoq, Event::Stream(StreamEvent::Finished { id } | StreamEvent::Stopped { id, .. })) => {
+                st.stoq.on_finished(id)
+            }
+            (Alpn::Stoq, Event::Connected) => st.stoq.on_connected(conn, &ctx, counters),
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! Per-worker counters.
+//!
+//! Each worker counts into plain integers it owns and publishes them once per
+//! loop iteration into its own cache-padded block of atomics. Readers (the
+//! `stats` request, the bench) sum the blocks; nothing on the hot path takes a
+//! lock or shares a cache line with another worker.
+
+use serde::Serialize;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// A worker's counters, owned by the worker thread.
+        ///
+        /// Read back by clients of any version: unknown fields are ignored and
+        /// missing ones read as zero.
+        #[derive(Clone, Copy, Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+        #[serde(default)]
+        pub struct Counters { $($(#[$doc])* pub $name: u64,)* }
+
+        /// The published copy of one worker's [`Counters`].
+        #[derive(Debug, Default)]
+        #[repr(align(128))]
+        pub struct PublishedCounters { $($name: AtomicU64,)* }
+
+        impl PublishedCounters {
+            pub fn publish(&self, c: &Counters) {
+                $(self.$name.store(c.$name, Ordering::Relaxed);)*
+            }
+            pub fn load(&self) -> Counters {
+                Counters { $($name: self.$name.load(Ordering::Relaxed),)* }
+            }
+        }
+
+        impl Counters {
+            /// Field-wise sum, for totals over workers.
+            pub fn add(&mut self, o: &Counters) {
+                $(self.$name += o.$name;)*
+            }
+        }
+    };
+}
+
+counters! {
+    /// Connections currently owned by the worker.
+    connections,
+    /// Connections accepted since start.
+    accepted,
+    /// Handshakes completed since start.
+    handshakes,
+    /// Connections closed since start, for any reason.
+    closed,
+    /// UDP datagrams received from the socket (after GRO splitting).
+    datagrams_rx,
+    /// UDP datagrams sent (counting each GSO segment).
+    datagrams_tx,
+    /// UDP payload bytes received.
+    bytes_rx,
+    /// UDP payload bytes sent.
+    bytes_tx,
+    /// Application stream bytes received by stream handlers.
+    stream_bytes_rx,
+    /// Application stream bytes written by stream handlers.
+    stream_bytes_tx,
+    /// Datagrams this worker received but handed to their owning worker.
+    handoffs_out,
+    /// Datagrams handed to this worker by another.
+    handoffs_in,
+    /// Incoming handshakes answered with Retry (address validation).
+    retries,
+    /// Incoming handshakes refused: connection limit or shutdown.
+    refused,
+    /// Dropped: too short to carry a QUIC header.
+    drop_truncated,
+    /// Dropped: not a QUIC v1 packet (fixed bit clear).
+    drop_not_quic,
+    /// Dropped: IPv4 or v4-mapped peer address.
+    drop_ipv4,
+    /// Dropped by the QUIC endpoint: unknown connection ID or undecryptable.
+    drop_unknown_cid,
+    /// Dropped: the owning worker's handoff queue was full.
+    drop_handoff_full,
+    /// Handshakes that failed because no ALPN protocol matched.
+    refused_alpn,
+    /// Handshakes that failed for another TLS or transport reason.
+    failed_handshakes,
+    /// stoq/1 requests answered.
+    stoq_requests,
+    /// stoq/1 requests answered with an error code.
+    stoq_errors,
+    /// Streams served by the perf handler.
+    perf_streams,
+    /// perf uploads whose bytes did not match the documented pattern.
+    perf_upload_mismatch,
+    /// Requests that arrived in 0-RTT and were held until the handshake completed.
+    zero_rtt_deferred,
+    /// Sends that hit a full socket buffer and waited.
+    send_blocked,
+}
+
+/// All workers' published counters.
+#[derive(Debug)]
+pub struct StatsRegistry {
+    workers: Vec<PublishedCounters>,
+}
+
+impl StatsRegistry {
+    pub fn new(workers: usize) -> Self {
+        Self { workers: (0..workers).map(|_| PublishedCounters::default()).collect() }
+    }
+
+    pub fn worker(&self, index: usize) -> &PublishedCounters {
+        &self.workers[index]
+    }
+
+    /// A consistent-enough copy for reporting (each worker's block is read
+    /// field by field; totals may be a loop iteration apart).
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let workers: Vec<Counters> = self.workers.iter().map(PublishedCounters::load).collect();
+        let mut total = Counters::default();
+        for w in &workers {
+            total.add(w);
+        }
+        StatsSnapshot { total, workers }
+    }
+}
+
+/// What `stats` answers with.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub total: Counters,
+    pub workers: Vec<Counters>,
+}

@@ -1,0 +1,148 @@
+//! QUIC transport and TLS settings shared by server and client workers.
+
+use quinn_proto::congestion::{BbrConfig, CubicConfig, NewRenoConfig};
+use quinn_proto::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn_proto::{IdleTimeout, TransportConfig, VarInt};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::danger::ClientCertVerifier;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Congestion controllers quinn-proto provides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CongestionControl {
+    Cubic,
+    Bbr,
+    Newreno,
+}
+
+/// Knobs of the QUIC transport (see `[stoq_transport]` in the config).
+#[derive(Clone, Debug)]
+pub struct TransportSettings {
+    pub congestion: CongestionControl,
+    pub stream_receive_window_bytes: u64,
+    pub receive_window_bytes: u64,
+    pub send_window_bytes: u64,
+    pub streams_bidi_max: u32,
+    pub idle_timeout: Duration,
+    pub keep_alive: Option<Duration>,
+    pub initial_mtu: u16,
+    pub gso: bool,
+}
+
+impl Default for TransportSettings {
+    fn default() -> Self {
+        Self {
+            congestion: CongestionControl::Cubic,
+            stream_receive_window_bytes: 16 << 20,
+            receive_window_bytes: 64 << 20,
+            send_window_bytes: 64 << 20,
+            streams_bidi_max: 256,
+            idle_timeout: Duration::from_secs(30),
+            keep_alive: None,
+            initial_mtu: 1200,
+            gso: true,
+        }
+    }
+}
+
+impl TransportSettings {
+    pub fn build(&self) -> TransportConfig {
+        let mut t = TransportConfig::default();
+        t.stream_receive_window(VarInt::from_u64(self.stream_receive_window_bytes).unwrap_or(VarInt::MAX))
+            .receive_window(VarInt::from_u64(self.receive_window_bytes).unwrap_or(VarInt::MAX))
+            .send_window(self.send_window_bytes)
+            .max_concurrent_bidi_streams(VarInt::from_u32(self.streams_bidi_max))
+            .max_concurrent_uni_streams(VarInt::from_u32(0))
+            .max_idle_timeout(IdleTimeout::try_from(self.idle_timeout).ok())
+            .keep_alive_interval(self.keep_alive)
+            .initial_mtu(self.initial_mtu.max(1200))
+            .enable_segmentation_offload(self.gso);
+        match self.congestion {
+            CongestionControl::Cubic => t.congestion_controller_factory(Arc::new(CubicConfig::default())),
+            CongestionControl::Bbr => t.congestion_controller_factory(Arc::new(BbrConfig::default())),
+            CongestionControl::Newreno => t.congestion_controller_factory(Arc::new(NewRenoConfig::default())),
+        };
+        t
+    }
+}
+
+/// What the server presents in TLS, and how it checks clients.
+#[derive(Clone)]
+pub struct ServerIdentity {
+    pub cert_chain: Vec<CertificateDer<'static>>,
+    pub key: Arc<PrivateKeyDer<'static>>,
+    /// The seam for mutual TLS: `None` accepts clients without certificates.
+    pub client_verifier: Option<Arc<dyn ClientCertVerifier>>,
+    pub resumption: Resumption,
+}
+
+/// How TLS sessions resume (docs/PROTOCOL.md, "Resumption and 0-RTT").
+#[derive(Clone, Debug)]
+pub enum Resumption {
+    /// Stateless tickets sealed with a key the control plane owns and
+    /// rotates; no 0-RTT.
+    Tickets(Arc<dyn rustls::server::ProducesTickets>),
+    /// Single-use session IDs in a bounded cache shared by all workers:
+    /// a ticket is taken on first use, so a replayed ClientHello gets no
+    /// early data. Enables 0-RTT.
+    SingleUseWithZeroRtt(Arc<dyn rustls::server::StoresServerSessions>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("TLS configuration refused: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("the TLS configuration cannot carry QUIC: {0}")]
+    NoQuicSuite(String),
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// rustls server config for QUIC: TLS 1.3 only, our ALPNs, tickets, 0-RTT.
+pub fn server_crypto(identity: &ServerIdentity, alpns: &[&[u8]]) -> Result<Arc<QuicServerConfig>, TlsSetupError> {
+    let builder = rustls::ServerConfig::builder_with_provider(provider()).with_protocol_versions(&[&rustls::version::TLS13])?;
+    let builder = match &identity.client_verifier {
+        Some(verifier) => builder.with_client_cert_verifier(verifier.clone()),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(identity.cert_chain.clone(), identity.key.clone_key())?;
+    config.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
+    config.send_tls13_tickets = 2;
+    match &identity.resumption {
+        Resumption::Tickets(ticketer) => config.ticketer = ticketer.clone(),
+        Resumption::SingleUseWithZeroRtt(cache) => {
+            config.session_storage = cache.clone();
+            // RFC 9001 §4.6.1: a QUIC server signals 0-RTT with
+            // max_early_data_size 0xffffffff; stream limits bound the data.
+            config.max_early_data_size = u32::MAX;
+        }
+    }
+    QuicServerConfig::try_from(config).map(Arc::new).map_err(|e| TlsSetupError::NoQuicSuite(e.to_string()))
+}
+
+/// How a client decides to trust the server.
+#[derive(Clone, Debug)]
+pub enum ServerTrust {
+    /// Certificates chaining to these roots (PEM-decoded DER).
+    Roots(Vec<CertificateDer<'static>>),
+}
+
+/// rustls client config for QUIC with resumption and 0-RTT enabled.
+pub fn client_crypto(trust: &ServerTrust, alpn: &[u8]) -> Result<Arc<QuicClientConfig>, TlsSetupError> {
+    let ServerTrust::Roots(roots) = trust;
+    let mut store = rustls::RootCertStore::empty();
+    for root in roots {
+        store.add(root.clone())?;
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    config.enable_early_data = true;
+    QuicClientConfig::try_from(config).map(Arc::new).map_err(|e| TlsSetupError::NoQuicSuite(e.to_string()))
+}

@@ -1,0 +1,332 @@
+//! The server's TOML configuration: sections, defaults, validation.
+//!
+//! Every key has a default, so an empty file is a working development
+//! configuration. Unknown keys, bad values and an IPv4 bind address are
+//! errors that name the file, the line and the key; nothing is started
+//! before the whole file is valid.
+
+use dataplane::{BackendKind, CongestionControl, ServerSettings, TransportSettings};
+use serde::Deserialize;
+use std::net::{Ipv6Addr, SocketAddrV6};
+use std::ops::Range;
+use std::path::PathBuf;
+use std::time::Duration;
+use toml::Spanned;
+
+/// The development configuration compiled into the binary (also shipped as
+/// `deploy/internet2-dev.toml`).
+pub const EMBEDDED_DEV_CONFIG: &str = include_str!("../deploy/internet2-dev.toml");
+pub const EMBEDDED_NAME: &str = "<embedded deploy/internet2-dev.toml>";
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub internet2: Internet2,
+    pub stoq_transport: StoqTransport,
+    pub dataplane: Dataplane,
+    pub hypermesh_assets: HypermeshAssets,
+    pub trustchain_authority: TrustchainAuthority,
+    pub storage: Storage,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Internet2 {
+    /// IPv6 address to listen on.
+    pub bind: Spanned<String>,
+    pub port: u16,
+}
+
+impl Default for Internet2 {
+    fn default() -> Self {
+        Self { bind: Spanned::new(0..0, "::1".into()), port: 4433 }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoqTransport {
+    pub backend: BackendKind,
+    pub congestion_control: CongestionControl,
+    pub gso: bool,
+    pub socket_buffer_bytes: usize,
+    pub stream_receive_window_bytes: u64,
+    pub connection_receive_window_bytes: u64,
+    pub send_window_bytes: u64,
+    pub streams_bidi_max: u32,
+    pub idle_timeout_ms: u64,
+    pub initial_mtu: u16,
+    pub zero_rtt: bool,
+    pub connections_per_worker_max: usize,
+    pub handshake_rate_retry_per_s: u32,
+}
+
+impl Default for StoqTransport {
+    fn default() -> Self {
+        let t = TransportSettings::default();
+        Self {
+            backend: BackendKind::Uring,
+            congestion_control: t.congestion,
+            gso: t.gso,
+            socket_buffer_bytes: 16 << 20,
+            stream_receive_window_bytes: t.stream_receive_window_bytes,
+            connection_receive_window_bytes: t.receive_window_bytes,
+            send_window_bytes: t.send_window_bytes,
+            streams_bidi_max: t.streams_bidi_max,
+            idle_timeout_ms: t.idle_timeout.as_millis() as u64,
+            initial_mtu: t.initial_mtu,
+            zero_rtt: true,
+            connections_per_worker_max: 200_000,
+            handshake_rate_retry_per_s: 50_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Dataplane {
+    /// Worker threads; 0 = one per available core.
+    pub workers: Spanned<usize>,
+    /// The core each worker is pinned to (one entry per worker); empty = unpinned.
+    pub worker_cores: Spanned<Vec<usize>>,
+    /// The control-plane thread's core; absent = unpinned.
+    pub control_plane_core: Option<Spanned<usize>>,
+    pub handoff_queue_len: usize,
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for Dataplane {
+    fn default() -> Self {
+        Self {
+            workers: Spanned::new(0..0, 0),
+            worker_cores: Spanned::new(0..0, Vec::new()),
+            control_plane_core: None,
+            handoff_queue_len: 8192,
+            drain_timeout_ms: 3000,
+        }
+    }
+}
+
+/// Keys arrive with the admission and asset stages.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HypermeshAssets {}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrustchainAuthority {
+    /// Names (DNS or IP) the server certificate carries.
+    pub server_names: Vec<String>,
+}
+
+impl Default for TrustchainAuthority {
+    fn default() -> Self {
+        Self { server_names: vec!["localhost".into()] }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Storage {
+    /// Where keys and state live; default: the user's data directory.
+    pub data_dir: Option<PathBuf>,
+}
+
+/// A configuration error, located.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{file}:{line}: {key}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub key: String,
+    pub message: String,
+}
+
+/// The validated result, ready to start.
+#[derive(Debug)]
+pub struct Resolved {
+    pub settings: ServerSettings,
+    pub control_plane_core: Option<usize>,
+    pub drain: Duration,
+    pub server_names: Vec<String>,
+    pub data_dir: Option<PathBuf>,
+    pub zero_rtt: bool,
+}
+
+/// Parse and validate `text` read from `file`. `cores` is the number of
+/// CPUs this process may run on (for pinning checks).
+pub fn parse(file: &str, text: &str, cores: usize) -> Result<Resolved, ConfigError> {
+    let config: Config = toml::from_str(text).map_err(|e| locate(file, text, e.span(), e.message()))?;
+    config.resolve(file, text, cores)
+}
+
+impl Config {
+    fn resolve(self, file: &str, text: &str, cores: usize) -> Result<Resolved, ConfigError> {
+        let err = |span: Range<usize>, message: String| locate(file, text, Some(span), &message);
+        let bind_span = self.internet2.bind.span();
+        let bind: std::net::IpAddr = self
+            .internet2
+            .bind
+            .get_ref()
+            .parse()
+            .map_err(|_| err(bind_span.clone(), format!("`{}` is not an IP address; use an IPv6 address such as \"::1\" or \"::\"", self.internet2.bind.get_ref())))?;
+        let bind: Ipv6Addr = match bind {
+            std::net::IpAddr::V6(a) if a.to_ipv4_mapped().is_none() => a,
+            other => return Err(err(bind_span, format!("`{other}` is IPv4; internet2-server serves IPv6 only (use \"::1\" or \"::\")"))),
+        };
+        let d = &self.dataplane;
+        let workers = match *d.workers.get_ref() {
+            0 => cores.max(1),
+            n if n > dataplane::cid::WORKERS_MAX => {
+                return Err(err(d.workers.span(), format!("{n} workers; at most {} are addressable", dataplane::cid::WORKERS_MAX)));
+            }
+            n => n,
+        };
+        let worker_cores = d.worker_cores.get_ref();
+        if !worker_cores.is_empty() && worker_cores.len() != workers {
+            return Err(err(
+                d.worker_cores.span(),
+                format!("lists {} cores for {workers} workers; give one core per worker or none", worker_cores.len()),
+            ));
+        }
+        if let Some(core) = worker_cores.iter().find(|&&c| c >= cores) {
+            return Err(err(d.worker_cores.span(), format!("core {core} does not exist; this machine has cores 0..={}", cores - 1)));
+        }
+        if let Some(core) = &d.control_plane_core
+            && *core.get_ref() >= cores
+        {
+            return Err(err(core.span(), format!("core {} does not exist; this machine has cores 0..={}", core.get_ref(), cores - 1)));
+        }
+        let t = &self.stoq_transport;
+        let checks: [(&str, bool, &str); 6] = [
+            ("initial_mtu", (1200..=9000).contains(&t.initial_mtu), "must be within 1200..=9000 (RFC 9000 §14)"),
+            ("streams_bidi_max", t.streams_bidi_max >= 1, "must be at least 1"),
+            ("socket_buffer_bytes", t.socket_buffer_bytes >= 64 * 1024, "must be at least 65536"),
+            ("stream_receive_window_bytes", t.stream_receive_window_bytes >= 16 * 1024, "must be at least 16384"),
+            ("idle_timeout_ms", t.idle_timeout_ms >= 100, "must be at least 100"),
+            ("connections_per_worker_max", t.connections_per_worker_max >= 1, "must be at least 1"),
+        ];
+        if let Some((key, _, message)) = checks.iter().find(|(_, ok, _)| !ok) {
+            return Err(key_error(file, text, "stoq_transport", key, message));
+        }
+        if d.handoff_queue_len == 0 {
+            return Err(key_error(file, text, "dataplane", "handoff_queue_len", "must be at least 1"));
+        }
+        let transport = TransportSettings {
+            congestion: t.congestion_control,
+            stream_receive_window_bytes: t.stream_receive_window_bytes,
+            receive_window_bytes: t.connection_receive_window_bytes,
+            send_window_bytes: t.send_window_bytes,
+            streams_bidi_max: t.streams_bidi_max,
+            idle_timeout: Duration::from_millis(t.idle_timeout_ms),
+            keep_alive: None,
+            initial_mtu: t.initial_mtu,
+            gso: t.gso,
+        };
+        let settings = ServerSettings {
+            listen: SocketAddrV6::new(bind, self.internet2.port, 0, 0),
+            workers,
+            worker_cores: (!worker_cores.is_empty()).then(|| worker_cores.clone()),
+            backend: t.backend,
+            socket_buffer_bytes: t.socket_buffer_bytes,
+            handoff_queue_len: d.handoff_queue_len,
+            connections_per_worker_max: t.connections_per_worker_max,
+            handshake_rate_retry_per_s: t.handshake_rate_retry_per_s,
+            transport,
+        };
+        Ok(Resolved {
+            settings,
+            control_plane_core: d.control_plane_core.as_ref().map(|c| *c.get_ref()),
+            drain: Duration::from_millis(d.drain_timeout_ms),
+            server_names: self.trustchain_authority.server_names,
+            data_dir: self.storage.data_dir,
+            zero_rtt: t.zero_rtt,
+        })
+    }
+}
+
+/// An error for `section.key`, located at the key's line when it is in the
+/// file (line 0 when the value is a default).
+fn key_error(file: &str, text: &str, section: &str, key: &str, message: &str) -> ConfigError {
+    let mut in_section = false;
+    let mut line = 0;
+    for (index, raw) in text.lines().enumerate() {
+        let l = raw.trim();
+        if l.starts_with('[') {
+            in_section = l.trim_matches(|c| c == '[' || c == ']').trim() == section;
+        } else if in_section && l.split('=').next().is_some_and(|k| k.trim() == key) {
+            line = index + 1;
+            break;
+        }
+    }
+    ConfigError { file: file.into(), line, key: format!("{section}.{key}"), message: message.into() }
+}
+
+/// Turn a byte span into file, line and `section.key`.
+fn locate(file: &str, text: &str, span: Option<Range<usize>>, message: &str) -> ConfigError {
+    let start = span.map_or(0, |s| s.start.min(text.len()));
+    let line = text[..start].matches('\n').count() + 1;
+    let line_text = text.lines().nth(line - 1).unwrap_or("").trim();
+    let section = text[..start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_owned());
+    let key = if line_text.starts_with('[') {
+        line_text.trim_matches(|c| c == '[' || c == ']').trim().to_owned()
+    } else {
+        let name = line_text.split('=').next().unwrap_or("").trim();
+        match section {
+            Some(s) if !name.is_empty() => format!("{s}.{name}"),
+            Some(s) => s,
+            None => name.to_owned(),
+        }
+    };
+    ConfigError { file: file.into(), line, key, message: message.trim().to_owned() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error(text: &str) -> ConfigError {
+        parse("t.toml", text, 2).expect_err(text)
+    }
+
+    #[test]
+    fn empty_and_embedded_configs_work() {
+        let empty = parse("empty.toml", "", 2).unwrap();
+        assert_eq!(empty.settings.listen.port(), 4433);
+        assert_eq!(empty.settings.workers, 2);
+        parse(EMBEDDED_NAME, EMBEDDED_DEV_CONFIG, 2).unwrap();
+    }
+
+    #[test]
+    fn bad_files_name_line_and_key() {
+        let table: &[(&str, usize, &str, &str)] = &[
+            ("[internet2]\nbind = \"127.0.0.1\"\n", 2, "internet2.bind", "IPv4"),
+            ("[internet2]\nbind = \"::ffff:10.0.0.1\"\n", 2, "internet2.bind", "IPv4"),
+            ("[internet2]\nbind = \"localhost\"\n", 2, "internet2.bind", "not an IP address"),
+            ("[internet2]\nport = 70000\n", 2, "internet2.port", "invalid value"),
+            ("[internet2]\nprot = 1\n", 2, "internet2.prot", "unknown field `prot`"),
+            ("[nonsense]\n", 1, "nonsense", "unknown field `nonsense`"),
+            ("\n[stoq_transport]\ncongestion_control = \"bbr2\"\n", 3, "stoq_transport.congestion_control", "expected one of `cubic`, `bbr`, `newreno`"),
+            ("[stoq_transport]\nbackend = \"xdp\"\n", 2, "stoq_transport.backend", "expected one of `uring`, `socket`"),
+            ("[stoq_transport]\ninitial_mtu = 900\n", 2, "stoq_transport.initial_mtu", "1200..=9000"),
+            ("[dataplane]\nworkers = 2\nworker_cores = [0]\n", 3, "dataplane.worker_cores", "1 cores for 2 workers"),
+            ("[dataplane]\nworkers = 1\nworker_cores = [7]\n", 3, "dataplane.worker_cores", "core 7 does not exist"),
+            ("[dataplane]\ncontrol_plane_core = 9\n", 2, "dataplane.control_plane_core", "core 9 does not exist"),
+            ("[dataplane]\nworkers = 999\n", 2, "dataplane.workers", "at most 256"),
+            ("[dataplane]\nworkers = \"two\"\n", 2, "dataplane.workers", "invalid type"),
+            ("[storage]\ndata_dir = 5\n", 2, "storage.data_dir", "invalid type"),
+            ("[internet2\n", 1, "internet2", "invalid table header"),
+        ];
+        for &(text, line, key, needle) in table {
+            let e = error(text);
+            assert_eq!((e.line, e.key.as_str()), (line, key), "{text:?} gave {e}");
+            assert!(e.message.contains(needle), "{text:?}: {:?} lacks {needle:?}", e.message);
+            assert!(e.to_string().starts_with(&format!("t.toml:{line}: {key}: ")), "{e}");
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! internet2-server: the binary's configuration and wiring, shared by the
+//! server (`src/main.rs`) and the client CLI (`src/bin/internet2.rs`).
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+
+use std::path::PathBuf;
+
+/// Where the server keeps keys and state unless told otherwise:
+/// `$XDG_DATA_HOME/internet2-server` or `~/.local/share/internet2-server`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("internet2-server");
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/var/lib"), PathBuf::from);
+    home.join(".local/share/internet2-server")
+}
