@@ -39,7 +39,10 @@ pub struct Internet2 {
 
 impl Default for Internet2 {
     fn default() -> Self {
-        Self { bind: Spanned::new(0..0, "::1".into()), port: 4433 }
+        Self {
+            bind: Spanned::new(0..0, "::1".into()),
+            port: 4433,
+        }
     }
 }
 
@@ -121,7 +124,9 @@ pub struct TrustchainAuthority {
 
 impl Default for TrustchainAuthority {
     fn default() -> Self {
-        Self { server_names: vec!["localhost".into()] }
+        Self {
+            server_names: vec!["localhost".into()],
+        }
     }
 }
 
@@ -156,7 +161,8 @@ pub struct Resolved {
 /// Parse and validate `text` read from `file`. `cores` is the number of
 /// CPUs this process may run on (for pinning checks).
 pub fn parse(file: &str, text: &str, cores: usize) -> Result<Resolved, ConfigError> {
-    let config: Config = toml::from_str(text).map_err(|e| locate(file, text, e.span(), e.message()))?;
+    let config: Config =
+        toml::from_str(text).map_err(|e| locate(file, text, e.span(), e.message()))?;
     config.resolve(file, text, cores)
 }
 
@@ -164,21 +170,37 @@ impl Config {
     fn resolve(self, file: &str, text: &str, cores: usize) -> Result<Resolved, ConfigError> {
         let err = |span: Range<usize>, message: String| locate(file, text, Some(span), &message);
         let bind_span = self.internet2.bind.span();
-        let bind: std::net::IpAddr = self
-            .internet2
-            .bind
-            .get_ref()
-            .parse()
-            .map_err(|_| err(bind_span.clone(), format!("`{}` is not an IP address; use an IPv6 address such as \"::1\" or \"::\"", self.internet2.bind.get_ref())))?;
+        let bind: std::net::IpAddr = self.internet2.bind.get_ref().parse().map_err(|_| {
+            err(
+                bind_span.clone(),
+                format!(
+                    "`{}` is not an IP address; use an IPv6 address such as \"::1\" or \"::\"",
+                    self.internet2.bind.get_ref()
+                ),
+            )
+        })?;
         let bind: Ipv6Addr = match bind {
             std::net::IpAddr::V6(a) if a.to_ipv4_mapped().is_none() => a,
-            other => return Err(err(bind_span, format!("`{other}` is IPv4; internet2-server serves IPv6 only (use \"::1\" or \"::\")"))),
+            other => {
+                return Err(err(
+                    bind_span,
+                    format!(
+                        "`{other}` is IPv4; internet2-server serves IPv6 only (use \"::1\" or \"::\")"
+                    ),
+                ));
+            }
         };
         let d = &self.dataplane;
         let workers = match *d.workers.get_ref() {
             0 => cores.max(1),
             n if n > dataplane::cid::WORKERS_MAX => {
-                return Err(err(d.workers.span(), format!("{n} workers; at most {} are addressable", dataplane::cid::WORKERS_MAX)));
+                return Err(err(
+                    d.workers.span(),
+                    format!(
+                        "{n} workers; at most {} are addressable",
+                        dataplane::cid::WORKERS_MAX
+                    ),
+                ));
             }
             n => n,
         };
@@ -186,31 +208,77 @@ impl Config {
         if !worker_cores.is_empty() && worker_cores.len() != workers {
             return Err(err(
                 d.worker_cores.span(),
-                format!("lists {} cores for {workers} workers; give one core per worker or none", worker_cores.len()),
+                format!(
+                    "lists {} cores for {workers} workers; give one core per worker or none",
+                    worker_cores.len()
+                ),
             ));
         }
         if let Some(core) = worker_cores.iter().find(|&&c| c >= cores) {
-            return Err(err(d.worker_cores.span(), format!("core {core} does not exist; this machine has cores 0..={}", cores - 1)));
+            return Err(err(
+                d.worker_cores.span(),
+                format!(
+                    "core {core} does not exist; this machine has cores 0..={}",
+                    cores - 1
+                ),
+            ));
         }
         if let Some(core) = &d.control_plane_core
             && *core.get_ref() >= cores
         {
-            return Err(err(core.span(), format!("core {} does not exist; this machine has cores 0..={}", core.get_ref(), cores - 1)));
+            return Err(err(
+                core.span(),
+                format!(
+                    "core {} does not exist; this machine has cores 0..={}",
+                    core.get_ref(),
+                    cores - 1
+                ),
+            ));
         }
         let t = &self.stoq_transport;
         let checks: [(&str, bool, &str); 6] = [
-            ("initial_mtu", (1200..=9000).contains(&t.initial_mtu), "must be within 1200..=9000 (RFC 9000 §14)"),
-            ("streams_bidi_max", t.streams_bidi_max >= 1, "must be at least 1"),
-            ("socket_buffer_bytes", t.socket_buffer_bytes >= 64 * 1024, "must be at least 65536"),
-            ("stream_receive_window_bytes", t.stream_receive_window_bytes >= 16 * 1024, "must be at least 16384"),
-            ("idle_timeout_ms", t.idle_timeout_ms >= 100, "must be at least 100"),
-            ("connections_per_worker_max", t.connections_per_worker_max >= 1, "must be at least 1"),
+            (
+                "initial_mtu",
+                (1200..=9000).contains(&t.initial_mtu),
+                "must be within 1200..=9000 (RFC 9000 §14)",
+            ),
+            (
+                "streams_bidi_max",
+                t.streams_bidi_max >= 1,
+                "must be at least 1",
+            ),
+            (
+                "socket_buffer_bytes",
+                t.socket_buffer_bytes >= 64 * 1024,
+                "must be at least 65536",
+            ),
+            (
+                "stream_receive_window_bytes",
+                t.stream_receive_window_bytes >= 16 * 1024,
+                "must be at least 16384",
+            ),
+            (
+                "idle_timeout_ms",
+                t.idle_timeout_ms >= 100,
+                "must be at least 100",
+            ),
+            (
+                "connections_per_worker_max",
+                t.connections_per_worker_max >= 1,
+                "must be at least 1",
+            ),
         ];
         if let Some((key, _, message)) = checks.iter().find(|(_, ok, _)| !ok) {
             return Err(key_error(file, text, "stoq_transport", key, message));
         }
         if d.handoff_queue_len == 0 {
-            return Err(key_error(file, text, "dataplane", "handoff_queue_len", "must be at least 1"));
+            return Err(key_error(
+                file,
+                text,
+                "dataplane",
+                "handoff_queue_len",
+                "must be at least 1",
+            ));
         }
         let transport = TransportSettings {
             congestion: t.congestion_control,
@@ -259,7 +327,12 @@ fn key_error(file: &str, text: &str, section: &str, key: &str, message: &str) ->
             break;
         }
     }
-    ConfigError { file: file.into(), line, key: format!("{section}.{key}"), message: message.into() }
+    ConfigError {
+        file: file.into(),
+        line,
+        key: format!("{section}.{key}"),
+        message: message.into(),
+    }
 }
 
 /// Turn a byte span into file, line and `section.key`.
@@ -274,7 +347,10 @@ fn locate(file: &str, text: &str, span: Option<Range<usize>>, message: &str) -> 
         .find(|l| l.starts_with('['))
         .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_owned());
     let key = if line_text.starts_with('[') {
-        line_text.trim_matches(|c| c == '[' || c == ']').trim().to_owned()
+        line_text
+            .trim_matches(|c| c == '[' || c == ']')
+            .trim()
+            .to_owned()
     } else {
         let name = line_text.split('=').next().unwrap_or("").trim();
         match section {
@@ -283,7 +359,12 @@ fn locate(file: &str, text: &str, span: Option<Range<usize>>, message: &str) -> 
             None => name.to_owned(),
         }
     };
-    ConfigError { file: file.into(), line, key, message: message.trim().to_owned() }
+    ConfigError {
+        file: file.into(),
+        line,
+        key,
+        message: message.trim().to_owned(),
+    }
 }
 
 #[cfg(test)]
@@ -305,28 +386,106 @@ mod tests {
     #[test]
     fn bad_files_name_line_and_key() {
         let table: &[(&str, usize, &str, &str)] = &[
-            ("[internet2]\nbind = \"127.0.0.1\"\n", 2, "internet2.bind", "IPv4"),
-            ("[internet2]\nbind = \"::ffff:10.0.0.1\"\n", 2, "internet2.bind", "IPv4"),
-            ("[internet2]\nbind = \"localhost\"\n", 2, "internet2.bind", "not an IP address"),
-            ("[internet2]\nport = 70000\n", 2, "internet2.port", "invalid value"),
-            ("[internet2]\nprot = 1\n", 2, "internet2.prot", "unknown field `prot`"),
+            (
+                "[internet2]\nbind = \"127.0.0.1\"\n",
+                2,
+                "internet2.bind",
+                "IPv4",
+            ),
+            (
+                "[internet2]\nbind = \"::ffff:10.0.0.1\"\n",
+                2,
+                "internet2.bind",
+                "IPv4",
+            ),
+            (
+                "[internet2]\nbind = \"localhost\"\n",
+                2,
+                "internet2.bind",
+                "not an IP address",
+            ),
+            (
+                "[internet2]\nport = 70000\n",
+                2,
+                "internet2.port",
+                "invalid value",
+            ),
+            (
+                "[internet2]\nprot = 1\n",
+                2,
+                "internet2.prot",
+                "unknown field `prot`",
+            ),
             ("[nonsense]\n", 1, "nonsense", "unknown field `nonsense`"),
-            ("\n[stoq_transport]\ncongestion_control = \"bbr2\"\n", 3, "stoq_transport.congestion_control", "expected one of `cubic`, `bbr`, `newreno`"),
-            ("[stoq_transport]\nbackend = \"xdp\"\n", 2, "stoq_transport.backend", "expected one of `uring`, `socket`"),
-            ("[stoq_transport]\ninitial_mtu = 900\n", 2, "stoq_transport.initial_mtu", "1200..=9000"),
-            ("[dataplane]\nworkers = 2\nworker_cores = [0]\n", 3, "dataplane.worker_cores", "1 cores for 2 workers"),
-            ("[dataplane]\nworkers = 1\nworker_cores = [7]\n", 3, "dataplane.worker_cores", "core 7 does not exist"),
-            ("[dataplane]\ncontrol_plane_core = 9\n", 2, "dataplane.control_plane_core", "core 9 does not exist"),
-            ("[dataplane]\nworkers = 999\n", 2, "dataplane.workers", "at most 256"),
-            ("[dataplane]\nworkers = \"two\"\n", 2, "dataplane.workers", "invalid type"),
-            ("[storage]\ndata_dir = 5\n", 2, "storage.data_dir", "invalid type"),
+            (
+                "\n[stoq_transport]\ncongestion_control = \"bbr2\"\n",
+                3,
+                "stoq_transport.congestion_control",
+                "expected one of `cubic`, `bbr`, `newreno`",
+            ),
+            (
+                "[stoq_transport]\nbackend = \"xdp\"\n",
+                2,
+                "stoq_transport.backend",
+                "expected one of `uring`, `socket`",
+            ),
+            (
+                "[stoq_transport]\ninitial_mtu = 900\n",
+                2,
+                "stoq_transport.initial_mtu",
+                "1200..=9000",
+            ),
+            (
+                "[dataplane]\nworkers = 2\nworker_cores = [0]\n",
+                3,
+                "dataplane.worker_cores",
+                "1 cores for 2 workers",
+            ),
+            (
+                "[dataplane]\nworkers = 1\nworker_cores = [7]\n",
+                3,
+                "dataplane.worker_cores",
+                "core 7 does not exist",
+            ),
+            (
+                "[dataplane]\ncontrol_plane_core = 9\n",
+                2,
+                "dataplane.control_plane_core",
+                "core 9 does not exist",
+            ),
+            (
+                "[dataplane]\nworkers = 999\n",
+                2,
+                "dataplane.workers",
+                "at most 256",
+            ),
+            (
+                "[dataplane]\nworkers = \"two\"\n",
+                2,
+                "dataplane.workers",
+                "invalid type",
+            ),
+            (
+                "[storage]\ndata_dir = 5\n",
+                2,
+                "storage.data_dir",
+                "invalid type",
+            ),
             ("[internet2\n", 1, "internet2", "invalid table header"),
         ];
         for &(text, line, key, needle) in table {
             let e = error(text);
             assert_eq!((e.line, e.key.as_str()), (line, key), "{text:?} gave {e}");
-            assert!(e.message.contains(needle), "{text:?}: {:?} lacks {needle:?}", e.message);
-            assert!(e.to_string().starts_with(&format!("t.toml:{line}: {key}: ")), "{e}");
+            assert!(
+                e.message.contains(needle),
+                "{text:?}: {:?} lacks {needle:?}",
+                e.message
+            );
+            assert!(
+                e.to_string()
+                    .starts_with(&format!("t.toml:{line}: {key}: ")),
+                "{e}"
+            );
         }
     }
 }

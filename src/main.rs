@@ -7,8 +7,8 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use controlplane::ControlPlane;
 use controlplane::authority::dev_ca;
-use dataplane::{Resumption, ServerIdentity};
 use dataplane::io::signals;
+use dataplane::{Resumption, ServerIdentity};
 use internet2_server::config::{self, EMBEDDED_DEV_CONFIG, EMBEDDED_NAME};
 use std::io::Write;
 use std::path::PathBuf;
@@ -47,7 +47,8 @@ fn main() -> ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -75,11 +76,14 @@ fn load_config(args: &Args) -> anyhow::Result<config::Resolved> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read config file {}", path.display()))?;
             Ok(config::parse(&path.display().to_string(), &text, cores)?)
         }
         None if args.mode == Mode::Production => {
-            anyhow::bail!("--mode production needs --config FILE (the embedded configuration is for development)")
+            anyhow::bail!(
+                "--mode production needs --config FILE (the embedded configuration is for development)"
+            )
         }
         None => Ok(config::parse(EMBEDDED_NAME, EMBEDDED_DEV_CONFIG, cores)?),
     }
@@ -89,18 +93,28 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
     // Before any thread exists, so every thread inherits the blocked mask
     // and only the sigwait below sees the signals.
     signals::block_termination_signals().context("cannot block SIGINT/SIGTERM")?;
-    let data_dir = args.data_dir.clone().or(resolved.data_dir.clone()).unwrap_or_else(internet2_server::default_data_dir);
+    let data_dir = args
+        .data_dir
+        .clone()
+        .or(resolved.data_dir.clone())
+        .unwrap_or_else(internet2_server::default_data_dir);
     let mut names = resolved.server_names.clone();
     let ip = *resolved.settings.listen.ip();
     if !ip.is_unspecified() && !names.contains(&ip.to_string()) {
         names.push(ip.to_string());
     }
-    let dev = dev_ca::load_or_create(&data_dir, &names).context("cannot set up the development CA")?;
+    let dev =
+        dev_ca::load_or_create(&data_dir, &names).context("cannot set up the development CA")?;
     let resumption = if resolved.zero_rtt {
-        Resumption::SingleUseWithZeroRtt(rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES))
+        Resumption::SingleUseWithZeroRtt(rustls::server::ServerSessionMemoryCache::new(
+            SESSION_CACHE_ENTRIES,
+        ))
     } else {
         // rustls' ticketer rotates its key every 6 hours by itself.
-        Resumption::Tickets(rustls::crypto::ring::Ticketer::new().context("cannot create the session-ticket key")?)
+        Resumption::Tickets(
+            rustls::crypto::ring::Ticketer::new()
+                .context("cannot create the session-ticket key")?,
+        )
     };
     let identity = ServerIdentity {
         cert_chain: dev.cert_chain,
@@ -108,7 +122,8 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
         client_verifier: None,
         resumption,
     };
-    let control = ControlPlane::spawn(resolved.control_plane_core).context("cannot start the control plane")?;
+    let control = ControlPlane::spawn(resolved.control_plane_core)
+        .context("cannot start the control plane")?;
     let server = match dataplane::serve(&resolved.settings, &identity) {
         Ok(server) => server,
         Err(e) => {
@@ -118,16 +133,30 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
     };
     let listen = resolved.settings.listen;
     tracing::info!(%listen, workers = server.worker_count(), backends = ?server.backends, data_dir = %data_dir.display(), "serving");
-    println!("listening on [{}]:{} workers={} ca={}", listen.ip(), listen.port(), server.worker_count(), dev.ca_path.display());
+    println!(
+        "listening on [{}]:{} workers={} ca={}",
+        listen.ip(),
+        listen.port(),
+        server.worker_count(),
+        dev.ca_path.display()
+    );
     let _ = std::io::stdout().flush();
 
     let signal = signals::wait_termination_signal().context("waiting for a signal")?;
-    tracing::info!(signal, drain_ms = resolved.drain.as_millis() as u64, "draining: refusing new connections, closing open ones");
+    tracing::info!(
+        signal,
+        drain_ms = resolved.drain.as_millis() as u64,
+        "draining: refusing new connections, closing open ones"
+    );
     server.shutdown(resolved.drain);
     let stats = server.stats.clone();
     server.join();
     control.stop();
     let total = stats.snapshot().total;
-    tracing::info!(accepted = total.accepted, handshakes = total.handshakes, "stopped");
+    tracing::info!(
+        accepted = total.accepted,
+        handshakes = total.handshakes,
+        "stopped"
+    );
     Ok(())
 }

@@ -52,17 +52,22 @@ impl ControlPlane {
     pub fn spawn(core: Option<usize>) -> std::io::Result<Self> {
         let queue = Arc::new(ArrayQueue::new(REQUEST_QUEUE_LEN));
         let inbox = queue.clone();
-        let thread = std::thread::Builder::new().name("control-plane".into()).spawn(move || {
-            if let Some(core) = core {
-                if core_pin(core) {
-                    tracing::info!(core, "control plane pinned");
-                } else {
-                    tracing::warn!(core, "could not pin the control plane; running unpinned");
+        let thread = std::thread::Builder::new()
+            .name("control-plane".into())
+            .spawn(move || {
+                if let Some(core) = core {
+                    if core_pin(core) {
+                        tracing::info!(core, "control plane pinned");
+                    } else {
+                        tracing::warn!(core, "could not pin the control plane; running unpinned");
+                    }
                 }
-            }
-            run(&inbox);
-        })?;
-        let sender = ControlSender { queue, thread: thread.thread().clone() };
+                run(&inbox);
+            })?;
+        let sender = ControlSender {
+            queue,
+            thread: thread.thread().clone(),
+        };
         Ok(Self { sender, thread })
     }
 

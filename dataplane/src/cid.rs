@@ -39,8 +39,14 @@ pub struct WorkerCidGenerator {
 
 impl WorkerCidGenerator {
     pub fn new(worker: WorkerId) -> Self {
-        assert!((worker.0 as usize) < WORKERS_MAX, "worker index fits the CID field");
-        Self { worker, rng: SystemRandom::new() }
+        assert!(
+            (worker.0 as usize) < WORKERS_MAX,
+            "worker index fits the CID field"
+        );
+        Self {
+            worker,
+            rng: SystemRandom::new(),
+        }
     }
 }
 
@@ -133,9 +139,15 @@ mod tests {
     #[test]
     fn garbage_is_classified() {
         assert_eq!(owner_of(&[], 2), Err(RouteError::Truncated));
-        assert_eq!(owner_of(&[0x00, 1, 2, 3, 4, 5, 6, 7, 8], 2), Err(RouteError::NotQuic));
+        assert_eq!(
+            owner_of(&[0x00, 1, 2, 3, 4, 5, 6, 7, 8], 2),
+            Err(RouteError::NotQuic)
+        );
         assert_eq!(owner_of(&[0x40, 1, 2], 2), Err(RouteError::Truncated));
-        assert_eq!(owner_of(&[0xc0, 0, 0, 0, 1, 20, 1], 2), Err(RouteError::Truncated));
+        assert_eq!(
+            owner_of(&[0xc0, 0, 0, 0, 1, 20, 1], 2),
+            Err(RouteError::Truncated)
+        );
         assert_eq!(owner_of(&[0xc0, 0, 0, 0, 1, 0], 3), Ok(WorkerId(0)));
     }
 }

@@ -24,4 +24,6 @@ pub use cid::WorkerId;
 pub use io::BackendKind;
 pub use server::{ServeError, ServerHandle, ServerSettings, serve};
 pub use stats::{Counters, StatsRegistry, StatsSnapshot};
-pub use transport::{CongestionControl, Resumption, ServerIdentity, ServerTrust, TransportSettings};
+pub use transport::{
+    CongestionControl, Resumption, ServerIdentity, ServerTrust, TransportSettings,
+};

@@ -39,11 +39,18 @@ pub struct ServerSettings {
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot bind worker {worker} socket on [{addr}]:{port}: {source}", addr = listen.ip(), port = listen.port())]
-    Bind { worker: usize, listen: SocketAddrV6, source: std::io::Error },
+    Bind {
+        worker: usize,
+        listen: SocketAddrV6,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Tls(#[from] TlsSetupError),
     #[error("cannot set up worker {worker}: {source}")]
-    Setup { worker: usize, source: std::io::Error },
+    Setup {
+        worker: usize,
+        source: std::io::Error,
+    },
     #[error("worker count {0} is outside 1..={max}", max = crate::cid::WORKERS_MAX)]
     Workers(usize),
 }
@@ -86,7 +93,10 @@ impl ServerHandle {
 
 /// Bind every worker socket, then start the workers. Nothing is served if
 /// any step fails.
-pub fn serve(settings: &ServerSettings, identity: &ServerIdentity) -> Result<ServerHandle, ServeError> {
+pub fn serve(
+    settings: &ServerSettings,
+    identity: &ServerIdentity,
+) -> Result<ServerHandle, ServeError> {
     if settings.workers == 0 || settings.workers > crate::cid::WORKERS_MAX {
         return Err(ServeError::Workers(settings.workers));
     }
@@ -99,15 +109,23 @@ pub fn serve(settings: &ServerSettings, identity: &ServerIdentity) -> Result<Ser
 
     let stats = Arc::new(StatsRegistry::new(settings.workers));
     let mailboxes: Arc<[Mailbox]> = (0..settings.workers)
-        .map(|worker| Mailbox::new(settings.handoff_queue_len).map_err(|source| ServeError::Setup { worker, source }))
+        .map(|worker| {
+            Mailbox::new(settings.handoff_queue_len)
+                .map_err(|source| ServeError::Setup { worker, source })
+        })
         .collect::<Result<Vec<_>, _>>()?
         .into();
 
     // Bind all sockets before starting any thread: a bad address fails whole.
     let mut workers = Vec::with_capacity(settings.workers);
     for index in 0..settings.workers {
-        let socket = bind_worker_socket(settings.listen, settings.socket_buffer_bytes)
-            .map_err(|source| ServeError::Bind { worker: index, listen: settings.listen, source })?;
+        let socket = bind_worker_socket(settings.listen, settings.socket_buffer_bytes).map_err(
+            |source| ServeError::Bind {
+                worker: index,
+                listen: settings.listen,
+                source,
+            },
+        )?;
         let id = WorkerId(index as u16);
         let io = make_backend(settings.backend, socket, &mailboxes[index], index)?;
         let mut endpoint_config = EndpointConfig::new(reset_key.clone());
@@ -116,16 +134,24 @@ pub fn serve(settings: &ServerSettings, identity: &ServerIdentity) -> Result<Ser
         // has the fixed bit set, so the router and the XDP program can drop
         // those that do not before any decryption.
         endpoint_config.grease_quic_bit(false);
-        let endpoint = quinn_proto::Endpoint::new(Arc::new(endpoint_config), Some(server_config.clone()), true, None);
+        let endpoint = quinn_proto::Endpoint::new(
+            Arc::new(endpoint_config),
+            Some(server_config.clone()),
+            true,
+            None,
+        );
         let service = ServerService::new(stats.clone(), settings, index);
         let worker = Worker::new(WorkerParts {
             id,
             endpoint,
             io,
             service,
-            routing: Routing::Shared { mailboxes: mailboxes.clone() },
+            routing: Routing::Shared {
+                mailboxes: mailboxes.clone(),
+            },
             stats: stats.clone(),
             gso: settings.transport.gso,
+            udp_payload_max: settings.transport.udp_payload_max(),
         });
         workers.push(worker);
     }
@@ -137,21 +163,42 @@ pub fn serve(settings: &ServerSettings, identity: &ServerIdentity) -> Result<Ser
         let thread = std::thread::Builder::new()
             .name(format!("stoq-worker-{index}"))
             .spawn(move || run_worker(index, core, worker))
-            .map_err(|source| ServeError::Setup { worker: index, source })?;
+            .map_err(|source| ServeError::Setup {
+                worker: index,
+                source,
+            })?;
         threads.push(thread);
     }
-    Ok(ServerHandle { stats, mailboxes, threads, backends })
+    Ok(ServerHandle {
+        stats,
+        mailboxes,
+        threads,
+        backends,
+    })
 }
 
 fn run_worker(index: usize, core: Option<usize>, worker: Worker<ServerService>) {
     if let Some(core) = core {
         if core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
-            tracing::info!(worker = index, core, backend = worker.backend_name(), "worker pinned");
+            tracing::info!(
+                worker = index,
+                core,
+                backend = worker.backend_name(),
+                "worker pinned"
+            );
         } else {
-            tracing::warn!(worker = index, core, "could not pin worker to its core; running unpinned");
+            tracing::warn!(
+                worker = index,
+                core,
+                "could not pin worker to its core; running unpinned"
+            );
         }
     } else {
-        tracing::info!(worker = index, backend = worker.backend_name(), "worker started (unpinned)");
+        tracing::info!(
+            worker = index,
+            backend = worker.backend_name(),
+            "worker started (unpinned)"
+        );
     }
     if let Err(e) = worker.run() {
         tracing::error!(worker = index, error = %e, "worker stopped on an I/O error");
@@ -200,7 +247,8 @@ fn token_key() -> Arc<ring::hkdf::Prk> {
 }
 
 fn reset_key() -> ring::hmac::Key {
-    ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &ring::rand::SystemRandom::new()).expect("CSPRNG")
+    ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &ring::rand::SystemRandom::new())
+        .expect("CSPRNG")
 }
 
 /// A token bucket of handshakes served without Retry.
@@ -237,7 +285,11 @@ impl ServerService {
         Self {
             stats,
             connections_max: settings.connections_per_worker_max,
-            budget: HandshakeBudget { rate_per_s: rate, tokens: rate, last: Instant::now() },
+            budget: HandshakeBudget {
+                rate_per_s: rate,
+                tokens: rate,
+                last: Instant::now(),
+            },
         }
     }
 }
@@ -264,16 +316,30 @@ impl Service for ServerService {
     }
 
     fn on_open(&mut self, _conn: &mut Connection, _now: Instant) -> ServerConn {
-        ServerConn { alpn: None, perf: PerfServer::default(), stoq: StoqServer::default() }
+        ServerConn {
+            alpn: None,
+            perf: PerfServer::default(),
+            stoq: StoqServer::default(),
+        }
     }
 
-    fn on_event(&mut self, st: &mut ServerConn, conn: &mut Connection, event: Event, _now: Instant, counters: &mut Counters) {
+    fn on_event(
+        &mut self,
+        st: &mut ServerConn,
+        conn: &mut Connection,
+        event: Event,
+        _now: Instant,
+        counters: &mut Counters,
+    ) {
         if st.alpn.is_none() {
             st.alpn = Alpn::of(conn);
         }
         let Some(alpn) = st.alpn else { return };
         let early = conn.is_handshaking();
-        let ctx = StoqContext { stats: &self.stats, early };
+        let ctx = StoqContext {
+            stats: &self.stats,
+            early,
+        };
         match (alpn, event) {
             (Alpn::Perf, Event::Stream(StreamEvent::Opened { .. })) => {
                 if early {
@@ -284,9 +350,17 @@ impl Service for ServerService {
                     st.perf.on_readable(conn, None, counters);
                 }
             }
-            (Alpn::Perf, Event::Stream(StreamEvent::Readable { id })) if !early => st.perf.on_readable(conn, Some(id), counters),
-            (Alpn::Perf, Event::Stream(StreamEvent::Writable { id })) => st.perf.on_writable(conn, id, counters),
-            (Alpn::Perf, Event::Stream(StreamEvent::Finished { id } | StreamEvent::Stopped { id, .. })) => {
+            (Alpn::Perf, Event::Stream(StreamEvent::Readable { id })) if !early => {
+                st.perf.on_readable(conn, Some(id), counters)
+            }
+            (Alpn::Perf, Event::Stream(StreamEvent::Writable { id })) => {
+                st.perf.on_writable(conn, id, counters)
+            }
+            (
+                Alpn::Perf,
+                Event::Stream(StreamEvent::Finished { id } | StreamEvent::Stopped { id, .. }),
+            ) => {
+                tracing::trace!(path = ?conn.stats().path, "perf stream finished");
                 st.perf.on_finished(id)
             }
             (Alpn::Perf, Event::Connected) => {
@@ -295,11 +369,16 @@ impl Service for ServerService {
                     st.perf.on_readable(conn, Some(id), counters);
                 }
             }
-            (Alpn::Stoq, Event::Stream(StreamEvent::Opened { .. })) => st.stoq.on_readable(conn, None, &ctx, counters),
-            (Alpn::Stoq, Event::Stream(StreamEvent::Readable { id })) => st.stoq.on_readable(conn, Some(id), &ctx, counters),
-            (Alpn::Stoq, Event::Stream(StreamEvent::Finished { id } | StreamEvent::Stopped { id, .. })) => {
-                st.stoq.on_finished(id)
+            (Alpn::Stoq, Event::Stream(StreamEvent::Opened { .. })) => {
+                st.stoq.on_readable(conn, None, &ctx, counters)
             }
+            (Alpn::Stoq, Event::Stream(StreamEvent::Readable { id })) => {
+                st.stoq.on_readable(conn, Some(id), &ctx, counters)
+            }
+            (
+                Alpn::Stoq,
+                Event::Stream(StreamEvent::Finished { id } | StreamEvent::Stopped { id, .. }),
+            ) => st.stoq.on_finished(id),
             (Alpn::Stoq, Event::Connected) => st.stoq.on_connected(conn, &ctx, counters),
             _ => {}
         }

@@ -106,7 +106,9 @@ pub struct StatsRegistry {
 
 impl StatsRegistry {
     pub fn new(workers: usize) -> Self {
-        Self { workers: (0..workers).map(|_| PublishedCounters::default()).collect() }
+        Self {
+            workers: (0..workers).map(|_| PublishedCounters::default()).collect(),
+        }
     }
 
     pub fn worker(&self, index: usize) -> &PublishedCounters {

@@ -48,21 +48,35 @@ impl Default for TransportSettings {
 }
 
 impl TransportSettings {
+    /// The largest UDP payload connections may grow to (MTU discovery's
+    /// ceiling, or the initial MTU if higher).
+    pub fn udp_payload_max(&self) -> usize {
+        usize::from(self.initial_mtu).max(crate::worker::UDP_PAYLOAD_MAX)
+    }
+
     pub fn build(&self) -> TransportConfig {
         let mut t = TransportConfig::default();
-        t.stream_receive_window(VarInt::from_u64(self.stream_receive_window_bytes).unwrap_or(VarInt::MAX))
-            .receive_window(VarInt::from_u64(self.receive_window_bytes).unwrap_or(VarInt::MAX))
-            .send_window(self.send_window_bytes)
-            .max_concurrent_bidi_streams(VarInt::from_u32(self.streams_bidi_max))
-            .max_concurrent_uni_streams(VarInt::from_u32(0))
-            .max_idle_timeout(IdleTimeout::try_from(self.idle_timeout).ok())
-            .keep_alive_interval(self.keep_alive)
-            .initial_mtu(self.initial_mtu.max(1200))
-            .enable_segmentation_offload(self.gso);
+        t.stream_receive_window(
+            VarInt::from_u64(self.stream_receive_window_bytes).unwrap_or(VarInt::MAX),
+        )
+        .receive_window(VarInt::from_u64(self.receive_window_bytes).unwrap_or(VarInt::MAX))
+        .send_window(self.send_window_bytes)
+        .max_concurrent_bidi_streams(VarInt::from_u32(self.streams_bidi_max))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .max_idle_timeout(IdleTimeout::try_from(self.idle_timeout).ok())
+        .keep_alive_interval(self.keep_alive)
+        .initial_mtu(self.initial_mtu.max(1200))
+        .enable_segmentation_offload(self.gso);
         match self.congestion {
-            CongestionControl::Cubic => t.congestion_controller_factory(Arc::new(CubicConfig::default())),
-            CongestionControl::Bbr => t.congestion_controller_factory(Arc::new(BbrConfig::default())),
-            CongestionControl::Newreno => t.congestion_controller_factory(Arc::new(NewRenoConfig::default())),
+            CongestionControl::Cubic => {
+                t.congestion_controller_factory(Arc::new(CubicConfig::default()))
+            }
+            CongestionControl::Bbr => {
+                t.congestion_controller_factory(Arc::new(BbrConfig::default()))
+            }
+            CongestionControl::Newreno => {
+                t.congestion_controller_factory(Arc::new(NewRenoConfig::default()))
+            }
         };
         t
     }
@@ -103,13 +117,18 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// rustls server config for QUIC: TLS 1.3 only, our ALPNs, tickets, 0-RTT.
-pub fn server_crypto(identity: &ServerIdentity, alpns: &[&[u8]]) -> Result<Arc<QuicServerConfig>, TlsSetupError> {
-    let builder = rustls::ServerConfig::builder_with_provider(provider()).with_protocol_versions(&[&rustls::version::TLS13])?;
+pub fn server_crypto(
+    identity: &ServerIdentity,
+    alpns: &[&[u8]],
+) -> Result<Arc<QuicServerConfig>, TlsSetupError> {
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
     let builder = match &identity.client_verifier {
         Some(verifier) => builder.with_client_cert_verifier(verifier.clone()),
         None => builder.with_no_client_auth(),
     };
-    let mut config = builder.with_single_cert(identity.cert_chain.clone(), identity.key.clone_key())?;
+    let mut config =
+        builder.with_single_cert(identity.cert_chain.clone(), identity.key.clone_key())?;
     config.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
     config.send_tls13_tickets = 2;
     match &identity.resumption {
@@ -121,7 +140,9 @@ pub fn server_crypto(identity: &ServerIdentity, alpns: &[&[u8]]) -> Result<Arc<Q
             config.max_early_data_size = u32::MAX;
         }
     }
-    QuicServerConfig::try_from(config).map(Arc::new).map_err(|e| TlsSetupError::NoQuicSuite(e.to_string()))
+    QuicServerConfig::try_from(config)
+        .map(Arc::new)
+        .map_err(|e| TlsSetupError::NoQuicSuite(e.to_string()))
 }
 
 /// How a client decides to trust the server.
@@ -132,7 +153,10 @@ pub enum ServerTrust {
 }
 
 /// rustls client config for QUIC with resumption and 0-RTT enabled.
-pub fn client_crypto(trust: &ServerTrust, alpn: &[u8]) -> Result<Arc<QuicClientConfig>, TlsSetupError> {
+pub fn client_crypto(
+    trust: &ServerTrust,
+    alpn: &[u8],
+) -> Result<Arc<QuicClientConfig>, TlsSetupError> {
     let ServerTrust::Roots(roots) = trust;
     let mut store = rustls::RootCertStore::empty();
     for root in roots {
@@ -144,5 +168,7 @@ pub fn client_crypto(trust: &ServerTrust, alpn: &[u8]) -> Result<Arc<QuicClientC
         .with_no_client_auth();
     config.alpn_protocols = vec![alpn.to_vec()];
     config.enable_early_data = true;
-    QuicClientConfig::try_from(config).map(Arc::new).map_err(|e| TlsSetupError::NoQuicSuite(e.to_string()))
+    QuicClientConfig::try_from(config)
+        .map(Arc::new)
+        .map_err(|e| TlsSetupError::NoQuicSuite(e.to_string()))
 }

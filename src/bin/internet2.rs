@@ -135,13 +135,18 @@ struct BenchArgs {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Ping { target, count, payload } => ping(&target, count, &payload),
+        Command::Ping {
+            target,
+            count,
+            payload,
+        } => ping(&target, count, &payload),
         Command::Stats { target, json } => stats(&target, json),
         Command::Bench(args) => bench(&args),
     };
@@ -155,9 +160,16 @@ fn main() -> ExitCode {
 }
 
 fn target(args: &TargetArgs, transport: TransportSettings) -> anyhow::Result<ClientTarget> {
-    let ca = args.ca.clone().unwrap_or_else(|| internet2_server::default_data_dir().join("ca.pem"));
-    let root = controlplane::authority::dev_ca::load_cert(&ca)
-        .with_context(|| format!("cannot read the CA certificate {} (pass --ca)", ca.display()))?;
+    let ca = args
+        .ca
+        .clone()
+        .unwrap_or_else(|| internet2_server::default_data_dir().join("ca.pem"));
+    let root = controlplane::authority::dev_ca::load_cert(&ca).with_context(|| {
+        format!(
+            "cannot read the CA certificate {} (pass --ca)",
+            ca.display()
+        )
+    })?;
     Ok(ClientTarget {
         remote: args.connect,
         server_name: args.server_name.clone(),
@@ -175,7 +187,12 @@ fn ping(args: &TargetArgs, count: u32, payload: &str) -> anyhow::Result<()> {
     let config = target.client_config(dataplane::protocols::ALPN_STOQ)?;
     let timeout = Duration::from_millis(args.timeout_ms);
     for n in 1..=count.max(1) {
-        let outcome = client::rpc(&target, &config, vec![(Kind::Ping, Bytes::copy_from_slice(payload.as_bytes()))], timeout)?;
+        let outcome = client::rpc(
+            &target,
+            &config,
+            vec![(Kind::Ping, Bytes::copy_from_slice(payload.as_bytes()))],
+            timeout,
+        )?;
         match &outcome.replies[0] {
             Reply::Ok(echo) if echo.as_ref() == payload.as_bytes() => {}
             Reply::Ok(_) => bail!("ping {n}: the server echoed a different payload"),
@@ -187,7 +204,11 @@ fn ping(args: &TargetArgs, count: u32, payload: &str) -> anyhow::Result<()> {
             "ping {n} {}: reply {:.3} ms after connect (handshake {handshake:.3} ms, 0-RTT {})",
             args.connect,
             outcome.latency.map_or(0.0, |d| d.as_secs_f64() * 1e3),
-            if outcome.zero_rtt_accepted { "accepted" } else { "no" }
+            if outcome.zero_rtt_accepted {
+                "accepted"
+            } else {
+                "no"
+            }
         );
     }
     Ok(())
@@ -196,7 +217,12 @@ fn ping(args: &TargetArgs, count: u32, payload: &str) -> anyhow::Result<()> {
 fn stats(args: &TargetArgs, json: bool) -> anyhow::Result<()> {
     let target = target(args, TransportSettings::default())?;
     let config = target.client_config(dataplane::protocols::ALPN_STOQ)?;
-    let outcome = client::rpc(&target, &config, vec![(Kind::Stats, Bytes::new())], Duration::from_millis(args.timeout_ms))?;
+    let outcome = client::rpc(
+        &target,
+        &config,
+        vec![(Kind::Stats, Bytes::new())],
+        Duration::from_millis(args.timeout_ms),
+    )?;
     let body = match &outcome.replies[0] {
         Reply::Ok(body) => body.clone(),
         Reply::Error { code, message } => bail!("server error {code}: {message}"),
@@ -206,9 +232,14 @@ fn stats(args: &TargetArgs, json: bool) -> anyhow::Result<()> {
         println!("{}", String::from_utf8_lossy(&body));
         return Ok(());
     }
-    let snapshot: StatsSnapshot = serde_json::from_slice(&body).context("the server's stats are not valid JSON")?;
+    let snapshot: StatsSnapshot =
+        serde_json::from_slice(&body).context("the server's stats are not valid JSON")?;
     let total = serde_json::to_value(snapshot.total)?;
-    let workers: Vec<serde_json::Value> = snapshot.workers.iter().map(|w| serde_json::to_value(w).expect("counters serialize")).collect();
+    let workers: Vec<serde_json::Value> = snapshot
+        .workers
+        .iter()
+        .map(|w| serde_json::to_value(w).expect("counters serialize"))
+        .collect();
     print!("{:<22}{:>14}", "counter", "total");
     for i in 0..workers.len() {
         print!("{:>14}", format!("worker {i}"));
@@ -244,7 +275,10 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         remote: args.target.connect,
         server_name: args.target.server_name.clone(),
         connections: args.connections.max(1),
-        active: args.active.unwrap_or(args.connections).min(args.connections),
+        active: args
+            .active
+            .unwrap_or(args.connections)
+            .min(args.connections),
         streams: args.streams.max(1),
         download_bytes: args.download,
         upload_bytes: args.upload,
@@ -263,7 +297,9 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(100));
         if last.elapsed() >= Duration::from_secs(1) && !args.quiet {
             let now = Instant::now();
-            let sum = |f: fn(&dataplane::client::bench::BenchProgress) -> u64| handle.progress.iter().map(|p| f(p)).sum::<u64>();
+            let sum = |f: fn(&dataplane::client::bench::BenchProgress) -> u64| {
+                handle.progress.iter().map(|p| f(p)).sum::<u64>()
+            };
             let bytes = sum(|p| p.bytes.load(Ordering::Relaxed));
             let gbps = (bytes - last_bytes) as f64 * 8.0 / (now - last).as_secs_f64() / 1e9;
             eprintln!(
@@ -292,14 +328,18 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         result["verify_failures"],
     );
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_vec_pretty(&result)?).with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(path, serde_json::to_vec_pretty(&result)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     if let Some(first) = reports.iter().find_map(|r| r.first_error.clone()) {
         eprintln!("first error: {first}");
     }
     let failures: u64 = reports.iter().map(|r| r.errors + r.verify_failures).sum();
     if reports.iter().all(|r| r.handshakes == 0) {
-        bail!("no connection to {} completed a handshake", args.target.connect);
+        bail!(
+            "no connection to {} completed a handshake",
+            args.target.connect
+        );
     }
     if args.verify && failures > 0 {
         bail!("{failures} errors or verification failures");
@@ -312,7 +352,13 @@ fn summarize(reports: &[BenchReport]) -> serde_json::Value {
     for r in reports {
         let _ = histogram.add(&r.handshake_us);
     }
-    let elapsed = reports.iter().map(|r| r.elapsed).max().unwrap_or_default().as_secs_f64().max(1e-9);
+    let elapsed = reports
+        .iter()
+        .map(|r| r.elapsed)
+        .max()
+        .unwrap_or_default()
+        .as_secs_f64()
+        .max(1e-9);
     let bytes: u64 = reports.iter().map(|r| r.bytes).sum();
     let handshakes: u64 = reports.iter().map(|r| r.handshakes).sum();
     serde_json::json!({
@@ -328,5 +374,9 @@ fn summarize(reports: &[BenchReport]) -> serde_json::Value {
         "requests": reports.iter().map(|r| r.requests).sum::<u64>(),
         "errors": reports.iter().map(|r| r.errors).sum::<u64>(),
         "verify_failures": reports.iter().map(|r| r.verify_failures).sum::<u64>(),
+        "client_counters": reports.iter().fold(dataplane::Counters::default(), |mut total, r| {
+            total.add(&r.client_counters);
+            total
+        }),
     })
 }

@@ -3,7 +3,9 @@
 //! keys with mode 0600. Later starts reuse them; the server certificate is
 //! reissued by the same root when its names change or it nears expiry.
 
-use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose,
+};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::fs;
@@ -28,7 +30,10 @@ const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 #[derive(Debug, thiserror::Error)]
 pub enum DevCaError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: not a usable PEM file: {detail}")]
     Pem { path: PathBuf, detail: String },
     #[error("cannot make a certificate: {0}")]
@@ -47,11 +52,16 @@ pub struct DevIdentity {
 /// Load the development CA and server certificate from `dir`, making what
 /// is missing. `names` are the DNS names or IP addresses the server answers to.
 pub fn load_or_create(dir: &Path, names: &[String]) -> Result<DevIdentity, DevCaError> {
-    fs::create_dir_all(dir).map_err(|source| DevCaError::Io { path: dir.to_owned(), source })?;
+    fs::create_dir_all(dir).map_err(|source| DevCaError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
     let ca_key_path = dir.join(CA_KEY_FILE);
     let ca_key = if ca_key_path.exists() {
-        KeyPair::from_pem(&read(&ca_key_path)?)
-            .map_err(|e| DevCaError::Pem { path: ca_key_path.clone(), detail: e.to_string() })?
+        KeyPair::from_pem(&read(&ca_key_path)?).map_err(|e| DevCaError::Pem {
+            path: ca_key_path.clone(),
+            detail: e.to_string(),
+        })?
     } else {
         let key = KeyPair::generate()?;
         write_private(&ca_key_path, key.serialize_pem().as_bytes())?;
@@ -89,21 +99,35 @@ pub fn load_or_create(dir: &Path, names: &[String]) -> Result<DevIdentity, DevCa
 
     let ca_cert = load_cert(&ca_path)?;
     let server_cert = load_cert(&cert_path)?;
-    let key = PrivateKeyDer::from_pem_file(&key_path)
-        .map_err(|e| DevCaError::Pem { path: key_path.clone(), detail: e.to_string() })?;
-    Ok(DevIdentity { cert_chain: vec![server_cert, ca_cert.clone()], key, ca_cert, ca_path })
+    let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| DevCaError::Pem {
+        path: key_path.clone(),
+        detail: e.to_string(),
+    })?;
+    Ok(DevIdentity {
+        cert_chain: vec![server_cert, ca_cert.clone()],
+        key,
+        ca_cert,
+        ca_path,
+    })
 }
 
 /// Read the root certificate a client should trust.
 pub fn load_cert(path: &Path) -> Result<CertificateDer<'static>, DevCaError> {
-    CertificateDer::from_pem_file(path).map_err(|e| DevCaError::Pem { path: path.to_owned(), detail: e.to_string() })
+    CertificateDer::from_pem_file(path).map_err(|e| DevCaError::Pem {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    })
 }
 
 fn ca_params() -> Result<CertificateParams, DevCaError> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.distinguished_name = name(CA_NAME);
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     params.not_before = rcgen::date_time_ymd(2025, 1, 1);
     params.not_after = now_offset(CA_VALIDITY, false).max(rcgen::date_time_ymd(2036, 1, 1));
     Ok(params)
@@ -117,7 +141,11 @@ fn name(common_name: &str) -> DistinguishedName {
 
 fn now_offset(offset: Duration, backwards: bool) -> time::OffsetDateTime {
     let now = SystemTime::now();
-    let at = if backwards { now - offset - Duration::from_secs(3600) } else { now + offset };
+    let at = if backwards {
+        now - offset - Duration::from_secs(3600)
+    } else {
+        now + offset
+    };
     at.into()
 }
 
@@ -126,7 +154,10 @@ fn age(path: &Path) -> Option<Duration> {
 }
 
 fn read(path: &Path) -> Result<String, DevCaError> {
-    fs::read_to_string(path).map_err(|source| DevCaError::Io { path: path.to_owned(), source })
+    fs::read_to_string(path).map_err(|source| DevCaError::Io {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), DevCaError> {
@@ -140,8 +171,17 @@ fn write_public(path: &Path, bytes: &[u8]) -> Result<(), DevCaError> {
 /// Write via a temporary file and rename, so a crash never leaves half a key.
 fn write_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DevCaError> {
     let tmp = path.with_extension("tmp");
-    let io = |source| DevCaError::Io { path: path.to_owned(), source };
-    let mut file = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp).map_err(io)?;
+    let io = |source| DevCaError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io)?;
     file.write_all(bytes).map_err(io)?;
     file.sync_all().map_err(io)?;
     fs::rename(&tmp, path).map_err(io)
@@ -163,9 +203,15 @@ mod tests {
             assert_eq!(mode, 0o600, "{key} must be private");
         }
         let second = load_or_create(&dir, &names).unwrap();
-        assert_eq!(first.cert_chain[0], second.cert_chain[0], "the server certificate is reused");
+        assert_eq!(
+            first.cert_chain[0], second.cert_chain[0],
+            "the server certificate is reused"
+        );
         let third = load_or_create(&dir, &["other.example".to_owned()]).unwrap();
-        assert_ne!(first.cert_chain[0], third.cert_chain[0], "new names reissue the certificate");
+        assert_ne!(
+            first.cert_chain[0], third.cert_chain[0],
+            "new names reissue the certificate"
+        );
         assert_eq!(first.ca_cert, third.ca_cert, "the root stays");
         fs::remove_dir_all(&dir).unwrap();
     }

@@ -64,12 +64,17 @@ pub struct BenchReport {
     pub handshake_us: Histogram<u64>,
     pub elapsed: Duration,
     pub first_error: Option<String>,
+    /// The client worker's own dataplane counters (drops, datagrams).
+    pub client_counters: Counters,
 }
 
 struct StreamState {
     received: u64,
     upload_sent: u64,
     upload_fin: bool,
+    response_done: bool,
+    /// The server acknowledged the whole upload (our FIN included).
+    upload_acked: bool,
 }
 
 pub struct BenchConn {
@@ -103,9 +108,11 @@ impl BenchService {
             verify_failures: 0,
             requests: 0,
             connections_peak: 0,
-            handshake_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds"),
+            handshake_us: Histogram::new_with_bounds(1, 60_000_000, 3)
+                .expect("valid histogram bounds"),
             elapsed: Duration::ZERO,
             first_error: None,
+            client_counters: Counters::default(),
         };
         Self {
             to_open: plan.connections,
@@ -142,22 +149,41 @@ impl BenchService {
     }
 
     fn start_request(&mut self, st: &mut BenchConn, conn: &mut Connection) {
-        let Some(id) = conn.streams().open(Dir::Bi) else { return };
+        let Some(id) = conn.streams().open(Dir::Bi) else {
+            return;
+        };
         let header = Bytes::copy_from_slice(&self.plan.download_bytes.to_be_bytes());
         debug_assert_eq!(header.len(), REQUEST_HEADER_LEN);
         let _ = conn.send_stream(id).write_chunks(&mut [header]);
-        st.streams.insert(id, StreamState { received: 0, upload_sent: 0, upload_fin: false });
+        st.streams.insert(
+            id,
+            StreamState {
+                received: 0,
+                upload_sent: 0,
+                upload_fin: false,
+                response_done: false,
+                upload_acked: false,
+            },
+        );
         self.continue_upload(st, conn, id);
     }
 
     fn continue_upload(&mut self, st: &mut BenchConn, conn: &mut Connection, id: StreamId) {
-        let Some(s) = st.streams.get_mut(&id) else { return };
+        let Some(s) = st.streams.get_mut(&id) else {
+            return;
+        };
         if s.upload_fin {
             return;
         }
         let mut scratch = Counters::default();
         let before = s.upload_sent;
-        write_pattern(conn, id, &mut s.upload_sent, self.plan.upload_bytes, &mut scratch);
+        write_pattern(
+            conn,
+            id,
+            &mut s.upload_sent,
+            self.plan.upload_bytes,
+            &mut scratch,
+        );
         self.report.uploaded += s.upload_sent - before;
         if s.upload_sent == self.plan.upload_bytes {
             s.upload_fin = conn.send_stream(id).finish().is_ok();
@@ -165,9 +191,13 @@ impl BenchService {
     }
 
     fn read(&mut self, st: &mut BenchConn, conn: &mut Connection, id: StreamId, now: Instant) {
-        let Some(s) = st.streams.get_mut(&id) else { return };
+        let Some(s) = st.streams.get_mut(&id) else {
+            return;
+        };
         let mut recv = conn.recv_stream(id);
-        let Ok(mut chunks) = recv.read(true) else { return };
+        let Ok(mut chunks) = recv.read(true) else {
+            return;
+        };
         let mut finished = false;
         let mut failure = None;
         let mut got = 0u64;
@@ -195,18 +225,48 @@ impl BenchService {
         self.report.bytes += got;
         self.progress.bytes.fetch_add(got, Ordering::Relaxed);
         if finished && s.received != self.plan.download_bytes {
-            failure = Some(format!("perf response had {} bytes, asked for {}", s.received, self.plan.download_bytes));
+            failure = Some(format!(
+                "perf response had {} bytes, asked for {}",
+                s.received, self.plan.download_bytes
+            ));
         }
-        if finished || failure.is_some() {
+        if let Some(message) = failure {
             st.streams.remove(&id);
-            if let Some(message) = failure {
-                self.error(message);
-            } else {
-                self.report.requests += 1;
-                st.requests += 1;
-            }
+            self.error(message);
+            self.next_request(st, conn, now);
+        } else if finished {
+            s.response_done = true;
+            self.complete_if_done(st, conn, id, now);
+        }
+    }
+
+    /// A request is done when its response arrived in full and, if it
+    /// uploaded, the server acknowledged the whole upload.
+    fn complete_if_done(
+        &mut self,
+        st: &mut BenchConn,
+        conn: &mut Connection,
+        id: StreamId,
+        now: Instant,
+    ) {
+        let Some(s) = st.streams.get(&id) else { return };
+        if !s.response_done || (self.plan.upload_bytes > 0 && !s.upload_acked) {
+            return;
+        }
+        st.streams.remove(&id);
+        tracing::trace!(stats = ?conn.stats(), "perf request done");
+        self.report.requests += 1;
+        st.requests += 1;
+        self.next_request(st, conn, now);
+    }
+
+    fn next_request(&mut self, st: &mut BenchConn, conn: &mut Connection, now: Instant) {
+        {
             let per_slot = st.requests.div_ceil(self.plan.streams.max(1) as u64);
-            let more = self.plan.requests_per_stream.is_none_or(|max| per_slot < max);
+            let more = self
+                .plan
+                .requests_per_stream
+                .is_none_or(|max| per_slot < max);
             if self.running(now) && more {
                 self.start_request(st, conn);
             }
@@ -223,10 +283,22 @@ impl Service for BenchService {
         self.open += 1;
         self.report.connections_peak = self.report.connections_peak.max(self.open);
         let active = self.opened <= self.plan.active || self.plan.handshake_only;
-        BenchConn { started: now, active, streams: HashMap::new(), requests: 0 }
+        BenchConn {
+            started: now,
+            active,
+            streams: HashMap::new(),
+            requests: 0,
+        }
     }
 
-    fn on_event(&mut self, st: &mut BenchConn, conn: &mut Connection, event: Event, now: Instant, _c: &mut Counters) {
+    fn on_event(
+        &mut self,
+        st: &mut BenchConn,
+        conn: &mut Connection,
+        event: Event,
+        now: Instant,
+        _c: &mut Counters,
+    ) {
         match event {
             Event::Connected => {
                 self.in_handshake -= 1;
@@ -234,7 +306,9 @@ impl Service for BenchService {
                 let _ = self.report.handshake_us.record(us);
                 self.report.handshakes += 1;
                 self.progress.handshakes.fetch_add(1, Ordering::Relaxed);
-                self.progress.connections.store(self.open, Ordering::Relaxed);
+                self.progress
+                    .connections
+                    .store(self.open, Ordering::Relaxed);
                 if self.plan.handshake_only {
                     conn.close(now, VarInt::from_u32(CLOSE_DONE), Bytes::new());
                 } else if st.active {
@@ -245,6 +319,12 @@ impl Service for BenchService {
             }
             Event::Stream(StreamEvent::Readable { id }) => self.read(st, conn, id, now),
             Event::Stream(StreamEvent::Writable { id }) => self.continue_upload(st, conn, id),
+            Event::Stream(StreamEvent::Finished { id }) => {
+                if let Some(s) = st.streams.get_mut(&id) {
+                    s.upload_acked = true;
+                }
+                self.complete_if_done(st, conn, id, now);
+            }
             Event::ConnectionLost { reason } => {
                 if conn.is_handshaking() {
                     self.in_handshake = self.in_handshake.saturating_sub(1);
@@ -258,9 +338,12 @@ impl Service for BenchService {
         }
     }
 
-    fn on_close(&mut self, _st: BenchConn, _conn: &Connection, _c: &mut Counters) {
+    fn on_close(&mut self, _st: BenchConn, conn: &Connection, _c: &mut Counters) {
+        tracing::debug!(stats = ?conn.stats(), "bench connection closed");
         self.open -= 1;
-        self.progress.connections.store(self.open, Ordering::Relaxed);
+        self.progress
+            .connections
+            .store(self.open, Ordering::Relaxed);
         if self.plan.handshake_only {
             // Keep the same number of handshakes in flight until the deadline.
             self.to_open += 1;
@@ -279,13 +362,16 @@ impl Service for BenchService {
             && self.to_open == 0
             && self.in_handshake == 0
             && self.report.requests + self.report.errors
-                >= self.plan.requests_per_stream.unwrap_or(0) * (self.plan.active.min(self.plan.connections) * self.plan.streams) as u64;
+                >= self.plan.requests_per_stream.unwrap_or(0)
+                    * (self.plan.active.min(self.plan.connections) * self.plan.streams) as u64;
         if fixed_done {
             self.stopped_at = Some(now);
             actions.stop = Some(Duration::ZERO);
             return;
         }
-        while self.to_open > 0 && self.in_handshake + actions.connect.len() < self.plan.handshake_concurrency.max(1) {
+        while self.to_open > 0
+            && self.in_handshake + actions.connect.len() < self.plan.handshake_concurrency.max(1)
+        {
             self.to_open -= 1;
             actions.connect.push(ConnectRequest {
                 config: self.config.clone(),

@@ -66,13 +66,26 @@ impl ClientTarget {
     }
 }
 
-fn client_worker<S: Service>(target: &ClientTarget, index: usize, service: S) -> Result<Worker<S>, ClientError> {
+fn client_worker<S: Service>(
+    target: &ClientTarget,
+    index: usize,
+    service: S,
+) -> Result<Worker<S>, ClientError> {
     let remote = target.check()?;
-    let local = if remote.ip().is_loopback() { Ipv6Addr::LOCALHOST } else { Ipv6Addr::UNSPECIFIED };
-    let socket = bind_client_socket(SocketAddrV6::new(local, 0, 0, 0), CLIENT_SOCKET_BUFFER_BYTES).map_err(ClientError::Socket)?;
+    let local = if remote.ip().is_loopback() {
+        Ipv6Addr::LOCALHOST
+    } else {
+        Ipv6Addr::UNSPECIFIED
+    };
+    let socket = bind_client_socket(
+        SocketAddrV6::new(local, 0, 0, 0),
+        CLIENT_SOCKET_BUFFER_BYTES,
+    )
+    .map_err(ClientError::Socket)?;
     let mailbox = Arc::new(Mailbox::new(1).map_err(ClientError::Socket)?);
     let io = make_backend(target.backend, socket, &mailbox, index)?;
-    let endpoint = quinn_proto::Endpoint::new(Arc::new(EndpointConfig::default()), None, true, None);
+    let endpoint =
+        quinn_proto::Endpoint::new(Arc::new(EndpointConfig::default()), None, true, None);
     Ok(Worker::new(WorkerParts {
         id: WorkerId(0),
         endpoint,
@@ -81,15 +94,29 @@ fn client_worker<S: Service>(target: &ClientTarget, index: usize, service: S) ->
         routing: Routing::Alone { mailbox },
         stats: Arc::new(StatsRegistry::new(1)),
         gso: target.transport.gso,
+        udp_payload_max: target.transport.udp_payload_max(),
     }))
 }
 
 /// Send `requests` over one `stoq/1` connection made with `config` and wait
 /// for the replies. Reusing `config` for a later call resumes the session.
-pub fn rpc(target: &ClientTarget, config: &ClientConfig, requests: Vec<(Kind, Bytes)>, timeout: Duration) -> Result<RpcOutcome, ClientError> {
-    let service = RpcService::new(config.clone(), target.remote, &target.server_name, requests, timeout);
+pub fn rpc(
+    target: &ClientTarget,
+    config: &ClientConfig,
+    requests: Vec<(Kind, Bytes)>,
+    timeout: Duration,
+) -> Result<RpcOutcome, ClientError> {
+    let service = RpcService::new(
+        config.clone(),
+        target.remote,
+        &target.server_name,
+        requests,
+        timeout,
+    );
     let worker = client_worker(target, 0, service)?;
-    let service = worker.run().map_err(|e| ClientError::Worker(e.to_string()))?;
+    let (service, _) = worker
+        .run()
+        .map_err(|e| ClientError::Worker(e.to_string()))?;
     Ok(service.outcome())
 }
 
@@ -107,14 +134,23 @@ impl BenchHandle {
     pub fn join(self) -> Result<Vec<BenchReport>, ClientError> {
         self.threads
             .into_iter()
-            .map(|t| t.join().map_err(|_| ClientError::Worker("bench worker panicked".into()))?.map_err(ClientError::Worker))
+            .map(|t| {
+                t.join()
+                    .map_err(|_| ClientError::Worker("bench worker panicked".into()))?
+                    .map_err(ClientError::Worker)
+            })
             .collect()
     }
 }
 
 /// Start `workers` bench workers, splitting connections and active
 /// connections of `plan` between them.
-pub fn spawn_bench(target: &ClientTarget, plan: &BenchPlan, workers: usize, cores: Option<&[usize]>) -> Result<BenchHandle, ClientError> {
+pub fn spawn_bench(
+    target: &ClientTarget,
+    plan: &BenchPlan,
+    workers: usize,
+    cores: Option<&[usize]>,
+) -> Result<BenchHandle, ClientError> {
     let config = target.client_config(crate::protocols::ALPN_PERF)?;
     let workers = workers.max(1);
     let mut progress = Vec::new();
@@ -126,7 +162,11 @@ pub fn spawn_bench(target: &ClientTarget, plan: &BenchPlan, workers: usize, core
         worker_plan.active = share(plan.active);
         let p = Arc::new(BenchProgress::default());
         progress.push(p.clone());
-        let worker = client_worker(target, index, BenchService::new(worker_plan, config.clone(), p))?;
+        let worker = client_worker(
+            target,
+            index,
+            BenchService::new(worker_plan, config.clone(), p),
+        )?;
         let core = cores.and_then(|c| c.get(index).copied());
         let thread = std::thread::Builder::new()
             .name(format!("bench-worker-{index}"))
@@ -134,7 +174,14 @@ pub fn spawn_bench(target: &ClientTarget, plan: &BenchPlan, workers: usize, core
                 if let Some(core) = core {
                     core_affinity::set_for_current(core_affinity::CoreId { id: core });
                 }
-                worker.run().map(BenchService::report).map_err(|e| e.to_string())
+                worker
+                    .run()
+                    .map(|(service, counters)| {
+                        let mut report = service.report();
+                        report.client_counters = counters;
+                        report
+                    })
+                    .map_err(|e| e.to_string())
             })
             .map_err(ClientError::Socket)?;
         threads.push(thread);

@@ -2,11 +2,13 @@
 //! streams, their responses collected. 0-RTT is used when the session
 //! cache holds a ticket for the server, for idempotent requests only.
 
-use crate::protocols::stoq::{self, Kind, KIND_ERROR, Message, RESPONSE_PAYLOAD_MAX};
+use crate::protocols::stoq::{self, KIND_ERROR, Kind, Message, RESPONSE_PAYLOAD_MAX};
 use crate::stats::Counters;
 use crate::worker::{Actions, ConnectRequest, Service};
 use bytes::Bytes;
-use quinn_proto::{ClientConfig, Connection, ConnectionError, Dir, Event, ReadError, StreamEvent, StreamId, VarInt};
+use quinn_proto::{
+    ClientConfig, Connection, ConnectionError, Dir, Event, ReadError, StreamEvent, StreamId, VarInt,
+};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -19,7 +21,10 @@ pub const CLOSE_DONE: u32 = 0;
 pub enum Reply {
     Ok(Bytes),
     /// An error response: code and message.
-    Error { code: u16, message: String },
+    Error {
+        code: u16,
+        message: String,
+    },
     /// The connection failed before an answer came.
     Failed(String),
 }
@@ -57,10 +62,20 @@ pub struct RpcConn {
 }
 
 impl RpcService {
-    pub fn new(config: ClientConfig, remote: SocketAddr, server_name: &str, requests: Vec<(Kind, Bytes)>, timeout: Duration) -> Self {
+    pub fn new(
+        config: ClientConfig,
+        remote: SocketAddr,
+        server_name: &str,
+        requests: Vec<(Kind, Bytes)>,
+        timeout: Duration,
+    ) -> Self {
         let count = requests.len();
         Self {
-            target: Some(ConnectRequest { config, remote, server_name: server_name.to_owned() }),
+            target: Some(ConnectRequest {
+                config,
+                remote,
+                server_name: server_name.to_owned(),
+            }),
             requests,
             replies: vec![None; count],
             started: None,
@@ -76,7 +91,11 @@ impl RpcService {
     pub fn outcome(self) -> RpcOutcome {
         let failure = self.error.clone().unwrap_or_else(|| "timed out".to_owned());
         RpcOutcome {
-            replies: self.replies.into_iter().map(|r| r.unwrap_or_else(|| Reply::Failed(failure.clone()))).collect(),
+            replies: self
+                .replies
+                .into_iter()
+                .map(|r| r.unwrap_or_else(|| Reply::Failed(failure.clone())))
+                .collect(),
             handshake: self.handshake,
             latency: self.replied.zip(self.started).map(|(r, s)| r - s),
             zero_rtt_accepted: self.zero_rtt_accepted,
@@ -90,7 +109,9 @@ impl RpcService {
             if self.replies[index].is_some() {
                 continue;
             }
-            let Some(id) = conn.streams().open(Dir::Bi) else { break };
+            let Some(id) = conn.streams().open(Dir::Bi) else {
+                break;
+            };
             let message = stoq::encode(*kind as u8, payload);
             let mut send = conn.send_stream(id);
             let _ = send.write_chunks(&mut [message]);
@@ -101,17 +122,24 @@ impl RpcService {
     }
 
     fn read(&mut self, st: &mut RpcConn, conn: &mut Connection, id: StreamId) {
-        let Some((index, buf)) = st.streams.get_mut(&id) else { return };
+        let Some((index, buf)) = st.streams.get_mut(&id) else {
+            return;
+        };
         let mut recv = conn.recv_stream(id);
-        let Ok(mut chunks) = recv.read(true) else { return };
+        let Ok(mut chunks) = recv.read(true) else {
+            return;
+        };
         let mut finished = false;
         loop {
             match chunks.next(usize::MAX) {
-                Ok(Some(chunk)) if buf.len() + chunk.bytes.len() <= stoq::HEADER_LEN + RESPONSE_PAYLOAD_MAX => {
+                Ok(Some(chunk))
+                    if buf.len() + chunk.bytes.len() <= stoq::HEADER_LEN + RESPONSE_PAYLOAD_MAX =>
+                {
                     buf.extend_from_slice(&chunk.bytes)
                 }
                 Ok(Some(_)) => {
-                    self.replies[*index] = Some(Reply::Failed("response exceeds the size limit".into()));
+                    self.replies[*index] =
+                        Some(Reply::Failed("response exceeds the size limit".into()));
                     break;
                 }
                 Ok(None) => {
@@ -120,7 +148,9 @@ impl RpcService {
                 }
                 Err(ReadError::Blocked) => break,
                 Err(ReadError::Reset(code)) => {
-                    self.replies[*index] = Some(Reply::Failed(format!("server reset the stream with code {code}")));
+                    self.replies[*index] = Some(Reply::Failed(format!(
+                        "server reset the stream with code {code}"
+                    )));
                     break;
                 }
             }
@@ -128,7 +158,10 @@ impl RpcService {
         let _ = chunks.finalize();
         if finished {
             self.replies[*index] = Some(match stoq::decode(buf, RESPONSE_PAYLOAD_MAX) {
-                Ok(Message { kind: KIND_ERROR, payload }) => {
+                Ok(Message {
+                    kind: KIND_ERROR,
+                    payload,
+                }) => {
                     let (code, message) = stoq::decode_error_payload(&payload);
                     Reply::Error { code, message }
                 }
@@ -139,7 +172,11 @@ impl RpcService {
         if self.replies.iter().all(Option::is_some) {
             self.done = true;
             self.replied = Some(Instant::now());
-            conn.close(Instant::now(), VarInt::from_u32(CLOSE_DONE), Bytes::from_static(b"done"));
+            conn.close(
+                Instant::now(),
+                VarInt::from_u32(CLOSE_DONE),
+                Bytes::from_static(b"done"),
+            );
         }
     }
 }
@@ -149,7 +186,11 @@ impl Service for RpcService {
 
     fn on_open(&mut self, conn: &mut Connection, now: Instant) -> RpcConn {
         self.started = Some(now);
-        let mut st = RpcConn { streams: HashMap::new(), sent: false, sent_early: false };
+        let mut st = RpcConn {
+            streams: HashMap::new(),
+            sent: false,
+            sent_early: false,
+        };
         // With a session ticket the requests ride in 0-RTT; only idempotent
         // ones may (docs/PROTOCOL.md).
         if conn.has_0rtt() && self.requests.iter().all(|(k, _)| k.idempotent()) {
@@ -159,7 +200,14 @@ impl Service for RpcService {
         st
     }
 
-    fn on_event(&mut self, st: &mut RpcConn, conn: &mut Connection, event: Event, now: Instant, _counters: &mut Counters) {
+    fn on_event(
+        &mut self,
+        st: &mut RpcConn,
+        conn: &mut Connection,
+        event: Event,
+        now: Instant,
+        _counters: &mut Counters,
+    ) {
         match event {
             Event::Connected => {
                 self.handshake = self.started.map(|s| now - s);
@@ -185,7 +233,8 @@ impl Service for RpcService {
             actions.connect.push(target);
         }
         if now >= self.deadline && !self.done {
-            self.error.get_or_insert_with(|| "timed out waiting for the server".to_owned());
+            self.error
+                .get_or_insert_with(|| "timed out waiting for the server".to_owned());
             self.done = true;
         }
         if self.done {
@@ -205,7 +254,9 @@ pub fn describe(reason: &ConnectionError) -> String {
         ConnectionError::ConnectionClosed(c) if u64::from(c.error_code) == 0x178 => {
             "the server does not speak this protocol (TLS no_application_protocol)".to_owned()
         }
-        ConnectionError::ApplicationClosed(c) if c.error_code == VarInt::from_u32(crate::worker::CLOSE_SHUTDOWN) => {
+        ConnectionError::ApplicationClosed(c)
+            if c.error_code == VarInt::from_u32(crate::worker::CLOSE_SHUTDOWN) =>
+        {
             "the server is shutting down".to_owned()
         }
         other => other.to_string(),

@@ -18,8 +18,11 @@ use std::time::Duration;
 
 pub use wake::Waker;
 
-/// Largest UDP payload a receive buffer must hold (a full GRO batch).
-pub const RECV_BUF_LEN: usize = 64 * 1024;
+/// Largest receive a buffer must hold: a full GRO batch is up to 64
+/// segments (the kernel's UDP_MAX_SEGMENTS) of up to 1500 bytes; a smaller
+/// buffer truncates the batch and loses datagrams.
+pub const RECV_BUF_LEN: usize = 128 * 1024;
+const _: () = assert!(RECV_BUF_LEN >= 64 * 1500);
 
 /// One receive buffer: a single datagram, or several of `stride` bytes each
 /// when the kernel coalesced them (GRO).
@@ -35,7 +38,11 @@ pub struct RecvDatagram<'a> {
 impl<'a> RecvDatagram<'a> {
     /// The individual datagrams of a GRO buffer.
     pub fn segments(&self) -> impl Iterator<Item = &'a [u8]> + use<'a> {
-        let stride = if self.stride == 0 { self.data.len().max(1) } else { self.stride };
+        let stride = if self.stride == 0 {
+            self.data.len().max(1)
+        } else {
+            self.stride
+        };
         self.data.chunks(stride)
     }
 }
@@ -86,26 +93,49 @@ pub trait Backend: Send {
     fn max_gso_segments(&self) -> usize;
     /// Block until a datagram is ready, the waker fires, `timeout` passes, or
     /// (with `want_write`) the socket can take sends again.
-    fn wait(&mut self, waker: &Waker, timeout: Option<Duration>, want_write: bool) -> io::Result<()>;
+    fn wait(
+        &mut self,
+        waker: &Waker,
+        timeout: Option<Duration>,
+        want_write: bool,
+    ) -> io::Result<()>;
 }
 
 /// `ppoll` on the socket and the waker's eventfd.
-pub(crate) fn poll_fds(socket_fd: i32, waker: &Waker, timeout: Option<Duration>, want_write: bool) -> io::Result<()> {
+pub(crate) fn poll_fds(
+    socket_fd: i32,
+    waker: &Waker,
+    timeout: Option<Duration>,
+    want_write: bool,
+) -> io::Result<()> {
     let mut fds = [
         libc::pollfd {
             fd: socket_fd,
             events: libc::POLLIN | if want_write { libc::POLLOUT } else { 0 },
             revents: 0,
         },
-        libc::pollfd { fd: waker.fd(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd {
+            fd: waker.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
     ];
     let ts = timeout.map(|t| libc::timespec {
         tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
         tv_nsec: t.subsec_nanos() as libc::c_long,
     });
-    let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    let ts_ptr = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
     // SAFETY: `fds` and `ts` are live locals; the lengths match.
-    let rc = unsafe { libc::ppoll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ts_ptr, std::ptr::null()) };
+    let rc = unsafe {
+        libc::ppoll(
+            fds.as_mut_ptr(),
+            fds.len() as libc::nfds_t,
+            ts_ptr,
+            std::ptr::null(),
+        )
+    };
     if rc < 0 {
         let err = io::Error::last_os_error();
         if err.kind() != io::ErrorKind::Interrupted {

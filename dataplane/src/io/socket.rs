@@ -26,7 +26,12 @@ impl SocketBackend {
             .into_boxed_slice()
             .try_into()
             .expect("exactly BATCH_SIZE buffers");
-        Ok(Self { socket, state, bufs, meta: [RecvMeta::default(); BATCH_SIZE] })
+        Ok(Self {
+            socket,
+            state,
+            bufs,
+            meta: [RecvMeta::default(); BATCH_SIZE],
+        })
     }
 }
 
@@ -39,7 +44,10 @@ impl Backend for SocketBackend {
         let mut delivered = 0;
         for _ in 0..RECV_BATCHES_PER_POLL {
             let mut iovs = self.bufs.each_mut().map(|b| IoSliceMut::new(&mut b[..]));
-            let n = match self.state.recv((&self.socket).into(), &mut iovs, &mut self.meta) {
+            let n = match self
+                .state
+                .recv((&self.socket).into(), &mut iovs, &mut self.meta)
+            {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -49,7 +57,9 @@ impl Backend for SocketBackend {
                 sink(RecvDatagram {
                     remote: meta.addr,
                     local_ip: meta.dst_ip,
-                    ecn: meta.ecn.map(|e| quinn_proto::EcnCodepoint::from_bits(e as u8).expect("same codepoints")),
+                    ecn: meta.ecn.map(|e| {
+                        quinn_proto::EcnCodepoint::from_bits(e as u8).expect("same codepoints")
+                    }),
                     data: &buf[..meta.len],
                     stride: meta.stride,
                 });
@@ -65,7 +75,9 @@ impl Backend for SocketBackend {
     fn send(&mut self, t: &SendDatagram<'_>) -> io::Result<()> {
         let transmit = Transmit {
             destination: t.destination,
-            ecn: t.ecn.map(|e| quinn_udp::EcnCodepoint::from_bits(e as u8).expect("same codepoints")),
+            ecn: t
+                .ecn
+                .map(|e| quinn_udp::EcnCodepoint::from_bits(e as u8).expect("same codepoints")),
             contents: t.contents,
             segment_size: t.segment_size,
             src_ip: t.src_ip,
@@ -83,7 +95,12 @@ impl Backend for SocketBackend {
         self.state.max_gso_segments()
     }
 
-    fn wait(&mut self, waker: &Waker, timeout: Option<Duration>, want_write: bool) -> io::Result<()> {
+    fn wait(
+        &mut self,
+        waker: &Waker,
+        timeout: Option<Duration>,
+        want_write: bool,
+    ) -> io::Result<()> {
         poll_fds(self.socket.as_raw_fd(), waker, timeout, want_write)
     }
 }

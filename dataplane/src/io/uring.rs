@@ -88,7 +88,10 @@ impl UringBackend {
         // io_uring parks blocking-mode socket operations on the socket's
         // wait queue instead of failing them with EAGAIN.
         socket.set_nonblocking(false)?;
-        let ring = IoUring::builder().setup_coop_taskrun().build(RING_ENTRIES).or_else(|_| IoUring::new(RING_ENTRIES))?;
+        let ring = IoUring::builder()
+            .setup_coop_taskrun()
+            .build(RING_ENTRIES)
+            .or_else(|_| IoUring::new(RING_ENTRIES))?;
         let mut backend = Self {
             ring,
             socket,
@@ -128,16 +131,21 @@ impl UringBackend {
     }
 
     fn arm_wake(&mut self) -> io::Result<()> {
-        let entry = opcode::Read::new(types::Fd(self.waker_fd), (&mut *self.wake_buf as *mut u64).cast(), 8)
-            .build()
-            .user_data(TAG_WAKE);
+        let entry = opcode::Read::new(
+            types::Fd(self.waker_fd),
+            (&mut *self.wake_buf as *mut u64).cast(),
+            8,
+        )
+        .build()
+        .user_data(TAG_WAKE);
         self.wake_armed = true;
         self.push(entry)
     }
 
     fn reap(&mut self) {
         self.ready.clear();
-        self.ready.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        self.ready
+            .extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
     }
 }
 
@@ -187,7 +195,9 @@ impl Backend for UringBackend {
     fn send(&mut self, t: &SendDatagram<'_>) -> io::Result<()> {
         // All slots in flight: the worker waits for a completion, and the
         // next `poll_recv` frees the finished ones.
-        let Some(index) = self.free_sends.pop() else { return Err(io::ErrorKind::WouldBlock.into()) };
+        let Some(index) = self.free_sends.pop() else {
+            return Err(io::ErrorKind::WouldBlock.into());
+        };
         let slot = &mut self.send[index];
         slot.buf.clear();
         slot.buf.extend_from_slice(t.contents);
@@ -214,12 +224,19 @@ impl Backend for UringBackend {
         self.max_gso
     }
 
-    fn wait(&mut self, _waker: &Waker, timeout: Option<Duration>, _want_write: bool) -> io::Result<()> {
+    fn wait(
+        &mut self,
+        _waker: &Waker,
+        timeout: Option<Duration>,
+        _want_write: bool,
+    ) -> io::Result<()> {
         // Any completion ends the wait: a datagram, a finished send (room
         // for the blocked one), or the eventfd read (a wake).
         let result = match timeout {
             Some(t) => {
-                let ts = types::Timespec::new().sec(t.as_secs()).nsec(t.subsec_nanos());
+                let ts = types::Timespec::new()
+                    .sec(t.as_secs())
+                    .nsec(t.subsec_nanos());
                 let args = types::SubmitArgs::new().timespec(&ts);
                 self.ring.submitter().submit_with_args(1, &args)
             }
@@ -227,7 +244,12 @@ impl Backend for UringBackend {
         };
         match result {
             Ok(_) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::ETIME) || e.kind() == io::ErrorKind::Interrupted => Ok(()),
+            Err(e)
+                if e.raw_os_error() == Some(libc::ETIME)
+                    || e.kind() == io::ErrorKind::Interrupted =>
+            {
+                Ok(())
+            }
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
             Err(e) => Err(e),
         }
@@ -251,7 +273,11 @@ fn to_sockaddr(addr: SocketAddr) -> libc::sockaddr_in6 {
 }
 
 /// Writes the UDP_SEGMENT and IPV6_TCLASS cmsgs; returns the control length.
-fn write_send_control(control: &mut Control, segment_size: Option<usize>, ecn: Option<EcnCodepoint>) -> usize {
+fn write_send_control(
+    control: &mut Control,
+    segment_size: Option<usize>,
+    ecn: Option<EcnCodepoint>,
+) -> usize {
     // SAFETY: a zeroed msghdr whose control points at our aligned buffer
     // lets the CMSG_* helpers walk it; every write stays inside
     // CMSG_SPACE-sized steps, which fit CONTROL_LEN (asserted by the sizes).
@@ -276,7 +302,10 @@ fn write_send_control(control: &mut Control, segment_size: Option<usize>, ecn: O
             (*cmsg).cmsg_level = libc::IPPROTO_IPV6;
             (*cmsg).cmsg_type = libc::IPV6_TCLASS;
             (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
-            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>(), ecn as u8 as libc::c_int);
+            std::ptr::write_unaligned(
+                libc::CMSG_DATA(cmsg).cast::<libc::c_int>(),
+                ecn as u8 as libc::c_int,
+            );
             len += libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) as usize;
         }
         len
@@ -320,5 +349,11 @@ fn parse_recv(slot: &Slot, len: usize) -> Option<RecvDatagram<'_>> {
             cmsg = libc::CMSG_NXTHDR(&slot.hdr, cmsg);
         }
     }
-    Some(RecvDatagram { remote, local_ip, ecn, data: &slot.buf[..len], stride })
+    Some(RecvDatagram {
+        remote,
+        local_ip,
+        ecn,
+        data: &slot.buf[..len],
+        stride,
+    })
 }

@@ -21,7 +21,10 @@ impl Waker {
         }
         // SAFETY: `fd` is a fresh descriptor this function exclusively owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Self { fd, sleeping: AtomicBool::new(false) })
+        Ok(Self {
+            fd,
+            sleeping: AtomicBool::new(false),
+        })
     }
 
     pub fn fd(&self) -> RawFd {

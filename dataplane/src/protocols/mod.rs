@@ -23,7 +23,9 @@ impl Alpn {
     /// Read the negotiated protocol once the handshake data is available.
     pub fn of(conn: &Connection) -> Option<Alpn> {
         let data = conn.crypto_session().handshake_data()?;
-        let data = data.downcast::<quinn_proto::crypto::rustls::HandshakeData>().ok()?;
+        let data = data
+            .downcast::<quinn_proto::crypto::rustls::HandshakeData>()
+            .ok()?;
         match data.protocol.as_deref()? {
             ALPN_PERF => Some(Alpn::Perf),
             ALPN_STOQ => Some(Alpn::Stoq),

@@ -23,7 +23,11 @@ pub const WRITE_CHUNK_LEN: usize = 64 * 1024;
 pub const PERF_STREAM_ERROR: u32 = 0x1;
 
 const PATTERN_LEN: usize = WRITE_CHUNK_LEN + PATTERN_PERIOD;
-static PATTERN: LazyLock<Bytes> = LazyLock::new(|| (0..PATTERN_LEN).map(|i| (i % PATTERN_PERIOD) as u8).collect());
+static PATTERN: LazyLock<Bytes> = LazyLock::new(|| {
+    (0..PATTERN_LEN)
+        .map(|i| (i % PATTERN_PERIOD) as u8)
+        .collect()
+});
 
 /// The pattern bytes for stream offsets `offset..offset + len` (len at most
 /// `WRITE_CHUNK_LEN`), without copying.
@@ -45,7 +49,13 @@ pub fn matches_pattern(offset: u64, data: &[u8]) -> bool {
 
 /// Write pattern bytes to `id` from `*sent` while flow control allows, up to
 /// `total`. Returns false if the stream is gone (stopped or reset).
-pub fn write_pattern(conn: &mut Connection, id: StreamId, sent: &mut u64, total: u64, counters: &mut Counters) -> bool {
+pub fn write_pattern(
+    conn: &mut Connection,
+    id: StreamId,
+    sent: &mut u64,
+    total: u64,
+    counters: &mut Counters,
+) -> bool {
     while *sent < total {
         let len = (total - *sent).min(WRITE_CHUNK_LEN as u64) as usize;
         let mut chunk = [pattern_chunk(*sent, len)];
@@ -72,6 +82,10 @@ struct PerfStream {
     upload_offset: u64,
     upload_ok: bool,
     fin_sent: bool,
+    /// The client's FIN was read: the upload is complete.
+    upload_done: bool,
+    /// The response is acknowledged in full, or the client stopped it.
+    response_done: bool,
 }
 
 /// Server side of a `perf` connection.
@@ -82,10 +96,21 @@ pub struct PerfServer {
 
 impl PerfServer {
     /// Accept new streams and read every stream that may have data.
-    pub fn on_readable(&mut self, conn: &mut Connection, id: Option<StreamId>, counters: &mut Counters) {
+    pub fn on_readable(
+        &mut self,
+        conn: &mut Connection,
+        id: Option<StreamId>,
+        counters: &mut Counters,
+    ) {
         while let Some(id) = conn.streams().accept(Dir::Bi) {
             counters.perf_streams += 1;
-            self.streams.insert(id, PerfStream { upload_ok: true, ..PerfStream::default() });
+            self.streams.insert(
+                id,
+                PerfStream {
+                    upload_ok: true,
+                    ..PerfStream::default()
+                },
+            );
             self.read(conn, id, counters);
         }
         if let Some(id) = id {
@@ -98,9 +123,15 @@ impl PerfServer {
         self.respond(conn, id, counters);
     }
 
-    /// The peer acknowledged the whole response, or the stream ended.
+    /// The peer acknowledged the whole response, or stopped reading it.
+    /// The stream's state stays until the upload is read to its end too.
     pub fn on_finished(&mut self, id: StreamId) {
-        self.streams.remove(&id);
+        if let Some(stream) = self.streams.get_mut(&id) {
+            stream.response_done = true;
+            if stream.upload_done {
+                self.streams.remove(&id);
+            }
+        }
     }
 
     /// Streams opened so far that still hold state (for 0-RTT deferral).
@@ -109,9 +140,13 @@ impl PerfServer {
     }
 
     fn read(&mut self, conn: &mut Connection, id: StreamId, counters: &mut Counters) {
-        let Some(stream) = self.streams.get_mut(&id) else { return };
+        let Some(stream) = self.streams.get_mut(&id) else {
+            return;
+        };
         let mut recv = conn.recv_stream(id);
-        let Ok(mut chunks) = recv.read(true) else { return };
+        let Ok(mut chunks) = recv.read(true) else {
+            return;
+        };
         let mut fin = false;
         let mut gone = false;
         loop {
@@ -132,18 +167,32 @@ impl PerfServer {
         if fin && !stream.upload_ok {
             counters.perf_upload_mismatch += 1;
         }
+        stream.upload_done |= fin;
         if gone || (fin && stream.response_len.is_none()) {
             // Reset by the peer, or FIN before a complete request: nothing to answer.
-            let _ = conn.send_stream(id).reset(VarInt::from_u32(PERF_STREAM_ERROR));
+            let _ = conn
+                .send_stream(id)
+                .reset(VarInt::from_u32(PERF_STREAM_ERROR));
             self.streams.remove(&id);
             return;
         }
         self.respond(conn, id, counters);
+        if self
+            .streams
+            .get(&id)
+            .is_some_and(|s| s.upload_done && s.response_done)
+        {
+            self.streams.remove(&id);
+        }
     }
 
     fn respond(&mut self, conn: &mut Connection, id: StreamId, counters: &mut Counters) {
-        let Some(stream) = self.streams.get_mut(&id) else { return };
-        let Some(total) = stream.response_len else { return };
+        let Some(stream) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let Some(total) = stream.response_len else {
+            return;
+        };
         if stream.fin_sent {
             return;
         }

@@ -101,7 +101,9 @@ impl DecodeError {
         match self {
             DecodeError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
             DecodeError::TooLarge { .. } => ErrorCode::MessageTooLarge,
-            DecodeError::Incomplete | DecodeError::Malformed | DecodeError::TrailingBytes => ErrorCode::Malformed,
+            DecodeError::Incomplete | DecodeError::Malformed | DecodeError::TrailingBytes => {
+                ErrorCode::Malformed
+            }
         }
     }
 }
@@ -147,9 +149,10 @@ pub fn decode(bytes: &[u8], max: usize) -> Result<Message, DecodeError> {
     match bytes.len().cmp(&(HEADER_LEN + len)) {
         std::cmp::Ordering::Less => Err(DecodeError::Incomplete),
         std::cmp::Ordering::Greater => Err(DecodeError::TrailingBytes),
-        std::cmp::Ordering::Equal => {
-            Ok(Message { kind: bytes[1], payload: Bytes::copy_from_slice(&bytes[HEADER_LEN..]) })
-        }
+        std::cmp::Ordering::Equal => Ok(Message {
+            kind: bytes[1],
+            payload: Bytes::copy_from_slice(&bytes[HEADER_LEN..]),
+        }),
     }
 }
 
@@ -158,7 +161,10 @@ pub fn decode_error_payload(payload: &[u8]) -> (u16, String) {
     if payload.len() < 2 {
         return (0, String::new());
     }
-    (u16::from_be_bytes([payload[0], payload[1]]), String::from_utf8_lossy(&payload[2..]).into_owned())
+    (
+        u16::from_be_bytes([payload[0], payload[1]]),
+        String::from_utf8_lossy(&payload[2..]).into_owned(),
+    )
 }
 
 #[derive(Debug, Default)]
@@ -181,7 +187,13 @@ pub struct StoqContext<'a> {
 }
 
 impl StoqServer {
-    pub fn on_readable(&mut self, conn: &mut Connection, id: Option<StreamId>, ctx: &StoqContext<'_>, counters: &mut Counters) {
+    pub fn on_readable(
+        &mut self,
+        conn: &mut Connection,
+        id: Option<StreamId>,
+        ctx: &StoqContext<'_>,
+        counters: &mut Counters,
+    ) {
         while let Some(id) = conn.streams().accept(Dir::Bi) {
             self.streams.insert(id, StoqStream::default());
             self.read(conn, id, ctx, counters);
@@ -192,7 +204,12 @@ impl StoqServer {
     }
 
     /// Retry requests held back during 0-RTT, once the handshake completed.
-    pub fn on_connected(&mut self, conn: &mut Connection, ctx: &StoqContext<'_>, counters: &mut Counters) {
+    pub fn on_connected(
+        &mut self,
+        conn: &mut Connection,
+        ctx: &StoqContext<'_>,
+        counters: &mut Counters,
+    ) {
         let ids: Vec<StreamId> = self.streams.keys().copied().collect();
         for id in ids {
             self.try_answer(conn, id, ctx, counters);
@@ -203,10 +220,20 @@ impl StoqServer {
         self.streams.remove(&id);
     }
 
-    fn read(&mut self, conn: &mut Connection, id: StreamId, ctx: &StoqContext<'_>, counters: &mut Counters) {
-        let Some(stream) = self.streams.get_mut(&id) else { return };
+    fn read(
+        &mut self,
+        conn: &mut Connection,
+        id: StreamId,
+        ctx: &StoqContext<'_>,
+        counters: &mut Counters,
+    ) {
+        let Some(stream) = self.streams.get_mut(&id) else {
+            return;
+        };
         let mut recv = conn.recv_stream(id);
-        let Ok(mut chunks) = recv.read(true) else { return };
+        let Ok(mut chunks) = recv.read(true) else {
+            return;
+        };
         let mut reset = false;
         let limit = HEADER_LEN + REQUEST_PAYLOAD_MAX;
         loop {
@@ -233,8 +260,16 @@ impl StoqServer {
         self.try_answer(conn, id, ctx, counters);
     }
 
-    fn try_answer(&mut self, conn: &mut Connection, id: StreamId, ctx: &StoqContext<'_>, counters: &mut Counters) {
-        let Some(stream) = self.streams.get_mut(&id) else { return };
+    fn try_answer(
+        &mut self,
+        conn: &mut Connection,
+        id: StreamId,
+        ctx: &StoqContext<'_>,
+        counters: &mut Counters,
+    ) {
+        let Some(stream) = self.streams.get_mut(&id) else {
+            return;
+        };
         if stream.answered {
             return;
         }
@@ -242,11 +277,15 @@ impl StoqServer {
             Err(DecodeError::Incomplete) => return,
             Err(e) => Some(encode_error(e.code(), &e.to_string())),
             Ok(len) if stream.buf.len() < HEADER_LEN + len => return,
-            Ok(len) if stream.buf.len() > HEADER_LEN + len => {
-                Some(encode_error(ErrorCode::Malformed, &DecodeError::TrailingBytes.to_string()))
-            }
+            Ok(len) if stream.buf.len() > HEADER_LEN + len => Some(encode_error(
+                ErrorCode::Malformed,
+                &DecodeError::TrailingBytes.to_string(),
+            )),
             Ok(_) => match Kind::from_u8(stream.buf[1]) {
-                None => Some(encode_error(ErrorCode::UnknownMessage, &format!("unknown message kind {:#04x}", stream.buf[1]))),
+                None => Some(encode_error(
+                    ErrorCode::UnknownMessage,
+                    &format!("unknown message kind {:#04x}", stream.buf[1]),
+                )),
                 Some(kind) if ctx.early && !kind.idempotent() => {
                     counters.zero_rtt_deferred += 1;
                     None
@@ -260,7 +299,9 @@ impl StoqServer {
         if response[1] == KIND_ERROR {
             counters.stoq_errors += 1;
             // Stop the peer from sending more of a request we rejected.
-            let _ = conn.recv_stream(id).stop(VarInt::from_u32(STREAM_ERROR_BAD_REQUEST));
+            let _ = conn
+                .recv_stream(id)
+                .stop(VarInt::from_u32(STREAM_ERROR_BAD_REQUEST));
         }
         counters.stream_bytes_tx += response.len() as u64;
         let mut send = conn.send_stream(id);
@@ -275,7 +316,10 @@ fn answer(kind: Kind, payload: &[u8], ctx: &StoqContext<'_>) -> Bytes {
     match kind {
         Kind::Ping if payload.len() > PING_PAYLOAD_MAX => encode_error(
             ErrorCode::MessageTooLarge,
-            &format!("ping payload of {} bytes exceeds {PING_PAYLOAD_MAX}", payload.len()),
+            &format!(
+                "ping payload of {} bytes exceeds {PING_PAYLOAD_MAX}",
+                payload.len()
+            ),
         ),
         Kind::Ping => encode(Kind::Ping as u8 | RESPONSE_FLAG, payload),
         Kind::Stats => {
@@ -293,7 +337,13 @@ mod tests {
     fn round_trip() {
         let bytes = encode(Kind::Ping as u8, b"hello");
         let message = decode(&bytes, REQUEST_PAYLOAD_MAX).unwrap();
-        assert_eq!(message, Message { kind: 1, payload: Bytes::from_static(b"hello") });
+        assert_eq!(
+            message,
+            Message {
+                kind: 1,
+                payload: Bytes::from_static(b"hello")
+            }
+        );
     }
 
     #[test]
@@ -306,7 +356,10 @@ mod tests {
         bytes[2] = 1;
         assert_eq!(decode(&bytes, 10), Err(DecodeError::Malformed));
         let big = encode(Kind::Ping as u8, &[0u8; 20]);
-        assert_eq!(decode(&big, 10), Err(DecodeError::TooLarge { len: 20, max: 10 }));
+        assert_eq!(
+            decode(&big, 10),
+            Err(DecodeError::TooLarge { len: 20, max: 10 })
+        );
         let mut trailing = encode(Kind::Ping as u8, b"x").to_vec();
         trailing.push(0);
         assert_eq!(decode(&trailing, 10), Err(DecodeError::TrailingBytes));

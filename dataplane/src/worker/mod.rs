@@ -16,8 +16,8 @@ use crate::io::{Backend, RecvDatagram, SendDatagram};
 use crate::stats::{Counters, StatsRegistry};
 use bytes::{Bytes, BytesMut};
 use quinn_proto::{
-    ClientConfig, Connection, ConnectionError, ConnectionHandle, DatagramEvent, EcnCodepoint, Endpoint, Event,
-    Incoming, Transmit, VarInt,
+    ClientConfig, Connection, ConnectionError, ConnectionHandle, DatagramEvent, EcnCodepoint,
+    Endpoint, Event, Incoming, Transmit, VarInt,
 };
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -32,6 +32,12 @@ pub const CLOSE_SHUTDOWN: u32 = 0x100;
 /// Largest GSO batch handed to the kernel in one send (the kernel's
 /// UDP_MAX_SEGMENTS is 64 on older kernels).
 pub const GSO_SEGMENTS_MAX: usize = 64;
+/// A GSO send is one UDP datagram to the kernel before segmentation, so its
+/// whole payload must fit a UDP length field (65535 less the UDP header);
+/// larger batches fail with EMSGSIZE and every segment is lost.
+pub const GSO_BYTES_MAX: usize = 65_535 - 8;
+/// quinn-proto's default path-MTU discovery ceiling (UDP payload bytes).
+pub const UDP_PAYLOAD_MAX: usize = 1452;
 /// Scratch space for copying received segments into owned buffers; refilled
 /// by one allocation when used up.
 const RECV_SCRATCH_LEN: usize = 1 << 20;
@@ -74,7 +80,14 @@ pub trait Service: Send {
     /// A connection was accepted or initiated.
     fn on_open(&mut self, conn: &mut Connection, now: Instant) -> Self::Conn;
     /// One quinn-proto event of a connection, after the worker counted it.
-    fn on_event(&mut self, state: &mut Self::Conn, conn: &mut Connection, event: Event, now: Instant, counters: &mut Counters);
+    fn on_event(
+        &mut self,
+        state: &mut Self::Conn,
+        conn: &mut Connection,
+        event: Event,
+        now: Instant,
+        counters: &mut Counters,
+    );
     /// The connection drained and is gone.
     fn on_close(&mut self, _state: Self::Conn, _conn: &Connection, _counters: &mut Counters) {}
     /// Called once per loop iteration.
@@ -118,6 +131,8 @@ pub struct WorkerParts<S> {
     pub routing: Routing,
     pub stats: Arc<StatsRegistry>,
     pub gso: bool,
+    /// Largest UDP payload a connection may send (MTU ceiling).
+    pub udp_payload_max: usize,
 }
 
 pub struct Worker<S: Service> {
@@ -149,7 +164,17 @@ struct Core<S: Service> {
 
 impl<S: Service> Worker<S> {
     pub fn new(parts: WorkerParts<S>) -> Self {
-        let max_gso = if parts.gso { parts.io.max_gso_segments().clamp(1, GSO_SEGMENTS_MAX) } else { 1 };
+        let by_size = GSO_BYTES_MAX / parts.udp_payload_max.max(1200);
+        let max_gso = if parts.gso {
+            parts
+                .io
+                .max_gso_segments()
+                .min(GSO_SEGMENTS_MAX)
+                .min(by_size)
+                .max(1)
+        } else {
+            1
+        };
         let targets = match &parts.routing {
             Routing::Shared { mailboxes } => mailboxes.len(),
             Routing::Alone { .. } => 1,
@@ -183,8 +208,9 @@ impl<S: Service> Worker<S> {
     }
 
     /// Run until stopped (shutdown message or the service's `stop`) and every
-    /// connection drained or the drain deadline passed. Returns the service.
-    pub fn run(mut self) -> io::Result<S> {
+    /// connection drained or the drain deadline passed. Returns the service
+    /// and the worker's final counters.
+    pub fn run(mut self) -> io::Result<(S, Counters)> {
         loop {
             let now = Instant::now();
             let mut busy = self.core.drain_mailbox(now);
@@ -193,9 +219,12 @@ impl<S: Service> Worker<S> {
             self.core.poll_service(now);
             self.drive(now);
             self.io.flush()?;
-            self.core.stats.worker(self.core.id.0 as usize).publish(&self.core.counters);
+            self.core
+                .stats
+                .worker(self.core.id.0 as usize)
+                .publish(&self.core.counters);
             if self.core.finished(now) {
-                return Ok(self.core.service);
+                return Ok((self.core.service, self.core.counters));
             }
             if !busy && (self.core.dirty.is_empty() || self.core.pending.is_some()) {
                 self.sleep()?;
@@ -258,7 +287,9 @@ impl<S: Service> Worker<S> {
             mailbox.waker.woke();
             return Ok(());
         }
-        let result = self.io.wait(&mailbox.waker, timeout, self.core.pending.is_some());
+        let result = self
+            .io
+            .wait(&mailbox.waker, timeout, self.core.pending.is_some());
         mailbox.waker.woke();
         result
     }
@@ -308,7 +339,9 @@ impl<S: Service> Core<S> {
                 WorkerControl::Shutdown { drain } => self.stop(now, drain),
             }
         }
-        let Routing::Shared { mailboxes } = &self.routing else { return busy };
+        let Routing::Shared { mailboxes } = &self.routing else {
+            return busy;
+        };
         let mailboxes = mailboxes.clone();
         while let Some(h) = mailboxes[self.id.0 as usize].handoffs.pop() {
             busy = true;
@@ -325,7 +358,11 @@ impl<S: Service> Core<S> {
         self.stopping_until = Some(now + drain);
         for (index, slot) in self.conns.iter_mut().enumerate() {
             if let Some(c) = slot {
-                c.conn.close(now, VarInt::from_u32(CLOSE_SHUTDOWN), Bytes::from_static(b"server shutting down"));
+                c.conn.close(
+                    now,
+                    VarInt::from_u32(CLOSE_SHUTDOWN),
+                    Bytes::from_static(b"server shutting down"),
+                );
                 if !c.queued {
                     c.queued = true;
                     self.dirty.push(ConnectionHandle(index));
@@ -352,7 +389,10 @@ impl<S: Service> Core<S> {
             }
         }
         let timer = self.timers.peek().map(|Reverse((at, _))| *at);
-        [timer, self.service.poll_timeout(), self.stopping_until].into_iter().flatten().min()
+        [timer, self.service.poll_timeout(), self.stopping_until]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     fn on_datagram(&mut self, now: Instant, d: RecvDatagram<'_>) {
@@ -375,7 +415,15 @@ impl<S: Service> Core<S> {
                     if owner == self.id {
                         self.handle_owned(now, d.remote, d.local_ip, d.ecn, data);
                     } else {
-                        self.hand_off(owner, Handoff { data, remote: d.remote, local_ip: d.local_ip, ecn: d.ecn });
+                        self.hand_off(
+                            owner,
+                            Handoff {
+                                data,
+                                remote: d.remote,
+                                local_ip: d.local_ip,
+                                ecn: d.ecn,
+                            },
+                        );
                     }
                 }
             }
@@ -391,7 +439,9 @@ impl<S: Service> Core<S> {
     }
 
     fn hand_off(&mut self, owner: WorkerId, handoff: Handoff) {
-        let Routing::Shared { mailboxes } = &self.routing else { unreachable!("only shared workers route") };
+        let Routing::Shared { mailboxes } = &self.routing else {
+            unreachable!("only shared workers route")
+        };
         match mailboxes[owner.0 as usize].handoffs.push(handoff) {
             Ok(()) => {
                 self.counters.handoffs_out += 1;
@@ -402,7 +452,9 @@ impl<S: Service> Core<S> {
     }
 
     fn wake_handoff_targets(&mut self) {
-        let Routing::Shared { mailboxes } = &self.routing else { return };
+        let Routing::Shared { mailboxes } = &self.routing else {
+            return;
+        };
         for (index, wake) in self.wake_targets.iter_mut().enumerate() {
             if std::mem::take(wake) {
                 mailboxes[index].waker.wake();
@@ -419,7 +471,10 @@ impl<S: Service> Core<S> {
         data: BytesMut,
     ) {
         self.resp_buf.clear();
-        match self.endpoint.handle(now, remote, local_ip, ecn, data, &mut self.resp_buf) {
+        match self
+            .endpoint
+            .handle(now, remote, local_ip, ecn, data, &mut self.resp_buf)
+        {
             Some(DatagramEvent::ConnectionEvent(ch, event)) => {
                 if let Some(c) = self.conns.get_mut(ch.0).and_then(Option::as_mut) {
                     c.conn.handle_event(event);
@@ -429,7 +484,8 @@ impl<S: Service> Core<S> {
             Some(DatagramEvent::NewConnection(incoming)) => self.incoming.push(incoming),
             Some(DatagramEvent::Response(t)) => {
                 let contents = self.resp_buf[..t.size].to_vec();
-                self.responses.push(PendingSend::from_transmit(&t, contents));
+                self.responses
+                    .push(PendingSend::from_transmit(&t, contents));
             }
             None => self.counters.drop_unknown_cid += 1,
         }
@@ -443,7 +499,10 @@ impl<S: Service> Core<S> {
         };
         self.resp_buf.clear();
         let response = match admission {
-            Admission::Accept => match self.endpoint.accept(incoming, now, &mut self.resp_buf, None) {
+            Admission::Accept => match self
+                .endpoint
+                .accept(incoming, now, &mut self.resp_buf, None)
+            {
                 Ok((ch, conn)) => {
                     self.counters.accepted += 1;
                     self.insert(ch, conn, now);
@@ -481,8 +540,16 @@ impl<S: Service> Core<S> {
         if self.conns.len() <= ch.0 {
             self.conns.resize_with(ch.0 + 1, || None);
         }
-        debug_assert!(self.conns[ch.0].is_none(), "quinn-proto reuses a handle only after Drained");
-        self.conns[ch.0] = Some(Conn { conn, app, timer: None, queued: false });
+        debug_assert!(
+            self.conns[ch.0].is_none(),
+            "quinn-proto reuses a handle only after Drained"
+        );
+        self.conns[ch.0] = Some(Conn {
+            conn,
+            app,
+            timer: None,
+            queued: false,
+        });
         self.open += 1;
         self.counters.connections = self.open as u64;
         self.mark_dirty(ch);
@@ -517,7 +584,10 @@ impl<S: Service> Core<S> {
         let mut actions = Actions::default();
         self.service.poll(now, &mut actions);
         for request in actions.connect {
-            match self.endpoint.connect(now, request.config, request.remote, &request.server_name) {
+            match self
+                .endpoint
+                .connect(now, request.config, request.remote, &request.server_name)
+            {
                 Ok((ch, conn)) => self.insert(ch, conn, now),
                 Err(e) => {
                     tracing::warn!(remote = %request.remote, error = %e, "cannot start connection");
@@ -533,17 +603,22 @@ impl<S: Service> Core<S> {
     /// Process one connection's events and send what it has. Returns false
     /// when the socket would not take more.
     fn drive_conn(&mut self, io: &mut dyn Backend, ch: ConnectionHandle, now: Instant) -> bool {
-        let Some(c) = self.conns.get_mut(ch.0).and_then(Option::as_mut) else { return true };
+        let Some(c) = self.conns.get_mut(ch.0).and_then(Option::as_mut) else {
+            return true;
+        };
         c.queued = false;
         pump_endpoint_events(&mut self.endpoint, ch, &mut c.conn);
         while let Some(event) = c.conn.poll() {
             count_event(&mut self.counters, &event);
-            self.service.on_event(&mut c.app, &mut c.conn, event, now, &mut self.counters);
+            self.service
+                .on_event(&mut c.app, &mut c.conn, event, now, &mut self.counters);
         }
         let mut writable = true;
         loop {
             self.send_buf.clear();
-            let Some(t) = c.conn.poll_transmit(now, self.max_gso, &mut self.send_buf) else { break };
+            let Some(t) = c.conn.poll_transmit(now, self.max_gso, &mut self.send_buf) else {
+                break;
+            };
             let segments = t.segment_size.map_or(1, |s| t.size.div_ceil(s));
             self.counters.datagrams_tx += segments as u64;
             self.counters.bytes_tx += t.size as u64;
@@ -558,7 +633,10 @@ impl<S: Service> Core<S> {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.counters.send_blocked += 1;
-                    let mut contents = std::mem::replace(&mut self.send_buf, Vec::with_capacity(self.max_gso * 1500));
+                    let mut contents = std::mem::replace(
+                        &mut self.send_buf,
+                        Vec::with_capacity(self.max_gso * 1500),
+                    );
                     contents.truncate(t.size);
                     self.pending = Some(PendingSend::from_transmit(&t, contents));
                     c.queued = true;
