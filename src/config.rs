@@ -427,7 +427,7 @@ mod tests {
                 "[stoq_transport]\nbackend = \"xdp\"\n",
                 2,
                 "stoq_transport.backend",
-                "expected one of `uring`, `socket`",
+                "expected `uring` or `socket`",
             ),
             (
                 "[stoq_transport]\ninitial_mtu = 900\n",

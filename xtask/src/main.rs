@@ -1,1 +1,138 @@
-fn main() {}
+//! Developer tasks for the workspace, run as `cargo xtask <task>`.
+//!
+//! The only task so far is `bench-40g`: it measures our server (and, with
+//! `--compare`, a plain-quinn baseline) for goodput, handshake rate, CPU and
+//! memory, either across two hosts or between two network namespaces on this
+//! machine.
+
+mod bench;
+mod netns;
+mod report;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Developer tasks for internet2-server")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Benchmark our server (and optionally plain quinn) over a real link or
+    /// a veth pair between two network namespaces.
+    #[command(name = "bench-40g")]
+    Bench40g(BenchArgs),
+}
+
+/// Which end of a two-host benchmark this machine plays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Role {
+    Server,
+    Client,
+}
+
+/// Our I/O backend, for both our server and our client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    Uring,
+    Socket,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Uring => "uring",
+            Backend::Socket => "socket",
+        }
+    }
+}
+
+#[derive(Args, Clone, Debug)]
+#[command(group(clap::ArgGroup::new("mode").required(true).args(["role", "netns"])))]
+pub struct BenchArgs {
+    /// Two-host mode: run one end here, the other end on the peer host.
+    #[arg(long, value_enum, conflicts_with = "netns")]
+    pub role: Option<Role>,
+    /// Server role: address to serve on, e.g. [::]:4433 (IPv6 only).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Client role: the server's address, e.g. [2001:db8::1]:4433.
+    #[arg(long, value_name = "ADDR")]
+    pub connect: Option<SocketAddr>,
+    /// Run server and client on this machine, in two network namespaces
+    /// joined by a veth pair (needs root).
+    #[arg(long)]
+    pub netns: bool,
+    /// Seconds each client run measures.
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    pub duration: u64,
+    /// Connections the client opens and holds.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub connections: usize,
+    /// Connections that move data (default: all up to 32 connections, else 1,
+    /// so that large counts measure the cost of held connections).
+    #[arg(long, value_name = "N")]
+    pub active: Option<usize>,
+    /// Concurrent streams per active connection.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub streams: usize,
+    /// I/O backend of our server and our client.
+    #[arg(long, value_enum, default_value_t = Backend::Uring)]
+    pub backend: Backend,
+    /// Our server's workers (default: 1 with --netns, one per core otherwise).
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+    /// Our client's worker threads.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub client_workers: usize,
+    /// MTU of the veth pair in --netns mode.
+    #[arg(long, default_value_t = 1500, value_name = "BYTES")]
+    pub mtu: u32,
+    /// Measure handshakes (connect, complete, close, repeat) instead of goodput.
+    #[arg(long)]
+    pub handshake_only: bool,
+    /// Runs per side; medians are reported. With --compare the sides alternate.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub runs: usize,
+    /// Also write the results as JSON here.
+    #[arg(long, value_name = "PATH")]
+    pub json: Option<PathBuf>,
+    /// --netns only: alternate runs of our server and the quinn baseline.
+    #[arg(long, requires = "netns")]
+    pub compare: bool,
+    /// Two-host mode: run quinn-baseline (server or client) instead of ours.
+    #[arg(long, requires = "role")]
+    pub baseline: bool,
+    /// Server role: where our server keeps its keys and CA (default: a
+    /// temporary directory, removed on exit).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Client role: the server's CA (printed by the server role).
+    #[arg(long, value_name = "PATH")]
+    pub ca: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Bench40g(args) => bench::bench_40g(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<bench::Interrupted>() => {
+            eprintln!("bench-40g: interrupted; cleaned up");
+            // 128 + SIGINT, as a shell reports a process stopped by Ctrl-C.
+            ExitCode::from(130)
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

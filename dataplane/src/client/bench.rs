@@ -364,7 +364,10 @@ impl Service for BenchService {
             && self.report.requests + self.report.errors
                 >= self.plan.requests_per_stream.unwrap_or(0)
                     * (self.plan.active.min(self.plan.connections) * self.plan.streams) as u64;
-        if fixed_done {
+        // Every connection was opened and every one is gone (the server
+        // closed them): nothing left to measure.
+        let all_gone = !self.plan.handshake_only && self.to_open == 0 && self.open == 0;
+        if fixed_done || all_gone {
             self.stopped_at = Some(now);
             actions.stop = Some(Duration::ZERO);
             return;

@@ -152,6 +152,18 @@ pub fn spawn_bench(
     cores: Option<&[usize]>,
 ) -> Result<BenchHandle, ClientError> {
     let config = target.client_config(crate::protocols::ALPN_PERF)?;
+    spawn_bench_with(target, plan, workers, cores, &config)
+}
+
+/// `spawn_bench` with a caller-made QUIC client config (tests use it to
+/// choose initial connection IDs, and so the worker a handshake lands on).
+pub fn spawn_bench_with(
+    target: &ClientTarget,
+    plan: &BenchPlan,
+    workers: usize,
+    cores: Option<&[usize]>,
+    config: &ClientConfig,
+) -> Result<BenchHandle, ClientError> {
     let workers = workers.max(1);
     let mut progress = Vec::new();
     let mut threads = Vec::new();

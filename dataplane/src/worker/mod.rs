@@ -509,7 +509,11 @@ impl<S: Service> Core<S> {
                     None
                 }
                 Err(e) => {
-                    self.counters.failed_handshakes += 1;
+                    if is_alpn_refusal(&e.cause) {
+                        self.counters.refused_alpn += 1;
+                    } else {
+                        self.counters.failed_handshakes += 1;
+                    }
                     e.response
                 }
             },
@@ -676,12 +680,15 @@ fn pump_endpoint_events(endpoint: &mut Endpoint, ch: ConnectionHandle, conn: &mu
 fn count_event(counters: &mut Counters, event: &Event) {
     match event {
         Event::Connected => counters.handshakes += 1,
-        Event::ConnectionLost { reason: ConnectionError::TransportError(e) }
-            // RFC 9001 §4.8: TLS alert 120 (no_application_protocol) is
-            // carried as CRYPTO_ERROR 0x0178.
-            if u64::from(e.code) == 0x178 => counters.refused_alpn += 1,
+        Event::ConnectionLost { reason } if is_alpn_refusal(reason) => counters.refused_alpn += 1,
         _ => {}
     }
+}
+
+/// RFC 9001 §4.8: TLS alert 120 (no_application_protocol) is carried as
+/// CRYPTO_ERROR 0x0178.
+fn is_alpn_refusal(reason: &ConnectionError) -> bool {
+    matches!(reason, ConnectionError::TransportError(e) if u64::from(e.code) == 0x178)
 }
 
 fn is_ipv6_peer(addr: &SocketAddr) -> bool {

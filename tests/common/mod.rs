@@ -1,0 +1,203 @@
+//! Starting the real `internet2-server` binary on `[::1]` for tests.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const SERVER: &str = env!("CARGO_BIN_EXE_internet2-server");
+pub const CLIENT: &str = env!("CARGO_BIN_EXE_internet2");
+
+/// Whether capability-dependent tests must run (CI is root and capable).
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Skip with a printed reason, or fail in CI where the capability must exist.
+pub fn skip_or_fail(reason: &str) {
+    if in_ci() {
+        panic!("CI must be able to run this test, but: {reason}");
+    }
+    eprintln!("SKIPPED: {reason}");
+}
+
+/// A UDP port free on [::1] right now (IPv6 only).
+pub fn free_port() -> u16 {
+    let socket = UdpSocket::bind(SocketAddrV6::new(Ipv6Addr::LOCALHOST, 0, 0, 0))
+        .expect("bind an ephemeral port");
+    socket.local_addr().unwrap().port()
+}
+
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "i2-test-{tag}-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+pub struct Server {
+    pub child: Option<Child>,
+    pub port: u16,
+    pub dir: PathBuf,
+    pub stderr: mpsc::Receiver<String>,
+}
+
+impl Server {
+    /// Start with `extra` TOML appended to a config that binds [::1] on a
+    /// fresh port; waits for the `listening` line.
+    pub fn start(tag: &str, extra: &str) -> Server {
+        let port = free_port();
+        let dir = temp_dir(tag);
+        let config = format!("[internet2]\nbind = \"::1\"\nport = {port}\n{extra}\n");
+        std::fs::write(dir.join("server.toml"), config).unwrap();
+        let mut child = Command::new(SERVER)
+            .arg("--config")
+            .arg(dir.join("server.toml"))
+            .arg("--data-dir")
+            .arg(&dir)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start internet2-server");
+        let (tx, stderr) = mpsc::channel();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let out = child.stdout.take().unwrap();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(out).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = ready_tx.send(line);
+            }
+            for _ in lines {}
+        });
+        let line = ready_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("server prints its listening line");
+        assert!(
+            line.starts_with("listening on [::1]:"),
+            "unexpected first line: {line}"
+        );
+        Server {
+            child: Some(child),
+            port,
+            dir,
+            stderr,
+        }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("[::1]:{}", self.port)
+    }
+
+    pub fn socket_addr(&self) -> SocketAddr {
+        SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::LOCALHOST, self.port, 0, 0))
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Stderr lines so far.
+    pub fn log(&self) -> Vec<String> {
+        self.stderr.try_iter().collect()
+    }
+
+    /// Run the `internet2` client against this server.
+    pub fn client(&self, args: &[&str]) -> std::process::Output {
+        let mut command = Command::new(CLIENT);
+        command.args(args);
+        if !args.contains(&"--connect") {
+            command.args(["--connect", &self.addr()]);
+        }
+        command.arg("--ca").arg(self.ca());
+        command.output().expect("run internet2")
+    }
+
+    /// The server's counters through `internet2 stats --json`.
+    pub fn stats(&self) -> serde_json::Value {
+        let out = self.client(&["stats", "--json"]);
+        assert!(
+            out.status.success(),
+            "stats failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("stats is JSON")
+    }
+
+    /// SIGTERM and wait up to `limit`; returns the exit status and how long it took.
+    pub fn terminate(&mut self, limit: Duration) -> (ExitStatus, Duration) {
+        let mut child = self.child.take().expect("running");
+        let started = Instant::now();
+        signal(child.id(), "TERM");
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return (status, started.elapsed());
+            }
+            if started.elapsed() > limit {
+                let _ = child.kill();
+                panic!("server did not exit within {limit:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Parse a bench JSON result file.
+pub fn read_json(path: &Path) -> serde_json::Value {
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .unwrap()
+        .read_to_string(&mut text)
+        .unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn ok(out: &std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "command failed: {}\nstdout: {stdout}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}

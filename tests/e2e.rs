@@ -1,0 +1,406 @@
+//! End-to-end tests: the real server binary on [::1], the real client
+//! binary and library, and garbage from a raw socket.
+
+mod common;
+
+use common::*;
+use dataplane::client::bench::BenchPlan;
+use dataplane::client::{self, ClientTarget};
+use dataplane::protocols::stoq::Kind;
+use dataplane::{BackendKind, ServerTrust, TransportSettings};
+use quinn_proto::ConnectionId;
+use std::net::{Ipv6Addr, SocketAddrV6, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+fn target(server: &Server) -> ClientTarget {
+    let root = controlplane::authority::dev_ca::load_cert(&server.ca()).unwrap();
+    ClientTarget {
+        remote: server.socket_addr(),
+        server_name: "localhost".into(),
+        trust: ServerTrust::Roots(vec![root]),
+        backend: BackendKind::Socket,
+        transport: TransportSettings {
+            keep_alive: Some(Duration::from_secs(2)),
+            ..TransportSettings::default()
+        },
+    }
+}
+
+fn counter(stats: &serde_json::Value, name: &str) -> u64 {
+    stats["total"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("counter {name} missing"))
+}
+
+#[test]
+fn handshake_ping_and_zero_rtt_resumption() {
+    let server = Server::start("ping", "");
+    let out = ok(&server.client(&["ping", "--count", "3", "--payload", "hello"]));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(
+        lines[0].contains("0-RTT no"),
+        "first ping has no ticket: {out}"
+    );
+    assert!(
+        lines[2].contains("0-RTT accepted"),
+        "later pings resume with 0-RTT: {out}"
+    );
+    let stats = server.stats();
+    assert!(counter(&stats, "accepted") >= 3);
+    assert!(counter(&stats, "stoq_requests") >= 3);
+}
+
+#[test]
+fn perf_100_mb_each_direction_with_content_checked() {
+    let server = Server::start("perf100", "[dataplane]\nworkers = 2\n");
+    let json = server.dir.join("bench.json");
+    let out = server.client(&[
+        "bench",
+        "--download",
+        "100000000",
+        "--upload",
+        "100000000",
+        "--requests",
+        "1",
+        "--verify",
+        "--duration",
+        "120",
+        "--quiet",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    ok(&out);
+    let result = read_json(&json);
+    assert_eq!(result["bytes"], 100_000_000, "{result}");
+    assert_eq!(result["uploaded_bytes"], 100_000_000, "{result}");
+    assert_eq!(result["verify_failures"], 0);
+    assert_eq!(result["errors"], 0);
+    let stats = server.stats();
+    // The server checks uploads against the same pattern.
+    assert_eq!(counter(&stats, "perf_upload_mismatch"), 0);
+    assert!(counter(&stats, "stream_bytes_rx") >= 100_000_008);
+}
+
+#[test]
+fn thousand_concurrent_connections_spread_over_all_workers() {
+    let server = Server::start("conns", "[dataplane]\nworkers = 2\n");
+    let json = server.dir.join("bench.json");
+    let out = server.client(&[
+        "bench",
+        "--connections",
+        "1000",
+        "--active",
+        "10",
+        "--download",
+        "65536",
+        "--duration",
+        "4",
+        "--quiet",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    ok(&out);
+    let result = read_json(&json);
+    assert_eq!(result["handshakes"], 1000, "{result}");
+    assert_eq!(result["connections"], 1000, "{result}");
+    assert_eq!(result["errors"], 0, "{result}");
+    let stats = server.stats();
+    for (index, worker) in stats["workers"].as_array().unwrap().iter().enumerate() {
+        assert!(
+            worker["accepted"].as_u64().unwrap() > 100,
+            "worker {index} took too few connections: {worker}"
+        );
+    }
+}
+
+#[test]
+fn wrong_alpn_is_refused_and_counted() {
+    let server = Server::start("alpn", "");
+    let target = target(&server);
+    let config = target.client_config(b"h3").unwrap();
+    let outcome = client::rpc(
+        &target,
+        &config,
+        vec![(Kind::Ping, bytes::Bytes::from_static(b"x"))],
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let error = outcome.error.expect("the handshake must fail");
+    assert!(error.contains("does not speak this protocol"), "{error}");
+    assert!(counter(&server.stats(), "refused_alpn") >= 1);
+    // Other clients are unaffected.
+    ok(&server.client(&["ping"]));
+}
+
+#[test]
+fn ipv4_is_refused_everywhere() {
+    let server = Server::start("ipv4", "");
+    let out = server.client(&["ping", "--connect", &format!("127.0.0.1:{}", server.port)]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("only IPv6"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mapped = server.client(&[
+        "ping",
+        "--connect",
+        &format!("[::ffff:127.0.0.1]:{}", server.port),
+    ]);
+    assert!(!mapped.status.success());
+    // No IPv4 socket exists for the port: IPv4 datagrams cannot reach a worker.
+    let udp4 = std::fs::read_to_string("/proc/net/udp").unwrap();
+    let port_hex = format!(":{:04X} ", server.port);
+    assert!(!udp4.lines().any(|l| {
+        l.split_whitespace()
+            .nth(1)
+            .is_some_and(|local| format!("{local} ").contains(&port_hex))
+    }));
+    // A config that binds IPv4 never starts.
+    let dir = temp_dir("ipv4cfg");
+    std::fs::write(dir.join("c.toml"), "[internet2]\nbind = \"127.0.0.1\"\n").unwrap();
+    let out = std::process::Command::new(SERVER)
+        .arg("--config")
+        .arg(dir.join("c.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("c.toml:2: internet2.bind:") && stderr.contains("IPv6 only"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn malformed_datagrams_do_not_disturb_a_transfer() {
+    let server = Server::start("garbage", "[dataplane]\nworkers = 2\n");
+    let json = server.dir.join("bench.json");
+    let mut bench = std::process::Command::new(CLIENT)
+        .args(["bench", "--connect", &server.addr(), "--ca"])
+        .arg(server.ca())
+        .args([
+            "--download",
+            "50000000",
+            "--upload",
+            "5000000",
+            "--requests",
+            "2",
+            "--verify",
+            "--duration",
+            "120",
+            "--quiet",
+            "--json",
+        ])
+        .arg(&json)
+        .spawn()
+        .unwrap();
+    let socket = UdpSocket::bind(SocketAddrV6::new(Ipv6Addr::LOCALHOST, 0, 0, 0)).unwrap();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for i in 0..20_000u32 {
+        let len = (next() % 1400) as usize;
+        let mut datagram: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        match i % 5 {
+            0 => datagram.truncate(3), // truncated header
+            1 if !datagram.is_empty() => datagram[0] = 0x40 | (datagram[0] & 0x3f), // short header, unknown CID
+            2 if !datagram.is_empty() => datagram[0] &= 0x3f, // fixed bit clear
+            3 if datagram.len() > 6 => {
+                datagram[0] = 0xc0; // long header, garbage version and lengths
+            }
+            _ => {}
+        }
+        let _ = socket.send_to(&datagram, server.socket_addr());
+    }
+    let status = bench.wait().unwrap();
+    assert!(status.success(), "the transfer must complete");
+    let result = read_json(&json);
+    assert_eq!(result["bytes"], 100_000_000u64, "{result}");
+    assert_eq!(result["verify_failures"], 0);
+    let stats = server.stats();
+    let dropped = counter(&stats, "drop_truncated")
+        + counter(&stats, "drop_not_quic")
+        + counter(&stats, "drop_unknown_cid");
+    assert!(dropped > 1000, "garbage is counted by reason: {stats}");
+    ok(&server.client(&["ping"]));
+}
+
+#[test]
+fn graceful_shutdown_closes_connections_with_the_shutdown_code() {
+    let mut server = Server::start("drain", "[dataplane]\ndrain_timeout_ms = 2000\n");
+    let bench = std::process::Command::new(CLIENT)
+        .args(["bench", "--connect", &server.addr(), "--ca"])
+        .arg(server.ca())
+        .args([
+            "--connections",
+            "20",
+            "--active",
+            "1",
+            "--duration",
+            "30",
+            "--quiet",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until all 20 are established.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while counter(&server.stats(), "handshakes") < 21 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "connections never came up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, took) = server.terminate(Duration::from_secs(10));
+    assert!(status.success(), "drain exits 0: {status}");
+    assert!(
+        took < Duration::from_secs(5),
+        "drain is bounded by drain_timeout_ms: {took:?}"
+    );
+    let out = bench.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the server is shutting down"),
+        "clients learn why: {stderr}"
+    );
+}
+
+#[test]
+fn workers_and_control_plane_are_pinned_to_their_cores() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores < 2 {
+        return skip_or_fail("pinning needs 2 cores");
+    }
+    let server = Server::start(
+        "pin",
+        "[dataplane]\nworkers = 2\nworker_cores = [1, 0]\ncontrol_plane_core = 1\n",
+    );
+    let mut seen = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{}/task", server.pid())).unwrap() {
+        let path = task.unwrap().path();
+        let name = std::fs::read_to_string(path.join("comm"))
+            .unwrap()
+            .trim()
+            .to_owned();
+        let status = std::fs::read_to_string(path.join("status")).unwrap();
+        let allowed = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap()
+            .trim()
+            .to_owned();
+        seen.insert(name, allowed);
+    }
+    assert_eq!(
+        seen.get("stoq-worker-0").map(String::as_str),
+        Some("1"),
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.get("stoq-worker-1").map(String::as_str),
+        Some("0"),
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.get("control-plane").map(String::as_str),
+        Some("1"),
+        "{seen:?}"
+    );
+}
+
+#[test]
+fn datagrams_on_the_wrong_worker_are_handed_to_the_owner() {
+    let server = Server::start(
+        "handoff",
+        "[dataplane]\nworkers = 2\n[stoq_transport]\nbackend = \"socket\"\n",
+    );
+    let target = target(&server);
+    let mut config = target
+        .client_config(dataplane::protocols::ALPN_PERF)
+        .unwrap();
+    // Connections from one client socket share a 4-tuple, so the kernel
+    // delivers them all to one worker socket; alternating the first DCID
+    // byte makes every other handshake owned by the other worker.
+    let next = Arc::new(AtomicU8::new(0));
+    config.initial_dst_cid_provider(Arc::new(move || {
+        let n = next.fetch_add(1, Ordering::Relaxed);
+        let mut bytes = [0x5au8; 8];
+        bytes[0] = n % 2;
+        bytes[1] = n; // distinct: the server keys handshakes by (peer, DCID)
+        ConnectionId::new(&bytes)
+    }));
+    let plan = BenchPlan {
+        remote: server.socket_addr(),
+        server_name: "localhost".into(),
+        connections: 4,
+        active: 4,
+        streams: 1,
+        download_bytes: 1_000_000,
+        upload_bytes: 100_000,
+        requests_per_stream: Some(2),
+        duration: Duration::from_secs(60),
+        handshake_only: false,
+        verify: true,
+        handshake_concurrency: 4,
+    };
+    let reports = client::spawn_bench_with(&target, &plan, 1, None, &config)
+        .unwrap()
+        .join()
+        .unwrap();
+    assert_eq!(reports[0].errors, 0, "{:?}", reports[0].first_error);
+    assert_eq!(reports[0].requests, 8);
+    assert_eq!(reports[0].verify_failures, 0);
+    let stats = server.stats();
+    assert!(counter(&stats, "handoffs_in") > 0, "{stats}");
+    assert_eq!(
+        counter(&stats, "handoffs_in"),
+        counter(&stats, "handoffs_out")
+    );
+    assert_eq!(counter(&stats, "drop_handoff_full"), 0);
+    for worker in stats["workers"].as_array().unwrap() {
+        // Two perf handshakes each (the stats connection adds one somewhere).
+        assert!(
+            worker["accepted"].as_u64().unwrap() >= 2,
+            "each worker owns the handshakes whose DCID names it: {stats}"
+        );
+    }
+}
+
+#[test]
+fn uring_backend_runs_where_the_kernel_allows_it() {
+    let server = Server::start(
+        "uring",
+        "[dataplane]\nworkers = 1\n[stoq_transport]\nbackend = \"uring\"\n",
+    );
+    let json = server.dir.join("bench.json");
+    ok(&server.client(&[
+        "bench",
+        "--backend",
+        "uring",
+        "--download",
+        "20000000",
+        "--requests",
+        "1",
+        "--verify",
+        "--quiet",
+        "--json",
+        json.to_str().unwrap(),
+    ]));
+    assert_eq!(read_json(&json)["bytes"], 20_000_000);
+    let log = server.log().join("\n");
+    if log.contains("io_uring unavailable") {
+        return skip_or_fail(&format!("io_uring refused here: {log}"));
+    }
+    assert!(log.contains("backend uring"), "{log}");
+}

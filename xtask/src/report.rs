@@ -1,0 +1,391 @@
+//! Per-run figures, medians over runs, the printed table and the JSON file.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde_json::{Map, Value, json};
+
+/// Whose stack a run measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Ours,
+    Baseline,
+}
+
+impl Side {
+    /// The label used in progress lines, the table and the JSON.
+    pub fn label(self) -> &'static str {
+        match self {
+            Side::Ours => "ours",
+            Side::Baseline => "quinn",
+        }
+    }
+
+    /// The name in the JSON, matching its `baseline` key.
+    pub fn json_name(self) -> &'static str {
+        match self {
+            Side::Ours => "ours",
+            Side::Baseline => "baseline",
+        }
+    }
+}
+
+/// Every metric is optional: server-side figures do not exist in two-host
+/// client mode, and the handoff ratio only exists for our server.
+#[derive(Clone, Debug, Default)]
+pub struct Metrics {
+    pub goodput_gbps: Option<f64>,
+    /// Server CPU seconds over the client run divided by its wall time.
+    pub server_cpu_cores: Option<f64>,
+    pub gbps_per_server_core: Option<f64>,
+    pub handshakes_per_s: Option<f64>,
+    pub handshake_us_p50: Option<f64>,
+    pub handshake_us_p99: Option<f64>,
+    /// Connections the client still held at the end of the run.
+    pub connections: Option<f64>,
+    /// Peak RSS (VmHWM) of the server process, which covers the moment all
+    /// connections were held even though the client has exited by the time
+    /// it is read.
+    pub server_rss_bytes: Option<f64>,
+    /// RSS (VmRSS) of the server right after the client run.
+    pub server_rss_end_bytes: Option<f64>,
+    /// (peak RSS - RSS before the client started) / connections: the
+    /// marginal memory of one connection, without the fixed start-up cost.
+    pub rss_per_connection_bytes: Option<f64>,
+    /// handoffs_in / datagrams_rx of our server: the share of datagrams that
+    /// arrived on the wrong worker and had to be passed to another.
+    pub handoff_ratio: Option<f64>,
+    pub errors: Option<f64>,
+    pub duration_s: Option<f64>,
+    pub server_cpu_s: Option<f64>,
+}
+
+/// JSON keys, in the order of `Metrics::values`.
+const KEYS: [&str; 14] = [
+    "goodput_gbps",
+    "server_cpu_cores",
+    "gbps_per_server_core",
+    "handshakes_per_s",
+    "handshake_us_p50",
+    "handshake_us_p99",
+    "connections",
+    "server_rss_bytes",
+    "server_rss_end_bytes",
+    "rss_per_connection_bytes",
+    "handoff_ratio",
+    "errors",
+    "duration_s",
+    "server_cpu_s",
+];
+
+impl Metrics {
+    fn values(&self) -> [Option<f64>; 14] {
+        [
+            self.goodput_gbps,
+            self.server_cpu_cores,
+            self.gbps_per_server_core,
+            self.handshakes_per_s,
+            self.handshake_us_p50,
+            self.handshake_us_p99,
+            self.connections,
+            self.server_rss_bytes,
+            self.server_rss_end_bytes,
+            self.rss_per_connection_bytes,
+            self.handoff_ratio,
+            self.errors,
+            self.duration_s,
+            self.server_cpu_s,
+        ]
+    }
+
+    fn from_values(v: [Option<f64>; 14]) -> Metrics {
+        Metrics {
+            goodput_gbps: v[0],
+            server_cpu_cores: v[1],
+            gbps_per_server_core: v[2],
+            handshakes_per_s: v[3],
+            handshake_us_p50: v[4],
+            handshake_us_p99: v[5],
+            connections: v[6],
+            server_rss_bytes: v[7],
+            server_rss_end_bytes: v[8],
+            rss_per_connection_bytes: v[9],
+            handoff_ratio: v[10],
+            errors: v[11],
+            duration_s: v[12],
+            server_cpu_s: v[13],
+        }
+    }
+
+    /// Per-metric medians. Each metric is its own median (the median
+    /// Gbit/s per core is not median Gbit/s over median cores), so one
+    /// outlier run cannot skew a derived figure.
+    pub fn median<'a>(runs: impl IntoIterator<Item = &'a Metrics> + Clone) -> Metrics {
+        let mut out = [None; 14];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let mut xs: Vec<f64> = runs
+                .clone()
+                .into_iter()
+                .filter_map(|m| m.values()[i])
+                .filter(|x| x.is_finite())
+                .collect();
+            *slot = median(&mut xs);
+        }
+        Metrics::from_values(out)
+    }
+
+    fn to_json(&self) -> Map<String, Value> {
+        KEYS.iter()
+            .zip(self.values())
+            .map(|(k, v)| (k.to_string(), v.map_or(Value::Null, Value::from)))
+            .collect()
+    }
+}
+
+fn median(xs: &mut [f64]) -> Option<f64> {
+    if xs.is_empty() {
+        return None;
+    }
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    Some(if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    })
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+/// One finished run.
+#[derive(Clone, Debug)]
+pub struct Run {
+    pub side: Side,
+    pub metrics: Metrics,
+}
+
+/// All runs of a benchmark plus a description of the setup for the header.
+pub struct Report {
+    pub setup: Value,
+    pub runs: Vec<Run>,
+}
+
+impl Report {
+    fn sides(&self) -> Vec<Side> {
+        let mut sides = Vec::new();
+        for side in [Side::Ours, Side::Baseline] {
+            if self.runs.iter().any(|r| r.side == side) {
+                sides.push(side);
+            }
+        }
+        sides
+    }
+
+    fn medians(&self, side: Side) -> Metrics {
+        Metrics::median(
+            self.runs
+                .iter()
+                .filter(|r| r.side == side)
+                .map(|r| &r.metrics),
+        )
+    }
+
+    /// The table: one column per side (medians) and, when both sides ran,
+    /// ours/quinn for the headline figures.
+    pub fn table(&self) -> String {
+        let sides = self.sides();
+        let medians: Vec<Metrics> = sides.iter().map(|&s| self.medians(s)).collect();
+        let compare = sides.len() == 2;
+        let mib = |x: Option<f64>| x.map(|b| b / (1024.0 * 1024.0));
+        type Row<'a> = (&'a str, usize, fn(&Metrics) -> Option<f64>, bool);
+        let rows: [Row; 12] = [
+            ("goodput Gbit/s", 3, |m| m.goodput_gbps, true),
+            ("server CPU cores", 2, |m| m.server_cpu_cores, false),
+            ("Gbit/s per server core", 3, |m| m.gbps_per_server_core, true),
+            ("handshakes/s", 1, |m| m.handshakes_per_s, true),
+            ("handshake p50 µs", 0, |m| m.handshake_us_p50, false),
+            ("handshake p99 µs", 0, |m| m.handshake_us_p99, false),
+            ("connections", 0, |m| m.connections, false),
+            ("server RSS peak MiB", 1, |m| m.server_rss_bytes, false),
+            ("server RSS end MiB", 1, |m| m.server_rss_end_bytes, false),
+            ("RSS per connection B", 0, |m| m.rss_per_connection_bytes, false),
+            ("handoff ratio", 4, |m| m.handoff_ratio, false),
+            ("client errors", 0, |m| m.errors, false),
+        ];
+        let mut out = String::new();
+        let runs_per_side = self
+            .runs
+            .iter()
+            .filter(|r| r.side == sides.first().copied().unwrap_or(Side::Ours))
+            .count();
+        let _ = writeln!(
+            out,
+            "\n{}\n(medians of {runs_per_side} run(s) per side)",
+            setup_line(&self.setup)
+        );
+        let _ = write!(out, "{:<24}", "");
+        for side in &sides {
+            let _ = write!(out, "{:>14}", side.label());
+        }
+        if compare {
+            let _ = write!(out, "{:>14}", "ours/quinn");
+        }
+        out.push('\n');
+        for (name, decimals, get, with_ratio) in rows {
+            let _ = write!(out, "{name:<24}");
+            for m in &medians {
+                let v = get(m);
+                let v = if name.ends_with("MiB") { mib(v) } else { v };
+                let _ = write!(out, "{:>14}", fmt(v, decimals));
+            }
+            if compare {
+                let cell = if with_ratio {
+                    ratio(get(&medians[0]), get(&medians[1]))
+                        .map_or("-".to_string(), |r| format!("{r:.2}x"))
+                } else {
+                    String::new()
+                };
+                let _ = write!(out, "{cell:>14}");
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    /// The JSON document: the first side's medians at top level (ours, or
+    /// the baseline when only it ran), every run, and with both sides the
+    /// baseline medians and the ours/baseline ratios.
+    pub fn json(&self) -> Value {
+        let sides = self.sides();
+        let mut top = match sides.first() {
+            Some(&side) => self.medians(side).to_json(),
+            None => Metrics::default().to_json(),
+        };
+        if let Some(&side) = sides.first() {
+            top.insert("side".into(), side.json_name().into());
+        }
+        let runs: Vec<Value> = self
+            .runs
+            .iter()
+            .map(|r| {
+                let mut m = r.metrics.to_json();
+                m.insert("side".into(), r.side.json_name().into());
+                Value::Object(m)
+            })
+            .collect();
+        top.insert("runs".into(), Value::Array(runs));
+        if sides.len() == 2 {
+            let ours = self.medians(Side::Ours);
+            let base = self.medians(Side::Baseline);
+            let num = |x: Option<f64>| x.map_or(Value::Null, Value::from);
+            top.insert(
+                "ratio_goodput".into(),
+                num(ratio(ours.goodput_gbps, base.goodput_gbps)),
+            );
+            top.insert(
+                "ratio_handshakes".into(),
+                num(ratio(ours.handshakes_per_s, base.handshakes_per_s)),
+            );
+            top.insert("baseline".into(), Value::Object(base.to_json()));
+        }
+        top.insert("setup".into(), self.setup.clone());
+        Value::Object(top)
+    }
+
+    pub fn write_json(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(&self.json())? + "\n";
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+fn fmt(v: Option<f64>, decimals: usize) -> String {
+    match v {
+        Some(x) => format!("{x:.decimals$}"),
+        None => "-".to_string(),
+    }
+}
+
+/// One line describing the setup, from the `setup` object.
+fn setup_line(setup: &Value) -> String {
+    let mut parts = Vec::new();
+    if let Value::Object(map) = setup {
+        for (k, v) in map {
+            let v = match v {
+                Value::String(s) => s.clone(),
+                Value::Null => continue,
+                other => other.to_string(),
+            };
+            parts.push(format!("{k}={v}"));
+        }
+    }
+    format!("bench-40g: {}", parts.join(" "))
+}
+
+/// The setup description shared by the table header and the JSON.
+pub fn setup(fields: &[(&str, Value)]) -> Value {
+    let map: Map<String, Value> = fields
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    json!(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_odd_even_empty() {
+        assert_eq!(median(&mut []), None);
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), Some(2.5));
+    }
+
+    #[test]
+    fn medians_skip_missing_values() {
+        let a = Metrics {
+            goodput_gbps: Some(1.0),
+            handoff_ratio: None,
+            ..Default::default()
+        };
+        let b = Metrics {
+            goodput_gbps: Some(3.0),
+            handoff_ratio: Some(0.5),
+            ..Default::default()
+        };
+        let m = Metrics::median([&a, &b]);
+        assert_eq!(m.goodput_gbps, Some(2.0));
+        assert_eq!(m.handoff_ratio, Some(0.5));
+        assert_eq!(m.connections, None);
+    }
+
+    #[test]
+    fn json_has_ratios_with_both_sides() {
+        let run = |side, g| Run {
+            side,
+            metrics: Metrics {
+                goodput_gbps: Some(g),
+                handshakes_per_s: Some(g * 10.0),
+                ..Default::default()
+            },
+        };
+        let report = Report {
+            setup: setup(&[("duration_s", 3.into())]),
+            runs: vec![run(Side::Ours, 8.0), run(Side::Baseline, 4.0)],
+        };
+        let j = report.json();
+        assert_eq!(j["goodput_gbps"], 8.0);
+        assert_eq!(j["baseline"]["goodput_gbps"], 4.0);
+        assert_eq!(j["ratio_goodput"], 2.0);
+        assert_eq!(j["ratio_handshakes"], 2.0);
+        assert_eq!(j["runs"].as_array().unwrap().len(), 2);
+        assert_eq!(j["runs"][1]["side"], "baseline");
+        assert!(report.table().contains("2.00x"));
+    }
+}
