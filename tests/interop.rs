@@ -1,0 +1,128 @@
+//! Interop with an independent QUIC implementation (aioquic, from PyPI,
+//! installed by `.ci/setup-interop.sh`): their perf client against our
+//! server, and our perf client against their server.
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+fn interop_python() -> Option<PathBuf> {
+    let venv = std::env::var_os("INTEROP_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/interop-venv"));
+    let python = venv.join("bin/python");
+    python.exists().then_some(python)
+}
+
+fn script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/interop")
+        .join(name)
+}
+
+#[test]
+fn aioquic_perf_client_against_our_server() {
+    let Some(python) = interop_python() else {
+        return skip_or_fail("aioquic is not installed: run `bash .ci/setup-interop.sh`");
+    };
+    let server = Server::start("aioquic-client", "");
+    let out = Command::new(&python)
+        .arg(script("perf_client.py"))
+        .args([
+            "--host",
+            "::1",
+            "--port",
+            &server.port.to_string(),
+            "--cafile",
+        ])
+        .arg(server.ca())
+        .args([
+            "--server-name",
+            "localhost",
+            "--download",
+            "10000000",
+            "--upload",
+            "1000000",
+            "--timeout",
+            "60",
+        ])
+        .output()
+        .unwrap();
+    let stdout = ok(&out);
+    let result: serde_json::Value =
+        serde_json::from_str(stdout.trim()).expect("perf_client prints JSON");
+    assert_eq!(result["ok"], true, "{result}");
+    assert_eq!(result["received"], 10_000_000, "{result}");
+    let stats = server.stats();
+    assert!(
+        stats["total"]["stream_bytes_rx"].as_u64().unwrap() >= 1_000_008,
+        "the upload reached the server: {stats}"
+    );
+}
+
+#[test]
+fn our_perf_client_against_aioquic_server() {
+    let Some(python) = interop_python() else {
+        return skip_or_fail("aioquic is not installed: run `bash .ci/setup-interop.sh`");
+    };
+    let dir = temp_dir("aioquic-server");
+    let port = free_port();
+    let mut child = Command::new(&python)
+        .arg(script("perf_server.py"))
+        .args([
+            "--host",
+            "::1",
+            "--port",
+            &port.to_string(),
+            "--self-signed",
+        ])
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let ready = rx.recv_timeout(Duration::from_secs(30));
+    let json = dir.join("bench.json");
+    let out = Command::new(CLIENT)
+        .args(["bench", "--connect", &format!("[::1]:{port}"), "--ca"])
+        .arg(dir.join("cert.pem"))
+        .args([
+            "--download",
+            "5000000",
+            "--upload",
+            "100000",
+            "--requests",
+            "1",
+            "--duration",
+            "60",
+            "--quiet",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        ready.as_deref(),
+        Ok("listening"),
+        "aioquic server did not start"
+    );
+    ok(&out);
+    let result = read_json(&json);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(result["bytes"], 5_000_000, "{result}");
+    assert_eq!(result["errors"], 0, "{result}");
+}
