@@ -93,10 +93,8 @@ fn core_pin(core: usize) -> bool {
 
 fn run(inbox: &ArrayQueue<ControlRequest>) {
     loop {
-        while let Some(request) = inbox.pop() {
-            match request {
-                ControlRequest::Shutdown => return,
-            }
+        if let Some(ControlRequest::Shutdown) = inbox.pop() {
+            return;
         }
         // Parking is cheap and bounded: senders unpark after every push.
         std::thread::park_timeout(Duration::from_secs(1));

@@ -94,7 +94,12 @@ pub fn owner_of(datagram: &[u8], workers: u16) -> Result<WorkerId, RouteError> {
             if datagram.len() < 6 + dcid_len {
                 return Err(RouteError::Truncated);
             }
-            datagram[6 + WORKER_FIELD.min(dcid_len - 1)]
+            // A client DCID shorter than our field position still routes.
+            if WORKER_FIELD < dcid_len {
+                datagram[6 + WORKER_FIELD]
+            } else {
+                datagram[6]
+            }
         }
     } else {
         if first & 0x40 == 0 {
