@@ -359,6 +359,13 @@ fn summarize(reports: &[BenchReport]) -> serde_json::Value {
         .unwrap_or_default()
         .as_secs_f64()
         .max(1e-9);
+    let handshake_elapsed = reports
+        .iter()
+        .map(|r| r.handshake_elapsed)
+        .max()
+        .unwrap_or_default()
+        .as_secs_f64()
+        .max(1e-9);
     let bytes: u64 = reports.iter().map(|r| r.bytes).sum();
     let handshakes: u64 = reports.iter().map(|r| r.handshakes).sum();
     serde_json::json!({
@@ -368,7 +375,8 @@ fn summarize(reports: &[BenchReport]) -> serde_json::Value {
         "duration_s": elapsed,
         "connections": reports.iter().map(|r| r.connections_peak).sum::<u64>(),
         "handshakes": handshakes,
-        "handshakes_per_s": handshakes as f64 / elapsed,
+        "handshakes_per_s": handshakes as f64 / handshake_elapsed,
+        "setup_s": handshake_elapsed,
         "handshake_us_p50": histogram.value_at_quantile(0.5),
         "handshake_us_p99": histogram.value_at_quantile(0.99),
         "requests": reports.iter().map(|r| r.requests).sum::<u64>(),

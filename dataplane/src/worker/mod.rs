@@ -59,6 +59,9 @@ pub struct Actions {
     /// Close every connection and end the loop once they drained or this
     /// long passed (zero: send the closes and exit).
     pub stop: Option<Duration>,
+    /// Call `Service::on_visit` once for every connection (O(n): for phase
+    /// changes, not every iteration).
+    pub visit_all: bool,
 }
 
 pub struct ConnectRequest {
@@ -92,6 +95,8 @@ pub trait Service: Send {
     fn on_close(&mut self, _state: Self::Conn, _conn: &Connection, _counters: &mut Counters) {}
     /// Called once per loop iteration.
     fn poll(&mut self, _now: Instant, _actions: &mut Actions) {}
+    /// Called for every connection when `poll` asked for `visit_all`.
+    fn on_visit(&mut self, _state: &mut Self::Conn, _conn: &mut Connection, _now: Instant) {}
     /// When `poll` next wants to run, if no packet arrives before.
     fn poll_timeout(&self) -> Option<Instant> {
         None
@@ -596,6 +601,14 @@ impl<S: Service> Core<S> {
                 Err(e) => {
                     tracing::warn!(remote = %request.remote, error = %e, "cannot start connection");
                     self.counters.failed_handshakes += 1;
+                }
+            }
+        }
+        if actions.visit_all {
+            for index in 0..self.conns.len() {
+                if let Some(c) = self.conns[index].as_mut() {
+                    self.service.on_visit(&mut c.app, &mut c.conn, now);
+                    self.mark_dirty(ConnectionHandle(index));
                 }
             }
         }
