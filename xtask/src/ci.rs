@@ -16,17 +16,40 @@ pub fn run(root: &Path, smoke_seconds: u32) -> anyhow::Result<()> {
     let is_root = is_root();
     step("system packages", || ensure_packages(is_root, ci))?;
     step("interop peers (aioquic)", || {
-        sh(Command::new("bash").arg(root.join(".ci/setup-interop.sh")).current_dir(root))
-    })?;
-    step("format", || sh(Command::new("cargo").args(["fmt", "--all", "--", "--check"]).current_dir(root)))?;
-    step("clippy", || {
-        sh(Command::new("cargo")
-            .args(["clippy", "--workspace", "--all-targets", "--release", "--", "-D", "warnings"])
+        sh(Command::new("bash")
+            .arg(root.join(".ci/setup-interop.sh"))
             .current_dir(root))
     })?;
-    step("tests", || sh(Command::new("cargo").args(["test", "--workspace", "--release"]).current_dir(root)))?;
-    step("netns bench smoke", || netns_smoke(root, is_root, ci, smoke_seconds))?;
-    println!("ci: all steps passed in {:.0} s", started.elapsed().as_secs_f64());
+    step("format", || {
+        sh(Command::new("cargo")
+            .args(["fmt", "--all", "--", "--check"])
+            .current_dir(root))
+    })?;
+    step("clippy", || {
+        sh(Command::new("cargo")
+            .args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--release",
+                "--",
+                "-D",
+                "warnings",
+            ])
+            .current_dir(root))
+    })?;
+    step("tests", || {
+        sh(Command::new("cargo")
+            .args(["test", "--workspace", "--release"])
+            .current_dir(root))
+    })?;
+    step("netns bench smoke", || {
+        netns_smoke(root, is_root, ci, smoke_seconds)
+    })?;
+    println!(
+        "ci: all steps passed in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -34,12 +57,17 @@ fn step(name: &str, f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()
     let started = Instant::now();
     println!("ci: == {name}");
     f().with_context(|| format!("ci step `{name}` failed"))?;
-    println!("ci: == {name}: ok ({:.0} s)", started.elapsed().as_secs_f64());
+    println!(
+        "ci: == {name}: ok ({:.0} s)",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
 fn sh(command: &mut Command) -> anyhow::Result<()> {
-    let status = command.status().with_context(|| format!("cannot run {command:?}"))?;
+    let status = command
+        .status()
+        .with_context(|| format!("cannot run {command:?}"))?;
     if !status.success() {
         bail!("{command:?} exited with {status}");
     }
@@ -47,16 +75,25 @@ fn sh(command: &mut Command) -> anyhow::Result<()> {
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 fn have(command: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {command} >/dev/null")]).status().is_ok_and(|s| s.success())
+    Command::new("sh")
+        .args(["-c", &format!("command -v {command} >/dev/null")])
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// iproute2 for the netns topology, python3-venv for the interop peers.
 fn ensure_packages(is_root: bool, ci: bool) -> anyhow::Result<()> {
-    let venv_ok = Command::new("python3").args(["-c", "import venv, ensurepip"]).status().is_ok_and(|s| s.success());
+    let venv_ok = Command::new("python3")
+        .args(["-c", "import venv, ensurepip"])
+        .status()
+        .is_ok_and(|s| s.success());
     let mut missing = Vec::new();
     if !have("ip") {
         missing.push("iproute2");
@@ -77,13 +114,20 @@ fn ensure_packages(is_root: bool, ci: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     sh(Command::new("apt-get").arg("update"))?;
-    sh(Command::new("apt-get").args(["install", "-y", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))
+    sh(Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 fn netns_smoke(root: &Path, is_root: bool, ci: bool, seconds: u32) -> anyhow::Result<()> {
     let reason = if !is_root {
         Some("network namespaces need root (CAP_NET_ADMIN)".to_owned())
-    } else if !Command::new("ip").args(["netns", "list"]).status().is_ok_and(|s| s.success()) {
+    } else if !Command::new("ip")
+        .args(["netns", "list"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
         Some("`ip netns` does not work here".to_owned())
     } else {
         None
@@ -99,11 +143,19 @@ fn netns_smoke(root: &Path, is_root: bool, ci: bool, seconds: u32) -> anyhow::Re
     let _ = std::fs::remove_file(&json);
     let exe = std::env::current_exe().context("cannot find the xtask binary")?;
     sh(Command::new(exe)
-        .args(["bench-40g", "--netns", "--compare", "--duration", &seconds.to_string(), "--json"])
+        .args([
+            "bench-40g",
+            "--netns",
+            "--compare",
+            "--duration",
+            &seconds.to_string(),
+            "--json",
+        ])
         .arg(&json)
         .current_dir(root))?;
-    let result: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json).with_context(|| format!("{} was not written", json.display()))?)?;
+    let result: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&json).with_context(|| format!("{} was not written", json.display()))?,
+    )?;
     let ours = result["goodput_gbps"].as_f64().unwrap_or(0.0);
     let baseline = result["baseline"]["goodput_gbps"].as_f64().unwrap_or(0.0);
     if ours <= 0.0 || baseline <= 0.0 {
@@ -114,6 +166,8 @@ fn netns_smoke(root: &Path, is_root: bool, ci: bool, seconds: u32) -> anyhow::Re
     if left.lines().any(|l| l.starts_with("i2b-")) {
         bail!("the bench left network namespaces behind: {left}");
     }
-    println!("ci: netns smoke: ours {ours:.2} Gbit/s, baseline {baseline:.2} Gbit/s, namespaces removed");
+    println!(
+        "ci: netns smoke: ours {ours:.2} Gbit/s, baseline {baseline:.2} Gbit/s, namespaces removed"
+    );
     Ok(())
 }

@@ -1,11 +1,12 @@
 //! Developer tasks for the workspace, run as `cargo xtask <task>`.
 //!
-//! The only task so far is `bench-40g`: it measures our server (and, with
-//! `--compare`, a plain-quinn baseline) for goodput, handshake rate, CPU and
-//! memory, either across two hosts or between two network namespaces on this
-//! machine.
+//! `bench-40g` measures our server (and, with `--compare`, a plain-quinn
+//! baseline) for goodput, handshake rate, CPU and memory, either across two
+//! hosts or between two network namespaces on this machine. `ci` runs the
+//! whole test suite as CI does.
 
 mod bench;
+mod ci;
 mod netns;
 mod report;
 
@@ -27,7 +28,14 @@ enum Task {
     /// Benchmark our server (and optionally plain quinn) over a real link or
     /// a veth pair between two network namespaces.
     #[command(name = "bench-40g")]
-    Bench40g(BenchArgs),
+    Bench40g(Box<BenchArgs>),
+    /// The test suite as CI runs it: packages, interop peers, fmt, clippy,
+    /// tests, and a netns bench smoke run.
+    Ci {
+        /// Seconds of the netns bench smoke run (per side).
+        #[arg(long, default_value_t = 3)]
+        smoke_seconds: u32,
+    },
 }
 
 /// Which end of a two-host benchmark this machine plays.
@@ -104,10 +112,10 @@ pub struct BenchArgs {
     #[arg(long, value_name = "PATH")]
     pub json: Option<PathBuf>,
     /// --netns only: alternate runs of our server and the quinn baseline.
-    #[arg(long, requires = "netns")]
+    #[arg(long)]
     pub compare: bool,
     /// Two-host mode: run quinn-baseline (server or client) instead of ours.
-    #[arg(long, requires = "role")]
+    #[arg(long)]
     pub baseline: bool,
     /// Server role: where our server keeps its keys and CA (default: a
     /// temporary directory, removed on exit).
@@ -118,10 +126,19 @@ pub struct BenchArgs {
     pub ca: Option<PathBuf>,
 }
 
+/// The workspace root (xtask lives one level below it).
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is inside the workspace")
+        .to_owned()
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Bench40g(args) => bench::bench_40g(&args),
+        Task::Ci { smoke_seconds } => ci::run(&workspace_root(), smoke_seconds),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -147,8 +147,19 @@ pub fn remove_stale() -> Result<()> {
     Ok(())
 }
 
-fn xtask_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim() == "xtask")
+/// Whether `pid` is a live xtask process, i.e. the owner of the `i2b-*`
+/// namespaces and scratch directory named after it.
+pub fn xtask_alive(pid: u32) -> bool {
+    // A killed xtask can linger as a zombie until its parent reaps it (some
+    // inits are slow to); a zombie cleans nothing up, so it counts as gone.
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+        return false;
+    };
+    let state = stat[close + 1..].split_whitespace().next().unwrap_or("");
+    &stat[open + 1..close] == "xtask" && !matches!(state, "Z" | "X")
 }
 
 /// Kills every process still inside `ns`, then deletes it. A process left
@@ -156,7 +167,10 @@ fn xtask_alive(pid: u32) -> bool {
 /// gone, invisible to `ip netns list`.
 fn remove(ns: &str) -> Result<()> {
     if let Ok(pids) = ip(&["netns", "pids", ns]) {
-        for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+        for pid in pids
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
             // SAFETY: kill has no memory-safety preconditions.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }

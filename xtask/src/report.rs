@@ -207,14 +207,24 @@ impl Report {
         let rows: [Row; 12] = [
             ("goodput Gbit/s", 3, |m| m.goodput_gbps, true),
             ("server CPU cores", 2, |m| m.server_cpu_cores, false),
-            ("Gbit/s per server core", 3, |m| m.gbps_per_server_core, true),
+            (
+                "Gbit/s per server core",
+                3,
+                |m| m.gbps_per_server_core,
+                true,
+            ),
             ("handshakes/s", 1, |m| m.handshakes_per_s, true),
             ("handshake p50 µs", 0, |m| m.handshake_us_p50, false),
             ("handshake p99 µs", 0, |m| m.handshake_us_p99, false),
             ("connections", 0, |m| m.connections, false),
             ("server RSS peak MiB", 1, |m| m.server_rss_bytes, false),
             ("server RSS end MiB", 1, |m| m.server_rss_end_bytes, false),
-            ("RSS per connection B", 0, |m| m.rss_per_connection_bytes, false),
+            (
+                "RSS per connection B",
+                0,
+                |m| m.rss_per_connection_bytes,
+                false,
+            ),
             ("handoff ratio", 4, |m| m.handoff_ratio, false),
             ("client errors", 0, |m| m.errors, false),
         ];

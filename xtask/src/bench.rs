@@ -1,0 +1,1055 @@
+//! Running the benchmark roles and measuring them.
+//!
+//! The binaries under test are built once by cargo and then run directly
+//! (never through `cargo run`), so the server's pid is the process whose
+//! CPU time and memory /proc reports.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::{Value, json};
+
+use crate::netns::{self, CLIENT_IP, SERVER_IP, Topology};
+use crate::report::{Metrics, Report, Run, Side};
+use crate::{BenchArgs, Role};
+
+/// How long a server may take to print its `listening on` line.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a server may drain after SIGTERM before it gets SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// First port; each run gets the next one, so a run never meets packets or
+/// state left by the previous server on the same port.
+const BASE_PORT: u16 = 4433;
+/// Both servers get the same stream limit and socket buffers so the
+/// comparison measures the stacks, not their different defaults (quinn
+/// allocates per-stream state up front, which would inflate its RSS at the
+/// quinn-baseline default of 1024).
+const MAX_STREAMS: usize = 256;
+const SOCKET_BUFFER: usize = 16 << 20;
+/// Above this many connections, only one moves data unless --active says
+/// otherwise: large counts measure what held connections cost.
+const ACTIVE_ALL_UP_TO: usize = 32;
+
+// ---------------------------------------------------------------------------
+// Interrupts
+
+/// Set by SIGINT/SIGTERM/SIGHUP. The process does not die on those signals:
+/// every wait loop polls this flag and unwinds through the guards, so the
+/// namespaces and child processes are always cleaned up.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// The error returned when the user interrupted the run.
+#[derive(Debug)]
+pub struct Interrupted;
+
+impl fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("interrupted")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+extern "C" fn on_signal(_sig: libc::c_int) {
+    // Only an atomic store: the one thing that is async-signal-safe here.
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn install_signal_handlers() -> Result<()> {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only performs an atomic store, and the
+        // sigaction struct is fully initialised (zeroed, then set).
+        let rc = unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            libc::sigemptyset(&mut sa.sa_mask);
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigaction(sig, &sa, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("installing a signal handler");
+        }
+    }
+    Ok(())
+}
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+fn check_interrupt() -> Result<()> {
+    if interrupted() {
+        Err(Interrupted.into())
+    } else {
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Entry point
+
+pub fn bench_40g(args: &BenchArgs) -> Result<()> {
+    validate(args)?;
+    if args.netns {
+        // Fail fast, before a possibly long build.
+        netns::preflight()?;
+    }
+    install_signal_handlers()?;
+    let bins = build()?;
+    check_interrupt()?;
+    match args.role {
+        Some(Role::Server) => run_server_role(args, &bins),
+        Some(Role::Client) => {
+            let report = run_client_role(args, &bins)?;
+            finish(args, &report)
+        }
+        None => {
+            let report = run_netns(args, &bins)?;
+            finish(args, &report)
+        }
+    }
+}
+
+fn validate(args: &BenchArgs) -> Result<()> {
+    if args.runs == 0 || args.runs > 1000 {
+        bail!("--runs must be between 1 and 1000");
+    }
+    if args.duration == 0 {
+        bail!("--duration must be at least 1 second");
+    }
+    if args.connections == 0 || args.streams == 0 || args.client_workers == 0 {
+        bail!("--connections, --streams and --client-workers must be at least 1");
+    }
+    if args.active == Some(0) {
+        bail!("--active must be at least 1");
+    }
+    // Checked here rather than with clap's `requires`, which did not reject
+    // these flags next to the required `mode` group.
+    if args.compare && !args.netns {
+        bail!(
+            "--compare needs --netns; across two hosts run the server role with --baseline \
+             and the client role with --baseline instead"
+        );
+    }
+    if args.baseline && args.role.is_none() {
+        bail!("--baseline is for two-host mode (--role); --netns uses --compare");
+    }
+    let ipv6 = |a: &Option<SocketAddr>, flag: &str| match a {
+        Some(a) if !a.is_ipv6() => bail!("{flag} {a}: IPv6 only, e.g. [::1]:4433"),
+        _ => Ok(()),
+    };
+    ipv6(&args.listen, "--listen")?;
+    ipv6(&args.connect, "--connect")?;
+    match args.role {
+        None => {
+            for (set, flag) in [
+                (args.listen.is_some(), "--listen"),
+                (args.connect.is_some(), "--connect"),
+                (args.ca.is_some(), "--ca"),
+                (args.data_dir.is_some(), "--data-dir"),
+            ] {
+                if set {
+                    bail!("{flag} is for two-host mode (--role); --netns picks its own");
+                }
+            }
+            if !(1280..=65535).contains(&args.mtu) {
+                bail!("--mtu must be between 1280 (the IPv6 minimum) and 65535");
+            }
+        }
+        Some(Role::Server) => {
+            if args.listen.is_none() {
+                bail!("--role server needs --listen, e.g. --listen [::]:4433");
+            }
+            if args.connect.is_some() || args.ca.is_some() {
+                bail!("--connect and --ca are for --role client");
+            }
+        }
+        Some(Role::Client) => {
+            if args.connect.is_none() {
+                bail!("--role client needs --connect, e.g. --connect [2001:db8::1]:4433");
+            }
+            if args.ca.is_none() && !args.baseline {
+                bail!("--role client needs --ca PATH: the CA the server role printed");
+            }
+            if args.listen.is_some() || args.data_dir.is_some() {
+                bail!("--listen and --data-dir are for --role server");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Prints the table and writes the JSON.
+fn finish(args: &BenchArgs, report: &Report) -> Result<()> {
+    print!("{}", report.table());
+    if let Some(path) = &args.json {
+        report.write_json(path)?;
+        eprintln!("bench-40g: wrote {}", path.display());
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Build
+
+struct Binaries {
+    server: PathBuf,
+    client: PathBuf,
+    baseline: PathBuf,
+}
+
+/// Builds the two packages under test and takes the executables' paths from
+/// cargo's own messages, so a custom target directory just works.
+fn build() -> Result<Binaries> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("xtask lives inside the workspace")?;
+    eprintln!("bench-40g: cargo build --release -p internet2-server -p internet2-benches");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut child = Command::new(cargo)
+        .current_dir(root)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "internet2-server",
+            "-p",
+            "internet2-benches",
+            "--message-format=json-render-diagnostics",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running cargo build")?;
+    let mut executables = HashMap::new();
+    let stdout = child.stdout.take().context("cargo stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<Value>(&line?) else {
+            continue;
+        };
+        if msg["reason"] != "compiler-artifact" {
+            continue;
+        }
+        if let (Some(name), Some(exe)) =
+            (msg["target"]["name"].as_str(), msg["executable"].as_str())
+        {
+            executables.insert(name.to_string(), PathBuf::from(exe));
+        }
+    }
+    let status = child.wait()?;
+    // A terminal Ctrl-C reaches cargo too (same process group) and fails
+    // the build; that is an interrupt, not a build error.
+    check_interrupt()?;
+    if !status.success() {
+        bail!("cargo build failed ({status})");
+    }
+    let mut take = |name: &str| {
+        executables
+            .remove(name)
+            .ok_or_else(|| anyhow!("cargo build did not report the `{name}` executable"))
+    };
+    Ok(Binaries {
+        server: take("internet2-server")?,
+        client: take("internet2")?,
+        baseline: take("quinn-baseline")?,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// --netns
+
+fn run_netns(args: &BenchArgs, bins: &Binaries) -> Result<Report> {
+    netns::remove_stale()?;
+    remove_stale_work_dirs();
+    let work = WorkDir::create()?;
+    // Declared after `work`, so it is dropped first: namespaces go before
+    // the directory their processes were writing to.
+    let topo = Topology::create(args.mtu)?;
+    eprintln!(
+        "bench-40g: namespaces {} [{SERVER_IP}] and {} [{CLIENT_IP}], veth MTU {}",
+        topo.server_ns, topo.client_ns, args.mtu
+    );
+    let clk_tck = clk_tck()?;
+    let sides: &[Side] = if args.compare {
+        &[Side::Ours, Side::Baseline]
+    } else {
+        &[Side::Ours]
+    };
+    let mut runs = Vec::new();
+    for run in 0..args.runs {
+        for &side in sides {
+            check_interrupt()?;
+            let index = runs.len();
+            let port = BASE_PORT + index as u16;
+            eprintln!(
+                "bench-40g: run {}/{} [{}] port {port}",
+                run + 1,
+                args.runs,
+                side.label()
+            );
+            let log = work
+                .path
+                .join(format!("server-{index}-{}.log", side.label()));
+            let metrics = netns_run(args, bins, &topo, &work, side, port, index, clk_tck, &log)
+                .map_err(|e| {
+                    // The server log is the first thing to look at, and it
+                    // is deleted with the scratch directory: show its end.
+                    if e.is::<Interrupted>() {
+                        e
+                    } else {
+                        let tail = log_tail(&log);
+                        e.context(format!("run {} [{}] failed{tail}", index + 1, side.label()))
+                    }
+                })?;
+            runs.push(Run { side, metrics });
+        }
+    }
+    Ok(Report {
+        setup: setup(args, "netns"),
+        runs,
+    })
+}
+
+/// One run in the namespaces: start a server, run the client against it,
+/// measure the server, stop it.
+#[allow(clippy::too_many_arguments)]
+fn netns_run(
+    args: &BenchArgs,
+    bins: &Binaries,
+    topo: &Topology,
+    work: &WorkDir,
+    side: Side,
+    port: u16,
+    index: usize,
+    clk_tck: f64,
+    log: &Path,
+) -> Result<Metrics> {
+    let addr = SocketAddr::new(IpAddr::V6(SERVER_IP), port);
+    let data_dir = work.path.join("data");
+    let server_cmd = match side {
+        Side::Ours => {
+            let config = work.path.join(format!("server-{index}.toml"));
+            write_config(&config, addr, args.backend, args.workers.unwrap_or(1))?;
+            let mut cmd = Topology::exec(&topo.server_ns, &bins.server);
+            cmd.arg("--config")
+                .arg(&config)
+                .arg("--data-dir")
+                .arg(&data_dir);
+            cmd
+        }
+        Side::Baseline => {
+            let mut cmd = Topology::exec(&topo.server_ns, &bins.baseline);
+            cmd.args(baseline_server_args(addr));
+            cmd
+        }
+    };
+    let log_file = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let (mut server, listening) = start_server(server_cmd, side, Stdio::from(log_file))?;
+    let pid = server.pid();
+    // `ip netns exec` must have exec'd the server itself; if it ever forks,
+    // /proc of this pid would measure `ip`, not the server.
+    if std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "ip") {
+        bail!("`ip netns exec` forked instead of exec'ing; cannot measure the server");
+    }
+    let ca = listening_ca(&listening).unwrap_or_else(|| data_dir.join("ca.pem"));
+
+    let (_, rss_before) = proc_mem(pid)?;
+    let cpu_before = proc_cpu_ticks(pid)?;
+    let client_json = work.path.join(format!("client-{index}.json"));
+    let client_cmd = client_command(
+        args,
+        bins,
+        side,
+        Some(&topo.client_ns),
+        addr,
+        &ca,
+        &client_json,
+    );
+    let started = Instant::now();
+    run_client(client_cmd, side, client_timeout(args))?;
+    let wall = started.elapsed().as_secs_f64();
+    if let Some(status) = server.child.try_wait()? {
+        bail!("{} exited during the client run ({status})", server.name);
+    }
+    let cpu_after = proc_cpu_ticks(pid)?;
+    let (hwm, rss_end) = proc_mem(pid)?;
+    // Read before stopping: the counters die with the server.
+    let handoff_ratio = match side {
+        Side::Ours => handoff_ratio(Topology::exec(&topo.client_ns, &bins.client), addr, &ca)?,
+        Side::Baseline => None,
+    };
+    let status = server.stop()?;
+    if !status.success() {
+        bail!("{} exited with {status} after SIGTERM", server.name);
+    }
+
+    let client = ClientResult::read(&client_json)?;
+    let cpu_s = (cpu_after.saturating_sub(cpu_before)) as f64 / clk_tck;
+    let cores = cpu_s / wall;
+    let connections = client.get("connections");
+    Ok(Metrics {
+        server_cpu_s: Some(cpu_s),
+        server_cpu_cores: Some(cores),
+        gbps_per_server_core: client
+            .get("goodput_gbps")
+            .filter(|_| cores > 0.0)
+            .map(|g| g / cores),
+        server_rss_bytes: Some(hwm as f64),
+        server_rss_end_bytes: Some(rss_end as f64),
+        // Churned connections (--handshake-only) have no steady per-connection
+        // footprint to divide by.
+        rss_per_connection_bytes: connections
+            .filter(|&c| c > 0.0 && !args.handshake_only)
+            .map(|c| hwm.saturating_sub(rss_before) as f64 / c),
+        handoff_ratio,
+        ..client.metrics()
+    })
+}
+
+/// Our server's configuration: only what the benchmark controls, the rest
+/// stays at the server's defaults.
+fn write_config(
+    path: &Path,
+    addr: SocketAddr,
+    backend: crate::Backend,
+    workers: usize,
+) -> Result<()> {
+    let text = format!(
+        "# Written by `cargo xtask bench-40g`.\n\
+         [internet2]\n\
+         bind = \"{ip}\"\n\
+         port = {port}\n\
+         \n\
+         [stoq_transport]\n\
+         backend = \"{backend}\"\n\
+         socket_buffer_bytes = {SOCKET_BUFFER}\n\
+         streams_bidi_max = {MAX_STREAMS}\n\
+         \n\
+         [dataplane]\n\
+         workers = {workers}\n",
+        ip = addr.ip(),
+        port = addr.port(),
+        backend = backend.as_str(),
+    );
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+fn baseline_server_args(addr: SocketAddr) -> Vec<String> {
+    vec![
+        "server".into(),
+        "--listen".into(),
+        addr.to_string(),
+        "--max-streams".into(),
+        MAX_STREAMS.to_string(),
+        "--socket-buffer".into(),
+        SOCKET_BUFFER.to_string(),
+    ]
+}
+
+/// The client command for `side`, inside `ns` when given. Both clients get
+/// the same load shape; only our client takes a CA, workers and a backend.
+fn client_command(
+    args: &BenchArgs,
+    bins: &Binaries,
+    side: Side,
+    ns: Option<&str>,
+    addr: SocketAddr,
+    ca: &Path,
+    json: &Path,
+) -> Command {
+    let program = match side {
+        Side::Ours => &bins.client,
+        Side::Baseline => &bins.baseline,
+    };
+    let mut cmd = match ns {
+        Some(ns) => Topology::exec(ns, program),
+        None => Command::new(program),
+    };
+    match side {
+        Side::Ours => {
+            cmd.args(["bench", "--connect", &addr.to_string(), "--ca"])
+                .arg(ca)
+                .args(["--workers", &args.client_workers.to_string()])
+                .args(["--backend", args.backend.as_str()]);
+        }
+        Side::Baseline => {
+            cmd.args(["client", "--connect", &addr.to_string()]);
+        }
+    }
+    cmd.args(["--duration", &args.duration.to_string()])
+        .args(["--connections", &args.connections.to_string()])
+        .args(["--streams", &args.streams.to_string()])
+        .arg("--json")
+        .arg(json);
+    if let Some(active) = active(args) {
+        cmd.args(["--active", &active.to_string()]);
+    }
+    if args.handshake_only {
+        cmd.arg("--handshake-only");
+    }
+    cmd
+}
+
+/// Connections that move data: --active, else all of a small count and one
+/// of a large count (held connections are the point of a large count).
+fn active(args: &BenchArgs) -> Option<usize> {
+    match args.active {
+        Some(a) => Some(a.min(args.connections)),
+        None if args.handshake_only => None,
+        None if args.connections > ACTIVE_ALL_UP_TO => Some(1),
+        None => None,
+    }
+}
+
+/// The client measures for --duration after opening its connections; leave
+/// generous room for that and for its shutdown before calling it hung.
+fn client_timeout(args: &BenchArgs) -> Duration {
+    Duration::from_secs(args.duration + 120)
+}
+
+/// handoffs_in / datagrams_rx from our server's live counters. The counters
+/// cover the server's lifetime: one run in --netns mode (a fresh server per
+/// run), everything since it started in two-host mode.
+fn handoff_ratio(mut cmd: Command, addr: SocketAddr, ca: &Path) -> Result<Option<f64>> {
+    cmd.args(["stats", "--connect", &addr.to_string(), "--ca"])
+        .arg(ca)
+        .arg("--json");
+    let out = cmd.output().context("running `internet2 stats`")?;
+    if !out.status.success() {
+        bail!(
+            "`internet2 stats` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let stats: Value = serde_json::from_slice(&out.stdout)
+        .context("`internet2 stats --json` printed something that is not JSON")?;
+    let total = &stats["total"];
+    let (Some(handoffs_in), Some(datagrams_rx)) = (
+        total["handoffs_in"].as_f64(),
+        total["datagrams_rx"].as_f64(),
+    ) else {
+        bail!("`internet2 stats --json` lacks total.handoffs_in or total.datagrams_rx");
+    };
+    Ok((datagrams_rx > 0.0).then(|| handoffs_in / datagrams_rx))
+}
+
+// ---------------------------------------------------------------------------
+// Two-host mode
+
+fn run_server_role(args: &BenchArgs, bins: &Binaries) -> Result<()> {
+    let listen = args.listen.context("--role server needs --listen")?;
+    remove_stale_work_dirs();
+    let work = WorkDir::create()?;
+    let (cmd, side, ca) = if args.baseline {
+        let mut cmd = Command::new(&bins.baseline);
+        cmd.args(baseline_server_args(listen));
+        (cmd, Side::Baseline, None)
+    } else {
+        let data_dir = args
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| work.path.join("data"));
+        let config = work.path.join("server.toml");
+        // 0 = one worker per core: a dedicated server host should use all.
+        write_config(&config, listen, args.backend, args.workers.unwrap_or(0))?;
+        let mut cmd = Command::new(&bins.server);
+        cmd.arg("--config")
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(&data_dir);
+        (cmd, Side::Ours, Some(data_dir.join("ca.pem")))
+    };
+    // The operator watches this terminal: server logs go straight to it.
+    let (mut server, listening) = start_server(cmd, side, Stdio::inherit())?;
+    let pid = server.pid();
+    println!("bench-40g: {listening}");
+    if side == Side::Ours {
+        let ca = listening_ca(&listening).or(ca).context("no CA path")?;
+        println!(
+            "bench-40g: CA at {ca}\n\
+             copy it to the client host, then run there:\n  \
+             cargo xtask bench-40g --role client --connect [THIS-HOST-IPV6]:{port} --ca ca.pem",
+            ca = ca.display(),
+            port = listen.port(),
+        );
+        if args.data_dir.is_none() {
+            println!(
+                "bench-40g: the CA lives in a temporary directory removed on exit; \
+                 pass --data-dir to keep it across restarts"
+            );
+        }
+    } else {
+        println!(
+            "bench-40g: quinn baseline; on the client host run:\n  \
+             cargo xtask bench-40g --role client --baseline --connect [THIS-HOST-IPV6]:{}",
+            listen.port()
+        );
+    }
+    println!("bench-40g: Ctrl-C stops the server");
+    let clk_tck = clk_tck()?;
+    let started = Instant::now();
+    let cpu_start = proc_cpu_ticks(pid)?;
+    loop {
+        if let Some(status) = server.child.try_wait()? {
+            bail!("{} exited on its own ({status})", server.name);
+        }
+        if interrupted() {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let cpu_s = proc_cpu_ticks(pid)?.saturating_sub(cpu_start) as f64 / clk_tck;
+    let (hwm, _) = proc_mem(pid)?;
+    let status = server.stop()?;
+    println!(
+        "bench-40g: server stopped ({status}); {cpu_s:.1} CPU s over {:.0} s, peak RSS {:.1} MiB",
+        started.elapsed().as_secs_f64(),
+        hwm as f64 / (1024.0 * 1024.0)
+    );
+    if !status.success() {
+        bail!("{} exited with {status} after SIGTERM", server.name);
+    }
+    Ok(())
+}
+
+fn run_client_role(args: &BenchArgs, bins: &Binaries) -> Result<Report> {
+    let addr = args.connect.context("--role client needs --connect")?;
+    let side = if args.baseline {
+        Side::Baseline
+    } else {
+        Side::Ours
+    };
+    let ca = args.ca.clone().unwrap_or_default();
+    if side == Side::Ours && !ca.is_file() {
+        bail!("--ca {}: no such file", ca.display());
+    }
+    remove_stale_work_dirs();
+    let work = WorkDir::create()?;
+    let mut runs = Vec::new();
+    for run in 0..args.runs {
+        check_interrupt()?;
+        eprintln!(
+            "bench-40g: run {}/{} [{}]",
+            run + 1,
+            args.runs,
+            side.label()
+        );
+        let json = work.path.join(format!("client-{run}.json"));
+        run_client(
+            client_command(args, bins, side, None, addr, &ca, &json),
+            side,
+            client_timeout(args),
+        )?;
+        let handoff_ratio = match side {
+            Side::Ours => handoff_ratio(Command::new(&bins.client), addr, &ca)?,
+            Side::Baseline => None,
+        };
+        // The server is on another host: its CPU and memory are not ours to
+        // read, so those columns stay empty.
+        let metrics = Metrics {
+            handoff_ratio,
+            ..ClientResult::read(&json)?.metrics()
+        };
+        runs.push(Run { side, metrics });
+    }
+    Ok(Report {
+        setup: setup(args, "two-host"),
+        runs,
+    })
+}
+
+fn setup(args: &BenchArgs, mode: &str) -> Value {
+    let netns = mode == "netns";
+    crate::report::setup(&[
+        ("mode", mode.into()),
+        ("duration_s", args.duration.into()),
+        ("connections", args.connections.into()),
+        ("active", active(args).map_or(Value::Null, Value::from)),
+        ("streams", args.streams.into()),
+        ("backend", args.backend.as_str().into()),
+        (
+            "server_workers",
+            if netns {
+                args.workers.unwrap_or(1).into()
+            } else {
+                Value::Null
+            },
+        ),
+        ("client_workers", args.client_workers.into()),
+        ("mtu", if netns { args.mtu.into() } else { Value::Null }),
+        ("handshake_only", args.handshake_only.into()),
+        ("runs", args.runs.into()),
+        (
+            "connect",
+            args.connect.map_or(Value::Null, |a| json!(a.to_string())),
+        ),
+    ])
+}
+
+// ---------------------------------------------------------------------------
+// Processes
+
+/// A child that is killed if still running when dropped, so no error path
+/// leaves a server behind (which would also keep its namespace alive).
+struct Proc {
+    child: Child,
+    name: &'static str,
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within STOP_GRACE.
+    fn stop(&mut self) -> Result<ExitStatus> {
+        if let Some(status) = self.child.try_wait()? {
+            return Ok(status);
+        }
+        // SAFETY: kill has no memory-safety preconditions; the pid is our
+        // own unreaped child, so it cannot have been recycled.
+        unsafe { libc::kill(self.pid() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + STOP_GRACE;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "bench-40g: {} still running {} s after SIGTERM; killing it",
+            self.name,
+            STOP_GRACE.as_secs()
+        );
+        self.child.kill()?;
+        Ok(self.child.wait()?)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn server_name(side: Side) -> &'static str {
+    match side {
+        Side::Ours => "internet2-server",
+        Side::Baseline => "quinn-baseline server",
+    }
+}
+
+/// Starts a server and waits for its `listening on` line. Children get
+/// their own process group so a terminal Ctrl-C reaches only xtask, which
+/// then stops them in order.
+fn start_server(mut cmd: Command, side: Side, stderr: Stdio) -> Result<(Proc, String)> {
+    let name = server_name(side);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .process_group(0);
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {name} ({:?})", cmd.get_program()))?;
+    let stdout = child.stdout.take().context("server stdout")?;
+    let mut server = Proc { child, name };
+    let (tx, rx) = mpsc::channel();
+    // Keeps draining stdout after the listening line so the server can
+    // never block on a full pipe.
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + LISTEN_TIMEOUT;
+    loop {
+        check_interrupt()?;
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) if line.starts_with("listening on ") => return Ok((server, line)),
+            Ok(line) => eprintln!("[{}] {line}", side.label()),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                let status = server.child.wait()?;
+                bail!("{name} exited ({status}) before printing `listening on`");
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{name} did not print `listening on` within {} s",
+                LISTEN_TIMEOUT.as_secs()
+            );
+        }
+    }
+}
+
+/// The `ca=PATH` field of our server's listening line.
+fn listening_ca(line: &str) -> Option<PathBuf> {
+    line.split_whitespace()
+        .find_map(|f| f.strip_prefix("ca="))
+        .map(PathBuf::from)
+}
+
+/// Runs a client to completion, forwarding its stderr (the per-second
+/// progress lines) prefixed with the side. Fails on a non-zero exit.
+fn run_client(mut cmd: Command, side: Side, timeout: Duration) -> Result<()> {
+    let name = match side {
+        Side::Ours => "internet2 bench",
+        Side::Baseline => "quinn-baseline client",
+    };
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {name} ({:?})", cmd.get_program()))?;
+    let stderr = child.stderr.take().context("client stderr")?;
+    let mut stdout = child.stdout.take().context("client stdout")?;
+    let mut client = Proc { child, name };
+    let prefix = format!("[{}]", side.label());
+    let err_reader: JoinHandle<Vec<String>> = thread::spawn(move || {
+        // The last lines are kept for the error message if the client fails.
+        let mut tail = Vec::new();
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("{prefix} {line}");
+            tail.push(line);
+            if tail.len() > 20 {
+                tail.remove(0);
+            }
+        }
+        tail
+    });
+    let out_reader: JoinHandle<String> = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = client.child.try_wait()? {
+            break status;
+        }
+        check_interrupt()?;
+        if started.elapsed() > timeout {
+            bail!(
+                "{name} still running after {} s; killed it",
+                timeout.as_secs()
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    let tail = err_reader.join().unwrap_or_default();
+    let out = out_reader.join().unwrap_or_default();
+    if !status.success() {
+        bail!(
+            "{name} failed ({status})\n--- stdout\n{}\n--- stderr (last lines)\n{}",
+            out.trim_end(),
+            tail.join("\n")
+        );
+    }
+    Ok(())
+}
+
+/// The client's JSON result.
+struct ClientResult(Value);
+
+impl ClientResult {
+    fn read(path: &Path) -> Result<ClientResult> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("the client wrote no JSON to {}", path.display()))?;
+        Ok(ClientResult(serde_json::from_str(&text).with_context(
+            || format!("{} is not JSON", path.display()),
+        )?))
+    }
+
+    fn get(&self, key: &str) -> Option<f64> {
+        self.0[key].as_f64()
+    }
+
+    fn metrics(&self) -> Metrics {
+        Metrics {
+            goodput_gbps: self.get("goodput_gbps"),
+            handshakes_per_s: self.get("handshakes_per_s"),
+            handshake_us_p50: self.get("handshake_us_p50"),
+            handshake_us_p99: self.get("handshake_us_p99"),
+            connections: self.get("connections"),
+            errors: self.get("errors"),
+            duration_s: self.get("duration_s"),
+            ..Metrics::default()
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// /proc
+
+/// utime + stime of the whole process (all threads), in clock ticks.
+fn proc_cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat (did the server exit?)"))?;
+    stat_ticks(&stat)
+}
+
+fn stat_ticks(stat: &str) -> Result<u64> {
+    // The command name (field 2) may contain spaces and parentheses; the
+    // fields after its closing parenthesis start at field 3 (state), so
+    // utime (14) and stime (15) are the 12th and 13th of them.
+    let rest = &stat[stat.rfind(')').context("malformed /proc/PID/stat")? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .context("malformed /proc/PID/stat")
+    };
+    Ok(field(11)? + field(12)?)
+}
+
+/// (VmHWM, VmRSS) in bytes.
+fn proc_mem(pid: u32) -> Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status (did the server exit?)"))?;
+    let kib = |key: &str| -> Result<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|k| k * 1024)
+            .with_context(|| format!("no {key} in /proc/{pid}/status"))
+    };
+    Ok((kib("VmHWM:")?, kib("VmRSS:")?))
+}
+
+/// Clock ticks per second, the unit of utime/stime.
+fn clk_tck() -> Result<f64> {
+    let out = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .context("running `getconf CLK_TCK`")?;
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|&t| t > 0.0)
+        .context("`getconf CLK_TCK` printed no positive number")
+}
+
+// ---------------------------------------------------------------------------
+// Scratch space
+
+/// A per-process scratch directory (configs, the netns-mode CA, client
+/// JSON, server logs), removed on drop.
+struct WorkDir {
+    path: PathBuf,
+}
+
+impl WorkDir {
+    fn create() -> Result<WorkDir> {
+        let path = std::env::temp_dir().join(format!("i2b-{}", std::process::id()));
+        // A leftover from a dead process that had our pid.
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(WorkDir { path })
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Removes scratch directories of earlier runs whose process is gone.
+fn remove_stale_work_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("i2b-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !netns::xtask_alive(pid) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// The last lines of a server log, for error messages.
+fn log_tail(log: &Path) -> String {
+    let text = strip_ansi(&std::fs::read_to_string(log).unwrap_or_default());
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!("\n--- {} (last lines)\n{tail}", log.display())
+    }
+}
+
+/// The server's tracing output colours even when writing to a file; drop
+/// the escape sequences (ESC [ ... letter) so the tail reads cleanly.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_fields_after_the_command_name() {
+        // Parsing must survive a command name with spaces and parentheses.
+        let line = "42 (a b) c) S 1 2 3 4 5 6 7 8 9 10 111 222 0 0 20 0";
+        assert_eq!(stat_ticks(line).unwrap(), 333);
+        assert!(stat_ticks("42 (x) S 1").is_err());
+    }
+
+    #[test]
+    fn ca_from_listening_line() {
+        let line = "listening on [fd71:7e57:0:1::1]:4433 workers=1 ca=/tmp/x/ca.pem";
+        assert_eq!(listening_ca(line), Some(PathBuf::from("/tmp/x/ca.pem")));
+        assert_eq!(listening_ca("listening on [::1]:4433"), None);
+    }
+
+    #[test]
+    fn ansi_is_stripped() {
+        assert_eq!(
+            strip_ansi("\u{1b}[2mtime\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m x"),
+            "time  INFO x"
+        );
+    }
+}
