@@ -5,6 +5,7 @@
 //! errors that name the file, the line and the key; nothing is started
 //! before the whole file is valid.
 
+use dataplane::io::IoBatch;
 use dataplane::{BackendKind, CongestionControl, ServerSettings, TransportSettings};
 use serde::Deserialize;
 use std::net::{Ipv6Addr, SocketAddrV6};
@@ -50,6 +51,10 @@ impl Default for Internet2 {
 #[serde(deny_unknown_fields, default)]
 pub struct StoqTransport {
     pub backend: BackendKind,
+    /// io_uring receive operations in flight per worker.
+    pub uring_recv_ops: usize,
+    /// io_uring send operations in flight per worker.
+    pub uring_send_ops: usize,
     pub congestion_control: CongestionControl,
     pub gso: bool,
     pub socket_buffer_bytes: usize,
@@ -69,6 +74,8 @@ impl Default for StoqTransport {
         let t = TransportSettings::default();
         Self {
             backend: BackendKind::Uring,
+            uring_recv_ops: IoBatch::default().recv_ops,
+            uring_send_ops: IoBatch::default().send_ops,
             congestion_control: t.congestion,
             gso: t.gso,
             socket_buffer_bytes: 16 << 20,
@@ -236,7 +243,17 @@ impl Config {
             ));
         }
         let t = &self.stoq_transport;
-        let checks: [(&str, bool, &str); 6] = [
+        let checks: [(&str, bool, &str); 8] = [
+            (
+                "uring_recv_ops",
+                (1..=dataplane::io::uring::RECV_OPS_MAX).contains(&t.uring_recv_ops),
+                "must be within 1..=1024",
+            ),
+            (
+                "uring_send_ops",
+                (1..=dataplane::io::uring::SEND_OPS_MAX).contains(&t.uring_send_ops),
+                "must be within 1..=4096",
+            ),
             (
                 "initial_mtu",
                 (1200..=9000).contains(&t.initial_mtu),
@@ -296,6 +313,10 @@ impl Config {
             workers,
             worker_cores: (!worker_cores.is_empty()).then(|| worker_cores.clone()),
             backend: t.backend,
+            io_batch: IoBatch {
+                recv_ops: t.uring_recv_ops,
+                send_ops: t.uring_send_ops,
+            },
             socket_buffer_bytes: t.socket_buffer_bytes,
             handoff_queue_len: d.handoff_queue_len,
             connections_per_worker_max: t.connections_per_worker_max,
@@ -472,6 +493,12 @@ mod tests {
                 "invalid type",
             ),
             ("[internet2\n", 1, "internet2", "invalid table header"),
+            (
+                "[stoq_transport]\nuring_recv_ops = 0\n",
+                2,
+                "stoq_transport.uring_recv_ops",
+                "1..=1024",
+            ),
         ];
         for &(text, line, key, needle) in table {
             let e = error(text);

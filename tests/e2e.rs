@@ -403,3 +403,20 @@ fn uring_backend_runs_where_the_kernel_allows_it() {
     }
     assert!(log.contains("backend uring"), "{log}");
 }
+
+#[test]
+fn handshakes_above_the_rate_answer_with_retry() {
+    // A rate of 0 means every unvalidated client must answer a Retry first.
+    let server = Server::start(
+        "retry",
+        "[stoq_transport]\nhandshake_rate_retry_per_s = 0\n",
+    );
+    ok(&server.client(&["ping", "--count", "2"]));
+    let stats = server.stats();
+    // Two pings and the stats request itself, each retried once.
+    assert!(counter(&stats, "retries") >= 3, "{stats}");
+    assert!(
+        counter(&stats, "accepted") >= 3,
+        "retried clients are served: {stats}"
+    );
+}

@@ -6,7 +6,7 @@ use crate::cid::{WorkerCidGenerator, WorkerId};
 use crate::io::socket::SocketBackend;
 use crate::io::sockopt::bind_worker_socket;
 use crate::io::uring::UringBackend;
-use crate::io::{Backend, BackendKind};
+use crate::io::{Backend, BackendKind, IoBatch};
 use crate::protocols::perf::PerfServer;
 use crate::protocols::stoq::{StoqContext, StoqServer};
 use crate::protocols::{Alpn, SERVED_ALPNS};
@@ -27,6 +27,7 @@ pub struct ServerSettings {
     /// Core each worker is pinned to; `None` leaves placement to the kernel.
     pub worker_cores: Option<Vec<usize>>,
     pub backend: BackendKind,
+    pub io_batch: IoBatch,
     pub socket_buffer_bytes: usize,
     pub handoff_queue_len: usize,
     pub connections_per_worker_max: usize,
@@ -127,7 +128,13 @@ pub fn serve(
             },
         )?;
         let id = WorkerId(index as u16);
-        let io = make_backend(settings.backend, socket, &mailboxes[index], index)?;
+        let io = make_backend(
+            settings.backend,
+            socket,
+            &mailboxes[index],
+            index,
+            settings.io_batch,
+        )?;
         let mut endpoint_config = EndpointConfig::new(reset_key.clone());
         endpoint_config.cid_generator(move || Box::new(WorkerCidGenerator::new(id)));
         // RFC 9287: without advertising grease_quic_bit, every valid packet
@@ -212,6 +219,7 @@ pub fn make_backend(
     socket: std::net::UdpSocket,
     mailbox: &Mailbox,
     worker: usize,
+    batch: IoBatch,
 ) -> Result<Box<dyn Backend>, ServeError> {
     let setup = |source| ServeError::Setup { worker, source };
     match kind {
@@ -224,7 +232,7 @@ pub fn make_backend(
             // probes GSO; the ring then owns the socket.
             let probe = quinn_udp::UdpSocketState::new((&socket).into()).map_err(setup)?;
             let fallback = socket.try_clone().map_err(setup)?;
-            match UringBackend::new(socket, &mailbox.waker, probe.max_gso_segments()) {
+            match UringBackend::new(socket, &mailbox.waker, probe.max_gso_segments(), batch) {
                 Ok(backend) => {
                     tracing::info!(worker, "backend uring (chosen in config)");
                     Ok(Box::new(backend))

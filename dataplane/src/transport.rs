@@ -38,7 +38,7 @@ impl Default for TransportSettings {
             stream_receive_window_bytes: 16 << 20,
             receive_window_bytes: 64 << 20,
             send_window_bytes: 64 << 20,
-            streams_bidi_max: 256,
+            streams_bidi_max: 100,
             idle_timeout: Duration::from_secs(30),
             keep_alive: None,
             initial_mtu: 1200,
@@ -112,8 +112,19 @@ pub enum TlsSetupError {
     NoQuicSuite(String),
 }
 
+/// ring's provider with TLS 1.3 suites ordered AES-128-GCM, ChaCha20,
+/// AES-256-GCM: AES-128 does 10 rounds instead of 14 on every packet and its
+/// key schedule hashes with SHA-256 instead of SHA-384, for the same
+/// 128-bit security level QUIC's header protection has anyway.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::cipher_suite;
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites = vec![
+        cipher_suite::TLS13_AES_128_GCM_SHA256,
+        cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        cipher_suite::TLS13_AES_256_GCM_SHA384,
+    ];
+    Arc::new(provider)
 }
 
 /// rustls server config for QUIC: TLS 1.3 only, our ALPNs, tickets, 0-RTT.
@@ -150,6 +161,60 @@ pub fn server_crypto(
 pub enum ServerTrust {
     /// Certificates chaining to these roots (PEM-decoded DER).
     Roots(Vec<CertificateDer<'static>>),
+    /// Benchmarks only: check the TLS 1.3 handshake signature against the
+    /// presented certificate's key, but neither its chain nor its name (what
+    /// the quinn baseline client does, so both load generators spend the
+    /// same crypto per handshake).
+    HandshakeSignatureOnly,
+}
+
+/// The verifier behind `ServerTrust::HandshakeSignatureOnly`.
+#[derive(Debug)]
+struct SignatureOnly(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for SignatureOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 /// rustls client config for QUIC with resumption and 0-RTT enabled.
@@ -157,15 +222,21 @@ pub fn client_crypto(
     trust: &ServerTrust,
     alpn: &[u8],
 ) -> Result<Arc<QuicClientConfig>, TlsSetupError> {
-    let ServerTrust::Roots(roots) = trust;
-    let mut store = rustls::RootCertStore::empty();
-    for root in roots {
-        store.add(root.clone())?;
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(store)
-        .with_no_client_auth();
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let mut config = match trust {
+        ServerTrust::Roots(roots) => {
+            let mut store = rustls::RootCertStore::empty();
+            for root in roots {
+                store.add(root.clone())?;
+            }
+            builder.with_root_certificates(store).with_no_client_auth()
+        }
+        ServerTrust::HandshakeSignatureOnly => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(SignatureOnly(provider())))
+            .with_no_client_auth(),
+    };
     config.alpn_protocols = vec![alpn.to_vec()];
     config.enable_early_data = true;
     QuicClientConfig::try_from(config)

@@ -103,8 +103,10 @@ pub fn load_or_create(dir: &Path, names: &[String]) -> Result<DevIdentity, DevCa
         path: key_path.clone(),
         detail: e.to_string(),
     })?;
+    // Clients hold the root already: sending only the leaf keeps the first
+    // flight small (RFC 9000 §8.1 limits it to 3x the client's Initial).
     Ok(DevIdentity {
-        cert_chain: vec![server_cert, ca_cert.clone()],
+        cert_chain: vec![server_cert],
         key,
         ca_cert,
         ca_path,

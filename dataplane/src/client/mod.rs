@@ -83,7 +83,13 @@ fn client_worker<S: Service>(
     )
     .map_err(ClientError::Socket)?;
     let mailbox = Arc::new(Mailbox::new(1).map_err(ClientError::Socket)?);
-    let io = make_backend(target.backend, socket, &mailbox, index)?;
+    let io = make_backend(
+        target.backend,
+        socket,
+        &mailbox,
+        index,
+        crate::io::IoBatch::default(),
+    )?;
     let endpoint =
         quinn_proto::Endpoint::new(Arc::new(EndpointConfig::default()), None, true, None);
     Ok(Worker::new(WorkerParts {

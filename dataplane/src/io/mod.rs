@@ -58,6 +58,24 @@ pub struct SendDatagram<'a> {
     pub segment_size: Option<usize>,
 }
 
+/// Batch sizes of a backend (`[stoq_transport] uring_recv_ops`, `uring_send_ops`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoBatch {
+    /// io_uring receive operations kept in flight (each a 128 KiB buffer).
+    pub recv_ops: usize,
+    /// io_uring send operations that may be in flight.
+    pub send_ops: usize,
+}
+
+impl Default for IoBatch {
+    fn default() -> Self {
+        Self {
+            recv_ops: 32,
+            send_ops: 128,
+        }
+    }
+}
+
 /// Which backend a worker runs; chosen in `[stoq_transport] backend`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

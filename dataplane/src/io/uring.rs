@@ -5,7 +5,7 @@
 //! Every operation owns a slot whose memory (buffer, `msghdr`, address,
 //! control space) stays pinned in a `Box` until its completion arrives.
 
-use super::{Backend, RECV_BUF_LEN, RecvDatagram, SendDatagram, Waker};
+use super::{Backend, IoBatch, RECV_BUF_LEN, RecvDatagram, SendDatagram, Waker};
 use io_uring::{IoUring, opcode, types};
 use quinn_proto::EcnCodepoint;
 use std::io;
@@ -13,13 +13,11 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-/// Receive operations kept in flight.
-pub const RECV_SLOTS: usize = 32;
-/// Send operations that may be in flight; a full set reports `WouldBlock`.
-pub const SEND_SLOTS: usize = 128;
-const RING_ENTRIES: u32 = 256;
-// Every slot plus the eventfd read fit the submission queue at once.
-const _: () = assert!(RECV_SLOTS + SEND_SLOTS < RING_ENTRIES as usize);
+/// Most receive operations a ring keeps in flight (`[stoq_transport] uring_recv_ops`).
+pub const RECV_OPS_MAX: usize = 1024;
+/// Most send operations in flight (`[stoq_transport] uring_send_ops`); a full
+/// set reports `WouldBlock` until one completes.
+pub const SEND_OPS_MAX: usize = 4096;
 
 const CONTROL_LEN: usize = 128;
 const TAG_RECV: u64 = 1 << 32;
@@ -88,27 +86,36 @@ pub struct UringBackend {
 impl UringBackend {
     /// Take over `socket` (options already set by quinn-udp's state, which
     /// also detected GSO). Fails where the kernel refuses io_uring.
-    pub fn new(socket: UdpSocket, waker: &Waker, max_gso: usize) -> io::Result<Self> {
+    pub fn new(
+        socket: UdpSocket,
+        waker: &Waker,
+        max_gso: usize,
+        batch: IoBatch,
+    ) -> io::Result<Self> {
+        let recv_ops = batch.recv_ops.clamp(1, RECV_OPS_MAX);
+        let send_ops = batch.send_ops.clamp(1, SEND_OPS_MAX);
+        // Every operation plus the eventfd read fit the submission queue at once.
+        let entries = (recv_ops + send_ops + 1).next_power_of_two() as u32;
         // io_uring parks blocking-mode socket operations on the socket's
         // wait queue instead of failing them with EAGAIN.
         socket.set_nonblocking(false)?;
         let ring = IoUring::builder()
             .setup_coop_taskrun()
-            .build(RING_ENTRIES)
-            .or_else(|_| IoUring::new(RING_ENTRIES))?;
+            .build(entries)
+            .or_else(|_| IoUring::new(entries))?;
         let mut backend = Self {
             ring,
             socket,
-            recv: (0..RECV_SLOTS).map(|_| Slot::new(RECV_BUF_LEN)).collect(),
-            send: (0..SEND_SLOTS).map(|_| Slot::new(0)).collect(),
-            free_sends: (0..SEND_SLOTS).rev().collect(),
+            recv: (0..recv_ops).map(|_| Slot::new(RECV_BUF_LEN)).collect(),
+            send: (0..send_ops).map(|_| Slot::new(0)).collect(),
+            free_sends: (0..send_ops).rev().collect(),
             wake_buf: Box::new(0),
             wake_armed: false,
             waker_fd: waker.fd(),
             max_gso,
-            ready: Vec::with_capacity(RING_ENTRIES as usize * 2),
+            ready: Vec::with_capacity(entries as usize * 2),
         };
-        for index in 0..RECV_SLOTS {
+        for index in 0..recv_ops {
             backend.arm_recv(index)?;
         }
         backend.arm_wake()?;
