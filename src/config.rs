@@ -6,6 +6,7 @@
 //! before the whole file is valid.
 
 use dataplane::io::IoBatch;
+use dataplane::steering::SteeringMode;
 use dataplane::{BackendKind, CongestionControl, ServerSettings, TransportSettings};
 use serde::Deserialize;
 use std::net::{Ipv6Addr, SocketAddrV6};
@@ -103,6 +104,8 @@ pub struct Dataplane {
     pub control_plane_core: Option<Spanned<usize>>,
     pub handoff_queue_len: usize,
     pub drain_timeout_ms: u64,
+    /// eBPF reuseport steering: auto | on | off.
+    pub steering: SteeringMode,
 }
 
 impl Default for Dataplane {
@@ -113,6 +116,7 @@ impl Default for Dataplane {
             control_plane_core: None,
             handoff_queue_len: 8192,
             drain_timeout_ms: 3000,
+            steering: SteeringMode::Auto,
         }
     }
 }
@@ -313,6 +317,7 @@ impl Config {
             workers,
             worker_cores: (!worker_cores.is_empty()).then(|| worker_cores.clone()),
             backend: t.backend,
+            steering: d.steering,
             io_batch: IoBatch {
                 recv_ops: t.uring_recv_ops,
                 send_ops: t.uring_send_ops,

@@ -321,9 +321,10 @@ fn workers_and_control_plane_are_pinned_to_their_cores() {
 
 #[test]
 fn datagrams_on_the_wrong_worker_are_handed_to_the_owner() {
+    // Steering off: the handoff path is the fallback under test.
     let server = Server::start(
         "handoff",
-        "[dataplane]\nworkers = 2\n[stoq_transport]\nbackend = \"socket\"\n",
+        "[dataplane]\nworkers = 2\nsteering = \"off\"\n[stoq_transport]\nbackend = \"socket\"\n",
     );
     let target = target(&server);
     let mut config = target
@@ -419,4 +420,42 @@ fn handshakes_above_the_rate_answer_with_retry() {
         counter(&stats, "accepted") >= 3,
         "retried clients are served: {stats}"
     );
+}
+
+#[test]
+fn steering_delivers_every_datagram_to_its_owner() {
+    if !is_root() {
+        return skip_or_fail("loading the reuseport eBPF program needs root (CAP_BPF)");
+    }
+    let server = Server::start("steer", "[dataplane]\nworkers = 2\nsteering = \"on\"\n");
+    let json = server.dir.join("bench.json");
+    let out = server.client(&[
+        "bench",
+        "--connections",
+        "200",
+        "--active",
+        "20",
+        "--download",
+        "1000000",
+        "--duration",
+        "3",
+        "--quiet",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    ok(&out);
+    assert_eq!(read_json(&json)["handshakes"], 200);
+    let stats = server.stats();
+    // Handshakes included: every datagram reached its owner directly.
+    assert_eq!(counter(&stats, "handoffs_in"), 0, "{stats}");
+    assert_eq!(counter(&stats, "handoffs_out"), 0, "{stats}");
+    let steering = &stats["steering"];
+    assert!(steering["short"].as_u64().unwrap() > 1000, "{steering}");
+    assert!(steering["long"].as_u64().unwrap() >= 200, "{steering}");
+    for worker in stats["workers"].as_array().unwrap() {
+        assert!(
+            worker["accepted"].as_u64().unwrap() > 50,
+            "both workers own connections: {stats}"
+        );
+    }
 }

@@ -17,6 +17,7 @@ pub mod io;
 pub mod protocols;
 pub mod server;
 pub mod stats;
+pub mod steering;
 pub mod transport;
 pub mod worker;
 

@@ -11,6 +11,7 @@ use crate::protocols::perf::PerfServer;
 use crate::protocols::stoq::{StoqContext, StoqServer};
 use crate::protocols::{Alpn, SERVED_ALPNS};
 use crate::stats::{Counters, StatsRegistry};
+use crate::steering::{ReuseportSteering, SteeringMode};
 use crate::transport::{ServerIdentity, TlsSetupError, TransportSettings, server_crypto};
 use crate::worker::{Admission, Mailbox, Routing, Service, Worker, WorkerControl, WorkerParts};
 use quinn_proto::{Connection, EndpointConfig, Event, Incoming, ServerConfig, StreamEvent};
@@ -28,6 +29,7 @@ pub struct ServerSettings {
     pub worker_cores: Option<Vec<usize>>,
     pub backend: BackendKind,
     pub io_batch: IoBatch,
+    pub steering: SteeringMode,
     pub socket_buffer_bytes: usize,
     pub handoff_queue_len: usize,
     pub connections_per_worker_max: usize,
@@ -52,6 +54,8 @@ pub enum ServeError {
         worker: usize,
         source: std::io::Error,
     },
+    #[error("steering = \"on\" but the program cannot be attached: {0}")]
+    Steering(crate::steering::SteeringError),
     #[error("worker count {0} is outside 1..={max}", max = crate::cid::WORKERS_MAX)]
     Workers(usize),
 }
@@ -118,15 +122,20 @@ pub fn serve(
         .into();
 
     // Bind all sockets before starting any thread: a bad address fails whole.
+    let sockets = (0..settings.workers)
+        .map(|index| {
+            bind_worker_socket(settings.listen, settings.socket_buffer_bytes).map_err(|source| {
+                ServeError::Bind {
+                    worker: index,
+                    listen: settings.listen,
+                    source,
+                }
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    attach_steering(settings.steering, &sockets, &stats)?;
     let mut workers = Vec::with_capacity(settings.workers);
-    for index in 0..settings.workers {
-        let socket = bind_worker_socket(settings.listen, settings.socket_buffer_bytes).map_err(
-            |source| ServeError::Bind {
-                worker: index,
-                listen: settings.listen,
-                source,
-            },
-        )?;
+    for (index, socket) in sockets.into_iter().enumerate() {
         let id = WorkerId(index as u16);
         let io = make_backend(
             settings.backend,
@@ -182,6 +191,39 @@ pub fn serve(
         threads,
         backends,
     })
+}
+
+/// Attach the reuseport steering program per `mode`. With one worker there
+/// is nothing to steer.
+fn attach_steering(
+    mode: SteeringMode,
+    sockets: &[std::net::UdpSocket],
+    stats: &StatsRegistry,
+) -> Result<(), ServeError> {
+    if mode == SteeringMode::Off || sockets.len() < 2 {
+        tracing::info!(
+            ?mode,
+            workers = sockets.len(),
+            "eBPF steering not attached (off, or a single worker)"
+        );
+        return Ok(());
+    }
+    let refs: Vec<&std::net::UdpSocket> = sockets.iter().collect();
+    match ReuseportSteering::attach(&refs) {
+        Ok(steering) => {
+            tracing::info!(
+                workers = sockets.len(),
+                "eBPF reuseport steering attached: datagrams go to their owning worker"
+            );
+            let _ = stats.steering.set(steering);
+            Ok(())
+        }
+        Err(e) if mode == SteeringMode::Auto => {
+            tracing::warn!(error = %e, "eBPF steering unavailable; the handoff queue routes datagrams instead");
+            Ok(())
+        }
+        Err(e) => Err(ServeError::Steering(e)),
+    }
 }
 
 fn run_worker(index: usize, core: Option<usize>, worker: Worker<ServerService>) {

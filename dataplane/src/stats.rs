@@ -102,12 +102,15 @@ counters! {
 #[derive(Debug)]
 pub struct StatsRegistry {
     workers: Vec<PublishedCounters>,
+    /// The steering program, once attached.
+    pub steering: std::sync::OnceLock<crate::steering::ReuseportSteering>,
 }
 
 impl StatsRegistry {
     pub fn new(workers: usize) -> Self {
         Self {
             workers: (0..workers).map(|_| PublishedCounters::default()).collect(),
+            steering: std::sync::OnceLock::new(),
         }
     }
 
@@ -123,7 +126,15 @@ impl StatsRegistry {
         for w in &workers {
             total.add(w);
         }
-        StatsSnapshot { total, workers }
+        let steering = self
+            .steering
+            .get()
+            .map(crate::steering::ReuseportSteering::counters);
+        StatsSnapshot {
+            total,
+            workers,
+            steering,
+        }
     }
 }
 
@@ -132,4 +143,7 @@ impl StatsRegistry {
 pub struct StatsSnapshot {
     pub total: Counters,
     pub workers: Vec<Counters>,
+    /// The reuseport program's decisions; absent when steering is off.
+    #[serde(default)]
+    pub steering: Option<crate::steering::SteeringCounters>,
 }

@@ -339,7 +339,13 @@ fn netns_run(
     let server_cmd = match side {
         Side::Ours => {
             let config = work.path.join(format!("server-{index}.toml"));
-            write_config(&config, addr, args.backend, args.workers.unwrap_or(1))?;
+            write_config(
+                &config,
+                addr,
+                args.backend,
+                args.workers.unwrap_or(1),
+                args.steering,
+            )?;
             let mut cmd = Topology::exec(&topo.server_ns, &bins.server);
             cmd.arg("--config")
                 .arg(&config)
@@ -423,6 +429,7 @@ fn write_config(
     addr: SocketAddr,
     backend: crate::Backend,
     workers: usize,
+    steering: crate::Steering,
 ) -> Result<()> {
     let text = format!(
         "# Written by `cargo xtask bench-40g`.\n\
@@ -436,10 +443,12 @@ fn write_config(
          streams_bidi_max = {MAX_STREAMS}\n\
          \n\
          [dataplane]\n\
-         workers = {workers}\n",
+         workers = {workers}\n\
+         steering = \"{steering}\"\n",
         ip = addr.ip(),
         port = addr.port(),
         backend = backend.as_str(),
+        steering = steering.as_str(),
     );
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
@@ -566,7 +575,13 @@ fn run_server_role(args: &BenchArgs, bins: &Binaries) -> Result<()> {
             .unwrap_or_else(|| work.path.join("data"));
         let config = work.path.join("server.toml");
         // 0 = one worker per core: a dedicated server host should use all.
-        write_config(&config, listen, args.backend, args.workers.unwrap_or(0))?;
+        write_config(
+            &config,
+            listen,
+            args.backend,
+            args.workers.unwrap_or(0),
+            args.steering,
+        )?;
         let mut cmd = Command::new(&bins.server);
         cmd.arg("--config")
             .arg(&config)
@@ -682,6 +697,7 @@ fn setup(args: &BenchArgs, mode: &str) -> Value {
         ("active", active(args).map_or(Value::Null, Value::from)),
         ("streams", args.streams.into()),
         ("backend", args.backend.as_str().into()),
+        ("steering", args.steering.as_str().into()),
         (
             "server_workers",
             if netns {

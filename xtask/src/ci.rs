@@ -20,6 +20,12 @@ pub fn run(root: &Path, smoke_seconds: u32) -> anyhow::Result<()> {
             .arg(root.join(".ci/setup-interop.sh"))
             .current_dir(root))
     })?;
+    step("BPF objects match their sources", || {
+        let exe = std::env::current_exe().context("cannot find the xtask binary")?;
+        sh(Command::new(exe)
+            .args(["build-ebpf", "--check"])
+            .current_dir(root))
+    })?;
     step("format", || {
         sh(Command::new("cargo")
             .args(["fmt", "--all", "--", "--check"])
@@ -98,11 +104,17 @@ fn ensure_packages(is_root: bool, ci: bool) -> anyhow::Result<()> {
     if !have("ip") {
         missing.push("iproute2");
     }
+    if !have("clang-19") && !have("clang") {
+        missing.push("clang-19");
+    }
+    if !Path::new("/usr/include/bpf/bpf_helpers.h").exists() {
+        missing.push("libbpf-dev");
+    }
     if !venv_ok {
         missing.push("python3-venv");
     }
     if missing.is_empty() {
-        println!("ci: iproute2 and python3-venv present");
+        println!("ci: iproute2, python3-venv, clang and libbpf headers present");
         return Ok(());
     }
     if !is_root {

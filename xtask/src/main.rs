@@ -7,6 +7,7 @@
 
 mod bench;
 mod ci;
+mod ebpf;
 mod netns;
 mod report;
 
@@ -29,6 +30,12 @@ enum Task {
     /// a veth pair between two network namespaces.
     #[command(name = "bench-40g")]
     Bench40g(Box<BenchArgs>),
+    /// Compile the BPF programs in ebpf/ (objects are committed); with
+    /// --check, fail if a committed object differs from its source.
+    BuildEbpf {
+        #[arg(long)]
+        check: bool,
+    },
     /// The test suite as CI runs it: packages, interop peers, fmt, clippy,
     /// tests, and a netns bench smoke run.
     Ci {
@@ -43,6 +50,24 @@ enum Task {
 pub enum Role {
     Server,
     Client,
+}
+
+/// Our server's eBPF reuseport steering.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Steering {
+    Auto,
+    On,
+    Off,
+}
+
+impl Steering {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Steering::Auto => "auto",
+            Steering::On => "on",
+            Steering::Off => "off",
+        }
+    }
 }
 
 /// Our I/O backend, for both our server and our client.
@@ -93,6 +118,9 @@ pub struct BenchArgs {
     /// I/O backend of our server and our client.
     #[arg(long, value_enum, default_value_t = Backend::Uring)]
     pub backend: Backend,
+    /// Our server's eBPF reuseport steering (with 2+ workers).
+    #[arg(long, value_enum, default_value_t = Steering::Auto)]
+    pub steering: Steering,
     /// Our server's workers (default: 1 with --netns, one per core otherwise).
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
@@ -138,6 +166,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Bench40g(args) => bench::bench_40g(&args),
+        Task::BuildEbpf { check } => ebpf::run(&workspace_root(), check),
         Task::Ci { smoke_seconds } => ci::run(&workspace_root(), smoke_seconds),
     };
     match result {
