@@ -5,10 +5,12 @@
 //! errors that name the file, the line and the key; nothing is started
 //! before the whole file is valid.
 
+use dataplane::front_door::{Ipv6Prefix, XdpAttachMode};
 use dataplane::io::IoBatch;
 use dataplane::steering::SteeringMode;
 use dataplane::{BackendKind, CongestionControl, ServerSettings, TransportSettings};
 use serde::Deserialize;
+use std::collections::BTreeSet;
 use std::net::{Ipv6Addr, SocketAddrV6};
 use std::ops::Range;
 use std::path::PathBuf;
@@ -106,6 +108,11 @@ pub struct Dataplane {
     pub drain_timeout_ms: u64,
     /// eBPF reuseport steering: auto | on | off.
     pub steering: SteeringMode,
+    /// Attach the XDP front door to this interface (absent: none).
+    pub xdp_interface: Option<String>,
+    pub xdp_mode: XdpAttachMode,
+    /// IPv6 prefixes whose datagrams to our port are dropped at XDP.
+    pub blocklist: Spanned<Vec<String>>,
 }
 
 impl Default for Dataplane {
@@ -117,6 +124,9 @@ impl Default for Dataplane {
             handoff_queue_len: 8192,
             drain_timeout_ms: 3000,
             steering: SteeringMode::Auto,
+            xdp_interface: None,
+            xdp_mode: XdpAttachMode::Native,
+            blocklist: Spanned::new(0..0, Vec::new()),
         }
     }
 }
@@ -167,6 +177,8 @@ pub struct Resolved {
     pub server_names: Vec<String>,
     pub data_dir: Option<PathBuf>,
     pub zero_rtt: bool,
+    pub xdp: Option<(String, XdpAttachMode)>,
+    pub blocklist: BTreeSet<Ipv6Prefix>,
 }
 
 /// Parse and validate `text` read from `file`. `cores` is the number of
@@ -292,6 +304,29 @@ impl Config {
         if let Some((key, _, message)) = checks.iter().find(|(_, ok, _)| !ok) {
             return Err(key_error(file, text, "stoq_transport", key, message));
         }
+        let blocklist = d
+            .blocklist
+            .get_ref()
+            .iter()
+            .map(|p| p.parse::<Ipv6Prefix>())
+            .collect::<Result<BTreeSet<_>, _>>()
+            .map_err(|message| err(d.blocklist.span(), message))?;
+        if blocklist.len() > dataplane::front_door::BLOCKLIST_MAX {
+            let message = format!("at most {} prefixes", dataplane::front_door::BLOCKLIST_MAX);
+            return Err(err(d.blocklist.span(), message));
+        }
+        if d.xdp_interface
+            .as_deref()
+            .is_some_and(|i| i.is_empty() || i.len() > 15)
+        {
+            return Err(key_error(
+                file,
+                text,
+                "dataplane",
+                "xdp_interface",
+                "must be an interface name of 1..=15 bytes",
+            ));
+        }
         if d.handoff_queue_len == 0 {
             return Err(key_error(
                 file,
@@ -335,6 +370,8 @@ impl Config {
             server_names: self.trustchain_authority.server_names,
             data_dir: self.storage.data_dir,
             zero_rtt: t.zero_rtt,
+            xdp: d.xdp_interface.clone().map(|i| (i, d.xdp_mode)),
+            blocklist,
         })
     }
 }
@@ -503,6 +540,18 @@ mod tests {
                 2,
                 "stoq_transport.uring_recv_ops",
                 "1..=1024",
+            ),
+            (
+                "[dataplane]\nblocklist = [\"10.0.0.0/8\"]\n",
+                2,
+                "dataplane.blocklist",
+                "not an IPv6 prefix",
+            ),
+            (
+                "[dataplane]\nxdp_mode = \"offload\"\n",
+                2,
+                "dataplane.xdp_mode",
+                "expected `native` or `generic`",
             ),
         ];
         for &(text, line, key, needle) in table {

@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use controlplane::ControlPlane;
 use controlplane::authority::dev_ca;
+use dataplane::front_door::FrontDoor;
 use dataplane::io::signals;
 use dataplane::{Resumption, ServerIdentity};
 use internet2_server::config::{self, EMBEDDED_DEV_CONFIG, EMBEDDED_NAME};
@@ -133,6 +134,15 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
         }
     };
     let listen = resolved.settings.listen;
+    let front_door = match attach_front_door(&resolved, &server) {
+        Ok(front_door) => front_door,
+        Err(e) => {
+            server.shutdown(std::time::Duration::ZERO);
+            server.join();
+            control.stop();
+            return Err(e);
+        }
+    };
     tracing::info!(%listen, workers = server.worker_count(), backends = ?server.backends, data_dir = %data_dir.display(), "serving");
     println!(
         "listening on [{}]:{} workers={} ca={}",
@@ -143,7 +153,13 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
     );
     let _ = std::io::stdout().flush();
 
-    let signal = signals::wait_termination_signal().context("waiting for a signal")?;
+    let signal = loop {
+        let signal = signals::wait_termination_signal().context("waiting for a signal")?;
+        if signal != signals::SIGHUP {
+            break signal;
+        }
+        reload(args, front_door.as_deref());
+    };
     tracing::info!(
         signal,
         drain_ms = resolved.drain.as_millis() as u64,
@@ -160,4 +176,43 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
         "stopped"
     );
     Ok(())
+}
+
+/// Attach the XDP front door when the config names an interface, with the
+/// configured blocklist.
+fn attach_front_door(
+    resolved: &config::Resolved,
+    server: &dataplane::ServerHandle,
+) -> anyhow::Result<Option<Arc<FrontDoor>>> {
+    let Some((interface, mode)) = &resolved.xdp else {
+        return Ok(None);
+    };
+    let front_door = FrontDoor::attach(interface, resolved.settings.listen.port(), *mode)?;
+    front_door.set_blocklist(&resolved.blocklist)?;
+    tracing::info!(%interface, ?mode, blocked = resolved.blocklist.len(), "XDP front door attached");
+    let front_door = Arc::new(front_door);
+    let _ = server.stats.front_door.set(front_door.clone());
+    Ok(Some(front_door))
+}
+
+/// SIGHUP: re-read the config file and apply what can change live (the
+/// blocklist). A bad file is logged and changes nothing.
+fn reload(args: &Args, front_door: Option<&FrontDoor>) {
+    let resolved = match load_config(args) {
+        Ok(resolved) => resolved,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "reload refused: the configuration is invalid; nothing changed");
+            return;
+        }
+    };
+    match front_door {
+        Some(front_door) => match front_door.set_blocklist(&resolved.blocklist) {
+            Ok(()) => tracing::info!(
+                blocked = resolved.blocklist.len(),
+                "reloaded: blocklist applied"
+            ),
+            Err(e) => tracing::error!(error = %e, "reload: the blocklist could not be applied"),
+        },
+        None => tracing::info!("reloaded: no XDP front door, nothing to apply"),
+    }
 }

@@ -13,6 +13,7 @@
 
 pub mod cid;
 pub mod client;
+pub mod front_door;
 pub mod io;
 pub mod protocols;
 pub mod server;

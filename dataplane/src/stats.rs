@@ -104,6 +104,8 @@ pub struct StatsRegistry {
     workers: Vec<PublishedCounters>,
     /// The steering program, once attached.
     pub steering: std::sync::OnceLock<crate::steering::ReuseportSteering>,
+    /// The XDP front door, once attached.
+    pub front_door: std::sync::OnceLock<std::sync::Arc<crate::front_door::FrontDoor>>,
 }
 
 impl StatsRegistry {
@@ -111,6 +113,7 @@ impl StatsRegistry {
         Self {
             workers: (0..workers).map(|_| PublishedCounters::default()).collect(),
             steering: std::sync::OnceLock::new(),
+            front_door: std::sync::OnceLock::new(),
         }
     }
 
@@ -130,10 +133,12 @@ impl StatsRegistry {
             .steering
             .get()
             .map(crate::steering::ReuseportSteering::counters);
+        let front_door = self.front_door.get().map(|f| f.counters());
         StatsSnapshot {
             total,
             workers,
             steering,
+            front_door,
         }
     }
 }
@@ -146,4 +151,7 @@ pub struct StatsSnapshot {
     /// The reuseport program's decisions; absent when steering is off.
     #[serde(default)]
     pub steering: Option<crate::steering::SteeringCounters>,
+    /// The XDP front door's decisions; absent when no interface is configured.
+    #[serde(default)]
+    pub front_door: Option<crate::front_door::FrontDoorCounters>,
 }

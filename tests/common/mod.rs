@@ -66,11 +66,25 @@ impl Server {
     /// Start with `extra` TOML appended to a config that binds [::1] on a
     /// fresh port; waits for the `listening` line.
     pub fn start(tag: &str, extra: &str) -> Server {
+        Server::start_in(tag, "::1", extra, &[])
+    }
+
+    /// Start bound to `bind`, the command prefixed by `wrapper` (for
+    /// `ip netns exec NS`).
+    pub fn start_in(tag: &str, bind: &str, extra: &str, wrapper: &[&str]) -> Server {
         let port = free_port();
         let dir = temp_dir(tag);
-        let config = format!("[internet2]\nbind = \"::1\"\nport = {port}\n{extra}\n");
+        let config = format!("[internet2]\nbind = \"{bind}\"\nport = {port}\n{extra}\n");
         std::fs::write(dir.join("server.toml"), config).unwrap();
-        let mut child = Command::new(SERVER)
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(SERVER);
+                c
+            }
+            None => Command::new(SERVER),
+        };
+        let mut child = command
             .arg("--config")
             .arg(dir.join("server.toml"))
             .arg("--data-dir")
@@ -102,7 +116,7 @@ impl Server {
             .recv_timeout(Duration::from_secs(30))
             .expect("server prints its listening line");
         assert!(
-            line.starts_with("listening on [::1]:"),
+            line.starts_with(&format!("listening on [{bind}]:")),
             "unexpected first line: {line}"
         );
         Server {

@@ -1,4 +1,4 @@
-//! SIGINT/SIGTERM as a synchronous event: blocked in every thread (the mask
+//! SIGINT/SIGTERM (drain) and SIGHUP (reload) as synchronous events: blocked in every thread (the mask
 //! is inherited, so call this before spawning any) and taken by `sigwait`
 //! in the thread that drains the server.
 
@@ -11,11 +11,12 @@ fn termination_set() -> libc::sigset_t {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         set
     }
 }
 
-/// Block SIGINT and SIGTERM in this thread and every thread it spawns later.
+/// Block SIGINT, SIGTERM and SIGHUP in this thread and every thread it spawns later.
 pub fn block_termination_signals() -> io::Result<()> {
     let set = termination_set();
     // SAFETY: passes a valid, initialised set; the old mask is not needed.
@@ -26,7 +27,7 @@ pub fn block_termination_signals() -> io::Result<()> {
     Ok(())
 }
 
-/// Wait for SIGINT or SIGTERM; returns the signal number.
+/// Wait for SIGINT, SIGTERM or SIGHUP; returns the signal number.
 pub fn wait_termination_signal() -> io::Result<i32> {
     let set = termination_set();
     let mut signal: libc::c_int = 0;
@@ -37,3 +38,6 @@ pub fn wait_termination_signal() -> io::Result<i32> {
     }
     Ok(signal)
 }
+
+/// SIGHUP's number, for callers matching on `wait_termination_signal`.
+pub const SIGHUP: i32 = libc::SIGHUP;
