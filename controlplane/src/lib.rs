@@ -52,6 +52,8 @@ impl ControlPlane {
     pub fn spawn(core: Option<usize>) -> std::io::Result<Self> {
         let queue = Arc::new(ArrayQueue::new(REQUEST_QUEUE_LEN));
         let inbox = queue.clone();
+        // Returns once the thread is pinned, so callers see it in place.
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("control-plane".into())
             .spawn(move || {
@@ -62,8 +64,10 @@ impl ControlPlane {
                         tracing::warn!(core, "could not pin the control plane; running unpinned");
                     }
                 }
+                let _ = started_tx.send(());
                 run(&inbox);
             })?;
+        let _ = started_rx.recv();
         let sender = ControlSender {
             queue,
             thread: thread.thread().clone(),

@@ -106,9 +106,12 @@ pub struct FrontDoorCounters {
 
 const REASONS: u32 = 5;
 
+/// The kernel map and the set it holds (so updates can be diffs).
+type Blocklist = (LpmTrie<MapData, [u8; 16], u8>, BTreeSet<Ipv6Prefix>);
+
 pub struct FrontDoor {
     counters: Mutex<PerCpuArray<MapData, u64>>,
-    blocklist: Mutex<(LpmTrie<MapData, [u8; 16], u8>, BTreeSet<Ipv6Prefix>)>,
+    blocklist: Mutex<Blocklist>,
     // Owns the program and its link: dropping it detaches.
     _ebpf: Ebpf,
 }

@@ -174,17 +174,25 @@ pub fn serve(
 
     let backends = workers.iter().map(|w| w.backend_name()).collect();
     let mut threads = Vec::with_capacity(settings.workers);
+    // Each worker reports once it is pinned: serve() returns (and the
+    // process says it is listening) only when every worker runs where the
+    // config put it.
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
     for (index, worker) in workers.into_iter().enumerate() {
         let core = settings.worker_cores.as_ref().map(|cores| cores[index]);
+        let started = started_tx.clone();
         let thread = std::thread::Builder::new()
             .name(format!("stoq-worker-{index}"))
-            .spawn(move || run_worker(index, core, worker))
+            .spawn(move || run_worker(index, core, worker, started))
             .map_err(|source| ServeError::Setup {
                 worker: index,
                 source,
             })?;
         threads.push(thread);
     }
+    drop(started_tx);
+    // A worker that dies before reporting closes its sender; the loop ends.
+    for _ in started_rx.iter().take(threads.len()) {}
     Ok(ServerHandle {
         stats,
         mailboxes,
@@ -226,7 +234,12 @@ fn attach_steering(
     }
 }
 
-fn run_worker(index: usize, core: Option<usize>, worker: Worker<ServerService>) {
+fn run_worker(
+    index: usize,
+    core: Option<usize>,
+    worker: Worker<ServerService>,
+    started: std::sync::mpsc::Sender<()>,
+) {
     if let Some(core) = core {
         if core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
             tracing::info!(
@@ -249,6 +262,8 @@ fn run_worker(index: usize, core: Option<usize>, worker: Worker<ServerService>) 
             "worker started (unpinned)"
         );
     }
+    let _ = started.send(());
+    drop(started);
     if let Err(e) = worker.run() {
         tracing::error!(worker = index, error = %e, "worker stopped on an I/O error");
     }
