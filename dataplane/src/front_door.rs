@@ -104,8 +104,6 @@ pub struct FrontDoorCounters {
     pub pass_malformed: u64,
 }
 
-const REASONS: u32 = 5;
-
 /// The kernel map and the set it holds (so updates can be diffs).
 type Blocklist = (LpmTrie<MapData, [u8; 16], u8>, BTreeSet<Ipv6Prefix>);
 
@@ -180,19 +178,13 @@ impl FrontDoor {
 
     pub fn counters(&self) -> FrontDoorCounters {
         let counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
-        let mut sums = [0u64; REASONS as usize];
-        for (reason, sum) in (0..REASONS).zip(sums.iter_mut()) {
-            if let Ok(values) = counters.get(&reason, 0) {
-                *sum = values.iter().sum();
-            }
-        }
         let [
             pass_ours,
             pass_other,
             drop_ipv4,
             drop_blocked,
             pass_malformed,
-        ] = sums;
+        ] = crate::steering::per_cpu_sums(&counters);
         FrontDoorCounters {
             pass_ours,
             pass_other,

@@ -62,8 +62,6 @@ pub struct SteeringCounters {
     pub no_socket: u64,
 }
 
-const REASONS: u32 = 6;
-
 /// An attached steering program and its counters.
 pub struct ReuseportSteering {
     counters: Mutex<PerCpuArray<MapData, u64>>,
@@ -108,13 +106,7 @@ impl ReuseportSteering {
     /// Current counters. Takes a lock: for `stats` requests, never the hot path.
     pub fn counters(&self) -> SteeringCounters {
         let counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
-        let mut sums = [0u64; REASONS as usize];
-        for (reason, sum) in (0..REASONS).zip(sums.iter_mut()) {
-            if let Ok(values) = counters.get(&reason, 0) {
-                *sum = values.iter().sum();
-            }
-        }
-        let [short, long, truncated, not_quic, load_fail, no_socket] = sums;
+        let [short, long, truncated, not_quic, load_fail, no_socket] = per_cpu_sums(&counters);
         SteeringCounters {
             short,
             long,
@@ -124,6 +116,15 @@ impl ReuseportSteering {
             no_socket,
         }
     }
+}
+
+/// Each slot of a per-CPU counter array, summed over CPUs (a slot that
+/// cannot be read counts as 0).
+pub(crate) fn per_cpu_sums<const N: usize>(map: &PerCpuArray<MapData, u64>) -> [u64; N] {
+    std::array::from_fn(|slot| {
+        map.get(&(slot as u32), 0)
+            .map_or(0, |values| values.iter().sum())
+    })
 }
 
 impl std::fmt::Debug for ReuseportSteering {
