@@ -156,7 +156,7 @@ pub fn serve(
             true,
             None,
         );
-        let service = ServerService::new(stats.clone(), settings, index);
+        let service = ServerService::new(stats.clone(), settings);
         let worker = Worker::new(WorkerParts {
             id,
             endpoint,
@@ -345,7 +345,7 @@ pub struct ServerService {
 }
 
 impl ServerService {
-    fn new(stats: Arc<StatsRegistry>, settings: &ServerSettings, _worker: usize) -> Self {
+    fn new(stats: Arc<StatsRegistry>, settings: &ServerSettings) -> Self {
         let rate = f64::from(settings.handshake_rate_retry_per_s) / settings.workers as f64;
         Self {
             stats,
