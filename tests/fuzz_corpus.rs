@@ -5,7 +5,9 @@
 use std::path::PathBuf;
 
 fn corpus(target: &str) -> Vec<Vec<u8>> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("dataplane/fuzz/corpus").join(target);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("dataplane/fuzz/corpus")
+        .join(target);
     let inputs: Vec<Vec<u8>> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|entry| std::fs::read(entry.unwrap().path()).unwrap())
@@ -30,7 +32,10 @@ fn stoq_decode_corpus() {
     let mut decoded = 0;
     for data in corpus("stoq_decode") {
         if let Ok(message) = stoq::decode(&data, stoq::REQUEST_PAYLOAD_MAX) {
-            assert_eq!(stoq::encode(message.kind, &message.payload).as_ref(), &data[..]);
+            assert_eq!(
+                stoq::encode(message.kind, &message.payload).as_ref(),
+                &data[..]
+            );
             decoded += 1;
         }
     }
