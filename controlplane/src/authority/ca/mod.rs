@@ -16,7 +16,7 @@
 
 mod names;
 mod revocation;
-mod store;
+pub(crate) mod store;
 #[cfg(test)]
 mod tests;
 

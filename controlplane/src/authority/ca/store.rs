@@ -44,7 +44,7 @@ pub(super) fn load_key(path: &Path) -> Result<KeyPair, CaError> {
     })
 }
 
-pub(super) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
     write_mode(path, bytes, 0o600)
 }
 
@@ -53,7 +53,7 @@ pub(super) fn write_public(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
 }
 
 /// Make the renames durable.
-pub(super) fn sync_dir(dir: &Path) -> Result<(), CaError> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), CaError> {
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io(dir))
