@@ -459,3 +459,48 @@ fn steering_delivers_every_datagram_to_its_owner() {
         );
     }
 }
+
+#[test]
+fn without_bpf_privileges_steering_falls_back_to_handoff() {
+    if !is_root() {
+        return skip_or_fail("dropping to an unprivileged user needs root");
+    }
+    // The server runs as `nobody`: loading BPF is refused, it says so once
+    // and serves with the handoff queue.
+    let nobody = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+    ];
+    let server = Server::start_in(
+        "nobpf",
+        "::1",
+        "[dataplane]\nworkers = 2\nsteering = \"auto\"\n[stoq_transport]\nbackend = \"socket\"\n",
+        &nobody,
+    );
+    let log = server.log().join("\n");
+    assert!(
+        log.contains("eBPF steering unavailable"),
+        "one clear line: {log}"
+    );
+    assert_eq!(log.matches("eBPF steering unavailable").count(), 1);
+    let json = server.dir.join("bench.json");
+    ok(&server.client(&[
+        "bench",
+        "--connections",
+        "8",
+        "--download",
+        "1000000",
+        "--requests",
+        "2",
+        "--verify",
+        "--quiet",
+        "--json",
+        json.to_str().unwrap(),
+    ]));
+    assert_eq!(read_json(&json)["verify_failures"], 0);
+    let stats = server.stats();
+    assert!(stats["steering"].is_null(), "{stats}");
+}

@@ -76,6 +76,11 @@ impl Server {
         let dir = temp_dir(tag);
         let config = format!("[internet2]\nbind = \"{bind}\"\nport = {port}\n{extra}\n");
         std::fs::write(dir.join("server.toml"), config).unwrap();
+        if !wrapper.is_empty() {
+            // The wrapper may drop privileges: let the server write its data dir.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        }
         let mut command = match wrapper.split_first() {
             Some((program, args)) => {
                 let mut c = Command::new(program);
