@@ -15,6 +15,8 @@ set -euo pipefail
 # Pinned so interop results are reproducible; 1.7.2 ships abi3 wheels that
 # install on CPython 3.11 without a C toolchain (as do its deps, e.g. pylsqpack).
 AIOQUIC_VERSION=1.7.2
+# The independent DNS-over-QUIC client (its DoQ support runs on aioquic).
+DNSPYTHON_VERSION=2.7.0
 
 die() { echo "setup-interop: error: $*" >&2; exit 1; }
 log() { echo "setup-interop: $*" >&2; }
@@ -30,10 +32,10 @@ command -v "$python" >/dev/null 2>&1 || die "'$python' not found; install Python
     || die "$("$python" -V 2>&1) is too old; aioquic $AIOQUIC_VERSION needs Python >= 3.11"
 
 # Fast path: venv already complete.
-if [[ -x $vpy ]] && "$vpy" - "$AIOQUIC_VERSION" >/dev/null 2>&1 <<'EOF'
+if [[ -x $vpy ]] && "$vpy" - "$AIOQUIC_VERSION" "$DNSPYTHON_VERSION" >/dev/null 2>&1 <<'EOF'
 import sys
 from importlib.metadata import version
-sys.exit(0 if version("aioquic") == sys.argv[1] else 1)
+sys.exit(0 if version("aioquic") == sys.argv[1] and version("dnspython") == sys.argv[2] else 1)
 EOF
 then
     log "reusing $venv (aioquic $AIOQUIC_VERSION)"
@@ -66,8 +68,8 @@ fi
 log "installing aioquic==$AIOQUIC_VERSION"
 # --only-binary: never fall back to compiling C extensions (no toolchain in CI).
 "$vpy" -m pip install --disable-pip-version-check --quiet --only-binary=:all: \
-    "aioquic==$AIOQUIC_VERSION" >&2 \
-    || die "pip install aioquic==$AIOQUIC_VERSION failed (PyPI reachable? wheels for $("$vpy" -V 2>&1)?)"
+    "aioquic==$AIOQUIC_VERSION" "dnspython==$DNSPYTHON_VERSION" >&2 \
+    || die "pip install aioquic==$AIOQUIC_VERSION dnspython==$DNSPYTHON_VERSION failed (PyPI reachable? wheels for $("$vpy" -V 2>&1)?)"
 
 "$vpy" -c 'import aioquic.asyncio' >/dev/null 2>&1 || die "aioquic installed but does not import"
 log "ready: $("$vpy" -V 2>&1), aioquic $AIOQUIC_VERSION"

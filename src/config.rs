@@ -141,12 +141,21 @@ pub struct HypermeshAssets {}
 pub struct TrustchainAuthority {
     /// Names (DNS or IP) the server certificate carries.
     pub server_names: Vec<String>,
+    /// The apex of the zone answered over DNS-over-QUIC.
+    pub dns_apex: String,
+    /// The server's own name in that zone (relative to the apex).
+    pub dns_name: String,
+    /// IPv6 addresses published for that name (default: the bind address).
+    pub dns_addresses: Vec<std::net::Ipv6Addr>,
 }
 
 impl Default for TrustchainAuthority {
     fn default() -> Self {
         Self {
             server_names: vec!["localhost".into()],
+            dns_apex: "internet2.test.".into(),
+            dns_name: "node1".into(),
+            dns_addresses: Vec::new(),
         }
     }
 }
@@ -168,12 +177,21 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// What the server publishes about itself in its DNS zone.
+#[derive(Debug, Clone)]
+pub struct DnsSettings {
+    pub apex: String,
+    pub name: String,
+    pub addresses: Vec<std::net::Ipv6Addr>,
+}
+
 /// The validated result, ready to start.
 #[derive(Debug)]
 pub struct Resolved {
     pub settings: ServerSettings,
     pub control_plane_core: Option<usize>,
     pub drain: Duration,
+    pub dns: DnsSettings,
     pub server_names: Vec<String>,
     pub data_dir: Option<PathBuf>,
     pub zero_rtt: bool,
@@ -327,6 +345,21 @@ impl Config {
                 "must be an interface name of 1..=15 bytes",
             ));
         }
+        let a = &self.trustchain_authority;
+        if let Err(e) = dataplane::protocols::doq::validate_names(&a.dns_apex, &a.dns_name) {
+            let key = if dataplane::protocols::doq::validate_names(&a.dns_apex, "x").is_err() {
+                "dns_apex"
+            } else {
+                "dns_name"
+            };
+            return Err(key_error(
+                file,
+                text,
+                "trustchain_authority",
+                key,
+                &e.to_string(),
+            ));
+        }
         if d.handoff_queue_len == 0 {
             return Err(key_error(
                 file,
@@ -352,6 +385,7 @@ impl Config {
             workers,
             worker_cores: (!worker_cores.is_empty()).then(|| worker_cores.clone()),
             backend: t.backend,
+            zone: None,
             steering: d.steering,
             io_batch: IoBatch {
                 recv_ops: t.uring_recv_ops,
@@ -367,6 +401,17 @@ impl Config {
             settings,
             control_plane_core: d.control_plane_core.as_ref().map(|c| *c.get_ref()),
             drain: Duration::from_millis(d.drain_timeout_ms),
+            dns: DnsSettings {
+                apex: self.trustchain_authority.dns_apex,
+                name: self.trustchain_authority.dns_name,
+                addresses: if self.trustchain_authority.dns_addresses.is_empty()
+                    && !bind.is_unspecified()
+                {
+                    vec![bind]
+                } else {
+                    self.trustchain_authority.dns_addresses
+                },
+            },
             server_names: self.trustchain_authority.server_names,
             data_dir: self.storage.data_dir,
             zero_rtt: t.zero_rtt,
@@ -552,6 +597,18 @@ mod tests {
                 2,
                 "dataplane.xdp_mode",
                 "expected `native` or `generic`",
+            ),
+            (
+                "[trustchain_authority]\ndns_name = \"bad..name\"\n",
+                2,
+                "trustchain_authority.dns_name",
+                "not a valid DNS name",
+            ),
+            (
+                "[trustchain_authority]\ndns_addresses = [\"10.0.0.1\"]\n",
+                2,
+                "trustchain_authority.dns_addresses",
+                "invalid",
             ),
         ];
         for &(text, line, key, needle) in table {

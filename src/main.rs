@@ -124,6 +124,16 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
         client_verifier: None,
         resumption,
     };
+    let zone =
+        dataplane::protocols::doq::Zone::for_server(&dataplane::protocols::doq::ServerZone {
+            apex: resolved.dns.apex.clone(),
+            name: resolved.dns.name.clone(),
+            addresses: resolved.dns.addresses.clone(),
+            port: resolved.settings.listen.port(),
+            spki_sha256: dev_ca::spki_sha256(&identity.cert_chain[0])?,
+        })?;
+    let mut resolved = resolved;
+    resolved.settings.zone = Some(Arc::new(zone));
     let control = ControlPlane::spawn(resolved.control_plane_core)
         .context("cannot start the control plane")?;
     let server = match dataplane::serve(&resolved.settings, &identity) {

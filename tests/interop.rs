@@ -126,3 +126,80 @@ fn our_perf_client_against_aioquic_server() {
     assert_eq!(result["bytes"], 5_000_000, "{result}");
     assert_eq!(result["errors"], 0, "{result}");
 }
+
+/// dnspython's DoQ client (an independent implementation) against our zone.
+fn doq(python: &std::path::Path, server: &Server, name: &str, rdtype: &str) -> serde_json::Value {
+    let out = Command::new(python)
+        .arg(script("doq_query.py"))
+        .args([
+            "--host",
+            "::1",
+            "--port",
+            &server.port.to_string(),
+            "--cafile",
+        ])
+        .arg(server.ca())
+        .args([name, rdtype])
+        .output()
+        .unwrap();
+    serde_json::from_str(ok(&out).trim()).expect("doq_query prints JSON")
+}
+
+#[test]
+fn dnspython_doq_client_against_our_zone() {
+    let Some(python) = interop_python() else {
+        return skip_or_fail("dnspython is not installed: run `bash .ci/setup-interop.sh`");
+    };
+    let server = Server::start(
+        "doq",
+        "[trustchain_authority]\ndns_apex = \"internet2.test.\"\ndns_name = \"node1\"\n",
+    );
+    let aaaa = doq(&python, &server, "node1.internet2.test", "AAAA");
+    assert_eq!(
+        (aaaa["rcode"].as_str(), aaaa["aa"].as_bool()),
+        (Some("NOERROR"), Some(true)),
+        "{aaaa}"
+    );
+    assert_eq!(aaaa["answers"], serde_json::json!(["::1"]));
+
+    // The TLSA pin is the SHA-256 of the server certificate's SPKI, computed
+    // here by openssl, not by our code.
+    let tlsa = doq(
+        &python,
+        &server,
+        &format!("_{}._udp.node1.internet2.test", server.port),
+        "TLSA",
+    );
+    let spki = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl x509 -in {} -pubkey -noout | openssl pkey -pubin -outform der | sha256sum",
+            server.dir.join("server.pem").display()
+        ))
+        .output()
+        .unwrap();
+    let pin = String::from_utf8_lossy(&spki.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(
+        tlsa["answers"],
+        serde_json::json!([format!("3 1 1 {pin}")]),
+        "{tlsa}"
+    );
+
+    let a = doq(&python, &server, "node1.internet2.test", "A");
+    assert_eq!(a["rcode"], "NOERROR");
+    assert_eq!(a["answers"], serde_json::json!([]), "IPv6 only: no A data");
+    assert_eq!(
+        a["authority"].as_array().unwrap().len(),
+        1,
+        "negative answers carry the SOA"
+    );
+    let unknown = doq(&python, &server, "nope.internet2.test", "AAAA");
+    assert_eq!(unknown["rcode"], "NXDOMAIN");
+    let outside = doq(&python, &server, "example.com", "AAAA");
+    assert_eq!(outside["rcode"], "REFUSED");
+    assert!(server.stats()["total"]["doq_queries"].as_u64().unwrap() >= 5);
+}

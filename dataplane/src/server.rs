@@ -7,6 +7,7 @@ use crate::io::socket::SocketBackend;
 use crate::io::sockopt::bind_worker_socket;
 use crate::io::uring::UringBackend;
 use crate::io::{Backend, BackendKind, IoBatch};
+use crate::protocols::doq::{DoqServer, Zone};
 use crate::protocols::perf::PerfServer;
 use crate::protocols::stoq::{StoqContext, StoqServer};
 use crate::protocols::{Alpn, SERVED_ALPNS};
@@ -28,6 +29,9 @@ pub struct ServerSettings {
     /// Core each worker is pinned to; `None` leaves placement to the kernel.
     pub worker_cores: Option<Vec<usize>>,
     pub backend: BackendKind,
+    /// The DNS zone answered over `doq` (an immutable snapshot); without
+    /// one, `doq` queries are refused.
+    pub zone: Option<Arc<Zone>>,
     pub io_batch: IoBatch,
     pub steering: SteeringMode,
     pub socket_buffer_bytes: usize,
@@ -340,6 +344,7 @@ impl HandshakeBudget {
 /// The server's application side: admission, then per-ALPN handlers.
 pub struct ServerService {
     stats: Arc<StatsRegistry>,
+    zone: Option<Arc<Zone>>,
     connections_max: usize,
     budget: HandshakeBudget,
 }
@@ -349,6 +354,7 @@ impl ServerService {
         let rate = f64::from(settings.handshake_rate_retry_per_s) / settings.workers as f64;
         Self {
             stats,
+            zone: settings.zone.clone(),
             connections_max: settings.connections_per_worker_max,
             budget: HandshakeBudget {
                 rate_per_s: rate,
@@ -364,6 +370,7 @@ pub struct ServerConn {
     alpn: Option<Alpn>,
     perf: PerfServer,
     stoq: StoqServer,
+    doq: DoqServer,
 }
 
 impl Service for ServerService {
@@ -385,6 +392,7 @@ impl Service for ServerService {
             alpn: None,
             perf: PerfServer::default(),
             stoq: StoqServer::default(),
+            doq: DoqServer::default(),
         }
     }
 
@@ -445,6 +453,19 @@ impl Service for ServerService {
                 Event::Stream(StreamEvent::Finished { id } | StreamEvent::Stopped { id, .. }),
             ) => st.stoq.on_finished(id),
             (Alpn::Stoq, Event::Connected) => st.stoq.on_connected(conn, &ctx, counters),
+            // DNS queries are idempotent and public (RFC 9250 §4.5): served
+            // from 0-RTT data too.
+            (Alpn::Doq, Event::Stream(StreamEvent::Opened { .. })) => {
+                st.doq.on_readable(conn, None, self.zone.as_ref(), counters)
+            }
+            (Alpn::Doq, Event::Stream(StreamEvent::Readable { id })) => {
+                st.doq
+                    .on_readable(conn, Some(id), self.zone.as_ref(), counters)
+            }
+            (
+                Alpn::Doq,
+                Event::Stream(StreamEvent::Finished { id } | StreamEvent::Stopped { id, .. }),
+            ) => st.doq.on_finished(id),
             _ => {}
         }
     }

@@ -96,6 +96,10 @@ counters! {
     zero_rtt_deferred,
     /// Sends that hit a full socket buffer and waited.
     send_blocked,
+    /// DNS-over-QUIC queries answered.
+    doq_queries,
+    /// DNS-over-QUIC connections closed for a protocol error.
+    doq_errors,
 }
 
 /// All workers' published counters.

@@ -113,6 +113,19 @@ pub fn load_or_create(dir: &Path, names: &[String]) -> Result<DevIdentity, DevCa
     })
 }
 
+/// SHA-256 of a certificate's SubjectPublicKeyInfo: the TLSA `3 1 1` pin.
+pub fn spki_sha256(cert: &CertificateDer<'_>) -> Result<[u8; 32], DevCaError> {
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| DevCaError::Pem {
+            path: PathBuf::from("<server certificate>"),
+            detail: e.to_string(),
+        })?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, parsed.public_key().raw);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    Ok(out)
+}
+
 /// Read the root certificate a client should trust.
 pub fn load_cert(path: &Path) -> Result<CertificateDer<'static>, DevCaError> {
     CertificateDer::from_pem_file(path).map_err(|e| DevCaError::Pem {

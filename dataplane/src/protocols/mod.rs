@@ -1,5 +1,6 @@
 //! Per-ALPN stream handlers and the wire formats they share with clients.
 
+pub mod doq;
 pub mod perf;
 pub mod stoq;
 
@@ -8,15 +9,18 @@ use quinn_proto::Connection;
 /// ALPN identifiers served on the one UDP port.
 pub const ALPN_PERF: &[u8] = b"perf";
 pub const ALPN_STOQ: &[u8] = b"stoq/1";
+/// RFC 9250 §4.1.1.
+pub const ALPN_DOQ: &[u8] = b"doq";
 
 /// The application protocols this build serves, in server preference order.
-pub const SERVED_ALPNS: [&[u8]; 2] = [ALPN_STOQ, ALPN_PERF];
+pub const SERVED_ALPNS: [&[u8]; 3] = [ALPN_STOQ, ALPN_PERF, ALPN_DOQ];
 
 /// Which protocol a connection negotiated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Alpn {
     Perf,
     Stoq,
+    Doq,
 }
 
 impl Alpn {
@@ -29,6 +33,7 @@ impl Alpn {
         match data.protocol.as_deref()? {
             ALPN_PERF => Some(Alpn::Perf),
             ALPN_STOQ => Some(Alpn::Stoq),
+            ALPN_DOQ => Some(Alpn::Doq),
             _ => None,
         }
     }

@@ -1,0 +1,420 @@
+//! DNS over QUIC (RFC 9250, ALPN `doq`): one query per bidirectional
+//! stream, a 2-byte length prefix, message ID 0. Answers come from an
+//! immutable [`Zone`] snapshot, so a query never leaves its worker.
+//!
+//! The zone is authoritative and IPv6-only: SOA and NS at the apex, AAAA
+//! for each name, and a TLSA `3 1 1` (DANE-EE, SPKI, SHA-256) pin at
+//! `_PORT._udp.NAME`. A queries get NOERROR with no data; unknown names in the
+//! zone get NXDOMAIN with the SOA; names outside it get REFUSED.
+
+use crate::stats::Counters;
+use bytes::{BufMut, Bytes, BytesMut};
+use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::tlsa::{CertUsage, Matching, Selector};
+use hickory_proto::rr::rdata::{AAAA, NS, SOA, TLSA};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use quinn_proto::{Connection, Dir, ReadError, StreamId, VarInt};
+use std::collections::HashMap;
+use std::net::Ipv6Addr;
+use std::sync::Arc;
+
+/// RFC 9250 §4.3: error codes.
+pub const DOQ_NO_ERROR: u32 = 0x0;
+pub const DOQ_PROTOCOL_ERROR: u32 = 0x2;
+/// Largest DNS message (the 2-byte length prefix).
+pub const MESSAGE_MAX: usize = u16::MAX as usize;
+/// TTL of every record (seconds).
+pub const TTL: u32 = 60;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ZoneError {
+    #[error("`{name}` is not a valid DNS name: {detail}")]
+    BadName { name: String, detail: String },
+}
+
+/// The records of one name.
+#[derive(Debug, Default, Clone)]
+struct NameRecords {
+    aaaa: Vec<Record>,
+    tlsa: Vec<Record>,
+}
+
+/// An immutable authoritative zone.
+#[derive(Debug, Clone)]
+pub struct Zone {
+    apex: Name,
+    soa: Record,
+    ns: Record,
+    names: HashMap<Name, NameRecords>,
+}
+
+/// What the server publishes about itself.
+#[derive(Debug, Clone)]
+pub struct ServerZone {
+    /// The zone apex, e.g. `internet2.test.`.
+    pub apex: String,
+    /// The server's own name, relative to the apex (`node1`) or absolute.
+    pub name: String,
+    pub addresses: Vec<Ipv6Addr>,
+    pub port: u16,
+    /// SHA-256 of the server certificate's SubjectPublicKeyInfo.
+    pub spki_sha256: [u8; 32],
+}
+
+fn parse_name(name: &str) -> Result<Name, ZoneError> {
+    let fqdn = if name.ends_with('.') {
+        name.to_owned()
+    } else {
+        format!("{name}.")
+    };
+    Name::from_ascii(&fqdn)
+        .map(|n| n.to_lowercase())
+        .map_err(|e| ZoneError::BadName {
+            name: name.to_owned(),
+            detail: e.to_string(),
+        })
+}
+
+/// Check the apex and the server's name as `Zone::for_server` will.
+pub fn validate_names(apex: &str, name: &str) -> Result<(), ZoneError> {
+    let apex = parse_name(apex)?;
+    if !name.ends_with('.') {
+        parse_name(&format!("{name}.{apex}"))?;
+    } else if !apex.zone_of(&parse_name(name)?) {
+        return Err(ZoneError::BadName {
+            name: name.to_owned(),
+            detail: format!("not inside the zone {apex}"),
+        });
+    }
+    Ok(())
+}
+
+impl Zone {
+    /// The zone of one server: its name, addresses and certificate pin.
+    pub fn for_server(server: &ServerZone) -> Result<Zone, ZoneError> {
+        let apex = parse_name(&server.apex)?;
+        let name = if server.name.ends_with('.') {
+            parse_name(&server.name)?
+        } else {
+            parse_name(&format!("{}.{}", server.name, apex))?
+        };
+        let soa = SOA::new(
+            name.clone(),
+            parse_name(&format!("hostmaster.{apex}"))?,
+            1,
+            3600,
+            600,
+            86400,
+            TTL,
+        );
+        let mut zone = Zone {
+            soa: Record::from_rdata(apex.clone(), TTL, RData::SOA(soa)),
+            ns: Record::from_rdata(apex.clone(), TTL, RData::NS(NS(name.clone()))),
+            apex,
+            names: HashMap::new(),
+        };
+        let records = zone.names.entry(name.clone()).or_default();
+        for address in &server.addresses {
+            records.aaaa.push(Record::from_rdata(
+                name.clone(),
+                TTL,
+                RData::AAAA(AAAA::from(*address)),
+            ));
+        }
+        let service = parse_name(&format!("_{}._udp.{name}", server.port))?;
+        let tlsa = TLSA::new(
+            CertUsage::DaneEe,
+            Selector::Spki,
+            Matching::Sha256,
+            server.spki_sha256.to_vec(),
+        );
+        zone.names
+            .entry(service.clone())
+            .or_default()
+            .tlsa
+            .push(Record::from_rdata(service, TTL, RData::TLSA(tlsa)));
+        Ok(zone)
+    }
+
+    pub fn apex(&self) -> &Name {
+        &self.apex
+    }
+}
+
+/// What to do with one query.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// Send this DNS message.
+    Response(Vec<u8>),
+    /// RFC 9250 §4.2.1: a non-zero message ID is a protocol error; close the
+    /// connection with DOQ_PROTOCOL_ERROR.
+    ProtocolError(&'static str),
+}
+
+/// Answer one DNS query message from `zone`.
+pub fn answer(zone: &Zone, query: &[u8]) -> Answer {
+    let request = match Message::from_vec(query) {
+        Ok(request) => request,
+        Err(_) => return respond(Message::error_msg(0, OpCode::Query, ResponseCode::FormErr)),
+    };
+    if request.metadata.id != 0 {
+        return Answer::ProtocolError("DNS message ID must be 0 over QUIC (RFC 9250 §4.2.1)");
+    }
+    let mut response = Message::response(0, request.metadata.op_code);
+    response.metadata.recursion_desired = request.metadata.recursion_desired;
+    response.queries = request.queries.clone();
+    if request.metadata.message_type != MessageType::Query
+        || request.metadata.op_code != OpCode::Query
+    {
+        response.metadata.response_code = ResponseCode::NotImp;
+        return respond(response);
+    }
+    let [question] = request.queries.as_slice() else {
+        response.metadata.response_code = ResponseCode::FormErr;
+        return respond(response);
+    };
+    let name = question.name().to_lowercase();
+    if question.query_class() != DNSClass::IN || !zone.apex.zone_of(&name) {
+        response.metadata.response_code = ResponseCode::Refused;
+        return respond(response);
+    }
+    response.metadata.authoritative = true;
+    let answers: Vec<Record> = if name == zone.apex {
+        match question.query_type() {
+            RecordType::SOA => vec![zone.soa.clone()],
+            RecordType::NS => vec![zone.ns.clone()],
+            _ => Vec::new(),
+        }
+    } else if let Some(records) = zone.names.get(&name) {
+        match question.query_type() {
+            RecordType::AAAA => records.aaaa.clone(),
+            RecordType::TLSA => records.tlsa.clone(),
+            _ => Vec::new(),
+        }
+    } else {
+        response.metadata.response_code = ResponseCode::NXDomain;
+        Vec::new()
+    };
+    if answers.is_empty() {
+        // RFC 2308: negative answers carry the SOA.
+        response.authorities.push(zone.soa.clone());
+    }
+    response.answers = answers;
+    respond(response)
+}
+
+/// REFUSED for every query (no zone configured).
+pub fn refuse(query: &[u8]) -> Answer {
+    match Message::from_vec(query) {
+        Ok(request) if request.metadata.id != 0 => {
+            Answer::ProtocolError("DNS message ID must be 0 over QUIC (RFC 9250 §4.2.1)")
+        }
+        Ok(request) => {
+            let mut response = Message::error_msg(0, OpCode::Query, ResponseCode::Refused);
+            response.queries = request.queries;
+            respond(response)
+        }
+        Err(_) => respond(Message::error_msg(0, OpCode::Query, ResponseCode::FormErr)),
+    }
+}
+
+fn respond(message: Message) -> Answer {
+    match message.to_vec() {
+        Ok(bytes) => Answer::Response(bytes),
+        Err(_) => Answer::ProtocolError("the answer could not be encoded"),
+    }
+}
+
+#[derive(Debug, Default)]
+struct DoqStream {
+    buf: Vec<u8>,
+    answered: bool,
+}
+
+/// Server side of a `doq` connection.
+#[derive(Debug, Default)]
+pub struct DoqServer {
+    streams: HashMap<StreamId, DoqStream>,
+}
+
+impl DoqServer {
+    pub fn on_readable(
+        &mut self,
+        conn: &mut Connection,
+        id: Option<StreamId>,
+        zone: Option<&Arc<Zone>>,
+        counters: &mut Counters,
+    ) {
+        while let Some(id) = conn.streams().accept(Dir::Bi) {
+            self.streams.insert(id, DoqStream::default());
+            self.read(conn, id, zone, counters);
+        }
+        if let Some(id) = id {
+            self.read(conn, id, zone, counters);
+        }
+    }
+
+    pub fn on_finished(&mut self, id: StreamId) {
+        self.streams.remove(&id);
+    }
+
+    fn read(
+        &mut self,
+        conn: &mut Connection,
+        id: StreamId,
+        zone: Option<&Arc<Zone>>,
+        counters: &mut Counters,
+    ) {
+        let Some(stream) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let mut recv = conn.recv_stream(id);
+        let Ok(mut chunks) = recv.read(true) else {
+            return;
+        };
+        let limit = 2 + MESSAGE_MAX;
+        let mut gone = false;
+        loop {
+            match chunks.next(limit + 1 - stream.buf.len().min(limit)) {
+                Ok(Some(chunk)) => {
+                    counters.stream_bytes_rx += chunk.bytes.len() as u64;
+                    stream.buf.extend_from_slice(&chunk.bytes);
+                    if stream.buf.len() > limit {
+                        break;
+                    }
+                }
+                Ok(None) | Err(ReadError::Blocked) => break,
+                Err(ReadError::Reset(_)) => {
+                    gone = true;
+                    break;
+                }
+            }
+        }
+        let _ = chunks.finalize();
+        if gone {
+            self.streams.remove(&id);
+            return;
+        }
+        if stream.buf.len() < 2 {
+            return;
+        }
+        let len = usize::from(u16::from_be_bytes([stream.buf[0], stream.buf[1]]));
+        let whole = 2 + len;
+        if stream.answered || stream.buf.len() > whole {
+            // RFC 9250 §4.2: one query per stream; anything more is a
+            // protocol error for the connection.
+            counters.doq_errors += 1;
+            conn.close(
+                std::time::Instant::now(),
+                VarInt::from_u32(DOQ_PROTOCOL_ERROR),
+                Bytes::from_static(b"one DNS message per stream"),
+            );
+            return;
+        }
+        if stream.buf.len() < whole {
+            return;
+        }
+        stream.answered = true;
+        let result = match zone {
+            Some(zone) => answer(zone, &stream.buf[2..whole]),
+            None => refuse(&stream.buf[2..whole]),
+        };
+        match result {
+            Answer::Response(message) => {
+                counters.doq_queries += 1;
+                let mut framed = BytesMut::with_capacity(2 + message.len());
+                framed.put_u16(message.len() as u16);
+                framed.put_slice(&message);
+                counters.stream_bytes_tx += framed.len() as u64;
+                let mut send = conn.send_stream(id);
+                let _ = send.write_chunks(&mut [framed.freeze()]);
+                let _ = send.finish();
+            }
+            Answer::ProtocolError(reason) => {
+                counters.doq_errors += 1;
+                conn.close(
+                    std::time::Instant::now(),
+                    VarInt::from_u32(DOQ_PROTOCOL_ERROR),
+                    Bytes::from_static(reason.as_bytes()),
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::Query;
+
+    fn zone() -> Zone {
+        Zone::for_server(&ServerZone {
+            apex: "internet2.test".into(),
+            name: "node1".into(),
+            addresses: vec!["fd71:7e57::1".parse().unwrap()],
+            port: 4433,
+            spki_sha256: [7; 32],
+        })
+        .unwrap()
+    }
+
+    fn ask(name: &str, kind: RecordType, id: u16) -> Answer {
+        let mut q = Message::new(id, MessageType::Query, OpCode::Query);
+        q.queries
+            .push(Query::query(Name::from_ascii(name).unwrap(), kind));
+        answer(&zone(), &q.to_vec().unwrap())
+    }
+
+    fn response(answer: Answer) -> Message {
+        match answer {
+            Answer::Response(bytes) => Message::from_vec(&bytes).unwrap(),
+            other => panic!("expected a response, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn answers_follow_the_zone_rules() {
+        let aaaa = response(ask("node1.internet2.test.", RecordType::AAAA, 0));
+        assert_eq!(aaaa.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(aaaa.answers.len(), 1);
+        let tlsa = response(ask("_4433._udp.node1.internet2.test.", RecordType::TLSA, 0));
+        assert_eq!(tlsa.answers.len(), 1);
+        let a = response(ask("node1.internet2.test.", RecordType::A, 0));
+        assert_eq!(
+            (
+                a.metadata.response_code,
+                a.answers.len(),
+                a.authorities.len()
+            ),
+            (ResponseCode::NoError, 0, 1)
+        );
+        let unknown = response(ask("nope.internet2.test.", RecordType::AAAA, 0));
+        assert_eq!(unknown.metadata.response_code, ResponseCode::NXDomain);
+        assert_eq!(unknown.authorities.len(), 1);
+        let outside = response(ask("example.com.", RecordType::AAAA, 0));
+        assert_eq!(outside.metadata.response_code, ResponseCode::Refused);
+        let case = response(ask("NODE1.Internet2.TEST.", RecordType::AAAA, 0));
+        assert_eq!(case.answers.len(), 1);
+    }
+
+    #[test]
+    fn bad_queries_get_the_rfc_answers() {
+        assert!(matches!(
+            ask("node1.internet2.test.", RecordType::AAAA, 7),
+            Answer::ProtocolError(_)
+        ));
+        let garbage = response(answer(&zone(), &[0, 0, 1, 2, 3]));
+        assert_eq!(garbage.metadata.response_code, ResponseCode::FormErr);
+        let mut two = Message::new(0, MessageType::Query, OpCode::Query);
+        two.queries.push(Query::query(
+            Name::from_ascii("a.internet2.test.").unwrap(),
+            RecordType::AAAA,
+        ));
+        two.queries.push(Query::query(
+            Name::from_ascii("b.internet2.test.").unwrap(),
+            RecordType::AAAA,
+        ));
+        let formerr = response(answer(&zone(), &two.to_vec().unwrap()));
+        assert_eq!(formerr.metadata.response_code, ResponseCode::FormErr);
+    }
+}
