@@ -202,4 +202,19 @@ fn dnspython_doq_client_against_our_zone() {
     let outside = doq(&python, &server, "example.com", "AAAA");
     assert_eq!(outside["rcode"], "REFUSED");
     assert!(server.stats()["total"]["doq_queries"].as_u64().unwrap() >= 5);
+
+    // Our own resolver agrees with dnspython and openssl.
+    let out = server.client(&["resolve", "node1.internet2.test", "--json"]);
+    let resolved: serde_json::Value = serde_json::from_str(ok(&out).trim()).unwrap();
+    assert_eq!(
+        resolved["addresses"],
+        serde_json::json!([format!("[::1]:{}", server.port)])
+    );
+    assert_eq!(resolved["pin_sha256"], serde_json::json!(pin));
+    let missing = server.client(&["resolve", "nope.internet2.test"]);
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("NXDomain"),
+        "{missing:?}"
+    );
 }

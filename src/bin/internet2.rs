@@ -48,6 +48,20 @@ enum Command {
     },
     /// Load the server with the perf protocol and report goodput and handshakes.
     Bench(BenchArgs),
+    /// Resolve a name through the server's embedded DNS (DNS over QUIC):
+    /// its IPv6 endpoints and the pin of the key that must answer there.
+    Resolve {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// The name, e.g. node1.internet2.test
+        name: String,
+        /// The service port whose TLSA pin to look up (default: --connect's port).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -154,6 +168,12 @@ fn main() -> ExitCode {
         } => ping(&target, count, &payload),
         Command::Stats { target, json } => stats(&target, json),
         Command::Bench(args) => bench(&args),
+        Command::Resolve {
+            target,
+            name,
+            port,
+            json,
+        } => resolve(&target, &name, port, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -395,4 +415,31 @@ fn summarize(reports: &[BenchReport]) -> serde_json::Value {
             total
         }),
     })
+}
+
+fn resolve(args: &TargetArgs, name: &str, port: Option<u16>, json: bool) -> anyhow::Result<()> {
+    let target = target(args, TransportSettings::default())?;
+    let port = port.unwrap_or(args.connect.port());
+    let resolved =
+        client::resolve_endpoint(&target, name, port, Duration::from_millis(args.timeout_ms))?;
+    let pin = resolved
+        .pin
+        .map(|p| p.iter().map(|b| format!("{b:02x}")).collect::<String>());
+    if json {
+        let addresses: Vec<String> = resolved.addresses.iter().map(ToString::to_string).collect();
+        println!(
+            "{}",
+            serde_json::json!({ "name": name, "addresses": addresses, "pin_sha256": pin })
+        );
+        return Ok(());
+    }
+    println!("{name}");
+    for address in &resolved.addresses {
+        println!("  {address}");
+    }
+    match pin {
+        Some(pin) => println!("  pin (TLSA 3 1 1, SPKI SHA-256) {pin}"),
+        None => println!("  no pin published for port {port}"),
+    }
+    Ok(())
 }

@@ -206,3 +206,117 @@ pub fn spawn_bench_with(
     }
     Ok(BenchHandle { progress, threads })
 }
+
+/// What the embedded DNS says about a name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResolvedEndpoint {
+    /// The name's IPv6 socket addresses (its AAAA records, on `port`).
+    pub addresses: Vec<SocketAddrV6>,
+    /// The TLSA `3 1 1` pin: SHA-256 of the key that must answer there.
+    pub pin: Option<[u8; 32]>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("`{0}` is not a valid DNS name")]
+    BadName(String),
+    #[error("{name}: the server answered {code}")]
+    Negative { name: String, code: String },
+    #[error("{name}: {reason}")]
+    Failed { name: String, reason: String },
+}
+
+/// `resolve_endpoint`: ask the server at `target` (over DNS-over-QUIC) for
+/// the AAAA records of `name` and its TLSA pin for `port`.
+pub fn resolve_endpoint(
+    target: &ClientTarget,
+    name: &str,
+    port: u16,
+    timeout: Duration,
+) -> Result<ResolvedEndpoint, ResolveError> {
+    use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    let fqdn = |n: &str| {
+        Name::from_ascii(if n.ends_with('.') {
+            n.to_owned()
+        } else {
+            format!("{n}.")
+        })
+    };
+    let host = fqdn(name).map_err(|_| ResolveError::BadName(name.to_owned()))?;
+    let service = fqdn(&format!("_{port}._udp.{host}"))
+        .map_err(|_| ResolveError::BadName(name.to_owned()))?;
+    let query = |qname: Name, kind: RecordType| {
+        // RFC 9250 §4.2.1: message ID 0 over QUIC.
+        let mut message = Message::new(0, MessageType::Query, OpCode::Query);
+        message.queries.push(Query::query(qname, kind));
+        let bytes = message.to_vec().expect("a one-question query encodes");
+        let mut framed = Vec::with_capacity(2 + bytes.len());
+        framed.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
+        framed.extend_from_slice(&bytes);
+        rpc::Request {
+            message: Bytes::from(framed),
+            idempotent: true,
+        }
+    };
+    let requests = vec![
+        query(host.clone(), RecordType::AAAA),
+        query(service, RecordType::TLSA),
+    ];
+    let config = target.client_config(crate::protocols::ALPN_DOQ)?;
+    let service = RpcService::with_framing(
+        config,
+        target.remote,
+        &target.server_name,
+        rpc::Framing::Doq,
+        requests,
+        timeout,
+    );
+    let worker = client_worker(target, 0, service)?;
+    let (service, _) = worker
+        .run()
+        .map_err(|e| ClientError::Worker(e.to_string()))?;
+    let outcome = service.outcome();
+    let mut answers = Vec::new();
+    for reply in outcome.replies {
+        let bytes = match reply {
+            rpc::Reply::Ok(bytes) => bytes,
+            rpc::Reply::Error { message, .. } | rpc::Reply::Failed(message) => {
+                return Err(ResolveError::Failed {
+                    name: name.to_owned(),
+                    reason: message,
+                });
+            }
+        };
+        let message = Message::from_vec(&bytes).map_err(|e| ResolveError::Failed {
+            name: name.to_owned(),
+            reason: format!("malformed DNS answer: {e}"),
+        })?;
+        answers.push(message);
+    }
+    let [aaaa, tlsa] = <[Message; 2]>::try_from(answers).expect("two requests, two replies");
+    if aaaa.metadata.response_code != ResponseCode::NoError {
+        return Err(ResolveError::Negative {
+            name: name.to_owned(),
+            code: format!(
+                "{:?} ({})",
+                aaaa.metadata.response_code, aaaa.metadata.response_code
+            ),
+        });
+    }
+    let addresses = aaaa
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::AAAA(a) => Some(SocketAddrV6::new(a.0, port, 0, 0)),
+            _ => None,
+        })
+        .collect();
+    let pin = tlsa.answers.iter().find_map(|r| match &r.data {
+        RData::TLSA(t) => <[u8; 32]>::try_from(t.cert_data.as_slice()).ok(),
+        _ => None,
+    });
+    Ok(ResolvedEndpoint { addresses, pin })
+}

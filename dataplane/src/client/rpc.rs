@@ -42,9 +42,26 @@ pub struct RpcOutcome {
     pub error: Option<String>,
 }
 
+/// How requests and replies are framed on a stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// `stoq/1` messages (docs/PROTOCOL.md).
+    Stoq,
+    /// RFC 9250: a 2-byte length prefix, then a DNS message.
+    Doq,
+}
+
+/// One request, framed, and whether it may ride in 0-RTT.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub message: Bytes,
+    pub idempotent: bool,
+}
+
 pub struct RpcService {
     target: Option<ConnectRequest>,
-    requests: Vec<(Kind, Bytes)>,
+    framing: Framing,
+    requests: Vec<Request>,
     replies: Vec<Option<Reply>>,
     started: Option<Instant>,
     handshake: Option<Duration>,
@@ -69,8 +86,35 @@ impl RpcService {
         requests: Vec<(Kind, Bytes)>,
         timeout: Duration,
     ) -> Self {
+        let requests = requests
+            .into_iter()
+            .map(|(kind, payload)| Request {
+                message: stoq::encode(kind as u8, &payload),
+                idempotent: kind.idempotent(),
+            })
+            .collect();
+        Self::with_framing(
+            config,
+            remote,
+            server_name,
+            Framing::Stoq,
+            requests,
+            timeout,
+        )
+    }
+
+    /// Requests already framed per `framing`.
+    pub fn with_framing(
+        config: ClientConfig,
+        remote: SocketAddr,
+        server_name: &str,
+        framing: Framing,
+        requests: Vec<Request>,
+        timeout: Duration,
+    ) -> Self {
         let count = requests.len();
         Self {
+            framing,
             target: Some(ConnectRequest {
                 config,
                 remote,
@@ -105,16 +149,15 @@ impl RpcService {
 
     fn send_requests(&mut self, st: &mut RpcConn, conn: &mut Connection) {
         st.streams.clear();
-        for (index, (kind, payload)) in self.requests.iter().enumerate() {
+        for (index, request) in self.requests.iter().enumerate() {
             if self.replies[index].is_some() {
                 continue;
             }
             let Some(id) = conn.streams().open(Dir::Bi) else {
                 break;
             };
-            let message = stoq::encode(*kind as u8, payload);
             let mut send = conn.send_stream(id);
-            let _ = send.write_chunks(&mut [message]);
+            let _ = send.write_chunks(&mut [request.message.clone()]);
             let _ = send.finish();
             st.streams.insert(id, (index, Vec::new()));
         }
@@ -133,7 +176,7 @@ impl RpcService {
         loop {
             match chunks.next(usize::MAX) {
                 Ok(Some(chunk))
-                    if buf.len() + chunk.bytes.len() <= stoq::HEADER_LEN + RESPONSE_PAYLOAD_MAX =>
+                    if buf.len() + chunk.bytes.len() <= self.framing.reply_len_max() =>
                 {
                     buf.extend_from_slice(&chunk.bytes)
                 }
@@ -157,17 +200,7 @@ impl RpcService {
         }
         let _ = chunks.finalize();
         if finished {
-            self.replies[*index] = Some(match stoq::decode(buf, RESPONSE_PAYLOAD_MAX) {
-                Ok(Message {
-                    kind: KIND_ERROR,
-                    payload,
-                }) => {
-                    let (code, message) = stoq::decode_error_payload(&payload);
-                    Reply::Error { code, message }
-                }
-                Ok(Message { payload, .. }) => Reply::Ok(payload),
-                Err(e) => Reply::Failed(format!("malformed response: {e}")),
-            });
+            self.replies[*index] = Some(self.framing.decode(buf));
         }
         if self.replies.iter().all(Option::is_some) {
             self.done = true;
@@ -193,7 +226,7 @@ impl Service for RpcService {
         };
         // With a session ticket the requests ride in 0-RTT; only idempotent
         // ones may (docs/PROTOCOL.md).
-        if conn.has_0rtt() && self.requests.iter().all(|(k, _)| k.idempotent()) {
+        if conn.has_0rtt() && self.requests.iter().all(|r| r.idempotent) {
             self.send_requests(&mut st, conn);
             st.sent_early = true;
         }
@@ -244,6 +277,39 @@ impl Service for RpcService {
 
     fn poll_timeout(&self) -> Option<Instant> {
         Some(self.deadline)
+    }
+}
+
+impl Framing {
+    fn reply_len_max(self) -> usize {
+        match self {
+            Framing::Stoq => stoq::HEADER_LEN + RESPONSE_PAYLOAD_MAX,
+            Framing::Doq => 2 + crate::protocols::doq::MESSAGE_MAX,
+        }
+    }
+
+    fn decode(self, buf: &[u8]) -> Reply {
+        match self {
+            Framing::Stoq => match stoq::decode(buf, RESPONSE_PAYLOAD_MAX) {
+                Ok(Message {
+                    kind: KIND_ERROR,
+                    payload,
+                }) => {
+                    let (code, message) = stoq::decode_error_payload(&payload);
+                    Reply::Error { code, message }
+                }
+                Ok(Message { payload, .. }) => Reply::Ok(payload),
+                Err(e) => Reply::Failed(format!("malformed response: {e}")),
+            },
+            Framing::Doq => match buf {
+                [hi, lo, message @ ..]
+                    if usize::from(u16::from_be_bytes([*hi, *lo])) == message.len() =>
+                {
+                    Reply::Ok(Bytes::copy_from_slice(message))
+                }
+                _ => Reply::Failed("malformed DNS-over-QUIC answer (length prefix)".into()),
+            },
+        }
     }
 }
 
