@@ -19,6 +19,22 @@ fn interop_python() -> Option<PathBuf> {
     python.exists().then_some(python)
 }
 
+/// `python SCRIPT --host ::1 --port PORT --cafile CA`, aimed at our server.
+fn peer(python: &std::path::Path, name: &str, server: &Server) -> Command {
+    let mut command = Command::new(python);
+    command
+        .arg(script(name))
+        .args([
+            "--host",
+            "::1",
+            "--port",
+            &server.port.to_string(),
+            "--cafile",
+        ])
+        .arg(server.ca());
+    command
+}
+
 fn script(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/interop")
@@ -31,16 +47,7 @@ fn aioquic_perf_client_against_our_server() {
         return skip_or_fail("aioquic is not installed: run `bash .ci/setup-interop.sh`");
     };
     let server = Server::start("aioquic-client", "");
-    let out = Command::new(&python)
-        .arg(script("perf_client.py"))
-        .args([
-            "--host",
-            "::1",
-            "--port",
-            &server.port.to_string(),
-            "--cafile",
-        ])
-        .arg(server.ca())
+    let out = peer(&python, "perf_client.py", &server)
         .args([
             "--server-name",
             "localhost",
@@ -129,16 +136,7 @@ fn our_perf_client_against_aioquic_server() {
 
 /// dnspython's DoQ client (an independent implementation) against our zone.
 fn doq(python: &std::path::Path, server: &Server, name: &str, rdtype: &str) -> serde_json::Value {
-    let out = Command::new(python)
-        .arg(script("doq_query.py"))
-        .args([
-            "--host",
-            "::1",
-            "--port",
-            &server.port.to_string(),
-            "--cafile",
-        ])
-        .arg(server.ca())
+    let out = peer(python, "doq_query.py", server)
         .args([name, rdtype])
         .output()
         .unwrap();

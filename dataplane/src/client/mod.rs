@@ -119,6 +119,11 @@ pub fn rpc(
         requests,
         timeout,
     );
+    run_rpc(target, service)
+}
+
+/// Run one RPC connection on a client worker to completion.
+fn run_rpc(target: &ClientTarget, service: RpcService) -> Result<RpcOutcome, ClientError> {
     let worker = client_worker(target, 0, service)?;
     let (service, _) = worker
         .run()
@@ -274,11 +279,7 @@ pub fn resolve_endpoint(
         requests,
         timeout,
     );
-    let worker = client_worker(target, 0, service)?;
-    let (service, _) = worker
-        .run()
-        .map_err(|e| ClientError::Worker(e.to_string()))?;
-    let outcome = service.outcome();
+    let outcome = run_rpc(target, service)?;
     let mut answers = Vec::new();
     for reply in outcome.replies {
         let bytes = match reply {

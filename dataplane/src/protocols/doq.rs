@@ -13,7 +13,7 @@ use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::tlsa::{CertUsage, Matching, Selector};
 use hickory_proto::rr::rdata::{AAAA, NS, SOA, TLSA};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
-use quinn_proto::{Connection, Dir, ReadError, StreamId, VarInt};
+use quinn_proto::{Connection, Dir, StreamId, VarInt};
 use std::collections::HashMap;
 use std::net::Ipv6Addr;
 use std::sync::Arc;
@@ -268,30 +268,8 @@ impl DoqServer {
         let Some(stream) = self.streams.get_mut(&id) else {
             return;
         };
-        let mut recv = conn.recv_stream(id);
-        let Ok(mut chunks) = recv.read(true) else {
-            return;
-        };
-        let limit = 2 + MESSAGE_MAX;
-        let mut gone = false;
-        loop {
-            match chunks.next(limit + 1 - stream.buf.len().min(limit)) {
-                Ok(Some(chunk)) => {
-                    counters.stream_bytes_rx += chunk.bytes.len() as u64;
-                    stream.buf.extend_from_slice(&chunk.bytes);
-                    if stream.buf.len() > limit {
-                        break;
-                    }
-                }
-                Ok(None) | Err(ReadError::Blocked) => break,
-                Err(ReadError::Reset(_)) => {
-                    gone = true;
-                    break;
-                }
-            }
-        }
-        let _ = chunks.finalize();
-        if gone {
+        let open = super::read_bounded(conn, id, &mut stream.buf, 2 + MESSAGE_MAX, counters);
+        if !open {
             self.streams.remove(&id);
             return;
         }

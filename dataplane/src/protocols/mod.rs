@@ -4,7 +4,8 @@ pub mod doq;
 pub mod perf;
 pub mod stoq;
 
-use quinn_proto::Connection;
+use crate::stats::Counters;
+use quinn_proto::{Connection, ReadError, StreamId};
 
 /// ALPN identifiers served on the one UDP port.
 pub const ALPN_PERF: &[u8] = b"perf";
@@ -37,4 +38,39 @@ impl Alpn {
             _ => None,
         }
     }
+}
+
+/// Append what stream `id` has ready to `buf`, reading at most one byte past
+/// `limit` (so an oversized request is seen without buffering it). Returns
+/// false if the peer reset the stream.
+pub(crate) fn read_bounded(
+    conn: &mut Connection,
+    id: StreamId,
+    buf: &mut Vec<u8>,
+    limit: usize,
+    counters: &mut Counters,
+) -> bool {
+    let mut recv = conn.recv_stream(id);
+    let Ok(mut chunks) = recv.read(true) else {
+        return true;
+    };
+    let mut open = true;
+    loop {
+        match chunks.next(limit + 1 - buf.len().min(limit)) {
+            Ok(Some(chunk)) => {
+                counters.stream_bytes_rx += chunk.bytes.len() as u64;
+                buf.extend_from_slice(&chunk.bytes);
+                if buf.len() > limit {
+                    break;
+                }
+            }
+            Ok(None) | Err(ReadError::Blocked) => break,
+            Err(ReadError::Reset(_)) => {
+                open = false;
+                break;
+            }
+        }
+    }
+    let _ = chunks.finalize();
+    open
 }

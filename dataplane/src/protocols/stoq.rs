@@ -7,7 +7,7 @@
 
 use crate::stats::{Counters, StatsRegistry};
 use bytes::{BufMut, Bytes, BytesMut};
-use quinn_proto::{Connection, Dir, ReadError, StreamId, VarInt};
+use quinn_proto::{Connection, Dir, StreamId, VarInt};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -230,30 +230,14 @@ impl StoqServer {
         let Some(stream) = self.streams.get_mut(&id) else {
             return;
         };
-        let mut recv = conn.recv_stream(id);
-        let Ok(mut chunks) = recv.read(true) else {
-            return;
-        };
-        let mut reset = false;
-        let limit = HEADER_LEN + REQUEST_PAYLOAD_MAX;
-        loop {
-            match chunks.next(limit + 1 - stream.buf.len().min(limit)) {
-                Ok(Some(chunk)) => {
-                    counters.stream_bytes_rx += chunk.bytes.len() as u64;
-                    stream.buf.extend_from_slice(&chunk.bytes);
-                    if stream.buf.len() > limit {
-                        break;
-                    }
-                }
-                Ok(None) | Err(ReadError::Blocked) => break,
-                Err(ReadError::Reset(_)) => {
-                    reset = true;
-                    break;
-                }
-            }
-        }
-        let _ = chunks.finalize();
-        if reset {
+        let open = super::read_bounded(
+            conn,
+            id,
+            &mut stream.buf,
+            HEADER_LEN + REQUEST_PAYLOAD_MAX,
+            counters,
+        );
+        if !open {
             self.streams.remove(&id);
             return;
         }
