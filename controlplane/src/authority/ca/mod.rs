@@ -9,10 +9,13 @@
 //! and afterwards only read, never rewritten. The root key is only used at
 //! creation; issuing uses the intermediate.
 //!
-//! The registry of issued serials and the revocation list live in memory
-//! only for now (persistence comes with redb later): after a restart,
-//! certificates issued earlier still verify and renew, but cannot be
-//! revoked ([`CaError::UnknownSerial`]) and earlier revocations are lost.
+//! The registry of issued serials and the revocation list are held here in
+//! memory; this type does no storage of its own. On its own (as in these
+//! tests) a restart forgets them. The durable form is
+//! `authority::Authority`: it writes every issued certificate and every
+//! revocation to redb before it records them here (through the crate-private
+//! `sign` / `record_issued` and `check_revocable` / `record_revocation`
+//! pairs), and on open hands the stored registry back through `restore`.
 
 mod names;
 mod revocation;
@@ -186,6 +189,14 @@ pub struct IssuedCertificate {
     pub private_key: Option<Pkcs8Key>,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
+    /// The subject common name, names and usage the certificate carries
+    /// (what the registry lists it by).
+    pub subject: String,
+    pub dns_names: Vec<String>,
+    pub ip_addresses: Vec<IpAddr>,
+    pub usage: Usage,
+    /// The serial of the certificate this one renewed, if it is a renewal.
+    pub renewed_from: Option<Serial>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -262,7 +273,7 @@ pub enum CaError {
     WrongUsage { expected: Usage },
     #[error("certificate {serial} is revoked")]
     Revoked { serial: Serial },
-    #[error("serial {serial} was not issued by this CA since it started")]
+    #[error("serial {serial} was not issued by this CA")]
     UnknownSerial { serial: Serial },
     #[error("certificate {serial} is already revoked")]
     AlreadyRevoked { serial: Serial },
@@ -449,6 +460,21 @@ impl CertificateAuthority {
         request: IssueRequest,
         now: SystemTime,
     ) -> Result<IssuedCertificate, CaError> {
+        let issued = self.sign(request, now, None)?;
+        self.record_issued(issued.serial, issued.not_after);
+        Ok(issued)
+    }
+
+    /// Make and sign a certificate with a serial not issued before, without
+    /// recording it: the caller stores it durably first, then calls
+    /// [`Self::record_issued`]. A certificate that is never recorded was
+    /// never handed out.
+    pub(crate) fn sign(
+        &self,
+        request: IssueRequest,
+        now: SystemTime,
+        renewed_from: Option<Serial>,
+    ) -> Result<IssuedCertificate, CaError> {
         names::validate(&request)?;
         let public_key = request
             .public_key
@@ -502,14 +528,13 @@ impl CertificateAuthority {
             }
         };
         let not_after = SystemTime::from(not_after);
-        self.issued.insert(serial, not_after);
         let cert_pem = cert.pem();
         let chain_pem = format!("{cert_pem}{}", self.intermediate_pem);
-        tracing::info!(
+        tracing::debug!(
             %serial,
             subject = %request.subject,
             usage = %request.usage,
-            "issued certificate"
+            "signed certificate"
         );
         Ok(IssuedCertificate {
             serial,
@@ -519,7 +544,34 @@ impl CertificateAuthority {
             private_key,
             not_before: SystemTime::from(not_before),
             not_after,
+            subject: request.subject,
+            dns_names: request.dns_names,
+            ip_addresses: request.ip_addresses,
+            usage: request.usage,
+            renewed_from,
         })
+    }
+
+    /// Record a certificate made by [`Self::sign`] as issued: from now on it
+    /// can be revoked, and its serial is never used again.
+    pub(crate) fn record_issued(&mut self, serial: Serial, not_after: SystemTime) {
+        self.issued.insert(serial, not_after);
+        tracing::info!(%serial, "issued certificate");
+    }
+
+    /// Replace the registry with one read back from storage: every serial
+    /// ever issued (with its expiry) and every revocation. Each revocation
+    /// raised the snapshot generation by one, so the restored snapshot is
+    /// the one held before the restart.
+    pub(crate) fn restore(
+        &mut self,
+        issued: HashMap<Serial, SystemTime>,
+        revoked: BTreeMap<Serial, SystemTime>,
+    ) {
+        self.snapshot =
+            RevocationSnapshot::new(revoked.len() as u64, revoked.keys().copied().collect());
+        self.issued = issued;
+        self.revoked = revoked;
     }
 
     /// Issue a successor to `current_cert_der`, a valid, unrevoked
@@ -532,6 +584,19 @@ impl CertificateAuthority {
         current_cert_der: &[u8],
         now: SystemTime,
     ) -> Result<IssuedCertificate, CaError> {
+        let (request, current) = self.renewal_request(current_cert_der, now)?;
+        let issued = self.sign(request, now, Some(current))?;
+        self.record_issued(issued.serial, issued.not_after);
+        Ok(issued)
+    }
+
+    /// The request that renews `current_cert_der`, and its serial; see
+    /// [`Self::renew`].
+    pub(crate) fn renewal_request(
+        &self,
+        current_cert_der: &[u8],
+        now: SystemTime,
+    ) -> Result<(IssueRequest, Serial), CaError> {
         let cert = parse(current_cert_der)?;
         let usage = match cert.extended_key_usage() {
             Ok(Some(eku)) if eku.value.server_auth => Usage::Server,
@@ -542,7 +607,7 @@ impl CertificateAuthority {
                 });
             }
         };
-        self.check(&cert, usage, now)?;
+        let current = self.check(&cert, usage, now)?;
         let subject = cert
             .subject()
             .iter_common_name()
@@ -577,24 +642,36 @@ impl CertificateAuthority {
             lifetime,
             public_key: Some(cert.public_key().raw.to_vec()),
         };
-        self.issue(request, now)
+        Ok((request, current))
     }
 
-    /// Revoke a certificate this CA issued since it started.
+    /// Revoke a certificate this CA issued.
     pub fn revoke(&mut self, serial: &Serial, now: SystemTime) -> Result<(), CaError> {
+        self.check_revocable(serial)?;
+        self.record_revocation(*serial, now);
+        Ok(())
+    }
+
+    /// Whether [`Self::revoke`] would accept `serial`: issued, not yet revoked.
+    pub(crate) fn check_revocable(&self, serial: &Serial) -> Result<(), CaError> {
         if !self.issued.contains_key(serial) {
             return Err(CaError::UnknownSerial { serial: *serial });
         }
         if self.revoked.contains_key(serial) {
             return Err(CaError::AlreadyRevoked { serial: *serial });
         }
-        self.revoked.insert(*serial, now);
+        Ok(())
+    }
+
+    /// Record a revocation [`Self::check_revocable`] accepted and publish a
+    /// new snapshot.
+    pub(crate) fn record_revocation(&mut self, serial: Serial, now: SystemTime) {
+        self.revoked.insert(serial, now);
         self.snapshot = RevocationSnapshot::new(
             self.snapshot.generation() + 1,
             self.revoked.keys().copied().collect(),
         );
         tracing::info!(%serial, "revoked certificate");
-        Ok(())
     }
 
     /// The current revocation list, to hand to workers (cheap to clone).
@@ -732,6 +809,12 @@ fn parse(der: &[u8]) -> Result<X509Certificate<'_>, CaError> {
         )),
         Err(e) => Err(CaError::Parse(e.to_string())),
     }
+}
+
+/// The serial of a certificate of ours, from its DER.
+pub(crate) fn serial_of(der: &[u8]) -> Result<Serial, CaError> {
+    Serial::from_raw(parse(der)?.raw_serial())
+        .ok_or_else(|| CaError::Parse("the serial number is not 16 bytes".into()))
 }
 
 fn ip_from_bytes(bytes: &[u8]) -> Option<IpAddr> {

@@ -24,6 +24,14 @@
 //! leaf and carry a valid signature under the log's key.
 //!
 //! Time and keys are inputs: nothing here reads a clock.
+//!
+//! Sharing the database: [`CtLog::open`] makes a file of its own;
+//! [`CtLog::open_shared`] keeps the log's tables in a [`Database`] the
+//! caller also uses for its own tables (the authority keeps its certificate
+//! registry there). [`CtLog::append_batch_with`] lets the caller write its
+//! rows in the append's own transaction, so they commit (or fail) together
+//! with the entries. The log reads and checks only the tables above; other
+//! tables in the file are the caller's.
 
 use super::leaf::{LeafError, encode_x509_leaf};
 use super::merkle::{
@@ -35,6 +43,7 @@ use redb::{TableDefinition, WriteTransaction};
 use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 
 const LEAVES: TableDefinition<u64, &[u8]> = TableDefinition::new("leaves");
 const LEAF_HASHES: TableDefinition<u64, [u8; 32]> = TableDefinition::new("leaf_hashes");
@@ -229,7 +238,7 @@ impl LeafHashes for Extended<'_> {
 
 /// A durable, append-only CT log. See the module documentation.
 pub struct CtLog {
-    db: Database,
+    db: Arc<Database>,
     signer: LogSigner,
     tree: SubtreeCache<Vec<Hash>>,
     latest: Option<SignedTreeHead>,
@@ -255,7 +264,12 @@ impl CtLog {
     /// documentation, or this fails with [`LogError::KeyMismatch`] or
     /// [`LogError::Corrupt`].
     pub fn open(path: &Path, signer: LogSigner) -> Result<Self, LogError> {
-        let db = Database::create(path)?;
+        Self::open_shared(Arc::new(Database::create(path)?), signer)
+    }
+
+    /// [`Self::open`] on a database the caller shares: the log's tables are
+    /// created in `db` if missing and checked as in [`Self::open`].
+    pub fn open_shared(db: Arc<Database>, signer: LogSigner) -> Result<Self, LogError> {
         Self::init_meta(&db, &signer)?;
 
         let txn = db.begin_read()?;
@@ -414,8 +428,23 @@ impl CtLog {
         entries: &[(u64, Vec<u8>)],
         now_ms: u64,
     ) -> Result<AppendReceipt, LogError> {
+        self.append_batch_with(entries, now_ms, |_, _| Ok::<(), LogError>(()))
+    }
+
+    /// [`Self::append_batch`], also running `also` inside the append's write
+    /// transaction, after the entries are written and before the commit, with
+    /// the index of the batch's first entry. What `also` writes to its own
+    /// tables commits together with the entries; if it fails, nothing of the
+    /// batch is written and its error is returned. It must not touch the
+    /// log's tables.
+    pub fn append_batch_with<E: From<LogError>>(
+        &mut self,
+        entries: &[(u64, Vec<u8>)],
+        now_ms: u64,
+        also: impl FnOnce(&WriteTransaction, u64) -> Result<(), E>,
+    ) -> Result<AppendReceipt, E> {
         if entries.is_empty() {
-            return Err(LogError::EmptyBatch);
+            return Err(LogError::EmptyBatch.into());
         }
         if let Some(latest) = &self.latest
             && now_ms < latest.timestamp_ms
@@ -423,7 +452,8 @@ impl CtLog {
             return Err(LogError::ClockBehind {
                 now_ms,
                 latest_ms: latest.timestamp_ms,
-            });
+            }
+            .into());
         }
         let mut leaves = Vec::with_capacity(entries.len());
         let mut hashes = Vec::with_capacity(entries.len());
@@ -434,13 +464,14 @@ impl CtLog {
                     position,
                     timestamp_ms: *timestamp_ms,
                     now_ms,
-                });
+                }
+                .into());
             }
             let leaf = encode_x509_leaf(*timestamp_ms, cert_der, &[])
                 .map_err(|source| LogError::Entry { position, source })?;
             let hash = leaf_hash(&leaf);
             if let Some(first) = seen.insert(hash, position) {
-                return Err(LogError::DuplicateInBatch { first, position });
+                return Err(LogError::DuplicateInBatch { first, position }.into());
             }
             leaves.push(leaf);
             hashes.push(hash);
@@ -454,20 +485,25 @@ impl CtLog {
                 pending: &hashes,
             },
             new_size,
-        )?;
+        )
+        .map_err(LogError::from)?;
 
-        let mut txn = self.db.begin_write()?;
-        txn.set_durability(Durability::Immediate)?;
-        let written = self.write_batch(&txn, first_index, &leaves, &hashes, new_root, now_ms);
+        let mut txn = self.db.begin_write().map_err(LogError::from)?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(LogError::from)?;
+        let written = self
+            .write_batch(&txn, first_index, &leaves, &hashes, new_root, now_ms)
+            .map_err(E::from)
+            .and_then(|sth| also(&txn, first_index).map(|()| sth));
         let sth = match written {
             Ok(sth) => sth,
             Err(e) => {
-                txn.abort()?;
+                txn.abort().map_err(LogError::from)?;
                 return Err(e);
             }
         };
         // Durability::Immediate: the commit is fsynced before this returns.
-        txn.commit()?;
+        txn.commit().map_err(LogError::from)?;
 
         for hash in hashes {
             self.tree.push(hash);
@@ -506,6 +542,11 @@ impl CtLog {
         txn.open_table(STHS)?
             .insert(new_size, encode_sth(&sth).as_slice())?;
         Ok(sth)
+    }
+
+    /// The Merkle leaf hash of entry `index`, from memory; `None` past the end.
+    pub fn leaf_hash(&self, index: u64) -> Option<Hash> {
+        (index < self.size()).then(|| self.tree.leaf_hash(index))
     }
 
     /// How many entries the log holds.

@@ -1,0 +1,635 @@
+//! The durable registry of the CA: every certificate it handed out and
+//! every revocation, in two tables of the authority's redb database (the
+//! same database that holds the CT log, see [`super::logged`]).
+//!
+//! Tables (keys are the 16 serial bytes):
+//! - `ca_certificates`: serial → a certificate record ([`encode_record`]):
+//!   where the certificate is in the log (leaf index and the leaf's
+//!   timestamp, which together with the DER give the leaf hash), validity,
+//!   usage, names, the serial it renewed, and the DER;
+//! - `ca_revocations`: serial → revocation time and reason
+//!   ([`encode_revocation`]).
+//!
+//! A certificate row is written only inside the CT log's append
+//! transaction for that certificate (`CtLog::append_batch_with`), so the
+//! registry and the log commit together; a revocation is its own write
+//! transaction with [`Durability::Immediate`]. Rows are written once and
+//! never changed or removed.
+//!
+//! Every value starts with a format version byte (1); integers are
+//! big-endian; times are whole seconds (validity, as certificates hold
+//! them) or milliseconds (log and revocation times) since the Unix epoch.
+//! Decoders take bytes read from disk and return `None` for anything that
+//! is not exactly what the encoder writes; callers report that as
+//! corruption, naming the serial.
+
+use super::ca::{Serial, Usage};
+use redb::TableDefinition;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use redb::{ReadOnlyTable, WriteTransaction};
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const CERTIFICATES: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("ca_certificates");
+const REVOCATIONS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("ca_revocations");
+
+/// The format version byte of both value encodings.
+const FORMAT_VERSION: u8 = 1;
+/// Stored in place of a reason code when the revocation gave none.
+const NO_REASON: u8 = 0xff;
+
+/// The most records one listing call returns.
+pub const MAX_RECORDS_PER_CALL: usize = 1000;
+
+/// Why a registry operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("storage failed: {0}")]
+    Storage(#[from] redb::Error),
+    #[error("{0}; restore the data directory from a backup")]
+    Corrupt(String),
+    /// A record the encoding cannot hold; the CA's request checks keep
+    /// issued certificates far inside these limits.
+    #[error("cannot store the certificate record: {0}")]
+    Unencodable(&'static str),
+}
+
+macro_rules! storage_error {
+    ($($t:ty),*) => {$(
+        impl From<$t> for RegistryError {
+            fn from(e: $t) -> Self {
+                RegistryError::Storage(e.into())
+            }
+        }
+    )*};
+}
+storage_error!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+fn corrupt(detail: impl Into<String>) -> RegistryError {
+    RegistryError::Corrupt(detail.into())
+}
+
+/// Why a certificate was revoked: the RFC 5280 §5.3.1 CRLReason codes that
+/// apply to end-entity certificates of this CA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RevocationReason {
+    Unspecified = 0,
+    KeyCompromise = 1,
+    CaCompromise = 2,
+    AffiliationChanged = 3,
+    Superseded = 4,
+    CessationOfOperation = 5,
+    PrivilegeWithdrawn = 9,
+}
+
+impl RevocationReason {
+    fn from_code(code: u8) -> Option<Self> {
+        [
+            Self::Unspecified,
+            Self::KeyCompromise,
+            Self::CaCompromise,
+            Self::AffiliationChanged,
+            Self::Superseded,
+            Self::CessationOfOperation,
+            Self::PrivilegeWithdrawn,
+        ]
+        .into_iter()
+        .find(|r| *r as u8 == code)
+    }
+}
+
+/// When and why a certificate was revoked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Revocation {
+    /// Milliseconds since the Unix epoch.
+    pub revoked_at_ms: u64,
+    pub reason: Option<RevocationReason>,
+}
+
+/// A certificate the authority handed out, as the registry holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertificateRecord {
+    pub serial: Serial,
+    pub cert_der: Vec<u8>,
+    pub subject: String,
+    pub dns_names: Vec<String>,
+    pub ip_addresses: Vec<IpAddr>,
+    pub usage: Usage,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    /// The certificate this one renewed.
+    pub renewed_from: Option<Serial>,
+    /// Its entry in the CT log.
+    pub leaf_index: u64,
+    /// The timestamp of its log entry (ms since the Unix epoch).
+    pub logged_at_ms: u64,
+    /// Joined from `ca_revocations` when read; not part of the stored row.
+    pub revocation: Option<Revocation>,
+}
+
+/// Which certificates a listing returns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CertificateFilter {
+    All,
+    /// Those whose subject common name, a DNS name (ASCII case-insensitive)
+    /// or an IP address (in its usual text form) is this name.
+    Name(String),
+    /// Those within their validity period at this time and not revoked.
+    ValidAt(SystemTime),
+    Revoked,
+}
+
+impl CertificateFilter {
+    pub fn matches(&self, record: &CertificateRecord) -> bool {
+        match self {
+            Self::All => true,
+            Self::Name(name) => {
+                record.subject == *name
+                    || record
+                        .dns_names
+                        .iter()
+                        .any(|d| d.eq_ignore_ascii_case(name))
+                    || record.ip_addresses.iter().any(|ip| ip.to_string() == *name)
+            }
+            Self::ValidAt(at) => {
+                record.revocation.is_none() && record.not_before <= *at && *at <= record.not_after
+            }
+            Self::Revoked => record.revocation.is_some(),
+        }
+    }
+}
+
+/// Write `record`'s row in `txn` (the CT log's append transaction).
+pub(crate) fn insert_certificate(
+    txn: &WriteTransaction,
+    record: &CertificateRecord,
+) -> Result<(), RegistryError> {
+    let mut table = txn.open_table(CERTIFICATES)?;
+    if table.get(record.serial.0)?.is_some() {
+        // The CA draws serials it has not issued; a row already there means
+        // the registry and the CA's memory disagree.
+        return Err(corrupt(format!(
+            "certificate {} is already in the registry",
+            record.serial
+        )));
+    }
+    table.insert(record.serial.0, encode_record(record)?.as_slice())?;
+    Ok(())
+}
+
+/// Store a revocation durably in its own transaction. The certificate must
+/// be in the registry and not yet revoked (the caller checked both).
+pub(crate) fn insert_revocation(
+    db: &Database,
+    serial: Serial,
+    revocation: &Revocation,
+) -> Result<(), RegistryError> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::Immediate)?;
+    if let Err(e) = write_revocation(&txn, serial, revocation) {
+        txn.abort()?;
+        return Err(e);
+    }
+    // Durability::Immediate: fsynced before this returns.
+    txn.commit()?;
+    Ok(())
+}
+
+fn write_revocation(
+    txn: &WriteTransaction,
+    serial: Serial,
+    revocation: &Revocation,
+) -> Result<(), RegistryError> {
+    if txn.open_table(CERTIFICATES)?.get(serial.0)?.is_none() {
+        return Err(corrupt(format!(
+            "certificate {serial} is known to the CA but not in the registry"
+        )));
+    }
+    let mut table = txn.open_table(REVOCATIONS)?;
+    if table.get(serial.0)?.is_some() {
+        return Err(corrupt(format!(
+            "certificate {serial} is revoked in the registry but not in the CA"
+        )));
+    }
+    table.insert(serial.0, encode_revocation(revocation).as_slice())?;
+    Ok(())
+}
+
+/// Create both tables if missing, so readers can open them.
+pub(crate) fn init(db: &Database) -> Result<(), RegistryError> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::Immediate)?;
+    txn.open_table(CERTIFICATES)?;
+    txn.open_table(REVOCATIONS)?;
+    txn.commit()?;
+    Ok(())
+}
+
+/// Every certificate record (with its revocation joined), in serial order.
+pub(crate) fn load_all(db: &Database) -> Result<Vec<CertificateRecord>, RegistryError> {
+    let txn = db.begin_read()?;
+    let certificates = txn.open_table(CERTIFICATES)?;
+    let revocations = txn.open_table(REVOCATIONS)?;
+    let mut out = Vec::new();
+    for row in certificates.iter()? {
+        let (serial, value) = row?;
+        out.push(decode_row(
+            Serial(serial.value()),
+            value.value(),
+            &revocations,
+        )?);
+    }
+    // Every revocation names a certificate: revoked rows were joined above.
+    let revoked = out.iter().filter(|r| r.revocation.is_some()).count() as u64;
+    let stored = revocations.len()?;
+    if stored != revoked {
+        for row in revocations.iter()? {
+            let (serial, _) = row?;
+            if certificates.get(serial.value())?.is_none() {
+                return Err(corrupt(format!(
+                    "revocation of {} names no certificate in the registry",
+                    Serial(serial.value())
+                )));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The record of `serial`, if it was issued.
+pub(crate) fn get(
+    db: &Database,
+    serial: Serial,
+) -> Result<Option<CertificateRecord>, RegistryError> {
+    let txn = db.begin_read()?;
+    let certificates = txn.open_table(CERTIFICATES)?;
+    let revocations = txn.open_table(REVOCATIONS)?;
+    let Some(value) = certificates.get(serial.0)? else {
+        return Ok(None);
+    };
+    decode_row(serial, value.value(), &revocations).map(Some)
+}
+
+/// Up to [`MAX_RECORDS_PER_CALL`] records matching `filter` with serials
+/// after `after`, in serial order. Fewer than the maximum means there are
+/// no more; otherwise ask again after the last serial returned.
+pub(crate) fn list(
+    db: &Database,
+    filter: &CertificateFilter,
+    after: Option<Serial>,
+) -> Result<Vec<CertificateRecord>, RegistryError> {
+    let txn = db.begin_read()?;
+    let certificates = txn.open_table(CERTIFICATES)?;
+    let revocations = txn.open_table(REVOCATIONS)?;
+    let range = match after {
+        Some(after) => (
+            std::ops::Bound::Excluded(after.0),
+            std::ops::Bound::Unbounded,
+        ),
+        None => (std::ops::Bound::Unbounded, std::ops::Bound::Unbounded),
+    };
+    let mut out = Vec::new();
+    // Revocations are few: list those from their own table.
+    let keys = if *filter == CertificateFilter::Revoked {
+        &revocations
+    } else {
+        &certificates
+    };
+    for row in keys.range::<[u8; 16]>(range)? {
+        if out.len() == MAX_RECORDS_PER_CALL {
+            break;
+        }
+        let serial = Serial(row?.0.value());
+        let value = certificates.get(serial.0)?.ok_or_else(|| {
+            corrupt(format!(
+                "revocation of {serial} names no certificate in the registry"
+            ))
+        })?;
+        let record = decode_row(serial, value.value(), &revocations)?;
+        if filter.matches(&record) {
+            out.push(record);
+        }
+    }
+    Ok(out)
+}
+
+fn decode_row(
+    serial: Serial,
+    value: &[u8],
+    revocations: &ReadOnlyTable<[u8; 16], &[u8]>,
+) -> Result<CertificateRecord, RegistryError> {
+    let mut record = decode_record(serial, value).ok_or_else(|| {
+        corrupt(format!(
+            "the record of certificate {serial} cannot be decoded"
+        ))
+    })?;
+    if let Some(v) = revocations.get(serial.0)? {
+        record.revocation = Some(decode_revocation(v.value()).ok_or_else(|| {
+            corrupt(format!(
+                "the revocation of certificate {serial} cannot be decoded"
+            ))
+        })?);
+    }
+    Ok(record)
+}
+
+fn unix_s(t: SystemTime, what: &'static str) -> Result<u64, RegistryError> {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .map_err(|_| RegistryError::Unencodable(what))
+}
+
+fn usage_tag(usage: Usage) -> u8 {
+    match usage {
+        Usage::Server => 1,
+        Usage::Client => 2,
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) -> Result<(), RegistryError> {
+    let len = u16::try_from(s.len())
+        .map_err(|_| RegistryError::Unencodable("a name is longer than 65535 bytes"))?;
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+    Ok(())
+}
+
+/// The stored encoding of a certificate record: version (1), leaf index
+/// (u64), log timestamp ms (u64), not_before s (u64), not_after s (u64),
+/// usage (1 server, 2 client), renewed-from flag (0 or 1) and then 16 serial
+/// bytes if 1, subject (u16 length + UTF-8), DNS names (u16 count, each u16
+/// length + UTF-8), IP addresses (u16 count, each a length byte of 4 or
+/// 16 and the address), DER (u32 length + bytes). The revocation is not
+/// part of it.
+pub fn encode_record(record: &CertificateRecord) -> Result<Vec<u8>, RegistryError> {
+    let mut out = Vec::with_capacity(128 + record.cert_der.len());
+    out.push(FORMAT_VERSION);
+    out.extend_from_slice(&record.leaf_index.to_be_bytes());
+    out.extend_from_slice(&record.logged_at_ms.to_be_bytes());
+    out.extend_from_slice(&unix_s(record.not_before, "not_before is before 1970")?.to_be_bytes());
+    out.extend_from_slice(&unix_s(record.not_after, "not_after is before 1970")?.to_be_bytes());
+    out.push(usage_tag(record.usage));
+    match record.renewed_from {
+        Some(serial) => {
+            out.push(1);
+            out.extend_from_slice(&serial.0);
+        }
+        None => out.push(0),
+    }
+    put_str(&mut out, &record.subject)?;
+    let count = |n: usize| {
+        u16::try_from(n).map_err(|_| RegistryError::Unencodable("more than 65535 names"))
+    };
+    out.extend_from_slice(&count(record.dns_names.len())?.to_be_bytes());
+    for name in &record.dns_names {
+        put_str(&mut out, name)?;
+    }
+    out.extend_from_slice(&count(record.ip_addresses.len())?.to_be_bytes());
+    for ip in &record.ip_addresses {
+        match ip {
+            IpAddr::V4(v4) => {
+                out.push(4);
+                out.extend_from_slice(&v4.octets());
+            }
+            IpAddr::V6(v6) => {
+                out.push(16);
+                out.extend_from_slice(&v6.octets());
+            }
+        }
+    }
+    let der_len = u32::try_from(record.cert_der.len())
+        .map_err(|_| RegistryError::Unencodable("the certificate is longer than 4 GiB"))?;
+    out.extend_from_slice(&der_len.to_be_bytes());
+    out.extend_from_slice(&record.cert_der);
+    Ok(out)
+}
+
+/// A cursor over stored bytes; every read checks the length.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2)?.try_into().ok().map(u16::from_be_bytes)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4)?.try_into().ok().map(u32::from_be_bytes)
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        self.take(8)?.try_into().ok().map(u64::from_be_bytes)
+    }
+
+    fn serial(&mut self) -> Option<Serial> {
+        self.take(16)?.try_into().ok().map(Serial)
+    }
+
+    fn string(&mut self) -> Option<String> {
+        let len = usize::from(self.u16()?);
+        String::from_utf8(self.take(len)?.to_vec()).ok()
+    }
+
+    fn time_s(&mut self) -> Option<SystemTime> {
+        UNIX_EPOCH.checked_add(Duration::from_secs(self.u64()?))
+    }
+}
+
+/// Decode [`encode_record`]'s output exactly; `None` for anything else.
+pub fn decode_record(serial: Serial, bytes: &[u8]) -> Option<CertificateRecord> {
+    let mut r = Reader(bytes);
+    if r.u8()? != FORMAT_VERSION {
+        return None;
+    }
+    let leaf_index = r.u64()?;
+    let logged_at_ms = r.u64()?;
+    let not_before = r.time_s()?;
+    let not_after = r.time_s()?;
+    let usage = match r.u8()? {
+        1 => Usage::Server,
+        2 => Usage::Client,
+        _ => return None,
+    };
+    let renewed_from = match r.u8()? {
+        0 => None,
+        1 => Some(r.serial()?),
+        _ => return None,
+    };
+    let subject = r.string()?;
+    let dns_names = (0..r.u16()?)
+        .map(|_| r.string())
+        .collect::<Option<Vec<_>>>()?;
+    let ip_addresses = (0..r.u16()?)
+        .map(|_| match r.u8()? {
+            4 => <[u8; 4]>::try_from(r.take(4)?).ok().map(IpAddr::from),
+            16 => <[u8; 16]>::try_from(r.take(16)?).ok().map(IpAddr::from),
+            _ => None,
+        })
+        .collect::<Option<Vec<_>>>()?;
+    let der_len = usize::try_from(r.u32()?).ok()?;
+    let cert_der = r.take(der_len)?.to_vec();
+    if !r.0.is_empty() {
+        return None;
+    }
+    Some(CertificateRecord {
+        serial,
+        cert_der,
+        subject,
+        dns_names,
+        ip_addresses,
+        usage,
+        not_before,
+        not_after,
+        renewed_from,
+        leaf_index,
+        logged_at_ms,
+        revocation: None,
+    })
+}
+
+/// The stored encoding of a revocation: version (1), time ms (u64), reason
+/// (the RFC 5280 code, or 0xff for none).
+pub fn encode_revocation(revocation: &Revocation) -> Vec<u8> {
+    let mut out = Vec::with_capacity(10);
+    out.push(FORMAT_VERSION);
+    out.extend_from_slice(&revocation.revoked_at_ms.to_be_bytes());
+    out.push(revocation.reason.map_or(NO_REASON, |r| r as u8));
+    out
+}
+
+/// Decode [`encode_revocation`]'s output exactly; `None` for anything else.
+pub fn decode_revocation(bytes: &[u8]) -> Option<Revocation> {
+    let mut r = Reader(bytes);
+    if r.u8()? != FORMAT_VERSION {
+        return None;
+    }
+    let revoked_at_ms = r.u64()?;
+    let reason = match r.u8()? {
+        NO_REASON => None,
+        code => Some(RevocationReason::from_code(code)?),
+    };
+    if !r.0.is_empty() {
+        return None;
+    }
+    Some(Revocation {
+        revoked_at_ms,
+        reason,
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tamper {
+    //! Raw access for tests that damage the registry on purpose.
+    use super::*;
+
+    pub(crate) fn remove_certificate(txn: &WriteTransaction, serial: Serial) {
+        txn.open_table(CERTIFICATES)
+            .unwrap()
+            .remove(serial.0)
+            .unwrap();
+    }
+
+    pub(crate) fn put_raw_certificate(txn: &WriteTransaction, serial: Serial, value: &[u8]) {
+        txn.open_table(CERTIFICATES)
+            .unwrap()
+            .insert(serial.0, value)
+            .unwrap();
+    }
+
+    pub(crate) fn raw_certificate(txn: &WriteTransaction, serial: Serial) -> Vec<u8> {
+        txn.open_table(CERTIFICATES)
+            .unwrap()
+            .get(serial.0)
+            .unwrap()
+            .unwrap()
+            .value()
+            .to_vec()
+    }
+
+    pub(crate) fn put_raw_revocation(txn: &WriteTransaction, serial: Serial, value: &[u8]) {
+        txn.open_table(REVOCATIONS)
+            .unwrap()
+            .insert(serial.0, value)
+            .unwrap();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> CertificateRecord {
+        CertificateRecord {
+            serial: Serial([7; 16]),
+            cert_der: vec![0x30, 3, 1, 2, 3],
+            subject: "edge-1".into(),
+            dns_names: vec!["edge-1.example.net".into(), "b.example".into()],
+            ip_addresses: vec!["192.0.2.1".parse().unwrap(), "2001:db8::1".parse().unwrap()],
+            usage: Usage::Client,
+            not_before: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            not_after: UNIX_EPOCH + Duration::from_secs(1_700_086_400),
+            renewed_from: Some(Serial([3; 16])),
+            leaf_index: 42,
+            logged_at_ms: 1_700_000_000_123,
+            revocation: None,
+        }
+    }
+
+    #[test]
+    fn record_encoding_round_trips_and_is_strict() {
+        let mut plain = record();
+        plain.renewed_from = None;
+        plain.ip_addresses.clear();
+        for r in [record(), plain] {
+            let bytes = encode_record(&r).unwrap();
+            assert_eq!(decode_record(r.serial, &bytes), Some(r.clone()));
+            for cut in 0..bytes.len() {
+                assert_eq!(decode_record(r.serial, &bytes[..cut]), None, "cut at {cut}");
+            }
+            let mut longer = bytes.clone();
+            longer.push(0);
+            assert_eq!(decode_record(r.serial, &longer), None);
+            let mut version = bytes;
+            version[0] = 2;
+            assert_eq!(decode_record(r.serial, &version), None);
+        }
+    }
+
+    #[test]
+    fn revocation_encoding_round_trips_and_is_strict() {
+        for reason in [None, Some(RevocationReason::KeyCompromise)] {
+            let r = Revocation {
+                revoked_at_ms: 1_700_000_000_999,
+                reason,
+            };
+            let bytes = encode_revocation(&r);
+            assert_eq!(decode_revocation(&bytes), Some(r));
+            assert_eq!(decode_revocation(&bytes[..bytes.len() - 1]), None);
+        }
+        let mut unknown_reason = encode_revocation(&Revocation {
+            revoked_at_ms: 1,
+            reason: None,
+        });
+        unknown_reason[9] = 7;
+        assert_eq!(decode_revocation(&unknown_reason), None);
+    }
+}
