@@ -6,9 +6,12 @@
  * - IPv6 UDP to the server's port from a blocklisted source prefix (an LPM
  *   trie the server fills; the admission stage isolates peers with it):
  *   dropped.
+ * - IPv6 UDP to the server's port otherwise: redirected to the AF_XDP socket
+ *   of the receiving queue when the `xdp` backend registered one in `xsks`,
+ *   else passed to the kernel (the `uring` and `socket` backends).
  * - Everything else (NDP, ICMPv6, other ports, IPv6 extension headers and
- *   fragments, which the kernel reassembles and the socket sees): passed to
- *   the kernel untouched.
+ *   fragments, which the kernel reassembles and the worker's kernel socket
+ *   sees): passed to the kernel untouched.
  * Every decision is counted per reason in a per-CPU array.
  */
 #include <linux/bpf.h>
@@ -27,7 +30,8 @@ enum reason {
 	FD_DROP_IPV4 = 2,     /* IPv4 UDP to our port */
 	FD_DROP_BLOCKED = 3,  /* blocklisted IPv6 source to our port */
 	FD_PASS_MALFORMED = 4,/* truncated headers: the kernel drops them */
-	FD_REASONS = 5,
+	FD_REDIRECT_XSK = 5,  /* ours, redirected to the queue's AF_XDP socket */
+	FD_REASONS = 6,
 };
 
 struct ipv6_prefix {
@@ -42,6 +46,14 @@ struct {
 	__type(key, struct ipv6_prefix);
 	__type(value, __u8);
 } blocklist SEC(".maps");
+
+/* AF_XDP sockets by receive queue index (filled by the `xdp` backend). */
+struct {
+	__uint(type, BPF_MAP_TYPE_XSKMAP);
+	__uint(max_entries, 256);
+	__type(key, __u32);
+	__type(value, __u32);
+} xsks SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -81,7 +93,7 @@ static __always_inline int ipv4(void *l3, void *end)
 	return count(FD_DROP_IPV4, XDP_DROP);
 }
 
-static __always_inline int ipv6(void *l3, void *end)
+static __always_inline int ipv6(struct xdp_md *ctx, void *l3, void *end)
 {
 	struct ipv6hdr *ip6 = l3;
 	struct udphdr *udp;
@@ -101,6 +113,10 @@ static __always_inline int ipv6(void *l3, void *end)
 	__builtin_memcpy(key.addr, &ip6->saddr, sizeof(key.addr));
 	if (bpf_map_lookup_elem(&blocklist, &key))
 		return count(FD_DROP_BLOCKED, XDP_DROP);
+	/* With no socket at this queue's index the lower bits of the flags are
+	 * the action: pass to the kernel. */
+	if (bpf_redirect_map(&xsks, ctx->rx_queue_index, XDP_PASS) == XDP_REDIRECT)
+		return count(FD_REDIRECT_XSK, XDP_REDIRECT);
 	return count(FD_PASS_OURS, XDP_PASS);
 }
 
@@ -116,7 +132,7 @@ int front_door(struct xdp_md *ctx)
 	if (eth->h_proto == bpf_htons(ETH_P_IP))
 		return ipv4(eth + 1, end);
 	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
-		return ipv6(eth + 1, end);
+		return ipv6(ctx, eth + 1, end);
 	return count(FD_PASS_OTHER, XDP_PASS);
 }
 

@@ -7,6 +7,8 @@
 
 use dataplane::front_door::{Ipv6Prefix, XdpAttachMode};
 use dataplane::io::IoBatch;
+use dataplane::io::xdp::ZeroCopy;
+use dataplane::server::XdpPlan;
 use dataplane::steering::SteeringMode;
 use dataplane::{BackendKind, CongestionControl, ServerSettings, TransportSettings};
 use serde::Deserialize;
@@ -70,6 +72,10 @@ pub struct StoqTransport {
     pub zero_rtt: bool,
     pub connections_per_worker_max: usize,
     pub handshake_rate_retry_per_s: u32,
+    /// AF_XDP zero-copy (`backend = "xdp"`): auto | on | off.
+    pub zero_copy: ZeroCopy,
+    /// AF_XDP UMEM frames per worker (2 KiB each; a power of two).
+    pub xdp_frames: u32,
 }
 
 impl Default for StoqTransport {
@@ -91,6 +97,8 @@ impl Default for StoqTransport {
             zero_rtt: true,
             connections_per_worker_max: 200_000,
             handshake_rate_retry_per_s: 50_000,
+            zero_copy: ZeroCopy::Auto,
+            xdp_frames: 4096,
         }
     }
 }
@@ -111,6 +119,9 @@ pub struct Dataplane {
     /// Attach the XDP front door to this interface (absent: none).
     pub xdp_interface: Option<String>,
     pub xdp_mode: XdpAttachMode,
+    /// The NIC queue of each worker for `backend = "xdp"`; empty = worker i
+    /// takes queue i.
+    pub xdp_queues: Spanned<Vec<u32>>,
     /// IPv6 prefixes whose datagrams to our port are dropped at XDP.
     pub blocklist: Spanned<Vec<String>>,
 }
@@ -126,6 +137,7 @@ impl Default for Dataplane {
             steering: SteeringMode::Auto,
             xdp_interface: None,
             xdp_mode: XdpAttachMode::Native,
+            xdp_queues: Spanned::new(0..0, Vec::new()),
             blocklist: Spanned::new(0..0, Vec::new()),
         }
     }
@@ -345,6 +357,7 @@ impl Config {
                 "must be an interface name of 1..=15 bytes",
             ));
         }
+        let xdp = self.xdp_plan(file, text, workers)?;
         let a = &self.trustchain_authority;
         if let Err(e) = dataplane::protocols::doq::validate_names(&a.dns_apex, &a.dns_name) {
             let key = if dataplane::protocols::doq::validate_names(&a.dns_apex, "x").is_err() {
@@ -396,6 +409,8 @@ impl Config {
             connections_per_worker_max: t.connections_per_worker_max,
             handshake_rate_retry_per_s: t.handshake_rate_retry_per_s,
             transport,
+            xdp,
+            front_door: None,
         };
         Ok(Resolved {
             settings,
@@ -418,6 +433,63 @@ impl Config {
             xdp: d.xdp_interface.clone().map(|i| (i, d.xdp_mode)),
             blocklist,
         })
+    }
+}
+
+impl Config {
+    /// The AF_XDP plan for `backend = "xdp"` (None for other backends).
+    fn xdp_plan(
+        &self,
+        file: &str,
+        text: &str,
+        workers: usize,
+    ) -> Result<Option<XdpPlan>, ConfigError> {
+        let (t, d) = (&self.stoq_transport, &self.dataplane);
+        if t.backend != BackendKind::Xdp {
+            return Ok(None);
+        }
+        let Some(interface) = d.xdp_interface.clone() else {
+            return Err(key_error(
+                file,
+                text,
+                "stoq_transport",
+                "backend",
+                "\"xdp\" needs [dataplane] xdp_interface (the NIC whose queues the workers bind)",
+            ));
+        };
+        if !t.xdp_frames.is_power_of_two() || !(64..=262_144).contains(&t.xdp_frames) {
+            return Err(key_error(
+                file,
+                text,
+                "stoq_transport",
+                "xdp_frames",
+                "must be a power of two within 64..=262144",
+            ));
+        }
+        let queues_error = |message: String| locate(file, text, Some(d.xdp_queues.span()), &message);
+        let queues = d.xdp_queues.get_ref();
+        let queues: Vec<u32> = if queues.is_empty() {
+            (0..workers as u32).collect()
+        } else if queues.len() != workers {
+            return Err(queues_error(format!(
+                "lists {} queues for {workers} workers; give one NIC queue per worker or none",
+                queues.len()
+            )));
+        } else {
+            queues.clone()
+        };
+        let mut seen = BTreeSet::new();
+        if let Some(q) = queues.iter().find(|q| !seen.insert(**q)) {
+            return Err(queues_error(format!(
+                "queue {q} is given to two workers; an AF_XDP socket owns its queue"
+            )));
+        }
+        Ok(Some(XdpPlan {
+            interface,
+            queues,
+            zero_copy: t.zero_copy,
+            frames: t.xdp_frames,
+        }))
     }
 }
 
@@ -532,10 +604,40 @@ mod tests {
                 "expected one of `cubic`, `bbr`, `newreno`",
             ),
             (
+                "[stoq_transport]\nbackend = \"dpdk\"\n",
+                2,
+                "stoq_transport.backend",
+                "expected one of `uring`, `socket`, `xdp`",
+            ),
+            (
                 "[stoq_transport]\nbackend = \"xdp\"\n",
                 2,
                 "stoq_transport.backend",
-                "expected `uring` or `socket`",
+                "needs [dataplane] xdp_interface",
+            ),
+            (
+                "[stoq_transport]\nbackend = \"xdp\"\nxdp_frames = 1000\n[dataplane]\nxdp_interface = \"eth9\"\n",
+                3,
+                "stoq_transport.xdp_frames",
+                "power of two",
+            ),
+            (
+                "[stoq_transport]\nbackend = \"xdp\"\nzero_copy = \"maybe\"\n",
+                3,
+                "stoq_transport.zero_copy",
+                "expected one of `auto`, `on`, `off`",
+            ),
+            (
+                "[stoq_transport]\nbackend = \"xdp\"\n[dataplane]\nworkers = 2\nxdp_interface = \"eth9\"\nxdp_queues = [0, 0]\n",
+                6,
+                "dataplane.xdp_queues",
+                "queue 0 is given to two workers",
+            ),
+            (
+                "[stoq_transport]\nbackend = \"xdp\"\n[dataplane]\nworkers = 2\nxdp_interface = \"eth9\"\nxdp_queues = [0]\n",
+                6,
+                "dataplane.xdp_queues",
+                "lists 1 queues for 2 workers",
             ),
             (
                 "[stoq_transport]\ninitial_mtu = 900\n",

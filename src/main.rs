@@ -134,6 +134,10 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
         })?;
     let mut resolved = resolved;
     resolved.settings.zone = Some(Arc::new(zone));
+    // The front door goes first: the `xdp` backend registers its sockets in
+    // it while the workers are built. A failure later drops (detaches) it.
+    let front_door = attach_front_door(&resolved)?;
+    resolved.settings.front_door = front_door.clone();
     let control = ControlPlane::spawn(resolved.control_plane_core)
         .context("cannot start the control plane")?;
     let server = match dataplane::serve(&resolved.settings, &identity) {
@@ -144,15 +148,6 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
         }
     };
     let listen = resolved.settings.listen;
-    let front_door = match attach_front_door(&resolved, &server) {
-        Ok(front_door) => front_door,
-        Err(e) => {
-            server.shutdown(std::time::Duration::ZERO);
-            server.join();
-            control.stop();
-            return Err(e);
-        }
-    };
     tracing::info!(%listen, workers = server.worker_count(), backends = ?server.backends, data_dir = %data_dir.display(), "serving");
     println!(
         "listening on [{}]:{} workers={} ca={}",
@@ -190,19 +185,14 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
 
 /// Attach the XDP front door when the config names an interface, with the
 /// configured blocklist.
-fn attach_front_door(
-    resolved: &config::Resolved,
-    server: &dataplane::ServerHandle,
-) -> anyhow::Result<Option<Arc<FrontDoor>>> {
+fn attach_front_door(resolved: &config::Resolved) -> anyhow::Result<Option<Arc<FrontDoor>>> {
     let Some((interface, mode)) = &resolved.xdp else {
         return Ok(None);
     };
     let front_door = FrontDoor::attach(interface, resolved.settings.listen.port(), *mode)?;
     front_door.set_blocklist(&resolved.blocklist)?;
     tracing::info!(%interface, ?mode, blocked = resolved.blocklist.len(), "XDP front door attached");
-    let front_door = Arc::new(front_door);
-    let _ = server.stats.front_door.set(front_door.clone());
-    Ok(Some(front_door))
+    Ok(Some(Arc::new(front_door)))
 }
 
 /// SIGHUP: re-read the config file and apply what can change live (the

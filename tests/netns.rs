@@ -30,6 +30,12 @@ fn ip(args: &[&str]) {
 
 impl Topology {
     fn create(tag: &str) -> Topology {
+        Topology::create_with_queues(tag, 1)
+    }
+
+    /// Each veth end gets `queues` RX and TX queues (the `xdp` backend binds
+    /// one per worker; veth spreads flows over them like RSS).
+    fn create_with_queues(tag: &str, queues: usize) -> Topology {
         let id = format!("{}-{}", std::process::id(), tag);
         let topology = Topology {
             server: format!("i2t-s-{id}"),
@@ -51,12 +57,17 @@ impl Topology {
                 .unwrap();
             assert!(status.success());
         }
+        let queues = queues.to_string();
         ip(&[
             "link",
             "add",
             "v0",
             "netns",
             &topology.server,
+            "numtxqueues",
+            &queues,
+            "numrxqueues",
+            &queues,
             "type",
             "veth",
             "peer",
@@ -64,6 +75,10 @@ impl Topology {
             "v1",
             "netns",
             &topology.client,
+            "numtxqueues",
+            &queues,
+            "numrxqueues",
+            &queues,
         ]);
         for (ns, dev, v6, v4) in [
             (&topology.server, "v0", SERVER_IP, SERVER_V4),
@@ -119,6 +134,10 @@ fn ping_from_client(topology: &Topology, server: &Server, timeout_ms: u32) -> st
 /// Counters read from inside the server's namespace (over lo, not the
 /// filtered veth).
 fn front_door(topology: &Topology, server: &Server) -> serde_json::Value {
+    stats(topology, server)["front_door"].clone()
+}
+
+fn stats(topology: &Topology, server: &Server) -> serde_json::Value {
     let out = topology
         .exec(&topology.server, CLIENT)
         .args([
@@ -131,8 +150,7 @@ fn front_door(topology: &Topology, server: &Server) -> serde_json::Value {
         .arg(server.ca())
         .output()
         .unwrap();
-    let stats: serde_json::Value = serde_json::from_slice(&ok(&out).into_bytes()).unwrap();
-    stats["front_door"].clone()
+    serde_json::from_slice(&ok(&out).into_bytes()).unwrap()
 }
 
 fn reload(server: &Server, blocklist: &str) {
@@ -224,5 +242,168 @@ fn xdp_front_door_drops_ipv4_and_blocklisted_sources_and_passes_the_rest() {
     reload(&server, "");
     ok(&ping_from_client(&topology, &server, 5000));
     drop(server);
+    drop(topology);
+}
+
+fn counter(worker: &serde_json::Value, name: &str) -> u64 {
+    worker[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {name} in {worker}"))
+}
+
+/// Run `internet2 bench` from the client namespace; returns its JSON.
+fn bench_from_client(topology: &Topology, server: &Server, args: &[&str]) -> serde_json::Value {
+    let json = server.dir.join(format!("bench-{}.json", args.len()));
+    let out = topology
+        .exec(&topology.client, CLIENT)
+        .args([
+            "bench",
+            "--connect",
+            &format!("[{SERVER_IP}]:{}", server.port),
+            "--ca",
+        ])
+        .arg(server.ca())
+        .args(args)
+        .args(["--quiet", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    ok(&out);
+    read_json(&json)
+}
+
+#[test]
+fn xdp_backend_serves_verified_transfers_and_returns_every_frame() {
+    if !is_root() {
+        return skip_or_fail("network namespaces, XDP and AF_XDP need root");
+    }
+    let topology = Topology::create_with_queues("afxdp", 2);
+    let wrapper = ["ip", "netns", "exec", topology.server.as_str()];
+    let server = Server::start_in(
+        "afxdp",
+        SERVER_IP,
+        "[stoq_transport]\nbackend = \"xdp\"\nzero_copy = \"auto\"\n\
+         [dataplane]\nworkers = 2\nxdp_interface = \"v0\"\nxdp_mode = \"native\"\nblocklist = []\n",
+        &wrapper,
+    );
+    let log = server.log();
+    assert_eq!(
+        log.iter().filter(|l| l.contains("backend xdp")).count(),
+        2,
+        "both workers run AF_XDP: {log:#?}"
+    );
+
+    // A transfer each way, every byte checked by both ends.
+    let result = bench_from_client(
+        &topology,
+        &server,
+        &[
+            "--download",
+            "20000000",
+            "--upload",
+            "20000000",
+            "--requests",
+            "1",
+            "--verify",
+            "--duration",
+            "60",
+        ],
+    );
+    assert_eq!(result["bytes"], 20_000_000, "{result}");
+    assert_eq!(result["uploaded_bytes"], 20_000_000, "{result}");
+    assert_eq!(result["verify_failures"], 0, "{result}");
+    assert_eq!(result["errors"], 0, "{result}");
+
+    // Many connections, spread by veth over both queues.
+    let result = bench_from_client(
+        &topology,
+        &server,
+        &[
+            "--connections",
+            "200",
+            "--active",
+            "20",
+            "--download",
+            "65536",
+            "--duration",
+            "3",
+        ],
+    );
+    assert_eq!(result["handshakes"], 200, "{result}");
+    assert_eq!(result["errors"], 0, "{result}");
+
+    let counters = stats(&topology, &server);
+    assert_eq!(counter(&counters["total"], "perf_upload_mismatch"), 0);
+    assert!(
+        counter(&counters["front_door"], "redirect_xsk") > 0,
+        "the front door redirects to the AF_XDP sockets: {counters}"
+    );
+    assert!(counter(&counters["total"], "xdp_rx_frames") > 0, "{counters}");
+    // veth picks the receive queue from the client socket's transmit queue,
+    // so one queue may carry everything: its worker then hands datagrams
+    // to their owners, and both owners send through their own sockets.
+    for worker in counters["workers"].as_array().unwrap() {
+        assert!(counter(worker, "xdp_tx_frames") > 0, "{worker}");
+        assert_eq!(counter(worker, "xdp_rx_invalid"), 0, "{worker}");
+    }
+
+    // Idle again: every frame is back on the fill ring or the free list.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let workers = stats(&topology, &server)["workers"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let balanced = workers.iter().all(|w| {
+            counter(w, "xdp_frames_tx") == 0
+                && counter(w, "xdp_frames_free") + counter(w, "xdp_frames_fill")
+                    == counter(w, "xdp_frames_total")
+                && counter(w, "xdp_frames_total") > 0
+        });
+        if balanced {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "frames were not all returned: {workers:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(server);
+    drop(topology);
+}
+
+#[test]
+fn xdp_backend_with_zero_copy_on_fails_clearly_on_veth() {
+    if !is_root() {
+        return skip_or_fail("network namespaces, XDP and AF_XDP need root");
+    }
+    let topology = Topology::create("afxdp-zc");
+    let dir = temp_dir("afxdp-zc");
+    let config = dir.join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[internet2]\nbind = \"{SERVER_IP}\"\nport = {}\n\
+             [stoq_transport]\nbackend = \"xdp\"\nzero_copy = \"on\"\n\
+             [dataplane]\nworkers = 1\nxdp_interface = \"v0\"\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    let out = topology
+        .exec(&topology.server, SERVER)
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "veth has no zero-copy AF_XDP");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("zero_copy = \"on\"") && stderr.contains("v0 queue 0"),
+        "{stderr}"
+    );
     drop(topology);
 }

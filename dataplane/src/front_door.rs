@@ -7,7 +7,7 @@
 //! afresh instead of stacking programs.
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{MapData, PerCpuArray};
+use aya::maps::{MapData, PerCpuArray, XskMap};
 use aya::programs::{Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use serde::{Deserialize, Serialize};
@@ -102,6 +102,8 @@ pub struct FrontDoorCounters {
     pub drop_blocked: u64,
     /// Truncated headers, passed to the kernel (which drops them).
     pub pass_malformed: u64,
+    /// Ours, redirected to the receiving queue's AF_XDP socket (`xdp` backend).
+    pub redirect_xsk: u64,
 }
 
 /// The kernel map and the set it holds (so updates can be diffs).
@@ -109,6 +111,7 @@ type Blocklist = (LpmTrie<MapData, [u8; 16], u8>, BTreeSet<Ipv6Prefix>);
 
 pub struct FrontDoor {
     counters: Mutex<PerCpuArray<MapData, u64>>,
+    sockets: Mutex<XskMap<MapData>>,
     blocklist: Mutex<Blocklist>,
     // Owns the program and its link: dropping it detaches.
     _ebpf: Ebpf,
@@ -128,6 +131,10 @@ impl FrontDoor {
             .take_map("counters")
             .ok_or(FrontDoorError::Missing("map `counters`"))?
             .try_into()?;
+        let sockets: XskMap<MapData> = ebpf
+            .take_map("xsks")
+            .ok_or(FrontDoorError::Missing("map `xsks`"))?
+            .try_into()?;
         let program: &mut Xdp = ebpf
             .program_mut("front_door")
             .ok_or(FrontDoorError::Missing("program `front_door`"))?
@@ -145,6 +152,7 @@ impl FrontDoor {
             })?;
         Ok(Self {
             counters: Mutex::new(counters),
+            sockets: Mutex::new(sockets),
             blocklist: Mutex::new((blocklist, BTreeSet::new())),
             _ebpf: ebpf,
         })
@@ -168,6 +176,16 @@ impl FrontDoor {
         Ok(())
     }
 
+    /// Redirect our port's traffic arriving on NIC queue `queue` to the
+    /// AF_XDP socket `fd`. The kernel drops the entry by itself when the
+    /// socket closes, so a dead worker never leaves a dangling redirect.
+    pub fn register_socket(&self, queue: u32, fd: i32) -> Result<(), FrontDoorError> {
+        let fd = RawFdRef(fd);
+        let mut sockets = self.sockets.lock().unwrap_or_else(|e| e.into_inner());
+        sockets.set(queue, fd, 0)?;
+        Ok(())
+    }
+
     pub fn blocklist_len(&self) -> usize {
         self.blocklist
             .lock()
@@ -184,6 +202,7 @@ impl FrontDoor {
             drop_ipv4,
             drop_blocked,
             pass_malformed,
+            redirect_xsk,
         ] = crate::steering::per_cpu_sums(&counters);
         FrontDoorCounters {
             pass_ours,
@@ -191,7 +210,17 @@ impl FrontDoor {
             drop_ipv4,
             drop_blocked,
             pass_malformed,
+            redirect_xsk,
         }
+    }
+}
+
+/// A borrowed descriptor for aya's `AsRawFd` parameter.
+struct RawFdRef(i32);
+
+impl std::os::fd::AsRawFd for RawFdRef {
+    fn as_raw_fd(&self) -> i32 {
+        self.0
     }
 }
 

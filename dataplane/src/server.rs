@@ -5,7 +5,9 @@
 use crate::cid::{WorkerCidGenerator, WorkerId};
 use crate::io::socket::SocketBackend;
 use crate::io::sockopt::bind_worker_socket;
+use crate::front_door::FrontDoor;
 use crate::io::uring::UringBackend;
+use crate::io::xdp::{XdpBackend, XdpError, XdpSettings, ZeroCopy};
 use crate::io::{Backend, BackendKind, IoBatch};
 use crate::protocols::doq::{DoqServer, Zone};
 use crate::protocols::perf::PerfServer;
@@ -41,6 +43,22 @@ pub struct ServerSettings {
     /// it, unvalidated clients must answer a Retry first. 0 = always Retry.
     pub handshake_rate_retry_per_s: u32,
     pub transport: TransportSettings,
+    /// AF_XDP sockets, for `backend = xdp`.
+    pub xdp: Option<XdpPlan>,
+    /// The attached XDP front door (its counters go into `stats`; the `xdp`
+    /// backend registers its sockets in it).
+    pub front_door: Option<Arc<FrontDoor>>,
+}
+
+/// How the `xdp` backend's workers map onto the NIC.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct XdpPlan {
+    pub interface: String,
+    /// The NIC queue of each worker.
+    pub queues: Vec<u32>,
+    pub zero_copy: ZeroCopy,
+    /// UMEM frames per worker.
+    pub frames: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +80,17 @@ pub enum ServeError {
     Steering(crate::steering::SteeringError),
     #[error("worker count {0} is outside 1..={max}", max = crate::cid::WORKERS_MAX)]
     Workers(usize),
+    #[error("worker {worker}: {source}")]
+    Xdp { worker: usize, source: XdpError },
+    #[error(
+        "backend = \"xdp\" needs the XDP front door ([dataplane] xdp_interface) and one NIC queue per worker"
+    )]
+    XdpUnconfigured,
+    #[error("registering worker {worker}'s AF_XDP socket in the front door: {source}")]
+    XdpRegister {
+        worker: usize,
+        source: crate::front_door::FrontDoorError,
+    },
 }
 
 /// A running server.
@@ -138,16 +167,16 @@ pub fn serve(
         })
         .collect::<Result<Vec<_>, _>>()?;
     attach_steering(settings.steering, &sockets, &stats)?;
+    if let Some(front_door) = &settings.front_door {
+        let _ = stats.front_door.set(front_door.clone());
+    }
     let mut workers = Vec::with_capacity(settings.workers);
     for (index, socket) in sockets.into_iter().enumerate() {
         let id = WorkerId(index as u16);
-        let io = make_backend(
-            settings.backend,
-            socket,
-            &mailboxes[index],
-            index,
-            settings.io_batch,
-        )?;
+        let io = match settings.backend {
+            BackendKind::Xdp => xdp_backend(settings, socket, index)?,
+            kind => make_backend(kind, socket, &mailboxes[index], index, settings.io_batch)?,
+        };
         let mut endpoint_config = EndpointConfig::new(reset_key.clone());
         endpoint_config.cid_generator(move || Box::new(WorkerCidGenerator::new(id)));
         // RFC 9287: without advertising grease_quic_bit, every valid packet
@@ -273,6 +302,40 @@ fn run_worker(
     }
 }
 
+/// One worker's AF_XDP socket on its queue, registered in the front door so
+/// that the queue's traffic to our port reaches it.
+fn xdp_backend(
+    settings: &ServerSettings,
+    socket: std::net::UdpSocket,
+    worker: usize,
+) -> Result<Box<dyn Backend>, ServeError> {
+    let (Some(plan), Some(front_door)) = (&settings.xdp, &settings.front_door) else {
+        return Err(ServeError::XdpUnconfigured);
+    };
+    let queue = *plan.queues.get(worker).ok_or(ServeError::XdpUnconfigured)?;
+    let kernel = SocketBackend::new(socket).map_err(|source| ServeError::Setup { worker, source })?;
+    let xdp = XdpSettings {
+        interface: plan.interface.clone(),
+        queue,
+        zero_copy: plan.zero_copy,
+        frames: plan.frames,
+    };
+    let backend = XdpBackend::open(&xdp, settings.listen, kernel)
+        .map_err(|source| ServeError::Xdp { worker, source })?;
+    front_door
+        .register_socket(queue, backend.raw_fd())
+        .map_err(|source| ServeError::XdpRegister { worker, source })?;
+    tracing::info!(
+        worker,
+        interface = plan.interface,
+        queue,
+        zero_copy = backend.zero_copy(),
+        frames = plan.frames,
+        "backend xdp (chosen in config)"
+    );
+    Ok(Box::new(backend))
+}
+
 /// Build the configured backend, falling back from uring to socket with a
 /// logged reason where the kernel refuses io_uring.
 pub fn make_backend(
@@ -284,6 +347,7 @@ pub fn make_backend(
 ) -> Result<Box<dyn Backend>, ServeError> {
     let setup = |source| ServeError::Setup { worker, source };
     match kind {
+        BackendKind::Xdp => Err(ServeError::XdpUnconfigured),
         BackendKind::Socket => {
             tracing::info!(worker, "backend socket (chosen in config)");
             Ok(Box::new(SocketBackend::new(socket).map_err(setup)?))

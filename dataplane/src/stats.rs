@@ -100,6 +100,30 @@ counters! {
     doq_queries,
     /// DNS-over-QUIC connections closed for a protocol error.
     doq_errors,
+    /// AF_XDP: frames taken from the RX ring.
+    xdp_rx_frames,
+    /// AF_XDP: received frames that were not IPv6/UDP to our address and
+    /// port (truncated, extension headers, bad lengths), dropped.
+    xdp_rx_invalid,
+    /// AF_XDP: frames put on the TX ring.
+    xdp_tx_frames,
+    /// AF_XDP: datagrams sent through the kernel socket instead, because the
+    /// next hop's MAC was not known yet (the kernel then resolves it).
+    xdp_tx_kernel,
+    /// AF_XDP: sends deferred because no frame or TX slot was free.
+    xdp_tx_full,
+    /// AF_XDP: `sendto` kicks that asked the kernel to transmit.
+    xdp_tx_kicks,
+    /// AF_XDP: netlink queries for next-hop MACs (cache misses and refreshes).
+    xdp_neighbour_queries,
+    /// AF_XDP: UMEM frames owned by the worker (gauge).
+    xdp_frames_total,
+    /// AF_XDP: frames on the free list, ready to send (gauge).
+    xdp_frames_free,
+    /// AF_XDP: frames on the fill ring, ready to receive (gauge).
+    xdp_frames_fill,
+    /// AF_XDP: frames on the TX ring or awaiting completion (gauge).
+    xdp_frames_tx,
 }
 
 /// All workers' published counters.

@@ -21,7 +21,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde_json::{Value, json};
 
 use crate::netns::{self, CLIENT_IP, SERVER_IP, Topology};
-use crate::report::{Metrics, Report, Run, Side};
+use crate::report::{Flavor, Metrics, Report, Run, Side};
 use crate::{BenchArgs, Role};
 
 /// How long a server may take to print its `listening on` line.
@@ -141,6 +141,18 @@ fn validate(args: &BenchArgs) -> Result<()> {
             "--compare needs --netns; across two hosts run the server role with --baseline \
              and the client role with --baseline instead"
         );
+    }
+    if args.matrix && !args.netns {
+        bail!("--matrix needs --netns");
+    }
+    if args.matrix && args.compare {
+        bail!("--matrix already runs the quinn baseline; drop --compare");
+    }
+    if args.backend == crate::Backend::Xdp && args.role == Some(Role::Server) && args.xdp_interface.is_none() {
+        bail!("--backend xdp in the server role needs --xdp-interface IF (the NIC the workers bind)");
+    }
+    if args.xdp_interface.is_some() && args.role != Some(Role::Server) {
+        bail!("--xdp-interface is for --role server; --netns uses its own veth");
     }
     if args.baseline && args.role.is_none() {
         bail!("--baseline is for two-host mode (--role); --netns uses --compare");
@@ -274,16 +286,25 @@ fn run_netns(args: &BenchArgs, bins: &Binaries) -> Result<Report> {
     let work = WorkDir::create()?;
     // Declared after `work`, so it is dropped first: namespaces go before
     // the directory their processes were writing to.
-    let topo = Topology::create(args.mtu)?;
+    // One veth queue per server worker, so the AF_XDP backend binds one
+    // queue each (veth spreads flows over queues like RSS).
+    let topo = Topology::create(args.mtu, args.workers.unwrap_or(1))?;
     eprintln!(
         "bench-40g: namespaces {} [{SERVER_IP}] and {} [{CLIENT_IP}], veth MTU {}",
         topo.server_ns, topo.client_ns, args.mtu
     );
     let clk_tck = clk_tck()?;
-    let sides: &[Side] = if args.compare {
-        &[Side::Ours, Side::Baseline]
+    let sides: &[Side] = if args.matrix {
+        &[
+            Side::Ours(Flavor::UringSteering),
+            Side::Ours(Flavor::UringHandoff),
+            Side::Ours(Flavor::Xdp),
+            Side::Baseline,
+        ]
+    } else if args.compare {
+        &[Side::OURS, Side::Baseline]
     } else {
-        &[Side::Ours]
+        &[Side::OURS]
     };
     let mut runs = Vec::new();
     for run in 0..args.runs {
@@ -337,14 +358,17 @@ fn netns_run(
     let addr = SocketAddr::new(IpAddr::V6(SERVER_IP), port);
     let data_dir = work.path.join("data");
     let server_cmd = match side {
-        Side::Ours => {
+        Side::Ours(flavor) => {
             let config = work.path.join(format!("server-{index}.toml"));
+            let (backend, steering) = flavor_settings(args, flavor);
+            let xdp = (backend == crate::Backend::Xdp).then_some(netns::SERVER_DEV);
             write_config(
                 &config,
                 addr,
-                args.backend,
+                backend,
                 args.workers.unwrap_or(1),
-                args.steering,
+                steering,
+                xdp,
             )?;
             let mut cmd = Topology::exec(&topo.server_ns, &bins.server);
             cmd.arg("--config")
@@ -391,7 +415,9 @@ fn netns_run(
     let (hwm, rss_end) = proc_mem(pid)?;
     // Read before stopping: the counters die with the server.
     let handoff_ratio = match side {
-        Side::Ours => handoff_ratio(Topology::exec(&topo.client_ns, &bins.client), addr, &ca)?,
+        Side::Ours(_) => {
+            handoff_ratio(Topology::exec(&topo.client_ns, &bins.client), addr, &ca)?
+        }
         Side::Baseline => None,
     };
     let status = server.stop()?;
@@ -422,15 +448,29 @@ fn netns_run(
     })
 }
 
+/// The backend and steering of one flavor of our server.
+fn flavor_settings(args: &BenchArgs, flavor: Flavor) -> (crate::Backend, crate::Steering) {
+    use crate::{Backend, Steering};
+    match flavor {
+        Flavor::AsConfigured => (args.backend, args.steering),
+        Flavor::UringSteering => (Backend::Uring, Steering::On),
+        Flavor::UringHandoff => (Backend::Uring, Steering::Off),
+        Flavor::Xdp => (Backend::Xdp, args.steering),
+    }
+}
+
 /// Our server's configuration: only what the benchmark controls, the rest
-/// stays at the server's defaults.
+/// stays at the server's defaults. `xdp` names the interface whose queues
+/// the `xdp` backend binds (the front door is attached there).
 fn write_config(
     path: &Path,
     addr: SocketAddr,
     backend: crate::Backend,
     workers: usize,
     steering: crate::Steering,
+    xdp: Option<&str>,
 ) -> Result<()> {
+    let xdp = xdp.map_or(String::new(), |i| format!("xdp_interface = \"{i}\"\n"));
     let text = format!(
         "# Written by `cargo xtask bench-40g`.\n\
          [internet2]\n\
@@ -444,7 +484,8 @@ fn write_config(
          \n\
          [dataplane]\n\
          workers = {workers}\n\
-         steering = \"{steering}\"\n",
+         steering = \"{steering}\"\n\
+         {xdp}",
         ip = addr.ip(),
         port = addr.port(),
         backend = backend.as_str(),
@@ -477,7 +518,7 @@ fn client_command(
     json: &Path,
 ) -> Command {
     let program = match side {
-        Side::Ours => &bins.client,
+        Side::Ours(_) => &bins.client,
         Side::Baseline => &bins.baseline,
     };
     let mut cmd = match ns {
@@ -485,7 +526,12 @@ fn client_command(
         None => Command::new(program),
     };
     match side {
-        Side::Ours => {
+        Side::Ours(_) => {
+            // AF_XDP is a server backend: the client then runs io_uring.
+            let backend = match args.backend {
+                crate::Backend::Xdp => crate::Backend::Uring,
+                other => other,
+            };
             cmd.args(["bench", "--connect", &addr.to_string(), "--ca"])
                 .arg(ca)
                 .args(["--workers", &args.client_workers.to_string()])
@@ -493,7 +539,7 @@ fn client_command(
                 // checks the signature but not the chain: the comparison is
                 // of the servers, not of certificate path validation.
                 .arg("--no-chain-check")
-                .args(["--backend", args.backend.as_str()]);
+                .args(["--backend", backend.as_str()]);
         }
         Side::Baseline => {
             cmd.args(["client", "--connect", &addr.to_string()]);
@@ -581,19 +627,20 @@ fn run_server_role(args: &BenchArgs, bins: &Binaries) -> Result<()> {
             args.backend,
             args.workers.unwrap_or(0),
             args.steering,
+            args.xdp_interface.as_deref(),
         )?;
         let mut cmd = Command::new(&bins.server);
         cmd.arg("--config")
             .arg(&config)
             .arg("--data-dir")
             .arg(&data_dir);
-        (cmd, Side::Ours, Some(data_dir.join("ca.pem")))
+        (cmd, Side::OURS, Some(data_dir.join("ca.pem")))
     };
     // The operator watches this terminal: server logs go straight to it.
     let (mut server, listening) = start_server(cmd, side, Stdio::inherit())?;
     let pid = server.pid();
     println!("bench-40g: {listening}");
-    if side == Side::Ours {
+    if side.is_ours() {
         let ca = listening_ca(&listening).or(ca).context("no CA path")?;
         println!(
             "bench-40g: CA at {ca}\n\
@@ -647,10 +694,10 @@ fn run_client_role(args: &BenchArgs, bins: &Binaries) -> Result<Report> {
     let side = if args.baseline {
         Side::Baseline
     } else {
-        Side::Ours
+        Side::OURS
     };
     let ca = args.ca.clone().unwrap_or_default();
-    if side == Side::Ours && !ca.is_file() {
+    if side.is_ours() && !ca.is_file() {
         bail!("--ca {}: no such file", ca.display());
     }
     remove_stale_work_dirs();
@@ -671,7 +718,7 @@ fn run_client_role(args: &BenchArgs, bins: &Binaries) -> Result<Report> {
             client_timeout(args),
         )?;
         let handoff_ratio = match side {
-            Side::Ours => handoff_ratio(Command::new(&bins.client), addr, &ca)?,
+            Side::Ours(_) => handoff_ratio(Command::new(&bins.client), addr, &ca)?,
             Side::Baseline => None,
         };
         // The server is on another host: its CPU and memory are not ours to
@@ -698,6 +745,7 @@ fn setup(args: &BenchArgs, mode: &str) -> Value {
         ("streams", args.streams.into()),
         ("backend", args.backend.as_str().into()),
         ("steering", args.steering.as_str().into()),
+        ("matrix", args.matrix.into()),
         (
             "server_workers",
             if netns {
@@ -768,7 +816,7 @@ impl Drop for Proc {
 
 fn server_name(side: Side) -> &'static str {
     match side {
-        Side::Ours => "internet2-server",
+        Side::Ours(_) => "internet2-server",
         Side::Baseline => "quinn-baseline server",
     }
 }
@@ -828,7 +876,7 @@ fn listening_ca(line: &str) -> Option<PathBuf> {
 /// progress lines) prefixed with the side. Fails on a non-zero exit.
 fn run_client(mut cmd: Command, side: Side, timeout: Duration) -> Result<()> {
     let name = match side {
-        Side::Ours => "internet2 bench",
+        Side::Ours(_) => "internet2 bench",
         Side::Baseline => "quinn-baseline client",
     };
     cmd.stdin(Stdio::null())

@@ -75,6 +75,8 @@ impl Steering {
 pub enum Backend {
     Uring,
     Socket,
+    /// AF_XDP (server only; our client then uses uring).
+    Xdp,
 }
 
 impl Backend {
@@ -82,6 +84,7 @@ impl Backend {
         match self {
             Backend::Uring => "uring",
             Backend::Socket => "socket",
+            Backend::Xdp => "xdp",
         }
     }
 }
@@ -142,6 +145,14 @@ pub struct BenchArgs {
     /// --netns only: alternate runs of our server and the quinn baseline.
     #[arg(long)]
     pub compare: bool,
+    /// --netns only: alternate uring with steering on, uring with steering
+    /// off, the xdp backend, and the quinn baseline; report all four.
+    #[arg(long)]
+    pub matrix: bool,
+    /// Server role with --backend xdp: the NIC whose queues the workers bind
+    /// (the XDP front door is attached there).
+    #[arg(long, value_name = "IF")]
+    pub xdp_interface: Option<String>,
     /// Two-host mode: run quinn-baseline (server or client) instead of ours.
     #[arg(long)]
     pub baseline: bool,

@@ -23,7 +23,7 @@ pub const CLIENT_IP: Ipv6Addr = Ipv6Addr::new(0xfd71, 0x7e57, 0, 1, 0, 0, 0, 2);
 const PREFIX_LEN: u8 = 64;
 
 /// Interface names only need to be unique inside their own namespace.
-const SERVER_DEV: &str = "i2b-srv";
+pub const SERVER_DEV: &str = "i2b-srv";
 const CLIENT_DEV: &str = "i2b-cli";
 
 /// The two namespaces. Dropping it kills whatever still runs inside them and
@@ -36,8 +36,9 @@ pub struct Topology {
 }
 
 impl Topology {
-    /// Builds the topology for this process. `mtu` applies to both veth ends.
-    pub fn create(mtu: u32) -> Result<Topology> {
+    /// Builds the topology for this process. `mtu` applies to both veth
+    /// ends, each of which gets `queues` RX and TX queues.
+    pub fn create(mtu: u32, queues: usize) -> Result<Topology> {
         let pid = std::process::id();
         let mut topo = Topology {
             server_ns: format!("{PREFIX}srv-{pid}"),
@@ -60,12 +61,17 @@ impl Topology {
             )?;
             ip(&["-n", &ns, "link", "set", "dev", "lo", "up"])?;
         }
+        let queues = queues.max(1).to_string();
         ip(&[
             "link",
             "add",
             SERVER_DEV,
             "netns",
             &topo.server_ns,
+            "numtxqueues",
+            &queues,
+            "numrxqueues",
+            &queues,
             "type",
             "veth",
             "peer",
@@ -73,6 +79,10 @@ impl Topology {
             CLIENT_DEV,
             "netns",
             &topo.client_ns,
+            "numtxqueues",
+            &queues,
+            "numrxqueues",
+            &queues,
         ])?;
         let mtu = mtu.to_string();
         for (ns, dev, addr) in [

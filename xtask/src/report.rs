@@ -9,15 +9,33 @@ use serde_json::{Map, Value, json};
 /// Whose stack a run measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {
-    Ours,
+    Ours(Flavor),
     Baseline,
 }
 
+/// Which configuration of our server a run used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavor {
+    /// As the command line says (--backend, --steering).
+    AsConfigured,
+    /// --matrix: io_uring with eBPF reuseport steering.
+    UringSteering,
+    /// --matrix: io_uring, steering off (the handoff queue routes).
+    UringHandoff,
+    /// --matrix: the AF_XDP backend behind the XDP front door.
+    Xdp,
+}
+
 impl Side {
+    pub const OURS: Side = Side::Ours(Flavor::AsConfigured);
+
     /// The label used in progress lines, the table and the JSON.
     pub fn label(self) -> &'static str {
         match self {
-            Side::Ours => "ours",
+            Side::Ours(Flavor::AsConfigured) => "ours",
+            Side::Ours(Flavor::UringSteering) => "uring+steer",
+            Side::Ours(Flavor::UringHandoff) => "uring-handoff",
+            Side::Ours(Flavor::Xdp) => "xdp",
             Side::Baseline => "quinn",
         }
     }
@@ -25,9 +43,13 @@ impl Side {
     /// The name in the JSON, matching its `baseline` key.
     pub fn json_name(self) -> &'static str {
         match self {
-            Side::Ours => "ours",
             Side::Baseline => "baseline",
+            ours => ours.label(),
         }
+    }
+
+    pub fn is_ours(self) -> bool {
+        matches!(self, Side::Ours(_))
     }
 }
 
@@ -177,13 +199,15 @@ pub struct Report {
 }
 
 impl Report {
+    /// The sides in the order they first ran, the baseline last.
     fn sides(&self) -> Vec<Side> {
-        let mut sides = Vec::new();
-        for side in [Side::Ours, Side::Baseline] {
-            if self.runs.iter().any(|r| r.side == side) {
-                sides.push(side);
+        let mut sides: Vec<Side> = Vec::new();
+        for run in &self.runs {
+            if !sides.contains(&run.side) {
+                sides.push(run.side);
             }
         }
+        sides.sort_by_key(|s| !s.is_ours());
         sides
     }
 
@@ -196,12 +220,13 @@ impl Report {
         )
     }
 
-    /// The table: one column per side (medians) and, when both sides ran,
-    /// ours/quinn for the headline figures.
+    /// The table: one column per side (medians) and, when the baseline ran,
+    /// each of ours against quinn for the headline figures.
     pub fn table(&self) -> String {
         let sides = self.sides();
         let medians: Vec<Metrics> = sides.iter().map(|&s| self.medians(s)).collect();
-        let compare = sides.len() == 2;
+        let baseline = sides.iter().position(|s| *s == Side::Baseline);
+        let ours: Vec<usize> = (0..sides.len()).filter(|&i| sides[i].is_ours()).collect();
         let mib = |x: Option<f64>| x.map(|b| b / (1024.0 * 1024.0));
         type Row<'a> = (&'a str, usize, fn(&Metrics) -> Option<f64>, bool);
         let rows: [Row; 12] = [
@@ -232,7 +257,7 @@ impl Report {
         let runs_per_side = self
             .runs
             .iter()
-            .filter(|r| r.side == sides.first().copied().unwrap_or(Side::Ours))
+            .filter(|r| r.side == sides.first().copied().unwrap_or(Side::OURS))
             .count();
         let _ = writeln!(
             out,
@@ -243,8 +268,10 @@ impl Report {
         for side in &sides {
             let _ = write!(out, "{:>14}", side.label());
         }
-        if compare {
-            let _ = write!(out, "{:>14}", "ours/quinn");
+        if baseline.is_some() {
+            for &i in &ours {
+                let _ = write!(out, "{:>16}", format!("{}/quinn", sides[i].label()));
+            }
         }
         out.push('\n');
         for (name, decimals, get, with_ratio) in rows {
@@ -254,14 +281,16 @@ impl Report {
                 let v = if name.ends_with("MiB") { mib(v) } else { v };
                 let _ = write!(out, "{:>14}", fmt(v, decimals));
             }
-            if compare {
-                let cell = if with_ratio {
-                    ratio(get(&medians[0]), get(&medians[1]))
-                        .map_or("-".to_string(), |r| format!("{r:.2}x"))
-                } else {
-                    String::new()
-                };
-                let _ = write!(out, "{cell:>14}");
+            if let Some(b) = baseline {
+                for &i in &ours {
+                    let cell = if with_ratio {
+                        ratio(get(&medians[i]), get(&medians[b]))
+                            .map_or("-".to_string(), |r| format!("{r:.2}x"))
+                    } else {
+                        String::new()
+                    };
+                    let _ = write!(out, "{cell:>16}");
+                }
             }
             out.push('\n');
         }
@@ -290,10 +319,10 @@ impl Report {
             })
             .collect();
         top.insert("runs".into(), Value::Array(runs));
-        if sides.len() == 2 {
-            let ours = self.medians(Side::Ours);
+        let num = |x: Option<f64>| x.map_or(Value::Null, Value::from);
+        if sides.contains(&Side::Baseline) && sides[0].is_ours() {
+            let ours = self.medians(sides[0]);
             let base = self.medians(Side::Baseline);
-            let num = |x: Option<f64>| x.map_or(Value::Null, Value::from);
             top.insert(
                 "ratio_goodput".into(),
                 num(ratio(ours.goodput_gbps, base.goodput_gbps)),
@@ -303,6 +332,25 @@ impl Report {
                 num(ratio(ours.handshakes_per_s, base.handshakes_per_s)),
             );
             top.insert("baseline".into(), Value::Object(base.to_json()));
+        }
+        // --matrix: every configuration of ours, with its ratios to quinn.
+        if sides.iter().filter(|s| s.is_ours()).count() > 1 {
+            let base = self.medians(Side::Baseline);
+            let mut variants = Map::new();
+            for &side in sides.iter().filter(|s| s.is_ours()) {
+                let m = self.medians(side);
+                let mut v = m.to_json();
+                v.insert(
+                    "ratio_goodput".into(),
+                    num(ratio(m.goodput_gbps, base.goodput_gbps)),
+                );
+                v.insert(
+                    "ratio_handshakes".into(),
+                    num(ratio(m.handshakes_per_s, base.handshakes_per_s)),
+                );
+                variants.insert(side.json_name().into(), Value::Object(v));
+            }
+            top.insert("variants".into(), Value::Object(variants));
         }
         top.insert("setup".into(), self.setup.clone());
         Value::Object(top)
@@ -387,7 +435,7 @@ mod tests {
         };
         let report = Report {
             setup: setup(&[("duration_s", 3.into())]),
-            runs: vec![run(Side::Ours, 8.0), run(Side::Baseline, 4.0)],
+            runs: vec![run(Side::OURS, 8.0), run(Side::Baseline, 4.0)],
         };
         let j = report.json();
         assert_eq!(j["goodput_gbps"], 8.0);
@@ -397,5 +445,32 @@ mod tests {
         assert_eq!(j["runs"].as_array().unwrap().len(), 2);
         assert_eq!(j["runs"][1]["side"], "baseline");
         assert!(report.table().contains("2.00x"));
+    }
+
+    #[test]
+    fn matrix_reports_every_flavor_against_quinn() {
+        let run = |side, g| Run {
+            side,
+            metrics: Metrics {
+                goodput_gbps: Some(g),
+                ..Default::default()
+            },
+        };
+        let report = Report {
+            setup: setup(&[]),
+            runs: vec![
+                run(Side::Ours(Flavor::UringSteering), 6.0),
+                run(Side::Ours(Flavor::UringHandoff), 5.0),
+                run(Side::Ours(Flavor::Xdp), 3.0),
+                run(Side::Baseline, 4.0),
+            ],
+        };
+        let j = report.json();
+        assert_eq!(j["variants"]["uring+steer"]["ratio_goodput"], 1.5);
+        assert_eq!(j["variants"]["uring-handoff"]["ratio_goodput"], 1.25);
+        assert_eq!(j["variants"]["xdp"]["ratio_goodput"], 0.75);
+        let table = report.table();
+        assert!(table.contains("xdp/quinn"), "{table}");
+        assert!(table.contains("0.75x"), "{table}");
     }
 }

@@ -10,6 +10,7 @@ pub mod socket;
 pub mod sockopt;
 pub mod uring;
 pub mod wake;
+pub mod xdp;
 
 use quinn_proto::EcnCodepoint;
 use std::io;
@@ -84,6 +85,9 @@ pub enum BackendKind {
     Uring,
     /// recvmmsg / sendmsg with GSO and GRO.
     Socket,
+    /// AF_XDP: one XDP socket per worker on one NIC queue, fed by the XDP
+    /// front door; needs `[dataplane] xdp_interface`.
+    Xdp,
 }
 
 impl BackendKind {
@@ -91,6 +95,7 @@ impl BackendKind {
         match self {
             BackendKind::Uring => "uring",
             BackendKind::Socket => "socket",
+            BackendKind::Xdp => "xdp",
         }
     }
 }
@@ -109,6 +114,9 @@ pub trait Backend: Send {
     fn flush(&mut self) -> io::Result<()>;
     /// Segments per GSO call the socket accepts (1 without GSO).
     fn max_gso_segments(&self) -> usize;
+    /// Write the backend's own counters (frames, rings) into `counters`;
+    /// called before the worker publishes them.
+    fn publish(&self, _counters: &mut crate::stats::Counters) {}
     /// Block until a datagram is ready, the waker fires, `timeout` passes, or
     /// (with `want_write`) the socket can take sends again.
     fn wait(
@@ -126,18 +134,36 @@ pub(crate) fn poll_fds(
     timeout: Option<Duration>,
     want_write: bool,
 ) -> io::Result<()> {
-    let mut fds = [
-        libc::pollfd {
-            fd: socket_fd,
-            events: libc::POLLIN | if want_write { libc::POLLOUT } else { 0 },
+    let events = libc::POLLIN | if want_write { libc::POLLOUT } else { 0 };
+    poll_many(&[(socket_fd, events)], waker, timeout)
+}
+
+/// `ppoll` on up to three descriptors (with their events) and the waker.
+pub(crate) fn poll_many(
+    sockets: &[(i32, libc::c_short)],
+    waker: &Waker,
+    timeout: Option<Duration>,
+) -> io::Result<()> {
+    const SOCKETS_MAX: usize = 3;
+    assert!(sockets.len() <= SOCKETS_MAX, "poll_many takes at most {SOCKETS_MAX} sockets");
+    let unused = libc::pollfd {
+        fd: -1,
+        events: 0,
+        revents: 0,
+    };
+    let mut fds = [unused; SOCKETS_MAX + 1];
+    fds[0] = libc::pollfd {
+        fd: waker.fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    for (slot, &(fd, events)) in fds[1..].iter_mut().zip(sockets) {
+        *slot = libc::pollfd {
+            fd,
+            events,
             revents: 0,
-        },
-        libc::pollfd {
-            fd: waker.fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
+        };
+    }
     let ts = timeout.map(|t| libc::timespec {
         tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
         tv_nsec: t.subsec_nanos() as libc::c_long,
@@ -145,11 +171,12 @@ pub(crate) fn poll_fds(
     let ts_ptr = ts
         .as_ref()
         .map_or(std::ptr::null(), |t| t as *const libc::timespec);
-    // SAFETY: `fds` and `ts` are live locals; the lengths match.
+    // SAFETY: `fds` and `ts` are live locals; the count covers the waker
+    // and the given sockets, all inside `fds`.
     let rc = unsafe {
         libc::ppoll(
             fds.as_mut_ptr(),
-            fds.len() as libc::nfds_t,
+            (sockets.len() + 1) as libc::nfds_t,
             ts_ptr,
             std::ptr::null(),
         )

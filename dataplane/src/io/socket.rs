@@ -35,6 +35,12 @@ impl SocketBackend {
     }
 }
 
+impl SocketBackend {
+    pub fn raw_fd(&self) -> i32 {
+        self.socket.as_raw_fd()
+    }
+}
+
 impl Backend for SocketBackend {
     fn name(&self) -> &'static str {
         "socket"

@@ -224,6 +224,7 @@ impl<S: Service> Worker<S> {
             self.core.poll_service(now);
             self.drive(now);
             self.io.flush()?;
+            self.io.publish(&mut self.core.counters);
             self.core
                 .stats
                 .worker(self.core.id.0 as usize)
