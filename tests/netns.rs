@@ -293,6 +293,35 @@ fn xdp_backend_serves_verified_transfers_and_returns_every_frame() {
         "both workers run AF_XDP: {log:#?}"
     );
 
+    // Bad input first: junk QUIC headers (AF_XDP path), datagrams larger
+    // than the MTU (IPv6 fragments: passed to the kernel, reassembled, read
+    // from the worker's kernel socket), another port. None may wedge a ring.
+    let junk = format!(
+        "import os, socket\n\
+         s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
+         for i in range(600): s.sendto(os.urandom(i % 64), ('{SERVER_IP}', {port}))\n\
+         for i in range(40): s.sendto(os.urandom(3000), ('{SERVER_IP}', {port}))\n\
+         for i in range(40): s.sendto(b'x' * 100, ('{SERVER_IP}', {other}))\n",
+        port = server.port,
+        other = server.port + 1,
+    );
+    let sent = topology
+        .exec(&topology.client, "python3")
+        .args(["-c", &junk])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let after_junk = stats(&topology, &server);
+    let total = &after_junk["total"];
+    assert!(
+        counter(total, "drop_truncated") + counter(total, "drop_not_quic") > 0,
+        "junk headers are dropped and counted: {total}"
+    );
+    assert!(
+        counter(&after_junk["front_door"], "pass_other") >= 40 * 3,
+        "fragments and other ports go to the kernel: {after_junk}"
+    );
+
     // A transfer each way, every byte checked by both ends.
     let result = bench_from_client(
         &topology,
