@@ -7,7 +7,9 @@
 //! `ca::CertificateAuthority`), `ct-log.key` (the log's PKCS#8 signing key,
 //! mode 0600, never rewritten) and `authority.redb`, the one redb database
 //! that holds both the CT log's tables (see `ct::log`) and the CA registry's
-//! (`ca_certificates`, `ca_revocations`; see [`super::registry`]).
+//! (`ca_certificates`, `ca_revocations`, `enrollment_tokens_used`; see
+//! [`super::registry`]). `enrollment.key` (see [`super::enrollment`]) is
+//! opened by the service, not here.
 //!
 //! Why one database: a certificate's registry row is written inside the
 //! log's append transaction for it (`CtLog::append_batch_with`), so a crash
@@ -33,6 +35,7 @@ use super::ct::{
     CtLog, LogError, LogKeyAlgorithm, LogSigner, SignedTreeHead, SignerError, encode_x509_leaf,
     leaf_hash,
 };
+use super::enrollment::{TokenId, VerifiedToken};
 use super::registry::{
     self, CertificateFilter, CertificateRecord, RegistryError, Revocation, RevocationReason,
 };
@@ -67,6 +70,11 @@ pub enum AuthorityError {
     },
     #[error("the clock reads before 1970")]
     Clock,
+    #[error("enrollment secret: {0}")]
+    Enrollment(#[from] super::enrollment::EnrollmentError),
+    /// [`Authority::issue_enrolled`]: the token was spent before.
+    #[error("the enrollment token was already used")]
+    TokenUsed,
 }
 
 /// A certificate that is in the log: the only form in which the authority
@@ -96,6 +104,7 @@ pub struct Authority {
 enum AppendError {
     Log(LogError),
     Registry(RegistryError),
+    TokenUsed,
 }
 
 impl From<LogError> for AppendError {
@@ -165,7 +174,30 @@ impl Authority {
         now: SystemTime,
     ) -> Result<LoggedCertificate, AuthorityError> {
         let certificate = self.ca.sign(request, now, None)?;
-        self.log_certificate(certificate, now)
+        self.log_certificate(certificate, now, None)
+    }
+
+    /// [`Self::issue`], paid for with a one-time enrollment token: the
+    /// token is recorded as spent in the same transaction as the log entry
+    /// and the registry record, so either the certificate exists and the
+    /// token is spent, or neither. A token spent before is
+    /// [`AuthorityError::TokenUsed`], and nothing is written.
+    pub fn issue_enrolled(
+        &mut self,
+        request: IssueRequest,
+        token: &VerifiedToken,
+        now: SystemTime,
+    ) -> Result<LoggedCertificate, AuthorityError> {
+        if self.token_spent(token.id())? {
+            return Err(AuthorityError::TokenUsed);
+        }
+        let certificate = self.ca.sign(request, now, None)?;
+        self.log_certificate(certificate, now, Some(token))
+    }
+
+    /// Whether the enrollment token `id` was spent.
+    pub fn token_spent(&self, id: TokenId) -> Result<bool, AuthorityError> {
+        registry::token_spent(&self.db, id.0).map_err(|e| self.registry_error(e))
     }
 
     /// Renew a certificate of this CA and log the successor.
@@ -176,7 +208,7 @@ impl Authority {
     ) -> Result<LoggedCertificate, AuthorityError> {
         let (request, current) = self.ca.renewal_request(current_cert_der, now)?;
         let certificate = self.ca.sign(request, now, Some(current))?;
-        self.log_certificate(certificate, now)
+        self.log_certificate(certificate, now, None)
     }
 
     /// Revoke a certificate this authority issued (at any time, before or
@@ -262,6 +294,7 @@ impl Authority {
         &mut self,
         certificate: IssuedCertificate,
         now: SystemTime,
+        token: Option<&VerifiedToken>,
     ) -> Result<LoggedCertificate, AuthorityError> {
         let now_ms = unix_ms(now)?;
         let mut record = CertificateRecord {
@@ -285,6 +318,13 @@ impl Authority {
                 now_ms,
                 |txn, first_index| {
                     record.leaf_index = first_index;
+                    if let Some(token) = token {
+                        let spent = registry::spend_token(txn, token.id().0, token.expires_at_s())
+                            .map_err(AppendError::Registry)?;
+                        if !spent {
+                            return Err(AppendError::TokenUsed);
+                        }
+                    }
                     registry::insert_certificate(txn, &record).map_err(AppendError::Registry)
                 },
             )
@@ -294,6 +334,7 @@ impl Authority {
                     source,
                 },
                 AppendError::Registry(source) => self.registry_error(source),
+                AppendError::TokenUsed => AuthorityError::TokenUsed,
             })?;
         self.ca
             .record_issued(certificate.serial, certificate.not_after);

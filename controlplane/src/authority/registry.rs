@@ -8,7 +8,10 @@
 //!   timestamp, which together with the DER give the leaf hash), validity,
 //!   usage, names, the serial it renewed, and the DER;
 //! - `ca_revocations`: serial → revocation time and reason
-//!   ([`encode_revocation`]).
+//!   ([`encode_revocation`]);
+//! - `enrollment_tokens_used`: enrollment token id → its expiry (Unix
+//!   seconds), written in the append transaction of the certificate the
+//!   token paid for.
 //!
 //! A certificate row is written only inside the CT log's append
 //! transaction for that certificate (`CtLog::append_batch_with`), so the
@@ -32,6 +35,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const CERTIFICATES: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("ca_certificates");
 const REVOCATIONS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("ca_revocations");
+/// Enrollment token id → the token's expiry (Unix seconds): the one-time
+/// tokens already spent (see `authority::enrollment`). A row is written in
+/// the log's append transaction of the certificate the token paid for.
+/// Rows whose expiry has passed could be pruned (an expired token is refused
+/// before this table is read); they are kept, being 24 bytes each.
+const ENROLLMENT_TOKENS: TableDefinition<[u8; 16], u64> =
+    TableDefinition::new("enrollment_tokens_used");
 
 /// The format version byte of both value encodings.
 const FORMAT_VERSION: u8 = 1;
@@ -184,6 +194,28 @@ pub(crate) fn insert_certificate(
     Ok(())
 }
 
+/// Record enrollment token `id` (valid until `expires_at_s`) as spent, in
+/// `txn` (the log's append transaction of the certificate it pays for).
+/// `Ok(false)`, writing nothing, when it was already spent.
+pub(crate) fn spend_token(
+    txn: &WriteTransaction,
+    id: [u8; 16],
+    expires_at_s: u64,
+) -> Result<bool, RegistryError> {
+    let mut table = txn.open_table(ENROLLMENT_TOKENS)?;
+    if table.get(id)?.is_some() {
+        return Ok(false);
+    }
+    table.insert(id, expires_at_s)?;
+    Ok(true)
+}
+
+/// Whether enrollment token `id` was spent.
+pub(crate) fn token_spent(db: &Database, id: [u8; 16]) -> Result<bool, RegistryError> {
+    let txn = db.begin_read()?;
+    Ok(txn.open_table(ENROLLMENT_TOKENS)?.get(id)?.is_some())
+}
+
 /// Store a revocation durably in its own transaction. The certificate must
 /// be in the registry and not yet revoked (the caller checked both).
 pub(crate) fn insert_revocation(
@@ -222,12 +254,13 @@ fn write_revocation(
     Ok(())
 }
 
-/// Create both tables if missing, so readers can open them.
+/// Create the tables if missing, so readers can open them.
 pub(crate) fn init(db: &Database) -> Result<(), RegistryError> {
     let mut txn = db.begin_write()?;
     txn.set_durability(Durability::Immediate)?;
     txn.open_table(CERTIFICATES)?;
     txn.open_table(REVOCATIONS)?;
+    txn.open_table(ENROLLMENT_TOKENS)?;
     txn.commit()?;
     Ok(())
 }

@@ -674,6 +674,25 @@ impl CtLog {
     pub fn log_id(&self) -> Hash {
         self.signer.log_id()
     }
+
+    /// The log's public key as a DER SubjectPublicKeyInfo (what a log
+    /// publishes, and what its log ID hashes).
+    pub fn public_key_spki(&self) -> Vec<u8> {
+        self.signer.public_key_spki()
+    }
+
+    /// The stored signed tree head of the tree of `tree_size` leaves, if an
+    /// append ended at that size (every append stores the head it signed).
+    pub fn sth_at(&self, tree_size: u64) -> Result<Option<SignedTreeHead>, LogError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(STHS)?;
+        let Some(v) = table.get(tree_size)? else {
+            return Ok(None);
+        };
+        decode_sth(v.value())
+            .map(Some)
+            .ok_or_else(|| corrupt(format!("tree head {tree_size} cannot be decoded")))
+    }
 }
 
 #[cfg(test)]

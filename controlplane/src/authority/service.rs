@@ -1,0 +1,1079 @@
+//! The authority's request handlers, sans-IO: the control-plane thread owns
+//! one [`AuthorityService`] and calls [`AuthorityService::handle`] with every
+//! `stoq/1` request that needs the authority (the worker forwards the raw
+//! payload and the client certificate the TLS layer verified, and writes back
+//! the bytes or the error returned). Time is an argument; the only I/O is the
+//! authority's own storage (redb, durable before a certificate is returned)
+//! and the operator identity file.
+//!
+//! Who may do what (the caller is identified by its client certificate,
+//! checked again here against the CA and the revocation list):
+//! - `ENROLL`: anyone, with a valid one-time token; the only kind served
+//!   without a client certificate;
+//! - the operator (a certificate of this CA with subject CN exactly
+//!   [`OPERATOR`]): everything;
+//! - `CERT_ISSUE`: only for names the caller's own certificate carries
+//!   (its CN, DNS names and IP addresses);
+//! - `CERT_RENEW`, `CERT_REVOKE`: the owner (the caller's certificate has
+//!   the same public key as the one named) or the operator;
+//! - `CERT_LIST`, `CA_ROOT`, `CT_*`: any authenticated caller;
+//! - `ROTATE`: the operator only.
+//!
+//! Enrollment names: a CSR may not name [`OPERATOR`], and may not name
+//! what an unrevoked, unexpired certificate with another key already
+//! carries (`NAME_TAKEN`); the same key may enroll again for its names.
+//! This is first-come ownership of names, kept simple: there is no
+//! namespace delegation.
+//!
+//! Rotation: `ROTATE` issues a new server certificate and keeps it; the
+//! caller (the control-plane thread) takes it with
+//! [`AuthorityService::take_rotated`] after each `handle` and publishes it
+//! to the workers.
+
+use super::api::{self, ServiceError};
+use super::ca::{
+    self, CaError, DEFAULT_LIFETIME, IssueRequest, KeyAlgorithm, RevocationSnapshot, Serial, Usage,
+};
+use super::ct::{LogError, LogKeyAlgorithm, decode_leaf, encode_x509_leaf, leaf_hash};
+use super::enrollment::EnrollmentKey;
+use super::logged::{Authority, AuthorityError, LoggedCertificate};
+use super::registry::{
+    CertificateFilter, CertificateRecord, MAX_RECORDS_PER_CALL, RevocationReason,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use x509_parser::certificate::X509Certificate;
+use x509_parser::certification_request::X509CertificationRequest;
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::FromDer;
+
+/// The subject common name of the operator's certificate. Reserved: no
+/// enrollment may ask for it.
+pub const OPERATOR: &str = "operator";
+
+/// Who sent a request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Caller {
+    /// The client certificate the TLS layer verified (leaf DER); `None` on
+    /// a connection without one (it may only enroll).
+    pub cert_der: Option<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceConfig {
+    /// Lifetime of issued certificates unless a request says otherwise.
+    pub lifetime: Duration,
+    /// The names of the server's own certificate (DNS names or IP
+    /// addresses; the first is also its subject CN).
+    pub server_names: Vec<String>,
+    pub ca_algorithm: KeyAlgorithm,
+    pub log_algorithm: LogKeyAlgorithm,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self {
+            lifetime: DEFAULT_LIFETIME,
+            server_names: vec!["localhost".into()],
+            ca_algorithm: KeyAlgorithm::EcdsaP256,
+            log_algorithm: LogKeyAlgorithm::EcdsaP256Sha256,
+        }
+    }
+}
+
+/// What the TLS layer needs to check client certificates without asking
+/// the control plane: build an immutable snapshot from it and swap it in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustMaterial {
+    /// Changes whenever the material changes (today: with every
+    /// revocation; the root and intermediate never change while running).
+    pub generation: u64,
+    pub root_der: Vec<u8>,
+    pub intermediate_der: Vec<u8>,
+    pub revoked: RevocationSnapshot,
+}
+
+/// A server certificate with its new key, ready for the TLS layer.
+#[derive(Clone)]
+pub struct ServerCertificate {
+    /// The leaf, then the intermediate, DER.
+    pub chain_der: Vec<Vec<u8>>,
+    /// The leaf's private key, PKCS#8 DER.
+    pub key_pkcs8_der: Vec<u8>,
+    pub serial: Serial,
+    pub not_after: SystemTime,
+}
+
+impl std::fmt::Debug for ServerCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerCertificate")
+            .field("serial", &self.serial)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The authority behind `stoq/1`. See the module documentation.
+pub struct AuthorityService {
+    authority: Authority,
+    config: ServiceConfig,
+    tokens: EnrollmentKey,
+    rotated: Option<ServerCertificate>,
+}
+
+/// The caller, once its certificate is checked.
+struct Identity {
+    operator: bool,
+    facts: CertFacts,
+}
+
+/// What a certificate or CSR says about its holder.
+struct CertFacts {
+    subject: String,
+    dns_names: Vec<String>,
+    ip_addresses: Vec<IpAddr>,
+    /// SubjectPublicKeyInfo DER.
+    spki: Vec<u8>,
+}
+
+impl CertFacts {
+    fn carries(&self, name: &str) -> bool {
+        self.subject == name
+            || self.dns_names.iter().any(|d| d.eq_ignore_ascii_case(name))
+            || self
+                .ip_addresses
+                .iter()
+                .any(|ip| name.parse::<IpAddr>().is_ok_and(|n| n == *ip))
+    }
+
+    /// Every name: the subject CN, DNS names, IP addresses.
+    fn names(&self) -> impl Iterator<Item = String> + '_ {
+        std::iter::once(self.subject.clone())
+            .chain(self.dns_names.iter().cloned())
+            .chain(self.ip_addresses.iter().map(IpAddr::to_string))
+    }
+
+    fn request(&self, usage: Usage, lifetime: Duration) -> IssueRequest {
+        IssueRequest {
+            subject: self.subject.clone(),
+            dns_names: self.dns_names.clone(),
+            ip_addresses: self.ip_addresses.clone(),
+            usage,
+            lifetime,
+            public_key: Some(self.spki.clone()),
+        }
+    }
+}
+
+fn unauthorized(message: impl Into<String>) -> ServiceError {
+    ServiceError::new(api::UNAUTHORIZED, message)
+}
+
+fn out_of_range(message: impl Into<String>) -> ServiceError {
+    ServiceError::new(api::OUT_OF_RANGE, message)
+}
+
+/// An internal failure: logged here in full, answered without details.
+fn internal(error: impl std::fmt::Display) -> ServiceError {
+    tracing::error!(%error, "authority request failed inside the server");
+    ServiceError::new(
+        api::STORAGE,
+        "the authority failed internally; the server log has the details",
+    )
+}
+
+fn log_error(e: LogError) -> ServiceError {
+    internal(e)
+}
+
+/// The code for an error of the authority.
+fn authority_error(e: AuthorityError) -> ServiceError {
+    let code = match &e {
+        AuthorityError::TokenUsed => api::TOKEN_USED,
+        AuthorityError::Ca(ca) => match ca {
+            CaError::UnknownIssuer { .. } | CaError::BadSignature => api::NOT_OUR_CA,
+            CaError::Expired { .. } | CaError::NotYetValid { .. } => api::EXPIRED,
+            CaError::Revoked { .. } => api::REVOKED,
+            CaError::UnknownSerial { .. } => api::UNKNOWN_SERIAL,
+            CaError::AlreadyRevoked { .. } => api::ALREADY_REVOKED,
+            CaError::EmptySubject
+            | CaError::SubjectTooLong { .. }
+            | CaError::SubjectControlCharacters
+            | CaError::TooManyNames { .. }
+            | CaError::NoNames
+            | CaError::InvalidDnsName { .. }
+            | CaError::InvalidPublicKey(_) => api::BAD_CSR,
+            CaError::ZeroLifetime
+            | CaError::LifetimeTooLong { .. }
+            | CaError::Parse(_)
+            | CaError::NotEndEntity
+            | CaError::WrongUsage { .. } => api::MALFORMED_REQUEST,
+            _ => return internal(e),
+        },
+        _ => return internal(e),
+    };
+    ServiceError::new(code, e.to_string())
+}
+
+/// Parse a request payload (an empty one reads as `{}`).
+fn parse<T: DeserializeOwned>(payload: &[u8]) -> Result<T, ServiceError> {
+    let payload = if payload.iter().all(u8::is_ascii_whitespace) {
+        b"{}".as_slice()
+    } else {
+        payload
+    };
+    serde_json::from_slice(payload).map_err(|e| {
+        ServiceError::malformed(format!("the request is not valid JSON for its kind: {e}"))
+    })
+}
+
+fn respond<T: Serialize>(value: &T) -> Result<Vec<u8>, ServiceError> {
+    serde_json::to_vec(value).map_err(internal)
+}
+
+fn unix_s(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn parse_serial(field: &str, hex: &str) -> Result<Serial, ServiceError> {
+    let bad = || ServiceError::malformed(format!("{field} must be 32 hex digits, got {hex:?}"));
+    if hex.len() != 32 || !hex.is_ascii() {
+        return Err(bad());
+    }
+    let mut serial = [0u8; 16];
+    for (i, byte) in serial.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(Serial(serial))
+}
+
+fn parse_reason(reason: Option<&str>) -> Result<Option<RevocationReason>, ServiceError> {
+    use RevocationReason as R;
+    let Some(reason) = reason else {
+        return Ok(None);
+    };
+    let all = [
+        R::Unspecified,
+        R::KeyCompromise,
+        R::CaCompromise,
+        R::AffiliationChanged,
+        R::Superseded,
+        R::CessationOfOperation,
+        R::PrivilegeWithdrawn,
+    ];
+    api::REVOCATION_REASONS
+        .iter()
+        .position(|r| *r == reason)
+        .map(|i| Some(all[i]))
+        .ok_or_else(|| {
+            ServiceError::malformed(format!(
+                "reason {reason:?} is not one of {:?}",
+                api::REVOCATION_REASONS
+            ))
+        })
+}
+
+fn reason_name(reason: RevocationReason) -> &'static str {
+    use RevocationReason as R;
+    match reason {
+        R::Unspecified => "unspecified",
+        R::KeyCompromise => "key_compromise",
+        R::CaCompromise => "ca_compromise",
+        R::AffiliationChanged => "affiliation_changed",
+        R::Superseded => "superseded",
+        R::CessationOfOperation => "cessation_of_operation",
+        R::PrivilegeWithdrawn => "privilege_withdrawn",
+    }
+}
+
+fn pem_der(field: &str, pem: &str) -> Result<Vec<u8>, ServiceError> {
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .map(|d| d.to_vec())
+        .map_err(|e| ServiceError::malformed(format!("{field} is not a PEM certificate: {e}")))
+}
+
+fn parse_x509(der: &[u8]) -> Result<X509Certificate<'_>, String> {
+    match X509Certificate::from_der(der) {
+        Ok(([], cert)) => Ok(cert),
+        Ok(_) => Err("trailing bytes after the certificate".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The holder's names and key, from a certificate.
+fn cert_facts(der: &[u8]) -> Result<CertFacts, String> {
+    let cert = parse_x509(der)?;
+    let subject = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let mut dns_names = Vec::new();
+    let mut ip_addresses = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::DNSName(dns) => dns_names.push((*dns).to_owned()),
+                GeneralName::IPAddress(ip) => {
+                    if let Some(ip) = ip_from_bytes(ip) {
+                        ip_addresses.push(ip);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(CertFacts {
+        subject,
+        dns_names,
+        ip_addresses,
+        spki: cert.public_key().raw.to_vec(),
+    })
+}
+
+fn ip_from_bytes(bytes: &[u8]) -> Option<IpAddr> {
+    match bytes.len() {
+        4 => <[u8; 4]>::try_from(bytes).ok().map(IpAddr::from),
+        16 => <[u8; 16]>::try_from(bytes).ok().map(IpAddr::from),
+        _ => None,
+    }
+}
+
+/// Parse and check a CSR: PEM, DER, signature (rcgen), names and key.
+fn parse_csr(pem: &str) -> Result<CertFacts, ServiceError> {
+    let bad = |message: String| ServiceError::new(api::BAD_CSR, message);
+    let der = CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| bad(format!("csr_pem is not a PEM certificate request: {e}")))?;
+    let params = rcgen::CertificateSigningRequestParams::from_der(&der).map_err(|e| {
+        bad(match e {
+            rcgen::Error::RingUnspecified => "the CSR's signature does not verify".into(),
+            rcgen::Error::UnsupportedExtension => {
+                "the CSR asks for an extension other than subject alternative names and key usages"
+                    .into()
+            }
+            other => format!("the CSR cannot be parsed: {other}"),
+        })
+    })?;
+    let csr = match X509CertificationRequest::from_der(&der) {
+        Ok(([], csr)) => csr,
+        _ => return Err(bad("the CSR has trailing bytes".into())),
+    };
+    let info = &csr.certification_request_info;
+    let subject = info
+        .subject
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .ok_or_else(|| bad("the CSR's subject has no (UTF-8) common name".into()))?
+        .to_owned();
+    let mut dns_names = Vec::new();
+    let mut ip_addresses = Vec::new();
+    for name in params.params.subject_alt_names {
+        match name {
+            rcgen::SanType::DnsName(dns) => dns_names.push(dns.as_str().to_owned()),
+            rcgen::SanType::IpAddress(ip) => ip_addresses.push(ip),
+            _ => {
+                return Err(bad(
+                    "the CSR has a subject alternative name other than a DNS name or IP address"
+                        .into(),
+                ));
+            }
+        }
+    }
+    Ok(CertFacts {
+        subject,
+        dns_names,
+        ip_addresses,
+        spki: info.subject_pki.raw.to_vec(),
+    })
+}
+
+fn pem_certificate(der: &[u8]) -> String {
+    let body = api::b64(der);
+    let mut out = String::with_capacity(body.len() + body.len() / 64 + 60);
+    out.push_str("-----BEGIN CERTIFICATE-----\n");
+    for line in body.as_bytes().chunks(64) {
+        // Base64 is ASCII.
+        out.push_str(std::str::from_utf8(line).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
+}
+
+fn certificate_info(record: &CertificateRecord) -> api::CertificateInfo {
+    api::CertificateInfo {
+        serial: record.serial.to_string(),
+        subject: record.subject.clone(),
+        dns_names: record.dns_names.clone(),
+        ip_addresses: record.ip_addresses.iter().map(IpAddr::to_string).collect(),
+        usage: match record.usage {
+            Usage::Client => api::CertUsage::Client,
+            Usage::Server => api::CertUsage::Server,
+        },
+        not_before: unix_s(record.not_before),
+        not_after: unix_s(record.not_after),
+        leaf_index: record.leaf_index,
+        renewed_from: record.renewed_from.map(|s| s.to_string()),
+        revoked_at: record.revocation.map(|r| r.revoked_at_ms / 1000),
+        revocation_reason: record
+            .revocation
+            .and_then(|r| r.reason)
+            .map(|r| reason_name(r).to_owned()),
+    }
+}
+
+impl AuthorityService {
+    /// Open (or create) the authority in `data_dir`: CA, log, registry and
+    /// the enrollment secret.
+    pub fn open(
+        data_dir: &Path,
+        config: ServiceConfig,
+        now: SystemTime,
+    ) -> Result<Self, AuthorityError> {
+        let authority = Authority::open(data_dir, config.ca_algorithm, config.log_algorithm, now)?;
+        let tokens = EnrollmentKey::load_or_create(data_dir)?;
+        Ok(Self {
+            authority,
+            config,
+            tokens,
+            rotated: None,
+        })
+    }
+
+    /// One `stoq/1` request of kind `kind` (one of [`api::KINDS`]) from
+    /// `caller`. Returns the JSON response payload (response kind
+    /// `kind | 0x80`), or the error to answer with (kind 0xff). Call
+    /// [`Self::take_rotated`] afterwards. A request that fails changes
+    /// nothing.
+    pub fn handle(
+        &mut self,
+        caller: &Caller,
+        kind: u8,
+        payload: &[u8],
+        now: SystemTime,
+    ) -> Result<Vec<u8>, ServiceError> {
+        if !api::KINDS.contains(&kind) {
+            return Err(ServiceError::new(
+                api::UNKNOWN_KIND,
+                format!("kind 0x{kind:02x} is not an authority request"),
+            ));
+        }
+        if payload.len() > api::MAX_REQUEST_LEN {
+            return Err(ServiceError::malformed(format!(
+                "the request is {} bytes; at most {} are allowed",
+                payload.len(),
+                api::MAX_REQUEST_LEN
+            )));
+        }
+        if kind == api::ENROLL {
+            return respond(&self.enroll(parse(payload)?, now)?);
+        }
+        let who = self.identify(caller, now)?;
+        match kind {
+            api::CERT_ISSUE => respond(&self.cert_issue(&who, parse(payload)?, now)?),
+            api::CERT_RENEW => respond(&self.cert_renew(&who, parse(payload)?, now)?),
+            api::CERT_REVOKE => respond(&self.cert_revoke(&who, parse(payload)?, now)?),
+            api::CERT_LIST => respond(&self.cert_list(parse(payload)?, now)?),
+            api::CA_ROOT => {
+                parse::<api::NoArguments>(payload)?;
+                let ca = self.authority.ca();
+                respond(&api::CaRoot {
+                    root_pem: ca.root_pem().to_owned(),
+                    intermediate_pem: ca.intermediate_pem().to_owned(),
+                })
+            }
+            api::CT_STH => {
+                parse::<api::NoArguments>(payload)?;
+                respond(&self.latest_sth()?)
+            }
+            api::CT_PROOF => respond(&self.ct_proof(parse(payload)?)?),
+            api::CT_CONSISTENCY => respond(&self.ct_consistency(parse(payload)?)?),
+            api::CT_ENTRIES => respond(&self.ct_entries(parse(payload)?)?),
+            api::CT_KEY => {
+                parse::<api::NoArguments>(payload)?;
+                respond(&self.ct_key())
+            }
+            api::ROTATE => {
+                parse::<api::NoArguments>(payload)?;
+                respond(&self.rotate(&who, now)?)
+            }
+            _ => unreachable!("every kind in api::KINDS is served"),
+        }
+    }
+
+    /// The server certificate a `ROTATE` request issued, once: the caller
+    /// publishes it to the workers. `None` when there is none since the
+    /// last call.
+    pub fn take_rotated(&mut self) -> Option<ServerCertificate> {
+        self.rotated.take()
+    }
+
+    /// The roots, intermediate and revoked serials for the TLS layer's
+    /// lock-free snapshot; `generation` changes whenever they change.
+    pub fn trust(&self) -> TrustMaterial {
+        let ca = self.authority.ca();
+        let revoked = self.authority.revocations();
+        TrustMaterial {
+            generation: revoked.generation(),
+            root_der: ca.root_der().to_vec(),
+            intermediate_der: ca.intermediate_der().to_vec(),
+            revoked,
+        }
+    }
+
+    /// Issue (and log) a fresh server certificate for
+    /// `config.server_names` with a new key. Used at start and for
+    /// rotation; the previous certificate stays valid until it expires,
+    /// so the validity periods overlap.
+    pub fn issue_server_certificate(
+        &mut self,
+        now: SystemTime,
+    ) -> Result<ServerCertificate, AuthorityError> {
+        let (dns_names, ip_addresses) = split_names(&self.config.server_names);
+        let request = IssueRequest {
+            subject: self
+                .config
+                .server_names
+                .first()
+                .cloned()
+                .unwrap_or_default(),
+            dns_names,
+            ip_addresses,
+            usage: Usage::Server,
+            lifetime: self.config.lifetime,
+            public_key: None,
+        };
+        let logged = self.authority.issue(request, now)?;
+        let certificate = logged.certificate;
+        let key = certificate
+            .private_key
+            .ok_or(AuthorityError::Ca(CaError::Random))?;
+        Ok(ServerCertificate {
+            chain_der: vec![
+                certificate.cert_der,
+                self.authority.ca().intermediate_der().to_vec(),
+            ],
+            key_pkcs8_der: key.der,
+            serial: certificate.serial,
+            not_after: certificate.not_after,
+        })
+    }
+
+    /// Make sure `path` holds a valid operator identity: a client
+    /// certificate of this CA with subject CN [`OPERATOR`], its private key
+    /// and the intermediate, as one PEM file (mode 0600). A new one is
+    /// issued when the file is missing, unreadable, not ours, revoked, or
+    /// past half its lifetime.
+    pub fn ensure_operator_identity(
+        &mut self,
+        path: &Path,
+        now: SystemTime,
+    ) -> Result<(), AuthorityError> {
+        if self.operator_identity_is_fresh(path, now) {
+            return Ok(());
+        }
+        let request = IssueRequest {
+            subject: OPERATOR.into(),
+            usage: Usage::Client,
+            lifetime: self.config.lifetime,
+            ..IssueRequest::default()
+        };
+        let logged = self.authority.issue(request, now)?;
+        let certificate = logged.certificate;
+        let key = certificate
+            .private_key
+            .ok_or(AuthorityError::Ca(CaError::Random))?;
+        let pem = format!(
+            "{}{}{}",
+            certificate.cert_pem,
+            self.authority.ca().intermediate_pem(),
+            key.pem
+        );
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| AuthorityError::Io {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        ca::store::write_private(path, pem.as_bytes())?;
+        tracing::info!(path = %path.display(), serial = %certificate.serial, "wrote the operator identity");
+        Ok(())
+    }
+
+    fn operator_identity_is_fresh(&self, path: &Path, now: SystemTime) -> bool {
+        let Ok(pem) = std::fs::read(path) else {
+            return false;
+        };
+        let Ok(der) = CertificateDer::from_pem_slice(&pem) else {
+            return false;
+        };
+        if self
+            .authority
+            .verify_chain(&der, Usage::Client, now)
+            .is_err()
+        {
+            return false;
+        }
+        let Ok(cert) = parse_x509(&der) else {
+            return false;
+        };
+        let operator = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            == Some(OPERATOR);
+        let not_before = cert.validity().not_before.timestamp();
+        let not_after = cert.validity().not_after.timestamp();
+        let half = not_before + (not_after - not_before) / 2;
+        operator && i64::try_from(unix_s(now)).is_ok_and(|now| now < half)
+    }
+
+    /// The root certificate, PEM.
+    pub fn root_pem(&self) -> String {
+        self.authority.ca().root_pem().to_owned()
+    }
+
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
+    fn identify(&self, caller: &Caller, now: SystemTime) -> Result<Identity, ServiceError> {
+        let der = caller.cert_der.as_deref().ok_or_else(|| {
+            unauthorized("this request needs a client certificate; enroll first to get one")
+        })?;
+        self.authority
+            .verify_chain(der, Usage::Client, now)
+            .map_err(|e| unauthorized(format!("the client certificate is not accepted: {e}")))?;
+        let facts =
+            cert_facts(der).map_err(|e| unauthorized(format!("client certificate: {e}")))?;
+        Ok(Identity {
+            operator: facts.subject == OPERATOR,
+            facts,
+        })
+    }
+
+    fn enroll(
+        &mut self,
+        request: api::EnrollRequest,
+        now: SystemTime,
+    ) -> Result<api::Issued, ServiceError> {
+        let token = self
+            .tokens
+            .verify(&request.token, now)
+            .map_err(|e| ServiceError::new(api::TOKEN_INVALID, e.to_string()))?;
+        if self
+            .authority
+            .token_spent(token.id())
+            .map_err(authority_error)?
+        {
+            return Err(ServiceError::new(
+                api::TOKEN_USED,
+                "the enrollment token was already used; mint a new one",
+            ));
+        }
+        let csr = parse_csr(&request.csr_pem)?;
+        if csr.carries(OPERATOR) {
+            return Err(unauthorized(format!(
+                "the name {OPERATOR:?} is reserved for the operator"
+            )));
+        }
+        self.check_names_free(&csr, now)?;
+        let logged = self
+            .authority
+            .issue_enrolled(
+                csr.request(Usage::Client, self.config.lifetime),
+                &token,
+                now,
+            )
+            .map_err(authority_error)?;
+        self.issued(&logged)
+    }
+
+    /// No unrevoked, unexpired certificate with another key carries any of
+    /// `csr`'s names. Scans the registry once per name (fine for the sizes
+    /// a single node holds; an index by name would make it O(log n)).
+    fn check_names_free(&self, csr: &CertFacts, now: SystemTime) -> Result<(), ServiceError> {
+        for name in csr.names() {
+            let filter = CertificateFilter::Name(name.clone());
+            let mut after = None;
+            loop {
+                let page = self
+                    .authority
+                    .certificates(&filter, after)
+                    .map_err(authority_error)?;
+                for record in &page {
+                    let live = record.revocation.is_none() && record.not_after >= now;
+                    if live && cert_facts(&record.cert_der).map_err(internal)?.spki != csr.spki {
+                        return Err(ServiceError::new(
+                            api::NAME_TAKEN,
+                            format!(
+                                "{name:?} is held by certificate {} with another key",
+                                record.serial
+                            ),
+                        ));
+                    }
+                }
+                if page.len() < MAX_RECORDS_PER_CALL {
+                    break;
+                }
+                after = page.last().map(|r| r.serial);
+            }
+        }
+        Ok(())
+    }
+
+    fn cert_issue(
+        &mut self,
+        who: &Identity,
+        request: api::CertIssueRequest,
+        now: SystemTime,
+    ) -> Result<api::Issued, ServiceError> {
+        let csr = parse_csr(&request.csr_pem)?;
+        if !who.operator
+            && let Some(name) = csr.names().find(|n| !who.facts.carries(n))
+        {
+            return Err(unauthorized(format!(
+                "your certificate does not carry the name {name:?}; only the operator may issue for other names"
+            )));
+        }
+        let lifetime = request.lifetime_hours.map_or(self.config.lifetime, |h| {
+            Duration::from_secs(u64::from(h) * 3600)
+        });
+        let usage = match request.usage {
+            api::CertUsage::Client => Usage::Client,
+            api::CertUsage::Server => Usage::Server,
+        };
+        let logged = self
+            .authority
+            .issue(csr.request(usage, lifetime), now)
+            .map_err(authority_error)?;
+        self.issued(&logged)
+    }
+
+    fn cert_renew(
+        &mut self,
+        who: &Identity,
+        request: api::CertRenewRequest,
+        now: SystemTime,
+    ) -> Result<api::Issued, ServiceError> {
+        let der = pem_der("certificate_pem", &request.certificate_pem)?;
+        let facts = cert_facts(&der)
+            .map_err(|e| ServiceError::malformed(format!("certificate_pem: {e}")))?;
+        self.check_ours(&der)?;
+        if !who.operator && facts.spki != who.facts.spki {
+            return Err(unauthorized(
+                "only the certificate's owner (same key) or the operator may renew it",
+            ));
+        }
+        let logged = self.authority.renew(&der, now).map_err(authority_error)?;
+        self.issued(&logged)
+    }
+
+    fn cert_revoke(
+        &mut self,
+        who: &Identity,
+        request: api::CertRevokeRequest,
+        now: SystemTime,
+    ) -> Result<api::Revoked, ServiceError> {
+        let serial = parse_serial("serial", &request.serial)?;
+        let reason = parse_reason(request.reason.as_deref())?;
+        let record = self
+            .authority
+            .certificate(&serial)
+            .map_err(authority_error)?
+            .ok_or_else(|| {
+                ServiceError::new(
+                    api::UNKNOWN_SERIAL,
+                    format!("no certificate of this authority has serial {serial}"),
+                )
+            })?;
+        if !who.operator && cert_facts(&record.cert_der).map_err(internal)?.spki != who.facts.spki {
+            return Err(unauthorized(
+                "only the certificate's owner (same key) or the operator may revoke it",
+            ));
+        }
+        self.authority
+            .revoke_with_reason(&serial, reason, now)
+            .map_err(authority_error)?;
+        Ok(api::Revoked {
+            serial: serial.to_string(),
+            revoked_at: unix_s(now),
+        })
+    }
+
+    fn cert_list(
+        &self,
+        request: api::CertListRequest,
+        now: SystemTime,
+    ) -> Result<api::CertList, ServiceError> {
+        let filter = match request.filter.as_str() {
+            "all" => CertificateFilter::All,
+            "valid" => CertificateFilter::ValidAt(now),
+            "revoked" => CertificateFilter::Revoked,
+            other => match other.strip_prefix("name:") {
+                Some(name) if !name.is_empty() => CertificateFilter::Name(name.to_owned()),
+                _ => {
+                    return Err(ServiceError::malformed(format!(
+                        "filter {other:?} is not one of all, valid, revoked, name:<name>"
+                    )));
+                }
+            },
+        };
+        let after = request
+            .after
+            .as_deref()
+            .map(|a| parse_serial("after", a))
+            .transpose()?;
+        let records = self
+            .authority
+            .certificates(&filter, after)
+            .map_err(authority_error)?;
+        let next = (records.len() == MAX_RECORDS_PER_CALL)
+            .then(|| records.last().map(|r| r.serial.to_string()))
+            .flatten();
+        Ok(api::CertList {
+            certificates: records.iter().map(certificate_info).collect(),
+            next,
+        })
+    }
+
+    /// `der` was issued by this CA (issuer name and signature), whatever
+    /// its validity or revocation.
+    fn check_ours(&self, der: &[u8]) -> Result<(), ServiceError> {
+        let cert =
+            parse_x509(der).map_err(|e| ServiceError::malformed(format!("certificate: {e}")))?;
+        let intermediate = parse_x509(self.authority.ca().intermediate_der()).map_err(internal)?;
+        if cert.issuer().as_raw() != intermediate.subject().as_raw()
+            || cert
+                .verify_signature(Some(intermediate.public_key()))
+                .is_err()
+        {
+            return Err(ServiceError::new(
+                api::NOT_OUR_CA,
+                format!(
+                    "the certificate was issued by {:?}, not by this CA",
+                    cert.issuer().to_string()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn latest_sth(&self) -> Result<api::Sth, ServiceError> {
+        let log = self.authority.log();
+        let sth = log
+            .latest_sth()
+            .ok_or_else(|| ServiceError::new(api::NOT_FOUND, "the log is empty"))?;
+        Ok(api::Sth::from_signed(&sth, &log.log_id()))
+    }
+
+    /// The answer to an issuance: the certificate with its proof in the
+    /// tree head its append signed.
+    fn issued(&self, logged: &LoggedCertificate) -> Result<api::Issued, ServiceError> {
+        let log = self.authority.log();
+        let certificate = &logged.certificate;
+        // A batch of one: the entry carries the tree head's timestamp.
+        let timestamp_ms = logged.sth.timestamp_ms;
+        let leaf = encode_x509_leaf(timestamp_ms, &certificate.cert_der, &[]).map_err(internal)?;
+        let hash = leaf_hash(&leaf);
+        if log.leaf_hash(logged.leaf_index) != Some(hash) {
+            return Err(internal(format!(
+                "log entry {} is not certificate {}",
+                logged.leaf_index, certificate.serial
+            )));
+        }
+        let proof = log
+            .inclusion_proof_by_hash(&hash, logged.sth.tree_size)
+            .map_err(log_error)?;
+        Ok(api::Issued {
+            certificate_pem: certificate.cert_pem.clone(),
+            chain_pem: self.authority.ca().intermediate_pem().to_owned(),
+            serial: certificate.serial.to_string(),
+            not_before: unix_s(certificate.not_before),
+            not_after: unix_s(certificate.not_after),
+            leaf_index: logged.leaf_index,
+            sth: api::Sth::from_signed(&logged.sth, &log.log_id()),
+            proof: api::Proof {
+                leaf_index: proof.leaf_index,
+                tree_size: proof.tree_size,
+                timestamp: timestamp_ms,
+                leaf_hash: api::b64(&hash),
+                root_hash: api::b64(&logged.sth.root_hash),
+                audit_path: proof.audit_path.iter().map(|h| api::b64(h)).collect(),
+            },
+        })
+    }
+
+    fn ct_proof(&self, request: api::CtProofRequest) -> Result<api::Proof, ServiceError> {
+        let log = self.authority.log();
+        let size = log.size();
+        let tree_size = request.tree_size.unwrap_or(size);
+        if tree_size == 0 || tree_size > size {
+            return Err(out_of_range(format!(
+                "tree size {tree_size} is not in 1..={size}, the log's sizes"
+            )));
+        }
+        let hash = match (&request.leaf_hash, &request.certificate_pem) {
+            (Some(hash), None) => {
+                api::b64_hash("leaf_hash", hash).map_err(ServiceError::malformed)?
+            }
+            (None, Some(pem)) => self.leaf_hash_of(pem)?,
+            _ => {
+                return Err(ServiceError::malformed(
+                    "give exactly one of leaf_hash and certificate_pem",
+                ));
+            }
+        };
+        let proof = log
+            .inclusion_proof_by_hash(&hash, tree_size)
+            .map_err(|e| match e {
+                LogError::UnknownLeaf | LogError::LeafNotInTree { .. } => {
+                    ServiceError::new(api::NOT_FOUND, e.to_string())
+                }
+                other => log_error(other),
+            })?;
+        let index = proof.leaf_index;
+        let entry = log.entries(index, index + 1).map_err(log_error)?;
+        let leaf = entry
+            .first()
+            .map(|bytes| decode_leaf(bytes))
+            .transpose()
+            .map_err(internal)?
+            .ok_or_else(|| internal(format!("log entry {index} is missing")))?;
+        Ok(api::Proof {
+            leaf_index: index,
+            tree_size,
+            timestamp: leaf.timestamp_ms,
+            leaf_hash: api::b64(&hash),
+            root_hash: api::b64(&log.root(tree_size).map_err(log_error)?),
+            audit_path: proof.audit_path.iter().map(|h| api::b64(h)).collect(),
+        })
+    }
+
+    /// The leaf hash of a certificate this CA issued, from its registry
+    /// record (which holds the entry's timestamp).
+    fn leaf_hash_of(&self, pem: &str) -> Result<[u8; 32], ServiceError> {
+        let der = pem_der("certificate_pem", pem)?;
+        self.check_ours(&der)?;
+        let serial = ca::serial_of(&der).map_err(|e| ServiceError::malformed(e.to_string()))?;
+        let record = self
+            .authority
+            .certificate(&serial)
+            .map_err(authority_error)?
+            .filter(|r| r.cert_der == der)
+            .ok_or_else(|| {
+                ServiceError::new(
+                    api::NOT_FOUND,
+                    format!("certificate {serial} is not in the log"),
+                )
+            })?;
+        let leaf =
+            encode_x509_leaf(record.logged_at_ms, &record.cert_der, &[]).map_err(internal)?;
+        Ok(leaf_hash(&leaf))
+    }
+
+    fn ct_consistency(
+        &self,
+        request: api::CtConsistencyRequest,
+    ) -> Result<api::Consistency, ServiceError> {
+        let log = self.authority.log();
+        let (old_size, new_size, size) = (request.old_size, request.new_size, log.size());
+        if old_size == 0 || old_size > new_size || new_size > size {
+            return Err(out_of_range(format!(
+                "sizes {old_size} and {new_size} do not satisfy 1 <= old <= new <= {size}"
+            )));
+        }
+        let sth = log.sth_at(new_size).map_err(log_error)?.ok_or_else(|| {
+            out_of_range(format!("the log signed no tree head of size {new_size}"))
+        })?;
+        let proof = log
+            .consistency_proof(old_size, new_size)
+            .map_err(log_error)?;
+        Ok(api::Consistency {
+            old_size,
+            new_size,
+            proof: proof.iter().map(|h| api::b64(h)).collect(),
+            new_sth: api::Sth::from_signed(&sth, &log.log_id()),
+        })
+    }
+
+    fn ct_entries(&self, request: api::CtEntriesRequest) -> Result<api::Entries, ServiceError> {
+        let log = self.authority.log();
+        let (start, end, size) = (request.start, request.end, log.size());
+        if start >= end || end > size || end - start > api::MAX_ENTRIES_PER_REQUEST {
+            return Err(out_of_range(format!(
+                "entries {start}..{end} are not a non-empty range of at most {} within the log's {size}",
+                api::MAX_ENTRIES_PER_REQUEST
+            )));
+        }
+        let leaves = log.entries(start, end).map_err(log_error)?;
+        let entries = leaves
+            .iter()
+            .zip(start..)
+            .map(|(leaf, leaf_index)| {
+                let decoded = decode_leaf(leaf).map_err(internal)?;
+                Ok(api::Entry {
+                    leaf_index,
+                    leaf_input: api::b64(leaf),
+                    certificate_pem: pem_certificate(&decoded.cert_der),
+                })
+            })
+            .collect::<Result<_, ServiceError>>()?;
+        Ok(api::Entries { entries })
+    }
+
+    fn ct_key(&self) -> api::CtKey {
+        let log = self.authority.log();
+        api::CtKey {
+            algorithm: match log.algorithm() {
+                LogKeyAlgorithm::Ed25519 => api::LOG_ALGORITHM_ED25519,
+                LogKeyAlgorithm::EcdsaP256Sha256 => api::LOG_ALGORITHM_ECDSA_P256,
+            }
+            .to_owned(),
+            public_key: api::b64(&log.public_key_spki()),
+            log_id: api::b64(&log.log_id()),
+        }
+    }
+
+    fn rotate(&mut self, who: &Identity, now: SystemTime) -> Result<api::Rotated, ServiceError> {
+        if !who.operator {
+            return Err(unauthorized(
+                "only the operator may rotate the server certificate",
+            ));
+        }
+        let certificate = self
+            .issue_server_certificate(now)
+            .map_err(authority_error)?;
+        let rotated = api::Rotated {
+            serial: certificate.serial.to_string(),
+            not_after: unix_s(certificate.not_after),
+        };
+        self.rotated = Some(certificate);
+        Ok(rotated)
+    }
+}
+
+/// Server names as DNS names and IP addresses.
+fn split_names(names: &[String]) -> (Vec<String>, Vec<IpAddr>) {
+    let mut dns = Vec::new();
+    let mut ips = Vec::new();
+    for name in names {
+        match name.parse::<IpAddr>() {
+            Ok(ip) => ips.push(ip),
+            Err(_) => dns.push(name.clone()),
+        }
+    }
+    (dns, ips)
+}
+
+#[cfg(test)]
+mod tests;
