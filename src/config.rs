@@ -159,6 +159,15 @@ pub struct TrustchainAuthority {
     pub dns_name: String,
     /// IPv6 addresses published for that name (default: the bind address).
     pub dns_addresses: Vec<std::net::Ipv6Addr>,
+    /// Lifetime of the certificates the CA issues.
+    pub certificate_lifetime_hours: u32,
+    /// The server's own certificate is renewed this often (with
+    /// overlapping validity); must be shorter than the lifetime.
+    pub certificate_rotation_hours: f64,
+    /// `doq` connections need no client certificate (they can only query).
+    pub public_dns: bool,
+    /// Serve `perf` (benchmarks) to clients without a certificate.
+    pub perf_without_client_certificate: bool,
 }
 
 impl Default for TrustchainAuthority {
@@ -168,6 +177,10 @@ impl Default for TrustchainAuthority {
             dns_apex: "internet2.test.".into(),
             dns_name: "node1".into(),
             dns_addresses: Vec::new(),
+            certificate_lifetime_hours: 24,
+            certificate_rotation_hours: 12.0,
+            public_dns: true,
+            perf_without_client_certificate: false,
         }
     }
 }
@@ -209,6 +222,8 @@ pub struct Resolved {
     pub zero_rtt: bool,
     pub xdp: Option<(String, XdpAttachMode)>,
     pub blocklist: BTreeSet<Ipv6Prefix>,
+    pub certificate_lifetime: Duration,
+    pub certificate_rotation: Duration,
 }
 
 /// Parse and validate `text` read from `file`. `cores` is the number of
@@ -359,6 +374,28 @@ impl Config {
         }
         let xdp = self.xdp_plan(file, text, workers)?;
         let a = &self.trustchain_authority;
+        if !(1..=24 * 90).contains(&a.certificate_lifetime_hours) {
+            return Err(key_error(
+                file,
+                text,
+                "trustchain_authority",
+                "certificate_lifetime_hours",
+                "must be within 1..=2160 (90 days)",
+            ));
+        }
+        if !(a.certificate_rotation_hours > 0.0
+            && a.certificate_rotation_hours < f64::from(a.certificate_lifetime_hours))
+        {
+            return Err(key_error(
+                file,
+                text,
+                "trustchain_authority",
+                "certificate_rotation_hours",
+                "must be above 0 and below certificate_lifetime_hours (validity must overlap)",
+            ));
+        }
+        let certificate_lifetime = Duration::from_secs(u64::from(a.certificate_lifetime_hours) * 3600);
+        let certificate_rotation = Duration::from_secs_f64(a.certificate_rotation_hours * 3600.0);
         if let Err(e) = dataplane::protocols::doq::validate_names(&a.dns_apex, &a.dns_name) {
             let key = if dataplane::protocols::doq::validate_names(&a.dns_apex, "x").is_err() {
                 "dns_apex"
@@ -411,6 +448,10 @@ impl Config {
             transport,
             xdp,
             front_door: None,
+            control: None,
+            trust: None,
+            perf_without_certificate: self.trustchain_authority.perf_without_client_certificate,
+            dns_without_certificate: self.trustchain_authority.public_dns,
         };
         Ok(Resolved {
             settings,
@@ -432,6 +473,8 @@ impl Config {
             zero_rtt: t.zero_rtt,
             xdp: d.xdp_interface.clone().map(|i| (i, d.xdp_mode)),
             blocklist,
+            certificate_lifetime,
+            certificate_rotation,
         })
     }
 }
@@ -638,6 +681,18 @@ mod tests {
                 6,
                 "dataplane.xdp_queues",
                 "lists 1 queues for 2 workers",
+            ),
+            (
+                "[trustchain_authority]\ncertificate_rotation_hours = 30\n",
+                2,
+                "trustchain_authority.certificate_rotation_hours",
+                "below certificate_lifetime_hours",
+            ),
+            (
+                "[trustchain_authority]\ncertificate_lifetime_hours = 0\n",
+                2,
+                "trustchain_authority.certificate_lifetime_hours",
+                "1..=2160",
             ),
             (
                 "[stoq_transport]\ninitial_mtu = 900\n",

@@ -9,7 +9,11 @@ use controlplane::ControlPlane;
 use controlplane::authority::dev_ca;
 use dataplane::front_door::FrontDoor;
 use dataplane::io::signals;
+use controlplane::authority::service::ServiceConfig;
+use dataplane::control::ControlPort;
+use dataplane::trust::SnapshotClientVerifier;
 use dataplane::{Resumption, ServerIdentity};
+use internet2_server::authority::AuthorityRuntime;
 use internet2_server::config::{self, EMBEDDED_DEV_CONFIG, EMBEDDED_NAME};
 use std::io::Write;
 use std::path::PathBuf;
@@ -105,8 +109,22 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
     if !ip.is_unspecified() && !names.contains(&ip.to_string()) {
         names.push(ip.to_string());
     }
-    let dev =
-        dev_ca::load_or_create(&data_dir, &names).context("cannot set up the development CA")?;
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    let mut resolved = resolved;
+    let port = ControlPort::new(resolved.settings.workers);
+    let service_config = ServiceConfig {
+        lifetime: resolved.certificate_lifetime,
+        server_names: names,
+        ..ServiceConfig::default()
+    };
+    let authority = AuthorityRuntime::start(
+        &data_dir,
+        service_config,
+        resolved.certificate_rotation,
+        port.clone(),
+    )
+    .context("cannot start the certificate authority")?;
     let resumption = if resolved.zero_rtt {
         Resumption::SingleUseWithZeroRtt(rustls::server::ServerSessionMemoryCache::new(
             SESSION_CACHE_ENTRIES,
@@ -118,10 +136,10 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
                 .context("cannot create the session-ticket key")?,
         )
     };
+    let trust = authority.trust();
     let identity = ServerIdentity {
-        cert_chain: dev.cert_chain,
-        key: Arc::new(dev.key),
-        client_verifier: None,
+        certificates: authority.certificates(),
+        client_verifier: Some(SnapshotClientVerifier::new(trust.clone())),
         resumption,
     };
     let zone =
@@ -130,16 +148,21 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
             name: resolved.dns.name.clone(),
             addresses: resolved.dns.addresses.clone(),
             port: resolved.settings.listen.port(),
-            spki_sha256: dev_ca::spki_sha256(&identity.cert_chain[0])?,
+            spki_sha256: dev_ca::spki_sha256(&identity.certificates.chain()[0])?,
         })?;
-    let mut resolved = resolved;
     resolved.settings.zone = Some(Arc::new(zone));
+    resolved.settings.control = Some(port.clone());
+    resolved.settings.trust = Some(trust);
     // The front door goes first: the `xdp` backend registers its sockets in
     // it while the workers are built. A failure later drops (detaches) it.
     let front_door = attach_front_door(&resolved)?;
     resolved.settings.front_door = front_door.clone();
-    let control = ControlPlane::spawn(resolved.control_plane_core)
-        .context("cannot start the control plane")?;
+    let mut authority = authority;
+    let control = ControlPlane::spawn(resolved.control_plane_core, move |now| {
+        authority.poll(now)
+    })
+    .context("cannot start the control plane")?;
+    port.set_control_thread(control.thread().clone());
     let server = match dataplane::serve(&resolved.settings, &identity) {
         Ok(server) => server,
         Err(e) => {
@@ -154,7 +177,7 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
         listen.ip(),
         listen.port(),
         server.worker_count(),
-        dev.ca_path.display()
+        data_dir.join(internet2_server::authority::CA_FILE).display()
     );
     let _ = std::io::stdout().flush();
 

@@ -20,6 +20,7 @@ fn target(server: &Server) -> ClientTarget {
         remote: server.socket_addr(),
         server_name: "localhost".into(),
         trust: ServerTrust::Roots(vec![root]),
+        identity: Some(operator_identity(server)),
         backend: BackendKind::Socket,
         transport: TransportSettings {
             keep_alive: Some(Duration::from_secs(2)),

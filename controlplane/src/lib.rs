@@ -48,8 +48,14 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    /// Start the control-plane thread, pinned to `core` when given.
-    pub fn spawn(core: Option<usize>) -> std::io::Result<Self> {
+    /// Start the control-plane thread, pinned to `core` when given. `work`
+    /// runs whenever the thread is unparked (a sender pushed something) or
+    /// the time it returned passed; it serves what is queued and says how
+    /// long it may sleep.
+    pub fn spawn(
+        core: Option<usize>,
+        mut work: impl FnMut(std::time::Instant) -> Duration + Send + 'static,
+    ) -> std::io::Result<Self> {
         let queue = Arc::new(ArrayQueue::new(REQUEST_QUEUE_LEN));
         let inbox = queue.clone();
         // Returns once the thread is pinned, so callers see it in place.
@@ -65,7 +71,7 @@ impl ControlPlane {
                     }
                 }
                 let _ = started_tx.send(());
-                run(&inbox);
+                run(&inbox, &mut work);
             })?;
         let _ = started_rx.recv();
         let sender = ControlSender {
@@ -95,12 +101,15 @@ fn core_pin(core: usize) -> bool {
     core_affinity::set_for_current(core_affinity::CoreId { id: core })
 }
 
-fn run(inbox: &ArrayQueue<ControlRequest>) {
+fn run(inbox: &ArrayQueue<ControlRequest>, work: &mut dyn FnMut(std::time::Instant) -> Duration) {
     loop {
         if let Some(ControlRequest::Shutdown) = inbox.pop() {
             return;
         }
+        let sleep = work(std::time::Instant::now());
         // Parking is cheap and bounded: senders unpark after every push.
-        std::thread::park_timeout(Duration::from_secs(1));
+        if !sleep.is_zero() {
+            std::thread::park_timeout(sleep.min(Duration::from_secs(1)));
+        }
     }
 }

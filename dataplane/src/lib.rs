@@ -13,6 +13,7 @@
 
 pub mod cid;
 pub mod client;
+pub mod control;
 pub mod front_door;
 pub mod io;
 pub mod protocols;
@@ -20,6 +21,7 @@ pub mod server;
 pub mod stats;
 pub mod steering;
 pub mod transport;
+pub mod trust;
 pub mod worker;
 
 pub use cid::WorkerId;
@@ -27,5 +29,5 @@ pub use io::BackendKind;
 pub use server::{ServeError, ServerHandle, ServerSettings, serve};
 pub use stats::{Counters, StatsRegistry, StatsSnapshot};
 pub use transport::{
-    CongestionControl, Resumption, ServerIdentity, ServerTrust, TransportSettings,
+    ClientIdentity, CongestionControl, Resumption, ServerIdentity, ServerTrust, TransportSettings,
 };

@@ -11,13 +11,22 @@ use crate::io::xdp::{XdpBackend, XdpError, XdpSettings, ZeroCopy};
 use crate::io::{Backend, BackendKind, IoBatch};
 use crate::protocols::doq::{DoqServer, Zone};
 use crate::protocols::perf::PerfServer;
-use crate::protocols::stoq::{StoqContext, StoqServer};
+use crate::control::ControlPort;
+use crate::protocols::stoq::{self, AuthorityRoute, StoqContext, StoqServer};
+use crate::trust::{TrustStore, serial_of};
 use crate::protocols::{Alpn, SERVED_ALPNS};
 use crate::stats::{Counters, StatsRegistry};
 use crate::steering::{ReuseportSteering, SteeringMode};
 use crate::transport::{ServerIdentity, TlsSetupError, TransportSettings, server_crypto};
-use crate::worker::{Admission, Mailbox, Routing, Service, Worker, WorkerControl, WorkerParts};
-use quinn_proto::{Connection, EndpointConfig, Event, Incoming, ServerConfig, StreamEvent};
+use crate::worker::{
+    Actions, Admission, Delivery, Mailbox, Routing, Service, Worker, WorkerControl, WorkerParts,
+};
+use bytes::Bytes;
+use quinn_proto::{
+    Connection, ConnectionHandle, EndpointConfig, Event, Incoming, ServerConfig, StreamEvent,
+    VarInt,
+};
+use rustls::pki_types::CertificateDer;
 use std::net::SocketAddrV6;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -48,7 +57,22 @@ pub struct ServerSettings {
     /// The attached XDP front door (its counters go into `stats`; the `xdp`
     /// backend registers its sockets in it).
     pub front_door: Option<Arc<FrontDoor>>,
+    /// Where `stoq/1` authority requests go (none: they are refused).
+    pub control: Option<Arc<ControlPort>>,
+    /// Client-certificate roots and revocations; open connections whose
+    /// certificate gets revoked are closed.
+    pub trust: Option<Arc<TrustStore>>,
+    /// Serve `perf` to clients without a certificate (benchmarks).
+    pub perf_without_certificate: bool,
+    /// Serve `doq` to clients without a certificate (public DNS).
+    pub dns_without_certificate: bool,
 }
+
+/// Application close code: a `perf` connection without a client
+/// certificate where the config requires one (docs/PROTOCOL.md).
+pub const CLOSE_CERTIFICATE_REQUIRED: u32 = 0x101;
+/// Application close code: the client certificate was revoked.
+pub const CLOSE_CERTIFICATE_REVOKED: u32 = 0x102;
 
 /// How the `xdp` backend's workers map onto the NIC.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -189,7 +213,7 @@ pub fn serve(
             true,
             None,
         );
-        let service = ServerService::new(stats.clone(), settings);
+        let service = ServerService::new(index, stats.clone(), settings);
         let worker = Worker::new(WorkerParts {
             id,
             endpoint,
@@ -205,6 +229,9 @@ pub fn serve(
         workers.push(worker);
     }
 
+    if let Some(control) = &settings.control {
+        control.set_mailboxes(mailboxes.clone());
+    }
     let backends = workers.iter().map(|w| w.backend_name()).collect();
     let mut threads = Vec::with_capacity(settings.workers);
     // Each worker reports once it is pinned: serve() returns (and the
@@ -407,16 +434,31 @@ impl HandshakeBudget {
 
 /// The server's application side: admission, then per-ALPN handlers.
 pub struct ServerService {
+    worker: usize,
     stats: Arc<StatsRegistry>,
     zone: Option<Arc<Zone>>,
     connections_max: usize,
     budget: HandshakeBudget,
+    control: Option<Arc<ControlPort>>,
+    trust: Option<Arc<TrustStore>>,
+    /// The trust generation open connections were last checked against.
+    trust_seen: u64,
+    perf_without_certificate: bool,
+    dns_without_certificate: bool,
+    next_conn_id: u64,
 }
 
 impl ServerService {
-    fn new(stats: Arc<StatsRegistry>, settings: &ServerSettings) -> Self {
+    fn new(worker: usize, stats: Arc<StatsRegistry>, settings: &ServerSettings) -> Self {
         let rate = f64::from(settings.handshake_rate_retry_per_s) / settings.workers as f64;
         Self {
+            worker,
+            control: settings.control.clone(),
+            trust: settings.trust.clone(),
+            trust_seen: settings.trust.as_ref().map_or(0, |t| t.generation()),
+            perf_without_certificate: settings.perf_without_certificate,
+            dns_without_certificate: settings.dns_without_certificate,
+            next_conn_id: 0,
             stats,
             zone: settings.zone.clone(),
             connections_max: settings.connections_per_worker_max,
@@ -431,14 +473,110 @@ impl ServerService {
 
 /// Per-connection server state.
 pub struct ServerConn {
+    id: u64,
+    handle: ConnectionHandle,
     alpn: Option<Alpn>,
+    /// The client certificate the handshake verified, and its serial.
+    peer: Option<(CertificateDer<'static>, Vec<u8>)>,
     perf: PerfServer,
     stoq: StoqServer,
     doq: DoqServer,
 }
 
+impl ServerService {
+    /// The handshake completed: take the verified client certificate and
+    /// apply the per-ALPN rule for connections without one. Returns false
+    /// when the connection was closed.
+    fn on_connected(
+        &mut self,
+        st: &mut ServerConn,
+        conn: &mut Connection,
+        alpn: Alpn,
+        counters: &mut Counters,
+    ) -> bool {
+        st.peer = conn
+            .crypto_session()
+            .peer_identity()
+            .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+            .and_then(|chain| chain.into_iter().next())
+            .and_then(|leaf| serial_of(&leaf).map(|serial| (leaf, serial)));
+        let allowed_without = match alpn {
+            Alpn::Perf => self.perf_without_certificate,
+            Alpn::Doq => self.dns_without_certificate,
+            // A stoq/1 connection without a certificate may only enroll:
+            // the handler refuses everything else.
+            Alpn::Stoq => true,
+        };
+        if st.peer.is_none() && !allowed_without {
+            counters.refused_certificate += 1;
+            conn.close(
+                Instant::now(),
+                VarInt::from_u32(CLOSE_CERTIFICATE_REQUIRED),
+                Bytes::from_static(b"this protocol needs a client certificate on this server"),
+            );
+            return false;
+        }
+        true
+    }
+}
+
 impl Service for ServerService {
     type Conn = ServerConn;
+
+    fn poll(&mut self, _now: Instant, actions: &mut Actions) {
+        // A new trust snapshot may revoke certificates of open connections.
+        if let Some(trust) = &self.trust {
+            let generation = trust.generation();
+            if generation != self.trust_seen {
+                self.trust_seen = generation;
+                actions.visit_all = true;
+            }
+        }
+    }
+
+    fn on_visit(&mut self, st: &mut ServerConn, conn: &mut Connection, now: Instant) {
+        let (Some(trust), Some((_, serial))) = (&self.trust, &st.peer) else {
+            return;
+        };
+        if trust.load().is_revoked(serial) {
+            tracing::info!(worker = self.worker, "closing a connection whose client certificate was revoked");
+            conn.close(
+                now,
+                VarInt::from_u32(CLOSE_CERTIFICATE_REVOKED),
+                Bytes::from_static(b"client certificate revoked"),
+            );
+        }
+    }
+
+    fn poll_deliveries(&mut self, out: &mut Vec<Delivery>) {
+        let Some(port) = &self.control else { return };
+        while let Some(reply) = port.take_reply(self.worker) {
+            let kind = reply.kind | stoq::RESPONSE_FLAG;
+            let response = match reply.result {
+                Ok(payload) => stoq::encode(kind, &payload),
+                Err((code, message)) => stoq::encode_error_code(code, &message),
+            };
+            out.push(Delivery {
+                handle: ConnectionHandle(reply.ticket.handle),
+                conn_id: reply.ticket.conn_id,
+                stream: reply.ticket.stream,
+                response,
+            });
+        }
+    }
+
+    fn on_delivery(
+        &mut self,
+        st: &mut ServerConn,
+        conn: &mut Connection,
+        delivery: Delivery,
+        counters: &mut Counters,
+    ) {
+        if st.id == delivery.conn_id {
+            st.stoq
+                .deliver(conn, delivery.stream, delivery.response, counters);
+        }
+    }
 
     fn admit(&mut self, incoming: &Incoming, now: Instant, open: usize) -> Admission {
         if open >= self.connections_max {
@@ -451,9 +589,13 @@ impl Service for ServerService {
         }
     }
 
-    fn on_open(&mut self, _conn: &mut Connection, _now: Instant) -> ServerConn {
+    fn on_open(&mut self, _conn: &mut Connection, handle: ConnectionHandle, _now: Instant) -> ServerConn {
+        self.next_conn_id += 1;
         ServerConn {
+            id: self.next_conn_id,
+            handle,
             alpn: None,
+            peer: None,
             perf: PerfServer::default(),
             stoq: StoqServer::default(),
             doq: DoqServer::default(),
@@ -472,10 +614,20 @@ impl Service for ServerService {
             st.alpn = Alpn::of(conn);
         }
         let Some(alpn) = st.alpn else { return };
+        if matches!(event, Event::Connected) && !self.on_connected(st, conn, alpn, counters) {
+            return;
+        }
         let early = conn.is_handshaking();
         let ctx = StoqContext {
             stats: &self.stats,
             early,
+            peer: st.peer.as_ref().map(|(cert, _)| cert),
+            authority: self.control.as_deref().map(|port| AuthorityRoute {
+                port,
+                worker: self.worker,
+                handle: st.handle.0,
+                conn_id: st.id,
+            }),
         };
         match (alpn, event) {
             (Alpn::Perf, Event::Stream(StreamEvent::Opened { .. })) => {

@@ -84,6 +84,8 @@ counters! {
     refused_alpn,
     /// Handshakes that failed for another TLS or transport reason.
     failed_handshakes,
+    /// Connections closed because their ALPN needs a client certificate.
+    refused_certificate,
     /// stoq/1 requests answered.
     stoq_requests,
     /// stoq/1 requests answered with an error code.

@@ -85,11 +85,28 @@ impl TransportSettings {
 /// What the server presents in TLS, and how it checks clients.
 #[derive(Clone)]
 pub struct ServerIdentity {
-    pub cert_chain: Vec<CertificateDer<'static>>,
-    pub key: Arc<PrivateKeyDer<'static>>,
-    /// The seam for mutual TLS: `None` accepts clients without certificates.
+    /// The server's certificate, swappable for rotation.
+    pub certificates: Arc<crate::trust::CertificateStore>,
+    /// Client certificates are checked with it when given (`None`: no
+    /// client certificate is asked for).
     pub client_verifier: Option<Arc<dyn ClientCertVerifier>>,
     pub resumption: Resumption,
+}
+
+/// A client's certificate chain and key, presented for mutual TLS.
+#[derive(Debug)]
+pub struct ClientIdentity {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl Clone for ClientIdentity {
+    fn clone(&self) -> Self {
+        Self {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
 }
 
 /// How TLS sessions resume (docs/PROTOCOL.md, "Resumption and 0-RTT").
@@ -116,7 +133,7 @@ pub enum TlsSetupError {
 /// AES-256-GCM: AES-128 does 10 rounds instead of 14 on every packet and its
 /// key schedule hashes with SHA-256 instead of SHA-384, for the same
 /// 128-bit security level QUIC's header protection has anyway.
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     use rustls::crypto::ring::cipher_suite;
     let mut provider = rustls::crypto::ring::default_provider();
     provider.cipher_suites = vec![
@@ -138,8 +155,7 @@ pub fn server_crypto(
         Some(verifier) => builder.with_client_cert_verifier(verifier.clone()),
         None => builder.with_no_client_auth(),
     };
-    let mut config =
-        builder.with_single_cert(identity.cert_chain.clone(), identity.key.clone_key())?;
+    let mut config = builder.with_cert_resolver(identity.certificates.clone());
     config.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
     config.send_tls13_tickets = 2;
     match &identity.resumption {
@@ -220,22 +236,26 @@ impl rustls::client::danger::ServerCertVerifier for SignatureOnly {
 /// rustls client config for QUIC with resumption and 0-RTT enabled.
 pub fn client_crypto(
     trust: &ServerTrust,
+    identity: Option<&ClientIdentity>,
     alpn: &[u8],
 ) -> Result<Arc<QuicClientConfig>, TlsSetupError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?;
-    let mut config = match trust {
+    let builder = match trust {
         ServerTrust::Roots(roots) => {
             let mut store = rustls::RootCertStore::empty();
             for root in roots {
                 store.add(root.clone())?;
             }
-            builder.with_root_certificates(store).with_no_client_auth()
+            builder.with_root_certificates(store)
         }
         ServerTrust::HandshakeSignatureOnly => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(SignatureOnly(provider())))
-            .with_no_client_auth(),
+            .with_custom_certificate_verifier(Arc::new(SignatureOnly(provider()))),
+    };
+    let mut config = match identity {
+        Some(id) => builder.with_client_auth_cert(id.chain.clone(), id.key.clone_key())?,
+        None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![alpn.to_vec()];
     config.enable_early_data = true;

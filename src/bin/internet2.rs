@@ -76,6 +76,12 @@ struct TargetArgs {
     /// Name to verify in the server's certificate.
     #[arg(long, default_value = "localhost")]
     server_name: String,
+    /// Client certificate for mutual TLS: a PEM file with the certificate
+    /// chain and the private key. Default: `operator.pem` beside the --ca
+    /// file (the server writes it into its data directory for local
+    /// operators), else the identity `internet2 enroll` saved.
+    #[arg(long, value_name = "PEM")]
+    identity: Option<PathBuf>,
     /// Give up after this many milliseconds.
     #[arg(long, default_value_t = 5000)]
     timeout_ms: u64,
@@ -195,16 +201,65 @@ fn target(args: &TargetArgs, transport: TransportSettings) -> anyhow::Result<Cli
             ca.display()
         )
     })?;
+    let identity = client_identity(args.identity.as_deref(), &ca)?;
     Ok(ClientTarget {
         remote: args.connect,
         server_name: args.server_name.clone(),
         trust: ServerTrust::Roots(vec![root]),
+        identity,
         backend: match args.backend {
             BackendArg::Uring => BackendKind::Uring,
             BackendArg::Socket => BackendKind::Socket,
         },
         transport,
     })
+}
+
+/// Where `internet2 enroll` keeps this user's identity.
+fn enrolled_identity_path() -> PathBuf {
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("HOME")
+                .map_or_else(|| PathBuf::from("."), PathBuf::from)
+                .join(".local/share")
+        });
+    base.join("internet2").join("identity.pem")
+}
+
+/// The client certificate to present: `--identity`, else `operator.pem`
+/// beside the CA file, else the enrolled identity; none if neither exists.
+fn client_identity(
+    explicit: Option<&std::path::Path>,
+    ca: &std::path::Path,
+) -> anyhow::Result<Option<dataplane::ClientIdentity>> {
+    let path = match explicit {
+        Some(path) => path.to_owned(),
+        None => {
+            let operator = ca.with_file_name("operator.pem");
+            let enrolled = enrolled_identity_path();
+            match [operator, enrolled].into_iter().find(|p| p.is_file()) {
+                Some(path) => path,
+                None => return Ok(None),
+            }
+        }
+    };
+    load_identity(&path).map(Some)
+}
+
+fn load_identity(path: &std::path::Path) -> anyhow::Result<dataplane::ClientIdentity> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| anyhow::anyhow!("{}: not a PEM identity file: {e}", path.display()))?;
+    if chain.is_empty() {
+        bail!("{}: holds no certificate", path.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| anyhow::anyhow!("{}: holds no private key: {e}", path.display()))?;
+    Ok(dataplane::ClientIdentity { chain, key })
 }
 
 fn ping(args: &TargetArgs, count: u32, payload: &str) -> anyhow::Result<()> {

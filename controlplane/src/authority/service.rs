@@ -124,6 +124,43 @@ pub struct AuthorityService {
     config: ServiceConfig,
     tokens: EnrollmentKey,
     rotated: Option<ServerCertificate>,
+    /// The server's TLS key (PKCS#8), kept across rotations: clients pin
+    /// its SPKI (DNS TLSA 3 1 1), so a rotation must not change it.
+    server_key: Vec<u8>,
+}
+
+/// The server's TLS key in the data directory (PEM, 0600, never rewritten).
+pub const SERVER_KEY_FILE: &str = "server-tls.key";
+
+fn server_spki(pkcs8: &[u8]) -> Result<Vec<u8>, AuthorityError> {
+    let der = rustls::pki_types::PrivatePkcs8KeyDer::from(pkcs8);
+    let key = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&der, &rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| AuthorityError::Ca(CaError::Rcgen(e)))?;
+    Ok(key.public_key_der())
+}
+
+/// Load the server's TLS key, or make one (ECDSA P-256) on first start.
+fn load_or_create_server_key(data_dir: &Path) -> Result<Vec<u8>, AuthorityError> {
+    let path = data_dir.join(SERVER_KEY_FILE);
+    let io = |source| AuthorityError::Io {
+        path: path.clone(),
+        source,
+    };
+    if path.exists() {
+        let pem = std::fs::read_to_string(&path).map_err(io)?;
+        let key = rcgen::KeyPair::from_pem(&pem).map_err(|e| {
+            io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("not a private key: {e}"),
+            ))
+        })?;
+        return Ok(key.serialize_der());
+    }
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| AuthorityError::Ca(CaError::Rcgen(e)))?;
+    super::ca::store::write_private(&path, key.serialize_pem().as_bytes())?;
+    super::ca::store::sync_dir(data_dir)?;
+    Ok(key.serialize_der())
 }
 
 /// The caller, once its certificate is checked.
@@ -440,11 +477,13 @@ impl AuthorityService {
     ) -> Result<Self, AuthorityError> {
         let authority = Authority::open(data_dir, config.ca_algorithm, config.log_algorithm, now)?;
         let tokens = EnrollmentKey::load_or_create(data_dir)?;
+        let server_key = load_or_create_server_key(data_dir)?;
         Ok(Self {
             authority,
             config,
             tokens,
             rotated: None,
+            server_key,
         })
     }
 
@@ -549,19 +588,16 @@ impl AuthorityService {
             ip_addresses,
             usage: Usage::Server,
             lifetime: self.config.lifetime,
-            public_key: None,
+            public_key: Some(server_spki(&self.server_key)?),
         };
         let logged = self.authority.issue(request, now)?;
         let certificate = logged.certificate;
-        let key = certificate
-            .private_key
-            .ok_or(AuthorityError::Ca(CaError::Random))?;
         Ok(ServerCertificate {
             chain_der: vec![
                 certificate.cert_der,
                 self.authority.ca().intermediate_der().to_vec(),
             ],
-            key_pkcs8_der: key.der,
+            key_pkcs8_der: self.server_key.clone(),
             serial: certificate.serial,
             not_after: certificate.not_after,
         })

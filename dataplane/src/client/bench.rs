@@ -291,7 +291,12 @@ impl BenchService {
 impl Service for BenchService {
     type Conn = BenchConn;
 
-    fn on_open(&mut self, _conn: &mut Connection, now: Instant) -> BenchConn {
+    fn on_open(
+        &mut self,
+        _conn: &mut Connection,
+        _handle: quinn_proto::ConnectionHandle,
+        now: Instant,
+    ) -> BenchConn {
         self.in_handshake += 1;
         self.opened += 1;
         self.open += 1;

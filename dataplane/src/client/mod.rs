@@ -10,7 +10,9 @@ use crate::io::sockopt::bind_client_socket;
 use crate::protocols::stoq::Kind;
 use crate::server::{ServeError, make_backend};
 use crate::stats::StatsRegistry;
-use crate::transport::{ServerTrust, TlsSetupError, TransportSettings, client_crypto};
+use crate::transport::{
+    ClientIdentity, ServerTrust, TlsSetupError, TransportSettings, client_crypto,
+};
 use crate::worker::{Mailbox, Routing, Service, Worker, WorkerParts};
 use bench::{BenchPlan, BenchProgress, BenchReport, BenchService};
 use bytes::Bytes;
@@ -44,6 +46,9 @@ pub struct ClientTarget {
     pub remote: SocketAddr,
     pub server_name: String,
     pub trust: ServerTrust,
+    /// The certificate presented for mutual TLS (`None`: none; the server
+    /// then allows enrollment, public DNS and, where configured, `perf`).
+    pub identity: Option<ClientIdentity>,
     pub backend: BackendKind,
     pub transport: TransportSettings,
 }
@@ -59,7 +64,7 @@ impl ClientTarget {
     /// A QUIC client config for `alpn` (shares one session cache, so later
     /// connections from it resume and may use 0-RTT).
     pub fn client_config(&self, alpn: &[u8]) -> Result<ClientConfig, ClientError> {
-        let crypto = client_crypto(&self.trust, alpn)?;
+        let crypto = client_crypto(&self.trust, self.identity.as_ref(), alpn)?;
         let mut config = ClientConfig::new(crypto);
         config.transport_config(Arc::new(self.transport.build()));
         Ok(config)
@@ -117,6 +122,30 @@ pub fn rpc(
         target.remote,
         &target.server_name,
         requests,
+        timeout,
+    );
+    run_rpc(target, service)
+}
+
+/// Send one `stoq/1` request of any kind (the authority's kinds are not
+/// idempotent: never sent as 0-RTT data) and wait for its reply.
+pub fn rpc_raw(
+    target: &ClientTarget,
+    config: &ClientConfig,
+    kind: u8,
+    payload: &[u8],
+    timeout: Duration,
+) -> Result<RpcOutcome, ClientError> {
+    let request = rpc::Request {
+        message: crate::protocols::stoq::encode(kind, payload),
+        idempotent: false,
+    };
+    let service = RpcService::with_framing(
+        config.clone(),
+        target.remote,
+        &target.server_name,
+        rpc::Framing::Stoq,
+        vec![request],
         timeout,
     );
     run_rpc(target, service)

@@ -217,7 +217,12 @@ impl RpcService {
 impl Service for RpcService {
     type Conn = RpcConn;
 
-    fn on_open(&mut self, conn: &mut Connection, now: Instant) -> RpcConn {
+    fn on_open(
+        &mut self,
+        conn: &mut Connection,
+        _handle: quinn_proto::ConnectionHandle,
+        now: Instant,
+    ) -> RpcConn {
         self.started = Some(now);
         let mut st = RpcConn {
             streams: HashMap::new(),

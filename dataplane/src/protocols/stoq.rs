@@ -5,7 +5,9 @@
 //! header (version, kind, two reserved zero bytes, big-endian u32 payload
 //! length) and the payload.
 
+use crate::control::{ControlPort, Forwarded, Ticket};
 use crate::stats::{Counters, StatsRegistry};
+use rustls::pki_types::CertificateDer;
 use bytes::{BufMut, Bytes, BytesMut};
 use quinn_proto::{Connection, Dir, StreamId, VarInt};
 use std::collections::HashMap;
@@ -25,6 +27,12 @@ pub const RESPONSE_FLAG: u8 = 0x80;
 pub const KIND_ERROR: u8 = 0xff;
 /// Stream error code used when the server stops reading a bad request.
 pub const STREAM_ERROR_BAD_REQUEST: u32 = 0x2;
+/// Request kinds answered by the control plane's authority (forwarded as
+/// they are; docs/PROTOCOL.md lists them).
+pub const AUTHORITY_KINDS: std::ops::RangeInclusive<u8> = 0x10..=0x3f;
+/// The one authority kind a connection without a client certificate may
+/// send: enrollment.
+pub const KIND_ENROLL: u8 = 0x10;
 
 /// Request kinds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,6 +68,10 @@ pub enum ErrorCode {
     UnknownMessage = 2,
     MessageTooLarge = 3,
     Malformed = 4,
+    /// The request needs a client certificate the connection lacks.
+    CertificateRequired = 5,
+    /// The control plane's queue is full: retry later.
+    Busy = 6,
 }
 
 impl ErrorCode {
@@ -69,6 +81,8 @@ impl ErrorCode {
             2 => Some(ErrorCode::UnknownMessage),
             3 => Some(ErrorCode::MessageTooLarge),
             4 => Some(ErrorCode::Malformed),
+            5 => Some(ErrorCode::CertificateRequired),
+            6 => Some(ErrorCode::Busy),
             _ => None,
         }
     }
@@ -119,8 +133,13 @@ pub fn encode(kind: u8, payload: &[u8]) -> Bytes {
 }
 
 pub fn encode_error(code: ErrorCode, message: &str) -> Bytes {
+    encode_error_code(code as u16, message)
+}
+
+/// An error response with any code (the authority's codes are its own).
+pub fn encode_error_code(code: u16, message: &str) -> Bytes {
     let mut payload = Vec::with_capacity(2 + message.len());
-    payload.extend_from_slice(&(code as u16).to_be_bytes());
+    payload.extend_from_slice(&code.to_be_bytes());
     payload.extend_from_slice(message.as_bytes());
     encode(KIND_ERROR, &payload)
 }
@@ -184,6 +203,19 @@ pub struct StoqContext<'a> {
     pub stats: &'a Arc<StatsRegistry>,
     /// True while the handshake is not complete: data is 0-RTT.
     pub early: bool,
+    /// The client certificate the handshake verified (leaf).
+    pub peer: Option<&'a CertificateDer<'static>>,
+    /// Where authority requests go, if this server has an authority.
+    pub authority: Option<AuthorityRoute<'a>>,
+}
+
+/// How to forward an authority request of this connection.
+#[derive(Clone, Copy)]
+pub struct AuthorityRoute<'a> {
+    pub port: &'a ControlPort,
+    pub worker: usize,
+    pub handle: usize,
+    pub conn_id: u64,
 }
 
 impl StoqServer {
@@ -265,6 +297,33 @@ impl StoqServer {
                 ErrorCode::Malformed,
                 &DecodeError::TrailingBytes.to_string(),
             )),
+            Ok(_) if AUTHORITY_KINDS.contains(&stream.buf[1]) => {
+                let kind = stream.buf[1];
+                if ctx.early {
+                    // Not idempotent: wait for the handshake (and its
+                    // verified certificate).
+                    counters.zero_rtt_deferred += 1;
+                    return;
+                }
+                match forward(kind, id, stream, ctx) {
+                    Ok(()) => {
+                        stream.answered = true;
+                        counters.stoq_requests += 1;
+                        return;
+                    }
+                    Err(response) => Some(response),
+                }
+            }
+            Ok(_) if ctx.peer.is_none() && ctx.early => {
+                // Whether this client has a certificate is known once the
+                // handshake completes.
+                counters.zero_rtt_deferred += 1;
+                return;
+            }
+            Ok(_) if ctx.peer.is_none() => Some(encode_error(
+                ErrorCode::CertificateRequired,
+                "this request needs a client certificate; a connection without one may only enroll",
+            )),
             Ok(_) => match Kind::from_u8(stream.buf[1]) {
                 None => Some(encode_error(
                     ErrorCode::UnknownMessage,
@@ -280,20 +339,76 @@ impl StoqServer {
         let Some(response) = response else { return };
         stream.answered = true;
         counters.stoq_requests += 1;
-        if response[1] == KIND_ERROR {
-            counters.stoq_errors += 1;
-            // Stop the peer from sending more of a request we rejected.
-            let _ = conn
-                .recv_stream(id)
-                .stop(VarInt::from_u32(STREAM_ERROR_BAD_REQUEST));
-        }
-        counters.stream_bytes_tx += response.len() as u64;
-        let mut send = conn.send_stream(id);
-        // A response always fits the initial stream window, which the
-        // transport config keeps above RESPONSE_PAYLOAD_MAX.
-        let _ = send.write_chunks(&mut [response]);
-        let _ = send.finish();
+        respond(conn, id, response, counters);
     }
+
+    /// The control plane's answer to a forwarded request.
+    pub fn deliver(
+        &mut self,
+        conn: &mut Connection,
+        id: StreamId,
+        response: Bytes,
+        counters: &mut Counters,
+    ) {
+        if self.streams.contains_key(&id) {
+            respond(conn, id, response, counters);
+        }
+    }
+}
+
+/// Send `response` on stream `id` and finish it.
+fn respond(conn: &mut Connection, id: StreamId, response: Bytes, counters: &mut Counters) {
+    if response[1] == KIND_ERROR {
+        counters.stoq_errors += 1;
+        // Stop the peer from sending more of a request we rejected.
+        let _ = conn
+            .recv_stream(id)
+            .stop(VarInt::from_u32(STREAM_ERROR_BAD_REQUEST));
+    }
+    counters.stream_bytes_tx += response.len() as u64;
+    let mut send = conn.send_stream(id);
+    // A response always fits the initial stream window, which the
+    // transport config keeps above RESPONSE_PAYLOAD_MAX.
+    let _ = send.write_chunks(&mut [response]);
+    let _ = send.finish();
+}
+
+/// Forward an authority request; on refusal, the error response to send.
+fn forward(
+    kind: u8,
+    id: StreamId,
+    stream: &StoqStream,
+    ctx: &StoqContext<'_>,
+) -> Result<(), Bytes> {
+    let Some(route) = ctx.authority else {
+        return Err(encode_error(
+            ErrorCode::UnknownMessage,
+            &format!("message kind {kind:#04x} needs the authority, which this server does not run"),
+        ));
+    };
+    if ctx.peer.is_none() && kind != KIND_ENROLL {
+        return Err(encode_error(
+            ErrorCode::CertificateRequired,
+            "this request needs a client certificate; a connection without one may only enroll",
+        ));
+    }
+    let request = Forwarded {
+        worker: route.worker,
+        ticket: Ticket {
+            handle: route.handle,
+            conn_id: route.conn_id,
+            stream: id,
+        },
+        kind,
+        payload: Bytes::copy_from_slice(&stream.buf[HEADER_LEN..]),
+        peer: ctx.peer.cloned(),
+    };
+    route.port.forward(request).map_err(|_| {
+        encode_error(
+            ErrorCode::Busy,
+            "the authority is busy; retry in a moment",
+        )
+    })
 }
 
 fn answer(kind: Kind, payload: &[u8], ctx: &StoqContext<'_>) -> Bytes {

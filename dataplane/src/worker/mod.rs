@@ -80,8 +80,10 @@ pub trait Service: Send {
     fn admit(&mut self, _incoming: &Incoming, _now: Instant, _open: usize) -> Admission {
         Admission::Refuse
     }
-    /// A connection was accepted or initiated.
-    fn on_open(&mut self, conn: &mut Connection, now: Instant) -> Self::Conn;
+    /// A connection was accepted or initiated; `handle` names it in
+    /// [`Delivery`]s.
+    fn on_open(&mut self, conn: &mut Connection, handle: ConnectionHandle, now: Instant)
+    -> Self::Conn;
     /// One quinn-proto event of a connection, after the worker counted it.
     fn on_event(
         &mut self,
@@ -101,6 +103,31 @@ pub trait Service: Send {
     fn poll_timeout(&self) -> Option<Instant> {
         None
     }
+    /// Collect what other threads sent to connections (control-plane
+    /// replies); called once per loop iteration.
+    fn poll_deliveries(&mut self, _out: &mut Vec<Delivery>) {}
+    /// One delivery for a live connection (those for closed connections are
+    /// dropped by the worker).
+    fn on_delivery(
+        &mut self,
+        _state: &mut Self::Conn,
+        _conn: &mut Connection,
+        _delivery: Delivery,
+        _counters: &mut Counters,
+    ) {
+    }
+}
+
+/// A response from another thread for one stream of one connection.
+#[derive(Debug)]
+pub struct Delivery {
+    pub handle: ConnectionHandle,
+    /// The service's own id for the connection, so a reused handle is
+    /// recognised.
+    pub conn_id: u64,
+    pub stream: quinn_proto::StreamId,
+    /// The whole response message to write and finish the stream with.
+    pub response: Bytes,
 }
 
 struct Conn<T> {
@@ -165,6 +192,7 @@ struct Core<S: Service> {
     pending: Option<PendingSend>,
     max_gso: usize,
     stopping_until: Option<Instant>,
+    deliveries: Vec<Delivery>,
 }
 
 impl<S: Service> Worker<S> {
@@ -204,6 +232,7 @@ impl<S: Service> Worker<S> {
             pending: None,
             max_gso,
             stopping_until: None,
+            deliveries: Vec::new(),
         };
         Self { io: parts.io, core }
     }
@@ -219,6 +248,7 @@ impl<S: Service> Worker<S> {
         loop {
             let now = Instant::now();
             let mut busy = self.core.drain_mailbox(now);
+            busy |= self.core.deliver();
             busy |= self.receive(now)?;
             self.core.fire_timers(now);
             self.core.poll_service(now);
@@ -354,6 +384,23 @@ impl<S: Service> Core<S> {
             self.counters.handoffs_in += 1;
             self.handle_owned(now, h.remote, h.local_ip, h.ecn, h.data);
         }
+        busy
+    }
+
+    /// Hand the service's deliveries to their connections.
+    fn deliver(&mut self) -> bool {
+        let mut deliveries = std::mem::take(&mut self.deliveries);
+        self.service.poll_deliveries(&mut deliveries);
+        let busy = !deliveries.is_empty();
+        for delivery in deliveries.drain(..) {
+            let ch = delivery.handle;
+            if let Some(c) = self.conns.get_mut(ch.0).and_then(Option::as_mut) {
+                self.service
+                    .on_delivery(&mut c.app, &mut c.conn, delivery, &mut self.counters);
+                self.mark_dirty(ch);
+            }
+        }
+        self.deliveries = deliveries;
         busy
     }
 
@@ -546,7 +593,7 @@ impl<S: Service> Core<S> {
     }
 
     fn insert(&mut self, ch: ConnectionHandle, mut conn: Connection, now: Instant) {
-        let app = self.service.on_open(&mut conn, now);
+        let app = self.service.on_open(&mut conn, ch, now);
         if self.conns.len() <= ch.0 {
             self.conns.resize_with(ch.0 + 1, || None);
         }

@@ -1,0 +1,266 @@
+//! Certificates in the handshake, from snapshots the control plane swaps.
+//!
+//! Workers never ask the control plane anything during a handshake: the
+//! client-certificate check reads the current [`TrustSnapshot`] (roots and
+//! revoked serials) and the server certificate comes from the current
+//! [`CertificateStore`] entry, both behind an `ArcSwap` (one atomic load per
+//! handshake, no lock). The control plane builds a new snapshot and swaps
+//! it in: the next handshake sees it; connections already open are checked
+//! against it by their worker (`generation` tells a worker something
+//! changed).
+
+use arc_swap::ArcSwap;
+use rustls::RootCertStore;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use std::sync::Arc;
+
+/// Roots clients must chain to, and the serials no longer accepted.
+pub struct TrustSnapshot {
+    /// Changes whenever roots or revocations change.
+    pub generation: u64,
+    /// Revoked serials (DER INTEGER content bytes), sorted.
+    revoked: Vec<Vec<u8>>,
+    /// The chain check for these roots, built once per snapshot.
+    verifier: Arc<dyn ClientCertVerifier>,
+}
+
+impl std::fmt::Debug for TrustSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrustSnapshot")
+            .field("generation", &self.generation)
+            .field("revoked", &self.revoked.len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrustError {
+    #[error("a trust root is unusable: {0}")]
+    Root(String),
+    #[error("the client-certificate verifier cannot be built: {0}")]
+    Verifier(String),
+}
+
+impl TrustSnapshot {
+    /// Clients must chain to `roots` (intermediates come from the client's
+    /// handshake); `revoked` serials are refused. A client may also connect
+    /// without a certificate: what it may then do is the ALPN handler's
+    /// decision (enrollment only, or public DNS).
+    pub fn new(
+        generation: u64,
+        roots: &[CertificateDer<'static>],
+        mut revoked: Vec<Vec<u8>>,
+    ) -> Result<Self, TrustError> {
+        let mut store = RootCertStore::empty();
+        for root in roots {
+            store
+                .add(root.clone())
+                .map_err(|e| TrustError::Root(e.to_string()))?;
+        }
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(store), crate::transport::provider())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| TrustError::Verifier(e.to_string()))?;
+        revoked.sort();
+        revoked.dedup();
+        Ok(Self {
+            generation,
+            revoked,
+            verifier,
+        })
+    }
+
+    pub fn is_revoked(&self, serial: &[u8]) -> bool {
+        self.revoked
+            .binary_search_by(|s| s.as_slice().cmp(serial))
+            .is_ok()
+    }
+}
+
+/// The current trust snapshot, swapped by the control plane.
+pub struct TrustStore {
+    current: ArcSwap<TrustSnapshot>,
+}
+
+impl TrustStore {
+    pub fn new(initial: TrustSnapshot) -> Arc<Self> {
+        Arc::new(Self {
+            current: ArcSwap::from_pointee(initial),
+        })
+    }
+
+    pub fn load(&self) -> Arc<TrustSnapshot> {
+        self.current.load_full()
+    }
+
+    /// Cheap check for workers, once per loop iteration.
+    pub fn generation(&self) -> u64 {
+        self.current.load().generation
+    }
+
+    pub fn swap(&self, next: TrustSnapshot) {
+        self.current.store(Arc::new(next));
+    }
+}
+
+impl std::fmt::Debug for TrustStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrustStore")
+            .field("current", &*self.current.load())
+            .finish()
+    }
+}
+
+/// The serial number of a certificate (DER INTEGER content bytes, as the
+/// control plane records them), or None if it does not parse.
+pub fn serial_of(cert: &CertificateDer<'_>) -> Option<Vec<u8>> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    Some(parsed.tbs_certificate.raw_serial().to_vec())
+}
+
+/// rustls' client-certificate hook: the current snapshot's chain check,
+/// then its revocation list.
+#[derive(Debug)]
+pub struct SnapshotClientVerifier {
+    store: Arc<TrustStore>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl SnapshotClientVerifier {
+    pub fn new(store: Arc<TrustStore>) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            provider: crate::transport::provider(),
+        })
+    }
+}
+
+impl ClientCertVerifier for SnapshotClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        // stoq/1 without a certificate may only enroll, doq is public:
+        // the handlers enforce that once the ALPN is known.
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let snapshot = self.store.current.load();
+        let verified = snapshot
+            .verifier
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let serial = serial_of(end_entity).ok_or(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::BadEncoding,
+        ))?;
+        if snapshot.is_revoked(&serial) {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Revoked,
+            ));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The server's own certificate, swapped on rotation. Handshakes in flight
+/// keep the key they started with; the next one gets the new certificate.
+pub struct CertificateStore {
+    current: ArcSwap<CertifiedKey>,
+}
+
+impl CertificateStore {
+    pub fn new(
+        chain: Vec<CertificateDer<'static>>,
+        key: &PrivateKeyDer<'static>,
+    ) -> Result<Arc<Self>, rustls::Error> {
+        Ok(Arc::new(Self {
+            current: ArcSwap::from_pointee(certified(chain, key)?),
+        }))
+    }
+
+    pub fn swap(
+        &self,
+        chain: Vec<CertificateDer<'static>>,
+        key: &PrivateKeyDer<'static>,
+    ) -> Result<(), rustls::Error> {
+        self.current.store(Arc::new(certified(chain, key)?));
+        Ok(())
+    }
+
+    /// The certificate chain handshakes present now.
+    pub fn chain(&self) -> Vec<CertificateDer<'static>> {
+        self.current.load().cert.clone()
+    }
+}
+
+fn certified(
+    chain: Vec<CertificateDer<'static>>,
+    key: &PrivateKeyDer<'static>,
+) -> Result<CertifiedKey, rustls::Error> {
+    let signing_key = crate::transport::provider()
+        .key_provider
+        .load_private_key(key.clone_key())?;
+    Ok(CertifiedKey::new(chain, signing_key))
+}
+
+impl std::fmt::Debug for CertificateStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertificateStore").finish_non_exhaustive()
+    }
+}
+
+impl ResolvesServerCert for CertificateStore {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}

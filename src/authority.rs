@@ -1,0 +1,235 @@
+//! The authority on the control-plane thread: it answers the `stoq/1`
+//! requests the workers forward, publishes the trust snapshot (roots and
+//! revoked serials) and the server certificate the workers' handshakes
+//! read, and renews the server certificate every `certificate_rotation_hours`
+//! (and on an operator's `ROTATE`).
+//!
+//! Workers never wait for it: a handshake reads the last published
+//! snapshot; a forwarded request is answered on the worker's reply queue.
+
+use controlplane::authority::service::{
+    AuthorityService, Caller, ServerCertificate, ServiceConfig, TrustMaterial,
+};
+use dataplane::control::{ControlPort, Reply};
+use dataplane::trust::{CertificateStore, TrustSnapshot, TrustStore};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Requests served per wake-up before timers get a look.
+const REQUESTS_PER_POLL: usize = 256;
+/// How long a full reply queue is retried before the reply is dropped (the
+/// client then times out): a worker that stopped reading must not stall
+/// the authority.
+const REPLY_RETRY: Duration = Duration::from_millis(50);
+
+/// The root clients trust, beside the server's data (`--ca` points here).
+pub const CA_FILE: &str = "ca.pem";
+/// A client identity for local operator commands (0600).
+pub const OPERATOR_FILE: &str = "operator.pem";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthorityStartError {
+    #[error(transparent)]
+    Authority(#[from] controlplane::authority::logged::AuthorityError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the authority's certificate is unusable for TLS: {0}")]
+    Tls(String),
+}
+
+pub struct AuthorityRuntime {
+    service: AuthorityService,
+    port: Arc<ControlPort>,
+    trust: Arc<TrustStore>,
+    certificates: Arc<CertificateStore>,
+    published_generation: u64,
+    rotation: Duration,
+    next_rotation: Instant,
+    operator_path: PathBuf,
+    next_operator_check: Instant,
+}
+
+impl AuthorityRuntime {
+    /// Open (or create) the CA, log and registry under `data_dir`, issue
+    /// the server's certificate and the operator identity, and write the
+    /// root to `ca.pem`.
+    pub fn start(
+        data_dir: &Path,
+        config: ServiceConfig,
+        rotation: Duration,
+        port: Arc<ControlPort>,
+    ) -> Result<Self, AuthorityStartError> {
+        let now = SystemTime::now();
+        let mut service = AuthorityService::open(data_dir, config, now)?;
+        let ca_path = data_dir.join(CA_FILE);
+        std::fs::write(&ca_path, service.root_pem()).map_err(|source| {
+            AuthorityStartError::Io {
+                path: ca_path.clone(),
+                source,
+            }
+        })?;
+        let operator_path = data_dir.join(OPERATOR_FILE);
+        service.ensure_operator_identity(&operator_path, now)?;
+        let material = service.trust();
+        let trust = TrustStore::new(trust_snapshot(&material)?);
+        let server = service.issue_server_certificate(now)?;
+        tracing::info!(serial = %server.serial, "server certificate issued and logged");
+        let (chain, key) = tls_parts(&server);
+        let certificates = CertificateStore::new(chain, &key)
+            .map_err(|e| AuthorityStartError::Tls(e.to_string()))?;
+        let instant = Instant::now();
+        Ok(Self {
+            service,
+            port,
+            trust,
+            certificates,
+            published_generation: material.generation,
+            rotation,
+            next_rotation: instant + rotation,
+            operator_path,
+            next_operator_check: instant + rotation,
+        })
+    }
+
+    pub fn trust(&self) -> Arc<TrustStore> {
+        self.trust.clone()
+    }
+
+    pub fn certificates(&self) -> Arc<CertificateStore> {
+        self.certificates.clone()
+    }
+
+    pub fn root_der(&self) -> Vec<u8> {
+        self.service.trust().root_der
+    }
+
+    /// Serve what is queued, rotate when due; returns how long to sleep.
+    pub fn poll(&mut self, now: Instant) -> Duration {
+        let mut served = 0;
+        while served < REQUESTS_PER_POLL {
+            let Some(request) = self.port.next_request() else {
+                break;
+            };
+            served += 1;
+            let caller = Caller {
+                cert_der: request.peer.map(|c| c.as_ref().to_vec()),
+            };
+            let result = self
+                .service
+                .handle(&caller, request.kind, &request.payload, SystemTime::now())
+                .map_err(|e| (e.code, e.message));
+            self.send_reply(
+                request.worker,
+                Reply {
+                    ticket: request.ticket,
+                    kind: request.kind,
+                    result,
+                },
+            );
+            if let Some(rotated) = self.service.take_rotated() {
+                self.publish_certificate(&rotated, "operator request");
+                self.next_rotation = Instant::now() + self.rotation;
+            }
+            self.publish_trust();
+        }
+        if now >= self.next_rotation {
+            self.rotate();
+        }
+        if now >= self.next_operator_check {
+            self.next_operator_check = now + self.rotation;
+            if let Err(e) = self
+                .service
+                .ensure_operator_identity(&self.operator_path, SystemTime::now())
+            {
+                tracing::error!(error = %e, "could not renew the operator identity");
+            }
+        }
+        if served == REQUESTS_PER_POLL {
+            return Duration::ZERO;
+        }
+        self.next_rotation.saturating_duration_since(now)
+    }
+
+    /// Issue a new server certificate (overlapping the current one, which
+    /// stays valid until it expires) and publish it.
+    pub fn rotate(&mut self) {
+        self.next_rotation = Instant::now() + self.rotation;
+        match self.service.issue_server_certificate(SystemTime::now()) {
+            Ok(server) => self.publish_certificate(&server, "scheduled rotation"),
+            // The current certificate stays; try again next period.
+            Err(e) => tracing::error!(error = %e, "server certificate rotation failed"),
+        }
+    }
+
+    fn publish_certificate(&mut self, server: &ServerCertificate, why: &str) {
+        let (chain, key) = tls_parts(server);
+        match self.certificates.swap(chain, &key) {
+            Ok(()) => tracing::info!(serial = %server.serial, why, "server certificate rotated"),
+            Err(e) => tracing::error!(error = %e, "a rotated certificate is unusable; kept the old one"),
+        }
+    }
+
+    /// Swap in a new trust snapshot when roots or revocations changed.
+    fn publish_trust(&mut self) {
+        let material = self.service.trust();
+        if material.generation == self.published_generation {
+            return;
+        }
+        match trust_snapshot(&material) {
+            Ok(snapshot) => {
+                tracing::info!(
+                    generation = material.generation,
+                    revoked = material.revoked.len(),
+                    "trust snapshot published (revocations apply to the next handshake and open connections)"
+                );
+                self.trust.swap(snapshot);
+                self.published_generation = material.generation;
+            }
+            Err(e) => tracing::error!(error = %e, "could not build a trust snapshot"),
+        }
+    }
+
+    fn send_reply(&self, worker: usize, mut reply: Reply) {
+        let deadline = Instant::now() + REPLY_RETRY;
+        loop {
+            match self.port.reply(worker, reply) {
+                Ok(()) => return,
+                Err(back) if Instant::now() < deadline => {
+                    reply = back;
+                    std::thread::yield_now();
+                }
+                Err(_) => {
+                    tracing::warn!(worker, "worker reply queue full; a reply was dropped");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn trust_snapshot(material: &TrustMaterial) -> Result<TrustSnapshot, AuthorityStartError> {
+    let root = CertificateDer::from(material.root_der.clone());
+    let revoked = material
+        .revoked
+        .serials()
+        .iter()
+        .map(|s| s.as_bytes().to_vec())
+        .collect();
+    TrustSnapshot::new(material.generation, &[root], revoked)
+        .map_err(|e| AuthorityStartError::Tls(e.to_string()))
+}
+
+fn tls_parts(server: &ServerCertificate) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    let chain = server
+        .chain_der
+        .iter()
+        .map(|der| CertificateDer::from(der.clone()))
+        .collect();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server.key_pkcs8_der.clone()));
+    (chain, key)
+}
