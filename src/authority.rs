@@ -67,11 +67,9 @@ impl AuthorityRuntime {
         let now = SystemTime::now();
         let mut service = AuthorityService::open(data_dir, config, now)?;
         let ca_path = data_dir.join(CA_FILE);
-        std::fs::write(&ca_path, service.root_pem()).map_err(|source| {
-            AuthorityStartError::Io {
-                path: ca_path.clone(),
-                source,
-            }
+        std::fs::write(&ca_path, service.root_pem()).map_err(|source| AuthorityStartError::Io {
+            path: ca_path.clone(),
+            source,
         })?;
         let operator_path = data_dir.join(OPERATOR_FILE);
         service.ensure_operator_identity(&operator_path, now)?;
@@ -170,7 +168,9 @@ impl AuthorityRuntime {
         let (chain, key) = tls_parts(server);
         match self.certificates.swap(chain, &key) {
             Ok(()) => tracing::info!(serial = %server.serial, why, "server certificate rotated"),
-            Err(e) => tracing::error!(error = %e, "a rotated certificate is unusable; kept the old one"),
+            Err(e) => {
+                tracing::error!(error = %e, "a rotated certificate is unusable; kept the old one")
+            }
         }
     }
 
@@ -232,4 +232,85 @@ fn tls_parts(server: &ServerCertificate) -> (Vec<CertificateDer<'static>>, Priva
         .collect();
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server.key_pkcs8_der.clone()));
     (chain, key)
+}
+
+/// The running server's answer to `internet2-server rotate`.
+pub use controlplane::authority::api::Rotated;
+
+/// Ask the server listening on `listen` (its data directory `data_dir`
+/// holds the root and the operator identity) to rotate its certificate.
+pub fn request_rotation(
+    data_dir: &Path,
+    listen: std::net::SocketAddrV6,
+    server_names: &[String],
+    timeout: Duration,
+) -> anyhow::Result<Rotated> {
+    use anyhow::Context;
+    use dataplane::client::rpc::Reply;
+    let target = local_operator_target(data_dir, listen, server_names)?;
+    let config = target.client_config(dataplane::protocols::ALPN_STOQ)?;
+    let outcome = dataplane::client::rpc_raw(
+        &target,
+        &config,
+        controlplane::authority::api::ROTATE,
+        b"{}",
+        timeout,
+    )?;
+    match &outcome.replies[0] {
+        Reply::Ok(body) => serde_json::from_slice(body).context("the server's answer is not JSON"),
+        Reply::Error { code, message } => {
+            anyhow::bail!("the server refused ({code:#x}): {message}")
+        }
+        Reply::Failed(why) => anyhow::bail!(
+            "cannot reach the server on [{}]:{}: {why}",
+            listen.ip(),
+            listen.port()
+        ),
+    }
+}
+
+/// A client target for the local server as its operator: the root and the
+/// operator identity from the data directory.
+pub fn local_operator_target(
+    data_dir: &Path,
+    listen: std::net::SocketAddrV6,
+    server_names: &[String],
+) -> anyhow::Result<dataplane::client::ClientTarget> {
+    use anyhow::Context;
+    use rustls::pki_types::pem::PemObject;
+    let ca_path = data_dir.join(CA_FILE);
+    let root = CertificateDer::from_pem_file(&ca_path).with_context(|| {
+        format!(
+            "cannot read {} (is the server's data directory right?)",
+            ca_path.display()
+        )
+    })?;
+    let operator = data_dir.join(OPERATOR_FILE);
+    let chain = CertificateDer::pem_file_iter(&operator)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("cannot read the operator identity {}", operator.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&operator)
+        .with_context(|| format!("no private key in {}", operator.display()))?;
+    let ip = if listen.ip().is_unspecified() {
+        std::net::Ipv6Addr::LOCALHOST
+    } else {
+        *listen.ip()
+    };
+    let server_name =
+        if listen.ip().is_unspecified() || server_names.contains(&"localhost".to_string()) {
+            server_names
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "localhost".into())
+        } else {
+            ip.to_string()
+        };
+    Ok(dataplane::client::ClientTarget {
+        remote: std::net::SocketAddr::V6(std::net::SocketAddrV6::new(ip, listen.port(), 0, 0)),
+        server_name,
+        trust: dataplane::ServerTrust::Roots(vec![root]),
+        identity: Some(dataplane::ClientIdentity { chain, key }),
+        backend: dataplane::BackendKind::Socket,
+        transport: dataplane::TransportSettings::default(),
+    })
 }

@@ -394,7 +394,8 @@ impl Config {
                 "must be above 0 and below certificate_lifetime_hours (validity must overlap)",
             ));
         }
-        let certificate_lifetime = Duration::from_secs(u64::from(a.certificate_lifetime_hours) * 3600);
+        let certificate_lifetime =
+            Duration::from_secs(u64::from(a.certificate_lifetime_hours) * 3600);
         let certificate_rotation = Duration::from_secs_f64(a.certificate_rotation_hours * 3600.0);
         if let Err(e) = dataplane::protocols::doq::validate_names(&a.dns_apex, &a.dns_name) {
             let key = if dataplane::protocols::doq::validate_names(&a.dns_apex, "x").is_err() {
@@ -509,7 +510,8 @@ impl Config {
                 "must be a power of two within 64..=262144",
             ));
         }
-        let queues_error = |message: String| locate(file, text, Some(d.xdp_queues.span()), &message);
+        let queues_error =
+            |message: String| locate(file, text, Some(d.xdp_queues.span()), &message);
         let queues = d.xdp_queues.get_ref();
         let queues: Vec<u32> = if queues.is_empty() {
             (0..workers as u32).collect()

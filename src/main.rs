@@ -6,11 +6,11 @@
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use controlplane::ControlPlane;
-use controlplane::authority::dev_ca;
-use dataplane::front_door::FrontDoor;
-use dataplane::io::signals;
+use controlplane::authority::pem;
 use controlplane::authority::service::ServiceConfig;
 use dataplane::control::ControlPort;
+use dataplane::front_door::FrontDoor;
+use dataplane::io::signals;
 use dataplane::trust::SnapshotClientVerifier;
 use dataplane::{Resumption, ServerIdentity};
 use internet2_server::authority::AuthorityRuntime;
@@ -46,6 +46,26 @@ struct Args {
     /// Check the configuration, print the result and exit.
     #[arg(long)]
     check_config: bool,
+    #[command(subcommand)]
+    command: Option<ServerCommand>,
+}
+
+/// Operator commands (without one: run the server).
+#[derive(Debug, clap::Subcommand)]
+enum ServerCommand {
+    /// Print a one-time enrollment token; a new client uses it once with
+    /// `internet2 enroll TOKEN` to get its first certificate.
+    EnrollToken {
+        /// How long the token stays usable.
+        #[arg(long, default_value_t = 3600, value_name = "SECS")]
+        ttl_secs: u64,
+    },
+    /// Renew the running server's certificate now (overlapping validity;
+    /// open connections and handshakes in flight are not disturbed).
+    Rotate {
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -69,11 +89,57 @@ fn main() -> ExitCode {
         println!("{:#?}", resolved.settings);
         return ExitCode::SUCCESS;
     }
-    match run(&args, resolved) {
+    let result = match &args.command {
+        Some(command) => operator_command(&args, &resolved, command),
+        None => run(&args, resolved),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn data_dir(args: &Args, resolved: &config::Resolved) -> PathBuf {
+    args.data_dir
+        .clone()
+        .or(resolved.data_dir.clone())
+        .unwrap_or_else(internet2_server::default_data_dir)
+}
+
+/// `enroll-token` works on the data directory alone (the running server
+/// holds the store); `rotate` asks the running server as its operator.
+fn operator_command(
+    args: &Args,
+    resolved: &config::Resolved,
+    command: &ServerCommand,
+) -> anyhow::Result<()> {
+    let data_dir = data_dir(args, resolved);
+    match command {
+        ServerCommand::EnrollToken { ttl_secs } => {
+            let token = controlplane::authority::enrollment::mint(
+                &data_dir,
+                std::time::Duration::from_secs(*ttl_secs),
+                std::time::SystemTime::now(),
+            )
+            .with_context(|| format!("cannot mint a token in {}", data_dir.display()))?;
+            println!("{token}");
+            Ok(())
+        }
+        ServerCommand::Rotate { timeout_ms } => {
+            let rotated = internet2_server::authority::request_rotation(
+                &data_dir,
+                resolved.settings.listen,
+                &resolved.server_names,
+                std::time::Duration::from_millis(*timeout_ms),
+            )?;
+            println!(
+                "rotated: serial {} valid until {}",
+                rotated.serial, rotated.not_after
+            );
+            Ok(())
         }
     }
 }
@@ -99,11 +165,7 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
     // Before any thread exists, so every thread inherits the blocked mask
     // and only the sigwait below sees the signals.
     signals::block_termination_signals().context("cannot block SIGINT/SIGTERM")?;
-    let data_dir = args
-        .data_dir
-        .clone()
-        .or(resolved.data_dir.clone())
-        .unwrap_or_else(internet2_server::default_data_dir);
+    let data_dir = data_dir(args, &resolved);
     let mut names = resolved.server_names.clone();
     let ip = *resolved.settings.listen.ip();
     if !ip.is_unspecified() && !names.contains(&ip.to_string()) {
@@ -148,7 +210,7 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
             name: resolved.dns.name.clone(),
             addresses: resolved.dns.addresses.clone(),
             port: resolved.settings.listen.port(),
-            spki_sha256: dev_ca::spki_sha256(&identity.certificates.chain()[0])?,
+            spki_sha256: pem::spki_sha256(&identity.certificates.chain()[0])?,
         })?;
     resolved.settings.zone = Some(Arc::new(zone));
     resolved.settings.control = Some(port.clone());
@@ -158,10 +220,8 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
     let front_door = attach_front_door(&resolved)?;
     resolved.settings.front_door = front_door.clone();
     let mut authority = authority;
-    let control = ControlPlane::spawn(resolved.control_plane_core, move |now| {
-        authority.poll(now)
-    })
-    .context("cannot start the control plane")?;
+    let control = ControlPlane::spawn(resolved.control_plane_core, move |now| authority.poll(now))
+        .context("cannot start the control plane")?;
     port.set_control_thread(control.thread().clone());
     let server = match dataplane::serve(&resolved.settings, &identity) {
         Ok(server) => server,
@@ -177,7 +237,9 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
         listen.ip(),
         listen.port(),
         server.worker_count(),
-        data_dir.join(internet2_server::authority::CA_FILE).display()
+        data_dir
+            .join(internet2_server::authority::CA_FILE)
+            .display()
     );
     let _ = std::io::stdout().flush();
 

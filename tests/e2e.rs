@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 fn target(server: &Server) -> ClientTarget {
-    let root = controlplane::authority::dev_ca::load_cert(&server.ca()).unwrap();
+    let root = controlplane::authority::pem::load_cert(&server.ca()).unwrap();
     ClientTarget {
         remote: server.socket_addr(),
         server_name: "localhost".into(),

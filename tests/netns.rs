@@ -367,7 +367,10 @@ fn xdp_backend_serves_verified_transfers_and_returns_every_frame() {
         counter(&counters["front_door"], "redirect_xsk") > 0,
         "the front door redirects to the AF_XDP sockets: {counters}"
     );
-    assert!(counter(&counters["total"], "xdp_rx_frames") > 0, "{counters}");
+    assert!(
+        counter(&counters["total"], "xdp_rx_frames") > 0,
+        "{counters}"
+    );
     // veth picks the receive queue from the client socket's transmit queue,
     // so one queue may carry everything: its worker then hands datagrams
     // to their owners, and both owners send through their own sockets.

@@ -2,10 +2,10 @@
 //! the dataplane's requests. It never touches packets.
 //!
 //! Workers reach it through one bounded request queue (`ControlRequest`);
-//! a full queue hands the request back to the worker. Today it owns the
-//! development certificate authority (`authority::dev_ca`) and the TLS
-//! session-ticket keys; the CA, CT log, DNS zone and admission state of
-//! later stages live here too.
+//! a full queue hands the request back to the worker. The thread runs the
+//! `work` closure the process gives it (the server runs the authority
+//! service there: CA, CT log, enrollment, rotation); the DNS zone and
+//! admission state of later stages live here too.
 
 #![forbid(unsafe_code)]
 

@@ -3,21 +3,21 @@
 //! `stoq/1` streams.
 
 use crate::cid::{WorkerCidGenerator, WorkerId};
+use crate::control::ControlPort;
+use crate::front_door::FrontDoor;
 use crate::io::socket::SocketBackend;
 use crate::io::sockopt::bind_worker_socket;
-use crate::front_door::FrontDoor;
 use crate::io::uring::UringBackend;
 use crate::io::xdp::{XdpBackend, XdpError, XdpSettings, ZeroCopy};
 use crate::io::{Backend, BackendKind, IoBatch};
 use crate::protocols::doq::{DoqServer, Zone};
 use crate::protocols::perf::PerfServer;
-use crate::control::ControlPort;
 use crate::protocols::stoq::{self, AuthorityRoute, StoqContext, StoqServer};
-use crate::trust::{TrustStore, serial_of};
 use crate::protocols::{Alpn, SERVED_ALPNS};
 use crate::stats::{Counters, StatsRegistry};
 use crate::steering::{ReuseportSteering, SteeringMode};
 use crate::transport::{ServerIdentity, TlsSetupError, TransportSettings, server_crypto};
+use crate::trust::{TrustStore, serial_of};
 use crate::worker::{
     Actions, Admission, Delivery, Mailbox, Routing, Service, Worker, WorkerControl, WorkerParts,
 };
@@ -340,7 +340,8 @@ fn xdp_backend(
         return Err(ServeError::XdpUnconfigured);
     };
     let queue = *plan.queues.get(worker).ok_or(ServeError::XdpUnconfigured)?;
-    let kernel = SocketBackend::new(socket).map_err(|source| ServeError::Setup { worker, source })?;
+    let kernel =
+        SocketBackend::new(socket).map_err(|source| ServeError::Setup { worker, source })?;
     let xdp = XdpSettings {
         interface: plan.interface.clone(),
         queue,
@@ -539,7 +540,10 @@ impl Service for ServerService {
             return;
         };
         if trust.load().is_revoked(serial) {
-            tracing::info!(worker = self.worker, "closing a connection whose client certificate was revoked");
+            tracing::info!(
+                worker = self.worker,
+                "closing a connection whose client certificate was revoked"
+            );
             conn.close(
                 now,
                 VarInt::from_u32(CLOSE_CERTIFICATE_REVOKED),
@@ -589,7 +593,12 @@ impl Service for ServerService {
         }
     }
 
-    fn on_open(&mut self, _conn: &mut Connection, handle: ConnectionHandle, _now: Instant) -> ServerConn {
+    fn on_open(
+        &mut self,
+        _conn: &mut Connection,
+        handle: ConnectionHandle,
+        _now: Instant,
+    ) -> ServerConn {
         self.next_conn_id += 1;
         ServerConn {
             id: self.next_conn_id,

@@ -62,11 +62,13 @@ impl TrustSnapshot {
                 .add(root.clone())
                 .map_err(|e| TrustError::Root(e.to_string()))?;
         }
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(store), crate::transport::provider())
-                .allow_unauthenticated()
-                .build()
-                .map_err(|e| TrustError::Verifier(e.to_string()))?;
+        let verifier = WebPkiClientVerifier::builder_with_provider(
+            Arc::new(store),
+            crate::transport::provider(),
+        )
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| TrustError::Verifier(e.to_string()))?;
         revoked.sort();
         revoked.dedup();
         Ok(Self {

@@ -80,8 +80,12 @@ struct TargetArgs {
     /// chain and the private key. Default: `operator.pem` beside the --ca
     /// file (the server writes it into its data directory for local
     /// operators), else the identity `internet2 enroll` saved.
-    #[arg(long, value_name = "PEM")]
+    #[arg(long, value_name = "PEM", conflicts_with = "anonymous")]
     identity: Option<PathBuf>,
+    /// Present no client certificate (the server then allows enrollment,
+    /// public DNS and, where configured, perf).
+    #[arg(long)]
+    anonymous: bool,
     /// Give up after this many milliseconds.
     #[arg(long, default_value_t = 5000)]
     timeout_ms: u64,
@@ -195,13 +199,17 @@ fn target(args: &TargetArgs, transport: TransportSettings) -> anyhow::Result<Cli
         .ca
         .clone()
         .unwrap_or_else(|| internet2_server::default_data_dir().join("ca.pem"));
-    let root = controlplane::authority::dev_ca::load_cert(&ca).with_context(|| {
+    let root = controlplane::authority::pem::load_cert(&ca).with_context(|| {
         format!(
             "cannot read the CA certificate {} (pass --ca)",
             ca.display()
         )
     })?;
-    let identity = client_identity(args.identity.as_deref(), &ca)?;
+    let identity = if args.anonymous {
+        None
+    } else {
+        client_identity(args.identity.as_deref(), &ca)?
+    };
     Ok(ClientTarget {
         remote: args.connect,
         server_name: args.server_name.clone(),

@@ -148,8 +148,13 @@ fn validate(args: &BenchArgs) -> Result<()> {
     if args.matrix && args.compare {
         bail!("--matrix already runs the quinn baseline; drop --compare");
     }
-    if args.backend == crate::Backend::Xdp && args.role == Some(Role::Server) && args.xdp_interface.is_none() {
-        bail!("--backend xdp in the server role needs --xdp-interface IF (the NIC the workers bind)");
+    if args.backend == crate::Backend::Xdp
+        && args.role == Some(Role::Server)
+        && args.xdp_interface.is_none()
+    {
+        bail!(
+            "--backend xdp in the server role needs --xdp-interface IF (the NIC the workers bind)"
+        );
     }
     if args.xdp_interface.is_some() && args.role != Some(Role::Server) {
         bail!("--xdp-interface is for --role server; --netns uses its own veth");
@@ -415,9 +420,7 @@ fn netns_run(
     let (hwm, rss_end) = proc_mem(pid)?;
     // Read before stopping: the counters die with the server.
     let handoff_ratio = match side {
-        Side::Ours(_) => {
-            handoff_ratio(Topology::exec(&topo.client_ns, &bins.client), addr, &ca)?
-        }
+        Side::Ours(_) => handoff_ratio(Topology::exec(&topo.client_ns, &bins.client), addr, &ca)?,
         Side::Baseline => None,
     };
     let status = server.stop()?;
@@ -482,6 +485,9 @@ fn write_config(
          socket_buffer_bytes = {SOCKET_BUFFER}\n\
          streams_bidi_max = {MAX_STREAMS}\n\
          \n\
+         [trustchain_authority]\n\
+         perf_without_client_certificate = true\n\
+         \n\
          [dataplane]\n\
          workers = {workers}\n\
          steering = \"{steering}\"\n\
@@ -539,6 +545,8 @@ fn client_command(
                 // checks the signature but not the chain: the comparison is
                 // of the servers, not of certificate path validation.
                 .arg("--no-chain-check")
+                // Nor client certificates: quinn's client has none.
+                .arg("--anonymous")
                 .args(["--backend", backend.as_str()]);
         }
         Side::Baseline => {
@@ -644,7 +652,8 @@ fn run_server_role(args: &BenchArgs, bins: &Binaries) -> Result<()> {
         let ca = listening_ca(&listening).or(ca).context("no CA path")?;
         println!(
             "bench-40g: CA at {ca}\n\
-             copy it to the client host, then run there:\n  \
+             copy it and operator.pem beside it (the operator's client certificate, \
+             for the server's counters) to one directory on the client host, then run there:\n  \
              cargo xtask bench-40g --role client --connect [THIS-HOST-IPV6]:{port} --ca ca.pem",
             ca = ca.display(),
             port = listen.port(),

@@ -7,16 +7,17 @@
 //! handed out only once it is in the log and the registry, both written in
 //! one transaction), `enrollment` (one-time enrollment tokens, mintable by
 //! another process), `service` (the sans-IO `stoq/1` request handlers the
-//! control-plane thread calls) and `api` (the messages, error codes and the
-//! client-side checks shared with the CLI) are built and tested; they are
-//! not yet wired to the workers, mutual TLS or the CLI. Until they are, the
-//! server presents a certificate from the development CA (`dev_ca`).
+//! control-plane thread calls), `api` (the messages, error codes and the
+//! client-side checks shared with the CLI) and `pem` (certificate files and
+//! TLSA pins). The server's control-plane thread owns the service; its
+//! workers check client certificates against the trust snapshot it
+//! publishes.
 
 pub mod api;
 pub mod ca;
 pub mod ct;
-pub mod dev_ca;
 pub mod enrollment;
 pub mod logged;
+pub mod pem;
 pub mod registry;
 pub mod service;

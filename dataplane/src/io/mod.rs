@@ -145,7 +145,10 @@ pub(crate) fn poll_many(
     timeout: Option<Duration>,
 ) -> io::Result<()> {
     const SOCKETS_MAX: usize = 3;
-    assert!(sockets.len() <= SOCKETS_MAX, "poll_many takes at most {SOCKETS_MAX} sockets");
+    assert!(
+        sockets.len() <= SOCKETS_MAX,
+        "poll_many takes at most {SOCKETS_MAX} sockets"
+    );
     let unused = libc::pollfd {
         fd: -1,
         events: 0,

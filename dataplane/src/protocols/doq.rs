@@ -278,9 +278,10 @@ impl DoqServer {
         }
         let len = usize::from(u16::from_be_bytes([stream.buf[0], stream.buf[1]]));
         let whole = 2 + len;
-        if stream.answered || stream.buf.len() > whole {
+        if stream.buf.len() > whole {
             // RFC 9250 §4.2: one query per stream; anything more is a
-            // protocol error for the connection.
+            // protocol error for the connection. (A later event with no new
+            // bytes, such as the FIN arriving on its own, is not.)
             counters.doq_errors += 1;
             conn.close(
                 std::time::Instant::now(),
@@ -289,7 +290,7 @@ impl DoqServer {
             );
             return;
         }
-        if stream.buf.len() < whole {
+        if stream.buf.len() < whole || stream.answered {
             return;
         }
         stream.answered = true;

@@ -7,9 +7,9 @@
 
 use crate::control::{ControlPort, Forwarded, Ticket};
 use crate::stats::{Counters, StatsRegistry};
-use rustls::pki_types::CertificateDer;
 use bytes::{BufMut, Bytes, BytesMut};
 use quinn_proto::{Connection, Dir, StreamId, VarInt};
+use rustls::pki_types::CertificateDer;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -383,7 +383,9 @@ fn forward(
     let Some(route) = ctx.authority else {
         return Err(encode_error(
             ErrorCode::UnknownMessage,
-            &format!("message kind {kind:#04x} needs the authority, which this server does not run"),
+            &format!(
+                "message kind {kind:#04x} needs the authority, which this server does not run"
+            ),
         ));
     };
     if ctx.peer.is_none() && kind != KIND_ENROLL {
@@ -403,12 +405,10 @@ fn forward(
         payload: Bytes::copy_from_slice(&stream.buf[HEADER_LEN..]),
         peer: ctx.peer.cloned(),
     };
-    route.port.forward(request).map_err(|_| {
-        encode_error(
-            ErrorCode::Busy,
-            "the authority is busy; retry in a moment",
-        )
-    })
+    route
+        .port
+        .forward(request)
+        .map_err(|_| encode_error(ErrorCode::Busy, "the authority is busy; retry in a moment"))
 }
 
 fn answer(kind: Kind, payload: &[u8], ctx: &StoqContext<'_>) -> Bytes {

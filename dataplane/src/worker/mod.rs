@@ -82,8 +82,12 @@ pub trait Service: Send {
     }
     /// A connection was accepted or initiated; `handle` names it in
     /// [`Delivery`]s.
-    fn on_open(&mut self, conn: &mut Connection, handle: ConnectionHandle, now: Instant)
-    -> Self::Conn;
+    fn on_open(
+        &mut self,
+        conn: &mut Connection,
+        handle: ConnectionHandle,
+        now: Instant,
+    ) -> Self::Conn;
     /// One quinn-proto event of a connection, after the worker counted it.
     fn on_event(
         &mut self,

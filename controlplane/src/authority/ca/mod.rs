@@ -501,7 +501,11 @@ impl CertificateAuthority {
         let mut params = CertificateParams::default();
         params.distinguished_name = common_name(&request.subject);
         params.subject_alt_names = names::san(&request)?;
-        params.is_ca = IsCa::ExplicitNoCa;
+        // No BasicConstraints at all: rcgen's ExplicitNoCa encodes the
+        // DEFAULT cA=FALSE, which DER forbids and strict parsers (Python's
+        // cryptography, so aioquic and dnspython) refuse. An end-entity
+        // certificate without the extension is not a CA (RFC 5280 §4.2.1.9).
+        params.is_ca = IsCa::NoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![match request.usage {
             Usage::Server => ExtendedKeyUsagePurpose::ServerAuth,

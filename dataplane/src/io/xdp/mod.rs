@@ -126,7 +126,11 @@ struct Rings {
 unsafe impl Send for Rings {}
 
 impl Rings {
-    fn open(info: &IfInfo, frames: u32, bind_flags: u16) -> Result<Self, (&'static str, io::Error)> {
+    fn open(
+        info: &IfInfo,
+        frames: u32,
+        bind_flags: u16,
+    ) -> Result<Self, (&'static str, io::Error)> {
         let ring_len = frames / 2;
         let area = Area::new(frames as usize * FRAME_LEN as usize).map_err(|e| ("mmap", e))?;
         let config = UmemConfig {
@@ -156,8 +160,12 @@ impl Rings {
                 },
             )
             .map_err(|e| ("RX/TX rings", errno(e)))?;
-        let rx = user.map_rx().map_err(|e| ("mapping the RX ring", errno(e)))?;
-        let tx = user.map_tx().map_err(|e| ("mapping the TX ring", errno(e)))?;
+        let rx = user
+            .map_rx()
+            .map_err(|e| ("mapping the RX ring", errno(e)))?;
+        let tx = user
+            .map_tx()
+            .map_err(|e| ("mapping the TX ring", errno(e)))?;
         umem.bind(&user).map_err(|e| ("bind", errno(e)))?;
         Ok(Self {
             rx,
@@ -261,9 +269,8 @@ impl XdpBackend {
             source,
         };
         match settings.zero_copy {
-            ZeroCopy::Off => {
-                Rings::open(info, settings.frames, SocketConfig::XDP_BIND_COPY).map_err(socket_error)
-            }
+            ZeroCopy::Off => Rings::open(info, settings.frames, SocketConfig::XDP_BIND_COPY)
+                .map_err(socket_error),
             ZeroCopy::On => Rings::open(info, settings.frames, SocketConfig::XDP_BIND_ZEROCOPY)
                 .map_err(|(step, source)| match step {
                     "bind" => XdpError::ZeroCopyUnsupported {
