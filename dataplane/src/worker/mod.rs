@@ -139,6 +139,8 @@ struct Conn<T> {
     app: T,
     timer: Option<Instant>,
     queued: bool,
+    /// The handshake completed.
+    connected: bool,
 }
 
 /// A transmit the socket would not take yet.
@@ -610,6 +612,7 @@ impl<S: Service> Core<S> {
             app,
             timer: None,
             queued: false,
+            connected: false,
         });
         self.open += 1;
         self.counters.connections = self.open as u64;
@@ -678,7 +681,7 @@ impl<S: Service> Core<S> {
         c.queued = false;
         pump_endpoint_events(&mut self.endpoint, ch, &mut c.conn);
         while let Some(event) = c.conn.poll() {
-            count_event(&mut self.counters, &event);
+            count_event(&mut self.counters, &event, &mut c.connected);
             self.service
                 .on_event(&mut c.app, &mut c.conn, event, now, &mut self.counters);
         }
@@ -742,10 +745,19 @@ fn pump_endpoint_events(endpoint: &mut Endpoint, ch: ConnectionHandle, conn: &mu
     }
 }
 
-fn count_event(counters: &mut Counters, event: &Event) {
+fn count_event(counters: &mut Counters, event: &Event, connected: &mut bool) {
     match event {
-        Event::Connected => counters.handshakes += 1,
+        Event::Connected => {
+            *connected = true;
+            counters.handshakes += 1;
+        }
         Event::ConnectionLost { reason } if is_alpn_refusal(reason) => counters.refused_alpn += 1,
+        // Lost before it was established through our own error or a
+        // timeout: the handshake failed (a refused client certificate, a
+        // bad signature). A peer that closes first is not a failure.
+        Event::ConnectionLost {
+            reason: ConnectionError::TransportError(_) | ConnectionError::TimedOut,
+        } if !*connected => counters.failed_handshakes += 1,
         _ => {}
     }
 }
