@@ -268,9 +268,12 @@ impl Report {
         for side in &sides {
             let _ = write!(out, "{:>14}", side.label());
         }
+        // Ratio columns are as wide as their label needs.
+        let ratio_width = |i: usize| sides[i].label().len() + "/quinn".len() + 2;
         if baseline.is_some() {
             for &i in &ours {
-                let _ = write!(out, "{:>16}", format!("{}/quinn", sides[i].label()));
+                let label = format!("{}/quinn", sides[i].label());
+                let _ = write!(out, "{label:>w$}", w = ratio_width(i));
             }
         }
         out.push('\n');
@@ -289,7 +292,7 @@ impl Report {
                     } else {
                         String::new()
                     };
-                    let _ = write!(out, "{cell:>16}");
+                    let _ = write!(out, "{cell:>w$}", w = ratio_width(i));
                 }
             }
             out.push('\n');

@@ -2,6 +2,7 @@
 //! load generator. Each client worker has its own ephemeral socket.
 
 pub mod bench;
+pub mod load;
 pub mod rpc;
 
 use crate::cid::WorkerId;
@@ -149,6 +150,20 @@ pub fn rpc_raw(
         timeout,
     );
     run_rpc(target, service)
+}
+
+/// Run a request load (`load::LoadPlan`) over one connection.
+pub fn run_load(
+    target: &ClientTarget,
+    config: &ClientConfig,
+    plan: load::LoadPlan,
+) -> Result<load::LoadReport, ClientError> {
+    let service = load::LoadService::new(config.clone(), target.remote, &target.server_name, plan);
+    let worker = client_worker(target, 0, service)?;
+    let (service, _) = worker
+        .run()
+        .map_err(|e| ClientError::Worker(e.to_string()))?;
+    Ok(service.report())
 }
 
 /// Run one RPC connection on a client worker to completion.

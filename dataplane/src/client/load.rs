@@ -1,0 +1,234 @@
+//! A `stoq/1` request load: one established connection, the same request
+//! sent `total` times with up to `concurrency` in flight, each request's
+//! latency (stream opened → response complete) recorded. Measures what the
+//! server's request path costs, without handshakes in the figures.
+
+use crate::protocols::stoq::{self, KIND_ERROR, RESPONSE_PAYLOAD_MAX};
+use crate::stats::Counters;
+use crate::worker::{Actions, ConnectRequest, Service};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use quinn_proto::{
+    ClientConfig, Connection, ConnectionHandle, Dir, Event, ReadError, StreamEvent, StreamId,
+    VarInt,
+};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// What to send, how often, how many at once.
+#[derive(Clone, Debug)]
+pub struct LoadPlan {
+    pub kind: u8,
+    pub payload: Bytes,
+    pub total: u64,
+    pub concurrency: usize,
+    pub timeout: Duration,
+}
+
+/// What the run measured.
+#[derive(Debug)]
+pub struct LoadReport {
+    /// Latency of each successful request, microseconds.
+    pub latency_us: Histogram<u64>,
+    pub ok: u64,
+    /// Error responses, with the first one's code and message.
+    pub errors: u64,
+    pub first_error: Option<(u16, String)>,
+    /// From the first request sent to the last response.
+    pub elapsed: Duration,
+    /// Why the run stopped early, if it did.
+    pub failure: Option<String>,
+}
+
+impl LoadReport {
+    pub fn per_second(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+pub struct LoadService {
+    target: Option<ConnectRequest>,
+    plan: LoadPlan,
+    message: Bytes,
+    sent: u64,
+    report: LoadReport,
+    first_sent: Option<Instant>,
+    deadline: Instant,
+    done: bool,
+}
+
+pub struct LoadConn {
+    /// Streams in flight: when sent, and the response so far.
+    streams: HashMap<StreamId, (Instant, Vec<u8>)>,
+    connected: bool,
+}
+
+impl LoadService {
+    pub fn new(config: ClientConfig, remote: SocketAddr, server_name: &str, plan: LoadPlan) -> Self {
+        Self {
+            target: Some(ConnectRequest {
+                config,
+                remote,
+                server_name: server_name.to_owned(),
+            }),
+            message: stoq::encode(plan.kind, &plan.payload),
+            deadline: Instant::now() + plan.timeout,
+            plan,
+            sent: 0,
+            report: LoadReport {
+                latency_us: Histogram::new(3).expect("3 significant figures is valid"),
+                ok: 0,
+                errors: 0,
+                first_error: None,
+                elapsed: Duration::ZERO,
+                failure: None,
+            },
+            first_sent: None,
+            done: false,
+        }
+    }
+
+    pub fn report(self) -> LoadReport {
+        self.report
+    }
+
+    /// Open streams until `concurrency` are in flight or all were sent.
+    fn fill(&mut self, st: &mut LoadConn, conn: &mut Connection) {
+        while st.streams.len() < self.plan.concurrency && self.sent < self.plan.total {
+            let Some(id) = conn.streams().open(Dir::Bi) else {
+                return; // the server's stream limit: more when some finish
+            };
+            let now = Instant::now();
+            self.first_sent.get_or_insert(now);
+            let mut send = conn.send_stream(id);
+            let _ = send.write_chunks(&mut [self.message.clone()]);
+            let _ = send.finish();
+            st.streams.insert(id, (now, Vec::new()));
+            self.sent += 1;
+        }
+    }
+
+    fn read(&mut self, st: &mut LoadConn, conn: &mut Connection, id: StreamId) {
+        let Some((_, buf)) = st.streams.get_mut(&id) else {
+            return;
+        };
+        let mut recv = conn.recv_stream(id);
+        let Ok(mut chunks) = recv.read(true) else {
+            return;
+        };
+        let mut finished = false;
+        loop {
+            match chunks.next(stoq::HEADER_LEN + RESPONSE_PAYLOAD_MAX) {
+                Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+                Ok(None) => {
+                    finished = true;
+                    break;
+                }
+                Err(ReadError::Blocked) => break,
+                Err(ReadError::Reset(_)) => {
+                    finished = true;
+                    break;
+                }
+            }
+        }
+        let _ = chunks.finalize();
+        if !finished {
+            return;
+        }
+        let (sent_at, buf) = st.streams.remove(&id).expect("present above");
+        match stoq::decode(&buf, RESPONSE_PAYLOAD_MAX) {
+            Ok(message) if message.kind != KIND_ERROR => {
+                self.report.ok += 1;
+                let us = sent_at.elapsed().as_micros() as u64;
+                let _ = self.report.latency_us.record(us.max(1));
+            }
+            Ok(message) => {
+                self.report.errors += 1;
+                let error = stoq::decode_error_payload(&message.payload);
+                self.report.first_error.get_or_insert(error);
+            }
+            Err(e) => {
+                self.report.errors += 1;
+                self.report
+                    .first_error
+                    .get_or_insert((0, format!("malformed response: {e}")));
+            }
+        }
+        if self.report.ok + self.report.errors == self.plan.total {
+            self.finish(conn);
+        } else {
+            self.fill(st, conn);
+        }
+    }
+
+    fn finish(&mut self, conn: &mut Connection) {
+        self.done = true;
+        self.report.elapsed = self.first_sent.map_or(Duration::ZERO, |t| t.elapsed());
+        conn.close(
+            Instant::now(),
+            VarInt::from_u32(super::rpc::CLOSE_DONE),
+            Bytes::from_static(b"done"),
+        );
+    }
+}
+
+impl Service for LoadService {
+    type Conn = LoadConn;
+
+    fn on_open(&mut self, _conn: &mut Connection, _handle: ConnectionHandle, _now: Instant) -> LoadConn {
+        LoadConn {
+            streams: HashMap::new(),
+            connected: false,
+        }
+    }
+
+    fn on_event(
+        &mut self,
+        st: &mut LoadConn,
+        conn: &mut Connection,
+        event: Event,
+        _now: Instant,
+        _counters: &mut Counters,
+    ) {
+        match event {
+            Event::Connected => {
+                st.connected = true;
+                self.fill(st, conn);
+            }
+            Event::Stream(StreamEvent::Readable { id }) => self.read(st, conn, id),
+            Event::Stream(StreamEvent::Available { dir: Dir::Bi }) if st.connected => {
+                self.fill(st, conn)
+            }
+            Event::ConnectionLost { reason } => {
+                if !self.done {
+                    self.report.failure = Some(super::rpc::describe(&reason));
+                    self.report.elapsed =
+                        self.first_sent.map_or(Duration::ZERO, |t| t.elapsed());
+                }
+                self.done = true;
+            }
+            _ => {}
+        }
+    }
+
+    fn poll(&mut self, now: Instant, actions: &mut Actions) {
+        if let Some(target) = self.target.take() {
+            actions.connect.push(target);
+        }
+        if now >= self.deadline && !self.done {
+            self.report
+                .failure
+                .get_or_insert_with(|| "timed out before every request was answered".to_owned());
+            self.report.elapsed = self.first_sent.map_or(Duration::ZERO, |t| t.elapsed());
+            self.done = true;
+        }
+        if self.done {
+            actions.stop = Some(Duration::ZERO);
+        }
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        Some(self.deadline)
+    }
+}
