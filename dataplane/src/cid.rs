@@ -85,7 +85,12 @@ pub enum RouteError {
 /// DCID from byte 1.
 pub fn owner_of(datagram: &[u8], workers: u16) -> Result<WorkerId, RouteError> {
     debug_assert!(workers > 0);
-    let first = *datagram.first().ok_or(RouteError::Truncated)?;
+    // As the BPF program: nothing shorter than a short header with our
+    // CID can be a packet of ours, whatever its first byte says.
+    if datagram.len() < 1 + CID_LEN {
+        return Err(RouteError::Truncated);
+    }
+    let first = datagram[0];
     let field = if first & 0x80 != 0 {
         let dcid_len = *datagram.get(5).ok_or(RouteError::Truncated)? as usize;
         if dcid_len == 0 {
@@ -104,9 +109,6 @@ pub fn owner_of(datagram: &[u8], workers: u16) -> Result<WorkerId, RouteError> {
     } else {
         if first & 0x40 == 0 {
             return Err(RouteError::NotQuic);
-        }
-        if datagram.len() < 1 + CID_LEN {
-            return Err(RouteError::Truncated);
         }
         datagram[1 + WORKER_FIELD]
     };
@@ -153,7 +155,15 @@ mod tests {
             owner_of(&[0xc0, 0, 0, 0, 1, 20, 1], 2),
             Err(RouteError::Truncated)
         );
-        assert_eq!(owner_of(&[0xc0, 0, 0, 0, 1, 0], 3), Ok(WorkerId(0)));
+        // Shorter than a short header with our CID: truncated, as in BPF.
+        assert_eq!(
+            owner_of(&[0xc0, 0, 0, 0, 1, 0], 3),
+            Err(RouteError::Truncated)
+        );
+        assert_eq!(
+            owner_of(&[0xc0, 0, 0, 0, 1, 0, 0, 0, 0], 3),
+            Ok(WorkerId(0))
+        );
     }
 
     // Real datagrams (UDP payloads), captured on the loopback interface of a
@@ -442,7 +452,7 @@ mod tests {
             for len in 0..=datagram.len() {
                 let prefix = &datagram[..len];
                 for (workers, whole) in WORKER_COUNTS.into_iter().zip(case.owner) {
-                    let expected = if len == 0 {
+                    let expected = if len < 1 + CID_LEN {
                         Err(RouteError::Truncated)
                     } else if first & 0xc0 == 0 {
                         // A short header with the fixed bit clear is
@@ -532,10 +542,8 @@ mod tests {
     }
 
     /// What `bpf_steer` does with a datagram of `len` bytes that `owner_of`
-    /// routes as `owner`. They agree from 9 bytes on; below that the program
-    /// always falls back to the kernel hash (its first length check), even
-    /// for a long header whose DCID fits, which owner_of routes (no such
-    /// datagram is a whole QUIC packet).
+    /// routes as `owner`: the same decision at every length (below 9 bytes
+    /// both call it truncated, the program's first check).
     fn bpf_expected(len: usize, owner: Result<WorkerId, RouteError>) -> Result<u16, SteerFallback> {
         if len < 1 + CID_LEN {
             return Err(SteerFallback::Truncated);
