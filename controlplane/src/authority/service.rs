@@ -840,6 +840,14 @@ impl AuthorityService {
         self.authority
             .revoke_with_reason(&serial, reason, now)
             .map_err(authority_error)?;
+        // The audit trail: durable in the registry, and in the log output.
+        tracing::info!(
+            %serial,
+            subject = %record.subject,
+            reason = request.reason.as_deref().unwrap_or("unspecified"),
+            by = if who.operator { "operator" } else { "owner" },
+            "certificate revoked"
+        );
         Ok(api::Revoked {
             serial: serial.to_string(),
             revoked_at: unix_s(now),
