@@ -37,7 +37,9 @@ pub struct AuthorityBenchPlan {
 /// the CSR uses). Returns the JSON report; prints progress to stderr.
 pub fn run(target: &ClientTarget, plan: &AuthorityBenchPlan) -> anyhow::Result<serde_json::Value> {
     if target.identity.is_none() {
-        bail!("authority-bench issues certificates: it needs a client identity (--identity, or operator.pem beside --ca)");
+        bail!(
+            "authority-bench issues certificates: it needs a client identity (--identity, or operator.pem beside --ca)"
+        );
     }
     let config = target.client_config(dataplane::protocols::ALPN_STOQ)?;
     let issue = issue_payload()?;
@@ -58,13 +60,21 @@ pub fn run(target: &ClientTarget, plan: &AuthorityBenchPlan) -> anyhow::Result<s
         .and_then(checked)
     };
 
-    eprintln!("authority-bench: {} issuances, one at a time", plan.requests);
+    eprintln!(
+        "authority-bench: {} issuances, one at a time",
+        plan.requests
+    );
     let sequential = load(api::CERT_ISSUE, issue.clone(), plan.requests, 1)?;
     eprintln!(
         "authority-bench: {} issuances, {} in flight",
         plan.requests, plan.concurrency
     );
-    let loaded = load(api::CERT_ISSUE, issue.clone(), plan.requests, plan.concurrency)?;
+    let loaded = load(
+        api::CERT_ISSUE,
+        issue.clone(),
+        plan.requests,
+        plan.concurrency,
+    )?;
 
     // A logged certificate to prove, checked client-side once so the
     // timed requests are known to be real proofs.
@@ -78,7 +88,10 @@ pub fn run(target: &ClientTarget, plan: &AuthorityBenchPlan) -> anyhow::Result<s
         certificate_pem: Some(issued.certificate_pem.clone()),
         tree_size: None,
     })?);
-    eprintln!("authority-bench: {} inclusion proofs, one at a time", plan.requests);
+    eprintln!(
+        "authority-bench: {} inclusion proofs, one at a time",
+        plan.requests
+    );
     let proofs = load(api::CT_PROOF, proof_request, plan.requests, 1)?;
 
     eprintln!(
@@ -121,7 +134,10 @@ fn checked(report: LoadReport) -> anyhow::Result<LoadReport> {
         bail!("the load stopped: {why}");
     }
     if let Some((code, message)) = &report.first_error {
-        bail!("{} requests failed; the first with {code:#x}: {message}", report.errors);
+        bail!(
+            "{} requests failed; the first with {code:#x}: {message}",
+            report.errors
+        );
     }
     Ok(report)
 }
@@ -136,7 +152,10 @@ fn phase(report: &LoadReport) -> serde_json::Value {
     })
 }
 
-fn handshakes(target: &ClientTarget, plan: &AuthorityBenchPlan) -> anyhow::Result<serde_json::Value> {
+fn handshakes(
+    target: &ClientTarget,
+    plan: &AuthorityBenchPlan,
+) -> anyhow::Result<serde_json::Value> {
     let bench = BenchPlan {
         remote: target.remote,
         server_name: target.server_name.clone(),

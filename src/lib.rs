@@ -4,6 +4,8 @@
 #![forbid(unsafe_code)]
 
 pub mod authority;
+pub mod authority_load;
+pub mod cli_authority;
 pub mod config;
 
 use std::path::PathBuf;

@@ -73,6 +73,9 @@ pub struct ServerSettings {
 pub const CLOSE_CERTIFICATE_REQUIRED: u32 = 0x101;
 /// Application close code: the client certificate was revoked.
 pub const CLOSE_CERTIFICATE_REVOKED: u32 = 0x102;
+/// How long after a revocation open connections are checked (replies in
+/// flight go out first).
+const REVOCATION_GRACE: Duration = Duration::from_millis(20);
 
 /// How the `xdp` backend's workers map onto the NIC.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -444,6 +447,8 @@ pub struct ServerService {
     trust: Option<Arc<TrustStore>>,
     /// The trust generation open connections were last checked against.
     trust_seen: u64,
+    /// When to check open connections against a new trust snapshot.
+    revocation_check: Option<Instant>,
     perf_without_certificate: bool,
     dns_without_certificate: bool,
     next_conn_id: u64,
@@ -457,6 +462,7 @@ impl ServerService {
             control: settings.control.clone(),
             trust: settings.trust.clone(),
             trust_seen: settings.trust.as_ref().map_or(0, |t| t.generation()),
+            revocation_check: None,
             perf_without_certificate: settings.perf_without_certificate,
             dns_without_certificate: settings.dns_without_certificate,
             next_conn_id: 0,
@@ -524,15 +530,26 @@ impl ServerService {
 impl Service for ServerService {
     type Conn = ServerConn;
 
-    fn poll(&mut self, _now: Instant, actions: &mut Actions) {
+    fn poll(&mut self, now: Instant, actions: &mut Actions) {
         // A new trust snapshot may revoke certificates of open connections.
+        // They are checked a moment later, so that an answer already on
+        // its way (the revoke request itself, sent on the connection being
+        // revoked) is delivered and sent before the close.
         if let Some(trust) = &self.trust {
             let generation = trust.generation();
             if generation != self.trust_seen {
                 self.trust_seen = generation;
-                actions.visit_all = true;
+                self.revocation_check.get_or_insert(now + REVOCATION_GRACE);
             }
         }
+        if self.revocation_check.is_some_and(|at| at <= now) {
+            self.revocation_check = None;
+            actions.visit_all = true;
+        }
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.revocation_check
     }
 
     fn on_visit(&mut self, st: &mut ServerConn, conn: &mut Connection, now: Instant) {

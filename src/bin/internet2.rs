@@ -12,6 +12,7 @@ use dataplane::client::{self, ClientTarget};
 use dataplane::protocols::stoq::Kind;
 use dataplane::{BackendKind, CongestionControl, ServerTrust, StatsSnapshot, TransportSettings};
 use hdrhistogram::Histogram;
+use internet2_server::cli_authority;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -62,6 +63,45 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Get this machine's first certificate with a one-time token.
+    Enroll(cli_authority::EnrollArgs<TargetArgs>),
+    /// Issue, renew, revoke, list and verify certificates.
+    #[command(subcommand)]
+    Cert(cli_authority::CertCommand<TargetArgs>),
+    /// The certificate authority's root.
+    #[command(subcommand)]
+    Ca(cli_authority::CaCommand<TargetArgs>),
+    /// The Certificate Transparency log (every answer verified here).
+    #[command(subcommand)]
+    Ct(cli_authority::CtCommand<TargetArgs>),
+    /// Measure the authority: issuance latency (durable, CT-logged) and
+    /// rate, inclusion-proof latency, handshakes with and without mTLS.
+    AuthorityBench {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Requests in each request phase.
+        #[arg(long, default_value_t = 500)]
+        requests: u64,
+        /// Requests in flight in the throughput phase.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Seconds of each handshake phase.
+        #[arg(long, default_value_t = 3.0)]
+        handshake_seconds: f64,
+        /// Write the result as JSON here.
+        #[arg(long, value_name = "PATH")]
+        json: Option<PathBuf>,
+    },
+}
+
+impl cli_authority::Connect for TargetArgs {
+    fn target(&self) -> anyhow::Result<ClientTarget> {
+        target(self, TransportSettings::default())
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -184,6 +224,23 @@ fn main() -> ExitCode {
             port,
             json,
         } => resolve(&target, &name, port, json),
+        Command::Enroll(args) => cli_authority::enroll(&args, &enrolled_identity_path()),
+        Command::Cert(command) => cli_authority::cert(&command),
+        Command::Ca(command) => cli_authority::ca(&command),
+        Command::Ct(command) => cli_authority::ct(&command),
+        Command::AuthorityBench {
+            target,
+            requests,
+            concurrency,
+            handshake_seconds,
+            json,
+        } => authority_bench(
+            &target,
+            requests,
+            concurrency,
+            handshake_seconds,
+            json.as_deref(),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -268,6 +325,66 @@ fn load_identity(path: &std::path::Path) -> anyhow::Result<dataplane::ClientIden
     let key = PrivateKeyDer::from_pem_file(path)
         .map_err(|e| anyhow::anyhow!("{}: holds no private key: {e}", path.display()))?;
     Ok(dataplane::ClientIdentity { chain, key })
+}
+
+fn authority_bench(
+    args: &TargetArgs,
+    requests: u64,
+    concurrency: usize,
+    handshake_seconds: f64,
+    json: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    use internet2_server::authority_load::{AuthorityBenchPlan, run};
+    if requests == 0 || concurrency == 0 || handshake_seconds <= 0.0 {
+        bail!("--requests, --concurrency and --handshake-seconds must be above 0");
+    }
+    let target = target(args, TransportSettings::default())?;
+    let report = run(
+        &target,
+        &AuthorityBenchPlan {
+            requests,
+            concurrency,
+            handshake_seconds,
+            handshake_concurrency: 64,
+        },
+    )?;
+    let us = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    for (name, key) in [
+        ("issuance, one at a time", "issuance_sequential"),
+        ("issuance, loaded", "issuance_loaded"),
+        ("inclusion proof", "inclusion_proof"),
+    ] {
+        let p = &report[key];
+        println!(
+            "{name:<26} {:>8.0}/s  p50 {:>6} us  p99 {:>6} us  ({} requests)",
+            p["per_second"].as_f64().unwrap_or(0.0),
+            us(&p["latency_us_p50"]),
+            us(&p["latency_us_p99"]),
+            us(&p["requests"]),
+        );
+    }
+    for (name, key) in [
+        ("handshakes with mTLS", "handshakes_mtls"),
+        ("handshakes without mTLS", "handshakes_without_mtls"),
+    ] {
+        let p = &report[key];
+        println!(
+            "{name:<26} {:>8.0}/s  p50 {:>6} us  p99 {:>6} us  ({} handshakes, {} errors)",
+            p["per_second"].as_f64().unwrap_or(0.0),
+            us(&p["latency_us_p50"]),
+            us(&p["latency_us_p99"]),
+            us(&p["handshakes"]),
+            us(&p["errors"]),
+        );
+    }
+    if let Some(ratio) = report["ratio_handshakes_mtls_vs_without"].as_f64() {
+        println!("handshake rate with mTLS / without: {ratio:.2}");
+    }
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn ping(args: &TargetArgs, count: u32, payload: &str) -> anyhow::Result<()> {

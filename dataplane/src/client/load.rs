@@ -65,7 +65,12 @@ pub struct LoadConn {
 }
 
 impl LoadService {
-    pub fn new(config: ClientConfig, remote: SocketAddr, server_name: &str, plan: LoadPlan) -> Self {
+    pub fn new(
+        config: ClientConfig,
+        remote: SocketAddr,
+        server_name: &str,
+        plan: LoadPlan,
+    ) -> Self {
         Self {
             target: Some(ConnectRequest {
                 config,
@@ -176,7 +181,12 @@ impl LoadService {
 impl Service for LoadService {
     type Conn = LoadConn;
 
-    fn on_open(&mut self, _conn: &mut Connection, _handle: ConnectionHandle, _now: Instant) -> LoadConn {
+    fn on_open(
+        &mut self,
+        _conn: &mut Connection,
+        _handle: ConnectionHandle,
+        _now: Instant,
+    ) -> LoadConn {
         LoadConn {
             streams: HashMap::new(),
             connected: false,
@@ -203,8 +213,7 @@ impl Service for LoadService {
             Event::ConnectionLost { reason } => {
                 if !self.done {
                     self.report.failure = Some(super::rpc::describe(&reason));
-                    self.report.elapsed =
-                        self.first_sent.map_or(Duration::ZERO, |t| t.elapsed());
+                    self.report.elapsed = self.first_sent.map_or(Duration::ZERO, |t| t.elapsed());
                 }
                 self.done = true;
             }

@@ -1,0 +1,1346 @@
+//! The `internet2` client's authority commands: `enroll`, `cert`, `ca` and
+//! `ct`, speaking the authority's `stoq/1` kinds
+//! (`controlplane::authority::api`, `docs/PROTOCOL.md` "Authority
+//! messages").
+//!
+//! Nothing the server sends is trusted until it is checked here with the
+//! client-side checks of `api`: every signed tree head against the log key
+//! (`check_sth`), every proof against a checked tree head (`verify_proof`,
+//! `verify_consistency`), every issued certificate against the root the
+//! user trusts (`--ca`) with `verify_issued` before it is written or
+//! printed. Local input (files, serials, tokens, names) is checked before
+//! any network I/O.
+//!
+//! The binary owns the connection flags: it hands in a type implementing
+//! [`Connect`], flattened into every command here, and this module asks it
+//! for a `ClientTarget` and a timeout. Each request is one `stoq/1`
+//! connection (`dataplane::client::rpc_raw`).
+
+use anyhow::{Context, bail};
+use controlplane::authority::api::{
+    self, CaRoot, CertIssueRequest, CertList, CertListRequest, CertRenewRequest, CertRevokeRequest,
+    CertUsage, Consistency, CtConsistencyRequest, CtEntriesRequest, CtKey, CtProofRequest,
+    EnrollRequest, Entries, Issued, LogPublicKey, NoArguments, Proof, Revoked, Sth,
+};
+use controlplane::authority::ct::{self, SignedTreeHead, decode_leaf, encode_x509_leaf, leaf_hash};
+use dataplane::client::rpc::Reply;
+use dataplane::client::{ClientError, ClientTarget, rpc_raw};
+use dataplane::{ClientIdentity, ServerTrust};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer, PrivateKeyDer};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::fs::{DirBuilder, OpenOptions};
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use x509_parser::certificate::X509Certificate;
+use x509_parser::certification_request::X509CertificationRequest;
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::FromDer;
+
+/// How the binary's connection flags become a target. Implemented by the
+/// binary's flag struct, which every command here flattens.
+pub trait Connect: clap::Args + std::fmt::Debug {
+    /// The server to reach, the roots to trust and the client identity to
+    /// present (the one the flags choose).
+    fn target(&self) -> anyhow::Result<ClientTarget>;
+    fn timeout(&self) -> Duration;
+}
+
+/// `internet2 enroll`.
+#[derive(Debug, clap::Args)]
+pub struct EnrollArgs<T: Connect> {
+    #[command(flatten)]
+    pub target: T,
+    /// The one-time token from `internet2-server enroll-token`.
+    pub token: String,
+    /// A name for the certificate (repeat for more); the first is also its
+    /// subject CN. Default: this host's name.
+    #[arg(long = "name", value_name = "NAME")]
+    pub names: Vec<String>,
+    /// Where to save the identity (certificate, intermediate and key, mode
+    /// 0600). Default: `$XDG_DATA_HOME/internet2/identity.pem`.
+    #[arg(long, value_name = "PEM")]
+    pub out: Option<PathBuf>,
+    /// Replace an existing identity file.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum UsageArg {
+    Client,
+    Server,
+}
+
+/// `internet2 cert …`.
+#[derive(Debug, clap::Subcommand)]
+pub enum CertCommand<T: Connect> {
+    /// Have the CA sign a CSR (names: the CSR's CN and SANs; only the
+    /// operator may issue for names its certificate does not carry).
+    Issue {
+        #[command(flatten)]
+        target: T,
+        #[arg(long, value_name = "FILE")]
+        csr: PathBuf,
+        #[arg(long, value_enum, default_value = "client")]
+        usage: UsageArg,
+        /// Default: the server's configured lifetime; at most 90 days.
+        #[arg(long)]
+        lifetime_hours: Option<u32>,
+        /// Write the certificate and intermediate here (default: stdout).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Renew a certificate: same key, names and lifetime, new serial.
+    Renew {
+        #[command(flatten)]
+        target: T,
+        /// The certificate (or an identity file: its first certificate).
+        #[arg(long, value_name = "FILE")]
+        cert: PathBuf,
+        /// Write the new certificate and intermediate here, plus the key
+        /// when --cert held one (default: stdout, without the key).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Revoke a certificate (its owner or the operator).
+    Revoke {
+        #[command(flatten)]
+        target: T,
+        /// 32 hex digits.
+        serial: String,
+        #[arg(long, value_parser = api::REVOCATION_REASONS)]
+        reason: Option<String>,
+    },
+    /// Every certificate the CA issued (all pages).
+    List {
+        #[command(flatten)]
+        target: T,
+        /// all, valid, revoked or name:NAME.
+        #[arg(long, default_value = "all")]
+        filter: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a certificate: chain to the --ca root, validity, inclusion in
+    /// the log under a signed tree head, and revocation.
+    Verify {
+        #[command(flatten)]
+        target: T,
+        /// A PEM certificate (or an identity file: its first certificate).
+        file: PathBuf,
+    },
+}
+
+/// `internet2 ca …`.
+#[derive(Debug, clap::Subcommand)]
+pub enum CaCommand<T: Connect> {
+    /// Print the CA's root certificate (PEM).
+    Root {
+        #[command(flatten)]
+        target: T,
+        /// Fail unless the server's root is the one given with --ca.
+        #[arg(long)]
+        check: bool,
+        /// Print the intermediate after the root.
+        #[arg(long)]
+        intermediate: bool,
+    },
+}
+
+/// `internet2 ct …`: the Certificate Transparency log, every answer checked.
+#[derive(Debug, clap::Subcommand)]
+pub enum CtCommand<T: Connect> {
+    /// The latest signed tree head.
+    Sth {
+        #[command(flatten)]
+        target: T,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The inclusion proof of a certificate or leaf hash in the latest tree.
+    #[command(group(clap::ArgGroup::new("leaf").required(true).args(["cert", "leaf_hash"])))]
+    Proof {
+        #[command(flatten)]
+        target: T,
+        #[arg(long, value_name = "FILE")]
+        cert: Option<PathBuf>,
+        /// base64 of the 32-byte leaf hash.
+        #[arg(long, value_name = "B64")]
+        leaf_hash: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Proof that the tree of size OLD is a prefix of the tree of size NEW.
+    Consistency {
+        #[command(flatten)]
+        target: T,
+        old: u64,
+        new: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Log entries START..END (END exclusive, at most 256).
+    Entries {
+        #[command(flatten)]
+        target: T,
+        start: u64,
+        end: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The log's public key.
+    Key {
+        #[command(flatten)]
+        target: T,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Why an authority request got no usable answer.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("cannot reach {remote}: {source}")]
+    Setup {
+        remote: SocketAddr,
+        source: Box<ClientError>,
+    },
+    #[error("{what} to {remote}: {why}")]
+    Failed {
+        what: &'static str,
+        remote: SocketAddr,
+        why: String,
+    },
+    #[error("{what}: {} (server error 0x{code:02x})", explain(*.code, .message))]
+    Refused {
+        what: &'static str,
+        code: u16,
+        message: String,
+    },
+    #[error("the server's answer to {what} is not the expected JSON: {detail}")]
+    BadAnswer { what: &'static str, detail: String },
+}
+
+/// A readable sentence for an authority error code, with the server's
+/// own words after it.
+fn explain(code: u16, message: &str) -> String {
+    let summary = match code {
+        api::UNKNOWN_KIND => "the server does not answer authority requests",
+        api::MALFORMED_REQUEST => "the server did not understand the request",
+        api::BAD_CSR => "the certificate request was refused",
+        api::UNAUTHORIZED => "not allowed",
+        api::UNKNOWN_SERIAL => "no certificate of this CA has that serial",
+        api::ALREADY_REVOKED => "the certificate is already revoked",
+        api::TOKEN_INVALID => "enrollment token invalid or expired",
+        api::TOKEN_USED => "enrollment token already used",
+        api::NOT_OUR_CA => "not a certificate of this CA",
+        api::EXPIRED => "the certificate is expired or not yet valid",
+        api::OUT_OF_RANGE => "outside the log",
+        api::NOT_FOUND => "not in the log",
+        api::STORAGE => "the server failed internally (its log has details)",
+        api::NAME_TAKEN => "a name is already taken",
+        api::REVOKED => "the certificate is revoked",
+        _ => "refused",
+    };
+    format!("{summary}: {message}")
+}
+
+fn kind_name(kind: u8) -> &'static str {
+    match kind {
+        api::ENROLL => "ENROLL",
+        api::CERT_ISSUE => "CERT_ISSUE",
+        api::CERT_RENEW => "CERT_RENEW",
+        api::CERT_REVOKE => "CERT_REVOKE",
+        api::CERT_LIST => "CERT_LIST",
+        api::CA_ROOT => "CA_ROOT",
+        api::CT_STH => "CT_STH",
+        api::CT_PROOF => "CT_PROOF",
+        api::CT_CONSISTENCY => "CT_CONSISTENCY",
+        api::CT_ENTRIES => "CT_ENTRIES",
+        api::CT_KEY => "CT_KEY",
+        api::ROTATE => "ROTATE",
+        _ => "request",
+    }
+}
+
+/// One server, one identity (or none), one timeout.
+struct Session {
+    target: ClientTarget,
+    timeout: Duration,
+}
+
+impl Session {
+    fn open(flags: &impl Connect) -> anyhow::Result<Self> {
+        Ok(Self {
+            target: flags.target()?,
+            timeout: flags.timeout(),
+        })
+    }
+
+    /// The root certificate the user trusts (`--ca`): the anchor of every
+    /// chain check here, never the server's word.
+    fn trusted_root(&self) -> anyhow::Result<Vec<u8>> {
+        match &self.target.trust {
+            ServerTrust::Roots(roots) if !roots.is_empty() => Ok(roots[0].to_vec()),
+            _ => bail!("no trusted root certificate (pass --ca)"),
+        }
+    }
+
+    fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        kind: u8,
+        request: &Req,
+    ) -> Result<Resp, CallError> {
+        let what = kind_name(kind);
+        let payload = serde_json::to_vec(request).expect("requests serialize");
+        let remote = self.target.remote;
+        let setup = |source| CallError::Setup {
+            remote,
+            source: Box::new(source),
+        };
+        let config = self
+            .target
+            .client_config(dataplane::protocols::ALPN_STOQ)
+            .map_err(setup)?;
+        let outcome =
+            rpc_raw(&self.target, &config, kind, &payload, self.timeout).map_err(setup)?;
+        let body = match outcome.replies.into_iter().next() {
+            Some(Reply::Ok(body)) => body,
+            Some(Reply::Error { code, message }) => {
+                return Err(CallError::Refused {
+                    what,
+                    code,
+                    message,
+                });
+            }
+            Some(Reply::Failed(why)) => return Err(CallError::Failed { what, remote, why }),
+            None => {
+                return Err(CallError::Failed {
+                    what,
+                    remote,
+                    why: outcome.error.unwrap_or_else(|| "no answer".into()),
+                });
+            }
+        };
+        serde_json::from_slice(&body).map_err(|e| CallError::BadAnswer {
+            what,
+            detail: e.to_string(),
+        })
+    }
+
+    /// The log key, as the server states it (`CT_KEY`, checked against its
+    /// log id). The connection is authenticated by the --ca root.
+    fn log_key(&self) -> anyhow::Result<(CtKey, LogPublicKey)> {
+        let answer: CtKey = self.call(api::CT_KEY, &NoArguments {})?;
+        let key = LogPublicKey::from_ct_key(&answer).context("the log key (CT_KEY)")?;
+        Ok((answer, key))
+    }
+
+    /// The latest tree head, its signature checked with `key`.
+    fn checked_sth(&self, key: &LogPublicKey) -> anyhow::Result<(Sth, SignedTreeHead)> {
+        let sth: Sth = self.call(api::CT_STH, &NoArguments {})?;
+        let checked = api::check_sth(&sth, key)
+            .context("REFUSING the latest tree head: its signature does not verify")?;
+        Ok((sth, checked))
+    }
+
+    /// The CA's root and intermediate, the root compared with the trusted
+    /// one and the intermediate checked to be signed by it.
+    fn ca_root(&self) -> anyhow::Result<CaRoot> {
+        let answer: CaRoot = self.call(api::CA_ROOT, &NoArguments {})?;
+        let trusted = self.trusted_root()?;
+        let root = pem_der("the server's root_pem", &answer.root_pem)?;
+        if root != trusted {
+            bail!("the server's root certificate is not the one given with --ca");
+        }
+        let intermediate = pem_der("the server's intermediate_pem", &answer.intermediate_pem)?;
+        let (root, intermediate) = (parse_x509(&root)?, parse_x509(&intermediate)?);
+        if !signed_by(&intermediate, &root) {
+            bail!("the server's intermediate is not signed by the --ca root");
+        }
+        Ok(answer)
+    }
+}
+
+/// An `Issued` answer that passed `api::verify_issued` against the trusted
+/// root and the log key; only [`trust_issued`] makes one, and every path
+/// that writes or prints an issued certificate takes one.
+struct VerifiedIssued(Issued);
+
+fn trust_issued(
+    issued: Issued,
+    key: &LogPublicKey,
+    root_der: &[u8],
+) -> anyhow::Result<VerifiedIssued> {
+    api::verify_issued(&issued, key, root_der).context(
+        "REFUSING the issued certificate: it does not check out against the --ca root and the log",
+    )?;
+    Ok(VerifiedIssued(issued))
+}
+
+impl VerifiedIssued {
+    fn print_summary(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        let issued = &self.0;
+        // verify_issued parsed the certificate already.
+        let facts = pem_der("certificate_pem", &issued.certificate_pem)
+            .and_then(|der| CertFacts::of(&der))
+            .expect("a verified certificate parses");
+        writeln!(out, "serial     {}", issued.serial)?;
+        writeln!(out, "subject    CN={}", facts.subject)?;
+        writeln!(out, "names      {}", facts.names().join(", "))?;
+        writeln!(out, "not after  {}", utc(issued.not_after))?;
+        writeln!(
+            out,
+            "log index  {} (tree size {}, inclusion proof and tree head signature verified)",
+            issued.leaf_index, issued.sth.tree_size
+        )
+    }
+
+    /// Certificate, intermediate and (when given) the key, as one PEM text.
+    fn pem(&self, key_pem: Option<&str>) -> String {
+        let mut out = String::new();
+        for part in [&self.0.certificate_pem, &self.0.chain_pem]
+            .into_iter()
+            .map(String::as_str)
+            .chain(key_pem)
+        {
+            out.push_str(part);
+            if !part.ends_with('\n') {
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+/// What the CLI shows of a certificate.
+struct CertFacts {
+    serial: String,
+    subject: String,
+    issuer: String,
+    dns_names: Vec<String>,
+    ip_addresses: Vec<IpAddr>,
+    not_before: i64,
+    not_after: i64,
+    spki: Vec<u8>,
+}
+
+impl CertFacts {
+    fn of(der: &[u8]) -> anyhow::Result<Self> {
+        let cert = parse_x509(der)?;
+        let mut dns_names = Vec::new();
+        let mut ip_addresses = Vec::new();
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                match name {
+                    GeneralName::DNSName(dns) => dns_names.push((*dns).to_owned()),
+                    GeneralName::IPAddress(bytes) => {
+                        if let Ok(v4) = <[u8; 4]>::try_from(*bytes) {
+                            ip_addresses.push(IpAddr::from(v4));
+                        } else if let Ok(v6) = <[u8; 16]>::try_from(*bytes) {
+                            ip_addresses.push(IpAddr::from(v6));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(Self {
+            serial: hex(cert.raw_serial()),
+            subject: cert
+                .subject()
+                .iter_common_name()
+                .next()
+                .and_then(|cn| cn.as_str().ok())
+                .unwrap_or("")
+                .to_owned(),
+            issuer: cert.issuer().to_string(),
+            dns_names,
+            ip_addresses,
+            not_before: cert.validity().not_before.timestamp(),
+            not_after: cert.validity().not_after.timestamp(),
+            spki: cert.public_key().raw.to_vec(),
+        })
+    }
+
+    fn names(&self) -> Vec<String> {
+        let ips = self.ip_addresses.iter().map(ToString::to_string);
+        self.dns_names.iter().cloned().chain(ips).collect()
+    }
+}
+
+/// A certificate read from a local file (its first certificate), with the
+/// private key when the file holds one (an identity file).
+struct LocalCert {
+    der: Vec<u8>,
+    pem: String,
+    key_pem: Option<String>,
+    facts: CertFacts,
+}
+
+fn read_local(path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// What PEM blocks a file holds, for error messages.
+fn pem_labels(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let labels: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("-----BEGIN ")?.strip_suffix("-----"))
+        .collect();
+    if labels.is_empty() {
+        "no PEM block".into()
+    } else {
+        labels.join(", ")
+    }
+}
+
+fn read_certificate(path: &Path) -> anyhow::Result<LocalCert> {
+    let bytes = read_local(path)?;
+    let der = CertificateDer::pem_slice_iter(&bytes)
+        .next()
+        .and_then(Result::ok)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: not a certificate: expected a PEM CERTIFICATE block, found {}",
+                path.display(),
+                pem_labels(&bytes)
+            )
+        })?;
+    let facts =
+        CertFacts::of(&der).with_context(|| format!("{}: not a certificate", path.display()))?;
+    let key_pem = PrivateKeyDer::from_pem_slice(&bytes).ok().map(|key| {
+        let label = match &key {
+            PrivateKeyDer::Pkcs1(_) => "RSA PRIVATE KEY",
+            PrivateKeyDer::Sec1(_) => "EC PRIVATE KEY",
+            _ => "PRIVATE KEY",
+        };
+        pem_encode(label, key.secret_der())
+    });
+    Ok(LocalCert {
+        pem: pem_encode("CERTIFICATE", &der),
+        der: der.to_vec(),
+        key_pem,
+        facts,
+    })
+}
+
+/// A CSR file, parsed and its signature checked before it is sent.
+fn read_csr(path: &Path) -> anyhow::Result<String> {
+    let bytes = read_local(path)?;
+    let der = CertificateSigningRequestDer::from_pem_slice(&bytes).map_err(|_| {
+        anyhow::anyhow!(
+            "{}: not a CSR: expected a PEM CERTIFICATE REQUEST block, found {}",
+            path.display(),
+            pem_labels(&bytes)
+        )
+    })?;
+    let csr = match X509CertificationRequest::from_der(&der) {
+        Ok(([], csr)) => csr,
+        Ok(_) => bail!("{}: not a usable CSR: trailing bytes", path.display()),
+        Err(e) => bail!("{}: not a usable CSR: {e}", path.display()),
+    };
+    csr.verify_signature().map_err(|e| {
+        anyhow::anyhow!(
+            "{}: the CSR's signature does not verify: {e}",
+            path.display()
+        )
+    })?;
+    Ok(pem_encode("CERTIFICATE REQUEST", &der))
+}
+
+fn parse_x509(der: &[u8]) -> anyhow::Result<X509Certificate<'_>> {
+    match x509_parser::parse_x509_certificate(der) {
+        Ok(([], cert)) => Ok(cert),
+        Ok(_) => bail!("trailing bytes after the X.509 certificate"),
+        Err(e) => bail!("not an X.509 certificate: {e}"),
+    }
+}
+
+fn signed_by(child: &X509Certificate<'_>, parent: &X509Certificate<'_>) -> bool {
+    child.issuer().as_raw() == parent.subject().as_raw()
+        && child.verify_signature(Some(parent.public_key())).is_ok()
+}
+
+fn pem_der(field: &str, pem: &str) -> anyhow::Result<Vec<u8>> {
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .map(|d| d.to_vec())
+        .map_err(|e| anyhow::anyhow!("{field} is not a PEM certificate: {e}"))
+}
+
+fn pem_encode(label: &str, der: &[u8]) -> String {
+    let body = api::b64(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in body.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unix_now_s() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Unix seconds as RFC 3339 UTC (proleptic Gregorian; H. Hinnant's
+/// `civil_from_days`).
+fn utc(unix_s: u64) -> String {
+    utc_signed(i64::try_from(unix_s).unwrap_or(i64::MAX))
+}
+
+fn utc_signed(unix_s: i64) -> String {
+    let (days, secs) = (unix_s.div_euclid(86_400), unix_s.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+fn utc_ms(unix_ms: u64) -> String {
+    utc(unix_ms / 1000)
+}
+
+fn print_json(value: &impl Serialize) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("answers serialize")
+    );
+}
+
+/// Write `contents` to `path` with mode 0600, its missing parent
+/// directories made with 0700. Unless `replace`, an existing file is an
+/// error; a replacement is written beside it and renamed over it, so the
+/// file is never half written.
+fn write_private(path: &Path, contents: &str, replace: bool) -> anyhow::Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    let staging = if replace {
+        let mut name = path.file_name().unwrap_or_default().to_owned();
+        name.push(format!(".{}.tmp", std::process::id()));
+        path.with_file_name(name)
+    } else {
+        path.to_owned()
+    };
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&staging)
+        .with_context(|| match replace {
+            false if path.exists() => format!(
+                "{} exists; pass --force to replace it, or --out elsewhere",
+                path.display()
+            ),
+            _ => format!("cannot create {}", staging.display()),
+        })?;
+    let written = file
+        .write_all(contents.as_bytes())
+        .and_then(|()| file.sync_all());
+    if replace && written.is_ok() {
+        return std::fs::rename(&staging, path).with_context(|| {
+            let _ = std::fs::remove_file(&staging);
+            format!("cannot replace {}", path.display())
+        });
+    }
+    written.with_context(|| {
+        let _ = std::fs::remove_file(&staging);
+        format!("cannot write {}", staging.display())
+    })
+}
+
+// ---------------------------------------------------------------- enroll
+
+/// This host's name, the default certificate name.
+fn host_name() -> anyhow::Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|n| n.trim().to_owned())
+        .unwrap_or_default();
+    if name.is_empty() {
+        bail!("cannot read this host's name; pass --name NAME");
+    }
+    Ok(name)
+}
+
+/// A new ECDSA P-256 key and a CSR for `names` (the first is the CN).
+fn key_and_csr(names: &[String]) -> anyhow::Result<(rcgen::KeyPair, String)> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .context("cannot generate a key")?;
+    let mut params = rcgen::CertificateParams::new(names.to_vec())
+        .with_context(|| format!("the names {names:?} are not DNS names or IP addresses"))?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, names[0].as_str());
+    let csr = params
+        .serialize_request(&key)
+        .and_then(|csr| csr.pem())
+        .context("cannot make the certificate request")?;
+    Ok((key, csr))
+}
+
+/// `internet2 enroll`: a key made here, a certificate paid for with the
+/// token, verified against the log before it is saved.
+pub fn enroll<T: Connect>(args: &EnrollArgs<T>, default_out: &Path) -> anyhow::Result<()> {
+    let out = args.out.clone().unwrap_or_else(|| default_out.to_owned());
+    if out.exists() && !args.force {
+        bail!(
+            "{} exists; pass --force to replace it, or --out elsewhere",
+            out.display()
+        );
+    }
+    let token = args.token.trim();
+    if token.len() != controlplane::authority::enrollment::TOKEN_TEXT_LEN
+        || !token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        bail!(
+            "the enrollment token must be {} base64url characters, as `internet2-server enroll-token` prints it",
+            controlplane::authority::enrollment::TOKEN_TEXT_LEN
+        );
+    }
+    let names = match args.names.is_empty() {
+        true => vec![host_name()?],
+        false => args.names.clone(),
+    };
+    let (key, csr_pem) = key_and_csr(&names)?;
+
+    // Without a certificate the server allows only ENROLL.
+    let mut session = Session::open(&args.target)?;
+    let root_der = session.trusted_root()?;
+    session.target.identity = None;
+    let request = EnrollRequest {
+        token: token.to_owned(),
+        csr_pem,
+    };
+    let issued: Issued = session.call(api::ENROLL, &request)?;
+
+    let cert_der = pem_der("certificate_pem", &issued.certificate_pem)?;
+    if CertFacts::of(&cert_der)?.spki != key.public_key_der() {
+        bail!("REFUSING the issued certificate: it is not for the key made here");
+    }
+    let chain_der = pem_der("chain_pem", &issued.chain_pem)?;
+    session.target.identity = Some(ClientIdentity {
+        chain: vec![cert_der.into(), chain_der.into()],
+        key: PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    });
+    let (_, log_key) = session
+        .log_key()
+        .context("the new certificate was issued, but fetching the log key with it failed; the token is spent, mint a new one")?;
+    let verified = trust_issued(issued, &log_key, &root_der)?;
+    write_private(&out, &verified.pem(Some(&key.serialize_pem())), args.force)?;
+    println!("enrolled; identity saved to {}", out.display());
+    verified.print_summary(&mut std::io::stdout())?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- cert
+
+pub fn cert<T: Connect>(command: &CertCommand<T>) -> anyhow::Result<()> {
+    match command {
+        CertCommand::Issue {
+            target,
+            csr,
+            usage,
+            lifetime_hours,
+            out,
+        } => {
+            let csr_pem = read_csr(csr)?;
+            let request = CertIssueRequest {
+                csr_pem,
+                usage: match usage {
+                    UsageArg::Client => CertUsage::Client,
+                    UsageArg::Server => CertUsage::Server,
+                },
+                lifetime_hours: *lifetime_hours,
+            };
+            let session = Session::open(target)?;
+            let issued = issue_checked(&session, api::CERT_ISSUE, &request)?;
+            emit_issued(&issued, None, out.as_deref())
+        }
+        CertCommand::Renew { target, cert, out } => {
+            let local = read_certificate(cert)?;
+            let request = CertRenewRequest {
+                certificate_pem: local.pem,
+            };
+            let session = Session::open(target)?;
+            let issued = issue_checked(&session, api::CERT_RENEW, &request)?;
+            emit_issued(&issued, local.key_pem.as_deref(), out.as_deref())
+        }
+        CertCommand::Revoke {
+            target,
+            serial,
+            reason,
+        } => {
+            let serial = parse_serial(serial)?;
+            let session = Session::open(target)?;
+            let request = CertRevokeRequest {
+                serial,
+                reason: reason.clone(),
+            };
+            let revoked: Revoked = match session.call(api::CERT_REVOKE, &request) {
+                Ok(revoked) => revoked,
+                Err(CallError::Failed { why, .. }) if presents(&session, &request.serial) => bail!(
+                    "the server closed the connection ({why}); this connection presented the \
+                     certificate being revoked, which the server stops accepting at once, so \
+                     the revocation has most likely happened: check with \
+                     `internet2 cert list --filter revoked` as another identity"
+                ),
+                Err(e) => return Err(e.into()),
+            };
+            println!("revoked {} at {}", revoked.serial, utc(revoked.revoked_at));
+            Ok(())
+        }
+        CertCommand::List {
+            target,
+            filter,
+            json,
+        } => cert_list(target, filter, *json),
+        CertCommand::Verify { target, file } => cert_verify(target, file),
+    }
+}
+
+/// Send an issuing request and verify the answer before anything uses it.
+fn issue_checked(
+    session: &Session,
+    kind: u8,
+    request: &impl Serialize,
+) -> anyhow::Result<VerifiedIssued> {
+    let root_der = session.trusted_root()?;
+    let issued: Issued = session.call(kind, request)?;
+    let (_, log_key) = session.log_key()?;
+    trust_issued(issued, &log_key, &root_der)
+}
+
+fn emit_issued(
+    issued: &VerifiedIssued,
+    key_pem: Option<&str>,
+    out: Option<&Path>,
+) -> anyhow::Result<()> {
+    match out {
+        Some(path) => {
+            write_private(path, &issued.pem(key_pem), true)?;
+            println!("saved to {}", path.display());
+            issued.print_summary(&mut std::io::stdout())?;
+        }
+        None => {
+            issued.print_summary(&mut std::io::stderr())?;
+            print!("{}", issued.pem(None));
+        }
+    }
+    Ok(())
+}
+
+/// Whether the session's client certificate has `serial`.
+fn presents(session: &Session, serial: &str) -> bool {
+    let leaf = session
+        .target
+        .identity
+        .as_ref()
+        .and_then(|i| i.chain.first());
+    leaf.and_then(|der| CertFacts::of(der).ok())
+        .is_some_and(|facts| facts.serial == serial)
+}
+
+fn parse_serial(serial: &str) -> anyhow::Result<String> {
+    let serial = serial.trim().replace(':', "").to_ascii_lowercase();
+    if serial.len() != 32 || !serial.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!("the serial must be 32 hex digits (as `internet2 cert list` shows it)");
+    }
+    Ok(serial)
+}
+
+fn check_filter(filter: &str) -> anyhow::Result<()> {
+    match filter {
+        "all" | "valid" | "revoked" => Ok(()),
+        f if f.strip_prefix("name:").is_some_and(|n| !n.is_empty()) => Ok(()),
+        other => bail!("--filter {other:?} is not one of all, valid, revoked, name:NAME"),
+    }
+}
+
+/// Every page of `CERT_LIST` for `filter`.
+fn list_all(session: &Session, filter: &str) -> anyhow::Result<CertList> {
+    let mut all = CertList {
+        certificates: Vec::new(),
+        next: None,
+    };
+    let mut after = None;
+    loop {
+        let request = CertListRequest {
+            filter: filter.to_owned(),
+            after: after.take(),
+        };
+        let page: CertList = session.call(api::CERT_LIST, &request)?;
+        all.certificates.extend(page.certificates);
+        match page.next {
+            // A server that repeats itself would page forever.
+            Some(next) if all.certificates.last().is_some_and(|c| c.serial == next) => {
+                after = Some(next)
+            }
+            Some(next) => bail!("CERT_LIST: the page's `next` {next} is not its last serial"),
+            None => return Ok(all),
+        }
+    }
+}
+
+fn cert_list(target: &impl Connect, filter: &str, json: bool) -> anyhow::Result<()> {
+    check_filter(filter)?;
+    let session = Session::open(target)?;
+    let list = list_all(&session, filter)?;
+    if json {
+        print_json(&list);
+        return Ok(());
+    }
+    let now = unix_now_s();
+    println!(
+        "{:<32}  {:<6}  {:<20}  {:<7}  {:<5}  subject / names",
+        "serial", "usage", "not after", "status", "leaf"
+    );
+    for c in &list.certificates {
+        let status = match (c.revoked_at, i64::try_from(c.not_after).unwrap_or(i64::MAX)) {
+            (Some(_), _) => "revoked",
+            (None, t) if t < now => "expired",
+            _ => "valid",
+        };
+        let names: Vec<&str> = c
+            .dns_names
+            .iter()
+            .chain(&c.ip_addresses)
+            .map(String::as_str)
+            .collect();
+        println!(
+            "{:<32}  {:<6}  {:<20}  {status:<7}  {:<5}  {} [{}]",
+            c.serial,
+            match c.usage {
+                CertUsage::Client => "client",
+                CertUsage::Server => "server",
+            },
+            utc(c.not_after),
+            c.leaf_index,
+            c.subject,
+            names.join(", ")
+        );
+    }
+    println!("{} certificates", list.certificates.len());
+    Ok(())
+}
+
+/// `cert verify`: chain to the --ca root, validity now, inclusion under a
+/// signed tree head (all through `verify_issued`), then revocation.
+fn cert_verify(target: &impl Connect, file: &Path) -> anyhow::Result<()> {
+    let local = read_certificate(file)?;
+    let facts = &local.facts;
+    let session = Session::open(target)?;
+    let ca = session.ca_root()?;
+    let intermediate_der = pem_der("intermediate_pem", &ca.intermediate_pem)?;
+    println!("certificate {} ({})", file.display(), facts.subject);
+    println!("  serial      {}", facts.serial);
+    println!("  names       {}", facts.names().join(", "));
+    if !signed_by(&parse_x509(&local.der)?, &parse_x509(&intermediate_der)?) {
+        bail!(
+            "{}: not a certificate of this CA: it was issued by {:?}, not by the intermediate of the --ca root",
+            file.display(),
+            facts.issuer
+        );
+    }
+    println!("  chain       signed by the intermediate, which the --ca root signed");
+    let now = unix_now_s();
+    let validity = format!(
+        "{} to {}",
+        utc_signed(facts.not_before),
+        utc_signed(facts.not_after)
+    );
+    if now > facts.not_after {
+        bail!("{}: the certificate expired ({validity})", file.display());
+    }
+    if now < facts.not_before {
+        bail!(
+            "{}: the certificate is not yet valid ({validity})",
+            file.display()
+        );
+    }
+    println!("  validity    {validity}: valid now");
+
+    let (ct_key, log_key) = session.log_key()?;
+    let (sth, checked) = session.checked_sth(&log_key)?;
+    let request = CtProofRequest {
+        leaf_hash: None,
+        certificate_pem: Some(local.pem.clone()),
+        tree_size: Some(checked.tree_size),
+    };
+    let proof: Proof = session.call(api::CT_PROOF, &request)?;
+    let issued = Issued {
+        certificate_pem: local.pem.clone(),
+        chain_pem: ca.intermediate_pem.clone(),
+        serial: facts.serial.clone(),
+        not_before: u64::try_from(facts.not_before).unwrap_or(0),
+        not_after: u64::try_from(facts.not_after).unwrap_or(0),
+        leaf_index: proof.leaf_index,
+        sth,
+        proof,
+    };
+    api::verify_issued(&issued, &log_key, &session.trusted_root()?).with_context(|| {
+        format!(
+            "{}: the log does not prove this certificate",
+            file.display()
+        )
+    })?;
+    println!(
+        "  tree head   size {} at {}, signature verified ({}, log id {})",
+        checked.tree_size,
+        utc_ms(checked.timestamp_ms),
+        ct_key.algorithm,
+        ct_key.log_id
+    );
+    println!(
+        "  log         leaf {} (logged {}), inclusion proof verified against the tree head",
+        issued.leaf_index,
+        utc_ms(issued.proof.timestamp)
+    );
+    let revoked = list_all(&session, "revoked")?;
+    if let Some(r) = revoked
+        .certificates
+        .iter()
+        .find(|c| c.serial == facts.serial)
+    {
+        bail!(
+            "{}: the certificate is revoked (at {}, reason {})",
+            file.display(),
+            r.revoked_at.map_or_else(|| "?".into(), utc),
+            r.revocation_reason.as_deref().unwrap_or("unspecified")
+        );
+    }
+    println!("  revocation  not revoked");
+    println!("OK");
+    Ok(())
+}
+
+// ---------------------------------------------------------------- ca
+
+pub fn ca<T: Connect>(command: &CaCommand<T>) -> anyhow::Result<()> {
+    let CaCommand::Root {
+        target,
+        check,
+        intermediate,
+    } = command;
+    let session = Session::open(target)?;
+    let answer = if *check {
+        let answer = session.ca_root()?;
+        eprintln!("the server's root is the --ca root; its intermediate is signed by it");
+        answer
+    } else {
+        session.call(api::CA_ROOT, &NoArguments {})?
+    };
+    print!("{}", answer.root_pem);
+    if *intermediate {
+        print!("{}", answer.intermediate_pem);
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- ct
+
+pub fn ct<T: Connect>(command: &CtCommand<T>) -> anyhow::Result<()> {
+    match command {
+        CtCommand::Sth { target, json } => {
+            let session = Session::open(target)?;
+            let (ct_key, log_key) = session.log_key()?;
+            let (sth, checked) = session.checked_sth(&log_key)?;
+            if *json {
+                print_json(&sth);
+            } else {
+                print_sth(&sth, &checked, &ct_key);
+            }
+            Ok(())
+        }
+        CtCommand::Proof {
+            target,
+            cert,
+            leaf_hash,
+            json,
+        } => ct_proof(target, cert.as_deref(), leaf_hash.as_deref(), *json),
+        CtCommand::Consistency {
+            target,
+            old,
+            new,
+            json,
+        } => ct_consistency(target, *old, *new, *json),
+        CtCommand::Entries {
+            target,
+            start,
+            end,
+            json,
+        } => ct_entries(target, *start, *end, *json),
+        CtCommand::Key { target, json } => {
+            let session = Session::open(target)?;
+            let (answer, _) = session.log_key()?;
+            if *json {
+                print_json(&answer);
+            } else {
+                println!("algorithm   {}", answer.algorithm);
+                println!(
+                    "log id      {} (SHA-256 of the key, checked)",
+                    answer.log_id
+                );
+                println!("public key  {}", answer.public_key);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print_sth(sth: &Sth, checked: &SignedTreeHead, key: &CtKey) {
+    println!("tree size   {}", checked.tree_size);
+    println!(
+        "timestamp   {} ({} ms)",
+        utc_ms(checked.timestamp_ms),
+        sth.timestamp
+    );
+    println!("root hash   {}", sth.root_hash);
+    println!("log id      {}", sth.log_id);
+    println!("signature   verified ({})", key.algorithm);
+}
+
+/// What `ct proof` proves the inclusion of.
+enum Leaf {
+    Certificate(LocalCert),
+    Hash(ct::Hash),
+}
+
+fn ct_proof(
+    target: &impl Connect,
+    cert: Option<&Path>,
+    hash: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let leaf = match (cert, hash) {
+        (Some(path), None) => Leaf::Certificate(read_certificate(path)?),
+        (None, Some(b64)) => {
+            Leaf::Hash(api::b64_hash("--leaf-hash", b64.trim()).map_err(|e| anyhow::anyhow!(e))?)
+        }
+        _ => bail!("give exactly one of --cert and --leaf-hash"),
+    };
+    let session = Session::open(target)?;
+    let (_, log_key) = session.log_key()?;
+    let (_, checked) = session.checked_sth(&log_key)?;
+    let request = CtProofRequest {
+        leaf_hash: match &leaf {
+            Leaf::Hash(h) => Some(api::b64(h)),
+            Leaf::Certificate(_) => None,
+        },
+        certificate_pem: match &leaf {
+            Leaf::Certificate(c) => Some(c.pem.clone()),
+            Leaf::Hash(_) => None,
+        },
+        tree_size: Some(checked.tree_size),
+    };
+    let proof: Proof = session.call(api::CT_PROOF, &request)?;
+    // The leaf hash is recomputed here, never taken from the answer.
+    let hash = match &leaf {
+        Leaf::Hash(h) => *h,
+        Leaf::Certificate(c) => leaf_hash(
+            &encode_x509_leaf(proof.timestamp, &c.der, &[])
+                .map_err(|e| anyhow::anyhow!("the certificate cannot be a log entry: {e}"))?,
+        ),
+    };
+    if api::b64_hash("proof.leaf_hash", &proof.leaf_hash).ok() != Some(hash) {
+        bail!("REFUSING the proof: it is for another leaf than the one asked about");
+    }
+    api::verify_proof(&proof, &hash, &checked)
+        .context("REFUSING the proof: it does not verify against the signed tree head")?;
+    if json {
+        print_json(&proof);
+        return Ok(());
+    }
+    println!("leaf index  {}", proof.leaf_index);
+    println!("leaf hash   {}", proof.leaf_hash);
+    println!("logged at   {}", utc_ms(proof.timestamp));
+    println!(
+        "tree size   {} (tree head signature verified)",
+        proof.tree_size
+    );
+    println!("root hash   {}", proof.root_hash);
+    println!(
+        "audit path  {} hashes: inclusion verified",
+        proof.audit_path.len()
+    );
+    Ok(())
+}
+
+fn ct_consistency(target: &impl Connect, old: u64, new: u64, json: bool) -> anyhow::Result<()> {
+    if old == 0 || old > new {
+        bail!("need 1 <= OLD <= NEW, got {old} and {new}");
+    }
+    let session = Session::open(target)?;
+    let (_, log_key) = session.log_key()?;
+    // The tree head of the old size comes from the log too: a consistency
+    // "proof" from a size to itself carries that size's signed head.
+    let old_head: Consistency = session.call(
+        api::CT_CONSISTENCY,
+        &CtConsistencyRequest {
+            old_size: old,
+            new_size: old,
+        },
+    )?;
+    let answer: Consistency = session.call(
+        api::CT_CONSISTENCY,
+        &CtConsistencyRequest {
+            old_size: old,
+            new_size: new,
+        },
+    )?;
+    if (answer.old_size, answer.new_size, answer.new_sth.tree_size) != (old, new, new)
+        || old_head.new_sth.tree_size != old
+    {
+        bail!("REFUSING the consistency proof: it is for other tree sizes than asked");
+    }
+    api::verify_consistency(&old_head.new_sth, &answer.new_sth, &answer.proof, &log_key)
+        .context("REFUSING the consistency proof: the log did not only append")?;
+    if json {
+        print_json(&answer);
+        return Ok(());
+    }
+    println!(
+        "tree {old} (root {}) is a prefix of tree {new} (root {})",
+        old_head.new_sth.root_hash, answer.new_sth.root_hash
+    );
+    println!(
+        "both tree heads' signatures and the {}-hash consistency proof verified",
+        answer.proof.len()
+    );
+    Ok(())
+}
+
+/// `ct entries`: each entry's leaf input must hold the certificate shown
+/// beside it and be proven in the latest signed tree head.
+fn ct_entries(target: &impl Connect, start: u64, end: u64, json: bool) -> anyhow::Result<()> {
+    if start >= end || end - start > api::MAX_ENTRIES_PER_REQUEST {
+        bail!(
+            "need START < END with at most {} entries, got {start}..{end}",
+            api::MAX_ENTRIES_PER_REQUEST
+        );
+    }
+    let session = Session::open(target)?;
+    let (_, log_key) = session.log_key()?;
+    let (_, checked) = session.checked_sth(&log_key)?;
+    let answer: Entries = session.call(api::CT_ENTRIES, &CtEntriesRequest { start, end })?;
+    if answer.entries.len() as u64 != end - start {
+        bail!(
+            "REFUSING the entries: asked for {} and got {}",
+            end - start,
+            answer.entries.len()
+        );
+    }
+    let mut logged = Vec::with_capacity(answer.entries.len());
+    for (entry, index) in answer.entries.iter().zip(start..) {
+        let refuse = |why: String| anyhow::anyhow!("REFUSING entry {index}: {why}");
+        if entry.leaf_index != index {
+            return Err(refuse(format!("it says it is {}", entry.leaf_index)));
+        }
+        let input = api::b64_decode("leaf_input", &entry.leaf_input).map_err(refuse)?;
+        let leaf = decode_leaf(&input).map_err(|e| refuse(e.to_string()))?;
+        if pem_der("certificate_pem", &entry.certificate_pem)? != leaf.cert_der {
+            return Err(refuse(
+                "its certificate_pem is not the certificate in its leaf".into(),
+            ));
+        }
+        let hash = leaf_hash(&input);
+        let request = CtProofRequest {
+            leaf_hash: Some(api::b64(&hash)),
+            certificate_pem: None,
+            tree_size: Some(checked.tree_size),
+        };
+        let proof: Proof = session.call(api::CT_PROOF, &request)?;
+        if proof.leaf_index != index {
+            return Err(refuse(format!(
+                "the log proves it at index {}",
+                proof.leaf_index
+            )));
+        }
+        api::verify_proof(&proof, &hash, &checked)
+            .map_err(|e| refuse(format!("its inclusion proof does not verify: {e}")))?;
+        logged.push((leaf.timestamp_ms, CertFacts::of(&leaf.cert_der)?));
+    }
+    if json {
+        print_json(&answer);
+        return Ok(());
+    }
+    for ((timestamp_ms, facts), index) in logged.iter().zip(start..) {
+        println!(
+            "{index:>6}  {}  {}  {} [{}]",
+            utc_ms(*timestamp_ms),
+            facts.serial,
+            facts.subject,
+            facts.names().join(", ")
+        );
+    }
+    println!(
+        "{} entries, each proven in the signed tree head of size {}",
+        logged.len(),
+        checked.tree_size
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_matches_known_dates() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(utc_signed(-1), "1969-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn serials_are_normalized_or_refused() {
+        let upper = "00112233445566778899AABBCCDDEEFF";
+        assert_eq!(
+            parse_serial(upper).unwrap(),
+            "00112233445566778899aabbccddeeff"
+        );
+        assert!(parse_serial("0011").is_err());
+        assert!(parse_serial("zz112233445566778899aabbccddeeff").is_err());
+    }
+
+    #[test]
+    fn filters_are_checked_locally() {
+        for ok in ["all", "valid", "revoked", "name:node1"] {
+            check_filter(ok).unwrap();
+        }
+        assert!(check_filter("name:").is_err());
+        assert!(check_filter("everything").is_err());
+    }
+}
