@@ -276,3 +276,121 @@ fn rotation_under_continuous_handshakes_fails_none() {
     // handshake would show here and in the client's errors.
     assert_eq!(server.stats()["total"]["failed_handshakes"], 0);
 }
+
+/// The log's key, fetched once (and checked against its own id).
+fn log_key(server: &Server) -> api::LogPublicKey {
+    let key: api::CtKey =
+        serde_json::from_slice(&operator_rpc(server, api::CT_KEY, b"{}")).unwrap();
+    api::LogPublicKey::from_ct_key(&key).unwrap()
+}
+
+#[test]
+fn kill_9_loses_no_acknowledged_certificate_and_the_log_never_forks() {
+    let mut server = Server::start("crash", "");
+    let root = controlplane::authority::pem::load_cert(&server.ca()).unwrap();
+    let key = log_key(&server);
+    let request = {
+        let k = rcgen::KeyPair::generate().unwrap();
+        let csr = rcgen::CertificateParams::new(vec!["burst".to_string()])
+            .unwrap()
+            .serialize_request(&k)
+            .unwrap()
+            .pem()
+            .unwrap();
+        serde_json::to_vec(&api::CertIssueRequest {
+            csr_pem: csr,
+            usage: api::CertUsage::Client,
+            lifetime_hours: Some(1),
+        })
+        .unwrap()
+    };
+    let mut acknowledged: Vec<api::Issued> = Vec::new();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for round in 0..3 {
+        // A burst of issuances on one connection per request, killed at a
+        // pseudo-random moment in the middle of it.
+        let target = operator_target(&server);
+        let config = target
+            .client_config(dataplane::protocols::ALPN_STOQ)
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let payload = request.clone();
+        let burst = std::thread::spawn(move || {
+            for _ in 0..10_000 {
+                let outcome = dataplane::client::rpc_raw(
+                    &target,
+                    &config,
+                    api::CERT_ISSUE,
+                    &payload,
+                    Duration::from_secs(2),
+                );
+                let Ok(outcome) = outcome else { return };
+                match &outcome.replies[0] {
+                    Reply::Ok(body) => {
+                        if tx
+                            .send(serde_json::from_slice::<api::Issued>(body).unwrap())
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    _ => return,
+                }
+            }
+        });
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(Duration::from_millis(300 + seed % 500));
+        server.kill9_and_restart();
+        burst.join().unwrap();
+        let before = acknowledged.len();
+        acknowledged.extend(rx.try_iter());
+        assert!(
+            acknowledged.len() > before,
+            "round {round}: nothing was issued"
+        );
+    }
+
+    // Every certificate a client was told about is in the log, proven
+    // against a tree head signed after the last restart, and every tree
+    // head handed out before is consistent with it: the log never forked.
+    let latest: api::Sth =
+        serde_json::from_slice(&operator_rpc(&server, api::CT_STH, b"{}")).unwrap();
+    api::check_sth(&latest, &key).unwrap();
+    for issued in &acknowledged {
+        let proof_request = serde_json::to_vec(&api::CtProofRequest {
+            leaf_hash: None,
+            certificate_pem: Some(issued.certificate_pem.clone()),
+            tree_size: Some(latest.tree_size),
+        })
+        .unwrap();
+        let proof: api::Proof =
+            serde_json::from_slice(&operator_rpc(&server, api::CT_PROOF, &proof_request)).unwrap();
+        let now = api::Issued {
+            sth: latest.clone(),
+            proof,
+            ..issued.clone()
+        };
+        api::verify_issued(&now, &key, root.as_ref())
+            .unwrap_or_else(|e| panic!("certificate {} lost after kill -9: {e:?}", issued.serial));
+        let consistency_request = serde_json::to_vec(&api::CtConsistencyRequest {
+            old_size: issued.sth.tree_size,
+            new_size: latest.tree_size,
+        })
+        .unwrap();
+        let consistency: api::Consistency = serde_json::from_slice(&operator_rpc(
+            &server,
+            api::CT_CONSISTENCY,
+            &consistency_request,
+        ))
+        .unwrap();
+        api::verify_consistency(&issued.sth, &consistency.new_sth, &consistency.proof, &key)
+            .unwrap_or_else(|e| panic!("tree head {} forked: {e:?}", issued.sth.tree_size));
+    }
+    eprintln!(
+        "{} acknowledged certificates survived 3 kill -9s; log size {}",
+        acknowledged.len(),
+        latest.tree_size
+    );
+}

@@ -81,55 +81,24 @@ impl Server {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
         }
-        let mut command = match wrapper.split_first() {
-            Some((program, args)) => {
-                let mut c = Command::new(program);
-                c.args(args).arg(SERVER);
-                c
-            }
-            None => Command::new(SERVER),
-        };
-        let mut child = command
-            .arg("--config")
-            .arg(dir.join("server.toml"))
-            .arg("--data-dir")
-            .arg(&dir)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start internet2-server");
-        let (tx, stderr) = mpsc::channel();
-        let err = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let out = child.stdout.take().unwrap();
-        let (ready_tx, ready_rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(out).lines();
-            if let Some(Ok(line)) = lines.next() {
-                let _ = ready_tx.send(line);
-            }
-            for _ in lines {}
-        });
-        let line = ready_rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("server prints its listening line");
-        assert!(
-            line.starts_with(&format!("listening on [{bind}]:")),
-            "unexpected first line: {line}"
-        );
+        let (child, stderr) = launch(&dir, bind, wrapper);
         Server {
             child: Some(child),
             port,
             dir,
             stderr,
         }
+    }
+
+    /// SIGKILL the server (no drain, no cleanup) and start it again with
+    /// the same configuration and data directory (a `[::1]` server).
+    pub fn kill9_and_restart(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let (child, stderr) = launch(&self.dir, "::1", &[]);
+        self.child = Some(child);
+        self.stderr = stderr;
     }
 
     pub fn addr(&self) -> String {
@@ -191,6 +160,55 @@ impl Server {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// Run the server on `dir/server.toml` with data in `dir`; waits for the
+/// `listening` line.
+fn launch(dir: &Path, bind: &str, wrapper: &[&str]) -> (Child, mpsc::Receiver<String>) {
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(SERVER);
+            c
+        }
+        None => Command::new(SERVER),
+    };
+    let mut child = command
+        .arg("--config")
+        .arg(dir.join("server.toml"))
+        .arg("--data-dir")
+        .arg(dir)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start internet2-server");
+    let (tx, stderr) = mpsc::channel();
+    let err = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let out = child.stdout.take().unwrap();
+    let (ready_tx, ready_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(out).lines();
+        if let Some(Ok(line)) = lines.next() {
+            let _ = ready_tx.send(line);
+        }
+        for _ in lines {}
+    });
+    let line = ready_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("server prints its listening line");
+    assert!(
+        line.starts_with(&format!("listening on [{bind}]:")),
+        "unexpected first line: {line}"
+    );
+    (child, stderr)
 }
 
 impl Drop for Server {
