@@ -168,6 +168,19 @@ pub struct TrustchainAuthority {
     pub public_dns: bool,
     /// Serve `perf` (benchmarks) to clients without a certificate.
     pub perf_without_client_certificate: bool,
+    /// Key algorithm of the root and intermediate, chosen on first start
+    /// (later starts keep the keys they find).
+    pub ca_algorithm: SigningAlgorithm,
+    /// Key algorithm of the CT log's signing key (first start, likewise).
+    pub log_algorithm: SigningAlgorithm,
+}
+
+/// `ecdsa-p256` (the default) or `ed25519`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SigningAlgorithm {
+    EcdsaP256,
+    Ed25519,
 }
 
 impl Default for TrustchainAuthority {
@@ -181,6 +194,8 @@ impl Default for TrustchainAuthority {
             certificate_rotation_hours: 12.0,
             public_dns: true,
             perf_without_client_certificate: false,
+            ca_algorithm: SigningAlgorithm::EcdsaP256,
+            log_algorithm: SigningAlgorithm::EcdsaP256,
         }
     }
 }
@@ -224,6 +239,8 @@ pub struct Resolved {
     pub blocklist: BTreeSet<Ipv6Prefix>,
     pub certificate_lifetime: Duration,
     pub certificate_rotation: Duration,
+    pub ca_algorithm: SigningAlgorithm,
+    pub log_algorithm: SigningAlgorithm,
 }
 
 /// Parse and validate `text` read from `file`. `cores` is the number of
@@ -476,6 +493,8 @@ impl Config {
             blocklist,
             certificate_lifetime,
             certificate_rotation,
+            ca_algorithm: self.trustchain_authority.ca_algorithm,
+            log_algorithm: self.trustchain_authority.log_algorithm,
         })
     }
 }
@@ -689,6 +708,12 @@ mod tests {
                 2,
                 "trustchain_authority.certificate_rotation_hours",
                 "below certificate_lifetime_hours",
+            ),
+            (
+                "[trustchain_authority]\nca_algorithm = \"rsa\"\n",
+                2,
+                "trustchain_authority.ca_algorithm",
+                "expected `ecdsa-p256` or `ed25519`",
             ),
             (
                 "[trustchain_authority]\ncertificate_lifetime_hours = 0\n",

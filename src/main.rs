@@ -6,6 +6,8 @@
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use controlplane::ControlPlane;
+use controlplane::authority::ca::KeyAlgorithm;
+use controlplane::authority::ct::LogKeyAlgorithm;
 use controlplane::authority::pem;
 use controlplane::authority::service::ServiceConfig;
 use dataplane::control::ControlPort;
@@ -14,6 +16,7 @@ use dataplane::io::signals;
 use dataplane::trust::SnapshotClientVerifier;
 use dataplane::{Resumption, ServerIdentity};
 use internet2_server::authority::AuthorityRuntime;
+use internet2_server::config::SigningAlgorithm;
 use internet2_server::config::{self, EMBEDDED_DEV_CONFIG, EMBEDDED_NAME};
 use std::io::Write;
 use std::path::PathBuf;
@@ -178,7 +181,14 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
     let service_config = ServiceConfig {
         lifetime: resolved.certificate_lifetime,
         server_names: names,
-        ..ServiceConfig::default()
+        ca_algorithm: match resolved.ca_algorithm {
+            SigningAlgorithm::EcdsaP256 => KeyAlgorithm::EcdsaP256,
+            SigningAlgorithm::Ed25519 => KeyAlgorithm::Ed25519,
+        },
+        log_algorithm: match resolved.log_algorithm {
+            SigningAlgorithm::EcdsaP256 => LogKeyAlgorithm::EcdsaP256Sha256,
+            SigningAlgorithm::Ed25519 => LogKeyAlgorithm::Ed25519,
+        },
     };
     let authority = AuthorityRuntime::start(
         &data_dir,
