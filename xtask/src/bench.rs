@@ -1130,3 +1130,101 @@ mod tests {
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// bench-authority
+
+/// `cargo xtask bench-authority`: our server on [::1] in a scratch data
+/// directory, `internet2 authority-bench` against it `runs` times (a fresh
+/// server each run), per-metric medians printed and written as JSON.
+pub fn bench_authority(args: &crate::AuthorityBenchArgs) -> Result<()> {
+    if args.runs == 0 || args.requests == 0 {
+        bail!("--runs and --requests must be at least 1");
+    }
+    install_signal_handlers()?;
+    let bins = build()?;
+    remove_stale_work_dirs();
+    let work = WorkDir::create()?;
+    let mut reports = Vec::new();
+    for run in 0..args.runs {
+        check_interrupt()?;
+        let port = free_udp_port()?;
+        let dir = work.path.join(format!("authority-{run}"));
+        std::fs::create_dir_all(&dir)?;
+        let config = dir.join("server.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "# Written by `cargo xtask bench-authority`.\n\
+                 [internet2]\nbind = \"::1\"\nport = {port}\n\
+                 [dataplane]\nworkers = {workers}\n\
+                 [trustchain_authority]\nperf_without_client_certificate = true\n",
+                workers = args.workers,
+            ),
+        )?;
+        let mut cmd = Command::new(&bins.server);
+        cmd.arg("--config").arg(&config).arg("--data-dir").arg(&dir);
+        let log = File::create(dir.join("server.log"))?;
+        let (mut server, _) = start_server(cmd, Side::OURS, Stdio::from(log))?;
+        let json = dir.join("result.json");
+        eprintln!("bench-authority: run {}/{} port {port}", run + 1, args.runs);
+        let status = Command::new(&bins.client)
+            .args(["authority-bench", "--connect", &format!("[::1]:{port}"), "--ca"])
+            .arg(dir.join("ca.pem"))
+            .args(["--requests", &args.requests.to_string()])
+            .args(["--concurrency", &args.concurrency.to_string()])
+            .args(["--handshake-seconds", &args.handshake_seconds.to_string()])
+            .arg("--json")
+            .arg(&json)
+            .status()
+            .context("running internet2 authority-bench")?;
+        server.stop()?;
+        if !status.success() {
+            bail!("authority-bench run {} failed ({status})", run + 1);
+        }
+        let report: Value = serde_json::from_str(&std::fs::read_to_string(&json)?)?;
+        reports.push(report);
+    }
+    let medians = authority_medians(&reports);
+    println!("{}", serde_json::to_string_pretty(&medians)?);
+    if let Some(path) = &args.json {
+        let doc = json!({ "medians": medians, "runs": reports });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("bench-authority: wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// The median of every numeric leaf over the runs (same shape as one run).
+fn authority_medians(reports: &[Value]) -> Value {
+    fn walk(values: &[&Value]) -> Value {
+        match values.first() {
+            Some(Value::Object(first)) => {
+                let mut out = serde_json::Map::new();
+                for key in first.keys() {
+                    let children: Vec<&Value> = values.iter().map(|v| &v[key]).collect();
+                    out.insert(key.clone(), walk(&children));
+                }
+                Value::Object(out)
+            }
+            Some(Value::Number(_)) => {
+                let mut xs: Vec<f64> = values.iter().filter_map(|v| v.as_f64()).collect();
+                xs.sort_by(f64::total_cmp);
+                match xs.len() {
+                    0 => Value::Null,
+                    n if n % 2 == 1 => json!(xs[n / 2]),
+                    n => json!((xs[n / 2 - 1] + xs[n / 2]) / 2.0),
+                }
+            }
+            Some(other) => (*other).clone(),
+            None => Value::Null,
+        }
+    }
+    walk(&reports.iter().collect::<Vec<_>>())
+}
+
+fn free_udp_port() -> Result<u16> {
+    let socket = std::net::UdpSocket::bind("[::1]:0").context("binding a probe socket on [::1]")?;
+    Ok(socket.local_addr()?.port())
+}

@@ -30,6 +30,11 @@ enum Task {
     /// a veth pair between two network namespaces.
     #[command(name = "bench-40g")]
     Bench40g(Box<BenchArgs>),
+    /// Measure the authority on [::1]: issuance latency and rate (durable,
+    /// CT-logged), inclusion-proof latency, handshakes with and without
+    /// mutual TLS; medians over --runs fresh servers.
+    #[command(name = "bench-authority")]
+    BenchAuthority(AuthorityBenchArgs),
     /// Compile the BPF programs in ebpf/ (objects are committed); with
     /// --check, fail if a committed object differs from its source.
     BuildEbpf {
@@ -87,6 +92,28 @@ impl Backend {
             Backend::Xdp => "xdp",
         }
     }
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct AuthorityBenchArgs {
+    /// Fresh servers to measure; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Requests in each request phase.
+    #[arg(long, default_value_t = 500)]
+    pub requests: u64,
+    /// Requests in flight in the throughput phase.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// Seconds of each handshake phase.
+    #[arg(long, default_value_t = 3.0)]
+    pub handshake_seconds: f64,
+    /// Server workers.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Also write all runs and the medians as JSON here.
+    #[arg(long, value_name = "PATH")]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -177,6 +204,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Bench40g(args) => bench::bench_40g(&args),
+        Task::BenchAuthority(args) => bench::bench_authority(&args),
         Task::BuildEbpf { check } => ebpf::run(&workspace_root(), check),
         Task::Ci { smoke_seconds } => ci::run(&workspace_root(), smoke_seconds),
     };

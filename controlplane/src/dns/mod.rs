@@ -1,0 +1,112 @@
+//! The DNS zone the control plane holds: an authoritative, IPv6-only zone
+//! of AAAA records and TLSA `3 1 1` pins (DANE-EE, SubjectPublicKeyInfo,
+//! SHA-256), durable in the authority's redb database.
+//!
+//! What it owns: the records per name ([`RecordSet`], with the key that
+//! last set the name), the zone's change counter (from which the SOA serial
+//! comes), and their storage ([`store`]). What it must not do: answer DNS
+//! messages (the dataplane's workers do that from a [`ZoneSnapshot`]) or
+//! decide who may change what (the authority service does, from the
+//! caller's certificate).
+//!
+//! Data enters as a [`ZoneChange`] planned against the current zone
+//! ([`Zone::plan`]), which checks every bound; it is written either in its
+//! own durable transaction ([`Zone::commit`]) or inside another one (the
+//! CA's issuance or revocation, [`ZoneChange::write`] then
+//! [`Zone::apply`]). Data leaves as an immutable [`ZoneSnapshot`] that the
+//! control-plane thread publishes to the workers whenever
+//! [`Zone::generation`] changed.
+
+mod name;
+pub mod store;
+mod zone;
+
+pub use name::{NameError, check_apex, check_relative, qualify};
+pub use zone::{RecordError, RecordSet, Tlsa, Zone, ZoneChange};
+
+use std::net::Ipv6Addr;
+
+/// The most names the zone holds (records of the apex not counted).
+pub const MAX_NAMES: usize = 65536;
+/// The most AAAA addresses one name has.
+pub const MAX_ADDRESSES_PER_NAME: usize = 16;
+/// The most TLSA pins one name has (over all its ports).
+pub const MAX_PINS_PER_NAME: usize = 16;
+/// The longest name in text form, without its trailing dot (RFC 1035 §2.3.4
+/// allows 255 octets on the wire, which is 253 characters of text).
+pub const MAX_NAME_LEN: usize = 253;
+/// The longest label (RFC 1035 §2.3.4).
+pub const MAX_LABEL_LEN: usize = 63;
+
+/// The zone's configuration, fixed at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZoneConfig {
+    /// The zone's apex, absolute and lowercase, e.g. `internet2.test.`.
+    pub apex: String,
+    /// The server's own name relative to the apex, e.g. `node1`.
+    pub server_name: String,
+    /// The server's addresses (its AAAA records).
+    pub server_addresses: Vec<Ipv6Addr>,
+    /// The UDP port of the server's TLSA record (`_PORT._udp.NAME`).
+    pub server_port: u16,
+}
+
+/// The records of one name, in the neutral form the server turns into the
+/// dataplane's answering zone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NameRecords {
+    /// Absolute, lowercase, with its trailing dot.
+    pub name: String,
+    /// Sorted, no duplicates.
+    pub aaaa: Vec<Ipv6Addr>,
+    /// (UDP port, SHA-256 of the SubjectPublicKeyInfo): a TLSA `3 1 1`
+    /// record at `_PORT._udp.NAME`. Sorted, no duplicates.
+    pub tlsa: Vec<(u16, [u8; 32])>,
+}
+
+/// The whole zone at one moment, immutable: what workers answer from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZoneSnapshot {
+    /// Absolute, lowercase, with its trailing dot.
+    pub apex: String,
+    /// The SOA serial; it changes (RFC 1982 arithmetic) with every change.
+    pub serial: u32,
+    /// Changes with every change of the zone; equal generations mean equal
+    /// snapshots (it is the durable change counter).
+    pub generation: u64,
+    /// In name order.
+    pub names: Vec<NameRecords>,
+}
+
+/// Why the zone could not be opened or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum ZoneError {
+    #[error("zone storage failed: {0}")]
+    Storage(#[from] redb::Error),
+    #[error("the zone store is corrupt: {0}; restore the data directory from a backup")]
+    Corrupt(String),
+    #[error("the zone configuration: {0}")]
+    Config(String),
+    #[error("the zone holds {MAX_NAMES} names, its limit; remove some first")]
+    Full,
+}
+
+macro_rules! storage_error {
+    ($($t:ty),*) => {$(
+        impl From<$t> for ZoneError {
+            fn from(e: $t) -> Self {
+                ZoneError::Storage(e.into())
+            }
+        }
+    )*};
+}
+storage_error!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+#[cfg(test)]
+mod tests;
