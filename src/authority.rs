@@ -10,7 +10,9 @@
 use controlplane::authority::service::{
     AuthorityService, Caller, ServerCertificate, ServiceConfig, TrustMaterial,
 };
+use controlplane::dns::ZoneSnapshot;
 use dataplane::control::{ControlPort, Reply};
+use dataplane::protocols::doq::{PublishedName, Zone, ZoneStore};
 use dataplane::trust::{CertificateStore, TrustSnapshot, TrustStore};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::path::{Path, PathBuf};
@@ -40,6 +42,8 @@ pub enum AuthorityStartError {
     },
     #[error("the authority's certificate is unusable for TLS: {0}")]
     Tls(String),
+    #[error("the DNS zone cannot be served: {0}")]
+    Zone(String),
 }
 
 pub struct AuthorityRuntime {
@@ -52,6 +56,10 @@ pub struct AuthorityRuntime {
     next_rotation: Instant,
     operator_path: PathBuf,
     next_operator_check: Instant,
+    /// The zone the `doq` workers (and the legacy gateway) answer from.
+    zone: Option<(Arc<ZoneStore>, u64)>,
+    /// The server's own name in the zone (SOA primary, NS).
+    zone_primary: String,
 }
 
 impl AuthorityRuntime {
@@ -65,7 +73,22 @@ impl AuthorityRuntime {
         port: Arc<ControlPort>,
     ) -> Result<Self, AuthorityStartError> {
         let now = SystemTime::now();
+        let zone_config = config.zone.clone();
         let mut service = AuthorityService::open(data_dir, config, now)?;
+        // The server publishes itself (its addresses and its key's pin,
+        // stable across rotations) before anyone can ask.
+        let mut zone_primary = String::new();
+        let zone = match &zone_config {
+            Some(zone) => {
+                let pin = service.server_spki_sha256()?;
+                service.register_server(zone, pin, now)?;
+                zone_primary = zone.server_name.clone();
+                let snapshot = service.zone();
+                let store = ZoneStore::new(dataplane_zone(&snapshot, &zone_primary)?);
+                Some((store, snapshot.generation))
+            }
+            None => None,
+        };
         let ca_path = data_dir.join(CA_FILE);
         std::fs::write(&ca_path, service.root_pem()).map_err(|source| AuthorityStartError::Io {
             path: ca_path.clone(),
@@ -91,7 +114,14 @@ impl AuthorityRuntime {
             next_rotation: instant + rotation,
             operator_path,
             next_operator_check: instant + rotation,
+            zone,
+            zone_primary,
         })
+    }
+
+    /// The zone store the workers read (None without a zone).
+    pub fn zone(&self) -> Option<Arc<ZoneStore>> {
+        self.zone.as_ref().map(|(store, _)| store.clone())
     }
 
     pub fn trust(&self) -> Arc<TrustStore> {
@@ -134,6 +164,7 @@ impl AuthorityRuntime {
                 self.next_rotation = Instant::now() + self.rotation;
             }
             self.publish_trust();
+            self.publish_zone();
         }
         if now >= self.next_rotation {
             self.rotate();
@@ -174,6 +205,31 @@ impl AuthorityRuntime {
         }
     }
 
+    /// Swap in a new zone snapshot when a record changed.
+    fn publish_zone(&mut self) {
+        let Some((store, published)) = &mut self.zone else {
+            return;
+        };
+        if self.service.zone_generation() == *published {
+            return;
+        }
+        let snapshot = self.service.zone();
+        match dataplane_zone(&snapshot, &self.zone_primary) {
+            Ok(zone) => {
+                store.swap(zone);
+                *published = snapshot.generation;
+                tracing::info!(
+                    serial = snapshot.serial,
+                    names = snapshot.names.len(),
+                    "zone snapshot published"
+                );
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not build the zone snapshot; the old one stays")
+            }
+        }
+    }
+
     /// Swap in a new trust snapshot when roots or revocations changed.
     fn publish_trust(&mut self) {
         let material = self.service.trust();
@@ -210,6 +266,21 @@ impl AuthorityRuntime {
             }
         }
     }
+}
+
+/// The control plane's zone in the form the `doq` workers answer from.
+fn dataplane_zone(snapshot: &ZoneSnapshot, primary: &str) -> Result<Zone, AuthorityStartError> {
+    let names: Vec<PublishedName> = snapshot
+        .names
+        .iter()
+        .map(|n| PublishedName {
+            name: n.name.clone(),
+            aaaa: n.aaaa.clone(),
+            tlsa: n.tlsa.clone(),
+        })
+        .collect();
+    Zone::from_records(&snapshot.apex, primary, snapshot.serial, &names)
+        .map_err(|e| AuthorityStartError::Zone(e.to_string()))
 }
 
 fn trust_snapshot(material: &TrustMaterial) -> Result<TrustSnapshot, AuthorityStartError> {

@@ -245,6 +245,8 @@ fn explain(code: u16, message: &str) -> String {
         api::STORAGE => "the server failed internally (its log has details)",
         api::NAME_TAKEN => "a name is already taken",
         api::REVOKED => "the certificate is revoked",
+        api::NOT_IN_ZONE => "the name is not inside the zone (or is its apex)",
+        api::ZONE_FULL => "the zone is full",
         _ => "refused",
     };
     format!("{summary}: {message}")
@@ -264,6 +266,9 @@ fn kind_name(kind: u8) -> &'static str {
         api::CT_ENTRIES => "CT_ENTRIES",
         api::CT_KEY => "CT_KEY",
         api::ROTATE => "ROTATE",
+        api::DNS_SET => "DNS_SET",
+        api::DNS_REMOVE => "DNS_REMOVE",
+        api::DNS_LIST => "DNS_LIST",
         _ => "request",
     }
 }
@@ -286,7 +291,11 @@ impl Session {
     /// chain check here, never the server's word.
     fn trusted_root(&self) -> anyhow::Result<Vec<u8>> {
         match &self.target.trust {
-            ServerTrust::Roots(roots) if !roots.is_empty() => Ok(roots[0].to_vec()),
+            ServerTrust::Roots(roots) | ServerTrust::RootsAndPin { roots, .. }
+                if !roots.is_empty() =>
+            {
+                Ok(roots[0].to_vec())
+            }
             _ => bail!("no trusted root certificate (pass --ca)"),
         }
     }
@@ -1342,5 +1351,147 @@ mod tests {
         }
         assert!(check_filter("name:").is_err());
         assert!(check_filter("everything").is_err());
+    }
+}
+
+/// `internet2 dns …`: the server's zone (the operator manages any name; a
+/// client only names its certificate carries, with its own key's pin).
+#[derive(Debug, clap::Subcommand)]
+pub enum DnsCommand<T: Connect> {
+    /// Set a name's AAAA addresses and TLSA pins (replaces both sets).
+    Add {
+        #[command(flatten)]
+        target: T,
+        /// Relative to the apex (`web`) or absolute (`web.internet2.test.`).
+        name: String,
+        /// An IPv6 address (repeat for several).
+        #[arg(long = "address", value_name = "IPV6")]
+        addresses: Vec<std::net::Ipv6Addr>,
+        /// Publish a TLSA 3 1 1 pin: the SHA-256 of this certificate's key.
+        #[arg(long, value_name = "PEM", conflicts_with = "pin")]
+        pin_cert: Option<PathBuf>,
+        /// Publish this TLSA 3 1 1 pin (64 hex digits).
+        #[arg(long, value_name = "HEX")]
+        pin: Option<String>,
+        /// The UDP port the pin is for (default: --connect's port).
+        #[arg(long)]
+        port: Option<u16>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a name and its records.
+    Remove {
+        #[command(flatten)]
+        target: T,
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every name in the zone.
+    List {
+        #[command(flatten)]
+        target: T,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn dns<T: Connect>(command: &DnsCommand<T>) -> anyhow::Result<()> {
+    match command {
+        DnsCommand::Add {
+            target,
+            name,
+            addresses,
+            pin_cert,
+            pin,
+            port,
+            json,
+        } => {
+            let session = Session::open(target)?;
+            let port = port.unwrap_or(session.target.remote.port());
+            let pin = match (pin_cert, pin) {
+                (Some(path), _) => Some(api::hex(&controlplane::authority::pem::spki_sha256(
+                    &controlplane::authority::pem::load_cert(path)?,
+                )?)),
+                (None, Some(pin)) => {
+                    api::hex_hash("--pin", pin).map_err(|e| anyhow::anyhow!(e))?;
+                    Some(pin.to_lowercase())
+                }
+                (None, None) => None,
+            };
+            if addresses.is_empty() && pin.is_none() {
+                bail!("give --address and/or --pin/--pin-cert (use `dns remove` to delete a name)");
+            }
+            let request = api::DnsSetRequest {
+                name: name.clone(),
+                addresses: addresses.iter().map(ToString::to_string).collect(),
+                tlsa: pin
+                    .into_iter()
+                    .map(|spki_sha256| api::DnsTlsa { port, spki_sha256 })
+                    .collect(),
+            };
+            let changed: api::DnsChanged = session.call(api::DNS_SET, &request)?;
+            print_changed(&changed, *json)
+        }
+        DnsCommand::Remove { target, name, json } => {
+            let session = Session::open(target)?;
+            let changed: api::DnsChanged = session.call(
+                api::DNS_REMOVE,
+                &api::DnsRemoveRequest { name: name.clone() },
+            )?;
+            print_changed(&changed, *json)
+        }
+        DnsCommand::List { target, json } => {
+            let session = Session::open(target)?;
+            let mut records = Vec::new();
+            let mut after = None;
+            let serial = loop {
+                let page: api::DnsList =
+                    session.call(api::DNS_LIST, &api::DnsListRequest { after })?;
+                records.extend(page.records);
+                match page.next {
+                    Some(next) => after = Some(next),
+                    None => break page.serial,
+                }
+            };
+            if *json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "serial": serial, "records": records })
+                );
+                return Ok(());
+            }
+            println!("zone serial {serial}, {} names", records.len());
+            for record in &records {
+                print_record(record);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print_changed(changed: &api::DnsChanged, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(changed)?);
+        return Ok(());
+    }
+    match &changed.record {
+        Some(record) => print_record(record),
+        None => println!("{} removed", changed.name),
+    }
+    println!("zone serial {}", changed.serial);
+    Ok(())
+}
+
+fn print_record(record: &api::DnsRecord) {
+    println!("{}", record.name);
+    for address in &record.addresses {
+        println!("  AAAA {address}");
+    }
+    for tlsa in &record.tlsa {
+        println!("  TLSA 3 1 1 {} (_{}._udp)", tlsa.spki_sha256, tlsa.port);
+    }
+    if let Some(owner) = &record.owner {
+        println!("  owner key {owner}");
     }
 }

@@ -173,6 +173,8 @@ pub struct TrustchainAuthority {
     pub ca_algorithm: SigningAlgorithm,
     /// Key algorithm of the CT log's signing key (first start, likewise).
     pub log_algorithm: SigningAlgorithm,
+    /// UDP port of the legacy DNS gateway (`--enable-legacy-gateway`).
+    pub legacy_dns_port: u16,
 }
 
 /// `ecdsa-p256` (the default) or `ed25519`.
@@ -196,6 +198,7 @@ impl Default for TrustchainAuthority {
             perf_without_client_certificate: false,
             ca_algorithm: SigningAlgorithm::EcdsaP256,
             log_algorithm: SigningAlgorithm::EcdsaP256,
+            legacy_dns_port: 53,
         }
     }
 }
@@ -225,6 +228,18 @@ pub struct DnsSettings {
     pub addresses: Vec<std::net::Ipv6Addr>,
 }
 
+impl DnsSettings {
+    /// The server's own fully qualified name, without the trailing dot
+    /// (`node1.internet2.test`), as a certificate carries it.
+    pub fn fqdn(&self) -> String {
+        if self.name.ends_with('.') {
+            self.name.trim_end_matches('.').to_owned()
+        } else {
+            format!("{}.{}", self.name, self.apex.trim_end_matches('.'))
+        }
+    }
+}
+
 /// The validated result, ready to start.
 #[derive(Debug)]
 pub struct Resolved {
@@ -241,6 +256,7 @@ pub struct Resolved {
     pub certificate_rotation: Duration,
     pub ca_algorithm: SigningAlgorithm,
     pub log_algorithm: SigningAlgorithm,
+    pub legacy_dns_port: u16,
 }
 
 /// Parse and validate `text` read from `file`. `cores` is the number of
@@ -495,6 +511,7 @@ impl Config {
             certificate_rotation,
             ca_algorithm: self.trustchain_authority.ca_algorithm,
             log_algorithm: self.trustchain_authority.log_algorithm,
+            legacy_dns_port: self.trustchain_authority.legacy_dns_port,
         })
     }
 }

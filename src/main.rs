@@ -8,7 +8,6 @@ use clap::{Parser, ValueEnum};
 use controlplane::ControlPlane;
 use controlplane::authority::ca::KeyAlgorithm;
 use controlplane::authority::ct::LogKeyAlgorithm;
-use controlplane::authority::pem;
 use controlplane::authority::service::ServiceConfig;
 use dataplane::control::ControlPort;
 use dataplane::front_door::FrontDoor;
@@ -49,6 +48,11 @@ struct Args {
     /// Check the configuration, print the result and exit.
     #[arg(long)]
     check_config: bool,
+    /// Also serve the zone over plain DNS on UDP
+    /// (`[trustchain_authority] legacy_dns_port`, 53 by default), for
+    /// resolvers that do not speak DNS over QUIC.
+    #[arg(long)]
+    enable_legacy_gateway: bool,
     #[command(subcommand)]
     command: Option<ServerCommand>,
 }
@@ -174,6 +178,12 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
     if !ip.is_unspecified() && !names.contains(&ip.to_string()) {
         names.push(ip.to_string());
     }
+    // The server's own name in its zone, so clients that reach it by that
+    // name (`internet2 --name node1.internet2.test`) can verify it.
+    let fqdn = resolved.dns.fqdn();
+    if !names.contains(&fqdn) {
+        names.push(fqdn);
+    }
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
     let mut resolved = resolved;
@@ -189,6 +199,12 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
             SigningAlgorithm::EcdsaP256 => LogKeyAlgorithm::EcdsaP256Sha256,
             SigningAlgorithm::Ed25519 => LogKeyAlgorithm::Ed25519,
         },
+        zone: Some(controlplane::dns::ZoneConfig {
+            apex: resolved.dns.apex.clone(),
+            server_name: resolved.dns.name.clone(),
+            server_addresses: resolved.dns.addresses.clone(),
+            server_port: resolved.settings.listen.port(),
+        }),
     };
     let authority = AuthorityRuntime::start(
         &data_dir,
@@ -214,15 +230,7 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
         client_verifier: Some(SnapshotClientVerifier::new(trust.clone())),
         resumption,
     };
-    let zone =
-        dataplane::protocols::doq::Zone::for_server(&dataplane::protocols::doq::ServerZone {
-            apex: resolved.dns.apex.clone(),
-            name: resolved.dns.name.clone(),
-            addresses: resolved.dns.addresses.clone(),
-            port: resolved.settings.listen.port(),
-            spki_sha256: pem::spki_sha256(&identity.certificates.chain()[0])?,
-        })?;
-    resolved.settings.zone = Some(Arc::new(zone));
+    resolved.settings.zone = authority.zone();
     resolved.settings.control = Some(port.clone());
     resolved.settings.trust = Some(trust);
     // The front door goes first: the `xdp` backend registers its sockets in
@@ -239,6 +247,33 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
             control.stop();
             return Err(e.into());
         }
+    };
+    let gateway = match (&resolved.settings.zone, args.enable_legacy_gateway) {
+        (Some(zone), true) => {
+            let at = std::net::SocketAddrV6::new(
+                *resolved.settings.listen.ip(),
+                resolved.legacy_dns_port,
+                0,
+                0,
+            );
+            match dataplane::protocols::legacy_dns::LegacyGateway::start(at, zone.clone()) {
+                Ok(gateway) => {
+                    tracing::info!(listen = %gateway.local, "legacy DNS gateway: the zone over plain UDP");
+                    Some(gateway)
+                }
+                Err(e) => {
+                    server.shutdown(std::time::Duration::ZERO);
+                    server.join();
+                    control.stop();
+                    return Err(anyhow::anyhow!(
+                        "cannot start the legacy DNS gateway on [{}]:{}: {e}",
+                        at.ip(),
+                        at.port()
+                    ));
+                }
+            }
+        }
+        _ => None,
     };
     let listen = resolved.settings.listen;
     tracing::info!(%listen, workers = server.worker_count(), backends = ?server.backends, data_dir = %data_dir.display(), "serving");
@@ -265,6 +300,9 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
         drain_ms = resolved.drain.as_millis() as u64,
         "draining: refusing new connections, closing open ones"
     );
+    if let Some(gateway) = gateway {
+        gateway.stop();
+    }
     server.shutdown(resolved.drain);
     let stats = server.stats.clone();
     server.join();

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod authority;
+pub mod dns;
 
 use crossbeam_queue::ArrayQueue;
 use std::sync::Arc;

@@ -10,7 +10,7 @@ use crate::io::sockopt::bind_worker_socket;
 use crate::io::uring::UringBackend;
 use crate::io::xdp::{XdpBackend, XdpError, XdpSettings, ZeroCopy};
 use crate::io::{Backend, BackendKind, IoBatch};
-use crate::protocols::doq::{DoqServer, Zone};
+use crate::protocols::doq::{DoqServer, ZoneStore};
 use crate::protocols::perf::PerfServer;
 use crate::protocols::stoq::{self, AuthorityRoute, StoqContext, StoqServer};
 use crate::protocols::{Alpn, SERVED_ALPNS};
@@ -42,7 +42,7 @@ pub struct ServerSettings {
     pub backend: BackendKind,
     /// The DNS zone answered over `doq` (an immutable snapshot); without
     /// one, `doq` queries are refused.
-    pub zone: Option<Arc<Zone>>,
+    pub zone: Option<Arc<ZoneStore>>,
     pub io_batch: IoBatch,
     pub steering: SteeringMode,
     pub socket_buffer_bytes: usize,
@@ -440,7 +440,7 @@ impl HandshakeBudget {
 pub struct ServerService {
     worker: usize,
     stats: Arc<StatsRegistry>,
-    zone: Option<Arc<Zone>>,
+    zone: Option<Arc<ZoneStore>>,
     connections_max: usize,
     budget: HandshakeBudget,
     control: Option<Arc<ControlPort>>,
@@ -698,11 +698,12 @@ impl Service for ServerService {
             // DNS queries are idempotent and public (RFC 9250 §4.5): served
             // from 0-RTT data too.
             (Alpn::Doq, Event::Stream(StreamEvent::Opened { .. })) => {
-                st.doq.on_readable(conn, None, self.zone.as_ref(), counters)
+                let zone = self.zone.as_ref().map(|z| z.load());
+                st.doq.on_readable(conn, None, zone.as_ref(), counters)
             }
             (Alpn::Doq, Event::Stream(StreamEvent::Readable { id })) => {
-                st.doq
-                    .on_readable(conn, Some(id), self.zone.as_ref(), counters)
+                let zone = self.zone.as_ref().map(|z| z.load());
+                st.doq.on_readable(conn, Some(id), zone.as_ref(), counters)
             }
             (
                 Alpn::Doq,

@@ -127,6 +127,8 @@ pub enum TlsSetupError {
     Rustls(#[from] rustls::Error),
     #[error("the TLS configuration cannot carry QUIC: {0}")]
     NoQuicSuite(String),
+    #[error("the server-certificate verifier cannot be built: {0}")]
+    Verifier(String),
 }
 
 /// ring's provider with TLS 1.3 suites ordered AES-128-GCM, ChaCha20,
@@ -182,6 +184,73 @@ pub enum ServerTrust {
     /// the quinn baseline client does, so both load generators spend the
     /// same crypto per handshake).
     HandshakeSignatureOnly,
+    /// Chain to these roots *and* a key whose SubjectPublicKeyInfo hashes
+    /// (SHA-256) to the pin a DNS TLSA `3 1 1` record published.
+    RootsAndPin {
+        roots: Vec<CertificateDer<'static>>,
+        spki_sha256: [u8; 32],
+    },
+}
+
+/// The server's key is not the one its DNS name pins.
+#[derive(Debug, thiserror::Error)]
+#[error("the server's key does not match the TLSA 3 1 1 pin its DNS name publishes")]
+pub struct PinMismatch;
+
+/// The verifier behind `ServerTrust::RootsAndPin`: the usual WebPKI checks,
+/// then the pin.
+#[derive(Debug)]
+struct PinnedVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    spki_sha256: [u8; 32],
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verified =
+            self.inner
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
+        let (_, parsed) =
+            x509_parser::parse_x509_certificate(end_entity.as_ref()).map_err(|_| {
+                rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+            })?;
+        let digest = ring::digest::digest(&ring::digest::SHA256, parsed.public_key().raw);
+        if digest.as_ref() != self.spki_sha256 {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Other(rustls::OtherError(Arc::new(PinMismatch))),
+            ));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// The verifier behind `ServerTrust::HandshakeSignatureOnly`.
@@ -252,6 +321,24 @@ pub fn client_crypto(
         ServerTrust::HandshakeSignatureOnly => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(SignatureOnly(provider()))),
+        ServerTrust::RootsAndPin { roots, spki_sha256 } => {
+            let mut store = rustls::RootCertStore::empty();
+            for root in roots {
+                store.add(root.clone())?;
+            }
+            let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(store),
+                provider(),
+            )
+            .build()
+            .map_err(|e| TlsSetupError::Verifier(e.to_string()))?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
+                    inner,
+                    spki_sha256: *spki_sha256,
+                }))
+        }
     };
     let mut config = match identity {
         Some(id) => builder.with_client_auth_cert(id.chain.clone(), id.key.clone_key())?,

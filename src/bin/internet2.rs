@@ -74,6 +74,18 @@ enum Command {
     /// The Certificate Transparency log (every answer verified here).
     #[command(subcommand)]
     Ct(cli_authority::CtCommand<TargetArgs>),
+    /// Reach a server by its name in the embedded DNS: resolve it (DNS over
+    /// QUIC at --connect), connect, check its key against the name's TLSA
+    /// pin, and round-trip a ping.
+    Connect {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// e.g. node1.internet2.test
+        server: String,
+    },
+    /// The server's DNS zone: add, remove and list names.
+    #[command(subcommand)]
+    Dns(cli_authority::DnsCommand<TargetArgs>),
     /// Measure the authority: issuance latency (durable, CT-logged) and
     /// rate, inclusion-proof latency, handshakes with and without mTLS.
     AuthorityBench {
@@ -106,9 +118,15 @@ impl cli_authority::Connect for TargetArgs {
 
 #[derive(Debug, Args)]
 struct TargetArgs {
-    /// Server address, IPv6 only.
+    /// Server address, IPv6 only (with --name: the server whose embedded
+    /// DNS resolves the name).
     #[arg(long, default_value = "[::1]:4433")]
     connect: SocketAddr,
+    /// Reach the server by its name in the embedded DNS: resolve it over
+    /// DNS-over-QUIC at --connect, connect to its address, and refuse a
+    /// server whose key does not match the name's TLSA pin.
+    #[arg(long = "name", value_name = "NAME")]
+    by_name: Option<String>,
     /// Root certificate to trust (default: the development CA in the
     /// server's default data directory).
     #[arg(long, value_name = "PEM")]
@@ -228,6 +246,11 @@ fn main() -> ExitCode {
         Command::Cert(command) => cli_authority::cert(&command),
         Command::Ca(command) => cli_authority::ca(&command),
         Command::Ct(command) => cli_authority::ct(&command),
+        Command::Dns(command) => cli_authority::dns(&command),
+        Command::Connect { mut target, server } => {
+            target.by_name = Some(server);
+            ping(&target, 1, "internet2")
+        }
         Command::AuthorityBench {
             target,
             requests,
@@ -267,16 +290,49 @@ fn target(args: &TargetArgs, transport: TransportSettings) -> anyhow::Result<Cli
     } else {
         client_identity(args.identity.as_deref(), &ca)?
     };
-    Ok(ClientTarget {
+    let target = ClientTarget {
         remote: args.connect,
         server_name: args.server_name.clone(),
-        trust: ServerTrust::Roots(vec![root]),
+        trust: ServerTrust::Roots(vec![root.clone()]),
         identity,
         backend: match args.backend {
             BackendArg::Uring => BackendKind::Uring,
             BackendArg::Socket => BackendKind::Socket,
         },
         transport,
+    };
+    match &args.by_name {
+        Some(name) => by_name(target, name, root, Duration::from_millis(args.timeout_ms)),
+        None => Ok(target),
+    }
+}
+
+/// Resolve `name` through the embedded DNS of `dns` and aim at it, pinned.
+fn by_name(
+    dns: ClientTarget,
+    name: &str,
+    root: rustls::pki_types::CertificateDer<'static>,
+    timeout: Duration,
+) -> anyhow::Result<ClientTarget> {
+    let port = dns.remote.port();
+    let resolved = client::resolve_endpoint(&dns, name, port, timeout)
+        .with_context(|| format!("cannot resolve {name}"))?;
+    let Some(address) = resolved.addresses.first() else {
+        bail!("{name} has no IPv6 address (AAAA) in the zone");
+    };
+    let Some(pin) = resolved.pin else {
+        bail!(
+            "{name} publishes no key pin (TLSA 3 1 1 at _{port}._udp.{name}); refusing to connect without one"
+        );
+    };
+    Ok(ClientTarget {
+        remote: std::net::SocketAddr::V6(*address),
+        server_name: name.trim_end_matches('.').to_owned(),
+        trust: ServerTrust::RootsAndPin {
+            roots: vec![root],
+            spki_sha256: pin,
+        },
+        ..dns
     })
 }
 
@@ -391,6 +447,15 @@ fn ping(args: &TargetArgs, count: u32, payload: &str) -> anyhow::Result<()> {
     let target = target(args, TransportSettings::default())?;
     let config = target.client_config(dataplane::protocols::ALPN_STOQ)?;
     let timeout = Duration::from_millis(args.timeout_ms);
+    if let (Some(name), ServerTrust::RootsAndPin { spki_sha256, .. }) =
+        (&args.by_name, &target.trust)
+    {
+        let pin: String = spki_sha256.iter().map(|b| format!("{b:02x}")).collect();
+        println!(
+            "{name} is {} (key pinned by TLSA 3 1 1 {pin})",
+            target.remote
+        );
+    }
     for n in 1..=count.max(1) {
         let outcome = client::rpc(
             &target,
@@ -402,12 +467,12 @@ fn ping(args: &TargetArgs, count: u32, payload: &str) -> anyhow::Result<()> {
             Reply::Ok(echo) if echo.as_ref() == payload.as_bytes() => {}
             Reply::Ok(_) => bail!("ping {n}: the server echoed a different payload"),
             Reply::Error { code, message } => bail!("ping {n}: server error {code}: {message}"),
-            Reply::Failed(why) => bail!("ping {n} to {}: {why}", args.connect),
+            Reply::Failed(why) => bail!("ping {n} to {}: {why}", target.remote),
         }
         let handshake = outcome.handshake.map_or(0.0, |d| d.as_secs_f64() * 1e3);
         println!(
             "ping {n} {}: reply {:.3} ms after connect (handshake {handshake:.3} ms, 0-RTT {})",
-            args.connect,
+            target.remote,
             outcome.latency.map_or(0.0, |d| d.as_secs_f64() * 1e3),
             if outcome.zero_rtt_accepted {
                 "accepted"

@@ -1169,7 +1169,12 @@ pub fn bench_authority(args: &crate::AuthorityBenchArgs) -> Result<()> {
         let json = dir.join("result.json");
         eprintln!("bench-authority: run {}/{} port {port}", run + 1, args.runs);
         let status = Command::new(&bins.client)
-            .args(["authority-bench", "--connect", &format!("[::1]:{port}"), "--ca"])
+            .args([
+                "authority-bench",
+                "--connect",
+                &format!("[::1]:{port}"),
+                "--ca",
+            ])
             .arg(dir.join("ca.pem"))
             .args(["--requests", &args.requests.to_string()])
             .args(["--concurrency", &args.concurrency.to_string()])

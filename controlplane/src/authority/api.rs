@@ -45,8 +45,17 @@ pub const CT_ENTRIES: u8 = 0x23;
 pub const CT_KEY: u8 = 0x24;
 /// Operator only: issue a new server certificate now.
 pub const ROTATE: u8 = 0x30;
+/// Zone updates (served only when the server holds a zone; otherwise
+/// `UNKNOWN_KIND`): set a name's AAAA and TLSA records.
+pub const DNS_SET: u8 = 0x38;
+/// Remove a name and all its records.
+pub const DNS_REMOVE: u8 = 0x39;
+/// List the zone's names, in pages.
+pub const DNS_LIST: u8 = 0x3a;
+/// The zone kinds.
+pub const DNS_KINDS: [u8; 3] = [DNS_SET, DNS_REMOVE, DNS_LIST];
 /// Every request kind the authority answers.
-pub const KINDS: [u8; 12] = [
+pub const KINDS: [u8; 15] = [
     ENROLL,
     CERT_ISSUE,
     CERT_RENEW,
@@ -59,17 +68,25 @@ pub const KINDS: [u8; 12] = [
     CT_ENTRIES,
     CT_KEY,
     ROTATE,
+    DNS_SET,
+    DNS_REMOVE,
+    DNS_LIST,
 ];
 pub const RESPONSE_BIT: u8 = 0x80;
 // No request kind collides with its own or another's response kind, or with
-// the error kind 0xff.
+// the error kind 0xff; every one is in the range the transport forwards to
+// the control plane.
 const _: () = {
     let mut i = 0;
     while i < KINDS.len() {
         assert!(KINDS[i] < RESPONSE_BIT);
+        assert!(KINDS[i] >= FORWARDED_KINDS_FIRST && KINDS[i] <= FORWARDED_KINDS_LAST);
         i += 1;
     }
 };
+/// The `stoq/1` kinds the workers forward to the control plane.
+pub const FORWARDED_KINDS_FIRST: u8 = 0x10;
+pub const FORWARDED_KINDS_LAST: u8 = 0x3f;
 
 /// The largest request payload the transport passes on (`stoq/1`).
 pub const MAX_REQUEST_LEN: usize = 65536;
@@ -105,7 +122,8 @@ pub const NOT_OUR_CA: u16 = 0x17;
 pub const EXPIRED: u16 = 0x18;
 /// Tree sizes or entry indices outside the log, or a range too large.
 pub const OUT_OF_RANGE: u16 = 0x19;
-/// No log entry has this leaf hash or certificate (or the log is empty).
+/// No log entry has this leaf hash or certificate (or the log is empty);
+/// `DNS_REMOVE`: the zone holds no such name.
 pub const NOT_FOUND: u16 = 0x1a;
 /// The server failed inside (storage, signing); details are in its log.
 pub const STORAGE: u16 = 0x1b;
@@ -114,6 +132,10 @@ pub const STORAGE: u16 = 0x1b;
 pub const NAME_TAKEN: u16 = 0x1c;
 /// The certificate is revoked (renewing a revoked certificate).
 pub const REVOKED: u16 = 0x1d;
+/// The name is not inside the zone, or it is the zone's apex.
+pub const NOT_IN_ZONE: u16 = 0x1e;
+/// The zone holds as many names as it may ([`crate::dns::MAX_NAMES`]).
+pub const ZONE_FULL: u16 = 0x1f;
 
 /// An error answer: kind 0xff, `code`, `message` (UTF-8, for a person).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -364,6 +386,104 @@ pub struct Issued {
     pub sth: Sth,
     /// The entry's inclusion proof in `sth`'s tree.
     pub proof: Proof,
+}
+
+/// A TLSA `3 1 1` record of a name: `_PORT._udp.NAME` pins the key whose
+/// SubjectPublicKeyInfo has this SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsTlsa {
+    /// The UDP port, 1..=65535.
+    pub port: u16,
+    /// 64 hex digits (answers use lowercase).
+    pub spki_sha256: String,
+}
+
+/// `DNS_SET`: replace the AAAA and TLSA records of `name` with these (an
+/// empty or absent list clears that set; both empty is refused: use
+/// `DNS_REMOVE`). `name` is absolute with a trailing dot, absolute without
+/// it when it ends with the apex, otherwise relative to the apex.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsSetRequest {
+    pub name: String,
+    /// IPv6 addresses in text form, at most [`crate::dns::MAX_ADDRESSES_PER_NAME`].
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// At most [`crate::dns::MAX_PINS_PER_NAME`].
+    #[serde(default)]
+    pub tlsa: Vec<DnsTlsa>,
+}
+
+/// `DNS_REMOVE`: remove `name` (as in [`DnsSetRequest`]) and its records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsRemoveRequest {
+    pub name: String,
+}
+
+/// `DNS_LIST`: up to [`MAX_DNS_RECORDS_PER_PAGE`] names after `after` (an
+/// absolute name, from [`DnsList::next`]), in name order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsListRequest {
+    #[serde(default)]
+    pub after: Option<String>,
+}
+
+/// The most names one `DNS_LIST` answer holds.
+pub const MAX_DNS_RECORDS_PER_PAGE: usize = 1000;
+
+/// A name's records as the zone holds them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsRecord {
+    /// Absolute, lowercase, with its trailing dot.
+    pub name: String,
+    /// Sorted.
+    pub addresses: Vec<String>,
+    /// Sorted by port, then pin.
+    pub tlsa: Vec<DnsTlsa>,
+    /// Hex SHA-256 of the SPKI of the certificate that set the name; `null`
+    /// when the operator or the server set it.
+    pub owner: Option<String>,
+}
+
+/// The answer to `DNS_SET` (the name's records as stored) and `DNS_REMOVE`
+/// (`record` is `null`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsChanged {
+    pub name: String,
+    pub record: Option<DnsRecord>,
+    /// The zone's SOA serial after the request.
+    pub serial: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsList {
+    pub records: Vec<DnsRecord>,
+    /// The zone's SOA serial.
+    pub serial: u32,
+    /// Pass as `after` for the next page; `null` when this was the last.
+    pub next: Option<String>,
+}
+
+/// Lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Decode a hex field that must hold a 32-byte hash (64 hex digits, either
+/// case); the error names the field.
+pub fn hex_hash(field: &str, text: &str) -> Result<Hash, String> {
+    let bad = || format!("{field} is not 64 hex digits (a SHA-256)");
+    if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad());
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(out)
 }
 
 pub fn b64(bytes: &[u8]) -> String {

@@ -9,7 +9,12 @@
 //! that holds both the CT log's tables (see `ct::log`) and the CA registry's
 //! (`ca_certificates`, `ca_revocations`, `enrollment_tokens_used`; see
 //! [`super::registry`]). `enrollment.key` (see [`super::enrollment`]) is
-//! opened by the service, not here.
+//! opened by the service, not here. The DNS zone's tables (`dns_records`,
+//! `dns_meta`; see `crate::dns::store`) live in the same file: the service
+//! opens the zone on [`Authority::database`], and a certificate's pin
+//! changes commit in its issuance or revocation transaction
+//! ([`Authority::issue_with`], [`Authority::renew_with`],
+//! [`Authority::revoke_with`]).
 //!
 //! Why one database: a certificate's registry row is written inside the
 //! log's append transaction for it (`CtLog::append_batch_with`), so a crash
@@ -39,7 +44,7 @@ use super::enrollment::{TokenId, VerifiedToken};
 use super::registry::{
     self, CertificateFilter, CertificateRecord, RegistryError, Revocation, RevocationReason,
 };
-use redb::Database;
+use redb::{Database, WriteTransaction};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -72,6 +77,11 @@ pub enum AuthorityError {
     Clock,
     #[error("enrollment secret: {0}")]
     Enrollment(#[from] super::enrollment::EnrollmentError),
+    #[error("{path}: DNS zone: {source}")]
+    Zone {
+        path: PathBuf,
+        source: crate::dns::ZoneError,
+    },
     /// [`Authority::issue_enrolled`]: the token was spent before.
     #[error("the enrollment token was already used")]
     TokenUsed,
@@ -105,6 +115,8 @@ enum AppendError {
     Log(LogError),
     Registry(RegistryError),
     TokenUsed,
+    /// What the caller wrote in the transaction failed.
+    Also(redb::Error),
 }
 
 impl From<LogError> for AppendError {
@@ -173,8 +185,21 @@ impl Authority {
         request: IssueRequest,
         now: SystemTime,
     ) -> Result<LoggedCertificate, AuthorityError> {
+        self.issue_with(request, now, |_| Ok(()))
+    }
+
+    /// [`Self::issue`], also running `also` in the transaction that logs
+    /// and registers the certificate: what it writes (to tables other than
+    /// the log's and the registry's) commits with the certificate or not at
+    /// all.
+    pub fn issue_with(
+        &mut self,
+        request: IssueRequest,
+        now: SystemTime,
+        also: impl FnOnce(&WriteTransaction) -> Result<(), redb::Error>,
+    ) -> Result<LoggedCertificate, AuthorityError> {
         let certificate = self.ca.sign(request, now, None)?;
-        self.log_certificate(certificate, now, None)
+        self.log_certificate(certificate, now, None, also)
     }
 
     /// [`Self::issue`], paid for with a one-time enrollment token: the
@@ -192,7 +217,7 @@ impl Authority {
             return Err(AuthorityError::TokenUsed);
         }
         let certificate = self.ca.sign(request, now, None)?;
-        self.log_certificate(certificate, now, Some(token))
+        self.log_certificate(certificate, now, Some(token), |_| Ok(()))
     }
 
     /// Whether the enrollment token `id` was spent.
@@ -206,9 +231,20 @@ impl Authority {
         current_cert_der: &[u8],
         now: SystemTime,
     ) -> Result<LoggedCertificate, AuthorityError> {
+        self.renew_with(current_cert_der, now, |_| Ok(()))
+    }
+
+    /// [`Self::renew`], also running `also` in the successor's log
+    /// transaction (see [`Self::issue_with`]).
+    pub fn renew_with(
+        &mut self,
+        current_cert_der: &[u8],
+        now: SystemTime,
+        also: impl FnOnce(&WriteTransaction) -> Result<(), redb::Error>,
+    ) -> Result<LoggedCertificate, AuthorityError> {
         let (request, current) = self.ca.renewal_request(current_cert_der, now)?;
         let certificate = self.ca.sign(request, now, Some(current))?;
-        self.log_certificate(certificate, now, None)
+        self.log_certificate(certificate, now, None, also)
     }
 
     /// Revoke a certificate this authority issued (at any time, before or
@@ -226,12 +262,24 @@ impl Authority {
         reason: Option<RevocationReason>,
         now: SystemTime,
     ) -> Result<(), AuthorityError> {
+        self.revoke_with(serial, reason, now, |_| Ok(()))
+    }
+
+    /// [`Self::revoke_with_reason`], also running `also` in the
+    /// revocation's transaction (see [`Self::issue_with`]).
+    pub fn revoke_with(
+        &mut self,
+        serial: &Serial,
+        reason: Option<RevocationReason>,
+        now: SystemTime,
+        also: impl FnOnce(&WriteTransaction) -> Result<(), redb::Error>,
+    ) -> Result<(), AuthorityError> {
         self.ca.check_revocable(serial)?;
         let revocation = Revocation {
             revoked_at_ms: unix_ms(now)?,
             reason,
         };
-        registry::insert_revocation(&self.db, *serial, &revocation)
+        registry::insert_revocation(&self.db, *serial, &revocation, also)
             .map_err(|e| self.registry_error(e))?;
         self.ca.record_revocation(*serial, now);
         Ok(())
@@ -281,6 +329,18 @@ impl Authority {
         &self.log
     }
 
+    /// The database of the log and the registry, for the tables of the
+    /// control plane's other state (the DNS zone). Their writers must not
+    /// touch the log's or the registry's tables.
+    pub fn database(&self) -> Arc<Database> {
+        self.db.clone()
+    }
+
+    /// The database file, for error messages.
+    pub fn store_path(&self) -> &Path {
+        &self.store_path
+    }
+
     fn registry_error(&self, source: RegistryError) -> AuthorityError {
         AuthorityError::Registry {
             path: self.store_path.clone(),
@@ -295,6 +355,7 @@ impl Authority {
         certificate: IssuedCertificate,
         now: SystemTime,
         token: Option<&VerifiedToken>,
+        also: impl FnOnce(&WriteTransaction) -> Result<(), redb::Error>,
     ) -> Result<LoggedCertificate, AuthorityError> {
         let now_ms = unix_ms(now)?;
         let mut record = CertificateRecord {
@@ -325,7 +386,8 @@ impl Authority {
                             return Err(AppendError::TokenUsed);
                         }
                     }
-                    registry::insert_certificate(txn, &record).map_err(AppendError::Registry)
+                    registry::insert_certificate(txn, &record).map_err(AppendError::Registry)?;
+                    also(txn).map_err(AppendError::Also)
                 },
             )
             .map_err(|e| match e {
@@ -335,6 +397,7 @@ impl Authority {
                 },
                 AppendError::Registry(source) => self.registry_error(source),
                 AppendError::TokenUsed => AuthorityError::TokenUsed,
+                AppendError::Also(e) => self.registry_error(RegistryError::Storage(e)),
             })?;
         self.ca
             .record_issued(certificate.serial, certificate.not_after);

@@ -216,16 +216,20 @@ pub(crate) fn token_spent(db: &Database, id: [u8; 16]) -> Result<bool, RegistryE
     Ok(txn.open_table(ENROLLMENT_TOKENS)?.get(id)?.is_some())
 }
 
-/// Store a revocation durably in its own transaction. The certificate must
-/// be in the registry and not yet revoked (the caller checked both).
+/// Store a revocation durably in its own transaction, with what `also`
+/// writes (the caller's own tables). The certificate must be in the
+/// registry and not yet revoked (the caller checked both).
 pub(crate) fn insert_revocation(
     db: &Database,
     serial: Serial,
     revocation: &Revocation,
+    also: impl FnOnce(&WriteTransaction) -> Result<(), redb::Error>,
 ) -> Result<(), RegistryError> {
     let mut txn = db.begin_write()?;
     txn.set_durability(Durability::Immediate)?;
-    if let Err(e) = write_revocation(&txn, serial, revocation) {
+    let written = write_revocation(&txn, serial, revocation)
+        .and_then(|()| also(&txn).map_err(RegistryError::Storage));
+    if let Err(e) = written {
         txn.abort()?;
         return Err(e);
     }

@@ -25,6 +25,26 @@
 //! This is first-come ownership of names, kept simple: there is no
 //! namespace delegation.
 //!
+//! The zone (when [`ServiceConfig::zone`] is set; see `crate::dns`):
+//! - `DNS_LIST`: any authenticated caller (DNS data is public);
+//! - `DNS_SET`, `DNS_REMOVE`: the operator for any name; another caller
+//!   only for a name its certificate carries as its CN or a DNS name equal
+//!   to the absolute name without its trailing dot (`app.internet2.test`;
+//!   relative names in certificates do not count), only with TLSA pins of
+//!   its own certificate's key, never the server's own name, and not a name
+//!   another key set (`NAME_TAKEN`) while a live (unrevoked, unexpired)
+//!   certificate with that key still carries it. A name the operator or
+//!   the server set has no owner key: a holder of a certificate for it may
+//!   take it over.
+//! - kept in step with the CA: issuing a server certificate (`CERT_ISSUE`
+//!   with usage server, or `CERT_RENEW` of one) replaces the pins of the
+//!   zone names it carries that have pins with its key's pin, in the
+//!   transaction that logs the certificate; revoking a certificate removes
+//!   its key's pins from the names it carries, in the revocation's
+//!   transaction, unless another live certificate with the same key
+//!   carries the name. The server's own name is left to
+//!   [`AuthorityService::register_server`].
+//!
 //! Rotation: `ROTATE` issues a new server certificate and keeps it; the
 //! caller (the control-plane thread) takes it with
 //! [`AuthorityService::take_rotated`] after each `handle` and publishes it
@@ -40,11 +60,14 @@ use super::logged::{Authority, AuthorityError, LoggedCertificate};
 use super::registry::{
     CertificateFilter, CertificateRecord, MAX_RECORDS_PER_CALL, RevocationReason,
 };
+use crate::dns::{
+    NameError, RecordError, RecordSet, Tlsa, Zone, ZoneChange, ZoneConfig, ZoneError, ZoneSnapshot,
+};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use x509_parser::certificate::X509Certificate;
@@ -73,6 +96,9 @@ pub struct ServiceConfig {
     pub server_names: Vec<String>,
     pub ca_algorithm: KeyAlgorithm,
     pub log_algorithm: LogKeyAlgorithm,
+    /// The DNS zone the authority holds; `None`: no zone, and the zone
+    /// kinds answer `UNKNOWN_KIND`.
+    pub zone: Option<ZoneConfig>,
 }
 
 impl Default for ServiceConfig {
@@ -82,6 +108,7 @@ impl Default for ServiceConfig {
             server_names: vec!["localhost".into()],
             ca_algorithm: KeyAlgorithm::EcdsaP256,
             log_algorithm: LogKeyAlgorithm::EcdsaP256Sha256,
+            zone: None,
         }
     }
 }
@@ -127,6 +154,7 @@ pub struct AuthorityService {
     /// The server's TLS key (PKCS#8), kept across rotations: clients pin
     /// its SPKI (DNS TLSA 3 1 1), so a rotation must not change it.
     server_key: Vec<u8>,
+    zone: Option<Zone>,
 }
 
 /// The server's TLS key in the data directory (PEM, 0600, never rewritten).
@@ -179,6 +207,24 @@ struct CertFacts {
 }
 
 impl CertFacts {
+    /// The certificate names `name` (absolute, with its trailing dot) as
+    /// its CN or a DNS name, without the dot.
+    fn carries_dns(&self, name: &str) -> bool {
+        let bare = name.strip_suffix('.').unwrap_or(name);
+        self.subject.eq_ignore_ascii_case(bare)
+            || self.dns_names.iter().any(|d| d.eq_ignore_ascii_case(bare))
+    }
+
+    /// Its CN and DNS names.
+    fn dns_candidates(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.subject.as_str()).chain(self.dns_names.iter().map(String::as_str))
+    }
+
+    /// SHA-256 of the SubjectPublicKeyInfo: its TLSA 3 1 1 pin.
+    fn pin(&self) -> [u8; 32] {
+        sha256(&self.spki)
+    }
+
     fn carries(&self, name: &str) -> bool {
         self.subject == name
             || self.dns_names.iter().any(|d| d.eq_ignore_ascii_case(name))
@@ -205,6 +251,80 @@ impl CertFacts {
             public_key: Some(self.spki.clone()),
         }
     }
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+    out
+}
+
+fn zone_error(e: ZoneError) -> ServiceError {
+    match e {
+        ZoneError::Full => ServiceError::new(api::ZONE_FULL, e.to_string()),
+        other => internal(other),
+    }
+}
+
+fn name_error(field: &str, e: NameError) -> ServiceError {
+    let code = match e {
+        NameError::OutsideZone { .. } | NameError::Apex { .. } => api::NOT_IN_ZONE,
+        _ => api::MALFORMED_REQUEST,
+    };
+    ServiceError::new(code, format!("{field}: {e}"))
+}
+
+fn record_error(e: RecordError) -> ServiceError {
+    ServiceError::malformed(e.to_string())
+}
+
+fn dns_record(name: &str, records: &RecordSet) -> api::DnsRecord {
+    api::DnsRecord {
+        name: name.to_owned(),
+        addresses: records.aaaa().iter().map(Ipv6Addr::to_string).collect(),
+        tlsa: records
+            .tlsa()
+            .iter()
+            .map(|t| api::DnsTlsa {
+                port: t.port,
+                spki_sha256: api::hex(&t.spki_sha256),
+            })
+            .collect(),
+        owner: records.owner().map(|o| api::hex(&o)),
+    }
+}
+
+/// The records a `DNS_SET` asks for, checked.
+fn requested_records(
+    request: &api::DnsSetRequest,
+    owner: Option<[u8; 32]>,
+) -> Result<RecordSet, ServiceError> {
+    let aaaa = request
+        .addresses
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            a.parse::<Ipv6Addr>().map_err(|_| {
+                ServiceError::malformed(format!(
+                    "addresses[{i}] {a:?} is not an IPv6 address (the zone is IPv6-only)"
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let tlsa = request
+        .tlsa
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let spki_sha256 = api::hex_hash(&format!("tlsa[{i}].spki_sha256"), &t.spki_sha256)
+                .map_err(ServiceError::malformed)?;
+            Ok(Tlsa {
+                port: t.port,
+                spki_sha256,
+            })
+        })
+        .collect::<Result<Vec<_>, ServiceError>>()?;
+    RecordSet::new(aaaa, tlsa, owner).map_err(record_error)
 }
 
 fn unauthorized(message: impl Into<String>) -> ServiceError {
@@ -478,12 +598,22 @@ impl AuthorityService {
         let authority = Authority::open(data_dir, config.ca_algorithm, config.log_algorithm, now)?;
         let tokens = EnrollmentKey::load_or_create(data_dir)?;
         let server_key = load_or_create_server_key(data_dir)?;
+        let zone = match &config.zone {
+            Some(zone) => Some(Zone::open(authority.database(), zone).map_err(|source| {
+                AuthorityError::Zone {
+                    path: authority.store_path().to_owned(),
+                    source,
+                }
+            })?),
+            None => None,
+        };
         Ok(Self {
             authority,
             config,
             tokens,
             rotated: None,
             server_key,
+            zone,
         })
     }
 
@@ -499,7 +629,7 @@ impl AuthorityService {
         payload: &[u8],
         now: SystemTime,
     ) -> Result<Vec<u8>, ServiceError> {
-        if !api::KINDS.contains(&kind) {
+        if !api::KINDS.contains(&kind) || (self.zone.is_none() && api::DNS_KINDS.contains(&kind)) {
             return Err(ServiceError::new(
                 api::UNKNOWN_KIND,
                 format!("kind 0x{kind:02x} is not an authority request"),
@@ -544,6 +674,9 @@ impl AuthorityService {
                 parse::<api::NoArguments>(payload)?;
                 respond(&self.rotate(&who, now)?)
             }
+            api::DNS_SET => respond(&self.dns_set(&who, parse(payload)?, now)?),
+            api::DNS_REMOVE => respond(&self.dns_remove(&who, parse(payload)?, now)?),
+            api::DNS_LIST => respond(&self.dns_list(parse(payload)?)?),
             _ => unreachable!("every kind in api::KINDS is served"),
         }
     }
@@ -566,6 +699,76 @@ impl AuthorityService {
             intermediate_der: ca.intermediate_der().to_vec(),
             revoked,
         }
+    }
+
+    /// The zone as the workers answer from it. Without a zone
+    /// ([`ServiceConfig::zone`] is `None`): an empty apex, no names,
+    /// generation 0. It copies every name: call it when
+    /// [`Self::zone_generation`] changed, not after every request.
+    pub fn zone(&self) -> ZoneSnapshot {
+        self.zone.as_ref().map_or_else(
+            || ZoneSnapshot {
+                apex: String::new(),
+                serial: 0,
+                generation: 0,
+                names: Vec::new(),
+            },
+            Zone::snapshot,
+        )
+    }
+
+    /// Changes whenever the zone changes (cheap); 0 without a zone.
+    pub fn zone_generation(&self) -> u64 {
+        self.zone.as_ref().map_or(0, Zone::generation)
+    }
+
+    /// The TLSA 3 1 1 pin of the server's TLS key: SHA-256 of its
+    /// SubjectPublicKeyInfo. Stable across rotations.
+    pub fn server_spki_sha256(&self) -> Result<[u8; 32], AuthorityError> {
+        Ok(sha256(&server_spki(&self.server_key)?))
+    }
+
+    /// Set the server's own records at start: AAAA for
+    /// `zone.server_addresses` and a TLSA pin `spki_sha256` on
+    /// `zone.server_port`, under `zone.server_name`, with no owner key.
+    /// Durable before it returns; nothing is written when they are
+    /// already so. `zone` must name the zone the service was opened with.
+    pub fn register_server(
+        &mut self,
+        zone: &ZoneConfig,
+        spki_sha256: [u8; 32],
+        _now: SystemTime,
+    ) -> Result<(), AuthorityError> {
+        let path = self.authority.store_path().to_owned();
+        let error = |source| AuthorityError::Zone {
+            path: path.clone(),
+            source,
+        };
+        let open = self.zone.as_mut().ok_or_else(|| {
+            error(ZoneError::Config(
+                "the service was opened without a zone".into(),
+            ))
+        })?;
+        if open.apex() != zone.apex {
+            return Err(error(ZoneError::Config(format!(
+                "the server registers in {:?}, but the zone is {:?}",
+                zone.apex,
+                open.apex()
+            ))));
+        }
+        let name = open
+            .qualify(&zone.server_name)
+            .map_err(|e| error(ZoneError::Config(format!("server name: {e}"))))?;
+        let tlsa = vec![Tlsa {
+            port: zone.server_port,
+            spki_sha256,
+        }];
+        let records = RecordSet::new(zone.server_addresses.clone(), tlsa, None)
+            .map_err(|e| error(ZoneError::Config(format!("server records: {e}"))))?;
+        if let Some(change) = open.plan(vec![(name, Some(records))]).map_err(error)? {
+            open.commit(change).map_err(error)?;
+        }
+        Ok(())
     }
 
     /// Issue (and log) a fresh server certificate for
@@ -788,11 +991,71 @@ impl AuthorityService {
             api::CertUsage::Client => Usage::Client,
             api::CertUsage::Server => Usage::Server,
         };
+        let change = match usage {
+            Usage::Server => self.repin_change(&csr)?,
+            Usage::Client => None,
+        };
         let logged = self
             .authority
-            .issue(csr.request(usage, lifetime), now)
+            .issue_with(csr.request(usage, lifetime), now, |txn| {
+                change.as_ref().map_or(Ok(()), |c| c.write(txn))
+            })
             .map_err(authority_error)?;
+        self.zone_applied(change);
         self.issued(&logged)
+    }
+
+    /// The pin changes a server certificate for `holder`'s names and key
+    /// brings (see the module documentation); `None` without a zone or
+    /// when nothing changes.
+    fn repin_change(&self, holder: &CertFacts) -> Result<Option<ZoneChange>, ServiceError> {
+        let Some(zone) = &self.zone else {
+            return Ok(None);
+        };
+        let edits = zone.repin_edits(holder.dns_candidates(), holder.pin());
+        zone.plan(edits).map_err(zone_error)
+    }
+
+    /// Apply a change whose transaction committed.
+    fn zone_applied(&mut self, change: Option<ZoneChange>) {
+        if let (Some(zone), Some(change)) = (self.zone.as_mut(), change) {
+            let names: Vec<String> = change.names().map(str::to_owned).collect();
+            zone.apply(change);
+            tracing::info!(?names, serial = zone.serial(), "zone pins follow the CA");
+        }
+    }
+
+    /// Whether a live (unrevoked, unexpired) certificate with the key of
+    /// `pin`, other than `except`, carries `name` (absolute).
+    fn key_holds(
+        &self,
+        name: &str,
+        pin: [u8; 32],
+        except: Option<Serial>,
+        now: SystemTime,
+    ) -> Result<bool, ServiceError> {
+        let bare = name.strip_suffix('.').unwrap_or(name);
+        let filter = CertificateFilter::Name(bare.to_owned());
+        let mut after = None;
+        loop {
+            let page = self
+                .authority
+                .certificates(&filter, after)
+                .map_err(authority_error)?;
+            for record in &page {
+                let live = record.revocation.is_none()
+                    && record.not_before <= now
+                    && now <= record.not_after
+                    && Some(record.serial) != except;
+                if live && cert_facts(&record.cert_der).map_err(internal)?.pin() == pin {
+                    return Ok(true);
+                }
+            }
+            if page.len() < MAX_RECORDS_PER_CALL {
+                return Ok(false);
+            }
+            after = page.last().map(|r| r.serial);
+        }
     }
 
     fn cert_renew(
@@ -810,7 +1073,22 @@ impl AuthorityService {
                 "only the certificate's owner (same key) or the operator may renew it",
             ));
         }
-        let logged = self.authority.renew(&der, now).map_err(authority_error)?;
+        let server = ca::serial_of(&der)
+            .ok()
+            .and_then(|serial| self.authority.certificate(&serial).ok().flatten())
+            .is_some_and(|record| record.usage == Usage::Server);
+        let change = if server {
+            self.repin_change(&facts)?
+        } else {
+            None
+        };
+        let logged = self
+            .authority
+            .renew_with(&der, now, |txn| {
+                change.as_ref().map_or(Ok(()), |c| c.write(txn))
+            })
+            .map_err(authority_error)?;
+        self.zone_applied(change);
         self.issued(&logged)
     }
 
@@ -832,14 +1110,19 @@ impl AuthorityService {
                     format!("no certificate of this authority has serial {serial}"),
                 )
             })?;
-        if !who.operator && cert_facts(&record.cert_der).map_err(internal)?.spki != who.facts.spki {
+        let facts = cert_facts(&record.cert_der).map_err(internal)?;
+        if !who.operator && facts.spki != who.facts.spki {
             return Err(unauthorized(
                 "only the certificate's owner (same key) or the operator may revoke it",
             ));
         }
+        let change = self.unpin_change(&facts, serial, now)?;
         self.authority
-            .revoke_with_reason(&serial, reason, now)
+            .revoke_with(&serial, reason, now, |txn| {
+                change.as_ref().map_or(Ok(()), |c| c.write(txn))
+            })
             .map_err(authority_error)?;
+        self.zone_applied(change);
         // The audit trail: durable in the registry, and in the log output.
         tracing::info!(
             %serial,
@@ -851,6 +1134,147 @@ impl AuthorityService {
         Ok(api::Revoked {
             serial: serial.to_string(),
             revoked_at: unix_s(now),
+        })
+    }
+
+    /// The pins a revocation of `revoked` (serial `serial`) removes: its
+    /// key's, from the zone names it carries that no other live
+    /// certificate with that key carries.
+    fn unpin_change(
+        &self,
+        revoked: &CertFacts,
+        serial: Serial,
+        now: SystemTime,
+    ) -> Result<Option<ZoneChange>, ServiceError> {
+        let Some(zone) = &self.zone else {
+            return Ok(None);
+        };
+        let pin = revoked.pin();
+        let mut edits = Vec::new();
+        for edit in zone.unpin_edits(revoked.dns_candidates(), pin) {
+            if !self.key_holds(&edit.0, pin, Some(serial), now)? {
+                edits.push(edit);
+            }
+        }
+        zone.plan(edits).map_err(zone_error)
+    }
+
+    fn dns_zone(&self) -> &Zone {
+        // `handle` serves the zone kinds only with a zone.
+        self.zone
+            .as_ref()
+            .expect("zone kinds are served only with a zone")
+    }
+
+    /// `who` may change `name` (absolute): see the module documentation.
+    fn may_change(&self, who: &Identity, name: &str, now: SystemTime) -> Result<(), ServiceError> {
+        if who.operator {
+            return Ok(());
+        }
+        let zone = self.dns_zone();
+        if name == zone.server_name() {
+            return Err(unauthorized(format!(
+                "{name} is the server's own name; only the operator may change it"
+            )));
+        }
+        if !who.facts.carries_dns(name) {
+            return Err(unauthorized(format!(
+                "your certificate does not carry the name {:?} (as its CN or a DNS name); \
+                 only the operator may change other names",
+                name.trim_end_matches('.')
+            )));
+        }
+        if let Some(owner) = zone.get(name).and_then(RecordSet::owner)
+            && owner != who.facts.pin()
+            && self.key_holds(name, owner, None, now)?
+        {
+            return Err(ServiceError::new(
+                api::NAME_TAKEN,
+                format!(
+                    "{name} was set by key {} which a live certificate for it still holds",
+                    api::hex(&owner)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn dns_set(
+        &mut self,
+        who: &Identity,
+        request: api::DnsSetRequest,
+        now: SystemTime,
+    ) -> Result<api::DnsChanged, ServiceError> {
+        let name = self
+            .dns_zone()
+            .qualify(&request.name)
+            .map_err(|e| name_error("name", e))?;
+        self.may_change(who, &name, now)?;
+        let pin = who.facts.pin();
+        let owner = (!who.operator).then_some(pin);
+        let records = requested_records(&request, owner)?;
+        if !who.operator && records.tlsa().iter().any(|t| t.spki_sha256 != pin) {
+            return Err(unauthorized(format!(
+                "a TLSA pin is not your certificate's key ({}); only the operator may pin other keys",
+                api::hex(&pin)
+            )));
+        }
+        let record = dns_record(&name, &records);
+        let zone = self.zone.as_mut().expect("checked by dns_zone");
+        if let Some(change) = zone
+            .plan(vec![(name.clone(), Some(records))])
+            .map_err(zone_error)?
+        {
+            zone.commit(change).map_err(zone_error)?;
+            tracing::info!(%name, by = if who.operator { "operator" } else { "owner" }, serial = zone.serial(), "zone name set");
+        }
+        Ok(api::DnsChanged {
+            name,
+            record: Some(record),
+            serial: zone.serial(),
+        })
+    }
+
+    fn dns_remove(
+        &mut self,
+        who: &Identity,
+        request: api::DnsRemoveRequest,
+        now: SystemTime,
+    ) -> Result<api::DnsChanged, ServiceError> {
+        let name = self
+            .dns_zone()
+            .qualify(&request.name)
+            .map_err(|e| name_error("name", e))?;
+        self.may_change(who, &name, now)?;
+        let zone = self.zone.as_mut().expect("checked by dns_zone");
+        if zone.get(&name).is_none() {
+            return Err(ServiceError::new(
+                api::NOT_FOUND,
+                format!("the zone has no records for {name}"),
+            ));
+        }
+        if let Some(change) = zone.plan(vec![(name.clone(), None)]).map_err(zone_error)? {
+            zone.commit(change).map_err(zone_error)?;
+            tracing::info!(%name, by = if who.operator { "operator" } else { "owner" }, serial = zone.serial(), "zone name removed");
+        }
+        Ok(api::DnsChanged {
+            name,
+            record: None,
+            serial: zone.serial(),
+        })
+    }
+
+    fn dns_list(&self, request: api::DnsListRequest) -> Result<api::DnsList, ServiceError> {
+        let zone = self.dns_zone();
+        let after = request.after.map(|a| a.to_ascii_lowercase());
+        let (page, more) = zone.page(after.as_deref(), api::MAX_DNS_RECORDS_PER_PAGE);
+        let next = more
+            .then(|| page.last().map(|(name, _)| (*name).to_owned()))
+            .flatten();
+        Ok(api::DnsList {
+            records: page.iter().map(|(n, r)| dns_record(n, r)).collect(),
+            serial: zone.serial(),
+            next,
         })
     }
 

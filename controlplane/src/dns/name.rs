@@ -69,6 +69,9 @@ pub fn check_relative(name: &str) -> Result<(), NameError> {
 ///
 /// The result must be strictly inside the zone (not the apex itself).
 pub fn qualify(apex: &str, input: &str) -> Result<String, NameError> {
+    if input.is_empty() {
+        return Err(NameError::Empty);
+    }
     let lower = input.to_ascii_lowercase();
     let bare_apex = apex.strip_suffix('.').unwrap_or(apex);
     let absolute = if lower.ends_with('.') {

@@ -136,8 +136,106 @@ impl Zone {
         Ok(zone)
     }
 
+    /// The zone as the control plane publishes it: apex `apex`, primary
+    /// server `primary` (the SOA MNAME and the NS), SOA serial `serial`,
+    /// and every name's AAAA addresses and TLSA `3 1 1` pins by UDP port.
+    pub fn from_records(
+        apex: &str,
+        primary: &str,
+        serial: u32,
+        names: &[PublishedName],
+    ) -> Result<Zone, ZoneError> {
+        let apex = parse_name(apex)?;
+        let primary = if primary.ends_with('.') {
+            parse_name(primary)?
+        } else {
+            parse_name(&format!("{primary}.{apex}"))?
+        };
+        let soa = SOA::new(
+            primary.clone(),
+            parse_name(&format!("hostmaster.{apex}"))?,
+            serial,
+            3600,
+            600,
+            86400,
+            TTL,
+        );
+        let mut zone = Zone {
+            soa: Record::from_rdata(apex.clone(), TTL, RData::SOA(soa)),
+            ns: Record::from_rdata(apex.clone(), TTL, RData::NS(NS(primary))),
+            apex,
+            names: HashMap::new(),
+        };
+        for published in names {
+            let name = parse_name(&published.name)?;
+            let records = zone.names.entry(name.clone()).or_default();
+            for address in &published.aaaa {
+                records.aaaa.push(Record::from_rdata(
+                    name.clone(),
+                    TTL,
+                    RData::AAAA(AAAA::from(*address)),
+                ));
+            }
+            for (port, pin) in &published.tlsa {
+                let service = parse_name(&format!("_{port}._udp.{name}"))?;
+                let tlsa = TLSA::new(
+                    CertUsage::DaneEe,
+                    Selector::Spki,
+                    Matching::Sha256,
+                    pin.to_vec(),
+                );
+                zone.names
+                    .entry(service.clone())
+                    .or_default()
+                    .tlsa
+                    .push(Record::from_rdata(service, TTL, RData::TLSA(tlsa)));
+            }
+        }
+        Ok(zone)
+    }
+
     pub fn apex(&self) -> &Name {
         &self.apex
+    }
+}
+
+/// One name's records in the form the control plane publishes them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishedName {
+    /// Fully qualified, inside the apex.
+    pub name: String,
+    pub aaaa: Vec<Ipv6Addr>,
+    /// (UDP port, SHA-256 of the SubjectPublicKeyInfo).
+    pub tlsa: Vec<(u16, [u8; 32])>,
+}
+
+/// The zone the workers answer from, swapped whole by the control plane
+/// after every change: a query reads one snapshot (an atomic load).
+pub struct ZoneStore {
+    current: arc_swap::ArcSwap<Zone>,
+}
+
+impl ZoneStore {
+    pub fn new(zone: Zone) -> Arc<Self> {
+        Arc::new(Self {
+            current: arc_swap::ArcSwap::from_pointee(zone),
+        })
+    }
+
+    pub fn load(&self) -> Arc<Zone> {
+        self.current.load_full()
+    }
+
+    pub fn swap(&self, zone: Zone) {
+        self.current.store(Arc::new(zone));
+    }
+}
+
+impl std::fmt::Debug for ZoneStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZoneStore")
+            .field("apex", &self.current.load().apex)
+            .finish()
     }
 }
 
@@ -151,16 +249,59 @@ pub enum Answer {
     ProtocolError(&'static str),
 }
 
-/// Answer one DNS query message from `zone`.
+/// Answer one DNS query message from `zone` (DNS over QUIC rules).
 pub fn answer(zone: &Zone, query: &[u8]) -> Answer {
+    answer_with(zone, query, Transport::Quic)
+}
+
+/// Where a query came from: the rules on message IDs and sizes differ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// RFC 9250: ID 0, messages up to 65535 bytes.
+    Quic,
+    /// Plain UDP (the legacy gateway): the query's ID is echoed, answers
+    /// over 512 bytes are truncated with TC set (RFC 1035 §4.2.1).
+    Udp,
+}
+
+/// The largest plain-UDP answer without EDNS (RFC 1035 §4.2.1).
+pub const UDP_ANSWER_MAX: usize = 512;
+
+/// Answer one DNS query arriving over `transport`.
+pub fn answer_with(zone: &Zone, query: &[u8], transport: Transport) -> Answer {
     let request = match Message::from_vec(query) {
         Ok(request) => request,
-        Err(_) => return respond(Message::error_msg(0, OpCode::Query, ResponseCode::FormErr)),
+        Err(_) => {
+            // The ID is the first two bytes, if there are two.
+            let id = match (transport, query) {
+                (Transport::Udp, [hi, lo, ..]) => u16::from_be_bytes([*hi, *lo]),
+                _ => 0,
+            };
+            return respond(Message::error_msg(id, OpCode::Query, ResponseCode::FormErr));
+        }
     };
-    if request.metadata.id != 0 {
-        return Answer::ProtocolError("DNS message ID must be 0 over QUIC (RFC 9250 §4.2.1)");
+    let id = match transport {
+        Transport::Quic if request.metadata.id != 0 => {
+            return Answer::ProtocolError("DNS message ID must be 0 over QUIC (RFC 9250 §4.2.1)");
+        }
+        Transport::Quic => 0,
+        Transport::Udp => request.metadata.id,
+    };
+    let answer = answer_request(zone, &request, id);
+    match (transport, answer) {
+        (Transport::Udp, Answer::Response(bytes)) if bytes.len() > UDP_ANSWER_MAX => {
+            let mut truncated = Message::response(id, request.metadata.op_code);
+            truncated.queries = request.queries.clone();
+            truncated.metadata.truncation = true;
+            truncated.metadata.authoritative = true;
+            respond(truncated)
+        }
+        (_, answer) => answer,
     }
-    let mut response = Message::response(0, request.metadata.op_code);
+}
+
+fn answer_request(zone: &Zone, request: &Message, id: u16) -> Answer {
+    let mut response = Message::response(id, request.metadata.op_code);
     response.metadata.recursion_desired = request.metadata.recursion_desired;
     response.queries = request.queries.clone();
     if request.metadata.message_type != MessageType::Query

@@ -1,6 +1,7 @@
 //! Per-ALPN stream handlers and the wire formats they share with clients.
 
 pub mod doq;
+pub mod legacy_dns;
 pub mod perf;
 pub mod stoq;
 

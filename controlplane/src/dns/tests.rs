@@ -1,0 +1,300 @@
+//! The zone model and its store, without the authority service.
+
+use super::*;
+use redb::Database;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+const APEX: &str = "internet2.test.";
+
+struct TempDb(std::path::PathBuf);
+
+impl TempDb {
+    fn new(tag: &str) -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "i2-zone-{tag}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    fn open(&self) -> Arc<Database> {
+        Arc::new(Database::create(self.0.join("zone.redb")).unwrap())
+    }
+}
+
+impl Drop for TempDb {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn config() -> ZoneConfig {
+    ZoneConfig {
+        apex: APEX.into(),
+        server_name: "node1".into(),
+        server_addresses: vec!["2001:db8::1".parse().unwrap()],
+        server_port: 443,
+    }
+}
+
+fn set(addresses: &[&str], pins: &[(u16, u8)], owner: Option<u8>) -> RecordSet {
+    RecordSet::new(
+        addresses.iter().map(|a| a.parse().unwrap()).collect(),
+        pins.iter()
+            .map(|&(port, b)| Tlsa {
+                port,
+                spki_sha256: [b; 32],
+            })
+            .collect(),
+        owner.map(|b| [b; 32]),
+    )
+    .unwrap()
+}
+
+#[test]
+fn names_are_qualified_and_checked() {
+    for (input, want) in [
+        ("app", "app.internet2.test."),
+        ("App.Internet2.Test", "app.internet2.test."),
+        ("a.b.internet2.test.", "a.b.internet2.test."),
+        ("x-1", "x-1.internet2.test."),
+        // Relative unless it ends with the apex.
+        ("internet2", "internet2.internet2.test."),
+    ] {
+        assert_eq!(qualify(APEX, input).as_deref(), Ok(want), "{input}");
+    }
+    let long_label = "a".repeat(64);
+    let long_name = ["abcdefghi"; 25].join(".");
+    for input in [
+        "",
+        ".",
+        "-app",
+        "app-",
+        "a_b",
+        "a..b",
+        "app.internet2.test..",
+        "caf\u{e9}",
+        "a b",
+        long_label.as_str(),
+        long_name.as_str(),
+    ] {
+        let err = qualify(APEX, input).unwrap_err();
+        assert!(
+            !matches!(err, NameError::OutsideZone { .. } | NameError::Apex { .. }),
+            "{input:?}: {err}"
+        );
+    }
+    assert!(matches!(
+        qualify(APEX, "example.com."),
+        Err(NameError::OutsideZone { .. })
+    ));
+    assert!(matches!(
+        qualify(APEX, "xinternet2.test."),
+        Err(NameError::OutsideZone { .. })
+    ));
+    for apex in ["internet2.test.", "internet2.test", "INTERNET2.test."] {
+        assert!(
+            matches!(qualify(APEX, apex), Err(NameError::Apex { .. })),
+            "{apex}"
+        );
+    }
+}
+
+#[test]
+fn record_sets_are_bounded_and_canonical() {
+    let a = set(&["2001:db8::2", "2001:db8::1", "2001:db8::2"], &[], None);
+    assert_eq!(
+        a.aaaa(),
+        [
+            "2001:db8::1".parse::<Ipv6Addr>().unwrap(),
+            "2001:db8::2".parse().unwrap()
+        ]
+    );
+    let many: Vec<Ipv6Addr> = (0..17u16)
+        .map(|i| Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, i + 1))
+        .collect();
+    assert_eq!(
+        RecordSet::new(many, Vec::new(), None),
+        Err(RecordError::TooManyAddresses { count: 17 })
+    );
+    assert_eq!(
+        RecordSet::new(Vec::new(), Vec::new(), None),
+        Err(RecordError::Empty)
+    );
+    for bad in ["::", "ff02::1", "::ffff:192.0.2.1"] {
+        assert!(
+            matches!(
+                RecordSet::new(vec![bad.parse().unwrap()], Vec::new(), None),
+                Err(RecordError::BadAddress { .. })
+            ),
+            "{bad}"
+        );
+    }
+    let zero = Tlsa {
+        port: 0,
+        spki_sha256: [1; 32],
+    };
+    assert_eq!(
+        RecordSet::new(Vec::new(), vec![zero], None),
+        Err(RecordError::ZeroPort)
+    );
+    // The stored form round-trips and nothing else decodes.
+    let b = set(&["2001:db8::5"], &[(443, 7), (853, 7)], Some(9));
+    for records in [&a, &b] {
+        let bytes = store::encode(records);
+        assert_eq!(store::decode(&bytes).as_ref(), Some(records));
+        assert_eq!(store::decode(&[&bytes[..], &[0]].concat()), None);
+        assert_eq!(store::decode(&bytes[..bytes.len() - 1]), None);
+    }
+    assert_eq!(store::decode(b""), None);
+    assert_eq!(store::decode(&[2, 0, 1]), None);
+}
+
+#[test]
+fn changes_are_durable_and_counted() {
+    let tmp = TempDb::new("durable");
+    let mut zone = Zone::open(tmp.open(), &config()).unwrap();
+    assert_eq!((zone.generation(), zone.len()), (0, 0));
+    let change = zone
+        .plan(vec![
+            (
+                "a.internet2.test.".into(),
+                Some(set(&["2001:db8::a"], &[], None)),
+            ),
+            (
+                "b.internet2.test.".into(),
+                Some(set(&[], &[(443, 2)], Some(2))),
+            ),
+        ])
+        .unwrap()
+        .unwrap();
+    zone.commit(change).unwrap();
+    // Setting what is there is no change.
+    assert_eq!(
+        zone.plan(vec![(
+            "a.internet2.test.".into(),
+            Some(set(&["2001:db8::a"], &[], None))
+        )])
+        .unwrap(),
+        None
+    );
+    let change = zone
+        .plan(vec![("a.internet2.test.".into(), None)])
+        .unwrap()
+        .unwrap();
+    zone.commit(change).unwrap();
+    let snapshot = zone.snapshot();
+    assert_eq!((snapshot.serial, snapshot.generation), (2, 2));
+    assert_eq!(
+        snapshot.names,
+        [NameRecords {
+            name: "b.internet2.test.".into(),
+            aaaa: vec![],
+            tlsa: vec![(443, [2; 32])],
+        }]
+    );
+    drop(zone);
+    let zone = Zone::open(tmp.open(), &config()).unwrap();
+    assert_eq!(zone.snapshot(), snapshot);
+    assert_eq!(
+        zone.get("b.internet2.test.").unwrap().owner(),
+        Some([2; 32])
+    );
+
+    // Another apex does not serve the stored names, and keeps the counter.
+    let other = ZoneConfig {
+        apex: "other.test.".into(),
+        ..config()
+    };
+    drop(zone);
+    let zone = Zone::open(tmp.open(), &other).unwrap();
+    assert!(zone.is_empty());
+    assert_eq!(zone.generation(), 2);
+}
+
+#[test]
+fn the_zone_pages_and_refuses_more_than_its_names() {
+    let tmp = TempDb::new("full");
+    let mut zone = Zone::open(tmp.open(), &config()).unwrap();
+    let records = set(&["2001:db8::1"], &[], None);
+    let name = |i: usize| format!("n{i:05}.internet2.test.");
+    let edits = |range: std::ops::Range<usize>| {
+        range
+            .map(|i| (name(i), Some(records.clone())))
+            .collect::<Vec<_>>()
+    };
+    let change = zone.plan(edits(0..2500)).unwrap().unwrap();
+    zone.commit(change).unwrap();
+    let mut after: Option<String> = None;
+    let mut seen = Vec::new();
+    loop {
+        let (page, more) = zone.page(after.as_deref(), 1000);
+        assert!(page.len() <= 1000);
+        seen.extend(page.iter().map(|(n, _)| (*n).to_owned()));
+        if !more {
+            break;
+        }
+        after = seen.last().cloned();
+    }
+    assert_eq!(seen, (0..2500).map(name).collect::<Vec<_>>());
+
+    // One name too many is refused, before anything is written.
+    assert!(matches!(
+        zone.plan(edits(2500..MAX_NAMES + 1)),
+        Err(ZoneError::Full)
+    ));
+    // Exactly full is fine, and removing makes room again.
+    assert!(zone.plan(edits(2500..MAX_NAMES)).unwrap().is_some());
+}
+
+#[test]
+fn bad_configurations_are_refused() {
+    let tmp = TempDb::new("config");
+    for (what, config) in [
+        (
+            "apex without dot",
+            ZoneConfig {
+                apex: "internet2.test".into(),
+                ..config()
+            },
+        ),
+        (
+            "bad apex",
+            ZoneConfig {
+                apex: "in ternet2.test.".into(),
+                ..config()
+            },
+        ),
+        (
+            "relative name with dot",
+            ZoneConfig {
+                server_name: "node1.".into(),
+                ..config()
+            },
+        ),
+        (
+            "v4-mapped",
+            ZoneConfig {
+                server_addresses: vec!["::ffff:10.0.0.1".parse().unwrap()],
+                ..config()
+            },
+        ),
+        (
+            "port 0",
+            ZoneConfig {
+                server_port: 0,
+                ..config()
+            },
+        ),
+    ] {
+        assert!(
+            matches!(Zone::open(tmp.open(), &config), Err(ZoneError::Config(_))),
+            "{what}"
+        );
+    }
+}

@@ -1,0 +1,384 @@
+//! The zone in memory, mirrored from its tables: changes are planned
+//! against it, written durably, and only then applied to it.
+
+use super::name::{NameError, check_apex, check_relative, qualify};
+use super::{
+    MAX_ADDRESSES_PER_NAME, MAX_NAMES, MAX_PINS_PER_NAME, NameRecords, ZoneConfig, ZoneError,
+    ZoneSnapshot, store,
+};
+use redb::{Database, Durability, WriteTransaction};
+use std::collections::BTreeMap;
+use std::net::Ipv6Addr;
+use std::sync::Arc;
+
+/// A TLSA `3 1 1` record of a name: `_PORT._udp.NAME` pins this key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Tlsa {
+    pub port: u16,
+    /// SHA-256 of the SubjectPublicKeyInfo DER.
+    pub spki_sha256: [u8; 32],
+}
+
+/// Why a set of records is not one a name may have.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("no addresses and no pins: remove the name instead")]
+    Empty,
+    #[error("{count} addresses; a name has at most {MAX_ADDRESSES_PER_NAME}")]
+    TooManyAddresses { count: usize },
+    #[error("{count} pins; a name has at most {MAX_PINS_PER_NAME}")]
+    TooManyPins { count: usize },
+    #[error("address {address} is {why}; give global, unique-local or loopback IPv6 addresses")]
+    BadAddress {
+        address: Ipv6Addr,
+        why: &'static str,
+    },
+    #[error("port 0 is not a port a service listens on")]
+    ZeroPort,
+}
+
+/// The records of one name: AAAA addresses, TLSA pins, and the key that
+/// set them. Only [`RecordSet::new`] makes one, so every set in the zone is
+/// within its bounds, sorted and without duplicates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordSet {
+    aaaa: Vec<Ipv6Addr>,
+    tlsa: Vec<Tlsa>,
+    owner: Option<[u8; 32]>,
+}
+
+impl RecordSet {
+    /// Check, sort and deduplicate. `owner`: SHA-256 of the SPKI of the
+    /// certificate that sets the name; `None` for the operator and the
+    /// server.
+    pub fn new(
+        mut aaaa: Vec<Ipv6Addr>,
+        mut tlsa: Vec<Tlsa>,
+        owner: Option<[u8; 32]>,
+    ) -> Result<Self, RecordError> {
+        if aaaa.len() > MAX_ADDRESSES_PER_NAME {
+            return Err(RecordError::TooManyAddresses { count: aaaa.len() });
+        }
+        if tlsa.len() > MAX_PINS_PER_NAME {
+            return Err(RecordError::TooManyPins { count: tlsa.len() });
+        }
+        if aaaa.is_empty() && tlsa.is_empty() {
+            return Err(RecordError::Empty);
+        }
+        for address in &aaaa {
+            check_address(*address)?;
+        }
+        if tlsa.iter().any(|t| t.port == 0) {
+            return Err(RecordError::ZeroPort);
+        }
+        aaaa.sort_unstable();
+        aaaa.dedup();
+        tlsa.sort_unstable();
+        tlsa.dedup();
+        Ok(Self { aaaa, tlsa, owner })
+    }
+
+    pub fn aaaa(&self) -> &[Ipv6Addr] {
+        &self.aaaa
+    }
+
+    pub fn tlsa(&self) -> &[Tlsa] {
+        &self.tlsa
+    }
+
+    pub fn owner(&self) -> Option<[u8; 32]> {
+        self.owner
+    }
+
+    /// Every pin replaced by `pin` (ports kept); an owner becomes `pin`'s
+    /// key, no owner stays none. `None` when the set has no pins.
+    pub fn repinned(&self, pin: [u8; 32]) -> Option<Self> {
+        if self.tlsa.is_empty() {
+            return None;
+        }
+        let tlsa = self
+            .tlsa
+            .iter()
+            .map(|t| Tlsa {
+                port: t.port,
+                spki_sha256: pin,
+            })
+            .collect();
+        let owner = self.owner.map(|_| pin);
+        // Fewer or as many pins and the same addresses: still in bounds.
+        Self::new(self.aaaa.clone(), tlsa, owner).ok()
+    }
+
+    /// The set without the pins of `pin`: `Some(None)` when nothing is left
+    /// (remove the name), `None` when it has no such pin.
+    pub fn unpinned(&self, pin: [u8; 32]) -> Option<Option<Self>> {
+        if !self.tlsa.iter().any(|t| t.spki_sha256 == pin) {
+            return None;
+        }
+        let tlsa = self
+            .tlsa
+            .iter()
+            .copied()
+            .filter(|t| t.spki_sha256 != pin)
+            .collect();
+        Some(Self::new(self.aaaa.clone(), tlsa, self.owner).ok())
+    }
+}
+
+/// Addresses that cannot reach a service: the unspecified address,
+/// multicast, and IPv4 in disguise (the zone is IPv6-only).
+fn check_address(address: Ipv6Addr) -> Result<(), RecordError> {
+    let why = if address.is_unspecified() {
+        "the unspecified address"
+    } else if address.is_multicast() {
+        "multicast"
+    } else if address.to_ipv4_mapped().is_some() {
+        "an IPv4-mapped address (the zone is IPv6-only)"
+    } else {
+        return Ok(());
+    };
+    Err(RecordError::BadAddress { address, why })
+}
+
+/// One name's new records (`None`: the name is removed).
+type Edit = (String, Option<RecordSet>);
+
+/// A change checked against the zone it was planned on; write it
+/// ([`Self::write`] inside a transaction, or [`Zone::commit`]) and apply
+/// it to that zone once the write is durable ([`Zone::apply`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZoneChange {
+    edits: Vec<Edit>,
+    /// The zone's change counter once this change is in.
+    changes: u64,
+}
+
+impl ZoneChange {
+    /// Write the change in `txn`, which the caller commits durably.
+    pub fn write(&self, txn: &WriteTransaction) -> Result<(), redb::Error> {
+        store::write(txn, &self.edits, self.changes)
+    }
+
+    /// The names it changes.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.edits.iter().map(|(n, _)| n.as_str())
+    }
+}
+
+/// The zone: its records in memory, durable in the authority's database.
+pub struct Zone {
+    db: Arc<Database>,
+    apex: String,
+    /// The server's own name, absolute.
+    server_name: String,
+    records: BTreeMap<String, RecordSet>,
+    /// How many changes the zone has seen, durable (`dns_meta`).
+    changes: u64,
+}
+
+impl std::fmt::Debug for Zone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Zone")
+            .field("apex", &self.apex)
+            .field("names", &self.records.len())
+            .field("changes", &self.changes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Zone {
+    /// Check `config`, create the zone's tables in `db` if missing and
+    /// load them. Names stored under another apex (the configuration
+    /// changed) stay on disk but are not part of this zone.
+    pub fn open(db: Arc<Database>, config: &ZoneConfig) -> Result<Self, ZoneError> {
+        let bad = |what: &str, e: String| ZoneError::Config(format!("{what}: {e}"));
+        check_apex(&config.apex).map_err(|e| bad("apex", e.to_string()))?;
+        check_relative(&config.server_name).map_err(|e| bad("server name", e.to_string()))?;
+        let server_name = qualify(&config.apex, &config.server_name)
+            .map_err(|e| bad("server name", e.to_string()))?;
+        // The server may have no addresses (it registers its pin only).
+        if !config.server_addresses.is_empty() {
+            RecordSet::new(config.server_addresses.clone(), Vec::new(), None)
+                .map_err(|e| bad("server addresses", e.to_string()))?;
+        }
+        if config.server_port == 0 {
+            return Err(bad("server port", "0 is not a port".into()));
+        }
+        store::init(&db)?;
+        let (records, changes) = store::load(&db, &config.apex)?;
+        Ok(Self {
+            db,
+            apex: config.apex.clone(),
+            server_name,
+            records,
+            changes,
+        })
+    }
+
+    pub fn apex(&self) -> &str {
+        &self.apex
+    }
+
+    /// The server's own name, absolute.
+    pub fn server_name(&self) -> &str {
+        &self.server_name
+    }
+
+    /// `input` as a name of this zone (see [`qualify`]).
+    pub fn qualify(&self, input: &str) -> Result<String, NameError> {
+        qualify(&self.apex, input)
+    }
+
+    /// The records of `name` (absolute, lowercase).
+    pub fn get(&self, name: &str) -> Option<&RecordSet> {
+        self.records.get(name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// Changes with every change; durable, so equal across restarts.
+    pub fn generation(&self) -> u64 {
+        self.changes
+    }
+
+    /// The SOA serial: the change counter modulo 2^32 (RFC 1982 serial
+    /// arithmetic makes the wrap harmless).
+    pub fn serial(&self) -> u32 {
+        self.changes as u32
+    }
+
+    /// Up to `max` names after `after` (absolute), in name order, and
+    /// whether more follow.
+    pub fn page(&self, after: Option<&str>, max: usize) -> (Vec<(&str, &RecordSet)>, bool) {
+        use std::ops::Bound;
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut rows = self
+            .records
+            .range::<str, _>((start, Bound::Unbounded))
+            .map(|(n, r)| (n.as_str(), r));
+        let page: Vec<_> = rows.by_ref().take(max).collect();
+        let more = rows.next().is_some();
+        (page, more)
+    }
+
+    /// Check `edits` (names from [`Self::qualify`]) against the zone. Edits
+    /// that change nothing are dropped; `None` when none is left.
+    pub fn plan(&self, edits: Vec<Edit>) -> Result<Option<ZoneChange>, ZoneError> {
+        let mut seen = std::collections::BTreeSet::new();
+        let edits: Vec<Edit> = edits
+            .into_iter()
+            .filter(|(name, records)| self.records.get(name) != records.as_ref())
+            .filter(|(name, _)| seen.insert(name.clone()))
+            .collect();
+        if edits.is_empty() {
+            return Ok(None);
+        }
+        let added = edits
+            .iter()
+            .filter(|(n, r)| r.is_some() && !self.records.contains_key(n))
+            .count();
+        let removed = edits.iter().filter(|(_, r)| r.is_none()).count();
+        if self.records.len() + added - removed > MAX_NAMES {
+            return Err(ZoneError::Full);
+        }
+        Ok(Some(ZoneChange {
+            edits,
+            changes: self.changes + 1,
+        }))
+    }
+
+    /// Write `change` in its own durable transaction, then apply it.
+    pub fn commit(&mut self, change: ZoneChange) -> Result<(), ZoneError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        if let Err(e) = change.write(&txn) {
+            txn.abort()?;
+            return Err(e.into());
+        }
+        txn.commit()?;
+        self.apply(change);
+        Ok(())
+    }
+
+    /// Apply a change whose write committed. It must be the next change
+    /// planned on this zone.
+    pub fn apply(&mut self, change: ZoneChange) {
+        assert_eq!(
+            change.changes,
+            self.changes + 1,
+            "a zone change applied out of order"
+        );
+        for (name, records) in change.edits {
+            match records {
+                Some(records) => self.records.insert(name, records),
+                None => self.records.remove(&name),
+            };
+        }
+        self.changes = change.changes;
+    }
+
+    /// Edits that replace the pins of the names in `cert_names` (a
+    /// certificate's CN and DNS names, as it carries them) that have pins,
+    /// with `pin`. The server's own name is left alone: its pin follows the
+    /// server's key.
+    pub fn repin_edits<'a>(
+        &self,
+        cert_names: impl Iterator<Item = &'a str>,
+        pin: [u8; 32],
+    ) -> Vec<Edit> {
+        self.carried(cert_names)
+            .into_iter()
+            .filter_map(|(name, records)| Some((name, Some(records.repinned(pin)?))))
+            .collect()
+    }
+
+    /// Edits that remove `pin` from the names in `cert_names`.
+    pub fn unpin_edits<'a>(
+        &self,
+        cert_names: impl Iterator<Item = &'a str>,
+        pin: [u8; 32],
+    ) -> Vec<Edit> {
+        self.carried(cert_names)
+            .into_iter()
+            .filter_map(|(name, records)| Some((name, records.unpinned(pin)?)))
+            .collect()
+    }
+
+    /// The zone's names (other than the server's) among a certificate's
+    /// names, which are absolute names without their trailing dot.
+    fn carried<'a>(&self, cert_names: impl Iterator<Item = &'a str>) -> Vec<(String, &RecordSet)> {
+        cert_names
+            .filter_map(|n| {
+                let name = format!("{}.", n.to_ascii_lowercase());
+                if name == self.server_name {
+                    return None;
+                }
+                self.records.get(&name).map(|r| (name, r))
+            })
+            .collect()
+    }
+
+    /// The whole zone, for the workers.
+    pub fn snapshot(&self) -> ZoneSnapshot {
+        ZoneSnapshot {
+            apex: self.apex.clone(),
+            serial: self.serial(),
+            generation: self.generation(),
+            names: self
+                .records
+                .iter()
+                .map(|(name, r)| NameRecords {
+                    name: name.clone(),
+                    aaaa: r.aaaa.clone(),
+                    tlsa: r.tlsa.iter().map(|t| (t.port, t.spki_sha256)).collect(),
+                })
+                .collect(),
+        }
+    }
+}
