@@ -1103,33 +1103,6 @@ fn strip_ansi(text: &str) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stat_fields_after_the_command_name() {
-        // Parsing must survive a command name with spaces and parentheses.
-        let line = "42 (a b) c) S 1 2 3 4 5 6 7 8 9 10 111 222 0 0 20 0";
-        assert_eq!(stat_ticks(line).unwrap(), 333);
-        assert!(stat_ticks("42 (x) S 1").is_err());
-    }
-
-    #[test]
-    fn ca_from_listening_line() {
-        let line = "listening on [fd71:7e57:0:1::1]:4433 workers=1 ca=/tmp/x/ca.pem";
-        assert_eq!(listening_ca(line), Some(PathBuf::from("/tmp/x/ca.pem")));
-        assert_eq!(listening_ca("listening on [::1]:4433"), None);
-    }
-
-    #[test]
-    fn ansi_is_stripped() {
-        assert_eq!(
-            strip_ansi("\u{1b}[2mtime\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m x"),
-            "time  INFO x"
-        );
-    }
-}
 
 // ---------------------------------------------------------------------------
 // bench-authority
@@ -1232,4 +1205,32 @@ fn authority_medians(reports: &[Value]) -> Value {
 fn free_udp_port() -> Result<u16> {
     let socket = std::net::UdpSocket::bind("[::1]:0").context("binding a probe socket on [::1]")?;
     Ok(socket.local_addr()?.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_fields_after_the_command_name() {
+        // Parsing must survive a command name with spaces and parentheses.
+        let line = "42 (a b) c) S 1 2 3 4 5 6 7 8 9 10 111 222 0 0 20 0";
+        assert_eq!(stat_ticks(line).unwrap(), 333);
+        assert!(stat_ticks("42 (x) S 1").is_err());
+    }
+
+    #[test]
+    fn ca_from_listening_line() {
+        let line = "listening on [fd71:7e57:0:1::1]:4433 workers=1 ca=/tmp/x/ca.pem";
+        assert_eq!(listening_ca(line), Some(PathBuf::from("/tmp/x/ca.pem")));
+        assert_eq!(listening_ca("listening on [::1]:4433"), None);
+    }
+
+    #[test]
+    fn ansi_is_stripped() {
+        assert_eq!(
+            strip_ansi("\u{1b}[2mtime\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m x"),
+            "time  INFO x"
+        );
+    }
 }
