@@ -467,6 +467,10 @@ fn ping(args: &TargetArgs, count: u32, payload: &str) -> anyhow::Result<()> {
             Reply::Ok(echo) if echo.as_ref() == payload.as_bytes() => {}
             Reply::Ok(_) => bail!("ping {n}: the server echoed a different payload"),
             Reply::Error { code, message } => bail!("ping {n}: server error {code}: {message}"),
+            Reply::Failed(why) if why.contains("PinMismatch") => bail!(
+                "ping {n} to {}: refused: the server's key does not match the TLSA 3 1 1 pin its DNS name publishes",
+                target.remote
+            ),
             Reply::Failed(why) => bail!("ping {n} to {}: {why}", target.remote),
         }
         let handshake = outcome.handshake.map_or(0.0, |d| d.as_secs_f64() * 1e3);

@@ -152,6 +152,27 @@ pub fn rpc_raw(
     run_rpc(target, service)
 }
 
+/// Send already-framed requests (`stoq/1` messages or length-prefixed DNS
+/// messages) on parallel streams of one connection with ALPN `alpn`.
+pub fn rpc_framed(
+    target: &ClientTarget,
+    alpn: &[u8],
+    framing: rpc::Framing,
+    requests: Vec<rpc::Request>,
+    timeout: Duration,
+) -> Result<RpcOutcome, ClientError> {
+    let config = target.client_config(alpn)?;
+    let service = RpcService::with_framing(
+        config,
+        target.remote,
+        &target.server_name,
+        framing,
+        requests,
+        timeout,
+    );
+    run_rpc(target, service)
+}
+
 /// Run a request load (`load::LoadPlan`) over one connection.
 pub fn run_load(
     target: &ClientTarget,

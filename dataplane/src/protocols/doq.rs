@@ -409,16 +409,28 @@ impl DoqServer {
         let Some(stream) = self.streams.get_mut(&id) else {
             return;
         };
-        let open = super::read_bounded(conn, id, &mut stream.buf, 2 + MESSAGE_MAX, counters);
-        if !open {
+        let state = super::read_bounded(conn, id, &mut stream.buf, 2 + MESSAGE_MAX, counters);
+        if state == super::ReadState::Reset {
             self.streams.remove(&id);
+            return;
+        }
+        let whole = match stream.buf.as_slice() {
+            [hi, lo, ..] => 2 + usize::from(u16::from_be_bytes([*hi, *lo])),
+            _ => usize::MAX,
+        };
+        if state == super::ReadState::Finished && !stream.answered && stream.buf.len() < whole {
+            // RFC 9250 §4.3.3: the stream ended inside a message.
+            counters.doq_errors += 1;
+            conn.close(
+                std::time::Instant::now(),
+                VarInt::from_u32(DOQ_PROTOCOL_ERROR),
+                Bytes::from_static(b"stream ended before its DNS message was complete"),
+            );
             return;
         }
         if stream.buf.len() < 2 {
             return;
         }
-        let len = usize::from(u16::from_be_bytes([stream.buf[0], stream.buf[1]]));
-        let whole = 2 + len;
         if stream.buf.len() > whole {
             // RFC 9250 §4.2: one query per stream; anything more is a
             // protocol error for the connection. (A later event with no new

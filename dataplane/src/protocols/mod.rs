@@ -41,21 +41,31 @@ impl Alpn {
     }
 }
 
-/// Append what stream `id` has ready to `buf`, reading at most one byte past
-/// `limit` (so an oversized request is seen without buffering it). Returns
-/// false if the peer reset the stream.
+/// What a bounded read found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ReadState {
+    /// More may come.
+    Open,
+    /// The peer finished the stream: `buf` holds everything it sent.
+    Finished,
+    /// The peer reset the stream.
+    Reset,
+}
+
+/// Append what stream `id` has to `buf`, reading at most one byte past
+/// `limit` (so an oversized request is seen without buffering it).
 pub(crate) fn read_bounded(
     conn: &mut Connection,
     id: StreamId,
     buf: &mut Vec<u8>,
     limit: usize,
     counters: &mut Counters,
-) -> bool {
+) -> ReadState {
     let mut recv = conn.recv_stream(id);
     let Ok(mut chunks) = recv.read(true) else {
-        return true;
+        return ReadState::Open;
     };
-    let mut open = true;
+    let mut state = ReadState::Open;
     loop {
         match chunks.next(limit + 1 - buf.len().min(limit)) {
             Ok(Some(chunk)) => {
@@ -65,13 +75,17 @@ pub(crate) fn read_bounded(
                     break;
                 }
             }
-            Ok(None) | Err(ReadError::Blocked) => break,
+            Ok(None) => {
+                state = ReadState::Finished;
+                break;
+            }
+            Err(ReadError::Blocked) => break,
             Err(ReadError::Reset(_)) => {
-                open = false;
+                state = ReadState::Reset;
                 break;
             }
         }
     }
     let _ = chunks.finalize();
-    open
+    state
 }

@@ -190,6 +190,8 @@ pub fn decode_error_payload(payload: &[u8]) -> (u16, String) {
 struct StoqStream {
     buf: Vec<u8>,
     answered: bool,
+    /// The client finished its side: an incomplete message stays so.
+    finished: bool,
 }
 
 /// Server side of a `stoq/1` connection.
@@ -262,17 +264,18 @@ impl StoqServer {
         let Some(stream) = self.streams.get_mut(&id) else {
             return;
         };
-        let open = super::read_bounded(
+        let state = super::read_bounded(
             conn,
             id,
             &mut stream.buf,
             HEADER_LEN + REQUEST_PAYLOAD_MAX,
             counters,
         );
-        if !open {
+        if state == super::ReadState::Reset {
             self.streams.remove(&id);
             return;
         }
+        stream.finished = state == super::ReadState::Finished;
         self.try_answer(conn, id, ctx, counters);
     }
 
@@ -290,7 +293,17 @@ impl StoqServer {
             return;
         }
         let response = match header_payload_len(&stream.buf, REQUEST_PAYLOAD_MAX) {
+            Err(DecodeError::Incomplete) if stream.finished => Some(encode_error(
+                ErrorCode::Malformed,
+                "the stream ended inside the message header",
+            )),
             Err(DecodeError::Incomplete) => return,
+            Ok(len) if stream.buf.len() < HEADER_LEN + len && stream.finished => {
+                Some(encode_error(
+                    ErrorCode::Malformed,
+                    "the stream ended before the announced payload length",
+                ))
+            }
             Err(e) => Some(encode_error(e.code(), &e.to_string())),
             Ok(len) if stream.buf.len() < HEADER_LEN + len => return,
             Ok(len) if stream.buf.len() > HEADER_LEN + len => Some(encode_error(
