@@ -49,6 +49,7 @@ pub fn run(target: &ClientTarget, plan: &AuthorityBenchPlan) -> anyhow::Result<s
             target,
             &config,
             LoadPlan {
+                framing: dataplane::client::rpc::Framing::Stoq,
                 kind,
                 payload,
                 total,

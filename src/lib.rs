@@ -7,6 +7,7 @@ pub mod authority;
 pub mod authority_load;
 pub mod cli_authority;
 pub mod config;
+pub mod dns_bench;
 
 use std::path::PathBuf;
 

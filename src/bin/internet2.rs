@@ -83,6 +83,27 @@ enum Command {
         /// e.g. node1.internet2.test
         server: String,
     },
+    /// Measure the embedded DNS: DoQ latency and queries/s on one
+    /// connection, the legacy UDP gateway beside it (--udp-port), and how
+    /// soon an update is visible.
+    DnsBench {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// The name queried (AAAA).
+        #[arg(long, default_value = "node1.internet2.test")]
+        query_name: String,
+        #[arg(long, default_value_t = 5000)]
+        queries: u64,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// The legacy gateway's port (the server runs --enable-legacy-gateway).
+        #[arg(long)]
+        udp_port: Option<u16>,
+        #[arg(long, default_value_t = 50)]
+        updates: u32,
+        #[arg(long, value_name = "PATH")]
+        json: Option<PathBuf>,
+    },
     /// The server's DNS zone: add, remove and list names.
     #[command(subcommand)]
     Dns(cli_authority::DnsCommand<TargetArgs>),
@@ -247,6 +268,25 @@ fn main() -> ExitCode {
         Command::Ca(command) => cli_authority::ca(&command),
         Command::Ct(command) => cli_authority::ct(&command),
         Command::Dns(command) => cli_authority::dns(&command),
+        Command::DnsBench {
+            target,
+            query_name,
+            queries,
+            concurrency,
+            udp_port,
+            updates,
+            json,
+        } => dns_bench(
+            &target,
+            &internet2_server::dns_bench::DnsBenchPlan {
+                name: query_name,
+                queries,
+                concurrency,
+                udp_port,
+                updates,
+            },
+            json.as_deref(),
+        ),
         Command::Connect { mut target, server } => {
             target.by_name = Some(server);
             ping(&target, 1, "internet2")
@@ -381,6 +421,24 @@ fn load_identity(path: &std::path::Path) -> anyhow::Result<dataplane::ClientIden
     let key = PrivateKeyDer::from_pem_file(path)
         .map_err(|e| anyhow::anyhow!("{}: holds no private key: {e}", path.display()))?;
     Ok(dataplane::ClientIdentity { chain, key })
+}
+
+fn dns_bench(
+    args: &TargetArgs,
+    plan: &internet2_server::dns_bench::DnsBenchPlan,
+    json: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    if plan.queries == 0 || plan.concurrency == 0 || plan.updates == 0 {
+        bail!("--queries, --concurrency and --updates must be above 0");
+    }
+    let target = target(args, TransportSettings::default())?;
+    let report = internet2_server::dns_bench::run(&target, plan)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn authority_bench(

@@ -19,6 +19,9 @@ use std::time::{Duration, Instant};
 /// What to send, how often, how many at once.
 #[derive(Clone, Debug)]
 pub struct LoadPlan {
+    /// `stoq/1` (a message of `kind` around `payload`) or DNS over QUIC
+    /// (`payload` is a DNS message, length-prefixed here; `kind` unused).
+    pub framing: super::rpc::Framing,
     pub kind: u8,
     pub payload: Bytes,
     pub total: u64,
@@ -77,7 +80,15 @@ impl LoadService {
                 remote,
                 server_name: server_name.to_owned(),
             }),
-            message: stoq::encode(plan.kind, &plan.payload),
+            message: match plan.framing {
+                super::rpc::Framing::Stoq => stoq::encode(plan.kind, &plan.payload),
+                super::rpc::Framing::Doq => {
+                    let mut framed = Vec::with_capacity(2 + plan.payload.len());
+                    framed.extend_from_slice(&(plan.payload.len() as u16).to_be_bytes());
+                    framed.extend_from_slice(&plan.payload);
+                    Bytes::from(framed)
+                }
+            },
             deadline: Instant::now() + plan.timeout,
             plan,
             sent: 0,
@@ -142,6 +153,26 @@ impl LoadService {
             return;
         }
         let (sent_at, buf) = st.streams.remove(&id).expect("present above");
+        if self.plan.framing == super::rpc::Framing::Doq {
+            let whole = buf.len() >= 2
+                && usize::from(u16::from_be_bytes([buf[0], buf[1]])) == buf.len() - 2;
+            if whole {
+                self.report.ok += 1;
+                let us = sent_at.elapsed().as_micros() as u64;
+                let _ = self.report.latency_us.record(us.max(1));
+            } else {
+                self.report.errors += 1;
+                self.report
+                    .first_error
+                    .get_or_insert((0, "malformed DNS-over-QUIC answer".into()));
+            }
+            if self.report.ok + self.report.errors == self.plan.total {
+                self.finish(conn);
+            } else {
+                self.fill(st, conn);
+            }
+            return;
+        }
         match stoq::decode(&buf, RESPONSE_PAYLOAD_MAX) {
             Ok(message) if message.kind != KIND_ERROR => {
                 self.report.ok += 1;

@@ -127,3 +127,94 @@ impl Drop for LegacyGateway {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocols::doq::{PublishedName, Zone};
+    use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+    use hickory_proto::rr::{Name, RecordType};
+    use std::net::Ipv6Addr;
+
+    fn gateway() -> LegacyGateway {
+        let zone = Zone::from_records(
+            "internet2.test.",
+            "node1",
+            7,
+            &[PublishedName {
+                name: "node1.internet2.test.".into(),
+                aaaa: vec![Ipv6Addr::LOCALHOST],
+                tlsa: vec![(4433, [7u8; 32])],
+            }],
+        )
+        .unwrap();
+        LegacyGateway::start(
+            SocketAddrV6::new(Ipv6Addr::LOCALHOST, 0, 0, 0),
+            ZoneStore::new(zone),
+        )
+        .unwrap()
+    }
+
+    fn client(gateway: &LegacyGateway) -> UdpSocket {
+        let socket = UdpSocket::bind("[::1]:0").unwrap();
+        socket.connect(gateway.local).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        socket
+    }
+
+    fn query(name: &str, kind: RecordType, id: u16) -> Vec<u8> {
+        let mut message = Message::new(id, MessageType::Query, OpCode::Query);
+        message
+            .queries
+            .push(Query::query(Name::from_ascii(name).unwrap(), kind));
+        message.to_vec().unwrap()
+    }
+
+    #[test]
+    fn answers_from_the_zone_with_the_query_id() {
+        let gateway = gateway();
+        let socket = client(&gateway);
+        let mut buf = [0u8; 1500];
+        socket
+            .send(&query("node1.internet2.test.", RecordType::AAAA, 4242))
+            .unwrap();
+        let n = socket.recv(&mut buf).unwrap();
+        let answer = Message::from_vec(&buf[..n]).unwrap();
+        assert_eq!(answer.metadata.id, 4242);
+        assert_eq!(answer.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(answer.answers.len(), 1);
+        socket
+            .send(&query("nope.internet2.test.", RecordType::AAAA, 9))
+            .unwrap();
+        let n = socket.recv(&mut buf).unwrap();
+        let answer = Message::from_vec(&buf[..n]).unwrap();
+        assert_eq!(answer.metadata.response_code, ResponseCode::NXDomain);
+        gateway.stop();
+    }
+
+    #[test]
+    fn garbage_gets_formerr_and_responses_get_nothing() {
+        let gateway = gateway();
+        let socket = client(&gateway);
+        let mut buf = [0u8; 1500];
+        socket.send(&[0x12, 0x34, 0x01, 0x00, 0xff]).unwrap();
+        let n = socket.recv(&mut buf).unwrap();
+        let answer = Message::from_vec(&buf[..n]).unwrap();
+        assert_eq!(answer.metadata.id, 0x1234, "the ID is echoed");
+        assert_eq!(answer.metadata.response_code, ResponseCode::FormErr);
+        // A response (QR set) is never answered: no reflection loops.
+        let mut response = query("node1.internet2.test.", RecordType::AAAA, 5);
+        response[2] |= 0x80;
+        socket.send(&response).unwrap();
+        assert!(socket.recv(&mut buf).is_err(), "a response was answered");
+        // And the gateway still serves.
+        socket
+            .send(&query("node1.internet2.test.", RecordType::TLSA, 6))
+            .unwrap();
+        assert!(socket.recv(&mut buf).is_ok());
+        assert_eq!(gateway.counters.dropped.load(Ordering::Relaxed), 1);
+        gateway.stop();
+    }
+}
