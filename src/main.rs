@@ -179,7 +179,7 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
         names.push(ip.to_string());
     }
     // The server's own name in its zone, so clients that reach it by that
-    // name (`internet2 --name node1.internet2.test`) can verify it.
+    // name (`internet2 ping --host node1.internet2.test`) can verify it.
     let fqdn = resolved.dns.fqdn();
     if !names.contains(&fqdn) {
         names.push(fqdn);

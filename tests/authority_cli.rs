@@ -114,15 +114,16 @@ fn openssl_verify(server: &Server, leaf: &Path) {
 #[test]
 fn enroll_use_verify_and_revoke() {
     let server = Server::start("auth-enroll", "");
-    let identity = server.dir.join("node1.pem");
+    // (node1.internet2.test is the server's own name: taken.)
+    let identity = server.dir.join("laptop1.pem");
     let token = mint(&server);
     let enroll_args = [
         "enroll",
         &token,
         "--name",
-        "node1",
+        "laptop1",
         "--name",
-        "node1.internet2.test",
+        "laptop1.internet2.test",
         "--out",
         identity.to_str().unwrap(),
     ];
@@ -142,12 +143,12 @@ fn enroll_use_verify_and_revoke() {
     // The same token again: refused, nothing changes (no new certificate,
     // the identity file untouched even with --force).
     let before = list(&server, "all").len();
-    let again = server.dir.join("node1-again.pem");
+    let again = server.dir.join("laptop1-again.pem");
     let reuse = server.client(&[
         "enroll",
         &token,
         "--name",
-        "node1",
+        "laptop1",
         "--out",
         again.to_str().unwrap(),
     ]);
@@ -163,9 +164,9 @@ fn enroll_use_verify_and_revoke() {
     let identity_arg = identity.to_str().unwrap();
     ok(&server.client(&["ping", "--identity", identity_arg]));
 
-    let mine: Vec<_> = list(&server, "name:node1")
+    let mine: Vec<_> = list(&server, "name:laptop1")
         .into_iter()
-        .filter(|c| c["subject"] == "node1")
+        .filter(|c| c["subject"] == "laptop1")
         .collect();
     assert_eq!(mine.len(), 1, "cert list shows the enrolled certificate");
     let serial = mine[0]["serial"].as_str().unwrap().to_owned();
@@ -174,7 +175,7 @@ fn enroll_use_verify_and_revoke() {
         mine[0]["dns_names"]
             .as_array()
             .unwrap()
-            .contains(&"node1.internet2.test".into())
+            .contains(&"laptop1.internet2.test".into())
     );
     let valid = list(&server, "valid");
     assert!(valid.iter().any(|c| c["serial"] == serial.as_str()));

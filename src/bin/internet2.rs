@@ -146,7 +146,7 @@ struct TargetArgs {
     /// Reach the server by its name in the embedded DNS: resolve it over
     /// DNS-over-QUIC at --connect, connect to its address, and refuse a
     /// server whose key does not match the name's TLSA pin.
-    #[arg(long = "name", value_name = "NAME")]
+    #[arg(long = "host", value_name = "NAME")]
     by_name: Option<String>,
     /// Root certificate to trust (default: the development CA in the
     /// server's default data directory).
