@@ -151,6 +151,15 @@ impl AuthorityRuntime {
                 .service
                 .handle(&caller, request.kind, &request.payload, SystemTime::now())
                 .map_err(|e| (e.code, e.message));
+            // Publish before answering: once a client holds the answer, a
+            // revocation applies to the next handshake and an update is in
+            // the next DNS answer.
+            if let Some(rotated) = self.service.take_rotated() {
+                self.publish_certificate(&rotated, "operator request");
+                self.next_rotation = Instant::now() + self.rotation;
+            }
+            self.publish_trust();
+            self.publish_zone();
             self.send_reply(
                 request.worker,
                 Reply {
@@ -159,12 +168,6 @@ impl AuthorityRuntime {
                     result,
                 },
             );
-            if let Some(rotated) = self.service.take_rotated() {
-                self.publish_certificate(&rotated, "operator request");
-                self.next_rotation = Instant::now() + self.rotation;
-            }
-            self.publish_trust();
-            self.publish_zone();
         }
         if now >= self.next_rotation {
             self.rotate();

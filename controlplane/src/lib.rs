@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod authority;
+pub mod consensus;
 pub mod dns;
 
 use crossbeam_queue::ArrayQueue;
