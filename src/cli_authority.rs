@@ -38,7 +38,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::certification_request::X509CertificationRequest;
-use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 
 /// How the binary's connection flags become a target. Implemented by the
@@ -442,35 +441,13 @@ struct CertFacts {
 impl CertFacts {
     fn of(der: &[u8]) -> anyhow::Result<Self> {
         let cert = parse_x509(der)?;
-        let mut dns_names = Vec::new();
-        let mut ip_addresses = Vec::new();
-        if let Ok(Some(san)) = cert.subject_alternative_name() {
-            for name in &san.value.general_names {
-                match name {
-                    GeneralName::DNSName(dns) => dns_names.push((*dns).to_owned()),
-                    GeneralName::IPAddress(bytes) => {
-                        if let Ok(v4) = <[u8; 4]>::try_from(*bytes) {
-                            ip_addresses.push(IpAddr::from(v4));
-                        } else if let Ok(v6) = <[u8; 16]>::try_from(*bytes) {
-                            ip_addresses.push(IpAddr::from(v6));
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
+        let names = controlplane::authority::ca::certificate_names(&cert);
         Ok(Self {
             serial: hex(cert.raw_serial()),
-            subject: cert
-                .subject()
-                .iter_common_name()
-                .next()
-                .and_then(|cn| cn.as_str().ok())
-                .unwrap_or("")
-                .to_owned(),
+            subject: names.subject,
             issuer: cert.issuer().to_string(),
-            dns_names,
-            ip_addresses,
+            dns_names: names.dns_names,
+            ip_addresses: names.ip_addresses,
             not_before: cert.validity().not_before.timestamp(),
             not_after: cert.validity().not_after.timestamp(),
             spki: cert.public_key().raw.to_vec(),

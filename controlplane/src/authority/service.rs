@@ -72,7 +72,6 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::certification_request::X509CertificationRequest;
-use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 
 /// The subject common name of the operator's certificate. Reserved: no
@@ -465,42 +464,17 @@ fn parse_x509(der: &[u8]) -> Result<X509Certificate<'_>, String> {
 /// The holder's names and key, from a certificate.
 fn cert_facts(der: &[u8]) -> Result<CertFacts, String> {
     let cert = parse_x509(der)?;
-    let subject = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    let mut dns_names = Vec::new();
-    let mut ip_addresses = Vec::new();
-    if let Ok(Some(san)) = cert.subject_alternative_name() {
-        for name in &san.value.general_names {
-            match name {
-                GeneralName::DNSName(dns) => dns_names.push((*dns).to_owned()),
-                GeneralName::IPAddress(ip) => {
-                    if let Some(ip) = ip_from_bytes(ip) {
-                        ip_addresses.push(ip);
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
+    let super::ca::CertificateNames {
+        subject,
+        dns_names,
+        ip_addresses,
+    } = super::ca::certificate_names(&cert);
     Ok(CertFacts {
         subject,
         dns_names,
         ip_addresses,
         spki: cert.public_key().raw.to_vec(),
     })
-}
-
-fn ip_from_bytes(bytes: &[u8]) -> Option<IpAddr> {
-    match bytes.len() {
-        4 => <[u8; 4]>::try_from(bytes).ok().map(IpAddr::from),
-        16 => <[u8; 16]>::try_from(bytes).ok().map(IpAddr::from),
-        _ => None,
-    }
 }
 
 /// Parse and check a CSR: PEM, DER, signature (rcgen), names and key.

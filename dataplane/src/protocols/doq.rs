@@ -48,19 +48,6 @@ pub struct Zone {
     names: HashMap<Name, NameRecords>,
 }
 
-/// What the server publishes about itself.
-#[derive(Debug, Clone)]
-pub struct ServerZone {
-    /// The zone apex, e.g. `internet2.test.`.
-    pub apex: String,
-    /// The server's own name, relative to the apex (`node1`) or absolute.
-    pub name: String,
-    pub addresses: Vec<Ipv6Addr>,
-    pub port: u16,
-    /// SHA-256 of the server certificate's SubjectPublicKeyInfo.
-    pub spki_sha256: [u8; 32],
-}
-
 fn parse_name(name: &str) -> Result<Name, ZoneError> {
     let fqdn = if name.ends_with('.') {
         name.to_owned()
@@ -75,7 +62,7 @@ fn parse_name(name: &str) -> Result<Name, ZoneError> {
         })
 }
 
-/// Check the apex and the server's name as `Zone::for_server` will.
+/// Check the apex and the server's name as the zone will need them.
 pub fn validate_names(apex: &str, name: &str) -> Result<(), ZoneError> {
     let apex = parse_name(apex)?;
     if !name.ends_with('.') {
@@ -90,52 +77,6 @@ pub fn validate_names(apex: &str, name: &str) -> Result<(), ZoneError> {
 }
 
 impl Zone {
-    /// The zone of one server: its name, addresses and certificate pin.
-    pub fn for_server(server: &ServerZone) -> Result<Zone, ZoneError> {
-        let apex = parse_name(&server.apex)?;
-        let name = if server.name.ends_with('.') {
-            parse_name(&server.name)?
-        } else {
-            parse_name(&format!("{}.{}", server.name, apex))?
-        };
-        let soa = SOA::new(
-            name.clone(),
-            parse_name(&format!("hostmaster.{apex}"))?,
-            1,
-            3600,
-            600,
-            86400,
-            TTL,
-        );
-        let mut zone = Zone {
-            soa: Record::from_rdata(apex.clone(), TTL, RData::SOA(soa)),
-            ns: Record::from_rdata(apex.clone(), TTL, RData::NS(NS(name.clone()))),
-            apex,
-            names: HashMap::new(),
-        };
-        let records = zone.names.entry(name.clone()).or_default();
-        for address in &server.addresses {
-            records.aaaa.push(Record::from_rdata(
-                name.clone(),
-                TTL,
-                RData::AAAA(AAAA::from(*address)),
-            ));
-        }
-        let service = parse_name(&format!("_{}._udp.{name}", server.port))?;
-        let tlsa = TLSA::new(
-            CertUsage::DaneEe,
-            Selector::Spki,
-            Matching::Sha256,
-            server.spki_sha256.to_vec(),
-        );
-        zone.names
-            .entry(service.clone())
-            .or_default()
-            .tlsa
-            .push(Record::from_rdata(service, TTL, RData::TLSA(tlsa)));
-        Ok(zone)
-    }
-
     /// The zone as the control plane publishes it: apex `apex`, primary
     /// server `primary` (the SOA MNAME and the NS), SOA serial `serial`,
     /// and every name's AAAA addresses and TLSA `3 1 1` pins by UDP port.
@@ -480,13 +421,16 @@ mod tests {
     use hickory_proto::op::Query;
 
     fn zone() -> Zone {
-        Zone::for_server(&ServerZone {
-            apex: "internet2.test".into(),
-            name: "node1".into(),
-            addresses: vec!["fd71:7e57::1".parse().unwrap()],
-            port: 4433,
-            spki_sha256: [7; 32],
-        })
+        Zone::from_records(
+            "internet2.test",
+            "node1",
+            1,
+            &[PublishedName {
+                name: "node1.internet2.test.".into(),
+                aaaa: vec!["fd71:7e57::1".parse().unwrap()],
+                tlsa: vec![(4433, [7; 32])],
+            }],
+        )
         .unwrap()
     }
 

@@ -18,6 +18,8 @@
 //! pairs), and on open hands the stored registry back through `restore`.
 
 mod names;
+
+pub use names::{CertificateNames, certificate_names, ip_from_bytes};
 mod revocation;
 pub(crate) mod store;
 #[cfg(test)]
@@ -36,7 +38,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 use time::OffsetDateTime;
 use x509_parser::certificate::X509Certificate;
-use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 
 pub const ROOT_CERT_FILE: &str = "root.pem";
@@ -612,28 +613,11 @@ impl CertificateAuthority {
             }
         };
         let current = self.check(&cert, usage, now)?;
-        let subject = cert
-            .subject()
-            .iter_common_name()
-            .next()
-            .and_then(|cn| cn.as_str().ok())
-            .unwrap_or_default()
-            .to_owned();
-        let mut dns_names = Vec::new();
-        let mut ip_addresses = Vec::new();
-        if let Ok(Some(san)) = cert.subject_alternative_name() {
-            for name in &san.value.general_names {
-                match name {
-                    GeneralName::DNSName(dns) => dns_names.push((*dns).to_owned()),
-                    GeneralName::IPAddress(ip) => {
-                        if let Some(ip) = ip_from_bytes(ip) {
-                            ip_addresses.push(ip);
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
+        let names::CertificateNames {
+            subject,
+            dns_names,
+            ip_addresses,
+        } = names::certificate_names(&cert);
         let validity = cert.validity();
         let lifetime = (validity.not_after.to_datetime() - validity.not_before.to_datetime())
             .unsigned_abs()
@@ -819,12 +803,4 @@ fn parse(der: &[u8]) -> Result<X509Certificate<'_>, CaError> {
 pub(crate) fn serial_of(der: &[u8]) -> Result<Serial, CaError> {
     Serial::from_raw(parse(der)?.raw_serial())
         .ok_or_else(|| CaError::Parse("the serial number is not 16 bytes".into()))
-}
-
-fn ip_from_bytes(bytes: &[u8]) -> Option<IpAddr> {
-    match bytes.len() {
-        4 => <[u8; 4]>::try_from(bytes).ok().map(IpAddr::from),
-        16 => <[u8; 16]>::try_from(bytes).ok().map(IpAddr::from),
-        _ => None,
-    }
 }

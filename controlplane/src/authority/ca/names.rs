@@ -102,3 +102,51 @@ pub(super) fn san(request: &IssueRequest) -> Result<Vec<SanType>, CaError> {
     names.extend(request.ip_addresses.iter().copied().map(SanType::IpAddress));
     Ok(names)
 }
+
+/// What a certificate names its holder: the subject CN and the DNS and IP
+/// entries of its SubjectAltName.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CertificateNames {
+    pub subject: String,
+    pub dns_names: Vec<String>,
+    pub ip_addresses: Vec<IpAddr>,
+}
+
+/// The names of a parsed certificate (entries of other kinds are skipped).
+pub fn certificate_names(cert: &x509_parser::certificate::X509Certificate<'_>) -> CertificateNames {
+    use x509_parser::extensions::GeneralName;
+    let subject = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let mut names = CertificateNames {
+        subject,
+        ..CertificateNames::default()
+    };
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::DNSName(dns) => names.dns_names.push((*dns).to_owned()),
+                GeneralName::IPAddress(bytes) => {
+                    if let Some(ip) = ip_from_bytes(bytes) {
+                        names.ip_addresses.push(ip);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    names
+}
+
+/// An IP address from its SubjectAltName octets (4 or 16 bytes).
+pub fn ip_from_bytes(bytes: &[u8]) -> Option<IpAddr> {
+    match bytes.len() {
+        4 => <[u8; 4]>::try_from(bytes).ok().map(IpAddr::from),
+        16 => <[u8; 16]>::try_from(bytes).ok().map(IpAddr::from),
+        _ => None,
+    }
+}
