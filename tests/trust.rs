@@ -315,8 +315,12 @@ fn kill_9_loses_no_acknowledged_certificate_and_the_log_never_forks() {
             .unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let payload = request.clone();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
         let burst = std::thread::spawn(move || {
-            for _ in 0..10_000 {
+            // Until the kill (a request in flight then may or may not be
+            // acknowledged; only acknowledged ones are checked).
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
                 let outcome = dataplane::client::rpc_raw(
                     &target,
                     &config,
@@ -342,6 +346,7 @@ fn kill_9_loses_no_acknowledged_certificate_and_the_log_never_forks() {
         seed ^= seed >> 7;
         seed ^= seed << 17;
         std::thread::sleep(Duration::from_millis(300 + seed % 500));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
         server.kill9_and_restart();
         burst.join().unwrap();
         let before = acknowledged.len();
