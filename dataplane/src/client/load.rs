@@ -4,13 +4,13 @@
 //! server's request path costs, without handshakes in the figures.
 
 use crate::protocols::stoq::{self, KIND_ERROR, RESPONSE_PAYLOAD_MAX};
+use crate::protocols::{ReadState, read_stream};
 use crate::stats::Counters;
 use crate::worker::{Actions, ConnectRequest, Service};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use quinn_proto::{
-    ClientConfig, Connection, ConnectionHandle, Dir, Event, ReadError, StreamEvent, StreamId,
-    VarInt,
+    ClientConfig, Connection, ConnectionHandle, Dir, Event, StreamEvent, StreamId, VarInt,
 };
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -129,27 +129,10 @@ impl LoadService {
         let Some((_, buf)) = st.streams.get_mut(&id) else {
             return;
         };
-        let mut recv = conn.recv_stream(id);
-        let Ok(mut chunks) = recv.read(true) else {
-            return;
-        };
-        let mut finished = false;
-        loop {
-            match chunks.next(stoq::HEADER_LEN + RESPONSE_PAYLOAD_MAX) {
-                Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
-                Ok(None) => {
-                    finished = true;
-                    break;
-                }
-                Err(ReadError::Blocked) => break,
-                Err(ReadError::Reset(_)) => {
-                    finished = true;
-                    break;
-                }
-            }
-        }
-        let _ = chunks.finalize();
-        if !finished {
+        // A reset or an oversized answer ends the request too (counted as
+        // an error below: it does not decode).
+        let limit = stoq::HEADER_LEN + RESPONSE_PAYLOAD_MAX;
+        if read_stream(conn, id, buf, limit) == ReadState::Open && buf.len() <= limit {
             return;
         }
         let (sent_at, buf) = st.streams.remove(&id).expect("present above");

@@ -3,11 +3,12 @@
 //! cache holds a ticket for the server, for idempotent requests only.
 
 use crate::protocols::stoq::{self, KIND_ERROR, Kind, Message, RESPONSE_PAYLOAD_MAX};
+use crate::protocols::{ReadState, read_stream};
 use crate::stats::Counters;
 use crate::worker::{Actions, ConnectRequest, Service};
 use bytes::Bytes;
 use quinn_proto::{
-    ClientConfig, Connection, ConnectionError, Dir, Event, ReadError, StreamEvent, StreamId, VarInt,
+    ClientConfig, Connection, ConnectionError, Dir, Event, StreamEvent, StreamId, VarInt,
 };
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -168,37 +169,23 @@ impl RpcService {
         let Some((index, buf)) = st.streams.get_mut(&id) else {
             return;
         };
-        let mut recv = conn.recv_stream(id);
-        let Ok(mut chunks) = recv.read(true) else {
-            return;
-        };
-        let mut finished = false;
-        loop {
-            match chunks.next(usize::MAX) {
-                Ok(Some(chunk))
-                    if buf.len() + chunk.bytes.len() <= self.framing.reply_len_max() =>
-                {
-                    buf.extend_from_slice(&chunk.bytes)
-                }
-                Ok(Some(_)) => {
-                    self.replies[*index] =
-                        Some(Reply::Failed("response exceeds the size limit".into()));
-                    break;
-                }
-                Ok(None) => {
-                    finished = true;
-                    break;
-                }
-                Err(ReadError::Blocked) => break,
-                Err(ReadError::Reset(code)) => {
-                    self.replies[*index] = Some(Reply::Failed(format!(
-                        "server reset the stream with code {code}"
-                    )));
-                    break;
-                }
+        let limit = self.framing.reply_len_max();
+        let state = read_stream(conn, id, buf, limit);
+        let finished = match state {
+            _ if buf.len() > limit => {
+                self.replies[*index] =
+                    Some(Reply::Failed("response exceeds the size limit".into()));
+                false
             }
-        }
-        let _ = chunks.finalize();
+            ReadState::Reset => {
+                self.replies[*index] = Some(Reply::Failed(
+                    "the server reset the stream before answering".into(),
+                ));
+                false
+            }
+            ReadState::Finished => true,
+            ReadState::Open => false,
+        };
         if finished {
             self.replies[*index] = Some(self.framing.decode(buf));
         }

@@ -43,7 +43,7 @@ impl Alpn {
 
 /// What a bounded read found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum ReadState {
+pub enum ReadState {
     /// More may come.
     Open,
     /// The peer finished the stream: `buf` holds everything it sent.
@@ -53,13 +53,28 @@ pub(crate) enum ReadState {
 }
 
 /// Append what stream `id` has to `buf`, reading at most one byte past
-/// `limit` (so an oversized request is seen without buffering it).
+/// `limit` (so an oversized request is seen without buffering it), and
+/// count the bytes as received stream data.
 pub(crate) fn read_bounded(
     conn: &mut Connection,
     id: StreamId,
     buf: &mut Vec<u8>,
     limit: usize,
     counters: &mut Counters,
+) -> ReadState {
+    let before = buf.len();
+    let state = read_stream(conn, id, buf, limit);
+    counters.stream_bytes_rx += (buf.len() - before) as u64;
+    state
+}
+
+/// [`read_bounded`] without counters (clients): `buf` grows to at most
+/// `limit + 1` bytes, so `buf.len() > limit` means "too long".
+pub fn read_stream(
+    conn: &mut Connection,
+    id: StreamId,
+    buf: &mut Vec<u8>,
+    limit: usize,
 ) -> ReadState {
     let mut recv = conn.recv_stream(id);
     let Ok(mut chunks) = recv.read(true) else {
@@ -69,7 +84,6 @@ pub(crate) fn read_bounded(
     loop {
         match chunks.next(limit + 1 - buf.len().min(limit)) {
             Ok(Some(chunk)) => {
-                counters.stream_bytes_rx += chunk.bytes.len() as u64;
                 buf.extend_from_slice(&chunk.bytes);
                 if buf.len() > limit {
                     break;
