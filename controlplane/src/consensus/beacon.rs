@@ -136,10 +136,30 @@ impl Beacon {
         self.key.public_key().as_ref()
     }
 
+    /// Continue the chain after `last`, the latest tick this node made
+    /// before a restart: the next tick has index `last.index + 1`, links to
+    /// `last.hash` and must be from a later second. `None` when `last` does
+    /// not verify under `key` (the key or the stored tick was replaced).
+    pub fn resume(key: Ed25519KeyPair, last: Tick) -> Option<Self> {
+        verify_tick(&last, key.public_key().as_ref()).ok()?;
+        let mut beacon = Self::new(key, last.hash, last.index.wrapping_add(1));
+        beacon.recent.push_back(last);
+        Some(beacon)
+    }
+
     /// Produce the next signed tick if `now_unix_s` is past the latest
     /// tick's second; `None` otherwise (already ticked this second, or the
     /// clock stepped back). Call at least once a second.
     pub fn tick(&mut self, now_unix_s: u64) -> Option<&Tick> {
+        let tick = self.next(now_unix_s)?;
+        self.push(tick);
+        self.recent.back()
+    }
+
+    /// The tick [`Self::tick`] would produce at `now_unix_s`, without
+    /// producing it: a caller that must persist a tick before handing it
+    /// out signs it here, writes it, then [`Self::push`]es it.
+    pub fn next(&self, now_unix_s: u64) -> Option<Tick> {
         if self.latest().is_some_and(|t| t.unix_s >= now_unix_s) {
             return None;
         }
@@ -147,19 +167,28 @@ impl Beacon {
         let hash = tick_hash(&self.prev, index, now_unix_s);
         let mut signature = [0u8; TICK_SIGNATURE_LEN];
         signature.copy_from_slice(self.key.sign(&signed_message(&hash)).as_ref());
-        if self.recent.len() == RECENT_TICKS_LEN {
-            self.recent.pop_front();
-        }
-        self.recent.push_back(Tick {
+        Some(Tick {
             index,
             unix_s: now_unix_s,
             prev: self.prev,
             hash,
             signature,
-        });
-        self.prev = hash;
-        self.next_index = index.wrapping_add(1);
-        self.recent.back()
+        })
+    }
+
+    /// Append `tick`, which must come from [`Self::next`] on this beacon
+    /// with nothing pushed in between.
+    pub fn push(&mut self, tick: Tick) {
+        assert!(
+            tick.index == self.next_index && tick.prev == self.prev,
+            "a beacon tick pushed out of order"
+        );
+        if self.recent.len() == RECENT_TICKS_LEN {
+            self.recent.pop_front();
+        }
+        self.prev = tick.hash;
+        self.next_index = tick.index.wrapping_add(1);
+        self.recent.push_back(tick);
     }
 
     pub fn latest(&self) -> Option<&Tick> {

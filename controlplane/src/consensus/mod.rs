@@ -2,7 +2,8 @@
 //! the connection by its TLS exporter value (see `docs/ADMISSION.md`).
 //!
 //! Owns the proof constructions, the bundle encoding, the difficulty
-//! controller, the beacon chain and the in-memory stake ledger. It never
+//! controller, the beacon chain and the in-memory stake ledger, and (in
+//! [`state`]) their durable form in the authority's database. It never
 //! reads a clock or a socket: the transport passes the binding, the bundle
 //! bytes and `now`, and closes the connection with
 //! [`AdmissionError::code`] when [`verify_bundle`] refuses.
@@ -11,6 +12,7 @@ pub mod beacon;
 pub mod binding;
 pub mod space;
 pub mod stake;
+pub mod state;
 pub mod work;
 
 use crate::authority::ct::Hash;

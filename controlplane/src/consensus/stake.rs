@@ -134,6 +134,8 @@ pub enum StakeError {
     },
     #[error("the ledger holds its maximum of {max} identities; revoke one first")]
     Full { max: usize },
+    #[error("a grant of 0 changes nothing; grant at least 1")]
+    Zero,
 }
 
 /// Why a stake proof was refused.
@@ -149,7 +151,8 @@ pub enum StakeFailure {
     Signature,
 }
 
-/// Stake per identity. In memory; the store comes later.
+/// Stake per identity, in memory; [`super::state::AdmissionState`] makes
+/// it durable.
 #[derive(Debug, Default, Clone)]
 pub struct StakeLedger {
     stakes: BTreeMap<Identity, u64>,
@@ -158,19 +161,28 @@ pub struct StakeLedger {
 impl StakeLedger {
     /// Add `amount` to `identity`'s stake; returns the new total.
     pub fn grant(&mut self, identity: Identity, amount: u64) -> Result<u64, StakeError> {
-        if !self.stakes.contains_key(&identity) && self.stakes.len() >= LEDGER_LEN_MAX {
+        let total = self.check_grant(&identity, amount)?;
+        self.stakes.insert(identity, total);
+        Ok(total)
+    }
+
+    /// The total [`Self::grant`] would leave, or why it would refuse;
+    /// changes nothing (a durable ledger checks before it writes).
+    pub fn check_grant(&self, identity: &Identity, amount: u64) -> Result<u64, StakeError> {
+        if amount == 0 {
+            return Err(StakeError::Zero);
+        }
+        if !self.stakes.contains_key(identity) && self.stakes.len() >= LEDGER_LEN_MAX {
             return Err(StakeError::Full {
                 max: LEDGER_LEN_MAX,
             });
         }
-        let held = self.get(&identity);
-        let total = held.checked_add(amount).ok_or(StakeError::Overflow {
-            identity,
+        let held = self.get(identity);
+        held.checked_add(amount).ok_or(StakeError::Overflow {
+            identity: *identity,
             held,
             amount,
-        })?;
-        self.stakes.insert(identity, total);
-        Ok(total)
+        })
     }
 
     /// Withdraw up to `amount`; returns what is left. An identity left with
@@ -183,6 +195,14 @@ impl StakeLedger {
             self.stakes.insert(*identity, left);
         }
         left
+    }
+
+    pub fn len(&self) -> usize {
+        self.stakes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.stakes.is_empty()
     }
 
     pub fn get(&self, identity: &Identity) -> u64 {
