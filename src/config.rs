@@ -486,6 +486,7 @@ impl Config {
             trust: None,
             perf_without_certificate: self.trustchain_authority.perf_without_client_certificate,
             dns_without_certificate: self.trustchain_authority.public_dns,
+            blocklist: None,
         };
         Ok(Resolved {
             settings,

@@ -237,6 +237,8 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
     // it while the workers are built. A failure later drops (detaches) it.
     let front_door = attach_front_door(&resolved)?;
     resolved.settings.front_door = front_door.clone();
+    let blocklist = dataplane::blocklist::BlocklistStore::new(&resolved.blocklist);
+    resolved.settings.blocklist = Some(blocklist.clone());
     let mut authority = authority;
     let control = ControlPlane::spawn(resolved.control_plane_core, move |now| authority.poll(now))
         .context("cannot start the control plane")?;
@@ -293,7 +295,7 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
         if signal != signals::SIGHUP {
             break signal;
         }
-        reload(args, front_door.as_deref());
+        reload(args, front_door.as_deref(), &blocklist);
     };
     tracing::info!(
         signal,
@@ -330,7 +332,11 @@ fn attach_front_door(resolved: &config::Resolved) -> anyhow::Result<Option<Arc<F
 
 /// SIGHUP: re-read the config file and apply what can change live (the
 /// blocklist). A bad file is logged and changes nothing.
-fn reload(args: &Args, front_door: Option<&FrontDoor>) {
+fn reload(
+    args: &Args,
+    front_door: Option<&FrontDoor>,
+    blocklist: &dataplane::blocklist::BlocklistStore,
+) {
     let resolved = match load_config(args) {
         Ok(resolved) => resolved,
         Err(e) => {
@@ -338,14 +344,16 @@ fn reload(args: &Args, front_door: Option<&FrontDoor>) {
             return;
         }
     };
-    match front_door {
-        Some(front_door) => match front_door.set_blocklist(&resolved.blocklist) {
-            Ok(()) => tracing::info!(
-                blocked = resolved.blocklist.len(),
-                "reloaded: blocklist applied"
-            ),
-            Err(e) => tracing::error!(error = %e, "reload: the blocklist could not be applied"),
-        },
-        None => tracing::info!("reloaded: no XDP front door, nothing to apply"),
+    // The workers drop blocklisted sources at the first packet; an XDP
+    // front door drops them in the driver too.
+    blocklist.set(&resolved.blocklist);
+    match front_door.map(|f| f.set_blocklist(&resolved.blocklist)) {
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "reload: the XDP front door refused the blocklist; the workers enforce it")
+        }
+        _ => tracing::info!(
+            blocked = resolved.blocklist.len(),
+            "reloaded: blocklist applied"
+        ),
     }
 }

@@ -12,7 +12,7 @@ use quinn_proto::ConnectionId;
 use std::net::{Ipv6Addr, SocketAddrV6, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 fn target(server: &Server) -> ClientTarget {
     let root = controlplane::authority::pem::load_cert(&server.ca()).unwrap();
@@ -504,4 +504,33 @@ fn without_bpf_privileges_steering_falls_back_to_handoff() {
     assert_eq!(read_json(&json)["verify_failures"], 0);
     let stats = server.stats();
     assert!(stats["steering"].is_null(), "{stats}");
+}
+
+#[test]
+fn blocklisted_sources_are_dropped_by_the_workers_without_xdp() {
+    let server = Server::start(
+        "blocked",
+        "[dataplane]\nworkers = 2\nblocklist = [\"::1/128\"]\n",
+    );
+    let refused = server.client(&["ping", "--timeout-ms", "1000"]);
+    assert!(!refused.status.success(), "a blocklisted source was served");
+    // Unblock with a reload (SIGHUP): served again, the drops counted.
+    let config = std::fs::read_to_string(server.dir.join("server.toml")).unwrap();
+    std::fs::write(
+        server.dir.join("server.toml"),
+        config.replace("blocklist = [\"::1/128\"]", "blocklist = []"),
+    )
+    .unwrap();
+    signal(server.pid(), "HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server
+        .log()
+        .iter()
+        .any(|l| l.contains("reloaded: blocklist applied"))
+    {
+        assert!(Instant::now() < deadline, "the reload was not applied");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ok(&server.client(&["ping"]));
+    assert!(counter(&server.stats(), "drop_blocked") > 0);
 }

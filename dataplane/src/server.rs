@@ -66,6 +66,8 @@ pub struct ServerSettings {
     pub perf_without_certificate: bool,
     /// Serve `doq` to clients without a certificate (public DNS).
     pub dns_without_certificate: bool,
+    /// Sources the workers drop at the first packet.
+    pub blocklist: Option<Arc<crate::blocklist::BlocklistStore>>,
 }
 
 /// Application close code: a `perf` connection without a client
@@ -228,6 +230,7 @@ pub fn serve(
             stats: stats.clone(),
             gso: settings.transport.gso,
             udp_payload_max: settings.transport.udp_payload_max(),
+            blocklist: settings.blocklist.clone(),
         });
         workers.push(worker);
     }

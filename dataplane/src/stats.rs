@@ -76,6 +76,8 @@ counters! {
     drop_not_quic,
     /// Dropped: IPv4 or v4-mapped peer address.
     drop_ipv4,
+    /// Dropped: the source is on the blocklist.
+    drop_blocked,
     /// Dropped by the QUIC endpoint: unknown connection ID or undecryptable.
     drop_unknown_cid,
     /// Dropped: the owning worker's handoff queue was full.

@@ -107,6 +107,7 @@ fn client_worker<S: Service>(
         stats: Arc::new(StatsRegistry::new(1)),
         gso: target.transport.gso,
         udp_payload_max: target.transport.udp_payload_max(),
+        blocklist: None,
     }))
 }
 

@@ -171,6 +171,8 @@ pub struct WorkerParts<S> {
     pub gso: bool,
     /// Largest UDP payload a connection may send (MTU ceiling).
     pub udp_payload_max: usize,
+    /// Sources dropped at the first packet (servers; None for clients).
+    pub blocklist: Option<Arc<crate::blocklist::BlocklistStore>>,
 }
 
 pub struct Worker<S: Service> {
@@ -199,6 +201,9 @@ struct Core<S: Service> {
     max_gso: usize,
     stopping_until: Option<Instant>,
     deliveries: Vec<Delivery>,
+    blocklist_store: Option<Arc<crate::blocklist::BlocklistStore>>,
+    /// The blocklist as loaded at the top of this loop iteration.
+    blocklist: Arc<crate::blocklist::Blocklist>,
 }
 
 impl<S: Service> Worker<S> {
@@ -239,6 +244,11 @@ impl<S: Service> Worker<S> {
             max_gso,
             stopping_until: None,
             deliveries: Vec::new(),
+            blocklist: parts
+                .blocklist
+                .as_ref()
+                .map_or_else(Default::default, |b| b.load()),
+            blocklist_store: parts.blocklist,
         };
         Self { io: parts.io, core }
     }
@@ -253,6 +263,9 @@ impl<S: Service> Worker<S> {
     pub fn run(mut self) -> io::Result<(S, Counters)> {
         loop {
             let now = Instant::now();
+            if let Some(store) = &self.core.blocklist_store {
+                self.core.blocklist = store.load();
+            }
             let mut busy = self.core.drain_mailbox(now);
             busy |= self.core.deliver();
             busy |= self.receive(now)?;
@@ -460,6 +473,10 @@ impl<S: Service> Core<S> {
             self.counters.bytes_rx += segment.len() as u64;
             if !is_ipv6_peer(&d.remote) {
                 self.counters.drop_ipv4 += 1;
+                continue;
+            }
+            if self.blocklist.blocks(&d.remote) {
+                self.counters.drop_blocked += 1;
                 continue;
             }
             let owner = match &self.routing {
