@@ -85,3 +85,16 @@ fn xdp_frame_corpus() {
     }
     assert!(parsed_frames > 0, "the corpus keeps valid frames too");
 }
+
+#[test]
+fn proof_bundle_decode_corpus() {
+    use controlplane::consensus::ProofBundle;
+    let mut decoded = 0;
+    for data in corpus("proof_bundle_decode") {
+        if let Ok(bundle) = ProofBundle::decode(&data) {
+            assert_eq!(bundle.encode().unwrap(), data, "one encoding per bundle");
+            decoded += 1;
+        }
+    }
+    assert!(decoded > 0, "the corpus keeps valid bundles too");
+}

@@ -257,6 +257,10 @@ impl ProofBundle {
         if count > CHALLENGES_MAX {
             return Err(MalformedBundle::Count(count));
         }
+        // One encoding per bundle: without proofs there is no path length.
+        if count == 0 && k != 0 {
+            return Err(MalformedBundle::PathLen(k));
+        }
         let mut space_proofs = Vec::with_capacity(usize::from(count));
         for _ in 0..count {
             let leaf = r.hash()?;

@@ -286,3 +286,17 @@ fn close_codes_are_distinct_and_stable() {
     ];
     assert_eq!(codes, [0x201, 0x202, 0x203, 0x204, 0x205, 0x206, 0x207]);
 }
+
+#[test]
+fn a_path_length_without_proofs_is_not_a_second_encoding() {
+    // Found by the proof_bundle_decode fuzz target: k = 10 with no proofs
+    // decoded, and re-encoded with k = 0.
+    let mut bytes = vec![1u8];
+    bytes.extend_from_slice(&[0; 16]);
+    bytes.extend_from_slice(&[0; 32]);
+    bytes.extend_from_slice(&[0, 10, 0]);
+    assert!(ProofBundle::decode(&bytes).is_err());
+    let last = bytes.len() - 2;
+    bytes[last] = 0;
+    assert!(ProofBundle::decode(&bytes).is_ok());
+}
