@@ -359,12 +359,7 @@ pub fn local_operator_target(
             ca_path.display()
         )
     })?;
-    let operator = data_dir.join(OPERATOR_FILE);
-    let chain = CertificateDer::pem_file_iter(&operator)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .with_context(|| format!("cannot read the operator identity {}", operator.display()))?;
-    let key = PrivateKeyDer::from_pem_file(&operator)
-        .with_context(|| format!("no private key in {}", operator.display()))?;
+    let identity = load_identity(&data_dir.join(OPERATOR_FILE))?;
     let ip = if listen.ip().is_unspecified() {
         std::net::Ipv6Addr::LOCALHOST
     } else {
@@ -383,8 +378,23 @@ pub fn local_operator_target(
         remote: std::net::SocketAddr::V6(std::net::SocketAddrV6::new(ip, listen.port(), 0, 0)),
         server_name,
         trust: dataplane::ServerTrust::Roots(vec![root]),
-        identity: Some(dataplane::ClientIdentity { chain, key }),
+        identity: Some(identity),
         backend: dataplane::BackendKind::Socket,
         transport: dataplane::TransportSettings::default(),
     })
+}
+
+/// A client identity file: the certificate chain and the private key, PEM,
+/// in one file (`operator.pem`, or what `internet2 enroll` saved).
+pub fn load_identity(path: &Path) -> anyhow::Result<dataplane::ClientIdentity> {
+    use rustls::pki_types::pem::PemObject;
+    let chain = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| anyhow::anyhow!("{}: not a PEM identity file: {e}", path.display()))?;
+    if chain.is_empty() {
+        anyhow::bail!("{}: holds no certificate", path.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| anyhow::anyhow!("{}: holds no private key: {e}", path.display()))?;
+    Ok(dataplane::ClientIdentity { chain, key })
 }

@@ -9,6 +9,32 @@
 
 #![forbid(unsafe_code)]
 
+/// `From` every redb error a store operation can return into the store's
+/// own `$error::Storage(redb::Error)`, so each store keeps its error type.
+macro_rules! redb_errors_into_storage {
+    ($error:ident) => {
+        redb_errors_into_storage!(
+            @each $error;
+            redb::DatabaseError,
+            redb::TransactionError,
+            redb::TableError,
+            redb::StorageError,
+            redb::CommitError,
+            redb::SetDurabilityError
+        );
+    };
+    (@each $error:ident; $($t:ty),*) => {$(
+        impl From<$t> for $error {
+            fn from(e: $t) -> Self {
+                $error::Storage(e.into())
+            }
+        }
+    )*};
+}
+
+#[cfg(test)]
+pub(crate) mod test_support;
+
 pub mod authority;
 pub mod consensus;
 pub mod dns;

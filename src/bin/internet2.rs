@@ -406,21 +406,7 @@ fn client_identity(
             }
         }
     };
-    load_identity(&path).map(Some)
-}
-
-fn load_identity(path: &std::path::Path) -> anyhow::Result<dataplane::ClientIdentity> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let chain = CertificateDer::pem_file_iter(path)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| anyhow::anyhow!("{}: not a PEM identity file: {e}", path.display()))?;
-    if chain.is_empty() {
-        bail!("{}: holds no certificate", path.display());
-    }
-    let key = PrivateKeyDer::from_pem_file(path)
-        .map_err(|e| anyhow::anyhow!("{}: holds no private key: {e}", path.display()))?;
-    Ok(dataplane::ClientIdentity { chain, key })
+    internet2_server::authority::load_identity(&path).map(Some)
 }
 
 fn dns_bench(

@@ -253,13 +253,5 @@ pub fn ok(out: &std::process::Output) -> String {
 
 /// The operator identity the server writes beside its CA (`operator.pem`).
 pub fn operator_identity(server: &Server) -> dataplane::ClientIdentity {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let path = server.dir.join("operator.pem");
-    let chain = CertificateDer::pem_file_iter(&path)
-        .unwrap()
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    let key = PrivateKeyDer::from_pem_file(&path).unwrap();
-    dataplane::ClientIdentity { chain, key }
+    internet2_server::authority::load_identity(&server.dir.join("operator.pem")).unwrap()
 }

@@ -487,7 +487,6 @@ mod tests {
     };
     use crate::authority::registry::tamper;
     use std::io::BufRead;
-    use std::sync::atomic::{AtomicU32, Ordering};
 
     fn request(name: &str) -> IssueRequest {
         IssueRequest {
@@ -570,27 +569,7 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// A directory removed on drop.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(tag: &str) -> Self {
-            static NEXT: AtomicU32 = AtomicU32::new(0);
-            let dir = std::env::temp_dir().join(format!(
-                "i2-authority-{tag}-{}-{}",
-                std::process::id(),
-                NEXT.fetch_add(1, Ordering::Relaxed)
-            ));
-            let _ = std::fs::remove_dir_all(&dir);
-            Self(dir)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::test_support::TempDir;
 
     fn open(dir: &Path, now: SystemTime) -> Result<Authority, AuthorityError> {
         Authority::open(dir, KeyAlgorithm::EcdsaP256, LogKeyAlgorithm::Ed25519, now)

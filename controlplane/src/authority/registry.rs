@@ -64,23 +64,7 @@ pub enum RegistryError {
     Unencodable(&'static str),
 }
 
-macro_rules! storage_error {
-    ($($t:ty),*) => {$(
-        impl From<$t> for RegistryError {
-            fn from(e: $t) -> Self {
-                RegistryError::Storage(e.into())
-            }
-        }
-    )*};
-}
-storage_error!(
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError,
-    redb::SetDurabilityError
-);
+redb_errors_into_storage!(RegistryError);
 
 fn corrupt(detail: impl Into<String>) -> RegistryError {
     RegistryError::Corrupt(detail.into())

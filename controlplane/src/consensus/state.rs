@@ -132,22 +132,7 @@ pub enum StateError {
     PlotsFull { max: usize },
 }
 
-macro_rules! storage_error {
-    ($($t:ty),*) => {$(
-        impl From<$t> for StateError {
-            fn from(e: $t) -> Self {
-                StateError::Storage(e.into())
-            }
-        }
-    )*};
-}
-storage_error!(
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError,
-    redb::SetDurabilityError
-);
+redb_errors_into_storage!(StateError);
 
 /// The durable admission state. See the module documentation.
 pub struct AdmissionState {

@@ -91,22 +91,7 @@ pub enum ZoneError {
     Full,
 }
 
-macro_rules! storage_error {
-    ($($t:ty),*) => {$(
-        impl From<$t> for ZoneError {
-            fn from(e: $t) -> Self {
-                ZoneError::Storage(e.into())
-            }
-        }
-    )*};
-}
-storage_error!(
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError,
-    redb::SetDurabilityError
-);
+redb_errors_into_storage!(ZoneError);
 
 #[cfg(test)]
 mod tests;

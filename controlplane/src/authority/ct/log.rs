@@ -116,23 +116,7 @@ pub enum LogError {
     LeafNotInTree { index: u64, tree_size: u64 },
 }
 
-macro_rules! storage_error {
-    ($($t:ty),*) => {$(
-        impl From<$t> for LogError {
-            fn from(e: $t) -> Self {
-                LogError::Storage(e.into())
-            }
-        }
-    )*};
-}
-storage_error!(
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError,
-    redb::SetDurabilityError
-);
+redb_errors_into_storage!(LogError);
 
 /// What an append produced: the index of its first entry and the signed
 /// tree head that covers the whole batch.
