@@ -26,6 +26,9 @@ const REQUESTS_PER_POLL: usize = 256;
 /// the authority.
 const REPLY_RETRY: Duration = Duration::from_millis(50);
 
+/// How often the control plane looks at queued admission outcomes.
+const ADMISSION_POLL: Duration = Duration::from_millis(50);
+
 /// The root clients trust, beside the server's data (`--ca` points here).
 pub const CA_FILE: &str = "ca.pem";
 /// A client identity for local operator commands (0600).
@@ -44,6 +47,8 @@ pub enum AuthorityStartError {
     Tls(String),
     #[error("the DNS zone cannot be served: {0}")]
     Zone(String),
+    #[error("admission cannot start: {0}")]
+    Admission(String),
 }
 
 pub struct AuthorityRuntime {
@@ -60,6 +65,33 @@ pub struct AuthorityRuntime {
     zone: Option<(Arc<ZoneStore>, u64)>,
     /// The server's own name in the zone (SOA primary, NS).
     zone_primary: String,
+    /// Four-proof admission: state, beacon, isolation.
+    admission: crate::admission::AdmissionRuntime,
+}
+
+/// Where admission plugs into the authority at start.
+pub struct AdmissionPlug {
+    pub settings: crate::admission::AdmissionSettings,
+    pub blocklists: Arc<crate::admission::Blocklists>,
+    /// The workers' counters, once they run (the handshake rate).
+    pub stats: Arc<std::sync::OnceLock<Arc<dataplane::StatsRegistry>>>,
+}
+
+/// The beacon's node key, beside the authority's store (0600).
+pub const NODE_KEY_FILE: &str = "beacon-node.key";
+
+/// Whether `cert_der` is the operator's certificate (the handshake already
+/// checked it chains to this CA, which reserves the name).
+fn is_operator(cert_der: Option<&[u8]>) -> bool {
+    cert_der
+        .and_then(|der| x509_parser::parse_x509_certificate(der).ok())
+        .is_some_and(|(_, cert)| {
+            cert.subject()
+                .iter_common_name()
+                .next()
+                .and_then(|cn| cn.as_str().ok())
+                == Some(controlplane::authority::service::OPERATOR)
+        })
 }
 
 impl AuthorityRuntime {
@@ -71,6 +103,7 @@ impl AuthorityRuntime {
         config: ServiceConfig,
         rotation: Duration,
         port: Arc<ControlPort>,
+        admission: AdmissionPlug,
     ) -> Result<Self, AuthorityStartError> {
         let now = SystemTime::now();
         let zone_config = config.zone.clone();
@@ -103,8 +136,22 @@ impl AuthorityRuntime {
         let (chain, key) = tls_parts(&server);
         let certificates = CertificateStore::new(chain, &key)
             .map_err(|e| AuthorityStartError::Tls(e.to_string()))?;
+        let operator = load_identity(&operator_path)
+            .ok()
+            .and_then(|id| id.chain.first().cloned())
+            .and_then(|leaf| crate::admission::identity_of_certificate(&leaf).ok());
+        let admission = crate::admission::AdmissionRuntime::open(
+            service.authority().database(),
+            admission.settings,
+            &data_dir.join(NODE_KEY_FILE),
+            operator,
+            admission.blocklists,
+            admission.stats,
+        )
+        .map_err(|e| AuthorityStartError::Admission(format!("{e:#}")))?;
         let instant = Instant::now();
         Ok(Self {
+            admission,
             service,
             port,
             trust,
@@ -122,6 +169,11 @@ impl AuthorityRuntime {
     /// The zone store the workers read (None without a zone).
     pub fn zone(&self) -> Option<Arc<ZoneStore>> {
         self.zone.as_ref().map(|(store, _)| store.clone())
+    }
+
+    /// The gate the workers admit `stoq/1` connections with.
+    pub fn admission_gate(&self) -> Arc<crate::admission::Gate> {
+        self.admission.gate()
     }
 
     pub fn trust(&self) -> Arc<TrustStore> {
@@ -147,10 +199,20 @@ impl AuthorityRuntime {
             let caller = Caller {
                 cert_der: request.peer.map(|c| c.as_ref().to_vec()),
             };
-            let result = self
-                .service
-                .handle(&caller, request.kind, &request.payload, SystemTime::now())
-                .map_err(|e| (e.code, e.message));
+            let operator = is_operator(caller.cert_der.as_deref());
+            let result = match self.admission.handle(
+                request.kind,
+                caller.cert_der.as_deref(),
+                operator,
+                &request.payload,
+                Instant::now(),
+            ) {
+                Some(result) => result,
+                None => self
+                    .service
+                    .handle(&caller, request.kind, &request.payload, SystemTime::now())
+                    .map_err(|e| (e.code, e.message)),
+            };
             // Publish before answering: once a client holds the answer, a
             // revocation applies to the next handshake and an update is in
             // the next DNS answer.
@@ -180,11 +242,22 @@ impl AuthorityRuntime {
             {
                 tracing::error!(error = %e, "could not renew the operator identity");
             }
+            if let Some(operator) = load_identity(&self.operator_path)
+                .ok()
+                .and_then(|id| id.chain.first().cloned())
+                .and_then(|leaf| crate::admission::identity_of_certificate(&leaf).ok())
+            {
+                self.admission.ensure_operator(operator);
+            }
         }
+        let next_tick = self.admission.poll(now);
         if served == REQUESTS_PER_POLL {
             return Duration::ZERO;
         }
-        self.next_rotation.saturating_duration_since(now)
+        // Admission outcomes queue without a wake-up: look at them often.
+        next_tick
+            .min(self.next_rotation.saturating_duration_since(now))
+            .min(ADMISSION_POLL)
     }
 
     /// Issue a new server certificate (overlapping the current one, which
@@ -320,18 +393,33 @@ pub fn request_rotation(
     timeout: Duration,
 ) -> anyhow::Result<Rotated> {
     use anyhow::Context;
-    use dataplane::client::rpc::Reply;
-    let target = local_operator_target(data_dir, listen, server_names)?;
-    let config = target.client_config(dataplane::protocols::ALPN_STOQ)?;
-    let outcome = dataplane::client::rpc_raw(
-        &target,
-        &config,
+    let body = operator_request(
+        data_dir,
+        listen,
+        server_names,
         controlplane::authority::api::ROTATE,
         b"{}",
         timeout,
     )?;
+    serde_json::from_slice(&body).context("the server's answer is not JSON")
+}
+
+/// Send one request to the local server as its operator; the answer's
+/// payload, or the server's refusal as an error.
+pub fn operator_request(
+    data_dir: &Path,
+    listen: std::net::SocketAddrV6,
+    server_names: &[String],
+    kind: u8,
+    payload: &[u8],
+    timeout: Duration,
+) -> anyhow::Result<bytes::Bytes> {
+    use dataplane::client::rpc::Reply;
+    let target = local_operator_target(data_dir, listen, server_names)?;
+    let config = target.client_config(dataplane::protocols::ALPN_STOQ)?;
+    let outcome = dataplane::client::rpc_raw(&target, &config, kind, payload, timeout)?;
     match &outcome.replies[0] {
-        Reply::Ok(body) => serde_json::from_slice(body).context("the server's answer is not JSON"),
+        Reply::Ok(body) => Ok(body.clone()),
         Reply::Error { code, message } => {
             anyhow::bail!("the server refused ({code:#x}): {message}")
         }
@@ -359,7 +447,9 @@ pub fn local_operator_target(
             ca_path.display()
         )
     })?;
-    let identity = load_identity(&data_dir.join(OPERATOR_FILE))?;
+    let operator_path = data_dir.join(OPERATOR_FILE);
+    let identity = load_identity(&operator_path)?;
+    let admitter = crate::admission::admitter_for_file(&identity, &operator_path)?;
     let ip = if listen.ip().is_unspecified() {
         std::net::Ipv6Addr::LOCALHOST
     } else {
@@ -381,6 +471,7 @@ pub fn local_operator_target(
         identity: Some(identity),
         backend: dataplane::BackendKind::Socket,
         transport: dataplane::TransportSettings::default(),
+        admitter: Some(admitter),
     })
 }
 

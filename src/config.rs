@@ -143,10 +143,63 @@ impl Default for Dataplane {
     }
 }
 
-/// Keys arrive with the admission and asset stages.
-#[derive(Debug, Default, Deserialize)]
+/// Admission of `stoq/1` connections (docs/ADMISSION.md).
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct HypermeshAssets {}
+pub struct HypermeshAssets {
+    /// `"mandatory"` (all four proofs), a comma-separated subset of
+    /// `work,time,stake,space` (development), or `"off"`.
+    pub consensus_mode: String,
+    /// Time from the handshake to a valid bundle.
+    pub admission_deadline_ms: u64,
+    /// Least stake an identity must hold.
+    pub stake_min: u64,
+    /// Development: registering a plot tops the identity up to this stake
+    /// (0: never; the operator grants stake).
+    pub development_stake: u64,
+    /// Plot size: 2^plot_k leaves.
+    pub plot_k: u8,
+    /// Space challenges per connection.
+    pub challenges: u8,
+    /// Oldest beacon tick a bundle may name, in seconds.
+    pub beacon_window_s: u64,
+    /// Work difficulty (leading zero bits) when idle, and its ceiling.
+    pub difficulty_base: u8,
+    pub difficulty_max: u8,
+    /// Handshake attempts per second above which the difficulty rises.
+    pub flood_rate_per_s: u32,
+    /// Failures from one prefix within the window that block it.
+    pub isolation_threshold: u32,
+    /// Failures of one identity within the window that suspend it.
+    pub isolation_identity_threshold: u32,
+    pub isolation_window_s: u64,
+    /// How long a blocked prefix or suspended identity stays so.
+    pub isolation_ttl_s: u64,
+    /// Length of the IPv6 prefix blocked around a failing address.
+    pub isolation_ipv6_prefix_len: u8,
+}
+
+impl Default for HypermeshAssets {
+    fn default() -> Self {
+        Self {
+            consensus_mode: "mandatory".into(),
+            admission_deadline_ms: controlplane::consensus::DEADLINE_MS_DEFAULT,
+            stake_min: 1,
+            development_stake: 0,
+            plot_k: 18,
+            challenges: controlplane::consensus::space::CHALLENGES_DEFAULT,
+            beacon_window_s: controlplane::consensus::beacon::WINDOW_S_DEFAULT,
+            difficulty_base: 8,
+            difficulty_max: 24,
+            flood_rate_per_s: 1_000,
+            isolation_threshold: 8,
+            isolation_identity_threshold: 8,
+            isolation_window_s: 10,
+            isolation_ttl_s: 300,
+            isolation_ipv6_prefix_len: 64,
+        }
+    }
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -257,6 +310,7 @@ pub struct Resolved {
     pub ca_algorithm: SigningAlgorithm,
     pub log_algorithm: SigningAlgorithm,
     pub legacy_dns_port: u16,
+    pub admission: crate::admission::AdmissionSettings,
 }
 
 /// Parse and validate `text` read from `file`. `cores` is the number of
@@ -406,6 +460,7 @@ impl Config {
             ));
         }
         let xdp = self.xdp_plan(file, text, workers)?;
+        let admission = self.admission(file, text)?;
         let a = &self.trustchain_authority;
         if !(1..=24 * 90).contains(&a.certificate_lifetime_hours) {
             return Err(key_error(
@@ -487,6 +542,7 @@ impl Config {
             perf_without_certificate: self.trustchain_authority.perf_without_client_certificate,
             dns_without_certificate: self.trustchain_authority.public_dns,
             blocklist: None,
+            admission: None,
         };
         Ok(Resolved {
             settings,
@@ -513,6 +569,88 @@ impl Config {
             ca_algorithm: self.trustchain_authority.ca_algorithm,
             log_algorithm: self.trustchain_authority.log_algorithm,
             legacy_dns_port: self.trustchain_authority.legacy_dns_port,
+            admission,
+        })
+    }
+
+    /// `[hypermesh_assets]`, checked.
+    fn admission(
+        &self,
+        file: &str,
+        text: &str,
+    ) -> Result<crate::admission::AdmissionSettings, ConfigError> {
+        use controlplane::consensus::{AdmissionMode, space::SpaceParams, work::Difficulty};
+        let h = &self.hypermesh_assets;
+        let bad =
+            |key: &str, message: &str| key_error(file, text, "hypermesh_assets", key, message);
+        let mode = match h.consensus_mode.trim() {
+            "off" => AdmissionMode::parse("").expect("the empty subset parses"),
+            other => AdmissionMode::parse(other).map_err(|e| bad("consensus_mode", &e))?,
+        };
+        if !(100..=60_000).contains(&h.admission_deadline_ms) {
+            return Err(bad("admission_deadline_ms", "must be within 100..=60000"));
+        }
+        let space = SpaceParams::new(h.plot_k, h.challenges).ok_or_else(|| {
+            bad(
+                "plot_k",
+                "plot_k must be within 1..=24 and challenges within 1..=16, and their answers must fit an 8 KiB bundle",
+            )
+        })?;
+        let difficulty = |key: &str, bits: u8| {
+            Difficulty::new(bits).ok_or_else(|| bad(key, "must be at most 32 bits"))
+        };
+        let base = difficulty("difficulty_base", h.difficulty_base)?;
+        let max = difficulty("difficulty_max", h.difficulty_max)?;
+        if base > max {
+            return Err(bad("difficulty_base", "must not exceed difficulty_max"));
+        }
+        if h.beacon_window_s == 0 {
+            return Err(bad("beacon_window_s", "must be at least 1"));
+        }
+        if mode.stake && h.stake_min == 0 {
+            return Err(bad(
+                "stake_min",
+                "must be at least 1 when stake is required (0 admits every identity)",
+            ));
+        }
+        if h.isolation_threshold == 0 || h.isolation_identity_threshold == 0 {
+            return Err(bad("isolation_threshold", "thresholds must be at least 1"));
+        }
+        if h.isolation_window_s == 0 || h.isolation_ttl_s == 0 {
+            return Err(bad(
+                "isolation_ttl_s",
+                "the window and the time to live must be at least 1 s",
+            ));
+        }
+        let isolation = controlplane::consensus::isolation::IsolationConfig {
+            threshold: h.isolation_threshold,
+            identity_threshold: h.isolation_identity_threshold,
+            window: Duration::from_secs(h.isolation_window_s),
+            ttl: Duration::from_secs(h.isolation_ttl_s),
+            ipv6_prefix_len: h.isolation_ipv6_prefix_len,
+            exempt: Vec::new(),
+        };
+        isolation
+            .check()
+            .map_err(|e| bad("isolation_ipv6_prefix_len", &e))?;
+        let config = controlplane::consensus::state::AdmissionConfig {
+            mode,
+            window_s: h.beacon_window_s,
+            stake_min: h.stake_min.max(1),
+            space,
+            difficulty: controlplane::consensus::work::DifficultyConfig {
+                base,
+                max,
+                flood_rate_per_s: h.flood_rate_per_s.max(1),
+                ..Default::default()
+            },
+            development_stake: (h.development_stake > 0).then_some(h.development_stake),
+        };
+        Ok(crate::admission::AdmissionSettings {
+            mode_name: crate::admission::mode_name(mode),
+            config,
+            isolation,
+            deadline: Duration::from_millis(h.admission_deadline_ms),
         })
     }
 }

@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod authority;
 pub mod authority_load;
 pub mod cli_authority;

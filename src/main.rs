@@ -73,6 +73,88 @@ enum ServerCommand {
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
     },
+    /// Manage the stake ledger of the running server (admission).
+    Stake {
+        #[command(subcommand)]
+        action: StakeAction,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
+    /// Show or lift isolation entries of the running server.
+    Blocklist {
+        #[command(subcommand)]
+        action: BlocklistAction,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
+    /// List the admitted connections of the running server by owner.
+    Assets {
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
+}
+
+/// Who an identity is: 64 hex digits, or a certificate file (PEM) whose key
+/// it is.
+#[derive(Debug, clap::Args)]
+struct IdentityArg {
+    /// SHA-256 of the certificate's public key (64 hex digits), as
+    /// `stake list` and admission errors print it.
+    #[arg(required_unless_present = "cert", conflicts_with = "cert")]
+    identity: Option<String>,
+    /// Take the identity from this certificate (PEM) instead.
+    #[arg(long, value_name = "PEM")]
+    cert: Option<PathBuf>,
+}
+
+impl IdentityArg {
+    fn resolve(&self) -> anyhow::Result<String> {
+        if let Some(path) = &self.cert {
+            let der = controlplane::authority::pem::load_cert(path)
+                .with_context(|| format!("cannot read the certificate {}", path.display()))?;
+            let identity = internet2_server::admission::identity_of_certificate(&der)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            return Ok(identity.0.iter().map(|b| format!("{b:02x}")).collect());
+        }
+        let text = self.identity.clone().unwrap_or_default();
+        internet2_server::admission::parse_identity(&text).map_err(|e| anyhow::anyhow!(e))?;
+        Ok(text.to_ascii_lowercase())
+    }
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum StakeAction {
+    /// Add stake to an identity.
+    Grant {
+        #[command(flatten)]
+        who: IdentityArg,
+        /// How much to add.
+        #[arg(long, default_value_t = 1)]
+        amount: u64,
+    },
+    /// Withdraw stake (all of it unless --amount).
+    Revoke {
+        #[command(flatten)]
+        who: IdentityArg,
+        #[arg(long, default_value_t = u64::MAX)]
+        amount: u64,
+    },
+    /// Every identity with stake.
+    List,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum BlocklistAction {
+    /// Isolated prefixes and suspended identities, with their time left,
+    /// and the configured prefixes.
+    List,
+    /// Lift an isolated prefix (e.g. 2001:db8:1:2::/64).
+    Remove { prefix: String },
+    /// Lift a suspended identity.
+    Unsuspend {
+        #[command(flatten)]
+        who: IdentityArg,
+    },
 }
 
 fn main() -> ExitCode {
@@ -148,7 +230,76 @@ fn operator_command(
             );
             Ok(())
         }
+        ServerCommand::Stake { action, timeout_ms } => {
+            use internet2_server::admission::StakeRequest;
+            let request = match action {
+                StakeAction::Grant { who, amount } => StakeRequest::Grant {
+                    identity: who.resolve()?,
+                    amount: *amount,
+                },
+                StakeAction::Revoke { who, amount } => StakeRequest::Revoke {
+                    identity: who.resolve()?,
+                    amount: *amount,
+                },
+                StakeAction::List => StakeRequest::List,
+            };
+            operator_json(
+                &data_dir,
+                resolved,
+                internet2_server::admission::STAKE,
+                &serde_json::to_vec(&request)?,
+                *timeout_ms,
+            )
+        }
+        ServerCommand::Blocklist { action, timeout_ms } => {
+            use internet2_server::admission::BlocklistRequest;
+            let request = match action {
+                BlocklistAction::List => BlocklistRequest::List,
+                BlocklistAction::Remove { prefix } => BlocklistRequest::Remove {
+                    prefix: prefix.clone(),
+                },
+                BlocklistAction::Unsuspend { who } => BlocklistRequest::Unsuspend {
+                    identity: who.resolve()?,
+                },
+            };
+            operator_json(
+                &data_dir,
+                resolved,
+                internet2_server::admission::BLOCKLIST,
+                &serde_json::to_vec(&request)?,
+                *timeout_ms,
+            )
+        }
+        ServerCommand::Assets { timeout_ms } => operator_json(
+            &data_dir,
+            resolved,
+            internet2_server::admission::ASSETS,
+            b"{}",
+            *timeout_ms,
+        ),
     }
+}
+
+/// Send an operator request and print its JSON answer, indented.
+fn operator_json(
+    data_dir: &std::path::Path,
+    resolved: &config::Resolved,
+    kind: u8,
+    payload: &[u8],
+    timeout_ms: u64,
+) -> anyhow::Result<()> {
+    let body = internet2_server::authority::operator_request(
+        data_dir,
+        resolved.settings.listen,
+        &resolved.server_names,
+        kind,
+        payload,
+        std::time::Duration::from_millis(timeout_ms),
+    )?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&body).context("the server's answer is not JSON")?;
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    Ok(())
 }
 
 fn load_config(args: &Args) -> anyhow::Result<config::Resolved> {
@@ -206,11 +357,25 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
             server_port: resolved.settings.listen.port(),
         }),
     };
+    // The front door goes first: the `xdp` backend registers its sockets in
+    // it while the workers are built, and isolation writes its blocklist.
+    // A failure later drops (detaches) it.
+    let front_door = attach_front_door(&resolved)?;
+    let blocklists = internet2_server::admission::Blocklists::new(
+        resolved.blocklist.clone(),
+        front_door.clone(),
+    );
+    let worker_stats = Arc::new(std::sync::OnceLock::new());
     let authority = AuthorityRuntime::start(
         &data_dir,
         service_config,
         resolved.certificate_rotation,
         port.clone(),
+        internet2_server::authority::AdmissionPlug {
+            settings: resolved.admission.clone(),
+            blocklists: blocklists.clone(),
+            stats: worker_stats.clone(),
+        },
     )
     .context("cannot start the certificate authority")?;
     let resumption = if resolved.zero_rtt {
@@ -233,12 +398,9 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
     resolved.settings.zone = authority.zone();
     resolved.settings.control = Some(port.clone());
     resolved.settings.trust = Some(trust);
-    // The front door goes first: the `xdp` backend registers its sockets in
-    // it while the workers are built. A failure later drops (detaches) it.
-    let front_door = attach_front_door(&resolved)?;
     resolved.settings.front_door = front_door.clone();
-    let blocklist = dataplane::blocklist::BlocklistStore::new(&resolved.blocklist);
-    resolved.settings.blocklist = Some(blocklist.clone());
+    resolved.settings.blocklist = Some(blocklists.store());
+    resolved.settings.admission = Some(authority.admission_gate());
     let mut authority = authority;
     let control = ControlPlane::spawn(resolved.control_plane_core, move |now| authority.poll(now))
         .context("cannot start the control plane")?;
@@ -250,6 +412,7 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
             return Err(e.into());
         }
     };
+    let _ = worker_stats.set(server.stats.clone());
     let gateway = match (&resolved.settings.zone, args.enable_legacy_gateway) {
         (Some(zone), true) => {
             let at = std::net::SocketAddrV6::new(
@@ -295,7 +458,7 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
         if signal != signals::SIGHUP {
             break signal;
         }
-        reload(args, front_door.as_deref(), &blocklist);
+        reload(args, &blocklists);
     };
     tracing::info!(
         signal,
@@ -332,11 +495,7 @@ fn attach_front_door(resolved: &config::Resolved) -> anyhow::Result<Option<Arc<F
 
 /// SIGHUP: re-read the config file and apply what can change live (the
 /// blocklist). A bad file is logged and changes nothing.
-fn reload(
-    args: &Args,
-    front_door: Option<&FrontDoor>,
-    blocklist: &dataplane::blocklist::BlocklistStore,
-) {
+fn reload(args: &Args, blocklists: &internet2_server::admission::Blocklists) {
     let resolved = match load_config(args) {
         Ok(resolved) => resolved,
         Err(e) => {
@@ -345,15 +504,8 @@ fn reload(
         }
     };
     // The workers drop blocklisted sources at the first packet; an XDP
-    // front door drops them in the driver too.
-    blocklist.set(&resolved.blocklist);
-    match front_door.map(|f| f.set_blocklist(&resolved.blocklist)) {
-        Some(Err(e)) => {
-            tracing::error!(error = %e, "reload: the XDP front door refused the blocklist; the workers enforce it")
-        }
-        _ => tracing::info!(
-            blocked = resolved.blocklist.len(),
-            "reloaded: blocklist applied"
-        ),
-    }
+    // front door drops them in the driver too. Isolation's entries stay.
+    let blocked = resolved.blocklist.len();
+    blocklists.set_configured(resolved.blocklist);
+    tracing::info!(blocked, "reloaded: configured blocklist applied");
 }

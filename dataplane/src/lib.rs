@@ -11,6 +11,7 @@
 //! It must not block anywhere but the backend's wait, take locks on the hot
 //! path, or touch control-plane state other than immutable snapshots.
 
+pub mod admission;
 pub mod blocklist;
 pub mod cid;
 pub mod client;

@@ -2,6 +2,7 @@
 //! with its own socket (SO_REUSEPORT) and endpoint, serving `perf` and
 //! `stoq/1` streams.
 
+use crate::admission::{AdmissionEvent, AdmissionGate, AdmissionStage, CLOSE_ADMISSION_DEADLINE};
 use crate::cid::{WorkerCidGenerator, WorkerId};
 use crate::control::ControlPort;
 use crate::front_door::FrontDoor;
@@ -19,7 +20,8 @@ use crate::steering::{ReuseportSteering, SteeringMode};
 use crate::transport::{ServerIdentity, TlsSetupError, TransportSettings, server_crypto};
 use crate::trust::{TrustStore, serial_of};
 use crate::worker::{
-    Actions, Admission, Delivery, Mailbox, Routing, Service, Worker, WorkerControl, WorkerParts,
+    Actions, Admission, Delivered, Delivery, Mailbox, Routing, Service, Worker, WorkerControl,
+    WorkerParts,
 };
 use bytes::Bytes;
 use quinn_proto::{
@@ -68,6 +70,9 @@ pub struct ServerSettings {
     pub dns_without_certificate: bool,
     /// Sources the workers drop at the first packet.
     pub blocklist: Option<Arc<crate::blocklist::BlocklistStore>>,
+    /// Four-proof admission of `stoq/1` connections (none: admitted at the
+    /// handshake).
+    pub admission: Option<Arc<dyn AdmissionGate>>,
 }
 
 /// Application close code: a `perf` connection without a client
@@ -198,6 +203,9 @@ pub fn serve(
     attach_steering(settings.steering, &sockets, &stats)?;
     if let Some(front_door) = &settings.front_door {
         let _ = stats.front_door.set(front_door.clone());
+    }
+    if let Some(gate) = &settings.admission {
+        let _ = stats.admission.set(gate.clone());
     }
     let mut workers = Vec::with_capacity(settings.workers);
     for (index, socket) in sockets.into_iter().enumerate() {
@@ -455,6 +463,10 @@ pub struct ServerService {
     perf_without_certificate: bool,
     dns_without_certificate: bool,
     next_conn_id: u64,
+    /// The admission gate, when `stoq/1` connections must be admitted.
+    gate: Option<Arc<dyn AdmissionGate>>,
+    /// Admission deadlines in order (one duration for all, so a queue).
+    deadlines: std::collections::VecDeque<(Instant, ConnectionHandle, u64)>,
 }
 
 impl ServerService {
@@ -469,6 +481,8 @@ impl ServerService {
             perf_without_certificate: settings.perf_without_certificate,
             dns_without_certificate: settings.dns_without_certificate,
             next_conn_id: 0,
+            gate: settings.admission.clone().filter(|gate| gate.required()),
+            deadlines: std::collections::VecDeque::new(),
             stats,
             zone: settings.zone.clone(),
             connections_max: settings.connections_per_worker_max,
@@ -491,6 +505,7 @@ pub struct ServerConn {
     perf: PerfServer,
     stoq: StoqServer,
     doq: DoqServer,
+    admission: AdmissionStage,
 }
 
 impl ServerService {
@@ -526,7 +541,71 @@ impl ServerService {
             );
             return false;
         }
+        if alpn == Alpn::Stoq {
+            return self.start_admission(st, conn, counters);
+        }
         true
+    }
+
+    /// A `stoq/1` handshake completed: fix the connection's admission
+    /// parameters and start its deadline. Returns false when closed.
+    fn start_admission(
+        &mut self,
+        st: &mut ServerConn,
+        conn: &mut Connection,
+        counters: &mut Counters,
+    ) -> bool {
+        let Some(gate) = &self.gate else {
+            return true;
+        };
+        let now = Instant::now();
+        st.admission = match &st.peer {
+            None => AdmissionStage::Anonymous,
+            Some((leaf, _)) => match gate.offer(leaf) {
+                Ok(pending) => AdmissionStage::Pending(pending),
+                Err(refusal) => {
+                    counters.admission_refused += 1;
+                    gate.report(AdmissionEvent::Failed {
+                        source: conn.remote_address(),
+                        identity: None,
+                        code: refusal.code,
+                    });
+                    conn.close(
+                        now,
+                        VarInt::from_u32(refusal.code),
+                        Bytes::from(stoq::truncate_reason(refusal.reason)),
+                    );
+                    st.admission = AdmissionStage::Refused;
+                    return false;
+                }
+            },
+        };
+        self.deadlines
+            .push_back((now + gate.deadline(), st.handle, st.id));
+        true
+    }
+
+    /// The deadline passed: close the connection unless it got admitted.
+    fn on_deadline(&mut self, st: &mut ServerConn, conn: &mut Connection, counters: &mut Counters) {
+        let identity = match &st.admission {
+            AdmissionStage::Pending(pending) => Some(pending.identity()),
+            AdmissionStage::Anonymous => None,
+            _ => return,
+        };
+        counters.admission_deadline += 1;
+        if let (Some(gate), Some(identity)) = (&self.gate, identity) {
+            gate.report(AdmissionEvent::Failed {
+                source: conn.remote_address(),
+                identity: Some(identity),
+                code: CLOSE_ADMISSION_DEADLINE,
+            });
+        }
+        st.admission = AdmissionStage::Refused;
+        conn.close(
+            Instant::now(),
+            VarInt::from_u32(CLOSE_ADMISSION_DEADLINE),
+            Bytes::from_static(b"no valid admission bundle before the deadline"),
+        );
     }
 }
 
@@ -552,7 +631,11 @@ impl Service for ServerService {
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
-        self.revocation_check
+        let deadline = self.deadlines.front().map(|(at, _, _)| *at);
+        [self.revocation_check, deadline]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     fn on_visit(&mut self, st: &mut ServerConn, conn: &mut Connection, now: Instant) {
@@ -573,6 +656,20 @@ impl Service for ServerService {
     }
 
     fn poll_deliveries(&mut self, out: &mut Vec<Delivery>) {
+        if !self.deadlines.is_empty() {
+            let now = Instant::now();
+            while let Some(&(at, handle, conn_id)) = self.deadlines.front() {
+                if at > now {
+                    break;
+                }
+                self.deadlines.pop_front();
+                out.push(Delivery {
+                    handle,
+                    conn_id,
+                    what: Delivered::AdmissionDeadline,
+                });
+            }
+        }
         let Some(port) = &self.control else { return };
         while let Some(reply) = port.take_reply(self.worker) {
             let kind = reply.kind | stoq::RESPONSE_FLAG;
@@ -583,8 +680,10 @@ impl Service for ServerService {
             out.push(Delivery {
                 handle: ConnectionHandle(reply.ticket.handle),
                 conn_id: reply.ticket.conn_id,
-                stream: reply.ticket.stream,
-                response,
+                what: Delivered::Response {
+                    stream: reply.ticket.stream,
+                    response,
+                },
             });
         }
     }
@@ -596,9 +695,23 @@ impl Service for ServerService {
         delivery: Delivery,
         counters: &mut Counters,
     ) {
-        if st.id == delivery.conn_id {
-            st.stoq
-                .deliver(conn, delivery.stream, delivery.response, counters);
+        if st.id != delivery.conn_id {
+            return;
+        }
+        match delivery.what {
+            Delivered::Response { stream, response } => {
+                st.stoq.deliver(conn, stream, response, counters)
+            }
+            Delivered::AdmissionDeadline => self.on_deadline(st, conn, counters),
+        }
+    }
+
+    fn on_close(&mut self, st: ServerConn, _conn: &Connection, _counters: &mut Counters) {
+        if let (Some(gate), AdmissionStage::Admitted(Some(_))) = (&self.gate, &st.admission) {
+            gate.report(AdmissionEvent::Closed {
+                worker: self.worker,
+                conn_id: st.id,
+            });
         }
     }
 
@@ -628,6 +741,12 @@ impl Service for ServerService {
             perf: PerfServer::default(),
             stoq: StoqServer::default(),
             doq: DoqServer::default(),
+            // Without a gate a connection is admitted by its handshake.
+            admission: if self.gate.is_some() {
+                AdmissionStage::Handshaking
+            } else {
+                AdmissionStage::Admitted(None)
+            },
         }
     }
 
@@ -657,6 +776,9 @@ impl Service for ServerService {
                 handle: st.handle.0,
                 conn_id: st.id,
             }),
+            gate: self.gate.as_deref(),
+            worker: self.worker,
+            conn_id: st.id,
         };
         match (alpn, event) {
             (Alpn::Perf, Event::Stream(StreamEvent::Opened { .. })) => {
@@ -688,16 +810,21 @@ impl Service for ServerService {
                 }
             }
             (Alpn::Stoq, Event::Stream(StreamEvent::Opened { .. })) => {
-                st.stoq.on_readable(conn, None, &ctx, counters)
+                st.stoq
+                    .on_readable(conn, None, &ctx, &mut st.admission, counters)
             }
             (Alpn::Stoq, Event::Stream(StreamEvent::Readable { id })) => {
-                st.stoq.on_readable(conn, Some(id), &ctx, counters)
+                st.stoq
+                    .on_readable(conn, Some(id), &ctx, &mut st.admission, counters)
             }
             (
                 Alpn::Stoq,
                 Event::Stream(StreamEvent::Finished { id } | StreamEvent::Stopped { id, .. }),
             ) => st.stoq.on_finished(id),
-            (Alpn::Stoq, Event::Connected) => st.stoq.on_connected(conn, &ctx, counters),
+            (Alpn::Stoq, Event::Connected) => {
+                st.stoq
+                    .on_connected(conn, &ctx, &mut st.admission, counters)
+            }
             // DNS queries are idempotent and public (RFC 9250 §4.5): served
             // from 0-RTT data too.
             (Alpn::Doq, Event::Stream(StreamEvent::Opened { .. })) => {

@@ -100,6 +100,12 @@ counters! {
     zero_rtt_deferred,
     /// Sends that hit a full socket buffer and waited.
     send_blocked,
+    /// stoq/1 connections admitted (a valid proof bundle).
+    admitted,
+    /// stoq/1 connections closed for an invalid proof bundle.
+    admission_refused,
+    /// stoq/1 connections closed for no valid bundle before the deadline.
+    admission_deadline,
     /// DNS-over-QUIC queries answered.
     doq_queries,
     /// DNS-over-QUIC connections closed for a protocol error.
@@ -131,13 +137,22 @@ counters! {
 }
 
 /// All workers' published counters.
-#[derive(Debug)]
 pub struct StatsRegistry {
     workers: Vec<PublishedCounters>,
     /// The steering program, once attached.
     pub steering: std::sync::OnceLock<crate::steering::ReuseportSteering>,
     /// The XDP front door, once attached.
     pub front_door: std::sync::OnceLock<std::sync::Arc<crate::front_door::FrontDoor>>,
+    /// The admission gate, when there is one (its status goes into `stats`).
+    pub admission: std::sync::OnceLock<std::sync::Arc<dyn crate::admission::AdmissionGate>>,
+}
+
+impl std::fmt::Debug for StatsRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatsRegistry")
+            .field("workers", &self.workers.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl StatsRegistry {
@@ -146,6 +161,7 @@ impl StatsRegistry {
             workers: (0..workers).map(|_| PublishedCounters::default()).collect(),
             steering: std::sync::OnceLock::new(),
             front_door: std::sync::OnceLock::new(),
+            admission: std::sync::OnceLock::new(),
         }
     }
 
@@ -166,11 +182,13 @@ impl StatsRegistry {
             .get()
             .map(crate::steering::ReuseportSteering::counters);
         let front_door = self.front_door.get().map(|f| f.counters());
+        let admission = self.admission.get().map(|gate| gate.status());
         StatsSnapshot {
             total,
             workers,
             steering,
             front_door,
+            admission,
         }
     }
 }
@@ -186,4 +204,8 @@ pub struct StatsSnapshot {
     /// The XDP front door's decisions; absent when no interface is configured.
     #[serde(default)]
     pub front_door: Option<crate::front_door::FrontDoorCounters>,
+    /// Admission: the mode in force, difficulty, beacon, isolation lists;
+    /// absent on a server without a gate.
+    #[serde(default)]
+    pub admission: Option<serde_json::Value>,
 }

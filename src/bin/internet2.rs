@@ -325,16 +325,17 @@ fn target(args: &TargetArgs, transport: TransportSettings) -> anyhow::Result<Cli
             ca.display()
         )
     })?;
-    let identity = if args.anonymous {
-        None
+    let (identity, admitter) = if args.anonymous {
+        (None, None)
     } else {
-        client_identity(args.identity.as_deref(), &ca)?
+        client_identity(args.identity.as_deref(), &ca)?.unzip()
     };
     let target = ClientTarget {
         remote: args.connect,
         server_name: args.server_name.clone(),
         trust: ServerTrust::Roots(vec![root.clone()]),
         identity,
+        admitter,
         backend: match args.backend {
             BackendArg::Uring => BackendKind::Uring,
             BackendArg::Socket => BackendKind::Socket,
@@ -394,7 +395,12 @@ fn enrolled_identity_path() -> PathBuf {
 fn client_identity(
     explicit: Option<&std::path::Path>,
     ca: &std::path::Path,
-) -> anyhow::Result<Option<dataplane::ClientIdentity>> {
+) -> anyhow::Result<
+    Option<(
+        dataplane::ClientIdentity,
+        std::sync::Arc<dyn dataplane::admission::Admitter>,
+    )>,
+> {
     let path = match explicit {
         Some(path) => path.to_owned(),
         None => {
@@ -406,7 +412,9 @@ fn client_identity(
             }
         }
     };
-    internet2_server::authority::load_identity(&path).map(Some)
+    let identity = internet2_server::authority::load_identity(&path)?;
+    let admitter = internet2_server::admission::admitter_for_file(&identity, &path)?;
+    Ok(Some((identity, admitter)))
 }
 
 fn dns_bench(
@@ -569,6 +577,32 @@ fn stats(args: &TargetArgs, json: bool) -> anyhow::Result<()> {
             print!("{:>14}", w[key].to_string());
         }
         println!();
+    }
+    if let Some(serde_json::Value::Object(admission)) = &snapshot.admission {
+        println!();
+        println!("admission");
+        for (key, value) in admission {
+            let shown = match value {
+                serde_json::Value::Array(items) if items.is_empty() => "none".to_owned(),
+                serde_json::Value::Array(items) => items
+                    .iter()
+                    .map(|item| match item {
+                        serde_json::Value::Object(entry) => entry
+                            .values()
+                            .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                        other => other
+                            .as_str()
+                            .map_or_else(|| other.to_string(), str::to_owned),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                serde_json::Value::String(text) => text.clone(),
+                other => other.to_string(),
+            };
+            println!("  {key:<22}{shown}");
+        }
     }
     Ok(())
 }

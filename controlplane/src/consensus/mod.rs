@@ -10,9 +10,11 @@
 
 pub mod beacon;
 pub mod binding;
+pub mod isolation;
 pub mod space;
 pub mod stake;
 pub mod state;
+pub mod wire;
 pub mod work;
 
 use crate::authority::ct::Hash;

@@ -128,6 +128,42 @@ impl Plot {
         }
     }
 
+    /// Rebuild a plot from its leaf hashes (a cache the client keeps):
+    /// `None` unless there are exactly `2^k` of them.
+    pub fn from_leaf_hashes(
+        identity: &Hash,
+        params: SpaceParams,
+        leaves: Vec<Hash>,
+    ) -> Option<Self> {
+        if leaves.len() as u64 != params.leaves() {
+            return None;
+        }
+        let mut levels = vec![leaves];
+        while let Some(below) = levels.last().filter(|l| l.len() > 1) {
+            let above = below
+                .chunks_exact(2)
+                .map(|pair| node_hash(&pair[0], &pair[1]))
+                .collect();
+            levels.push(above);
+        }
+        Some(Self {
+            identity: *identity,
+            params,
+            levels,
+        })
+    }
+
+    /// The leaf hashes (what a cache stores; the tree above them is a
+    /// third of the cost of building the plot).
+    pub fn leaf_hashes(&self) -> &[Hash] {
+        &self.levels[0]
+    }
+
+    /// The identity the plot belongs to.
+    pub fn identity(&self) -> &Hash {
+        &self.identity
+    }
+
     /// The commitment the client registers.
     pub fn commitment(&self) -> Hash {
         self.levels[self.levels.len() - 1][0]

@@ -59,12 +59,15 @@ pub struct LoadService {
     first_sent: Option<Instant>,
     deadline: Instant,
     done: bool,
+    admitter: Option<std::sync::Arc<dyn crate::admission::Admitter>>,
 }
 
 pub struct LoadConn {
     /// Streams in flight: when sent, and the response so far.
     streams: HashMap<StreamId, (Instant, Vec<u8>)>,
+    /// Handshake done and (where the server asks) admitted.
     connected: bool,
+    admission: Option<super::admit::ClientAdmission>,
 }
 
 impl LoadService {
@@ -102,6 +105,37 @@ impl LoadService {
             },
             first_sent: None,
             done: false,
+            admitter: None,
+        }
+    }
+
+    /// Be admitted (`stoq/1` only) before the load starts.
+    pub fn with_admitter(
+        mut self,
+        admitter: Option<std::sync::Arc<dyn crate::admission::Admitter>>,
+    ) -> Self {
+        if self.plan.framing == super::rpc::Framing::Stoq {
+            self.admitter = admitter;
+        }
+        self
+    }
+
+    fn on_admission(
+        &mut self,
+        st: &mut LoadConn,
+        conn: &mut Connection,
+        progress: super::admit::Progress,
+    ) {
+        match progress {
+            super::admit::Progress::Pending => {}
+            super::admit::Progress::Admitted => {
+                st.connected = true;
+                self.fill(st, conn);
+            }
+            super::admit::Progress::Failed(why) => {
+                self.report.failure = Some(why);
+                self.finish(conn);
+            }
         }
     }
 
@@ -204,6 +238,7 @@ impl Service for LoadService {
         LoadConn {
             streams: HashMap::new(),
             connected: false,
+            admission: None,
         }
     }
 
@@ -216,9 +251,27 @@ impl Service for LoadService {
         _counters: &mut Counters,
     ) {
         match event {
-            Event::Connected => {
-                st.connected = true;
-                self.fill(st, conn);
+            Event::Connected => match &self.admitter {
+                Some(admitter) => {
+                    let mut admission = super::admit::ClientAdmission::new(admitter.clone());
+                    let progress = admission.start(conn);
+                    st.admission = Some(admission);
+                    self.on_admission(st, conn, progress);
+                }
+                None => {
+                    st.connected = true;
+                    self.fill(st, conn);
+                }
+            },
+            Event::Stream(StreamEvent::Readable { id })
+                if st.admission.as_ref().is_some_and(|a| a.owns(id)) =>
+            {
+                let progress = st
+                    .admission
+                    .as_mut()
+                    .expect("checked above")
+                    .on_readable(conn, id);
+                self.on_admission(st, conn, progress);
             }
             Event::Stream(StreamEvent::Readable { id }) => self.read(st, conn, id),
             Event::Stream(StreamEvent::Available { dir: Dir::Bi }) if st.connected => {

@@ -1,6 +1,7 @@
 //! Clients built on the worker machinery: `stoq/1` requests and the `perf`
 //! load generator. Each client worker has its own ephemeral socket.
 
+pub mod admit;
 pub mod bench;
 pub mod load;
 pub mod rpc;
@@ -52,6 +53,10 @@ pub struct ClientTarget {
     pub identity: Option<ClientIdentity>,
     pub backend: BackendKind,
     pub transport: TransportSettings,
+    /// Makes the admission proofs of `stoq/1` connections (with
+    /// `identity`); `None` sends none (the server then refuses all but
+    /// enrollment where admission is on).
+    pub admitter: Option<Arc<dyn crate::admission::Admitter>>,
 }
 
 impl ClientTarget {
@@ -119,14 +124,15 @@ pub fn rpc(
     requests: Vec<(Kind, Bytes)>,
     timeout: Duration,
 ) -> Result<RpcOutcome, ClientError> {
-    let service = RpcService::new(
-        config.clone(),
-        target.remote,
-        &target.server_name,
-        requests,
-        timeout,
-    );
-    run_rpc(target, service)
+    run_rpc_admitted(target, || {
+        RpcService::new(
+            config.clone(),
+            target.remote,
+            &target.server_name,
+            requests.clone(),
+            timeout,
+        )
+    })
 }
 
 /// Send one `stoq/1` request of any kind (the authority's kinds are not
@@ -142,15 +148,16 @@ pub fn rpc_raw(
         message: crate::protocols::stoq::encode(kind, payload),
         idempotent: false,
     };
-    let service = RpcService::with_framing(
-        config.clone(),
-        target.remote,
-        &target.server_name,
-        rpc::Framing::Stoq,
-        vec![request],
-        timeout,
-    );
-    run_rpc(target, service)
+    run_rpc_admitted(target, || {
+        RpcService::with_framing(
+            config.clone(),
+            target.remote,
+            &target.server_name,
+            rpc::Framing::Stoq,
+            vec![request.clone()],
+            timeout,
+        )
+    })
 }
 
 /// Send already-framed requests (`stoq/1` messages or length-prefixed DNS
@@ -163,15 +170,30 @@ pub fn rpc_framed(
     timeout: Duration,
 ) -> Result<RpcOutcome, ClientError> {
     let config = target.client_config(alpn)?;
-    let service = RpcService::with_framing(
-        config,
-        target.remote,
-        &target.server_name,
-        framing,
-        requests,
-        timeout,
-    );
-    run_rpc(target, service)
+    run_rpc_admitted(target, || {
+        RpcService::with_framing(
+            config.clone(),
+            target.remote,
+            &target.server_name,
+            framing,
+            requests.clone(),
+            timeout,
+        )
+    })
+}
+
+/// Run an RPC connection with the target's admitter. A connection the
+/// server closed at its admission deadline before any request went out
+/// (a plot built on first use can take longer) is tried once more.
+fn run_rpc_admitted(
+    target: &ClientTarget,
+    make: impl Fn() -> RpcService,
+) -> Result<RpcOutcome, ClientError> {
+    let outcome = run_rpc(target, make().with_admitter(target.admitter.clone()))?;
+    if outcome.admission_deadline && outcome.admission.is_none() {
+        return run_rpc(target, make().with_admitter(target.admitter.clone()));
+    }
+    Ok(outcome)
 }
 
 /// Run a request load (`load::LoadPlan`) over one connection.
@@ -180,7 +202,8 @@ pub fn run_load(
     config: &ClientConfig,
     plan: load::LoadPlan,
 ) -> Result<load::LoadReport, ClientError> {
-    let service = load::LoadService::new(config.clone(), target.remote, &target.server_name, plan);
+    let service = load::LoadService::new(config.clone(), target.remote, &target.server_name, plan)
+        .with_admitter(target.admitter.clone());
     let worker = client_worker(target, 0, service)?;
     let (service, _) = worker
         .run()

@@ -2,6 +2,8 @@
 //! streams, their responses collected. 0-RTT is used when the session
 //! cache holds a ticket for the server, for idempotent requests only.
 
+use super::admit::{ClientAdmission, Progress};
+use crate::admission::Admitter;
 use crate::protocols::stoq::{self, KIND_ERROR, Kind, Message, RESPONSE_PAYLOAD_MAX};
 use crate::protocols::{ReadState, read_stream};
 use crate::stats::Counters;
@@ -12,6 +14,7 @@ use quinn_proto::{
 };
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Application close code of a client that is done.
@@ -41,6 +44,10 @@ pub struct RpcOutcome {
     pub zero_rtt_accepted: bool,
     /// Why the connection ended, if not by us.
     pub error: Option<String>,
+    /// How long admission took (parameters to admitted), when it ran.
+    pub admission: Option<Duration>,
+    /// The server closed the connection at its admission deadline.
+    pub admission_deadline: bool,
 }
 
 /// How requests and replies are framed on a stream.
@@ -71,12 +78,16 @@ pub struct RpcService {
     deadline: Instant,
     error: Option<String>,
     done: bool,
+    admitter: Option<Arc<dyn Admitter>>,
+    admission: Option<Duration>,
+    admission_deadline: bool,
 }
 
 pub struct RpcConn {
     streams: HashMap<StreamId, (usize, Vec<u8>)>,
     sent: bool,
     sent_early: bool,
+    admission: Option<ClientAdmission>,
 }
 
 impl RpcService {
@@ -130,6 +141,42 @@ impl RpcService {
             deadline: Instant::now() + timeout,
             error: None,
             done: false,
+            admitter: None,
+            admission: None,
+            admission_deadline: false,
+        }
+    }
+
+    /// Run the admission exchange (`stoq/1` only) before the requests.
+    pub fn with_admitter(mut self, admitter: Option<Arc<dyn Admitter>>) -> Self {
+        if self.framing == Framing::Stoq {
+            self.admitter = admitter;
+        }
+        self
+    }
+
+    /// Admission failed: every request fails with `why`.
+    fn fail_all(&mut self, conn: &mut Connection, why: String) {
+        for reply in &mut self.replies {
+            reply.get_or_insert_with(|| Reply::Failed(why.clone()));
+        }
+        self.error = Some(why);
+        self.done = true;
+        conn.close(
+            Instant::now(),
+            VarInt::from_u32(CLOSE_DONE),
+            Bytes::from_static(b"admission failed"),
+        );
+    }
+
+    fn on_admission(&mut self, st: &mut RpcConn, conn: &mut Connection, progress: Progress) {
+        match progress {
+            Progress::Pending => {}
+            Progress::Admitted => {
+                self.admission = st.admission.as_ref().and_then(|a| a.elapsed);
+                self.send_requests(st, conn);
+            }
+            Progress::Failed(why) => self.fail_all(conn, why),
         }
     }
 
@@ -145,6 +192,8 @@ impl RpcService {
             latency: self.replied.zip(self.started).map(|(r, s)| r - s),
             zero_rtt_accepted: self.zero_rtt_accepted,
             error: self.error,
+            admission: self.admission,
+            admission_deadline: self.admission_deadline,
         }
     }
 
@@ -215,10 +264,12 @@ impl Service for RpcService {
             streams: HashMap::new(),
             sent: false,
             sent_early: false,
+            admission: None,
         };
         // With a session ticket the requests ride in 0-RTT; only idempotent
-        // ones may (docs/PROTOCOL.md).
-        if conn.has_0rtt() && self.requests.iter().all(|r| r.idempotent) {
+        // ones may (docs/PROTOCOL.md), and not before admission.
+        if self.admitter.is_none() && conn.has_0rtt() && self.requests.iter().all(|r| r.idempotent)
+        {
             self.send_requests(&mut st, conn);
             st.sent_early = true;
         }
@@ -237,13 +288,29 @@ impl Service for RpcService {
             Event::Connected => {
                 self.handshake = self.started.map(|s| now - s);
                 self.zero_rtt_accepted = st.sent_early && conn.accepted_0rtt();
-                if !st.sent || (st.sent_early && !conn.accepted_0rtt()) {
+                if let Some(admitter) = &self.admitter {
+                    let mut admission = ClientAdmission::new(admitter.clone());
+                    let progress = admission.start(conn);
+                    st.admission = Some(admission);
+                    self.on_admission(st, conn, progress);
+                } else if !st.sent || (st.sent_early && !conn.accepted_0rtt()) {
                     // Rejected 0-RTT streams are gone: send again in 1-RTT.
                     self.send_requests(st, conn);
                 }
             }
+            Event::Stream(StreamEvent::Readable { id })
+                if st.admission.as_ref().is_some_and(|a| a.owns(id)) =>
+            {
+                let progress = st
+                    .admission
+                    .as_mut()
+                    .expect("checked above")
+                    .on_readable(conn, id);
+                self.on_admission(st, conn, progress);
+            }
             Event::Stream(StreamEvent::Readable { id }) => self.read(st, conn, id),
             Event::ConnectionLost { reason } => {
+                self.admission_deadline = is_admission_deadline(&reason);
                 if !self.done {
                     self.error = Some(describe(&reason));
                 }
@@ -305,9 +372,40 @@ impl Framing {
     }
 }
 
+/// Whether the server closed the connection at its admission deadline.
+pub fn is_admission_deadline(reason: &ConnectionError) -> bool {
+    matches!(reason, ConnectionError::ApplicationClosed(c)
+        if c.error_code == VarInt::from_u32(crate::admission::CLOSE_ADMISSION_DEADLINE))
+}
+
+/// The name of an admission close code (docs/ADMISSION.md).
+pub fn admission_code_name(code: u64) -> Option<&'static str> {
+    Some(match code {
+        0x201 => "WORK",
+        0x202 => "TIME",
+        0x203 => "STAKE",
+        0x204 => "SPACE",
+        0x205 => "MALFORMED",
+        0x206 => "STALE",
+        0x207 => "DEADLINE",
+        0x208 => "SUSPENDED",
+        _ => return None,
+    })
+}
+
 /// A connection error in words a user can act on.
 pub fn describe(reason: &ConnectionError) -> String {
     match reason {
+        ConnectionError::ApplicationClosed(c)
+            if admission_code_name(c.error_code.into_inner()).is_some() =>
+        {
+            format!(
+                "admission refused: {} ({:#x}): {}",
+                admission_code_name(c.error_code.into_inner()).unwrap_or_default(),
+                c.error_code.into_inner(),
+                String::from_utf8_lossy(&c.reason)
+            )
+        }
         ConnectionError::TimedOut => "no answer from the server (timed out)".to_owned(),
         ConnectionError::ConnectionClosed(c) if u64::from(c.error_code) == 0x178 => {
             "the server does not speak this protocol (TLS no_application_protocol)".to_owned()

@@ -5,6 +5,10 @@
 //! header (version, kind, two reserved zero bytes, big-endian u32 payload
 //! length) and the payload.
 
+use crate::admission::{
+    AdmissionEvent, AdmissionGate, AdmissionStage, KIND_ADMISSION_PARAMS, KIND_ADMISSION_SUBMIT,
+    KIND_PLOT_REGISTER, binding_of,
+};
 use crate::control::{ControlPort, Forwarded, Ticket};
 use crate::stats::{Counters, StatsRegistry};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -72,6 +76,14 @@ pub enum ErrorCode {
     CertificateRequired = 5,
     /// The control plane's queue is full: retry later.
     Busy = 6,
+    /// The connection is not admitted yet: it may only fetch its admission
+    /// parameters, register its plot and submit its bundle.
+    NotAdmitted = 7,
+    /// An admission request that does not fit the connection's state (a
+    /// second bundle, or parameters after admission).
+    AdmissionState = 8,
+    /// Admission is off on this server: no bundle is needed.
+    AdmissionOff = 9,
 }
 
 impl ErrorCode {
@@ -83,6 +95,9 @@ impl ErrorCode {
             4 => Some(ErrorCode::Malformed),
             5 => Some(ErrorCode::CertificateRequired),
             6 => Some(ErrorCode::Busy),
+            7 => Some(ErrorCode::NotAdmitted),
+            8 => Some(ErrorCode::AdmissionState),
+            9 => Some(ErrorCode::AdmissionOff),
             _ => None,
         }
     }
@@ -209,6 +224,10 @@ pub struct StoqContext<'a> {
     pub peer: Option<&'a CertificateDer<'static>>,
     /// Where authority requests go, if this server has an authority.
     pub authority: Option<AuthorityRoute<'a>>,
+    /// The admission gate, when connections must be admitted.
+    pub gate: Option<&'a dyn AdmissionGate>,
+    pub worker: usize,
+    pub conn_id: u64,
 }
 
 /// How to forward an authority request of this connection.
@@ -226,14 +245,15 @@ impl StoqServer {
         conn: &mut Connection,
         id: Option<StreamId>,
         ctx: &StoqContext<'_>,
+        stage: &mut AdmissionStage,
         counters: &mut Counters,
     ) {
         while let Some(id) = conn.streams().accept(Dir::Bi) {
             self.streams.insert(id, StoqStream::default());
-            self.read(conn, id, ctx, counters);
+            self.read(conn, id, ctx, stage, counters);
         }
         if let Some(id) = id {
-            self.read(conn, id, ctx, counters);
+            self.read(conn, id, ctx, stage, counters);
         }
     }
 
@@ -242,11 +262,12 @@ impl StoqServer {
         &mut self,
         conn: &mut Connection,
         ctx: &StoqContext<'_>,
+        stage: &mut AdmissionStage,
         counters: &mut Counters,
     ) {
         let ids: Vec<StreamId> = self.streams.keys().copied().collect();
         for id in ids {
-            self.try_answer(conn, id, ctx, counters);
+            self.try_answer(conn, id, ctx, stage, counters);
         }
     }
 
@@ -259,6 +280,7 @@ impl StoqServer {
         conn: &mut Connection,
         id: StreamId,
         ctx: &StoqContext<'_>,
+        stage: &mut AdmissionStage,
         counters: &mut Counters,
     ) {
         let Some(stream) = self.streams.get_mut(&id) else {
@@ -276,7 +298,7 @@ impl StoqServer {
             return;
         }
         stream.finished = state == super::ReadState::Finished;
-        self.try_answer(conn, id, ctx, counters);
+        self.try_answer(conn, id, ctx, stage, counters);
     }
 
     fn try_answer(
@@ -284,6 +306,7 @@ impl StoqServer {
         conn: &mut Connection,
         id: StreamId,
         ctx: &StoqContext<'_>,
+        stage: &mut AdmissionStage,
         counters: &mut Counters,
     ) {
         let Some(stream) = self.streams.get_mut(&id) else {
@@ -310,6 +333,42 @@ impl StoqServer {
                 ErrorCode::Malformed,
                 &DecodeError::TrailingBytes.to_string(),
             )),
+            Ok(_) if ctx.gate.is_some() && matches!(stage, AdmissionStage::Handshaking) => {
+                // Admission starts once the handshake completed.
+                counters.zero_rtt_deferred += 1;
+                return;
+            }
+            Ok(_) if matches!(stage, AdmissionStage::Refused) => return,
+            Ok(_) if matches!(stream.buf[1], KIND_ADMISSION_PARAMS | KIND_ADMISSION_SUBMIT) => {
+                if ctx.early {
+                    counters.zero_rtt_deferred += 1;
+                    return;
+                }
+                match admission_request(
+                    conn,
+                    stream.buf[1],
+                    &stream.buf[HEADER_LEN..],
+                    ctx,
+                    stage,
+                    counters,
+                ) {
+                    Some(response) => Some(response),
+                    None => {
+                        // Refused: the connection is closed with the code.
+                        stream.answered = true;
+                        return;
+                    }
+                }
+            }
+            Ok(_)
+                if matches!(stage, AdmissionStage::Pending(_))
+                    && stream.buf[1] != KIND_PLOT_REGISTER =>
+            {
+                Some(encode_error(
+                    ErrorCode::NotAdmitted,
+                    "this connection is not admitted yet: fetch the admission parameters and submit a proof bundle first",
+                ))
+            }
             Ok(_) if AUTHORITY_KINDS.contains(&stream.buf[1]) => {
                 let kind = stream.buf[1];
                 if ctx.early {
@@ -367,6 +426,94 @@ impl StoqServer {
             respond(conn, id, response, counters);
         }
     }
+}
+
+/// Answer an admission request; `None` when the bundle was refused and the
+/// connection closed.
+fn admission_request(
+    conn: &mut Connection,
+    kind: u8,
+    payload: &[u8],
+    ctx: &StoqContext<'_>,
+    stage: &mut AdmissionStage,
+    counters: &mut Counters,
+) -> Option<Bytes> {
+    let Some(gate) = ctx.gate else {
+        return Some(encode_error(
+            ErrorCode::AdmissionOff,
+            "admission is off on this server; no bundle is needed",
+        ));
+    };
+    let pending = match stage {
+        AdmissionStage::Pending(pending) => pending,
+        AdmissionStage::Anonymous => {
+            return Some(encode_error(
+                ErrorCode::CertificateRequired,
+                "admission needs a client certificate; a connection without one may only enroll",
+            ));
+        }
+        _ => {
+            return Some(encode_error(
+                ErrorCode::AdmissionState,
+                "this connection is already admitted",
+            ));
+        }
+    };
+    if kind == KIND_ADMISSION_PARAMS {
+        return Some(encode(
+            KIND_ADMISSION_PARAMS | RESPONSE_FLAG,
+            &pending.parameters(),
+        ));
+    }
+    let verdict = match binding_of(conn) {
+        Some(binding) => pending.verify(&binding, payload),
+        None => Err(crate::admission::Refusal {
+            code: crate::admission::CLOSE_ADMISSION_MALFORMED,
+            reason: "no TLS exporter on this connection".into(),
+        }),
+    };
+    match verdict {
+        Ok(admitted) => {
+            counters.admitted += 1;
+            gate.report(AdmissionEvent::Admitted {
+                worker: ctx.worker,
+                conn_id: ctx.conn_id,
+                source: conn.remote_address(),
+                owner: admitted.identity,
+            });
+            *stage = AdmissionStage::Admitted(Some(admitted.identity));
+            Some(encode(
+                KIND_ADMISSION_SUBMIT | RESPONSE_FLAG,
+                &admitted.reply,
+            ))
+        }
+        Err(refusal) => {
+            counters.admission_refused += 1;
+            gate.report(AdmissionEvent::Failed {
+                source: conn.remote_address(),
+                identity: Some(pending.identity()),
+                code: refusal.code,
+            });
+            *stage = AdmissionStage::Refused;
+            conn.close(
+                std::time::Instant::now(),
+                VarInt::from_u32(refusal.code),
+                Bytes::from(truncate_reason(refusal.reason)),
+            );
+            None
+        }
+    }
+}
+
+/// A close reason cut to [`crate::admission::REASON_LEN_MAX`] bytes at a
+/// character boundary.
+pub(crate) fn truncate_reason(mut reason: String) -> Vec<u8> {
+    let mut end = reason.len().min(crate::admission::REASON_LEN_MAX);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason.truncate(end);
+    reason.into_bytes()
 }
 
 /// Send `response` on stream `id` and finish it.

@@ -129,9 +129,19 @@ pub struct Delivery {
     /// The service's own id for the connection, so a reused handle is
     /// recognised.
     pub conn_id: u64,
-    pub stream: quinn_proto::StreamId,
-    /// The whole response message to write and finish the stream with.
-    pub response: Bytes,
+    pub what: Delivered,
+}
+
+/// What a [`Delivery`] brings.
+#[derive(Debug)]
+pub enum Delivered {
+    /// The whole response message to write on `stream` and finish it with.
+    Response {
+        stream: quinn_proto::StreamId,
+        response: Bytes,
+    },
+    /// The connection's admission deadline passed.
+    AdmissionDeadline,
 }
 
 struct Conn<T> {

@@ -1,0 +1,1057 @@
+//! Four-proof admission, wired (docs/ADMISSION.md):
+//!
+//! - [`Gate`]: what the workers call. It verifies bundles on the worker
+//!   against the last published [`AdmissionSnapshot`] (one atomic load, no
+//!   control-plane round trip) and queues outcomes for the control plane.
+//! - [`AdmissionRuntime`]: the control plane's side. It owns the durable
+//!   state (ledger, plots, beacon), ticks the beacon every second, adapts the
+//!   difficulty to the handshake rate, scores failures and isolates
+//!   offenders (the blocklist the workers and the XDP front door enforce),
+//!   records admitted connections as assets of their owners, and answers
+//!   the plot, stake and blocklist requests.
+//! - [`KeyAdmitter`]: the client's side. It makes the four proofs with the
+//!   client's key and a cached plot, so `internet2` commands are admitted
+//!   without the user noticing.
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use controlplane::authority::ct::Hash;
+use controlplane::consensus::binding::Binding;
+use controlplane::consensus::isolation::{Isolation, IsolationConfig};
+use controlplane::consensus::space::{Plot, SpaceParams};
+use controlplane::consensus::stake::{ClientKey, Identity};
+use controlplane::consensus::state::{AdmissionConfig, AdmissionSnapshot, AdmissionState};
+use controlplane::consensus::wire::{self, Offer, PlotRegistration};
+use controlplane::consensus::{AdmissionMode, ProofBundle, prove_bundle};
+use crossbeam_queue::ArrayQueue;
+use dataplane::admission::{
+    AdmissionEvent, AdmissionGate, Admitted, Admitter, CLOSE_ADMISSION_MALFORMED,
+    CLOSE_ADMISSION_SUSPENDED, PendingAdmission, Refusal,
+};
+use dataplane::blocklist::BlocklistStore;
+use dataplane::front_door::{FrontDoor, Ipv6Prefix};
+use dataplane::stats::StatsRegistry;
+use rustls::pki_types::CertificateDer;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+/// Request kind: register the caller's plot (allowed before admission).
+pub const PLOT_REGISTER: u8 = dataplane::admission::KIND_PLOT_REGISTER;
+/// Request kind (operator): grant, revoke or list stake.
+pub const STAKE: u8 = 0x3c;
+/// Request kind (operator): list or remove isolation entries.
+pub const BLOCKLIST: u8 = 0x3d;
+/// Request kind (operator): the admitted connections, by owner.
+pub const ASSETS: u8 = 0x3e;
+/// Connections listed per `ASSETS` answer.
+const ASSETS_LISTED_MAX: usize = 10_000;
+
+/// Outcomes queued by the workers; past it they are dropped and counted.
+const EVENTS_MAX: usize = 65_536;
+/// Outcomes handled per control-plane wake-up.
+const EVENTS_PER_POLL: usize = 4_096;
+/// Entries of each list shown in `stats` (the CLI lists them all).
+const STATUS_LIST_MAX: usize = 32;
+
+/// Admission settings from `[hypermesh_assets]`.
+#[derive(Clone, Debug)]
+pub struct AdmissionSettings {
+    /// What the mode was written as (`"mandatory"`, `"work,time"`, `"off"`).
+    pub mode_name: String,
+    pub config: AdmissionConfig,
+    pub isolation: IsolationConfig,
+    pub deadline: Duration,
+}
+
+impl AdmissionSettings {
+    /// Whether any proof is required.
+    pub fn required(&self) -> bool {
+        let m = self.config.mode;
+        m.work || m.time || m.stake || m.space
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An identity written as 64 hex digits.
+pub fn parse_identity(text: &str) -> Result<Identity, String> {
+    let text = text.trim();
+    if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "{text:?} is not an identity (64 hex digits: SHA-256 of the certificate's public key)"
+        ));
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
+    }
+    Ok(Identity(out))
+}
+
+/// The identity of a certificate (DER).
+pub fn identity_of_certificate(der: &[u8]) -> Result<Identity, String> {
+    ClientKey::from_certificate_der(der)
+        .map(|k| k.identity())
+        .map_err(|e| e.to_string())
+}
+
+// ---------------------------------------------------------------- the gate
+
+/// What the workers hold: the published snapshot and the outcome queue.
+pub struct Gate {
+    required: bool,
+    deadline: Duration,
+    snapshot: Arc<ArcSwap<AdmissionSnapshot>>,
+    suspended: ArcSwap<BTreeSet<Identity>>,
+    events: ArrayQueue<AdmissionEvent>,
+    events_dropped: AtomicU64,
+    status: ArcSwap<serde_json::Value>,
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate")
+            .field("required", &self.required)
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AdmissionGate for Gate {
+    fn required(&self) -> bool {
+        self.required
+    }
+
+    fn deadline(&self) -> Duration {
+        self.deadline
+    }
+
+    fn offer(&self, leaf: &CertificateDer<'static>) -> Result<Box<dyn PendingAdmission>, Refusal> {
+        let client = ClientKey::from_certificate_der(leaf).map_err(|e| Refusal {
+            code: controlplane::consensus::CLOSE_ADMISSION_STAKE,
+            reason: e.to_string(),
+        })?;
+        if self.suspended.load().contains(&client.identity()) {
+            return Err(Refusal {
+                code: CLOSE_ADMISSION_SUSPENDED,
+                reason: format!(
+                    "identity {} is suspended after repeated admission failures",
+                    hex(&client.identity().0)
+                ),
+            });
+        }
+        let snapshot = self.snapshot.load_full();
+        Ok(Box::new(Pending {
+            params: snapshot.parameters().clone(),
+            client,
+            snapshot: self.snapshot.clone(),
+            deadline_ms: self.deadline.as_millis() as u64,
+        }))
+    }
+
+    fn report(&self, event: AdmissionEvent) {
+        if self.events.push(event).is_err() {
+            self.events_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let mut status = (**self.status.load()).clone();
+        if let Some(map) = status.as_object_mut() {
+            map.insert(
+                "events_dropped".into(),
+                self.events_dropped.load(Ordering::Relaxed).into(),
+            );
+        }
+        status
+    }
+}
+
+/// One connection's fixed parameters.
+struct Pending {
+    params: controlplane::consensus::AdmissionParameters,
+    client: ClientKey,
+    snapshot: Arc<ArcSwap<AdmissionSnapshot>>,
+    deadline_ms: u64,
+}
+
+impl PendingAdmission for Pending {
+    fn parameters(&self) -> bytes::Bytes {
+        let snapshot = self.snapshot.load();
+        let identity = self.client.identity();
+        let mut beacon_public_key = [0u8; 32];
+        let key = snapshot.beacon_public_key();
+        if key.len() == 32 {
+            beacon_public_key.copy_from_slice(key);
+        }
+        let offer = Offer {
+            params: self.params.clone(),
+            beacon_public_key,
+            registered_plot: snapshot.plot(&identity),
+            stake: snapshot.stake(&identity),
+            stake_min: snapshot.policy().stake_min,
+            deadline_ms: self.deadline_ms,
+        };
+        bytes::Bytes::from(wire::encode_offer(&offer))
+    }
+
+    fn identity(&self) -> [u8; 32] {
+        self.client.identity().0
+    }
+
+    fn verify(&self, binding: &[u8; 32], bundle: &[u8]) -> Result<Admitted, Refusal> {
+        let bundle = ProofBundle::decode(bundle).map_err(|e| Refusal {
+            code: CLOSE_ADMISSION_MALFORMED,
+            reason: format!("malformed bundle: {e}"),
+        })?;
+        // The current snapshot: a plot registered on this connection counts.
+        let snapshot = self.snapshot.load();
+        let admitted = snapshot
+            .verify(
+                &self.params,
+                &self.client,
+                &Binding::from_exporter(*binding),
+                &bundle,
+                unix_now(),
+            )
+            .map_err(|e| Refusal {
+                code: e.code(),
+                reason: e.to_string(),
+            })?;
+        let identity = admitted.identity();
+        Ok(Admitted {
+            identity: identity.0,
+            reply: bytes::Bytes::from(wire::encode_admitted(&identity, snapshot.stake(&identity))),
+        })
+    }
+}
+
+// ---------------------------------------------------------- the blocklist
+
+/// The blocklist the workers and the front door enforce: the configured
+/// prefixes (SIGHUP reloads them) and those isolation added.
+pub struct Blocklists {
+    configured: Mutex<BTreeSet<Ipv6Prefix>>,
+    isolated: Mutex<BTreeSet<Ipv6Prefix>>,
+    store: Arc<BlocklistStore>,
+    front_door: Option<Arc<FrontDoor>>,
+}
+
+impl Blocklists {
+    pub fn new(configured: BTreeSet<Ipv6Prefix>, front_door: Option<Arc<FrontDoor>>) -> Arc<Self> {
+        Arc::new(Self {
+            store: BlocklistStore::new(&configured),
+            configured: Mutex::new(configured),
+            isolated: Mutex::new(BTreeSet::new()),
+            front_door,
+        })
+    }
+
+    /// What the workers read.
+    pub fn store(&self) -> Arc<BlocklistStore> {
+        self.store.clone()
+    }
+
+    pub fn set_configured(&self, prefixes: BTreeSet<Ipv6Prefix>) {
+        *self.configured.lock().expect("not poisoned") = prefixes;
+        self.apply();
+    }
+
+    fn set_isolated(&self, prefixes: BTreeSet<Ipv6Prefix>) {
+        *self.isolated.lock().expect("not poisoned") = prefixes;
+        self.apply();
+    }
+
+    pub fn configured(&self) -> BTreeSet<Ipv6Prefix> {
+        self.configured.lock().expect("not poisoned").clone()
+    }
+
+    fn apply(&self) {
+        let mut all = self.configured.lock().expect("not poisoned").clone();
+        all.extend(self.isolated.lock().expect("not poisoned").iter().copied());
+        self.store.set(&all);
+        if let Some(front_door) = &self.front_door
+            && let Err(e) = front_door.set_blocklist(&all)
+        {
+            tracing::error!(error = %e, "the XDP front door refused the blocklist; the workers enforce it");
+        }
+    }
+}
+
+// ------------------------------------------------------- the control plane
+
+/// A live admitted connection: an asset of its owner.
+#[derive(Clone, Debug)]
+struct ConnectionAsset {
+    owner: Identity,
+    source: SocketAddr,
+    since: Instant,
+}
+
+/// The control plane's side of admission (see the module documentation).
+pub struct AdmissionRuntime {
+    settings: AdmissionSettings,
+    state: AdmissionState,
+    gate: Arc<Gate>,
+    isolation: Isolation,
+    blocklists: Arc<Blocklists>,
+    stats: Arc<OnceLock<Arc<StatsRegistry>>>,
+    /// (when, handshake attempts then), for the rate.
+    last_count: Option<(Instant, u64)>,
+    next_tick: Instant,
+    published: u64,
+    isolation_published: u64,
+    assets: HashMap<(usize, u64), ConnectionAsset>,
+    owners: HashMap<Identity, u32>,
+}
+
+/// Operator requests on [`STAKE`].
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum StakeRequest {
+    Grant { identity: String, amount: u64 },
+    Revoke { identity: String, amount: u64 },
+    List,
+}
+
+/// Operator requests on [`BLOCKLIST`].
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum BlocklistRequest {
+    List,
+    Remove { prefix: String },
+    Unsuspend { identity: String },
+}
+
+/// An answer code and message for a refused request (the authority's
+/// codes, docs/PROTOCOL.md).
+type RequestError = (u16, String);
+
+fn bad_request(message: impl Into<String>) -> RequestError {
+    (
+        controlplane::authority::api::MALFORMED_REQUEST,
+        message.into(),
+    )
+}
+
+impl AdmissionRuntime {
+    /// Open the durable state in `db` (the authority's database) with the
+    /// node key at `node_key_path`; make sure the operator identity can
+    /// always be admitted.
+    pub fn open(
+        db: Arc<redb::Database>,
+        settings: AdmissionSettings,
+        node_key_path: &Path,
+        operator: Option<Identity>,
+        blocklists: Arc<Blocklists>,
+        stats: Arc<OnceLock<Arc<StatsRegistry>>>,
+    ) -> anyhow::Result<Self> {
+        let mut state = AdmissionState::open(db, settings.config, node_key_path, unix_now())
+            .context("cannot open the admission state")?;
+        if let Some(operator) = operator {
+            ensure_stake(&mut state, operator).context("cannot grant the operator its stake")?;
+        }
+        let isolation = Isolation::new(settings.isolation.clone())
+            .map_err(|e| anyhow::anyhow!("isolation settings: {e}"))?;
+        let gate = Arc::new(Gate {
+            required: settings.required(),
+            deadline: settings.deadline,
+            snapshot: Arc::new(ArcSwap::from_pointee(state.snapshot())),
+            suspended: ArcSwap::from_pointee(BTreeSet::new()),
+            events: ArrayQueue::new(EVENTS_MAX),
+            events_dropped: AtomicU64::new(0),
+            status: ArcSwap::from_pointee(serde_json::Value::Null),
+        });
+        let mut runtime = Self {
+            published: state.generation(),
+            state,
+            gate,
+            isolation,
+            blocklists,
+            stats,
+            last_count: None,
+            next_tick: Instant::now() + Duration::from_secs(1),
+            isolation_published: 0,
+            settings,
+            assets: HashMap::new(),
+            owners: HashMap::new(),
+        };
+        runtime.publish_status(Instant::now());
+        tracing::info!(
+            mode = runtime.settings.mode_name,
+            deadline_ms = runtime.settings.deadline.as_millis() as u64,
+            difficulty = runtime.state.difficulty().bits(),
+            "admission ready"
+        );
+        Ok(runtime)
+    }
+
+    pub fn gate(&self) -> Arc<Gate> {
+        self.gate.clone()
+    }
+
+    /// Make sure `identity` (the operator's, after a renewal) holds the
+    /// minimum stake: the operator reaches its own server in every mode.
+    pub fn ensure_operator(&mut self, identity: Identity) {
+        match ensure_stake(&mut self.state, identity) {
+            Ok(()) => self.publish_snapshot(),
+            Err(e) => {
+                tracing::error!(error = %e, "could not grant the operator identity its stake")
+            }
+        }
+    }
+
+    /// Tick, adapt, score; returns how long until the next tick.
+    pub fn poll(&mut self, now: Instant) -> Duration {
+        let mut changed = self.drain_events(now);
+        if now >= self.next_tick {
+            self.next_tick = now + Duration::from_secs(1);
+            if let Err(e) = self.state.tick(unix_now()) {
+                tracing::error!(error = %e, "beacon tick not stored; the last tick stays");
+            }
+            let rate = self.handshake_rate(now);
+            self.state.on_handshakes(rate, now);
+            self.isolation.expire(now);
+            // The status shows the new tick and difficulty.
+            changed = true;
+        }
+        self.publish_snapshot();
+        if changed {
+            self.publish_isolation(now);
+            self.publish_status(now);
+        }
+        self.next_tick.saturating_duration_since(now)
+    }
+
+    /// Handshake attempts per second since the last tick (accepted and
+    /// answered with Retry: the flood the difficulty answers).
+    fn handshake_rate(&mut self, now: Instant) -> u32 {
+        let Some(stats) = self.stats.get() else {
+            return 0;
+        };
+        let total = stats.snapshot().total;
+        let count = total.accepted + total.retries;
+        let rate = match self.last_count {
+            Some((at, before)) => {
+                let secs = now.saturating_duration_since(at).as_secs_f64().max(0.001);
+                (count.saturating_sub(before) as f64 / secs) as u32
+            }
+            None => 0,
+        };
+        self.last_count = Some((now, count));
+        rate
+    }
+
+    fn drain_events(&mut self, now: Instant) -> bool {
+        let mut changed = false;
+        for _ in 0..EVENTS_PER_POLL {
+            let Some(event) = self.gate.events.pop() else {
+                break;
+            };
+            changed = true;
+            match event {
+                AdmissionEvent::Failed {
+                    source,
+                    identity,
+                    code,
+                } => {
+                    let IpAddr::V6(ip) = source.ip() else {
+                        continue;
+                    };
+                    for isolated in self
+                        .isolation
+                        .record_failure(ip, identity.map(Identity), now)
+                    {
+                        tracing::warn!(
+                            ?isolated,
+                            last_code = format!("{code:#x}"),
+                            "isolated after repeated admission failures"
+                        );
+                    }
+                }
+                AdmissionEvent::Admitted {
+                    worker,
+                    conn_id,
+                    source,
+                    owner,
+                } => {
+                    let owner = Identity(owner);
+                    *self.owners.entry(owner).or_default() += 1;
+                    self.assets.insert(
+                        (worker, conn_id),
+                        ConnectionAsset {
+                            owner,
+                            source,
+                            since: now,
+                        },
+                    );
+                }
+                AdmissionEvent::Closed { worker, conn_id } => {
+                    if let Some(asset) = self.assets.remove(&(worker, conn_id))
+                        && let Some(count) = self.owners.get_mut(&asset.owner)
+                    {
+                        *count -= 1;
+                        if *count == 0 {
+                            self.owners.remove(&asset.owner);
+                        }
+                    }
+                }
+            }
+        }
+        changed
+    }
+
+    fn publish_snapshot(&mut self) {
+        if self.state.generation() != self.published {
+            self.published = self.state.generation();
+            self.gate.snapshot.store(Arc::new(self.state.snapshot()));
+        }
+    }
+
+    fn publish_isolation(&mut self, _now: Instant) {
+        if self.isolation.generation() == self.isolation_published {
+            return;
+        }
+        self.isolation_published = self.isolation.generation();
+        let prefixes = self
+            .isolation
+            .blocked()
+            .into_iter()
+            .map(|(addr, len, _)| Ipv6Prefix { addr, len })
+            .collect();
+        self.blocklists.set_isolated(prefixes);
+        self.gate.suspended.store(Arc::new(
+            self.isolation
+                .suspended()
+                .into_iter()
+                .map(|(identity, _)| identity)
+                .collect(),
+        ));
+    }
+
+    fn blocklist_json(&self, now: Instant, max: usize) -> serde_json::Value {
+        let blocked = self.isolation.blocked();
+        let suspended = self.isolation.suspended();
+        serde_json::json!({
+            "isolated": blocked.iter().take(max).map(|(addr, len, until)| serde_json::json!({
+                "prefix": format!("{addr}/{len}"),
+                "expires_in_s": until.saturating_duration_since(now).as_secs(),
+            })).collect::<Vec<_>>(),
+            "isolated_count": blocked.len(),
+            "suspended": suspended.iter().take(max).map(|(identity, until)| serde_json::json!({
+                "identity": hex(&identity.0),
+                "expires_in_s": until.saturating_duration_since(now).as_secs(),
+            })).collect::<Vec<_>>(),
+            "suspended_count": suspended.len(),
+            "configured": self.blocklists.configured().iter().map(|p| format!("{}/{}", p.addr, p.len)).collect::<Vec<_>>(),
+        })
+    }
+
+    fn publish_status(&mut self, now: Instant) {
+        let config = self.state.config();
+        let tick = self.state.latest_tick();
+        let mut status = serde_json::json!({
+            "mode": self.settings.mode_name,
+            "required": self.settings.required(),
+            "difficulty": self.state.difficulty().bits(),
+            "beacon_tick": tick.index,
+            "deadline_ms": self.settings.deadline.as_millis() as u64,
+            "stake_min": config.stake_min,
+            "plot_k": config.space.k(),
+            "challenges": config.space.challenges(),
+            "staked_identities": self.state.list().len(),
+            "connection_assets": self.assets.len(),
+            "asset_owners": self.owners.len(),
+        });
+        if let (Some(map), serde_json::Value::Object(lists)) = (
+            status.as_object_mut(),
+            self.blocklist_json(now, STATUS_LIST_MAX),
+        ) {
+            map.extend(lists);
+        }
+        self.gate.status.store(Arc::new(status));
+    }
+
+    /// Answer an admission request the authority does not know; `None`
+    /// when `kind` is not one.
+    pub fn handle(
+        &mut self,
+        kind: u8,
+        caller: Option<&[u8]>,
+        operator: bool,
+        payload: &[u8],
+        now: Instant,
+    ) -> Option<Result<Vec<u8>, RequestError>> {
+        let result = match kind {
+            PLOT_REGISTER => self.register_plot(caller, payload),
+            STAKE if operator => self.stake(payload),
+            BLOCKLIST if operator => self.blocklist(payload, now),
+            ASSETS if operator => Ok(self.assets_json(now)),
+            STAKE | BLOCKLIST | ASSETS => Err((
+                controlplane::authority::api::UNAUTHORIZED,
+                "only the operator may manage stake and the blocklist".into(),
+            )),
+            _ => return None,
+        };
+        self.publish_snapshot();
+        self.publish_isolation(now);
+        self.publish_status(now);
+        Some(result)
+    }
+
+    fn assets_json(&self, now: Instant) -> Vec<u8> {
+        let mut by_owner: std::collections::BTreeMap<String, Vec<serde_json::Value>> =
+            std::collections::BTreeMap::new();
+        for asset in self.assets.values().take(ASSETS_LISTED_MAX) {
+            by_owner
+                .entry(hex(&asset.owner.0))
+                .or_default()
+                .push(serde_json::json!({
+                    "source": asset.source.to_string(),
+                    "age_s": now.saturating_duration_since(asset.since).as_secs(),
+                }));
+        }
+        serde_json::to_vec(&serde_json::json!({
+            "connection_assets": self.assets.len(),
+            "owners": by_owner.into_iter().map(|(owner, connections)| serde_json::json!({
+                "owner": owner,
+                "connections": connections,
+            })).collect::<Vec<_>>(),
+        }))
+        .expect("JSON")
+    }
+
+    fn register_plot(
+        &mut self,
+        caller: Option<&[u8]>,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, RequestError> {
+        let Some(cert) = caller else {
+            return Err((
+                controlplane::authority::api::UNAUTHORIZED,
+                "registering a plot needs a client certificate".into(),
+            ));
+        };
+        let identity = identity_of_certificate(cert).map_err(bad_request)?;
+        let registration =
+            PlotRegistration::decode(payload).map_err(|e| bad_request(e.to_string()))?;
+        self.state
+            .register_plot(identity, registration.commitment, registration.k)
+            .map_err(|e| match e {
+                controlplane::consensus::state::StateError::Storage(_) => {
+                    (controlplane::authority::api::STORAGE, e.to_string())
+                }
+                other => bad_request(other.to_string()),
+            })?;
+        tracing::info!(
+            identity = hex(&identity.0),
+            k = registration.k,
+            "plot registered"
+        );
+        Ok(serde_json::to_vec(&serde_json::json!({
+            "identity": hex(&identity.0),
+            "stake": self.state.stake(&identity),
+        }))
+        .expect("JSON"))
+    }
+
+    fn stake(&mut self, payload: &[u8]) -> Result<Vec<u8>, RequestError> {
+        let request: StakeRequest = serde_json::from_slice(payload)
+            .map_err(|e| bad_request(format!("stake request: {e}")))?;
+        let storage = |e: controlplane::consensus::state::StateError| match e {
+            controlplane::consensus::state::StateError::Storage(_) => {
+                (controlplane::authority::api::STORAGE, e.to_string())
+            }
+            other => bad_request(other.to_string()),
+        };
+        let answer = match request {
+            StakeRequest::Grant { identity, amount } => {
+                let id = parse_identity(&identity).map_err(bad_request)?;
+                if amount == 0 {
+                    return Err(bad_request(
+                        "granting 0 changes nothing; give an amount of at least 1",
+                    ));
+                }
+                let total = self.state.grant(id, amount).map_err(storage)?;
+                tracing::info!(identity, amount, total, "stake granted");
+                serde_json::json!({"identity": identity, "stake": total})
+            }
+            StakeRequest::Revoke { identity, amount } => {
+                let id = parse_identity(&identity).map_err(bad_request)?;
+                let left = self.state.revoke(&id, amount).map_err(storage)?;
+                tracing::info!(identity, amount, left, "stake revoked");
+                serde_json::json!({"identity": identity, "stake": left})
+            }
+            StakeRequest::List => serde_json::json!({
+                "stake_min": self.state.config().stake_min,
+                "identities": self.state.list().iter().map(|(id, stake)| serde_json::json!({
+                    "identity": hex(&id.0),
+                    "stake": stake,
+                    "plot": self.state.plot(id).is_some(),
+                })).collect::<Vec<_>>(),
+            }),
+        };
+        Ok(serde_json::to_vec(&answer).expect("JSON"))
+    }
+
+    fn blocklist(&mut self, payload: &[u8], now: Instant) -> Result<Vec<u8>, RequestError> {
+        let request: BlocklistRequest = serde_json::from_slice(payload)
+            .map_err(|e| bad_request(format!("blocklist request: {e}")))?;
+        let answer = match request {
+            BlocklistRequest::List => self.blocklist_json(now, usize::MAX),
+            BlocklistRequest::Remove { prefix } => {
+                let parsed: Ipv6Prefix = prefix.parse().map_err(bad_request)?;
+                if !self.isolation.remove_prefix(parsed.addr, parsed.len) {
+                    let configured = self.blocklists.configured().contains(&parsed);
+                    return Err((
+                        controlplane::authority::api::NOT_FOUND,
+                        if configured {
+                            format!(
+                                "{prefix} comes from the configuration file; remove it there and send SIGHUP"
+                            )
+                        } else {
+                            format!("{prefix} is not on the isolation blocklist")
+                        },
+                    ));
+                }
+                tracing::info!(prefix, "isolation entry removed by the operator");
+                serde_json::json!({"removed": prefix})
+            }
+            BlocklistRequest::Unsuspend { identity } => {
+                let id = parse_identity(&identity).map_err(bad_request)?;
+                if !self.isolation.remove_identity(&id) {
+                    return Err((
+                        controlplane::authority::api::NOT_FOUND,
+                        format!("{identity} is not suspended"),
+                    ));
+                }
+                serde_json::json!({"unsuspended": identity})
+            }
+        };
+        Ok(serde_json::to_vec(&answer).expect("JSON"))
+    }
+}
+
+/// Top `identity` up to the minimum stake when stake is required.
+fn ensure_stake(
+    state: &mut AdmissionState,
+    identity: Identity,
+) -> Result<(), controlplane::consensus::state::StateError> {
+    let config = state.config();
+    let held = state.stake(&identity);
+    if config.mode.stake && held < config.stake_min {
+        let grant = config.stake_min - held;
+        state.grant(identity, grant)?;
+        tracing::info!(
+            identity = hex(&identity.0),
+            grant,
+            "operator identity granted the minimum stake"
+        );
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------ the client
+
+enum Signer {
+    Ecdsa(ring::signature::EcdsaKeyPair),
+    Ed25519(ring::signature::Ed25519KeyPair),
+}
+
+/// Makes a client's proofs with its certificate key (see the module
+/// documentation). Plots are kept in memory and, with a cache path, on
+/// disk beside the identity file (`IDENTITY.plot-kK`, 0600).
+pub struct KeyAdmitter {
+    identity: Identity,
+    signer: Signer,
+    cache: Option<PathBuf>,
+    plots: Mutex<HashMap<u8, Arc<Plot>>>,
+    /// Print a progress line while a plot is built.
+    progress: bool,
+}
+
+impl std::fmt::Debug for KeyAdmitter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyAdmitter")
+            .field("identity", &hex(&self.identity.0))
+            .field("cache", &self.cache)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Plot cache file header.
+const PLOT_MAGIC: &[u8; 8] = b"i2plot1\n";
+
+impl KeyAdmitter {
+    /// For `identity` (its leaf certificate and PKCS#8 key); `cache` is
+    /// the identity file the plot cache goes beside.
+    pub fn new(
+        identity: &dataplane::ClientIdentity,
+        cache: Option<&Path>,
+        progress: bool,
+    ) -> anyhow::Result<Arc<Self>> {
+        let leaf = identity
+            .chain
+            .first()
+            .context("the identity holds no certificate")?;
+        let key = ClientKey::from_certificate_der(leaf)
+            .map_err(|e| anyhow::anyhow!("this identity cannot be admitted: {e}"))?;
+        let rustls::pki_types::PrivateKeyDer::Pkcs8(pkcs8) = &identity.key else {
+            anyhow::bail!("the identity's key is not PKCS#8; admission signs with PKCS#8 keys");
+        };
+        let der = pkcs8.secret_pkcs8_der();
+        let signer = match key.algorithm() {
+            controlplane::consensus::stake::KeyAlgorithm::EcdsaP256Sha256 => Signer::Ecdsa(
+                ring::signature::EcdsaKeyPair::from_pkcs8(
+                    &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+                    der,
+                    &ring::rand::SystemRandom::new(),
+                )
+                .map_err(|e| anyhow::anyhow!("the identity's ECDSA key: {e}"))?,
+            ),
+            controlplane::consensus::stake::KeyAlgorithm::Ed25519 => Signer::Ed25519(
+                ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(der)
+                    .map_err(|e| anyhow::anyhow!("the identity's Ed25519 key: {e}"))?,
+            ),
+        };
+        Ok(Arc::new(Self {
+            identity: key.identity(),
+            signer,
+            cache: cache.map(Path::to_owned),
+            plots: Mutex::new(HashMap::new()),
+            progress,
+        }))
+    }
+
+    pub fn identity(&self) -> Identity {
+        self.identity
+    }
+
+    fn sign(&self, message: &[u8]) -> Vec<u8> {
+        match &self.signer {
+            Signer::Ecdsa(key) => key
+                .sign(&ring::rand::SystemRandom::new(), message)
+                .map(|s| s.as_ref().to_vec())
+                .unwrap_or_default(),
+            Signer::Ed25519(key) => key.sign(message).as_ref().to_vec(),
+        }
+    }
+
+    fn cache_path(&self, k: u8) -> Option<PathBuf> {
+        self.cache.as_ref().map(|p| {
+            let mut name = p.as_os_str().to_owned();
+            name.push(format!(".plot-k{k}"));
+            PathBuf::from(name)
+        })
+    }
+
+    /// The plot for `params`: from memory, the cache file, or built now.
+    pub fn plot(&self, params: SpaceParams) -> Arc<Plot> {
+        let k = params.k();
+        if let Some(plot) = self.plots.lock().expect("not poisoned").get(&k)
+            && plot.params() == params
+        {
+            return plot.clone();
+        }
+        let cached = self
+            .cache_path(k)
+            .and_then(|path| load_plot(&path, &self.identity.0, params));
+        let plot = Arc::new(match cached {
+            Some(plot) => plot,
+            None => {
+                let plot = self.build_plot(params);
+                if let Some(path) = self.cache_path(k)
+                    && let Err(e) = save_plot(&path, &plot)
+                {
+                    tracing::warn!(path = %path.display(), error = %e, "could not cache the plot; it is rebuilt next time");
+                }
+                plot
+            }
+        });
+        self.plots
+            .lock()
+            .expect("not poisoned")
+            .insert(k, plot.clone());
+        plot
+    }
+
+    fn build_plot(&self, params: SpaceParams) -> Plot {
+        let started = Instant::now();
+        let show = self.progress && params.leaves() >= 1 << 16;
+        let plot = Plot::build(&self.identity.0, params, |done, total| {
+            if show {
+                eprint!(
+                    "\rbuilding the admission plot: {done}/{total} leaves ({}%)",
+                    done * 100 / total
+                );
+            }
+        });
+        if show {
+            eprintln!(" done in {:.1} s", started.elapsed().as_secs_f64());
+        }
+        plot
+    }
+}
+
+fn load_plot(path: &Path, identity: &Hash, params: SpaceParams) -> Option<Plot> {
+    let bytes = std::fs::read(path).ok()?;
+    let header = PLOT_MAGIC.len() + 1 + 32 + 32;
+    let (head, body) = bytes.split_at_checked(header)?;
+    if &head[..8] != PLOT_MAGIC || head[8] != params.k() || &head[9..41] != identity {
+        return None;
+    }
+    if ring::digest::digest(&ring::digest::SHA256, body).as_ref() != &head[41..73] {
+        tracing::warn!(path = %path.display(), "the plot cache is corrupt; rebuilding it");
+        return None;
+    }
+    let leaves = body
+        .chunks_exact(32)
+        .map(|c| <[u8; 32]>::try_from(c).expect("32 bytes"))
+        .collect();
+    Plot::from_leaf_hashes(identity, params, leaves)
+}
+
+fn save_plot(path: &Path, plot: &Plot) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let body: Vec<u8> = plot.leaf_hashes().concat();
+    let digest = ring::digest::digest(&ring::digest::SHA256, &body);
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(PLOT_MAGIC)?;
+    file.write_all(&[plot.params().k()])?;
+    file.write_all(plot.identity())?;
+    file.write_all(digest.as_ref())?;
+    file.write_all(&body)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+impl Admitter for KeyAdmitter {
+    fn registration(&self, parameters: &[u8]) -> Result<Option<Vec<u8>>, String> {
+        let offer = wire::decode_offer(parameters)
+            .map_err(|e| format!("the server's admission parameters: {e}"))?;
+        offer
+            .verify_tick()
+            .map_err(|e| format!("the server's beacon tick does not verify: {e}"))?;
+        let mode = offer.params.mode;
+        if mode.space {
+            let plot = self.plot(offer.params.space);
+            let ours = plot.commitment();
+            if offer
+                .registered_plot
+                .is_none_or(|p| p.commitment != ours || p.k != offer.params.space.k())
+            {
+                return Ok(Some(
+                    PlotRegistration {
+                        k: offer.params.space.k(),
+                        commitment: ours,
+                    }
+                    .encode(),
+                ));
+            }
+        }
+        if mode.stake && offer.stake < offer.stake_min {
+            return Err(format!(
+                "identity {} holds stake {} below this server's minimum {}; the operator grants it with `internet2-server stake grant {} {}`",
+                hex(&self.identity.0),
+                offer.stake,
+                offer.stake_min,
+                hex(&self.identity.0),
+                offer.stake_min - offer.stake
+            ));
+        }
+        Ok(None)
+    }
+
+    fn bundle(&self, parameters: &[u8], binding: &[u8; 32]) -> Result<Vec<u8>, String> {
+        let offer = wire::decode_offer(parameters)
+            .map_err(|e| format!("the server's admission parameters: {e}"))?;
+        let plot = offer
+            .params
+            .mode
+            .space
+            .then(|| self.plot(offer.params.space));
+        let bundle = prove_bundle(
+            &offer.params,
+            &Binding::from_exporter(*binding),
+            |message| self.sign(message),
+            plot.as_deref(),
+        );
+        bundle
+            .encode()
+            .map_err(|e| format!("cannot encode the bundle: {e}"))
+    }
+}
+
+/// An admitter for the identity file at `path` (plot cached beside it).
+pub fn admitter_for_file(
+    identity: &dataplane::ClientIdentity,
+    path: &Path,
+) -> anyhow::Result<Arc<dyn Admitter>> {
+    Ok(KeyAdmitter::new(identity, Some(path), true)?)
+}
+
+/// `mode` as it is written in the config.
+pub fn mode_name(mode: AdmissionMode) -> String {
+    if mode == AdmissionMode::MANDATORY {
+        return "mandatory".into();
+    }
+    let names: Vec<&str> = [
+        (mode.work, "work"),
+        (mode.time, "time"),
+        (mode.stake, "stake"),
+        (mode.space, "space"),
+    ]
+    .into_iter()
+    .filter_map(|(on, name)| on.then_some(name))
+    .collect();
+    if names.is_empty() {
+        "off".into()
+    } else {
+        names.join(",")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identities_parse_from_hex_only() {
+        let id = parse_identity(&"ab".repeat(32)).unwrap();
+        assert_eq!(id.0, [0xab; 32]);
+        assert!(parse_identity("ab").is_err());
+        assert!(parse_identity(&"zz".repeat(32)).is_err());
+    }
+
+    #[test]
+    fn mode_names_round_trip() {
+        for text in ["mandatory", "work", "work,time", "stake,space", "off"] {
+            let mode = if text == "off" {
+                AdmissionMode::parse("").unwrap()
+            } else {
+                AdmissionMode::parse(text).unwrap()
+            };
+            assert_eq!(mode_name(mode), text);
+        }
+    }
+}
