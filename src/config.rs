@@ -168,6 +168,8 @@ pub struct HypermeshAssets {
     pub difficulty_max: u8,
     /// Handshake attempts per second above which the difficulty rises.
     pub flood_rate_per_s: u32,
+    /// Seconds below half the flood rate before the difficulty steps down.
+    pub difficulty_decay_s: u64,
     /// Failures from one prefix within the window that block it.
     pub isolation_threshold: u32,
     /// Failures of one identity within the window that suspend it.
@@ -192,6 +194,7 @@ impl Default for HypermeshAssets {
             difficulty_base: 8,
             difficulty_max: 24,
             flood_rate_per_s: 1_000,
+            difficulty_decay_s: 10,
             isolation_threshold: 8,
             isolation_identity_threshold: 8,
             isolation_window_s: 10,
@@ -642,6 +645,7 @@ impl Config {
                 base,
                 max,
                 flood_rate_per_s: h.flood_rate_per_s.max(1),
+                decay_every: Duration::from_secs(h.difficulty_decay_s.max(1)),
                 ..Default::default()
             },
             development_stake: (h.development_stake > 0).then_some(h.development_stake),

@@ -171,6 +171,7 @@ fn target(server: &Server) -> dataplane::client::ClientTarget {
         trust: dataplane::ServerTrust::Roots(vec![root]),
         identity: None,
         backend: dataplane::BackendKind::Socket,
+        admitter: None,
         transport: dataplane::TransportSettings::default(),
     }
 }

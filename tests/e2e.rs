@@ -22,6 +22,7 @@ fn target(server: &Server) -> ClientTarget {
         trust: ServerTrust::Roots(vec![root]),
         identity: Some(operator_identity(server)),
         backend: BackendKind::Socket,
+        admitter: Some(operator_admitter(server)),
         transport: TransportSettings {
             keep_alive: Some(Duration::from_secs(2)),
             ..TransportSettings::default()

@@ -61,6 +61,7 @@ fn operator_target(server: &Server) -> dataplane::client::ClientTarget {
         trust: dataplane::ServerTrust::Roots(vec![root]),
         identity: Some(operator_identity(server)),
         backend: dataplane::BackendKind::Socket,
+        admitter: Some(operator_admitter(server)),
         transport: dataplane::TransportSettings::default(),
     }
 }

@@ -74,7 +74,14 @@ impl Server {
     pub fn start_in(tag: &str, bind: &str, extra: &str, wrapper: &[&str]) -> Server {
         let port = free_port();
         let dir = temp_dir(tag);
-        let config = format!("[internet2]\nbind = \"{bind}\"\nport = {port}\n{extra}\n");
+        // Admission stays mandatory (the production default) with the
+        // development plot size and stake unless a test sets its own.
+        let admission = if extra.contains("[hypermesh_assets]") {
+            ""
+        } else {
+            "[hypermesh_assets]\nplot_k = 12\ndevelopment_stake = 1\n"
+        };
+        let config = format!("[internet2]\nbind = \"{bind}\"\nport = {port}\n{admission}{extra}\n");
         std::fs::write(dir.join("server.toml"), config).unwrap();
         if !wrapper.is_empty() {
             // The wrapper may drop privileges: let the server write its data dir.
@@ -254,4 +261,11 @@ pub fn ok(out: &std::process::Output) -> String {
 /// The operator identity the server writes beside its CA (`operator.pem`).
 pub fn operator_identity(server: &Server) -> dataplane::ClientIdentity {
     internet2_server::authority::load_identity(&server.dir.join("operator.pem")).unwrap()
+}
+
+/// The admission proofs of the operator identity (plot cached beside it).
+pub fn operator_admitter(server: &Server) -> std::sync::Arc<dyn dataplane::admission::Admitter> {
+    let path = server.dir.join("operator.pem");
+    let identity = internet2_server::authority::load_identity(&path).unwrap();
+    internet2_server::admission::admitter_for_file(&identity, &path).unwrap()
 }
