@@ -736,10 +736,18 @@ pub fn enroll<T: Connect>(args: &EnrollArgs<T>, default_out: &Path) -> anyhow::R
         bail!("REFUSING the issued certificate: it is not for the key made here");
     }
     let chain_der = pem_der("chain_pem", &issued.chain_pem)?;
-    session.target.identity = Some(ClientIdentity {
+    let identity = ClientIdentity {
         chain: vec![cert_der.into(), chain_der.into()],
         key: PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-    });
+    };
+    // The new identity proves itself for admission (its plot cached
+    // beside the file it is about to be saved to).
+    session.target.admitter = Some(crate::admission::KeyAdmitter::new(
+        &identity,
+        Some(&out),
+        true,
+    )?);
+    session.target.identity = Some(identity);
     let (_, log_key) = session
         .log_key()
         .context("the new certificate was issued, but fetching the log key with it failed; the token is spent, mint a new one")?;

@@ -189,9 +189,12 @@ fn run_rpc_admitted(
     target: &ClientTarget,
     make: impl Fn() -> RpcService,
 ) -> Result<RpcOutcome, ClientError> {
-    let outcome = run_rpc(target, make().with_admitter(target.admitter.clone()))?;
+    // Admission proves things about the client certificate: without one
+    // there is nothing to prove (the server allows enrollment only).
+    let admitter = target.admitter.clone().filter(|_| target.identity.is_some());
+    let outcome = run_rpc(target, make().with_admitter(admitter.clone()))?;
     if outcome.admission_deadline && outcome.admission.is_none() {
-        return run_rpc(target, make().with_admitter(target.admitter.clone()));
+        return run_rpc(target, make().with_admitter(admitter));
     }
     Ok(outcome)
 }
@@ -203,7 +206,7 @@ pub fn run_load(
     plan: load::LoadPlan,
 ) -> Result<load::LoadReport, ClientError> {
     let service = load::LoadService::new(config.clone(), target.remote, &target.server_name, plan)
-        .with_admitter(target.admitter.clone());
+        .with_admitter(target.admitter.clone().filter(|_| target.identity.is_some()));
     let worker = client_worker(target, 0, service)?;
     let (service, _) = worker
         .run()
