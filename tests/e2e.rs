@@ -38,9 +38,8 @@ fn counter(stats: &serde_json::Value, name: &str) -> u64 {
 
 #[test]
 fn handshake_ping_and_zero_rtt_resumption() {
-    // With admission on, stoq/1 requests wait for the bundle, which needs
-    // the handshake's exporter: 0-RTT carries them only with admission off.
-    let server = Server::start("ping", "[hypermesh_assets]\nconsensus_mode = \"off\"\n");
+    // Admission is on: 0-RTT requests are held until the bundle verifies.
+    let server = Server::start("ping", "");
     let out = ok(&server.client(&["ping", "--count", "3", "--payload", "hello"]));
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 3, "{out}");

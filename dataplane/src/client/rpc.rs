@@ -174,7 +174,10 @@ impl RpcService {
             Progress::Pending => {}
             Progress::Admitted => {
                 self.admission = st.admission.as_ref().and_then(|a| a.elapsed);
-                self.send_requests(st, conn);
+                if !st.sent || (st.sent_early && !conn.accepted_0rtt()) {
+                    // Rejected 0-RTT streams are gone: send again in 1-RTT.
+                    self.send_requests(st, conn);
+                }
             }
             Progress::Failed(why) => self.fail_all(conn, why),
         }
@@ -267,9 +270,9 @@ impl Service for RpcService {
             admission: None,
         };
         // With a session ticket the requests ride in 0-RTT; only idempotent
-        // ones may (docs/PROTOCOL.md), and not before admission.
-        if self.admitter.is_none() && conn.has_0rtt() && self.requests.iter().all(|r| r.idempotent)
-        {
+        // ones may (docs/PROTOCOL.md). Where admission is on, the server
+        // holds them until the bundle verifies.
+        if conn.has_0rtt() && self.requests.iter().all(|r| r.idempotent) {
             self.send_requests(&mut st, conn);
             st.sent_early = true;
         }

@@ -207,6 +207,9 @@ struct StoqStream {
     answered: bool,
     /// The client finished its side: an incomplete message stays so.
     finished: bool,
+    /// Opened in 0-RTT data: held (not refused) until the connection is
+    /// admitted.
+    early: bool,
 }
 
 /// Server side of a `stoq/1` connection.
@@ -249,7 +252,13 @@ impl StoqServer {
         counters: &mut Counters,
     ) {
         while let Some(id) = conn.streams().accept(Dir::Bi) {
-            self.streams.insert(id, StoqStream::default());
+            self.streams.insert(
+                id,
+                StoqStream {
+                    early: ctx.early,
+                    ..StoqStream::default()
+                },
+            );
             self.read(conn, id, ctx, stage, counters);
         }
         if let Some(id) = id {
@@ -362,6 +371,14 @@ impl StoqServer {
             }
             Ok(_)
                 if matches!(stage, AdmissionStage::Pending(_))
+                    && stream.buf[1] != KIND_PLOT_REGISTER
+                    && stream.early =>
+            {
+                // A 0-RTT request: answered once the bundle verifies.
+                return;
+            }
+            Ok(_)
+                if matches!(stage, AdmissionStage::Pending(_))
                     && stream.buf[1] != KIND_PLOT_REGISTER =>
             {
                 Some(encode_error(
@@ -411,7 +428,12 @@ impl StoqServer {
         let Some(response) = response else { return };
         stream.answered = true;
         counters.stoq_requests += 1;
+        let admitted_now = stream.buf[1] == KIND_ADMISSION_SUBMIT && stage.is_admitted();
         respond(conn, id, response, counters);
+        if admitted_now {
+            // Requests that arrived in 0-RTT were held for this.
+            self.on_connected(conn, ctx, stage, counters);
+        }
     }
 
     /// The control plane's answer to a forwarded request.
