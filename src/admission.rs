@@ -595,6 +595,9 @@ impl AdmissionRuntime {
         payload: &[u8],
         now: Instant,
     ) -> Option<Result<Vec<u8>, RequestError>> {
+        // Outcomes queued before this request count (the caller's own
+        // admission among them).
+        self.drain_events(now);
         let result = match kind {
             PLOT_REGISTER => self.register_plot(caller, payload),
             STAKE if operator => self.stake(payload),
