@@ -439,3 +439,158 @@ fn xdp_backend_with_zero_copy_on_fails_clearly_on_veth() {
     );
     drop(topology);
 }
+
+/// Run `f` on a thread that entered network namespace `ns` (sockets it
+/// opens live there).
+fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    use std::os::fd::AsRawFd;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let handle = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+            // SAFETY: setns on this thread only, with a namespace file we
+            // hold open; no memory is shared with the kernel.
+            let entered = unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(entered, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+/// Proofs that never verify: a malformed bundle every time.
+#[derive(Debug)]
+struct GarbageProofs;
+
+impl dataplane::admission::Admitter for GarbageProofs {
+    fn registration(&self, _: &[u8]) -> Result<Option<Vec<u8>>, String> {
+        Ok(None)
+    }
+
+    fn bundle(&self, _: &[u8], _: &[u8; 32]) -> Result<Vec<u8>, String> {
+        Ok(vec![0xab; 64])
+    }
+}
+
+/// One connection from the client namespace with a garbage bundle.
+fn lie_from_client(topology: &Topology, server: &Server) {
+    let root = controlplane::authority::pem::load_cert(&server.ca()).unwrap();
+    let target = dataplane::client::ClientTarget {
+        remote: format!("[{SERVER_IP}]:{}", server.port).parse().unwrap(),
+        server_name: "localhost".into(),
+        trust: dataplane::ServerTrust::Roots(vec![root]),
+        identity: Some(operator_identity(server)),
+        backend: dataplane::BackendKind::Socket,
+        transport: dataplane::TransportSettings::default(),
+        admitter: Some(std::sync::Arc::new(GarbageProofs)),
+    };
+    let outcome = in_netns(&topology.client, || {
+        let config = target
+            .client_config(dataplane::protocols::ALPN_STOQ)
+            .unwrap();
+        dataplane::client::rpc(
+            &target,
+            &config,
+            vec![(
+                dataplane::protocols::stoq::Kind::Ping,
+                bytes::Bytes::from_static(b"x"),
+            )],
+            Duration::from_secs(3),
+        )
+        .unwrap()
+    });
+    let error = outcome.error.unwrap_or_default();
+    assert!(error.contains("(0x205)"), "{error}");
+}
+
+/// `internet2-server ARGS` as the operator, inside the server's namespace.
+fn operator(topology: &Topology, server: &Server, args: &[&str]) -> serde_json::Value {
+    let out = topology
+        .exec(&topology.server, SERVER)
+        .arg("--config")
+        .arg(server.dir.join("server.toml"))
+        .arg("--data-dir")
+        .arg(&server.dir)
+        .args(args)
+        .output()
+        .unwrap();
+    serde_json::from_str(&ok(&out)).unwrap()
+}
+
+fn isolated(topology: &Topology, server: &Server) -> Vec<String> {
+    operator(topology, server, &["blocklist", "list"])["isolated"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["prefix"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn repeated_admission_failures_isolate_the_source_until_removed_or_expired() {
+    if !is_root() {
+        return skip_or_fail("network namespaces and XDP need root");
+    }
+    let topology = Topology::create("iso");
+    let wrapper = ["ip", "netns", "exec", topology.server.as_str()];
+    // A /128 here: the server's own address (from which its operator
+    // commands come) shares the client's /64 on this test link.
+    let server = Server::start_in(
+        "iso",
+        SERVER_IP,
+        "[hypermesh_assets]\nplot_k = 12\ndevelopment_stake = 1\nisolation_threshold = 3\nisolation_identity_threshold = 100000\nisolation_ttl_s = 4\nisolation_ipv6_prefix_len = 128\n[dataplane]\nworkers = 1\nxdp_interface = \"v0\"\n",
+        &wrapper,
+    );
+    ok(&ping_from_client(&topology, &server, 5000));
+    let blocked_prefix = format!("{CLIENT_IP}/128");
+
+    // Three refused bundles put the source on the blocklist ...
+    for _ in 0..3 {
+        lie_from_client(&topology, &server);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !isolated(&topology, &server).contains(&blocked_prefix) {
+        assert!(Instant::now() < deadline, "the liar was never isolated");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // ... and its next attempts, honest or not, die at the XDP front door.
+    let refused = ping_from_client(&topology, &server, 1500);
+    assert!(!refused.status.success(), "an isolated source was served");
+    let counters = front_door(&topology, &server);
+    assert!(counters["drop_blocked"].as_u64().unwrap() > 0, "{counters}");
+    let status = stats(&topology, &server)["admission"].clone();
+    assert_eq!(status["isolated_count"], 1, "{status}");
+
+    // The operator lifts it.
+    operator(
+        &topology,
+        &server,
+        &["blocklist", "remove", &blocked_prefix],
+    );
+    ok(&ping_from_client(&topology, &server, 5000));
+
+    // Isolated again, it expires by itself after the time to live.
+    for _ in 0..3 {
+        lie_from_client(&topology, &server);
+    }
+    let isolated_at = Instant::now();
+    let deadline = isolated_at + Duration::from_secs(5);
+    while !isolated(&topology, &server).contains(&blocked_prefix) {
+        assert!(
+            Instant::now() < deadline,
+            "the liar was never isolated again"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!ping_from_client(&topology, &server, 1000).status.success());
+    let deadline = isolated_at + Duration::from_secs(15);
+    loop {
+        if ping_from_client(&topology, &server, 1500).status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the entry never expired");
+    }
+    assert!(isolated(&topology, &server).is_empty());
+    drop(server);
+    drop(topology);
+}
