@@ -133,10 +133,14 @@ fn operator_target(server: &Server, admitter: Option<Arc<dyn Admitter>>) -> Clie
 }
 
 fn liar(server: &Server, lie: Lie) -> Arc<dyn Admitter> {
-    let path = server.dir.join("operator.pem");
-    let identity = internet2_server::authority::load_identity(&path).unwrap();
+    liar_as(&server.dir.join("operator.pem"), lie)
+}
+
+/// A liar with the identity in the file at `path`.
+fn liar_as(path: &std::path::Path, lie: Lie) -> Arc<dyn Admitter> {
+    let identity = internet2_server::authority::load_identity(path).unwrap();
     Arc::new(Liar {
-        honest: KeyAdmitter::new(&identity, Some(&path), false).unwrap(),
+        honest: KeyAdmitter::new(&identity, Some(path), false).unwrap(),
         other: stranger(),
         lie,
         captured: Mutex::new(None),
@@ -494,4 +498,56 @@ fn difficulty_rises_under_a_handshake_flood_and_falls_back() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+#[test]
+fn an_identity_that_keeps_failing_is_suspended_until_the_operator_lifts_it() {
+    let server = Server::start(
+        "adm-suspend",
+        "[hypermesh_assets]\nplot_k = 12\ndevelopment_stake = 1\nisolation_threshold = 100000\nisolation_identity_threshold = 3\n",
+    );
+    let path = issue_identity(&server, "client-x");
+    let identity = internet2_server::authority::load_identity(&path).unwrap();
+    let target = |admitter| ClientTarget {
+        identity: Some(identity.clone()),
+        ..operator_target(&server, Some(admitter))
+    };
+    let honest: Arc<dyn Admitter> = KeyAdmitter::new(&identity, Some(&path), false).unwrap();
+    assert!(admitted(&ping(&target(honest.clone()))));
+    for _ in 0..3 {
+        assert_refused(&ping(&target(liar_as(&path, Lie::Work))), 0x201, "work");
+    }
+    // Suspended: even its honest proofs are refused, at once.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let outcome = ping(&target(honest.clone()));
+        if outcome
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("(0x208)"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never suspended: {outcome:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Other identities from the same address are still served.
+    assert!(admitted(&ping(&operator_target(
+        &server,
+        Some(operator_admitter(&server))
+    ))));
+    let listed: serde_json::Value =
+        serde_json::from_str(&ok(&server_command(&server, &["blocklist", "list"]))).unwrap();
+    assert_eq!(listed["suspended_count"], 1, "{listed}");
+    ok(&server_command(
+        &server,
+        &["blocklist", "unsuspend", "--cert", path.to_str().unwrap()],
+    ));
+    assert!(admitted(&ping(&target(honest))));
+    // Lifting what is not there is an error.
+    let again = server_command(
+        &server,
+        &["blocklist", "unsuspend", "--cert", path.to_str().unwrap()],
+    );
+    assert!(!again.status.success());
 }

@@ -593,10 +593,12 @@ impl ServerService {
             _ => return,
         };
         counters.admission_deadline += 1;
-        if let (Some(gate), Some(identity)) = (&self.gate, identity) {
+        // Scored like a refused bundle: a flood of silent connections
+        // isolates its source (an enrolling client is long gone by now).
+        if let Some(gate) = &self.gate {
             gate.report(AdmissionEvent::Failed {
                 source: conn.remote_address(),
-                identity: Some(identity),
+                identity,
                 code: CLOSE_ADMISSION_DEADLINE,
             });
         }
