@@ -784,7 +784,28 @@ mod tests {
         let empty = parse("empty.toml", "", 2).unwrap();
         assert_eq!(empty.settings.listen.port(), 4433);
         assert_eq!(empty.settings.workers, 2);
-        parse(EMBEDDED_NAME, EMBEDDED_DEV_CONFIG, 2).unwrap();
+        let dev = parse(EMBEDDED_NAME, EMBEDDED_DEV_CONFIG, 2).unwrap();
+        // Admission: mandatory everywhere; development grants stake and
+        // keeps plots small, production leaves stake to the operator.
+        assert_eq!(empty.admission.mode_name, "mandatory");
+        assert_eq!(empty.admission.config.development_stake, None);
+        assert_eq!(dev.admission.mode_name, "mandatory");
+        assert_eq!(dev.admission.config.development_stake, Some(1));
+        assert_eq!(dev.admission.config.space.k(), 12);
+        let subset = parse(
+            "s.toml",
+            "[hypermesh_assets]\nconsensus_mode = \"time, work\"\n",
+            2,
+        )
+        .unwrap();
+        assert_eq!(subset.admission.mode_name, "work,time");
+        let off = parse(
+            "o.toml",
+            "[hypermesh_assets]\nconsensus_mode = \"off\"\n",
+            2,
+        )
+        .unwrap();
+        assert!(!off.admission.required());
     }
 
     #[test]
@@ -874,6 +895,48 @@ mod tests {
                 2,
                 "trustchain_authority.ca_algorithm",
                 "expected `ecdsa-p256` or `ed25519`",
+            ),
+            (
+                "[hypermesh_assets]\nconsensus_mode = \"work,luck\"\n",
+                2,
+                "hypermesh_assets.consensus_mode",
+                "unknown proof \"luck\"",
+            ),
+            (
+                "[hypermesh_assets]\nplot_k = 25\n",
+                2,
+                "hypermesh_assets.plot_k",
+                "within 1..=24",
+            ),
+            (
+                "[hypermesh_assets]\ndifficulty_base = 30\ndifficulty_max = 20\n",
+                2,
+                "hypermesh_assets.difficulty_base",
+                "must not exceed difficulty_max",
+            ),
+            (
+                "[hypermesh_assets]\ndifficulty_max = 33\n",
+                2,
+                "hypermesh_assets.difficulty_max",
+                "at most 32",
+            ),
+            (
+                "[hypermesh_assets]\nstake_min = 0\n",
+                2,
+                "hypermesh_assets.stake_min",
+                "at least 1",
+            ),
+            (
+                "[hypermesh_assets]\nadmission_deadline_ms = 10\n",
+                2,
+                "hypermesh_assets.admission_deadline_ms",
+                "100..=60000",
+            ),
+            (
+                "[hypermesh_assets]\nisolation_ipv6_prefix_len = 8\n",
+                2,
+                "hypermesh_assets.isolation_ipv6_prefix_len",
+                "prefix",
             ),
             (
                 "[trustchain_authority]\ncertificate_lifetime_hours = 0\n",
