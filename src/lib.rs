@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admission;
+pub mod admission_bench;
 pub mod authority;
 pub mod authority_load;
 pub mod cli_authority;

@@ -507,5 +507,8 @@ fn reload(args: &Args, blocklists: &internet2_server::admission::Blocklists) {
     // front door drops them in the driver too. Isolation's entries stay.
     let blocked = resolved.blocklist.len();
     blocklists.set_configured(resolved.blocklist);
-    tracing::info!(blocked, "reloaded: blocklist applied (isolation entries kept)");
+    tracing::info!(
+        blocked,
+        "reloaded: blocklist applied (isolation entries kept)"
+    );
 }

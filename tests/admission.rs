@@ -304,7 +304,7 @@ fn issue_identity(server: &Server, name: &str) -> PathBuf {
         lifetime_hours: None,
     })
     .unwrap();
-    let target = operator_target(&server, Some(operator_admitter(server)));
+    let target = operator_target(server, Some(operator_admitter(server)));
     let config = target
         .client_config(dataplane::protocols::ALPN_STOQ)
         .unwrap();

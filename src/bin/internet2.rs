@@ -107,6 +107,11 @@ enum Command {
     /// The server's DNS zone: add, remove and list names.
     #[command(subcommand)]
     Dns(cli_authority::DnsCommand<TargetArgs>),
+    /// Measure admission: the admission round trip and the client's share
+    /// of it, one connection at a time; then connections per second
+    /// (handshake, admission, one ping) from several threads. Against a
+    /// server with admission off, the same without proofs.
+    AdmissionBench(AdmissionBenchArgs),
     /// Measure the authority: issuance latency (durable, CT-logged) and
     /// rate, inclusion-proof latency, handshakes with and without mTLS.
     AuthorityBench {
@@ -170,6 +175,24 @@ struct TargetArgs {
     timeout_ms: u64,
     #[arg(long, value_enum, default_value = "socket")]
     backend: BackendArg,
+}
+
+#[derive(Debug, Args)]
+struct AdmissionBenchArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Connections of the one-at-a-time phase.
+    #[arg(long, default_value_t = 300)]
+    connections: u64,
+    /// Threads opening connections in the rate phase.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Seconds of the rate phase.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Write the result as JSON here.
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -291,6 +314,19 @@ fn main() -> ExitCode {
             target.by_name = Some(server);
             ping(&target, 1, "internet2")
         }
+        Command::AdmissionBench(args) => target(&args.target, TransportSettings::default())
+            .and_then(|target| {
+                internet2_server::admission_bench::bench(
+                    &target,
+                    &internet2_server::admission_bench::AdmissionBenchPlan {
+                        connections: args.connections,
+                        concurrency: args.concurrency,
+                        seconds: args.seconds,
+                        timeout: Duration::from_millis(args.target.timeout_ms),
+                    },
+                    args.json.as_deref(),
+                )
+            }),
         Command::AuthorityBench {
             target,
             requests,

@@ -5,6 +5,7 @@
 //! hosts or between two network namespaces on this machine. `ci` runs the
 //! whole test suite as CI does.
 
+mod admission;
 mod bench;
 mod ci;
 mod ebpf;
@@ -35,6 +36,11 @@ enum Task {
     /// mutual TLS; medians over --runs fresh servers.
     #[command(name = "bench-authority")]
     BenchAuthority(AuthorityBenchArgs),
+    /// Measure admission on [::1]: proof costs in process (admission-micro),
+    /// the admission round trip and connections/s against a server with
+    /// admission and one without; medians over --runs fresh servers.
+    #[command(name = "bench-admission")]
+    BenchAdmission(admission::AdmissionBenchArgs),
     /// Compile the BPF programs in ebpf/ (objects are committed); with
     /// --check, fail if a committed object differs from its source.
     BuildEbpf {
@@ -205,6 +211,7 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Bench40g(args) => bench::bench_40g(&args),
         Task::BenchAuthority(args) => bench::bench_authority(&args),
+        Task::BenchAdmission(args) => admission::bench_admission(&args),
         Task::BuildEbpf { check } => ebpf::run(&workspace_root(), check),
         Task::Ci { smoke_seconds } => ci::run(&workspace_root(), smoke_seconds),
     };

@@ -191,7 +191,10 @@ fn run_rpc_admitted(
 ) -> Result<RpcOutcome, ClientError> {
     // Admission proves things about the client certificate: without one
     // there is nothing to prove (the server allows enrollment only).
-    let admitter = target.admitter.clone().filter(|_| target.identity.is_some());
+    let admitter = target
+        .admitter
+        .clone()
+        .filter(|_| target.identity.is_some());
     let outcome = run_rpc(target, make().with_admitter(admitter.clone()))?;
     if outcome.admission_deadline && outcome.admission.is_none() {
         return run_rpc(target, make().with_admitter(admitter));
@@ -206,7 +209,12 @@ pub fn run_load(
     plan: load::LoadPlan,
 ) -> Result<load::LoadReport, ClientError> {
     let service = load::LoadService::new(config.clone(), target.remote, &target.server_name, plan)
-        .with_admitter(target.admitter.clone().filter(|_| target.identity.is_some()));
+        .with_admitter(
+            target
+                .admitter
+                .clone()
+                .filter(|_| target.identity.is_some()),
+        );
     let worker = client_worker(target, 0, service)?;
     let (service, _) = worker
         .run()

@@ -1,0 +1,671 @@
+//! `cargo xtask bench-admission`: what admission costs, in one run.
+//!
+//! Each of `--runs` rounds starts two fresh servers on [::1], one after
+//! the other (the order alternates between rounds): one with the
+//! development admission settings (`[hypermesh_assets]` mandatory, a plot
+//! of 2^12 leaves, development stake 1) and one with admission off. It
+//! runs `internet2 admission-bench` against each (admission round trip,
+//! connections per second) and then `admission-micro` with no server
+//! running (the proofs' cost in process). The table shows the medians over
+//! the rounds; the ratio of the connection rates is taken per round, where
+//! the two servers ran back to back, and its median shown.
+//!
+//! Servers are stopped with SIGTERM (SIGKILL after a grace period) and the
+//! scratch directory is removed on every path out, errors included.
+
+use std::io::{BufRead, BufReader};
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use serde_json::{Map, Value, json};
+
+/// How long a server may take to print its `listening on` line (it makes
+/// its CA and keys on first start).
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a server may drain after SIGTERM before it gets SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long one client command may run before it is killed.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Prefix of the scratch directories under the system temporary directory.
+const WORK_DIR_PREFIX: &str = "i2-bench-admission-";
+
+#[derive(Args, Clone, Debug)]
+pub struct AdmissionBenchArgs {
+    /// Rounds (each: a server with admission, one without, admission-micro);
+    /// medians are reported.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Connections of the one-at-a-time phase against each server.
+    #[arg(long, default_value_t = 300)]
+    pub connections: u64,
+    /// Threads opening connections in the rate phase.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Seconds of the rate phase.
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// Bundles admission-micro makes and verifies per key and round.
+    #[arg(long, default_value_t = 2000)]
+    pub iterations: u64,
+    /// Server workers.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Also write all rounds and the medians as JSON here.
+    #[arg(long, value_name = "PATH")]
+    pub json: Option<PathBuf>,
+}
+
+/// Which server a measurement ran against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Admission {
+    On,
+    Off,
+}
+
+impl Admission {
+    fn key(self) -> &'static str {
+        match self {
+            Admission::On => "admission_on",
+            Admission::Off => "admission_off",
+        }
+    }
+
+    /// What `internet2 admission-bench` must report for this server.
+    fn reported(self) -> &'static str {
+        match self {
+            Admission::On => "on",
+            Admission::Off => "off",
+        }
+    }
+
+    fn consensus_mode(self) -> &'static str {
+        match self {
+            Admission::On => "mandatory",
+            Admission::Off => "off",
+        }
+    }
+}
+
+struct Binaries {
+    server: PathBuf,
+    client: PathBuf,
+    micro: PathBuf,
+}
+
+pub fn bench_admission(args: &AdmissionBenchArgs) -> Result<()> {
+    if args.runs == 0 || args.connections == 0 || args.concurrency == 0 || args.iterations == 0 {
+        bail!("--runs, --connections, --concurrency and --iterations must be at least 1");
+    }
+    if !(args.seconds > 0.0 && args.seconds.is_finite()) {
+        bail!("--seconds must be a positive number");
+    }
+    let bins = build()?;
+    remove_stale_work_dirs();
+    let work = WorkDir::create()?;
+    let mut rounds = Vec::new();
+    for run in 0..args.runs {
+        let order = if run % 2 == 0 {
+            [Admission::On, Admission::Off]
+        } else {
+            [Admission::Off, Admission::On]
+        };
+        let mut round = Map::new();
+        for admission in order {
+            let dir = work.path.join(format!("{}-{run}", admission.key()));
+            eprintln!(
+                "bench-admission: run {}/{}: server with admission {}",
+                run + 1,
+                args.runs,
+                admission.reported()
+            );
+            let report = against_server(&bins, args, admission, &dir)?;
+            round.insert(admission.key().into(), report);
+        }
+        eprintln!(
+            "bench-admission: run {}/{}: admission-micro",
+            run + 1,
+            args.runs
+        );
+        round.insert("micro".into(), micro(&bins, args, &work.path, run)?);
+        let rate = |key: &str| round[key]["loaded"]["per_second"].as_f64();
+        let ratio = match (rate("admission_on"), rate("admission_off")) {
+            (Some(on), Some(off)) if off > 0.0 => json!(on / off),
+            _ => Value::Null,
+        };
+        round.insert("ratio_per_second_on_vs_off".into(), ratio);
+        rounds.push(Value::Object(round));
+    }
+    let medians = medians(&rounds.iter().collect::<Vec<_>>());
+    print_table(args, &medians, &rounds);
+    if let Some(path) = &args.json {
+        let doc = json!({
+            "settings": {
+                "runs": args.runs,
+                "connections": args.connections,
+                "concurrency": args.concurrency,
+                "seconds": args.seconds,
+                "iterations": args.iterations,
+                "workers": args.workers,
+            },
+            "medians": medians,
+            "runs": rounds,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("bench-admission: wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Build the server, the client and admission-micro (a no-op when they are
+/// up to date), taking their paths from cargo's messages so a custom
+/// target directory just works.
+fn build() -> Result<Binaries> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("xtask lives inside the workspace")?;
+    eprintln!(
+        "bench-admission: cargo build --release (internet2-server, internet2, admission-micro)"
+    );
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut child = Command::new(cargo)
+        .current_dir(root)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "internet2-server",
+            "-p",
+            "internet2-benches",
+            "--bin",
+            "internet2-server",
+            "--bin",
+            "internet2",
+            "--bin",
+            "admission-micro",
+            "--message-format=json-render-diagnostics",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running cargo build")?;
+    let stdout = child.stdout.take().context("cargo stdout")?;
+    let mut executables = std::collections::HashMap::new();
+    for line in BufReader::new(stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<Value>(&line?) else {
+            continue;
+        };
+        if msg["reason"] != "compiler-artifact" {
+            continue;
+        }
+        if let (Some(name), Some(exe)) =
+            (msg["target"]["name"].as_str(), msg["executable"].as_str())
+        {
+            executables.insert(name.to_owned(), PathBuf::from(exe));
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("cargo build failed ({status})");
+    }
+    let mut take = |name: &str| {
+        executables
+            .remove(name)
+            .ok_or_else(|| anyhow!("cargo build did not report the `{name}` executable"))
+    };
+    Ok(Binaries {
+        server: take("internet2-server")?,
+        client: take("internet2")?,
+        micro: take("admission-micro")?,
+    })
+}
+
+/// A fresh server with `admission` in `dir`, `internet2 admission-bench`
+/// against it, the server stopped; returns the bench's JSON report.
+fn against_server(
+    bins: &Binaries,
+    args: &AdmissionBenchArgs,
+    admission: Admission,
+    dir: &Path,
+) -> Result<Value> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let port = free_udp_port()?;
+    let config = dir.join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "# Written by `cargo xtask bench-admission`.\n\
+             [internet2]\nbind = \"::1\"\nport = {port}\n\
+             [dataplane]\nworkers = {workers}\n\
+             [hypermesh_assets]\n\
+             consensus_mode = \"{mode}\"\n\
+             plot_k = 12\n\
+             challenges = 8\n\
+             difficulty_base = 8\n\
+             development_stake = 1\n",
+            workers = args.workers,
+            mode = admission.consensus_mode(),
+        ),
+    )
+    .with_context(|| format!("writing {}", config.display()))?;
+    let log = dir.join("server.log");
+    let mut server = Server::start(&bins.server, &config, dir, &log)?;
+    let json_path = dir.join("admission-bench.json");
+    let mut cmd = Command::new(&bins.client);
+    cmd.args(["admission-bench", "--connect", &format!("[::1]:{port}")])
+        .arg("--ca")
+        .arg(dir.join("ca.pem"))
+        .args(["--connections", &args.connections.to_string()])
+        .args(["--concurrency", &args.concurrency.to_string()])
+        .args(["--seconds", &args.seconds.to_string()])
+        .arg("--json")
+        .arg(&json_path);
+    let ran = run_client(cmd, "internet2 admission-bench", &dir.join("client.out"));
+    let stopped = server.stop();
+    ran.with_context(|| server_log_tail(&log))?;
+    let status = stopped?;
+    if !status.success() {
+        bail!(
+            "the server with admission {} exited with {status} after SIGTERM{}",
+            admission.reported(),
+            server_log_tail(&log)
+        );
+    }
+    let report = read_json(&json_path)?;
+    if report["admission"] != admission.reported() {
+        bail!(
+            "the server configured with consensus_mode = \"{}\" ran admission {} (expected {})",
+            admission.consensus_mode(),
+            report["admission"],
+            admission.reported()
+        );
+    }
+    Ok(report)
+}
+
+/// admission-micro once (one run of it); returns its medians (per key).
+fn micro(bins: &Binaries, args: &AdmissionBenchArgs, work: &Path, run: usize) -> Result<Value> {
+    let json_path = work.join(format!("micro-{run}.json"));
+    let mut cmd = Command::new(&bins.micro);
+    cmd.args(["--runs", "1", "--key", "both"])
+        .args(["--iterations", &args.iterations.to_string()])
+        .arg("--dir")
+        .arg(work.join(format!("micro-{run}")))
+        .arg("--json")
+        .arg(&json_path);
+    run_client(
+        cmd,
+        "admission-micro",
+        &work.join(format!("micro-{run}.out")),
+    )?;
+    Ok(read_json(&json_path)?["medians"].clone())
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("the client wrote no JSON to {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))
+}
+
+/// Run a client command to completion within [`CLIENT_TIMEOUT`]: its
+/// stderr (progress) passes through, its stdout goes to `out`, shown if it
+/// fails.
+fn run_client(mut cmd: Command, name: &str, out: &Path) -> Result<()> {
+    let file = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(file)
+        .spawn()
+        .with_context(|| format!("starting {name} ({:?})", cmd.get_program()))?;
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if started.elapsed() > CLIENT_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "{name} still running after {} s; killed it",
+                CLIENT_TIMEOUT.as_secs()
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    if !status.success() {
+        let printed = std::fs::read_to_string(out).unwrap_or_default();
+        bail!(
+            "{name} failed ({status})\n--- stdout\n{}",
+            printed.trim_end()
+        );
+    }
+    Ok(())
+}
+
+/// A running server; dropping it stops it (SIGTERM, then SIGKILL), so no
+/// error path leaves one behind.
+struct Server {
+    child: Child,
+}
+
+impl Server {
+    /// Start the server and wait for its `listening on` line; its log goes
+    /// to `log`.
+    fn start(bin: &Path, config: &Path, dir: &Path, log: &Path) -> Result<Server> {
+        let log_file =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let mut child = Command::new(bin)
+            .arg("--config")
+            .arg(config)
+            .arg("--data-dir")
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let stdout = child.stdout.take().context("server stdout")?;
+        let mut server = Server { child };
+        let (tx, rx) = mpsc::channel();
+        // Keeps draining stdout after the listening line so the server can
+        // never block on a full pipe.
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + LISTEN_TIMEOUT;
+        loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) if line.starts_with("listening on ") => return Ok(server),
+                Ok(_) | Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    let status = server.child.wait()?;
+                    bail!(
+                        "internet2-server exited ({status}) before printing `listening on`{}",
+                        server_log_tail(log)
+                    );
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "internet2-server did not print `listening on` within {} s{}",
+                    LISTEN_TIMEOUT.as_secs(),
+                    server_log_tail(log)
+                );
+            }
+        }
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within [`STOP_GRACE`].
+    fn stop(&mut self) -> Result<ExitStatus> {
+        if let Some(status) = self.child.try_wait()? {
+            return Ok(status);
+        }
+        // SAFETY: kill has no memory-safety preconditions; the pid is our
+        // own unreaped child, so it cannot have been recycled.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + STOP_GRACE;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "bench-admission: the server is still running {} s after SIGTERM; killing it",
+            STOP_GRACE.as_secs()
+        );
+        self.child.kill()?;
+        Ok(self.child.wait()?)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+/// The last lines of a server log, for error messages.
+fn server_log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!("\n--- {} (last lines)\n{tail}", log.display())
+    }
+}
+
+/// This process's scratch directory (configs, data directories, logs,
+/// JSON), removed on drop.
+struct WorkDir {
+    path: PathBuf,
+}
+
+impl WorkDir {
+    fn create() -> Result<WorkDir> {
+        let path = std::env::temp_dir().join(format!("{WORK_DIR_PREFIX}{}", std::process::id()));
+        // A leftover from a dead process that had our pid.
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(WorkDir { path })
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Remove scratch directories whose process is gone (one interrupted with
+/// Ctrl-C never ran its drops).
+fn remove_stale_work_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(WORK_DIR_PREFIX))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+fn free_udp_port() -> Result<u16> {
+    let socket = UdpSocket::bind("[::1]:0").context("binding a probe socket on [::1]")?;
+    Ok(socket.local_addr()?.port())
+}
+
+/// The median of every numeric leaf over the rounds (same shape as one
+/// round; other leaves are taken from the first).
+fn medians(values: &[&Value]) -> Value {
+    match values.first() {
+        Some(Value::Object(first)) => Value::Object(
+            first
+                .keys()
+                .map(|key| {
+                    let children: Vec<&Value> = values.iter().map(|v| &v[key]).collect();
+                    (key.clone(), medians(&children))
+                })
+                .collect(),
+        ),
+        Some(Value::Number(_)) => {
+            let mut xs: Vec<f64> = values.iter().filter_map(|v| v.as_f64()).collect();
+            xs.sort_by(f64::total_cmp);
+            match xs.len() {
+                0 => Value::Null,
+                n if n % 2 == 1 => json!(xs[n / 2]),
+                n => json!((xs[n / 2 - 1] + xs[n / 2]) / 2.0),
+            }
+        }
+        Some(other) => (*other).clone(),
+        None => Value::Null,
+    }
+}
+
+fn print_table(args: &AdmissionBenchArgs, m: &Value, rounds: &[Value]) {
+    // Microseconds below 1 print as nanoseconds (reading the tick).
+    let us = |v: &Value| match v.as_f64() {
+        Some(x) if x < 1.0 => format!("{:.0} ns", x * 1e3),
+        Some(x) => format!("{x:.1}"),
+        None => "-".to_owned(),
+    };
+    let micro_pair = |v: &Value, key: &str| {
+        format!(
+            "{} / {}",
+            us(&v[format!("{key}_p50")]),
+            us(&v[format!("{key}_p99")])
+        )
+    };
+    let num = |v: &Value, decimals: usize| {
+        v.as_f64()
+            .map_or("-".to_owned(), |x| format!("{x:.decimals$}"))
+    };
+    let pair = |v: &Value, key: &str, decimals: usize| {
+        format!(
+            "{} / {}",
+            num(&v[format!("{key}_p50")], decimals),
+            num(&v[format!("{key}_p99")], decimals)
+        )
+    };
+    println!();
+    println!(
+        "bench-admission: medians over {} runs; servers on [::1] with {} worker(s), \
+         [hypermesh_assets] consensus_mode \"mandatory\" (plot_k 12, challenges 8, difficulty_base 8, \
+         development_stake 1) vs \"off\"",
+        args.runs, args.workers
+    );
+    println!();
+    println!(
+        "in process (admission-micro, {} bundles per run and key)",
+        args.iterations
+    );
+    println!(
+        "  {:<44}{:>22}{:>22}",
+        "p50 / p99 (us)", "ECDSA P-256", "Ed25519"
+    );
+    let micro = &m["micro"];
+    for (label, key) in [
+        ("server: verify full bundle", "server_verify_us"),
+        ("server:   of it stake signature", "server_stake_check_us"),
+        ("server:   of it space paths", "server_space_check_us"),
+        ("client: work", "client_work_us"),
+        ("client: time (read the tick)", "client_time_us"),
+        (
+            "client: tick check (Ed25519 verify)",
+            "client_tick_check_us",
+        ),
+        ("client: stake signature", "client_stake_us"),
+        ("client: space answers", "client_space_us"),
+        ("client: bundle encode", "client_encode_us"),
+    ] {
+        println!(
+            "  {label:<44}{:>22}{:>22}",
+            micro_pair(&micro["ecdsa_p256"], key),
+            micro_pair(&micro["ed25519"], key)
+        );
+    }
+    for (label, key, decimals) in [
+        ("client: plot build, once (ms)", "plot_build_ms", 2),
+        ("work hashes per bundle, mean", "work_hashes_mean", 1),
+        ("bundle bytes", "bundle_bytes", 0),
+    ] {
+        println!(
+            "  {label:<44}{:>22}{:>22}",
+            num(&micro["ecdsa_p256"][key], decimals),
+            num(&micro["ed25519"][key], decimals)
+        );
+    }
+    let on = &m["admission_on"];
+    let off = &m["admission_off"];
+    println!();
+    println!(
+        "over QUIC on loopback (internet2 admission-bench, client key {}, full handshakes, difficulty offered {}..{} bits)",
+        on["client_key"].as_str().unwrap_or("?"),
+        num(&on["difficulty_bits_min"], 0),
+        num(&on["difficulty_bits_max"], 0),
+    );
+    println!(
+        "  {:<44}{:>22}{:>22}",
+        "p50 / p99 (us)", "admission on", "admission off"
+    );
+    let (s_on, s_off) = (&on["sequential"], &off["sequential"]);
+    println!(
+        "  {:<44}{:>22}{:>22}",
+        "admission round trip (client proofs incl.)",
+        pair(s_on, "admission_us", 0),
+        "-"
+    );
+    println!(
+        "  {:<44}{:>22}{:>22}",
+        "  of it client bundle",
+        pair(s_on, "client_bundle_us", 0),
+        "-"
+    );
+    println!(
+        "  {:<44}{:>22}{:>22}",
+        "  of it client offer check",
+        pair(s_on, "client_offer_check_us", 0),
+        "-"
+    );
+    for (label, key) in [
+        ("handshake", "handshake_us"),
+        ("connect to ping reply, one at a time", "latency_us"),
+    ] {
+        println!(
+            "  {label:<44}{:>22}{:>22}",
+            pair(s_on, key, 0),
+            pair(s_off, key, 0)
+        );
+    }
+    let (l_on, l_off) = (&on["loaded"], &off["loaded"]);
+    println!(
+        "  {:<44}{:>22}{:>22}",
+        format!("connect to ping reply, {} threads", args.concurrency),
+        pair(l_on, "latency_us", 0),
+        pair(l_off, "latency_us", 0)
+    );
+    println!(
+        "  {:<44}{:>22}{:>22}",
+        format!(
+            "connections/s, {} threads, {} s",
+            args.concurrency, args.seconds
+        ),
+        num(&l_on["per_second"], 1),
+        num(&l_off["per_second"], 1)
+    );
+    let failures = |key: &str| -> u64 {
+        rounds
+            .iter()
+            .filter_map(|r| r[key]["loaded"]["failures"].as_u64())
+            .sum()
+    };
+    println!(
+        "  {:<44}{:>22}{:>22}",
+        "failed connections, all runs",
+        failures("admission_on"),
+        failures("admission_off")
+    );
+    println!(
+        "  {:<44}{:>22}",
+        "connections/s on / off (per-run, median)",
+        num(&m["ratio_per_second_on_vs_off"], 3)
+    );
+}
