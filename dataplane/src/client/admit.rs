@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 pub enum Progress {
     /// Waiting for the server.
     Pending,
+    /// The bundle is on its way: requests sent now are held by the server
+    /// and answered once it verifies (up to `HELD_BYTES_MAX` of them).
+    Submitted,
     /// Admitted (or the server does not ask for admission): send requests.
     Admitted,
     /// Admission failed; the reason, for the user.
@@ -65,6 +68,11 @@ impl ClientAdmission {
     /// Whether `id` is the admission exchange's stream.
     pub fn owns(&self, id: StreamId) -> bool {
         self.stream == Some(id)
+    }
+
+    /// The stream of the request in flight.
+    pub fn stream(&self) -> Option<StreamId> {
+        self.stream
     }
 
     pub fn is_done(&self) -> bool {
@@ -135,7 +143,10 @@ impl ClientAdmission {
         match self.admitter.bundle(&self.params, &binding) {
             Ok(bundle) => {
                 self.step = Step::Submit;
-                self.send(conn, KIND_ADMISSION_SUBMIT, &bundle)
+                match self.send(conn, KIND_ADMISSION_SUBMIT, &bundle) {
+                    Progress::Pending => Progress::Submitted,
+                    other => other,
+                }
             }
             Err(e) => Progress::Failed(e),
         }

@@ -127,7 +127,9 @@ impl LoadService {
         progress: super::admit::Progress,
     ) {
         match progress {
-            super::admit::Progress::Pending => {}
+            // The load waits for the answer: its requests would exceed what
+            // the server holds for an unadmitted connection.
+            super::admit::Progress::Pending | super::admit::Progress::Submitted => {}
             super::admit::Progress::Admitted => {
                 st.connected = true;
                 self.fill(st, conn);

@@ -172,10 +172,17 @@ impl RpcService {
     fn on_admission(&mut self, st: &mut RpcConn, conn: &mut Connection, progress: Progress) {
         match progress {
             Progress::Pending => {}
+            Progress::Submitted => {
+                // Right behind the bundle (saving a round trip) when the
+                // server will hold them all.
+                let bytes: usize = self.requests.iter().map(|r| r.message.len()).sum();
+                if !st.sent && bytes <= stoq::HELD_BYTES_MAX {
+                    self.send_requests(st, conn);
+                }
+            }
             Progress::Admitted => {
                 self.admission = st.admission.as_ref().and_then(|a| a.elapsed);
-                if !st.sent || (st.sent_early && !conn.accepted_0rtt()) {
-                    // Rejected 0-RTT streams are gone: send again in 1-RTT.
+                if !st.sent {
                     self.send_requests(st, conn);
                 }
             }
@@ -244,6 +251,14 @@ impl RpcService {
         if self.replies.iter().all(Option::is_some) {
             self.done = true;
             self.replied = Some(Instant::now());
+            // The server answers the bundle before the requests it held
+            // behind it: take that answer too (for `admission`).
+            if let Some(admission) = st.admission.as_mut().filter(|a| !a.is_done())
+                && let Some(stream) = admission.stream()
+                && admission.on_readable(conn, stream) == Progress::Admitted
+            {
+                self.admission = admission.elapsed;
+            }
             conn.close(
                 Instant::now(),
                 VarInt::from_u32(CLOSE_DONE),
@@ -291,6 +306,10 @@ impl Service for RpcService {
             Event::Connected => {
                 self.handshake = self.started.map(|s| now - s);
                 self.zero_rtt_accepted = st.sent_early && conn.accepted_0rtt();
+                if st.sent_early && !conn.accepted_0rtt() {
+                    // Rejected 0-RTT streams are gone: send again in 1-RTT.
+                    st.sent = false;
+                }
                 if let Some(admitter) = &self.admitter {
                     let mut admission = ClientAdmission::new(admitter.clone());
                     let progress = admission.start(conn);

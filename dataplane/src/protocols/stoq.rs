@@ -207,16 +207,21 @@ struct StoqStream {
     answered: bool,
     /// The client finished its side: an incomplete message stays so.
     finished: bool,
-    /// Opened in 0-RTT data: held (not refused) until the connection is
-    /// admitted.
-    early: bool,
+    /// Complete, and waiting for the connection to be admitted.
+    held: bool,
 }
 
 /// Server side of a `stoq/1` connection.
 #[derive(Debug, Default)]
 pub struct StoqServer {
     streams: HashMap<StreamId, StoqStream>,
+    /// Request bytes held for admission.
+    held_bytes: usize,
 }
+
+/// Request bytes an unadmitted connection may have held for after its
+/// admission; past it, requests are refused with `NOT_ADMITTED`.
+pub const HELD_BYTES_MAX: usize = 16 * 1024;
 
 /// What a request needs from outside the connection.
 pub struct StoqContext<'a> {
@@ -252,13 +257,7 @@ impl StoqServer {
         counters: &mut Counters,
     ) {
         while let Some(id) = conn.streams().accept(Dir::Bi) {
-            self.streams.insert(
-                id,
-                StoqStream {
-                    early: ctx.early,
-                    ..StoqStream::default()
-                },
-            );
+            self.streams.insert(id, StoqStream::default());
             self.read(conn, id, ctx, stage, counters);
         }
         if let Some(id) = id {
@@ -369,12 +368,17 @@ impl StoqServer {
                     }
                 }
             }
+            Ok(_) if stream.held => return,
             Ok(_)
                 if matches!(stage, AdmissionStage::Pending(_))
                     && stream.buf[1] != KIND_PLOT_REGISTER
-                    && stream.early =>
+                    && self.held_bytes + stream.buf.len() <= HELD_BYTES_MAX =>
             {
-                // A 0-RTT request: answered once the bundle verifies.
+                // Sent in 0-RTT, or right behind the bundle: answered once
+                // the bundle verifies (or dropped with the connection at
+                // the deadline).
+                stream.held = true;
+                self.held_bytes += stream.buf.len();
                 return;
             }
             Ok(_)
@@ -431,7 +435,12 @@ impl StoqServer {
         let admitted_now = stream.buf[1] == KIND_ADMISSION_SUBMIT && stage.is_admitted();
         respond(conn, id, response, counters);
         if admitted_now {
-            // Requests that arrived in 0-RTT were held for this.
+            // Requests that arrived in 0-RTT or behind the bundle were held
+            // for this.
+            self.held_bytes = 0;
+            for stream in self.streams.values_mut() {
+                stream.held = false;
+            }
             self.on_connected(conn, ctx, stage, counters);
         }
     }
