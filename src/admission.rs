@@ -430,7 +430,7 @@ impl AdmissionRuntime {
         }
         self.publish_snapshot();
         if changed {
-            self.publish_isolation(now);
+            self.publish_isolation();
             self.publish_status(now);
         }
         self.next_tick.saturating_duration_since(now)
@@ -521,7 +521,7 @@ impl AdmissionRuntime {
         }
     }
 
-    fn publish_isolation(&mut self, _now: Instant) {
+    fn publish_isolation(&mut self) {
         if self.isolation.generation() == self.isolation_published {
             return;
         }
@@ -610,7 +610,7 @@ impl AdmissionRuntime {
             _ => return None,
         };
         self.publish_snapshot();
-        self.publish_isolation(now);
+        self.publish_isolation();
         self.publish_status(now);
         Some(result)
     }

@@ -563,3 +563,37 @@ fn an_identity_that_keeps_failing_is_suspended_until_the_operator_lifts_it() {
     );
     assert!(!again.status.success());
 }
+
+#[test]
+fn a_flood_of_silent_connections_is_closed_at_the_deadline_while_honest_clients_are_served() {
+    let server = Server::start("adm-silent", NO_ISOLATION);
+    let silent = operator_target(&server, Some(liar(&server, Lie::Silent)));
+    let honest = operator_target(&server, Some(operator_admitter(&server)));
+    let flood = 16;
+    let honest_ok = std::thread::scope(|s| {
+        for _ in 0..flood {
+            let target = silent.clone();
+            s.spawn(move || assert!(!admitted(&ping(&target))));
+        }
+        let honest = s.spawn(|| (0..20).filter(|_| admitted(&ping(&honest))).count());
+        honest.join().unwrap()
+    });
+    assert_eq!(
+        honest_ok, 20,
+        "honest clients were refused during the flood"
+    );
+    let stats = server.stats();
+    assert!(
+        stats["total"]["admission_deadline"].as_u64().unwrap() >= flood,
+        "{stats}"
+    );
+    // Nothing of the flood stays open: only this stats connection.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.stats()["total"]["connections"].as_u64().unwrap() > 1 {
+        assert!(
+            Instant::now() < deadline,
+            "silent connections outlived the deadline"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
