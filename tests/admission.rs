@@ -15,7 +15,7 @@ use dataplane::client::rpc::{Reply, RpcOutcome};
 use dataplane::client::{ClientTarget, rpc};
 use dataplane::protocols::stoq::{ErrorCode, Kind};
 use internet2_server::admission::KeyAdmitter;
-use std::path::PathBuf;
+
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -119,16 +119,11 @@ fn stranger() -> Arc<KeyAdmitter> {
     KeyAdmitter::new(&identity, None, false).unwrap()
 }
 
-fn operator_target(server: &Server, admitter: Option<Arc<dyn Admitter>>) -> ClientTarget {
-    let root = controlplane::authority::pem::load_cert(&server.ca()).unwrap();
+/// The operator's target with `admitter` making (or not) its proofs.
+fn target_with(server: &Server, admitter: Option<Arc<dyn Admitter>>) -> ClientTarget {
     ClientTarget {
-        remote: server.socket_addr(),
-        server_name: "localhost".into(),
-        trust: dataplane::ServerTrust::Roots(vec![root]),
-        identity: Some(operator_identity(server)),
-        backend: dataplane::BackendKind::Socket,
-        transport: dataplane::TransportSettings::default(),
         admitter,
+        ..operator_target(server)
     }
 }
 
@@ -186,7 +181,7 @@ fn admission_status(server: &Server) -> serde_json::Value {
 #[test]
 fn an_honest_client_is_admitted_and_recorded_as_an_asset() {
     let server = Server::start("adm-honest", "");
-    let outcome = ping(&operator_target(&server, Some(operator_admitter(&server))));
+    let outcome = ping(&target_with(&server, Some(operator_admitter(&server))));
     assert!(admitted(&outcome), "{outcome:?}");
     assert!(outcome.admission.is_some(), "the exchange ran");
     // The CLI is admitted without the user doing anything.
@@ -226,10 +221,10 @@ fn each_invalid_proof_is_refused_with_its_own_code() {
     ];
     for (lie, code, what) in cases {
         // Refused with the proof's own code (so not at the deadline).
-        let outcome = ping(&operator_target(&server, Some(liar(&server, lie))));
+        let outcome = ping(&target_with(&server, Some(liar(&server, lie))));
         assert_refused(&outcome, code, what);
         // An honest client right after is not disturbed.
-        assert!(admitted(&ping(&operator_target(
+        assert!(admitted(&ping(&target_with(
             &server,
             Some(operator_admitter(&server))
         ))));
@@ -245,7 +240,7 @@ fn each_invalid_proof_is_refused_with_its_own_code() {
 #[test]
 fn a_bundle_replayed_on_another_connection_is_refused() {
     let server = Server::start("adm-replay", NO_ISOLATION);
-    let target = operator_target(&server, Some(liar(&server, Lie::Replay)));
+    let target = target_with(&server, Some(liar(&server, Lie::Replay)));
     assert!(admitted(&ping(&target)), "the first use is honest");
     let replayed = ping(&target);
     // Made for another binding: the work proof fails first (or the time
@@ -262,11 +257,11 @@ fn requests_before_admission_are_refused_and_silence_meets_the_deadline() {
     let server = Server::start("adm-deadline", NO_ISOLATION);
     // No admitter: the request is held, never served, and the connection
     // closed at the deadline.
-    let outcome = ping(&operator_target(&server, None));
+    let outcome = ping(&target_with(&server, None));
     assert_refused(&outcome, 0x207, "a request without a bundle");
     // Past what the server holds for an unadmitted connection, requests
     // are refused outright.
-    let target = operator_target(&server, None);
+    let target = target_with(&server, None);
     let config = target
         .client_config(dataplane::protocols::ALPN_STOQ)
         .unwrap();
@@ -284,7 +279,7 @@ fn requests_before_admission_are_refused_and_silence_meets_the_deadline() {
     }
     // A client that never sends its bundle is closed at the deadline.
     let started = Instant::now();
-    let outcome = ping(&operator_target(&server, Some(liar(&server, Lie::Silent))));
+    let outcome = ping(&target_with(&server, Some(liar(&server, Lie::Silent))));
     assert_refused(&outcome, 0x207, "silent client");
     assert!(outcome.admission_deadline);
     assert!(started.elapsed() >= Duration::from_secs(2));
@@ -301,49 +296,8 @@ fn a_stale_tick_is_refused() {
         "adm-stale",
         "[hypermesh_assets]\nplot_k = 12\ndevelopment_stake = 1\nbeacon_window_s = 1\nadmission_deadline_ms = 6000\n",
     );
-    let outcome = ping(&operator_target(&server, Some(liar(&server, Lie::Stale))));
+    let outcome = ping(&target_with(&server, Some(liar(&server, Lie::Stale))));
     assert_refused(&outcome, 0x206, "stale tick");
-}
-
-/// A client identity issued by the operator (chain and key in one file).
-fn issue_identity(server: &Server, name: &str) -> PathBuf {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
-    let csr = params.serialize_request(&key).unwrap().pem().unwrap();
-    let request = serde_json::to_vec(&api::CertIssueRequest {
-        csr_pem: csr,
-        usage: api::CertUsage::Client,
-        lifetime_hours: None,
-    })
-    .unwrap();
-    let target = operator_target(server, Some(operator_admitter(server)));
-    let config = target
-        .client_config(dataplane::protocols::ALPN_STOQ)
-        .unwrap();
-    let outcome = dataplane::client::rpc_raw(
-        &target,
-        &config,
-        api::CERT_ISSUE,
-        &request,
-        Duration::from_secs(5),
-    )
-    .unwrap();
-    let Reply::Ok(body) = &outcome.replies[0] else {
-        panic!("issue failed: {:?}", outcome.replies);
-    };
-    let issued: api::Issued = serde_json::from_slice(body).unwrap();
-    let path = server.dir.join(format!("{name}.pem"));
-    std::fs::write(
-        &path,
-        format!(
-            "{}{}{}",
-            issued.certificate_pem,
-            issued.chain_pem,
-            key.serialize_pem()
-        ),
-    )
-    .unwrap();
-    path
 }
 
 fn server_command(server: &Server, args: &[&str]) -> std::process::Output {
@@ -364,7 +318,7 @@ fn under_staked_identities_are_refused_until_the_operator_grants_stake() {
         "adm-stake",
         "[hypermesh_assets]\nplot_k = 12\ndevelopment_stake = 0\n",
     );
-    let path = issue_identity(&server, "client-s");
+    let (path, _) = issue_identity(&server, "client-s");
     let ping_as = || {
         server.client(&[
             "ping",
@@ -429,10 +383,10 @@ fn a_mixed_load_of_honest_and_dishonest_clients_serves_the_honest() {
     );
     let lies = [Lie::Work, Lie::Space, Lie::Garbage, Lie::WrongKey];
     let per_thread = 25;
-    let honest_target = operator_target(&server, Some(operator_admitter(&server)));
+    let honest_target = target_with(&server, Some(operator_admitter(&server)));
     let liar_targets: Vec<ClientTarget> = lies
         .iter()
-        .map(|lie| operator_target(&server, Some(liar(&server, *lie))))
+        .map(|lie| target_with(&server, Some(liar(&server, *lie))))
         .collect();
     let honest_ok = std::thread::scope(|s| {
         let honest: Vec<_> = (0..3)
@@ -494,7 +448,7 @@ fn difficulty_rises_under_a_handshake_flood_and_falls_back() {
     let _ = flood.wait();
     assert!(peak > base, "difficulty stayed at {base} under the flood");
     // An honest client is still admitted at the raised difficulty.
-    assert!(admitted(&ping(&operator_target(
+    assert!(admitted(&ping(&target_with(
         &server,
         Some(operator_admitter(&server))
     ))));
@@ -518,11 +472,11 @@ fn an_identity_that_keeps_failing_is_suspended_until_the_operator_lifts_it() {
         "adm-suspend",
         "[hypermesh_assets]\nplot_k = 12\ndevelopment_stake = 1\nisolation_threshold = 100000\nisolation_identity_threshold = 3\n",
     );
-    let path = issue_identity(&server, "client-x");
+    let (path, _) = issue_identity(&server, "client-x");
     let identity = internet2_server::authority::load_identity(&path).unwrap();
     let target = |admitter| ClientTarget {
         identity: Some(identity.clone()),
-        ..operator_target(&server, Some(admitter))
+        ..target_with(&server, Some(admitter))
     };
     let honest: Arc<dyn Admitter> = KeyAdmitter::new(&identity, Some(&path), false).unwrap();
     assert!(admitted(&ping(&target(honest.clone()))));
@@ -544,7 +498,7 @@ fn an_identity_that_keeps_failing_is_suspended_until_the_operator_lifts_it() {
         std::thread::sleep(Duration::from_millis(100));
     }
     // Other identities from the same address are still served.
-    assert!(admitted(&ping(&operator_target(
+    assert!(admitted(&ping(&target_with(
         &server,
         Some(operator_admitter(&server))
     ))));
@@ -567,8 +521,8 @@ fn an_identity_that_keeps_failing_is_suspended_until_the_operator_lifts_it() {
 #[test]
 fn a_flood_of_silent_connections_is_closed_at_the_deadline_while_honest_clients_are_served() {
     let server = Server::start("adm-silent", NO_ISOLATION);
-    let silent = operator_target(&server, Some(liar(&server, Lie::Silent)));
-    let honest = operator_target(&server, Some(operator_admitter(&server)));
+    let silent = target_with(&server, Some(liar(&server, Lie::Silent)));
+    let honest = target_with(&server, Some(operator_admitter(&server)));
     let flood = 16;
     let honest_ok = std::thread::scope(|s| {
         for _ in 0..flood {

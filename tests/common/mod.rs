@@ -269,3 +269,63 @@ pub fn operator_admitter(server: &Server) -> std::sync::Arc<dyn dataplane::admis
     let identity = internet2_server::authority::load_identity(&path).unwrap();
     internet2_server::admission::admitter_for_file(&identity, &path).unwrap()
 }
+
+/// A client identity (chain + key PEM) issued by the server's CA through
+/// the operator's `CERT_ISSUE` request; returns the file and the serial.
+pub fn issue_identity(server: &Server, name: &str) -> (PathBuf, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+    let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+    let request = serde_json::to_vec(&controlplane::authority::api::CertIssueRequest {
+        csr_pem: csr,
+        usage: controlplane::authority::api::CertUsage::Client,
+        lifetime_hours: None,
+    })
+    .unwrap();
+    let issued: controlplane::authority::api::Issued = serde_json::from_slice(&operator_rpc(
+        server,
+        controlplane::authority::api::CERT_ISSUE,
+        &request,
+    ))
+    .unwrap();
+    let path = server.dir.join(format!("{name}.pem"));
+    std::fs::write(
+        &path,
+        format!(
+            "{}{}{}",
+            issued.certificate_pem,
+            issued.chain_pem,
+            key.serialize_pem()
+        ),
+    )
+    .unwrap();
+    (path, issued.serial)
+}
+
+/// One authority request as the operator; panics on an error answer.
+pub fn operator_rpc(server: &Server, kind: u8, payload: &[u8]) -> bytes::Bytes {
+    let target = operator_target(server);
+    let config = target
+        .client_config(dataplane::protocols::ALPN_STOQ)
+        .unwrap();
+    let outcome =
+        dataplane::client::rpc_raw(&target, &config, kind, payload, Duration::from_secs(5))
+            .unwrap();
+    match &outcome.replies[0] {
+        dataplane::client::rpc::Reply::Ok(body) => body.clone(),
+        other => panic!("request {kind:#x} failed: {other:?}"),
+    }
+}
+
+pub fn operator_target(server: &Server) -> dataplane::client::ClientTarget {
+    let root = controlplane::authority::pem::load_cert(&server.ca()).unwrap();
+    dataplane::client::ClientTarget {
+        remote: server.socket_addr(),
+        server_name: "localhost".into(),
+        trust: dataplane::ServerTrust::Roots(vec![root]),
+        identity: Some(operator_identity(server)),
+        backend: dataplane::BackendKind::Socket,
+        admitter: Some(operator_admitter(server)),
+        transport: dataplane::TransportSettings::default(),
+    }
+}

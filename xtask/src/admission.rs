@@ -14,7 +14,6 @@
 //! scratch directory is removed on every path out, errors included.
 
 use std::io::{BufRead, BufReader};
-use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -22,6 +21,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+
+use crate::bench::{WorkDir, free_udp_port, log_tail, remove_stale_work_dirs};
 use clap::Args;
 use serde_json::{Map, Value, json};
 
@@ -106,8 +107,8 @@ pub fn bench_admission(args: &AdmissionBenchArgs) -> Result<()> {
         bail!("--seconds must be a positive number");
     }
     let bins = build()?;
-    remove_stale_work_dirs();
-    let work = WorkDir::create()?;
+    remove_stale_work_dirs(WORK_DIR_PREFIX);
+    let work = WorkDir::create(WORK_DIR_PREFIX)?;
     let mut rounds = Vec::new();
     for run in 0..args.runs {
         let order = if run % 2 == 0 {
@@ -267,13 +268,13 @@ fn against_server(
         .arg(&json_path);
     let ran = run_client(cmd, "internet2 admission-bench", &dir.join("client.out"));
     let stopped = server.stop();
-    ran.with_context(|| server_log_tail(&log))?;
+    ran.with_context(|| log_tail(&log))?;
     let status = stopped?;
     if !status.success() {
         bail!(
             "the server with admission {} exited with {status} after SIGTERM{}",
             admission.reported(),
-            server_log_tail(&log)
+            log_tail(&log)
         );
     }
     let report = read_json(&json_path)?;
@@ -389,7 +390,7 @@ impl Server {
                     let status = server.child.wait()?;
                     bail!(
                         "internet2-server exited ({status}) before printing `listening on`{}",
-                        server_log_tail(log)
+                        log_tail(log)
                     );
                 }
             }
@@ -397,7 +398,7 @@ impl Server {
                 bail!(
                     "internet2-server did not print `listening on` within {} s{}",
                     LISTEN_TIMEOUT.as_secs(),
-                    server_log_tail(log)
+                    log_tail(log)
                 );
             }
         }
@@ -434,65 +435,6 @@ impl Drop for Server {
 }
 
 /// The last lines of a server log, for error messages.
-fn server_log_tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    let tail = lines[lines.len().saturating_sub(15)..].join("\n");
-    if tail.is_empty() {
-        String::new()
-    } else {
-        format!("\n--- {} (last lines)\n{tail}", log.display())
-    }
-}
-
-/// This process's scratch directory (configs, data directories, logs,
-/// JSON), removed on drop.
-struct WorkDir {
-    path: PathBuf,
-}
-
-impl WorkDir {
-    fn create() -> Result<WorkDir> {
-        let path = std::env::temp_dir().join(format!("{WORK_DIR_PREFIX}{}", std::process::id()));
-        // A leftover from a dead process that had our pid.
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(WorkDir { path })
-    }
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
-}
-
-/// Remove scratch directories whose process is gone (one interrupted with
-/// Ctrl-C never ran its drops).
-fn remove_stale_work_dirs() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(WORK_DIR_PREFIX))
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
-}
-
-fn free_udp_port() -> Result<u16> {
-    let socket = UdpSocket::bind("[::1]:0").context("binding a probe socket on [::1]")?;
-    Ok(socket.local_addr()?.port())
-}
-
 /// The median of every numeric leaf over the rounds (same shape as one
 /// round; other leaves are taken from the first).
 fn medians(values: &[&Value]) -> Value {

@@ -287,8 +287,8 @@ fn build() -> Result<Binaries> {
 
 fn run_netns(args: &BenchArgs, bins: &Binaries) -> Result<Report> {
     netns::remove_stale()?;
-    remove_stale_work_dirs();
-    let work = WorkDir::create()?;
+    remove_stale_work_dirs(WORK_PREFIX);
+    let work = WorkDir::create(WORK_PREFIX)?;
     // Declared after `work`, so it is dropped first: namespaces go before
     // the directory their processes were writing to.
     // One veth queue per server worker, so the AF_XDP backend binds one
@@ -616,8 +616,8 @@ fn handoff_ratio(mut cmd: Command, addr: SocketAddr, ca: &Path) -> Result<Option
 
 fn run_server_role(args: &BenchArgs, bins: &Binaries) -> Result<()> {
     let listen = args.listen.context("--role server needs --listen")?;
-    remove_stale_work_dirs();
-    let work = WorkDir::create()?;
+    remove_stale_work_dirs(WORK_PREFIX);
+    let work = WorkDir::create(WORK_PREFIX)?;
     let (cmd, side, ca) = if args.baseline {
         let mut cmd = Command::new(&bins.baseline);
         cmd.args(baseline_server_args(listen));
@@ -709,8 +709,8 @@ fn run_client_role(args: &BenchArgs, bins: &Binaries) -> Result<Report> {
     if side.is_ours() && !ca.is_file() {
         bail!("--ca {}: no such file", ca.display());
     }
-    remove_stale_work_dirs();
-    let work = WorkDir::create()?;
+    remove_stale_work_dirs(WORK_PREFIX);
+    let work = WorkDir::create(WORK_PREFIX)?;
     let mut runs = Vec::new();
     for run in 0..args.runs {
         check_interrupt()?;
@@ -1032,13 +1032,18 @@ fn clk_tck() -> Result<f64> {
 
 /// A per-process scratch directory (configs, the netns-mode CA, client
 /// JSON, server logs), removed on drop.
-struct WorkDir {
-    path: PathBuf,
+pub(crate) struct WorkDir {
+    pub(crate) path: PathBuf,
 }
 
+/// Scratch directory prefix of `bench-40g` and `bench-authority`.
+const WORK_PREFIX: &str = "i2b-";
+
 impl WorkDir {
-    fn create() -> Result<WorkDir> {
-        let path = std::env::temp_dir().join(format!("i2b-{}", std::process::id()));
+    /// `TMPDIR/PREFIXpid`, emptied first (a leftover of a dead process
+    /// that had our pid).
+    pub(crate) fn create(prefix: &str) -> Result<WorkDir> {
+        let path = std::env::temp_dir().join(format!("{prefix}{}", std::process::id()));
         // A leftover from a dead process that had our pid.
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
@@ -1052,8 +1057,9 @@ impl Drop for WorkDir {
     }
 }
 
-/// Removes scratch directories of earlier runs whose process is gone.
-fn remove_stale_work_dirs() {
+/// Removes scratch directories (named `PREFIXpid`) of earlier runs whose
+/// process is gone (one interrupted with Ctrl-C never ran its drops).
+pub(crate) fn remove_stale_work_dirs(prefix: &str) {
     let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
         return;
     };
@@ -1061,7 +1067,7 @@ fn remove_stale_work_dirs() {
         let name = entry.file_name();
         let Some(pid) = name
             .to_str()
-            .and_then(|n| n.strip_prefix("i2b-"))
+            .and_then(|n| n.strip_prefix(prefix))
             .and_then(|p| p.parse::<u32>().ok())
         else {
             continue;
@@ -1073,7 +1079,7 @@ fn remove_stale_work_dirs() {
 }
 
 /// The last lines of a server log, for error messages.
-fn log_tail(log: &Path) -> String {
+pub(crate) fn log_tail(log: &Path) -> String {
     let text = strip_ansi(&std::fs::read_to_string(log).unwrap_or_default());
     let lines: Vec<&str> = text.lines().collect();
     let tail = lines[lines.len().saturating_sub(15)..].join("\n");
@@ -1115,8 +1121,8 @@ pub fn bench_authority(args: &crate::AuthorityBenchArgs) -> Result<()> {
     }
     install_signal_handlers()?;
     let bins = build()?;
-    remove_stale_work_dirs();
-    let work = WorkDir::create()?;
+    remove_stale_work_dirs(WORK_PREFIX);
+    let work = WorkDir::create(WORK_PREFIX)?;
     let mut reports = Vec::new();
     for run in 0..args.runs {
         check_interrupt()?;
@@ -1201,7 +1207,7 @@ fn authority_medians(reports: &[Value]) -> Value {
     walk(&reports.iter().collect::<Vec<_>>())
 }
 
-fn free_udp_port() -> Result<u16> {
+pub(crate) fn free_udp_port() -> Result<u16> {
     let socket = std::net::UdpSocket::bind("[::1]:0").context("binding a probe socket on [::1]")?;
     Ok(socket.local_addr()?.port())
 }

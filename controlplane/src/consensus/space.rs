@@ -113,19 +113,7 @@ impl Plot {
         if !total.is_multiple_of(PROGRESS_EVERY) {
             progress(total, total);
         }
-        let mut levels = vec![leaves];
-        while let Some(below) = levels.last().filter(|l| l.len() > 1) {
-            let above = below
-                .chunks_exact(2)
-                .map(|pair| node_hash(&pair[0], &pair[1]))
-                .collect();
-            levels.push(above);
-        }
-        Self {
-            identity: *identity,
-            params,
-            levels,
-        }
+        Self::from_leaf_hashes(identity, params, leaves).expect("2^k leaves were made")
     }
 
     /// Rebuild a plot from its leaf hashes (a cache the client keeps):
