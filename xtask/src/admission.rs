@@ -20,9 +20,9 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 
-use crate::bench::{WorkDir, free_udp_port, log_tail, remove_stale_work_dirs};
+use crate::bench::{WorkDir, build_release, free_udp_port, log_tail, remove_stale_work_dirs};
 use clap::Args;
 use serde_json::{Map, Value, json};
 
@@ -164,22 +164,11 @@ pub fn bench_admission(args: &AdmissionBenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// Build the server, the client and admission-micro (a no-op when they are
-/// up to date), taking their paths from cargo's messages so a custom
-/// target directory just works.
+/// Build the server, the client and admission-micro.
 fn build() -> Result<Binaries> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("xtask lives inside the workspace")?;
-    eprintln!(
-        "bench-admission: cargo build --release (internet2-server, internet2, admission-micro)"
-    );
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut child = Command::new(cargo)
-        .current_dir(root)
-        .args([
-            "build",
-            "--release",
+    let mut take = build_release(
+        "bench-admission",
+        &[
             "-p",
             "internet2-server",
             "-p",
@@ -190,35 +179,8 @@ fn build() -> Result<Binaries> {
             "internet2",
             "--bin",
             "admission-micro",
-            "--message-format=json-render-diagnostics",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("running cargo build")?;
-    let stdout = child.stdout.take().context("cargo stdout")?;
-    let mut executables = std::collections::HashMap::new();
-    for line in BufReader::new(stdout).lines() {
-        let Ok(msg) = serde_json::from_str::<Value>(&line?) else {
-            continue;
-        };
-        if msg["reason"] != "compiler-artifact" {
-            continue;
-        }
-        if let (Some(name), Some(exe)) =
-            (msg["target"]["name"].as_str(), msg["executable"].as_str())
-        {
-            executables.insert(name.to_owned(), PathBuf::from(exe));
-        }
-    }
-    let status = child.wait()?;
-    if !status.success() {
-        bail!("cargo build failed ({status})");
-    }
-    let mut take = |name: &str| {
-        executables
-            .remove(name)
-            .ok_or_else(|| anyhow!("cargo build did not report the `{name}` executable"))
-    };
+        ],
+    )?;
     Ok(Binaries {
         server: take("internet2-server")?,
         client: take("internet2")?,
@@ -226,8 +188,6 @@ fn build() -> Result<Binaries> {
     })
 }
 
-/// A fresh server with `admission` in `dir`, `internet2 admission-bench`
-/// against it, the server stopped; returns the bench's JSON report.
 fn against_server(
     bins: &Binaries,
     args: &AdmissionBenchArgs,

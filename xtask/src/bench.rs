@@ -226,25 +226,36 @@ struct Binaries {
     baseline: PathBuf,
 }
 
-/// Builds the two packages under test and takes the executables' paths from
-/// cargo's own messages, so a custom target directory just works.
+/// Builds the two packages under test.
 fn build() -> Result<Binaries> {
+    let mut take = build_release(
+        "bench-40g",
+        &["-p", "internet2-server", "-p", "internet2-benches"],
+    )?;
+    Ok(Binaries {
+        server: take("internet2-server")?,
+        client: take("internet2")?,
+        baseline: take("quinn-baseline")?,
+    })
+}
+
+/// `cargo build --release ARGS` in the workspace (a no-op when up to date),
+/// taking the executables' paths from cargo's own messages so a custom
+/// target directory just works. Returns a lookup by binary name.
+pub(crate) fn build_release(
+    task: &str,
+    args: &[&str],
+) -> Result<impl FnMut(&str) -> Result<PathBuf>> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("xtask lives inside the workspace")?;
-    eprintln!("bench-40g: cargo build --release -p internet2-server -p internet2-benches");
+    eprintln!("{task}: cargo build --release {}", args.join(" "));
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut child = Command::new(cargo)
         .current_dir(root)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "internet2-server",
-            "-p",
-            "internet2-benches",
-            "--message-format=json-render-diagnostics",
-        ])
+        .args(["build", "--release"])
+        .args(args)
+        .arg("--message-format=json-render-diagnostics")
         .stdout(Stdio::piped())
         .spawn()
         .context("running cargo build")?;
@@ -270,15 +281,10 @@ fn build() -> Result<Binaries> {
     if !status.success() {
         bail!("cargo build failed ({status})");
     }
-    let mut take = |name: &str| {
+    Ok(move |name: &str| {
         executables
             .remove(name)
             .ok_or_else(|| anyhow!("cargo build did not report the `{name}` executable"))
-    };
-    Ok(Binaries {
-        server: take("internet2-server")?,
-        client: take("internet2")?,
-        baseline: take("quinn-baseline")?,
     })
 }
 
