@@ -82,23 +82,13 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+use controlplane::authority::api::hex;
 
 /// An identity written as 64 hex digits.
 pub fn parse_identity(text: &str) -> Result<Identity, String> {
-    let text = text.trim();
-    if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(format!(
-            "{text:?} is not an identity (64 hex digits: SHA-256 of the certificate's public key)"
-        ));
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
-    }
-    Ok(Identity(out))
+    controlplane::authority::api::hex_hash("identity", text.trim())
+        .map(Identity)
+        .map_err(|e| format!("{e}: the SHA-256 of the certificate's public key"))
 }
 
 /// The identity of a certificate (DER).
@@ -1044,6 +1034,41 @@ mod tests {
         assert_eq!(id.0, [0xab; 32]);
         assert!(parse_identity("ab").is_err());
         assert!(parse_identity(&"zz".repeat(32)).is_err());
+    }
+
+    #[test]
+    fn the_plot_cache_loads_only_what_it_saved() {
+        let dir = std::env::temp_dir().join(format!("i2-plot-cache-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("id.pem.plot-k6");
+        let params = SpaceParams::new(6, 4).unwrap();
+        let identity = [7u8; 32];
+        let plot = Plot::build(&identity, params, |_, _| {});
+        save_plot(&path, &plot).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let loaded = load_plot(&path, &identity, params).unwrap();
+        assert_eq!(loaded.commitment(), plot.commitment());
+        assert_eq!(loaded.leaf_hashes(), plot.leaf_hashes());
+        // Another identity's or another size's cache is not used.
+        assert!(load_plot(&path, &[8u8; 32], params).is_none());
+        assert!(load_plot(&path, &identity, SpaceParams::new(7, 4).unwrap()).is_none());
+        // Any flipped bit in the leaves is caught by the checksum; a short
+        // file is refused.
+        let bytes = std::fs::read(&path).unwrap();
+        for at in [PLOT_MAGIC.len() + 1 + 32 + 32, bytes.len() - 1] {
+            let mut corrupt = bytes.clone();
+            corrupt[at] ^= 1;
+            std::fs::write(&path, &corrupt).unwrap();
+            assert!(
+                load_plot(&path, &identity, params).is_none(),
+                "flip at {at}"
+            );
+        }
+        std::fs::write(&path, &bytes[..bytes.len() - 32]).unwrap();
+        assert!(load_plot(&path, &identity, params).is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -20,7 +20,7 @@ use anyhow::{Context, bail};
 use controlplane::authority::api::{
     self, CaRoot, CertIssueRequest, CertList, CertListRequest, CertRenewRequest, CertRevokeRequest,
     CertUsage, Consistency, CtConsistencyRequest, CtEntriesRequest, CtKey, CtProofRequest,
-    EnrollRequest, Entries, Issued, LogPublicKey, NoArguments, Proof, Revoked, Sth,
+    EnrollRequest, Entries, Issued, LogPublicKey, NoArguments, Proof, Revoked, Sth, hex,
 };
 use controlplane::authority::ct::{self, SignedTreeHead, decode_leaf, encode_x509_leaf, leaf_hash};
 use dataplane::client::rpc::Reply;
@@ -569,10 +569,6 @@ fn pem_encode(label: &str, der: &[u8]) -> String {
     }
     out.push_str(&format!("-----END {label}-----\n"));
     out
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn unix_now_s() -> i64 {

@@ -114,7 +114,7 @@ impl IdentityArg {
                 .with_context(|| format!("cannot read the certificate {}", path.display()))?;
             let identity = internet2_server::admission::identity_of_certificate(&der)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-            return Ok(identity.0.iter().map(|b| format!("{b:02x}")).collect());
+            return Ok(controlplane::authority::api::hex(&identity.0));
         }
         let text = self.identity.clone().unwrap_or_default();
         internet2_server::admission::parse_identity(&text).map_err(|e| anyhow::anyhow!(e))?;

@@ -12,7 +12,7 @@ use quinn_proto::ConnectionId;
 use std::net::{Ipv6Addr, SocketAddrV6, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn target(server: &Server) -> ClientTarget {
     let root = controlplane::authority::pem::load_cert(&server.ca()).unwrap();
@@ -257,14 +257,14 @@ fn graceful_shutdown_closes_connections_with_the_shutdown_code() {
         .spawn()
         .unwrap();
     // Wait until all 20 are established.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while counter(&server.stats(), "handshakes") < 21 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "connections never came up"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || match counter(&server.stats(), "handshakes") {
+            n if n >= 21 => Ok(()),
+            n => Err(format!("connections never came up ({n} handshakes)")),
+        },
+    );
     let (status, took) = server.terminate(Duration::from_secs(10));
     assert!(status.success(), "drain exits 0: {status}");
     assert!(
@@ -524,15 +524,7 @@ fn blocklisted_sources_are_dropped_by_the_workers_without_xdp() {
     )
     .unwrap();
     signal(server.pid(), "HUP");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !server
-        .log()
-        .iter()
-        .any(|l| l.contains("reloaded: blocklist applied"))
-    {
-        assert!(Instant::now() < deadline, "the reload was not applied");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    server.wait_for_log("reloaded: blocklist applied", Duration::from_secs(10));
     ok(&server.client(&["ping"]));
     assert!(counter(&server.stats(), "drop_blocked") > 0);
 }

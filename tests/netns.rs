@@ -168,21 +168,7 @@ fn reload(server: &Server, blocklist: &str) {
         .join("\n");
     std::fs::write(server.dir.join("server.toml"), config).unwrap();
     signal(server.pid(), "HUP");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if server
-            .log()
-            .iter()
-            .any(|l| l.contains("reloaded: blocklist applied"))
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the server never applied the reload"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    server.wait_for_log("reloaded: blocklist applied", Duration::from_secs(10));
 }
 
 #[test]
@@ -380,8 +366,7 @@ fn xdp_backend_serves_verified_transfers_and_returns_every_frame() {
     }
 
     // Idle again: every frame is back on the fill ring or the free list.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
         let workers = stats(&topology, &server)["workers"]
             .as_array()
             .unwrap()
@@ -393,14 +378,11 @@ fn xdp_backend_serves_verified_transfers_and_returns_every_frame() {
                 && counter(w, "xdp_frames_total") > 0
         });
         if balanced {
-            break;
+            Ok(())
+        } else {
+            Err(format!("frames were not all returned: {workers:#?}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "frames were not all returned: {workers:#?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    });
     drop(server);
     drop(topology);
 }
@@ -548,11 +530,16 @@ fn repeated_admission_failures_isolate_the_source_until_removed_or_expired() {
     for _ in 0..3 {
         lie_from_client(&topology, &server);
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !isolated(&topology, &server).contains(&blocked_prefix) {
-        assert!(Instant::now() < deadline, "the liar was never isolated");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let isolation = |what: &'static str| {
+        wait_until(Duration::from_secs(5), Duration::from_millis(100), || {
+            if isolated(&topology, &server).contains(&blocked_prefix) {
+                Ok(())
+            } else {
+                Err(what.to_owned())
+            }
+        })
+    };
+    isolation("the liar was never isolated");
     // ... and its next attempts, honest or not, die at the XDP front door.
     let refused = ping_from_client(&topology, &server, 1500);
     assert!(!refused.status.success(), "an isolated source was served");
@@ -574,22 +561,17 @@ fn repeated_admission_failures_isolate_the_source_until_removed_or_expired() {
         lie_from_client(&topology, &server);
     }
     let isolated_at = Instant::now();
-    let deadline = isolated_at + Duration::from_secs(5);
-    while !isolated(&topology, &server).contains(&blocked_prefix) {
-        assert!(
-            Instant::now() < deadline,
-            "the liar was never isolated again"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    isolation("the liar was never isolated again");
     assert!(!ping_from_client(&topology, &server, 1000).status.success());
-    let deadline = isolated_at + Duration::from_secs(15);
-    loop {
+    // Each failed ping waits out its own 1.5 s timeout: no extra sleep.
+    let expiry = (isolated_at + Duration::from_secs(15)).saturating_duration_since(Instant::now());
+    wait_until(expiry, Duration::ZERO, || {
         if ping_from_client(&topology, &server, 1500).status.success() {
-            break;
+            Ok(())
+        } else {
+            Err("the entry never expired".into())
         }
-        assert!(Instant::now() < deadline, "the entry never expired");
-    }
+    });
     assert!(isolated(&topology, &server).is_empty());
     drop(server);
     drop(topology);

@@ -538,7 +538,7 @@ fn ping(args: &TargetArgs, count: u32, payload: &str) -> anyhow::Result<()> {
     if let (Some(name), ServerTrust::RootsAndPin { spki_sha256, .. }) =
         (&args.by_name, &target.trust)
     {
-        let pin: String = spki_sha256.iter().map(|b| format!("{b:02x}")).collect();
+        let pin = controlplane::authority::api::hex(spki_sha256);
         println!(
             "{name} is {} (key pinned by TLSA 3 1 1 {pin})",
             target.remote
@@ -785,9 +785,7 @@ fn resolve(args: &TargetArgs, name: &str, port: Option<u16>, json: bool) -> anyh
     let port = port.unwrap_or(args.connect.port());
     let resolved =
         client::resolve_endpoint(&target, name, port, Duration::from_millis(args.timeout_ms))?;
-    let pin = resolved
-        .pin
-        .map(|p| p.iter().map(|b| format!("{b:02x}")).collect::<String>());
+    let pin = resolved.pin.map(|p| controlplane::authority::api::hex(&p));
     if json {
         let addresses: Vec<String> = resolved.addresses.iter().map(ToString::to_string).collect();
         println!(

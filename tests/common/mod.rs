@@ -169,6 +169,32 @@ impl Server {
     }
 }
 
+/// Poll `check` every `every` until it passes; past `limit`, fail with the
+/// last reason it gave.
+pub fn wait_until(limit: Duration, every: Duration, mut check: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + limit;
+    loop {
+        match check() {
+            Ok(()) => return,
+            Err(why) if Instant::now() >= deadline => panic!("after {limit:?}: {why}"),
+            Err(_) => std::thread::sleep(every),
+        }
+    }
+}
+
+impl Server {
+    /// Wait until the server logs a line containing `needle`.
+    pub fn wait_for_log(&self, needle: &str, limit: Duration) {
+        wait_until(limit, Duration::from_millis(50), || {
+            if self.log().iter().any(|l| l.contains(needle)) {
+                Ok(())
+            } else {
+                Err(format!("the server never logged {needle:?}"))
+            }
+        });
+    }
+}
+
 /// Run the server on `dir/server.toml` with data in `dir`; waits for the
 /// `listening` line.
 fn launch(dir: &Path, bind: &str, wrapper: &[&str]) -> (Child, mpsc::Receiver<String>) {

@@ -10,27 +10,25 @@
 //! the rounds; the ratio of the connection rates is taken per round, where
 //! the two servers ran back to back, and its median shown.
 //!
-//! Servers are stopped with SIGTERM (SIGKILL after a grace period) and the
-//! scratch directory is removed on every path out, errors included.
+//! Servers run as `bench-40g` runs them (own process group, SIGTERM then
+//! SIGKILL); they and the scratch directory are removed on every path out,
+//! errors and Ctrl-C included.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::bench::{WorkDir, build_release, free_udp_port, log_tail, remove_stale_work_dirs};
+use crate::bench::{
+    WorkDir, build_release, check_interrupt, free_udp_port, install_signal_handlers, log_tail,
+    medians, remove_stale_work_dirs, start_server,
+};
+use crate::report::Side;
 use clap::Args;
 use serde_json::{Map, Value, json};
 
-/// How long a server may take to print its `listening on` line (it makes
-/// its CA and keys on first start).
-const LISTEN_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a server may drain after SIGTERM before it gets SIGKILL.
-const STOP_GRACE: Duration = Duration::from_secs(10);
 /// How long one client command may run before it is killed.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Prefix of the scratch directories under the system temporary directory.
@@ -106,11 +104,13 @@ pub fn bench_admission(args: &AdmissionBenchArgs) -> Result<()> {
     if !(args.seconds > 0.0 && args.seconds.is_finite()) {
         bail!("--seconds must be a positive number");
     }
+    install_signal_handlers()?;
     let bins = build()?;
     remove_stale_work_dirs(WORK_DIR_PREFIX);
     let work = WorkDir::create(WORK_DIR_PREFIX)?;
     let mut rounds = Vec::new();
     for run in 0..args.runs {
+        check_interrupt()?;
         let order = if run % 2 == 0 {
             [Admission::On, Admission::Off]
         } else {
@@ -142,7 +142,7 @@ pub fn bench_admission(args: &AdmissionBenchArgs) -> Result<()> {
         round.insert("ratio_per_second_on_vs_off".into(), ratio);
         rounds.push(Value::Object(round));
     }
-    let medians = medians(&rounds.iter().collect::<Vec<_>>());
+    let medians = medians(&rounds);
     print_table(args, &medians, &rounds);
     if let Some(path) = &args.json {
         let doc = json!({
@@ -215,7 +215,12 @@ fn against_server(
     )
     .with_context(|| format!("writing {}", config.display()))?;
     let log = dir.join("server.log");
-    let mut server = Server::start(&bins.server, &config, dir, &log)?;
+    let mut cmd = Command::new(&bins.server);
+    cmd.arg("--config").arg(&config).arg("--data-dir").arg(dir);
+    let log_file =
+        std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let (mut server, _) =
+        start_server(cmd, Side::OURS, Stdio::from(log_file)).with_context(|| log_tail(&log))?;
     let json_path = dir.join("admission-bench.json");
     let mut cmd = Command::new(&bins.client);
     cmd.args(["admission-bench", "--connect", &format!("[::1]:{port}")])
@@ -306,120 +311,6 @@ fn run_client(mut cmd: Command, name: &str, out: &Path) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// A running server; dropping it stops it (SIGTERM, then SIGKILL), so no
-/// error path leaves one behind.
-struct Server {
-    child: Child,
-}
-
-impl Server {
-    /// Start the server and wait for its `listening on` line; its log goes
-    /// to `log`.
-    fn start(bin: &Path, config: &Path, dir: &Path, log: &Path) -> Result<Server> {
-        let log_file =
-            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let mut child = Command::new(bin)
-            .arg("--config")
-            .arg(config)
-            .arg("--data-dir")
-            .arg(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log_file)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let stdout = child.stdout.take().context("server stdout")?;
-        let mut server = Server { child };
-        let (tx, rx) = mpsc::channel();
-        // Keeps draining stdout after the listening line so the server can
-        // never block on a full pipe.
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + LISTEN_TIMEOUT;
-        loop {
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(line) if line.starts_with("listening on ") => return Ok(server),
-                Ok(_) | Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    let status = server.child.wait()?;
-                    bail!(
-                        "internet2-server exited ({status}) before printing `listening on`{}",
-                        log_tail(log)
-                    );
-                }
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "internet2-server did not print `listening on` within {} s{}",
-                    LISTEN_TIMEOUT.as_secs(),
-                    log_tail(log)
-                );
-            }
-        }
-    }
-
-    /// SIGTERM, then SIGKILL if it has not exited within [`STOP_GRACE`].
-    fn stop(&mut self) -> Result<ExitStatus> {
-        if let Some(status) = self.child.try_wait()? {
-            return Ok(status);
-        }
-        // SAFETY: kill has no memory-safety preconditions; the pid is our
-        // own unreaped child, so it cannot have been recycled.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + STOP_GRACE;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        eprintln!(
-            "bench-admission: the server is still running {} s after SIGTERM; killing it",
-            STOP_GRACE.as_secs()
-        );
-        self.child.kill()?;
-        Ok(self.child.wait()?)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.stop();
-    }
-}
-
-/// The last lines of a server log, for error messages.
-/// The median of every numeric leaf over the rounds (same shape as one
-/// round; other leaves are taken from the first).
-fn medians(values: &[&Value]) -> Value {
-    match values.first() {
-        Some(Value::Object(first)) => Value::Object(
-            first
-                .keys()
-                .map(|key| {
-                    let children: Vec<&Value> = values.iter().map(|v| &v[key]).collect();
-                    (key.clone(), medians(&children))
-                })
-                .collect(),
-        ),
-        Some(Value::Number(_)) => {
-            let mut xs: Vec<f64> = values.iter().filter_map(|v| v.as_f64()).collect();
-            xs.sort_by(f64::total_cmp);
-            match xs.len() {
-                0 => Value::Null,
-                n if n % 2 == 1 => json!(xs[n / 2]),
-                n => json!((xs[n / 2 - 1] + xs[n / 2]) / 2.0),
-            }
-        }
-        Some(other) => (*other).clone(),
-        None => Value::Null,
-    }
 }
 
 fn print_table(args: &AdmissionBenchArgs, m: &Value, rounds: &[Value]) {

@@ -66,7 +66,7 @@ extern "C" fn on_signal(_sig: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
-fn install_signal_handlers() -> Result<()> {
+pub(crate) fn install_signal_handlers() -> Result<()> {
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         // SAFETY: the handler only performs an atomic store, and the
         // sigaction struct is fully initialised (zeroed, then set).
@@ -88,7 +88,7 @@ fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
 
-fn check_interrupt() -> Result<()> {
+pub(crate) fn check_interrupt() -> Result<()> {
     if interrupted() {
         Err(Interrupted.into())
     } else {
@@ -785,7 +785,7 @@ fn setup(args: &BenchArgs, mode: &str) -> Value {
 
 /// A child that is killed if still running when dropped, so no error path
 /// leaves a server behind (which would also keep its namespace alive).
-struct Proc {
+pub(crate) struct Proc {
     child: Child,
     name: &'static str,
 }
@@ -796,7 +796,7 @@ impl Proc {
     }
 
     /// SIGTERM, then SIGKILL if it has not exited within STOP_GRACE.
-    fn stop(&mut self) -> Result<ExitStatus> {
+    pub(crate) fn stop(&mut self) -> Result<ExitStatus> {
         if let Some(status) = self.child.try_wait()? {
             return Ok(status);
         }
@@ -811,7 +811,7 @@ impl Proc {
             thread::sleep(Duration::from_millis(20));
         }
         eprintln!(
-            "bench-40g: {} still running {} s after SIGTERM; killing it",
+            "xtask: {} still running {} s after SIGTERM; killing it",
             self.name,
             STOP_GRACE.as_secs()
         );
@@ -839,7 +839,7 @@ fn server_name(side: Side) -> &'static str {
 /// Starts a server and waits for its `listening on` line. Children get
 /// their own process group so a terminal Ctrl-C reaches only xtask, which
 /// then stops them in order.
-fn start_server(mut cmd: Command, side: Side, stderr: Stdio) -> Result<(Proc, String)> {
+pub(crate) fn start_server(mut cmd: Command, side: Side, stderr: Stdio) -> Result<(Proc, String)> {
     let name = server_name(side);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -1174,7 +1174,7 @@ pub fn bench_authority(args: &crate::AuthorityBenchArgs) -> Result<()> {
         let report: Value = serde_json::from_str(&std::fs::read_to_string(&json)?)?;
         reports.push(report);
     }
-    let medians = authority_medians(&reports);
+    let medians = medians(&reports);
     println!("{}", serde_json::to_string_pretty(&medians)?);
     if let Some(path) = &args.json {
         let doc = json!({ "medians": medians, "runs": reports });
@@ -1185,8 +1185,9 @@ pub fn bench_authority(args: &crate::AuthorityBenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// The median of every numeric leaf over the runs (same shape as one run).
-fn authority_medians(reports: &[Value]) -> Value {
+/// The median of every numeric leaf over the runs (same shape as one run;
+/// other leaves are taken from the first).
+pub(crate) fn medians(reports: &[Value]) -> Value {
     fn walk(values: &[&Value]) -> Value {
         match values.first() {
             Some(Value::Object(first)) => {

@@ -684,11 +684,7 @@ pub fn verify_issued(
         &intermediate,
         "the certificate is not signed by the intermediate",
     )?;
-    let serial: String = cert
-        .raw_serial()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let serial = hex(cert.raw_serial());
     if serial != issued.serial {
         return Err(VerifyError::Chain(format!(
             "the certificate's serial is {serial}, not {}",

@@ -912,36 +912,52 @@ impl AuthorityService {
     }
 
     /// No unrevoked, unexpired certificate with another key carries any of
-    /// `csr`'s names. Scans the registry once per name (fine for the sizes
-    /// a single node holds; an index by name would make it O(log n)).
+    /// `csr`'s names.
     fn check_names_free(&self, csr: &CertFacts, now: SystemTime) -> Result<(), ServiceError> {
         for name in csr.names() {
-            let filter = CertificateFilter::Name(name.clone());
-            let mut after = None;
-            loop {
-                let page = self
-                    .authority
-                    .certificates(&filter, after)
-                    .map_err(authority_error)?;
-                for record in &page {
-                    let live = record.revocation.is_none() && record.not_after >= now;
-                    if live && cert_facts(&record.cert_der).map_err(internal)?.spki != csr.spki {
-                        return Err(ServiceError::new(
-                            api::NAME_TAKEN,
-                            format!(
-                                "{name:?} is held by certificate {} with another key",
-                                record.serial
-                            ),
-                        ));
-                    }
-                }
-                if page.len() < MAX_RECORDS_PER_CALL {
-                    break;
-                }
-                after = page.last().map(|r| r.serial);
+            let held = self.find_by_name(&name, |record| {
+                let live = record.revocation.is_none() && record.not_after >= now;
+                Ok(live && cert_facts(&record.cert_der).map_err(internal)?.spki != csr.spki)
+            })?;
+            if let Some(record) = held {
+                return Err(ServiceError::new(
+                    api::NAME_TAKEN,
+                    format!(
+                        "{name:?} is held by certificate {} with another key",
+                        record.serial
+                    ),
+                ));
             }
         }
         Ok(())
+    }
+
+    /// The first certificate carrying `name` (a registry name filter) for
+    /// which `found` holds. Scans the registry page by page (fine for the
+    /// sizes a single node holds; an index by name would make it O(log n)).
+    fn find_by_name(
+        &self,
+        name: &str,
+        mut found: impl FnMut(&CertificateRecord) -> Result<bool, ServiceError>,
+    ) -> Result<Option<CertificateRecord>, ServiceError> {
+        let filter = CertificateFilter::Name(name.to_owned());
+        let mut after = None;
+        loop {
+            let page = self
+                .authority
+                .certificates(&filter, after)
+                .map_err(authority_error)?;
+            let last_page = page.len() < MAX_RECORDS_PER_CALL;
+            after = page.last().map(|r| r.serial);
+            for record in page {
+                if found(&record)? {
+                    return Ok(Some(record));
+                }
+            }
+            if last_page {
+                return Ok(None);
+            }
+        }
     }
 
     fn cert_issue(
@@ -1009,27 +1025,14 @@ impl AuthorityService {
         now: SystemTime,
     ) -> Result<bool, ServiceError> {
         let bare = name.strip_suffix('.').unwrap_or(name);
-        let filter = CertificateFilter::Name(bare.to_owned());
-        let mut after = None;
-        loop {
-            let page = self
-                .authority
-                .certificates(&filter, after)
-                .map_err(authority_error)?;
-            for record in &page {
-                let live = record.revocation.is_none()
-                    && record.not_before <= now
-                    && now <= record.not_after
-                    && Some(record.serial) != except;
-                if live && cert_facts(&record.cert_der).map_err(internal)?.pin() == pin {
-                    return Ok(true);
-                }
-            }
-            if page.len() < MAX_RECORDS_PER_CALL {
-                return Ok(false);
-            }
-            after = page.last().map(|r| r.serial);
-        }
+        let holder = self.find_by_name(bare, |record| {
+            let live = record.revocation.is_none()
+                && record.not_before <= now
+                && now <= record.not_after
+                && Some(record.serial) != except;
+            Ok(live && cert_facts(&record.cert_der).map_err(internal)?.pin() == pin)
+        })?;
+        Ok(holder.is_some())
     }
 
     fn cert_renew(
@@ -1140,27 +1143,34 @@ impl AuthorityService {
             .expect("zone kinds are served only with a zone")
     }
 
-    /// `who` may change `name` (absolute): see the module documentation.
-    fn may_change(&self, who: &Identity, name: &str, now: SystemTime) -> Result<(), ServiceError> {
-        if who.operator {
-            return Ok(());
-        }
+    /// `input` as a name of the zone (absolute), if `who` may change it:
+    /// see the module documentation.
+    fn name_to_change(
+        &self,
+        who: &Identity,
+        input: &str,
+        now: SystemTime,
+    ) -> Result<String, ServiceError> {
         let zone = self.dns_zone();
+        let name = zone.qualify(input).map_err(|e| name_error("name", e))?;
+        if who.operator {
+            return Ok(name);
+        }
         if name == zone.server_name() {
             return Err(unauthorized(format!(
                 "{name} is the server's own name; only the operator may change it"
             )));
         }
-        if !who.facts.carries_dns(name) {
+        if !who.facts.carries_dns(&name) {
             return Err(unauthorized(format!(
                 "your certificate does not carry the name {:?} (as its CN or a DNS name); \
                  only the operator may change other names",
                 name.trim_end_matches('.')
             )));
         }
-        if let Some(owner) = zone.get(name).and_then(RecordSet::owner)
+        if let Some(owner) = zone.get(&name).and_then(RecordSet::owner)
             && owner != who.facts.pin()
-            && self.key_holds(name, owner, None, now)?
+            && self.key_holds(&name, owner, None, now)?
         {
             return Err(ServiceError::new(
                 api::NAME_TAKEN,
@@ -1170,7 +1180,33 @@ impl AuthorityService {
                 ),
             ));
         }
-        Ok(())
+        Ok(name)
+    }
+
+    /// Set (`Some`) or remove (`None`) the records of `name` (from
+    /// [`Self::name_to_change`]), durably; the zone's serial after it.
+    fn zone_write(
+        &mut self,
+        who: &Identity,
+        name: &str,
+        records: Option<RecordSet>,
+    ) -> Result<u32, ServiceError> {
+        let what = match records {
+            Some(_) => "zone name set",
+            None => "zone name removed",
+        };
+        let zone = self
+            .zone
+            .as_mut()
+            .expect("zone kinds are served only with a zone");
+        if let Some(change) = zone
+            .plan(vec![(name.to_owned(), records)])
+            .map_err(zone_error)?
+        {
+            zone.commit(change).map_err(zone_error)?;
+            tracing::info!(%name, by = if who.operator { "operator" } else { "owner" }, serial = zone.serial(), "{what}");
+        }
+        Ok(zone.serial())
     }
 
     fn dns_set(
@@ -1179,11 +1215,7 @@ impl AuthorityService {
         request: api::DnsSetRequest,
         now: SystemTime,
     ) -> Result<api::DnsChanged, ServiceError> {
-        let name = self
-            .dns_zone()
-            .qualify(&request.name)
-            .map_err(|e| name_error("name", e))?;
-        self.may_change(who, &name, now)?;
+        let name = self.name_to_change(who, &request.name, now)?;
         let pin = who.facts.pin();
         let owner = (!who.operator).then_some(pin);
         let records = requested_records(&request, owner)?;
@@ -1194,18 +1226,11 @@ impl AuthorityService {
             )));
         }
         let record = dns_record(&name, &records);
-        let zone = self.zone.as_mut().expect("checked by dns_zone");
-        if let Some(change) = zone
-            .plan(vec![(name.clone(), Some(records))])
-            .map_err(zone_error)?
-        {
-            zone.commit(change).map_err(zone_error)?;
-            tracing::info!(%name, by = if who.operator { "operator" } else { "owner" }, serial = zone.serial(), "zone name set");
-        }
+        let serial = self.zone_write(who, &name, Some(records))?;
         Ok(api::DnsChanged {
             name,
             record: Some(record),
-            serial: zone.serial(),
+            serial,
         })
     }
 
@@ -1215,26 +1240,18 @@ impl AuthorityService {
         request: api::DnsRemoveRequest,
         now: SystemTime,
     ) -> Result<api::DnsChanged, ServiceError> {
-        let name = self
-            .dns_zone()
-            .qualify(&request.name)
-            .map_err(|e| name_error("name", e))?;
-        self.may_change(who, &name, now)?;
-        let zone = self.zone.as_mut().expect("checked by dns_zone");
-        if zone.get(&name).is_none() {
+        let name = self.name_to_change(who, &request.name, now)?;
+        if self.dns_zone().get(&name).is_none() {
             return Err(ServiceError::new(
                 api::NOT_FOUND,
                 format!("the zone has no records for {name}"),
             ));
         }
-        if let Some(change) = zone.plan(vec![(name.clone(), None)]).map_err(zone_error)? {
-            zone.commit(change).map_err(zone_error)?;
-            tracing::info!(%name, by = if who.operator { "operator" } else { "owner" }, serial = zone.serial(), "zone name removed");
-        }
+        let serial = self.zone_write(who, &name, None)?;
         Ok(api::DnsChanged {
             name,
             record: None,
-            serial: zone.serial(),
+            serial,
         })
     }
 

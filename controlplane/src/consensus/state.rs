@@ -378,28 +378,6 @@ impl AdmissionState {
         }
     }
 
-    /// [`AdmissionSnapshot::verify`] against the current state.
-    pub fn verify(
-        &self,
-        params: &AdmissionParameters,
-        client: &ClientKey,
-        binding: &Binding,
-        bundle: &ProofBundle,
-        now_unix_s: u64,
-    ) -> Result<Admitted, AdmissionError> {
-        verify_with(
-            &self.config.policy(),
-            &self.ledger,
-            &self.plots,
-            params,
-            client,
-            binding,
-            bundle,
-            now_unix_s,
-        )
-    }
-
-    /// Run `write` in one durable transaction; aborted on error.
     fn write(
         &self,
         write: impl FnOnce(&WriteTransaction) -> Result<(), redb::Error>,
@@ -466,39 +444,25 @@ impl AdmissionSnapshot {
         bundle: &ProofBundle,
         now_unix_s: u64,
     ) -> Result<Admitted, AdmissionError> {
-        verify_with(
+        // Only a plot of the size this connection was asked for counts.
+        let plot = self
+            .plots
+            .get(&client.identity())
+            .filter(|p| p.k == params.space.k());
+        let connection = Connection {
+            binding: *binding,
+            client,
+            plot_commitment: plot.map(|p| &p.commitment),
+        };
+        verify_bundle(
+            params,
             &self.policy,
             &self.ledger,
-            &self.plots,
-            params,
-            client,
-            binding,
+            &connection,
             bundle,
             now_unix_s,
         )
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn verify_with(
-    policy: &AdmissionPolicy,
-    ledger: &StakeLedger,
-    plots: &BTreeMap<Identity, PlotCommitment>,
-    params: &AdmissionParameters,
-    client: &ClientKey,
-    binding: &Binding,
-    bundle: &ProofBundle,
-    now_unix_s: u64,
-) -> Result<Admitted, AdmissionError> {
-    let plot = plots
-        .get(&client.identity())
-        .filter(|p| p.k == params.space.k());
-    let connection = Connection {
-        binding: *binding,
-        client,
-        plot_commitment: plot.map(|p| &p.commitment),
-    };
-    verify_bundle(params, policy, ledger, &connection, bundle, now_unix_s)
 }
 
 fn check_config(config: &AdmissionConfig) -> Result<(), StateError> {

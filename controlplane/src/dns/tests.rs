@@ -1,36 +1,16 @@
 //! The zone model and its store, without the authority service.
 
 use super::*;
+use crate::test_support::TempDir;
 use redb::Database;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 
 const APEX: &str = "internet2.test.";
 
-struct TempDb(std::path::PathBuf);
-
-impl TempDb {
-    fn new(tag: &str) -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "i2-zone-{tag}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn open(&self) -> Arc<Database> {
-        Arc::new(Database::create(self.0.join("zone.redb")).unwrap())
-    }
-}
-
-impl Drop for TempDb {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// The zone's database in `dir`, which is created if missing.
+fn open_db(dir: &TempDir) -> Arc<Database> {
+    std::fs::create_dir_all(&dir.0).unwrap();
+    Arc::new(Database::create(dir.0.join("zone.redb")).unwrap())
 }
 
 fn config() -> ZoneConfig {
@@ -157,8 +137,8 @@ fn record_sets_are_bounded_and_canonical() {
 
 #[test]
 fn changes_are_durable_and_counted() {
-    let tmp = TempDb::new("durable");
-    let mut zone = Zone::open(tmp.open(), &config()).unwrap();
+    let tmp = TempDir::new("zone-durable");
+    let mut zone = Zone::open(open_db(&tmp), &config()).unwrap();
     assert_eq!((zone.generation(), zone.len()), (0, 0));
     let change = zone
         .plan(vec![
@@ -199,7 +179,7 @@ fn changes_are_durable_and_counted() {
         }]
     );
     drop(zone);
-    let zone = Zone::open(tmp.open(), &config()).unwrap();
+    let zone = Zone::open(open_db(&tmp), &config()).unwrap();
     assert_eq!(zone.snapshot(), snapshot);
     assert_eq!(
         zone.get("b.internet2.test.").unwrap().owner(),
@@ -212,15 +192,15 @@ fn changes_are_durable_and_counted() {
         ..config()
     };
     drop(zone);
-    let zone = Zone::open(tmp.open(), &other).unwrap();
+    let zone = Zone::open(open_db(&tmp), &other).unwrap();
     assert!(zone.is_empty());
     assert_eq!(zone.generation(), 2);
 }
 
 #[test]
 fn the_zone_pages_and_refuses_more_than_its_names() {
-    let tmp = TempDb::new("full");
-    let mut zone = Zone::open(tmp.open(), &config()).unwrap();
+    let tmp = TempDir::new("zone-full");
+    let mut zone = Zone::open(open_db(&tmp), &config()).unwrap();
     let records = set(&["2001:db8::1"], &[], None);
     let name = |i: usize| format!("n{i:05}.internet2.test.");
     let edits = |range: std::ops::Range<usize>| {
@@ -250,11 +230,14 @@ fn the_zone_pages_and_refuses_more_than_its_names() {
     ));
     // Exactly full is fine, and removing makes room again.
     assert!(zone.plan(edits(2500..MAX_NAMES)).unwrap().is_some());
+    let mut swap = edits(2500..MAX_NAMES + 1);
+    swap.push((name(0), None));
+    assert!(zone.plan(swap).unwrap().is_some());
 }
 
 #[test]
 fn bad_configurations_are_refused() {
-    let tmp = TempDb::new("config");
+    let tmp = TempDir::new("zone-config");
     for (what, config) in [
         (
             "apex without dot",
@@ -293,7 +276,10 @@ fn bad_configurations_are_refused() {
         ),
     ] {
         assert!(
-            matches!(Zone::open(tmp.open(), &config), Err(ZoneError::Config(_))),
+            matches!(
+                Zone::open(open_db(&tmp), &config),
+                Err(ZoneError::Config(_))
+            ),
             "{what}"
         );
     }

@@ -332,10 +332,7 @@ impl Zone {
         cert_names: impl Iterator<Item = &'a str>,
         pin: [u8; 32],
     ) -> Vec<Edit> {
-        self.carried(cert_names)
-            .into_iter()
-            .filter_map(|(name, records)| Some((name, Some(records.repinned(pin)?))))
-            .collect()
+        self.carried_edits(cert_names, |records| records.repinned(pin).map(Some))
     }
 
     /// Edits that remove `pin` from the names in `cert_names`.
@@ -344,22 +341,26 @@ impl Zone {
         cert_names: impl Iterator<Item = &'a str>,
         pin: [u8; 32],
     ) -> Vec<Edit> {
-        self.carried(cert_names)
-            .into_iter()
-            .filter_map(|(name, records)| Some((name, records.unpinned(pin)?)))
-            .collect()
+        self.carried_edits(cert_names, |records| records.unpinned(pin))
     }
 
-    /// The zone's names (other than the server's) among a certificate's
-    /// names, which are absolute names without their trailing dot.
-    fn carried<'a>(&self, cert_names: impl Iterator<Item = &'a str>) -> Vec<(String, &RecordSet)> {
+    /// `edit`'s new records for each of the zone's names (other than the
+    /// server's) among a certificate's names, which are absolute names
+    /// without their trailing dot; names it returns `None` for are left
+    /// out.
+    fn carried_edits<'a>(
+        &self,
+        cert_names: impl Iterator<Item = &'a str>,
+        edit: impl Fn(&RecordSet) -> Option<Option<RecordSet>>,
+    ) -> Vec<Edit> {
         cert_names
             .filter_map(|n| {
                 let name = format!("{}.", n.to_ascii_lowercase());
                 if name == self.server_name {
                     return None;
                 }
-                self.records.get(&name).map(|r| (name, r))
+                let records = edit(self.records.get(&name)?)?;
+                Some((name, records))
             })
             .collect()
     }

@@ -47,7 +47,7 @@ pub struct ClientAdmission {
 }
 
 impl ClientAdmission {
-    pub fn new(admitter: Arc<dyn Admitter>) -> Self {
+    fn new(admitter: Arc<dyn Admitter>) -> Self {
         Self {
             admitter,
             step: Step::Params,
@@ -60,14 +60,22 @@ impl ClientAdmission {
     }
 
     /// The handshake completed: ask for the parameters.
-    pub fn start(&mut self, conn: &mut Connection) -> Progress {
-        self.started = Some(Instant::now());
-        self.send(conn, KIND_ADMISSION_PARAMS, &[])
+    pub fn start(admitter: Arc<dyn Admitter>, conn: &mut Connection) -> (Self, Progress) {
+        let mut admission = Self::new(admitter);
+        admission.started = Some(Instant::now());
+        let progress = admission.send(conn, KIND_ADMISSION_PARAMS, &[]);
+        (admission, progress)
     }
 
-    /// Whether `id` is the admission exchange's stream.
-    pub fn owns(&self, id: StreamId) -> bool {
-        self.stream == Some(id)
+    /// Stream `id` is readable: the exchange's progress when it is the
+    /// exchange's stream, `None` when it belongs to the caller.
+    pub fn on_stream(
+        admission: &mut Option<Self>,
+        conn: &mut Connection,
+        id: StreamId,
+    ) -> Option<Progress> {
+        let admission = admission.as_mut().filter(|a| a.stream == Some(id))?;
+        Some(admission.on_readable(conn, id))
     }
 
     /// The stream of the request in flight.

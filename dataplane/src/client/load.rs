@@ -255,8 +255,8 @@ impl Service for LoadService {
         match event {
             Event::Connected => match &self.admitter {
                 Some(admitter) => {
-                    let mut admission = super::admit::ClientAdmission::new(admitter.clone());
-                    let progress = admission.start(conn);
+                    let (admission, progress) =
+                        super::admit::ClientAdmission::start(admitter.clone(), conn);
                     st.admission = Some(admission);
                     self.on_admission(st, conn, progress);
                 }
@@ -265,17 +265,12 @@ impl Service for LoadService {
                     self.fill(st, conn);
                 }
             },
-            Event::Stream(StreamEvent::Readable { id })
-                if st.admission.as_ref().is_some_and(|a| a.owns(id)) =>
-            {
-                let progress = st
-                    .admission
-                    .as_mut()
-                    .expect("checked above")
-                    .on_readable(conn, id);
-                self.on_admission(st, conn, progress);
+            Event::Stream(StreamEvent::Readable { id }) => {
+                match super::admit::ClientAdmission::on_stream(&mut st.admission, conn, id) {
+                    Some(progress) => self.on_admission(st, conn, progress),
+                    None => self.read(st, conn, id),
+                }
             }
-            Event::Stream(StreamEvent::Readable { id }) => self.read(st, conn, id),
             Event::Stream(StreamEvent::Available { dir: Dir::Bi }) if st.connected => {
                 self.fill(st, conn)
             }

@@ -311,26 +311,19 @@ impl Service for RpcService {
                     st.sent = false;
                 }
                 if let Some(admitter) = &self.admitter {
-                    let mut admission = ClientAdmission::new(admitter.clone());
-                    let progress = admission.start(conn);
+                    let (admission, progress) = ClientAdmission::start(admitter.clone(), conn);
                     st.admission = Some(admission);
                     self.on_admission(st, conn, progress);
-                } else if !st.sent || (st.sent_early && !conn.accepted_0rtt()) {
-                    // Rejected 0-RTT streams are gone: send again in 1-RTT.
+                } else if !st.sent {
                     self.send_requests(st, conn);
                 }
             }
-            Event::Stream(StreamEvent::Readable { id })
-                if st.admission.as_ref().is_some_and(|a| a.owns(id)) =>
-            {
-                let progress = st
-                    .admission
-                    .as_mut()
-                    .expect("checked above")
-                    .on_readable(conn, id);
-                self.on_admission(st, conn, progress);
+            Event::Stream(StreamEvent::Readable { id }) => {
+                match ClientAdmission::on_stream(&mut st.admission, conn, id) {
+                    Some(progress) => self.on_admission(st, conn, progress),
+                    None => self.read(st, conn, id),
+                }
             }
-            Event::Stream(StreamEvent::Readable { id }) => self.read(st, conn, id),
             Event::ConnectionLost { reason } => {
                 self.admission_deadline = is_admission_deadline(&reason);
                 if !self.done {

@@ -44,6 +44,31 @@ fn set_payload(name: &str, addresses: &[&str], tlsa: &[(u16, [u8; 32])]) -> Vec<
     json_bytes(json!({ "name": name, "addresses": addresses, "tlsa": tlsa }))
 }
 
+/// `caller` sets `name`'s addresses and pins; the answer.
+fn dns_set(
+    f: &mut Fixture,
+    caller: &Caller,
+    name: &str,
+    addresses: &[&str],
+    tlsa: &[(u16, [u8; 32])],
+) -> DnsChanged {
+    f.call_raw(caller, DNS_SET, &set_payload(name, addresses, tlsa))
+        .unwrap()
+}
+
+/// A client certificate for `names` with a new key, issued by the operator
+/// (who, unlike enrollment, may issue a name another key holds).
+fn operator_issued_client(f: &mut Fixture, names: &[&str]) -> Caller {
+    let (_, csr_pem) = csr(names);
+    let operator = f.operator.clone();
+    caller_of(&f.issue(&operator, &csr_pem, CertUsage::Client))
+}
+
+/// The record `list` has for `name`.
+fn listed<'a>(list: &'a DnsList, name: &str) -> &'a DnsRecord {
+    list.records.iter().find(|r| r.name == name).expect(name)
+}
+
 fn records_of(f: &Fixture, name: &str) -> Option<crate::dns::NameRecords> {
     f.service.zone().names.into_iter().find(|n| n.name == name)
 }
@@ -138,47 +163,41 @@ fn the_zone_survives_a_restart() {
     let operator = f.operator.clone();
     let (_, app, _) = f.enroll(&["app.internet2.test"]);
     let app_pin = pin_of(&app);
-    f.call_raw::<DnsChanged>(
-        &operator,
-        DNS_SET,
-        &set_payload("web", &["2001:db8::80"], &[]),
-    )
-    .unwrap();
-    f.call_raw::<DnsChanged>(
-        &app,
-        DNS_SET,
-        &set_payload("app", &["2001:db8::a"], &[(443, app_pin)]),
-    )
-    .unwrap();
+    dns_set(&mut f, &operator, "web", &["2001:db8::80"], &[]);
+    dns_set(&mut f, &app, "app", &["2001:db8::a"], &[(443, app_pin)]);
     let snapshot = f.service.zone();
     assert_eq!((snapshot.serial, snapshot.names.len()), (3, 3));
 
-    let (dir, now) = (f.dir.0.clone(), f.now);
-    drop(f.service);
-    let mut service = AuthorityService::open(&dir, zone_service_config(), now).unwrap();
-    assert_eq!(service.zone(), snapshot);
+    let mut f = f.reopen(zone_service_config());
+    assert_eq!(f.service.zone(), snapshot);
     // Registering the same server records again changes nothing.
-    let pin = service.server_spki_sha256().unwrap();
-    service.register_server(&zone_config(), pin, now).unwrap();
-    assert_eq!(service.zone(), snapshot);
-    // The owner key is durable too: another key still may not take the name.
-    let list = service.handle(&app, DNS_LIST, b"", now).unwrap();
-    let list: DnsList = serde_json::from_slice(&list).unwrap();
-    let app_record = list
-        .records
-        .iter()
-        .find(|r| r.name == "app.internet2.test.")
+    let pin = f.service.server_spki_sha256().unwrap();
+    f.service
+        .register_server(&zone_config(), pin, f.now)
         .unwrap();
-    assert_eq!(app_record.owner, Some(hex(&app_pin)));
+    assert_eq!(f.service.zone(), snapshot);
+    // The owner key is durable too: another key still may not take the name.
+    let list: DnsList = f.call_raw(&app, DNS_LIST, b"").unwrap();
+    assert_eq!(
+        listed(&list, "app.internet2.test.").owner,
+        Some(hex(&app_pin))
+    );
+    let thief = operator_issued_client(&mut f, &["app.internet2.test"]);
+    zone_refused(
+        &mut f,
+        "a name another key owns, after a restart",
+        &thief,
+        DNS_SET,
+        &set_payload("app", &["2001:db8::bad"], &[]),
+        NAME_TAKEN,
+    );
     // A new server address is registered as one change.
     let moved = ZoneConfig {
         server_addresses: vec!["2001:db8::2".parse().unwrap()],
         ..zone_config()
     };
-    service.register_server(&moved, pin, now).unwrap();
-    assert_eq!(service.zone().serial, snapshot.serial + 1);
-    drop(service);
-    drop(f.dir);
+    f.service.register_server(&moved, pin, f.now).unwrap();
+    assert_eq!(f.service.zone().serial, snapshot.serial + 1);
 }
 
 #[test]
@@ -190,76 +209,55 @@ fn only_holders_of_a_certificate_for_a_name_may_change_it() {
     let app_pin = pin_of(&app);
 
     // The holder sets its name's addresses and its own pin.
-    let set: DnsChanged = f
-        .call_raw(
-            &app,
-            DNS_SET,
-            &set_payload("app", &["2001:db8::a"], &[(443, app_pin)]),
-        )
-        .unwrap();
+    let set = dns_set(&mut f, &app, "app", &["2001:db8::a"], &[(443, app_pin)]);
     assert_eq!(set.record.unwrap().owner, Some(hex(&app_pin)));
 
-    zone_refused(
-        &mut f,
-        "no certificate",
-        &Caller::default(),
-        DNS_SET,
-        &set_payload("app", &["2001:db8::b"], &[]),
-        UNAUTHORIZED,
-    );
-    zone_refused(
-        &mut f,
-        "a name the certificate does not carry",
-        &other,
-        DNS_SET,
-        &set_payload("app", &["2001:db8::b"], &[]),
-        UNAUTHORIZED,
-    );
-    zone_refused(
-        &mut f,
-        "remove a name the certificate does not carry",
-        &other,
-        DNS_REMOVE,
-        br#"{"name":"app"}"#,
-        UNAUTHORIZED,
-    );
-    zone_refused(
-        &mut f,
-        "a new name the certificate does not carry",
-        &other,
-        DNS_SET,
-        &set_payload("new", &["2001:db8::b"], &[]),
-        UNAUTHORIZED,
-    );
-    zone_refused(
-        &mut f,
-        "a foreign pin",
-        &app,
-        DNS_SET,
-        &set_payload("app", &["2001:db8::a"], &[(443, app_pin), (853, [7; 32])]),
-        UNAUTHORIZED,
-    );
+    let anyone = Caller::default();
     let server_pin = f.service.server_spki_sha256().unwrap();
-    zone_refused(
-        &mut f,
-        "the server's pin",
-        &app,
-        DNS_SET,
-        &set_payload("app", &[], &[(443, server_pin)]),
-        UNAUTHORIZED,
-    );
+    for (what, caller, kind, payload) in [
+        (
+            "no certificate",
+            &anyone,
+            DNS_SET,
+            set_payload("app", &["2001:db8::b"], &[]),
+        ),
+        (
+            "a name the certificate does not carry",
+            &other,
+            DNS_SET,
+            set_payload("app", &["2001:db8::b"], &[]),
+        ),
+        (
+            "remove a name the certificate does not carry",
+            &other,
+            DNS_REMOVE,
+            br#"{"name":"app"}"#.to_vec(),
+        ),
+        (
+            "a new name the certificate does not carry",
+            &other,
+            DNS_SET,
+            set_payload("new", &["2001:db8::b"], &[]),
+        ),
+        (
+            "a foreign pin",
+            &app,
+            DNS_SET,
+            set_payload("app", &["2001:db8::a"], &[(443, app_pin), (853, [7; 32])]),
+        ),
+        (
+            "the server's pin",
+            &app,
+            DNS_SET,
+            set_payload("app", &[], &[(443, server_pin)]),
+        ),
+    ] {
+        zone_refused(&mut f, what, caller, kind, &payload, UNAUTHORIZED);
+    }
 
     // A client certificate for the server's name (only the operator can
     // issue one) still does not change the server's records.
-    let (_, node1_csr) = csr(&["node1.internet2.test"]);
-    let issued: Issued = f
-        .call(
-            &operator,
-            CERT_ISSUE,
-            json!({ "csr_pem": node1_csr, "usage": "client" }),
-        )
-        .unwrap();
-    let node1 = caller_of(&issued);
+    let node1 = operator_issued_client(&mut f, &["node1.internet2.test"]);
     zone_refused(
         &mut f,
         "the server's own name",
@@ -271,15 +269,7 @@ fn only_holders_of_a_certificate_for_a_name_may_change_it() {
 
     // Another key with a certificate for the name may not take it while
     // the owner's certificate is live.
-    let (_, thief_csr) = csr(&["app.internet2.test"]);
-    let issued: Issued = f
-        .call(
-            &operator,
-            CERT_ISSUE,
-            json!({ "csr_pem": thief_csr, "usage": "client" }),
-        )
-        .unwrap();
-    let thief = caller_of(&issued);
+    let thief = operator_issued_client(&mut f, &["app.internet2.test"]);
     let thief_pin = pin_of(&thief);
     zone_refused(
         &mut f,
@@ -299,28 +289,17 @@ fn only_holders_of_a_certificate_for_a_name_may_change_it() {
     );
 
     // The operator may set any name, with any pin; it then has no owner.
-    let set: DnsChanged = f
-        .call_raw(
-            &operator,
-            DNS_SET,
-            &set_payload("app", &["2001:db8::c"], &[(443, [7; 32])]),
-        )
-        .unwrap();
-    assert_eq!(set.record.unwrap().owner, None);
-    f.call_raw::<DnsChanged>(
+    let set = dns_set(
+        &mut f,
         &operator,
-        DNS_SET,
-        &set_payload("node1", &["2001:db8::1"], &[]),
-    )
-    .unwrap();
+        "app",
+        &["2001:db8::c"],
+        &[(443, [7; 32])],
+    );
+    assert_eq!(set.record.unwrap().owner, None);
+    dns_set(&mut f, &operator, "node1", &["2001:db8::1"], &[]);
     // The holder takes it back (it now has no owner key).
-    let set: DnsChanged = f
-        .call_raw(
-            &app,
-            DNS_SET,
-            &set_payload("app", &["2001:db8::a"], &[(443, app_pin)]),
-        )
-        .unwrap();
+    let set = dns_set(&mut f, &app, "app", &["2001:db8::a"], &[(443, app_pin)]);
     assert_eq!(set.record.unwrap().owner, Some(hex(&app_pin)));
 
     // Once no live certificate holds the owner's key, another holder of a
@@ -328,13 +307,7 @@ fn only_holders_of_a_certificate_for_a_name_may_change_it() {
     let app_serial = cert_facts_serial(&app);
     f.call::<Revoked>(&operator, CERT_REVOKE, json!({ "serial": app_serial }))
         .unwrap();
-    let set: DnsChanged = f
-        .call_raw(
-            &thief,
-            DNS_SET,
-            &set_payload("app", &["2001:db8::d"], &[(443, thief_pin)]),
-        )
-        .unwrap();
+    let set = dns_set(&mut f, &thief, "app", &["2001:db8::d"], &[(443, thief_pin)]);
     assert_eq!(set.record.unwrap().owner, Some(hex(&thief_pin)));
     let removed: DnsChanged = f
         .call(&thief, DNS_REMOVE, json!({ "name": "app.internet2.test." }))
@@ -353,12 +326,7 @@ fn cert_facts_serial(caller: &Caller) -> String {
 fn bad_zone_requests_get_their_code_and_change_nothing() {
     let mut f = zone_fixture("zone-bad");
     let operator = f.operator.clone();
-    f.call_raw::<DnsChanged>(
-        &operator,
-        DNS_SET,
-        &set_payload("app", &["2001:db8::a"], &[]),
-    )
-    .unwrap();
+    dns_set(&mut f, &operator, "app", &["2001:db8::a"], &[]);
     let pin = [7u8; 32];
     let long = "a".repeat(64);
     let many_addresses: Vec<String> = (1..=17).map(|i| format!("2001:db8::{i:x}")).collect();
@@ -556,12 +524,7 @@ fn bad_zone_requests_get_their_code_and_change_nothing() {
         zone_refused(&mut f, what, &operator, kind, &payload, code);
     }
     // Still serving.
-    f.call_raw::<DnsChanged>(
-        &operator,
-        DNS_SET,
-        &set_payload("app", &["2001:db8::b"], &[]),
-    )
-    .unwrap();
+    dns_set(&mut f, &operator, "app", &["2001:db8::b"], &[]);
 }
 
 #[test]
@@ -570,40 +533,20 @@ fn server_certificates_keep_their_names_pins_in_step() {
     let operator = f.operator.clone();
     let (_, app, _) = f.enroll(&["app.internet2.test"]);
     let app_pin = pin_of(&app);
-    f.call_raw::<DnsChanged>(
-        &app,
-        DNS_SET,
-        &set_payload("app", &["2001:db8::a"], &[(443, app_pin), (853, app_pin)]),
-    )
-    .unwrap();
-    f.call_raw::<DnsChanged>(
-        &operator,
-        DNS_SET,
-        &set_payload("plain", &["2001:db8::b"], &[]),
-    )
-    .unwrap();
+    let pins = [(443, app_pin), (853, app_pin)];
+    dns_set(&mut f, &app, "app", &["2001:db8::a"], &pins);
+    dns_set(&mut f, &operator, "plain", &["2001:db8::b"], &[]);
     let before = f.service.zone();
 
     // A client certificate changes no pin.
     let (_, client_csr) = csr(&["app.internet2.test"]);
-    f.call::<Issued>(
-        &app,
-        CERT_ISSUE,
-        json!({ "csr_pem": client_csr, "usage": "client" }),
-    )
-    .unwrap();
+    f.issue(&app, &client_csr, CertUsage::Client);
     assert_eq!(f.service.zone(), before);
 
     // A server certificate with a new key re-pins the names it carries.
     let (server_key, server_csr) = csr(&["app.internet2.test"]);
     let server_pin = sha256(&server_key.public_key_der());
-    let issued: Issued = f
-        .call(
-            &app,
-            CERT_ISSUE,
-            json!({ "csr_pem": server_csr, "usage": "server" }),
-        )
-        .unwrap();
+    let issued = f.issue(&app, &server_csr, CertUsage::Server);
     let app_records = records_of(&f, "app.internet2.test.").unwrap();
     assert_eq!(app_records.tlsa, [(443, server_pin), (853, server_pin)]);
     assert_eq!(
@@ -613,20 +556,13 @@ fn server_certificates_keep_their_names_pins_in_step() {
     assert_eq!(f.service.zone().serial, before.serial + 1);
     // The owner follows the key.
     let list: DnsList = f.call(&operator, DNS_LIST, json!({})).unwrap();
-    let record = list
-        .records
-        .iter()
-        .find(|r| r.name == "app.internet2.test.")
-        .unwrap();
-    assert_eq!(record.owner, Some(hex(&server_pin)));
+    assert_eq!(
+        listed(&list, "app.internet2.test.").owner,
+        Some(hex(&server_pin))
+    );
     // A name without pins gets none.
     let (_, plain_csr) = csr(&["plain.internet2.test"]);
-    f.call::<Issued>(
-        &operator,
-        CERT_ISSUE,
-        json!({ "csr_pem": plain_csr, "usage": "server" }),
-    )
-    .unwrap();
+    f.issue(&operator, &plain_csr, CertUsage::Server);
     assert!(
         records_of(&f, "plain.internet2.test.")
             .unwrap()
@@ -636,12 +572,13 @@ fn server_certificates_keep_their_names_pins_in_step() {
 
     // Renewal: the operator pinned another key; renewing the server
     // certificate pins its key again.
-    f.call_raw::<DnsChanged>(
+    dns_set(
+        &mut f,
         &operator,
-        DNS_SET,
-        &set_payload("app", &["2001:db8::a"], &[(443, [7; 32])]),
-    )
-    .unwrap();
+        "app",
+        &["2001:db8::a"],
+        &[(443, [7; 32])],
+    );
     let renewed: Issued = f
         .call(
             &operator,
@@ -677,12 +614,7 @@ fn server_certificates_keep_their_names_pins_in_step() {
     // The server's own pin is not the CA's to change.
     let server_records = records_of(&f, "node1.internet2.test.").unwrap();
     let (_, node1_csr) = csr(&["node1.internet2.test"]);
-    f.call::<Issued>(
-        &operator,
-        CERT_ISSUE,
-        json!({ "csr_pem": node1_csr, "usage": "server" }),
-    )
-    .unwrap();
+    f.issue(&operator, &node1_csr, CertUsage::Server);
     assert_eq!(
         records_of(&f, "node1.internet2.test.").unwrap(),
         server_records
@@ -690,12 +622,8 @@ fn server_certificates_keep_their_names_pins_in_step() {
 
     // Pins removed with a revocation are gone after a restart too.
     let snapshot = f.service.zone();
-    let (dir, now) = (f.dir.0.clone(), f.now);
-    drop(f.service);
-    let service = AuthorityService::open(&dir, zone_service_config(), now).unwrap();
-    assert_eq!(service.zone(), snapshot);
-    drop(service);
-    drop(f.dir);
+    let f = f.reopen(zone_service_config());
+    assert_eq!(f.service.zone(), snapshot);
 }
 
 #[test]
