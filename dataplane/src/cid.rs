@@ -92,7 +92,9 @@ pub fn owner_of(datagram: &[u8], workers: u16) -> Result<WorkerId, RouteError> {
     }
     let first = datagram[0];
     let field = if first & 0x80 != 0 {
-        let dcid_len = *datagram.get(5).ok_or(RouteError::Truncated)? as usize;
+        // In bounds: the datagram is at least 1 + CID_LEN bytes (asserted
+        // below to cover byte 5).
+        let dcid_len = usize::from(datagram[5]);
         if dcid_len == 0 {
             0
         } else {
@@ -115,9 +117,14 @@ pub fn owner_of(datagram: &[u8], workers: u16) -> Result<WorkerId, RouteError> {
     Ok(WorkerId(u16::from(field) % workers))
 }
 
+// `owner_of` reads a long header's DCID length (byte 5) once the datagram
+// is known to hold a short header with our CID.
+const _: () = assert!(1 + CID_LEN > 5);
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::{XorShift, hex};
 
     #[test]
     fn issued_cids_route_to_their_worker() {
@@ -295,13 +302,6 @@ mod tests {
         3b1ecd0e75c3e5a39abc42cd18692088583de326f0579646574ac7407204aa04\
         f57da4c0d9f9a04abf62f6f4c9ffe22b23019d0ac7fb94dd4097cdb34e7201fa\
         3f2100b1";
-
-    fn hex(s: &str) -> Vec<u8> {
-        let s: Vec<u8> = s.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-        s.chunks(2)
-            .map(|pair| u8::from_str_radix(std::str::from_utf8(pair).unwrap(), 16).unwrap())
-            .collect()
-    }
 
     /// The worker counts every captured datagram is routed for.
     const WORKER_COUNTS: [u16; 2] = [2, 4];
@@ -552,17 +552,6 @@ mod tests {
             Ok(owner) => Ok(owner.0),
             Err(RouteError::Truncated) => Err(SteerFallback::Truncated),
             Err(RouteError::NotQuic) => Err(SteerFallback::NotQuic),
-        }
-    }
-
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
         }
     }
 

@@ -22,6 +22,8 @@ pub mod protocols;
 pub mod server;
 pub mod stats;
 pub mod steering;
+#[cfg(test)]
+mod test_support;
 pub mod transport;
 pub mod trust;
 pub mod worker;

@@ -302,6 +302,16 @@ impl rustls::client::danger::ServerCertVerifier for SignatureOnly {
     }
 }
 
+/// A root store of `roots`; one that is not a usable CA certificate fails
+/// the whole set.
+fn root_store(roots: &[CertificateDer<'static>]) -> Result<rustls::RootCertStore, rustls::Error> {
+    let mut store = rustls::RootCertStore::empty();
+    for root in roots {
+        store.add(root.clone())?;
+    }
+    Ok(store)
+}
+
 /// rustls client config for QUIC with resumption and 0-RTT enabled.
 pub fn client_crypto(
     trust: &ServerTrust,
@@ -311,23 +321,13 @@ pub fn client_crypto(
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?;
     let builder = match trust {
-        ServerTrust::Roots(roots) => {
-            let mut store = rustls::RootCertStore::empty();
-            for root in roots {
-                store.add(root.clone())?;
-            }
-            builder.with_root_certificates(store)
-        }
+        ServerTrust::Roots(roots) => builder.with_root_certificates(root_store(roots)?),
         ServerTrust::HandshakeSignatureOnly => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(SignatureOnly(provider()))),
         ServerTrust::RootsAndPin { roots, spki_sha256 } => {
-            let mut store = rustls::RootCertStore::empty();
-            for root in roots {
-                store.add(root.clone())?;
-            }
             let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
-                Arc::new(store),
+                Arc::new(root_store(roots)?),
                 provider(),
             )
             .build()

@@ -33,9 +33,7 @@ impl SocketBackend {
             meta: [RecvMeta::default(); BATCH_SIZE],
         })
     }
-}
 
-impl SocketBackend {
     pub fn raw_fd(&self) -> i32 {
         self.socket.as_raw_fd()
     }

@@ -39,8 +39,6 @@ use umem::{Area, FrameCounts};
 use xdpilone::xdp::XdpDesc;
 use xdpilone::{DeviceQueue, IfInfo, RingRx, RingTx, Socket, SocketConfig, Umem, UmemConfig};
 
-pub use umem::FrameCounts as XdpFrameCounts;
-
 /// Bytes per UMEM frame: a full 1500-byte MTU frame plus the kernel's
 /// XDP_PACKET_HEADROOM (256) fit; a power of two, as aligned mode requires.
 pub const FRAME_LEN: u32 = 2048;
@@ -308,10 +306,6 @@ impl XdpBackend {
         self.rings.zero_copy
     }
 
-    pub fn frame_counts(&self) -> FrameCounts {
-        self.counts
-    }
-
     /// Top the fill ring up to its target from the free list.
     fn refill(&mut self) {
         loop {
@@ -483,6 +477,9 @@ impl Backend for XdpBackend {
         let mut delivered = 0;
         let port = self.listen.port();
         let listen_ip = *self.listen.ip();
+        let for_us = |dst: &SocketAddrV6| {
+            dst.port() == port && (listen_ip.is_unspecified() || *dst.ip() == listen_ip)
+        };
         for _ in 0..RX_BATCHES_PER_POLL {
             let mut reader = self.rings.rx.receive(RX_BATCH);
             let n = reader.capacity();
@@ -498,14 +495,12 @@ impl Backend for XdpBackend {
                     .ok_or(frame::FrameError::Truncated)
                     .and_then(frame::parse_udp6);
                 match parsed {
-                    Ok(udp)
-                        if udp.dst.port() == port
-                            && (listen_ip.is_unspecified() || *udp.dst.ip() == listen_ip) =>
-                    {
+                    Ok(udp) if for_us(&udp.header().dst) => {
+                        let header = udp.header();
                         sink(RecvDatagram {
-                            remote: SocketAddr::V6(udp.src),
-                            local_ip: Some(IpAddr::V6(*udp.dst.ip())),
-                            ecn: EcnCodepoint::from_bits(udp.traffic_class & 0b11),
+                            remote: SocketAddr::V6(header.src),
+                            local_ip: Some(IpAddr::V6(*header.dst.ip())),
+                            ecn: EcnCodepoint::from_bits(header.traffic_class & 0b11),
                             data: udp.payload,
                             stride: 0,
                         });

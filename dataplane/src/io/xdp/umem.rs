@@ -47,27 +47,25 @@ impl Area {
         NonNull::slice_from_raw_parts(self.ptr, self.len)
     }
 
+    /// Where `len` bytes at `offset` start, if they lie inside the area.
+    fn start_of(&self, offset: u64, len: usize) -> Option<usize> {
+        let start = usize::try_from(offset).ok()?;
+        (start.checked_add(len)? <= self.len).then_some(start)
+    }
+
     /// `len` bytes at `offset`, if they lie inside the area.
     pub fn bytes(&self, offset: u64, len: usize) -> Option<&[u8]> {
-        let start = usize::try_from(offset).ok()?;
-        let end = start.checked_add(len)?;
-        if end > self.len {
-            return None;
-        }
-        // SAFETY: in bounds (checked above); the frame was handed to us by
-        // the kernel on the RX ring, so the kernel no longer writes it.
+        let start = self.start_of(offset, len)?;
+        // SAFETY: in bounds (checked by `start_of`); the frame was handed to
+        // us by the kernel on the RX ring, so the kernel no longer writes it.
         Some(unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(start), len) })
     }
 
-    /// The whole frame at `offset` for writing.
+    /// `len` bytes at `offset` for writing, if they lie inside the area.
     pub fn bytes_mut(&mut self, offset: u64, len: usize) -> Option<&mut [u8]> {
-        let start = usize::try_from(offset).ok()?;
-        let end = start.checked_add(len)?;
-        if end > self.len {
-            return None;
-        }
-        // SAFETY: in bounds; the frame came from our free list, so neither
-        // the kernel nor another descriptor refers to it.
+        let start = self.start_of(offset, len)?;
+        // SAFETY: in bounds (checked by `start_of`); the frame came from our
+        // free list, so neither the kernel nor another descriptor refers to it.
         Some(unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(start), len) })
     }
 }
@@ -85,18 +83,11 @@ impl Drop for Area {
 
 /// Where the frames are (see the module docs).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FrameCounts {
+pub(crate) struct FrameCounts {
     pub total: u64,
     pub free: u64,
     pub fill: u64,
     pub tx: u64,
-}
-
-impl FrameCounts {
-    /// No frame has gone missing.
-    pub fn balanced(&self) -> bool {
-        self.free + self.fill + self.tx == self.total
-    }
 }
 
 #[cfg(test)]
