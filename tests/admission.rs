@@ -191,14 +191,7 @@ fn an_honest_client_is_admitted_and_recorded_as_an_asset() {
     assert!(stats["total"]["admitted"].as_u64().unwrap() >= 3, "{stats}");
     assert_eq!(stats["total"]["admission_refused"], 0);
     // The stats connection itself is an admitted asset of the operator.
-    let out = Command::new(SERVER)
-        .arg("--config")
-        .arg(server.dir.join("server.toml"))
-        .arg("--data-dir")
-        .arg(&server.dir)
-        .arg("assets")
-        .output()
-        .unwrap();
+    let out = server_command(&server, &["assets"]);
     let assets: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
     assert!(
         assets["connection_assets"].as_u64().unwrap() >= 1,
@@ -301,11 +294,8 @@ fn a_stale_tick_is_refused() {
 }
 
 fn server_command(server: &Server, args: &[&str]) -> std::process::Output {
-    Command::new(SERVER)
-        .arg("--config")
-        .arg(server.dir.join("server.toml"))
-        .arg("--data-dir")
-        .arg(&server.dir)
+    server
+        .operator_command(Command::new(SERVER))
         .args(args)
         .output()
         .unwrap()

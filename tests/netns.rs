@@ -487,12 +487,8 @@ fn lie_from_client(topology: &Topology, server: &Server) {
 
 /// `internet2-server ARGS` as the operator, inside the server's namespace.
 fn operator(topology: &Topology, server: &Server, args: &[&str]) -> serde_json::Value {
-    let out = topology
-        .exec(&topology.server, SERVER)
-        .arg("--config")
-        .arg(server.dir.join("server.toml"))
-        .arg("--data-dir")
-        .arg(&server.dir)
+    let out = server
+        .operator_command(topology.exec(&topology.server, SERVER))
         .args(args)
         .output()
         .unwrap();

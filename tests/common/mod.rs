@@ -183,6 +183,17 @@ pub fn wait_until(limit: Duration, every: Duration, mut check: impl FnMut() -> R
 }
 
 impl Server {
+    /// `command` (the server binary, possibly behind a wrapper) as an
+    /// operator command on this server's config and data directory.
+    pub fn operator_command(&self, mut command: Command) -> Command {
+        command
+            .arg("--config")
+            .arg(self.dir.join("server.toml"))
+            .arg("--data-dir")
+            .arg(&self.dir);
+        command
+    }
+
     /// Wait until the server logs a line containing `needle`.
     pub fn wait_for_log(&self, needle: &str, limit: Duration) {
         wait_until(limit, Duration::from_millis(50), || {
