@@ -132,12 +132,23 @@ fn revocation_closes_open_connections_and_refuses_the_next_handshake() {
     let (identity, serial) = issue_identity(&server, "client-r");
     let json = server.dir.join("held.json");
     // Four connections held open (and moving data) with that identity.
+    // Small requests: a client flooded with bulk data can drop the close
+    // from its full socket buffer and then meet a stateless reset instead
+    // of the revocation code this test checks for.
     let held = Command::new(CLIENT)
         .args(["bench", "--connect", &server.addr(), "--ca"])
         .arg(server.ca())
         .arg("--identity")
         .arg(&identity)
-        .args(["--connections", "4", "--duration", "6", "--quiet", "--json"])
+        .args([
+            "--connections",
+            "4",
+            "--duration",
+            "6",
+            "--download",
+            "1024",
+        ])
+        .args(["--quiet", "--json"])
         .arg(&json)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
