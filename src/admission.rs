@@ -43,11 +43,11 @@ use std::time::{Duration, Instant, SystemTime};
 /// Request kind: register the caller's plot (allowed before admission).
 pub const PLOT_REGISTER: u8 = dataplane::admission::KIND_PLOT_REGISTER;
 /// Request kind (operator): grant, revoke or list stake.
-pub const STAKE: u8 = 0x3c;
+pub const STAKE: u8 = dataplane::protocols::stoq_registry::STAKE;
 /// Request kind (operator): list or remove isolation entries.
-pub const BLOCKLIST: u8 = 0x3d;
+pub const BLOCKLIST: u8 = dataplane::protocols::stoq_registry::BLOCKLIST;
 /// Request kind (operator): the admitted connections, by owner.
-pub const ASSETS: u8 = 0x3e;
+pub const ASSETS: u8 = dataplane::protocols::stoq_registry::ASSETS;
 /// Connections listed per `ASSETS` answer.
 const ASSETS_LISTED_MAX: usize = 10_000;
 
@@ -96,6 +96,42 @@ pub fn identity_of_certificate(der: &[u8]) -> Result<Identity, String> {
     ClientKey::from_certificate_der(der)
         .map(|k| k.identity())
         .map_err(|e| e.to_string())
+}
+
+/// The operator command that adds `amount` of stake to `identity` (what
+/// under-staked clients are told to ask for).
+pub fn stake_grant_command(identity: &Identity, amount: u64) -> String {
+    format!("internet2-server stake grant {identity} --amount {amount}")
+}
+
+/// Stake an identity holds below a server's minimum.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StakeShortfall {
+    pub held: u64,
+    pub min: u64,
+}
+
+impl StakeShortfall {
+    /// From a connection's admission parameters (the server's answer to
+    /// `KIND_ADMISSION_PARAMS`): `None` when the server does not ask for
+    /// stake or the identity holds enough.
+    pub fn of_offer(parameters: &[u8]) -> Result<Option<Self>, String> {
+        let offer = wire::decode_offer(parameters)
+            .map_err(|e| format!("the server's admission parameters: {e}"))?;
+        Ok(Self::of(&offer))
+    }
+
+    fn of(offer: &Offer) -> Option<Self> {
+        (offer.params.mode.stake && offer.stake < offer.stake_min).then_some(Self {
+            held: offer.stake,
+            min: offer.stake_min,
+        })
+    }
+
+    /// What the operator grants `identity` to cover it.
+    pub fn grant_command(&self, identity: &Identity) -> String {
+        stake_grant_command(identity, self.min - self.held)
+    }
 }
 
 // ---------------------------------------------------------------- the gate
@@ -405,6 +441,12 @@ impl AdmissionRuntime {
     }
 
     /// Tick, adapt, score; returns how long until the next tick.
+    /// Whether the beacon's next tick is due (cheap; the control plane asks
+    /// between requests so a long queue never delays a tick).
+    pub fn tick_due(&self, now: Instant) -> bool {
+        now >= self.next_tick
+    }
+
     pub fn poll(&mut self, now: Instant) -> Duration {
         let mut changed = self.drain_events(now);
         if now >= self.next_tick {
@@ -962,14 +1004,13 @@ impl Admitter for KeyAdmitter {
                 ));
             }
         }
-        if mode.stake && offer.stake < offer.stake_min {
+        if let Some(short) = StakeShortfall::of(&offer) {
             return Err(format!(
-                "identity {} holds stake {} below this server's minimum {}; the operator grants it with `internet2-server stake grant {} {}`",
-                hex(&self.identity.0),
-                offer.stake,
-                offer.stake_min,
-                hex(&self.identity.0),
-                offer.stake_min - offer.stake
+                "identity {} holds stake {} below this server's minimum {}; the operator grants it with `{}`",
+                self.identity,
+                short.held,
+                short.min,
+                short.grant_command(&self.identity)
             ));
         }
         Ok(None)

@@ -7,6 +7,7 @@
 //! Workers never wait for it: a handshake reads the last published
 //! snapshot; a forwarded request is answered on the worker's reply queue.
 
+use controlplane::authority::ca::Usage;
 use controlplane::authority::service::{
     AuthorityService, Caller, ServerCertificate, ServiceConfig, TrustMaterial,
 };
@@ -19,7 +20,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-/// Requests served per wake-up before timers get a look.
+/// Requests served per wake-up before rotation and the operator identity
+/// get a look (the beacon is checked after every request).
 const REQUESTS_PER_POLL: usize = 256;
 /// How long a full reply queue is retried before the reply is dropped (the
 /// client then times out): a worker that stopped reading must not stall
@@ -67,6 +69,8 @@ pub struct AuthorityRuntime {
     zone_primary: String,
     /// Four-proof admission: state, beacon, isolation.
     admission: crate::admission::AdmissionRuntime,
+    /// Forwarded requests waiting, per caller.
+    fair: crate::fair_queue::FairQueue,
 }
 
 /// Where admission plugs into the authority at start.
@@ -152,6 +156,7 @@ impl AuthorityRuntime {
         let instant = Instant::now();
         Ok(Self {
             admission,
+            fair: crate::fair_queue::FairQueue::default(),
             service,
             port,
             trust,
@@ -188,48 +193,22 @@ impl AuthorityRuntime {
         self.service.trust().root_der
     }
 
-    /// Serve what is queued, rotate when due; returns how long to sleep.
+    /// Serve what is queued (fairly: one request per caller in turn, see
+    /// [`crate::fair_queue`]), rotate when due; returns how long to sleep.
     pub fn poll(&mut self, now: Instant) -> Duration {
         let mut served = 0;
         while served < REQUESTS_PER_POLL {
-            let Some(request) = self.port.next_request() else {
+            self.take_forwarded();
+            let Some(request) = self.fair.pop() else {
                 break;
             };
             served += 1;
-            let caller = Caller {
-                cert_der: request.peer.map(|c| c.as_ref().to_vec()),
-            };
-            let operator = is_operator(caller.cert_der.as_deref());
-            let result = match self.admission.handle(
-                request.kind,
-                caller.cert_der.as_deref(),
-                operator,
-                &request.payload,
-                Instant::now(),
-            ) {
-                Some(result) => result,
-                None => self
-                    .service
-                    .handle(&caller, request.kind, &request.payload, SystemTime::now())
-                    .map_err(|e| (e.code, e.message)),
-            };
-            // Publish before answering: once a client holds the answer, a
-            // revocation applies to the next handshake and an update is in
-            // the next DNS answer.
-            if let Some(rotated) = self.service.take_rotated() {
-                self.publish_certificate(&rotated, "operator request");
-                self.next_rotation = Instant::now() + self.rotation;
+            self.serve(request);
+            // The beacon ticks every second whatever the queue holds.
+            let at = Instant::now();
+            if self.admission.tick_due(at) {
+                self.admission.poll(at);
             }
-            self.publish_trust();
-            self.publish_zone();
-            self.send_reply(
-                request.worker,
-                Reply {
-                    ticket: request.ticket,
-                    kind: request.kind,
-                    result,
-                },
-            );
         }
         if now >= self.next_rotation {
             self.rotate();
@@ -258,6 +237,72 @@ impl AuthorityRuntime {
         next_tick
             .min(self.next_rotation.saturating_duration_since(now))
             .min(ADMISSION_POLL)
+    }
+
+    /// Move what the workers queued into the per-caller queues; a caller
+    /// past its bound is answered `BUSY` at once.
+    fn take_forwarded(&mut self) {
+        while let Some(request) = self.port.next_request() {
+            if let Err(refused) = self.fair.push(request) {
+                self.send_reply(
+                    refused.worker,
+                    Reply {
+                        ticket: refused.ticket,
+                        kind: refused.kind,
+                        result: Err((
+                            dataplane::protocols::stoq::ErrorCode::Busy as u16,
+                            "too many of your requests are waiting; retry in a moment".into(),
+                        )),
+                    },
+                );
+            }
+        }
+    }
+
+    fn serve(&mut self, request: dataplane::control::Forwarded) {
+        let caller = Caller {
+            cert_der: request.peer.map(|c| c.as_ref().to_vec()),
+        };
+        // The handshake checked the certificate, but a resumed session
+        // skips that check: verify it again (chain, validity, revocation)
+        // before it names anyone, as the authority's own requests do.
+        let verified = caller.cert_der.as_deref().filter(|der| {
+            self.service
+                .authority()
+                .verify_chain(der, Usage::Client, SystemTime::now())
+                .is_ok()
+        });
+        let operator = is_operator(verified);
+        let result = match self.admission.handle(
+            request.kind,
+            verified,
+            operator,
+            &request.payload,
+            Instant::now(),
+        ) {
+            Some(result) => result,
+            None => self
+                .service
+                .handle(&caller, request.kind, &request.payload, SystemTime::now())
+                .map_err(|e| (e.code, e.message)),
+        };
+        // Publish before answering: once a client holds the answer, a
+        // revocation applies to the next handshake and an update is in the
+        // next DNS answer.
+        if let Some(rotated) = self.service.take_rotated() {
+            self.publish_certificate(&rotated, "operator request");
+            self.next_rotation = Instant::now() + self.rotation;
+        }
+        self.publish_trust();
+        self.publish_zone();
+        self.send_reply(
+            request.worker,
+            Reply {
+                ticket: request.ticket,
+                kind: request.kind,
+                result,
+            },
+        );
     }
 
     /// Issue a new server certificate (overlapping the current one, which

@@ -61,7 +61,9 @@ pub struct EnrollArgs<T: Connect> {
     #[arg(long = "name", value_name = "NAME")]
     pub names: Vec<String>,
     /// Where to save the identity (certificate, intermediate and key, mode
-    /// 0600). Default: `$XDG_DATA_HOME/internet2/identity.pem`.
+    /// 0600). Until it is saved, the new key waits beside it in
+    /// `PEM.pending`, which a rerun after a failure reuses. Default:
+    /// `$XDG_DATA_HOME/internet2/identity.pem`.
     #[arg(long, value_name = "PEM")]
     pub out: Option<PathBuf>,
     /// Replace an existing identity file.
@@ -673,25 +675,69 @@ fn host_name() -> anyhow::Result<String> {
     Ok(name)
 }
 
-/// A new ECDSA P-256 key and a CSR for `names` (the first is the CN).
-fn key_and_csr(names: &[String]) -> anyhow::Result<(rcgen::KeyPair, String)> {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-        .context("cannot generate a key")?;
+/// A CSR for `names` (the first is the CN) with `key`.
+fn csr_for(key: &rcgen::KeyPair, names: &[String]) -> anyhow::Result<String> {
     let mut params = rcgen::CertificateParams::new(names.to_vec())
         .with_context(|| format!("the names {names:?} are not DNS names or IP addresses"))?;
     params.distinguished_name = rcgen::DistinguishedName::new();
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, names[0].as_str());
-    let csr = params
-        .serialize_request(&key)
+    params
+        .serialize_request(key)
         .and_then(|csr| csr.pem())
-        .context("cannot make the certificate request")?;
-    Ok((key, csr))
+        .context("cannot make the certificate request")
 }
 
-/// `internet2 enroll`: a key made here, a certificate paid for with the
-/// token, verified against the log before it is saved.
+// The enrolling client asks for the log key without a certificate: the
+// workers must forward exactly the kinds the authority serves so.
+const _: () = {
+    let (client, workers) = (
+        api::ANONYMOUS_KINDS,
+        dataplane::protocols::stoq::ANONYMOUS_AUTHORITY_KINDS,
+    );
+    assert!(client.len() == workers.len());
+    let mut i = 0;
+    while i < client.len() {
+        assert!(client[i] == workers[i]);
+        i += 1;
+    }
+};
+
+/// Where `enroll` keeps the key of an enrollment in progress: beside the
+/// identity file, written before the token is sent, removed once the
+/// identity is saved. A token is never spent on a key that is not on disk.
+fn pending_key_path(out: &Path) -> PathBuf {
+    let mut name = out.file_name().unwrap_or_default().to_owned();
+    name.push(".pending");
+    out.with_file_name(name)
+}
+
+/// The key an earlier attempt left in `pending` (`true`), or a new ECDSA
+/// P-256 key saved there (0600) first (`false`).
+fn pending_key(pending: &Path) -> anyhow::Result<(rcgen::KeyPair, bool)> {
+    if pending.exists() {
+        let pem = std::fs::read_to_string(pending)
+            .with_context(|| format!("cannot read {}", pending.display()))?;
+        let key = rcgen::KeyPair::from_pem(&pem).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: not a private key ({e}); remove it to enroll with a new key",
+                pending.display()
+            )
+        })?;
+        return Ok((key, true));
+    }
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .context("cannot generate a key")?;
+    write_private(pending, &key.serialize_pem(), false)?;
+    Ok((key, false))
+}
+
+/// `internet2 enroll`: a key made here and saved before the token is
+/// spent, a certificate paid for with the token, verified against the log
+/// before it is saved. Run again after a failure, it finishes with the
+/// saved key (the server answers the same token and key with the same
+/// certificate).
 pub fn enroll<T: Connect>(args: &EnrollArgs<T>, default_out: &Path) -> anyhow::Result<()> {
     let out = args.out.clone().unwrap_or_else(|| default_out.to_owned());
     if out.exists() && !args.force {
@@ -715,43 +761,138 @@ pub fn enroll<T: Connect>(args: &EnrollArgs<T>, default_out: &Path) -> anyhow::R
         true => vec![host_name()?],
         false => args.names.clone(),
     };
-    let (key, csr_pem) = key_and_csr(&names)?;
+    let pending = pending_key_path(&out);
+    let (key, resumed) = pending_key(&pending)?;
+    if resumed {
+        eprintln!(
+            "using the key an earlier attempt saved in {}",
+            pending.display()
+        );
+    }
+    let csr_pem = csr_for(&key, &names)?;
 
-    // Without a certificate the server allows only ENROLL.
+    // Without a certificate the server answers only ENROLL and CT_KEY. The
+    // log key comes first: a server that cannot give it costs no token.
     let mut session = Session::open(&args.target)?;
     let root_der = session.trusted_root()?;
     session.target.identity = None;
+    let (_, log_key) = session.log_key()?;
     let request = EnrollRequest {
         token: token.to_owned(),
         csr_pem,
     };
-    let issued: Issued = session.call(api::ENROLL, &request)?;
-
+    let kept = || {
+        format!(
+            "the key of this enrollment stays in {}; running the same command again finishes with it",
+            pending.display()
+        )
+    };
+    let issued: Issued = session.call(api::ENROLL, &request).with_context(kept)?;
     let cert_der = pem_der("certificate_pem", &issued.certificate_pem)?;
     if CertFacts::of(&cert_der)?.spki != key.public_key_der() {
         bail!("REFUSING the issued certificate: it is not for the key made here");
     }
-    let chain_der = pem_der("chain_pem", &issued.chain_pem)?;
-    let identity = ClientIdentity {
-        chain: vec![cert_der.into(), chain_der.into()],
-        key: PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-    };
-    // The new identity proves itself for admission (its plot cached
-    // beside the file it is about to be saved to).
-    session.target.admitter = Some(crate::admission::KeyAdmitter::new(
-        &identity,
-        Some(&out),
-        true,
-    )?);
-    session.target.identity = Some(identity);
-    let (_, log_key) = session
-        .log_key()
-        .context("the new certificate was issued, but fetching the log key with it failed; the token is spent, mint a new one")?;
-    let verified = trust_issued(issued, &log_key, &root_der)?;
-    write_private(&out, &verified.pem(Some(&key.serialize_pem())), args.force)?;
+    let verified = trust_issued(issued, &log_key, &root_der).with_context(kept)?;
+    write_private(&out, &verified.pem(Some(&key.serialize_pem())), args.force)
+        .with_context(kept)?;
+    std::fs::remove_file(&pending).with_context(|| {
+        format!(
+            "the identity is saved, but {} is not removed",
+            pending.display()
+        )
+    })?;
     println!("enrolled; identity saved to {}", out.display());
     verified.print_summary(&mut std::io::stdout())?;
+
+    let chain_der = pem_der("chain_pem", &verified.0.chain_pem)?;
+    session.target.identity = Some(ClientIdentity {
+        chain: vec![cert_der.into(), chain_der.into()],
+        key: PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    });
+    report_admission(&mut session, &out);
     Ok(())
+}
+
+/// Whether a server admits an identity.
+enum Admission {
+    Admitted,
+    /// It holds too little stake: the operator must grant it.
+    NeedsStake {
+        identity: controlplane::consensus::stake::Identity,
+        short: crate::admission::StakeShortfall,
+    },
+}
+
+/// Tell the user whether the server admits the identity just saved (in
+/// `session`'s target) and, when it lacks stake, the operator's command
+/// that grants it. Nothing here undoes the enrollment.
+fn report_admission(session: &mut Session, out: &Path) {
+    match admission_of(session, out) {
+        Ok(Admission::Admitted) => println!("admitted: this server accepts the new identity"),
+        Ok(Admission::NeedsStake { identity, short }) => {
+            println!(
+                "not admitted yet: this server requires stake {} and identity {identity} holds {}",
+                short.min, short.held
+            );
+            println!("ask the operator of this server to run:");
+            println!("  {}", short.grant_command(&identity));
+        }
+        Err(e) => {
+            eprintln!("warning: the identity is saved, but this server did not admit it: {e:#}")
+        }
+    }
+}
+
+/// One admitted ping with the identity in `session` (it builds the plot,
+/// cached beside `out`, and registers it, which is when a development
+/// server grants stake); when that is refused, the connection's admission
+/// parameters say whether stake is what is missing.
+fn admission_of(session: &mut Session, out: &Path) -> anyhow::Result<Admission> {
+    let identity = session
+        .target
+        .identity
+        .as_ref()
+        .expect("called with the new identity");
+    let owner = crate::admission::identity_of_certificate(&identity.chain[0])
+        .map_err(|e| anyhow::anyhow!("the new certificate's key: {e}"))?;
+    session.target.admitter = Some(crate::admission::KeyAdmitter::new(
+        identity,
+        Some(out),
+        true,
+    )?);
+    let config = session
+        .target
+        .client_config(dataplane::protocols::ALPN_STOQ)?;
+    let ping = vec![(
+        dataplane::protocols::stoq::Kind::Ping,
+        bytes::Bytes::from_static(b"enrolled"),
+    )];
+    let outcome = dataplane::client::rpc(&session.target, &config, ping, session.timeout)?;
+    let refused = match outcome.replies.into_iter().next() {
+        Some(Reply::Ok(_)) => return Ok(Admission::Admitted),
+        Some(Reply::Error { code, message }) => format!("server error {code}: {message}"),
+        Some(Reply::Failed(why)) => why,
+        None => outcome.error.unwrap_or_else(|| "no answer".into()),
+    };
+    // The parameters alone: no proofs, so this is no second refusal.
+    session.target.admitter = None;
+    let parameters = rpc_raw(
+        &session.target,
+        &config,
+        dataplane::admission::KIND_ADMISSION_PARAMS,
+        &[],
+        session.timeout,
+    )?;
+    if let Some(Reply::Ok(body)) = parameters.replies.first()
+        && let Some(short) =
+            crate::admission::StakeShortfall::of_offer(body).map_err(|e| anyhow::anyhow!(e))?
+    {
+        return Ok(Admission::NeedsStake {
+            identity: owner,
+            short,
+        });
+    }
+    bail!("{refused}")
 }
 
 // ---------------------------------------------------------------- cert

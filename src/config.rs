@@ -179,6 +179,10 @@ pub struct HypermeshAssets {
     pub isolation_ttl_s: u64,
     /// Length of the IPv6 prefix blocked around a failing address.
     pub isolation_ipv6_prefix_len: u8,
+    /// Prefixes that are scored but never blocked (the operator's own
+    /// networks). Loopback and the server's own bind address are always
+    /// exempt.
+    pub isolation_exempt: Vec<String>,
 }
 
 impl Default for HypermeshAssets {
@@ -200,6 +204,7 @@ impl Default for HypermeshAssets {
             isolation_window_s: 10,
             isolation_ttl_s: 300,
             isolation_ipv6_prefix_len: 64,
+            isolation_exempt: Vec::new(),
         }
     }
 }
@@ -463,7 +468,7 @@ impl Config {
             ));
         }
         let xdp = self.xdp_plan(file, text, workers)?;
-        let admission = self.admission(file, text)?;
+        let admission = self.admission(file, text, bind)?;
         let a = &self.trustchain_authority;
         if !(1..=24 * 90).contains(&a.certificate_lifetime_hours) {
             return Err(key_error(
@@ -581,6 +586,7 @@ impl Config {
         &self,
         file: &str,
         text: &str,
+        bind: std::net::Ipv6Addr,
     ) -> Result<crate::admission::AdmissionSettings, ConfigError> {
         use controlplane::consensus::{AdmissionMode, space::SpaceParams, work::Difficulty};
         let h = &self.hypermesh_assets;
@@ -631,7 +637,8 @@ impl Config {
             window: Duration::from_secs(h.isolation_window_s),
             ttl: Duration::from_secs(h.isolation_ttl_s),
             ipv6_prefix_len: h.isolation_ipv6_prefix_len,
-            exempt: Vec::new(),
+            exempt: isolation_exempt(&h.isolation_exempt, bind)
+                .map_err(|e| bad("isolation_exempt", &e))?,
         };
         isolation
             .check()
@@ -769,6 +776,25 @@ fn locate(file: &str, text: &str, span: Option<Range<usize>>, message: &str) -> 
         key,
         message: message.trim().to_owned(),
     }
+}
+
+/// `isolation_exempt`, checked, plus what is always exempt: loopback (the
+/// operator's own commands) and the server's own address when it binds one.
+fn isolation_exempt(
+    configured: &[String],
+    bind: std::net::Ipv6Addr,
+) -> Result<Vec<(std::net::Ipv6Addr, u8)>, String> {
+    let mut exempt = vec![(std::net::Ipv6Addr::LOCALHOST, 128)];
+    if !bind.is_unspecified() && !bind.is_loopback() {
+        exempt.push((bind, 128));
+    }
+    for prefix in configured {
+        let prefix: Ipv6Prefix = prefix
+            .parse()
+            .map_err(|e| format!("{e} (expected IPv6 prefixes such as \"2001:db8::/48\")"))?;
+        exempt.push((prefix.addr, prefix.len));
+    }
+    Ok(exempt)
 }
 
 #[cfg(test)]
@@ -933,6 +959,12 @@ mod tests {
                 "100..=60000",
             ),
             (
+                "[hypermesh_assets]\nisolation_exempt = [\"10.0.0.0/8\"]\n",
+                2,
+                "hypermesh_assets.isolation_exempt",
+                "expected IPv6 prefixes",
+            ),
+            (
                 "[hypermesh_assets]\nisolation_ipv6_prefix_len = 8\n",
                 2,
                 "hypermesh_assets.isolation_ipv6_prefix_len",
@@ -1031,6 +1063,20 @@ mod tests {
                     .starts_with(&format!("t.toml:{line}: {key}: ")),
                 "{e}"
             );
+        }
+    }
+
+    #[test]
+    fn loopback_and_the_bind_address_are_always_exempt_from_isolation() {
+        let text = "[internet2]\nbind = \"fd71:7e57::1\"\n[hypermesh_assets]\nisolation_exempt = [\"2001:db8::/48\"]\n";
+        let resolved = parse("t.toml", text, 2).unwrap();
+        let exempt = &resolved.admission.isolation.exempt;
+        for prefix in [
+            (Ipv6Addr::LOCALHOST, 128),
+            ("fd71:7e57::1".parse().unwrap(), 128),
+            ("2001:db8::".parse().unwrap(), 48),
+        ] {
+            assert!(exempt.contains(&prefix), "{prefix:?} in {exempt:?}");
         }
     }
 }

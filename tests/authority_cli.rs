@@ -382,3 +382,148 @@ fn foreign_and_malformed_input_is_refused() {
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
 }
+
+/// The real server as `--mode production` runs it, with its defaults:
+/// mandatory admission, `plot_k = 18`, `stake_min = 1`,
+/// `development_stake = 0`. Only what a test on `[::1]` needs is set: the
+/// harness's `bind`/`port` and `--data-dir`, and an empty
+/// `[hypermesh_assets]` table, which stops the harness adding its
+/// development admission settings. The harness runs `SERVER --config …
+/// --data-dir …` behind a wrapper: this one puts `--mode production`
+/// after the binary (the wrapper hook also opens the data directory to
+/// other users, for wrappers that drop privileges; nothing here does).
+fn production_server(tag: &str) -> Server {
+    Server::start_in(
+        tag,
+        "::1",
+        "[hypermesh_assets]\n",
+        &["sh", "-c", "exec \"$0\" --mode production \"$@\""],
+    )
+}
+
+fn operator(server: &Server, args: &[&str]) -> Output {
+    server
+        .operator_command(Command::new(common::SERVER))
+        .args(args)
+        .output()
+        .expect("run internet2-server")
+}
+
+#[test]
+fn enrollment_on_production_defaults_ends_with_the_stake_grant_command() {
+    use std::os::unix::fs::PermissionsExt;
+    let server = production_server("auth-production");
+    let token = ok(&operator(&server, &["enroll-token"])).trim().to_owned();
+    let identity = server.dir.join("prod-laptop.pem");
+    let path = identity.to_str().unwrap();
+    // The first admission builds the 2^18-leaf plot: more time than the
+    // default 5 s on a slow machine.
+    let timeout = ["--timeout-ms", "60000"];
+    let out = server.client(
+        &[
+            &["enroll", &token, "--name", "prod-laptop", "--out", path][..],
+            &timeout,
+        ]
+        .concat(),
+    );
+    let stdout = ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let mode = std::fs::metadata(&identity).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the identity file is private");
+    assert!(
+        !server.dir.join("prod-laptop.pem.pending").exists(),
+        "the pending key is removed once the identity is saved"
+    );
+    assert!(
+        !format!("{stdout}{stderr}").contains("Identity(["),
+        "no identity is shown as a byte array:\n{stdout}{stderr}"
+    );
+
+    // The exact command, naming this identity (SHA-256 of its key) in hex.
+    let line = stdout
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("internet2-server stake grant "))
+        .unwrap_or_else(|| panic!("no stake grant command in:\n{stdout}\n{stderr}"));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let der = controlplane::authority::pem::load_cert(&identity).unwrap();
+    let expected = internet2_server::admission::identity_of_certificate(&der).unwrap();
+    assert_eq!(
+        words,
+        [
+            "internet2-server",
+            "stake",
+            "grant",
+            &controlplane::authority::api::hex(&expected.0),
+            "--amount",
+            "1"
+        ],
+        "{stdout}"
+    );
+    assert!(words[3].len() == 64 && words[3].bytes().all(|b| b.is_ascii_hexdigit()));
+
+    // Without stake the identity is refused; the operator's command, as
+    // printed, admits it.
+    let ping = [&["ping", "--identity", path][..], &timeout].concat();
+    assert!(
+        !server.client(&ping).status.success(),
+        "admitted without stake"
+    );
+    ok(&operator(&server, &words[1..]));
+    ok(&server.client(&ping));
+}
+
+/// The private key block of an identity file.
+fn key_pem(identity: &Path) -> String {
+    let text = std::fs::read_to_string(identity).unwrap();
+    let begin = text.find("-----BEGIN PRIVATE KEY-----").expect("a key");
+    text[begin..].to_owned()
+}
+
+#[test]
+fn a_rerun_enrollment_finishes_with_its_pending_key_and_no_other_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let server = Server::start("auth-retry", "");
+    let token = mint(&server);
+    let enroll_into = |path: &Path| {
+        server.client(&[
+            "enroll",
+            &token,
+            "--name",
+            "retry",
+            "--out",
+            path.to_str().unwrap(),
+        ])
+    };
+    let first = server.dir.join("first.pem");
+    ok(&enroll_into(&first));
+    let certificates = list(&server, "all").len();
+
+    // As after a failure once the token was spent: the key of that attempt
+    // is pending beside the output. The rerun sends it with the same token
+    // and gets the same certificate; nothing new is issued.
+    let second = server.dir.join("second.pem");
+    let pending = server.dir.join("second.pem.pending");
+    std::fs::write(&pending, key_pem(&first)).unwrap();
+    let out = enroll_into(&second);
+    ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("earlier attempt"), "{stderr}");
+    let load = |p: &Path| controlplane::authority::pem::load_cert(p).unwrap();
+    assert_eq!(load(&second), load(&first), "the same certificate");
+    assert_eq!(key_pem(&second), key_pem(&first));
+    assert!(!pending.exists(), "the pending key is removed");
+    assert_eq!(list(&server, "all").len(), certificates);
+    ok(&server.client(&["ping", "--identity", second.to_str().unwrap()]));
+
+    // Another key with the spent token: refused; its key stays pending
+    // (private) for a rerun, and no identity is written.
+    let third = server.dir.join("third.pem");
+    let stderr = failed(&enroll_into(&third));
+    assert!(stderr.contains("enrollment token already used"), "{stderr}");
+    assert!(!third.exists());
+    let pending = server.dir.join("third.pem.pending");
+    let mode = std::fs::metadata(&pending).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(list(&server, "all").len(), certificates);
+}

@@ -31,7 +31,7 @@ use x509_parser::certificate::X509Certificate;
 use x509_parser::prelude::FromDer;
 
 // Request kinds (stoq/1). The response kind is `kind | RESPONSE_BIT`.
-/// Enrollment with a one-time token; the only kind allowed without a client certificate.
+/// Enrollment with a one-time token.
 pub const ENROLL: u8 = 0x10;
 pub const CERT_ISSUE: u8 = 0x11;
 pub const CERT_RENEW: u8 = 0x12;
@@ -52,6 +52,9 @@ pub const DNS_SET: u8 = 0x38;
 pub const DNS_REMOVE: u8 = 0x39;
 /// List the zone's names, in pages.
 pub const DNS_LIST: u8 = 0x3a;
+/// The kinds served without a client certificate: enrollment, and the log
+/// key an enrolling client checks its new certificate's log proof with.
+pub const ANONYMOUS_KINDS: [u8; 2] = [ENROLL, CT_KEY];
 /// The zone kinds.
 pub const DNS_KINDS: [u8; 3] = [DNS_SET, DNS_REMOVE, DNS_LIST];
 /// Every request kind the authority answers.
@@ -164,6 +167,9 @@ impl ServiceError {
 pub struct NoArguments {}
 
 /// `ENROLL`: a certificate for the CSR's key and names, paid for by a token.
+/// Sent again with the same token and a CSR for the same key, it answers
+/// the certificate the token paid for (a retry after a lost answer); with
+/// another key, `TOKEN_USED`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EnrollRequest {

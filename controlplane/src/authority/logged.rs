@@ -7,7 +7,8 @@
 //! `ca::CertificateAuthority`), `ct-log.key` (the log's PKCS#8 signing key,
 //! mode 0600, never rewritten) and `authority.redb`, the one redb database
 //! that holds both the CT log's tables (see `ct::log`) and the CA registry's
-//! (`ca_certificates`, `ca_revocations`, `enrollment_tokens_used`; see
+//! (`ca_certificates`, `ca_children`, `ca_revocations`,
+//! `enrollment_tokens_used`, `enrollment_tokens_paid`; see
 //! [`super::registry`]). `enrollment.key` (see [`super::enrollment`]) is
 //! opened by the service, not here. The DNS zone's tables (`dns_records`,
 //! `dns_meta`; see `crate::dns::store`) live in the same file: the service
@@ -225,6 +226,12 @@ impl Authority {
         registry::token_spent(&self.db, id.0).map_err(|e| self.registry_error(e))
     }
 
+    /// The certificate the enrollment token `id` paid for (`None`: not
+    /// spent, or spent before the registry recorded what for).
+    pub fn token_certificate(&self, id: TokenId) -> Result<Option<Serial>, AuthorityError> {
+        registry::token_certificate(&self.db, id.0).map_err(|e| self.registry_error(e))
+    }
+
     /// Renew a certificate of this CA and log the successor.
     pub fn renew(
         &mut self,
@@ -242,7 +249,9 @@ impl Authority {
         now: SystemTime,
         also: impl FnOnce(&WriteTransaction) -> Result<(), redb::Error>,
     ) -> Result<LoggedCertificate, AuthorityError> {
-        let (request, current) = self.ca.renewal_request(current_cert_der, now)?;
+        let (mut request, current) = self.ca.renewal_request(current_cert_der, now)?;
+        // A renewal is issued on the authority its predecessor was.
+        request.parent = self.certificate(&current)?.and_then(|r| r.parent);
         let certificate = self.ca.sign(request, now, Some(current))?;
         self.log_certificate(certificate, now, None, also)
     }
@@ -262,27 +271,43 @@ impl Authority {
         reason: Option<RevocationReason>,
         now: SystemTime,
     ) -> Result<(), AuthorityError> {
-        self.revoke_with(serial, reason, now, |_| Ok(()))
+        self.revoke_with(serial, reason, now, |_| Ok(())).map(drop)
     }
 
     /// [`Self::revoke_with_reason`], also running `also` in the
-    /// revocation's transaction (see [`Self::issue_with`]).
+    /// revocation's transaction (see [`Self::issue_with`]). What was issued
+    /// on the certificate's authority ([`Self::descendants`]) is revoked in
+    /// the same transaction; returns those serials.
     pub fn revoke_with(
         &mut self,
         serial: &Serial,
         reason: Option<RevocationReason>,
         now: SystemTime,
         also: impl FnOnce(&WriteTransaction) -> Result<(), redb::Error>,
-    ) -> Result<(), AuthorityError> {
+    ) -> Result<Vec<Serial>, AuthorityError> {
         self.ca.check_revocable(serial)?;
         let revocation = Revocation {
             revoked_at_ms: unix_ms(now)?,
             reason,
         };
-        registry::insert_revocation(&self.db, *serial, &revocation, also)
+        let cascade = registry::insert_revocation(&self.db, *serial, &revocation, now, also)
             .map_err(|e| self.registry_error(e))?;
-        self.ca.record_revocation(*serial, now);
-        Ok(())
+        let revoked: Vec<Serial> = std::iter::once(*serial)
+            .chain(cascade.iter().copied())
+            .collect();
+        self.ca.record_revocations(&revoked, now);
+        Ok(cascade)
+    }
+
+    /// The unrevoked, unexpired certificates a revocation of `serial` at
+    /// `now` revokes with it: those issued on its authority (or on that of
+    /// a certificate it renewed), and on theirs, and so on.
+    pub fn descendants(
+        &self,
+        serial: &Serial,
+        now: SystemTime,
+    ) -> Result<Vec<CertificateRecord>, AuthorityError> {
+        registry::descendants(&self.db, *serial, now).map_err(|e| self.registry_error(e))
     }
 
     /// The current revocation list, to hand to workers (cheap to clone).
@@ -368,6 +393,7 @@ impl Authority {
             not_before: certificate.not_before,
             not_after: certificate.not_after,
             renewed_from: certificate.renewed_from,
+            parent: certificate.parent,
             leaf_index: 0,
             logged_at_ms: now_ms,
             revocation: None,
@@ -380,8 +406,13 @@ impl Authority {
                 |txn, first_index| {
                     record.leaf_index = first_index;
                     if let Some(token) = token {
-                        let spent = registry::spend_token(txn, token.id().0, token.expires_at_s())
-                            .map_err(AppendError::Registry)?;
+                        let spent = registry::spend_token(
+                            txn,
+                            token.id().0,
+                            token.expires_at_s(),
+                            record.serial,
+                        )
+                        .map_err(AppendError::Registry)?;
                         if !spent {
                             return Err(AppendError::TokenUsed);
                         }

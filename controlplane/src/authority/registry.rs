@@ -6,35 +6,47 @@
 //! - `ca_certificates`: serial → a certificate record ([`encode_record`]):
 //!   where the certificate is in the log (leaf index and the leaf's
 //!   timestamp, which together with the DER give the leaf hash), validity,
-//!   usage, names, the serial it renewed, and the DER;
+//!   usage, names, the serial it renewed, the serial it was issued on the
+//!   authority of (its parent), and the DER;
+//! - `ca_children`: parent serial ‖ child serial → nothing: the index of
+//!   parent links, so a revocation finds what was issued on the revoked
+//!   certificate's authority without a scan (see [`insert_revocation`]);
 //! - `ca_revocations`: serial → revocation time and reason
 //!   ([`encode_revocation`]);
 //! - `enrollment_tokens_used`: enrollment token id → its expiry (Unix
 //!   seconds), written in the append transaction of the certificate the
-//!   token paid for.
+//!   token paid for;
+//! - `enrollment_tokens_paid`: enrollment token id → the serial of that
+//!   certificate, written beside it (tokens spent before this table
+//!   existed have no row), so a client that lost the answer can ask again.
 //!
-//! A certificate row is written only inside the CT log's append
-//! transaction for that certificate (`CtLog::append_batch_with`), so the
-//! registry and the log commit together; a revocation is its own write
+//! A certificate row (and its `ca_children` row) is written only inside
+//! the CT log's append transaction for that certificate
+//! (`CtLog::append_batch_with`), so the registry and the log commit
+//! together; a revocation, with those it brings, is its own write
 //! transaction with [`Durability::Immediate`]. Rows are written once and
 //! never changed or removed.
 //!
-//! Every value starts with a format version byte (1); integers are
+//! Every value starts with a format version byte; integers are
 //! big-endian; times are whole seconds (validity, as certificates hold
 //! them) or milliseconds (log and revocation times) since the Unix epoch.
 //! Decoders take bytes read from disk and return `None` for anything that
 //! is not exactly what the encoder writes; callers report that as
 //! corruption, naming the serial.
 
-use super::ca::{Serial, Usage};
+use super::ca::{Serial, Usage, same_name};
 use redb::TableDefinition;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use redb::{ReadOnlyTable, WriteTransaction};
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const CERTIFICATES: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("ca_certificates");
 const REVOCATIONS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("ca_revocations");
+/// Parent serial ‖ child serial: see [`CertificateRecord::parent`]. Keys
+/// sort by parent, so a parent's children are one range.
+const CHILDREN: TableDefinition<[u8; 32], ()> = TableDefinition::new("ca_children");
 /// Enrollment token id → the token's expiry (Unix seconds): the one-time
 /// tokens already spent (see `authority::enrollment`). A row is written in
 /// the log's append transaction of the certificate the token paid for.
@@ -42,9 +54,20 @@ const REVOCATIONS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("ca_r
 /// before this table is read); they are kept, being 24 bytes each.
 const ENROLLMENT_TOKENS: TableDefinition<[u8; 16], u64> =
     TableDefinition::new("enrollment_tokens_used");
+/// Enrollment token id → the serial of the certificate it paid for.
+const ENROLLMENT_PAID: TableDefinition<[u8; 16], [u8; 16]> =
+    TableDefinition::new("enrollment_tokens_paid");
 
 /// The format version byte of both value encodings.
 const FORMAT_VERSION: u8 = 1;
+/// The version of a certificate record with a parent (the field version 1
+/// lacks). Records without one are still written as version 1, so a store
+/// without parent links stays readable by the releases before them; one
+/// with them is refused there as undecodable, not read without its links.
+const FORMAT_VERSION_PARENT: u8 = 2;
+/// The reason recorded for a certificate revoked because its parent was:
+/// the privilege it was issued under is withdrawn (RFC 5280 §5.3.1).
+pub const CASCADE_REASON: RevocationReason = RevocationReason::PrivilegeWithdrawn;
 /// Stored in place of a reason code when the revocation gave none.
 const NO_REASON: u8 = 0xff;
 
@@ -120,6 +143,10 @@ pub struct CertificateRecord {
     pub not_after: SystemTime,
     /// The certificate this one renewed.
     pub renewed_from: Option<Serial>,
+    /// The certificate on whose authority this one was issued (a
+    /// non-operator's `CERT_ISSUE`: the caller's), kept by renewals;
+    /// revoking the parent revokes this one (see [`insert_revocation`]).
+    pub parent: Option<Serial>,
     /// Its entry in the CT log.
     pub leaf_index: u64,
     /// The timestamp of its log entry (ms since the Unix epoch).
@@ -132,8 +159,10 @@ pub struct CertificateRecord {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CertificateFilter {
     All,
-    /// Those whose subject common name, a DNS name (ASCII case-insensitive)
-    /// or an IP address (in its usual text form) is this name.
+    /// Those whose subject common name or a DNS name is this name (as
+    /// [`same_name`] compares: case and a trailing dot do not matter), or
+    /// an IP address in its usual text form. A scan, as the other filters:
+    /// no name index, so case-insensitivity costs nothing more.
     Name(String),
     /// Those within their validity period at this time and not revoked.
     ValidAt(SystemTime),
@@ -145,11 +174,8 @@ impl CertificateFilter {
         match self {
             Self::All => true,
             Self::Name(name) => {
-                record.subject == *name
-                    || record
-                        .dns_names
-                        .iter()
-                        .any(|d| d.eq_ignore_ascii_case(name))
+                same_name(&record.subject, name)
+                    || record.dns_names.iter().any(|d| same_name(d, name))
                     || record.ip_addresses.iter().any(|ip| ip.to_string() == *name)
             }
             Self::ValidAt(at) => {
@@ -175,22 +201,35 @@ pub(crate) fn insert_certificate(
         )));
     }
     table.insert(record.serial.0, encode_record(record)?.as_slice())?;
+    if let Some(parent) = record.parent {
+        txn.open_table(CHILDREN)?
+            .insert(child_key(parent, record.serial), ())?;
+    }
     Ok(())
 }
 
-/// Record enrollment token `id` (valid until `expires_at_s`) as spent, in
-/// `txn` (the log's append transaction of the certificate it pays for).
-/// `Ok(false)`, writing nothing, when it was already spent.
+fn child_key(parent: Serial, child: Serial) -> [u8; 32] {
+    let mut key = [0u8; 32];
+    key[..16].copy_from_slice(&parent.0);
+    key[16..].copy_from_slice(&child.0);
+    key
+}
+
+/// Record enrollment token `id` (valid until `expires_at_s`) as spent on
+/// certificate `serial`, in `txn` (the log's append transaction of that
+/// certificate). `Ok(false)`, writing nothing, when it was already spent.
 pub(crate) fn spend_token(
     txn: &WriteTransaction,
     id: [u8; 16],
     expires_at_s: u64,
+    serial: Serial,
 ) -> Result<bool, RegistryError> {
     let mut table = txn.open_table(ENROLLMENT_TOKENS)?;
     if table.get(id)?.is_some() {
         return Ok(false);
     }
     table.insert(id, expires_at_s)?;
+    txn.open_table(ENROLLMENT_PAID)?.insert(id, serial.0)?;
     Ok(true)
 }
 
@@ -200,46 +239,154 @@ pub(crate) fn token_spent(db: &Database, id: [u8; 16]) -> Result<bool, RegistryE
     Ok(txn.open_table(ENROLLMENT_TOKENS)?.get(id)?.is_some())
 }
 
-/// Store a revocation durably in its own transaction, with what `also`
-/// writes (the caller's own tables). The certificate must be in the
-/// registry and not yet revoked (the caller checked both).
+/// The certificate enrollment token `id` paid for; `None` when it was not
+/// spent, or was spent before the registry kept that.
+pub(crate) fn token_certificate(
+    db: &Database,
+    id: [u8; 16],
+) -> Result<Option<Serial>, RegistryError> {
+    let txn = db.begin_read()?;
+    let serial = txn
+        .open_table(ENROLLMENT_PAID)?
+        .get(id)?
+        .map(|s| Serial(s.value()));
+    Ok(serial)
+}
+
+/// Store a revocation of `serial` durably in its own transaction, with the
+/// revocations it brings (every certificate [`descendants`] returns, at the
+/// same time, reason [`CASCADE_REASON`]) and what `also` writes (the
+/// caller's own tables). The certificate must be in the registry and not
+/// yet revoked (the caller checked both). Returns the serials revoked with
+/// it.
 pub(crate) fn insert_revocation(
     db: &Database,
     serial: Serial,
     revocation: &Revocation,
+    now: SystemTime,
     also: impl FnOnce(&WriteTransaction) -> Result<(), redb::Error>,
-) -> Result<(), RegistryError> {
+) -> Result<Vec<Serial>, RegistryError> {
     let mut txn = db.begin_write()?;
     txn.set_durability(Durability::Immediate)?;
-    let written = write_revocation(&txn, serial, revocation)
-        .and_then(|()| also(&txn).map_err(RegistryError::Storage));
-    if let Err(e) = written {
-        txn.abort()?;
-        return Err(e);
+    let written = write_revocations(&txn, serial, revocation, now)
+        .and_then(|cascade| also(&txn).map(|()| cascade).map_err(RegistryError::Storage));
+    match written {
+        Ok(cascade) => {
+            // Durability::Immediate: fsynced before this returns.
+            txn.commit()?;
+            Ok(cascade)
+        }
+        Err(e) => {
+            txn.abort()?;
+            Err(e)
+        }
     }
-    // Durability::Immediate: fsynced before this returns.
-    txn.commit()?;
-    Ok(())
 }
 
-fn write_revocation(
+fn write_revocations(
     txn: &WriteTransaction,
     serial: Serial,
     revocation: &Revocation,
-) -> Result<(), RegistryError> {
-    if txn.open_table(CERTIFICATES)?.get(serial.0)?.is_none() {
+    now: SystemTime,
+) -> Result<Vec<Serial>, RegistryError> {
+    let certificates = txn.open_table(CERTIFICATES)?;
+    let children = txn.open_table(CHILDREN)?;
+    let mut revocations = txn.open_table(REVOCATIONS)?;
+    if certificates.get(serial.0)?.is_none() {
         return Err(corrupt(format!(
             "certificate {serial} is known to the CA but not in the registry"
         )));
     }
-    let mut table = txn.open_table(REVOCATIONS)?;
-    if table.get(serial.0)?.is_some() {
+    if revocations.get(serial.0)?.is_some() {
         return Err(corrupt(format!(
             "certificate {serial} is revoked in the registry but not in the CA"
         )));
     }
-    table.insert(serial.0, encode_revocation(revocation).as_slice())?;
-    Ok(())
+    let cascade: Vec<Serial> = descendants_in(&certificates, &children, &revocations, serial, now)?
+        .iter()
+        .map(|r| r.serial)
+        .collect();
+    revocations.insert(serial.0, encode_revocation(revocation).as_slice())?;
+    let withdrawn = encode_revocation(&Revocation {
+        revoked_at_ms: revocation.revoked_at_ms,
+        reason: Some(CASCADE_REASON),
+    });
+    for child in &cascade {
+        revocations.insert(child.0, withdrawn.as_slice())?;
+    }
+    Ok(cascade)
+}
+
+/// What a revocation of `serial` at `now` revokes with it: every
+/// certificate issued on its authority, or on that of a certificate it
+/// renewed (a renewal carries its predecessor's authority), and so on down
+/// the parent links, that is neither revoked nor expired. Expired ones are
+/// passed through, not revoked: nothing accepts them any more.
+pub(crate) fn descendants(
+    db: &Database,
+    serial: Serial,
+    now: SystemTime,
+) -> Result<Vec<CertificateRecord>, RegistryError> {
+    let txn = db.begin_read()?;
+    descendants_in(
+        &txn.open_table(CERTIFICATES)?,
+        &txn.open_table(CHILDREN)?,
+        &txn.open_table(REVOCATIONS)?,
+        serial,
+        now,
+    )
+}
+
+/// [`descendants`], in a read or a write transaction. Cost: one record read
+/// per renewal behind `serial`, then one `ca_children` range lookup and one
+/// record read per certificate below it: O((r + d) log n) for r renewals
+/// and d descendants among n certificates, whatever else the registry
+/// holds. Each certificate is visited once.
+fn descendants_in(
+    certificates: &impl ReadableTable<[u8; 16], &'static [u8]>,
+    children: &impl ReadableTable<[u8; 32], ()>,
+    revocations: &impl ReadableTable<[u8; 16], &'static [u8]>,
+    serial: Serial,
+    now: SystemTime,
+) -> Result<Vec<CertificateRecord>, RegistryError> {
+    let record = |serial: Serial| -> Result<CertificateRecord, RegistryError> {
+        let value = certificates.get(serial.0)?.ok_or_else(|| {
+            corrupt(format!(
+                "certificate {serial} is linked in the registry but has no record"
+            ))
+        })?;
+        decode_record(serial, value.value()).ok_or_else(|| {
+            corrupt(format!(
+                "the record of certificate {serial} cannot be decoded"
+            ))
+        })
+    };
+    let mut seen = BTreeSet::from([serial]);
+    let mut pending = vec![serial];
+    let mut renewed_from = record(serial)?.renewed_from;
+    while let Some(predecessor) = renewed_from.filter(|p| seen.insert(*p)) {
+        pending.push(predecessor);
+        renewed_from = record(predecessor)?.renewed_from;
+    }
+    let mut out = Vec::new();
+    while let Some(parent) = pending.pop() {
+        let first = child_key(parent, Serial([0; 16]));
+        let last = child_key(parent, Serial([0xff; 16]));
+        for row in children.range::<[u8; 32]>(first..=last)? {
+            let key = row?.0.value();
+            let mut child = Serial([0; 16]);
+            child.0.copy_from_slice(&key[16..]);
+            if !seen.insert(child) {
+                continue;
+            }
+            pending.push(child);
+            let child = record(child)?;
+            if revocations.get(child.serial.0)?.is_none() && child.not_after >= now {
+                out.push(child);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Create the tables if missing, so readers can open them.
@@ -248,7 +395,9 @@ pub(crate) fn init(db: &Database) -> Result<(), RegistryError> {
     txn.set_durability(Durability::Immediate)?;
     txn.open_table(CERTIFICATES)?;
     txn.open_table(REVOCATIONS)?;
+    txn.open_table(CHILDREN)?;
     txn.open_table(ENROLLMENT_TOKENS)?;
+    txn.open_table(ENROLLMENT_PAID)?;
     txn.commit()?;
     Ok(())
 }
@@ -281,7 +430,36 @@ pub(crate) fn load_all(db: &Database) -> Result<Vec<CertificateRecord>, Registry
             }
         }
     }
+    check_children(&txn.open_table(CHILDREN)?, &out)?;
     Ok(out)
+}
+
+/// The parent index holds exactly the records' parent links: a missing
+/// row would let a revocation miss what was issued on its authority.
+fn check_children(
+    children: &ReadOnlyTable<[u8; 32], ()>,
+    records: &[CertificateRecord],
+) -> Result<(), RegistryError> {
+    let mut linked = 0u64;
+    for record in records {
+        let Some(parent) = record.parent else {
+            continue;
+        };
+        linked += 1;
+        if children.get(child_key(parent, record.serial))?.is_none() {
+            return Err(corrupt(format!(
+                "certificate {} was issued on the authority of {parent}, but the parent index \
+                 does not say so",
+                record.serial
+            )));
+        }
+    }
+    if children.len()? != linked {
+        return Err(corrupt(
+            "the parent index holds links that no certificate record has",
+        ));
+    }
+    Ok(())
 }
 
 /// The record of `serial`, if it was issued.
@@ -382,16 +560,20 @@ fn put_str(out: &mut Vec<u8>, s: &str) -> Result<(), RegistryError> {
     Ok(())
 }
 
-/// The stored encoding of a certificate record: version (1), leaf index
-/// (u64), log timestamp ms (u64), not_before s (u64), not_after s (u64),
-/// usage (1 server, 2 client), renewed-from flag (0 or 1) and then 16 serial
-/// bytes if 1, subject (u16 length + UTF-8), DNS names (u16 count, each u16
+/// The stored encoding of a certificate record: version (1, or 2 with a
+/// parent), leaf index (u64), log timestamp ms (u64), not_before s (u64),
+/// not_after s (u64), usage (1 server, 2 client), renewed-from flag (0 or
+/// 1, then 16 serial bytes if 1), in version 2 the parent's 16 serial
+/// bytes, subject (u16 length + UTF-8), DNS names (u16 count, each u16
 /// length + UTF-8), IP addresses (u16 count, each a length byte of 4 or
 /// 16 and the address), DER (u32 length + bytes). The revocation is not
 /// part of it.
 pub fn encode_record(record: &CertificateRecord) -> Result<Vec<u8>, RegistryError> {
-    let mut out = Vec::with_capacity(128 + record.cert_der.len());
-    out.push(FORMAT_VERSION);
+    let mut out = Vec::with_capacity(144 + record.cert_der.len());
+    out.push(match record.parent {
+        Some(_) => FORMAT_VERSION_PARENT,
+        None => FORMAT_VERSION,
+    });
     out.extend_from_slice(&record.leaf_index.to_be_bytes());
     out.extend_from_slice(&record.logged_at_ms.to_be_bytes());
     out.extend_from_slice(&unix_s(record.not_before, "not_before is before 1970")?.to_be_bytes());
@@ -403,6 +585,9 @@ pub fn encode_record(record: &CertificateRecord) -> Result<Vec<u8>, RegistryErro
             out.extend_from_slice(&serial.0);
         }
         None => out.push(0),
+    }
+    if let Some(parent) = record.parent {
+        out.extend_from_slice(&parent.0);
     }
     put_str(&mut out, &record.subject)?;
     let count = |n: usize| {
@@ -478,7 +663,8 @@ impl<'a> Reader<'a> {
 /// Decode [`encode_record`]'s output exactly; `None` for anything else.
 pub fn decode_record(serial: Serial, bytes: &[u8]) -> Option<CertificateRecord> {
     let mut r = Reader(bytes);
-    if r.u8()? != FORMAT_VERSION {
+    let version = r.u8()?;
+    if version != FORMAT_VERSION && version != FORMAT_VERSION_PARENT {
         return None;
     }
     let leaf_index = r.u64()?;
@@ -494,6 +680,10 @@ pub fn decode_record(serial: Serial, bytes: &[u8]) -> Option<CertificateRecord> 
         0 => None,
         1 => Some(r.serial()?),
         _ => return None,
+    };
+    let parent = match version {
+        FORMAT_VERSION_PARENT => Some(r.serial()?),
+        _ => None,
     };
     let subject = r.string()?;
     let dns_names = (0..r.u16()?)
@@ -521,6 +711,7 @@ pub fn decode_record(serial: Serial, bytes: &[u8]) -> Option<CertificateRecord> 
         not_before,
         not_after,
         renewed_from,
+        parent,
         leaf_index,
         logged_at_ms,
         revocation: None,
@@ -609,6 +800,7 @@ mod tests {
             not_before: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
             not_after: UNIX_EPOCH + Duration::from_secs(1_700_086_400),
             renewed_from: Some(Serial([3; 16])),
+            parent: None,
             leaf_index: 42,
             logged_at_ms: 1_700_000_000_123,
             revocation: None,
@@ -620,8 +812,13 @@ mod tests {
         let mut plain = record();
         plain.renewed_from = None;
         plain.ip_addresses.clear();
-        for r in [record(), plain] {
+        let mut child = record();
+        child.parent = Some(Serial([5; 16]));
+        for r in [record(), plain, child] {
             let bytes = encode_record(&r).unwrap();
+            // Without a parent, the bytes the releases before parents read.
+            let version = if r.parent.is_some() { 2 } else { 1 };
+            assert_eq!(bytes[0], version);
             assert_eq!(decode_record(r.serial, &bytes), Some(r.clone()));
             for cut in 0..bytes.len() {
                 assert_eq!(decode_record(r.serial, &bytes[..cut]), None, "cut at {cut}");
@@ -629,9 +826,11 @@ mod tests {
             let mut longer = bytes.clone();
             longer.push(0);
             assert_eq!(decode_record(r.serial, &longer), None);
-            let mut version = bytes;
-            version[0] = 2;
-            assert_eq!(decode_record(r.serial, &version), None);
+            for unknown in [0, 3] {
+                let mut version = bytes.clone();
+                version[0] = unknown;
+                assert_eq!(decode_record(r.serial, &version), None);
+            }
         }
     }
 

@@ -8,22 +8,42 @@
 //!
 //! Who may do what (the caller is identified by its client certificate,
 //! checked again here against the CA and the revocation list):
-//! - `ENROLL`: anyone, with a valid one-time token; the only kind served
-//!   without a client certificate;
+//! - `ENROLL`: anyone, with a valid one-time token (again with the same
+//!   token and key: the certificate it paid for, so a client that lost the
+//!   answer can finish); `CT_KEY`: anyone, so an enrolling client checks
+//!   its certificate's log proof before it has one. These two are the only
+//!   kinds served without a client certificate;
 //! - the operator (a certificate of this CA with subject CN exactly
 //!   [`OPERATOR`]): everything;
 //! - `CERT_ISSUE`: only for names the caller's own certificate carries
-//!   (its CN, DNS names and IP addresses);
+//!   (its CN, DNS names and IP addresses), and not the operator's names
+//!   (below);
 //! - `CERT_RENEW`, `CERT_REVOKE`: the owner (the caller's certificate has
 //!   the same public key as the one named) or the operator;
 //! - `CERT_LIST`, `CA_ROOT`, `CT_*`: any authenticated caller;
 //! - `ROTATE`: the operator only.
 //!
-//! Enrollment names: a CSR may not name [`OPERATOR`], and may not name
-//! what an unrevoked, unexpired certificate with another key already
-//! carries (`NAME_TAKEN`); the same key may enroll again for its names.
-//! This is first-come ownership of names, kept simple: there is no
-//! namespace delegation.
+//! Names (a certificate's CN, DNS names and IP addresses):
+//! - compared as DNS compares them, without case (RFC 4343 §3) and
+//!   without an absolute name's trailing dot; a certificate keeps the
+//!   spelling its CSR asked for;
+//! - the operator's alone: [`OPERATOR`], the server's own names
+//!   ([`ServiceConfig::server_names`], the zone's server name) and
+//!   wildcards (a CN or DNS name with a `*`). `ENROLL` refuses them, and
+//!   `CERT_ISSUE` and `CERT_RENEW` by anyone else (`UNAUTHORIZED`). A
+//!   wildcard is refused because whether its requester holds every name
+//!   under it cannot be checked for names not registered yet: the first
+//!   to ask would pre-empt them all;
+//! - first come, first served: `ENROLL` refuses a name an unrevoked,
+//!   unexpired certificate with another key carries (`NAME_TAKEN`); the
+//!   same key may enroll again for its names. There is no namespace
+//!   delegation;
+//! - held on authority: a certificate a non-operator's `CERT_ISSUE` makes
+//!   is issued on the authority of the caller's certificate (its parent;
+//!   renewals keep it). Revoking a certificate revokes, in the same
+//!   transaction and with reason `privilege_withdrawn`, every live one
+//!   issued on its authority or on that of a certificate it renewed, and
+//!   so on down (see `registry::descendants` for the cost).
 //!
 //! The zone (when [`ServiceConfig::zone`] is set; see `crate::dns`):
 //! - `DNS_LIST`: any authenticated caller (DNS data is public);
@@ -31,7 +51,8 @@
 //!   only for a name its certificate carries as its CN or a DNS name equal
 //!   to the absolute name without its trailing dot (`app.internet2.test`;
 //!   relative names in certificates do not count), only with TLSA pins of
-//!   its own certificate's key, never the server's own name, and not a name
+//!   its own certificate's key, never the server's own name nor a
+//!   wildcard (`UNAUTHORIZED`; the zone holds none), and not a name
 //!   another key set (`NAME_TAKEN`) while a live (unrevoked, unexpired)
 //!   certificate with that key still carries it. A name the operator or
 //!   the server set has no owner key: a holder of a certificate for it may
@@ -41,8 +62,9 @@
 //!   zone names it carries that have pins with its key's pin, in the
 //!   transaction that logs the certificate; revoking a certificate removes
 //!   its key's pins from the names it carries, in the revocation's
-//!   transaction, unless another live certificate with the same key
-//!   carries the name. The server's own name is left to
+//!   transaction (and those of what it revokes with it), unless another
+//!   live certificate with the same key carries the name. The server's own
+//!   name is left to
 //!   [`AuthorityService::register_server`].
 //!
 //! Rotation: `ROTATE` issues a new server certificate and keeps it; the
@@ -53,9 +75,10 @@
 use super::api::{self, ServiceError};
 use super::ca::{
     self, CaError, DEFAULT_LIFETIME, IssueRequest, KeyAlgorithm, RevocationSnapshot, Serial, Usage,
+    same_name,
 };
 use super::ct::{LogError, LogKeyAlgorithm, decode_leaf, encode_x509_leaf, leaf_hash};
-use super::enrollment::EnrollmentKey;
+use super::enrollment::{EnrollmentKey, VerifiedToken};
 use super::logged::{Authority, AuthorityError, LoggedCertificate};
 use super::registry::{
     CertificateFilter, CertificateRecord, MAX_RECORDS_PER_CALL, RevocationReason,
@@ -67,6 +90,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv6Addr};
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -193,6 +217,9 @@ fn load_or_create_server_key(data_dir: &Path) -> Result<Vec<u8>, AuthorityError>
 /// The caller, once its certificate is checked.
 struct Identity {
     operator: bool,
+    /// Its certificate's serial: what it issues is issued on that
+    /// certificate's authority.
+    serial: Serial,
     facts: CertFacts,
 }
 
@@ -209,9 +236,7 @@ impl CertFacts {
     /// The certificate names `name` (absolute, with its trailing dot) as
     /// its CN or a DNS name, without the dot.
     fn carries_dns(&self, name: &str) -> bool {
-        let bare = name.strip_suffix('.').unwrap_or(name);
-        self.subject.eq_ignore_ascii_case(bare)
-            || self.dns_names.iter().any(|d| d.eq_ignore_ascii_case(bare))
+        self.dns_candidates().any(|n| same_name(n, name))
     }
 
     /// Its CN and DNS names.
@@ -225,12 +250,13 @@ impl CertFacts {
     }
 
     fn carries(&self, name: &str) -> bool {
-        self.subject == name
-            || self.dns_names.iter().any(|d| d.eq_ignore_ascii_case(name))
-            || self
-                .ip_addresses
-                .iter()
-                .any(|ip| name.parse::<IpAddr>().is_ok_and(|n| n == *ip))
+        self.names().any(|n| one_name(&n, name))
+    }
+
+    /// Its first CN or DNS name with a wildcard, if any. `*` anywhere
+    /// counts: a verifier may read `a*.example` as a wildcard too.
+    fn wildcard(&self) -> Option<&str> {
+        self.dns_candidates().find(|n| n.contains('*'))
     }
 
     /// Every name: the subject CN, DNS names, IP addresses.
@@ -240,7 +266,9 @@ impl CertFacts {
             .chain(self.ip_addresses.iter().map(IpAddr::to_string))
     }
 
-    fn request(&self, usage: Usage, lifetime: Duration) -> IssueRequest {
+    /// A request for its names and key, issued on the authority of
+    /// certificate `parent` if any.
+    fn request(&self, usage: Usage, lifetime: Duration, parent: Option<Serial>) -> IssueRequest {
         IssueRequest {
             subject: self.subject.clone(),
             dns_names: self.dns_names.clone(),
@@ -248,7 +276,17 @@ impl CertFacts {
             usage,
             lifetime,
             public_key: Some(self.spki.clone()),
+            parent,
         }
+    }
+}
+
+/// Whether two certificate names are one: equal IP addresses, or DNS
+/// names (or CNs) equal as [`same_name`] compares them.
+fn one_name(a: &str, b: &str) -> bool {
+    match (a.parse::<IpAddr>(), b.parse::<IpAddr>()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => same_name(a, b),
     }
 }
 
@@ -619,6 +657,10 @@ impl AuthorityService {
         if kind == api::ENROLL {
             return respond(&self.enroll(parse(payload)?, now)?);
         }
+        if kind == api::CT_KEY {
+            parse::<api::NoArguments>(payload)?;
+            return respond(&self.ct_key());
+        }
         let who = self.identify(caller, now)?;
         match kind {
             api::CERT_ISSUE => respond(&self.cert_issue(&who, parse(payload)?, now)?),
@@ -640,10 +682,6 @@ impl AuthorityService {
             api::CT_PROOF => respond(&self.ct_proof(parse(payload)?)?),
             api::CT_CONSISTENCY => respond(&self.ct_consistency(parse(payload)?)?),
             api::CT_ENTRIES => respond(&self.ct_entries(parse(payload)?)?),
-            api::CT_KEY => {
-                parse::<api::NoArguments>(payload)?;
-                respond(&self.ct_key())
-            }
             api::ROTATE => {
                 parse::<api::NoArguments>(payload)?;
                 respond(&self.rotate(&who, now)?)
@@ -766,6 +804,7 @@ impl AuthorityService {
             usage: Usage::Server,
             lifetime: self.config.lifetime,
             public_key: Some(server_spki(&self.server_key)?),
+            parent: None,
         };
         let logged = self.authority.issue(request, now)?;
         let certificate = logged.certificate;
@@ -863,13 +902,15 @@ impl AuthorityService {
         let der = caller.cert_der.as_deref().ok_or_else(|| {
             unauthorized("this request needs a client certificate; enroll first to get one")
         })?;
-        self.authority
+        let serial = self
+            .authority
             .verify_chain(der, Usage::Client, now)
             .map_err(|e| unauthorized(format!("the client certificate is not accepted: {e}")))?;
         let facts =
             cert_facts(der).map_err(|e| unauthorized(format!("client certificate: {e}")))?;
         Ok(Identity {
             operator: facts.subject == OPERATOR,
+            serial,
             facts,
         })
     }
@@ -883,32 +924,105 @@ impl AuthorityService {
             .tokens
             .verify(&request.token, now)
             .map_err(|e| ServiceError::new(api::TOKEN_INVALID, e.to_string()))?;
+        let csr = parse_csr(&request.csr_pem)?;
         if self
             .authority
             .token_spent(token.id())
             .map_err(authority_error)?
         {
-            return Err(ServiceError::new(
-                api::TOKEN_USED,
-                "the enrollment token was already used; mint a new one",
-            ));
+            return self.enrolled_before(&token, &csr);
         }
-        let csr = parse_csr(&request.csr_pem)?;
-        if csr.carries(OPERATOR) {
-            return Err(unauthorized(format!(
-                "the name {OPERATOR:?} is reserved for the operator"
-            )));
-        }
+        self.check_not_reserved(&csr)?;
         self.check_names_free(&csr, now)?;
         let logged = self
             .authority
             .issue_enrolled(
-                csr.request(Usage::Client, self.config.lifetime),
+                csr.request(Usage::Client, self.config.lifetime, None),
                 &token,
                 now,
             )
             .map_err(authority_error)?;
         self.issued(&logged)
+    }
+
+    /// A spent token again: the certificate it paid for, proven in the
+    /// latest tree head, when `csr` (its signature proves the key) has that
+    /// certificate's key and it is not revoked; otherwise `TOKEN_USED`.
+    fn enrolled_before(
+        &self,
+        token: &VerifiedToken,
+        csr: &CertFacts,
+    ) -> Result<api::Issued, ServiceError> {
+        let paid_for = match self
+            .authority
+            .token_certificate(token.id())
+            .map_err(authority_error)?
+        {
+            Some(serial) => self
+                .authority
+                .certificate(&serial)
+                .map_err(authority_error)?,
+            None => None,
+        };
+        let same_key =
+            |r: &CertificateRecord| cert_facts(&r.cert_der).is_ok_and(|f| f.spki == csr.spki);
+        let Some(record) = paid_for.filter(|r| r.revocation.is_none() && same_key(r)) else {
+            return Err(ServiceError::new(
+                api::TOKEN_USED,
+                "the enrollment token was already used; mint a new one",
+            ));
+        };
+        let sth = self.latest_sth()?;
+        let leaf =
+            encode_x509_leaf(record.logged_at_ms, &record.cert_der, &[]).map_err(internal)?;
+        let proof = self.ct_proof(api::CtProofRequest {
+            leaf_hash: Some(api::b64(&leaf_hash(&leaf))),
+            certificate_pem: None,
+            tree_size: Some(sth.tree_size),
+        })?;
+        Ok(api::Issued {
+            certificate_pem: pem_certificate(&record.cert_der),
+            chain_pem: self.authority.ca().intermediate_pem().to_owned(),
+            serial: record.serial.to_string(),
+            not_before: unix_s(record.not_before),
+            not_after: unix_s(record.not_after),
+            leaf_index: record.leaf_index,
+            sth,
+            proof,
+        })
+    }
+
+    /// `holder` (a CSR, or a certificate to renew) has none of the names
+    /// reserved for the operator (see the module documentation). For
+    /// callers other than the operator.
+    fn check_not_reserved(&self, holder: &CertFacts) -> Result<(), ServiceError> {
+        if let Some(name) = holder.wildcard() {
+            return Err(unauthorized(format!(
+                "{name:?} is a wildcard name; only the operator may issue one (that you hold \
+                 every name under it cannot be checked for names not registered yet)"
+            )));
+        }
+        if holder.carries(OPERATOR) {
+            return Err(unauthorized(format!(
+                "the name {OPERATOR:?} (in any case) is reserved for the operator"
+            )));
+        }
+        let zone_server = self.zone.as_ref().map(Zone::server_name);
+        let server_names = self
+            .config
+            .server_names
+            .iter()
+            .map(String::as_str)
+            .chain(zone_server);
+        if let Some(name) = holder
+            .names()
+            .find(|n| server_names.clone().any(|s| one_name(n, s)))
+        {
+            return Err(unauthorized(format!(
+                "{name:?} is the server's own name; only the operator may issue it"
+            )));
+        }
+        Ok(())
     }
 
     /// No unrevoked, unexpired certificate with another key carries any of
@@ -967,12 +1081,13 @@ impl AuthorityService {
         now: SystemTime,
     ) -> Result<api::Issued, ServiceError> {
         let csr = parse_csr(&request.csr_pem)?;
-        if !who.operator
-            && let Some(name) = csr.names().find(|n| !who.facts.carries(n))
-        {
-            return Err(unauthorized(format!(
-                "your certificate does not carry the name {name:?}; only the operator may issue for other names"
-            )));
+        if !who.operator {
+            self.check_not_reserved(&csr)?;
+            if let Some(name) = csr.names().find(|n| !who.facts.carries(n)) {
+                return Err(unauthorized(format!(
+                    "your certificate does not carry the name {name:?}; only the operator may issue for other names"
+                )));
+            }
         }
         let lifetime = request.lifetime_hours.map_or(self.config.lifetime, |h| {
             Duration::from_secs(u64::from(h) * 3600)
@@ -985,9 +1100,12 @@ impl AuthorityService {
             Usage::Server => self.repin_change(&csr)?,
             Usage::Client => None,
         };
+        // Its names are the caller's: it goes when the caller's certificate
+        // goes. The operator's authority is its own.
+        let parent = (!who.operator).then_some(who.serial);
         let logged = self
             .authority
-            .issue_with(csr.request(usage, lifetime), now, |txn| {
+            .issue_with(csr.request(usage, lifetime, parent), now, |txn| {
                 change.as_ref().map_or(Ok(()), |c| c.write(txn))
             })
             .map_err(authority_error)?;
@@ -1016,20 +1134,19 @@ impl AuthorityService {
     }
 
     /// Whether a live (unrevoked, unexpired) certificate with the key of
-    /// `pin`, other than `except`, carries `name` (absolute).
+    /// `pin`, other than those in `except`, carries `name` (absolute).
     fn key_holds(
         &self,
         name: &str,
         pin: [u8; 32],
-        except: Option<Serial>,
+        except: &[Serial],
         now: SystemTime,
     ) -> Result<bool, ServiceError> {
-        let bare = name.strip_suffix('.').unwrap_or(name);
-        let holder = self.find_by_name(bare, |record| {
+        let holder = self.find_by_name(name, |record| {
             let live = record.revocation.is_none()
                 && record.not_before <= now
                 && now <= record.not_after
-                && Some(record.serial) != except;
+                && !except.contains(&record.serial);
             Ok(live && cert_facts(&record.cert_der).map_err(internal)?.pin() == pin)
         })?;
         Ok(holder.is_some())
@@ -1045,10 +1162,14 @@ impl AuthorityService {
         let facts = cert_facts(&der)
             .map_err(|e| ServiceError::malformed(format!("certificate_pem: {e}")))?;
         self.check_ours(&der)?;
-        if !who.operator && facts.spki != who.facts.spki {
-            return Err(unauthorized(
-                "only the certificate's owner (same key) or the operator may renew it",
-            ));
+        if !who.operator {
+            if facts.spki != who.facts.spki {
+                return Err(unauthorized(
+                    "only the certificate's owner (same key) or the operator may renew it",
+                ));
+            }
+            // Not even one issued before these names were reserved.
+            self.check_not_reserved(&facts)?;
         }
         let server = ca::serial_of(&der)
             .ok()
@@ -1093,8 +1214,19 @@ impl AuthorityService {
                 "only the certificate's owner (same key) or the operator may revoke it",
             ));
         }
-        let change = self.unpin_change(&facts, serial, now)?;
-        self.authority
+        // What the revocation's transaction revokes with it (nothing else
+        // writes in between), for the pins they take along.
+        let mut revoked = vec![(serial, facts)];
+        for child in self
+            .authority
+            .descendants(&serial, now)
+            .map_err(authority_error)?
+        {
+            revoked.push((child.serial, cert_facts(&child.cert_der).map_err(internal)?));
+        }
+        let change = self.unpin_change(&revoked, now)?;
+        let cascade = self
+            .authority
             .revoke_with(&serial, reason, now, |txn| {
                 change.as_ref().map_or(Ok(()), |c| c.write(txn))
             })
@@ -1108,32 +1240,45 @@ impl AuthorityService {
             by = if who.operator { "operator" } else { "owner" },
             "certificate revoked"
         );
+        for child in cascade {
+            tracing::info!(serial = %child, with = %serial, "certificate revoked with the one it was issued on the authority of");
+        }
         Ok(api::Revoked {
             serial: serial.to_string(),
             revoked_at: unix_s(now),
         })
     }
 
-    /// The pins a revocation of `revoked` (serial `serial`) removes: its
-    /// key's, from the zone names it carries that no other live
+    /// The pins revoking the certificates `revoked` (together) removes:
+    /// each one's key's, from the zone names it carries that no other live
     /// certificate with that key carries.
     fn unpin_change(
         &self,
-        revoked: &CertFacts,
-        serial: Serial,
+        revoked: &[(Serial, CertFacts)],
         now: SystemTime,
     ) -> Result<Option<ZoneChange>, ServiceError> {
         let Some(zone) = &self.zone else {
             return Ok(None);
         };
-        let pin = revoked.pin();
-        let mut edits = Vec::new();
-        for edit in zone.unpin_edits(revoked.dns_candidates(), pin) {
-            if !self.key_holds(&edit.0, pin, Some(serial), now)? {
-                edits.push(edit);
+        let serials: Vec<Serial> = revoked.iter().map(|(serial, _)| *serial).collect();
+        // A name's records with every revoked key's pin off: one key's
+        // edit builds on another's for the same name.
+        let mut edits: BTreeMap<String, Option<RecordSet>> = BTreeMap::new();
+        for (_, facts) in revoked {
+            let pin = facts.pin();
+            for (name, _) in zone.unpin_edits(facts.dns_candidates(), pin) {
+                if self.key_holds(&name, pin, &serials, now)? {
+                    continue;
+                }
+                let records = match edits.get(&name) {
+                    Some(edited) => edited.clone(),
+                    None => zone.get(&name).cloned(),
+                };
+                let unpinned = records.and_then(|set| set.unpinned(pin).unwrap_or(Some(set)));
+                edits.insert(name, unpinned);
             }
         }
-        zone.plan(edits).map_err(zone_error)
+        zone.plan(edits.into_iter().collect()).map_err(zone_error)
     }
 
     fn dns_zone(&self) -> &Zone {
@@ -1151,6 +1296,11 @@ impl AuthorityService {
         input: &str,
         now: SystemTime,
     ) -> Result<String, ServiceError> {
+        if !who.operator && input.contains('*') {
+            return Err(unauthorized(format!(
+                "{input:?} is a wildcard name: those are the operator's alone (and the zone holds none)"
+            )));
+        }
         let zone = self.dns_zone();
         let name = zone.qualify(input).map_err(|e| name_error("name", e))?;
         if who.operator {
@@ -1170,7 +1320,7 @@ impl AuthorityService {
         }
         if let Some(owner) = zone.get(&name).and_then(RecordSet::owner)
             && owner != who.facts.pin()
-            && self.key_holds(&name, owner, None, now)?
+            && self.key_holds(&name, owner, &[], now)?
         {
             return Err(ServiceError::new(
                 api::NAME_TAKEN,

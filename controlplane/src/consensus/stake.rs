@@ -24,9 +24,22 @@ const OID_ED25519: &str = "1.3.101.112";
 const OID_EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
 const OID_P256: &str = "1.2.840.10045.3.1.7";
 
-/// SHA-256 of a DER SubjectPublicKeyInfo.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+/// SHA-256 of a DER SubjectPublicKeyInfo. Shown as 64 lowercase hex
+/// digits, as operators type it (`internet2-server stake grant`).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Identity(pub Hash);
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&crate::authority::api::hex(&self.0))
+    }
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Identity({self})")
+    }
+}
 
 impl Identity {
     pub fn of_spki(spki_der: &[u8]) -> Self {
@@ -126,7 +139,7 @@ pub fn stake_message(binding: &Binding, tick_hash: &Hash) -> [u8; 8 + 32 + 32] {
 /// Why a ledger change was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StakeError {
-    #[error("granting {amount} to {identity:?} would overflow its stake of {held}")]
+    #[error("granting {amount} to {identity} would overflow its stake of {held}")]
     Overflow {
         identity: Identity,
         held: u64,
@@ -141,7 +154,7 @@ pub enum StakeError {
 /// Why a stake proof was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StakeFailure {
-    #[error("identity {identity:?} holds stake {held}, below the minimum {min}")]
+    #[error("identity {identity} holds stake {held}, below the minimum {min}")]
     Insufficient {
         identity: Identity,
         held: u64,

@@ -505,14 +505,14 @@ fn load(db: &Database) -> Result<Loaded, StateError> {
         let identity = Identity(*identity.value());
         ledger
             .grant(identity, stake.value())
-            .map_err(|e| StateError::Corrupt(format!("the stake of {identity:?}: {e}")))?;
+            .map_err(|e| StateError::Corrupt(format!("the stake of {identity}: {e}")))?;
     }
     let mut plots = BTreeMap::new();
     for row in txn.open_table(PLOTS)?.iter()? {
         let (identity, record) = row?;
         let identity = Identity(*identity.value());
         let plot = decode_plot(record.value()).ok_or_else(|| {
-            StateError::Corrupt(format!("the plot of {identity:?} cannot be decoded"))
+            StateError::Corrupt(format!("the plot of {identity} cannot be decoded"))
         })?;
         plots.insert(identity, plot);
     }

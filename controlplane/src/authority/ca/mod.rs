@@ -19,7 +19,7 @@
 
 mod names;
 
-pub use names::{CertificateNames, certificate_names, ip_from_bytes};
+pub use names::{CertificateNames, certificate_names, ip_from_bytes, same_name};
 mod revocation;
 pub(crate) mod store;
 #[cfg(test)]
@@ -150,6 +150,10 @@ pub struct IssueRequest {
     /// The subject's public key (SubjectPublicKeyInfo DER). `None`: the CA
     /// generates a key pair and returns it in [`IssuedCertificate::private_key`].
     pub public_key: Option<Vec<u8>>,
+    /// The certificate on whose authority this one is issued: its
+    /// revocation revokes this one too (see `authority::registry`). The CA
+    /// only carries it to [`IssuedCertificate::parent`].
+    pub parent: Option<Serial>,
 }
 
 impl Default for IssueRequest {
@@ -161,6 +165,7 @@ impl Default for IssueRequest {
             usage: Usage::Server,
             lifetime: DEFAULT_LIFETIME,
             public_key: None,
+            parent: None,
         }
     }
 }
@@ -198,6 +203,8 @@ pub struct IssuedCertificate {
     pub usage: Usage,
     /// The serial of the certificate this one renewed, if it is a renewal.
     pub renewed_from: Option<Serial>,
+    /// [`IssueRequest::parent`].
+    pub parent: Option<Serial>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -554,6 +561,7 @@ impl CertificateAuthority {
             ip_addresses: request.ip_addresses,
             usage: request.usage,
             renewed_from,
+            parent: request.parent,
         })
     }
 
@@ -629,6 +637,9 @@ impl CertificateAuthority {
             usage,
             lifetime,
             public_key: Some(cert.public_key().raw.to_vec()),
+            // The CA does not know it; `authority::Authority` keeps the
+            // predecessor's from its registry.
+            parent: None,
         };
         Ok((request, current))
     }
@@ -654,12 +665,26 @@ impl CertificateAuthority {
     /// Record a revocation [`Self::check_revocable`] accepted and publish a
     /// new snapshot.
     pub(crate) fn record_revocation(&mut self, serial: Serial, now: SystemTime) {
-        self.revoked.insert(serial, now);
+        self.record_revocations(&[serial], now);
+    }
+
+    /// Record revocations stored together (issued, not yet revoked serials)
+    /// and publish one new snapshot. The generation still rises by one per
+    /// revocation, so it equals the number of revocations, as
+    /// [`Self::restore`] sets it.
+    pub(crate) fn record_revocations(&mut self, serials: &[Serial], now: SystemTime) {
+        for serial in serials {
+            let before = self.revoked.insert(*serial, now);
+            debug_assert!(
+                self.issued.contains_key(serial) && before.is_none(),
+                "{serial} was not revocable"
+            );
+            tracing::info!(%serial, "revoked certificate");
+        }
         self.snapshot = RevocationSnapshot::new(
-            self.snapshot.generation() + 1,
+            self.snapshot.generation() + serials.len() as u64,
             self.revoked.keys().copied().collect(),
         );
-        tracing::info!(%serial, "revoked certificate");
     }
 
     /// The current revocation list, to hand to workers (cheap to clone).

@@ -142,6 +142,16 @@ pub fn certificate_names(cert: &x509_parser::certificate::X509Certificate<'_>) -
     names
 }
 
+/// Whether two certificate names are one name: ASCII case-insensitively
+/// (RFC 4343 §3: DNS names have no case), with an absolute name's trailing
+/// dot dropped. IP addresses in their usual text form compare as text.
+pub fn same_name(a: &str, b: &str) -> bool {
+    fn bare(name: &str) -> &str {
+        name.strip_suffix('.').unwrap_or(name)
+    }
+    bare(a).eq_ignore_ascii_case(bare(b))
+}
+
 /// An IP address from its SubjectAltName octets (4 or 16 bytes).
 pub fn ip_from_bytes(bytes: &[u8]) -> Option<IpAddr> {
     match bytes.len() {

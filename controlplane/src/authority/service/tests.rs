@@ -459,8 +459,21 @@ fn bad_input_gets_its_code_and_changes_nothing() {
     let token = f.token();
     let (_, csr_pem) = csr(&["edge-3.example"]);
     let enroll = json_bytes(json!({ "token": token, "csr_pem": csr_pem }));
-    f.call_raw::<Issued>(&anyone, ENROLL, &enroll).unwrap();
-    f.refused("a used token", &anyone, ENROLL, &enroll, TOKEN_USED);
+    let first: Issued = f.call_raw(&anyone, ENROLL, &enroll).unwrap();
+    // The same token and key again (a client that lost the answer): the
+    // same certificate, proven in the latest tree head; nothing is issued.
+    f.enroll(&["edge-5.example"]);
+    let before = f.state();
+    let again: Issued = f.call_raw(&anyone, ENROLL, &enroll).unwrap();
+    assert_eq!(f.state(), before, "a retry issues nothing");
+    assert_eq!(again.serial, first.serial);
+    assert_eq!(
+        first_cert(&again.certificate_pem),
+        first_cert(&first.certificate_pem)
+    );
+    assert!(again.sth.tree_size > first.sth.tree_size, "the latest head");
+    let (log_key, root_der) = (f.log_key(), f.root_der());
+    verify_issued(&again, &log_key, &root_der).unwrap();
     let (_, other_csr) = csr(&["edge-4.example"]);
     let payload = json_bytes(json!({ "token": token, "csr_pem": other_csr }));
     f.refused(
@@ -656,14 +669,18 @@ fn callers_may_do_only_what_the_rules_allow() {
     let (b, bob, _) = f.enroll(&["bob.example"]);
     let anyone = Caller::default();
 
-    // Without a certificate, only ENROLL.
+    // Without a certificate, only ENROLL and the log key (which an
+    // enrolling client checks its certificate's log proof with).
     // (The zone kinds are unknown without a zone: see tests/zone_kinds.rs.)
     for kind in KINDS
         .into_iter()
-        .filter(|k| *k != ENROLL && !DNS_KINDS.contains(k))
+        .filter(|k| !ANONYMOUS_KINDS.contains(k) && !DNS_KINDS.contains(k))
     {
         f.refused("no certificate", &anyone, kind, b"{}", UNAUTHORIZED);
     }
+    let key: CtKey = f.call(&anyone, CT_KEY, json!({})).unwrap();
+    let operators: CtKey = f.call(&operator, CT_KEY, json!({})).unwrap();
+    assert_eq!(key, operators, "everyone is told the same log key");
     // A certificate of another CA is no identity.
     let other = Fixture::new("authz-other");
     let stranger = other.operator.clone();
@@ -1079,10 +1096,26 @@ fn a_spent_token_stays_spent_after_a_restart() {
     let token = f.token();
     let (_, csr_pem) = csr(&["r.example"]);
     let payload = json_bytes(json!({ "token": token, "csr_pem": csr_pem }));
-    f.call_raw::<Issued>(&anyone, ENROLL, &payload).unwrap();
+    let first: Issued = f.call_raw(&anyone, ENROLL, &payload).unwrap();
     let mut f = f.reopen(fast_config());
+    let (_, other_csr) = csr(&["r.example"]);
+    let other = json_bytes(json!({ "token": token, "csr_pem": other_csr }));
     f.refused(
         "a token spent before the restart",
+        &anyone,
+        ENROLL,
+        &other,
+        TOKEN_USED,
+    );
+    // What it paid for is remembered too: the same key gets it again.
+    let again: Issued = f.call_raw(&anyone, ENROLL, &payload).unwrap();
+    assert_eq!(again.serial, first.serial);
+    // Unless it was revoked since.
+    let operator = f.operator.clone();
+    f.call::<Value>(&operator, CERT_REVOKE, json!({ "serial": first.serial }))
+        .unwrap();
+    f.refused(
+        "a revoked enrollment",
         &anyone,
         ENROLL,
         &payload,
@@ -1095,4 +1128,5 @@ fn a_spent_token_stays_spent_after_a_restart() {
     f.call_raw::<Issued>(&anyone, ENROLL, &payload).unwrap();
 }
 
+mod name_ownership;
 mod zone_kinds;
