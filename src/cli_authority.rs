@@ -689,21 +689,6 @@ fn csr_for(key: &rcgen::KeyPair, names: &[String]) -> anyhow::Result<String> {
         .context("cannot make the certificate request")
 }
 
-// The enrolling client asks for the log key without a certificate: the
-// workers must forward exactly the kinds the authority serves so.
-const _: () = {
-    let (client, workers) = (
-        api::ANONYMOUS_KINDS,
-        dataplane::protocols::stoq::ANONYMOUS_AUTHORITY_KINDS,
-    );
-    assert!(client.len() == workers.len());
-    let mut i = 0;
-    while i < client.len() {
-        assert!(client[i] == workers[i]);
-        i += 1;
-    }
-};
-
 /// Where `enroll` keeps the key of an enrollment in progress: beside the
 /// identity file, written before the token is sent, removed once the
 /// identity is saved. A token is never spent on a key that is not on disk.

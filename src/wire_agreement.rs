@@ -50,6 +50,26 @@ const _: () = {
     }
     assert!(authority_kinds == api::KINDS.len());
 
+    // What the authority serves without a certificate is exactly what the
+    // registry lets a certificate-less connection send to it.
+    let mut anonymous = 0;
+    let mut k = 0;
+    while k < registry::KINDS.len() {
+        if matches!(registry::KINDS[k].access, Access::Anyone) {
+            anonymous += 1;
+        }
+        k += 1;
+    }
+    assert!(anonymous == api::ANONYMOUS_KINDS.len());
+    let mut a = 0;
+    while a < api::ANONYMOUS_KINDS.len() {
+        match registry::spec(api::ANONYMOUS_KINDS[a]) {
+            Some(spec) => assert!(matches!(spec.access, Access::Anyone)),
+            None => panic!("an anonymous kind is missing from the registry"),
+        }
+        a += 1;
+    }
+
     assert!(crate::admission::PLOT_REGISTER == registry::PLOT_REGISTER);
     assert!(crate::admission::STAKE == registry::STAKE);
     assert!(crate::admission::BLOCKLIST == registry::BLOCKLIST);

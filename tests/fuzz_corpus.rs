@@ -76,3 +76,14 @@ fn proof_bundle_decode_corpus() {
     }
     assert!(decoded > 0, "the corpus keeps valid bundles too");
 }
+
+#[test]
+fn stream_events_corpus() {
+    // Each seed runs a server worker and a hostile client over an
+    // in-memory link, then the honest-client and drain checks.
+    for data in corpus("stream_events") {
+        if let Err(violation) = dataplane::harness::run(&data) {
+            panic!("{violation}\nsequence: {:#?}", dataplane::harness::Sequence::decode(&data));
+        }
+    }
+}

@@ -19,14 +19,14 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 /// Request kind: the admission parameters of this connection.
-pub const KIND_ADMISSION_PARAMS: u8 = 0x40;
+pub const KIND_ADMISSION_PARAMS: u8 = crate::protocols::stoq_registry::ADMISSION_PARAMS;
 /// Request kind: the proof bundle.
-pub const KIND_ADMISSION_SUBMIT: u8 = 0x41;
+pub const KIND_ADMISSION_SUBMIT: u8 = crate::protocols::stoq_registry::ADMISSION_SUBMIT;
 /// TLS exporter label of the binding every proof covers (RFC 8446 §7.5).
 pub const BINDING_LABEL: &[u8] = b"EXPORTER-internet2-admission";
 /// Request kind (forwarded to the control plane): register this client's
 /// plot commitment. Allowed before admission.
-pub const KIND_PLOT_REGISTER: u8 = 0x3b;
+pub const KIND_PLOT_REGISTER: u8 = crate::protocols::stoq_registry::PLOT_REGISTER;
 /// Application close code: the bundle does not decode.
 pub const CLOSE_ADMISSION_MALFORMED: u32 = 0x205;
 /// Application close code: no valid bundle before the deadline.

@@ -17,6 +17,8 @@ pub mod cid;
 pub mod client;
 pub mod control;
 pub mod front_door;
+#[cfg(any(test, feature = "harness"))]
+pub mod harness;
 pub mod io;
 pub mod protocols;
 pub mod server;

@@ -18,21 +18,21 @@ use crate::protocols::{Alpn, SERVED_ALPNS};
 use crate::stats::{Counters, StatsRegistry};
 use crate::steering::{ReuseportSteering, SteeringMode};
 use crate::transport::{ServerIdentity, TlsSetupError, TransportSettings, server_crypto};
-use crate::trust::{TrustStore, serial_of};
+use crate::trust::{PeerCertificate, PeerRefusal, TrustStore};
 use crate::worker::{
     Actions, Admission, Delivered, Delivery, Mailbox, Routing, Service, Worker, WorkerControl,
     WorkerParts,
 };
 use bytes::Bytes;
 use quinn_proto::{
-    Connection, ConnectionHandle, EndpointConfig, Event, Incoming, ServerConfig, StreamEvent,
+    Connection, ConnectionHandle, Dir, EndpointConfig, Event, Incoming, ServerConfig, StreamEvent,
     VarInt,
 };
 use rustls::pki_types::CertificateDer;
 use std::net::SocketAddrV6;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 /// Everything the dataplane needs to serve, validated by the caller.
 #[derive(Clone, Debug)]
@@ -80,6 +80,13 @@ pub struct ServerSettings {
 pub const CLOSE_CERTIFICATE_REQUIRED: u32 = 0x101;
 /// Application close code: the client certificate was revoked.
 pub const CLOSE_CERTIFICATE_REVOKED: u32 = 0x102;
+/// Application close code: the client certificate (of a resumed session,
+/// or of an open connection) is outside its validity period.
+pub const CLOSE_CERTIFICATE_INVALID: u32 = 0x104;
+/// A `doq` connection that has asked nothing for this long is closed with
+/// DOQ_NO_ERROR (RFC 9250 §5.5), whatever keep-alives it sends: an idle
+/// peer must not hold server memory forever.
+pub const DOQ_IDLE_DEADLINE: Duration = Duration::from_secs(10);
 /// How long after a revocation open connections are checked (replies in
 /// flight go out first).
 const REVOCATION_GRACE: Duration = Duration::from_millis(20);
@@ -172,12 +179,9 @@ pub fn serve(
     if settings.workers == 0 || settings.workers > crate::cid::WORKERS_MAX {
         return Err(ServeError::Workers(settings.workers));
     }
-    let crypto = server_crypto(identity, &SERVED_ALPNS)?;
-    let mut server_config = ServerConfig::new(crypto, token_key());
-    server_config.transport_config(Arc::new(settings.transport.build()));
-    server_config.max_incoming(settings.connections_per_worker_max.max(1));
-    let server_config = Arc::new(server_config);
+    let server_config = shared_server_config(settings, identity)?;
     let reset_key = Arc::new(reset_key());
+    crate::worker::install_panic_hook();
 
     let stats = Arc::new(StatsRegistry::new(settings.workers));
     let mailboxes: Arc<[Mailbox]> = (0..settings.workers)
@@ -214,33 +218,15 @@ pub fn serve(
             BackendKind::Xdp => xdp_backend(settings, socket, index)?,
             kind => make_backend(kind, socket, &mailboxes[index], index, settings.io_batch)?,
         };
-        let mut endpoint_config = EndpointConfig::new(reset_key.clone());
-        endpoint_config.cid_generator(move || Box::new(WorkerCidGenerator::new(id)));
-        // RFC 9287: without advertising grease_quic_bit, every valid packet
-        // has the fixed bit set, so the router and the XDP program can drop
-        // those that do not before any decryption.
-        endpoint_config.grease_quic_bit(false);
-        let endpoint = quinn_proto::Endpoint::new(
-            Arc::new(endpoint_config),
-            Some(server_config.clone()),
-            true,
-            None,
-        );
-        let service = ServerService::new(index, stats.clone(), settings);
-        let worker = Worker::new(WorkerParts {
+        workers.push(server_worker(
             id,
-            endpoint,
+            settings,
             io,
-            service,
-            routing: Routing::Shared {
-                mailboxes: mailboxes.clone(),
-            },
-            stats: stats.clone(),
-            gso: settings.transport.gso,
-            udp_payload_max: settings.transport.udp_payload_max(),
-            blocklist: settings.blocklist.clone(),
-        });
-        workers.push(worker);
+            worker_endpoint(id, &reset_key, &server_config),
+            &stats,
+            &mailboxes,
+            (Instant::now(), SystemTime::now()),
+        ));
     }
 
     if let Some(control) = &settings.control {
@@ -272,6 +258,91 @@ pub fn serve(
         mailboxes,
         threads,
         backends,
+    })
+}
+
+/// A server of one worker on a backend the caller owns, built as [`serve`]
+/// builds each of its workers but not started: the caller drives it with
+/// [`Worker::step`] at the times it chooses (the in-memory harness does, on
+/// a simulated clock; see `crate::harness`). `clock` is the worker's `now`
+/// at start and the wall-clock time it stands for.
+pub fn single_worker(
+    settings: &ServerSettings,
+    identity: &ServerIdentity,
+    io: Box<dyn Backend>,
+    clock: (Instant, SystemTime),
+) -> Result<(Worker<ServerService>, Arc<StatsRegistry>), ServeError> {
+    let server_config = shared_server_config(settings, identity)?;
+    let stats = Arc::new(StatsRegistry::new(1));
+    let mailboxes: Arc<[Mailbox]> = [Mailbox::new(settings.handoff_queue_len)
+        .map_err(|source| ServeError::Setup { worker: 0, source })?]
+    .into();
+    if let Some(control) = &settings.control {
+        control.set_mailboxes(mailboxes.clone());
+    }
+    let id = WorkerId(0);
+    let endpoint = worker_endpoint(id, &Arc::new(reset_key()), &server_config);
+    let worker = server_worker(id, settings, io, endpoint, &stats, &mailboxes, clock);
+    Ok((worker, stats))
+}
+
+/// The QUIC server config all workers share (one Retry token key, so a
+/// Retry issued by one worker validates on any).
+fn shared_server_config(
+    settings: &ServerSettings,
+    identity: &ServerIdentity,
+) -> Result<Arc<ServerConfig>, ServeError> {
+    let crypto = server_crypto(identity, &SERVED_ALPNS)?;
+    let mut server_config = ServerConfig::new(crypto, token_key());
+    server_config.transport_config(Arc::new(settings.transport.build_server()));
+    server_config.max_incoming(settings.connections_per_worker_max.max(1));
+    Ok(Arc::new(server_config))
+}
+
+/// Worker `id`'s endpoint: the connection IDs it issues name it.
+fn worker_endpoint(
+    id: WorkerId,
+    reset_key: &Arc<ring::hmac::Key>,
+    server_config: &Arc<ServerConfig>,
+) -> quinn_proto::Endpoint {
+    let mut endpoint_config = EndpointConfig::new(reset_key.clone());
+    endpoint_config.cid_generator(move || Box::new(WorkerCidGenerator::new(id)));
+    // RFC 9287: without advertising grease_quic_bit, every valid packet
+    // has the fixed bit set, so the router and the XDP program can drop
+    // those that do not before any decryption.
+    endpoint_config.grease_quic_bit(false);
+    quinn_proto::Endpoint::new(
+        Arc::new(endpoint_config),
+        Some(server_config.clone()),
+        true,
+        None,
+    )
+}
+
+/// Worker `id` of a server, on `io`, sharing `mailboxes` with the others;
+/// `clock` as in [`single_worker`].
+fn server_worker(
+    id: WorkerId,
+    settings: &ServerSettings,
+    io: Box<dyn Backend>,
+    endpoint: quinn_proto::Endpoint,
+    stats: &Arc<StatsRegistry>,
+    mailboxes: &Arc<[Mailbox]>,
+    (now, wall): (Instant, SystemTime),
+) -> Worker<ServerService> {
+    let service = ServerService::new(usize::from(id.0), stats.clone(), settings, now, wall);
+    Worker::new(WorkerParts {
+        id,
+        endpoint,
+        io,
+        service,
+        routing: Routing::Shared {
+            mailboxes: mailboxes.clone(),
+        },
+        stats: stats.clone(),
+        gso: settings.transport.gso,
+        udp_payload_max: settings.transport.udp_payload_max(),
+        blocklist: settings.blocklist.clone(),
     })
 }
 
@@ -338,8 +409,20 @@ fn run_worker(
     }
     let _ = started.send(());
     drop(started);
-    if let Err(e) = worker.run() {
-        tracing::error!(worker = index, error = %e, "worker stopped on an I/O error");
+    // Never a half-alive server: panics are contained per connection, so one
+    // that escapes the worker's own loop (or an I/O error that ends it)
+    // takes the whole process down for the service manager to restart.
+    // (The profile keeps `panic = "unwind"` for that containment.)
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run())) {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::error!(worker = index, error = %e, "worker stopped on an I/O error; exiting");
+            std::process::exit(70);
+        }
+        Err(_) => {
+            tracing::error!(worker = index, "worker thread panicked; aborting the process");
+            std::process::abort();
+        }
     }
 }
 
@@ -467,10 +550,29 @@ pub struct ServerService {
     gate: Option<Arc<dyn AdmissionGate>>,
     /// Admission deadlines in order (one duration for all, so a queue).
     deadlines: std::collections::VecDeque<(Instant, ConnectionHandle, u64)>,
+    /// `doq` idle deadlines in order (one duration for all, so a queue).
+    doq_deadlines: std::collections::VecDeque<(Instant, ConnectionHandle, u64)>,
+    /// Flow-control limits a connection gets once it is trusted (admitted
+    /// `stoq/1`, allowed `perf`); until then the transport's small initial
+    /// ones hold (`TransportSettings::build_server`).
+    trusted_receive_window: VarInt,
+    trusted_streams_bidi: VarInt,
+    /// The worker's clock at construction and the wall clock then: the
+    /// certificate validity checks map the `now` they are given onto the
+    /// wall clock through it, so the service never reads a clock itself.
+    clock_base: (Instant, SystemTime),
 }
 
 impl ServerService {
-    fn new(worker: usize, stats: Arc<StatsRegistry>, settings: &ServerSettings) -> Self {
+    /// The service of worker `worker`, started at `now` (the worker's
+    /// clock), which is `wall` on the wall clock.
+    fn new(
+        worker: usize,
+        stats: Arc<StatsRegistry>,
+        settings: &ServerSettings,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Self {
         let rate = f64::from(settings.handshake_rate_retry_per_s) / settings.workers as f64;
         Self {
             worker,
@@ -483,15 +585,26 @@ impl ServerService {
             next_conn_id: 0,
             gate: settings.admission.clone().filter(|gate| gate.required()),
             deadlines: std::collections::VecDeque::new(),
+            doq_deadlines: std::collections::VecDeque::new(),
+            trusted_receive_window: VarInt::from_u64(settings.transport.receive_window_bytes)
+                .unwrap_or(VarInt::MAX),
+            trusted_streams_bidi: VarInt::from_u32(settings.transport.streams_bidi_max),
             stats,
             zone: settings.zone.clone(),
             connections_max: settings.connections_per_worker_max,
             budget: HandshakeBudget {
                 rate_per_s: rate,
                 tokens: rate,
-                last: Instant::now(),
+                last: now,
             },
+            clock_base: (now, wall),
         }
+    }
+
+    /// The wall-clock time of the worker's `now`.
+    fn wall(&self, now: Instant) -> SystemTime {
+        let (base, wall) = self.clock_base;
+        wall + now.saturating_duration_since(base)
     }
 }
 
@@ -500,8 +613,15 @@ pub struct ServerConn {
     id: u64,
     handle: ConnectionHandle,
     alpn: Option<Alpn>,
-    /// The client certificate the handshake verified, and its serial.
-    peer: Option<(CertificateDer<'static>, Vec<u8>)>,
+    /// The client certificate the handshake (or the resumed session)
+    /// presented, checked against the trust snapshot when it completed.
+    peer: Option<PeerCertificate>,
+    /// The trusted flow-control limits were granted.
+    widened: bool,
+    /// The peer's address as the handshake validated it (RFC 9000 §8.1).
+    /// Failures are scored against it, never against an address the
+    /// connection migrated to before that path was validated.
+    validated_remote: Option<std::net::SocketAddr>,
     perf: PerfServer,
     stoq: StoqServer,
     doq: DoqServer,
@@ -517,14 +637,30 @@ impl ServerService {
         st: &mut ServerConn,
         conn: &mut Connection,
         alpn: Alpn,
+        now: Instant,
         counters: &mut Counters,
     ) -> bool {
+        st.validated_remote = Some(conn.remote_address());
         st.peer = conn
             .crypto_session()
             .peer_identity()
             .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
             .and_then(|chain| chain.into_iter().next())
-            .and_then(|leaf| serial_of(&leaf).map(|serial| (leaf, serial)));
+            .and_then(PeerCertificate::parse);
+        // A resumed session (1-RTT or 0-RTT) carries the certificate of its
+        // first handshake without checking it again: check it against the
+        // revocation snapshot and its validity before anything is served.
+        if let (Some(trust), Some(peer)) = (&self.trust, &st.peer)
+            && let Err(refusal) = trust.load().check_peer(peer, self.wall(now))
+        {
+            counters.resumed_refused += 1;
+            close_refused_peer(conn, refusal, now);
+            return false;
+        }
+        if alpn == Alpn::Doq {
+            self.doq_deadlines
+                .push_back((now + DOQ_IDLE_DEADLINE, st.handle, st.id));
+        }
         let allowed_without = match alpn {
             Alpn::Perf => self.perf_without_certificate,
             Alpn::Doq => self.dns_without_certificate,
@@ -535,14 +671,14 @@ impl ServerService {
         if st.peer.is_none() && !allowed_without {
             counters.refused_certificate += 1;
             conn.close(
-                Instant::now(),
+                now,
                 VarInt::from_u32(CLOSE_CERTIFICATE_REQUIRED),
                 Bytes::from_static(b"this protocol needs a client certificate on this server"),
             );
             return false;
         }
         if alpn == Alpn::Stoq {
-            return self.start_admission(st, conn, counters);
+            return self.start_admission(st, conn, now, counters);
         }
         true
     }
@@ -553,20 +689,20 @@ impl ServerService {
         &mut self,
         st: &mut ServerConn,
         conn: &mut Connection,
+        now: Instant,
         counters: &mut Counters,
     ) -> bool {
         let Some(gate) = &self.gate else {
             return true;
         };
-        let now = Instant::now();
         st.admission = match &st.peer {
             None => AdmissionStage::Anonymous,
-            Some((leaf, _)) => match gate.offer(leaf) {
+            Some(peer) => match gate.offer(&peer.der) {
                 Ok(pending) => AdmissionStage::Pending(pending),
                 Err(refusal) => {
                     counters.admission_refused += 1;
                     gate.report(AdmissionEvent::Failed {
-                        source: conn.remote_address(),
+                        source: st.validated_remote.unwrap_or_else(|| conn.remote_address()),
                         identity: None,
                         code: refusal.code,
                     });
@@ -586,7 +722,13 @@ impl ServerService {
     }
 
     /// The deadline passed: close the connection unless it got admitted.
-    fn on_deadline(&mut self, st: &mut ServerConn, conn: &mut Connection, counters: &mut Counters) {
+    fn on_deadline(
+        &mut self,
+        st: &mut ServerConn,
+        conn: &mut Connection,
+        now: Instant,
+        counters: &mut Counters,
+    ) {
         let identity = match &st.admission {
             AdmissionStage::Pending(pending) => Some(pending.identity()),
             AdmissionStage::Anonymous => None,
@@ -597,14 +739,14 @@ impl ServerService {
         // isolates its source (an enrolling client is long gone by now).
         if let Some(gate) = &self.gate {
             gate.report(AdmissionEvent::Failed {
-                source: conn.remote_address(),
+                source: st.validated_remote.unwrap_or_else(|| conn.remote_address()),
                 identity,
                 code: CLOSE_ADMISSION_DEADLINE,
             });
         }
         st.admission = AdmissionStage::Refused;
         conn.close(
-            Instant::now(),
+            now,
             VarInt::from_u32(CLOSE_ADMISSION_DEADLINE),
             Bytes::from_static(b"no valid admission bundle before the deadline"),
         );
@@ -634,41 +776,41 @@ impl Service for ServerService {
 
     fn poll_timeout(&self) -> Option<Instant> {
         let deadline = self.deadlines.front().map(|(at, _, _)| *at);
-        [self.revocation_check, deadline]
+        let doq = self.doq_deadlines.front().map(|(at, _, _)| *at);
+        [self.revocation_check, deadline, doq]
             .into_iter()
             .flatten()
             .min()
     }
 
     fn on_visit(&mut self, st: &mut ServerConn, conn: &mut Connection, now: Instant) {
-        let (Some(trust), Some((_, serial))) = (&self.trust, &st.peer) else {
+        let (Some(trust), Some(peer)) = (&self.trust, &st.peer) else {
             return;
         };
-        if trust.load().is_revoked(serial) {
+        if let Err(refusal) = trust.load().check_peer(peer, self.wall(now)) {
             tracing::info!(
                 worker = self.worker,
-                "closing a connection whose client certificate was revoked"
+                %refusal,
+                "closing a connection whose client certificate no longer admits it"
             );
-            conn.close(
-                now,
-                VarInt::from_u32(CLOSE_CERTIFICATE_REVOKED),
-                Bytes::from_static(b"client certificate revoked"),
-            );
+            close_refused_peer(conn, refusal, now);
         }
     }
 
-    fn poll_deliveries(&mut self, out: &mut Vec<Delivery>) {
-        if !self.deadlines.is_empty() {
-            let now = Instant::now();
-            while let Some(&(at, handle, conn_id)) = self.deadlines.front() {
+    fn poll_deliveries(&mut self, now: Instant, out: &mut Vec<Delivery>) {
+        for (queue, what) in [
+            (&mut self.deadlines, (|| Delivered::AdmissionDeadline) as fn() -> Delivered),
+            (&mut self.doq_deadlines, || Delivered::IdleDeadline),
+        ] {
+            while let Some(&(at, handle, conn_id)) = queue.front() {
                 if at > now {
                     break;
                 }
-                self.deadlines.pop_front();
+                queue.pop_front();
                 out.push(Delivery {
                     handle,
                     conn_id,
-                    what: Delivered::AdmissionDeadline,
+                    what: what(),
                 });
             }
         }
@@ -695,6 +837,7 @@ impl Service for ServerService {
         st: &mut ServerConn,
         conn: &mut Connection,
         delivery: Delivery,
+        now: Instant,
         counters: &mut Counters,
     ) {
         if st.id != delivery.conn_id {
@@ -704,8 +847,21 @@ impl Service for ServerService {
             Delivered::Response { stream, response } => {
                 st.stoq.deliver(conn, stream, response, counters)
             }
-            Delivered::AdmissionDeadline => self.on_deadline(st, conn, counters),
+            Delivered::AdmissionDeadline => self.on_deadline(st, conn, now, counters),
+            Delivered::IdleDeadline if st.doq.take_answered() => {
+                self.doq_deadlines
+                    .push_back((now + DOQ_IDLE_DEADLINE, st.handle, st.id));
+            }
+            Delivered::IdleDeadline => {
+                counters.doq_idle_closed += 1;
+                conn.close(
+                    now,
+                    VarInt::from_u32(crate::protocols::doq::DOQ_NO_ERROR),
+                    Bytes::from_static(b"idle"),
+                );
+            }
         }
+        self.widen_if_trusted(st, conn);
     }
 
     fn on_close(&mut self, st: ServerConn, _conn: &Connection, _counters: &mut Counters) {
@@ -740,6 +896,8 @@ impl Service for ServerService {
             handle,
             alpn: None,
             peer: None,
+            widened: false,
+            validated_remote: None,
             perf: PerfServer::default(),
             stoq: StoqServer::default(),
             doq: DoqServer::default(),
@@ -757,21 +915,22 @@ impl Service for ServerService {
         st: &mut ServerConn,
         conn: &mut Connection,
         event: Event,
-        _now: Instant,
+        now: Instant,
         counters: &mut Counters,
     ) {
         if st.alpn.is_none() {
             st.alpn = Alpn::of(conn);
         }
         let Some(alpn) = st.alpn else { return };
-        if matches!(event, Event::Connected) && !self.on_connected(st, conn, alpn, counters) {
+        if matches!(event, Event::Connected) && !self.on_connected(st, conn, alpn, now, counters) {
             return;
         }
         let early = conn.is_handshaking();
         let ctx = StoqContext {
             stats: &self.stats,
             early,
-            peer: st.peer.as_ref().map(|(cert, _)| cert),
+            peer: st.peer.as_ref().map(|peer| &peer.der),
+            operator: st.peer.as_ref().is_some_and(|peer| peer.operator),
             authority: self.control.as_deref().map(|port| AuthorityRoute {
                 port,
                 worker: self.worker,
@@ -779,8 +938,10 @@ impl Service for ServerService {
                 conn_id: st.id,
             }),
             gate: self.gate.as_deref(),
+            validated_remote: st.validated_remote,
             worker: self.worker,
             conn_id: st.id,
+            now,
         };
         match (alpn, event) {
             (Alpn::Perf, Event::Stream(StreamEvent::Opened { .. })) => {
@@ -827,15 +988,22 @@ impl Service for ServerService {
                 st.stoq
                     .on_connected(conn, &ctx, &mut st.admission, counters)
             }
+            (Alpn::Stoq, Event::Stream(StreamEvent::Writable { id })) => {
+                st.stoq.on_writable(conn, id)
+            }
+            (Alpn::Doq, Event::Stream(StreamEvent::Writable { id })) => {
+                st.doq.on_writable(conn, id)
+            }
             // DNS queries are idempotent and public (RFC 9250 §4.5): served
             // from 0-RTT data too.
             (Alpn::Doq, Event::Stream(StreamEvent::Opened { .. })) => {
                 let zone = self.zone.as_ref().map(|z| z.load());
-                st.doq.on_readable(conn, None, zone.as_ref(), counters)
+                st.doq.on_readable(conn, None, zone.as_ref(), now, counters)
             }
             (Alpn::Doq, Event::Stream(StreamEvent::Readable { id })) => {
                 let zone = self.zone.as_ref().map(|z| z.load());
-                st.doq.on_readable(conn, Some(id), zone.as_ref(), counters)
+                st.doq
+                    .on_readable(conn, Some(id), zone.as_ref(), now, counters)
             }
             (
                 Alpn::Doq,
@@ -843,5 +1011,42 @@ impl Service for ServerService {
             ) => st.doq.on_finished(id),
             _ => {}
         }
+        self.widen_if_trusted(st, conn);
     }
+}
+
+impl ServerService {
+    /// Grant a connection the configured flow-control limits once it is
+    /// trusted: a `perf` connection its ALPN rule allowed, a `stoq/1`
+    /// connection with a certificate once admitted. Everyone else (`doq`,
+    /// enrolling and unadmitted `stoq/1`) keeps the small initial limits, so
+    /// what an unauthenticated peer can make the server buffer is bounded.
+    fn widen_if_trusted(&self, st: &mut ServerConn, conn: &mut Connection) {
+        if st.widened || conn.is_handshaking() || conn.is_closed() {
+            return;
+        }
+        let trusted = match st.alpn {
+            Some(Alpn::Perf) => true,
+            Some(Alpn::Stoq) => st.peer.is_some() && st.admission.is_admitted(),
+            Some(Alpn::Doq) | None => false,
+        };
+        if trusted {
+            st.widened = true;
+            conn.set_receive_window(self.trusted_receive_window);
+            conn.set_max_concurrent_streams(Dir::Bi, self.trusted_streams_bidi);
+        }
+    }
+}
+
+/// Close a connection whose client certificate no longer admits it.
+fn close_refused_peer(conn: &mut Connection, refusal: PeerRefusal, now: Instant) {
+    let code = match refusal {
+        PeerRefusal::Revoked => CLOSE_CERTIFICATE_REVOKED,
+        PeerRefusal::OutsideValidity => CLOSE_CERTIFICATE_INVALID,
+    };
+    conn.close(
+        now,
+        VarInt::from_u32(code),
+        Bytes::from(refusal.to_string()),
+    );
 }

@@ -110,6 +110,15 @@ counters! {
     doq_queries,
     /// DNS-over-QUIC connections closed for a protocol error.
     doq_errors,
+    /// DNS-over-QUIC connections closed for asking nothing within the idle
+    /// deadline.
+    doq_idle_closed,
+    /// Panics caught at a connection boundary: that connection was closed
+    /// with CLOSE_INTERNAL_ERROR, every other one kept being served.
+    connection_panics,
+    /// Resumed connections closed at once because their certificate is
+    /// revoked or no longer valid.
+    resumed_refused,
     /// AF_XDP: frames taken from the RX ring.
     xdp_rx_frames,
     /// AF_XDP: received frames that were not IPv6/UDP to our address and
@@ -190,6 +199,23 @@ impl StatsRegistry {
             front_door,
             admission,
         }
+    }
+}
+
+/// The admission status lists that name sources and identities: shown to
+/// the operator only (their counts are public).
+const OPERATOR_ONLY_LISTS: [&str; 3] = ["isolated", "suspended", "configured"];
+
+impl StatsSnapshot {
+    /// Drop what only the operator may see: which prefixes are isolated
+    /// or configured blocked, which identities are suspended.
+    pub fn without_operator_lists(mut self) -> Self {
+        if let Some(serde_json::Value::Object(map)) = &mut self.admission {
+            for key in OPERATOR_ONLY_LISTS {
+                map.remove(key);
+            }
+        }
+        self
     }
 }
 

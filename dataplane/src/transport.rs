@@ -17,6 +17,18 @@ pub enum CongestionControl {
     Newreno,
 }
 
+/// Connection-level receive window of a peer the server does not trust yet
+/// (`doq`, enrolling or unadmitted `stoq/1`): it bounds what the transport
+/// buffers for it, in order or not (RFC 9000 §4.1 counts the highest offset
+/// of every stream). One whole request still fits.
+pub const UNTRUSTED_RECEIVE_WINDOW_BYTES: u64 = 128 * 1024;
+const _: () = assert!(
+    UNTRUSTED_RECEIVE_WINDOW_BYTES as usize
+        >= crate::protocols::stoq::HEADER_LEN + crate::protocols::stoq::REQUEST_PAYLOAD_MAX
+);
+/// Concurrent bidirectional streams of a peer the server does not trust yet.
+pub const UNTRUSTED_STREAMS_BIDI_MAX: u32 = 16;
+
 /// Knobs of the QUIC transport (see `[stoq_transport]` in the config).
 #[derive(Clone, Debug)]
 pub struct TransportSettings {
@@ -54,6 +66,26 @@ impl TransportSettings {
         usize::from(self.initial_mtu).max(crate::worker::UDP_PAYLOAD_MAX)
     }
 
+    /// The server's transport: [`Self::build`] with the initial
+    /// connection window and stream count cut to what an untrusted peer
+    /// gets. The server raises them per connection once it trusts it
+    /// (`server::ServerService::widen_if_trusted`).
+    pub fn build_server(&self) -> TransportConfig {
+        let mut t = self.build();
+        t.receive_window(
+            VarInt::from_u64(
+                self.receive_window_bytes
+                    .min(UNTRUSTED_RECEIVE_WINDOW_BYTES),
+            )
+            .unwrap_or(VarInt::MAX),
+        )
+        .max_concurrent_bidi_streams(VarInt::from_u32(
+            self.streams_bidi_max.min(UNTRUSTED_STREAMS_BIDI_MAX),
+        ));
+        t
+    }
+
+    /// The client's transport (and the base of the server's).
     pub fn build(&self) -> TransportConfig {
         let mut t = TransportConfig::default();
         t.stream_receive_window(

@@ -126,6 +126,87 @@ pub fn serial_of(cert: &CertificateDer<'_>) -> Option<Vec<u8>> {
     Some(parsed.tbs_certificate.raw_serial().to_vec())
 }
 
+/// A client certificate as a worker keeps it for the connection's life:
+/// what the revocation and validity checks need, parsed once.
+#[derive(Clone, Debug)]
+pub struct PeerCertificate {
+    pub der: CertificateDer<'static>,
+    /// DER INTEGER content bytes, as the control plane records them.
+    pub serial: Vec<u8>,
+    /// The subject CN is [`OPERATOR_COMMON_NAME`] (a name the CA issues
+    /// to the operator only).
+    pub operator: bool,
+    not_before_unix_s: i64,
+    not_after_unix_s: i64,
+}
+
+/// The subject common name of the operator's certificate (the authority
+/// reserves it; `src/` asserts it equals the authority's constant).
+pub const OPERATOR_COMMON_NAME: &str = "operator";
+
+/// Why a connection's client certificate no longer admits it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PeerRefusal {
+    #[error("client certificate revoked")]
+    Revoked,
+    #[error("client certificate expired or not yet valid")]
+    OutsideValidity,
+}
+
+impl PeerCertificate {
+    /// None when the certificate does not parse (the handshake's chain
+    /// check parsed it already, so only a resumed session's stored
+    /// certificate could get here malformed).
+    pub fn parse(der: CertificateDer<'static>) -> Option<Self> {
+        let (serial, operator, not_before_unix_s, not_after_unix_s) = {
+            let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+            let validity = parsed.validity();
+            let operator = parsed
+                .subject()
+                .iter_common_name()
+                .next()
+                .and_then(|cn| cn.as_str().ok())
+                == Some(OPERATOR_COMMON_NAME);
+            (
+                parsed.tbs_certificate.raw_serial().to_vec(),
+                operator,
+                validity.not_before.timestamp(),
+                validity.not_after.timestamp(),
+            )
+        };
+        Some(Self {
+            der,
+            serial,
+            operator,
+            not_before_unix_s,
+            not_after_unix_s,
+        })
+    }
+}
+
+impl TrustSnapshot {
+    /// Whether `peer` may still use a connection at `now`. The handshake's
+    /// chain check does this for a full handshake; a resumed session (1-RTT
+    /// or 0-RTT) skips it in rustls, and an open connection outlives its
+    /// handshake, so workers call this on both.
+    pub fn check_peer(
+        &self,
+        peer: &PeerCertificate,
+        now: std::time::SystemTime,
+    ) -> Result<(), PeerRefusal> {
+        if self.is_revoked(&peer.serial) {
+            return Err(PeerRefusal::Revoked);
+        }
+        let now = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        if now < peer.not_before_unix_s || now > peer.not_after_unix_s {
+            return Err(PeerRefusal::OutsideValidity);
+        }
+        Ok(())
+    }
+}
+
 /// rustls' client-certificate hook: the current snapshot's chain check,
 /// then its revocation list.
 #[derive(Debug)]

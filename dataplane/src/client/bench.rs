@@ -339,6 +339,19 @@ impl Service for BenchService {
             }
             Event::Stream(StreamEvent::Readable { id }) => self.read(st, conn, id, now),
             Event::Stream(StreamEvent::Writable { id }) => self.continue_upload(st, conn, id),
+            // The server grants streams as it trusts the connection: top
+            // the active ones up to the plan.
+            Event::Stream(StreamEvent::Available { dir: Dir::Bi })
+                if st.active && self.running(now) =>
+            {
+                while st.streams.len() < self.plan.streams {
+                    let before = st.streams.len();
+                    self.start_request(st, conn);
+                    if st.streams.len() == before {
+                        break;
+                    }
+                }
+            }
             Event::Stream(StreamEvent::Finished { id }) => {
                 if let Some(s) = st.streams.get_mut(&id) {
                     s.upload_acked = true;

@@ -207,10 +207,13 @@ impl RpcService {
         }
     }
 
+    /// Open a stream for every request not answered or in flight yet, as
+    /// far as the server's stream limit allows; the rest go out when it
+    /// grants more (`StreamEvent::Available`). A server keeps untrusted
+    /// connections to a few streams until they are admitted.
     fn send_requests(&mut self, st: &mut RpcConn, conn: &mut Connection) {
-        st.streams.clear();
         for (index, request) in self.requests.iter().enumerate() {
-            if self.replies[index].is_some() {
+            if self.replies[index].is_some() || st.streams.values().any(|(i, _)| *i == index) {
                 continue;
             }
             let Some(id) = conn.streams().open(Dir::Bi) else {
@@ -308,6 +311,7 @@ impl Service for RpcService {
                 self.zero_rtt_accepted = st.sent_early && conn.accepted_0rtt();
                 if st.sent_early && !conn.accepted_0rtt() {
                     // Rejected 0-RTT streams are gone: send again in 1-RTT.
+                    st.streams.clear();
                     st.sent = false;
                 }
                 if let Some(admitter) = &self.admitter {
@@ -323,6 +327,9 @@ impl Service for RpcService {
                     Some(progress) => self.on_admission(st, conn, progress),
                     None => self.read(st, conn, id),
                 }
+            }
+            Event::Stream(StreamEvent::Available { dir: Dir::Bi }) if st.sent => {
+                self.send_requests(st, conn)
             }
             Event::ConnectionLost { reason } => {
                 self.admission_deadline = is_admission_deadline(&reason);

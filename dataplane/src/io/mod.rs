@@ -5,6 +5,8 @@
 //! ready, `send` for each transmit quinn-proto produced, `flush` once per loop
 //! iteration, and `wait` when it has nothing to do.
 
+#[cfg(any(test, feature = "harness"))]
+pub mod memory;
 pub mod signals;
 pub mod socket;
 pub mod sockopt;

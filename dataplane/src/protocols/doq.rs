@@ -17,10 +17,19 @@ use quinn_proto::{Connection, Dir, StreamId, VarInt};
 use std::collections::HashMap;
 use std::net::Ipv6Addr;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// RFC 9250 §4.3: error codes.
 pub const DOQ_NO_ERROR: u32 = 0x0;
 pub const DOQ_PROTOCOL_ERROR: u32 = 0x2;
+/// RFC 9250 §4.3: DOQ_EXCESSIVE_LOAD.
+pub const DOQ_EXCESSIVE_LOAD: u32 = 0x4;
+/// Bytes of unanswered (incomplete) queries one connection may have the
+/// server hold: two maximum-size messages. Honest queries are a few hundred
+/// bytes; past it the connection is closed with DOQ_EXCESSIVE_LOAD.
+pub const PENDING_QUERY_BYTES_MAX: usize = 2 * (2 + MESSAGE_MAX);
+/// RFC 9250 §4.3: DOQ_INTERNAL_ERROR.
+pub const DOQ_INTERNAL_ERROR: u32 = 0x1;
 /// Largest DNS message (the 2-byte length prefix).
 pub const MESSAGE_MAX: usize = u16::MAX as usize;
 /// TTL of every record (seconds).
@@ -311,12 +320,16 @@ fn respond(message: Message) -> Answer {
 struct DoqStream {
     buf: Vec<u8>,
     answered: bool,
+    /// The part of the answer the peer's flow control has not taken yet.
+    unsent: Option<Bytes>,
 }
 
 /// Server side of a `doq` connection.
 #[derive(Debug, Default)]
 pub struct DoqServer {
     streams: HashMap<StreamId, DoqStream>,
+    /// A query was answered since [`DoqServer::take_answered`].
+    answered_since: bool,
 }
 
 impl DoqServer {
@@ -325,14 +338,15 @@ impl DoqServer {
         conn: &mut Connection,
         id: Option<StreamId>,
         zone: Option<&Arc<Zone>>,
+        now: Instant,
         counters: &mut Counters,
     ) {
         while let Some(id) = conn.streams().accept(Dir::Bi) {
             self.streams.insert(id, DoqStream::default());
-            self.read(conn, id, zone, counters);
+            self.read(conn, id, zone, now, counters);
         }
         if let Some(id) = id {
-            self.read(conn, id, zone, counters);
+            self.read(conn, id, zone, now, counters);
         }
     }
 
@@ -340,11 +354,36 @@ impl DoqServer {
         self.streams.remove(&id);
     }
 
+    /// The peer's flow control took more: write what is left of an answer.
+    pub fn on_writable(&mut self, conn: &mut Connection, id: StreamId) {
+        if let Some(stream) = self.streams.get_mut(&id)
+            && let Some(rest) = stream.unsent.take()
+        {
+            stream.unsent = super::write_whole(conn, id, rest);
+        }
+    }
+
+    /// Bytes held for queries not answered yet, over all streams (at most
+    /// the transport's stream limit of them).
+    fn pending_query_bytes(&self) -> usize {
+        self.streams
+            .values()
+            .filter(|s| !s.answered)
+            .map(|s| s.buf.len())
+            .sum()
+    }
+
+    /// Whether a query was answered on this connection since the last call.
+    pub fn take_answered(&mut self) -> bool {
+        std::mem::take(&mut self.answered_since)
+    }
+
     fn read(
         &mut self,
         conn: &mut Connection,
         id: StreamId,
         zone: Option<&Arc<Zone>>,
+        now: Instant,
         counters: &mut Counters,
     ) {
         let Some(stream) = self.streams.get_mut(&id) else {
@@ -355,6 +394,21 @@ impl DoqServer {
             self.streams.remove(&id);
             return;
         }
+        let stream = if self.pending_query_bytes() > PENDING_QUERY_BYTES_MAX {
+            counters.doq_errors += 1;
+            conn.close(
+                now,
+                VarInt::from_u32(DOQ_EXCESSIVE_LOAD),
+                Bytes::from_static(b"too many unfinished queries"),
+            );
+            return;
+        } else {
+            match self.streams.get_mut(&id) {
+                Some(stream) => stream,
+                None => return,
+            }
+        };
+        let answered = &mut self.answered_since;
         let whole = match stream.buf.as_slice() {
             [hi, lo, ..] => 2 + usize::from(u16::from_be_bytes([*hi, *lo])),
             _ => usize::MAX,
@@ -363,7 +417,7 @@ impl DoqServer {
             // RFC 9250 §4.3.3: the stream ended inside a message.
             counters.doq_errors += 1;
             conn.close(
-                std::time::Instant::now(),
+                now,
                 VarInt::from_u32(DOQ_PROTOCOL_ERROR),
                 Bytes::from_static(b"stream ended before its DNS message was complete"),
             );
@@ -378,7 +432,7 @@ impl DoqServer {
             // bytes, such as the FIN arriving on its own, is not.)
             counters.doq_errors += 1;
             conn.close(
-                std::time::Instant::now(),
+                now,
                 VarInt::from_u32(DOQ_PROTOCOL_ERROR),
                 Bytes::from_static(b"one DNS message per stream"),
             );
@@ -394,19 +448,25 @@ impl DoqServer {
         };
         match result {
             Answer::Response(message) => {
+                // RFC 9250 §4.2: a two-byte length prefix; answers are
+                // built far below it, and one that is not is not sent cut.
+                let Ok(len) = u16::try_from(message.len()) else {
+                    counters.doq_errors += 1;
+                    let _ = conn.send_stream(id).reset(VarInt::from_u32(DOQ_INTERNAL_ERROR));
+                    return;
+                };
                 counters.doq_queries += 1;
+                *answered = true;
                 let mut framed = BytesMut::with_capacity(2 + message.len());
-                framed.put_u16(message.len() as u16);
+                framed.put_u16(len);
                 framed.put_slice(&message);
                 counters.stream_bytes_tx += framed.len() as u64;
-                let mut send = conn.send_stream(id);
-                let _ = send.write_chunks(&mut [framed.freeze()]);
-                let _ = send.finish();
+                stream.unsent = super::write_whole(conn, id, framed.freeze());
             }
             Answer::ProtocolError(reason) => {
                 counters.doq_errors += 1;
                 conn.close(
-                    std::time::Instant::now(),
+                    now,
                     VarInt::from_u32(DOQ_PROTOCOL_ERROR),
                     Bytes::from_static(reason.as_bytes()),
                 );

@@ -4,9 +4,11 @@ pub mod doq;
 pub mod legacy_dns;
 pub mod perf;
 pub mod stoq;
+pub mod stoq_registry;
 
 use crate::stats::Counters;
-use quinn_proto::{Connection, ReadError, StreamId};
+use bytes::Bytes;
+use quinn_proto::{Connection, ReadError, StreamId, WriteError};
 
 /// ALPN identifiers served on the one UDP port.
 pub const ALPN_PERF: &[u8] = b"perf";
@@ -102,4 +104,21 @@ pub fn read_stream(
     }
     let _ = chunks.finalize();
     state
+}
+
+/// Write as much of a response as stream `id`'s flow control takes now and
+/// finish the stream once all of it is written. Returns what is left, to be
+/// written on the stream's next `Writable` event: a response larger than the
+/// peer's window is delivered whole, never cut short. `None` also when the
+/// peer stopped the stream or the connection is closing (nothing to send).
+pub(crate) fn write_whole(conn: &mut Connection, id: StreamId, mut rest: Bytes) -> Option<Bytes> {
+    let mut send = conn.send_stream(id);
+    match send.write_chunks(std::slice::from_mut(&mut rest)) {
+        Ok(_) if rest.is_empty() => {
+            let _ = send.finish();
+            None
+        }
+        Ok(_) | Err(WriteError::Blocked) => Some(rest),
+        Err(WriteError::Stopped(_) | WriteError::ClosedStream) => None,
+    }
 }

@@ -16,6 +16,7 @@ use quinn_proto::{Connection, Dir, StreamId, VarInt};
 use rustls::pki_types::CertificateDer;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 pub const VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 8;
@@ -34,23 +35,23 @@ pub const STREAM_ERROR_BAD_REQUEST: u32 = 0x2;
 /// Request kinds answered by the control plane's authority (forwarded as
 /// they are; docs/PROTOCOL.md lists them).
 pub const AUTHORITY_KINDS: std::ops::RangeInclusive<u8> = 0x10..=0x3f;
-/// The one authority kind a connection without a client certificate may
-/// send: enrollment.
-pub const KIND_ENROLL: u8 = 0x10;
+/// Enrollment: an authority kind a connection without a client
+/// certificate may send.
+pub const KIND_ENROLL: u8 = super::stoq_registry::ENROLL;
 
 /// Request kinds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Kind {
-    Ping = 0x01,
-    Stats = 0x02,
+    Ping = super::stoq_registry::PING,
+    Stats = super::stoq_registry::STATS,
 }
 
 impl Kind {
     pub fn from_u8(value: u8) -> Option<Kind> {
         match value {
-            0x01 => Some(Kind::Ping),
-            0x02 => Some(Kind::Stats),
+            super::stoq_registry::PING => Some(Kind::Ping),
+            super::stoq_registry::STATS => Some(Kind::Stats),
             _ => None,
         }
     }
@@ -209,15 +210,24 @@ struct StoqStream {
     finished: bool,
     /// Complete, and waiting for the connection to be admitted.
     held: bool,
+    /// The part of the response the peer's flow control has not taken yet.
+    unsent: Option<Bytes>,
 }
 
 /// Server side of a `stoq/1` connection.
 #[derive(Debug, Default)]
 pub struct StoqServer {
     streams: HashMap<StreamId, StoqStream>,
+    /// Requests forwarded to the control plane and not answered yet.
+    forwarded: usize,
     /// Request bytes held for admission.
     held_bytes: usize,
 }
+
+/// Requests one connection may have waiting at the control plane; past it,
+/// new ones are answered `BUSY` (the control plane also bounds and
+/// schedules per caller: `src/fair_queue.rs`).
+pub const FORWARDED_PER_CONNECTION_MAX: usize = 16;
 
 /// Request bytes an unadmitted connection may have held for after its
 /// admission; past it, requests are refused with `NOT_ADMITTED`.
@@ -230,12 +240,19 @@ pub struct StoqContext<'a> {
     pub early: bool,
     /// The client certificate the handshake verified (leaf).
     pub peer: Option<&'a CertificateDer<'static>>,
+    /// The peer is the operator (its certificate names it).
+    pub operator: bool,
     /// Where authority requests go, if this server has an authority.
     pub authority: Option<AuthorityRoute<'a>>,
     /// The admission gate, when connections must be admitted.
     pub gate: Option<&'a dyn AdmissionGate>,
+    /// The peer's address as the handshake validated it: what admission
+    /// outcomes are scored against (not a later, unvalidated path).
+    pub validated_remote: Option<std::net::SocketAddr>,
     pub worker: usize,
     pub conn_id: u64,
+    /// The worker's clock for this event.
+    pub now: Instant,
 }
 
 /// How to forward an authority request of this connection.
@@ -323,43 +340,32 @@ impl StoqServer {
         if stream.answered {
             return;
         }
-        let response = match header_payload_len(&stream.buf, REQUEST_PAYLOAD_MAX) {
-            Err(DecodeError::Incomplete) if stream.finished => Some(encode_error(
-                ErrorCode::Malformed,
-                "the stream ended inside the message header",
-            )),
-            Err(DecodeError::Incomplete) => return,
-            Ok(len) if stream.buf.len() < HEADER_LEN + len && stream.finished => {
-                Some(encode_error(
-                    ErrorCode::Malformed,
-                    "the stream ended before the announced payload length",
-                ))
+        // Parse once: past this match, the request is a kind and a payload
+        // of the announced length; no code below indexes peer bytes.
+        let kind = match framed(&stream.buf, stream.finished) {
+            Framing::Incomplete => return,
+            Framing::Bad(response) => {
+                stream.answered = true;
+                counters.stoq_requests += 1;
+                Self::respond(stream, conn, id, response, counters);
+                return;
             }
-            Err(e) => Some(encode_error(e.code(), &e.to_string())),
-            Ok(len) if stream.buf.len() < HEADER_LEN + len => return,
-            Ok(len) if stream.buf.len() > HEADER_LEN + len => Some(encode_error(
-                ErrorCode::Malformed,
-                &DecodeError::TrailingBytes.to_string(),
-            )),
-            Ok(_) if ctx.gate.is_some() && matches!(stage, AdmissionStage::Handshaking) => {
+            Framing::Complete(kind) => kind,
+        };
+        let response = match kind {
+            _ if ctx.gate.is_some() && matches!(stage, AdmissionStage::Handshaking) => {
                 // Admission starts once the handshake completed.
                 counters.zero_rtt_deferred += 1;
                 return;
             }
-            Ok(_) if matches!(stage, AdmissionStage::Refused) => return,
-            Ok(_) if matches!(stream.buf[1], KIND_ADMISSION_PARAMS | KIND_ADMISSION_SUBMIT) => {
+            _ if matches!(stage, AdmissionStage::Refused) => return,
+            KIND_ADMISSION_PARAMS | KIND_ADMISSION_SUBMIT => {
                 if ctx.early {
                     counters.zero_rtt_deferred += 1;
                     return;
                 }
-                match admission_request(
-                    conn,
-                    stream.buf[1],
-                    &stream.buf[HEADER_LEN..],
-                    ctx,
-                    stage,
-                    counters,
-                ) {
+                match admission_request(conn, kind, &stream.buf[HEADER_LEN..], ctx, stage, counters)
+                {
                     Some(response) => Some(response),
                     None => {
                         // Refused: the connection is closed with the code.
@@ -368,11 +374,10 @@ impl StoqServer {
                     }
                 }
             }
-            Ok(_) if stream.held => return,
-            Ok(_)
-                if matches!(stage, AdmissionStage::Pending(_))
-                    && stream.buf[1] != KIND_PLOT_REGISTER
-                    && self.held_bytes + stream.buf.len() <= HELD_BYTES_MAX =>
+            _ if stream.held => return,
+            _ if matches!(stage, AdmissionStage::Pending(_))
+                && kind != KIND_PLOT_REGISTER
+                && self.held_bytes + stream.buf.len() <= HELD_BYTES_MAX =>
             {
                 // Sent in 0-RTT, or right behind the bundle: answered once
                 // the bundle verifies (or dropped with the connection at
@@ -381,59 +386,63 @@ impl StoqServer {
                 self.held_bytes += stream.buf.len();
                 return;
             }
-            Ok(_)
-                if matches!(stage, AdmissionStage::Pending(_))
-                    && stream.buf[1] != KIND_PLOT_REGISTER =>
-            {
+            _ if matches!(stage, AdmissionStage::Pending(_)) && kind != KIND_PLOT_REGISTER => {
                 Some(encode_error(
                     ErrorCode::NotAdmitted,
                     "this connection is not admitted yet: fetch the admission parameters and submit a proof bundle first",
                 ))
             }
-            Ok(_) if AUTHORITY_KINDS.contains(&stream.buf[1]) => {
-                let kind = stream.buf[1];
+            _ if AUTHORITY_KINDS.contains(&kind) => {
                 if ctx.early {
                     // Not idempotent: wait for the handshake (and its
                     // verified certificate).
                     counters.zero_rtt_deferred += 1;
                     return;
                 }
-                match forward(kind, id, stream, ctx) {
-                    Ok(()) => {
-                        stream.answered = true;
-                        counters.stoq_requests += 1;
-                        return;
+                if self.forwarded >= FORWARDED_PER_CONNECTION_MAX {
+                    Some(encode_error(
+                        ErrorCode::Busy,
+                        "too many requests of this connection are waiting; retry when one is answered",
+                    ))
+                } else {
+                    match forward(kind, id, stream, ctx) {
+                        Ok(()) => {
+                            stream.answered = true;
+                            self.forwarded += 1;
+                            counters.stoq_requests += 1;
+                            return;
+                        }
+                        Err(response) => Some(response),
                     }
-                    Err(response) => Some(response),
                 }
             }
-            Ok(_) if ctx.peer.is_none() && ctx.early => {
+            _ if ctx.peer.is_none() && ctx.early => {
                 // Whether this client has a certificate is known once the
                 // handshake completes.
                 counters.zero_rtt_deferred += 1;
                 return;
             }
-            Ok(_) if ctx.peer.is_none() => Some(encode_error(
+            _ if ctx.peer.is_none() => Some(encode_error(
                 ErrorCode::CertificateRequired,
                 "this request needs a client certificate; a connection without one may only enroll",
             )),
-            Ok(_) => match Kind::from_u8(stream.buf[1]) {
+            _ => match Kind::from_u8(kind) {
                 None => Some(encode_error(
                     ErrorCode::UnknownMessage,
-                    &format!("unknown message kind {:#04x}", stream.buf[1]),
+                    &format!("unknown message kind {kind:#04x}"),
                 )),
-                Some(kind) if ctx.early && !kind.idempotent() => {
+                Some(known) if ctx.early && !known.idempotent() => {
                     counters.zero_rtt_deferred += 1;
                     None
                 }
-                Some(kind) => Some(answer(kind, &stream.buf[HEADER_LEN..], ctx)),
+                Some(known) => Some(answer(known, &stream.buf[HEADER_LEN..], ctx)),
             },
         };
         let Some(response) = response else { return };
         stream.answered = true;
         counters.stoq_requests += 1;
-        let admitted_now = stream.buf[1] == KIND_ADMISSION_SUBMIT && stage.is_admitted();
-        respond(conn, id, response, counters);
+        let admitted_now = kind == KIND_ADMISSION_SUBMIT && stage.is_admitted();
+        Self::respond(stream, conn, id, response, counters);
         if admitted_now {
             // Requests that arrived in 0-RTT or behind the bundle were held
             // for this.
@@ -453,9 +462,38 @@ impl StoqServer {
         response: Bytes,
         counters: &mut Counters,
     ) {
-        if self.streams.contains_key(&id) {
-            respond(conn, id, response, counters);
+        self.forwarded = self.forwarded.saturating_sub(1);
+        if let Some(stream) = self.streams.get_mut(&id) {
+            Self::respond(stream, conn, id, response, counters);
         }
+    }
+
+    /// The peer's flow control took more: write what is left of a response.
+    pub fn on_writable(&mut self, conn: &mut Connection, id: StreamId) {
+        if let Some(stream) = self.streams.get_mut(&id)
+            && let Some(rest) = stream.unsent.take()
+        {
+            stream.unsent = super::write_whole(conn, id, rest);
+        }
+    }
+
+    /// Send `response` on stream `id` and finish it.
+    fn respond(
+        stream: &mut StoqStream,
+        conn: &mut Connection,
+        id: StreamId,
+        response: Bytes,
+        counters: &mut Counters,
+    ) {
+        if response.get(1) == Some(&KIND_ERROR) {
+            counters.stoq_errors += 1;
+            // Stop the peer from sending more of a request we rejected.
+            let _ = conn
+                .recv_stream(id)
+                .stop(VarInt::from_u32(STREAM_ERROR_BAD_REQUEST));
+        }
+        counters.stream_bytes_tx += response.len() as u64;
+        stream.unsent = super::write_whole(conn, id, response);
     }
 }
 
@@ -509,7 +547,7 @@ fn admission_request(
             gate.report(AdmissionEvent::Admitted {
                 worker: ctx.worker,
                 conn_id: ctx.conn_id,
-                source: conn.remote_address(),
+                source: ctx.validated_remote.unwrap_or_else(|| conn.remote_address()),
                 owner: admitted.identity,
             });
             *stage = AdmissionStage::Admitted(Some(admitted.identity));
@@ -521,13 +559,13 @@ fn admission_request(
         Err(refusal) => {
             counters.admission_refused += 1;
             gate.report(AdmissionEvent::Failed {
-                source: conn.remote_address(),
+                source: ctx.validated_remote.unwrap_or_else(|| conn.remote_address()),
                 identity: Some(pending.identity()),
                 code: refusal.code,
             });
             *stage = AdmissionStage::Refused;
             conn.close(
-                std::time::Instant::now(),
+                ctx.now,
                 VarInt::from_u32(refusal.code),
                 Bytes::from(truncate_reason(refusal.reason)),
             );
@@ -547,21 +585,37 @@ pub(crate) fn truncate_reason(mut reason: String) -> Vec<u8> {
     reason.into_bytes()
 }
 
-/// Send `response` on stream `id` and finish it.
-fn respond(conn: &mut Connection, id: StreamId, response: Bytes, counters: &mut Counters) {
-    if response[1] == KIND_ERROR {
-        counters.stoq_errors += 1;
-        // Stop the peer from sending more of a request we rejected.
-        let _ = conn
-            .recv_stream(id)
-            .stop(VarInt::from_u32(STREAM_ERROR_BAD_REQUEST));
+/// Where a request stream's bytes stand.
+#[derive(Debug, PartialEq, Eq)]
+enum Framing {
+    /// More bytes may come.
+    Incomplete,
+    /// One whole message of this kind: `buf[HEADER_LEN..]` is its payload.
+    Complete(u8),
+    /// Never a request: the error response to answer with.
+    Bad(Bytes),
+}
+
+/// Frame a request from the bytes read so far; `finished` when the client
+/// ended its side (an incomplete message then stays incomplete).
+fn framed(buf: &[u8], finished: bool) -> Framing {
+    let bad = |message: &str| Framing::Bad(encode_error(ErrorCode::Malformed, message));
+    match header_payload_len(buf, REQUEST_PAYLOAD_MAX) {
+        Err(DecodeError::Incomplete) if finished => {
+            bad("the stream ended inside the message header")
+        }
+        Err(DecodeError::Incomplete) => Framing::Incomplete,
+        Err(e) => Framing::Bad(encode_error(e.code(), &e.to_string())),
+        Ok(len) => match buf.len().cmp(&(HEADER_LEN + len)) {
+            std::cmp::Ordering::Less if finished => {
+                bad("the stream ended before the announced payload length")
+            }
+            std::cmp::Ordering::Less => Framing::Incomplete,
+            std::cmp::Ordering::Greater => bad(&DecodeError::TrailingBytes.to_string()),
+            // header_payload_len checked HEADER_LEN bytes are there.
+            std::cmp::Ordering::Equal => Framing::Complete(buf[1]),
+        },
     }
-    counters.stream_bytes_tx += response.len() as u64;
-    let mut send = conn.send_stream(id);
-    // A response always fits the initial stream window, which the
-    // transport config keeps above RESPONSE_PAYLOAD_MAX.
-    let _ = send.write_chunks(&mut [response]);
-    let _ = send.finish();
 }
 
 /// Forward an authority request; on refusal, the error response to send.
@@ -579,7 +633,9 @@ fn forward(
             ),
         ));
     };
-    if ctx.peer.is_none() && kind != KIND_ENROLL {
+    let anyone = super::stoq_registry::spec(kind)
+        .is_some_and(|spec| spec.access == super::stoq_registry::Access::Anyone);
+    if ctx.peer.is_none() && !anyone {
         return Err(encode_error(
             ErrorCode::CertificateRequired,
             "this request needs a client certificate; a connection without one may only enroll",
@@ -613,7 +669,13 @@ fn answer(kind: Kind, payload: &[u8], ctx: &StoqContext<'_>) -> Bytes {
         ),
         Kind::Ping => encode(Kind::Ping as u8 | RESPONSE_FLAG, payload),
         Kind::Stats => {
-            let body = serde_json::to_vec(&ctx.stats.snapshot()).expect("counters serialize");
+            let snapshot = ctx.stats.snapshot();
+            let snapshot = if ctx.operator {
+                snapshot
+            } else {
+                snapshot.without_operator_lists()
+            };
+            let body = serde_json::to_vec(&snapshot).expect("counters serialize");
             encode(Kind::Stats as u8 | RESPONSE_FLAG, &body)
         }
     }
@@ -653,5 +715,29 @@ mod tests {
         let mut trailing = encode(Kind::Ping as u8, b"x").to_vec();
         trailing.push(0);
         assert_eq!(decode(&trailing, 10), Err(DecodeError::TrailingBytes));
+    }
+
+    #[test]
+    fn every_prefix_of_a_request_frames_without_panicking() {
+        let message = encode(Kind::Ping as u8, b"hello");
+        for cut in 0..message.len() {
+            let prefix = &message[..cut];
+            assert_eq!(framed(prefix, false), Framing::Incomplete, "cut {cut}");
+            // An empty or truncated stream that the client finished gets an
+            // error response (the empty case once panicked the worker).
+            match framed(prefix, true) {
+                Framing::Bad(response) => {
+                    let error = decode(&response, RESPONSE_PAYLOAD_MAX).unwrap();
+                    assert_eq!(error.kind, KIND_ERROR);
+                    let (code, _) = decode_error_payload(&error.payload);
+                    assert_eq!(code, ErrorCode::Malformed as u16, "cut {cut}");
+                }
+                other => panic!("cut {cut}: {other:?}"),
+            }
+        }
+        assert_eq!(framed(&message, true), Framing::Complete(Kind::Ping as u8));
+        let mut trailing = message.to_vec();
+        trailing.push(0);
+        assert!(matches!(framed(&trailing, false), Framing::Bad(_)));
     }
 }

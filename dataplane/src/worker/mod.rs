@@ -22,6 +22,7 @@ use quinn_proto::{
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::io;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +30,10 @@ use std::time::{Duration, Instant};
 /// Application error code sent to every peer when the server drains
 /// (documented in docs/PROTOCOL.md).
 pub const CLOSE_SHUTDOWN: u32 = 0x100;
+/// Application error code of a connection whose handling panicked (a bug
+/// in the server, contained to that connection; documented in
+/// docs/PROTOCOL.md and docs/SECURITY.md).
+pub const CLOSE_INTERNAL_ERROR: u32 = 0x103;
 /// Largest GSO batch handed to the kernel in one send (the kernel's
 /// UDP_MAX_SEGMENTS is 64 on older kernels).
 pub const GSO_SEGMENTS_MAX: usize = 64;
@@ -38,9 +43,6 @@ pub const GSO_SEGMENTS_MAX: usize = 64;
 pub const GSO_BYTES_MAX: usize = 65_535 - 8;
 /// quinn-proto's default path-MTU discovery ceiling (UDP payload bytes).
 pub const UDP_PAYLOAD_MAX: usize = 1452;
-/// Scratch space for copying received segments into owned buffers; refilled
-/// by one allocation when used up.
-const RECV_SCRATCH_LEN: usize = 1 << 20;
 
 /// What the worker does with a new incoming handshake.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,8 +110,9 @@ pub trait Service: Send {
         None
     }
     /// Collect what other threads sent to connections (control-plane
-    /// replies); called once per loop iteration.
-    fn poll_deliveries(&mut self, _out: &mut Vec<Delivery>) {}
+    /// replies) and the service's own deadlines due at `now`; called once
+    /// per loop iteration.
+    fn poll_deliveries(&mut self, _now: Instant, _out: &mut Vec<Delivery>) {}
     /// One delivery for a live connection (those for closed connections are
     /// dropped by the worker).
     fn on_delivery(
@@ -117,6 +120,7 @@ pub trait Service: Send {
         _state: &mut Self::Conn,
         _conn: &mut Connection,
         _delivery: Delivery,
+        _now: Instant,
         _counters: &mut Counters,
     ) {
     }
@@ -142,6 +146,8 @@ pub enum Delivered {
     },
     /// The connection's admission deadline passed.
     AdmissionDeadline,
+    /// The connection's idle deadline passed.
+    IdleDeadline,
 }
 
 struct Conn<T> {
@@ -203,7 +209,6 @@ struct Core<S: Service> {
     stats: Arc<StatsRegistry>,
     send_buf: Vec<u8>,
     resp_buf: Vec<u8>,
-    scratch: BytesMut,
     incoming: Vec<Incoming>,
     responses: Vec<PendingSend>,
     wake_targets: Vec<bool>,
@@ -246,7 +251,6 @@ impl<S: Service> Worker<S> {
             stats: parts.stats,
             send_buf: Vec::with_capacity(max_gso * 1500),
             resp_buf: Vec::with_capacity(1500),
-            scratch: BytesMut::with_capacity(RECV_SCRATCH_LEN),
             incoming: Vec::new(),
             responses: Vec::new(),
             wake_targets: vec![false; targets],
@@ -273,28 +277,61 @@ impl<S: Service> Worker<S> {
     pub fn run(mut self) -> io::Result<(S, Counters)> {
         loop {
             let now = Instant::now();
-            if let Some(store) = &self.core.blocklist_store {
-                self.core.blocklist = store.load();
-            }
-            let mut busy = self.core.drain_mailbox(now);
-            busy |= self.core.deliver();
-            busy |= self.receive(now)?;
-            self.core.fire_timers(now);
-            self.core.poll_service(now);
-            self.drive(now);
-            self.io.flush()?;
-            self.io.publish(&mut self.core.counters);
-            self.core
-                .stats
-                .worker(self.core.id.0 as usize)
-                .publish(&self.core.counters);
+            let again = self.step(now)?;
             if self.core.finished(now) {
                 return Ok((self.core.service, self.core.counters));
             }
-            if !busy && (self.core.dirty.is_empty() || self.core.pending.is_some()) {
+            if !again {
                 self.sleep()?;
             }
         }
+    }
+
+    /// One loop iteration at `now`: control messages, received datagrams,
+    /// timers, the service, every connection that changed, the sends.
+    /// Returns true when there is more to do at once (call again before
+    /// waiting); otherwise the next call is due at [`Worker::poll_timeout`],
+    /// a datagram or a wake. Tests drive a worker through this on a
+    /// simulated clock; [`Worker::run`] drives it on the real one.
+    pub fn step(&mut self, now: Instant) -> io::Result<bool> {
+        if let Some(store) = &self.core.blocklist_store {
+            self.core.blocklist = store.load();
+        }
+        let mut busy = self.core.drain_mailbox(now);
+        busy |= self.core.deliver(now);
+        busy |= self.receive(now)?;
+        self.core.fire_timers(now);
+        self.core.poll_service(now);
+        self.drive(now);
+        self.io.flush()?;
+        self.io.publish(&mut self.core.counters);
+        self.core
+            .stats
+            .worker(self.core.id.0 as usize)
+            .publish(&self.core.counters);
+        Ok(busy || (!self.core.dirty.is_empty() && self.core.pending.is_none()))
+    }
+
+    /// When [`Worker::step`] is next due if nothing arrives before: the
+    /// earliest connection timer, service deadline or drain deadline.
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        self.core.next_deadline()
+    }
+
+    /// Whether a stopping worker is done (every connection drained or the
+    /// drain deadline passed at `now`).
+    pub fn is_finished(&self, now: Instant) -> bool {
+        self.core.finished(now)
+    }
+
+    /// The worker's counters as of the last step.
+    pub fn counters(&self) -> &Counters {
+        &self.core.counters
+    }
+
+    /// Connections the worker holds (handshaking, open or draining).
+    pub fn connections(&self) -> usize {
+        self.core.open
     }
 
     fn receive(&mut self, now: Instant) -> io::Result<bool> {
@@ -340,6 +377,7 @@ impl<S: Service> Worker<S> {
     }
 
     fn sleep(&mut self) -> io::Result<()> {
+        // The edge: the only clock read besides the loop's own.
         let now = Instant::now();
         let deadline = self.core.next_deadline();
         let timeout = deadline.map(|d| d.saturating_duration_since(now));
@@ -417,17 +455,24 @@ impl<S: Service> Core<S> {
     }
 
     /// Hand the service's deliveries to their connections.
-    fn deliver(&mut self) -> bool {
+    fn deliver(&mut self, now: Instant) -> bool {
         let mut deliveries = std::mem::take(&mut self.deliveries);
-        self.service.poll_deliveries(&mut deliveries);
+        self.service.poll_deliveries(now, &mut deliveries);
         let busy = !deliveries.is_empty();
         for delivery in deliveries.drain(..) {
             let ch = delivery.handle;
-            if let Some(c) = self.conns.get_mut(ch.0).and_then(Option::as_mut) {
-                self.service
-                    .on_delivery(&mut c.app, &mut c.conn, delivery, &mut self.counters);
-                self.mark_dirty(ch);
-            }
+            self.contained(ch, now, |core| {
+                if let Some(c) = core.conns.get_mut(ch.0).and_then(Option::as_mut) {
+                    core.service.on_delivery(
+                        &mut c.app,
+                        &mut c.conn,
+                        delivery,
+                        now,
+                        &mut core.counters,
+                    );
+                }
+            });
+            self.mark_dirty(ch);
         }
         self.deliveries = deliveries;
         busy
@@ -516,12 +561,13 @@ impl<S: Service> Core<S> {
         }
     }
 
+    /// Each datagram gets an allocation of its own: quinn-proto keeps
+    /// slices of it for out-of-order stream data, and a slice of a shared
+    /// receive block would keep the whole block alive (a peer sending one
+    /// retained byte per block could pin megabytes). One small allocation
+    /// per datagram is the price.
     fn copy_segment(&mut self, segment: &[u8]) -> BytesMut {
-        if self.scratch.capacity() < segment.len() {
-            self.scratch = BytesMut::with_capacity(RECV_SCRATCH_LEN);
-        }
-        self.scratch.extend_from_slice(segment);
-        self.scratch.split()
+        BytesMut::from(segment)
     }
 
     fn hand_off(&mut self, owner: WorkerId, handoff: Handoff) {
@@ -562,10 +608,12 @@ impl<S: Service> Core<S> {
             .handle(now, remote, local_ip, ecn, data, &mut self.resp_buf)
         {
             Some(DatagramEvent::ConnectionEvent(ch, event)) => {
-                if let Some(c) = self.conns.get_mut(ch.0).and_then(Option::as_mut) {
-                    c.conn.handle_event(event);
-                    self.mark_dirty(ch);
-                }
+                self.contained(ch, now, |core| {
+                    if let Some(c) = core.conns.get_mut(ch.0).and_then(Option::as_mut) {
+                        c.conn.handle_event(event);
+                    }
+                });
+                self.mark_dirty(ch);
             }
             Some(DatagramEvent::NewConnection(incoming)) => self.incoming.push(incoming),
             Some(DatagramEvent::Response(t)) => {
@@ -661,12 +709,19 @@ impl<S: Service> Core<S> {
                 break;
             }
             self.timers.pop();
-            if let Some(c) = self.conns.get_mut(index).and_then(Option::as_mut)
-                && c.timer == Some(at)
-            {
-                c.timer = None;
-                c.conn.handle_timeout(now);
-                self.mark_dirty(ConnectionHandle(index));
+            let ch = ConnectionHandle(index);
+            let fired = self.contained(ch, now, |core| {
+                match core.conns.get_mut(index).and_then(Option::as_mut) {
+                    Some(c) if c.timer == Some(at) => {
+                        c.timer = None;
+                        c.conn.handle_timeout(now);
+                        true
+                    }
+                    _ => false,
+                }
+            });
+            if fired != Some(false) {
+                self.mark_dirty(ch);
             }
         }
     }
@@ -688,9 +743,14 @@ impl<S: Service> Core<S> {
         }
         if actions.visit_all {
             for index in 0..self.conns.len() {
-                if let Some(c) = self.conns[index].as_mut() {
-                    self.service.on_visit(&mut c.app, &mut c.conn, now);
-                    self.mark_dirty(ConnectionHandle(index));
+                if self.conns[index].is_some() {
+                    let ch = ConnectionHandle(index);
+                    self.contained(ch, now, |core| {
+                        if let Some(c) = core.conns[index].as_mut() {
+                            core.service.on_visit(&mut c.app, &mut c.conn, now);
+                        }
+                    });
+                    self.mark_dirty(ch);
                 }
             }
         }
@@ -702,6 +762,60 @@ impl<S: Service> Core<S> {
     /// Process one connection's events and send what it has. Returns false
     /// when the socket would not take more.
     fn drive_conn(&mut self, io: &mut dyn Backend, ch: ConnectionHandle, now: Instant) -> bool {
+        self.contained(ch, now, |core| core.drive_conn_unguarded(io, ch, now))
+            .unwrap_or(true)
+    }
+
+    /// Run `f`, which touches connection `ch` only. A panic inside it (a
+    /// server bug; no peer input is meant to reach one) is contained to that
+    /// connection: it is counted, logged with its backtrace by the panic hook
+    /// ([`install_panic_hook`]), and the connection is closed with
+    /// [`CLOSE_INTERNAL_ERROR`]; every other connection keeps being served.
+    fn contained<R>(
+        &mut self,
+        ch: ConnectionHandle,
+        now: Instant,
+        f: impl FnOnce(&mut Self) -> R,
+    ) -> Option<R> {
+        match catch_unwind(AssertUnwindSafe(|| f(self))) {
+            Ok(result) => Some(result),
+            Err(_) => {
+                self.counters.connection_panics += 1;
+                let c = self.conns.get_mut(ch.0).and_then(Option::as_mut)?;
+                c.queued = false;
+                let closed = catch_unwind(AssertUnwindSafe(|| {
+                    c.conn.close(
+                        now,
+                        VarInt::from_u32(CLOSE_INTERNAL_ERROR),
+                        Bytes::from_static(b"internal error"),
+                    )
+                }));
+                tracing::error!(
+                    worker = self.id.0,
+                    connection = ch.0,
+                    "a panic in one connection's handling was contained; closing that connection"
+                );
+                if closed.is_err() {
+                    // Its state cannot even close: forget it (its peer
+                    // times out; its CIDs stay routed to an empty slot).
+                    self.conns[ch.0] = None;
+                    self.open -= 1;
+                    self.counters.connections = self.open as u64;
+                    self.counters.closed += 1;
+                } else {
+                    self.mark_dirty(ch);
+                }
+                None
+            }
+        }
+    }
+
+    fn drive_conn_unguarded(
+        &mut self,
+        io: &mut dyn Backend,
+        ch: ConnectionHandle,
+        now: Instant,
+    ) -> bool {
         let Some(c) = self.conns.get_mut(ch.0).and_then(Option::as_mut) else {
             return true;
         };
@@ -800,4 +914,30 @@ fn is_ipv6_peer(addr: &SocketAddr) -> bool {
         SocketAddr::V4(_) => false,
         SocketAddr::V6(a) => a.ip().to_ipv4_mapped().is_none(),
     }
+}
+
+/// Log every panic once, with its backtrace, through `tracing` (the default
+/// hook prints a backtrace only when RUST_BACKTRACE is set). Workers contain
+/// panics per connection ([`Core::contained`]); one that escapes a worker
+/// ends the process (see `server::run_worker`).
+pub fn install_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            let thread = std::thread::current();
+            let message = info
+                .payload()
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(
+                thread = thread.name().unwrap_or("?"),
+                location = %info.location().map_or_else(String::new, ToString::to_string),
+                message,
+                backtrace = %std::backtrace::Backtrace::force_capture(),
+                "panic"
+            );
+        }));
+    });
 }
