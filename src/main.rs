@@ -379,7 +379,7 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
     )
     .context("cannot start the certificate authority")?;
     let resumption = if resolved.zero_rtt {
-        Resumption::SingleUseWithZeroRtt(rustls::server::ServerSessionMemoryCache::new(
+        Resumption::SingleUseWithZeroRtt(dataplane::session_store::SessionStore::new(
             SESSION_CACHE_ENTRIES,
         ))
     } else {

@@ -83,7 +83,10 @@ fn stream_events_corpus() {
     // in-memory link, then the honest-client and drain checks.
     for data in corpus("stream_events") {
         if let Err(violation) = dataplane::harness::run(&data) {
-            panic!("{violation}\nsequence: {:#?}", dataplane::harness::Sequence::decode(&data));
+            panic!(
+                "{violation}\nsequence: {:#?}",
+                dataplane::harness::Sequence::decode(&data)
+            );
         }
     }
 }

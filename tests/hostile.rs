@@ -557,12 +557,18 @@ fn a_control_plane_flood_starves_neither_other_clients_nor_the_beacon() {
     for thread in threads {
         thread.join().unwrap();
     }
-    let (answered, busy) = (answered.load(Ordering::Relaxed), busy.load(Ordering::Relaxed));
+    let (answered, busy) = (
+        answered.load(Ordering::Relaxed),
+        busy.load(Ordering::Relaxed),
+    );
     assert!(
         answered > 100,
         "the flooder kept the control plane busy ({answered} scans answered, {busy} refused)"
     );
-    assert!(served >= 6, "the operator's requests completed during the flood: {served}");
+    assert!(
+        served >= 6,
+        "the operator's requests completed during the flood: {served}"
+    );
     // One tick a second; the slack is for the stats reads themselves.
     assert!(
         last_tick >= first_tick + elapsed_s.saturating_sub(2),

@@ -24,37 +24,33 @@
 //! the harness passes them, so a sixty-second jump costs nothing.
 
 mod client;
+mod fixtures;
+mod messages;
 pub mod op;
 #[cfg(test)]
 mod tests;
 
 pub use op::{Op, Sequence, Settings};
 
-use crate::admission::{
-    AdmissionEvent, AdmissionGate, Admitted, CLOSE_ADMISSION_MALFORMED, KIND_ADMISSION_PARAMS,
-    KIND_ADMISSION_SUBMIT, KIND_PLOT_REGISTER, PendingAdmission, Refusal,
-};
+use crate::admission::{AdmissionGate, KIND_ADMISSION_SUBMIT};
 use crate::control::{ControlPort, Reply};
 use crate::io::memory::{Datagram, MemoryBackend, MemoryQueues};
-use crate::protocols::doq::{PublishedName, Zone, ZoneStore};
-use crate::protocols::{Alpn, perf, stoq};
+use crate::protocols::doq::ZoneStore;
+use crate::protocols::{Alpn, stoq};
 use crate::server::{ServerService, ServerSettings, single_worker};
 use crate::stats::Counters;
 use crate::steering::SteeringMode;
-use crate::transport::{
-    ClientIdentity, Resumption, ServerIdentity, ServerTrust, TransportSettings, client_crypto,
-};
+use crate::transport::{Resumption, ServerIdentity, TransportSettings};
 use crate::trust::{CertificateStore, SnapshotClientVerifier, TrustSnapshot, TrustStore};
 use crate::worker::Worker;
 use bytes::Bytes;
 use client::Client;
-use hickory_proto::op::{Message, MessageType, OpCode, Query};
-use hickory_proto::rr::{Name, RData, RecordType};
+use fixtures::{HarnessGate, Pki, client_config, zone};
+use messages::{check_honest_response, honest_request, request_bytes};
 use quinn_proto::{ClientConfig, Dir, VarInt};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::collections::VecDeque;
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 /// The name in the server's certificate.
@@ -71,7 +67,7 @@ const HOSTILE_CONNECTIONS_MAX: usize = 8;
 const SERVER_CONNECTIONS_MAX: usize = 64;
 /// New handshakes per second served without Retry: low, so bursts of
 /// Connects meet Retry too.
-const HANDSHAKES_PER_S: u32 = 4;
+const HANDSHAKES_PER_S: u32 = 6;
 /// Datagrams in flight each way; past it the oldest is lost (a bounded
 /// link, as a real one).
 const LINK_QUEUE_MAX: usize = 2048;
@@ -86,9 +82,6 @@ const SETTLE_DATAGRAMS_MAX: usize = 4096;
 /// What the honest client's three requests may take, together.
 const HONEST_HORIZON: Duration = Duration::from_secs(10);
 const HONEST_DATAGRAMS_MAX: usize = 20_000;
-/// Size of the honest `perf` response.
-const HONEST_PERF_BYTES: u64 = 10_000;
-const HONEST_PING: &[u8] = b"honest";
 /// Loop iterations `run_until` may take (each moves data or time).
 const RUN_ITERATIONS_MAX: usize = 100_000;
 /// How long the drain check lets the clock run. The idle timeout is at
@@ -169,9 +162,11 @@ impl Harness {
             certificates: CertificateStore::new(vec![pki.server.clone()], &pki.server_key())
                 .expect("the harness server key loads"),
             client_verifier: Some(SnapshotClientVerifier::new(trust.clone())),
-            resumption: Resumption::SingleUseWithZeroRtt(
-                rustls::server::ServerSessionMemoryCache::new(256),
-            ),
+            // The production store: single-use tickets, so 0-RTT data is
+            // accepted once per ticket.
+            resumption: Resumption::SingleUseWithZeroRtt(crate::session_store::SessionStore::new(
+                256,
+            )),
         };
         let control = ControlPort::new(1);
         let server_settings = ServerSettings {
@@ -585,9 +580,9 @@ impl Harness {
                     .find(|c| c.handle == *handle)
                     .is_none_or(|c| {
                         c.lost
-                            || c.streams.iter().all(|id| {
-                                c.received.get(id).is_some_and(|r| r.fin || r.reset)
-                            })
+                            || c.streams
+                                .iter()
+                                .all(|id| c.received.get(id).is_some_and(|r| r.fin || r.reset))
                     })
             })
         });
@@ -653,283 +648,3 @@ fn alpn_index(alpn: Alpn) -> usize {
         Alpn::Perf => 2,
     }
 }
-
-fn alpn_bytes(alpn: Alpn) -> &'static [u8] {
-    match alpn {
-        Alpn::Stoq => crate::protocols::ALPN_STOQ,
-        Alpn::Doq => crate::protocols::ALPN_DOQ,
-        Alpn::Perf => crate::protocols::ALPN_PERF,
-    }
-}
-
-/// A client config for `alpn` with a fresh session cache, trusting the
-/// harness CA, with its client certificate when `with_cert`. Its windows
-/// are small, so what the server can push at a client that stops reading
-/// stays small too.
-fn client_config(alpn: Alpn, with_cert: bool) -> ClientConfig {
-    let pki = Pki::get();
-    let identity = with_cert.then(|| pki.client.clone());
-    let crypto = client_crypto(
-        &ServerTrust::Roots(vec![pki.ca.clone()]),
-        identity.as_ref(),
-        alpn_bytes(alpn),
-    )
-    .expect("the harness client TLS config builds");
-    let mut config = ClientConfig::new(crypto);
-    let transport = TransportSettings {
-        stream_receive_window_bytes: 64 * 1024,
-        receive_window_bytes: 256 * 1024,
-        ..TransportSettings::default()
-    };
-    config.transport_config(Arc::new(transport.build()));
-    config
-}
-
-/// The zone the harness's server answers `doq` from.
-fn zone() -> Zone {
-    Zone::from_records(
-        "internet2.test",
-        "node1",
-        1,
-        &[PublishedName {
-            name: DNS_NAME.into(),
-            aaaa: vec![DNS_ADDRESS],
-            tlsa: vec![(4433, [7; 32])],
-        }],
-    )
-    .expect("the harness zone is valid")
-}
-
-/// A DNS query message with a 2-byte length prefix (RFC 9250 §4.2).
-fn dns_query(name: &str, kind: RecordType, id: u16) -> Vec<u8> {
-    let mut query = Message::new(id, MessageType::Query, OpCode::Query);
-    query.queries.push(Query::query(
-        Name::from_ascii(name).expect("harness names are valid"),
-        kind,
-    ));
-    let message = query.to_vec().expect("a one-question query encodes");
-    let mut framed = (message.len() as u16).to_be_bytes().to_vec();
-    framed.extend_from_slice(&message);
-    framed
-}
-
-/// A perf request: the response size, then a short upload of the pattern.
-fn perf_request(response_len: u64, upload: usize) -> Vec<u8> {
-    let mut out = response_len.to_be_bytes().to_vec();
-    out.extend_from_slice(&perf::pattern_chunk(0, upload));
-    out
-}
-
-/// The message `Op::Request` writes: for each protocol, well-formed
-/// requests of every kind the server treats differently and a few
-/// malformed ones.
-fn request_bytes(alpn: Alpn, variant: u8) -> Vec<u8> {
-    match alpn {
-        Alpn::Stoq => {
-            let kind_of = |n: u8| 0x10 + n % 0x30;
-            match variant % 12 {
-                0 => stoq::encode(stoq::Kind::Ping as u8, b"hostile").to_vec(),
-                1 => stoq::encode(stoq::Kind::Stats as u8, b"").to_vec(),
-                2 => stoq::encode(0x7e, b"unknown kind").to_vec(),
-                3 => stoq::encode(kind_of(variant / 12), &[variant; 40]).to_vec(),
-                4 => stoq::encode(stoq::KIND_ENROLL, b"enroll me").to_vec(),
-                5 => stoq::encode(KIND_ADMISSION_PARAMS, b"").to_vec(),
-                6 => stoq::encode(KIND_ADMISSION_SUBMIT, GOOD_BUNDLE).to_vec(),
-                7 => stoq::encode(KIND_ADMISSION_SUBMIT, b"forged bundle").to_vec(),
-                8 => stoq::encode(KIND_PLOT_REGISTER, &[1; 64]).to_vec(),
-                9 => stoq::encode(
-                    stoq::Kind::Ping as u8,
-                    &[0; stoq::PING_PAYLOAD_MAX + 1],
-                )
-                .to_vec(),
-                10 => {
-                    // A header announcing more than the server accepts.
-                    let mut header = stoq::encode(stoq::Kind::Ping as u8, b"").to_vec();
-                    header[4..8]
-                        .copy_from_slice(&(stoq::REQUEST_PAYLOAD_MAX as u32 + 1).to_be_bytes());
-                    header
-                }
-                _ => {
-                    let mut bad = stoq::encode(stoq::Kind::Ping as u8, b"v9").to_vec();
-                    bad[0] = 9;
-                    bad
-                }
-            }
-        }
-        Alpn::Doq => match variant % 6 {
-            0 => dns_query(DNS_NAME, RecordType::AAAA, 0),
-            1 => dns_query("_4433._udp.node1.internet2.test.", RecordType::TLSA, 0),
-            2 => dns_query("nowhere.internet2.test.", RecordType::AAAA, 0),
-            // RFC 9250 §4.2.1: a non-zero ID closes the connection.
-            3 => dns_query(DNS_NAME, RecordType::AAAA, 7),
-            4 => vec![0, 5, 1, 2, 3, 4, 5],
-            // A length prefix past what follows.
-            _ => vec![1, 44, 0, 0, 1, 0],
-        },
-        Alpn::Perf => {
-            let sizes = [0, 1, 1000, 100_000, u64::MAX];
-            perf_request(sizes[usize::from(variant) % sizes.len()], 100)
-        }
-    }
-}
-
-fn honest_request(alpn: Alpn) -> Vec<u8> {
-    match alpn {
-        Alpn::Stoq => stoq::encode(stoq::Kind::Ping as u8, HONEST_PING).to_vec(),
-        Alpn::Doq => dns_query(DNS_NAME, RecordType::AAAA, 0),
-        Alpn::Perf => perf_request(HONEST_PERF_BYTES, 1000),
-    }
-}
-
-/// Whether an honest response is the right answer.
-fn check_honest_response(alpn: Alpn, bytes: &[u8], len: u64) -> Result<(), String> {
-    match alpn {
-        Alpn::Stoq => {
-            let message = stoq::decode(bytes, stoq::RESPONSE_PAYLOAD_MAX)
-                .map_err(|e| format!("the response does not decode: {e}"))?;
-            let expected = [
-                stoq::Kind::Ping as u8 | stoq::RESPONSE_FLAG,
-                KIND_ADMISSION_SUBMIT | stoq::RESPONSE_FLAG,
-            ];
-            if !expected.contains(&message.kind) {
-                let (code, text) = stoq::decode_error_payload(&message.payload);
-                return Err(format!(
-                    "kind {:#04x} (error {code}: {text})",
-                    message.kind
-                ));
-            }
-            if message.kind == expected[0] && message.payload != HONEST_PING {
-                return Err("the ping came back changed".into());
-            }
-            Ok(())
-        }
-        Alpn::Doq => {
-            let [hi, lo, message @ ..] = bytes else {
-                return Err("shorter than the length prefix".into());
-            };
-            if usize::from(u16::from_be_bytes([*hi, *lo])) != message.len() {
-                return Err("the length prefix does not match".into());
-            }
-            let message = Message::from_vec(message).map_err(|e| e.to_string())?;
-            match message.answers.as_slice() {
-                [record] if record.data == RData::AAAA(DNS_ADDRESS.into()) => Ok(()),
-                other => Err(format!("answers {other:?}")),
-            }
-        }
-        Alpn::Perf => {
-            if len != HONEST_PERF_BYTES || !perf::matches_pattern(0, bytes) {
-                return Err(format!("{len} bytes, not {HONEST_PERF_BYTES} of the pattern"));
-            }
-            Ok(())
-        }
-    }
-}
-
-/// The harness's admission: every certificate gets parameters; only
-/// [`GOOD_BUNDLE`] verifies.
-#[derive(Debug)]
-struct HarnessGate;
-
-struct HarnessPending;
-
-impl AdmissionGate for HarnessGate {
-    fn required(&self) -> bool {
-        true
-    }
-
-    fn deadline(&self) -> Duration {
-        Duration::from_secs(5)
-    }
-
-    fn offer(
-        &self,
-        _leaf: &CertificateDer<'static>,
-    ) -> Result<Box<dyn PendingAdmission>, Refusal> {
-        Ok(Box::new(HarnessPending))
-    }
-
-    fn report(&self, _event: AdmissionEvent) {}
-
-    fn status(&self) -> serde_json::Value {
-        serde_json::json!({ "mode": "harness" })
-    }
-}
-
-impl PendingAdmission for HarnessPending {
-    fn parameters(&self) -> Bytes {
-        Bytes::from_static(b"harness parameters")
-    }
-
-    fn identity(&self) -> [u8; 32] {
-        [7; 32]
-    }
-
-    fn verify(&self, _binding: &[u8; 32], bundle: &[u8]) -> Result<Admitted, Refusal> {
-        if bundle == GOOD_BUNDLE {
-            Ok(Admitted {
-                identity: self.identity(),
-                reply: Bytes::from_static(b"admitted"),
-            })
-        } else {
-            Err(Refusal {
-                code: CLOSE_ADMISSION_MALFORMED,
-                reason: "the harness gate takes its one bundle only".into(),
-            })
-        }
-    }
-}
-
-/// A test CA, the server's certificate and a client certificate, made
-/// once per process.
-struct Pki {
-    ca: CertificateDer<'static>,
-    server: CertificateDer<'static>,
-    server_key: Vec<u8>,
-    client: ClientIdentity,
-}
-
-impl Pki {
-    fn get() -> &'static Pki {
-        static PKI: OnceLock<Pki> = OnceLock::new();
-        PKI.get_or_init(Pki::generate)
-    }
-
-    fn server_key(&self) -> PrivateKeyDer<'static> {
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.server_key.clone()))
-    }
-
-    fn generate() -> Pki {
-        use rcgen::{
-            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-        };
-        let ca_key = KeyPair::generate().expect("key generation");
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("no names");
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "internet2 harness CA");
-        let ca = ca_params.self_signed(&ca_key).expect("CA self-signs");
-        let leaf = |name: &str, usage: ExtendedKeyUsagePurpose| {
-            let key = KeyPair::generate().expect("key generation");
-            let mut params =
-                CertificateParams::new(vec![name.to_owned()]).expect("a valid DNS name");
-            params.distinguished_name.push(DnType::CommonName, name);
-            params.extended_key_usages = vec![usage];
-            let cert = params.signed_by(&key, &ca, &ca_key).expect("CA signs");
-            (cert.der().clone(), key.serialize_der())
-        };
-        let (server, server_key) = leaf(SERVER_NAME, ExtendedKeyUsagePurpose::ServerAuth);
-        let (client, client_key) =
-            leaf("client.internet2.test", ExtendedKeyUsagePurpose::ClientAuth);
-        Pki {
-            ca: ca.der().clone(),
-            server,
-            server_key,
-            client: ClientIdentity {
-                chain: vec![client],
-                key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(client_key)),
-            },
-        }
-    }
-}
-

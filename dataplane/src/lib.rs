@@ -22,6 +22,7 @@ pub mod harness;
 pub mod io;
 pub mod protocols;
 pub mod server;
+pub mod session_store;
 pub mod stats;
 pub mod steering;
 #[cfg(test)]

@@ -420,7 +420,10 @@ fn run_worker(
             std::process::exit(70);
         }
         Err(_) => {
-            tracing::error!(worker = index, "worker thread panicked; aborting the process");
+            tracing::error!(
+                worker = index,
+                "worker thread panicked; aborting the process"
+            );
             std::process::abort();
         }
     }
@@ -799,7 +802,10 @@ impl Service for ServerService {
 
     fn poll_deliveries(&mut self, now: Instant, out: &mut Vec<Delivery>) {
         for (queue, what) in [
-            (&mut self.deadlines, (|| Delivered::AdmissionDeadline) as fn() -> Delivered),
+            (
+                &mut self.deadlines,
+                (|| Delivered::AdmissionDeadline) as fn() -> Delivered,
+            ),
             (&mut self.doq_deadlines, || Delivered::IdleDeadline),
         ] {
             while let Some(&(at, handle, conn_id)) = queue.front() {

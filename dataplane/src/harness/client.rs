@@ -78,7 +78,10 @@ impl Client {
         server_name: &str,
         alpn: Alpn,
     ) -> Option<usize> {
-        let (handle, conn) = self.endpoint.connect(now, config, server, server_name).ok()?;
+        let (handle, conn) = self
+            .endpoint
+            .connect(now, config, server, server_name)
+            .ok()?;
         self.conns.push(ClientConn {
             handle,
             conn,
@@ -173,25 +176,28 @@ impl Client {
             .min()
     }
 
-    /// The connection `index` names among those the input made (modulo
-    /// their count), if any is live.
+    /// The connection `index` names among those the input made and has
+    /// not closed, newest first (modulo their count), if there is one.
     pub fn hostile(&mut self, index: u8) -> Option<&mut ClientConn> {
-        let live = self.conns.iter().filter(|c| !c.honest).count();
+        let usable = |c: &ClientConn| !c.honest && !c.conn.is_closed();
+        let live = self.conns.iter().filter(|c| usable(c)).count();
         if live == 0 {
             return None;
         }
         let nth = usize::from(index) % live;
-        self.conns.iter_mut().filter(|c| !c.honest).nth(nth)
+        self.conns.iter_mut().rev().filter(|c| usable(c)).nth(nth)
     }
 }
 
 impl ClientConn {
-    /// The stream `index` names (modulo the count of opened streams).
+    /// The stream `index` names among those opened, newest first (modulo
+    /// their count).
     pub fn stream(&self, index: u8) -> Option<StreamId> {
         if self.streams.is_empty() {
             return None;
         }
-        Some(self.streams[usize::from(index) % self.streams.len()])
+        let nth = usize::from(index) % self.streams.len();
+        Some(self.streams[self.streams.len() - 1 - nth])
     }
 
     fn read_all(&mut self) {

@@ -26,9 +26,9 @@ pub struct Settings {
 }
 
 /// One thing the hostile client or the network does. Connection and stream
-/// operands are indices into the client's live connections and that
-/// connection's opened streams, taken modulo their count (an op on nothing
-/// does nothing).
+/// operands are indices into the client's open connections and that
+/// connection's opened streams, newest first (0 is the latest), taken
+/// modulo their count; an op on nothing does nothing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
     /// Start a connection; unless `zero_rtt`, drive its handshake to the

@@ -60,7 +60,9 @@ impl MemoryQueues {
 /// A poisoned queue only means a test panicked while holding it; the data
 /// is still a plain queue.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A [`Backend`] over [`MemoryQueues`].
@@ -133,4 +135,3 @@ impl Backend for MemoryBackend {
         Ok(())
     }
 }
-

@@ -452,7 +452,9 @@ impl DoqServer {
                 // built far below it, and one that is not is not sent cut.
                 let Ok(len) = u16::try_from(message.len()) else {
                     counters.doq_errors += 1;
-                    let _ = conn.send_stream(id).reset(VarInt::from_u32(DOQ_INTERNAL_ERROR));
+                    let _ = conn
+                        .send_stream(id)
+                        .reset(VarInt::from_u32(DOQ_INTERNAL_ERROR));
                     return;
                 };
                 counters.doq_queries += 1;

@@ -319,6 +319,11 @@ impl StoqServer {
             counters,
         );
         if state == super::ReadState::Reset {
+            if stream.held {
+                // A held request the client gave up on no longer counts
+                // against what this connection may have held.
+                self.held_bytes = self.held_bytes.saturating_sub(stream.buf.len());
+            }
             self.streams.remove(&id);
             return;
         }
@@ -547,7 +552,9 @@ fn admission_request(
             gate.report(AdmissionEvent::Admitted {
                 worker: ctx.worker,
                 conn_id: ctx.conn_id,
-                source: ctx.validated_remote.unwrap_or_else(|| conn.remote_address()),
+                source: ctx
+                    .validated_remote
+                    .unwrap_or_else(|| conn.remote_address()),
                 owner: admitted.identity,
             });
             *stage = AdmissionStage::Admitted(Some(admitted.identity));
@@ -559,7 +566,9 @@ fn admission_request(
         Err(refusal) => {
             counters.admission_refused += 1;
             gate.report(AdmissionEvent::Failed {
-                source: ctx.validated_remote.unwrap_or_else(|| conn.remote_address()),
+                source: ctx
+                    .validated_remote
+                    .unwrap_or_else(|| conn.remote_address()),
                 identity: Some(pending.identity()),
                 code: refusal.code,
             });

@@ -22,8 +22,8 @@ use quinn_proto::{
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::io;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::net::{IpAddr, SocketAddr};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -316,12 +316,6 @@ impl<S: Service> Worker<S> {
     /// earliest connection timer, service deadline or drain deadline.
     pub fn poll_timeout(&mut self) -> Option<Instant> {
         self.core.next_deadline()
-    }
-
-    /// Whether a stopping worker is done (every connection drained or the
-    /// drain deadline passed at `now`).
-    pub fn is_finished(&self, now: Instant) -> bool {
-        self.core.finished(now)
     }
 
     /// The worker's counters as of the last step.
