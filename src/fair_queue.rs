@@ -4,10 +4,11 @@
 //! The workers' shared request queue is first come, first served: a client
 //! that floods it with plot registrations, issuances, zone updates or list
 //! scans would make everyone else wait behind its backlog. The control plane
-//! therefore moves what the workers queued into one FIFO per caller (its
-//! client certificate, or its connection when it has none) and serves one
-//! request of each caller in turn. A caller past [`CALLER_PENDING_MAX`]
-//! queued requests, or a new caller past [`CALLERS_MAX`], is answered `BUSY`
+//! therefore moves what the workers queued into one FIFO per caller (the
+//! public key of its client certificate; all certificate-less connections
+//! together are one caller) and serves one request of each caller in turn.
+//! A caller past [`CALLER_PENDING_MAX`] queued requests, or a new caller
+//! past [`CALLERS_MAX`], is answered `BUSY`
 //! at once and costs nothing more. Sans-IO: it only orders values.
 
 use dataplane::control::Forwarded;
@@ -23,27 +24,29 @@ pub const CALLERS_MAX: usize = 4096;
 /// Who a request is charged to.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum CallerKey {
-    /// SHA-256 of the client certificate (every connection of one identity
-    /// shares one queue).
-    Certificate([u8; 32]),
-    /// A certificate-less connection (enrollment): its worker and id.
-    Connection { worker: usize, conn_id: u64 },
+    /// SHA-256 of the client certificate's public key: every connection
+    /// and every certificate of one key share one queue.
+    Key([u8; 32]),
+    /// Every certificate-less connection (enrollment) together: opening
+    /// more connections buys an anonymous flood no more queue, and it can
+    /// never crowd out certificate holders.
+    Anonymous,
 }
 
 impl CallerKey {
     pub fn of(request: &Forwarded) -> Self {
-        match &request.peer {
-            Some(cert) => {
-                let digest = ring::digest::digest(&ring::digest::SHA256, cert.as_ref());
-                let mut key = [0u8; 32];
-                key.copy_from_slice(digest.as_ref());
-                CallerKey::Certificate(key)
-            }
-            None => CallerKey::Connection {
-                worker: request.worker,
-                conn_id: request.ticket.conn_id,
-            },
-        }
+        let Some(cert) = &request.peer else {
+            return CallerKey::Anonymous;
+        };
+        // The worker's handshake parsed this certificate; if it somehow does
+        // not parse here, charge the whole certificate instead.
+        let spki = x509_parser::parse_x509_certificate(cert.as_ref())
+            .map(|(_, parsed)| parsed.public_key().raw.to_vec())
+            .unwrap_or_else(|_| cert.as_ref().to_vec());
+        let digest = ring::digest::digest(&ring::digest::SHA256, &spki);
+        let mut key = [0u8; 32];
+        key.copy_from_slice(digest.as_ref());
+        CallerKey::Key(key)
     }
 }
 
@@ -138,19 +141,33 @@ mod tests {
     }
 
     #[test]
-    fn callers_are_bounded_and_anonymous_connections_are_separate() {
+    fn anonymous_connections_share_one_queue_and_never_crowd_out_others() {
         let mut queue = FairQueue::default();
-        for n in 0..CALLERS_MAX as u64 {
+        for n in 0..CALLER_PENDING_MAX as u64 {
             let mut r = request(b"", n);
             r.peer = None;
             queue.push(r).unwrap();
         }
-        let mut extra = request(b"", u64::MAX);
-        extra.peer = None;
-        assert!(queue.push(extra).is_err());
-        assert!(queue.push(request(b"someone", 1)).is_err());
-        assert_eq!(std::iter::from_fn(|| queue.pop()).count(), CALLERS_MAX);
+        // A thousand more connections without a certificate buy nothing.
+        for n in 0..1000 {
+            let mut r = request(b"", 10_000 + n);
+            r.peer = None;
+            assert!(queue.push(r).is_err());
+        }
         queue.push(request(b"someone", 1)).unwrap();
+        assert!(queue.pop().unwrap().peer.is_none());
+        assert_eq!(queue.pop().unwrap().ticket.conn_id, 1);
+    }
+
+    #[test]
+    fn callers_are_bounded() {
+        let mut queue = FairQueue::default();
+        for n in 0..CALLERS_MAX as u64 {
+            queue.push(request(&n.to_be_bytes(), n)).unwrap();
+        }
+        assert!(queue.push(request(b"one more", 1)).is_err());
+        assert_eq!(std::iter::from_fn(|| queue.pop()).count(), CALLERS_MAX);
+        queue.push(request(b"one more", 1)).unwrap();
         assert!(queue.pop().is_some());
     }
 }

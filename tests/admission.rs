@@ -273,8 +273,17 @@ fn requests_before_admission_are_refused_and_silence_meets_the_deadline() {
     // A client that never sends its bundle is closed at the deadline.
     let started = Instant::now();
     let outcome = ping(&target_with(&server, Some(liar(&server, Lie::Silent))));
-    assert_refused(&outcome, 0x207, "silent client");
-    assert!(outcome.admission_deadline);
+    // The liar blocks its own client worker past the deadline, then sends.
+    // By then the server has closed the connection (0x207) and often
+    // drained it too, so the client may read a stateless reset right behind
+    // the close, and quinn-proto then reports the reset (seen on 852f418 as
+    // well). The server's own count below proves the deadline closed it.
+    let error = outcome.error.clone().unwrap_or_default();
+    assert!(
+        !admitted(&outcome) && (outcome.admission_deadline || error.contains("reset by peer")),
+        "silent client: expected close code 0x207 (or the reset behind it), got {:?} / {error}",
+        outcome.replies
+    );
     assert!(started.elapsed() >= Duration::from_secs(2));
     let stats = server.stats();
     assert!(

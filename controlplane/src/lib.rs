@@ -99,7 +99,16 @@ impl ControlPlane {
                     }
                 }
                 let _ = started_tx.send(());
-                run(&inbox, &mut work);
+                // Never a half-alive server: without its control plane the
+                // workers would keep accepting connections they cannot
+                // admit or answer. A panic here (a bug: requests are parsed
+                // with checked decoders) ends the process for the service
+                // manager to restart, as a dying worker does.
+                let run = std::panic::AssertUnwindSafe(|| run(&inbox, &mut work));
+                if std::panic::catch_unwind(run).is_err() {
+                    tracing::error!("the control-plane thread panicked; aborting the process");
+                    std::process::abort();
+                }
             })?;
         let _ = started_rx.recv();
         let sender = ControlSender {

@@ -87,6 +87,15 @@ pub const CLOSE_CERTIFICATE_INVALID: u32 = 0x104;
 /// DOQ_NO_ERROR (RFC 9250 §5.5), whatever keep-alives it sends: an idle
 /// peer must not hold server memory forever.
 pub const DOQ_IDLE_DEADLINE: Duration = Duration::from_secs(10);
+/// A connection still handshaking this long after it was accepted is
+/// closed: a client that never sends its Finished (keeping the connection
+/// alive with 0-RTT or Handshake packets) must not hold a slot, or the data
+/// it sent early, forever.
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+/// How often open connections are checked against their certificate's
+/// validity even when no revocation happened (a certificate expires on its
+/// own).
+const VALIDITY_CHECK_INTERVAL: Duration = Duration::from_secs(60);
 /// How long after a revocation open connections are checked (replies in
 /// flight go out first).
 const REVOCATION_GRACE: Duration = Duration::from_millis(20);
@@ -555,6 +564,10 @@ pub struct ServerService {
     deadlines: std::collections::VecDeque<(Instant, ConnectionHandle, u64)>,
     /// `doq` idle deadlines in order (one duration for all, so a queue).
     doq_deadlines: std::collections::VecDeque<(Instant, ConnectionHandle, u64)>,
+    /// Handshake deadlines in order (one duration for all, so a queue).
+    handshake_deadlines: std::collections::VecDeque<(Instant, ConnectionHandle, u64)>,
+    /// When open connections are next checked for certificate expiry.
+    next_validity_check: Option<Instant>,
     /// Flow-control limits a connection gets once it is trusted (admitted
     /// `stoq/1`, allowed `perf`); until then the transport's small initial
     /// ones hold (`TransportSettings::build_server`).
@@ -589,6 +602,8 @@ impl ServerService {
             gate: settings.admission.clone().filter(|gate| gate.required()),
             deadlines: std::collections::VecDeque::new(),
             doq_deadlines: std::collections::VecDeque::new(),
+            handshake_deadlines: std::collections::VecDeque::new(),
+            next_validity_check: None,
             trusted_receive_window: VarInt::from_u64(settings.transport.receive_window_bytes)
                 .unwrap_or(VarInt::MAX),
             trusted_streams_bidi: VarInt::from_u32(settings.transport.streams_bidi_max),
@@ -771,6 +786,14 @@ impl Service for ServerService {
                 self.revocation_check.get_or_insert(now + REVOCATION_GRACE);
             }
         }
+        // Certificates also expire without any snapshot changing.
+        let validity_due = self
+            .next_validity_check
+            .get_or_insert(now + VALIDITY_CHECK_INTERVAL);
+        if *validity_due <= now {
+            *validity_due = now + VALIDITY_CHECK_INTERVAL;
+            self.revocation_check.get_or_insert(now);
+        }
         if self.revocation_check.is_some_and(|at| at <= now) {
             self.revocation_check = None;
             actions.visit_all = true;
@@ -780,10 +803,17 @@ impl Service for ServerService {
     fn poll_timeout(&self) -> Option<Instant> {
         let deadline = self.deadlines.front().map(|(at, _, _)| *at);
         let doq = self.doq_deadlines.front().map(|(at, _, _)| *at);
-        [self.revocation_check, deadline, doq]
-            .into_iter()
-            .flatten()
-            .min()
+        let handshake = self.handshake_deadlines.front().map(|(at, _, _)| *at);
+        [
+            self.revocation_check,
+            deadline,
+            doq,
+            handshake,
+            self.next_validity_check,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     fn on_visit(&mut self, st: &mut ServerConn, conn: &mut Connection, now: Instant) {
@@ -807,6 +837,9 @@ impl Service for ServerService {
                 (|| Delivered::AdmissionDeadline) as fn() -> Delivered,
             ),
             (&mut self.doq_deadlines, || Delivered::IdleDeadline),
+            (&mut self.handshake_deadlines, || {
+                Delivered::HandshakeDeadline
+            }),
         ] {
             while let Some(&(at, handle, conn_id)) = queue.front() {
                 if at > now {
@@ -858,6 +891,15 @@ impl Service for ServerService {
                 self.doq_deadlines
                     .push_back((now + DOQ_IDLE_DEADLINE, st.handle, st.id));
             }
+            Delivered::HandshakeDeadline if conn.is_handshaking() => {
+                counters.handshake_deadline += 1;
+                conn.close(
+                    now,
+                    VarInt::from_u32(CLOSE_HANDSHAKE_DEADLINE),
+                    Bytes::from_static(b"handshake not completed in time"),
+                );
+            }
+            Delivered::HandshakeDeadline => {}
             Delivered::IdleDeadline => {
                 counters.doq_idle_closed += 1;
                 conn.close(
@@ -894,9 +936,11 @@ impl Service for ServerService {
         &mut self,
         _conn: &mut Connection,
         handle: ConnectionHandle,
-        _now: Instant,
+        now: Instant,
     ) -> ServerConn {
         self.next_conn_id += 1;
+        self.handshake_deadlines
+            .push_back((now + HANDSHAKE_DEADLINE, handle, self.next_conn_id));
         ServerConn {
             id: self.next_conn_id,
             handle,
@@ -928,6 +972,11 @@ impl Service for ServerService {
             st.alpn = Alpn::of(conn);
         }
         let Some(alpn) = st.alpn else { return };
+        if conn.is_closed() {
+            // Closed by an earlier event of this drive (a refused resumed
+            // certificate, a failed bundle): serve nothing more.
+            return;
+        }
         if matches!(event, Event::Connected) && !self.on_connected(st, conn, alpn, now, counters) {
             return;
         }
@@ -1001,7 +1050,18 @@ impl Service for ServerService {
                 st.doq.on_writable(conn, id)
             }
             // DNS queries are idempotent and public (RFC 9250 §4.5): served
-            // from 0-RTT data too.
+            // from 0-RTT data too, unless this server wants a certificate
+            // for DNS (checked when the handshake completes).
+            (
+                Alpn::Doq,
+                Event::Stream(StreamEvent::Opened { .. } | StreamEvent::Readable { .. }),
+            ) if early && !self.dns_without_certificate => {
+                counters.zero_rtt_deferred += 1;
+            }
+            (Alpn::Doq, Event::Connected) if !self.dns_without_certificate => {
+                let zone = self.zone.as_ref().map(|z| z.load());
+                st.doq.on_readable(conn, None, zone.as_ref(), now, counters)
+            }
             (Alpn::Doq, Event::Stream(StreamEvent::Opened { .. })) => {
                 let zone = self.zone.as_ref().map(|z| z.load());
                 st.doq.on_readable(conn, None, zone.as_ref(), now, counters)
@@ -1043,6 +1103,10 @@ impl ServerService {
         }
     }
 }
+
+/// Application close code: the handshake did not complete within
+/// [`HANDSHAKE_DEADLINE`].
+pub const CLOSE_HANDSHAKE_DEADLINE: u32 = 0x105;
 
 /// Close a connection whose client certificate no longer admits it.
 fn close_refused_peer(conn: &mut Connection, refusal: PeerRefusal, now: Instant) {

@@ -116,6 +116,9 @@ counters! {
     /// Panics caught at a connection boundary: that connection was closed
     /// with CLOSE_INTERNAL_ERROR, every other one kept being served.
     connection_panics,
+    /// Connections closed because their handshake did not complete within
+    /// the handshake deadline.
+    handshake_deadline,
     /// Resumed connections closed at once because their certificate is
     /// revoked or no longer valid.
     resumed_refused,

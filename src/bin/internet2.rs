@@ -718,6 +718,15 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         result["errors"],
         result["verify_failures"],
     );
+    if let (Some(first), Some(last)) = (
+        result["setup_rate_first_1k"].as_f64(),
+        result["setup_rate_last_1k"].as_f64(),
+    ) {
+        println!(
+            "set-up rate: first 1000 handshakes {first:.0}/s, last 1000 {last:.0}/s (ratio {:.2})",
+            last / first
+        );
+    }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&result)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
@@ -759,7 +768,14 @@ fn summarize(reports: &[BenchReport]) -> serde_json::Value {
         .max(1e-9);
     let bytes: u64 = reports.iter().map(|r| r.bytes).sum();
     let handshakes: u64 = reports.iter().map(|r| r.handshakes).sum();
+    let mut connected_at: Vec<_> = reports
+        .iter()
+        .flat_map(|r| r.connected_at.iter().copied())
+        .collect();
+    let setup = dataplane::client::bench::setup_rates(&mut connected_at, 1000);
     serde_json::json!({
+        "setup_rate_first_1k": setup.map(|(first, _)| first),
+        "setup_rate_last_1k": setup.map(|(_, last)| last),
         "goodput_gbps": bytes as f64 * 8.0 / elapsed / 1e9,
         "bytes": bytes,
         "uploaded_bytes": reports.iter().map(|r| r.uploaded).sum::<u64>(),

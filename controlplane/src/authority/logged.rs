@@ -7,7 +7,7 @@
 //! `ca::CertificateAuthority`), `ct-log.key` (the log's PKCS#8 signing key,
 //! mode 0600, never rewritten) and `authority.redb`, the one redb database
 //! that holds both the CT log's tables (see `ct::log`) and the CA registry's
-//! (`ca_certificates`, `ca_children`, `ca_revocations`,
+//! (`ca_certificates`, `ca_children`, `ca_renewals`, `ca_revocations`,
 //! `enrollment_tokens_used`, `enrollment_tokens_paid`; see
 //! [`super::registry`]). `enrollment.key` (see [`super::enrollment`]) is
 //! opened by the service, not here. The DNS zone's tables (`dns_records`,
@@ -250,7 +250,9 @@ impl Authority {
         also: impl FnOnce(&WriteTransaction) -> Result<(), redb::Error>,
     ) -> Result<LoggedCertificate, AuthorityError> {
         let (mut request, current) = self.ca.renewal_request(current_cert_der, now)?;
-        // A renewal is issued on the authority its predecessor was.
+        // A renewal is issued on the authority its predecessor was. Its
+        // record links it to `current` (`ca_renewals`), so that revoking
+        // `current` revokes it too.
         request.parent = self.certificate(&current)?.and_then(|r| r.parent);
         let certificate = self.ca.sign(request, now, Some(current))?;
         self.log_certificate(certificate, now, None, also)
@@ -275,9 +277,10 @@ impl Authority {
     }
 
     /// [`Self::revoke_with_reason`], also running `also` in the
-    /// revocation's transaction (see [`Self::issue_with`]). What was issued
-    /// on the certificate's authority ([`Self::descendants`]) is revoked in
-    /// the same transaction; returns those serials.
+    /// revocation's transaction (see [`Self::issue_with`]). What renewed
+    /// the certificate or was issued on its authority
+    /// ([`Self::descendants`]) is revoked in the same transaction; returns
+    /// those serials.
     pub fn revoke_with(
         &mut self,
         serial: &Serial,
@@ -300,8 +303,9 @@ impl Authority {
     }
 
     /// The unrevoked, unexpired certificates a revocation of `serial` at
-    /// `now` revokes with it: those issued on its authority (or on that of
-    /// a certificate it renewed), and on theirs, and so on.
+    /// `now` revokes with it: its renewals and those issued on its
+    /// authority (or on that of a certificate it renewed), and theirs, and
+    /// so on.
     pub fn descendants(
         &self,
         serial: &Serial,
@@ -637,6 +641,7 @@ mod tests {
             .unwrap();
         let later = now + Duration::from_secs(10);
         let d = authority.renew(&a.certificate.cert_der, later).unwrap();
+        let e = authority.issue(request("e.example"), later).unwrap();
         authority
             .revoke_with_reason(
                 &b.certificate.serial,
@@ -644,9 +649,10 @@ mod tests {
                 later,
             )
             .unwrap();
+        // Takes its renewal d along.
         authority.revoke(&a.certificate.serial, later).unwrap();
         let snapshot = authority.revocations();
-        assert_eq!(snapshot.generation(), 2);
+        assert_eq!(snapshot.generation(), 3);
         let records = authority
             .certificates(&CertificateFilter::All, None)
             .unwrap();
@@ -668,8 +674,12 @@ mod tests {
             authority.verify_chain(&b.certificate.cert_der, Usage::Server, later),
             Err(AuthorityError::Ca(CaError::Revoked { serial })) if serial == b.certificate.serial
         ));
+        assert!(matches!(
+            authority.verify_chain(&d.certificate.cert_der, Usage::Server, later),
+            Err(AuthorityError::Ca(CaError::Revoked { serial })) if serial == d.certificate.serial
+        ));
         authority
-            .verify_chain(&d.certificate.cert_der, Usage::Server, later)
+            .verify_chain(&e.certificate.cert_der, Usage::Server, later)
             .unwrap();
         assert!(matches!(
             authority.revoke(&b.certificate.serial, later),
@@ -702,7 +712,10 @@ mod tests {
         assert_eq!(record.dns_names, ["a.example"]);
         assert_eq!(record.usage, Usage::Server);
         assert_eq!(record.not_after, d.certificate.not_after);
-        assert_eq!(record.revocation, None);
+        assert_eq!(
+            record.revocation.map(|r| r.reason),
+            Some(Some(registry::CASCADE_REASON))
+        );
         let b_record = authority
             .certificate(&b.certificate.serial)
             .unwrap()
@@ -713,15 +726,16 @@ mod tests {
         );
         assert_eq!(authority.certificate(&Serial([1; 16])).unwrap(), None);
 
-        let (a, b, c, d) = (
+        let (a, b, c, d, e) = (
             a.certificate.serial,
             b.certificate.serial,
             c.certificate.serial,
             d.certificate.serial,
+            e.certificate.serial,
         );
         assert_eq!(
             all(&authority, CertificateFilter::All),
-            sorted(vec![a, b, c, d])
+            sorted(vec![a, b, c, d, e])
         );
         assert_eq!(
             all(&authority, CertificateFilter::Name("A.Example".into())),
@@ -733,9 +747,9 @@ mod tests {
         );
         assert_eq!(
             all(&authority, CertificateFilter::Revoked),
-            sorted(vec![a, b, c])
+            sorted(vec![a, b, c, d])
         );
-        assert_eq!(all(&authority, CertificateFilter::ValidAt(later)), [d]);
+        assert_eq!(all(&authority, CertificateFilter::ValidAt(later)), [e]);
         assert_eq!(
             all(
                 &authority,
@@ -744,18 +758,18 @@ mod tests {
             []
         );
         // Paging: after the first serial, the rest.
-        let first = sorted(vec![a, b, c, d])[0];
+        let first = sorted(vec![a, b, c, d, e])[0];
         assert_eq!(
             authority
                 .certificates(&CertificateFilter::All, Some(first))
                 .unwrap()
                 .len(),
-            3
+            4
         );
 
         // The revocation made after the restart is durable too.
         let snapshot = authority.revocations();
-        assert_eq!(snapshot.generation(), 3);
+        assert_eq!(snapshot.generation(), 4);
         drop(authority);
         let authority = open(&dir.0, later).unwrap();
         assert_eq!(authority.revocations(), snapshot);
@@ -931,13 +945,18 @@ mod tests {
         let dir = TempDir::new(name);
         let now = SystemTime::now();
         let mut authority = open(&dir.0, now).unwrap();
-        let issued: Vec<_> = ["a.example", "b.example", "c.example"]
+        let mut issued: Vec<_> = ["a.example", "b.example", "c.example"]
             .into_iter()
             .map(|n| authority.issue(request(n), now).unwrap())
             .collect();
         authority
             .revoke(&issued[0].certificate.serial, now)
             .unwrap();
+        // issued[3] renewed issued[2].
+        let renewed = authority
+            .renew(&issued[2].certificate.cert_der, now)
+            .unwrap();
+        issued.push(renewed);
         drop(authority);
         {
             let db = Database::create(dir.0.join(STORE_FILE)).unwrap();
@@ -985,7 +1004,7 @@ mod tests {
         );
         assert_refused(
             "past-the-log",
-            "but the log holds 3 entries",
+            "but the log holds 4 entries",
             |txn, issued| {
                 let serial = issued[2].certificate.serial;
                 let mut record =
@@ -1016,6 +1035,71 @@ mod tests {
         assert_refused("garbage-revocation", "cannot be decoded", |txn, issued| {
             tamper::put_raw_revocation(txn, issued[1].certificate.serial, b"\x01");
         });
+        // A lost renewal link would let revoking issued[2] leave issued[3].
+        assert_refused(
+            "no-renewal-link",
+            "but the renewal index does not say so",
+            |txn, issued| {
+                let (from, to) = (issued[2].certificate.serial, issued[3].certificate.serial);
+                tamper::set_renewal_link(txn, from, to, false);
+            },
+        );
+        assert_refused(
+            "stray-renewal-link",
+            "the renewal index holds links that no certificate record has",
+            |txn, issued| {
+                let (from, to) = (issued[0].certificate.serial, issued[1].certificate.serial);
+                tamper::set_renewal_link(txn, from, to, true);
+            },
+        );
+    }
+
+    #[test]
+    fn a_store_from_before_the_renewal_index_gets_one() {
+        let dir = TempDir::new("renewal-index");
+        let now = SystemTime::now();
+        let mut authority = open(&dir.0, now).unwrap();
+        let a = authority.issue(request("a.example"), now).unwrap();
+        let other = authority.issue(request("o.example"), now).unwrap();
+        let b = authority.renew(&a.certificate.cert_der, now).unwrap();
+        let c = authority.renew(&b.certificate.cert_der, now).unwrap();
+        drop(authority);
+        {
+            let db = Database::create(dir.0.join(STORE_FILE)).unwrap();
+            let txn = db.begin_write().unwrap();
+            tamper::drop_renewal_index(&txn);
+            txn.commit().unwrap();
+        }
+
+        // Built on open, checked on the next.
+        drop(open(&dir.0, now).unwrap());
+        let mut authority = open(&dir.0, now).unwrap();
+        let serials = |records: Vec<CertificateRecord>| -> Vec<Serial> {
+            sorted(records.iter().map(|r| r.serial).collect())
+        };
+        let (a, b, c) = (
+            a.certificate.serial,
+            b.certificate.serial,
+            c.certificate.serial,
+        );
+        assert_eq!(
+            serials(authority.descendants(&a, now).unwrap()),
+            sorted(vec![b, c])
+        );
+        assert_eq!(
+            authority
+                .revoke_with(&a, None, now, |_| Ok(()))
+                .unwrap()
+                .len(),
+            2
+        );
+        assert_eq!(
+            all(&authority, CertificateFilter::Revoked),
+            sorted(vec![a, b, c])
+        );
+        authority
+            .verify_chain(&other.certificate.cert_der, Usage::Server, now)
+            .unwrap();
     }
 
     #[test]

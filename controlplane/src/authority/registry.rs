@@ -11,6 +11,10 @@
 //! - `ca_children`: parent serial ‖ child serial → nothing: the index of
 //!   parent links, so a revocation finds what was issued on the revoked
 //!   certificate's authority without a scan (see [`insert_revocation`]);
+//! - `ca_renewals`: renewed serial ‖ successor serial → nothing: the index
+//!   of renewal links, so a revocation finds the renewals of the revoked
+//!   certificate without a scan. Stores written before it have no such
+//!   table; [`init`] builds it from the records, once;
 //! - `ca_revocations`: serial → revocation time and reason
 //!   ([`encode_revocation`]);
 //! - `enrollment_tokens_used`: enrollment token id → its expiry (Unix
@@ -20,10 +24,10 @@
 //!   certificate, written beside it (tokens spent before this table
 //!   existed have no row), so a client that lost the answer can ask again.
 //!
-//! A certificate row (and its `ca_children` row) is written only inside
-//! the CT log's append transaction for that certificate
-//! (`CtLog::append_batch_with`), so the registry and the log commit
-//! together; a revocation, with those it brings, is its own write
+//! A certificate row (and its `ca_children` and `ca_renewals` rows) is
+//! written only inside the CT log's append transaction for that
+//! certificate (`CtLog::append_batch_with`), so the registry and the log
+//! commit together; a revocation, with those it brings, is its own write
 //! transaction with [`Durability::Immediate`]. Rows are written once and
 //! never changed or removed.
 //!
@@ -36,7 +40,9 @@
 
 use super::ca::{Serial, Usage, same_name};
 use redb::TableDefinition;
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableHandle,
+};
 use redb::{ReadOnlyTable, WriteTransaction};
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -47,6 +53,10 @@ const REVOCATIONS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("ca_r
 /// Parent serial ‖ child serial: see [`CertificateRecord::parent`]. Keys
 /// sort by parent, so a parent's children are one range.
 const CHILDREN: TableDefinition<[u8; 32], ()> = TableDefinition::new("ca_children");
+/// Renewed serial ‖ successor serial: see
+/// [`CertificateRecord::renewed_from`]. Keys sort by the renewed serial, so
+/// a certificate's renewals are one range.
+const RENEWALS: TableDefinition<[u8; 32], ()> = TableDefinition::new("ca_renewals");
 /// Enrollment token id → the token's expiry (Unix seconds): the one-time
 /// tokens already spent (see `authority::enrollment`). A row is written in
 /// the log's append transaction of the certificate the token paid for.
@@ -141,7 +151,9 @@ pub struct CertificateRecord {
     pub usage: Usage,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
-    /// The certificate this one renewed.
+    /// The certificate this one renewed; revoking that one revokes this
+    /// one (see [`insert_revocation`]): a renewal is no way around a
+    /// revocation.
     pub renewed_from: Option<Serial>,
     /// The certificate on whose authority this one was issued (a
     /// non-operator's `CERT_ISSUE`: the caller's), kept by renewals;
@@ -186,6 +198,58 @@ impl CertificateFilter {
     }
 }
 
+/// A link a certificate record holds to an earlier certificate, each kept
+/// in an index table (earlier serial ‖ later serial) so that a revocation
+/// finds what follows the revoked certificate without a scan.
+#[derive(Clone, Copy)]
+enum Link {
+    /// [`CertificateRecord::parent`], in `ca_children`.
+    Parent,
+    /// [`CertificateRecord::renewed_from`], in `ca_renewals`.
+    Renewal,
+}
+
+impl Link {
+    const ALL: [Self; 2] = [Self::Parent, Self::Renewal];
+
+    fn index(self) -> TableDefinition<'static, [u8; 32], ()> {
+        match self {
+            Self::Parent => CHILDREN,
+            Self::Renewal => RENEWALS,
+        }
+    }
+
+    /// The earlier certificate `record` links to.
+    fn target(self, record: &CertificateRecord) -> Option<Serial> {
+        match self {
+            Self::Parent => record.parent,
+            Self::Renewal => record.renewed_from,
+        }
+    }
+
+    /// Why `record` links to `target`, for messages.
+    fn describe(self, record: &CertificateRecord, target: Serial) -> String {
+        match self {
+            Self::Parent => format!(
+                "certificate {} was issued on the authority of {target}, but the parent index \
+                 does not say so",
+                record.serial
+            ),
+            Self::Renewal => format!(
+                "certificate {} renewed {target}, but the renewal index does not say so",
+                record.serial
+            ),
+        }
+    }
+
+    fn index_name(self) -> &'static str {
+        match self {
+            Self::Parent => "parent",
+            Self::Renewal => "renewal",
+        }
+    }
+}
+
 /// Write `record`'s row in `txn` (the CT log's append transaction).
 pub(crate) fn insert_certificate(
     txn: &WriteTransaction,
@@ -201,18 +265,38 @@ pub(crate) fn insert_certificate(
         )));
     }
     table.insert(record.serial.0, encode_record(record)?.as_slice())?;
-    if let Some(parent) = record.parent {
-        txn.open_table(CHILDREN)?
-            .insert(child_key(parent, record.serial), ())?;
+    for link in Link::ALL {
+        if let Some(target) = link.target(record) {
+            txn.open_table(link.index())?
+                .insert(link_key(target, record.serial), ())?;
+        }
     }
     Ok(())
 }
 
-fn child_key(parent: Serial, child: Serial) -> [u8; 32] {
+/// The key of a [`Link`] index row: `from`, then `to`.
+fn link_key(from: Serial, to: Serial) -> [u8; 32] {
     let mut key = [0u8; 32];
-    key[..16].copy_from_slice(&parent.0);
-    key[16..].copy_from_slice(&child.0);
+    key[..16].copy_from_slice(&from.0);
+    key[16..].copy_from_slice(&to.0);
     key
+}
+
+/// The certificates `index` links to `from` (one key range).
+fn linked(
+    index: &impl ReadableTable<[u8; 32], ()>,
+    from: Serial,
+) -> Result<Vec<Serial>, RegistryError> {
+    let first = link_key(from, Serial([0; 16]));
+    let last = link_key(from, Serial([0xff; 16]));
+    let mut out = Vec::new();
+    for row in index.range::<[u8; 32]>(first..=last)? {
+        let key = row?.0.value();
+        let mut to = Serial([0; 16]);
+        to.0.copy_from_slice(&key[16..]);
+        out.push(to);
+    }
+    Ok(out)
 }
 
 /// Record enrollment token `id` (valid until `expires_at_s`) as spent on
@@ -291,6 +375,7 @@ fn write_revocations(
 ) -> Result<Vec<Serial>, RegistryError> {
     let certificates = txn.open_table(CERTIFICATES)?;
     let children = txn.open_table(CHILDREN)?;
+    let renewals = txn.open_table(RENEWALS)?;
     let mut revocations = txn.open_table(REVOCATIONS)?;
     if certificates.get(serial.0)?.is_none() {
         return Err(corrupt(format!(
@@ -302,7 +387,14 @@ fn write_revocations(
             "certificate {serial} is revoked in the registry but not in the CA"
         )));
     }
-    let cascade: Vec<Serial> = descendants_in(&certificates, &children, &revocations, serial, now)?
+    let links = Links {
+        certificates: &certificates,
+        children: &children,
+        renewals: &renewals,
+        revocations: &revocations,
+    };
+    let cascade: Vec<Serial> = links
+        .descendants(serial, now)?
         .iter()
         .map(|r| r.serial)
         .collect();
@@ -318,39 +410,86 @@ fn write_revocations(
 }
 
 /// What a revocation of `serial` at `now` revokes with it: every
-/// certificate issued on its authority, or on that of a certificate it
-/// renewed (a renewal carries its predecessor's authority), and so on down
-/// the parent links, that is neither revoked nor expired. Expired ones are
-/// passed through, not revoked: nothing accepts them any more.
+/// certificate that renewed it, every certificate issued on its authority
+/// or on that of a certificate it renewed (a renewal carries its
+/// predecessor's authority), and so on down the renewal and parent links,
+/// that is neither revoked nor expired. Revoked and expired ones are passed
+/// through, not revoked again: what follows them still goes. The
+/// certificates `serial` renewed are not revoked, only what was issued on
+/// their authority.
 pub(crate) fn descendants(
     db: &Database,
     serial: Serial,
     now: SystemTime,
 ) -> Result<Vec<CertificateRecord>, RegistryError> {
     let txn = db.begin_read()?;
-    descendants_in(
-        &txn.open_table(CERTIFICATES)?,
-        &txn.open_table(CHILDREN)?,
-        &txn.open_table(REVOCATIONS)?,
-        serial,
-        now,
-    )
+    Links {
+        certificates: &txn.open_table(CERTIFICATES)?,
+        children: &txn.open_table(CHILDREN)?,
+        renewals: &txn.open_table(RENEWALS)?,
+        revocations: &txn.open_table(REVOCATIONS)?,
+    }
+    .descendants(serial, now)
 }
 
-/// [`descendants`], in a read or a write transaction. Cost: one record read
-/// per renewal behind `serial`, then one `ca_children` range lookup and one
-/// record read per certificate below it: O((r + d) log n) for r renewals
-/// and d descendants among n certificates, whatever else the registry
-/// holds. Each certificate is visited once.
-fn descendants_in(
-    certificates: &impl ReadableTable<[u8; 16], &'static [u8]>,
-    children: &impl ReadableTable<[u8; 32], ()>,
-    revocations: &impl ReadableTable<[u8; 16], &'static [u8]>,
-    serial: Serial,
-    now: SystemTime,
-) -> Result<Vec<CertificateRecord>, RegistryError> {
-    let record = |serial: Serial| -> Result<CertificateRecord, RegistryError> {
-        let value = certificates.get(serial.0)?.ok_or_else(|| {
+/// The tables [`descendants`] walks, in a read or a write transaction.
+struct Links<'a, C, L, R> {
+    certificates: &'a C,
+    children: &'a L,
+    renewals: &'a L,
+    revocations: &'a R,
+}
+
+impl<C, L, R> Links<'_, C, L, R>
+where
+    C: ReadableTable<[u8; 16], &'static [u8]>,
+    L: ReadableTable<[u8; 32], ()>,
+    R: ReadableTable<[u8; 16], &'static [u8]>,
+{
+    /// [`descendants`]. Cost: one record read and one `ca_children` range
+    /// lookup per renewal behind `serial`, then two range lookups (children
+    /// and renewals) and one record read per certificate after it: O((r +
+    /// d) log n) for r renewals behind and d certificates after, among n,
+    /// whatever else the registry holds. Each certificate is visited once.
+    fn descendants(
+        &self,
+        serial: Serial,
+        now: SystemTime,
+    ) -> Result<Vec<CertificateRecord>, RegistryError> {
+        let mut seen = BTreeSet::from([serial]);
+        let mut predecessors = Vec::new();
+        let mut renewed_from = self.record(serial)?.renewed_from;
+        while let Some(predecessor) = renewed_from.filter(|p| seen.insert(*p)) {
+            predecessors.push(predecessor);
+            renewed_from = self.record(predecessor)?.renewed_from;
+        }
+        // Of a predecessor, only what was issued on its authority: it and
+        // its other renewals stay.
+        let mut pending = Vec::new();
+        for predecessor in predecessors {
+            pending.extend(linked(self.children, predecessor)?);
+        }
+        // Of `serial` and all that goes with it: what was issued on it and
+        // what renewed it.
+        pending.extend(linked(self.children, serial)?);
+        pending.extend(linked(self.renewals, serial)?);
+        let mut out = Vec::new();
+        while let Some(next) = pending.pop() {
+            if !seen.insert(next) {
+                continue;
+            }
+            pending.extend(linked(self.children, next)?);
+            pending.extend(linked(self.renewals, next)?);
+            let record = self.record(next)?;
+            if self.revocations.get(next.0)?.is_none() && record.not_after >= now {
+                out.push(record);
+            }
+        }
+        Ok(out)
+    }
+
+    fn record(&self, serial: Serial) -> Result<CertificateRecord, RegistryError> {
+        let value = self.certificates.get(serial.0)?.ok_or_else(|| {
             corrupt(format!(
                 "certificate {serial} is linked in the registry but has no record"
             ))
@@ -360,45 +499,46 @@ fn descendants_in(
                 "the record of certificate {serial} cannot be decoded"
             ))
         })
-    };
-    let mut seen = BTreeSet::from([serial]);
-    let mut pending = vec![serial];
-    let mut renewed_from = record(serial)?.renewed_from;
-    while let Some(predecessor) = renewed_from.filter(|p| seen.insert(*p)) {
-        pending.push(predecessor);
-        renewed_from = record(predecessor)?.renewed_from;
     }
-    let mut out = Vec::new();
-    while let Some(parent) = pending.pop() {
-        let first = child_key(parent, Serial([0; 16]));
-        let last = child_key(parent, Serial([0xff; 16]));
-        for row in children.range::<[u8; 32]>(first..=last)? {
-            let key = row?.0.value();
-            let mut child = Serial([0; 16]);
-            child.0.copy_from_slice(&key[16..]);
-            if !seen.insert(child) {
-                continue;
-            }
-            pending.push(child);
-            let child = record(child)?;
-            if revocations.get(child.serial.0)?.is_none() && child.not_after >= now {
-                out.push(child);
-            }
-        }
-    }
-    Ok(out)
 }
 
-/// Create the tables if missing, so readers can open them.
+/// Create the tables if missing, so readers can open them; in a store
+/// written before the renewal index, build it from the records.
 pub(crate) fn init(db: &Database) -> Result<(), RegistryError> {
     let mut txn = db.begin_write()?;
     txn.set_durability(Durability::Immediate)?;
+    let renewals_indexed = txn.list_tables()?.any(|t| t.name() == RENEWALS.name());
     txn.open_table(CERTIFICATES)?;
     txn.open_table(REVOCATIONS)?;
     txn.open_table(CHILDREN)?;
+    txn.open_table(RENEWALS)?;
     txn.open_table(ENROLLMENT_TOKENS)?;
     txn.open_table(ENROLLMENT_PAID)?;
+    if !renewals_indexed {
+        index_renewals(&txn)?;
+    }
     txn.commit()?;
+    Ok(())
+}
+
+/// Write the `ca_renewals` row of every record that renewed another: once,
+/// in the transaction that creates the table. One pass over the records,
+/// as [`load_all`] makes on every open.
+fn index_renewals(txn: &WriteTransaction) -> Result<(), RegistryError> {
+    let certificates = txn.open_table(CERTIFICATES)?;
+    let mut renewals = txn.open_table(RENEWALS)?;
+    for row in certificates.iter()? {
+        let (serial, value) = row?;
+        let serial = Serial(serial.value());
+        let record = decode_record(serial, value.value()).ok_or_else(|| {
+            corrupt(format!(
+                "the record of certificate {serial} cannot be decoded"
+            ))
+        })?;
+        if let Some(renewed) = record.renewed_from {
+            renewals.insert(link_key(renewed, serial), ())?;
+        }
+    }
     Ok(())
 }
 
@@ -430,34 +570,35 @@ pub(crate) fn load_all(db: &Database) -> Result<Vec<CertificateRecord>, Registry
             }
         }
     }
-    check_children(&txn.open_table(CHILDREN)?, &out)?;
+    for link in Link::ALL {
+        check_links(link, &txn.open_table(link.index())?, &out)?;
+    }
     Ok(out)
 }
 
-/// The parent index holds exactly the records' parent links: a missing
-/// row would let a revocation miss what was issued on its authority.
-fn check_children(
-    children: &ReadOnlyTable<[u8; 32], ()>,
+/// The index of `link` holds exactly the records' links: a missing row
+/// would let a revocation miss what was issued on the revoked
+/// certificate's authority, or what renewed it.
+fn check_links(
+    link: Link,
+    index: &ReadOnlyTable<[u8; 32], ()>,
     records: &[CertificateRecord],
 ) -> Result<(), RegistryError> {
     let mut linked = 0u64;
     for record in records {
-        let Some(parent) = record.parent else {
+        let Some(target) = link.target(record) else {
             continue;
         };
         linked += 1;
-        if children.get(child_key(parent, record.serial))?.is_none() {
-            return Err(corrupt(format!(
-                "certificate {} was issued on the authority of {parent}, but the parent index \
-                 does not say so",
-                record.serial
-            )));
+        if index.get(link_key(target, record.serial))?.is_none() {
+            return Err(corrupt(link.describe(record, target)));
         }
     }
-    if children.len()? != linked {
-        return Err(corrupt(
-            "the parent index holds links that no certificate record has",
-        ));
+    if index.len()? != linked {
+        return Err(corrupt(format!(
+            "the {} index holds links that no certificate record has",
+            link.index_name()
+        )));
     }
     Ok(())
 }
@@ -782,6 +923,21 @@ pub(crate) mod tamper {
             .unwrap()
             .insert(serial.0, value)
             .unwrap();
+    }
+
+    /// Add (`true`) or remove the `ca_renewals` row "`to` renewed `from`".
+    pub(crate) fn set_renewal_link(txn: &WriteTransaction, from: Serial, to: Serial, on: bool) {
+        let mut table = txn.open_table(RENEWALS).unwrap();
+        if on {
+            table.insert(link_key(from, to), ()).unwrap();
+        } else {
+            assert!(table.remove(link_key(from, to)).unwrap().is_some());
+        }
+    }
+
+    /// As a store written before the renewal index.
+    pub(crate) fn drop_renewal_index(txn: &WriteTransaction) {
+        assert!(txn.delete_table(RENEWALS).unwrap());
     }
 }
 

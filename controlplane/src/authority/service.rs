@@ -42,8 +42,9 @@
 //!   is issued on the authority of the caller's certificate (its parent;
 //!   renewals keep it). Revoking a certificate revokes, in the same
 //!   transaction and with reason `privilege_withdrawn`, every live one
-//!   issued on its authority or on that of a certificate it renewed, and
-//!   so on down (see `registry::descendants` for the cost).
+//!   that renewed it or was issued on its authority or on that of a
+//!   certificate it renewed, and so on down (see `registry::descendants`
+//!   for the cost): renewing ahead of a revocation does not escape it.
 //!
 //! The zone (when [`ServiceConfig::zone`] is set; see `crate::dns`):
 //! - `DNS_LIST`: any authenticated caller (DNS data is public);
@@ -51,7 +52,8 @@
 //!   only for a name its certificate carries as its CN or a DNS name equal
 //!   to the absolute name without its trailing dot (`app.internet2.test`;
 //!   relative names in certificates do not count), only with TLSA pins of
-//!   its own certificate's key, never the server's own name nor a
+//!   its own certificate's key, never one of the server's own names (as
+//!   above: `server_names` too, not only the zone's server name) nor a
 //!   wildcard (`UNAUTHORIZED`; the zone holds none), and not a name
 //!   another key set (`NAME_TAKEN`) while a live (unrevoked, unexpired)
 //!   certificate with that key still carries it. A name the operator or
@@ -1007,22 +1009,26 @@ impl AuthorityService {
                 "the name {OPERATOR:?} (in any case) is reserved for the operator"
             )));
         }
-        let zone_server = self.zone.as_ref().map(Zone::server_name);
-        let server_names = self
-            .config
-            .server_names
-            .iter()
-            .map(String::as_str)
-            .chain(zone_server);
-        if let Some(name) = holder
-            .names()
-            .find(|n| server_names.clone().any(|s| one_name(n, s)))
-        {
+        if let Some(name) = holder.names().find(|n| self.is_server_name(n)) {
             return Err(unauthorized(format!(
                 "{name:?} is the server's own name; only the operator may issue it"
             )));
         }
         Ok(())
+    }
+
+    /// Whether `name` (a certificate name, or an absolute zone name) is one
+    /// of the server's own names: [`ServiceConfig::server_names`] or the
+    /// zone's server name, compared as [`one_name`] does. The one home of
+    /// that rule for enrollment, issuance, renewal and the zone.
+    fn is_server_name(&self, name: &str) -> bool {
+        let zone_server = self.zone.as_ref().map(Zone::server_name);
+        self.config
+            .server_names
+            .iter()
+            .map(String::as_str)
+            .chain(zone_server)
+            .any(|s| one_name(name, s))
     }
 
     /// No unrevoked, unexpired certificate with another key carries any of
@@ -1241,7 +1247,7 @@ impl AuthorityService {
             "certificate revoked"
         );
         for child in cascade {
-            tracing::info!(serial = %child, with = %serial, "certificate revoked with the one it was issued on the authority of");
+            tracing::info!(serial = %child, with = %serial, "certificate revoked with the one it renewed or was issued on the authority of");
         }
         Ok(api::Revoked {
             serial: serial.to_string(),
@@ -1306,7 +1312,7 @@ impl AuthorityService {
         if who.operator {
             return Ok(name);
         }
-        if name == zone.server_name() {
+        if self.is_server_name(&name) {
             return Err(unauthorized(format!(
                 "{name} is the server's own name; only the operator may change it"
             )));

@@ -69,6 +69,28 @@ pub struct BenchReport {
     pub first_error: Option<String>,
     /// The client worker's own dataplane counters (drops, datagrams).
     pub client_counters: Counters,
+    /// When each handshake completed (at most [`SETUP_TIMES_MAX`]): how the
+    /// set-up rate changes as connections accumulate.
+    pub connected_at: Vec<Instant>,
+}
+
+/// Handshake completion times kept per client worker.
+pub const SETUP_TIMES_MAX: usize = 1 << 20;
+
+/// Handshakes per second over the first and over the last `window`
+/// handshakes of `times` (sorted in place); `None` with fewer than two
+/// windows' worth. A server whose per-handshake cost grows with its
+/// connection count shows a last rate well below the first.
+pub fn setup_rates(times: &mut [Instant], window: usize) -> Option<(f64, f64)> {
+    if window < 2 || times.len() < 2 * window {
+        return None;
+    }
+    times.sort_unstable();
+    let rate = |span: &[Instant]| {
+        let seconds = (span[span.len() - 1] - span[0]).as_secs_f64().max(1e-9);
+        (span.len() - 1) as f64 / seconds
+    };
+    Some((rate(&times[..window]), rate(&times[times.len() - window..])))
 }
 
 struct StreamState {
@@ -119,6 +141,7 @@ impl BenchService {
             handshake_elapsed: Duration::ZERO,
             first_error: None,
             client_counters: Counters::default(),
+            connected_at: Vec::new(),
         };
         Self {
             to_open: plan.connections,
@@ -324,6 +347,9 @@ impl Service for BenchService {
                 let us = (now - st.started).as_micros().max(1) as u64;
                 let _ = self.report.handshake_us.record(us);
                 self.report.handshakes += 1;
+                if self.report.connected_at.len() < SETUP_TIMES_MAX {
+                    self.report.connected_at.push(now);
+                }
                 self.progress.handshakes.fetch_add(1, Ordering::Relaxed);
                 self.progress
                     .connections
@@ -431,5 +457,27 @@ impl Service for BenchService {
 
     fn poll_timeout(&self) -> Option<Instant> {
         self.deadline
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn setup_rates_compare_the_first_and_last_windows() {
+        let start = Instant::now();
+        // 1000 handshakes a second at first, then 250 a second.
+        let mut times: Vec<Instant> = (0..3000u64)
+            .map(|i| match i {
+                0..1500 => start + Duration::from_millis(i),
+                _ => start + Duration::from_millis(1500 + (i - 1500) * 4),
+            })
+            .rev()
+            .collect();
+        let (first, last) = setup_rates(&mut times, 1000).unwrap();
+        assert!((first - 1000.0).abs() < 1.0, "{first}");
+        assert!((last - 250.0).abs() < 1.0, "{last}");
+        assert_eq!(setup_rates(&mut times[..1999], 1000), None);
     }
 }

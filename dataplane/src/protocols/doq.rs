@@ -409,6 +409,19 @@ impl DoqServer {
             }
         };
         let answered = &mut self.answered_since;
+        if stream.answered {
+            // The query's bytes were released with its answer; any byte
+            // after it is a second message on the stream (RFC 9250 §4.2).
+            if !stream.buf.is_empty() {
+                counters.doq_errors += 1;
+                conn.close(
+                    now,
+                    VarInt::from_u32(DOQ_PROTOCOL_ERROR),
+                    Bytes::from_static(b"one DNS message per stream"),
+                );
+            }
+            return;
+        }
         let whole = match stream.buf.as_slice() {
             [hi, lo, ..] => 2 + usize::from(u16::from_be_bytes([*hi, *lo])),
             _ => usize::MAX,
@@ -446,6 +459,7 @@ impl DoqServer {
             Some(zone) => answer(zone, &stream.buf[2..whole]),
             None => refuse(&stream.buf[2..whole]),
         };
+        stream.buf = Vec::new();
         match result {
             Answer::Response(message) => {
                 // RFC 9250 §4.2: a two-byte length prefix; answers are

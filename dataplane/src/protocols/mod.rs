@@ -113,12 +113,18 @@ pub fn read_stream(
 /// peer stopped the stream or the connection is closing (nothing to send).
 pub(crate) fn write_whole(conn: &mut Connection, id: StreamId, mut rest: Bytes) -> Option<Bytes> {
     let mut send = conn.send_stream(id);
-    match send.write_chunks(std::slice::from_mut(&mut rest)) {
-        Ok(_) if rest.is_empty() => {
-            let _ = send.finish();
-            None
+    // A partial write limited by connection-level credit does not arm a
+    // Writable event; write until the stream itself reports Blocked (which
+    // does), or all of it went.
+    loop {
+        match send.write_chunks(std::slice::from_mut(&mut rest)) {
+            Ok(_) if rest.is_empty() => {
+                let _ = send.finish();
+                return None;
+            }
+            Ok(written) if written.bytes > 0 => continue,
+            Ok(_) | Err(WriteError::Blocked) => return Some(rest),
+            Err(WriteError::Stopped(_) | WriteError::ClosedStream) => return None,
         }
-        Ok(_) | Err(WriteError::Blocked) => Some(rest),
-        Err(WriteError::Stopped(_) | WriteError::ClosedStream) => None,
     }
 }

@@ -297,7 +297,11 @@ impl StoqServer {
     }
 
     pub fn on_finished(&mut self, id: StreamId) {
-        self.streams.remove(&id);
+        if let Some(stream) = self.streams.remove(&id)
+            && stream.held
+        {
+            self.held_bytes = self.held_bytes.saturating_sub(stream.buf.len());
+        }
     }
 
     fn read(
@@ -413,6 +417,8 @@ impl StoqServer {
                     match forward(kind, id, stream, ctx) {
                         Ok(()) => {
                             stream.answered = true;
+                            // Forwarded with a copy of its payload.
+                            stream.buf = Vec::new();
                             self.forwarded += 1;
                             counters.stoq_requests += 1;
                             return;
@@ -498,6 +504,8 @@ impl StoqServer {
                 .stop(VarInt::from_u32(STREAM_ERROR_BAD_REQUEST));
         }
         counters.stream_bytes_tx += response.len() as u64;
+        // The request is answered: its bytes are not needed any more.
+        stream.buf = Vec::new();
         stream.unsent = super::write_whole(conn, id, response);
     }
 }

@@ -148,6 +148,8 @@ pub enum Delivered {
     AdmissionDeadline,
     /// The connection's idle deadline passed.
     IdleDeadline,
+    /// The connection's handshake deadline passed.
+    HandshakeDeadline,
 }
 
 struct Conn<T> {

@@ -407,3 +407,135 @@ fn revoking_a_certificate_revokes_what_was_issued_on_its_authority() {
     assert!(is_revoked(&f, &issued_on_first));
     assert!(!is_revoked(&f, &first), "a predecessor is not revoked");
 }
+
+#[test]
+fn revoking_a_certificate_revokes_its_renewals_and_what_was_issued_on_them() {
+    let mut f = fixture("names-renewal-cascade");
+    let operator = f.operator.clone();
+    let renew = |f: &mut Fixture, caller: &Caller, issued: &Issued| -> Issued {
+        f.call(
+            caller,
+            CERT_RENEW,
+            json!({ "certificate_pem": issued.certificate_pem }),
+        )
+        .unwrap()
+    };
+    let (p1, p1_caller, p1_key) = f.enroll(&["r.internet2.test"]);
+    let pin = sha256(&p1_key.public_key_der());
+    let set = json_bytes(json!({
+        "name": "r",
+        "addresses": ["2001:db8::e"],
+        "tlsa": [{ "port": 443, "spki_sha256": hex(&pin) }],
+    }));
+    f.call_raw::<DnsChanged>(&p1_caller, DNS_SET, &set).unwrap();
+
+    // The reported dodge: renew ahead of a revocation (same key) and issue
+    // on the renewal; and renew the renewal.
+    let p2 = renew(&mut f, &p1_caller, &p1);
+    let p2_caller = caller_of(&p2);
+    let (_, child_csr) = csr(&["r.internet2.test"]);
+    let child = f.issue(&p2_caller, &child_csr, CertUsage::Client);
+    let p3 = renew(&mut f, &p2_caller, &p2);
+    let (unrelated, _, _) = f.enroll(&["unrelated.internet2.test"]);
+
+    f.call::<Revoked>(
+        &operator,
+        CERT_REVOKE,
+        json!({ "serial": p1.serial, "reason": "key_compromise" }),
+    )
+    .unwrap();
+    for (what, issued) in [
+        ("first", &p1),
+        ("renewal", &p2),
+        ("child of the renewal", &child),
+        ("renewal of the renewal", &p3),
+    ] {
+        assert!(is_revoked(&f, issued), "the {what} is revoked");
+    }
+    assert!(
+        !is_revoked(&f, &unrelated),
+        "an unrelated certificate stays"
+    );
+    for issued in [&p2, &child, &p3] {
+        assert_eq!(
+            listed_reason(&mut f, issued).as_deref(),
+            Some("privilege_withdrawn")
+        );
+    }
+    // No live certificate has the key any more: its pin went too.
+    let tlsa = f
+        .service
+        .zone()
+        .names
+        .into_iter()
+        .find(|n| n.name == "r.internet2.test.")
+        .unwrap()
+        .tlsa;
+    assert!(tlsa.is_empty(), "{tlsa:?}");
+    f.refused("the renewal", &p2_caller, CT_STH, b"", UNAUTHORIZED);
+    // A second revocation, of the first or of a renewal, changes nothing.
+    for issued in [&p1, &p2] {
+        let payload = json_bytes(json!({ "serial": issued.serial }));
+        refused(
+            &mut f,
+            "revoke again",
+            &operator,
+            CERT_REVOKE,
+            &payload,
+            ALREADY_REVOKED,
+        );
+    }
+
+    // The other way, as before: revoking a renewal revokes what was issued
+    // on its predecessor, not the predecessor itself.
+    let (q1, q1_caller, _) = f.enroll(&["q.internet2.test"]);
+    let (_, on_q1_csr) = csr(&["q.internet2.test"]);
+    let on_q1 = f.issue(&q1_caller, &on_q1_csr, CertUsage::Client);
+    let q2 = renew(&mut f, &q1_caller, &q1);
+    f.call::<Revoked>(&operator, CERT_REVOKE, json!({ "serial": q2.serial }))
+        .unwrap();
+    assert!(is_revoked(&f, &on_q1));
+    assert!(!is_revoked(&f, &q1), "a predecessor is not revoked");
+    assert!(!is_revoked(&f, &unrelated));
+}
+
+#[test]
+fn the_zone_refuses_every_one_of_the_servers_names() {
+    let server_names = vec![
+        "node1.internet2.test".into(),
+        "api.internet2.test".into(),
+        "::1".into(),
+    ];
+    let mut f = fixture_with("names-server-dns", server_names);
+    let operator = f.operator.clone();
+    // A holder of the server's names, as one issued before they were
+    // reserved would be; a name of its own shows it may change others.
+    let (_, holder) = operator_issued_client(
+        &mut f,
+        &[
+            "own.internet2.test",
+            "api.internet2.test",
+            "node1.internet2.test",
+        ],
+    );
+    let set = |name: &str| json_bytes(json!({ "name": name, "addresses": ["2001:db8::5"] }));
+    f.call_raw::<DnsChanged>(&holder, DNS_SET, &set("own"))
+        .unwrap();
+    for name in ["api", "API.internet2.test.", "api.internet2.test", "node1"] {
+        refused(&mut f, name, &holder, DNS_SET, &set(name), UNAUTHORIZED);
+        let remove = json_bytes(json!({ "name": name }));
+        refused(&mut f, name, &holder, DNS_REMOVE, &remove, UNAUTHORIZED);
+    }
+    // The operator's to set, and then still not the holder's to remove.
+    f.call_raw::<DnsChanged>(&operator, DNS_SET, &set("api"))
+        .unwrap();
+    let remove = json_bytes(json!({ "name": "api" }));
+    refused(
+        &mut f,
+        "remove api",
+        &holder,
+        DNS_REMOVE,
+        &remove,
+        UNAUTHORIZED,
+    );
+}

@@ -592,15 +592,16 @@ fn server_certificates_keep_their_names_pins_in_step() {
     );
 
     // Revoking one of two live certificates with the key keeps the pin;
-    // revoking the last removes it (the addresses stay).
+    // revoking the last removes it (the addresses stay). The renewal goes
+    // first: revoking the certificate it renewed would take it along.
     let generation = f.service.zone_generation();
-    f.call::<Revoked>(&operator, CERT_REVOKE, json!({ "serial": issued.serial }))
+    f.call::<Revoked>(&operator, CERT_REVOKE, json!({ "serial": renewed.serial }))
         .unwrap();
     assert_eq!(f.service.zone_generation(), generation);
     f.call::<Revoked>(
         &operator,
         CERT_REVOKE,
-        json!({ "serial": renewed.serial, "reason": "key_compromise" }),
+        json!({ "serial": issued.serial, "reason": "key_compromise" }),
     )
     .unwrap();
     let app_records = records_of(&f, "app.internet2.test.").unwrap();
