@@ -370,7 +370,14 @@ impl Service for BenchService {
             Event::Stream(StreamEvent::Available { dir: Dir::Bi })
                 if st.active && self.running(now) =>
             {
-                while st.streams.len() < self.plan.streams {
+                // Never past the plan's requests for this connection.
+                let budget = self
+                    .plan
+                    .requests_per_stream
+                    .map_or(u64::MAX, |max| max.saturating_mul(self.plan.streams as u64));
+                while st.streams.len() < self.plan.streams
+                    && st.requests + (st.streams.len() as u64) < budget
+                {
                     let before = st.streams.len();
                     self.start_request(st, conn);
                     if st.streams.len() == before {
