@@ -89,13 +89,7 @@ pub const NODE_KEY_FILE: &str = "beacon-node.key";
 fn is_operator(cert_der: Option<&[u8]>) -> bool {
     cert_der
         .and_then(|der| x509_parser::parse_x509_certificate(der).ok())
-        .is_some_and(|(_, cert)| {
-            cert.subject()
-                .iter_common_name()
-                .next()
-                .and_then(|cn| cn.as_str().ok())
-                == Some(controlplane::authority::service::OPERATOR)
-        })
+        .is_some_and(|(_, cert)| dataplane::trust::names_operator(&cert))
 }
 
 impl AuthorityRuntime {

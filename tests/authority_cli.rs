@@ -4,19 +4,9 @@
 
 mod common;
 
-use common::{CLIENT, Server, ok};
+use common::{CLIENT, Server, enrollment_token, ok};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, SystemTime};
-
-fn mint(server: &Server) -> String {
-    controlplane::authority::enrollment::mint(
-        &server.dir,
-        Duration::from_secs(600),
-        SystemTime::now(),
-    )
-    .expect("mint a token")
-}
 
 /// The command failed; its stderr.
 fn failed(out: &Output) -> String {
@@ -47,7 +37,7 @@ fn keys(value: &serde_json::Value) -> Vec<String> {
 /// Enroll `name` with a fresh token into `<dir>/<name>.pem`.
 fn enroll(server: &Server, name: &str) -> PathBuf {
     let path = server.dir.join(format!("{name}.pem"));
-    let token = mint(server);
+    let token = enrollment_token(server);
     let out = server.client(&[
         "enroll",
         &token,
@@ -116,7 +106,7 @@ fn enroll_use_verify_and_revoke() {
     let server = Server::start("auth-enroll", "");
     // (node1.internet2.test is the server's own name: taken.)
     let identity = server.dir.join("laptop1.pem");
-    let token = mint(&server);
+    let token = enrollment_token(&server);
     let enroll_args = [
         "enroll",
         &token,
@@ -383,24 +373,6 @@ fn foreign_and_malformed_input_is_refused() {
     }
 }
 
-/// The real server as `--mode production` runs it, with its defaults:
-/// mandatory admission, `plot_k = 18`, `stake_min = 1`,
-/// `development_stake = 0`. Only what a test on `[::1]` needs is set: the
-/// harness's `bind`/`port` and `--data-dir`, and an empty
-/// `[hypermesh_assets]` table, which stops the harness adding its
-/// development admission settings. The harness runs `SERVER --config …
-/// --data-dir …` behind a wrapper: this one puts `--mode production`
-/// after the binary (the wrapper hook also opens the data directory to
-/// other users, for wrappers that drop privileges; nothing here does).
-fn production_server(tag: &str) -> Server {
-    Server::start_in(
-        tag,
-        "::1",
-        "[hypermesh_assets]\n",
-        &["sh", "-c", "exec \"$0\" --mode production \"$@\""],
-    )
-}
-
 fn operator(server: &Server, args: &[&str]) -> Output {
     server
         .operator_command(Command::new(common::SERVER))
@@ -412,7 +384,7 @@ fn operator(server: &Server, args: &[&str]) -> Output {
 #[test]
 fn enrollment_on_production_defaults_ends_with_the_stake_grant_command() {
     use std::os::unix::fs::PermissionsExt;
-    let server = production_server("auth-production");
+    let server = Server::start_production("auth-production", "");
     let token = ok(&operator(&server, &["enroll-token"])).trim().to_owned();
     let identity = server.dir.join("prod-laptop.pem");
     let path = identity.to_str().unwrap();
@@ -484,7 +456,7 @@ fn key_pem(identity: &Path) -> String {
 fn a_rerun_enrollment_finishes_with_its_pending_key_and_no_other_key() {
     use std::os::unix::fs::PermissionsExt;
     let server = Server::start("auth-retry", "");
-    let token = mint(&server);
+    let token = enrollment_token(&server);
     let enroll_into = |path: &Path| {
         server.client(&[
             "enroll",

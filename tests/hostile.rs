@@ -13,34 +13,9 @@ mod common;
 
 use common::*;
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant, SystemTime};
-
-fn interop_python() -> Option<PathBuf> {
-    let venv = std::env::var_os("INTEROP_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/interop-venv"));
-    let python = venv.join("bin/python");
-    python.exists().then_some(python)
-}
-
-/// `python stoq_peer.py --host ::1 --port PORT --cafile CA ...`.
-fn peer(python: &Path, server: &Server) -> Command {
-    let mut command = Command::new(python);
-    command
-        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop/stoq_peer.py"))
-        .args([
-            "--host",
-            "::1",
-            "--port",
-            &server.port.to_string(),
-            "--cafile",
-        ])
-        .arg(server.ca());
-    command
-}
+use std::time::{Duration, Instant};
 
 /// Run `command` to completion within `limit` (killed past it: a failure),
 /// handing each stderr line to `on_stderr` as it comes.
@@ -101,15 +76,6 @@ fn peer_json(command: Command, limit: Duration) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("stoq_peer prints one JSON line ({e}): {stdout}"))
 }
 
-fn mint(server: &Server) -> String {
-    controlplane::authority::enrollment::mint(
-        &server.dir,
-        Duration::from_secs(600),
-        SystemTime::now(),
-    )
-    .expect("mint a token")
-}
-
 /// `internet2 ping` on a fresh connection, within 15 s.
 fn ping(server: &Server) -> Result<(), String> {
     let mut command = Command::new(CLIENT);
@@ -148,7 +114,7 @@ fn empty_stoq_stream_without_certificate_does_not_silence_a_worker() {
     let before = worker_handshakes(&server.stats());
     assert_eq!(before.len(), 2, "two workers: {before:?}");
 
-    let mut command = peer(&python, &server);
+    let mut command = interop_peer(&python, "stoq_peer.py", &server);
     command.args(["empty-stream", "--connections", "8"]);
     let result = peer_json(command, Duration::from_secs(120));
     eprintln!("attacker saw: {result}");
@@ -220,7 +186,7 @@ fn revoked_certificate_cannot_resume() {
     let (identity, serial) = issue_identity(&server, "resumer");
     let ticket = server.dir.join("resumer.ticket");
     let phase = |name: &str| {
-        let mut command = peer(&python, &server);
+        let mut command = interop_peer(&python, "stoq_peer.py", &server);
         command
             .args(["resume-after-revoke", "--cert"])
             .arg(&identity)
@@ -284,10 +250,10 @@ fn enrollee_cannot_get_a_wildcard_or_the_server_name() {
         "NODE1.Internet2.Test",
         "OPERATOR",
     ];
-    let mut command = peer(&python, &server);
+    let mut command = interop_peer(&python, "stoq_peer.py", &server);
     command.arg("enroll-wildcard");
     for _ in 0..names.len() + 1 {
-        command.args(["--token", &mint(&server)]);
+        command.args(["--token", &enrollment_token(&server)]);
     }
     for name in names {
         command.args(["--name", name]);
@@ -336,16 +302,10 @@ fn enrollee_cannot_get_a_wildcard_or_the_server_name() {
 #[test]
 fn production_enrollment_saves_the_identity() {
     let python = interop_python();
-    // The harness runs `SERVER --config ... --data-dir ...`; the wrapper
-    // puts `--mode production` in front. plot_k 12 keeps the plot small.
-    let server = Server::start_in(
-        "hostile-production",
-        "::1",
-        "[hypermesh_assets]\nplot_k = 12\n",
-        &["sh", "-c", "exec \"$0\" --mode production \"$@\""],
-    );
+    // Production defaults but plot_k 12, which keeps the plot small.
+    let server = Server::start_production("hostile-production", "plot_k = 12\n");
     let identity = server.dir.join("prod-client.pem");
-    let token = mint(&server);
+    let token = enrollment_token(&server);
     let mut command = Command::new(CLIENT);
     command
         .args(["enroll", &token, "--name", "prod-client", "--out"])
@@ -363,9 +323,9 @@ fn production_enrollment_saves_the_identity() {
         );
         return skip_or_fail("aioquic is not installed: run `bash .ci/setup-interop.sh`");
     };
-    let mut command = peer(&python, &server);
+    let mut command = interop_peer(&python, "stoq_peer.py", &server);
     command
-        .args(["enroll-production", "--token", &mint(&server)])
+        .args(["enroll-production", "--token", &enrollment_token(&server)])
         .args(["--name", "prod-aioquic", "--out"])
         .arg(server.dir.join("prod-aioquic.pem"));
     let result = peer_json(command, Duration::from_secs(60));
@@ -414,7 +374,7 @@ fn doq_flood_of_unfinished_streams_is_bounded() {
     let server = Server::start("hostile-doq", "[dataplane]\nworkers = 2\n");
     let pid = server.pid();
     // Warm up (first handshakes, first queries), then the baseline.
-    let mut warm = peer(&python, &server);
+    let mut warm = interop_peer(&python, "stoq_peer.py", &server);
     warm.args([
         "doq-hold",
         "--connections",
@@ -441,7 +401,7 @@ fn doq_flood_of_unfinished_streams_is_bounded() {
         }
     });
     let mut held = None;
-    let mut command = peer(&python, &server);
+    let mut command = interop_peer(&python, "stoq_peer.py", &server);
     command.args([
         "--timeout",
         "150",

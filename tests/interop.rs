@@ -6,40 +6,9 @@ mod common;
 
 use common::*;
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
-
-fn interop_python() -> Option<PathBuf> {
-    let venv = std::env::var_os("INTEROP_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/interop-venv"));
-    let python = venv.join("bin/python");
-    python.exists().then_some(python)
-}
-
-/// `python SCRIPT --host ::1 --port PORT --cafile CA`, aimed at our server.
-fn peer(python: &std::path::Path, name: &str, server: &Server) -> Command {
-    let mut command = Command::new(python);
-    command
-        .arg(script(name))
-        .args([
-            "--host",
-            "::1",
-            "--port",
-            &server.port.to_string(),
-            "--cafile",
-        ])
-        .arg(server.ca());
-    command
-}
-
-fn script(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/interop")
-        .join(name)
-}
 
 #[test]
 fn aioquic_perf_client_against_our_server() {
@@ -51,7 +20,7 @@ fn aioquic_perf_client_against_our_server() {
         "aioquic-client",
         "[trustchain_authority]\nperf_without_client_certificate = true\n",
     );
-    let out = peer(&python, "perf_client.py", &server)
+    let out = interop_peer(&python, "perf_client.py", &server)
         .args([
             "--server-name",
             "localhost",
@@ -84,7 +53,7 @@ fn our_perf_client_against_aioquic_server() {
     let dir = temp_dir("aioquic-server");
     let port = free_port();
     let mut child = Command::new(&python)
-        .arg(script("perf_server.py"))
+        .arg(interop_script("perf_server.py"))
         .args([
             "--host",
             "::1",
@@ -140,7 +109,7 @@ fn our_perf_client_against_aioquic_server() {
 
 /// dnspython's DoQ client (an independent implementation) against our zone.
 fn doq(python: &std::path::Path, server: &Server, name: &str, rdtype: &str) -> serde_json::Value {
-    let out = peer(python, "doq_query.py", server)
+    let out = interop_peer(python, "doq_query.py", server)
         .args([name, rdtype])
         .output()
         .unwrap();

@@ -153,6 +153,17 @@ pub enum PeerRefusal {
     OutsideValidity,
 }
 
+/// Whether the certificate's subject CN is [`OPERATOR_COMMON_NAME`]. The
+/// caller must have checked that it chains to this CA, which issues that
+/// name to the operator alone.
+pub fn names_operator(cert: &x509_parser::certificate::X509Certificate<'_>) -> bool {
+    cert.subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        == Some(OPERATOR_COMMON_NAME)
+}
+
 impl PeerCertificate {
     /// None when the certificate does not parse (the handshake's chain
     /// check parsed it already, so only a resumed session's stored
@@ -161,12 +172,7 @@ impl PeerCertificate {
         let (serial, operator, not_before_unix_s, not_after_unix_s) = {
             let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
             let validity = parsed.validity();
-            let operator = parsed
-                .subject()
-                .iter_common_name()
-                .next()
-                .and_then(|cn| cn.as_str().ok())
-                == Some(OPERATOR_COMMON_NAME);
+            let operator = names_operator(&parsed);
             (
                 parsed.tbs_certificate.raw_serial().to_vec(),
                 operator,

@@ -69,9 +69,33 @@ impl Server {
         Server::start_in(tag, "::1", extra, &[])
     }
 
+    /// Start as `--mode production` runs it, with its defaults (mandatory
+    /// admission, plot_k 18, no development stake …): only bind, port and
+    /// data dir are set, plus the `[hypermesh_assets]` keys in `assets`
+    /// (none keeps every production default).
+    pub fn start_production(tag: &str, assets: &str) -> Server {
+        Server::start_with(
+            tag,
+            "::1",
+            &format!("[hypermesh_assets]\n{assets}"),
+            &[],
+            &["--mode", "production"],
+        )
+    }
+
     /// Start bound to `bind`, the command prefixed by `wrapper` (for
     /// `ip netns exec NS`).
     pub fn start_in(tag: &str, bind: &str, extra: &str, wrapper: &[&str]) -> Server {
+        Server::start_with(tag, bind, extra, wrapper, &[])
+    }
+
+    fn start_with(
+        tag: &str,
+        bind: &str,
+        extra: &str,
+        wrapper: &[&str],
+        server_args: &[&str],
+    ) -> Server {
         let port = free_port();
         let dir = temp_dir(tag);
         // Admission stays mandatory (the production default) with the
@@ -88,7 +112,7 @@ impl Server {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
         }
-        let (child, stderr) = launch(&dir, bind, wrapper);
+        let (child, stderr) = launch(&dir, bind, wrapper, server_args);
         Server {
             child: Some(child),
             port,
@@ -103,7 +127,7 @@ impl Server {
         let mut child = self.child.take().expect("running");
         child.kill().unwrap();
         child.wait().unwrap();
-        let (child, stderr) = launch(&self.dir, "::1", &[]);
+        let (child, stderr) = launch(&self.dir, "::1", &[], &[]);
         self.child = Some(child);
         self.stderr = stderr;
     }
@@ -208,7 +232,12 @@ impl Server {
 
 /// Run the server on `dir/server.toml` with data in `dir`; waits for the
 /// `listening` line.
-fn launch(dir: &Path, bind: &str, wrapper: &[&str]) -> (Child, mpsc::Receiver<String>) {
+fn launch(
+    dir: &Path,
+    bind: &str,
+    wrapper: &[&str],
+    server_args: &[&str],
+) -> (Child, mpsc::Receiver<String>) {
     let mut command = match wrapper.split_first() {
         Some((program, args)) => {
             let mut c = Command::new(program);
@@ -218,6 +247,7 @@ fn launch(dir: &Path, bind: &str, wrapper: &[&str]) -> (Child, mpsc::Receiver<St
         None => Command::new(SERVER),
     };
     let mut child = command
+        .args(server_args)
         .arg("--config")
         .arg(dir.join("server.toml"))
         .arg("--data-dir")
@@ -368,4 +398,48 @@ pub fn operator_target(server: &Server) -> dataplane::client::ClientTarget {
         admitter: Some(operator_admitter(server)),
         transport: dataplane::TransportSettings::default(),
     }
+}
+
+/// A one-time enrollment token of `server`, minted from its data directory
+/// as `internet2-server enroll-token` does.
+pub fn enrollment_token(server: &Server) -> String {
+    controlplane::authority::enrollment::mint(
+        &server.dir,
+        Duration::from_secs(600),
+        std::time::SystemTime::now(),
+    )
+    .expect("mint a token")
+}
+
+/// The interop venv's python (aioquic and friends, installed by
+/// `.ci/setup-interop.sh`), if it is there.
+pub fn interop_python() -> Option<PathBuf> {
+    let venv = std::env::var_os("INTEROP_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/interop-venv"));
+    let python = venv.join("bin/python");
+    python.exists().then_some(python)
+}
+
+/// An interop script of tests/interop/.
+pub fn interop_script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/interop")
+        .join(name)
+}
+
+/// `python SCRIPT --host ::1 --port PORT --cafile CA`, aimed at `server`.
+pub fn interop_peer(python: &Path, script: &str, server: &Server) -> Command {
+    let mut command = Command::new(python);
+    command
+        .arg(interop_script(script))
+        .args([
+            "--host",
+            "::1",
+            "--port",
+            &server.port.to_string(),
+            "--cafile",
+        ])
+        .arg(server.ca());
+    command
 }

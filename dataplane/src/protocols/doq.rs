@@ -316,6 +316,18 @@ fn respond(message: Message) -> Answer {
     }
 }
 
+/// Close the connection with a DoQ error code (RFC 9250 §4.3), counted.
+fn close_with(
+    conn: &mut Connection,
+    now: Instant,
+    code: u32,
+    reason: &'static [u8],
+    counters: &mut Counters,
+) {
+    counters.doq_errors += 1;
+    conn.close(now, VarInt::from_u32(code), Bytes::from_static(reason));
+}
+
 #[derive(Debug, Default)]
 struct DoqStream {
     buf: Vec<u8>,
@@ -395,11 +407,12 @@ impl DoqServer {
             return;
         }
         let stream = if self.pending_query_bytes() > PENDING_QUERY_BYTES_MAX {
-            counters.doq_errors += 1;
-            conn.close(
+            close_with(
+                conn,
                 now,
-                VarInt::from_u32(DOQ_EXCESSIVE_LOAD),
-                Bytes::from_static(b"too many unfinished queries"),
+                DOQ_EXCESSIVE_LOAD,
+                b"too many unfinished queries",
+                counters,
             );
             return;
         } else {
@@ -413,11 +426,12 @@ impl DoqServer {
             // The query's bytes were released with its answer; any byte
             // after it is a second message on the stream (RFC 9250 §4.2).
             if !stream.buf.is_empty() {
-                counters.doq_errors += 1;
-                conn.close(
+                close_with(
+                    conn,
                     now,
-                    VarInt::from_u32(DOQ_PROTOCOL_ERROR),
-                    Bytes::from_static(b"one DNS message per stream"),
+                    DOQ_PROTOCOL_ERROR,
+                    b"one DNS message per stream",
+                    counters,
                 );
             }
             return;
@@ -428,11 +442,12 @@ impl DoqServer {
         };
         if state == super::ReadState::Finished && !stream.answered && stream.buf.len() < whole {
             // RFC 9250 §4.3.3: the stream ended inside a message.
-            counters.doq_errors += 1;
-            conn.close(
+            close_with(
+                conn,
                 now,
-                VarInt::from_u32(DOQ_PROTOCOL_ERROR),
-                Bytes::from_static(b"stream ended before its DNS message was complete"),
+                DOQ_PROTOCOL_ERROR,
+                b"stream ended before its DNS message was complete",
+                counters,
             );
             return;
         }
@@ -443,11 +458,12 @@ impl DoqServer {
             // RFC 9250 §4.2: one query per stream; anything more is a
             // protocol error for the connection. (A later event with no new
             // bytes, such as the FIN arriving on its own, is not.)
-            counters.doq_errors += 1;
-            conn.close(
+            close_with(
+                conn,
                 now,
-                VarInt::from_u32(DOQ_PROTOCOL_ERROR),
-                Bytes::from_static(b"one DNS message per stream"),
+                DOQ_PROTOCOL_ERROR,
+                b"one DNS message per stream",
+                counters,
             );
             return;
         }
@@ -480,12 +496,7 @@ impl DoqServer {
                 stream.unsent = super::write_whole(conn, id, framed.freeze());
             }
             Answer::ProtocolError(reason) => {
-                counters.doq_errors += 1;
-                conn.close(
-                    now,
-                    VarInt::from_u32(DOQ_PROTOCOL_ERROR),
-                    Bytes::from_static(reason.as_bytes()),
-                );
+                close_with(conn, now, DOQ_PROTOCOL_ERROR, reason.as_bytes(), counters)
             }
         }
     }

@@ -72,6 +72,33 @@ fn operator_issued_client(f: &mut Fixture, names: &[&str]) -> (Issued, Caller) {
     (issued, caller)
 }
 
+/// A client the operator issued a certificate for `name` (one only the
+/// operator may hold) may neither issue a server certificate for it with a
+/// new key nor renew its own. Returns that certificate.
+fn holder_may_neither_issue_nor_renew(f: &mut Fixture, name: &str) -> Issued {
+    let (held, holder) = operator_issued_client(f, &[name]);
+    let (_, again) = csr(&[name]);
+    let payload = issue_payload(&again, "server");
+    refused(
+        f,
+        &format!("issue {name}"),
+        &holder,
+        CERT_ISSUE,
+        &payload,
+        UNAUTHORIZED,
+    );
+    let payload = json_bytes(json!({ "certificate_pem": held.certificate_pem }));
+    refused(
+        f,
+        &format!("renew {name}"),
+        &holder,
+        CERT_RENEW,
+        &payload,
+        UNAUTHORIZED,
+    );
+    held
+}
+
 fn serial_of(issued: &Issued) -> Serial {
     parse_serial("serial", &issued.serial).unwrap()
 }
@@ -126,26 +153,7 @@ fn wildcards_are_the_operators_alone() {
 
     // A holder of a wildcard the operator gave it neither issues nor
     // renews it.
-    let (held, holder) = operator_issued_client(&mut f, &["*.internet2.test"]);
-    let (_, again) = csr(&["*.internet2.test"]);
-    let payload = issue_payload(&again, "server");
-    refused(
-        &mut f,
-        "reissue a wildcard",
-        &holder,
-        CERT_ISSUE,
-        &payload,
-        UNAUTHORIZED,
-    );
-    let payload = json_bytes(json!({ "certificate_pem": held.certificate_pem }));
-    refused(
-        &mut f,
-        "renew a wildcard",
-        &holder,
-        CERT_RENEW,
-        &payload,
-        UNAUTHORIZED,
-    );
+    let held = holder_may_neither_issue_nor_renew(&mut f, "*.internet2.test");
 
     // The zone holds no wildcard, and only the operator is told it is
     // malformed rather than not allowed.
@@ -266,26 +274,7 @@ fn the_servers_own_names_are_the_operators() {
 
     // A client the operator gave the server's name may not issue it for a
     // server, nor renew it.
-    let (held, node1) = operator_issued_client(&mut f, &["node1.internet2.test"]);
-    let (_, server) = csr(&["node1.internet2.test"]);
-    let payload = issue_payload(&server, "server");
-    refused(
-        &mut f,
-        "issue node1",
-        &node1,
-        CERT_ISSUE,
-        &payload,
-        UNAUTHORIZED,
-    );
-    let payload = json_bytes(json!({ "certificate_pem": held.certificate_pem }));
-    refused(
-        &mut f,
-        "renew node1",
-        &node1,
-        CERT_RENEW,
-        &payload,
-        UNAUTHORIZED,
-    );
+    holder_may_neither_issue_nor_renew(&mut f, "node1.internet2.test");
 
     // The zone's server name counts even when the certificate's names do
     // not list it.
