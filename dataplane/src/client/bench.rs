@@ -270,7 +270,7 @@ impl BenchService {
         if let Some(message) = failure {
             st.streams.remove(&id);
             self.error(message);
-            self.next_request(st, conn, now);
+            self.top_up(st, conn, now);
         } else if finished {
             s.response_done = true;
             self.complete_if_done(st, conn, id, now);
@@ -294,18 +294,35 @@ impl BenchService {
         tracing::trace!(stats = ?conn.stats(), "perf request done");
         self.report.requests += 1;
         st.requests += 1;
-        self.next_request(st, conn, now);
+        self.top_up(st, conn, now);
     }
 
-    fn next_request(&mut self, st: &mut BenchConn, conn: &mut Connection, now: Instant) {
+    /// Open requests on an active connection up to the plan: at most
+    /// `streams` in flight and never past its fixed number of requests.
+    /// Every path that starts requests comes through here: the start of
+    /// the data phase, a finished request, and the server granting more
+    /// streams as it comes to trust the connection.
+    fn top_up(&mut self, st: &mut BenchConn, conn: &mut Connection, now: Instant) {
+        let data_phase = !self.plan.handshake_only && self.measuring.is_some();
+        if !data_phase
+            || !st.active
+            || !self.running(now)
+            || conn.is_handshaking()
+            || conn.is_closed()
         {
-            let per_slot = st.requests.div_ceil(self.plan.streams.max(1) as u64);
-            let more = self
-                .plan
-                .requests_per_stream
-                .is_none_or(|max| per_slot < max);
-            if self.running(now) && more {
-                self.start_request(st, conn);
+            return;
+        }
+        let budget = self
+            .plan
+            .requests_per_stream
+            .map_or(u64::MAX, |max| max.saturating_mul(self.plan.streams as u64));
+        while st.streams.len() < self.plan.streams
+            && st.requests + (st.streams.len() as u64) < budget
+        {
+            let before = st.streams.len();
+            self.start_request(st, conn);
+            if st.streams.len() == before {
+                break;
             }
         }
     }
@@ -367,24 +384,7 @@ impl Service for BenchService {
             Event::Stream(StreamEvent::Writable { id }) => self.continue_upload(st, conn, id),
             // The server grants streams as it trusts the connection: top
             // the active ones up to the plan.
-            Event::Stream(StreamEvent::Available { dir: Dir::Bi })
-                if st.active && self.running(now) =>
-            {
-                // Never past the plan's requests for this connection.
-                let budget = self
-                    .plan
-                    .requests_per_stream
-                    .map_or(u64::MAX, |max| max.saturating_mul(self.plan.streams as u64));
-                while st.streams.len() < self.plan.streams
-                    && st.requests + (st.streams.len() as u64) < budget
-                {
-                    let before = st.streams.len();
-                    self.start_request(st, conn);
-                    if st.streams.len() == before {
-                        break;
-                    }
-                }
-            }
+            Event::Stream(StreamEvent::Available { dir: Dir::Bi }) => self.top_up(st, conn, now),
             Event::Stream(StreamEvent::Finished { id }) => {
                 if let Some(s) = st.streams.get_mut(&id) {
                     s.upload_acked = true;
@@ -412,12 +412,8 @@ impl Service for BenchService {
             .store(self.open, Ordering::Relaxed);
     }
 
-    fn on_visit(&mut self, st: &mut BenchConn, conn: &mut Connection, _now: Instant) {
-        if st.active && !conn.is_handshaking() && !conn.is_closed() {
-            for _ in 0..self.plan.streams {
-                self.start_request(st, conn);
-            }
-        }
+    fn on_visit(&mut self, st: &mut BenchConn, conn: &mut Connection, now: Instant) {
+        self.top_up(st, conn, now);
     }
 
     fn poll(&mut self, now: Instant, actions: &mut Actions) {
