@@ -170,6 +170,7 @@ fn handshakes(
         handshake_only: true,
         verify: false,
         handshake_concurrency: plan.handshake_concurrency,
+        resume: false,
     };
     let reports = client::spawn_bench(target, &bench, 1, None)?.join()?;
     let mut histogram = Histogram::<u64>::new(3).expect("valid precision");

@@ -357,6 +357,7 @@ fn datagrams_on_the_wrong_worker_are_handed_to_the_owner() {
         handshake_only: false,
         verify: true,
         handshake_concurrency: 4,
+        resume: false,
     };
     let reports = client::spawn_bench_with(&target, &plan, 1, None, &config)
         .unwrap()

@@ -35,8 +35,20 @@ const SEND_WINDOW: u64 = 64 << 20;
     about = "QUIC perf (draft-banks) baseline on quinn + tokio"
 )]
 struct Cli {
+    /// Tokio runtime. `current-thread` is quinn at its best here: one
+    /// endpoint is driven by one task, so a thread pool only adds
+    /// cross-thread wake-ups. `multi-thread` is tokio's default, kept to
+    /// show the difference.
+    #[arg(long, value_enum, default_value = "current-thread", global = true)]
+    runtime: Runtime,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Runtime {
+    CurrentThread,
+    MultiThread,
 }
 
 #[derive(Subcommand)]
@@ -47,12 +59,20 @@ enum Command {
     Client(client::ClientArgs),
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
-    match Cli::parse().command {
-        Command::Server(args) => server::run(args).await,
-        Command::Client(args) => client::run(args).await,
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let runtime = match cli.runtime {
+        Runtime::CurrentThread => tokio::runtime::Builder::new_current_thread(),
+        Runtime::MultiThread => tokio::runtime::Builder::new_multi_thread(),
     }
+    .enable_all()
+    .build()?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::Server(args) => server::run(args).await,
+            Command::Client(args) => client::run(args).await,
+        }
+    })
 }
 
 /// Clap value parser for `[IPv6]:PORT`; IPv4 (also IPv4-mapped) is refused

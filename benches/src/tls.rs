@@ -40,15 +40,25 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// TLS 1.3 only (QUIC requires it). No session tickets: clients never resume,
-/// so issuing tickets would be wasted work on every handshake.
-pub fn server_crypto(identity: SelfSigned) -> Result<QuicServerConfig> {
+/// TLS 1.3 only (QUIC requires it). Without `tickets` no session tickets
+/// are issued, the cheapest full handshake. With `tickets`, two stateless
+/// tickets (rustls' ring ticketer, no server-side store) per handshake, and
+/// 0-RTT accepted on resumption, so a client can resume and can tell that
+/// it did.
+pub fn server_crypto(identity: SelfSigned, tickets: bool) -> Result<QuicServerConfig> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
         .with_single_cert(vec![identity.cert], identity.key)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    tls.send_tls13_tickets = 0;
+    if tickets {
+        tls.ticketer = rustls::crypto::ring::Ticketer::new()?;
+        tls.send_tls13_tickets = 2;
+        // RFC 9001 §4.6.1: QUIC servers signal 0-RTT with 0xffffffff.
+        tls.max_early_data_size = u32::MAX;
+    } else {
+        tls.send_tls13_tickets = 0;
+    }
     Ok(QuicServerConfig::try_from(tls)?)
 }
 

@@ -348,11 +348,14 @@ fn root_store(roots: &[CertificateDer<'static>]) -> Result<rustls::RootCertStore
     Ok(store)
 }
 
-/// rustls client config for QUIC with resumption and 0-RTT enabled.
+/// rustls client config for QUIC. With `resume`, sessions are remembered
+/// and later connections resume and may send 0-RTT; without, every
+/// connection is a full handshake (what handshake benchmarks measure).
 pub fn client_crypto(
     trust: &ServerTrust,
     identity: Option<&ClientIdentity>,
     alpn: &[u8],
+    resume: bool,
 ) -> Result<Arc<QuicClientConfig>, TlsSetupError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?;
@@ -381,7 +384,11 @@ pub fn client_crypto(
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![alpn.to_vec()];
-    config.enable_early_data = true;
+    if resume {
+        config.enable_early_data = true;
+    } else {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
     QuicClientConfig::try_from(config)
         .map(Arc::new)
         .map_err(|e| TlsSetupError::NoQuicSuite(e.to_string()))

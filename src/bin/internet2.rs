@@ -248,6 +248,11 @@ struct BenchArgs {
     /// Handshakes in flight per client worker.
     #[arg(long, default_value_t = 256)]
     handshake_concurrency: usize,
+    /// Resume the TLS session of an earlier connection (and offer 0-RTT)
+    /// where the server gave a ticket; by default every connection is a
+    /// full handshake.
+    #[arg(long)]
+    resume: bool,
     #[arg(long, value_enum, default_value = "cubic")]
     congestion: CongestionArg,
     /// Write the result as JSON here.
@@ -678,6 +683,7 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         handshake_only: args.handshake_only,
         verify: args.verify,
         handshake_concurrency: args.handshake_concurrency,
+        resume: args.resume,
     };
     let cores = (!args.cores.is_empty()).then_some(args.cores.as_slice());
     let started = Instant::now();
@@ -707,10 +713,11 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     let reports = handle.join()?;
     let result = summarize(&reports);
     println!(
-        "goodput {:.3} Gbit/s  bytes {}  handshakes {} ({:.0}/s, p50 {} us, p99 {} us)  connections {}  errors {}  verify_failures {}",
+        "goodput {:.3} Gbit/s  bytes {}  handshakes {} (resumed {}, {:.0}/s, p50 {} us, p99 {} us)  connections {}  errors {}  verify_failures {}",
         result["goodput_gbps"].as_f64().unwrap_or(0.0),
         result["bytes"],
         result["handshakes"],
+        result["handshakes_resumed"],
         result["handshakes_per_s"].as_f64().unwrap_or(0.0),
         result["handshake_us_p50"],
         result["handshake_us_p99"],
@@ -782,6 +789,7 @@ fn summarize(reports: &[BenchReport]) -> serde_json::Value {
         "duration_s": elapsed,
         "connections": reports.iter().map(|r| r.connections_peak).sum::<u64>(),
         "handshakes": handshakes,
+        "handshakes_resumed": reports.iter().map(|r| r.resumed).sum::<u64>(),
         "handshakes_per_s": handshakes as f64 / handshake_elapsed,
         "setup_s": handshake_elapsed,
         "handshake_us_p50": histogram.value_at_quantile(0.5),

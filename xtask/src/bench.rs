@@ -134,6 +134,9 @@ fn validate(args: &BenchArgs) -> Result<()> {
     if args.active == Some(0) {
         bail!("--active must be at least 1");
     }
+    if args.resume && args.client == crate::ClientKind::Quinn {
+        bail!("--resume needs --client ours (the quinn-baseline client never resumes)");
+    }
     // Checked here rather than with clap's `requires`, which did not reject
     // these flags next to the required `mode` group.
     if args.compare && !args.netns {
@@ -196,8 +199,11 @@ fn validate(args: &BenchArgs) -> Result<()> {
             if args.connect.is_none() {
                 bail!("--role client needs --connect, e.g. --connect [2001:db8::1]:4433");
             }
-            if args.ca.is_none() && !args.baseline {
-                bail!("--role client needs --ca PATH: the CA the server role printed");
+            if args.ca.is_none() && args.client == crate::ClientKind::Ours {
+                bail!(
+                    "--role client with --client ours needs --ca PATH: the CA (or, for the \
+                     quinn baseline, the cert.pem) the server role printed"
+                );
             }
             if args.listen.is_some() || args.data_dir.is_some() {
                 bail!("--listen and --data-dir are for --role server");
@@ -390,7 +396,11 @@ fn netns_run(
         }
         Side::Baseline => {
             let mut cmd = Topology::exec(&topo.server_ns, &bins.baseline);
-            cmd.args(baseline_server_args(addr));
+            cmd.args(baseline_server_args(
+                args,
+                addr,
+                &baseline_cert_dir(work, index),
+            ));
             cmd
         }
     };
@@ -402,22 +412,17 @@ fn netns_run(
     if std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "ip") {
         bail!("`ip netns exec` forked instead of exec'ing; cannot measure the server");
     }
-    let ca = listening_ca(&listening).unwrap_or_else(|| data_dir.join("ca.pem"));
+    let ca = match side {
+        Side::Ours(_) => listening_ca(&listening).unwrap_or_else(|| data_dir.join("ca.pem")),
+        Side::Baseline => baseline_cert_dir(work, index).join("cert.pem"),
+    };
 
     let (_, rss_before) = proc_mem(pid)?;
     let cpu_before = proc_cpu_ticks(pid)?;
     let client_json = work.path.join(format!("client-{index}.json"));
-    let client_cmd = client_command(
-        args,
-        bins,
-        side,
-        Some(&topo.client_ns),
-        addr,
-        &ca,
-        &client_json,
-    );
+    let client_cmd = client_command(args, bins, Some(&topo.client_ns), addr, &ca, &client_json);
     let started = Instant::now();
-    run_client(client_cmd, side, client_timeout(args))?;
+    run_client(client_cmd, args.client, side, client_timeout(args))?;
     let wall = started.elapsed().as_secs_f64();
     if let Some(status) = server.child.try_wait()? {
         bail!("{} exited during the client run ({status})", server.name);
@@ -438,7 +443,10 @@ fn netns_run(
     let cpu_s = (cpu_after.saturating_sub(cpu_before)) as f64 / clk_tck;
     let cores = cpu_s / wall;
     let connections = client.get("connections");
+    let (full, resumed) = cpu_per_handshake(args, &client, side, cpu_s)?;
     Ok(Metrics {
+        server_cpu_us_per_handshake: full,
+        server_cpu_us_per_resumed_handshake: resumed,
         server_cpu_s: Some(cpu_s),
         server_cpu_cores: Some(cores),
         gbps_per_server_core: client
@@ -449,12 +457,47 @@ fn netns_run(
         server_rss_end_bytes: Some(rss_end as f64),
         // Churned connections (--handshake-only) have no steady per-connection
         // footprint to divide by.
-        rss_per_connection_bytes: connections
+        server_rss_per_idle_connection: connections
             .filter(|&c| c > 0.0 && !args.handshake_only)
             .map(|c| hwm.saturating_sub(rss_before) as f64 / c),
         handoff_ratio,
         ..client.metrics()
     })
+}
+
+/// Server CPU µs per handshake of a handshake-only run: full, or resumed
+/// with --resume. A --resume run in which the server did not resume (nearly)
+/// every handshake is an error, not a figure.
+fn cpu_per_handshake(
+    args: &BenchArgs,
+    client: &ClientResult,
+    side: Side,
+    cpu_s: f64,
+) -> Result<(Option<f64>, Option<f64>)> {
+    let Some(handshakes) = client.get("handshakes").filter(|&h| h > 0.0) else {
+        return Ok((None, None));
+    };
+    if !args.handshake_only {
+        return Ok((None, None));
+    }
+    let per = Some(cpu_s * 1e6 / handshakes);
+    if !args.resume {
+        return Ok((per, None));
+    }
+    let resumed = client.get("handshakes_resumed").unwrap_or(0.0);
+    if resumed < 0.9 * handshakes {
+        bail!(
+            "--resume: the {} server resumed {resumed} of {handshakes} handshakes; \
+             per-resumed-handshake CPU would measure full handshakes",
+            side.label()
+        );
+    }
+    Ok((None, per))
+}
+
+/// Where the quinn baseline of run `index` writes its certificate.
+fn baseline_cert_dir(work: &WorkDir, index: usize) -> PathBuf {
+    work.path.join(format!("baseline-{index}"))
 }
 
 /// The backend and steering of one flavor of our server.
@@ -506,8 +549,13 @@ fn write_config(
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
-fn baseline_server_args(addr: SocketAddr) -> Vec<String> {
-    vec![
+/// The quinn baseline's server arguments: our server's stream limit and
+/// socket buffers, its certificate written to `cert_dir` (for our client's
+/// --ca), and session tickets when the run resumes.
+fn baseline_server_args(args: &BenchArgs, addr: SocketAddr, cert_dir: &Path) -> Vec<String> {
+    let mut argv = vec![
+        "--runtime".into(),
+        args.baseline_runtime.clone(),
         "server".into(),
         "--listen".into(),
         addr.to_string(),
@@ -515,30 +563,37 @@ fn baseline_server_args(addr: SocketAddr) -> Vec<String> {
         MAX_STREAMS.to_string(),
         "--socket-buffer".into(),
         SOCKET_BUFFER.to_string(),
-    ]
+        "--cert-dir".into(),
+        cert_dir.display().to_string(),
+    ];
+    if args.resume {
+        argv.push("--tickets".into());
+    }
+    argv
 }
 
-/// The client command for `side`, inside `ns` when given. Both clients get
-/// the same load shape; only our client takes a CA, workers and a backend.
+/// The command of the --client chosen, against the server at `addr`,
+/// inside `ns` when given. Both clients get the same load shape; only ours
+/// takes a CA (the server's, or the baseline's own certificate), workers
+/// and a backend.
 fn client_command(
     args: &BenchArgs,
     bins: &Binaries,
-    side: Side,
     ns: Option<&str>,
     addr: SocketAddr,
     ca: &Path,
     json: &Path,
 ) -> Command {
-    let program = match side {
-        Side::Ours(_) => &bins.client,
-        Side::Baseline => &bins.baseline,
+    let program = match args.client {
+        crate::ClientKind::Ours => &bins.client,
+        crate::ClientKind::Quinn => &bins.baseline,
     };
     let mut cmd = match ns {
         Some(ns) => Topology::exec(ns, program),
         None => Command::new(program),
     };
-    match side {
-        Side::Ours(_) => {
+    match args.client {
+        crate::ClientKind::Ours => {
             // AF_XDP is a server backend: the client then runs io_uring.
             let backend = match args.backend {
                 crate::Backend::Xdp => crate::Backend::Uring,
@@ -554,9 +609,16 @@ fn client_command(
                 // Nor client certificates: quinn's client has none.
                 .arg("--anonymous")
                 .args(["--backend", backend.as_str()]);
+            if args.resume {
+                cmd.arg("--resume");
+            }
         }
-        Side::Baseline => {
-            cmd.args(["client", "--connect", &addr.to_string()]);
+        crate::ClientKind::Quinn => {
+            cmd.args(["--runtime", &args.baseline_runtime]).args([
+                "client",
+                "--connect",
+                &addr.to_string(),
+            ]);
         }
     }
     cmd.args(["--duration", &args.duration.to_string()])
@@ -626,8 +688,9 @@ fn run_server_role(args: &BenchArgs, bins: &Binaries) -> Result<()> {
     let work = WorkDir::create(WORK_PREFIX)?;
     let (cmd, side, ca) = if args.baseline {
         let mut cmd = Command::new(&bins.baseline);
-        cmd.args(baseline_server_args(listen));
-        (cmd, Side::Baseline, None)
+        let cert_dir = baseline_cert_dir(&work, 0);
+        cmd.args(baseline_server_args(args, listen, &cert_dir));
+        (cmd, Side::Baseline, Some(cert_dir.join("cert.pem")))
     } else {
         let data_dir = args
             .data_dir
@@ -672,9 +735,12 @@ fn run_server_role(args: &BenchArgs, bins: &Binaries) -> Result<()> {
         }
     } else {
         println!(
-            "bench-40g: quinn baseline; on the client host run:\n  \
-             cargo xtask bench-40g --role client --baseline --connect [THIS-HOST-IPV6]:{}",
-            listen.port()
+            "bench-40g: quinn baseline; its certificate is {cert} (our client's --ca); \
+             on the client host run:\n  \
+             cargo xtask bench-40g --role client --baseline --connect [THIS-HOST-IPV6]:{port} \
+             --ca cert.pem   (or --client quinn without --ca)",
+            cert = ca.as_deref().unwrap_or(Path::new("?")).display(),
+            port = listen.port()
         );
     }
     println!("bench-40g: Ctrl-C stops the server");
@@ -728,7 +794,8 @@ fn run_client_role(args: &BenchArgs, bins: &Binaries) -> Result<Report> {
         );
         let json = work.path.join(format!("client-{run}.json"));
         run_client(
-            client_command(args, bins, side, None, addr, &ca, &json),
+            client_command(args, bins, None, addr, &ca, &json),
+            args.client,
             side,
             client_timeout(args),
         )?;
@@ -769,6 +836,9 @@ fn setup(args: &BenchArgs, mode: &str) -> Value {
                 Value::Null
             },
         ),
+        ("client", args.client.as_str().into()),
+        ("resume", args.resume.into()),
+        ("baseline_runtime", args.baseline_runtime.clone().into()),
         ("client_workers", args.client_workers.into()),
         ("mtu", if netns { args.mtu.into() } else { Value::Null }),
         ("handshake_only", args.handshake_only.into()),
@@ -889,10 +959,16 @@ fn listening_ca(line: &str) -> Option<PathBuf> {
 
 /// Runs a client to completion, forwarding its stderr (the per-second
 /// progress lines) prefixed with the side. Fails on a non-zero exit.
-fn run_client(mut cmd: Command, side: Side, timeout: Duration) -> Result<()> {
-    let name = match side {
-        Side::Ours(_) => "internet2 bench",
-        Side::Baseline => "quinn-baseline client",
+/// The server of the run (`side`) labels the progress lines.
+fn run_client(
+    mut cmd: Command,
+    client: crate::ClientKind,
+    side: Side,
+    timeout: Duration,
+) -> Result<()> {
+    let name = match client {
+        crate::ClientKind::Ours => "internet2 bench",
+        crate::ClientKind::Quinn => "quinn-baseline client",
     };
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -968,6 +1044,9 @@ impl ClientResult {
     fn metrics(&self) -> Metrics {
         Metrics {
             goodput_gbps: self.get("goodput_gbps"),
+            setup_rate_first_1k: self.get("setup_rate_first_1k"),
+            setup_rate_last_1k: self.get("setup_rate_last_1k"),
+            handshakes_resumed: self.get("handshakes_resumed"),
             handshakes_per_s: self.get("handshakes_per_s"),
             handshake_us_p50: self.get("handshake_us_p50"),
             handshake_us_p99: self.get("handshake_us_p99"),

@@ -186,7 +186,8 @@ pub struct BenchArgs {
     /// (the XDP front door is attached there).
     #[arg(long, value_name = "IF")]
     pub xdp_interface: Option<String>,
-    /// Two-host mode: run quinn-baseline (server or client) instead of ours.
+    /// Two-host mode: the server is quinn-baseline (the server role runs
+    /// it; the client role drives it with the --client chosen).
     #[arg(long)]
     pub baseline: bool,
     /// Server role: where our server keeps its keys and CA (default: a
@@ -196,6 +197,38 @@ pub struct BenchArgs {
     /// Client role: the server's CA (printed by the server role).
     #[arg(long, value_name = "PATH")]
     pub ca: Option<PathBuf>,
+    /// The client that drives the server(s): ours (`internet2 bench`) or
+    /// the quinn-baseline client. With --compare and --matrix the same
+    /// client drives every server, so the figures compare servers.
+    #[arg(long, value_enum, default_value_t = ClientKind::Ours)]
+    pub client: ClientKind,
+    /// The quinn baseline's tokio runtime (server, and client with
+    /// --client quinn): current-thread is quinn at its best; multi-thread
+    /// is tokio's default, to show the difference.
+    #[arg(long, default_value = "current-thread", value_parser = ["current-thread", "multi-thread"])]
+    pub baseline_runtime: String,
+    /// Resume TLS sessions (--client ours): with --handshake-only this
+    /// measures resumed handshakes; the quinn baseline then issues tickets.
+    #[arg(long)]
+    pub resume: bool,
+}
+
+/// Which load generator drives the servers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ClientKind {
+    /// `internet2 bench`.
+    Ours,
+    /// The quinn-baseline client (plain quinn on tokio).
+    Quinn,
+}
+
+impl ClientKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientKind::Ours => "ours",
+            ClientKind::Quinn => "quinn",
+        }
+    }
 }
 
 /// The workspace root (xtask lives one level below it).

@@ -53,98 +53,82 @@ impl Side {
     }
 }
 
-/// Every metric is optional: server-side figures do not exist in two-host
-/// client mode, and the handoff ratio only exists for our server.
-#[derive(Clone, Debug, Default)]
-pub struct Metrics {
-    pub goodput_gbps: Option<f64>,
+/// Declares `Metrics` once: its fields, their JSON keys (the field names)
+/// and the array view that medians and JSON iterate over.
+macro_rules! metrics {
+    ($($(#[doc = $doc:literal])* $field:ident,)*) => {
+        /// Every metric is optional: server-side figures do not exist in
+        /// two-host client mode, the handoff ratio only exists for our
+        /// server, and the per-handshake CPU only for handshake runs.
+        #[derive(Clone, Debug, Default)]
+        pub struct Metrics {
+            $($(#[doc = $doc])* pub $field: Option<f64>,)*
+        }
+
+        /// JSON keys, in the order of `Metrics::values`.
+        const KEYS: &[&str] = &[$(stringify!($field)),*];
+
+        impl Metrics {
+            fn values(&self) -> Vec<Option<f64>> {
+                vec![$(self.$field),*]
+            }
+
+            fn from_values(v: &[Option<f64>]) -> Metrics {
+                let mut v = v.iter().copied();
+                Metrics {
+                    $($field: v.next().flatten(),)*
+                }
+            }
+        }
+    };
+}
+
+metrics! {
+    goodput_gbps,
     /// Server CPU seconds over the client run divided by its wall time.
-    pub server_cpu_cores: Option<f64>,
-    pub gbps_per_server_core: Option<f64>,
-    pub handshakes_per_s: Option<f64>,
-    pub handshake_us_p50: Option<f64>,
-    pub handshake_us_p99: Option<f64>,
+    server_cpu_cores,
+    gbps_per_server_core,
+    handshakes_per_s,
+    handshake_us_p50,
+    handshake_us_p99,
+    /// Set-up rate (connections/s) over the first and the last 1000
+    /// handshakes of the run: equal when a handshake costs the same at any
+    /// number of held connections.
+    setup_rate_first_1k,
+    setup_rate_last_1k,
+    /// Server CPU per full handshake, in µs (handshake-only runs).
+    server_cpu_us_per_handshake,
+    /// Server CPU per resumed handshake, in µs (handshake-only runs with
+    /// --resume, where the client saw the server resume).
+    server_cpu_us_per_resumed_handshake,
+    /// Handshakes that resumed a session, as the client saw them.
+    handshakes_resumed,
     /// Connections the client still held at the end of the run.
-    pub connections: Option<f64>,
+    connections,
     /// Peak RSS (VmHWM) of the server process, which covers the moment all
     /// connections were held even though the client has exited by the time
     /// it is read.
-    pub server_rss_bytes: Option<f64>,
+    server_rss_bytes,
     /// RSS (VmRSS) of the server right after the client run.
-    pub server_rss_end_bytes: Option<f64>,
-    /// (peak RSS - RSS before the client started) / connections: the
-    /// marginal memory of one connection, without the fixed start-up cost.
-    pub rss_per_connection_bytes: Option<f64>,
+    server_rss_end_bytes,
+    /// (peak RSS - RSS before the client started) / connections held: the
+    /// marginal memory of one (mostly idle) connection, without the fixed
+    /// start-up cost.
+    server_rss_per_idle_connection,
     /// handoffs_in / datagrams_rx of our server: the share of datagrams that
     /// arrived on the wrong worker and had to be passed to another.
-    pub handoff_ratio: Option<f64>,
-    pub errors: Option<f64>,
-    pub duration_s: Option<f64>,
-    pub server_cpu_s: Option<f64>,
+    handoff_ratio,
+    errors,
+    duration_s,
+    server_cpu_s,
 }
 
-/// JSON keys, in the order of `Metrics::values`.
-const KEYS: [&str; 14] = [
-    "goodput_gbps",
-    "server_cpu_cores",
-    "gbps_per_server_core",
-    "handshakes_per_s",
-    "handshake_us_p50",
-    "handshake_us_p99",
-    "connections",
-    "server_rss_bytes",
-    "server_rss_end_bytes",
-    "rss_per_connection_bytes",
-    "handoff_ratio",
-    "errors",
-    "duration_s",
-    "server_cpu_s",
-];
-
 impl Metrics {
-    fn values(&self) -> [Option<f64>; 14] {
-        [
-            self.goodput_gbps,
-            self.server_cpu_cores,
-            self.gbps_per_server_core,
-            self.handshakes_per_s,
-            self.handshake_us_p50,
-            self.handshake_us_p99,
-            self.connections,
-            self.server_rss_bytes,
-            self.server_rss_end_bytes,
-            self.rss_per_connection_bytes,
-            self.handoff_ratio,
-            self.errors,
-            self.duration_s,
-            self.server_cpu_s,
-        ]
-    }
-
-    fn from_values(v: [Option<f64>; 14]) -> Metrics {
-        Metrics {
-            goodput_gbps: v[0],
-            server_cpu_cores: v[1],
-            gbps_per_server_core: v[2],
-            handshakes_per_s: v[3],
-            handshake_us_p50: v[4],
-            handshake_us_p99: v[5],
-            connections: v[6],
-            server_rss_bytes: v[7],
-            server_rss_end_bytes: v[8],
-            rss_per_connection_bytes: v[9],
-            handoff_ratio: v[10],
-            errors: v[11],
-            duration_s: v[12],
-            server_cpu_s: v[13],
-        }
-    }
-
     /// Per-metric medians. Each metric is its own median (the median
     /// Gbit/s per core is not median Gbit/s over median cores), so one
     /// outlier run cannot skew a derived figure.
     pub fn median<'a>(runs: impl IntoIterator<Item = &'a Metrics> + Clone) -> Metrics {
-        let mut out = [None; 14];
+        let mut out = vec![None; KEYS.len()];
         for (i, slot) in out.iter_mut().enumerate() {
             let mut xs: Vec<f64> = runs
                 .clone()
@@ -154,7 +138,7 @@ impl Metrics {
                 .collect();
             *slot = median(&mut xs);
         }
-        Metrics::from_values(out)
+        Metrics::from_values(&out)
     }
 
     fn to_json(&self) -> Map<String, Value> {
@@ -229,7 +213,7 @@ impl Report {
         let ours: Vec<usize> = (0..sides.len()).filter(|&i| sides[i].is_ours()).collect();
         let mib = |x: Option<f64>| x.map(|b| b / (1024.0 * 1024.0));
         type Row<'a> = (&'a str, usize, fn(&Metrics) -> Option<f64>, bool);
-        let rows: [Row; 12] = [
+        let rows: [Row; 17] = [
             ("goodput Gbit/s", 3, |m| m.goodput_gbps, true),
             ("server CPU cores", 2, |m| m.server_cpu_cores, false),
             (
@@ -241,15 +225,30 @@ impl Report {
             ("handshakes/s", 1, |m| m.handshakes_per_s, true),
             ("handshake p50 µs", 0, |m| m.handshake_us_p50, false),
             ("handshake p99 µs", 0, |m| m.handshake_us_p99, false),
+            (
+                "server CPU µs/handshake",
+                1,
+                |m| m.server_cpu_us_per_handshake,
+                true,
+            ),
+            (
+                "server CPU µs/resumed",
+                1,
+                |m| m.server_cpu_us_per_resumed_handshake,
+                true,
+            ),
+            ("set-up/s first 1000", 0, |m| m.setup_rate_first_1k, false),
+            ("set-up/s last 1000", 0, |m| m.setup_rate_last_1k, false),
             ("connections", 0, |m| m.connections, false),
             ("server RSS peak MiB", 1, |m| m.server_rss_bytes, false),
             ("server RSS end MiB", 1, |m| m.server_rss_end_bytes, false),
             (
-                "RSS per connection B",
+                "RSS per idle conn B",
                 0,
-                |m| m.rss_per_connection_bytes,
+                |m| m.server_rss_per_idle_connection,
                 false,
             ),
+            ("resumed handshakes", 0, |m| m.handshakes_resumed, false),
             ("handoff ratio", 4, |m| m.handoff_ratio, false),
             ("client errors", 0, |m| m.errors, false),
         ];
@@ -333,6 +332,24 @@ impl Report {
             top.insert(
                 "ratio_handshakes".into(),
                 num(ratio(ours.handshakes_per_s, base.handshakes_per_s)),
+            );
+            top.insert(
+                "ratio_gbps_per_server_core".into(),
+                num(ratio(ours.gbps_per_server_core, base.gbps_per_server_core)),
+            );
+            top.insert(
+                "ratio_server_cpu_us_per_handshake".into(),
+                num(ratio(
+                    ours.server_cpu_us_per_handshake,
+                    base.server_cpu_us_per_handshake,
+                )),
+            );
+            top.insert(
+                "ratio_server_cpu_us_per_resumed_handshake".into(),
+                num(ratio(
+                    ours.server_cpu_us_per_resumed_handshake,
+                    base.server_cpu_us_per_resumed_handshake,
+                )),
             );
             top.insert("baseline".into(), Value::Object(base.to_json()));
         }

@@ -40,6 +40,9 @@ pub struct BenchPlan {
     pub verify: bool,
     /// Handshakes in flight at once per worker.
     pub handshake_concurrency: usize,
+    /// Resume TLS sessions from earlier connections (and offer 0-RTT);
+    /// otherwise every connection is a full handshake.
+    pub resume: bool,
 }
 
 /// Live totals the process prints once a second (single writer per worker).
@@ -57,6 +60,9 @@ pub struct BenchReport {
     pub bytes: u64,
     pub uploaded: u64,
     pub handshakes: u64,
+    /// Handshakes that resumed a session: the server accepted 0-RTT, which
+    /// it can only do on a resumed session.
+    pub resumed: u64,
     pub errors: u64,
     pub verify_failures: u64,
     pub requests: u64,
@@ -131,6 +137,7 @@ impl BenchService {
             bytes: 0,
             uploaded: 0,
             handshakes: 0,
+            resumed: 0,
             errors: 0,
             verify_failures: 0,
             requests: 0,
@@ -364,6 +371,7 @@ impl Service for BenchService {
                 let us = (now - st.started).as_micros().max(1) as u64;
                 let _ = self.report.handshake_us.record(us);
                 self.report.handshakes += 1;
+                self.report.resumed += u64::from(conn.accepted_0rtt());
                 if self.report.connected_at.len() < SETUP_TIMES_MAX {
                     self.report.connected_at.push(now);
                 }

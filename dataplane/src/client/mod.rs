@@ -70,7 +70,17 @@ impl ClientTarget {
     /// A QUIC client config for `alpn` (shares one session cache, so later
     /// connections from it resume and may use 0-RTT).
     pub fn client_config(&self, alpn: &[u8]) -> Result<ClientConfig, ClientError> {
-        let crypto = client_crypto(&self.trust, self.identity.as_ref(), alpn)?;
+        self.client_config_resuming(alpn, true)
+    }
+
+    /// `client_config`, or without `resume` one whose every connection is
+    /// a full handshake.
+    pub fn client_config_resuming(
+        &self,
+        alpn: &[u8],
+        resume: bool,
+    ) -> Result<ClientConfig, ClientError> {
+        let crypto = client_crypto(&self.trust, self.identity.as_ref(), alpn, resume)?;
         let mut config = ClientConfig::new(crypto);
         config.transport_config(Arc::new(self.transport.build()));
         Ok(config)
@@ -266,7 +276,7 @@ pub fn spawn_bench(
     workers: usize,
     cores: Option<&[usize]>,
 ) -> Result<BenchHandle, ClientError> {
-    let config = target.client_config(crate::protocols::ALPN_PERF)?;
+    let config = target.client_config_resuming(crate::protocols::ALPN_PERF, plan.resume)?;
     spawn_bench_with(target, plan, workers, cores, &config)
 }
 

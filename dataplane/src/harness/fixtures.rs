@@ -33,6 +33,7 @@ pub(super) fn client_config(alpn: Alpn, with_cert: bool) -> ClientConfig {
         &ServerTrust::Roots(vec![pki.ca.clone()]),
         identity.as_ref(),
         alpn_bytes(alpn),
+        true,
     )
     .expect("the harness client TLS config builds");
     let mut config = ClientConfig::new(crypto);
