@@ -69,6 +69,9 @@ pub struct StoqTransport {
     pub streams_bidi_max: u32,
     pub idle_timeout_ms: u64,
     pub initial_mtu: u16,
+    /// The largest UDP payload MTU discovery probes for: 1452 for a
+    /// 1500-byte MTU, 8952 for jumbo frames (MTU 9000).
+    pub max_udp_payload_bytes: u16,
     pub zero_rtt: bool,
     pub connections_per_worker_max: usize,
     pub handshake_rate_retry_per_s: u32,
@@ -94,6 +97,7 @@ impl Default for StoqTransport {
             streams_bidi_max: t.streams_bidi_max,
             idle_timeout_ms: t.idle_timeout.as_millis() as u64,
             initial_mtu: t.initial_mtu,
+            max_udp_payload_bytes: t.max_udp_payload,
             zero_rtt: true,
             connections_per_worker_max: 200_000,
             handshake_rate_retry_per_s: 50_000,
@@ -399,7 +403,7 @@ impl Config {
             ));
         }
         let t = &self.stoq_transport;
-        let checks: [(&str, bool, &str); 8] = [
+        let checks: [(&str, bool, &str); 9] = [
             (
                 "uring_recv_ops",
                 (1..=dataplane::io::uring::RECV_OPS_MAX).contains(&t.uring_recv_ops),
@@ -414,6 +418,11 @@ impl Config {
                 "initial_mtu",
                 (1200..=9000).contains(&t.initial_mtu),
                 "must be within 1200..=9000 (RFC 9000 §14)",
+            ),
+            (
+                "max_udp_payload_bytes",
+                (1200..=65527).contains(&t.max_udp_payload_bytes),
+                "must be within 1200..=65527 (RFC 9000 §18.2)",
             ),
             (
                 "streams_bidi_max",
@@ -525,6 +534,7 @@ impl Config {
             idle_timeout: Duration::from_millis(t.idle_timeout_ms),
             keep_alive: None,
             initial_mtu: t.initial_mtu,
+            max_udp_payload: t.max_udp_payload_bytes,
             gso: t.gso,
         };
         let settings = ServerSettings {
@@ -687,6 +697,23 @@ impl Config {
                 "\"xdp\" needs [dataplane] xdp_interface (the NIC whose queues the workers bind)",
             ));
         };
+        let frame_payload = dataplane::worker::UDP_PAYLOAD_MAX as u16;
+        for (key, value) in [
+            ("max_udp_payload_bytes", t.max_udp_payload_bytes),
+            ("initial_mtu", t.initial_mtu),
+        ] {
+            if value > frame_payload {
+                return Err(key_error(
+                    file,
+                    text,
+                    "stoq_transport",
+                    key,
+                    &format!(
+                        "backend \"xdp\" holds one datagram per 2 KiB frame: at most {frame_payload}"
+                    ),
+                ));
+            }
+        }
         if !t.xdp_frames.is_power_of_two() || !(64..=262_144).contains(&t.xdp_frames) {
             return Err(key_error(
                 file,

@@ -126,7 +126,7 @@ struct Report {
     errors: u64,
 }
 
-pub async fn run(args: ClientArgs) -> Result<()> {
+pub async fn run(args: ClientArgs, max_udp_payload: u16) -> Result<()> {
     ensure!(args.duration > 0.0, "--duration must be positive");
     ensure!(
         args.connections > 0 && args.streams > 0,
@@ -134,7 +134,7 @@ pub async fn run(args: ClientArgs) -> Result<()> {
     );
     let duration = Duration::from_secs_f64(args.duration);
     let ctx = Arc::new(Ctx {
-        endpoint: client_endpoint(duration, args.socket_buffer)?,
+        endpoint: client_endpoint(duration, args.socket_buffer, max_udp_payload)?,
         server: args.connect,
         stats: Stats::new()?,
     });
@@ -165,13 +165,17 @@ pub async fn run(args: ClientArgs) -> Result<()> {
 
 /// One endpoint (one UDP socket) carries all connections. The idle timeout
 /// outlasts the run so nothing held can expire, keep-alives do the rest.
-fn client_endpoint(duration: Duration, socket_buffer: usize) -> Result<Endpoint> {
+fn client_endpoint(
+    duration: Duration,
+    socket_buffer: usize,
+    max_udp_payload: u16,
+) -> Result<Endpoint> {
     // The server never opens streams, so the client allows it none.
     let idle_timeout = Duration::from_secs(60) + duration;
-    let transport = crate::transport_config(idle_timeout, Some(KEEP_ALIVE), 0)?;
+    let transport = crate::transport_config(idle_timeout, Some(KEEP_ALIVE), 0, max_udp_payload)?;
     let mut config = quinn::ClientConfig::new(Arc::new(tls::client_crypto()?));
     config.transport_config(Arc::new(transport));
-    let mut endpoint = udp::endpoint("[::]:0".parse()?, socket_buffer, None)?;
+    let mut endpoint = udp::endpoint("[::]:0".parse()?, socket_buffer, max_udp_payload, None)?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
 }

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use quinn::{TransportConfig, VarInt};
+use quinn::{MtuDiscoveryConfig, TransportConfig, VarInt};
 
 /// ALPN token of draft-banks-quic-performance.
 const ALPN: &[u8] = b"perf";
@@ -41,6 +41,11 @@ struct Cli {
     /// show the difference.
     #[arg(long, value_enum, default_value = "current-thread", global = true)]
     runtime: Runtime,
+    /// The largest UDP payload: MTU discovery's ceiling and what this end
+    /// advertises it receives. 1452 fits MTU 1500; 8952 fits MTU 9000.
+    #[arg(long, default_value_t = 1452, global = true,
+          value_parser = clap::value_parser!(u16).range(1200..=65527))]
+    max_udp_payload: u16,
     #[command(subcommand)]
     command: Command,
 }
@@ -69,8 +74,8 @@ fn main() -> Result<()> {
     .build()?;
     runtime.block_on(async {
         match cli.command {
-            Command::Server(args) => server::run(args).await,
-            Command::Client(args) => client::run(args).await,
+            Command::Server(args) => server::run(args, cli.max_udp_payload).await,
+            Command::Client(args) => client::run(args, cli.max_udp_payload).await,
         }
     })
 }
@@ -95,8 +100,12 @@ fn transport_config(
     idle_timeout: Duration,
     keep_alive: Option<Duration>,
     peer_bidi_streams: u32,
+    max_udp_payload: u16,
 ) -> Result<TransportConfig> {
+    let mut mtu = MtuDiscoveryConfig::default();
+    mtu.upper_bound(max_udp_payload);
     let mut config = TransportConfig::default();
+    config.mtu_discovery_config(Some(mtu));
     config
         .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
         .receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW))

@@ -44,16 +44,21 @@ pub struct ServerArgs {
     tickets: bool,
 }
 
-pub async fn run(args: ServerArgs) -> Result<()> {
+pub async fn run(args: ServerArgs, max_udp_payload: u16) -> Result<()> {
     let identity = tls::self_signed(args.listen.ip())?;
     if let Some(dir) = &args.cert_dir {
         write_cert(dir, &identity.pem)?;
     }
     let mut config =
         quinn::ServerConfig::with_crypto(Arc::new(tls::server_crypto(identity, args.tickets)?));
-    let transport = crate::transport_config(IDLE_TIMEOUT, None, args.max_streams)?;
+    let transport = crate::transport_config(IDLE_TIMEOUT, None, args.max_streams, max_udp_payload)?;
     config.transport_config(Arc::new(transport));
-    let endpoint = udp::endpoint(args.listen, args.socket_buffer, Some(config))?;
+    let endpoint = udp::endpoint(
+        args.listen,
+        args.socket_buffer,
+        max_udp_payload,
+        Some(config),
+    )?;
 
     // Handlers are installed before announcing readiness, so a signal sent
     // right after "listening on" still leads to a clean exit.

@@ -17,12 +17,20 @@ use quinn::{Endpoint, EndpointConfig, ServerConfig, TokioRuntime};
 /// Socket buffer size asked for on both sides, each direction.
 pub const DEFAULT_SOCKET_BUFFER: usize = 8 << 20;
 
-/// A quinn endpoint on `addr` whose socket has `buffer` bytes each way.
-pub fn endpoint(addr: SocketAddr, buffer: usize, server: Option<ServerConfig>) -> Result<Endpoint> {
+/// A quinn endpoint on `addr` whose socket has `buffer` bytes each way and
+/// that takes UDP payloads up to `max_udp_payload`.
+pub fn endpoint(
+    addr: SocketAddr,
+    buffer: usize,
+    max_udp_payload: u16,
+    server: Option<ServerConfig>,
+) -> Result<Endpoint> {
     let socket = UdpSocket::bind(addr).with_context(|| format!("binding {addr}"))?;
     set_buffers(&socket, buffer)?;
+    let mut config = EndpointConfig::default();
+    config.max_udp_payload_size(max_udp_payload)?;
     Ok(Endpoint::new(
-        EndpointConfig::default(),
+        config,
         server,
         socket,
         Arc::new(TokioRuntime),

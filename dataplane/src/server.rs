@@ -231,7 +231,7 @@ pub fn serve(
             id,
             settings,
             io,
-            worker_endpoint(id, &reset_key, &server_config),
+            worker_endpoint(id, &reset_key, &server_config, &settings.transport),
             &stats,
             &mailboxes,
             (Instant::now(), SystemTime::now()),
@@ -290,7 +290,12 @@ pub fn single_worker(
         control.set_mailboxes(mailboxes.clone());
     }
     let id = WorkerId(0);
-    let endpoint = worker_endpoint(id, &Arc::new(reset_key()), &server_config);
+    let endpoint = worker_endpoint(
+        id,
+        &Arc::new(reset_key()),
+        &server_config,
+        &settings.transport,
+    );
     let worker = server_worker(id, settings, io, endpoint, &stats, &mailboxes, clock);
     Ok((worker, stats))
 }
@@ -313,8 +318,14 @@ fn worker_endpoint(
     id: WorkerId,
     reset_key: &Arc<ring::hmac::Key>,
     server_config: &Arc<ServerConfig>,
+    transport: &TransportSettings,
 ) -> quinn_proto::Endpoint {
     let mut endpoint_config = EndpointConfig::new(reset_key.clone());
+    // What the workers receive whole: advertised to clients, so their MTU
+    // discovery stays within it.
+    endpoint_config
+        .max_udp_payload_size(transport.udp_payload_max().clamp(1200, 65527) as u16)
+        .expect("clamped to RFC 9000's range");
     endpoint_config.cid_generator(move || Box::new(WorkerCidGenerator::new(id)));
     // RFC 9287: without advertising grease_quic_bit, every valid packet
     // has the fixed bit set, so the router and the XDP program can drop

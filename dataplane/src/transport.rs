@@ -2,7 +2,7 @@
 
 use quinn_proto::congestion::{BbrConfig, CubicConfig, NewRenoConfig};
 use quinn_proto::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use quinn_proto::{IdleTimeout, TransportConfig, VarInt};
+use quinn_proto::{IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::danger::ClientCertVerifier;
 use std::sync::Arc;
@@ -40,6 +40,10 @@ pub struct TransportSettings {
     pub idle_timeout: Duration,
     pub keep_alive: Option<Duration>,
     pub initial_mtu: u16,
+    /// The largest UDP payload MTU discovery probes for (its upper bound):
+    /// 1452 fits a 1500-byte Ethernet MTU under IPv6; 8952 fits jumbo
+    /// frames (MTU 9000).
+    pub max_udp_payload: u16,
     pub gso: bool,
 }
 
@@ -54,6 +58,7 @@ impl Default for TransportSettings {
             idle_timeout: Duration::from_secs(30),
             keep_alive: None,
             initial_mtu: 1200,
+            max_udp_payload: crate::worker::UDP_PAYLOAD_MAX as u16,
             gso: true,
         }
     }
@@ -63,7 +68,7 @@ impl TransportSettings {
     /// The largest UDP payload connections may grow to (MTU discovery's
     /// ceiling, or the initial MTU if higher).
     pub fn udp_payload_max(&self) -> usize {
-        usize::from(self.initial_mtu).max(crate::worker::UDP_PAYLOAD_MAX)
+        usize::from(self.initial_mtu.max(self.max_udp_payload))
     }
 
     /// The server's transport: [`Self::build`] with the initial
@@ -85,6 +90,13 @@ impl TransportSettings {
         t
     }
 
+    /// quinn-proto's MTU discovery, probing up to `max_udp_payload`.
+    fn mtu_discovery(&self) -> MtuDiscoveryConfig {
+        let mut mtu = MtuDiscoveryConfig::default();
+        mtu.upper_bound(self.max_udp_payload.max(1200));
+        mtu
+    }
+
     /// The client's transport (and the base of the server's).
     pub fn build(&self) -> TransportConfig {
         let mut t = TransportConfig::default();
@@ -98,6 +110,7 @@ impl TransportSettings {
         .max_idle_timeout(IdleTimeout::try_from(self.idle_timeout).ok())
         .keep_alive_interval(self.keep_alive)
         .initial_mtu(self.initial_mtu.max(1200))
+        .mtu_discovery_config(Some(self.mtu_discovery()))
         .enable_segmentation_offload(self.gso);
         match self.congestion {
             CongestionControl::Cubic => {

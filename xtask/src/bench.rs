@@ -386,6 +386,7 @@ fn netns_run(
                 args.workers.unwrap_or(1),
                 steering,
                 xdp,
+                max_udp_payload(args, backend),
             )?;
             let mut cmd = Topology::exec(&topo.server_ns, &bins.server);
             cmd.arg("--config")
@@ -511,9 +512,23 @@ fn flavor_settings(args: &BenchArgs, flavor: Flavor) -> (crate::Backend, crate::
     }
 }
 
+/// The largest UDP payload both ends use (MTU discovery's ceiling): what
+/// the path MTU leaves after the IPv6 and UDP headers, and never more than
+/// one AF_XDP frame holds.
+fn max_udp_payload(args: &BenchArgs, backend: crate::Backend) -> u32 {
+    const IPV6_UDP_HEADERS: u32 = 48;
+    const XDP_FRAME_PAYLOAD: u32 = 1452;
+    let payload = args.mtu.saturating_sub(IPV6_UDP_HEADERS).clamp(1200, 65527);
+    match backend {
+        crate::Backend::Xdp => payload.min(XDP_FRAME_PAYLOAD),
+        _ => payload,
+    }
+}
+
 /// Our server's configuration: only what the benchmark controls, the rest
 /// stays at the server's defaults. `xdp` names the interface whose queues
 /// the `xdp` backend binds (the front door is attached there).
+#[allow(clippy::too_many_arguments)]
 fn write_config(
     path: &Path,
     addr: SocketAddr,
@@ -521,6 +536,7 @@ fn write_config(
     workers: usize,
     steering: crate::Steering,
     xdp: Option<&str>,
+    max_udp_payload: u32,
 ) -> Result<()> {
     let xdp = xdp.map_or(String::new(), |i| format!("xdp_interface = \"{i}\"\n"));
     let text = format!(
@@ -533,6 +549,7 @@ fn write_config(
          backend = \"{backend}\"\n\
          socket_buffer_bytes = {SOCKET_BUFFER}\n\
          streams_bidi_max = {MAX_STREAMS}\n\
+         max_udp_payload_bytes = {max_udp_payload}\n\
          \n\
          [trustchain_authority]\n\
          perf_without_client_certificate = true\n\
@@ -556,6 +573,8 @@ fn baseline_server_args(args: &BenchArgs, addr: SocketAddr, cert_dir: &Path) -> 
     let mut argv = vec![
         "--runtime".into(),
         args.baseline_runtime.clone(),
+        "--max-udp-payload".into(),
+        max_udp_payload(args, crate::Backend::Uring).to_string(),
         "server".into(),
         "--listen".into(),
         addr.to_string(),
@@ -614,11 +633,12 @@ fn client_command(
             }
         }
         crate::ClientKind::Quinn => {
-            cmd.args(["--runtime", &args.baseline_runtime]).args([
-                "client",
-                "--connect",
-                &addr.to_string(),
-            ]);
+            cmd.args(["--runtime", &args.baseline_runtime])
+                .args([
+                    "--max-udp-payload",
+                    &max_udp_payload(args, crate::Backend::Uring).to_string(),
+                ])
+                .args(["client", "--connect", &addr.to_string()]);
         }
     }
     cmd.args(["--duration", &args.duration.to_string()])
@@ -705,6 +725,7 @@ fn run_server_role(args: &BenchArgs, bins: &Binaries) -> Result<()> {
             args.workers.unwrap_or(0),
             args.steering,
             args.xdp_interface.as_deref(),
+            max_udp_payload(args, args.backend),
         )?;
         let mut cmd = Command::new(&bins.server);
         cmd.arg("--config")

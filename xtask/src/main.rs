@@ -163,7 +163,9 @@ pub struct BenchArgs {
     /// Our client's worker threads.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub client_workers: usize,
-    /// MTU of the veth pair in --netns mode.
+    /// The path MTU: the veth pair's in --netns mode. Both servers and
+    /// clients grow UDP payloads to MTU - 48 (IPv6 + UDP headers; at most
+    /// 1452 with --backend xdp).
     #[arg(long, default_value_t = 1500, value_name = "BYTES")]
     pub mtu: u32,
     /// Measure handshakes (connect, complete, close, repeat) instead of goodput.

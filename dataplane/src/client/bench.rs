@@ -132,7 +132,13 @@ pub struct BenchService {
 }
 
 impl BenchService {
-    pub fn new(plan: BenchPlan, config: ClientConfig, progress: Arc<BenchProgress>) -> Self {
+    pub fn new(mut plan: BenchPlan, config: ClientConfig, progress: Arc<BenchProgress>) -> Self {
+        if plan.handshake_only {
+            // The one request a resuming handshake-only connection makes
+            // (see `on_event`): one byte down, nothing up.
+            plan.download_bytes = 1;
+            plan.upload_bytes = 0;
+        }
         let report = BenchReport {
             bytes: 0,
             uploaded: 0,
@@ -301,7 +307,20 @@ impl BenchService {
         tracing::trace!(stats = ?conn.stats(), "perf request done");
         self.report.requests += 1;
         st.requests += 1;
-        self.top_up(st, conn, now);
+        if self.plan.handshake_only {
+            self.handshake_only_done(conn, now);
+        } else {
+            self.top_up(st, conn, now);
+        }
+    }
+
+    /// Closes a handshake-only connection and keeps the same number of
+    /// handshakes in flight: the closed one drains in the background.
+    fn handshake_only_done(&mut self, conn: &mut Connection, now: Instant) {
+        conn.close(now, VarInt::from_u32(CLOSE_DONE), Bytes::new());
+        if self.running(now) {
+            self.to_open += 1;
+        }
     }
 
     /// Open requests on an active connection up to the plan: at most
@@ -380,11 +399,14 @@ impl Service for BenchService {
                     .connections
                     .store(self.open, Ordering::Relaxed);
                 if self.plan.handshake_only {
-                    conn.close(now, VarInt::from_u32(CLOSE_DONE), Bytes::new());
-                    // Keep the same number of handshakes in flight: the
-                    // closed one drains in the background.
-                    if self.running(now) {
-                        self.to_open += 1;
+                    if self.plan.resume {
+                        // The server sends its session tickets after the
+                        // handshake: a one-byte request keeps the
+                        // connection open until they have arrived.
+                        self.start_request(st, conn);
+                    }
+                    if st.streams.is_empty() {
+                        self.handshake_only_done(conn, now);
                     }
                 }
             }

@@ -111,8 +111,13 @@ fn client_worker<S: Service>(
         index,
         crate::io::IoBatch::default(),
     )?;
-    let endpoint =
-        quinn_proto::Endpoint::new(Arc::new(EndpointConfig::default()), None, true, None);
+    // Clients receive into GRO-sized buffers, so they take any datagram
+    // a server's MTU discovery finds room for (jumbo frames included).
+    let mut endpoint_config = EndpointConfig::default();
+    endpoint_config
+        .max_udp_payload_size(crate::io::MAX_UDP_PAYLOAD_RECEIVED)
+        .expect("within the RFC 9000 limit");
+    let endpoint = quinn_proto::Endpoint::new(Arc::new(endpoint_config), None, true, None);
     Ok(Worker::new(WorkerParts {
         id: WorkerId(0),
         endpoint,

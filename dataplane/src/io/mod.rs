@@ -25,6 +25,10 @@ pub use wake::Waker;
 /// segments (the kernel's UDP_MAX_SEGMENTS) of up to 1500 bytes; a smaller
 /// buffer truncates the batch and loses datagrams.
 pub const RECV_BUF_LEN: usize = 128 * 1024;
+/// The largest UDP payload RFC 9000 allows (§18.2, max_udp_payload_size);
+/// one receive buffer holds it, so socket and io_uring endpoints take any.
+pub const MAX_UDP_PAYLOAD_RECEIVED: u16 = 65527;
+const _: () = assert!(RECV_BUF_LEN >= MAX_UDP_PAYLOAD_RECEIVED as usize);
 const _: () = assert!(RECV_BUF_LEN >= 64 * 1500);
 
 /// One receive buffer: a single datagram, or several of `stride` bytes each
