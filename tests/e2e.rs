@@ -529,3 +529,83 @@ fn blocklisted_sources_are_dropped_by_the_workers_without_xdp() {
     ok(&server.client(&["ping"]));
     assert!(counter(&server.stats(), "drop_blocked") > 0);
 }
+
+/// A perf client whose TLS offers `suites` in that order (Initial packets
+/// stay on AES-128-GCM, as RFC 9001 requires).
+fn client_config_offering(
+    server: &Server,
+    suites: Vec<rustls::SupportedCipherSuite>,
+) -> quinn_proto::ClientConfig {
+    use rustls::crypto::ring::cipher_suite;
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites = suites;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(controlplane::authority::pem::load_cert(&server.ca()).unwrap())
+        .unwrap();
+    let identity = operator_identity(server);
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(identity.chain, identity.key)
+        .unwrap();
+    tls.alpn_protocols = vec![dataplane::protocols::ALPN_PERF.to_vec()];
+    let initial = cipher_suite::TLS13_AES_128_GCM_SHA256
+        .tls13()
+        .and_then(|s| s.quic_suite())
+        .unwrap();
+    let crypto =
+        quinn_proto::crypto::rustls::QuicClientConfig::with_initial(Arc::new(tls), initial)
+            .unwrap();
+    quinn_proto::ClientConfig::new(Arc::new(crypto))
+}
+
+#[test]
+fn clients_that_list_chacha20_first_are_served() {
+    use rustls::crypto::ring::cipher_suite as suite;
+    let server = Server::start("chacha", "");
+    let target = target(&server);
+    // ChaCha20 first (the server switches to its ChaCha-first config), and
+    // ChaCha20 only (the one suite in common).
+    for suites in [
+        vec![
+            suite::TLS13_CHACHA20_POLY1305_SHA256,
+            suite::TLS13_AES_128_GCM_SHA256,
+        ],
+        vec![suite::TLS13_CHACHA20_POLY1305_SHA256],
+        vec![
+            suite::TLS13_AES_256_GCM_SHA384,
+            suite::TLS13_CHACHA20_POLY1305_SHA256,
+        ],
+    ] {
+        let config = client_config_offering(&server, suites.clone());
+        let plan = BenchPlan {
+            remote: server.socket_addr(),
+            server_name: "localhost".into(),
+            connections: 1,
+            active: 1,
+            streams: 1,
+            download_bytes: 1_000_000,
+            upload_bytes: 10_000,
+            requests_per_stream: Some(2),
+            duration: Duration::from_secs(30),
+            handshake_only: false,
+            verify: true,
+            handshake_concurrency: 1,
+            resume: false,
+        };
+        let reports = client::spawn_bench_with(&target, &plan, 1, None, &config)
+            .unwrap()
+            .join()
+            .unwrap();
+        let names: Vec<_> = suites.iter().map(|s| s.suite()).collect();
+        assert_eq!(
+            reports[0].errors, 0,
+            "{names:?}: {:?}",
+            reports[0].first_error
+        );
+        assert_eq!(reports[0].requests, 2, "{names:?}");
+        assert_eq!(reports[0].verify_failures, 0, "{names:?}");
+    }
+}

@@ -25,6 +25,7 @@ pub mod server;
 pub mod session_store;
 pub mod stats;
 pub mod steering;
+pub mod suite_choice;
 #[cfg(test)]
 mod test_support;
 pub mod transport;

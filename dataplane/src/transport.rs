@@ -181,6 +181,11 @@ pub enum TlsSetupError {
 /// key schedule hashes with SHA-256 instead of SHA-384, for the same
 /// 128-bit security level QUIC's header protection has anyway.
 pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    provider_in_order(false)
+}
+
+/// ring's TLS 1.3 suites, AES-128-GCM first (or ChaCha20 first).
+fn provider_in_order(chacha_first: bool) -> Arc<rustls::crypto::CryptoProvider> {
     use rustls::crypto::ring::cipher_suite;
     let mut provider = rustls::crypto::ring::default_provider();
     provider.cipher_suites = vec![
@@ -188,24 +193,42 @@ pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
         cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
         cipher_suite::TLS13_AES_256_GCM_SHA384,
     ];
+    if chacha_first {
+        provider.cipher_suites.swap(0, 1);
+    }
     Arc::new(provider)
 }
 
-/// rustls server config for QUIC: TLS 1.3 only, our ALPNs, tickets, 0-RTT.
+/// The server's QUIC crypto: TLS 1.3 only, our ALPNs, tickets, 0-RTT, and
+/// the server's suite rule (`suite_choice`): AES-128-GCM, or ChaCha20 for
+/// clients that list it first.
 pub fn server_crypto(
     identity: &ServerIdentity,
     alpns: &[&[u8]],
+) -> Result<Arc<crate::suite_choice::SuiteChoice>, TlsSetupError> {
+    Ok(Arc::new(crate::suite_choice::SuiteChoice {
+        aes_first: server_tls(identity, alpns, false)?,
+        chacha_first: server_tls(identity, alpns, true)?,
+    }))
+}
+
+/// One server TLS config, its suites in `provider_in_order`'s order. Both
+/// share the certificates, client verifier and session store.
+fn server_tls(
+    identity: &ServerIdentity,
+    alpns: &[&[u8]],
+    chacha_first: bool,
 ) -> Result<Arc<QuicServerConfig>, TlsSetupError> {
-    let builder = rustls::ServerConfig::builder_with_provider(provider())
+    let builder = rustls::ServerConfig::builder_with_provider(provider_in_order(chacha_first))
         .with_protocol_versions(&[&rustls::version::TLS13])?;
     let builder = match &identity.client_verifier {
         Some(verifier) => builder.with_client_cert_verifier(verifier.clone()),
         None => builder.with_no_client_auth(),
     };
     let mut config = builder.with_cert_resolver(identity.certificates.clone());
-    // The server picks the suite in `provider()`'s order (AES-128-GCM
-    // first), not the client's preference: many clients list AES-256 first,
-    // which costs SHA-384 in every handshake and 14 AES rounds per packet.
+    // The server picks the suite in its own order, not the client's
+    // preference: many clients list AES-256 first, which costs SHA-384 in
+    // every handshake and 14 AES rounds per packet.
     config.ignore_client_order = true;
     config.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
     config.send_tls13_tickets = 2;
