@@ -41,10 +41,10 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 /// TLS 1.3 only (QUIC requires it). Without `tickets` no session tickets
-/// are issued, the cheapest full handshake. With `tickets`, two stateless
-/// tickets (rustls' ring ticketer, no server-side store) per handshake, and
-/// 0-RTT accepted on resumption, so a client can resume and can tell that
-/// it did.
+/// are issued, the cheapest full handshake. With `tickets`, rustls' default
+/// resumption (two tickets per handshake, single-use sessions in its
+/// in-memory store) and 0-RTT accepted on resumption, so a client can
+/// resume and can tell that it did.
 pub fn server_crypto(identity: SelfSigned, tickets: bool) -> Result<QuicServerConfig> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -52,7 +52,6 @@ pub fn server_crypto(identity: SelfSigned, tickets: bool) -> Result<QuicServerCo
         .with_single_cert(vec![identity.cert], identity.key)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     if tickets {
-        tls.ticketer = rustls::crypto::ring::Ticketer::new()?;
         tls.send_tls13_tickets = 2;
         // RFC 9001 §4.6.1: QUIC servers signal 0-RTT with 0xffffffff.
         tls.max_early_data_size = u32::MAX;

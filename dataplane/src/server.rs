@@ -583,7 +583,7 @@ pub struct ServerService {
     /// `stoq/1`, allowed `perf`); until then the transport's small initial
     /// ones hold (`TransportSettings::build_server`).
     trusted_receive_window: VarInt,
-    trusted_streams_bidi: VarInt,
+    trusted_streams_bidi: u32,
     /// The worker's clock at construction and the wall clock then: the
     /// certificate validity checks map the `now` they are given onto the
     /// wall clock through it, so the service never reads a clock itself.
@@ -617,7 +617,7 @@ impl ServerService {
             next_validity_check: None,
             trusted_receive_window: VarInt::from_u64(settings.transport.receive_window_bytes)
                 .unwrap_or(VarInt::MAX),
-            trusted_streams_bidi: VarInt::from_u32(settings.transport.streams_bidi_max),
+            trusted_streams_bidi: settings.transport.streams_bidi_max,
             stats,
             zone: settings.zone.clone(),
             connections_max: settings.connections_per_worker_max,
@@ -1099,18 +1099,35 @@ impl ServerService {
     /// enrolling and unadmitted `stoq/1`) keeps the small initial limits, so
     /// what an unauthenticated peer can make the server buffer is bounded.
     fn widen_if_trusted(&self, st: &mut ServerConn, conn: &mut Connection) {
-        if st.widened || conn.is_handshaking() || conn.is_closed() {
+        if conn.is_handshaking() || conn.is_closed() {
             return;
         }
-        let trusted = match st.alpn {
-            Some(Alpn::Perf) => true,
-            Some(Alpn::Stoq) => st.peer.is_some() && st.admission.is_admitted(),
-            Some(Alpn::Doq) | None => false,
-        };
-        if trusted {
+        if !st.widened {
+            let trusted = match st.alpn {
+                Some(Alpn::Perf) => true,
+                Some(Alpn::Stoq) => st.peer.is_some() && st.admission.is_admitted(),
+                Some(Alpn::Doq) | None => false,
+            };
+            if !trusted {
+                return;
+            }
             st.widened = true;
             conn.set_receive_window(self.trusted_receive_window);
-            conn.set_max_concurrent_streams(Dir::Bi, self.trusted_streams_bidi);
+        }
+        // Streams grow with use: quinn-proto keeps state for every stream
+        // the peer may open, so a held connection that never uses many
+        // keeps the small initial count. Once the peer has half its limit
+        // open, the limit doubles (up to the configured maximum), a round
+        // trip before the peer could run out.
+        let limit = conn.max_concurrent_streams(Dir::Bi);
+        let open = conn.streams().remote_open_streams(Dir::Bi);
+        let max = u64::from(self.trusted_streams_bidi);
+        if limit < max && open * 2 >= limit {
+            let grown = (limit * 2).clamp(1, max);
+            conn.set_max_concurrent_streams(
+                Dir::Bi,
+                VarInt::from_u64(grown).unwrap_or(VarInt::MAX),
+            );
         }
     }
 }
