@@ -920,6 +920,18 @@ mod tests {
                 "power of two",
             ),
             (
+                "[stoq_transport]\nbackend = \"xdp\"\nmax_udp_payload_bytes = 8952\n[dataplane]\nxdp_interface = \"eth9\"\n",
+                3,
+                "stoq_transport.max_udp_payload_bytes",
+                "one datagram per 2 KiB frame",
+            ),
+            (
+                "[stoq_transport]\nmax_udp_payload_bytes = 1000\n",
+                2,
+                "stoq_transport.max_udp_payload_bytes",
+                "1200..=65527",
+            ),
+            (
                 "[stoq_transport]\nbackend = \"xdp\"\nzero_copy = \"maybe\"\n",
                 3,
                 "stoq_transport.zero_copy",

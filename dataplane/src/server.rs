@@ -1093,11 +1093,12 @@ impl Service for ServerService {
 }
 
 impl ServerService {
-    /// Grant a connection the configured flow-control limits once it is
-    /// trusted: a `perf` connection its ALPN rule allowed, a `stoq/1`
-    /// connection with a certificate once admitted. Everyone else (`doq`,
-    /// enrolling and unadmitted `stoq/1`) keeps the small initial limits, so
-    /// what an unauthenticated peer can make the server buffer is bounded.
+    /// Grant a connection the configured receive window once it is
+    /// trusted (a `perf` connection its ALPN rule allowed, a `stoq/1`
+    /// connection with a certificate once admitted), and from then on more
+    /// streams as it uses them. Everyone else (`doq`, enrolling and
+    /// unadmitted `stoq/1`) keeps the small initial limits, so what an
+    /// unauthenticated peer can make the server buffer is bounded.
     fn widen_if_trusted(&self, st: &mut ServerConn, conn: &mut Connection) {
         if conn.is_handshaking() || conn.is_closed() {
             return;
