@@ -609,3 +609,42 @@ fn clients_that_list_chacha20_first_are_served() {
         assert_eq!(reports[0].verify_failures, 0, "{names:?}");
     }
 }
+
+#[test]
+fn a_trusted_connections_stream_limit_grows_with_use() {
+    let server = Server::start(
+        "streams",
+        "[stoq_transport]\nstreams_bidi_max = 64\n[dataplane]\nworkers = 1\n",
+    );
+    let target = target(&server);
+    let plan = BenchPlan {
+        remote: server.socket_addr(),
+        server_name: "localhost".into(),
+        connections: 1,
+        active: 1,
+        streams: 100,
+        download_bytes: 200_000,
+        upload_bytes: 0,
+        requests_per_stream: Some(1),
+        duration: Duration::from_secs(30),
+        handshake_only: false,
+        verify: true,
+        handshake_concurrency: 1,
+        resume: false,
+    };
+    let reports = client::spawn_bench(&target, &plan, 1, None)
+        .unwrap()
+        .join()
+        .unwrap();
+    let report = &reports[0];
+    assert_eq!(report.errors, 0, "{:?}", report.first_error);
+    assert_eq!(report.requests, 100);
+    // It starts at the untrusted 16 and doubles as the streams are used,
+    // never past the configured 64.
+    assert!(
+        report.streams_peak > u64::from(dataplane::transport::UNTRUSTED_STREAMS_BIDI_MAX),
+        "peak {}",
+        report.streams_peak
+    );
+    assert!(report.streams_peak <= 64, "peak {}", report.streams_peak);
+}

@@ -67,6 +67,9 @@ pub struct BenchReport {
     pub verify_failures: u64,
     pub requests: u64,
     pub connections_peak: u64,
+    /// The most requests one connection had in flight at once (what the
+    /// server's stream limit allowed of the plan's streams).
+    pub streams_peak: u64,
     pub handshake_us: Histogram<u64>,
     /// The measured phase (after every connection was set up).
     pub elapsed: Duration,
@@ -148,6 +151,7 @@ impl BenchService {
             verify_failures: 0,
             requests: 0,
             connections_peak: 0,
+            streams_peak: 0,
             handshake_us: Histogram::new_with_bounds(1, 60_000_000, 3)
                 .expect("valid histogram bounds"),
             elapsed: Duration::ZERO,
@@ -351,6 +355,7 @@ impl BenchService {
                 break;
             }
         }
+        self.report.streams_peak = self.report.streams_peak.max(st.streams.len() as u64);
     }
 }
 
