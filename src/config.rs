@@ -421,7 +421,7 @@ impl Config {
             ),
             (
                 "max_udp_payload_bytes",
-                (1200..=65527).contains(&t.max_udp_payload_bytes),
+                (1200..=dataplane::io::MAX_UDP_PAYLOAD_RECEIVED).contains(&t.max_udp_payload_bytes),
                 "must be within 1200..=65527 (RFC 9000 §18.2)",
             ),
             (

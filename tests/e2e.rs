@@ -30,6 +30,26 @@ fn target(server: &Server) -> ClientTarget {
     }
 }
 
+/// One verified perf connection against `server`, one request of 1 MB;
+/// tests override what they exercise.
+fn perf_plan(server: &Server) -> BenchPlan {
+    BenchPlan {
+        remote: server.socket_addr(),
+        server_name: "localhost".into(),
+        connections: 1,
+        active: 1,
+        streams: 1,
+        download_bytes: 1_000_000,
+        upload_bytes: 0,
+        requests_per_stream: Some(1),
+        duration: Duration::from_secs(30),
+        handshake_only: false,
+        verify: true,
+        handshake_concurrency: 1,
+        resume: false,
+    }
+}
+
 fn counter(stats: &serde_json::Value, name: &str) -> u64 {
     stats["total"][name]
         .as_u64()
@@ -345,19 +365,13 @@ fn datagrams_on_the_wrong_worker_are_handed_to_the_owner() {
         ConnectionId::new(&bytes)
     }));
     let plan = BenchPlan {
-        remote: server.socket_addr(),
-        server_name: "localhost".into(),
         connections: 4,
         active: 4,
-        streams: 1,
-        download_bytes: 1_000_000,
         upload_bytes: 100_000,
         requests_per_stream: Some(2),
         duration: Duration::from_secs(60),
-        handshake_only: false,
-        verify: true,
         handshake_concurrency: 4,
-        resume: false,
+        ..perf_plan(&server)
     };
     let reports = client::spawn_bench_with(&target, &plan, 1, None, &config)
         .unwrap()
@@ -564,7 +578,8 @@ fn client_config_offering(
 #[test]
 fn clients_that_list_chacha20_first_are_served() {
     use rustls::crypto::ring::cipher_suite as suite;
-    let server = Server::start("chacha", "");
+    // Production defaults: the suite choice is not a development feature.
+    let server = Server::start_production("chacha", "");
     let target = target(&server);
     // ChaCha20 first (the server switches to its ChaCha-first config), and
     // ChaCha20 only (the one suite in common).
@@ -581,19 +596,9 @@ fn clients_that_list_chacha20_first_are_served() {
     ] {
         let config = client_config_offering(&server, suites.clone());
         let plan = BenchPlan {
-            remote: server.socket_addr(),
-            server_name: "localhost".into(),
-            connections: 1,
-            active: 1,
-            streams: 1,
-            download_bytes: 1_000_000,
             upload_bytes: 10_000,
             requests_per_stream: Some(2),
-            duration: Duration::from_secs(30),
-            handshake_only: false,
-            verify: true,
-            handshake_concurrency: 1,
-            resume: false,
+            ..perf_plan(&server)
         };
         let reports = client::spawn_bench_with(&target, &plan, 1, None, &config)
             .unwrap()
@@ -618,19 +623,9 @@ fn a_trusted_connections_stream_limit_grows_with_use() {
     );
     let target = target(&server);
     let plan = BenchPlan {
-        remote: server.socket_addr(),
-        server_name: "localhost".into(),
-        connections: 1,
-        active: 1,
         streams: 100,
         download_bytes: 200_000,
-        upload_bytes: 0,
-        requests_per_stream: Some(1),
-        duration: Duration::from_secs(30),
-        handshake_only: false,
-        verify: true,
-        handshake_concurrency: 1,
-        resume: false,
+        ..perf_plan(&server)
     };
     let reports = client::spawn_bench(&target, &plan, 1, None)
         .unwrap()

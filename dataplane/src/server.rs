@@ -324,7 +324,11 @@ fn worker_endpoint(
     // What the workers receive whole: advertised to clients, so their MTU
     // discovery stays within it.
     endpoint_config
-        .max_udp_payload_size(transport.udp_payload_max().clamp(1200, 65527) as u16)
+        .max_udp_payload_size(
+            transport
+                .udp_payload_max()
+                .clamp(1200, usize::from(crate::io::MAX_UDP_PAYLOAD_RECEIVED)) as u16,
+        )
         .expect("clamped to RFC 9000's range");
     endpoint_config.cid_generator(move || Box::new(WorkerCidGenerator::new(id)));
     // RFC 9287: without advertising grease_quic_bit, every valid packet
