@@ -320,6 +320,11 @@ impl Harness {
                 self.deliver(usize::from(n));
             }
             Op::Authority => self.answer_authority(),
+            Op::KeyUpdate { conn } => {
+                if let Some(c) = self.client.hostile(conn) {
+                    c.conn.force_key_update();
+                }
+            }
         }
         self.drive_client();
         self.step_server();

@@ -22,10 +22,10 @@ pub mod harness;
 pub mod io;
 pub mod protocols;
 pub mod server;
+pub mod server_tls;
 pub mod session_store;
 pub mod stats;
 pub mod steering;
-pub mod suite_choice;
 #[cfg(test)]
 mod test_support;
 pub mod transport;

@@ -924,7 +924,7 @@ impl Service for ServerService {
                 );
             }
         }
-        self.widen_if_trusted(st, conn);
+        self.widen(st, conn);
     }
 
     fn on_close(&mut self, st: ServerConn, _conn: &Connection, _counters: &mut Counters) {
@@ -1092,41 +1092,46 @@ impl Service for ServerService {
             ) => st.doq.on_finished(id),
             _ => {}
         }
-        self.widen_if_trusted(st, conn);
+        self.widen(st, conn);
     }
 }
 
 impl ServerService {
     /// Grant a connection the configured receive window once it is
     /// trusted (a `perf` connection its ALPN rule allowed, a `stoq/1`
-    /// connection with a certificate once admitted), and from then on more
-    /// streams as it uses them. Everyone else (`doq`, enrolling and
-    /// unadmitted `stoq/1`) keeps the small initial limits, so what an
+    /// connection with a certificate once admitted), and more streams as it
+    /// uses them, up to the configured maximum. Everyone else (`doq`,
+    /// enrolling and unadmitted `stoq/1`) keeps the small receive window
+    /// and grows to at most `UNTRUSTED_STREAMS_BIDI_MAX` streams, so what an
     /// unauthenticated peer can make the server buffer is bounded.
-    fn widen_if_trusted(&self, st: &mut ServerConn, conn: &mut Connection) {
+    fn widen(&self, st: &mut ServerConn, conn: &mut Connection) {
         if conn.is_handshaking() || conn.is_closed() {
             return;
         }
-        if !st.widened {
-            let trusted = match st.alpn {
+        let trusted = st.widened
+            || match st.alpn {
                 Some(Alpn::Perf) => true,
                 Some(Alpn::Stoq) => st.peer.is_some() && st.admission.is_admitted(),
                 Some(Alpn::Doq) | None => false,
             };
-            if !trusted {
-                return;
-            }
+        if trusted && !st.widened {
             st.widened = true;
             conn.set_receive_window(self.trusted_receive_window);
         }
         // Streams grow with use: quinn-proto keeps state for every stream
         // the peer may open, so a held connection that never uses many
         // keeps the small initial count. Once the peer has half its limit
-        // open, the limit doubles (up to the configured maximum), a round
-        // trip before the peer could run out.
+        // open, the limit doubles (up to the untrusted or the configured
+        // maximum), a round trip before the peer could run out.
         let limit = conn.max_concurrent_streams(Dir::Bi);
         let open = conn.streams().remote_open_streams(Dir::Bi);
-        let max = u64::from(self.trusted_streams_bidi);
+        let max = if trusted {
+            self.trusted_streams_bidi
+        } else {
+            self.trusted_streams_bidi
+                .min(crate::transport::UNTRUSTED_STREAMS_BIDI_MAX)
+        };
+        let max = u64::from(max);
         if limit < max && open * 2 >= limit {
             let grown = (limit * 2).clamp(1, max);
             conn.set_max_concurrent_streams(

@@ -1,7 +1,7 @@
 //! QUIC transport and TLS settings shared by server and client workers.
 
 use quinn_proto::congestion::{BbrConfig, CubicConfig, NewRenoConfig};
-use quinn_proto::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn_proto::crypto::rustls::QuicClientConfig;
 use quinn_proto::{IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::danger::ClientCertVerifier;
@@ -28,6 +28,13 @@ const _: () = assert!(
 );
 /// Concurrent bidirectional streams of a peer the server does not trust yet.
 pub const UNTRUSTED_STREAMS_BIDI_MAX: u32 = 16;
+/// Concurrent bidirectional streams every connection starts with; the
+/// server doubles a connection's limit as its peer uses it (up to
+/// [`UNTRUSTED_STREAMS_BIDI_MAX`], or `streams_bidi_max` once trusted).
+/// quinn-proto keeps a hash-map entry per stream the peer may open, in
+/// both directions' maps: 7 fit in 8 buckets, 16 take 32 (about 1 KB more
+/// in every held connection).
+pub const INITIAL_STREAMS_BIDI: u32 = 7;
 
 /// Knobs of the QUIC transport (see `[stoq_transport]` in the config).
 #[derive(Clone, Debug)]
@@ -72,9 +79,9 @@ impl TransportSettings {
     }
 
     /// The server's transport: [`Self::build`] with the initial
-    /// connection window and stream count cut to what an untrusted peer
-    /// gets. The server raises them per connection once it trusts it
-    /// (`server::ServerService::widen_if_trusted`).
+    /// connection window cut to what an untrusted peer gets and
+    /// [`INITIAL_STREAMS_BIDI`] streams. The server raises them per
+    /// connection as it trusts and uses it (`server::ServerService::widen`).
     pub fn build_server(&self) -> TransportConfig {
         let mut t = self.build();
         t.receive_window(
@@ -85,7 +92,7 @@ impl TransportSettings {
             .unwrap_or(VarInt::MAX),
         )
         .max_concurrent_bidi_streams(VarInt::from_u32(
-            self.streams_bidi_max.min(UNTRUSTED_STREAMS_BIDI_MAX),
+            self.streams_bidi_max.min(INITIAL_STREAMS_BIDI),
         ));
         t
     }
@@ -200,16 +207,18 @@ fn provider_in_order(chacha_first: bool) -> Arc<rustls::crypto::CryptoProvider> 
 }
 
 /// The server's QUIC crypto: TLS 1.3 only, our ALPNs, tickets, 0-RTT, and
-/// the server's suite rule (`suite_choice`): AES-128-GCM, or ChaCha20 for
-/// clients that list it first.
+/// the server's sessions (`server_tls`): AES-128-GCM, or ChaCha20 for
+/// clients that list it first; TLS state dropped after the handshake.
 pub fn server_crypto(
     identity: &ServerIdentity,
     alpns: &[&[u8]],
-) -> Result<Arc<crate::suite_choice::SuiteChoice>, TlsSetupError> {
-    Ok(Arc::new(crate::suite_choice::SuiteChoice {
-        aes_first: server_tls(identity, alpns, false)?,
-        chacha_first: server_tls(identity, alpns, true)?,
-    }))
+) -> Result<Arc<crate::server_tls::ServerTls>, TlsSetupError> {
+    let tls = crate::server_tls::ServerTls::new(
+        server_tls(identity, alpns, false)?,
+        server_tls(identity, alpns, true)?,
+    )
+    .map_err(|e| TlsSetupError::NoQuicSuite(e.to_string()))?;
+    Ok(Arc::new(tls))
 }
 
 /// One server TLS config, its suites in `provider_in_order`'s order. Both
@@ -218,7 +227,7 @@ fn server_tls(
     identity: &ServerIdentity,
     alpns: &[&[u8]],
     chacha_first: bool,
-) -> Result<Arc<QuicServerConfig>, TlsSetupError> {
+) -> Result<Arc<rustls::ServerConfig>, TlsSetupError> {
     let builder = rustls::ServerConfig::builder_with_provider(provider_in_order(chacha_first))
         .with_protocol_versions(&[&rustls::version::TLS13])?;
     let builder = match &identity.client_verifier {
@@ -231,7 +240,10 @@ fn server_tls(
     // every handshake and 14 AES rounds per packet.
     config.ignore_client_order = true;
     config.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
-    config.send_tls13_tickets = 2;
+    // One ticket per handshake, full or resumed: each connection leaves
+    // the client one for its next, and the single-use store holds one entry
+    // per connection instead of two.
+    config.send_tls13_tickets = 1;
     match &identity.resumption {
         Resumption::Tickets(ticketer) => config.ticketer = ticketer.clone(),
         Resumption::SingleUseWithZeroRtt(cache) => {
@@ -241,9 +253,7 @@ fn server_tls(
             config.max_early_data_size = u32::MAX;
         }
     }
-    QuicServerConfig::try_from(config)
-        .map(Arc::new)
-        .map_err(|e| TlsSetupError::NoQuicSuite(e.to_string()))
+    Ok(Arc::new(config))
 }
 
 /// How a client decides to trust the server.

@@ -104,9 +104,14 @@ pub enum Op {
     },
     /// The fake control plane answers every forwarded request waiting.
     Authority,
+    /// The client starts a 1-RTT key update (ignored by quinn-proto
+    /// before the handshake is confirmed or while the last one is recent).
+    KeyUpdate {
+        conn: u8,
+    },
 }
 
-const TAGS: u8 = 15;
+const TAGS: u8 = 16;
 
 /// A decoded input: the server's settings and the ops to run.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -231,7 +236,8 @@ impl Op {
                 depth: r.u8(),
             },
             13 => Op::Deliver { n: r.u8() },
-            _ => Op::Authority,
+            14 => Op::Authority,
+            _ => Op::KeyUpdate { conn: r.u8() },
         }
     }
 
@@ -272,6 +278,7 @@ impl Op {
             Op::Reorder { to_server, depth } => out.extend([12, to_server.into(), depth]),
             Op::Deliver { n } => out.extend([13, n]),
             Op::Authority => out.push(14),
+            Op::KeyUpdate { conn } => out.extend([15, conn]),
         }
     }
 }
@@ -322,6 +329,7 @@ mod tests {
             },
             Op::Deliver { n: 0 },
             Op::Authority,
+            Op::KeyUpdate { conn: 15 },
         ];
         let sequence = Sequence {
             settings: Settings { admission: true },

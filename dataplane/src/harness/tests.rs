@@ -325,6 +325,54 @@ fn doq_query_without_fin_is_closed_at_the_idle_deadline() {
     assert_eq!(counters.doq_idle_closed, 1);
 }
 
+/// The server builds the keys of each 1-RTT key phase lazily, deriving
+/// every phase from the last (`server_tls::NextPhase`): after each of
+/// several client key updates, a request on the same connection is still
+/// answered, on every ALPN.
+#[test]
+fn requests_are_answered_across_repeated_key_updates() {
+    const UPDATES: usize = 4;
+    for (alpn, variant) in [(Alpn::Stoq, 0), (Alpn::Doq, 0), (Alpn::Perf, 2)] {
+        let mut harness = Harness::new(Settings::default());
+        let mut apply = |op| {
+            harness
+                .apply(op)
+                .unwrap_or_else(|v| panic!("{alpn:?} {op:?}: {v}"))
+        };
+        apply(connect(alpn, true));
+        for _ in 0..UPDATES {
+            apply(Op::KeyUpdate { conn: 0 });
+            apply(Op::OpenStream { conn: 0 });
+            apply(Op::Request {
+                conn: 0,
+                stream: 0,
+                variant: 0x80 | variant,
+            });
+            apply(SETTLE);
+            // Past three PTOs, so quinn-proto drops the old keys and takes
+            // the next forced update.
+            apply(Op::AdvanceTime { ms: 1000 });
+            apply(SETTLE);
+        }
+        let c = harness
+            .client
+            .conns
+            .iter()
+            .find(|c| !c.honest)
+            .expect("the connection");
+        assert!(!c.lost, "{alpn:?}: {:?}", c.lost_reason);
+        assert_eq!(c.streams.len(), UPDATES);
+        for id in &c.streams {
+            let received = c.received.get(id);
+            assert!(
+                received.is_some_and(|r| r.fin && r.len > 0),
+                "{alpn:?} stream {id}: no whole answer after a key update"
+            );
+        }
+        harness.check().unwrap();
+    }
+}
+
 #[test]
 fn the_committed_corpus_holds_every_named_seed() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/stream_events");
