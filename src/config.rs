@@ -56,7 +56,7 @@ impl Default for Internet2 {
 #[serde(deny_unknown_fields, default)]
 pub struct StoqTransport {
     pub backend: BackendKind,
-    /// io_uring receive operations in flight per worker.
+    /// io_uring receive buffers per worker (see `dataplane::io::IoBatch`).
     pub uring_recv_ops: usize,
     /// io_uring send operations in flight per worker.
     pub uring_send_ops: usize,

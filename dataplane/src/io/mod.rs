@@ -68,12 +68,14 @@ pub struct SendDatagram<'a> {
 /// Batch sizes of a backend (`[stoq_transport] uring_recv_ops`, `uring_send_ops`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IoBatch {
-    /// io_uring receive operations kept in flight (each a 128 KiB buffer,
-    /// which takes a whole GRO batch). Each one waits on the socket, and a
-    /// datagram's arrival wakes every one of them: 4 beat 32 by 1.2x (32
-    /// handshakes in flight) to 1.2-1.5x (4 in flight) in set-ups/s, at the
-    /// same goodput, with 3.5 MiB less per worker (bench-40g --netns,
-    /// 2026-12-02); 1 loses goodput.
+    /// io_uring receive buffers per worker (128 KiB each, which takes a
+    /// whole GRO batch), rounded up to a power of two: the provided buffers
+    /// of the one multishot receive. A datagram that finds them all taken
+    /// waits in the socket until the worker hands them back. On kernels
+    /// without provided-buffer rings, that many single-shot receives wait
+    /// on the socket instead, and each datagram wakes every one of them
+    /// (there 4 beat 32 by 1.2-1.5x in set-ups/s, bench-40g --netns,
+    /// 2026-12-02).
     pub recv_ops: usize,
     /// io_uring send operations that may be in flight.
     pub send_ops: usize,

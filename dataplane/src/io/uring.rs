@@ -1,20 +1,35 @@
-//! The `uring` backend: io_uring with a standing batch of `recvmsg`
-//! operations (GRO on), `sendmsg` with a `UDP_SEGMENT` cmsg for each GSO
-//! batch, and a read on the worker's eventfd so wakes end the ring wait.
+//! The `uring` backend: io_uring with one multishot `recvmsg` over a ring
+//! of provided buffers (GRO on), `sendmsg` with a `UDP_SEGMENT` cmsg for
+//! each GSO batch, and a read on the worker's eventfd so wakes end the ring
+//! wait.
 //!
-//! Every operation owns a slot whose memory (buffer, `msghdr`, address,
-//! control space) stays pinned in a `Box` until its completion arrives.
+//! Receiving: one armed multishot receive waits on the socket and posts a
+//! completion per datagram (or GRO batch) into whichever provided buffer is
+//! free; the buffer goes back to the ring once the worker has handled it.
+//! On kernels without provided-buffer rings (before 5.19; multishot
+//! `recvmsg` needs 6.0) the backend keeps a standing batch of single-shot
+//! `recvmsg` operations instead, each of which wakes on every datagram.
+//!
+//! Every operation owns memory (buffer, `msghdr`, address, control space)
+//! that stays pinned in a `Box` or the buffer ring until its completion
+//! arrives.
 
 use super::{Backend, IoBatch, RECV_BUF_LEN, RecvDatagram, SendDatagram, Waker};
-use io_uring::{IoUring, opcode, types};
+use io_uring::{IoUring, cqueue, opcode, types};
 use quinn_proto::EcnCodepoint;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
-/// Most receive operations a ring keeps in flight (`[stoq_transport] uring_recv_ops`).
+/// Most receive buffers a worker keeps (`[stoq_transport] uring_recv_ops`).
 pub const RECV_OPS_MAX: usize = 1024;
+/// The buffer group of the provided receive buffers (one per ring).
+const RECV_BUFFER_GROUP: u16 = 0;
+/// The kernel's `struct io_uring_recvmsg_out` at the start of every
+/// multishot receive buffer (four u32 fields).
+const RECVMSG_OUT_LEN: usize = 16;
 /// Most send operations in flight (`[stoq_transport] uring_send_ops`); a full
 /// set reports `WouldBlock` until one completes.
 pub const SEND_OPS_MAX: usize = 4096;
@@ -71,16 +86,149 @@ impl Slot {
 // points into itself), so it must never move, whatever the Vec does.
 #[allow(clippy::vec_box)]
 pub struct UringBackend {
+    // Dropped first: the kernel lets go of the receive buffers with it.
     ring: IoUring,
     socket: UdpSocket,
-    recv: Vec<Box<Slot>>,
+    recv: Receiver,
     send: Vec<Box<Slot>>,
     free_sends: Vec<usize>,
     wake_buf: Box<u64>,
     wake_armed: bool,
     waker_fd: i32,
     max_gso: usize,
-    ready: Vec<(u64, i32)>,
+    /// Completions reaped: (user data, result, flags).
+    ready: Vec<(u64, i32, u32)>,
+}
+
+// Each slot is boxed on its own (see `UringBackend`).
+#[allow(clippy::vec_box)]
+enum Receiver {
+    /// One multishot `recvmsg` over provided buffers.
+    Multishot { buffers: BufRing, armed: bool },
+    /// Single-shot `recvmsg` operations, each with its own slot.
+    Armed(Vec<Box<Slot>>),
+}
+
+/// A provided-buffer ring: `len` receive buffers the kernel picks from, and
+/// the ring of entries through which the worker hands them (back) to it.
+struct BufRing {
+    /// `len` ring entries, page-aligned as the kernel requires.
+    entries: std::ptr::NonNull<types::BufRingEntry>,
+    entries_layout: std::alloc::Layout,
+    /// `len` buffers of `buf_len` bytes each.
+    buffers: std::ptr::NonNull<u8>,
+    buffers_layout: std::alloc::Layout,
+    buf_len: usize,
+    len: u16,
+    /// The tail the worker has written up to (published with `publish`).
+    tail: u16,
+    /// The `msghdr` the multishot receive was armed with: only its name
+    /// and control lengths matter, and they lay out every buffer.
+    hdr: Box<libc::msghdr>,
+}
+
+// SAFETY: the ring and buffers are owned allocations that only this worker
+// touches (and the kernel, through the ring it was registered with).
+unsafe impl Send for BufRing {}
+
+impl BufRing {
+    /// `len` buffers (a power of two), each with room for the multishot
+    /// header, a sockaddr_in6, `CONTROL_LEN` of cmsgs and `RECV_BUF_LEN`
+    /// of datagrams.
+    fn new(len: u16) -> io::Result<Self> {
+        debug_assert!(len.is_power_of_two());
+        let name_len = std::mem::size_of::<libc::sockaddr_in6>();
+        let buf_len =
+            (RECVMSG_OUT_LEN + name_len + CONTROL_LEN + RECV_BUF_LEN).next_multiple_of(64);
+        let page = 4096;
+        let entries_layout = std::alloc::Layout::from_size_align(
+            usize::from(len) * std::mem::size_of::<types::BufRingEntry>(),
+            page,
+        )
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let buffers_layout = std::alloc::Layout::from_size_align(usize::from(len) * buf_len, page)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: both layouts have a non-zero size (len >= 1).
+        let entries = std::ptr::NonNull::new(
+            unsafe { std::alloc::alloc_zeroed(entries_layout) }.cast::<types::BufRingEntry>(),
+        )
+        .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        let Some(buffers) = std::ptr::NonNull::new(unsafe { std::alloc::alloc(buffers_layout) })
+        else {
+            // SAFETY: allocated just above with this layout.
+            unsafe { std::alloc::dealloc(entries.as_ptr().cast(), entries_layout) };
+            return Err(io::ErrorKind::OutOfMemory.into());
+        };
+        // SAFETY: all-zero is a valid msghdr.
+        let mut hdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+        hdr.msg_namelen = name_len as libc::socklen_t;
+        hdr.msg_controllen = CONTROL_LEN;
+        let mut ring = Self {
+            entries,
+            entries_layout,
+            buffers,
+            buffers_layout,
+            buf_len,
+            len,
+            tail: 0,
+            hdr,
+        };
+        for bid in 0..len {
+            ring.provide(bid);
+        }
+        ring.publish();
+        Ok(ring)
+    }
+
+    /// Queue buffer `bid` for the kernel (visible after `publish`).
+    fn provide(&mut self, bid: u16) {
+        let index = usize::from(self.tail & (self.len - 1));
+        // SAFETY: index < len entries; the kernel reads only entries below
+        // the published tail, and this one is past it until `publish`.
+        let entry = unsafe { &mut *self.entries.as_ptr().add(index) };
+        // SAFETY: bid < len, so the buffer lies inside the allocation.
+        let addr = unsafe { self.buffers.as_ptr().add(usize::from(bid) * self.buf_len) };
+        entry.set_addr(addr as u64);
+        entry.set_len(self.buf_len as u32);
+        entry.set_bid(bid);
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Make every provided buffer visible to the kernel.
+    fn publish(&self) {
+        // SAFETY: the tail field lives in the first entry of the ring, which
+        // is initialised; the kernel reads it with acquire semantics.
+        unsafe {
+            let tail = types::BufRingEntry::tail(self.entries.as_ptr()) as *const AtomicU16;
+            (*tail).store(self.tail, Ordering::Release);
+        }
+    }
+
+    /// The first `len` bytes of buffer `bid`, which the kernel has filled.
+    fn buffer(&self, bid: u16, len: usize) -> Option<&[u8]> {
+        if bid >= self.len || len > self.buf_len {
+            return None;
+        }
+        // SAFETY: in bounds (checked), and the kernel is done with this
+        // buffer until it is provided again.
+        Some(unsafe {
+            std::slice::from_raw_parts(
+                self.buffers.as_ptr().add(usize::from(bid) * self.buf_len),
+                len,
+            )
+        })
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with these layouts; the ring that used
+        // them was dropped first (field order of `UringBackend`).
+        unsafe {
+            std::alloc::dealloc(self.entries.as_ptr().cast(), self.entries_layout);
+            std::alloc::dealloc(self.buffers.as_ptr(), self.buffers_layout);
+        }
+    }
 }
 
 impl UringBackend {
@@ -103,10 +251,20 @@ impl UringBackend {
             .setup_coop_taskrun()
             .build(entries)
             .or_else(|_| IoUring::new(entries))?;
+        let recv = match Self::buffer_ring(&ring, recv_ops) {
+            Ok(buffers) => Receiver::Multishot {
+                buffers,
+                armed: false,
+            },
+            Err(e) => {
+                tracing::info!(error = %e, "no provided-buffer ring; io_uring receives one datagram per operation");
+                Receiver::Armed((0..recv_ops).map(|_| Slot::new(RECV_BUF_LEN)).collect())
+            }
+        };
         let mut backend = Self {
             ring,
             socket,
-            recv: (0..recv_ops).map(|_| Slot::new(RECV_BUF_LEN)).collect(),
+            recv,
             send: (0..send_ops).map(|_| Slot::new(0)).collect(),
             free_sends: (0..send_ops).rev().collect(),
             wake_buf: Box::new(0),
@@ -115,8 +273,13 @@ impl UringBackend {
             max_gso,
             ready: Vec::with_capacity(entries as usize * 2),
         };
-        for index in 0..recv_ops {
-            backend.arm_recv(index)?;
+        match &backend.recv {
+            Receiver::Multishot { .. } => backend.arm_multishot()?,
+            Receiver::Armed(slots) => {
+                for index in 0..slots.len() {
+                    backend.arm_recv(index)?;
+                }
+            }
         }
         backend.arm_wake()?;
         backend.ring.submit()?;
@@ -132,8 +295,44 @@ impl UringBackend {
         Ok(())
     }
 
+    /// `count` provided buffers (rounded up to a power of two), registered
+    /// with `ring`; fails where the kernel has no provided-buffer rings.
+    fn buffer_ring(ring: &IoUring, count: usize) -> io::Result<BufRing> {
+        let len = count.clamp(1, RECV_OPS_MAX).next_power_of_two() as u16;
+        let buffers = BufRing::new(len)?;
+        // SAFETY: the entries stay allocated, unmoved, until after the ring
+        // is dropped (field order of `UringBackend`).
+        unsafe {
+            ring.submitter().register_buf_ring_with_flags(
+                buffers.entries.as_ptr() as u64,
+                len,
+                RECV_BUFFER_GROUP,
+                0,
+            )?;
+        }
+        Ok(buffers)
+    }
+
+    fn arm_multishot(&mut self) -> io::Result<()> {
+        let Receiver::Multishot { buffers, armed } = &mut self.recv else {
+            return Ok(());
+        };
+        let entry = opcode::RecvMsgMulti::new(
+            types::Fd(self.socket.as_raw_fd()),
+            &*buffers.hdr,
+            RECV_BUFFER_GROUP,
+        )
+        .build()
+        .user_data(TAG_RECV);
+        *armed = true;
+        self.push(entry)
+    }
+
     fn arm_recv(&mut self, index: usize) -> io::Result<()> {
-        let slot = &mut self.recv[index];
+        let Receiver::Armed(slots) = &mut self.recv else {
+            return Ok(());
+        };
+        let slot = &mut slots[index];
         slot.arm(RECV_BUF_LEN, CONTROL_LEN);
         let entry = opcode::RecvMsg::new(types::Fd(self.socket.as_raw_fd()), &mut slot.hdr)
             .build()
@@ -155,8 +354,11 @@ impl UringBackend {
 
     fn reap(&mut self) {
         self.ready.clear();
-        self.ready
-            .extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        self.ready.extend(
+            self.ring
+                .completion()
+                .map(|c| (c.user_data(), c.result(), c.flags())),
+        );
     }
 }
 
@@ -170,21 +372,44 @@ impl Backend for UringBackend {
         self.reap();
         let mut delivered = 0;
         let ready = std::mem::take(&mut self.ready);
-        for &(user_data, result) in &ready {
+        for &(user_data, result, flags) in &ready {
             let index = (user_data & !TAG_MASK) as usize;
             match user_data & TAG_MASK {
-                TAG_RECV => {
-                    if result >= 0 {
-                        let slot = &self.recv[index];
-                        if let Some(datagram) = parse_recv(slot, result as usize) {
-                            sink(datagram);
-                            delivered += 1;
+                TAG_RECV => match &mut self.recv {
+                    Receiver::Multishot { buffers, armed } => {
+                        if result >= 0
+                            && let Some(bid) = cqueue::buffer_select(flags)
+                        {
+                            if let Some(datagram) = buffers
+                                .buffer(bid, result as usize)
+                                .and_then(|b| parse_multishot(b, &buffers.hdr))
+                            {
+                                sink(datagram);
+                                delivered += 1;
+                            }
+                            buffers.provide(bid);
+                        } else if result < 0 && result != -libc::ENOBUFS {
+                            tracing::debug!(error = %io::Error::from_raw_os_error(-result), "recvmsg failed");
                         }
-                    } else if result != -libc::EINTR && result != -libc::EAGAIN {
-                        tracing::debug!(error = %io::Error::from_raw_os_error(-result), "recvmsg failed");
+                        // ENOBUFS (every buffer waiting here) or an error
+                        // ends the multishot receive: armed again below,
+                        // once the buffers are back.
+                        if !cqueue::more(flags) {
+                            *armed = false;
+                        }
                     }
-                    self.arm_recv(index)?;
-                }
+                    Receiver::Armed(slots) => {
+                        if result >= 0 {
+                            if let Some(datagram) = parse_recv(&slots[index], result as usize) {
+                                sink(datagram);
+                                delivered += 1;
+                            }
+                        } else if result != -libc::EINTR && result != -libc::EAGAIN {
+                            tracing::debug!(error = %io::Error::from_raw_os_error(-result), "recvmsg failed");
+                        }
+                        self.arm_recv(index)?;
+                    }
+                },
                 TAG_SEND => {
                     if result < 0 && result != -libc::EMSGSIZE {
                         // Treated as loss; QUIC retransmits.
@@ -197,6 +422,12 @@ impl Backend for UringBackend {
             }
         }
         self.ready = ready;
+        if let Receiver::Multishot { buffers, armed } = &self.recv {
+            buffers.publish();
+            if !armed {
+                self.arm_multishot()?;
+            }
+        }
         if !self.wake_armed {
             self.arm_wake()?;
         }
@@ -324,23 +555,61 @@ fn write_send_control(
 }
 
 fn parse_recv(slot: &Slot, len: usize) -> Option<RecvDatagram<'_>> {
-    if slot.addr.sin6_family != libc::AF_INET6 as libc::sa_family_t {
+    let control = &slot.control.0[..slot.hdr.msg_controllen.min(CONTROL_LEN)];
+    parse_datagram(&slot.addr, control, &slot.buf[..len])
+}
+
+/// A multishot completion's buffer: the kernel's header, then the name and
+/// control fields laid out by `hdr`'s lengths, then the datagram(s).
+fn parse_multishot<'a>(buffer: &'a [u8], hdr: &libc::msghdr) -> Option<RecvDatagram<'a>> {
+    let out = types::RecvMsgOut::parse(buffer, hdr).ok()?;
+    if out.is_payload_truncated() || out.is_name_data_truncated() {
         return None;
     }
-    let ip = Ipv6Addr::from(slot.addr.sin6_addr.s6_addr);
+    let name = out.name_data();
+    if name.len() < std::mem::size_of::<libc::sockaddr_in6>() {
+        return None;
+    }
+    // SAFETY: at least size_of::<sockaddr_in6>() bytes, read unaligned; any
+    // bytes are a valid sockaddr_in6.
+    let addr = unsafe { std::ptr::read_unaligned(name.as_ptr().cast::<libc::sockaddr_in6>()) };
+    // The payload lies after the fixed-size name and control fields (its
+    // slice is taken from `buffer` to keep the buffer's lifetime).
+    let start = RECVMSG_OUT_LEN + hdr.msg_namelen as usize + hdr.msg_controllen;
+    let payload = buffer.get(start..start + out.payload_data().len())?;
+    parse_datagram(&addr, out.control_data(), payload)
+}
+
+/// The datagram(s) from `addr`, with what the cmsgs in `control` say: the
+/// GRO stride, the local address, the ECN bits.
+fn parse_datagram<'a>(
+    addr: &libc::sockaddr_in6,
+    control: &[u8],
+    data: &'a [u8],
+) -> Option<RecvDatagram<'a>> {
+    if addr.sin6_family != libc::AF_INET6 as libc::sa_family_t {
+        return None;
+    }
     let remote = SocketAddr::V6(SocketAddrV6::new(
-        ip,
-        u16::from_be(slot.addr.sin6_port),
-        slot.addr.sin6_flowinfo,
-        slot.addr.sin6_scope_id,
+        Ipv6Addr::from(addr.sin6_addr.s6_addr),
+        u16::from_be(addr.sin6_port),
+        addr.sin6_flowinfo,
+        addr.sin6_scope_id,
     ));
-    let mut stride = len;
+    let mut stride = data.len();
     let mut local_ip = None;
     let mut ecn = None;
-    // SAFETY: the kernel filled `msg_controllen` bytes of our control buffer
-    // with well-formed cmsgs; CMSG_* walk only within that length.
+    // The cmsgs, copied to aligned memory for the CMSG_* walk.
+    let mut aligned = Control([0; CONTROL_LEN]);
+    let control_len = control.len().min(CONTROL_LEN);
+    aligned.0[..control_len].copy_from_slice(&control[..control_len]);
+    // SAFETY: a zeroed msghdr pointing at our aligned copy of the cmsgs the
+    // kernel wrote; CMSG_* walk only within `control_len`.
     unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(&slot.hdr);
+        let mut hdr: libc::msghdr = std::mem::zeroed();
+        hdr.msg_control = aligned.0.as_mut_ptr().cast();
+        hdr.msg_controllen = control_len;
+        let mut cmsg = libc::CMSG_FIRSTHDR(&hdr);
         while !cmsg.is_null() {
             let data = libc::CMSG_DATA(cmsg);
             match ((*cmsg).cmsg_level, (*cmsg).cmsg_type) {
@@ -357,14 +626,72 @@ fn parse_recv(slot: &Slot, len: usize) -> Option<RecvDatagram<'_>> {
                 }
                 _ => {}
             }
-            cmsg = libc::CMSG_NXTHDR(&slot.hdr, cmsg);
+            cmsg = libc::CMSG_NXTHDR(&hdr, cmsg);
         }
     }
     Some(RecvDatagram {
         remote,
         local_ip,
         ecn,
-        data: &slot.buf[..len],
+        data,
         stride,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// Skip with a printed reason, or fail in CI, which runs on a kernel
+    /// with io_uring and provided-buffer rings.
+    fn skip_or_fail(reason: &str) {
+        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+            panic!("CI must be able to run this test, but: {reason}");
+        }
+        eprintln!("SKIPPED: {reason}");
+    }
+
+    /// More datagrams queue on the socket than there are receive buffers:
+    /// the multishot receive runs out of buffers and ends, is armed again
+    /// once they are back, and every datagram arrives in order with its
+    /// sender.
+    #[test]
+    fn datagrams_beyond_the_receive_buffers_wait_and_all_arrive() {
+        const DATAGRAMS: usize = 12;
+        let socket = UdpSocket::bind("[::1]:0").expect("bind [::1]");
+        let addr = socket.local_addr().expect("local address");
+        let waker = Waker::new().expect("eventfd");
+        let batch = IoBatch {
+            recv_ops: 2,
+            send_ops: 1,
+        };
+        let mut backend = match UringBackend::new(socket, &waker, 1, batch) {
+            Ok(backend) => backend,
+            Err(e) => return skip_or_fail(&format!("io_uring unavailable: {e}")),
+        };
+        if !matches!(backend.recv, Receiver::Multishot { .. }) {
+            return skip_or_fail("the kernel has no provided-buffer rings");
+        }
+        let sender = UdpSocket::bind("[::1]:0").expect("bind [::1]");
+        let from = sender.local_addr().expect("local address");
+        for i in 0..DATAGRAMS {
+            sender.send_to(&[i as u8; 100], addr).expect("send");
+        }
+        let mut received = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while received.len() < DATAGRAMS && Instant::now() < deadline {
+            backend
+                .wait(&waker, Some(Duration::from_millis(100)), false)
+                .expect("wait");
+            backend
+                .poll_recv(&mut |d| {
+                    assert_eq!(d.remote, from);
+                    received.push(d.data.to_vec());
+                })
+                .expect("poll_recv");
+        }
+        let sent: Vec<Vec<u8>> = (0..DATAGRAMS).map(|i| vec![i as u8; 100]).collect();
+        assert_eq!(received, sent);
+    }
 }
