@@ -304,6 +304,20 @@ fn choose(client_hello: &[u8]) -> Choice {
     Choice::AesFirst
 }
 
+/// rustls' keys of one packet space, boxed as quinn-proto takes them.
+fn quinn_keys(keys: rustls::quic::Keys) -> Keys {
+    Keys {
+        header: KeyPair {
+            local: Box::new(keys.local.header),
+            remote: Box::new(keys.remote.header),
+        },
+        packet: KeyPair {
+            local: Box::new(keys.local.packet),
+            remote: Box::new(keys.remote.packet),
+        },
+    }
+}
+
 fn error(code: TransportErrorCode, reason: String) -> TransportError {
     TransportError {
         code,
@@ -436,17 +450,7 @@ impl crypto::Session for ServerSession {
             Side::Client => rustls::Side::Client,
             Side::Server => rustls::Side::Server,
         };
-        let keys = self.initial.keys(dst_cid, side, self.version);
-        Keys {
-            header: KeyPair {
-                local: Box::new(keys.local.header),
-                remote: Box::new(keys.remote.header),
-            },
-            packet: KeyPair {
-                local: Box::new(keys.local.packet),
-                remote: Box::new(keys.remote.packet),
-            },
-        }
+        quinn_keys(self.initial.keys(dst_cid, side, self.version))
     }
 
     fn handshake_data(&self) -> Option<Box<dyn Any>> {
@@ -537,16 +541,7 @@ impl crypto::Session for ServerSession {
                 return None;
             }
         };
-        Some(Keys {
-            header: KeyPair {
-                local: Box::new(keys.local.header),
-                remote: Box::new(keys.remote.header),
-            },
-            packet: KeyPair {
-                local: Box::new(keys.local.packet),
-                remote: Box::new(keys.remote.packet),
-            },
-        })
+        Some(quinn_keys(keys))
     }
 
     fn next_1rtt_keys(&mut self) -> Option<KeyPair<Box<dyn PacketKey>>> {
