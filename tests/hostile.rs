@@ -170,6 +170,52 @@ fn empty_stoq_stream_without_certificate_does_not_silence_a_worker() {
     }
 }
 
+/// 1-RTT key updates from an independent client (aioquic): the server
+/// builds each new key phase from the last only when a key update uses it
+/// (`dataplane::server_tls`). After each of four updates in a row, the
+/// client's packets in the new phase are read and answered in it (the
+/// client sees the server's answer arrive in the phase it switched to),
+/// and the connection stays open.
+#[test]
+fn repeated_key_updates_from_aioquic_are_followed() {
+    let Some(python) = interop_python() else {
+        return skip_or_fail("aioquic is not installed: run `bash .ci/setup-interop.sh`");
+    };
+    let server = Server::start("hostile-key-update", "");
+    let mut command = interop_peer(&python, "stoq_peer.py", &server);
+    command.args(["key-update", "--rounds", "4"]);
+    let result = peer_json(command, Duration::from_secs(120));
+    assert_eq!(result["handshake"], "ok", "{result}");
+    let rounds = result["rounds"].as_array().expect("rounds");
+    assert_eq!(rounds.len(), 4, "{result}");
+    for (n, round) in rounds.iter().enumerate() {
+        let phase = (n as u64 + 1) % 2;
+        assert_eq!(
+            round["send_phase"].as_u64(),
+            Some(phase),
+            "round {n}: the client updated its keys: {result}"
+        );
+        assert_eq!(
+            round["recv_phase"].as_u64(),
+            Some(phase),
+            "round {n}: the server answered in the new phase: {result}"
+        );
+        assert_eq!(
+            (
+                round["answer"]["kind"].as_u64(),
+                round["answer"]["code"].as_u64()
+            ),
+            (Some(0xff), Some(5)),
+            "round {n}: the ping was read and answered (CERTIFICATE_REQUIRED): {result}"
+        );
+    }
+    assert_eq!(result["stayed_open"], true, "{result}");
+    assert!(
+        !server.log().iter().any(|l| l.contains("panicked")),
+        "no panic in the server"
+    );
+}
+
 /// A session ticket issued to a certificate that is then revoked buys
 /// nothing: resuming with it (a ping in 0-RTT, another after the
 /// handshake) is closed with 0x102 (certificate revoked) before anything

@@ -41,6 +41,13 @@ Subcommands:
       then the CT log key: CT_KEY on the same (certificate-less)
       connection, and CT_KEY on a connection with the new certificate.
 
+  key-update [--rounds 4] [--pause S]
+      stoq/1 without a client certificate: on one connection, each round
+      starts a 1-RTT key update, then sends a ping (answered
+      CERTIFICATE_REQUIRED, which shows the server read it and wrote back).
+      Reports each round's answer and the key phase the client sent and
+      received in, and whether the connection stayed open.
+
   doq-hold [--connections 200] [--streams 4] [--in-order B] [--far B] [--hold T]
       doq without a client certificate: N connections, each with S streams
       that send B bytes of an unfinished DNS message (2-byte length 0xffff)
@@ -651,6 +658,33 @@ async def doq_hold(args) -> dict:
     }
 
 
+# ------------------------------------------------------------------ key-update
+
+async def key_update(args) -> dict:
+    conn, failure = await connect(args, configuration(args, ALPN_STOQ))
+    if conn is None:
+        return {"handshake": failure}
+    quic = conn.peer._quic
+    rounds = []
+    for _ in range(args.rounds):
+        quic.request_key_update()
+        answer = await ask(conn, frame(KIND_PING, b"new keys"), args.answer_timeout)
+        crypto = quic._cryptos[Epoch.ONE_RTT]
+        rounds.append({
+            "answer": answer,
+            "send_phase": crypto.send.key_phase,
+            "recv_phase": crypto.recv.key_phase,
+        })
+        # RFC 9001 6.5: the server may drop the old keys three PTOs after
+        # the update; the next one waits for that.
+        await asyncio.sleep(args.pause)
+    result = {"handshake": "ok", "rounds": rounds, "stayed_open": conn.peer.is_open()}
+    if conn.peer.terminated is not None:
+        result["closed"] = conn.peer.terminated
+    await conn.close()
+    return result
+
+
 # ------------------------------------------------------------------------ main
 
 def parse_args(argv):
@@ -686,6 +720,10 @@ def parse_args(argv):
     p.add_argument("--name", required=True)
     p.add_argument("--out", required=True)
 
+    p = sub.add_parser("key-update")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--pause", type=float, default=0.5)
+
     p = sub.add_parser("doq-hold")
     p.add_argument("--connections", type=int, default=200)
     p.add_argument("--streams", type=int, default=4)
@@ -706,6 +744,7 @@ COMMANDS = {
     "enroll-wildcard": enroll_wildcard,
     "enroll-production": enroll_production,
     "doq-hold": doq_hold,
+    "key-update": key_update,
 }
 
 
