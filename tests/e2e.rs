@@ -634,8 +634,8 @@ fn a_trusted_connections_stream_limit_grows_with_use() {
     let report = &reports[0];
     assert_eq!(report.errors, 0, "{:?}", report.first_error);
     assert_eq!(report.requests, 100);
-    // It starts at the untrusted 16 and doubles as the streams are used,
-    // never past the configured 64.
+    // It starts at 7 and doubles as the streams are used, past the
+    // untrusted bound of 16, never past the configured 64.
     assert!(
         report.streams_peak > u64::from(dataplane::transport::UNTRUSTED_STREAMS_BIDI_MAX),
         "peak {}",

@@ -25,9 +25,8 @@ const REQUEST_BYTES: u64 = 16 << 20;
 const MAX_PENDING_HANDSHAKES: usize = 256;
 /// Without this a dead server would stall connects for the whole idle timeout.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Keeps idle held connections alive at half the shortest server idle
-/// timeout (ours: 30 s), so the keep-alives of 100 000 stay few.
-const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// Keeps idle held connections alive (the same interval as our client).
+const KEEP_ALIVE: Duration = dataplane::client::bench::KEEP_ALIVE;
 /// Only the first few errors are printed; the rest are just counted.
 const PRINTED_ERRORS: u64 = 5;
 /// Latency histogram range: 1 us .. 60 s, 3 significant digits.

@@ -655,10 +655,8 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             CongestionArg::Bbr => CongestionControl::Bbr,
             CongestionArg::Newreno => CongestionControl::Newreno,
         },
-        // Held connections must outlive the run: keep-alives at half the
-        // server's default idle timeout (30 s), so 100 000 held
-        // connections send 6 700 keep-alives/s, not 20 000.
-        keep_alive: Some(Duration::from_secs(15)),
+        // Held connections must outlive the run.
+        keep_alive: Some(dataplane::client::bench::KEEP_ALIVE),
         idle_timeout: Duration::from_secs(60) + Duration::from_secs_f64(args.duration),
         ..TransportSettings::default()
     };

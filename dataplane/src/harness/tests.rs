@@ -325,6 +325,18 @@ fn doq_query_without_fin_is_closed_at_the_idle_deadline() {
     assert_eq!(counters.doq_idle_closed, 1);
 }
 
+/// The one connection the input's ops made, which must still be open.
+fn live_input_connection(harness: &Harness) -> &client::ClientConn {
+    let c = harness
+        .client
+        .conns
+        .iter()
+        .find(|c| !c.honest)
+        .expect("the connection");
+    assert!(!c.lost, "{:?}: {:?}", c.alpn, c.lost_reason);
+    c
+}
+
 /// The server builds the keys of each 1-RTT key phase lazily, deriving
 /// every phase from the last (`server_tls::NextPhase`): after each of
 /// several client key updates, a request on the same connection is still
@@ -354,13 +366,7 @@ fn requests_are_answered_across_repeated_key_updates() {
             apply(Op::AdvanceTime { ms: 1000 });
             apply(SETTLE);
         }
-        let c = harness
-            .client
-            .conns
-            .iter()
-            .find(|c| !c.honest)
-            .expect("the connection");
-        assert!(!c.lost, "{alpn:?}: {:?}", c.lost_reason);
+        let c = live_input_connection(&harness);
         assert_eq!(c.streams.len(), UPDATES);
         for id in &c.streams {
             let received = c.received.get(id);
@@ -371,6 +377,42 @@ fn requests_are_answered_across_repeated_key_updates() {
         }
         harness.check().unwrap();
     }
+}
+
+/// An untrusted connection (doq, no certificate) starts with
+/// `INITIAL_STREAMS_BIDI` streams and is granted more as it holds them
+/// open, never past `UNTRUSTED_STREAMS_BIDI_MAX`, however long it keeps
+/// asking.
+#[test]
+fn an_untrusted_connections_streams_grow_to_the_untrusted_bound_and_stop() {
+    use crate::transport::{INITIAL_STREAMS_BIDI, UNTRUSTED_STREAMS_BIDI_MAX};
+    let mut harness = Harness::new(Settings::default());
+    let mut apply = |op| harness.apply(op).unwrap_or_else(|v| panic!("{op:?}: {v}"));
+    apply(connect(Alpn::Doq, false));
+    for _ in 0..8 {
+        for _ in 0..UNTRUSTED_STREAMS_BIDI_MAX * 2 {
+            apply(Op::OpenStream { conn: 0 });
+            // A query announcing 65 535 bytes that never come keeps the
+            // stream open.
+            apply(Op::Write {
+                conn: 0,
+                stream: 0,
+                len: 1,
+                byte: 0xff,
+            });
+        }
+        apply(SETTLE);
+    }
+    let c = live_input_connection(&harness);
+    let opened = c.streams.len();
+    assert!(
+        opened > INITIAL_STREAMS_BIDI as usize,
+        "the limit grew with use: {opened} streams"
+    );
+    assert_eq!(
+        opened, UNTRUSTED_STREAMS_BIDI_MAX as usize,
+        "an untrusted peer never gets more"
+    );
 }
 
 #[test]

@@ -6,9 +6,10 @@
 //! Receiving: one armed multishot receive waits on the socket and posts a
 //! completion per datagram (or GRO batch) into whichever provided buffer is
 //! free; the buffer goes back to the ring once the worker has handled it.
-//! On kernels without provided-buffer rings (before 5.19; multishot
-//! `recvmsg` needs 6.0) the backend keeps a standing batch of single-shot
-//! `recvmsg` operations instead, each of which wakes on every datagram.
+//! On kernels without provided-buffer rings (before 5.19), or that refuse
+//! multishot `recvmsg` (before 6.0: the first completion says so), the
+//! backend keeps a standing batch of single-shot `recvmsg` operations
+//! instead, each of which wakes on every datagram.
 //!
 //! Every operation owns memory (buffer, `msghdr`, address, control space)
 //! that stays pinned in a `Box` or the buffer ring until its completion
@@ -38,6 +39,8 @@ const CONTROL_LEN: usize = 128;
 const TAG_RECV: u64 = 1 << 32;
 const TAG_SEND: u64 = 2 << 32;
 const TAG_WAKE: u64 = 3 << 32;
+const TAG_MULTISHOT: u64 = 4 << 32;
+const TAG_CANCEL: u64 = 5 << 32;
 const TAG_MASK: u64 = 0xffff_ffff << 32;
 
 #[repr(C, align(8))]
@@ -105,8 +108,13 @@ pub struct UringBackend {
 enum Receiver {
     /// One multishot `recvmsg` over provided buffers.
     Multishot { buffers: BufRing, armed: bool },
-    /// Single-shot `recvmsg` operations, each with its own slot.
-    Armed(Vec<Box<Slot>>),
+    /// Single-shot `recvmsg` operations, each with its own slot. `retired`
+    /// is the buffer ring of a multishot receive the kernel refused, kept
+    /// alive (and read from) while a completion of it may still arrive.
+    Armed {
+        slots: Vec<Box<Slot>>,
+        retired: Option<BufRing>,
+    },
 }
 
 /// A provided-buffer ring: `len` receive buffers the kernel picks from, and
@@ -258,7 +266,10 @@ impl UringBackend {
             },
             Err(e) => {
                 tracing::info!(error = %e, "no provided-buffer ring; io_uring receives one datagram per operation");
-                Receiver::Armed((0..recv_ops).map(|_| Slot::new(RECV_BUF_LEN)).collect())
+                Receiver::Armed {
+                    slots: (0..recv_ops).map(|_| Slot::new(RECV_BUF_LEN)).collect(),
+                    retired: None,
+                }
             }
         };
         let mut backend = Self {
@@ -275,7 +286,7 @@ impl UringBackend {
         };
         match &backend.recv {
             Receiver::Multishot { .. } => backend.arm_multishot()?,
-            Receiver::Armed(slots) => {
+            Receiver::Armed { slots, .. } => {
                 for index in 0..slots.len() {
                     backend.arm_recv(index)?;
                 }
@@ -323,13 +334,45 @@ impl UringBackend {
             RECV_BUFFER_GROUP,
         )
         .build()
-        .user_data(TAG_RECV);
+        .user_data(TAG_MULTISHOT);
         *armed = true;
         self.push(entry)
     }
 
+    /// The kernel has provided-buffer rings but refused multishot
+    /// `recvmsg` (5.19 has the one, only 6.0 the other): cancel it and
+    /// receive with single-shot operations, one per buffer.
+    fn single_shot(&mut self) -> io::Result<()> {
+        let retired = Receiver::Armed {
+            slots: Vec::new(),
+            retired: None,
+        };
+        let Receiver::Multishot { buffers, armed } = std::mem::replace(&mut self.recv, retired)
+        else {
+            return Ok(());
+        };
+        tracing::warn!(
+            "the kernel refuses multishot recvmsg; io_uring receives one datagram per operation"
+        );
+        if armed {
+            let cancel = opcode::AsyncCancel::new(TAG_MULTISHOT)
+                .build()
+                .user_data(TAG_CANCEL);
+            self.push(cancel)?;
+        }
+        let count = usize::from(buffers.len);
+        self.recv = Receiver::Armed {
+            slots: (0..count).map(|_| Slot::new(RECV_BUF_LEN)).collect(),
+            retired: Some(buffers),
+        };
+        for index in 0..count {
+            self.arm_recv(index)?;
+        }
+        Ok(())
+    }
+
     fn arm_recv(&mut self, index: usize) -> io::Result<()> {
-        let Receiver::Armed(slots) = &mut self.recv else {
+        let Receiver::Armed { slots, .. } = &mut self.recv else {
             return Ok(());
         };
         let slot = &mut slots[index];
@@ -371,34 +414,49 @@ impl Backend for UringBackend {
         self.ring.submit()?;
         self.reap();
         let mut delivered = 0;
+        let mut refused = false;
         let ready = std::mem::take(&mut self.ready);
         for &(user_data, result, flags) in &ready {
             let index = (user_data & !TAG_MASK) as usize;
             match user_data & TAG_MASK {
-                TAG_RECV => match &mut self.recv {
-                    Receiver::Multishot { buffers, armed } => {
-                        if result >= 0
-                            && let Some(bid) = cqueue::buffer_select(flags)
-                        {
-                            if let Some(datagram) = buffers
-                                .buffer(bid, result as usize)
-                                .and_then(|b| parse_multishot(b, &buffers.hdr))
-                            {
-                                sink(datagram);
-                                delivered += 1;
+                TAG_MULTISHOT => {
+                    let (buffers, live) = match &mut self.recv {
+                        Receiver::Multishot { buffers, armed } => {
+                            // ENOBUFS (every buffer waiting here) or an
+                            // error ends the multishot receive: armed again
+                            // below, once the buffers are back.
+                            if !cqueue::more(flags) {
+                                *armed = false;
                             }
+                            (buffers, true)
+                        }
+                        Receiver::Armed {
+                            retired: Some(buffers),
+                            ..
+                        } => (buffers, false),
+                        Receiver::Armed { retired: None, .. } => continue,
+                    };
+                    if result >= 0
+                        && let Some(bid) = cqueue::buffer_select(flags)
+                    {
+                        if let Some(datagram) = buffers
+                            .buffer(bid, result as usize)
+                            .and_then(|b| parse_multishot(b, &buffers.hdr))
+                        {
+                            sink(datagram);
+                            delivered += 1;
+                        }
+                        if live {
                             buffers.provide(bid);
-                        } else if result < 0 && result != -libc::ENOBUFS {
-                            tracing::debug!(error = %io::Error::from_raw_os_error(-result), "recvmsg failed");
                         }
-                        // ENOBUFS (every buffer waiting here) or an error
-                        // ends the multishot receive: armed again below,
-                        // once the buffers are back.
-                        if !cqueue::more(flags) {
-                            *armed = false;
-                        }
+                    } else if live && (result == -libc::EINVAL || result == -libc::EOPNOTSUPP) {
+                        refused = true;
+                    } else if result < 0 && result != -libc::ENOBUFS && result != -libc::ECANCELED {
+                        tracing::debug!(error = %io::Error::from_raw_os_error(-result), "recvmsg failed");
                     }
-                    Receiver::Armed(slots) => {
+                }
+                TAG_RECV => {
+                    if let Receiver::Armed { slots, .. } = &self.recv {
                         if result >= 0 {
                             if let Some(datagram) = parse_recv(&slots[index], result as usize) {
                                 sink(datagram);
@@ -409,7 +467,7 @@ impl Backend for UringBackend {
                         }
                         self.arm_recv(index)?;
                     }
-                },
+                }
                 TAG_SEND => {
                     if result < 0 && result != -libc::EMSGSIZE {
                         // Treated as loss; QUIC retransmits.
@@ -418,10 +476,14 @@ impl Backend for UringBackend {
                     self.free_sends.push(index);
                 }
                 TAG_WAKE => self.wake_armed = false,
+                TAG_CANCEL => {}
                 _ => unreachable!("only our tags are submitted"),
             }
         }
         self.ready = ready;
+        if refused {
+            self.single_shot()?;
+        }
         if let Receiver::Multishot { buffers, armed } = &self.recv {
             buffers.publish();
             if !armed {
@@ -643,6 +705,8 @@ mod tests {
     use super::*;
     use std::time::Instant;
 
+    const DATAGRAMS: usize = 12;
+
     /// Skip with a printed reason, or fail in CI, which runs on a kernel
     /// with io_uring and provided-buffer rings.
     fn skip_or_fail(reason: &str) {
@@ -652,27 +716,34 @@ mod tests {
         eprintln!("SKIPPED: {reason}");
     }
 
-    /// More datagrams queue on the socket than there are receive buffers:
-    /// the multishot receive runs out of buffers and ends, is armed again
-    /// once they are back, and every datagram arrives in order with its
-    /// sender.
-    #[test]
-    fn datagrams_beyond_the_receive_buffers_wait_and_all_arrive() {
-        const DATAGRAMS: usize = 12;
+    /// A backend with 2 receive buffers on a loopback socket, receiving
+    /// with multishot `recvmsg`; `None` (after `skip_or_fail`) where the
+    /// kernel cannot.
+    fn multishot_backend(waker: &Waker) -> Option<(UringBackend, SocketAddr)> {
         let socket = UdpSocket::bind("[::1]:0").expect("bind [::1]");
         let addr = socket.local_addr().expect("local address");
-        let waker = Waker::new().expect("eventfd");
         let batch = IoBatch {
             recv_ops: 2,
             send_ops: 1,
         };
-        let mut backend = match UringBackend::new(socket, &waker, 1, batch) {
+        let backend = match UringBackend::new(socket, waker, 1, batch) {
             Ok(backend) => backend,
-            Err(e) => return skip_or_fail(&format!("io_uring unavailable: {e}")),
+            Err(e) => {
+                skip_or_fail(&format!("io_uring unavailable: {e}"));
+                return None;
+            }
         };
         if !matches!(backend.recv, Receiver::Multishot { .. }) {
-            return skip_or_fail("the kernel has no provided-buffer rings");
+            skip_or_fail("the kernel has no provided-buffer rings");
+            return None;
         }
+        Some((backend, addr))
+    }
+
+    /// Send `DATAGRAMS` numbered datagrams to `addr` at once, then receive
+    /// them (10 s at most); asserts they all arrived, in order, from the
+    /// sender.
+    fn send_and_receive_all(backend: &mut UringBackend, waker: &Waker, addr: SocketAddr) {
         let sender = UdpSocket::bind("[::1]:0").expect("bind [::1]");
         let from = sender.local_addr().expect("local address");
         for i in 0..DATAGRAMS {
@@ -682,7 +753,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(10);
         while received.len() < DATAGRAMS && Instant::now() < deadline {
             backend
-                .wait(&waker, Some(Duration::from_millis(100)), false)
+                .wait(waker, Some(Duration::from_millis(100)), false)
                 .expect("wait");
             backend
                 .poll_recv(&mut |d| {
@@ -693,5 +764,38 @@ mod tests {
         }
         let sent: Vec<Vec<u8>> = (0..DATAGRAMS).map(|i| vec![i as u8; 100]).collect();
         assert_eq!(received, sent);
+    }
+
+    /// More datagrams queue on the socket than there are receive buffers:
+    /// the multishot receive runs out of buffers and ends, is armed again
+    /// once they are back, and every datagram arrives in order with its
+    /// sender.
+    #[test]
+    fn datagrams_beyond_the_receive_buffers_wait_and_all_arrive() {
+        let waker = Waker::new().expect("eventfd");
+        let Some((mut backend, addr)) = multishot_backend(&waker) else {
+            return;
+        };
+        send_and_receive_all(&mut backend, &waker, addr);
+    }
+
+    /// The switch a kernel that refuses multishot `recvmsg` causes: the
+    /// armed multishot receive is cancelled, single-shot receives take
+    /// over, and every datagram still arrives in order.
+    #[test]
+    fn after_falling_back_to_single_shot_receives_datagrams_arrive() {
+        let waker = Waker::new().expect("eventfd");
+        let Some((mut backend, addr)) = multishot_backend(&waker) else {
+            return;
+        };
+        backend.single_shot().expect("fall back");
+        assert!(matches!(
+            backend.recv,
+            Receiver::Armed {
+                retired: Some(_),
+                ..
+            }
+        ));
+        send_and_receive_all(&mut backend, &waker, addr);
     }
 }
