@@ -16,6 +16,7 @@
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use controlplane::authority::ct::Hash;
+use controlplane::authority::logged::AuthorityError;
 use controlplane::consensus::binding::Binding;
 use controlplane::consensus::isolation::{Isolation, IsolationConfig};
 use controlplane::consensus::space::{Plot, SpaceParams};
@@ -23,6 +24,7 @@ use controlplane::consensus::stake::{ClientKey, Identity};
 use controlplane::consensus::state::{AdmissionConfig, AdmissionSnapshot, AdmissionState};
 use controlplane::consensus::wire::{self, Offer, PlotRegistration};
 use controlplane::consensus::{AdmissionMode, ProofBundle, prove_bundle};
+use controlplane::machine::Machine;
 use crossbeam_queue::ArrayQueue;
 use dataplane::admission::{
     AdmissionEvent, AdmissionGate, Admitted, Admitter, CLOSE_ADMISSION_MALFORMED,
@@ -330,7 +332,6 @@ struct ConnectionAsset {
 /// The control plane's side of admission (see the module documentation).
 pub struct AdmissionRuntime {
     settings: AdmissionSettings,
-    state: AdmissionState,
     gate: Arc<Gate>,
     isolation: Isolation,
     blocklists: Arc<Blocklists>,
@@ -374,22 +375,30 @@ fn bad_request(message: impl Into<String>) -> RequestError {
 }
 
 impl AdmissionRuntime {
-    /// Open the durable state in `db` (the authority's database) with the
-    /// node key at `node_key_path`; make sure the operator identity can
-    /// always be admitted.
+    /// Open the durable state in the state machine's store with the node
+    /// key at `node_key_path`, and hand it to the machine (which ticks the
+    /// beacon); make sure the operator identity can always be admitted.
     pub fn open(
-        db: Arc<redb::Database>,
+        machine: &mut Machine,
         settings: AdmissionSettings,
         node_key_path: &Path,
         operator: Option<Identity>,
         blocklists: Arc<Blocklists>,
         stats: Arc<OnceLock<Arc<StatsRegistry>>>,
     ) -> anyhow::Result<Self> {
-        let mut state = AdmissionState::open(db, settings.config, node_key_path, unix_now())
-            .context("cannot open the admission state")?;
+        let state = AdmissionState::open(
+            &machine.authority().database(),
+            settings.config,
+            node_key_path,
+        )
+        .context("cannot open the admission state")?;
+        machine
+            .attach_admission(state, unix_now())
+            .context("cannot start the admission state")?;
         if let Some(operator) = operator {
-            ensure_stake(&mut state, operator).context("cannot grant the operator its stake")?;
+            ensure_stake(machine, operator).context("cannot grant the operator its stake")?;
         }
+        let state = admission_state(machine);
         let isolation = Isolation::new(settings.isolation.clone())
             .map_err(|e| anyhow::anyhow!("isolation settings: {e}"))?;
         let gate = Arc::new(Gate {
@@ -403,7 +412,6 @@ impl AdmissionRuntime {
         });
         let mut runtime = Self {
             published: state.generation(),
-            state,
             gate,
             isolation,
             blocklists,
@@ -415,11 +423,11 @@ impl AdmissionRuntime {
             assets: HashMap::new(),
             owners: HashMap::new(),
         };
-        runtime.publish_status(Instant::now());
+        runtime.publish_status(machine, Instant::now());
         tracing::info!(
             mode = runtime.settings.mode_name,
             deadline_ms = runtime.settings.deadline.as_millis() as u64,
-            difficulty = runtime.state.difficulty().bits(),
+            difficulty = admission_state(machine).difficulty().bits(),
             "admission ready"
         );
         Ok(runtime)
@@ -431,9 +439,9 @@ impl AdmissionRuntime {
 
     /// Make sure `identity` (the operator's, after a renewal) holds the
     /// minimum stake: the operator reaches its own server in every mode.
-    pub fn ensure_operator(&mut self, identity: Identity) {
-        match ensure_stake(&mut self.state, identity) {
-            Ok(()) => self.publish_snapshot(),
+    pub fn ensure_operator(&mut self, machine: &mut Machine, identity: Identity) {
+        match ensure_stake(machine, identity) {
+            Ok(()) => self.publish_snapshot(machine),
             Err(e) => {
                 tracing::error!(error = %e, "could not grant the operator identity its stake")
             }
@@ -447,23 +455,25 @@ impl AdmissionRuntime {
         now >= self.next_tick
     }
 
-    pub fn poll(&mut self, now: Instant) -> Duration {
+    pub fn poll(&mut self, machine: &mut Machine, now: Instant) -> Duration {
         let mut changed = self.drain_events(now);
         if now >= self.next_tick {
             self.next_tick = now + Duration::from_secs(1);
-            if let Err(e) = self.state.tick(unix_now()) {
+            if let Err(e) = machine.tick(unix_now()) {
                 tracing::error!(error = %e, "beacon tick not stored; the last tick stays");
             }
             let rate = self.handshake_rate(now);
-            self.state.on_handshakes(rate, now);
+            if let Some(state) = machine.admission_mut() {
+                state.on_handshakes(rate, now);
+            }
             self.isolation.expire(now);
             // The status shows the new tick and difficulty.
             changed = true;
         }
-        self.publish_snapshot();
+        self.publish_snapshot(machine);
         if changed {
             self.publish_isolation();
-            self.publish_status(now);
+            self.publish_status(machine, now);
         }
         self.next_tick.saturating_duration_since(now)
     }
@@ -546,10 +556,11 @@ impl AdmissionRuntime {
         changed
     }
 
-    fn publish_snapshot(&mut self) {
-        if self.state.generation() != self.published {
-            self.published = self.state.generation();
-            self.gate.snapshot.store(Arc::new(self.state.snapshot()));
+    fn publish_snapshot(&mut self, machine: &Machine) {
+        let state = admission_state(machine);
+        if state.generation() != self.published {
+            self.published = state.generation();
+            self.gate.snapshot.store(Arc::new(state.snapshot()));
         }
     }
 
@@ -592,19 +603,20 @@ impl AdmissionRuntime {
         })
     }
 
-    fn publish_status(&mut self, now: Instant) {
-        let config = self.state.config();
-        let tick = self.state.latest_tick();
+    fn publish_status(&mut self, machine: &Machine, now: Instant) {
+        let state = admission_state(machine);
+        let config = state.config();
+        let tick = state.latest_tick();
         let mut status = serde_json::json!({
             "mode": self.settings.mode_name,
             "required": self.settings.required(),
-            "difficulty": self.state.difficulty().bits(),
+            "difficulty": state.difficulty().bits(),
             "beacon_tick": tick.index,
             "deadline_ms": self.settings.deadline.as_millis() as u64,
             "stake_min": config.stake_min,
             "plot_k": config.space.k(),
             "challenges": config.space.challenges(),
-            "staked_identities": self.state.list().len(),
+            "staked_identities": state.list().len(),
             "connection_assets": self.assets.len(),
             "asset_owners": self.owners.len(),
         });
@@ -621,6 +633,7 @@ impl AdmissionRuntime {
     /// when `kind` is not one.
     pub fn handle(
         &mut self,
+        machine: &mut Machine,
         kind: u8,
         caller: Option<&[u8]>,
         operator: bool,
@@ -631,8 +644,8 @@ impl AdmissionRuntime {
         // admission among them).
         self.drain_events(now);
         let result = match kind {
-            PLOT_REGISTER => self.register_plot(caller, payload),
-            STAKE if operator => self.stake(payload),
+            PLOT_REGISTER => self.register_plot(machine, caller, payload),
+            STAKE if operator => self.stake(machine, payload),
             BLOCKLIST if operator => self.blocklist(payload, now),
             ASSETS if operator => Ok(self.assets_json(now)),
             STAKE | BLOCKLIST | ASSETS => Err((
@@ -641,9 +654,9 @@ impl AdmissionRuntime {
             )),
             _ => return None,
         };
-        self.publish_snapshot();
+        self.publish_snapshot(machine);
         self.publish_isolation();
-        self.publish_status(now);
+        self.publish_status(machine, now);
         Some(result)
     }
 
@@ -671,6 +684,7 @@ impl AdmissionRuntime {
 
     fn register_plot(
         &mut self,
+        machine: &mut Machine,
         caller: Option<&[u8]>,
         payload: &[u8],
     ) -> Result<Vec<u8>, RequestError> {
@@ -683,14 +697,9 @@ impl AdmissionRuntime {
         let identity = identity_of_certificate(cert).map_err(bad_request)?;
         let registration =
             PlotRegistration::decode(payload).map_err(|e| bad_request(e.to_string()))?;
-        self.state
+        machine
             .register_plot(identity, registration.commitment, registration.k)
-            .map_err(|e| match e {
-                controlplane::consensus::state::StateError::Storage(_) => {
-                    (controlplane::authority::api::STORAGE, e.to_string())
-                }
-                other => bad_request(other.to_string()),
-            })?;
+            .map_err(state_error)?;
         tracing::info!(
             identity = hex(&identity.0),
             k = registration.k,
@@ -698,20 +707,14 @@ impl AdmissionRuntime {
         );
         Ok(serde_json::to_vec(&serde_json::json!({
             "identity": hex(&identity.0),
-            "stake": self.state.stake(&identity),
+            "stake": admission_state(machine).stake(&identity),
         }))
         .expect("JSON"))
     }
 
-    fn stake(&mut self, payload: &[u8]) -> Result<Vec<u8>, RequestError> {
+    fn stake(&mut self, machine: &mut Machine, payload: &[u8]) -> Result<Vec<u8>, RequestError> {
         let request: StakeRequest = serde_json::from_slice(payload)
             .map_err(|e| bad_request(format!("stake request: {e}")))?;
-        let storage = |e: controlplane::consensus::state::StateError| match e {
-            controlplane::consensus::state::StateError::Storage(_) => {
-                (controlplane::authority::api::STORAGE, e.to_string())
-            }
-            other => bad_request(other.to_string()),
-        };
         let answer = match request {
             StakeRequest::Grant { identity, amount } => {
                 let id = parse_identity(&identity).map_err(bad_request)?;
@@ -720,24 +723,27 @@ impl AdmissionRuntime {
                         "granting 0 changes nothing; give an amount of at least 1",
                     ));
                 }
-                let total = self.state.grant(id, amount).map_err(storage)?;
+                let total = machine.grant(id, amount).map_err(state_error)?;
                 tracing::info!(identity, amount, total, "stake granted");
                 serde_json::json!({"identity": identity, "stake": total})
             }
             StakeRequest::Revoke { identity, amount } => {
                 let id = parse_identity(&identity).map_err(bad_request)?;
-                let left = self.state.revoke(&id, amount).map_err(storage)?;
+                let left = machine.withdraw(id, amount).map_err(state_error)?;
                 tracing::info!(identity, amount, left, "stake revoked");
                 serde_json::json!({"identity": identity, "stake": left})
             }
-            StakeRequest::List => serde_json::json!({
-                "stake_min": self.state.config().stake_min,
-                "identities": self.state.list().iter().map(|(id, stake)| serde_json::json!({
-                    "identity": hex(&id.0),
-                    "stake": stake,
-                    "plot": self.state.plot(id).is_some(),
-                })).collect::<Vec<_>>(),
-            }),
+            StakeRequest::List => {
+                let state = admission_state(machine);
+                serde_json::json!({
+                    "stake_min": state.config().stake_min,
+                    "identities": state.list().iter().map(|(id, stake)| serde_json::json!({
+                        "identity": hex(&id.0),
+                        "stake": stake,
+                        "plot": state.plot(id).is_some(),
+                    })).collect::<Vec<_>>(),
+                })
+            }
         };
         Ok(serde_json::to_vec(&answer).expect("JSON"))
     }
@@ -780,16 +786,33 @@ impl AdmissionRuntime {
     }
 }
 
+/// The admission state [`AdmissionRuntime::open`] handed the machine.
+fn admission_state(machine: &Machine) -> &AdmissionState {
+    machine
+        .admission()
+        .expect("the admission runtime attached its state at open")
+}
+
+/// A refused change as the request's answer: a storage failure is
+/// `STORAGE`, anything else the request's fault.
+fn state_error(e: AuthorityError) -> RequestError {
+    use controlplane::consensus::state::StateError;
+    match e {
+        AuthorityError::Store { .. } | AuthorityError::Admission(StateError::Storage(_)) => {
+            (controlplane::authority::api::STORAGE, e.to_string())
+        }
+        AuthorityError::Admission(other) => bad_request(other.to_string()),
+        other => bad_request(other.to_string()),
+    }
+}
+
 /// Top `identity` up to the minimum stake when stake is required.
-fn ensure_stake(
-    state: &mut AdmissionState,
-    identity: Identity,
-) -> Result<(), controlplane::consensus::state::StateError> {
-    let config = state.config();
-    let held = state.stake(&identity);
+fn ensure_stake(machine: &mut Machine, identity: Identity) -> Result<(), AuthorityError> {
+    let config = admission_state(machine).config();
+    let held = admission_state(machine).stake(&identity);
     if config.mode.stake && held < config.stake_min {
         let grant = config.stake_min - held;
-        state.grant(identity, grant)?;
+        machine.grant(identity, grant)?;
         tracing::info!(
             identity = hex(&identity.0),
             grant,

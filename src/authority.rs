@@ -139,7 +139,7 @@ impl AuthorityRuntime {
             .and_then(|id| id.chain.first().cloned())
             .and_then(|leaf| crate::admission::identity_of_certificate(&leaf).ok());
         let admission = crate::admission::AdmissionRuntime::open(
-            service.authority().database(),
+            service.machine_mut(),
             admission.settings,
             &data_dir.join(NODE_KEY_FILE),
             operator,
@@ -201,7 +201,7 @@ impl AuthorityRuntime {
             // The beacon ticks every second whatever the queue holds.
             let at = Instant::now();
             if self.admission.tick_due(at) {
-                self.admission.poll(at);
+                self.admission.poll(self.service.machine_mut(), at);
             }
         }
         if now >= self.next_rotation {
@@ -220,10 +220,11 @@ impl AuthorityRuntime {
                 .and_then(|id| id.chain.first().cloned())
                 .and_then(|leaf| crate::admission::identity_of_certificate(&leaf).ok())
             {
-                self.admission.ensure_operator(operator);
+                self.admission
+                    .ensure_operator(self.service.machine_mut(), operator);
             }
         }
-        let next_tick = self.admission.poll(now);
+        let next_tick = self.admission.poll(self.service.machine_mut(), now);
         if served == REQUESTS_PER_POLL {
             return Duration::ZERO;
         }
@@ -268,6 +269,7 @@ impl AuthorityRuntime {
         });
         let operator = is_operator(verified);
         let result = match self.admission.handle(
+            self.service.machine_mut(),
             request.kind,
             verified,
             operator,

@@ -12,6 +12,8 @@
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
+use controlplane::authority::ca::KeyAlgorithm;
+use controlplane::authority::ct::LogKeyAlgorithm;
 use controlplane::consensus::beacon::verify_tick;
 use controlplane::consensus::binding::Binding;
 use controlplane::consensus::space::{Plot, SpaceParams, verify_space};
@@ -19,12 +21,12 @@ use controlplane::consensus::stake::{ClientKey, stake_message};
 use controlplane::consensus::state::{AdmissionConfig, AdmissionSnapshot, AdmissionState};
 use controlplane::consensus::work::{self, Difficulty, DifficultyConfig};
 use controlplane::consensus::{AdmissionMode, ProofBundle};
+use controlplane::machine::Machine;
 use hdrhistogram::Histogram;
 use ring::rand::{SecureRandom, SystemRandom};
 use serde_json::{Value, json};
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 /// The development settings of `deploy/internet2-dev.toml`.
@@ -226,14 +228,21 @@ fn unix_now() -> u64 {
 /// make and verify `iterations` bundles.
 fn measure(dir: &Path, kind: KeyKind, iterations: u64) -> anyhow::Result<Value> {
     let config = development_config();
-    let db = redb::Database::create(dir.join("admission.redb"))
-        .with_context(|| format!("creating the store in {}", dir.display()))?;
-    let mut state = AdmissionState::open(
-        Arc::new(db),
+    let mut machine = Machine::open(
+        dir,
+        KeyAlgorithm::EcdsaP256,
+        LogKeyAlgorithm::Ed25519,
+        None,
+        SystemTime::now(),
+    )
+    .with_context(|| format!("creating the store in {}", dir.display()))?;
+    let state = AdmissionState::open(
+        &machine.authority().database(),
         config,
         &dir.join("beacon-node.key"),
-        unix_now(),
     )?;
+    machine.attach_admission(state, unix_now())?;
+    let snapshot_of = |machine: &Machine| machine.admission().expect("attached above").snapshot();
     let rng = SystemRandom::new();
     let (client, signer) = client(kind, &rng)?;
     let identity = client.identity();
@@ -242,9 +251,9 @@ fn measure(dir: &Path, kind: KeyKind, iterations: u64) -> anyhow::Result<Value> 
     let plot = Plot::build(&identity.0, config.space, |_, _| {});
     let plot_build = started.elapsed();
     let started = Instant::now();
-    state.register_plot(identity, plot.commitment(), PLOT_K)?;
+    machine.register_plot(identity, plot.commitment(), PLOT_K)?;
     let plot_register = started.elapsed();
-    let mut snapshot = state.snapshot();
+    let mut snapshot = snapshot_of(&machine);
     if snapshot.stake(&identity) < config.stake_min {
         bail!("registering the plot did not grant the development stake");
     }
@@ -257,8 +266,8 @@ fn measure(dir: &Path, kind: KeyKind, iterations: u64) -> anyhow::Result<Value> 
     for i in 0..iterations {
         // The control plane's once-a-second tick, outside the timed steps,
         // so a long run never names a stale tick.
-        if state.tick(unix_now())?.is_some() {
-            snapshot = state.snapshot();
+        if machine.tick(unix_now())?.is_some() {
+            snapshot = snapshot_of(&machine);
         }
         let mut exporter = [0u8; 32];
         rng.fill(&mut exporter)

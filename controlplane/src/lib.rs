@@ -38,6 +38,7 @@ pub(crate) mod test_support;
 pub mod authority;
 pub mod consensus;
 pub mod dns;
+pub mod machine;
 
 use crossbeam_queue::ArrayQueue;
 use std::sync::Arc;

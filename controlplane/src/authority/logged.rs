@@ -1,30 +1,31 @@
 //! The authority: the CA and the CT log as one. A certificate leaves the
-//! authority only as a [`LoggedCertificate`], which only [`Authority::issue`]
-//! and [`Authority::renew`] can make, and only after the log committed its
-//! entry durably (RFC 6962 §3: logged before it is handed out).
+//! authority only as a [`LoggedCertificate`], which only the state machine
+//! makes (`crate::machine::Machine::issue` and `renew`), and only after the
+//! log committed its entry durably (RFC 6962 §3: logged before it is handed
+//! out).
 //!
 //! Files in the data directory: `ca/` (root and intermediate, see
 //! `ca::CertificateAuthority`), `ct-log.key` (the log's PKCS#8 signing key,
 //! mode 0600, never rewritten) and `authority.redb`, the one redb database
-//! that holds both the CT log's tables (see `ct::log`) and the CA registry's
-//! (`ca_certificates`, `ca_children`, `ca_renewals`, `ca_revocations`,
-//! `enrollment_tokens_used`, `enrollment_tokens_paid`; see
-//! [`super::registry`]). `enrollment.key` (see [`super::enrollment`]) is
-//! opened by the service, not here. The DNS zone's tables (`dns_records`,
-//! `dns_meta`; see `crate::dns::store`) live in the same file: the service
-//! opens the zone on [`Authority::database`], and a certificate's pin
-//! changes commit in its issuance or revocation transaction
-//! ([`Authority::issue_with`], [`Authority::renew_with`],
-//! [`Authority::revoke_with`]).
+//! of the control plane's state: the CT log's tables (see `ct::log`), the
+//! CA registry's (`ca_certificates`, `ca_children`, `ca_renewals`,
+//! `ca_revocations`, `enrollment_tokens_used`, `enrollment_tokens_paid`;
+//! see [`super::registry`]), the DNS zone's (`dns_records`, `dns_meta`; see
+//! `crate::dns::store`) and the admission state's (see
+//! `crate::consensus::state`). `enrollment.key` (see [`super::enrollment`])
+//! is opened by the service, not here.
 //!
-//! Why one database: a certificate's registry row is written inside the
-//! log's append transaction for it (`CtLog::append_batch_with`), so a crash
-//! at any moment leaves both or neither: there is never a logged certificate
-//! the registry does not know (it could not be revoked) nor a registered one
-//! the log cannot prove. This module owns the `Database` and lends it to the
-//! log ([`CtLog::open_shared`]) and to the registry; `ct` itself only knows
-//! that its tables may share a file and that an append may carry the
-//! caller's rows, so it stays usable on its own.
+//! This module proposes and reads; it does not write. A proposal
+//! (`Authority::propose_issue`, `Authority::propose_renewal`,
+//! `Authority::propose_revocation`) signs what needs the CA's key and
+//! picks the serial and the time, and returns the command ([`Certify`],
+//! [`Revoke`]) the state machine applies: `Authority::write_certify`
+//! appends the certificate to the log and writes its registry row (and the
+//! token it spends) in the machine's one transaction, so a crash at any
+//! moment leaves both or neither: there is never a logged certificate the
+//! registry does not know (it could not be revoked) nor a registered one
+//! the log cannot prove. A certificate's zone pins commit in the same
+//! transaction.
 //!
 //! On open, after the log's own checks, the registry must match the log
 //! exactly: every record's certificate (its DER and log timestamp) is the
@@ -37,14 +38,16 @@ use super::ca::{
     self, CaError, CertificateAuthority, IssueRequest, IssuedCertificate, KeyAlgorithm,
     RevocationSnapshot, Serial, Usage,
 };
+use super::ct::log::PreparedAppend;
 use super::ct::{
-    CtLog, LogError, LogKeyAlgorithm, LogSigner, SignedTreeHead, SignerError, encode_x509_leaf,
-    leaf_hash,
+    AppendReceipt, CtLog, LogError, LogKeyAlgorithm, LogSigner, SignedTreeHead, SignerError,
+    encode_x509_leaf, leaf_hash,
 };
-use super::enrollment::{TokenId, VerifiedToken};
+use super::enrollment::TokenId;
 use super::registry::{
     self, CertificateFilter, CertificateRecord, RegistryError, Revocation, RevocationReason,
 };
+use crate::dns::ZoneChange;
 use redb::{Database, WriteTransaction};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -83,9 +86,16 @@ pub enum AuthorityError {
         path: PathBuf,
         source: crate::dns::ZoneError,
     },
-    /// [`Authority::issue_enrolled`]: the token was spent before.
+    /// An enrolled issuance: the token was spent before.
     #[error("the enrollment token was already used")]
     TokenUsed,
+    #[error("{path}: the control plane's store: {source}")]
+    Store { path: PathBuf, source: redb::Error },
+    #[error("admission state: {0}")]
+    Admission(#[from] crate::consensus::state::StateError),
+    /// A command planned on a state that changed before it was applied.
+    #[error("{0}; the state changed since the request was planned: retry it")]
+    Stale(String),
 }
 
 /// A certificate that is in the log: the only form in which the authority
@@ -111,26 +121,47 @@ pub struct Authority {
     store_path: PathBuf,
 }
 
-/// What can fail inside the log's append transaction.
-enum AppendError {
-    Log(LogError),
-    Registry(RegistryError),
-    TokenUsed,
-    /// What the caller wrote in the transaction failed.
-    Also(redb::Error),
+/// A certificate the CA signed, as its command carries it: the registry
+/// record (the log index is the apply's to assign), the enrollment token
+/// it spends, and the zone change that comes with it. It carries no
+/// private key: that stays with the proposer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Certify {
+    pub record: CertificateRecord,
+    pub token: Option<SpentToken>,
+    pub zone: Option<ZoneChange>,
 }
 
-impl From<LogError> for AppendError {
-    fn from(e: LogError) -> Self {
-        Self::Log(e)
-    }
+/// An enrollment token, spent by the certificate it paid for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpentToken {
+    pub id: [u8; 16],
+    pub expires_at_s: u64,
+}
+
+/// A revocation as its command carries it: the time is the proposer's,
+/// and also decides which of what the certificate brings along has expired.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Revoke {
+    pub serial: Serial,
+    pub revocation: Revocation,
+    pub zone: Option<ZoneChange>,
+}
+
+/// A [`Certify`] written, not yet committed.
+pub(crate) struct CertifyWritten {
+    append: PreparedAppend,
+    sth: SignedTreeHead,
+    serial: Serial,
+    not_after: SystemTime,
 }
 
 impl Authority {
-    /// Open or create the CA, the log key and the store under `dir`, and
-    /// check that the registry and the log agree (see the module
-    /// documentation).
-    pub fn open(
+    /// Open or create the CA, the log key and the store under `dir`, make
+    /// the store's tables, and check that the registry and the log agree
+    /// (see the module documentation). Its writer is the state machine
+    /// (`crate::machine::Machine::open`).
+    pub(crate) fn open(
         dir: &Path,
         ca_algorithm: KeyAlgorithm,
         log_algorithm: LogKeyAlgorithm,
@@ -162,11 +193,11 @@ impl Authority {
         let db = Arc::new(
             Database::create(&store_path).map_err(|e| registry_error(RegistryError::from(e)))?,
         );
-        let log = CtLog::open_shared(db.clone(), signer).map_err(|source| AuthorityError::Log {
+        crate::machine::init_store(&db, &signer, &store_path)?;
+        let log = CtLog::load_shared(db.clone(), signer).map_err(|source| AuthorityError::Log {
             path: store_path.clone(),
             source,
         })?;
-        registry::init(&db).map_err(registry_error)?;
         let records = registry::load_all(&db).map_err(registry_error)?;
         check_against_log(&records, &log).map_err(registry_error)?;
         let (issued, revoked) = ca_state(&records);
@@ -179,46 +210,124 @@ impl Authority {
         })
     }
 
-    /// Issue a certificate and log it; returns once the log entry and the
-    /// registry record are durable.
-    pub fn issue(
-        &mut self,
+    /// Sign a certificate for `request`: the certificate (with the private
+    /// key when the CA made one) and the command that logs it.
+    pub(crate) fn propose_issue(
+        &self,
         request: IssueRequest,
         now: SystemTime,
-    ) -> Result<LoggedCertificate, AuthorityError> {
-        self.issue_with(request, now, |_| Ok(()))
-    }
-
-    /// [`Self::issue`], also running `also` in the transaction that logs
-    /// and registers the certificate: what it writes (to tables other than
-    /// the log's and the registry's) commits with the certificate or not at
-    /// all.
-    pub fn issue_with(
-        &mut self,
-        request: IssueRequest,
-        now: SystemTime,
-        also: impl FnOnce(&WriteTransaction) -> Result<(), redb::Error>,
-    ) -> Result<LoggedCertificate, AuthorityError> {
+    ) -> Result<(IssuedCertificate, Certify), AuthorityError> {
         let certificate = self.ca.sign(request, now, None)?;
-        self.log_certificate(certificate, now, None, also)
+        let certify = certify(&certificate, now)?;
+        Ok((certificate, certify))
     }
 
-    /// [`Self::issue`], paid for with a one-time enrollment token: the
-    /// token is recorded as spent in the same transaction as the log entry
-    /// and the registry record, so either the certificate exists and the
-    /// token is spent, or neither. A token spent before is
-    /// [`AuthorityError::TokenUsed`], and nothing is written.
-    pub fn issue_enrolled(
-        &mut self,
-        request: IssueRequest,
-        token: &VerifiedToken,
+    /// Sign a successor to `current_cert_der`, a certificate of this CA
+    /// (see `CertificateAuthority::renew`). It is issued on the authority its
+    /// predecessor was, and its record links it to the predecessor
+    /// (`ca_renewals`), so that revoking the predecessor revokes it too.
+    pub(crate) fn propose_renewal(
+        &self,
+        current_cert_der: &[u8],
         now: SystemTime,
-    ) -> Result<LoggedCertificate, AuthorityError> {
-        if self.token_spent(token.id())? {
-            return Err(AuthorityError::TokenUsed);
+    ) -> Result<(IssuedCertificate, Certify), AuthorityError> {
+        let (mut request, current) = self.ca.renewal_request(current_cert_der, now)?;
+        request.parent = self.certificate(&current)?.and_then(|r| r.parent);
+        let certificate = self.ca.sign(request, now, Some(current))?;
+        let certify = certify(&certificate, now)?;
+        Ok((certificate, certify))
+    }
+
+    /// The revocation of `serial` at `now`. An unknown serial is
+    /// [`CaError::UnknownSerial`], a second revocation
+    /// [`CaError::AlreadyRevoked`].
+    pub(crate) fn propose_revocation(
+        &self,
+        serial: Serial,
+        reason: Option<RevocationReason>,
+        now: SystemTime,
+    ) -> Result<Revoke, AuthorityError> {
+        self.ca.check_revocable(&serial)?;
+        Ok(Revoke {
+            serial,
+            revocation: Revocation {
+                revoked_at_ms: unix_ms(now)?,
+                reason,
+            },
+            zone: None,
+        })
+    }
+
+    /// Write `certify` in `txn`: its log entry and tree head, its registry
+    /// record, its token. A token spent before is
+    /// [`AuthorityError::TokenUsed`]; a certificate already logged or
+    /// registered, or a time before the latest tree head's, is refused too.
+    /// [`Self::absorb_certify`] it once `txn` committed.
+    pub(crate) fn write_certify(
+        &self,
+        txn: &WriteTransaction,
+        certify: &Certify,
+    ) -> Result<CertifyWritten, AuthorityError> {
+        let record = &certify.record;
+        let at_ms = record.logged_at_ms;
+        let log_error = |source| AuthorityError::Log {
+            path: self.store_path.clone(),
+            source,
+        };
+        let append = self
+            .log
+            .prepare_append(&[(at_ms, record.cert_der.clone())], at_ms)
+            .map_err(log_error)?;
+        let sth = self.log.write_append(txn, &append).map_err(log_error)?;
+        if let Some(token) = &certify.token {
+            let spent = registry::spend_token(txn, token.id, token.expires_at_s, record.serial)
+                .map_err(|e| self.registry_error(e))?;
+            if !spent {
+                return Err(AuthorityError::TokenUsed);
+            }
         }
-        let certificate = self.ca.sign(request, now, None)?;
-        self.log_certificate(certificate, now, Some(token), |_| Ok(()))
+        let record = CertificateRecord {
+            leaf_index: append.first_index(),
+            ..record.clone()
+        };
+        registry::insert_certificate(txn, &record).map_err(|e| self.registry_error(e))?;
+        Ok(CertifyWritten {
+            append,
+            sth,
+            serial: record.serial,
+            not_after: record.not_after,
+        })
+    }
+
+    /// Take in a [`Self::write_certify`] whose transaction committed: the
+    /// log's tree grows and the CA counts the certificate as issued.
+    pub(crate) fn absorb_certify(&mut self, written: CertifyWritten) -> AppendReceipt {
+        let receipt = self.log.record_append(written.append, written.sth);
+        self.ca.record_issued(written.serial, written.not_after);
+        receipt
+    }
+
+    /// Write `revoke` in `txn`, with what renewed the certificate or was
+    /// issued on its authority ([`Self::descendants`] at the revocation's
+    /// time), revoked in the same transaction. Returns every serial it
+    /// revokes, the certificate's first; [`Self::absorb_revocations`] them
+    /// once `txn` committed.
+    pub(crate) fn write_revocation(
+        &self,
+        txn: &WriteTransaction,
+        revoke: &Revoke,
+    ) -> Result<Vec<Serial>, AuthorityError> {
+        self.ca.check_revocable(&revoke.serial)?;
+        let at = UNIX_EPOCH + Duration::from_millis(revoke.revocation.revoked_at_ms);
+        let cascade = registry::write_revocations(txn, revoke.serial, &revoke.revocation, at)
+            .map_err(|e| self.registry_error(e))?;
+        Ok(std::iter::once(revoke.serial).chain(cascade).collect())
+    }
+
+    /// Take in revocations whose transaction committed.
+    pub(crate) fn absorb_revocations(&mut self, revoked: &[Serial], revocation: &Revocation) {
+        let at = UNIX_EPOCH + Duration::from_millis(revocation.revoked_at_ms);
+        self.ca.record_revocations(revoked, at);
     }
 
     /// Whether the enrollment token `id` was spent.
@@ -230,76 +339,6 @@ impl Authority {
     /// spent, or spent before the registry recorded what for).
     pub fn token_certificate(&self, id: TokenId) -> Result<Option<Serial>, AuthorityError> {
         registry::token_certificate(&self.db, id.0).map_err(|e| self.registry_error(e))
-    }
-
-    /// Renew a certificate of this CA and log the successor.
-    pub fn renew(
-        &mut self,
-        current_cert_der: &[u8],
-        now: SystemTime,
-    ) -> Result<LoggedCertificate, AuthorityError> {
-        self.renew_with(current_cert_der, now, |_| Ok(()))
-    }
-
-    /// [`Self::renew`], also running `also` in the successor's log
-    /// transaction (see [`Self::issue_with`]).
-    pub fn renew_with(
-        &mut self,
-        current_cert_der: &[u8],
-        now: SystemTime,
-        also: impl FnOnce(&WriteTransaction) -> Result<(), redb::Error>,
-    ) -> Result<LoggedCertificate, AuthorityError> {
-        let (mut request, current) = self.ca.renewal_request(current_cert_der, now)?;
-        // A renewal is issued on the authority its predecessor was. Its
-        // record links it to `current` (`ca_renewals`), so that revoking
-        // `current` revokes it too.
-        request.parent = self.certificate(&current)?.and_then(|r| r.parent);
-        let certificate = self.ca.sign(request, now, Some(current))?;
-        self.log_certificate(certificate, now, None, also)
-    }
-
-    /// Revoke a certificate this authority issued (at any time, before or
-    /// after a restart); returns once the revocation is durable. An unknown
-    /// serial is [`CaError::UnknownSerial`], a second revocation
-    /// [`CaError::AlreadyRevoked`].
-    pub fn revoke(&mut self, serial: &Serial, now: SystemTime) -> Result<(), AuthorityError> {
-        self.revoke_with_reason(serial, None, now)
-    }
-
-    /// [`Self::revoke`], recording why.
-    pub fn revoke_with_reason(
-        &mut self,
-        serial: &Serial,
-        reason: Option<RevocationReason>,
-        now: SystemTime,
-    ) -> Result<(), AuthorityError> {
-        self.revoke_with(serial, reason, now, |_| Ok(())).map(drop)
-    }
-
-    /// [`Self::revoke_with_reason`], also running `also` in the
-    /// revocation's transaction (see [`Self::issue_with`]). What renewed
-    /// the certificate or was issued on its authority
-    /// ([`Self::descendants`]) is revoked in the same transaction; returns
-    /// those serials.
-    pub fn revoke_with(
-        &mut self,
-        serial: &Serial,
-        reason: Option<RevocationReason>,
-        now: SystemTime,
-        also: impl FnOnce(&WriteTransaction) -> Result<(), redb::Error>,
-    ) -> Result<Vec<Serial>, AuthorityError> {
-        self.ca.check_revocable(serial)?;
-        let revocation = Revocation {
-            revoked_at_ms: unix_ms(now)?,
-            reason,
-        };
-        let cascade = registry::insert_revocation(&self.db, *serial, &revocation, now, also)
-            .map_err(|e| self.registry_error(e))?;
-        let revoked: Vec<Serial> = std::iter::once(*serial)
-            .chain(cascade.iter().copied())
-            .collect();
-        self.ca.record_revocations(&revoked, now);
-        Ok(cascade)
     }
 
     /// The unrevoked, unexpired certificates a revocation of `serial` at
@@ -358,9 +397,8 @@ impl Authority {
         &self.log
     }
 
-    /// The database of the log and the registry, for the tables of the
-    /// control plane's other state (the DNS zone). Their writers must not
-    /// touch the log's or the registry's tables.
+    /// The one database of the control plane's state, for reading. Its
+    /// writer is the state machine (`crate::machine`).
     pub fn database(&self) -> Arc<Database> {
         self.db.clone()
     }
@@ -370,24 +408,18 @@ impl Authority {
         &self.store_path
     }
 
-    fn registry_error(&self, source: RegistryError) -> AuthorityError {
+    pub(crate) fn registry_error(&self, source: RegistryError) -> AuthorityError {
         AuthorityError::Registry {
             path: self.store_path.clone(),
             source,
         }
     }
+}
 
-    /// Append the certificate to the log with its registry record in the
-    /// same transaction; only then does the CA count it as issued.
-    fn log_certificate(
-        &mut self,
-        certificate: IssuedCertificate,
-        now: SystemTime,
-        token: Option<&VerifiedToken>,
-        also: impl FnOnce(&WriteTransaction) -> Result<(), redb::Error>,
-    ) -> Result<LoggedCertificate, AuthorityError> {
-        let now_ms = unix_ms(now)?;
-        let mut record = CertificateRecord {
+/// The command that logs `certificate`, signed at `now`.
+fn certify(certificate: &IssuedCertificate, now: SystemTime) -> Result<Certify, AuthorityError> {
+    Ok(Certify {
+        record: CertificateRecord {
             serial: certificate.serial,
             cert_der: certificate.cert_der.clone(),
             subject: certificate.subject.clone(),
@@ -399,49 +431,23 @@ impl Authority {
             renewed_from: certificate.renewed_from,
             parent: certificate.parent,
             leaf_index: 0,
-            logged_at_ms: now_ms,
+            logged_at_ms: unix_ms(now)?,
             revocation: None,
-        };
-        let receipt = self
-            .log
-            .append_batch_with(
-                &[(now_ms, certificate.cert_der.clone())],
-                now_ms,
-                |txn, first_index| {
-                    record.leaf_index = first_index;
-                    if let Some(token) = token {
-                        let spent = registry::spend_token(
-                            txn,
-                            token.id().0,
-                            token.expires_at_s(),
-                            record.serial,
-                        )
-                        .map_err(AppendError::Registry)?;
-                        if !spent {
-                            return Err(AppendError::TokenUsed);
-                        }
-                    }
-                    registry::insert_certificate(txn, &record).map_err(AppendError::Registry)?;
-                    also(txn).map_err(AppendError::Also)
-                },
-            )
-            .map_err(|e| match e {
-                AppendError::Log(source) => AuthorityError::Log {
-                    path: self.store_path.clone(),
-                    source,
-                },
-                AppendError::Registry(source) => self.registry_error(source),
-                AppendError::TokenUsed => AuthorityError::TokenUsed,
-                AppendError::Also(e) => self.registry_error(RegistryError::Storage(e)),
-            })?;
-        self.ca
-            .record_issued(certificate.serial, certificate.not_after);
-        Ok(LoggedCertificate {
+        },
+        token: None,
+        zone: None,
+    })
+}
+
+impl LoggedCertificate {
+    /// `certificate`, once the state machine logged it.
+    pub(crate) fn logged(certificate: IssuedCertificate, receipt: AppendReceipt) -> Self {
+        Self {
             certificate,
             leaf_index: receipt.first_index,
             sth: receipt.sth,
             _logged: (),
-        })
+        }
     }
 }
 
@@ -521,6 +527,7 @@ mod tests {
         decode_sth, encode_sth, verify_consistency, verify_inclusion, verify_sth,
     };
     use crate::authority::registry::tamper;
+    use crate::machine::Machine;
     use std::io::BufRead;
 
     fn request(name: &str) -> IssueRequest {
@@ -536,8 +543,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("i2-authority-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let now = SystemTime::now();
-        let mut authority =
-            Authority::open(&dir, KeyAlgorithm::EcdsaP256, LogKeyAlgorithm::Ed25519, now).unwrap();
+        let mut authority = open(&dir, now).unwrap();
         let mut issued = Vec::new();
         for (i, name) in ["a.example", "b.example", "c.example"]
             .into_iter()
@@ -560,8 +566,7 @@ mod tests {
         drop(authority);
 
         // Reopen: same CA, same log key, every certificate provable.
-        let authority =
-            Authority::open(&dir, KeyAlgorithm::EcdsaP256, LogKeyAlgorithm::Ed25519, now).unwrap();
+        let authority = open(&dir, now).unwrap();
         assert_eq!(
             authority.log().public_key(),
             public_key,
@@ -606,8 +611,58 @@ mod tests {
 
     use crate::test_support::TempDir;
 
-    fn open(dir: &Path, now: SystemTime) -> Result<Authority, AuthorityError> {
-        Authority::open(dir, KeyAlgorithm::EcdsaP256, LogKeyAlgorithm::Ed25519, now)
+    /// The authority as a single node runs it: each proposal applied at
+    /// once by the state machine.
+    struct Single(Machine);
+
+    impl std::ops::Deref for Single {
+        type Target = Authority;
+
+        fn deref(&self) -> &Authority {
+            self.0.authority()
+        }
+    }
+
+    impl Single {
+        fn issue(
+            &mut self,
+            request: IssueRequest,
+            now: SystemTime,
+        ) -> Result<LoggedCertificate, AuthorityError> {
+            self.0.issue(request, now, None)
+        }
+
+        fn renew(
+            &mut self,
+            der: &[u8],
+            now: SystemTime,
+        ) -> Result<LoggedCertificate, AuthorityError> {
+            self.0.renew(der, now, None)
+        }
+
+        fn revoke(&mut self, serial: &Serial, now: SystemTime) -> Result<(), AuthorityError> {
+            self.0.revoke(*serial, None, now, None).map(drop)
+        }
+
+        fn revoke_with_reason(
+            &mut self,
+            serial: &Serial,
+            reason: Option<RevocationReason>,
+            now: SystemTime,
+        ) -> Result<(), AuthorityError> {
+            self.0.revoke(*serial, reason, now, None).map(drop)
+        }
+    }
+
+    fn open(dir: &Path, now: SystemTime) -> Result<Single, AuthorityError> {
+        Machine::open(
+            dir,
+            KeyAlgorithm::EcdsaP256,
+            LogKeyAlgorithm::Ed25519,
+            None,
+            now,
+        )
+        .map(Single)
     }
 
     fn all(authority: &Authority, filter: CertificateFilter) -> Vec<Serial> {
@@ -1086,13 +1141,7 @@ mod tests {
             serials(authority.descendants(&a, now).unwrap()),
             sorted(vec![b, c])
         );
-        assert_eq!(
-            authority
-                .revoke_with(&a, None, now, |_| Ok(()))
-                .unwrap()
-                .len(),
-            2
-        );
+        assert_eq!(authority.0.revoke(a, None, now, None).unwrap().len(), 2);
         assert_eq!(
             all(&authority, CertificateFilter::Revoked),
             sorted(vec![a, b, c])

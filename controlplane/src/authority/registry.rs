@@ -10,11 +10,11 @@
 //!   authority of (its parent), and the DER;
 //! - `ca_children`: parent serial ‖ child serial → nothing: the index of
 //!   parent links, so a revocation finds what was issued on the revoked
-//!   certificate's authority without a scan (see [`insert_revocation`]);
+//!   certificate's authority without a scan (see `write_revocations`);
 //! - `ca_renewals`: renewed serial ‖ successor serial → nothing: the index
 //!   of renewal links, so a revocation finds the renewals of the revoked
 //!   certificate without a scan. Stores written before it have no such
-//!   table; [`init`] builds it from the records, once;
+//!   table; `init_in` builds it from the records, once;
 //! - `ca_revocations`: serial → revocation time and reason
 //!   ([`encode_revocation`]);
 //! - `enrollment_tokens_used`: enrollment token id → its expiry (Unix
@@ -24,12 +24,12 @@
 //!   certificate, written beside it (tokens spent before this table
 //!   existed have no row), so a client that lost the answer can ask again.
 //!
-//! A certificate row (and its `ca_children` and `ca_renewals` rows) is
-//! written only inside the CT log's append transaction for that
-//! certificate (`CtLog::append_batch_with`), so the registry and the log
-//! commit together; a revocation, with those it brings, is its own write
-//! transaction with [`Durability::Immediate`]. Rows are written once and
-//! never changed or removed.
+//! The writer is the control plane's state machine (`crate::machine`): a
+//! certificate row (and its `ca_children` and `ca_renewals` rows) is
+//! written only in the transaction that appends that certificate to the
+//! CT log, so the registry and the log commit together; a revocation, with
+//! those it brings, is the transaction of its own command. Rows are
+//! written once and never changed or removed.
 //!
 //! Every value starts with a format version byte; integers are
 //! big-endian; times are whole seconds (validity, as certificates hold
@@ -40,32 +40,32 @@
 
 use super::ca::{Serial, Usage, same_name};
 use redb::TableDefinition;
-use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableHandle,
-};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableHandle};
 use redb::{ReadOnlyTable, WriteTransaction};
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-const CERTIFICATES: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("ca_certificates");
-const REVOCATIONS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("ca_revocations");
+pub(crate) const CERTIFICATES: TableDefinition<[u8; 16], &[u8]> =
+    TableDefinition::new("ca_certificates");
+pub(crate) const REVOCATIONS: TableDefinition<[u8; 16], &[u8]> =
+    TableDefinition::new("ca_revocations");
 /// Parent serial ‖ child serial: see [`CertificateRecord::parent`]. Keys
 /// sort by parent, so a parent's children are one range.
-const CHILDREN: TableDefinition<[u8; 32], ()> = TableDefinition::new("ca_children");
+pub(crate) const CHILDREN: TableDefinition<[u8; 32], ()> = TableDefinition::new("ca_children");
 /// Renewed serial ‖ successor serial: see
 /// [`CertificateRecord::renewed_from`]. Keys sort by the renewed serial, so
 /// a certificate's renewals are one range.
-const RENEWALS: TableDefinition<[u8; 32], ()> = TableDefinition::new("ca_renewals");
+pub(crate) const RENEWALS: TableDefinition<[u8; 32], ()> = TableDefinition::new("ca_renewals");
 /// Enrollment token id → the token's expiry (Unix seconds): the one-time
 /// tokens already spent (see `authority::enrollment`). A row is written in
 /// the log's append transaction of the certificate the token paid for.
 /// Rows whose expiry has passed could be pruned (an expired token is refused
 /// before this table is read); they are kept, being 24 bytes each.
-const ENROLLMENT_TOKENS: TableDefinition<[u8; 16], u64> =
+pub(crate) const ENROLLMENT_TOKENS: TableDefinition<[u8; 16], u64> =
     TableDefinition::new("enrollment_tokens_used");
 /// Enrollment token id → the serial of the certificate it paid for.
-const ENROLLMENT_PAID: TableDefinition<[u8; 16], [u8; 16]> =
+pub(crate) const ENROLLMENT_PAID: TableDefinition<[u8; 16], [u8; 16]> =
     TableDefinition::new("enrollment_tokens_paid");
 
 /// The format version byte of both value encodings.
@@ -152,12 +152,12 @@ pub struct CertificateRecord {
     pub not_before: SystemTime,
     pub not_after: SystemTime,
     /// The certificate this one renewed; revoking that one revokes this
-    /// one (see [`insert_revocation`]): a renewal is no way around a
+    /// one (see `write_revocations`): a renewal is no way around a
     /// revocation.
     pub renewed_from: Option<Serial>,
     /// The certificate on whose authority this one was issued (a
     /// non-operator's `CERT_ISSUE`: the caller's), kept by renewals;
-    /// revoking the parent revokes this one (see [`insert_revocation`]).
+    /// revoking the parent revokes this one (see `write_revocations`).
     pub parent: Option<Serial>,
     /// Its entry in the CT log.
     pub leaf_index: u64,
@@ -337,37 +337,12 @@ pub(crate) fn token_certificate(
     Ok(serial)
 }
 
-/// Store a revocation of `serial` durably in its own transaction, with the
-/// revocations it brings (every certificate [`descendants`] returns, at the
-/// same time, reason [`CASCADE_REASON`]) and what `also` writes (the
-/// caller's own tables). The certificate must be in the registry and not
-/// yet revoked (the caller checked both). Returns the serials revoked with
-/// it.
-pub(crate) fn insert_revocation(
-    db: &Database,
-    serial: Serial,
-    revocation: &Revocation,
-    now: SystemTime,
-    also: impl FnOnce(&WriteTransaction) -> Result<(), redb::Error>,
-) -> Result<Vec<Serial>, RegistryError> {
-    let mut txn = db.begin_write()?;
-    txn.set_durability(Durability::Immediate)?;
-    let written = write_revocations(&txn, serial, revocation, now)
-        .and_then(|cascade| also(&txn).map(|()| cascade).map_err(RegistryError::Storage));
-    match written {
-        Ok(cascade) => {
-            // Durability::Immediate: fsynced before this returns.
-            txn.commit()?;
-            Ok(cascade)
-        }
-        Err(e) => {
-            txn.abort()?;
-            Err(e)
-        }
-    }
-}
-
-fn write_revocations(
+/// Write a revocation of `serial` in `txn`, with the revocations it
+/// brings: every certificate [`descendants`] returns, at the same time,
+/// reason [`CASCADE_REASON`]. The certificate must be in the registry and
+/// not yet revoked (the caller checked both). Returns the serials revoked
+/// with it.
+pub(crate) fn write_revocations(
     txn: &WriteTransaction,
     serial: Serial,
     revocation: &Revocation,
@@ -502,11 +477,9 @@ where
     }
 }
 
-/// Create the tables if missing, so readers can open them; in a store
-/// written before the renewal index, build it from the records.
-pub(crate) fn init(db: &Database) -> Result<(), RegistryError> {
-    let mut txn = db.begin_write()?;
-    txn.set_durability(Durability::Immediate)?;
+/// Create the tables in `txn` if missing, so readers can open them; in a
+/// store written before the renewal index, build it from the records.
+pub(crate) fn init_in(txn: &WriteTransaction) -> Result<(), RegistryError> {
     let renewals_indexed = txn.list_tables()?.any(|t| t.name() == RENEWALS.name());
     txn.open_table(CERTIFICATES)?;
     txn.open_table(REVOCATIONS)?;
@@ -515,9 +488,8 @@ pub(crate) fn init(db: &Database) -> Result<(), RegistryError> {
     txn.open_table(ENROLLMENT_TOKENS)?;
     txn.open_table(ENROLLMENT_PAID)?;
     if !renewals_indexed {
-        index_renewals(&txn)?;
+        index_renewals(txn)?;
     }
-    txn.commit()?;
     Ok(())
 }
 

@@ -88,6 +88,7 @@ use super::registry::{
 use crate::dns::{
     NameError, RecordError, RecordSet, Tlsa, Zone, ZoneChange, ZoneConfig, ZoneError, ZoneSnapshot,
 };
+use crate::machine::Machine;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer};
 use serde::Serialize;
@@ -172,14 +173,15 @@ impl std::fmt::Debug for ServerCertificate {
 
 /// The authority behind `stoq/1`. See the module documentation.
 pub struct AuthorityService {
-    authority: Authority,
+    /// The state: CA, log, registry, zone (and, once the server attaches
+    /// it, admission). Every change goes through its `apply`.
+    machine: Machine,
     config: ServiceConfig,
     tokens: EnrollmentKey,
     rotated: Option<ServerCertificate>,
     /// The server's TLS key (PKCS#8), kept across rotations: clients pin
     /// its SPKI (DNS TLSA 3 1 1), so a rotation must not change it.
     server_key: Vec<u8>,
-    zone: Option<Zone>,
 }
 
 /// The server's TLS key in the data directory (PEM, 0600, never rewritten).
@@ -609,25 +611,21 @@ impl AuthorityService {
         config: ServiceConfig,
         now: SystemTime,
     ) -> Result<Self, AuthorityError> {
-        let authority = Authority::open(data_dir, config.ca_algorithm, config.log_algorithm, now)?;
+        let machine = Machine::open(
+            data_dir,
+            config.ca_algorithm,
+            config.log_algorithm,
+            config.zone.as_ref(),
+            now,
+        )?;
         let tokens = EnrollmentKey::load_or_create(data_dir)?;
         let server_key = load_or_create_server_key(data_dir)?;
-        let zone = match &config.zone {
-            Some(zone) => Some(Zone::open(authority.database(), zone).map_err(|source| {
-                AuthorityError::Zone {
-                    path: authority.store_path().to_owned(),
-                    source,
-                }
-            })?),
-            None => None,
-        };
         Ok(Self {
-            authority,
+            machine,
             config,
             tokens,
             rotated: None,
             server_key,
-            zone,
         })
     }
 
@@ -643,7 +641,9 @@ impl AuthorityService {
         payload: &[u8],
         now: SystemTime,
     ) -> Result<Vec<u8>, ServiceError> {
-        if !api::KINDS.contains(&kind) || (self.zone.is_none() && api::DNS_KINDS.contains(&kind)) {
+        if !api::KINDS.contains(&kind)
+            || (self.machine.zone().is_none() && api::DNS_KINDS.contains(&kind))
+        {
             return Err(ServiceError::new(
                 api::UNKNOWN_KIND,
                 format!("kind 0x{kind:02x} is not an authority request"),
@@ -671,7 +671,7 @@ impl AuthorityService {
             api::CERT_LIST => respond(&self.cert_list(parse(payload)?, now)?),
             api::CA_ROOT => {
                 parse::<api::NoArguments>(payload)?;
-                let ca = self.authority.ca();
+                let ca = self.machine.authority().ca();
                 respond(&api::CaRoot {
                     root_pem: ca.root_pem().to_owned(),
                     intermediate_pem: ca.intermediate_pem().to_owned(),
@@ -705,8 +705,8 @@ impl AuthorityService {
     /// The roots, intermediate and revoked serials for the TLS layer's
     /// lock-free snapshot; `generation` changes whenever they change.
     pub fn trust(&self) -> TrustMaterial {
-        let ca = self.authority.ca();
-        let revoked = self.authority.revocations();
+        let ca = self.machine.authority().ca();
+        let revoked = self.machine.authority().revocations();
         TrustMaterial {
             generation: revoked.generation(),
             root_der: ca.root_der().to_vec(),
@@ -720,7 +720,7 @@ impl AuthorityService {
     /// generation 0. It copies every name: call it when
     /// [`Self::zone_generation`] changed, not after every request.
     pub fn zone(&self) -> ZoneSnapshot {
-        self.zone.as_ref().map_or_else(
+        self.machine.zone().map_or_else(
             || ZoneSnapshot {
                 apex: String::new(),
                 serial: 0,
@@ -733,7 +733,7 @@ impl AuthorityService {
 
     /// Changes whenever the zone changes (cheap); 0 without a zone.
     pub fn zone_generation(&self) -> u64 {
-        self.zone.as_ref().map_or(0, Zone::generation)
+        self.machine.zone().map_or(0, Zone::generation)
     }
 
     /// The TLSA 3 1 1 pin of the server's TLS key: SHA-256 of its
@@ -753,12 +753,12 @@ impl AuthorityService {
         spki_sha256: [u8; 32],
         _now: SystemTime,
     ) -> Result<(), AuthorityError> {
-        let path = self.authority.store_path().to_owned();
+        let path = self.machine.authority().store_path().to_owned();
         let error = |source| AuthorityError::Zone {
             path: path.clone(),
             source,
         };
-        let open = self.zone.as_mut().ok_or_else(|| {
+        let open = self.machine.zone().ok_or_else(|| {
             error(ZoneError::Config(
                 "the service was opened without a zone".into(),
             ))
@@ -780,7 +780,7 @@ impl AuthorityService {
         let records = RecordSet::new(zone.server_addresses.clone(), tlsa, None)
             .map_err(|e| error(ZoneError::Config(format!("server records: {e}"))))?;
         if let Some(change) = open.plan(vec![(name, Some(records))]).map_err(error)? {
-            open.commit(change).map_err(error)?;
+            self.machine.change_zone(change)?;
         }
         Ok(())
     }
@@ -808,12 +808,12 @@ impl AuthorityService {
             public_key: Some(server_spki(&self.server_key)?),
             parent: None,
         };
-        let logged = self.authority.issue(request, now)?;
+        let logged = self.machine.issue(request, now, None)?;
         let certificate = logged.certificate;
         Ok(ServerCertificate {
             chain_der: vec![
                 certificate.cert_der,
-                self.authority.ca().intermediate_der().to_vec(),
+                self.machine.authority().ca().intermediate_der().to_vec(),
             ],
             key_pkcs8_der: self.server_key.clone(),
             serial: certificate.serial,
@@ -840,7 +840,7 @@ impl AuthorityService {
             lifetime: self.config.lifetime,
             ..IssueRequest::default()
         };
-        let logged = self.authority.issue(request, now)?;
+        let logged = self.machine.issue(request, now, None)?;
         let certificate = logged.certificate;
         let key = certificate
             .private_key
@@ -848,7 +848,7 @@ impl AuthorityService {
         let pem = format!(
             "{}{}{}",
             certificate.cert_pem,
-            self.authority.ca().intermediate_pem(),
+            self.machine.authority().ca().intermediate_pem(),
             key.pem
         );
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -870,7 +870,8 @@ impl AuthorityService {
             return false;
         };
         if self
-            .authority
+            .machine
+            .authority()
             .verify_chain(&der, Usage::Client, now)
             .is_err()
         {
@@ -893,11 +894,17 @@ impl AuthorityService {
 
     /// The root certificate, PEM.
     pub fn root_pem(&self) -> String {
-        self.authority.ca().root_pem().to_owned()
+        self.machine.authority().ca().root_pem().to_owned()
     }
 
     pub fn authority(&self) -> &Authority {
-        &self.authority
+        self.machine.authority()
+    }
+
+    /// The state machine, for the server's admission runtime, which keeps
+    /// its state there too.
+    pub fn machine_mut(&mut self) -> &mut Machine {
+        &mut self.machine
     }
 
     fn identify(&self, caller: &Caller, now: SystemTime) -> Result<Identity, ServiceError> {
@@ -905,7 +912,8 @@ impl AuthorityService {
             unauthorized("this request needs a client certificate; enroll first to get one")
         })?;
         let serial = self
-            .authority
+            .machine
+            .authority()
             .verify_chain(der, Usage::Client, now)
             .map_err(|e| unauthorized(format!("the client certificate is not accepted: {e}")))?;
         let facts =
@@ -928,7 +936,8 @@ impl AuthorityService {
             .map_err(|e| ServiceError::new(api::TOKEN_INVALID, e.to_string()))?;
         let csr = parse_csr(&request.csr_pem)?;
         if self
-            .authority
+            .machine
+            .authority()
             .token_spent(token.id())
             .map_err(authority_error)?
         {
@@ -937,7 +946,7 @@ impl AuthorityService {
         self.check_not_reserved(&csr)?;
         self.check_names_free(&csr, now)?;
         let logged = self
-            .authority
+            .machine
             .issue_enrolled(
                 csr.request(Usage::Client, self.config.lifetime, None),
                 &token,
@@ -956,12 +965,13 @@ impl AuthorityService {
         csr: &CertFacts,
     ) -> Result<api::Issued, ServiceError> {
         let paid_for = match self
-            .authority
+            .machine
+            .authority()
             .token_certificate(token.id())
             .map_err(authority_error)?
         {
             Some(serial) => self
-                .authority
+                .authority()
                 .certificate(&serial)
                 .map_err(authority_error)?,
             None => None,
@@ -984,7 +994,7 @@ impl AuthorityService {
         })?;
         Ok(api::Issued {
             certificate_pem: pem_certificate(&record.cert_der),
-            chain_pem: self.authority.ca().intermediate_pem().to_owned(),
+            chain_pem: self.machine.authority().ca().intermediate_pem().to_owned(),
             serial: record.serial.to_string(),
             not_before: unix_s(record.not_before),
             not_after: unix_s(record.not_after),
@@ -1022,7 +1032,7 @@ impl AuthorityService {
     /// zone's server name, compared as [`one_name`] does. The one home of
     /// that rule for enrollment, issuance, renewal and the zone.
     fn is_server_name(&self, name: &str) -> bool {
-        let zone_server = self.zone.as_ref().map(Zone::server_name);
+        let zone_server = self.machine.zone().map(Zone::server_name);
         self.config
             .server_names
             .iter()
@@ -1064,7 +1074,7 @@ impl AuthorityService {
         let mut after = None;
         loop {
             let page = self
-                .authority
+                .authority()
                 .certificates(&filter, after)
                 .map_err(authority_error)?;
             let last_page = page.len() < MAX_RECORDS_PER_CALL;
@@ -1109,13 +1119,12 @@ impl AuthorityService {
         // Its names are the caller's: it goes when the caller's certificate
         // goes. The operator's authority is its own.
         let parent = (!who.operator).then_some(who.serial);
+        let names = zone_names(change.as_ref());
         let logged = self
-            .authority
-            .issue_with(csr.request(usage, lifetime, parent), now, |txn| {
-                change.as_ref().map_or(Ok(()), |c| c.write(txn))
-            })
+            .machine
+            .issue(csr.request(usage, lifetime, parent), now, change)
             .map_err(authority_error)?;
-        self.zone_applied(change);
+        self.zone_followed(names);
         self.issued(&logged)
     }
 
@@ -1123,18 +1132,17 @@ impl AuthorityService {
     /// brings (see the module documentation); `None` without a zone or
     /// when nothing changes.
     fn repin_change(&self, holder: &CertFacts) -> Result<Option<ZoneChange>, ServiceError> {
-        let Some(zone) = &self.zone else {
+        let Some(zone) = self.machine.zone() else {
             return Ok(None);
         };
         let edits = zone.repin_edits(holder.dns_candidates(), holder.pin());
         zone.plan(edits).map_err(zone_error)
     }
 
-    /// Apply a change whose transaction committed.
-    fn zone_applied(&mut self, change: Option<ZoneChange>) {
-        if let (Some(zone), Some(change)) = (self.zone.as_mut(), change) {
-            let names: Vec<String> = change.names().map(str::to_owned).collect();
-            zone.apply(change);
+    /// Log the pin changes `names` a certificate's issuance or revocation
+    /// brought, once applied.
+    fn zone_followed(&self, names: Vec<String>) {
+        if let Some(zone) = self.machine.zone().filter(|_| !names.is_empty()) {
             tracing::info!(?names, serial = zone.serial(), "zone pins follow the CA");
         }
     }
@@ -1179,20 +1187,19 @@ impl AuthorityService {
         }
         let server = ca::serial_of(&der)
             .ok()
-            .and_then(|serial| self.authority.certificate(&serial).ok().flatten())
+            .and_then(|serial| self.machine.authority().certificate(&serial).ok().flatten())
             .is_some_and(|record| record.usage == Usage::Server);
         let change = if server {
             self.repin_change(&facts)?
         } else {
             None
         };
+        let names = zone_names(change.as_ref());
         let logged = self
-            .authority
-            .renew_with(&der, now, |txn| {
-                change.as_ref().map_or(Ok(()), |c| c.write(txn))
-            })
+            .machine
+            .renew(&der, now, change)
             .map_err(authority_error)?;
-        self.zone_applied(change);
+        self.zone_followed(names);
         self.issued(&logged)
     }
 
@@ -1205,7 +1212,8 @@ impl AuthorityService {
         let serial = parse_serial("serial", &request.serial)?;
         let reason = parse_reason(request.reason.as_deref())?;
         let record = self
-            .authority
+            .machine
+            .authority()
             .certificate(&serial)
             .map_err(authority_error)?
             .ok_or_else(|| {
@@ -1224,20 +1232,20 @@ impl AuthorityService {
         // writes in between), for the pins they take along.
         let mut revoked = vec![(serial, facts)];
         for child in self
-            .authority
+            .machine
+            .authority()
             .descendants(&serial, now)
             .map_err(authority_error)?
         {
             revoked.push((child.serial, cert_facts(&child.cert_der).map_err(internal)?));
         }
         let change = self.unpin_change(&revoked, now)?;
+        let names = zone_names(change.as_ref());
         let cascade = self
-            .authority
-            .revoke_with(&serial, reason, now, |txn| {
-                change.as_ref().map_or(Ok(()), |c| c.write(txn))
-            })
+            .machine
+            .revoke(serial, reason, now, change)
             .map_err(authority_error)?;
-        self.zone_applied(change);
+        self.zone_followed(names);
         // The audit trail: durable in the registry, and in the log output.
         tracing::info!(
             %serial,
@@ -1263,7 +1271,7 @@ impl AuthorityService {
         revoked: &[(Serial, CertFacts)],
         now: SystemTime,
     ) -> Result<Option<ZoneChange>, ServiceError> {
-        let Some(zone) = &self.zone else {
+        let Some(zone) = self.machine.zone() else {
             return Ok(None);
         };
         let serials: Vec<Serial> = revoked.iter().map(|(serial, _)| *serial).collect();
@@ -1289,8 +1297,8 @@ impl AuthorityService {
 
     fn dns_zone(&self) -> &Zone {
         // `handle` serves the zone kinds only with a zone.
-        self.zone
-            .as_ref()
+        self.machine
+            .zone()
             .expect("zone kinds are served only with a zone")
     }
 
@@ -1351,18 +1359,15 @@ impl AuthorityService {
             Some(_) => "zone name set",
             None => "zone name removed",
         };
-        let zone = self
-            .zone
-            .as_mut()
-            .expect("zone kinds are served only with a zone");
-        if let Some(change) = zone
+        if let Some(change) = self
+            .dns_zone()
             .plan(vec![(name.to_owned(), records)])
             .map_err(zone_error)?
         {
-            zone.commit(change).map_err(zone_error)?;
-            tracing::info!(%name, by = if who.operator { "operator" } else { "owner" }, serial = zone.serial(), "{what}");
+            self.machine.change_zone(change).map_err(authority_error)?;
+            tracing::info!(%name, by = if who.operator { "operator" } else { "owner" }, serial = self.dns_zone().serial(), "{what}");
         }
-        Ok(zone.serial())
+        Ok(self.dns_zone().serial())
     }
 
     fn dns_set(
@@ -1449,7 +1454,8 @@ impl AuthorityService {
             .map(|a| parse_serial("after", a))
             .transpose()?;
         let records = self
-            .authority
+            .machine
+            .authority()
             .certificates(&filter, after)
             .map_err(authority_error)?;
         let next = (records.len() == MAX_RECORDS_PER_CALL)
@@ -1466,7 +1472,8 @@ impl AuthorityService {
     fn check_ours(&self, der: &[u8]) -> Result<(), ServiceError> {
         let cert =
             parse_x509(der).map_err(|e| ServiceError::malformed(format!("certificate: {e}")))?;
-        let intermediate = parse_x509(self.authority.ca().intermediate_der()).map_err(internal)?;
+        let intermediate =
+            parse_x509(self.machine.authority().ca().intermediate_der()).map_err(internal)?;
         if cert.issuer().as_raw() != intermediate.subject().as_raw()
             || cert
                 .verify_signature(Some(intermediate.public_key()))
@@ -1484,7 +1491,7 @@ impl AuthorityService {
     }
 
     fn latest_sth(&self) -> Result<api::Sth, ServiceError> {
-        let log = self.authority.log();
+        let log = self.machine.authority().log();
         let sth = log
             .latest_sth()
             .ok_or_else(|| ServiceError::new(api::NOT_FOUND, "the log is empty"))?;
@@ -1494,7 +1501,7 @@ impl AuthorityService {
     /// The answer to an issuance: the certificate with its proof in the
     /// tree head its append signed.
     fn issued(&self, logged: &LoggedCertificate) -> Result<api::Issued, ServiceError> {
-        let log = self.authority.log();
+        let log = self.machine.authority().log();
         let certificate = &logged.certificate;
         // A batch of one: the entry carries the tree head's timestamp.
         let timestamp_ms = logged.sth.timestamp_ms;
@@ -1511,7 +1518,7 @@ impl AuthorityService {
             .map_err(log_error)?;
         Ok(api::Issued {
             certificate_pem: certificate.cert_pem.clone(),
-            chain_pem: self.authority.ca().intermediate_pem().to_owned(),
+            chain_pem: self.machine.authority().ca().intermediate_pem().to_owned(),
             serial: certificate.serial.to_string(),
             not_before: unix_s(certificate.not_before),
             not_after: unix_s(certificate.not_after),
@@ -1529,7 +1536,7 @@ impl AuthorityService {
     }
 
     fn ct_proof(&self, request: api::CtProofRequest) -> Result<api::Proof, ServiceError> {
-        let log = self.authority.log();
+        let log = self.machine.authority().log();
         let size = log.size();
         let tree_size = request.tree_size.unwrap_or(size);
         if tree_size == 0 || tree_size > size {
@@ -1581,7 +1588,8 @@ impl AuthorityService {
         self.check_ours(&der)?;
         let serial = ca::serial_of(&der).map_err(|e| ServiceError::malformed(e.to_string()))?;
         let record = self
-            .authority
+            .machine
+            .authority()
             .certificate(&serial)
             .map_err(authority_error)?
             .filter(|r| r.cert_der == der)
@@ -1600,7 +1608,7 @@ impl AuthorityService {
         &self,
         request: api::CtConsistencyRequest,
     ) -> Result<api::Consistency, ServiceError> {
-        let log = self.authority.log();
+        let log = self.machine.authority().log();
         let (old_size, new_size, size) = (request.old_size, request.new_size, log.size());
         if old_size == 0 || old_size > new_size || new_size > size {
             return Err(out_of_range(format!(
@@ -1622,7 +1630,7 @@ impl AuthorityService {
     }
 
     fn ct_entries(&self, request: api::CtEntriesRequest) -> Result<api::Entries, ServiceError> {
-        let log = self.authority.log();
+        let log = self.machine.authority().log();
         let (start, end, size) = (request.start, request.end, log.size());
         if start >= end || end > size || end - start > api::MAX_ENTRIES_PER_REQUEST {
             return Err(out_of_range(format!(
@@ -1647,7 +1655,7 @@ impl AuthorityService {
     }
 
     fn ct_key(&self) -> api::CtKey {
-        let log = self.authority.log();
+        let log = self.machine.authority().log();
         api::CtKey {
             algorithm: match log.algorithm() {
                 LogKeyAlgorithm::Ed25519 => api::LOG_ALGORITHM_ED25519,
@@ -1678,6 +1686,11 @@ impl AuthorityService {
 }
 
 /// Server names as DNS names and IP addresses.
+/// The names `change` sets or removes, for the log line.
+fn zone_names(change: Option<&ZoneChange>) -> Vec<String> {
+    change.map_or_else(Vec::new, |c| c.names().map(str::to_owned).collect())
+}
+
 fn split_names(names: &[String]) -> (Vec<String>, Vec<IpAddr>) {
     let mut dns = Vec::new();
     let mut ips = Vec::new();

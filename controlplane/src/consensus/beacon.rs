@@ -176,13 +176,17 @@ impl Beacon {
         })
     }
 
+    /// Whether `tick` is the next link of this chain (index and previous
+    /// hash; [`Self::next`] made on this beacon, with nothing pushed since,
+    /// is).
+    pub fn follows(&self, tick: &Tick) -> bool {
+        tick.index == self.next_index && tick.prev == self.prev
+    }
+
     /// Append `tick`, which must come from [`Self::next`] on this beacon
     /// with nothing pushed in between.
     pub fn push(&mut self, tick: Tick) {
-        assert!(
-            tick.index == self.next_index && tick.prev == self.prev,
-            "a beacon tick pushed out of order"
-        );
+        assert!(self.follows(&tick), "a beacon tick pushed out of order");
         if self.recent.len() == RECENT_TICKS_LEN {
             self.recent.pop_front();
         }

@@ -11,11 +11,16 @@
 //!   index u64 ‖ unix_s u64 ‖ prev [32] ‖ hash [32] ‖ signature [64]`
 //!   (integers big endian).
 //!
-//! Every change is one durable transaction, written before the in-memory
-//! copy changes, so a failed write changes nothing. The state is owned by
-//! one thread; workers read [`AdmissionSnapshot`]s, immutable values the
-//! owner publishes (through an `ArcSwap`) whenever [`AdmissionState::generation`]
-//! moves. It takes `now` from the caller and never reads a clock.
+//! Every change is an [`AdmissionChange`], decided by its proposer (the
+//! amounts, the plot, the signed tick) and applied by the control plane's
+//! state machine (`crate::machine`): `AdmissionState::write` checks it
+//! against the state and writes its rows in the machine's transaction,
+//! `AdmissionState::absorb` takes it into memory once that committed,
+//! so a failed write changes nothing. The state is owned by one thread;
+//! workers read [`AdmissionSnapshot`]s, immutable values the owner
+//! publishes (through an `ArcSwap`) whenever
+//! [`AdmissionState::generation`] moves. It takes `now` from the caller and
+//! never reads a clock.
 
 use super::beacon::{Beacon, TICK_SIGNATURE_LEN, Tick};
 use super::binding::Binding;
@@ -27,9 +32,7 @@ use super::{
     ProofBundle, sha256, verify_bundle,
 };
 use crate::authority::ct::Hash;
-use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
-};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -38,9 +41,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-const STAKE: TableDefinition<&[u8; 32], u64> = TableDefinition::new("admission_stake");
-const PLOTS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("admission_plots");
-const BEACON: TableDefinition<&str, &[u8]> = TableDefinition::new("admission_beacon");
+pub(crate) const STAKE: TableDefinition<&[u8; 32], u64> = TableDefinition::new("admission_stake");
+pub(crate) const PLOTS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("admission_plots");
+pub(crate) const BEACON: TableDefinition<&str, &[u8]> = TableDefinition::new("admission_beacon");
 const BEACON_LATEST: &str = "latest";
 const FORMAT_VERSION: u8 = 1;
 const PLOT_RECORD_LEN: usize = 1 + 1 + 32;
@@ -102,6 +105,35 @@ pub struct PlotCommitment {
     pub k: u8,
 }
 
+/// A change to the admission state, as its proposer decided it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AdmissionChange {
+    /// Add `amount` to `identity`'s stake.
+    StakeGrant { identity: Identity, amount: u64 },
+    /// Withdraw up to `amount` from `identity`'s stake.
+    StakeWithdraw { identity: Identity, amount: u64 },
+    /// Register `identity`'s plot, replacing any earlier one, and (in
+    /// development) lift its stake to `stake_to` if it holds less.
+    PlotRegister {
+        identity: Identity,
+        plot: PlotCommitment,
+        stake_to: Option<u64>,
+    },
+    /// The beacon's next tick, signed by the proposer.
+    BeaconTick(Tick),
+}
+
+/// What an applied [`AdmissionChange`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdmissionApplied {
+    /// The identity's stake after it.
+    Stake { total: u64 },
+    /// It changed something else.
+    Changed,
+    /// It changed nothing (the plot was registered, nothing withdrawn).
+    Unchanged,
+}
+
 /// Why the admission state could not open or change.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -130,13 +162,14 @@ pub enum StateError {
     PlotK { got: u8, want: u8 },
     #[error("the plot table holds its maximum of {max} identities; remove one first")]
     PlotsFull { max: usize },
+    #[error("beacon tick {index} does not follow the latest tick (index, hash or time)")]
+    TickOutOfOrder { index: u64 },
 }
 
 redb_errors_into_storage!(StateError);
 
 /// The durable admission state. See the module documentation.
 pub struct AdmissionState {
-    db: Arc<Database>,
     config: AdmissionConfig,
     // Shared with the snapshots handed out; copied on write only while one
     // is still held.
@@ -160,15 +193,15 @@ impl std::fmt::Debug for AdmissionState {
 }
 
 impl AdmissionState {
-    /// Check `config`, load or create the node key at `node_key_path`,
-    /// create the tables in `db` if missing, load them, and continue the
-    /// beacon chain: a tick at `now_unix_s` unless the stored latest tick
-    /// is from that second or later (a clock behind the store's waits).
+    /// Check `config`, load or create the node key at `node_key_path`, and
+    /// load the state from `db`, whose tables `init_in` made. The beacon
+    /// chain continues from the stored latest tick; its next tick is the
+    /// caller's to propose ([`Self::propose_tick`]): the state machine does
+    /// so when it takes the state in.
     pub fn open(
-        db: Arc<Database>,
+        db: &Database,
         config: AdmissionConfig,
         node_key_path: &Path,
-        now_unix_s: u64,
     ) -> Result<Self, StateError> {
         check_config(&config)?;
         let difficulty = DifficultyController::new(config.difficulty).ok_or_else(|| {
@@ -180,16 +213,14 @@ impl AdmissionState {
         })?;
         let key = load_or_create_node_key(node_key_path)?;
         let public_key: Arc<[u8]> = key.public_key().as_ref().into();
-        init(&db)?;
-        let (ledger, plots, latest) = load(&db)?;
+        let (ledger, plots, latest) = load(db)?;
         let beacon = match latest {
             Some(last) => Beacon::resume(key, last).ok_or_else(|| StateError::NodeKeyMismatch {
                 path: node_key_path.to_owned(),
             })?,
             None => Beacon::new(key, sha256(&[GENESIS_DOMAIN, &public_key]), 0),
         };
-        let mut state = Self {
-            db,
+        Ok(Self {
             config,
             ledger: Arc::new(ledger),
             plots: Arc::new(plots),
@@ -197,54 +228,23 @@ impl AdmissionState {
             public_key,
             difficulty,
             generation: 0,
-        };
-        state.tick(now_unix_s)?;
-        if state.beacon.latest().is_none() {
-            return Err(StateError::Config(
-                "the beacon made no tick at start-up; is the clock at 0?".into(),
-            ));
-        }
-        Ok(state)
+        })
     }
 
     pub fn config(&self) -> &AdmissionConfig {
         &self.config
     }
 
-    /// Add `amount` to `identity`'s stake, durably; returns the new total.
-    /// Refused (nothing changes) for 0, an overflow or a full ledger.
-    pub fn grant(&mut self, identity: Identity, amount: u64) -> Result<u64, StateError> {
-        let total = self.ledger.check_grant(&identity, amount)?;
-        self.write(|txn| {
-            txn.open_table(STAKE)?.insert(&identity.0, total)?;
-            Ok(())
-        })?;
-        Arc::make_mut(&mut self.ledger).grant(identity, amount)?;
-        self.generation += 1;
-        Ok(total)
-    }
-
-    /// Withdraw up to `amount` from `identity`, durably; returns what is
-    /// left. An identity left with nothing leaves the ledger. Withdrawing
-    /// nothing writes nothing.
-    pub fn revoke(&mut self, identity: &Identity, amount: u64) -> Result<u64, StateError> {
-        let held = self.ledger.get(identity);
-        let left = held.saturating_sub(amount);
-        if left == held {
-            return Ok(left);
-        }
-        self.write(|txn| {
-            let mut table = txn.open_table(STAKE)?;
-            if left == 0 {
-                table.remove(&identity.0)?;
-            } else {
-                table.insert(&identity.0, left)?;
-            }
-            Ok(())
-        })?;
-        Arc::make_mut(&mut self.ledger).revoke(identity, amount);
-        self.generation += 1;
-        Ok(left)
+    /// A grant of `amount` to `identity`, checked against the ledger now
+    /// (0, an overflow or a full ledger is refused; the state machine
+    /// checks again when it applies it).
+    pub fn propose_grant(
+        &self,
+        identity: Identity,
+        amount: u64,
+    ) -> Result<AdmissionChange, StateError> {
+        self.ledger.check_grant(&identity, amount)?;
+        Ok(AdmissionChange::StakeGrant { identity, amount })
     }
 
     /// Every identity with stake, in identity order.
@@ -256,16 +256,17 @@ impl AdmissionState {
         self.ledger.get(identity)
     }
 
-    /// Register `identity`'s plot, replacing any earlier one, durably. `k`
-    /// must be this node's plot size. In development
-    /// ([`AdmissionConfig::development_stake`]), the identity's stake is
-    /// topped up in the same transaction.
-    pub fn register_plot(
-        &mut self,
+    /// A registration of `identity`'s plot; `None` when it is registered
+    /// so already (and needs no development top-up). `k` must be this
+    /// node's plot size. In development
+    /// ([`AdmissionConfig::development_stake`]) the registration lifts the
+    /// identity's stake to that amount.
+    pub fn propose_plot(
+        &self,
         identity: Identity,
         commitment: Hash,
         k: u8,
-    ) -> Result<(), StateError> {
+    ) -> Result<Option<AdmissionChange>, StateError> {
         let want = self.config.space.k();
         if k != want {
             return Err(StateError::PlotK { got: k, want });
@@ -275,30 +276,25 @@ impl AdmissionState {
         if known.is_none() && self.plots.len() >= PLOTS_LEN_MAX {
             return Err(StateError::PlotsFull { max: PLOTS_LEN_MAX });
         }
-        let top_up = self.development_top_up(&identity)?;
-        if known == Some(&plot) && top_up.is_none() {
-            return Ok(());
+        let stake_to = self.config.development_stake;
+        if known == Some(&plot) && self.top_up(&identity, stake_to)?.is_none() {
+            return Ok(None);
         }
-        self.write(|txn| {
-            txn.open_table(PLOTS)?
-                .insert(&identity.0, encode_plot(&plot).as_slice())?;
-            if let Some((_, total)) = top_up {
-                txn.open_table(STAKE)?.insert(&identity.0, total)?;
-            }
-            Ok(())
-        })?;
-        Arc::make_mut(&mut self.plots).insert(identity, plot);
-        if let Some((amount, _)) = top_up {
-            Arc::make_mut(&mut self.ledger).grant(identity, amount)?;
-        }
-        self.generation += 1;
-        Ok(())
+        Ok(Some(AdmissionChange::PlotRegister {
+            identity,
+            plot,
+            stake_to,
+        }))
     }
 
-    /// The grant (amount, new total) that lifts `identity` to the
-    /// development stake, if any.
-    fn development_top_up(&self, identity: &Identity) -> Result<Option<(u64, u64)>, StateError> {
-        let Some(target) = self.config.development_stake else {
+    /// The grant (amount, new total) that lifts `identity` to `stake_to`,
+    /// if any.
+    fn top_up(
+        &self,
+        identity: &Identity,
+        stake_to: Option<u64>,
+    ) -> Result<Option<(u64, u64)>, StateError> {
+        let Some(target) = stake_to else {
             return Ok(None);
         };
         let held = self.ledger.get(identity);
@@ -313,29 +309,127 @@ impl AdmissionState {
         self.plots.get(identity).copied()
     }
 
-    /// Make the next beacon tick if `now_unix_s` is past the latest tick's
-    /// second, persist it, and return it; `None` otherwise. Call about once
-    /// a second.
-    pub fn tick(&mut self, now_unix_s: u64) -> Result<Option<&Tick>, StateError> {
-        let Some(tick) = self.beacon.next(now_unix_s) else {
-            return Ok(None);
-        };
-        let record = encode_tick(&tick);
-        self.write(|txn| {
-            txn.open_table(BEACON)?
-                .insert(BEACON_LATEST, record.as_slice())?;
-            Ok(())
-        })?;
-        self.beacon.push(tick);
-        self.generation += 1;
-        Ok(self.beacon.latest())
+    /// The next beacon tick, signed, if `now_unix_s` is past the latest
+    /// tick's second; `None` otherwise. Call about once a second and apply
+    /// what it returns.
+    pub fn propose_tick(&self, now_unix_s: u64) -> Option<AdmissionChange> {
+        self.beacon
+            .next(now_unix_s)
+            .map(AdmissionChange::BeaconTick)
     }
 
-    /// The latest tick (there is one from [`Self::open`] on).
+    /// Check `change` against the state and write its rows in `txn` (the
+    /// state machine's transaction); [`Self::absorb`] it once `txn`
+    /// committed, with nothing applied in between. Refused, writing
+    /// nothing, when it no longer fits: a grant past the ledger's bounds,
+    /// a plot past the table's, a tick that does not follow the latest.
+    pub(crate) fn write(
+        &self,
+        txn: &WriteTransaction,
+        change: &AdmissionChange,
+    ) -> Result<AdmissionApplied, StateError> {
+        match change {
+            AdmissionChange::StakeGrant { identity, amount } => {
+                let total = self.ledger.check_grant(identity, *amount)?;
+                txn.open_table(STAKE)?.insert(&identity.0, total)?;
+                Ok(AdmissionApplied::Stake { total })
+            }
+            AdmissionChange::StakeWithdraw { identity, amount } => {
+                let held = self.ledger.get(identity);
+                let left = held.saturating_sub(*amount);
+                if left != held {
+                    let mut table = txn.open_table(STAKE)?;
+                    if left == 0 {
+                        table.remove(&identity.0)?;
+                    } else {
+                        table.insert(&identity.0, left)?;
+                    }
+                }
+                Ok(AdmissionApplied::Stake { total: left })
+            }
+            AdmissionChange::PlotRegister {
+                identity,
+                plot,
+                stake_to,
+            } => {
+                let known = self.plots.get(identity);
+                if known.is_none() && self.plots.len() >= PLOTS_LEN_MAX {
+                    return Err(StateError::PlotsFull { max: PLOTS_LEN_MAX });
+                }
+                let top_up = self.top_up(identity, *stake_to)?;
+                if known == Some(plot) && top_up.is_none() {
+                    return Ok(AdmissionApplied::Unchanged);
+                }
+                txn.open_table(PLOTS)?
+                    .insert(&identity.0, encode_plot(plot).as_slice())?;
+                if let Some((_, total)) = top_up {
+                    txn.open_table(STAKE)?.insert(&identity.0, total)?;
+                }
+                Ok(AdmissionApplied::Changed)
+            }
+            AdmissionChange::BeaconTick(tick) => {
+                let later = self.beacon.latest().is_none_or(|t| tick.unix_s > t.unix_s);
+                if !later || !self.beacon.follows(tick) {
+                    return Err(StateError::TickOutOfOrder { index: tick.index });
+                }
+                txn.open_table(BEACON)?
+                    .insert(BEACON_LATEST, encode_tick(tick).as_slice())?;
+                Ok(AdmissionApplied::Changed)
+            }
+        }
+    }
+
+    /// Take in `change`, which [`Self::write`] wrote (answering `applied`)
+    /// in a transaction that committed.
+    pub(crate) fn absorb(&mut self, change: AdmissionChange, applied: AdmissionApplied) {
+        if applied == AdmissionApplied::Unchanged {
+            return;
+        }
+        match change {
+            AdmissionChange::StakeGrant { identity, amount } => {
+                Arc::make_mut(&mut self.ledger)
+                    .grant(identity, amount)
+                    .expect("a grant the write checked");
+            }
+            AdmissionChange::StakeWithdraw { identity, amount } => {
+                let held = self.ledger.get(&identity);
+                if held.saturating_sub(amount) == held {
+                    // Nothing withdrawn, nothing written.
+                    return;
+                }
+                Arc::make_mut(&mut self.ledger).revoke(&identity, amount);
+            }
+            AdmissionChange::PlotRegister {
+                identity,
+                plot,
+                stake_to,
+            } => {
+                let top_up = self
+                    .top_up(&identity, stake_to)
+                    .expect("a top-up the write checked");
+                Arc::make_mut(&mut self.plots).insert(identity, plot);
+                if let Some((amount, _)) = top_up {
+                    Arc::make_mut(&mut self.ledger)
+                        .grant(identity, amount)
+                        .expect("a top-up the write checked");
+                }
+            }
+            AdmissionChange::BeaconTick(tick) => self.beacon.push(tick),
+        }
+        self.generation += 1;
+    }
+
+    /// The latest tick. There is one once the state machine took the
+    /// state in (it applies a tick first).
     pub fn latest_tick(&self) -> &Tick {
         self.beacon
             .latest()
-            .expect("open makes or resumes a tick before it returns")
+            .expect("the state machine ticks the beacon when it takes the state in")
+    }
+
+    /// Whether the beacon has made a tick.
+    pub fn has_ticked(&self) -> bool {
+        self.beacon.latest().is_some()
     }
 
     /// The raw Ed25519 public key that verifies this node's ticks.
@@ -376,20 +470,6 @@ impl AdmissionState {
             ledger: Arc::clone(&self.ledger),
             plots: Arc::clone(&self.plots),
         }
-    }
-
-    fn write(
-        &self,
-        write: impl FnOnce(&WriteTransaction) -> Result<(), redb::Error>,
-    ) -> Result<(), StateError> {
-        let mut txn = self.db.begin_write()?;
-        txn.set_durability(Durability::Immediate)?;
-        if let Err(e) = write(&txn) {
-            txn.abort()?;
-            return Err(e.into());
-        }
-        txn.commit()?;
-        Ok(())
     }
 }
 
@@ -480,14 +560,11 @@ fn check_config(config: &AdmissionConfig) -> Result<(), StateError> {
     Ok(())
 }
 
-/// Create the tables if missing.
-fn init(db: &Database) -> Result<(), StateError> {
-    let mut txn = db.begin_write()?;
-    txn.set_durability(Durability::Immediate)?;
+/// Create the tables in `txn` if missing.
+pub(crate) fn init_in(txn: &WriteTransaction) -> Result<(), redb::Error> {
     txn.open_table(STAKE)?;
     txn.open_table(PLOTS)?;
     txn.open_table(BEACON)?;
-    txn.commit()?;
     Ok(())
 }
 

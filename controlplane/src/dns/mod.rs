@@ -10,10 +10,10 @@
 //! caller's certificate).
 //!
 //! Data enters as a [`ZoneChange`] planned against the current zone
-//! ([`Zone::plan`]), which checks every bound; it is written either in its
-//! own durable transaction ([`Zone::commit`]) or inside another one (the
-//! CA's issuance or revocation, [`ZoneChange::write`] then
-//! [`Zone::apply`]). Data leaves as an immutable [`ZoneSnapshot`] that the
+//! ([`Zone::plan`]), which checks every bound. The control plane's state
+//! machine (`crate::machine`) applies it, on its own or with the CA's
+//! issuance or revocation that brought it: [`ZoneChange::write`] in the
+//! machine's transaction, then [`Zone::apply`]. Data leaves as an immutable [`ZoneSnapshot`] that the
 //! control-plane thread publishes to the workers whenever
 //! [`Zone::generation`] changed.
 

@@ -18,22 +18,19 @@ use super::name::{NameError, qualify};
 use super::zone::{RecordSet, Tlsa};
 use super::{MAX_NAMES, ZoneError};
 use redb::WriteTransaction;
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::collections::BTreeMap;
 use std::net::Ipv6Addr;
 
-const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("dns_records");
-const META: TableDefinition<&str, u64> = TableDefinition::new("dns_meta");
+pub(crate) const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("dns_records");
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("dns_meta");
 const META_CHANGES: &str = "changes";
 const FORMAT_VERSION: u8 = 1;
 
-/// Create the tables if missing.
-pub(super) fn init(db: &Database) -> Result<(), ZoneError> {
-    let mut txn = db.begin_write()?;
-    txn.set_durability(Durability::Immediate)?;
+/// Create the tables in `txn` if missing.
+pub(crate) fn init_in(txn: &WriteTransaction) -> Result<(), redb::Error> {
     txn.open_table(RECORDS)?;
     txn.open_table(META)?;
-    txn.commit()?;
     Ok(())
 }
 

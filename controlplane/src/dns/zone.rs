@@ -6,10 +6,9 @@ use super::{
     MAX_ADDRESSES_PER_NAME, MAX_NAMES, MAX_PINS_PER_NAME, NameRecords, ZoneConfig, ZoneError,
     ZoneSnapshot, store,
 };
-use redb::{Database, Durability, WriteTransaction};
+use redb::{Database, WriteTransaction};
 use std::collections::BTreeMap;
 use std::net::Ipv6Addr;
-use std::sync::Arc;
 
 /// A TLSA `3 1 1` record of a name: `_PORT._udp.NAME` pins this key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -143,9 +142,10 @@ fn check_address(address: Ipv6Addr) -> Result<(), RecordError> {
 /// One name's new records (`None`: the name is removed).
 type Edit = (String, Option<RecordSet>);
 
-/// A change checked against the zone it was planned on; write it
-/// ([`Self::write`] inside a transaction, or [`Zone::commit`]) and apply
-/// it to that zone once the write is durable ([`Zone::apply`]).
+/// A change checked against the zone it was planned on: the state machine
+/// (`crate::machine`) writes it ([`Self::write`]) in its transaction and
+/// applies it to that zone once the write is durable ([`Zone::apply`]),
+/// if nothing changed the zone in between ([`Zone::follows`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ZoneChange {
     edits: Vec<Edit>,
@@ -167,7 +167,6 @@ impl ZoneChange {
 
 /// The zone: its records in memory, durable in the authority's database.
 pub struct Zone {
-    db: Arc<Database>,
     apex: String,
     /// The server's own name, absolute.
     server_name: String,
@@ -187,10 +186,10 @@ impl std::fmt::Debug for Zone {
 }
 
 impl Zone {
-    /// Check `config`, create the zone's tables in `db` if missing and
-    /// load them. Names stored under another apex (the configuration
+    /// Check `config` and load the zone from `db`, whose tables
+    /// `store::init_in` made. Names stored under another apex (the configuration
     /// changed) stay on disk but are not part of this zone.
-    pub fn open(db: Arc<Database>, config: &ZoneConfig) -> Result<Self, ZoneError> {
+    pub fn open(db: &Database, config: &ZoneConfig) -> Result<Self, ZoneError> {
         let bad = |what: &str, e: String| ZoneError::Config(format!("{what}: {e}"));
         check_apex(&config.apex).map_err(|e| bad("apex", e.to_string()))?;
         check_relative(&config.server_name).map_err(|e| bad("server name", e.to_string()))?;
@@ -204,10 +203,8 @@ impl Zone {
         if config.server_port == 0 {
             return Err(bad("server port", "0 is not a port".into()));
         }
-        store::init(&db)?;
-        let (records, changes) = store::load(&db, &config.apex)?;
+        let (records, changes) = store::load(db, &config.apex)?;
         Ok(Self {
-            db,
             apex: config.apex.clone(),
             server_name,
             records,
@@ -293,17 +290,10 @@ impl Zone {
         }))
     }
 
-    /// Write `change` in its own durable transaction, then apply it.
-    pub fn commit(&mut self, change: ZoneChange) -> Result<(), ZoneError> {
-        let mut txn = self.db.begin_write()?;
-        txn.set_durability(Durability::Immediate)?;
-        if let Err(e) = change.write(&txn) {
-            txn.abort()?;
-            return Err(e.into());
-        }
-        txn.commit()?;
-        self.apply(change);
-        Ok(())
+    /// Whether `change` was planned on the zone as it is now (nothing was
+    /// applied since): only then may it be written and applied.
+    pub fn follows(&self, change: &ZoneChange) -> bool {
+        change.changes == self.changes + 1
     }
 
     /// Apply a change whose write committed. It must be the next change

@@ -26,12 +26,14 @@
 //! Time and keys are inputs: nothing here reads a clock.
 //!
 //! Sharing the database: [`CtLog::open`] makes a file of its own;
-//! [`CtLog::open_shared`] keeps the log's tables in a [`Database`] the
-//! caller also uses for its own tables (the authority keeps its certificate
-//! registry there). [`CtLog::append_batch_with`] lets the caller write its
-//! rows in the append's own transaction, so they commit (or fail) together
-//! with the entries. The log reads and checks only the tables above; other
-//! tables in the file are the caller's.
+//! [`CtLog::load_shared`] keeps the log's tables in a [`Database`] the
+//! caller also uses for its own tables (the authority's store, where the
+//! certificate registry, the zone and the admission state live too). There
+//! the control plane's state machine (`crate::machine`) is the one writer:
+//! it writes an append (`CtLog::write_append`) in the transaction that
+//! carries the rest of the command, so it commits (or fails) with it. The
+//! log reads and checks only the tables above; other tables in the file are
+//! the caller's.
 
 use super::leaf::{LeafError, encode_x509_leaf};
 use super::merkle::{
@@ -45,11 +47,12 @@ use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
-const LEAVES: TableDefinition<u64, &[u8]> = TableDefinition::new("leaves");
-const LEAF_HASHES: TableDefinition<u64, [u8; 32]> = TableDefinition::new("leaf_hashes");
-const INDEX_BY_HASH: TableDefinition<[u8; 32], u64> = TableDefinition::new("index_by_hash");
-const STHS: TableDefinition<u64, &[u8]> = TableDefinition::new("sths");
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+pub(crate) const LEAVES: TableDefinition<u64, &[u8]> = TableDefinition::new("leaves");
+pub(crate) const LEAF_HASHES: TableDefinition<u64, [u8; 32]> = TableDefinition::new("leaf_hashes");
+pub(crate) const INDEX_BY_HASH: TableDefinition<[u8; 32], u64> =
+    TableDefinition::new("index_by_hash");
+pub(crate) const STHS: TableDefinition<u64, &[u8]> = TableDefinition::new("sths");
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 const META_FORMAT: &str = "format";
 const META_ALGORITHM: &str = "algorithm";
@@ -124,6 +127,23 @@ redb_errors_into_storage!(LogError);
 pub struct AppendReceipt {
     pub first_index: u64,
     pub sth: SignedTreeHead,
+}
+
+/// An append checked against the tree, not yet written: see
+/// [`CtLog::prepare_append`].
+pub(crate) struct PreparedAppend {
+    first_index: u64,
+    leaves: Vec<Vec<u8>>,
+    hashes: Vec<Hash>,
+    new_root: Hash,
+    now_ms: u64,
+}
+
+impl PreparedAppend {
+    /// The index the batch's first entry gets.
+    pub(crate) fn first_index(&self) -> u64 {
+        self.first_index
+    }
 }
 
 /// An audit path for one leaf in the tree of `tree_size` leaves.
@@ -248,14 +268,20 @@ impl CtLog {
     /// documentation, or this fails with [`LogError::KeyMismatch`] or
     /// [`LogError::Corrupt`].
     pub fn open(path: &Path, signer: LogSigner) -> Result<Self, LogError> {
-        Self::open_shared(Arc::new(Database::create(path)?), signer)
+        let db = Arc::new(Database::create(path)?);
+        let mut txn = db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        if let Err(e) = Self::init_in(&txn, &signer) {
+            txn.abort()?;
+            return Err(e);
+        }
+        txn.commit()?;
+        Self::load_shared(db, signer)
     }
 
-    /// [`Self::open`] on a database the caller shares: the log's tables are
-    /// created in `db` if missing and checked as in [`Self::open`].
-    pub fn open_shared(db: Arc<Database>, signer: LogSigner) -> Result<Self, LogError> {
-        Self::init_meta(&db, &signer)?;
-
+    /// The log in a database the caller shares, whose tables
+    /// `Self::init_in` made: loaded and checked as in [`Self::open`].
+    pub fn load_shared(db: Arc<Database>, signer: LogSigner) -> Result<Self, LogError> {
         let txn = db.begin_read()?;
         let hashes_table = txn.open_table(LEAF_HASHES)?;
         let mut hashes = Vec::with_capacity(usize::try_from(hashes_table.len()?).unwrap_or(0));
@@ -336,25 +362,9 @@ impl CtLog {
         })
     }
 
-    /// Create every table, record the format and key of a new log, and check
-    /// them for an existing one.
-    fn init_meta(db: &Database, signer: &LogSigner) -> Result<(), LogError> {
-        let mut txn = db.begin_write()?;
-        txn.set_durability(Durability::Immediate)?;
-        let result = Self::init_meta_in(&txn, signer);
-        match result {
-            Ok(()) => {
-                txn.commit()?;
-                Ok(())
-            }
-            Err(e) => {
-                txn.abort()?;
-                Err(e)
-            }
-        }
-    }
-
-    fn init_meta_in(txn: &WriteTransaction, signer: &LogSigner) -> Result<(), LogError> {
+    /// Create every table in `txn`, record the format and key of a new log,
+    /// and check them for an existing one.
+    pub(crate) fn init_in(txn: &WriteTransaction, signer: &LogSigner) -> Result<(), LogError> {
         txn.open_table(LEAVES)?;
         txn.open_table(LEAF_HASHES)?;
         txn.open_table(INDEX_BY_HASH)?;
@@ -401,7 +411,11 @@ impl CtLog {
 
     /// Append `entries` (each a timestamp in ms and a certificate, DER) as
     /// X.509 leaves, sign a tree head of the new size at `now_ms`, and store
-    /// all of it durably in one transaction before returning.
+    /// all of it durably in one transaction before returning: the form for
+    /// a log in a file of its own. In the authority's store the writer is
+    /// the state machine (`crate::machine`), which calls
+    /// `Self::prepare_append`, `Self::write_append` and
+    /// `Self::record_append` around its own transaction.
     ///
     /// Fails, changing nothing, if the batch is empty, an entry cannot be
     /// encoded or is timestamped after `now_ms`, `now_ms` is before the
@@ -412,23 +426,30 @@ impl CtLog {
         entries: &[(u64, Vec<u8>)],
         now_ms: u64,
     ) -> Result<AppendReceipt, LogError> {
-        self.append_batch_with(entries, now_ms, |_, _| Ok::<(), LogError>(()))
+        let prepared = self.prepare_append(entries, now_ms)?;
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        let sth = match self.write_append(&txn, &prepared) {
+            Ok(sth) => sth,
+            Err(e) => {
+                txn.abort()?;
+                return Err(e);
+            }
+        };
+        // Durability::Immediate: the commit is fsynced before this returns.
+        txn.commit()?;
+        Ok(self.record_append(prepared, sth))
     }
 
-    /// [`Self::append_batch`], also running `also` inside the append's write
-    /// transaction, after the entries are written and before the commit, with
-    /// the index of the batch's first entry. What `also` writes to its own
-    /// tables commits together with the entries; if it fails, nothing of the
-    /// batch is written and its error is returned. It must not touch the
-    /// log's tables.
-    pub fn append_batch_with<E: From<LogError>>(
-        &mut self,
+    /// Check `entries` (see [`Self::append_batch`]) and compute the root
+    /// they make, without writing anything.
+    pub(crate) fn prepare_append(
+        &self,
         entries: &[(u64, Vec<u8>)],
         now_ms: u64,
-        also: impl FnOnce(&WriteTransaction, u64) -> Result<(), E>,
-    ) -> Result<AppendReceipt, E> {
+    ) -> Result<PreparedAppend, LogError> {
         if entries.is_empty() {
-            return Err(LogError::EmptyBatch.into());
+            return Err(LogError::EmptyBatch);
         }
         if let Some(latest) = &self.latest
             && now_ms < latest.timestamp_ms
@@ -436,8 +457,7 @@ impl CtLog {
             return Err(LogError::ClockBehind {
                 now_ms,
                 latest_ms: latest.timestamp_ms,
-            }
-            .into());
+            });
         }
         let mut leaves = Vec::with_capacity(entries.len());
         let mut hashes = Vec::with_capacity(entries.len());
@@ -448,19 +468,17 @@ impl CtLog {
                     position,
                     timestamp_ms: *timestamp_ms,
                     now_ms,
-                }
-                .into());
+                });
             }
             let leaf = encode_x509_leaf(*timestamp_ms, cert_der, &[])
                 .map_err(|source| LogError::Entry { position, source })?;
             let hash = leaf_hash(&leaf);
             if let Some(first) = seen.insert(hash, position) {
-                return Err(LogError::DuplicateInBatch { first, position }.into());
+                return Err(LogError::DuplicateInBatch { first, position });
             }
             leaves.push(leaf);
             hashes.push(hash);
         }
-
         let first_index = self.size();
         let new_size = first_index + hashes.len() as u64;
         let new_root = root(
@@ -469,42 +487,37 @@ impl CtLog {
                 pending: &hashes,
             },
             new_size,
-        )
-        .map_err(LogError::from)?;
-
-        let mut txn = self.db.begin_write().map_err(LogError::from)?;
-        txn.set_durability(Durability::Immediate)
-            .map_err(LogError::from)?;
-        let written = self
-            .write_batch(&txn, first_index, &leaves, &hashes, new_root, now_ms)
-            .map_err(E::from)
-            .and_then(|sth| also(&txn, first_index).map(|()| sth));
-        let sth = match written {
-            Ok(sth) => sth,
-            Err(e) => {
-                txn.abort().map_err(LogError::from)?;
-                return Err(e);
-            }
-        };
-        // Durability::Immediate: the commit is fsynced before this returns.
-        txn.commit().map_err(LogError::from)?;
-
-        for hash in hashes {
-            self.tree.push(hash);
-        }
-        self.latest = Some(sth.clone());
-        Ok(AppendReceipt { first_index, sth })
+        )?;
+        Ok(PreparedAppend {
+            first_index,
+            leaves,
+            hashes,
+            new_root,
+            now_ms,
+        })
     }
 
-    fn write_batch(
+    /// Write a prepared append and its signed tree head in `txn`, which
+    /// the caller commits durably and then hands to
+    /// `Self::record_append`. Nothing may append between the prepare and
+    /// the record.
+    pub(crate) fn write_append(
         &self,
         txn: &WriteTransaction,
-        first_index: u64,
-        leaves: &[Vec<u8>],
-        hashes: &[Hash],
-        new_root: Hash,
-        now_ms: u64,
+        prepared: &PreparedAppend,
     ) -> Result<SignedTreeHead, LogError> {
+        let PreparedAppend {
+            first_index,
+            leaves,
+            hashes,
+            new_root,
+            now_ms,
+        } = prepared;
+        assert_eq!(
+            *first_index,
+            self.size(),
+            "an append prepared on another tree"
+        );
         let mut index = txn.open_table(INDEX_BY_HASH)?;
         for hash in hashes {
             if let Some(existing) = index.get(hash)? {
@@ -522,10 +535,26 @@ impl CtLog {
             index.insert(hash, n)?;
         }
         let new_size = first_index + hashes.len() as u64;
-        let sth = self.signer.sign_tree_head(new_size, now_ms, new_root)?;
+        let sth = self.signer.sign_tree_head(new_size, *now_ms, *new_root)?;
         txn.open_table(STHS)?
             .insert(new_size, encode_sth(&sth).as_slice())?;
         Ok(sth)
+    }
+
+    /// Take in an append whose transaction committed.
+    pub(crate) fn record_append(
+        &mut self,
+        prepared: PreparedAppend,
+        sth: SignedTreeHead,
+    ) -> AppendReceipt {
+        for hash in prepared.hashes {
+            self.tree.push(hash);
+        }
+        self.latest = Some(sth.clone());
+        AppendReceipt {
+            first_index: prepared.first_index,
+            sth,
+        }
     }
 
     /// The Merkle leaf hash of entry `index`, from memory; `None` past the end.

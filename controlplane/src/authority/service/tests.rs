@@ -1084,7 +1084,10 @@ fn the_operator_identity_is_kept_until_half_its_lifetime() {
         .expect("the operator rotates");
     // A revoked identity is replaced at once.
     let serial = ca::serial_of(&first_cert(&second)).unwrap();
-    service.authority.revoke(&serial, later).unwrap();
+    service
+        .machine_mut()
+        .revoke(serial, None, later, None)
+        .unwrap();
     service.ensure_operator_identity(&path, later).unwrap();
     assert_ne!(std::fs::read_to_string(&path).unwrap(), second);
 }
@@ -1129,4 +1132,5 @@ fn a_spent_token_stays_spent_after_a_restart() {
 }
 
 mod name_ownership;
+mod replay;
 mod zone_kinds;

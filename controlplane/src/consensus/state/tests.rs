@@ -2,13 +2,18 @@
 //! or refused through a snapshot.
 
 use super::*;
+use crate::authority::ca::KeyAlgorithm;
+use crate::authority::ct::LogKeyAlgorithm;
+use crate::authority::logged::AuthorityError;
 use crate::consensus::beacon::{verify_chain, verify_tick};
 use crate::consensus::space::{Plot, SpaceFailure};
 use crate::consensus::stake::StakeFailure;
 use crate::consensus::stake::test_client::TestClient;
 use crate::consensus::{CLOSE_ADMISSION_SPACE, CLOSE_ADMISSION_STAKE, prove_bundle};
+use crate::machine::Machine;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
+use std::time::SystemTime;
 
 const NOW: u64 = 1_700_000_000;
 const B: Binding = Binding::from_exporter([0x42; 32]);
@@ -33,19 +38,78 @@ impl TempDir {
         self.0.join("beacon.key")
     }
 
-    /// A fresh handle on the database file, as after a restart.
-    fn db(&self) -> Arc<Database> {
-        Arc::new(Database::create(self.0.join("authority.redb")).unwrap())
-    }
-
-    fn open(&self, config: AdmissionConfig, now: u64) -> Result<AdmissionState, StateError> {
-        AdmissionState::open(self.db(), config, &self.key(), now)
+    /// The state in a state machine opened on the directory (as after a
+    /// restart), ticked at `now`.
+    fn open(&self, config: AdmissionConfig, now: u64) -> Result<Held, StateError> {
+        let mut machine = Machine::open(
+            &self.0,
+            KeyAlgorithm::EcdsaP256,
+            LogKeyAlgorithm::Ed25519,
+            None,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(now),
+        )
+        .map_err(admission_error)?;
+        let state = AdmissionState::open(&machine.authority().database(), config, &self.key())?;
+        machine
+            .attach_admission(state, now)
+            .map_err(admission_error)?;
+        Ok(Held(machine))
     }
 }
 
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn admission_error(e: AuthorityError) -> StateError {
+    match e {
+        AuthorityError::Admission(e) => e,
+        other => panic!("not an admission error: {other}"),
+    }
+}
+
+/// The admission state as a single node holds it: in the state machine,
+/// each change applied as it is proposed.
+struct Held(Machine);
+
+impl std::ops::Deref for Held {
+    type Target = AdmissionState;
+
+    fn deref(&self) -> &AdmissionState {
+        self.0.admission().unwrap()
+    }
+}
+
+impl std::ops::DerefMut for Held {
+    fn deref_mut(&mut self) -> &mut AdmissionState {
+        self.0.admission_mut().unwrap()
+    }
+}
+
+impl Held {
+    fn grant(&mut self, identity: Identity, amount: u64) -> Result<u64, StateError> {
+        self.0.grant(identity, amount).map_err(admission_error)
+    }
+
+    fn revoke(&mut self, identity: &Identity, amount: u64) -> Result<u64, StateError> {
+        self.0.withdraw(*identity, amount).map_err(admission_error)
+    }
+
+    fn register_plot(
+        &mut self,
+        identity: Identity,
+        commitment: Hash,
+        k: u8,
+    ) -> Result<(), StateError> {
+        self.0
+            .register_plot(identity, commitment, k)
+            .map_err(admission_error)
+    }
+
+    fn tick(&mut self, now_unix_s: u64) -> Result<Option<Tick>, StateError> {
+        self.0.tick(now_unix_s).map_err(admission_error)
     }
 }
 
@@ -81,7 +145,7 @@ impl Client {
         self.key.identity()
     }
 
-    fn register(&self, state: &mut AdmissionState) {
+    fn register(&self, state: &mut Held) {
         let p = &self.plot;
         state
             .register_plot(self.identity(), p.commitment(), p.params().k())

@@ -15,7 +15,7 @@ fn zone_config() -> ZoneConfig {
     }
 }
 
-fn zone_service_config() -> ServiceConfig {
+pub(super) fn zone_service_config() -> ServiceConfig {
     ServiceConfig {
         zone: Some(zone_config()),
         ..fast_config()
@@ -45,7 +45,7 @@ fn set_payload(name: &str, addresses: &[&str], tlsa: &[(u16, [u8; 32])]) -> Vec<
 }
 
 /// `caller` sets `name`'s addresses and pins; the answer.
-fn dns_set(
+pub(super) fn dns_set(
     f: &mut Fixture,
     caller: &Caller,
     name: &str,

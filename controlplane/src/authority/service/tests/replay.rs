@@ -1,0 +1,147 @@
+//! The state machine's promise: the commands a node applied, applied in
+//! order to a fresh store that holds the same keys, give the same store,
+//! table by table and row by row (what every replica of a cluster holds).
+
+use super::zone_kinds::{dns_set, zone_service_config};
+use super::*;
+use crate::consensus::stake::Identity as StakeIdentity;
+use crate::consensus::state::{AdmissionConfig, AdmissionState};
+use crate::machine::{Command, Machine};
+
+const BEACON_KEY: &str = "beacon-node.key";
+
+/// The keys a cluster's members share, copied from `from` to `to`: the CA,
+/// the log key and the beacon key.
+fn copy_keys(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to.join("ca")).unwrap();
+    for entry in std::fs::read_dir(from.join("ca")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join("ca").join(entry.file_name())).unwrap();
+    }
+    for file in [crate::authority::logged::LOG_KEY_FILE, BEACON_KEY] {
+        std::fs::copy(from.join(file), to.join(file)).unwrap();
+    }
+}
+
+fn replica(dir: &Path, config: &ServiceConfig, now: SystemTime) -> Machine {
+    let mut machine = Machine::open(
+        dir,
+        config.ca_algorithm,
+        config.log_algorithm,
+        config.zone.as_ref(),
+        now,
+    )
+    .unwrap();
+    let state = AdmissionState::open(
+        &machine.authority().database(),
+        AdmissionConfig::default(),
+        &dir.join(BEACON_KEY),
+    )
+    .unwrap();
+    machine.adopt_admission(state);
+    machine
+}
+
+#[test]
+fn commands_replayed_on_a_fresh_store_give_the_same_store() {
+    let config = zone_service_config();
+    let dir = TempDir::new("replay-origin");
+    let now = SystemTime::now();
+    let mut service = AuthorityService::open(&dir.0, config.clone(), now).unwrap();
+    service.machine_mut().record_commands();
+    let path = dir.0.join("operator.pem");
+    service.ensure_operator_identity(&path, now).unwrap();
+    let operator = Caller {
+        cert_der: Some(first_cert(&std::fs::read_to_string(&path).unwrap())),
+    };
+    let mut f = Fixture {
+        dir,
+        service,
+        operator: operator.clone(),
+        now,
+    };
+
+    // The zone: the server's own records.
+    let pin = f.service.server_spki_sha256().unwrap();
+    f.service
+        .register_server(config.zone.as_ref().unwrap(), pin, now)
+        .unwrap();
+    // Admission: the tick at start, stake, a plot, a withdrawal, a tick.
+    let state = AdmissionState::open(
+        &f.service.authority().database(),
+        AdmissionConfig::default(),
+        &f.dir.0.join(BEACON_KEY),
+    )
+    .unwrap();
+    let now_s = unix_s(now);
+    let machine = f.service.machine_mut();
+    machine.attach_admission(state, now_s).unwrap();
+    let staker = StakeIdentity([5; 32]);
+    machine.grant(staker, 40).unwrap();
+    let k = AdmissionConfig::default().space.k();
+    machine.register_plot(staker, [6; 32], k).unwrap();
+    assert_eq!(machine.withdraw(staker, 15).unwrap(), 25);
+    machine.tick(now_s + 1).unwrap().unwrap();
+    // The CA: an enrolled client; a server certificate it has issued on
+    // its authority for its name (pinned in the zone); its records; a
+    // renewal; the operator revoking the client, which takes what was
+    // issued on its authority along and unpins it.
+    let (_, client, key) = f.enroll(&["app.internet2.test"]);
+    let server_csr = csr_with(&key, &["app.internet2.test"]);
+    let server = f.issue(&client, &server_csr, CertUsage::Server);
+    dns_set(&mut f, &client, "app", &["2001:db8::a"], &[]);
+    let renewed: Issued = f
+        .call(
+            &client,
+            CERT_RENEW,
+            json!({ "certificate_pem": server.certificate_pem }),
+        )
+        .unwrap();
+    let client_serial = ca::serial_of(client.cert_der.as_ref().unwrap()).unwrap();
+    f.call::<Revoked>(
+        &operator,
+        CERT_REVOKE,
+        json!({ "serial": client_serial.to_string() }),
+    )
+    .unwrap();
+    let revoked = f.service.authority().revocations();
+    let renewed_serial = parse_serial("serial", &renewed.serial).unwrap();
+    assert!(revoked.is_revoked(renewed_serial.as_bytes()));
+
+    let commands = f.service.machine_mut().take_commands();
+    let count = |kind: fn(&Command) -> bool| commands.iter().filter(|c| kind(c)).count();
+    assert_eq!(count(|c| matches!(c, Command::Certify(_))), 4);
+    assert_eq!(count(|c| matches!(c, Command::Revoke(_))), 1);
+    assert_eq!(count(|c| matches!(c, Command::Zone(_))), 2);
+    assert_eq!(count(|c| matches!(c, Command::Admission(_))), 5);
+
+    let replica_dir = TempDir::new("replay-replica");
+    copy_keys(&f.dir.0, &replica_dir.0);
+    let mut replica = replica(&replica_dir.0, &config, now);
+    for command in commands {
+        replica.apply(command).unwrap();
+    }
+
+    let expected = crate::machine::tests::rows(&f.service.authority().database());
+    let replayed = crate::machine::tests::rows(&replica.authority().database());
+    assert_eq!(
+        expected.keys().collect::<Vec<_>>(),
+        replayed.keys().collect::<Vec<_>>()
+    );
+    for (table, rows) in &expected {
+        assert!(!rows.is_empty(), "the scenario leaves {table} empty");
+        assert_eq!(rows, &replayed[table], "table {table} differs");
+    }
+    // And what the replica holds in memory.
+    assert_eq!(replica.authority().revocations(), revoked);
+    assert_eq!(replica.zone().unwrap().snapshot(), f.service.zone());
+    let origin = f.service.machine_mut();
+    let (ours, theirs) = (origin.admission().unwrap(), replica.admission().unwrap());
+    assert_eq!(ours.list(), theirs.list());
+    assert_eq!(ours.plot(&staker), theirs.plot(&staker));
+    assert_eq!(ours.latest_tick(), theirs.latest_tick());
+    assert_eq!(
+        origin.authority().log().latest_sth(),
+        replica.authority().log().latest_sth()
+    );
+}

@@ -1,0 +1,473 @@
+//! The control plane's state as one deterministic state machine.
+//!
+//! Every change to the durable state is a [`Command`]: log a certificate
+//! (with the enrollment token it spends and the zone pins it brings),
+//! revoke one (with what it brings along), change the zone, grant or
+//! withdraw stake, register a plot, tick the beacon. A proposer decides
+//! everything a command needs that is not a function of the state (keys,
+//! signatures, serials, randomness, time) before it is a command; then
+//! [`Machine::apply`] is the one code path that writes: it opens the one
+//! write transaction of the store (`authority.redb`), checks the command
+//! against the state, writes it, commits durably, and only then takes it
+//! into memory (the log's tree, the CA's issued and revoked serials, the
+//! zone, the ledger, plots and beacon). A command that no longer fits the
+//! state (a spent token, a serial revoked meanwhile, a zone change planned
+//! on an older zone) is refused by every replica alike and changes
+//! nothing.
+//!
+//! A single node proposes and applies at once (the `issue`, `revoke`, …
+//! methods below). Applying the same commands in the same order to a
+//! fresh store gives the same tables, row for row: the log's tree heads
+//! are signed in the apply, with the command's time, so they are equal
+//! byte for byte under an Ed25519 log key, and equal but for the
+//! signature's randomness under ECDSA.
+//!
+//! The store's tables are made in one transaction when it opens
+//! (`init_store`); nothing else in the crate opens a write transaction on
+//! it.
+
+#[cfg(test)]
+pub(crate) mod tests;
+
+use crate::authority::ca::{IssueRequest, KeyAlgorithm, Serial};
+use crate::authority::ct::{AppendReceipt, CtLog, LogKeyAlgorithm, LogSigner};
+use crate::authority::enrollment::VerifiedToken;
+use crate::authority::logged::{
+    Authority, AuthorityError, Certify, CertifyWritten, LoggedCertificate, Revoke, SpentToken,
+};
+use crate::authority::registry::{self, RevocationReason};
+use crate::consensus::beacon::Tick;
+use crate::consensus::state::{self, AdmissionApplied, AdmissionChange, AdmissionState};
+use crate::dns::{Zone, ZoneChange, ZoneConfig};
+use redb::{Database, Durability, WriteTransaction};
+use std::path::Path;
+use std::time::SystemTime;
+
+/// One change to the control plane's state, as its proposer decided it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Log and register a certificate the CA signed.
+    Certify(Certify),
+    /// Revoke a certificate and what was issued on its authority.
+    Revoke(Revoke),
+    /// Set or remove names of the zone.
+    Zone(ZoneChange),
+    /// Stake, plots and the beacon.
+    Admission(AdmissionChange),
+}
+
+/// What an applied [`Command`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// The certificate's log entry and the tree head that covers it.
+    Certified(AppendReceipt),
+    /// Every serial revoked, the command's first.
+    Revoked(Vec<Serial>),
+    Zone,
+    Admission(AdmissionApplied),
+}
+
+/// A command written, not yet committed.
+enum Written {
+    Certified(CertifyWritten),
+    Revoked(Vec<Serial>),
+    Zone,
+    Admission(AdmissionApplied),
+}
+
+/// The control plane's replicated state. See the module documentation.
+pub struct Machine {
+    authority: Authority,
+    zone: Option<Zone>,
+    admission: Option<AdmissionState>,
+    /// The commands applied since [`Self::record_commands`], in order.
+    journal: Option<Vec<Command>>,
+}
+
+impl Machine {
+    /// Open or create the store under `dir` (see
+    /// `crate::authority::logged`): the CA, the log, the registry and, with
+    /// `zone`, the DNS zone. The admission state joins later
+    /// ([`Self::attach_admission`]).
+    pub fn open(
+        dir: &Path,
+        ca_algorithm: KeyAlgorithm,
+        log_algorithm: LogKeyAlgorithm,
+        zone: Option<&ZoneConfig>,
+        now: SystemTime,
+    ) -> Result<Self, AuthorityError> {
+        let authority = Authority::open(dir, ca_algorithm, log_algorithm, now)?;
+        let zone = match zone {
+            Some(config) => Some(Zone::open(&authority.database(), config).map_err(|source| {
+                AuthorityError::Zone {
+                    path: authority.store_path().to_owned(),
+                    source,
+                }
+            })?),
+            None => None,
+        };
+        Ok(Self {
+            authority,
+            zone,
+            admission: None,
+            journal: None,
+        })
+    }
+
+    /// Take in the admission state (opened on [`Authority::database`]) and
+    /// tick its beacon at `now_unix_s`, unless the stored latest tick is
+    /// from that second or later.
+    pub fn attach_admission(
+        &mut self,
+        state: AdmissionState,
+        now_unix_s: u64,
+    ) -> Result<(), AuthorityError> {
+        self.adopt_admission(state);
+        self.tick(now_unix_s)?;
+        if !self.admission().is_some_and(AdmissionState::has_ticked) {
+            self.admission = None;
+            return Err(AuthorityError::Admission(state::StateError::Config(
+                "the beacon made no tick at start-up; is the clock at 0?".into(),
+            )));
+        }
+        Ok(())
+    }
+
+    /// Take in the admission state without ticking: a replica (or a
+    /// replay) applies the ticks its log holds.
+    pub fn adopt_admission(&mut self, state: AdmissionState) {
+        self.admission = Some(state);
+    }
+
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
+    pub fn zone(&self) -> Option<&Zone> {
+        self.zone.as_ref()
+    }
+
+    pub fn admission(&self) -> Option<&AdmissionState> {
+        self.admission.as_ref()
+    }
+
+    /// For what is the node's own, not replicated state (the difficulty
+    /// controller).
+    pub fn admission_mut(&mut self) -> Option<&mut AdmissionState> {
+        self.admission.as_mut()
+    }
+
+    /// Keep every command applied from now on, for [`Self::take_commands`]:
+    /// what a replay (or a replica) applies.
+    pub fn record_commands(&mut self) {
+        self.journal.get_or_insert_with(Vec::new);
+    }
+
+    /// The commands recorded since [`Self::record_commands`] or the last
+    /// call.
+    pub fn take_commands(&mut self) -> Vec<Command> {
+        self.journal
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Apply `command`: check it against the state, write it in one
+    /// durable transaction, then take it into memory. A command refused or
+    /// a write that fails changes nothing.
+    pub fn apply(&mut self, command: Command) -> Result<Applied, AuthorityError> {
+        let db = self.authority.database();
+        let written = transact(&db, self.authority.store_path(), |txn| {
+            self.write(txn, &command)
+        })?;
+        if let Some(journal) = &mut self.journal {
+            journal.push(command.clone());
+        }
+        Ok(self.absorb(command, written))
+    }
+
+    fn write(&self, txn: &WriteTransaction, command: &Command) -> Result<Written, AuthorityError> {
+        Ok(match command {
+            Command::Certify(certify) => {
+                self.write_zone(txn, certify.zone.as_ref())?;
+                Written::Certified(self.authority.write_certify(txn, certify)?)
+            }
+            Command::Revoke(revoke) => {
+                self.write_zone(txn, revoke.zone.as_ref())?;
+                Written::Revoked(self.authority.write_revocation(txn, revoke)?)
+            }
+            Command::Zone(change) => {
+                self.write_zone(txn, Some(change))?;
+                Written::Zone
+            }
+            Command::Admission(change) => {
+                let state = self.admission.as_ref().ok_or_else(|| {
+                    AuthorityError::Admission(state::StateError::Config(
+                        "admission is not running on this node".into(),
+                    ))
+                })?;
+                Written::Admission(state.write(txn, change)?)
+            }
+        })
+    }
+
+    fn write_zone(
+        &self,
+        txn: &WriteTransaction,
+        change: Option<&ZoneChange>,
+    ) -> Result<(), AuthorityError> {
+        let Some(change) = change else {
+            return Ok(());
+        };
+        let zone = self.zone.as_ref().ok_or_else(|| {
+            AuthorityError::Stale("a zone change for a node without a zone".into())
+        })?;
+        if !zone.follows(change) {
+            return Err(AuthorityError::Stale(
+                "the zone changed since this change was planned".into(),
+            ));
+        }
+        change.write(txn).map_err(|source| AuthorityError::Store {
+            path: self.authority.store_path().to_owned(),
+            source,
+        })
+    }
+
+    fn absorb(&mut self, command: Command, written: Written) -> Applied {
+        match (command, written) {
+            (Command::Certify(certify), Written::Certified(written)) => {
+                self.absorb_zone(certify.zone);
+                Applied::Certified(self.authority.absorb_certify(written))
+            }
+            (Command::Revoke(revoke), Written::Revoked(serials)) => {
+                self.authority
+                    .absorb_revocations(&serials, &revoke.revocation);
+                self.absorb_zone(revoke.zone);
+                Applied::Revoked(serials)
+            }
+            (Command::Zone(change), Written::Zone) => {
+                self.absorb_zone(Some(change));
+                Applied::Zone
+            }
+            (Command::Admission(change), Written::Admission(applied)) => {
+                if let Some(state) = &mut self.admission {
+                    state.absorb(change, applied);
+                }
+                Applied::Admission(applied)
+            }
+            _ => unreachable!("each command is written as its own kind"),
+        }
+    }
+
+    fn absorb_zone(&mut self, change: Option<ZoneChange>) {
+        if let (Some(zone), Some(change)) = (&mut self.zone, change) {
+            zone.apply(change);
+        }
+    }
+
+    // ---------------------------------------- a single node: propose, apply
+
+    /// Sign a certificate for `request`, log it, register it and apply
+    /// `zone` with it; returns once all of it is durable.
+    pub fn issue(
+        &mut self,
+        request: IssueRequest,
+        now: SystemTime,
+        zone: Option<ZoneChange>,
+    ) -> Result<LoggedCertificate, AuthorityError> {
+        let (certificate, mut certify) = self.authority.propose_issue(request, now)?;
+        certify.zone = zone;
+        let receipt = self.certify(certify)?;
+        Ok(LoggedCertificate::logged(certificate, receipt))
+    }
+
+    /// [`Self::issue`], paid for with a one-time enrollment token, spent in
+    /// the same transaction: either the certificate exists and the token is
+    /// spent, or neither. A token spent before is
+    /// [`AuthorityError::TokenUsed`], and nothing is written.
+    pub fn issue_enrolled(
+        &mut self,
+        request: IssueRequest,
+        token: &VerifiedToken,
+        now: SystemTime,
+    ) -> Result<LoggedCertificate, AuthorityError> {
+        if self.authority.token_spent(token.id())? {
+            return Err(AuthorityError::TokenUsed);
+        }
+        let (certificate, mut certify) = self.authority.propose_issue(request, now)?;
+        certify.token = Some(SpentToken {
+            id: token.id().0,
+            expires_at_s: token.expires_at_s(),
+        });
+        let receipt = self.certify(certify)?;
+        Ok(LoggedCertificate::logged(certificate, receipt))
+    }
+
+    /// Renew a certificate of this CA and log the successor, with `zone`.
+    pub fn renew(
+        &mut self,
+        current_cert_der: &[u8],
+        now: SystemTime,
+        zone: Option<ZoneChange>,
+    ) -> Result<LoggedCertificate, AuthorityError> {
+        let (certificate, mut certify) = self.authority.propose_renewal(current_cert_der, now)?;
+        certify.zone = zone;
+        let receipt = self.certify(certify)?;
+        Ok(LoggedCertificate::logged(certificate, receipt))
+    }
+
+    fn certify(&mut self, certify: Certify) -> Result<AppendReceipt, AuthorityError> {
+        match self.apply(Command::Certify(certify))? {
+            Applied::Certified(receipt) => Ok(receipt),
+            other => unreachable!("a certificate applied as {other:?}"),
+        }
+    }
+
+    /// Revoke a certificate this authority issued, with `zone`; returns
+    /// once the revocation is durable, with the serials revoked along
+    /// (what renewed it or was issued on its authority). An unknown serial
+    /// is `CaError::UnknownSerial`, a second revocation
+    /// `CaError::AlreadyRevoked`.
+    pub fn revoke(
+        &mut self,
+        serial: Serial,
+        reason: Option<RevocationReason>,
+        now: SystemTime,
+        zone: Option<ZoneChange>,
+    ) -> Result<Vec<Serial>, AuthorityError> {
+        let mut revoke = self.authority.propose_revocation(serial, reason, now)?;
+        revoke.zone = zone;
+        match self.apply(Command::Revoke(revoke))? {
+            Applied::Revoked(mut serials) => {
+                serials.remove(0);
+                Ok(serials)
+            }
+            other => unreachable!("a revocation applied as {other:?}"),
+        }
+    }
+
+    /// Apply a change planned on the zone.
+    pub fn change_zone(&mut self, change: ZoneChange) -> Result<(), AuthorityError> {
+        self.apply(Command::Zone(change)).map(drop)
+    }
+
+    fn state(&self) -> Result<&AdmissionState, AuthorityError> {
+        self.admission.as_ref().ok_or_else(|| {
+            AuthorityError::Admission(state::StateError::Config(
+                "admission is not running on this node".into(),
+            ))
+        })
+    }
+
+    fn admission_change(&mut self, change: AdmissionChange) -> Result<u64, AuthorityError> {
+        match self.apply(Command::Admission(change))? {
+            Applied::Admission(AdmissionApplied::Stake { total }) => Ok(total),
+            Applied::Admission(_) => Ok(0),
+            other => unreachable!("an admission change applied as {other:?}"),
+        }
+    }
+
+    /// Add `amount` to `identity`'s stake, durably; returns the new total.
+    /// Refused (nothing changes) for 0, an overflow or a full ledger.
+    pub fn grant(
+        &mut self,
+        identity: crate::consensus::stake::Identity,
+        amount: u64,
+    ) -> Result<u64, AuthorityError> {
+        let change = self.state()?.propose_grant(identity, amount)?;
+        self.admission_change(change)
+    }
+
+    /// Withdraw up to `amount` from `identity`, durably; returns what is
+    /// left. An identity left with nothing leaves the ledger.
+    pub fn withdraw(
+        &mut self,
+        identity: crate::consensus::stake::Identity,
+        amount: u64,
+    ) -> Result<u64, AuthorityError> {
+        self.state()?;
+        self.admission_change(AdmissionChange::StakeWithdraw { identity, amount })
+    }
+
+    /// Register `identity`'s plot (see `AdmissionState::propose_plot`).
+    pub fn register_plot(
+        &mut self,
+        identity: crate::consensus::stake::Identity,
+        commitment: crate::authority::ct::Hash,
+        k: u8,
+    ) -> Result<(), AuthorityError> {
+        if let Some(change) = self.state()?.propose_plot(identity, commitment, k)? {
+            self.admission_change(change)?;
+        }
+        Ok(())
+    }
+
+    /// Make, persist and return the beacon's next tick if `now_unix_s` is
+    /// past the latest tick's second; `None` otherwise. Call about once a
+    /// second.
+    pub fn tick(&mut self, now_unix_s: u64) -> Result<Option<Tick>, AuthorityError> {
+        let Some(change) = self.state()?.propose_tick(now_unix_s) else {
+            return Ok(None);
+        };
+        let AdmissionChange::BeaconTick(tick) = &change else {
+            unreachable!("a tick proposal is a tick");
+        };
+        let tick = tick.clone();
+        self.admission_change(change)?;
+        Ok(Some(tick))
+    }
+}
+
+/// Run `write` in one write transaction of `db` (the store at `path`) and
+/// commit it durably (fsynced before this returns); abort it, writing
+/// nothing, when `write` fails.
+fn transact<T>(
+    db: &Database,
+    path: &Path,
+    write: impl FnOnce(&WriteTransaction) -> Result<T, AuthorityError>,
+) -> Result<T, AuthorityError> {
+    let store = |source: redb::Error| AuthorityError::Store {
+        path: path.to_owned(),
+        source,
+    };
+    let mut txn = db.begin_write().map_err(|e| store(e.into()))?;
+    txn.set_durability(Durability::Immediate)
+        .map_err(|e| store(e.into()))?;
+    match write(&txn) {
+        Ok(value) => {
+            txn.commit().map_err(|e| store(e.into()))?;
+            Ok(value)
+        }
+        Err(e) => {
+            txn.abort().map_err(|e| store(e.into()))?;
+            Err(e)
+        }
+    }
+}
+
+/// Make every table of the store at `path` that is missing, in one
+/// transaction: the log's (recording `signer`'s key in a new log, checking
+/// it in an existing one), the registry's, the zone's and the admission
+/// state's.
+pub(crate) fn init_store(
+    db: &Database,
+    signer: &LogSigner,
+    path: &Path,
+) -> Result<(), AuthorityError> {
+    transact(db, path, |txn| {
+        CtLog::init_in(txn, signer).map_err(|source| AuthorityError::Log {
+            path: path.to_owned(),
+            source,
+        })?;
+        registry::init_in(txn).map_err(|source| AuthorityError::Registry {
+            path: path.to_owned(),
+            source,
+        })?;
+        crate::dns::store::init_in(txn)
+            .and_then(|()| state::init_in(txn))
+            .map_err(|source| AuthorityError::Store {
+                path: path.to_owned(),
+                source,
+            })
+    })
+}
