@@ -28,6 +28,14 @@ const REQUESTS_PER_POLL: usize = 256;
 /// the authority.
 const REPLY_RETRY: Duration = Duration::from_millis(50);
 
+/// Requests in one group commit (one fsync): bounds how long the first of
+/// them waits for its answer.
+const GROUP_MAX: usize = 64;
+
+/// The exit status when the store fails to make applied changes durable
+/// (EX_IOERR).
+const EXIT_STORE_FAILED: i32 = 74;
+
 /// How often the control plane looks at queued admission outcomes.
 const ADMISSION_POLL: Duration = Duration::from_millis(50);
 
@@ -188,21 +196,16 @@ impl AuthorityRuntime {
     }
 
     /// Serve what is queued (fairly: one request per caller in turn, see
-    /// [`crate::fair_queue`]), rotate when due; returns how long to sleep.
+    /// [`crate::fair_queue`]) in groups that share one fsync, rotate when
+    /// due; returns how long to sleep.
     pub fn poll(&mut self, now: Instant) -> Duration {
         let mut served = 0;
         while served < REQUESTS_PER_POLL {
-            self.take_forwarded();
-            let Some(request) = self.fair.pop() else {
+            let group = self.serve_group(REQUESTS_PER_POLL - served);
+            if group == 0 {
                 break;
-            };
-            served += 1;
-            self.serve(request);
-            // The beacon ticks every second whatever the queue holds.
-            let at = Instant::now();
-            if self.admission.tick_due(at) {
-                self.admission.poll(self.service.machine_mut(), at);
             }
+            served += group;
         }
         if now >= self.next_rotation {
             self.rotate();
@@ -254,7 +257,51 @@ impl AuthorityRuntime {
         }
     }
 
-    fn serve(&mut self, request: dataplane::control::Forwarded) {
+    /// Serve up to `max` (at most [`GROUP_MAX`]) queued requests as one
+    /// group commit: every change they make is committed as it is made
+    /// (later requests see it) and made durable by one fsync at the end;
+    /// only then is anything published or answered, so no client holds an
+    /// answer that a crash could take back. Returns how many were served.
+    fn serve_group(&mut self, max: usize) -> usize {
+        self.service.machine_mut().defer_durability();
+        let mut answers = Vec::new();
+        while answers.len() < max.min(GROUP_MAX) {
+            self.take_forwarded();
+            let Some(request) = self.fair.pop() else {
+                break;
+            };
+            answers.push(self.serve(request));
+            // The beacon ticks every second whatever the queue holds.
+            let at = Instant::now();
+            if self.admission.tick_due(at) {
+                self.admission.poll(self.service.machine_mut(), at);
+            }
+        }
+        if let Err(e) = self.service.machine_mut().make_durable() {
+            // What was applied in memory is not on disk: only a restart,
+            // which reloads the store, makes them agree again. No answer of
+            // the group was sent.
+            tracing::error!(error = %e, "the authority's store could not be made durable; stopping");
+            std::process::exit(EXIT_STORE_FAILED);
+        }
+        if let Some(rotated) = self.service.take_rotated() {
+            self.publish_certificate(&rotated, "operator request");
+            self.next_rotation = Instant::now() + self.rotation;
+        }
+        // Publish before answering: once a client holds the answer, a
+        // revocation applies to the next handshake and an update is in the
+        // next DNS answer.
+        self.publish_trust();
+        self.publish_zone();
+        let served = answers.len();
+        for (worker, reply) in answers {
+            self.send_reply(worker, reply);
+        }
+        served
+    }
+
+    /// Answer one request (the answer waits for the group's fsync).
+    fn serve(&mut self, request: dataplane::control::Forwarded) -> (usize, Reply) {
         let caller = Caller {
             cert_der: request.peer.map(|c| c.as_ref().to_vec()),
         };
@@ -282,23 +329,12 @@ impl AuthorityRuntime {
                 .handle(&caller, request.kind, &request.payload, SystemTime::now())
                 .map_err(|e| (e.code, e.message)),
         };
-        // Publish before answering: once a client holds the answer, a
-        // revocation applies to the next handshake and an update is in the
-        // next DNS answer.
-        if let Some(rotated) = self.service.take_rotated() {
-            self.publish_certificate(&rotated, "operator request");
-            self.next_rotation = Instant::now() + self.rotation;
-        }
-        self.publish_trust();
-        self.publish_zone();
-        self.send_reply(
-            request.worker,
-            Reply {
-                ticket: request.ticket,
-                kind: request.kind,
-                result,
-            },
-        );
+        let reply = Reply {
+            ticket: request.ticket,
+            kind: request.kind,
+            result,
+        };
+        (request.worker, reply)
     }
 
     /// Issue a new server certificate (overlapping the current one, which

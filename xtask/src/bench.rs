@@ -1221,69 +1221,105 @@ fn strip_ansi(text: &str) -> String {
 
 /// `cargo xtask bench-authority`: our server on [::1] in a scratch data
 /// directory, `internet2 authority-bench` against it `runs` times (a fresh
-/// server each run), per-metric medians printed and written as JSON.
+/// server each run), per-metric medians printed and written as JSON. With
+/// `--baseline-server`, that binary (an older build) is measured the same
+/// way, alternating with ours run by run, and both medians are reported.
 pub fn bench_authority(args: &crate::AuthorityBenchArgs) -> Result<()> {
     if args.runs == 0 || args.requests == 0 {
         bail!("--runs and --requests must be at least 1");
     }
     install_signal_handlers()?;
     let bins = build()?;
+    if let Some(path) = &args.baseline_server
+        && !path.is_file()
+    {
+        bail!("--baseline-server {}: no such file", path.display());
+    }
     remove_stale_work_dirs(WORK_PREFIX);
     let work = WorkDir::create(WORK_PREFIX)?;
-    let mut reports = Vec::new();
-    for run in 0..args.runs {
-        check_interrupt()?;
-        let port = free_udp_port()?;
-        let dir = work.path.join(format!("authority-{run}"));
-        std::fs::create_dir_all(&dir)?;
-        let config = dir.join("server.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "# Written by `cargo xtask bench-authority`.\n\
-                 [internet2]\nbind = \"::1\"\nport = {port}\n\
-                 [dataplane]\nworkers = {workers}\n\
-                 [trustchain_authority]\nperf_without_client_certificate = true\n",
-                workers = args.workers,
-            ),
-        )?;
-        let mut cmd = Command::new(&bins.server);
-        cmd.arg("--config").arg(&config).arg("--data-dir").arg(&dir);
-        let log = File::create(dir.join("server.log"))?;
-        let (mut server, _) = start_server(cmd, Side::OURS, Stdio::from(log))?;
-        let json = dir.join("result.json");
-        eprintln!("bench-authority: run {}/{} port {port}", run + 1, args.runs);
-        let status = Command::new(&bins.client)
-            .args([
-                "authority-bench",
-                "--connect",
-                &format!("[::1]:{port}"),
-                "--ca",
-            ])
-            .arg(dir.join("ca.pem"))
-            .args(["--requests", &args.requests.to_string()])
-            .args(["--concurrency", &args.concurrency.to_string()])
-            .args(["--handshake-seconds", &args.handshake_seconds.to_string()])
-            .arg("--json")
-            .arg(&json)
-            .status()
-            .context("running internet2 authority-bench")?;
-        server.stop()?;
-        if !status.success() {
-            bail!("authority-bench run {} failed ({status})", run + 1);
-        }
-        let report: Value = serde_json::from_str(&std::fs::read_to_string(&json)?)?;
-        reports.push(report);
+    let mut sides = vec![("ours", bins.server.clone(), Vec::new())];
+    if let Some(path) = &args.baseline_server {
+        sides.push(("baseline", path.clone(), Vec::new()));
     }
-    let medians = medians(&reports);
+    for run in 0..args.runs {
+        for (label, server, reports) in &mut sides {
+            check_interrupt()?;
+            let dir = work.path.join(format!("authority-{label}-{run}"));
+            eprintln!("bench-authority: {label}, run {}/{}", run + 1, args.runs);
+            reports.push(authority_run(args, server, &bins.client, &dir)?);
+        }
+    }
+    let mut medians_by_side = serde_json::Map::new();
+    let mut runs_by_side = serde_json::Map::new();
+    for (label, _, reports) in &sides {
+        medians_by_side.insert((*label).into(), medians(reports));
+        runs_by_side.insert((*label).into(), json!(reports));
+    }
+    // Without a baseline the report keeps its old shape: one side's.
+    let (medians, runs) = if sides.len() == 1 {
+        (
+            medians_by_side.remove("ours").unwrap_or_default(),
+            runs_by_side.remove("ours").unwrap_or_default(),
+        )
+    } else {
+        (Value::Object(medians_by_side), Value::Object(runs_by_side))
+    };
     println!("{}", serde_json::to_string_pretty(&medians)?);
     if let Some(path) = &args.json {
-        let doc = json!({ "medians": medians, "runs": reports });
+        let doc = json!({ "medians": medians, "runs": runs });
         std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
             .with_context(|| format!("writing {}", path.display()))?;
         eprintln!("bench-authority: wrote {}", path.display());
     }
     Ok(())
+}
+
+/// One fresh `server` in `dir` and one `internet2 authority-bench` run
+/// against it; the client's JSON report.
+fn authority_run(
+    args: &crate::AuthorityBenchArgs,
+    server: &Path,
+    client: &Path,
+    dir: &Path,
+) -> Result<Value> {
+    let port = free_udp_port()?;
+    std::fs::create_dir_all(dir)?;
+    let config = dir.join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "# Written by `cargo xtask bench-authority`.\n\
+             [internet2]\nbind = \"::1\"\nport = {port}\n\
+             [dataplane]\nworkers = {workers}\n\
+             [trustchain_authority]\nperf_without_client_certificate = true\n",
+            workers = args.workers,
+        ),
+    )?;
+    let mut cmd = Command::new(server);
+    cmd.arg("--config").arg(&config).arg("--data-dir").arg(dir);
+    let log = File::create(dir.join("server.log"))?;
+    let (mut server, _) = start_server(cmd, Side::OURS, Stdio::from(log))?;
+    let json = dir.join("result.json");
+    let status = Command::new(client)
+        .args([
+            "authority-bench",
+            "--connect",
+            &format!("[::1]:{port}"),
+            "--ca",
+        ])
+        .arg(dir.join("ca.pem"))
+        .args(["--requests", &args.requests.to_string()])
+        .args(["--concurrency", &args.concurrency.to_string()])
+        .args(["--handshake-seconds", &args.handshake_seconds.to_string()])
+        .arg("--json")
+        .arg(&json)
+        .status()
+        .context("running internet2 authority-bench")?;
+    server.stop()?;
+    if !status.success() {
+        bail!("authority-bench in {} failed ({status})", dir.display());
+    }
+    Ok(serde_json::from_str(&std::fs::read_to_string(&json)?)?)
 }
 
 /// The median of every numeric leaf over the runs (same shape as one run;

@@ -117,6 +117,10 @@ pub struct AuthorityBenchArgs {
     /// Server workers.
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
+    /// Also measure this server binary (an older build), alternating with
+    /// ours run by run; both medians are reported.
+    #[arg(long, value_name = "PATH")]
+    pub baseline_server: Option<PathBuf>,
     /// Also write all runs and the medians as JSON here.
     #[arg(long, value_name = "PATH")]
     pub json: Option<PathBuf>,

@@ -731,10 +731,11 @@ pub fn encode_record(record: &CertificateRecord) -> Result<Vec<u8>, RegistryErro
 }
 
 /// A cursor over stored bytes; every read checks the length.
-struct Reader<'a>(&'a [u8]);
+/// A cursor over bytes read back: each read takes its bytes or fails.
+pub(crate) struct Reader<'a>(pub(crate) &'a [u8]);
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+    pub(crate) fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         if self.0.len() < n {
             return None;
         }
@@ -743,32 +744,32 @@ impl<'a> Reader<'a> {
         Some(head)
     }
 
-    fn u8(&mut self) -> Option<u8> {
+    pub(crate) fn u8(&mut self) -> Option<u8> {
         self.take(1).map(|b| b[0])
     }
 
-    fn u16(&mut self) -> Option<u16> {
+    pub(crate) fn u16(&mut self) -> Option<u16> {
         self.take(2)?.try_into().ok().map(u16::from_be_bytes)
     }
 
-    fn u32(&mut self) -> Option<u32> {
+    pub(crate) fn u32(&mut self) -> Option<u32> {
         self.take(4)?.try_into().ok().map(u32::from_be_bytes)
     }
 
-    fn u64(&mut self) -> Option<u64> {
+    pub(crate) fn u64(&mut self) -> Option<u64> {
         self.take(8)?.try_into().ok().map(u64::from_be_bytes)
     }
 
-    fn serial(&mut self) -> Option<Serial> {
+    pub(crate) fn serial(&mut self) -> Option<Serial> {
         self.take(16)?.try_into().ok().map(Serial)
     }
 
-    fn string(&mut self) -> Option<String> {
+    pub(crate) fn string(&mut self) -> Option<String> {
         let len = usize::from(self.u16()?);
         String::from_utf8(self.take(len)?.to_vec()).ok()
     }
 
-    fn time_s(&mut self) -> Option<SystemTime> {
+    pub(crate) fn time_s(&mut self) -> Option<SystemTime> {
         UNIX_EPOCH.checked_add(Duration::from_secs(self.u64()?))
     }
 }

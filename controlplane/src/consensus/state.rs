@@ -608,7 +608,7 @@ fn load(db: &Database) -> Result<Loaded, StateError> {
     Ok((ledger, plots, latest))
 }
 
-fn encode_plot(plot: &PlotCommitment) -> [u8; PLOT_RECORD_LEN] {
+pub(crate) fn encode_plot(plot: &PlotCommitment) -> [u8; PLOT_RECORD_LEN] {
     let mut out = [0u8; PLOT_RECORD_LEN];
     out[0] = FORMAT_VERSION;
     out[1] = plot.k;
@@ -616,7 +616,7 @@ fn encode_plot(plot: &PlotCommitment) -> [u8; PLOT_RECORD_LEN] {
     out
 }
 
-fn decode_plot(bytes: &[u8]) -> Option<PlotCommitment> {
+pub(crate) fn decode_plot(bytes: &[u8]) -> Option<PlotCommitment> {
     let bytes: &[u8; PLOT_RECORD_LEN] = bytes.try_into().ok()?;
     let k = bytes[1];
     if bytes[0] != FORMAT_VERSION || k == 0 || k > PLOT_K_MAX {
@@ -628,7 +628,7 @@ fn decode_plot(bytes: &[u8]) -> Option<PlotCommitment> {
     })
 }
 
-fn encode_tick(tick: &Tick) -> Vec<u8> {
+pub(crate) fn encode_tick(tick: &Tick) -> Vec<u8> {
     let mut out = Vec::with_capacity(TICK_RECORD_LEN);
     out.push(FORMAT_VERSION);
     out.extend_from_slice(&tick.index.to_be_bytes());
@@ -639,7 +639,7 @@ fn encode_tick(tick: &Tick) -> Vec<u8> {
     out
 }
 
-fn decode_tick(bytes: &[u8]) -> Option<Tick> {
+pub(crate) fn decode_tick(bytes: &[u8]) -> Option<Tick> {
     if bytes.len() != TICK_RECORD_LEN || bytes[0] != FORMAT_VERSION {
         return None;
     }

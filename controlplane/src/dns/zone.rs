@@ -163,6 +163,22 @@ impl ZoneChange {
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.edits.iter().map(|(n, _)| n.as_str())
     }
+
+    /// Its edits, in the order they are written.
+    pub(crate) fn edits(&self) -> &[Edit] {
+        &self.edits
+    }
+
+    /// The zone's change counter once it is in.
+    pub(crate) fn counter(&self) -> u64 {
+        self.changes
+    }
+
+    /// A change read back from its encoding (`crate::machine::codec`); the
+    /// state machine checks it against the zone before it applies it.
+    pub(crate) fn from_parts(edits: Vec<Edit>, changes: u64) -> Self {
+        Self { edits, changes }
+    }
 }
 
 /// The zone: its records in memory, durable in the authority's database.

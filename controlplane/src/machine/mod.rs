@@ -26,6 +26,7 @@
 //! (`init_store`); nothing else in the crate opens a write transaction on
 //! it.
 
+pub mod codec;
 #[cfg(test)]
 pub(crate) mod tests;
 
@@ -82,6 +83,9 @@ pub struct Machine {
     admission: Option<AdmissionState>,
     /// The commands applied since [`Self::record_commands`], in order.
     journal: Option<Vec<Command>>,
+    /// Commands applied since [`Self::defer_durability`], committed but
+    /// not yet fsynced; `None` outside a group.
+    group: Option<usize>,
 }
 
 impl Machine {
@@ -111,6 +115,7 @@ impl Machine {
             zone,
             admission: None,
             journal: None,
+            group: None,
         })
     }
 
@@ -172,14 +177,52 @@ impl Machine {
             .unwrap_or_default()
     }
 
+    /// Group commit: from now until [`Self::make_durable`], each command's
+    /// transaction commits without waiting for the disk (it is visible to
+    /// every later read and command at once), and one fsync makes the
+    /// whole group durable. Whoever applies a command in a group must not
+    /// acknowledge it before [`Self::make_durable`] returned.
+    pub fn defer_durability(&mut self) {
+        self.group.get_or_insert(0);
+    }
+
+    /// End the group: fsync what it committed (one write to the disk for
+    /// all of it). Outside a group, or when the group applied nothing,
+    /// nothing is written. When this fails, the state in memory is ahead of
+    /// the disk: the process must stop and reload the store.
+    pub fn make_durable(&mut self) -> Result<usize, AuthorityError> {
+        let Some(applied) = self.group.take() else {
+            return Ok(0);
+        };
+        if applied > 0 {
+            let db = self.authority.database();
+            transact(
+                &db,
+                self.authority.store_path(),
+                Durability::Immediate,
+                |_| Ok(()),
+            )?;
+        }
+        Ok(applied)
+    }
+
     /// Apply `command`: check it against the state, write it in one
-    /// durable transaction, then take it into memory. A command refused or
-    /// a write that fails changes nothing.
+    /// transaction, then take it into memory. The transaction is durable
+    /// when this returns, unless a group is open
+    /// ([`Self::defer_durability`]). A command refused or a write that
+    /// fails changes nothing.
     pub fn apply(&mut self, command: Command) -> Result<Applied, AuthorityError> {
         let db = self.authority.database();
-        let written = transact(&db, self.authority.store_path(), |txn| {
+        let durability = match self.group {
+            Some(_) => Durability::None,
+            None => Durability::Immediate,
+        };
+        let written = transact(&db, self.authority.store_path(), durability, |txn| {
             self.write(txn, &command)
         })?;
+        if let Some(applied) = &mut self.group {
+            *applied += 1;
+        }
         if let Some(journal) = &mut self.journal {
             journal.push(command.clone());
         }
@@ -419,11 +462,12 @@ impl Machine {
 }
 
 /// Run `write` in one write transaction of `db` (the store at `path`) and
-/// commit it durably (fsynced before this returns); abort it, writing
-/// nothing, when `write` fails.
+/// commit it with `durability` (`Immediate`: fsynced before this returns);
+/// abort it, writing nothing, when `write` fails.
 fn transact<T>(
     db: &Database,
     path: &Path,
+    durability: Durability,
     write: impl FnOnce(&WriteTransaction) -> Result<T, AuthorityError>,
 ) -> Result<T, AuthorityError> {
     let store = |source: redb::Error| AuthorityError::Store {
@@ -431,7 +475,7 @@ fn transact<T>(
         source,
     };
     let mut txn = db.begin_write().map_err(|e| store(e.into()))?;
-    txn.set_durability(Durability::Immediate)
+    txn.set_durability(durability)
         .map_err(|e| store(e.into()))?;
     match write(&txn) {
         Ok(value) => {
@@ -454,7 +498,7 @@ pub(crate) fn init_store(
     signer: &LogSigner,
     path: &Path,
 ) -> Result<(), AuthorityError> {
-    transact(db, path, |txn| {
+    transact(db, path, Durability::Immediate, |txn| {
         CtLog::init_in(txn, signer).map_err(|source| AuthorityError::Log {
             path: path.to_owned(),
             source,

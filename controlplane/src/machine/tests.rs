@@ -61,3 +61,72 @@ pub(crate) fn rows(db: &Database) -> Rows {
     }
     out
 }
+
+mod group {
+    use crate::authority::ca::{IssueRequest, KeyAlgorithm};
+    use crate::authority::ct::LogKeyAlgorithm;
+    use crate::machine::Machine;
+    use crate::test_support::TempDir;
+    use std::time::SystemTime;
+
+    fn request(name: &str) -> IssueRequest {
+        IssueRequest {
+            subject: name.into(),
+            dns_names: vec![name.into()],
+            ..IssueRequest::default()
+        }
+    }
+
+    fn open(dir: &TempDir, now: SystemTime) -> Machine {
+        Machine::open(
+            &dir.0,
+            KeyAlgorithm::Ed25519,
+            LogKeyAlgorithm::Ed25519,
+            None,
+            now,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_group_is_seen_as_it_goes_and_kept_once_made_durable() {
+        let dir = TempDir::new("group");
+        let now = SystemTime::now();
+        let mut machine = open(&dir, now);
+        machine.defer_durability();
+        let a = machine.issue(request("a.example"), now, None).unwrap();
+        // Committed, not yet fsynced: reads and the next command see it.
+        let record = machine
+            .authority()
+            .certificate(&a.certificate.serial)
+            .unwrap()
+            .expect("the registry reads the group's first certificate");
+        assert_eq!(record.leaf_index, 0);
+        let b = machine.issue(request("b.example"), now, None).unwrap();
+        assert_eq!(b.leaf_index, 1);
+        // A refusal in the group changes nothing and the group goes on.
+        assert!(
+            machine
+                .revoke(crate::authority::ca::Serial([9; 16]), None, now, None)
+                .is_err()
+        );
+        machine
+            .revoke(a.certificate.serial, None, now, None)
+            .unwrap();
+        assert_eq!(machine.make_durable().unwrap(), 3);
+        assert_eq!(machine.make_durable().unwrap(), 0, "the group is over");
+        let sth = machine.authority().log().latest_sth();
+        let rows = super::rows(&machine.authority().database());
+        drop(machine);
+
+        let machine = open(&dir, now);
+        assert_eq!(machine.authority().log().latest_sth(), sth);
+        assert_eq!(super::rows(&machine.authority().database()), rows);
+        assert!(
+            machine
+                .authority()
+                .revocations()
+                .is_revoked(&a.certificate.serial.0)
+        );
+    }
+}

@@ -6,7 +6,7 @@ use super::zone_kinds::{dns_set, zone_service_config};
 use super::*;
 use crate::consensus::stake::Identity as StakeIdentity;
 use crate::consensus::state::{AdmissionConfig, AdmissionState};
-use crate::machine::{Command, Machine};
+use crate::machine::{Command, Machine, codec};
 
 const BEACON_KEY: &str = "beacon-node.key";
 
@@ -115,11 +115,30 @@ fn commands_replayed_on_a_fresh_store_give_the_same_store() {
     assert_eq!(count(|c| matches!(c, Command::Zone(_))), 2);
     assert_eq!(count(|c| matches!(c, Command::Admission(_))), 5);
 
+    // What a replica receives is the commands' bytes: each reads back as
+    // itself, and nothing but those exact bytes reads back at all.
+    let encoded: Vec<Vec<u8>> = commands.iter().map(|c| codec::encode(c).unwrap()).collect();
+    for (command, bytes) in commands.iter().zip(&encoded) {
+        assert_eq!(codec::decode(bytes).as_ref(), Some(command));
+        for cut in 0..bytes.len() {
+            assert_eq!(
+                codec::decode(&bytes[..cut]),
+                None,
+                "{cut} bytes of {command:?}"
+            );
+        }
+        let longer = [bytes.as_slice(), &[0]].concat();
+        assert_eq!(codec::decode(&longer), None);
+        let mut other_version = bytes.clone();
+        other_version[0] = 2;
+        assert_eq!(codec::decode(&other_version), None);
+    }
+
     let replica_dir = TempDir::new("replay-replica");
     copy_keys(&f.dir.0, &replica_dir.0);
     let mut replica = replica(&replica_dir.0, &config, now);
-    for command in commands {
-        replica.apply(command).unwrap();
+    for bytes in &encoded {
+        replica.apply(codec::decode(bytes).unwrap()).unwrap();
     }
 
     let expected = crate::machine::tests::rows(&f.service.authority().database());
