@@ -150,6 +150,8 @@ fn phase(report: &LoadReport) -> serde_json::Value {
         "latency_us_p50": report.latency_us.value_at_quantile(0.50),
         "latency_us_p99": report.latency_us.value_at_quantile(0.99),
         "latency_us_max": report.latency_us.max(),
+        "busy_retried": report.busy,
+        "in_flight_at_end": report.window,
     })
 }
 

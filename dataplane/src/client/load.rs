@@ -42,6 +42,12 @@ pub struct LoadReport {
     pub elapsed: Duration,
     /// Why the run stopped early, if it did.
     pub failure: Option<String>,
+    /// Requests the server answered `BUSY` (too many of the connection's
+    /// requests waiting), sent again once one was answered.
+    pub busy: u64,
+    /// Requests in flight at the end: the plan's concurrency, less one for
+    /// each `BUSY` (the server's bound on one connection).
+    pub window: usize,
 }
 
 impl LoadReport {
@@ -60,6 +66,8 @@ pub struct LoadService {
     deadline: Instant,
     done: bool,
     admitter: Option<std::sync::Arc<dyn crate::admission::Admitter>>,
+    /// Requests kept in flight: `concurrency`, shrunk by `BUSY` answers.
+    window: usize,
 }
 
 pub struct LoadConn {
@@ -93,6 +101,7 @@ impl LoadService {
                 }
             },
             deadline: Instant::now() + plan.timeout,
+            window: plan.concurrency,
             plan,
             sent: 0,
             report: LoadReport {
@@ -102,6 +111,8 @@ impl LoadService {
                 first_error: None,
                 elapsed: Duration::ZERO,
                 failure: None,
+                busy: 0,
+                window: 0,
             },
             first_sent: None,
             done: false,
@@ -141,13 +152,14 @@ impl LoadService {
         }
     }
 
-    pub fn report(self) -> LoadReport {
+    pub fn report(mut self) -> LoadReport {
+        self.report.window = self.window;
         self.report
     }
 
     /// Open streams until `concurrency` are in flight or all were sent.
     fn fill(&mut self, st: &mut LoadConn, conn: &mut Connection) {
-        while st.streams.len() < self.plan.concurrency && self.sent < self.plan.total {
+        while st.streams.len() < self.window && self.sent < self.plan.total {
             let Some(id) = conn.streams().open(Dir::Bi) else {
                 return; // the server's stream limit: more when some finish
             };
@@ -199,8 +211,20 @@ impl LoadService {
                 let _ = self.report.latency_us.record(us.max(1));
             }
             Ok(message) => {
-                self.report.errors += 1;
                 let error = stoq::decode_error_payload(&message.payload);
+                if error.0 == stoq::ErrorCode::Busy as u16 {
+                    // As the server asks: send it again once one of the
+                    // connection's requests is answered, and keep one
+                    // fewer in flight from now on.
+                    self.report.busy += 1;
+                    self.sent -= 1;
+                    self.window = self.window.saturating_sub(1).max(1);
+                    if st.streams.is_empty() {
+                        self.fill(st, conn);
+                    }
+                    return;
+                }
+                self.report.errors += 1;
                 self.report.first_error.get_or_insert(error);
             }
             Err(e) => {
