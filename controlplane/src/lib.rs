@@ -36,6 +36,7 @@ macro_rules! redb_errors_into_storage {
 pub(crate) mod test_support;
 
 pub mod authority;
+pub mod cluster;
 pub mod consensus;
 pub mod dns;
 pub mod machine;

@@ -25,3 +25,19 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// The keys a cluster's members share, copied from `from` to `to` (a new
+/// member's data directory): the CA, the log key and, where there is one,
+/// the beacon key.
+pub(crate) fn copy_cluster_keys(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to.join("ca")).unwrap();
+    for entry in std::fs::read_dir(from.join("ca")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join("ca").join(entry.file_name())).unwrap();
+    }
+    for file in [crate::authority::logged::LOG_KEY_FILE, "beacon-node.key"] {
+        if from.join(file).exists() {
+            std::fs::copy(from.join(file), to.join(file)).unwrap();
+        }
+    }
+}

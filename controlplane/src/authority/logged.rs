@@ -98,6 +98,27 @@ pub enum AuthorityError {
     Stale(String),
 }
 
+impl AuthorityError {
+    /// Whether the store failed (rather than the request being refused):
+    /// what was applied in memory may then be ahead of the disk.
+    pub fn is_storage_failure(&self) -> bool {
+        use crate::consensus::state::StateError;
+        match self {
+            Self::Store { .. } | Self::Io { .. } => true,
+            Self::Log { source, .. } => {
+                matches!(source, LogError::Storage(_) | LogError::Corrupt(_))
+            }
+            Self::Registry { source, .. } => !matches!(source, RegistryError::Unencodable(_)),
+            Self::Zone { source, .. } => matches!(
+                source,
+                crate::dns::ZoneError::Storage(_) | crate::dns::ZoneError::Corrupt(_)
+            ),
+            Self::Admission(e) => matches!(e, StateError::Storage(_) | StateError::Corrupt(_)),
+            _ => false,
+        }
+    }
+}
+
 /// A certificate that is in the log: the only form in which the authority
 /// hands one out.
 // The private field (not #[non_exhaustive]) keeps construction inside this
@@ -208,6 +229,21 @@ impl Authority {
             db,
             store_path,
         })
+    }
+
+    /// Load the log, the registry and the CA's issued and revoked serials
+    /// again from the store (after its tables were replaced wholesale: a
+    /// snapshot was installed), with the checks of [`Self::open`].
+    pub(crate) fn reload(&mut self) -> Result<(), AuthorityError> {
+        self.log.reload().map_err(|source| AuthorityError::Log {
+            path: self.store_path.clone(),
+            source,
+        })?;
+        let records = registry::load_all(&self.db).map_err(|e| self.registry_error(e))?;
+        check_against_log(&records, &self.log).map_err(|e| self.registry_error(e))?;
+        let (issued, revoked) = ca_state(&records);
+        self.ca.restore(issued, revoked);
+        Ok(())
     }
 
     /// Sign a certificate for `request`: the certificate (with the private

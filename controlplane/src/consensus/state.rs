@@ -170,6 +170,8 @@ redb_errors_into_storage!(StateError);
 
 /// The durable admission state. See the module documentation.
 pub struct AdmissionState {
+    /// The beacon's node key, for a reload.
+    node_key_path: PathBuf,
     config: AdmissionConfig,
     // Shared with the snapshots handed out; copied on write only while one
     // is still held.
@@ -221,6 +223,7 @@ impl AdmissionState {
             None => Beacon::new(key, sha256(&[GENESIS_DOMAIN, &public_key]), 0),
         };
         Ok(Self {
+            node_key_path: node_key_path.to_owned(),
             config,
             ledger: Arc::new(ledger),
             plots: Arc::new(plots),
@@ -233,6 +236,13 @@ impl AdmissionState {
 
     pub fn config(&self) -> &AdmissionConfig {
         &self.config
+    }
+
+    /// The state loaded again from `db` (after its tables were replaced
+    /// wholesale: a snapshot was installed), with this state's settings
+    /// and node key; the difficulty starts over.
+    pub(crate) fn reloaded(&self, db: &Database) -> Result<Self, StateError> {
+        Self::open(db, self.config, &self.node_key_path)
     }
 
     /// A grant of `amount` to `identity`, checked against the ledger now

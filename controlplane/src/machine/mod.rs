@@ -27,6 +27,7 @@
 //! it.
 
 pub mod codec;
+pub mod snapshot;
 #[cfg(test)]
 pub(crate) mod tests;
 
@@ -40,9 +41,14 @@ use crate::authority::registry::{self, RevocationReason};
 use crate::consensus::beacon::Tick;
 use crate::consensus::state::{self, AdmissionApplied, AdmissionChange, AdmissionState};
 use crate::dns::{Zone, ZoneChange, ZoneConfig};
-use redb::{Database, Durability, WriteTransaction};
+use redb::{Database, Durability, TableDefinition, WriteTransaction};
 use std::path::Path;
 use std::time::SystemTime;
+
+/// What a replicated store records beside its state (`crate::cluster`):
+/// the last Raft entry it applied and the membership, written in the
+/// transaction of that entry. Not part of a snapshot's tables.
+pub(crate) const CLUSTER_META: TableDefinition<&str, &[u8]> = TableDefinition::new("cluster_meta");
 
 /// One change to the control plane's state, as its proposer decided it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,6 +86,8 @@ enum Written {
 pub struct Machine {
     authority: Authority,
     zone: Option<Zone>,
+    /// The zone's settings, for a reload.
+    zone_config: Option<ZoneConfig>,
     admission: Option<AdmissionState>,
     /// The commands applied since [`Self::record_commands`], in order.
     journal: Option<Vec<Command>>,
@@ -101,6 +109,7 @@ impl Machine {
         now: SystemTime,
     ) -> Result<Self, AuthorityError> {
         let authority = Authority::open(dir, ca_algorithm, log_algorithm, now)?;
+        let zone_config = zone.cloned();
         let zone = match zone {
             Some(config) => Some(Zone::open(&authority.database(), config).map_err(|source| {
                 AuthorityError::Zone {
@@ -113,6 +122,7 @@ impl Machine {
         Ok(Self {
             authority,
             zone,
+            zone_config,
             admission: None,
             journal: None,
             group: None,
@@ -227,6 +237,113 @@ impl Machine {
             journal.push(command.clone());
         }
         Ok(self.absorb(command, written))
+    }
+
+    /// Apply a replicated entry: `command` (if any) and, in the same
+    /// transaction, what `also` writes (the entry's place in the log). A
+    /// refused command still records `also`, in a transaction of its own:
+    /// it was applied, as a refusal. `Err` is a storage failure only, after
+    /// which the state in memory cannot be trusted.
+    pub(crate) fn apply_with(
+        &mut self,
+        command: Option<Command>,
+        also: impl Fn(&WriteTransaction) -> Result<(), redb::Error>,
+    ) -> Result<Option<Result<Applied, AuthorityError>>, AuthorityError> {
+        let db = self.authority.database();
+        let path = self.authority.store_path().to_owned();
+        let durability = match self.group {
+            Some(_) => Durability::None,
+            None => Durability::Immediate,
+        };
+        let store = |source| AuthorityError::Store {
+            path: path.clone(),
+            source,
+        };
+        if let Some(applied) = &mut self.group {
+            *applied += 1;
+        }
+        let Some(command) = command else {
+            transact(&db, &path, durability, |txn| also(txn).map_err(store))?;
+            return Ok(None);
+        };
+        let written = transact(&db, &path, durability, |txn| {
+            let written = self.write(txn, &command)?;
+            also(txn).map_err(store)?;
+            Ok(written)
+        });
+        match written {
+            Ok(written) => {
+                if let Some(journal) = &mut self.journal {
+                    journal.push(command.clone());
+                }
+                Ok(Some(Ok(self.absorb(command, written))))
+            }
+            Err(e) if e.is_storage_failure() => Err(e),
+            Err(refused) => {
+                transact(&db, &path, durability, |txn| also(txn).map_err(store))?;
+                Ok(Some(Err(refused)))
+            }
+        }
+    }
+
+    /// Replace the whole state with a snapshot's tables
+    /// ([`snapshot::restore`]) and what `also` writes, in one durable
+    /// transaction, then load it into memory. Refused snapshot bytes change
+    /// nothing.
+    pub(crate) fn install(
+        &mut self,
+        snapshot: &[u8],
+        also: impl Fn(&WriteTransaction) -> Result<(), redb::Error>,
+    ) -> Result<(), AuthorityError> {
+        let db = self.authority.database();
+        let path = self.authority.store_path().to_owned();
+        transact(&db, &path, Durability::Immediate, |txn| {
+            snapshot::restore(txn, snapshot).map_err(|e| match e {
+                snapshot::RestoreError::Malformed(why) => AuthorityError::Stale(why),
+                snapshot::RestoreError::Storage(source) => AuthorityError::Store {
+                    path: path.clone(),
+                    source,
+                },
+            })?;
+            also(txn).map_err(|source| AuthorityError::Store {
+                path: path.clone(),
+                source,
+            })
+        })?;
+        self.reload()
+    }
+
+    /// Load everything in memory again from the store.
+    fn reload(&mut self) -> Result<(), AuthorityError> {
+        self.authority.reload()?;
+        let db = self.authority.database();
+        if let Some(config) = &self.zone_config {
+            self.zone = Some(
+                Zone::open(&db, config).map_err(|source| AuthorityError::Zone {
+                    path: self.authority.store_path().to_owned(),
+                    source,
+                })?,
+            );
+        }
+        if let Some(state) = &self.admission {
+            self.admission = Some(state.reloaded(&db)?);
+        }
+        Ok(())
+    }
+
+    /// A value of the store's `cluster_meta` table.
+    pub(crate) fn cluster_meta(&self, key: &str) -> Result<Option<Vec<u8>>, AuthorityError> {
+        use redb::ReadableDatabase;
+        let path = self.authority.store_path();
+        let store = |source: redb::Error| AuthorityError::Store {
+            path: path.to_owned(),
+            source,
+        };
+        let db = self.authority.database();
+        let txn = db.begin_read().map_err(|e| store(e.into()))?;
+        let table = txn.open_table(CLUSTER_META).map_err(|e| store(e.into()))?;
+        let value = table.get(key).map_err(|e| store(e.into()))?;
+        Ok(value.map(|v| v.value().to_vec()))
     }
 
     fn write(&self, txn: &WriteTransaction, command: &Command) -> Result<Written, AuthorityError> {
@@ -509,6 +626,11 @@ pub(crate) fn init_store(
         })?;
         crate::dns::store::init_in(txn)
             .and_then(|()| state::init_in(txn))
+            .and_then(|()| {
+                txn.open_table(CLUSTER_META)
+                    .map(drop)
+                    .map_err(redb::Error::from)
+            })
             .map_err(|source| AuthorityError::Store {
                 path: path.to_owned(),
                 source,

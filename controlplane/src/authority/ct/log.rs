@@ -240,6 +240,9 @@ impl LeafHashes for Extended<'_> {
     }
 }
 
+/// The leaf hashes and the latest tree head, as loaded and checked.
+type LoadedTree = (SubtreeCache<Vec<Hash>>, Option<SignedTreeHead>);
+
 /// A durable, append-only CT log. See the module documentation.
 pub struct CtLog {
     db: Arc<Database>,
@@ -282,6 +285,26 @@ impl CtLog {
     /// The log in a database the caller shares, whose tables
     /// `Self::init_in` made: loaded and checked as in [`Self::open`].
     pub fn load_shared(db: Arc<Database>, signer: LogSigner) -> Result<Self, LogError> {
+        let (tree, latest) = Self::load_tree(&db, &signer)?;
+        Ok(CtLog {
+            db,
+            signer,
+            tree,
+            latest,
+        })
+    }
+
+    /// Load the tree again from the tables (after they were replaced
+    /// wholesale: a snapshot was installed), with the checks of
+    /// [`Self::open`]. On failure the log is as it was.
+    pub(crate) fn reload(&mut self) -> Result<(), LogError> {
+        let (tree, latest) = Self::load_tree(&self.db, &self.signer)?;
+        self.tree = tree;
+        self.latest = latest;
+        Ok(())
+    }
+
+    fn load_tree(db: &Database, signer: &LogSigner) -> Result<LoadedTree, LogError> {
         let txn = db.begin_read()?;
         let hashes_table = txn.open_table(LEAF_HASHES)?;
         let mut hashes = Vec::with_capacity(usize::try_from(hashes_table.len()?).unwrap_or(0));
@@ -354,12 +377,7 @@ impl CtLog {
             None => {}
         }
         drop(txn);
-        Ok(CtLog {
-            db,
-            signer,
-            tree,
-            latest,
-        })
+        Ok((tree, latest))
     }
 
     /// Create every table in `txn`, record the format and key of a new log,

@@ -10,19 +10,6 @@ use crate::machine::{Command, Machine, codec};
 
 const BEACON_KEY: &str = "beacon-node.key";
 
-/// The keys a cluster's members share, copied from `from` to `to`: the CA,
-/// the log key and the beacon key.
-fn copy_keys(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to.join("ca")).unwrap();
-    for entry in std::fs::read_dir(from.join("ca")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), to.join("ca").join(entry.file_name())).unwrap();
-    }
-    for file in [crate::authority::logged::LOG_KEY_FILE, BEACON_KEY] {
-        std::fs::copy(from.join(file), to.join(file)).unwrap();
-    }
-}
-
 fn replica(dir: &Path, config: &ServiceConfig, now: SystemTime) -> Machine {
     let mut machine = Machine::open(
         dir,
@@ -135,7 +122,7 @@ fn commands_replayed_on_a_fresh_store_give_the_same_store() {
     }
 
     let replica_dir = TempDir::new("replay-replica");
-    copy_keys(&f.dir.0, &replica_dir.0);
+    crate::test_support::copy_cluster_keys(&f.dir.0, &replica_dir.0);
     let mut replica = replica(&replica_dir.0, &config, now);
     for bytes in &encoded {
         replica.apply(codec::decode(bytes).unwrap()).unwrap();

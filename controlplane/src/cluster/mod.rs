@@ -1,0 +1,73 @@
+//! The cluster: the control plane's state machine ([`crate::machine`])
+//! replicated with Raft (openraft 0.9, storage-v2).
+//!
+//! Every node holds the same store: a leader proposes a [`Command`] (its
+//! keys, signatures and time decided once, there), Raft commits it to a
+//! majority's logs, and every node applies the committed entries in log
+//! order with the one apply path a single node uses. The Raft log is a
+//! redb file of its own beside the store ([`LogStore`]); the store records
+//! the last entry it applied, and the membership, in the transaction of
+//! that entry ([`StateMachine`]), so a restart neither skips nor repeats
+//! one. A snapshot is the whole store, row by row
+//! ([`crate::machine::snapshot`]).
+//!
+//! Single-threaded: the control plane is one thread, and openraft runs on
+//! its current-thread runtime (`singlethreaded`), sharing the state machine
+//! with the service in the same thread.
+
+pub mod codec;
+// openraft's storage traits return its `StorageError` (over 200 bytes);
+// the helpers behind them return the same, rather than a box to unwrap at
+// every call.
+#[allow(clippy::result_large_err)]
+mod log_store;
+#[allow(clippy::result_large_err)]
+mod state_machine;
+#[cfg(test)]
+mod tests;
+
+pub use log_store::LogStore;
+pub use state_machine::StateMachine;
+
+use crate::machine::{Applied, Command};
+use std::fmt;
+
+/// A node of the cluster: its name and the `[address]:port` it serves on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Member {
+    pub name: String,
+    pub address: String,
+}
+
+impl fmt::Display for Member {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.name, self.address)
+    }
+}
+
+/// What a committed entry did on the node that applied it: every node
+/// reaches the same outcome, a refusal included.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Applied(Applied),
+    /// The command no longer fitted the state (every replica refuses it
+    /// alike; nothing changed).
+    Refused(String),
+    /// A Raft entry of its own (blank, membership): no command.
+    Nothing,
+}
+
+openraft::declare_raft_types!(
+    /// The Raft types of the control plane's cluster.
+    pub TypeConfig:
+        D = Command,
+        R = Outcome,
+        NodeId = u64,
+        Node = Member,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = std::io::Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime
+);
+
+/// A node's Raft handle.
+pub type Raft = openraft::Raft<TypeConfig>;

@@ -1,0 +1,214 @@
+//! The Raft state machine: committed entries applied to the
+//! [`Machine`](crate::machine::Machine) in log order, each with its log id
+//! (and a membership entry's membership) recorded in the store's
+//! `cluster_meta` in the same transaction. A batch of entries shares one
+//! fsync (the Raft log already holds them durably: a crash before it
+//! re-applies them from the log). Snapshots are the store's tables
+//! ([`snapshot`]).
+
+use super::codec::{
+    decode_optional_log_id, decode_stored_membership, encode_optional_log_id,
+    encode_stored_membership,
+};
+use super::{Member, Outcome, TypeConfig};
+use crate::authority::logged::AuthorityError;
+use crate::machine::{CLUSTER_META, Machine, snapshot};
+use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
+use openraft::{
+    Entry, EntryPayload, LogId, RaftSnapshotBuilder, StorageError, StorageIOError, StoredMembership,
+};
+use std::cell::RefCell;
+use std::io::Cursor;
+use std::rc::Rc;
+
+const APPLIED: &str = "applied";
+const MEMBERSHIP: &str = "membership";
+
+type Error = StorageError<u64>;
+
+/// The last snapshot built or installed: its metadata and its bytes.
+type Current = Rc<RefCell<Option<(SnapshotMeta<u64, Member>, Vec<u8>)>>>;
+
+/// The state machine of one node, sharing the [`Machine`] with the node's
+/// service (the same thread).
+pub struct StateMachine {
+    machine: Rc<RefCell<Machine>>,
+    current: Current,
+}
+
+impl StateMachine {
+    pub fn new(machine: Rc<RefCell<Machine>>) -> Self {
+        Self {
+            machine,
+            current: Rc::default(),
+        }
+    }
+}
+
+fn read_error(e: impl std::error::Error + 'static) -> Error {
+    StorageIOError::read_state_machine(&e).into()
+}
+
+fn write_error(e: impl std::error::Error + 'static) -> Error {
+    StorageIOError::write_state_machine(&e).into()
+}
+
+fn corrupt(what: &str) -> Error {
+    read_error(std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!("the store's {what} cannot be decoded; restore the data directory"),
+    ))
+}
+
+/// The last entry a store applied, and the membership it holds.
+type AppliedState = (Option<LogId<u64>>, StoredMembership<u64, Member>);
+
+/// The last applied entry and the membership the store records.
+fn applied_state(machine: &Machine) -> Result<AppliedState, Error> {
+    let applied = match machine.cluster_meta(APPLIED).map_err(read_error)? {
+        None => None,
+        Some(bytes) => decode_optional_log_id(&bytes).ok_or_else(|| corrupt(APPLIED))?,
+    };
+    let membership = match machine.cluster_meta(MEMBERSHIP).map_err(read_error)? {
+        None => StoredMembership::default(),
+        Some(bytes) => decode_stored_membership(&bytes).ok_or_else(|| corrupt(MEMBERSHIP))?,
+    };
+    Ok((applied, membership))
+}
+
+/// Write `applied` (and `membership`) into `cluster_meta` in `txn`.
+fn record(
+    txn: &redb::WriteTransaction,
+    applied: Option<&LogId<u64>>,
+    membership: Option<&[u8]>,
+) -> Result<(), redb::Error> {
+    let mut bytes = Vec::new();
+    encode_optional_log_id(applied, &mut bytes);
+    let mut table = txn.open_table(CLUSTER_META)?;
+    table.insert(APPLIED, bytes.as_slice())?;
+    if let Some(membership) = membership {
+        table.insert(MEMBERSHIP, membership)?;
+    }
+    Ok(())
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<AppliedState, Error> {
+        applied_state(&self.machine.borrow())
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Outcome>, Error>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>>,
+    {
+        let mut machine = self.machine.borrow_mut();
+        machine.defer_durability();
+        let mut outcomes = Vec::new();
+        for entry in entries {
+            let log_id = entry.log_id;
+            let (command, membership) = match entry.payload {
+                EntryPayload::Blank => (None, None),
+                EntryPayload::Normal(command) => (Some(command), None),
+                EntryPayload::Membership(membership) => (
+                    None,
+                    Some(encode_stored_membership(&StoredMembership::new(
+                        Some(log_id),
+                        membership,
+                    ))),
+                ),
+            };
+            let applied = machine
+                .apply_with(command, |txn| {
+                    record(txn, Some(&log_id), membership.as_deref())
+                })
+                .map_err(write_error)?;
+            outcomes.push(match applied {
+                None => Outcome::Nothing,
+                Some(Ok(applied)) => Outcome::Applied(applied),
+                Some(Err(refused)) => {
+                    tracing::info!(index = log_id.index, reason = %refused, "a committed command was refused on apply");
+                    Outcome::Refused(refused.to_string())
+                }
+            });
+        }
+        machine.make_durable().map_err(write_error)?;
+        Ok(outcomes)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
+        SnapshotBuilder {
+            machine: self.machine.clone(),
+            current: self.current.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, Error> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<u64, Member>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), Error> {
+        let bytes = snapshot.into_inner();
+        let membership = encode_stored_membership(&meta.last_membership);
+        self.machine
+            .borrow_mut()
+            .install(&bytes, |txn| {
+                record(txn, meta.last_log_id.as_ref(), Some(&membership))
+            })
+            .map_err(|e: AuthorityError| {
+                StorageError::from(StorageIOError::write_snapshot(Some(meta.signature()), &e))
+            })?;
+        tracing::info!(snapshot = %meta.snapshot_id, "snapshot installed");
+        *self.current.borrow_mut() = Some((meta.clone(), bytes));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, Error> {
+        Ok(self
+            .current
+            .borrow()
+            .as_ref()
+            .map(|(meta, bytes)| Snapshot {
+                meta: meta.clone(),
+                snapshot: Box::new(Cursor::new(bytes.clone())),
+            }))
+    }
+}
+
+/// Builds a snapshot of the store as it is.
+pub struct SnapshotBuilder {
+    machine: Rc<RefCell<Machine>>,
+    current: Current,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, Error> {
+        let machine = self.machine.borrow();
+        // One thread applies and builds, and nothing awaits in between: the
+        // tables are those of the recorded last entry.
+        let (last_log_id, last_membership) = applied_state(&machine)?;
+        let bytes = snapshot::dump(&machine.authority().database()).map_err(read_error)?;
+        let snapshot_id = match &last_log_id {
+            Some(id) => format!(
+                "{}-{}-{}",
+                id.leader_id.term, id.leader_id.node_id, id.index
+            ),
+            None => "empty".to_owned(),
+        };
+        let meta = SnapshotMeta {
+            last_log_id,
+            last_membership,
+            snapshot_id,
+        };
+        *self.current.borrow_mut() = Some((meta.clone(), bytes.clone()));
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(bytes)),
+        })
+    }
+}

@@ -1,0 +1,402 @@
+//! Three nodes in one process over an in-memory network, on one
+//! current-thread runtime: what the cluster promises, without sockets.
+
+use super::*;
+use crate::authority::ca::{IssueRequest, KeyAlgorithm};
+use crate::authority::ct::LogKeyAlgorithm;
+use crate::machine::tests::rows;
+use crate::machine::{Applied, Command, Machine};
+use crate::test_support::{TempDir, copy_cluster_keys};
+use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::{Config, SnapshotPolicy};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// The nodes that can be reached, and those cut off.
+#[derive(Clone, Default)]
+struct Routes {
+    rafts: Rc<RefCell<BTreeMap<u64, Raft>>>,
+    down: Rc<RefCell<BTreeSet<u64>>>,
+}
+
+impl Routes {
+    /// The target's handle, unless the sender or the target is cut off.
+    fn reach(&self, from: u64, to: u64) -> Result<Raft, Unreachable> {
+        let down = self.down.borrow();
+        let raft = self.rafts.borrow().get(&to).cloned();
+        match raft {
+            Some(raft) if !down.contains(&from) && !down.contains(&to) => Ok(raft),
+            _ => Err(Unreachable::new(&std::io::Error::other(format!(
+                "node {to} is cut off from node {from}"
+            )))),
+        }
+    }
+}
+
+struct Network {
+    from: u64,
+    routes: Routes,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Connection;
+
+    async fn new_client(&mut self, target: u64, _node: &Member) -> Connection {
+        Connection {
+            from: self.from,
+            to: target,
+            routes: self.routes.clone(),
+        }
+    }
+}
+
+struct Connection {
+    from: u64,
+    to: u64,
+    routes: Routes,
+}
+
+type RpcError<E = openraft::error::Infallible> = RPCError<u64, Member, RaftError<u64, E>>;
+
+impl RaftNetwork<TypeConfig> for Connection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RpcError> {
+        let raft = self.routes.reach(self.from, self.to)?;
+        raft.append_entries(rpc)
+            .await
+            .map_err(|e| RemoteError::new(self.to, e).into())
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<u64>, RpcError<InstallSnapshotError>> {
+        let raft = self.routes.reach(self.from, self.to)?;
+        raft.install_snapshot(rpc)
+            .await
+            .map_err(|e| RemoteError::new(self.to, e).into())
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        _option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RpcError> {
+        let raft = self.routes.reach(self.from, self.to)?;
+        raft.vote(rpc)
+            .await
+            .map_err(|e| RemoteError::new(self.to, e).into())
+    }
+}
+
+struct Node {
+    _dir: TempDir,
+    machine: Rc<RefCell<Machine>>,
+    raft: Raft,
+}
+
+fn open_machine(dir: &TempDir) -> Machine {
+    Machine::open(
+        &dir.0,
+        KeyAlgorithm::Ed25519,
+        LogKeyAlgorithm::Ed25519,
+        None,
+        SystemTime::now(),
+    )
+    .unwrap()
+}
+
+/// Three nodes sharing one CA and log key, not yet initialized.
+async fn cluster(tag: &str, routes: &Routes, config: Config) -> Vec<Node> {
+    let config = Arc::new(config.validate().unwrap());
+    // The cluster's keys, made once and given to every node.
+    let keys = TempDir::new(&format!("{tag}-keys"));
+    drop(open_machine(&keys));
+    let mut nodes = Vec::new();
+    for id in 1..=3u64 {
+        let dir = TempDir::new(&format!("{tag}-{id}"));
+        copy_cluster_keys(&keys.0, &dir.0);
+        let machine = Rc::new(RefCell::new(open_machine(&dir)));
+        let log = LogStore::open(&dir.0.join("raft-log.redb")).unwrap();
+        let network = Network {
+            from: id,
+            routes: routes.clone(),
+        };
+        let raft = Raft::new(
+            id,
+            config.clone(),
+            network,
+            log,
+            StateMachine::new(machine.clone()),
+        )
+        .await
+        .unwrap();
+        routes.rafts.borrow_mut().insert(id, raft.clone());
+        nodes.push(Node {
+            _dir: dir,
+            machine,
+            raft,
+        });
+    }
+    let members = members();
+    nodes[0].raft.initialize(members).await.unwrap();
+    nodes
+}
+
+/// Nodes 1 to 3, on the test prefix.
+fn members() -> BTreeMap<u64, Member> {
+    (1..=3)
+        .map(|id| {
+            let member = Member {
+                name: format!("node{id}"),
+                address: format!("[fd71:7e57::{id}]:443"),
+            };
+            (id, member)
+        })
+        .collect()
+}
+
+fn config() -> Config {
+    Config {
+        heartbeat_interval: 50,
+        election_timeout_min: 300,
+        election_timeout_max: 600,
+        ..Config::default()
+    }
+}
+
+fn run(test: impl std::future::Future<Output = ()>) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    tokio::task::LocalSet::new().block_on(&runtime, test);
+}
+
+const WAIT: Option<Duration> = Some(Duration::from_secs(10));
+
+async fn leader(nodes: &[Node]) -> &Node {
+    let metrics = nodes[0]
+        .raft
+        .wait(WAIT)
+        .metrics(|m| m.current_leader.is_some(), "a leader")
+        .await
+        .unwrap();
+    let id = metrics.current_leader.unwrap();
+    &nodes[(id - 1) as usize]
+}
+
+fn request(name: &str) -> IssueRequest {
+    IssueRequest {
+        subject: name.into(),
+        dns_names: vec![name.into()],
+        ..IssueRequest::default()
+    }
+}
+
+/// Propose an issuance on `leader` and commit it; the serial.
+async fn issue(leader: &Node, name: &str) -> crate::authority::ca::Serial {
+    let (certificate, certify) = leader
+        .machine
+        .borrow()
+        .authority()
+        .propose_issue(request(name), SystemTime::now())
+        .unwrap();
+    let written = leader
+        .raft
+        .client_write(Command::Certify(certify))
+        .await
+        .unwrap();
+    assert!(
+        matches!(written.data, Outcome::Applied(Applied::Certified(_))),
+        "{:?}",
+        written.data
+    );
+    certificate.serial
+}
+
+/// Every node applied up to `index` and holds the same store.
+async fn same_everywhere(nodes: &[Node], index: u64) {
+    for node in nodes {
+        node.raft
+            .wait(WAIT)
+            .applied_index_at_least(Some(index), "applied")
+            .await
+            .unwrap();
+    }
+    let first = rows(&nodes[0].machine.borrow().authority().database());
+    for node in &nodes[1..] {
+        let machine = node.machine.borrow();
+        assert_eq!(rows(&machine.authority().database()), first);
+        assert_eq!(
+            machine.authority().revocations(),
+            nodes[0].machine.borrow().authority().revocations()
+        );
+        assert_eq!(
+            machine.authority().log().latest_sth(),
+            nodes[0].machine.borrow().authority().log().latest_sth()
+        );
+    }
+}
+
+#[test]
+fn three_nodes_apply_the_same_commands_and_refuse_alike() {
+    run(async {
+        let routes = Routes::default();
+        let nodes = cluster("raft-three", &routes, config()).await;
+        let leader = leader(&nodes).await;
+        let mut serials = Vec::new();
+        for i in 0..5 {
+            serials.push(issue(leader, &format!("n{i}.example")).await);
+        }
+        // Two revocations of one certificate, both proposed before either
+        // applies: the first revokes, the second is refused on every node.
+        let propose = || {
+            leader
+                .machine
+                .borrow()
+                .authority()
+                .propose_revocation(serials[0], None, SystemTime::now())
+                .unwrap()
+        };
+        let (first, second) = (propose(), propose());
+        let revoked = leader
+            .raft
+            .client_write(Command::Revoke(first))
+            .await
+            .unwrap();
+        assert_eq!(
+            revoked.data,
+            Outcome::Applied(Applied::Revoked(vec![serials[0]]))
+        );
+        let refused = leader
+            .raft
+            .client_write(Command::Revoke(second))
+            .await
+            .unwrap();
+        assert!(
+            matches!(refused.data, Outcome::Refused(_)),
+            "{:?}",
+            refused.data
+        );
+        same_everywhere(&nodes, refused.log_id.index).await;
+        let log_size = nodes[2].machine.borrow().authority().log().size();
+        assert_eq!(log_size, 5);
+        for node in &nodes {
+            node.raft.shutdown().await.unwrap();
+        }
+    });
+}
+
+#[test]
+fn a_node_cut_off_catches_up_from_a_snapshot() {
+    run(async {
+        let routes = Routes::default();
+        let config = Config {
+            // Snapshots only when asked, and nothing kept behind them: the
+            // node that was away cannot be sent the entries it missed.
+            snapshot_policy: SnapshotPolicy::Never,
+            max_in_snapshot_log_to_keep: 0,
+            ..config()
+        };
+        let nodes = cluster("raft-snapshot", &routes, config).await;
+        let leader = leader(&nodes).await;
+        issue(leader, "before.example").await;
+        let away = nodes
+            .iter()
+            .find(|n| n.raft.metrics().borrow().id != leader.raft.metrics().borrow().id)
+            .unwrap();
+        let away_id = away.raft.metrics().borrow().id;
+        routes.down.borrow_mut().insert(away_id);
+        let mut last = None;
+        for i in 0..20 {
+            let serial = issue(leader, &format!("while-away-{i}.example")).await;
+            last = Some(serial);
+        }
+        let applied = leader.raft.metrics().borrow().last_applied.unwrap();
+        leader.raft.trigger().snapshot().await.unwrap();
+        leader
+            .raft
+            .wait(WAIT)
+            .snapshot(applied, "snapshot built")
+            .await
+            .unwrap();
+        leader
+            .raft
+            .trigger()
+            .purge_log(applied.index)
+            .await
+            .unwrap();
+        leader
+            .raft
+            .wait(WAIT)
+            .metrics(|m| m.purged == Some(applied), "log purged")
+            .await
+            .unwrap();
+
+        routes.down.borrow_mut().remove(&away_id);
+        same_everywhere(&nodes, applied.index).await;
+        let metrics = away.raft.metrics().borrow().clone();
+        assert_eq!(
+            metrics.snapshot,
+            Some(applied),
+            "it caught up from the snapshot"
+        );
+        {
+            let away_machine = away.machine.borrow();
+            assert!(
+                away_machine
+                    .authority()
+                    .certificate(&last.unwrap())
+                    .unwrap()
+                    .is_some(),
+                "what it missed is in its registry"
+            );
+            assert_eq!(away_machine.authority().log().size(), 21);
+        }
+        for node in &nodes {
+            node.raft.shutdown().await.unwrap();
+        }
+    });
+}
+
+#[test]
+fn raft_values_read_back_as_written_and_nothing_else() {
+    use super::codec::*;
+    use openraft::{
+        CommittedLeaderId, Entry, EntryPayload, LogId, Membership, StoredMembership, Vote,
+    };
+    let log_id = LogId::new(CommittedLeaderId::new(7, 2), 41);
+    let members = members();
+    let membership = Membership::new(vec![BTreeSet::from([1, 2, 3])], members);
+    let stored = StoredMembership::new(Some(log_id), membership.clone());
+    let bytes = encode_stored_membership(&stored);
+    assert_eq!(decode_stored_membership(&bytes), Some(stored));
+    for cut in 0..bytes.len() {
+        assert_eq!(decode_stored_membership(&bytes[..cut]), None);
+    }
+    let vote = Vote::new_committed(7, 2);
+    assert_eq!(decode_vote(&encode_vote(&vote)), Some(vote));
+    assert_eq!(decode_vote(&[&encode_vote(&vote)[..], &[0]].concat()), None);
+    for payload in [EntryPayload::Blank, EntryPayload::Membership(membership)] {
+        let entry: Entry<TypeConfig> = Entry { log_id, payload };
+        let bytes = encode_entry(&entry).unwrap();
+        assert_eq!(decode_entry(&bytes), Some(entry));
+        for cut in 0..bytes.len() {
+            assert_eq!(decode_entry(&bytes[..cut]), None, "{cut}");
+        }
+        assert_eq!(decode_entry(&[&bytes[..], &[0]].concat()), None);
+    }
+}

@@ -1,0 +1,193 @@
+//! The whole store as bytes, table by table and row by row: what a Raft
+//! snapshot carries to a lagging or new node, and what two replicas that
+//! applied the same commands agree on.
+//!
+//! `snapshot = tables u8 ‖ (name length u8 ‖ name ‖ rows u64 ‖ (key
+//! length u32 ‖ key ‖ value length u32 ‖ value)*)*`, the tables in
+//! [`for_each_table!`]'s order, each row as redb stores it. [`restore`]
+//! takes exactly that (every table, in order, rows in key order, each key
+//! and value a valid value of its table's types) and replaces the tables'
+//! contents in one transaction; anything else is refused and changes
+//! nothing. `cluster_meta` (the last applied entry and the membership) is
+//! not in it: the snapshot's own metadata carries those.
+
+use crate::authority::ct::log;
+use crate::authority::registry::{self, Reader};
+use crate::consensus::state;
+use crate::dns::store;
+use redb::{
+    Database, Key, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, TableHandle,
+    Value, WriteTransaction,
+};
+
+/// Every table of the store's replicated state, in snapshot order.
+macro_rules! for_each_table {
+    ($visit:ident) => {
+        $visit!(log::LEAVES);
+        $visit!(log::LEAF_HASHES);
+        $visit!(log::INDEX_BY_HASH);
+        $visit!(log::STHS);
+        $visit!(log::META);
+        $visit!(registry::CERTIFICATES);
+        $visit!(registry::REVOCATIONS);
+        $visit!(registry::CHILDREN);
+        $visit!(registry::RENEWALS);
+        $visit!(registry::ENROLLMENT_TOKENS);
+        $visit!(registry::ENROLLMENT_PAID);
+        $visit!(store::RECORDS);
+        $visit!(store::META);
+        $visit!(state::STAKE);
+        $visit!(state::PLOTS);
+        $visit!(state::BEACON);
+    };
+}
+
+/// One table's rows, as raw bytes.
+pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;
+
+fn rows_of<K: Key + 'static, V: Value + 'static>(
+    txn: &ReadTransaction,
+    table: TableDefinition<K, V>,
+) -> Result<Rows, redb::Error> {
+    let table = txn.open_table(table)?;
+    let mut rows = Vec::new();
+    for row in table.iter()? {
+        let (k, v) = row?;
+        rows.push((
+            K::as_bytes(&k.value()).as_ref().to_vec(),
+            V::as_bytes(&v.value()).as_ref().to_vec(),
+        ));
+    }
+    Ok(rows)
+}
+
+/// Every replicated table's name and rows, in snapshot order.
+pub fn tables(db: &Database) -> Result<Vec<(String, Rows)>, redb::Error> {
+    let txn = db.begin_read()?;
+    let mut out = Vec::new();
+    macro_rules! read {
+        ($table:expr) => {
+            out.push(($table.name().to_owned(), rows_of(&txn, $table)?));
+        };
+    }
+    for_each_table!(read);
+    Ok(out)
+}
+
+/// The store as snapshot bytes.
+pub fn dump(db: &Database) -> Result<Vec<u8>, redb::Error> {
+    let tables = tables(db)?;
+    let mut out = vec![tables.len() as u8];
+    for (name, rows) in tables {
+        out.push(name.len() as u8);
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(&(rows.len() as u64).to_be_bytes());
+        for (k, v) in rows {
+            for part in [k, v] {
+                out.extend_from_slice(&(part.len() as u32).to_be_bytes());
+                out.extend_from_slice(&part);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Why snapshot bytes were refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("the snapshot is malformed: {0}")]
+    Malformed(String),
+    #[error(transparent)]
+    Storage(#[from] redb::Error),
+}
+
+/// Whether `bytes` is a valid value of type `T` (redb's decoders assume
+/// it and panic otherwise).
+fn valid<T: Value>(bytes: &[u8]) -> bool {
+    match T::fixed_width() {
+        Some(width) => bytes.len() == width,
+        None if T::type_name().name() == "&str" => std::str::from_utf8(bytes).is_ok(),
+        None => true,
+    }
+}
+
+fn restore_table<K: Key + 'static, V: Value + 'static>(
+    txn: &WriteTransaction,
+    table: TableDefinition<K, V>,
+    r: &mut Reader<'_>,
+) -> Result<(), RestoreError> {
+    let malformed = |what: String| RestoreError::Malformed(what);
+    let name = table.name().to_owned();
+    let len = r
+        .u8()
+        .ok_or_else(|| malformed(format!("no table where {name} belongs")))?;
+    let given = r.take(usize::from(len)).unwrap_or_default();
+    if given != name.as_bytes() {
+        return Err(malformed(format!(
+            "table {name} is missing or out of order"
+        )));
+    }
+    let count = r
+        .u64()
+        .ok_or_else(|| malformed(format!("{name}: no row count")))?;
+    let mut table = txn.open_table(table).map_err(redb::Error::from)?;
+    table.retain(|_, _| false).map_err(redb::Error::from)?;
+    let mut previous: Option<Vec<u8>> = None;
+    for _ in 0..count {
+        let mut part = || {
+            let len = usize::try_from(r.u32()?).ok()?;
+            r.take(len)
+        };
+        let (Some(k), Some(v)) = (part(), part()) else {
+            return Err(malformed(format!("{name}: a row is cut short")));
+        };
+        if !valid::<K>(k) || !valid::<V>(v) {
+            return Err(malformed(format!(
+                "{name}: a row is not of the table's types"
+            )));
+        }
+        let key = K::from_bytes(k);
+        if let Some(previous) = &previous
+            && K::compare(previous, k) != std::cmp::Ordering::Less
+        {
+            return Err(malformed(format!("{name}: rows out of key order")));
+        }
+        table
+            .insert(key, V::from_bytes(v))
+            .map_err(redb::Error::from)?;
+        previous = Some(k.to_vec());
+    }
+    Ok(())
+}
+
+/// Replace the replicated tables' contents with `bytes` (a [`dump`]), in
+/// `txn`; refused (the caller aborts `txn`) when they are not exactly one.
+pub fn restore(txn: &WriteTransaction, bytes: &[u8]) -> Result<(), RestoreError> {
+    let mut r = Reader(bytes);
+    let tables = r
+        .u8()
+        .ok_or_else(|| RestoreError::Malformed("empty".into()))?;
+    let mut expected = 0u8;
+    macro_rules! count {
+        ($table:expr) => {
+            let _ = $table;
+            expected += 1;
+        };
+    }
+    for_each_table!(count);
+    if tables != expected {
+        return Err(RestoreError::Malformed(format!(
+            "{tables} tables where {expected} belong"
+        )));
+    }
+    macro_rules! write {
+        ($table:expr) => {
+            restore_table(txn, $table, &mut r)?;
+        };
+    }
+    for_each_table!(write);
+    if !r.0.is_empty() {
+        return Err(RestoreError::Malformed("bytes after the last table".into()));
+    }
+    Ok(())
+}
