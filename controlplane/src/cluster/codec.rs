@@ -27,7 +27,7 @@ pub fn encode_log_id(id: &LogId<u64>, out: &mut Vec<u8>) {
     out.extend_from_slice(&id.index.to_be_bytes());
 }
 
-fn read_log_id(r: &mut Reader<'_>) -> Option<LogId<u64>> {
+pub(crate) fn read_log_id(r: &mut Reader<'_>) -> Option<LogId<u64>> {
     let term = r.u64()?;
     let node = r.u64()?;
     let index = r.u64()?;
@@ -44,7 +44,7 @@ pub fn encode_optional_log_id(id: Option<&LogId<u64>>, out: &mut Vec<u8>) {
     }
 }
 
-fn read_optional_log_id(r: &mut Reader<'_>) -> Option<Option<LogId<u64>>> {
+pub(crate) fn read_optional_log_id(r: &mut Reader<'_>) -> Option<Option<LogId<u64>>> {
     match r.u8()? {
         0 => Some(None),
         1 => Some(Some(read_log_id(r)?)),

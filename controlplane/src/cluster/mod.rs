@@ -21,6 +21,7 @@ pub mod codec;
 // every call.
 #[allow(clippy::result_large_err)]
 mod log_store;
+pub mod rpc;
 #[allow(clippy::result_large_err)]
 mod state_machine;
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Three nodes in one process over an in-memory network, on one
 //! current-thread runtime: what the cluster promises, without sockets.
+//! Every message crosses as the bytes `super::rpc` makes of it.
 
 use super::*;
 use crate::authority::ca::{IssueRequest, KeyAlgorithm};
@@ -73,9 +74,13 @@ impl RaftNetwork<TypeConfig> for Connection {
         _option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RpcError> {
         let raft = self.routes.reach(self.from, self.to)?;
-        raft.append_entries(rpc)
+        // Through the bytes the cluster's `stoq/1` requests carry.
+        let rpc = rpc::decode_append(&rpc::encode_append(&rpc).unwrap()).unwrap();
+        let response = raft
+            .append_entries(rpc)
             .await
-            .map_err(|e| RemoteError::new(self.to, e).into())
+            .map_err(|e| RemoteError::new(self.to, e))?;
+        Ok(rpc::decode_append_response(&rpc::encode_append_response(&response)).unwrap())
     }
 
     async fn install_snapshot(
@@ -84,9 +89,12 @@ impl RaftNetwork<TypeConfig> for Connection {
         _option: RPCOption,
     ) -> Result<InstallSnapshotResponse<u64>, RpcError<InstallSnapshotError>> {
         let raft = self.routes.reach(self.from, self.to)?;
-        raft.install_snapshot(rpc)
+        let rpc = rpc::decode_snapshot(&rpc::encode_snapshot(&rpc)).unwrap();
+        let response = raft
+            .install_snapshot(rpc)
             .await
-            .map_err(|e| RemoteError::new(self.to, e).into())
+            .map_err(|e| RemoteError::new(self.to, e))?;
+        Ok(rpc::decode_snapshot_response(&rpc::encode_snapshot_response(&response)).unwrap())
     }
 
     async fn vote(
@@ -95,9 +103,12 @@ impl RaftNetwork<TypeConfig> for Connection {
         _option: RPCOption,
     ) -> Result<VoteResponse<u64>, RpcError> {
         let raft = self.routes.reach(self.from, self.to)?;
-        raft.vote(rpc)
+        let rpc = rpc::decode_vote_request(&rpc::encode_vote_request(&rpc)).unwrap();
+        let response = raft
+            .vote(rpc)
             .await
-            .map_err(|e| RemoteError::new(self.to, e).into())
+            .map_err(|e| RemoteError::new(self.to, e))?;
+        Ok(rpc::decode_vote_response(&rpc::encode_vote_response(&response)).unwrap())
     }
 }
 
