@@ -404,7 +404,7 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
     let mut authority = authority;
     let control = ControlPlane::spawn(resolved.control_plane_core, move |now| authority.poll(now))
         .context("cannot start the control plane")?;
-    port.set_control_thread(control.thread().clone());
+    port.set_control_waker(control.waker());
     let server = match dataplane::serve(&resolved.settings, &identity) {
         Ok(server) => server,
         Err(e) => {

@@ -56,22 +56,36 @@ pub enum ControlRequest {
     Shutdown,
 }
 
+/// Wakes the control-plane thread: whoever queues something for it
+/// (workers, the process) calls it. A wake with the thread busy is kept
+/// for its next wait, so none is lost.
+pub type ControlWaker = Arc<dyn Fn() + Send + Sync>;
+
 /// The sending side, cloned into every worker.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ControlSender {
     queue: Arc<ArrayQueue<ControlRequest>>,
-    thread: std::thread::Thread,
+    wake: Arc<tokio::sync::Notify>,
+}
+
+impl std::fmt::Debug for ControlSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlSender").finish_non_exhaustive()
+    }
 }
 
 impl ControlSender {
     /// Queue a request; hands it back when the queue is full.
     pub fn send(&self, request: ControlRequest) -> Result<(), ControlRequest> {
         self.queue.push(request)?;
-        self.thread.unpark();
+        self.wake.notify_one();
         Ok(())
     }
 }
 
+/// The control-plane thread. It runs a current-thread tokio runtime (what
+/// the cluster's Raft runs on, in the same thread as the service) and, on
+/// it, the loop that calls the process's `work`.
 pub struct ControlPlane {
     pub sender: ControlSender,
     thread: JoinHandle<()>,
@@ -88,6 +102,8 @@ impl ControlPlane {
     ) -> std::io::Result<Self> {
         let queue = Arc::new(ArrayQueue::new(REQUEST_QUEUE_LEN));
         let inbox = queue.clone();
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let woken = wake.clone();
         // Returns once the thread is pinned, so callers see it in place.
         let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -106,17 +122,14 @@ impl ControlPlane {
                 // admit or answer. A panic here (a bug: requests are parsed
                 // with checked decoders) ends the process for the service
                 // manager to restart, as a dying worker does.
-                let run = std::panic::AssertUnwindSafe(|| run(&inbox, &mut work));
+                let run = std::panic::AssertUnwindSafe(|| run(&inbox, &woken, &mut work));
                 if std::panic::catch_unwind(run).is_err() {
                     tracing::error!("the control-plane thread panicked; aborting the process");
                     std::process::abort();
                 }
             })?;
         let _ = started_rx.recv();
-        let sender = ControlSender {
-            queue,
-            thread: thread.thread().clone(),
-        };
+        let sender = ControlSender { queue, wake };
         Ok(Self { sender, thread })
     }
 
@@ -134,21 +147,45 @@ impl ControlPlane {
     pub fn thread(&self) -> &std::thread::Thread {
         self.thread.thread()
     }
+
+    /// What wakes the thread, for those that queue work for it elsewhere
+    /// (the workers' request port).
+    pub fn waker(&self) -> ControlWaker {
+        let wake = self.sender.wake.clone();
+        Arc::new(move || wake.notify_one())
+    }
 }
 
 fn core_pin(core: usize) -> bool {
     core_affinity::set_for_current(core_affinity::CoreId { id: core })
 }
 
-fn run(inbox: &ArrayQueue<ControlRequest>, work: &mut dyn FnMut(std::time::Instant) -> Duration) {
-    loop {
-        if let Some(ControlRequest::Shutdown) = inbox.pop() {
-            return;
+fn run(
+    inbox: &ArrayQueue<ControlRequest>,
+    wake: &tokio::sync::Notify,
+    work: &mut dyn FnMut(std::time::Instant) -> Duration,
+) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("a current-thread runtime with a timer always builds");
+    tokio::task::LocalSet::new().block_on(&runtime, async {
+        loop {
+            if let Some(ControlRequest::Shutdown) = inbox.pop() {
+                return;
+            }
+            let sleep = work(std::time::Instant::now());
+            if sleep.is_zero() {
+                // More is queued: let the runtime's own tasks run first.
+                tokio::task::yield_now().await;
+                continue;
+            }
+            // Senders wake the thread after every push; a wake that came
+            // while `work` ran is kept, so the wait ends at once.
+            tokio::select! {
+                () = wake.notified() => {}
+                () = tokio::time::sleep(sleep.min(Duration::from_secs(1))) => {}
+            }
         }
-        let sleep = work(std::time::Instant::now());
-        // Parking is cheap and bounded: senders unpark after every push.
-        if !sleep.is_zero() {
-            std::thread::park_timeout(sleep.min(Duration::from_secs(1)));
-        }
-    }
+    });
 }

@@ -53,7 +53,7 @@ pub struct Reply {
 pub struct ControlPort {
     requests: ArrayQueue<Forwarded>,
     replies: Box<[ArrayQueue<Reply>]>,
-    control: OnceLock<std::thread::Thread>,
+    control: OnceLock<Arc<dyn Fn() + Send + Sync>>,
     mailboxes: OnceLock<Arc<[Mailbox]>>,
 }
 
@@ -69,9 +69,9 @@ impl ControlPort {
         })
     }
 
-    /// The thread that serves requests (it is unparked for each one).
-    pub fn set_control_thread(&self, thread: std::thread::Thread) {
-        let _ = self.control.set(thread);
+    /// What wakes the thread that serves requests (called for each one).
+    pub fn set_control_waker(&self, wake: Arc<dyn Fn() + Send + Sync>) {
+        let _ = self.control.set(wake);
     }
 
     pub(crate) fn set_mailboxes(&self, mailboxes: Arc<[Mailbox]>) {
@@ -85,8 +85,8 @@ impl ControlPort {
     /// Worker side: queue a request; hands it back when the queue is full.
     pub fn forward(&self, request: Forwarded) -> Result<(), Forwarded> {
         self.requests.push(request)?;
-        if let Some(thread) = self.control.get() {
-            thread.unpark();
+        if let Some(wake) = self.control.get() {
+            wake();
         }
         Ok(())
     }
