@@ -47,6 +47,11 @@ pub trait Connect: clap::Args + std::fmt::Debug {
     /// present (the one the flags choose).
     fn target(&self) -> anyhow::Result<ClientTarget>;
     fn timeout(&self) -> Duration;
+    /// The cluster's members to try, in order, when more than one was
+    /// given; empty for the target's own address only.
+    fn members(&self) -> Vec<std::net::SocketAddr> {
+        Vec::new()
+    }
 }
 
 /// `internet2 enroll`.
@@ -274,10 +279,15 @@ fn kind_name(kind: u8) -> &'static str {
     }
 }
 
-/// One server, one identity (or none), one timeout.
+/// One server (or the members of one cluster), one identity (or none),
+/// one timeout.
 struct Session {
     target: ClientTarget,
     timeout: Duration,
+    /// Addresses to fail over to, in order; the one that answered last
+    /// is tried first.
+    members: Vec<std::net::SocketAddr>,
+    answered: std::cell::Cell<usize>,
 }
 
 impl Session {
@@ -285,7 +295,49 @@ impl Session {
         Ok(Self {
             target: flags.target()?,
             timeout: flags.timeout(),
+            members: flags.members(),
+            answered: std::cell::Cell::new(0),
         })
+    }
+
+    /// One request to the first member that completes a handshake: a
+    /// member that does not is down (the request never reached it), so the
+    /// next is tried. One that answered, even with an error, is the answer.
+    fn exchange(
+        &self,
+        config: &quinn_proto::ClientConfig,
+        kind: u8,
+        payload: &[u8],
+    ) -> Result<(std::net::SocketAddr, dataplane::client::rpc::RpcOutcome), ClientError> {
+        if self.members.len() < 2 {
+            let outcome = rpc_raw(&self.target, config, kind, payload, self.timeout)?;
+            return Ok((self.target.remote, outcome));
+        }
+        let start = self.answered.get();
+        let count = self.members.len();
+        let mut last = None;
+        for step in 0..count {
+            let at = (start + step) % count;
+            let target = ClientTarget {
+                remote: self.members[at],
+                ..self.target.clone()
+            };
+            let outcome = rpc_raw(&target, config, kind, payload, self.timeout)?;
+            if outcome.handshake.is_some() {
+                self.answered.set(at);
+                return Ok((target.remote, outcome));
+            }
+            if step + 1 < count {
+                eprintln!(
+                    "internet2: {} did not answer ({}); trying {}",
+                    target.remote,
+                    outcome.error.as_deref().unwrap_or("no handshake"),
+                    self.members[(at + 1) % count]
+                );
+            }
+            last = Some((target.remote, outcome));
+        }
+        Ok(last.expect("at least two members were tried"))
     }
 
     /// The root certificate the user trusts (`--ca`): the anchor of every
@@ -308,17 +360,15 @@ impl Session {
     ) -> Result<Resp, CallError> {
         let what = kind_name(kind);
         let payload = serde_json::to_vec(request).expect("requests serialize");
-        let remote = self.target.remote;
         let setup = |source| CallError::Setup {
-            remote,
+            remote: self.target.remote,
             source: Box::new(source),
         };
         let config = self
             .target
             .client_config(dataplane::protocols::ALPN_STOQ)
             .map_err(setup)?;
-        let outcome =
-            rpc_raw(&self.target, &config, kind, &payload, self.timeout).map_err(setup)?;
+        let (remote, outcome) = self.exchange(&config, kind, &payload).map_err(setup)?;
         let body = match outcome.replies.into_iter().next() {
             Some(Reply::Ok(body)) => body,
             Some(Reply::Error { code, message }) => {

@@ -499,3 +499,63 @@ fn a_rerun_enrollment_finishes_with_its_pending_key_and_no_other_key() {
     assert_eq!(mode & 0o777, 0o600);
     assert_eq!(list(&server, "all").len(), certificates);
 }
+
+#[test]
+fn several_members_a_request_goes_to_the_first_that_answers() {
+    let server = Server::start("auth-members", "");
+    // Nothing listens on the first address: the handshake never completes,
+    // so the request was never delivered there and goes to the next.
+    let down = format!("[::1]:{}", common::free_port());
+    let members = format!("{down},{}", server.addr());
+    let out = server.client(&[
+        "cert",
+        "list",
+        "--json",
+        "--connect",
+        &members,
+        "--timeout-ms",
+        "1500",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let listed = json(&out);
+    assert!(
+        !listed["certificates"].as_array().unwrap().is_empty(),
+        "{listed}"
+    );
+    assert!(
+        stderr.contains(&format!("{down} did not answer")),
+        "the switch is said: {stderr}"
+    );
+    // An answer that is an error is the answer: the next member is not
+    // asked (here it is the same server; the refusal comes once).
+    let unknown = "01".repeat(16);
+    let out = server.client(&[
+        "cert",
+        "revoke",
+        &unknown,
+        "--connect",
+        &format!("{},{}", server.addr(), server.addr()),
+    ]);
+    let stderr = failed(&out);
+    assert!(
+        stderr.contains("no certificate of this authority"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("did not answer"), "{stderr}");
+    // Every member down: the last one's failure, after trying each.
+    let other_down = format!("[::1]:{}", common::free_port());
+    let out = server.client(&[
+        "cert",
+        "list",
+        "--connect",
+        &format!("{down},{other_down}"),
+        "--timeout-ms",
+        "1000",
+    ]);
+    let stderr = failed(&out);
+    assert!(
+        stderr.contains(&format!("{down} did not answer")),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&other_down), "{stderr}");
+}

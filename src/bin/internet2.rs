@@ -132,9 +132,24 @@ enum Command {
     },
 }
 
+impl TargetArgs {
+    /// The first member: where measurements go.
+    fn first(&self) -> SocketAddr {
+        self.connect[0]
+    }
+}
+
 impl cli_authority::Connect for TargetArgs {
     fn target(&self) -> anyhow::Result<ClientTarget> {
         target(self, TransportSettings::default())
+    }
+
+    fn members(&self) -> Vec<SocketAddr> {
+        match &self.by_name {
+            // The name resolved to one address, pinned.
+            Some(_) => Vec::new(),
+            None => self.connect.clone(),
+        }
     }
 
     fn timeout(&self) -> Duration {
@@ -144,10 +159,13 @@ impl cli_authority::Connect for TargetArgs {
 
 #[derive(Debug, Args)]
 struct TargetArgs {
-    /// Server address, IPv6 only (with --name: the server whose embedded
-    /// DNS resolves the name).
-    #[arg(long, default_value = "[::1]:4433")]
-    connect: SocketAddr,
+    /// Server address, IPv6 only (with --host: the server whose embedded
+    /// DNS resolves the name). Several, comma-separated, are members of one
+    /// cluster: a request goes to the first that completes a handshake,
+    /// the others in turn when it does not; measurements (bench, ping)
+    /// use the first.
+    #[arg(long, default_value = "[::1]:4433", value_delimiter = ',', num_args = 1..)]
+    connect: Vec<SocketAddr>,
     /// Reach the server by its name in the embedded DNS: resolve it over
     /// DNS-over-QUIC at --connect, connect to its address, and refuse a
     /// server whose key does not match the name's TLSA pin.
@@ -372,7 +390,7 @@ fn target(args: &TargetArgs, transport: TransportSettings) -> anyhow::Result<Cli
         client_identity(args.identity.as_deref(), &ca)?.unzip()
     };
     let target = ClientTarget {
-        remote: args.connect,
+        remote: args.first(),
         server_name: args.server_name.clone(),
         trust: ServerTrust::Roots(vec![root.clone()]),
         identity,
@@ -593,7 +611,7 @@ fn stats(args: &TargetArgs, json: bool) -> anyhow::Result<()> {
     let body = match &outcome.replies[0] {
         Reply::Ok(body) => body.clone(),
         Reply::Error { code, message } => bail!("server error {code}: {message}"),
-        Reply::Failed(why) => bail!("stats from {}: {why}", args.connect),
+        Reply::Failed(why) => bail!("stats from {}: {why}", args.first()),
     };
     if json {
         println!("{}", String::from_utf8_lossy(&body));
@@ -668,7 +686,7 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         bail!("--duration must be a positive number of seconds");
     }
     let plan = BenchPlan {
-        remote: args.target.connect,
+        remote: args.target.first(),
         server_name: args.target.server_name.clone(),
         connections: args.connections.max(1),
         active: args
@@ -745,7 +763,7 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     if reports.iter().all(|r| r.handshakes == 0) {
         bail!(
             "no connection to {} completed a handshake",
-            args.target.connect
+            args.target.first()
         );
     }
     if args.verify && failures > 0 {
@@ -806,7 +824,7 @@ fn summarize(reports: &[BenchReport]) -> serde_json::Value {
 
 fn resolve(args: &TargetArgs, name: &str, port: Option<u16>, json: bool) -> anyhow::Result<()> {
     let target = target(args, TransportSettings::default())?;
-    let port = port.unwrap_or(args.connect.port());
+    let port = port.unwrap_or(args.first().port());
     let resolved =
         client::resolve_endpoint(&target, name, port, Duration::from_millis(args.timeout_ms))?;
     let pin = resolved.pin.map(|p| controlplane::authority::api::hex(&p));
