@@ -6,6 +6,15 @@
 //! authority's own storage (redb, durable before a certificate is returned)
 //! and the operator identity file.
 //!
+//! A request that changes the state goes in two steps
+//! ([`AuthorityService::handle_request`]): checked and proposed (the CA
+//! signs, the serial and time are chosen) as a [`Command`], then answered
+//! from what applying it did ([`Pending::finish`]). A single node applies
+//! at once (`handle`); a cluster commits the command through its log
+//! first, after other commands perhaps, so the apply checks it again and
+//! may refuse it (a revocation of a serial revoked meanwhile is
+//! `ALREADY_REVOKED`).
+//!
 //! Who may do what (the caller is identified by its client certificate,
 //! checked again here against the CA and the revocation list):
 //! - `ENROLL`: anyone, with a valid one-time token (again with the same
@@ -75,20 +84,23 @@
 //! to the workers.
 
 use super::api::{self, ServiceError};
+use super::ca::IssuedCertificate;
 use super::ca::{
     self, CaError, DEFAULT_LIFETIME, IssueRequest, KeyAlgorithm, RevocationSnapshot, Serial, Usage,
     same_name,
 };
+use super::ct::AppendReceipt;
 use super::ct::{LogError, LogKeyAlgorithm, decode_leaf, encode_x509_leaf, leaf_hash};
 use super::enrollment::{EnrollmentKey, VerifiedToken};
 use super::logged::{Authority, AuthorityError, LoggedCertificate};
+use super::logged::{Certify, SpentToken};
 use super::registry::{
     CertificateFilter, CertificateRecord, MAX_RECORDS_PER_CALL, RevocationReason,
 };
 use crate::dns::{
     NameError, RecordError, RecordSet, Tlsa, Zone, ZoneChange, ZoneConfig, ZoneError, ZoneSnapshot,
 };
-use crate::machine::Machine;
+use crate::machine::{Applied, Command, Machine};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer};
 use serde::Serialize;
@@ -603,6 +615,54 @@ fn certificate_info(record: &CertificateRecord) -> api::CertificateInfo {
     }
 }
 
+/// How a request continues once its command is applied: with what the
+/// command did (or why it was refused), it makes the answer.
+pub type Finish = Box<dyn FnOnce(&mut AuthorityService, Result<Applied, AuthorityError>) -> Answer>;
+
+/// A response payload, or the error to answer with.
+pub type Answer = Result<Vec<u8>, ServiceError>;
+
+/// A command a request proposes, and how to answer once it is applied.
+pub struct Pending {
+    pub command: Command,
+    pub finish: Finish,
+}
+
+/// Where a request stands after [`AuthorityService::handle_request`].
+pub enum Handled {
+    /// Answered: it changed nothing, or was refused.
+    Answer(Answer),
+    /// Its command is to be committed; then `finish` answers.
+    Commit(Box<Pending>),
+}
+
+fn answer<T: Serialize>(value: &T) -> Result<Handled, ServiceError> {
+    Ok(Handled::Answer(respond(value)))
+}
+
+/// Commit `command`; once applied, `finish` turns what it did into the
+/// answer's value. A refusal at apply is the answer's error.
+fn commit<T: Serialize>(
+    command: Command,
+    finish: impl FnOnce(&mut AuthorityService, Applied) -> Result<T, ServiceError> + 'static,
+) -> Result<Handled, ServiceError> {
+    Ok(Handled::Commit(Box::new(Pending {
+        command,
+        finish: Box::new(move |service, applied| {
+            let applied = applied.map_err(authority_error)?;
+            respond(&finish(service, applied)?)
+        }),
+    })))
+}
+
+/// The receipt of an applied certificate.
+fn certified(applied: Applied) -> Result<AppendReceipt, ServiceError> {
+    match applied {
+        Applied::Certified(receipt) => Ok(receipt),
+        other => Err(internal(format!("a certificate was applied as {other:?}"))),
+    }
+}
+
 impl AuthorityService {
     /// Open (or create) the authority in `data_dir`: CA, log, registry and
     /// the enrollment secret.
@@ -630,10 +690,11 @@ impl AuthorityService {
     }
 
     /// One `stoq/1` request of kind `kind` (one of [`api::KINDS`]) from
-    /// `caller`. Returns the JSON response payload (response kind
-    /// `kind | 0x80`), or the error to answer with (kind 0xff). Call
-    /// [`Self::take_rotated`] afterwards. A request that fails changes
-    /// nothing.
+    /// `caller`, on this node alone: what [`Self::handle_request`] asks to
+    /// commit is applied here at once. Returns the JSON response payload
+    /// (response kind `kind | 0x80`), or the error to answer with (kind
+    /// 0xff). Call [`Self::take_rotated`] afterwards. A request that fails
+    /// changes nothing.
     pub fn handle(
         &mut self,
         caller: &Caller,
@@ -641,6 +702,37 @@ impl AuthorityService {
         payload: &[u8],
         now: SystemTime,
     ) -> Result<Vec<u8>, ServiceError> {
+        match self.handle_request(caller, kind, payload, now) {
+            Handled::Answer(answer) => answer,
+            Handled::Commit(pending) => {
+                let Pending { command, finish } = *pending;
+                let applied = self.machine.apply(command);
+                finish(self, applied)
+            }
+        }
+    }
+
+    /// One `stoq/1` request, as far as it goes without changing the
+    /// state: its answer, or the command it proposes and how to answer once
+    /// that command is applied (here, or through the cluster's log).
+    pub fn handle_request(
+        &mut self,
+        caller: &Caller,
+        kind: u8,
+        payload: &[u8],
+        now: SystemTime,
+    ) -> Handled {
+        self.route(caller, kind, payload, now)
+            .unwrap_or_else(|e| Handled::Answer(Err(e)))
+    }
+
+    fn route(
+        &mut self,
+        caller: &Caller,
+        kind: u8,
+        payload: &[u8],
+        now: SystemTime,
+    ) -> Result<Handled, ServiceError> {
         if !api::KINDS.contains(&kind)
             || (self.machine.zone().is_none() && api::DNS_KINDS.contains(&kind))
         {
@@ -657,40 +749,40 @@ impl AuthorityService {
             )));
         }
         if kind == api::ENROLL {
-            return respond(&self.enroll(parse(payload)?, now)?);
+            return self.enroll(parse(payload)?, now);
         }
         if kind == api::CT_KEY {
             parse::<api::NoArguments>(payload)?;
-            return respond(&self.ct_key());
+            return answer(&self.ct_key());
         }
         let who = self.identify(caller, now)?;
         match kind {
-            api::CERT_ISSUE => respond(&self.cert_issue(&who, parse(payload)?, now)?),
-            api::CERT_RENEW => respond(&self.cert_renew(&who, parse(payload)?, now)?),
-            api::CERT_REVOKE => respond(&self.cert_revoke(&who, parse(payload)?, now)?),
-            api::CERT_LIST => respond(&self.cert_list(parse(payload)?, now)?),
+            api::CERT_ISSUE => self.cert_issue(&who, parse(payload)?, now),
+            api::CERT_RENEW => self.cert_renew(&who, parse(payload)?, now),
+            api::CERT_REVOKE => self.cert_revoke(&who, parse(payload)?, now),
+            api::CERT_LIST => answer(&self.cert_list(parse(payload)?, now)?),
             api::CA_ROOT => {
                 parse::<api::NoArguments>(payload)?;
                 let ca = self.machine.authority().ca();
-                respond(&api::CaRoot {
+                answer(&api::CaRoot {
                     root_pem: ca.root_pem().to_owned(),
                     intermediate_pem: ca.intermediate_pem().to_owned(),
                 })
             }
             api::CT_STH => {
                 parse::<api::NoArguments>(payload)?;
-                respond(&self.latest_sth()?)
+                answer(&self.latest_sth()?)
             }
-            api::CT_PROOF => respond(&self.ct_proof(parse(payload)?)?),
-            api::CT_CONSISTENCY => respond(&self.ct_consistency(parse(payload)?)?),
-            api::CT_ENTRIES => respond(&self.ct_entries(parse(payload)?)?),
+            api::CT_PROOF => answer(&self.ct_proof(parse(payload)?)?),
+            api::CT_CONSISTENCY => answer(&self.ct_consistency(parse(payload)?)?),
+            api::CT_ENTRIES => answer(&self.ct_entries(parse(payload)?)?),
             api::ROTATE => {
                 parse::<api::NoArguments>(payload)?;
-                respond(&self.rotate(&who, now)?)
+                self.rotate(&who, now)
             }
-            api::DNS_SET => respond(&self.dns_set(&who, parse(payload)?, now)?),
-            api::DNS_REMOVE => respond(&self.dns_remove(&who, parse(payload)?, now)?),
-            api::DNS_LIST => respond(&self.dns_list(parse(payload)?)?),
+            api::DNS_SET => self.dns_set(&who, parse(payload)?, now),
+            api::DNS_REMOVE => self.dns_remove(&who, parse(payload)?, now),
+            api::DNS_LIST => answer(&self.dns_list(parse(payload)?)?),
             _ => unreachable!("every kind in api::KINDS is served"),
         }
     }
@@ -793,6 +885,17 @@ impl AuthorityService {
         &mut self,
         now: SystemTime,
     ) -> Result<ServerCertificate, AuthorityError> {
+        let (certificate, certify) = self.propose_server_certificate(now)?;
+        self.machine.apply(Command::Certify(certify))?;
+        Ok(self.server_certificate(certificate))
+    }
+
+    /// A server certificate for `config.server_names` with the server's
+    /// key, signed, and the command that logs it.
+    fn propose_server_certificate(
+        &self,
+        now: SystemTime,
+    ) -> Result<(IssuedCertificate, Certify), AuthorityError> {
         let (dns_names, ip_addresses) = split_names(&self.config.server_names);
         let request = IssueRequest {
             subject: self
@@ -808,9 +911,12 @@ impl AuthorityService {
             public_key: Some(server_spki(&self.server_key)?),
             parent: None,
         };
-        let logged = self.machine.issue(request, now, None)?;
-        let certificate = logged.certificate;
-        Ok(ServerCertificate {
+        self.machine.authority().propose_issue(request, now)
+    }
+
+    /// What the workers present, for a logged server certificate.
+    fn server_certificate(&self, certificate: IssuedCertificate) -> ServerCertificate {
+        ServerCertificate {
             chain_der: vec![
                 certificate.cert_der,
                 self.machine.authority().ca().intermediate_der().to_vec(),
@@ -818,7 +924,7 @@ impl AuthorityService {
             key_pkcs8_der: self.server_key.clone(),
             serial: certificate.serial,
             not_after: certificate.not_after,
-        })
+        }
     }
 
     /// Make sure `path` holds a valid operator identity: a client
@@ -929,7 +1035,7 @@ impl AuthorityService {
         &mut self,
         request: api::EnrollRequest,
         now: SystemTime,
-    ) -> Result<api::Issued, ServiceError> {
+    ) -> Result<Handled, ServiceError> {
         let token = self
             .tokens
             .verify(&request.token, now)
@@ -941,19 +1047,34 @@ impl AuthorityService {
             .token_spent(token.id())
             .map_err(authority_error)?
         {
-            return self.enrolled_before(&token, &csr);
+            return answer(&self.enrolled_before(&token, &csr)?);
         }
         self.check_not_reserved(&csr)?;
         self.check_names_free(&csr, now)?;
-        let logged = self
+        let (certificate, mut certify) = self
             .machine
-            .issue_enrolled(
-                csr.request(Usage::Client, self.config.lifetime, None),
-                &token,
-                now,
-            )
+            .authority()
+            .propose_issue(csr.request(Usage::Client, self.config.lifetime, None), now)
             .map_err(authority_error)?;
-        self.issued(&logged)
+        certify.token = Some(SpentToken {
+            id: token.id().0,
+            expires_at_s: token.expires_at_s(),
+        });
+        self.commit_certificate(certificate, certify, Vec::new())
+    }
+
+    /// Commit a certificate's command; answer with it, logged and proven.
+    fn commit_certificate(
+        &mut self,
+        certificate: IssuedCertificate,
+        certify: Certify,
+        zone_names: Vec<String>,
+    ) -> Result<Handled, ServiceError> {
+        commit(Command::Certify(certify), move |service, applied| {
+            let logged = LoggedCertificate::logged(certificate, certified(applied)?);
+            service.zone_followed(zone_names);
+            service.issued(&logged)
+        })
     }
 
     /// A spent token again: the certificate it paid for, proven in the
@@ -1095,7 +1216,7 @@ impl AuthorityService {
         who: &Identity,
         request: api::CertIssueRequest,
         now: SystemTime,
-    ) -> Result<api::Issued, ServiceError> {
+    ) -> Result<Handled, ServiceError> {
         let csr = parse_csr(&request.csr_pem)?;
         if !who.operator {
             self.check_not_reserved(&csr)?;
@@ -1120,12 +1241,13 @@ impl AuthorityService {
         // goes. The operator's authority is its own.
         let parent = (!who.operator).then_some(who.serial);
         let names = zone_names(change.as_ref());
-        let logged = self
+        let (certificate, mut certify) = self
             .machine
-            .issue(csr.request(usage, lifetime, parent), now, change)
+            .authority()
+            .propose_issue(csr.request(usage, lifetime, parent), now)
             .map_err(authority_error)?;
-        self.zone_followed(names);
-        self.issued(&logged)
+        certify.zone = change;
+        self.commit_certificate(certificate, certify, names)
     }
 
     /// The pin changes a server certificate for `holder`'s names and key
@@ -1171,7 +1293,7 @@ impl AuthorityService {
         who: &Identity,
         request: api::CertRenewRequest,
         now: SystemTime,
-    ) -> Result<api::Issued, ServiceError> {
+    ) -> Result<Handled, ServiceError> {
         let der = pem_der("certificate_pem", &request.certificate_pem)?;
         let facts = cert_facts(&der)
             .map_err(|e| ServiceError::malformed(format!("certificate_pem: {e}")))?;
@@ -1195,12 +1317,13 @@ impl AuthorityService {
             None
         };
         let names = zone_names(change.as_ref());
-        let logged = self
+        let (certificate, mut certify) = self
             .machine
-            .renew(&der, now, change)
+            .authority()
+            .propose_renewal(&der, now)
             .map_err(authority_error)?;
-        self.zone_followed(names);
-        self.issued(&logged)
+        certify.zone = change;
+        self.commit_certificate(certificate, certify, names)
     }
 
     fn cert_revoke(
@@ -1208,7 +1331,7 @@ impl AuthorityService {
         who: &Identity,
         request: api::CertRevokeRequest,
         now: SystemTime,
-    ) -> Result<api::Revoked, ServiceError> {
+    ) -> Result<Handled, ServiceError> {
         let serial = parse_serial("serial", &request.serial)?;
         let reason = parse_reason(request.reason.as_deref())?;
         let record = self
@@ -1241,25 +1364,28 @@ impl AuthorityService {
         }
         let change = self.unpin_change(&revoked, now)?;
         let names = zone_names(change.as_ref());
-        let cascade = self
+        let mut revoke = self
             .machine
-            .revoke(serial, reason, now, change)
+            .authority()
+            .propose_revocation(serial, reason, now)
             .map_err(authority_error)?;
-        self.zone_followed(names);
-        // The audit trail: durable in the registry, and in the log output.
-        tracing::info!(
-            %serial,
-            subject = %record.subject,
-            reason = request.reason.as_deref().unwrap_or("unspecified"),
-            by = if who.operator { "operator" } else { "owner" },
-            "certificate revoked"
-        );
-        for child in cascade {
-            tracing::info!(serial = %child, with = %serial, "certificate revoked with the one it renewed or was issued on the authority of");
-        }
-        Ok(api::Revoked {
-            serial: serial.to_string(),
-            revoked_at: unix_s(now),
+        revoke.zone = change;
+        let by = if who.operator { "operator" } else { "owner" };
+        let reason = request.reason.unwrap_or_else(|| "unspecified".into());
+        commit(Command::Revoke(revoke), move |service, applied| {
+            let Applied::Revoked(serials) = applied else {
+                return Err(internal(format!("a revocation was applied as {applied:?}")));
+            };
+            service.zone_followed(names);
+            // The audit trail: durable in the registry, and in the log output.
+            tracing::info!(%serial, subject = %record.subject, reason, by, "certificate revoked");
+            for child in serials.iter().skip(1) {
+                tracing::info!(serial = %child, with = %serial, "certificate revoked with the one it renewed or was issued on the authority of");
+            }
+            Ok(api::Revoked {
+                serial: serial.to_string(),
+                revoked_at: unix_s(now),
+            })
         })
     }
 
@@ -1348,26 +1474,42 @@ impl AuthorityService {
     }
 
     /// Set (`Some`) or remove (`None`) the records of `name` (from
-    /// [`Self::name_to_change`]), durably; the zone's serial after it.
+    /// [`Self::name_to_change`]); answered with `changed` and the zone's
+    /// serial after it. A change to what is there already is answered at
+    /// once.
     fn zone_write(
         &mut self,
         who: &Identity,
-        name: &str,
+        name: String,
         records: Option<RecordSet>,
-    ) -> Result<u32, ServiceError> {
+    ) -> Result<Handled, ServiceError> {
+        let record = records.as_ref().map(|r| dns_record(&name, r));
         let what = match records {
             Some(_) => "zone name set",
             None => "zone name removed",
         };
-        if let Some(change) = self
+        let change = self
             .dns_zone()
-            .plan(vec![(name.to_owned(), records)])
-            .map_err(zone_error)?
-        {
-            self.machine.change_zone(change).map_err(authority_error)?;
-            tracing::info!(%name, by = if who.operator { "operator" } else { "owner" }, serial = self.dns_zone().serial(), "{what}");
-        }
-        Ok(self.dns_zone().serial())
+            .plan(vec![(name.clone(), records)])
+            .map_err(zone_error)?;
+        let Some(change) = change else {
+            let serial = self.dns_zone().serial();
+            return answer(&api::DnsChanged {
+                name,
+                record,
+                serial,
+            });
+        };
+        let by = if who.operator { "operator" } else { "owner" };
+        commit(Command::Zone(change), move |service, _| {
+            let serial = service.dns_zone().serial();
+            tracing::info!(%name, by, serial, "{what}");
+            Ok(api::DnsChanged {
+                name,
+                record,
+                serial,
+            })
+        })
     }
 
     fn dns_set(
@@ -1375,7 +1517,7 @@ impl AuthorityService {
         who: &Identity,
         request: api::DnsSetRequest,
         now: SystemTime,
-    ) -> Result<api::DnsChanged, ServiceError> {
+    ) -> Result<Handled, ServiceError> {
         let name = self.name_to_change(who, &request.name, now)?;
         let pin = who.facts.pin();
         let owner = (!who.operator).then_some(pin);
@@ -1386,13 +1528,7 @@ impl AuthorityService {
                 api::hex(&pin)
             )));
         }
-        let record = dns_record(&name, &records);
-        let serial = self.zone_write(who, &name, Some(records))?;
-        Ok(api::DnsChanged {
-            name,
-            record: Some(record),
-            serial,
-        })
+        self.zone_write(who, name, Some(records))
     }
 
     fn dns_remove(
@@ -1400,7 +1536,7 @@ impl AuthorityService {
         who: &Identity,
         request: api::DnsRemoveRequest,
         now: SystemTime,
-    ) -> Result<api::DnsChanged, ServiceError> {
+    ) -> Result<Handled, ServiceError> {
         let name = self.name_to_change(who, &request.name, now)?;
         if self.dns_zone().get(&name).is_none() {
             return Err(ServiceError::new(
@@ -1408,12 +1544,7 @@ impl AuthorityService {
                 format!("the zone has no records for {name}"),
             ));
         }
-        let serial = self.zone_write(who, &name, None)?;
-        Ok(api::DnsChanged {
-            name,
-            record: None,
-            serial,
-        })
+        self.zone_write(who, name, None)
     }
 
     fn dns_list(&self, request: api::DnsListRequest) -> Result<api::DnsList, ServiceError> {
@@ -1667,21 +1798,25 @@ impl AuthorityService {
         }
     }
 
-    fn rotate(&mut self, who: &Identity, now: SystemTime) -> Result<api::Rotated, ServiceError> {
+    fn rotate(&mut self, who: &Identity, now: SystemTime) -> Result<Handled, ServiceError> {
         if !who.operator {
             return Err(unauthorized(
                 "only the operator may rotate the server certificate",
             ));
         }
-        let certificate = self
-            .issue_server_certificate(now)
+        let (certificate, certify) = self
+            .propose_server_certificate(now)
             .map_err(authority_error)?;
-        let rotated = api::Rotated {
-            serial: certificate.serial.to_string(),
-            not_after: unix_s(certificate.not_after),
-        };
-        self.rotated = Some(certificate);
-        Ok(rotated)
+        commit(Command::Certify(certify), move |service, applied| {
+            certified(applied)?;
+            let certificate = service.server_certificate(certificate);
+            let rotated = api::Rotated {
+                serial: certificate.serial.to_string(),
+                not_after: unix_s(certificate.not_after),
+            };
+            service.rotated = Some(certificate);
+            Ok(rotated)
+        })
     }
 }
 

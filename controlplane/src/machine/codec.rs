@@ -5,13 +5,13 @@
 //! tick as the admission tables), so there is one encoding per thing.
 //!
 //! `command = version (1) ‖ kind ‖ body`, integers big-endian:
-//! - kind 1, certify: serial [16] ‖ record length u32 ‖ the record ‖ token
-//!   (0, or 1 ‖ id [16] ‖ expiry u64) ‖ zone change;
-//! - kind 2, revoke: serial [16] ‖ revocation length u8 ‖ the revocation ‖
+//! - kind 1, certify: serial (16 bytes) ‖ record length u32 ‖ the record ‖ token
+//!   (0, or 1 ‖ id (16 bytes) ‖ expiry u64) ‖ zone change;
+//! - kind 2, revoke: serial (16 bytes) ‖ revocation length u8 ‖ the revocation ‖
 //!   zone change;
 //! - kind 3, zone: zone change (present);
-//! - kind 4, admission: 1 grant or 2 withdraw ‖ identity [32] ‖ amount
-//!   u64; 3 plot ‖ identity [32] ‖ plot length u8 ‖ plot ‖ stake target (0,
+//! - kind 4, admission: 1 grant or 2 withdraw ‖ identity (32 bytes) ‖ amount
+//!   u64; 3 plot ‖ identity (32 bytes) ‖ plot length u8 ‖ plot ‖ stake target (0,
 //!   or 1 ‖ u64); 4 tick ‖ tick length u8 ‖ tick;
 //!
 //! `zone change = 0 | 1 ‖ counter u64 ‖ edits u32 ‖ (name length u8 ‖

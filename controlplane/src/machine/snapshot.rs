@@ -4,7 +4,7 @@
 //!
 //! `snapshot = tables u8 ‖ (name length u8 ‖ name ‖ rows u64 ‖ (key
 //! length u32 ‖ key ‖ value length u32 ‖ value)*)*`, the tables in
-//! [`for_each_table!`]'s order, each row as redb stores it. [`restore`]
+//! `for_each_table!`'s order, each row as redb stores it. [`restore`]
 //! takes exactly that (every table, in order, rows in key order, each key
 //! and value a valid value of its table's types) and replaces the tables'
 //! contents in one transaction; anything else is refused and changes

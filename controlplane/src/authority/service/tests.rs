@@ -5,6 +5,7 @@ use super::*;
 use crate::authority::api::*;
 use crate::authority::ct::{self, SignedTreeHead};
 use crate::authority::enrollment::{self, DEFAULT_TTL};
+use crate::machine::Command;
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use rcgen::{CertificateParams, DnType, KeyPair};
@@ -1134,3 +1135,55 @@ fn a_spent_token_stays_spent_after_a_restart() {
 mod name_ownership;
 mod replay;
 mod zone_kinds;
+
+/// What a cluster does with a request: the command is proposed first and
+/// applied later (after other commands, perhaps), then answered.
+#[test]
+fn a_proposal_changes_nothing_until_applied_and_a_stale_one_is_refused() {
+    let mut f = Fixture::new("pending");
+    let operator = f.operator.clone();
+    let now = f.now;
+    // Reads are answered at once.
+    assert!(matches!(
+        f.service.handle_request(&operator, CT_STH, b"{}", now),
+        Handled::Answer(Ok(_))
+    ));
+    let (_, csr_pem) = csr(&["pending.internet2.test"]);
+    let payload = json_bytes(json!({ "csr_pem": csr_pem, "usage": "server" }));
+    let Handled::Commit(pending) = f
+        .service
+        .handle_request(&operator, CERT_ISSUE, &payload, now)
+    else {
+        panic!("an issuance waits for its command");
+    };
+    let before = f.state();
+    assert!(matches!(pending.command, Command::Certify(_)));
+    assert_eq!(f.state(), before, "a proposal changes nothing");
+    let Pending { command, finish } = *pending;
+    let applied = f.service.machine_mut().apply(command);
+    let issued: Issued = serde_json::from_slice(&finish(&mut f.service, applied).unwrap()).unwrap();
+    let key = f.log_key();
+    verify_issued(&issued, &key, &f.root_der()).unwrap();
+
+    // Two revocations of it, both proposed before either applies: the
+    // first revokes, the second is answered ALREADY_REVOKED.
+    let revoke = json_bytes(json!({ "serial": issued.serial }));
+    let mut proposals = Vec::new();
+    for _ in 0..2 {
+        match f
+            .service
+            .handle_request(&operator, CERT_REVOKE, &revoke, now)
+        {
+            Handled::Commit(pending) => proposals.push(pending),
+            Handled::Answer(answer) => panic!("a revocation waits: {answer:?}"),
+        }
+    }
+    let mut answers = Vec::new();
+    for pending in proposals {
+        let Pending { command, finish } = *pending;
+        let applied = f.service.machine_mut().apply(command);
+        answers.push(finish(&mut f.service, applied));
+    }
+    assert!(answers[0].is_ok(), "{:?}", answers[0]);
+    assert_eq!(answers[1].as_ref().unwrap_err().code, ALREADY_REVOKED);
+}
