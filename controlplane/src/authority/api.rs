@@ -139,6 +139,10 @@ pub const REVOKED: u16 = 0x1d;
 pub const NOT_IN_ZONE: u16 = 0x1e;
 /// The zone holds as many names as it may ([`crate::dns::MAX_NAMES`]).
 pub const ZONE_FULL: u16 = 0x1f;
+/// A cluster member that is not the leader was asked to change the state;
+/// the message names the leader where this member knows it. Ask another
+/// member.
+pub const NOT_LEADER: u16 = 0x20;
 
 /// An error answer: kind 0xff, `code`, `message` (UTF-8, for a person).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1008,9 +1008,13 @@ impl AuthorityService {
     }
 
     /// The state machine, for the server's admission runtime, which keeps
-    /// its state there too.
+    /// its state there too, and for the cluster, which applies to it.
     pub fn machine_mut(&mut self) -> &mut Machine {
         &mut self.machine
+    }
+
+    pub fn machine(&self) -> &Machine {
+        &self.machine
     }
 
     fn identify(&self, caller: &Caller, now: SystemTime) -> Result<Identity, ServiceError> {

@@ -15,6 +15,7 @@
 //! its current-thread runtime (`singlethreaded`), sharing the state machine
 //! with the service in the same thread.
 
+mod authority;
 pub mod codec;
 // openraft's storage traits return its `StorageError` (over 200 bytes);
 // the helpers behind them return the same, rather than a box to unwrap at
@@ -27,8 +28,9 @@ mod state_machine;
 #[cfg(test)]
 mod tests;
 
+pub use authority::ClusterAuthority;
 pub use log_store::LogStore;
-pub use state_machine::StateMachine;
+pub use state_machine::{HoldsMachine, Host, StateMachine};
 
 use crate::machine::{Applied, Command};
 use std::fmt;
@@ -48,12 +50,13 @@ impl fmt::Display for Member {
 
 /// What a committed entry did on the node that applied it: every node
 /// reaches the same outcome, a refusal included.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Outcome {
     Applied(Applied),
     /// The command no longer fitted the state (every replica refuses it
-    /// alike; nothing changed).
-    Refused(String),
+    /// alike; nothing changed). Shared: the answer is made from it on the
+    /// node that proposed it, in the same thread.
+    Refused(std::rc::Rc<crate::authority::logged::AuthorityError>),
     /// A Raft entry of its own (blank, membership): no command.
     Nothing,
 }

@@ -29,17 +29,47 @@ type Error = StorageError<u64>;
 /// The last snapshot built or installed: its metadata and its bytes.
 type Current = Rc<RefCell<Option<(SnapshotMeta<u64, Member>, Vec<u8>)>>>;
 
+/// What owns a node's [`Machine`]: the machine itself, or the authority
+/// service that answers requests from it.
+pub trait HoldsMachine {
+    fn machine(&self) -> &Machine;
+    fn machine_mut(&mut self) -> &mut Machine;
+}
+
+impl HoldsMachine for Machine {
+    fn machine(&self) -> &Machine {
+        self
+    }
+
+    fn machine_mut(&mut self) -> &mut Machine {
+        self
+    }
+}
+
+impl HoldsMachine for crate::authority::service::AuthorityService {
+    fn machine(&self) -> &Machine {
+        self.machine()
+    }
+
+    fn machine_mut(&mut self) -> &mut Machine {
+        self.machine_mut()
+    }
+}
+
+/// A node's machine, shared with whatever else runs on its thread.
+pub type Host = Rc<RefCell<dyn HoldsMachine>>;
+
 /// The state machine of one node, sharing the [`Machine`] with the node's
-/// service (the same thread).
+/// service (the same thread; no borrow is held across an await).
 pub struct StateMachine {
-    machine: Rc<RefCell<Machine>>,
+    host: Host,
     current: Current,
 }
 
 impl StateMachine {
-    pub fn new(machine: Rc<RefCell<Machine>>) -> Self {
+    pub fn new(host: Host) -> Self {
         Self {
-            machine,
+            host,
             current: Rc::default(),
         }
     }
@@ -96,14 +126,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = SnapshotBuilder;
 
     async fn applied_state(&mut self) -> Result<AppliedState, Error> {
-        applied_state(&self.machine.borrow())
+        applied_state(self.host.borrow().machine())
     }
 
     async fn apply<I>(&mut self, entries: I) -> Result<Vec<Outcome>, Error>
     where
         I: IntoIterator<Item = Entry<TypeConfig>>,
     {
-        let mut machine = self.machine.borrow_mut();
+        let mut host = self.host.borrow_mut();
+        let machine = host.machine_mut();
         machine.defer_durability();
         let mut outcomes = Vec::new();
         for entry in entries {
@@ -129,7 +160,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 Some(Ok(applied)) => Outcome::Applied(applied),
                 Some(Err(refused)) => {
                     tracing::info!(index = log_id.index, reason = %refused, "a committed command was refused on apply");
-                    Outcome::Refused(refused.to_string())
+                    Outcome::Refused(Rc::new(refused))
                 }
             });
         }
@@ -139,7 +170,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
         SnapshotBuilder {
-            machine: self.machine.clone(),
+            host: self.host.clone(),
             current: self.current.clone(),
         }
     }
@@ -155,8 +186,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> Result<(), Error> {
         let bytes = snapshot.into_inner();
         let membership = encode_stored_membership(&meta.last_membership);
-        self.machine
+        self.host
             .borrow_mut()
+            .machine_mut()
             .install(&bytes, |txn| {
                 record(txn, meta.last_log_id.as_ref(), Some(&membership))
             })
@@ -182,16 +214,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
 /// Builds a snapshot of the store as it is.
 pub struct SnapshotBuilder {
-    machine: Rc<RefCell<Machine>>,
+    host: Host,
     current: Current,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, Error> {
-        let machine = self.machine.borrow();
+        let host = self.host.borrow();
+        let machine = host.machine();
         // One thread applies and builds, and nothing awaits in between: the
         // tables are those of the recorded last entry.
-        let (last_log_id, last_membership) = applied_state(&machine)?;
+        let (last_log_id, last_membership) = applied_state(machine)?;
         let bytes = snapshot::dump(&machine.authority().database()).map_err(read_error)?;
         let snapshot_id = match &last_log_id {
             Some(id) => format!(
