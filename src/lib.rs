@@ -10,7 +10,6 @@ pub mod authority_load;
 pub mod cli_authority;
 pub mod config;
 pub mod dns_bench;
-pub mod fair_queue;
 mod wire_agreement;
 
 use std::path::PathBuf;

@@ -40,6 +40,7 @@ pub mod cluster;
 pub mod consensus;
 pub mod dns;
 pub mod machine;
+pub mod runtime;
 
 use crossbeam_queue::ArrayQueue;
 use std::sync::Arc;

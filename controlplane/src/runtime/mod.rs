@@ -1,0 +1,463 @@
+//! The control-plane runtime: what runs on the control-plane thread of a
+//! server. [`AuthorityRuntime`] answers the `stoq/1` requests the workers
+//! forward, publishes the trust snapshot (roots and revoked serials), the
+//! zone and the server certificate the workers' handshakes read, and
+//! renews the server certificate every `certificate_rotation_hours` (and
+//! on an operator's `ROTATE`); [`admission`] is its four-proof admission;
+//! [`fair_queue`] serves callers in turn.
+//!
+//! Workers never wait for it: a handshake reads the last published
+//! snapshot; a forwarded request is answered on the worker's reply queue.
+
+pub mod admission;
+pub mod fair_queue;
+
+use crate::authority::ca::Usage;
+use crate::authority::service::{
+    AuthorityService, Caller, ServerCertificate, ServiceConfig, TrustMaterial,
+};
+use crate::dns::ZoneSnapshot;
+use dataplane::control::{ControlPort, Reply};
+use dataplane::protocols::doq::{PublishedName, Zone, ZoneStore};
+use dataplane::trust::{CertificateStore, TrustSnapshot, TrustStore};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Requests served per wake-up before rotation and the operator identity
+/// get a look (the beacon is checked after every request).
+const REQUESTS_PER_POLL: usize = 256;
+/// How long a full reply queue is retried before the reply is dropped (the
+/// client then times out): a worker that stopped reading must not stall
+/// the authority.
+const REPLY_RETRY: Duration = Duration::from_millis(50);
+
+/// Requests in one group commit (one fsync): bounds how long the first of
+/// them waits for its answer.
+const GROUP_MAX: usize = 64;
+
+/// The exit status when the store fails to make applied changes durable
+/// (EX_IOERR).
+const EXIT_STORE_FAILED: i32 = 74;
+
+/// How often the control plane looks at queued admission outcomes.
+const ADMISSION_POLL: Duration = Duration::from_millis(50);
+
+/// The root clients trust, beside the server's data (`--ca` points here).
+pub const CA_FILE: &str = "ca.pem";
+/// A client identity for local operator commands (0600).
+pub const OPERATOR_FILE: &str = "operator.pem";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthorityStartError {
+    #[error(transparent)]
+    Authority(#[from] crate::authority::logged::AuthorityError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the authority's certificate is unusable for TLS: {0}")]
+    Tls(String),
+    #[error("the DNS zone cannot be served: {0}")]
+    Zone(String),
+    #[error("admission cannot start: {0}")]
+    Admission(String),
+}
+
+pub struct AuthorityRuntime {
+    service: AuthorityService,
+    port: Arc<ControlPort>,
+    trust: Arc<TrustStore>,
+    certificates: Arc<CertificateStore>,
+    published_generation: u64,
+    rotation: Duration,
+    next_rotation: Instant,
+    operator_path: PathBuf,
+    next_operator_check: Instant,
+    /// The zone the `doq` workers (and the legacy gateway) answer from.
+    zone: Option<(Arc<ZoneStore>, u64)>,
+    /// The server's own name in the zone (SOA primary, NS).
+    zone_primary: String,
+    /// Four-proof admission: state, beacon, isolation.
+    admission: self::admission::AdmissionRuntime,
+    /// Forwarded requests waiting, per caller.
+    fair: self::fair_queue::FairQueue,
+}
+
+/// Where admission plugs into the authority at start.
+pub struct AdmissionPlug {
+    pub settings: self::admission::AdmissionSettings,
+    pub blocklists: Arc<self::admission::Blocklists>,
+    /// The workers' counters, once they run (the handshake rate).
+    pub stats: Arc<std::sync::OnceLock<Arc<dataplane::StatsRegistry>>>,
+}
+
+/// The beacon's node key, beside the authority's store (0600).
+pub const NODE_KEY_FILE: &str = "beacon-node.key";
+
+/// The admission identity of the operator identity file's certificate.
+fn operator_of(path: &Path) -> Option<crate::consensus::stake::Identity> {
+    let leaf = crate::authority::pem::load_cert(path).ok()?;
+    self::admission::identity_of_certificate(&leaf).ok()
+}
+
+/// Whether `cert_der` is the operator's certificate (the handshake already
+/// checked it chains to this CA, which reserves the name).
+fn is_operator(cert_der: Option<&[u8]>) -> bool {
+    cert_der
+        .and_then(|der| x509_parser::parse_x509_certificate(der).ok())
+        .is_some_and(|(_, cert)| dataplane::trust::names_operator(&cert))
+}
+
+impl AuthorityRuntime {
+    /// Open (or create) the CA, log and registry under `data_dir`, issue
+    /// the server's certificate and the operator identity, and write the
+    /// root to `ca.pem`.
+    pub fn start(
+        data_dir: &Path,
+        config: ServiceConfig,
+        rotation: Duration,
+        port: Arc<ControlPort>,
+        admission: AdmissionPlug,
+    ) -> Result<Self, AuthorityStartError> {
+        let now = SystemTime::now();
+        let zone_config = config.zone.clone();
+        let mut service = AuthorityService::open(data_dir, config, now)?;
+        // The server publishes itself (its addresses and its key's pin,
+        // stable across rotations) before anyone can ask.
+        let mut zone_primary = String::new();
+        let zone = match &zone_config {
+            Some(zone) => {
+                let pin = service.server_spki_sha256()?;
+                service.register_server(zone, pin, now)?;
+                zone_primary = zone.server_name.clone();
+                let snapshot = service.zone();
+                let store = ZoneStore::new(dataplane_zone(&snapshot, &zone_primary)?);
+                Some((store, snapshot.generation))
+            }
+            None => None,
+        };
+        let ca_path = data_dir.join(CA_FILE);
+        std::fs::write(&ca_path, service.root_pem()).map_err(|source| AuthorityStartError::Io {
+            path: ca_path.clone(),
+            source,
+        })?;
+        let operator_path = data_dir.join(OPERATOR_FILE);
+        service.ensure_operator_identity(&operator_path, now)?;
+        let material = service.trust();
+        let trust = TrustStore::new(trust_snapshot(&material)?);
+        let server = service.issue_server_certificate(now)?;
+        tracing::info!(serial = %server.serial, "server certificate issued and logged");
+        let (chain, key) = tls_parts(&server);
+        let certificates = CertificateStore::new(chain, &key)
+            .map_err(|e| AuthorityStartError::Tls(e.to_string()))?;
+        let operator = operator_of(&operator_path);
+        let admission = self::admission::AdmissionRuntime::open(
+            service.machine_mut(),
+            admission.settings,
+            &data_dir.join(NODE_KEY_FILE),
+            operator,
+            admission.blocklists,
+            admission.stats,
+        )
+        .map_err(|e| AuthorityStartError::Admission(format!("{e:#}")))?;
+        let instant = Instant::now();
+        Ok(Self {
+            admission,
+            fair: self::fair_queue::FairQueue::default(),
+            service,
+            port,
+            trust,
+            certificates,
+            published_generation: material.generation,
+            rotation,
+            next_rotation: instant + rotation,
+            operator_path,
+            next_operator_check: instant + rotation,
+            zone,
+            zone_primary,
+        })
+    }
+
+    /// The zone store the workers read (None without a zone).
+    pub fn zone(&self) -> Option<Arc<ZoneStore>> {
+        self.zone.as_ref().map(|(store, _)| store.clone())
+    }
+
+    /// The gate the workers admit `stoq/1` connections with.
+    pub fn admission_gate(&self) -> Arc<self::admission::Gate> {
+        self.admission.gate()
+    }
+
+    pub fn trust(&self) -> Arc<TrustStore> {
+        self.trust.clone()
+    }
+
+    pub fn certificates(&self) -> Arc<CertificateStore> {
+        self.certificates.clone()
+    }
+
+    pub fn root_der(&self) -> Vec<u8> {
+        self.service.trust().root_der
+    }
+
+    /// Serve what is queued (fairly: one request per caller in turn, see
+    /// [`crate::fair_queue`]) in groups that share one fsync, rotate when
+    /// due; returns how long to sleep.
+    pub fn poll(&mut self, now: Instant) -> Duration {
+        let mut served = 0;
+        while served < REQUESTS_PER_POLL {
+            let group = self.serve_group(REQUESTS_PER_POLL - served);
+            if group == 0 {
+                break;
+            }
+            served += group;
+        }
+        if now >= self.next_rotation {
+            self.rotate();
+        }
+        if now >= self.next_operator_check {
+            self.next_operator_check = now + self.rotation;
+            if let Err(e) = self
+                .service
+                .ensure_operator_identity(&self.operator_path, SystemTime::now())
+            {
+                tracing::error!(error = %e, "could not renew the operator identity");
+            }
+            if let Some(operator) = operator_of(&self.operator_path) {
+                self.admission
+                    .ensure_operator(self.service.machine_mut(), operator);
+            }
+        }
+        let next_tick = self.admission.poll(self.service.machine_mut(), now);
+        if served == REQUESTS_PER_POLL {
+            return Duration::ZERO;
+        }
+        // Admission outcomes queue without a wake-up: look at them often.
+        next_tick
+            .min(self.next_rotation.saturating_duration_since(now))
+            .min(ADMISSION_POLL)
+    }
+
+    /// Move what the workers queued into the per-caller queues; a caller
+    /// past its bound is answered `BUSY` at once.
+    fn take_forwarded(&mut self) {
+        while let Some(request) = self.port.next_request() {
+            if let Err(refused) = self.fair.push(request) {
+                self.send_reply(
+                    refused.worker,
+                    Reply {
+                        ticket: refused.ticket,
+                        kind: refused.kind,
+                        result: Err((
+                            dataplane::protocols::stoq::ErrorCode::Busy as u16,
+                            "too many of your requests are waiting; retry in a moment".into(),
+                        )),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Serve up to `max` (at most [`GROUP_MAX`]) queued requests as one
+    /// group commit: every change they make is committed as it is made
+    /// (later requests see it) and made durable by one fsync at the end;
+    /// only then is anything published or answered, so no client holds an
+    /// answer that a crash could take back. Returns how many were served.
+    fn serve_group(&mut self, max: usize) -> usize {
+        self.service.machine_mut().defer_durability();
+        let mut answers = Vec::new();
+        while answers.len() < max.min(GROUP_MAX) {
+            self.take_forwarded();
+            let Some(request) = self.fair.pop() else {
+                break;
+            };
+            answers.push(self.serve(request));
+            // The beacon ticks every second whatever the queue holds.
+            let at = Instant::now();
+            if self.admission.tick_due(at) {
+                self.admission.poll(self.service.machine_mut(), at);
+            }
+        }
+        if let Err(e) = self.service.machine_mut().make_durable() {
+            // What was applied in memory is not on disk: only a restart,
+            // which reloads the store, makes them agree again. No answer of
+            // the group was sent.
+            tracing::error!(error = %e, "the authority's store could not be made durable; stopping");
+            std::process::exit(EXIT_STORE_FAILED);
+        }
+        if let Some(rotated) = self.service.take_rotated() {
+            self.publish_certificate(&rotated, "operator request");
+            self.next_rotation = Instant::now() + self.rotation;
+        }
+        // Publish before answering: once a client holds the answer, a
+        // revocation applies to the next handshake and an update is in the
+        // next DNS answer.
+        self.publish_trust();
+        self.publish_zone();
+        let served = answers.len();
+        for (worker, reply) in answers {
+            self.send_reply(worker, reply);
+        }
+        served
+    }
+
+    /// Answer one request (the answer waits for the group's fsync).
+    fn serve(&mut self, request: dataplane::control::Forwarded) -> (usize, Reply) {
+        let caller = Caller {
+            cert_der: request.peer.map(|c| c.as_ref().to_vec()),
+        };
+        // The handshake checked the certificate, but a resumed session
+        // skips that check: verify it again (chain, validity, revocation)
+        // before it names anyone, as the authority's own requests do.
+        let verified = caller.cert_der.as_deref().filter(|der| {
+            self.service
+                .authority()
+                .verify_chain(der, Usage::Client, SystemTime::now())
+                .is_ok()
+        });
+        let operator = is_operator(verified);
+        let result = match self.admission.handle(
+            self.service.machine_mut(),
+            request.kind,
+            verified,
+            operator,
+            &request.payload,
+            Instant::now(),
+        ) {
+            Some(result) => result,
+            None => self
+                .service
+                .handle(&caller, request.kind, &request.payload, SystemTime::now())
+                .map_err(|e| (e.code, e.message)),
+        };
+        let reply = Reply {
+            ticket: request.ticket,
+            kind: request.kind,
+            result,
+        };
+        (request.worker, reply)
+    }
+
+    /// Issue a new server certificate (overlapping the current one, which
+    /// stays valid until it expires) and publish it.
+    pub fn rotate(&mut self) {
+        self.next_rotation = Instant::now() + self.rotation;
+        match self.service.issue_server_certificate(SystemTime::now()) {
+            Ok(server) => self.publish_certificate(&server, "scheduled rotation"),
+            // The current certificate stays; try again next period.
+            Err(e) => tracing::error!(error = %e, "server certificate rotation failed"),
+        }
+    }
+
+    fn publish_certificate(&mut self, server: &ServerCertificate, why: &str) {
+        let (chain, key) = tls_parts(server);
+        match self.certificates.swap(chain, &key) {
+            Ok(()) => tracing::info!(serial = %server.serial, why, "server certificate rotated"),
+            Err(e) => {
+                tracing::error!(error = %e, "a rotated certificate is unusable; kept the old one")
+            }
+        }
+    }
+
+    /// Swap in a new zone snapshot when a record changed.
+    fn publish_zone(&mut self) {
+        let Some((store, published)) = &mut self.zone else {
+            return;
+        };
+        if self.service.zone_generation() == *published {
+            return;
+        }
+        let snapshot = self.service.zone();
+        match dataplane_zone(&snapshot, &self.zone_primary) {
+            Ok(zone) => {
+                store.swap(zone);
+                *published = snapshot.generation;
+                tracing::info!(
+                    serial = snapshot.serial,
+                    names = snapshot.names.len(),
+                    "zone snapshot published"
+                );
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not build the zone snapshot; the old one stays")
+            }
+        }
+    }
+
+    /// Swap in a new trust snapshot when roots or revocations changed.
+    fn publish_trust(&mut self) {
+        let material = self.service.trust();
+        if material.generation == self.published_generation {
+            return;
+        }
+        match trust_snapshot(&material) {
+            Ok(snapshot) => {
+                tracing::info!(
+                    generation = material.generation,
+                    revoked = material.revoked.len(),
+                    "trust snapshot published (revocations apply to the next handshake and open connections)"
+                );
+                self.trust.swap(snapshot);
+                self.published_generation = material.generation;
+            }
+            Err(e) => tracing::error!(error = %e, "could not build a trust snapshot"),
+        }
+    }
+
+    fn send_reply(&self, worker: usize, mut reply: Reply) {
+        let deadline = Instant::now() + REPLY_RETRY;
+        loop {
+            match self.port.reply(worker, reply) {
+                Ok(()) => return,
+                Err(back) if Instant::now() < deadline => {
+                    reply = back;
+                    std::thread::yield_now();
+                }
+                Err(_) => {
+                    tracing::warn!(worker, "worker reply queue full; a reply was dropped");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The control plane's zone in the form the `doq` workers answer from.
+fn dataplane_zone(snapshot: &ZoneSnapshot, primary: &str) -> Result<Zone, AuthorityStartError> {
+    let names: Vec<PublishedName> = snapshot
+        .names
+        .iter()
+        .map(|n| PublishedName {
+            name: n.name.clone(),
+            aaaa: n.aaaa.clone(),
+            tlsa: n.tlsa.clone(),
+        })
+        .collect();
+    Zone::from_records(&snapshot.apex, primary, snapshot.serial, &names)
+        .map_err(|e| AuthorityStartError::Zone(e.to_string()))
+}
+
+fn trust_snapshot(material: &TrustMaterial) -> Result<TrustSnapshot, AuthorityStartError> {
+    let root = CertificateDer::from(material.root_der.clone());
+    let revoked = material
+        .revoked
+        .serials()
+        .iter()
+        .map(|s| s.as_bytes().to_vec())
+        .collect();
+    TrustSnapshot::new(material.generation, &[root], revoked)
+        .map_err(|e| AuthorityStartError::Tls(e.to_string()))
+}
+
+fn tls_parts(server: &ServerCertificate) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    let chain = server
+        .chain_der
+        .iter()
+        .map(|der| CertificateDer::from(der.clone()))
+        .collect();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server.key_pkcs8_der.clone()));
+    (chain, key)
+}
