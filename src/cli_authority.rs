@@ -253,6 +253,7 @@ fn explain(code: u16, message: &str) -> String {
         api::REVOKED => "the certificate is revoked",
         api::NOT_IN_ZONE => "the name is not inside the zone (or is its apex)",
         api::ZONE_FULL => "the zone is full",
+        api::NOT_LEADER => "not the cluster's leader",
         _ => "refused",
     };
     format!("{summary}: {message}")
@@ -279,6 +280,22 @@ fn kind_name(kind: u8) -> &'static str {
     }
 }
 
+/// Why a member's outcome sends the request to the next member: it never
+/// completed a handshake (down), or it is not the cluster's leader (it
+/// changed nothing). `None`: this outcome is the answer.
+fn passed_over(outcome: &dataplane::client::rpc::RpcOutcome) -> Option<String> {
+    if outcome.handshake.is_none() {
+        let why = outcome.error.as_deref().unwrap_or("no handshake");
+        return Some(format!("did not answer ({why})"));
+    }
+    match outcome.replies.first() {
+        Some(Reply::Error { code, .. }) if *code == api::NOT_LEADER => {
+            Some("is not the cluster's leader".to_owned())
+        }
+        _ => None,
+    }
+}
+
 /// One server (or the members of one cluster), one identity (or none),
 /// one timeout.
 struct Session {
@@ -300,9 +317,10 @@ impl Session {
         })
     }
 
-    /// One request to the first member that completes a handshake: a
-    /// member that does not is down (the request never reached it), so the
-    /// next is tried. One that answered, even with an error, is the answer.
+    /// One request to the first member that takes it: a member that does
+    /// not complete a handshake is down (the request never reached it),
+    /// and one that answers `NOT_LEADER` changed nothing, so the next is
+    /// tried. Any other answer, even an error, is the answer.
     fn exchange(
         &self,
         config: &quinn_proto::ClientConfig,
@@ -323,15 +341,14 @@ impl Session {
                 ..self.target.clone()
             };
             let outcome = rpc_raw(&target, config, kind, payload, self.timeout)?;
-            if outcome.handshake.is_some() {
+            let Some(why) = passed_over(&outcome) else {
                 self.answered.set(at);
                 return Ok((target.remote, outcome));
-            }
+            };
             if step + 1 < count {
                 eprintln!(
-                    "internet2: {} did not answer ({}); trying {}",
+                    "internet2: {} {why}; trying {}",
                     target.remote,
-                    outcome.error.as_deref().unwrap_or("no handshake"),
                     self.members[(at + 1) % count]
                 );
             }
@@ -1481,6 +1498,41 @@ fn ct_entries(target: &impl Connect, start: u64, end: u64, json: bool) -> anyhow
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn outcome(handshake: bool, reply: Option<Reply>) -> dataplane::client::rpc::RpcOutcome {
+        dataplane::client::rpc::RpcOutcome {
+            replies: reply.into_iter().collect(),
+            handshake: handshake.then_some(Duration::from_millis(1)),
+            latency: None,
+            zero_rtt_accepted: false,
+            error: (!handshake).then(|| "timed out".to_owned()),
+            admission: None,
+            admission_deadline: false,
+        }
+    }
+
+    #[test]
+    fn only_a_member_that_is_down_or_not_the_leader_is_passed_over() {
+        let error = |code| Reply::Error {
+            code,
+            message: String::new(),
+        };
+        assert_eq!(
+            passed_over(&outcome(false, None)).as_deref(),
+            Some("did not answer (timed out)")
+        );
+        assert!(passed_over(&outcome(true, Some(error(api::NOT_LEADER)))).is_some());
+        // Any other answer is final: the request reached a server that
+        // may have acted on it.
+        for reply in [
+            error(api::ALREADY_REVOKED),
+            error(api::STORAGE),
+            Reply::Ok(bytes::Bytes::new()),
+            Reply::Failed("reset after the handshake".into()),
+        ] {
+            assert_eq!(passed_over(&outcome(true, Some(reply))), None);
+        }
+    }
 
     #[test]
     fn utc_matches_known_dates() {
