@@ -248,7 +248,7 @@ impl Authority {
 
     /// Sign a certificate for `request`: the certificate (with the private
     /// key when the CA made one) and the command that logs it.
-    pub(crate) fn propose_issue(
+    pub fn propose_issue(
         &self,
         request: IssueRequest,
         now: SystemTime,
@@ -262,7 +262,7 @@ impl Authority {
     /// (see `CertificateAuthority::renew`). It is issued on the authority its
     /// predecessor was, and its record links it to the predecessor
     /// (`ca_renewals`), so that revoking the predecessor revokes it too.
-    pub(crate) fn propose_renewal(
+    pub fn propose_renewal(
         &self,
         current_cert_der: &[u8],
         now: SystemTime,
@@ -277,7 +277,7 @@ impl Authority {
     /// The revocation of `serial` at `now`. An unknown serial is
     /// [`CaError::UnknownSerial`], a second revocation
     /// [`CaError::AlreadyRevoked`].
-    pub(crate) fn propose_revocation(
+    pub fn propose_revocation(
         &self,
         serial: Serial,
         reason: Option<RevocationReason>,

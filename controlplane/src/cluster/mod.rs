@@ -17,6 +17,7 @@
 
 mod authority;
 pub mod codec;
+pub mod local;
 // openraft's storage traits return its `StorageError` (over 200 bytes);
 // the helpers behind them return the same, rather than a box to unwrap at
 // every call.

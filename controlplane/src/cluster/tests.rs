@@ -2,115 +2,19 @@
 //! current-thread runtime: what the cluster promises, without sockets.
 //! Every message crosses as the bytes `super::rpc` makes of it.
 
+use super::local::{Network, Routes};
 use super::*;
 use crate::authority::ca::{IssueRequest, KeyAlgorithm};
 use crate::authority::ct::LogKeyAlgorithm;
 use crate::machine::tests::rows;
 use crate::machine::{Applied, Command, Machine};
 use crate::test_support::{TempDir, copy_cluster_keys};
-use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, Unreachable};
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
-use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
-};
 use openraft::{Config, SnapshotPolicy};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-
-/// The nodes that can be reached, and those cut off.
-#[derive(Clone, Default)]
-struct Routes {
-    rafts: Rc<RefCell<BTreeMap<u64, Raft>>>,
-    down: Rc<RefCell<BTreeSet<u64>>>,
-}
-
-impl Routes {
-    /// The target's handle, unless the sender or the target is cut off.
-    fn reach(&self, from: u64, to: u64) -> Result<Raft, Unreachable> {
-        let down = self.down.borrow();
-        let raft = self.rafts.borrow().get(&to).cloned();
-        match raft {
-            Some(raft) if !down.contains(&from) && !down.contains(&to) => Ok(raft),
-            _ => Err(Unreachable::new(&std::io::Error::other(format!(
-                "node {to} is cut off from node {from}"
-            )))),
-        }
-    }
-}
-
-struct Network {
-    from: u64,
-    routes: Routes,
-}
-
-impl RaftNetworkFactory<TypeConfig> for Network {
-    type Network = Connection;
-
-    async fn new_client(&mut self, target: u64, _node: &Member) -> Connection {
-        Connection {
-            from: self.from,
-            to: target,
-            routes: self.routes.clone(),
-        }
-    }
-}
-
-struct Connection {
-    from: u64,
-    to: u64,
-    routes: Routes,
-}
-
-type RpcError<E = openraft::error::Infallible> = RPCError<u64, Member, RaftError<u64, E>>;
-
-impl RaftNetwork<TypeConfig> for Connection {
-    async fn append_entries(
-        &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
-        _option: RPCOption,
-    ) -> Result<AppendEntriesResponse<u64>, RpcError> {
-        let raft = self.routes.reach(self.from, self.to)?;
-        // Through the bytes the cluster's `stoq/1` requests carry.
-        let rpc = rpc::decode_append(&rpc::encode_append(&rpc).unwrap()).unwrap();
-        let response = raft
-            .append_entries(rpc)
-            .await
-            .map_err(|e| RemoteError::new(self.to, e))?;
-        Ok(rpc::decode_append_response(&rpc::encode_append_response(&response)).unwrap())
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
-        _option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<u64>, RpcError<InstallSnapshotError>> {
-        let raft = self.routes.reach(self.from, self.to)?;
-        let rpc = rpc::decode_snapshot(&rpc::encode_snapshot(&rpc)).unwrap();
-        let response = raft
-            .install_snapshot(rpc)
-            .await
-            .map_err(|e| RemoteError::new(self.to, e))?;
-        Ok(rpc::decode_snapshot_response(&rpc::encode_snapshot_response(&response)).unwrap())
-    }
-
-    async fn vote(
-        &mut self,
-        rpc: VoteRequest<u64>,
-        _option: RPCOption,
-    ) -> Result<VoteResponse<u64>, RpcError> {
-        let raft = self.routes.reach(self.from, self.to)?;
-        let rpc = rpc::decode_vote_request(&rpc::encode_vote_request(&rpc)).unwrap();
-        let response = raft
-            .vote(rpc)
-            .await
-            .map_err(|e| RemoteError::new(self.to, e))?;
-        Ok(rpc::decode_vote_response(&rpc::encode_vote_response(&response)).unwrap())
-    }
-}
 
 struct Node {
     _dir: TempDir,
