@@ -646,13 +646,21 @@ fn commit<T: Serialize>(
     command: Command,
     finish: impl FnOnce(&mut AuthorityService, Applied) -> Result<T, ServiceError> + 'static,
 ) -> Result<Handled, ServiceError> {
-    Ok(Handled::Commit(Box::new(Pending {
+    Ok(Handled::Commit(Box::new(pending(command, finish))))
+}
+
+/// `command`, and `finish` to run with what applying it did.
+fn pending<T: Serialize>(
+    command: Command,
+    finish: impl FnOnce(&mut AuthorityService, Applied) -> Result<T, ServiceError> + 'static,
+) -> Pending {
+    Pending {
         command,
         finish: Box::new(move |service, applied| {
             let applied = applied.map_err(authority_error)?;
             respond(&finish(service, applied)?)
         }),
-    })))
+    }
 }
 
 /// The receipt of an applied certificate.
@@ -845,6 +853,31 @@ impl AuthorityService {
         spki_sha256: [u8; 32],
         _now: SystemTime,
     ) -> Result<(), AuthorityError> {
+        if let Some(change) = self.server_records_change(zone, spki_sha256)? {
+            self.machine.change_zone(change)?;
+        }
+        Ok(())
+    }
+
+    /// [`Self::register_server`] as a proposal, for a cluster member:
+    /// `None` when the records are so already.
+    pub fn propose_server_records(
+        &self,
+        zone: &ZoneConfig,
+        spki_sha256: [u8; 32],
+    ) -> Result<Option<Pending>, AuthorityError> {
+        let Some(change) = self.server_records_change(zone, spki_sha256)? else {
+            return Ok(None);
+        };
+        Ok(Some(pending(Command::Zone(change), |_, _| Ok(()))))
+    }
+
+    /// The change that sets the server's own records, if they differ.
+    fn server_records_change(
+        &self,
+        zone: &ZoneConfig,
+        spki_sha256: [u8; 32],
+    ) -> Result<Option<ZoneChange>, AuthorityError> {
         let path = self.machine.authority().store_path().to_owned();
         let error = |source| AuthorityError::Zone {
             path: path.clone(),
@@ -871,10 +904,7 @@ impl AuthorityService {
         }];
         let records = RecordSet::new(zone.server_addresses.clone(), tlsa, None)
             .map_err(|e| error(ZoneError::Config(format!("server records: {e}"))))?;
-        if let Some(change) = open.plan(vec![(name, Some(records))]).map_err(error)? {
-            self.machine.change_zone(change)?;
-        }
-        Ok(())
+        open.plan(vec![(name, Some(records))]).map_err(error)
     }
 
     /// Issue (and log) a fresh server certificate for
@@ -937,8 +967,44 @@ impl AuthorityService {
         path: &Path,
         now: SystemTime,
     ) -> Result<(), AuthorityError> {
-        if self.operator_identity_is_fresh(path, now) {
+        let Some((certificate, certify)) = self.operator_identity_due(path, now)? else {
             return Ok(());
+        };
+        self.machine.apply(Command::Certify(certify))?;
+        self.write_operator_identity(path, certificate)
+    }
+
+    /// [`Self::ensure_operator_identity`] as a proposal, for a cluster
+    /// member: `None` when the identity is fresh. Once applied, the file is
+    /// written here (the key never leaves this member).
+    pub fn propose_operator_identity(
+        &self,
+        path: &Path,
+        now: SystemTime,
+    ) -> Result<Option<Pending>, AuthorityError> {
+        let Some((certificate, certify)) = self.operator_identity_due(path, now)? else {
+            return Ok(None);
+        };
+        let path = path.to_owned();
+        Ok(Some(pending(
+            Command::Certify(certify),
+            move |service, _| {
+                service
+                    .write_operator_identity(&path, certificate)
+                    .map_err(internal)
+            },
+        )))
+    }
+
+    /// A new operator certificate (with its key) and the command that logs
+    /// it, unless `path` holds a fresh one.
+    fn operator_identity_due(
+        &self,
+        path: &Path,
+        now: SystemTime,
+    ) -> Result<Option<(IssuedCertificate, Certify)>, AuthorityError> {
+        if self.operator_identity_is_fresh(path, now) {
+            return Ok(None);
         }
         let request = IssueRequest {
             subject: OPERATOR.into(),
@@ -946,8 +1012,19 @@ impl AuthorityService {
             lifetime: self.config.lifetime,
             ..IssueRequest::default()
         };
-        let logged = self.machine.issue(request, now, None)?;
-        let certificate = logged.certificate;
+        self.machine
+            .authority()
+            .propose_issue(request, now)
+            .map(Some)
+    }
+
+    /// Write a logged operator certificate, the intermediate and its key to
+    /// `path` (0600).
+    fn write_operator_identity(
+        &self,
+        path: &Path,
+        certificate: IssuedCertificate,
+    ) -> Result<(), AuthorityError> {
         let key = certificate
             .private_key
             .ok_or(AuthorityError::Ca(CaError::Random))?;
@@ -1808,19 +1885,32 @@ impl AuthorityService {
                 "only the operator may rotate the server certificate",
             ));
         }
-        let (certificate, certify) = self
-            .propose_server_certificate(now)
+        let pending = self
+            .propose_server_certificate_rotation(now)
             .map_err(authority_error)?;
-        commit(Command::Certify(certify), move |service, applied| {
-            certified(applied)?;
-            let certificate = service.server_certificate(certificate);
-            let rotated = api::Rotated {
-                serial: certificate.serial.to_string(),
-                not_after: unix_s(certificate.not_after),
-            };
-            service.rotated = Some(certificate);
-            Ok(rotated)
-        })
+        Ok(Handled::Commit(Box::new(pending)))
+    }
+
+    /// A new server certificate as a proposal: once applied, it is what
+    /// [`Self::take_rotated`] hands out (the caller publishes it).
+    pub fn propose_server_certificate_rotation(
+        &self,
+        now: SystemTime,
+    ) -> Result<Pending, AuthorityError> {
+        let (certificate, certify) = self.propose_server_certificate(now)?;
+        Ok(pending(
+            Command::Certify(certify),
+            move |service, applied| {
+                certified(applied)?;
+                let certificate = service.server_certificate(certificate);
+                let rotated = api::Rotated {
+                    serial: certificate.serial.to_string(),
+                    not_after: unix_s(certificate.not_after),
+                };
+                service.rotated = Some(certificate);
+                Ok(rotated)
+            },
+        ))
     }
 }
 

@@ -49,10 +49,17 @@ impl ClusterAuthority {
             .service
             .borrow_mut()
             .handle_request(caller, kind, payload, now);
-        let Pending { command, finish } = match handled {
-            Handled::Answer(answer) => return answer,
-            Handled::Commit(pending) => *pending,
-        };
+        match handled {
+            Handled::Answer(answer) => answer,
+            Handled::Commit(pending) => self.commit(*pending).await,
+        }
+    }
+
+    /// Commit a proposal (a request's, or one of the service's own: the
+    /// server's records, its certificate, the operator identity) through
+    /// the log, and answer from what applying it did here.
+    pub async fn commit(&self, pending: Pending) -> Answer {
+        let Pending { command, finish } = pending;
         let applied = match self.raft.client_write(command).await {
             Ok(written) => match written.data {
                 Outcome::Applied(applied) => Ok(applied),

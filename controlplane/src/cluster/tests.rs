@@ -563,6 +563,47 @@ mod authority {
             .unwrap();
             assert_eq!(revoked.serial, issued.serial);
 
+            // The service's own writes go through the log too: the operator
+            // identity (its file written where it was proposed, its key
+            // never in the log) and a server certificate rotation.
+            let on_follower = follower.dir.0.join("operator.pem");
+            let proposal = follower
+                .authority
+                .service()
+                .borrow()
+                .propose_operator_identity(&on_follower, now)
+                .unwrap()
+                .expect("no identity yet");
+            let refused = follower.authority.commit(proposal).await.unwrap_err();
+            assert_eq!(refused.code, api::NOT_LEADER);
+            assert!(
+                !on_follower.exists(),
+                "nothing written where nothing committed"
+            );
+            let path = leader.dir.0.join("operator.pem");
+            let proposal = leader
+                .authority
+                .service()
+                .borrow()
+                .propose_operator_identity(&path, now)
+                .unwrap()
+                .expect("no identity yet");
+            leader.authority.commit(proposal).await.unwrap();
+            let operator = {
+                use rustls::pki_types::CertificateDer;
+                use rustls::pki_types::pem::PemObject;
+                CertificateDer::from_pem_file(&path).unwrap().to_vec()
+            };
+            let proposal = leader
+                .authority
+                .service()
+                .borrow()
+                .propose_server_certificate_rotation(now)
+                .unwrap();
+            leader.authority.commit(proposal).await.unwrap();
+            let rotated = leader.authority.service().borrow_mut().take_rotated();
+            assert!(rotated.is_some(), "the rotated certificate is handed out");
+
             let last = leader
                 .authority
                 .raft()
@@ -584,6 +625,10 @@ mod authority {
                 let service = member.authority.service().borrow();
                 assert_eq!(rows(&service.authority().database()), expected);
                 assert_eq!(service.trust().revoked.len(), 1, "revoked on every member");
+                service
+                    .authority()
+                    .verify_chain(&operator, crate::authority::ca::Usage::Client, now)
+                    .expect("the operator's certificate is every member's");
             }
             for member in &members {
                 member.authority.raft().shutdown().await.unwrap();
