@@ -636,3 +636,110 @@ mod authority {
         });
     }
 }
+
+#[test]
+fn the_beacon_and_the_ledger_are_replicated_like_certificates() {
+    use crate::consensus::beacon::verify_tick;
+    use crate::consensus::stake::Identity;
+    use crate::consensus::state::{AdmissionChange, AdmissionConfig, AdmissionState};
+    run(async {
+        let routes = Routes::default();
+        let nodes = cluster("raft-admission", &routes, config()).await;
+        // One beacon key for the cluster: the first node's, given to all.
+        let key = nodes[0]._dir.0.join("beacon-node.key");
+        for node in &nodes {
+            let mut machine = node.machine.borrow_mut();
+            let own = node._dir.0.join("beacon-node.key");
+            if own != key {
+                std::fs::copy(&key, &own).unwrap();
+            }
+            let state = AdmissionState::open(
+                &machine.authority().database(),
+                AdmissionConfig::default(),
+                &own,
+            )
+            .unwrap();
+            // Replicas tick only from the log.
+            machine.adopt_admission(state);
+        }
+        let leader = leader(&nodes).await;
+        let now_s = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let staker = Identity([3; 32]);
+        let mut changes = Vec::new();
+        for second in 0..3 {
+            let tick = leader
+                .machine
+                .borrow()
+                .admission()
+                .unwrap()
+                .propose_tick(now_s + second)
+                .expect("a new second");
+            let written = leader
+                .raft
+                .client_write(Command::Admission(tick))
+                .await
+                .unwrap();
+            assert!(
+                matches!(written.data, Outcome::Applied(_)),
+                "{:?}",
+                written.data
+            );
+        }
+        changes.push(AdmissionChange::StakeGrant {
+            identity: staker,
+            amount: 7,
+        });
+        // A tick proposed for a second already ticked is refused alike.
+        let stale = AdmissionChange::BeaconTick(
+            leader
+                .machine
+                .borrow()
+                .admission()
+                .unwrap()
+                .latest_tick()
+                .clone(),
+        );
+        changes.push(stale);
+        let mut last = None;
+        for change in changes {
+            last = Some(
+                leader
+                    .raft
+                    .client_write(Command::Admission(change))
+                    .await
+                    .unwrap(),
+            );
+        }
+        let last = last.unwrap();
+        assert!(matches!(last.data, Outcome::Refused(_)), "{:?}", last.data);
+        same_everywhere(&nodes, last.log_id.index).await;
+        let public_key = leader
+            .machine
+            .borrow()
+            .admission()
+            .unwrap()
+            .beacon_public_key()
+            .to_vec();
+        let expected = leader
+            .machine
+            .borrow()
+            .admission()
+            .unwrap()
+            .latest_tick()
+            .clone();
+        assert_eq!(expected.index, 2, "three ticks from the genesis");
+        for node in &nodes {
+            let machine = node.machine.borrow();
+            let state = machine.admission().unwrap();
+            assert_eq!(state.latest_tick(), &expected);
+            verify_tick(state.latest_tick(), &public_key).unwrap();
+            assert_eq!(state.stake(&staker), 7);
+        }
+        for node in &nodes {
+            node.raft.shutdown().await.unwrap();
+        }
+    });
+}
