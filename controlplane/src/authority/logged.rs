@@ -96,6 +96,10 @@ pub enum AuthorityError {
     /// A command planned on a state that changed before it was applied.
     #[error("{0}; the state changed since the request was planned: retry it")]
     Stale(String),
+    /// This node lacks what the command changes (a zone, admission): it
+    /// cannot apply what the others do, so it must stop, not skip it.
+    #[error("{0}; this node cannot apply the cluster's commands")]
+    NotConfigured(String),
 }
 
 impl AuthorityError {
@@ -104,10 +108,12 @@ impl AuthorityError {
     pub fn is_storage_failure(&self) -> bool {
         use crate::consensus::state::StateError;
         match self {
-            Self::Store { .. } | Self::Io { .. } => true,
-            Self::Log { source, .. } => {
-                matches!(source, LogError::Storage(_) | LogError::Corrupt(_))
-            }
+            Self::Store { .. } | Self::Io { .. } | Self::NotConfigured(_) => true,
+            // A signing failure (the random source) is this node's alone.
+            Self::Log { source, .. } => matches!(
+                source,
+                LogError::Storage(_) | LogError::Corrupt(_) | LogError::Signer(_)
+            ),
             Self::Registry { source, .. } => !matches!(source, RegistryError::Unencodable(_)),
             Self::Zone { source, .. } => matches!(
                 source,
@@ -305,6 +311,14 @@ impl Authority {
         certify: &Certify,
     ) -> Result<CertifyWritten, AuthorityError> {
         let record = &certify.record;
+        // What it renews or is issued on may have been revoked since it
+        // was proposed (by a command applied before it): it would escape
+        // that revocation.
+        for serial in [record.renewed_from, record.parent].into_iter().flatten() {
+            if registry::is_revoked_in(txn, serial).map_err(|e| self.registry_error(e))? {
+                return Err(AuthorityError::Ca(CaError::Revoked { serial }));
+            }
+        }
         let at_ms = record.logged_at_ms;
         let log_error = |source| AuthorityError::Log {
             path: self.store_path.clone(),

@@ -317,6 +317,11 @@ pub(crate) fn spend_token(
     Ok(true)
 }
 
+/// Whether `serial` is revoked, as `txn` sees it.
+pub(crate) fn is_revoked_in(txn: &WriteTransaction, serial: Serial) -> Result<bool, RegistryError> {
+    Ok(txn.open_table(REVOCATIONS)?.get(serial.0)?.is_some())
+}
+
 /// Whether enrollment token `id` was spent.
 pub(crate) fn token_spent(db: &Database, id: [u8; 16]) -> Result<bool, RegistryError> {
     let txn = db.begin_read()?;

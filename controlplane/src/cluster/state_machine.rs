@@ -122,6 +122,43 @@ fn record(
     Ok(())
 }
 
+/// Apply `entries` in order, each with its log id recorded in its own
+/// transaction.
+fn apply_entries(
+    machine: &mut Machine,
+    entries: impl IntoIterator<Item = Entry<TypeConfig>>,
+) -> Result<Vec<Outcome>, Error> {
+    let mut outcomes = Vec::new();
+    for entry in entries {
+        let log_id = entry.log_id;
+        let (command, membership) = match entry.payload {
+            EntryPayload::Blank => (None, None),
+            EntryPayload::Normal(command) => (Some(command), None),
+            EntryPayload::Membership(membership) => (
+                None,
+                Some(encode_stored_membership(&StoredMembership::new(
+                    Some(log_id),
+                    membership,
+                ))),
+            ),
+        };
+        let applied = machine
+            .apply_with(command, |txn| {
+                record(txn, Some(&log_id), membership.as_deref())
+            })
+            .map_err(write_error)?;
+        outcomes.push(match applied {
+            None => Outcome::Nothing,
+            Some(Ok(applied)) => Outcome::Applied(applied),
+            Some(Err(refused)) => {
+                tracing::info!(index = log_id.index, reason = %refused, "a committed command was refused on apply");
+                Outcome::Refused(Rc::new(refused))
+            }
+        });
+    }
+    Ok(outcomes)
+}
+
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = SnapshotBuilder;
 
@@ -136,35 +173,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut host = self.host.borrow_mut();
         let machine = host.machine_mut();
         machine.defer_durability();
-        let mut outcomes = Vec::new();
-        for entry in entries {
-            let log_id = entry.log_id;
-            let (command, membership) = match entry.payload {
-                EntryPayload::Blank => (None, None),
-                EntryPayload::Normal(command) => (Some(command), None),
-                EntryPayload::Membership(membership) => (
-                    None,
-                    Some(encode_stored_membership(&StoredMembership::new(
-                        Some(log_id),
-                        membership,
-                    ))),
-                ),
-            };
-            let applied = machine
-                .apply_with(command, |txn| {
-                    record(txn, Some(&log_id), membership.as_deref())
-                })
-                .map_err(write_error)?;
-            outcomes.push(match applied {
-                None => Outcome::Nothing,
-                Some(Ok(applied)) => Outcome::Applied(applied),
-                Some(Err(refused)) => {
-                    tracing::info!(index = log_id.index, reason = %refused, "a committed command was refused on apply");
-                    Outcome::Refused(Rc::new(refused))
-                }
-            });
-        }
-        machine.make_durable().map_err(write_error)?;
+        let applied = apply_entries(machine, entries);
+        // The group is closed on every path: a later apply outside it must
+        // be durable at once.
+        let durable = machine.make_durable().map_err(write_error);
+        let outcomes = applied?;
+        durable?;
         Ok(outcomes)
     }
 

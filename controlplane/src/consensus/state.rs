@@ -382,6 +382,10 @@ impl AdmissionState {
                 if !later || !self.beacon.follows(tick) {
                     return Err(StateError::TickOutOfOrder { index: tick.index });
                 }
+                // Signed by the beacon key every replica holds: a tick
+                // under another would not resume after a restart.
+                super::beacon::verify_tick(tick, &self.public_key)
+                    .map_err(|_| StateError::TickOutOfOrder { index: tick.index })?;
                 txn.open_table(BEACON)?
                     .insert(BEACON_LATEST, encode_tick(tick).as_slice())?;
                 Ok(AdmissionApplied::Changed)

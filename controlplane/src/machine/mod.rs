@@ -227,12 +227,14 @@ impl Machine {
             Some(_) => Durability::None,
             None => Durability::Immediate,
         };
-        let written = transact(&db, self.authority.store_path(), durability, |txn| {
-            self.write(txn, &command)
-        })?;
+        // Counted before the commit: a commit that fails may still have
+        // reached the disk, and the group's fsync then fails and says so.
         if let Some(applied) = &mut self.group {
             *applied += 1;
         }
+        let written = transact(&db, self.authority.store_path(), durability, |txn| {
+            self.write(txn, &command)
+        })?;
         if let Some(journal) = &mut self.journal {
             journal.push(command.clone());
         }
@@ -361,10 +363,10 @@ impl Machine {
                 Written::Zone
             }
             Command::Admission(change) => {
+                // Not a refusal: a replica without the state would skip
+                // what the others apply.
                 let state = self.admission.as_ref().ok_or_else(|| {
-                    AuthorityError::Admission(state::StateError::Config(
-                        "admission is not running on this node".into(),
-                    ))
+                    AuthorityError::NotConfigured("admission is not running on this node".into())
                 })?;
                 Written::Admission(state.write(txn, change)?)
             }
@@ -380,7 +382,7 @@ impl Machine {
             return Ok(());
         };
         let zone = self.zone.as_ref().ok_or_else(|| {
-            AuthorityError::Stale("a zone change for a node without a zone".into())
+            AuthorityError::NotConfigured("a zone change for a node without a zone".into())
         })?;
         if !zone.follows(change) {
             return Err(AuthorityError::Stale(

@@ -551,6 +551,12 @@ impl AdmissionRuntime {
         changed
     }
 
+    /// Hand the workers the admission state as it is now (stake, plots,
+    /// the beacon): call once what it holds is durable.
+    pub fn publish(&mut self, machine: &Machine) {
+        self.publish_snapshot(machine);
+    }
+
     fn publish_snapshot(&mut self, machine: &Machine) {
         let state = admission_state(machine);
         if state.generation() != self.published {
@@ -649,7 +655,8 @@ impl AdmissionRuntime {
             )),
             _ => return None,
         };
-        self.publish_snapshot(machine);
+        // The new stake or plot is published by [`Self::publish`] once the
+        // request's group is durable.
         self.publish_isolation();
         self.publish_status(machine, now);
         Some(result)

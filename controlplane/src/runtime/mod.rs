@@ -275,11 +275,6 @@ impl AuthorityRuntime {
                 break;
             };
             answers.push(self.serve(request));
-            // The beacon ticks every second whatever the queue holds.
-            let at = Instant::now();
-            if self.admission.tick_due(at) {
-                self.admission.poll(self.service.machine_mut(), at);
-            }
         }
         if let Err(e) = self.service.machine_mut().make_durable() {
             // What was applied in memory is not on disk: only a restart,
@@ -294,9 +289,18 @@ impl AuthorityRuntime {
         }
         // Publish before answering: once a client holds the answer, a
         // revocation applies to the next handshake and an update is in the
-        // next DNS answer.
+        // next DNS answer. Nothing of the group was published before its
+        // fsync (stake and plots included).
         self.publish_trust();
         self.publish_zone();
+        self.admission.publish(self.service.machine());
+        // The beacon ticks every second whatever the queue holds: between
+        // groups (at most GROUP_MAX requests long), outside them, so a tick
+        // is durable before the workers hand it out.
+        let at = Instant::now();
+        if self.admission.tick_due(at) {
+            self.admission.poll(self.service.machine_mut(), at);
+        }
         let served = answers.len();
         for (worker, reply) in answers {
             self.send_reply(worker, reply);

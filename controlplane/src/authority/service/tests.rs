@@ -1187,3 +1187,40 @@ fn a_proposal_changes_nothing_until_applied_and_a_stale_one_is_refused() {
     assert!(answers[0].is_ok(), "{:?}", answers[0]);
     assert_eq!(answers[1].as_ref().unwrap_err().code, ALREADY_REVOKED);
 }
+
+/// A renewal proposed before a revocation of what it renews, applied after
+/// it, must not escape the revocation (a cluster applies in log order).
+#[test]
+fn a_renewal_overtaken_by_its_predecessors_revocation_is_refused() {
+    let mut f = Fixture::new("overtaken-renewal");
+    let operator = f.operator.clone();
+    let now = f.now;
+    let (_, csr_pem) = csr(&["renewed.internet2.test"]);
+    let issued = f.issue(&operator, &csr_pem, CertUsage::Server);
+    let propose = |f: &mut Fixture, kind, payload: Vec<u8>| match f
+        .service
+        .handle_request(&operator, kind, &payload, now)
+    {
+        Handled::Commit(pending) => *pending,
+        Handled::Answer(answer) => panic!("proposed, not answered: {answer:?}"),
+    };
+    let renewal = propose(
+        &mut f,
+        CERT_RENEW,
+        json_bytes(json!({ "certificate_pem": issued.certificate_pem })),
+    );
+    let revocation = propose(
+        &mut f,
+        CERT_REVOKE,
+        json_bytes(json!({ "serial": issued.serial })),
+    );
+    let before = f.state().0;
+    for Pending { command, finish } in [revocation, renewal] {
+        let applied = f.service.machine_mut().apply(command);
+        let answer = finish(&mut f.service, applied);
+        if let Err(e) = answer {
+            assert_eq!(e.code, REVOKED, "{e:?}");
+        }
+    }
+    assert_eq!(f.state().0, before, "the renewal was not logged");
+}
