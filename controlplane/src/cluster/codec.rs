@@ -134,10 +134,12 @@ fn read_membership(r: &mut Reader<'_>) -> Option<Membership<u64, Member>> {
         };
         nodes.insert(id, member);
     }
-    // Every voter must be a node: what `Membership::new` would otherwise
-    // fill in with a default member never comes from our encoder.
+    // One configuration, or two while joint; none empty (an empty voter
+    // set would make any vote a quorum); every voter a node (what
+    // `Membership::new` would otherwise fill in with a default member).
+    let shaped = matches!(configs.len(), 1 | 2) && configs.iter().all(|c| !c.is_empty());
     let voters_known = configs.iter().flatten().all(|id| nodes.contains_key(id));
-    voters_known.then(|| Membership::new(configs, nodes))
+    (shaped && voters_known).then(|| Membership::new(configs, nodes))
 }
 
 pub fn encode_stored_membership(stored: &StoredMembership<u64, Member>) -> Vec<u8> {

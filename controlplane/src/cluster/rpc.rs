@@ -64,9 +64,15 @@ pub fn decode_append(bytes: &[u8]) -> Option<AppendEntriesRequest<TypeConfig>> {
     let leader_commit = read_optional_log_id(&mut r)?;
     let count = r.u32()?;
     let mut entries = Vec::new();
-    for _ in 0..count {
+    // Entries follow the previous one, index by index.
+    let first = prev_log_id.map_or(0, |id| id.index + 1);
+    for index in (first..).take(usize::try_from(count).ok()?) {
         let len = usize::try_from(r.u32()?).ok()?;
-        entries.push(decode_entry(r.take(len)?)?);
+        let entry = decode_entry(r.take(len)?)?;
+        if entry.log_id.index != index {
+            return None;
+        }
+        entries.push(entry);
     }
     finished(
         r,
@@ -288,6 +294,17 @@ mod tests {
             leader_commit: Some(log_id(4)),
         };
         let back = exact(&encode_append(&append).unwrap(), decode_append);
+        // Entries that do not follow the previous one, index by index.
+        let mut gap = AppendEntriesRequest::<TypeConfig> {
+            vote,
+            prev_log_id: Some(log_id(3)),
+            entries: back.entries.clone(),
+            leader_commit: None,
+        };
+        assert!(decode_append(&encode_append(&gap).unwrap()).is_none());
+        gap.prev_log_id = Some(log_id(4));
+        gap.entries.swap(0, 1);
+        assert!(decode_append(&encode_append(&gap).unwrap()).is_none());
         assert_eq!(back.entries, append.entries);
         assert_eq!(
             (back.vote, back.prev_log_id, back.leader_commit),

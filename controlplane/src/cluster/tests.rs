@@ -305,6 +305,18 @@ fn raft_values_read_back_as_written_and_nothing_else() {
     for cut in 0..bytes.len() {
         assert_eq!(decode_stored_membership(&bytes[..cut]), None);
     }
+    // No configuration, or an empty one, is refused: an empty voter set
+    // would make any vote a quorum.
+    for configs in [vec![], vec![BTreeSet::<u64>::new()]] {
+        let mut bytes = Vec::new();
+        encode_optional_log_id(None, &mut bytes);
+        bytes.push(configs.len() as u8);
+        for _ in &configs {
+            bytes.extend_from_slice(&0u16.to_be_bytes());
+        }
+        bytes.extend_from_slice(&0u16.to_be_bytes());
+        assert_eq!(decode_stored_membership(&bytes), None);
+    }
     let vote = Vote::new_committed(7, 2);
     assert_eq!(decode_vote(&encode_vote(&vote)), Some(vote));
     assert_eq!(decode_vote(&[&encode_vote(&vote)[..], &[0]].concat()), None);
