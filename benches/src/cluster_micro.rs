@@ -13,8 +13,8 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use controlplane::authority::ca::{IssueRequest, KeyAlgorithm};
 use controlplane::authority::ct::LogKeyAlgorithm;
-use controlplane::cluster::local::{Network, Routes};
-use controlplane::cluster::{LogStore, Member, Outcome, Raft, StateMachine};
+use controlplane::cluster::local::{self, Routes};
+use controlplane::cluster::{Member, Outcome, copy_shared_keys};
 use controlplane::machine::{Command, Machine};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
@@ -131,23 +131,11 @@ fn cluster(args: &Args, dir: &Path) -> anyhow::Result<Value> {
         let mut nodes = Vec::new();
         for id in 1..=3u64 {
             let node_dir = dir.join(format!("node{id}"));
-            copy_keys(&keys, &node_dir)?;
+            copy_shared_keys(&keys, &node_dir)?;
             let machine = Rc::new(RefCell::new(open_machine(&node_dir)?));
-            let log = LogStore::open(&node_dir.join("raft-log.redb"))
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let network = Network {
-                from: id,
-                routes: routes.clone(),
-            };
-            let raft = Raft::new(
-                id,
-                config.clone(),
-                network,
-                log,
-                StateMachine::new(machine.clone()),
-            )
-            .await?;
-            routes.rafts.borrow_mut().insert(id, raft.clone());
+            let raft = local::start(id, &routes, config.clone(), &node_dir, machine.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("member {id}: {e}"))?;
             members.insert(
                 id,
                 Member {
@@ -208,17 +196,6 @@ fn cluster(args: &Args, dir: &Path) -> anyhow::Result<Value> {
         }
         Ok(out)
     })
-}
-
-/// The keys the members share: the CA and the log key.
-fn copy_keys(from: &Path, to: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(to.join("ca"))?;
-    for entry in std::fs::read_dir(from.join("ca"))? {
-        let entry = entry?;
-        std::fs::copy(entry.path(), to.join("ca").join(entry.file_name()))?;
-    }
-    std::fs::copy(from.join("ct-log.key"), to.join("ct-log.key"))?;
-    Ok(())
 }
 
 fn median(values: &mut [f64]) -> f64 {

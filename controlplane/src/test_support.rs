@@ -26,23 +26,7 @@ impl Drop for TempDir {
     }
 }
 
-/// The keys a cluster's members share, copied from `from` to `to` (a new
-/// member's data directory): the CA, the log key and, where there are
-/// ones, the beacon key and the enrollment secret (a token is good on any
-/// member).
+/// [`crate::cluster::copy_shared_keys`], for a test's scratch directories.
 pub(crate) fn copy_cluster_keys(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to.join("ca")).unwrap();
-    for entry in std::fs::read_dir(from.join("ca")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), to.join("ca").join(entry.file_name())).unwrap();
-    }
-    for file in [
-        crate::authority::logged::LOG_KEY_FILE,
-        "beacon-node.key",
-        crate::authority::enrollment::KEY_FILE,
-    ] {
-        if from.join(file).exists() {
-            std::fs::copy(from.join(file), to.join(file)).unwrap();
-        }
-    }
+    crate::cluster::copy_shared_keys(from, to).unwrap();
 }

@@ -4,7 +4,7 @@
 //! Members can be cut off and brought back. For tests, simulations and
 //! the `cluster-micro` benchmark; servers talk over `stoq/1`.
 
-use super::{Member, Raft, TypeConfig, rpc};
+use super::{Host, LogStore, Member, Raft, StateMachine, TypeConfig, rpc};
 use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -105,4 +105,25 @@ impl RaftNetwork<TypeConfig> for Connection {
             .map_err(|e| RemoteError::new(self.to, e))?;
         Ok(rpc::decode_vote_response(&rpc::encode_vote_response(&response)).unwrap())
     }
+}
+
+/// Start member `id` on this network: its Raft log in `dir`
+/// (`raft-log.redb`), its state machine applying to `host`'s machine.
+pub async fn start(
+    id: u64,
+    routes: &Routes,
+    config: std::sync::Arc<openraft::Config>,
+    dir: &std::path::Path,
+    host: Host,
+) -> Result<Raft, String> {
+    let log = LogStore::open(&dir.join("raft-log.redb")).map_err(|e| e.to_string())?;
+    let network = Network {
+        from: id,
+        routes: routes.clone(),
+    };
+    let raft = Raft::new(id, config, network, log, StateMachine::new(host))
+        .await
+        .map_err(|e| e.to_string())?;
+    routes.rafts.borrow_mut().insert(id, raft.clone());
+    Ok(raft)
 }

@@ -76,3 +76,30 @@ openraft::declare_raft_types!(
 
 /// A node's Raft handle.
 pub type Raft = openraft::Raft<TypeConfig>;
+
+/// The files every member holds the same copy of, in its data directory:
+/// the CA (`ca/`), the CT log's key, the beacon's key and the enrollment
+/// secret (a token is good on any member).
+pub const SHARED_KEY_FILES: [&str; 3] = [
+    crate::authority::logged::LOG_KEY_FILE,
+    crate::runtime::NODE_KEY_FILE,
+    crate::authority::enrollment::KEY_FILE,
+];
+
+/// Copy the keys a cluster's members share ([`SHARED_KEY_FILES`] and the
+/// CA's directory) from one data directory to another; a key file the
+/// first does not hold is skipped.
+pub fn copy_shared_keys(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    let ca = crate::authority::logged::CA_DIR;
+    std::fs::create_dir_all(to.join(ca))?;
+    for entry in std::fs::read_dir(from.join(ca))? {
+        let entry = entry?;
+        std::fs::copy(entry.path(), to.join(ca).join(entry.file_name()))?;
+    }
+    for file in SHARED_KEY_FILES {
+        if from.join(file).exists() {
+            std::fs::copy(from.join(file), to.join(file))?;
+        }
+    }
+    Ok(())
+}

@@ -2,7 +2,7 @@
 //! current-thread runtime: what the cluster promises, without sockets.
 //! Every message crosses as the bytes `super::rpc` makes of it.
 
-use super::local::{Network, Routes};
+use super::local::Routes;
 use super::*;
 use crate::authority::ca::{IssueRequest, KeyAlgorithm};
 use crate::authority::ct::LogKeyAlgorithm;
@@ -44,21 +44,9 @@ async fn cluster(tag: &str, routes: &Routes, config: Config) -> Vec<Node> {
         let dir = TempDir::new(&format!("{tag}-{id}"));
         copy_cluster_keys(&keys.0, &dir.0);
         let machine = Rc::new(RefCell::new(open_machine(&dir)));
-        let log = LogStore::open(&dir.0.join("raft-log.redb")).unwrap();
-        let network = Network {
-            from: id,
-            routes: routes.clone(),
-        };
-        let raft = Raft::new(
-            id,
-            config.clone(),
-            network,
-            log,
-            StateMachine::new(machine.clone()),
-        )
-        .await
-        .unwrap();
-        routes.rafts.borrow_mut().insert(id, raft.clone());
+        let raft = super::local::start(id, routes, config.clone(), &dir.0, machine.clone())
+            .await
+            .unwrap();
         nodes.push(Node {
             _dir: dir,
             machine,
@@ -456,19 +444,10 @@ mod authority {
             let service = Rc::new(RefCell::new(
                 AuthorityService::open(&dir.0, service_config(), SystemTime::now()).unwrap(),
             ));
-            let raft = Raft::new(
-                id,
-                config.clone(),
-                Network {
-                    from: id,
-                    routes: routes.clone(),
-                },
-                LogStore::open(&dir.0.join("raft-log.redb")).unwrap(),
-                StateMachine::new(service.clone()),
-            )
-            .await
-            .unwrap();
-            routes.rafts.borrow_mut().insert(id, raft.clone());
+            let raft =
+                super::super::local::start(id, routes, config.clone(), &dir.0, service.clone())
+                    .await
+                    .unwrap();
             out.push(Member {
                 dir,
                 authority: ClusterAuthority::new(service, raft),
