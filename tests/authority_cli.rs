@@ -502,7 +502,8 @@ fn a_rerun_enrollment_finishes_with_its_pending_key_and_no_other_key() {
 
 #[test]
 fn several_members_a_request_goes_to_the_first_that_answers() {
-    let server = Server::start("auth-members", "");
+    // Production defaults: mandatory admission on every connection tried.
+    let server = Server::start_production("auth-members", "");
     // Nothing listens on the first address: the handshake never completes,
     // so the request was never delivered there and goes to the next.
     let down = format!("[::1]:{}", common::free_port());

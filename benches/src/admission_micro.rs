@@ -10,6 +10,8 @@
 //!
 //! cargo run --release -p internet2-benches --bin admission-micro -- --iterations 2000
 
+mod stats;
+
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use controlplane::authority::ca::KeyAlgorithm;
@@ -25,6 +27,7 @@ use controlplane::machine::Machine;
 use hdrhistogram::Histogram;
 use ring::rand::{SecureRandom, SystemRandom};
 use serde_json::{Value, json};
+use stats::median;
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
@@ -439,15 +442,6 @@ fn medians(runs: &[Value]) -> Value {
         out.insert(key.clone(), Value::Object(per_key));
     }
     Value::Object(out)
-}
-
-fn median(xs: &mut [f64]) -> Option<f64> {
-    xs.sort_by(f64::total_cmp);
-    match xs.len() {
-        0 => None,
-        n if n % 2 == 1 => Some(xs[n / 2]),
-        n => Some((xs[n / 2 - 1] + xs[n / 2]) / 2.0),
-    }
 }
 
 fn print_table(medians: &Value, keys: &[KeyKind], args: &Args) {

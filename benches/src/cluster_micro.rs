@@ -9,6 +9,8 @@
 //!
 //! cargo run --release -p internet2-benches --bin cluster-micro -- --runs 3 --requests 2000
 
+mod stats;
+
 use anyhow::{Context, bail};
 use clap::Parser;
 use controlplane::authority::ca::{IssueRequest, KeyAlgorithm};
@@ -18,6 +20,7 @@ use controlplane::cluster::{Member, Outcome, copy_shared_keys};
 use controlplane::machine::{Command, Machine};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
+use stats::median;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -196,11 +199,6 @@ fn cluster(args: &Args, dir: &Path) -> anyhow::Result<Value> {
         }
         Ok(out)
     })
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
 
 fn run(args: &Args) -> anyhow::Result<()> {

@@ -7,8 +7,11 @@
 //! down as connections accumulated; this prints ns per operation for each
 //! n (median of `--runs`), so the curve is visible.
 
+mod stats;
+
 use clap::Parser;
 use rustls::server::StoresServerSessions;
+use stats::median;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -47,11 +50,6 @@ fn measure(store: &dyn StoresServerSessions, n: usize, operations: usize) -> f64
     started.elapsed().as_nanos() as f64 / operations as f64
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
 fn main() {
     let args = Args::parse();
     println!("sessions  rustls_cache_ns_per_op  session_store_ns_per_op  ratio");
@@ -65,7 +63,11 @@ fn main() {
                 dataplane::session_store::SessionStore::new(n + 1);
             ours.push(measure(&*store, n, args.operations));
         }
-        let (theirs, ours) = (median(theirs), median(ours));
+        // At least one run each (`runs.max(1)`).
+        let (theirs, ours) = (
+            median(&mut theirs).expect("a run"),
+            median(&mut ours).expect("a run"),
+        );
         println!(
             "{n:>8}  {theirs:>22.0}  {ours:>23.0}  {:>5.1}",
             theirs / ours

@@ -16,7 +16,8 @@
 //! The server checks the MAC (in constant time) and the expiry here
 //! ([`EnrollmentKey::verify`], which alone makes a [`VerifiedToken`]), and
 //! spends the id in the authority's database in the same transaction as
-//! the certificate it pays for (`Authority::issue_enrolled`), so a token is
+//! the certificate it pays for (`logged::SpentToken`, written by the state
+//! machine with the certificate's log entry), so a token is
 //! good for exactly one certificate, across restarts.
 
 use super::ca::{CaError, store};
@@ -50,8 +51,8 @@ const _: () = assert!(TOKEN_TEXT_LEN == 55);
 pub struct TokenId(pub [u8; ID_LEN]);
 
 /// A token whose MAC and expiry were checked. Only
-/// [`EnrollmentKey::verify`] makes one, and `Authority::issue_enrolled`
-/// takes one: no certificate is paid for with an unchecked token.
+/// [`EnrollmentKey::verify`] makes one, and `logged::SpentToken::of` takes
+/// one: no certificate is paid for with an unchecked token.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VerifiedToken {
     id: TokenId,

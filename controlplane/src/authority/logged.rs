@@ -43,7 +43,7 @@ use super::ct::{
     AppendReceipt, CtLog, LogError, LogKeyAlgorithm, LogSigner, SignedTreeHead, SignerError,
     encode_x509_leaf, leaf_hash,
 };
-use super::enrollment::TokenId;
+use super::enrollment::{TokenId, VerifiedToken};
 use super::registry::{
     self, CertificateFilter, CertificateRecord, RegistryError, Revocation, RevocationReason,
 };
@@ -159,11 +159,22 @@ pub struct Certify {
     pub zone: Option<ZoneChange>,
 }
 
-/// An enrollment token, spent by the certificate it paid for.
+/// An enrollment token, spent by the certificate it paid for. Made only
+/// from a token whose MAC and expiry were checked ([`SpentToken::of`]), or
+/// read back from a command the log holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SpentToken {
-    pub id: [u8; 16],
-    pub expires_at_s: u64,
+    pub(crate) id: [u8; 16],
+    pub(crate) expires_at_s: u64,
+}
+
+impl SpentToken {
+    pub fn of(token: &VerifiedToken) -> Self {
+        Self {
+            id: token.id().0,
+            expires_at_s: token.expires_at_s(),
+        }
+    }
 }
 
 /// A revocation as its command carries it: the time is the proposer's,

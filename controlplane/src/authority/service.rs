@@ -1137,10 +1137,7 @@ impl AuthorityService {
             .authority()
             .propose_issue(csr.request(Usage::Client, self.config.lifetime, None), now)
             .map_err(authority_error)?;
-        certify.token = Some(SpentToken {
-            id: token.id().0,
-            expires_at_s: token.expires_at_s(),
-        });
+        certify.token = Some(SpentToken::of(&token));
         self.commit_certificate(certificate, certify, Vec::new())
     }
 

@@ -33,9 +33,8 @@ pub(crate) mod tests;
 
 use crate::authority::ca::{IssueRequest, KeyAlgorithm, Serial};
 use crate::authority::ct::{AppendReceipt, CtLog, LogKeyAlgorithm, LogSigner};
-use crate::authority::enrollment::VerifiedToken;
 use crate::authority::logged::{
-    Authority, AuthorityError, Certify, CertifyWritten, LoggedCertificate, Revoke, SpentToken,
+    Authority, AuthorityError, Certify, CertifyWritten, LoggedCertificate, Revoke,
 };
 use crate::authority::registry::{self, RevocationReason};
 use crate::consensus::beacon::Tick;
@@ -439,28 +438,6 @@ impl Machine {
     ) -> Result<LoggedCertificate, AuthorityError> {
         let (certificate, mut certify) = self.authority.propose_issue(request, now)?;
         certify.zone = zone;
-        let receipt = self.certify(certify)?;
-        Ok(LoggedCertificate::logged(certificate, receipt))
-    }
-
-    /// [`Self::issue`], paid for with a one-time enrollment token, spent in
-    /// the same transaction: either the certificate exists and the token is
-    /// spent, or neither. A token spent before is
-    /// [`AuthorityError::TokenUsed`], and nothing is written.
-    pub fn issue_enrolled(
-        &mut self,
-        request: IssueRequest,
-        token: &VerifiedToken,
-        now: SystemTime,
-    ) -> Result<LoggedCertificate, AuthorityError> {
-        if self.authority.token_spent(token.id())? {
-            return Err(AuthorityError::TokenUsed);
-        }
-        let (certificate, mut certify) = self.authority.propose_issue(request, now)?;
-        certify.token = Some(SpentToken {
-            id: token.id().0,
-            expires_at_s: token.expires_at_s(),
-        });
         let receipt = self.certify(certify)?;
         Ok(LoggedCertificate::logged(certificate, receipt))
     }
