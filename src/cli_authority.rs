@@ -158,6 +158,20 @@ pub enum CaCommand<T: Connect> {
     },
 }
 
+/// `internet2 cluster …`.
+#[derive(Debug, clap::Subcommand)]
+pub enum ClusterCommand<T: Connect> {
+    /// The cluster as its leader sees it (any member relays the question):
+    /// leader, term, commit index and every member's role and lag.
+    Status {
+        #[command(flatten)]
+        target: T,
+        /// Print the JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 /// `internet2 ct …`: the Certificate Transparency log, every answer checked.
 #[derive(Debug, clap::Subcommand)]
 pub enum CtCommand<T: Connect> {
@@ -1127,6 +1141,7 @@ fn cert_list(target: &impl Connect, filter: &str, json: bool) -> anyhow::Result<
             match c.usage {
                 CertUsage::Client => "client",
                 CertUsage::Server => "server",
+                CertUsage::Node => "member",
             },
             utc(c.not_after),
             c.leaf_index,
@@ -1247,6 +1262,49 @@ pub fn ca<T: Connect>(command: &CaCommand<T>) -> anyhow::Result<()> {
     print!("{}", answer.root_pem);
     if *intermediate {
         print!("{}", answer.intermediate_pem);
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- cluster
+
+pub fn cluster<T: Connect>(command: &ClusterCommand<T>) -> anyhow::Result<()> {
+    let ClusterCommand::Status { target, json } = command;
+    let session = Session::open(target)?;
+    let status: serde_json::Value = session.call(
+        dataplane::protocols::stoq_registry::CLUSTER_STATUS,
+        &NoArguments {},
+    )?;
+    if *json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(());
+    }
+    let text = |key: &str| match &status[key] {
+        serde_json::Value::Null => "-".to_owned(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    println!(
+        "leader {}  term {}  commit_index {}  (answered by {})",
+        text("leader"),
+        text("term"),
+        text("commit_index"),
+        text("answered_by")
+    );
+    println!("{:<20}  {:<7}  {:>6}  address", "name", "role", "lag");
+    for member in status["members"].as_array().into_iter().flatten() {
+        let field = |key: &str| match &member[key] {
+            serde_json::Value::Null => "-".to_owned(),
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        println!(
+            "{:<20}  {:<7}  {:>6}  {}",
+            field("name"),
+            field("role"),
+            field("lag"),
+            field("address")
+        );
     }
     Ok(())
 }

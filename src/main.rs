@@ -26,6 +26,12 @@ use std::sync::Arc;
 const SESSION_CACHE_ENTRIES: usize = 100_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Bootstrap {
+    Phase0,
+    Federated,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Mode {
     Development,
     Production,
@@ -53,6 +59,21 @@ struct Args {
     /// resolvers that do not speak DNS over QUIC.
     #[arg(long)]
     enable_legacy_gateway: bool,
+    /// `phase0`: a single node with its own CA. `federated`: a member of a
+    /// cluster that replicates the control plane with Raft (start a new
+    /// one with --cluster-init, or join one with --join and --join-token;
+    /// afterwards neither is needed).
+    #[arg(long, value_enum, default_value = "phase0")]
+    bootstrap: Bootstrap,
+    /// Start a new cluster with this node as its first member.
+    #[arg(long, requires = "bootstrap", conflicts_with = "join")]
+    cluster_init: bool,
+    /// Join the cluster through the member at `[ADDRESS]:PORT`.
+    #[arg(long, value_name = "[ADDRESS]:PORT", requires = "join_token")]
+    join: Option<std::net::SocketAddr>,
+    /// The join token a member printed (`internet2-server cluster join-token`).
+    #[arg(long, value_name = "TOKEN")]
+    join_token: Option<String>,
     #[command(subcommand)]
     command: Option<ServerCommand>,
 }
@@ -90,6 +111,29 @@ enum ServerCommand {
     /// List the admitted connections of the running server by owner.
     Assets {
         #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
+    /// Manage the cluster this member belongs to.
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum ClusterAction {
+    /// Print a one-time join token: a new node joins with
+    /// `--bootstrap federated --join [ADDRESS]:PORT --join-token TOKEN`.
+    JoinToken {
+        /// How long the token stays usable.
+        #[arg(long, default_value_t = 3600, value_name = "SECS")]
+        ttl_secs: u64,
+    },
+    /// Take a member out of the cluster (asks the running server as its
+    /// operator; a follower passes it to the leader).
+    Remove {
+        name: String,
+        #[arg(long, default_value_t = 10000)]
         timeout_ms: u64,
     },
 }
@@ -162,7 +206,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // openraft narrates every election and append at info.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -270,6 +315,29 @@ fn operator_command(
                 *timeout_ms,
             )
         }
+        ServerCommand::Cluster {
+            action: ClusterAction::JoinToken { ttl_secs },
+        } => {
+            let token = controlplane::cluster::node::mint_join_token(
+                &data_dir,
+                std::time::Duration::from_secs(*ttl_secs),
+                std::time::SystemTime::now(),
+            )
+            .map_err(|e| {
+                anyhow::anyhow!("cannot mint a join token in {}: {e}", data_dir.display())
+            })?;
+            println!("{token}");
+            Ok(())
+        }
+        ServerCommand::Cluster {
+            action: ClusterAction::Remove { name, timeout_ms },
+        } => operator_json(
+            &data_dir,
+            resolved,
+            dataplane::protocols::stoq_registry::CLUSTER_REMOVE,
+            &serde_json::to_vec(&serde_json::json!({ "name": name }))?,
+            *timeout_ms,
+        ),
         ServerCommand::Assets { timeout_ms } => operator_json(
             &data_dir,
             resolved,
@@ -366,18 +434,6 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
         front_door.clone(),
     );
     let worker_stats = Arc::new(std::sync::OnceLock::new());
-    let authority = AuthorityRuntime::start(
-        &data_dir,
-        service_config,
-        resolved.certificate_rotation,
-        port.clone(),
-        internet2_server::authority::AdmissionPlug {
-            settings: resolved.admission.clone(),
-            blocklists: blocklists.clone(),
-            stats: worker_stats.clone(),
-        },
-    )
-    .context("cannot start the certificate authority")?;
     let resumption = if resolved.zero_rtt {
         Resumption::SingleUseWithZeroRtt(dataplane::session_store::SessionStore::new(
             SESSION_CACHE_ENTRIES,
@@ -389,21 +445,68 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
                 .context("cannot create the session-ticket key")?,
         )
     };
-    let trust = authority.trust();
-    let identity = ServerIdentity {
-        certificates: authority.certificates(),
-        client_verifier: Some(SnapshotClientVerifier::new(trust.clone())),
-        resumption,
+    let (control, identity) = match args.bootstrap {
+        Bootstrap::Phase0 => {
+            let authority = AuthorityRuntime::start(
+                &data_dir,
+                service_config,
+                resolved.certificate_rotation,
+                port.clone(),
+                internet2_server::authority::AdmissionPlug {
+                    settings: resolved.admission.clone(),
+                    blocklists: blocklists.clone(),
+                    stats: worker_stats.clone(),
+                },
+            )
+            .context("cannot start the certificate authority")?;
+            let trust = authority.trust();
+            let identity = ServerIdentity {
+                certificates: authority.certificates(),
+                client_verifier: Some(SnapshotClientVerifier::new(trust.clone())),
+                resumption,
+            };
+            resolved.settings.zone = authority.zone();
+            resolved.settings.trust = Some(trust);
+            resolved.settings.admission = Some(authority.admission_gate());
+            let mut authority = authority;
+            let control =
+                ControlPlane::spawn(resolved.control_plane_core, move |now| authority.poll(now))
+                    .context("cannot start the control plane")?;
+            (control, identity)
+        }
+        Bootstrap::Federated => {
+            let node = cluster_node(args, &resolved, &data_dir, &service_config)?;
+            let start = controlplane::runtime::cluster::MemberStart {
+                data_dir: data_dir.clone(),
+                config: service_config,
+                port: port.clone(),
+                admission: resolved.admission.clone(),
+                blocklists: blocklists.clone(),
+                stats: worker_stats.clone(),
+                cluster: controlplane::runtime::cluster::ClusterSettings {
+                    node,
+                    init: args.cluster_init,
+                    backend: resolved.settings.backend,
+                    transport: resolved.settings.transport.clone(),
+                },
+            };
+            let (control, published) =
+                controlplane::runtime::cluster::start(resolved.control_plane_core, start)
+                    .context("cannot start the cluster member")?;
+            let identity = ServerIdentity {
+                certificates: published.certificates,
+                client_verifier: Some(SnapshotClientVerifier::new(published.trust.clone())),
+                resumption,
+            };
+            resolved.settings.zone = published.zone;
+            resolved.settings.trust = Some(published.trust);
+            resolved.settings.admission = Some(published.gate);
+            (control, identity)
+        }
     };
-    resolved.settings.zone = authority.zone();
     resolved.settings.control = Some(port.clone());
-    resolved.settings.trust = Some(trust);
     resolved.settings.front_door = front_door.clone();
     resolved.settings.blocklist = Some(blocklists.store());
-    resolved.settings.admission = Some(authority.admission_gate());
-    let mut authority = authority;
-    let control = ControlPlane::spawn(resolved.control_plane_core, move |now| authority.poll(now))
-        .context("cannot start the control plane")?;
     port.set_control_waker(control.waker());
     let server = match dataplane::serve(&resolved.settings, &identity) {
         Ok(server) => server,
@@ -479,6 +582,76 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
         "stopped"
     );
     Ok(())
+}
+
+/// Who this node is in its cluster: its record in the data directory, or
+/// (first start) a new one: `--cluster-init` makes it the first member,
+/// `--join` asks a member to let it in. Its name is its zone name
+/// (`[trustchain_authority] dns_name`), its address the listen address.
+fn cluster_node(
+    args: &Args,
+    resolved: &config::Resolved,
+    data_dir: &std::path::Path,
+    service_config: &ServiceConfig,
+) -> anyhow::Result<controlplane::cluster::node::NodeRecord> {
+    use controlplane::cluster::node;
+    let listen = resolved.settings.listen;
+    if listen.ip().is_unspecified() {
+        anyhow::bail!(
+            "--bootstrap federated needs a specific listen address (the one the other members reach), not [::]"
+        );
+    }
+    let address = format!("[{}]:{}", listen.ip(), listen.port());
+    let name = resolved.dns.name.clone();
+    if let Some(existing) = node::load_node(data_dir).map_err(|e| anyhow::anyhow!(e))? {
+        if args.join.is_some() {
+            tracing::info!(name = %existing.name, "this node is a member already; --join is ignored");
+        }
+        if existing.address != address {
+            anyhow::bail!(
+                "this member's address is {} but it listens on {address}: members keep their address (remove it and join again to move it)",
+                existing.address
+            );
+        }
+        return Ok(existing);
+    }
+    if let (Some(via), Some(token)) = (args.join, &args.join_token) {
+        let via_spec = node::JoinVia {
+            remote: via,
+            backend: resolved.settings.backend,
+            transport: resolved.settings.transport.clone(),
+            timeout: std::time::Duration::from_secs(30),
+        };
+        eprintln!("joining the cluster through {via} as {name} ({address}) ...");
+        let record = node::join(
+            data_dir,
+            &via_spec,
+            token,
+            &name,
+            &address,
+            &service_config.server_names,
+        )
+        .map_err(|e| anyhow::anyhow!("cannot join the cluster through {via}: {e}"))?;
+        eprintln!(
+            "joined as member {} (id {}); catching up",
+            record.name, record.id
+        );
+        return Ok(record);
+    }
+    if !args.cluster_init {
+        anyhow::bail!(
+            "this node is not a member yet: start a new cluster with --cluster-init, or join one with --join [ADDRESS]:PORT --join-token TOKEN"
+        );
+    }
+    node::check_name(&name).map_err(|e| anyhow::anyhow!("dns_name: {e}"))?;
+    let spki = controlplane::authority::service::server_public_key(data_dir)?;
+    let record = node::NodeRecord {
+        id: node::node_id(&spki),
+        name,
+        address,
+    };
+    node::save_node(data_dir, &record).map_err(|e| anyhow::anyhow!(e))?;
+    Ok(record)
 }
 
 /// Attach the XDP front door when the config names an interface, with the

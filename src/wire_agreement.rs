@@ -55,7 +55,9 @@ const _: () = {
     let mut anonymous = 0;
     let mut k = 0;
     while k < registry::KINDS.len() {
-        if matches!(registry::KINDS[k].access, Access::Anyone) {
+        if matches!(registry::KINDS[k].access, Access::Anyone)
+            && matches!(registry::KINDS[k].answered, Answered::Authority)
+        {
             anonymous += 1;
         }
         k += 1;

@@ -101,6 +101,25 @@ impl ControlPlane {
         core: Option<usize>,
         mut work: impl FnMut(std::time::Instant) -> Duration + Send + 'static,
     ) -> std::io::Result<Self> {
+        Self::spawn_async(core, move |control| async move {
+            loop {
+                let sleep = work(std::time::Instant::now());
+                if !control.wait(sleep).await {
+                    return;
+                }
+            }
+        })
+    }
+
+    /// Start the control-plane thread running `main`, made on the thread
+    /// (so it may hold what cannot cross threads) and run on its
+    /// current-thread runtime. `main` returns once [`Control::wait`] says
+    /// the process stops.
+    pub fn spawn_async<F, Fut>(core: Option<usize>, main: F) -> std::io::Result<Self>
+    where
+        F: FnOnce(Control) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + 'static,
+    {
         let queue = Arc::new(ArrayQueue::new(REQUEST_QUEUE_LEN));
         let inbox = queue.clone();
         let wake = Arc::new(tokio::sync::Notify::new());
@@ -123,7 +142,8 @@ impl ControlPlane {
                 // admit or answer. A panic here (a bug: requests are parsed
                 // with checked decoders) ends the process for the service
                 // manager to restart, as a dying worker does.
-                let run = std::panic::AssertUnwindSafe(|| run(&inbox, &woken, &mut work));
+                let control = Control { inbox, wake: woken };
+                let run = std::panic::AssertUnwindSafe(|| run(control, main));
                 if std::panic::catch_unwind(run).is_err() {
                     tracing::error!("the control-plane thread panicked; aborting the process");
                     std::process::abort();
@@ -161,32 +181,49 @@ fn core_pin(core: usize) -> bool {
     core_affinity::set_for_current(core_affinity::CoreId { id: core })
 }
 
-fn run(
-    inbox: &ArrayQueue<ControlRequest>,
-    wake: &tokio::sync::Notify,
-    work: &mut dyn FnMut(std::time::Instant) -> Duration,
-) {
+/// What the control plane's main loop waits on: work queued for it, or
+/// the process stopping.
+pub struct Control {
+    inbox: Arc<ArrayQueue<ControlRequest>>,
+    wake: Arc<tokio::sync::Notify>,
+}
+
+impl Control {
+    /// What ends a [`Self::wait`] early: for the loop's own tasks.
+    pub fn notifier(&self) -> Arc<tokio::sync::Notify> {
+        self.wake.clone()
+    }
+
+    /// Let the runtime's other tasks run, then wait until woken (work was
+    /// queued) or `sleep` passed (at most a second); zero only yields.
+    /// False when the process stops.
+    pub async fn wait(&self, sleep: Duration) -> bool {
+        if let Some(ControlRequest::Shutdown) = self.inbox.pop() {
+            return false;
+        }
+        if sleep.is_zero() {
+            // More is queued: let the runtime's own tasks run first.
+            tokio::task::yield_now().await;
+            return true;
+        }
+        // Senders wake the thread after every push; a wake that came while
+        // the caller worked is kept, so the wait ends at once.
+        tokio::select! {
+            () = self.wake.notified() => {}
+            () = tokio::time::sleep(sleep.min(Duration::from_secs(1))) => {}
+        }
+        !matches!(self.inbox.pop(), Some(ControlRequest::Shutdown))
+    }
+}
+
+fn run<F, Fut>(control: Control, main: F)
+where
+    F: FnOnce(Control) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
         .expect("a current-thread runtime with a timer always builds");
-    tokio::task::LocalSet::new().block_on(&runtime, async {
-        loop {
-            if let Some(ControlRequest::Shutdown) = inbox.pop() {
-                return;
-            }
-            let sleep = work(std::time::Instant::now());
-            if sleep.is_zero() {
-                // More is queued: let the runtime's own tasks run first.
-                tokio::task::yield_now().await;
-                continue;
-            }
-            // Senders wake the thread after every push; a wake that came
-            // while `work` ran is kept, so the wait ends at once.
-            tokio::select! {
-                () = wake.notified() => {}
-                () = tokio::time::sleep(sleep.min(Duration::from_secs(1))) => {}
-            }
-        }
-    });
+    tokio::task::LocalSet::new().block_on(&runtime, main(control));
 }

@@ -730,6 +730,9 @@ impl ServerService {
         };
         st.admission = match &st.peer {
             None => AdmissionStage::Anonymous,
+            // The cluster's members: the CA issued their certificates to
+            // nodes that joined with a join token; they prove nothing more.
+            Some(peer) if peer.node => AdmissionStage::Admitted(None),
             Some(peer) => match gate.offer(&peer.der) {
                 Ok(pending) => AdmissionStage::Pending(pending),
                 Err(refusal) => {
@@ -914,7 +917,8 @@ impl Service for ServerService {
                     Bytes::from_static(b"handshake not completed in time"),
                 );
             }
-            Delivered::HandshakeDeadline => {}
+            // The server queues nothing for its connections that way.
+            Delivered::HandshakeDeadline | Delivered::Wake => {}
             Delivered::IdleDeadline => {
                 counters.doq_idle_closed += 1;
                 conn.close(

@@ -272,6 +272,101 @@ pub enum ServerTrust {
         roots: Vec<CertificateDer<'static>>,
         spki_sha256: [u8; 32],
     },
+    /// Chain to the issuing CA certificate the server presents whose key
+    /// hashes (SHA-256 of its SubjectPublicKeyInfo) to this pin: how a node
+    /// that joins a cluster, holding only its join token, knows it reached
+    /// the cluster's CA.
+    IssuerPin([u8; 32]),
+}
+
+/// No certificate the server presented is the pinned issuer.
+#[derive(Debug, thiserror::Error)]
+#[error("the server's chain has no issuer with the key the join token pins")]
+pub struct IssuerMismatch;
+
+/// The verifier behind `ServerTrust::IssuerPin`: the pinned issuer the
+/// server presents is the one trust anchor of the usual WebPKI checks.
+#[derive(Debug)]
+struct IssuerPinned {
+    spki_sha256: [u8; 32],
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl IssuerPinned {
+    /// The WebPKI verifier anchored at the presented issuer the pin names.
+    fn anchored(
+        &self,
+        intermediates: &[CertificateDer<'_>],
+    ) -> Result<Arc<rustls::client::WebPkiServerVerifier>, rustls::Error> {
+        let issuer = intermediates
+            .iter()
+            .find(|der| {
+                x509_parser::parse_x509_certificate(der.as_ref()).is_ok_and(|(_, cert)| {
+                    ring::digest::digest(&ring::digest::SHA256, cert.public_key().raw).as_ref()
+                        == self.spki_sha256
+                })
+            })
+            .ok_or_else(|| {
+                rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
+                    rustls::OtherError(Arc::new(IssuerMismatch)),
+                ))
+            })?;
+        let roots = root_store(&[issuer.clone().into_owned()])?;
+        rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for IssuerPinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.anchored(intermediates)?
+            .verify_server_cert(end_entity, &[], server_name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 /// The server's key is not the one its DNS name pins.
@@ -424,6 +519,12 @@ pub fn client_crypto(
                     spki_sha256: *spki_sha256,
                 }))
         }
+        ServerTrust::IssuerPin(spki_sha256) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(IssuerPinned {
+                spki_sha256: *spki_sha256,
+                provider: provider(),
+            })),
     };
     let mut config = match identity {
         Some(id) => builder.with_client_auth_cert(id.chain.clone(), id.key.clone_key())?,

@@ -136,6 +136,10 @@ pub struct PeerCertificate {
     /// The subject CN is [`OPERATOR_COMMON_NAME`] (a name the CA issues
     /// to the operator only).
     pub operator: bool,
+    /// The subject CN names a member of the cluster
+    /// ([`NODE_COMMON_NAME_PREFIX`], a name the CA issues only to a node
+    /// that joined with a join token).
+    pub node: bool,
     not_before_unix_s: i64,
     not_after_unix_s: i64,
 }
@@ -143,6 +147,19 @@ pub struct PeerCertificate {
 /// The subject common name of the operator's certificate (the authority
 /// reserves it; `src/` asserts it equals the authority's constant).
 pub const OPERATOR_COMMON_NAME: &str = "operator";
+
+/// How the subject common name of a cluster member's certificate starts
+/// (`cluster-node.NAME`); the authority reserves every name with it.
+pub const NODE_COMMON_NAME_PREFIX: &str = "cluster-node.";
+
+/// The member name a certificate's subject CN gives, if it is a cluster
+/// member's ([`NODE_COMMON_NAME_PREFIX`]). The caller must have checked
+/// that it chains to this CA.
+pub fn node_name<'a>(cert: &'a x509_parser::certificate::X509Certificate<'_>) -> Option<&'a str> {
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    cn.strip_prefix(NODE_COMMON_NAME_PREFIX)
+        .filter(|name| !name.is_empty())
+}
 
 /// Why a connection's client certificate no longer admits it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -169,13 +186,14 @@ impl PeerCertificate {
     /// check parsed it already, so only a resumed session's stored
     /// certificate could get here malformed).
     pub fn parse(der: CertificateDer<'static>) -> Option<Self> {
-        let (serial, operator, not_before_unix_s, not_after_unix_s) = {
+        let (serial, operator, node, not_before_unix_s, not_after_unix_s) = {
             let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
             let validity = parsed.validity();
             let operator = names_operator(&parsed);
             (
                 parsed.tbs_certificate.raw_serial().to_vec(),
                 operator,
+                node_name(&parsed).is_some(),
                 validity.not_before.timestamp(),
                 validity.not_after.timestamp(),
             )
@@ -184,6 +202,7 @@ impl PeerCertificate {
             der,
             serial,
             operator,
+            node,
             not_before_unix_s,
             not_after_unix_s,
         })

@@ -71,6 +71,9 @@ enum Command {
     /// The certificate authority's root.
     #[command(subcommand)]
     Ca(cli_authority::CaCommand<TargetArgs>),
+    /// The cluster of the server's members.
+    #[command(subcommand)]
+    Cluster(cli_authority::ClusterCommand<TargetArgs>),
     /// The Certificate Transparency log (every answer verified here).
     #[command(subcommand)]
     Ct(cli_authority::CtCommand<TargetArgs>),
@@ -312,6 +315,7 @@ fn main() -> ExitCode {
         Command::Enroll(args) => cli_authority::enroll(&args, &enrolled_identity_path()),
         Command::Cert(command) => cli_authority::cert(&command),
         Command::Ca(command) => cli_authority::ca(&command),
+        Command::Cluster(command) => cli_authority::cluster(&command),
         Command::Ct(command) => cli_authority::ct(&command),
         Command::Dns(command) => cli_authority::dns(&command),
         Command::DnsBench {

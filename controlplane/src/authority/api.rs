@@ -187,6 +187,8 @@ pub struct EnrollRequest {
 pub enum CertUsage {
     Client,
     Server,
+    /// A cluster member's (listed only; issued when a node joins).
+    Node,
 }
 
 /// `CERT_ISSUE`: names come from the CSR's subject CN and SAN DNS/IP entries.

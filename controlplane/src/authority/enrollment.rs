@@ -32,6 +32,27 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub const KEY_FILE: &str = "enrollment.key";
 /// The token format this code mints and accepts.
 pub const TOKEN_VERSION: u8 = 1;
+/// The first byte of a cluster join token: the same format, for another
+/// purpose (under the MAC, so one kind never passes for the other).
+pub const JOIN_TOKEN_VERSION: u8 = 2;
+
+/// What a token is good for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// A client's first certificate (`ENROLL`).
+    Enroll,
+    /// A new member of the cluster (`CLUSTER_JOIN`).
+    Join,
+}
+
+impl Purpose {
+    fn version(self) -> u8 {
+        match self {
+            Purpose::Enroll => TOKEN_VERSION,
+            Purpose::Join => JOIN_TOKEN_VERSION,
+        }
+    }
+}
 /// How long a token is good for unless the minter says otherwise.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
 /// The longest lifetime a token may be minted with.
@@ -150,8 +171,18 @@ impl EnrollmentKey {
         })
     }
 
-    /// A new token valid for `ttl` from `now`.
+    /// A new enrollment token valid for `ttl` from `now`.
     pub fn mint(&self, ttl: Duration, now: SystemTime) -> Result<String, EnrollmentError> {
+        self.mint_for(Purpose::Enroll, ttl, now)
+    }
+
+    /// A new token for `purpose`, valid for `ttl` from `now`.
+    pub fn mint_for(
+        &self,
+        purpose: Purpose,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<String, EnrollmentError> {
         if ttl.is_zero() || ttl > MAX_TTL {
             return Err(EnrollmentError::BadTtl { ttl });
         }
@@ -160,7 +191,7 @@ impl EnrollmentKey {
             .map_err(|_| EnrollmentError::Clock)?
             .as_secs();
         let mut token = [0u8; TOKEN_LEN];
-        token[0] = TOKEN_VERSION;
+        token[0] = purpose.version();
         self.rng
             .fill(&mut token[1..1 + ID_LEN])
             .map_err(|_| EnrollmentError::Random)?;
@@ -173,6 +204,16 @@ impl EnrollmentKey {
     /// Check a token's form, MAC and expiry (not whether it was spent:
     /// that is the database's, see `Authority::token_spent`).
     pub fn verify(&self, token: &str, now: SystemTime) -> Result<VerifiedToken, TokenError> {
+        self.verify_for(Purpose::Enroll, token, now)
+    }
+
+    /// [`Self::verify`] for a token of `purpose`.
+    pub fn verify_for(
+        &self,
+        purpose: Purpose,
+        token: &str,
+        now: SystemTime,
+    ) -> Result<VerifiedToken, TokenError> {
         let token = token.trim();
         if token.len() != TOKEN_TEXT_LEN {
             return Err(TokenError::Malformed);
@@ -182,7 +223,7 @@ impl EnrollmentKey {
             .ok()
             .and_then(|b| b.try_into().ok())
             .ok_or(TokenError::Malformed)?;
-        if bytes[0] != TOKEN_VERSION {
+        if bytes[0] != purpose.version() {
             return Err(TokenError::Version(bytes[0]));
         }
         // The MAC is truncated, so `hmac::verify` cannot compare it with

@@ -100,6 +100,9 @@ pub enum AuthorityError {
     /// cannot apply what the others do, so it must stop, not skip it.
     #[error("{0}; this node cannot apply the cluster's commands")]
     NotConfigured(String),
+    /// A cluster member's state changes only through the cluster's log.
+    #[error("this node is a cluster member: its state changes only through the cluster's log")]
+    Replicated,
 }
 
 impl AuthorityError {

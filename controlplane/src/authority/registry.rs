@@ -667,6 +667,7 @@ fn usage_tag(usage: Usage) -> u8 {
     match usage {
         Usage::Server => 1,
         Usage::Client => 2,
+        Usage::Node => 3,
     }
 }
 
@@ -793,6 +794,7 @@ pub fn decode_record(serial: Serial, bytes: &[u8]) -> Option<CertificateRecord> 
     let usage = match r.u8()? {
         1 => Usage::Server,
         2 => Usage::Client,
+        3 => Usage::Node,
         _ => return None,
     };
     let renewed_from = match r.u8()? {

@@ -206,8 +206,15 @@ fn server_spki(pkcs8: &[u8]) -> Result<Vec<u8>, AuthorityError> {
     Ok(key.public_key_der())
 }
 
-/// Load the server's TLS key, or make one (ECDSA P-256) on first start.
-fn load_or_create_server_key(data_dir: &Path) -> Result<Vec<u8>, AuthorityError> {
+/// The public key (SubjectPublicKeyInfo DER) of the server's TLS key in
+/// `data_dir`, made on first use: what a member's certificates certify.
+pub fn server_public_key(data_dir: &Path) -> Result<Vec<u8>, AuthorityError> {
+    server_spki(&load_or_create_server_key(data_dir)?)
+}
+
+/// Load the server's TLS key (PKCS#8 DER), or make one (ECDSA P-256) on
+/// first start.
+pub fn load_or_create_server_key(data_dir: &Path) -> Result<Vec<u8>, AuthorityError> {
     let path = data_dir.join(SERVER_KEY_FILE);
     let io = |source| AuthorityError::Io {
         path: path.clone(),
@@ -580,7 +587,7 @@ fn parse_csr(pem: &str) -> Result<CertFacts, ServiceError> {
     })
 }
 
-fn pem_certificate(der: &[u8]) -> String {
+pub fn pem_certificate(der: &[u8]) -> String {
     let body = api::b64(der);
     let mut out = String::with_capacity(body.len() + body.len() / 64 + 60);
     out.push_str("-----BEGIN CERTIFICATE-----\n");
@@ -602,6 +609,7 @@ fn certificate_info(record: &CertificateRecord) -> api::CertificateInfo {
         usage: match record.usage {
             Usage::Client => api::CertUsage::Client,
             Usage::Server => api::CertUsage::Server,
+            Usage::Node => api::CertUsage::Node,
         },
         not_before: unix_s(record.not_before),
         not_after: unix_s(record.not_after),
@@ -1218,6 +1226,15 @@ impl AuthorityService {
                 "the name {OPERATOR:?} (in any case) is reserved for the operator"
             )));
         }
+        let member = dataplane::trust::NODE_COMMON_NAME_PREFIX;
+        if let Some(name) = holder.names().find(|n| {
+            n.get(..member.len())
+                .is_some_and(|start| start.eq_ignore_ascii_case(member))
+        }) {
+            return Err(unauthorized(format!(
+                "{name:?}: names starting {member:?} are the cluster members' (issued when a node joins)"
+            )));
+        }
         if let Some(name) = holder.names().find(|n| self.is_server_name(n)) {
             return Err(unauthorized(format!(
                 "{name:?} is the server's own name; only the operator may issue it"
@@ -1310,10 +1327,15 @@ impl AuthorityService {
         let usage = match request.usage {
             api::CertUsage::Client => Usage::Client,
             api::CertUsage::Server => Usage::Server,
+            api::CertUsage::Node => {
+                return Err(unauthorized(
+                    "a cluster member's certificate is issued only when a node joins with a join token",
+                ));
+            }
         };
         let change = match usage {
             Usage::Server => self.repin_change(&csr)?,
-            Usage::Client => None,
+            Usage::Client | Usage::Node => None,
         };
         // Its names are the caller's: it goes when the caller's certificate
         // goes. The operator's authority is its own.
@@ -1886,6 +1908,82 @@ impl AuthorityService {
             .propose_server_certificate_rotation(now)
             .map_err(authority_error)?;
         Ok(Handled::Commit(Box::new(pending)))
+    }
+
+    /// The node certificate of a node joining the cluster as member
+    /// `name` at `ip`, paid for with a join token (spent with it in the
+    /// log): its names are the member's and `server_names` (the server
+    /// certificate it serves with), its key `spki`.
+    pub fn propose_member(
+        &self,
+        token: &str,
+        name: &str,
+        ip: IpAddr,
+        server_names: &[String],
+        spki: Vec<u8>,
+        now: SystemTime,
+    ) -> Result<(IssuedCertificate, Certify), ServiceError> {
+        let token = self
+            .tokens
+            .verify_for(super::enrollment::Purpose::Join, token, now)
+            .map_err(|e| ServiceError::new(api::TOKEN_INVALID, format!("join token: {e}")))?;
+        if self
+            .machine
+            .authority()
+            .token_spent(token.id())
+            .map_err(authority_error)?
+        {
+            return Err(ServiceError::new(
+                api::TOKEN_USED,
+                "this join token was used already; mint a new one",
+            ));
+        }
+        if let Some(name) = server_names.iter().find(|n| n.contains('*')) {
+            return Err(unauthorized(format!(
+                "{name:?} is a wildcard name: a member's certificate carries none"
+            )));
+        }
+        let (certificate, mut certify) = self
+            .member_request(name, ip, server_names, spki, now)
+            .map_err(authority_error)?;
+        certify.token = Some(SpentToken::of(&token));
+        Ok((certificate, certify))
+    }
+
+    /// This member's own node certificate (the first member of a new
+    /// cluster), for its server names and `ip`, on the server's key.
+    pub fn propose_own_member(
+        &self,
+        name: &str,
+        ip: IpAddr,
+        now: SystemTime,
+    ) -> Result<(IssuedCertificate, Certify), AuthorityError> {
+        let spki = server_spki(&self.server_key)?;
+        self.member_request(name, ip, &self.config.server_names, spki, now)
+    }
+
+    fn member_request(
+        &self,
+        name: &str,
+        ip: IpAddr,
+        server_names: &[String],
+        spki: Vec<u8>,
+        now: SystemTime,
+    ) -> Result<(IssuedCertificate, Certify), AuthorityError> {
+        let (dns_names, mut ip_addresses) = split_names(server_names);
+        if !ip_addresses.contains(&ip) {
+            ip_addresses.push(ip);
+        }
+        let request = IssueRequest {
+            subject: crate::cluster::node::node_subject(name),
+            dns_names,
+            ip_addresses,
+            usage: Usage::Node,
+            lifetime: ca::MAX_LIFETIME,
+            public_key: Some(spki),
+            parent: None,
+        };
+        self.machine.authority().propose_issue(request, now)
     }
 
     /// A new server certificate as a proposal: once applied, it is what

@@ -6,26 +6,133 @@
 //! `NOT_LEADER`, naming the leader where it knows it, and the client asks
 //! another member.
 
-use super::{Outcome, Raft};
+use super::{Member, Outcome, Raft, Recent};
 use crate::authority::api::{self, ServiceError};
 use crate::authority::logged::AuthorityError;
 use crate::authority::service::{Answer, AuthorityService, Caller, Handled, Pending};
+use crate::machine::Command;
+use dataplane::client::peers::Peers;
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::time::SystemTime;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// How long a member waits for the leader to commit what it forwarded,
+/// and then to apply it itself.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where a member's connections to the others are, once it has its node
+/// certificate.
+pub type PeerSlot = Rc<RefCell<Option<Arc<Peers>>>>;
 
 /// One member's authority: its service (sharing its machine with the Raft
 /// state machine) and its Raft handle.
 pub struct ClusterAuthority {
     service: Rc<RefCell<AuthorityService>>,
     raft: Raft,
+    /// How a follower hands its proposals to the leader: the peers, and
+    /// the outcomes of what this member applied.
+    forwarding: Option<(PeerSlot, Recent)>,
 }
 
 impl ClusterAuthority {
     /// `service` must be the one whose machine `raft`'s state machine
-    /// applies to.
+    /// applies to. Without [`Self::forwarding`], a follower answers a
+    /// change `NOT_LEADER`.
     pub fn new(service: Rc<RefCell<AuthorityService>>, raft: Raft) -> Self {
-        Self { service, raft }
+        Self {
+            service,
+            raft,
+            forwarding: None,
+        }
+    }
+
+    /// A follower forwards what it proposes to the leader over `peers`
+    /// (`CLUSTER_FORWARD`) and answers from `recent`, what applying it
+    /// did here.
+    pub fn forwarding(mut self, peers: PeerSlot, recent: Recent) -> Self {
+        self.forwarding = Some((peers, recent));
+        self
+    }
+
+    /// The leader, as this member knows it.
+    pub fn leader(&self) -> Option<(u64, Member)> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let id = metrics.current_leader?;
+        let member = metrics
+            .membership_config
+            .membership()
+            .get_node(&id)?
+            .clone();
+        Some((id, member))
+    }
+
+    /// Commit `command` through the log from any member: the leader
+    /// appends it; a follower forwards it to the leader and waits until it
+    /// applied it itself. The outcome is this member's apply of it.
+    pub async fn submit(&self, command: Command) -> Result<Outcome, ServiceError> {
+        let me = self.raft.metrics().borrow().id;
+        let leader = self.leader();
+        if leader.as_ref().is_some_and(|(id, _)| *id == me) || self.forwarding.is_none() {
+            return match self.raft.client_write(command).await {
+                Ok(written) => Ok(written.data),
+                Err(e) => Err(self.not_committed(&e)),
+            };
+        }
+        let Some((_, member)) = leader else {
+            return Err(ServiceError::new(
+                api::NOT_LEADER,
+                "no leader is known yet (an election is under way): ask again in a moment",
+            ));
+        };
+        let (peers, recent) = self.forwarding.as_ref().expect("checked above");
+        let Some(peers) = peers.borrow().clone() else {
+            return Err(ServiceError::new(
+                api::NOT_LEADER,
+                "this member cannot reach the others yet: ask another member",
+            ));
+        };
+        let bytes = crate::machine::codec::encode(&command).map_err(|e| {
+            ServiceError::new(api::STORAGE, format!("the command cannot be encoded: {e}"))
+        })?;
+        let answer = super::network::request(
+            &peers,
+            &member.address,
+            dataplane::protocols::stoq_registry::CLUSTER_FORWARD,
+            bytes,
+            FORWARD_TIMEOUT,
+        )
+        .await
+        .map_err(|e| match e {
+            super::network::PeerError::Refused { code, message } => {
+                ServiceError::new(code, message)
+            }
+            unreachable => ServiceError::new(
+                api::NOT_LEADER,
+                format!("the leader {member} did not take the change ({unreachable}); ask again"),
+            ),
+        })?;
+        let index = <[u8; 8]>::try_from(answer.as_ref())
+            .map(u64::from_be_bytes)
+            .map_err(|_| {
+                ServiceError::new(api::STORAGE, "the leader's answer is not a log index")
+            })?;
+        self.raft
+            .wait(Some(FORWARD_TIMEOUT))
+            .applied_index_at_least(Some(index), "a forwarded change")
+            .await
+            .map_err(|e| {
+                ServiceError::new(
+                    api::STORAGE,
+                    format!("the change was committed at {index} but not applied here yet: {e}"),
+                )
+            })?;
+        recent.take(index).ok_or_else(|| {
+            ServiceError::new(
+                api::STORAGE,
+                format!("the change was committed at {index}; this member took a snapshot past it: read the result back"),
+            )
+        })
     }
 
     pub fn service(&self) -> &Rc<RefCell<AuthorityService>> {
@@ -60,19 +167,16 @@ impl ClusterAuthority {
     /// the log, and answer from what applying it did here.
     pub async fn commit(&self, pending: Pending) -> Answer {
         let Pending { command, finish } = pending;
-        let applied = match self.raft.client_write(command).await {
-            Ok(written) => match written.data {
-                Outcome::Applied(applied) => Ok(applied),
-                Outcome::Refused(refused) => Err(Rc::try_unwrap(refused)
-                    .unwrap_or_else(|shared| AuthorityError::Stale(shared.to_string()))),
-                Outcome::Nothing => {
-                    return Err(ServiceError::new(
-                        api::STORAGE,
-                        "the command was applied as none",
-                    ));
-                }
-            },
-            Err(e) => return Err(self.not_committed(&e)),
+        let applied = match self.submit(command).await? {
+            Outcome::Applied(applied) => Ok(applied),
+            Outcome::Refused(refused) => Err(Rc::try_unwrap(refused)
+                .unwrap_or_else(|shared| AuthorityError::Stale(shared.to_string()))),
+            Outcome::Nothing => {
+                return Err(ServiceError::new(
+                    api::STORAGE,
+                    "the command was applied as none",
+                ));
+            }
         };
         finish(&mut self.service.borrow_mut(), applied)
     }
@@ -85,6 +189,7 @@ impl ClusterAuthority {
         match e.forward_to_leader() {
             Some(forward) => {
                 let leader = match &forward.leader_node {
+                    // `name ([address]:port)`: clients read the address.
                     Some(member) => format!("the leader is {member}"),
                     None => "no leader is known yet".to_owned(),
                 };

@@ -18,6 +18,8 @@
 mod authority;
 pub mod codec;
 pub mod local;
+pub mod network;
+pub mod node;
 // openraft's storage traits return its `StorageError` (over 200 bytes);
 // the helpers behind them return the same, rather than a box to unwrap at
 // every call.
@@ -29,9 +31,9 @@ mod state_machine;
 #[cfg(test)]
 mod tests;
 
-pub use authority::ClusterAuthority;
+pub use authority::{ClusterAuthority, PeerSlot};
 pub use log_store::LogStore;
-pub use state_machine::{HoldsMachine, Host, StateMachine};
+pub use state_machine::{HoldsMachine, Host, Recent, StateMachine};
 
 use crate::machine::{Applied, Command};
 use std::fmt;
@@ -51,7 +53,7 @@ impl fmt::Display for Member {
 
 /// What a committed entry did on the node that applied it: every node
 /// reaches the same outcome, a refusal included.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum Outcome {
     Applied(Applied),
     /// The command no longer fitted the state (every replica refuses it

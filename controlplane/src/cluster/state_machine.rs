@@ -64,6 +64,34 @@ pub type Host = Rc<RefCell<dyn HoldsMachine>>;
 pub struct StateMachine {
     host: Host,
     current: Current,
+    recent: Recent,
+}
+
+/// How many applied entries' outcomes a node keeps for
+/// [`Recent::take`].
+const RECENT_OUTCOMES: usize = 4096;
+
+/// The outcomes of the last entries this node applied, by log index: a
+/// member that had the leader commit its proposal answers from what
+/// applying it did here.
+#[derive(Clone, Default)]
+pub struct Recent(Rc<RefCell<std::collections::VecDeque<(u64, Outcome)>>>);
+
+impl Recent {
+    fn push(&self, index: u64, outcome: Outcome) {
+        let mut recent = self.0.borrow_mut();
+        if recent.len() == RECENT_OUTCOMES {
+            recent.pop_front();
+        }
+        recent.push_back((index, outcome));
+    }
+
+    /// The outcome of entry `index`, once, if it is among the recent ones.
+    pub fn take(&self, index: u64) -> Option<Outcome> {
+        let mut recent = self.0.borrow_mut();
+        let at = recent.iter().position(|(i, _)| *i == index)?;
+        recent.remove(at).map(|(_, outcome)| outcome)
+    }
 }
 
 impl StateMachine {
@@ -71,7 +99,13 @@ impl StateMachine {
         Self {
             host,
             current: Rc::default(),
+            recent: Recent::default(),
         }
+    }
+
+    /// The outcomes this state machine keeps of what it applies.
+    pub fn recent(&self) -> Recent {
+        self.recent.clone()
     }
 }
 
@@ -127,7 +161,7 @@ fn record(
 fn apply_entries(
     machine: &mut Machine,
     entries: impl IntoIterator<Item = Entry<TypeConfig>>,
-) -> Result<Vec<Outcome>, Error> {
+) -> Result<Vec<(u64, Outcome)>, Error> {
     let mut outcomes = Vec::new();
     for entry in entries {
         let log_id = entry.log_id;
@@ -147,14 +181,14 @@ fn apply_entries(
                 record(txn, Some(&log_id), membership.as_deref())
             })
             .map_err(write_error)?;
-        outcomes.push(match applied {
+        outcomes.push((log_id.index, match applied {
             None => Outcome::Nothing,
             Some(Ok(applied)) => Outcome::Applied(applied),
             Some(Err(refused)) => {
                 tracing::info!(index = log_id.index, reason = %refused, "a committed command was refused on apply");
                 Outcome::Refused(Rc::new(refused))
             }
-        });
+        }));
     }
     Ok(outcomes)
 }
@@ -179,7 +213,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let durable = machine.make_durable().map_err(write_error);
         let outcomes = applied?;
         durable?;
-        Ok(outcomes)
+        for (index, outcome) in &outcomes {
+            self.recent.push(*index, outcome.clone());
+        }
+        Ok(outcomes.into_iter().map(|(_, outcome)| outcome).collect())
     }
 
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {

@@ -23,6 +23,15 @@
 //! never reads a clock.
 
 use super::beacon::{Beacon, TICK_SIGNATURE_LEN, Tick};
+
+/// The tick of a beacon that has made none yet.
+pub const UNTICKED: Tick = Tick {
+    index: 0,
+    unix_s: 0,
+    prev: [0; 32],
+    hash: [0; 32],
+    signature: [0; TICK_SIGNATURE_LEN],
+};
 use super::binding::Binding;
 use super::space::{PLOT_K_MAX, SpaceParams};
 use super::stake::{ClientKey, Identity, LEDGER_LEN_MAX, StakeError, StakeLedger};
@@ -433,12 +442,12 @@ impl AdmissionState {
         self.generation += 1;
     }
 
-    /// The latest tick. There is one once the state machine took the
-    /// state in (it applies a tick first).
+    /// The latest tick. A single node ticks when it takes the state in; a
+    /// cluster member has none until the leader's first tick is applied,
+    /// and until then this is [`UNTICKED`], which no proof can name as
+    /// recent (Unix second 0): admission waits for the first tick.
     pub fn latest_tick(&self) -> &Tick {
-        self.beacon
-            .latest()
-            .expect("the state machine ticks the beacon when it takes the state in")
+        self.beacon.latest().unwrap_or(&UNTICKED)
     }
 
     /// Whether the beacon has made a tick.

@@ -93,6 +93,9 @@ pub struct Machine {
     /// Commands applied since [`Self::defer_durability`], committed but
     /// not yet fsynced; `None` outside a group.
     group: Option<usize>,
+    /// A cluster member's: only the Raft log's entries change it
+    /// ([`Self::apply_with`]); [`Self::apply`] refuses.
+    replicated: bool,
 }
 
 impl Machine {
@@ -125,6 +128,7 @@ impl Machine {
             admission: None,
             journal: None,
             group: None,
+            replicated: false,
         })
     }
 
@@ -145,6 +149,17 @@ impl Machine {
             )));
         }
         Ok(())
+    }
+
+    /// From now on only the cluster's log changes this machine: a change
+    /// applied any other way ([`Self::apply`]) is refused, so no member
+    /// writes what the others do not.
+    pub fn set_replicated(&mut self) {
+        self.replicated = true;
+    }
+
+    pub fn is_replicated(&self) -> bool {
+        self.replicated
     }
 
     /// Take in the admission state without ticking: a replica (or a
@@ -221,6 +236,9 @@ impl Machine {
     /// ([`Self::defer_durability`]). A command refused or a write that
     /// fails changes nothing.
     pub fn apply(&mut self, command: Command) -> Result<Applied, AuthorityError> {
+        if self.replicated {
+            return Err(AuthorityError::Replicated);
+        }
         let db = self.authority.database();
         let durability = match self.group {
             Some(_) => Durability::None,

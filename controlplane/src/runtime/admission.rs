@@ -18,7 +18,9 @@ use crate::consensus::ProofBundle;
 use crate::consensus::binding::Binding;
 use crate::consensus::isolation::{Isolation, IsolationConfig};
 use crate::consensus::stake::{ClientKey, Identity};
-use crate::consensus::state::{AdmissionConfig, AdmissionSnapshot, AdmissionState};
+use crate::consensus::state::{
+    AdmissionApplied, AdmissionChange, AdmissionConfig, AdmissionSnapshot, AdmissionState,
+};
 use crate::consensus::wire::{self, Offer, PlotRegistration};
 use crate::machine::Machine;
 use arc_swap::ArcSwap;
@@ -342,6 +344,17 @@ pub struct AdmissionRuntime {
     owners: HashMap<Identity, u32>,
 }
 
+/// How a proposed admission change is answered once applied (with what
+/// applying it did; `None` when nothing needed applying).
+pub type AnswerFn =
+    Box<dyn FnOnce(Option<crate::machine::Applied>) -> Result<Vec<u8>, RequestError>>;
+
+/// An admission request's change, to commit through the cluster's log.
+pub struct AdmissionProposal {
+    pub command: Option<crate::machine::Command>,
+    pub answer: AnswerFn,
+}
+
 /// Operator requests on [`STAKE`].
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
@@ -386,10 +399,16 @@ impl AdmissionRuntime {
             node_key_path,
         )
         .map_err(|e| format!("cannot open the admission state: {e}"))?;
-        machine
-            .attach_admission(state, unix_now())
-            .map_err(|e| format!("cannot start the admission state: {e}"))?;
-        if let Some(operator) = operator {
+        if machine.is_replicated() {
+            // The leader ticks the beacon, and grants stake, through the
+            // cluster's log (see `runtime::cluster`).
+            machine.adopt_admission(state);
+        } else {
+            machine
+                .attach_admission(state, unix_now())
+                .map_err(|e| format!("cannot start the admission state: {e}"))?;
+        }
+        if let Some(operator) = operator.filter(|_| !machine.is_replicated()) {
             ensure_stake(machine, operator)
                 .map_err(|e| format!("cannot grant the operator its stake: {e}"))?;
         }
@@ -454,7 +473,10 @@ impl AdmissionRuntime {
         let mut changed = self.drain_events(now);
         if now >= self.next_tick {
             self.next_tick = now + Duration::from_secs(1);
-            if let Err(e) = machine.tick(unix_now()) {
+            // A cluster's leader ticks through the log instead.
+            if !machine.is_replicated()
+                && let Err(e) = machine.tick(unix_now())
+            {
                 tracing::error!(error = %e, "beacon tick not stored; the last tick stays");
             }
             let rate = self.handshake_rate(now);
@@ -660,6 +682,117 @@ impl AdmissionRuntime {
         self.publish_isolation();
         self.publish_status(machine, now);
         Some(result)
+    }
+
+    /// A cluster member's admission request that changes the ledger
+    /// (`STAKE` grant or revoke, `PLOT_REGISTER`), as the command to
+    /// commit through the log and how to answer once it is applied;
+    /// `None` for any other request (answered by [`Self::handle`]).
+    pub fn propose(
+        &self,
+        machine: &Machine,
+        kind: u8,
+        caller: Option<&[u8]>,
+        operator: bool,
+        payload: &[u8],
+    ) -> Option<Result<AdmissionProposal, RequestError>> {
+        let state = machine.admission()?;
+        let stake_answer = |identity: Identity| -> AnswerFn {
+            Box::new(move |applied| {
+                let stake = match applied {
+                    Some(crate::machine::Applied::Admission(AdmissionApplied::Stake { total })) => {
+                        total
+                    }
+                    _ => 0,
+                };
+                Ok(serde_json::to_vec(
+                    &serde_json::json!({"identity": hex(&identity.0), "stake": stake}),
+                )
+                .expect("JSON"))
+            })
+        };
+        let proposal = match kind {
+            STAKE if operator => {
+                let request: StakeRequest = match serde_json::from_slice(payload) {
+                    Ok(request) => request,
+                    Err(e) => return Some(Err(bad_request(format!("stake request: {e}")))),
+                };
+                let (identity, change) = match request {
+                    StakeRequest::List => return None,
+                    StakeRequest::Grant { identity, amount } => {
+                        let id = match parse_identity(&identity) {
+                            Ok(id) => id,
+                            Err(e) => return Some(Err(bad_request(e))),
+                        };
+                        if amount == 0 {
+                            return Some(Err(bad_request(
+                                "granting 0 changes nothing; give an amount of at least 1",
+                            )));
+                        }
+                        match state.propose_grant(id, amount) {
+                            Ok(change) => (id, change),
+                            Err(e) => return Some(Err(state_error(e.into()))),
+                        }
+                    }
+                    StakeRequest::Revoke { identity, amount } => {
+                        let id = match parse_identity(&identity) {
+                            Ok(id) => id,
+                            Err(e) => return Some(Err(bad_request(e))),
+                        };
+                        (
+                            id,
+                            AdmissionChange::StakeWithdraw {
+                                identity: id,
+                                amount,
+                            },
+                        )
+                    }
+                };
+                AdmissionProposal {
+                    command: Some(crate::machine::Command::Admission(change)),
+                    answer: stake_answer(identity),
+                }
+            }
+            PLOT_REGISTER => {
+                let Some(cert) = caller else {
+                    return Some(Err((
+                        crate::authority::api::UNAUTHORIZED,
+                        "registering a plot needs a client certificate".into(),
+                    )));
+                };
+                let identity = match identity_of_certificate(cert) {
+                    Ok(identity) => identity,
+                    Err(e) => return Some(Err(bad_request(e))),
+                };
+                let registration = match PlotRegistration::decode(payload) {
+                    Ok(registration) => registration,
+                    Err(e) => return Some(Err(bad_request(e.to_string()))),
+                };
+                let change =
+                    match state.propose_plot(identity, registration.commitment, registration.k) {
+                        Ok(change) => change,
+                        Err(e) => return Some(Err(state_error(e.into()))),
+                    };
+                let stake = state.stake(&identity);
+                AdmissionProposal {
+                    command: change.map(crate::machine::Command::Admission),
+                    answer: Box::new(move |applied| {
+                        let stake = match applied {
+                            Some(crate::machine::Applied::Admission(AdmissionApplied::Stake {
+                                total,
+                            })) => total,
+                            _ => stake,
+                        };
+                        Ok(serde_json::to_vec(
+                            &serde_json::json!({"identity": hex(&identity.0), "stake": stake}),
+                        )
+                        .expect("JSON"))
+                    }),
+                }
+            }
+            _ => return None,
+        };
+        Some(Ok(proposal))
     }
 
     fn assets_json(&self, now: Instant) -> Vec<u8> {

@@ -10,6 +10,7 @@
 //! snapshot; a forwarded request is answered on the worker's reply queue.
 
 pub mod admission;
+pub mod cluster;
 pub mod fair_queue;
 
 use crate::authority::ca::Usage;
@@ -64,6 +65,8 @@ pub enum AuthorityStartError {
     Zone(String),
     #[error("admission cannot start: {0}")]
     Admission(String),
+    #[error("the cluster member cannot start: {0}")]
+    Cluster(String),
 }
 
 pub struct AuthorityRuntime {
@@ -411,10 +414,18 @@ impl AuthorityRuntime {
         }
     }
 
-    fn send_reply(&self, worker: usize, mut reply: Reply) {
+    fn send_reply(&self, worker: usize, reply: Reply) {
+        send_reply(&self.port, worker, reply);
+    }
+}
+
+/// Answer `worker`, retrying a full reply queue for a moment: a worker
+/// that stopped reading must not stall the control plane.
+fn send_reply(port: &ControlPort, worker: usize, mut reply: Reply) {
+    {
         let deadline = Instant::now() + REPLY_RETRY;
         loop {
-            match self.port.reply(worker, reply) {
+            match port.reply(worker, reply) {
                 Ok(()) => return,
                 Err(back) if Instant::now() < deadline => {
                     reply = back;

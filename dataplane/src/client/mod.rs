@@ -4,6 +4,7 @@
 pub mod admit;
 pub mod bench;
 pub mod load;
+pub mod peers;
 pub mod rpc;
 
 use crate::cid::WorkerId;
@@ -92,6 +93,18 @@ fn client_worker<S: Service>(
     index: usize,
     service: S,
 ) -> Result<Worker<S>, ClientError> {
+    let mailbox = Arc::new(Mailbox::new(1).map_err(ClientError::Socket)?);
+    client_worker_with(target, index, service, mailbox)
+}
+
+/// A client worker whose mailbox the caller holds (to wake it from other
+/// threads).
+fn client_worker_with<S: Service>(
+    target: &ClientTarget,
+    index: usize,
+    service: S,
+    mailbox: Arc<Mailbox>,
+) -> Result<Worker<S>, ClientError> {
     let remote = target.check()?;
     let local = if remote.ip().is_loopback() {
         Ipv6Addr::LOCALHOST
@@ -103,7 +116,6 @@ fn client_worker<S: Service>(
         CLIENT_SOCKET_BUFFER_BYTES,
     )
     .map_err(ClientError::Socket)?;
-    let mailbox = Arc::new(Mailbox::new(1).map_err(ClientError::Socket)?);
     let io = make_backend(
         target.backend,
         socket,

@@ -369,7 +369,7 @@ impl Framing {
         }
     }
 
-    fn decode(self, buf: &[u8]) -> Reply {
+    pub(crate) fn decode(self, buf: &[u8]) -> Reply {
         match self {
             Framing::Stoq => match stoq::decode(buf, RESPONSE_PAYLOAD_MAX) {
                 Ok(Message {

@@ -30,6 +30,9 @@ pub enum Answered {
     Authority,
     /// Forwarded to the control plane's admission runtime.
     Admission,
+    /// Forwarded to the control plane's cluster (Raft between members,
+    /// joining, membership).
+    Cluster,
 }
 
 /// One request kind.
@@ -60,6 +63,13 @@ pub const CT_CONSISTENCY: u8 = 0x22;
 pub const CT_ENTRIES: u8 = 0x23;
 pub const CT_KEY: u8 = 0x24;
 pub const ROTATE: u8 = 0x30;
+pub const CLUSTER_JOIN: u8 = 0x31;
+pub const CLUSTER_STATUS: u8 = 0x32;
+pub const CLUSTER_REMOVE: u8 = 0x33;
+pub const RAFT_APPEND: u8 = 0x34;
+pub const RAFT_VOTE: u8 = 0x35;
+pub const RAFT_SNAPSHOT: u8 = 0x36;
+pub const CLUSTER_FORWARD: u8 = 0x37;
 pub const DNS_SET: u8 = 0x38;
 pub const DNS_REMOVE: u8 = 0x39;
 pub const DNS_LIST: u8 = 0x3a;
@@ -89,10 +99,10 @@ const fn entry(
 }
 
 use Access::{Anyone, Certificate, Operator};
-use Answered::{Admission, Authority, Worker};
+use Answered::{Admission, Authority, Cluster, Worker};
 
 /// The table, in kind order.
-pub const KINDS: [KindSpec; 23] = [
+pub const KINDS: [KindSpec; 30] = [
     entry(PING, "PING", Certificate, Worker, false, true),
     entry(STATS, "STATS", Certificate, Worker, false, true),
     entry(ENROLL, "ENROLL", Anyone, Authority, true, false),
@@ -144,6 +154,51 @@ pub const KINDS: [KindSpec; 23] = [
     // on the enrollment connection (no certificate, no admission yet).
     entry(CT_KEY, "CT_KEY", Anyone, Authority, true, false),
     entry(ROTATE, "ROTATE", Operator, Authority, false, false),
+    // A joining node has no certificate yet: its join token is its proof.
+    entry(CLUSTER_JOIN, "CLUSTER_JOIN", Anyone, Cluster, true, false),
+    entry(
+        CLUSTER_STATUS,
+        "CLUSTER_STATUS",
+        Certificate,
+        Cluster,
+        false,
+        false,
+    ),
+    entry(
+        CLUSTER_REMOVE,
+        "CLUSTER_REMOVE",
+        Operator,
+        Cluster,
+        false,
+        false,
+    ),
+    // Between members only: the control plane refuses a certificate that
+    // is not a member's (`trust::node_name`).
+    entry(
+        RAFT_APPEND,
+        "RAFT_APPEND",
+        Certificate,
+        Cluster,
+        false,
+        false,
+    ),
+    entry(RAFT_VOTE, "RAFT_VOTE", Certificate, Cluster, false, false),
+    entry(
+        RAFT_SNAPSHOT,
+        "RAFT_SNAPSHOT",
+        Certificate,
+        Cluster,
+        false,
+        false,
+    ),
+    entry(
+        CLUSTER_FORWARD,
+        "CLUSTER_FORWARD",
+        Certificate,
+        Cluster,
+        false,
+        false,
+    ),
     entry(DNS_SET, "DNS_SET", Certificate, Authority, false, false),
     entry(
         DNS_REMOVE,

@@ -150,6 +150,9 @@ pub enum Delivered {
     IdleDeadline,
     /// The connection's handshake deadline passed.
     HandshakeDeadline,
+    /// The service has work queued for the connection (a client's
+    /// requests from other threads).
+    Wake,
 }
 
 struct Conn<T> {

@@ -91,6 +91,10 @@ pub enum Usage {
     #[default]
     Server,
     Client,
+    /// A cluster member's: the server certificate it serves with and the
+    /// client certificate it reaches the other members with (both
+    /// serverAuth and clientAuth).
+    Node,
 }
 
 impl fmt::Display for Usage {
@@ -98,6 +102,7 @@ impl fmt::Display for Usage {
         f.write_str(match self {
             Self::Server => "server (serverAuth)",
             Self::Client => "client (clientAuth)",
+            Self::Node => "cluster member (serverAuth and clientAuth)",
         })
     }
 }
@@ -515,10 +520,14 @@ impl CertificateAuthority {
         // certificate without the extension is not a CA (RFC 5280 §4.2.1.9).
         params.is_ca = IsCa::NoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![match request.usage {
-            Usage::Server => ExtendedKeyUsagePurpose::ServerAuth,
-            Usage::Client => ExtendedKeyUsagePurpose::ClientAuth,
-        }];
+        params.extended_key_usages = match request.usage {
+            Usage::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
+            Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            Usage::Node => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        };
         params.use_authority_key_identifier_extension = true;
         params.serial_number = Some(SerialNumber::from_slice(&serial.0));
         params.not_before = not_before;
@@ -612,6 +621,7 @@ impl CertificateAuthority {
     ) -> Result<(IssueRequest, Serial), CaError> {
         let cert = parse(current_cert_der)?;
         let usage = match cert.extended_key_usage() {
+            Ok(Some(eku)) if eku.value.server_auth && eku.value.client_auth => Usage::Node,
             Ok(Some(eku)) if eku.value.server_auth => Usage::Server,
             Ok(Some(eku)) if eku.value.client_auth => Usage::Client,
             _ => {
@@ -740,6 +750,7 @@ impl CertificateAuthority {
             Ok(Some(eku)) => match usage {
                 Usage::Server => eku.value.server_auth,
                 Usage::Client => eku.value.client_auth,
+                Usage::Node => eku.value.server_auth && eku.value.client_auth,
             },
             _ => false,
         };

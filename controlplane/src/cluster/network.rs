@@ -1,0 +1,185 @@
+//! The cluster's Raft network between servers: each message is one
+//! `stoq/1` request (`RAFT_APPEND`, `RAFT_VOTE`, `RAFT_SNAPSHOT`, bytes of
+//! [`super::rpc`]) on the long-lived mutual-TLS connection the peer thread
+//! ([`dataplane::client::peers`]) holds to each member, authenticated with
+//! this member's node certificate. [`request`] is also how a member sends
+//! a peer anything else (a proposal for the leader).
+
+use super::{Member, TypeConfig, rpc};
+use bytes::Bytes;
+use dataplane::client::peers::{PeerRequest, Peers};
+use dataplane::client::rpc::Reply;
+use dataplane::protocols::stoq_registry::{RAFT_APPEND, RAFT_SNAPSHOT, RAFT_VOTE};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The largest Raft message sent as one request: under the server's
+/// request bound (`stoq::REQUEST_PAYLOAD_MAX`), so an append of more is
+/// cut (openraft sends fewer entries) and snapshots go in chunks of it.
+pub const MESSAGE_MAX: usize = 60 * 1024;
+
+/// Why a request to a peer got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// Not reached (down, partitioned, timed out, queue full).
+    #[error("{0}")]
+    Unreachable(String),
+    /// It answered with an error.
+    #[error("the peer answered {code:#x}: {message}")]
+    Refused { code: u16, message: String },
+}
+
+/// Send `kind` with `payload` to the member at `address` and wait for the
+/// answer, at most `timeout`.
+pub async fn request(
+    peers: &Peers,
+    address: &str,
+    kind: u8,
+    payload: Vec<u8>,
+    timeout: Duration,
+) -> Result<Bytes, PeerError> {
+    let remote: SocketAddr = address
+        .parse()
+        .map_err(|_| PeerError::Unreachable(format!("{address:?} is not an [address]:port")))?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let request = PeerRequest {
+        remote,
+        // Members' server certificates carry their cluster address.
+        server_name: remote.ip().to_string(),
+        kind,
+        payload: Bytes::from(payload),
+        deadline: Instant::now() + timeout,
+        on_reply: Box::new(move |reply| {
+            let _ = tx.send(reply);
+        }),
+    };
+    if peers.send(request).is_err() {
+        return Err(PeerError::Unreachable(
+            "too many requests to peers are queued".into(),
+        ));
+    }
+    match rx.await {
+        Ok(Reply::Ok(bytes)) => Ok(bytes),
+        Ok(Reply::Error { code, message }) => Err(PeerError::Refused { code, message }),
+        Ok(Reply::Failed(why)) => Err(PeerError::Unreachable(why)),
+        Err(_) => Err(PeerError::Unreachable("the peer thread stopped".into())),
+    }
+}
+
+/// One member's side of the network.
+pub struct StoqNetwork {
+    pub peers: super::PeerSlot,
+}
+
+impl RaftNetworkFactory<TypeConfig> for StoqNetwork {
+    type Network = StoqConnection;
+
+    async fn new_client(&mut self, target: u64, node: &Member) -> StoqConnection {
+        StoqConnection {
+            target,
+            address: node.address.clone(),
+            peers: self.peers.clone(),
+        }
+    }
+}
+
+pub struct StoqConnection {
+    target: u64,
+    address: String,
+    peers: super::PeerSlot,
+}
+
+type RpcError<E = openraft::error::Infallible> = RPCError<u64, Member, RaftError<u64, E>>;
+
+fn unreachable<E: std::error::Error>(e: PeerError) -> RPCError<u64, Member, E> {
+    match e {
+        PeerError::Unreachable(why) => {
+            RPCError::Unreachable(Unreachable::new(&std::io::Error::other(why)))
+        }
+        refused => RPCError::Network(NetworkError::new(&refused)),
+    }
+}
+
+fn undecodable<E: std::error::Error>(what: &str) -> RPCError<u64, Member, E> {
+    RPCError::Network(NetworkError::new(&std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!("the peer's {what} answer cannot be decoded"),
+    )))
+}
+
+impl StoqConnection {
+    async fn send(
+        &self,
+        kind: u8,
+        payload: Vec<u8>,
+        option: &RPCOption,
+    ) -> Result<Bytes, PeerError> {
+        // Until this member has its node certificate it reaches nobody.
+        let peers: Option<Arc<Peers>> = self.peers.borrow().clone();
+        let peers = peers.ok_or_else(|| {
+            PeerError::Unreachable("this member has no node certificate yet".into())
+        })?;
+        request(&peers, &self.address, kind, payload, option.hard_ttl()).await
+    }
+}
+
+impl RaftNetwork<TypeConfig> for StoqConnection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RpcError> {
+        let entries = rpc.entries.len();
+        let bytes =
+            rpc::encode_append(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        if bytes.len() > MESSAGE_MAX && entries > 1 {
+            return Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint((entries / 2) as u64),
+            ));
+        }
+        let answer = self
+            .send(RAFT_APPEND, bytes, &option)
+            .await
+            .map_err(unreachable)?;
+        rpc::decode_append_response(&answer).ok_or_else(|| undecodable("append"))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<u64>, RpcError<InstallSnapshotError>> {
+        let answer = self
+            .send(RAFT_SNAPSHOT, rpc::encode_snapshot(&rpc), &option)
+            .await
+            .map_err(unreachable)?;
+        rpc::decode_snapshot_response(&answer).ok_or_else(|| undecodable("snapshot"))
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RpcError> {
+        let answer = self
+            .send(RAFT_VOTE, rpc::encode_vote_request(&rpc), &option)
+            .await
+            .map_err(unreachable)?;
+        rpc::decode_vote_response(&answer).ok_or_else(|| undecodable("vote"))
+    }
+}
+
+impl std::fmt::Debug for StoqConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "member {} at {}", self.target, self.address)
+    }
+}

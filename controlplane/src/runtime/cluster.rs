@@ -1,0 +1,1004 @@
+//! The control plane of a cluster member (`--bootstrap federated`): the
+//! authority and admission of [`super`], with every change committed
+//! through the cluster's Raft log ([`crate::cluster`]) instead of applied
+//! at once, and the cluster's own requests (`RAFT_*` between members,
+//! `CLUSTER_JOIN`, `CLUSTER_STATUS`, `CLUSTER_REMOVE`, `CLUSTER_FORWARD`).
+//!
+//! - A request that changes the state is proposed here (keys, serials and
+//!   time decided here) and committed by the leader: this member's own
+//!   Raft, or the leader's over `CLUSTER_FORWARD` when this member follows.
+//!   It is answered from what applying it did here, after the workers got
+//!   the snapshots it changed.
+//! - Every member publishes what its state machine applied (trust, zone,
+//!   admission) to its workers, whoever proposed it.
+//! - The leader alone ticks the beacon, through the log.
+//! - The member serves with its node certificate (`Usage::Node`, kept in
+//!   the data directory), so a member that restarts serves at once, with
+//!   or without a quorum.
+
+use super::admission::{AdmissionRuntime, AdmissionSettings, Blocklists};
+use super::{
+    AuthorityStartError, NODE_KEY_FILE, OPERATOR_FILE, dataplane_zone, is_operator, operator_of,
+    trust_snapshot,
+};
+use crate::authority::api;
+use crate::authority::ca::Usage;
+use crate::authority::service::{AuthorityService, Caller, Handled, ServiceConfig};
+use crate::cluster::node::{self, JoinAnswer, JoinRequest, NodeRecord};
+use crate::cluster::{
+    ClusterAuthority, Host, LogStore, Member, Outcome, PeerSlot, Raft, StateMachine,
+    network::StoqNetwork,
+};
+use crate::machine::Command;
+use crate::{Control, ControlPlane};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use dataplane::control::{ControlPort, Forwarded, Reply};
+use dataplane::protocols::doq::ZoneStore;
+use dataplane::protocols::stoq_registry as kinds;
+use dataplane::trust::{CertificateStore, TrustStore};
+use rustls::pki_types::CertificateDer;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The Raft log, beside the store.
+pub const RAFT_LOG_FILE: &str = "raft-log.redb";
+/// How long a learner may take to catch up before its promotion is given
+/// up (the operator then removes it and lets it join again).
+const PROMOTION_TIMEOUT: Duration = Duration::from_secs(600);
+/// How often the admission outcomes and the leader's duties are looked at.
+const POLL: Duration = Duration::from_millis(50);
+/// How long a member's request to the leader may take.
+const RELAY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What makes a node a member.
+pub struct ClusterSettings {
+    pub node: NodeRecord,
+    /// Start a new cluster with this node as its only voter (ignored once
+    /// the node's Raft log holds a membership).
+    pub init: bool,
+    pub backend: dataplane::io::BackendKind,
+    pub transport: dataplane::TransportSettings,
+}
+
+/// What the workers read, published by the member's control plane.
+pub struct Published {
+    pub trust: Arc<TrustStore>,
+    pub certificates: Arc<CertificateStore>,
+    pub zone: Option<Arc<ZoneStore>>,
+    pub gate: Arc<super::admission::Gate>,
+}
+
+/// Everything the member's thread is made from (all `Send`).
+pub struct MemberStart {
+    pub data_dir: PathBuf,
+    pub config: ServiceConfig,
+    pub port: Arc<ControlPort>,
+    pub admission: AdmissionSettings,
+    pub blocklists: Arc<Blocklists>,
+    pub stats: Arc<OnceLock<Arc<dataplane::StatsRegistry>>>,
+    pub cluster: ClusterSettings,
+}
+
+/// Start the control-plane thread of a cluster member; returns once the
+/// member serves (its node certificate committed) with what the workers
+/// read.
+pub fn start(
+    core: Option<usize>,
+    start: MemberStart,
+) -> Result<(ControlPlane, Published), AuthorityStartError> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let control = ControlPlane::spawn_async(core, move |control| async move {
+        match MemberRuntime::open(start, &control).await {
+            Ok((member, published)) => {
+                let _ = ready_tx.send(Ok(published));
+                member.run(control).await;
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+            }
+        }
+    })
+    .map_err(|source| AuthorityStartError::Io {
+        path: PathBuf::from("control-plane thread"),
+        source,
+    })?;
+    match ready_rx.recv() {
+        Ok(Ok(published)) => Ok((control, published)),
+        Ok(Err(e)) => {
+            control.stop();
+            Err(e)
+        }
+        Err(_) => Err(AuthorityStartError::Cluster(
+            "the control plane stopped while starting".into(),
+        )),
+    }
+}
+
+fn cluster_error(e: impl std::fmt::Display) -> AuthorityStartError {
+    AuthorityStartError::Cluster(e.to_string())
+}
+
+/// A member's control plane, on its thread.
+struct MemberRuntime {
+    inner: Rc<Inner>,
+}
+
+/// What the member's tasks share (one thread: no locks).
+struct Inner {
+    me: NodeRecord,
+    data_dir: PathBuf,
+    service: Rc<RefCell<AuthorityService>>,
+    authority: ClusterAuthority,
+    raft: Raft,
+    peers: PeerSlot,
+    admission: RefCell<AdmissionRuntime>,
+    port: Arc<ControlPort>,
+    trust: Arc<TrustStore>,
+    published_generation: Cell<u64>,
+    zone: Option<(Arc<ZoneStore>, Cell<u64>)>,
+    zone_primary: String,
+    /// Answers of finished tasks, sent once what they changed is
+    /// published.
+    outbox: RefCell<Vec<(usize, Reply)>>,
+    wake: Arc<tokio::sync::Notify>,
+    ticking: Cell<bool>,
+    next_tick: Cell<Instant>,
+    backend: dataplane::io::BackendKind,
+    transport: dataplane::TransportSettings,
+}
+
+fn raft_config() -> openraft::Config {
+    openraft::Config {
+        cluster_name: "internet2".into(),
+        // Also how long an append may take before it counts as lost.
+        heartbeat_interval: 250,
+        election_timeout_min: 1000,
+        election_timeout_max: 2000,
+        // A chunk and its framing stay under a request's bound.
+        snapshot_max_chunk_size: 48 * 1024,
+        max_payload_entries: 64,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(10_000),
+        ..Default::default()
+    }
+}
+
+impl MemberRuntime {
+    async fn open(
+        start: MemberStart,
+        control: &Control,
+    ) -> Result<(Self, Published), AuthorityStartError> {
+        let MemberStart {
+            data_dir,
+            config,
+            port,
+            admission,
+            blocklists,
+            stats,
+            cluster,
+        } = start;
+        let now = SystemTime::now();
+        let zone_config = config.zone.clone();
+        let mut service = AuthorityService::open(&data_dir, config, now)?;
+        service.machine_mut().set_replicated();
+        let operator_path = data_dir.join(OPERATOR_FILE);
+        let admission = AdmissionRuntime::open(
+            service.machine_mut(),
+            admission,
+            &data_dir.join(NODE_KEY_FILE),
+            operator_of(&operator_path),
+            blocklists,
+            stats,
+        )
+        .map_err(AuthorityStartError::Admission)?;
+        let ca_path = data_dir.join(super::CA_FILE);
+        std::fs::write(&ca_path, service.root_pem()).map_err(|source| AuthorityStartError::Io {
+            path: ca_path.clone(),
+            source,
+        })?;
+        let service = Rc::new(RefCell::new(service));
+        let host: Host = service.clone();
+        let state_machine = StateMachine::new(host);
+        let recent = state_machine.recent();
+        let peers: PeerSlot = Rc::default();
+        let log = LogStore::open(&data_dir.join(RAFT_LOG_FILE)).map_err(cluster_error)?;
+        let raft_config = Arc::new(raft_config().validate().map_err(cluster_error)?);
+        let network = StoqNetwork {
+            peers: peers.clone(),
+        };
+        let me = cluster.node.clone();
+        let raft = Raft::new(me.id, raft_config, network, log, state_machine)
+            .await
+            .map_err(cluster_error)?;
+        if cluster.init && !raft.is_initialized().await.map_err(cluster_error)? {
+            let member = Member {
+                name: me.name.clone(),
+                address: me.address.clone(),
+            };
+            raft.initialize(BTreeMap::from([(me.id, member)]))
+                .await
+                .map_err(cluster_error)?;
+            tracing::info!(id = me.id, name = %me.name, "a new cluster: this node is its first member");
+        }
+        let authority =
+            ClusterAuthority::new(service.clone(), raft.clone()).forwarding(peers.clone(), recent);
+        let material = service.borrow().trust();
+        let trust = TrustStore::new(trust_snapshot(&material)?);
+        let mut zone_primary = String::new();
+        let zone = match &zone_config {
+            Some(zone) => {
+                zone_primary = zone.server_name.clone();
+                let snapshot = service.borrow().zone();
+                let store = ZoneStore::new(dataplane_zone(&snapshot, &zone_primary)?);
+                Some((store, Cell::new(snapshot.generation)))
+            }
+            None => None,
+        };
+        let gate = admission.gate();
+        let inner = Rc::new(Inner {
+            me,
+            data_dir,
+            service,
+            authority,
+            raft,
+            peers,
+            admission: RefCell::new(admission),
+            port,
+            trust,
+            published_generation: Cell::new(material.generation),
+            zone,
+            zone_primary,
+            outbox: RefCell::default(),
+            wake: control.notifier(),
+            ticking: Cell::new(false),
+            next_tick: Cell::new(Instant::now()),
+            backend: cluster.backend,
+            transport: cluster.transport,
+        });
+        // The node certificate: made now by the first member of a new
+        // cluster (it is the leader once its election is over).
+        if node::node_identity(&inner.data_dir)
+            .map_err(cluster_error)?
+            .is_none()
+        {
+            if !cluster.init {
+                return Err(AuthorityStartError::Cluster(format!(
+                    "{} holds no node certificate: start with --cluster-init (a new cluster) or --join ADDRESS --join-token TOKEN",
+                    inner.data_dir.display()
+                )));
+            }
+            inner.certify_self().await?;
+        }
+        let identity = node::node_identity(&inner.data_dir)
+            .map_err(cluster_error)?
+            .ok_or_else(|| cluster_error("the node certificate was not written"))?;
+        inner.start_peers(&identity)?;
+        let certificates = CertificateStore::new(identity.chain.clone(), &identity.key)
+            .map_err(|e| AuthorityStartError::Tls(e.to_string()))?;
+        let published = Published {
+            trust: inner.trust.clone(),
+            certificates,
+            zone: inner.zone.as_ref().map(|(store, _)| store.clone()),
+            gate,
+        };
+        // This member's own records in the zone, and (on the first member)
+        // the operator's identity and stake: committed once a leader is
+        // there, in the background.
+        if let Some(zone) = zone_config {
+            let inner = inner.clone();
+            tokio::task::spawn_local(async move { inner.register_records(zone).await });
+        }
+        tracing::info!(id = inner.me.id, name = %inner.me.name, address = %inner.me.address, "cluster member serving");
+        Ok((Self { inner }, published))
+    }
+
+    async fn run(self, control: Control) {
+        let inner = self.inner;
+        loop {
+            while let Some(request) = inner.port.next_request() {
+                inner.dispatch(request);
+            }
+            inner.publish();
+            inner.flush();
+            let now = Instant::now();
+            inner.leader_duties(now);
+            {
+                let mut service = inner.service.borrow_mut();
+                inner
+                    .admission
+                    .borrow_mut()
+                    .poll(service.machine_mut(), now);
+            }
+            if !control.wait(POLL).await {
+                break;
+            }
+        }
+        let _ = inner.raft.shutdown().await;
+        inner.peers.borrow_mut().take();
+    }
+}
+
+/// A request's caller, its certificate checked again.
+struct Who {
+    caller: Caller,
+    verified: Option<Vec<u8>>,
+    operator: bool,
+    /// The member name of a node certificate.
+    member: Option<String>,
+}
+
+fn error(code: u16, message: impl Into<String>) -> (u16, String) {
+    (code, message.into())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Inner {
+    /// The first member's own node certificate: once it leads, through
+    /// the log like any change.
+    async fn certify_self(self: &Rc<Self>) -> Result<(), AuthorityStartError> {
+        self.raft
+            .wait(Some(Duration::from_secs(30)))
+            .current_leader(self.me.id, "this node leads its new cluster")
+            .await
+            .map_err(cluster_error)?;
+        let ip = node::check_address(&self.me.address)
+            .map_err(cluster_error)?
+            .ip();
+        let (certificate, certify) =
+            self.service
+                .borrow()
+                .propose_own_member(&self.me.name, ip, SystemTime::now())?;
+        match self.authority.submit(Command::Certify(certify)).await {
+            Ok(Outcome::Applied(_)) => {}
+            Ok(other) => {
+                return Err(cluster_error(format!(
+                    "the node certificate was not applied: {other:?}"
+                )));
+            }
+            Err(e) => return Err(cluster_error(e)),
+        }
+        let intermediate = self
+            .service
+            .borrow()
+            .authority()
+            .ca()
+            .intermediate_der()
+            .to_vec();
+        node::save_node_certificate(&self.data_dir, &certificate.cert_der, &intermediate)
+            .map_err(cluster_error)?;
+        tracing::info!(serial = %certificate.serial, "node certificate issued and logged");
+        // The operator's identity (every member gets a copy when it
+        // joins) and, where admission needs it, its stake.
+        let pending = self
+            .service
+            .borrow()
+            .propose_operator_identity(&self.data_dir.join(OPERATOR_FILE), SystemTime::now())?;
+        if let Some(pending) = pending {
+            self.authority
+                .commit(pending)
+                .await
+                .map_err(cluster_error)?;
+        }
+        if let Some(operator) = operator_of(&self.data_dir.join(OPERATOR_FILE)) {
+            let grant = {
+                let service = self.service.borrow();
+                service.machine().admission().and_then(|state| {
+                    let config = state.config();
+                    let held = state.stake(&operator);
+                    (config.mode.stake && held < config.stake_min)
+                        .then(|| state.propose_grant(operator, config.stake_min - held))
+                })
+            };
+            if let Some(change) = grant {
+                let change = change.map_err(|e| cluster_error(e.to_string()))?;
+                self.authority
+                    .submit(Command::Admission(change))
+                    .await
+                    .map_err(cluster_error)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Connect to the other members with `identity`.
+    fn start_peers(&self, identity: &dataplane::ClientIdentity) -> Result<(), AuthorityStartError> {
+        let root = CertificateDer::from(self.service.borrow().trust().root_der);
+        let remote = node::check_address(&self.me.address).map_err(cluster_error)?;
+        let mut transport = self.transport.clone();
+        // Members keep their connections open between heartbeats.
+        transport.keep_alive = Some(Duration::from_secs(1));
+        let target = dataplane::client::ClientTarget {
+            remote,
+            server_name: String::new(),
+            trust: dataplane::ServerTrust::Roots(vec![root]),
+            identity: Some(identity.clone()),
+            backend: self.backend,
+            transport,
+            admitter: None,
+        };
+        let peers = dataplane::client::peers::Peers::spawn(&target).map_err(cluster_error)?;
+        *self.peers.borrow_mut() = Some(Arc::new(peers));
+        Ok(())
+    }
+
+    /// This member's AAAA and TLSA records, committed once a leader takes
+    /// them (retried while none does).
+    async fn register_records(self: Rc<Self>, zone: crate::dns::ZoneConfig) {
+        for attempt in 0..120 {
+            let pending = {
+                let service = self.service.borrow();
+                match service
+                    .server_spki_sha256()
+                    .and_then(|pin| service.propose_server_records(&zone, pin))
+                {
+                    Ok(pending) => pending,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot plan this member's zone records");
+                        return;
+                    }
+                }
+            };
+            let Some(pending) = pending else { return };
+            match self.authority.commit(pending).await {
+                Ok(_) => {
+                    tracing::info!(name = %zone.server_name, "this member's zone records are set");
+                    return;
+                }
+                Err(e) if attempt % 20 == 0 => {
+                    tracing::info!(error = %e, "this member's zone records wait for the leader")
+                }
+                Err(_) => {}
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    fn is_leader(&self) -> bool {
+        let metrics = self.raft.metrics().borrow().clone();
+        metrics.current_leader == Some(self.me.id)
+    }
+
+    /// The leader ticks the beacon every second, through the log.
+    fn leader_duties(self: &Rc<Self>, now: Instant) {
+        if now < self.next_tick.get() || self.ticking.get() || !self.is_leader() {
+            return;
+        }
+        self.next_tick.set(now + Duration::from_secs(1));
+        let change = self
+            .service
+            .borrow()
+            .machine()
+            .admission()
+            .and_then(|state| state.propose_tick(unix_now()));
+        let Some(change) = change else { return };
+        self.ticking.set(true);
+        let inner = self.clone();
+        tokio::task::spawn_local(async move {
+            if let Err(e) = inner.authority.submit(Command::Admission(change)).await {
+                tracing::warn!(error = %e, "a beacon tick was not committed");
+            }
+            inner.ticking.set(false);
+            inner.wake.notify_one();
+        });
+    }
+
+    /// Swap in new snapshots for the workers when the state changed.
+    fn publish(&self) {
+        let service = self.service.borrow();
+        let material = service.trust();
+        if material.generation != self.published_generation.get() {
+            match trust_snapshot(&material) {
+                Ok(snapshot) => {
+                    self.trust.swap(snapshot);
+                    self.published_generation.set(material.generation);
+                }
+                Err(e) => tracing::error!(error = %e, "could not build a trust snapshot"),
+            }
+        }
+        if let Some((store, published)) = &self.zone
+            && service.zone_generation() != published.get()
+        {
+            let snapshot = service.zone();
+            match dataplane_zone(&snapshot, &self.zone_primary) {
+                Ok(zone) => {
+                    store.swap(zone);
+                    published.set(snapshot.generation);
+                }
+                Err(e) => tracing::error!(error = %e, "could not build the zone snapshot"),
+            }
+        }
+        self.admission.borrow_mut().publish(service.machine());
+    }
+
+    /// Send the answers of finished tasks (after [`Self::publish`]).
+    fn flush(&self) {
+        let answers = std::mem::take(&mut *self.outbox.borrow_mut());
+        for (worker, reply) in answers {
+            super::send_reply(&self.port, worker, reply);
+        }
+    }
+
+    fn answer(&self, request: &Forwarded, result: Result<Vec<u8>, (u16, String)>) {
+        self.outbox.borrow_mut().push((
+            request.worker,
+            Reply {
+                ticket: request.ticket,
+                kind: request.kind,
+                result,
+            },
+        ));
+        self.wake.notify_one();
+    }
+
+    fn who(&self, request: &Forwarded) -> Who {
+        let caller = Caller {
+            cert_der: request.peer.as_ref().map(|c| c.as_ref().to_vec()),
+        };
+        let verified = caller.cert_der.clone().filter(|der| {
+            self.service
+                .borrow()
+                .authority()
+                .verify_chain(der, Usage::Client, SystemTime::now())
+                .is_ok()
+        });
+        let operator = is_operator(verified.as_deref());
+        let member = verified.as_deref().and_then(|der| {
+            let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+            dataplane::trust::node_name(&cert).map(str::to_owned)
+        });
+        Who {
+            caller,
+            verified,
+            operator,
+            member,
+        }
+    }
+
+    /// Answer one forwarded request, now or from a task.
+    fn dispatch(self: &Rc<Self>, request: Forwarded) {
+        let who = self.who(&request);
+        let kind = request.kind;
+        let members_only = matches!(
+            kind,
+            kinds::RAFT_APPEND | kinds::RAFT_VOTE | kinds::RAFT_SNAPSHOT | kinds::CLUSTER_FORWARD
+        );
+        if members_only && who.member.is_none() {
+            let refused = error(
+                api::UNAUTHORIZED,
+                "only the cluster's members may send this (a node certificate)",
+            );
+            return self.answer(&request, Err(refused));
+        }
+        let inner = self.clone();
+        match kind {
+            kinds::RAFT_APPEND | kinds::RAFT_VOTE | kinds::RAFT_SNAPSHOT => {
+                tokio::task::spawn_local(async move {
+                    let result = inner.raft_message(kind, &request.payload).await;
+                    inner.answer(&request, result);
+                });
+            }
+            kinds::CLUSTER_FORWARD => {
+                tokio::task::spawn_local(async move {
+                    let result = inner.forwarded(&request.payload).await;
+                    inner.answer(&request, result);
+                });
+            }
+            kinds::CLUSTER_JOIN => {
+                tokio::task::spawn_local(async move {
+                    let result = inner.join(&request.payload).await;
+                    inner.answer(&request, result);
+                });
+            }
+            kinds::CLUSTER_STATUS => {
+                tokio::task::spawn_local(async move {
+                    let result = inner.status(who.member.is_some()).await;
+                    inner.answer(&request, result);
+                });
+            }
+            kinds::CLUSTER_REMOVE if who.operator || who.member.is_some() => {
+                tokio::task::spawn_local(async move {
+                    let result = inner.remove(&request.payload).await;
+                    inner.answer(&request, result);
+                });
+            }
+            kinds::CLUSTER_REMOVE => self.answer(
+                &request,
+                Err(error(
+                    api::UNAUTHORIZED,
+                    "only the operator may remove a member",
+                )),
+            ),
+            _ => self.serve(request, who),
+        }
+    }
+
+    /// An authority or admission request.
+    fn serve(self: &Rc<Self>, request: Forwarded, who: Who) {
+        let proposal = {
+            let service = self.service.borrow();
+            self.admission.borrow().propose(
+                service.machine(),
+                request.kind,
+                who.verified.as_deref(),
+                who.operator,
+                &request.payload,
+            )
+        };
+        match proposal {
+            Some(Err(refused)) => return self.answer(&request, Err(refused)),
+            Some(Ok(proposal)) => {
+                let inner = self.clone();
+                tokio::task::spawn_local(async move {
+                    let applied = match proposal.command {
+                        None => Ok(None),
+                        Some(command) => match inner.authority.submit(command).await {
+                            Ok(Outcome::Applied(applied)) => Ok(Some(applied)),
+                            Ok(Outcome::Refused(refused)) => {
+                                Err(error(api::MALFORMED_REQUEST, refused.to_string()))
+                            }
+                            Ok(Outcome::Nothing) => Ok(None),
+                            Err(e) => Err((e.code, e.message)),
+                        },
+                    };
+                    let result = applied.and_then(proposal.answer);
+                    inner.answer(&request, result);
+                });
+                return;
+            }
+            None => {}
+        }
+        let admission = {
+            let mut service = self.service.borrow_mut();
+            self.admission.borrow_mut().handle(
+                service.machine_mut(),
+                request.kind,
+                who.verified.as_deref(),
+                who.operator,
+                &request.payload,
+                Instant::now(),
+            )
+        };
+        if let Some(result) = admission {
+            return self.answer(&request, result);
+        }
+        let handled = self.service.borrow_mut().handle_request(
+            &who.caller,
+            request.kind,
+            &request.payload,
+            SystemTime::now(),
+        );
+        match handled {
+            Handled::Answer(answer) => {
+                self.answer(&request, answer.map_err(|e| (e.code, e.message)))
+            }
+            Handled::Commit(pending) => {
+                let inner = self.clone();
+                tokio::task::spawn_local(async move {
+                    let result = inner.authority.commit(*pending).await;
+                    // A rotation's certificate is the workers' only on a
+                    // single node; a member serves with its node certificate.
+                    inner.service.borrow_mut().take_rotated();
+                    inner.answer(&request, result.map_err(|e| (e.code, e.message)));
+                });
+            }
+        }
+    }
+
+    async fn raft_message(&self, kind: u8, payload: &[u8]) -> Result<Vec<u8>, (u16, String)> {
+        use crate::cluster::rpc;
+        let malformed = |what: &str| {
+            error(
+                api::MALFORMED_REQUEST,
+                format!("a malformed {what} message"),
+            )
+        };
+        let failed = |e: &dyn std::fmt::Display| error(api::STORAGE, e.to_string());
+        match kind {
+            kinds::RAFT_APPEND => {
+                let message = rpc::decode_append(payload).ok_or_else(|| malformed("append"))?;
+                let response = self
+                    .raft
+                    .append_entries(message)
+                    .await
+                    .map_err(|e| failed(&e))?;
+                Ok(rpc::encode_append_response(&response))
+            }
+            kinds::RAFT_VOTE => {
+                let message = rpc::decode_vote_request(payload).ok_or_else(|| malformed("vote"))?;
+                let response = self.raft.vote(message).await.map_err(|e| failed(&e))?;
+                Ok(rpc::encode_vote_response(&response))
+            }
+            _ => {
+                let message = rpc::decode_snapshot(payload).ok_or_else(|| malformed("snapshot"))?;
+                let response = self
+                    .raft
+                    .install_snapshot(message)
+                    .await
+                    .map_err(|e| failed(&e))?;
+                Ok(rpc::encode_snapshot_response(&response))
+            }
+        }
+    }
+
+    /// `CLUSTER_FORWARD` on the leader: append a member's proposal; the
+    /// answer is its log index (the member answers from its own apply).
+    async fn forwarded(&self, payload: &[u8]) -> Result<Vec<u8>, (u16, String)> {
+        let command = crate::machine::codec::decode(payload)
+            .ok_or_else(|| error(api::MALFORMED_REQUEST, "a malformed command"))?;
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        match self.raft.client_write(command).await {
+            Ok(written) => Ok(written.log_id.index.to_be_bytes().to_vec()),
+            Err(_) => Err(self.not_leader()),
+        }
+    }
+
+    fn not_leader(&self) -> (u16, String) {
+        let leader = match self.authority.leader() {
+            Some((_, member)) => format!("the leader is {member}"),
+            None => "no leader is known yet".to_owned(),
+        };
+        error(
+            api::NOT_LEADER,
+            format!("this member is not the cluster's leader; {leader}: ask it, or another member"),
+        )
+    }
+
+    /// `CLUSTER_JOIN` on the leader: spend the token with the new node's
+    /// certificate, add it as a learner, hand it the cluster's keys.
+    async fn join(self: &Rc<Self>, payload: &[u8]) -> Result<Vec<u8>, (u16, String)> {
+        let request: JoinRequest = serde_json::from_slice(payload)
+            .map_err(|e| error(api::MALFORMED_REQUEST, format!("join request: {e}")))?;
+        node::check_name(&request.name).map_err(|e| error(api::MALFORMED_REQUEST, e))?;
+        let address =
+            node::check_address(&request.address).map_err(|e| error(api::MALFORMED_REQUEST, e))?;
+        let spki = STANDARD
+            .decode(&request.public_key)
+            .map_err(|_| error(api::MALFORMED_REQUEST, "public_key is not base64"))?;
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        let id = node::node_id(&spki);
+        let membership = self.raft.metrics().borrow().membership_config.clone();
+        if let Some((_, taken)) = membership.membership().nodes().find(|(other, member)| {
+            **other == id || member.name == request.name || member.address == request.address
+        }) {
+            return Err(error(
+                api::NAME_TAKEN,
+                format!(
+                    "{taken} is a member already: remove it first (cluster remove {})",
+                    taken.name
+                ),
+            ));
+        }
+        let (certificate, certify) = self
+            .service
+            .borrow()
+            .propose_member(
+                &request.token,
+                &request.name,
+                address.ip(),
+                &request.server_names,
+                spki,
+                SystemTime::now(),
+            )
+            .map_err(|e| (e.code, e.message))?;
+        match self.authority.submit(Command::Certify(certify)).await {
+            Ok(Outcome::Applied(_)) => {}
+            Ok(Outcome::Refused(refused)) => {
+                return Err(error(api::TOKEN_USED, refused.to_string()));
+            }
+            Ok(Outcome::Nothing) => {
+                return Err(error(api::STORAGE, "the join was applied as nothing"));
+            }
+            Err(e) => return Err((e.code, e.message)),
+        }
+        let member = Member {
+            name: request.name.clone(),
+            address: request.address.clone(),
+        };
+        self.raft
+            .add_learner(id, member, false)
+            .await
+            .map_err(|e| error(api::STORAGE, format!("cannot add the learner: {e}")))?;
+        tracing::info!(id, name = %request.name, address = %request.address, serial = %certificate.serial, "a node joined as a learner");
+        let inner = self.clone();
+        tokio::task::spawn_local(async move { inner.promote(id).await });
+        let files = node::shared_files(&self.data_dir).map_err(|e| error(api::STORAGE, e))?;
+        let answer = JoinAnswer {
+            id,
+            node_certificate: STANDARD.encode(&certificate.cert_der),
+            files,
+        };
+        Ok(serde_json::to_vec(&answer).expect("JSON"))
+    }
+
+    /// Make learner `id` a voter once it caught up with the leader's log.
+    async fn promote(self: Rc<Self>, id: u64) {
+        let deadline = Instant::now() + PROMOTION_TIMEOUT;
+        while Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let metrics = self.raft.metrics().borrow().clone();
+            if metrics.current_leader != Some(self.me.id) {
+                tracing::warn!(
+                    id,
+                    "no longer the leader: the learner's promotion is the next leader's to ask (cluster status shows it)"
+                );
+                return;
+            }
+            let matched = metrics
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(&id).cloned().flatten())
+                .map(|log_id| log_id.index);
+            let caught_up = match (matched, metrics.last_log_index) {
+                (Some(matched), Some(last)) => last.saturating_sub(matched) <= 8,
+                _ => false,
+            };
+            if !caught_up {
+                continue;
+            }
+            match self
+                .raft
+                .change_membership(
+                    openraft::ChangeMembers::AddVoterIds(BTreeSet::from([id])),
+                    false,
+                )
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(id, "the learner caught up and is a voter now");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(id, error = %e, "promoting the learner failed; trying again")
+                }
+            }
+        }
+        tracing::error!(
+            id,
+            "the learner did not catch up in time; it stays a learner"
+        );
+    }
+
+    /// `CLUSTER_STATUS`: the leader's view (with each member's lag); a
+    /// follower relays it, or answers its own view when the leader is out
+    /// of reach.
+    async fn status(&self, from_member: bool) -> Result<Vec<u8>, (u16, String)> {
+        if !self.is_leader()
+            && !from_member
+            && let Some((_, leader)) = self.authority.leader()
+            && let Some(peers) = self.peers.borrow().clone()
+            && let Ok(answer) = crate::cluster::network::request(
+                &peers,
+                &leader.address,
+                kinds::CLUSTER_STATUS,
+                Vec::new(),
+                RELAY_TIMEOUT,
+            )
+            .await
+        {
+            return Ok(answer.to_vec());
+        }
+        Ok(serde_json::to_vec(&self.local_status()).expect("JSON"))
+    }
+
+    fn local_status(&self) -> serde_json::Value {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let leader = metrics
+            .current_leader
+            .and_then(|id| membership.get_node(&id))
+            .map(|m| m.name.clone());
+        let last = metrics.last_log_index.unwrap_or(0);
+        let members: Vec<serde_json::Value> = membership
+            .nodes()
+            .map(|(id, member)| {
+                let lag = metrics.replication.as_ref().map(|replication| {
+                    let matched = replication
+                        .get(id)
+                        .cloned()
+                        .flatten()
+                        .map_or(0, |log_id| log_id.index);
+                    last.saturating_sub(matched)
+                });
+                serde_json::json!({
+                    "id": id,
+                    "name": member.name,
+                    "address": member.address,
+                    "role": if voters.contains(id) { "voter" } else { "learner" },
+                    "lag": lag,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "answered_by": self.me.name,
+            "leader": leader,
+            "term": metrics.current_term,
+            "commit_index": metrics.last_applied.map_or(0, |id| id.index),
+            "last_log_index": last,
+            "members": members,
+        })
+    }
+
+    /// `CLUSTER_REMOVE`: the leader takes the member out of the
+    /// configuration; a follower relays it.
+    async fn remove(&self, payload: &[u8]) -> Result<Vec<u8>, (u16, String)> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Remove {
+            name: String,
+        }
+        let request: Remove = serde_json::from_slice(payload)
+            .map_err(|e| error(api::MALFORMED_REQUEST, format!("remove request: {e}")))?;
+        if !self.is_leader() {
+            let Some((_, leader)) = self.authority.leader() else {
+                return Err(self.not_leader());
+            };
+            let peers = self
+                .peers
+                .borrow()
+                .clone()
+                .ok_or_else(|| self.not_leader())?;
+            return crate::cluster::network::request(
+                &peers,
+                &leader.address,
+                kinds::CLUSTER_REMOVE,
+                payload.to_vec(),
+                RELAY_TIMEOUT * 2,
+            )
+            .await
+            .map(|answer| answer.to_vec())
+            .map_err(|e| match e {
+                crate::cluster::network::PeerError::Refused { code, message } => (code, message),
+                other => self.not_leader_because(&other),
+            });
+        }
+        let membership = self.raft.metrics().borrow().membership_config.clone();
+        let Some(id) = membership
+            .membership()
+            .nodes()
+            .find(|(_, member)| member.name == request.name)
+            .map(|(id, _)| *id)
+        else {
+            return Err(error(
+                api::NOT_FOUND,
+                format!("{:?} is not a member", request.name),
+            ));
+        };
+        let voters: BTreeSet<u64> = membership.membership().voter_ids().collect();
+        if voters.len() == 1 && voters.contains(&id) {
+            return Err(error(
+                api::MALFORMED_REQUEST,
+                "the last voter cannot be removed",
+            ));
+        }
+        let change = if voters.contains(&id) {
+            openraft::ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+        } else {
+            openraft::ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+        };
+        self.raft
+            .change_membership(change, false)
+            .await
+            .map_err(|e| error(api::STORAGE, format!("the membership change failed: {e}")))?;
+        tracing::info!(id, name = %request.name, "member removed");
+        Ok(serde_json::to_vec(&serde_json::json!({"removed": request.name})).expect("JSON"))
+    }
+
+    fn not_leader_because(&self, why: &dyn std::fmt::Display) -> (u16, String) {
+        let (code, message) = self.not_leader();
+        (code, format!("{message} ({why})"))
+    }
+}

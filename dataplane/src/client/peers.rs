@@ -1,0 +1,415 @@
+//! Requests to other servers over long-lived `stoq/1` connections: how the
+//! control plane talks to the cluster's other members (Raft messages,
+//! forwarded requests). One client worker thread holds one connection per
+//! peer address, opened on the first request and again after it is lost;
+//! each request is one bidirectional stream. Callers on any thread queue a
+//! request with a callback that receives its reply (on the peer thread), so
+//! the dataplane stays free of async and the caller chooses how to wait.
+
+use super::rpc::{Framing, Reply};
+use super::{ClientError, ClientTarget, client_worker_with};
+use crate::protocols::stoq::{self, RESPONSE_PAYLOAD_MAX};
+use crate::protocols::{ReadState, read_stream};
+use crate::stats::Counters;
+use crate::worker::{
+    Actions, ConnectRequest, Delivered, Delivery, Mailbox, Service, WorkerControl,
+};
+use bytes::Bytes;
+use crossbeam_queue::ArrayQueue;
+use quinn_proto::{ClientConfig, Connection, ConnectionHandle, Dir, Event, StreamEvent, StreamId};
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Requests queued for the peer thread at once; past it `send` hands the
+/// request back (the caller answers as if the peer were unreachable).
+const QUEUE_LEN: usize = 4096;
+
+/// How long a connection may take to complete its handshake before it is
+/// abandoned (a peer not listening yet, or down) and the next request
+/// connects again.
+const CONNECT_GIVE_UP: Duration = Duration::from_secs(2);
+
+/// What receives a request's reply, called once on the peer thread.
+pub type OnReply = Box<dyn FnOnce(Reply) + Send>;
+
+/// One request for a peer.
+pub struct PeerRequest {
+    pub remote: SocketAddr,
+    /// The name the peer's certificate must carry (an IP address works).
+    pub server_name: String,
+    pub kind: u8,
+    pub payload: Bytes,
+    /// When it fails as timed out if no reply came.
+    pub deadline: Instant,
+    pub on_reply: OnReply,
+}
+
+/// The handle callers use; dropping it stops the thread.
+pub struct Peers {
+    queue: Arc<ArrayQueue<PeerRequest>>,
+    mailbox: Arc<Mailbox>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Peers {
+    /// Start the peer thread with `target`'s identity, trust, backend and
+    /// transport (its `remote` only picks the local address family: use
+    /// any peer's).
+    pub fn spawn(target: &ClientTarget) -> Result<Self, ClientError> {
+        let config = target.client_config(crate::protocols::ALPN_STOQ)?;
+        let queue = Arc::new(ArrayQueue::new(QUEUE_LEN));
+        let mailbox = Arc::new(Mailbox::new(1).map_err(ClientError::Socket)?);
+        let service = PeerService {
+            config,
+            queue: queue.clone(),
+            links: HashMap::new(),
+            by_handle: HashMap::new(),
+            in_flight: HashMap::new(),
+            next_id: 0,
+        };
+        let worker = client_worker_with(target, 0, service, mailbox.clone())?;
+        let thread = std::thread::Builder::new()
+            .name("cluster-peers".into())
+            .spawn(move || {
+                if let Err(e) = worker.run() {
+                    tracing::error!(error = %e, "the cluster's peer connections stopped");
+                }
+            })
+            .map_err(ClientError::Socket)?;
+        Ok(Self {
+            queue,
+            mailbox,
+            thread: Some(thread),
+        })
+    }
+
+    /// Queue a request; hands it back when the queue is full.
+    pub fn send(&self, request: PeerRequest) -> Result<(), Box<PeerRequest>> {
+        self.queue.push(request).map_err(Box::new)?;
+        self.mailbox.waker.wake();
+        Ok(())
+    }
+}
+
+impl Drop for Peers {
+    fn drop(&mut self) {
+        let _ = self.mailbox.send_control(WorkerControl::Shutdown {
+            drain: Duration::ZERO,
+        });
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The connection to one peer address.
+#[derive(Default)]
+struct Link {
+    /// Set once the worker opened the connection.
+    handle: Option<ConnectionHandle>,
+    conn_id: u64,
+    /// Since when a connect was asked for and the connection not opened.
+    connecting: Option<Instant>,
+    connected: bool,
+    waiting: VecDeque<PeerRequest>,
+}
+
+struct InFlight {
+    buf: Vec<u8>,
+    deadline: Instant,
+    on_reply: OnReply,
+}
+
+struct PeerService {
+    config: ClientConfig,
+    queue: Arc<ArrayQueue<PeerRequest>>,
+    links: HashMap<SocketAddr, Link>,
+    by_handle: HashMap<ConnectionHandle, SocketAddr>,
+    in_flight: HashMap<(ConnectionHandle, StreamId), InFlight>,
+    next_id: u64,
+}
+
+/// A connection's state: its peer address.
+pub struct PeerConn {
+    remote: SocketAddr,
+    id: u64,
+}
+
+impl PeerService {
+    /// The connection is gone: every request on it or waiting for it
+    /// fails with `why` (Raft sends again; a forwarded request's client
+    /// retries).
+    fn lost(&mut self, handle: ConnectionHandle, remote: SocketAddr, why: &str) {
+        let gone: Vec<_> = self
+            .in_flight
+            .keys()
+            .filter(|(h, _)| *h == handle)
+            .copied()
+            .collect();
+        for key in gone {
+            if let Some(request) = self.in_flight.remove(&key) {
+                (request.on_reply)(Reply::Failed(why.to_owned()));
+            }
+        }
+        self.by_handle.remove(&handle);
+        if let Some(link) = self.links.remove(&remote) {
+            for request in link.waiting {
+                (request.on_reply)(Reply::Failed(why.to_owned()));
+            }
+        }
+    }
+
+    /// Open a stream for each waiting request, as far as the peer allows.
+    fn send_waiting(
+        &mut self,
+        handle: ConnectionHandle,
+        remote: SocketAddr,
+        conn: &mut Connection,
+    ) {
+        let Some(link) = self.links.get_mut(&remote) else {
+            return;
+        };
+        while let Some(request) = link.waiting.pop_front() {
+            let Some(id) = conn.streams().open(Dir::Bi) else {
+                link.waiting.push_front(request);
+                return;
+            };
+            let mut send = conn.send_stream(id);
+            let _ = send.write_chunks(&mut [stoq::encode(request.kind, &request.payload)]);
+            let _ = send.finish();
+            self.in_flight.insert(
+                (handle, id),
+                InFlight {
+                    buf: Vec::new(),
+                    deadline: request.deadline,
+                    on_reply: request.on_reply,
+                },
+            );
+        }
+    }
+
+    fn read(&mut self, handle: ConnectionHandle, conn: &mut Connection, id: StreamId) {
+        let Some(request) = self.in_flight.get_mut(&(handle, id)) else {
+            return;
+        };
+        let limit = stoq::HEADER_LEN + RESPONSE_PAYLOAD_MAX;
+        let reply = match read_stream(conn, id, &mut request.buf, limit) {
+            _ if request.buf.len() > limit => {
+                Reply::Failed("the peer's answer exceeds the size limit".into())
+            }
+            ReadState::Reset => Reply::Failed("the peer reset the stream".into()),
+            ReadState::Finished => Framing::Stoq.decode(&request.buf),
+            ReadState::Open => return,
+        };
+        if let Some(request) = self.in_flight.remove(&(handle, id)) {
+            (request.on_reply)(reply);
+        }
+    }
+}
+
+impl Service for PeerService {
+    type Conn = PeerConn;
+
+    fn on_open(
+        &mut self,
+        conn: &mut Connection,
+        handle: ConnectionHandle,
+        _now: Instant,
+    ) -> PeerConn {
+        let remote = conn.remote_address();
+        self.next_id += 1;
+        let link = self.links.entry(remote).or_default();
+        link.handle = Some(handle);
+        link.conn_id = self.next_id;
+        self.by_handle.insert(handle, remote);
+        PeerConn {
+            remote,
+            id: self.next_id,
+        }
+    }
+
+    fn on_event(
+        &mut self,
+        st: &mut PeerConn,
+        conn: &mut Connection,
+        event: Event,
+        _now: Instant,
+        _counters: &mut Counters,
+    ) {
+        let Some(handle) = self
+            .links
+            .get(&st.remote)
+            .filter(|link| link.conn_id == st.id)
+            .and_then(|link| link.handle)
+        else {
+            return;
+        };
+        match event {
+            Event::Connected => {
+                if let Some(link) = self.links.get_mut(&st.remote) {
+                    link.connected = true;
+                    link.connecting = None;
+                }
+                self.send_waiting(handle, st.remote, conn);
+            }
+            Event::Stream(StreamEvent::Readable { id }) => self.read(handle, conn, id),
+            Event::Stream(StreamEvent::Available { dir: Dir::Bi }) => {
+                self.send_waiting(handle, st.remote, conn);
+            }
+            Event::ConnectionLost { reason } => {
+                let why = format!(
+                    "the connection to the peer was lost: {}",
+                    super::rpc::describe(&reason)
+                );
+                self.lost(handle, st.remote, &why);
+            }
+            _ => {}
+        }
+    }
+
+    fn on_close(&mut self, st: PeerConn, _conn: &Connection, _counters: &mut Counters) {
+        let current = self
+            .links
+            .get(&st.remote)
+            .filter(|link| link.conn_id == st.id)
+            .and_then(|link| link.handle);
+        if let Some(handle) = current {
+            self.lost(handle, st.remote, "the connection to the peer closed");
+        }
+    }
+
+    fn poll(&mut self, now: Instant, actions: &mut Actions) {
+        while let Some(request) = self.queue.pop() {
+            let link = self.links.entry(request.remote).or_default();
+            if link.handle.is_none() && link.connecting.is_none() {
+                link.connecting = Some(now);
+                actions.connect.push(ConnectRequest {
+                    config: self.config.clone(),
+                    remote: request.remote,
+                    server_name: request.server_name.clone(),
+                });
+            }
+            link.waiting.push_back(request);
+        }
+        // Requests past their deadline fail, waiting or in flight (a late
+        // answer then finds nobody and is dropped).
+        for link in self.links.values_mut() {
+            let (late, on_time): (VecDeque<_>, VecDeque<_>) = link
+                .waiting
+                .drain(..)
+                .partition(|request| request.deadline <= now);
+            link.waiting = on_time;
+            for request in late {
+                (request.on_reply)(Reply::Failed("timed out waiting for the peer".into()));
+            }
+        }
+        let late: Vec<_> = self
+            .in_flight
+            .iter()
+            .filter(|(_, request)| request.deadline <= now)
+            .map(|(key, _)| *key)
+            .collect();
+        for key in late {
+            if let Some(request) = self.in_flight.remove(&key) {
+                (request.on_reply)(Reply::Failed(
+                    "timed out waiting for the peer's answer".into(),
+                ));
+            }
+        }
+        // A connect the worker never opened (it refused it) is asked for
+        // again by the next request; one opened but without a handshake is
+        // closed by `on_delivery`.
+        for link in self.links.values_mut() {
+            if link.handle.is_none()
+                && link
+                    .connecting
+                    .is_some_and(|since| now.duration_since(since) > CONNECT_GIVE_UP)
+            {
+                link.connecting = None;
+            }
+        }
+        self.links.retain(|_, link| {
+            link.handle.is_some() || link.connecting.is_some() || !link.waiting.is_empty()
+        });
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        let waiting = self
+            .links
+            .values()
+            .flat_map(|link| link.waiting.iter().map(|r| r.deadline));
+        let in_flight = self.in_flight.values().map(|r| r.deadline);
+        let handshakes = self
+            .links
+            .values()
+            .filter_map(|link| link.connecting.map(|since| since + CONNECT_GIVE_UP));
+        waiting.chain(in_flight).chain(handshakes).min()
+    }
+
+    fn poll_deliveries(&mut self, now: Instant, out: &mut Vec<Delivery>) {
+        for link in self.links.values() {
+            if let Some(handle) = link.handle
+                && !link.connected
+                && link
+                    .connecting
+                    .is_some_and(|since| now.duration_since(since) > CONNECT_GIVE_UP)
+            {
+                out.push(Delivery {
+                    handle,
+                    conn_id: link.conn_id,
+                    what: Delivered::Wake,
+                });
+            }
+        }
+        for link in self.links.values() {
+            // A blocked link is tried again too: opening is cheap, and the
+            // peer's new credit may come without an event.
+            if let Some(handle) = link.handle
+                && link.connected
+                && !link.waiting.is_empty()
+            {
+                out.push(Delivery {
+                    handle,
+                    conn_id: link.conn_id,
+                    what: Delivered::Wake,
+                });
+            }
+        }
+    }
+
+    fn on_delivery(
+        &mut self,
+        st: &mut PeerConn,
+        conn: &mut Connection,
+        delivery: Delivery,
+        now: Instant,
+        _counters: &mut Counters,
+    ) {
+        if !matches!(delivery.what, Delivered::Wake) || delivery.conn_id != st.id {
+            return;
+        }
+        let late = self.links.get(&st.remote).is_some_and(|link| {
+            !link.connected
+                && link
+                    .connecting
+                    .is_some_and(|since| now.duration_since(since) > CONNECT_GIVE_UP)
+        });
+        if late {
+            conn.close(
+                now,
+                quinn_proto::VarInt::from_u32(super::rpc::CLOSE_DONE),
+                Bytes::from_static(b"no handshake in time"),
+            );
+            self.lost(
+                delivery.handle,
+                st.remote,
+                "no handshake with the peer in time",
+            );
+            return;
+        }
+        self.send_waiting(delivery.handle, st.remote, conn);
+    }
+}
