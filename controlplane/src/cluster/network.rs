@@ -62,12 +62,23 @@ pub async fn request(
             let _ = tx.send(reply);
         }),
     };
+    let started = Instant::now();
     if peers.send(request).is_err() {
         return Err(PeerError::Unreachable(
             "too many requests to peers are queued".into(),
         ));
     }
-    match rx.await {
+    let reply = rx.await;
+    let took = started.elapsed();
+    if took > Duration::from_millis(100) {
+        tracing::debug!(
+            kind,
+            peer = address,
+            took_ms = took.as_millis() as u64,
+            "slow peer request"
+        );
+    }
+    match reply {
         Ok(Reply::Ok(bytes)) => Ok(bytes),
         Ok(Reply::Error { code, message }) => Err(PeerError::Refused { code, message }),
         Ok(Reply::Failed(why)) => Err(PeerError::Unreachable(why)),

@@ -483,7 +483,16 @@ impl Inner {
         self.ticking.set(true);
         let inner = self.clone();
         tokio::task::spawn_local(async move {
-            if let Err(e) = inner.authority.submit(Command::Admission(change)).await {
+            let started = Instant::now();
+            let result = inner.authority.submit(Command::Admission(change)).await;
+            let took = started.elapsed();
+            if took > Duration::from_secs(1) {
+                tracing::warn!(
+                    took_ms = took.as_millis() as u64,
+                    "a beacon tick took over a second to commit"
+                );
+            }
+            if let Err(e) = result {
                 tracing::warn!(error = %e, "a beacon tick was not committed");
             }
             inner.ticking.set(false);
@@ -875,10 +884,11 @@ impl Inner {
     /// follower relays it, or answers its own view when the leader is out
     /// of reach.
     async fn status(&self, from_member: bool) -> Result<Vec<u8>, (u16, String)> {
+        let peers = self.peers.borrow().clone();
         if !self.is_leader()
             && !from_member
             && let Some((_, leader)) = self.authority.leader()
-            && let Some(peers) = self.peers.borrow().clone()
+            && let Some(peers) = peers
             && let Ok(answer) = crate::cluster::network::request(
                 &peers,
                 &leader.address,

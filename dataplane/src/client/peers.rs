@@ -68,6 +68,7 @@ impl Peers {
             links: HashMap::new(),
             by_handle: HashMap::new(),
             in_flight: HashMap::new(),
+            connects: Vec::new(),
             next_id: 0,
         };
         let worker = client_worker_with(target, 0, service, mailbox.clone())?;
@@ -129,6 +130,8 @@ struct PeerService {
     links: HashMap<SocketAddr, Link>,
     by_handle: HashMap<ConnectionHandle, SocketAddr>,
     in_flight: HashMap<(ConnectionHandle, StreamId), InFlight>,
+    /// Connections to ask the worker for at its next `poll`.
+    connects: Vec<ConnectRequest>,
     next_id: u64,
 }
 
@@ -139,6 +142,25 @@ pub struct PeerConn {
 }
 
 impl PeerService {
+    /// Move queued requests to their links, asking for a connection where
+    /// there is none. Called first in every worker step (from
+    /// `poll_deliveries`), so a request to a connected peer goes out in the
+    /// step its wake-up started.
+    fn take_queued(&mut self, now: Instant) {
+        while let Some(request) = self.queue.pop() {
+            let link = self.links.entry(request.remote).or_default();
+            if link.handle.is_none() && link.connecting.is_none() {
+                link.connecting = Some(now);
+                self.connects.push(ConnectRequest {
+                    config: self.config.clone(),
+                    remote: request.remote,
+                    server_name: request.server_name.clone(),
+                });
+            }
+            link.waiting.push_back(request);
+        }
+    }
+
     /// The connection is gone: every request on it or waiting for it
     /// fails with `why` (Raft sends again; a forwarded request's client
     /// retries).
@@ -193,6 +215,12 @@ impl PeerService {
 
     fn read(&mut self, handle: ConnectionHandle, conn: &mut Connection, id: StreamId) {
         let Some(request) = self.in_flight.get_mut(&(handle, id)) else {
+            // The answer to a request that timed out: nobody waits for it.
+            // Stop the stream, or it stays open and uses up the peer's
+            // stream credit.
+            let _ = conn
+                .recv_stream(id)
+                .stop(quinn_proto::VarInt::from_u32(super::rpc::CLOSE_DONE));
             return;
         };
         let limit = stoq::HEADER_LEN + RESPONSE_PAYLOAD_MAX;
@@ -282,18 +310,8 @@ impl Service for PeerService {
     }
 
     fn poll(&mut self, now: Instant, actions: &mut Actions) {
-        while let Some(request) = self.queue.pop() {
-            let link = self.links.entry(request.remote).or_default();
-            if link.handle.is_none() && link.connecting.is_none() {
-                link.connecting = Some(now);
-                actions.connect.push(ConnectRequest {
-                    config: self.config.clone(),
-                    remote: request.remote,
-                    server_name: request.server_name.clone(),
-                });
-            }
-            link.waiting.push_back(request);
-        }
+        self.take_queued(now);
+        actions.connect.append(&mut self.connects);
         // Requests past their deadline fail, waiting or in flight (a late
         // answer then finds nobody and is dropped).
         for link in self.links.values_mut() {
@@ -350,6 +368,7 @@ impl Service for PeerService {
     }
 
     fn poll_deliveries(&mut self, now: Instant, out: &mut Vec<Delivery>) {
+        self.take_queued(now);
         for link in self.links.values() {
             if let Some(handle) = link.handle
                 && !link.connected
