@@ -302,6 +302,9 @@ fn passed_over(outcome: &dataplane::client::rpc::RpcOutcome) -> Option<String> {
         let why = outcome.error.as_deref().unwrap_or("no handshake");
         return Some(format!("did not answer ({why})"));
     }
+    if outcome.closed_with == Some(u64::from(dataplane::admission::CLOSE_ADMISSION_UNAVAILABLE)) {
+        return Some("cannot admit anyone now (a member catching up)".to_owned());
+    }
     match outcome.replies.first() {
         Some(Reply::Error { code, .. }) if *code == api::NOT_LEADER => {
             Some("is not the cluster's leader".to_owned())
@@ -1566,6 +1569,7 @@ mod tests {
             error: (!handshake).then(|| "timed out".to_owned()),
             admission: None,
             admission_deadline: false,
+            closed_with: None,
         }
     }
 
@@ -1580,6 +1584,11 @@ mod tests {
             Some("did not answer (timed out)")
         );
         assert!(passed_over(&outcome(true, Some(error(api::NOT_LEADER)))).is_some());
+        // A member that cannot admit anyone yet ran nothing.
+        let mut unavailable = outcome(true, None);
+        unavailable.closed_with =
+            Some(u64::from(dataplane::admission::CLOSE_ADMISSION_UNAVAILABLE));
+        assert!(passed_over(&unavailable).is_some());
         // Any other answer is final: the request reached a server that
         // may have acted on it.
         for reply in [

@@ -142,6 +142,16 @@ impl ControlPlane {
                 // admit or answer. A panic here (a bug: requests are parsed
                 // with checked decoders) ends the process for the service
                 // manager to restart, as a dying worker does.
+                // A panic in one of the thread's tasks would otherwise end
+                // only that task (the runtime carries on without it, and a
+                // request is never answered): end the process instead.
+                let previous = std::panic::take_hook();
+                std::panic::set_hook(Box::new(move |info| {
+                    previous(info);
+                    if std::thread::current().name() == Some("control-plane") {
+                        std::process::abort();
+                    }
+                }));
                 let control = Control { inbox, wake: woken };
                 let run = std::panic::AssertUnwindSafe(|| run(control, main));
                 if std::panic::catch_unwind(run).is_err() {

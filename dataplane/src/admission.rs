@@ -33,6 +33,10 @@ pub const CLOSE_ADMISSION_MALFORMED: u32 = 0x205;
 pub const CLOSE_ADMISSION_DEADLINE: u32 = 0x207;
 /// Application close code: the identity is suspended (isolation).
 pub const CLOSE_ADMISSION_SUSPENDED: u32 = 0x208;
+/// Application close code: this server cannot admit anyone now (its beacon
+/// is behind: a cluster member that has not caught up). Not the client's
+/// fault: never counted toward isolation; another member may admit it.
+pub const CLOSE_ADMISSION_UNAVAILABLE: u32 = 0x209;
 /// Longest close reason sent (it must fit one packet).
 pub const REASON_LEN_MAX: usize = 256;
 

@@ -75,7 +75,14 @@ impl ClusterAuthority {
         let leader = self.leader();
         if leader.as_ref().is_some_and(|(id, _)| *id == me) || self.forwarding.is_none() {
             return match self.raft.client_write(command).await {
-                Ok(written) => Ok(written.data),
+                Ok(written) => {
+                    // The copy this member kept of its own apply goes, so
+                    // a refusal is the caller's alone to take apart.
+                    if let Some((_, recent)) = &self.forwarding {
+                        recent.take(written.log_id.index);
+                    }
+                    Ok(written.data)
+                }
                 Err(e) => Err(self.not_committed(&e)),
             };
         }

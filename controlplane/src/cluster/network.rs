@@ -7,7 +7,7 @@
 
 use super::{Member, TypeConfig, rpc};
 use bytes::Bytes;
-use dataplane::client::peers::{PeerRequest, Peers};
+use dataplane::client::peers::{PeerReply, PeerRequest, Peers};
 use dataplane::client::rpc::Reply;
 use dataplane::protocols::stoq_registry::{RAFT_APPEND, RAFT_SNAPSHOT, RAFT_VOTE};
 use openraft::error::{
@@ -30,9 +30,13 @@ pub const MESSAGE_MAX: usize = 60 * 1024;
 /// Why a request to a peer got no answer.
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
-    /// Not reached (down, partitioned, timed out, queue full).
+    /// It never reached the peer (down, partitioned, queue full): the
+    /// peer did nothing.
     #[error("{0}")]
     Unreachable(String),
+    /// It was sent and no answer came: the peer may have acted on it.
+    #[error("{0} (it may have been acted on)")]
+    Unknown(String),
     /// It answered with an error.
     #[error("the peer answered {code:#x}: {message}")]
     Refused { code: u16, message: String },
@@ -68,7 +72,9 @@ pub async fn request(
             "too many requests to peers are queued".into(),
         ));
     }
-    let reply = rx.await;
+    // The peer thread answers every request by its deadline; a thread that
+    // died answers none.
+    let reply = tokio::time::timeout(timeout + Duration::from_secs(1), rx).await;
     let took = started.elapsed();
     if took > Duration::from_millis(100) {
         tracing::debug!(
@@ -79,10 +85,17 @@ pub async fn request(
         );
     }
     match reply {
-        Ok(Reply::Ok(bytes)) => Ok(bytes),
-        Ok(Reply::Error { code, message }) => Err(PeerError::Refused { code, message }),
-        Ok(Reply::Failed(why)) => Err(PeerError::Unreachable(why)),
-        Err(_) => Err(PeerError::Unreachable("the peer thread stopped".into())),
+        Ok(Ok(PeerReply::Answered(Reply::Ok(bytes)))) => Ok(bytes),
+        Ok(Ok(PeerReply::Answered(Reply::Error { code, message }))) => {
+            Err(PeerError::Refused { code, message })
+        }
+        Ok(Ok(PeerReply::Answered(Reply::Failed(why)) | PeerReply::Unknown(why))) => {
+            Err(PeerError::Unknown(why))
+        }
+        Ok(Ok(PeerReply::NotSent(why))) => Err(PeerError::Unreachable(why)),
+        Ok(Err(_)) | Err(_) => Err(PeerError::Unknown(
+            "the cluster's peer connections stopped".into(),
+        )),
     }
 }
 

@@ -65,8 +65,9 @@ pub fn decode_append(bytes: &[u8]) -> Option<AppendEntriesRequest<TypeConfig>> {
     let count = r.u32()?;
     let mut entries = Vec::new();
     // Entries follow the previous one, index by index.
-    let first = prev_log_id.map_or(0, |id| id.index + 1);
-    for index in (first..).take(usize::try_from(count).ok()?) {
+    let first = prev_log_id.map_or(Some(0), |id| id.index.checked_add(1))?;
+    for offset in 0..u64::from(count) {
+        let index = first.checked_add(offset)?;
         let len = usize::try_from(r.u32()?).ok()?;
         let entry = decode_entry(r.take(len)?)?;
         if entry.log_id.index != index {

@@ -27,7 +27,7 @@ use arc_swap::ArcSwap;
 use crossbeam_queue::ArrayQueue;
 use dataplane::admission::{
     AdmissionEvent, AdmissionGate, Admitted, CLOSE_ADMISSION_MALFORMED, CLOSE_ADMISSION_SUSPENDED,
-    PendingAdmission, Refusal,
+    CLOSE_ADMISSION_UNAVAILABLE, PendingAdmission, Refusal,
 };
 use dataplane::blocklist::BlocklistStore;
 use dataplane::front_door::{FrontDoor, Ipv6Prefix};
@@ -181,6 +181,18 @@ impl AdmissionGate for Gate {
             });
         }
         let snapshot = self.snapshot.load_full();
+        // A beacon this far behind (a cluster member catching up, or one
+        // cut off from the leader) makes every proof of time fail: refuse
+        // at once, as this server's fault, not the client's.
+        let policy = snapshot.policy();
+        if policy.mode.time
+            && unix_now().saturating_sub(snapshot.parameters().tick.unix_s) > policy.window_s
+        {
+            return Err(Refusal {
+                code: CLOSE_ADMISSION_UNAVAILABLE,
+                reason: "this server's beacon is behind (a cluster member catching up): try another member, or again shortly".into(),
+            });
+        }
         Ok(Box::new(Pending {
             params: snapshot.parameters().clone(),
             client,
@@ -522,6 +534,8 @@ impl AdmissionRuntime {
             };
             changed = true;
             match event {
+                // The server's own unavailability is nobody's failure.
+                AdmissionEvent::Failed { code, .. } if code == CLOSE_ADMISSION_UNAVAILABLE => {}
                 AdmissionEvent::Failed {
                     source,
                     identity,

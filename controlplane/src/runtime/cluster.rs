@@ -327,8 +327,11 @@ struct Who {
     caller: Caller,
     verified: Option<Vec<u8>>,
     operator: bool,
-    /// The member name of a node certificate.
-    member: Option<String>,
+    /// The Raft id of a current member's node certificate: a node
+    /// certificate (both usages, `cluster-node.NAME`) of this CA, unrevoked,
+    /// whose key is a member's in the present configuration (a removed
+    /// member is no longer one).
+    member: Option<u64>,
 }
 
 fn error(code: u16, message: impl Into<String>) -> (u16, String) {
@@ -562,7 +565,18 @@ impl Inner {
         let operator = is_operator(verified.as_deref());
         let member = verified.as_deref().and_then(|der| {
             let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-            dataplane::trust::node_name(&cert).map(str::to_owned)
+            dataplane::trust::node_name(&cert)?;
+            self.service
+                .borrow()
+                .authority()
+                .verify_chain(der, Usage::Node, SystemTime::now())
+                .ok()?;
+            let id = node::node_id(cert.public_key().raw);
+            let membership = self.raft.metrics().borrow().membership_config.clone();
+            // A node that just joined knows no configuration until the
+            // leader's first append brings it.
+            let fresh = membership.membership().nodes().next().is_none();
+            (fresh || membership.membership().get_node(&id).is_some()).then_some(id)
         });
         Who {
             caller,
@@ -590,8 +604,9 @@ impl Inner {
         let inner = self.clone();
         match kind {
             kinds::RAFT_APPEND | kinds::RAFT_VOTE | kinds::RAFT_SNAPSHOT => {
+                let sender = who.member.expect("members only, checked above");
                 tokio::task::spawn_local(async move {
-                    let result = inner.raft_message(kind, &request.payload).await;
+                    let result = inner.raft_message(kind, sender, &request.payload).await;
                     inner.answer(&request, result);
                 });
             }
@@ -702,8 +717,21 @@ impl Inner {
         }
     }
 
-    async fn raft_message(&self, kind: u8, payload: &[u8]) -> Result<Vec<u8>, (u16, String)> {
+    /// A Raft message from member `sender`, which must be the leader (or
+    /// candidate) it speaks for: one member cannot speak for another.
+    async fn raft_message(
+        &self,
+        kind: u8,
+        sender: u64,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, (u16, String)> {
         use crate::cluster::rpc;
+        let impostor = |claimed: u64| {
+            error(
+                api::UNAUTHORIZED,
+                format!("member {sender} sent a message for member {claimed}"),
+            )
+        };
         let malformed = |what: &str| {
             error(
                 api::MALFORMED_REQUEST,
@@ -714,6 +742,9 @@ impl Inner {
         match kind {
             kinds::RAFT_APPEND => {
                 let message = rpc::decode_append(payload).ok_or_else(|| malformed("append"))?;
+                if message.vote.leader_id().node_id != sender {
+                    return Err(impostor(message.vote.leader_id().node_id));
+                }
                 let response = self
                     .raft
                     .append_entries(message)
@@ -723,11 +754,17 @@ impl Inner {
             }
             kinds::RAFT_VOTE => {
                 let message = rpc::decode_vote_request(payload).ok_or_else(|| malformed("vote"))?;
+                if message.vote.leader_id().node_id != sender {
+                    return Err(impostor(message.vote.leader_id().node_id));
+                }
                 let response = self.raft.vote(message).await.map_err(|e| failed(&e))?;
                 Ok(rpc::encode_vote_response(&response))
             }
             _ => {
                 let message = rpc::decode_snapshot(payload).ok_or_else(|| malformed("snapshot"))?;
+                if message.vote.leader_id().node_id != sender {
+                    return Err(impostor(message.vote.leader_id().node_id));
+                }
                 let response = self
                     .raft
                     .install_snapshot(message)
@@ -972,7 +1009,10 @@ impl Inner {
             .map(|answer| answer.to_vec())
             .map_err(|e| match e {
                 crate::cluster::network::PeerError::Refused { code, message } => (code, message),
-                other => self.not_leader_because(&other),
+                crate::cluster::network::PeerError::Unreachable(why) => {
+                    self.not_leader_because(&why)
+                }
+                unknown => error(api::STORAGE, unknown.to_string()),
             });
         }
         let membership = self.raft.metrics().borrow().membership_config.clone();

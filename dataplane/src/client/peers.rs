@@ -32,8 +32,21 @@ const QUEUE_LEN: usize = 4096;
 /// connects again.
 const CONNECT_GIVE_UP: Duration = Duration::from_secs(2);
 
+/// How a request to a peer ended.
+#[derive(Debug)]
+pub enum PeerReply {
+    /// The peer answered (an answer or an error response).
+    Answered(Reply),
+    /// It never left this node (no connection, queue full, timed out
+    /// before it was sent): the peer cannot have acted on it.
+    NotSent(String),
+    /// It was sent, and no answer came (timed out, connection lost): the
+    /// peer may have acted on it.
+    Unknown(String),
+}
+
 /// What receives a request's reply, called once on the peer thread.
-pub type OnReply = Box<dyn FnOnce(Reply) + Send>;
+pub type OnReply = Box<dyn FnOnce(PeerReply) + Send>;
 
 /// One request for a peer.
 pub struct PeerRequest {
@@ -69,6 +82,8 @@ impl Peers {
             by_handle: HashMap::new(),
             in_flight: HashMap::new(),
             connects: Vec::new(),
+            unsent: HashMap::new(),
+            abandoned: Vec::new(),
             next_id: 0,
         };
         let worker = client_worker_with(target, 0, service, mailbox.clone())?;
@@ -132,6 +147,10 @@ struct PeerService {
     in_flight: HashMap<(ConnectionHandle, StreamId), InFlight>,
     /// Connections to ask the worker for at its next `poll`.
     connects: Vec<ConnectRequest>,
+    /// What is left to write of requests flow control held back.
+    unsent: HashMap<(ConnectionHandle, StreamId), Bytes>,
+    /// Streams of requests that timed out, to stop and reset.
+    abandoned: Vec<(ConnectionHandle, StreamId)>,
     next_id: u64,
 }
 
@@ -172,14 +191,15 @@ impl PeerService {
             .copied()
             .collect();
         for key in gone {
+            self.unsent.remove(&key);
             if let Some(request) = self.in_flight.remove(&key) {
-                (request.on_reply)(Reply::Failed(why.to_owned()));
+                (request.on_reply)(PeerReply::Unknown(why.to_owned()));
             }
         }
         self.by_handle.remove(&handle);
         if let Some(link) = self.links.remove(&remote) {
             for request in link.waiting {
-                (request.on_reply)(Reply::Failed(why.to_owned()));
+                (request.on_reply)(PeerReply::NotSent(why.to_owned()));
             }
         }
     }
@@ -191,17 +211,20 @@ impl PeerService {
         remote: SocketAddr,
         conn: &mut Connection,
     ) {
-        let Some(link) = self.links.get_mut(&remote) else {
-            return;
-        };
-        while let Some(request) = link.waiting.pop_front() {
+        loop {
+            let Some(link) = self.links.get_mut(&remote) else {
+                return;
+            };
+            let Some(request) = link.waiting.pop_front() else {
+                return;
+            };
             let Some(id) = conn.streams().open(Dir::Bi) else {
                 link.waiting.push_front(request);
                 return;
             };
-            let mut send = conn.send_stream(id);
-            let _ = send.write_chunks(&mut [stoq::encode(request.kind, &request.payload)]);
-            let _ = send.finish();
+            self.unsent
+                .insert((handle, id), stoq::encode(request.kind, &request.payload));
+            self.write(handle, conn, id);
             self.in_flight.insert(
                 (handle, id),
                 InFlight {
@@ -210,6 +233,30 @@ impl PeerService {
                     on_reply: request.on_reply,
                 },
             );
+        }
+    }
+
+    /// Write what is left of a request (flow control may take it in
+    /// parts), and end the stream once all of it is written.
+    fn write(&mut self, handle: ConnectionHandle, conn: &mut Connection, id: StreamId) {
+        let Some(rest) = self.unsent.get_mut(&(handle, id)) else {
+            return;
+        };
+        let mut send = conn.send_stream(id);
+        match send.write(rest) {
+            Ok(written) => {
+                let _ = rest.split_to(written);
+            }
+            Err(quinn_proto::WriteError::Blocked) => return,
+            // Stopped or closed: the answer (a reset) says why.
+            Err(_) => {
+                self.unsent.remove(&(handle, id));
+                return;
+            }
+        }
+        if rest.is_empty() {
+            self.unsent.remove(&(handle, id));
+            let _ = send.finish();
         }
     }
 
@@ -226,10 +273,13 @@ impl PeerService {
         let limit = stoq::HEADER_LEN + RESPONSE_PAYLOAD_MAX;
         let reply = match read_stream(conn, id, &mut request.buf, limit) {
             _ if request.buf.len() > limit => {
-                Reply::Failed("the peer's answer exceeds the size limit".into())
+                PeerReply::Unknown("the peer's answer exceeds the size limit".into())
             }
-            ReadState::Reset => Reply::Failed("the peer reset the stream".into()),
-            ReadState::Finished => Framing::Stoq.decode(&request.buf),
+            ReadState::Reset => PeerReply::Unknown("the peer reset the stream".into()),
+            ReadState::Finished => match Framing::Stoq.decode(&request.buf) {
+                Reply::Failed(why) => PeerReply::Unknown(why),
+                answered => PeerReply::Answered(answered),
+            },
             ReadState::Open => return,
         };
         if let Some(request) = self.in_flight.remove(&(handle, id)) {
@@ -284,6 +334,7 @@ impl Service for PeerService {
                 self.send_waiting(handle, st.remote, conn);
             }
             Event::Stream(StreamEvent::Readable { id }) => self.read(handle, conn, id),
+            Event::Stream(StreamEvent::Writable { id }) => self.write(handle, conn, id),
             Event::Stream(StreamEvent::Available { dir: Dir::Bi }) => {
                 self.send_waiting(handle, st.remote, conn);
             }
@@ -321,7 +372,7 @@ impl Service for PeerService {
                 .partition(|request| request.deadline <= now);
             link.waiting = on_time;
             for request in late {
-                (request.on_reply)(Reply::Failed("timed out waiting for the peer".into()));
+                (request.on_reply)(PeerReply::NotSent("timed out waiting for the peer".into()));
             }
         }
         let late: Vec<_> = self
@@ -332,10 +383,13 @@ impl Service for PeerService {
             .collect();
         for key in late {
             if let Some(request) = self.in_flight.remove(&key) {
-                (request.on_reply)(Reply::Failed(
+                (request.on_reply)(PeerReply::Unknown(
                     "timed out waiting for the peer's answer".into(),
                 ));
             }
+            // Its stream is ended from both sides on the next step (it
+            // would hold one of the peer's stream slots otherwise).
+            self.abandoned.push(key);
         }
         // A connect the worker never opened (it refused it) is asked for
         // again by the next request; one opened but without a handshake is
@@ -369,6 +423,15 @@ impl Service for PeerService {
 
     fn poll_deliveries(&mut self, now: Instant, out: &mut Vec<Delivery>) {
         self.take_queued(now);
+        for (handle, _) in &self.abandoned {
+            if let Some(link) = self.by_handle.get(handle).and_then(|r| self.links.get(r)) {
+                out.push(Delivery {
+                    handle: *handle,
+                    conn_id: link.conn_id,
+                    what: Delivered::Wake,
+                });
+            }
+        }
         for link in self.links.values() {
             if let Some(handle) = link.handle
                 && !link.connected
@@ -410,6 +473,14 @@ impl Service for PeerService {
         if !matches!(delivery.what, Delivered::Wake) || delivery.conn_id != st.id {
             return;
         }
+        let code = quinn_proto::VarInt::from_u32(super::rpc::CLOSE_DONE);
+        let handle = delivery.handle;
+        for (_, id) in self.abandoned.iter().filter(|(h, _)| *h == handle) {
+            let _ = conn.recv_stream(*id).stop(code);
+            let _ = conn.send_stream(*id).reset(code);
+            self.unsent.remove(&(handle, *id));
+        }
+        self.abandoned.retain(|(h, _)| *h != handle);
         let late = self.links.get(&st.remote).is_some_and(|link| {
             !link.connected
                 && link

@@ -48,6 +48,8 @@ pub struct RpcOutcome {
     pub admission: Option<Duration>,
     /// The server closed the connection at its admission deadline.
     pub admission_deadline: bool,
+    /// The application close code the server ended the connection with.
+    pub closed_with: Option<u64>,
 }
 
 /// How requests and replies are framed on a stream.
@@ -81,6 +83,7 @@ pub struct RpcService {
     admitter: Option<Arc<dyn Admitter>>,
     admission: Option<Duration>,
     admission_deadline: bool,
+    closed_with: Option<u64>,
 }
 
 pub struct RpcConn {
@@ -144,6 +147,7 @@ impl RpcService {
             admitter: None,
             admission: None,
             admission_deadline: false,
+            closed_with: None,
         }
     }
 
@@ -204,6 +208,7 @@ impl RpcService {
             error: self.error,
             admission: self.admission,
             admission_deadline: self.admission_deadline,
+            closed_with: self.closed_with,
         }
     }
 
@@ -333,6 +338,9 @@ impl Service for RpcService {
             }
             Event::ConnectionLost { reason } => {
                 self.admission_deadline = is_admission_deadline(&reason);
+                if let ConnectionError::ApplicationClosed(close) = &reason {
+                    self.closed_with = Some(close.error_code.into_inner());
+                }
                 if !self.done {
                     self.error = Some(describe(&reason));
                 }
@@ -411,6 +419,7 @@ pub fn admission_code_name(code: u64) -> Option<&'static str> {
         0x206 => "STALE",
         0x207 => "DEADLINE",
         0x208 => "SUSPENDED",
+        0x209 => "UNAVAILABLE",
         _ => return None,
     })
 }

@@ -1,0 +1,564 @@
+//! Three-member clusters on the project's own topology: a namespace per
+//! member (fd71:7e57:0:3::N/64), all on one bridge in a hub namespace,
+//! removed again whatever the outcome. Members run `--mode production`
+//! (mandatory admission, no development stake) with the development plot
+//! size, and talk Raft to each other over `stoq/1`.
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const PORT: u16 = 4433;
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+struct Member {
+    ns: String,
+    ip: String,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Member {
+    fn address(&self) -> String {
+        format!("[{}]:{PORT}", self.ip)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
+    /// Start (or restart) the member's server with `args` after
+    /// `--bootstrap federated`; waits for its `listening` line.
+    fn start(&mut self, args: &[&str]) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("server.log"))
+            .unwrap();
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.ns, SERVER, "--mode", "production"])
+            .arg("--config")
+            .arg(self.dir.join("server.toml"))
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(["--bootstrap", "federated"])
+            .args(args)
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start internet2-server");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(out).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            for _ in lines {}
+        });
+        let line = rx.recv_timeout(Duration::from_secs(60));
+        assert!(
+            line.as_ref().is_ok_and(|l| l.starts_with("listening on")),
+            "{} did not start ({line:?}):\n{}",
+            self.ns,
+            self.log()
+        );
+        self.child = Some(child);
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// An operator command on this member's data directory.
+    fn operator(&self, args: &[&str]) -> String {
+        let out = Command::new(SERVER)
+            .arg("--config")
+            .arg(self.dir.join("server.toml"))
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(args)
+            .output()
+            .unwrap();
+        ok(&out).trim().to_owned()
+    }
+}
+
+/// The hub, the members' namespaces and their processes; Drop stops the
+/// processes and deletes every namespace (and so every veth).
+struct Cluster {
+    hub: String,
+    members: Vec<Member>,
+    created: Vec<String>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for member in &mut self.members {
+            member.kill9();
+            if std::env::var_os("KEEP_TEST_DIRS").is_none() {
+                let _ = std::fs::remove_dir_all(&member.dir);
+            }
+        }
+        for ns in self.created.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+impl Cluster {
+    /// Three namespaces on one bridge, no server started yet; `None` (test
+    /// skipped) where namespaces cannot be made.
+    fn create(tag: &str) -> Option<Cluster> {
+        if !is_root() {
+            skip_or_fail("cluster tests need root for network namespaces");
+            return None;
+        }
+        let id = format!("{}-{tag}", std::process::id());
+        let mut cluster = Cluster {
+            hub: format!("i2c-hub-{id}"),
+            members: Vec::new(),
+            created: Vec::new(),
+        };
+        ip(&["netns", "add", &cluster.hub]);
+        cluster.created.push(cluster.hub.clone());
+        ip(&["-n", &cluster.hub, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &cluster.hub, "link", "set", "br0", "up"]);
+        for n in 1..=3 {
+            let ns = format!("i2c-m{n}-{id}");
+            ip(&["netns", "add", &ns]);
+            cluster.created.push(ns.clone());
+            let status = Command::new("ip")
+                .args(["netns", "exec", &ns, "sysctl", "-qw"])
+                .args([
+                    "net.ipv6.conf.all.accept_dad=0",
+                    "net.ipv6.conf.default.accept_dad=0",
+                    // The partition test takes the link down and up again:
+                    // the address must stay.
+                    "net.ipv6.conf.all.keep_addr_on_down=1",
+                    "net.ipv6.conf.default.keep_addr_on_down=1",
+                ])
+                .status()
+                .unwrap();
+            assert!(status.success());
+            let port = format!("p{n}");
+            ip(&[
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                &ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &port,
+                "netns",
+                &cluster.hub,
+            ]);
+            ip(&["-n", &cluster.hub, "link", "set", &port, "master", "br0"]);
+            ip(&["-n", &cluster.hub, "link", "set", &port, "up"]);
+            let address = format!("fd71:7e57:0:3::{n}");
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{address}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+            let dir = temp_dir(&format!("cluster-{tag}-m{n}"));
+            std::fs::write(
+                dir.join("server.toml"),
+                format!(
+                    "[internet2]\nbind = \"{address}\"\nport = {PORT}\n\
+                     [dataplane]\nworkers = 1\n\
+                     [trustchain_authority]\ndns_name = \"m{n}\"\n\
+                     [hypermesh_assets]\nplot_k = 12\n"
+                ),
+            )
+            .unwrap();
+            cluster.members.push(Member {
+                ns,
+                ip: address,
+                dir,
+                child: None,
+            });
+        }
+        Some(cluster)
+    }
+
+    /// Member 1 starts the cluster; 2 joins through 1, 3 through 2 (a
+    /// follower, which names the leader); all three end voters.
+    /// Returns the join tokens it spent.
+    fn form(&mut self) -> Vec<String> {
+        self.members[0].start(&["--cluster-init"]);
+        let mut spent = Vec::new();
+        for (n, via) in [(1, 0), (2, 1)] {
+            let token = self.members[0].operator(&["cluster", "join-token"]);
+            let via = self.members[via].address();
+            self.members[n].start(&["--join", &via, "--join-token", &token]);
+            spent.push(token);
+        }
+        self.wait_for(Duration::from_secs(60), |status| {
+            let voters = status["members"]
+                .as_array()
+                .map_or(0, |m| m.iter().filter(|m| m["role"] == "voter").count());
+            (voters == 3)
+                .then_some(())
+                .ok_or(format!("{voters} voters"))
+        });
+        spent
+    }
+
+    /// The root and operator identity every member holds alike.
+    fn ca(&self) -> PathBuf {
+        self.members[0].dir.join("ca.pem")
+    }
+
+    fn identity(&self) -> PathBuf {
+        self.members[0].dir.join("operator.pem")
+    }
+
+    /// Every member's address, for `--connect` (fail over between them).
+    fn all(&self, except: Option<usize>) -> String {
+        let addresses: Vec<String> = (0..self.members.len())
+            .filter(|n| Some(*n) != except)
+            .map(|n| self.members[n].address())
+            .collect();
+        addresses.join(",")
+    }
+
+    fn status_from(&self, n: usize) -> Result<serde_json::Value, String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.members[n].ns, CLIENT])
+            .args(["cluster", "status", "--json", "--connect"])
+            .arg(self.members[n].address())
+            .arg("--ca")
+            .arg(self.ca())
+            .arg("--identity")
+            .arg(self.identity())
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+    }
+
+    /// Wait until a running member's status passes `check`.
+    fn wait_for(
+        &self,
+        limit: Duration,
+        mut check: impl FnMut(&serde_json::Value) -> Result<(), String>,
+    ) -> serde_json::Value {
+        let mut last = serde_json::Value::Null;
+        wait_until(limit, Duration::from_millis(300), || {
+            let mut why = String::from("no member answered");
+            for n in (0..self.members.len()).filter(|n| self.members[*n].child.is_some()) {
+                match self.status_from(n) {
+                    Ok(status) => match check(&status) {
+                        Ok(()) => {
+                            last = status;
+                            return Ok(());
+                        }
+                        Err(e) => why = format!("{}: {e}: {status}", self.members[n].ns),
+                    },
+                    Err(e) => why = format!("{}: {e}", self.members[n].ns),
+                }
+            }
+            Err(why)
+        });
+        last
+    }
+
+    /// Enroll a new client through `connect` (a member list); the log index
+    /// it was given, or the error.
+    fn enroll(&self, from: usize, connect: &str, name: &str) -> Result<u64, String> {
+        let token = self.members[0].operator(&["enroll-token"]);
+        let out_file = self.members[from].dir.join(format!("{name}.pem"));
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.members[from].ns, CLIENT])
+            .args(["enroll", &token, "--connect", connect, "--name", name])
+            .arg("--out")
+            .arg(&out_file)
+            .arg("--ca")
+            .arg(self.ca())
+            .args(["--timeout-ms", "8000"])
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let index = text
+            .lines()
+            .find_map(|l| l.strip_prefix("log index"))
+            .and_then(|rest| rest.split_whitespace().next()?.parse().ok());
+        match index {
+            Some(index) => Ok(index),
+            None => Err(text),
+        }
+    }
+
+    /// Member `n`'s signed tree head (the client verifies its signature).
+    fn sth(&self, n: usize) -> Result<(u64, String), String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.members[n].ns, CLIENT])
+            .args(["ct", "sth", "--json", "--connect"])
+            .arg(self.members[n].address())
+            .arg("--ca")
+            .arg(self.ca())
+            .arg("--identity")
+            .arg(self.identity())
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        let sth: serde_json::Value =
+            serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+        Ok((
+            sth["tree_size"].as_u64().unwrap_or(0),
+            sth["root_hash"].as_str().unwrap_or_default().to_owned(),
+        ))
+    }
+
+    /// Every running member's tree head, once they all reached `size`.
+    fn heads_at_least(&self, size: u64) -> Vec<(u64, String)> {
+        let mut heads = Vec::new();
+        wait_until(Duration::from_secs(30), Duration::from_millis(300), || {
+            heads.clear();
+            for n in (0..self.members.len()).filter(|n| self.members[*n].child.is_some()) {
+                let head = self.sth(n)?;
+                if head.0 < size {
+                    return Err(format!("{} is at tree size {}", self.members[n].ns, head.0));
+                }
+                heads.push(head);
+            }
+            Ok(())
+        });
+        heads
+    }
+
+    /// Member `n` proves that tree `old` is a prefix of tree `new` (the
+    /// client checks the proof against both signed roots).
+    fn consistent(&self, n: usize, old: u64, new: u64) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.members[n].ns, CLIENT])
+            .args(["ct", "consistency", &old.to_string(), &new.to_string()])
+            .arg("--connect")
+            .arg(self.members[n].address())
+            .arg("--ca")
+            .arg(self.ca())
+            .arg("--identity")
+            .arg(self.identity())
+            .output()
+            .unwrap();
+        ok(&out);
+    }
+
+    fn leader(status: &serde_json::Value) -> Option<usize> {
+        let name = status["leader"].as_str()?;
+        name.strip_prefix('m')?.parse::<usize>().ok().map(|n| n - 1)
+    }
+}
+
+/// Init, join (through a follower), write through a follower, kill -9 the
+/// leader: a new leader commits, every acknowledged certificate is on
+/// every member, the heads agree and grow consistently, the killed member
+/// catches up, and a removed member leaves the configuration. Join tokens
+/// are refused when spent or of the wrong kind.
+#[test]
+fn a_cluster_forms_fails_over_and_never_forks() {
+    let Some(mut cluster) = Cluster::create("form") else {
+        return;
+    };
+    let spent = cluster.form();
+    let status = cluster.wait_for(Duration::from_secs(10), |_| Ok(()));
+    let leader = Cluster::leader(&status).expect("a leader");
+    let follower = (leader + 1) % 3;
+
+    // A write through a follower is forwarded to the leader and answered.
+    let first = cluster
+        .enroll(
+            follower,
+            &cluster.members[follower].address(),
+            "app1.example",
+        )
+        .unwrap_or_else(|e| panic!("enrolling through a follower: {e}"));
+    let heads = cluster.heads_at_least(first + 1);
+    assert!(
+        heads.windows(2).all(|w| w[0] == w[1]),
+        "members disagree: {heads:?}"
+    );
+
+    // Kill -9 the leader: the others elect one that commits.
+    let killed_at = Instant::now();
+    cluster.members[leader].kill9();
+    let after = cluster.wait_for(Duration::from_secs(20), |status| {
+        match Cluster::leader(status) {
+            Some(n) if n != leader => Ok(()),
+            other => Err(format!("leader {other:?}")),
+        }
+    });
+    eprintln!(
+        "new leader {:?} after {:?}",
+        after["leader"],
+        killed_at.elapsed()
+    );
+    let connect = cluster.all(Some(leader));
+    let second = cluster
+        .enroll(follower, &connect, "app2.example")
+        .unwrap_or_else(|e| panic!("enrolling after the leader died: {e}"));
+    assert!(second > first);
+
+    // The killed member comes back with its data, catches up, and every
+    // head agrees with every other at each size.
+    cluster.members[leader].start(&[]);
+    let heads = cluster.heads_at_least(second + 1);
+    let size = heads.iter().map(|h| h.0).min().unwrap();
+    for n in 0..3 {
+        cluster.consistent(n, first + 1, size);
+    }
+    let same_size: Vec<_> = heads.iter().filter(|h| h.0 == size).collect();
+    assert!(
+        same_size.windows(2).all(|w| w[0].1 == w[1].1),
+        "two members signed different roots for tree size {size}: {heads:?}"
+    );
+
+    // A spent join token, and an enrollment token, are refused as join
+    // tokens (the node does not start).
+    let enroll = cluster.members[0].operator(&["enroll-token"]);
+    // An enrollment token lacks the issuer pin; with a pin added it is
+    // still not a join token.
+    let pin = spent[0].split_once('.').unwrap().1;
+    let disguised = format!("{enroll}.{pin}");
+    for (token, why) in [
+        (spent[0].as_str(), "a spent join token"),
+        (disguised.as_str(), "an enrollment token"),
+    ] {
+        let spare = temp_dir("cluster-spare");
+        std::fs::copy(
+            cluster.members[2].dir.join("server.toml"),
+            spare.join("server.toml"),
+        )
+        .unwrap();
+        let out = Command::new("ip")
+            .args(["netns", "exec", &cluster.members[2].ns, SERVER])
+            .args(["--mode", "production", "--config"])
+            .arg(spare.join("server.toml"))
+            .arg("--data-dir")
+            .arg(&spare)
+            .args(["--bootstrap", "federated", "--join"])
+            .arg(cluster.members[0].address())
+            .args(["--join-token", token])
+            .output()
+            .unwrap();
+        let _ = std::fs::remove_dir_all(&spare);
+        assert!(!out.status.success(), "{why} let a node join");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("cannot join"), "{why}: {stderr}");
+    }
+
+    // Remove the third member (asked of member 1, inside its namespace):
+    // the others carry on as two.
+    let remover = 0;
+    let out = Command::new("ip")
+        .args(["netns", "exec", &cluster.members[remover].ns, SERVER])
+        .arg("--config")
+        .arg(cluster.members[remover].dir.join("server.toml"))
+        .arg("--data-dir")
+        .arg(&cluster.members[remover].dir)
+        .args(["cluster", "remove", "m3"])
+        .output()
+        .unwrap();
+    ok(&out);
+    cluster.members[2].kill9();
+    cluster.wait_for(Duration::from_secs(20), |status| {
+        let names: Vec<&str> = status["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m["name"].as_str())
+            .collect();
+        (names.len() == 2 && !names.contains(&"m3"))
+            .then_some(())
+            .ok_or(format!("members {names:?}"))
+    });
+    // (Removing the leader makes the other two elect one first.)
+    wait_until(Duration::from_secs(30), Duration::from_millis(500), || {
+        cluster
+            .enroll(0, &cluster.all(Some(2)), "app3.example")
+            .map(|_| ())
+    });
+}
+
+/// The leader cut off (its link down) is a minority of one: what it is
+/// asked to write never commits, the other two elect a leader and commit,
+/// and once the link is back the old leader follows and agrees.
+#[test]
+fn a_partitioned_minority_commits_nothing() {
+    let Some(mut cluster) = Cluster::create("part") else {
+        return;
+    };
+    cluster.form();
+    let status = cluster.wait_for(Duration::from_secs(10), |_| Ok(()));
+    let cut = Cluster::leader(&status).expect("a leader");
+    let before = cluster.heads_at_least(0)[0].0;
+    ip(&[
+        "-n",
+        &cluster.members[cut].ns,
+        "link",
+        "set",
+        "eth0",
+        "down",
+    ]);
+
+    // The cut-off member cannot commit a certificate.
+    let refused = cluster.enroll(cut, &cluster.members[cut].address(), "cut.example");
+    assert!(
+        refused.is_err(),
+        "a minority of one committed a certificate: {refused:?}"
+    );
+
+    // The majority can.
+    let majority: Vec<usize> = (0..3).filter(|n| *n != cut).collect();
+    let connect = cluster.all(Some(cut));
+    let index = {
+        let mut result = Err(String::new());
+        wait_until(Duration::from_secs(30), Duration::from_millis(500), || {
+            result = cluster.enroll(majority[0], &connect, "majority.example");
+            result.as_ref().map(|_| ()).map_err(|e| e.clone())
+        });
+        result.unwrap()
+    };
+    ip(&["-n", &cluster.members[cut].ns, "link", "set", "eth0", "up"]);
+    let heads = cluster.heads_at_least(index + 1);
+    let size = heads.iter().map(|h| h.0).min().unwrap();
+    assert!(size > before);
+    for n in 0..3 {
+        cluster.consistent(n, before.max(1), size);
+    }
+}
