@@ -30,6 +30,9 @@ pub struct AuthorityBenchPlan {
     /// Seconds of each handshake phase.
     pub handshake_seconds: f64,
     pub handshake_concurrency: usize,
+    /// Only the loaded issuance phase (what a CPU-per-issuance figure
+    /// read around the run is made of).
+    pub issuance_only: bool,
 }
 
 /// Run all phases against `target` (which must carry a client identity
@@ -61,6 +64,18 @@ pub fn run(target: &ClientTarget, plan: &AuthorityBenchPlan) -> anyhow::Result<s
         .and_then(checked)
     };
 
+    if plan.issuance_only {
+        eprintln!(
+            "authority-bench: {} issuances, {} in flight",
+            plan.requests, plan.concurrency
+        );
+        let loaded = load(api::CERT_ISSUE, issue, plan.requests, plan.concurrency)?;
+        return Ok(json!({
+            "issuance_loaded": phase(&loaded),
+            "requests": plan.requests,
+            "concurrency": plan.concurrency,
+        }));
+    }
     eprintln!(
         "authority-bench: {} issuances, one at a time",
         plan.requests
@@ -117,7 +132,7 @@ pub fn run(target: &ClientTarget, plan: &AuthorityBenchPlan) -> anyhow::Result<s
 }
 
 /// A CSR for a load-test name (the operator may issue for any name).
-fn issue_payload() -> anyhow::Result<Bytes> {
+pub fn issue_payload() -> anyhow::Result<Bytes> {
     let key = rcgen::KeyPair::generate().context("making a key")?;
     let name = format!("load-{}.internet2.test", std::process::id());
     let csr = rcgen::CertificateParams::new(vec![name])?

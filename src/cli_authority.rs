@@ -169,6 +169,10 @@ pub enum ClusterCommand<T: Connect> {
         /// Print the JSON answer.
         #[arg(long)]
         json: bool,
+        /// The member's own view (a follower otherwise relays the
+        /// leader's): who it takes for the leader, its term and commit.
+        #[arg(long)]
+        own_view: bool,
     },
 }
 
@@ -1272,11 +1276,15 @@ pub fn ca<T: Connect>(command: &CaCommand<T>) -> anyhow::Result<()> {
 // ---------------------------------------------------------------- cluster
 
 pub fn cluster<T: Connect>(command: &ClusterCommand<T>) -> anyhow::Result<()> {
-    let ClusterCommand::Status { target, json } = command;
+    let ClusterCommand::Status {
+        target,
+        json,
+        own_view,
+    } = command;
     let session = Session::open(target)?;
     let status: serde_json::Value = session.call(
         dataplane::protocols::stoq_registry::CLUSTER_STATUS,
-        &NoArguments {},
+        &serde_json::json!({ "own_view": own_view }),
     )?;
     if *json {
         println!("{}", serde_json::to_string_pretty(&status)?);
@@ -1310,6 +1318,231 @@ pub fn cluster<T: Connect>(command: &ClusterCommand<T>) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------- failover load
+
+/// `internet2 failover-load`: what `cargo xtask bench-cluster` runs while
+/// it kills leaders.
+#[derive(Debug, clap::Args)]
+pub struct FailoverLoadArgs<T: Connect> {
+    #[command(flatten)]
+    pub target: T,
+    /// Stop issuing once this file exists, then check every member's log.
+    #[arg(long, value_name = "PATH")]
+    pub stop_file: PathBuf,
+    /// Append one JSON line per acknowledged certificate here (its time,
+    /// the member that answered, serial, log index and tree head).
+    #[arg(long, value_name = "PATH")]
+    pub acks: PathBuf,
+    /// Write the summary here as JSON.
+    #[arg(long, value_name = "PATH")]
+    pub json: Option<PathBuf>,
+}
+
+/// One acknowledged certificate.
+struct Ack {
+    leaf_index: u64,
+    certificate_pem: String,
+    sth: Sth,
+}
+
+/// Issue certificates one at a time through the members (failing over as
+/// every command does) until the stop file appears; every answer is
+/// either a certificate checked against the root and the log, or a refusal
+/// that changed nothing (retried), or wrong. Then check, on every member,
+/// that each acknowledged certificate is at its index in the log, and that
+/// every tree head seen is consistent with the latest (the independent
+/// verifier in `controlplane::authority::ct::verify`).
+pub fn failover_load<T: Connect>(args: &FailoverLoadArgs<T>) -> anyhow::Result<()> {
+    let session = Session::open(&args.target)?;
+    let (_, key) = session.log_key()?;
+    let root = session.trusted_root()?;
+    let config = session
+        .target
+        .client_config(dataplane::protocols::ALPN_STOQ)?;
+    let payload = crate::authority_load::issue_payload()?;
+    let mut acks_file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&args.acks)
+        .with_context(|| format!("{}", args.acks.display()))?;
+    let mut acks = Vec::new();
+    let (mut retried, mut unknown) = (0u64, 0u64);
+    let mut wrong: Vec<String> = Vec::new();
+    while !args.stop_file.exists() {
+        let (remote, outcome) = session.exchange(&config, api::CERT_ISSUE, &payload)?;
+        match outcome.replies.first() {
+            Some(Reply::Ok(body)) => {
+                let checked = serde_json::from_slice::<Issued>(body)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|issued| trust_issued(issued, &key, &root));
+                match checked {
+                    Ok(VerifiedIssued(issued)) => {
+                        let line = serde_json::json!({
+                            "t_ms": unix_ms(SystemTime::now()),
+                            "member": remote.to_string(),
+                            "serial": issued.serial,
+                            "leaf_index": issued.leaf_index,
+                            "tree_size": issued.sth.tree_size,
+                        });
+                        writeln!(acks_file, "{line}")?;
+                        acks.push(Ack {
+                            leaf_index: issued.leaf_index,
+                            certificate_pem: issued.certificate_pem,
+                            sth: issued.sth,
+                        });
+                    }
+                    Err(e) => wrong.push(format!("{remote}: {e:#}")),
+                }
+            }
+            Some(Reply::Error { code, message }) => match *code {
+                // Nothing changed: asked again.
+                api::NOT_LEADER => retried += 1,
+                // Sent, unanswered: maybe committed (then it is in the
+                // log, unacknowledged); asked again.
+                api::STORAGE if message.contains("may be committed") => unknown += 1,
+                _ => wrong.push(format!("{remote}: {code:#x} {message}")),
+            },
+            // No member answered (an election, a member restarting).
+            Some(Reply::Failed(_)) | None => retried += 1,
+        }
+        if outcome
+            .replies
+            .first()
+            .is_none_or(|r| !matches!(r, Reply::Ok(_)))
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    eprintln!(
+        "failover-load: {} acknowledged, {retried} retried, {unknown} unanswered, {} wrong; checking every member",
+        acks.len(),
+        wrong.len()
+    );
+    let members = match args.target.members() {
+        members if members.is_empty() => vec![session.target.remote],
+        members => members,
+    };
+    // Each member's latest head, then its log against every ack.
+    let mut heads = Vec::new();
+    let mut missing = Vec::new();
+    for member in &members {
+        let one = Session {
+            target: ClientTarget {
+                remote: *member,
+                ..session.target.clone()
+            },
+            timeout: session.timeout,
+            members: Vec::new(),
+            answered: std::cell::Cell::new(0),
+        };
+        // A member restarted late may still be catching up (or not admit
+        // anyone yet): wait for it to hold every acknowledged entry.
+        let needed = acks.iter().map(|a| a.leaf_index + 1).max().unwrap_or(0);
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        let sth = loop {
+            match one.checked_sth(&key) {
+                Ok((sth, _)) if sth.tree_size >= needed => break sth,
+                Ok(_) | Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Ok((sth, _)) => break sth,
+                Err(e) => return Err(e.context(format!("{member}: its latest tree head"))),
+            }
+        };
+        let size = sth.tree_size;
+        let mut entries = std::collections::HashMap::new();
+        let mut start = 0;
+        while start < size {
+            let end = (start + api::MAX_ENTRIES_PER_REQUEST).min(size);
+            let page: api::Entries =
+                one.call(api::CT_ENTRIES, &api::CtEntriesRequest { start, end })?;
+            for entry in page.entries {
+                entries.insert(entry.leaf_index, entry.certificate_pem);
+            }
+            start = end;
+        }
+        for ack in &acks {
+            if entries.get(&ack.leaf_index) != Some(&ack.certificate_pem) {
+                missing.push(format!("{member}: log index {}", ack.leaf_index));
+            }
+        }
+        heads.push((*member, sth, one));
+    }
+    // The largest head, and every head seen proven a prefix of it by the
+    // member that signed it; heads of one size must be one root.
+    let (_, newest, by) = heads
+        .iter()
+        .max_by_key(|(_, sth, _)| sth.tree_size)
+        .expect("at least one member");
+    let mut inconsistent = Vec::new();
+    let mut seen: std::collections::BTreeMap<u64, String> = std::collections::BTreeMap::new();
+    let all_heads = acks
+        .iter()
+        .map(|a| &a.sth)
+        .chain(heads.iter().map(|(_, sth, _)| sth));
+    let mut checked = 0;
+    for sth in all_heads {
+        if let Some(root) = seen.get(&sth.tree_size) {
+            if *root != sth.root_hash {
+                inconsistent.push(format!(
+                    "two roots for tree size {}: {root} and {}",
+                    sth.tree_size, sth.root_hash
+                ));
+            }
+            continue;
+        }
+        seen.insert(sth.tree_size, sth.root_hash.clone());
+        if sth.tree_size == 0 || sth.tree_size == newest.tree_size {
+            continue;
+        }
+        let answer: Consistency = by.call(
+            api::CT_CONSISTENCY,
+            &CtConsistencyRequest {
+                old_size: sth.tree_size,
+                new_size: newest.tree_size,
+            },
+        )?;
+        checked += 1;
+        if answer.new_sth.root_hash != newest.root_hash
+            || api::verify_consistency(sth, &answer.new_sth, &answer.proof, &key).is_err()
+        {
+            inconsistent.push(format!(
+                "tree {} is not a prefix of tree {}",
+                sth.tree_size, newest.tree_size
+            ));
+        }
+    }
+    let summary = serde_json::json!({
+        "acknowledged": acks.len(),
+        "retried": retried,
+        "unanswered_then_retried": unknown,
+        "wrong_answers": wrong,
+        "members": heads.iter().map(|(m, sth, _)| serde_json::json!({
+            "address": m.to_string(),
+            "tree_size": sth.tree_size,
+        })).collect::<Vec<_>>(),
+        "acknowledged_missing_from_a_log": missing,
+        "tree_heads_checked": seen.len(),
+        "consistency_proofs_verified": checked,
+        "inconsistent": inconsistent,
+    });
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&summary)? + "\n")?;
+    }
+    if !wrong.is_empty() || !missing.is_empty() || !inconsistent.is_empty() {
+        bail!(
+            "the cluster gave a wrong answer, lost an acknowledged certificate, or forked (see the summary)"
+        );
+    }
+    Ok(())
+}
+
+fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 // ---------------------------------------------------------------- ct

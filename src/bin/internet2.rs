@@ -74,6 +74,11 @@ enum Command {
     /// The cluster of the server's members.
     #[command(subcommand)]
     Cluster(cli_authority::ClusterCommand<TargetArgs>),
+    /// Issue certificates one at a time through a cluster's members
+    /// (failing over) until a stop file appears, then check every
+    /// member's log against every acknowledged one (`cargo xtask
+    /// bench-cluster` runs it while killing leaders).
+    FailoverLoad(cli_authority::FailoverLoadArgs<TargetArgs>),
     /// The Certificate Transparency log (every answer verified here).
     #[command(subcommand)]
     Ct(cli_authority::CtCommand<TargetArgs>),
@@ -129,6 +134,9 @@ enum Command {
         /// Seconds of each handshake phase.
         #[arg(long, default_value_t = 3.0)]
         handshake_seconds: f64,
+        /// Only the loaded issuance phase.
+        #[arg(long)]
+        issuance_only: bool,
         /// Write the result as JSON here.
         #[arg(long, value_name = "PATH")]
         json: Option<PathBuf>,
@@ -316,6 +324,7 @@ fn main() -> ExitCode {
         Command::Cert(command) => cli_authority::cert(&command),
         Command::Ca(command) => cli_authority::ca(&command),
         Command::Cluster(command) => cli_authority::cluster(&command),
+        Command::FailoverLoad(args) => cli_authority::failover_load(&args),
         Command::Ct(command) => cli_authority::ct(&command),
         Command::Dns(command) => cli_authority::dns(&command),
         Command::DnsBench {
@@ -359,12 +368,17 @@ fn main() -> ExitCode {
             requests,
             concurrency,
             handshake_seconds,
+            issuance_only,
             json,
         } => authority_bench(
             &target,
-            requests,
-            concurrency,
-            handshake_seconds,
+            &internet2_server::authority_load::AuthorityBenchPlan {
+                requests,
+                concurrency,
+                handshake_seconds,
+                handshake_concurrency: 64,
+                issuance_only,
+            },
             json.as_deref(),
         ),
     };
@@ -500,25 +514,15 @@ fn dns_bench(
 
 fn authority_bench(
     args: &TargetArgs,
-    requests: u64,
-    concurrency: usize,
-    handshake_seconds: f64,
+    plan: &internet2_server::authority_load::AuthorityBenchPlan,
     json: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
-    use internet2_server::authority_load::{AuthorityBenchPlan, run};
-    if requests == 0 || concurrency == 0 || handshake_seconds <= 0.0 {
+    use internet2_server::authority_load::run;
+    if plan.requests == 0 || plan.concurrency == 0 || plan.handshake_seconds <= 0.0 {
         bail!("--requests, --concurrency and --handshake-seconds must be above 0");
     }
     let target = target(args, TransportSettings::default())?;
-    let report = run(
-        &target,
-        &AuthorityBenchPlan {
-            requests,
-            concurrency,
-            handshake_seconds,
-            handshake_concurrency: 64,
-        },
-    )?;
+    let report = run(&target, plan)?;
     let us = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
     for (name, key) in [
         ("issuance, one at a time", "issuance_sequential"),
@@ -526,6 +530,9 @@ fn authority_bench(
         ("inclusion proof", "inclusion_proof"),
     ] {
         let p = &report[key];
+        if p.is_null() {
+            continue;
+        }
         println!(
             "{name:<26} {:>8.0}/s  p50 {:>6} us  p99 {:>6} us  ({} requests)",
             p["per_second"].as_f64().unwrap_or(0.0),
@@ -539,6 +546,9 @@ fn authority_bench(
         ("handshakes without mTLS", "handshakes_without_mtls"),
     ] {
         let p = &report[key];
+        if p.is_null() {
+            continue;
+        }
         println!(
             "{name:<26} {:>8.0}/s  p50 {:>6} us  p99 {:>6} us  ({} handshakes, {} errors)",
             p["per_second"].as_f64().unwrap_or(0.0),

@@ -883,7 +883,7 @@ pub(crate) struct Proc {
 }
 
 impl Proc {
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
@@ -1084,7 +1084,7 @@ impl ClientResult {
 // /proc
 
 /// utime + stime of the whole process (all threads), in clock ticks.
-fn proc_cpu_ticks(pid: u32) -> Result<u64> {
+pub(crate) fn proc_cpu_ticks(pid: u32) -> Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat (did the server exit?)"))?;
     stat_ticks(&stat)
@@ -1121,7 +1121,7 @@ fn proc_mem(pid: u32) -> Result<(u64, u64)> {
 }
 
 /// Clock ticks per second, the unit of utime/stime.
-fn clk_tck() -> Result<f64> {
+pub(crate) fn clk_tck() -> Result<f64> {
     let out = Command::new("getconf")
         .arg("CLK_TCK")
         .output()

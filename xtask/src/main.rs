@@ -8,6 +8,7 @@
 mod admission;
 mod bench;
 mod ci;
+mod cluster;
 mod ebpf;
 mod netns;
 mod report;
@@ -41,6 +42,12 @@ enum Task {
     /// admission and one without; medians over --runs fresh servers.
     #[command(name = "bench-admission")]
     BenchAdmission(admission::AdmissionBenchArgs),
+    /// Three cluster members in network namespaces: issuance through the
+    /// leader against one node under the same load (medians, server CPU
+    /// per issuance), then leader kills under continuous issuance with
+    /// every member's log checked at the end. Needs root.
+    #[command(name = "bench-cluster")]
+    BenchCluster(cluster::ClusterBenchArgs),
     /// Compile the BPF programs in ebpf/ (objects are committed); with
     /// --check, fail if a committed object differs from its source.
     BuildEbpf {
@@ -251,6 +258,7 @@ fn main() -> ExitCode {
         Task::Bench40g(args) => bench::bench_40g(&args),
         Task::BenchAuthority(args) => bench::bench_authority(&args),
         Task::BenchAdmission(args) => admission::bench_admission(&args),
+        Task::BenchCluster(args) => cluster::bench_cluster(&args),
         Task::BuildEbpf { check } => ebpf::run(&workspace_root(), check),
         Task::Ci { smoke_seconds } => ci::run(&workspace_root(), smoke_seconds),
     };

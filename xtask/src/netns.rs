@@ -175,7 +175,7 @@ pub fn xtask_alive(pid: u32) -> bool {
 /// Kills every process still inside `ns`, then deletes it. A process left
 /// inside would keep the namespace (and its veth) alive after its name is
 /// gone, invisible to `ip netns list`.
-fn remove(ns: &str) -> Result<()> {
+pub(crate) fn remove(ns: &str) -> Result<()> {
     if let Ok(pids) = ip(&["netns", "pids", ns]) {
         for pid in pids
             .split_whitespace()
@@ -200,7 +200,7 @@ fn remove(ns: &str) -> Result<()> {
 /// Runs a shell snippet inside `ns`; writes to /proc/sys/net land in the
 /// namespace of the writing process, so this sets namespace-local sysctls
 /// without needing the `sysctl` tool.
-fn ns_sh(ns: &str, script: &str) -> Result<()> {
+pub(crate) fn ns_sh(ns: &str, script: &str) -> Result<()> {
     let out = Command::new("ip")
         .args(["netns", "exec", ns, "sh", "-c", script])
         .output()

@@ -52,8 +52,11 @@ pub const RAFT_LOG_FILE: &str = "raft-log.redb";
 const PROMOTION_TIMEOUT: Duration = Duration::from_secs(600);
 /// How often the admission outcomes and the leader's duties are looked at.
 const POLL: Duration = Duration::from_millis(50);
+/// How long a connection to another member may go without a packet from
+/// it before it is given up.
+const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a member's request to the leader may take.
-const RELAY_TIMEOUT: Duration = Duration::from_secs(5);
+const RELAY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What makes a node a member.
 pub struct ClusterSettings {
@@ -156,9 +159,9 @@ fn raft_config() -> openraft::Config {
     openraft::Config {
         cluster_name: "internet2".into(),
         // Also how long an append may take before it counts as lost.
-        heartbeat_interval: 250,
-        election_timeout_min: 1000,
-        election_timeout_max: 2000,
+        heartbeat_interval: 200,
+        election_timeout_min: 700,
+        election_timeout_max: 1400,
         // A chunk and its framing stay under a request's bound.
         snapshot_max_chunk_size: 48 * 1024,
         max_payload_entries: 64,
@@ -322,6 +325,15 @@ impl MemberRuntime {
     }
 }
 
+/// `CLUSTER_STATUS`'s request.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatusRequest {
+    /// This member's own view, not the leader's (which a follower relays).
+    #[serde(default)]
+    own_view: bool,
+}
+
 /// A request's caller, its certificate checked again.
 struct Who {
     caller: Caller,
@@ -417,8 +429,12 @@ impl Inner {
         let root = CertificateDer::from(self.service.borrow().trust().root_der);
         let remote = node::check_address(&self.me.address).map_err(cluster_error)?;
         let mut transport = self.transport.clone();
-        // Members keep their connections open between heartbeats.
-        transport.keep_alive = Some(Duration::from_secs(1));
+        // Members keep their connections open between heartbeats, and give
+        // one up soon once the other end stops answering (a member killed
+        // and restarted has forgotten it: waiting out a long idle timeout
+        // would keep an election from reaching it).
+        transport.keep_alive = Some(Duration::from_millis(500));
+        transport.idle_timeout = PEER_IDLE_TIMEOUT;
         let target = dataplane::client::ClientTarget {
             remote,
             server_name: String::new(),
@@ -624,7 +640,13 @@ impl Inner {
             }
             kinds::CLUSTER_STATUS => {
                 tokio::task::spawn_local(async move {
-                    let result = inner.status(who.member.is_some()).await;
+                    let result = match serde_json::from_slice::<StatusRequest>(&request.payload) {
+                        Ok(asked) => inner.status(who.member.is_some() || asked.own_view).await,
+                        Err(e) => Err(error(
+                            api::MALFORMED_REQUEST,
+                            format!("status request: {e}"),
+                        )),
+                    };
                     inner.answer(&request, result);
                 });
             }
@@ -918,19 +940,19 @@ impl Inner {
     }
 
     /// `CLUSTER_STATUS`: the leader's view (with each member's lag); a
-    /// follower relays it, or answers its own view when the leader is out
-    /// of reach.
-    async fn status(&self, from_member: bool) -> Result<Vec<u8>, (u16, String)> {
+    /// follower relays it, or answers its own view when asked for it or
+    /// when the leader is out of reach.
+    async fn status(&self, own_view: bool) -> Result<Vec<u8>, (u16, String)> {
         let peers = self.peers.borrow().clone();
         if !self.is_leader()
-            && !from_member
+            && !own_view
             && let Some((_, leader)) = self.authority.leader()
             && let Some(peers) = peers
             && let Ok(answer) = crate::cluster::network::request(
                 &peers,
                 &leader.address,
                 kinds::CLUSTER_STATUS,
-                Vec::new(),
+                b"{}".to_vec(),
                 RELAY_TIMEOUT,
             )
             .await
