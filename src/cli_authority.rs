@@ -326,7 +326,14 @@ struct Session {
     /// is tried first.
     members: Vec<std::net::SocketAddr>,
     answered: std::cell::Cell<usize>,
+    /// Members that did not answer, and when: tried after the others for
+    /// a while (a long-running client such as `failover-load` would
+    /// otherwise wait out a dead member's timeout on every request).
+    silent: std::cell::RefCell<std::collections::HashMap<std::net::SocketAddr, std::time::Instant>>,
 }
+
+/// How long a member that did not answer is tried after the others.
+const SILENT_FOR: Duration = Duration::from_secs(3);
 
 impl Session {
     fn open(flags: &impl Connect) -> anyhow::Result<Self> {
@@ -335,6 +342,7 @@ impl Session {
             timeout: flags.timeout(),
             members: flags.members(),
             answered: std::cell::Cell::new(0),
+            silent: Default::default(),
         })
     }
 
@@ -354,9 +362,20 @@ impl Session {
         }
         let start = self.answered.get();
         let count = self.members.len();
+        // From the one that answered last, in turn; members silent lately
+        // at the end.
+        let now = std::time::Instant::now();
+        let mut order: Vec<usize> = (0..count).map(|step| (start + step) % count).collect();
+        {
+            let silent = self.silent.borrow();
+            order.sort_by_key(|at| {
+                silent
+                    .get(&self.members[*at])
+                    .is_some_and(|since| now.duration_since(*since) < SILENT_FOR)
+            });
+        }
         let mut last = None;
-        for step in 0..count {
-            let at = (start + step) % count;
+        for (step, &at) in order.iter().enumerate() {
             let target = ClientTarget {
                 remote: self.members[at],
                 ..self.target.clone()
@@ -364,13 +383,18 @@ impl Session {
             let outcome = rpc_raw(&target, config, kind, payload, self.timeout)?;
             let Some(why) = passed_over(&outcome) else {
                 self.answered.set(at);
+                self.silent.borrow_mut().remove(&target.remote);
                 return Ok((target.remote, outcome));
             };
-            if step + 1 < count {
+            if outcome.handshake.is_none() {
+                self.silent
+                    .borrow_mut()
+                    .insert(target.remote, std::time::Instant::now());
+            }
+            if let Some(next) = order.get(step + 1) {
                 eprintln!(
                     "internet2: {} {why}; trying {}",
-                    target.remote,
-                    self.members[(at + 1) % count]
+                    target.remote, self.members[*next]
                 );
             }
             last = Some((target.remote, outcome));
@@ -1404,8 +1428,16 @@ pub fn failover_load<T: Connect>(args: &FailoverLoadArgs<T>) -> anyhow::Result<(
                 api::STORAGE if message.contains("may be committed") => unknown += 1,
                 _ => wrong.push(format!("{remote}: {code:#x} {message}")),
             },
-            // No member answered (an election, a member restarting).
-            Some(Reply::Failed(_)) | None => retried += 1,
+            // No member answered (an election, a member restarting), or
+            // one took the request and did not answer in time (a follower
+            // whose leader just died): asked again, that member last.
+            Some(Reply::Failed(_)) | None => {
+                retried += 1;
+                session
+                    .silent
+                    .borrow_mut()
+                    .insert(remote, std::time::Instant::now());
+            }
         }
         if outcome
             .replies
@@ -1436,6 +1468,7 @@ pub fn failover_load<T: Connect>(args: &FailoverLoadArgs<T>) -> anyhow::Result<(
             timeout: session.timeout,
             members: Vec::new(),
             answered: std::cell::Cell::new(0),
+            silent: Default::default(),
         };
         // A member restarted late may still be catching up (or not admit
         // anyone yet): wait for it to hold every acknowledged entry.

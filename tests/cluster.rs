@@ -396,6 +396,16 @@ fn a_cluster_forms_fails_over_and_never_forks() {
         return;
     };
     let spent = cluster.form();
+    // The first member took a snapshot and purged its log: the others
+    // started from the snapshot, sent in chunks over `stoq/1`.
+    for member in &cluster.members[1..] {
+        assert!(
+            member.log().contains("snapshot installed"),
+            "{} did not start from a snapshot:\n{}",
+            member.ns,
+            member.log()
+        );
+    }
     let status = cluster.wait_for(Duration::from_secs(10), |_| Ok(()));
     let leader = Cluster::leader(&status).expect("a leader");
     let follower = (leader + 1) % 3;

@@ -25,6 +25,14 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 /// certificate.
 pub type PeerSlot = Rc<RefCell<Option<Arc<Peers>>>>;
 
+/// The last member this one took appends from, and when.
+pub type Heard = Rc<std::cell::Cell<Option<(u64, std::time::Instant)>>>;
+
+/// A leader not heard from this long is taken for gone: a follower answers
+/// `NOT_LEADER` at once rather than hand it a change that waits for it
+/// (three heartbeats).
+const LEADER_SILENT: Duration = Duration::from_millis(600);
+
 /// One member's authority: its service (sharing its machine with the Raft
 /// state machine) and its Raft handle.
 pub struct ClusterAuthority {
@@ -33,6 +41,9 @@ pub struct ClusterAuthority {
     /// How a follower hands its proposals to the leader: the peers, and
     /// the outcomes of what this member applied.
     forwarding: Option<(PeerSlot, Recent)>,
+    /// When this member last heard from its leader (set by whoever takes
+    /// its appends).
+    heard: Heard,
 }
 
 impl ClusterAuthority {
@@ -44,7 +55,13 @@ impl ClusterAuthority {
             service,
             raft,
             forwarding: None,
+            heard: Heard::default(),
         }
+    }
+
+    /// What the member's Raft transport sets when it takes an append.
+    pub fn heard(&self) -> Heard {
+        self.heard.clone()
     }
 
     /// A follower forwards what it proposes to the leader over `peers`
@@ -86,12 +103,24 @@ impl ClusterAuthority {
                 Err(e) => Err(self.not_committed(&e)),
             };
         }
-        let Some((_, member)) = leader else {
+        let Some((leader_id, member)) = leader else {
             return Err(ServiceError::new(
                 api::NOT_LEADER,
                 "no leader is known yet (an election is under way): ask again in a moment",
             ));
         };
+        let fresh = self
+            .heard
+            .get()
+            .is_some_and(|(id, at)| id == leader_id && at.elapsed() < LEADER_SILENT);
+        if !fresh {
+            return Err(ServiceError::new(
+                api::NOT_LEADER,
+                format!(
+                    "the leader {member} has not been heard from lately (an election may be under way): ask again in a moment"
+                ),
+            ));
+        }
         let (peers, recent) = self.forwarding.as_ref().expect("checked above");
         let Some(peers) = peers.borrow().clone() else {
             return Err(ServiceError::new(

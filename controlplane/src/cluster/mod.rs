@@ -31,7 +31,7 @@ mod state_machine;
 #[cfg(test)]
 mod tests;
 
-pub use authority::{ClusterAuthority, PeerSlot};
+pub use authority::{ClusterAuthority, Heard, PeerSlot};
 pub use log_store::LogStore;
 pub use state_machine::{HoldsMachine, Host, Recent, StateMachine};
 

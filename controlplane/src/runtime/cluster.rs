@@ -137,6 +137,8 @@ struct Inner {
     data_dir: PathBuf,
     service: Rc<RefCell<AuthorityService>>,
     authority: ClusterAuthority,
+    /// When the leader's last append was taken.
+    heard: crate::cluster::Heard,
     raft: Raft,
     peers: PeerSlot,
     admission: RefCell<AdmissionRuntime>,
@@ -160,8 +162,11 @@ fn raft_config() -> openraft::Config {
         cluster_name: "internet2".into(),
         // Also how long an append may take before it counts as lost.
         heartbeat_interval: 200,
-        election_timeout_min: 700,
-        election_timeout_max: 1400,
+        // A follower that last heard from its leader waits the leader's
+        // lease (openraft: election_timeout_max) plus a random timeout in
+        // this range before it stands: 1.1 to 1.4 s after the leader died.
+        election_timeout_min: 400,
+        election_timeout_max: 700,
         // A chunk and its framing stay under a request's bound.
         snapshot_max_chunk_size: 48 * 1024,
         max_payload_entries: 64,
@@ -242,11 +247,13 @@ impl MemberRuntime {
             None => None,
         };
         let gate = admission.gate();
+        let heard = authority.heard();
         let inner = Rc::new(Inner {
             me,
             data_dir,
             service,
             authority,
+            heard,
             raft,
             peers,
             admission: RefCell::new(admission),
@@ -420,6 +427,35 @@ impl Inner {
                     .await
                     .map_err(cluster_error)?;
             }
+        }
+        // What the store held before the cluster began (a single node's
+        // data directory can start one) is in no log entry: a snapshot of
+        // it, and the log purged up to that, make every member that joins
+        // start from the whole state.
+        let applied = self.raft.metrics().borrow().last_applied;
+        if let Some(applied) = applied {
+            self.raft
+                .trigger()
+                .snapshot()
+                .await
+                .map_err(cluster_error)?;
+            self.raft
+                .wait(Some(Duration::from_secs(60)))
+                .ge(
+                    openraft::metrics::Metric::Snapshot(Some(applied)),
+                    "the cluster's first snapshot",
+                )
+                .await
+                .map_err(cluster_error)?;
+            self.raft
+                .trigger()
+                .purge_log(applied.index)
+                .await
+                .map_err(cluster_error)?;
+            tracing::info!(
+                index = applied.index,
+                "the cluster's first snapshot is taken; members join from it"
+            );
         }
         Ok(())
     }
@@ -772,6 +808,12 @@ impl Inner {
                     .append_entries(message)
                     .await
                     .map_err(|e| failed(&e))?;
+                if !matches!(
+                    response,
+                    openraft::raft::AppendEntriesResponse::HigherVote(_)
+                ) {
+                    self.heard.set(Some((sender, Instant::now())));
+                }
                 Ok(rpc::encode_append_response(&response))
             }
             kinds::RAFT_VOTE => {
