@@ -374,8 +374,20 @@ impl Session {
                     .is_some_and(|since| now.duration_since(*since) < SILENT_FOR)
             });
         }
+        let is_silent = |at: usize| {
+            self.silent
+                .borrow()
+                .get(&self.members[at])
+                .is_some_and(|since| now.duration_since(*since) < SILENT_FOR)
+        };
         let mut last = None;
+        let mut someone_answered = false;
         for (step, &at) in order.iter().enumerate() {
+            // A member silent lately is not waited for again while another
+            // is up (it answered `NOT_LEADER`: an election is under way).
+            if someone_answered && is_silent(at) {
+                continue;
+            }
             let target = ClientTarget {
                 remote: self.members[at],
                 ..self.target.clone()
@@ -390,6 +402,8 @@ impl Session {
                 self.silent
                     .borrow_mut()
                     .insert(target.remote, std::time::Instant::now());
+            } else {
+                someone_answered = true;
             }
             if let Some(next) = order.get(step + 1) {
                 eprintln!(

@@ -479,7 +479,9 @@ fn failover(bench: &Bench, kills: usize) -> Result<Value> {
     let log = File::create(bench.work.path.join("failover-load.log"))?;
     let mut load = bench
         .client(&ca_dir, &["failover-load", "--connect", &all_members()])
-        .args(["--timeout-ms", "1000"])
+        // A dead member is given up after this (a request here takes
+        // tens of milliseconds).
+        .args(["--timeout-ms", "500"])
         .arg("--stop-file")
         .arg(&stop)
         .arg("--acks")
