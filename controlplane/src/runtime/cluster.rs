@@ -145,6 +145,7 @@ struct Inner {
     port: Arc<ControlPort>,
     trust: Arc<TrustStore>,
     published_generation: Cell<u64>,
+    checked: RefCell<super::CheckedCallers>,
     zone: Option<(Arc<ZoneStore>, Cell<u64>)>,
     zone_primary: String,
     /// Answers of finished tasks, sent once what they changed is
@@ -260,6 +261,7 @@ impl MemberRuntime {
             port,
             trust,
             published_generation: Cell::new(material.generation),
+            checked: RefCell::default(),
             zone,
             zone_primary,
             outbox: RefCell::default(),
@@ -608,21 +610,18 @@ impl Inner {
             cert_der: request.peer.as_ref().map(|c| c.as_ref().to_vec()),
         };
         let verified = caller.cert_der.clone().filter(|der| {
-            self.service
-                .borrow()
-                .authority()
-                .verify_chain(der, Usage::Client, SystemTime::now())
-                .is_ok()
+            self.checked
+                .borrow_mut()
+                .check(self.service.borrow().authority(), der, Usage::Client)
         });
         let operator = is_operator(verified.as_deref());
         let member = verified.as_deref().and_then(|der| {
             let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
             dataplane::trust::node_name(&cert)?;
-            self.service
-                .borrow()
-                .authority()
-                .verify_chain(der, Usage::Node, SystemTime::now())
-                .ok()?;
+            self.checked
+                .borrow_mut()
+                .check(self.service.borrow().authority(), der, Usage::Node)
+                .then_some(())?;
             let id = node::node_id(cert.public_key().raw);
             let membership = self.raft.metrics().borrow().membership_config.clone();
             // A node that just joined knows no configuration until the
