@@ -274,7 +274,7 @@ impl Cluster {
     ) -> serde_json::Value {
         let mut last = serde_json::Value::Null;
         wait_until(limit, Duration::from_millis(300), || {
-            let mut why = String::from("no member answered");
+            let mut why = vec![String::from("no member answered")];
             for n in (0..self.members.len()).filter(|n| self.members[*n].child.is_some()) {
                 match self.status_from(n) {
                     Ok(status) => match check(&status) {
@@ -282,12 +282,12 @@ impl Cluster {
                             last = status;
                             return Ok(());
                         }
-                        Err(e) => why = format!("{}: {e}: {status}", self.members[n].ns),
+                        Err(e) => why.push(format!("{}: {e}: {status}", self.members[n].ns)),
                     },
-                    Err(e) => why = format!("{}: {e}", self.members[n].ns),
+                    Err(e) => why.push(format!("{}: {e}", self.members[n].ns)),
                 }
             }
-            Err(why)
+            Err(why.join("\n"))
         });
         last
     }
@@ -458,23 +458,26 @@ fn a_cluster_forms_fails_over_and_never_forks() {
         "two members signed different roots for tree size {size}: {heads:?}"
     );
 
-    // A spent join token, and an enrollment token, are refused as join
-    // tokens (the node does not start).
+    // Refused joins (the node does not start): a spent join token, an
+    // enrollment token dressed as one, and a good token whose pin names
+    // another issuer (the node refuses the member it reached). The node
+    // would be "spare" at an address of its own.
     let enroll = cluster.members[0].operator(&["enroll-token"]);
-    // An enrollment token lacks the issuer pin; with a pin added it is
-    // still not a join token.
     let pin = spent[0].split_once('.').unwrap().1;
     let disguised = format!("{enroll}.{pin}");
-    for (token, why) in [
-        (spent[0].as_str(), "a spent join token"),
-        (disguised.as_str(), "an enrollment token"),
+    let fresh = cluster.members[0].operator(&["cluster", "join-token"]);
+    let other_pin = format!("{}.{}", fresh.split_once('.').unwrap().0, "A".repeat(43));
+    for (token, why, expect) in [
+        (spent[0].as_str(), "a spent join token", "used"),
+        (disguised.as_str(), "an enrollment token", "join token"),
+        (other_pin.as_str(), "another issuer's pin", "pins"),
     ] {
         let spare = temp_dir("cluster-spare");
-        std::fs::copy(
-            cluster.members[2].dir.join("server.toml"),
-            spare.join("server.toml"),
-        )
-        .unwrap();
+        let config = std::fs::read_to_string(cluster.members[2].dir.join("server.toml"))
+            .unwrap()
+            .replace(&cluster.members[2].ip, "fd71:7e57:0:3::9")
+            .replace("dns_name = \"m3\"", "dns_name = \"spare\"");
+        std::fs::write(spare.join("server.toml"), config).unwrap();
         let out = Command::new("ip")
             .args(["netns", "exec", &cluster.members[2].ns, SERVER])
             .args(["--mode", "production", "--config"])
@@ -489,7 +492,10 @@ fn a_cluster_forms_fails_over_and_never_forks() {
         let _ = std::fs::remove_dir_all(&spare);
         assert!(!out.status.success(), "{why} let a node join");
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains("cannot join"), "{why}: {stderr}");
+        assert!(
+            stderr.contains("cannot join") && stderr.contains(expect),
+            "{why}: {stderr}"
+        );
     }
 
     // Remove the third member (asked of member 1, inside its namespace):
@@ -504,7 +510,12 @@ fn a_cluster_forms_fails_over_and_never_forks() {
         .args(["cluster", "remove", "m3"])
         .output()
         .unwrap();
-    ok(&out);
+    let removed: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    assert_eq!(
+        removed["certificates_revoked"].as_array().map(Vec::len),
+        Some(1),
+        "the removed member's node certificate is not revoked: {removed}"
+    );
     cluster.members[2].kill9();
     cluster.wait_for(Duration::from_secs(20), |status| {
         let names: Vec<&str> = status["members"]
@@ -523,6 +534,37 @@ fn a_cluster_forms_fails_over_and_never_forks() {
             .enroll(0, &cluster.all(Some(2)), "app3.example")
             .map(|_| ())
     });
+
+    // m3 wiped (a new key) joins again: as a new member, never as the old.
+    let old_id = node_id(&cluster.members[2]);
+    let config = std::fs::read(cluster.members[2].dir.join("server.toml")).unwrap();
+    std::fs::remove_dir_all(&cluster.members[2].dir).unwrap();
+    std::fs::create_dir_all(&cluster.members[2].dir).unwrap();
+    std::fs::write(cluster.members[2].dir.join("server.toml"), config).unwrap();
+    let token = cluster.members[0].operator(&["cluster", "join-token"]);
+    let via = cluster.members[1].address();
+    cluster.members[2].start(&["--join", &via, "--join-token", &token]);
+    let new_id = node_id(&cluster.members[2]);
+    assert_ne!(old_id, new_id, "a wiped node came back as its old self");
+    cluster.wait_for(Duration::from_secs(30), |status| {
+        let m3 = status["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["name"] == "m3");
+        match m3 {
+            Some(m) if m["id"] == new_id && m["role"] == "voter" => Ok(()),
+            other => Err(format!("m3 is {other:?}")),
+        }
+    });
+}
+
+/// A member's Raft id, from its data directory.
+fn node_id(member: &Member) -> u64 {
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(member.dir.join("cluster-node.json")).unwrap())
+            .unwrap();
+    record["id"].as_u64().unwrap()
 }
 
 /// The leader cut off (its link down) is a minority of one: what it is

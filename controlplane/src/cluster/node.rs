@@ -341,6 +341,11 @@ pub fn join(
                     "the cluster refused to let this node join ({code:#x}): {message}"
                 ));
             }
+            Some(dataplane::client::rpc::Reply::Failed(why)) if why.contains("IssuerMismatch") => {
+                return Err(format!(
+                    "{remote} is not a member of the cluster this token is for: its certificate does not chain to the CA the token pins"
+                ));
+            }
             Some(dataplane::client::rpc::Reply::Failed(why)) => {
                 return Err(format!("no answer from {remote}: {why}"));
             }

@@ -348,10 +348,9 @@ struct Who {
     caller: Caller,
     verified: Option<Vec<u8>>,
     operator: bool,
-    /// The Raft id of a current member's node certificate: a node
-    /// certificate (both usages, `cluster-node.NAME`) of this CA, unrevoked,
-    /// whose key is a member's in the present configuration (a removed
-    /// member is no longer one).
+    /// The Raft id of a member's node certificate: a node certificate
+    /// (both usages, `cluster-node.NAME`) of this CA, unrevoked (removing
+    /// a member revokes it).
     member: Option<u64>,
 }
 
@@ -622,12 +621,10 @@ impl Inner {
                 .borrow_mut()
                 .check(self.service.borrow().authority(), der, Usage::Node)
                 .then_some(())?;
-            let id = node::node_id(cert.public_key().raw);
-            let membership = self.raft.metrics().borrow().membership_config.clone();
-            // A node that just joined knows no configuration until the
-            // leader's first append brings it.
-            let fresh = membership.membership().nodes().next().is_none();
-            (fresh || membership.membership().get_node(&id).is_some()).then_some(id)
+            // Not checked against this member's configuration: one that is
+            // catching up does not know the newer members yet. A removed
+            // member's certificate is revoked (`remove`).
+            Some(node::node_id(cert.public_key().raw))
         });
         Who {
             caller,
@@ -1107,7 +1104,70 @@ impl Inner {
             .await
             .map_err(|e| error(api::STORAGE, format!("the membership change failed: {e}")))?;
         tracing::info!(id, name = %request.name, "member removed");
-        Ok(serde_json::to_vec(&serde_json::json!({"removed": request.name})).expect("JSON"))
+        // Its node certificates are revoked with it: only an unrevoked
+        // node certificate is heard as a member.
+        let revoked = self.revoke_member(&request.name, id).await;
+        if let Err(e) = &revoked {
+            tracing::error!(name = %request.name, error = %e, "the removed member's node certificate is not revoked; revoke it with cert revoke");
+        }
+        Ok(serde_json::to_vec(&serde_json::json!({
+            "removed": request.name,
+            "certificates_revoked": revoked.as_ref().ok(),
+            "revocation_error": revoked.err(),
+        }))
+        .expect("JSON"))
+    }
+
+    /// Revoke the live node certificates of member `name` whose key is
+    /// member `id`'s, through the log; their serials.
+    async fn revoke_member(&self, name: &str, id: u64) -> Result<Vec<String>, String> {
+        use crate::authority::registry::{CertificateFilter, RevocationReason};
+        let serials: Vec<_> = {
+            let service = self.service.borrow();
+            let records = service
+                .authority()
+                .certificates(&CertificateFilter::Name(node::node_subject(name)), None)
+                .map_err(|e| e.to_string())?;
+            records
+                .into_iter()
+                .filter(|r| r.revocation.is_none() && r.usage == Usage::Node)
+                .filter(|r| {
+                    x509_parser::parse_x509_certificate(&r.cert_der)
+                        .is_ok_and(|(_, cert)| node::node_id(cert.public_key().raw) == id)
+                })
+                .map(|r| r.serial)
+                .collect()
+        };
+        let mut revoked = Vec::new();
+        for serial in serials {
+            let revoke = self
+                .service
+                .borrow()
+                .authority()
+                .propose_revocation(
+                    serial,
+                    Some(RevocationReason::CessationOfOperation),
+                    SystemTime::now(),
+                )
+                .map_err(|e| e.to_string())?;
+            // Removing the leader itself leaves the others to elect one
+            // first: the revocation waits for it.
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                match self.authority.submit(Command::Revoke(revoke.clone())).await {
+                    Ok(Outcome::Applied(_)) => {
+                        revoked.push(serial.to_string());
+                        break;
+                    }
+                    Ok(other) => return Err(format!("the revocation was not applied: {other:?}")),
+                    Err(e) if e.code == api::NOT_LEADER && Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        }
+        Ok(revoked)
     }
 
     fn not_leader_because(&self, why: &dyn std::fmt::Display) -> (u16, String) {
