@@ -133,7 +133,8 @@ enum ClusterAction {
     /// operator; a follower passes it to the leader).
     Remove {
         name: String,
-        #[arg(long, default_value_t = 10000)]
+        /// The leader waits for the next election when it removes itself.
+        #[arg(long, default_value_t = 40000)]
         timeout_ms: u64,
     },
 }

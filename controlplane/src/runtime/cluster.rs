@@ -55,6 +55,10 @@ const POLL: Duration = Duration::from_millis(50);
 /// How long a connection to another member may go without a packet from
 /// it before it is given up.
 const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a removal may take on the leader: the membership change, then
+/// the revocation, which waits for an election when the leader removed
+/// itself.
+const REMOVE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a member's request to the leader may take.
 const RELAY_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -1063,7 +1067,7 @@ impl Inner {
                 &leader.address,
                 kinds::CLUSTER_REMOVE,
                 payload.to_vec(),
-                RELAY_TIMEOUT * 2,
+                REMOVE_TIMEOUT,
             )
             .await
             .map(|answer| answer.to_vec())
@@ -1160,6 +1164,13 @@ impl Inner {
                         break;
                     }
                     Ok(other) => return Err(format!("the revocation was not applied: {other:?}")),
+                    // A leader that removed itself hears of the next leader
+                    // no more: it hands the revocation to the members left,
+                    // and the one that leads now appends it.
+                    Err(e) if e.code == api::NOT_LEADER && self.handed_over(&revoke).await => {
+                        revoked.push(serial.to_string());
+                        break;
+                    }
                     Err(e) if e.code == api::NOT_LEADER && Instant::now() < deadline => {
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
@@ -1168,6 +1179,41 @@ impl Inner {
             }
         }
         Ok(revoked)
+    }
+
+    /// When this node is no longer a member: whether one of the members
+    /// appended `revoke` (as their leader) when asked.
+    async fn handed_over(&self, revoke: &crate::authority::logged::Revoke) -> bool {
+        let membership = self.raft.metrics().borrow().membership_config.clone();
+        if membership.membership().get_node(&self.me.id).is_some() {
+            return false;
+        }
+        let Ok(bytes) = crate::machine::codec::encode(&Command::Revoke(revoke.clone())) else {
+            return false;
+        };
+        let Some(peers) = self.peers.borrow().clone() else {
+            return false;
+        };
+        let members: Vec<String> = membership
+            .membership()
+            .nodes()
+            .map(|(_, member)| member.address.clone())
+            .collect();
+        for address in members {
+            let answer = crate::cluster::network::request(
+                &peers,
+                &address,
+                kinds::CLUSTER_FORWARD,
+                bytes.clone(),
+                RELAY_TIMEOUT,
+            )
+            .await;
+            if answer.is_ok() {
+                tracing::info!(leader = %address, "this removed member's revocation was handed to the members left");
+                return true;
+            }
+        }
+        false
     }
 
     fn not_leader_because(&self, why: &dyn std::fmt::Display) -> (u16, String) {
