@@ -1394,7 +1394,18 @@ struct Ack {
 /// verifier in `controlplane::authority::ct::verify`).
 pub fn failover_load<T: Connect>(args: &FailoverLoadArgs<T>) -> anyhow::Result<()> {
     let session = Session::open(&args.target)?;
-    let (_, key) = session.log_key()?;
+    // The first connection also builds the admission plot: give it time.
+    let started = std::time::Instant::now();
+    let key = loop {
+        match session.log_key() {
+            Ok((_, key)) => break key,
+            Err(e) if started.elapsed() < Duration::from_secs(60) => {
+                eprintln!("failover-load: the log key: {e:#}; asking again");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let root = session.trusted_root()?;
     let config = session
         .target

@@ -497,6 +497,10 @@ fn failover(bench: &Bench, kills: usize) -> Result<Value> {
     let mut missed = 0;
     for kill in 0..kills {
         check_interrupt()?;
+        if let Some(status) = load.try_wait()? {
+            keep_logs(bench);
+            bail!("failover-load stopped before the kills were done ({status})");
+        }
         let status = bench.wait_status(&ca_dir, Duration::from_secs(60), |s| {
             voters(s) == 3
                 && leader_of(s).is_some()
