@@ -14,15 +14,6 @@ use std::time::{Duration, Instant};
 
 const PORT: u16 = 4433;
 
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 struct Member {
     ns: String,
     ip: String,
@@ -249,17 +240,24 @@ impl Cluster {
         addresses.join(",")
     }
 
-    fn status_from(&self, n: usize) -> Result<serde_json::Value, String> {
-        let out = Command::new("ip")
+    /// `internet2 ARGS` in member `n`'s namespace, at member `n`, as the
+    /// operator.
+    fn at_member(&self, n: usize, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
             .args(["netns", "exec", &self.members[n].ns, CLIENT])
-            .args(["cluster", "status", "--json", "--connect"])
+            .args(args)
+            .arg("--connect")
             .arg(self.members[n].address())
             .arg("--ca")
             .arg(self.ca())
             .arg("--identity")
             .arg(self.identity())
             .output()
-            .unwrap();
+            .unwrap()
+    }
+
+    fn status_from(&self, n: usize) -> Result<serde_json::Value, String> {
+        let out = self.at_member(n, &["cluster", "status", "--json"]);
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).into_owned());
         }
@@ -324,16 +322,7 @@ impl Cluster {
 
     /// Member `n`'s signed tree head (the client verifies its signature).
     fn sth(&self, n: usize) -> Result<(u64, String), String> {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.members[n].ns, CLIENT])
-            .args(["ct", "sth", "--json", "--connect"])
-            .arg(self.members[n].address())
-            .arg("--ca")
-            .arg(self.ca())
-            .arg("--identity")
-            .arg(self.identity())
-            .output()
-            .unwrap();
+        let out = self.at_member(n, &["ct", "sth", "--json"]);
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).into_owned());
         }
@@ -365,17 +354,10 @@ impl Cluster {
     /// Member `n` proves that tree `old` is a prefix of tree `new` (the
     /// client checks the proof against both signed roots).
     fn consistent(&self, n: usize, old: u64, new: u64) {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.members[n].ns, CLIENT])
-            .args(["ct", "consistency", &old.to_string(), &new.to_string()])
-            .arg("--connect")
-            .arg(self.members[n].address())
-            .arg("--ca")
-            .arg(self.ca())
-            .arg("--identity")
-            .arg(self.identity())
-            .output()
-            .unwrap();
+        let out = self.at_member(
+            n,
+            &["ct", "consistency", &old.to_string(), &new.to_string()],
+        );
         ok(&out);
     }
 

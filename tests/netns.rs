@@ -19,15 +19,6 @@ struct Topology {
     client: String,
 }
 
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 impl Topology {
     fn create(tag: &str) -> Topology {
         Topology::create_with_queues(tag, 1)

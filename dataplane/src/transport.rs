@@ -289,7 +289,8 @@ pub struct IssuerMismatch;
 #[derive(Debug)]
 struct IssuerPinned {
     spki_sha256: [u8; 32],
-    provider: Arc<rustls::crypto::CryptoProvider>,
+    /// The handshake signature checks, as every verifier makes them.
+    signatures: SignatureOnly,
 }
 
 impl IssuerPinned {
@@ -314,7 +315,7 @@ impl IssuerPinned {
         let roots = root_store(&[issuer.clone().into_owned()])?;
         rustls::client::WebPkiServerVerifier::builder_with_provider(
             Arc::new(roots),
-            self.provider.clone(),
+            self.signatures.0.clone(),
         )
         .build()
         .map_err(|e| rustls::Error::General(e.to_string()))
@@ -340,12 +341,7 @@ impl rustls::client::danger::ServerCertVerifier for IssuerPinned {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.signatures.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -354,18 +350,11 @@ impl rustls::client::danger::ServerCertVerifier for IssuerPinned {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.signatures.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.signatures.supported_verify_schemes()
     }
 }
 
@@ -523,7 +512,7 @@ pub fn client_crypto(
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(IssuerPinned {
                 spki_sha256: *spki_sha256,
-                provider: provider(),
+                signatures: SignatureOnly(provider()),
             })),
     };
     let mut config = match identity {
