@@ -277,25 +277,9 @@ fn explain(code: u16, message: &str) -> String {
     format!("{summary}: {message}")
 }
 
+/// The kind's name in the one registry of `stoq/1` kinds.
 fn kind_name(kind: u8) -> &'static str {
-    match kind {
-        api::ENROLL => "ENROLL",
-        api::CERT_ISSUE => "CERT_ISSUE",
-        api::CERT_RENEW => "CERT_RENEW",
-        api::CERT_REVOKE => "CERT_REVOKE",
-        api::CERT_LIST => "CERT_LIST",
-        api::CA_ROOT => "CA_ROOT",
-        api::CT_STH => "CT_STH",
-        api::CT_PROOF => "CT_PROOF",
-        api::CT_CONSISTENCY => "CT_CONSISTENCY",
-        api::CT_ENTRIES => "CT_ENTRIES",
-        api::CT_KEY => "CT_KEY",
-        api::ROTATE => "ROTATE",
-        api::DNS_SET => "DNS_SET",
-        api::DNS_REMOVE => "DNS_REMOVE",
-        api::DNS_LIST => "DNS_LIST",
-        _ => "request",
-    }
+    dataplane::protocols::stoq_registry::spec(kind).map_or("request", |spec| spec.name)
 }
 
 /// Why a member's outcome sends the request to the next member: it never

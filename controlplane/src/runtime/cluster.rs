@@ -608,6 +608,9 @@ impl Inner {
         self.wake.notify_one();
     }
 
+    /// The caller of `request`; whether it is a member is worked out only
+    /// for the kinds that ask (an issuance need not parse its caller's
+    /// certificate once more).
     fn who(&self, request: &Forwarded) -> Who {
         let caller = Caller {
             cert_der: request.peer.as_ref().map(|c| c.as_ref().to_vec()),
@@ -618,18 +621,30 @@ impl Inner {
                 .check(self.service.borrow().authority(), der, Usage::Client)
         });
         let operator = is_operator(verified.as_deref());
-        let member = verified.as_deref().and_then(|der| {
-            let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-            dataplane::trust::node_name(&cert)?;
-            self.checked
-                .borrow_mut()
-                .check(self.service.borrow().authority(), der, Usage::Node)
-                .then_some(())?;
-            // Not checked against this member's configuration: one that is
-            // catching up does not know the newer members yet. A removed
-            // member's certificate is revoked (`remove`).
-            Some(node::node_id(cert.public_key().raw))
-        });
+        let asks_for_member = matches!(
+            request.kind,
+            kinds::RAFT_APPEND
+                | kinds::RAFT_VOTE
+                | kinds::RAFT_SNAPSHOT
+                | kinds::CLUSTER_FORWARD
+                | kinds::CLUSTER_STATUS
+                | kinds::CLUSTER_REMOVE
+        );
+        let member = verified
+            .as_deref()
+            .filter(|_| asks_for_member)
+            .and_then(|der| {
+                let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+                dataplane::trust::node_name(&cert)?;
+                self.checked
+                    .borrow_mut()
+                    .check(self.service.borrow().authority(), der, Usage::Node)
+                    .then_some(())?;
+                // Not checked against this member's configuration: one that is
+                // catching up does not know the newer members yet. A removed
+                // member's certificate is revoked (`remove`).
+                Some(node::node_id(cert.public_key().raw))
+            });
         Who {
             caller,
             verified,

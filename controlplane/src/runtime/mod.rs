@@ -110,7 +110,8 @@ const CHECKED_MAX: usize = 4096;
 #[derive(Default)]
 pub(crate) struct CheckedCallers {
     generation: u64,
-    checked: std::collections::HashMap<(Vec<u8>, u8), Instant>,
+    /// By SHA-256 of the certificate, and usage.
+    checked: std::collections::HashMap<([u8; 32], u8), Instant>,
 }
 
 impl CheckedCallers {
@@ -128,7 +129,9 @@ impl CheckedCallers {
             self.checked.clear();
             self.generation = generation;
         }
-        let key = (der.to_vec(), usage as u8);
+        let mut digest = [0u8; 32];
+        digest.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, der).as_ref());
+        let key = (digest, usage as u8);
         if self
             .checked
             .get(&key)
