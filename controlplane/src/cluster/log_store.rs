@@ -1,7 +1,8 @@
 //! The Raft log, durable in a redb file of its own (`raft-log.redb` beside
 //! the store): `raft_log` (index → entry, `super::codec`) and `raft_meta`
 //! (`vote`, `committed`, `purged`). Every append is one transaction,
-//! fsynced before openraft is told it is flushed.
+//! fsynced before openraft is told it is flushed; so are the vote, a
+//! truncation and a purge. The committed index rides on the next fsync.
 
 use super::TypeConfig;
 use super::codec::{
@@ -69,15 +70,23 @@ impl LogStore {
         &self,
         write: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
     ) -> Result<(), Error> {
+        self.write_with(Durability::Immediate, write)
+    }
+
+    /// Write in one transaction with `durability`.
+    fn write_with(
+        &self,
+        durability: Durability,
+        write: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
+    ) -> Result<(), Error> {
         let mut txn = self.db.begin_write().map_err(write_error)?;
-        txn.set_durability(Durability::Immediate)
-            .map_err(write_error)?;
+        txn.set_durability(durability).map_err(write_error)?;
         write(&txn).map_err(write_error)?;
         txn.commit().map_err(write_error)
     }
 
-    fn set_meta(&self, key: &str, value: &[u8]) -> Result<(), Error> {
-        self.write(|txn| {
+    fn set_meta(&self, key: &str, value: &[u8], durability: Durability) -> Result<(), Error> {
+        self.write_with(durability, |txn| {
             txn.open_table(META)?.insert(key, value)?;
             Ok(())
         })
@@ -137,7 +146,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), Error> {
-        self.set_meta(VOTE, &encode_vote(vote))
+        self.set_meta(VOTE, &encode_vote(vote), Durability::Immediate)
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, Error> {
@@ -150,7 +159,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), Error> {
         let mut bytes = Vec::new();
         encode_optional_log_id(committed.as_ref(), &mut bytes);
-        self.set_meta(COMMITTED, &bytes)
+        // Not fsynced of its own: the next append's makes it durable, and a
+        // committed index lost in a crash only means the node learns it
+        // again from the leader before applying further.
+        self.set_meta(COMMITTED, &bytes, Durability::None)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, Error> {

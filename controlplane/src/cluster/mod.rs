@@ -33,7 +33,7 @@ mod tests;
 
 pub use authority::{ClusterAuthority, Heard, PeerSlot};
 pub use log_store::LogStore;
-pub use state_machine::{HoldsMachine, Host, Recent, StateMachine};
+pub use state_machine::{HoldsMachine, Host, Recent, SNAPSHOT_EVERY, StateMachine};
 
 use crate::machine::{Applied, Command};
 use std::fmt;

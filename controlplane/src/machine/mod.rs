@@ -210,6 +210,11 @@ impl Machine {
         self.group.get_or_insert(0);
     }
 
+    /// Commands applied in the open group and not yet durable.
+    pub fn deferred(&self) -> usize {
+        self.group.unwrap_or(0)
+    }
+
     /// End the group: fsync what it committed (one write to the disk for
     /// all of it). Outside a group, or when the group applied nothing,
     /// nothing is written. When this fails, the state in memory is ahead of

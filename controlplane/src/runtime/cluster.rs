@@ -175,7 +175,7 @@ fn raft_config() -> openraft::Config {
         // A chunk and its framing stay under a request's bound.
         snapshot_max_chunk_size: 48 * 1024,
         max_payload_entries: 64,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(10_000),
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(crate::cluster::SNAPSHOT_EVERY),
         ..Default::default()
     }
 }

@@ -312,6 +312,54 @@ pub struct CertificateAuthority {
     issued: HashMap<Serial, SystemTime>,
     revoked: BTreeMap<Serial, SystemTime>,
     snapshot: RevocationSnapshot,
+    verified: VerifiedSignatures,
+}
+
+/// Signatures checked at most ([`VerifiedSignatures`]), then forgotten
+/// all at once.
+const VERIFIED_MAX: usize = 8192;
+
+/// Certificates whose signature by the intermediate verified, by the
+/// SHA-256 of the whole certificate: a caller presents the same
+/// certificate on every request, and its signature cannot stop being
+/// valid. Validity, usage and revocation are still checked every time
+/// ([`CertificateAuthority::verify_chain`]); only the public-key
+/// operation is not repeated.
+#[derive(Default)]
+struct VerifiedSignatures(std::sync::Mutex<std::collections::HashSet<[u8; 32]>>);
+
+impl VerifiedSignatures {
+    fn set(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<[u8; 32]>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn key(cert_der: &[u8]) -> [u8; 32] {
+        let mut key = [0u8; 32];
+        key.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, cert_der).as_ref());
+        key
+    }
+
+    /// Whether `cert`'s signature verified once before; otherwise verify
+    /// it by `issuer` and remember it when it does.
+    fn verify(
+        &self,
+        cert_der: &[u8],
+        cert: &X509Certificate<'_>,
+        issuer: &X509Certificate<'_>,
+    ) -> Result<(), CaError> {
+        let key = Self::key(cert_der);
+        if self.set().contains(&key) {
+            return Ok(());
+        }
+        cert.verify_signature(Some(issuer.public_key()))
+            .map_err(|_| CaError::BadSignature)?;
+        let mut verified = self.set();
+        if verified.len() >= VERIFIED_MAX {
+            verified.clear();
+        }
+        verified.insert(key);
+        Ok(())
+    }
 }
 
 impl fmt::Debug for CertificateAuthority {
@@ -439,6 +487,7 @@ impl CertificateAuthority {
             issued: HashMap::new(),
             revoked: BTreeMap::new(),
             snapshot: RevocationSnapshot::default(),
+            verified: VerifiedSignatures::default(),
         })
     }
 
@@ -630,7 +679,7 @@ impl CertificateAuthority {
                 });
             }
         };
-        let current = self.check(&cert, usage, now)?;
+        let current = self.check(current_cert_der, &cert, usage, now)?;
         let names::CertificateNames {
             subject,
             dns_names,
@@ -710,11 +759,13 @@ impl CertificateAuthority {
         usage: Usage,
         now: SystemTime,
     ) -> Result<Serial, CaError> {
-        self.check(&parse(cert_der)?, usage, now)
+        self.check(cert_der, &parse(cert_der)?, usage, now)
     }
 
+    /// `cert` is `cert_der` parsed.
     fn check(
         &self,
+        cert_der: &[u8],
         cert: &X509Certificate<'_>,
         usage: Usage,
         now: SystemTime,
@@ -725,8 +776,7 @@ impl CertificateAuthority {
                 issuer: cert.issuer().to_string(),
             });
         }
-        cert.verify_signature(Some(intermediate.public_key()))
-            .map_err(|_| CaError::BadSignature)?;
+        self.verified.verify(cert_der, cert, &intermediate)?;
         if cert.is_ca() {
             return Err(CaError::NotEndEntity);
         }
