@@ -28,10 +28,18 @@ pub type PeerSlot = Rc<RefCell<Option<Arc<Peers>>>>;
 /// The last member this one took appends from, and when.
 pub type Heard = Rc<std::cell::Cell<Option<(u64, std::time::Instant)>>>;
 
+/// Whether any leader was heard from lately (in the last four
+/// heartbeats).
+pub fn heard_lately(heard: &Heard) -> bool {
+    heard
+        .get()
+        .is_some_and(|(_, at)| at.elapsed() < LEADER_SILENT)
+}
+
 /// A leader not heard from this long is taken for gone: a follower answers
 /// `NOT_LEADER` at once rather than hand it a change that waits for it
-/// (three heartbeats).
-const LEADER_SILENT: Duration = Duration::from_millis(600);
+/// (four heartbeats).
+const LEADER_SILENT: Duration = Duration::from_millis(4 * super::HEARTBEAT_MS);
 
 /// One member's authority: its service (sharing its machine with the Raft
 /// state machine) and its Raft handle.

@@ -31,12 +31,15 @@ mod state_machine;
 #[cfg(test)]
 mod tests;
 
-pub use authority::{ClusterAuthority, Heard, PeerSlot};
+pub use authority::{ClusterAuthority, Heard, PeerSlot, heard_lately};
 pub use log_store::LogStore;
 pub use state_machine::{HoldsMachine, Host, Recent, SNAPSHOT_EVERY, StateMachine};
 
 use crate::machine::{Applied, Command};
 use std::fmt;
+
+/// How often a leader sends its followers a heartbeat, in milliseconds.
+pub const HEARTBEAT_MS: u64 = 100;
 
 /// A node of the cluster: its name and the `[address]:port` it serves on.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -566,3 +566,37 @@ fn serials_are_positive_and_distinct() {
         assert!(seen.insert(issued.serial));
     }
 }
+
+/// A certificate whose signature verified once is still checked for
+/// everything else on every call: validity, usage, revocation. Another
+/// certificate with one bit of its signature changed is not taken for it.
+#[test]
+fn a_remembered_signature_skips_nothing_else() {
+    let tmp = TempDir::new("remembered");
+    let now = SystemTime::now();
+    let mut ca =
+        CertificateAuthority::open_or_create(&tmp.0, KeyAlgorithm::EcdsaP256, now).unwrap();
+    let cert = ca.issue(client_request(), now).unwrap();
+    assert!(ca.verify_chain(&cert.cert_der, Usage::Client, now).is_ok());
+    assert!(ca.verify_chain(&cert.cert_der, Usage::Client, now).is_ok());
+    assert!(matches!(
+        ca.verify_chain(&cert.cert_der, Usage::Server, now),
+        Err(CaError::WrongUsage { .. })
+    ));
+    assert!(matches!(
+        ca.verify_chain(&cert.cert_der, Usage::Client, now + DEFAULT_LIFETIME + HOUR),
+        Err(CaError::Expired { .. })
+    ));
+    let mut forged = cert.cert_der.clone();
+    let last = forged.len() - 1;
+    forged[last] ^= 1;
+    assert!(matches!(
+        ca.verify_chain(&forged, Usage::Client, now),
+        Err(CaError::BadSignature)
+    ));
+    ca.revoke(&cert.serial, now).unwrap();
+    assert!(matches!(
+        ca.verify_chain(&cert.cert_der, Usage::Client, now),
+        Err(CaError::Revoked { .. })
+    ));
+}
