@@ -584,3 +584,117 @@ fn a_control_plane_flood_starves_neither_other_clients_nor_the_beacon() {
         last_tick - first_tick
     );
 }
+
+/// A cluster member (`--bootstrap federated --cluster-init`, production
+/// defaults) attacked on the cluster kinds by an independent client
+/// (aioquic): garbage Raft messages, a forwarded change, status and remove,
+/// and joins that are empty, cut short, not JSON, of bad base64 or with a
+/// token never issued. Without a certificate, only the joins are read (and
+/// refused); with an ordinary client certificate of the cluster's CA
+/// (admission off, so the requests reach the member check), every Raft
+/// message and forward is UNAUTHORIZED. Nobody joins, and afterwards the
+/// member still leads its cluster of one and commits a certificate.
+#[test]
+fn cluster_kinds_serve_no_stranger_and_no_bad_join() {
+    use controlplane::authority::api;
+    use dataplane::protocols::stoq::ErrorCode;
+    let Some(python) = interop_python() else {
+        return skip_or_fail("aioquic is not installed: run `bash .ci/setup-interop.sh`");
+    };
+    let member = ["--bootstrap", "federated", "--cluster-init"];
+    let attack = |server: &Server, cert: Option<&std::path::Path>| {
+        let mut command = interop_peer(&python, "stoq_peer.py", server);
+        command.arg("cluster-kinds");
+        if let Some(cert) = cert {
+            command.arg("--cert").arg(cert);
+        }
+        let result = peer_json(command, Duration::from_secs(60));
+        assert_eq!(result["handshake"], "ok", "{result}");
+        assert_eq!(result["stayed_open"], true, "{result}");
+        result
+    };
+    let code = |result: &serde_json::Value, name: &str| -> u64 {
+        let answer = &result["answers"][name];
+        assert_eq!(answer["ok"], false, "{name} was served: {result}");
+        answer["code"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{name}: no error answer: {result}"))
+    };
+    let joins_refused = |result: &serde_json::Value| {
+        for name in ["join_empty", "join_not_json", "join_bad_base64"] {
+            assert_eq!(
+                code(result, name),
+                u64::from(api::MALFORMED_REQUEST),
+                "{name}: {result}"
+            );
+        }
+        assert_eq!(
+            code(result, "join_cut_short"),
+            ErrorCode::Malformed as u64,
+            "{result}"
+        );
+        assert_eq!(
+            code(result, "join_unknown_token"),
+            u64::from(api::TOKEN_INVALID),
+            "{result}"
+        );
+    };
+    let leads_alone = |server: &Server| {
+        let status = server.client(&["cluster", "status", "--json"]);
+        let status: serde_json::Value = serde_json::from_str(&ok(&status)).expect("status JSON");
+        assert_eq!(
+            status["members"].as_array().map(Vec::len),
+            Some(1),
+            "{status}"
+        );
+        assert!(status["leader"].is_string(), "{status}");
+        issue_identity(server, "after-the-attack");
+        assert!(
+            !server.log().iter().any(|l| l.contains("panicked")),
+            "no panic in the server"
+        );
+    };
+
+    let production = Server::start_production_with("hostile-cluster", "plot_k = 12", &member);
+    let bare = attack(&production, None);
+    for name in [
+        "raft_append",
+        "raft_vote",
+        "raft_snapshot",
+        "forward",
+        "status",
+        "remove",
+    ] {
+        assert_eq!(
+            code(&bare, name),
+            ErrorCode::CertificateRequired as u64,
+            "{name}: {bare}"
+        );
+    }
+    joins_refused(&bare);
+    leads_alone(&production);
+
+    let open = Server::start_production_with(
+        "hostile-cluster-open",
+        "plot_k = 12\nconsensus_mode = \"off\"",
+        &member,
+    );
+    let (stranger, _) = issue_identity(&open, "stranger");
+    let client = attack(&open, Some(&stranger));
+    for name in [
+        "raft_append",
+        "raft_vote",
+        "raft_snapshot",
+        "forward",
+        "remove",
+    ] {
+        assert_eq!(
+            code(&client, name),
+            u64::from(api::UNAUTHORIZED),
+            "{name}: {client}"
+        );
+    }
+    joins_refused(&client);
+    assert_eq!(client["control_ping"]["ok"], true, "{client}");
+    leads_alone(&open);
+}

@@ -84,12 +84,21 @@ impl Server {
     /// data dir are set, plus the `[hypermesh_assets]` keys in `assets`
     /// (none keeps every production default).
     pub fn start_production(tag: &str, assets: &str) -> Server {
+        Server::start_production_with(tag, assets, &[])
+    }
+
+    /// [`Self::start_production`], with `args` after `--mode production`.
+    pub fn start_production_with(tag: &str, assets: &str, args: &[&str]) -> Server {
+        let server_args: Vec<&str> = ["--mode", "production"]
+            .into_iter()
+            .chain(args.iter().copied())
+            .collect();
         Server::start_with(
             tag,
             "::1",
             &format!("[hypermesh_assets]\n{assets}"),
             &[],
-            &["--mode", "production"],
+            &server_args,
         )
     }
 

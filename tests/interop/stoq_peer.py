@@ -22,6 +22,14 @@ Subcommands:
       (response kind, error code, reset) and whether the connection stayed
       open.
 
+  cluster-kinds [--cert PEM]
+      stoq/1 at a cluster member, with the given client certificate or
+      none: Raft messages of garbage (append, vote, snapshot), a forwarded
+      change, status, remove, and joins that are empty, cut short, not
+      JSON, of bad base64, or with a token that was never issued, each on a
+      stream of its own; then a ping as a control. Reports every answer and
+      whether the connection stayed open.
+
   resume-after-revoke --cert PEM --ticket-file F --phase save|resume
       save: connect with the client certificate (PEM: certificate, chain,
       key), ping, keep the session ticket in F, close.
@@ -318,6 +326,58 @@ async def empty_stream(args) -> dict:
         "stayed_open": sum(1 for r in results if r.get("stayed_open")),
         "results": results,
     }
+
+
+# -------------------------------------------------------------- cluster-kinds
+
+KIND_CLUSTER_JOIN = 0x31
+KIND_CLUSTER_STATUS = 0x32
+KIND_CLUSTER_REMOVE = 0x33
+KIND_RAFT_APPEND = 0x34
+KIND_RAFT_VOTE = 0x35
+KIND_RAFT_SNAPSHOT = 0x36
+KIND_CLUSTER_FORWARD = 0x37
+
+
+def join_request(**fields) -> bytes:
+    body = {"token": "A" * 43, "name": "intruder", "address": "[::1]:9",
+            "server_names": [], "public_key": "AAAA"}
+    body.update(fields)
+    return json.dumps(body).encode()
+
+
+CLUSTER_MESSAGES = {
+    "raft_append": frame(KIND_RAFT_APPEND, bytes(64)),
+    "raft_vote": frame(KIND_RAFT_VOTE, os.urandom(48)),
+    "raft_snapshot": frame(KIND_RAFT_SNAPSHOT, b""),
+    "forward": frame(KIND_CLUSTER_FORWARD, b"\x00" * 16),
+    "status": frame(KIND_CLUSTER_STATUS, b"{}"),
+    "remove": frame(KIND_CLUSTER_REMOVE, b'{"name": "m1"}'),
+    "join_empty": frame(KIND_CLUSTER_JOIN, b""),
+    # The header announces 200 payload bytes; FIN after 12.
+    "join_cut_short": bytes([VERSION, KIND_CLUSTER_JOIN, 0, 0]) + (200).to_bytes(4, "big")
+    + b'{"token": "A',
+    "join_not_json": frame(KIND_CLUSTER_JOIN, b"\xff\xfe\x00garbage"),
+    "join_bad_base64": frame(KIND_CLUSTER_JOIN, join_request(public_key="not base64!")),
+    "join_unknown_token": frame(KIND_CLUSTER_JOIN, join_request()),
+}
+
+
+async def cluster_kinds(args) -> dict:
+    conn, failure = await connect(args, configuration(args, ALPN_STOQ, cert=args.cert))
+    if conn is None:
+        return failure
+    sids = {name: conn.peer.send(message) for name, message in CLUSTER_MESSAGES.items()}
+    await until(lambda: all(conn.peer.stream_done(s) for s in sids.values())
+                or conn.peer.terminated is not None, args.answer_timeout)
+    out: dict = {"handshake": "ok",
+                 "answers": {name: conn.peer.describe(sid) for name, sid in sids.items()}}
+    out["control_ping"] = await ask(conn, frame(KIND_PING, b"still there?"), args.answer_timeout)
+    out["stayed_open"] = conn.peer.is_open()
+    if conn.peer.terminated is not None:
+        out["closed"] = conn.peer.terminated
+    await conn.close()
+    return out
 
 
 # ------------------------------------------------------- resume-after-revoke
@@ -703,6 +763,9 @@ def parse_args(argv):
     p.add_argument("--variants", default="empty,header3,short")
     p.add_argument("--linger", type=float, default=0.3, help="seconds to watch the connection afterwards")
 
+    p = sub.add_parser("cluster-kinds")
+    p.add_argument("--cert", help="PEM: certificate, chain, key (none: no client certificate)")
+
     p = sub.add_parser("resume-after-revoke")
     p.add_argument("--cert", required=True, help="PEM: certificate, intermediate, key")
     p.add_argument("--ticket-file", required=True)
@@ -740,6 +803,7 @@ def parse_args(argv):
 
 COMMANDS = {
     "empty-stream": empty_stream,
+    "cluster-kinds": cluster_kinds,
     "resume-after-revoke": resume_after_revoke,
     "enroll-wildcard": enroll_wildcard,
     "enroll-production": enroll_production,
