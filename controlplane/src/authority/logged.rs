@@ -317,7 +317,8 @@ impl Authority {
     /// Write `certify` in `txn`: its log entry and tree head, its registry
     /// record, its token. A token spent before is
     /// [`AuthorityError::TokenUsed`]; a certificate already logged or
-    /// registered, or a time before the latest tree head's, is refused too.
+    /// registered is refused too. It is logged at its proposed time, or
+    /// at the latest tree head's when that is later.
     /// [`Self::absorb_certify`] it once `txn` committed.
     pub(crate) fn write_certify(
         &self,
@@ -333,7 +334,16 @@ impl Authority {
                 return Err(AuthorityError::Ca(CaError::Revoked { serial }));
             }
         }
-        let at_ms = record.logged_at_ms;
+        // The log's time never goes back: an entry proposed before the
+        // latest tree head's time (by a member whose clock is behind the
+        // one that proposed that head, or proposed before entries that
+        // were applied first) is logged at the head's time. Every member
+        // decides this alike from the same state.
+        let latest_ms = self.log.latest_sth().map_or(0, |sth| sth.timestamp_ms);
+        let at_ms = record.logged_at_ms.max(latest_ms);
+        if latest_ms > record.logged_at_ms + CLOCK_BEHIND_WARN_MS {
+            warn_clock_behind(record.logged_at_ms, latest_ms);
+        }
         let log_error = |source| AuthorityError::Log {
             path: self.store_path.clone(),
             source,
@@ -352,6 +362,7 @@ impl Authority {
         }
         let record = CertificateRecord {
             leaf_index: append.first_index(),
+            logged_at_ms: at_ms,
             ..record.clone()
         };
         registry::insert_certificate(txn, &record).map_err(|e| self.registry_error(e))?;
@@ -478,6 +489,30 @@ impl Authority {
             source,
         }
     }
+}
+
+/// How far behind the log's latest tree head a proposal's time may be
+/// before applying it says so (a member's clock is off).
+const CLOCK_BEHIND_WARN_MS: u64 = 2_000;
+
+/// Say, at most once a minute, that an entry was proposed at `proposed_ms`,
+/// before the log's latest tree head (`latest_ms`).
+fn warn_clock_behind(proposed_ms: u64, latest_ms: u64) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST_WARNED_MS: AtomicU64 = AtomicU64::new(0);
+    let now_ms = unix_ms(SystemTime::now()).unwrap_or(0);
+    let last = LAST_WARNED_MS.load(Ordering::Relaxed);
+    if now_ms.saturating_sub(last) < 60_000
+        || LAST_WARNED_MS
+            .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+    {
+        return;
+    }
+    tracing::warn!(
+        behind_ms = latest_ms - proposed_ms,
+        "a certificate was proposed at a time before the log's latest tree head (a member's clock is behind another's): it is logged at the head's time; check the members' clocks (NTP)"
+    );
 }
 
 /// The command that logs `certificate`, signed at `now`.

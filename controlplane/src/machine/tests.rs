@@ -72,6 +72,46 @@ mod group {
     }
 }
 
+mod clock {
+    use super::group_support::{open, request};
+    use crate::test_support::TempDir;
+    use std::time::{Duration, SystemTime};
+
+    /// A certificate proposed at a time before the log's latest tree head
+    /// (its proposer's clock is behind the one before) is logged at the
+    /// head's time, not refused, and the store opens again consistent.
+    #[test]
+    fn a_proposal_from_behind_the_latest_head_is_logged_at_the_heads_time() {
+        let dir = TempDir::new("clock-behind");
+        let now = SystemTime::now();
+        let mut machine = open(&dir, now);
+        let ahead = now + Duration::from_secs(600);
+        let first = machine
+            .issue(request("ahead.example"), ahead, None)
+            .unwrap();
+        let second = machine.issue(request("behind.example"), now, None).unwrap();
+        assert_eq!(second.leaf_index, 1);
+        assert_eq!(second.sth.timestamp_ms, first.sth.timestamp_ms);
+        let record = machine
+            .authority()
+            .certificate(&second.certificate.serial)
+            .unwrap()
+            .unwrap();
+        assert_eq!(record.logged_at_ms, first.sth.timestamp_ms);
+        let later = machine
+            .issue(
+                request("later.example"),
+                ahead + Duration::from_secs(1),
+                None,
+            )
+            .unwrap();
+        assert_eq!(later.sth.timestamp_ms, first.sth.timestamp_ms + 1000);
+        drop(machine);
+        let machine = open(&dir, now);
+        assert_eq!(machine.authority().log().size(), 3);
+    }
+}
+
 mod snapshots {
     use super::group_support::{open, request};
     use crate::machine::snapshot;
