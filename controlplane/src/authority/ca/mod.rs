@@ -56,6 +56,11 @@ pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(DAY);
 pub const MAX_LIFETIME: Duration = Duration::from_secs(90 * DAY);
 /// The most subject alternative names (DNS names plus IP addresses) a leaf may carry.
 pub const MAX_NAMES: usize = 32;
+/// How long before its issuance a certificate (and a new CA) is valid
+/// from: a peer or cluster member whose clock is behind the issuer's by
+/// up to this accepts it at once. Its lifetime still counts from the
+/// issuance.
+pub const CLOCK_SLACK: Duration = Duration::from_secs(300);
 /// RFC 5280 upper bound for a common name.
 pub const MAX_SUBJECT_LEN: usize = 64;
 
@@ -544,15 +549,16 @@ impl CertificateAuthority {
             .map(rcgen::SubjectPublicKeyInfo::from_der)
             .transpose()
             .map_err(|e| CaError::InvalidPublicKey(e.to_string()))?;
-        let not_before = datetime(now);
-        if not_before < self.intermediate_not_before || not_before >= self.intermediate_not_after {
+        let issued_at = datetime(now);
+        if issued_at < self.intermediate_not_before || issued_at >= self.intermediate_not_after {
             return Err(CaError::IssuerNotValid {
                 not_before: self.intermediate_not_before,
                 not_after: self.intermediate_not_after,
-                now: not_before,
+                now: issued_at,
             });
         }
-        let not_after = (not_before + request.lifetime).min(self.intermediate_not_after);
+        let not_before = (issued_at - CLOCK_SLACK).max(self.intermediate_not_before);
+        let not_after = (issued_at + request.lifetime).min(self.intermediate_not_after);
         let serial = loop {
             let serial = Serial::random(&self.rng)?;
             if !self.issued.contains_key(&serial) {
@@ -686,9 +692,12 @@ impl CertificateAuthority {
             ip_addresses,
         } = names::certificate_names(&cert);
         let validity = cert.validity();
+        // The span less the slack it was valid from before its issuance
+        // ([`CLOCK_SLACK`]): the lifetime it was issued with.
         let lifetime = (validity.not_after.to_datetime() - validity.not_before.to_datetime())
             .unsigned_abs()
-            .min(MAX_LIFETIME);
+            .saturating_sub(CLOCK_SLACK)
+            .clamp(CLOCK_SLACK, MAX_LIFETIME);
         let request = IssueRequest {
             subject,
             dns_names,
@@ -820,7 +829,7 @@ impl CertificateAuthority {
 fn create(dir: &Path, algorithm: KeyAlgorithm, now: SystemTime) -> Result<(), CaError> {
     store::create_dir(dir)?;
     let rng = ring::rand::SystemRandom::new();
-    let not_before = datetime(now);
+    let not_before = datetime(now) - CLOCK_SLACK;
 
     let root_key = KeyPair::generate_for(algorithm.rcgen())?;
     let mut root = ca_params(ROOT_NAME, 1, Serial::random(&rng)?);

@@ -133,9 +133,10 @@ fn end_to_end(algorithm: KeyAlgorithm) {
         server.chain_pem,
         format!("{}{}", server.cert_pem, ca.intermediate_pem())
     );
+    // Valid from CLOCK_SLACK before its issuance, for its lifetime after.
     assert_eq!(
         server.not_after.duration_since(server.not_before).unwrap(),
-        DEFAULT_LIFETIME
+        DEFAULT_LIFETIME + CLOCK_SLACK
     );
     assert_eq!(
         ca.verify_chain(&server.cert_der, Usage::Server, now)
@@ -200,7 +201,8 @@ fn end_to_end(algorithm: KeyAlgorithm) {
             .not_after
             .duration_since(renewed.not_before)
             .unwrap(),
-        DEFAULT_LIFETIME
+        DEFAULT_LIFETIME + CLOCK_SLACK,
+        "a renewal keeps the lifetime"
     );
     assert_eq!(
         ca.verify_chain(&renewed.cert_der, Usage::Server, now + HOUR)
