@@ -19,6 +19,9 @@ struct Member {
     ip: String,
     dir: PathBuf,
     child: Option<Child>,
+    /// The member's clock, off by this much (libfaketime's `faketime -f`
+    /// offset, such as `+120s`); `None` is the machine's clock.
+    clock: Option<&'static str>,
 }
 
 impl Member {
@@ -38,8 +41,15 @@ impl Member {
             .append(true)
             .open(self.dir.join("server.log"))
             .unwrap();
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.ns, SERVER, "--mode", "production"])
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.ns]);
+        if let Some(offset) = self.clock {
+            command
+                .args(["faketime", "-f", offset])
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        }
+        let mut child = command
+            .args([SERVER, "--mode", "production"])
             .arg("--config")
             .arg(self.dir.join("server.toml"))
             .arg("--data-dir")
@@ -194,6 +204,7 @@ impl Cluster {
                 ip: address,
                 dir,
                 child: None,
+                clock: None,
             });
         }
         Some(cluster)
@@ -595,4 +606,55 @@ fn a_partitioned_minority_commits_nothing() {
     for n in 0..3 {
         cluster.consistent(n, before.max(1), size);
     }
+}
+
+/// Members whose clocks disagree (libfaketime: m2 two minutes behind, m3
+/// two minutes ahead) form a cluster and log what each of them proposes:
+/// certificates are valid from before their issuance, and the log's time
+/// never goes back, so an entry proposed behind the latest tree head is
+/// logged at the head's time (and said so) rather than refused. Every
+/// head agrees and grows consistently.
+#[test]
+fn members_with_skewed_clocks_log_every_proposal_and_agree() {
+    if !Command::new("faketime")
+        .args(["-f", "+0s", "true"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        return skip_or_fail("faketime is not installed (Debian: faketime)");
+    }
+    let Some(mut cluster) = Cluster::create("skew") else {
+        return;
+    };
+    cluster.members[1].clock = Some("-120s");
+    cluster.members[2].clock = Some("+120s");
+    cluster.form();
+    let before = cluster.heads_at_least(0)[0].0;
+    let mut last = 0;
+    // Through the member ahead first (the log's time jumps ahead), then
+    // the one behind and the first; each proposes with its own clock.
+    for (round, via) in [2, 1, 0, 2, 1].into_iter().enumerate() {
+        let name = format!("skew-{round}.example");
+        let index = cluster
+            .enroll(via, &cluster.members[via].address(), &name)
+            .unwrap_or_else(|e| panic!("through m{}: {e}", via + 1));
+        assert!(index >= last, "{index} after {last}");
+        last = index;
+    }
+    let heads = cluster.heads_at_least(last + 1);
+    assert!(
+        heads.windows(2).all(|w| w[0] == w[1]) || heads.iter().all(|h| h.0 > last),
+        "{heads:?}"
+    );
+    let size = heads.iter().map(|h| h.0).min().unwrap();
+    for n in 0..3 {
+        cluster.consistent(n, before.max(1), size);
+    }
+    assert!(
+        cluster
+            .members
+            .iter()
+            .any(|m| m.log().contains("before the log's latest tree head")),
+        "no member said a proposal came from behind the log's time"
+    );
 }

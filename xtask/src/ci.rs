@@ -94,7 +94,9 @@ fn have(command: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// iproute2 for the netns topology, python3-venv for the interop peers.
+/// iproute2 for the netns topology, python3-venv for the interop peers,
+/// clang and the libbpf headers for the eBPF objects, faketime for the
+/// cluster's clock-skew test.
 fn ensure_packages(is_root: bool, ci: bool) -> anyhow::Result<()> {
     let venv_ok = Command::new("python3")
         .args(["-c", "import venv, ensurepip"])
@@ -113,8 +115,12 @@ fn ensure_packages(is_root: bool, ci: bool) -> anyhow::Result<()> {
     if !venv_ok {
         missing.push("python3-venv");
     }
+    // The cluster's clock-skew test runs members under libfaketime.
+    if !have("faketime") {
+        missing.push("faketime");
+    }
     if missing.is_empty() {
-        println!("ci: iproute2, python3-venv, clang and libbpf headers present");
+        println!("ci: iproute2, python3-venv, clang, libbpf headers and faketime present");
         return Ok(());
     }
     if !is_root {

@@ -137,11 +137,46 @@ impl StakeShortfall {
 
 // ---------------------------------------------------------------- the gate
 
+/// The beacon's time as this server reckons it, for judging whether a
+/// tick is fresh: the latest tick's own time (decided by whoever ticked
+/// it: this node, or a cluster's leader) plus how long this server has
+/// held it. A member whose wall clock is off from the leader's by up to
+/// [`crate::authority::ca::CLOCK_SLACK`] judges ticks as the leader
+/// does; a tick older than that by this server's clock when it was taken
+/// in (one loaded from the store, or replayed from the log) is aged by
+/// this server's clock, so an old tick is never fresh again.
+#[derive(Clone, Copy, Debug)]
+struct BeaconClock {
+    index: u64,
+    unix_s: u64,
+    age_s: u64,
+    seen: Instant,
+}
+
+impl BeaconClock {
+    fn of(tick: &crate::consensus::beacon::Tick) -> Self {
+        let by_wall = unix_now().saturating_sub(tick.unix_s);
+        let slack = crate::authority::ca::CLOCK_SLACK.as_secs();
+        Self {
+            index: tick.index,
+            unix_s: tick.unix_s,
+            age_s: if by_wall > slack { by_wall } else { 0 },
+            seen: Instant::now(),
+        }
+    }
+
+    /// The beacon's time now.
+    fn now_s(&self) -> u64 {
+        self.unix_s + self.age_s + self.seen.elapsed().as_secs()
+    }
+}
+
 /// What the workers hold: the published snapshot and the outcome queue.
 pub struct Gate {
     required: bool,
     deadline: Duration,
     snapshot: Arc<ArcSwap<AdmissionSnapshot>>,
+    clock: Arc<ArcSwap<BeaconClock>>,
     suspended: ArcSwap<BTreeSet<Identity>>,
     events: ArrayQueue<AdmissionEvent>,
     events_dropped: AtomicU64,
@@ -186,7 +221,12 @@ impl AdmissionGate for Gate {
         // at once, as this server's fault, not the client's.
         let policy = snapshot.policy();
         if policy.mode.time
-            && unix_now().saturating_sub(snapshot.parameters().tick.unix_s) > policy.window_s
+            && self
+                .clock
+                .load()
+                .now_s()
+                .saturating_sub(snapshot.parameters().tick.unix_s)
+                > policy.window_s
         {
             return Err(Refusal {
                 code: CLOSE_ADMISSION_UNAVAILABLE,
@@ -197,6 +237,7 @@ impl AdmissionGate for Gate {
             params: snapshot.parameters().clone(),
             client,
             snapshot: self.snapshot.clone(),
+            clock: self.clock.clone(),
             deadline_ms: self.deadline.as_millis() as u64,
         }))
     }
@@ -224,6 +265,7 @@ struct Pending {
     params: crate::consensus::AdmissionParameters,
     client: ClientKey,
     snapshot: Arc<ArcSwap<AdmissionSnapshot>>,
+    clock: Arc<ArcSwap<BeaconClock>>,
     deadline_ms: u64,
 }
 
@@ -264,7 +306,7 @@ impl PendingAdmission for Pending {
                 &self.client,
                 &Binding::from_exporter(*binding),
                 &bundle,
-                unix_now(),
+                self.clock.load().now_s(),
             )
             .map_err(|e| Refusal {
                 code: e.code(),
@@ -431,6 +473,7 @@ impl AdmissionRuntime {
             required: settings.required(),
             deadline: settings.deadline,
             snapshot: Arc::new(ArcSwap::from_pointee(state.snapshot())),
+            clock: Arc::new(ArcSwap::from_pointee(BeaconClock::of(state.latest_tick()))),
             suspended: ArcSwap::from_pointee(BTreeSet::new()),
             events: ArrayQueue::new(EVENTS_MAX),
             events_dropped: AtomicU64::new(0),
@@ -598,6 +641,11 @@ impl AdmissionRuntime {
         if state.generation() != self.published {
             self.published = state.generation();
             self.gate.snapshot.store(Arc::new(state.snapshot()));
+            let tick = state.latest_tick();
+            let held = self.gate.clock.load();
+            if (tick.index, tick.unix_s) != (held.index, held.unix_s) {
+                self.gate.clock.store(Arc::new(BeaconClock::of(tick)));
+            }
         }
     }
 

@@ -589,7 +589,12 @@ impl Inner {
             .borrow()
             .machine()
             .admission()
-            .and_then(|state| state.propose_tick(unix_now()));
+            // The beacon's time never waits for a leader whose clock is
+            // behind the one before: it goes on a second per tick.
+            .and_then(|state| {
+                let next = state.latest_tick().unix_s + 1;
+                state.propose_tick(unix_now().max(next))
+            });
         let Some(change) = change else { return };
         self.ticking.set(true);
         let inner = self.clone();
