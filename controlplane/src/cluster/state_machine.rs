@@ -27,8 +27,9 @@ use std::rc::Rc;
 
 const APPLIED: &str = "applied";
 
-/// A member snapshots its store after this many entries (openraft's
-/// snapshot policy); the snapshot makes the store durable first.
+/// A member snapshots its store after this many entries at first, then
+/// whenever the log since the last snapshot is as long as the log before
+/// it (`runtime::cluster`); the snapshot makes the store durable first.
 pub const SNAPSHOT_EVERY: u64 = 10_000;
 
 /// Commands applied without an fsync of the store at most, should no

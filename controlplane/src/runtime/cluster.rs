@@ -161,6 +161,9 @@ struct Inner {
     /// When this follower may next stand for election on its own
     /// ([`Inner::stand_when_leader_silent`]).
     next_stand: Cell<Instant>,
+    /// The applied index a snapshot was asked for at, and when
+    /// ([`Inner::snapshot_when_due`]).
+    snapshot_asked: Cell<Option<(u64, Instant)>>,
     backend: dataplane::io::BackendKind,
     transport: dataplane::TransportSettings,
 }
@@ -178,7 +181,8 @@ fn raft_config() -> openraft::Config {
         // A chunk and its framing stay under a request's bound.
         snapshot_max_chunk_size: 48 * 1024,
         max_payload_entries: 64,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(crate::cluster::SNAPSHOT_EVERY),
+        // Snapshots are taken by `Inner::snapshot_when_due`.
+        snapshot_policy: openraft::SnapshotPolicy::Never,
         ..Default::default()
     }
 }
@@ -276,6 +280,7 @@ impl MemberRuntime {
             ticking: Cell::new(false),
             next_tick: Cell::new(Instant::now()),
             next_stand: Cell::new(Instant::now()),
+            snapshot_asked: Cell::new(None),
             backend: cluster.backend,
             transport: cluster.transport,
         });
@@ -327,6 +332,7 @@ impl MemberRuntime {
             let now = Instant::now();
             inner.leader_duties(now);
             inner.stand_when_leader_silent(now);
+            inner.snapshot_when_due(now);
             {
                 let mut service = inner.service.borrow_mut();
                 inner
@@ -530,6 +536,35 @@ impl Inner {
     fn is_leader(&self) -> bool {
         let metrics = self.raft.metrics().borrow().clone();
         metrics.current_leader == Some(self.me.id)
+    }
+
+    /// Snapshot once the log since the last snapshot is as long as the
+    /// log before it (and at least SNAPSHOT_EVERY entries): a snapshot
+    /// copies the whole store, so taking one every fixed number of entries
+    /// would cost each entry more as the store grows; this way the cost per
+    /// entry stays flat. The log is purged up to the snapshot (openraft
+    /// keeps its last 1000 entries).
+    fn snapshot_when_due(self: &Rc<Self>, now: Instant) {
+        let metrics = self.raft.metrics().borrow().clone();
+        let applied = metrics.last_applied.map_or(0, |id| id.index);
+        let last = metrics.snapshot.map_or(0, |id| id.index);
+        if let Some((asked, at)) = self.snapshot_asked.get()
+            && last < asked
+            && now.duration_since(at) < Duration::from_secs(60)
+        {
+            return;
+        }
+        if applied.saturating_sub(last) < crate::cluster::SNAPSHOT_EVERY.max(last) {
+            return;
+        }
+        self.snapshot_asked.set(Some((applied, now)));
+        tracing::info!(applied, last_snapshot = last, "taking a snapshot");
+        let raft = self.raft.clone();
+        tokio::task::spawn_local(async move {
+            if let Err(e) = raft.trigger().snapshot().await {
+                tracing::warn!(error = %e, "could not ask for a snapshot");
+            }
+        });
     }
 
     /// A voter that followed a leader and has not heard from it in
