@@ -379,9 +379,10 @@ impl Cluster {
 }
 
 /// Init, join (through a follower), write through a follower, kill -9 the
-/// leader: a new leader commits, every acknowledged certificate is on
-/// every member, the heads agree and grow consistently, the killed member
-/// catches up, and a removed member leaves the configuration. Join tokens
+/// leader (three times, the killed member back each time): a new leader
+/// commits, every acknowledged certificate is on every member, the heads
+/// agree and grow consistently, the killed member catches up, and a
+/// removed member leaves the configuration. Join tokens
 /// are refused when spent or of the wrong kind.
 #[test]
 fn a_cluster_forms_fails_over_and_never_forks() {
@@ -450,6 +451,46 @@ fn a_cluster_forms_fails_over_and_never_forks() {
         same_size.windows(2).all(|w| w[0].1 == w[1].1),
         "two members signed different roots for tree size {size}: {heads:?}"
     );
+
+    // Two more rounds of kill -9 the leader, a write the new leader
+    // commits, and the killed member back: every head still agrees.
+    let mut last = second;
+    for round in 0..2 {
+        let status = cluster.wait_for(Duration::from_secs(30), |status| {
+            let members = status["members"].as_array().cloned().unwrap_or_default();
+            let caught_up = members
+                .iter()
+                .filter(|m| m["role"] == "voter" && m["lag"].as_u64().is_some_and(|l| l <= 5))
+                .count();
+            (caught_up == 3 && Cluster::leader(status).is_some())
+                .then_some(())
+                .ok_or(format!("{caught_up} voters caught up"))
+        });
+        let leader = Cluster::leader(&status).expect("checked");
+        cluster.members[leader].kill9();
+        cluster.wait_for(Duration::from_secs(20), |status| {
+            match Cluster::leader(status) {
+                Some(n) if n != leader => Ok(()),
+                other => Err(format!("leader {other:?}")),
+            }
+        });
+        let from = (leader + 1) % 3;
+        let index = cluster
+            .enroll(
+                from,
+                &cluster.all(Some(leader)),
+                &format!("loop{round}.example"),
+            )
+            .unwrap_or_else(|e| panic!("round {round}: enrolling after the leader died: {e}"));
+        assert!(index > last, "round {round}: {index} after {last}");
+        last = index;
+        cluster.members[leader].start(&[]);
+    }
+    let heads = cluster.heads_at_least(last + 1);
+    let size = heads.iter().map(|h| h.0).min().unwrap();
+    for n in 0..3 {
+        cluster.consistent(n, first + 1, size);
+    }
 
     // Refused joins (the node does not start): a spent join token, an
     // enrollment token dressed as one, and a good token whose pin names
