@@ -699,3 +699,96 @@ fn members_with_skewed_clocks_log_every_proposal_and_agree() {
         "no member said a proposal came from behind the log's time"
     );
 }
+
+/// libfaketime for a multithreaded program, where Debian puts it.
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
+/// A member whose node certificate is past half its lifetime renews it
+/// through the log (same key, a new serial) and serves with it; its copy
+/// of the operator's identity is renewed too. The member's clock
+/// (libfaketime, read from a file) jumps 50 days on while it runs; node
+/// certificates live 90 days, the operator's one.
+#[test]
+fn a_node_certificate_past_half_its_life_is_renewed() {
+    if !std::path::Path::new(LIBFAKETIME).exists() {
+        return skip_or_fail("libfaketime is not installed (Debian: faketime)");
+    }
+    let clock_dir = temp_dir("renewal-clock");
+    let clock = clock_dir.join("offset");
+    std::fs::write(&clock, "+0s\n").unwrap();
+    let preload = format!("LD_PRELOAD={LIBFAKETIME}");
+    let file = format!("FAKETIME_TIMESTAMP_FILE={}", clock.display());
+    let faked = [
+        "env",
+        &preload,
+        &file,
+        "FAKETIME_CACHE_DURATION=1",
+        "FAKETIME_DONT_FAKE_MONOTONIC=1",
+    ];
+    let server = Server::start_with(
+        "cluster-renewal",
+        "::1",
+        "[hypermesh_assets]\nplot_k = 12\nconsensus_mode = \"off\"\n",
+        &faked,
+        &[
+            "--mode",
+            "production",
+            "--bootstrap",
+            "federated",
+            "--cluster-init",
+        ],
+    );
+    let node_pem = server.dir.join("cluster-node.pem");
+    server.wait_for_log(
+        "node certificate issued and logged",
+        Duration::from_secs(30),
+    );
+    let before = std::fs::read(&node_pem).unwrap();
+    let operator_pem = server.dir.join("operator.pem");
+    let operator_before = std::fs::read(&operator_pem).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !server
+            .log()
+            .iter()
+            .any(|l| l.contains("node certificate renewed")),
+        "renewed while young"
+    );
+
+    std::fs::write(&clock, "+50d\n").unwrap();
+    // The operator's identity first (it is the older for its lifetime),
+    // the node certificate at the next look.
+    server.wait_for_log("operator identity renewed", Duration::from_secs(60));
+    server.wait_for_log("node certificate renewed", Duration::from_secs(60));
+    let after = std::fs::read(&node_pem).unwrap();
+    assert_ne!(before, after, "cluster-node.pem is the renewed certificate");
+    // A client 100 days on (when the first certificate has expired, 90
+    // days after its issuance, and the renewed one has not), without a
+    // certificate of its own, reaches the member over DNS-over-QUIC: the
+    // member serves the renewed certificate.
+    let out = Command::new("env")
+        .args([
+            &preload,
+            "FAKETIME=+100d",
+            "FAKETIME_DONT_FAKE_MONOTONIC=1",
+            CLIENT,
+        ])
+        .args([
+            "resolve",
+            "--anonymous",
+            "--json",
+            "--connect",
+            &server.addr(),
+        ])
+        .arg("--ca")
+        .arg(server.ca())
+        .arg("node1.internet2.test")
+        .output()
+        .unwrap();
+    let answer: serde_json::Value = serde_json::from_str(&ok(&out)).expect("resolve JSON");
+    assert_eq!(answer["name"], "node1.internet2.test", "{answer}");
+    // The operator's identity is a new certificate too (its key is new:
+    // a day's lifetime, renewed at half of it).
+    assert_ne!(operator_before, std::fs::read(&operator_pem).unwrap());
+    let _ = std::fs::remove_dir_all(&clock_dir);
+}

@@ -108,7 +108,9 @@ impl Server {
         Server::start_with(tag, bind, extra, wrapper, &[])
     }
 
-    fn start_with(
+    /// Start bound to `bind` with `extra` TOML, the command prefixed by
+    /// `wrapper`, with `server_args` before the configuration.
+    pub fn start_with(
         tag: &str,
         bind: &str,
         extra: &str,

@@ -1053,7 +1053,9 @@ impl AuthorityService {
         Ok(())
     }
 
-    fn operator_identity_is_fresh(&self, path: &Path, now: SystemTime) -> bool {
+    /// Whether `path` holds an operator certificate of this CA that is
+    /// not yet past half its lifetime.
+    pub fn operator_identity_is_fresh(&self, path: &Path, now: SystemTime) -> bool {
         let Ok(pem) = std::fs::read(path) else {
             return false;
         };

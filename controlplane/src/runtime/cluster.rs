@@ -164,6 +164,12 @@ struct Inner {
     /// The applied index a snapshot was asked for at, and when
     /// ([`Inner::snapshot_when_due`]).
     snapshot_asked: Cell<Option<(u64, Instant)>>,
+    /// What this member serves with (its node certificate), once serving.
+    served: RefCell<Option<Arc<CertificateStore>>>,
+    /// When the node certificate is next looked at, and whether its
+    /// renewal is under way ([`Inner::renew_node_certificate_when_due`]).
+    next_renewal_check: Cell<Instant>,
+    renewing: Cell<bool>,
     backend: dataplane::io::BackendKind,
     transport: dataplane::TransportSettings,
 }
@@ -281,6 +287,9 @@ impl MemberRuntime {
             next_tick: Cell::new(Instant::now()),
             next_stand: Cell::new(Instant::now()),
             snapshot_asked: Cell::new(None),
+            served: RefCell::new(None),
+            next_renewal_check: Cell::new(Instant::now()),
+            renewing: Cell::new(false),
             backend: cluster.backend,
             transport: cluster.transport,
         });
@@ -304,6 +313,7 @@ impl MemberRuntime {
         inner.start_peers(&identity)?;
         let certificates = CertificateStore::new(identity.chain.clone(), &identity.key)
             .map_err(|e| AuthorityStartError::Tls(e.to_string()))?;
+        *inner.served.borrow_mut() = Some(certificates.clone());
         let published = Published {
             trust: inner.trust.clone(),
             certificates,
@@ -333,6 +343,7 @@ impl MemberRuntime {
             inner.leader_duties(now);
             inner.stand_when_leader_silent(now);
             inner.snapshot_when_due(now);
+            inner.renew_node_certificate_when_due(now);
             {
                 let mut service = inner.service.borrow_mut();
                 inner
@@ -388,62 +399,11 @@ impl Inner {
             .current_leader(self.me.id, "this node leads its new cluster")
             .await
             .map_err(cluster_error)?;
-        let ip = node::check_address(&self.me.address)
-            .map_err(cluster_error)?
-            .ip();
-        let (certificate, certify) =
-            self.service
-                .borrow()
-                .propose_own_member(&self.me.name, ip, SystemTime::now())?;
-        match self.authority.submit(Command::Certify(certify)).await {
-            Ok(Outcome::Applied(_)) => {}
-            Ok(other) => {
-                return Err(cluster_error(format!(
-                    "the node certificate was not applied: {other:?}"
-                )));
-            }
-            Err(e) => return Err(cluster_error(e)),
-        }
-        let intermediate = self
-            .service
-            .borrow()
-            .authority()
-            .ca()
-            .intermediate_der()
-            .to_vec();
-        node::save_node_certificate(&self.data_dir, &certificate.cert_der, &intermediate)
-            .map_err(cluster_error)?;
-        tracing::info!(serial = %certificate.serial, "node certificate issued and logged");
+        let serial = self.issue_own_node_certificate().await?;
+        tracing::info!(%serial, "node certificate issued and logged");
         // The operator's identity (every member gets a copy when it
         // joins) and, where admission needs it, its stake.
-        let pending = self
-            .service
-            .borrow()
-            .propose_operator_identity(&self.data_dir.join(OPERATOR_FILE), SystemTime::now())?;
-        if let Some(pending) = pending {
-            self.authority
-                .commit(pending)
-                .await
-                .map_err(cluster_error)?;
-        }
-        if let Some(operator) = operator_of(&self.data_dir.join(OPERATOR_FILE)) {
-            let grant = {
-                let service = self.service.borrow();
-                service.machine().admission().and_then(|state| {
-                    let config = state.config();
-                    let held = state.stake(&operator);
-                    (config.mode.stake && held < config.stake_min)
-                        .then(|| state.propose_grant(operator, config.stake_min - held))
-                })
-            };
-            if let Some(change) = grant {
-                let change = change.map_err(|e| cluster_error(e.to_string()))?;
-                self.authority
-                    .submit(Command::Admission(change))
-                    .await
-                    .map_err(cluster_error)?;
-            }
-        }
+        self.ensure_operator_identity().await?;
         // What the store held before the cluster began (a single node's
         // data directory can start one) is in no log entry: a snapshot of
         // it, and the log purged up to that, make every member that joins
@@ -536,6 +496,151 @@ impl Inner {
     fn is_leader(&self) -> bool {
         let metrics = self.raft.metrics().borrow().clone();
         metrics.current_leader == Some(self.me.id)
+    }
+
+    /// The operator's identity in this member's data directory, issued
+    /// (through the log) when it is missing or past half its lifetime,
+    /// and, where admission needs it, the stake of its key.
+    async fn ensure_operator_identity(&self) -> Result<(), AuthorityStartError> {
+        let pending = self
+            .service
+            .borrow()
+            .propose_operator_identity(&self.data_dir.join(OPERATOR_FILE), SystemTime::now())?;
+        if let Some(pending) = pending {
+            self.authority
+                .commit(pending)
+                .await
+                .map_err(cluster_error)?;
+        }
+        if let Some(operator) = operator_of(&self.data_dir.join(OPERATOR_FILE)) {
+            let grant = {
+                let service = self.service.borrow();
+                service.machine().admission().and_then(|state| {
+                    let config = state.config();
+                    let held = state.stake(&operator);
+                    (config.mode.stake && held < config.stake_min)
+                        .then(|| state.propose_grant(operator, config.stake_min - held))
+                })
+            };
+            if let Some(change) = grant {
+                let change = change.map_err(|e| cluster_error(e.to_string()))?;
+                self.authority
+                    .submit(Command::Admission(change))
+                    .await
+                    .map_err(cluster_error)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A node certificate for this member's own key, committed through
+    /// the log and saved as its `cluster-node.pem`; its serial.
+    async fn issue_own_node_certificate(
+        &self,
+    ) -> Result<crate::authority::ca::Serial, AuthorityStartError> {
+        let ip = node::check_address(&self.me.address)
+            .map_err(cluster_error)?
+            .ip();
+        let (certificate, certify) =
+            self.service
+                .borrow()
+                .propose_own_member(&self.me.name, ip, SystemTime::now())?;
+        match self.authority.submit(Command::Certify(certify)).await {
+            Ok(Outcome::Applied(_)) => {}
+            Ok(other) => {
+                return Err(cluster_error(format!(
+                    "the node certificate was not applied: {other:?}"
+                )));
+            }
+            Err(e) => return Err(cluster_error(e)),
+        }
+        let intermediate = self
+            .service
+            .borrow()
+            .authority()
+            .ca()
+            .intermediate_der()
+            .to_vec();
+        node::save_node_certificate(&self.data_dir, &certificate.cert_der, &intermediate)
+            .map_err(cluster_error)?;
+        Ok(certificate.serial)
+    }
+
+    /// Whether this member's copy of the operator identity is fresh.
+    fn operator_identity_fresh(&self) -> bool {
+        self.service
+            .borrow()
+            .operator_identity_is_fresh(&self.data_dir.join(OPERATOR_FILE), SystemTime::now())
+    }
+
+    /// Past half its lifetime, this member's node certificate is renewed
+    /// (same key, a new serial, through the log like any certificate): the
+    /// member then serves with it and reaches the others with it. The old
+    /// one stays valid until it expires, so connections made with it go
+    /// on. Looked at every RENEWAL_CHECK, with this member's copy of the
+    /// operator identity (`ensure_operator_identity`).
+    fn renew_node_certificate_when_due(self: &Rc<Self>, now: Instant) {
+        const RENEWAL_CHECK: Duration = Duration::from_secs(10);
+        if now < self.next_renewal_check.get() || self.renewing.get() {
+            return;
+        }
+        self.next_renewal_check.set(now + RENEWAL_CHECK);
+        let Some(served) = self.served.borrow().clone() else {
+            return;
+        };
+        if !self.operator_identity_fresh() {
+            self.renewing.set(true);
+            let inner = self.clone();
+            tokio::task::spawn_local(async move {
+                match inner.ensure_operator_identity().await {
+                    Ok(()) => tracing::info!("operator identity renewed"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the operator identity is due for renewal; trying again shortly")
+                    }
+                }
+                inner.renewing.set(false);
+            });
+            return;
+        }
+        let due = node::node_identity(&self.data_dir)
+            .ok()
+            .flatten()
+            .and_then(|identity| {
+                let (_, cert) =
+                    x509_parser::parse_x509_certificate(identity.chain.first()?).ok()?;
+                let from = cert.validity().not_before.timestamp();
+                let until = cert.validity().not_after.timestamp();
+                let now = i64::try_from(unix_now()).ok()?;
+                Some(now >= from + (until - from) / 2)
+            })
+            .unwrap_or(false);
+        if !due {
+            return;
+        }
+        self.renewing.set(true);
+        let inner = self.clone();
+        tokio::task::spawn_local(async move {
+            match inner.issue_own_node_certificate().await {
+                Ok(serial) => match node::node_identity(&inner.data_dir) {
+                    Ok(Some(identity)) => {
+                        if let Err(e) = served.swap(identity.chain.clone(), &identity.key) {
+                            tracing::error!(error = %e, "the renewed node certificate cannot be served");
+                        } else if let Err(e) = inner.start_peers(&identity) {
+                            tracing::error!(error = %e, "cannot reach the other members with the renewed node certificate");
+                        } else {
+                            tracing::info!(%serial, "node certificate renewed: serving and reaching the members with it");
+                        }
+                    }
+                    other => {
+                        tracing::error!(result = ?other.map(|_| ()), "the renewed node certificate cannot be read back")
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "the node certificate is due for renewal; trying again shortly")
+                }
+            }
+            inner.renewing.set(false);
+        });
     }
 
     /// Snapshot once the log since the last snapshot is as long as the
