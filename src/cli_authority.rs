@@ -349,21 +349,14 @@ impl Session {
         // From the one that answered last, in turn; members silent lately
         // at the end.
         let now = std::time::Instant::now();
-        let mut order: Vec<usize> = (0..count).map(|step| (start + step) % count).collect();
-        {
-            let silent = self.silent.borrow();
-            order.sort_by_key(|at| {
-                silent
-                    .get(&self.members[*at])
-                    .is_some_and(|since| now.duration_since(*since) < SILENT_FOR)
-            });
-        }
         let is_silent = |at: usize| {
             self.silent
                 .borrow()
                 .get(&self.members[at])
                 .is_some_and(|since| now.duration_since(*since) < SILENT_FOR)
         };
+        let mut order: Vec<usize> = (0..count).map(|step| (start + step) % count).collect();
+        order.sort_by_key(|at| is_silent(*at));
         let mut last = None;
         let mut someone_answered = false;
         for (step, &at) in order.iter().enumerate() {

@@ -728,7 +728,7 @@ fn a_node_certificate_past_half_its_life_is_renewed() {
     let server = Server::start_with(
         "cluster-renewal",
         "::1",
-        "[hypermesh_assets]\nplot_k = 12\nconsensus_mode = \"off\"\n",
+        "[hypermesh_assets]\nplot_k = 12\n",
         &faked,
         &[
             "--mode",

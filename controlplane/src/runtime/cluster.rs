@@ -149,7 +149,6 @@ struct Inner {
     port: Arc<ControlPort>,
     trust: Arc<TrustStore>,
     published_generation: Cell<u64>,
-    checked: RefCell<super::CheckedCallers>,
     zone: Option<(Arc<ZoneStore>, Cell<u64>)>,
     zone_primary: String,
     /// Answers of finished tasks, sent once what they changed is
@@ -167,7 +166,7 @@ struct Inner {
     /// What this member serves with (its node certificate), once serving.
     served: RefCell<Option<Arc<CertificateStore>>>,
     /// When the node certificate is next looked at, and whether its
-    /// renewal is under way ([`Inner::renew_node_certificate_when_due`]).
+    /// renewal is under way ([`Inner::renew_identities_when_due`]).
     next_renewal_check: Cell<Instant>,
     renewing: Cell<bool>,
     backend: dataplane::io::BackendKind,
@@ -278,7 +277,6 @@ impl MemberRuntime {
             port,
             trust,
             published_generation: Cell::new(material.generation),
-            checked: RefCell::default(),
             zone,
             zone_primary,
             outbox: RefCell::default(),
@@ -343,7 +341,7 @@ impl MemberRuntime {
             inner.leader_duties(now);
             inner.stand_when_leader_silent(now);
             inner.snapshot_when_due(now);
-            inner.renew_node_certificate_when_due(now);
+            inner.renew_identities_when_due(now);
             {
                 let mut service = inner.service.borrow_mut();
                 inner
@@ -579,7 +577,7 @@ impl Inner {
     /// one stays valid until it expires, so connections made with it go
     /// on. Looked at every RENEWAL_CHECK, with this member's copy of the
     /// operator identity (`ensure_operator_identity`).
-    fn renew_node_certificate_when_due(self: &Rc<Self>, now: Instant) {
+    fn renew_identities_when_due(self: &Rc<Self>, now: Instant) {
         const RENEWAL_CHECK: Duration = Duration::from_secs(10);
         if now < self.next_renewal_check.get() || self.renewing.get() {
             return;
@@ -650,9 +648,14 @@ impl Inner {
     /// entry stays flat. The log is purged up to the snapshot (openraft
     /// keeps its last 1000 entries).
     fn snapshot_when_due(self: &Rc<Self>, now: Instant) {
-        let metrics = self.raft.metrics().borrow().clone();
-        let applied = metrics.last_applied.map_or(0, |id| id.index);
-        let last = metrics.snapshot.map_or(0, |id| id.index);
+        let (applied, last) = {
+            let metrics = self.raft.metrics();
+            let metrics = metrics.borrow();
+            (
+                metrics.last_applied.map_or(0, |id| id.index),
+                metrics.snapshot.map_or(0, |id| id.index),
+            )
+        };
         if let Some((asked, at)) = self.snapshot_asked.get()
             && last < asked
             && now.duration_since(at) < Duration::from_secs(60)
@@ -812,9 +815,7 @@ impl Inner {
             cert_der: request.peer.as_ref().map(|c| c.as_ref().to_vec()),
         };
         let verified = caller.cert_der.clone().filter(|der| {
-            self.checked
-                .borrow_mut()
-                .check(self.service.borrow().authority(), der, Usage::Client)
+            super::caller_checks(self.service.borrow().authority(), der, Usage::Client)
         });
         let operator = is_operator(verified.as_deref());
         let asks_for_member = matches!(
@@ -832,9 +833,7 @@ impl Inner {
             .and_then(|der| {
                 let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
                 dataplane::trust::node_name(&cert)?;
-                self.checked
-                    .borrow_mut()
-                    .check(self.service.borrow().authority(), der, Usage::Node)
+                super::caller_checks(self.service.borrow().authority(), der, Usage::Node)
                     .then_some(())?;
                 // Not checked against this member's configuration: one that is
                 // catching up does not know the newer members yet. A removed

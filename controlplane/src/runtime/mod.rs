@@ -87,7 +87,6 @@ pub struct AuthorityRuntime {
     admission: self::admission::AdmissionRuntime,
     /// Forwarded requests waiting, per caller.
     fair: self::fair_queue::FairQueue,
-    checked: CheckedCallers,
 }
 
 /// Where admission plugs into the authority at start.
@@ -98,55 +97,17 @@ pub struct AdmissionPlug {
     pub stats: Arc<std::sync::OnceLock<Arc<dataplane::StatsRegistry>>>,
 }
 
-/// How long a caller's checked certificate chain is taken as checked.
-const CHECKED_FOR: Duration = Duration::from_secs(30);
-/// Checked certificates remembered at most (then forgotten all at once).
-const CHECKED_MAX: usize = 4096;
-
-/// Client certificates whose chain (to this CA, valid now, not revoked)
-/// this node checked lately, for `usage`: a caller is checked once per
-/// trust generation (a revocation starts a new one) and half-minute, not
-/// on every request (each check is two signature verifications).
-#[derive(Default)]
-pub(crate) struct CheckedCallers {
-    generation: u64,
-    /// By SHA-256 of the certificate, and usage.
-    checked: std::collections::HashMap<([u8; 32], u8), Instant>,
-}
-
-impl CheckedCallers {
-    /// Whether `der` chains to `authority`'s CA for `usage` now (and is not
-    /// revoked: any revocation, applied this instant, forgets every check).
-    pub(crate) fn check(
-        &mut self,
-        authority: &crate::authority::logged::Authority,
-        der: &[u8],
-        usage: Usage,
-    ) -> bool {
-        let now = Instant::now();
-        let generation = authority.revocations().generation();
-        if generation != self.generation || self.checked.len() >= CHECKED_MAX {
-            self.checked.clear();
-            self.generation = generation;
-        }
-        let mut digest = [0u8; 32];
-        digest.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, der).as_ref());
-        let key = (digest, usage as u8);
-        if self
-            .checked
-            .get(&key)
-            .is_some_and(|at| now.duration_since(*at) < CHECKED_FOR)
-        {
-            return true;
-        }
-        let ok = authority
-            .verify_chain(der, usage, SystemTime::now())
-            .is_ok();
-        if ok {
-            self.checked.insert(key, now);
-        }
-        ok
-    }
+/// Whether `der` chains to `authority`'s CA for `usage` now and is not
+/// revoked. Cheap on a caller's repeated requests: the CA remembers the
+/// signatures it verified; validity and revocation are checked each time.
+pub(crate) fn caller_checks(
+    authority: &crate::authority::logged::Authority,
+    der: &[u8],
+    usage: Usage,
+) -> bool {
+    authority
+        .verify_chain(der, usage, SystemTime::now())
+        .is_ok()
 }
 
 /// The beacon's node key, beside the authority's store (0600).
@@ -222,7 +183,6 @@ impl AuthorityRuntime {
         Ok(Self {
             admission,
             fair: self::fair_queue::FairQueue::default(),
-            checked: CheckedCallers::default(),
             service,
             port,
             trust,
@@ -372,10 +332,10 @@ impl AuthorityRuntime {
         // The handshake checked the certificate, but a resumed session
         // skips that check: verify it again (chain, validity, revocation)
         // before it names anyone, as the authority's own requests do.
-        let verified = caller.cert_der.as_deref().filter(|der| {
-            self.checked
-                .check(self.service.authority(), der, Usage::Client)
-        });
+        let verified = caller
+            .cert_der
+            .as_deref()
+            .filter(|der| caller_checks(self.service.authority(), der, Usage::Client));
         let operator = is_operator(verified);
         let result = match self.admission.handle(
             self.service.machine_mut(),
