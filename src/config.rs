@@ -240,6 +240,27 @@ pub struct TrustchainAuthority {
     pub log_algorithm: SigningAlgorithm,
     /// UDP port of the legacy DNS gateway (`--enable-legacy-gateway`).
     pub legacy_dns_port: u16,
+    /// DNS-over-QUIC questions for names outside the zone: `refuse` (the
+    /// default) or `system-resolver` (phase0 only: asked of the host's
+    /// resolvers and answered, IPv6 only).
+    pub outside_zone: OutsideZone,
+    /// The resolvers `system-resolver` asks, as `"[ADDR]:PORT"` or `"ADDR"`
+    /// (port 53), at most 3; empty: the nameservers of /etc/resolv.conf.
+    pub upstream_resolvers: Vec<String>,
+    /// Phase0 only: a PEM certificate chain (leaf first) another CA issued
+    /// for public names, presented to clients that ask for those names.
+    pub import_certificate: Option<PathBuf>,
+    /// The PEM private key of `import_certificate`.
+    pub import_key: Option<PathBuf>,
+}
+
+/// What the DNS does with names outside its zone.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutsideZone {
+    #[default]
+    Refuse,
+    SystemResolver,
 }
 
 /// `ecdsa-p256` (the default) or `ed25519`.
@@ -264,6 +285,10 @@ impl Default for TrustchainAuthority {
             ca_algorithm: SigningAlgorithm::EcdsaP256,
             log_algorithm: SigningAlgorithm::EcdsaP256,
             legacy_dns_port: 53,
+            outside_zone: OutsideZone::Refuse,
+            upstream_resolvers: Vec::new(),
+            import_certificate: None,
+            import_key: None,
         }
     }
 }
@@ -322,6 +347,11 @@ pub struct Resolved {
     pub ca_algorithm: SigningAlgorithm,
     pub log_algorithm: SigningAlgorithm,
     pub legacy_dns_port: u16,
+    /// Names outside the zone go to these resolvers (None: REFUSED; empty:
+    /// those of /etc/resolv.conf).
+    pub outside_zone: Option<Vec<std::net::SocketAddr>>,
+    /// The imported certificate chain and key files (phase0's migration).
+    pub import: Option<(PathBuf, PathBuf)>,
     pub admission: crate::admission::AdmissionSettings,
 }
 
@@ -516,6 +546,51 @@ impl Config {
                 &e.to_string(),
             ));
         }
+        let outside_zone = match a.outside_zone {
+            OutsideZone::Refuse if !a.upstream_resolvers.is_empty() => {
+                return Err(key_error(
+                    file,
+                    text,
+                    "trustchain_authority",
+                    "upstream_resolvers",
+                    "is used only with outside_zone = \"system-resolver\"",
+                ));
+            }
+            OutsideZone::Refuse => None,
+            OutsideZone::SystemResolver => Some(
+                upstream_resolvers(&a.upstream_resolvers).map_err(|message| {
+                    key_error(
+                        file,
+                        text,
+                        "trustchain_authority",
+                        "upstream_resolvers",
+                        &message,
+                    )
+                })?,
+            ),
+        };
+        let import = match (&a.import_certificate, &a.import_key) {
+            (Some(certificate), Some(key)) => Some((certificate.clone(), key.clone())),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(key_error(
+                    file,
+                    text,
+                    "trustchain_authority",
+                    "import_certificate",
+                    "needs import_key (the certificate's private key)",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(key_error(
+                    file,
+                    text,
+                    "trustchain_authority",
+                    "import_key",
+                    "needs import_certificate (the certificate chain it belongs to)",
+                ));
+            }
+        };
         if d.handoff_queue_len == 0 {
             return Err(key_error(
                 file,
@@ -587,6 +662,8 @@ impl Config {
             ca_algorithm: self.trustchain_authority.ca_algorithm,
             log_algorithm: self.trustchain_authority.log_algorithm,
             legacy_dns_port: self.trustchain_authority.legacy_dns_port,
+            outside_zone,
+            import,
             admission,
         })
     }
@@ -753,6 +830,41 @@ impl Config {
 
 /// An error for `section.key`, located at the key's line when it is in the
 /// file (line 0 when the value is a default).
+/// `upstream_resolvers`: `"[ADDR]:PORT"`, `"ADDR:PORT"` (IPv4) or a bare
+/// address (port 53), at most 3, no duplicates.
+fn upstream_resolvers(listed: &[String]) -> Result<Vec<std::net::SocketAddr>, String> {
+    let max = controlplane::dns::forward::UPSTREAMS_MAX;
+    if listed.len() > max {
+        return Err(format!(
+            "lists {} resolvers; at most {max} are asked",
+            listed.len()
+        ));
+    }
+    let mut found = Vec::new();
+    for entry in listed {
+        let address = entry
+            .parse::<std::net::SocketAddr>()
+            .or_else(|_| {
+                entry
+                    .parse::<std::net::IpAddr>()
+                    .map(|ip| std::net::SocketAddr::new(ip, 53))
+            })
+            .map_err(|_| {
+                format!(
+                    "`{entry}` is not an address; write \"[2001:db8::53]:53\" or \"2001:db8::53\""
+                )
+            })?;
+        if address.port() == 0 {
+            return Err(format!("`{entry}`: port 0 is not a resolver's port"));
+        }
+        if found.contains(&address) {
+            return Err(format!("`{entry}` is listed twice"));
+        }
+        found.push(address);
+    }
+    Ok(found)
+}
+
 fn key_error(file: &str, text: &str, section: &str, key: &str, message: &str) -> ConfigError {
     let mut in_section = false;
     let mut line = 0;

@@ -410,7 +410,7 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
     let port = ControlPort::new(resolved.settings.workers);
     let service_config = ServiceConfig {
         lifetime: resolved.certificate_lifetime,
-        server_names: names,
+        server_names: names.clone(),
         ca_algorithm: match resolved.ca_algorithm {
             SigningAlgorithm::EcdsaP256 => KeyAlgorithm::EcdsaP256,
             SigningAlgorithm::Ed25519 => KeyAlgorithm::Ed25519,
@@ -446,6 +446,20 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
                 .context("cannot create the session-ticket key")?,
         )
     };
+    if args.bootstrap == Bootstrap::Federated {
+        // A federated cluster depends on nothing outside it.
+        if resolved.outside_zone.is_some() {
+            anyhow::bail!(
+                "[trustchain_authority] outside_zone = \"system-resolver\" is phase0's migration aid; a federated cluster answers its own zone only"
+            );
+        }
+        if resolved.import.is_some() {
+            anyhow::bail!(
+                "[trustchain_authority] import_certificate is phase0's migration aid; a federated cluster serves its own CA's certificates only"
+            );
+        }
+    }
+    let mut resolver = None;
     let (control, identity) = match args.bootstrap {
         Bootstrap::Phase0 => {
             let authority = AuthorityRuntime::start(
@@ -461,6 +475,12 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
             )
             .context("cannot start the certificate authority")?;
             let trust = authority.trust();
+            if let Some((certificate, key)) = &resolved.import {
+                import_certificate(&authority.certificates(), certificate, key, &names)?;
+            }
+            if let Some(upstreams) = &resolved.outside_zone {
+                resolver = Some(start_resolver(&port, upstreams)?);
+            }
             let identity = ServerIdentity {
                 certificates: authority.certificates(),
                 client_verifier: Some(SnapshotClientVerifier::new(trust.clone())),
@@ -562,7 +582,9 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
         if signal != signals::SIGHUP {
             break signal;
         }
-        reload(args, &blocklists);
+        let imported = (args.bootstrap == Bootstrap::Phase0)
+            .then(|| (identity.certificates.as_ref(), names.as_slice()));
+        reload(args, &blocklists, imported);
     };
     tracing::info!(
         signal,
@@ -575,6 +597,9 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
     server.shutdown(resolved.drain);
     let stats = server.stats.clone();
     server.join();
+    if let Some(resolver) = resolver {
+        resolver.stop();
+    }
     control.stop();
     let total = stats.snapshot().total;
     tracing::info!(
@@ -669,7 +694,63 @@ fn attach_front_door(resolved: &config::Resolved) -> anyhow::Result<Option<Arc<F
 
 /// SIGHUP: re-read the config file and apply what can change live (the
 /// blocklist). A bad file is logged and changes nothing.
-fn reload(args: &Args, blocklists: &internet2_server::admission::Blocklists) {
+/// Phase0's migration: serve the certificate another CA issued (chain and
+/// key files) to clients that ask for its names.
+fn import_certificate(
+    certificates: &dataplane::trust::CertificateStore,
+    certificate: &std::path::Path,
+    key: &std::path::Path,
+    own_names: &[String],
+) -> anyhow::Result<()> {
+    use controlplane::authority::import;
+    let loaded = import::load(certificate, key, own_names, std::time::SystemTime::now())
+        .context("cannot import the certificate")?;
+    let expires = loaded
+        .not_after
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    tracing::info!(
+        names = ?loaded.names,
+        issuer = %loaded.issuer,
+        expires_in_days = expires.as_secs() / 86_400,
+        "imported certificate served to clients that ask for its names"
+    );
+    if expires < import::EXPIRY_WARNING {
+        tracing::warn!(
+            expires_in_days = expires.as_secs() / 86_400,
+            file = %certificate.display(),
+            "the imported certificate expires soon: renew it and send SIGHUP"
+        );
+    }
+    certificates.set_imported(Some(loaded.imported));
+    Ok(())
+}
+
+/// Phase0's system resolver for names outside the zone.
+fn start_resolver(
+    port: &std::sync::Arc<ControlPort>,
+    upstreams: &[std::net::SocketAddr],
+) -> anyhow::Result<controlplane::dns::forward::Forwarder> {
+    use controlplane::dns::forward;
+    let upstreams = if upstreams.is_empty() {
+        forward::system_upstreams(std::path::Path::new(forward::RESOLV_CONF))
+            .context("outside_zone = \"system-resolver\" found no resolver")?
+    } else {
+        upstreams.to_vec()
+    };
+    let resolver = forward::Forwarder::start(port.clone(), upstreams.clone())?;
+    tracing::info!(
+        ?upstreams,
+        "names outside the zone are asked of the system's resolvers"
+    );
+    Ok(resolver)
+}
+
+fn reload(
+    args: &Args,
+    blocklists: &internet2_server::admission::Blocklists,
+    imported: Option<(&dataplane::trust::CertificateStore, &[String])>,
+) {
     let resolved = match load_config(args) {
         Ok(resolved) => resolved,
         Err(e) => {
@@ -685,4 +766,19 @@ fn reload(args: &Args, blocklists: &internet2_server::admission::Blocklists) {
         blocked,
         "reloaded: blocklist applied (isolation entries kept)"
     );
+    let Some((certificates, own_names)) = imported else {
+        return;
+    };
+    match &resolved.import {
+        Some((certificate, key)) => {
+            if let Err(e) = import_certificate(certificates, certificate, key, own_names) {
+                tracing::error!(error = %format!("{e:#}"), "reload: the imported certificate was not replaced; the one served stays");
+            }
+        }
+        None if !certificates.imported_names().is_empty() => {
+            certificates.set_imported(None);
+            tracing::info!("reloaded: the imported certificate is no longer served");
+        }
+        None => {}
+    }
 }

@@ -145,6 +145,11 @@ fn doq(server: &Server, streams: Vec<Vec<u8>>) -> Vec<Reply> {
         identity: None,
         ..target(server)
     };
+    doq_to(&target, streams)
+}
+
+/// [`doq`] to `target` (its name and trust), anonymously.
+fn doq_to(target: &dataplane::client::ClientTarget, streams: Vec<Vec<u8>>) -> Vec<Reply> {
     let requests = streams
         .into_iter()
         .map(|message| Request {
@@ -153,14 +158,16 @@ fn doq(server: &Server, streams: Vec<Vec<u8>>) -> Vec<Reply> {
         })
         .collect();
     let outcome = dataplane::client::rpc_framed(
-        &target,
+        target,
         dataplane::protocols::ALPN_DOQ,
         Framing::Doq,
         requests,
-        Duration::from_secs(3),
-    )
-    .unwrap();
-    outcome.replies
+        Duration::from_secs(8),
+    );
+    match outcome {
+        Ok(outcome) => outcome.replies,
+        Err(e) => vec![Reply::Failed(e.to_string())],
+    }
 }
 
 fn target(server: &Server) -> dataplane::client::ClientTarget {
@@ -256,4 +263,434 @@ fn bad_dns_over_quic_input_gets_the_rfc_answer_and_the_server_serves_on() {
     assert_eq!(rcode(&replies[0]), ResponseCode::FormErr);
     good_query_works(&server);
     assert!(server.stats()["total"]["doq_errors"].as_u64().unwrap() >= 3);
+}
+
+/// A stand-in for the host's resolver on `[::1]` (UDP and TCP on one
+/// port), counting what it is asked:
+/// - `www.example.org` AAAA: `2001:db8::1` (TTL 300), with an A record the
+///   server must remove;
+/// - `big.example.org` AAAA: over UDP an empty, truncated answer; over TCP
+///   40 addresses;
+/// - `silent.example.org`: never answered;
+/// - anything else: NXDOMAIN with an SOA.
+struct Upstream {
+    addr: std::net::SocketAddr,
+    udp_asked: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tcp_asked: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Upstream {
+    fn start() -> Upstream {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let udp = std::net::UdpSocket::bind("[::1]:0").unwrap();
+        let addr = udp.local_addr().unwrap();
+        let tcp = std::net::TcpListener::bind(addr).unwrap();
+        udp.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (udp_asked, tcp_asked) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (s, asked) = (stop.clone(), udp_asked.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while !s.load(Ordering::Relaxed) {
+                let Ok((n, from)) = udp.recv_from(&mut buf) else {
+                    continue;
+                };
+                asked.fetch_add(1, Ordering::Relaxed);
+                if let Some(answer) = upstream_answer(&buf[..n], false) {
+                    udp.send_to(&answer, from).unwrap();
+                }
+            }
+        });
+        let (s, asked) = (stop.clone(), tcp_asked.clone());
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            while !s.load(Ordering::Relaxed) {
+                let Ok((mut stream, _)) = tcp.accept() else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                asked.fetch_add(1, Ordering::Relaxed);
+                stream.set_nonblocking(false).unwrap();
+                let mut len = [0u8; 2];
+                stream.read_exact(&mut len).unwrap();
+                let mut query = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                stream.read_exact(&mut query).unwrap();
+                if let Some(answer) = upstream_answer(&query, true) {
+                    stream
+                        .write_all(&(answer.len() as u16).to_be_bytes())
+                        .unwrap();
+                    stream.write_all(&answer).unwrap();
+                }
+            }
+        });
+        Upstream {
+            addr,
+            udp_asked,
+            tcp_asked,
+            stop,
+        }
+    }
+
+    fn asked(&self) -> (usize, usize) {
+        use std::sync::atomic::Ordering;
+        (
+            self.udp_asked.load(Ordering::Relaxed),
+            self.tcp_asked.load(Ordering::Relaxed),
+        )
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn upstream_answer(query: &[u8], tcp: bool) -> Option<Vec<u8>> {
+    use hickory_proto::rr::rdata::{A, AAAA, SOA};
+    use hickory_proto::rr::{RData, Record};
+    let query = Message::from_vec(query).ok()?;
+    let question = query.queries.first()?.clone();
+    let name = question.name().to_lowercase().to_ascii();
+    let mut answer = Message::response(query.metadata.id, OpCode::Query);
+    answer.queries.push(question.clone());
+    answer.metadata.recursion_available = true;
+    let owner = question.name().clone();
+    match (name.as_str(), question.query_type()) {
+        ("silent.example.org.", _) => return None,
+        ("www.example.org.", RecordType::AAAA) => {
+            answer.answers.push(Record::from_rdata(
+                owner.clone(),
+                300,
+                RData::AAAA(AAAA("2001:db8::1".parse().unwrap())),
+            ));
+            answer.answers.push(Record::from_rdata(
+                owner,
+                300,
+                RData::A(A("192.0.2.1".parse().unwrap())),
+            ));
+        }
+        ("big.example.org.", RecordType::AAAA) if !tcp => answer.metadata.truncation = true,
+        ("big.example.org.", RecordType::AAAA) => {
+            for i in 1..=40u16 {
+                let ip = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, i);
+                answer
+                    .answers
+                    .push(Record::from_rdata(owner.clone(), 60, RData::AAAA(AAAA(ip))));
+            }
+        }
+        _ => {
+            answer.metadata.response_code = ResponseCode::NXDomain;
+            let apex = Name::from_ascii("example.org.").unwrap();
+            let soa = SOA::new(apex.clone(), apex.clone(), 1, 3600, 600, 86400, 60);
+            answer
+                .authorities
+                .push(Record::from_rdata(apex, 60, RData::SOA(soa)));
+        }
+    }
+    answer.to_vec().ok()
+}
+
+fn parsed(reply: &Reply) -> Message {
+    match reply {
+        Reply::Ok(bytes) => Message::from_vec(bytes).unwrap(),
+        other => panic!("no answer: {other:?}"),
+    }
+}
+
+fn aaaa_answers(message: &Message) -> Vec<String> {
+    message
+        .answers
+        .iter()
+        .map(|r| format!("{}/{}", r.record_type(), r.data))
+        .collect()
+}
+
+#[test]
+fn phase0_asks_the_system_resolver_for_names_outside_the_zone() {
+    let upstream = Upstream::start();
+    // Production defaults, with the migration aid switched on.
+    let server = Server::start_production(
+        "dns-forward",
+        &format!(
+            "[trustchain_authority]\noutside_zone = \"system-resolver\"\nupstream_resolvers = [\"{}\"]\n",
+            upstream.addr
+        ),
+    );
+    let out = |name: &str, kind: RecordType| query(name, kind, DNSClass::IN, 0);
+
+    // The answer, without its A record, not authoritative, recursion on.
+    let answer = parsed(&doq(&server, vec![out("www.example.org.", RecordType::AAAA)])[0]);
+    assert_eq!(answer.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(aaaa_answers(&answer), vec!["AAAA/2001:db8::1"]);
+    assert!(!answer.metadata.authoritative && answer.metadata.recursion_available);
+    assert_eq!(answer.metadata.id, 0);
+    assert_eq!(upstream.asked(), (1, 0));
+
+    // Asked again (another case): from the cache, its TTL counting down.
+    let again = parsed(&doq(&server, vec![out("WWW.example.ORG.", RecordType::AAAA)])[0]);
+    assert_eq!(aaaa_answers(&again), vec!["AAAA/2001:db8::1"]);
+    assert!(again.answers[0].ttl <= 300);
+    assert_eq!(
+        again.queries[0].name().to_ascii(),
+        "WWW.example.ORG.",
+        "the question as asked"
+    );
+    assert_eq!(upstream.asked(), (1, 0));
+
+    // IPv6 only: A is an empty NOERROR, not asked upstream; ANY is refused.
+    let replies = doq(
+        &server,
+        vec![
+            out("www.example.org.", RecordType::A),
+            out("www.example.org.", RecordType::ANY),
+        ],
+    );
+    let a = parsed(&replies[0]);
+    assert_eq!(
+        (a.metadata.response_code, a.answers.len()),
+        (ResponseCode::NoError, 0)
+    );
+    assert_eq!(rcode(&replies[1]), ResponseCode::Refused);
+    assert_eq!(upstream.asked(), (1, 0));
+
+    // NXDOMAIN passes with its SOA; a truncated UDP answer is asked over TCP.
+    let replies = doq(
+        &server,
+        vec![
+            out("nope.example.org.", RecordType::AAAA),
+            out("big.example.org.", RecordType::AAAA),
+        ],
+    );
+    let nx = parsed(&replies[0]);
+    assert_eq!(nx.metadata.response_code, ResponseCode::NXDomain);
+    assert_eq!(nx.authorities.len(), 1);
+    assert_eq!(parsed(&replies[1]).answers.len(), 40);
+    assert_eq!(upstream.asked(), (3, 1));
+
+    // A silent upstream: SERVFAIL after the timeout, while the zone's own
+    // names on the same connection are answered, authoritatively, at once.
+    let replies = doq(
+        &server,
+        vec![
+            out("silent.example.org.", RecordType::AAAA),
+            out("node1.internet2.test.", RecordType::AAAA),
+        ],
+    );
+    assert_eq!(rcode(&replies[0]), ResponseCode::ServFail);
+    let own = parsed(&replies[1]);
+    assert!(own.metadata.authoritative);
+    assert_eq!(aaaa_answers(&own), vec!["AAAA/::1"]);
+    assert!(server.stats()["total"]["doq_forwarded"].as_u64().unwrap() >= 4);
+
+    // An independent DoQ client (dnspython) gets the same answer.
+    match interop_python() {
+        Some(python) => {
+            let out = interop_peer(&python, "doq_query.py", &server)
+                .args(["www.example.org", "AAAA"])
+                .output()
+                .unwrap();
+            let json: serde_json::Value = serde_json::from_str(ok(&out).trim()).unwrap();
+            assert_eq!(json["rcode"], "NOERROR", "{json}");
+            assert_eq!(
+                json["answers"],
+                serde_json::json!(["2001:db8::1"]),
+                "{json}"
+            );
+            assert_eq!(json["aa"], false, "{json}");
+        }
+        None => skip_or_fail("dnspython is not installed: run `bash .ci/setup-interop.sh`"),
+    }
+}
+
+#[test]
+fn phase0_migration_aids_are_refused_where_they_do_not_belong() {
+    let dir = temp_dir("dns-phase0-refused");
+    let run = |config: &str, args: &[&str]| {
+        std::fs::write(
+            dir.join("server.toml"),
+            format!(
+                "[internet2]\nbind = \"::1\"\nport = {}\n{config}",
+                free_port()
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new(SERVER)
+            .args(args)
+            .arg("--config")
+            .arg(dir.join("server.toml"))
+            .arg("--data-dir")
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "started with {config}");
+        stderr(&out)
+    };
+    let forward = "[trustchain_authority]\noutside_zone = \"system-resolver\"\nupstream_resolvers = [\"[::1]:53\"]\n";
+    let why = run(forward, &["--bootstrap", "federated", "--cluster-init"]);
+    assert!(why.contains("phase0"), "{why}");
+    let why = run(
+        "[trustchain_authority]\nupstream_resolvers = [\"[::1]:53\"]\n",
+        &[],
+    );
+    assert!(
+        why.contains("upstream_resolvers") && why.contains("system-resolver"),
+        "{why}"
+    );
+    let why = run(
+        "[trustchain_authority]\noutside_zone = \"system-resolver\"\nupstream_resolvers = [\"nowhere\"]\n",
+        &[],
+    );
+    assert!(why.contains("not an address"), "{why}");
+    let why = run(
+        "[trustchain_authority]\nimport_certificate = \"/x.pem\"\n",
+        &[],
+    );
+    assert!(why.contains("needs import_key"), "{why}");
+    let why = run(
+        "[trustchain_authority]\nimport_certificate = \"/nonexistent/x.pem\"\nimport_key = \"/nonexistent/k.pem\"\n",
+        &[],
+    );
+    assert!(
+        why.contains("cannot import the certificate") && why.contains("/nonexistent/x.pem"),
+        "{why}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A public CA (a stand-in for one clients trust already) and certificates
+/// it issues.
+struct PublicCa {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl PublicCa {
+    fn new() -> PublicCa {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Public Test Root");
+        PublicCa {
+            cert: params.self_signed(&key).unwrap(),
+            key,
+        }
+    }
+
+    /// Write a chain (leaf, root) and key for `names` to `dir`.
+    fn issue(
+        &self,
+        dir: &std::path::Path,
+        names: &[&str],
+    ) -> (std::path::PathBuf, std::path::PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        let (chain, key_path) = (dir.join("fullchain.pem"), dir.join("privkey.pem"));
+        std::fs::write(&chain, cert.pem() + &self.cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (chain, key_path)
+    }
+
+    fn root(&self) -> rustls::pki_types::CertificateDer<'static> {
+        self.cert.der().clone()
+    }
+}
+
+#[test]
+fn phase0_serves_an_imported_certificate_for_its_public_names() {
+    let public = PublicCa::new();
+    let files = temp_dir("dns-import-files");
+    let (chain, key) = public.issue(&files, &["www.example.org", "*.pub.example.org"]);
+    let server = Server::start_production(
+        "dns-import",
+        &format!(
+            "[trustchain_authority]\nimport_certificate = \"{}\"\nimport_key = \"{}\"\n",
+            chain.display(),
+            key.display()
+        ),
+    );
+    let own = query("node1.internet2.test.", RecordType::AAAA, DNSClass::IN, 0);
+    // A client that trusts only the public root, asking for `name`.
+    let public_client = |name: &str| dataplane::client::ClientTarget {
+        server_name: name.into(),
+        trust: dataplane::ServerTrust::Roots(vec![public.root()]),
+        ..target(&server)
+    };
+    for name in ["www.example.org", "a.pub.example.org", "WWW.EXAMPLE.ORG"] {
+        let replies = doq_to(&public_client(name), vec![own.clone()]);
+        assert_eq!(rcode(&replies[0]), ResponseCode::NoError, "{name}");
+    }
+    // Names the certificate does not cover get the embedded CA's
+    // certificate, which the public root does not vouch for.
+    for name in [
+        "pub.example.org",
+        "a.b.pub.example.org",
+        "example.org",
+        "localhost",
+    ] {
+        let replies = doq_to(&public_client(name), vec![own.clone()]);
+        assert!(
+            matches!(&replies[0], Reply::Failed(_)),
+            "{name}: {:?}",
+            replies[0]
+        );
+    }
+    // Clients of the embedded CA see no change.
+    good_query_works(&server);
+
+    // An independent client (dnspython) trusting only the public root.
+    match interop_python() {
+        Some(python) => {
+            std::fs::write(files.join("root.pem"), public.cert.pem()).unwrap();
+            let out = interop_peer(&python, "doq_query.py", &server)
+                .arg("--cafile")
+                .arg(files.join("root.pem"))
+                .args([
+                    "--server-name",
+                    "www.example.org",
+                    "node1.internet2.test",
+                    "AAAA",
+                ])
+                .output()
+                .unwrap();
+            let json: serde_json::Value = serde_json::from_str(ok(&out).trim()).unwrap();
+            assert_eq!(json["rcode"], "NOERROR", "{json}");
+        }
+        None => skip_or_fail("dnspython is not installed: run `bash .ci/setup-interop.sh`"),
+    }
+
+    // Renewed in place (certbot's way) and SIGHUP: the new certificate.
+    let _ = server.log(); // what was logged so far
+    public.issue(&files, &["www2.example.org"]);
+    signal(server.pid(), "HUP");
+    server.wait_for_log("imported certificate served", Duration::from_secs(10));
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || match &doq_to(&public_client("www2.example.org"), vec![own.clone()])[0] {
+            Reply::Ok(_) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    assert!(matches!(
+        &doq_to(&public_client("www.example.org"), vec![own.clone()])[0],
+        Reply::Failed(_)
+    ));
+
+    // A broken renewal is refused and the served certificate stays.
+    std::fs::write(&key, "not a key").unwrap();
+    signal(server.pid(), "HUP");
+    server.wait_for_log("was not replaced", Duration::from_secs(10));
+    let replies = doq_to(&public_client("www2.example.org"), vec![own.clone()]);
+    assert_eq!(rcode(&replies[0]), ResponseCode::NoError);
+    let _ = std::fs::remove_dir_all(&files);
 }

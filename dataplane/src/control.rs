@@ -6,6 +6,11 @@
 //! The dataplane does not know what the requests mean: it forwards the
 //! kind, the payload and the client certificate the handshake verified, and
 //! writes back whatever bytes (or error) the control plane answers.
+//!
+//! DNS queries for names outside the zone take the same way back when a
+//! resolver is plugged in ([`ControlPort::set_resolver`], phase0's system
+//! resolver): a worker hands the query over, the resolver answers the
+//! worker's reply queue with the DNS message to write on the stream.
 
 use crate::worker::Mailbox;
 use bytes::Bytes;
@@ -50,11 +55,33 @@ pub struct Reply {
     pub result: Result<Vec<u8>, (u16, String)>,
 }
 
+/// A DNS query (the whole message, as the client sent it) for a name
+/// outside the zone, on its way to the resolver.
+#[derive(Debug)]
+pub struct DnsQuery {
+    pub worker: usize,
+    pub ticket: Ticket,
+    pub message: Vec<u8>,
+}
+
+/// What comes back to a worker.
+#[derive(Debug)]
+pub enum Returned {
+    /// The control plane's answer to a `stoq/1` request.
+    Stoq(Reply),
+    /// The DNS message answering a [`DnsQuery`].
+    Dns { ticket: Ticket, message: Vec<u8> },
+}
+
+/// Takes a query for the resolver; hands it back when it cannot (full).
+pub type Resolver = Arc<dyn Fn(DnsQuery) -> Result<(), DnsQuery> + Send + Sync>;
+
 pub struct ControlPort {
     requests: ArrayQueue<Forwarded>,
-    replies: Box<[ArrayQueue<Reply>]>,
+    replies: Box<[ArrayQueue<Returned>]>,
     control: OnceLock<Arc<dyn Fn() + Send + Sync>>,
     mailboxes: OnceLock<Arc<[Mailbox]>>,
+    resolver: OnceLock<Resolver>,
 }
 
 impl ControlPort {
@@ -66,6 +93,7 @@ impl ControlPort {
                 .collect(),
             control: OnceLock::new(),
             mailboxes: OnceLock::new(),
+            resolver: OnceLock::new(),
         })
     }
 
@@ -99,10 +127,52 @@ impl ControlPort {
     /// Control-plane side: answer `worker`; hands the reply back when its
     /// queue is full (the caller retries after serving others).
     pub fn reply(&self, worker: usize, reply: Reply) -> Result<(), Reply> {
+        self.give_back(worker, Returned::Stoq(reply))
+            .map_err(|back| match back {
+                Returned::Stoq(reply) => reply,
+                Returned::Dns { .. } => unreachable!("handed back what was given"),
+            })
+    }
+
+    /// Plug in the resolver for names outside the zone (at most once).
+    pub fn set_resolver(&self, resolver: Resolver) {
+        let _ = self.resolver.set(resolver);
+    }
+
+    /// Worker side: hand a query to the resolver; hands it back when there
+    /// is none or it is full (the worker answers SERVFAIL or REFUSED).
+    pub fn resolve(&self, query: DnsQuery) -> Result<(), DnsQuery> {
+        match self.resolver.get() {
+            Some(resolver) => resolver(query),
+            None => Err(query),
+        }
+    }
+
+    /// Whether a resolver is plugged in.
+    pub fn resolves(&self) -> bool {
+        self.resolver.get().is_some()
+    }
+
+    /// Resolver side: the DNS answer to a query `worker` handed over; hands
+    /// it back when the worker's queue is full.
+    pub fn answer_dns(
+        &self,
+        worker: usize,
+        ticket: Ticket,
+        message: Vec<u8>,
+    ) -> Result<(), Vec<u8>> {
+        self.give_back(worker, Returned::Dns { ticket, message })
+            .map_err(|back| match back {
+                Returned::Dns { message, .. } => message,
+                Returned::Stoq(_) => unreachable!("handed back what was given"),
+            })
+    }
+
+    fn give_back(&self, worker: usize, returned: Returned) -> Result<(), Returned> {
         let Some(queue) = self.replies.get(worker) else {
             return Ok(());
         };
-        queue.push(reply)?;
+        queue.push(returned)?;
         if let Some(mailbox) = self.mailboxes.get().and_then(|m| m.get(worker)) {
             mailbox.waker.wake();
         }
@@ -110,7 +180,7 @@ impl ControlPort {
     }
 
     /// Worker side: the next reply for `worker`.
-    pub fn take_reply(&self, worker: usize) -> Option<Reply> {
+    pub fn take_reply(&self, worker: usize) -> Option<Returned> {
         self.replies.get(worker)?.pop()
     }
 }

@@ -4,7 +4,7 @@
 
 use crate::admission::{AdmissionEvent, AdmissionGate, AdmissionStage, CLOSE_ADMISSION_DEADLINE};
 use crate::cid::{WorkerCidGenerator, WorkerId};
-use crate::control::ControlPort;
+use crate::control::{ControlPort, Returned};
 use crate::front_door::FrontDoor;
 use crate::io::socket::SocketBackend;
 use crate::io::sockopt::bind_worker_socket;
@@ -662,6 +662,18 @@ pub struct ServerConn {
 }
 
 impl ServerService {
+    /// Where this connection's DNS queries for names outside the zone go,
+    /// when a resolver is plugged in.
+    fn resolver_route(&self, st: &ServerConn) -> Option<AuthorityRoute<'_>> {
+        let port = self.control.as_deref().filter(|port| port.resolves())?;
+        Some(AuthorityRoute {
+            port,
+            worker: self.worker,
+            handle: st.handle.0,
+            conn_id: st.id,
+        })
+    }
+
     /// The handshake completed: take the verified client certificate and
     /// apply the per-ALPN rule for connections without one. Returns false
     /// when the connection was closed.
@@ -872,19 +884,29 @@ impl Service for ServerService {
             }
         }
         let Some(port) = &self.control else { return };
-        while let Some(reply) = port.take_reply(self.worker) {
-            let kind = reply.kind | stoq::RESPONSE_FLAG;
-            let response = match reply.result {
-                Ok(payload) => stoq::encode(kind, &payload),
-                Err((code, message)) => stoq::encode_error_code(code, &message),
+        while let Some(returned) = port.take_reply(self.worker) {
+            let (ticket, what) = match returned {
+                Returned::Stoq(reply) => {
+                    let kind = reply.kind | stoq::RESPONSE_FLAG;
+                    let response = match reply.result {
+                        Ok(payload) => stoq::encode(kind, &payload),
+                        Err((code, message)) => stoq::encode_error_code(code, &message),
+                    };
+                    let stream = reply.ticket.stream;
+                    (reply.ticket, Delivered::Response { stream, response })
+                }
+                Returned::Dns { ticket, message } => (
+                    ticket,
+                    Delivered::DnsAnswer {
+                        stream: ticket.stream,
+                        message,
+                    },
+                ),
             };
             out.push(Delivery {
-                handle: ConnectionHandle(reply.ticket.handle),
-                conn_id: reply.ticket.conn_id,
-                what: Delivered::Response {
-                    stream: reply.ticket.stream,
-                    response,
-                },
+                handle: ConnectionHandle(ticket.handle),
+                conn_id: ticket.conn_id,
+                what,
             });
         }
     }
@@ -903,6 +925,9 @@ impl Service for ServerService {
         match delivery.what {
             Delivered::Response { stream, response } => {
                 st.stoq.deliver(conn, stream, response, counters)
+            }
+            Delivered::DnsAnswer { stream, message } => {
+                st.doq.deliver(conn, stream, &message, counters)
             }
             Delivered::AdmissionDeadline => self.on_deadline(st, conn, now, counters),
             Delivered::IdleDeadline if st.doq.take_answered() => {
@@ -1079,16 +1104,27 @@ impl Service for ServerService {
             }
             (Alpn::Doq, Event::Connected) if !self.dns_without_certificate => {
                 let zone = self.zone.as_ref().map(|z| z.load());
-                st.doq.on_readable(conn, None, zone.as_ref(), now, counters)
+                let resolver = self.resolver_route(st);
+                st.doq
+                    .on_readable(conn, None, zone.as_ref(), resolver.as_ref(), now, counters)
             }
             (Alpn::Doq, Event::Stream(StreamEvent::Opened { .. })) => {
                 let zone = self.zone.as_ref().map(|z| z.load());
-                st.doq.on_readable(conn, None, zone.as_ref(), now, counters)
+                let resolver = self.resolver_route(st);
+                st.doq
+                    .on_readable(conn, None, zone.as_ref(), resolver.as_ref(), now, counters)
             }
             (Alpn::Doq, Event::Stream(StreamEvent::Readable { id })) => {
                 let zone = self.zone.as_ref().map(|z| z.load());
-                st.doq
-                    .on_readable(conn, Some(id), zone.as_ref(), now, counters)
+                let resolver = self.resolver_route(st);
+                st.doq.on_readable(
+                    conn,
+                    Some(id),
+                    zone.as_ref(),
+                    resolver.as_ref(),
+                    now,
+                    counters,
+                )
             }
             (
                 Alpn::Doq,

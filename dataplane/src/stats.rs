@@ -108,6 +108,9 @@ counters! {
     admission_deadline,
     /// DNS-over-QUIC queries answered.
     doq_queries,
+    /// DNS-over-QUIC queries for names outside the zone handed to the
+    /// resolver (phase0's system resolver).
+    doq_forwarded,
     /// DNS-over-QUIC connections closed for a protocol error.
     doq_errors,
     /// DNS-over-QUIC connections closed for asking nothing within the idle

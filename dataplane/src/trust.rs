@@ -322,8 +322,68 @@ impl ClientCertVerifier for SnapshotClientVerifier {
 
 /// The server's own certificate, swapped on rotation. Handshakes in flight
 /// keep the key they started with; the next one gets the new certificate.
+///
+/// Beside it, phase0 may hold an [`Imported`] certificate another CA issued
+/// for public names: a client that asks for one of them (SNI) gets that
+/// one instead.
 pub struct CertificateStore {
     current: ArcSwap<CertifiedKey>,
+    imported: arc_swap::ArcSwapOption<Imported>,
+}
+
+/// A certificate chain another CA issued, with its key, for the names it
+/// covers (its DNS subject alternative names).
+pub struct Imported {
+    names: Vec<String>,
+    key: Arc<CertifiedKey>,
+}
+
+impl std::fmt::Debug for Imported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Imported")
+            .field("names", &self.names)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Imported {
+    /// Refuses a key that is not the leaf's.
+    pub fn new(
+        names: Vec<String>,
+        chain: Vec<CertificateDer<'static>>,
+        key: &PrivateKeyDer<'static>,
+    ) -> Result<Self, rustls::Error> {
+        let key = certified(chain, key)?;
+        key.keys_match()?;
+        Ok(Self {
+            names: names.into_iter().map(|n| n.to_ascii_lowercase()).collect(),
+            key: Arc::new(key),
+        })
+    }
+
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// Whether the certificate is for `server_name`.
+    pub fn covers(&self, server_name: &str) -> bool {
+        self.names.iter().any(|n| name_covers(n, server_name))
+    }
+}
+
+/// Whether the certificate name `pattern` covers `name` (RFC 6125 §6.4): the
+/// same name without regard to case, or `*.` and exactly one more label on
+/// the left (`*.example.org` covers `a.example.org`, not `example.org` nor
+/// `a.b.example.org`).
+pub fn name_covers(pattern: &str, name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let pattern = pattern.strip_suffix('.').unwrap_or(pattern);
+    match pattern.strip_prefix("*.") {
+        Some(parent) => name.split_once('.').is_some_and(|(label, rest)| {
+            !label.is_empty() && label != "*" && rest.eq_ignore_ascii_case(parent)
+        }),
+        None => pattern.eq_ignore_ascii_case(name),
+    }
 }
 
 impl CertificateStore {
@@ -333,7 +393,22 @@ impl CertificateStore {
     ) -> Result<Arc<Self>, rustls::Error> {
         Ok(Arc::new(Self {
             current: ArcSwap::from_pointee(certified(chain, key)?),
+            imported: arc_swap::ArcSwapOption::empty(),
         }))
+    }
+
+    /// Serve `imported` to clients that ask for its names (None: stop).
+    pub fn set_imported(&self, imported: Option<Imported>) {
+        self.imported.store(imported.map(Arc::new));
+    }
+
+    /// The names the imported certificate is served for.
+    pub fn imported_names(&self) -> Vec<String> {
+        self.imported
+            .load()
+            .as_ref()
+            .map(|i| i.names.clone())
+            .unwrap_or_default()
     }
 
     pub fn swap(
@@ -368,7 +443,33 @@ impl std::fmt::Debug for CertificateStore {
 }
 
 impl ResolvesServerCert for CertificateStore {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        if let Some(name) = hello.server_name()
+            && let Some(imported) = self.imported.load().as_ref()
+            && imported.covers(name)
+        {
+            return Some(imported.key.clone());
+        }
         Some(self.current.load_full())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::name_covers;
+
+    #[test]
+    fn a_wildcard_covers_one_label_and_no_more() {
+        assert!(name_covers("www.example.org", "WWW.Example.org"));
+        assert!(name_covers("www.example.org", "www.example.org."));
+        assert!(!name_covers("www.example.org", "example.org"));
+        assert!(name_covers("*.example.org", "a.example.org"));
+        assert!(!name_covers("*.example.org", "example.org"));
+        assert!(!name_covers("*.example.org", "a.b.example.org"));
+        assert!(!name_covers("*.example.org", ".example.org"));
+        assert!(!name_covers("*.example.org", "*.example.org"));
+        assert!(!name_covers("*.example.org", "a.example.org.evil"));
+        assert!(!name_covers("a*.example.org", "ab.example.org"));
+        assert!(!name_covers("*", "localhost"));
     }
 }

@@ -17,6 +17,7 @@ pub mod api;
 pub mod ca;
 pub mod ct;
 pub mod enrollment;
+pub mod import;
 pub mod logged;
 pub mod pem;
 pub mod registry;

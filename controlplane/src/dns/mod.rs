@@ -17,6 +17,7 @@
 //! control-plane thread publishes to the workers whenever
 //! [`Zone::generation`] changed.
 
+pub mod forward;
 mod name;
 pub mod store;
 mod zone;

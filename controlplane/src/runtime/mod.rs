@@ -32,7 +32,7 @@ const REQUESTS_PER_POLL: usize = 256;
 /// How long a full reply queue is retried before the reply is dropped (the
 /// client then times out): a worker that stopped reading must not stall
 /// the authority.
-const REPLY_RETRY: Duration = Duration::from_millis(50);
+pub(crate) const REPLY_RETRY: Duration = Duration::from_millis(50);
 
 /// Requests in one group commit (one fsync): bounds how long the first of
 /// them waits for its answer.

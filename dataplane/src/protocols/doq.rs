@@ -5,8 +5,12 @@
 //! The zone is authoritative and IPv6-only: SOA and NS at the apex, AAAA
 //! for each name, and a TLSA `3 1 1` (DANE-EE, SPKI, SHA-256) pin at
 //! `_PORT._udp.NAME`. A queries get NOERROR with no data; unknown names in the
-//! zone get NXDOMAIN with the SOA; names outside it get REFUSED.
+//! zone get NXDOMAIN with the SOA; names outside it get REFUSED, or, where a
+//! resolver is plugged into the control port (phase0's system resolver),
+//! are handed to it and answered when it answers.
 
+use super::stoq::AuthorityRoute;
+use crate::control::{DnsQuery, Ticket};
 use crate::stats::Counters;
 use bytes::{BufMut, Bytes, BytesMut};
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
@@ -219,6 +223,20 @@ pub const UDP_ANSWER_MAX: usize = 512;
 
 /// Answer one DNS query arriving over `transport`.
 pub fn answer_with(zone: &Zone, query: &[u8], transport: Transport) -> Answer {
+    match decide(zone, query, transport, false) {
+        Decision::Answer(answer) => answer,
+        Decision::Forward => refuse(query),
+    }
+}
+
+/// An answer, or: the question is for a name outside the zone and goes to
+/// the resolver.
+enum Decision {
+    Answer(Answer),
+    Forward,
+}
+
+fn decide(zone: &Zone, query: &[u8], transport: Transport, forward: bool) -> Decision {
     let request = match Message::from_vec(query) {
         Ok(request) => request,
         Err(_) => {
@@ -227,18 +245,27 @@ pub fn answer_with(zone: &Zone, query: &[u8], transport: Transport) -> Answer {
                 (Transport::Udp, [hi, lo, ..]) => u16::from_be_bytes([*hi, *lo]),
                 _ => 0,
             };
-            return respond(Message::error_msg(id, OpCode::Query, ResponseCode::FormErr));
+            return Decision::Answer(respond(Message::error_msg(
+                id,
+                OpCode::Query,
+                ResponseCode::FormErr,
+            )));
         }
     };
     let id = match transport {
         Transport::Quic if request.metadata.id != 0 => {
-            return Answer::ProtocolError("DNS message ID must be 0 over QUIC (RFC 9250 §4.2.1)");
+            return Decision::Answer(Answer::ProtocolError(
+                "DNS message ID must be 0 over QUIC (RFC 9250 §4.2.1)",
+            ));
         }
         Transport::Quic => 0,
         Transport::Udp => request.metadata.id,
     };
+    if forward && outside(zone, &request) {
+        return Decision::Forward;
+    }
     let answer = answer_request(zone, &request, id);
-    match (transport, answer) {
+    Decision::Answer(match (transport, answer) {
         (Transport::Udp, Answer::Response(bytes)) if bytes.len() > UDP_ANSWER_MAX => {
             let mut truncated = Message::response(id, request.metadata.op_code);
             truncated.queries = request.queries.clone();
@@ -247,6 +274,20 @@ pub fn answer_with(zone: &Zone, query: &[u8], transport: Transport) -> Answer {
             respond(truncated)
         }
         (_, answer) => answer,
+    })
+}
+
+/// A well-formed standard query with one IN question for a name outside
+/// the zone: what a resolver may answer instead of REFUSED.
+fn outside(zone: &Zone, request: &Message) -> bool {
+    match request.queries.as_slice() {
+        [question] => {
+            request.metadata.message_type == MessageType::Query
+                && request.metadata.op_code == OpCode::Query
+                && question.query_class() == DNSClass::IN
+                && !zone.apex.zone_of(&question.name().to_lowercase())
+        }
+        _ => false,
     }
 }
 
@@ -291,6 +332,16 @@ fn answer_request(zone: &Zone, request: &Message, id: u16) -> Answer {
         response.authorities.push(zone.soa.clone());
     }
     response.answers = answers;
+    respond(response)
+}
+
+/// SERVFAIL for `query` (the resolver could not take it), ID 0.
+pub fn server_failure(query: &[u8]) -> Answer {
+    let mut response = Message::error_msg(0, OpCode::Query, ResponseCode::ServFail);
+    if let Ok(request) = Message::from_vec(query) {
+        response.queries = request.queries;
+        response.metadata.recursion_desired = request.metadata.recursion_desired;
+    }
     respond(response)
 }
 
@@ -345,20 +396,44 @@ pub struct DoqServer {
 }
 
 impl DoqServer {
+    /// Read what arrived; `resolver` is where queries for names outside
+    /// the zone go (None: they are REFUSED).
     pub fn on_readable(
         &mut self,
         conn: &mut Connection,
         id: Option<StreamId>,
         zone: Option<&Arc<Zone>>,
+        resolver: Option<&AuthorityRoute<'_>>,
         now: Instant,
         counters: &mut Counters,
     ) {
         while let Some(id) = conn.streams().accept(Dir::Bi) {
             self.streams.insert(id, DoqStream::default());
-            self.read(conn, id, zone, now, counters);
+            self.read(conn, id, zone, resolver, now, counters);
         }
         if let Some(id) = id {
-            self.read(conn, id, zone, now, counters);
+            self.read(conn, id, zone, resolver, now, counters);
+        }
+    }
+
+    /// The resolver's answer to the query on `id`: write it (a stream the
+    /// peer gave up on meanwhile is gone, and so is the answer).
+    pub fn deliver(
+        &mut self,
+        conn: &mut Connection,
+        id: StreamId,
+        message: &[u8],
+        counters: &mut Counters,
+    ) {
+        if let Some(stream) = self.streams.get_mut(&id) {
+            write_answer(
+                conn,
+                id,
+                stream,
+                message,
+                &mut self.answered_since,
+                counters,
+            );
         }
     }
 
@@ -395,6 +470,7 @@ impl DoqServer {
         conn: &mut Connection,
         id: StreamId,
         zone: Option<&Arc<Zone>>,
+        resolver: Option<&AuthorityRoute<'_>>,
         now: Instant,
         counters: &mut Counters,
     ) {
@@ -471,35 +547,69 @@ impl DoqServer {
             return;
         }
         stream.answered = true;
-        let result = match zone {
-            Some(zone) => answer(zone, &stream.buf[2..whole]),
-            None => refuse(&stream.buf[2..whole]),
+        let query = std::mem::take(&mut stream.buf);
+        let query = &query[2..whole];
+        let result = match (zone, resolver) {
+            (Some(zone), Some(route)) => match decide(zone, query, Transport::Quic, true) {
+                Decision::Answer(answer) => answer,
+                Decision::Forward => {
+                    let handed = DnsQuery {
+                        worker: route.worker,
+                        ticket: Ticket {
+                            handle: route.handle,
+                            conn_id: route.conn_id,
+                            stream: id,
+                        },
+                        message: query.to_vec(),
+                    };
+                    match route.port.resolve(handed) {
+                        Ok(()) => {
+                            counters.doq_forwarded += 1;
+                            return;
+                        }
+                        Err(_) => server_failure(query),
+                    }
+                }
+            },
+            (Some(zone), None) => answer(zone, query),
+            (None, _) => refuse(query),
         };
-        stream.buf = Vec::new();
         match result {
             Answer::Response(message) => {
-                // RFC 9250 §4.2: a two-byte length prefix; answers are
-                // built far below it, and one that is not is not sent cut.
-                let Ok(len) = u16::try_from(message.len()) else {
-                    counters.doq_errors += 1;
-                    let _ = conn
-                        .send_stream(id)
-                        .reset(VarInt::from_u32(DOQ_INTERNAL_ERROR));
-                    return;
-                };
-                counters.doq_queries += 1;
-                *answered = true;
-                let mut framed = BytesMut::with_capacity(2 + message.len());
-                framed.put_u16(len);
-                framed.put_slice(&message);
-                counters.stream_bytes_tx += framed.len() as u64;
-                stream.unsent = super::write_whole(conn, id, framed.freeze());
+                write_answer(conn, id, stream, &message, answered, counters)
             }
             Answer::ProtocolError(reason) => {
                 close_with(conn, now, DOQ_PROTOCOL_ERROR, reason.as_bytes(), counters)
             }
         }
     }
+}
+
+/// Write `message` on `id` with its length prefix and finish the stream.
+fn write_answer(
+    conn: &mut Connection,
+    id: StreamId,
+    stream: &mut DoqStream,
+    message: &[u8],
+    answered: &mut bool,
+    counters: &mut Counters,
+) {
+    // RFC 9250 §4.2: a two-byte length prefix; answers are built far below
+    // it, and one that is not is not sent cut.
+    let Ok(len) = u16::try_from(message.len()) else {
+        counters.doq_errors += 1;
+        let _ = conn
+            .send_stream(id)
+            .reset(VarInt::from_u32(DOQ_INTERNAL_ERROR));
+        return;
+    };
+    counters.doq_queries += 1;
+    *answered = true;
+    let mut framed = BytesMut::with_capacity(2 + message.len());
+    framed.put_u16(len);
+    framed.put_slice(message);
+    counters.stream_bytes_tx += framed.len() as u64;
+    stream.unsent = super::write_whole(conn, id, framed.freeze());
 }
 
 #[cfg(test)]

@@ -144,6 +144,11 @@ pub enum Delivered {
         stream: quinn_proto::StreamId,
         response: Bytes,
     },
+    /// The resolver's answer to a DNS query forwarded from `stream`.
+    DnsAnswer {
+        stream: quinn_proto::StreamId,
+        message: Vec<u8>,
+    },
     /// The connection's admission deadline passed.
     AdmissionDeadline,
     /// The connection's idle deadline passed.
