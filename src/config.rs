@@ -828,8 +828,6 @@ impl Config {
     }
 }
 
-/// An error for `section.key`, located at the key's line when it is in the
-/// file (line 0 when the value is a default).
 /// `upstream_resolvers`: `"[ADDR]:PORT"`, `"ADDR:PORT"` (IPv4) or a bare
 /// address (port 53), at most 3, no duplicates.
 fn upstream_resolvers(listed: &[String]) -> Result<Vec<std::net::SocketAddr>, String> {
@@ -857,6 +855,9 @@ fn upstream_resolvers(listed: &[String]) -> Result<Vec<std::net::SocketAddr>, St
         if address.port() == 0 {
             return Err(format!("`{entry}`: port 0 is not a resolver's port"));
         }
+        if address.ip().is_unspecified() || address.ip().is_multicast() {
+            return Err(format!("`{entry}` is not one server's address"));
+        }
         if found.contains(&address) {
             return Err(format!("`{entry}` is listed twice"));
         }
@@ -865,6 +866,8 @@ fn upstream_resolvers(listed: &[String]) -> Result<Vec<std::net::SocketAddr>, St
     Ok(found)
 }
 
+/// An error for `section.key`, located at the key's line when it is in the
+/// file (line 0 when the value is a default).
 fn key_error(file: &str, text: &str, section: &str, key: &str, message: &str) -> ConfigError {
     let mut in_section = false;
     let mut line = 0;

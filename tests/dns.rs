@@ -485,6 +485,24 @@ fn phase0_asks_the_system_resolver_for_names_outside_the_zone() {
     let own = parsed(&replies[1]);
     assert!(own.metadata.authoritative);
     assert_eq!(aaaa_answers(&own), vec!["AAAA/::1"]);
+    assert_eq!(upstream.asked(), (4, 1));
+    // The failure is remembered for a moment (RFC 9520): not asked again.
+    // The host's own names (single labels, .local, private reverse zones)
+    // are refused without asking.
+    let replies = doq(
+        &server,
+        vec![
+            out("silent.example.org.", RecordType::AAAA),
+            out("gateway.", RecordType::AAAA),
+            out("printer.local.", RecordType::AAAA),
+            out("1.0.0.10.in-addr.arpa.", RecordType::PTR),
+        ],
+    );
+    assert_eq!(rcode(&replies[0]), ResponseCode::ServFail);
+    for refused in &replies[1..] {
+        assert_eq!(rcode(refused), ResponseCode::Refused);
+    }
+    assert_eq!(upstream.asked(), (4, 1));
     assert!(server.stats()["total"]["doq_forwarded"].as_u64().unwrap() >= 4);
 
     // An independent DoQ client (dnspython) gets the same answer.

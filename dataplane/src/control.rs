@@ -61,6 +61,9 @@ pub struct Reply {
 pub struct DnsQuery {
     pub worker: usize,
     pub ticket: Ticket,
+    /// The client's address, as the handshake validated it (the resolver
+    /// shares its upstream slots out by site).
+    pub source: std::net::IpAddr,
     pub message: Vec<u8>,
 }
 

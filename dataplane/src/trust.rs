@@ -336,6 +336,8 @@ pub struct CertificateStore {
 pub struct Imported {
     names: Vec<String>,
     key: Arc<CertifiedKey>,
+    /// Past it the certificate is no longer presented.
+    not_after: std::time::SystemTime,
 }
 
 impl std::fmt::Debug for Imported {
@@ -347,17 +349,20 @@ impl std::fmt::Debug for Imported {
 }
 
 impl Imported {
-    /// Refuses a key that is not the leaf's.
+    /// Refuses a key that is not the leaf's. The certificate is presented
+    /// until `not_after` (the leaf's), not after.
     pub fn new(
         names: Vec<String>,
         chain: Vec<CertificateDer<'static>>,
         key: &PrivateKeyDer<'static>,
+        not_after: std::time::SystemTime,
     ) -> Result<Self, rustls::Error> {
         let key = certified(chain, key)?;
         key.keys_match()?;
         Ok(Self {
             names: names.into_iter().map(|n| n.to_ascii_lowercase()).collect(),
             key: Arc::new(key),
+            not_after,
         })
     }
 
@@ -369,6 +374,13 @@ impl Imported {
     pub fn covers(&self, server_name: &str) -> bool {
         self.names.iter().any(|n| name_covers(n, server_name))
     }
+}
+
+/// Whether two certificate names could name one server: equal, or one
+/// covers the other (`*.example.org` and `a.example.org`).
+pub fn names_overlap(a: &str, b: &str) -> bool {
+    let bare = |n: &str| n.strip_suffix('.').unwrap_or(n).to_ascii_lowercase();
+    bare(a) == bare(b) || name_covers(a, b) || name_covers(b, a)
 }
 
 /// Whether the certificate name `pattern` covers `name` (RFC 6125 §6.4): the
@@ -447,6 +459,7 @@ impl ResolvesServerCert for CertificateStore {
         if let Some(name) = hello.server_name()
             && let Some(imported) = self.imported.load().as_ref()
             && imported.covers(name)
+            && std::time::SystemTime::now() < imported.not_after
         {
             return Some(imported.key.clone());
         }
@@ -456,7 +469,7 @@ impl ResolvesServerCert for CertificateStore {
 
 #[cfg(test)]
 mod tests {
-    use super::name_covers;
+    use super::{name_covers, names_overlap};
 
     #[test]
     fn a_wildcard_covers_one_label_and_no_more() {
@@ -471,5 +484,9 @@ mod tests {
         assert!(!name_covers("*.example.org", "a.example.org.evil"));
         assert!(!name_covers("a*.example.org", "ab.example.org"));
         assert!(!name_covers("*", "localhost"));
+        assert!(names_overlap("*.example.org", "*.Example.org."));
+        assert!(names_overlap("a.example.org", "*.example.org"));
+        assert!(names_overlap("*.example.org", "a.example.org"));
+        assert!(!names_overlap("*.example.org", "example.org"));
     }
 }

@@ -10,7 +10,7 @@
 //! embedded CA). The chain's root is the other CA's business: clients
 //! check it against their own trust store.
 
-use dataplane::trust::{Imported, name_covers};
+use dataplane::trust::{Imported, names_overlap};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::{Path, PathBuf};
@@ -142,7 +142,7 @@ pub fn load(
     }
     if let Some(name) = names
         .iter()
-        .find(|pattern| own_names.iter().any(|own| name_covers(pattern, own)))
+        .find(|name| own_names.iter().any(|own| names_overlap(name, own)))
     {
         return Err(ImportError::OwnName {
             path: certificate.to_owned(),
@@ -152,12 +152,13 @@ pub fn load(
     let not_after = SystemTime::UNIX_EPOCH
         + Duration::from_secs(u64::try_from(validity.not_after.timestamp()).unwrap_or(0));
     let issuer = leaf.issuer().to_string();
-    let imported =
-        Imported::new(names.clone(), chain, &private).map_err(|e| ImportError::KeyMismatch {
+    let imported = Imported::new(names.clone(), chain, &private, not_after).map_err(|e| {
+        ImportError::KeyMismatch {
             certificate: certificate.to_owned(),
             key: key.to_owned(),
             detail: e.to_string(),
-        })?;
+        }
+    })?;
     Ok(ImportedCertificate {
         imported,
         names,
@@ -254,6 +255,9 @@ mod tests {
             SystemTime::now(),
         )
         .unwrap_err();
+        assert!(matches!(e, ImportError::OwnName { .. }), "{e}");
+        // The server's own wildcard covers the imported name.
+        let e = load(&chain, &key, &["*.example.org".into()], SystemTime::now()).unwrap_err();
         assert!(matches!(e, ImportError::OwnName { .. }), "{e}");
         // Not PEM, empty, a chain out of order.
         std::fs::write(&key, "junk").unwrap();

@@ -17,7 +17,7 @@
 use dataplane::control::{ControlPort, DnsQuery};
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{RData, Record, RecordType};
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::Path;
@@ -30,8 +30,17 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 pub const RESOLV_CONF: &str = "/etc/resolv.conf";
 /// Queries waiting for the resolver thread, all workers together.
 pub const QUEUE_LEN: usize = 1024;
-/// Questions being asked upstream at once; past it, SERVFAIL at once.
+/// Queries waiting for upstream answers at once; past it, SERVFAIL at once.
 pub const IN_FLIGHT_MAX: usize = 256;
+/// Of those, the most from one source /64 (one IPv6 site).
+pub const PREFIX_IN_FLIGHT_MAX: usize = 32;
+/// The longest one question is worked on, all upstream servers together.
+pub const QUESTION_DEADLINE: Duration = Duration::from_secs(3);
+/// How long a question no upstream answered is answered SERVFAIL from the
+/// cache (RFC 9520 §3.2: at least 1 s).
+pub const FAILURE_TTL: u32 = 5;
+/// Bytes of answers the cache holds (their wire size), all together.
+pub const CACHE_BYTES: usize = 16 << 20;
 /// How long one upstream server gets to answer (UDP, then TCP).
 pub const UPSTREAM_TIMEOUT: Duration = Duration::from_millis(1500);
 /// Answers cached (the oldest goes first).
@@ -147,7 +156,8 @@ impl Forwarder {
                         port: resolver_port,
                         upstreams,
                         cache: RefCell::new(Cache::default()),
-                        in_flight: Cell::new(0),
+                        asking: RefCell::default(),
+                        per_prefix: RefCell::default(),
                     });
                     loop {
                         tokio::select! {
@@ -197,12 +207,25 @@ struct State {
     port: Arc<ControlPort>,
     upstreams: Vec<SocketAddr>,
     cache: RefCell<Cache>,
-    in_flight: Cell<usize>,
+    /// Questions being asked upstream, with everyone waiting for each (the
+    /// first asker included): one upstream question however many ask it.
+    asking: RefCell<HashMap<CacheKey, Vec<Waiter>>>,
+    /// Waiters per source /64 (an IPv6 site), bounded by
+    /// [`PREFIX_IN_FLIGHT_MAX`].
+    per_prefix: RefCell<HashMap<u64, usize>>,
+}
+
+/// A query waiting for an upstream answer.
+struct Waiter {
+    query: DnsQuery,
+    request: Message,
+    prefix: u64,
 }
 
 impl State {
-    /// Answer `query` at once (cache, policy, SERVFAIL when too many are
-    /// upstream) or ask upstream on a task of its own.
+    /// Answer `query` at once (policy, cache, SERVFAIL past a bound), join
+    /// the same question already upstream, or ask upstream on a task of
+    /// its own.
     fn take(self: Rc<Self>, query: DnsQuery) {
         let request = match Message::from_vec(&query.message) {
             Ok(request) => request,
@@ -221,31 +244,87 @@ impl State {
             }
             _ => {}
         }
+        if is_local_name(question.name()) {
+            // The host's own view (its search domains, mDNS, private
+            // reverse zones) is not for the network's clients.
+            return self.send(query, respond_code(Some(&request), ResponseCode::Refused));
+        }
         let key = CacheKey::of(question);
         if let Some(cached) = self.cache.borrow_mut().get(&key, Instant::now()) {
             return self.send(query, encode(reply_to(&request, cached)));
         }
-        if self.in_flight.get() >= IN_FLIGHT_MAX {
+        let prefix = site(query.source);
+        let waiting: usize = self.asking.borrow().values().map(Vec::len).sum();
+        let site_waiting = self.per_prefix.borrow().get(&prefix).copied().unwrap_or(0);
+        if waiting >= IN_FLIGHT_MAX || site_waiting >= PREFIX_IN_FLIGHT_MAX {
             return self.send(query, respond_code(Some(&request), ResponseCode::ServFail));
         }
-        self.in_flight.set(self.in_flight.get() + 1);
+        *self.per_prefix.borrow_mut().entry(prefix).or_default() += 1;
+        let waiter = Waiter {
+            query,
+            request,
+            prefix,
+        };
+        let first = {
+            let mut asking = self.asking.borrow_mut();
+            let waiters = asking.entry(key.clone()).or_default();
+            waiters.push(waiter);
+            waiters.len() == 1
+        };
+        if !first {
+            return;
+        }
         tokio::task::spawn_local(async move {
-            let question = request.queries[0].clone();
-            let answered = self.ask_upstreams(&question).await;
-            self.in_flight.set(self.in_flight.get() - 1);
-            let message = match answered {
+            let question = {
+                let asking = self.asking.borrow();
+                asking[&key][0].request.queries[0].clone()
+            };
+            let answered = tokio::time::timeout(QUESTION_DEADLINE, self.ask_upstreams(&question))
+                .await
+                .ok()
+                .flatten();
+            let answer = match answered {
                 Some(answer) => {
                     let answer = only_ipv6(answer);
-                    if let Some(ttl) = cache_ttl(&answer) {
-                        self.cache
-                            .borrow_mut()
-                            .put(key, answer.clone(), ttl, Instant::now());
+                    if let Some(ttl) = cache_ttl(&answer, question.query_type()) {
+                        self.cache.borrow_mut().put(
+                            key.clone(),
+                            answer.clone(),
+                            ttl,
+                            Instant::now(),
+                        );
                     }
-                    encode(reply_to(&request, answer))
+                    answer
                 }
-                None => respond_code(Some(&request), ResponseCode::ServFail),
+                None => {
+                    tracing::warn!(name = %question.name(), upstreams = ?self.upstreams, "no upstream resolver answered in time; SERVFAIL");
+                    // RFC 9520: a failure is remembered for a moment, so a
+                    // dead upstream is not asked again by every query.
+                    let mut failed = Message::response(0, OpCode::Query);
+                    failed.metadata.response_code = ResponseCode::ServFail;
+                    self.cache.borrow_mut().put(
+                        key.clone(),
+                        failed.clone(),
+                        FAILURE_TTL,
+                        Instant::now(),
+                    );
+                    failed
+                }
             };
-            self.send_later(query, message).await;
+            let waiters = self.asking.borrow_mut().remove(&key).unwrap_or_default();
+            for waiter in waiters {
+                {
+                    let mut per_prefix = self.per_prefix.borrow_mut();
+                    if let Some(count) = per_prefix.get_mut(&waiter.prefix) {
+                        *count -= 1;
+                        if *count == 0 {
+                            per_prefix.remove(&waiter.prefix);
+                        }
+                    }
+                }
+                let message = encode(reply_to(&waiter.request, answer.clone()));
+                self.send_later(waiter.query, message).await;
+            }
         });
     }
 
@@ -271,7 +350,6 @@ impl State {
                 ),
             }
         }
-        tracing::warn!(name = %question.name(), upstreams = ?self.upstreams, "no upstream resolver answered; SERVFAIL");
         None
     }
 
@@ -415,18 +493,66 @@ fn only_ipv6(mut answer: Message) -> Message {
     answer
 }
 
-/// How long `answer` may be cached: the least TTL of its answers, or for a
-/// negative answer the SOA's negative TTL (RFC 2308 §5); None: not at all.
-fn cache_ttl(answer: &Message) -> Option<u32> {
-    if !answer.answers.is_empty() {
-        let ttl = answer.answers.iter().map(|r| r.ttl).min()?;
-        return (ttl > 0).then_some(ttl.min(TTL_MAX));
+/// How long `answer` to a question of type `kind` may be cached: the least
+/// TTL of its records, and for a negative answer (NXDOMAIN, or no record of
+/// the type asked) at most the SOA's negative TTL (RFC 2308 §5) and
+/// [`NEGATIVE_TTL_MAX`]; None: not at all (a TTL of 0, or a negative
+/// answer without an SOA).
+fn cache_ttl(answer: &Message, kind: RecordType) -> Option<u32> {
+    let least = answer.answers.iter().map(|r| r.ttl).min();
+    let negative = answer.metadata.response_code == ResponseCode::NXDomain
+        || !answer.answers.iter().any(|r| r.record_type() == kind);
+    let ttl = if negative {
+        let soa = answer.authorities.iter().find_map(|r| match &r.data {
+            RData::SOA(soa) => Some(soa.minimum.min(r.ttl)),
+            _ => None,
+        })?;
+        least.map_or(soa, |l| l.min(soa)).min(NEGATIVE_TTL_MAX)
+    } else {
+        least?.min(TTL_MAX)
+    };
+    (ttl > 0).then_some(ttl)
+}
+
+/// The /64 an address is in (IPv4: the address itself).
+fn site(source: IpAddr) -> u64 {
+    match source {
+        IpAddr::V6(v6) => (u128::from(v6) >> 64) as u64,
+        IpAddr::V4(v4) => u64::from(u32::from(v4)),
     }
-    let soa = answer.authorities.iter().find_map(|r| match &r.data {
-        RData::SOA(soa) => Some(soa.minimum.min(r.ttl)),
-        _ => None,
-    })?;
-    (soa > 0).then_some(soa.min(NEGATIVE_TTL_MAX))
+}
+
+/// Names only the host itself should resolve: single labels (its search
+/// domains), special-use domains (RFC 6761, RFC 8375, `.internal`,
+/// mDNS's `.local`) and the reverse zones of private, loopback and
+/// link-local addresses (RFC 6303).
+fn is_local_name(name: &hickory_proto::rr::Name) -> bool {
+    const LOCAL: [&str; 14] = [
+        "local.",
+        "localhost.",
+        "internal.",
+        "invalid.",
+        "home.arpa.",
+        "10.in-addr.arpa.",
+        "168.192.in-addr.arpa.",
+        "254.169.in-addr.arpa.",
+        "127.in-addr.arpa.",
+        "0.in-addr.arpa.",
+        "d.f.ip6.arpa.",
+        "8.e.f.ip6.arpa.",
+        "9.e.f.ip6.arpa.",
+        "b.e.f.ip6.arpa.",
+    ];
+    let text = name.to_lowercase().to_ascii();
+    let text = if text.ends_with('.') {
+        text
+    } else {
+        format!("{text}.")
+    };
+    let in_zone = |zone: &str| text == zone || text.ends_with(&format!(".{zone}"));
+    let private_172 = (16..=31).any(|octet| in_zone(&format!("{octet}.172.in-addr.arpa.")));
+    let loopback_v6 = in_zone(&format!("1.{}ip6.arpa.", "0.".repeat(31)));
+    name.num_labels() <= 1 || LOCAL.iter().any(|zone| in_zone(zone)) || private_172 || loopback_v6
 }
 
 /// The client's answer: its question as it asked it, ID 0 (DoQ), the
@@ -483,6 +609,8 @@ struct Cached {
     answer: Message,
     stored: Instant,
     ttl: u32,
+    /// The answer's wire size.
+    bytes: usize,
     /// Which insertion this is (the eviction order holds stale ones too).
     generation: u64,
 }
@@ -494,6 +622,8 @@ struct Cache {
     entries: HashMap<CacheKey, Cached>,
     order: VecDeque<(CacheKey, u64)>,
     next: u64,
+    /// The wire size of every entry, together (at most [`CACHE_BYTES`]).
+    bytes: usize,
 }
 
 impl Cache {
@@ -502,7 +632,7 @@ impl Cache {
         let cached = self.entries.get(key)?;
         let held = u32::try_from(now.duration_since(cached.stored).as_secs()).unwrap_or(u32::MAX);
         if held >= cached.ttl {
-            self.entries.remove(key);
+            self.remove(key);
             return None;
         }
         let mut answer = cached.answer.clone();
@@ -517,8 +647,25 @@ impl Cache {
         Some(answer)
     }
 
-    fn put(&mut self, key: CacheKey, answer: Message, ttl: u32, now: Instant) {
-        while self.entries.len() >= CACHE_ENTRIES || self.order.len() >= 2 * CACHE_ENTRIES {
+    /// Cache `answer` for `ttl` seconds; its records' TTLs are capped at it.
+    fn put(&mut self, key: CacheKey, mut answer: Message, ttl: u32, now: Instant) {
+        for record in answer
+            .answers
+            .iter_mut()
+            .chain(answer.authorities.iter_mut())
+            .chain(answer.additionals.iter_mut())
+        {
+            record.ttl = record.ttl.min(ttl);
+        }
+        let bytes = answer.to_vec().map_or(0, |wire| wire.len());
+        if bytes == 0 || bytes > CACHE_BYTES / 64 {
+            return;
+        }
+        self.remove(&key);
+        while self.entries.len() >= CACHE_ENTRIES
+            || self.bytes + bytes > CACHE_BYTES
+            || self.order.len() >= 2 * CACHE_ENTRIES
+        {
             let Some((old, generation)) = self.order.pop_front() else {
                 break;
             };
@@ -527,10 +674,11 @@ impl Cache {
                 .get(&old)
                 .is_some_and(|c| c.generation == generation)
             {
-                self.entries.remove(&old);
+                self.remove(&old);
             }
         }
         self.next += 1;
+        self.bytes += bytes;
         self.order.push_back((key.clone(), self.next));
         self.entries.insert(
             key,
@@ -538,9 +686,16 @@ impl Cache {
                 answer,
                 stored: now,
                 ttl,
+                bytes,
                 generation: self.next,
             },
         );
+    }
+
+    fn remove(&mut self, key: &CacheKey) {
+        if let Some(gone) = self.entries.remove(key) {
+            self.bytes -= gone.bytes;
+        }
     }
 }
 
@@ -628,7 +783,7 @@ mod tests {
         let m = only_ipv6(m);
         assert_eq!(m.answers.len(), 1);
         assert!(m.additionals.is_empty());
-        assert_eq!(cache_ttl(&m), Some(30));
+        assert_eq!(cache_ttl(&m, RecordType::AAAA), Some(30));
 
         let mut negative = upstream_answer(1, &q);
         negative.metadata.response_code = ResponseCode::NXDomain;
@@ -636,19 +791,36 @@ mod tests {
         negative
             .authorities
             .push(Record::from_rdata(name.clone(), 600, RData::SOA(soa)));
-        assert_eq!(cache_ttl(&negative), Some(NEGATIVE_TTL_MAX));
         assert_eq!(
-            cache_ttl(&upstream_answer(1, &q)),
+            cache_ttl(&negative, RecordType::AAAA),
+            Some(NEGATIVE_TTL_MAX)
+        );
+        assert_eq!(
+            cache_ttl(&upstream_answer(1, &q), RecordType::AAAA),
             None,
             "no SOA: not cached"
         );
+        // A CNAME to a name without the type: negative, however long the
+        // CNAME's TTL.
+        let mut alias = negative.clone();
+        alias.metadata.response_code = ResponseCode::NoError;
+        alias.answers.push(Record::from_rdata(
+            name.clone(),
+            3600,
+            RData::CNAME(hickory_proto::rr::rdata::CNAME(name.clone())),
+        ));
+        assert_eq!(cache_ttl(&alias, RecordType::AAAA), Some(NEGATIVE_TTL_MAX));
         let mut zero = upstream_answer(1, &q);
         zero.answers.push(Record::from_rdata(
             name,
             0,
             RData::AAAA(AAAA(Ipv6Addr::LOCALHOST)),
         ));
-        assert_eq!(cache_ttl(&zero), None, "TTL 0: not cached");
+        assert_eq!(
+            cache_ttl(&zero, RecordType::AAAA),
+            None,
+            "TTL 0: not cached"
+        );
     }
 
     #[test]
@@ -697,5 +869,76 @@ mod tests {
             kind: 28,
         };
         assert!(cache.get(&last, t0).is_some());
+    }
+
+    #[test]
+    fn the_hosts_own_names_are_not_asked() {
+        let local = |n: &str| is_local_name(&Name::from_ascii(n).unwrap());
+        for name in [
+            "gateway.",
+            "printer.local.",
+            "db.internal.",
+            "x.home.arpa.",
+            "localhost.",
+            "4.3.2.10.in-addr.arpa.",
+            "1.0.20.172.in-addr.arpa.",
+            "1.1.168.192.in-addr.arpa.",
+            "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.ip6.arpa.",
+            "a.b.d.f.ip6.arpa.",
+        ] {
+            assert!(local(name), "{name}");
+        }
+        for name in [
+            "www.example.org.",
+            "org.example.",
+            "1.0.32.172.in-addr.arpa.",
+            "8.8.8.8.in-addr.arpa.",
+            "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa.",
+            "local.example.org.",
+        ] {
+            assert!(!local(name), "{name}");
+        }
+        let site_of = |a: &str| site(a.parse().unwrap());
+        assert_eq!(site_of("2001:db8:1:2::5"), site_of("2001:db8:1:2:ffff::1"));
+        assert_ne!(site_of("2001:db8:1:2::5"), site_of("2001:db8:1:3::5"));
+    }
+
+    #[test]
+    fn the_cache_keeps_its_byte_bound_and_caps_ttls() {
+        let name = Name::from_ascii("big.example.").unwrap();
+        let q = Query::query(name.clone(), RecordType::AAAA);
+        let mut m = upstream_answer(0, &q);
+        for i in 0..200u16 {
+            let ip = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, i);
+            m.answers.push(Record::from_rdata(
+                name.clone(),
+                7200,
+                RData::AAAA(AAAA(ip)),
+            ));
+        }
+        let mut cache = Cache::default();
+        let t0 = Instant::now();
+        for i in 0..4000 {
+            let k = CacheKey {
+                name: format!("n{i}.example."),
+                kind: 28,
+            };
+            cache.put(k, m.clone(), 60, t0);
+            assert!(cache.bytes <= CACHE_BYTES);
+        }
+        assert!(cache.entries.len() < 4000, "bounded by bytes, not count");
+        assert_eq!(
+            cache.bytes,
+            cache.entries.values().map(|c| c.bytes).sum::<usize>()
+        );
+        let last = CacheKey {
+            name: "n3999.example.".into(),
+            kind: 28,
+        };
+        assert_eq!(
+            cache.get(&last, t0).unwrap().answers[0].ttl,
+            60,
+            "capped at the entry's TTL"
+        );
     }
 }

@@ -312,9 +312,12 @@ fn answer_request(zone: &Zone, request: &Message, id: u16) -> Answer {
     }
     response.metadata.authoritative = true;
     let answers: Vec<Record> = if name == zone.apex {
+        // A cluster's apex also has its members' AAAA and TLSA records.
+        let records = zone.names.get(&name);
         match question.query_type() {
             RecordType::SOA => vec![zone.soa.clone()],
             RecordType::NS => vec![zone.ns.clone()],
+            RecordType::AAAA => records.map(|r| r.aaaa.clone()).unwrap_or_default(),
             _ => Vec::new(),
         }
     } else if let Some(records) = zone.names.get(&name) {
@@ -560,11 +563,15 @@ impl DoqServer {
                             conn_id: route.conn_id,
                             stream: id,
                         },
+                        source: conn.remote_address().ip(),
                         message: query.to_vec(),
                     };
                     match route.port.resolve(handed) {
                         Ok(()) => {
                             counters.doq_forwarded += 1;
+                            // Asked: the connection is not idle while the
+                            // answer is on its way.
+                            *answered = true;
                             return;
                         }
                         Err(_) => server_failure(query),
