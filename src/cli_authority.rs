@@ -47,10 +47,11 @@ pub trait Connect: clap::Args + std::fmt::Debug {
     /// present (the one the flags choose).
     fn target(&self) -> anyhow::Result<ClientTarget>;
     fn timeout(&self) -> Duration;
-    /// The cluster's members to try, in order, when more than one was
-    /// given; empty for the target's own address only.
-    fn members(&self) -> Vec<std::net::SocketAddr> {
-        Vec::new()
+    /// The target and the cluster's members to try, in order, when there
+    /// is more than one (given, or the addresses a cluster's name resolved
+    /// to); empty for the target's own address only.
+    fn target_and_members(&self) -> anyhow::Result<(ClientTarget, Vec<std::net::SocketAddr>)> {
+        Ok((self.target()?, Vec::new()))
     }
 }
 
@@ -321,10 +322,11 @@ const SILENT_FOR: Duration = Duration::from_secs(3);
 
 impl Session {
     fn open(flags: &impl Connect) -> anyhow::Result<Self> {
+        let (target, members) = flags.target_and_members()?;
         Ok(Self {
-            target: flags.target()?,
+            target,
             timeout: flags.timeout(),
-            members: flags.members(),
+            members,
             answered: std::cell::Cell::new(0),
             silent: Default::default(),
         })
@@ -1454,9 +1456,9 @@ pub fn failover_load<T: Connect>(args: &FailoverLoadArgs<T>) -> anyhow::Result<(
         acks.len(),
         wrong.len()
     );
-    let members = match args.target.members() {
+    let members = match &session.members {
         members if members.is_empty() => vec![session.target.remote],
-        members => members,
+        members => members.clone(),
     };
     // Each member's latest head, then its log against every ack.
     let mut heads = Vec::new();

@@ -404,6 +404,12 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
     if !names.contains(&fqdn) {
         names.push(fqdn);
     }
+    // A cluster's name is its zone's apex: it resolves to every member,
+    // and every member's certificate carries it.
+    let apex = resolved.dns.apex.trim_end_matches('.').to_ascii_lowercase();
+    if args.bootstrap == Bootstrap::Federated && !names.contains(&apex) {
+        names.push(apex);
+    }
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
     let mut resolved = resolved;

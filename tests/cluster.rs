@@ -404,6 +404,36 @@ fn a_cluster_forms_fails_over_and_never_forks() {
     let leader = Cluster::leader(&status).expect("a leader");
     let follower = (leader + 1) % 3;
 
+    // The cluster's name (the zone's apex) resolves to every member, each
+    // with its key's pin, from any member.
+    let mut pins = Vec::new();
+    for n in 0..3 {
+        let resolved: serde_json::Value = serde_json::from_str(&ok(
+            &cluster.at_member(n, &["resolve", "internet2.test", "--json"])
+        ))
+        .unwrap();
+        let mut addresses: Vec<String> = resolved["addresses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_owned())
+            .collect();
+        addresses.sort();
+        let mut expected: Vec<String> = cluster.all(None).split(',').map(str::to_owned).collect();
+        expected.sort();
+        assert_eq!(addresses, expected, "{resolved}");
+        assert_eq!(
+            resolved["pins_sha256"].as_array().unwrap().len(),
+            3,
+            "{resolved}"
+        );
+        pins.push(resolved["pins_sha256"].clone());
+    }
+    assert!(
+        pins.windows(2).all(|w| w[0] == w[1]),
+        "members disagree: {pins:?}"
+    );
+
     // A write through a follower is forwarded to the leader and answered.
     let first = cluster
         .enroll(
@@ -437,6 +467,19 @@ fn a_cluster_forms_fails_over_and_never_forks() {
         .enroll(follower, &connect, "app2.example")
         .unwrap_or_else(|e| panic!("enrolling after the leader died: {e}"));
     assert!(second > first);
+    // A client that knows only the cluster's name reaches a live member
+    // (the dead one's address is among those it resolved), pinned.
+    for n in [follower, 3 - leader - follower] {
+        let out = cluster.at_member(
+            n,
+            &["cluster", "status", "--json", "--host", "internet2.test"],
+        );
+        let status: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+        assert!(
+            Cluster::leader(&status).is_some_and(|l| l != leader),
+            "{status}"
+        );
+    }
 
     // The killed member comes back with its data, catches up, and every
     // head agrees with every other at each size.

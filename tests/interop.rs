@@ -181,7 +181,7 @@ fn dnspython_doq_client_against_our_zone() {
         resolved["addresses"],
         serde_json::json!([format!("[::1]:{}", server.port)])
     );
-    assert_eq!(resolved["pin_sha256"], serde_json::json!(pin));
+    assert_eq!(resolved["pins_sha256"], serde_json::json!([pin]));
     let missing = server.client(&["resolve", "nope.internet2.test"]);
     assert!(!missing.status.success());
     assert!(

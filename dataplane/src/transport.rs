@@ -267,10 +267,11 @@ pub enum ServerTrust {
     /// same crypto per handshake).
     HandshakeSignatureOnly,
     /// Chain to these roots *and* a key whose SubjectPublicKeyInfo hashes
-    /// (SHA-256) to the pin a DNS TLSA `3 1 1` record published.
+    /// (SHA-256) to one of the pins DNS TLSA `3 1 1` records published (a
+    /// cluster's name has one per member).
     RootsAndPin {
         roots: Vec<CertificateDer<'static>>,
-        spki_sha256: [u8; 32],
+        pins: Vec<[u8; 32]>,
     },
     /// Chain to the issuing CA certificate the server presents whose key
     /// hashes (SHA-256 of its SubjectPublicKeyInfo) to this pin: how a node
@@ -368,7 +369,7 @@ pub struct PinMismatch;
 #[derive(Debug)]
 struct PinnedVerifier {
     inner: Arc<rustls::client::WebPkiServerVerifier>,
-    spki_sha256: [u8; 32],
+    pins: Vec<[u8; 32]>,
 }
 
 impl rustls::client::danger::ServerCertVerifier for PinnedVerifier {
@@ -388,7 +389,7 @@ impl rustls::client::danger::ServerCertVerifier for PinnedVerifier {
                 rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
             })?;
         let digest = ring::digest::digest(&ring::digest::SHA256, parsed.public_key().raw);
-        if digest.as_ref() != self.spki_sha256 {
+        if !self.pins.iter().any(|pin| digest.as_ref() == pin) {
             return Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::Other(rustls::OtherError(Arc::new(PinMismatch))),
             ));
@@ -494,7 +495,7 @@ pub fn client_crypto(
         ServerTrust::HandshakeSignatureOnly => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(SignatureOnly(provider()))),
-        ServerTrust::RootsAndPin { roots, spki_sha256 } => {
+        ServerTrust::RootsAndPin { roots, pins } => {
             let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
                 Arc::new(root_store(roots)?),
                 provider(),
@@ -505,7 +506,7 @@ pub fn client_crypto(
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
                     inner,
-                    spki_sha256: *spki_sha256,
+                    pins: pins.clone(),
                 }))
         }
         ServerTrust::IssuerPin(spki_sha256) => builder

@@ -155,12 +155,8 @@ impl cli_authority::Connect for TargetArgs {
         target(self, TransportSettings::default())
     }
 
-    fn members(&self) -> Vec<SocketAddr> {
-        match &self.by_name {
-            // The name resolved to one address, pinned.
-            Some(_) => Vec::new(),
-            None => self.connect.clone(),
-        }
+    fn target_and_members(&self) -> anyhow::Result<(ClientTarget, Vec<SocketAddr>)> {
+        reach(self, TransportSettings::default())
     }
 
     fn timeout(&self) -> Duration {
@@ -392,6 +388,15 @@ fn main() -> ExitCode {
 }
 
 fn target(args: &TargetArgs, transport: TransportSettings) -> anyhow::Result<ClientTarget> {
+    Ok(reach(args, transport)?.0)
+}
+
+/// The target, and the members to fail over to when there are several
+/// (`--connect` lists them, or `--host` names a cluster).
+fn reach(
+    args: &TargetArgs,
+    transport: TransportSettings,
+) -> anyhow::Result<(ClientTarget, Vec<SocketAddr>)> {
     let ca = args
         .ca
         .clone()
@@ -420,38 +425,69 @@ fn target(args: &TargetArgs, transport: TransportSettings) -> anyhow::Result<Cli
         transport,
     };
     match &args.by_name {
-        Some(name) => by_name(target, name, root, Duration::from_millis(args.timeout_ms)),
-        None => Ok(target),
+        Some(name) => by_name(
+            target,
+            &args.connect,
+            name,
+            root,
+            Duration::from_millis(args.timeout_ms),
+        ),
+        None => Ok((target, args.connect.clone())),
     }
 }
 
-/// Resolve `name` through the embedded DNS of `dns` and aim at it, pinned.
+/// Resolve `name` through the embedded DNS of the first of `servers` that
+/// answers and aim at it, pinned: a cluster's name resolves to every
+/// member (their AAAA records and their keys' pins), and they are the
+/// members to fail over to.
 fn by_name(
     dns: ClientTarget,
+    servers: &[SocketAddr],
     name: &str,
     root: rustls::pki_types::CertificateDer<'static>,
     timeout: Duration,
-) -> anyhow::Result<ClientTarget> {
+) -> anyhow::Result<(ClientTarget, Vec<SocketAddr>)> {
     let port = dns.remote.port();
-    let resolved = client::resolve_endpoint(&dns, name, port, timeout)
-        .with_context(|| format!("cannot resolve {name}"))?;
+    let mut resolved = None;
+    for (at, server) in servers.iter().enumerate() {
+        let asked = ClientTarget {
+            remote: *server,
+            ..dns.clone()
+        };
+        match client::resolve_endpoint(&asked, name, port, timeout) {
+            Ok(answer) => {
+                resolved = Some(answer);
+                break;
+            }
+            Err(e) if at + 1 < servers.len() => {
+                eprintln!("internet2: {server} did not resolve {name} ({e}); asking the next");
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot resolve {name}")),
+        }
+    }
+    let resolved = resolved.with_context(|| format!("cannot resolve {name}: no server to ask"))?;
     let Some(address) = resolved.addresses.first() else {
         bail!("{name} has no IPv6 address (AAAA) in the zone");
     };
-    let Some(pin) = resolved.pin else {
+    if resolved.pins.is_empty() {
         bail!(
             "{name} publishes no key pin (TLSA 3 1 1 at _{port}._udp.{name}); refusing to connect without one"
         );
+    }
+    let members: Vec<SocketAddr> = match resolved.addresses.as_slice() {
+        [_] => Vec::new(),
+        all => all.iter().copied().map(SocketAddr::V6).collect(),
     };
-    Ok(ClientTarget {
-        remote: std::net::SocketAddr::V6(*address),
+    let target = ClientTarget {
+        remote: SocketAddr::V6(*address),
         server_name: name.trim_end_matches('.').to_owned(),
         trust: ServerTrust::RootsAndPin {
             roots: vec![root],
-            spki_sha256: pin,
+            pins: resolved.pins,
         },
         ..dns
-    })
+    };
+    Ok((target, members))
 }
 
 /// Where `internet2 enroll` keeps this user's identity.
@@ -572,13 +608,15 @@ fn ping(args: &TargetArgs, count: u32, payload: &str) -> anyhow::Result<()> {
     let target = target(args, TransportSettings::default())?;
     let config = target.client_config(dataplane::protocols::ALPN_STOQ)?;
     let timeout = Duration::from_millis(args.timeout_ms);
-    if let (Some(name), ServerTrust::RootsAndPin { spki_sha256, .. }) =
-        (&args.by_name, &target.trust)
-    {
-        let pin = controlplane::authority::api::hex(spki_sha256);
+    if let (Some(name), ServerTrust::RootsAndPin { pins, .. }) = (&args.by_name, &target.trust) {
+        let pins: Vec<String> = pins
+            .iter()
+            .map(|pin| controlplane::authority::api::hex(pin))
+            .collect();
         println!(
-            "{name} is {} (key pinned by TLSA 3 1 1 {pin})",
-            target.remote
+            "{name} is {} (key pinned by TLSA 3 1 1 {})",
+            target.remote,
+            pins.join(" or ")
         );
     }
     for n in 1..=count.max(1) {
@@ -841,12 +879,16 @@ fn resolve(args: &TargetArgs, name: &str, port: Option<u16>, json: bool) -> anyh
     let port = port.unwrap_or(args.first().port());
     let resolved =
         client::resolve_endpoint(&target, name, port, Duration::from_millis(args.timeout_ms))?;
-    let pin = resolved.pin.map(|p| controlplane::authority::api::hex(&p));
+    let pins: Vec<String> = resolved
+        .pins
+        .iter()
+        .map(|p| controlplane::authority::api::hex(p))
+        .collect();
     if json {
         let addresses: Vec<String> = resolved.addresses.iter().map(ToString::to_string).collect();
         println!(
             "{}",
-            serde_json::json!({ "name": name, "addresses": addresses, "pin_sha256": pin })
+            serde_json::json!({ "name": name, "addresses": addresses, "pins_sha256": pins })
         );
         return Ok(());
     }
@@ -854,9 +896,11 @@ fn resolve(args: &TargetArgs, name: &str, port: Option<u16>, json: bool) -> anyh
     for address in &resolved.addresses {
         println!("  {address}");
     }
-    match pin {
-        Some(pin) => println!("  pin (TLSA 3 1 1, SPKI SHA-256) {pin}"),
-        None => println!("  no pin published for port {port}"),
+    for pin in &pins {
+        println!("  pin (TLSA 3 1 1, SPKI SHA-256) {pin}");
+    }
+    if pins.is_empty() {
+        println!("  no pin published for port {port}");
     }
     Ok(())
 }

@@ -149,7 +149,9 @@ struct Inner {
     port: Arc<ControlPort>,
     trust: Arc<TrustStore>,
     published_generation: Cell<u64>,
-    zone: Option<(Arc<ZoneStore>, Cell<u64>)>,
+    /// The published zone, with the zone generation and the members' names
+    /// it was built from (the apex answers for the members).
+    zone: Option<(Arc<ZoneStore>, RefCell<ZoneSource>)>,
     zone_primary: String,
     /// Answers of finished tasks, sent once what they changed is
     /// published.
@@ -258,8 +260,9 @@ impl MemberRuntime {
             Some(zone) => {
                 zone_primary = zone.server_name.clone();
                 let snapshot = service.borrow().zone();
-                let store = ZoneStore::new(dataplane_zone(&snapshot, &zone_primary)?);
-                Some((store, Cell::new(snapshot.generation)))
+                let members = member_names(&raft);
+                let store = ZoneStore::new(dataplane_zone(&snapshot, &zone_primary, &members)?);
+                Some((store, RefCell::new((snapshot.generation, members))))
             }
             None => None,
         };
@@ -772,16 +775,21 @@ impl Inner {
                 Err(e) => tracing::error!(error = %e, "could not build a trust snapshot"),
             }
         }
-        if let Some((store, published)) = &self.zone
-            && service.zone_generation() != published.get()
-        {
-            let snapshot = service.zone();
-            match dataplane_zone(&snapshot, &self.zone_primary) {
-                Ok(zone) => {
-                    store.swap(zone);
-                    published.set(snapshot.generation);
+        if let Some((store, published)) = &self.zone {
+            let members = member_names(&self.raft);
+            let changed = {
+                let (generation, named) = &*published.borrow();
+                service.zone_generation() != *generation || members != *named
+            };
+            if changed {
+                let snapshot = service.zone();
+                match dataplane_zone(&snapshot, &self.zone_primary, &members) {
+                    Ok(zone) => {
+                        store.swap(zone);
+                        *published.borrow_mut() = (snapshot.generation, members);
+                    }
+                    Err(e) => tracing::error!(error = %e, "could not build the zone snapshot"),
                 }
-                Err(e) => tracing::error!(error = %e, "could not build the zone snapshot"),
             }
         }
         self.admission.borrow_mut().publish(service.machine());
@@ -1449,4 +1457,24 @@ impl Inner {
         let (code, message) = self.not_leader();
         (code, format!("{message} ({why})"))
     }
+}
+
+/// What a published zone was built from: the zone's generation and the
+/// members' names.
+type ZoneSource = (u64, Vec<String>);
+
+/// The members' names in the zone (voters and learners), sorted: the
+/// cluster's name (the apex) answers with their records.
+fn member_names(raft: &Raft) -> Vec<String> {
+    let metrics = raft.metrics();
+    let metrics = metrics.borrow();
+    let mut names: Vec<String> = metrics
+        .membership_config
+        .membership()
+        .nodes()
+        .map(|(_, member)| member.name.clone())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }

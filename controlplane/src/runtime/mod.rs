@@ -150,7 +150,7 @@ impl AuthorityRuntime {
                 service.register_server(zone, pin, now)?;
                 zone_primary = zone.server_name.clone();
                 let snapshot = service.zone();
-                let store = ZoneStore::new(dataplane_zone(&snapshot, &zone_primary)?);
+                let store = ZoneStore::new(dataplane_zone(&snapshot, &zone_primary, &[])?);
                 Some((store, snapshot.generation))
             }
             None => None,
@@ -389,7 +389,7 @@ impl AuthorityRuntime {
             return;
         }
         let snapshot = self.service.zone();
-        match dataplane_zone(&snapshot, &self.zone_primary) {
+        match dataplane_zone(&snapshot, &self.zone_primary, &[]) {
             Ok(zone) => {
                 store.swap(zone);
                 *published = snapshot.generation;
@@ -451,9 +451,16 @@ fn send_reply(port: &ControlPort, worker: usize, mut reply: Reply) {
     }
 }
 
-/// The control plane's zone in the form the `doq` workers answer from.
-fn dataplane_zone(snapshot: &ZoneSnapshot, primary: &str) -> Result<Zone, AuthorityStartError> {
-    let names: Vec<PublishedName> = snapshot
+/// The control plane's zone in the form the `doq` workers answer from. A
+/// cluster's `members` (their names in the zone) also answer for the
+/// apex, the cluster's name: the apex has every member's AAAA records and
+/// `_PORT._udp.APEX` every member's TLSA pin.
+fn dataplane_zone(
+    snapshot: &ZoneSnapshot,
+    primary: &str,
+    members: &[String],
+) -> Result<Zone, AuthorityStartError> {
+    let mut names: Vec<PublishedName> = snapshot
         .names
         .iter()
         .map(|n| PublishedName {
@@ -462,6 +469,32 @@ fn dataplane_zone(snapshot: &ZoneSnapshot, primary: &str) -> Result<Zone, Author
             tlsa: n.tlsa.clone(),
         })
         .collect();
+    if !members.is_empty() {
+        let mut cluster = PublishedName {
+            name: snapshot.apex.clone(),
+            aaaa: Vec::new(),
+            tlsa: Vec::new(),
+        };
+        for member in members {
+            let Ok(name) = crate::dns::qualify(&snapshot.apex, member) else {
+                continue;
+            };
+            // The snapshot is in name order.
+            if let Ok(at) = snapshot
+                .names
+                .binary_search_by(|n| n.name.as_str().cmp(&name))
+            {
+                let records = &snapshot.names[at];
+                cluster.aaaa.extend(&records.aaaa);
+                cluster.tlsa.extend(&records.tlsa);
+            }
+        }
+        cluster.aaaa.sort();
+        cluster.aaaa.dedup();
+        cluster.tlsa.sort();
+        cluster.tlsa.dedup();
+        names.push(cluster);
+    }
     Zone::from_records(&snapshot.apex, primary, snapshot.serial, &names)
         .map_err(|e| AuthorityStartError::Zone(e.to_string()))
 }

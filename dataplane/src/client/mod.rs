@@ -348,8 +348,9 @@ pub fn spawn_bench_with(
 pub struct ResolvedEndpoint {
     /// The name's IPv6 socket addresses (its AAAA records, on `port`).
     pub addresses: Vec<SocketAddrV6>,
-    /// The TLSA `3 1 1` pin: SHA-256 of the key that must answer there.
-    pub pin: Option<[u8; 32]>,
+    /// The TLSA `3 1 1` pins: SHA-256 of the keys that may answer there
+    /// (one per member for a cluster's name), in the order given.
+    pub pins: Vec<[u8; 32]>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -446,9 +447,13 @@ pub fn resolve_endpoint(
             _ => None,
         })
         .collect();
-    let pin = tlsa.answers.iter().find_map(|r| match &r.data {
-        RData::TLSA(t) => <[u8; 32]>::try_from(t.cert_data.as_slice()).ok(),
-        _ => None,
-    });
-    Ok(ResolvedEndpoint { addresses, pin })
+    let pins = tlsa
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::TLSA(t) => <[u8; 32]>::try_from(t.cert_data.as_slice()).ok(),
+            _ => None,
+        })
+        .collect();
+    Ok(ResolvedEndpoint { addresses, pins })
 }
