@@ -1206,6 +1206,54 @@ mod tests {
                 tamper::set_renewal_link(txn, from, to, true);
             },
         );
+        // A lost name row would let a name look free while a live
+        // certificate carries it.
+        assert_refused(
+            "no-name-row",
+            "but the name index does not say so",
+            |txn, issued| {
+                let serial = issued[0].certificate.serial;
+                let name = registry::name_key(&issued[0].certificate.dns_names[0]);
+                tamper::set_name_row(txn, &name, serial, false);
+            },
+        );
+        assert_refused(
+            "stray-name-row",
+            "the name index holds names that no certificate record has",
+            |txn, issued| {
+                tamper::set_name_row(txn, "stray.example", issued[0].certificate.serial, true);
+            },
+        );
+    }
+
+    #[test]
+    fn a_store_from_before_the_name_index_gets_one() {
+        let dir = TempDir::new("name-index");
+        let now = SystemTime::now();
+        let mut authority = open(&dir.0, now).unwrap();
+        let a = authority.issue(request("a.example"), now).unwrap();
+        let b = authority.issue(request("B.Example"), now).unwrap();
+        authority.issue(request("o.example"), now).unwrap();
+        drop(authority);
+        {
+            let db = Database::create(dir.0.join(STORE_FILE)).unwrap();
+            let txn = db.begin_write().unwrap();
+            tamper::drop_name_index(&txn);
+            txn.commit().unwrap();
+        }
+        // Built on open, checked on the next; found without regard to case
+        // or a trailing dot.
+        drop(open(&dir.0, now).unwrap());
+        let authority = open(&dir.0, now).unwrap();
+        assert_eq!(
+            all(&authority, CertificateFilter::Name("A.example.".into())),
+            vec![a.certificate.serial]
+        );
+        assert_eq!(
+            all(&authority, CertificateFilter::Name("b.example".into())),
+            vec![b.certificate.serial]
+        );
+        assert!(all(&authority, CertificateFilter::Name("nobody.example".into())).is_empty());
     }
 
     #[test]

@@ -15,6 +15,10 @@
 //!   of renewal links, so a revocation finds the renewals of the revoked
 //!   certificate without a scan. Stores written before it have no such
 //!   table; `init_in` builds it from the records, once;
+//! - `ca_names`: (name, serial) → nothing: every name a certificate carries
+//!   (lowercase, no trailing dot), so the certificates for a name are one
+//!   key range, not a scan (enrollment and name checks ask on every
+//!   request). Stores written before it get it from `init_in`, once;
 //! - `ca_revocations`: serial → revocation time and reason
 //!   ([`encode_revocation`]);
 //! - `enrollment_tokens_used`: enrollment token id → its expiry (Unix
@@ -57,6 +61,10 @@ pub(crate) const CHILDREN: TableDefinition<[u8; 32], ()> = TableDefinition::new(
 /// [`CertificateRecord::renewed_from`]. Keys sort by the renewed serial, so
 /// a certificate's renewals are one range.
 pub(crate) const RENEWALS: TableDefinition<[u8; 32], ()> = TableDefinition::new("ca_renewals");
+/// (name as [`name_key`] writes it, serial): every name a certificate
+/// carries (subject common name, DNS names, IP addresses), so finding the
+/// certificates for a name is one key range, whatever the registry holds.
+pub(crate) const NAMES: TableDefinition<(&str, [u8; 16]), ()> = TableDefinition::new("ca_names");
 /// Enrollment token id → the token's expiry (Unix seconds): the one-time
 /// tokens already spent (see `authority::enrollment`). A row is written in
 /// the log's append transaction of the certificate the token paid for.
@@ -173,8 +181,8 @@ pub enum CertificateFilter {
     All,
     /// Those whose subject common name or a DNS name is this name (as
     /// [`same_name`] compares: case and a trailing dot do not matter), or
-    /// an IP address in its usual text form. A scan, as the other filters:
-    /// no name index, so case-insensitivity costs nothing more.
+    /// an IP address in its usual text form. Read through the name index
+    /// ([`NAMES`]): its cost does not grow with the registry.
     Name(String),
     /// Those within their validity period at this time and not revoked.
     ValidAt(SystemTime),
@@ -265,6 +273,10 @@ pub(crate) fn insert_certificate(
         )));
     }
     table.insert(record.serial.0, encode_record(record)?.as_slice())?;
+    let mut names = txn.open_table(NAMES)?;
+    for name in index_names(record) {
+        names.insert((name.as_str(), record.serial.0), ())?;
+    }
     for link in Link::ALL {
         if let Some(target) = link.target(record) {
             txn.open_table(link.index())?
@@ -272,6 +284,26 @@ pub(crate) fn insert_certificate(
         }
     }
     Ok(())
+}
+
+/// How a name is written in [`NAMES`]: lowercase, without a trailing dot
+/// (what [`same_name`] ignores).
+pub(crate) fn name_key(name: &str) -> String {
+    name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
+}
+
+/// The [`NAMES`] keys of `record`'s names, each once.
+fn index_names(record: &CertificateRecord) -> BTreeSet<String> {
+    std::iter::once(name_key(&record.subject))
+        .chain(record.dns_names.iter().map(|d| name_key(d)))
+        .chain(
+            record
+                .ip_addresses
+                .iter()
+                .map(|ip| name_key(&ip.to_string())),
+        )
+        .filter(|name| !name.is_empty())
+        .collect()
 }
 
 /// The key of a [`Link`] index row: `from`, then `to`.
@@ -486,7 +518,9 @@ where
 /// store written before the renewal index, build it from the records.
 pub(crate) fn init_in(txn: &WriteTransaction) -> Result<(), RegistryError> {
     let renewals_indexed = txn.list_tables()?.any(|t| t.name() == RENEWALS.name());
+    let names_indexed = txn.list_tables()?.any(|t| t.name() == NAMES.name());
     txn.open_table(CERTIFICATES)?;
+    txn.open_table(NAMES)?;
     txn.open_table(REVOCATIONS)?;
     txn.open_table(CHILDREN)?;
     txn.open_table(RENEWALS)?;
@@ -494,6 +528,29 @@ pub(crate) fn init_in(txn: &WriteTransaction) -> Result<(), RegistryError> {
     txn.open_table(ENROLLMENT_PAID)?;
     if !renewals_indexed {
         index_renewals(txn)?;
+    }
+    if !names_indexed {
+        index_all_names(txn)?;
+    }
+    Ok(())
+}
+
+/// Write the [`NAMES`] rows of every record: once, in the transaction that
+/// creates the table (a store written before the name index).
+fn index_all_names(txn: &WriteTransaction) -> Result<(), RegistryError> {
+    let certificates = txn.open_table(CERTIFICATES)?;
+    let mut names = txn.open_table(NAMES)?;
+    for row in certificates.iter()? {
+        let (serial, value) = row?;
+        let serial = Serial(serial.value());
+        let record = decode_record(serial, value.value()).ok_or_else(|| {
+            corrupt(format!(
+                "the record of certificate {serial} cannot be decoded"
+            ))
+        })?;
+        for name in index_names(&record) {
+            names.insert((name.as_str(), serial.0), ())?;
+        }
     }
     Ok(())
 }
@@ -550,7 +607,34 @@ pub(crate) fn load_all(db: &Database) -> Result<Vec<CertificateRecord>, Registry
     for link in Link::ALL {
         check_links(link, &txn.open_table(link.index())?, &out)?;
     }
+    check_names(&txn.open_table(NAMES)?, &out)?;
     Ok(out)
+}
+
+/// The name index holds exactly the records' names: a missing row would
+/// let a name look free while a live certificate carries it.
+fn check_names(
+    index: &ReadOnlyTable<(&str, [u8; 16]), ()>,
+    records: &[CertificateRecord],
+) -> Result<(), RegistryError> {
+    let mut rows = 0u64;
+    for record in records {
+        for name in index_names(record) {
+            rows += 1;
+            if index.get((name.as_str(), record.serial.0))?.is_none() {
+                return Err(corrupt(format!(
+                    "certificate {} carries {name:?}, but the name index does not say so",
+                    record.serial
+                )));
+            }
+        }
+    }
+    if index.len()? != rows {
+        return Err(corrupt(
+            "the name index holds names that no certificate record has".to_string(),
+        ));
+    }
+    Ok(())
 }
 
 /// The index of `link` holds exactly the records' links: a missing row
@@ -613,6 +697,33 @@ pub(crate) fn list(
         None => (std::ops::Bound::Unbounded, std::ops::Bound::Unbounded),
     };
     let mut out = Vec::new();
+    if let CertificateFilter::Name(name) = filter {
+        let names = txn.open_table(NAMES)?;
+        let key = name_key(name);
+        let first = after.map_or(std::ops::Bound::Included([0u8; 16]), |a| {
+            std::ops::Bound::Excluded(a.0)
+        });
+        let range = (
+            first.map(|serial| (key.as_str(), serial)),
+            std::ops::Bound::Included((key.as_str(), [0xffu8; 16])),
+        );
+        for row in names.range::<(&str, [u8; 16])>(range)? {
+            if out.len() == MAX_RECORDS_PER_CALL {
+                break;
+            }
+            let serial = Serial(row?.0.value().1);
+            let value = certificates.get(serial.0)?.ok_or_else(|| {
+                corrupt(format!(
+                    "the name index names certificate {serial}, which is not in the registry"
+                ))
+            })?;
+            let record = decode_row(serial, value.value(), &revocations)?;
+            if filter.matches(&record) {
+                out.push(record);
+            }
+        }
+        return Ok(out);
+    }
     // Revocations are few: list those from their own table.
     let keys = if *filter == CertificateFilter::Revoked {
         &revocations
@@ -874,18 +985,44 @@ pub(crate) mod tamper {
     //! Raw access for tests that damage the registry on purpose.
     use super::*;
 
+    /// Remove a certificate's row and its name index rows (the registry
+    /// stays consistent with itself, not with the log).
     pub(crate) fn remove_certificate(txn: &WriteTransaction, serial: Serial) {
-        txn.open_table(CERTIFICATES)
+        let raw = txn
+            .open_table(CERTIFICATES)
             .unwrap()
             .remove(serial.0)
-            .unwrap();
+            .unwrap()
+            .unwrap()
+            .value()
+            .to_vec();
+        let record = decode_record(serial, &raw).unwrap();
+        let mut names = txn.open_table(NAMES).unwrap();
+        for name in index_names(&record) {
+            names.remove((name.as_str(), serial.0)).unwrap();
+        }
     }
 
+    /// Put `value` as `serial`'s row, the name index following it where
+    /// the rows decode (the registry stays consistent with itself).
     pub(crate) fn put_raw_certificate(txn: &WriteTransaction, serial: Serial, value: &[u8]) {
-        txn.open_table(CERTIFICATES)
+        let old = txn
+            .open_table(CERTIFICATES)
             .unwrap()
             .insert(serial.0, value)
-            .unwrap();
+            .unwrap()
+            .map(|old| old.value().to_vec());
+        let mut names = txn.open_table(NAMES).unwrap();
+        if let Some(old) = old.and_then(|old| decode_record(serial, &old)) {
+            for name in index_names(&old) {
+                names.remove((name.as_str(), serial.0)).unwrap();
+            }
+        }
+        if let Some(new) = decode_record(serial, value) {
+            for name in index_names(&new) {
+                names.insert((name.as_str(), serial.0), ()).unwrap();
+            }
+        }
     }
 
     pub(crate) fn raw_certificate(txn: &WriteTransaction, serial: Serial) -> Vec<u8> {
@@ -918,6 +1055,21 @@ pub(crate) mod tamper {
     /// As a store written before the renewal index.
     pub(crate) fn drop_renewal_index(txn: &WriteTransaction) {
         assert!(txn.delete_table(RENEWALS).unwrap());
+    }
+
+    /// As a store written before the name index.
+    pub(crate) fn drop_name_index(txn: &WriteTransaction) {
+        assert!(txn.delete_table(NAMES).unwrap());
+    }
+
+    /// Add (`true`) or remove the name index row of `name` for `serial`.
+    pub(crate) fn set_name_row(txn: &WriteTransaction, name: &str, serial: Serial, on: bool) {
+        let mut table = txn.open_table(NAMES).unwrap();
+        if on {
+            table.insert((name, serial.0), ()).unwrap();
+        } else {
+            assert!(table.remove((name, serial.0)).unwrap().is_some());
+        }
     }
 }
 

@@ -32,6 +32,7 @@ macro_rules! for_each_table {
         $visit!(registry::REVOCATIONS);
         $visit!(registry::CHILDREN);
         $visit!(registry::RENEWALS);
+        $visit!(registry::NAMES);
         $visit!(registry::ENROLLMENT_TOKENS);
         $visit!(registry::ENROLLMENT_PAID);
         $visit!(store::RECORDS);
