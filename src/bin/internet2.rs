@@ -454,32 +454,47 @@ fn by_name(
             remote: *server,
             ..dns.clone()
         };
-        match client::resolve_endpoint(&asked, name, port, timeout) {
+        // An error, or an answer without addresses or pins (a server that
+        // does not know the name yet): the next server is asked.
+        let why = match client::resolve_endpoint(&asked, name, port, timeout) {
+            Ok(answer) if answer.addresses.is_empty() => {
+                format!("{name} has no IPv6 address (AAAA) in the zone")
+            }
+            Ok(answer) if answer.pins.is_empty() => format!(
+                "{name} publishes no key pin (TLSA 3 1 1 at _{port}._udp.{name}); refusing to connect without one"
+            ),
             Ok(answer) => {
                 resolved = Some(answer);
                 break;
             }
-            Err(e) if at + 1 < servers.len() => {
-                eprintln!("internet2: {server} did not resolve {name} ({e}); asking the next");
-            }
-            Err(e) => return Err(e).with_context(|| format!("cannot resolve {name}")),
+            Err(e) => format!("cannot resolve {name}: {e}"),
+        };
+        if at + 1 == servers.len() {
+            bail!("{why}");
         }
+        eprintln!("internet2: {server}: {why}; asking the next");
     }
     let resolved = resolved.with_context(|| format!("cannot resolve {name}: no server to ask"))?;
-    let Some(address) = resolved.addresses.first() else {
-        bail!("{name} has no IPv6 address (AAAA) in the zone");
+    // Clients start at a member chosen at random, so they spread over the
+    // cluster; the order after it is the resolved one.
+    let mut addresses: Vec<SocketAddr> = resolved
+        .addresses
+        .iter()
+        .copied()
+        .map(SocketAddr::V6)
+        .collect();
+    let start = {
+        use std::hash::{BuildHasher, Hasher};
+        std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish() as usize
     };
-    if resolved.pins.is_empty() {
-        bail!(
-            "{name} publishes no key pin (TLSA 3 1 1 at _{port}._udp.{name}); refusing to connect without one"
-        );
-    }
-    let members: Vec<SocketAddr> = match resolved.addresses.as_slice() {
-        [_] => Vec::new(),
-        all => all.iter().copied().map(SocketAddr::V6).collect(),
-    };
+    let count = addresses.len();
+    addresses.rotate_left(start % count);
+    let remote = addresses[0];
+    let members = if count > 1 { addresses } else { Vec::new() };
     let target = ClientTarget {
-        remote: SocketAddr::V6(*address),
+        remote,
         server_name: name.trim_end_matches('.').to_owned(),
         trust: ServerTrust::RootsAndPin {
             roots: vec![root],

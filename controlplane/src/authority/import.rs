@@ -15,7 +15,6 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
-use x509_parser::extensions::GeneralName;
 
 /// Expiry closer than this is warned about at every load.
 pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
@@ -120,21 +119,11 @@ pub fn load(
                 detail: e.to_string(),
             })?;
     }
-    let names: Vec<String> = leaf
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .map(|san| {
-            san.value
-                .general_names
-                .iter()
-                .filter_map(|name| match name {
-                    GeneralName::DNSName(dns) => Some(dns.to_ascii_lowercase()),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let names: Vec<String> = super::ca::certificate_names(leaf)
+        .dns_names
+        .iter()
+        .map(|name| name.to_ascii_lowercase())
+        .collect();
     if names.is_empty() {
         return Err(ImportError::NoNames {
             path: certificate.to_owned(),

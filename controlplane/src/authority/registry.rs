@@ -15,7 +15,7 @@
 //!   of renewal links, so a revocation finds the renewals of the revoked
 //!   certificate without a scan. Stores written before it have no such
 //!   table; `init_in` builds it from the records, once;
-//! - `ca_names`: (name, serial) → nothing: every name a certificate carries
+//! - `ca_names`: name ‖ 0 ‖ serial → nothing: every name a certificate carries
 //!   (lowercase, no trailing dot), so the certificates for a name are one
 //!   key range, not a scan (enrollment and name checks ask on every
 //!   request). Stores written before it get it from `init_in`, once;
@@ -61,10 +61,12 @@ pub(crate) const CHILDREN: TableDefinition<[u8; 32], ()> = TableDefinition::new(
 /// [`CertificateRecord::renewed_from`]. Keys sort by the renewed serial, so
 /// a certificate's renewals are one range.
 pub(crate) const RENEWALS: TableDefinition<[u8; 32], ()> = TableDefinition::new("ca_renewals");
-/// (name as [`name_key`] writes it, serial): every name a certificate
-/// carries (subject common name, DNS names, IP addresses), so finding the
-/// certificates for a name is one key range, whatever the registry holds.
-pub(crate) const NAMES: TableDefinition<(&str, [u8; 16]), ()> = TableDefinition::new("ca_names");
+/// Name (as [`name_key`] writes it) ‖ 0 ‖ serial ([`name_row`]): every
+/// name a certificate carries (subject common name, DNS names, IP
+/// addresses), so finding the certificates for a name is one key range,
+/// whatever the registry holds. Plain bytes: any row a snapshot brings
+/// decodes (a malformed one is caught by the open-time check).
+pub(crate) const NAMES: TableDefinition<&[u8], ()> = TableDefinition::new("ca_names");
 /// Enrollment token id → the token's expiry (Unix seconds): the one-time
 /// tokens already spent (see `authority::enrollment`). A row is written in
 /// the log's append transaction of the certificate the token paid for.
@@ -275,7 +277,7 @@ pub(crate) fn insert_certificate(
     table.insert(record.serial.0, encode_record(record)?.as_slice())?;
     let mut names = txn.open_table(NAMES)?;
     for name in index_names(record) {
-        names.insert((name.as_str(), record.serial.0), ())?;
+        names.insert(name_row(&name, record.serial).as_slice(), ())?;
     }
     for link in Link::ALL {
         if let Some(target) = link.target(record) {
@@ -290,6 +292,16 @@ pub(crate) fn insert_certificate(
 /// (what [`same_name`] ignores).
 pub(crate) fn name_key(name: &str) -> String {
     name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
+}
+
+/// The [`NAMES`] row of `name` (a [`name_key`]) for `serial`. Names hold
+/// no 0 byte, so one name's rows are one range that no other name's meet.
+fn name_row(name: &str, serial: Serial) -> Vec<u8> {
+    let mut row = Vec::with_capacity(name.len() + 17);
+    row.extend_from_slice(name.as_bytes());
+    row.push(0);
+    row.extend_from_slice(&serial.0);
+    row
 }
 
 /// The [`NAMES`] keys of `record`'s names, each once.
@@ -549,7 +561,7 @@ fn index_all_names(txn: &WriteTransaction) -> Result<(), RegistryError> {
             ))
         })?;
         for name in index_names(&record) {
-            names.insert((name.as_str(), serial.0), ())?;
+            names.insert(name_row(&name, serial).as_slice(), ())?;
         }
     }
     Ok(())
@@ -614,14 +626,17 @@ pub(crate) fn load_all(db: &Database) -> Result<Vec<CertificateRecord>, Registry
 /// The name index holds exactly the records' names: a missing row would
 /// let a name look free while a live certificate carries it.
 fn check_names(
-    index: &ReadOnlyTable<(&str, [u8; 16]), ()>,
+    index: &ReadOnlyTable<&[u8], ()>,
     records: &[CertificateRecord],
 ) -> Result<(), RegistryError> {
     let mut rows = 0u64;
     for record in records {
         for name in index_names(record) {
             rows += 1;
-            if index.get((name.as_str(), record.serial.0))?.is_none() {
+            if index
+                .get(name_row(&name, record.serial).as_slice())?
+                .is_none()
+            {
                 return Err(corrupt(format!(
                     "certificate {} carries {name:?}, but the name index does not say so",
                     record.serial
@@ -700,18 +715,29 @@ pub(crate) fn list(
     if let CertificateFilter::Name(name) = filter {
         let names = txn.open_table(NAMES)?;
         let key = name_key(name);
-        let first = after.map_or(std::ops::Bound::Included([0u8; 16]), |a| {
-            std::ops::Bound::Excluded(a.0)
-        });
-        let range = (
-            first.map(|serial| (key.as_str(), serial)),
-            std::ops::Bound::Included((key.as_str(), [0xffu8; 16])),
+        let first = match after {
+            Some(after) => std::ops::Bound::Excluded(name_row(&key, after)),
+            None => std::ops::Bound::Included(name_row(&key, Serial([0; 16]))),
+        };
+        let last = std::ops::Bound::Included(name_row(&key, Serial([0xff; 16])));
+        let (first, last) = (
+            first.as_ref().map(Vec::as_slice),
+            last.as_ref().map(Vec::as_slice),
         );
-        for row in names.range::<(&str, [u8; 16])>(range)? {
+        for row in names.range::<&[u8]>((first, last))? {
             if out.len() == MAX_RECORDS_PER_CALL {
                 break;
             }
-            let serial = Serial(row?.0.value().1);
+            let row = row?.0;
+            let Some(serial) = row
+                .value()
+                .strip_prefix(key.as_bytes())
+                .and_then(|rest| rest.strip_prefix(&[0]))
+                .and_then(|rest| <[u8; 16]>::try_from(rest).ok())
+            else {
+                return Err(corrupt(format!("a malformed name index row for {key:?}")));
+            };
+            let serial = Serial(serial);
             let value = certificates.get(serial.0)?.ok_or_else(|| {
                 corrupt(format!(
                     "the name index names certificate {serial}, which is not in the registry"
@@ -999,7 +1025,7 @@ pub(crate) mod tamper {
         let record = decode_record(serial, &raw).unwrap();
         let mut names = txn.open_table(NAMES).unwrap();
         for name in index_names(&record) {
-            names.remove((name.as_str(), serial.0)).unwrap();
+            names.remove(name_row(&name, serial).as_slice()).unwrap();
         }
     }
 
@@ -1015,12 +1041,14 @@ pub(crate) mod tamper {
         let mut names = txn.open_table(NAMES).unwrap();
         if let Some(old) = old.and_then(|old| decode_record(serial, &old)) {
             for name in index_names(&old) {
-                names.remove((name.as_str(), serial.0)).unwrap();
+                names.remove(name_row(&name, serial).as_slice()).unwrap();
             }
         }
         if let Some(new) = decode_record(serial, value) {
             for name in index_names(&new) {
-                names.insert((name.as_str(), serial.0), ()).unwrap();
+                names
+                    .insert(name_row(&name, serial).as_slice(), ())
+                    .unwrap();
             }
         }
     }
@@ -1066,9 +1094,14 @@ pub(crate) mod tamper {
     pub(crate) fn set_name_row(txn: &WriteTransaction, name: &str, serial: Serial, on: bool) {
         let mut table = txn.open_table(NAMES).unwrap();
         if on {
-            table.insert((name, serial.0), ()).unwrap();
+            table.insert(name_row(name, serial).as_slice(), ()).unwrap();
         } else {
-            assert!(table.remove((name, serial.0)).unwrap().is_some());
+            assert!(
+                table
+                    .remove(name_row(name, serial).as_slice())
+                    .unwrap()
+                    .is_some()
+            );
         }
     }
 }

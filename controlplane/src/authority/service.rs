@@ -1281,8 +1281,8 @@ impl AuthorityService {
     }
 
     /// The first certificate carrying `name` (a registry name filter) for
-    /// which `found` holds. Scans the registry page by page (fine for the
-    /// sizes a single node holds; an index by name would make it O(log n)).
+    /// which `found` holds, page by page through the registry's name index
+    /// (the certificates carrying the name, not the whole registry).
     fn find_by_name(
         &self,
         name: &str,
@@ -2015,6 +2015,22 @@ impl AuthorityService {
 /// The names `change` sets or removes, for the log line.
 fn zone_names(change: Option<&ZoneChange>) -> Vec<String> {
     change.map_or_else(Vec::new, |c| c.names().map(str::to_owned).collect())
+}
+
+impl AuthorityService {
+    /// Whether the certificate `der` carries every DNS name of the
+    /// server's (`server_names`): a member whose node certificate lacks
+    /// one (the names changed, e.g. the cluster's name was added) renews it.
+    pub fn carries_server_names(&self, der: &[u8]) -> bool {
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+            return false;
+        };
+        let carried = super::ca::certificate_names(&cert).dns_names;
+        let (wanted, _) = split_names(&self.config.server_names);
+        wanted
+            .iter()
+            .all(|name| carried.iter().any(|c| one_name(c, name)))
+    }
 }
 
 fn split_names(names: &[String]) -> (Vec<String>, Vec<IpAddr>) {

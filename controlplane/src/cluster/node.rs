@@ -59,8 +59,16 @@ pub fn node_subject(name: &str) -> String {
 /// (SubjectPublicKeyInfo DER), never 0.
 pub fn node_id(spki: &[u8]) -> u64 {
     let digest = ring::digest::digest(&ring::digest::SHA256, spki);
+    let mut pin = [0u8; 32];
+    pin.copy_from_slice(digest.as_ref());
+    node_id_of_pin(&pin)
+}
+
+/// The member id of the key whose TLSA `3 1 1` pin (SHA-256 of the
+/// SubjectPublicKeyInfo) is `pin`: what ties a published pin to a member.
+pub fn node_id_of_pin(pin: &[u8; 32]) -> u64 {
     let mut id = [0u8; 8];
-    id.copy_from_slice(&digest.as_ref()[..8]);
+    id.copy_from_slice(&pin[..8]);
     u64::from_be_bytes(id).max(1)
 }
 
@@ -393,4 +401,21 @@ fn finish_join(
     };
     save_node(data_dir, &node)?;
     Ok(node)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{node_id, node_id_of_pin};
+
+    #[test]
+    fn a_members_id_follows_from_its_keys_pin() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let spki = key.public_key_der();
+        let digest = ring::digest::digest(&ring::digest::SHA256, &spki);
+        let pin: [u8; 32] = digest.as_ref().try_into().unwrap();
+        assert_eq!(node_id(&spki), node_id_of_pin(&pin));
+        let mut other = pin;
+        other[0] ^= 1;
+        assert_ne!(node_id(&spki), node_id_of_pin(&other));
+    }
 }

@@ -260,7 +260,7 @@ impl MemberRuntime {
             Some(zone) => {
                 zone_primary = zone.server_name.clone();
                 let snapshot = service.borrow().zone();
-                let members = member_names(&raft);
+                let members = apex_members(&raft);
                 let store = ZoneStore::new(dataplane_zone(&snapshot, &zone_primary, &members)?);
                 Some((store, RefCell::new((snapshot.generation, members))))
             }
@@ -603,16 +603,23 @@ impl Inner {
             });
             return;
         }
+        // Past half its life, or without one of the server's names (they
+        // changed since it was issued).
         let due = node::node_identity(&self.data_dir)
             .ok()
             .flatten()
             .and_then(|identity| {
-                let (_, cert) =
-                    x509_parser::parse_x509_certificate(identity.chain.first()?).ok()?;
+                let der = identity.chain.first()?;
+                let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
                 let from = cert.validity().not_before.timestamp();
                 let until = cert.validity().not_after.timestamp();
                 let now = i64::try_from(unix_now()).ok()?;
-                Some(now >= from + (until - from) / 2)
+                // (At most hourly for the names: one certificate that
+                // cannot carry them must not be renewed in a loop.)
+                Some(
+                    now >= from + (until - from) / 2
+                        || (now >= from + 3600 && !self.service.borrow().carries_server_names(der)),
+                )
             })
             .unwrap_or(false);
         if !due {
@@ -776,7 +783,7 @@ impl Inner {
             }
         }
         if let Some((store, published)) = &self.zone {
-            let members = member_names(&self.raft);
+            let members = apex_members(&self.raft);
             let changed = {
                 let (generation, named) = &*published.borrow();
                 service.zone_generation() != *generation || members != *named
@@ -1460,21 +1467,24 @@ impl Inner {
 }
 
 /// What a published zone was built from: the zone's generation and the
-/// members' names.
-type ZoneSource = (u64, Vec<String>);
+/// members.
+type ZoneSource = (u64, Vec<super::ApexMember>);
 
-/// The members' names in the zone (voters and learners), sorted: the
-/// cluster's name (the apex) answers with their records.
-fn member_names(raft: &Raft) -> Vec<String> {
+/// The members (voters and learners) in id order, with the address each
+/// serves on: the cluster's name (the apex) answers with them.
+fn apex_members(raft: &Raft) -> Vec<super::ApexMember> {
     let metrics = raft.metrics();
     let metrics = metrics.borrow();
-    let mut names: Vec<String> = metrics
+    metrics
         .membership_config
         .membership()
         .nodes()
-        .map(|(_, member)| member.name.clone())
-        .collect();
-    names.sort();
-    names.dedup();
-    names
+        .filter_map(|(id, member)| {
+            Some(super::ApexMember {
+                id: *id,
+                name: member.name.clone(),
+                address: member.address.parse().ok()?,
+            })
+        })
+        .collect()
 }

@@ -451,14 +451,25 @@ fn send_reply(port: &ControlPort, worker: usize, mut reply: Reply) {
     }
 }
 
+/// A cluster member as the cluster's name publishes it: its id, its name
+/// in the zone and the address it serves on (from the membership).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ApexMember {
+    pub id: u64,
+    pub name: String,
+    pub address: std::net::SocketAddrV6,
+}
+
 /// The control plane's zone in the form the `doq` workers answer from. A
-/// cluster's `members` (their names in the zone) also answer for the
-/// apex, the cluster's name: the apex has every member's AAAA records and
-/// `_PORT._udp.APEX` every member's TLSA pin.
+/// cluster's `members` also answer for the apex, the cluster's name: the
+/// apex has every member's address (from the membership, not from
+/// records anyone could set) and `_PORT._udp.APEX` every member's pin (the
+/// one among its name's pins for its port whose key is the member's:
+/// member ids are derived from their keys).
 fn dataplane_zone(
     snapshot: &ZoneSnapshot,
     primary: &str,
-    members: &[String],
+    members: &[ApexMember],
 ) -> Result<Zone, AuthorityStartError> {
     let mut names: Vec<PublishedName> = snapshot
         .names
@@ -476,7 +487,8 @@ fn dataplane_zone(
             tlsa: Vec::new(),
         };
         for member in members {
-            let Ok(name) = crate::dns::qualify(&snapshot.apex, member) else {
+            cluster.aaaa.push(*member.address.ip());
+            let Ok(name) = crate::dns::qualify(&snapshot.apex, &member.name) else {
                 continue;
             };
             // The snapshot is in name order.
@@ -484,9 +496,12 @@ fn dataplane_zone(
                 .names
                 .binary_search_by(|n| n.name.as_str().cmp(&name))
             {
-                let records = &snapshot.names[at];
-                cluster.aaaa.extend(&records.aaaa);
-                cluster.tlsa.extend(&records.tlsa);
+                cluster
+                    .tlsa
+                    .extend(snapshot.names[at].tlsa.iter().filter(|(port, pin)| {
+                        *port == member.address.port()
+                            && crate::cluster::node::node_id_of_pin(pin) == member.id
+                    }));
             }
         }
         cluster.aaaa.sort();
