@@ -674,6 +674,22 @@ fn cluster_kinds_serve_no_stranger_and_no_bad_join() {
     joins_refused(&bare);
     leads_alone(&production);
 
+    // A node certificate of another CA (the member's name prefix, both
+    // usages, a name in the zone): refused at the handshake, nothing served.
+    let foreign = foreign_node_identity(&production.dir, "m9");
+    let mut command = interop_peer(&python, "stoq_peer.py", &production);
+    command.arg("cluster-kinds").arg("--cert").arg(&foreign);
+    let result = peer_json(command, Duration::from_secs(60));
+    eprintln!("another CA's node: {result}");
+    let served = result["answers"]
+        .as_object()
+        .is_some_and(|answers| answers.values().any(|a| a["ok"] == true));
+    assert!(!served, "another CA's node was served: {result}");
+    // Closed with the TLS alert unknown_ca (QUIC crypto error 0x100 + 48).
+    assert_eq!(result["stayed_open"], false, "{result}");
+    assert_eq!(result["closed"]["error_code"], 0x100 + 48, "{result}");
+    leads_alone(&production);
+
     let open = Server::start_production_with(
         "hostile-cluster-open",
         "plot_k = 12\nconsensus_mode = \"off\"",
@@ -697,4 +713,29 @@ fn cluster_kinds_serve_no_stranger_and_no_bad_join() {
     joins_refused(&client);
     assert_eq!(client["control_ping"]["ok"], true, "{client}");
     leads_alone(&open);
+}
+
+/// A node identity (certificate, its CA, key: one PEM file) that looks like
+/// a member's but is signed by a CA of its own.
+fn foreign_node_identity(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "internet2 intermediate");
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut leaf = rcgen::CertificateParams::new(vec![format!("{name}.internet2.test")]).unwrap();
+    leaf.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        format!("{}{name}", dataplane::trust::NODE_COMMON_NAME_PREFIX),
+    );
+    leaf.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let leaf = leaf.signed_by(&key, &ca, &ca_key).unwrap();
+    let path = dir.join(format!("foreign-{name}.pem"));
+    std::fs::write(&path, leaf.pem() + &ca.pem() + &key.serialize_pem()).unwrap();
+    path
 }
