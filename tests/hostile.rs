@@ -218,6 +218,73 @@ fn repeated_key_updates_from_aioquic_are_followed() {
     );
 }
 
+/// libfaketime for a multithreaded program, where Debian puts it.
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
+/// A certificate that expired while its session ticket is still good
+/// buys nothing after the server's wall clock stepped past its expiry (an
+/// NTP correction: the monotonic clock does not move): the resumed
+/// connection, which skips the handshake's certificate check, is closed
+/// by the worker's own check on the wall clock as it is now.
+#[test]
+fn an_expired_certificate_cannot_resume_after_a_clock_step() {
+    let Some(python) = interop_python() else {
+        return skip_or_fail("aioquic is not installed: run `bash .ci/setup-interop.sh`");
+    };
+    if !std::path::Path::new(LIBFAKETIME).exists() {
+        return skip_or_fail("libfaketime is not installed (Debian: faketime)");
+    }
+    let clock_dir = temp_dir("hostile-clock");
+    let clock = clock_dir.join("offset");
+    std::fs::write(&clock, "+0s\n").unwrap();
+    let preload = format!("LD_PRELOAD={LIBFAKETIME}");
+    let file = format!("FAKETIME_TIMESTAMP_FILE={}", clock.display());
+    let faked = [
+        "env",
+        &preload,
+        &file,
+        "FAKETIME_CACHE_DURATION=1",
+        "FAKETIME_DONT_FAKE_MONOTONIC=1",
+    ];
+    let server = Server::start_in(
+        "hostile-clock-step",
+        "::1",
+        "[hypermesh_assets]\nconsensus_mode = \"off\"\n",
+        &faked,
+    );
+    // One hour of life (and the CA's five minutes of slack before it).
+    let (identity, _) = issue_identity_for(&server, "short-lived", Some(1));
+    let ticket = server.dir.join("short-lived.ticket");
+    let phase = |name: &str| {
+        let mut command = interop_peer(&python, "stoq_peer.py", &server);
+        command
+            .args(["resume-after-revoke", "--cert"])
+            .arg(&identity)
+            .arg("--ticket-file")
+            .arg(&ticket)
+            .args(["--phase", name]);
+        peer_json(command, Duration::from_secs(60))
+    };
+    let saved = phase("save");
+    assert_eq!(
+        saved["ping"]["kind"], 0x81,
+        "served before the step: {saved}"
+    );
+    assert_eq!(saved["ticket"], true, "{saved}");
+
+    // The server's wall clock steps two hours on.
+    std::fs::write(&clock, "+2h\n").unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let resumed = phase("resume");
+    eprintln!("resumed after the step: {resumed}");
+    assert_eq!(resumed["served"], false, "served after expiry: {resumed}");
+    assert_eq!(
+        resumed["closed"]["application"], true,
+        "closed by the server's own check: {resumed}"
+    );
+    let _ = std::fs::remove_dir_all(&clock_dir);
+}
+
 /// A session ticket issued to a certificate that is then revoked buys
 /// nothing: resuming with it (a ping in 0-RTT, another after the
 /// handshake) is closed with 0x102 (certificate revoked) before anything

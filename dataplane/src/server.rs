@@ -234,7 +234,7 @@ pub fn serve(
             worker_endpoint(id, &reset_key, &server_config, &settings.transport),
             &stats,
             &mailboxes,
-            (Instant::now(), SystemTime::now()),
+            (Instant::now(), WallClock::System),
         ));
     }
 
@@ -296,7 +296,16 @@ pub fn single_worker(
         &server_config,
         &settings.transport,
     );
-    let worker = server_worker(id, settings, io, endpoint, &stats, &mailboxes, clock);
+    let (now, wall) = clock;
+    let worker = server_worker(
+        id,
+        settings,
+        io,
+        endpoint,
+        &stats,
+        &mailboxes,
+        (now, WallClock::Mapped(now, wall)),
+    );
     Ok((worker, stats))
 }
 
@@ -352,9 +361,9 @@ fn server_worker(
     endpoint: quinn_proto::Endpoint,
     stats: &Arc<StatsRegistry>,
     mailboxes: &Arc<[Mailbox]>,
-    (now, wall): (Instant, SystemTime),
+    (now, wall_clock): (Instant, WallClock),
 ) -> Worker<ServerService> {
-    let service = ServerService::new(usize::from(id.0), stats.clone(), settings, now, wall);
+    let service = ServerService::new(usize::from(id.0), stats.clone(), settings, now, wall_clock);
     Worker::new(WorkerParts {
         id,
         endpoint,
@@ -588,21 +597,31 @@ pub struct ServerService {
     /// ones hold (`TransportSettings::build_server`).
     trusted_receive_window: VarInt,
     trusted_streams_bidi: u32,
-    /// The worker's clock at construction and the wall clock then: the
-    /// certificate validity checks map the `now` they are given onto the
-    /// wall clock through it, so the service never reads a clock itself.
-    clock_base: (Instant, SystemTime),
+    /// Where certificate validity checks get the wall-clock time.
+    wall_clock: WallClock,
+}
+
+/// The wall clock of a worker's validity checks.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum WallClock {
+    /// The system's, read at each check: a step of the wall clock (an NTP
+    /// correction) applies to the next check.
+    System,
+    /// The worker's `now` mapped onto the wall clock from one moment (the
+    /// worker's clock then, and the wall-clock time it stands for): a
+    /// simulated clock (the in-memory harness) drives both.
+    Mapped(Instant, SystemTime),
 }
 
 impl ServerService {
     /// The service of worker `worker`, started at `now` (the worker's
-    /// clock), which is `wall` on the wall clock.
+    /// clock), its validity checks on `wall_clock`.
     fn new(
         worker: usize,
         stats: Arc<StatsRegistry>,
         settings: &ServerSettings,
         now: Instant,
-        wall: SystemTime,
+        wall_clock: WallClock,
     ) -> Self {
         let rate = f64::from(settings.handshake_rate_retry_per_s) / settings.workers as f64;
         Self {
@@ -630,14 +649,16 @@ impl ServerService {
                 tokens: rate,
                 last: now,
             },
-            clock_base: (now, wall),
+            wall_clock,
         }
     }
 
     /// The wall-clock time of the worker's `now`.
     fn wall(&self, now: Instant) -> SystemTime {
-        let (base, wall) = self.clock_base;
-        wall + now.saturating_duration_since(base)
+        match self.wall_clock {
+            WallClock::System => SystemTime::now(),
+            WallClock::Mapped(base, wall) => wall + now.saturating_duration_since(base),
+        }
     }
 }
 

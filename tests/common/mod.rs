@@ -364,13 +364,22 @@ pub fn operator_admitter(server: &Server) -> std::sync::Arc<dyn dataplane::admis
 /// A client identity (chain + key PEM) issued by the server's CA through
 /// the operator's `CERT_ISSUE` request; returns the file and the serial.
 pub fn issue_identity(server: &Server, name: &str) -> (PathBuf, String) {
+    issue_identity_for(server, name, None)
+}
+
+/// [`issue_identity`], valid `lifetime_hours` (None: the CA's default).
+pub fn issue_identity_for(
+    server: &Server,
+    name: &str,
+    lifetime_hours: Option<u32>,
+) -> (PathBuf, String) {
     let key = rcgen::KeyPair::generate().unwrap();
     let params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
     let csr = params.serialize_request(&key).unwrap().pem().unwrap();
     let request = serde_json::to_vec(&controlplane::authority::api::CertIssueRequest {
         csr_pem: csr,
         usage: controlplane::authority::api::CertUsage::Client,
-        lifetime_hours: None,
+        lifetime_hours,
     })
     .unwrap();
     let issued: controlplane::authority::api::Issued = serde_json::from_slice(&operator_rpc(
