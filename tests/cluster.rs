@@ -743,9 +743,6 @@ fn members_with_skewed_clocks_log_every_proposal_and_agree() {
     );
 }
 
-/// libfaketime for a multithreaded program, where Debian puts it.
-const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
-
 /// A member whose node certificate is past half its lifetime renews it
 /// through the log (same key, a new serial) and serves with it; its copy
 /// of the operator's identity is renewed too. The member's clock
@@ -759,15 +756,8 @@ fn a_node_certificate_past_half_its_life_is_renewed() {
     let clock_dir = temp_dir("renewal-clock");
     let clock = clock_dir.join("offset");
     std::fs::write(&clock, "+0s\n").unwrap();
-    let preload = format!("LD_PRELOAD={LIBFAKETIME}");
-    let file = format!("FAKETIME_TIMESTAMP_FILE={}", clock.display());
-    let faked = [
-        "env",
-        &preload,
-        &file,
-        "FAKETIME_CACHE_DURATION=1",
-        "FAKETIME_DONT_FAKE_MONOTONIC=1",
-    ];
+    let faked = faked_clock(&clock);
+    let faked: Vec<&str> = faked.iter().map(String::as_str).collect();
     let server = Server::start_with(
         "cluster-renewal",
         "::1",
@@ -811,7 +801,7 @@ fn a_node_certificate_past_half_its_life_is_renewed() {
     // member serves the renewed certificate.
     let out = Command::new("env")
         .args([
-            &preload,
+            &format!("LD_PRELOAD={LIBFAKETIME}"),
             "FAKETIME=+100d",
             "FAKETIME_DONT_FAKE_MONOTONIC=1",
             CLIENT,

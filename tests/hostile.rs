@@ -218,9 +218,6 @@ fn repeated_key_updates_from_aioquic_are_followed() {
     );
 }
 
-/// libfaketime for a multithreaded program, where Debian puts it.
-const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
-
 /// A certificate that expired while its session ticket is still good
 /// buys nothing after the server's wall clock stepped past its expiry (an
 /// NTP correction: the monotonic clock does not move): the resumed
@@ -237,15 +234,8 @@ fn an_expired_certificate_cannot_resume_after_a_clock_step() {
     let clock_dir = temp_dir("hostile-clock");
     let clock = clock_dir.join("offset");
     std::fs::write(&clock, "+0s\n").unwrap();
-    let preload = format!("LD_PRELOAD={LIBFAKETIME}");
-    let file = format!("FAKETIME_TIMESTAMP_FILE={}", clock.display());
-    let faked = [
-        "env",
-        &preload,
-        &file,
-        "FAKETIME_CACHE_DURATION=1",
-        "FAKETIME_DONT_FAKE_MONOTONIC=1",
-    ];
+    let faked = faked_clock(&clock);
+    let faked: Vec<&str> = faked.iter().map(String::as_str).collect();
     let server = Server::start_in(
         "hostile-clock-step",
         "::1",
@@ -255,16 +245,7 @@ fn an_expired_certificate_cannot_resume_after_a_clock_step() {
     // One hour of life (and the CA's five minutes of slack before it).
     let (identity, _) = issue_identity_for(&server, "short-lived", Some(1));
     let ticket = server.dir.join("short-lived.ticket");
-    let phase = |name: &str| {
-        let mut command = interop_peer(&python, "stoq_peer.py", &server);
-        command
-            .args(["resume-after-revoke", "--cert"])
-            .arg(&identity)
-            .arg("--ticket-file")
-            .arg(&ticket)
-            .args(["--phase", name]);
-        peer_json(command, Duration::from_secs(60))
-    };
+    let phase = |name: &str| resume_phase(&python, &server, &identity, &ticket, name);
     let saved = phase("save");
     assert_eq!(
         saved["ping"]["kind"], 0x81,
@@ -300,16 +281,7 @@ fn revoked_certificate_cannot_resume() {
     );
     let (identity, serial) = issue_identity(&server, "resumer");
     let ticket = server.dir.join("resumer.ticket");
-    let phase = |name: &str| {
-        let mut command = interop_peer(&python, "stoq_peer.py", &server);
-        command
-            .args(["resume-after-revoke", "--cert"])
-            .arg(&identity)
-            .arg("--ticket-file")
-            .arg(&ticket)
-            .args(["--phase", name]);
-        peer_json(command, Duration::from_secs(60))
-    };
+    let phase = |name: &str| resume_phase(&python, &server, &identity, &ticket, name);
 
     let saved = phase("save");
     assert_eq!(
@@ -805,4 +777,23 @@ fn foreign_node_identity(dir: &std::path::Path, name: &str) -> std::path::PathBu
     let path = dir.join(format!("foreign-{name}.pem"));
     std::fs::write(&path, leaf.pem() + &ca.pem() + &key.serialize_pem()).unwrap();
     path
+}
+
+/// aioquic's `resume-after-revoke` phase `name` (`save`: a ticket for
+/// `identity` into `ticket`; `resume`: resume with it) against `server`.
+fn resume_phase(
+    python: &std::path::Path,
+    server: &Server,
+    identity: &std::path::Path,
+    ticket: &std::path::Path,
+    name: &str,
+) -> serde_json::Value {
+    let mut command = interop_peer(python, "stoq_peer.py", server);
+    command
+        .args(["resume-after-revoke", "--cert"])
+        .arg(identity)
+        .arg("--ticket-file")
+        .arg(ticket)
+        .args(["--phase", name]);
+    peer_json(command, Duration::from_secs(60))
 }

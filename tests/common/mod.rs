@@ -473,3 +473,20 @@ pub fn interop_peer(python: &Path, script: &str, server: &Server) -> Command {
         .arg(server.ca());
     command
 }
+
+/// libfaketime for a multithreaded program, where Debian puts it.
+pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
+/// The `env` prefix (for [`Server::start_in`]) that runs a server whose
+/// wall clock is offset by what `offset_file` says (libfaketime's format,
+/// e.g. `+2h`, read again every second); its monotonic clock is left alone,
+/// as an NTP step leaves it.
+pub fn faked_clock(offset_file: &Path) -> Vec<String> {
+    vec![
+        "env".into(),
+        format!("LD_PRELOAD={LIBFAKETIME}"),
+        format!("FAKETIME_TIMESTAMP_FILE={}", offset_file.display()),
+        "FAKETIME_CACHE_DURATION=1".into(),
+        "FAKETIME_DONT_FAKE_MONOTONIC=1".into(),
+    ]
+}

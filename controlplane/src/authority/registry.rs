@@ -550,29 +550,35 @@ pub(crate) fn init_in(txn: &WriteTransaction) -> Result<(), RegistryError> {
 /// Write the [`NAMES`] rows of every record: once, in the transaction that
 /// creates the table (a store written before the name index).
 fn index_all_names(txn: &WriteTransaction) -> Result<(), RegistryError> {
-    let certificates = txn.open_table(CERTIFICATES)?;
     let mut names = txn.open_table(NAMES)?;
-    for row in certificates.iter()? {
-        let (serial, value) = row?;
-        let serial = Serial(serial.value());
-        let record = decode_record(serial, value.value()).ok_or_else(|| {
-            corrupt(format!(
-                "the record of certificate {serial} cannot be decoded"
-            ))
-        })?;
-        for name in index_names(&record) {
-            names.insert(name_row(&name, serial).as_slice(), ())?;
+    each_record(txn, |record| {
+        for name in index_names(record) {
+            names.insert(name_row(&name, record.serial).as_slice(), ())?;
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// Write the `ca_renewals` row of every record that renewed another: once,
 /// in the transaction that creates the table. One pass over the records,
 /// as [`load_all`] makes on every open.
 fn index_renewals(txn: &WriteTransaction) -> Result<(), RegistryError> {
-    let certificates = txn.open_table(CERTIFICATES)?;
     let mut renewals = txn.open_table(RENEWALS)?;
+    each_record(txn, |record| {
+        if let Some(renewed) = record.renewed_from {
+            renewals.insert(link_key(renewed, record.serial), ())?;
+        }
+        Ok(())
+    })
+}
+
+/// Call `visit` with every certificate record in `txn` (an index being
+/// built from them).
+fn each_record(
+    txn: &WriteTransaction,
+    mut visit: impl FnMut(&CertificateRecord) -> Result<(), RegistryError>,
+) -> Result<(), RegistryError> {
+    let certificates = txn.open_table(CERTIFICATES)?;
     for row in certificates.iter()? {
         let (serial, value) = row?;
         let serial = Serial(serial.value());
@@ -581,9 +587,7 @@ fn index_renewals(txn: &WriteTransaction) -> Result<(), RegistryError> {
                 "the record of certificate {serial} cannot be decoded"
             ))
         })?;
-        if let Some(renewed) = record.renewed_from {
-            renewals.insert(link_key(renewed, serial), ())?;
-        }
+        visit(&record)?;
     }
     Ok(())
 }
