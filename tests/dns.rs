@@ -272,7 +272,9 @@ fn bad_dns_over_quic_input_gets_the_rfc_answer_and_the_server_serves_on() {
 /// - `big.example.org` AAAA: over UDP an empty, truncated answer; over TCP
 ///   40 addresses;
 /// - `silent.example.org`: never answered;
-/// - anything else: NXDOMAIN with an SOA.
+/// - anything else: NXDOMAIN with an SOA;
+/// - over UDP, a question without EDNS offering at least 1232 bytes:
+///   REFUSED (the resolver must offer it).
 struct Upstream {
     addr: std::net::SocketAddr,
     udp_asked: std::sync::Arc<std::sync::atomic::AtomicUsize>,
@@ -360,6 +362,10 @@ fn upstream_answer(query: &[u8], tcp: bool) -> Option<Vec<u8>> {
     answer.queries.push(question.clone());
     answer.metadata.recursion_available = true;
     let owner = question.name().clone();
+    if !tcp && query.edns.as_ref().is_none_or(|e| e.max_payload() < 1232) {
+        answer.metadata.response_code = ResponseCode::Refused;
+        return answer.to_vec().ok();
+    }
     match (name.as_str(), question.query_type()) {
         ("silent.example.org.", _) => return None,
         ("www.example.org.", RecordType::AAAA) => {

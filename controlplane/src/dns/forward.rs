@@ -49,6 +49,8 @@ pub const CACHE_ENTRIES: usize = 10_000;
 pub const TTL_MAX: u32 = 3600;
 /// The longest a negative answer (NXDOMAIN, no data) is cached (seconds).
 pub const NEGATIVE_TTL_MAX: u32 = 300;
+/// The UDP payload the resolver offers upstream in EDNS.
+pub const UDP_PAYLOAD_MAX: u16 = 1232;
 /// The most upstream servers asked (resolv.conf's MAXNS).
 pub const UPSTREAMS_MAX: usize = 3;
 
@@ -403,6 +405,12 @@ async fn exchange(upstream: SocketAddr, question: &Query) -> Result<Message, Exc
     let mut query = Message::new(id, MessageType::Query, OpCode::Query);
     query.metadata.recursion_desired = true;
     query.queries.push(question.clone());
+    // EDNS: answers up to the size that passes without fragmenting
+    // (DNS flag day 2020) come over UDP; larger ones are cut and asked
+    // again over TCP.
+    let mut edns = hickory_proto::op::Edns::new();
+    edns.set_max_payload(UDP_PAYLOAD_MAX);
+    query.edns = Some(edns);
     let bytes = query
         .to_vec()
         .map_err(|e| ExchangeError::Malformed(e.to_string()))?;
