@@ -182,6 +182,13 @@ impl ControlPort {
         Ok(())
     }
 
+    /// Worker side: whether a reply waits for `worker`.
+    pub fn has_reply(&self, worker: usize) -> bool {
+        self.replies
+            .get(worker)
+            .is_some_and(|queue| !queue.is_empty())
+    }
+
     /// Worker side: the next reply for `worker`.
     pub fn take_reply(&self, worker: usize) -> Option<Returned> {
         self.replies.get(worker)?.pop()

@@ -932,6 +932,12 @@ impl Service for ServerService {
         }
     }
 
+    fn has_deliveries(&self) -> bool {
+        self.control
+            .as_ref()
+            .is_some_and(|port| port.has_reply(self.worker))
+    }
+
     fn on_delivery(
         &mut self,
         st: &mut ServerConn,

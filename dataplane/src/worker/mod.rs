@@ -113,6 +113,12 @@ pub trait Service: Send {
     /// replies) and the service's own deadlines due at `now`; called once
     /// per loop iteration.
     fn poll_deliveries(&mut self, _now: Instant, _out: &mut Vec<Delivery>) {}
+    /// Whether another thread queued something [`Self::poll_deliveries`]
+    /// would collect: checked after the worker announced it will sleep, so
+    /// a reply queued just before that is not left waiting.
+    fn has_deliveries(&self) -> bool {
+        false
+    }
     /// One delivery for a live connection (those for closed connections are
     /// dropped by the worker).
     fn on_delivery(
@@ -390,7 +396,7 @@ impl<S: Service> Worker<S> {
         }
         let mailbox = self.core.own_mailbox();
         mailbox.waker.prepare_sleep();
-        if !mailbox.is_empty() {
+        if !mailbox.is_empty() || self.core.service.has_deliveries() {
             mailbox.waker.woke();
             return Ok(());
         }
