@@ -750,13 +750,10 @@ fn members_with_skewed_clocks_log_every_proposal_and_agree() {
 /// certificates live 90 days, the operator's one.
 #[test]
 fn a_node_certificate_past_half_its_life_is_renewed() {
-    if !std::path::Path::new(LIBFAKETIME).exists() {
+    let Some(clock) = FakedClock::new("renewal-clock") else {
         return skip_or_fail("libfaketime is not installed (Debian: faketime)");
-    }
-    let clock_dir = temp_dir("renewal-clock");
-    let clock = clock_dir.join("offset");
-    std::fs::write(&clock, "+0s\n").unwrap();
-    let faked = faked_clock(&clock);
+    };
+    let faked = clock.wrapper();
     let faked: Vec<&str> = faked.iter().map(String::as_str).collect();
     let server = Server::start_with(
         "cluster-renewal",
@@ -788,7 +785,7 @@ fn a_node_certificate_past_half_its_life_is_renewed() {
         "renewed while young"
     );
 
-    std::fs::write(&clock, "+50d\n").unwrap();
+    clock.set("+50d");
     // The operator's identity first (it is the older for its lifetime),
     // the node certificate at the next look.
     server.wait_for_log("operator identity renewed", Duration::from_secs(60));
@@ -823,5 +820,4 @@ fn a_node_certificate_past_half_its_life_is_renewed() {
     // The operator's identity is a new certificate too (its key is new:
     // a day's lifetime, renewed at half of it).
     assert_ne!(operator_before, std::fs::read(&operator_pem).unwrap());
-    let _ = std::fs::remove_dir_all(&clock_dir);
 }

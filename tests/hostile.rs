@@ -228,13 +228,10 @@ fn an_expired_certificate_cannot_resume_after_a_clock_step() {
     let Some(python) = interop_python() else {
         return skip_or_fail("aioquic is not installed: run `bash .ci/setup-interop.sh`");
     };
-    if !std::path::Path::new(LIBFAKETIME).exists() {
+    let Some(clock) = FakedClock::new("hostile-clock") else {
         return skip_or_fail("libfaketime is not installed (Debian: faketime)");
-    }
-    let clock_dir = temp_dir("hostile-clock");
-    let clock = clock_dir.join("offset");
-    std::fs::write(&clock, "+0s\n").unwrap();
-    let faked = faked_clock(&clock);
+    };
+    let faked = clock.wrapper();
     let faked: Vec<&str> = faked.iter().map(String::as_str).collect();
     let server = Server::start_in(
         "hostile-clock-step",
@@ -254,7 +251,7 @@ fn an_expired_certificate_cannot_resume_after_a_clock_step() {
     assert_eq!(saved["ticket"], true, "{saved}");
 
     // The server's wall clock steps two hours on.
-    std::fs::write(&clock, "+2h\n").unwrap();
+    clock.set("+2h");
     std::thread::sleep(Duration::from_secs(2));
     let resumed = phase("resume");
     eprintln!("resumed after the step: {resumed}");
@@ -263,7 +260,6 @@ fn an_expired_certificate_cannot_resume_after_a_clock_step() {
         resumed["closed"]["application"], true,
         "closed by the server's own check: {resumed}"
     );
-    let _ = std::fs::remove_dir_all(&clock_dir);
 }
 
 /// A session ticket issued to a certificate that is then revoked buys

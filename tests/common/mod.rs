@@ -477,16 +477,47 @@ pub fn interop_peer(python: &Path, script: &str, server: &Server) -> Command {
 /// libfaketime for a multithreaded program, where Debian puts it.
 pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
 
-/// The `env` prefix (for [`Server::start_in`]) that runs a server whose
-/// wall clock is offset by what `offset_file` says (libfaketime's format,
-/// e.g. `+2h`, read again every second); its monotonic clock is left alone,
-/// as an NTP step leaves it.
-pub fn faked_clock(offset_file: &Path) -> Vec<String> {
-    vec![
-        "env".into(),
-        format!("LD_PRELOAD={LIBFAKETIME}"),
-        format!("FAKETIME_TIMESTAMP_FILE={}", offset_file.display()),
-        "FAKETIME_CACHE_DURATION=1".into(),
-        "FAKETIME_DONT_FAKE_MONOTONIC=1".into(),
-    ]
+/// A wall clock for a server under libfaketime, offset by what its file
+/// says (libfaketime's format, e.g. `+2h`, read again every second); the
+/// monotonic clock is left alone, as an NTP step leaves it. The file's
+/// directory goes when this does.
+pub struct FakedClock {
+    dir: PathBuf,
+    file: PathBuf,
+}
+
+impl FakedClock {
+    /// At offset zero; None where libfaketime is not installed.
+    pub fn new(tag: &str) -> Option<FakedClock> {
+        if !Path::new(LIBFAKETIME).exists() {
+            return None;
+        }
+        let dir = temp_dir(tag);
+        let file = dir.join("offset");
+        let clock = FakedClock { dir, file };
+        clock.set("+0s");
+        Some(clock)
+    }
+
+    /// Step the clock to `offset` from the real time.
+    pub fn set(&self, offset: &str) {
+        std::fs::write(&self.file, format!("{offset}\n")).unwrap();
+    }
+
+    /// The `env` prefix (for [`Server::start_in`]) that runs a server on it.
+    pub fn wrapper(&self) -> Vec<String> {
+        vec![
+            "env".into(),
+            format!("LD_PRELOAD={LIBFAKETIME}"),
+            format!("FAKETIME_TIMESTAMP_FILE={}", self.file.display()),
+            "FAKETIME_CACHE_DURATION=1".into(),
+            "FAKETIME_DONT_FAKE_MONOTONIC=1".into(),
+        ]
+    }
+}
+
+impl Drop for FakedClock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

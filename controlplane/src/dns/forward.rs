@@ -160,6 +160,7 @@ impl Forwarder {
                         cache: RefCell::new(Cache::default()),
                         asking: RefCell::default(),
                         per_prefix: RefCell::default(),
+                        waiting: std::cell::Cell::new(0),
                     });
                     loop {
                         tokio::select! {
@@ -215,6 +216,8 @@ struct State {
     /// Waiters per source /64 (an IPv6 site), bounded by
     /// [`PREFIX_IN_FLIGHT_MAX`].
     per_prefix: RefCell<HashMap<u64, usize>>,
+    /// Waiters in all (the sum over `asking`, kept as it changes).
+    waiting: std::cell::Cell<usize>,
 }
 
 /// A query waiting for an upstream answer.
@@ -256,12 +259,12 @@ impl State {
             return self.send(query, encode(reply_to(&request, cached)));
         }
         let prefix = site(query.source);
-        let waiting: usize = self.asking.borrow().values().map(Vec::len).sum();
         let site_waiting = self.per_prefix.borrow().get(&prefix).copied().unwrap_or(0);
-        if waiting >= IN_FLIGHT_MAX || site_waiting >= PREFIX_IN_FLIGHT_MAX {
+        if self.waiting.get() >= IN_FLIGHT_MAX || site_waiting >= PREFIX_IN_FLIGHT_MAX {
             return self.send(query, respond_code(Some(&request), ResponseCode::ServFail));
         }
         *self.per_prefix.borrow_mut().entry(prefix).or_default() += 1;
+        self.waiting.set(self.waiting.get() + 1);
         let waiter = Waiter {
             query,
             request,
@@ -314,6 +317,7 @@ impl State {
                 }
             };
             let waiters = self.asking.borrow_mut().remove(&key).unwrap_or_default();
+            self.waiting.set(self.waiting.get() - waiters.len());
             for waiter in waiters {
                 {
                     let mut per_prefix = self.per_prefix.borrow_mut();
