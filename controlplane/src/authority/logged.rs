@@ -89,6 +89,10 @@ pub enum AuthorityError {
     /// An enrolled issuance: the token was spent before.
     #[error("the enrollment token was already used")]
     TokenUsed,
+    /// An enrolled issuance whose name a live certificate with another key
+    /// came to hold after it was proposed (two enrollments in flight).
+    #[error("{name:?} is held by certificate {holder} with another key")]
+    NameTaken { name: String, holder: Serial },
     #[error("{path}: the control plane's store: {source}")]
     Store { path: PathBuf, source: redb::Error },
     #[error("admission state: {0}")]
@@ -359,6 +363,7 @@ impl Authority {
             if !spent {
                 return Err(AuthorityError::TokenUsed);
             }
+            self.check_names_free_in(txn, record)?;
         }
         let record = CertificateRecord {
             leaf_index: append.first_index(),
@@ -372,6 +377,40 @@ impl Authority {
             serial: record.serial,
             not_after: record.not_after,
         })
+    }
+
+    /// An enrollment's names are first come, first served (see
+    /// `service`): its proposer checked that no live certificate with
+    /// another key carries them, and that is checked again here, at the
+    /// proposal's time, against the state the command is applied to. Two
+    /// enrollments for one name proposed before either applied: the second
+    /// is refused on every member alike.
+    fn check_names_free_in(
+        &self,
+        txn: &WriteTransaction,
+        record: &CertificateRecord,
+    ) -> Result<(), AuthorityError> {
+        let at = UNIX_EPOCH + Duration::from_millis(record.logged_at_ms);
+        let key = super::ca::public_key_of(&record.cert_der)?;
+        let held = registry::sharing_names_in(txn, record).map_err(|e| self.registry_error(e))?;
+        for holder in held {
+            if holder.revocation.is_some()
+                || holder.not_after < at
+                || super::ca::public_key_of(&holder.cert_der)? == key
+            {
+                continue;
+            }
+            let mine = registry::index_names_of(record);
+            let name = registry::index_names_of(&holder)
+                .into_iter()
+                .find(|n| mine.contains(n))
+                .unwrap_or_default();
+            return Err(AuthorityError::NameTaken {
+                name,
+                holder: holder.serial,
+            });
+        }
+        Ok(())
     }
 
     /// Take in a [`Self::write_certify`] whose transaction committed: the

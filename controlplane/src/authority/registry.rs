@@ -276,7 +276,7 @@ pub(crate) fn insert_certificate(
     }
     table.insert(record.serial.0, encode_record(record)?.as_slice())?;
     let mut names = txn.open_table(NAMES)?;
-    for name in index_names(record) {
+    for name in index_names_of(record) {
         names.insert(name_row(&name, record.serial).as_slice(), ())?;
     }
     for link in Link::ALL {
@@ -305,7 +305,7 @@ fn name_row(name: &str, serial: Serial) -> Vec<u8> {
 }
 
 /// The [`NAMES`] keys of `record`'s names, each once.
-fn index_names(record: &CertificateRecord) -> BTreeSet<String> {
+pub(crate) fn index_names_of(record: &CertificateRecord) -> BTreeSet<String> {
     std::iter::once(name_key(&record.subject))
         .chain(record.dns_names.iter().map(|d| name_key(d)))
         .chain(
@@ -552,7 +552,7 @@ pub(crate) fn init_in(txn: &WriteTransaction) -> Result<(), RegistryError> {
 fn index_all_names(txn: &WriteTransaction) -> Result<(), RegistryError> {
     let mut names = txn.open_table(NAMES)?;
     each_record(txn, |record| {
-        for name in index_names(record) {
+        for name in index_names_of(record) {
             names.insert(name_row(&name, record.serial).as_slice(), ())?;
         }
         Ok(())
@@ -635,7 +635,7 @@ fn check_names(
 ) -> Result<(), RegistryError> {
     let mut rows = 0u64;
     for record in records {
-        for name in index_names(record) {
+        for name in index_names_of(record) {
             rows += 1;
             if index
                 .get(name_row(&name, record.serial).as_slice())?
@@ -718,36 +718,8 @@ pub(crate) fn list(
     let mut out = Vec::new();
     if let CertificateFilter::Name(name) = filter {
         let names = txn.open_table(NAMES)?;
-        let key = name_key(name);
-        let first = match after {
-            Some(after) => std::ops::Bound::Excluded(name_row(&key, after)),
-            None => std::ops::Bound::Included(name_row(&key, Serial([0; 16]))),
-        };
-        let last = std::ops::Bound::Included(name_row(&key, Serial([0xff; 16])));
-        let (first, last) = (
-            first.as_ref().map(Vec::as_slice),
-            last.as_ref().map(Vec::as_slice),
-        );
-        for row in names.range::<&[u8]>((first, last))? {
-            if out.len() == MAX_RECORDS_PER_CALL {
-                break;
-            }
-            let row = row?.0;
-            let Some(serial) = row
-                .value()
-                .strip_prefix(key.as_bytes())
-                .and_then(|rest| rest.strip_prefix(&[0]))
-                .and_then(|rest| <[u8; 16]>::try_from(rest).ok())
-            else {
-                return Err(corrupt(format!("a malformed name index row for {key:?}")));
-            };
-            let serial = Serial(serial);
-            let value = certificates.get(serial.0)?.ok_or_else(|| {
-                corrupt(format!(
-                    "the name index names certificate {serial}, which is not in the registry"
-                ))
-            })?;
-            let record = decode_row(serial, value.value(), &revocations)?;
+        for serial in named(&names, &name_key(name), after, MAX_RECORDS_PER_CALL)? {
+            let record = indexed_record(&certificates, &revocations, serial)?;
             if filter.matches(&record) {
                 out.push(record);
             }
@@ -778,10 +750,82 @@ pub(crate) fn list(
     Ok(out)
 }
 
+/// Up to `most` serials of the certificates carrying `key` (a
+/// [`name_key`]) in [`NAMES`], after `after`, in serial order.
+fn named(
+    names: &impl ReadableTable<&'static [u8], ()>,
+    key: &str,
+    after: Option<Serial>,
+    most: usize,
+) -> Result<Vec<Serial>, RegistryError> {
+    let first = match after {
+        Some(after) => std::ops::Bound::Excluded(name_row(key, after)),
+        None => std::ops::Bound::Included(name_row(key, Serial([0; 16]))),
+    };
+    let last = std::ops::Bound::Included(name_row(key, Serial([0xff; 16])));
+    let (first, last) = (
+        first.as_ref().map(Vec::as_slice),
+        last.as_ref().map(Vec::as_slice),
+    );
+    let mut out = Vec::new();
+    for row in names.range::<&[u8]>((first, last))? {
+        if out.len() == most {
+            break;
+        }
+        let row = row?.0;
+        let Some(serial) = row
+            .value()
+            .strip_prefix(key.as_bytes())
+            .and_then(|rest| rest.strip_prefix(&[0]))
+            .and_then(|rest| <[u8; 16]>::try_from(rest).ok())
+        else {
+            return Err(corrupt(format!("a malformed name index row for {key:?}")));
+        };
+        out.push(Serial(serial));
+    }
+    Ok(out)
+}
+
+/// The record of `serial`, which the name index names.
+fn indexed_record(
+    certificates: &impl ReadableTable<[u8; 16], &'static [u8]>,
+    revocations: &impl ReadableTable<[u8; 16], &'static [u8]>,
+    serial: Serial,
+) -> Result<CertificateRecord, RegistryError> {
+    let value = certificates.get(serial.0)?.ok_or_else(|| {
+        corrupt(format!(
+            "the name index names certificate {serial}, which is not in the registry"
+        ))
+    })?;
+    decode_row(serial, value.value(), revocations)
+}
+
+/// The certificates carrying any of `record`'s names (as the name index
+/// writes them), revocations joined, as `txn` sees them: what a command
+/// is checked against when it is applied. Each certificate once.
+pub(crate) fn sharing_names_in(
+    txn: &WriteTransaction,
+    record: &CertificateRecord,
+) -> Result<Vec<CertificateRecord>, RegistryError> {
+    let names = txn.open_table(NAMES)?;
+    let certificates = txn.open_table(CERTIFICATES)?;
+    let revocations = txn.open_table(REVOCATIONS)?;
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for key in index_names_of(record) {
+        for serial in named(&names, &key, None, usize::MAX)? {
+            if seen.insert(serial.0) {
+                out.push(indexed_record(&certificates, &revocations, serial)?);
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn decode_row(
     serial: Serial,
     value: &[u8],
-    revocations: &ReadOnlyTable<[u8; 16], &[u8]>,
+    revocations: &impl ReadableTable<[u8; 16], &'static [u8]>,
 ) -> Result<CertificateRecord, RegistryError> {
     let mut record = decode_record(serial, value).ok_or_else(|| {
         corrupt(format!(
@@ -1028,7 +1072,7 @@ pub(crate) mod tamper {
             .to_vec();
         let record = decode_record(serial, &raw).unwrap();
         let mut names = txn.open_table(NAMES).unwrap();
-        for name in index_names(&record) {
+        for name in index_names_of(&record) {
             names.remove(name_row(&name, serial).as_slice()).unwrap();
         }
     }
@@ -1044,12 +1088,12 @@ pub(crate) mod tamper {
             .map(|old| old.value().to_vec());
         let mut names = txn.open_table(NAMES).unwrap();
         if let Some(old) = old.and_then(|old| decode_record(serial, &old)) {
-            for name in index_names(&old) {
+            for name in index_names_of(&old) {
                 names.remove(name_row(&name, serial).as_slice()).unwrap();
             }
         }
         if let Some(new) = decode_record(serial, value) {
-            for name in index_names(&new) {
+            for name in index_names_of(&new) {
                 names
                     .insert(name_row(&name, serial).as_slice(), ())
                     .unwrap();

@@ -412,6 +412,7 @@ fn log_error(e: LogError) -> ServiceError {
 fn authority_error(e: AuthorityError) -> ServiceError {
     let code = match &e {
         AuthorityError::TokenUsed => api::TOKEN_USED,
+        AuthorityError::NameTaken { .. } => api::NAME_TAKEN,
         AuthorityError::Ca(ca) => match ca {
             CaError::UnknownIssuer { .. } | CaError::BadSignature => api::NOT_OUR_CA,
             CaError::Expired { .. } | CaError::NotYetValid { .. } => api::EXPIRED,

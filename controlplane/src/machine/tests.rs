@@ -112,6 +112,77 @@ mod clock {
     }
 }
 
+mod names {
+    use super::group_support::{open, request};
+    use crate::authority::ca::{IssueRequest, public_key_of};
+    use crate::authority::logged::{AuthorityError, SpentToken};
+    use crate::machine::Command;
+    use crate::test_support::TempDir;
+    use std::time::{Duration, SystemTime};
+
+    /// Two enrollments for one name with different keys, both proposed
+    /// before either is applied (as a cluster leader may): the second is
+    /// refused when applied and changes nothing. The same key may enroll
+    /// again; a revoked holder or an operator's issuance (no token) does
+    /// not block.
+    #[test]
+    fn an_enrollment_for_a_name_taken_since_its_proposal_is_refused_at_apply() {
+        let dir = TempDir::new("names-at-apply");
+        let now = SystemTime::now();
+        let mut machine = open(&dir, now);
+        let mut token = 0u8;
+        let mut enrollment = |machine: &crate::machine::Machine, request: IssueRequest| {
+            token += 1;
+            let (certificate, mut certify) =
+                machine.authority().propose_issue(request, now).unwrap();
+            certify.token = Some(SpentToken {
+                id: [token; 16],
+                expires_at_s: 0,
+            });
+            (certificate, Command::Certify(certify))
+        };
+        let (first, first_command) = enrollment(&machine, request("dev.example"));
+        let (_, rival) = enrollment(&machine, request("DEV.example"));
+        machine.apply(first_command).unwrap();
+        let before = super::rows(&machine.authority().database());
+        match machine.apply(rival) {
+            Err(AuthorityError::NameTaken { name, holder }) => {
+                assert_eq!(name, "dev.example");
+                assert_eq!(holder, first.serial);
+            }
+            other => panic!("the rival enrollment was not refused: {other:?}"),
+        }
+        assert_eq!(super::rows(&machine.authority().database()), before);
+
+        let same_key = IssueRequest {
+            public_key: Some(public_key_of(&first.cert_der).unwrap()),
+            ..request("dev.example")
+        };
+        let (_, again) = enrollment(&machine, same_key);
+        machine
+            .apply(again)
+            .expect("the holder's own key enrolls again");
+
+        let (_, operator) = machine
+            .authority()
+            .propose_issue(request("dev.example"), now)
+            .unwrap();
+        machine
+            .apply(Command::Certify(operator))
+            .expect("an issuance without a token is not first come, first served");
+
+        let (other, other_command) = enrollment(&machine, request("other.example"));
+        machine.apply(other_command).unwrap();
+        machine
+            .revoke(other.serial, None, now + Duration::from_secs(1), None)
+            .unwrap();
+        let (_, after_revocation) = enrollment(&machine, request("other.example"));
+        machine
+            .apply(after_revocation)
+            .expect("a revoked holder does not hold its name");
+    }
+}
+
 mod snapshots {
     use super::group_support::{open, request};
     use crate::machine::snapshot;

@@ -894,6 +894,11 @@ fn parse(der: &[u8]) -> Result<X509Certificate<'_>, CaError> {
     }
 }
 
+/// The SubjectPublicKeyInfo of a certificate, from its DER: its key.
+pub(crate) fn public_key_of(der: &[u8]) -> Result<Vec<u8>, CaError> {
+    Ok(parse(der)?.public_key().raw.to_vec())
+}
+
 /// The serial of a certificate of ours, from its DER.
 pub(crate) fn serial_of(der: &[u8]) -> Result<Serial, CaError> {
     Serial::from_raw(parse(der)?.raw_serial())
