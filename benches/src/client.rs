@@ -25,8 +25,6 @@ const REQUEST_BYTES: u64 = 16 << 20;
 const MAX_PENDING_HANDSHAKES: usize = 256;
 /// Without this a dead server would stall connects for the whole idle timeout.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Keeps idle held connections alive (the same interval as our client).
-const KEEP_ALIVE: Duration = dataplane::client::bench::KEEP_ALIVE;
 /// Only the first few errors are printed; the rest are just counted.
 const PRINTED_ERRORS: u64 = 5;
 /// Latency histogram range: 1 us .. 60 s, 3 significant digits.
@@ -59,6 +57,10 @@ pub struct ClientArgs {
     /// UDP socket buffer size in bytes, each direction.
     #[arg(long, default_value_t = udp::DEFAULT_SOCKET_BUFFER)]
     socket_buffer: usize,
+    /// Seconds between keep-alives on held connections (the same default
+    /// as our client's).
+    #[arg(long, default_value_t = dataplane::client::bench::KEEP_ALIVE.as_secs())]
+    keep_alive: u64,
 }
 
 /// Counters shared by all tasks.
@@ -134,7 +136,12 @@ pub async fn run(args: ClientArgs, max_udp_payload: u16) -> Result<()> {
     );
     let duration = Duration::from_secs_f64(args.duration);
     let ctx = Arc::new(Ctx {
-        endpoint: client_endpoint(duration, args.socket_buffer, max_udp_payload)?,
+        endpoint: client_endpoint(
+            duration,
+            Duration::from_secs(args.keep_alive.max(1)),
+            args.socket_buffer,
+            max_udp_payload,
+        )?,
         server: args.connect,
         stats: Stats::new()?,
     });
@@ -167,12 +174,13 @@ pub async fn run(args: ClientArgs, max_udp_payload: u16) -> Result<()> {
 /// outlasts the run so nothing held can expire, keep-alives do the rest.
 fn client_endpoint(
     duration: Duration,
+    keep_alive: Duration,
     socket_buffer: usize,
     max_udp_payload: u16,
 ) -> Result<Endpoint> {
     // The server never opens streams, so the client allows it none.
-    let idle_timeout = Duration::from_secs(60) + duration;
-    let transport = crate::transport_config(idle_timeout, Some(KEEP_ALIVE), 0, max_udp_payload)?;
+    let idle_timeout = dataplane::client::bench::client_idle_timeout(keep_alive, duration);
+    let transport = crate::transport_config(idle_timeout, Some(keep_alive), 0, max_udp_payload)?;
     let mut config = quinn::ClientConfig::new(Arc::new(tls::client_crypto()?));
     config.transport_config(Arc::new(transport));
     let mut endpoint = udp::endpoint("[::]:0".parse()?, socket_buffer, max_udp_payload, None)?;

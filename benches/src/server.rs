@@ -15,9 +15,6 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::{tls, udp};
 
-/// Clients keep their connections alive; this only reaps vanished ones.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// Response payload source; content is irrelevant to the protocol. Handed
 /// to quinn as a static `Bytes`, so responses are sent without a copy.
 static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
@@ -42,6 +39,10 @@ pub struct ServerArgs {
     /// handshake is full).
     #[arg(long)]
     tickets: bool,
+    /// Seconds without a packet before a connection is dropped. Clients
+    /// keep theirs alive; this only reaps vanished ones.
+    #[arg(long, default_value_t = 60)]
+    idle_timeout: u64,
 }
 
 pub async fn run(args: ServerArgs, max_udp_payload: u16) -> Result<()> {
@@ -51,7 +52,12 @@ pub async fn run(args: ServerArgs, max_udp_payload: u16) -> Result<()> {
     }
     let mut config =
         quinn::ServerConfig::with_crypto(Arc::new(tls::server_crypto(identity, args.tickets)?));
-    let transport = crate::transport_config(IDLE_TIMEOUT, None, args.max_streams, max_udp_payload)?;
+    let transport = crate::transport_config(
+        Duration::from_secs(args.idle_timeout.max(1)),
+        None,
+        args.max_streams,
+        max_udp_payload,
+    )?;
     config.transport_config(Arc::new(transport));
     let endpoint = udp::endpoint(
         args.listen,

@@ -273,6 +273,10 @@ struct BenchArgs {
     /// Handshakes in flight per client worker.
     #[arg(long, default_value_t = 256)]
     handshake_concurrency: usize,
+    /// Seconds between keep-alives on held connections. The server's idle
+    /// timeout must be at least twice this (ours: 30 s by default).
+    #[arg(long, default_value_t = dataplane::client::bench::KEEP_ALIVE.as_secs_f64())]
+    keep_alive: f64,
     /// Resume the TLS session of an earlier connection (and offer 0-RTT)
     /// where the server gave a ticket; by default every connection is a
     /// full handshake.
@@ -734,6 +738,10 @@ fn stats(args: &TargetArgs, json: bool) -> anyhow::Result<()> {
 }
 
 fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+    if !(args.keep_alive >= 1.0 && args.keep_alive <= 3600.0) {
+        bail!("--keep-alive must be between 1 and 3600 seconds");
+    }
+    let keep_alive = Duration::from_secs_f64(args.keep_alive);
     let transport = TransportSettings {
         congestion: match args.congestion {
             CongestionArg::Cubic => CongestionControl::Cubic,
@@ -741,8 +749,11 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             CongestionArg::Newreno => CongestionControl::Newreno,
         },
         // Held connections must outlive the run.
-        keep_alive: Some(dataplane::client::bench::KEEP_ALIVE),
-        idle_timeout: Duration::from_secs(60) + Duration::from_secs_f64(args.duration),
+        keep_alive: Some(keep_alive),
+        idle_timeout: dataplane::client::bench::client_idle_timeout(
+            keep_alive,
+            Duration::from_secs_f64(args.duration),
+        ),
         ..TransportSettings::default()
     };
     let mut target = target(&args.target, transport)?;

@@ -128,6 +128,9 @@ fn validate(args: &BenchArgs) -> Result<()> {
     if args.duration == 0 {
         bail!("--duration must be at least 1 second");
     }
+    if !(1..=3600).contains(&args.keep_alive) {
+        bail!("--keep-alive must be between 1 and 3600 seconds");
+    }
     if args.connections == 0 || args.streams == 0 || args.client_workers == 0 {
         bail!("--connections, --streams and --client-workers must be at least 1");
     }
@@ -381,12 +384,15 @@ fn netns_run(
             let xdp = (backend == crate::Backend::Xdp).then_some(netns::SERVER_DEV);
             write_config(
                 &config,
-                addr,
-                backend,
-                args.workers.unwrap_or(1),
-                steering,
-                xdp,
-                max_udp_payload(args, backend),
+                &OurServer {
+                    addr,
+                    backend,
+                    workers: args.workers.unwrap_or(1),
+                    steering,
+                    xdp,
+                    max_udp_payload: max_udp_payload(args, backend),
+                    idle_timeout: server_idle_timeout(args),
+                },
             )?;
             let mut cmd = Topology::exec(&topo.server_ns, &bins.server);
             cmd.arg("--config")
@@ -529,16 +535,23 @@ fn max_udp_payload(args: &BenchArgs, backend: crate::Backend) -> u32 {
 /// stays at the server's defaults. `xdp` names the interface whose queues
 /// the `xdp` backend binds (the front door is attached there).
 #[allow(clippy::too_many_arguments)]
-fn write_config(
-    path: &Path,
+/// What `write_config` puts in our server's config file.
+struct OurServer<'a> {
     addr: SocketAddr,
     backend: crate::Backend,
+    /// 0: one per core.
     workers: usize,
     steering: crate::Steering,
-    xdp: Option<&str>,
+    xdp: Option<&'a str>,
     max_udp_payload: u32,
-) -> Result<()> {
-    let xdp = xdp.map_or(String::new(), |i| format!("xdp_interface = \"{i}\"\n"));
+    /// Matched to the clients' keep-alive interval.
+    idle_timeout: Duration,
+}
+
+fn write_config(path: &Path, server: &OurServer) -> Result<()> {
+    let xdp = server
+        .xdp
+        .map_or(String::new(), |i| format!("xdp_interface = \"{i}\"\n"));
     let text = format!(
         "# Written by `cargo xtask bench-40g`.\n\
          [internet2]\n\
@@ -550,6 +563,7 @@ fn write_config(
          socket_buffer_bytes = {SOCKET_BUFFER}\n\
          streams_bidi_max = {MAX_STREAMS}\n\
          max_udp_payload_bytes = {max_udp_payload}\n\
+         idle_timeout_ms = {idle_timeout_ms}\n\
          \n\
          [trustchain_authority]\n\
          perf_without_client_certificate = true\n\
@@ -558,12 +572,26 @@ fn write_config(
          workers = {workers}\n\
          steering = \"{steering}\"\n\
          {xdp}",
-        ip = addr.ip(),
-        port = addr.port(),
-        backend = backend.as_str(),
-        steering = steering.as_str(),
+        ip = server.addr.ip(),
+        port = server.addr.port(),
+        backend = server.backend.as_str(),
+        steering = server.steering.as_str(),
+        max_udp_payload = server.max_udp_payload,
+        idle_timeout_ms = server.idle_timeout.as_millis(),
+        workers = server.workers,
     );
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The clients' keep-alive interval (--keep-alive).
+fn keep_alive(args: &BenchArgs) -> Duration {
+    Duration::from_secs(args.keep_alive)
+}
+
+/// Both servers' idle timeout: twice the clients' keep-alive interval (one
+/// keep-alive may be lost), never below our server's default 30 s.
+fn server_idle_timeout(args: &BenchArgs) -> Duration {
+    (keep_alive(args) * 2).max(Duration::from_secs(30))
 }
 
 /// The quinn baseline's server arguments: our server's stream limit and
@@ -584,6 +612,8 @@ fn baseline_server_args(args: &BenchArgs, addr: SocketAddr, cert_dir: &Path) -> 
         SOCKET_BUFFER.to_string(),
         "--cert-dir".into(),
         cert_dir.display().to_string(),
+        "--idle-timeout".into(),
+        server_idle_timeout(args).as_secs().to_string(),
     ];
     if args.resume {
         argv.push("--tickets".into());
@@ -642,6 +672,7 @@ fn client_command(
         }
     }
     cmd.args(["--duration", &args.duration.to_string()])
+        .args(["--keep-alive", &keep_alive(args).as_secs().to_string()])
         .args(["--connections", &args.connections.to_string()])
         .args(["--streams", &args.streams.to_string()])
         .arg("--json")
@@ -676,18 +707,33 @@ fn client_timeout(args: &BenchArgs) -> Duration {
 /// handoffs_in / datagrams_rx from our server's live counters. The counters
 /// cover the server's lifetime: one run in --netns mode (a fresh server per
 /// run), everything since it started in two-host mode.
+///
+/// Right after a run the server may still be working through the clients'
+/// closes (100 000 at once at the end of a hold), which can hold up the
+/// operator's admission past its deadline: the read is tried three times.
 fn handoff_ratio(mut cmd: Command, addr: SocketAddr, ca: &Path) -> Result<Option<f64>> {
+    const TRIES: usize = 3;
     cmd.args(["stats", "--connect", &addr.to_string(), "--ca"])
         .arg(ca)
         .arg("--json");
-    let out = cmd.output().context("running `internet2 stats`")?;
-    if !out.status.success() {
-        bail!(
+    let mut tried = 0;
+    let out = loop {
+        tried += 1;
+        let out = cmd.output().context("running `internet2 stats`")?;
+        if out.status.success() {
+            break out;
+        }
+        let why = format!(
             "`internet2 stats` failed ({}): {}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );
-    }
+        if tried == TRIES {
+            bail!("{why} ({TRIES} tries)");
+        }
+        eprintln!("bench-40g: {why}; trying again in 2 s");
+        std::thread::sleep(Duration::from_secs(2));
+    };
     let stats: Value = serde_json::from_slice(&out.stdout)
         .context("`internet2 stats --json` printed something that is not JSON")?;
     let total = &stats["total"];
@@ -721,12 +767,15 @@ fn run_server_role(args: &BenchArgs, bins: &Binaries) -> Result<()> {
         // 0 = one worker per core: a dedicated server host should use all.
         write_config(
             &config,
-            listen,
-            args.backend,
-            args.workers.unwrap_or(0),
-            args.steering,
-            args.xdp_interface.as_deref(),
-            max_udp_payload(args, args.backend),
+            &OurServer {
+                addr: listen,
+                backend: args.backend,
+                workers: args.workers.unwrap_or(0),
+                steering: args.steering,
+                xdp: args.xdp_interface.as_deref(),
+                max_udp_payload: max_udp_payload(args, args.backend),
+                idle_timeout: server_idle_timeout(args),
+            },
         )?;
         let mut cmd = Command::new(&bins.server);
         cmd.arg("--config")
@@ -862,6 +911,7 @@ fn setup(args: &BenchArgs, mode: &str) -> Value {
         ("resume", args.resume.into()),
         ("baseline_runtime", args.baseline_runtime.clone().into()),
         ("client_workers", args.client_workers.into()),
+        ("keep_alive_s", args.keep_alive.into()),
         ("mtu", if netns { args.mtu.into() } else { Value::Null }),
         ("handshake_only", args.handshake_only.into()),
         ("runs", args.runs.into()),

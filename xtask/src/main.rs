@@ -155,6 +155,10 @@ pub struct BenchArgs {
     /// Connections the client opens and holds.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub connections: usize,
+    /// Seconds between the clients' keep-alives on held connections; both
+    /// servers' idle timeout is set to twice this (at least 30 s).
+    #[arg(long, default_value_t = 15, value_name = "SECS")]
+    pub keep_alive: u64,
     /// Connections that move data (default: all up to 32 connections, else 1,
     /// so that large counts measure the cost of held connections).
     #[arg(long, value_name = "N")]

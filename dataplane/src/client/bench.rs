@@ -83,10 +83,18 @@ pub struct BenchReport {
     pub connected_at: Vec<Instant>,
 }
 
-/// Keep-alive interval of the load generators' held connections (ours and
-/// the quinn baseline's): half the shortest server idle timeout (ours: 30
-/// s), so 100 000 held connections send 6 700 keep-alives/s, not 20 000.
+/// Default keep-alive interval of the load generators' held connections
+/// (ours and the quinn baseline's): half the server's default idle timeout
+/// (ours: 30 s), so 100 000 held connections send 6 700 keep-alives/s, not
+/// 20 000. A longer interval needs a longer server idle timeout.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// A load generator's own idle timeout: longer than the run and than
+/// several keep-alive intervals, so only the server's can end a held
+/// connection.
+pub fn client_idle_timeout(keep_alive: Duration, run: Duration) -> Duration {
+    (keep_alive * 4).max(Duration::from_secs(60)) + run
+}
 
 /// Handshake completion times kept per client worker.
 pub const SETUP_TIMES_MAX: usize = 1 << 20;
