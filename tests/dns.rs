@@ -380,7 +380,19 @@ fn upstream_answer(query: &[u8], tcp: bool) -> Option<Vec<u8>> {
                 RData::A(A("192.0.2.1".parse().unwrap())),
             ));
         }
-        ("big.example.org.", RecordType::AAAA) if !tcp => answer.metadata.truncation = true,
+        ("big.example.org." | "huge.example.org.", RecordType::AAAA) if !tcp => {
+            answer.metadata.truncation = true
+        }
+        ("huge.example.org.", RecordType::AAAA) => {
+            // 28 to 44 KB (with or without name compression): a large
+            // answer, but whole over TCP.
+            for i in 1..=1000u16 {
+                let ip = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 1, i);
+                answer
+                    .answers
+                    .push(Record::from_rdata(owner.clone(), 60, RData::AAAA(AAAA(ip))));
+            }
+        }
         ("big.example.org.", RecordType::AAAA) => {
             for i in 1..=40u16 {
                 let ip = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, i);
@@ -529,6 +541,65 @@ fn phase0_asks_the_system_resolver_for_names_outside_the_zone() {
         }
         None => skip_or_fail("dnspython is not installed: run `bash .ci/setup-interop.sh`"),
     }
+}
+
+/// A DoQ peer that asks for large answers and never reads them (an
+/// independent client, aioquic, granting 64 bytes per stream and never
+/// more) is closed with DOQ_EXCESSIVE_LOAD once its unread answers pass
+/// `UNREAD_ANSWER_BYTES_MAX`, and everyone else is served on.
+#[test]
+fn a_doq_peer_that_never_reads_its_answers_is_closed() {
+    let Some(python) = interop_python() else {
+        return skip_or_fail("aioquic is not installed: run `bash .ci/setup-interop.sh`");
+    };
+    let upstream = Upstream::start();
+    let server = Server::start_production(
+        "dns-unread",
+        &format!(
+            "[trustchain_authority]\noutside_zone = \"system-resolver\"\nupstream_resolvers = [\"{}\"]\n",
+            upstream.addr
+        ),
+    );
+    let out = interop_peer(&python, "stoq_peer.py", &server)
+        .args([
+            "--timeout",
+            "60",
+            "doq-unread",
+            "--query-name",
+            "huge.example.org",
+        ])
+        .args(["--queries", "12", "--every", "0.1"])
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_str(ok(&out).trim())
+        .unwrap_or_else(|e| panic!("stoq_peer prints one JSON line ({e}): {}", ok(&out)));
+    assert_eq!(json["connected"], true, "{json}");
+    assert_eq!(
+        json["closed"]["error_code"],
+        dataplane::protocols::doq::DOQ_EXCESSIVE_LOAD,
+        "{json}"
+    );
+    assert_eq!(json["closed"]["application"], true, "{json}");
+    assert!(
+        json["received_bytes"].as_u64().unwrap() < 4096,
+        "the peer read almost nothing: {json}"
+    );
+    let answer = parsed(
+        &doq(
+            &server,
+            vec![query(
+                "huge.example.org.",
+                RecordType::AAAA,
+                DNSClass::IN,
+                0,
+            )],
+        )[0],
+    );
+    assert_eq!(
+        answer.answers.len(),
+        1000,
+        "an honest reader gets the whole answer"
+    );
 }
 
 #[test]

@@ -954,7 +954,7 @@ impl Service for ServerService {
                 st.stoq.deliver(conn, stream, response, counters)
             }
             Delivered::DnsAnswer { stream, message } => {
-                st.doq.deliver(conn, stream, &message, counters)
+                st.doq.deliver(conn, stream, &message, now, counters)
             }
             Delivered::AdmissionDeadline => self.on_deadline(st, conn, now, counters),
             Delivered::IdleDeadline if st.doq.take_answered() => {
@@ -1169,8 +1169,9 @@ impl ServerService {
     /// connection with a certificate once admitted), and more streams as it
     /// uses them, up to the configured maximum. Everyone else (`doq`,
     /// enrolling and unadmitted `stoq/1`) keeps the small receive window
-    /// and grows to at most `UNTRUSTED_STREAMS_BIDI_MAX` streams, so what an
-    /// unauthenticated peer can make the server buffer is bounded.
+    /// and grows to at most `UNTRUSTED_STREAMS_BIDI_MAX` streams
+    /// (`DOQ_STREAMS_BIDI_MAX` for `doq`), so what an unauthenticated peer
+    /// can make the server buffer is bounded.
     fn widen(&self, st: &mut ServerConn, conn: &mut Connection) {
         if conn.is_handshaking() || conn.is_closed() {
             return;
@@ -1192,11 +1193,14 @@ impl ServerService {
         // maximum), a round trip before the peer could run out.
         let limit = conn.max_concurrent_streams(Dir::Bi);
         let open = conn.streams().remote_open_streams(Dir::Bi);
-        let max = if trusted {
-            self.trusted_streams_bidi
-        } else {
-            self.trusted_streams_bidi
-                .min(crate::transport::UNTRUSTED_STREAMS_BIDI_MAX)
+        let max = match (trusted, st.alpn) {
+            (true, _) => self.trusted_streams_bidi,
+            (false, Some(Alpn::Doq)) => self
+                .trusted_streams_bidi
+                .min(crate::transport::DOQ_STREAMS_BIDI_MAX),
+            (false, _) => self
+                .trusted_streams_bidi
+                .min(crate::transport::UNTRUSTED_STREAMS_BIDI_MAX),
         };
         let max = u64::from(max);
         if limit < max && open * 2 >= limit {

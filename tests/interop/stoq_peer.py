@@ -63,6 +63,11 @@ Subcommands:
       never FIN; hold them T seconds while honest queries (a fresh
       connection each) run. Prints "doq-hold: holding" on stderr once the
       flood is in place.
+
+  doq-unread --query-name NAME [--queries 40] [--every 0.05] [--window 64]
+      doq without a client certificate, granting WINDOW bytes per stream
+      and never more: asks for NAME again and again without reading the
+      answers. Reports how many were sent and how the connection ended.
 """
 
 import argparse
@@ -720,6 +725,41 @@ async def doq_hold(args) -> dict:
 
 # ------------------------------------------------------------------ key-update
 
+async def doq_unread(args) -> dict:
+    """A doq peer that never reads: it grants `--window` bytes per stream
+    (four times that per connection) and never raises either, then asks
+    `--queries` questions for `--query-name`, one every `--every` s, and
+    reports how the connection ended."""
+    config = configuration(args, ALPN_DOQ)
+    config.max_stream_data = args.window
+    config.max_data = args.window * 4
+    conn, failure = await connect(args, config)
+    if conn is None:
+        return {"connected": False, **failure}
+    quic = conn.peer._quic
+    # Never a MAX_DATA or MAX_STREAM_DATA frame: the peer reads nothing.
+    quic._write_connection_limits = lambda *a, **k: None
+    quic._write_stream_limits = lambda *a, **k: None
+    sent = 0
+    try:
+        for _ in range(args.queries):
+            if conn.peer.terminated is not None:
+                break
+            try:
+                conn.peer.send(doq_query_message(args.query_name, "AAAA"))
+            except Exception:  # noqa: BLE001 - out of streams: wait for the server
+                await asyncio.sleep(args.every)
+                continue
+            sent += 1
+            await asyncio.sleep(args.every)
+        await until(lambda: conn.peer.terminated is not None, args.linger)
+        received = sum(len(d) for d in conn.peer.data.values())
+        return {"connected": True, "sent": sent, "received_bytes": received,
+                "closed": conn.peer.terminated}
+    finally:
+        await conn.close()
+
+
 async def key_update(args) -> dict:
     conn, failure = await connect(args, configuration(args, ALPN_STOQ))
     if conn is None:
@@ -787,6 +827,13 @@ def parse_args(argv):
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--pause", type=float, default=0.5)
 
+    p = sub.add_parser("doq-unread")
+    p.add_argument("--query-name", required=True)
+    p.add_argument("--queries", type=int, default=40)
+    p.add_argument("--every", type=float, default=0.05)
+    p.add_argument("--window", type=int, default=64, help="bytes granted per stream, never raised")
+    p.add_argument("--linger", type=float, default=3.0, help="seconds to wait for a close afterwards")
+
     p = sub.add_parser("doq-hold")
     p.add_argument("--connections", type=int, default=200)
     p.add_argument("--streams", type=int, default=4)
@@ -808,6 +855,7 @@ COMMANDS = {
     "enroll-wildcard": enroll_wildcard,
     "enroll-production": enroll_production,
     "doq-hold": doq_hold,
+    "doq-unread": doq_unread,
     "key-update": key_update,
 }
 

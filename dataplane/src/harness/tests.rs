@@ -379,40 +379,49 @@ fn requests_are_answered_across_repeated_key_updates() {
     }
 }
 
-/// An untrusted connection (doq, no certificate) starts with
-/// `INITIAL_STREAMS_BIDI` streams and is granted more as it holds them
-/// open, never past `UNTRUSTED_STREAMS_BIDI_MAX`, however long it keeps
-/// asking.
+/// An untrusted connection starts with `INITIAL_STREAMS_BIDI` streams and
+/// is granted more as it holds them open, never past its bound however
+/// long it keeps asking: `DOQ_STREAMS_BIDI_MAX` for doq,
+/// `UNTRUSTED_STREAMS_BIDI_MAX` for stoq/1 before admission (here without
+/// a certificate, so only enrollment).
 #[test]
-fn an_untrusted_connections_streams_grow_to_the_untrusted_bound_and_stop() {
-    use crate::transport::{INITIAL_STREAMS_BIDI, UNTRUSTED_STREAMS_BIDI_MAX};
-    let mut harness = Harness::new(Settings::default());
-    let mut apply = |op| harness.apply(op).unwrap_or_else(|v| panic!("{op:?}: {v}"));
-    apply(connect(Alpn::Doq, false));
-    for _ in 0..8 {
-        for _ in 0..UNTRUSTED_STREAMS_BIDI_MAX * 2 {
-            apply(Op::OpenStream { conn: 0 });
-            // A query announcing 65 535 bytes that never come keeps the
-            // stream open.
-            apply(Op::Write {
-                conn: 0,
-                stream: 0,
-                len: 1,
-                byte: 0xff,
-            });
+fn an_untrusted_connections_streams_grow_to_its_bound_and_stop() {
+    use crate::transport::{
+        DOQ_STREAMS_BIDI_MAX, INITIAL_STREAMS_BIDI, UNTRUSTED_STREAMS_BIDI_MAX,
+    };
+    for (alpn, bound) in [
+        (Alpn::Doq, DOQ_STREAMS_BIDI_MAX),
+        (Alpn::Stoq, UNTRUSTED_STREAMS_BIDI_MAX),
+    ] {
+        let mut harness = Harness::new(Settings::default());
+        let mut apply = |op| harness.apply(op).unwrap_or_else(|v| panic!("{op:?}: {v}"));
+        apply(connect(alpn, false));
+        for _ in 0..8 {
+            for _ in 0..bound * 2 {
+                apply(Op::OpenStream { conn: 0 });
+                // A first byte and nothing more: a doq query announcing
+                // 65 535 bytes, an unfinished stoq/1 header. Either keeps
+                // the stream open.
+                apply(Op::Write {
+                    conn: 0,
+                    stream: 0,
+                    len: 1,
+                    byte: 0xff,
+                });
+            }
+            apply(SETTLE);
         }
-        apply(SETTLE);
+        let c = live_input_connection(&harness);
+        let opened = c.streams.len();
+        assert!(
+            opened > INITIAL_STREAMS_BIDI as usize,
+            "{alpn:?}: the limit grew with use: {opened} streams"
+        );
+        assert_eq!(
+            opened, bound as usize,
+            "{alpn:?}: an untrusted peer never gets more"
+        );
     }
-    let c = live_input_connection(&harness);
-    let opened = c.streams.len();
-    assert!(
-        opened > INITIAL_STREAMS_BIDI as usize,
-        "the limit grew with use: {opened} streams"
-    );
-    assert_eq!(
-        opened, UNTRUSTED_STREAMS_BIDI_MAX as usize,
-        "an untrusted peer never gets more"
-    );
 }
 
 #[test]

@@ -32,6 +32,12 @@ pub const DOQ_EXCESSIVE_LOAD: u32 = 0x4;
 /// server hold: two maximum-size messages. Honest queries are a few hundred
 /// bytes; past it the connection is closed with DOQ_EXCESSIVE_LOAD.
 pub const PENDING_QUERY_BYTES_MAX: usize = 2 * (2 + MESSAGE_MAX);
+/// Bytes of answers one connection may leave unread: written, but beyond
+/// what the peer's flow control took. A peer that never reads, or grants
+/// a few bytes at a time, holds at most this much of the server's memory
+/// (answers up to 64 KiB come from upstream over TCP); past it the
+/// connection is closed with DOQ_EXCESSIVE_LOAD.
+pub const UNREAD_ANSWER_BYTES_MAX: usize = 2 * (2 + MESSAGE_MAX);
 /// RFC 9250 §4.3: DOQ_INTERNAL_ERROR.
 pub const DOQ_INTERNAL_ERROR: u32 = 0x1;
 /// Largest DNS message (the 2-byte length prefix).
@@ -426,6 +432,7 @@ impl DoqServer {
         conn: &mut Connection,
         id: StreamId,
         message: &[u8],
+        now: Instant,
         counters: &mut Counters,
     ) {
         if let Some(stream) = self.streams.get_mut(&id) {
@@ -435,6 +442,26 @@ impl DoqServer {
                 stream,
                 message,
                 &mut self.answered_since,
+                counters,
+            );
+            self.bound_unread(conn, now, counters);
+        }
+    }
+
+    /// Close a connection whose peer leaves more than
+    /// [`UNREAD_ANSWER_BYTES_MAX`] of answers unread.
+    fn bound_unread(&self, conn: &mut Connection, now: Instant, counters: &mut Counters) {
+        let unread: usize = self
+            .streams
+            .values()
+            .filter_map(|s| s.unsent.as_ref().map(Bytes::len))
+            .sum();
+        if unread > UNREAD_ANSWER_BYTES_MAX && !conn.is_closed() {
+            close_with(
+                conn,
+                now,
+                DOQ_EXCESSIVE_LOAD,
+                b"answers left unread",
                 counters,
             );
         }
@@ -583,7 +610,8 @@ impl DoqServer {
         };
         match result {
             Answer::Response(message) => {
-                write_answer(conn, id, stream, &message, answered, counters)
+                write_answer(conn, id, stream, &message, answered, counters);
+                self.bound_unread(conn, now, counters);
             }
             Answer::ProtocolError(reason) => {
                 close_with(conn, now, DOQ_PROTOCOL_ERROR, reason.as_bytes(), counters)
