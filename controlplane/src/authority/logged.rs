@@ -270,6 +270,23 @@ impl Authority {
         Ok(())
     }
 
+    /// Whether another database's tables (a snapshot restored into a
+    /// scratch file) would open as this authority's store: the log's tree
+    /// and tree heads under this log's key, and the registry against the
+    /// log, as [`Self::reload`] checks them. Nothing of this authority
+    /// changes.
+    pub(crate) fn check_tables(&self, db: Arc<Database>) -> Result<(), AuthorityError> {
+        let log = self
+            .log
+            .in_other(db.clone())
+            .map_err(|source| AuthorityError::Log {
+                path: self.store_path.clone(),
+                source,
+            })?;
+        let records = registry::load_all(&db).map_err(|e| self.registry_error(e))?;
+        check_against_log(&records, &log).map_err(|e| self.registry_error(e))
+    }
+
     /// Sign a certificate for `request`: the certificate (with the private
     /// key when the CA made one) and the command that logs it.
     pub fn propose_issue(

@@ -319,6 +319,7 @@ impl Machine {
         snapshot: &[u8],
         also: impl Fn(&WriteTransaction) -> Result<(), redb::Error>,
     ) -> Result<(), AuthorityError> {
+        self.check_snapshot(snapshot)?;
         let db = self.authority.database();
         let path = self.authority.store_path().to_owned();
         transact(&db, &path, Durability::Immediate, |txn| {
@@ -335,6 +336,52 @@ impl Machine {
             })
         })?;
         self.reload()
+    }
+
+    /// Whether `snapshot` would open as this node's store: restored into a
+    /// scratch file beside the store and loaded there with every check a
+    /// restart makes (the log under this log's key, the registry against
+    /// the log, the zone, the admission state). A snapshot that passes
+    /// [`snapshot::restore`]'s checks of its form may still hold a
+    /// registry that disagrees with its log; installed, it would leave a
+    /// node that cannot reopen. Refused here ([`AuthorityError::Stale`]),
+    /// it changes nothing. Costs one more write of the snapshot.
+    fn check_snapshot(&self, snapshot: &[u8]) -> Result<(), AuthorityError> {
+        let path = self.authority.store_path().with_extension("snapshot-check");
+        let _ = std::fs::remove_file(&path);
+        let refused = |e: AuthorityError| AuthorityError::Stale(format!("a snapshot refused: {e}"));
+        let checked = (|| {
+            let db = std::sync::Arc::new(Database::create(&path).map_err(|e| {
+                AuthorityError::Store {
+                    path: path.clone(),
+                    source: e.into(),
+                }
+            })?);
+            transact(&db, &path, Durability::None, |txn| {
+                snapshot::restore(txn, snapshot).map_err(|e| match e {
+                    snapshot::RestoreError::Malformed(why) => AuthorityError::Stale(why),
+                    snapshot::RestoreError::Storage(source) => AuthorityError::Store {
+                        path: path.clone(),
+                        source,
+                    },
+                })
+            })?;
+            self.authority.check_tables(db.clone()).map_err(refused)?;
+            if let Some(config) = &self.zone_config {
+                Zone::open(&db, config).map_err(|source| {
+                    refused(AuthorityError::Zone {
+                        path: path.clone(),
+                        source,
+                    })
+                })?;
+            }
+            if let Some(state) = &self.admission {
+                state.reloaded(&db).map_err(|e| refused(e.into()))?;
+            }
+            Ok(())
+        })();
+        let _ = std::fs::remove_file(&path);
+        checked
     }
 
     /// Load everything in memory again from the store.

@@ -243,6 +243,53 @@ mod snapshots {
     }
 }
 
+mod snapshot_contents {
+    use super::group_support::{open, request};
+    use crate::authority::registry::tamper;
+    use crate::machine::snapshot;
+    use crate::test_support::{TempDir, copy_cluster_keys};
+    use std::time::SystemTime;
+
+    /// A snapshot well formed table by table whose registry lacks a
+    /// certificate its log holds (a member's store gone bad, or a hostile
+    /// member's): refused before anything is written; the target keeps its
+    /// rows, reopens, and takes a good snapshot afterwards.
+    #[test]
+    fn a_snapshot_whose_registry_disagrees_with_its_log_is_refused_whole() {
+        let (from, to) = (TempDir::new("snap-bad-from"), TempDir::new("snap-bad-to"));
+        let now = SystemTime::now();
+        let mut source = open(&from, now);
+        let first = source.issue(request("a.example"), now, None).unwrap();
+        source.issue(request("b.example"), now, None).unwrap();
+        let good = snapshot::dump(&source.authority().database()).unwrap();
+        let db = source.authority().database();
+        let txn = db.begin_write().unwrap();
+        tamper::remove_certificate(&txn, first.certificate.serial);
+        txn.commit().unwrap();
+        let bad = snapshot::dump(&db).unwrap();
+
+        copy_cluster_keys(&from.0, &to.0);
+        let mut target = open(&to, now);
+        target.issue(request("local.example"), now, None).unwrap();
+        let before = super::rows(&target.authority().database());
+        let refused = target.install(&bad, |_| Ok(()));
+        assert!(
+            matches!(
+                refused,
+                Err(crate::authority::logged::AuthorityError::Stale(_))
+            ),
+            "{refused:?}"
+        );
+        assert_eq!(super::rows(&target.authority().database()), before);
+        assert_eq!(target.authority().log().size(), 1);
+        drop(target);
+        let mut target = open(&to, now);
+        assert_eq!(super::rows(&target.authority().database()), before);
+        target.install(&good, |_| Ok(())).unwrap();
+        assert_eq!(target.authority().log().size(), 2);
+    }
+}
+
 mod group_support {
     use crate::authority::ca::{IssueRequest, KeyAlgorithm};
     use crate::authority::ct::LogKeyAlgorithm;

@@ -246,7 +246,7 @@ type LoadedTree = (SubtreeCache<Vec<Hash>>, Option<SignedTreeHead>);
 /// A durable, append-only CT log. See the module documentation.
 pub struct CtLog {
     db: Arc<Database>,
-    signer: LogSigner,
+    signer: Arc<LogSigner>,
     tree: SubtreeCache<Vec<Hash>>,
     latest: Option<SignedTreeHead>,
 }
@@ -288,7 +288,20 @@ impl CtLog {
         let (tree, latest) = Self::load_tree(&db, &signer)?;
         Ok(CtLog {
             db,
-            signer,
+            signer: Arc::new(signer),
+            tree,
+            latest,
+        })
+    }
+
+    /// The log held in another database's tables (a snapshot restored
+    /// into a scratch file), under this log's key, loaded with the checks
+    /// of [`Self::open`]: whether those tables would open.
+    pub(crate) fn in_other(&self, db: Arc<Database>) -> Result<Self, LogError> {
+        let (tree, latest) = Self::load_tree(&db, &self.signer)?;
+        Ok(CtLog {
+            db,
+            signer: self.signer.clone(),
             tree,
             latest,
         })
