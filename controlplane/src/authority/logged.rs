@@ -380,7 +380,12 @@ impl Authority {
             if !spent {
                 return Err(AuthorityError::TokenUsed);
             }
-            self.check_names_free_in(txn, record)?;
+            // An enrollment (a client certificate the token paid for);
+            // a member's node certificate, which a join token pays for,
+            // carries the cluster's name like every member's.
+            if record.usage == Usage::Client {
+                self.check_names_free_in(txn, record)?;
+            }
         }
         let record = CertificateRecord {
             leaf_index: append.first_index(),

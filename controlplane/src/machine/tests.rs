@@ -114,7 +114,7 @@ mod clock {
 
 mod names {
     use super::group_support::{open, request};
-    use crate::authority::ca::{IssueRequest, public_key_of};
+    use crate::authority::ca::{IssueRequest, Usage, public_key_of};
     use crate::authority::logged::{AuthorityError, SpentToken};
     use crate::machine::Command;
     use crate::test_support::TempDir;
@@ -123,8 +123,8 @@ mod names {
     /// Two enrollments for one name with different keys, both proposed
     /// before either is applied (as a cluster leader may): the second is
     /// refused when applied and changes nothing. The same key may enroll
-    /// again; a revoked holder or an operator's issuance (no token) does
-    /// not block.
+    /// again; a revoked holder, an operator's issuance (no token) or a
+    /// joining member's node certificate does not block.
     #[test]
     fn an_enrollment_for_a_name_taken_since_its_proposal_is_refused_at_apply() {
         let dir = TempDir::new("names-at-apply");
@@ -133,6 +133,10 @@ mod names {
         let mut token = 0u8;
         let mut enrollment = |machine: &crate::machine::Machine, request: IssueRequest| {
             token += 1;
+            let request = IssueRequest {
+                usage: Usage::Client,
+                ..request
+            };
             let (certificate, mut certify) =
                 machine.authority().propose_issue(request, now).unwrap();
             certify.token = Some(SpentToken {
@@ -170,6 +174,26 @@ mod names {
         machine
             .apply(Command::Certify(operator))
             .expect("an issuance without a token is not first come, first served");
+
+        // A member's node certificate (a join token pays for it) carries
+        // the cluster's name, as every member's does.
+        let (_, mut member) = machine
+            .authority()
+            .propose_issue(
+                IssueRequest {
+                    usage: Usage::Node,
+                    ..request("dev.example")
+                },
+                now,
+            )
+            .unwrap();
+        member.token = Some(SpentToken {
+            id: [0xee; 16],
+            expires_at_s: 0,
+        });
+        machine
+            .apply(Command::Certify(member))
+            .expect("a joining member shares the cluster's name");
 
         let (other, other_command) = enrollment(&machine, request("other.example"));
         machine.apply(other_command).unwrap();
