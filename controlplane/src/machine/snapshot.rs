@@ -2,8 +2,9 @@
 //! snapshot carries to a lagging or new node, and what two replicas that
 //! applied the same commands agree on.
 //!
-//! `snapshot = tables u8 ‖ (name length u8 ‖ name ‖ rows u64 ‖ (key
-//! length u32 ‖ key ‖ value length u32 ‖ value)*)*`, the tables in
+//! `snapshot = "i2snap" ‖ format u8 ‖ tables u8 ‖ (name length u8 ‖ name
+//! ‖ rows u64 ‖ (key length u32 ‖ key ‖ value length u32 ‖ value)*)*`
+//! ([`FORMAT`]; a member refuses another format and says which), the tables in
 //! `for_each_table!`'s order, each row as redb stores it. [`restore`]
 //! takes exactly that (every table, in order, rows in key order, each key
 //! and value a valid value of its table's types) and replaces the tables'
@@ -43,6 +44,13 @@ macro_rules! for_each_table {
     };
 }
 
+/// What a snapshot starts with.
+const MAGIC: &[u8; 6] = b"i2snap";
+/// The snapshot format this release writes and reads. Another release's
+/// snapshot is refused with both numbers: a rolling upgrade must not need
+/// a snapshot between members of different formats.
+pub const FORMAT: u8 = 1;
+
 /// One table's rows, as raw bytes.
 pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;
 
@@ -78,7 +86,9 @@ pub fn tables(db: &Database) -> Result<Vec<(String, Rows)>, redb::Error> {
 /// The store as snapshot bytes.
 pub fn dump(db: &Database) -> Result<Vec<u8>, redb::Error> {
     let tables = tables(db)?;
-    let mut out = vec![tables.len() as u8];
+    let mut out = MAGIC.to_vec();
+    out.push(FORMAT);
+    out.push(tables.len() as u8);
     for (name, rows) in tables {
         out.push(name.len() as u8);
         out.extend_from_slice(name.as_bytes());
@@ -165,6 +175,21 @@ fn restore_table<K: Key + 'static, V: Value + 'static>(
 /// `txn`; refused (the caller aborts `txn`) when they are not exactly one.
 pub fn restore(txn: &WriteTransaction, bytes: &[u8]) -> Result<(), RestoreError> {
     let mut r = Reader(bytes);
+    if r.take(MAGIC.len()) != Some(&MAGIC[..]) {
+        return Err(RestoreError::Malformed(
+            "not an internet2 snapshot (or one from a release before snapshot formats)".into(),
+        ));
+    }
+    match r.u8() {
+        Some(FORMAT) => {}
+        Some(other) => {
+            return Err(RestoreError::Malformed(format!(
+                "a snapshot of format {other}; this release reads format {FORMAT} \
+                 (members of one cluster must run releases with one snapshot format)"
+            )));
+        }
+        None => return Err(RestoreError::Malformed("no format".into())),
+    }
     let tables = r
         .u8()
         .ok_or_else(|| RestoreError::Malformed("empty".into()))?;

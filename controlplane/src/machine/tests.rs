@@ -238,12 +238,34 @@ mod snapshots {
         // refused, and nothing changed.
         let mut wrong_width = bytes.clone();
         // The first table's first row: its key length (a u64 index).
-        let first_key_len = 1 + 1 + "leaves".len() + 8;
+        let first_key_len = 6 + 1 + 1 + 1 + "leaves".len() + 8;
         wrong_width[first_key_len + 3] = 9;
+        // Another format, and bytes without the snapshot's magic.
+        let mut other_format = bytes.clone();
+        other_format[6] = snapshot::FORMAT + 1;
+        let refusal = |bad: &[u8]| {
+            let db = redb::Database::builder()
+                .create_with_backend(redb::backends::InMemoryBackend::new())
+                .unwrap();
+            let txn = db.begin_write().unwrap();
+            snapshot::restore(&txn, bad).unwrap_err().to_string()
+        };
+        assert!(
+            refusal(&other_format).contains(&format!(
+                "format {}; this release reads format {}",
+                snapshot::FORMAT + 1,
+                snapshot::FORMAT
+            )),
+            "{}",
+            refusal(&other_format)
+        );
+        assert!(refusal(&bytes[6..]).contains("not an internet2 snapshot"));
         for bad in [
             &bytes[..bytes.len() - 1],
             &[&bytes[..], &[0]].concat()[..],
             &wrong_width[..],
+            &other_format[..],
+            &bytes[6..],
         ] {
             assert!(target.install(bad, |_| Ok(())).is_err());
             assert_eq!(super::rows(&target.authority().database()), before);
