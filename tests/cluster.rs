@@ -821,3 +821,78 @@ fn a_node_certificate_past_half_its_life_is_renewed() {
     // a day's lifetime, renewed at half of it).
     assert_ne!(operator_before, std::fs::read(&operator_pem).unwrap());
 }
+
+/// A learner whose promotion the leader that added it never finished
+/// (killed right after the join) is promoted by the next leader: m1 starts
+/// the cluster, m2 joins and is a voter; m3 joins through m1, which is
+/// killed -9 the moment m3 says it joined (before m1's first look at
+/// whether m3 caught up). With m1 back, whichever member leads promotes
+/// m3 once it caught up, and all three end voters.
+#[test]
+fn a_learner_left_by_a_dead_leader_is_promoted_by_the_next() {
+    let Some(mut cluster) = Cluster::create("promote") else {
+        return;
+    };
+    cluster.members[0].start(&["--cluster-init"]);
+    let token = cluster.members[0].operator(&["cluster", "join-token"]);
+    let via = cluster.members[0].address();
+    cluster.members[1].start(&["--join", &via, "--join-token", &token]);
+    cluster.wait_for(Duration::from_secs(60), |status| {
+        let voters = status["members"]
+            .as_array()
+            .map_or(0, |m| m.iter().filter(|m| m["role"] == "voter").count());
+        (voters == 2)
+            .then_some(())
+            .ok_or(format!("{voters} voters"))
+    });
+
+    let leader_pid = cluster.members[0].child.as_ref().unwrap().id();
+    let joiner_log = cluster.members[2].dir.join("server.log");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && started.elapsed() < Duration::from_secs(60)
+            {
+                let text = std::fs::read_to_string(&joiner_log).unwrap_or_default();
+                if text.contains("joined as member") {
+                    // SAFETY: a plain signal to the leader's process.
+                    unsafe { libc::kill(leader_pid as i32, libc::SIGKILL) };
+                    return Some(started.elapsed());
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            None
+        })
+    };
+    let token = cluster.members[0].operator(&["cluster", "join-token"]);
+    cluster.members[2].start(&["--join", &via, "--join-token", &token]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        watcher.join().unwrap().is_some(),
+        "m3 never said it joined:\n{}",
+        cluster.members[2].log()
+    );
+    cluster.members[0].kill9();
+    let m3 = node_id(&cluster.members[2]);
+    assert!(
+        !cluster.members[0]
+            .log()
+            .lines()
+            .any(|l| l.contains("is a voter now") && l.contains(&format!("id={m3}"))),
+        "m1 promoted m3 before it was killed: the test did not test the next leader"
+    );
+    cluster.members[0].start(&[]);
+    cluster.wait_for(Duration::from_secs(60), |status| {
+        let roles: Vec<String> = status["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| format!("{}={}", m["name"], m["role"]))
+            .collect();
+        let voters = roles.iter().filter(|r| r.ends_with("\"voter\"")).count();
+        (voters == 3).then_some(()).ok_or(format!("{roles:?}"))
+    });
+}

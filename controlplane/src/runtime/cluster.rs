@@ -47,8 +47,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The Raft log, beside the store.
 pub const RAFT_LOG_FILE: &str = "raft-log.redb";
-/// How long a learner may take to catch up before its promotion is given
-/// up (the operator then removes it and lets it join again).
+/// How long one promotion waits for a learner to catch up before it says
+/// so in the log (and the leader's next look starts another).
 const PROMOTION_TIMEOUT: Duration = Duration::from_secs(600);
 /// How often the admission outcomes and the leader's duties are looked at.
 const POLL: Duration = Duration::from_millis(50);
@@ -159,6 +159,10 @@ struct Inner {
     wake: Arc<tokio::sync::Notify>,
     ticking: Cell<bool>,
     next_tick: Cell<Instant>,
+    /// Learners this leader is waiting on to promote
+    /// ([`Inner::promote_learners`]), and when it next looks for others.
+    promoting: RefCell<BTreeSet<u64>>,
+    next_promotion_check: Cell<Instant>,
     /// When this follower may next stand for election on its own
     /// ([`Inner::stand_when_leader_silent`]).
     next_stand: Cell<Instant>,
@@ -286,6 +290,8 @@ impl MemberRuntime {
             wake: control.notifier(),
             ticking: Cell::new(false),
             next_tick: Cell::new(Instant::now()),
+            promoting: RefCell::default(),
+            next_promotion_check: Cell::new(Instant::now()),
             next_stand: Cell::new(Instant::now()),
             snapshot_asked: Cell::new(None),
             served: RefCell::new(None),
@@ -342,6 +348,7 @@ impl MemberRuntime {
             inner.flush();
             let now = Instant::now();
             inner.leader_duties(now);
+            inner.promote_learners(now);
             inner.stand_when_leader_silent(now);
             inner.snapshot_when_due(now);
             inner.renew_identities_when_due(now);
@@ -1166,8 +1173,7 @@ impl Inner {
             .await
             .map_err(|e| error(api::STORAGE, format!("cannot add the learner: {e}")))?;
         tracing::info!(id, name = %request.name, address = %request.address, serial = %certificate.serial, "a node joined as a learner");
-        let inner = self.clone();
-        tokio::task::spawn_local(async move { inner.promote(id).await });
+        self.start_promotion(id);
         let files = node::shared_files(&self.data_dir).map_err(|e| error(api::STORAGE, e))?;
         let answer = JoinAnswer {
             id,
@@ -1175,6 +1181,47 @@ impl Inner {
             files,
         };
         Ok(serde_json::to_vec(&answer).expect("JSON"))
+    }
+
+    /// Every second, on the leader: promote every learner of the
+    /// membership that no promotion is under way for. A join's promotion
+    /// ends when the leader that added the learner loses its leadership,
+    /// or when the learner has not caught up in [`PROMOTION_TIMEOUT`];
+    /// the leader after it, or the next look, starts it again, so a
+    /// learner that catches up becomes a voter whoever leads.
+    fn promote_learners(self: &Rc<Self>, now: Instant) {
+        if now < self.next_promotion_check.get() || !self.is_leader() {
+            return;
+        }
+        self.next_promotion_check.set(now + Duration::from_secs(1));
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let learners: Vec<u64> = membership
+            .nodes()
+            .map(|(id, _)| *id)
+            .filter(|id| !voters.contains(id))
+            .collect();
+        for id in learners {
+            if !self.promoting.borrow().contains(&id) {
+                tracing::info!(
+                    id,
+                    "a learner is still to be promoted: waiting for it to catch up"
+                );
+                self.start_promotion(id);
+            }
+        }
+    }
+
+    fn start_promotion(self: &Rc<Self>, id: u64) {
+        if !self.promoting.borrow_mut().insert(id) {
+            return;
+        }
+        let inner = self.clone();
+        tokio::task::spawn_local(async move {
+            inner.clone().promote(id).await;
+            inner.promoting.borrow_mut().remove(&id);
+        });
     }
 
     /// Make learner `id` a voter once it caught up with the leader's log.
@@ -1186,7 +1233,7 @@ impl Inner {
             if metrics.current_leader != Some(self.me.id) {
                 tracing::warn!(
                     id,
-                    "no longer the leader: the learner's promotion is the next leader's to ask (cluster status shows it)"
+                    "no longer the leader: the learner's promotion is the next leader's"
                 );
                 return;
             }
@@ -1221,7 +1268,7 @@ impl Inner {
         }
         tracing::error!(
             id,
-            "the learner did not catch up in time; it stays a learner"
+            "the learner did not catch up in time; it stays a learner until it does (or `cluster remove` removes it)"
         );
     }
 
