@@ -568,7 +568,7 @@ fn a_doq_peer_that_never_reads_its_answers_is_closed() {
             "--query-name",
             "huge.example.org",
         ])
-        .args(["--queries", "12", "--every", "0.1"])
+        .args(["--queries", "40", "--every", "0.05"])
         .output()
         .unwrap();
     let json: serde_json::Value = serde_json::from_str(ok(&out).trim())

@@ -596,6 +596,7 @@ pub struct ServerService {
     /// `stoq/1`, allowed `perf`); until then the transport's small initial
     /// ones hold (`TransportSettings::build_server`).
     trusted_receive_window: VarInt,
+    trusted_send_window: u64,
     trusted_streams_bidi: u32,
     /// Where certificate validity checks get the wall-clock time.
     wall_clock: WallClock,
@@ -640,6 +641,7 @@ impl ServerService {
             next_validity_check: None,
             trusted_receive_window: VarInt::from_u64(settings.transport.receive_window_bytes)
                 .unwrap_or(VarInt::MAX),
+            trusted_send_window: settings.transport.send_window_bytes,
             trusted_streams_bidi: settings.transport.streams_bidi_max,
             stats,
             zone: settings.zone.clone(),
@@ -1185,6 +1187,7 @@ impl ServerService {
         if trusted && !st.widened {
             st.widened = true;
             conn.set_receive_window(self.trusted_receive_window);
+            conn.set_send_window(self.trusted_send_window);
         }
         // Streams grow with use: quinn-proto keeps state for every stream
         // the peer may open, so a held connection that never uses many

@@ -26,6 +26,12 @@ const _: () = assert!(
     UNTRUSTED_RECEIVE_WINDOW_BYTES as usize
         >= crate::protocols::stoq::HEADER_LEN + crate::protocols::stoq::REQUEST_PAYLOAD_MAX
 );
+/// Bytes the server keeps in flight for a peer it does not trust yet:
+/// written and not yet acknowledged. quinn-proto holds every sent byte
+/// until the peer acknowledges it, so a peer that grants a large window and
+/// never acknowledges would otherwise pin the whole configured send window
+/// (64 MiB) of answers. Raised to the configured window once trusted.
+pub const UNTRUSTED_SEND_WINDOW_BYTES: u64 = 256 * 1024;
 /// Concurrent bidirectional streams of a peer the server does not trust yet
 /// (`stoq/1` before admission).
 pub const UNTRUSTED_STREAMS_BIDI_MAX: u32 = 16;
@@ -39,8 +45,9 @@ pub const UNTRUSTED_STREAMS_BIDI_MAX: u32 = 16;
 /// back at 1 300/s instead of 47 000/s at 16 in flight against a limit of
 /// 16). The limit grows to twice what the peer keeps open, so up to 32 in
 /// flight never wait. What the peer can make the server hold is still
-/// bounded by the untrusted receive window and doq's unfinished-query
-/// bound; the extra streams' state is about 0.4 KB each.
+/// bounded: queries by the untrusted receive window and doq's
+/// unfinished-query bound, answers by the untrusted send window and doq's
+/// unread-answer bound; the extra streams' state is about 0.4 KB each.
 pub const DOQ_STREAMS_BIDI_MAX: u32 = 64;
 /// Concurrent bidirectional streams every connection starts with; the
 /// server doubles a connection's limit as its peer uses it (up to
@@ -105,6 +112,7 @@ impl TransportSettings {
             )
             .unwrap_or(VarInt::MAX),
         )
+        .send_window(self.send_window_bytes.min(UNTRUSTED_SEND_WINDOW_BYTES))
         .max_concurrent_bidi_streams(VarInt::from_u32(
             self.streams_bidi_max.min(INITIAL_STREAMS_BIDI),
         ));

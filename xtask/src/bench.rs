@@ -531,10 +531,6 @@ fn max_udp_payload(args: &BenchArgs, backend: crate::Backend) -> u32 {
     }
 }
 
-/// Our server's configuration: only what the benchmark controls, the rest
-/// stays at the server's defaults. `xdp` names the interface whose queues
-/// the `xdp` backend binds (the front door is attached there).
-#[allow(clippy::too_many_arguments)]
 /// What `write_config` puts in our server's config file.
 struct OurServer<'a> {
     addr: SocketAddr,
@@ -548,6 +544,9 @@ struct OurServer<'a> {
     idle_timeout: Duration,
 }
 
+/// Our server's configuration: only what the benchmark controls, the rest
+/// stays at the server's defaults. `xdp` names the interface whose queues
+/// the `xdp` backend binds (the front door is attached there).
 fn write_config(path: &Path, server: &OurServer) -> Result<()> {
     let xdp = server
         .xdp

@@ -198,7 +198,10 @@ impl CertificateFilter {
             Self::Name(name) => {
                 same_name(&record.subject, name)
                     || record.dns_names.iter().any(|d| same_name(d, name))
-                    || record.ip_addresses.iter().any(|ip| ip.to_string() == *name)
+                    || record
+                        .ip_addresses
+                        .iter()
+                        .any(|ip| name_key(&ip.to_string()) == name_key(name))
             }
             Self::ValidAt(at) => {
                 record.revocation.is_none() && record.not_before <= *at && *at <= record.not_after
@@ -1201,6 +1204,19 @@ mod tests {
                 assert_eq!(decode_record(r.serial, &version), None);
             }
         }
+    }
+
+    /// A name filter finds a certificate by any name its index holds, as
+    /// the index writes them: an IP address in another case or with a
+    /// trailing dot too (the proposer's check and the apply's agree).
+    #[test]
+    fn a_name_filter_matches_what_the_index_holds() {
+        let r = record();
+        for name in ["EDGE-1", "b.example.", "2001:DB8::1", "2001:db8::1.", "192.0.2.1"] {
+            assert!(CertificateFilter::Name(name.into()).matches(&r), "{name}");
+            assert!(index_names_of(&r).contains(&name_key(name)), "{name}");
+        }
+        assert!(!CertificateFilter::Name("2001:db8::2".into()).matches(&r));
     }
 
     #[test]

@@ -1263,6 +1263,13 @@ impl AuthorityService {
     /// No unrevoked, unexpired certificate with another key carries any of
     /// `csr`'s names.
     fn check_names_free(&self, csr: &CertFacts, now: SystemTime) -> Result<(), ServiceError> {
+        // At the time the command carries (whole milliseconds), which the
+        // apply checks the names again at.
+        let now = UNIX_EPOCH
+            + Duration::from_millis(
+                now.duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+            );
         for name in csr.names() {
             let held = self.find_by_name(&name, |record| {
                 let live = record.revocation.is_none() && record.not_after >= now;

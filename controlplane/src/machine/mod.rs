@@ -111,6 +111,8 @@ impl Machine {
         now: SystemTime,
     ) -> Result<Self, AuthorityError> {
         let authority = Authority::open(dir, ca_algorithm, log_algorithm, now)?;
+        // A snapshot check cut short by a crash leaves its scratch file.
+        let _ = std::fs::remove_file(snapshot_scratch(authority.store_path()));
         let zone_config = zone.cloned();
         let zone = match zone {
             Some(config) => Some(Zone::open(&authority.database(), config).map_err(|source| {
@@ -347,7 +349,7 @@ impl Machine {
     /// node that cannot reopen. Refused here ([`AuthorityError::Stale`]),
     /// it changes nothing. Costs one more write of the snapshot.
     fn check_snapshot(&self, snapshot: &[u8]) -> Result<(), AuthorityError> {
-        let path = self.authority.store_path().with_extension("snapshot-check");
+        let path = snapshot_scratch(self.authority.store_path());
         let _ = std::fs::remove_file(&path);
         let refused = |e: AuthorityError| AuthorityError::Stale(format!("a snapshot refused: {e}"));
         let checked = (|| {
@@ -630,6 +632,12 @@ impl Machine {
 /// Run `write` in one write transaction of `db` (the store at `path`) and
 /// commit it with `durability` (`Immediate`: fsynced before this returns);
 /// abort it, writing nothing, when `write` fails.
+/// Where a snapshot is restored to be checked ([`Machine::check_snapshot`]):
+/// beside the store.
+fn snapshot_scratch(store: &Path) -> std::path::PathBuf {
+    store.with_extension("snapshot-check")
+}
+
 fn transact<T>(
     db: &Database,
     path: &Path,

@@ -1237,6 +1237,11 @@ impl Inner {
                 );
                 return;
             }
+            let membership = metrics.membership_config.membership();
+            if membership.get_node(&id).is_none() || membership.voter_ids().any(|v| v == id) {
+                // Removed meanwhile, or a voter already.
+                return;
+            }
             let matched = metrics
                 .replication
                 .as_ref()

@@ -35,9 +35,11 @@ pub const PENDING_QUERY_BYTES_MAX: usize = 2 * (2 + MESSAGE_MAX);
 /// Bytes of answers one connection may leave unread: written, but beyond
 /// what the peer's flow control took. A peer that never reads, or grants
 /// a few bytes at a time, holds at most this much of the server's memory
-/// (answers up to 64 KiB come from upstream over TCP); past it the
-/// connection is closed with DOQ_EXCESSIVE_LOAD.
-pub const UNREAD_ANSWER_BYTES_MAX: usize = 2 * (2 + MESSAGE_MAX);
+/// beside the untrusted send window; past it the connection is closed with
+/// DOQ_EXCESSIVE_LOAD. Eight maximum-size answers (those come from
+/// upstream over TCP): an honest client with 64 large answers in flight
+/// and a small window is not closed for one round trip's backlog.
+pub const UNREAD_ANSWER_BYTES_MAX: usize = 8 * (2 + MESSAGE_MAX);
 /// RFC 9250 §4.3: DOQ_INTERNAL_ERROR.
 pub const DOQ_INTERNAL_ERROR: u32 = 0x1;
 /// Largest DNS message (the 2-byte length prefix).
