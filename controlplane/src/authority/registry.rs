@@ -1212,7 +1212,13 @@ mod tests {
     #[test]
     fn a_name_filter_matches_what_the_index_holds() {
         let r = record();
-        for name in ["EDGE-1", "b.example.", "2001:DB8::1", "2001:db8::1.", "192.0.2.1"] {
+        for name in [
+            "EDGE-1",
+            "b.example.",
+            "2001:DB8::1",
+            "2001:db8::1.",
+            "192.0.2.1",
+        ] {
             assert!(CertificateFilter::Name(name.into()).matches(&r), "{name}");
             assert!(index_names_of(&r).contains(&name_key(name)), "{name}");
         }
