@@ -1520,14 +1520,14 @@ impl Inner {
 
 /// What a published zone was built from: the zone's generation and the
 /// members.
-type ZoneSource = (u64, Vec<super::ApexMember>);
+type ZoneSource = (u64, super::ApexMembers);
 
 /// The members (voters and learners) in id order, with the address each
 /// serves on: the cluster's name (the apex) answers with them.
-fn apex_members(raft: &Raft) -> Vec<super::ApexMember> {
+fn apex_members(raft: &Raft) -> super::ApexMembers {
     let metrics = raft.metrics();
     let metrics = metrics.borrow();
-    metrics
+    let members = metrics
         .membership_config
         .membership()
         .nodes()
@@ -1538,5 +1538,12 @@ fn apex_members(raft: &Raft) -> Vec<super::ApexMember> {
                 address: member.address.parse().ok()?,
             })
         })
-        .collect()
+        .collect();
+    super::ApexMembers {
+        membership_index: metrics
+            .membership_config
+            .log_id()
+            .map_or(0, |log_id| log_id.index),
+        members,
+    }
 }

@@ -150,7 +150,11 @@ impl AuthorityRuntime {
                 service.register_server(zone, pin, now)?;
                 zone_primary = zone.server_name.clone();
                 let snapshot = service.zone();
-                let store = ZoneStore::new(dataplane_zone(&snapshot, &zone_primary, &[])?);
+                let store = ZoneStore::new(dataplane_zone(
+                    &snapshot,
+                    &zone_primary,
+                    &ApexMembers::default(),
+                )?);
                 Some((store, snapshot.generation))
             }
             None => None,
@@ -389,7 +393,7 @@ impl AuthorityRuntime {
             return;
         }
         let snapshot = self.service.zone();
-        match dataplane_zone(&snapshot, &self.zone_primary, &[]) {
+        match dataplane_zone(&snapshot, &self.zone_primary, &ApexMembers::default()) {
             Ok(zone) => {
                 store.swap(zone);
                 *published = snapshot.generation;
@@ -460,6 +464,15 @@ pub(crate) struct ApexMember {
     pub address: std::net::SocketAddrV6,
 }
 
+/// A cluster's members as its name publishes them, and the log index of
+/// the membership they come from: added to the zone's SOA serial, so the
+/// serial moves when only the membership (the apex's addresses) does.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ApexMembers {
+    pub membership_index: u64,
+    pub members: Vec<ApexMember>,
+}
+
 /// The control plane's zone in the form the `doq` workers answer from. A
 /// cluster's `members` also answer for the apex, the cluster's name: the
 /// apex has every member's address (from the membership, not from
@@ -469,8 +482,9 @@ pub(crate) struct ApexMember {
 fn dataplane_zone(
     snapshot: &ZoneSnapshot,
     primary: &str,
-    members: &[ApexMember],
+    apex: &ApexMembers,
 ) -> Result<Zone, AuthorityStartError> {
+    let members = &apex.members;
     let mut names: Vec<PublishedName> = snapshot
         .names
         .iter()
@@ -510,7 +524,9 @@ fn dataplane_zone(
         cluster.tlsa.dedup();
         names.push(cluster);
     }
-    Zone::from_records(&snapshot.apex, primary, snapshot.serial, &names)
+    // Both only grow, so their sum does (RFC 1982 arithmetic wraps it).
+    let serial = snapshot.serial.wrapping_add(apex.membership_index as u32);
+    Zone::from_records(&snapshot.apex, primary, serial, &names)
         .map_err(|e| AuthorityStartError::Zone(e.to_string()))
 }
 
@@ -534,4 +550,62 @@ fn tls_parts(server: &ServerCertificate) -> (Vec<CertificateDer<'static>>, Priva
         .collect();
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server.key_pkcs8_der.clone()));
     (chain, key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::{Message, MessageType, OpCode, Query};
+    use hickory_proto::rr::{Name, RData, RecordType};
+
+    /// The SOA serial the workers answer for `apex`.
+    fn soa_serial(zone: &Zone) -> u32 {
+        let mut query = Message::new(0, MessageType::Query, OpCode::Query);
+        query.queries.push(Query::query(
+            Name::from_ascii("internet2.test.").unwrap(),
+            RecordType::SOA,
+        ));
+        let dataplane::protocols::doq::Answer::Response(bytes) =
+            dataplane::protocols::doq::answer(zone, &query.to_vec().unwrap())
+        else {
+            panic!("no SOA answer");
+        };
+        let answer = Message::from_vec(&bytes).unwrap();
+        match &answer.answers[0].data {
+            RData::SOA(soa) => soa.serial,
+            other => panic!("not an SOA: {other:?}"),
+        }
+    }
+
+    /// The apex's addresses come from the membership, so its SOA serial
+    /// moves when only the membership does (and with zone changes as
+    /// before).
+    #[test]
+    fn the_soa_serial_moves_with_the_membership() {
+        let snapshot = ZoneSnapshot {
+            apex: "internet2.test.".into(),
+            serial: 7,
+            generation: 7,
+            names: Vec::new(),
+        };
+        let member = |n: u16| ApexMember {
+            id: u64::from(n),
+            name: format!("m{n}"),
+            address: format!("[fd71:7e57:0:3::{n}]:4433").parse().unwrap(),
+        };
+        let two = ApexMembers {
+            membership_index: 12,
+            members: vec![member(1), member(2)],
+        };
+        let three = ApexMembers {
+            membership_index: 40,
+            members: vec![member(1), member(2), member(3)],
+        };
+        let before = soa_serial(&dataplane_zone(&snapshot, "m1", &two).unwrap());
+        let after = soa_serial(&dataplane_zone(&snapshot, "m1", &three).unwrap());
+        assert_eq!(before, 7 + 12);
+        assert_eq!(after, 7 + 40);
+        let single = soa_serial(&dataplane_zone(&snapshot, "m1", &ApexMembers::default()).unwrap());
+        assert_eq!(single, 7, "a single node's serial is the zone's");
+    }
 }
