@@ -226,15 +226,20 @@ impl Cluster {
             self.members[n].start(&["--join", &via, "--join-token", &token]);
             spent.push(token);
         }
+        self.wait_for_voters(3);
+        spent
+    }
+
+    /// Wait (up to 60 s) until a member reports `n` voters.
+    fn wait_for_voters(&self, n: usize) {
         self.wait_for(Duration::from_secs(60), |status| {
             let voters = status["members"]
                 .as_array()
                 .map_or(0, |m| m.iter().filter(|m| m["role"] == "voter").count());
-            (voters == 3)
+            (voters == n)
                 .then_some(())
                 .ok_or(format!("{voters} voters"))
         });
-        spent
     }
 
     /// The root and operator identity every member holds alike.
@@ -837,14 +842,7 @@ fn a_learner_left_by_a_dead_leader_is_promoted_by_the_next() {
     let token = cluster.members[0].operator(&["cluster", "join-token"]);
     let via = cluster.members[0].address();
     cluster.members[1].start(&["--join", &via, "--join-token", &token]);
-    cluster.wait_for(Duration::from_secs(60), |status| {
-        let voters = status["members"]
-            .as_array()
-            .map_or(0, |m| m.iter().filter(|m| m["role"] == "voter").count());
-        (voters == 2)
-            .then_some(())
-            .ok_or(format!("{voters} voters"))
-    });
+    cluster.wait_for_voters(2);
 
     let leader_pid = cluster.members[0].child.as_ref().unwrap().id();
     let joiner_log = cluster.members[2].dir.join("server.log");

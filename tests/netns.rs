@@ -411,6 +411,7 @@ fn xdp_backend_with_zero_copy_on_fails_clearly_on_veth() {
         "{stderr}"
     );
     drop(topology);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Run `f` on a thread that entered network namespace `ns` (sockets it

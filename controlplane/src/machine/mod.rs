@@ -325,13 +325,7 @@ impl Machine {
         let db = self.authority.database();
         let path = self.authority.store_path().to_owned();
         transact(&db, &path, Durability::Immediate, |txn| {
-            snapshot::restore(txn, snapshot).map_err(|e| match e {
-                snapshot::RestoreError::Malformed(why) => AuthorityError::Stale(why),
-                snapshot::RestoreError::Storage(source) => AuthorityError::Store {
-                    path: path.clone(),
-                    source,
-                },
-            })?;
+            restore_in(txn, snapshot, &path)?;
             also(txn).map_err(|source| AuthorityError::Store {
                 path: path.clone(),
                 source,
@@ -360,13 +354,7 @@ impl Machine {
                 }
             })?);
             transact(&db, &path, Durability::None, |txn| {
-                snapshot::restore(txn, snapshot).map_err(|e| match e {
-                    snapshot::RestoreError::Malformed(why) => AuthorityError::Stale(why),
-                    snapshot::RestoreError::Storage(source) => AuthorityError::Store {
-                        path: path.clone(),
-                        source,
-                    },
-                })
+                restore_in(txn, snapshot, &path)
             })?;
             self.authority.check_tables(db.clone()).map_err(refused)?;
             if let Some(config) = &self.zone_config {
@@ -632,6 +620,18 @@ impl Machine {
 /// Run `write` in one write transaction of `db` (the store at `path`) and
 /// commit it with `durability` (`Immediate`: fsynced before this returns);
 /// abort it, writing nothing, when `write` fails.
+/// [`snapshot::restore`] into `txn` of the store at `path`: malformed bytes
+/// are a refusal ([`AuthorityError::Stale`]), a write that fails the store's.
+fn restore_in(txn: &WriteTransaction, bytes: &[u8], path: &Path) -> Result<(), AuthorityError> {
+    snapshot::restore(txn, bytes).map_err(|e| match e {
+        snapshot::RestoreError::Malformed(why) => AuthorityError::Stale(why),
+        snapshot::RestoreError::Storage(source) => AuthorityError::Store {
+            path: path.to_owned(),
+            source,
+        },
+    })
+}
+
 /// Where a snapshot is restored to be checked ([`Machine::check_snapshot`]):
 /// beside the store.
 fn snapshot_scratch(store: &Path) -> std::path::PathBuf {
