@@ -448,7 +448,7 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
     } else {
         // rustls' ticketer rotates its key every 6 hours by itself.
         Resumption::Tickets(
-            rustls::crypto::ring::Ticketer::new()
+            rustls::crypto::aws_lc_rs::Ticketer::new()
                 .context("cannot create the session-ticket key")?,
         )
     };

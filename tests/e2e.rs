@@ -550,8 +550,8 @@ fn client_config_offering(
     server: &Server,
     suites: Vec<rustls::SupportedCipherSuite>,
 ) -> quinn_proto::ClientConfig {
-    use rustls::crypto::ring::cipher_suite;
-    let mut provider = rustls::crypto::ring::default_provider();
+    use rustls::crypto::aws_lc_rs::cipher_suite;
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     provider.cipher_suites = suites;
     let mut roots = rustls::RootCertStore::empty();
     roots
@@ -577,7 +577,7 @@ fn client_config_offering(
 
 #[test]
 fn clients_that_list_chacha20_first_are_served() {
-    use rustls::crypto::ring::cipher_suite as suite;
+    use rustls::crypto::aws_lc_rs::cipher_suite as suite;
     // Production defaults: the suite choice is not a development feature.
     let server = Server::start_production("chacha", "");
     let target = target(&server);

@@ -67,7 +67,7 @@ impl ServerTls {
         aes_first: Arc<rustls::ServerConfig>,
         chacha_first: Arc<rustls::ServerConfig>,
     ) -> Result<Self, NoInitialSuite> {
-        let initial = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256
+        let initial = rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256
             .tls13()
             .and_then(|suite| suite.quic_suite())
             .ok_or(NoInitialSuite)?;
@@ -604,12 +604,12 @@ impl crypto::Session for ServerSession {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rustls::crypto::ring::cipher_suite as suite;
+    use rustls::crypto::aws_lc_rs::cipher_suite as suite;
 
     /// The ClientHello handshake message a rustls client with `suites` in
     /// this order sends (the TLS record header stripped).
     fn client_hello(suites: Vec<rustls::SupportedCipherSuite>) -> Vec<u8> {
-        let mut provider = rustls::crypto::ring::default_provider();
+        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
         provider.cipher_suites = suites;
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
             .with_protocol_versions(&[&rustls::version::TLS13])

@@ -49,6 +49,9 @@ pub fn run(root: &Path, smoke_seconds: u32) -> anyhow::Result<()> {
             .args(["test", "--workspace", "--release"])
             .current_dir(root))
     })?;
+    step("vendored crates' own tests (vendor/README.md)", || {
+        vendored_tests(root)
+    })?;
     step("netns bench smoke", || {
         netns_smoke(root, is_root, ci, smoke_seconds)
     })?;
@@ -56,6 +59,26 @@ pub fn run(root: &Path, smoke_seconds: u32) -> anyhow::Result<()> {
         "ci: all steps passed in {:.0} s",
         started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// Each vendored crate's library tests, its patch's test among them, in a
+/// target directory of their own (they are not workspace members).
+fn vendored_tests(root: &Path) -> anyhow::Result<()> {
+    let vendor = root.join("vendor");
+    let mut crates = std::fs::read_dir(&vendor)
+        .with_context(|| format!("cannot list {}", vendor.display()))?
+        .filter_map(|entry| entry.ok().map(|entry| entry.path().join("Cargo.toml")))
+        .filter(|manifest| manifest.is_file())
+        .collect::<Vec<_>>();
+    crates.sort();
+    for manifest in crates {
+        sh(Command::new("cargo")
+            .args(["test", "--release", "--lib", "--manifest-path"])
+            .arg(&manifest)
+            .env("CARGO_TARGET_DIR", root.join("target/vendor"))
+            .current_dir(root))?;
+    }
     Ok(())
 }
 

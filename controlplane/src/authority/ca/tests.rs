@@ -88,7 +88,7 @@ fn rustls_verify_server(
 ) {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(CertificateDer::from(root_der.to_vec())).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
         .build()
         .unwrap();
