@@ -643,3 +643,62 @@ fn a_trusted_connections_stream_limit_grows_with_use() {
     );
     assert!(report.streams_peak <= 64, "peak {}", report.streams_peak);
 }
+
+/// The peer thread (how members reach each other) runs a request's check
+/// on the peer's certificate before sending it: what pins a cluster
+/// member's key. A refused check sends nothing and leaves the connection
+/// serving the next request.
+#[test]
+fn a_peer_request_is_sent_only_where_its_check_of_the_peer_certificate_passes() {
+    use dataplane::client::peers::{PeerCheck, PeerReply, PeerRequest, Peers};
+    use dataplane::client::rpc::Reply;
+    let server = Server::start("peer-check", "");
+    let target = operator_target(&server);
+    let peers = Peers::spawn(&target).unwrap();
+    let ask = |check: Option<PeerCheck>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let request = PeerRequest {
+            remote: target.remote,
+            server_name: target.server_name.clone(),
+            kind: controlplane::authority::api::CT_STH,
+            payload: bytes::Bytes::from_static(b"{}"),
+            deadline: std::time::Instant::now() + Duration::from_secs(10),
+            check,
+            on_reply: Box::new(move |reply| {
+                let _ = tx.send(reply);
+            }),
+        };
+        assert!(peers.send(request).is_ok(), "the peer queue is full");
+        rx.recv_timeout(Duration::from_secs(15)).unwrap()
+    };
+
+    let (seen, leaf) = std::sync::mpsc::channel();
+    let reply = ask(Some(Box::new(move |leaf: &[u8]| {
+        seen.send(leaf.to_vec()).unwrap();
+        Ok(())
+    })));
+    assert!(matches!(reply, PeerReply::Answered(Reply::Ok(_))), "{reply:?}");
+    // The check saw the server's own certificate: issued for the name the
+    // request connected to, not a CA's.
+    let leaf = leaf.try_recv().expect("the check ran");
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+    assert!(!cert.is_ca());
+    let names = cert.subject_alternative_name().unwrap().unwrap();
+    assert!(
+        names.value.general_names.iter().any(|name| matches!(
+            name,
+            x509_parser::extensions::GeneralName::DNSName(dns) if *dns == target.server_name
+        )),
+        "{names:?}"
+    );
+
+    let reply = ask(Some(Box::new(|_: &[u8]| {
+        Err("the key of another member".into())
+    })));
+    assert!(
+        matches!(&reply, PeerReply::NotSent(why) if why == "the key of another member"),
+        "{reply:?}"
+    );
+    let reply = ask(None);
+    assert!(matches!(reply, PeerReply::Answered(Reply::Ok(_))), "{reply:?}");
+}

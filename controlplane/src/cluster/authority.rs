@@ -142,6 +142,7 @@ impl ClusterAuthority {
         let answer = super::network::request(
             &peers,
             &member.address,
+            Some(leader_id),
             dataplane::protocols::stoq_registry::CLUSTER_FORWARD,
             bytes,
             FORWARD_TIMEOUT,

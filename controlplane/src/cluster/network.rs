@@ -7,7 +7,7 @@
 
 use super::{Member, TypeConfig, rpc};
 use bytes::Bytes;
-use dataplane::client::peers::{PeerReply, PeerRequest, Peers};
+use dataplane::client::peers::{PeerCheck, PeerReply, PeerRequest, Peers};
 use dataplane::client::rpc::Reply;
 use dataplane::protocols::stoq_registry::{RAFT_APPEND, RAFT_SNAPSHOT, RAFT_VOTE};
 use openraft::error::{
@@ -43,10 +43,13 @@ pub enum PeerError {
 }
 
 /// Send `kind` with `payload` to the member at `address` and wait for the
-/// answer, at most `timeout`.
+/// answer, at most `timeout`. With `member`, the request goes only to a
+/// peer holding that member's key ([`holds_key_of`]); without, to any
+/// member of the cluster at that address.
 pub async fn request(
     peers: &Peers,
     address: &str,
+    member: Option<u64>,
     kind: u8,
     payload: Vec<u8>,
     timeout: Duration,
@@ -62,6 +65,7 @@ pub async fn request(
         kind,
         payload: Bytes::from(payload),
         deadline: Instant::now() + timeout,
+        check: member.map(|id| holds_key_of(id, address)),
         on_reply: Box::new(move |reply| {
             let _ = tx.send(reply);
         }),
@@ -97,6 +101,26 @@ pub async fn request(
             "the cluster's peer connections stopped".into(),
         )),
     }
+}
+
+/// The check that the peer at `address` holds the key of member `id`.
+/// The handshake proves only that its certificate is a member's, issued by
+/// the cluster for that address: a member removed and joined again at the
+/// same address holds a new key and is another member.
+pub fn holds_key_of(id: u64, address: &str) -> PeerCheck {
+    let address = address.to_owned();
+    Box::new(move |leaf: &[u8]| {
+        let key = crate::authority::ca::public_key_of(leaf)
+            .map_err(|e| format!("the certificate of the peer at {address} cannot be read: {e}"))?;
+        let holder = super::node::node_id(&key);
+        if holder == id {
+            Ok(())
+        } else {
+            Err(format!(
+                "the peer at {address} holds the key of member {holder}, not of member {id}"
+            ))
+        }
+    })
 }
 
 /// One member's side of the network.
@@ -152,7 +176,15 @@ impl StoqConnection {
         let peers = peers.ok_or_else(|| {
             PeerError::Unreachable("this member has no node certificate yet".into())
         })?;
-        request(&peers, &self.address, kind, payload, option.hard_ttl()).await
+        request(
+            &peers,
+            &self.address,
+            Some(self.target),
+            kind,
+            payload,
+            option.hard_ttl(),
+        )
+        .await
     }
 }
 

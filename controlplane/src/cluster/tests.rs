@@ -734,3 +734,29 @@ fn the_beacon_and_the_ledger_are_replicated_like_certificates() {
         }
     });
 }
+
+/// A member's outgoing requests are pinned to the key of the member meant:
+/// a certificate of another member's key, at the same address, is refused.
+#[test]
+fn a_request_is_pinned_to_the_key_of_the_member_meant() {
+    let cert = |name: &str| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![name.to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        (node::node_id(&key.public_key_der()), cert.der().to_vec())
+    };
+    let (meant, its_cert) = cert("fd71:7e57:0:3::2");
+    let (other, others_cert) = cert("fd71:7e57:0:3::2");
+    assert_ne!(meant, other);
+    let address = "[fd71:7e57:0:3::2]:4433";
+    assert_eq!(network::holds_key_of(meant, address)(&its_cert), Ok(()));
+    let refused = network::holds_key_of(meant, address)(&others_cert).unwrap_err();
+    assert_eq!(
+        refused,
+        format!("the peer at {address} holds the key of member {other}, not of member {meant}")
+    );
+    let unreadable = network::holds_key_of(meant, address)(b"not a certificate").unwrap_err();
+    assert!(unreadable.contains("cannot be read"), "{unreadable}");
+}

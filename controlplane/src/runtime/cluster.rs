@@ -1284,11 +1284,12 @@ impl Inner {
         let peers = self.peers.borrow().clone();
         if !self.is_leader()
             && !own_view
-            && let Some((_, leader)) = self.authority.leader()
+            && let Some((leader_id, leader)) = self.authority.leader()
             && let Some(peers) = peers
             && let Ok(answer) = crate::cluster::network::request(
                 &peers,
                 &leader.address,
+                Some(leader_id),
                 kinds::CLUSTER_STATUS,
                 b"{}".to_vec(),
                 RELAY_TIMEOUT,
@@ -1350,7 +1351,7 @@ impl Inner {
         let request: Remove = serde_json::from_slice(payload)
             .map_err(|e| error(api::MALFORMED_REQUEST, format!("remove request: {e}")))?;
         if !self.is_leader() {
-            let Some((_, leader)) = self.authority.leader() else {
+            let Some((leader_id, leader)) = self.authority.leader() else {
                 return Err(self.not_leader());
             };
             let peers = self
@@ -1361,6 +1362,7 @@ impl Inner {
             return crate::cluster::network::request(
                 &peers,
                 &leader.address,
+                Some(leader_id),
                 kinds::CLUSTER_REMOVE,
                 payload.to_vec(),
                 REMOVE_TIMEOUT,
@@ -1490,15 +1492,16 @@ impl Inner {
         let Some(peers) = self.peers.borrow().clone() else {
             return false;
         };
-        let members: Vec<String> = membership
+        let members: Vec<(u64, String)> = membership
             .membership()
             .nodes()
-            .map(|(_, member)| member.address.clone())
+            .map(|(id, member)| (*id, member.address.clone()))
             .collect();
-        for address in members {
+        for (id, address) in members {
             let answer = crate::cluster::network::request(
                 &peers,
                 &address,
+                Some(id),
                 kinds::CLUSTER_FORWARD,
                 bytes.clone(),
                 RELAY_TIMEOUT,

@@ -48,6 +48,12 @@ pub enum PeerReply {
 /// What receives a request's reply, called once on the peer thread.
 pub type OnReply = Box<dyn FnOnce(PeerReply) + Send>;
 
+/// A check of the peer's certificate (its leaf, DER) before a request is
+/// sent on the connection: `Err` says why this peer is not the one meant,
+/// and the request fails as not sent. The handshake proves the name and
+/// the issuer; this is where a caller pins a key (a cluster member's id).
+pub type PeerCheck = Box<dyn FnOnce(&[u8]) -> Result<(), String> + Send>;
+
 /// One request for a peer.
 pub struct PeerRequest {
     pub remote: SocketAddr,
@@ -57,6 +63,8 @@ pub struct PeerRequest {
     pub payload: Bytes,
     /// When it fails as timed out if no reply came.
     pub deadline: Instant,
+    /// Run on the peer's certificate before the request is sent.
+    pub check: Option<PeerCheck>,
     pub on_reply: OnReply,
 }
 
@@ -130,6 +138,8 @@ struct Link {
     /// Since when a connect was asked for and the connection not opened.
     connecting: Option<Instant>,
     connected: bool,
+    /// The peer's certificate (leaf, DER), once connected.
+    peer_leaf: Option<Vec<u8>>,
     waiting: VecDeque<PeerRequest>,
 }
 
@@ -215,9 +225,20 @@ impl PeerService {
             let Some(link) = self.links.get_mut(&remote) else {
                 return;
             };
-            let Some(request) = link.waiting.pop_front() else {
+            let Some(mut request) = link.waiting.pop_front() else {
                 return;
             };
+            if let Some(check) = request.check.take() {
+                let checked = match &link.peer_leaf {
+                    Some(leaf) => check(leaf),
+                    None => Err(format!("the peer at {remote} presented no certificate")),
+                };
+                if let Err(why) = checked {
+                    tracing::warn!(peer = %remote, "a request was not sent: {why}");
+                    (request.on_reply)(PeerReply::NotSent(why));
+                    continue;
+                }
+            }
             let Some(id) = conn.streams().open(Dir::Bi) else {
                 link.waiting.push_front(request);
                 return;
@@ -330,6 +351,15 @@ impl Service for PeerService {
                 if let Some(link) = self.links.get_mut(&st.remote) {
                     link.connected = true;
                     link.connecting = None;
+                    link.peer_leaf = conn
+                        .crypto_session()
+                        .peer_identity()
+                        .and_then(|any| {
+                            any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                                .ok()
+                        })
+                        .and_then(|chain| chain.into_iter().next())
+                        .map(|leaf| leaf.to_vec());
                 }
                 self.send_waiting(handle, st.remote, conn);
             }
