@@ -652,7 +652,12 @@ fn a_trusted_connections_stream_limit_grows_with_use() {
 fn a_peer_request_is_sent_only_where_its_check_of_the_peer_certificate_passes() {
     use dataplane::client::peers::{PeerCheck, PeerReply, PeerRequest, Peers};
     use dataplane::client::rpc::Reply;
-    let server = Server::start("peer-check", "");
+    // The test is of the peer thread's check, not of admission, which the
+    // operator's peer thread here does not prove: the server asks none.
+    let server = Server::start(
+        "peer-check",
+        "[hypermesh_assets]\nconsensus_mode = \"off\"\n",
+    );
     let target = operator_target(&server);
     let peers = Peers::spawn(&target).unwrap();
     let ask = |check: Option<PeerCheck>| {
@@ -677,7 +682,10 @@ fn a_peer_request_is_sent_only_where_its_check_of_the_peer_certificate_passes() 
         seen.send(leaf.to_vec()).unwrap();
         Ok(())
     })));
-    assert!(matches!(reply, PeerReply::Answered(Reply::Ok(_))), "{reply:?}");
+    assert!(
+        matches!(reply, PeerReply::Answered(Reply::Ok(_))),
+        "{reply:?}"
+    );
     // The check saw the server's own certificate: issued for the name the
     // request connected to, not a CA's.
     let leaf = leaf.try_recv().expect("the check ran");
@@ -700,5 +708,8 @@ fn a_peer_request_is_sent_only_where_its_check_of_the_peer_certificate_passes() 
         "{reply:?}"
     );
     let reply = ask(None);
-    assert!(matches!(reply, PeerReply::Answered(Reply::Ok(_))), "{reply:?}");
+    assert!(
+        matches!(reply, PeerReply::Answered(Reply::Ok(_))),
+        "{reply:?}"
+    );
 }
