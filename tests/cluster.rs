@@ -414,13 +414,26 @@ fn a_cluster_forms_fails_over_and_never_forks() {
     let follower = (leader + 1) % 3;
 
     // The cluster's name (the zone's apex) resolves to every member, each
-    // with its key's pin, from any member.
+    // with its key's pin, from any member. A member commits its TLSA record
+    // after it joined, through the leader, so the last one's may land just
+    // after it became a voter: each member is asked until it has all three
+    // pins (at most 10 s), and then checked.
     let mut pins = Vec::new();
     for n in 0..3 {
-        let resolved: serde_json::Value = serde_json::from_str(&ok(
-            &cluster.at_member(n, &["resolve", "internet2.test", "--json"])
-        ))
-        .unwrap();
+        let resolve = || -> serde_json::Value {
+            serde_json::from_str(&ok(
+                &cluster.at_member(n, &["resolve", "internet2.test", "--json"])
+            ))
+            .unwrap()
+        };
+        let asked = std::time::Instant::now();
+        let mut resolved = resolve();
+        while resolved["pins_sha256"].as_array().map_or(0, Vec::len) < 3
+            && asked.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(200));
+            resolved = resolve();
+        }
         let mut addresses: Vec<String> = resolved["addresses"]
             .as_array()
             .unwrap()
