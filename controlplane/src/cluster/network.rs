@@ -109,7 +109,7 @@ pub async fn request(
 /// same address holds a new key and is another member.
 pub fn holds_key_of(id: u64, address: &str) -> PeerCheck {
     let address = address.to_owned();
-    Box::new(move |leaf: &[u8]| {
+    Box::new(move |leaf: &[u8]| -> Result<(), String> {
         let key = crate::authority::ca::public_key_of(leaf)
             .map_err(|e| format!("the certificate of the peer at {address} cannot be read: {e}"))?;
         let holder = super::node::node_id(&key);

@@ -48,11 +48,12 @@ pub enum PeerReply {
 /// What receives a request's reply, called once on the peer thread.
 pub type OnReply = Box<dyn FnOnce(PeerReply) + Send>;
 
-/// A check of the peer's certificate (its leaf, DER) before a request is
-/// sent on the connection: `Err` says why this peer is not the one meant,
-/// and the request fails as not sent. The handshake proves the name and
-/// the issuer; this is where a caller pins a key (a cluster member's id).
-pub type PeerCheck = Box<dyn FnOnce(&[u8]) -> Result<(), String> + Send>;
+/// A check of the peer's certificate (its leaf, DER), run each time the
+/// request is about to be sent: `Err` says why this peer is not the one
+/// meant, and the request fails as not sent. The handshake proves the name
+/// and the issuer; this is where a caller pins a key (a cluster member's
+/// id).
+pub type PeerCheck = Box<dyn Fn(&[u8]) -> Result<(), String> + Send>;
 
 /// One request for a peer.
 pub struct PeerRequest {
@@ -140,6 +141,9 @@ struct Link {
     connected: bool,
     /// The peer's certificate (leaf, DER), once connected.
     peer_leaf: Option<Vec<u8>>,
+    /// Whether a request on this connection was refused by its check
+    /// (logged once per connection, not once per Raft heartbeat).
+    refusal_logged: bool,
     waiting: VecDeque<PeerRequest>,
 }
 
@@ -225,16 +229,19 @@ impl PeerService {
             let Some(link) = self.links.get_mut(&remote) else {
                 return;
             };
-            let Some(mut request) = link.waiting.pop_front() else {
+            let Some(request) = link.waiting.pop_front() else {
                 return;
             };
-            if let Some(check) = request.check.take() {
+            if let Some(check) = &request.check {
                 let checked = match &link.peer_leaf {
                     Some(leaf) => check(leaf),
                     None => Err(format!("the peer at {remote} presented no certificate")),
                 };
                 if let Err(why) = checked {
-                    tracing::warn!(peer = %remote, "a request was not sent: {why}");
+                    if !link.refusal_logged {
+                        link.refusal_logged = true;
+                        tracing::warn!(peer = %remote, "requests to this peer are not sent: {why}");
+                    }
                     (request.on_reply)(PeerReply::NotSent(why));
                     continue;
                 }
@@ -323,6 +330,10 @@ impl Service for PeerService {
         let link = self.links.entry(remote).or_default();
         link.handle = Some(handle);
         link.conn_id = self.next_id;
+        // What was learnt of a previous connection is not this one's.
+        link.connected = false;
+        link.peer_leaf = None;
+        link.refusal_logged = false;
         self.by_handle.insert(handle, remote);
         PeerConn {
             remote,
