@@ -89,7 +89,8 @@ enum ServerCommand {
         ttl_secs: u64,
     },
     /// Renew the running server's certificate now (overlapping validity;
-    /// open connections and handshakes in flight are not disturbed).
+    /// open connections and handshakes in flight are not disturbed). On a
+    /// cluster member, the certificate it serves is its node certificate.
     Rotate {
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,

@@ -907,3 +907,75 @@ fn a_learner_left_by_a_dead_leader_is_promoted_by_the_next() {
         (voters == 3).then_some(()).ok_or(format!("{roles:?}"))
     });
 }
+
+/// `internet2-server rotate` on a member renews its node certificate, the
+/// certificate a member serves (a single node's ROTATE issues a server
+/// certificate instead): through the log, at once, and served to the next
+/// connection.
+#[test]
+fn rotate_on_a_member_renews_the_node_certificate_it_serves() {
+    use dataplane::client::peers::{PeerRequest, Peers};
+    let server = Server::start_with(
+        "cluster-rotate",
+        "::1",
+        "[hypermesh_assets]\nplot_k = 12\n",
+        &[],
+        &[
+            "--mode",
+            "production",
+            "--bootstrap",
+            "federated",
+            "--cluster-init",
+        ],
+    );
+    let node_pem = server.dir.join("cluster-node.pem");
+    server.wait_for_log(
+        "node certificate issued and logged",
+        Duration::from_secs(30),
+    );
+    let serial_of = |path: &std::path::Path| {
+        let der = controlplane::authority::pem::load_cert(path).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        cert.raw_serial_as_string().replace(':', "")
+    };
+    let before = serial_of(&node_pem);
+
+    let rotate = Command::new(SERVER)
+        .arg("--config")
+        .arg(server.dir.join("server.toml"))
+        .arg("--data-dir")
+        .arg(&server.dir)
+        .arg("rotate")
+        .output()
+        .unwrap();
+    let printed = ok(&rotate);
+    let after = serial_of(&node_pem);
+    assert_ne!(before, after, "cluster-node.pem is a new certificate");
+    assert!(
+        printed.to_lowercase().contains(&after.to_lowercase()),
+        "rotate printed {printed:?}, the new node certificate is {after}"
+    );
+    server.wait_for_log("node certificate renewed", Duration::from_secs(10));
+
+    // The next connection is served the new certificate.
+    let mut target = operator_target(&server);
+    target.server_name = "::1".into();
+    let peers = Peers::spawn(&target).unwrap();
+    let (seen, served) = std::sync::mpsc::channel();
+    let request = PeerRequest {
+        remote: target.remote,
+        server_name: target.server_name.clone(),
+        kind: controlplane::authority::api::CT_STH,
+        payload: bytes::Bytes::new(),
+        deadline: Instant::now() + Duration::from_secs(10),
+        check: Some(Box::new(move |leaf: &[u8]| {
+            let _ = seen.send(leaf.to_vec());
+            Ok(())
+        })),
+        on_reply: Box::new(|_| {}),
+    };
+    assert!(peers.send(request).is_ok());
+    let leaf = served.recv_timeout(Duration::from_secs(15)).unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+    assert_eq!(cert.raw_serial_as_string().replace(':', ""), after);
+}

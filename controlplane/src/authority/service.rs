@@ -439,7 +439,7 @@ fn authority_error(e: AuthorityError) -> ServiceError {
 }
 
 /// Parse a request payload (an empty one reads as `{}`).
-fn parse<T: DeserializeOwned>(payload: &[u8]) -> Result<T, ServiceError> {
+pub(crate) fn parse<T: DeserializeOwned>(payload: &[u8]) -> Result<T, ServiceError> {
     let payload = if payload.iter().all(u8::is_ascii_whitespace) {
         b"{}".as_slice()
     } else {

@@ -635,26 +635,94 @@ impl Inner {
         self.renewing.set(true);
         let inner = self.clone();
         tokio::task::spawn_local(async move {
-            match inner.issue_own_node_certificate().await {
-                Ok(serial) => match node::node_identity(&inner.data_dir) {
-                    Ok(Some(identity)) => {
-                        if let Err(e) = served.swap(identity.chain.clone(), &identity.key) {
-                            tracing::error!(error = %e, "the renewed node certificate cannot be served");
-                        } else if let Err(e) = inner.start_peers(&identity) {
-                            tracing::error!(error = %e, "cannot reach the other members with the renewed node certificate");
-                        } else {
-                            tracing::info!(%serial, "node certificate renewed: serving and reaching the members with it");
-                        }
-                    }
-                    other => {
-                        tracing::error!(result = ?other.map(|_| ()), "the renewed node certificate cannot be read back")
-                    }
-                },
-                Err(e) => {
-                    tracing::warn!(error = %e, "the node certificate is due for renewal; trying again shortly")
-                }
+            if let Err(e) = inner.renew_node_certificate(&served).await {
+                tracing::warn!(error = %e, "the node certificate is due for renewal; trying again shortly");
             }
             inner.renewing.set(false);
+        });
+    }
+
+    /// Renew this member's node certificate now (same key, a new serial,
+    /// through the log) and serve and reach the members with it: the
+    /// scheduled renewal, and an operator's `ROTATE` on a member.
+    async fn renew_node_certificate(
+        &self,
+        served: &CertificateStore,
+    ) -> Result<api::Rotated, String> {
+        let serial = self
+            .issue_own_node_certificate()
+            .await
+            .map_err(|e| e.to_string())?;
+        let identity = match node::node_identity(&self.data_dir) {
+            Ok(Some(identity)) => identity,
+            other => {
+                return Err(format!(
+                    "the renewed node certificate cannot be read back: {:?}",
+                    other.map(|_| ())
+                ));
+            }
+        };
+        served
+            .swap(identity.chain.clone(), &identity.key)
+            .map_err(|e| format!("the renewed node certificate cannot be served: {e}"))?;
+        self.start_peers(&identity).map_err(|e| {
+            format!("cannot reach the other members with the renewed node certificate: {e}")
+        })?;
+        let not_after = identity
+            .chain
+            .first()
+            .and_then(|der| x509_parser::parse_x509_certificate(der).ok())
+            .map_or(0, |(_, cert)| {
+                u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0)
+            });
+        tracing::info!(%serial, "node certificate renewed: serving and reaching the members with it");
+        Ok(api::Rotated {
+            serial: serial.to_string(),
+            not_after,
+        })
+    }
+
+    /// `ROTATE` on a member: its certificate is its node certificate, so
+    /// that is what is renewed (the scheduled renewal, now). The operator
+    /// only, as on a single node.
+    fn rotate(self: &Rc<Self>, request: Forwarded, operator: bool) {
+        if !operator {
+            return self.answer(
+                &request,
+                Err(error(api::UNAUTHORIZED, "ROTATE is the operator's")),
+            );
+        }
+        if let Err(e) = crate::authority::service::parse::<api::NoArguments>(&request.payload) {
+            return self.answer(&request, Err((e.code, e.message)));
+        }
+        let Some(served) = self.served.borrow().clone() else {
+            return self.answer(
+                &request,
+                Err(error(
+                    api::STORAGE,
+                    "this member serves no node certificate yet",
+                )),
+            );
+        };
+        if self.renewing.replace(true) {
+            return self.answer(
+                &request,
+                Err(error(
+                    api::STORAGE,
+                    "this member's certificate is being renewed already: ask again in a moment",
+                )),
+            );
+        }
+        let inner = self.clone();
+        tokio::task::spawn_local(async move {
+            let result = inner.renew_node_certificate(&served).await;
+            inner.renewing.set(false);
+            inner.answer(
+                &request,
+                result
+                    .map(|rotated| serde_json::to_vec(&rotated).expect("JSON"))
+                    .map_err(|e| error(api::STORAGE, e)),
+            );
         });
     }
 
@@ -983,6 +1051,9 @@ impl Inner {
         };
         if let Some(result) = admission {
             return self.answer(&request, result);
+        }
+        if request.kind == api::ROTATE {
+            return self.rotate(request, who.operator);
         }
         let handled = self.service.borrow_mut().handle_request(
             &who.caller,
