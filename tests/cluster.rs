@@ -773,24 +773,8 @@ fn a_node_certificate_past_half_its_life_is_renewed() {
     };
     let faked = clock.wrapper();
     let faked: Vec<&str> = faked.iter().map(String::as_str).collect();
-    let server = Server::start_with(
-        "cluster-renewal",
-        "::1",
-        "[hypermesh_assets]\nplot_k = 12\n",
-        &faked,
-        &[
-            "--mode",
-            "production",
-            "--bootstrap",
-            "federated",
-            "--cluster-init",
-        ],
-    );
+    let server = first_member_alone("cluster-renewal", &faked);
     let node_pem = server.dir.join("cluster-node.pem");
-    server.wait_for_log(
-        "node certificate issued and logged",
-        Duration::from_secs(30),
-    );
     let before = std::fs::read(&node_pem).unwrap();
     let operator_pem = server.dir.join("operator.pem");
     let operator_before = std::fs::read(&operator_pem).unwrap();
@@ -915,24 +899,8 @@ fn a_learner_left_by_a_dead_leader_is_promoted_by_the_next() {
 #[test]
 fn rotate_on_a_member_renews_the_node_certificate_it_serves() {
     use dataplane::client::peers::{PeerRequest, Peers};
-    let server = Server::start_with(
-        "cluster-rotate",
-        "::1",
-        "[hypermesh_assets]\nplot_k = 12\n",
-        &[],
-        &[
-            "--mode",
-            "production",
-            "--bootstrap",
-            "federated",
-            "--cluster-init",
-        ],
-    );
+    let server = first_member_alone("cluster-rotate", &[]);
     let node_pem = server.dir.join("cluster-node.pem");
-    server.wait_for_log(
-        "node certificate issued and logged",
-        Duration::from_secs(30),
-    );
     let serial_of = |path: &std::path::Path| {
         let der = controlplane::authority::pem::load_cert(path).unwrap();
         let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
@@ -940,15 +908,7 @@ fn rotate_on_a_member_renews_the_node_certificate_it_serves() {
     };
     let before = serial_of(&node_pem);
 
-    let rotate = Command::new(SERVER)
-        .arg("--config")
-        .arg(server.dir.join("server.toml"))
-        .arg("--data-dir")
-        .arg(&server.dir)
-        .arg("rotate")
-        .output()
-        .unwrap();
-    let printed = ok(&rotate);
+    let printed = ok(&server.admin(&["rotate"]));
     let after = serial_of(&node_pem);
     assert_ne!(before, after, "cluster-node.pem is a new certificate");
     assert!(
@@ -968,14 +928,40 @@ fn rotate_on_a_member_renews_the_node_certificate_it_serves() {
         kind: controlplane::authority::api::CT_STH,
         payload: bytes::Bytes::new(),
         deadline: Instant::now() + Duration::from_secs(10),
-        check: Some(Box::new(move |leaf: &[u8]| {
-            let _ = seen.send(leaf.to_vec());
-            Ok(())
-        })),
+        check: Some(Box::new(
+            move |peer: &dataplane::client::peers::PeerIdentity| {
+                let _ = seen.send(peer.leaf.clone());
+                Ok(())
+            },
+        )),
         on_reply: Box::new(|_| {}),
     };
     assert!(peers.send(request).is_ok());
     let leaf = served.recv_timeout(Duration::from_secs(15)).unwrap();
     let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
     assert_eq!(cert.raw_serial_as_string().replace(':', ""), after);
+}
+
+/// The first member of a new cluster on production defaults, on [::1]
+/// without namespaces (started through `wrapper`), once its node
+/// certificate is issued and logged.
+fn first_member_alone(tag: &str, wrapper: &[&str]) -> Server {
+    let server = Server::start_with(
+        tag,
+        "::1",
+        "[hypermesh_assets]\nplot_k = 12\n",
+        wrapper,
+        &[
+            "--mode",
+            "production",
+            "--bootstrap",
+            "federated",
+            "--cluster-init",
+        ],
+    );
+    server.wait_for_log(
+        "node certificate issued and logged",
+        Duration::from_secs(30),
+    );
+    server
 }

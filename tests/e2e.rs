@@ -650,7 +650,7 @@ fn a_trusted_connections_stream_limit_grows_with_use() {
 /// serving the next request.
 #[test]
 fn a_peer_request_is_sent_only_where_its_check_of_the_peer_certificate_passes() {
-    use dataplane::client::peers::{PeerCheck, PeerReply, PeerRequest, Peers};
+    use dataplane::client::peers::{PeerCheck, PeerIdentity, PeerReply, PeerRequest, Peers};
     use dataplane::client::rpc::Reply;
     // The test is of the peer thread's check, not of admission, which the
     // operator's peer thread here does not prove: the server asks none.
@@ -678,8 +678,8 @@ fn a_peer_request_is_sent_only_where_its_check_of_the_peer_certificate_passes() 
     };
 
     let (seen, leaf) = std::sync::mpsc::channel();
-    let reply = ask(Some(Box::new(move |leaf: &[u8]| {
-        seen.send(leaf.to_vec()).unwrap();
+    let reply = ask(Some(Box::new(move |peer: &PeerIdentity| {
+        seen.send(peer.clone()).unwrap();
         Ok(())
     })));
     assert!(
@@ -688,8 +688,12 @@ fn a_peer_request_is_sent_only_where_its_check_of_the_peer_certificate_passes() 
     );
     // The check saw the server's own certificate: issued for the name the
     // request connected to, not a CA's.
-    let leaf = leaf.try_recv().expect("the check ran");
-    let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+    let peer = leaf.try_recv().expect("the check ran");
+    let (_, cert) = x509_parser::parse_x509_certificate(&peer.leaf).unwrap();
+    assert_eq!(
+        dataplane::trust::spki_sha256(&peer.leaf),
+        Some(peer.spki_sha256)
+    );
     assert!(!cert.is_ca());
     let names = cert.subject_alternative_name().unwrap().unwrap();
     assert!(
@@ -700,7 +704,7 @@ fn a_peer_request_is_sent_only_where_its_check_of_the_peer_certificate_passes() 
         "{names:?}"
     );
 
-    let reply = ask(Some(Box::new(|_: &[u8]| {
+    let reply = ask(Some(Box::new(|_: &PeerIdentity| {
         Err("the key of another member".into())
     })));
     assert!(

@@ -207,15 +207,7 @@ fn rotation_under_continuous_handshakes_fails_none() {
         .unwrap();
     for _ in 0..2 {
         std::thread::sleep(Duration::from_millis(1500));
-        let rotate = Command::new(SERVER)
-            .arg("--config")
-            .arg(server.dir.join("server.toml"))
-            .arg("--data-dir")
-            .arg(&server.dir)
-            .arg("rotate")
-            .output()
-            .unwrap();
-        ok(&rotate);
+        ok(&server.admin(&["rotate"]));
     }
     let out = bench.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));

@@ -334,12 +334,7 @@ impl IssuerPinned {
     ) -> Result<Arc<rustls::client::WebPkiServerVerifier>, rustls::Error> {
         let issuer = intermediates
             .iter()
-            .find(|der| {
-                x509_parser::parse_x509_certificate(der.as_ref()).is_ok_and(|(_, cert)| {
-                    ring::digest::digest(&ring::digest::SHA256, cert.public_key().raw).as_ref()
-                        == self.spki_sha256
-                })
-            })
+            .find(|der| crate::trust::spki_sha256(der.as_ref()) == Some(self.spki_sha256))
             .ok_or_else(|| {
                 rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
                     rustls::OtherError(Arc::new(IssuerMismatch)),

@@ -148,6 +148,14 @@ pub struct PeerCertificate {
 /// reserves it; `src/` asserts it equals the authority's constant).
 pub const OPERATOR_COMMON_NAME: &str = "operator";
 
+/// SHA-256 of a certificate's SubjectPublicKeyInfo (DER in, `None` when it
+/// does not parse): the TLSA `3 1 1` pin of its key.
+pub fn spki_sha256(der: &[u8]) -> Option<[u8; 32]> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, cert.public_key().raw);
+    digest.as_ref().try_into().ok()
+}
+
 /// How the subject common name of a cluster member's certificate starts
 /// (`cluster-node.NAME`); the authority reserves every name with it.
 pub const NODE_COMMON_NAME_PREFIX: &str = "cluster-node.";

@@ -239,6 +239,19 @@ impl Server {
         command
     }
 
+    /// `internet2-server ARGS` as the operator on this server's host (its
+    /// config and data directory), as an operator runs `rotate`.
+    pub fn admin(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(SERVER)
+            .arg("--config")
+            .arg(self.dir.join("server.toml"))
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
     /// Wait until the server logs a line containing `needle`.
     pub fn wait_for_log(&self, needle: &str, limit: Duration) {
         wait_until(limit, Duration::from_millis(50), || {

@@ -13,15 +13,10 @@ pub struct CertificateFileError {
 
 /// SHA-256 of a certificate's SubjectPublicKeyInfo: the TLSA `3 1 1` pin.
 pub fn spki_sha256(cert: &CertificateDer<'_>) -> Result<[u8; 32], CertificateFileError> {
-    let (_, parsed) =
-        x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| CertificateFileError {
-            path: PathBuf::from("<certificate>"),
-            detail: e.to_string(),
-        })?;
-    let digest = ring::digest::digest(&ring::digest::SHA256, parsed.public_key().raw);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(digest.as_ref());
-    Ok(out)
+    dataplane::trust::spki_sha256(cert.as_ref()).ok_or_else(|| CertificateFileError {
+        path: PathBuf::from("<certificate>"),
+        detail: "the certificate does not parse".into(),
+    })
 }
 
 /// Read the (first) certificate of a PEM file, e.g. the root a client trusts.

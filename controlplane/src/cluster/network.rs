@@ -7,7 +7,7 @@
 
 use super::{Member, TypeConfig, rpc};
 use bytes::Bytes;
-use dataplane::client::peers::{PeerCheck, PeerReply, PeerRequest, Peers};
+use dataplane::client::peers::{PeerCheck, PeerIdentity, PeerReply, PeerRequest, Peers};
 use dataplane::client::rpc::Reply;
 use dataplane::protocols::stoq_registry::{RAFT_APPEND, RAFT_SNAPSHOT, RAFT_VOTE};
 use openraft::error::{
@@ -109,10 +109,8 @@ pub async fn request(
 /// same address holds a new key and is another member.
 pub fn holds_key_of(id: u64, address: &str) -> PeerCheck {
     let address = address.to_owned();
-    Box::new(move |leaf: &[u8]| -> Result<(), String> {
-        let key = crate::authority::ca::public_key_of(leaf)
-            .map_err(|e| format!("the certificate of the peer at {address} cannot be read: {e}"))?;
-        let holder = super::node::node_id(&key);
+    Box::new(move |peer: &PeerIdentity| -> Result<(), String> {
+        let holder = super::node::node_id_of_pin(&peer.spki_sha256);
         if holder == id {
             Ok(())
         } else {

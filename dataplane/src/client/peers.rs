@@ -48,12 +48,20 @@ pub enum PeerReply {
 /// What receives a request's reply, called once on the peer thread.
 pub type OnReply = Box<dyn FnOnce(PeerReply) + Send>;
 
-/// A check of the peer's certificate (its leaf, DER), run each time the
-/// request is about to be sent: `Err` says why this peer is not the one
-/// meant, and the request fails as not sent. The handshake proves the name
-/// and the issuer; this is where a caller pins a key (a cluster member's
-/// id).
-pub type PeerCheck = Box<dyn Fn(&[u8]) -> Result<(), String> + Send>;
+/// The certificate a connected peer showed, read once per connection.
+#[derive(Debug, Clone)]
+pub struct PeerIdentity {
+    /// Its leaf certificate (DER).
+    pub leaf: Vec<u8>,
+    /// SHA-256 of the leaf's SubjectPublicKeyInfo: its key's pin.
+    pub spki_sha256: [u8; 32],
+}
+
+/// A check of the peer's certificate, run each time the request is about
+/// to be sent: `Err` says why this peer is not the one meant, and the
+/// request fails as not sent. The handshake proves the name and the
+/// issuer; this is where a caller pins a key (a cluster member's id).
+pub type PeerCheck = Box<dyn Fn(&PeerIdentity) -> Result<(), String> + Send>;
 
 /// One request for a peer.
 pub struct PeerRequest {
@@ -139,8 +147,8 @@ struct Link {
     /// Since when a connect was asked for and the connection not opened.
     connecting: Option<Instant>,
     connected: bool,
-    /// The peer's certificate (leaf, DER), once connected.
-    peer_leaf: Option<Vec<u8>>,
+    /// The peer's certificate, once connected.
+    peer: Option<PeerIdentity>,
     /// Whether a request on this connection was refused by its check
     /// (logged once per connection, not once per Raft heartbeat).
     refusal_logged: bool,
@@ -233,9 +241,11 @@ impl PeerService {
                 return;
             };
             if let Some(check) = &request.check {
-                let checked = match &link.peer_leaf {
-                    Some(leaf) => check(leaf),
-                    None => Err(format!("the peer at {remote} presented no certificate")),
+                let checked = match &link.peer {
+                    Some(peer) => check(peer),
+                    None => Err(format!(
+                        "the peer at {remote} presented no certificate that can be read"
+                    )),
                 };
                 if let Err(why) = checked {
                     if !link.refusal_logged {
@@ -332,7 +342,7 @@ impl Service for PeerService {
         link.conn_id = self.next_id;
         // What was learnt of a previous connection is not this one's.
         link.connected = false;
-        link.peer_leaf = None;
+        link.peer = None;
         link.refusal_logged = false;
         self.by_handle.insert(handle, remote);
         PeerConn {
@@ -362,7 +372,7 @@ impl Service for PeerService {
                 if let Some(link) = self.links.get_mut(&st.remote) {
                     link.connected = true;
                     link.connecting = None;
-                    link.peer_leaf = conn
+                    link.peer = conn
                         .crypto_session()
                         .peer_identity()
                         .and_then(|any| {
@@ -370,7 +380,12 @@ impl Service for PeerService {
                                 .ok()
                         })
                         .and_then(|chain| chain.into_iter().next())
-                        .map(|leaf| leaf.to_vec());
+                        .and_then(|leaf| {
+                            Some(PeerIdentity {
+                                spki_sha256: crate::trust::spki_sha256(&leaf)?,
+                                leaf: leaf.to_vec(),
+                            })
+                        });
                 }
                 self.send_waiting(handle, st.remote, conn);
             }

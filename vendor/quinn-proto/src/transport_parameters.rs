@@ -391,9 +391,15 @@ impl TransportParameters {
                                         w.write(self.$name);
                                     }
                                 })*,
-                                _ => {
-                                    unimplemented!("Missing implementation of write for transport parameter with code {id:?}");
-                                }
+                                // internet2-server patch (vendor/README.md): every id
+                                // of SUPPORTED has its arm above or in
+                                // `apply_params!`, and `write_order` is a
+                                // permutation of SUPPORTED's indices, so no id
+                                // comes here; see the test
+                                // `every_supported_parameter_is_written`.
+                                _ => unreachable!(
+                                    "transport parameter {id:?} is in SUPPORTED without a write arm"
+                                ),
                             }
                         }
                     }
@@ -731,6 +737,35 @@ mod test {
     use rand::TryRng;
 
     use super::*;
+
+    /// internet2-server patch: `write` visits every SUPPORTED id, in the
+    /// default order and in others, so each one has its arm and the
+    /// fallback arm is unreachable (it panics if one lacks it).
+    #[test]
+    fn every_supported_parameter_is_written() {
+        let params = TransportParameters {
+            initial_max_data: 1u32.into(),
+            ..TransportParameters::default()
+        };
+        let count = TransportParameterId::SUPPORTED.len();
+        let mut orders = vec![None];
+        for shift in 0..count {
+            let mut order: [u8; TransportParameterId::SUPPORTED.len()] =
+                std::array::from_fn(|i| i as u8);
+            order.rotate_left(shift);
+            orders.push(Some(order));
+        }
+        for order in orders {
+            let mut buf = Vec::new();
+            TransportParameters {
+                write_order: order,
+                ..params
+            }
+            .write(&mut buf);
+            let read = TransportParameters::read(Side::Client, &mut buf.as_slice()).unwrap();
+            assert_eq!(read.initial_max_data, params.initial_max_data);
+        }
+    }
 
     #[test]
     fn coding() {
