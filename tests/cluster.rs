@@ -93,15 +93,7 @@ impl Member {
 
     /// An operator command on this member's data directory.
     fn operator(&self, args: &[&str]) -> String {
-        let out = Command::new(SERVER)
-            .arg("--config")
-            .arg(self.dir.join("server.toml"))
-            .arg("--data-dir")
-            .arg(&self.dir)
-            .args(args)
-            .output()
-            .unwrap();
-        ok(&out).trim().to_owned()
+        ok(&admin_in(&self.dir, args)).trim().to_owned()
     }
 }
 

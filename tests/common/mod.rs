@@ -242,14 +242,7 @@ impl Server {
     /// `internet2-server ARGS` as the operator on this server's host (its
     /// config and data directory), as an operator runs `rotate`.
     pub fn admin(&self, args: &[&str]) -> std::process::Output {
-        std::process::Command::new(SERVER)
-            .arg("--config")
-            .arg(self.dir.join("server.toml"))
-            .arg("--data-dir")
-            .arg(&self.dir)
-            .args(args)
-            .output()
-            .unwrap()
+        admin_in(&self.dir, args)
     }
 
     /// Wait until the server logs a line containing `needle`.
@@ -262,6 +255,19 @@ impl Server {
             }
         });
     }
+}
+
+/// `internet2-server ARGS` on the server whose config and data are in
+/// `dir` (`dir/server.toml`), as its operator runs them.
+pub fn admin_in(dir: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(SERVER)
+        .arg("--config")
+        .arg(dir.join("server.toml"))
+        .arg("--data-dir")
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 /// Run the server on `dir/server.toml` with data in `dir`; waits for the
