@@ -65,6 +65,38 @@ pub struct SendDatagram<'a> {
     pub segment_size: Option<usize>,
 }
 
+/// Where and how a transmit goes: a [`SendDatagram`] without its contents.
+#[derive(Clone, Copy, Debug)]
+pub struct SendHeader {
+    pub destination: SocketAddr,
+    pub ecn: Option<EcnCodepoint>,
+    pub src_ip: Option<IpAddr>,
+    pub segment_size: Option<usize>,
+}
+
+impl SendHeader {
+    pub fn with<'a>(&self, contents: &'a [u8]) -> SendDatagram<'a> {
+        SendDatagram {
+            destination: self.destination,
+            ecn: self.ecn,
+            src_ip: self.src_ip,
+            contents,
+            segment_size: self.segment_size,
+        }
+    }
+}
+
+impl From<&quinn_proto::Transmit> for SendHeader {
+    fn from(t: &quinn_proto::Transmit) -> Self {
+        Self {
+            destination: t.destination,
+            ecn: t.ecn,
+            src_ip: t.src_ip,
+            segment_size: t.segment_size,
+        }
+    }
+}
+
 /// Batch sizes of a backend (`[stoq_transport] uring_recv_ops`, `uring_send_ops`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IoBatch {
@@ -123,6 +155,13 @@ pub trait Backend: Send {
     /// Send or queue one transmit. `WouldBlock` means it was not taken: call
     /// again after `wait(.., want_write = true)`.
     fn send(&mut self, transmit: &SendDatagram<'_>) -> io::Result<()>;
+    /// `send` for contents that are the whole of `buf`, a buffer the caller
+    /// owns and reuses. A backend that sends from buffers of its own may take
+    /// `buf` and leave one of its own, emptied, in its place rather than copy
+    /// it; `buf` is unchanged when the send is not taken (`WouldBlock`).
+    fn send_owned(&mut self, header: &SendHeader, buf: &mut Vec<u8>) -> io::Result<()> {
+        self.send(&header.with(buf))
+    }
     /// Push queued sends to the kernel. Called once per loop iteration.
     fn flush(&mut self) -> io::Result<()>;
     /// Segments per GSO call the socket accepts (1 without GSO).

@@ -15,7 +15,7 @@
 //! that stays pinned in a `Box` or the buffer ring until its completion
 //! arrives.
 
-use super::{Backend, IoBatch, RECV_BUF_LEN, RecvDatagram, SendDatagram, Waker};
+use super::{Backend, IoBatch, RECV_BUF_LEN, RecvDatagram, SendDatagram, SendHeader, Waker};
 use io_uring::{IoUring, cqueue, opcode, types};
 use quinn_proto::EcnCodepoint;
 use std::io;
@@ -240,6 +240,35 @@ impl Drop for BufRing {
 }
 
 impl UringBackend {
+    /// Queue one `sendmsg` from a free send slot whose buffer `fill` writes
+    /// (the whole buffer is the datagram). `WouldBlock` when every slot is in
+    /// flight: the next `poll_recv` frees the finished ones, and `fill` was
+    /// not called.
+    fn send_from_slot(
+        &mut self,
+        fill: impl FnOnce(&mut Vec<u8>),
+        destination: SocketAddr,
+        segment_size: Option<usize>,
+        ecn: Option<EcnCodepoint>,
+    ) -> io::Result<()> {
+        let Some(index) = self.free_sends.pop() else {
+            return Err(io::ErrorKind::WouldBlock.into());
+        };
+        let slot = &mut self.send[index];
+        fill(&mut slot.buf);
+        slot.addr = to_sockaddr(destination);
+        let control_len = write_send_control(&mut slot.control, segment_size, ecn);
+        slot.arm(slot.buf.len(), control_len);
+        if control_len == 0 {
+            slot.hdr.msg_control = std::ptr::null_mut();
+        } else {
+            slot.hdr.msg_control = slot.control.0.as_mut_ptr().cast();
+        }
+        let entry = opcode::SendMsg::new(types::Fd(self.socket.as_raw_fd()), &slot.hdr)
+            .build()
+            .user_data(TAG_SEND | index as u64);
+        self.push(entry)
+    }
     /// Take over `socket` (options already set by quinn-udp's state, which
     /// also detected GSO). Fails where the kernel refuses io_uring.
     pub fn new(
@@ -497,26 +526,29 @@ impl Backend for UringBackend {
     }
 
     fn send(&mut self, t: &SendDatagram<'_>) -> io::Result<()> {
-        // All slots in flight: the worker waits for a completion, and the
-        // next `poll_recv` frees the finished ones.
-        let Some(index) = self.free_sends.pop() else {
-            return Err(io::ErrorKind::WouldBlock.into());
-        };
-        let slot = &mut self.send[index];
-        slot.buf.clear();
-        slot.buf.extend_from_slice(t.contents);
-        slot.addr = to_sockaddr(t.destination);
-        let control_len = write_send_control(&mut slot.control, t.segment_size, t.ecn);
-        slot.arm(t.contents.len(), control_len);
-        if control_len == 0 {
-            slot.hdr.msg_control = std::ptr::null_mut();
-        } else {
-            slot.hdr.msg_control = slot.control.0.as_mut_ptr().cast();
-        }
-        let entry = opcode::SendMsg::new(types::Fd(self.socket.as_raw_fd()), &slot.hdr)
-            .build()
-            .user_data(TAG_SEND | index as u64);
-        self.push(entry)
+        self.send_from_slot(
+            |buf| {
+                buf.clear();
+                buf.extend_from_slice(t.contents);
+            },
+            t.destination,
+            t.segment_size,
+            t.ecn,
+        )
+    }
+
+    fn send_owned(&mut self, header: &SendHeader, buf: &mut Vec<u8>) -> io::Result<()> {
+        // The slot sends from the caller's buffer, and the caller gets the
+        // slot's finished one back to write its next transmit into.
+        self.send_from_slot(
+            |slot_buf| {
+                std::mem::swap(slot_buf, buf);
+                buf.clear();
+            },
+            header.destination,
+            header.segment_size,
+            header.ecn,
+        )
     }
 
     fn flush(&mut self) -> io::Result<()> {

@@ -12,7 +12,7 @@ mod mailbox;
 pub use mailbox::{Handoff, Mailbox, WorkerControl};
 
 use crate::cid::{RouteError, WorkerId, owner_of};
-use crate::io::{Backend, RecvDatagram, SendDatagram};
+use crate::io::{Backend, RecvDatagram, SendHeader};
 use crate::stats::{Counters, StatsRegistry};
 use bytes::{Bytes, BytesMut};
 use quinn_proto::{
@@ -177,10 +177,7 @@ struct Conn<T> {
 
 /// A transmit the socket would not take yet.
 struct PendingSend {
-    destination: SocketAddr,
-    ecn: Option<EcnCodepoint>,
-    src_ip: Option<IpAddr>,
-    segment_size: Option<usize>,
+    header: SendHeader,
     contents: Vec<u8>,
 }
 
@@ -359,7 +356,7 @@ impl<S: Service> Worker<S> {
 
     fn drive(&mut self, now: Instant) {
         if let Some(pending) = self.core.pending.take() {
-            match self.io.send(&pending.as_datagram()) {
+            match self.io.send(&pending.header.with(&pending.contents)) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.core.pending = Some(pending);
                     return;
@@ -411,26 +408,13 @@ impl<S: Service> Worker<S> {
 fn send_or_drop(io: &mut dyn Backend, t: &PendingSend) {
     // Stateless responses (resets, version negotiation, refusals) are
     // best-effort: the peer retransmits if one is lost.
-    let _ = io.send(&t.as_datagram());
+    let _ = io.send(&t.header.with(&t.contents));
 }
 
 impl PendingSend {
-    fn as_datagram(&self) -> SendDatagram<'_> {
-        SendDatagram {
-            destination: self.destination,
-            ecn: self.ecn,
-            src_ip: self.src_ip,
-            contents: &self.contents,
-            segment_size: self.segment_size,
-        }
-    }
-
     fn from_transmit(t: &Transmit, contents: Vec<u8>) -> Self {
         Self {
-            destination: t.destination,
-            ecn: t.ecn,
-            src_ip: t.src_ip,
-            segment_size: t.segment_size,
+            header: SendHeader::from(t),
             contents,
         }
     }
@@ -845,14 +829,8 @@ impl<S: Service> Core<S> {
             let segments = t.segment_size.map_or(1, |s| t.size.div_ceil(s));
             self.counters.datagrams_tx += segments as u64;
             self.counters.bytes_tx += t.size as u64;
-            let datagram = SendDatagram {
-                destination: t.destination,
-                ecn: t.ecn,
-                src_ip: t.src_ip,
-                contents: &self.send_buf[..t.size],
-                segment_size: t.segment_size,
-            };
-            match io.send(&datagram) {
+            self.send_buf.truncate(t.size);
+            match io.send_owned(&SendHeader::from(&t), &mut self.send_buf) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.counters.send_blocked += 1;

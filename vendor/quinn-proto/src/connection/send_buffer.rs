@@ -9,6 +9,12 @@ use crate::{VarInt, range_set::RangeSet};
 pub(super) struct SendBuffer {
     /// Data queued by the application but not yet acknowledged. May or may not have been sent.
     unacked_segments: VecDeque<Bytes>,
+    // internet2-server patch: the stream offset just past each of
+    // `unacked_segments` (ends do not move when the front is trimmed), so
+    // `get` finds a segment by binary search rather than a scan from the
+    // front, which cost a bulk sender one step per 64 KiB write still
+    // unacknowledged for every packet it built.
+    segment_ends: VecDeque<u64>,
     /// Total size of `unacked_segments`
     unacked_len: usize,
     /// Acknowledged bytes removed from the first segment's view but still held by its allocation
@@ -38,6 +44,7 @@ impl SendBuffer {
         self.unacked_len += data.len();
         self.offset += data.len() as u64;
         self.unacked_segments.push_back(data);
+        self.segment_ends.push_back(self.offset);
     }
 
     /// Discard a range of acknowledged stream data
@@ -63,10 +70,12 @@ impl SendBuffer {
                 if front.len() <= to_advance {
                     to_advance -= front.len();
                     self.unacked_segments.pop_front();
+                    self.segment_ends.pop_front();
                     self.front_trimmed = 0;
 
                     if self.unacked_segments.len() * 4 < self.unacked_segments.capacity() {
                         self.unacked_segments.shrink_to_fit();
+                        self.segment_ends.shrink_to_fit();
                     }
                 } else {
                     front.advance(to_advance);
@@ -141,22 +150,20 @@ impl SendBuffer {
     /// should call the function again with an incremented start offset to
     /// retrieve more data.
     pub(super) fn get(&self, offsets: Range<u64>) -> &[u8] {
-        let base_offset = self.offset - self.unacked_len as u64;
-
-        let mut segment_offset = base_offset;
-        for segment in self.unacked_segments.iter() {
-            if offsets.start >= segment_offset
-                && offsets.start < segment_offset + segment.len() as u64
-            {
-                let start = (offsets.start - segment_offset) as usize;
-                let end = (offsets.end - segment_offset) as usize;
-
-                return &segment[start..end.min(segment.len())];
-            }
-            segment_offset += segment.len() as u64;
+        // internet2-server patch: binary search by segment end (see `segment_ends`).
+        let index = self
+            .segment_ends
+            .partition_point(|&end| end <= offsets.start);
+        let Some(segment) = self.unacked_segments.get(index) else {
+            return &[];
+        };
+        let segment_offset = self.segment_ends[index] - segment.len() as u64;
+        if offsets.start < segment_offset {
+            return &[];
         }
-
-        &[]
+        let start = (offsets.start - segment_offset) as usize;
+        let end = (offsets.end - segment_offset) as usize;
+        &segment[start..end.min(segment.len())]
     }
 
     /// Release abandoned data while preserving the final offset for RESET_STREAM
@@ -395,6 +402,47 @@ mod tests {
         buf.ack(0..16);
         assert_eq!(aggregate_unacked(&buf), &MSG[23..]);
         assert!(buf.acks.is_empty());
+    }
+
+    // internet2-server patch test: `get` by binary search answers as the
+    // published scan from the front, over segments of many lengths, acked
+    // in order, out of order and in part.
+    #[test]
+    fn get_finds_the_segment_a_scan_would() {
+        use rand::RngExt;
+        fn scan(buf: &SendBuffer, offsets: Range<u64>) -> &[u8] {
+            let mut segment_offset = buf.offset - buf.unacked_len as u64;
+            for segment in buf.unacked_segments.iter() {
+                if offsets.start >= segment_offset
+                    && offsets.start < segment_offset + segment.len() as u64
+                {
+                    let start = (offsets.start - segment_offset) as usize;
+                    let end = (offsets.end - segment_offset) as usize;
+                    return &segment[start..end.min(segment.len())];
+                }
+                segment_offset += segment.len() as u64;
+            }
+            &[]
+        }
+        let mut rng = rand::rng();
+        for _ in 0..100 {
+            let mut buf = SendBuffer::new();
+            for _ in 0..200 {
+                if rng.random_range(0..3) == 0 && buf.offset > 0 {
+                    let a = rng.random_range(0..buf.offset);
+                    let b = rng.random_range(a..=buf.offset);
+                    buf.ack(a..b);
+                } else {
+                    let len = rng.random_range(1..300);
+                    let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+                    buf.write(data.into());
+                }
+                let a = rng.random_range(0..buf.offset + 2);
+                let b = rng.random_range(a..buf.offset + 400);
+                assert_eq!(buf.get(a..b), scan(&buf, a..b), "{a}..{b}");
+                assert_eq!(buf.segment_ends.len(), buf.unacked_segments.len());
+            }
+        }
     }
 
     fn aggregate_unacked(buf: &SendBuffer) -> Vec<u8> {

@@ -1,6 +1,6 @@
 use std::{
     cmp,
-    collections::{BTreeMap, VecDeque},
+    collections::VecDeque,
     mem,
     ops::{Bound, Index, IndexMut, Range},
 };
@@ -38,8 +38,8 @@ pub(super) struct PacketSpace {
     /// Number of packets in `sent_packets` with numbers above `largest_ack_eliciting_sent`
     pub(super) unacked_non_ack_eliciting_tail: u64,
     /// Transmitted but not acked
-    // We use a BTreeMap here so we can efficiently query by range on ACK and for loss detection
-    pub(super) sent_packets: BTreeMap<u64, SentPacket>,
+    // internet2-server patch: a deque by packet number (`SentPackets`), not a BTreeMap
+    pub(super) sent_packets: SentPackets,
     /// Number of explicit congestion notification codepoints seen on incoming packets
     pub(super) ecn_counters: frame::EcnCounts,
     /// Recent ECN counters sent by the peer in ACK frames
@@ -84,7 +84,7 @@ impl PacketSpace {
             largest_acked_packet_sent: now,
             largest_ack_eliciting_sent: 0,
             unacked_non_ack_eliciting_tail: 0,
-            sent_packets: BTreeMap::new(),
+            sent_packets: SentPackets::default(),
             ecn_counters: frame::EcnCounts::ZERO,
             ecn_feedback: frame::EcnCounts::ZERO,
 
@@ -206,7 +206,7 @@ impl PacketSpace {
 
     /// Stop tracking sent packet `number`, and return what we knew about it
     pub(super) fn take(&mut self, number: u64) -> Option<SentPacket> {
-        let packet = self.sent_packets.remove(&number)?;
+        let packet = self.sent_packets.remove(number)?;
         if !packet.ack_eliciting && number > self.largest_ack_eliciting_sent {
             self.unacked_non_ack_eliciting_tail =
                 self.unacked_non_ack_eliciting_tail.checked_sub(1).unwrap();
@@ -229,7 +229,7 @@ impl PacketSpace {
             self.unacked_non_ack_eliciting_tail = 0;
             self.largest_ack_eliciting_sent = number;
         } else if self.unacked_non_ack_eliciting_tail > MAX_UNACKED_NON_ACK_ELICTING_TAIL {
-            let oldest_after_ack_eliciting = *self
+            let oldest_after_ack_eliciting = self
                 .sent_packets
                 .range((
                     Bound::Excluded(self.largest_ack_eliciting_sent),
@@ -244,7 +244,7 @@ impl PacketSpace {
             // in-flight counters if padded.
             let packet = self
                 .sent_packets
-                .remove(&oldest_after_ack_eliciting)
+                .remove(oldest_after_ack_eliciting)
                 .unwrap();
             debug_assert!(!packet.ack_eliciting);
             forgotten = Some(packet);
@@ -301,6 +301,116 @@ pub(super) struct SentPacket {
     ///
     /// The actual application data is stored with the stream state.
     pub(super) stream_frames: frame::StreamMetaVec,
+}
+
+// internet2-server patch: sent packets in a deque by packet number.
+//
+// The published crate keeps them in a `BTreeMap`; every packet sent was a
+// tree insert and every packet acknowledged a tree removal, with node
+// allocations, about a seventh of a bulk sender's CPU. Packet numbers in a
+// space only grow, so a packet's place is its number less the first
+// number held: an insert is a push at the back, a removal leaves a hole
+// that is trimmed once it reaches the front, and range queries (ACK
+// ranges, loss detection) walk the deque in the same ascending order the
+// tree gave. The deque spans the oldest packet still held to the newest,
+// which is what is in flight.
+/// Sent packets not yet acknowledged, declared lost or forgotten, by number.
+#[derive(Default)]
+pub(super) struct SentPackets {
+    /// Packet number of `packets[0]`.
+    first: u64,
+    /// `None` where a packet was taken (or its number skipped); never `None`
+    /// at either end.
+    packets: VecDeque<Option<SentPacket>>,
+}
+
+impl SentPackets {
+    /// Hold `packet` as number `number`, replacing a packet of that number.
+    pub(super) fn insert(&mut self, number: u64, packet: SentPacket) -> Option<SentPacket> {
+        if self.packets.is_empty() {
+            self.first = number;
+        }
+        if number < self.first {
+            // Numbers only grow within a space; kept correct regardless.
+            for _ in number..self.first - 1 {
+                self.packets.push_front(None);
+            }
+            self.packets.push_front(Some(packet));
+            self.first = number;
+            return None;
+        }
+        let index = (number - self.first) as usize;
+        if index >= self.packets.len() {
+            self.packets.resize_with(index, || None);
+            self.packets.push_back(Some(packet));
+            return None;
+        }
+        self.packets[index].replace(packet)
+    }
+
+    /// Stop holding packet `number`, and return it.
+    pub(super) fn remove(&mut self, number: u64) -> Option<SentPacket> {
+        let index = usize::try_from(number.checked_sub(self.first)?).ok()?;
+        let packet = self.packets.get_mut(index)?.take()?;
+        while let Some(None) = self.packets.front() {
+            self.packets.pop_front();
+            self.first += 1;
+        }
+        while let Some(None) = self.packets.back() {
+            self.packets.pop_back();
+        }
+        Some(packet)
+    }
+
+    pub(super) fn get(&self, number: u64) -> Option<&SentPacket> {
+        let index = usize::try_from(number.checked_sub(self.first)?).ok()?;
+        self.packets.get(index)?.as_ref()
+    }
+
+    /// The packets numbered within `range`, in ascending order.
+    pub(super) fn range(
+        &self,
+        range: impl std::ops::RangeBounds<u64>,
+    ) -> impl Iterator<Item = (u64, &SentPacket)> {
+        let end = self.first + self.packets.len() as u64;
+        let start = match range.start_bound() {
+            Bound::Included(&n) => n,
+            Bound::Excluded(&n) => n.saturating_add(1),
+            Bound::Unbounded => 0,
+        }
+        .clamp(self.first, end);
+        let stop = match range.end_bound() {
+            Bound::Included(&n) => n.saturating_add(1),
+            Bound::Excluded(&n) => n,
+            Bound::Unbounded => end,
+        }
+        .clamp(start, end);
+        let (from, to) = ((start - self.first) as usize, (stop - self.first) as usize);
+        self.packets
+            .range(from..to)
+            .zip(start..)
+            .filter_map(|(packet, number)| Some((number, packet.as_ref()?)))
+    }
+
+    /// The packets in ascending order of number.
+    pub(super) fn values(&self) -> impl Iterator<Item = &SentPacket> {
+        self.packets.iter().flatten()
+    }
+
+    pub(super) fn values_mut(&mut self) -> impl Iterator<Item = &mut SentPacket> {
+        self.packets.iter_mut().flatten()
+    }
+
+    pub(super) fn into_values(self) -> impl Iterator<Item = SentPacket> {
+        self.packets.into_iter().flatten()
+    }
+}
+
+impl Index<u64> for SentPackets {
+    type Output = SentPacket;
+    fn index(&self, number: u64) -> &SentPacket {
+        self.get(number).expect("a packet that is held")
+    }
 }
 
 /// Retransmittable data queue
@@ -926,6 +1036,92 @@ const MAX_ACK_BLOCKS: usize = 64;
 #[cfg(test)]
 mod test {
     use super::*;
+
+    fn sent(number: u64) -> SentPacket {
+        // `size` carries the number, so a packet found is the packet meant.
+        SentPacket {
+            path_generation: 0,
+            time_sent: Instant::now(),
+            size: number as u16,
+            ack_eliciting: true,
+            largest_acked: None,
+            retransmits: ThinRetransmits::default(),
+            stream_frames: frame::StreamMetaVec::new(),
+        }
+    }
+
+    // internet2-server patch test: the deque answers every query as the
+    // `BTreeMap` it replaces, and holds no more than the oldest to the
+    // newest packet held.
+    #[test]
+    fn sent_packets_answer_as_an_ordered_map() {
+        use std::collections::BTreeMap;
+        let mut rng = rand::rng();
+        for _ in 0..200 {
+            let mut packets = SentPackets::default();
+            let mut model = BTreeMap::new();
+            let mut next = rng.random_range(0..3u64);
+            for _ in 0..300 {
+                match rng.random_range(0..10) {
+                    // Send, sometimes skipping a number.
+                    0..=4 => {
+                        next += rng.random_range(1..3);
+                        assert!(packets.insert(next, sent(next)).is_none());
+                        model.insert(next, next);
+                    }
+                    // Take one held, or one not held.
+                    5..=7 => {
+                        let n = rng.random_range(0..next + 2);
+                        assert_eq!(packets.remove(n).map(|p| p.size as u64), model.remove(&n));
+                    }
+                    // Take a run from the oldest, as an ACK does.
+                    _ => {
+                        let upto = model.keys().nth(rng.random_range(0..4)).copied();
+                        for n in model.clone().keys().filter(|&&n| Some(n) <= upto) {
+                            assert!(packets.remove(*n).is_some());
+                            model.remove(n);
+                        }
+                    }
+                }
+                let a = rng.random_range(0..next + 2);
+                let b = rng.random_range(a..next + 3);
+                let got: Vec<u64> = packets
+                    .range(a..b)
+                    .map(|(n, p)| {
+                        assert_eq!(n, p.size as u64);
+                        n
+                    })
+                    .collect();
+                let want: Vec<u64> = model.range(a..b).map(|(&n, _)| n).collect();
+                assert_eq!(got, want);
+                let got: Vec<u64> = packets
+                    .range((Bound::Excluded(a), Bound::Unbounded))
+                    .map(|(n, _)| n)
+                    .collect();
+                let want: Vec<u64> = model
+                    .range((Bound::Excluded(a), Bound::Unbounded))
+                    .map(|(&n, _)| n)
+                    .collect();
+                assert_eq!(got, want);
+                assert_eq!(
+                    packets.get(a).map(|p| p.size as u64),
+                    model.get(&a).copied()
+                );
+                assert!(packets
+                    .values()
+                    .map(|p| p.size as u64)
+                    .eq(model.values().copied()));
+                // Held from the oldest to the newest packet, no further.
+                match (model.keys().next(), model.keys().next_back()) {
+                    (Some(&lo), Some(&hi)) => {
+                        assert_eq!(packets.first, lo);
+                        assert_eq!(packets.packets.len() as u64, hi - lo + 1);
+                    }
+                    _ => assert!(packets.packets.is_empty()),
+                }
+            }
+        }
+    }
 
     #[test]
     fn sanity() {
