@@ -54,34 +54,46 @@ impl SendBuffer {
         range.start = base_offset.max(range.start);
         range.end = base_offset.max(range.end);
 
+        // internet2-server patch: an ACK of the oldest unacknowledged bytes
+        // while no later ones wait (the in-order case of a bulk sender) is
+        // discarded at once, not inserted into the range set and popped
+        // from it again.
+        if range.start == base_offset && self.acks.is_empty() {
+            self.discard_prefix((range.end - range.start) as usize);
+            return;
+        }
+
         self.acks.insert(range);
 
         while self.acks.min() == Some(self.offset - self.unacked_len as u64) {
             let prefix = self.acks.pop_min().unwrap();
-            let mut to_advance = (prefix.end - prefix.start) as usize;
+            self.discard_prefix((prefix.end - prefix.start) as usize);
+        }
+    }
 
-            self.unacked_len -= to_advance;
-            while to_advance > 0 {
-                let front = self
-                    .unacked_segments
-                    .front_mut()
-                    .expect("Expected buffered data");
+    /// Drop the oldest `to_advance` unacknowledged bytes (acknowledged now).
+    fn discard_prefix(&mut self, mut to_advance: usize) {
+        self.unacked_len -= to_advance;
+        while to_advance > 0 {
+            let front = self
+                .unacked_segments
+                .front_mut()
+                .expect("Expected buffered data");
 
-                if front.len() <= to_advance {
-                    to_advance -= front.len();
-                    self.unacked_segments.pop_front();
-                    self.segment_ends.pop_front();
-                    self.front_trimmed = 0;
+            if front.len() <= to_advance {
+                to_advance -= front.len();
+                self.unacked_segments.pop_front();
+                self.segment_ends.pop_front();
+                self.front_trimmed = 0;
 
-                    if self.unacked_segments.len() * 4 < self.unacked_segments.capacity() {
-                        self.unacked_segments.shrink_to_fit();
-                        self.segment_ends.shrink_to_fit();
-                    }
-                } else {
-                    front.advance(to_advance);
-                    self.front_trimmed += to_advance;
-                    to_advance = 0;
+                if self.unacked_segments.len() * 4 < self.unacked_segments.capacity() {
+                    self.unacked_segments.shrink_to_fit();
+                    self.segment_ends.shrink_to_fit();
                 }
+            } else {
+                front.advance(to_advance);
+                self.front_trimmed += to_advance;
+                to_advance = 0;
             }
         }
     }
@@ -406,9 +418,10 @@ mod tests {
 
     // internet2-server patch test: `get` by binary search answers as the
     // published scan from the front, over segments of many lengths, acked
-    // in order, out of order and in part.
+    // in order, out of order and in part; the bytes held are exactly those
+    // from the first one not acked.
     #[test]
-    fn get_finds_the_segment_a_scan_would() {
+    fn get_and_ack_match_a_model() {
         use rand::RngExt;
         fn scan(buf: &SendBuffer, offsets: Range<u64>) -> &[u8] {
             let mut segment_offset = buf.offset - buf.unacked_len as u64;
@@ -427,16 +440,26 @@ mod tests {
         let mut rng = rand::rng();
         for _ in 0..100 {
             let mut buf = SendBuffer::new();
+            // The model: every byte written, and whether it was acked.
+            let (mut written, mut acked) = (Vec::<u8>::new(), Vec::<bool>::new());
             for _ in 0..200 {
                 if rng.random_range(0..3) == 0 && buf.offset > 0 {
-                    let a = rng.random_range(0..buf.offset);
+                    // In order from the oldest unacked byte half the time.
+                    let base = buf.offset - buf.unacked_len as u64;
+                    let a = if rng.random() { base } else { rng.random_range(0..buf.offset) };
                     let b = rng.random_range(a..=buf.offset);
                     buf.ack(a..b);
+                    acked[a as usize..b as usize].fill(true);
                 } else {
                     let len = rng.random_range(1..300);
                     let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+                    written.extend_from_slice(&data);
+                    acked.resize(written.len(), false);
                     buf.write(data.into());
                 }
+                // Held: everything from the first byte not acked.
+                let base = acked.iter().position(|a| !a).unwrap_or(acked.len());
+                assert_eq!(aggregate_unacked(&buf), &written[base..]);
                 let a = rng.random_range(0..buf.offset + 2);
                 let b = rng.random_range(a..buf.offset + 400);
                 assert_eq!(buf.get(a..b), scan(&buf, a..b), "{a}..{b}");
