@@ -650,6 +650,81 @@ fn a_cluster_forms_fails_over_and_never_forks() {
     });
 }
 
+/// A server of another CA on a member's address and name while the member
+/// is down (a cluster of its own: another root): the members refuse it at
+/// the handshake and name it in their logs, it gets none of the cluster's
+/// entries, the other two go on committing, and the member, back on its
+/// address, catches up with them.
+#[test]
+fn an_impostor_of_another_ca_on_a_members_address_is_refused() {
+    let Some(mut cluster) = Cluster::create("impostor") else {
+        return;
+    };
+    cluster.form();
+    let before = cluster
+        .enroll(0, &cluster.all(None), "before.example")
+        .unwrap();
+    cluster.members[2].kill9();
+    let dir = temp_dir("cluster-impostor-m3");
+    std::fs::copy(
+        cluster.members[2].dir.join("server.toml"),
+        dir.join("server.toml"),
+    )
+    .unwrap();
+    let impostor = Member {
+        ns: cluster.members[2].ns.clone(),
+        ip: cluster.members[2].ip.clone(),
+        dir,
+        child: None,
+        clock: None,
+    };
+    // A member of the cluster, so that its drop stops the impostor too.
+    cluster.members.push(impostor);
+    cluster.members[3].start(&["--cluster-init"]);
+
+    // Two of three commit on: the impostor does not count for the third.
+    let during = {
+        let mut index = 0;
+        wait_until(Duration::from_secs(30), Duration::from_millis(500), || {
+            index = cluster.enroll(0, &cluster.all(Some(2)), "during.example")?;
+            Ok(())
+        });
+        index
+    };
+    assert!(during > before);
+    let impostor_address = format!("[{}]", cluster.members[3].ip);
+    wait_until(Duration::from_secs(20), Duration::from_millis(500), || {
+        let named = (0..2).any(|n| {
+            cluster.members[n].log().lines().any(|line| {
+                line.contains("the peer failed its handshake") && line.contains(&impostor_address)
+            })
+        });
+        named
+            .then_some(())
+            .ok_or("no member named the impostor's failed handshake".to_owned())
+    });
+    // The impostor learnt nothing: no snapshot, no entry of the cluster.
+    let impostor_log = cluster.members[3].log();
+    assert!(
+        !impostor_log.contains("snapshot installed") && !impostor_log.contains("during.example"),
+        "the impostor received the cluster's state:\n{impostor_log}"
+    );
+
+    // The member, back on its address, catches up: every head agrees.
+    cluster.members[3].kill9();
+    cluster.members[2].start(&[]);
+    let heads = cluster.heads_at_least(during + 1);
+    let size = heads.iter().map(|h| h.0).min().unwrap();
+    for n in 0..3 {
+        cluster.consistent(n, before + 1, size);
+    }
+    let same_size: Vec<_> = heads.iter().filter(|h| h.0 == size).collect();
+    assert!(
+        same_size.windows(2).all(|w| w[0].1 == w[1].1),
+        "two members signed different roots for tree size {size}: {heads:?}"
+    );
+}
+
 /// A member's Raft id, from its data directory.
 fn node_id(member: &Member) -> u64 {
     let record: serde_json::Value =

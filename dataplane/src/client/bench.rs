@@ -127,6 +127,9 @@ struct StreamState {
 pub struct BenchConn {
     started: Instant,
     active: bool,
+    /// A handshake-only connection that is connected and waits for the
+    /// server's HANDSHAKE_DONE before it closes.
+    awaiting_confirmation: bool,
     streams: HashMap<StreamId, StreamState>,
     requests: u64,
 }
@@ -389,6 +392,7 @@ impl Service for BenchService {
         BenchConn {
             started: now,
             active,
+            awaiting_confirmation: false,
             streams: HashMap::new(),
             requests: 0,
         }
@@ -424,7 +428,12 @@ impl Service for BenchService {
                         self.start_request(st, conn);
                     }
                     if st.streams.is_empty() {
-                        self.handshake_only_done(conn, now);
+                        // Closing now would put the close in the datagram
+                        // with our Finished, and spare the server its
+                        // post-handshake flight (HANDSHAKE_DONE, session
+                        // ticket) that every other client gets: close once
+                        // that has arrived (`on_driven`).
+                        st.awaiting_confirmation = true;
                     }
                 }
             }
@@ -447,8 +456,19 @@ impl Service for BenchService {
                 if !ours && self.running(now) {
                     self.error(format!("connection lost: {}", describe(&reason)));
                 }
+                if std::mem::take(&mut st.awaiting_confirmation) && self.running(now) {
+                    // Keep the handshakes in flight: this one ends here.
+                    self.to_open += 1;
+                }
             }
             _ => {}
+        }
+    }
+
+    fn on_driven(&mut self, st: &mut BenchConn, conn: &mut Connection, now: Instant) {
+        if st.awaiting_confirmation && conn.stats().frame_rx.handshake_done > 0 {
+            st.awaiting_confirmation = false;
+            self.handshake_only_done(conn, now);
         }
     }
 

@@ -101,6 +101,7 @@ impl Peers {
             connects: Vec::new(),
             unsent: HashMap::new(),
             abandoned: Vec::new(),
+            handshake_failures: HashMap::new(),
             next_id: 0,
         };
         let worker = client_worker_with(target, 0, service, mailbox.clone())?;
@@ -174,7 +175,15 @@ struct PeerService {
     /// Streams of requests that timed out, to stop and reset.
     abandoned: Vec<(ConnectionHandle, StreamId)>,
     next_id: u64,
+    /// The last handshake failure logged for each peer: a peer that keeps
+    /// failing the same way (an impostor's certificate, a member down) is
+    /// named once, and again when the reason changes or after it connected.
+    handshake_failures: HashMap<SocketAddr, String>,
 }
+
+/// Peers whose last handshake failure is remembered (the cluster's members
+/// are a handful; past this the memory starts over).
+const HANDSHAKE_FAILURES_REMEMBERED: usize = 256;
 
 /// A connection's state: its peer address.
 pub struct PeerConn {
@@ -224,6 +233,19 @@ impl PeerService {
                 (request.on_reply)(PeerReply::NotSent(why.to_owned()));
             }
         }
+    }
+
+    /// Log that the handshake with `remote` failed, unless it was logged
+    /// for the same reason since the peer last connected.
+    fn handshake_failed(&mut self, remote: SocketAddr, why: String) {
+        if self.handshake_failures.get(&remote) == Some(&why) {
+            return;
+        }
+        tracing::warn!(peer = %remote, "the peer failed its handshake: {why}");
+        if self.handshake_failures.len() >= HANDSHAKE_FAILURES_REMEMBERED {
+            self.handshake_failures.clear();
+        }
+        self.handshake_failures.insert(remote, why);
     }
 
     /// Open a stream for each waiting request, as far as the peer allows.
@@ -369,6 +391,7 @@ impl Service for PeerService {
         };
         match event {
             Event::Connected => {
+                self.handshake_failures.remove(&st.remote);
                 if let Some(link) = self.links.get_mut(&st.remote) {
                     link.connected = true;
                     link.connecting = None;
@@ -395,6 +418,13 @@ impl Service for PeerService {
                 self.send_waiting(handle, st.remote, conn);
             }
             Event::ConnectionLost { reason } => {
+                let connected = self
+                    .links
+                    .get(&st.remote)
+                    .is_some_and(|link| link.conn_id == st.id && link.connected);
+                if !connected {
+                    self.handshake_failed(st.remote, super::rpc::describe(&reason));
+                }
                 let why = format!(
                     "the connection to the peer was lost: {}",
                     super::rpc::describe(&reason)
@@ -544,6 +574,7 @@ impl Service for PeerService {
                     .is_some_and(|since| now.duration_since(since) > CONNECT_GIVE_UP)
         });
         if late {
+            self.handshake_failed(st.remote, "no handshake in time".to_owned());
             conn.close(
                 now,
                 quinn_proto::VarInt::from_u32(super::rpc::CLOSE_DONE),

@@ -99,6 +99,10 @@ pub trait Service: Send {
         now: Instant,
         counters: &mut Counters,
     );
+    /// Called each time the worker drives a connection (a datagram, timer
+    /// or delivery reached it), after its events: for what a service
+    /// watches in the connection's state rather than in an event.
+    fn on_driven(&mut self, _state: &mut Self::Conn, _conn: &mut Connection, _now: Instant) {}
     /// The connection drained and is gone.
     fn on_close(&mut self, _state: Self::Conn, _conn: &Connection, _counters: &mut Counters) {}
     /// Called once per loop iteration.
@@ -820,6 +824,7 @@ impl<S: Service> Core<S> {
             self.service
                 .on_event(&mut c.app, &mut c.conn, event, now, &mut self.counters);
         }
+        self.service.on_driven(&mut c.app, &mut c.conn, now);
         let mut writable = true;
         loop {
             self.send_buf.clear();
