@@ -373,6 +373,22 @@ impl Cluster {
         ok(&out);
     }
 
+    /// Once every running member's tree holds `at_least` entries, the first
+    /// three members each prove tree `since` a prefix of the smallest of
+    /// those trees, and the heads of that size have one root.
+    fn heads_agree(&self, since: u64, at_least: u64) {
+        let heads = self.heads_at_least(at_least);
+        let size = heads.iter().map(|h| h.0).min().unwrap();
+        for n in 0..3 {
+            self.consistent(n, since, size);
+        }
+        let same_size: Vec<_> = heads.iter().filter(|h| h.0 == size).collect();
+        assert!(
+            same_size.windows(2).all(|w| w[0].1 == w[1].1),
+            "two members signed different roots for tree size {size}: {heads:?}"
+        );
+    }
+
     fn leader(status: &serde_json::Value) -> Option<usize> {
         let name = status["leader"].as_str()?;
         name.strip_prefix('m')?.parse::<usize>().ok().map(|n| n - 1)
@@ -498,16 +514,7 @@ fn a_cluster_forms_fails_over_and_never_forks() {
     // The killed member comes back with its data, catches up, and every
     // head agrees with every other at each size.
     cluster.members[leader].start(&[]);
-    let heads = cluster.heads_at_least(second + 1);
-    let size = heads.iter().map(|h| h.0).min().unwrap();
-    for n in 0..3 {
-        cluster.consistent(n, first + 1, size);
-    }
-    let same_size: Vec<_> = heads.iter().filter(|h| h.0 == size).collect();
-    assert!(
-        same_size.windows(2).all(|w| w[0].1 == w[1].1),
-        "two members signed different roots for tree size {size}: {heads:?}"
-    );
+    cluster.heads_agree(first + 1, second + 1);
 
     // Two more rounds of kill -9 the leader, a write the new leader
     // commits, and the killed member back: every head still agrees.
@@ -713,16 +720,7 @@ fn an_impostor_of_another_ca_on_a_members_address_is_refused() {
     // The member, back on its address, catches up: every head agrees.
     cluster.members[3].kill9();
     cluster.members[2].start(&[]);
-    let heads = cluster.heads_at_least(during + 1);
-    let size = heads.iter().map(|h| h.0).min().unwrap();
-    for n in 0..3 {
-        cluster.consistent(n, before + 1, size);
-    }
-    let same_size: Vec<_> = heads.iter().filter(|h| h.0 == size).collect();
-    assert!(
-        same_size.windows(2).all(|w| w[0].1 == w[1].1),
-        "two members signed different roots for tree size {size}: {heads:?}"
-    );
+    cluster.heads_agree(before + 1, during + 1);
 }
 
 /// A member's Raft id, from its data directory.
