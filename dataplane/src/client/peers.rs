@@ -175,15 +175,20 @@ struct PeerService {
     /// Streams of requests that timed out, to stop and reset.
     abandoned: Vec<(ConnectionHandle, StreamId)>,
     next_id: u64,
-    /// The last handshake failure logged for each peer: a peer that keeps
-    /// failing the same way (an impostor's certificate, a member down) is
-    /// named once, and again when the reason changes or after it connected.
-    handshake_failures: HashMap<SocketAddr, String>,
+    /// The last handshake failure logged for each peer, and when: a peer
+    /// that keeps failing the same way (an impostor's certificate, a member
+    /// down) is named once until it connects, and a new reason at most
+    /// once per `HANDSHAKE_FAILURE_LOG_EVERY` (a peer picks its close
+    /// reason's text).
+    handshake_failures: HashMap<SocketAddr, (String, Instant)>,
 }
 
 /// Peers whose last handshake failure is remembered (the cluster's members
 /// are a handful; past this the memory starts over).
 const HANDSHAKE_FAILURES_REMEMBERED: usize = 256;
+const HANDSHAKE_FAILURE_LOG_EVERY: Duration = Duration::from_secs(1);
+/// The most of a failure's reason a log line carries.
+const HANDSHAKE_FAILURE_REASON_MAX: usize = 200;
 
 /// A connection's state: its peer address.
 pub struct PeerConn {
@@ -237,15 +242,23 @@ impl PeerService {
 
     /// Log that the handshake with `remote` failed, unless it was logged
     /// for the same reason since the peer last connected.
-    fn handshake_failed(&mut self, remote: SocketAddr, why: String) {
-        if self.handshake_failures.get(&remote) == Some(&why) {
+    fn handshake_failed(&mut self, remote: SocketAddr, why: &str, now: Instant) {
+        // Escaped and cut: part of the reason may be the peer's own text.
+        let why: String = why
+            .chars()
+            .flat_map(char::escape_debug)
+            .take(HANDSHAKE_FAILURE_REASON_MAX)
+            .collect();
+        if let Some((last, at)) = self.handshake_failures.get(&remote)
+            && (*last == why || now.duration_since(*at) < HANDSHAKE_FAILURE_LOG_EVERY)
+        {
             return;
         }
         tracing::warn!(peer = %remote, "the peer failed its handshake: {why}");
         if self.handshake_failures.len() >= HANDSHAKE_FAILURES_REMEMBERED {
             self.handshake_failures.clear();
         }
-        self.handshake_failures.insert(remote, why);
+        self.handshake_failures.insert(remote, (why, now));
     }
 
     /// Open a stream for each waiting request, as far as the peer allows.
@@ -378,7 +391,7 @@ impl Service for PeerService {
         st: &mut PeerConn,
         conn: &mut Connection,
         event: Event,
-        _now: Instant,
+        now: Instant,
         _counters: &mut Counters,
     ) {
         let Some(handle) = self
@@ -423,7 +436,7 @@ impl Service for PeerService {
                     .get(&st.remote)
                     .is_some_and(|link| link.conn_id == st.id && link.connected);
                 if !connected {
-                    self.handshake_failed(st.remote, super::rpc::describe(&reason));
+                    self.handshake_failed(st.remote, &super::rpc::describe(&reason), now);
                 }
                 let why = format!(
                     "the connection to the peer was lost: {}",
@@ -574,7 +587,7 @@ impl Service for PeerService {
                     .is_some_and(|since| now.duration_since(since) > CONNECT_GIVE_UP)
         });
         if late {
-            self.handshake_failed(st.remote, "no handshake in time".to_owned());
+            self.handshake_failed(st.remote, "no handshake in time", now);
             conn.close(
                 now,
                 quinn_proto::VarInt::from_u32(super::rpc::CLOSE_DONE),

@@ -267,7 +267,13 @@ impl UringBackend {
         let entry = opcode::SendMsg::new(types::Fd(self.socket.as_raw_fd()), &slot.hdr)
             .build()
             .user_data(TAG_SEND | index as u64);
-        self.push(entry)
+        let pushed = self.push(entry);
+        if pushed.is_err() {
+            // Not queued: the kernel never saw the slot, which is free again
+            // (the datagram is lost, as any failed send).
+            self.free_sends.push(index);
+        }
+        pushed
     }
     /// Take over `socket` (options already set by quinn-udp's state, which
     /// also detected GSO). Fails where the kernel refuses io_uring.

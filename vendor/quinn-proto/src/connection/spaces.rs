@@ -1,6 +1,6 @@
 use std::{
     cmp,
-    collections::VecDeque,
+    collections::{BTreeMap, VecDeque},
     mem,
     ops::{Bound, Index, IndexMut, Range},
 };
@@ -310,61 +310,163 @@ pub(super) struct SentPacket {
 // allocations, about a seventh of a bulk sender's CPU. Packet numbers in a
 // space only grow, so a packet's place is its number less the first
 // number held: an insert is a push at the back, a removal leaves a hole
-// that is trimmed once it reaches the front, and range queries (ACK
+// that is trimmed once it reaches either end, and range queries (ACK
 // ranges, loss detection) walk the deque in the same ascending order the
 // tree gave. The deque spans the oldest packet still held to the newest,
 // which is what is in flight.
+//
+// A peer decides which packets stay held: one that never acknowledges an
+// old packet while it keeps the connection busy pins the front, and the
+// packets sent after it (say ACK-only ones, which the space forgets past
+// a thousand) leave holes behind them. Once holes outnumber held packets
+// by more than `SPARSE_SLACK`, the packets move to the published
+// `BTreeMap`, whose cost does not depend on the span, until none is held.
 /// Sent packets not yet acknowledged, declared lost or forgotten, by number.
-#[derive(Default)]
-pub(super) struct SentPackets {
-    /// Packet number of `packets[0]`.
-    first: u64,
-    /// `None` where a packet was taken (or its number skipped); never `None`
-    /// at either end.
-    packets: VecDeque<Option<SentPacket>>,
+pub(super) enum SentPackets {
+    Dense {
+        /// Packet number of `packets[0]`.
+        first: u64,
+        /// `None` where a packet was taken (or its number skipped); never
+        /// `None` at either end.
+        packets: VecDeque<Option<SentPacket>>,
+        /// The `Some` entries.
+        held: usize,
+    },
+    Sparse(BTreeMap<u64, SentPacket>),
+}
+
+/// Holes a dense deque may hold beyond as many as it has packets.
+const SPARSE_SLACK: usize = 256;
+
+impl Default for SentPackets {
+    fn default() -> Self {
+        Self::Dense {
+            first: 0,
+            packets: VecDeque::new(),
+            held: 0,
+        }
+    }
+}
+
+/// One of the two representations' iterators.
+pub(super) enum EitherIter<A, B> {
+    Dense(A),
+    Sparse(B),
+}
+
+impl<T, A: Iterator<Item = T>, B: Iterator<Item = T>> Iterator for EitherIter<A, B> {
+    type Item = T;
+    fn next(&mut self) -> Option<T> {
+        match self {
+            Self::Dense(a) => a.next(),
+            Self::Sparse(b) => b.next(),
+        }
+    }
 }
 
 impl SentPackets {
     /// Hold `packet` as number `number`, replacing a packet of that number.
     pub(super) fn insert(&mut self, number: u64, packet: SentPacket) -> Option<SentPacket> {
-        if self.packets.is_empty() {
-            self.first = number;
+        let Self::Dense {
+            first,
+            packets,
+            held,
+        } = self
+        else {
+            let Self::Sparse(map) = self else {
+                unreachable!()
+            };
+            return map.insert(number, packet);
+        };
+        if packets.is_empty() {
+            *first = number;
         }
-        if number < self.first {
+        let old = if number < *first {
             // Numbers only grow within a space; kept correct regardless.
-            for _ in number..self.first - 1 {
-                self.packets.push_front(None);
+            for _ in number..*first - 1 {
+                packets.push_front(None);
             }
-            self.packets.push_front(Some(packet));
-            self.first = number;
-            return None;
+            packets.push_front(Some(packet));
+            *first = number;
+            None
+        } else {
+            let index = (number - *first) as usize;
+            if index >= packets.len() {
+                packets.resize_with(index, || None);
+                packets.push_back(Some(packet));
+                None
+            } else {
+                packets[index].replace(packet)
+            }
+        };
+        if old.is_none() {
+            *held += 1;
         }
-        let index = (number - self.first) as usize;
-        if index >= self.packets.len() {
-            self.packets.resize_with(index, || None);
-            self.packets.push_back(Some(packet));
-            return None;
-        }
-        self.packets[index].replace(packet)
+        self.spread_if_sparse();
+        old
     }
 
     /// Stop holding packet `number`, and return it.
     pub(super) fn remove(&mut self, number: u64) -> Option<SentPacket> {
-        let index = usize::try_from(number.checked_sub(self.first)?).ok()?;
-        let packet = self.packets.get_mut(index)?.take()?;
-        while let Some(None) = self.packets.front() {
-            self.packets.pop_front();
-            self.first += 1;
+        let Self::Dense {
+            first,
+            packets,
+            held,
+        } = self
+        else {
+            let Self::Sparse(map) = self else {
+                unreachable!()
+            };
+            let packet = map.remove(&number);
+            if map.is_empty() {
+                *self = Self::default();
+            }
+            return packet;
+        };
+        let index = usize::try_from(number.checked_sub(*first)?).ok()?;
+        let packet = packets.get_mut(index)?.take()?;
+        *held -= 1;
+        while let Some(None) = packets.front() {
+            packets.pop_front();
+            *first += 1;
         }
-        while let Some(None) = self.packets.back() {
-            self.packets.pop_back();
+        while let Some(None) = packets.back() {
+            packets.pop_back();
         }
+        if packets.capacity() > 64 && packets.len() * 4 < packets.capacity() {
+            packets.shrink_to(packets.len() * 2);
+        }
+        self.spread_if_sparse();
         Some(packet)
     }
 
+    /// Move to the map once holes outnumber held packets by `SPARSE_SLACK`.
+    fn spread_if_sparse(&mut self) {
+        let Self::Dense { packets, held, .. } = self else {
+            return;
+        };
+        if packets.len() - *held <= *held + SPARSE_SLACK {
+            return;
+        }
+        let Self::Dense { first, packets, .. } = mem::take(self) else {
+            unreachable!()
+        };
+        *self = Self::Sparse(
+            (first..)
+                .zip(packets)
+                .filter_map(|(number, packet)| Some((number, packet?)))
+                .collect(),
+        );
+    }
+
     pub(super) fn get(&self, number: u64) -> Option<&SentPacket> {
-        let index = usize::try_from(number.checked_sub(self.first)?).ok()?;
-        self.packets.get(index)?.as_ref()
+        match self {
+            Self::Dense { first, packets, .. } => {
+                let index = usize::try_from(number.checked_sub(*first)?).ok()?;
+                packets.get(index)?.as_ref()
+            }
+            Self::Sparse(map) => map.get(&number),
+        }
     }
 
     /// The packets numbered within `range`, in ascending order.
@@ -372,37 +474,62 @@ impl SentPackets {
         &self,
         range: impl std::ops::RangeBounds<u64>,
     ) -> impl Iterator<Item = (u64, &SentPacket)> {
-        let end = self.first + self.packets.len() as u64;
-        let start = match range.start_bound() {
-            Bound::Included(&n) => n,
-            Bound::Excluded(&n) => n.saturating_add(1),
-            Bound::Unbounded => 0,
+        let (start, stop) = match self {
+            Self::Dense { first, packets, .. } => {
+                let end = first + packets.len() as u64;
+                let start = match range.start_bound() {
+                    Bound::Included(&n) => n,
+                    Bound::Excluded(&n) => n.saturating_add(1),
+                    Bound::Unbounded => 0,
+                }
+                .clamp(*first, end);
+                let stop = match range.end_bound() {
+                    Bound::Included(&n) => n.saturating_add(1),
+                    Bound::Excluded(&n) => n,
+                    Bound::Unbounded => end,
+                }
+                .clamp(start, end);
+                (start, stop)
+            }
+            Self::Sparse(_) => (0, 0),
+        };
+        match self {
+            Self::Dense { first, packets, .. } => {
+                let (from, to) = ((start - first) as usize, (stop - first) as usize);
+                EitherIter::Dense(
+                    packets
+                        .range(from..to)
+                        .zip(start..)
+                        .filter_map(|(packet, number)| Some((number, packet.as_ref()?))),
+                )
+            }
+            Self::Sparse(map) => EitherIter::Sparse(
+                map.range((range.start_bound().cloned(), range.end_bound().cloned()))
+                    .map(|(&number, packet)| (number, packet)),
+            ),
         }
-        .clamp(self.first, end);
-        let stop = match range.end_bound() {
-            Bound::Included(&n) => n.saturating_add(1),
-            Bound::Excluded(&n) => n,
-            Bound::Unbounded => end,
-        }
-        .clamp(start, end);
-        let (from, to) = ((start - self.first) as usize, (stop - self.first) as usize);
-        self.packets
-            .range(from..to)
-            .zip(start..)
-            .filter_map(|(packet, number)| Some((number, packet.as_ref()?)))
     }
 
     /// The packets in ascending order of number.
     pub(super) fn values(&self) -> impl Iterator<Item = &SentPacket> {
-        self.packets.iter().flatten()
+        match self {
+            Self::Dense { packets, .. } => EitherIter::Dense(packets.iter().flatten()),
+            Self::Sparse(map) => EitherIter::Sparse(map.values()),
+        }
     }
 
     pub(super) fn values_mut(&mut self) -> impl Iterator<Item = &mut SentPacket> {
-        self.packets.iter_mut().flatten()
+        match self {
+            Self::Dense { packets, .. } => EitherIter::Dense(packets.iter_mut().flatten()),
+            Self::Sparse(map) => EitherIter::Sparse(map.values_mut()),
+        }
     }
 
     pub(super) fn into_values(self) -> impl Iterator<Item = SentPacket> {
-        self.packets.into_iter().flatten()
+        match self {
+            Self::Dense { packets, .. } => EitherIter::Dense(packets.into_iter().flatten()),
+            Self::Sparse(map) => EitherIter::Sparse(map.into_values()),
+        }
     }
 }
 
@@ -1111,16 +1238,70 @@ mod test {
                     .values()
                     .map(|p| p.size as u64)
                     .eq(model.values().copied()));
-                // Held from the oldest to the newest packet, no further.
-                match (model.keys().next(), model.keys().next_back()) {
-                    (Some(&lo), Some(&hi)) => {
-                        assert_eq!(packets.first, lo);
-                        assert_eq!(packets.packets.len() as u64, hi - lo + 1);
-                    }
-                    _ => assert!(packets.packets.is_empty()),
-                }
+                held_within_bounds(&packets, &model);
             }
         }
+    }
+
+    /// Dense: held from the oldest to the newest packet, no further, and
+    /// no more holes than packets plus the slack; sparse only while holes
+    /// would outnumber them so; dense again once nothing is held.
+    fn held_within_bounds(packets: &SentPackets, model: &std::collections::BTreeMap<u64, u64>) {
+        match packets {
+            SentPackets::Dense {
+                first,
+                packets,
+                held,
+            } => {
+                assert_eq!(*held, model.len());
+                match (model.keys().next(), model.keys().next_back()) {
+                    (Some(&lo), Some(&hi)) => {
+                        assert_eq!(*first, lo);
+                        assert_eq!(packets.len() as u64, hi - lo + 1);
+                    }
+                    _ => assert!(packets.is_empty()),
+                }
+                assert!(packets.len() - held <= held + SPARSE_SLACK);
+            }
+            SentPackets::Sparse(map) => {
+                assert!(!map.is_empty(), "an empty sparse set");
+                assert_eq!(map.len(), model.len());
+            }
+        }
+    }
+
+    // internet2-server patch test: a peer that never acknowledges one old
+    // packet while the space goes on sending (and forgetting) others pins
+    // the front of the deque; the packets move to a map rather than the
+    // deque growing with every packet sent, answer the same there, and
+    // come back to the deque once none is held.
+    #[test]
+    fn a_pinned_oldest_packet_does_not_grow_the_deque_with_every_packet_sent() {
+        use std::collections::BTreeMap;
+        let mut packets = SentPackets::default();
+        let mut model = BTreeMap::new();
+        packets.insert(0, sent(0));
+        model.insert(0, 0);
+        for n in 1..20_000u64 {
+            packets.insert(n, sent(n));
+            model.insert(n, n);
+            // Keep a tail of ten after the pinned packet, as the space's
+            // forgetting of unacknowledged ACK-only packets does.
+            if n > 10 {
+                assert!(packets.remove(n - 10).is_some());
+                model.remove(&(n - 10));
+            }
+            held_within_bounds(&packets, &model);
+        }
+        assert!(matches!(packets, SentPackets::Sparse(_)));
+        let got: Vec<u64> = packets.range(5..).map(|(n, _)| n).collect();
+        let want: Vec<u64> = model.range(5..).map(|(&n, _)| n).collect();
+        assert_eq!(got, want);
+        assert_eq!(packets[19_999].size as u64, 19_999 % 65_536);
+        for n in model.keys().copied().collect::<Vec<_>>() {
+            assert!(packets.remove(n).is_some());
+        }
+        assert!(matches!(&packets, SentPackets::Dense { packets, .. } if packets.is_empty()));
     }
 
     #[test]
