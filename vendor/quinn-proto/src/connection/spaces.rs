@@ -433,7 +433,9 @@ impl SentPackets {
         while let Some(None) = packets.back() {
             packets.pop_back();
         }
-        if packets.capacity() > 64 && packets.len() * 4 < packets.capacity() {
+        // Give back what a burst grew: a held connection keeps a packet or
+        // two between keep-alives, and a map of them took one node.
+        if packets.len() * 4 < packets.capacity() {
             packets.shrink_to(packets.len() * 2);
         }
         self.spread_if_sparse();
