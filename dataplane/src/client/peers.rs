@@ -240,8 +240,9 @@ impl PeerService {
         }
     }
 
-    /// Log that the handshake with `remote` failed, unless it was logged
-    /// for the same reason since the peer last connected.
+    /// Log that the handshake with `remote` failed: not again for the same
+    /// reason until the peer connected, nor for another within
+    /// `HANDSHAKE_FAILURE_LOG_EVERY` of the last line.
     fn handshake_failed(&mut self, remote: SocketAddr, why: &str, now: Instant) {
         // Escaped and cut: part of the reason may be the peer's own text.
         let why: String = why

@@ -75,6 +75,7 @@ pub struct SendHeader {
 }
 
 impl SendHeader {
+    /// The transmit of `contents` to this header's destination.
     pub fn with<'a>(&self, contents: &'a [u8]) -> SendDatagram<'a> {
         SendDatagram {
             destination: self.destination,

@@ -367,98 +367,99 @@ impl<T, A: Iterator<Item = T>, B: Iterator<Item = T>> Iterator for EitherIter<A,
 impl SentPackets {
     /// Hold `packet` as number `number`, replacing a packet of that number.
     pub(super) fn insert(&mut self, number: u64, packet: SentPacket) -> Option<SentPacket> {
-        let Self::Dense {
-            first,
-            packets,
-            held,
-        } = self
-        else {
-            let Self::Sparse(map) = self else {
-                unreachable!()
-            };
-            return map.insert(number, packet);
-        };
-        if packets.is_empty() {
-            *first = number;
-        }
-        let old = if number < *first {
-            // Numbers only grow within a space; kept correct regardless.
-            for _ in number..*first - 1 {
-                packets.push_front(None);
-            }
-            packets.push_front(Some(packet));
-            *first = number;
-            None
-        } else {
-            let index = (number - *first) as usize;
-            if index >= packets.len() {
-                packets.resize_with(index, || None);
-                packets.push_back(Some(packet));
-                None
-            } else {
-                packets[index].replace(packet)
+        let old = match self {
+            Self::Sparse(map) => return map.insert(number, packet),
+            Self::Dense {
+                first,
+                packets,
+                held,
+            } => {
+                if packets.is_empty() {
+                    *first = number;
+                }
+                let Some(index) = number.checked_sub(*first) else {
+                    // Numbers only grow within a space; kept correct
+                    // regardless, in the map.
+                    self.spread();
+                    return self.insert(number, packet);
+                };
+                let index = index as usize;
+                let old = if index >= packets.len() {
+                    packets.resize_with(index, || None);
+                    packets.push_back(Some(packet));
+                    None
+                } else {
+                    packets[index].replace(packet)
+                };
+                if old.is_none() {
+                    *held += 1;
+                }
+                old
             }
         };
-        if old.is_none() {
-            *held += 1;
-        }
         self.spread_if_sparse();
         old
     }
 
     /// Stop holding packet `number`, and return it.
     pub(super) fn remove(&mut self, number: u64) -> Option<SentPacket> {
-        let Self::Dense {
-            first,
-            packets,
-            held,
-        } = self
-        else {
-            let Self::Sparse(map) = self else {
-                unreachable!()
-            };
-            let packet = map.remove(&number);
-            if map.is_empty() {
-                *self = Self::default();
+        let packet = match self {
+            Self::Sparse(map) => {
+                let packet = map.remove(&number);
+                if map.is_empty() {
+                    *self = Self::default();
+                }
+                return packet;
             }
-            return packet;
+            Self::Dense {
+                first,
+                packets,
+                held,
+            } => {
+                let index = usize::try_from(number.checked_sub(*first)?).ok()?;
+                let packet = packets.get_mut(index)?.take()?;
+                *held -= 1;
+                while let Some(None) = packets.front() {
+                    packets.pop_front();
+                    *first += 1;
+                }
+                while let Some(None) = packets.back() {
+                    packets.pop_back();
+                }
+                // Give back what a burst grew: a held connection keeps a
+                // packet or two between keep-alives, and a map of them took
+                // one node.
+                if packets.len() * 4 < packets.capacity() {
+                    packets.shrink_to(packets.len() * 2);
+                }
+                packet
+            }
         };
-        let index = usize::try_from(number.checked_sub(*first)?).ok()?;
-        let packet = packets.get_mut(index)?.take()?;
-        *held -= 1;
-        while let Some(None) = packets.front() {
-            packets.pop_front();
-            *first += 1;
-        }
-        while let Some(None) = packets.back() {
-            packets.pop_back();
-        }
-        // Give back what a burst grew: a held connection keeps a packet or
-        // two between keep-alives, and a map of them took one node.
-        if packets.len() * 4 < packets.capacity() {
-            packets.shrink_to(packets.len() * 2);
-        }
         self.spread_if_sparse();
         Some(packet)
     }
 
     /// Move to the map once holes outnumber held packets by `SPARSE_SLACK`.
     fn spread_if_sparse(&mut self) {
-        let Self::Dense { packets, held, .. } = self else {
-            return;
+        let sparse = match self {
+            Self::Dense { packets, held, .. } => packets.len() - *held > *held + SPARSE_SLACK,
+            Self::Sparse(_) => false,
         };
-        if packets.len() - *held <= *held + SPARSE_SLACK {
-            return;
+        if sparse {
+            self.spread();
         }
-        let Self::Dense { first, packets, .. } = mem::take(self) else {
-            unreachable!()
-        };
-        *self = Self::Sparse(
-            (first..)
-                .zip(packets)
-                .filter_map(|(number, packet)| Some((number, packet?)))
-                .collect(),
-        );
+    }
+
+    /// Move the packets to the map.
+    fn spread(&mut self) {
+        if let Self::Dense { first, packets, .. } = mem::take(self) {
+            *self = Self::Sparse(
+                (first..)
+                    .zip(packets)
+                    .filter_map(|(number, packet)| Some((number, packet?)))
+                    .collect(),
+            );
+        }
     }
 
     pub(super) fn get(&self, number: u64) -> Option<&SentPacket> {
@@ -476,7 +477,7 @@ impl SentPackets {
         &self,
         range: impl std::ops::RangeBounds<u64>,
     ) -> impl Iterator<Item = (u64, &SentPacket)> {
-        let (start, stop) = match self {
+        match self {
             Self::Dense { first, packets, .. } => {
                 let end = first + packets.len() as u64;
                 let start = match range.start_bound() {
@@ -491,12 +492,6 @@ impl SentPackets {
                     Bound::Unbounded => end,
                 }
                 .clamp(start, end);
-                (start, stop)
-            }
-            Self::Sparse(_) => (0, 0),
-        };
-        match self {
-            Self::Dense { first, packets, .. } => {
                 let (from, to) = ((start - first) as usize, (stop - first) as usize);
                 EitherIter::Dense(
                     packets
