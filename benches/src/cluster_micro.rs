@@ -42,6 +42,13 @@ struct Args {
     /// Scratch directory (removed at the end).
     #[arg(long, default_value = "/tmp/i2-cluster-micro")]
     dir: PathBuf,
+    /// Also report the single node's rate over each window of this many
+    /// issuances (the cost curve as the store grows); 0: none.
+    #[arg(long, default_value_t = 0)]
+    window: u64,
+    /// Run the single node alone (no cluster side).
+    #[arg(long)]
+    single_only: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -89,6 +96,8 @@ fn report(latency: &Histogram<u64>, elapsed: Duration) -> Value {
 fn single(args: &Args, dir: &Path) -> anyhow::Result<Value> {
     let mut machine = open_machine(dir)?;
     let mut latency = Histogram::<u64>::new(3)?;
+    let mut windows = Vec::new();
+    let mut window = (Histogram::<u64>::new(3)?, Instant::now());
     let started = Instant::now();
     let mut i = 0;
     while i < args.requests {
@@ -106,9 +115,21 @@ fn single(args: &Args, dir: &Path) -> anyhow::Result<Value> {
         let us = group_start.elapsed().as_micros() as u64;
         for _ in 0..group {
             latency.record(us.max(1))?;
+            window.0.record(us.max(1))?;
+        }
+        if args.window > 0 && window.0.len() >= args.window {
+            let mut row = report(&window.0, window.1.elapsed());
+            row["store_after"] = json!(i);
+            eprintln!("cluster-micro: single, window to {i}: {row}");
+            windows.push(row);
+            window = (Histogram::<u64>::new(3)?, Instant::now());
         }
     }
-    Ok(report(&latency, started.elapsed()))
+    let mut out = report(&latency, started.elapsed());
+    if args.window > 0 {
+        out["windows"] = json!(windows);
+    }
+    Ok(out)
 }
 
 /// Three members in one process; `concurrency` tasks propose through the
@@ -205,6 +226,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let mut sides: [(&str, Vec<Value>); 2] = [("single", Vec::new()), ("cluster", Vec::new())];
     for r in 0..args.runs {
         for (name, reports) in &mut sides {
+            if args.single_only && *name != "single" {
+                continue;
+            }
             let dir = args.dir.join(format!("{name}-{r}"));
             eprintln!("cluster-micro: {name}, run {}/{}", r + 1, args.runs);
             let report = match *name {

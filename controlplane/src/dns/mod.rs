@@ -23,7 +23,7 @@ pub mod store;
 mod zone;
 
 pub use name::{NameError, check_apex, check_relative, qualify};
-pub use zone::{RecordError, RecordSet, Tlsa, Zone, ZoneChange};
+pub use zone::{Published, RecordError, RecordSet, Tlsa, Zone, ZoneChange};
 
 use std::net::Ipv6Addr;
 

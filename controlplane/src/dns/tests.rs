@@ -3,7 +3,9 @@
 use super::*;
 use crate::test_support::TempDir;
 use redb::Database;
+use std::collections::BTreeSet;
 use std::sync::Arc;
+use zone::RECENT_CHANGES;
 
 const APEX: &str = "internet2.test.";
 
@@ -299,4 +301,69 @@ fn bad_configurations_are_refused() {
             "{what}"
         );
     }
+}
+
+/// A publisher learns which names changed since it last published, and
+/// is told it does not know when its zone was loaded again or when it is
+/// further behind than the zone remembers.
+#[test]
+fn a_publisher_learns_which_names_changed() {
+    let tmp = TempDir::new("zone-changed-since");
+    let db = open_db(&tmp);
+    let mut zone = Zone::open(&db, &config()).unwrap();
+    let start = zone.published();
+    assert_eq!(zone.changed_since(start), Some(BTreeSet::new()));
+    let change = |zone: &Zone, edits: Vec<(&str, Option<RecordSet>)>| {
+        zone.plan(edits.into_iter().map(|(n, r)| (n.to_owned(), r)).collect())
+            .unwrap()
+            .unwrap()
+    };
+    let c = change(
+        &zone,
+        vec![
+            ("a.internet2.test.", Some(set(&["2001:db8::a"], &[], None))),
+            ("b.internet2.test.", Some(set(&[], &[(443, 2)], None))),
+        ],
+    );
+    commit(&db, &mut zone, c);
+    let after_first = zone.published();
+    let c = change(&zone, vec![("a.internet2.test.", None)]);
+    commit(&db, &mut zone, c);
+    fn names(set: Option<BTreeSet<&str>>) -> Option<String> {
+        set.map(|s| s.into_iter().collect::<Vec<_>>().join(" "))
+    }
+    assert_eq!(
+        names(zone.changed_since(start)),
+        Some("a.internet2.test. b.internet2.test.".into())
+    );
+    assert_eq!(
+        names(zone.changed_since(after_first)),
+        Some("a.internet2.test.".into())
+    );
+    // Further behind than the zone remembers.
+    for i in 0..RECENT_CHANGES {
+        let address = format!("2001:db8::{:x}", i + 1);
+        let c = change(
+            &zone,
+            vec![("c.internet2.test.", Some(set(&[&address], &[], None)))],
+        );
+        commit(&db, &mut zone, c);
+    }
+    assert_eq!(zone.changed_since(start), None);
+    assert_eq!(zone.changed_since(after_first), None);
+    let recent = Published {
+        generation: zone.generation() - RECENT_CHANGES as u64,
+        ..zone.published()
+    };
+    assert_eq!(
+        names(zone.changed_since(recent)),
+        Some("c.internet2.test.".into())
+    );
+    // The same store loaded again is another zone in memory.
+    let now = zone.published();
+    drop(zone);
+    let zone = Zone::open(&db, &config()).unwrap();
+    assert_eq!(zone.generation(), now.generation);
+    assert_eq!(zone.changed_since(now), None);
+    assert_eq!(zone.changed_since(zone.published()), Some(BTreeSet::new()));
 }

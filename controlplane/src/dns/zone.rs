@@ -7,8 +7,9 @@ use super::{
     ZoneSnapshot, store,
 };
 use redb::{Database, WriteTransaction};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::Ipv6Addr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A TLSA `3 1 1` record of a name: `_PORT._udp.NAME` pins this key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -189,6 +190,27 @@ pub struct Zone {
     records: BTreeMap<String, RecordSet>,
     /// How many changes the zone has seen, durable (`dns_meta`).
     changes: u64,
+    /// Which zone in memory this is: a zone loaded again (a restored
+    /// snapshot) has another, so what was published from the one before
+    /// is not taken for its past.
+    instance: u64,
+    /// The names each of the latest changes edited (the change counter
+    /// after it, the names), oldest first, at most [`RECENT_CHANGES`]: what
+    /// a publisher that is a few changes behind redoes
+    /// ([`Self::changed_since`]).
+    recent: VecDeque<(u64, Vec<String>)>,
+}
+
+/// How many changes [`Zone::changed_since`] can look back over; a
+/// publisher further behind rebuilds the whole zone.
+pub(crate) const RECENT_CHANGES: usize = 256;
+
+/// Where a zone's publisher stands: the zone in memory it published
+/// ([`Zone::instance`]) and that zone's change counter then.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Published {
+    pub instance: u64,
+    pub generation: u64,
 }
 
 impl std::fmt::Debug for Zone {
@@ -220,12 +242,48 @@ impl Zone {
             return Err(bad("server port", "0 is not a port".into()));
         }
         let (records, changes) = store::load(db, &config.apex)?;
+        static INSTANCES: AtomicU64 = AtomicU64::new(1);
         Ok(Self {
             apex: config.apex.clone(),
             server_name,
             records,
             changes,
+            instance: INSTANCES.fetch_add(1, Ordering::Relaxed),
+            recent: VecDeque::new(),
         })
+    }
+
+    /// Where a publisher of this zone as it is now stands.
+    pub fn published(&self) -> Published {
+        Published {
+            instance: self.instance,
+            generation: self.changes,
+        }
+    }
+
+    /// The names changed since `published` (each once): added, replaced
+    /// or removed. `None` when they are not known: `published` is of
+    /// another zone in memory, or more than [`RECENT_CHANGES`] changes
+    /// old; the publisher then publishes the whole zone.
+    pub fn changed_since(&self, published: Published) -> Option<BTreeSet<&str>> {
+        if published.instance != self.instance || published.generation > self.changes {
+            return None;
+        }
+        if published.generation == self.changes {
+            return Some(BTreeSet::new());
+        }
+        // The change right after `published` must still be held.
+        let (oldest, _) = self.recent.front()?;
+        if *oldest > published.generation + 1 {
+            return None;
+        }
+        Some(
+            self.recent
+                .iter()
+                .filter(|(after, _)| *after > published.generation)
+                .flat_map(|(_, names)| names.iter().map(String::as_str))
+                .collect(),
+        )
     }
 
     pub fn apex(&self) -> &str {
@@ -320,13 +378,19 @@ impl Zone {
             self.changes + 1,
             "a zone change applied out of order"
         );
+        let mut names = Vec::with_capacity(change.edits.len());
         for (name, records) in change.edits {
             match records {
-                Some(records) => self.records.insert(name, records),
+                Some(records) => self.records.insert(name.clone(), records),
                 None => self.records.remove(&name),
             };
+            names.push(name);
         }
         self.changes = change.changes;
+        if self.recent.len() == RECENT_CHANGES {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((self.changes, names));
     }
 
     /// Edits that replace the pins of the names in `cert_names` (a
@@ -380,12 +444,26 @@ impl Zone {
             names: self
                 .records
                 .iter()
-                .map(|(name, r)| NameRecords {
-                    name: name.clone(),
-                    aaaa: r.aaaa.clone(),
-                    tlsa: r.tlsa.iter().map(|t| (t.port, t.spki_sha256)).collect(),
-                })
+                .map(|(name, r)| published_records(name, r))
                 .collect(),
         }
+    }
+
+    /// `name`'s records as the workers answer them; `None` for a name the
+    /// zone does not hold.
+    pub fn published_name(&self, name: &str) -> Option<NameRecords> {
+        self.records.get(name).map(|r| published_records(name, r))
+    }
+}
+
+fn published_records(name: &str, records: &RecordSet) -> NameRecords {
+    NameRecords {
+        name: name.to_owned(),
+        aaaa: records.aaaa.clone(),
+        tlsa: records
+            .tlsa
+            .iter()
+            .map(|t| (t.port, t.spki_sha256))
+            .collect(),
     }
 }

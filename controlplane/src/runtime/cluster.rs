@@ -18,7 +18,7 @@
 
 use super::admission::{AdmissionRuntime, AdmissionSettings, Blocklists};
 use super::{
-    AuthorityStartError, NODE_KEY_FILE, OPERATOR_FILE, dataplane_zone, is_operator, operator_of,
+    AuthorityStartError, NODE_KEY_FILE, OPERATOR_FILE, ZonePublisher, is_operator, operator_of,
     trust_snapshot,
 };
 use crate::authority::api;
@@ -149,10 +149,9 @@ struct Inner {
     port: Arc<ControlPort>,
     trust: Arc<TrustStore>,
     published_generation: Cell<u64>,
-    /// The published zone, with the zone generation and the members' names
-    /// it was built from (the apex answers for the members).
-    zone: Option<(Arc<ZoneStore>, RefCell<ZoneSource>)>,
-    zone_primary: String,
+    /// The zone the workers answer from (the apex answers for the
+    /// members).
+    zone: Option<RefCell<ZonePublisher>>,
     /// Answers of finished tasks, sent once what they changed is
     /// published.
     outbox: RefCell<Vec<(usize, Reply)>>,
@@ -259,14 +258,17 @@ impl MemberRuntime {
             ClusterAuthority::new(service.clone(), raft.clone()).forwarding(peers.clone(), recent);
         let material = service.borrow().trust();
         let trust = TrustStore::new(trust_snapshot(&material)?);
-        let mut zone_primary = String::new();
         let zone = match &zone_config {
             Some(zone) => {
-                zone_primary = zone.server_name.clone();
-                let snapshot = service.borrow().zone();
-                let members = apex_members(&raft);
-                let store = ZoneStore::new(dataplane_zone(&snapshot, &zone_primary, &members)?);
-                Some((store, RefCell::new((snapshot.generation, members))))
+                let service = service.borrow();
+                let opened = service.machine().zone().ok_or_else(|| {
+                    AuthorityStartError::Zone("the store opened without its zone".into())
+                })?;
+                Some(RefCell::new(ZonePublisher::start(
+                    opened,
+                    zone.server_name.clone(),
+                    apex_members(&raft),
+                )?))
             }
             None => None,
         };
@@ -285,7 +287,6 @@ impl MemberRuntime {
             trust,
             published_generation: Cell::new(material.generation),
             zone,
-            zone_primary,
             outbox: RefCell::default(),
             wake: control.notifier(),
             ticking: Cell::new(false),
@@ -324,7 +325,10 @@ impl MemberRuntime {
         let published = Published {
             trust: inner.trust.clone(),
             certificates,
-            zone: inner.zone.as_ref().map(|(store, _)| store.clone()),
+            zone: inner
+                .zone
+                .as_ref()
+                .map(|publisher| publisher.borrow().store()),
             gate,
         };
         // This member's own records in the zone, and (on the first member)
@@ -857,22 +861,12 @@ impl Inner {
                 Err(e) => tracing::error!(error = %e, "could not build a trust snapshot"),
             }
         }
-        if let Some((store, published)) = &self.zone {
-            let members = apex_members(&self.raft);
-            let changed = {
-                let (generation, named) = &*published.borrow();
-                service.zone_generation() != *generation || members != *named
-            };
-            if changed {
-                let snapshot = service.zone();
-                match dataplane_zone(&snapshot, &self.zone_primary, &members) {
-                    Ok(zone) => {
-                        store.swap(zone);
-                        *published.borrow_mut() = (snapshot.generation, members);
-                    }
-                    Err(e) => tracing::error!(error = %e, "could not build the zone snapshot"),
-                }
-            }
+        if let (Some(publisher), Some(zone)) = (&self.zone, service.machine().zone())
+            && let Err(e) = publisher
+                .borrow_mut()
+                .publish(zone, &apex_members(&self.raft))
+        {
+            tracing::error!(error = %e, "could not publish the zone; the workers keep the one before");
         }
         self.admission.borrow_mut().publish(service.machine());
     }
@@ -1591,10 +1585,6 @@ impl Inner {
         (code, format!("{message} ({why})"))
     }
 }
-
-/// What a published zone was built from: the zone's generation and the
-/// members.
-type ZoneSource = (u64, super::ApexMembers);
 
 /// The members (voters and learners) in id order, with the address each
 /// serves on: the cluster's name (the apex) answers with them.

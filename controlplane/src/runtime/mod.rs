@@ -17,7 +17,7 @@ use crate::authority::ca::Usage;
 use crate::authority::service::{
     AuthorityService, Caller, ServerCertificate, ServiceConfig, TrustMaterial,
 };
-use crate::dns::ZoneSnapshot;
+use crate::dns::{NameRecords, Published, Zone as DnsZone, ZoneSnapshot};
 use dataplane::control::{ControlPort, Reply};
 use dataplane::protocols::doq::{PublishedName, Zone, ZoneStore};
 use dataplane::trust::{CertificateStore, TrustSnapshot, TrustStore};
@@ -80,9 +80,7 @@ pub struct AuthorityRuntime {
     operator_path: PathBuf,
     next_operator_check: Instant,
     /// The zone the `doq` workers (and the legacy gateway) answer from.
-    zone: Option<(Arc<ZoneStore>, u64)>,
-    /// The server's own name in the zone (SOA primary, NS).
-    zone_primary: String,
+    zone: Option<ZonePublisher>,
     /// Four-proof admission: state, beacon, isolation.
     admission: self::admission::AdmissionRuntime,
     /// Forwarded requests waiting, per caller.
@@ -143,19 +141,18 @@ impl AuthorityRuntime {
         let mut service = AuthorityService::open(data_dir, config, now)?;
         // The server publishes itself (its addresses and its key's pin,
         // stable across rotations) before anyone can ask.
-        let mut zone_primary = String::new();
         let zone = match &zone_config {
             Some(zone) => {
                 let pin = service.server_spki_sha256()?;
                 service.register_server(zone, pin, now)?;
-                zone_primary = zone.server_name.clone();
-                let snapshot = service.zone();
-                let store = ZoneStore::new(dataplane_zone(
-                    &snapshot,
-                    &zone_primary,
-                    &ApexMembers::default(),
-                )?);
-                Some((store, snapshot.generation))
+                let opened = service.machine().zone().ok_or_else(|| {
+                    AuthorityStartError::Zone("the store opened without its zone".into())
+                })?;
+                Some(ZonePublisher::start(
+                    opened,
+                    zone.server_name.clone(),
+                    ApexMembers::default(),
+                )?)
             }
             None => None,
         };
@@ -197,13 +194,12 @@ impl AuthorityRuntime {
             operator_path,
             next_operator_check: instant + rotation,
             zone,
-            zone_primary,
         })
     }
 
     /// The zone store the workers read (None without a zone).
     pub fn zone(&self) -> Option<Arc<ZoneStore>> {
-        self.zone.as_ref().map(|(store, _)| store.clone())
+        self.zone.as_ref().map(ZonePublisher::store)
     }
 
     /// The gate the workers admit `stoq/1` connections with.
@@ -384,28 +380,13 @@ impl AuthorityRuntime {
         }
     }
 
-    /// Swap in a new zone snapshot when a record changed.
+    /// Publish the zone's changes to the workers.
     fn publish_zone(&mut self) {
-        let Some((store, published)) = &mut self.zone else {
+        let (Some(publisher), Some(zone)) = (&mut self.zone, self.service.machine().zone()) else {
             return;
         };
-        if self.service.zone_generation() == *published {
-            return;
-        }
-        let snapshot = self.service.zone();
-        match dataplane_zone(&snapshot, &self.zone_primary, &ApexMembers::default()) {
-            Ok(zone) => {
-                store.swap(zone);
-                *published = snapshot.generation;
-                tracing::info!(
-                    serial = snapshot.serial,
-                    names = snapshot.names.len(),
-                    "zone snapshot published"
-                );
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "could not build the zone snapshot; the old one stays")
-            }
+        if let Err(e) = publisher.publish(zone, &ApexMembers::default()) {
+            tracing::error!(error = %e, "could not publish the zone; the workers keep the one before");
         }
     }
 
@@ -458,7 +439,7 @@ fn send_reply(port: &ControlPort, worker: usize, mut reply: Reply) {
 /// A cluster member as the cluster's name publishes it: its id, its name
 /// in the zone and the address it serves on (from the membership).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct ApexMember {
+pub struct ApexMember {
     pub id: u64,
     pub name: String,
     pub address: std::net::SocketAddrV6,
@@ -468,66 +449,177 @@ pub(crate) struct ApexMember {
 /// the membership they come from: added to the zone's SOA serial, so the
 /// serial moves when only the membership (the apex's addresses) does.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(crate) struct ApexMembers {
+pub struct ApexMembers {
     pub membership_index: u64,
     pub members: Vec<ApexMember>,
 }
 
+/// Publishes the control plane's zone to the workers' [`ZoneStore`]:
+/// whole at start, then what changed. A publication after a change redoes
+/// only the names changed since the one before (and, in a cluster, the
+/// apex, whose records come from the members and their pins), copying
+/// only the shards they fall in ([`Zone::with_changes`]), so its cost does
+/// not grow with the zone. The whole zone is published again when what
+/// changed is not known: a zone loaded again (a restored snapshot), or
+/// more changes than the zone remembers.
+pub struct ZonePublisher {
+    store: Arc<ZoneStore>,
+    /// The server's own name in the zone (SOA primary, NS).
+    primary: String,
+    published: Published,
+    members: ApexMembers,
+}
+
+impl ZonePublisher {
+    pub fn start(
+        zone: &DnsZone,
+        primary: String,
+        members: ApexMembers,
+    ) -> Result<Self, AuthorityStartError> {
+        let store = ZoneStore::new(dataplane_zone(&zone.snapshot(), &primary, &members)?);
+        Ok(Self {
+            store,
+            primary,
+            published: zone.published(),
+            members,
+        })
+    }
+
+    pub fn store(&self) -> Arc<ZoneStore> {
+        self.store.clone()
+    }
+
+    /// Publish `zone` with `members` if either changed since the last
+    /// publication. On an error the zone the workers have stays.
+    pub fn publish(
+        &mut self,
+        zone: &DnsZone,
+        members: &ApexMembers,
+    ) -> Result<(), AuthorityStartError> {
+        let changed = zone.changed_since(self.published);
+        if changed.as_ref().is_some_and(|names| names.is_empty()) && *members == self.members {
+            return Ok(());
+        }
+        let (next, names) = match changed {
+            Some(names) => {
+                let mut changes: Vec<(String, Option<PublishedName>)> = names
+                    .into_iter()
+                    .map(|name| {
+                        let records = zone.published_name(name).map(published_name);
+                        (name.to_owned(), records)
+                    })
+                    .collect();
+                if !members.members.is_empty() || !self.members.members.is_empty() {
+                    let apex = apex_record(zone.apex(), members, |name| zone.published_name(name));
+                    changes.push((zone.apex().to_owned(), apex));
+                }
+                let serial = zone_serial(zone.serial(), members);
+                let next = self
+                    .store
+                    .load()
+                    .with_changes(serial, &changes)
+                    .map_err(|e| AuthorityStartError::Zone(e.to_string()))?;
+                (next, changes.len())
+            }
+            None => {
+                let snapshot = zone.snapshot();
+                tracing::info!(
+                    serial = snapshot.serial,
+                    names = snapshot.names.len(),
+                    "the whole zone is published again"
+                );
+                let names = snapshot.names.len();
+                (dataplane_zone(&snapshot, &self.primary, members)?, names)
+            }
+        };
+        self.store.swap(next);
+        self.published = zone.published();
+        self.members = members.clone();
+        tracing::debug!(serial = zone.serial(), names, "zone published");
+        Ok(())
+    }
+}
+
 /// The control plane's zone in the form the `doq` workers answer from. A
-/// cluster's `members` also answer for the apex, the cluster's name: the
-/// apex has every member's address (from the membership, not from
-/// records anyone could set) and `_PORT._udp.APEX` every member's pin (the
-/// one among its name's pins for its port whose key is the member's:
-/// member ids are derived from their keys).
+/// cluster's `members` also answer for the apex, the cluster's name (see
+/// [`apex_record`]).
 fn dataplane_zone(
     snapshot: &ZoneSnapshot,
     primary: &str,
     apex: &ApexMembers,
 ) -> Result<Zone, AuthorityStartError> {
-    let members = &apex.members;
-    let mut names: Vec<PublishedName> = snapshot
-        .names
-        .iter()
-        .map(|n| PublishedName {
-            name: n.name.clone(),
-            aaaa: n.aaaa.clone(),
-            tlsa: n.tlsa.clone(),
-        })
-        .collect();
-    if !members.is_empty() {
-        let mut cluster = PublishedName {
-            name: snapshot.apex.clone(),
-            aaaa: Vec::new(),
-            tlsa: Vec::new(),
-        };
-        for member in members {
-            cluster.aaaa.push(*member.address.ip());
-            let Ok(name) = crate::dns::qualify(&snapshot.apex, &member.name) else {
-                continue;
-            };
-            // The snapshot is in name order.
-            if let Ok(at) = snapshot
-                .names
-                .binary_search_by(|n| n.name.as_str().cmp(&name))
-            {
-                cluster
-                    .tlsa
-                    .extend(snapshot.names[at].tlsa.iter().filter(|(port, pin)| {
-                        *port == member.address.port()
-                            && crate::cluster::node::node_id_of_pin(pin) == member.id
-                    }));
-            }
-        }
-        cluster.aaaa.sort();
-        cluster.aaaa.dedup();
-        cluster.tlsa.sort();
-        cluster.tlsa.dedup();
-        names.push(cluster);
+    let mut names: Vec<PublishedName> =
+        snapshot.names.iter().cloned().map(published_name).collect();
+    // The snapshot is in name order.
+    let records_of = |name: &str| {
+        snapshot
+            .names
+            .binary_search_by(|n| n.name.as_str().cmp(name))
+            .ok()
+            .map(|at| snapshot.names[at].clone())
+    };
+    names.extend(apex_record(&snapshot.apex, apex, records_of));
+    Zone::from_records(
+        &snapshot.apex,
+        primary,
+        zone_serial(snapshot.serial, apex),
+        &names,
+    )
+    .map_err(|e| AuthorityStartError::Zone(e.to_string()))
+}
+
+/// The SOA serial the workers publish: the zone's plus the membership's
+/// log index. Both only grow, so their sum does (RFC 1982 arithmetic wraps
+/// it).
+fn zone_serial(serial: u32, apex: &ApexMembers) -> u32 {
+    serial.wrapping_add(apex.membership_index as u32)
+}
+
+fn published_name(records: NameRecords) -> PublishedName {
+    PublishedName {
+        name: records.name,
+        aaaa: records.aaaa,
+        tlsa: records.tlsa,
     }
-    // Both only grow, so their sum does (RFC 1982 arithmetic wraps it).
-    let serial = snapshot.serial.wrapping_add(apex.membership_index as u32);
-    Zone::from_records(&snapshot.apex, primary, serial, &names)
-        .map_err(|e| AuthorityStartError::Zone(e.to_string()))
+}
+
+/// The apex's records in a cluster (`None` outside one): every member's
+/// address (from the membership, not from records anyone could set) and,
+/// at `_PORT._udp.APEX`, every member's pin (the one among its name's pins
+/// for its port whose key is the member's: member ids are derived from
+/// their keys). `records_of` looks a name of the zone up.
+fn apex_record(
+    apex: &str,
+    members: &ApexMembers,
+    records_of: impl Fn(&str) -> Option<NameRecords>,
+) -> Option<PublishedName> {
+    if members.members.is_empty() {
+        return None;
+    }
+    let mut cluster = PublishedName {
+        name: apex.to_owned(),
+        aaaa: Vec::new(),
+        tlsa: Vec::new(),
+    };
+    for member in &members.members {
+        cluster.aaaa.push(*member.address.ip());
+        let Ok(name) = crate::dns::qualify(apex, &member.name) else {
+            continue;
+        };
+        if let Some(records) = records_of(&name) {
+            cluster
+                .tlsa
+                .extend(records.tlsa.iter().filter(|(port, pin)| {
+                    *port == member.address.port()
+                        && crate::cluster::node::node_id_of_pin(pin) == member.id
+                }));
+        }
+    }
+    cluster.aaaa.sort();
+    cluster.aaaa.dedup();
+    cluster.tlsa.sort();
+    cluster.tlsa.dedup();
+    Some(cluster)
 }
 
 fn trust_snapshot(material: &TrustMaterial) -> Result<TrustSnapshot, AuthorityStartError> {
@@ -607,5 +699,93 @@ mod tests {
         assert_eq!(after, 7 + 40);
         let single = soa_serial(&dataplane_zone(&snapshot, "m1", &ApexMembers::default()).unwrap());
         assert_eq!(single, 7, "a single node's serial is the zone's");
+    }
+
+    fn ask(zone: &Zone, name: &str, kind: RecordType) -> dataplane::protocols::doq::Answer {
+        let mut query = Message::new(0, MessageType::Query, OpCode::Query);
+        query
+            .queries
+            .push(Query::query(Name::from_ascii(name).unwrap(), kind));
+        dataplane::protocols::doq::answer(zone, &query.to_vec().unwrap())
+    }
+
+    /// A zone published change by change, members and their pins moving
+    /// too, answers every question as the whole zone built again does.
+    #[test]
+    fn a_zone_published_change_by_change_answers_as_the_whole_zone() {
+        use crate::dns::{RecordSet, Tlsa, ZoneConfig};
+        let tmp = crate::test_support::TempDir::new("zone-publisher");
+        std::fs::create_dir_all(&tmp.0).unwrap();
+        let db = redb::Database::create(tmp.0.join("zone.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        crate::dns::store::init_in(&txn).unwrap();
+        txn.commit().unwrap();
+        let apex = "internet2.test.";
+        let config = ZoneConfig {
+            apex: apex.into(),
+            server_name: "m1".into(),
+            server_addresses: Vec::new(),
+            server_port: 4433,
+        };
+        let mut zone = DnsZone::open(&db, &config).unwrap();
+        let pin = |b: u8| [b; 32];
+        let member = |n: u8| ApexMember {
+            id: crate::cluster::node::node_id_of_pin(&pin(n)),
+            name: format!("m{n}"),
+            address: format!("[fd71:7e57:0:3::{n}]:4433").parse().unwrap(),
+        };
+        let mut members = ApexMembers::default();
+        let mut publisher = ZonePublisher::start(&zone, "m1".into(), members.clone()).unwrap();
+        let mut names = std::collections::BTreeSet::from([apex.to_owned()]);
+        for step in 0..80u8 {
+            let name = format!("m{}.{apex}", step % 5);
+            let records = (step % 7 != 3).then(|| {
+                let address = format!("fd71:7e57::{step:x}").parse().unwrap();
+                let pins = vec![
+                    Tlsa {
+                        port: 4433,
+                        spki_sha256: pin(step % 5 + step / 40),
+                    },
+                    Tlsa {
+                        port: 443,
+                        spki_sha256: pin(step + 100),
+                    },
+                ];
+                RecordSet::new(vec![address], pins, None).unwrap()
+            });
+            if let Some(change) = zone.plan(vec![(name.clone(), records)]).unwrap() {
+                let txn = db.begin_write().unwrap();
+                change.write(&txn).unwrap();
+                txn.commit().unwrap();
+                zone.apply(change);
+            }
+            names.insert(name);
+            if step % 10 == 4 {
+                members = ApexMembers {
+                    membership_index: u64::from(step),
+                    members: (1..=step / 10 % 3 + 1).map(member).collect(),
+                };
+            }
+            if step == 50 {
+                members = ApexMembers::default();
+            }
+            publisher.publish(&zone, &members).unwrap();
+            let whole = dataplane_zone(&zone.snapshot(), "m1", &members).unwrap();
+            let published = publisher.store().load();
+            for name in &names {
+                for (question, kind) in [
+                    (name.clone(), RecordType::AAAA),
+                    (format!("_4433._udp.{name}"), RecordType::TLSA),
+                    (format!("_443._udp.{name}"), RecordType::TLSA),
+                    (apex.to_owned(), RecordType::SOA),
+                ] {
+                    assert_eq!(
+                        ask(&published, &question, kind),
+                        ask(&whole, &question, kind),
+                        "step {step}: {question} {kind:?}"
+                    );
+                }
+            }
+        }
     }
 }
