@@ -94,9 +94,28 @@ fn only_a_certificate_for_the_name_may_change_it_and_the_operator_all() {
         let out = server.client(&["dns", "add", bad, "--address", "fd71:7e57::81"]);
         assert!(!out.status.success(), "{bad} was accepted");
     }
+    // A name too long for its pin's name (`_443._udp.NAME`) is refused
+    // its pin with the reason, and the zone's answers keep moving.
+    let label = "a".repeat(63);
+    let long = format!("{label}.{label}.{label}.{}", "b".repeat(46));
+    let pin = "ab".repeat(32);
+    let out = server.client(&["dns", "add", &long, "--pin", &pin, "--port", "443"]);
+    assert!(
+        !out.status.success(),
+        "a pin at a {}-character name",
+        long.len() + 25
+    );
+    assert!(stderr(&out).contains("too long to pin"), "{}", stderr(&out));
     let list = server.client(&["dns", "list", "--json"]);
     let list: serde_json::Value = serde_json::from_str(ok(&list).trim()).unwrap();
     assert_eq!(list["records"].as_array().unwrap().len(), 1, "{list}");
+    ok(&server.client(&["dns", "add", "after", "--address", "fd71:7e57::82"]));
+    let resolved = server.client(&["resolve", "after.internet2.test", "--json"]);
+    let resolved: serde_json::Value = serde_json::from_str(ok(&resolved).trim()).unwrap();
+    assert_eq!(
+        resolved["addresses"],
+        serde_json::json!([format!("[fd71:7e57::82]:{}", server.port)])
+    );
 }
 
 #[test]

@@ -90,6 +90,10 @@ pub enum ZoneError {
     Config(String),
     #[error("the zone holds {MAX_NAMES} names, its limit; remove some first")]
     Full,
+    #[error(
+        "{name} is too long to pin: its pin's name `_{port}._udp.{name}` would exceed {MAX_NAME_LEN} characters"
+    )]
+    PinNameTooLong { name: String, port: u16 },
 }
 
 redb_errors_into_storage!(ZoneError);

@@ -367,3 +367,70 @@ fn a_publisher_learns_which_names_changed() {
     assert_eq!(zone.changed_since(now), None);
     assert_eq!(zone.changed_since(zone.published()), Some(BTreeSet::new()));
 }
+
+/// A pin is answered at `_PORT._udp.NAME`: a name too long for that is
+/// refused its pins (with the reason), not its addresses.
+#[test]
+fn a_name_too_long_for_its_pins_name_is_refused_its_pins() {
+    let tmp = TempDir::new("zone-pin-name");
+    let db = open_db(&tmp);
+    let zone = Zone::open(&db, &config()).unwrap();
+    // 15 chars of apex ("internet2.test."), labels of 63: 3 of them and a
+    // shorter fourth make a name of 253 characters without its dot.
+    let label = "a".repeat(63);
+    let name = format!("{label}.{label}.{label}.{}.internet2.test.", "b".repeat(46));
+    assert_eq!(name.len() - 1, 253);
+    assert_eq!(zone.qualify(&name).unwrap(), name);
+    match zone.plan(vec![(name.clone(), Some(set(&[], &[(443, 1)], None)))]) {
+        Err(ZoneError::PinNameTooLong {
+            name: refused,
+            port: 443,
+        }) => assert_eq!(refused, name),
+        other => panic!(
+            "a pin's name of {} characters was planned: {other:?}",
+            name.len() + 10
+        ),
+    }
+    assert!(
+        zone.plan(vec![(name, Some(set(&["2001:db8::1"], &[], None)))])
+            .unwrap()
+            .is_some()
+    );
+}
+
+/// The names the zone remembers for its publisher stay bounded however
+/// large its changes are: older changes are forgotten (their publisher
+/// then publishes whole) to keep at most `MAX_NAMES` names.
+#[test]
+fn the_changes_a_zone_remembers_hold_at_most_max_names_names() {
+    let tmp = TempDir::new("zone-recent-bound");
+    let db = open_db(&tmp);
+    let mut zone = Zone::open(&db, &config()).unwrap();
+    let mut published = Vec::new();
+    let per_change = 8192;
+    for round in 0..(MAX_NAMES / per_change + 2) {
+        published.push(zone.published());
+        let edits = (0..per_change)
+            .map(|i| {
+                let address = format!("2001:db8:{:x}::{:x}", round + 1, i + 1);
+                (
+                    format!("n{i}.internet2.test."),
+                    Some(set(&[&address], &[], None)),
+                )
+            })
+            .collect();
+        let change = zone.plan(edits).unwrap().unwrap();
+        commit(&db, &mut zone, change);
+    }
+    // What fits in MAX_NAMES names is still known; what is older is not.
+    let known = MAX_NAMES / per_change;
+    let rounds = published.len();
+    for (at, p) in published.iter().enumerate() {
+        let changed = zone.changed_since(*p);
+        if at + known >= rounds {
+            assert_eq!(changed.map(|c| c.len()), Some(per_change), "round {at}");
+        } else {
+            assert_eq!(changed, None, "round {at}");
+        }
+    }
+}

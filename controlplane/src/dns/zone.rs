@@ -3,8 +3,8 @@
 
 use super::name::{NameError, check_apex, check_relative, qualify};
 use super::{
-    MAX_ADDRESSES_PER_NAME, MAX_NAMES, MAX_PINS_PER_NAME, NameRecords, ZoneConfig, ZoneError,
-    ZoneSnapshot, store,
+    MAX_ADDRESSES_PER_NAME, MAX_NAME_LEN, MAX_NAMES, MAX_PINS_PER_NAME, NameRecords, ZoneConfig,
+    ZoneError, ZoneSnapshot, store,
 };
 use redb::{Database, WriteTransaction};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -195,10 +195,13 @@ pub struct Zone {
     /// is not taken for its past.
     instance: u64,
     /// The names each of the latest changes edited (the change counter
-    /// after it, the names), oldest first, at most [`RECENT_CHANGES`]: what
+    /// after it, the names), oldest first, at most [`RECENT_CHANGES`]
+    /// changes and [`MAX_NAMES`] names: what
     /// a publisher that is a few changes behind redoes
     /// ([`Self::changed_since`]).
     recent: VecDeque<(u64, Vec<String>)>,
+    /// The names `recent` holds, at most [`MAX_NAMES`].
+    recent_names: usize,
 }
 
 /// How many changes [`Zone::changed_since`] can look back over; a
@@ -250,6 +253,7 @@ impl Zone {
             changes,
             instance: INSTANCES.fetch_add(1, Ordering::Relaxed),
             recent: VecDeque::new(),
+            recent_names: 0,
         })
     }
 
@@ -350,6 +354,18 @@ impl Zone {
         if edits.is_empty() {
             return Ok(None);
         }
+        // A pin is answered at `_PORT._udp.NAME`, which must be a name too.
+        for (name, records) in &edits {
+            for tlsa in records.iter().flat_map(RecordSet::tlsa) {
+                let bare = name.strip_suffix('.').unwrap_or(name);
+                if format!("_{}._udp.{bare}", tlsa.port).len() > MAX_NAME_LEN {
+                    return Err(ZoneError::PinNameTooLong {
+                        name: name.clone(),
+                        port: tlsa.port,
+                    });
+                }
+            }
+        }
         let added = edits
             .iter()
             .filter(|(n, r)| r.is_some() && !self.records.contains_key(n))
@@ -387,9 +403,21 @@ impl Zone {
             names.push(name);
         }
         self.changes = change.changes;
-        if self.recent.len() == RECENT_CHANGES {
-            self.recent.pop_front();
+        // At most RECENT_CHANGES changes and MAX_NAMES names: a change
+        // larger than that is not remembered (nor what came before it), so
+        // its publication is whole.
+        if names.len() > MAX_NAMES {
+            self.recent.clear();
+            self.recent_names = 0;
+            return;
         }
+        while self.recent.len() == RECENT_CHANGES || self.recent_names + names.len() > MAX_NAMES {
+            let Some((_, dropped)) = self.recent.pop_front() else {
+                break;
+            };
+            self.recent_names -= dropped.len();
+        }
+        self.recent_names += names.len();
         self.recent.push_back((self.changes, names));
     }
 

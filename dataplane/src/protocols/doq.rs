@@ -82,6 +82,9 @@ pub struct Zone {
     soa: Record,
     ns: Record,
     shards: Vec<Arc<Shard>>,
+    /// Which shard a name is in: seeded per zone built whole, so no one
+    /// can choose names that all fall in one shard.
+    sharding: std::collections::hash_map::RandomState,
 }
 
 fn parse_name(name: &str) -> Result<Name, ZoneError> {
@@ -130,6 +133,8 @@ impl Zone {
     /// The zone as the control plane publishes it: apex `apex`, primary
     /// server `primary` (the SOA MNAME and the NS), SOA serial `serial`,
     /// and every name's AAAA addresses and TLSA `3 1 1` pins by UDP port.
+    /// An error is the apex's or the primary's; a name that is not a DNS
+    /// name (or whose pin's name is not) is left out and logged.
     pub fn from_records(
         apex: &str,
         primary: &str,
@@ -149,9 +154,10 @@ impl Zone {
             apex,
             // One empty shard, shared until a name lands in each.
             shards: std::iter::repeat_n(Arc::new(Shard::new()), NAME_SHARDS).collect(),
+            sharding: std::collections::hash_map::RandomState::new(),
         };
         for published in names {
-            zone.publish(published)?;
+            zone.publish(published);
         }
         Ok(zone)
     }
@@ -170,37 +176,56 @@ impl Zone {
         let mut zone = self.clone();
         zone.soa = soa_record(&zone.apex, &zone.primary, serial)?;
         for (name, records) in changes {
-            let name = parse_name(name)?;
-            if let Some(old) = zone.shard_mut(&name).remove(&name) {
+            // A name that does not parse was never published.
+            if let Ok(name) = parse_name(name)
+                && let Some(old) = zone.shard_mut(&name).remove(&name)
+            {
                 for service in &old.services {
                     zone.shard_mut(service).remove(service);
                 }
             }
             if let Some(records) = records {
-                zone.publish(records)?;
+                zone.publish(records);
             }
         }
         Ok(zone)
     }
 
     /// Add `published`'s records: its AAAA at its name, each pin at
-    /// `_PORT._udp.NAME`.
-    fn publish(&mut self, published: &PublishedName) -> Result<(), ZoneError> {
-        let name = parse_name(&published.name)?;
-        let mut services = Vec::new();
-        for (port, pin) in &published.tlsa {
-            let service = parse_name(&format!("_{port}._udp.{name}"))?;
+    /// `_PORT._udp.NAME`. A name that is not a DNS name here (the control
+    /// plane checks names, but a pin's name is longer than its name) is
+    /// left out whole and logged, so one name cannot stop every other
+    /// change from being published.
+    fn publish(&mut self, published: &PublishedName) {
+        let parsed = parse_name(&published.name).and_then(|name| {
+            let services = published
+                .tlsa
+                .iter()
+                .map(|(port, _)| parse_name(&format!("_{port}._udp.{name}")))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((name, services))
+        });
+        let (name, services) = match parsed {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                tracing::warn!(error = %e, "a name of the zone is left out of its answers");
+                return;
+            }
+        };
+        let mut made = Vec::new();
+        for ((_, pin), service) in published.tlsa.iter().zip(services) {
             let tlsa = TLSA::new(
                 CertUsage::DaneEe,
                 Selector::Spki,
                 Matching::Sha256,
                 pin.to_vec(),
             );
+            let record = Record::from_rdata(service.clone(), TTL, RData::TLSA(tlsa));
             Arc::make_mut(self.shard_mut(&service).entry(service.clone()).or_default())
                 .tlsa
-                .push(Record::from_rdata(service.clone(), TTL, RData::TLSA(tlsa)));
-            if !services.contains(&service) {
-                services.push(service);
+                .push(record);
+            if !made.contains(&service) {
+                made.push(service);
             }
         }
         let records = Arc::make_mut(self.shard_mut(&name).entry(name.clone()).or_default());
@@ -211,24 +236,21 @@ impl Zone {
                 RData::AAAA(AAAA::from(*address)),
             ));
         }
-        records.services.extend(services);
-        Ok(())
+        records.services.extend(made);
     }
 
-    fn shard_of(name: &Name) -> usize {
+    fn shard_of(&self, name: &Name) -> usize {
         use std::hash::BuildHasher;
-        // SipHash with fixed keys: the same shard for a name in every zone.
-        let hasher =
-            std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
-        (hasher.hash_one(name) % NAME_SHARDS as u64) as usize
+        (self.sharding.hash_one(name) % NAME_SHARDS as u64) as usize
     }
 
     fn shard_mut(&mut self, name: &Name) -> &mut Shard {
-        Arc::make_mut(&mut self.shards[Self::shard_of(name)])
+        let at = self.shard_of(name);
+        Arc::make_mut(&mut self.shards[at])
     }
 
     fn records(&self, name: &Name) -> Option<&NameRecords> {
-        self.shards[Self::shard_of(name)].get(name).map(|r| &**r)
+        self.shards[self.shard_of(name)].get(name).map(|r| &**r)
     }
 
     pub fn apex(&self) -> &Name {
@@ -805,6 +827,45 @@ mod tests {
             assert_eq!(zone.soa, built.soa);
         }
         assert!(names.len() > 10, "the model held {} names", names.len());
+    }
+
+    /// A name whose pin's name is not a DNS name (too long) is left out;
+    /// every other name, and every other change, is still published.
+    #[test]
+    fn a_name_that_cannot_be_answered_does_not_hold_back_the_others() {
+        let label = "a".repeat(63);
+        let long = format!("{label}.{label}.{label}.{}.internet2.test.", "b".repeat(46));
+        let name = |name: &str, pins: Vec<(u16, [u8; 32])>| PublishedName {
+            name: name.to_owned(),
+            aaaa: vec!["fd71:7e57::1".parse().unwrap()],
+            tlsa: pins,
+        };
+        let good = name("good.internet2.test.", vec![(443, [1; 32])]);
+        let zone = Zone::from_records(
+            "internet2.test",
+            "node1",
+            1,
+            &[name(&long, vec![(443, [2; 32])]), good.clone()],
+        )
+        .unwrap();
+        let names: Vec<String> = dump(&zone).into_keys().collect();
+        assert_eq!(
+            names,
+            ["_443._udp.good.internet2.test.", "good.internet2.test."]
+        );
+        let other = name("other.internet2.test.", Vec::new());
+        let changed = zone
+            .with_changes(
+                2,
+                &[
+                    (long.clone(), Some(name(&long, vec![(443, [3; 32])]))),
+                    (other.name.clone(), Some(other.clone())),
+                ],
+            )
+            .unwrap();
+        assert!(dump(&changed).contains_key("other.internet2.test."));
+        let built = Zone::from_records("internet2.test", "node1", 2, &[good, other]).unwrap();
+        assert_eq!(dump(&changed), dump(&built));
     }
 
     fn ask(name: &str, kind: RecordType, id: u16) -> Answer {
