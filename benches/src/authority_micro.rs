@@ -7,6 +7,8 @@
 //!
 //! cargo run --release -p internet2-benches --bin authority-micro -- --requests 2000
 
+mod stats;
+
 use anyhow::Context;
 use clap::Parser;
 use controlplane::authority::api;
@@ -26,10 +28,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let _ = std::fs::remove_dir_all(&args.dir);
-    let result = run(&args);
-    let _ = std::fs::remove_dir_all(&args.dir);
-    result
+    stats::in_scratch(&args.dir, || run(&args))
 }
 
 fn run(args: &Args) -> anyhow::Result<()> {

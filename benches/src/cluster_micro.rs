@@ -56,10 +56,7 @@ fn main() -> anyhow::Result<()> {
     if args.runs == 0 || args.requests == 0 || args.concurrency == 0 {
         bail!("--runs, --requests and --concurrency must be at least 1");
     }
-    let _ = std::fs::remove_dir_all(&args.dir);
-    let result = run(&args);
-    let _ = std::fs::remove_dir_all(&args.dir);
-    result
+    stats::in_scratch(&args.dir, || run(&args))
 }
 
 fn request(i: u64) -> IssueRequest {

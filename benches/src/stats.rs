@@ -1,4 +1,7 @@
-//! What the benchmark binaries share: the median of a run's values.
+//! What the benchmark binaries share: the median of a run's values, and
+//! a scratch directory for a run. Each binary compiles this module and
+//! uses what it needs of it.
+#![allow(dead_code)]
 
 /// The median (the mean of the middle two for an even count); `None` for
 /// no values.
@@ -9,4 +12,15 @@ pub fn median(xs: &mut [f64]) -> Option<f64> {
         n if n % 2 == 1 => Some(xs[n / 2]),
         n => Some((xs[n / 2 - 1] + xs[n / 2]) / 2.0),
     }
+}
+
+/// `run` with `dir` empty before it and gone after it, whatever it returns.
+pub fn in_scratch<T>(
+    dir: &std::path::Path,
+    run: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let _ = std::fs::remove_dir_all(dir);
+    let result = run();
+    let _ = std::fs::remove_dir_all(dir);
+    result
 }

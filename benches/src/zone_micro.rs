@@ -59,10 +59,7 @@ fn records(i: usize) -> RecordSet {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let _ = std::fs::remove_dir_all(&args.dir);
-    let result = run(&args);
-    let _ = std::fs::remove_dir_all(&args.dir);
-    result
+    stats::in_scratch(&args.dir, || run(&args))
 }
 
 fn run(args: &Args) -> anyhow::Result<()> {
