@@ -322,7 +322,9 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
 fn zone_error(e: ZoneError) -> ServiceError {
     match e {
         ZoneError::Full => ServiceError::new(api::ZONE_FULL, e.to_string()),
-        ZoneError::PinNameTooLong { .. } => ServiceError::malformed(e.to_string()),
+        ZoneError::PinNameTooLong { .. } | ZoneError::NotAName(_) => {
+            ServiceError::malformed(e.to_string())
+        }
         other => internal(other),
     }
 }

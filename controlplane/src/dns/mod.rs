@@ -94,6 +94,8 @@ pub enum ZoneError {
         "{name} is too long to pin: its pin's name `_{port}._udp.{name}` would exceed {MAX_NAME_LEN} characters"
     )]
     PinNameTooLong { name: String, port: u16 },
+    #[error("a zone change is refused: {0}")]
+    NotAName(String),
 }
 
 redb_errors_into_storage!(ZoneError);

@@ -354,8 +354,33 @@ impl Zone {
         if edits.is_empty() {
             return Ok(None);
         }
-        // A pin is answered at `_PORT._udp.NAME`, which must be a name too.
-        for (name, records) in &edits {
+        let change = ZoneChange {
+            edits,
+            changes: self.changes + 1,
+        };
+        self.check(&change)?;
+        Ok(Some(change))
+    }
+
+    /// Check `change` as [`Self::plan`] makes changes, for one that was
+    /// not planned here (read back from the cluster's log): each name is a
+    /// name of this zone as [`Self::qualify`] writes it, and edited once;
+    /// each pin's name (`_PORT._udp.NAME`) is a name too; the zone stays
+    /// within [`MAX_NAMES`].
+    pub fn check(&self, change: &ZoneChange) -> Result<(), ZoneError> {
+        let mut seen = BTreeSet::new();
+        for (name, records) in &change.edits {
+            if self.qualify(name).ok().as_deref() != Some(name.as_str()) {
+                return Err(ZoneError::NotAName(format!(
+                    "{name:?} is not a name of the zone {}",
+                    self.apex
+                )));
+            }
+            if !seen.insert(name.as_str()) {
+                return Err(ZoneError::NotAName(format!("{name} is edited twice")));
+            }
+            // A pin is answered at `_PORT._udp.NAME`, which must be a name
+            // too.
             for tlsa in records.iter().flat_map(RecordSet::tlsa) {
                 let bare = name.strip_suffix('.').unwrap_or(name);
                 if format!("_{}._udp.{bare}", tlsa.port).len() > MAX_NAME_LEN {
@@ -366,18 +391,20 @@ impl Zone {
                 }
             }
         }
-        let added = edits
+        let added = change
+            .edits
             .iter()
             .filter(|(n, r)| r.is_some() && !self.records.contains_key(n))
             .count();
-        let removed = edits.iter().filter(|(_, r)| r.is_none()).count();
+        let removed = change
+            .edits
+            .iter()
+            .filter(|(n, r)| r.is_none() && self.records.contains_key(n))
+            .count();
         if self.records.len() + added - removed > MAX_NAMES {
             return Err(ZoneError::Full);
         }
-        Ok(Some(ZoneChange {
-            edits,
-            changes: self.changes + 1,
-        }))
+        Ok(())
     }
 
     /// Whether `change` was planned on the zone as it is now (nothing was

@@ -448,6 +448,11 @@ impl Machine {
                 "the zone changed since this change was planned".into(),
             ));
         }
+        // A change from the cluster's log is checked as one planned here.
+        zone.check(change).map_err(|source| AuthorityError::Zone {
+            path: self.authority.store_path().to_owned(),
+            source,
+        })?;
         change.write(txn).map_err(|source| AuthorityError::Store {
             path: self.authority.store_path().to_owned(),
             source,

@@ -362,3 +362,63 @@ mod group_support {
         .unwrap()
     }
 }
+
+/// A zone change read back from the cluster's log is checked as one
+/// planned on this node: a name that is not one of the zone's (as
+/// `qualify` writes it), a pin name that collides with a name's
+/// `_PORT._udp` answers, or a name edited twice is refused, and nothing
+/// of it is applied.
+#[test]
+fn a_zone_change_from_the_log_is_checked_as_a_planned_one() {
+    use crate::authority::ca::KeyAlgorithm;
+    use crate::authority::ct::LogKeyAlgorithm;
+    use crate::dns::{RecordSet, ZoneChange, ZoneConfig, ZoneError};
+    use crate::machine::AuthorityError;
+    use crate::machine::{Command, Machine};
+    let dir = crate::test_support::TempDir::new("machine-zone-check");
+    let config = ZoneConfig {
+        apex: "internet2.test.".into(),
+        server_name: "node1".into(),
+        server_addresses: Vec::new(),
+        server_port: 443,
+    };
+    let now = std::time::SystemTime::now();
+    let mut machine = Machine::open(
+        &dir.0,
+        KeyAlgorithm::Ed25519,
+        LogKeyAlgorithm::Ed25519,
+        Some(&config),
+        now,
+    )
+    .unwrap();
+    let records =
+        || Some(RecordSet::new(vec!["fd71:7e57::1".parse().unwrap()], Vec::new(), None).unwrap());
+    let next = machine.zone().unwrap().generation() + 1;
+    let before = rows(&machine.authority().database());
+    for edits in [
+        vec![("_443._udp.a.internet2.test.".to_owned(), records())],
+        vec![("A.internet2.test.".to_owned(), records())],
+        vec![("a.example.".to_owned(), records())],
+        vec![("internet2.test.".to_owned(), records())],
+        vec![
+            ("a.internet2.test.".to_owned(), records()),
+            ("a.internet2.test.".to_owned(), None),
+        ],
+    ] {
+        let shown = format!("{edits:?}");
+        match machine.apply(Command::Zone(ZoneChange::from_parts(edits, next))) {
+            Err(AuthorityError::Zone {
+                source: ZoneError::NotAName(_),
+                ..
+            }) => {}
+            other => panic!("{shown} was not refused as not a name: {other:?}"),
+        }
+    }
+    assert_eq!(machine.zone().unwrap().generation(), next - 1);
+    assert_eq!(rows(&machine.authority().database()), before);
+    let good = vec![("a.internet2.test.".to_owned(), records())];
+    machine
+        .apply(Command::Zone(ZoneChange::from_parts(good, next)))
+        .unwrap();
+    assert!(machine.zone().unwrap().get("a.internet2.test.").is_some());
+}
