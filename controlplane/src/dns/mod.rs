@@ -52,18 +52,11 @@ pub struct ZoneConfig {
     pub server_port: u16,
 }
 
-/// The records of one name, in the neutral form the server turns into the
-/// dataplane's answering zone.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NameRecords {
-    /// Absolute, lowercase, with its trailing dot.
-    pub name: String,
-    /// Sorted, no duplicates.
-    pub aaaa: Vec<Ipv6Addr>,
-    /// (UDP port, SHA-256 of the SubjectPublicKeyInfo): a TLSA `3 1 1`
-    /// record at `_PORT._udp.NAME`. Sorted, no duplicates.
-    pub tlsa: Vec<(u16, [u8; 32])>,
-}
+/// The records of one name as the workers answer them (the dataplane's
+/// `PublishedName`): the name absolute, lowercase, with its trailing dot;
+/// its AAAA addresses and its TLSA `3 1 1` pins by UDP port, each sorted,
+/// no duplicates.
+pub use dataplane::protocols::doq::PublishedName as NameRecords;
 
 /// The whole zone at one moment, immutable: what workers answer from.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -506,10 +506,7 @@ impl ZonePublisher {
             Some(names) => {
                 let mut changes: Vec<(String, Option<PublishedName>)> = names
                     .into_iter()
-                    .map(|name| {
-                        let records = zone.published_name(name).map(published_name);
-                        (name.to_owned(), records)
-                    })
+                    .map(|name| (name.to_owned(), zone.published_name(name)))
                     .collect();
                 if !members.members.is_empty() || !self.members.members.is_empty() {
                     let apex = apex_record(zone.apex(), members, |name| zone.published_name(name));
@@ -550,8 +547,7 @@ fn dataplane_zone(
     primary: &str,
     apex: &ApexMembers,
 ) -> Result<Zone, AuthorityStartError> {
-    let mut names: Vec<PublishedName> =
-        snapshot.names.iter().cloned().map(published_name).collect();
+    let mut names: Vec<PublishedName> = snapshot.names.clone();
     // The snapshot is in name order.
     let records_of = |name: &str| {
         snapshot
@@ -575,14 +571,6 @@ fn dataplane_zone(
 /// it).
 fn zone_serial(serial: u32, apex: &ApexMembers) -> u32 {
     serial.wrapping_add(apex.membership_index as u32)
-}
-
-fn published_name(records: NameRecords) -> PublishedName {
-    PublishedName {
-        name: records.name,
-        aaaa: records.aaaa,
-        tlsa: records.tlsa,
-    }
 }
 
 /// The apex's records in a cluster (`None` outside one): every member's

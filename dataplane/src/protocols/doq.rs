@@ -268,8 +268,10 @@ pub struct PublishedName {
     pub tlsa: Vec<(u16, [u8; 32])>,
 }
 
-/// The zone the workers answer from, swapped whole by the control plane
-/// after every change: a query reads one snapshot (an atomic load).
+/// The zone the workers answer from, swapped by the control plane after
+/// every change for a zone that shares the unchanged shards of the one
+/// before ([`Zone::with_changes`]): a query reads one snapshot (an atomic
+/// load).
 pub struct ZoneStore {
     current: arc_swap::ArcSwap<Zone>,
 }
