@@ -41,6 +41,7 @@ pub mod consensus;
 pub mod dns;
 pub mod machine;
 pub mod runtime;
+pub mod store;
 
 use crossbeam_queue::ArrayQueue;
 use std::sync::Arc;

@@ -48,7 +48,8 @@ use super::registry::{
     self, CertificateFilter, CertificateRecord, RegistryError, Revocation, RevocationReason,
 };
 use crate::dns::ZoneChange;
-use redb::{Database, WriteTransaction};
+use crate::store::Store;
+use redb::{Database, ReadTransaction, ReadableDatabase, WriteTransaction};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -151,7 +152,7 @@ pub struct Authority {
     ca: CertificateAuthority,
     log: CtLog,
     /// Shared with `log`; the registry's tables live here too.
-    db: Arc<Database>,
+    store: Store,
     store_path: PathBuf,
 }
 
@@ -238,19 +239,25 @@ impl Authority {
         let db = Arc::new(
             Database::create(&store_path).map_err(|e| registry_error(RegistryError::from(e)))?,
         );
-        crate::machine::init_store(&db, &signer, &store_path)?;
-        let log = CtLog::load_shared(db.clone(), signer).map_err(|source| AuthorityError::Log {
-            path: store_path.clone(),
-            source,
-        })?;
-        let records = registry::load_all(&db).map_err(registry_error)?;
+        let store = Store::new(db);
+        crate::machine::init_store(&store, &signer, &store_path)?;
+        let log =
+            CtLog::load_shared(store.clone(), signer).map_err(|source| AuthorityError::Log {
+                path: store_path.clone(),
+                source,
+            })?;
+        let records = store
+            .begin_read()
+            .map_err(RegistryError::from)
+            .and_then(|txn| registry::load_all(&txn))
+            .map_err(registry_error)?;
         check_against_log(&records, &log).map_err(registry_error)?;
         let (issued, revoked) = ca_state(&records);
         ca.restore(issued, revoked);
         Ok(Self {
             ca,
             log,
-            db,
+            store,
             store_path,
         })
     }
@@ -263,7 +270,9 @@ impl Authority {
             path: self.store_path.clone(),
             source,
         })?;
-        let records = registry::load_all(&self.db).map_err(|e| self.registry_error(e))?;
+        let records = self
+            .read(registry::load_all)
+            .map_err(|e| self.registry_error(e))?;
         check_against_log(&records, &self.log).map_err(|e| self.registry_error(e))?;
         let (issued, revoked) = ca_state(&records);
         self.ca.restore(issued, revoked);
@@ -283,7 +292,11 @@ impl Authority {
                 path: self.store_path.clone(),
                 source,
             })?;
-        let records = registry::load_all(&db).map_err(|e| self.registry_error(e))?;
+        let records = db
+            .begin_read()
+            .map_err(RegistryError::from)
+            .and_then(|txn| registry::load_all(&txn))
+            .map_err(|e| self.registry_error(e))?;
         check_against_log(&records, &log).map_err(|e| self.registry_error(e))
     }
 
@@ -339,7 +352,8 @@ impl Authority {
     /// record, its token. A token spent before is
     /// [`AuthorityError::TokenUsed`]; a certificate already logged or
     /// registered is refused too. It is logged at its proposed time, or
-    /// at the latest tree head's when that is later.
+    /// at the latest tree head's when that is later. Every refusal comes
+    /// before its first write (`crate::store`: a group shares `txn`).
     /// [`Self::absorb_certify`] it once `txn` committed.
     pub(crate) fn write_certify(
         &self,
@@ -373,11 +387,8 @@ impl Authority {
             .log
             .prepare_append(&[(at_ms, record.cert_der.clone())], at_ms)
             .map_err(log_error)?;
-        let sth = self.log.write_append(txn, &append).map_err(log_error)?;
         if let Some(token) = &certify.token {
-            let spent = registry::spend_token(txn, token.id, token.expires_at_s, record.serial)
-                .map_err(|e| self.registry_error(e))?;
-            if !spent {
+            if registry::token_spent_in(txn, token.id).map_err(|e| self.registry_error(e))? {
                 return Err(AuthorityError::TokenUsed);
             }
             // An enrollment (a client certificate the token paid for);
@@ -392,7 +403,14 @@ impl Authority {
             logged_at_ms: at_ms,
             ..record.clone()
         };
-        registry::insert_certificate(txn, &record).map_err(|e| self.registry_error(e))?;
+        let row = registry::encoded(&record).map_err(|e| self.registry_error(e))?;
+        // The first write: the log refuses a duplicate entry before it.
+        let sth = self.log.write_append(txn, &append).map_err(log_error)?;
+        if let Some(token) = &certify.token {
+            registry::spend_token(txn, token.id, token.expires_at_s, record.serial)
+                .map_err(|e| self.registry_error(e))?;
+        }
+        registry::insert_certificate(txn, &row).map_err(|e| self.registry_error(e))?;
         Ok(CertifyWritten {
             append,
             sth,
@@ -468,13 +486,15 @@ impl Authority {
 
     /// Whether the enrollment token `id` was spent.
     pub fn token_spent(&self, id: TokenId) -> Result<bool, AuthorityError> {
-        registry::token_spent(&self.db, id.0).map_err(|e| self.registry_error(e))
+        self.read(|txn| registry::token_spent(txn, id.0))
+            .map_err(|e| self.registry_error(e))
     }
 
     /// The certificate the enrollment token `id` paid for (`None`: not
     /// spent, or spent before the registry recorded what for).
     pub fn token_certificate(&self, id: TokenId) -> Result<Option<Serial>, AuthorityError> {
-        registry::token_certificate(&self.db, id.0).map_err(|e| self.registry_error(e))
+        self.read(|txn| registry::token_certificate(txn, id.0))
+            .map_err(|e| self.registry_error(e))
     }
 
     /// The unrevoked, unexpired certificates a revocation of `serial` at
@@ -486,7 +506,8 @@ impl Authority {
         serial: &Serial,
         now: SystemTime,
     ) -> Result<Vec<CertificateRecord>, AuthorityError> {
-        registry::descendants(&self.db, *serial, now).map_err(|e| self.registry_error(e))
+        self.read(|txn| registry::descendants(txn, *serial, now))
+            .map_err(|e| self.registry_error(e))
     }
 
     /// The current revocation list, to hand to workers (cheap to clone).
@@ -513,7 +534,8 @@ impl Authority {
         filter: &CertificateFilter,
         after: Option<Serial>,
     ) -> Result<Vec<CertificateRecord>, AuthorityError> {
-        registry::list(&self.db, filter, after).map_err(|e| self.registry_error(e))
+        self.read(|txn| registry::list(txn, filter, after))
+            .map_err(|e| self.registry_error(e))
     }
 
     /// The record of the certificate with this serial, if this authority
@@ -522,7 +544,8 @@ impl Authority {
         &self,
         serial: &Serial,
     ) -> Result<Option<CertificateRecord>, AuthorityError> {
-        registry::get(&self.db, *serial).map_err(|e| self.registry_error(e))
+        self.read(|txn| registry::get(txn, *serial))
+            .map_err(|e| self.registry_error(e))
     }
 
     pub fn ca(&self) -> &CertificateAuthority {
@@ -533,10 +556,24 @@ impl Authority {
         &self.log
     }
 
-    /// The one database of the control plane's state, for reading. Its
-    /// writer is the state machine (`crate::machine`).
+    /// The one database of the control plane's state, to read whole while
+    /// no group is open (see [`Store::database`]). Its writer is the state
+    /// machine (`crate::machine`).
     pub fn database(&self) -> Arc<Database> {
-        self.db.clone()
+        self.store.database()
+    }
+
+    /// The store, as the state machine writes it.
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Run `read` in a read transaction that sees every command applied.
+    fn read<T>(
+        &self,
+        read: impl FnOnce(&ReadTransaction) -> Result<T, RegistryError>,
+    ) -> Result<T, RegistryError> {
+        read(&self.store.begin_read()?)
     }
 
     /// The database file, for error messages.

@@ -44,8 +44,8 @@
 
 use super::ca::{Serial, Usage, same_name};
 use redb::TableDefinition;
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableHandle};
-use redb::{ReadOnlyTable, WriteTransaction};
+use redb::{ReadOnlyTable, ReadTransaction, WriteTransaction};
+use redb::{ReadableTable, ReadableTableMetadata, TableHandle};
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -263,11 +263,26 @@ impl Link {
     }
 }
 
+/// `record`, encoded as [`insert_certificate`] writes it: what a command
+/// checks before it writes anything (an unencodable record is a refusal).
+pub(crate) struct EncodedRecord<'a> {
+    record: &'a CertificateRecord,
+    bytes: Vec<u8>,
+}
+
+pub(crate) fn encoded(record: &CertificateRecord) -> Result<EncodedRecord<'_>, RegistryError> {
+    Ok(EncodedRecord {
+        bytes: encode_record(record)?,
+        record,
+    })
+}
+
 /// Write `record`'s row in `txn` (the CT log's append transaction).
 pub(crate) fn insert_certificate(
     txn: &WriteTransaction,
-    record: &CertificateRecord,
+    encoded: &EncodedRecord,
 ) -> Result<(), RegistryError> {
+    let record = encoded.record;
     let mut table = txn.open_table(CERTIFICATES)?;
     if table.get(record.serial.0)?.is_some() {
         // The CA draws serials it has not issued; a row already there means
@@ -277,7 +292,7 @@ pub(crate) fn insert_certificate(
             record.serial
         )));
     }
-    table.insert(record.serial.0, encode_record(record)?.as_slice())?;
+    table.insert(record.serial.0, encoded.bytes.as_slice())?;
     let mut names = txn.open_table(NAMES)?;
     for name in index_names_of(record) {
         names.insert(name_row(&name, record.serial).as_slice(), ())?;
@@ -348,20 +363,22 @@ fn linked(
 
 /// Record enrollment token `id` (valid until `expires_at_s`) as spent on
 /// certificate `serial`, in `txn` (the log's append transaction of that
-/// certificate). `Ok(false)`, writing nothing, when it was already spent.
+/// certificate). The caller checked it was not ([`token_spent_in`]).
 pub(crate) fn spend_token(
     txn: &WriteTransaction,
     id: [u8; 16],
     expires_at_s: u64,
     serial: Serial,
-) -> Result<bool, RegistryError> {
-    let mut table = txn.open_table(ENROLLMENT_TOKENS)?;
-    if table.get(id)?.is_some() {
-        return Ok(false);
-    }
-    table.insert(id, expires_at_s)?;
+) -> Result<(), RegistryError> {
+    txn.open_table(ENROLLMENT_TOKENS)?
+        .insert(id, expires_at_s)?;
     txn.open_table(ENROLLMENT_PAID)?.insert(id, serial.0)?;
-    Ok(true)
+    Ok(())
+}
+
+/// Whether enrollment token `id` was spent, as `txn` sees it.
+pub(crate) fn token_spent_in(txn: &WriteTransaction, id: [u8; 16]) -> Result<bool, RegistryError> {
+    Ok(txn.open_table(ENROLLMENT_TOKENS)?.get(id)?.is_some())
 }
 
 /// Whether `serial` is revoked, as `txn` sees it.
@@ -370,18 +387,16 @@ pub(crate) fn is_revoked_in(txn: &WriteTransaction, serial: Serial) -> Result<bo
 }
 
 /// Whether enrollment token `id` was spent.
-pub(crate) fn token_spent(db: &Database, id: [u8; 16]) -> Result<bool, RegistryError> {
-    let txn = db.begin_read()?;
+pub(crate) fn token_spent(txn: &ReadTransaction, id: [u8; 16]) -> Result<bool, RegistryError> {
     Ok(txn.open_table(ENROLLMENT_TOKENS)?.get(id)?.is_some())
 }
 
 /// The certificate enrollment token `id` paid for; `None` when it was not
 /// spent, or was spent before the registry kept that.
 pub(crate) fn token_certificate(
-    db: &Database,
+    txn: &ReadTransaction,
     id: [u8; 16],
 ) -> Result<Option<Serial>, RegistryError> {
-    let txn = db.begin_read()?;
     let serial = txn
         .open_table(ENROLLMENT_PAID)?
         .get(id)?
@@ -445,11 +460,10 @@ pub(crate) fn write_revocations(
 /// certificates `serial` renewed are not revoked, only what was issued on
 /// their authority.
 pub(crate) fn descendants(
-    db: &Database,
+    txn: &ReadTransaction,
     serial: Serial,
     now: SystemTime,
 ) -> Result<Vec<CertificateRecord>, RegistryError> {
-    let txn = db.begin_read()?;
     Links {
         certificates: &txn.open_table(CERTIFICATES)?,
         children: &txn.open_table(CHILDREN)?,
@@ -596,8 +610,7 @@ fn each_record(
 }
 
 /// Every certificate record (with its revocation joined), in serial order.
-pub(crate) fn load_all(db: &Database) -> Result<Vec<CertificateRecord>, RegistryError> {
-    let txn = db.begin_read()?;
+pub(crate) fn load_all(txn: &ReadTransaction) -> Result<Vec<CertificateRecord>, RegistryError> {
     let certificates = txn.open_table(CERTIFICATES)?;
     let revocations = txn.open_table(REVOCATIONS)?;
     let mut out = Vec::new();
@@ -688,10 +701,9 @@ fn check_links(
 
 /// The record of `serial`, if it was issued.
 pub(crate) fn get(
-    db: &Database,
+    txn: &ReadTransaction,
     serial: Serial,
 ) -> Result<Option<CertificateRecord>, RegistryError> {
-    let txn = db.begin_read()?;
     let certificates = txn.open_table(CERTIFICATES)?;
     let revocations = txn.open_table(REVOCATIONS)?;
     let Some(value) = certificates.get(serial.0)? else {
@@ -704,11 +716,10 @@ pub(crate) fn get(
 /// after `after`, in serial order. Fewer than the maximum means there are
 /// no more; otherwise ask again after the last serial returned.
 pub(crate) fn list(
-    db: &Database,
+    txn: &ReadTransaction,
     filter: &CertificateFilter,
     after: Option<Serial>,
 ) -> Result<Vec<CertificateRecord>, RegistryError> {
-    let txn = db.begin_read()?;
     let certificates = txn.open_table(CERTIFICATES)?;
     let revocations = txn.open_table(REVOCATIONS)?;
     let range = match after {

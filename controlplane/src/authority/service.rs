@@ -1758,7 +1758,7 @@ impl AuthorityService {
             )));
         }
         let proof = log
-            .inclusion_proof_by_hash(&hash, logged.sth.tree_size)
+            .inclusion_proof_at(logged.leaf_index, logged.sth.tree_size)
             .map_err(log_error)?;
         Ok(api::Issued {
             certificate_pem: certificate.cert_pem.clone(),

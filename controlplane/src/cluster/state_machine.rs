@@ -172,8 +172,7 @@ fn record(
     Ok(())
 }
 
-/// Apply `entries` in order, each with its log id recorded in its own
-/// transaction.
+/// Apply `entries` in order, each with its log id recorded with it.
 fn apply_entries(
     machine: &mut Machine,
     entries: impl IntoIterator<Item = Entry<TypeConfig>>,
@@ -225,13 +224,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // The group stays open across batches: the Raft log holds every
         // entry durably already, so the store is fsynced before a snapshot
         // is taken (after which the log before it may be purged), or after
-        // DURABLE_EVERY commands.
+        // DURABLE_EVERY commands. A batch's entries share one transaction,
+        // committed at its end.
         machine.defer_durability();
         let applied = apply_entries(machine, entries);
         let durable = if machine.deferred() >= DURABLE_EVERY {
             machine.make_durable().map(drop).map_err(write_error)
         } else {
-            Ok(())
+            machine.settle().map_err(write_error)
         };
         let outcomes = applied?;
         durable?;

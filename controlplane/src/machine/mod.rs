@@ -9,7 +9,9 @@
 //! [`Machine::apply`] is the one code path that writes: it opens the one
 //! write transaction of the store (`authority.redb`), checks the command
 //! against the state, writes it, commits durably, and only then takes it
-//! into memory (the log's tree, the CA's issued and revoked serials, the
+//! into memory (in a group, [`Machine::defer_durability`], the commands
+//! share one transaction and are taken into memory as they are written;
+//! see `crate::store`) (the log's tree, the CA's issued and revoked serials, the
 //! zone, the ledger, plots and beacon). A command that no longer fits the
 //! state (a spent token, a serial revoked meanwhile, a zone change planned
 //! on an older zone) is refused by every replica alike and changes
@@ -40,6 +42,7 @@ use crate::authority::registry::{self, RevocationReason};
 use crate::consensus::beacon::Tick;
 use crate::consensus::state::{self, AdmissionApplied, AdmissionChange, AdmissionState};
 use crate::dns::{Zone, ZoneChange, ZoneConfig};
+use crate::store::{GroupError, Store};
 use redb::{Database, Durability, TableDefinition, WriteTransaction};
 use std::path::Path;
 use std::time::SystemTime;
@@ -203,11 +206,11 @@ impl Machine {
             .unwrap_or_default()
     }
 
-    /// Group commit: from now until [`Self::make_durable`], each command's
-    /// transaction commits without waiting for the disk (it is visible to
-    /// every later read and command at once), and one fsync makes the
-    /// whole group durable. Whoever applies a command in a group must not
-    /// acknowledge it before [`Self::make_durable`] returned.
+    /// Group commit: from now until [`Self::make_durable`], commands write
+    /// into one transaction of the store (`crate::store`), each visible to
+    /// every later read and command at once, and one commit with one fsync
+    /// makes the whole group durable. Whoever applies a command in a group
+    /// must not acknowledge it before [`Self::make_durable`] returned.
     pub fn defer_durability(&mut self) {
         self.group.get_or_insert(0);
     }
@@ -217,48 +220,68 @@ impl Machine {
         self.group.unwrap_or(0)
     }
 
-    /// End the group: fsync what it committed (one write to the disk for
-    /// all of it). Outside a group, or when the group applied nothing,
-    /// nothing is written. When this fails, the state in memory is ahead of
-    /// the disk: the process must stop and reload the store.
+    /// Commit what the group wrote so far without waiting for the disk
+    /// (a read does this too); the group stays open.
+    pub fn settle(&mut self) -> Result<(), AuthorityError> {
+        self.authority
+            .store()
+            .settle()
+            .map_err(|e| self.store_error(e.widen()))
+    }
+
+    /// End the group: commit and fsync what it wrote (one write to the
+    /// disk for all of it). Outside a group, or when the group applied
+    /// nothing, nothing is written. When this fails, or a write of the
+    /// group failed, the state in memory is ahead of the disk: the process
+    /// must stop and reload the store.
     pub fn make_durable(&mut self) -> Result<usize, AuthorityError> {
         let Some(applied) = self.group.take() else {
             return Ok(0);
         };
-        if applied > 0 {
-            let db = self.authority.database();
-            transact(
-                &db,
-                self.authority.store_path(),
-                Durability::Immediate,
-                |_| Ok(()),
-            )?;
-        }
+        self.authority
+            .store()
+            .make_durable(applied > 0)
+            .map_err(|e| self.store_error(e.widen()))?;
         Ok(applied)
     }
 
-    /// Apply `command`: check it against the state, write it in one
-    /// transaction, then take it into memory. The transaction is durable
-    /// when this returns, unless a group is open
-    /// ([`Self::defer_durability`]). A command refused or a write that
-    /// fails changes nothing.
+    /// A store error as this machine's.
+    fn store_error(&self, e: GroupError<AuthorityError>) -> AuthorityError {
+        e.flatten(|source| AuthorityError::Store {
+            path: self.authority.store_path().to_owned(),
+            source,
+        })
+    }
+
+    /// Run `write` in the group's transaction or, outside a group, in a
+    /// durable transaction of its own.
+    fn transact<T>(
+        &self,
+        write: impl FnOnce(&WriteTransaction) -> Result<T, AuthorityError>,
+    ) -> Result<T, AuthorityError> {
+        let store = self.authority.store();
+        match self.group {
+            Some(_) => store.write_grouped(write, AuthorityError::is_storage_failure),
+            None => store.transact(Durability::Immediate, write),
+        }
+        .map_err(|e| self.store_error(e))
+    }
+
+    /// Apply `command`: check it against the state, write it, then take it
+    /// into memory. The write is durable when this returns, unless a group
+    /// is open ([`Self::defer_durability`]). A command refused or a write
+    /// that fails changes nothing (a failed write in a group loses the
+    /// group: see [`Self::make_durable`]).
     pub fn apply(&mut self, command: Command) -> Result<Applied, AuthorityError> {
         if self.replicated {
             return Err(AuthorityError::Replicated);
         }
-        let db = self.authority.database();
-        let durability = match self.group {
-            Some(_) => Durability::None,
-            None => Durability::Immediate,
-        };
-        // Counted before the commit: a commit that fails may still have
-        // reached the disk, and the group's fsync then fails and says so.
+        // Counted before the write: a group whose write failed still
+        // makes `make_durable` fail and say so.
         if let Some(applied) = &mut self.group {
             *applied += 1;
         }
-        let written = transact(&db, self.authority.store_path(), durability, |txn| {
-            self.write(txn, &command)
-        })?;
+        let written = self.transact(|txn| self.write(txn, &command))?;
         if let Some(journal) = &mut self.journal {
             journal.push(command.clone());
         }
@@ -267,20 +290,15 @@ impl Machine {
 
     /// Apply a replicated entry: `command` (if any) and, in the same
     /// transaction, what `also` writes (the entry's place in the log). A
-    /// refused command still records `also`, in a transaction of its own:
-    /// it was applied, as a refusal. `Err` is a storage failure only, after
-    /// which the state in memory cannot be trusted.
+    /// refused command still records `also`: it was applied, as a refusal.
+    /// `Err` is a storage failure only, after which the state in memory
+    /// cannot be trusted.
     pub(crate) fn apply_with(
         &mut self,
         command: Option<Command>,
         also: impl Fn(&WriteTransaction) -> Result<(), redb::Error>,
     ) -> Result<Option<Result<Applied, AuthorityError>>, AuthorityError> {
-        let db = self.authority.database();
         let path = self.authority.store_path().to_owned();
-        let durability = match self.group {
-            Some(_) => Durability::None,
-            None => Durability::Immediate,
-        };
         let store = |source| AuthorityError::Store {
             path: path.clone(),
             source,
@@ -289,10 +307,10 @@ impl Machine {
             *applied += 1;
         }
         let Some(command) = command else {
-            transact(&db, &path, durability, |txn| also(txn).map_err(store))?;
+            self.transact(|txn| also(txn).map_err(store))?;
             return Ok(None);
         };
-        let written = transact(&db, &path, durability, |txn| {
+        let written = self.transact(|txn| {
             let written = self.write(txn, &command)?;
             also(txn).map_err(store)?;
             Ok(written)
@@ -306,7 +324,7 @@ impl Machine {
             }
             Err(e) if e.is_storage_failure() => Err(e),
             Err(refused) => {
-                transact(&db, &path, durability, |txn| also(txn).map_err(store))?;
+                self.transact(|txn| also(txn).map_err(store))?;
                 Ok(Some(Err(refused)))
             }
         }
@@ -322,15 +340,17 @@ impl Machine {
         also: impl Fn(&WriteTransaction) -> Result<(), redb::Error>,
     ) -> Result<(), AuthorityError> {
         self.check_snapshot(snapshot)?;
-        let db = self.authority.database();
         let path = self.authority.store_path().to_owned();
-        transact(&db, &path, Durability::Immediate, |txn| {
-            restore_in(txn, snapshot, &path)?;
-            also(txn).map_err(|source| AuthorityError::Store {
-                path: path.clone(),
-                source,
+        self.authority
+            .store()
+            .transact(Durability::Immediate, |txn| {
+                restore_in(txn, snapshot, &path)?;
+                also(txn).map_err(|source| AuthorityError::Store {
+                    path: path.clone(),
+                    source,
+                })
             })
-        })?;
+            .map_err(|e| self.store_error(e))?;
         self.reload()
     }
 
@@ -353,9 +373,14 @@ impl Machine {
                     source: e.into(),
                 }
             })?);
-            transact(&db, &path, Durability::None, |txn| {
-                restore_in(txn, snapshot, &path)
-            })?;
+            Store::new(db.clone())
+                .transact(Durability::None, |txn| restore_in(txn, snapshot, &path))
+                .map_err(|e| {
+                    e.flatten(|source| AuthorityError::Store {
+                        path: path.clone(),
+                        source,
+                    })
+                })?;
             self.authority.check_tables(db.clone()).map_err(refused)?;
             if let Some(config) = &self.zone_config {
                 Zone::open(&db, config).map_err(|source| {
@@ -394,31 +419,36 @@ impl Machine {
 
     /// A value of the store's `cluster_meta` table.
     pub(crate) fn cluster_meta(&self, key: &str) -> Result<Option<Vec<u8>>, AuthorityError> {
-        use redb::ReadableDatabase;
         let path = self.authority.store_path();
         let store = |source: redb::Error| AuthorityError::Store {
             path: path.to_owned(),
             source,
         };
-        let db = self.authority.database();
-        let txn = db.begin_read().map_err(|e| store(e.into()))?;
+        let txn = self.authority.store().begin_read().map_err(store)?;
         let table = txn.open_table(CLUSTER_META).map_err(|e| store(e.into()))?;
         let value = table.get(key).map_err(|e| store(e.into()))?;
         Ok(value.map(|v| v.value().to_vec()))
     }
 
+    /// Write `command` in `txn`. Every refusal comes before its first
+    /// write: a group's commands share `txn` (`crate::store`).
     fn write(&self, txn: &WriteTransaction, command: &Command) -> Result<Written, AuthorityError> {
         Ok(match command {
             Command::Certify(certify) => {
-                self.write_zone(txn, certify.zone.as_ref())?;
-                Written::Certified(self.authority.write_certify(txn, certify)?)
+                let zone = self.check_zone(certify.zone.as_ref())?;
+                let written = self.authority.write_certify(txn, certify)?;
+                self.write_zone(txn, zone)?;
+                Written::Certified(written)
             }
             Command::Revoke(revoke) => {
-                self.write_zone(txn, revoke.zone.as_ref())?;
-                Written::Revoked(self.authority.write_revocation(txn, revoke)?)
+                let zone = self.check_zone(revoke.zone.as_ref())?;
+                let revoked = self.authority.write_revocation(txn, revoke)?;
+                self.write_zone(txn, zone)?;
+                Written::Revoked(revoked)
             }
             Command::Zone(change) => {
-                self.write_zone(txn, Some(change))?;
+                let zone = self.check_zone(Some(change))?;
+                self.write_zone(txn, zone)?;
                 Written::Zone
             }
             Command::Admission(change) => {
@@ -432,13 +462,14 @@ impl Machine {
         })
     }
 
-    fn write_zone(
+    /// `change`, once checked against the zone as it is (the zone it was
+    /// planned on, names it may set); nothing is written.
+    fn check_zone<'a>(
         &self,
-        txn: &WriteTransaction,
-        change: Option<&ZoneChange>,
-    ) -> Result<(), AuthorityError> {
+        change: Option<&'a ZoneChange>,
+    ) -> Result<Option<&'a ZoneChange>, AuthorityError> {
         let Some(change) = change else {
-            return Ok(());
+            return Ok(None);
         };
         let zone = self.zone.as_ref().ok_or_else(|| {
             AuthorityError::NotConfigured("a zone change for a node without a zone".into())
@@ -453,6 +484,18 @@ impl Machine {
             path: self.authority.store_path().to_owned(),
             source,
         })?;
+        Ok(Some(change))
+    }
+
+    /// Write a change [`Self::check_zone`] passed.
+    fn write_zone(
+        &self,
+        txn: &WriteTransaction,
+        change: Option<&ZoneChange>,
+    ) -> Result<(), AuthorityError> {
+        let Some(change) = change else {
+            return Ok(());
+        };
         change.write(txn).map_err(|source| AuthorityError::Store {
             path: self.authority.store_path().to_owned(),
             source,
@@ -622,9 +665,6 @@ impl Machine {
     }
 }
 
-/// Run `write` in one write transaction of `db` (the store at `path`) and
-/// commit it with `durability` (`Immediate`: fsynced before this returns);
-/// abort it, writing nothing, when `write` fails.
 /// [`snapshot::restore`] into `txn` of the store at `path`: malformed bytes
 /// are a refusal ([`AuthorityError::Stale`]), a write that fails the store's.
 fn restore_in(txn: &WriteTransaction, bytes: &[u8], path: &Path) -> Result<(), AuthorityError> {
@@ -643,59 +683,41 @@ fn snapshot_scratch(store: &Path) -> std::path::PathBuf {
     store.with_extension("snapshot-check")
 }
 
-fn transact<T>(
-    db: &Database,
-    path: &Path,
-    durability: Durability,
-    write: impl FnOnce(&WriteTransaction) -> Result<T, AuthorityError>,
-) -> Result<T, AuthorityError> {
-    let store = |source: redb::Error| AuthorityError::Store {
-        path: path.to_owned(),
-        source,
-    };
-    let mut txn = db.begin_write().map_err(|e| store(e.into()))?;
-    txn.set_durability(durability)
-        .map_err(|e| store(e.into()))?;
-    match write(&txn) {
-        Ok(value) => {
-            txn.commit().map_err(|e| store(e.into()))?;
-            Ok(value)
-        }
-        Err(e) => {
-            txn.abort().map_err(|e| store(e.into()))?;
-            Err(e)
-        }
-    }
-}
-
 /// Make every table of the store at `path` that is missing, in one
 /// transaction: the log's (recording `signer`'s key in a new log, checking
 /// it in an existing one), the registry's, the zone's and the admission
 /// state's.
 pub(crate) fn init_store(
-    db: &Database,
+    store: &Store,
     signer: &LogSigner,
     path: &Path,
 ) -> Result<(), AuthorityError> {
-    transact(db, path, Durability::Immediate, |txn| {
-        CtLog::init_in(txn, signer).map_err(|source| AuthorityError::Log {
-            path: path.to_owned(),
-            source,
-        })?;
-        registry::init_in(txn).map_err(|source| AuthorityError::Registry {
-            path: path.to_owned(),
-            source,
-        })?;
-        crate::dns::store::init_in(txn)
-            .and_then(|()| state::init_in(txn))
-            .and_then(|()| {
-                txn.open_table(CLUSTER_META)
-                    .map(drop)
-                    .map_err(redb::Error::from)
-            })
-            .map_err(|source| AuthorityError::Store {
+    store
+        .transact(Durability::Immediate, |txn| {
+            CtLog::init_in(txn, signer).map_err(|source| AuthorityError::Log {
+                path: path.to_owned(),
+                source,
+            })?;
+            registry::init_in(txn).map_err(|source| AuthorityError::Registry {
+                path: path.to_owned(),
+                source,
+            })?;
+            crate::dns::store::init_in(txn)
+                .and_then(|()| state::init_in(txn))
+                .and_then(|()| {
+                    txn.open_table(CLUSTER_META)
+                        .map(drop)
+                        .map_err(redb::Error::from)
+                })
+                .map_err(|source| AuthorityError::Store {
+                    path: path.to_owned(),
+                    source,
+                })
+        })
+        .map_err(|e| {
+            e.flatten(|source| AuthorityError::Store {
                 path: path.to_owned(),
                 source,
             })
-    })
+        })
 }

@@ -351,6 +351,24 @@ mod group_support {
         }
     }
 
+    /// [`open`], with a zone (`internet2.test.`).
+    pub(super) fn open_zoned(dir: &TempDir, now: SystemTime) -> Machine {
+        let config = crate::dns::ZoneConfig {
+            apex: "internet2.test.".into(),
+            server_name: "node1".into(),
+            server_addresses: Vec::new(),
+            server_port: 443,
+        };
+        Machine::open(
+            &dir.0,
+            KeyAlgorithm::Ed25519,
+            LogKeyAlgorithm::Ed25519,
+            Some(&config),
+            now,
+        )
+        .unwrap()
+    }
+
     pub(super) fn open(dir: &TempDir, now: SystemTime) -> Machine {
         Machine::open(
             &dir.0,
@@ -370,27 +388,12 @@ mod group_support {
 /// of it is applied.
 #[test]
 fn a_zone_change_from_the_log_is_checked_as_a_planned_one() {
-    use crate::authority::ca::KeyAlgorithm;
-    use crate::authority::ct::LogKeyAlgorithm;
-    use crate::dns::{RecordSet, ZoneChange, ZoneConfig, ZoneError};
+    use crate::dns::{RecordSet, ZoneChange, ZoneError};
     use crate::machine::AuthorityError;
-    use crate::machine::{Command, Machine};
+    use crate::machine::Command;
     let dir = crate::test_support::TempDir::new("machine-zone-check");
-    let config = ZoneConfig {
-        apex: "internet2.test.".into(),
-        server_name: "node1".into(),
-        server_addresses: Vec::new(),
-        server_port: 443,
-    };
     let now = std::time::SystemTime::now();
-    let mut machine = Machine::open(
-        &dir.0,
-        KeyAlgorithm::Ed25519,
-        LogKeyAlgorithm::Ed25519,
-        Some(&config),
-        now,
-    )
-    .unwrap();
+    let mut machine = group_support::open_zoned(&dir, now);
     let records =
         || Some(RecordSet::new(vec!["fd71:7e57::1".parse().unwrap()], Vec::new(), None).unwrap());
     let next = machine.zone().unwrap().generation() + 1;
@@ -421,4 +424,186 @@ fn a_zone_change_from_the_log_is_checked_as_a_planned_one() {
         .apply(Command::Zone(ZoneChange::from_parts(good, next)))
         .unwrap();
     assert!(machine.zone().unwrap().get("a.internet2.test.").is_some());
+}
+
+/// In a group every command shares one transaction (`crate::store`), so a
+/// refused command must be refused before it writes anything: each kind of
+/// refusal an apply can meet (a spent token, a name taken, what it is
+/// issued on revoked, an entry the log holds, a zone change planned on an
+/// older zone, a second revocation, a tick out of order, a grant past the
+/// ledger's bound), some carrying a zone change that alone would apply,
+/// leaves the store as it was, and the group goes on and is kept.
+#[test]
+fn a_command_refused_in_a_group_writes_nothing() {
+    use crate::authority::ca::{IssueRequest, Usage};
+    use crate::authority::logged::SpentToken;
+    use crate::consensus::stake::Identity;
+    use crate::consensus::state::{AdmissionChange, AdmissionConfig, AdmissionState};
+    use crate::dns::{RecordSet, ZoneChange};
+    use crate::machine::{Command, Machine};
+    use group_support::request;
+    let dir = crate::test_support::TempDir::new("machine-group-refusals");
+    let now = std::time::SystemTime::now();
+    let now_s = now.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let open = || {
+        let mut machine = group_support::open_zoned(&dir, now);
+        let state = AdmissionState::open(
+            &machine.authority().database(),
+            AdmissionConfig::default(),
+            &dir.0.join("beacon.key"),
+        )
+        .unwrap();
+        machine.attach_admission(state, now_s).unwrap();
+        machine
+    };
+    let mut machine = open();
+    let zone_change = |machine: &Machine, name: &str| -> ZoneChange {
+        let records = RecordSet::new(vec!["fd71:7e57::1".parse().unwrap()], Vec::new(), None);
+        machine
+            .zone()
+            .unwrap()
+            .plan(vec![(
+                format!("{name}.internet2.test."),
+                Some(records.unwrap()),
+            )])
+            .unwrap()
+            .unwrap()
+    };
+    let enrollment = |machine: &Machine, name: &str, token: u8| {
+        let request = IssueRequest {
+            usage: Usage::Client,
+            ..request(name)
+        };
+        let (_, mut certify) = machine.authority().propose_issue(request, now).unwrap();
+        certify.token = Some(SpentToken {
+            id: [token; 16],
+            expires_at_s: 0,
+        });
+        certify
+    };
+
+    machine.defer_durability();
+    // Accepted in the group, before the refusals.
+    let parent = machine.issue(request("parent.example"), now, None).unwrap();
+    let on_parent = {
+        let (_, certify) = machine
+            .authority()
+            .propose_issue(
+                IssueRequest {
+                    parent: Some(parent.certificate.serial),
+                    ..request("child.example")
+                },
+                now,
+            )
+            .unwrap();
+        certify
+    };
+    machine
+        .revoke(parent.certificate.serial, None, now, None)
+        .unwrap();
+    let first = enrollment(&machine, "taken.example", 1);
+    machine.apply(Command::Certify(first.clone())).unwrap();
+    let stale_zone = zone_change(&machine, "stale");
+    machine.change_zone(zone_change(&machine, "moved")).unwrap();
+    let tick = machine.tick(now_s + 1).unwrap().unwrap();
+    machine.grant(Identity([7; 32]), 10).unwrap();
+
+    let with_zone = |machine: &Machine, mut certify: crate::authority::logged::Certify| {
+        certify.zone = Some(zone_change(machine, "would-apply"));
+        Command::Certify(certify)
+    };
+    type Propose<'a> = Box<dyn Fn(&Machine) -> Command + 'a>;
+    let refusals: Vec<(&str, Propose)> = vec![
+        (
+            "a spent token, with a zone change",
+            Box::new(|m| with_zone(m, enrollment(m, "again.example", 1))),
+        ),
+        (
+            "a name taken, with a zone change",
+            Box::new(|m| with_zone(m, enrollment(m, "taken.example", 2))),
+        ),
+        (
+            "issued on a revoked certificate, with a zone change",
+            Box::new(|m| with_zone(m, on_parent.clone())),
+        ),
+        (
+            "an entry the log holds",
+            Box::new(|_| {
+                Command::Certify(crate::authority::logged::Certify {
+                    token: None,
+                    ..first.clone()
+                })
+            }),
+        ),
+        (
+            "a zone change planned on an older zone",
+            Box::new(|_| Command::Zone(stale_zone.clone())),
+        ),
+        (
+            "a certificate with a zone change planned on an older zone",
+            Box::new(|m| {
+                let (_, mut certify) = m
+                    .authority()
+                    .propose_issue(request("fresh.example"), now)
+                    .unwrap();
+                certify.zone = Some(stale_zone.clone());
+                Command::Certify(certify)
+            }),
+        ),
+        (
+            "a second revocation, with a zone change",
+            Box::new(|m| {
+                let mut revoke = m
+                    .authority()
+                    .propose_revocation(first.record.serial, None, now)
+                    .unwrap();
+                revoke.serial = parent.certificate.serial;
+                revoke.zone = Some(zone_change(m, "would-apply"));
+                Command::Revoke(revoke)
+            }),
+        ),
+        (
+            "a tick out of order",
+            Box::new(|_| Command::Admission(AdmissionChange::BeaconTick(tick.clone()))),
+        ),
+        (
+            "a grant past the ledger's bound",
+            Box::new(|_| {
+                Command::Admission(AdmissionChange::StakeGrant {
+                    identity: Identity([7; 32]),
+                    amount: u64::MAX,
+                })
+            }),
+        ),
+    ];
+    for (what, command) in &refusals {
+        let command = command(&machine);
+        machine.settle().unwrap();
+        let before = rows(&machine.authority().database());
+        let refused = machine.apply(command);
+        assert!(
+            matches!(&refused, Err(e) if !e.is_storage_failure()),
+            "{what}: not refused: {refused:?}"
+        );
+        machine.settle().unwrap();
+        assert_eq!(
+            rows(&machine.authority().database()),
+            before,
+            "{what}: the refused command wrote"
+        );
+    }
+    // The group goes on after its refusals, and all of it is kept.
+    let last = machine.issue(request("last.example"), now, None).unwrap();
+    assert_eq!(machine.make_durable().unwrap(), 7 + refusals.len());
+    let kept = rows(&machine.authority().database());
+    drop(machine);
+    let machine = open();
+    assert_eq!(rows(&machine.authority().database()), kept);
+    assert!(
+        machine
+            .authority()
+            .certificate(&last.certificate.serial)
+            .unwrap()
+            .is_some()
+    );
 }

@@ -278,8 +278,9 @@ impl AuthorityRuntime {
     }
 
     /// Serve up to `max` (at most [`GROUP_MAX`]) queued requests as one
-    /// group commit: every change they make is committed as it is made
-    /// (later requests see it) and made durable by one fsync at the end;
+    /// group commit: every change they make is written into one
+    /// transaction as it is made (later requests and reads see it) and
+    /// made durable by one commit and one fsync at the end;
     /// only then is anything published or answered, so no client holds an
     /// answer that a crash could take back. Returns how many were served.
     fn serve_group(&mut self, max: usize) -> usize {

@@ -40,8 +40,9 @@ use super::merkle::{
     Hash, LeafHashes, ProofError, SubtreeCache, consistency_proof, inclusion_proof, leaf_hash, root,
 };
 use super::sth::{LogKeyAlgorithm, LogSigner, SignedTreeHead, SignerError, verify_sth};
+use crate::store::Store;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
-use redb::{TableDefinition, WriteTransaction};
+use redb::{ReadTransaction, TableDefinition, WriteTransaction};
 use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
@@ -245,7 +246,7 @@ type LoadedTree = (SubtreeCache<Vec<Hash>>, Option<SignedTreeHead>);
 
 /// A durable, append-only CT log. See the module documentation.
 pub struct CtLog {
-    db: Arc<Database>,
+    store: Store,
     signer: Arc<LogSigner>,
     tree: SubtreeCache<Vec<Hash>>,
     latest: Option<SignedTreeHead>,
@@ -279,15 +280,15 @@ impl CtLog {
             return Err(e);
         }
         txn.commit()?;
-        Self::load_shared(db, signer)
+        Self::load_shared(Store::new(db), signer)
     }
 
-    /// The log in a database the caller shares, whose tables
+    /// The log in a store the caller shares, whose tables
     /// `Self::init_in` made: loaded and checked as in [`Self::open`].
-    pub fn load_shared(db: Arc<Database>, signer: LogSigner) -> Result<Self, LogError> {
-        let (tree, latest) = Self::load_tree(&db, &signer)?;
+    pub fn load_shared(store: Store, signer: LogSigner) -> Result<Self, LogError> {
+        let (tree, latest) = Self::load_tree(&store.begin_read()?, &signer)?;
         Ok(CtLog {
-            db,
+            store,
             signer: Arc::new(signer),
             tree,
             latest,
@@ -298,9 +299,9 @@ impl CtLog {
     /// into a scratch file), under this log's key, loaded with the checks
     /// of [`Self::open`]: whether those tables would open.
     pub(crate) fn in_other(&self, db: Arc<Database>) -> Result<Self, LogError> {
-        let (tree, latest) = Self::load_tree(&db, &self.signer)?;
+        let (tree, latest) = Self::load_tree(&db.begin_read()?, &self.signer)?;
         Ok(CtLog {
-            db,
+            store: Store::new(db),
             signer: self.signer.clone(),
             tree,
             latest,
@@ -311,14 +312,13 @@ impl CtLog {
     /// wholesale: a snapshot was installed), with the checks of
     /// [`Self::open`]. On failure the log is as it was.
     pub(crate) fn reload(&mut self) -> Result<(), LogError> {
-        let (tree, latest) = Self::load_tree(&self.db, &self.signer)?;
+        let (tree, latest) = Self::load_tree(&self.store.begin_read()?, &self.signer)?;
         self.tree = tree;
         self.latest = latest;
         Ok(())
     }
 
-    fn load_tree(db: &Database, signer: &LogSigner) -> Result<LoadedTree, LogError> {
-        let txn = db.begin_read()?;
+    fn load_tree(txn: &ReadTransaction, signer: &LogSigner) -> Result<LoadedTree, LogError> {
         let hashes_table = txn.open_table(LEAF_HASHES)?;
         let mut hashes = Vec::with_capacity(usize::try_from(hashes_table.len()?).unwrap_or(0));
         for row in hashes_table.iter()? {
@@ -389,7 +389,6 @@ impl CtLog {
                 .map_err(|e| corrupt(format!("the latest tree head does not verify: {e}")))?,
             None => {}
         }
-        drop(txn);
         Ok((tree, latest))
     }
 
@@ -458,17 +457,13 @@ impl CtLog {
         now_ms: u64,
     ) -> Result<AppendReceipt, LogError> {
         let prepared = self.prepare_append(entries, now_ms)?;
-        let mut txn = self.db.begin_write()?;
-        txn.set_durability(Durability::Immediate)?;
-        let sth = match self.write_append(&txn, &prepared) {
-            Ok(sth) => sth,
-            Err(e) => {
-                txn.abort()?;
-                return Err(e);
-            }
-        };
         // Durability::Immediate: the commit is fsynced before this returns.
-        txn.commit()?;
+        let sth = self
+            .store
+            .transact(Durability::Immediate, |txn| {
+                self.write_append(txn, &prepared)
+            })
+            .map_err(|e| e.flatten(LogError::Storage))?;
         Ok(self.record_append(prepared, sth))
     }
 
@@ -557,6 +552,10 @@ impl CtLog {
                 });
             }
         }
+        let new_size = first_index + hashes.len() as u64;
+        // Refusals and the signature before the first write: a group of
+        // commands shares `txn` (`crate::store`).
+        let sth = self.signer.sign_tree_head(new_size, *now_ms, *new_root)?;
         let mut leaf_table = txn.open_table(LEAVES)?;
         let mut hash_table = txn.open_table(LEAF_HASHES)?;
         for (i, (leaf, hash)) in leaves.iter().zip(hashes).enumerate() {
@@ -565,8 +564,6 @@ impl CtLog {
             hash_table.insert(n, hash)?;
             index.insert(hash, n)?;
         }
-        let new_size = first_index + hashes.len() as u64;
-        let sth = self.signer.sign_tree_head(new_size, *now_ms, *new_root)?;
         txn.open_table(STHS)?
             .insert(new_size, encode_sth(&sth).as_slice())?;
         Ok(sth)
@@ -606,7 +603,7 @@ impl CtLog {
     /// Every stored signed tree head, oldest (smallest) first: one per
     /// append.
     pub fn stored_sths(&self) -> Result<Vec<SignedTreeHead>, LogError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.store.begin_read()?;
         let table = txn.open_table(STHS)?;
         let mut out = Vec::new();
         for row in table.iter()? {
@@ -636,7 +633,7 @@ impl CtLog {
                 max: MAX_ENTRIES_PER_CALL,
             });
         }
-        let txn = self.db.begin_read()?;
+        let txn = self.store.begin_read()?;
         let table = txn.open_table(LEAVES)?;
         let mut out = Vec::with_capacity((end - start) as usize);
         for row in table.range(start..end)? {
@@ -665,6 +662,22 @@ impl CtLog {
         leaf_hash: &Hash,
         tree_size: u64,
     ) -> Result<InclusionProof, LogError> {
+        let txn = self.store.begin_read()?;
+        let leaf_index = txn
+            .open_table(INDEX_BY_HASH)?
+            .get(leaf_hash)?
+            .map(|v| v.value())
+            .ok_or(LogError::UnknownLeaf)?;
+        self.inclusion_proof_at(leaf_index, tree_size)
+    }
+
+    /// The audit path of entry `leaf_index` in the tree of `tree_size`
+    /// leaves, from memory.
+    pub fn inclusion_proof_at(
+        &self,
+        leaf_index: u64,
+        tree_size: u64,
+    ) -> Result<InclusionProof, LogError> {
         let size = self.size();
         if tree_size > size {
             return Err(ProofError::SizeOutOfRange {
@@ -673,23 +686,16 @@ impl CtLog {
             }
             .into());
         }
-        let txn = self.db.begin_read()?;
-        let leaf_index = txn
-            .open_table(INDEX_BY_HASH)?
-            .get(leaf_hash)?
-            .map(|v| v.value())
-            .ok_or(LogError::UnknownLeaf)?;
         if leaf_index >= tree_size {
             return Err(LogError::LeafNotInTree {
                 index: leaf_index,
                 tree_size,
             });
         }
-        let audit_path = inclusion_proof(&self.tree, leaf_index, tree_size)?;
         Ok(InclusionProof {
             leaf_index,
             tree_size,
-            audit_path,
+            audit_path: inclusion_proof(&self.tree, leaf_index, tree_size)?,
         })
     }
 
@@ -728,7 +734,7 @@ impl CtLog {
     /// The stored signed tree head of the tree of `tree_size` leaves, if an
     /// append ended at that size (every append stores the head it signed).
     pub fn sth_at(&self, tree_size: u64) -> Result<Option<SignedTreeHead>, LogError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.store.begin_read()?;
         let table = txn.open_table(STHS)?;
         let Some(v) = table.get(tree_size)? else {
             return Ok(None);
