@@ -56,6 +56,19 @@ pub enum GroupError<E> {
     Lost(String),
 }
 
+/// Marks the group lost when dropped: armed while a grouped write runs,
+/// forgotten once it returned.
+struct Unfinished<'a>(&'a Store);
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        self.0
+            .group()
+            .lost
+            .get_or_insert_with(|| "a grouped write did not finish".into());
+    }
+}
+
 impl GroupError<std::convert::Infallible> {
     /// As the error of a write that returns `E`.
     pub fn widen<E>(self) -> GroupError<E> {
@@ -137,9 +150,12 @@ impl Store {
     }
 
     /// Run `write` in the group's transaction (opened if none is). `Err`
-    /// from `write` that `is_failure` calls a failure loses the group; any
-    /// other `Err` is a refusal, and `write` must not have written before
-    /// it (see the module documentation).
+    /// from `write` that `is_failure` calls a failure loses the group, as
+    /// does a `write` that unwinds; any other `Err` is a refusal, and
+    /// `write` must not have written before it (see the module
+    /// documentation). `write` reads through `txn`, not through the store:
+    /// while it runs, a read of the store sees the group's transaction as
+    /// it was last settled.
     pub fn write_grouped<T, E>(
         &self,
         write: impl FnOnce(&WriteTransaction) -> Result<T, E>,
@@ -162,7 +178,11 @@ impl Store {
                 e
             })?,
         };
-        match write(&txn) {
+        // A `write` that unwinds drops the transaction: the group is lost.
+        let unfinished = Unfinished(self);
+        let written = write(&txn);
+        std::mem::forget(unfinished);
+        match written {
             Ok(value) => {
                 self.group().open = Some(txn);
                 Ok(value)
@@ -188,17 +208,23 @@ impl Store {
         if let Some(lost) = &group.lost {
             return Err(GroupError::Lost(lost.clone()));
         }
-        let txn = match group.open.take() {
-            Some(txn) => txn,
-            None if settled => self.db.begin_write().map_err(redb::Error::from)?,
-            None => return Ok(()),
-        };
-        drop(group);
-        let mut txn = txn;
-        txn.set_durability(Durability::Immediate)
-            .map_err(redb::Error::from)?;
-        txn.commit().map_err(redb::Error::from)?;
-        Ok(())
+        let open = group.open.take();
+        if open.is_none() && !settled {
+            return Ok(());
+        }
+        let committed = (|| {
+            let mut txn = match open {
+                Some(txn) => txn,
+                None => self.db.begin_write()?,
+            };
+            txn.set_durability(Durability::Immediate)?;
+            txn.commit()?;
+            Ok::<_, redb::Error>(())
+        })();
+        if let Err(e) = &committed {
+            group.lost = Some(e.to_string());
+        }
+        Ok(committed?)
     }
 
     /// Run `write` in a transaction of its own, committed with
@@ -302,5 +328,27 @@ mod tests {
         // What the group settled before the failure was committed; the
         // rest was not.
         assert_eq!(keys(&open(&dir)).unwrap(), [1]);
+    }
+
+    /// A grouped write that unwinds drops the group's transaction: the
+    /// group is lost, not made durable without it.
+    #[test]
+    fn a_write_that_unwinds_loses_the_group() {
+        let dir = TempDir::new("store-unwind");
+        let store = open(&dir);
+        store.write_grouped(put(1), |_| true).unwrap();
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            store.write_grouped::<(), redb::Error>(
+                |txn| {
+                    put(2)(txn)?;
+                    panic!("a bug in a write")
+                },
+                |_| true,
+            )
+        }));
+        assert!(unwound.is_err());
+        assert!(matches!(store.make_durable(true), Err(GroupError::Lost(_))));
+        drop(store);
+        assert_eq!(keys(&open(&dir)).unwrap(), Vec::<u64>::new());
     }
 }

@@ -5,7 +5,9 @@
 //! 1. Issuance (durable, CT-logged, through the leader) with 32 requests
 //!    in flight, alternating run by run with one phase0 server in the same
 //!    topology under the same load; medians, and server CPU per issuance
-//!    (all members together) read from /proc around each run.
+//!    (all members together) read from /proc around each run. With
+//!    `--baseline-server`, that binary (an older build) runs the same
+//!    cluster and single node after ours in each run, with the same client.
 //! 2. Failover: `internet2 failover-load` issues certificates through the
 //!    members while the leader is killed (`kill -9`) and restarted, again
 //!    and again; for each kill, the time until a certificate is
@@ -48,6 +50,10 @@ pub struct ClusterBenchArgs {
     /// Also write the report as JSON here.
     #[arg(long, value_name = "PATH")]
     pub json: Option<PathBuf>,
+    /// Also measure this server binary (an older build) in the issuance
+    /// phase, alternating with ours run by run, with the same client.
+    #[arg(long, value_name = "PATH")]
+    pub baseline_server: Option<PathBuf>,
 }
 
 /// The namespaces; Drop kills what runs in them and deletes them.
@@ -393,67 +399,77 @@ pub fn bench_cluster(args: &ClusterBenchArgs) -> Result<()> {
     let server = take("internet2-server")?;
     let client = take("internet2")?;
     crate::bench::remove_stale_work_dirs(PREFIX);
-    let bench = Bench {
-        server,
+    if let Some(path) = &args.baseline_server
+        && !path.is_file()
+    {
+        bail!("--baseline-server {}: no such file", path.display());
+    }
+    let mut bench = Bench {
+        server: server.clone(),
         client,
         work: WorkDir::create(PREFIX)?,
         topo: Topology::create()?,
     };
-    let (mut cluster_runs, mut single_runs) = (Vec::new(), Vec::new());
-    for run in 0..args.runs {
-        check_interrupt()?;
-        eprintln!(
-            "bench-cluster: issuance, run {}/{}: three members",
-            run + 1,
-            args.runs
-        );
-        let tag = format!("run{run}");
-        let nodes = bench.form(&tag)?;
-        let ca_dir = &nodes[0].as_ref().expect("started").dir;
-        let status =
-            bench.wait_status(ca_dir, Duration::from_secs(10), |s| leader_of(s).is_some())?;
-        let leader = leader_of(&status).expect("checked");
-        let pids: Vec<u32> = nodes.iter().flatten().map(|n| n.proc.pid()).collect();
-        let address = format!("[{}]:{PORT}", member_ip(leader));
-        let out = bench.work.path.join(format!("{tag}-cluster.json"));
-        cluster_runs.push(bench.issuance(ca_dir, &address, &pids, args, &out)?);
-        drop(nodes);
-
-        eprintln!(
-            "bench-cluster: issuance, run {}/{}: one node",
-            run + 1,
-            args.runs
-        );
-        let dir = bench.prepare(&format!("{tag}-single"), 0)?;
-        let single = bench.start(0, &dir, &[])?;
-        let address = format!("[{}]:{PORT}", member_ip(0));
-        let out = bench.work.path.join(format!("{tag}-single.json"));
-        single_runs.push(bench.issuance(&dir, &address, &[single.proc.pid()], args, &out)?);
-        drop(single);
+    let mut sides = vec![("ours", server, Vec::new(), Vec::new())];
+    if let Some(path) = &args.baseline_server {
+        sides.push(("baseline", path.clone(), Vec::new(), Vec::new()));
     }
-    let cluster = medians(&cluster_runs);
-    let single = medians(&single_runs);
-    let ratio = match (
-        cluster["per_second"].as_f64(),
-        single["per_second"].as_f64(),
-    ) {
-        (Some(c), Some(s)) if s > 0.0 => json!(c / s),
-        _ => Value::Null,
+    for run in 0..args.runs {
+        for (label, server, cluster_runs, single_runs) in &mut sides {
+            bench.server = server.clone();
+            let (cluster, single) = issuance_run(&bench, args, label, run)?;
+            cluster_runs.push(cluster);
+            single_runs.push(single);
+        }
+    }
+    bench.server = sides[0].1.clone();
+    let summary = |cluster_runs: &[Value], single_runs: &[Value]| {
+        let cluster = medians(cluster_runs);
+        let single = medians(single_runs);
+        let ratio = match (
+            cluster["per_second"].as_f64(),
+            single["per_second"].as_f64(),
+        ) {
+            (Some(c), Some(s)) if s > 0.0 => json!(c / s),
+            _ => Value::Null,
+        };
+        json!({
+            "cluster_of_3": cluster,
+            "single_node": single,
+            "cluster_vs_single_per_second": ratio,
+            "runs": { "cluster_of_3": cluster_runs, "single_node": single_runs },
+        })
     };
+    let mut issuance = summary(&sides[0].2, &sides[0].3);
+    issuance["requests"] = json!(args.requests);
+    issuance["concurrency"] = json!(args.concurrency);
+    if let Some((_, path, cluster_runs, single_runs)) = sides.get(1) {
+        let baseline = summary(cluster_runs, single_runs);
+        let ratio = |kind: &str, key: &str| match (
+            issuance[kind][key].as_f64(),
+            baseline[kind][key].as_f64(),
+        ) {
+            (Some(ours), Some(theirs)) if theirs > 0.0 => json!(ours / theirs),
+            _ => Value::Null,
+        };
+        issuance["vs_baseline"] = json!({
+            "cluster_of_3_per_second": ratio("cluster_of_3", "per_second"),
+            "single_node_per_second": ratio("single_node", "per_second"),
+            "cluster_of_3_server_cpu_us_per_issuance":
+                ratio("cluster_of_3", "server_cpu_us_per_issuance"),
+            "single_node_server_cpu_us_per_issuance":
+                ratio("single_node", "server_cpu_us_per_issuance"),
+        });
+        issuance["baseline"] = baseline;
+        issuance["baseline"]["server"] = json!(path.display().to_string());
+    }
     let failover = if args.kills > 0 {
         failover(&bench, args.kills)?
     } else {
         Value::Null
     };
     let report = json!({
-        "issuance": {
-            "cluster_of_3": cluster,
-            "single_node": single,
-            "cluster_vs_single_per_second": ratio,
-            "runs": { "cluster_of_3": cluster_runs, "single_node": single_runs },
-            "requests": args.requests,
-            "concurrency": args.concurrency,
-        },
+        "issuance": issuance,
         "failover": failover,
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
@@ -465,6 +481,45 @@ pub fn bench_cluster(args: &ClusterBenchArgs) -> Result<()> {
         bail!("the failover check failed (see the report)");
     }
     Ok(())
+}
+
+/// One run of the issuance phase with `bench.server`: a fresh cluster of
+/// three, then a fresh single node, under the same load.
+fn issuance_run(
+    bench: &Bench,
+    args: &ClusterBenchArgs,
+    label: &str,
+    run: usize,
+) -> Result<(Value, Value)> {
+    check_interrupt()?;
+    eprintln!(
+        "bench-cluster: issuance, run {}/{}, {label}: three members",
+        run + 1,
+        args.runs
+    );
+    let tag = format!("run{run}-{label}");
+    let nodes = bench.form(&tag)?;
+    let ca_dir = &nodes[0].as_ref().expect("started").dir;
+    let status = bench.wait_status(ca_dir, Duration::from_secs(10), |s| leader_of(s).is_some())?;
+    let leader = leader_of(&status).expect("checked");
+    let pids: Vec<u32> = nodes.iter().flatten().map(|n| n.proc.pid()).collect();
+    let address = format!("[{}]:{PORT}", member_ip(leader));
+    let out = bench.work.path.join(format!("{tag}-cluster.json"));
+    let cluster = bench.issuance(ca_dir, &address, &pids, args, &out)?;
+    drop(nodes);
+
+    eprintln!(
+        "bench-cluster: issuance, run {}/{}, {label}: one node",
+        run + 1,
+        args.runs
+    );
+    let dir = bench.prepare(&format!("{tag}-single"), 0)?;
+    let single = bench.start(0, &dir, &[])?;
+    let address = format!("[{}]:{PORT}", member_ip(0));
+    let out = bench.work.path.join(format!("{tag}-single.json"));
+    let single_run = bench.issuance(&dir, &address, &[single.proc.pid()], args, &out)?;
+    drop(single);
+    Ok((cluster, single_run))
 }
 
 /// Kill the leader `kills` times under continuous issuance; see the module
