@@ -241,9 +241,25 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(outcomes.into_iter().map(|(_, outcome)| outcome).collect())
     }
 
+    /// Called between applies: the store is made durable (the log before
+    /// the snapshot may be purged once it is built) and a read transaction
+    /// taken of it as it is, with the entry it holds last. The builder
+    /// dumps that transaction on a thread of its own while entries go on
+    /// being applied: a snapshot copies the whole store, and the
+    /// control-plane thread would otherwise stall for as long as that
+    /// takes, longer as the store grows.
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
+        let mut host = self.host.borrow_mut();
+        let view = (|| {
+            host.machine_mut().make_durable().map_err(write_error)?;
+            let machine = host.machine();
+            let (last_log_id, last_membership) = applied_state(machine)?;
+            let txn = redb::ReadableDatabase::begin_read(&*machine.authority().database())
+                .map_err(read_error)?;
+            Ok((last_log_id, last_membership, txn))
+        })();
         SnapshotBuilder {
-            host: self.host.clone(),
+            view: Some(view),
             current: self.current.clone(),
         }
     }
@@ -285,22 +301,40 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 }
 
-/// Builds a snapshot of the store as it is.
+/// The applied state and a read transaction of the store at one point
+/// between applies.
+type View = Result<
+    (
+        Option<LogId<u64>>,
+        StoredMembership<u64, Member>,
+        redb::ReadTransaction,
+    ),
+    Error,
+>;
+
+/// Builds a snapshot of the store as it was when the builder was made.
 pub struct SnapshotBuilder {
-    host: Host,
+    view: Option<View>,
     current: Current,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, Error> {
-        let mut host = self.host.borrow_mut();
-        // Durable before the log it covers may be purged.
-        host.machine_mut().make_durable().map_err(write_error)?;
-        let machine = host.machine();
-        // One thread applies and builds, and nothing awaits in between: the
-        // tables are those of the recorded last entry.
-        let (last_log_id, last_membership) = applied_state(machine)?;
-        let bytes = snapshot::dump(&machine.authority().database()).map_err(read_error)?;
+        let (last_log_id, last_membership, txn) = self
+            .view
+            .take()
+            .unwrap_or_else(|| Err(read_error(std::io::Error::other("the snapshot was built"))))?;
+        let (done, dumped) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("snapshot".into())
+            .spawn(move || {
+                let _ = done.send(snapshot::dump_in(&txn));
+            })
+            .map_err(read_error)?;
+        let bytes = dumped
+            .await
+            .map_err(|_| read_error(std::io::Error::other("the snapshot thread stopped")))?
+            .map_err(read_error)?;
         let snapshot_id = match &last_log_id {
             Some(id) => format!(
                 "{}-{}-{}",

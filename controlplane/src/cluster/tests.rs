@@ -766,3 +766,53 @@ fn a_request_is_pinned_to_the_key_of_the_member_meant() {
     // refuses every pinned request ("no certificate that can be read").
     assert_eq!(dataplane::trust::spki_sha256(b"not a certificate"), None);
 }
+
+/// A snapshot is of the store as it was when its builder was made, the
+/// entries applied while it is being dumped (on a thread of its own) left
+/// out: its bytes are the store's at that point, and its last entry the
+/// one applied last before it.
+#[test]
+fn a_snapshot_is_of_the_store_when_its_builder_was_made() {
+    use crate::machine::snapshot;
+    use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+    run(async {
+        let dir = TempDir::new("snapshot-view");
+        let machine = Rc::new(RefCell::new(open_machine(&dir)));
+        let mut state = StateMachine::new(machine.clone());
+        let entries = |from: u64, names: &[&str]| -> Vec<Entry<TypeConfig>> {
+            let machine = machine.borrow();
+            names
+                .iter()
+                .zip(from..)
+                .map(|(name, index)| {
+                    let (_, certify) = machine
+                        .authority()
+                        .propose_issue(
+                            IssueRequest {
+                                subject: (*name).into(),
+                                dns_names: vec![(*name).into()],
+                                ..IssueRequest::default()
+                            },
+                            SystemTime::now(),
+                        )
+                        .unwrap();
+                    Entry {
+                        log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+                        payload: EntryPayload::Normal(Command::Certify(certify)),
+                    }
+                })
+                .collect()
+        };
+        let first = entries(1, &["a.example", "b.example"]);
+        state.apply(first).await.unwrap();
+        let mut builder = state.get_snapshot_builder().await;
+        let expected = snapshot::dump(&machine.borrow().authority().database()).unwrap();
+        let later = entries(3, &["c.example", "d.example"]);
+        state.apply(later).await.unwrap();
+        let built = builder.build_snapshot().await.unwrap();
+        assert_eq!(built.meta.last_log_id.map(|id| id.index), Some(2));
+        assert_eq!(built.snapshot.into_inner(), expected);
+        assert_eq!(machine.borrow().authority().log().size(), 4);
+    });
+}

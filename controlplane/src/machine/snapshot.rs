@@ -72,11 +72,15 @@ fn rows_of<K: Key + 'static, V: Value + 'static>(
 
 /// Every replicated table's name and rows, in snapshot order.
 pub fn tables(db: &Database) -> Result<Vec<(String, Rows)>, redb::Error> {
-    let txn = db.begin_read()?;
+    tables_in(&db.begin_read()?)
+}
+
+/// [`tables`], as `txn` reads them.
+fn tables_in(txn: &ReadTransaction) -> Result<Vec<(String, Rows)>, redb::Error> {
     let mut out = Vec::new();
     macro_rules! read {
         ($table:expr) => {
-            out.push(($table.name().to_owned(), rows_of(&txn, $table)?));
+            out.push(($table.name().to_owned(), rows_of(txn, $table)?));
         };
     }
     for_each_table!(read);
@@ -85,7 +89,14 @@ pub fn tables(db: &Database) -> Result<Vec<(String, Rows)>, redb::Error> {
 
 /// The store as snapshot bytes.
 pub fn dump(db: &Database) -> Result<Vec<u8>, redb::Error> {
-    let tables = tables(db)?;
+    dump_in(&db.begin_read()?)
+}
+
+/// The store as `txn` reads it, as snapshot bytes: a read transaction
+/// sees one state whatever is written after it began, so this may run
+/// on another thread while commands go on being applied.
+pub fn dump_in(txn: &ReadTransaction) -> Result<Vec<u8>, redb::Error> {
+    let tables = tables_in(txn)?;
     let mut out = MAGIC.to_vec();
     out.push(FORMAT);
     out.push(tables.len() as u8);
