@@ -347,7 +347,15 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             last_membership,
             snapshot_id,
         };
-        *self.current.borrow_mut() = Some((meta.clone(), bytes.clone()));
+        // The dump took a while: a newer snapshot may have been installed
+        // (or built) meanwhile, and stays the one handed out.
+        let mut current = self.current.borrow_mut();
+        if current
+            .as_ref()
+            .is_none_or(|(held, _)| held.last_log_id < meta.last_log_id)
+        {
+            *current = Some((meta.clone(), bytes.clone()));
+        }
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(bytes)),

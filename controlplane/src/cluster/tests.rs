@@ -767,52 +767,94 @@ fn a_request_is_pinned_to_the_key_of_the_member_meant() {
     assert_eq!(dataplane::trust::spki_sha256(b"not a certificate"), None);
 }
 
-/// A snapshot is of the store as it was when its builder was made, the
-/// entries applied while it is being dumped (on a thread of its own) left
-/// out: its bytes are the store's at that point, and its last entry the
-/// one applied last before it.
+/// Entries `from..` of term 1 issuing a certificate for each of `names`,
+/// proposed by `machine`.
+fn issuances(machine: &Machine, from: u64, names: &[&str]) -> Vec<openraft::Entry<TypeConfig>> {
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+    names
+        .iter()
+        .zip(from..)
+        .map(|(name, index)| {
+            let (_, certify) = machine
+                .authority()
+                .propose_issue(
+                    IssueRequest {
+                        subject: (*name).into(),
+                        dns_names: vec![(*name).into()],
+                        ..IssueRequest::default()
+                    },
+                    SystemTime::now(),
+                )
+                .unwrap();
+            Entry {
+                log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+                payload: EntryPayload::Normal(Command::Certify(certify)),
+            }
+        })
+        .collect()
+}
+
+/// A snapshot is of the store as it was when its builder was made (its
+/// dump runs on a thread of its own, after later entries may have been
+/// applied): entries applied after that are left out, its bytes are the
+/// store's at that point, and its last entry the one applied last before.
 #[test]
 fn a_snapshot_is_of_the_store_when_its_builder_was_made() {
     use crate::machine::snapshot;
     use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
-    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
     run(async {
         let dir = TempDir::new("snapshot-view");
         let machine = Rc::new(RefCell::new(open_machine(&dir)));
         let mut state = StateMachine::new(machine.clone());
-        let entries = |from: u64, names: &[&str]| -> Vec<Entry<TypeConfig>> {
-            let machine = machine.borrow();
-            names
-                .iter()
-                .zip(from..)
-                .map(|(name, index)| {
-                    let (_, certify) = machine
-                        .authority()
-                        .propose_issue(
-                            IssueRequest {
-                                subject: (*name).into(),
-                                dns_names: vec![(*name).into()],
-                                ..IssueRequest::default()
-                            },
-                            SystemTime::now(),
-                        )
-                        .unwrap();
-                    Entry {
-                        log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-                        payload: EntryPayload::Normal(Command::Certify(certify)),
-                    }
-                })
-                .collect()
-        };
-        let first = entries(1, &["a.example", "b.example"]);
+        let first = issuances(&machine.borrow(), 1, &["a.example", "b.example"]);
         state.apply(first).await.unwrap();
         let mut builder = state.get_snapshot_builder().await;
         let expected = snapshot::dump(&machine.borrow().authority().database()).unwrap();
-        let later = entries(3, &["c.example", "d.example"]);
+        let later = issuances(&machine.borrow(), 3, &["c.example", "d.example"]);
         state.apply(later).await.unwrap();
         let built = builder.build_snapshot().await.unwrap();
         assert_eq!(built.meta.last_log_id.map(|id| id.index), Some(2));
         assert_eq!(built.snapshot.into_inner(), expected);
         assert_eq!(machine.borrow().authority().log().size(), 4);
+    });
+}
+
+/// A newer snapshot installed while an older view is being dumped stays
+/// the one the member hands out: the older build finishing after it does
+/// not replace it.
+#[test]
+fn a_snapshot_built_from_an_older_view_does_not_replace_a_newer_one() {
+    use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+    run(async {
+        let keys = TempDir::new("snapshot-order-keys");
+        drop(open_machine(&keys));
+        let (behind_dir, ahead_dir) = (
+            TempDir::new("snapshot-order-behind"),
+            TempDir::new("snapshot-order-ahead"),
+        );
+        copy_cluster_keys(&keys.0, &behind_dir.0);
+        copy_cluster_keys(&keys.0, &ahead_dir.0);
+        let behind = Rc::new(RefCell::new(open_machine(&behind_dir)));
+        let ahead = Rc::new(RefCell::new(open_machine(&ahead_dir)));
+        let mut behind_state = StateMachine::new(behind.clone());
+        let mut ahead_state = StateMachine::new(ahead.clone());
+        let entries = issuances(&ahead.borrow(), 1, &["a.example", "b.example", "c.example"]);
+        behind_state.apply(entries[..1].to_vec()).await.unwrap();
+        ahead_state.apply(entries).await.unwrap();
+        let mut older = behind_state.get_snapshot_builder().await;
+        let newer = ahead_state
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        behind_state
+            .install_snapshot(&newer.meta, newer.snapshot)
+            .await
+            .unwrap();
+        older.build_snapshot().await.unwrap();
+        let current = behind_state.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta.last_log_id.map(|id| id.index), Some(3));
+        assert_eq!(behind.borrow().authority().log().size(), 3);
     });
 }
