@@ -249,9 +249,8 @@ impl Authority {
         let records = store
             .begin_read()
             .map_err(RegistryError::from)
-            .and_then(|txn| registry::load_all(&txn))
+            .and_then(|txn| checked_records(&txn, &log))
             .map_err(registry_error)?;
-        check_against_log(&records, &log).map_err(registry_error)?;
         let (issued, revoked) = ca_state(&records);
         ca.restore(issued, revoked);
         Ok(Self {
@@ -271,9 +270,8 @@ impl Authority {
             source,
         })?;
         let records = self
-            .read(registry::load_all)
+            .read(|txn| checked_records(txn, &self.log))
             .map_err(|e| self.registry_error(e))?;
-        check_against_log(&records, &self.log).map_err(|e| self.registry_error(e))?;
         let (issued, revoked) = ca_state(&records);
         self.ca.restore(issued, revoked);
         Ok(())
@@ -292,12 +290,11 @@ impl Authority {
                 path: self.store_path.clone(),
                 source,
             })?;
-        let records = db
-            .begin_read()
+        db.begin_read()
             .map_err(RegistryError::from)
-            .and_then(|txn| registry::load_all(&txn))
-            .map_err(|e| self.registry_error(e))?;
-        check_against_log(&records, &log).map_err(|e| self.registry_error(e))
+            .and_then(|txn| checked_records(&txn, &log))
+            .map(drop)
+            .map_err(|e| self.registry_error(e))
     }
 
     /// Sign a certificate for `request`: the certificate (with the private
@@ -657,6 +654,17 @@ fn unix_ms(now: SystemTime) -> Result<u64, AuthorityError> {
 }
 
 /// The registry must describe the log exactly; see the module documentation.
+/// Every registry record `txn` reads, checked against `log`
+/// ([`check_against_log`]).
+fn checked_records(
+    txn: &ReadTransaction,
+    log: &CtLog,
+) -> Result<Vec<CertificateRecord>, RegistryError> {
+    let records = registry::load_all(txn)?;
+    check_against_log(&records, log)?;
+    Ok(records)
+}
+
 fn check_against_log(records: &[CertificateRecord], log: &CtLog) -> Result<(), RegistryError> {
     let size = log.size();
     let disagree = |detail: String| {

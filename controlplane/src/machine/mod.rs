@@ -247,10 +247,7 @@ impl Machine {
 
     /// A store error as this machine's.
     fn store_error(&self, e: GroupError<AuthorityError>) -> AuthorityError {
-        e.flatten(|source| AuthorityError::Store {
-            path: self.authority.store_path().to_owned(),
-            source,
-        })
+        store_error(self.authority.store_path(), e)
     }
 
     /// Run `write` in the group's transaction or, outside a group, in a
@@ -375,12 +372,7 @@ impl Machine {
             })?);
             Store::new(db.clone())
                 .transact(Durability::None, |txn| restore_in(txn, snapshot, &path))
-                .map_err(|e| {
-                    e.flatten(|source| AuthorityError::Store {
-                        path: path.clone(),
-                        source,
-                    })
-                })?;
+                .map_err(|e| store_error(&path, e))?;
             self.authority.check_tables(db.clone()).map_err(refused)?;
             if let Some(config) = &self.zone_config {
                 Zone::open(&db, config).map_err(|source| {
@@ -677,6 +669,15 @@ fn restore_in(txn: &WriteTransaction, bytes: &[u8], path: &Path) -> Result<(), A
     })
 }
 
+/// A failure of the store at `path` (or a write's own error) as an
+/// [`AuthorityError`].
+fn store_error(path: &Path, e: GroupError<AuthorityError>) -> AuthorityError {
+    e.flatten(|source| AuthorityError::Store {
+        path: path.to_owned(),
+        source,
+    })
+}
+
 /// Where a snapshot is restored to be checked ([`Machine::check_snapshot`]):
 /// beside the store.
 fn snapshot_scratch(store: &Path) -> std::path::PathBuf {
@@ -714,10 +715,5 @@ pub(crate) fn init_store(
                     source,
                 })
         })
-        .map_err(|e| {
-            e.flatten(|source| AuthorityError::Store {
-                path: path.to_owned(),
-                source,
-            })
-        })
+        .map_err(|e| store_error(path, e))
 }
