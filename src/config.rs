@@ -5,6 +5,7 @@
 //! errors that name the file, the line and the key; nothing is started
 //! before the whole file is valid.
 
+use dataplane::capacity::PerCore;
 use dataplane::front_door::{Ipv6Prefix, XdpAttachMode};
 use dataplane::io::IoBatch;
 use dataplane::io::xdp::ZeroCopy;
@@ -38,15 +39,16 @@ pub struct Config {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Internet2 {
-    /// IPv6 address to listen on.
-    pub bind: Spanned<String>,
+    /// IPv6 address to listen on (`bind` is the older name).
+    #[serde(alias = "bind")]
+    pub bind_address: Spanned<String>,
     pub port: u16,
 }
 
 impl Default for Internet2 {
     fn default() -> Self {
         Self {
-            bind: Spanned::new(0..0, "::1".into()),
+            bind_address: Spanned::new(0..0, "::1".into()),
             port: 4433,
         }
     }
@@ -79,6 +81,14 @@ pub struct StoqTransport {
     pub zero_copy: ZeroCopy,
     /// AF_XDP UMEM frames per worker (2 KiB each; a power of two).
     pub xdp_frames: u32,
+    /// Zero-copy paths where the backend has them (AF_XDP); false forces
+    /// copies.
+    pub enable_zero_copy: bool,
+    /// The goodput this server is sized for, in Gbit/s (absent: the
+    /// defaults of each key).
+    pub target_throughput_gbps: Option<f64>,
+    /// GSO/GRO, eBPF steering and AES instructions; false turns them off.
+    pub enable_hardware_acceleration: bool,
 }
 
 impl Default for StoqTransport {
@@ -103,6 +113,9 @@ impl Default for StoqTransport {
             handshake_rate_retry_per_s: 50_000,
             zero_copy: ZeroCopy::Auto,
             xdp_frames: 4096,
+            enable_zero_copy: true,
+            target_throughput_gbps: None,
+            enable_hardware_acceleration: true,
         }
     }
 }
@@ -187,6 +200,11 @@ pub struct HypermeshAssets {
     /// networks). Loopback and the server's own bind address are always
     /// exempt.
     pub isolation_exempt: Vec<String>,
+    /// VM execution (not part of this build: true is a start-up warning).
+    pub enable_vm_execution: bool,
+    /// Asset addressing (not part of this build: true is a start-up
+    /// warning).
+    pub nat_addressing: bool,
 }
 
 impl Default for HypermeshAssets {
@@ -209,6 +227,8 @@ impl Default for HypermeshAssets {
             isolation_ttl_s: 300,
             isolation_ipv6_prefix_len: 64,
             isolation_exempt: Vec::new(),
+            enable_vm_execution: false,
+            nat_addressing: false,
         }
     }
 }
@@ -252,6 +272,22 @@ pub struct TrustchainAuthority {
     pub import_certificate: Option<PathBuf>,
     /// The PEM private key of `import_certificate`.
     pub import_key: Option<PathBuf>,
+    /// `embedded` (the server's CA issues its certificate) or `external`
+    /// (phase0: `import_certificate` is the server's certificate for every
+    /// client).
+    pub ca_mode: Provided,
+    /// `embedded` (names outside the zone are refused) or `external`
+    /// (phase0: they are asked of the system's resolvers).
+    pub dns_mode: Provided,
+}
+
+/// Who provides a service: the server itself or the world around it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Provided {
+    #[default]
+    Embedded,
+    External,
 }
 
 /// What the DNS does with names outside its zone.
@@ -289,6 +325,8 @@ impl Default for TrustchainAuthority {
             upstream_resolvers: Vec::new(),
             import_certificate: None,
             import_key: None,
+            ca_mode: Provided::Embedded,
+            dns_mode: Provided::Embedded,
         }
     }
 }
@@ -352,30 +390,112 @@ pub struct Resolved {
     pub outside_zone: Option<Vec<std::net::SocketAddr>>,
     /// The imported certificate chain and key files (phase0's migration).
     pub import: Option<(PathBuf, PathBuf)>,
+    /// `ca_mode = "external"`: the imported certificate is the server's
+    /// for every client.
+    pub ca_external: bool,
     pub admission: crate::admission::AdmissionSettings,
+    /// What `target_throughput_gbps` chose (None: not set).
+    pub throughput: Option<ThroughputPlan>,
+    /// What the file's keys switched on or off, for the start-up log.
+    pub choices: Vec<String>,
+    /// Keys that ask for more than this machine or build gives: logged as
+    /// warnings at start, never refused.
+    pub warnings: Vec<String>,
 }
 
+/// How `target_throughput_gbps` sized the server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ThroughputPlan {
+    pub target_gbps: f64,
+    /// One core's cipher rate measured at start, and the goodput per
+    /// worker core estimated from it (`dataplane::capacity`).
+    pub per_core: PerCore,
+    /// Workers needed for the target at that rate.
+    pub workers_needed: usize,
+    /// What the chosen workers reach at that rate.
+    pub reachable_gbps: f64,
+}
+
+/// The round trip the windows are sized for when a target is set: a
+/// connection reaches `window / RTT`.
+const WINDOW_RTT: Duration = Duration::from_millis(50);
+/// How long a worker may stall before its socket's receive buffer
+/// overflows, when a target sizes the buffers.
+const SOCKET_BUFFER_STALL: Duration = Duration::from_millis(10);
+
 /// Parse and validate `text` read from `file`. `cores` is the number of
-/// CPUs this process may run on (for pinning checks).
+/// CPUs this process may run on (for pinning checks). With
+/// `target_throughput_gbps`, one core's cipher rate is measured (about
+/// 12 ms) to size the server.
 pub fn parse(file: &str, text: &str, cores: usize) -> Result<Resolved, ConfigError> {
+    parse_on(file, text, cores, &dataplane::capacity::measure)
+}
+
+/// [`parse`] with the per-core measurement given (`aes_first` says which
+/// suite it seals with).
+pub fn parse_on(
+    file: &str,
+    text: &str,
+    cores: usize,
+    per_core: &dyn Fn(bool) -> PerCore,
+) -> Result<Resolved, ConfigError> {
     let config: Config =
         toml::from_str(text).map_err(|e| locate(file, text, e.span(), e.message()))?;
-    config.resolve(file, text, cores)
+    let table: toml::Table =
+        toml::from_str(text).map_err(|e| locate(file, text, e.span(), e.message()))?;
+    let given = Given(table);
+    config.resolve(file, text, cores, &given, per_core)
+}
+
+/// The keys the file sets, so a default can follow another key while a
+/// value the operator wrote wins (or contradicts it, an error).
+struct Given(toml::Table);
+
+impl Given {
+    fn has(&self, section: &str, key: &str) -> bool {
+        self.0
+            .get(section)
+            .and_then(|s| s.as_table())
+            .is_some_and(|s| s.contains_key(key))
+    }
 }
 
 impl Config {
-    fn resolve(self, file: &str, text: &str, cores: usize) -> Result<Resolved, ConfigError> {
+    fn resolve(
+        mut self,
+        file: &str,
+        text: &str,
+        cores: usize,
+        given: &Given,
+        per_core: &dyn Fn(bool) -> PerCore,
+    ) -> Result<Resolved, ConfigError> {
+        let mut choices = Vec::new();
+        let mut warnings = Vec::new();
+        let aes_first = self.hardware(file, text, given, &mut choices, &mut warnings)?;
+        self.zero_copy(file, text, given, &mut choices)?;
+        self.features(&mut warnings);
+        let congestion = self.stoq_transport.congestion_control;
+        choices.push(format!(
+            "congestion control {}{}",
+            format!("{congestion:?}").to_lowercase(),
+            match congestion {
+                CongestionControl::Bbr2 | CongestionControl::Bbr3 => " (BBRv3)",
+                CongestionControl::Bbr => " (quinn-proto's BBRv1)",
+                CongestionControl::Cubic | CongestionControl::Newreno => "",
+            }
+        ));
         let err = |span: Range<usize>, message: String| locate(file, text, Some(span), &message);
-        let bind_span = self.internet2.bind.span();
-        let bind: std::net::IpAddr = self.internet2.bind.get_ref().parse().map_err(|_| {
-            err(
-                bind_span.clone(),
-                format!(
-                    "`{}` is not an IP address; use an IPv6 address such as \"::1\" or \"::\"",
-                    self.internet2.bind.get_ref()
-                ),
-            )
-        })?;
+        let bind_span = self.internet2.bind_address.span();
+        let bind: std::net::IpAddr =
+            self.internet2.bind_address.get_ref().parse().map_err(|_| {
+                err(
+                    bind_span.clone(),
+                    format!(
+                        "`{}` is not an IP address; use an IPv6 address such as \"::1\" or \"::\"",
+                        self.internet2.bind_address.get_ref()
+                    ),
+                )
+            })?;
         let bind: Ipv6Addr = match bind {
             std::net::IpAddr::V6(a) if a.to_ipv4_mapped().is_none() => a,
             other => {
@@ -387,9 +507,26 @@ impl Config {
                 ));
             }
         };
+        let t = &self.stoq_transport;
+        let target = match t.target_throughput_gbps {
+            Some(gbps) if !(gbps > 0.0 && gbps <= 10_000.0) => {
+                return Err(key_error(
+                    file,
+                    text,
+                    "stoq_transport",
+                    "target_throughput_gbps",
+                    "must be above 0 and at most 10000",
+                ));
+            }
+            Some(gbps) => Some((gbps, per_core(aes_first))),
+            None => None,
+        };
         let d = &self.dataplane;
         let workers = match *d.workers.get_ref() {
-            0 => cores.max(1),
+            0 => match target {
+                Some((gbps, measured)) => workers_for(gbps, measured).min(cores.max(1)),
+                None => cores.max(1),
+            },
             n if n > dataplane::cid::WORKERS_MAX => {
                 return Err(err(
                     d.workers.span(),
@@ -432,6 +569,30 @@ impl Config {
                 ),
             ));
         }
+        let throughput = target.map(|(gbps, measured)| {
+            let plan = ThroughputPlan {
+                target_gbps: gbps,
+                per_core: measured,
+                workers_needed: workers_for(gbps, measured),
+                reachable_gbps: workers as f64 * measured.goodput_gbps,
+            };
+            size_for(
+                &mut self.stoq_transport,
+                &plan,
+                workers,
+                given,
+                &mut choices,
+            );
+            if plan.reachable_gbps < gbps {
+                warnings.push(format!(
+                    "target_throughput_gbps = {gbps}: this machine reaches about {:.1} Gbit/s \
+                     ({workers} workers at about {:.1} Gbit/s per core; {} workers on as many \
+                     cores would reach the target)",
+                    plan.reachable_gbps, measured.goodput_gbps, plan.workers_needed
+                ));
+            }
+            plan
+        });
         let t = &self.stoq_transport;
         let checks: [(&str, bool, &str); 9] = [
             (
@@ -508,6 +669,16 @@ impl Config {
         }
         let xdp = self.xdp_plan(file, text, workers)?;
         let admission = self.admission(file, text, bind)?;
+        let a = &mut self.trustchain_authority;
+        let lifetime_given = given.has("trustchain_authority", "certificate_lifetime_hours");
+        if !lifetime_given && a.certificate_rotation_hours.is_finite() {
+            // The lifetime follows the rotation period: twice it (a full
+            // period of overlap), at least the default day.
+            let doubled = (a.certificate_rotation_hours * 2.0)
+                .ceil()
+                .min(f64::from(24 * 90));
+            a.certificate_lifetime_hours = a.certificate_lifetime_hours.max(doubled as u32);
+        }
         let a = &self.trustchain_authority;
         if !(1..=24 * 90).contains(&a.certificate_lifetime_hours) {
             return Err(key_error(
@@ -526,7 +697,17 @@ impl Config {
                 text,
                 "trustchain_authority",
                 "certificate_rotation_hours",
-                "must be above 0 and below certificate_lifetime_hours (validity must overlap)",
+                &if lifetime_given {
+                    format!(
+                        "must be above 0 and below certificate_lifetime_hours ({}) so that \
+                         validity overlaps: lower it, or raise certificate_lifetime_hours \
+                         (twice the rotation period gives a full period of overlap)",
+                        a.certificate_lifetime_hours
+                    )
+                } else {
+                    "must be above 0 and below 2160 (the longest certificate lifetime, 90 days)"
+                        .to_owned()
+                },
             ));
         }
         let certificate_lifetime =
@@ -546,7 +727,21 @@ impl Config {
                 &e.to_string(),
             ));
         }
-        let outside_zone = match a.outside_zone {
+        let outside_zone_given = given.has("trustchain_authority", "outside_zone");
+        let outside_zone = match (a.dns_mode, a.outside_zone) {
+            (Provided::External, OutsideZone::Refuse) if outside_zone_given => {
+                return Err(key_error(
+                    file,
+                    text,
+                    "trustchain_authority",
+                    "outside_zone",
+                    "contradicts trustchain_authority.dns_mode = \"external\" (both set in this file); remove one of the two",
+                ));
+            }
+            (Provided::External, _) => OutsideZone::SystemResolver,
+            (Provided::Embedded, mode) => mode,
+        };
+        let outside_zone = match outside_zone {
             OutsideZone::Refuse if !a.upstream_resolvers.is_empty() => {
                 return Err(key_error(
                     file,
@@ -571,6 +766,15 @@ impl Config {
         };
         let import = match (&a.import_certificate, &a.import_key) {
             (Some(certificate), Some(key)) => Some((certificate.clone(), key.clone())),
+            (None, None) if a.ca_mode == Provided::External => {
+                return Err(key_error(
+                    file,
+                    text,
+                    "trustchain_authority",
+                    "ca_mode",
+                    "\"external\" needs import_certificate and import_key: the chain (leaf first) and key another CA issued for this server",
+                ));
+            }
             (None, None) => None,
             (Some(_), None) => {
                 return Err(key_error(
@@ -628,6 +832,7 @@ impl Config {
             connections_per_worker_max: t.connections_per_worker_max,
             handshake_rate_retry_per_s: t.handshake_rate_retry_per_s,
             transport,
+            aes_first,
             xdp,
             front_door: None,
             control: None,
@@ -664,7 +869,11 @@ impl Config {
             legacy_dns_port: self.trustchain_authority.legacy_dns_port,
             outside_zone,
             import,
+            ca_external: self.trustchain_authority.ca_mode == Provided::External,
             admission,
+            throughput,
+            choices,
+            warnings,
         })
     }
 
@@ -753,7 +962,185 @@ impl Config {
     }
 }
 
+/// Workers a target needs at one core's estimated goodput.
+fn workers_for(target_gbps: f64, per_core: PerCore) -> usize {
+    let per_core = per_core.goodput_gbps.max(0.001);
+    ((target_gbps / per_core).ceil() as usize).clamp(1, dataplane::cid::WORKERS_MAX)
+}
+
+/// Sizes what the file leaves unset from the target: each worker's socket
+/// buffer holds [`SOCKET_BUFFER_STALL`] of its share, and a connection's
+/// windows (one connection runs on one worker) carry the smaller of the
+/// target and one core over a [`WINDOW_RTT`] path, its streams a quarter of
+/// that, as the defaults do.
+fn size_for(
+    t: &mut StoqTransport,
+    plan: &ThroughputPlan,
+    workers: usize,
+    given: &Given,
+    choices: &mut Vec<String>,
+) {
+    const MIB: f64 = 1024.0 * 1024.0;
+    let bytes = |gbps: f64, time: Duration| gbps * 1e9 / 8.0 * time.as_secs_f64();
+    let per_worker = plan.target_gbps / workers.max(1) as f64;
+    if !given.has("stoq_transport", "socket_buffer_bytes") {
+        t.socket_buffer_bytes =
+            bytes(per_worker, SOCKET_BUFFER_STALL).clamp(4.0 * MIB, 256.0 * MIB) as usize;
+    }
+    let connection = plan.target_gbps.min(plan.per_core.goodput_gbps);
+    let window = bytes(connection, WINDOW_RTT).clamp(MIB, 1024.0 * MIB) as u64;
+    for (key, value) in [
+        (
+            "connection_receive_window_bytes",
+            &mut t.connection_receive_window_bytes,
+        ),
+        ("send_window_bytes", &mut t.send_window_bytes),
+    ] {
+        if !given.has("stoq_transport", key) {
+            *value = window;
+        }
+    }
+    if !given.has("stoq_transport", "stream_receive_window_bytes") {
+        t.stream_receive_window_bytes = window / 4;
+    }
+    choices.push(format!(
+        "target_throughput_gbps = {}: {:.1} Gbit/s of goodput per worker core estimated \
+         (the packet cipher sealed {:.1} Gbit/s on one core at start); {workers} workers, \
+         socket buffers of {} bytes, connection windows of {} bytes (streams {}) \
+         for a {} ms path (keys set in the file win)",
+        plan.target_gbps,
+        plan.per_core.goodput_gbps,
+        plan.per_core.cipher_gbps,
+        t.socket_buffer_bytes,
+        t.connection_receive_window_bytes,
+        t.stream_receive_window_bytes,
+        WINDOW_RTT.as_millis()
+    ));
+}
+
 impl Config {
+    /// `enable_hardware_acceleration`: off turns GSO/GRO and eBPF steering
+    /// off and puts ChaCha20 first; on, the CPU's AES instructions decide
+    /// the suite. Returns whether AES-GCM goes first.
+    fn hardware(
+        &mut self,
+        file: &str,
+        text: &str,
+        given: &Given,
+        choices: &mut Vec<String>,
+        warnings: &mut Vec<String>,
+    ) -> Result<bool, ConfigError> {
+        let aes = dataplane::capacity::AesHardware::detect();
+        if self.stoq_transport.enable_hardware_acceleration {
+            choices.push(format!(
+                "hardware acceleration on: GSO/GRO {}, eBPF steering {}, AES instructions {}, vector AES {}",
+                if self.stoq_transport.gso { "on" } else { "off (gso = false)" },
+                format!("{:?}", self.dataplane.steering).to_lowercase(),
+                if aes.aes { "yes" } else { "no" },
+                if aes.vaes { "yes" } else { "no" },
+            ));
+            if !aes.aes {
+                warnings.push(
+                    "this CPU has no AES instructions: ChaCha20-Poly1305 goes first for every client"
+                        .into(),
+                );
+            }
+            return Ok(aes.aes);
+        }
+        let off = "stoq_transport.enable_hardware_acceleration = false";
+        let clash = |section: &str, key: &str| {
+            key_error(
+                file,
+                text,
+                section,
+                key,
+                &format!("contradicts {off} (both set in this file); remove one of the two"),
+            )
+        };
+        if given.has("stoq_transport", "gso") && self.stoq_transport.gso {
+            return Err(clash("stoq_transport", "gso"));
+        }
+        if given.has("dataplane", "steering") && self.dataplane.steering == SteeringMode::On {
+            return Err(clash("dataplane", "steering"));
+        }
+        self.stoq_transport.gso = false;
+        self.dataplane.steering = SteeringMode::Off;
+        choices.push(
+            "hardware acceleration off: no GSO/GRO, no eBPF steering, ChaCha20-Poly1305 first for every client"
+                .into(),
+        );
+        Ok(false)
+    }
+
+    /// `enable_zero_copy` against `zero_copy` (AF_XDP's own key).
+    fn zero_copy(
+        &mut self,
+        file: &str,
+        text: &str,
+        given: &Given,
+        choices: &mut Vec<String>,
+    ) -> Result<(), ConfigError> {
+        let t = &mut self.stoq_transport;
+        let clash = |key: &str, other: &str| {
+            key_error(
+                file,
+                text,
+                "stoq_transport",
+                key,
+                &format!("contradicts {other} (both set in this file); remove one of the two"),
+            )
+        };
+        let zero_copy_given = given.has("stoq_transport", "zero_copy");
+        if zero_copy_given && t.zero_copy == ZeroCopy::On && t.backend != BackendKind::Xdp {
+            return Err(clash(
+                "zero_copy",
+                &format!(
+                    "stoq_transport.backend = \"{}\": only backend \"xdp\" has a zero-copy path",
+                    format!("{:?}", t.backend).to_lowercase()
+                ),
+            ));
+        }
+        if !t.enable_zero_copy {
+            if zero_copy_given && t.zero_copy == ZeroCopy::On {
+                return Err(clash(
+                    "zero_copy",
+                    "stoq_transport.enable_zero_copy = false",
+                ));
+            }
+            t.zero_copy = ZeroCopy::Off;
+        } else if given.has("stoq_transport", "enable_zero_copy")
+            && zero_copy_given
+            && t.zero_copy == ZeroCopy::Off
+        {
+            return Err(clash("zero_copy", "stoq_transport.enable_zero_copy = true"));
+        }
+        choices.push(match (t.backend, t.zero_copy) {
+            (BackendKind::Xdp, ZeroCopy::Off) => "zero copy off: AF_XDP in copy mode".into(),
+            (BackendKind::Xdp, mode) => format!("zero copy {}: AF_XDP zero-copy where the driver has it", format!("{mode:?}").to_lowercase()),
+            (backend, _) => format!(
+                "zero copy: backend {} has no zero-copy path (the kernel copies each datagram once each way)",
+                format!("{backend:?}").to_lowercase()
+            ),
+        });
+        Ok(())
+    }
+
+    /// Features this build does not have: a warning each, never a refusal,
+    /// so the design document's file runs as written.
+    fn features(&self, warnings: &mut Vec<String>) {
+        let h = &self.hypermesh_assets;
+        for (on, key, what) in [
+            (h.enable_vm_execution, "enable_vm_execution", "VM execution"),
+            (h.nat_addressing, "nat_addressing", "asset addressing"),
+        ] {
+            if on {
+                warnings.push(format!(
+                    "hypermesh_assets.{key} = true: {what} is not part of this build; the key has no effect"
+                ));
+            }
+        }
+    }
+
     /// The AF_XDP plan for `backend = "xdp"` (None for other backends).
     fn xdp_plan(
         &self,
@@ -1011,10 +1398,10 @@ mod tests {
             ),
             ("[nonsense]\n", 1, "nonsense", "unknown field `nonsense`"),
             (
-                "\n[stoq_transport]\ncongestion_control = \"bbr2\"\n",
+                "\n[stoq_transport]\ncongestion_control = \"bbr9\"\n",
                 3,
                 "stoq_transport.congestion_control",
-                "expected one of `cubic`, `bbr`, `newreno`",
+                "expected one of `cubic`, `bbr`, `newreno`, `bbr2`, `bbr3`",
             ),
             (
                 "[stoq_transport]\nbackend = \"dpdk\"\n",
@@ -1065,10 +1452,10 @@ mod tests {
                 "lists 1 queues for 2 workers",
             ),
             (
-                "[trustchain_authority]\ncertificate_rotation_hours = 30\n",
-                2,
+                "[trustchain_authority]\ncertificate_lifetime_hours = 24\ncertificate_rotation_hours = 30\n",
+                3,
                 "trustchain_authority.certificate_rotation_hours",
-                "below certificate_lifetime_hours",
+                "below certificate_lifetime_hours (24)",
             ),
             (
                 "[trustchain_authority]\nca_algorithm = \"rsa\"\n",
@@ -1232,5 +1619,182 @@ mod tests {
         ] {
             assert!(exempt.contains(&prefix), "{prefix:?} in {exempt:?}");
         }
+    }
+
+    /// One core's measurement, fixed, so a test does not depend on the
+    /// machine it runs on.
+    fn ten_per_core(_aes_first: bool) -> PerCore {
+        PerCore {
+            cipher_gbps: 10.0 / dataplane::capacity::GOODPUT_PER_CIPHER,
+            goodput_gbps: 10.0,
+        }
+    }
+
+    fn parse_fixed(text: &str) -> Result<Resolved, ConfigError> {
+        parse_on("t.toml", text, 2, &ten_per_core)
+    }
+
+    #[test]
+    fn the_design_documents_production_file_checks_clean() {
+        let seed = include_str!("../deploy/production.toml");
+        let r = parse_on("production.toml", seed, 2, &ten_per_core).unwrap();
+        assert_eq!(r.settings.listen.to_string(), "[::]:443");
+        // 40 Gbit/s at 10 per core needs 4 workers; 2 cores give 2, and a
+        // warning says what they reach.
+        let plan = r.throughput.as_ref().unwrap();
+        assert_eq!((plan.workers_needed, r.settings.workers), (4, 2));
+        assert!(
+            r.warnings.iter().any(|w| w.contains("reaches about 20.0")),
+            "{:?}",
+            r.warnings
+        );
+        for key in ["enable_vm_execution", "nat_addressing"] {
+            assert!(r.warnings.iter().any(|w| w.contains(key)), "{key}");
+        }
+        // A day's rotation: the lifetime follows it, with a day's overlap.
+        assert_eq!(r.certificate_rotation, Duration::from_secs(24 * 3600));
+        assert_eq!(r.certificate_lifetime, Duration::from_secs(48 * 3600));
+        assert!(!r.ca_external);
+        assert!(r.outside_zone.is_none());
+        assert!(r.settings.transport.gso);
+        assert!(r.admission.required());
+    }
+
+    #[test]
+    fn bind_address_and_its_older_name_both_work() {
+        for key in ["bind_address", "bind"] {
+            let r = parse_fixed(&format!("[internet2]\n{key} = \"fd71:7e57::1\"\n")).unwrap();
+            assert_eq!(r.settings.listen.ip().to_string(), "fd71:7e57::1");
+        }
+        let both = parse_fixed("[internet2]\nbind = \"::1\"\nbind_address = \"::1\"\n");
+        assert!(both.is_err());
+    }
+
+    #[test]
+    fn a_target_sizes_what_the_file_leaves_unset() {
+        let r = parse_fixed("[stoq_transport]\ntarget_throughput_gbps = 4\n").unwrap();
+        // One worker carries 4 Gbit/s at 10 per core.
+        assert_eq!(r.settings.workers, 1);
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        // 4 Gbit/s for 10 ms in the socket buffer (above the 4 MiB floor).
+        assert_eq!(r.settings.socket_buffer_bytes, 5_000_000);
+        // A connection at 4 Gbit/s over a 50 ms path.
+        let t = &r.settings.transport;
+        assert_eq!(t.receive_window_bytes, 25_000_000);
+        assert_eq!(t.send_window_bytes, 25_000_000);
+        assert_eq!(t.stream_receive_window_bytes, 6_250_000);
+        // Keys the operator wrote win; explicit workers stay.
+        let r = parse_fixed(
+            "[stoq_transport]\ntarget_throughput_gbps = 4\nsocket_buffer_bytes = 1048576\n\
+             send_window_bytes = 2097152\n[dataplane]\nworkers = 2\n",
+        )
+        .unwrap();
+        assert_eq!(r.settings.workers, 2);
+        assert_eq!(r.settings.socket_buffer_bytes, 1 << 20);
+        assert_eq!(r.settings.transport.send_window_bytes, 2 << 20);
+        assert_eq!(r.settings.transport.receive_window_bytes, 25_000_000);
+        // Without a target nothing is sized.
+        let r = parse_fixed("").unwrap();
+        assert!(r.throughput.is_none());
+        assert_eq!(r.settings.socket_buffer_bytes, 16 << 20);
+        assert_eq!(r.settings.workers, 2);
+    }
+
+    #[test]
+    fn hardware_acceleration_off_turns_the_offloads_off() {
+        let r = parse_fixed("[stoq_transport]\nenable_hardware_acceleration = false\n").unwrap();
+        assert!(!r.settings.transport.gso);
+        assert_eq!(r.settings.steering, SteeringMode::Off);
+        assert!(!r.settings.aes_first);
+        assert!(
+            r.choices
+                .iter()
+                .any(|c| c.contains("hardware acceleration off"))
+        );
+        let on = parse_fixed("").unwrap();
+        assert!(on.settings.transport.gso);
+        assert_eq!(
+            on.settings.aes_first,
+            dataplane::capacity::AesHardware::detect().aes
+        );
+    }
+
+    #[test]
+    fn contradictory_keys_name_both() {
+        let table: &[(&str, &str, &str)] = &[
+            (
+                "[stoq_transport]\nenable_hardware_acceleration = false\ngso = true\n",
+                "stoq_transport.gso",
+                "enable_hardware_acceleration = false",
+            ),
+            (
+                "[stoq_transport]\nenable_hardware_acceleration = false\n[dataplane]\nsteering = \"on\"\n",
+                "dataplane.steering",
+                "enable_hardware_acceleration = false",
+            ),
+            (
+                "[stoq_transport]\nzero_copy = \"on\"\n",
+                "stoq_transport.zero_copy",
+                "backend = \"uring\"",
+            ),
+            (
+                "[stoq_transport]\nbackend = \"xdp\"\nenable_zero_copy = false\nzero_copy = \"on\"\n[dataplane]\nxdp_interface = \"eth0\"\n",
+                "stoq_transport.zero_copy",
+                "enable_zero_copy = false",
+            ),
+            (
+                "[stoq_transport]\nbackend = \"xdp\"\nenable_zero_copy = true\nzero_copy = \"off\"\n[dataplane]\nxdp_interface = \"eth0\"\n",
+                "stoq_transport.zero_copy",
+                "enable_zero_copy = true",
+            ),
+            (
+                "[trustchain_authority]\ndns_mode = \"external\"\noutside_zone = \"refuse\"\n",
+                "trustchain_authority.outside_zone",
+                "dns_mode = \"external\"",
+            ),
+            (
+                "[trustchain_authority]\nca_mode = \"external\"\n",
+                "trustchain_authority.ca_mode",
+                "import_certificate and import_key",
+            ),
+            (
+                "[trustchain_authority]\ncertificate_rotation_hours = 24\ncertificate_lifetime_hours = 24\n",
+                "trustchain_authority.certificate_rotation_hours",
+                "raise certificate_lifetime_hours",
+            ),
+            (
+                "[trustchain_authority]\ncertificate_rotation_hours = 3000\n",
+                "trustchain_authority.certificate_rotation_hours",
+                "below 2160",
+            ),
+            (
+                "[stoq_transport]\ntarget_throughput_gbps = 0\n",
+                "stoq_transport.target_throughput_gbps",
+                "above 0",
+            ),
+        ];
+        for (text, key, message) in table {
+            let e = parse_fixed(text).expect_err(text);
+            assert_eq!(&e.key, key, "{text}");
+            assert!(e.message.contains(message), "{text}: {}", e.message);
+            assert!(e.line > 0, "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_modes_switch_what_they_name() {
+        let dns = parse_fixed("[trustchain_authority]\ndns_mode = \"external\"\n").unwrap();
+        assert_eq!(dns.outside_zone, Some(Vec::new()));
+        let ca = parse_fixed(
+            "[trustchain_authority]\nca_mode = \"external\"\nimport_certificate = \"c.pem\"\nimport_key = \"k.pem\"\n",
+        )
+        .unwrap();
+        assert!(ca.ca_external);
+        assert!(ca.import.is_some());
+        let zero = parse_fixed(
+            "[stoq_transport]\nbackend = \"xdp\"\nenable_zero_copy = false\n[dataplane]\nxdp_interface = \"eth0\"\n",
+        )
+        .unwrap();
+        assert_eq!(zero.settings.xdp.unwrap().zero_copy, ZeroCopy::Off);
     }
 }

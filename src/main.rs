@@ -223,6 +223,12 @@ fn main() -> ExitCode {
     };
     if args.check_config {
         println!("{:#?}", resolved.settings);
+        for choice in &resolved.choices {
+            println!("config: {choice}");
+        }
+        for warning in &resolved.warnings {
+            println!("warning: {warning}");
+        }
         return ExitCode::SUCCESS;
     }
     let result = match &args.command {
@@ -393,6 +399,12 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
     // Before any thread exists, so every thread inherits the blocked mask
     // and only the sigwait below sees the signals.
     signals::block_termination_signals().context("cannot block SIGINT/SIGTERM")?;
+    for choice in &resolved.choices {
+        tracing::info!("config: {choice}");
+    }
+    for warning in &resolved.warnings {
+        tracing::warn!("config: {warning}");
+    }
     let data_dir = data_dir(args, &resolved);
     let mut names = resolved.server_names.clone();
     let ip = *resolved.settings.listen.ip();
@@ -483,7 +495,13 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
             .context("cannot start the certificate authority")?;
             let trust = authority.trust();
             if let Some((certificate, key)) = &resolved.import {
-                import_certificate(&authority.certificates(), certificate, key, &names)?;
+                import_certificate(
+                    &authority.certificates(),
+                    certificate,
+                    key,
+                    &names,
+                    resolved.ca_external,
+                )?;
             }
             if let Some(upstreams) = &resolved.outside_zone {
                 resolver = Some(start_resolver(&port, upstreams)?);
@@ -702,16 +720,24 @@ fn attach_front_door(resolved: &config::Resolved) -> anyhow::Result<Option<Arc<F
 /// SIGHUP: re-read the config file and apply what can change live (the
 /// blocklist). A bad file is logged and changes nothing.
 /// Phase0's migration: serve the certificate another CA issued (chain and
-/// key files) to clients that ask for its names.
+/// key files) to clients that ask for its names, or with `ca_mode =
+/// "external"` to every client as the server's own.
 fn import_certificate(
     certificates: &dataplane::trust::CertificateStore,
     certificate: &std::path::Path,
     key: &std::path::Path,
     own_names: &[String],
+    external: bool,
 ) -> anyhow::Result<()> {
     use controlplane::authority::import;
-    let loaded = import::load(certificate, key, own_names, std::time::SystemTime::now())
+    // An external CA's certificate is the server's own: its names are
+    // the server's, not names beside them.
+    let own_names = if external { &[][..] } else { own_names };
+    let mut loaded = import::load(certificate, key, own_names, std::time::SystemTime::now())
         .context("cannot import the certificate")?;
+    if external {
+        loaded.imported = loaded.imported.for_everyone();
+    }
     let expires = loaded
         .not_after
         .duration_since(std::time::SystemTime::now())
@@ -720,7 +746,8 @@ fn import_certificate(
         names = ?loaded.names,
         issuer = %loaded.issuer,
         expires_in_days = expires.as_secs() / 86_400,
-        "imported certificate served to clients that ask for its names"
+        external,
+        "imported certificate served (ca_mode external: to every client; else to clients that ask for its names)"
     );
     if expires < import::EXPIRY_WARNING {
         tracing::warn!(
@@ -778,7 +805,13 @@ fn reload(
     };
     match &resolved.import {
         Some((certificate, key)) => {
-            if let Err(e) = import_certificate(certificates, certificate, key, own_names) {
+            if let Err(e) = import_certificate(
+                certificates,
+                certificate,
+                key,
+                own_names,
+                resolved.ca_external,
+            ) {
                 tracing::error!(error = %format!("{e:#}"), "reload: the imported certificate was not replaced; the one served stays");
             }
         }

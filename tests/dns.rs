@@ -808,3 +808,43 @@ fn phase0_serves_an_imported_certificate_for_its_public_names() {
     assert_eq!(rcode(&replies[0]), ResponseCode::NoError);
     let _ = std::fs::remove_dir_all(&files);
 }
+
+#[test]
+fn phase0_with_an_external_ca_serves_its_certificate_to_every_client() {
+    let public = PublicCa::new();
+    let files = temp_dir("dns-external-ca-files");
+    // The external CA's certificate for the server's own name.
+    let (chain, key) = public.issue(&files, &["localhost"]);
+    let server = Server::start_production(
+        "dns-external-ca",
+        &format!(
+            "[trustchain_authority]\nca_mode = \"external\"\nimport_certificate = \"{}\"\nimport_key = \"{}\"\n",
+            chain.display(),
+            key.display()
+        ),
+    );
+    let own = query("node1.internet2.test.", RecordType::AAAA, DNSClass::IN, 0);
+    let public_client = dataplane::client::ClientTarget {
+        trust: dataplane::ServerTrust::Roots(vec![public.root()]),
+        ..target(&server)
+    };
+    let replies = doq_to(&public_client, vec![own.clone()]);
+    assert_eq!(rcode(&replies[0]), ResponseCode::NoError);
+    // The embedded CA's certificate is presented to no one, whatever name
+    // is asked (this one only the embedded certificate carries): a client
+    // that trusts only the embedded root refuses the server.
+    let embedded_client = dataplane::client::ClientTarget {
+        server_name: "node1.internet2.test".into(),
+        ..target(&server)
+    };
+    let replies = doq_to(&embedded_client, vec![own]);
+    assert!(matches!(&replies[0], Reply::Failed(_)), "{:?}", replies[0]);
+    assert!(
+        server
+            .log()
+            .iter()
+            .any(|l| l.contains("imported certificate served") && l.contains("external=true")),
+        "the log says the external certificate is served"
+    );
+    let _ = std::fs::remove_dir_all(&files);
+}

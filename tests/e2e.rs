@@ -757,3 +757,55 @@ fn a_peer_request_is_sent_only_where_its_check_of_the_peer_certificate_passes() 
         "{reply:?}"
     );
 }
+
+/// The design document's production.toml, as written, checks clean and
+/// runs: its keys' choices and warnings open the log, and a verified
+/// transfer under its `bbr2` controller completes on production defaults.
+#[test]
+fn the_design_documents_production_file_runs_as_written() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/production.toml");
+    let out = std::process::Command::new(SERVER)
+        .args(["--config", path, "--mode", "production", "--check-config"])
+        .output()
+        .unwrap();
+    let printed = ok(&out);
+    for line in [
+        "config: congestion control bbr2",
+        "config: target_throughput_gbps = 40",
+        "warning: hypermesh_assets.enable_vm_execution = true",
+        "warning: hypermesh_assets.nat_addressing = true",
+    ] {
+        assert!(printed.contains(line), "{line} in {printed}");
+    }
+    // Port 443 needs privileges the test does not assume: a free port.
+    let seed = std::fs::read_to_string(path).unwrap();
+    assert!(seed.contains("port = 443\n"));
+    let server = Server::start_file(
+        "seed",
+        "::",
+        |port| seed.replace("port = 443\n", &format!("port = {port}\n")),
+        &["--mode", "production"],
+    );
+    let log = server.log().join("\n");
+    for line in [
+        "config: congestion control bbr2",
+        "config: target_throughput_gbps = 40",
+        "config: zero copy",
+        "config: hardware acceleration on",
+        "enable_vm_execution = true: VM execution is not part of this build",
+    ] {
+        assert!(log.contains(line), "{line} in {log}");
+    }
+    let plan = BenchPlan {
+        download_bytes: 20_000_000,
+        upload_bytes: 1_000_000,
+        ..perf_plan(&server)
+    };
+    let reports = client::spawn_bench(&target(&server), &plan, 1, None)
+        .unwrap()
+        .join()
+        .unwrap();
+    assert_eq!(reports[0].errors, 0, "{:?}", reports[0].first_error);
+    assert_eq!(reports[0].requests, 1);
+    assert_eq!(reports[0].verify_failures, 0);
+}

@@ -9,6 +9,7 @@
 
 mod client;
 mod server;
+mod sockopt;
 mod tls;
 mod udp;
 

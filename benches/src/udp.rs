@@ -7,7 +7,6 @@
 //! too for a fair comparison.
 
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -47,28 +46,10 @@ fn set_buffers(socket: &UdpSocket, bytes: usize) -> Result<()> {
         libc::SO_SNDBUFFORCE,
     ];
     for option in options {
-        let _ = setsockopt(socket, option, bytes);
+        let value = bytes.min(i32::MAX as usize) as libc::c_int;
+        let _ = crate::sockopt::set_int(socket, libc::SOL_SOCKET, option, value);
     }
     warn_if_small(socket, bytes)
-}
-
-fn setsockopt(socket: &UdpSocket, option: libc::c_int, bytes: usize) -> std::io::Result<()> {
-    let value = bytes.min(i32::MAX as usize) as libc::c_int;
-    // SAFETY: passes a pointer to a live c_int together with its exact size.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            option,
-            (&raw const value).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 /// Linux reports twice the requested size (it counts bookkeeping overhead),

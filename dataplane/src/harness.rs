@@ -185,6 +185,7 @@ impl Harness {
             connections_per_worker_max: SERVER_CONNECTIONS_MAX,
             handshake_rate_retry_per_s: HANDSHAKES_PER_S,
             transport: TransportSettings::default(),
+            aes_first: true,
             xdp: None,
             front_door: None,
             control: Some(control.clone()),

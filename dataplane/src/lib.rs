@@ -13,8 +13,10 @@
 
 pub mod admission;
 pub mod blocklist;
+pub mod capacity;
 pub mod cid;
 pub mod client;
+pub mod congestion;
 pub mod control;
 pub mod front_door;
 #[cfg(any(test, feature = "harness"))]

@@ -54,6 +54,10 @@ pub struct ServerSettings {
     /// it, unvalidated clients must answer a Retry first. 0 = always Retry.
     pub handshake_rate_retry_per_s: u32,
     pub transport: TransportSettings,
+    /// AES-128-GCM first (ChaCha20 for clients that list it first); false:
+    /// ChaCha20-Poly1305 first for every client, the suite for a CPU
+    /// without AES instructions or with hardware acceleration turned off.
+    pub aes_first: bool,
     /// AF_XDP sockets, for `backend = xdp`.
     pub xdp: Option<XdpPlan>,
     /// The attached XDP front door (its counters go into `stats`; the `xdp`
@@ -225,7 +229,14 @@ pub fn serve(
         let id = WorkerId(index as u16);
         let io = match settings.backend {
             BackendKind::Xdp => xdp_backend(settings, socket, index)?,
-            kind => make_backend(kind, socket, &mailboxes[index], index, settings.io_batch)?,
+            kind => make_backend(
+                kind,
+                socket,
+                &mailboxes[index],
+                index,
+                settings.io_batch,
+                settings.transport.gso,
+            )?,
         };
         workers.push(server_worker(
             id,
@@ -315,7 +326,7 @@ fn shared_server_config(
     settings: &ServerSettings,
     identity: &ServerIdentity,
 ) -> Result<Arc<ServerConfig>, ServeError> {
-    let crypto = server_crypto(identity, &SERVED_ALPNS)?;
+    let crypto = server_crypto(identity, &SERVED_ALPNS, settings.aes_first)?;
     let mut server_config = ServerConfig::new(crypto, token_key());
     server_config.transport_config(Arc::new(settings.transport.build_server()));
     server_config.max_incoming(settings.connections_per_worker_max.max(1));
@@ -498,25 +509,37 @@ fn xdp_backend(
 }
 
 /// Build the configured backend, falling back from uring to socket with a
-/// logged reason where the kernel refuses io_uring.
+/// logged reason where the kernel refuses io_uring. `offload` false turns
+/// the kernel's UDP receive offload (GRO) off, as `gso = false` turns
+/// segmentation off on the send side.
 pub fn make_backend(
     kind: BackendKind,
     socket: std::net::UdpSocket,
     mailbox: &Mailbox,
     worker: usize,
     batch: IoBatch,
+    offload: bool,
 ) -> Result<Box<dyn Backend>, ServeError> {
     let setup = |source| ServeError::Setup { worker, source };
     match kind {
         BackendKind::Xdp => Err(ServeError::XdpUnconfigured),
         BackendKind::Socket => {
             tracing::info!(worker, "backend socket (chosen in config)");
-            Ok(Box::new(SocketBackend::new(socket).map_err(setup)?))
+            let same = socket.try_clone().map_err(setup)?;
+            // quinn-udp's state turns GRO on: off after it, where asked.
+            let backend = SocketBackend::new(socket).map_err(setup)?;
+            if !offload {
+                crate::io::set_gro(&same, false).map_err(setup)?;
+            }
+            Ok(Box::new(backend))
         }
         BackendKind::Uring => {
             // quinn-udp's state sets GRO, PKTINFO, TCLASS and DONTFRAG and
             // probes GSO; the ring then owns the socket.
             let probe = quinn_udp::UdpSocketState::new((&socket).into()).map_err(setup)?;
+            if !offload {
+                crate::io::set_gro(&socket, false).map_err(setup)?;
+            }
             let fallback = socket.try_clone().map_err(setup)?;
             match UringBackend::new(socket, &mailbox.waker, probe.max_gso_segments(), batch) {
                 Ok(backend) => {

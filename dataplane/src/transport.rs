@@ -8,13 +8,19 @@ use rustls::server::danger::ClientCertVerifier;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Congestion controllers quinn-proto provides.
+/// Congestion controllers: quinn-proto's three and our BBRv3.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CongestionControl {
     Cubic,
+    /// quinn-proto's BBR (version 1).
     Bbr,
     Newreno,
+    /// The design document's name for a BBRv2-family controller: our
+    /// BBRv3 (its successor), the same as `Bbr3`.
+    Bbr2,
+    /// BBRv3 (`crate::congestion`).
+    Bbr3,
 }
 
 /// Connection-level receive window of a peer the server does not trust yet
@@ -151,6 +157,9 @@ impl TransportSettings {
             CongestionControl::Newreno => {
                 t.congestion_controller_factory(Arc::new(NewRenoConfig::default()))
             }
+            CongestionControl::Bbr2 | CongestionControl::Bbr3 => {
+                t.congestion_controller_factory(Arc::new(crate::congestion::Bbr3Config::default()))
+            }
         };
         t
     }
@@ -241,12 +250,14 @@ fn provider_in_order(chacha_first: bool) -> Arc<rustls::crypto::CryptoProvider> 
 /// The server's QUIC crypto: TLS 1.3 only, our ALPNs, tickets, 0-RTT, and
 /// the server's sessions (`server_tls`): AES-128-GCM, or ChaCha20 for
 /// clients that list it first; TLS state dropped after the handshake.
+/// With `aes_first` false every client gets ChaCha20 first.
 pub fn server_crypto(
     identity: &ServerIdentity,
     alpns: &[&[u8]],
+    aes_first: bool,
 ) -> Result<Arc<crate::server_tls::ServerTls>, TlsSetupError> {
     let tls = crate::server_tls::ServerTls::new(
-        server_tls(identity, alpns, false)?,
+        server_tls(identity, alpns, !aes_first)?,
         server_tls(identity, alpns, true)?,
     )
     .map_err(|e| TlsSetupError::NoQuicSuite(e.to_string()))?;

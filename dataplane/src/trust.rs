@@ -346,6 +346,9 @@ pub struct Imported {
     key: Arc<CertifiedKey>,
     /// Past it the certificate is no longer presented.
     not_after: std::time::SystemTime,
+    /// `ca_mode = "external"`: the server's certificate for every client,
+    /// whatever name it asks for (or none).
+    everyone: bool,
 }
 
 impl std::fmt::Debug for Imported {
@@ -371,7 +374,14 @@ impl Imported {
             names: names.into_iter().map(|n| n.to_ascii_lowercase()).collect(),
             key: Arc::new(key),
             not_after,
+            everyone: false,
         })
+    }
+
+    /// Presented to every client, not only those asking for its names.
+    pub fn for_everyone(mut self) -> Self {
+        self.everyone = true;
+        self
     }
 
     pub fn names(&self) -> &[String] {
@@ -464,9 +474,8 @@ impl std::fmt::Debug for CertificateStore {
 
 impl ResolvesServerCert for CertificateStore {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        if let Some(name) = hello.server_name()
-            && let Some(imported) = self.imported.load().as_ref()
-            && imported.covers(name)
+        if let Some(imported) = self.imported.load().as_ref()
+            && (imported.everyone || hello.server_name().is_some_and(|n| imported.covers(n)))
             && std::time::SystemTime::now() < imported.not_after
         {
             return Some(imported.key.clone());

@@ -231,6 +231,8 @@ enum CongestionArg {
     Cubic,
     Bbr,
     Newreno,
+    Bbr2,
+    Bbr3,
 }
 
 #[derive(Debug, Args)]
@@ -747,6 +749,8 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             CongestionArg::Cubic => CongestionControl::Cubic,
             CongestionArg::Bbr => CongestionControl::Bbr,
             CongestionArg::Newreno => CongestionControl::Newreno,
+            CongestionArg::Bbr2 => CongestionControl::Bbr2,
+            CongestionArg::Bbr3 => CongestionControl::Bbr3,
         },
         // Held connections must outlive the run.
         keep_alive: Some(keep_alive),

@@ -127,6 +127,29 @@ impl Server {
             "[hypermesh_assets]\nplot_k = 12\ndevelopment_stake = 1\n"
         };
         let config = format!("[internet2]\nbind = \"{bind}\"\nport = {port}\n{admission}{extra}\n");
+        Server::launch_file(port, dir, &config, bind, wrapper, server_args)
+    }
+
+    /// Start with the whole configuration file `config(port)`, on a fresh
+    /// port; the file binds `bind`.
+    pub fn start_file(
+        tag: &str,
+        bind: &str,
+        config: impl Fn(u16) -> String,
+        server_args: &[&str],
+    ) -> Server {
+        let port = free_port();
+        Server::launch_file(port, temp_dir(tag), &config(port), bind, &[], server_args)
+    }
+
+    fn launch_file(
+        port: u16,
+        dir: PathBuf,
+        config: &str,
+        bind: &str,
+        wrapper: &[&str],
+        server_args: &[&str],
+    ) -> Server {
         std::fs::write(dir.join("server.toml"), config).unwrap();
         if !wrapper.is_empty() {
             // The wrapper may drop privileges: let the server write its data dir.

@@ -40,6 +40,13 @@ const SOCKET_BUFFER: usize = 16 << 20;
 /// Above this many connections, only one moves data unless --active says
 /// otherwise: large counts measure what held connections cost.
 const ACTIVE_ALL_UP_TO: usize = 32;
+/// Limits of the impaired path (inside what `impair-relay` accepts): a
+/// path beyond them is a mistyped flag, not an experiment.
+const DELAY_MS_MAX: f64 = 10_000.0;
+const QUEUE_MS_MAX: f64 = 10_000.0;
+const RATE_MBIT_MAX: f64 = 100_000.0;
+/// The bottleneck's queue when --rate-mbit comes without --queue-ms.
+const QUEUE_MS_DEFAULT: f64 = 50.0;
 
 // ---------------------------------------------------------------------------
 // Interrupts
@@ -213,6 +220,85 @@ fn validate(args: &BenchArgs) -> Result<()> {
             }
         }
     }
+    validate_impairment(args)?;
+    validate_congestion(args)
+}
+
+/// --delay-ms, --loss, --rate-mbit and --queue-ms.
+fn validate_impairment(args: &BenchArgs) -> Result<()> {
+    let any = args.delay_ms.is_some()
+        || args.loss.is_some()
+        || args.rate_mbit.is_some()
+        || args.queue_ms.is_some();
+    if any && !args.netns {
+        bail!(
+            "--delay-ms, --loss, --rate-mbit and --queue-ms need --netns (the relay runs in \
+             the client namespace); across two hosts the path is the real one"
+        );
+    }
+    if let Some(delay) = args.delay_ms
+        && !(0.0..=DELAY_MS_MAX).contains(&delay)
+    {
+        bail!(
+            "--delay-ms {delay}: the one-way delay must be 0 to {DELAY_MS_MAX} ms \
+             (20 ms RTT is --delay-ms 10)"
+        );
+    }
+    if let Some(loss) = args.loss
+        && !(0.0..1.0).contains(&loss)
+    {
+        bail!("--loss {loss}: a probability per datagram, at least 0 and below 1 (0.01 is 1%)");
+    }
+    if let Some(rate) = args.rate_mbit
+        && !(rate > 0.0 && rate <= RATE_MBIT_MAX)
+    {
+        bail!("--rate-mbit {rate}: the bottleneck must be above 0 and at most {RATE_MBIT_MAX}");
+    }
+    if let Some(queue) = args.queue_ms {
+        if args.rate_mbit.is_none() {
+            bail!("--queue-ms {queue}: the queue is the bottleneck's; give --rate-mbit too");
+        }
+        if !(queue > 0.0 && queue <= QUEUE_MS_MAX) {
+            bail!("--queue-ms {queue}: must be above 0 and at most {QUEUE_MS_MAX} ms");
+        }
+    }
+    Ok(())
+}
+
+/// --congestion. Whether our server knows a name is its own to say
+/// (`check_controllers`); this catches what cannot work at all.
+fn validate_congestion(args: &BenchArgs) -> Result<()> {
+    if args.congestion.is_empty() {
+        return Ok(());
+    }
+    if args.compare || args.matrix || args.baseline {
+        bail!(
+            "--congestion sets our server's controller, but --compare, --matrix and --baseline \
+             also measure the quinn baseline, which keeps quinn's (cubic): compare \
+             controllers without them"
+        );
+    }
+    if args.role == Some(Role::Client) {
+        bail!("--congestion is the server's (it sends the bulk data): give it to the server role");
+    }
+    if args.role == Some(Role::Server) && args.congestion.len() > 1 {
+        bail!("--role server runs one server: give --congestion one name");
+    }
+    for (i, name) in args.congestion.iter().enumerate() {
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        {
+            bail!(
+                "--congestion {name:?}: not a controller name (lowercase letters and digits, \
+                 e.g. cubic,bbr,newreno)"
+            );
+        }
+        if args.congestion[..i].contains(name) {
+            bail!("--congestion names {name} twice");
+        }
+    }
     Ok(())
 }
 
@@ -233,6 +319,7 @@ struct Binaries {
     server: PathBuf,
     client: PathBuf,
     baseline: PathBuf,
+    relay: PathBuf,
 }
 
 /// Builds the two packages under test.
@@ -245,6 +332,7 @@ fn build() -> Result<Binaries> {
         server: take("internet2-server")?,
         client: take("internet2")?,
         baseline: take("quinn-baseline")?,
+        relay: take("impair-relay")?,
     })
 }
 
@@ -304,6 +392,7 @@ fn run_netns(args: &BenchArgs, bins: &Binaries) -> Result<Report> {
     netns::remove_stale()?;
     remove_stale_work_dirs(WORK_PREFIX);
     let work = WorkDir::create(WORK_PREFIX)?;
+    check_controllers(args, bins, &work)?;
     // Declared after `work`, so it is dropped first: namespaces go before
     // the directory their processes were writing to.
     // One veth queue per server worker, so the AF_XDP backend binds one
@@ -314,21 +403,31 @@ fn run_netns(args: &BenchArgs, bins: &Binaries) -> Result<Report> {
         topo.server_ns, topo.client_ns, args.mtu
     );
     let clk_tck = clk_tck()?;
-    let sides: &[Side] = if args.matrix {
-        &[
+    let sides: Vec<Side> = if args.matrix {
+        vec![
             Side::Ours(Flavor::UringSteering),
             Side::Ours(Flavor::UringHandoff),
             Side::Ours(Flavor::Xdp),
             Side::Baseline,
         ]
     } else if args.compare {
-        &[Side::OURS, Side::Baseline]
+        vec![Side::OURS, Side::Baseline]
+    } else if !args.congestion.is_empty() {
+        // The labels live as long as the process: a few short names,
+        // leaked once, keep `Side` a plain copyable value.
+        args.congestion
+            .iter()
+            .map(|name| Side::Ours(Flavor::Congestion(name.clone().leak())))
+            .collect()
     } else {
-        &[Side::OURS]
+        vec![Side::OURS]
     };
+    if let Some(path) = Impairment::from_args(args) {
+        eprintln!("bench-40g: impaired path through impair-relay: {path}");
+    }
     let mut runs = Vec::new();
     for run in 0..args.runs {
-        for &side in sides {
+        for &side in &sides {
             check_interrupt()?;
             let index = runs.len();
             let port = BASE_PORT + index as u16;
@@ -341,18 +440,25 @@ fn run_netns(args: &BenchArgs, bins: &Binaries) -> Result<Report> {
             let log = work
                 .path
                 .join(format!("server-{index}-{}.log", side.label()));
-            let metrics = netns_run(args, bins, &topo, &work, side, port, index, clk_tck, &log)
-                .map_err(|e| {
-                    // The server log is the first thing to look at, and it
-                    // is deleted with the scratch directory: show its end.
-                    if e.is::<Interrupted>() {
-                        e
-                    } else {
-                        let tail = log_tail(&log);
-                        e.context(format!("run {} [{}] failed{tail}", index + 1, side.label()))
-                    }
-                })?;
-            runs.push(Run { side, metrics });
+            let id = RunId { index, round: run };
+            let (metrics, relay) = netns_run(
+                args, bins, &topo, &work, side, port, id, clk_tck, &log,
+            )
+            .map_err(|e| {
+                // The server log is the first thing to look at, and it
+                // is deleted with the scratch directory: show its end.
+                if e.is::<Interrupted>() {
+                    e
+                } else {
+                    let tail = log_tail(&log);
+                    e.context(format!("run {} [{}] failed{tail}", index + 1, side.label()))
+                }
+            })?;
+            runs.push(Run {
+                side,
+                metrics,
+                relay,
+            });
         }
     }
     Ok(Report {
@@ -361,8 +467,18 @@ fn run_netns(args: &BenchArgs, bins: &Binaries) -> Result<Report> {
     })
 }
 
-/// One run in the namespaces: start a server, run the client against it,
-/// measure the server, stop it.
+/// Which run of a --netns invocation: `index` counts every run (ports,
+/// file names), `round` the passes over the sides (the relay's seed, so
+/// every side of a round meets the same losses).
+#[derive(Clone, Copy)]
+struct RunId {
+    index: usize,
+    round: usize,
+}
+
+/// One run in the namespaces: start a server (and the impairment relay
+/// when asked for), run the client against it, measure the server, stop
+/// it. Returns the figures and the relay's stats.
 #[allow(clippy::too_many_arguments)]
 fn netns_run(
     args: &BenchArgs,
@@ -371,29 +487,17 @@ fn netns_run(
     work: &WorkDir,
     side: Side,
     port: u16,
-    index: usize,
+    id: RunId,
     clk_tck: f64,
     log: &Path,
-) -> Result<Metrics> {
+) -> Result<(Metrics, Option<Value>)> {
+    let index = id.index;
     let addr = SocketAddr::new(IpAddr::V6(SERVER_IP), port);
     let data_dir = work.path.join("data");
     let server_cmd = match side {
         Side::Ours(flavor) => {
             let config = work.path.join(format!("server-{index}.toml"));
-            let (backend, steering) = flavor_settings(args, flavor);
-            let xdp = (backend == crate::Backend::Xdp).then_some(netns::SERVER_DEV);
-            write_config(
-                &config,
-                &OurServer {
-                    addr,
-                    backend,
-                    workers: args.workers.unwrap_or(1),
-                    steering,
-                    xdp,
-                    max_udp_payload: max_udp_payload(args, backend),
-                    idle_timeout: server_idle_timeout(args),
-                },
-            )?;
+            write_config(&config, &our_netns_server(args, addr, flavor))?;
             let mut cmd = Topology::exec(&topo.server_ns, &bins.server);
             cmd.arg("--config")
                 .arg(&config)
@@ -424,16 +528,26 @@ fn netns_run(
         Side::Baseline => baseline_cert_dir(work, index).join("cert.pem"),
     };
 
+    // Started after the server is up and stopped (for its stats) right
+    // after the client: its counters cover the client's run alone.
+    let relay = match Impairment::from_args(args) {
+        Some(path) => Some(ImpairRelay::start(&path, bins, topo, work, addr, id)?),
+        None => None,
+    };
+    // The client's server: the relay in its own namespace, or the server.
+    let target = relay.as_ref().map_or(addr, |r| r.addr);
+
     let (_, rss_before) = proc_mem(pid)?;
     let cpu_before = proc_cpu_ticks(pid)?;
     let client_json = work.path.join(format!("client-{index}.json"));
-    let client_cmd = client_command(args, bins, Some(&topo.client_ns), addr, &ca, &client_json);
+    let client_cmd = client_command(args, bins, Some(&topo.client_ns), target, &ca, &client_json);
     let started = Instant::now();
     run_client(client_cmd, args.client, side, client_timeout(args))?;
     let wall = started.elapsed().as_secs_f64();
     if let Some(status) = server.child.try_wait()? {
         bail!("{} exited during the client run ({status})", server.name);
     }
+    let relay_stats = relay.map(ImpairRelay::stop).transpose()?;
     let cpu_after = proc_cpu_ticks(pid)?;
     let (hwm, rss_end) = proc_mem(pid)?;
     // Read before stopping: the counters die with the server.
@@ -451,7 +565,7 @@ fn netns_run(
     let cores = cpu_s / wall;
     let connections = client.get("connections");
     let (full, resumed) = cpu_per_handshake(args, &client, side, cpu_s)?;
-    Ok(Metrics {
+    let metrics = Metrics {
         server_cpu_us_per_handshake: full,
         server_cpu_us_per_resumed_handshake: resumed,
         server_cpu_s: Some(cpu_s),
@@ -469,7 +583,193 @@ fn netns_run(
             .map(|c| hwm.saturating_sub(rss_before) as f64 / c),
         handoff_ratio,
         ..client.metrics()
+    };
+    Ok(match relay_stats {
+        Some(stats) => (with_relay_stats(metrics, &stats), Some(stats)),
+        None => (metrics, None),
     })
+}
+
+/// Our server's settings for one flavor in the namespaces.
+fn our_netns_server(args: &BenchArgs, addr: SocketAddr, flavor: Flavor) -> OurServer<'static> {
+    let (backend, steering) = flavor_settings(args, flavor);
+    OurServer {
+        addr,
+        backend,
+        workers: args.workers.unwrap_or(1),
+        steering,
+        xdp: (backend == crate::Backend::Xdp).then_some(netns::SERVER_DEV),
+        max_udp_payload: max_udp_payload(args, backend),
+        idle_timeout: server_idle_timeout(args),
+        congestion: match flavor {
+            Flavor::Congestion(name) => Some(name),
+            _ => None,
+        },
+    }
+}
+
+/// Has our server load a configuration with each --congestion name, so a
+/// name it does not know fails here, in its own words, before any
+/// namespace exists.
+fn check_controllers(args: &BenchArgs, bins: &Binaries, work: &WorkDir) -> Result<()> {
+    for name in &args.congestion {
+        let config = work.path.join(format!("check-{name}.toml"));
+        let addr = SocketAddr::new(IpAddr::V6(SERVER_IP), BASE_PORT);
+        // Only the controller is in question; an XDP interface does not
+        // exist yet.
+        let server = OurServer {
+            backend: crate::Backend::Uring,
+            xdp: None,
+            congestion: Some(name),
+            ..our_netns_server(args, addr, Flavor::AsConfigured)
+        };
+        write_config(&config, &server)?;
+        let out = Command::new(&bins.server)
+            .arg("--config")
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(work.path.join("check"))
+            .arg("--check-config")
+            .output()
+            .context("running internet2-server --check-config")?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let why = stderr.trim();
+            bail!(
+                "--congestion {name}: our server does not take it: {}",
+                why.strip_prefix("error: ").unwrap_or(why)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The impaired path of --delay-ms, --loss, --rate-mbit and --queue-ms.
+struct Impairment {
+    delay_ms: f64,
+    loss: f64,
+    rate_mbit: Option<f64>,
+    queue_ms: f64,
+}
+
+impl Impairment {
+    /// `None` when no flag asks for the relay.
+    fn from_args(args: &BenchArgs) -> Option<Impairment> {
+        (args.delay_ms.is_some() || args.loss.is_some() || args.rate_mbit.is_some()).then(|| {
+            Impairment {
+                delay_ms: args.delay_ms.unwrap_or(0.0),
+                loss: args.loss.unwrap_or(0.0),
+                rate_mbit: args.rate_mbit,
+                queue_ms: args.queue_ms.unwrap_or(QUEUE_MS_DEFAULT),
+            }
+        })
+    }
+}
+
+impl fmt::Display for Impairment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} ms one way, loss {} each way",
+            self.delay_ms, self.loss
+        )?;
+        match self.rate_mbit {
+            Some(rate) => write!(f, ", {rate} Mbit/s with a {} ms queue", self.queue_ms),
+            None => f.write_str(", no bottleneck"),
+        }
+    }
+}
+
+/// One run's impairment relay, in the client namespace: it listens on the
+/// client's own address at the server's port and forwards over the veth
+/// to the server, so only the client's destination changes.
+struct ImpairRelay {
+    proc: Proc,
+    addr: SocketAddr,
+    stats: PathBuf,
+    log: PathBuf,
+}
+
+impl ImpairRelay {
+    fn start(
+        path: &Impairment,
+        bins: &Binaries,
+        topo: &Topology,
+        work: &WorkDir,
+        server: SocketAddr,
+        id: RunId,
+    ) -> Result<ImpairRelay> {
+        let addr = SocketAddr::new(IpAddr::V6(CLIENT_IP), server.port());
+        let stats = work.path.join(format!("relay-{}.json", id.index));
+        let log = work.path.join(format!("relay-{}.log", id.index));
+        let mut cmd = Topology::exec(&topo.client_ns, &bins.relay);
+        cmd.args(["--listen", &addr.to_string()])
+            .args(["--upstream", &server.to_string()])
+            .args(["--delay-ms", &path.delay_ms.to_string()])
+            .args(["--loss", &path.loss.to_string()])
+            .args(["--seed", &(id.round + 1).to_string()])
+            .arg("--stats")
+            .arg(&stats);
+        if let Some(rate) = path.rate_mbit {
+            cmd.args(["--rate-mbit", &rate.to_string()])
+                .args(["--queue-ms", &path.queue_ms.to_string()]);
+        }
+        let log_file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let (proc, _) = start_listening(cmd, "impair-relay", "relay", Stdio::from(log_file))
+            .map_err(|e| {
+                let tail = log_tail(&log);
+                e.context(format!("starting the impairment relay{tail}"))
+            })?;
+        Ok(ImpairRelay {
+            proc,
+            addr,
+            stats,
+            log,
+        })
+    }
+
+    /// SIGTERM, then the stats it wrote on its way out.
+    fn stop(mut self) -> Result<Value> {
+        let status = self.proc.stop()?;
+        if !status.success() {
+            bail!(
+                "impair-relay exited with {status} after SIGTERM{}",
+                log_tail(&self.log)
+            );
+        }
+        let text = std::fs::read_to_string(&self.stats)
+            .with_context(|| format!("impair-relay wrote no stats to {}", self.stats.display()))?;
+        let stats: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", self.stats.display()))?;
+        let dir = |d: &str, k: &str| stats[d][k].as_f64().unwrap_or(f64::NAN);
+        eprintln!(
+            "bench-40g: relay: to client {} datagrams, queue p50 {:.2} / p99 {:.2} ms, lost {}, \
+             queue drops {}; to server {} datagrams, lost {}, queue drops {}",
+            dir("to_client", "datagrams_in"),
+            dir("to_client", "queue_ms_p50"),
+            dir("to_client", "queue_ms_p99"),
+            dir("to_client", "dropped_loss"),
+            dir("to_client", "dropped_queue"),
+            dir("to_server", "datagrams_in"),
+            dir("to_server", "dropped_loss"),
+            dir("to_server", "dropped_queue"),
+        );
+        Ok(stats)
+    }
+}
+
+/// A run's figures with the relay's queue and drops added.
+fn with_relay_stats(metrics: Metrics, stats: &Value) -> Metrics {
+    let get = |dir: &str, key: &str| stats[dir][key].as_f64();
+    Metrics {
+        relay_to_client_queue_ms_p50: get("to_client", "queue_ms_p50"),
+        relay_to_client_queue_ms_p99: get("to_client", "queue_ms_p99"),
+        relay_to_client_dropped_loss: get("to_client", "dropped_loss"),
+        relay_to_client_dropped_queue: get("to_client", "dropped_queue"),
+        relay_to_server_dropped_loss: get("to_server", "dropped_loss"),
+        relay_to_server_dropped_queue: get("to_server", "dropped_queue"),
+        ..metrics
+    }
 }
 
 /// Server CPU µs per handshake of a handshake-only run: full, or resumed
@@ -511,10 +811,10 @@ fn baseline_cert_dir(work: &WorkDir, index: usize) -> PathBuf {
 fn flavor_settings(args: &BenchArgs, flavor: Flavor) -> (crate::Backend, crate::Steering) {
     use crate::{Backend, Steering};
     match flavor {
-        Flavor::AsConfigured => (args.backend, args.steering),
         Flavor::UringSteering => (Backend::Uring, Steering::On),
         Flavor::UringHandoff => (Backend::Uring, Steering::Off),
         Flavor::Xdp => (Backend::Xdp, args.steering),
+        Flavor::AsConfigured | Flavor::Congestion(_) => (args.backend, args.steering),
     }
 }
 
@@ -542,6 +842,8 @@ struct OurServer<'a> {
     max_udp_payload: u32,
     /// Matched to the clients' keep-alive interval.
     idle_timeout: Duration,
+    /// `congestion_control`; `None` keeps the server's default.
+    congestion: Option<&'a str>,
 }
 
 /// Our server's configuration: only what the benchmark controls, the rest
@@ -551,6 +853,10 @@ fn write_config(path: &Path, server: &OurServer) -> Result<()> {
     let xdp = server
         .xdp
         .map_or(String::new(), |i| format!("xdp_interface = \"{i}\"\n"));
+    // Names are checked to be lowercase letters and digits: no quoting.
+    let congestion = server
+        .congestion
+        .map_or(String::new(), |c| format!("congestion_control = \"{c}\"\n"));
     let text = format!(
         "# Written by `cargo xtask bench-40g`.\n\
          [internet2]\n\
@@ -563,6 +869,7 @@ fn write_config(path: &Path, server: &OurServer) -> Result<()> {
          streams_bidi_max = {MAX_STREAMS}\n\
          max_udp_payload_bytes = {max_udp_payload}\n\
          idle_timeout_ms = {idle_timeout_ms}\n\
+         {congestion}\
          \n\
          [trustchain_authority]\n\
          perf_without_client_certificate = true\n\
@@ -774,6 +1081,7 @@ fn run_server_role(args: &BenchArgs, bins: &Binaries) -> Result<()> {
                 xdp: args.xdp_interface.as_deref(),
                 max_udp_payload: max_udp_payload(args, args.backend),
                 idle_timeout: server_idle_timeout(args),
+                congestion: args.congestion.first().map(String::as_str),
             },
         )?;
         let mut cmd = Command::new(&bins.server);
@@ -879,7 +1187,11 @@ fn run_client_role(args: &BenchArgs, bins: &Binaries) -> Result<Report> {
             handoff_ratio,
             ..ClientResult::read(&json)?.metrics()
         };
-        runs.push(Run { side, metrics });
+        runs.push(Run {
+            side,
+            metrics,
+            relay: None,
+        });
     }
     Ok(Report {
         setup: setup(args, "two-host"),
@@ -917,6 +1229,23 @@ fn setup(args: &BenchArgs, mode: &str) -> Value {
         (
             "connect",
             args.connect.map_or(Value::Null, |a| json!(a.to_string())),
+        ),
+        (
+            "congestion",
+            if args.congestion.is_empty() {
+                Value::Null
+            } else {
+                args.congestion.join(",").into()
+            },
+        ),
+        ("delay_ms", args.delay_ms.map_or(Value::Null, Value::from)),
+        ("loss", args.loss.map_or(Value::Null, Value::from)),
+        ("rate_mbit", args.rate_mbit.map_or(Value::Null, Value::from)),
+        (
+            "queue_ms",
+            Impairment::from_args(args)
+                .filter(|i| i.rate_mbit.is_some())
+                .map_or(Value::Null, |i| i.queue_ms.into()),
         ),
     ])
 }
@@ -980,8 +1309,18 @@ fn server_name(side: Side) -> &'static str {
 /// Starts a server and waits for its `listening on` line. Children get
 /// their own process group so a terminal Ctrl-C reaches only xtask, which
 /// then stops them in order.
-pub(crate) fn start_server(mut cmd: Command, side: Side, stderr: Stdio) -> Result<(Proc, String)> {
-    let name = server_name(side);
+pub(crate) fn start_server(cmd: Command, side: Side, stderr: Stdio) -> Result<(Proc, String)> {
+    start_listening(cmd, server_name(side), side.label(), stderr)
+}
+
+/// Starts `name` and waits for its `listening on` line; other lines it
+/// prints before that are shown prefixed with `label`.
+fn start_listening(
+    mut cmd: Command,
+    name: &'static str,
+    label: &str,
+    stderr: Stdio,
+) -> Result<(Proc, String)> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(stderr)
@@ -1005,7 +1344,7 @@ pub(crate) fn start_server(mut cmd: Command, side: Side, stderr: Stdio) -> Resul
         check_interrupt()?;
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(line) if line.starts_with("listening on ") => return Ok((server, line)),
-            Ok(line) => eprintln!("[{}] {line}", side.label()),
+            Ok(line) => eprintln!("[{label}] {line}"),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
                 let status = server.child.wait()?;
@@ -1422,6 +1761,88 @@ mod tests {
         let line = "listening on [fd71:7e57:0:1::1]:4433 workers=1 ca=/tmp/x/ca.pem";
         assert_eq!(listening_ca(line), Some(PathBuf::from("/tmp/x/ca.pem")));
         assert_eq!(listening_ca("listening on [::1]:4433"), None);
+    }
+
+    /// `cargo xtask bench-40g ARGS`, parsed as the command line is.
+    fn bench_args(argv: &[&str]) -> BenchArgs {
+        use clap::Parser;
+        let argv = ["cargo xtask", "bench-40g"].iter().chain(argv);
+        match crate::Cli::try_parse_from(argv).unwrap().task {
+            crate::Task::Bench40g(args) => *args,
+            _ => unreachable!("parsed bench-40g"),
+        }
+    }
+
+    #[test]
+    fn impaired_path_flags_are_checked() {
+        let err = |argv: &[&str]| validate(&bench_args(argv)).unwrap_err().to_string();
+        assert!(err(&["--netns", "--loss", "1"]).contains("below 1"));
+        assert!(err(&["--netns", "--loss=-0.1"]).contains("--loss -0.1"));
+        assert!(err(&["--netns", "--loss", "NaN"]).contains("--loss NaN"));
+        assert!(err(&["--netns", "--rate-mbit", "0"]).contains("above 0"));
+        assert!(err(&["--netns", "--rate-mbit", "5", "--queue-ms", "0"]).contains("above 0"));
+        assert!(err(&["--netns", "--queue-ms", "20"]).contains("give --rate-mbit too"));
+        assert!(err(&["--netns", "--delay-ms", "20000"]).contains("0 to 10000"));
+        let two_host = [
+            "--role",
+            "server",
+            "--listen",
+            "[::]:4433",
+            "--delay-ms",
+            "10",
+        ];
+        assert!(err(&two_host).contains("need --netns"));
+
+        let args = bench_args(&["--netns", "--delay-ms", "10", "--rate-mbit", "50"]);
+        validate(&args).unwrap();
+        let path = Impairment::from_args(&args).unwrap();
+        assert_eq!((path.delay_ms, path.loss, path.queue_ms), (10.0, 0.0, 50.0));
+        assert!(Impairment::from_args(&bench_args(&["--netns"])).is_none());
+    }
+
+    #[test]
+    fn congestion_flags_are_checked() {
+        let err = |argv: &[&str]| validate(&bench_args(argv)).unwrap_err().to_string();
+        let compare = err(&["--netns", "--compare", "--congestion", "bbr"]);
+        assert!(compare.contains("quinn baseline"), "{compare}");
+        assert!(err(&["--netns", "--matrix", "--congestion", "bbr"]).contains("quinn baseline"));
+        assert!(err(&["--netns", "--congestion", "cubic,BBR"]).contains("not a controller"));
+        assert!(err(&["--netns", "--congestion", "cubic,"]).contains("not a controller"));
+        assert!(err(&["--netns", "--congestion", "bbr,bbr"]).contains("twice"));
+        let server = ["--role", "server", "--listen", "[::]:4433", "--congestion"];
+        assert!(err(&[&server[..], &["cubic,bbr"]].concat()).contains("one name"));
+        validate(&bench_args(&[&server[..], &["bbr"]].concat())).unwrap();
+        let args = bench_args(&["--netns", "--congestion", "cubic,bbr,bbr2"]);
+        validate(&args).unwrap();
+        assert_eq!(args.congestion, ["cubic", "bbr", "bbr2"]);
+    }
+
+    #[test]
+    fn controller_is_written_to_our_config() {
+        let dir = std::env::temp_dir().join(format!("xtask-test-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let args = bench_args(&["--netns"]);
+        let addr = SocketAddr::new(IpAddr::V6(SERVER_IP), 4433);
+        let path = dir.join("server.toml");
+        write_config(
+            &path,
+            &our_netns_server(&args, addr, Flavor::Congestion("bbr")),
+        )
+        .unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let transport = text.split("[stoq_transport]").nth(1).unwrap();
+        let transport = transport.split("\n[").next().unwrap();
+        assert!(
+            transport.contains("congestion_control = \"bbr\"\n"),
+            "{text}"
+        );
+        write_config(&path, &our_netns_server(&args, addr, Flavor::AsConfigured)).unwrap();
+        assert!(
+            !std::fs::read_to_string(&path)
+                .unwrap()
+                .contains("congestion")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

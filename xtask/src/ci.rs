@@ -2,7 +2,8 @@
 //!
 //! Installs what the tests need (Debian packages when root, the aioquic
 //! interop peers), checks formatting and lints, runs every test, and runs the
-//! netns bench in a short smoke run. Where a capability is missing outside
+//! netns bench in short smoke runs: plain, and over the impairment relay
+//! (delay, loss and a bottleneck) with two congestion controllers. Where a capability is missing outside
 //! CI the step is skipped with the reason; with `CI=true` a skip is a failure.
 
 use anyhow::{Context, bail};
@@ -162,18 +163,7 @@ fn ensure_packages(is_root: bool, ci: bool) -> anyhow::Result<()> {
 }
 
 fn netns_smoke(root: &Path, is_root: bool, ci: bool, seconds: u32) -> anyhow::Result<()> {
-    let reason = if !is_root {
-        Some("network namespaces need root (CAP_NET_ADMIN)".to_owned())
-    } else if !Command::new("ip")
-        .args(["netns", "list"])
-        .status()
-        .is_ok_and(|s| s.success())
-    {
-        Some("`ip netns` does not work here".to_owned())
-    } else {
-        None
-    };
-    if let Some(reason) = reason {
+    if let Some(reason) = netns_unavailable(is_root) {
         if ci {
             bail!("CI must run the netns bench, but {reason}");
         }
@@ -183,7 +173,7 @@ fn netns_smoke(root: &Path, is_root: bool, ci: bool, seconds: u32) -> anyhow::Re
     let json = root.join("target/ci-netns-smoke.json");
     let _ = std::fs::remove_file(&json);
     let exe = std::env::current_exe().context("cannot find the xtask binary")?;
-    sh(Command::new(exe)
+    sh(Command::new(&exe)
         .args([
             "bench-40g",
             "--netns",
@@ -202,13 +192,92 @@ fn netns_smoke(root: &Path, is_root: bool, ci: bool, seconds: u32) -> anyhow::Re
     if ours <= 0.0 || baseline <= 0.0 {
         bail!("no bytes flowed in the netns bench: ours {ours} Gbit/s, baseline {baseline} Gbit/s");
     }
+    no_namespaces_left()?;
+    println!(
+        "ci: netns smoke: ours {ours:.2} Gbit/s, baseline {baseline:.2} Gbit/s, namespaces removed"
+    );
+    impaired_smoke(root, &exe, seconds)
+}
+
+/// The impaired path: the relay between client and server with delay,
+/// loss and a bottleneck, two controllers alternating. Every transfer must
+/// complete through the losses, and the relay must have kept its queue
+/// bound.
+fn impaired_smoke(root: &Path, exe: &Path, seconds: u32) -> anyhow::Result<()> {
+    const QUEUE_MS: f64 = 20.0;
+    let json = root.join("target/ci-netns-impaired.json");
+    let _ = std::fs::remove_file(&json);
+    sh(Command::new(exe)
+        .args(["bench-40g", "--netns", "--duration", &seconds.to_string()])
+        .args(["--delay-ms", "5", "--loss", "0.02", "--rate-mbit", "100"])
+        .args([
+            "--queue-ms",
+            &QUEUE_MS.to_string(),
+            "--congestion",
+            "cubic,bbr",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .current_dir(root))?;
+    let result: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&json).with_context(|| format!("{} was not written", json.display()))?,
+    )?;
+    let runs = result["runs"].as_array().map_or(&[][..], Vec::as_slice);
+    if runs.len() != 2 {
+        bail!(
+            "the impaired netns bench has {} runs, expected one per controller",
+            runs.len()
+        );
+    }
+    let mut figures = Vec::new();
+    for run in runs {
+        let side = run["side"].as_str().unwrap_or("?");
+        let goodput = run["goodput_gbps"].as_f64().unwrap_or(0.0);
+        let errors = run["errors"].as_f64().unwrap_or(0.0);
+        let down = &run["relay"]["to_client"];
+        let lost = down["dropped_loss"].as_u64().unwrap_or(0);
+        let queue_max = down["queue_ms_max"].as_f64().unwrap_or(f64::INFINITY);
+        if goodput <= 0.0 || errors > 0.0 {
+            bail!("{side} over the impaired path: {goodput} Gbit/s, {errors} client errors");
+        }
+        if lost == 0 {
+            bail!("{side}: the relay lost nothing at 2% loss: {down}");
+        }
+        if queue_max > QUEUE_MS {
+            bail!(
+                "{side}: the relay queued a datagram {queue_max} ms, above --queue-ms {QUEUE_MS}"
+            );
+        }
+        figures.push(format!("{side} {:.1} Mbit/s ({lost} lost)", goodput * 1e3));
+    }
+    no_namespaces_left()?;
+    println!(
+        "ci: netns impaired smoke: {}, namespaces removed",
+        figures.join(", ")
+    );
+    Ok(())
+}
+
+/// Why the netns runs cannot happen here, if they cannot.
+fn netns_unavailable(is_root: bool) -> Option<String> {
+    if !is_root {
+        Some("network namespaces need root (CAP_NET_ADMIN)".to_owned())
+    } else if !Command::new("ip")
+        .args(["netns", "list"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        Some("`ip netns` does not work here".to_owned())
+    } else {
+        None
+    }
+}
+
+fn no_namespaces_left() -> anyhow::Result<()> {
     let left = Command::new("ip").args(["netns", "list"]).output()?;
     let left = String::from_utf8_lossy(&left.stdout);
     if left.lines().any(|l| l.starts_with("i2b-")) {
         bail!("the bench left network namespaces behind: {left}");
     }
-    println!(
-        "ci: netns smoke: ours {ours:.2} Gbit/s, baseline {baseline:.2} Gbit/s, namespaces removed"
-    );
     Ok(())
 }

@@ -2,8 +2,11 @@
 //!
 //! `bench-40g` measures our server (and, with `--compare`, a plain-quinn
 //! baseline) for goodput, handshake rate, CPU and memory, either across two
-//! hosts or between two network namespaces on this machine. `ci` runs the
-//! whole test suite as CI does.
+//! hosts or between two network namespaces on this machine; in the
+//! namespaces it can put an impaired path (benches' `impair-relay`: delay,
+//! loss, a bottleneck) between client and server and compare our server's
+//! congestion controllers over it. `ci` runs the whole test suite as CI
+//! does.
 
 mod admission;
 mod bench;
@@ -55,9 +58,10 @@ enum Task {
         check: bool,
     },
     /// The test suite as CI runs it: packages, interop peers, fmt, clippy,
-    /// tests, and a netns bench smoke run.
+    /// tests, and netns bench smoke runs (plain, and over the impairment
+    /// relay).
     Ci {
-        /// Seconds of the netns bench smoke run (per side).
+        /// Seconds of each netns bench smoke run (per side).
         #[arg(long, default_value_t = 3)]
         smoke_seconds: u32,
     },
@@ -228,6 +232,39 @@ pub struct BenchArgs {
     /// measures resumed handshakes; the quinn baseline then issues tickets.
     #[arg(long)]
     pub resume: bool,
+    /// --netns only: one-way delay added each way, in ms (20 ms RTT is
+    /// --delay-ms 10). Any of --delay-ms, --loss and --rate-mbit puts an
+    /// impairment relay (benches' `impair-relay`) on the path: it runs in
+    /// the client namespace, the client sends to it and it forwards to the
+    /// server over the veth.
+    #[arg(long, value_name = "MS")]
+    pub delay_ms: Option<f64>,
+    /// --netns only: the probability that the relay loses a datagram, each
+    /// way (0 <= P < 1; 0.01 is 1%). The loss sequence is seeded by the
+    /// round, so every server or controller of a round meets the same one.
+    #[arg(long, value_name = "P")]
+    pub loss: Option<f64>,
+    /// --netns only: the relay's bottleneck each way, in Mbit/s on the wire
+    /// (IPv6 and UDP headers count). Datagrams serialise one after another
+    /// at this rate behind a drop-tail queue of --queue-ms.
+    #[arg(long, value_name = "MBIT")]
+    pub rate_mbit: Option<f64>,
+    /// With --rate-mbit: the bottleneck's queue, in ms of traffic at that
+    /// rate; a datagram that would wait longer for the link is dropped
+    /// [default: 50].
+    #[arg(long, value_name = "MS")]
+    pub queue_ms: Option<f64>,
+    /// Our server's congestion controllers, comma-separated (e.g.
+    /// cubic,bbr), each written as `[stoq_transport] congestion_control =
+    /// "NAME"`; the server checks the names (--check-config) before the
+    /// first run. In a goodput run the server sends the bulk data (the perf
+    /// client downloads), so its controller is the one that paces the
+    /// transfer; the clients keep their default (cubic). With several names
+    /// the runs alternate between them and the table and the JSON
+    /// (`congestion`) give each one's medians. Not with --compare,
+    /// --matrix or --baseline: the quinn baseline keeps its own.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub congestion: Vec<String>,
 }
 
 /// Which load generator drives the servers.

@@ -24,6 +24,9 @@ pub enum Flavor {
     UringHandoff,
     /// --matrix: the AF_XDP backend behind the XDP front door.
     Xdp,
+    /// --congestion: as configured, with this congestion controller (a
+    /// name the server accepted, kept for the whole process).
+    Congestion(&'static str),
 }
 
 impl Side {
@@ -36,6 +39,7 @@ impl Side {
             Side::Ours(Flavor::UringSteering) => "uring+steer",
             Side::Ours(Flavor::UringHandoff) => "uring-handoff",
             Side::Ours(Flavor::Xdp) => "xdp",
+            Side::Ours(Flavor::Congestion(name)) => name,
             Side::Baseline => "quinn",
         }
     }
@@ -121,6 +125,15 @@ metrics! {
     errors,
     duration_s,
     server_cpu_s,
+    /// The impairment relay (--delay-ms, --loss, --rate-mbit): time the
+    /// datagrams towards the client (the bulk data) waited for the
+    /// bottleneck, ms, and what each direction dropped.
+    relay_to_client_queue_ms_p50,
+    relay_to_client_queue_ms_p99,
+    relay_to_client_dropped_loss,
+    relay_to_client_dropped_queue,
+    relay_to_server_dropped_loss,
+    relay_to_server_dropped_queue,
 }
 
 impl Metrics {
@@ -174,6 +187,8 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
 pub struct Run {
     pub side: Side,
     pub metrics: Metrics,
+    /// The impairment relay's whole stats document, when it ran.
+    pub relay: Option<Value>,
 }
 
 /// All runs of a benchmark plus a description of the setup for the header.
@@ -252,6 +267,44 @@ impl Report {
             ("handoff ratio", 4, |m| m.handoff_ratio, false),
             ("client errors", 0, |m| m.errors, false),
         ];
+        // Over the impairment relay: goodput in the path's unit, and the
+        // relay's queue and drops ("down" carries the bulk data).
+        let relay_rows: [Row; 7] = [
+            (
+                "goodput Mbit/s",
+                1,
+                |m| m.goodput_gbps.map(|g| g * 1e3),
+                true,
+            ),
+            (
+                "down queue p50 ms",
+                2,
+                |m| m.relay_to_client_queue_ms_p50,
+                false,
+            ),
+            (
+                "down queue p99 ms",
+                2,
+                |m| m.relay_to_client_queue_ms_p99,
+                false,
+            ),
+            ("down lost", 0, |m| m.relay_to_client_dropped_loss, false),
+            (
+                "down queue drops",
+                0,
+                |m| m.relay_to_client_dropped_queue,
+                false,
+            ),
+            ("up lost", 0, |m| m.relay_to_server_dropped_loss, false),
+            (
+                "up queue drops",
+                0,
+                |m| m.relay_to_server_dropped_queue,
+                false,
+            ),
+        ];
+        let relay = self.runs.iter().any(|r| r.relay.is_some());
+        let relay_rows = if relay { &relay_rows[..] } else { &[] };
         let mut out = String::new();
         let runs_per_side = self
             .runs
@@ -276,7 +329,7 @@ impl Report {
             }
         }
         out.push('\n');
-        for (name, decimals, get, with_ratio) in rows {
+        for &(name, decimals, get, with_ratio) in rows.iter().chain(relay_rows) {
             let _ = write!(out, "{name:<24}");
             for m in &medians {
                 let v = get(m);
@@ -295,6 +348,11 @@ impl Report {
                 }
             }
             out.push('\n');
+        }
+        if relay {
+            out.push_str(
+                "(relay: down = server to client, the bulk data; up = client to server)\n",
+            );
         }
         out
     }
@@ -317,6 +375,9 @@ impl Report {
             .map(|r| {
                 let mut m = r.metrics.to_json();
                 m.insert("side".into(), r.side.json_name().into());
+                if let Some(relay) = &r.relay {
+                    m.insert("relay".into(), relay.clone());
+                }
                 Value::Object(m)
             })
             .collect();
@@ -354,7 +415,7 @@ impl Report {
             top.insert("baseline".into(), Value::Object(base.to_json()));
         }
         // --matrix: every configuration of ours, with its ratios to quinn.
-        if sides.iter().filter(|s| s.is_ours()).count() > 1 {
+        if sides.contains(&Side::Baseline) && sides.iter().filter(|s| s.is_ours()).count() > 1 {
             let base = self.medians(Side::Baseline);
             let mut variants = Map::new();
             for &side in sides.iter().filter(|s| s.is_ours()) {
@@ -371,6 +432,20 @@ impl Report {
                 variants.insert(side.json_name().into(), Value::Object(v));
             }
             top.insert("variants".into(), Value::Object(variants));
+        }
+        // --congestion: each controller's medians, side by side.
+        let controllers: Map<String, Value> = sides
+            .iter()
+            .filter_map(|&side| match side {
+                Side::Ours(Flavor::Congestion(name)) => Some((
+                    name.to_string(),
+                    Value::Object(self.medians(side).to_json()),
+                )),
+                _ => None,
+            })
+            .collect();
+        if !controllers.is_empty() {
+            top.insert("congestion".into(), Value::Object(controllers));
         }
         top.insert("setup".into(), self.setup.clone());
         Value::Object(top)
@@ -452,6 +527,7 @@ mod tests {
                 handshakes_per_s: Some(g * 10.0),
                 ..Default::default()
             },
+            relay: None,
         };
         let report = Report {
             setup: setup(&[("duration_s", 3.into())]),
@@ -475,6 +551,7 @@ mod tests {
                 goodput_gbps: Some(g),
                 ..Default::default()
             },
+            relay: None,
         };
         let report = Report {
             setup: setup(&[]),
@@ -492,5 +569,47 @@ mod tests {
         let table = report.table();
         assert!(table.contains("xdp/quinn"), "{table}");
         assert!(table.contains("0.75x"), "{table}");
+    }
+
+    #[test]
+    fn controllers_side_by_side_with_the_relay() {
+        let run = |name, g, p99| Run {
+            side: Side::Ours(Flavor::Congestion(name)),
+            metrics: Metrics {
+                goodput_gbps: Some(g),
+                relay_to_client_queue_ms_p99: Some(p99),
+                relay_to_client_dropped_queue: Some(3.0),
+                ..Default::default()
+            },
+            relay: Some(json!({ "to_client": { "dropped_queue": 3 } })),
+        };
+        let report = Report {
+            setup: setup(&[("congestion", "cubic,bbr".into())]),
+            runs: vec![
+                run("cubic", 0.006, 40.0),
+                run("bbr", 0.044, 12.0),
+                run("cubic", 0.008, 44.0),
+                run("bbr", 0.040, 10.0),
+            ],
+        };
+        let j = report.json();
+        let cubic = j["congestion"]["cubic"]["goodput_gbps"].as_f64().unwrap();
+        assert!((cubic - 0.007).abs() < 1e-12, "{cubic}");
+        assert_eq!(j["congestion"]["bbr"]["relay_to_client_queue_ms_p99"], 11.0);
+        assert!(j.get("variants").is_none(), "no baseline, no ratios: {j}");
+        assert_eq!(j["runs"][1]["side"], "bbr");
+        assert_eq!(j["runs"][1]["relay"]["to_client"]["dropped_queue"], 3);
+        let table = report.table();
+        for cell in [
+            "cubic",
+            "bbr",
+            "goodput Mbit/s",
+            "7.0",
+            "42.0",
+            "42.00",
+            "11.00",
+        ] {
+            assert!(table.contains(cell), "{cell} missing from\n{table}");
+        }
     }
 }

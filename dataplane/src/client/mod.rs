@@ -122,6 +122,7 @@ fn client_worker_with<S: Service>(
         &mailbox,
         index,
         crate::io::IoBatch::default(),
+        target.transport.gso,
     )?;
     // Clients receive into GRO-sized buffers, so they take any datagram
     // a server's MTU discovery finds room for (jumbo frames included).

@@ -245,3 +245,24 @@ pub(crate) fn poll_many(
     }
     Ok(())
 }
+
+/// Turns the kernel's UDP receive offload (`UDP_GRO`) on or off.
+pub(crate) fn set_gro(socket: &std::net::UdpSocket, on: bool) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let value: libc::c_int = on.into();
+    // SAFETY: a valid socket and a c_int option value of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_UDP,
+            libc::UDP_GRO,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

@@ -65,6 +65,15 @@ pub trait Controller: Send + Sync {
     /// Number of ack-eliciting bytes that may be in flight
     fn window(&self) -> u64;
 
+    /// Rate at which the connection should pace its packets, in bytes per second
+    ///
+    /// internet2-server patch (vendor/README.md): a model-based controller (BBR) paces at a
+    /// rate of its own rather than at one derived from `window()`. `None`, the default, keeps
+    /// the published pacing, about 1.25 windows per smoothed RTT.
+    fn pacing_rate(&self) -> Option<u64> {
+        None
+    }
+
     /// Retrieve implementation-specific metrics used to populate `qlog` traces when they are enabled
     fn metrics(&self) -> ControllerMetrics {
         ControllerMetrics {

@@ -624,13 +624,24 @@ impl Connection {
 
                     // Check whether the next datagram is blocked by pacing
                     let smoothed_rtt = self.path.rtt.get();
-                    if let Some(delay) = self.path.pacing.delay(
-                        smoothed_rtt,
-                        bytes_to_send,
-                        self.path.current_mtu(),
-                        self.path.congestion.window(),
-                        now,
-                    ) {
+                    // internet2-server patch (vendor/README.md): pace at the controller's own
+                    // rate where it sets one; otherwise as published, from window and RTT.
+                    let delay = match self.path.congestion.pacing_rate() {
+                        Some(rate) => self.path.pacing.delay_at_rate(
+                            rate,
+                            bytes_to_send,
+                            self.path.current_mtu(),
+                            now,
+                        ),
+                        None => self.path.pacing.delay(
+                            smoothed_rtt,
+                            bytes_to_send,
+                            self.path.current_mtu(),
+                            self.path.congestion.window(),
+                            now,
+                        ),
+                    };
+                    if let Some(delay) = delay {
                         self.timers.set(Timer::Pacing, delay);
                         congestion_blocked = true;
                         // Loss probes should be subject to pacing, even though

@@ -111,7 +111,60 @@ impl Pacer {
         // this is the time at which the pacing window becomes empty
         Some(self.prev + (unscaled_delay / 5) * 4)
     }
+
+    /// Like [`Pacer::delay`], for a controller that sets its own pacing rate
+    ///
+    /// internet2-server patch (vendor/README.md): the bucket refills at `rate` bytes per second,
+    /// where [`Pacer::delay`] derives its rate from the window and the smoothed RTT. Bursts keep
+    /// the published size: the bytes of one burst interval, 10 to 256 datagrams.
+    pub(super) fn delay_at_rate(
+        &mut self,
+        rate: u64,
+        bytes_to_send: u64,
+        mtu: u16,
+        now: Instant,
+    ) -> Option<Instant> {
+        // A rate of zero would never send again; treat it as no pacing.
+        if rate == 0 {
+            return None;
+        }
+
+        self.capacity = capacity_at_rate(rate, mtu);
+        self.tokens = self.capacity.min(self.tokens);
+
+        if self.tokens >= bytes_to_send {
+            return None;
+        }
+
+        let time_elapsed = now.checked_duration_since(self.prev).unwrap_or_else(|| {
+            warn!("received a timestamp early than a previous recorded time, ignoring");
+            Default::default()
+        });
+        let new_tokens = time_elapsed.as_nanos() * rate as u128 / NANOS_PER_SECOND;
+        self.tokens = self
+            .tokens
+            .saturating_add(new_tokens.min(u64::MAX as u128) as u64)
+            .min(self.capacity);
+        self.prev = now;
+
+        if self.tokens >= bytes_to_send {
+            return None;
+        }
+
+        // The time at which the bucket holds a full burst again
+        let missing = (bytes_to_send.max(self.capacity) - self.tokens) as u128;
+        let nanos = (missing * NANOS_PER_SECOND).div_ceil(rate as u128);
+        Some(self.prev + Duration::from_nanos(nanos.min(u64::MAX as u128) as u64))
+    }
 }
+
+/// A burst interval's bytes at `rate` bytes per second, within the published burst bounds
+fn capacity_at_rate(rate: u64, mtu: u16) -> u64 {
+    let capacity = (rate as u128 * BURST_INTERVAL_NANOS / NANOS_PER_SECOND) as u64;
+    capacity.clamp(MIN_BURST_SIZE * mtu as u64, MAX_BURST_SIZE * mtu as u64)
+}
+
+const NANOS_PER_SECOND: u128 = 1_000_000_000;
 
 /// Calculates a pacer capacity for a certain window and RTT
 ///
@@ -304,5 +357,54 @@ mod tests {
             None
         );
         assert_eq!(pacer.tokens, pacer.capacity);
+    }
+
+    /// internet2-server patch test (vendor/README.md): at a controller's own rate the bucket
+    /// refills at that rate, whatever the window and RTT, in bursts of the published size.
+    #[test]
+    fn paces_at_the_controllers_rate() {
+        let mtu = 1200;
+        let now = Instant::now();
+        let rtt = Duration::from_millis(50);
+        // 1 MB/s: a burst interval holds 2 000 bytes, under the 10-datagram floor.
+        let rate = 1_000_000;
+        let mut pacer = Pacer::new(rtt, 2_000_000, mtu, now);
+
+        let mut sent = 0;
+        while pacer.delay_at_rate(rate, mtu as u64, mtu, now).is_none() {
+            pacer.on_transmit(mtu);
+            sent += 1;
+        }
+        assert_eq!(sent, MIN_BURST_SIZE, "one burst leaves at once");
+
+        // The next burst waits until 10 datagrams' worth has refilled at 1 MB/s: 12 ms.
+        let next = pacer.delay_at_rate(rate, mtu as u64, mtu, now).unwrap();
+        assert_eq!(next.duration_since(now), Duration::from_millis(12));
+        assert!(
+            pacer
+                .delay_at_rate(rate, mtu as u64, mtu, now + Duration::from_millis(1))
+                .is_some()
+        );
+        assert_eq!(pacer.delay_at_rate(rate, mtu as u64, mtu, next), None);
+        assert_eq!(pacer.tokens, MIN_BURST_SIZE * mtu as u64);
+
+        // A faster rate gets a larger burst: 2 ms at 100 MB/s is 200 000 bytes.
+        let fast = 100_000_000;
+        assert_eq!(capacity_at_rate(fast, mtu), 200_000);
+        let mut pacer = Pacer::new(rtt, 2_000_000, mtu, now);
+        while pacer.delay_at_rate(fast, mtu as u64, mtu, now).is_none() {
+            pacer.on_transmit(mtu);
+        }
+        let later = now + Duration::from_secs(1);
+        let mut sent = 0;
+        while pacer.delay_at_rate(fast, mtu as u64, mtu, later).is_none() {
+            pacer.on_transmit(mtu);
+            sent += 1;
+        }
+        assert_eq!(sent, 200_000 / mtu as u64);
+
+        // Burst bounds as published, and no pacing at a rate of zero.
+        assert_eq!(capacity_at_rate(u64::MAX, mtu), MAX_BURST_SIZE * mtu as u64);
+        assert_eq!(pacer.delay_at_rate(0, mtu as u64, mtu, later), None);
     }
 }

@@ -300,7 +300,13 @@ pub struct RttEstimator {
 }
 
 impl RttEstimator {
-    pub(crate) fn new(initial_rtt: Duration) -> Self {
+    /// An estimator that reports `initial_rtt` until its first sample
+    ///
+    /// internet2-server patch (vendor/README.md): public, hidden from the docs, so that a
+    /// congestion controller can be driven through `Controller::on_ack` outside this crate (the
+    /// dataplane's simulated path). The published crate keeps it `pub(crate)`.
+    #[doc(hidden)]
+    pub fn new(initial_rtt: Duration) -> Self {
         Self {
             latest: initial_rtt,
             smoothed: None,
@@ -460,6 +466,22 @@ impl InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// internet2-server patch test (vendor/README.md): what a controller driven from outside
+    /// the crate sees of an estimator from the now public `RttEstimator::new`. No test inside
+    /// this crate can fail on a visibility change; the dataplane's simulated path
+    /// (`dataplane/src/congestion/sim.rs`) does not build without it.
+    #[test]
+    fn a_new_estimator_reports_its_initial_rtt_until_a_sample() {
+        let initial = Duration::from_millis(40);
+        let mut rtt = RttEstimator::new(initial);
+        assert_eq!(rtt.get(), initial);
+        assert_eq!(rtt.conservative(), initial);
+        assert_eq!(rtt.min(), initial);
+        rtt.update(Duration::ZERO, Duration::from_millis(30));
+        assert_eq!(rtt.get(), Duration::from_millis(30));
+        assert_eq!(rtt.min(), Duration::from_millis(30));
+    }
 
     #[test]
     fn reset_refreshes_pacer_budget() {
