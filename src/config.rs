@@ -426,7 +426,7 @@ const SOCKET_BUFFER_STALL: Duration = Duration::from_millis(10);
 /// Parse and validate `text` read from `file`. `cores` is the number of
 /// CPUs this process may run on (for pinning checks). With
 /// `target_throughput_gbps`, one core's cipher rate is measured (about
-/// 12 ms) to size the server.
+/// 15 ms) to size the server.
 pub fn parse(file: &str, text: &str, cores: usize) -> Result<Resolved, ConfigError> {
     parse_on(file, text, cores, &dataplane::capacity::measure)
 }
@@ -472,7 +472,7 @@ impl Config {
         let mut choices = Vec::new();
         let mut warnings = Vec::new();
         let aes_first = self.hardware(file, text, given, &mut choices, &mut warnings)?;
-        self.zero_copy(file, text, given, &mut choices)?;
+        self.zero_copy(file, text, given, &mut choices, &mut warnings)?;
         self.features(&mut warnings);
         let congestion = self.stoq_transport.congestion_control;
         choices.push(format!(
@@ -574,7 +574,7 @@ impl Config {
                 target_gbps: gbps,
                 per_core: measured,
                 workers_needed: workers_for(gbps, measured),
-                reachable_gbps: workers as f64 * measured.goodput_gbps,
+                reachable_gbps: workers.min(cores.max(1)) as f64 * measured.goodput_gbps,
             };
             size_for(
                 &mut self.stoq_transport,
@@ -586,9 +586,12 @@ impl Config {
             if plan.reachable_gbps < gbps {
                 warnings.push(format!(
                     "target_throughput_gbps = {gbps}: this machine reaches about {:.1} Gbit/s \
-                     ({workers} workers at about {:.1} Gbit/s per core; {} workers on as many \
-                     cores would reach the target)",
-                    plan.reachable_gbps, measured.goodput_gbps, plan.workers_needed
+                     ({} workers on {cores} cores at about {:.1} Gbit/s per core; the target \
+                     needs {} cores at that rate)",
+                    plan.reachable_gbps,
+                    workers,
+                    measured.goodput_gbps,
+                    (gbps / measured.goodput_gbps.max(0.001)).ceil()
                 ));
             }
             plan
@@ -689,7 +692,9 @@ impl Config {
                 "must be within 1..=2160 (90 days)",
             ));
         }
-        if !(a.certificate_rotation_hours > 0.0
+        // At least a minute: a rotation period of about zero would issue
+        // certificates (and fill the CT log) without pause.
+        if !(a.certificate_rotation_hours >= 1.0 / 60.0
             && a.certificate_rotation_hours < f64::from(a.certificate_lifetime_hours))
         {
             return Err(key_error(
@@ -699,13 +704,13 @@ impl Config {
                 "certificate_rotation_hours",
                 &if lifetime_given {
                     format!(
-                        "must be above 0 and below certificate_lifetime_hours ({}) so that \
+                        "must be at least a minute (1/60) and below certificate_lifetime_hours ({}) so that \
                          validity overlaps: lower it, or raise certificate_lifetime_hours \
                          (twice the rotation period gives a full period of overlap)",
                         a.certificate_lifetime_hours
                     )
                 } else {
-                    "must be above 0 and below 2160 (the longest certificate lifetime, 90 days)"
+                    "must be at least a minute (1/60) and below 2160 (the longest certificate lifetime, 90 days)"
                         .to_owned()
                 },
             ));
@@ -739,6 +744,17 @@ impl Config {
                 ));
             }
             (Provided::External, _) => OutsideZone::SystemResolver,
+            (Provided::Embedded, OutsideZone::SystemResolver)
+                if given.has("trustchain_authority", "dns_mode") =>
+            {
+                return Err(key_error(
+                    file,
+                    text,
+                    "trustchain_authority",
+                    "outside_zone",
+                    "contradicts trustchain_authority.dns_mode = \"embedded\" (both set in this file); remove one of the two",
+                ));
+            }
             (Provided::Embedded, mode) => mode,
         };
         let outside_zone = match outside_zone {
@@ -1079,6 +1095,7 @@ impl Config {
         text: &str,
         given: &Given,
         choices: &mut Vec<String>,
+        warnings: &mut Vec<String>,
     ) -> Result<(), ConfigError> {
         let t = &mut self.stoq_transport;
         let clash = |key: &str, other: &str| {
@@ -1113,6 +1130,11 @@ impl Config {
             && t.zero_copy == ZeroCopy::Off
         {
             return Err(clash("zero_copy", "stoq_transport.enable_zero_copy = true"));
+        } else if given.has("stoq_transport", "enable_zero_copy") && t.backend != BackendKind::Xdp {
+            warnings.push(format!(
+                "enable_zero_copy = true: backend {} has no zero-copy path; datagrams are copied",
+                format!("{:?}", t.backend).to_lowercase()
+            ));
         }
         choices.push(match (t.backend, t.zero_copy) {
             (BackendKind::Xdp, ZeroCopy::Off) => "zero copy off: AF_XDP in copy mode".into(),

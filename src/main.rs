@@ -469,12 +469,12 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
         // A federated cluster depends on nothing outside it.
         if resolved.outside_zone.is_some() {
             anyhow::bail!(
-                "[trustchain_authority] outside_zone = \"system-resolver\" is phase0's migration aid; a federated cluster answers its own zone only"
+                "[trustchain_authority] dns_mode = \"external\" (outside_zone = \"system-resolver\") is phase0's migration aid; a federated cluster answers its own zone only"
             );
         }
         if resolved.import.is_some() {
             anyhow::bail!(
-                "[trustchain_authority] import_certificate is phase0's migration aid; a federated cluster serves its own CA's certificates only"
+                "[trustchain_authority] import_certificate (and ca_mode = \"external\") is phase0's migration aid; a federated cluster serves its own CA's certificates only"
             );
         }
     }
@@ -730,13 +730,12 @@ fn import_certificate(
     external: bool,
 ) -> anyhow::Result<()> {
     use controlplane::authority::import;
-    // An external CA's certificate is the server's own: its names are
-    // the server's, not names beside them.
-    let own_names = if external { &[][..] } else { own_names };
     let mut loaded = import::load(certificate, key, own_names, std::time::SystemTime::now())
         .context("cannot import the certificate")?;
     if external {
-        loaded.imported = loaded.imported.for_everyone();
+        // The default certificate: the server's own names (the operator's,
+        // enrollment's and the CLI's) keep the embedded one.
+        loaded.imported = loaded.imported.as_default_except(own_names.to_vec());
     }
     let expires = loaded
         .not_after
@@ -747,7 +746,7 @@ fn import_certificate(
         issuer = %loaded.issuer,
         expires_in_days = expires.as_secs() / 86_400,
         external,
-        "imported certificate served (ca_mode external: to every client; else to clients that ask for its names)"
+        "imported certificate served (ca_mode external: to clients asking for any name but the server's own; else to clients asking for its names)"
     );
     if expires < import::EXPIRY_WARNING {
         tracing::warn!(

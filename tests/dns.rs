@@ -810,11 +810,10 @@ fn phase0_serves_an_imported_certificate_for_its_public_names() {
 }
 
 #[test]
-fn phase0_with_an_external_ca_serves_its_certificate_to_every_client() {
+fn phase0_with_an_external_ca_serves_its_certificate_for_every_name_but_its_own() {
     let public = PublicCa::new();
     let files = temp_dir("dns-external-ca-files");
-    // The external CA's certificate for the server's own name.
-    let (chain, key) = public.issue(&files, &["localhost"]);
+    let (chain, key) = public.issue(&files, &["www.example.org"]);
     let server = Server::start_production(
         "dns-external-ca",
         &format!(
@@ -824,27 +823,40 @@ fn phase0_with_an_external_ca_serves_its_certificate_to_every_client() {
         ),
     );
     let own = query("node1.internet2.test.", RecordType::AAAA, DNSClass::IN, 0);
-    let public_client = dataplane::client::ClientTarget {
-        trust: dataplane::ServerTrust::Roots(vec![public.root()]),
-        ..target(&server)
+    let trusting = |root: rustls::pki_types::CertificateDer<'static>, name: &str| {
+        dataplane::client::ClientTarget {
+            server_name: name.into(),
+            trust: dataplane::ServerTrust::Roots(vec![root]),
+            ..target(&server)
+        }
     };
-    let replies = doq_to(&public_client, vec![own.clone()]);
+    let replies = doq_to(
+        &trusting(public.root(), "www.example.org"),
+        vec![own.clone()],
+    );
     assert_eq!(rcode(&replies[0]), ResponseCode::NoError);
-    // The embedded CA's certificate is presented to no one, whatever name
-    // is asked (this one only the embedded certificate carries): a client
-    // that trusts only the embedded root refuses the server.
-    let embedded_client = dataplane::client::ClientTarget {
-        server_name: "node1.internet2.test".into(),
-        ..target(&server)
-    };
-    let replies = doq_to(&embedded_client, vec![own]);
-    assert!(matches!(&replies[0], Reply::Failed(_)), "{:?}", replies[0]);
+    // A name no certificate carries gets the external one too: the client
+    // that trusts the external root refuses it for its name, not its issuer.
+    match &doq_to(
+        &trusting(public.root(), "mail.example.net"),
+        vec![own.clone()],
+    )[0]
+    {
+        Reply::Failed(why) => assert!(why.contains("not valid for name"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    // The server's own names keep the embedded certificate: the operator,
+    // enrollment and the CLI still reach it.
+    let embedded = controlplane::authority::pem::load_cert(&server.ca()).unwrap();
+    for name in ["localhost", "node1.internet2.test"] {
+        let replies = doq_to(&trusting(embedded.clone(), name), vec![own.clone()]);
+        assert_eq!(rcode(&replies[0]), ResponseCode::NoError, "{name}");
+    }
+    let out = server.admin(&["blocklist", "list"]);
     assert!(
-        server
-            .log()
-            .iter()
-            .any(|l| l.contains("imported certificate served") && l.contains("external=true")),
-        "the log says the external certificate is served"
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
     let _ = std::fs::remove_dir_all(&files);
 }

@@ -16,13 +16,13 @@ use rustls::crypto::aws_lc_rs::cipher_suite;
 use rustls::quic::{Keys, Version};
 
 /// Goodput per core over the packet cipher's rate on one core, measured on
-/// this project's 2-core machine (2026-12-07): 10.6 Gbit/s of goodput per
-/// server core at MTU 1500 (`bench-40g --netns --compare`, the README)
-/// against 36 Gbit/s of AES-128-GCM sealing 1452-byte payloads in the same
-/// hour (this module's measurement); a `perf` profile of that sender put
-/// AES-GCM at 26% of its CPU, the rest being the kernel's UDP path and
-/// quinn-proto.
-pub const GOODPUT_PER_CIPHER: f64 = 0.29;
+/// this project's 2-core machine (2026-12-07, one script): 10.6 Gbit/s of
+/// goodput per server core at MTU 1500 (`bench-40g --netns --runs 3
+/// --congestion cubic`, the median) against 54.3 Gbit/s of AES-128-GCM
+/// sealing 1452-byte payloads right after (this module's measurement, the
+/// median of 3). The rest of a bulk sender's CPU is the kernel's UDP path
+/// and quinn-proto's packet assembly.
+pub const GOODPUT_PER_CIPHER: f64 = 0.20;
 
 /// A datagram's payload at MTU 1500 over IPv6 (the default path).
 const PAYLOAD: usize = 1452;

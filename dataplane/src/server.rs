@@ -549,7 +549,12 @@ pub fn make_backend(
                 Err(e) => {
                     tracing::warn!(worker, error = %e, "io_uring unavailable; backend socket instead");
                     fallback.set_nonblocking(true).map_err(setup)?;
-                    Ok(Box::new(SocketBackend::new(fallback).map_err(setup)?))
+                    let same = fallback.try_clone().map_err(setup)?;
+                    let backend = SocketBackend::new(fallback).map_err(setup)?;
+                    if !offload {
+                        crate::io::set_gro(&same, false).map_err(setup)?;
+                    }
+                    Ok(Box::new(backend))
                 }
             }
         }

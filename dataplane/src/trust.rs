@@ -346,9 +346,11 @@ pub struct Imported {
     key: Arc<CertifiedKey>,
     /// Past it the certificate is no longer presented.
     not_after: std::time::SystemTime,
-    /// `ca_mode = "external"`: the server's certificate for every client,
-    /// whatever name it asks for (or none).
-    everyone: bool,
+    /// `ca_mode = "external"`: also served to every client that asks for a
+    /// name outside these (the embedded certificate's names, which the
+    /// operator, enrollment and the CLI use); clients that ask for none
+    /// (by address) get the embedded certificate.
+    default_except: Option<Vec<String>>,
 }
 
 impl std::fmt::Debug for Imported {
@@ -374,14 +376,24 @@ impl Imported {
             names: names.into_iter().map(|n| n.to_ascii_lowercase()).collect(),
             key: Arc::new(key),
             not_after,
-            everyone: false,
+            default_except: None,
         })
     }
 
-    /// Presented to every client, not only those asking for its names.
-    pub fn for_everyone(mut self) -> Self {
-        self.everyone = true;
+    /// Presented to every client that asks for a name, except for
+    /// `own_names` (and names they cover or that cover them).
+    pub fn as_default_except(mut self, own_names: Vec<String>) -> Self {
+        self.default_except = Some(own_names);
         self
+    }
+
+    /// Whether a client asking for `server_name` gets this certificate.
+    fn serves(&self, server_name: &str) -> bool {
+        self.covers(server_name)
+            || self
+                .default_except
+                .as_ref()
+                .is_some_and(|own| !own.iter().any(|o| names_overlap(o, server_name)))
     }
 
     pub fn names(&self) -> &[String] {
@@ -474,8 +486,9 @@ impl std::fmt::Debug for CertificateStore {
 
 impl ResolvesServerCert for CertificateStore {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        if let Some(imported) = self.imported.load().as_ref()
-            && (imported.everyone || hello.server_name().is_some_and(|n| imported.covers(n)))
+        if let Some(name) = hello.server_name()
+            && let Some(imported) = self.imported.load().as_ref()
+            && imported.serves(name)
             && std::time::SystemTime::now() < imported.not_after
         {
             return Some(imported.key.clone());

@@ -246,7 +246,8 @@ pub(crate) fn poll_many(
     Ok(())
 }
 
-/// Turns the kernel's UDP receive offload (`UDP_GRO`) on or off.
+/// Turns the kernel's UDP receive offload (`UDP_GRO`) on or off; a kernel
+/// without it (before 5.0) has nothing to turn off.
 pub(crate) fn set_gro(socket: &std::net::UdpSocket, on: bool) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     let value: libc::c_int = on.into();
@@ -260,9 +261,10 @@ pub(crate) fn set_gro(socket: &std::net::UdpSocket, on: bool) -> io::Result<()> 
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    if rc == 0 {
+    let error = io::Error::last_os_error();
+    if rc == 0 || (!on && error.raw_os_error() == Some(libc::ENOPROTOOPT)) {
         Ok(())
     } else {
-        Err(io::Error::last_os_error())
+        Err(error)
     }
 }
