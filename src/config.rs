@@ -428,7 +428,7 @@ const SOCKET_BUFFER_STALL: Duration = Duration::from_millis(10);
 /// `target_throughput_gbps`, one core's cipher rate is measured (about
 /// 15 ms) to size the server.
 pub fn parse(file: &str, text: &str, cores: usize) -> Result<Resolved, ConfigError> {
-    parse_on(file, text, cores, &dataplane::capacity::measure)
+    parse_on(file, text, cores, &dataplane::capacity::measured)
 }
 
 /// [`parse`] with the per-core measurement given (`aes_first` says which
@@ -439,11 +439,20 @@ pub fn parse_on(
     cores: usize,
     per_core: &dyn Fn(bool) -> PerCore,
 ) -> Result<Resolved, ConfigError> {
-    let config: Config =
-        toml::from_str(text).map_err(|e| locate(file, text, e.span(), e.message()))?;
     let table: toml::Table =
         toml::from_str(text).map_err(|e| locate(file, text, e.span(), e.message()))?;
     let given = Given(table);
+    if given.has("internet2", "bind") && given.has("internet2", "bind_address") {
+        return Err(key_error(
+            file,
+            text,
+            "internet2",
+            "bind",
+            "is the older name of bind_address, which this file sets too; remove one of the two",
+        ));
+    }
+    let config: Config =
+        toml::from_str(text).map_err(|e| locate(file, text, e.span(), e.message()))?;
     config.resolve(file, text, cores, &given, per_core)
 }
 
@@ -692,9 +701,9 @@ impl Config {
                 "must be within 1..=2160 (90 days)",
             ));
         }
-        // At least a minute: a rotation period of about zero would issue
+        // At least a second: a rotation period of about zero would issue
         // certificates (and fill the CT log) without pause.
-        if !(a.certificate_rotation_hours >= 1.0 / 60.0
+        if !(a.certificate_rotation_hours >= 1.0 / 3600.0
             && a.certificate_rotation_hours < f64::from(a.certificate_lifetime_hours))
         {
             return Err(key_error(
@@ -704,13 +713,13 @@ impl Config {
                 "certificate_rotation_hours",
                 &if lifetime_given {
                     format!(
-                        "must be at least a minute (1/60) and below certificate_lifetime_hours ({}) so that \
+                        "must be at least a second (1/3600) and below certificate_lifetime_hours ({}) so that \
                          validity overlaps: lower it, or raise certificate_lifetime_hours \
                          (twice the rotation period gives a full period of overlap)",
                         a.certificate_lifetime_hours
                     )
                 } else {
-                    "must be at least a minute (1/60) and below 2160 (the longest certificate lifetime, 90 days)"
+                    "must be at least a second (1/3600) and below 2160 (the longest certificate lifetime, 90 days)"
                         .to_owned()
                 },
             ));
@@ -1688,8 +1697,10 @@ mod tests {
             let r = parse_fixed(&format!("[internet2]\n{key} = \"fd71:7e57::1\"\n")).unwrap();
             assert_eq!(r.settings.listen.ip().to_string(), "fd71:7e57::1");
         }
-        let both = parse_fixed("[internet2]\nbind = \"::1\"\nbind_address = \"::1\"\n");
-        assert!(both.is_err());
+        let both =
+            parse_fixed("[internet2]\nbind = \"::1\"\nbind_address = \"::1\"\n").unwrap_err();
+        assert_eq!((both.key.as_str(), both.line), ("internet2.bind", 2));
+        assert!(both.message.contains("bind_address"), "{both}");
     }
 
     #[test]
