@@ -443,12 +443,11 @@ pub fn parse_on(
         toml::from_str(text).map_err(|e| locate(file, text, e.span(), e.message()))?;
     let given = Given(table);
     if given.has("internet2", "bind") && given.has("internet2", "bind_address") {
-        return Err(key_error(
+        return Err(contradiction(
             file,
             text,
-            "internet2",
-            "bind",
-            "is the older name of bind_address, which this file sets too; remove one of the two",
+            ("internet2", "bind"),
+            "internet2.bind_address (bind is its older name)",
         ));
     }
     let config: Config =
@@ -486,7 +485,7 @@ impl Config {
         let congestion = self.stoq_transport.congestion_control;
         choices.push(format!(
             "congestion control {}{}",
-            format!("{congestion:?}").to_lowercase(),
+            lowercase(congestion),
             match congestion {
                 CongestionControl::Bbr2 | CongestionControl::Bbr3 => " (BBRv3)",
                 CongestionControl::Bbr => " (quinn-proto's BBRv1)",
@@ -744,24 +743,22 @@ impl Config {
         let outside_zone_given = given.has("trustchain_authority", "outside_zone");
         let outside_zone = match (a.dns_mode, a.outside_zone) {
             (Provided::External, OutsideZone::Refuse) if outside_zone_given => {
-                return Err(key_error(
+                return Err(contradiction(
                     file,
                     text,
-                    "trustchain_authority",
-                    "outside_zone",
-                    "contradicts trustchain_authority.dns_mode = \"external\" (both set in this file); remove one of the two",
+                    ("trustchain_authority", "outside_zone"),
+                    "trustchain_authority.dns_mode = \"external\"",
                 ));
             }
             (Provided::External, _) => OutsideZone::SystemResolver,
             (Provided::Embedded, OutsideZone::SystemResolver)
                 if given.has("trustchain_authority", "dns_mode") =>
             {
-                return Err(key_error(
+                return Err(contradiction(
                     file,
                     text,
-                    "trustchain_authority",
-                    "outside_zone",
-                    "contradicts trustchain_authority.dns_mode = \"embedded\" (both set in this file); remove one of the two",
+                    ("trustchain_authority", "outside_zone"),
+                    "trustchain_authority.dns_mode = \"embedded\"",
                 ));
             }
             (Provided::Embedded, mode) => mode,
@@ -1060,7 +1057,7 @@ impl Config {
             choices.push(format!(
                 "hardware acceleration on: GSO/GRO {}, eBPF steering {}, AES instructions {}, vector AES {}",
                 if self.stoq_transport.gso { "on" } else { "off (gso = false)" },
-                format!("{:?}", self.dataplane.steering).to_lowercase(),
+                lowercase(self.dataplane.steering),
                 if aes.aes { "yes" } else { "no" },
                 if aes.vaes { "yes" } else { "no" },
             ));
@@ -1073,15 +1070,7 @@ impl Config {
             return Ok(aes.aes);
         }
         let off = "stoq_transport.enable_hardware_acceleration = false";
-        let clash = |section: &str, key: &str| {
-            key_error(
-                file,
-                text,
-                section,
-                key,
-                &format!("contradicts {off} (both set in this file); remove one of the two"),
-            )
-        };
+        let clash = |section, key| contradiction(file, text, (section, key), off);
         if given.has("stoq_transport", "gso") && self.stoq_transport.gso {
             return Err(clash("stoq_transport", "gso"));
         }
@@ -1107,50 +1096,51 @@ impl Config {
         warnings: &mut Vec<String>,
     ) -> Result<(), ConfigError> {
         let t = &mut self.stoq_transport;
-        let clash = |key: &str, other: &str| {
-            key_error(
+        let clash = |other| contradiction(file, text, ("stoq_transport", "zero_copy"), other);
+        let zero_copy_given = given.has("stoq_transport", "zero_copy");
+        if zero_copy_given && t.zero_copy == ZeroCopy::On && t.backend != BackendKind::Xdp {
+            let default = if given.has("stoq_transport", "backend") {
+                ""
+            } else {
+                " (the default)"
+            };
+            return Err(key_error(
                 file,
                 text,
                 "stoq_transport",
-                key,
-                &format!("contradicts {other} (both set in this file); remove one of the two"),
-            )
-        };
-        let zero_copy_given = given.has("stoq_transport", "zero_copy");
-        if zero_copy_given && t.zero_copy == ZeroCopy::On && t.backend != BackendKind::Xdp {
-            return Err(clash(
                 "zero_copy",
                 &format!(
-                    "stoq_transport.backend = \"{}\": only backend \"xdp\" has a zero-copy path",
-                    format!("{:?}", t.backend).to_lowercase()
+                    "\"on\" needs backend \"xdp\", the only one with a zero-copy path; \
+                     stoq_transport.backend = \"{}\"{default}",
+                    lowercase(t.backend)
                 ),
             ));
         }
         if !t.enable_zero_copy {
             if zero_copy_given && t.zero_copy == ZeroCopy::On {
-                return Err(clash(
-                    "zero_copy",
-                    "stoq_transport.enable_zero_copy = false",
-                ));
+                return Err(clash("stoq_transport.enable_zero_copy = false"));
             }
             t.zero_copy = ZeroCopy::Off;
         } else if given.has("stoq_transport", "enable_zero_copy")
             && zero_copy_given
             && t.zero_copy == ZeroCopy::Off
         {
-            return Err(clash("zero_copy", "stoq_transport.enable_zero_copy = true"));
+            return Err(clash("stoq_transport.enable_zero_copy = true"));
         } else if given.has("stoq_transport", "enable_zero_copy") && t.backend != BackendKind::Xdp {
             warnings.push(format!(
                 "enable_zero_copy = true: backend {} has no zero-copy path; datagrams are copied",
-                format!("{:?}", t.backend).to_lowercase()
+                lowercase(t.backend)
             ));
         }
         choices.push(match (t.backend, t.zero_copy) {
             (BackendKind::Xdp, ZeroCopy::Off) => "zero copy off: AF_XDP in copy mode".into(),
-            (BackendKind::Xdp, mode) => format!("zero copy {}: AF_XDP zero-copy where the driver has it", format!("{mode:?}").to_lowercase()),
+            (BackendKind::Xdp, mode) => format!(
+                "zero copy {}: AF_XDP zero-copy where the driver has it",
+                lowercase(mode)
+            ),
             (backend, _) => format!(
                 "zero copy: backend {} has no zero-copy path (the kernel copies each datagram once each way)",
-                format!("{backend:?}").to_lowercase()
+                lowercase(backend)
             ),
         });
         Ok(())
@@ -1304,6 +1294,23 @@ fn key_error(file: &str, text: &str, section: &str, key: &str, message: &str) ->
         key: format!("{section}.{key}"),
         message: message.into(),
     }
+}
+
+/// An error for `section.key` that contradicts `other`, another key the
+/// file sets.
+fn contradiction(file: &str, text: &str, (section, key): (&str, &str), other: &str) -> ConfigError {
+    key_error(
+        file,
+        text,
+        section,
+        key,
+        &format!("contradicts {other} (both set in this file); remove one of the two"),
+    )
+}
+
+/// An enum's value as the file writes it (`Uring` is `"uring"`).
+fn lowercase(value: impl std::fmt::Debug) -> String {
+    format!("{value:?}").to_lowercase()
 }
 
 /// Turn a byte span into file, line and `section.key`.
