@@ -45,6 +45,9 @@ const ACTIVE_ALL_UP_TO: usize = 32;
 const DELAY_MS_MAX: f64 = 10_000.0;
 const QUEUE_MS_MAX: f64 = 10_000.0;
 const RATE_MBIT_MAX: f64 = 100_000.0;
+/// The largest --transfer-mib: 1 TiB per stream.
+const TRANSFER_MIB_MAX: u64 = 1 << 20;
+
 /// The bottleneck's queue when --rate-mbit comes without --queue-ms.
 const QUEUE_MS_DEFAULT: f64 = 50.0;
 
@@ -143,6 +146,17 @@ fn validate(args: &BenchArgs) -> Result<()> {
     }
     if args.active == Some(0) {
         bail!("--active must be at least 1");
+    }
+    if let Some(mib) = args.transfer_mib {
+        if args.client == crate::ClientKind::Quinn {
+            bail!("--transfer-mib needs --client ours (the quinn-baseline client runs timed)");
+        }
+        if args.handshake_only {
+            bail!("--transfer-mib moves data; drop --handshake-only");
+        }
+        if !(1..=TRANSFER_MIB_MAX).contains(&mib) {
+            bail!("--transfer-mib {mib}: must be 1 to {TRANSFER_MIB_MAX} MiB per stream");
+        }
     }
     if args.resume && args.client == crate::ClientKind::Quinn {
         bail!("--resume needs --client ours (the quinn-baseline client never resumes)");
@@ -582,6 +596,7 @@ fn netns_run(
             .filter(|&c| c > 0.0 && !args.handshake_only)
             .map(|c| hwm.saturating_sub(rss_before) as f64 / c),
         handoff_ratio,
+        transfer_s: transfer_seconds(args, &client)?,
         ..client.metrics()
     };
     Ok(match relay_stats {
@@ -967,6 +982,10 @@ fn client_command(
             if args.resume {
                 cmd.arg("--resume");
             }
+            if let Some(mib) = args.transfer_mib {
+                cmd.args(["--download", &(mib << 20).to_string()])
+                    .args(["--requests", "1"]);
+            }
         }
         crate::ClientKind::Quinn => {
             cmd.args(["--runtime", &args.baseline_runtime])
@@ -990,6 +1009,25 @@ fn client_command(
         cmd.arg("--handshake-only");
     }
     cmd
+}
+
+/// --transfer-mib: the seconds the transfer took, once every byte of it
+/// arrived; a transfer cut short by --duration is an error, not a figure.
+fn transfer_seconds(args: &BenchArgs, client: &ClientResult) -> Result<Option<f64>> {
+    let Some(mib) = args.transfer_mib else {
+        return Ok(None);
+    };
+    let streams = active(args).unwrap_or(args.connections) * args.streams;
+    let expected = streams as u64 * (mib << 20);
+    let got = client.get("bytes").unwrap_or(0.0) as u64;
+    if got < expected {
+        bail!(
+            "the transfer of {mib} MiB on each of {streams} stream(s) was not done within \
+             --duration {} s ({got} of {expected} bytes arrived); give a longer --duration",
+            args.duration
+        );
+    }
+    Ok(client.get("duration_s"))
 }
 
 /// Connections that move data: --active, else all of a small count and one
@@ -1183,9 +1221,11 @@ fn run_client_role(args: &BenchArgs, bins: &Binaries) -> Result<Report> {
         };
         // The server is on another host: its CPU and memory are not ours to
         // read, so those columns stay empty.
+        let client = ClientResult::read(&json)?;
         let metrics = Metrics {
             handoff_ratio,
-            ..ClientResult::read(&json)?.metrics()
+            transfer_s: transfer_seconds(args, &client)?,
+            ..client.metrics()
         };
         runs.push(Run {
             side,
@@ -1225,6 +1265,10 @@ fn setup(args: &BenchArgs, mode: &str) -> Value {
         ("keep_alive_s", args.keep_alive.into()),
         ("mtu", if netns { args.mtu.into() } else { Value::Null }),
         ("handshake_only", args.handshake_only.into()),
+        (
+            "transfer_mib",
+            args.transfer_mib.map_or(Value::Null, Value::from),
+        ),
         ("runs", args.runs.into()),
         (
             "connect",
@@ -1798,6 +1842,29 @@ mod tests {
         let path = Impairment::from_args(&args).unwrap();
         assert_eq!((path.delay_ms, path.loss, path.queue_ms), (10.0, 0.0, 50.0));
         assert!(Impairment::from_args(&bench_args(&["--netns"])).is_none());
+    }
+
+    #[test]
+    fn a_transfer_counts_only_when_every_byte_arrived() {
+        let err = |argv: &[&str]| validate(&bench_args(argv)).unwrap_err().to_string();
+        let quinn = ["--netns", "--transfer-mib", "64", "--client", "quinn"];
+        assert!(err(&quinn).contains("needs --client ours"));
+        assert!(err(&["--netns", "--transfer-mib", "0"]).contains("1 to"));
+        let churn = ["--netns", "--transfer-mib", "1", "--handshake-only"];
+        assert!(err(&churn).contains("drop --handshake-only"));
+
+        // Two connections of two streams: four transfers of 64 MiB.
+        let argv = ["--netns", "--transfer-mib", "64", "--connections", "2"];
+        let args = bench_args(&[&argv[..], &["--streams", "2"]].concat());
+        validate(&args).unwrap();
+        let client =
+            |bytes: u64| ClientResult(serde_json::json!({"bytes": bytes, "duration_s": 7.5}));
+        let all = 4 * (64u64 << 20);
+        assert_eq!(transfer_seconds(&args, &client(all)).unwrap(), Some(7.5));
+        let short = transfer_seconds(&args, &client(all - 1)).unwrap_err();
+        assert!(short.to_string().contains("was not done within"), "{short}");
+        let timed = bench_args(&["--netns"]);
+        assert_eq!(transfer_seconds(&timed, &client(0)).unwrap(), None);
     }
 
     #[test]

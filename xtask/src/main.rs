@@ -190,6 +190,13 @@ pub struct BenchArgs {
     /// Measure handshakes (connect, complete, close, repeat) instead of goodput.
     #[arg(long)]
     pub handshake_only: bool,
+    /// A fixed-size transfer instead of a timed one (--client ours): each
+    /// active stream downloads this many MiB once, and the run ends when
+    /// all of them have arrived; --duration is then the longest a run may
+    /// take. Goodput is the bytes over the time they took, and the table
+    /// gives that time ("transfer s").
+    #[arg(long, value_name = "MIB")]
+    pub transfer_mib: Option<u64>,
     /// Runs per side; medians are reported. With --compare the sides alternate.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub runs: usize,

@@ -124,6 +124,9 @@ metrics! {
     handoff_ratio,
     errors,
     duration_s,
+    /// --transfer-mib: seconds from the first byte requested to the last
+    /// byte received.
+    transfer_s,
     server_cpu_s,
     /// The impairment relay (--delay-ms, --loss, --rate-mbit): time the
     /// datagrams towards the client (the bulk data) waited for the
@@ -228,7 +231,7 @@ impl Report {
         let ours: Vec<usize> = (0..sides.len()).filter(|&i| sides[i].is_ours()).collect();
         let mib = |x: Option<f64>| x.map(|b| b / (1024.0 * 1024.0));
         type Row<'a> = (&'a str, usize, fn(&Metrics) -> Option<f64>, bool);
-        let rows: [Row; 17] = [
+        let rows: [Row; 18] = [
             ("goodput Gbit/s", 3, |m| m.goodput_gbps, true),
             ("server CPU cores", 2, |m| m.server_cpu_cores, false),
             (
@@ -265,6 +268,7 @@ impl Report {
             ),
             ("resumed handshakes", 0, |m| m.handshakes_resumed, false),
             ("handoff ratio", 4, |m| m.handoff_ratio, false),
+            ("transfer s", 2, |m| m.transfer_s, false),
             ("client errors", 0, |m| m.errors, false),
         ];
         // Over the impairment relay: goodput in the path's unit, and the

@@ -152,9 +152,23 @@ impl Assembler {
     // will be much higher because we are counting the same allocation multiple times.
     pub(super) fn insert(
         &mut self,
+        offset: u64,
+        bytes: Bytes,
+        allocation_size: usize,
+    ) -> Result<(), TooManyChunks> {
+        self.insert_bounded(offset, bytes, allocation_size, MAX_CHUNKS)
+    }
+
+    /// internet2-server patch (vendor/README.md): `insert` with the bound on
+    /// distinct spans given by the caller, [`chunk_limit`] of the window the
+    /// peer may fill, so that a window of many packets with many of them lost
+    /// is not taken for a peer that sends gaps on purpose.
+    pub(super) fn insert_bounded(
+        &mut self,
         mut offset: u64,
         mut bytes: Bytes,
         allocation_size: usize,
+        max_chunks: usize,
     ) -> Result<(), TooManyChunks> {
         debug_assert!(
             bytes.len() <= allocation_size,
@@ -212,10 +226,10 @@ impl Assembler {
         // balance between defragmentation overhead and over-allocation.
         let threshold = 32768.max(buffered * 3 / 2);
         // Small gapped frames hold over-allocation below the threshold, so bound the count too.
-        if over_allocation > threshold || self.data.len() > COMPACT_THRESHOLD {
+        if over_allocation > threshold || self.data.len() > 2 * max_chunks {
             self.defragment();
             // ngtcp2 uses a threshold of 4000 -- try to be a little more conservative?
-            if self.data.len() > MAX_CHUNKS {
+            if self.data.len() > max_chunks {
                 return Err(TooManyChunks);
             }
         }
@@ -360,6 +374,24 @@ pub(crate) struct TooManyChunks;
 /// if compaction cannot get the count back down to this.
 const MAX_CHUNKS: usize = 1024;
 
+/// internet2-server patch (vendor/README.md): the bound on distinct spans for
+/// a stream whose peer may still fill `window` bytes: [`MAX_CHUNKS`], or one
+/// span per [`WINDOW_BYTES_PER_CHUNK`] of the window when that is more.
+///
+/// A sender of full packets leaves at most one gap per lost packet, so a
+/// legitimate stream holds at most about `window / 1200` spans; the fixed
+/// bound of 1024 closed connections whose 16 MiB window lost more than 1024
+/// packets out of order (a drop-tail queue's burst of drops does that).
+pub(super) fn chunk_limit(window: u64) -> usize {
+    let per_window = usize::try_from(window / WINDOW_BYTES_PER_CHUNK).unwrap_or(usize::MAX);
+    max(MAX_CHUNKS, per_window)
+}
+
+/// internet2-server patch (vendor/README.md): window bytes per span allowed
+/// beyond [`MAX_CHUNKS`] (h2o's quicly caps gaps at one per 512 bytes of its
+/// buffer; a span here needs at least a byte of data and a byte of gap).
+const WINDOW_BYTES_PER_CHUNK: u64 = 1024;
+
 /// Minimum size of a defragmented chunk that is retained without coalescing.
 ///
 /// Chunks below this size will be copied on every compaction. 128 bytes balances
@@ -369,7 +401,10 @@ const MIN_RETAINED_CHUNK_SIZE: usize = 128;
 /// Chunk count past which `insert` compacts before deciding whether to reject
 ///
 /// Above `MAX_CHUNKS` so a flood of mergeable frames cannot force a defragmentation
-/// per frame.
+/// per frame. (internet2-server patch: `insert_bounded` compacts past twice the
+/// bound it is given; this is that threshold for the fixed bound, which the
+/// tests use.)
+#[cfg(test)]
 const COMPACT_THRESHOLD: usize = 2 * MAX_CHUNKS;
 
 #[cfg(test)]
@@ -683,6 +718,71 @@ mod test {
             Some(Chunk::new(0, Bytes::from_static(b"abc")))
         );
         assert_eq!(x.read(3, false), None);
+    }
+
+    /// internet2-server patch test (vendor/README.md): a 16 MiB window of
+    /// full packets that lost every other one holds about 7,000 gaps. The
+    /// fixed bound took that for an attack and closed the connection; the
+    /// bound of the window takes it, and the data reads back whole once the
+    /// losses are retransmitted.
+    #[test]
+    fn a_window_that_lost_every_other_packet_is_not_rejected() {
+        const WINDOW: u64 = 16 << 20;
+        const PACKET: usize = 1200;
+        let packets = WINDOW as usize / PACKET;
+        let payload = |i: usize| Bytes::from(vec![(i % 251) as u8; PACKET]);
+        let limit = chunk_limit(WINDOW);
+        assert_eq!(limit, 16384);
+
+        let mut fixed = Assembler::new();
+        let mut bounded = Assembler::new();
+        let mut fixed_failed = false;
+        for i in (1..packets).step_by(2) {
+            let offset = (i * PACKET) as u64;
+            fixed_failed |= fixed.insert(offset, payload(i), PACKET).is_err();
+            bounded
+                .insert_bounded(offset, payload(i), PACKET, limit)
+                .expect("a lossy window of full packets is not an attack");
+        }
+        assert!(fixed_failed, "the fixed bound of 1024 rejects this window");
+        for i in (0..packets).step_by(2) {
+            let offset = (i * PACKET) as u64;
+            bounded
+                .insert_bounded(offset, payload(i), PACKET, limit)
+                .unwrap();
+        }
+        let mut read = 0;
+        while let Some(chunk) = bounded.read(usize::MAX, true) {
+            assert_eq!(chunk.offset, read as u64);
+            for (k, byte) in chunk.bytes.iter().enumerate() {
+                assert_eq!(*byte, (((read + k) / PACKET) % 251) as u8);
+            }
+            read += chunk.bytes.len();
+        }
+        assert_eq!(read, packets * PACKET);
+    }
+
+    /// internet2-server patch test (vendor/README.md): within a window the
+    /// bound still holds against one-byte gaps, and a small window keeps
+    /// the published bound.
+    #[test]
+    fn the_bound_of_a_window_still_stops_a_gap_flood() {
+        assert_eq!(chunk_limit(0), MAX_CHUNKS);
+        assert_eq!(chunk_limit(128 * 1024), MAX_CHUNKS);
+        assert_eq!(chunk_limit(1 << 40), 1 << 30);
+        let limit = chunk_limit(16 << 20);
+        let mut x = Assembler::new();
+        let mut offset = 1u64;
+        let mut result = Ok(());
+        for _ in 0..(limit * 4) {
+            result = x.insert_bounded(offset, Bytes::from_static(b"g"), 1, limit);
+            if result.is_err() {
+                break;
+            }
+            assert!(x.data.len() <= 2 * limit + 1, "{} chunks", x.data.len());
+            offset += 2;
+        }
+        assert_matches!(result, Err(TooManyChunks));
     }
 
     #[test]

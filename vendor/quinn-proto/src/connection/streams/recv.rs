@@ -78,8 +78,20 @@ impl Recv {
         // Don't bother storing data or releasing stream-level flow control credit if the stream's
         // already stopped
         if !self.stopped {
+            // internet2-server patch (vendor/README.md): the bound on gaps
+            // follows the window the peer may fill (this stream's credit,
+            // within the connection's), not a fixed count.
+            let window = self
+                .sent_max_stream_data
+                .saturating_sub(self.assembler.bytes_read())
+                .min(max_data);
             self.assembler
-                .insert(frame.offset, frame.data, payload_len)
+                .insert_bounded(
+                    frame.offset,
+                    frame.data,
+                    payload_len,
+                    crate::connection::assembler::chunk_limit(window),
+                )
                 .map_err(|_| TransportError::INTERNAL_ERROR("too many gaps in stream buffer"))?;
         }
 
@@ -449,6 +461,29 @@ mod tests {
     use crate::{Dir, Side};
 
     use super::*;
+
+    /// internet2-server patch test (vendor/README.md): a stream with a 16 MiB
+    /// window that lost every other full packet is still open: the gap bound
+    /// follows the window (this failed with the published fixed bound).
+    #[test]
+    fn a_lossy_window_of_full_packets_keeps_the_stream() {
+        const WINDOW: u64 = 16 << 20;
+        const PACKET: u64 = 1200;
+        let mut s = Recv::new(WINDOW);
+        let mut received = 0;
+        for i in (1..WINDOW / PACKET).step_by(2) {
+            let frame = frame::Stream {
+                id: StreamId::new(Side::Server, Dir::Bi, 0),
+                offset: i * PACKET,
+                fin: false,
+                data: Bytes::from(vec![0; PACKET as usize]),
+            };
+            let (new_bytes, _) = s
+                .ingest(frame, PACKET as usize, received, 4 * WINDOW)
+                .expect("loss is not a protocol violation");
+            received += new_bytes;
+        }
+    }
 
     #[test]
     fn reordered_frames_while_stopped() {
