@@ -369,7 +369,7 @@ impl DnsSettings {
 }
 
 /// The validated result, ready to start.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Resolved {
     pub settings: ServerSettings,
     pub control_plane_core: Option<usize>,
@@ -401,6 +401,64 @@ pub struct Resolved {
     /// Keys that ask for more than this machine or build gives: logged as
     /// warnings at start, never refused.
     pub warnings: Vec<String>,
+}
+
+impl Resolved {
+    /// What differs from `running` among the settings that take effect
+    /// only at start, as the keys an operator edits. A reload (SIGHUP)
+    /// applies the blocklist and the imported certificate (with `ca_mode`)
+    /// and names these, which the running server keeps until a restart.
+    pub fn changed_at_restart(&self, running: &Resolved) -> Vec<&'static str> {
+        use std::fmt::Debug;
+        let differ = |a: &dyn Debug, b: &dyn Debug| format!("{a:?}") != format!("{b:?}");
+        let pairs: [(&'static str, &dyn Debug, &dyn Debug); 9] = [
+            (
+                "[internet2] and [stoq_transport] (address, port, workers, backend, \
+                 windows, congestion control, zero copy, hardware acceleration)",
+                &self.settings,
+                &running.settings,
+            ),
+            (
+                "[dns] and dns_mode",
+                &(&self.dns, &self.outside_zone, self.legacy_dns_port),
+                &(&running.dns, &running.outside_zone, running.legacy_dns_port),
+            ),
+            ("server names", &self.server_names, &running.server_names),
+            (
+                "certificate lifetime, rotation and algorithms",
+                &(
+                    self.certificate_lifetime,
+                    self.certificate_rotation,
+                    self.ca_algorithm,
+                    self.log_algorithm,
+                ),
+                &(
+                    running.certificate_lifetime,
+                    running.certificate_rotation,
+                    running.ca_algorithm,
+                    running.log_algorithm,
+                ),
+            ),
+            (
+                "admission ([hypermesh_assets])",
+                &self.admission,
+                &running.admission,
+            ),
+            ("data_dir", &self.data_dir, &running.data_dir),
+            ("XDP front door", &self.xdp, &running.xdp),
+            ("zero_rtt", &self.zero_rtt, &running.zero_rtt),
+            (
+                "control-plane core and drain",
+                &(self.control_plane_core, self.drain),
+                &(running.control_plane_core, running.drain),
+            ),
+        ];
+        pairs
+            .into_iter()
+            .filter(|(_, a, b)| differ(*a, *b))
+            .map(|(name, _, _)| name)
+            .collect()
+    }
 }
 
 /// How `target_throughput_gbps` sized the server.
@@ -1670,6 +1728,36 @@ mod tests {
 
     fn parse_fixed(text: &str) -> Result<Resolved, ConfigError> {
         parse_on("t.toml", text, 2, &ten_per_core)
+    }
+
+    #[test]
+    fn a_reload_names_what_applies_only_at_the_next_start() {
+        let seed = include_str!("../deploy/production.toml");
+        let running = parse_on("production.toml", seed, 2, &ten_per_core).unwrap();
+        let same = parse_on("production.toml", seed, 2, &ten_per_core).unwrap();
+        assert_eq!(same.changed_at_restart(&running), Vec::<&str>::new());
+
+        let edited = seed
+            .replace("port = 443", "port = 8443")
+            .replace("dns_mode = \"embedded\"", "dns_mode = \"external\"")
+            .replace(
+                "certificate_rotation_hours = 24",
+                "certificate_rotation_hours = 12",
+            );
+        let edited = parse_on("production.toml", &edited, 2, &ten_per_core).unwrap();
+        let changed = edited.changed_at_restart(&running);
+        assert_eq!(changed.len(), 3, "{changed:?}");
+        assert!(changed[0].starts_with("[internet2]"), "{changed:?}");
+        assert!(changed[1].contains("dns_mode"), "{changed:?}");
+        assert!(changed[2].contains("rotation"), "{changed:?}");
+
+        // What a reload applies itself is not named.
+        let blocklist = seed.replace(
+            "[stoq_transport]",
+            "[dataplane]\nblocklist = [\"2001:db8::/32\"]\n[stoq_transport]",
+        );
+        let blocklist = parse_on("production.toml", &blocklist, 2, &ten_per_core).unwrap();
+        assert_eq!(blocklist.changed_at_restart(&running), Vec::<&str>::new());
     }
 
     #[test]

@@ -425,6 +425,10 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    // The file as the server started with it, for a reload to name what
+    // changed but applies only at the next start (`resolved` gets the
+    // runtime's stores filled in below).
+    let as_started = resolved.clone();
     let mut resolved = resolved;
     let port = ControlPort::new(resolved.settings.workers);
     let service_config = ServiceConfig {
@@ -609,7 +613,7 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
         }
         let imported = (args.bootstrap == Bootstrap::Phase0)
             .then(|| (identity.certificates.as_ref(), names.as_slice()));
-        reload(args, &blocklists, imported);
+        reload(args, &as_started, &blocklists, imported);
     };
     tracing::info!(
         signal,
@@ -717,8 +721,6 @@ fn attach_front_door(resolved: &config::Resolved) -> anyhow::Result<Option<Arc<F
     Ok(Some(Arc::new(front_door)))
 }
 
-/// SIGHUP: re-read the config file and apply what can change live (the
-/// blocklist). A bad file is logged and changes nothing.
 /// Phase0's migration: serve the certificate another CA issued (chain and
 /// key files) to clients that ask for its names, or with `ca_mode =
 /// "external"` to every client as the server's own.
@@ -779,8 +781,13 @@ fn start_resolver(
     Ok(resolver)
 }
 
+/// SIGHUP: re-read the config file and apply what can change live (the
+/// blocklist, the imported certificate and `ca_mode`); name what changed
+/// but applies only at the next start. A bad file is logged and changes
+/// nothing.
 fn reload(
     args: &Args,
+    running: &internet2_server::config::Resolved,
     blocklists: &internet2_server::admission::Blocklists,
     imported: Option<(&dataplane::trust::CertificateStore, &[String])>,
 ) {
@@ -791,6 +798,13 @@ fn reload(
             return;
         }
     };
+    let restart = resolved.changed_at_restart(running);
+    if !restart.is_empty() {
+        tracing::warn!(
+            changed = ?restart,
+            "reload: these settings changed in the file and take effect at the next start; the server keeps running with the ones it started with"
+        );
+    }
     // The workers drop blocklisted sources at the first packet; an XDP
     // front door drops them in the driver too. Isolation's entries stay.
     let blocked = resolved.blocklist.len();

@@ -579,9 +579,27 @@ fn blocklisted_sources_are_dropped_by_the_workers_without_xdp() {
     )
     .unwrap();
     signal(server.pid(), "HUP");
-    server.wait_for_log("reloaded: blocklist applied", Duration::from_secs(10));
+    let reload = server.wait_for_log("reloaded: blocklist applied", Duration::from_secs(10));
     ok(&server.client(&["ping"]));
     assert!(counter(&server.stats(), "drop_blocked") > 0);
+    // The reload applied all it changed: nothing waits for a restart.
+    let next_start = "take effect at the next start";
+    assert!(!reload.iter().any(|l| l.contains(next_start)), "{reload:?}");
+
+    // A key that applies only at start: the reload names it, and the
+    // server keeps serving as it started.
+    let config = std::fs::read_to_string(server.dir.join("server.toml")).unwrap();
+    std::fs::write(
+        server.dir.join("server.toml"),
+        config.replace("workers = 2", "workers = 1"),
+    )
+    .unwrap();
+    signal(server.pid(), "HUP");
+    let reload = server.wait_for_log(next_start, Duration::from_secs(10));
+    let line = reload.iter().find(|l| l.contains(next_start)).unwrap();
+    assert!(line.contains("[internet2] and [stoq_transport]"), "{line}");
+    assert_eq!(server.stats()["workers"].as_array().map(Vec::len), Some(2));
+    ok(&server.client(&["ping"]));
 }
 
 /// A perf client whose TLS offers `suites` in that order (Initial packets

@@ -268,15 +268,20 @@ impl Server {
         admin_in(&self.dir, args)
     }
 
-    /// Wait until the server logs a line containing `needle`.
-    pub fn wait_for_log(&self, needle: &str, limit: Duration) {
+    /// Wait until the server logs a line containing `needle`; the lines
+    /// read meanwhile (which later [`Self::log`] calls no longer return),
+    /// that one included.
+    pub fn wait_for_log(&self, needle: &str, limit: Duration) -> Vec<String> {
+        let mut read = Vec::new();
         wait_until(limit, Duration::from_millis(50), || {
-            if self.log().iter().any(|l| l.contains(needle)) {
+            read.extend(self.log());
+            if read.iter().any(|l| l.contains(needle)) {
                 Ok(())
             } else {
                 Err(format!("the server never logged {needle:?}"))
             }
         });
+        read
     }
 }
 
