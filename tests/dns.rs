@@ -852,6 +852,13 @@ fn phase0_with_an_external_ca_serves_its_certificate_for_every_name_but_its_own(
         let replies = doq_to(&trusting(embedded.clone(), name), vec![own.clone()]);
         assert_eq!(rcode(&replies[0]), ResponseCode::NoError, "{name}");
     }
+    // A client that names no server (an address: rustls sends no SNI) gets
+    // the embedded certificate too: checked against the embedded root, it
+    // is refused at most for its names, never for its issuer.
+    match &doq_to(&trusting(embedded.clone(), "::1"), vec![own.clone()])[0] {
+        Reply::Failed(why) => assert!(why.contains("not valid for name"), "{why}"),
+        reply => assert_eq!(rcode(reply), ResponseCode::NoError),
+    }
     let out = server.admin(&["blocklist", "list"]);
     assert!(
         out.status.success(),
