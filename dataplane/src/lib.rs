@@ -12,6 +12,7 @@
 //! path, or touch control-plane state other than immutable snapshots.
 
 pub mod admission;
+pub mod assets;
 pub mod blocklist;
 pub mod capacity;
 pub mod cid;
