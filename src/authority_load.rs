@@ -146,28 +146,11 @@ pub fn issue_payload() -> anyhow::Result<Bytes> {
 }
 
 fn checked(report: LoadReport) -> anyhow::Result<LoadReport> {
-    if let Some(why) = &report.failure {
-        bail!("the load stopped: {why}");
-    }
-    if let Some((code, message)) = &report.first_error {
-        bail!(
-            "{} requests failed; the first with {code:#x}: {message}",
-            report.errors
-        );
-    }
-    Ok(report)
+    report.complete().map_err(anyhow::Error::msg)
 }
 
 fn phase(report: &LoadReport) -> serde_json::Value {
-    json!({
-        "requests": report.ok,
-        "per_second": report.per_second(),
-        "latency_us_p50": report.latency_us.value_at_quantile(0.50),
-        "latency_us_p99": report.latency_us.value_at_quantile(0.99),
-        "latency_us_max": report.latency_us.max(),
-        "busy_retried": report.busy,
-        "in_flight_at_end": report.window,
-    })
+    report.summary()
 }
 
 fn handshakes(

@@ -202,9 +202,17 @@ pub struct HypermeshAssets {
     pub isolation_exempt: Vec<String>,
     /// VM execution (not part of this build: true is a start-up warning).
     pub enable_vm_execution: bool,
-    /// Asset addressing (not part of this build: true is a start-up
-    /// warning).
+    /// Asset addressing: memory assets at addresses of this node's /64
+    /// locator, reached with the `stoq/1` asset requests.
     pub nat_addressing: bool,
+    /// This node's /64 locator, e.g. `"fd71:7e57:0:1::/64"`; default: the
+    /// ULA /48 derived from `dns_apex` (RFC 4193: `fd`, then 40 bits of
+    /// SHA-256 of the apex) with subnet 0.
+    pub asset_prefix: Option<Spanned<String>>,
+    /// Memory an identity may hold on this node, in MiB.
+    pub memory_quota_mib: u64,
+    /// How long an identity's memory assets outlive its last connection.
+    pub asset_lease_grace_s: u64,
 }
 
 impl Default for HypermeshAssets {
@@ -228,7 +236,10 @@ impl Default for HypermeshAssets {
             isolation_ipv6_prefix_len: 64,
             isolation_exempt: Vec::new(),
             enable_vm_execution: false,
-            nat_addressing: false,
+            nat_addressing: true,
+            asset_prefix: None,
+            memory_quota_mib: 64,
+            asset_lease_grace_s: dataplane::assets::memory::LEASE_GRACE.as_secs(),
         }
     }
 }
@@ -394,6 +405,8 @@ pub struct Resolved {
     /// for every client.
     pub ca_external: bool,
     pub admission: crate::admission::AdmissionSettings,
+    /// Asset addressing (`nat_addressing`); None when off.
+    pub assets: Option<AssetSettings>,
     /// What `target_throughput_gbps` chose (None: not set).
     pub throughput: Option<ThroughputPlan>,
     /// What the file's keys switched on or off, for the start-up log.
@@ -411,7 +424,7 @@ impl Resolved {
     pub fn changed_at_restart(&self, running: &Resolved) -> Vec<&'static str> {
         use std::fmt::Debug;
         let differ = |a: &dyn Debug, b: &dyn Debug| format!("{a:?}") != format!("{b:?}");
-        let pairs: [(&'static str, &dyn Debug, &dyn Debug); 9] = [
+        let pairs: [(&'static str, &dyn Debug, &dyn Debug); 10] = [
             (
                 "[internet2] and [stoq_transport] (address, port, workers, backend, \
                  windows, congestion control, zero copy, hardware acceleration)",
@@ -444,6 +457,11 @@ impl Resolved {
                 &self.admission,
                 &running.admission,
             ),
+            (
+                "asset addressing ([hypermesh_assets] nat_addressing, asset_prefix, quota, lease)",
+                &self.assets,
+                &running.assets,
+            ),
             ("data_dir", &self.data_dir, &running.data_dir),
             ("XDP front door", &self.xdp, &running.xdp),
             ("zero_rtt", &self.zero_rtt, &running.zero_rtt),
@@ -459,6 +477,26 @@ impl Resolved {
             .map(|(name, _, _)| name)
             .collect()
     }
+}
+
+/// Asset addressing, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssetSettings {
+    pub locator: dataplane::assets::address::Locator,
+    /// Memory an identity may hold, unless the operator set it otherwise.
+    pub quota_bytes: u64,
+    pub lease_grace: Duration,
+}
+
+/// A ULA /48 of `apex` (RFC 4193 §3.2: `fd` and a 40-bit global ID), for a
+/// node's default asset locator: stable for a deployment, and unlikely to
+/// meet another's.
+fn ula48(apex: &str) -> std::net::Ipv6Addr {
+    let digest = ring::digest::digest(&ring::digest::SHA256, apex.as_bytes());
+    let mut octets = [0u8; 16];
+    octets[0] = 0xfd;
+    octets[1..6].copy_from_slice(&digest.as_ref()[..5]);
+    std::net::Ipv6Addr::from(octets)
 }
 
 /// How `target_throughput_gbps` sized the server.
@@ -738,6 +776,7 @@ impl Config {
         }
         let xdp = self.xdp_plan(file, text, workers)?;
         let admission = self.admission(file, text, bind)?;
+        let assets = self.assets(file, text, &mut choices)?;
         let a = &mut self.trustchain_authority;
         let lifetime_given = given.has("trustchain_authority", "certificate_lifetime_hours");
         if !lifetime_given && a.certificate_rotation_hours.is_finite() {
@@ -921,6 +960,7 @@ impl Config {
             dns_without_certificate: self.trustchain_authority.public_dns,
             blocklist: None,
             admission: None,
+            assets: None,
         };
         Ok(Resolved {
             settings,
@@ -951,10 +991,81 @@ impl Config {
             import,
             ca_external: self.trustchain_authority.ca_mode == Provided::External,
             admission,
+            assets,
             throughput,
             choices,
             warnings,
         })
+    }
+
+    /// `nat_addressing` and the memory assets' keys.
+    fn assets(
+        &self,
+        file: &str,
+        text: &str,
+        choices: &mut Vec<String>,
+    ) -> Result<Option<AssetSettings>, ConfigError> {
+        use dataplane::assets::address::{Locator, NodeNumber};
+        let h = &self.hypermesh_assets;
+        if !h.nat_addressing {
+            choices.push("asset addressing off: asset requests are refused".into());
+            return Ok(None);
+        }
+        let locator = match &h.asset_prefix {
+            Some(prefix) => {
+                let bad = || {
+                    locate(
+                        file,
+                        text,
+                        Some(prefix.span()),
+                        &format!(
+                            "`{}` is not a /64 prefix; write one like \"fd71:7e57:0:1::/64\"",
+                            prefix.get_ref()
+                        ),
+                    )
+                };
+                let (address, len) = prefix.get_ref().split_once('/').ok_or_else(bad)?;
+                let address: std::net::Ipv6Addr = address.parse().map_err(|_| bad())?;
+                if len != "64" || u128::from(address) & u128::from(u64::MAX) != 0 {
+                    return Err(bad());
+                }
+                Locator::of_prefix(address)
+            }
+            None => Locator::in_ula(
+                ula48(&self.trustchain_authority.dns_apex),
+                NodeNumber::new(0).expect("0 is a node number"),
+            ),
+        };
+        let quota_bytes = h.memory_quota_mib.checked_mul(1 << 20).ok_or_else(|| {
+            key_error(
+                file,
+                text,
+                "hypermesh_assets",
+                "memory_quota_mib",
+                "is too large",
+            )
+        })?;
+        if !(1..=86_400).contains(&h.asset_lease_grace_s) {
+            return Err(key_error(
+                file,
+                text,
+                "hypermesh_assets",
+                "asset_lease_grace_s",
+                "must be within 1..=86400 seconds",
+            ));
+        }
+        let settings = AssetSettings {
+            locator,
+            quota_bytes,
+            lease_grace: Duration::from_secs(h.asset_lease_grace_s),
+        };
+        choices.push(format!(
+            "asset addressing on: memory assets at {}/64, {} MiB per identity, released {} s after its last connection",
+            std::net::Ipv6Addr::from(u128::from(locator.0) << 64),
+            h.memory_quota_mib,
+            h.asset_lease_grace_s
+        ));
+        Ok(Some(settings))
     }
 
     /// `[hypermesh_assets]`, checked.
@@ -1208,10 +1319,7 @@ impl Config {
     /// so the design document's file runs as written.
     fn features(&self, warnings: &mut Vec<String>) {
         let h = &self.hypermesh_assets;
-        for (on, key, what) in [
-            (h.enable_vm_execution, "enable_vm_execution", "VM execution"),
-            (h.nat_addressing, "nat_addressing", "asset addressing"),
-        ] {
+        for (on, key, what) in [(h.enable_vm_execution, "enable_vm_execution", "VM execution")] {
             if on {
                 warnings.push(format!(
                     "hypermesh_assets.{key} = true: {what} is not part of this build; the key has no effect"
@@ -1774,9 +1882,16 @@ mod tests {
             "{:?}",
             r.warnings
         );
-        for key in ["enable_vm_execution", "nat_addressing"] {
-            assert!(r.warnings.iter().any(|w| w.contains(key)), "{key}");
-        }
+        // VM execution is not built: a warning. Asset addressing is.
+        assert!(r.warnings.iter().any(|w| w.contains("enable_vm_execution")));
+        assert!(!r.warnings.iter().any(|w| w.contains("nat_addressing")));
+        let assets = r.assets.as_ref().unwrap();
+        assert_eq!(assets.quota_bytes, 64 << 20);
+        assert!(
+            r.choices
+                .iter()
+                .any(|c| c.starts_with("asset addressing on"))
+        );
         // A day's rotation: the lifetime follows it, with a day's overlap.
         assert_eq!(r.certificate_rotation, Duration::from_secs(24 * 3600));
         assert_eq!(r.certificate_lifetime, Duration::from_secs(48 * 3600));
@@ -1784,6 +1899,36 @@ mod tests {
         assert!(r.outside_zone.is_none());
         assert!(r.settings.transport.gso);
         assert!(r.admission.required());
+    }
+
+    #[test]
+    fn asset_addressing_keys() {
+        let on = parse_fixed("[hypermesh_assets]\nasset_prefix = \"fd71:7e57:0:1::/64\"\nmemory_quota_mib = 8\nasset_lease_grace_s = 5\n").unwrap();
+        let assets = on.assets.unwrap();
+        assert_eq!(
+            assets.locator,
+            dataplane::assets::address::Locator::of_prefix("fd71:7e57:0:1::".parse().unwrap())
+        );
+        assert_eq!(assets.quota_bytes, 8 << 20);
+        assert_eq!(assets.lease_grace, Duration::from_secs(5));
+        // The default locator: a ULA /48 of the apex, subnet 0.
+        let default = parse_fixed("").unwrap().assets.unwrap().locator;
+        let prefix = std::net::Ipv6Addr::from(u128::from(default.0) << 64);
+        assert_eq!(prefix.segments()[0] >> 8, 0xfd, "{prefix}");
+        assert_eq!(prefix.segments()[3], 0, "{prefix}");
+        let off = parse_fixed("[hypermesh_assets]\nnat_addressing = false\n").unwrap();
+        assert!(off.assets.is_none());
+        for (bad, needle) in [
+            ("asset_prefix = \"fd71::/48\"", "not a /64 prefix"),
+            ("asset_prefix = \"fd71:0:0:1::5/64\"", "not a /64 prefix"),
+            ("asset_prefix = \"node1\"", "not a /64 prefix"),
+            ("memory_quota_mib = 18446744073709551615", "too large"),
+            ("asset_lease_grace_s = 0", "1..=86400"),
+        ] {
+            let err = parse_fixed(&format!("[hypermesh_assets]\n{bad}\n")).unwrap_err();
+            assert!(err.message.contains(needle), "{bad}: {err}");
+            assert_eq!(err.line, 2, "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -5,8 +5,11 @@
 
 pub mod admission;
 pub mod admission_bench;
+pub mod asset_bench;
+pub mod assets;
 pub mod authority;
 pub mod authority_load;
+pub mod cli_assets;
 pub mod cli_authority;
 pub mod config;
 pub mod dns_bench;

@@ -554,6 +554,26 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
             (control, identity)
         }
     };
+    resolved.settings.assets = match (&resolved.assets, args.bootstrap) {
+        (Some(assets), Bootstrap::Phase0) => Some(Arc::new(
+            dataplane::assets::memory::MemoryAssets::new(
+                dataplane::assets::address::NodeNumber::new(0).expect("0 is a node number"),
+                assets.locator,
+                resolved.settings.workers,
+                internet2_server::assets::reserve_blocks(&data_dir)?,
+                assets.quota_bytes,
+            )
+            .with_grace(assets.lease_grace),
+        )),
+        (Some(_), Bootstrap::Federated) => {
+            // Members would share node number 0 and the apex's locator.
+            tracing::warn!(
+                "asset addressing is not served by cluster members yet (each member needs its own node number and locator); asset requests are refused"
+            );
+            None
+        }
+        (None, _) => None,
+    };
     resolved.settings.control = Some(port.clone());
     resolved.settings.front_door = front_door.clone();
     resolved.settings.blocklist = Some(blocklists.store());

@@ -90,3 +90,21 @@ fn stream_events_corpus() {
         }
     }
 }
+
+#[test]
+fn asset_request_corpus() {
+    use dataplane::assets::wire::AssetRequest;
+    use dataplane::protocols::stoq_registry::ASSET_ALLOC;
+    let mut decoded = 0;
+    for data in corpus("asset_request") {
+        let Some((&pick, payload)) = data.split_first() else {
+            continue;
+        };
+        let kind = ASSET_ALLOC + pick % 7;
+        if let Ok(request) = AssetRequest::decode(kind, payload) {
+            assert_eq!(request.encode(), (kind, payload.to_vec()));
+            decoded += 1;
+        }
+    }
+    assert!(decoded > 0, "the corpus keeps valid requests too");
+}

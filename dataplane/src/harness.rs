@@ -196,6 +196,7 @@ impl Harness {
             admission: settings
                 .admission
                 .then(|| Arc::new(HarnessGate) as Arc<dyn AdmissionGate>),
+            assets: None,
         };
         let server_io = MemoryQueues::new(server_addr);
         let (server, _stats) = single_worker(

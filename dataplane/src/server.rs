@@ -77,6 +77,9 @@ pub struct ServerSettings {
     /// Four-proof admission of `stoq/1` connections (none: admitted at the
     /// handshake).
     pub admission: Option<Arc<dyn AdmissionGate>>,
+    /// The memory assets the workers hold (none: asset addressing off, and
+    /// asset requests are refused with `ASSETS_OFF`).
+    pub assets: Option<Arc<crate::assets::memory::MemoryAssets>>,
 }
 
 /// Application close code: a `perf` connection without a client
@@ -223,6 +226,9 @@ pub fn serve(
     }
     if let Some(gate) = &settings.admission {
         let _ = stats.admission.set(gate.clone());
+    }
+    if let Some(assets) = &settings.assets {
+        let _ = stats.assets.set(assets.clone());
     }
     let mut workers = Vec::with_capacity(settings.workers);
     for (index, socket) in sockets.into_iter().enumerate() {
@@ -612,6 +618,7 @@ pub struct ServerService {
     next_conn_id: u64,
     /// The admission gate, when `stoq/1` connections must be admitted.
     gate: Option<Arc<dyn AdmissionGate>>,
+    assets: Option<Arc<crate::assets::memory::MemoryAssets>>,
     /// Admission deadlines in order (one duration for all, so a queue).
     deadlines: std::collections::VecDeque<(Instant, ConnectionHandle, u64)>,
     /// `doq` idle deadlines in order (one duration for all, so a queue).
@@ -663,6 +670,7 @@ impl ServerService {
             dns_without_certificate: settings.dns_without_certificate,
             next_conn_id: 0,
             gate: settings.admission.clone().filter(|gate| gate.required()),
+            assets: settings.assets.clone(),
             deadlines: std::collections::VecDeque::new(),
             doq_deadlines: std::collections::VecDeque::new(),
             handshake_deadlines: std::collections::VecDeque::new(),
@@ -879,6 +887,9 @@ impl Service for ServerService {
             self.revocation_check = None;
             actions.visit_all = true;
         }
+        if let Some(assets) = &self.assets {
+            assets.poll_leases(now);
+        }
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
@@ -891,6 +902,7 @@ impl Service for ServerService {
             doq,
             handshake,
             self.next_validity_check,
+            self.assets.as_ref().and_then(|a| a.poll_timeout()),
         ]
         .into_iter()
         .flatten()
@@ -1098,6 +1110,7 @@ impl Service for ServerService {
             worker: self.worker,
             conn_id: st.id,
             now,
+            assets: self.assets.as_ref(),
         };
         match (alpn, event) {
             (Alpn::Perf, Event::Stream(StreamEvent::Opened { .. })) => {

@@ -160,6 +160,9 @@ pub struct StatsRegistry {
     pub front_door: std::sync::OnceLock<std::sync::Arc<crate::front_door::FrontDoor>>,
     /// The admission gate, when there is one (its status goes into `stats`).
     pub admission: std::sync::OnceLock<std::sync::Arc<dyn crate::admission::AdmissionGate>>,
+    /// The memory assets, when asset addressing is on (their totals go
+    /// into `stats`).
+    pub assets: std::sync::OnceLock<std::sync::Arc<crate::assets::memory::MemoryAssets>>,
 }
 
 impl std::fmt::Debug for StatsRegistry {
@@ -177,6 +180,7 @@ impl StatsRegistry {
             steering: std::sync::OnceLock::new(),
             front_door: std::sync::OnceLock::new(),
             admission: std::sync::OnceLock::new(),
+            assets: std::sync::OnceLock::new(),
         }
     }
 
@@ -198,12 +202,14 @@ impl StatsRegistry {
             .map(crate::steering::ReuseportSteering::counters);
         let front_door = self.front_door.get().map(|f| f.counters());
         let admission = self.admission.get().map(|gate| gate.status());
+        let assets = self.assets.get().map(|assets| assets.totals());
         StatsSnapshot {
             total,
             workers,
             steering,
             front_door,
             admission,
+            assets,
         }
     }
 }
@@ -240,4 +246,8 @@ pub struct StatsSnapshot {
     /// absent on a server without a gate.
     #[serde(default)]
     pub admission: Option<serde_json::Value>,
+    /// Memory assets held and released (`assets::memory::MemoryTotals`);
+    /// absent when asset addressing is off.
+    #[serde(default)]
+    pub assets: Option<crate::assets::memory::MemoryTotals>,
 }

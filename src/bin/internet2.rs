@@ -115,6 +115,33 @@ enum Command {
     /// The server's DNS zone: add, remove and list names.
     #[command(subcommand)]
     Dns(cli_authority::DnsCommand<TargetArgs>),
+    /// Memory assets on the server, by address: alloc, write, read, free,
+    /// list, grant.
+    #[command(subcommand)]
+    Asset(internet2_server::cli_assets::AssetCommand<TargetArgs>),
+    /// Measure memory assets: allocations per second on one connection,
+    /// 4 KiB read latency beside a ping's, bulk-read goodput.
+    AssetBench {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(long, default_value_t = 100_000)]
+        allocs: u64,
+        /// Bytes per allocated asset in the allocation phase.
+        #[arg(long, default_value_t = 64)]
+        alloc_size: u64,
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 5_000)]
+        reads: u64,
+        /// The asset the bulk phase reads, in MiB (within the quota).
+        #[arg(long, default_value_t = 32)]
+        bulk_mib: u64,
+        /// What the bulk phase moves in all, in MiB.
+        #[arg(long, default_value_t = 1024)]
+        bulk_total_mib: u64,
+        #[arg(long, value_name = "PATH")]
+        json: Option<PathBuf>,
+    },
     /// Measure admission: the admission round trip and the client's share
     /// of it, one connection at a time; then connections per second
     /// (handshake, admission, one ping) from several threads. Against a
@@ -329,6 +356,28 @@ fn main() -> ExitCode {
         Command::FailoverLoad(args) => cli_authority::failover_load(&args),
         Command::Ct(command) => cli_authority::ct(&command),
         Command::Dns(command) => cli_authority::dns(&command),
+        Command::Asset(command) => internet2_server::cli_assets::asset(&command),
+        Command::AssetBench {
+            target,
+            allocs,
+            alloc_size,
+            concurrency,
+            reads,
+            bulk_mib,
+            bulk_total_mib,
+            json,
+        } => asset_bench(
+            &target,
+            &internet2_server::asset_bench::AssetBenchPlan {
+                allocs,
+                alloc_size,
+                concurrency: concurrency.max(1),
+                reads: reads.max(1),
+                bulk_bytes: bulk_mib.max(1) << 20,
+                bulk_total_bytes: bulk_total_mib.max(1) << 20,
+            },
+            json.as_deref(),
+        ),
         Command::DnsBench {
             target,
             query_name,
@@ -560,13 +609,7 @@ fn dns_bench(
         bail!("--queries, --concurrency and --updates must be above 0");
     }
     let target = target(args, TransportSettings::default())?;
-    let report = internet2_server::dns_bench::run(&target, plan)?;
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    if let Some(path) = json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-    Ok(())
+    print_report(&internet2_server::dns_bench::run(&target, plan)?, json)
 }
 
 fn authority_bench(
@@ -620,6 +663,25 @@ fn authority_bench(
     }
     if let Some(path) = json {
         std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn asset_bench(
+    args: &TargetArgs,
+    plan: &internet2_server::asset_bench::AssetBenchPlan,
+    json: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let target = target(args, TransportSettings::default())?;
+    print_report(&internet2_server::asset_bench::run(&target, plan)?, json)
+}
+
+/// A bench's JSON report on standard output, and in `json` when given.
+fn print_report(report: &serde_json::Value, json: Option<&std::path::Path>) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(report)?);
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_string_pretty(report)? + "\n")
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())

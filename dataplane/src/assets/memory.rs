@@ -537,6 +537,13 @@ pub struct MemoryAssets {
     grace: Duration,
     lease_released_assets: AtomicU64,
     lease_released_bytes: AtomicU64,
+    /// The clock's origin for the two fields below.
+    epoch: Instant,
+    /// When the next sweep may run, in ms after `epoch` (checked without a
+    /// lock on every worker poll).
+    sweep_due_ms: AtomicU64,
+    /// Owners whose grace is running.
+    expiring: AtomicU64,
 }
 
 #[derive(Default)]
@@ -544,9 +551,10 @@ struct Leases {
     /// Owners with assets or connections: open connections, or since when
     /// they have had none.
     owners: HashMap<Owner, Lease>,
-    /// When the last sweep ran.
-    swept: Option<Instant>,
 }
+
+/// How often leases are swept, at most.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Copy)]
 enum Lease {
@@ -555,7 +563,7 @@ enum Lease {
 }
 
 /// Totals across shards, for `stats`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MemoryTotals {
     pub assets: u64,
     pub bytes: u64,
@@ -597,6 +605,9 @@ impl MemoryAssets {
             grace: LEASE_GRACE,
             lease_released_assets: AtomicU64::new(0),
             lease_released_bytes: AtomicU64::new(0),
+            epoch: Instant::now(),
+            sweep_due_ms: AtomicU64::new(0),
+            expiring: AtomicU64::new(0),
         }
     }
 
@@ -683,7 +694,10 @@ impl MemoryAssets {
         let lease = leases.owners.entry(*owner).or_insert(Lease::Connected(0));
         *lease = match *lease {
             Lease::Connected(n) => Lease::Connected(n + 1),
-            Lease::Since(_) => Lease::Connected(1),
+            Lease::Since(_) => {
+                self.expiring.fetch_sub(1, Ordering::Relaxed);
+                Lease::Connected(1)
+            }
         };
     }
 
@@ -693,23 +707,45 @@ impl MemoryAssets {
         if let Some(lease) = leases.owners.get_mut(owner) {
             *lease = match *lease {
                 Lease::Connected(n) if n > 1 => Lease::Connected(n - 1),
-                _ => Lease::Since(now),
+                Lease::Connected(_) => {
+                    self.expiring.fetch_add(1, Ordering::Relaxed);
+                    Lease::Since(now)
+                }
+                since @ Lease::Since(_) => since,
             };
         }
     }
 
-    /// Release the assets of owners whose grace has passed; at most one
-    /// sweep a second, so any caller may call it on any event.
+    /// When a worker should next call [`Self::poll_leases`]: while some
+    /// owner's grace runs, at the next sweep.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        (self.expiring.load(Ordering::Relaxed) > 0)
+            .then(|| self.epoch + Duration::from_millis(self.sweep_due_ms.load(Ordering::Relaxed)))
+    }
+
+    /// Release the assets of owners whose grace has passed. At most one
+    /// sweep per [`SWEEP_INTERVAL`] runs, on whichever worker calls first;
+    /// the others return without a lock, so every worker may call it on
+    /// every poll.
     pub fn poll_leases(&self, now: Instant) {
+        let now_ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        let due = self.sweep_due_ms.load(Ordering::Relaxed);
+        if now_ms < due
+            || self.expiring.load(Ordering::Relaxed) == 0
+            || self
+                .sweep_due_ms
+                .compare_exchange(
+                    due,
+                    now_ms + SWEEP_INTERVAL.as_millis() as u64,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+        {
+            return;
+        }
         let expired: Vec<Owner> = {
             let mut leases = lock(&self.leases);
-            if leases
-                .swept
-                .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1))
-            {
-                return;
-            }
-            leases.swept = Some(now);
             let grace = self.grace;
             let expired: Vec<Owner> = leases
                 .owners
@@ -722,6 +758,8 @@ impl MemoryAssets {
             for owner in &expired {
                 leases.owners.remove(owner);
             }
+            self.expiring
+                .fetch_sub(expired.len() as u64, Ordering::Relaxed);
             expired
         };
         for owner in expired {
@@ -736,6 +774,15 @@ impl MemoryAssets {
             self.lease_released_bytes
                 .fetch_add(bytes, Ordering::Relaxed);
         }
+    }
+}
+
+impl std::fmt::Debug for MemoryAssets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryAssets")
+            .field("locator", &self.locator)
+            .field("shards", &self.shards.len())
+            .finish_non_exhaustive()
     }
 }
 

@@ -1,12 +1,15 @@
 //! HyperMesh assets held by the dataplane: their addresses
-//! (identifier-locator addressing) and the memory assets each worker holds.
+//! (identifier-locator addressing, `address`), the memory assets each
+//! worker holds (`memory`), the `stoq/1` requests that reach them (`wire`)
+//! and a connection's side of serving them (`serve`).
 //!
-//! Not yet served: no protocol reaches these types, and no command line
-//! or configuration mentions them (issue 14 builds the rest: the `stoq/1`
-//! requests, quotas set by the operator, durable storage assets through
-//! the control plane's command log, leases, and the proxy to other
-//! nodes).
+//! Memory assets are the first kind served. Storage, compute and VM assets,
+//! operator-set quotas, and the proxy to other nodes are still to come
+//! (issue 14); until then an allocation of another kind is refused by
+//! name.
 #![forbid(unsafe_code)]
 
 pub mod address;
 pub mod memory;
+pub mod serve;
+pub mod wire;

@@ -54,6 +54,35 @@ impl LoadReport {
     pub fn per_second(&self) -> f64 {
         self.ok as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
+
+    /// The report, or why it is not a figure: the run stopped early, or a
+    /// request was answered with an error.
+    pub fn complete(self) -> Result<Self, String> {
+        if let Some(why) = &self.failure {
+            return Err(format!("the load stopped: {why}"));
+        }
+        if let Some((code, message)) = &self.first_error {
+            return Err(format!(
+                "{} requests failed; the first with {code:#x}: {message}",
+                self.errors
+            ));
+        }
+        Ok(self)
+    }
+
+    /// The figures as JSON: requests, per second, latency (p50, p99, max),
+    /// and the `BUSY` answers retried.
+    pub fn summary(&self) -> serde_json::Value {
+        serde_json::json!({
+            "requests": self.ok,
+            "per_second": self.per_second(),
+            "latency_us_p50": self.latency_us.value_at_quantile(0.50),
+            "latency_us_p99": self.latency_us.value_at_quantile(0.99),
+            "latency_us_max": self.latency_us.max(),
+            "busy_retried": self.busy,
+            "in_flight_at_end": self.window,
+        })
+    }
 }
 
 pub struct LoadService {

@@ -65,6 +65,11 @@ impl Kind {
     }
 }
 
+/// The memory-asset request kinds (`crate::assets::wire`), answered by the
+/// worker; none is idempotent enough for 0-RTT data.
+pub const ASSET_KINDS: std::ops::RangeInclusive<u8> =
+    super::stoq_registry::ASSET_ALLOC..=super::stoq_registry::ASSET_GRANT;
+
 /// Error codes carried in error responses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u16)]
@@ -85,6 +90,22 @@ pub enum ErrorCode {
     AdmissionState = 8,
     /// Admission is off on this server: no bundle is needed.
     AdmissionOff = 9,
+    /// No such asset (never allocated here, or a forged address).
+    AssetUnknown = 10,
+    /// The asset was freed, its lease ended, or the node restarted.
+    AssetReleased = 11,
+    /// The address's locator is another node's.
+    AssetElsewhere = 12,
+    /// Neither the asset's owner nor granted that access.
+    AssetForbidden = 13,
+    /// Bytes outside the asset, or a compare-and-swap of unequal lengths.
+    AssetRange = 14,
+    /// The owner's quota (bytes or assets) is used up.
+    AssetQuota = 15,
+    /// A size, grant count or identifier supply this node does not allow.
+    AssetLimit = 16,
+    /// Asset addressing is off on this server (`nat_addressing = false`).
+    AssetsOff = 17,
 }
 
 impl ErrorCode {
@@ -99,6 +120,14 @@ impl ErrorCode {
             7 => Some(ErrorCode::NotAdmitted),
             8 => Some(ErrorCode::AdmissionState),
             9 => Some(ErrorCode::AdmissionOff),
+            10 => Some(ErrorCode::AssetUnknown),
+            11 => Some(ErrorCode::AssetReleased),
+            12 => Some(ErrorCode::AssetElsewhere),
+            13 => Some(ErrorCode::AssetForbidden),
+            14 => Some(ErrorCode::AssetRange),
+            15 => Some(ErrorCode::AssetQuota),
+            16 => Some(ErrorCode::AssetLimit),
+            17 => Some(ErrorCode::AssetsOff),
             _ => None,
         }
     }
@@ -218,6 +247,8 @@ struct StoqStream {
 #[derive(Debug, Default)]
 pub struct StoqServer {
     streams: HashMap<StreamId, StoqStream>,
+    /// The connection's asset lease, from its first asset request.
+    assets: crate::assets::serve::AssetSession,
     /// Requests forwarded to the control plane and not answered yet.
     forwarded: usize,
     /// Request bytes held for admission.
@@ -253,6 +284,8 @@ pub struct StoqContext<'a> {
     pub conn_id: u64,
     /// The worker's clock for this event.
     pub now: Instant,
+    /// The memory assets, when asset addressing is on.
+    pub assets: Option<&'a Arc<crate::assets::memory::MemoryAssets>>,
 }
 
 /// How to forward an authority request of this connection.
@@ -437,6 +470,20 @@ impl StoqServer {
                 ErrorCode::CertificateRequired,
                 "this request needs a client certificate; a connection without one may only enroll",
             )),
+            _ if ASSET_KINDS.contains(&kind) => {
+                if ctx.early {
+                    counters.zero_rtt_deferred += 1;
+                    return;
+                }
+                let caller = crate::assets::serve::Caller {
+                    assets: ctx.assets,
+                    // Present: a request without one was answered above.
+                    certificate: ctx.peer.map_or(&[][..], |peer| peer.as_ref()),
+                    worker: ctx.worker,
+                    now: ctx.now,
+                };
+                Some(self.assets.answer(kind, &stream.buf[HEADER_LEN..], &caller))
+            }
             _ => match Kind::from_u8(kind) {
                 None => Some(encode_error(
                     ErrorCode::UnknownMessage,

@@ -79,6 +79,13 @@ pub const BLOCKLIST: u8 = 0x3d;
 pub const ASSETS: u8 = 0x3e;
 pub const ADMISSION_PARAMS: u8 = 0x40;
 pub const ADMISSION_SUBMIT: u8 = 0x41;
+pub const ASSET_ALLOC: u8 = 0x50;
+pub const ASSET_READ: u8 = 0x51;
+pub const ASSET_WRITE: u8 = 0x52;
+pub const ASSET_CAS: u8 = 0x53;
+pub const ASSET_FREE: u8 = 0x54;
+pub const ASSET_LIST: u8 = 0x55;
+pub const ASSET_GRANT: u8 = 0x56;
 
 const fn entry(
     kind: u8,
@@ -102,7 +109,7 @@ use Access::{Anyone, Certificate, Operator};
 use Answered::{Admission, Authority, Cluster, Worker};
 
 /// The table, in kind order.
-pub const KINDS: [KindSpec; 30] = [
+pub const KINDS: [KindSpec; 37] = [
     entry(PING, "PING", Certificate, Worker, false, true),
     entry(STATS, "STATS", Certificate, Worker, false, true),
     entry(ENROLL, "ENROLL", Anyone, Authority, true, false),
@@ -234,6 +241,36 @@ pub const KINDS: [KindSpec; 30] = [
         Certificate,
         Worker,
         true,
+        false,
+    ),
+    // Memory assets, answered by the workers from their shards (access
+    // within a kind: the asset's owner, or a grantee for read and write).
+    entry(
+        ASSET_ALLOC,
+        "ASSET_ALLOC",
+        Certificate,
+        Worker,
+        false,
+        false,
+    ),
+    entry(ASSET_READ, "ASSET_READ", Certificate, Worker, false, false),
+    entry(
+        ASSET_WRITE,
+        "ASSET_WRITE",
+        Certificate,
+        Worker,
+        false,
+        false,
+    ),
+    entry(ASSET_CAS, "ASSET_CAS", Certificate, Worker, false, false),
+    entry(ASSET_FREE, "ASSET_FREE", Certificate, Worker, false, false),
+    entry(ASSET_LIST, "ASSET_LIST", Certificate, Worker, false, false),
+    entry(
+        ASSET_GRANT,
+        "ASSET_GRANT",
+        Certificate,
+        Worker,
+        false,
         false,
     ),
 ];

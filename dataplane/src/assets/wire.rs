@@ -1,0 +1,423 @@
+//! The `stoq/1` asset requests' payloads (docs/PROTOCOL.md, "Assets"):
+//! parsed once here, at the edge, into [`AssetRequest`]; the worker works
+//! on that. Integers are big-endian; an address is its 16 bytes.
+
+use super::address::AssetAddress;
+use super::memory::{Access, Owner};
+use crate::protocols::stoq_registry::{
+    ASSET_ALLOC, ASSET_CAS, ASSET_FREE, ASSET_GRANT, ASSET_LIST, ASSET_READ, ASSET_WRITE,
+};
+
+/// The most bytes one `ASSET_READ` returns (the client's response limit,
+/// `stoq::RESPONSE_PAYLOAD_MAX`, less room to spare); longer reads are
+/// several requests.
+pub const READ_LEN_MAX: u32 = 16 * 1024 * 1024 - 64;
+
+/// What an allocation asks for. Storage, compute and VM assets are later
+/// kinds; a number this build does not serve is refused by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum AllocKind {
+    Memory = 1,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AssetRequest<'a> {
+    /// `kind: u8, size: u64` → the address (16 bytes).
+    Alloc { kind: AllocKind, size: u64 },
+    /// `address, offset: u64, len: u32` → the bytes.
+    Read {
+        address: AssetAddress,
+        offset: u64,
+        len: u32,
+    },
+    /// `address, offset: u64, data…` → nothing.
+    Write {
+        address: AssetAddress,
+        offset: u64,
+        data: &'a [u8],
+    },
+    /// `address, offset: u64, len: u32, expected[len], new[len]` →
+    /// `swapped: u8`, then the bytes that were there.
+    Cas {
+        address: AssetAddress,
+        offset: u64,
+        expected: &'a [u8],
+        new: &'a [u8],
+    },
+    /// `address` → the bytes freed (u64).
+    Free { address: AssetAddress },
+    /// nothing → JSON: the caller's memory assets.
+    List,
+    /// `address, grantee: [u8; 32], access: u8` (0 withdraws, 1 read, 2
+    /// write) → `changed: u8`.
+    Grant {
+        address: AssetAddress,
+        grantee: Owner,
+        access: Option<Access>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("{what}: expected {expected} bytes, got {got}")]
+    Length {
+        what: &'static str,
+        expected: usize,
+        got: usize,
+    },
+    #[error("asset kind {0} is not served by this build (1 is memory)")]
+    AllocKind(u8),
+    #[error("grant access {0} is not 0 (withdraw), 1 (read) or 2 (write)")]
+    Access(u8),
+    #[error("a read returns at most {READ_LEN_MAX} bytes, not {0}")]
+    ReadLen(u32),
+    #[error("not an asset request kind: {0:#04x}")]
+    Kind(u8),
+}
+
+/// A payload cut into fields, each taken once.
+struct Fields<'a> {
+    what: &'static str,
+    rest: &'a [u8],
+    total: usize,
+}
+
+impl<'a> Fields<'a> {
+    fn new(what: &'static str, payload: &'a [u8]) -> Self {
+        Self {
+            what,
+            rest: payload,
+            total: payload.len(),
+        }
+    }
+
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+        match self.rest.split_first_chunk::<N>() {
+            Some((head, rest)) => {
+                self.rest = rest;
+                Ok(*head)
+            }
+            None => Err(self.short(N)),
+        }
+    }
+
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        if self.rest.len() < n {
+            return Err(self.short(n));
+        }
+        let (head, rest) = self.rest.split_at(n);
+        self.rest = rest;
+        Ok(head)
+    }
+
+    fn short(&self, n: usize) -> WireError {
+        WireError::Length {
+            what: self.what,
+            expected: self.total - self.rest.len() + n,
+            got: self.total,
+        }
+    }
+
+    fn address(&mut self) -> Result<AssetAddress, WireError> {
+        Ok(AssetAddress::from_octets(self.take::<16>()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, WireError> {
+        Ok(u64::from_be_bytes(self.take::<8>()?))
+    }
+
+    fn u32(&mut self) -> Result<u32, WireError> {
+        Ok(u32::from_be_bytes(self.take::<4>()?))
+    }
+
+    /// Nothing may follow the last field.
+    fn end(self) -> Result<(), WireError> {
+        if self.rest.is_empty() {
+            Ok(())
+        } else {
+            Err(WireError::Length {
+                what: self.what,
+                expected: self.total - self.rest.len(),
+                got: self.total,
+            })
+        }
+    }
+}
+
+impl<'a> AssetRequest<'a> {
+    /// Parse the payload of a request of `kind`.
+    pub fn decode(kind: u8, payload: &'a [u8]) -> Result<Self, WireError> {
+        let request = match kind {
+            ASSET_ALLOC => {
+                let mut f = Fields::new("ASSET_ALLOC", payload);
+                let kind = match f.take::<1>()?[0] {
+                    1 => AllocKind::Memory,
+                    other => return Err(WireError::AllocKind(other)),
+                };
+                let size = f.u64()?;
+                f.end()?;
+                AssetRequest::Alloc { kind, size }
+            }
+            ASSET_READ => {
+                let mut f = Fields::new("ASSET_READ", payload);
+                let (address, offset, len) = (f.address()?, f.u64()?, f.u32()?);
+                f.end()?;
+                if len > READ_LEN_MAX {
+                    return Err(WireError::ReadLen(len));
+                }
+                AssetRequest::Read {
+                    address,
+                    offset,
+                    len,
+                }
+            }
+            ASSET_WRITE => {
+                let mut f = Fields::new("ASSET_WRITE", payload);
+                let (address, offset) = (f.address()?, f.u64()?);
+                AssetRequest::Write {
+                    address,
+                    offset,
+                    data: f.rest,
+                }
+            }
+            ASSET_CAS => {
+                let mut f = Fields::new("ASSET_CAS", payload);
+                let (address, offset, len) = (f.address()?, f.u64()?, f.u32()? as usize);
+                let expected = f.bytes(len)?;
+                let new = f.bytes(len)?;
+                f.end()?;
+                AssetRequest::Cas {
+                    address,
+                    offset,
+                    expected,
+                    new,
+                }
+            }
+            ASSET_FREE => {
+                let mut f = Fields::new("ASSET_FREE", payload);
+                let address = f.address()?;
+                f.end()?;
+                AssetRequest::Free { address }
+            }
+            ASSET_LIST => {
+                Fields::new("ASSET_LIST", payload).end()?;
+                AssetRequest::List
+            }
+            ASSET_GRANT => {
+                let mut f = Fields::new("ASSET_GRANT", payload);
+                let (address, grantee) = (f.address()?, Owner(f.take::<32>()?));
+                let access = match f.take::<1>()?[0] {
+                    0 => None,
+                    1 => Some(Access::Read),
+                    2 => Some(Access::Write),
+                    other => return Err(WireError::Access(other)),
+                };
+                f.end()?;
+                AssetRequest::Grant {
+                    address,
+                    grantee,
+                    access,
+                }
+            }
+            other => return Err(WireError::Kind(other)),
+        };
+        Ok(request)
+    }
+
+    /// The request's kind and payload, as a client sends it.
+    pub fn encode(&self) -> (u8, Vec<u8>) {
+        let mut out = Vec::new();
+        let kind = match self {
+            AssetRequest::Alloc { kind, size } => {
+                out.push(*kind as u8);
+                out.extend_from_slice(&size.to_be_bytes());
+                ASSET_ALLOC
+            }
+            AssetRequest::Read {
+                address,
+                offset,
+                len,
+            } => {
+                out.extend_from_slice(&address.octets());
+                out.extend_from_slice(&offset.to_be_bytes());
+                out.extend_from_slice(&len.to_be_bytes());
+                ASSET_READ
+            }
+            AssetRequest::Write {
+                address,
+                offset,
+                data,
+            } => {
+                out.extend_from_slice(&address.octets());
+                out.extend_from_slice(&offset.to_be_bytes());
+                out.extend_from_slice(data);
+                ASSET_WRITE
+            }
+            AssetRequest::Cas {
+                address,
+                offset,
+                expected,
+                new,
+            } => {
+                out.extend_from_slice(&address.octets());
+                out.extend_from_slice(&offset.to_be_bytes());
+                let len = u32::try_from(expected.len()).expect("a request is at most 64 KiB");
+                out.extend_from_slice(&len.to_be_bytes());
+                out.extend_from_slice(expected);
+                out.extend_from_slice(new);
+                ASSET_CAS
+            }
+            AssetRequest::Free { address } => {
+                out.extend_from_slice(&address.octets());
+                ASSET_FREE
+            }
+            AssetRequest::List => ASSET_LIST,
+            AssetRequest::Grant {
+                address,
+                grantee,
+                access,
+            } => {
+                out.extend_from_slice(&address.octets());
+                out.extend_from_slice(&grantee.0);
+                out.push(match access {
+                    None => 0,
+                    Some(Access::Read) => 1,
+                    Some(Access::Write) => 2,
+                });
+                ASSET_GRANT
+            }
+        };
+        (kind, out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn address() -> AssetAddress {
+        "fd71:7e57:0:1:0:1:2:3".parse().unwrap()
+    }
+
+    #[test]
+    fn every_request_round_trips() {
+        let requests = [
+            AssetRequest::Alloc {
+                kind: AllocKind::Memory,
+                size: 4096,
+            },
+            AssetRequest::Read {
+                address: address(),
+                offset: 7,
+                len: 4096,
+            },
+            AssetRequest::Write {
+                address: address(),
+                offset: u64::MAX,
+                data: b"payload",
+            },
+            AssetRequest::Write {
+                address: address(),
+                offset: 0,
+                data: b"",
+            },
+            AssetRequest::Cas {
+                address: address(),
+                offset: 1,
+                expected: b"ab",
+                new: b"cd",
+            },
+            AssetRequest::Free { address: address() },
+            AssetRequest::List,
+            AssetRequest::Grant {
+                address: address(),
+                grantee: Owner([9; 32]),
+                access: Some(Access::Write),
+            },
+            AssetRequest::Grant {
+                address: address(),
+                grantee: Owner([9; 32]),
+                access: None,
+            },
+        ];
+        for request in requests {
+            let (kind, payload) = request.encode();
+            let decoded = AssetRequest::decode(kind, &payload).unwrap();
+            assert_eq!(decoded, request);
+        }
+    }
+
+    #[test]
+    fn truncated_extended_and_odd_payloads_are_refused() {
+        for request in [
+            AssetRequest::Alloc {
+                kind: AllocKind::Memory,
+                size: 1,
+            },
+            AssetRequest::Read {
+                address: address(),
+                offset: 0,
+                len: 1,
+            },
+            AssetRequest::Free { address: address() },
+            AssetRequest::Grant {
+                address: address(),
+                grantee: Owner([1; 32]),
+                access: Some(Access::Read),
+            },
+        ] {
+            let (kind, payload) = request.encode();
+            for cut in 0..payload.len() {
+                assert!(
+                    matches!(
+                        AssetRequest::decode(kind, &payload[..cut]),
+                        Err(WireError::Length { .. })
+                    ),
+                    "{kind:#x} cut at {cut}"
+                );
+            }
+            let mut long = payload.clone();
+            long.push(0);
+            assert!(matches!(
+                AssetRequest::decode(kind, &long),
+                Err(WireError::Length { .. })
+            ));
+        }
+        fn odd(kind: u8, payload: &[u8]) -> Result<(), WireError> {
+            AssetRequest::decode(kind, payload).map(|_| ())
+        }
+        assert_eq!(
+            odd(ASSET_ALLOC, &[2, 0, 0, 0, 0, 0, 0, 0, 1]),
+            Err(WireError::AllocKind(2))
+        );
+        let mut grant = address().octets().to_vec();
+        grant.extend_from_slice(&[0; 32]);
+        grant.push(3);
+        assert_eq!(odd(ASSET_GRANT, &grant), Err(WireError::Access(3)));
+        let mut read = address().octets().to_vec();
+        read.extend_from_slice(&0u64.to_be_bytes());
+        read.extend_from_slice(&(READ_LEN_MAX + 1).to_be_bytes());
+        assert_eq!(
+            odd(ASSET_READ, &read),
+            Err(WireError::ReadLen(READ_LEN_MAX + 1))
+        );
+        let mut cas = address().octets().to_vec();
+        cas.extend_from_slice(&0u64.to_be_bytes());
+        cas.extend_from_slice(&u32::MAX.to_be_bytes());
+        cas.extend_from_slice(b"abcd");
+        assert!(matches!(
+            odd(ASSET_CAS, &cas),
+            Err(WireError::Length { .. })
+        ));
+        assert_eq!(
+            odd(ASSET_LIST, b"x").map(|_| ()),
+            Err(WireError::Length {
+                what: "ASSET_LIST",
+                expected: 0,
+                got: 1
+            })
+        );
+        assert_eq!(odd(0x01, b""), Err(WireError::Kind(0x01)));
+    }
+}

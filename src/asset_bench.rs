@@ -1,0 +1,134 @@
+//! `internet2 asset-bench`: what memory assets cost over the network, in
+//! one run against a running server, each phase on one established
+//! connection (`dataplane::client::run_load`: handshakes are not in the
+//! figures):
+//!
+//! 1. allocations per second with many in flight (small assets; they stay
+//!    allocated until the lease ends, `asset_lease_grace_s` after the run);
+//! 2. a 4 KiB read of one asset, one at a time (p50/p99), beside a `PING`
+//!    of 1 KiB on the same connection kind: the transport's floor;
+//! 3. bulk reads of one large asset (16 MiB per request, several in
+//!    flight): goodput.
+
+use crate::cli_assets::{alloc_memory, free};
+
+use bytes::Bytes;
+use dataplane::assets::wire::{AllocKind, AssetRequest, READ_LEN_MAX};
+use dataplane::client::load::{LoadPlan, LoadReport};
+use dataplane::client::rpc::Framing;
+use dataplane::client::{self, ClientTarget};
+use dataplane::protocols::stoq_registry::PING;
+use serde_json::json;
+use std::time::Duration;
+
+#[derive(Clone, Debug)]
+pub struct AssetBenchPlan {
+    /// Allocations in phase 1, and how many in flight.
+    pub allocs: u64,
+    pub alloc_size: u64,
+    pub concurrency: usize,
+    /// Reads (and pings) in phase 2.
+    pub reads: u64,
+    /// The asset phase 3 reads, and the bytes it moves in all.
+    pub bulk_bytes: u64,
+    pub bulk_total_bytes: u64,
+}
+
+pub fn run(target: &ClientTarget, plan: &AssetBenchPlan) -> anyhow::Result<serde_json::Value> {
+    let config = target.client_config(dataplane::protocols::ALPN_STOQ)?;
+    let load = |request: &AssetRequest<'_>, total: u64, concurrency: usize| {
+        let (kind, payload) = request.encode();
+        checked(client::run_load(
+            target,
+            &config,
+            plan_of(kind, Bytes::from(payload), total, concurrency),
+        )?)
+    };
+    eprintln!(
+        "asset-bench: {} allocations of {} bytes, {} in flight",
+        plan.allocs, plan.alloc_size, plan.concurrency
+    );
+    let allocs = load(
+        &AssetRequest::Alloc {
+            kind: AllocKind::Memory,
+            size: plan.alloc_size,
+        },
+        plan.allocs,
+        plan.concurrency,
+    )?;
+
+    let timeout = Duration::from_secs(10);
+    let small = alloc_memory(target, 4096, timeout)?;
+    eprintln!("asset-bench: {} reads of 4 KiB, one at a time", plan.reads);
+    let reads = load(
+        &AssetRequest::Read {
+            address: small,
+            offset: 0,
+            len: 4096,
+        },
+        plan.reads,
+        1,
+    )?;
+    eprintln!("asset-bench: {} pings of 1 KiB, one at a time", plan.reads);
+    let pings = checked(client::run_load(
+        target,
+        &config,
+        plan_of(PING, Bytes::from(vec![7u8; 1024]), plan.reads, 1),
+    )?)?;
+
+    let bulk = alloc_memory(target, plan.bulk_bytes, timeout)?;
+    let chunk = plan.bulk_bytes.min(u64::from(READ_LEN_MAX)) as u32;
+    let bulk_requests = plan.bulk_total_bytes.div_ceil(u64::from(chunk)).max(1);
+    eprintln!(
+        "asset-bench: {bulk_requests} reads of {chunk} bytes from a {} byte asset, 4 in flight",
+        plan.bulk_bytes
+    );
+    let bulk_reads = load(
+        &AssetRequest::Read {
+            address: bulk,
+            offset: 0,
+            len: chunk,
+        },
+        bulk_requests,
+        4,
+    )?;
+    let gbps = bulk_reads.ok as f64 * f64::from(chunk) * 8.0
+        / bulk_reads.elapsed.as_secs_f64().max(1e-9)
+        / 1e9;
+    for address in [small, bulk] {
+        free(target, address, timeout)?;
+    }
+    Ok(json!({
+        "allocs": phase(&allocs),
+        "read_4k": phase(&reads),
+        "ping_1k": phase(&pings),
+        "bulk_read": {
+            "requests": bulk_reads.ok,
+            "request_bytes": chunk,
+            "gbps": gbps,
+            "latency_us_p50": bulk_reads.latency_us.value_at_quantile(0.50),
+        },
+        "alloc_size": plan.alloc_size,
+        "concurrency": plan.concurrency,
+    }))
+}
+
+fn plan_of(kind: u8, payload: Bytes, total: u64, concurrency: usize) -> LoadPlan {
+    LoadPlan {
+        framing: Framing::Stoq,
+        kind,
+        payload,
+        total,
+        concurrency,
+        timeout: Duration::from_secs(120),
+    }
+}
+
+/// A phase that stopped early or met an error answer is not a figure.
+fn checked(report: LoadReport) -> anyhow::Result<LoadReport> {
+    report.complete().map_err(anyhow::Error::msg)
+}
+
+fn phase(report: &LoadReport) -> serde_json::Value {
+    report.summary()
+}

@@ -1,0 +1,427 @@
+//! The `internet2 asset` commands: memory assets on the server, by address
+//! (`dataplane::assets::wire`, docs/PROTOCOL.md "Assets"). A command's
+//! requests go over one `stoq/1` connection; a file larger than one request
+//! is written and read in chunks on parallel streams of it.
+
+use crate::cli_authority::Connect;
+use anyhow::{Context, bail};
+use dataplane::assets::address::AssetAddress;
+use dataplane::assets::memory::{Access, Owner};
+use dataplane::assets::wire::{AllocKind, AssetRequest, READ_LEN_MAX};
+use dataplane::client::rpc::{Framing, Reply, Request};
+use dataplane::client::{ClientTarget, rpc_framed};
+use dataplane::protocols::ALPN_STOQ;
+use dataplane::protocols::stoq::{HEADER_LEN, REQUEST_PAYLOAD_MAX, encode};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Data bytes per `ASSET_WRITE` (the request's limit less its address and
+/// offset).
+const WRITE_CHUNK: usize = REQUEST_PAYLOAD_MAX - 24;
+/// Requests sent on one connection at a time.
+const REQUESTS_PER_CONNECTION: usize = 16;
+const _: () = assert!(HEADER_LEN + 24 + WRITE_CHUNK <= HEADER_LEN + REQUEST_PAYLOAD_MAX);
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum AllocKindArg {
+    /// Bytes held in the server's memory (not durable).
+    Memory,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum AssetCommand<T: Connect> {
+    /// Allocate an asset of SIZE bytes (suffixes K, M, G: KiB, MiB, GiB);
+    /// prints its address.
+    Alloc {
+        #[command(flatten)]
+        target: T,
+        #[arg(value_enum)]
+        kind: AllocKindArg,
+        size: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a file's bytes into an asset from --offset.
+    Write {
+        #[command(flatten)]
+        target: T,
+        address: AssetAddress,
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+        #[arg(long = "in", value_name = "FILE")]
+        input: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read --len bytes from --offset, into --out or to standard output.
+    Read {
+        #[command(flatten)]
+        target: T,
+        address: AssetAddress,
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+        #[arg(long)]
+        len: u64,
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Print the bytes' count and hex (or, with --out, the file) as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Free an asset you own.
+    Free {
+        #[command(flatten)]
+        target: T,
+        address: AssetAddress,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Your assets on the server.
+    List {
+        #[command(flatten)]
+        target: T,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let IDENTITY (64 hex digits: SHA-256 of its certificate's key) read,
+    /// or read and write, an asset you own.
+    Grant {
+        #[command(flatten)]
+        target: T,
+        address: AssetAddress,
+        /// The identity granted (64 hex digits).
+        #[arg(value_name = "IDENTITY")]
+        grantee: String,
+        #[arg(long, conflicts_with = "write", required_unless_present = "write")]
+        read: bool,
+        #[arg(long)]
+        write: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Withdraw IDENTITY's grant on an asset you own.
+    RevokeGrant {
+        #[command(flatten)]
+        target: T,
+        address: AssetAddress,
+        /// The identity whose grant is withdrawn (64 hex digits).
+        #[arg(value_name = "IDENTITY")]
+        grantee: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn asset<T: Connect>(command: &AssetCommand<T>) -> anyhow::Result<()> {
+    match command {
+        AssetCommand::Alloc {
+            target,
+            kind: AllocKindArg::Memory,
+            size,
+            json,
+        } => {
+            let size = parse_size(size)?;
+            let address = alloc_memory(&target.target()?, size, target.timeout())?;
+            print(
+                *json,
+                &serde_json::json!({"address": address.to_string(), "kind": "memory", "size": size}),
+                || address.to_string(),
+            )
+        }
+        AssetCommand::Write {
+            target,
+            address,
+            offset,
+            input,
+            json,
+        } => {
+            let data =
+                std::fs::read(input).with_context(|| format!("cannot read {}", input.display()))?;
+            let end = offset
+                .checked_add(data.len() as u64)
+                .context("--offset plus the file's length overflows")?;
+            let requests: Vec<Request> = data
+                .chunks(WRITE_CHUNK)
+                .enumerate()
+                .map(|(i, chunk)| {
+                    request(&AssetRequest::Write {
+                        address: *address,
+                        offset: offset + (i * WRITE_CHUNK) as u64,
+                        data: chunk,
+                    })
+                })
+                .collect();
+            many(target, requests)?;
+            print(
+                *json,
+                &serde_json::json!({"address": address.to_string(), "offset": offset, "bytes": data.len()}),
+                || format!("wrote {} bytes to {address} at {offset}..{end}", data.len()),
+            )
+        }
+        AssetCommand::Read {
+            target,
+            address,
+            offset,
+            len,
+            out,
+            json,
+        } => {
+            let end = offset
+                .checked_add(*len)
+                .context("--offset plus --len overflows")?;
+            let requests: Vec<Request> = (*offset..end)
+                .step_by(READ_LEN_MAX as usize)
+                .map(|at| {
+                    request(&AssetRequest::Read {
+                        address: *address,
+                        offset: at,
+                        len: (end - at).min(u64::from(READ_LEN_MAX)) as u32,
+                    })
+                })
+                .collect();
+            let data: Vec<u8> = many(target, requests)?.concat();
+            if let Some(out) = out {
+                std::fs::write(out, &data)
+                    .with_context(|| format!("cannot write {}", out.display()))?;
+            }
+            if *json {
+                let mut doc = serde_json::json!({"address": address.to_string(), "offset": offset, "bytes": data.len()});
+                match out {
+                    Some(out) => doc["out"] = out.display().to_string().into(),
+                    None => doc["hex"] = controlplane::authority::api::hex(&data).into(),
+                }
+                println!("{doc}");
+            } else if out.is_none() {
+                std::io::stdout().write_all(&data)?;
+            }
+            Ok(())
+        }
+        AssetCommand::Free {
+            target,
+            address,
+            json,
+        } => {
+            let freed = free(&target.target()?, *address, target.timeout())?;
+            print(
+                *json,
+                &serde_json::json!({"address": address.to_string(), "freed_bytes": freed}),
+                || format!("freed {address} ({freed} bytes)"),
+            )
+        }
+        AssetCommand::List { target, json } => {
+            let body = one(target, &AssetRequest::List)?;
+            let list: Vec<serde_json::Value> =
+                serde_json::from_slice(&body).context("the server's list is not JSON")?;
+            if *json {
+                println!("{}", serde_json::Value::Array(list));
+                return Ok(());
+            }
+            println!(
+                "{:<40} {:<8} {:>12} {:>7}",
+                "address", "kind", "size", "grants"
+            );
+            for a in &list {
+                println!(
+                    "{:<40} {:<8} {:>12} {:>7}",
+                    a["address"].as_str().unwrap_or("?"),
+                    a["kind"].as_str().unwrap_or("?"),
+                    a["size"].as_u64().unwrap_or(0),
+                    a["grants"].as_u64().unwrap_or(0)
+                );
+            }
+            Ok(())
+        }
+        AssetCommand::Grant {
+            target,
+            address,
+            grantee: identity,
+            write,
+            json,
+            ..
+        } => {
+            let access = if *write { Access::Write } else { Access::Read };
+            let grantee = owner(identity)?;
+            one(
+                target,
+                &AssetRequest::Grant {
+                    address: *address,
+                    grantee,
+                    access: Some(access),
+                },
+            )?;
+            let access = if *write { "write" } else { "read" };
+            print(
+                *json,
+                &serde_json::json!({"address": address.to_string(), "identity": identity, "access": access}),
+                || format!("{identity} may {access} {address}"),
+            )
+        }
+        AssetCommand::RevokeGrant {
+            target,
+            address,
+            grantee: identity,
+            json,
+        } => {
+            let body = one(
+                target,
+                &AssetRequest::Grant {
+                    address: *address,
+                    grantee: owner(identity)?,
+                    access: None,
+                },
+            )?;
+            let had = body.first() == Some(&1);
+            print(
+                *json,
+                &serde_json::json!({"address": address.to_string(), "identity": identity, "withdrawn": had}),
+                || {
+                    if had {
+                        format!("{identity} may no longer use {address}")
+                    } else {
+                        format!("{identity} had no grant on {address}")
+                    }
+                },
+            )
+        }
+    }
+}
+
+fn print(json: bool, doc: &serde_json::Value, text: impl FnOnce() -> String) -> anyhow::Result<()> {
+    if json {
+        println!("{doc}");
+    } else {
+        println!("{}", text());
+    }
+    Ok(())
+}
+
+fn request(r: &AssetRequest<'_>) -> Request {
+    let (kind, payload) = r.encode();
+    Request {
+        message: encode(kind, &payload),
+        idempotent: false,
+    }
+}
+
+fn one<T: Connect>(target: &T, r: &AssetRequest<'_>) -> anyhow::Result<Vec<u8>> {
+    Ok(many(target, vec![request(r)])?.remove(0))
+}
+
+/// Allocate a memory asset of `size` bytes: its address.
+pub fn alloc_memory(
+    client: &ClientTarget,
+    size: u64,
+    timeout: Duration,
+) -> anyhow::Result<AssetAddress> {
+    let alloc = AssetRequest::Alloc {
+        kind: AllocKind::Memory,
+        size,
+    };
+    let body = send(client, vec![request(&alloc)], timeout)?.remove(0);
+    let octets: [u8; 16] = body
+        .as_slice()
+        .try_into()
+        .context("the server's answer is not an address")?;
+    Ok(AssetAddress::from_octets(octets))
+}
+
+/// Free an asset the caller owns: the bytes freed.
+pub fn free(
+    client: &ClientTarget,
+    address: AssetAddress,
+    timeout: Duration,
+) -> anyhow::Result<u64> {
+    let body = send(
+        client,
+        vec![request(&AssetRequest::Free { address })],
+        timeout,
+    )?
+    .remove(0);
+    Ok(u64::from_be_bytes(
+        body.as_slice()
+            .try_into()
+            .context("the server's answer is not a byte count")?,
+    ))
+}
+
+fn many<T: Connect>(target: &T, requests: Vec<Request>) -> anyhow::Result<Vec<Vec<u8>>> {
+    send(&target.target()?, requests, target.timeout())
+}
+
+/// Send `requests` (on one connection per [`REQUESTS_PER_CONNECTION`]) and
+/// return their answers in order; the first error stops.
+fn send(
+    client: &ClientTarget,
+    requests: Vec<Request>,
+    timeout: Duration,
+) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut answers = Vec::with_capacity(requests.len());
+    for batch in requests.chunks(REQUESTS_PER_CONNECTION) {
+        let outcome = rpc_framed(client, ALPN_STOQ, Framing::Stoq, batch.to_vec(), timeout)?;
+        for reply in outcome.replies {
+            match reply {
+                Reply::Ok(body) => answers.push(body.to_vec()),
+                Reply::Error { code, message } => bail!("server error {code}: {message}"),
+                Reply::Failed(why) => bail!("{}: {why}", client.remote),
+            }
+        }
+    }
+    Ok(answers)
+}
+
+fn owner(identity: &str) -> anyhow::Result<Owner> {
+    let bytes = (identity.len() == 64)
+        .then(|| {
+            (0..32)
+                .map(|i| u8::from_str_radix(&identity[2 * i..2 * i + 2], 16).ok())
+                .collect::<Option<Vec<u8>>>()
+        })
+        .flatten()
+        .with_context(|| {
+            format!(
+                "{identity:?} is not an identity (64 hex digits: SHA-256 of a certificate's key)"
+            )
+        })?;
+    Ok(Owner(bytes.try_into().expect("32 bytes")))
+}
+
+/// `4096`, `64K`, `16M`, `1G` (powers of 1024).
+fn parse_size(text: &str) -> anyhow::Result<u64> {
+    let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => text.split_at(at),
+        None => (text, ""),
+    };
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KIB" => 10,
+        "M" | "MIB" => 20,
+        "G" | "GIB" => 30,
+        _ => bail!("{text:?}: a size is a number with an optional K, M or G (KiB, MiB, GiB)"),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .with_context(|| format!("{text:?} is not a size in bytes (e.g. 4096, 64K, 16M)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_identities_are_checked_before_any_request() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("64K").unwrap(), 64 << 10);
+        assert_eq!(parse_size("16MiB").unwrap(), 16 << 20);
+        assert_eq!(parse_size("1g").unwrap(), 1 << 30);
+        for bad in ["", "K", "12X", "-1", "99999999999999999999G", "1.5M"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        assert_eq!(owner(&"ab".repeat(32)).unwrap(), Owner([0xab; 32]));
+        for bad in ["ab", &"zz".repeat(32), &"ab".repeat(33)] {
+            assert!(owner(bad).is_err(), "{bad}");
+        }
+    }
+}

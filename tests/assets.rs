@@ -1,0 +1,206 @@
+//! Memory assets end to end, with the real binaries on production
+//! defaults (mandatory admission; only the lease grace is shortened):
+//! allocate, write, read back, free; refusals that change nothing; a
+//! second identity with and without a grant; a lease that ends after its
+//! owner leaves; a restart.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+fn asset(server: &Server, identity: Option<&Path>, args: &[&str]) -> Output {
+    let mut full = vec!["asset"];
+    full.extend_from_slice(args);
+    if let Some(identity) = identity {
+        full.extend(["--identity", identity.to_str().unwrap()]);
+    }
+    server.client(&full)
+}
+
+/// The command failed with `code` and its message contains `needle`.
+fn refused(out: &Output, code: u16, needle: &str) {
+    let why = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        why.contains(&format!("server error {code}:")) && why.contains(needle),
+        "expected error {code} ({needle}): {why}"
+    );
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_str(&ok(out)).expect("JSON")
+}
+
+#[test]
+fn memory_assets_on_production_defaults() {
+    let mut server = Server::start_production("assets", "");
+    let dir = server.dir.clone();
+    let file = dir.join("in.bin");
+    // Two write requests' worth, not a multiple of either chunk.
+    let data: Vec<u8> = (0..150_001u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&file, &data).unwrap();
+
+    let alloc = json(&asset(
+        &server,
+        None,
+        &["alloc", "memory", "256K", "--json"],
+    ));
+    let address = alloc["address"].as_str().unwrap().to_owned();
+    let a = address.as_str();
+    ok(&asset(
+        &server,
+        None,
+        &[
+            "write",
+            a,
+            "--offset",
+            "1000",
+            "--in",
+            file.to_str().unwrap(),
+        ],
+    ));
+    let back = dir.join("out.bin");
+    let read_back = || {
+        let out = ["--out", back.to_str().unwrap()];
+        let args = [
+            &["read", a, "--offset", "1000", "--len", "150001"][..],
+            &out,
+        ]
+        .concat();
+        ok(&asset(&server, None, &args));
+        std::fs::read(&back).unwrap()
+    };
+    assert_eq!(read_back(), data);
+    let head = asset(&server, None, &["read", a, "--len", "1000"]);
+    assert_eq!(
+        head.stdout,
+        vec![0; 1000],
+        "never written bytes read as zeros"
+    );
+    let listed = json(&asset(&server, None, &["list", "--json"]));
+    assert_eq!(listed[0]["address"], address.as_str());
+    assert_eq!(listed[0]["size"], 256 * 1024);
+    assert_eq!(server.stats()["assets"]["bytes"], 256 * 1024);
+
+    // Refusals: each a typed error, and nothing changes.
+    refused(
+        &asset(
+            &server,
+            None,
+            &["read", a, "--offset", "262140", "--len", "5"],
+        ),
+        14,
+        "outside",
+    );
+    refused(
+        &asset(&server, None, &["alloc", "memory", "65M"]),
+        15,
+        "quota",
+    );
+    refused(&asset(&server, None, &["alloc", "memory", "0"]), 16, "1 to");
+    // The same locator, an identifier no node handed out.
+    let mut segments = a.parse::<std::net::Ipv6Addr>().unwrap().segments();
+    segments[4..].copy_from_slice(&[0xffff; 4]);
+    let forged = std::net::Ipv6Addr::from(segments).to_string();
+    refused(
+        &asset(&server, None, &["read", &forged, "--len", "1"]),
+        10,
+        "no such asset",
+    );
+    let other_locator = "fd00:1:2:3::1";
+    refused(
+        &asset(&server, None, &["read", other_locator, "--len", "1"]),
+        12,
+        "not this one",
+    );
+    let bad = asset(&server, None, &["read", "not-an-address", "--len", "1"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not an asset address"));
+    assert_eq!(read_back(), data, "refusals changed nothing");
+
+    // A second identity, with the stake production asks for.
+    let (stranger, _) = issue_identity(&server, "stranger");
+    let granted = server
+        .operator_command(Command::new(SERVER))
+        .args(["stake", "grant", "--cert", stranger.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let identity = json(&granted)["identity"].as_str().unwrap().to_owned();
+    let s = Some(stranger.as_path());
+    refused(
+        &asset(&server, s, &["read", a, "--len", "1"]),
+        13,
+        "neither owned",
+    );
+    refused(&asset(&server, s, &["free", a]), 13, "neither owned");
+    assert_eq!(
+        json(&asset(&server, s, &["list", "--json"])),
+        serde_json::json!([])
+    );
+    ok(&asset(&server, None, &["grant", a, &identity, "--read"]));
+    let read = asset(&server, s, &["read", a, "--offset", "1000", "--len", "3"]);
+    assert_eq!(ok(&read).as_bytes(), &data[..3]);
+    refused(
+        &asset(&server, s, &["write", a, "--in", file.to_str().unwrap()]),
+        13,
+        "neither owned",
+    );
+    ok(&asset(&server, None, &["revoke-grant", a, &identity]));
+    refused(
+        &asset(&server, s, &["read", a, "--len", "1"]),
+        13,
+        "neither owned",
+    );
+
+    // Free: the bytes return to the quota, the address answers "released".
+    let freed = json(&asset(&server, None, &["free", a, "--json"]));
+    assert_eq!(freed["freed_bytes"], 256 * 1024);
+    refused(
+        &asset(&server, None, &["read", a, "--len", "1"]),
+        11,
+        "released",
+    );
+    assert_eq!(server.stats()["assets"]["bytes"], 0);
+
+    // A restart: memory does not survive, and no identifier is handed out
+    // again (the new run reserves blocks past the old one's).
+    let before = json(&asset(&server, None, &["alloc", "memory", "4K", "--json"]));
+    let before = before["address"].as_str().unwrap().to_owned();
+    server.kill9_and_restart();
+    refused(
+        &asset(&server, None, &["read", &before, "--len", "1"]),
+        11,
+        "released",
+    );
+    let after = json(&asset(&server, None, &["alloc", "memory", "4K", "--json"]));
+    assert_ne!(after["address"].as_str().unwrap(), before);
+}
+
+#[test]
+fn an_owners_memory_assets_go_a_grace_after_its_last_connection() {
+    let server = Server::start_production("assets-lease", "asset_lease_grace_s = 2\n");
+    // Each command is a connection of its own: after this one the grace
+    // starts.
+    let kept = json(&asset(&server, None, &["alloc", "memory", "4K", "--json"]));
+    let kept = kept["address"].as_str().unwrap().to_owned();
+    wait_until(Duration::from_secs(15), Duration::from_millis(200), || {
+        let assets = &server.stats()["assets"];
+        if assets["lease_released_assets"] == 1 && assets["bytes"] == 0 {
+            Ok(())
+        } else {
+            Err(format!("not released yet: {assets}"))
+        }
+    });
+    refused(
+        &asset(&server, None, &["read", &kept, "--len", "1"]),
+        11,
+        "released",
+    );
+    assert_eq!(server.stats()["assets"]["lease_released_bytes"], 4096);
+}
