@@ -16,8 +16,11 @@ pub const BLOCKS_FILE: &str = "assets.blocks";
 pub const BLOCKS_PER_RUN: u64 = 1 << 22;
 
 /// Reserve this run's blocks: `(first, end)`, written durably (a new file
-/// renamed over the old one, then the directory synced) before it returns.
-pub fn reserve_blocks(data_dir: &Path) -> anyhow::Result<(u64, u64)> {
+/// renamed over the old one, then the directory synced) before it returns;
+/// `None` when the node has used up its identifiers (the caller serves no
+/// assets then, and says so). A start that fails later has still used its
+/// reservation.
+pub fn reserve_blocks(data_dir: &Path) -> anyhow::Result<Option<(u64, u64)>> {
     let path = data_dir.join(BLOCKS_FILE);
     let first = match std::fs::read_to_string(&path) {
         Ok(text) => text.trim().parse::<u64>().with_context(|| {
@@ -31,10 +34,7 @@ pub fn reserve_blocks(data_dir: &Path) -> anyhow::Result<(u64, u64)> {
     };
     let end = first.saturating_add(BLOCKS_PER_RUN);
     if end > BLOCKS_MAX {
-        anyhow::bail!(
-            "this node has used up its asset identifiers ({} records block {first} of {BLOCKS_MAX})",
-            path.display()
-        );
+        return Ok(None);
     }
     let scratch = data_dir.join(format!("{BLOCKS_FILE}.new"));
     let mut file = std::fs::File::create(&scratch)
@@ -44,7 +44,7 @@ pub fn reserve_blocks(data_dir: &Path) -> anyhow::Result<(u64, u64)> {
     std::fs::rename(&scratch, &path)
         .with_context(|| format!("cannot replace {}", path.display()))?;
     std::fs::File::open(data_dir)?.sync_all()?;
-    Ok((first, end))
+    Ok(Some((first, end)))
 }
 
 #[cfg(test)]
@@ -52,21 +52,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn each_run_reserves_blocks_after_the_last_and_bad_records_stop_the_start() {
+    fn each_run_reserves_blocks_after_the_last_and_bad_records_stop_the_start_and_a_used_up_node_serves_none()
+     {
         let dir = std::env::temp_dir().join(format!("i2-asset-blocks-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        assert_eq!(reserve_blocks(&dir).unwrap(), (0, BLOCKS_PER_RUN));
+        assert_eq!(reserve_blocks(&dir).unwrap(), Some((0, BLOCKS_PER_RUN)));
         assert_eq!(
             reserve_blocks(&dir).unwrap(),
-            (BLOCKS_PER_RUN, 2 * BLOCKS_PER_RUN)
+            Some((BLOCKS_PER_RUN, 2 * BLOCKS_PER_RUN))
         );
         std::fs::write(dir.join(BLOCKS_FILE), "twelve\n").unwrap();
         let err = reserve_blocks(&dir).unwrap_err().to_string();
         assert!(err.contains("does not hold a block number"), "{err}");
         std::fs::write(dir.join(BLOCKS_FILE), format!("{}\n", BLOCKS_MAX - 1)).unwrap();
-        let err = reserve_blocks(&dir).unwrap_err().to_string();
-        assert!(err.contains("used up"), "{err}");
+        assert_eq!(reserve_blocks(&dir).unwrap(), None, "used up");
         assert_eq!(
             std::fs::read_to_string(dir.join(BLOCKS_FILE))
                 .unwrap()

@@ -211,6 +211,8 @@ pub struct HypermeshAssets {
     pub asset_prefix: Option<Spanned<String>>,
     /// Memory an identity may hold on this node, in MiB.
     pub memory_quota_mib: u64,
+    /// Memory all identities together may hold on this node, in MiB.
+    pub memory_node_max_mib: u64,
     /// How long an identity's memory assets outlive its last connection.
     pub asset_lease_grace_s: u64,
 }
@@ -239,6 +241,7 @@ impl Default for HypermeshAssets {
             nat_addressing: true,
             asset_prefix: None,
             memory_quota_mib: 64,
+            memory_node_max_mib: 4096,
             asset_lease_grace_s: dataplane::assets::memory::LEASE_GRACE.as_secs(),
         }
     }
@@ -485,6 +488,8 @@ pub struct AssetSettings {
     pub locator: dataplane::assets::address::Locator,
     /// Memory an identity may hold, unless the operator set it otherwise.
     pub quota_bytes: u64,
+    /// Memory all identities together may hold.
+    pub node_bytes: u64,
     pub lease_grace: Duration,
 }
 
@@ -1036,15 +1041,13 @@ impl Config {
                 NodeNumber::new(0).expect("0 is a node number"),
             ),
         };
-        let quota_bytes = h.memory_quota_mib.checked_mul(1 << 20).ok_or_else(|| {
-            key_error(
-                file,
-                text,
-                "hypermesh_assets",
-                "memory_quota_mib",
-                "is too large",
-            )
-        })?;
+        let mib = |value: u64, key: &str| {
+            value
+                .checked_mul(1 << 20)
+                .ok_or_else(|| key_error(file, text, "hypermesh_assets", key, "is too large"))
+        };
+        let quota_bytes = mib(h.memory_quota_mib, "memory_quota_mib")?;
+        let node_bytes = mib(h.memory_node_max_mib, "memory_node_max_mib")?;
         if !(1..=86_400).contains(&h.asset_lease_grace_s) {
             return Err(key_error(
                 file,
@@ -1057,12 +1060,14 @@ impl Config {
         let settings = AssetSettings {
             locator,
             quota_bytes,
+            node_bytes,
             lease_grace: Duration::from_secs(h.asset_lease_grace_s),
         };
         choices.push(format!(
-            "asset addressing on: memory assets at {}/64, {} MiB per identity, released {} s after its last connection",
+            "asset addressing on: memory assets at {}/64, {} MiB per identity, {} MiB in all, released {} s after its last connection",
             std::net::Ipv6Addr::from(u128::from(locator.0) << 64),
             h.memory_quota_mib,
+            h.memory_node_max_mib,
             h.asset_lease_grace_s
         ));
         Ok(Some(settings))

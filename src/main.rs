@@ -555,16 +555,27 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
         }
     };
     resolved.settings.assets = match (&resolved.assets, args.bootstrap) {
-        (Some(assets), Bootstrap::Phase0) => Some(Arc::new(
-            dataplane::assets::memory::MemoryAssets::new(
-                dataplane::assets::address::NodeNumber::new(0).expect("0 is a node number"),
-                assets.locator,
-                resolved.settings.workers,
-                internet2_server::assets::reserve_blocks(&data_dir)?,
-                assets.quota_bytes,
-            )
-            .with_grace(assets.lease_grace),
-        )),
+        (Some(assets), Bootstrap::Phase0) => {
+            match internet2_server::assets::reserve_blocks(&data_dir)? {
+                Some(blocks) => Some(Arc::new(
+                    dataplane::assets::memory::MemoryAssets::new(
+                        dataplane::assets::address::NodeNumber::new(0).expect("0 is a node number"),
+                        assets.locator,
+                        resolved.settings.workers,
+                        blocks,
+                        (assets.quota_bytes, assets.node_bytes),
+                    )
+                    .with_grace(assets.lease_grace),
+                )),
+                None => {
+                    tracing::warn!(
+                        file = %data_dir.join(internet2_server::assets::BLOCKS_FILE).display(),
+                        "this node has used up its asset identifiers: asset requests are refused"
+                    );
+                    None
+                }
+            }
+        }
         (Some(_), Bootstrap::Federated) => {
             // Members would share node number 0 and the apex's locator.
             tracing::warn!(

@@ -47,7 +47,7 @@ fn owners() -> Vec<Owner> {
 
 /// Pairs per second through a shard holding `held` assets meanwhile.
 fn shard_rate(args: &Args, held: u64) -> anyhow::Result<f64> {
-    let ledger = Arc::new(QuotaLedger::new(u64::MAX));
+    let ledger = Arc::new(QuotaLedger::new(u64::MAX, u64::MAX));
     let node = NodeNumber::new(0)?;
     let reserve = Arc::new(BlockReserve::new(node, 0, 1, 1 << 30));
     let locator = Locator::in_ula("fd71:7e57::".parse()?, node);

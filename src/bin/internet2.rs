@@ -133,8 +133,9 @@ enum Command {
         concurrency: usize,
         #[arg(long, default_value_t = 5_000)]
         reads: u64,
-        /// The asset the bulk phase reads, in MiB (within the quota).
-        #[arg(long, default_value_t = 32)]
+        /// The asset the bulk phase reads, in MiB (within the quota, with
+        /// the allocation phase's assets still held).
+        #[arg(long, default_value_t = 16)]
         bulk_mib: u64,
         /// What the bulk phase moves in all, in MiB.
         #[arg(long, default_value_t = 1024)]

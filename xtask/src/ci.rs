@@ -214,7 +214,7 @@ fn impaired_smoke(root: &Path, exe: &Path, seconds: u32) -> anyhow::Result<()> {
             "--queue-ms",
             &QUEUE_MS.to_string(),
             "--congestion",
-            "cubic,bbr",
+            "cubic,bbr2",
         ])
         .arg("--json")
         .arg(&json)

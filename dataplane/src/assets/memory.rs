@@ -20,6 +20,11 @@ use std::time::{Duration, Instant};
 pub const REGION_BYTES_MAX: u64 = 1 << 30;
 /// Assets one owner may hold on a node at once, whatever their size.
 pub const ASSETS_PER_OWNER_MAX: u64 = 1 << 20;
+/// What the quota charges for an asset beside its bytes: its entry in the
+/// shard's tables and its allocation's header, rounded up.
+pub const ASSET_OVERHEAD_BYTES: u64 = 256;
+/// What the quota charges for one grant.
+pub const GRANT_OVERHEAD_BYTES: u64 = 64;
 /// Grants one asset may carry.
 pub const GRANTS_PER_ASSET_MAX: usize = 64;
 
@@ -56,8 +61,12 @@ pub enum AssetError {
         end: u64,
         size: u64,
     },
-    #[error("memory quota exceeded: {used} of {limit} bytes in use, {asked} more asked")]
+    #[error(
+        "memory quota exceeded: {used} of {limit} bytes in use, {asked} more asked (each asset counts {ASSET_OVERHEAD_BYTES} bytes beside its size, each grant {GRANT_OVERHEAD_BYTES})"
+    )]
     QuotaExceeded { limit: u64, used: u64, asked: u64 },
+    #[error("this node holds all the memory assets it may ({limit} bytes); try again later")]
+    NodeFull { limit: u64 },
     #[error("at most {ASSETS_PER_OWNER_MAX} memory assets per owner on a node")]
     TooManyAssets,
     #[error("a memory asset holds 1 to {REGION_BYTES_MAX} bytes, not {0}")]
@@ -96,14 +105,21 @@ pub struct QuotaLedger {
     default_bytes: u64,
     /// Taken once per owner per shard (a shard keeps the `Arc`).
     usage: Mutex<HashMap<Owner, Arc<Usage>>>,
+    /// Every owner's bytes together, and their bound on this node.
+    node_bytes: AtomicU64,
+    node_limit: u64,
 }
 
 impl QuotaLedger {
-    pub fn new(default_bytes: u64) -> Self {
+    /// `default_bytes` per owner the operator set no limit for, and
+    /// `node_limit` for all owners together.
+    pub fn new(default_bytes: u64, node_limit: u64) -> Self {
         Self {
             limits: ArcSwap::from_pointee(HashMap::new()),
             default_bytes,
             usage: Mutex::new(HashMap::new()),
+            node_bytes: AtomicU64::new(0),
+            node_limit,
         }
     }
 
@@ -125,41 +141,54 @@ impl QuotaLedger {
         usage.entry(*owner).or_default().clone()
     }
 
-    /// Take `bytes` (and one asset) of `owner`'s quota, or refuse with
+    /// Take `bytes` and one asset of `owner`'s quota, or refuse with
     /// nothing taken.
     fn reserve(&self, owner: &Owner, usage: &Usage, bytes: u64) -> Result<(), AssetError> {
-        let limit = self.limit(owner);
-        let mut used = usage.bytes.load(Ordering::Relaxed);
-        loop {
-            if used.saturating_add(bytes) > limit {
-                return Err(AssetError::QuotaExceeded {
-                    limit,
-                    used,
-                    asked: bytes,
-                });
-            }
-            match usage.bytes.compare_exchange_weak(
-                used,
-                used + bytes,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => break,
-                Err(now) => used = now,
-            }
-        }
         if usage.assets.fetch_add(1, Ordering::Relaxed) >= ASSETS_PER_OWNER_MAX {
             usage.assets.fetch_sub(1, Ordering::Relaxed);
-            usage.bytes.fetch_sub(bytes, Ordering::Relaxed);
             return Err(AssetError::TooManyAssets);
         }
-        Ok(())
+        self.reserve_bytes(owner, usage, bytes).inspect_err(|_| {
+            usage.assets.fetch_sub(1, Ordering::Relaxed);
+        })
     }
 
-    fn release(usage: &Usage, bytes: u64) {
+    /// Take `bytes` of `owner`'s quota and of the node's, or refuse with
+    /// nothing taken.
+    fn reserve_bytes(&self, owner: &Owner, usage: &Usage, bytes: u64) -> Result<(), AssetError> {
+        take_within(&usage.bytes, bytes, self.limit(owner)).map_err(|(used, limit)| {
+            AssetError::QuotaExceeded {
+                limit,
+                used,
+                asked: bytes,
+            }
+        })?;
+        take_within(&self.node_bytes, bytes, self.node_limit).map_err(|(_, limit)| {
+            usage.bytes.fetch_sub(bytes, Ordering::Relaxed);
+            AssetError::NodeFull { limit }
+        })
+    }
+
+    fn release_bytes(&self, usage: &Usage, bytes: u64) {
         usage.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.node_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    fn release(&self, usage: &Usage, bytes: u64) {
+        self.release_bytes(usage, bytes);
         usage.assets.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Add `n` to `counter` unless that passes `limit`; else the count and the
+/// limit.
+fn take_within(counter: &AtomicU64, n: u64, limit: u64) -> Result<(), (u64, u64)> {
+    counter
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+            used.checked_add(n).filter(|&total| total <= limit)
+        })
+        .map(|_| ())
+        .map_err(|used| (used, limit))
 }
 
 /// Blocks of identifiers a node may hand out this run: from `base` (its
@@ -226,6 +255,9 @@ impl BlockReserve {
 struct Region {
     owner: Owner,
     usage: Arc<Usage>,
+    /// What the quotas hold for it: its size, [`ASSET_OVERHEAD_BYTES`] and
+    /// [`GRANT_OVERHEAD_BYTES`] per grant.
+    charged: u64,
     bytes: Box<[u8]>,
     grants: Vec<(Owner, Access)>,
 }
@@ -261,8 +293,15 @@ pub struct MemoryShard {
     regions: HashMap<AssetId, Region>,
     /// The bytes of every region held.
     bytes_held: u64,
-    /// Each owner's usage counters, taken from the ledger once.
-    usage: HashMap<Owner, Arc<Usage>>,
+    /// Each owner with assets here: its usage counters (taken from the
+    /// ledger once) and its assets, so that listing or releasing an
+    /// owner's assets costs what it holds, not what the shard holds.
+    owners: HashMap<Owner, Owned>,
+}
+
+struct Owned {
+    usage: Arc<Usage>,
+    ids: std::collections::HashSet<AssetId>,
 }
 
 impl MemoryShard {
@@ -287,7 +326,7 @@ impl MemoryShard {
             block: None,
             regions: HashMap::new(),
             bytes_held: 0,
-            usage: HashMap::new(),
+            owners: HashMap::new(),
         }
     }
 
@@ -305,19 +344,28 @@ impl MemoryShard {
         if size == 0 || size > REGION_BYTES_MAX {
             return Err(AssetError::Size(size));
         }
-        let usage = self
-            .usage
-            .entry(*owner)
-            .or_insert_with(|| self.ledger.usage(owner))
-            .clone();
-        self.ledger.reserve(owner, &usage, size)?;
+        let usage = match self.owners.get(owner) {
+            Some(owned) => owned.usage.clone(),
+            None => self.ledger.usage(owner),
+        };
+        let charged = size + ASSET_OVERHEAD_BYTES;
+        self.ledger.reserve(owner, &usage, charged)?;
         let Some(id) = self.next_id() else {
-            QuotaLedger::release(&usage, size);
+            self.ledger.release(&usage, charged);
             return Err(AssetError::IdsExhausted);
         };
+        self.owners
+            .entry(*owner)
+            .or_insert_with(|| Owned {
+                usage: usage.clone(),
+                ids: Default::default(),
+            })
+            .ids
+            .insert(id);
         let region = Region {
             owner: *owner,
             usage,
+            charged,
             bytes: vec![0; size as usize].into_boxed_slice(),
             grants: Vec::new(),
         };
@@ -349,10 +397,21 @@ impl MemoryShard {
             return Err(AssetError::Forbidden(address));
         }
         let region = self.regions.remove(&address.id).expect("found above");
+        if let Some(owned) = self.owners.get_mut(who) {
+            owned.ids.remove(&address.id);
+            if owned.ids.is_empty() {
+                self.owners.remove(who);
+            }
+        }
+        Ok(self.released(&region))
+    }
+
+    /// Return a removed region's charge to the quotas: its size.
+    fn released(&mut self, region: &Region) -> u64 {
         let size = region.bytes.len() as u64;
-        QuotaLedger::release(&region.usage, size);
+        self.ledger.release(&region.usage, region.charged);
         self.bytes_held -= size;
-        Ok(size)
+        size
     }
 
     /// `len` bytes from `offset`, for the owner or a grantee.
@@ -419,6 +478,7 @@ impl MemoryShard {
         grantee: Owner,
         access: Access,
     ) -> Result<(), AssetError> {
+        let ledger = self.ledger.clone();
         let region = self.owned_mut(who, address)?;
         if let Some(grant) = region.grants.iter_mut().find(|(g, _)| *g == grantee) {
             grant.1 = access;
@@ -427,6 +487,8 @@ impl MemoryShard {
         if region.grants.len() >= GRANTS_PER_ASSET_MAX {
             return Err(AssetError::TooManyGrants);
         }
+        ledger.reserve_bytes(who, &region.usage, GRANT_OVERHEAD_BYTES)?;
+        region.charged += GRANT_OVERHEAD_BYTES;
         region.grants.push((grantee, access));
         Ok(())
     }
@@ -438,18 +500,27 @@ impl MemoryShard {
         address: AssetAddress,
         grantee: &Owner,
     ) -> Result<bool, AssetError> {
+        let ledger = self.ledger.clone();
         let region = self.owned_mut(who, address)?;
         let before = region.grants.len();
         region.grants.retain(|(g, _)| g != grantee);
-        Ok(region.grants.len() != before)
+        let withdrawn = region.grants.len() != before;
+        if withdrawn {
+            ledger.release_bytes(&region.usage, GRANT_OVERHEAD_BYTES);
+            region.charged -= GRANT_OVERHEAD_BYTES;
+        }
+        Ok(withdrawn)
     }
 
     /// The assets `owner` holds in this shard, by address.
     pub fn list(&self, owner: &Owner) -> Vec<MemoryAssetInfo> {
-        let mut out: Vec<MemoryAssetInfo> = self
-            .regions
+        let Some(owned) = self.owners.get(owner) else {
+            return Vec::new();
+        };
+        let mut out: Vec<MemoryAssetInfo> = owned
+            .ids
             .iter()
-            .filter(|(_, r)| r.owner == *owner)
+            .filter_map(|id| Some((id, self.regions.get(id)?)))
             .map(|(id, r)| MemoryAssetInfo {
                 address: AssetAddress {
                     locator: self.locator,
@@ -466,17 +537,15 @@ impl MemoryShard {
     /// Release everything `owner` holds here (its lease ended): the number
     /// of assets and bytes released.
     pub fn release_owner(&mut self, owner: &Owner) -> (u64, u64) {
+        let Some(owned) = self.owners.remove(owner) else {
+            return (0, 0);
+        };
         let mut released = (0, 0);
-        self.regions.retain(|_, r| {
-            if r.owner != *owner {
-                return true;
+        for id in owned.ids {
+            if let Some(region) = self.regions.remove(&id) {
+                released = (released.0 + 1, released.1 + self.released(&region));
             }
-            let size = r.bytes.len() as u64;
-            QuotaLedger::release(&r.usage, size);
-            released = (released.0 + 1, released.1 + size);
-            false
-        });
-        self.bytes_held -= released.1;
+        }
         released
     }
 
@@ -521,6 +590,9 @@ impl MemoryShard {
         Ok(self.regions.get_mut(&address.id).expect("found above"))
     }
 }
+
+/// Assets one `list` answers with at most (about 90 bytes each as JSON).
+pub const LIST_LEN_MAX: usize = 10_000;
 
 /// How long an owner's memory assets outlive its last connection.
 pub const LEASE_GRACE: Duration = Duration::from_secs(30);
@@ -575,16 +647,16 @@ pub struct MemoryTotals {
 
 impl MemoryAssets {
     /// One shard per worker; identifiers from block `base` of `node` up to
-    /// `reserved_until`; `default_quota_bytes` for owners the operator set
-    /// no quota for.
+    /// `reserved_until`; `quota_bytes` for each owner the operator set no
+    /// quota for, and `node_bytes` for all owners together.
     pub fn new(
         node: NodeNumber,
         locator: Locator,
         workers: usize,
         (base, reserved_until): (u64, u64),
-        default_quota_bytes: u64,
+        (quota_bytes, node_bytes): (u64, u64),
     ) -> Self {
-        let ledger = Arc::new(QuotaLedger::new(default_quota_bytes));
+        let ledger = Arc::new(QuotaLedger::new(quota_bytes, node_bytes));
         let reserve = Arc::new(BlockReserve::new(node, base, workers, reserved_until));
         let shards = (0..workers)
             .map(|i| {
@@ -677,7 +749,8 @@ impl MemoryAssets {
         }
     }
 
-    /// What `owner` holds on this node, by address.
+    /// What `owner` holds on this node, by address: the first
+    /// [`LIST_LEN_MAX`].
     pub fn list(&self, owner: &Owner) -> Vec<MemoryAssetInfo> {
         let mut all: Vec<MemoryAssetInfo> = self
             .shards
@@ -685,6 +758,7 @@ impl MemoryAssets {
             .flat_map(|shard| lock(shard).list(owner))
             .collect();
         all.sort_by_key(|a| a.address);
+        all.truncate(LIST_LEN_MAX);
         all
     }
 
@@ -744,24 +818,23 @@ impl MemoryAssets {
         {
             return;
         }
-        let expired: Vec<Owner> = {
-            let mut leases = lock(&self.leases);
-            let grace = self.grace;
-            let expired: Vec<Owner> = leases
-                .owners
-                .iter()
-                .filter(|(_, l)| {
-                    matches!(l, Lease::Since(t) if now.saturating_duration_since(*t) >= grace)
-                })
-                .map(|(o, _)| *o)
-                .collect();
-            for owner in &expired {
-                leases.owners.remove(owner);
-            }
-            self.expiring
-                .fetch_sub(expired.len() as u64, Ordering::Relaxed);
-            expired
-        };
+        // Released with the lease table locked: an owner that connects
+        // again meanwhile waits, and keeps what it allocates after.
+        let mut leases = lock(&self.leases);
+        let grace = self.grace;
+        let expired: Vec<Owner> = leases
+            .owners
+            .iter()
+            .filter(
+                |(_, l)| matches!(l, Lease::Since(t) if now.saturating_duration_since(*t) >= grace),
+            )
+            .map(|(o, _)| *o)
+            .collect();
+        for owner in &expired {
+            leases.owners.remove(owner);
+        }
+        self.expiring
+            .fetch_sub(expired.len() as u64, Ordering::Relaxed);
         for owner in expired {
             let (mut assets, mut bytes) = (0, 0);
             for shard in self.shards.iter() {
@@ -827,7 +900,7 @@ mod tests {
     }
 
     fn shards(n: usize, quota: u64, blocks: u64) -> (Arc<QuotaLedger>, Vec<MemoryShard>) {
-        let ledger = Arc::new(QuotaLedger::new(quota));
+        let ledger = Arc::new(QuotaLedger::new(quota, u64::MAX));
         let reserve = Arc::new(BlockReserve::new(node(), 10, n, 10 + blocks));
         let shards = (0..n)
             .map(|i| MemoryShard::new(locator(), ledger.clone(), reserve.clone(), i))
@@ -844,7 +917,7 @@ mod tests {
         assert_eq!(s.read(&ALICE, a, 0, 4096).unwrap(), &[0; 4096][..]);
         s.write(&ALICE, a, 100, b"hello").unwrap();
         assert_eq!(s.read(&ALICE, a, 98, 9).unwrap(), b"\0\0hello\0\0");
-        assert_eq!(ledger.usage(&ALICE).bytes(), 4096);
+        assert_eq!(ledger.usage(&ALICE).bytes(), 4096 + ASSET_OVERHEAD_BYTES);
         assert_eq!(s.list(&ALICE).len(), 1);
         assert_eq!(s.free(&ALICE, a), Ok(4096));
         assert_eq!(ledger.usage(&ALICE).bytes(), 0);
@@ -906,7 +979,7 @@ mod tests {
             s.write(&ALICE, moved, 0, b"x"),
             Err(AssetError::Elsewhere { .. })
         ));
-        assert_eq!(ledger.usage(&ALICE).bytes(), 16);
+        assert_eq!(ledger.usage(&ALICE).bytes(), 16 + ASSET_OVERHEAD_BYTES);
         assert_eq!(s.len(), 1);
     }
 
@@ -954,26 +1027,59 @@ mod tests {
 
     #[test]
     fn a_quota_holds_across_shards_and_frees_give_it_back() {
-        let (ledger, mut s) = shards(2, 1000, 4);
+        const O: u64 = ASSET_OVERHEAD_BYTES;
+        let (ledger, mut s) = shards(2, 2000, 4);
         let a = s[0].alloc(&ALICE, 600).unwrap();
         assert_eq!(
-            s[1].alloc(&ALICE, 500),
+            s[1].alloc(&ALICE, 1000),
             Err(AssetError::QuotaExceeded {
-                limit: 1000,
-                used: 600,
-                asked: 500
+                limit: 2000,
+                used: 600 + O,
+                asked: 1000 + O
             })
         );
         assert_eq!(ledger.usage(&ALICE).assets(), 1, "a refusal takes nothing");
         s[1].alloc(&BOB, 1000).unwrap();
-        ledger.set_limits(HashMap::from([(ALICE, 2000)]));
+        ledger.set_limits(HashMap::from([(ALICE, 4000)]));
         let b = s[1].alloc(&ALICE, 1400).unwrap();
+        // A grant is charged too, and given back when withdrawn.
+        s[1].grant(&ALICE, b, BOB, Access::Read).unwrap();
+        assert_eq!(
+            ledger.usage(&ALICE).bytes(),
+            600 + 1400 + 2 * O + GRANT_OVERHEAD_BYTES
+        );
         s[0].free(&ALICE, a).unwrap();
-        assert_eq!(ledger.usage(&ALICE).bytes(), 1400);
+        assert_eq!(
+            ledger.usage(&ALICE).bytes(),
+            1400 + O + GRANT_OVERHEAD_BYTES
+        );
         assert_eq!(s[1].release_owner(&ALICE), (1, 1400));
         assert_eq!(s[1].read(&ALICE, b, 0, 1), Err(AssetError::Released(b)));
         assert_eq!(ledger.usage(&ALICE).bytes(), 0);
-        assert_eq!(ledger.usage(&BOB).bytes(), 1000);
+        assert_eq!(ledger.usage(&BOB).bytes(), 1000 + O);
+        assert!(s[1].list(&ALICE).is_empty());
+    }
+
+    #[test]
+    fn the_node_limit_holds_across_owners() {
+        let ledger = Arc::new(QuotaLedger::new(10_000, 3 * (1000 + ASSET_OVERHEAD_BYTES)));
+        let reserve = Arc::new(BlockReserve::new(node(), 0, 1, 4));
+        let mut s = MemoryShard::new(locator(), ledger.clone(), reserve, 0);
+        for owner in [ALICE, BOB, Owner([3; 32])] {
+            s.alloc(&owner, 1000).unwrap();
+        }
+        let limit = 3 * (1000 + ASSET_OVERHEAD_BYTES);
+        assert_eq!(
+            s.alloc(&Owner([4; 32]), 1),
+            Err(AssetError::NodeFull { limit })
+        );
+        assert_eq!(
+            ledger.usage(&Owner([4; 32])).bytes(),
+            0,
+            "a refusal takes nothing"
+        );
+        assert_eq!(s.release_owner(&BOB), (1, 1000));
+        s.alloc(&Owner([4; 32]), 1000).unwrap();
     }
 
     #[test]
@@ -1005,8 +1111,14 @@ mod tests {
     }
 
     fn assets(workers: usize) -> MemoryAssets {
-        MemoryAssets::new(node(), locator(), workers, (20, 1 << 20), 1 << 20)
-            .with_grace(Duration::from_secs(30))
+        MemoryAssets::new(
+            node(),
+            locator(),
+            workers,
+            (20, 1 << 20),
+            (1 << 20, u64::MAX),
+        )
+        .with_grace(Duration::from_secs(30))
     }
 
     #[test]

@@ -42,7 +42,15 @@ pub struct Caller<'a> {
     pub certificate: &'a [u8],
     pub worker: usize,
     pub now: Instant,
+    /// Bytes of this connection's answers its peer has not taken yet.
+    pub queued_response_bytes: usize,
 }
+
+/// The answer bytes a connection may have waiting for its peer before a
+/// read is refused `BUSY`: one read's worth, so a peer that never reads
+/// holds at most that much of the server's memory beyond its flow-control
+/// windows.
+pub const QUEUED_RESPONSE_BYTES_MAX: usize = super::wire::READ_LEN_MAX as usize;
 
 impl AssetSession {
     /// The response to asset request `kind` with `payload`.
@@ -81,6 +89,15 @@ impl AssetSession {
             len,
         } = request
         {
+            let queued = caller.queued_response_bytes;
+            if queued > 0 && queued + len as usize > QUEUED_RESPONSE_BYTES_MAX {
+                return encode_error(
+                    ErrorCode::Busy,
+                    &format!(
+                        "this connection has {queued} bytes of answers not yet read; read them, then ask again"
+                    ),
+                );
+            }
             // Straight from the region into the response: one copy.
             let response = assets.with(address, |s| {
                 s.read(&owner, address, offset, u64::from(len))
@@ -173,8 +190,80 @@ pub fn code(e: &AssetError) -> ErrorCode {
         AssetError::Forbidden(_) => ErrorCode::AssetForbidden,
         AssetError::OutOfRange { .. } | AssetError::CasLength { .. } => ErrorCode::AssetRange,
         AssetError::QuotaExceeded { .. } | AssetError::TooManyAssets => ErrorCode::AssetQuota,
-        AssetError::Size(_) | AssetError::TooManyGrants | AssetError::IdsExhausted => {
-            ErrorCode::AssetLimit
+        AssetError::Size(_)
+        | AssetError::TooManyGrants
+        | AssetError::IdsExhausted
+        | AssetError::NodeFull { .. } => ErrorCode::AssetLimit,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::assets::address::{AssetAddress, Locator, NodeNumber};
+    use crate::protocols::stoq::{KIND_ERROR, decode, decode_error_payload};
+
+    fn answer(
+        session: &mut AssetSession,
+        caller: &Caller<'_>,
+        request: &AssetRequest<'_>,
+    ) -> (u8, Vec<u8>) {
+        let (kind, payload) = request.encode();
+        let bytes = session.answer(kind, &payload, caller);
+        let message = decode(&bytes, usize::MAX).unwrap();
+        (message.kind, message.payload.to_vec())
+    }
+
+    #[test]
+    fn a_read_waits_while_unread_answers_would_pass_the_bound() {
+        let node = NodeNumber::new(0).unwrap();
+        let locator = Locator::in_ula("fd71:7e57::".parse().unwrap(), node);
+        let assets = Arc::new(MemoryAssets::new(
+            node,
+            locator,
+            1,
+            (0, 16),
+            (64 << 20, u64::MAX),
+        ));
+        let key = rcgen::KeyPair::generate().unwrap();
+        let certificate = rcgen::CertificateParams::new(vec!["owner".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let mut caller = Caller {
+            assets: Some(&assets),
+            certificate: certificate.der(),
+            worker: 0,
+            now: Instant::now(),
+            queued_response_bytes: 0,
+        };
+        let mut session = AssetSession::default();
+        let alloc = AssetRequest::Alloc {
+            kind: AllocKind::Memory,
+            size: 1 << 20,
+        };
+        let (kind, address) = answer(&mut session, &caller, &alloc);
+        assert_eq!(
+            kind,
+            crate::protocols::stoq_registry::ASSET_ALLOC | RESPONSE_FLAG
+        );
+        let address = AssetAddress::from_octets(address.try_into().unwrap());
+        let read = AssetRequest::Read {
+            address,
+            offset: 0,
+            len: 1 << 20,
+        };
+        // Nothing waiting, or room for it: answered.
+        for queued in [0, QUEUED_RESPONSE_BYTES_MAX - (1 << 20)] {
+            caller.queued_response_bytes = queued;
+            let (kind, bytes) = answer(&mut session, &caller, &read);
+            assert_ne!(kind, KIND_ERROR);
+            assert_eq!(bytes.len(), 1 << 20);
         }
+        // Past the bound: BUSY, and nothing built.
+        caller.queued_response_bytes = QUEUED_RESPONSE_BYTES_MAX - (1 << 20) + 1;
+        let (kind, payload) = answer(&mut session, &caller, &read);
+        assert_eq!(kind, KIND_ERROR);
+        assert_eq!(decode_error_payload(&payload).0, ErrorCode::Busy as u16);
     }
 }

@@ -209,7 +209,15 @@ impl LoadService {
         // A reset or an oversized answer ends the request too (counted as
         // an error below: it does not decode).
         let limit = stoq::HEADER_LEN + RESPONSE_PAYLOAD_MAX;
-        if read_stream(conn, id, buf, limit) == ReadState::Open && buf.len() <= limit {
+        let open = read_stream(conn, id, buf, limit) == ReadState::Open;
+        if open && buf.len() <= limit {
+            // Room for the whole answer once its header says how long it
+            // is, so that a large one is not copied as the buffer grows.
+            if self.plan.framing == super::rpc::Framing::Stoq
+                && let Ok(len) = stoq::header_payload_len(buf, RESPONSE_PAYLOAD_MAX)
+            {
+                buf.reserve_exact((stoq::HEADER_LEN + len).saturating_sub(buf.len()));
+            }
             return;
         }
         let (sent_at, buf) = st.streams.remove(&id).expect("present above");
@@ -233,34 +241,39 @@ impl LoadService {
             }
             return;
         }
-        match stoq::decode(&buf, RESPONSE_PAYLOAD_MAX) {
-            Ok(message) if message.kind != KIND_ERROR => {
-                self.report.ok += 1;
-                let us = sent_at.elapsed().as_micros() as u64;
-                let _ = self.report.latency_us.record(us.max(1));
-            }
-            Ok(message) => {
-                let error = stoq::decode_error_payload(&message.payload);
-                if error.0 == stoq::ErrorCode::Busy as u16 {
-                    // As the server asks: send it again once one of the
-                    // connection's requests is answered, and keep one
-                    // fewer in flight from now on.
-                    self.report.busy += 1;
-                    self.sent -= 1;
-                    self.window = self.window.saturating_sub(1).max(1);
-                    if st.streams.is_empty() {
-                        self.fill(st, conn);
+        // A whole answer that is not an error counts without copying its
+        // payload out; an error is decoded for its code.
+        let whole = stoq::header_payload_len(&buf, RESPONSE_PAYLOAD_MAX)
+            .is_ok_and(|len| buf.len() == stoq::HEADER_LEN + len);
+        if whole && buf[1] != KIND_ERROR {
+            self.report.ok += 1;
+            let us = sent_at.elapsed().as_micros() as u64;
+            let _ = self.report.latency_us.record(us.max(1));
+        } else {
+            match stoq::decode(&buf, RESPONSE_PAYLOAD_MAX) {
+                Ok(message) => {
+                    let error = stoq::decode_error_payload(&message.payload);
+                    if error.0 == stoq::ErrorCode::Busy as u16 {
+                        // As the server asks: send it again once one of the
+                        // connection's requests is answered, and keep one
+                        // fewer in flight from now on.
+                        self.report.busy += 1;
+                        self.sent -= 1;
+                        self.window = self.window.saturating_sub(1).max(1);
+                        if st.streams.is_empty() {
+                            self.fill(st, conn);
+                        }
+                        return;
                     }
-                    return;
+                    self.report.errors += 1;
+                    self.report.first_error.get_or_insert(error);
                 }
-                self.report.errors += 1;
-                self.report.first_error.get_or_insert(error);
-            }
-            Err(e) => {
-                self.report.errors += 1;
-                self.report
-                    .first_error
-                    .get_or_insert((0, format!("malformed response: {e}")));
+                Err(e) => {
+                    self.report.errors += 1;
+                    self.report
+                        .first_error
+                        .get_or_insert((0, format!("malformed response: {e}")));
+                }
             }
         }
         if self.report.ok + self.report.errors == self.plan.total {

@@ -376,6 +376,16 @@ impl StoqServer {
         stage: &mut AdmissionStage,
         counters: &mut Counters,
     ) {
+        // What this connection's answers hold that the peer has not taken
+        // yet, for an asset read to bound (a read answer can be 16 MiB).
+        let queued = match self.streams.get(&id).and_then(|s| s.buf.get(1)) {
+            Some(kind) if ASSET_KINDS.contains(kind) => self
+                .streams
+                .values()
+                .filter_map(|s| s.unsent.as_ref().map(Bytes::len))
+                .sum(),
+            _ => 0,
+        };
         let Some(stream) = self.streams.get_mut(&id) else {
             return;
         };
@@ -481,6 +491,7 @@ impl StoqServer {
                     certificate: ctx.peer.map_or(&[][..], |peer| peer.as_ref()),
                     worker: ctx.worker,
                     now: ctx.now,
+                    queued_response_bytes: queued,
                 };
                 Some(self.assets.answer(kind, &stream.buf[HEADER_LEN..], &caller))
             }
