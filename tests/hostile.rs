@@ -793,3 +793,61 @@ fn resume_phase(
         .args(["--phase", name]);
     peer_json(command, Duration::from_secs(60))
 }
+
+/// Asset requests from an independent client (aioquic) that are cut short,
+/// too long, of unknown kinds or access values, out of range or for a
+/// forged address each get their typed error, and change nothing; a peer
+/// that asks for the same 8 MiB five times and never reads gets at most
+/// two answers built for it and `BUSY` for the rest; the connection and
+/// the asset stay.
+#[test]
+fn bad_and_unread_asset_requests_from_aioquic_change_nothing() {
+    use dataplane::protocols::stoq::ErrorCode;
+    let Some(python) = interop_python() else {
+        return skip_or_fail("aioquic is not installed: run `bash .ci/setup-interop.sh`");
+    };
+    // Admission off: the peer speaks stoq/1 with the operator's certificate
+    // and no proofs (aioquic has no admitter).
+    let server = Server::start(
+        "hostile-assets",
+        "[hypermesh_assets]\nconsensus_mode = \"off\"\n",
+    );
+    let mut command = interop_peer(&python, "stoq_peer.py", &server);
+    command
+        .args(["asset-kinds", "--cert"])
+        .arg(server.dir.join("operator.pem"));
+    let result = peer_json(command, Duration::from_secs(60));
+    assert_eq!(result["alloc"]["ok"], true, "{result}");
+    let code = |name: &str| result["answers"][name]["code"].as_u64();
+    let malformed = Some(ErrorCode::Malformed as u64);
+    for name in [
+        "alloc_cut_short",
+        "alloc_unknown_kind",
+        "read_too_long",
+        "cas_length_past_payload",
+        "grant_unknown_access",
+        "list_trailing_byte",
+        "free_empty",
+        "header_only",
+    ] {
+        assert_eq!(code(name), malformed, "{name}: {result}");
+    }
+    assert_eq!(
+        code("read_forged_address"),
+        Some(ErrorCode::AssetUnknown as u64),
+        "{result}"
+    );
+    assert_eq!(
+        code("read_out_of_range"),
+        Some(ErrorCode::AssetRange as u64),
+        "{result}"
+    );
+    let busy = result["unread"]["busy"].as_u64().unwrap();
+    assert!(busy >= 3, "at most two 8 MiB answers held: {result}");
+    assert_eq!(result["control_ping"]["ok"], true, "{result}");
+    assert_eq!(result["stayed_open"], true, "{result}");
+    let assets = &server.stats()["assets"];
+    assert_eq!(assets["assets"], 1, "only the one allocation: {assets}");
+    assert_eq!(assets["bytes"], 8 << 20, "{assets}");
+    ping(&server).expect("the server still serves others");
+}

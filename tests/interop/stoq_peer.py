@@ -64,6 +64,16 @@ Subcommands:
       connection each) run. Prints "doq-hold: holding" on stderr once the
       flood is in place.
 
+  asset-kinds --cert PEM [--window 65536]
+      stoq/1 with the given client certificate at a server whose admission
+      is off: allocates an 8 MiB memory asset, then sends asset requests
+      that are cut short, too long, of unknown kinds or access values, out
+      of range or for a forged address, each on a stream of its own; then,
+      granting WINDOW bytes per stream and never more, five reads of the
+      whole asset it never reads; then a ping as a control. Reports every
+      answer, how many reads were refused BUSY, and whether the connection
+      stayed open.
+
   doq-unread --query-name NAME [--queries 40] [--every 0.05] [--window 64]
       doq without a client certificate, granting WINDOW bytes per stream
       and never more: asks for NAME again and again without reading the
@@ -95,6 +105,13 @@ KIND_PING = 0x01
 KIND_ENROLL = 0x10
 KIND_CERT_ISSUE = 0x11
 KIND_CT_KEY = 0x24
+KIND_ASSET_ALLOC = 0x50
+KIND_ASSET_READ = 0x51
+KIND_ASSET_CAS = 0x53
+KIND_ASSET_FREE = 0x54
+KIND_ASSET_LIST = 0x55
+KIND_ASSET_GRANT = 0x56
+ERROR_BUSY = 6
 KIND_ERROR = 0xFF
 RESPONSE_FLAG = 0x80
 
@@ -377,6 +394,70 @@ async def cluster_kinds(args) -> dict:
                 or conn.peer.terminated is not None, args.answer_timeout)
     out: dict = {"handshake": "ok",
                  "answers": {name: conn.peer.describe(sid) for name, sid in sids.items()}}
+    out["control_ping"] = await ask(conn, frame(KIND_PING, b"still there?"), args.answer_timeout)
+    out["stayed_open"] = conn.peer.is_open()
+    if conn.peer.terminated is not None:
+        out["closed"] = conn.peer.terminated
+    await conn.close()
+    return out
+
+
+# ---------------------------------------------------------------- asset-kinds
+
+ASSET_BYTES = 8 << 20
+
+
+async def asset_kinds(args) -> dict:
+    config = configuration(args, ALPN_STOQ, cert=args.cert)
+    config.max_stream_data = args.window
+    config.max_data = 64 << 20
+    conn, failure = await connect(args, config)
+    if conn is None:
+        return failure
+    quic = conn.peer._quic
+    # Never a MAX_STREAM_DATA frame: no stream gets more than --window.
+    quic._write_stream_limits = lambda *a, **k: None
+    sid = conn.peer.send(frame(KIND_ASSET_ALLOC, bytes([1]) + ASSET_BYTES.to_bytes(8, "big")))
+    await until(lambda: conn.peer.stream_done(sid) or conn.peer.terminated is not None,
+                args.answer_timeout)
+    alloc = conn.peer.describe(sid)
+    out: dict = {"handshake": "ok", "alloc": alloc}
+    data = bytes(conn.peer.data.get(sid, b""))
+    if not alloc.get("ok") or len(data) != HEADER_LEN + 16:
+        out["stayed_open"] = conn.peer.is_open()
+        return out
+    address = data[HEADER_LEN:]
+    forged = address[:8] + b"\xff" * 8
+    u64 = lambda n: n.to_bytes(8, "big")  # noqa: E731
+    u32 = lambda n: n.to_bytes(4, "big")  # noqa: E731
+    bad = {
+        "alloc_cut_short": frame(KIND_ASSET_ALLOC, bytes([1, 0, 0])),
+        "alloc_unknown_kind": frame(KIND_ASSET_ALLOC, bytes([9]) + u64(1)),
+        "read_forged_address": frame(KIND_ASSET_READ, forged + u64(0) + u32(16)),
+        "read_too_long": frame(KIND_ASSET_READ, address + u64(0) + u32(0xFFFFFFFF)),
+        "read_out_of_range": frame(KIND_ASSET_READ, address + u64(ASSET_BYTES) + u32(1)),
+        "cas_length_past_payload": frame(KIND_ASSET_CAS, address + u64(0) + u32(0xFFFFFFFF) + b"ab"),
+        "grant_unknown_access": frame(KIND_ASSET_GRANT, address + bytes(32) + bytes([7])),
+        "list_trailing_byte": frame(KIND_ASSET_LIST, b"x"),
+        "free_empty": frame(KIND_ASSET_FREE, b""),
+        "header_only": bytes([VERSION, KIND_ASSET_READ, 0]),
+    }
+    sids = {name: conn.peer.send(message) for name, message in bad.items()}
+    await until(lambda: all(conn.peer.stream_done(s) for s in sids.values())
+                or conn.peer.terminated is not None, args.answer_timeout)
+    out["answers"] = {name: conn.peer.describe(sid) for name, sid in sids.items()}
+    # Reads of the whole asset, never read: the server may hold one answer
+    # it cannot send; the others are refused.
+    reads = [conn.peer.send(frame(KIND_ASSET_READ, address + u64(0) + u32(ASSET_BYTES)))
+             for _ in range(5)]
+    await until(lambda: sum(1 for s in reads if conn.peer.stream_done(s)) >= 3
+                or conn.peer.terminated is not None, args.answer_timeout)
+    described = [conn.peer.describe(s) for s in reads]
+    out["unread"] = {
+        "busy": sum(1 for d in described if d.get("code") == ERROR_BUSY),
+        "received_bytes": sum(d["bytes"] for d in described),
+        "answers": described,
+    }
     out["control_ping"] = await ask(conn, frame(KIND_PING, b"still there?"), args.answer_timeout)
     out["stayed_open"] = conn.peer.is_open()
     if conn.peer.terminated is not None:
@@ -827,6 +908,10 @@ def parse_args(argv):
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--pause", type=float, default=0.5)
 
+    p = sub.add_parser("asset-kinds")
+    p.add_argument("--cert", required=True, help="PEM: certificate, chain, key")
+    p.add_argument("--window", type=int, default=65536, help="bytes granted per stream, never raised")
+
     p = sub.add_parser("doq-unread")
     p.add_argument("--query-name", required=True)
     p.add_argument("--queries", type=int, default=40)
@@ -856,6 +941,7 @@ COMMANDS = {
     "enroll-production": enroll_production,
     "doq-hold": doq_hold,
     "doq-unread": doq_unread,
+    "asset-kinds": asset_kinds,
     "key-update": key_update,
 }
 
