@@ -470,19 +470,20 @@ impl MemoryShard {
     }
 
     /// Let `grantee` read (or write) an asset `who` owns; a second grant to
-    /// the same identity replaces the first.
+    /// the same identity replaces the first. Whether it changed anything.
     pub fn grant(
         &mut self,
         who: &Owner,
         address: AssetAddress,
         grantee: Owner,
         access: Access,
-    ) -> Result<(), AssetError> {
+    ) -> Result<bool, AssetError> {
         let ledger = self.ledger.clone();
         let region = self.owned_mut(who, address)?;
         if let Some(grant) = region.grants.iter_mut().find(|(g, _)| *g == grantee) {
+            let changed = grant.1 != access;
             grant.1 = access;
-            return Ok(());
+            return Ok(changed);
         }
         if region.grants.len() >= GRANTS_PER_ASSET_MAX {
             return Err(AssetError::TooManyGrants);
@@ -490,7 +491,7 @@ impl MemoryShard {
         ledger.reserve_bytes(who, &region.usage, GRANT_OVERHEAD_BYTES)?;
         region.charged += GRANT_OVERHEAD_BYTES;
         region.grants.push((grantee, access));
-        Ok(())
+        Ok(true)
     }
 
     /// Withdraw `grantee`'s grant; whether it had one.
@@ -1001,7 +1002,12 @@ mod tests {
         );
         assert!(s.list(&BOB).is_empty());
 
-        s.grant(&ALICE, a, BOB, Access::Read).unwrap();
+        assert_eq!(s.grant(&ALICE, a, BOB, Access::Read), Ok(true));
+        assert_eq!(
+            s.grant(&ALICE, a, BOB, Access::Read),
+            Ok(false),
+            "the same grant again"
+        );
         assert_eq!(s.read(&BOB, a, 0, 1).unwrap(), b"\0");
         assert_eq!(s.write(&BOB, a, 0, b"x"), Err(AssetError::Forbidden(a)));
         s.grant(&ALICE, a, BOB, Access::Write).unwrap();

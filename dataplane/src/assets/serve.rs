@@ -173,7 +173,7 @@ fn serve(
             access,
         } => {
             let changed = assets.with(address, |s| match access {
-                Some(access) => s.grant(owner, address, grantee, access).map(|()| true),
+                Some(access) => s.grant(owner, address, grantee, access),
                 None => s.revoke_grant(owner, address, &grantee),
             })?;
             vec![u8::from(changed)]
