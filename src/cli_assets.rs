@@ -370,20 +370,11 @@ fn send(
     Ok(answers)
 }
 
+/// An identity as operators write it (64 hex digits), as an asset owner.
 fn owner(identity: &str) -> anyhow::Result<Owner> {
-    let bytes = (identity.len() == 64)
-        .then(|| {
-            (0..32)
-                .map(|i| u8::from_str_radix(&identity[2 * i..2 * i + 2], 16).ok())
-                .collect::<Option<Vec<u8>>>()
-        })
-        .flatten()
-        .with_context(|| {
-            format!(
-                "{identity:?} is not an identity (64 hex digits: SHA-256 of a certificate's key)"
-            )
-        })?;
-    Ok(Owner(bytes.try_into().expect("32 bytes")))
+    crate::admission::parse_identity(identity)
+        .map(|identity| Owner(identity.0))
+        .map_err(anyhow::Error::msg)
 }
 
 /// `4096`, `64K`, `16M`, `1G` (powers of 1024).

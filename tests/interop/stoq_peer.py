@@ -299,6 +299,25 @@ async def ask(conn: Connection, message: bytes, timeout: float, fin: bool = True
     return out
 
 
+async def ask_each(conn: Connection, messages: dict, timeout: float) -> dict:
+    """Each message on a stream of its own, all at once; each answer by name."""
+    sids = {name: conn.peer.send(message) for name, message in messages.items()}
+    await until(lambda: all(conn.peer.stream_done(s) for s in sids.values())
+                or conn.peer.terminated is not None, timeout)
+    return {name: conn.peer.describe(sid) for name, sid in sids.items()}
+
+
+async def control_and_close(conn: Connection, out: dict, timeout: float) -> dict:
+    """A ping as a control, whether the connection stayed open (and how it
+    closed if not), then close it; `out` with those added."""
+    out["control_ping"] = await ask(conn, frame(KIND_PING, b"still there?"), timeout)
+    out["stayed_open"] = conn.peer.is_open()
+    if conn.peer.terminated is not None:
+        out["closed"] = conn.peer.terminated
+    await conn.close()
+    return out
+
+
 # ---------------------------------------------------------------- empty-stream
 
 EMPTY_VARIANTS = {
@@ -389,17 +408,9 @@ async def cluster_kinds(args) -> dict:
     conn, failure = await connect(args, configuration(args, ALPN_STOQ, cert=args.cert))
     if conn is None:
         return failure
-    sids = {name: conn.peer.send(message) for name, message in CLUSTER_MESSAGES.items()}
-    await until(lambda: all(conn.peer.stream_done(s) for s in sids.values())
-                or conn.peer.terminated is not None, args.answer_timeout)
-    out: dict = {"handshake": "ok",
-                 "answers": {name: conn.peer.describe(sid) for name, sid in sids.items()}}
-    out["control_ping"] = await ask(conn, frame(KIND_PING, b"still there?"), args.answer_timeout)
-    out["stayed_open"] = conn.peer.is_open()
-    if conn.peer.terminated is not None:
-        out["closed"] = conn.peer.terminated
-    await conn.close()
-    return out
+    answers = await ask_each(conn, CLUSTER_MESSAGES, args.answer_timeout)
+    return await control_and_close(conn, {"handshake": "ok", "answers": answers},
+                                   args.answer_timeout)
 
 
 # ---------------------------------------------------------------- asset-kinds
@@ -442,10 +453,7 @@ async def asset_kinds(args) -> dict:
         "free_empty": frame(KIND_ASSET_FREE, b""),
         "header_only": bytes([VERSION, KIND_ASSET_READ, 0]),
     }
-    sids = {name: conn.peer.send(message) for name, message in bad.items()}
-    await until(lambda: all(conn.peer.stream_done(s) for s in sids.values())
-                or conn.peer.terminated is not None, args.answer_timeout)
-    out["answers"] = {name: conn.peer.describe(sid) for name, sid in sids.items()}
+    out["answers"] = await ask_each(conn, bad, args.answer_timeout)
     # Reads of the whole asset, never read: the server may hold one answer
     # it cannot send; the others are refused.
     reads = [conn.peer.send(frame(KIND_ASSET_READ, address + u64(0) + u32(ASSET_BYTES)))
@@ -458,12 +466,7 @@ async def asset_kinds(args) -> dict:
         "received_bytes": sum(d["bytes"] for d in described),
         "answers": described,
     }
-    out["control_ping"] = await ask(conn, frame(KIND_PING, b"still there?"), args.answer_timeout)
-    out["stayed_open"] = conn.peer.is_open()
-    if conn.peer.terminated is not None:
-        out["closed"] = conn.peer.terminated
-    await conn.close()
-    return out
+    return await control_and_close(conn, out, args.answer_timeout)
 
 
 # ------------------------------------------------------- resume-after-revoke

@@ -721,9 +721,7 @@ impl MemoryAssets {
         worker: usize,
         owner: &Owner,
         size: u64,
-        now: Instant,
     ) -> Result<AssetAddress, AssetError> {
-        self.poll_leases(now);
         let shard = &self.shards[worker % self.shards.len()];
         lock(shard).alloc(owner, size)
     }
@@ -1130,10 +1128,7 @@ mod tests {
     #[test]
     fn a_request_reaches_the_shard_that_holds_the_asset() {
         let all = assets(3);
-        let now = Instant::now();
-        let on: Vec<AssetAddress> = (0..3)
-            .map(|w| all.alloc(w, &ALICE, 10, now).unwrap())
-            .collect();
+        let on: Vec<AssetAddress> = (0..3).map(|w| all.alloc(w, &ALICE, 10).unwrap()).collect();
         for (w, a) in on.iter().enumerate() {
             all.with(*a, |s| s.write(&ALICE, *a, 0, &[w as u8; 10]))
                 .unwrap();
@@ -1171,8 +1166,8 @@ mod tests {
         all.connected(&ALICE);
         all.connected(&ALICE);
         all.connected(&BOB);
-        let a = all.alloc(0, &ALICE, 100, t0).unwrap();
-        let b = all.alloc(1, &BOB, 200, t0).unwrap();
+        let a = all.alloc(0, &ALICE, 100).unwrap();
+        let b = all.alloc(1, &BOB, 200).unwrap();
         all.disconnected(&ALICE, t0);
         all.poll_leases(t0 + Duration::from_secs(60));
         assert_eq!(all.totals().assets, 2, "one of Alice's connections is open");

@@ -41,7 +41,6 @@ pub struct Caller<'a> {
     /// The client certificate the handshake verified (leaf, DER).
     pub certificate: &'a [u8],
     pub worker: usize,
-    pub now: Instant,
     /// Bytes of this connection's answers its peer has not taken yet.
     pub queued_response_bytes: usize,
 }
@@ -83,57 +82,52 @@ impl AssetSession {
                 owner
             }
         };
-        if let AssetRequest::Read {
-            address,
-            offset,
-            len,
-        } = request
+        let queued = caller.queued_response_bytes;
+        if let AssetRequest::Read { len, .. } = request
+            && queued > 0
+            && queued + len as usize > QUEUED_RESPONSE_BYTES_MAX
         {
-            let queued = caller.queued_response_bytes;
-            if queued > 0 && queued + len as usize > QUEUED_RESPONSE_BYTES_MAX {
-                return encode_error(
-                    ErrorCode::Busy,
-                    &format!(
-                        "this connection has {queued} bytes of answers not yet read; read them, then ask again"
-                    ),
-                );
-            }
-            // Straight from the region into the response: one copy.
-            let response = assets.with(address, |s| {
-                s.read(&owner, address, offset, u64::from(len))
-                    .map(|bytes| encode(kind | RESPONSE_FLAG, bytes))
-            });
-            return response.unwrap_or_else(|e| encode_error(code(&e), &e.to_string()));
+            return encode_error(
+                ErrorCode::Busy,
+                &format!(
+                    "this connection has {queued} bytes of answers not yet read; read them, then ask again"
+                ),
+            );
         }
-        match serve(assets, &owner, request, caller) {
-            Ok(body) => encode(kind | RESPONSE_FLAG, &body),
-            Err(e) => encode_error(code(&e), &e.to_string()),
-        }
+        serve(assets, &owner, kind, request, caller.worker)
+            .unwrap_or_else(|e| encode_error(code(&e), &e.to_string()))
     }
 }
 
+/// The answer to `request` (of `kind`), encoded.
 fn serve(
     assets: &MemoryAssets,
     owner: &Owner,
+    kind: u8,
     request: AssetRequest<'_>,
-    caller: &Caller<'_>,
-) -> Result<Vec<u8>, AssetError> {
+    worker: usize,
+) -> Result<Bytes, AssetError> {
+    let ok = |body: &[u8]| encode(kind | RESPONSE_FLAG, body);
     Ok(match request {
         AssetRequest::Alloc {
             kind: AllocKind::Memory,
             size,
-        } => assets
-            .alloc(caller.worker, owner, size, caller.now)?
-            .octets()
-            .to_vec(),
-        AssetRequest::Read { .. } => unreachable!("answered above, without a copy"),
+        } => ok(&assets.alloc(worker, owner, size)?.octets()),
+        // Straight from the region into the answer: one copy.
+        AssetRequest::Read {
+            address,
+            offset,
+            len,
+        } => assets.with(address, |s| {
+            s.read(owner, address, offset, u64::from(len)).map(ok)
+        })?,
         AssetRequest::Write {
             address,
             offset,
             data,
         } => {
             assets.with(address, |s| s.write(owner, address, offset, data))?;
-            Vec::new()
+            ok(&[])
         }
         AssetRequest::Cas {
             address,
@@ -144,14 +138,11 @@ fn serve(
             let (swapped, was) = assets.with(address, |s| {
                 s.compare_and_swap(owner, address, offset, expected, new)
             })?;
-            let mut out = vec![u8::from(swapped)];
-            out.extend_from_slice(&was);
-            out
+            ok(&[&[u8::from(swapped)][..], &was].concat())
         }
-        AssetRequest::Free { address } => assets
+        AssetRequest::Free { address } => ok(&assets
             .with(address, |s| s.free(owner, address))?
-            .to_be_bytes()
-            .to_vec(),
+            .to_be_bytes()),
         AssetRequest::List => {
             let listed: Vec<serde_json::Value> = assets
                 .list(owner)
@@ -165,7 +156,7 @@ fn serve(
                     })
                 })
                 .collect();
-            serde_json::to_vec(&listed).expect("a list serializes")
+            ok(&serde_json::to_vec(&listed).expect("a list serializes"))
         }
         AssetRequest::Grant {
             address,
@@ -176,7 +167,7 @@ fn serve(
                 Some(access) => s.grant(owner, address, grantee, access),
                 None => s.revoke_grant(owner, address, &grantee),
             })?;
-            vec![u8::from(changed)]
+            ok(&[u8::from(changed)])
         }
     })
 }
@@ -234,7 +225,6 @@ mod tests {
             assets: Some(&assets),
             certificate: certificate.der(),
             worker: 0,
-            now: Instant::now(),
             queued_response_bytes: 0,
         };
         let mut session = AssetSession::default();

@@ -490,7 +490,6 @@ impl StoqServer {
                     // Present: a request without one was answered above.
                     certificate: ctx.peer.map_or(&[][..], |peer| peer.as_ref()),
                     worker: ctx.worker,
-                    now: ctx.now,
                     queued_response_bytes: queued,
                 };
                 Some(self.assets.answer(kind, &stream.buf[HEADER_LEN..], &caller))
