@@ -8,9 +8,12 @@
 //! 2. a 4 KiB read of one asset, one at a time (p50/p99), beside a `PING`
 //!    of 1 KiB on the same connection kind: the transport's floor;
 //! 3. bulk reads of one large asset (16 MiB per request, several in
-//!    flight): goodput.
+//!    flight): goodput;
+//! 4. durable storage allocations per second with many in flight (each
+//!    answered once its group commit is on disk), then a 4 KiB storage
+//!    read one at a time; the storage assets are freed at the end.
 
-use crate::cli_assets::{alloc_memory, free};
+use crate::cli_assets::{alloc, free, free_storage};
 
 use bytes::Bytes;
 use dataplane::assets::wire::{AllocKind, AssetRequest, READ_LEN_MAX};
@@ -32,6 +35,8 @@ pub struct AssetBenchPlan {
     /// The asset phase 3 reads, and the bytes it moves in all.
     pub bulk_bytes: u64,
     pub bulk_total_bytes: u64,
+    /// Storage allocations in phase 4 (0 skips the phase).
+    pub storage_allocs: u64,
 }
 
 pub fn run(target: &ClientTarget, plan: &AssetBenchPlan) -> anyhow::Result<serde_json::Value> {
@@ -58,7 +63,7 @@ pub fn run(target: &ClientTarget, plan: &AssetBenchPlan) -> anyhow::Result<serde
     )?;
 
     let timeout = Duration::from_secs(10);
-    let small = alloc_memory(target, 4096, timeout)?;
+    let small = alloc(target, AllocKind::Memory, 4096, timeout)?;
     eprintln!("asset-bench: {} reads of 4 KiB, one at a time", plan.reads);
     let reads = load(
         &AssetRequest::Read {
@@ -76,7 +81,7 @@ pub fn run(target: &ClientTarget, plan: &AssetBenchPlan) -> anyhow::Result<serde
         plan_of(PING, Bytes::from(vec![7u8; 1024]), plan.reads, 1),
     )?)?;
 
-    let bulk = alloc_memory(target, plan.bulk_bytes, timeout)?;
+    let bulk = alloc(target, AllocKind::Memory, plan.bulk_bytes, timeout)?;
     let chunk = plan.bulk_bytes.min(u64::from(READ_LEN_MAX)) as u32;
     let bulk_requests = plan.bulk_total_bytes.div_ceil(u64::from(chunk)).max(1);
     eprintln!(
@@ -98,7 +103,51 @@ pub fn run(target: &ClientTarget, plan: &AssetBenchPlan) -> anyhow::Result<serde
     for address in [small, bulk] {
         free(target, address, timeout)?;
     }
+    let storage = match plan.storage_allocs {
+        0 => serde_json::Value::Null,
+        n => {
+            // What one connection may have waiting at the control plane.
+            let in_flight = plan
+                .concurrency
+                .min(dataplane::protocols::stoq::FORWARDED_PER_CONNECTION_MAX);
+            eprintln!(
+                "asset-bench: {n} durable storage allocations of {} bytes, {in_flight} in flight",
+                plan.alloc_size
+            );
+            let allocs = load(
+                &AssetRequest::Alloc {
+                    kind: AllocKind::Storage,
+                    size: plan.alloc_size,
+                },
+                n,
+                in_flight,
+            );
+            let reads = allocs.and_then(|allocs| {
+                let one = alloc(target, AllocKind::Storage, 4096, timeout)?;
+                eprintln!(
+                    "asset-bench: {} storage reads of 4 KiB, one at a time",
+                    plan.reads
+                );
+                let reads = load(
+                    &AssetRequest::Read {
+                        address: one,
+                        offset: 0,
+                        len: 4096,
+                    },
+                    plan.reads,
+                    1,
+                )?;
+                Ok((allocs, reads))
+            });
+            // Whatever happened, the storage assets go: they are durable.
+            let freed = free_storage(target, timeout)?;
+            eprintln!("asset-bench: {freed} storage assets freed");
+            let (allocs, reads) = reads?;
+            json!({"allocs": phase(&allocs), "read_4k": phase(&reads), "freed": freed})
+        }
+    };
     Ok(json!({
+        "storage": storage,
         "allocs": phase(&allocs),
         "read_4k": phase(&reads),
         "ping_1k": phase(&pings),

@@ -4,7 +4,7 @@
 //! memory assets are gone; their addresses answer "released").
 
 use anyhow::Context;
-use dataplane::assets::address::BLOCKS_MAX;
+use dataplane::assets::address::STORAGE_BLOCKS_FIRST as MEMORY_BLOCKS_END;
 use std::io::Write;
 use std::path::Path;
 
@@ -12,7 +12,8 @@ use std::path::Path;
 pub const BLOCKS_FILE: &str = "assets.blocks";
 /// Blocks one run reserves: 2^22 blocks of 65,536 identifiers (about 2.7
 /// x 10^11 allocations, three days at a million a second); a node may
-/// start 16,384 times before its 36-bit block space is spent.
+/// start 8,192 times before the half of its 36-bit block space that is
+/// memory's is spent (storage has the other half).
 pub const BLOCKS_PER_RUN: u64 = 1 << 22;
 
 /// Reserve this run's blocks: `(first, end)`, written durably (a new file
@@ -33,7 +34,7 @@ pub fn reserve_blocks(data_dir: &Path) -> anyhow::Result<Option<(u64, u64)>> {
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
     let end = first.saturating_add(BLOCKS_PER_RUN);
-    if end > BLOCKS_MAX {
+    if end > MEMORY_BLOCKS_END {
         return Ok(None);
     }
     let scratch = data_dir.join(format!("{BLOCKS_FILE}.new"));
@@ -65,13 +66,17 @@ mod tests {
         std::fs::write(dir.join(BLOCKS_FILE), "twelve\n").unwrap();
         let err = reserve_blocks(&dir).unwrap_err().to_string();
         assert!(err.contains("does not hold a block number"), "{err}");
-        std::fs::write(dir.join(BLOCKS_FILE), format!("{}\n", BLOCKS_MAX - 1)).unwrap();
+        std::fs::write(
+            dir.join(BLOCKS_FILE),
+            format!("{}\n", MEMORY_BLOCKS_END - 1),
+        )
+        .unwrap();
         assert_eq!(reserve_blocks(&dir).unwrap(), None, "used up");
         assert_eq!(
             std::fs::read_to_string(dir.join(BLOCKS_FILE))
                 .unwrap()
                 .trim(),
-            (BLOCKS_MAX - 1).to_string(),
+            (MEMORY_BLOCKS_END - 1).to_string(),
             "a refused start changes nothing"
         );
         let _ = std::fs::remove_dir_all(&dir);

@@ -1,4 +1,5 @@
-//! The `internet2 asset` commands: memory assets on the server, by address
+//! The `internet2 asset` commands: memory and storage assets on the server,
+//! by address
 //! (`dataplane::assets::wire`, docs/PROTOCOL.md "Assets"). A command's
 //! requests go over one `stoq/1` connection; a file larger than one request
 //! is written and read in chunks on parallel streams of it.
@@ -19,14 +20,26 @@ use std::time::Duration;
 /// Data bytes per `ASSET_WRITE` (the request's limit less its address and
 /// offset).
 const WRITE_CHUNK: usize = REQUEST_PAYLOAD_MAX - 24;
-/// Requests sent on one connection at a time.
-const REQUESTS_PER_CONNECTION: usize = 16;
+/// Requests sent on one connection at a time (what the server lets one
+/// connection have waiting at its control plane).
+const REQUESTS_PER_CONNECTION: usize = dataplane::protocols::stoq::FORWARDED_PER_CONNECTION_MAX;
 const _: () = assert!(HEADER_LEN + 24 + WRITE_CHUNK <= HEADER_LEN + REQUEST_PAYLOAD_MAX);
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum AllocKindArg {
     /// Bytes held in the server's memory (not durable).
     Memory,
+    /// Bytes in the server's store: durable, kept until freed.
+    Storage,
+}
+
+impl AllocKindArg {
+    fn kind(self) -> AllocKind {
+        match self {
+            AllocKindArg::Memory => AllocKind::Memory,
+            AllocKindArg::Storage => AllocKind::Storage,
+        }
+    }
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -117,15 +130,15 @@ pub fn asset<T: Connect>(command: &AssetCommand<T>) -> anyhow::Result<()> {
     match command {
         AssetCommand::Alloc {
             target,
-            kind: AllocKindArg::Memory,
+            kind,
             size,
             json,
         } => {
             let size = parse_size(size)?;
-            let address = alloc_memory(&target.target()?, size, target.timeout())?;
+            let address = alloc(&target.target()?, kind.kind(), size, target.timeout())?;
             print(
                 *json,
-                &serde_json::json!({"address": address.to_string(), "kind": "memory", "size": size}),
+                &serde_json::json!({"address": address.to_string(), "kind": kind.kind().name(), "size": size}),
                 || address.to_string(),
             )
         }
@@ -210,9 +223,19 @@ pub fn asset<T: Connect>(command: &AssetCommand<T>) -> anyhow::Result<()> {
             )
         }
         AssetCommand::List { target, json } => {
-            let body = one(target, &AssetRequest::List)?;
-            let list: Vec<serde_json::Value> =
-                serde_json::from_slice(&body).context("the server's list is not JSON")?;
+            let kinds = [AllocKind::Memory, AllocKind::Storage];
+            let mut list: Vec<serde_json::Value> = Vec::new();
+            for body in many(
+                target,
+                kinds
+                    .iter()
+                    .map(|&kind| request(&AssetRequest::List { kind }))
+                    .collect(),
+            )? {
+                let part: Vec<serde_json::Value> =
+                    serde_json::from_slice(&body).context("the server's list is not JSON")?;
+                list.extend(part);
+            }
             if *json {
                 println!("{}", serde_json::Value::Array(list));
                 return Ok(());
@@ -308,16 +331,14 @@ fn one<T: Connect>(target: &T, r: &AssetRequest<'_>) -> anyhow::Result<Vec<u8>> 
     Ok(many(target, vec![request(r)])?.remove(0))
 }
 
-/// Allocate a memory asset of `size` bytes: its address.
-pub fn alloc_memory(
+/// Allocate an asset of `kind` and `size` bytes: its address.
+pub fn alloc(
     client: &ClientTarget,
+    kind: AllocKind,
     size: u64,
     timeout: Duration,
 ) -> anyhow::Result<AssetAddress> {
-    let alloc = AssetRequest::Alloc {
-        kind: AllocKind::Memory,
-        size,
-    };
+    let alloc = AssetRequest::Alloc { kind, size };
     let body = send(client, vec![request(&alloc)], timeout)?.remove(0);
     let octets: [u8; 16] = body
         .as_slice()
@@ -343,6 +364,28 @@ pub fn free(
             .try_into()
             .context("the server's answer is not a byte count")?,
     ))
+}
+
+/// Free every storage asset the caller owns (a list at a time): how many.
+pub fn free_storage(client: &ClientTarget, timeout: Duration) -> anyhow::Result<u64> {
+    let mut freed = 0;
+    loop {
+        let list = AssetRequest::List {
+            kind: AllocKind::Storage,
+        };
+        let body = send(client, vec![request(&list)], timeout)?.remove(0);
+        let listed: Vec<serde_json::Value> =
+            serde_json::from_slice(&body).context("the server's list is not JSON")?;
+        let frees: Vec<Request> = listed
+            .iter()
+            .filter_map(|a| a["address"].as_str()?.parse::<AssetAddress>().ok())
+            .map(|address| request(&AssetRequest::Free { address }))
+            .collect();
+        if frees.is_empty() {
+            return Ok(freed);
+        }
+        freed += send(client, frees, timeout)?.len() as u64;
+    }
 }
 
 fn many<T: Connect>(target: &T, requests: Vec<Request>) -> anyhow::Result<Vec<Vec<u8>>> {
@@ -378,7 +421,7 @@ fn owner(identity: &str) -> anyhow::Result<Owner> {
 }
 
 /// `4096`, `64K`, `16M`, `1G` (powers of 1024).
-fn parse_size(text: &str) -> anyhow::Result<u64> {
+pub fn parse_size(text: &str) -> anyhow::Result<u64> {
     let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
         Some(at) => text.split_at(at),
         None => (text, ""),

@@ -215,6 +215,10 @@ pub struct HypermeshAssets {
     pub memory_node_max_mib: u64,
     /// How long an identity's memory assets outlive its last connection.
     pub asset_lease_grace_s: u64,
+    /// Durable storage an identity may hold on this node, in MiB.
+    pub storage_quota_mib: u64,
+    /// Storage all identities together may hold on this node, in MiB.
+    pub storage_node_max_mib: u64,
 }
 
 impl Default for HypermeshAssets {
@@ -243,6 +247,8 @@ impl Default for HypermeshAssets {
             memory_quota_mib: 64,
             memory_node_max_mib: 4096,
             asset_lease_grace_s: dataplane::assets::memory::LEASE_GRACE.as_secs(),
+            storage_quota_mib: 1024,
+            storage_node_max_mib: 65_536,
         }
     }
 }
@@ -491,6 +497,10 @@ pub struct AssetSettings {
     /// Memory all identities together may hold.
     pub node_bytes: u64,
     pub lease_grace: Duration,
+    /// Storage an identity may hold, unless the operator set it otherwise.
+    pub storage_quota_bytes: u64,
+    /// Storage all identities together may hold.
+    pub storage_node_bytes: u64,
 }
 
 /// A ULA /48 of `apex` (RFC 4193 §3.2: `fd` and a 40-bit global ID), for a
@@ -1048,6 +1058,8 @@ impl Config {
         };
         let quota_bytes = mib(h.memory_quota_mib, "memory_quota_mib")?;
         let node_bytes = mib(h.memory_node_max_mib, "memory_node_max_mib")?;
+        let storage_quota_bytes = mib(h.storage_quota_mib, "storage_quota_mib")?;
+        let storage_node_bytes = mib(h.storage_node_max_mib, "storage_node_max_mib")?;
         if !(1..=86_400).contains(&h.asset_lease_grace_s) {
             return Err(key_error(
                 file,
@@ -1062,13 +1074,17 @@ impl Config {
             quota_bytes,
             node_bytes,
             lease_grace: Duration::from_secs(h.asset_lease_grace_s),
+            storage_quota_bytes,
+            storage_node_bytes,
         };
         choices.push(format!(
-            "asset addressing on: memory assets at {}/64, {} MiB per identity, {} MiB in all, released {} s after its last connection",
+            "asset addressing on: assets at {}/64; memory {} MiB per identity, {} MiB in all, released {} s after its last connection; storage {} MiB per identity, {} MiB in all",
             std::net::Ipv6Addr::from(u128::from(locator.0) << 64),
             h.memory_quota_mib,
             h.memory_node_max_mib,
-            h.asset_lease_grace_s
+            h.asset_lease_grace_s,
+            h.storage_quota_mib,
+            h.storage_node_max_mib,
         ));
         Ok(Some(settings))
     }

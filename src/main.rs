@@ -109,6 +109,14 @@ enum ServerCommand {
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
     },
+    /// Set, reset or list the asset quotas of identities (memory and
+    /// storage) on the running server; durable.
+    Quota {
+        #[command(subcommand)]
+        action: QuotaAction,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
     /// List the admitted connections of the running server by owner.
     Assets {
         #[arg(long, default_value_t = 5000)]
@@ -186,6 +194,31 @@ enum StakeAction {
         amount: u64,
     },
     /// Every identity with stake.
+    List,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum QuotaAction {
+    /// Set an identity's limits (suffixes K, M, G: KiB, MiB, GiB; `64MiB`);
+    /// a limit not given stays as it is. New allocations are held to it;
+    /// what the identity holds already stays.
+    Set {
+        #[command(flatten)]
+        who: IdentityArg,
+        /// Memory assets the identity may hold on this node.
+        #[arg(long, value_name = "SIZE", required_unless_present = "storage")]
+        memory: Option<String>,
+        /// Storage assets the identity may hold on this node.
+        #[arg(long, value_name = "SIZE")]
+        storage: Option<String>,
+    },
+    /// Back to the node's defaults ([hypermesh_assets] memory_quota_mib,
+    /// storage_quota_mib).
+    Reset {
+        #[command(flatten)]
+        who: IdentityArg,
+    },
+    /// Every identity with a quota set: its limits and the storage it holds.
     List,
 }
 
@@ -346,6 +379,36 @@ fn operator_command(
             &serde_json::to_vec(&serde_json::json!({ "name": name }))?,
             *timeout_ms,
         ),
+        ServerCommand::Quota { action, timeout_ms } => {
+            use controlplane::runtime::assets::QuotaRequest;
+            let size = |text: &Option<String>| {
+                text.as_deref()
+                    .map(internet2_server::cli_assets::parse_size)
+                    .transpose()
+            };
+            let request = match action {
+                QuotaAction::Set {
+                    who,
+                    memory,
+                    storage,
+                } => QuotaRequest::Set {
+                    identity: who.resolve()?,
+                    memory: size(memory)?,
+                    storage: size(storage)?,
+                },
+                QuotaAction::Reset { who } => QuotaRequest::Reset {
+                    identity: who.resolve()?,
+                },
+                QuotaAction::List => QuotaRequest::List,
+            };
+            operator_json(
+                &data_dir,
+                resolved,
+                controlplane::runtime::assets::ASSET_QUOTA,
+                &serde_json::to_vec(&request)?,
+                *timeout_ms,
+            )
+        }
         ServerCommand::Assets { timeout_ms } => operator_json(
             &data_dir,
             resolved,
@@ -482,6 +545,39 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
             );
         }
     }
+    // Before the control plane starts: it takes the workers' memory assets
+    // (their quotas are the operator's, in its store).
+    resolved.settings.assets = match (&resolved.assets, args.bootstrap) {
+        (Some(assets), Bootstrap::Phase0) => {
+            match internet2_server::assets::reserve_blocks(&data_dir)? {
+                Some(blocks) => Some(Arc::new(
+                    dataplane::assets::memory::MemoryAssets::new(
+                        dataplane::assets::address::NodeNumber::new(0).expect("0 is a node number"),
+                        assets.locator,
+                        resolved.settings.workers,
+                        blocks,
+                        (assets.quota_bytes, assets.node_bytes),
+                    )
+                    .with_grace(assets.lease_grace),
+                )),
+                None => {
+                    tracing::warn!(
+                        file = %data_dir.join(internet2_server::assets::BLOCKS_FILE).display(),
+                        "this node has used up its asset identifiers: asset requests are refused"
+                    );
+                    None
+                }
+            }
+        }
+        (Some(_), Bootstrap::Federated) => {
+            // Members would share node number 0 and the apex's locator.
+            tracing::warn!(
+                "asset addressing is not served by cluster members yet (each member needs its own node number and locator); asset requests are refused"
+            );
+            None
+        }
+        (None, _) => None,
+    };
     let mut resolver = None;
     let (control, identity) = match args.bootstrap {
         Bootstrap::Phase0 => {
@@ -519,6 +615,18 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
             resolved.settings.trust = Some(trust);
             resolved.settings.admission = Some(authority.admission_gate());
             let mut authority = authority;
+            if let Some(assets) = &resolved.assets {
+                authority.attach_assets(
+                    dataplane::assets::address::NodeNumber::new(0).expect("0 is a node number"),
+                    assets.locator,
+                    controlplane::assets::StorageLimits {
+                        default_quota: assets.storage_quota_bytes,
+                        default_memory_quota: assets.quota_bytes,
+                        node_max: assets.storage_node_bytes,
+                    },
+                    resolved.settings.assets.clone(),
+                );
+            }
             let control =
                 ControlPlane::spawn(resolved.control_plane_core, move |now| authority.poll(now))
                     .context("cannot start the control plane")?;
@@ -553,37 +661,6 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
             resolved.settings.admission = Some(published.gate);
             (control, identity)
         }
-    };
-    resolved.settings.assets = match (&resolved.assets, args.bootstrap) {
-        (Some(assets), Bootstrap::Phase0) => {
-            match internet2_server::assets::reserve_blocks(&data_dir)? {
-                Some(blocks) => Some(Arc::new(
-                    dataplane::assets::memory::MemoryAssets::new(
-                        dataplane::assets::address::NodeNumber::new(0).expect("0 is a node number"),
-                        assets.locator,
-                        resolved.settings.workers,
-                        blocks,
-                        (assets.quota_bytes, assets.node_bytes),
-                    )
-                    .with_grace(assets.lease_grace),
-                )),
-                None => {
-                    tracing::warn!(
-                        file = %data_dir.join(internet2_server::assets::BLOCKS_FILE).display(),
-                        "this node has used up its asset identifiers: asset requests are refused"
-                    );
-                    None
-                }
-            }
-        }
-        (Some(_), Bootstrap::Federated) => {
-            // Members would share node number 0 and the apex's locator.
-            tracing::warn!(
-                "asset addressing is not served by cluster members yet (each member needs its own node number and locator); asset requests are refused"
-            );
-            None
-        }
-        (None, _) => None,
     };
     resolved.settings.control = Some(port.clone());
     resolved.settings.front_door = front_door.clone();

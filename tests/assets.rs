@@ -204,3 +204,182 @@ fn an_owners_memory_assets_go_a_grace_after_its_last_connection() {
     );
     assert_eq!(server.stats()["assets"]["lease_released_bytes"], 4096);
 }
+
+#[test]
+fn storage_assets_and_operator_quotas_survive_a_restart_on_production_defaults() {
+    let mut server = Server::start_production("assets-storage", "");
+    let dir = server.dir.clone();
+    let file = dir.join("in.bin");
+    // More than one request and more than one stored chunk (64 KiB).
+    let data: Vec<u8> = (0..150_001u32).map(|i| (i * 13 % 251) as u8).collect();
+    std::fs::write(&file, &data).unwrap();
+    let alloc = json(&asset(
+        &server,
+        None,
+        &["alloc", "storage", "200K", "--json"],
+    ));
+    assert_eq!(alloc["kind"], "storage");
+    let address = alloc["address"].as_str().unwrap().to_owned();
+    let a = address.as_str();
+    ok(&asset(
+        &server,
+        None,
+        &[
+            "write",
+            a,
+            "--offset",
+            "1000",
+            "--in",
+            file.to_str().unwrap(),
+        ],
+    ));
+    let back = dir.join("out.bin");
+    let read_back = |server: &Server| {
+        let out = ["--out", back.to_str().unwrap()];
+        let args = [
+            &["read", a, "--offset", "1000", "--len", "150001"][..],
+            &out,
+        ]
+        .concat();
+        ok(&asset(server, None, &args));
+        std::fs::read(&back).unwrap()
+    };
+    assert_eq!(read_back(&server), data);
+    let head = asset(&server, None, &["read", a, "--len", "1000"]);
+    assert_eq!(
+        head.stdout,
+        vec![0; 1000],
+        "never written bytes read as zeros"
+    );
+    let memory = json(&asset(&server, None, &["alloc", "memory", "4K", "--json"]));
+    let memory = memory["address"].as_str().unwrap().to_owned();
+    let listed = json(&asset(&server, None, &["list", "--json"]));
+    let kinds: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["memory", "storage"], "{listed}");
+    assert_eq!(listed[1]["address"], a);
+    assert_eq!(listed[1]["size"], 200 * 1024);
+    assert_eq!(server.stats()["assets"]["storage"]["bytes"], 200 * 1024);
+
+    // Refusals: typed, and nothing changes.
+    refused(
+        &asset(
+            &server,
+            None,
+            &["read", a, "--offset", "204799", "--len", "2"],
+        ),
+        14,
+        "outside",
+    );
+    refused(
+        &asset(&server, None, &["alloc", "storage", "2G"]),
+        15,
+        "storage quota",
+    );
+    // The same locator, a storage identifier never handed out.
+    let mut segments = a.parse::<std::net::Ipv6Addr>().unwrap().segments();
+    segments[6..].copy_from_slice(&[0xfff0, 0]);
+    let forged = std::net::Ipv6Addr::from(segments).to_string();
+    refused(
+        &asset(&server, None, &["read", &forged, "--len", "1"]),
+        10,
+        "no such asset",
+    );
+
+    // The operator's quotas: a second identity held to 100 KiB of storage
+    // and 8 KiB of memory (the workers take the memory limit).
+    let (stranger, _) = issue_identity(&server, "stranger");
+    let stake = server
+        .operator_command(Command::new(SERVER))
+        .args(["stake", "grant", "--cert", stranger.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let identity = json(&stake)["identity"].as_str().unwrap().to_owned();
+    let set = server.admin(&[
+        "quota",
+        "set",
+        &identity,
+        "--storage",
+        "100K",
+        "--memory",
+        "8K",
+    ]);
+    assert_eq!(json(&set)["storage"], 100 * 1024, "{}", ok(&set));
+    let s = Some(stranger.as_path());
+    let quota_holds = |server: &Server| {
+        refused(
+            &asset(server, s, &["alloc", "storage", "100K"]),
+            15,
+            "storage quota",
+        );
+        refused(
+            &asset(server, s, &["alloc", "memory", "16K"]),
+            15,
+            "memory quota",
+        );
+    };
+    quota_holds(&server);
+    let small = json(&asset(&server, s, &["alloc", "storage", "50K", "--json"]));
+    let small = small["address"].as_str().unwrap().to_owned();
+    // Access: the owner's, and a grant's.
+    refused(
+        &asset(&server, s, &["read", a, "--len", "1"]),
+        13,
+        "neither owned",
+    );
+    refused(&asset(&server, s, &["free", a]), 13, "neither owned");
+    ok(&asset(&server, None, &["grant", a, &identity, "--read"]));
+    let read = asset(&server, s, &["read", a, "--offset", "1000", "--len", "3"]);
+    assert_eq!(ok(&read).as_bytes(), &data[..3]);
+    refused(
+        &asset(&server, s, &["write", a, "--in", file.to_str().unwrap()]),
+        13,
+        "neither owned",
+    );
+
+    // A restart: storage keeps its addresses, bytes, grants and quotas;
+    // memory answers "released".
+    server.kill9_and_restart();
+    assert_eq!(read_back(&server), data);
+    let read = asset(&server, s, &["read", a, "--offset", "1000", "--len", "3"]);
+    assert_eq!(ok(&read).as_bytes(), &data[..3], "the grant survived");
+    refused(
+        &asset(&server, None, &["read", &memory, "--len", "1"]),
+        11,
+        "released",
+    );
+    quota_holds(&server);
+    let quotas = json(&server.admin(&["quota", "list"]));
+    assert_eq!(quotas[0]["identity"], identity.as_str(), "{quotas}");
+    assert_eq!(quotas[0]["storage_used"], 50 * 1024 + 256, "{quotas}");
+    assert_eq!(server.stats()["assets"]["storage"]["assets"], 2);
+
+    // Free: the bytes return, the address answers "released", and a reset
+    // quota is the default again.
+    let freed = json(&asset(&server, None, &["free", a, "--json"]));
+    assert_eq!(freed["freed_bytes"], 200 * 1024);
+    refused(
+        &asset(&server, None, &["read", a, "--len", "1"]),
+        11,
+        "released",
+    );
+    ok(&asset(&server, s, &["free", &small]));
+    let storage = &server.stats()["assets"]["storage"];
+    assert_eq!(
+        (&storage["assets"], &storage["bytes"]),
+        (&0.into(), &0.into())
+    );
+    assert_eq!(storage["freed_bytes"], 250 * 1024);
+    ok(&server.admin(&["quota", "reset", &identity]));
+    ok(&asset(&server, s, &["alloc", "storage", "100K"]));
+    assert_eq!(
+        json(&server.admin(&["quota", "list"])),
+        serde_json::json!([])
+    );
+    let stranger_quota = server.admin(&["quota", "set", &identity]);
+    assert!(!stranger_quota.status.success(), "a set without a limit");
+}

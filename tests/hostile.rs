@@ -829,12 +829,25 @@ fn bad_and_unread_asset_requests_from_aioquic_change_nothing() {
         "list_trailing_byte",
         "free_empty",
         "header_only",
+        "list_memory_as_a_byte",
     ] {
         assert_eq!(code(name), malformed, "{name}: {result}");
     }
     assert_eq!(
         code("read_forged_address"),
         Some(ErrorCode::AssetUnknown as u64),
+        "{result}"
+    );
+    for name in ["storage_read_forged", "storage_write_forged"] {
+        assert_eq!(
+            code(name),
+            Some(ErrorCode::AssetUnknown as u64),
+            "{name}: {result}"
+        );
+    }
+    assert_eq!(
+        code("storage_alloc_empty"),
+        Some(ErrorCode::AssetLimit as u64),
         "{result}"
     );
     assert_eq!(

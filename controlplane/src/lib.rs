@@ -35,6 +35,7 @@ macro_rules! redb_errors_into_storage {
 #[cfg(test)]
 pub(crate) mod test_support;
 
+pub mod assets;
 pub mod authority;
 pub mod cluster;
 pub mod consensus;

@@ -140,6 +140,10 @@ enum Command {
         /// What the bulk phase moves in all, in MiB.
         #[arg(long, default_value_t = 1024)]
         bulk_total_mib: u64,
+        /// Durable storage allocations (0 skips the storage phase; its
+        /// assets are freed at the end).
+        #[arg(long, default_value_t = 20_000)]
+        storage_allocs: u64,
         #[arg(long, value_name = "PATH")]
         json: Option<PathBuf>,
     },
@@ -366,6 +370,7 @@ fn main() -> ExitCode {
             reads,
             bulk_mib,
             bulk_total_mib,
+            storage_allocs,
             json,
         } => asset_bench(
             &target,
@@ -376,6 +381,7 @@ fn main() -> ExitCode {
                 reads: reads.max(1),
                 bulk_bytes: bulk_mib.max(1) << 20,
                 bulk_total_bytes: bulk_total_mib.max(1) << 20,
+                storage_allocs,
             },
             json.as_deref(),
         ),

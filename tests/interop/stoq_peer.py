@@ -107,6 +107,7 @@ KIND_CERT_ISSUE = 0x11
 KIND_CT_KEY = 0x24
 KIND_ASSET_ALLOC = 0x50
 KIND_ASSET_READ = 0x51
+KIND_ASSET_WRITE = 0x52
 KIND_ASSET_CAS = 0x53
 KIND_ASSET_FREE = 0x54
 KIND_ASSET_LIST = 0x55
@@ -439,6 +440,9 @@ async def asset_kinds(args) -> dict:
         return out
     address = data[HEADER_LEN:]
     forged = address[:8] + b"\xff" * 8
+    # The upper half of the blocks is storage's (dataplane::assets::address):
+    # block 2^35 + 2^30 of node 0, never handed out.
+    forged_storage = address[:8] + (((1 << 35) + (1 << 30)) << 16).to_bytes(8, "big")
     u64 = lambda n: n.to_bytes(8, "big")  # noqa: E731
     u32 = lambda n: n.to_bytes(4, "big")  # noqa: E731
     bad = {
@@ -452,6 +456,11 @@ async def asset_kinds(args) -> dict:
         "list_trailing_byte": frame(KIND_ASSET_LIST, b"x"),
         "free_empty": frame(KIND_ASSET_FREE, b""),
         "header_only": bytes([VERSION, KIND_ASSET_READ, 0]),
+        # Storage: handed on to the control plane, refused there.
+        "storage_alloc_empty": frame(KIND_ASSET_ALLOC, bytes([2]) + u64(0)),
+        "storage_read_forged": frame(KIND_ASSET_READ, forged_storage + u64(0) + u32(16)),
+        "storage_write_forged": frame(KIND_ASSET_WRITE, forged_storage + u64(0) + b"x"),
+        "list_memory_as_a_byte": frame(KIND_ASSET_LIST, bytes([1])),
     }
     out["answers"] = await ask_each(conn, bad, args.answer_timeout)
     # Reads of the whole asset, never read: the server may hold one answer

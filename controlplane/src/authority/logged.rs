@@ -108,6 +108,8 @@ pub enum AuthorityError {
     /// A cluster member's state changes only through the cluster's log.
     #[error("this node is a cluster member: its state changes only through the cluster's log")]
     Replicated,
+    #[error(transparent)]
+    Asset(#[from] crate::assets::StorageError),
 }
 
 impl AuthorityError {
@@ -128,6 +130,7 @@ impl AuthorityError {
                 crate::dns::ZoneError::Storage(_) | crate::dns::ZoneError::Corrupt(_)
             ),
             Self::Admission(e) => matches!(e, StateError::Storage(_) | StateError::Corrupt(_)),
+            Self::Asset(e) => e.is_storage_failure(),
             _ => false,
         }
     }

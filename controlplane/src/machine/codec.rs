@@ -13,6 +13,11 @@
 //! - kind 4, admission: 1 grant or 2 withdraw ‖ identity (32 bytes) ‖ amount
 //!   u64; 3 plot ‖ identity (32 bytes) ‖ plot length u8 ‖ plot ‖ stake target (0,
 //!   or 1 ‖ u64); 4 tick ‖ tick length u8 ‖ tick;
+//! - kind 5, asset: 1 alloc ‖ owner (32) ‖ size u64 ‖ node u16; 2 write ‖
+//!   caller (32) ‖ id u64 ‖ offset u64 ‖ length u32 ‖ data; 3 compare-and-swap ‖
+//!   caller ‖ id ‖ offset ‖ length u32 ‖ expected ‖ new; 4 free ‖ caller ‖ id;
+//!   5 grant ‖ caller ‖ id ‖ grantee (32) ‖ access u8 (0 withdraws, 1 read, 2
+//!   write); 6 quota ‖ owner (32) ‖ memory (0, or 1 ‖ u64) ‖ storage (the same);
 //!
 //! `zone change = 0 | 1 ‖ counter u64 ‖ edits u32 ‖ (name length u8 ‖
 //! name ‖ 0 | 1 ‖ records length u16 ‖ records)*`.
@@ -22,6 +27,7 @@
 //! own decoder refuses).
 
 use super::Command;
+use crate::assets::{AssetChange, Quota};
 use crate::authority::logged::{Certify, Revoke, SpentToken};
 use crate::authority::registry::{
     Reader, RegistryError, decode_record, decode_revocation, encode_record, encode_revocation,
@@ -29,6 +35,7 @@ use crate::authority::registry::{
 use crate::consensus::stake::Identity;
 use crate::consensus::state::{self, AdmissionChange};
 use crate::dns::{RecordSet, ZoneChange, store};
+use dataplane::assets::memory::Access;
 
 /// The encoding's version byte.
 const VERSION: u8 = 1;
@@ -40,6 +47,13 @@ const GRANT: u8 = 1;
 const WITHDRAW: u8 = 2;
 const PLOT: u8 = 3;
 const TICK: u8 = 4;
+const ASSET: u8 = 5;
+const ASSET_ALLOC: u8 = 1;
+const ASSET_WRITE: u8 = 2;
+const ASSET_CAS: u8 = 3;
+const ASSET_FREE: u8 = 4;
+const ASSET_GRANT: u8 = 5;
+const ASSET_QUOTA: u8 = 6;
 
 /// Why a command cannot be encoded: a part its table's encoding cannot
 /// hold (the proposers' checks keep commands far inside these limits).
@@ -85,6 +99,10 @@ pub fn encode(command: &Command) -> Result<Vec<u8>, EncodeError> {
         Command::Admission(change) => {
             out.push(ADMISSION);
             encode_admission(change, &mut out);
+        }
+        Command::Asset(change) => {
+            out.push(ASSET);
+            encode_asset(change, &mut out);
         }
     }
     Ok(out)
@@ -158,6 +176,78 @@ fn encode_admission(change: &AdmissionChange, out: &mut Vec<u8>) {
     }
 }
 
+fn encode_asset(change: &AssetChange, out: &mut Vec<u8>) {
+    let long = |part: &[u8], out: &mut Vec<u8>| {
+        // A request's payload is at most 64 KiB.
+        out.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        out.extend_from_slice(part);
+    };
+    let optional = |value: Option<u64>, out: &mut Vec<u8>| match value {
+        None => out.push(0),
+        Some(v) => {
+            out.push(1);
+            out.extend_from_slice(&v.to_be_bytes());
+        }
+    };
+    match change {
+        AssetChange::Alloc { owner, size, node } => {
+            out.push(ASSET_ALLOC);
+            out.extend_from_slice(&owner.0);
+            out.extend_from_slice(&size.to_be_bytes());
+            out.extend_from_slice(&node.get().to_be_bytes());
+        }
+        AssetChange::Write {
+            caller,
+            id,
+            offset,
+            data,
+        } => {
+            out.push(ASSET_WRITE);
+            out.extend_from_slice(&caller.0);
+            out.extend_from_slice(&id.0.to_be_bytes());
+            out.extend_from_slice(&offset.to_be_bytes());
+            long(data, out);
+        }
+        AssetChange::Cas {
+            caller,
+            id,
+            offset,
+            expected,
+            new,
+        } => {
+            out.push(ASSET_CAS);
+            out.extend_from_slice(&caller.0);
+            out.extend_from_slice(&id.0.to_be_bytes());
+            out.extend_from_slice(&offset.to_be_bytes());
+            long(expected, out);
+            long(new, out);
+        }
+        AssetChange::Free { caller, id } => {
+            out.push(ASSET_FREE);
+            out.extend_from_slice(&caller.0);
+            out.extend_from_slice(&id.0.to_be_bytes());
+        }
+        AssetChange::Grant {
+            caller,
+            id,
+            grantee,
+            access,
+        } => {
+            out.push(ASSET_GRANT);
+            out.extend_from_slice(&caller.0);
+            out.extend_from_slice(&id.0.to_be_bytes());
+            out.extend_from_slice(&grantee.0);
+            out.push(access.map_or(0, Access::byte));
+        }
+        AssetChange::Quota { owner, quota } => {
+            out.push(ASSET_QUOTA);
+            out.extend_from_slice(&owner.0);
+            optional(quota.memory, out);
+            optional(quota.storage, out);
+        }
+    }
+}
+
 /// [`encode`]'s output back; `None` for anything else.
 pub fn decode(bytes: &[u8]) -> Option<Command> {
     let mut r = Reader(bytes);
@@ -197,6 +287,7 @@ pub fn decode(bytes: &[u8]) -> Option<Command> {
         }
         ZONE => Command::Zone(decode_zone(&mut r)??),
         ADMISSION => Command::Admission(decode_admission(&mut r)?),
+        ASSET => Command::Asset(decode_asset(&mut r)?),
         _ => return None,
     };
     r.0.is_empty().then_some(command)
@@ -258,6 +349,64 @@ fn decode_admission(r: &mut Reader<'_>) -> Option<AdmissionChange> {
             let len = usize::from(r.u8()?);
             AdmissionChange::BeaconTick(state::decode_tick(r.take(len)?)?)
         }
+        _ => return None,
+    })
+}
+
+fn decode_asset(r: &mut Reader<'_>) -> Option<AssetChange> {
+    use dataplane::assets::address::{AssetId, NodeNumber};
+    use dataplane::assets::memory::Owner;
+    let owner = |r: &mut Reader<'_>| -> Option<Owner> { Some(Owner(r.take(32)?.try_into().ok()?)) };
+    let long = |r: &mut Reader<'_>| -> Option<Vec<u8>> {
+        let len = usize::try_from(r.u32()?).ok()?;
+        Some(r.take(len)?.to_vec())
+    };
+    let optional = |r: &mut Reader<'_>| -> Option<Option<u64>> {
+        match r.u8()? {
+            0 => Some(None),
+            1 => Some(Some(r.u64()?)),
+            _ => None,
+        }
+    };
+    Some(match r.u8()? {
+        ASSET_ALLOC => AssetChange::Alloc {
+            owner: owner(r)?,
+            size: r.u64()?,
+            node: NodeNumber::new(r.u16()?).ok()?,
+        },
+        ASSET_WRITE => AssetChange::Write {
+            caller: owner(r)?,
+            id: AssetId(r.u64()?),
+            offset: r.u64()?,
+            data: long(r)?,
+        },
+        ASSET_CAS => AssetChange::Cas {
+            caller: owner(r)?,
+            id: AssetId(r.u64()?),
+            offset: r.u64()?,
+            expected: long(r)?,
+            new: long(r)?,
+        },
+        ASSET_FREE => AssetChange::Free {
+            caller: owner(r)?,
+            id: AssetId(r.u64()?),
+        },
+        ASSET_GRANT => AssetChange::Grant {
+            caller: owner(r)?,
+            id: AssetId(r.u64()?),
+            grantee: owner(r)?,
+            access: match r.u8()? {
+                0 => None,
+                byte => Some(Access::from_byte(byte)?),
+            },
+        },
+        ASSET_QUOTA => AssetChange::Quota {
+            owner: owner(r)?,
+            quota: Quota {
+                memory: optional(r)?,
+                storage: optional(r)?,
+            },
+        },
         _ => return None,
     })
 }

@@ -33,6 +33,7 @@ pub mod snapshot;
 #[cfg(test)]
 pub(crate) mod tests;
 
+use crate::assets::{AssetApplied, AssetChange, StorageAssets, StorageLimits};
 use crate::authority::ca::{IssueRequest, KeyAlgorithm, Serial};
 use crate::authority::ct::{AppendReceipt, CtLog, LogKeyAlgorithm, LogSigner};
 use crate::authority::logged::{
@@ -63,6 +64,8 @@ pub enum Command {
     Zone(ZoneChange),
     /// Stake, plots and the beacon.
     Admission(AdmissionChange),
+    /// Storage assets and the operator's asset quotas.
+    Asset(AssetChange),
 }
 
 /// What an applied [`Command`] did.
@@ -74,6 +77,7 @@ pub enum Applied {
     Revoked(Vec<Serial>),
     Zone,
     Admission(AdmissionApplied),
+    Asset(AssetApplied),
 }
 
 /// A command written, not yet committed.
@@ -82,6 +86,7 @@ enum Written {
     Revoked(Vec<Serial>),
     Zone,
     Admission(AdmissionApplied),
+    Asset(AssetApplied),
 }
 
 /// The control plane's replicated state. See the module documentation.
@@ -91,6 +96,8 @@ pub struct Machine {
     /// The zone's settings, for a reload.
     zone_config: Option<ZoneConfig>,
     admission: Option<AdmissionState>,
+    /// Storage assets and asset quotas.
+    assets: StorageAssets,
     /// The commands applied since [`Self::record_commands`], in order.
     journal: Option<Vec<Command>>,
     /// Commands applied since [`Self::defer_durability`], committed but
@@ -117,6 +124,8 @@ impl Machine {
         // A snapshot check cut short by a crash leaves its scratch file.
         let _ = std::fs::remove_file(snapshot_scratch(authority.store_path()));
         let zone_config = zone.cloned();
+        let assets = StorageAssets::load(&authority.database(), StorageLimits::default())
+            .map_err(|e| asset_load_error(authority.store_path(), e))?;
         let zone = match zone {
             Some(config) => Some(Zone::open(&authority.database(), config).map_err(|source| {
                 AuthorityError::Zone {
@@ -131,6 +140,7 @@ impl Machine {
             zone,
             zone_config,
             admission: None,
+            assets,
             journal: None,
             group: None,
             replicated: false,
@@ -183,6 +193,45 @@ impl Machine {
 
     pub fn admission(&self) -> Option<&AdmissionState> {
         self.admission.as_ref()
+    }
+
+    pub fn assets(&self) -> &StorageAssets {
+        &self.assets
+    }
+
+    /// The node's asset limits (configuration: every replica must be given
+    /// the same).
+    pub fn set_asset_limits(&mut self, limits: StorageLimits) {
+        self.assets.set_limits(limits);
+    }
+
+    /// Bytes `offset..offset + len` of storage asset `id`, if `who` may
+    /// read them (what the group applied so far included).
+    pub fn read_storage(
+        &self,
+        who: &dataplane::assets::memory::Owner,
+        id: dataplane::assets::address::AssetId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, AuthorityError> {
+        let path = self.authority.store_path();
+        let txn = self
+            .authority
+            .store()
+            .begin_read()
+            .map_err(|source| AuthorityError::Store {
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok(self.assets.read(&txn, who, id, offset, len)?)
+    }
+
+    /// Apply an asset change (a single node: propose and apply at once).
+    pub fn change_assets(&mut self, change: AssetChange) -> Result<AssetApplied, AuthorityError> {
+        match self.apply(Command::Asset(change))? {
+            Applied::Asset(applied) => Ok(applied),
+            other => unreachable!("an asset change applied as {other:?}"),
+        }
     }
 
     /// For what is the node's own, not replicated state (the difficulty
@@ -385,6 +434,7 @@ impl Machine {
             if let Some(state) = &self.admission {
                 state.reloaded(&db).map_err(|e| refused(e.into()))?;
             }
+            self.assets.reloaded(&db).map_err(|e| refused(e.into()))?;
             Ok(())
         })();
         let _ = std::fs::remove_file(&path);
@@ -406,6 +456,10 @@ impl Machine {
         if let Some(state) = &self.admission {
             self.admission = Some(state.reloaded(&db)?);
         }
+        self.assets = self
+            .assets
+            .reloaded(&db)
+            .map_err(|e| asset_load_error(self.authority.store_path(), e))?;
         Ok(())
     }
 
@@ -451,6 +505,7 @@ impl Machine {
                 })?;
                 Written::Admission(state.write(txn, change)?)
             }
+            Command::Asset(change) => Written::Asset(self.assets.write(txn, change)?),
         })
     }
 
@@ -515,6 +570,10 @@ impl Machine {
                     state.absorb(change, applied);
                 }
                 Applied::Admission(applied)
+            }
+            (Command::Asset(change), Written::Asset(applied)) => {
+                self.assets.absorb(change, &applied);
+                Applied::Asset(applied)
             }
             _ => unreachable!("each command is written as its own kind"),
         }
@@ -678,6 +737,17 @@ fn store_error(path: &Path, e: GroupError<AuthorityError>) -> AuthorityError {
     })
 }
 
+/// A store whose asset tables do not load.
+fn asset_load_error(path: &Path, e: crate::assets::StorageError) -> AuthorityError {
+    match e {
+        crate::assets::StorageError::Storage(source) => AuthorityError::Store {
+            path: path.to_owned(),
+            source,
+        },
+        other => AuthorityError::Asset(other),
+    }
+}
+
 /// Where a snapshot is restored to be checked ([`Machine::check_snapshot`]):
 /// beside the store.
 fn snapshot_scratch(store: &Path) -> std::path::PathBuf {
@@ -705,6 +775,7 @@ pub(crate) fn init_store(
             })?;
             crate::dns::store::init_in(txn)
                 .and_then(|()| state::init_in(txn))
+                .and_then(|()| crate::assets::init_in(txn))
                 .and_then(|()| {
                     txn.open_table(CLUSTER_META)
                         .map(drop)

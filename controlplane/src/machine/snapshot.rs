@@ -12,6 +12,7 @@
 //! nothing. `cluster_meta` (the last applied entry and the membership) is
 //! not in it: the snapshot's own metadata carries those.
 
+use crate::assets;
 use crate::authority::ct::log;
 use crate::authority::registry::{self, Reader};
 use crate::consensus::state;
@@ -41,6 +42,10 @@ macro_rules! for_each_table {
         $visit!(state::STAKE);
         $visit!(state::PLOTS);
         $visit!(state::BEACON);
+        $visit!(assets::STORAGE);
+        $visit!(assets::CHUNKS);
+        $visit!(assets::QUOTAS);
+        $visit!(assets::META);
     };
 }
 
@@ -49,7 +54,7 @@ const MAGIC: &[u8; 6] = b"i2snap";
 /// The snapshot format this release writes and reads. Another release's
 /// snapshot is refused with both numbers: a rolling upgrade must not need
 /// a snapshot between members of different formats.
-pub const FORMAT: u8 = 1;
+pub const FORMAT: u8 = 2;
 
 /// One table's rows, as raw bytes.
 pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;

@@ -10,6 +10,7 @@
 //! snapshot; a forwarded request is answered on the worker's reply queue.
 
 pub mod admission;
+pub mod assets;
 pub mod cluster;
 pub mod fair_queue;
 
@@ -85,6 +86,9 @@ pub struct AuthorityRuntime {
     admission: self::admission::AdmissionRuntime,
     /// Forwarded requests waiting, per caller.
     fair: self::fair_queue::FairQueue,
+    /// Storage assets and quotas (None until [`Self::attach_assets`]:
+    /// asset addressing is off).
+    assets: Option<self::assets::AssetsRuntime>,
 }
 
 /// Where admission plugs into the authority at start.
@@ -184,6 +188,7 @@ impl AuthorityRuntime {
         Ok(Self {
             admission,
             fair: self::fair_queue::FairQueue::default(),
+            assets: None,
             service,
             port,
             trust,
@@ -195,6 +200,23 @@ impl AuthorityRuntime {
             next_operator_check: instant + rotation,
             zone,
         })
+    }
+
+    /// Serve storage assets and the operator's quotas as node `node` with
+    /// `locator`, with `limits`; `memory` is the workers' memory assets,
+    /// which take the operator's memory quotas from here.
+    pub fn attach_assets(
+        &mut self,
+        node: dataplane::assets::address::NodeNumber,
+        locator: dataplane::assets::address::Locator,
+        limits: crate::assets::StorageLimits,
+        memory: Option<Arc<dataplane::assets::memory::MemoryAssets>>,
+    ) {
+        let machine = self.service.machine_mut();
+        machine.set_asset_limits(limits);
+        self.assets = Some(self::assets::AssetsRuntime::new(
+            machine, node, locator, memory,
+        ));
     }
 
     /// The zone store the workers read (None without a zone).
@@ -311,6 +333,9 @@ impl AuthorityRuntime {
         self.publish_trust();
         self.publish_zone();
         self.admission.publish(self.service.machine());
+        if let Some(assets) = &self.assets {
+            assets.publish(self.service.machine());
+        }
         // The beacon ticks every second whatever the queue holds: between
         // groups (at most GROUP_MAX requests long), outside them, so a tick
         // is durable before the workers hand it out.
@@ -338,19 +363,31 @@ impl AuthorityRuntime {
             .as_deref()
             .filter(|der| caller_checks(self.service.authority(), der, Usage::Client));
         let operator = is_operator(verified);
-        let result = match self.admission.handle(
-            self.service.machine_mut(),
-            request.kind,
-            verified,
-            operator,
-            &request.payload,
-            Instant::now(),
-        ) {
+        let assets = self.assets.as_ref().and_then(|assets| {
+            assets.handle(
+                self.service.machine_mut(),
+                request.kind,
+                verified,
+                operator,
+                &request.payload,
+            )
+        });
+        let result = match assets {
             Some(result) => result,
-            None => self
-                .service
-                .handle(&caller, request.kind, &request.payload, SystemTime::now())
-                .map_err(|e| (e.code, e.message)),
+            None => match self.admission.handle(
+                self.service.machine_mut(),
+                request.kind,
+                verified,
+                operator,
+                &request.payload,
+                Instant::now(),
+            ) {
+                Some(result) => result,
+                None => self
+                    .service
+                    .handle(&caller, request.kind, &request.payload, SystemTime::now())
+                    .map_err(|e| (e.code, e.message)),
+            },
         };
         let reply = Reply {
             ticket: request.ticket,

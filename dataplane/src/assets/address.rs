@@ -12,9 +12,13 @@
 //! | 36 | block | a block of [`BLOCK_LEN`] identifiers, reserved durably by the node |
 //! | 16 | offset | the identifier's place in its block |
 //!
-//! A node never hands out an identifier below its durable high-water mark
-//! of blocks, so identifiers are not reused across restarts, and two nodes
-//! never share one because the node number is part of it.
+//! Memory identifiers take the lower half of the blocks: a node never hands
+//! out one below its durable high-water mark of blocks, so identifiers are
+//! not reused across restarts, and two nodes never share one because the
+//! node number is part of it. Storage identifiers take the upper half
+//! ([`STORAGE_BLOCKS_FIRST`]), numbered by one counter in the control
+//! plane's store, so the two kinds never meet and either is known by its
+//! identifier alone.
 
 use std::fmt;
 use std::net::Ipv6Addr;
@@ -32,8 +36,11 @@ const _: () = assert!(NODE_BITS + BLOCK_BITS + OFFSET_BITS == 64);
 pub const NODES_MAX: u16 = 1 << NODE_BITS;
 /// Identifiers per block.
 pub const BLOCK_LEN: u64 = 1 << OFFSET_BITS;
-/// Blocks a node may reserve over its life.
+/// Blocks there are in an identifier.
 pub const BLOCKS_MAX: u64 = 1 << BLOCK_BITS;
+/// The first block of storage identifiers; memory blocks lie below it, so
+/// this is also the number of blocks a node may reserve for memory.
+pub const STORAGE_BLOCKS_FIRST: u64 = BLOCKS_MAX / 2;
 
 /// The upper 64 bits of an asset address: the /64 of the node holding it.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -101,6 +108,12 @@ impl AssetId {
     /// The block it was allocated from.
     pub fn block(self) -> u64 {
         (self.0 >> OFFSET_BITS) & (BLOCKS_MAX - 1)
+    }
+
+    /// Whether it names a storage asset (held in the control plane's
+    /// store) rather than a memory one.
+    pub fn is_storage(self) -> bool {
+        self.block() >= STORAGE_BLOCKS_FIRST
     }
 }
 

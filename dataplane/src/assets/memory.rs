@@ -9,7 +9,10 @@
 //! a quota holds across workers) and the [`BlockReserve`] (blocks of
 //! identifiers, handed to shards one at a time).
 
-use super::address::{AssetAddress, AssetId, BLOCK_LEN, BLOCKS_MAX, Locator, NodeNumber};
+use super::address::{
+    AssetAddress, AssetId, BLOCK_LEN, Locator, NodeNumber,
+    STORAGE_BLOCKS_FIRST as MEMORY_BLOCKS_END,
+};
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,6 +42,24 @@ pub enum Access {
     Read,
     /// Read and write (a writer may read what it writes).
     Write,
+}
+
+impl Access {
+    /// As the wire and the store write it: 1 read, 2 write.
+    pub fn byte(self) -> u8 {
+        match self {
+            Access::Read => 1,
+            Access::Write => 2,
+        }
+    }
+
+    pub fn from_byte(byte: u8) -> Option<Self> {
+        match byte {
+            1 => Some(Access::Read),
+            2 => Some(Access::Write),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -214,7 +235,7 @@ impl BlockReserve {
             node,
             base,
             shards: shards as u64,
-            reserved_until: AtomicU64::new(reserved_until.min(BLOCKS_MAX)),
+            reserved_until: AtomicU64::new(reserved_until.min(MEMORY_BLOCKS_END)),
             high: AtomicU64::new(base),
         }
     }
@@ -228,7 +249,7 @@ impl BlockReserve {
     /// The control plane reserved blocks up to `until` durably.
     pub fn extend(&self, until: u64) {
         self.reserved_until
-            .fetch_max(until.min(BLOCKS_MAX), Ordering::Relaxed);
+            .fetch_max(until.min(MEMORY_BLOCKS_END), Ordering::Relaxed);
     }
 
     /// Shard `shard`'s `nth` block, if reserved.
@@ -617,6 +638,8 @@ pub struct MemoryAssets {
     sweep_due_ms: AtomicU64,
     /// Owners whose grace is running.
     expiring: AtomicU64,
+    /// The storage assets' totals, as the control plane last published them.
+    storage: super::StorageGauge,
 }
 
 #[derive(Default)]
@@ -644,6 +667,9 @@ pub struct MemoryTotals {
     /// Assets released because their owner's lease ended.
     pub lease_released_assets: u64,
     pub lease_released_bytes: u64,
+    /// The storage assets (held by the control plane's store).
+    #[serde(default)]
+    pub storage: super::StorageTotals,
 }
 
 impl MemoryAssets {
@@ -681,6 +707,7 @@ impl MemoryAssets {
             epoch: Instant::now(),
             sweep_due_ms: AtomicU64::new(0),
             expiring: AtomicU64::new(0),
+            storage: super::StorageGauge::default(),
         }
     }
 
@@ -698,7 +725,13 @@ impl MemoryAssets {
             owners: lock(&self.leases).owners.len() as u64,
             lease_released_assets: self.lease_released_assets.load(Ordering::Relaxed),
             lease_released_bytes: self.lease_released_bytes.load(Ordering::Relaxed),
+            storage: self.storage.load(),
         }
+    }
+
+    /// Where the control plane publishes the storage assets' totals.
+    pub fn storage_gauge(&self) -> &super::StorageGauge {
+        &self.storage
     }
 
     /// The same with a lease grace other than [`LEASE_GRACE`] (tests).

@@ -1,9 +1,12 @@
-//! A `stoq/1` connection's asset requests, answered by its worker from the
-//! shared [`MemoryAssets`]. The connection's client certificate names the
-//! owner (SHA-256 of its key, as admission's ledger does); the first asset
-//! request takes a lease for that owner, which the connection holds until
-//! it closes.
+//! A `stoq/1` connection's asset requests: memory assets are answered by
+//! its worker from the shared [`MemoryAssets`]; storage assets are the
+//! control plane's (durable, in its store), so their requests go there
+//! ([`Answer::ControlPlane`]). The connection's client certificate names
+//! the owner (SHA-256 of its key, as admission's ledger does); the first
+//! memory request takes a lease for that owner, which the connection holds
+//! until it closes.
 
+use super::memory::AssetError as Error;
 use super::memory::{AssetError, MemoryAssets, Owner};
 use super::wire::{AllocKind, AssetRequest};
 use crate::protocols::stoq::{ErrorCode, RESPONSE_FLAG, encode, encode_error};
@@ -51,19 +54,51 @@ pub struct Caller<'a> {
 /// windows.
 pub const QUEUED_RESPONSE_BYTES_MAX: usize = super::wire::READ_LEN_MAX as usize;
 
+/// Who answers an asset request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// The worker did: this response.
+    Now(Bytes),
+    /// A storage request, well formed and for this node: the control
+    /// plane's to answer.
+    ControlPlane,
+}
+
 impl AssetSession {
     /// The response to asset request `kind` with `payload`.
-    pub fn answer(&mut self, kind: u8, payload: &[u8], caller: &Caller<'_>) -> Bytes {
+    pub fn answer(&mut self, kind: u8, payload: &[u8], caller: &Caller<'_>) -> Answer {
         let Some(assets) = caller.assets else {
-            return encode_error(
+            return Answer::Now(encode_error(
                 ErrorCode::AssetsOff,
                 "asset addressing is off on this server ([hypermesh_assets] nat_addressing = false)",
-            );
+            ));
         };
         let request = match AssetRequest::decode(kind, payload) {
             Ok(request) => request,
-            Err(e) => return encode_error(ErrorCode::Malformed, &e.to_string()),
+            Err(e) => return Answer::Now(encode_error(ErrorCode::Malformed, &e.to_string())),
         };
+        if let Some(address) = request.address()
+            && address.locator != assets.locator()
+        {
+            let e = Error::Elsewhere {
+                address,
+                locator: address.locator,
+            };
+            return Answer::Now(encode_error(code(&e), &e.to_string()));
+        }
+        if request.asset_kind() == AllocKind::Storage {
+            return Answer::ControlPlane;
+        }
+        Answer::Now(self.answer_memory(kind, request, assets, caller))
+    }
+
+    fn answer_memory(
+        &mut self,
+        kind: u8,
+        request: AssetRequest<'_>,
+        assets: &Arc<MemoryAssets>,
+        caller: &Caller<'_>,
+    ) -> Bytes {
         let owner = match &self.lease {
             Some(lease) => lease.owner,
             None => {
@@ -109,10 +144,7 @@ fn serve(
 ) -> Result<Bytes, AssetError> {
     let ok = |body: &[u8]| encode(kind | RESPONSE_FLAG, body);
     Ok(match request {
-        AssetRequest::Alloc {
-            kind: AllocKind::Memory,
-            size,
-        } => ok(&assets.alloc(worker, owner, size)?.octets()),
+        AssetRequest::Alloc { size, .. } => ok(&assets.alloc(worker, owner, size)?.octets()),
         // Straight from the region into the answer: one copy.
         AssetRequest::Read {
             address,
@@ -143,7 +175,7 @@ fn serve(
         AssetRequest::Free { address } => ok(&assets
             .with(address, |s| s.free(owner, address))?
             .to_be_bytes()),
-        AssetRequest::List => {
+        AssetRequest::List { .. } => {
             let listed: Vec<serde_json::Value> = assets
                 .list(owner)
                 .iter()
@@ -200,7 +232,9 @@ mod tests {
         request: &AssetRequest<'_>,
     ) -> (u8, Vec<u8>) {
         let (kind, payload) = request.encode();
-        let bytes = session.answer(kind, &payload, caller);
+        let Answer::Now(bytes) = session.answer(kind, &payload, caller) else {
+            panic!("a memory request was handed on");
+        };
         let message = decode(&bytes, usize::MAX).unwrap();
         (message.kind, message.payload.to_vec())
     }

@@ -13,12 +13,33 @@ use crate::protocols::stoq_registry::{
 /// several requests.
 pub const READ_LEN_MAX: u32 = 16 * 1024 * 1024 - 64;
 
-/// What an allocation asks for. Storage, compute and VM assets are later
-/// kinds; a number this build does not serve is refused by name.
+/// What an allocation asks for (and which assets a list shows). Compute
+/// and VM assets are later kinds; a number this build does not serve is
+/// refused by name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum AllocKind {
+    /// Held by the node's workers, gone with the process.
     Memory = 1,
+    /// Durable, in the control plane's store.
+    Storage = 2,
+}
+
+impl AllocKind {
+    fn from_byte(byte: u8) -> Result<Self, WireError> {
+        match byte {
+            1 => Ok(AllocKind::Memory),
+            2 => Ok(AllocKind::Storage),
+            other => Err(WireError::AllocKind(other)),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AllocKind::Memory => "memory",
+            AllocKind::Storage => "storage",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,8 +68,10 @@ pub enum AssetRequest<'a> {
     },
     /// `address` → the bytes freed (u64).
     Free { address: AssetAddress },
-    /// nothing → JSON: the caller's memory assets.
-    List,
+    /// nothing (memory) or 2 (storage) → JSON: the caller's assets of that
+    /// kind. (Memory has one encoding, the empty payload, as clients before
+    /// storage sent it.)
+    List { kind: AllocKind },
     /// `address, grantee: [u8; 32], access: u8` (0 withdraws, 1 read, 2
     /// write) → `changed: u8`.
     Grant {
@@ -66,8 +89,10 @@ pub enum WireError {
         expected: usize,
         got: usize,
     },
-    #[error("asset kind {0} is not served by this build (1 is memory)")]
+    #[error("asset kind {0} is not served by this build (1 is memory, 2 storage)")]
     AllocKind(u8),
+    #[error("a list's payload is empty (memory assets) or 2 (storage assets), not {0}")]
+    ListKind(u8),
     #[error("grant access {0} is not 0 (withdraw), 1 (read) or 2 (write)")]
     Access(u8),
     #[error("a read returns at most {READ_LEN_MAX} bytes, not {0}")]
@@ -146,15 +171,35 @@ impl<'a> Fields<'a> {
 }
 
 impl<'a> AssetRequest<'a> {
+    /// The asset the request names, if it names one.
+    pub fn address(&self) -> Option<AssetAddress> {
+        match self {
+            AssetRequest::Read { address, .. }
+            | AssetRequest::Write { address, .. }
+            | AssetRequest::Cas { address, .. }
+            | AssetRequest::Free { address }
+            | AssetRequest::Grant { address, .. } => Some(*address),
+            AssetRequest::Alloc { .. } | AssetRequest::List { .. } => None,
+        }
+    }
+
+    /// Which kind of asset it is about: storage requests are the control
+    /// plane's to answer (an address of another node is neither: it is
+    /// answered "elsewhere" where it arrives).
+    pub fn asset_kind(&self) -> AllocKind {
+        match self {
+            AssetRequest::Alloc { kind, .. } | AssetRequest::List { kind } => *kind,
+            _ if self.address().is_some_and(|a| a.id.is_storage()) => AllocKind::Storage,
+            _ => AllocKind::Memory,
+        }
+    }
+
     /// Parse the payload of a request of `kind`.
     pub fn decode(kind: u8, payload: &'a [u8]) -> Result<Self, WireError> {
         let request = match kind {
             ASSET_ALLOC => {
                 let mut f = Fields::new("ASSET_ALLOC", payload);
-                let kind = match f.take::<1>()?[0] {
-                    1 => AllocKind::Memory,
-                    other => return Err(WireError::AllocKind(other)),
-                };
+                let kind = AllocKind::from_byte(f.take::<1>()?[0])?;
                 let size = f.u64()?;
                 f.end()?;
                 AssetRequest::Alloc { kind, size }
@@ -201,17 +246,23 @@ impl<'a> AssetRequest<'a> {
                 AssetRequest::Free { address }
             }
             ASSET_LIST => {
-                Fields::new("ASSET_LIST", payload).end()?;
-                AssetRequest::List
+                let mut f = Fields::new("ASSET_LIST", payload);
+                let kind = match f.rest.is_empty() {
+                    true => AllocKind::Memory,
+                    false => match f.take::<1>()?[0] {
+                        2 => AllocKind::Storage,
+                        other => return Err(WireError::ListKind(other)),
+                    },
+                };
+                f.end()?;
+                AssetRequest::List { kind }
             }
             ASSET_GRANT => {
                 let mut f = Fields::new("ASSET_GRANT", payload);
                 let (address, grantee) = (f.address()?, Owner(f.take::<32>()?));
                 let access = match f.take::<1>()?[0] {
                     0 => None,
-                    1 => Some(Access::Read),
-                    2 => Some(Access::Write),
-                    other => return Err(WireError::Access(other)),
+                    byte => Some(Access::from_byte(byte).ok_or(WireError::Access(byte))?),
                 };
                 f.end()?;
                 AssetRequest::Grant {
@@ -272,7 +323,12 @@ impl<'a> AssetRequest<'a> {
                 out.extend_from_slice(&address.octets());
                 ASSET_FREE
             }
-            AssetRequest::List => ASSET_LIST,
+            AssetRequest::List { kind } => {
+                if *kind != AllocKind::Memory {
+                    out.push(*kind as u8);
+                }
+                ASSET_LIST
+            }
             AssetRequest::Grant {
                 address,
                 grantee,
@@ -280,11 +336,7 @@ impl<'a> AssetRequest<'a> {
             } => {
                 out.extend_from_slice(&address.octets());
                 out.extend_from_slice(&grantee.0);
-                out.push(match access {
-                    None => 0,
-                    Some(Access::Read) => 1,
-                    Some(Access::Write) => 2,
-                });
+                out.push(access.map_or(0, Access::byte));
                 ASSET_GRANT
             }
         };
@@ -329,7 +381,16 @@ mod tests {
                 new: b"cd",
             },
             AssetRequest::Free { address: address() },
-            AssetRequest::List,
+            AssetRequest::List {
+                kind: AllocKind::Memory,
+            },
+            AssetRequest::List {
+                kind: AllocKind::Storage,
+            },
+            AssetRequest::Alloc {
+                kind: AllocKind::Storage,
+                size: 1,
+            },
             AssetRequest::Grant {
                 address: address(),
                 grantee: Owner([9; 32]),
@@ -346,6 +407,48 @@ mod tests {
             let decoded = AssetRequest::decode(kind, &payload).unwrap();
             assert_eq!(decoded, request);
         }
+        // A list without a kind is of memory assets (what clients before
+        // storage sent); a kind past the known ones is refused by name.
+        assert_eq!(
+            AssetRequest::decode(ASSET_LIST, &[]).unwrap(),
+            AssetRequest::List {
+                kind: AllocKind::Memory
+            }
+        );
+        for kind in [1, 3] {
+            assert_eq!(
+                AssetRequest::decode(ASSET_LIST, &[kind]),
+                Err(WireError::ListKind(kind)),
+                "memory is the empty payload"
+            );
+        }
+        assert_eq!(
+            AssetRequest::decode(ASSET_LIST, &[2, 0]),
+            Err(WireError::Length {
+                what: "ASSET_LIST",
+                expected: 1,
+                got: 2
+            })
+        );
+    }
+
+    #[test]
+    fn storage_requests_are_known_by_their_identifier() {
+        let storage = AssetAddress {
+            locator: address().locator,
+            id: crate::assets::address::AssetId::new(
+                crate::assets::address::NodeNumber::new(1).unwrap(),
+                crate::assets::address::STORAGE_BLOCKS_FIRST,
+                0,
+            ),
+        };
+        let read = |address| AssetRequest::Read {
+            address,
+            offset: 0,
+            len: 1,
+        };
+        assert_eq!(read(storage).asset_kind(), AllocKind::Storage);
+        assert_eq!(read(address()).asset_kind(), AllocKind::Memory);
     }
 
     #[test]
@@ -388,8 +491,8 @@ mod tests {
             AssetRequest::decode(kind, payload).map(|_| ())
         }
         assert_eq!(
-            odd(ASSET_ALLOC, &[2, 0, 0, 0, 0, 0, 0, 0, 1]),
-            Err(WireError::AllocKind(2))
+            odd(ASSET_ALLOC, &[3, 0, 0, 0, 0, 0, 0, 0, 1]),
+            Err(WireError::AllocKind(3))
         );
         let mut grant = address().octets().to_vec();
         grant.extend_from_slice(&[0; 32]);
@@ -410,14 +513,7 @@ mod tests {
             odd(ASSET_CAS, &cas),
             Err(WireError::Length { .. })
         ));
-        assert_eq!(
-            odd(ASSET_LIST, b"x").map(|_| ()),
-            Err(WireError::Length {
-                what: "ASSET_LIST",
-                expected: 0,
-                got: 1
-            })
-        );
+        assert_eq!(odd(ASSET_LIST, b"x"), Err(WireError::ListKind(b'x')));
         assert_eq!(odd(0x01, b""), Err(WireError::Kind(0x01)));
     }
 }

@@ -9,6 +9,7 @@ use crate::admission::{
     AdmissionEvent, AdmissionGate, AdmissionStage, KIND_ADMISSION_PARAMS, KIND_ADMISSION_SUBMIT,
     KIND_PLOT_REGISTER, binding_of,
 };
+use crate::assets::serve::Answer;
 use crate::control::{ControlPort, Forwarded, Ticket};
 use crate::stats::{Counters, StatsRegistry};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -257,8 +258,10 @@ pub struct StoqServer {
 
 /// Requests one connection may have waiting at the control plane; past it,
 /// new ones are answered `BUSY` (the control plane also bounds and
-/// schedules per caller: `src/fair_queue.rs`).
-pub const FORWARDED_PER_CONNECTION_MAX: usize = 16;
+/// schedules per caller: `controlplane::runtime::fair_queue`). A group
+/// commit's worth (64), so one connection's pipelined storage requests can
+/// fill a group's one fsync.
+pub const FORWARDED_PER_CONNECTION_MAX: usize = 64;
 
 /// Request bytes an unadmitted connection may have held for after its
 /// admission; past it, requests are refused with `NOT_ADMITTED`.
@@ -451,23 +454,9 @@ impl StoqServer {
                     counters.zero_rtt_deferred += 1;
                     return;
                 }
-                if self.forwarded >= FORWARDED_PER_CONNECTION_MAX {
-                    Some(encode_error(
-                        ErrorCode::Busy,
-                        "too many requests of this connection are waiting; retry when one is answered",
-                    ))
-                } else {
-                    match forward(kind, id, stream, ctx) {
-                        Ok(()) => {
-                            stream.answered = true;
-                            // Forwarded with a copy of its payload.
-                            stream.buf = Vec::new();
-                            self.forwarded += 1;
-                            counters.stoq_requests += 1;
-                            return;
-                        }
-                        Err(response) => Some(response),
-                    }
+                match hand_over(&mut self.forwarded, kind, id, stream, ctx, counters) {
+                    None => return,
+                    refused => refused,
                 }
             }
             _ if ctx.peer.is_none() && ctx.early => {
@@ -492,7 +481,15 @@ impl StoqServer {
                     worker: ctx.worker,
                     queued_response_bytes: queued,
                 };
-                Some(self.assets.answer(kind, &stream.buf[HEADER_LEN..], &caller))
+                match self.assets.answer(kind, &stream.buf[HEADER_LEN..], &caller) {
+                    Answer::Now(response) => Some(response),
+                    Answer::ControlPlane => {
+                        match hand_over(&mut self.forwarded, kind, id, stream, ctx, counters) {
+                            None => return,
+                            refused => refused,
+                        }
+                    }
+                }
             }
             _ => match Kind::from_u8(kind) {
                 None => Some(encode_error(
@@ -689,6 +686,36 @@ fn framed(buf: &[u8], finished: bool) -> Framing {
             // header_payload_len checked HEADER_LEN bytes are there.
             std::cmp::Ordering::Equal => Framing::Complete(buf[1]),
         },
+    }
+}
+
+/// Forward a request to the control plane within the connection's bound
+/// on requests waiting there: `None` once forwarded, else the error
+/// response to send.
+fn hand_over(
+    forwarded: &mut usize,
+    kind: u8,
+    id: StreamId,
+    stream: &mut StoqStream,
+    ctx: &StoqContext<'_>,
+    counters: &mut Counters,
+) -> Option<Bytes> {
+    if *forwarded >= FORWARDED_PER_CONNECTION_MAX {
+        return Some(encode_error(
+            ErrorCode::Busy,
+            "too many requests of this connection are waiting; retry when one is answered",
+        ));
+    }
+    match forward(kind, id, stream, ctx) {
+        Ok(()) => {
+            stream.answered = true;
+            // Forwarded with a copy of its payload.
+            stream.buf = Vec::new();
+            *forwarded += 1;
+            counters.stoq_requests += 1;
+            None
+        }
+        Err(response) => Some(response),
     }
 }
 

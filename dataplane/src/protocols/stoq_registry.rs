@@ -30,6 +30,9 @@ pub enum Answered {
     Authority,
     /// Forwarded to the control plane's admission runtime.
     Admission,
+    /// Forwarded to the control plane's asset runtime (the operator's
+    /// quotas; storage requests are the workers' to hand on).
+    Assets,
     /// Forwarded to the control plane's cluster (Raft between members,
     /// joining, membership).
     Cluster,
@@ -77,6 +80,7 @@ pub const PLOT_REGISTER: u8 = 0x3b;
 pub const STAKE: u8 = 0x3c;
 pub const BLOCKLIST: u8 = 0x3d;
 pub const ASSETS: u8 = 0x3e;
+pub const ASSET_QUOTA: u8 = 0x3f;
 pub const ADMISSION_PARAMS: u8 = 0x40;
 pub const ADMISSION_SUBMIT: u8 = 0x41;
 pub const ASSET_ALLOC: u8 = 0x50;
@@ -106,10 +110,10 @@ const fn entry(
 }
 
 use Access::{Anyone, Certificate, Operator};
-use Answered::{Admission, Authority, Cluster, Worker};
+use Answered::{Admission, Assets, Authority, Cluster, Worker};
 
 /// The table, in kind order.
-pub const KINDS: [KindSpec; 37] = [
+pub const KINDS: [KindSpec; 38] = [
     entry(PING, "PING", Certificate, Worker, false, true),
     entry(STATS, "STATS", Certificate, Worker, false, true),
     entry(ENROLL, "ENROLL", Anyone, Authority, true, false),
@@ -227,6 +231,7 @@ pub const KINDS: [KindSpec; 37] = [
     entry(STAKE, "STAKE", Operator, Admission, false, false),
     entry(BLOCKLIST, "BLOCKLIST", Operator, Admission, false, false),
     entry(ASSETS, "ASSETS", Operator, Admission, false, false),
+    entry(ASSET_QUOTA, "ASSET_QUOTA", Operator, Assets, false, false),
     entry(
         ADMISSION_PARAMS,
         "ADMISSION_PARAMS",
@@ -243,8 +248,9 @@ pub const KINDS: [KindSpec; 37] = [
         true,
         false,
     ),
-    // Memory assets, answered by the workers from their shards (access
-    // within a kind: the asset's owner, or a grantee for read and write).
+    // Assets: memory ones answered by the workers from their shards,
+    // storage ones handed on to the control plane's store (access within a
+    // kind: the asset's owner, or a grantee for read and write).
     entry(
         ASSET_ALLOC,
         "ASSET_ALLOC",

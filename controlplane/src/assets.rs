@@ -1,0 +1,806 @@
+//! Storage assets and the operator's asset quotas: the part of the HyperMesh
+//! asset registry that survives a restart, so it lives in the control
+//! plane's store and changes only through [`crate::machine::Command::Asset`].
+//!
+//! A storage asset is a durable byte object of a fixed size. Its bytes are
+//! kept in chunks of [`CHUNK_LEN`] (`asset_chunks`, keyed by identifier and
+//! chunk number; a chunk never written reads as zeros), so a write or a
+//! read costs what it touches, not the object's size. Its record
+//! (`asset_storage`) holds the owner, the size and the grants.
+//!
+//! Identifiers come from one counter in the store (`asset_meta`): the
+//! upper half of the block space ([`STORAGE_BLOCKS_FIRST`]) is storage's,
+//! so a storage identifier never meets a memory one, and an identifier is
+//! never handed out twice, whichever node proposes. An identifier below the
+//! counter that has no record was freed ("released"); one at or above it
+//! was never allocated ("unknown").
+//!
+//! Every decision is made in [`StorageAssets::write`] from the state and
+//! the command alone (the identifier, the access check, the quota, the
+//! compare of a compare-and-swap), so replicas applying the same commands
+//! agree; each refusal comes before the first write, as a group commit
+//! needs (`crate::store`).
+//!
+//! Quotas (`asset_quotas`) are the operator's, per identity: memory bytes
+//! (held by the dataplane's workers, which take the limits from here) and
+//! storage bytes. An identity without a row has the configured defaults.
+
+use dataplane::assets::StorageTotals;
+use dataplane::assets::address::{AssetId, BLOCK_LEN, NodeNumber, STORAGE_BLOCKS_FIRST};
+use dataplane::assets::memory::{
+    ASSET_OVERHEAD_BYTES, ASSETS_PER_OWNER_MAX, Access, GRANT_OVERHEAD_BYTES, GRANTS_PER_ASSET_MAX,
+    LIST_LEN_MAX, Owner,
+};
+#[cfg(test)]
+use redb::ReadableTableMetadata;
+use redb::WriteTransaction;
+use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+pub(crate) const STORAGE: TableDefinition<u64, &[u8]> = TableDefinition::new("asset_storage");
+pub(crate) const CHUNKS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("asset_chunks");
+pub(crate) const QUOTAS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("asset_quotas");
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("asset_meta");
+/// `asset_meta`'s key for the next storage sequence number.
+const NEXT: &str = "next_storage";
+
+/// Bytes per stored chunk of an object.
+pub const CHUNK_LEN: u64 = 64 * 1024;
+/// The largest storage asset (the quota bounds it further).
+pub const STORAGE_SIZE_MAX: u64 = 1 << 40;
+/// Storage sequence numbers there are: the blocks above
+/// [`STORAGE_BLOCKS_FIRST`].
+const SEQUENCE_END: u64 =
+    (dataplane::assets::address::BLOCKS_MAX - STORAGE_BLOCKS_FIRST) * BLOCK_LEN;
+
+/// The identifier of storage sequence number `seq`, allocated by `node`.
+pub fn storage_id(node: NodeNumber, seq: u64) -> AssetId {
+    AssetId::new(
+        node,
+        STORAGE_BLOCKS_FIRST + seq / BLOCK_LEN,
+        (seq % BLOCK_LEN) as u16,
+    )
+}
+
+/// The sequence number of a storage identifier.
+fn sequence_of(id: AssetId) -> Option<u64> {
+    let block = id.block().checked_sub(STORAGE_BLOCKS_FIRST)?;
+    Some(block * BLOCK_LEN + (id.0 % BLOCK_LEN))
+}
+
+/// One change to the storage assets or the quotas, as its proposer asked
+/// it. `caller` is who asked (the owner or a grantee); the apply checks
+/// that they may.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AssetChange {
+    /// A new storage asset of `size` zero bytes for `owner`; its identifier
+    /// is the next of the counter, with `node`'s number in it.
+    Alloc {
+        owner: Owner,
+        size: u64,
+        node: NodeNumber,
+    },
+    Write {
+        caller: Owner,
+        id: AssetId,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// Replace `expected` with `new` at `offset` if that is what is there.
+    Cas {
+        caller: Owner,
+        id: AssetId,
+        offset: u64,
+        expected: Vec<u8>,
+        new: Vec<u8>,
+    },
+    Free {
+        caller: Owner,
+        id: AssetId,
+    },
+    /// Set (`Some`) or withdraw (`None`) `grantee`'s access.
+    Grant {
+        caller: Owner,
+        id: AssetId,
+        grantee: Owner,
+        access: Option<Access>,
+    },
+    /// The operator's quotas for `owner`; `None` is the default.
+    Quota {
+        owner: Owner,
+        quota: Quota,
+    },
+}
+
+/// What an applied [`AssetChange`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AssetApplied {
+    Allocated(AssetId),
+    Written,
+    /// Whether it swapped, and the bytes that were there.
+    Swapped(bool, Vec<u8>),
+    /// The bytes the asset held.
+    Freed(u64),
+    /// Whether the grant changed anything.
+    Granted(bool),
+    Quota,
+}
+
+/// An identity's quotas as the operator set them; `None` is the node's
+/// default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Quota {
+    pub memory: Option<u64>,
+    pub storage: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage asset {0:?}: no such asset")]
+    Unknown(AssetId),
+    #[error("storage asset {0:?}: released (freed)")]
+    Released(AssetId),
+    #[error("storage asset {0:?}: neither owned by this identity nor granted to it")]
+    Forbidden(AssetId),
+    #[error("storage asset {id:?}: bytes {offset}..{end} are outside its {size} bytes")]
+    OutOfRange {
+        id: AssetId,
+        offset: u64,
+        end: u64,
+        size: u64,
+    },
+    #[error("compare-and-swap: expected and new values differ in length ({expected} and {new})")]
+    CasLength { expected: usize, new: usize },
+    #[error(
+        "storage quota exceeded: {used} of {limit} bytes in use, {asked} more asked (each asset counts {ASSET_OVERHEAD_BYTES} bytes beside its size, each grant {GRANT_OVERHEAD_BYTES})"
+    )]
+    QuotaExceeded { limit: u64, used: u64, asked: u64 },
+    #[error("this node holds all the storage assets it may ({limit} bytes)")]
+    NodeFull { limit: u64 },
+    #[error("a storage asset holds 1 to {STORAGE_SIZE_MAX} bytes, not {0}")]
+    Size(u64),
+    #[error("at most {ASSETS_PER_OWNER_MAX} storage assets per owner")]
+    TooManyAssets,
+    #[error("at most {GRANTS_PER_ASSET_MAX} grants per asset")]
+    TooManyGrants,
+    #[error("every storage identifier has been handed out")]
+    IdsExhausted,
+    #[error("the stored asset records are corrupt: {0}")]
+    Corrupt(String),
+    #[error(transparent)]
+    Storage(#[from] redb::Error),
+}
+
+impl StorageError {
+    /// The store failed, rather than the request being refused.
+    pub fn is_storage_failure(&self) -> bool {
+        matches!(self, Self::Storage(_) | Self::Corrupt(_))
+    }
+}
+
+impl From<redb::StorageError> for StorageError {
+    fn from(e: redb::StorageError) -> Self {
+        Self::Storage(e.into())
+    }
+}
+
+impl From<redb::TransactionError> for StorageError {
+    fn from(e: redb::TransactionError) -> Self {
+        Self::Storage(e.into())
+    }
+}
+
+impl From<redb::TableError> for StorageError {
+    fn from(e: redb::TableError) -> Self {
+        Self::Storage(e.into())
+    }
+}
+
+/// The node's limits (configuration, the same on every replica).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StorageLimits {
+    /// Storage bytes of an identity the operator set no quota for.
+    pub default_quota: u64,
+    /// Memory bytes of such an identity (the workers enforce it).
+    pub default_memory_quota: u64,
+    /// Storage bytes of all owners together.
+    pub node_max: u64,
+}
+
+impl Default for StorageLimits {
+    fn default() -> Self {
+        Self {
+            default_quota: 1 << 30,
+            default_memory_quota: 64 << 20,
+            node_max: 64 << 30,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Record {
+    owner: Owner,
+    size: u64,
+    grants: Vec<(Owner, Access)>,
+}
+
+impl Record {
+    /// What it counts against its owner's quota.
+    fn charge(&self) -> u64 {
+        self.size + ASSET_OVERHEAD_BYTES + GRANT_OVERHEAD_BYTES * self.grants.len() as u64
+    }
+
+    fn may(&self, who: &Owner, write: bool) -> bool {
+        self.owner == *who
+            || self
+                .grants
+                .iter()
+                .any(|(grantee, access)| grantee == who && (!write || *access == Access::Write))
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(41 + 33 * self.grants.len());
+        out.extend_from_slice(&self.owner.0);
+        out.extend_from_slice(&self.size.to_be_bytes());
+        out.push(self.grants.len() as u8);
+        for (grantee, access) in &self.grants {
+            out.extend_from_slice(&grantee.0);
+            out.push(access.byte());
+        }
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let (owner, rest) = bytes.split_first_chunk::<32>()?;
+        let (size, rest) = rest.split_first_chunk::<8>()?;
+        let (&count, mut rest) = rest.split_first()?;
+        let mut grants = Vec::with_capacity(usize::from(count));
+        for _ in 0..count {
+            let (grantee, tail) = rest.split_first_chunk::<32>()?;
+            let (&access, tail) = tail.split_first()?;
+            grants.push((Owner(*grantee), Access::from_byte(access)?));
+            rest = tail;
+        }
+        rest.is_empty().then(|| Self {
+            owner: Owner(*owner),
+            size: u64::from_be_bytes(*size),
+            grants,
+        })
+    }
+}
+
+fn encode_quota(quota: &Quota) -> [u8; 17] {
+    let mut out = [0u8; 17];
+    out[0] = u8::from(quota.memory.is_some()) | (u8::from(quota.storage.is_some()) << 1);
+    out[1..9].copy_from_slice(&quota.memory.unwrap_or(0).to_be_bytes());
+    out[9..].copy_from_slice(&quota.storage.unwrap_or(0).to_be_bytes());
+    out
+}
+
+fn decode_quota(bytes: &[u8]) -> Option<Quota> {
+    let bytes: &[u8; 17] = bytes.try_into().ok()?;
+    if bytes[0] > 3 {
+        return None;
+    }
+    let memory = u64::from_be_bytes(bytes[1..9].try_into().ok()?);
+    let storage = u64::from_be_bytes(bytes[9..].try_into().ok()?);
+    Some(Quota {
+        memory: (bytes[0] & 1 != 0).then_some(memory),
+        storage: (bytes[0] & 2 != 0).then_some(storage),
+    })
+}
+
+/// A storage asset as `asset list` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StorageInfo {
+    pub id: AssetId,
+    pub size: u64,
+    pub grants: usize,
+}
+
+/// The storage assets and quotas, as the store holds them, in memory.
+#[derive(Debug, Default)]
+pub struct StorageAssets {
+    records: HashMap<AssetId, Record>,
+    by_owner: HashMap<Owner, BTreeSet<AssetId>>,
+    /// Each owner's charge (sizes, overheads and grants).
+    used: HashMap<Owner, u64>,
+    quotas: BTreeMap<Owner, Quota>,
+    next: u64,
+    /// Every owner's charge together.
+    charged: u64,
+    bytes: u64,
+    limits: StorageLimits,
+    freed_assets: u64,
+    freed_bytes: u64,
+}
+
+/// Make the tables a new store lacks (in the store's first transaction).
+pub(crate) fn init_in(txn: &WriteTransaction) -> Result<(), redb::Error> {
+    txn.open_table(STORAGE)?;
+    txn.open_table(CHUNKS)?;
+    txn.open_table(QUOTAS)?;
+    txn.open_table(META)?;
+    Ok(())
+}
+
+impl StorageAssets {
+    /// Load what `db` holds (its tables made by [`init_in`]), every record
+    /// checked.
+    pub fn load(db: &Database, limits: StorageLimits) -> Result<Self, StorageError> {
+        let txn = db.begin_read()?;
+        let mut state = Self {
+            limits,
+            ..Self::default()
+        };
+        let meta = txn.open_table(META)?;
+        state.next = meta.get(NEXT)?.map_or(0, |v| v.value());
+        for row in txn.open_table(STORAGE)?.iter()? {
+            let (id, bytes) = row?;
+            let id = AssetId(id.value());
+            let record = Record::decode(bytes.value())
+                .ok_or_else(|| StorageError::Corrupt(format!("the record of {id:?}")))?;
+            if sequence_of(id).is_none_or(|seq| seq >= state.next) {
+                return Err(StorageError::Corrupt(format!(
+                    "{id:?} is not a storage identifier handed out"
+                )));
+            }
+            state.take(id, record);
+        }
+        for row in txn.open_table(QUOTAS)?.iter()? {
+            let (owner, bytes) = row?;
+            let quota = decode_quota(bytes.value())
+                .ok_or_else(|| StorageError::Corrupt("a quota row".into()))?;
+            state.quotas.insert(Owner(*owner.value()), quota);
+        }
+        Ok(state)
+    }
+
+    /// The same state loaded again from `db` (a snapshot was installed).
+    pub(crate) fn reloaded(&self, db: &Database) -> Result<Self, StorageError> {
+        Self::load(db, self.limits)
+    }
+
+    pub fn set_limits(&mut self, limits: StorageLimits) {
+        self.limits = limits;
+    }
+
+    pub fn limits(&self) -> StorageLimits {
+        self.limits
+    }
+
+    fn take(&mut self, id: AssetId, record: Record) {
+        *self.used.entry(record.owner).or_default() += record.charge();
+        self.charged += record.charge();
+        self.bytes += record.size;
+        self.by_owner.entry(record.owner).or_default().insert(id);
+        self.records.insert(id, record);
+    }
+
+    fn storage_limit(&self, owner: &Owner) -> u64 {
+        self.quotas
+            .get(owner)
+            .and_then(|q| q.storage)
+            .unwrap_or(self.limits.default_quota)
+    }
+
+    /// The memory limit of every identity the operator set one for (the
+    /// workers' quota ledger takes these).
+    pub fn memory_limits(&self) -> HashMap<Owner, u64> {
+        self.quotas
+            .iter()
+            .filter_map(|(owner, q)| Some((*owner, q.memory?)))
+            .collect()
+    }
+
+    /// Every identity with a quota set, with its limits and what it holds.
+    pub fn quotas(&self) -> Vec<(Owner, Quota, u64)> {
+        self.quotas
+            .iter()
+            .map(|(owner, quota)| (*owner, *quota, self.used_by(owner)))
+            .collect()
+    }
+
+    /// The storage bytes `owner` is charged for.
+    pub fn used_by(&self, owner: &Owner) -> u64 {
+        self.used.get(owner).copied().unwrap_or(0)
+    }
+
+    /// The effective limits of `owner`: (memory, storage).
+    pub fn effective(&self, owner: &Owner) -> (u64, u64) {
+        let quota = self.quotas.get(owner).copied().unwrap_or_default();
+        (
+            quota.memory.unwrap_or(self.limits.default_memory_quota),
+            quota.storage.unwrap_or(self.limits.default_quota),
+        )
+    }
+
+    pub fn totals(&self) -> StorageTotals {
+        StorageTotals {
+            assets: self.records.len() as u64,
+            bytes: self.bytes,
+            owners: self.by_owner.len() as u64,
+            freed_assets: self.freed_assets,
+            freed_bytes: self.freed_bytes,
+        }
+    }
+
+    /// What `owner` holds, by identifier: the first [`LIST_LEN_MAX`].
+    pub fn list(&self, owner: &Owner) -> Vec<StorageInfo> {
+        self.by_owner
+            .get(owner)
+            .into_iter()
+            .flatten()
+            .take(LIST_LEN_MAX)
+            .map(|id| {
+                let record = &self.records[id];
+                StorageInfo {
+                    id: *id,
+                    size: record.size,
+                    grants: record.grants.len(),
+                }
+            })
+            .collect()
+    }
+
+    /// The record of `id`, or why there is none.
+    fn record(&self, id: AssetId) -> Result<&Record, StorageError> {
+        if let Some(record) = self.records.get(&id) {
+            return Ok(record);
+        }
+        match sequence_of(id) {
+            Some(seq) if seq < self.next => Err(StorageError::Released(id)),
+            _ => Err(StorageError::Unknown(id)),
+        }
+    }
+
+    /// The record of `id` if `who` may read (or, with `write`, write)
+    /// bytes `offset..offset + len` of it.
+    fn checked(
+        &self,
+        who: &Owner,
+        id: AssetId,
+        offset: u64,
+        len: u64,
+        write: bool,
+    ) -> Result<&Record, StorageError> {
+        let record = self.record(id)?;
+        if !record.may(who, write) {
+            return Err(StorageError::Forbidden(id));
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= record.size => Ok(record),
+            end => Err(StorageError::OutOfRange {
+                id,
+                offset,
+                end: end.unwrap_or(u64::MAX),
+                size: record.size,
+            }),
+        }
+    }
+
+    /// Bytes `offset..offset + len` of `id`, read in `txn` (a read of the
+    /// store), if `who` may read them.
+    pub fn read(
+        &self,
+        txn: &ReadTransaction,
+        who: &Owner,
+        id: AssetId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, StorageError> {
+        self.checked(who, id, offset, len, false)?;
+        let chunks = txn.open_table(CHUNKS)?;
+        let mut out = vec![0u8; len as usize];
+        for_chunks(offset, len, |chunk, within, at, n| {
+            if let Some(stored) = chunks.get((id.0, chunk))? {
+                copy_from_chunk(stored.value(), within, &mut out[at..at + n]);
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Check `change` against the state and write its rows in `txn` (the
+    /// machine's transaction); [`Self::absorb`] it once written, with
+    /// nothing applied in between. A refusal writes nothing.
+    pub(crate) fn write(
+        &self,
+        txn: &WriteTransaction,
+        change: &AssetChange,
+    ) -> Result<AssetApplied, StorageError> {
+        match change {
+            AssetChange::Alloc { owner, size, node } => {
+                if *size == 0 || *size > STORAGE_SIZE_MAX {
+                    return Err(StorageError::Size(*size));
+                }
+                if self.next >= SEQUENCE_END {
+                    return Err(StorageError::IdsExhausted);
+                }
+                if self.by_owner.get(owner).map_or(0, BTreeSet::len) as u64 >= ASSETS_PER_OWNER_MAX
+                {
+                    return Err(StorageError::TooManyAssets);
+                }
+                self.check_charge(owner, size + ASSET_OVERHEAD_BYTES)?;
+                let id = storage_id(*node, self.next);
+                let record = Record {
+                    owner: *owner,
+                    size: *size,
+                    grants: Vec::new(),
+                };
+                txn.open_table(STORAGE)?
+                    .insert(id.0, record.encode().as_slice())?;
+                txn.open_table(META)?.insert(NEXT, self.next + 1)?;
+                Ok(AssetApplied::Allocated(id))
+            }
+            AssetChange::Write {
+                caller,
+                id,
+                offset,
+                data,
+            } => {
+                self.checked(caller, *id, *offset, data.len() as u64, true)?;
+                write_bytes(txn, *id, *offset, data)?;
+                Ok(AssetApplied::Written)
+            }
+            AssetChange::Cas {
+                caller,
+                id,
+                offset,
+                expected,
+                new,
+            } => {
+                if expected.len() != new.len() {
+                    return Err(StorageError::CasLength {
+                        expected: expected.len(),
+                        new: new.len(),
+                    });
+                }
+                self.checked(caller, *id, *offset, new.len() as u64, true)?;
+                let was = read_in_write(txn, *id, *offset, new.len())?;
+                let swapped = was == *expected;
+                if swapped {
+                    write_bytes(txn, *id, *offset, new)?;
+                }
+                Ok(AssetApplied::Swapped(swapped, was))
+            }
+            AssetChange::Free { caller, id } => {
+                let record = self.record(*id)?;
+                if record.owner != *caller {
+                    return Err(StorageError::Forbidden(*id));
+                }
+                txn.open_table(STORAGE)?.remove(id.0)?;
+                let mut chunks = txn.open_table(CHUNKS)?;
+                for chunk in 0..record.size.div_ceil(CHUNK_LEN) {
+                    chunks.remove((id.0, chunk))?;
+                }
+                Ok(AssetApplied::Freed(record.size))
+            }
+            AssetChange::Grant {
+                caller,
+                id,
+                grantee,
+                access,
+            } => {
+                let record = self.record(*id)?;
+                if record.owner != *caller {
+                    return Err(StorageError::Forbidden(*id));
+                }
+                let Some(next) = granted(record, grantee, *access) else {
+                    return Ok(AssetApplied::Granted(false));
+                };
+                let grew = next.grants.len() > record.grants.len();
+                if grew {
+                    if record.grants.len() >= GRANTS_PER_ASSET_MAX {
+                        return Err(StorageError::TooManyGrants);
+                    }
+                    self.check_charge(caller, GRANT_OVERHEAD_BYTES)?;
+                }
+                txn.open_table(STORAGE)?
+                    .insert(id.0, next.encode().as_slice())?;
+                Ok(AssetApplied::Granted(true))
+            }
+            AssetChange::Quota { owner, quota } => {
+                let mut table = txn.open_table(QUOTAS)?;
+                if *quota == Quota::default() {
+                    table.remove(&owner.0)?;
+                } else {
+                    table.insert(&owner.0, encode_quota(quota).as_slice())?;
+                }
+                Ok(AssetApplied::Quota)
+            }
+        }
+    }
+
+    /// Whether `owner` may be charged `more` bytes (its quota and the
+    /// node's bound).
+    fn check_charge(&self, owner: &Owner, more: u64) -> Result<(), StorageError> {
+        let used = self.used_by(owner);
+        let limit = self.storage_limit(owner);
+        if used.saturating_add(more) > limit {
+            return Err(StorageError::QuotaExceeded {
+                limit,
+                used,
+                asked: more,
+            });
+        }
+        if self.charged.saturating_add(more) > self.limits.node_max {
+            return Err(StorageError::NodeFull {
+                limit: self.limits.node_max,
+            });
+        }
+        Ok(())
+    }
+
+    /// Take in `change`, which [`Self::write`] wrote, answering `applied`.
+    pub(crate) fn absorb(&mut self, change: AssetChange, applied: &AssetApplied) {
+        match (change, applied) {
+            (AssetChange::Alloc { owner, size, .. }, AssetApplied::Allocated(id)) => {
+                self.next += 1;
+                self.take(
+                    *id,
+                    Record {
+                        owner,
+                        size,
+                        grants: Vec::new(),
+                    },
+                );
+            }
+            (AssetChange::Free { id, .. }, AssetApplied::Freed(_)) => {
+                if let Some(record) = self.records.remove(&id) {
+                    self.release(&record.owner, record.charge());
+                    self.bytes -= record.size;
+                    self.freed_assets += 1;
+                    self.freed_bytes += record.size;
+                    if let Some(ids) = self.by_owner.get_mut(&record.owner) {
+                        ids.remove(&id);
+                        if ids.is_empty() {
+                            self.by_owner.remove(&record.owner);
+                        }
+                    }
+                }
+            }
+            (
+                AssetChange::Grant {
+                    id,
+                    grantee,
+                    access,
+                    ..
+                },
+                AssetApplied::Granted(true),
+            ) => {
+                let Some(record) = self.records.get(&id) else {
+                    return;
+                };
+                let Some(next) = granted(record, &grantee, access) else {
+                    return;
+                };
+                let (before, after) = (record.charge(), next.charge());
+                let owner = next.owner;
+                self.records.insert(id, next);
+                if after >= before {
+                    *self.used.entry(owner).or_default() += after - before;
+                    self.charged += after - before;
+                } else {
+                    self.release(&owner, before - after);
+                }
+            }
+            (AssetChange::Quota { owner, quota }, AssetApplied::Quota) => {
+                if quota == Quota::default() {
+                    self.quotas.remove(&owner);
+                } else {
+                    self.quotas.insert(owner, quota);
+                }
+            }
+            // Bytes written live in the store only.
+            _ => {}
+        }
+    }
+
+    fn release(&mut self, owner: &Owner, charge: u64) {
+        self.charged -= charge;
+        if let Some(used) = self.used.get_mut(owner) {
+            *used -= charge;
+            if *used == 0 {
+                self.used.remove(owner);
+            }
+        }
+    }
+}
+
+/// `record` with `grantee`'s access set to `access` (`None` withdraws);
+/// `None` when that changes nothing.
+fn granted(record: &Record, grantee: &Owner, access: Option<Access>) -> Option<Record> {
+    let now = record
+        .grants
+        .iter()
+        .find(|(g, _)| g == grantee)
+        .map(|(_, a)| *a);
+    if now == access {
+        return None;
+    }
+    let mut next = record.clone();
+    next.grants.retain(|(g, _)| g != grantee);
+    if let Some(access) = access {
+        next.grants.push((*grantee, access));
+    }
+    Some(next)
+}
+
+/// Call `f(chunk, offset within it, offset in the range, bytes)` for each
+/// chunk that bytes `offset..offset + len` touch.
+fn for_chunks(
+    offset: u64,
+    len: u64,
+    mut f: impl FnMut(u64, usize, usize, usize) -> Result<(), StorageError>,
+) -> Result<(), StorageError> {
+    let mut at = 0u64;
+    while at < len {
+        let position = offset + at;
+        let chunk = position / CHUNK_LEN;
+        let within = position % CHUNK_LEN;
+        let n = (CHUNK_LEN - within).min(len - at);
+        f(chunk, within as usize, at as usize, n as usize)?;
+        at += n;
+    }
+    Ok(())
+}
+
+/// Fill `out` from `stored` (a chunk, possibly shorter than the chunk's
+/// extent: what lies past it reads as zeros) from `within`.
+fn copy_from_chunk(stored: &[u8], within: usize, out: &mut [u8]) {
+    let available = stored.len().saturating_sub(within).min(out.len());
+    if available > 0 {
+        out[..available].copy_from_slice(&stored[within..within + available]);
+    }
+}
+
+/// Write `data` at `offset` of `id`'s chunks in `txn`.
+fn write_bytes(
+    txn: &WriteTransaction,
+    id: AssetId,
+    offset: u64,
+    data: &[u8],
+) -> Result<(), StorageError> {
+    let mut chunks = txn.open_table(CHUNKS)?;
+    for_chunks(offset, data.len() as u64, |chunk, within, at, n| {
+        let mut bytes = chunks
+            .get((id.0, chunk))?
+            .map(|v| v.value().to_vec())
+            .unwrap_or_default();
+        if bytes.len() < within + n {
+            bytes.resize(within + n, 0);
+        }
+        bytes[within..within + n].copy_from_slice(&data[at..at + n]);
+        chunks.insert((id.0, chunk), bytes.as_slice())?;
+        Ok(())
+    })
+}
+
+/// Bytes `offset..offset + len` of `id` as `txn` has them.
+fn read_in_write(
+    txn: &WriteTransaction,
+    id: AssetId,
+    offset: u64,
+    len: usize,
+) -> Result<Vec<u8>, StorageError> {
+    let chunks = txn.open_table(CHUNKS)?;
+    let mut out = vec![0u8; len];
+    for_chunks(offset, len as u64, |chunk, within, at, n| {
+        if let Some(stored) = chunks.get((id.0, chunk))? {
+            copy_from_chunk(stored.value(), within, &mut out[at..at + n]);
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// How many rows the chunk table holds (tests: a free leaves none).
+#[cfg(test)]
+pub(crate) fn chunk_rows(db: &Database) -> u64 {
+    let txn = db.begin_read().unwrap();
+    txn.open_table(CHUNKS).unwrap().len().unwrap()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,340 @@
+//! The control plane's side of the asset requests: storage assets, which
+//! the workers hand over (`dataplane::assets::serve`), and the operator's
+//! quotas (`ASSET_QUOTA`). Each change is a [`Command::Asset`] applied in
+//! the request's group commit, so its answer leaves only once it is
+//! durable; a read sees what the group applied before it.
+//!
+//! [`Command::Asset`]: crate::machine::Command::Asset
+
+use crate::assets::{AssetApplied, AssetChange, Quota, StorageError};
+use crate::authority::api::{MALFORMED_REQUEST, STORAGE, UNAUTHORIZED};
+use crate::authority::logged::AuthorityError;
+use crate::machine::Machine;
+use dataplane::assets::address::{AssetAddress, AssetId, Locator, NodeNumber};
+use dataplane::assets::memory::{MemoryAssets, Owner};
+use dataplane::assets::wire::{AllocKind, AssetRequest};
+use dataplane::protocols::stoq::{ASSET_KINDS, ErrorCode};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// Request kind (operator): set, reset or list asset quotas.
+pub const ASSET_QUOTA: u8 = dataplane::protocols::stoq_registry::ASSET_QUOTA;
+
+/// What a request answers: its payload, or an error code and message.
+type Answer = Result<Vec<u8>, (u16, String)>;
+
+/// An `ASSET_QUOTA` request (JSON).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum QuotaRequest {
+    /// Set the limits given (bytes); a limit not given stays as it is.
+    Set {
+        identity: String,
+        memory: Option<u64>,
+        storage: Option<u64>,
+    },
+    /// Back to the node's defaults.
+    Reset {
+        identity: String,
+    },
+    List,
+}
+
+/// One identity's quotas as `quota list` shows them.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QuotaEntry {
+    pub identity: String,
+    /// The limits in force (the operator's or the default), bytes.
+    pub memory: u64,
+    pub storage: u64,
+    /// Whether each was set by the operator.
+    pub memory_set: bool,
+    pub storage_set: bool,
+    /// Storage bytes charged now.
+    pub storage_used: u64,
+}
+
+/// The node's part in the asset requests.
+pub struct AssetsRuntime {
+    node: NodeNumber,
+    locator: Locator,
+    /// The workers' memory assets, whose quota ledger takes the operator's
+    /// memory limits.
+    memory: Option<Arc<MemoryAssets>>,
+}
+
+impl AssetsRuntime {
+    /// The node `node` with `locator`; `memory` is the workers' (None when
+    /// asset addressing is off, then every asset request is refused by
+    /// the worker before it gets here).
+    pub fn new(
+        machine: &Machine,
+        node: NodeNumber,
+        locator: Locator,
+        memory: Option<Arc<MemoryAssets>>,
+    ) -> Self {
+        let runtime = Self {
+            node,
+            locator,
+            memory,
+        };
+        runtime.publish_memory_limits(machine);
+        runtime.publish(machine);
+        runtime
+    }
+
+    /// Publish the storage totals for `stats` (after each group commit).
+    pub fn publish(&self, machine: &Machine) {
+        if let Some(memory) = &self.memory {
+            memory.storage_gauge().store(machine.assets().totals());
+        }
+    }
+
+    /// Hand the operator's memory limits to the workers.
+    fn publish_memory_limits(&self, machine: &Machine) {
+        if let Some(memory) = &self.memory {
+            memory.ledger().set_limits(machine.assets().memory_limits());
+        }
+    }
+
+    /// Answer `kind` if it is an asset request: `verified` is the caller's
+    /// certificate, checked again (chain, validity, revocation).
+    pub fn handle(
+        &self,
+        machine: &mut Machine,
+        kind: u8,
+        verified: Option<&[u8]>,
+        operator: bool,
+        payload: &[u8],
+    ) -> Option<Answer> {
+        if kind == ASSET_QUOTA {
+            if !operator {
+                return Some(Err((
+                    UNAUTHORIZED,
+                    "only the operator may set asset quotas".into(),
+                )));
+            }
+            return Some(self.quota(machine, payload));
+        }
+        if !ASSET_KINDS.contains(&kind) {
+            return None;
+        }
+        let Some(owner) = verified.and_then(dataplane::trust::spki_sha256) else {
+            return Some(Err((
+                ErrorCode::CertificateRequired as u16,
+                "asset requests need a valid client certificate of this authority (revoked or expired ones are refused)".into(),
+            )));
+        };
+        Some(self.storage(machine, &Owner(owner), kind, payload))
+    }
+
+    fn storage(&self, machine: &mut Machine, owner: &Owner, kind: u8, payload: &[u8]) -> Answer {
+        let request = AssetRequest::decode(kind, payload)
+            .map_err(|e| (ErrorCode::Malformed as u16, e.to_string()))?;
+        if request.asset_kind() != AllocKind::Storage {
+            return Err((
+                ErrorCode::Malformed as u16,
+                "memory asset requests are answered by the workers".into(),
+            ));
+        }
+        let id = match request.address() {
+            Some(address) if address.locator != self.locator => {
+                return Err((
+                    ErrorCode::AssetElsewhere as u16,
+                    format!(
+                        "{address}: held by the node of locator {:?}, not this one",
+                        address.locator
+                    ),
+                ));
+            }
+            Some(address) => address.id,
+            None => AssetId(0),
+        };
+        let caller = *owner;
+        let change = |machine: &mut Machine, change| {
+            machine.change_assets(change).map_err(|e| self.refusal(e))
+        };
+        Ok(match request {
+            AssetRequest::Alloc { size, .. } => {
+                let AssetApplied::Allocated(id) = change(
+                    machine,
+                    AssetChange::Alloc {
+                        owner: caller,
+                        size,
+                        node: self.node,
+                    },
+                )?
+                else {
+                    unreachable!("an allocation answers its identifier")
+                };
+                self.address(id).octets().to_vec()
+            }
+            AssetRequest::Read { offset, len, .. } => machine
+                .read_storage(owner, id, offset, u64::from(len))
+                .map_err(|e| self.refusal(e))?,
+            AssetRequest::Write { offset, data, .. } => {
+                change(
+                    machine,
+                    AssetChange::Write {
+                        caller,
+                        id,
+                        offset,
+                        data: data.to_vec(),
+                    },
+                )?;
+                Vec::new()
+            }
+            AssetRequest::Cas {
+                offset,
+                expected,
+                new,
+                ..
+            } => match change(
+                machine,
+                AssetChange::Cas {
+                    caller,
+                    id,
+                    offset,
+                    expected: expected.to_vec(),
+                    new: new.to_vec(),
+                },
+            )? {
+                AssetApplied::Swapped(swapped, was) => [&[u8::from(swapped)][..], &was].concat(),
+                other => unreachable!("a compare-and-swap answered {other:?}"),
+            },
+            AssetRequest::Free { .. } => match change(machine, AssetChange::Free { caller, id })? {
+                AssetApplied::Freed(bytes) => bytes.to_be_bytes().to_vec(),
+                other => unreachable!("a free answered {other:?}"),
+            },
+            AssetRequest::Grant {
+                grantee, access, ..
+            } => match change(
+                machine,
+                AssetChange::Grant {
+                    caller,
+                    id,
+                    grantee,
+                    access,
+                },
+            )? {
+                AssetApplied::Granted(changed) => vec![u8::from(changed)],
+                other => unreachable!("a grant answered {other:?}"),
+            },
+            AssetRequest::List { .. } => {
+                let listed: Vec<serde_json::Value> = machine
+                    .assets()
+                    .list(owner)
+                    .iter()
+                    .map(|a| {
+                        serde_json::json!({
+                            "address": self.address(a.id).to_string(),
+                            "kind": "storage",
+                            "size": a.size,
+                            "grants": a.grants,
+                        })
+                    })
+                    .collect();
+                serde_json::to_vec(&listed).expect("a list serializes")
+            }
+        })
+    }
+
+    fn address(&self, id: AssetId) -> AssetAddress {
+        AssetAddress {
+            locator: self.locator,
+            id,
+        }
+    }
+
+    /// An error as the client sees it; the messages name addresses.
+    fn refusal(&self, e: AuthorityError) -> (u16, String) {
+        let AuthorityError::Asset(e) = e else {
+            return (STORAGE, e.to_string());
+        };
+        let code = match &e {
+            StorageError::Unknown(_) => ErrorCode::AssetUnknown,
+            StorageError::Released(_) => ErrorCode::AssetReleased,
+            StorageError::Forbidden(_) => ErrorCode::AssetForbidden,
+            StorageError::OutOfRange { .. } | StorageError::CasLength { .. } => {
+                ErrorCode::AssetRange
+            }
+            StorageError::QuotaExceeded { .. } | StorageError::TooManyAssets => {
+                ErrorCode::AssetQuota
+            }
+            StorageError::NodeFull { .. }
+            | StorageError::Size(_)
+            | StorageError::TooManyGrants
+            | StorageError::IdsExhausted => ErrorCode::AssetLimit,
+            StorageError::Corrupt(_) | StorageError::Storage(_) => {
+                return (STORAGE, e.to_string());
+            }
+        };
+        (code as u16, e.to_string())
+    }
+
+    fn quota(&self, machine: &mut Machine, payload: &[u8]) -> Answer {
+        let request: QuotaRequest = serde_json::from_slice(payload)
+            .map_err(|e| (MALFORMED_REQUEST, format!("not a quota request: {e}")))?;
+        let identity = |text: &str| -> Result<Owner, (u16, String)> {
+            super::admission::parse_identity(text)
+                .map(|id| Owner(id.0))
+                .map_err(|e| (MALFORMED_REQUEST, e))
+        };
+        let (owner, quota) = match request {
+            QuotaRequest::List => {
+                let entries: Vec<QuotaEntry> = machine
+                    .assets()
+                    .quotas()
+                    .into_iter()
+                    .map(|(owner, quota, used)| self.entry(machine, &owner, quota, used))
+                    .collect();
+                return Ok(serde_json::to_vec(&entries).expect("quotas serialize"));
+            }
+            QuotaRequest::Reset { identity: text } => (identity(&text)?, Quota::default()),
+            QuotaRequest::Set {
+                identity: text,
+                memory,
+                storage,
+            } => {
+                if memory.is_none() && storage.is_none() {
+                    return Err((
+                        MALFORMED_REQUEST,
+                        "a quota set names --memory, --storage or both".into(),
+                    ));
+                }
+                let owner = identity(&text)?;
+                let now = machine
+                    .assets()
+                    .quotas()
+                    .into_iter()
+                    .find(|(o, _, _)| *o == owner)
+                    .map(|(_, q, _)| q)
+                    .unwrap_or_default();
+                let quota = Quota {
+                    memory: memory.or(now.memory),
+                    storage: storage.or(now.storage),
+                };
+                (owner, quota)
+            }
+        };
+        machine
+            .change_assets(AssetChange::Quota { owner, quota })
+            .map_err(|e| self.refusal(e))?;
+        self.publish_memory_limits(machine);
+        let used = machine.assets().used_by(&owner);
+        let entry = self.entry(machine, &owner, quota, used);
+        Ok(serde_json::to_vec(&entry).expect("a quota serializes"))
+    }
+
+    fn entry(&self, machine: &Machine, owner: &Owner, quota: Quota, used: u64) -> QuotaEntry {
+        let (memory, storage) = machine.assets().effective(owner);
+        QuotaEntry {
+            identity: crate::authority::api::hex(&owner.0),
+            memory,
+            storage,
+            memory_set: quota.memory.is_some(),
+            storage_set: quota.storage.is_some(),
+            storage_used: used,
+        }
+    }
+}
