@@ -404,7 +404,7 @@ fn operator_command(
             operator_json(
                 &data_dir,
                 resolved,
-                controlplane::runtime::assets::ASSET_QUOTA,
+                controlplane::runtime::assets::QUOTAS,
                 &serde_json::to_vec(&request)?,
                 *timeout_ms,
             )

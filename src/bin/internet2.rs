@@ -115,12 +115,14 @@ enum Command {
     /// The server's DNS zone: add, remove and list names.
     #[command(subcommand)]
     Dns(cli_authority::DnsCommand<TargetArgs>),
-    /// Memory assets on the server, by address: alloc, write, read, free,
+    /// Memory and storage assets on the server, by address: alloc, write, read, free,
     /// list, grant.
     #[command(subcommand)]
     Asset(internet2_server::cli_assets::AssetCommand<TargetArgs>),
-    /// Measure memory assets: allocations per second on one connection,
-    /// 4 KiB read latency beside a ping's, bulk-read goodput.
+    /// Measure assets: memory allocations per second on one connection,
+    /// 4 KiB read latency beside a ping's, bulk-read goodput; then durable
+    /// storage allocations per second and 4 KiB storage reads (freed at
+    /// the end).
     AssetBench {
         #[command(flatten)]
         target: TargetArgs,

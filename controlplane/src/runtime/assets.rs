@@ -1,6 +1,6 @@
 //! The control plane's side of the asset requests: storage assets, which
 //! the workers hand over (`dataplane::assets::serve`), and the operator's
-//! quotas (`ASSET_QUOTA`). Each change is a [`Command::Asset`] applied in
+//! quotas (`QUOTAS`). Each change is a [`Command::Asset`] applied in
 //! the request's group commit, so its answer leaves only once it is
 //! durable; a read sees what the group applied before it.
 //!
@@ -18,12 +18,12 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 /// Request kind (operator): set, reset or list asset quotas.
-pub const ASSET_QUOTA: u8 = dataplane::protocols::stoq_registry::ASSET_QUOTA;
+pub const QUOTAS: u8 = dataplane::protocols::stoq_registry::QUOTAS;
 
 /// What a request answers: its payload, or an error code and message.
 type Answer = Result<Vec<u8>, (u16, String)>;
 
-/// An `ASSET_QUOTA` request (JSON).
+/// An `QUOTAS` request (JSON).
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum QuotaRequest {
@@ -107,7 +107,7 @@ impl AssetsRuntime {
         operator: bool,
         payload: &[u8],
     ) -> Option<Answer> {
-        if kind == ASSET_QUOTA {
+        if kind == QUOTAS {
             if !operator {
                 return Some(Err((
                     UNAUTHORIZED,

@@ -80,7 +80,7 @@ pub const PLOT_REGISTER: u8 = 0x3b;
 pub const STAKE: u8 = 0x3c;
 pub const BLOCKLIST: u8 = 0x3d;
 pub const ASSETS: u8 = 0x3e;
-pub const ASSET_QUOTA: u8 = 0x3f;
+pub const QUOTAS: u8 = 0x3f;
 pub const ADMISSION_PARAMS: u8 = 0x40;
 pub const ADMISSION_SUBMIT: u8 = 0x41;
 pub const ASSET_ALLOC: u8 = 0x50;
@@ -231,7 +231,7 @@ pub const KINDS: [KindSpec; 38] = [
     entry(STAKE, "STAKE", Operator, Admission, false, false),
     entry(BLOCKLIST, "BLOCKLIST", Operator, Admission, false, false),
     entry(ASSETS, "ASSETS", Operator, Admission, false, false),
-    entry(ASSET_QUOTA, "ASSET_QUOTA", Operator, Assets, false, false),
+    entry(QUOTAS, "QUOTAS", Operator, Assets, false, false),
     entry(
         ADMISSION_PARAMS,
         "ADMISSION_PARAMS",
