@@ -13,7 +13,7 @@
 //!    answered once its group commit is on disk), then a 4 KiB storage
 //!    read one at a time; the storage assets are freed at the end.
 
-use crate::cli_assets::{alloc, free, free_storage};
+use crate::cli_assets::{alloc, free, free_storage, storage_assets};
 
 use bytes::Bytes;
 use dataplane::assets::wire::{AllocKind, AssetRequest, READ_LEN_MAX};
@@ -105,6 +105,14 @@ pub fn run(target: &ClientTarget, plan: &AssetBenchPlan) -> anyhow::Result<serde
     }
     let storage = match plan.storage_allocs {
         0 => serde_json::Value::Null,
+        // It frees every storage asset of the identity at the end: only
+        // one that holds none of its own may run it.
+        _ if !storage_assets(target, timeout)?.is_empty() => {
+            eprintln!(
+                "asset-bench: storage phase skipped: this identity holds storage assets (run it with an identity that holds none)"
+            );
+            json!({"skipped": "the identity holds storage assets"})
+        }
         n => {
             // What one connection may have waiting at the control plane.
             let in_flight = plan

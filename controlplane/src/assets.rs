@@ -48,6 +48,14 @@ const NEXT: &str = "next_storage";
 pub const CHUNK_LEN: u64 = 64 * 1024;
 /// The largest storage asset (the quota bounds it further).
 pub const STORAGE_SIZE_MAX: u64 = 1 << 40;
+/// Storage assets a node holds, all owners together: each is a record in
+/// the control plane's memory, loaded at every start.
+pub const STORAGE_ASSETS_NODE_MAX: usize = 1 << 22;
+/// The most bytes one storage read returns: 64 of them may wait in one
+/// group commit's answers, so a group holds at most 16 MiB of them, and a
+/// connection's answers waiting to be sent stay near the bound a memory
+/// read has (`dataplane::assets::serve::QUEUED_RESPONSE_BYTES_MAX`).
+pub const STORAGE_READ_LEN_MAX: u64 = 256 * 1024;
 /// Storage sequence numbers there are: the blocks above
 /// [`STORAGE_BLOCKS_FIRST`].
 const SEQUENCE_END: u64 =
@@ -157,6 +165,10 @@ pub enum StorageError {
     QuotaExceeded { limit: u64, used: u64, asked: u64 },
     #[error("this node holds all the storage assets it may ({limit} bytes)")]
     NodeFull { limit: u64 },
+    #[error("this node holds all the storage assets it may ({STORAGE_ASSETS_NODE_MAX} assets)")]
+    NodeAssetsFull,
+    #[error("a storage read returns at most {STORAGE_READ_LEN_MAX} bytes, not {0}; read in parts")]
+    ReadLen(u64),
     #[error("a storage asset holds 1 to {STORAGE_SIZE_MAX} bytes, not {0}")]
     Size(u64),
     #[error("at most {ASSETS_PER_OWNER_MAX} storage assets per owner")]
@@ -489,6 +501,9 @@ impl StorageAssets {
         offset: u64,
         len: u64,
     ) -> Result<Vec<u8>, StorageError> {
+        if len > STORAGE_READ_LEN_MAX {
+            return Err(StorageError::ReadLen(len));
+        }
         self.checked(who, id, offset, len, false)?;
         let chunks = txn.open_table(CHUNKS)?;
         let mut out = vec![0u8; len as usize];
@@ -516,6 +531,9 @@ impl StorageAssets {
                 }
                 if self.next >= SEQUENCE_END {
                     return Err(StorageError::IdsExhausted);
+                }
+                if self.records.len() >= STORAGE_ASSETS_NODE_MAX {
+                    return Err(StorageError::NodeAssetsFull);
                 }
                 if self.by_owner.get(owner).map_or(0, BTreeSet::len) as u64 >= ASSETS_PER_OWNER_MAX
                 {
@@ -570,10 +588,10 @@ impl StorageAssets {
                     return Err(StorageError::Forbidden(*id));
                 }
                 txn.open_table(STORAGE)?.remove(id.0)?;
-                let mut chunks = txn.open_table(CHUNKS)?;
-                for chunk in 0..record.size.div_ceil(CHUNK_LEN) {
-                    chunks.remove((id.0, chunk))?;
-                }
+                // The chunks written, not the size: a free costs what the
+                // writes that made the chunks paid for.
+                txn.open_table(CHUNKS)?
+                    .retain_in((id.0, 0)..=(id.0, u64::MAX), |_, _| false)?;
                 Ok(AssetApplied::Freed(record.size))
             }
             AssetChange::Grant {

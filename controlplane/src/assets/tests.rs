@@ -72,7 +72,9 @@ fn kind(e: crate::authority::logged::AuthorityError) -> AuthorityErrorKind {
             StorageError::NodeFull { .. }
             | StorageError::Size(_)
             | StorageError::TooManyGrants
-            | StorageError::IdsExhausted => Limit,
+            | StorageError::IdsExhausted
+            | StorageError::NodeAssetsFull => Limit,
+            StorageError::ReadLen(_) => Range,
             other => Other(other.to_string()),
         },
         other => Other(other.to_string()),
@@ -191,6 +193,13 @@ fn storage_assets_in_a_group_refusals_write_nothing_and_a_replay_and_a_restart_a
     assert_eq!(
         machine.read_storage(&STRANGER, a, 0, 1).map_err(kind),
         Err(Forbidden)
+    );
+    assert_eq!(
+        machine
+            .read_storage(&OWNER, a, 0, STORAGE_READ_LEN_MAX + 1)
+            .map_err(kind),
+        Err(Range),
+        "a read past the bound is refused before anything is built"
     );
 
     // Grants: read, then write; each costs its owner 64 bytes.

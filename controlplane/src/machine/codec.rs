@@ -15,7 +15,8 @@
 //!   or 1 ‖ u64); 4 tick ‖ tick length u8 ‖ tick;
 //! - kind 5, asset: 1 alloc ‖ owner (32) ‖ size u64 ‖ node u16; 2 write ‖
 //!   caller (32) ‖ id u64 ‖ offset u64 ‖ length u32 ‖ data; 3 compare-and-swap ‖
-//!   caller ‖ id ‖ offset ‖ length u32 ‖ expected ‖ new; 4 free ‖ caller ‖ id;
+//!   caller ‖ id ‖ offset ‖ length u32 ‖ expected ‖ length u32 ‖ new; 4 free ‖
+//!   caller ‖ id;
 //!   5 grant ‖ caller ‖ id ‖ grantee (32) ‖ access u8 (0 withdraws, 1 read, 2
 //!   write); 6 quota ‖ owner (32) ‖ memory (0, or 1 ‖ u64) ‖ storage (the same);
 //!

@@ -262,9 +262,11 @@ impl AssetsRuntime {
                 ErrorCode::AssetQuota
             }
             StorageError::NodeFull { .. }
+            | StorageError::NodeAssetsFull
             | StorageError::Size(_)
             | StorageError::TooManyGrants
             | StorageError::IdsExhausted => ErrorCode::AssetLimit,
+            StorageError::ReadLen(_) => ErrorCode::AssetRange,
             StorageError::Corrupt(_) | StorageError::Storage(_) => {
                 return (STORAGE, e.to_string());
             }

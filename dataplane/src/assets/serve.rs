@@ -86,6 +86,18 @@ impl AssetSession {
             };
             return Answer::Now(encode_error(code(&e), &e.to_string()));
         }
+        let queued = caller.queued_response_bytes;
+        if let AssetRequest::Read { len, .. } = request
+            && queued > 0
+            && queued + len as usize > QUEUED_RESPONSE_BYTES_MAX
+        {
+            return Answer::Now(encode_error(
+                ErrorCode::Busy,
+                &format!(
+                    "this connection has {queued} bytes of answers not yet read; read them, then ask again"
+                ),
+            ));
+        }
         if request.asset_kind() == AllocKind::Storage {
             return Answer::ControlPlane;
         }
@@ -117,18 +129,6 @@ impl AssetSession {
                 owner
             }
         };
-        let queued = caller.queued_response_bytes;
-        if let AssetRequest::Read { len, .. } = request
-            && queued > 0
-            && queued + len as usize > QUEUED_RESPONSE_BYTES_MAX
-        {
-            return encode_error(
-                ErrorCode::Busy,
-                &format!(
-                    "this connection has {queued} bytes of answers not yet read; read them, then ask again"
-                ),
-            );
-        }
         serve(assets, &owner, kind, request, caller.worker)
             .unwrap_or_else(|e| encode_error(code(&e), &e.to_string()))
     }
