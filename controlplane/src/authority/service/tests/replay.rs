@@ -4,6 +4,7 @@
 
 use super::zone_kinds::{dns_set, zone_service_config};
 use super::*;
+use crate::assets::{AssetApplied, AssetChange};
 use crate::consensus::stake::Identity as StakeIdentity;
 use crate::consensus::state::{AdmissionConfig, AdmissionState};
 use crate::machine::{Command, Machine, codec};
@@ -69,6 +70,46 @@ fn commands_replayed_on_a_fresh_store_give_the_same_store() {
     machine.register_plot(staker, [6; 32], k).unwrap();
     assert_eq!(machine.withdraw(staker, 15).unwrap(), 25);
     machine.tick(now_s + 1).unwrap().unwrap();
+    // Assets: a storage asset written past its first chunk and granted,
+    // and an identity's quotas.
+    let owner = dataplane::assets::memory::Owner([5; 32]);
+    let node = dataplane::assets::address::NodeNumber::new(0).unwrap();
+    let asset = match machine
+        .change_assets(AssetChange::Alloc {
+            owner,
+            size: 100_000,
+            node,
+        })
+        .unwrap()
+    {
+        AssetApplied::Allocated(id) => id,
+        other => panic!("an allocation answered {other:?}"),
+    };
+    machine
+        .change_assets(AssetChange::Write {
+            caller: owner,
+            id: asset,
+            offset: 70_000,
+            data: vec![7; 10],
+        })
+        .unwrap();
+    machine
+        .change_assets(AssetChange::Grant {
+            caller: owner,
+            id: asset,
+            grantee: dataplane::assets::memory::Owner([6; 32]),
+            access: Some(dataplane::assets::memory::Access::Read),
+        })
+        .unwrap();
+    machine
+        .change_assets(AssetChange::Quota {
+            owner: dataplane::assets::memory::Owner([6; 32]),
+            quota: crate::assets::Quota {
+                memory: Some(4096),
+                storage: None,
+            },
+        })
+        .unwrap();
     // The CA: an enrolled client; a server certificate it has issued on
     // its authority for its name (pinned in the zone); its records; a
     // renewal; the operator revoking the client, which takes what was
@@ -101,6 +142,7 @@ fn commands_replayed_on_a_fresh_store_give_the_same_store() {
     assert_eq!(count(|c| matches!(c, Command::Revoke(_))), 1);
     assert_eq!(count(|c| matches!(c, Command::Zone(_))), 2);
     assert_eq!(count(|c| matches!(c, Command::Admission(_))), 5);
+    assert_eq!(count(|c| matches!(c, Command::Asset(_))), 4);
 
     // What a replica receives is the commands' bytes: each reads back as
     // itself, and nothing but those exact bytes reads back at all.
@@ -140,6 +182,14 @@ fn commands_replayed_on_a_fresh_store_give_the_same_store() {
     }
     // And what the replica holds in memory.
     assert_eq!(replica.authority().revocations(), revoked);
+    assert_eq!(
+        replica.assets().totals(),
+        f.service.machine().assets().totals()
+    );
+    assert_eq!(
+        replica.assets().memory_limits(),
+        f.service.machine().assets().memory_limits()
+    );
     assert_eq!(replica.zone().unwrap().snapshot(), f.service.zone());
     let origin = f.service.machine_mut();
     let (ours, theirs) = (origin.admission().unwrap(), replica.admission().unwrap());
