@@ -57,6 +57,7 @@ pub fn run(target: &ClientTarget, plan: &AssetBenchPlan) -> anyhow::Result<serde
         &AssetRequest::Alloc {
             kind: AllocKind::Memory,
             size: plan.alloc_size,
+            name: None,
         },
         plan.allocs,
         plan.concurrency,
@@ -126,6 +127,7 @@ pub fn run(target: &ClientTarget, plan: &AssetBenchPlan) -> anyhow::Result<serde
                 &AssetRequest::Alloc {
                     kind: AllocKind::Storage,
                     size: plan.alloc_size,
+                    name: None,
                 },
                 n,
                 in_flight,

@@ -52,6 +52,11 @@ pub enum AssetCommand<T: Connect> {
         #[arg(value_enum)]
         kind: AllocKindArg,
         size: String,
+        /// Publish the address as NAME.assets.APEX in the server's zone
+        /// (AAAA; storage only: one DNS label, a-z 0-9 -). Freeing the
+        /// asset removes the name.
+        #[arg(long)]
+        name: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -132,13 +137,25 @@ pub fn asset<T: Connect>(command: &AssetCommand<T>) -> anyhow::Result<()> {
             target,
             kind,
             size,
+            name,
             json,
         } => {
             let size = parse_size(size)?;
-            let address = alloc(&target.target()?, kind.kind(), size, target.timeout())?;
+            if let Some(name) = name {
+                if kind.kind() != AllocKind::Storage {
+                    bail!("{}", dataplane::assets::wire::WireError::NameForMemory);
+                }
+                dataplane::assets::wire::label(name.as_bytes())?;
+            }
+            let request = AssetRequest::Alloc {
+                kind: kind.kind(),
+                size,
+                name: name.as_deref(),
+            };
+            let address = alloc_with(&target.target()?, &request, target.timeout())?;
             print(
                 *json,
-                &serde_json::json!({"address": address.to_string(), "kind": kind.kind().name(), "size": size}),
+                &serde_json::json!({"address": address.to_string(), "kind": kind.kind().name(), "size": size, "name": name}),
                 || address.to_string(),
             )
         }
@@ -338,8 +355,21 @@ pub fn alloc(
     size: u64,
     timeout: Duration,
 ) -> anyhow::Result<AssetAddress> {
-    let alloc = AssetRequest::Alloc { kind, size };
-    let body = send(client, vec![request(&alloc)], timeout)?.remove(0);
+    let alloc = AssetRequest::Alloc {
+        kind,
+        size,
+        name: None,
+    };
+    alloc_with(client, &alloc, timeout)
+}
+
+/// Send an `ASSET_ALLOC`: the address it answers.
+fn alloc_with(
+    client: &ClientTarget,
+    alloc: &AssetRequest<'_>,
+    timeout: Duration,
+) -> anyhow::Result<AssetAddress> {
+    let body = send(client, vec![request(alloc)], timeout)?.remove(0);
     let octets: [u8; 16] = body
         .as_slice()
         .try_into()

@@ -382,4 +382,47 @@ fn storage_assets_and_operator_quotas_survive_a_restart_on_production_defaults()
     );
     let stranger_quota = server.admin(&["quota", "set", &identity]);
     assert!(!stranger_quota.status.success(), "a set without a limit");
+
+    // A named storage asset: its address in the zone while it lives, the
+    // name nobody else's, and gone with the asset.
+    let named = json(&asset(
+        &server,
+        None,
+        &["alloc", "storage", "4K", "--name", "notes", "--json"],
+    ));
+    let named = named["address"].as_str().unwrap().to_owned();
+    let resolve =
+        |server: &Server| server.client(&["resolve", "notes.assets.internet2.test", "--json"]);
+    let resolved: serde_json::Value = serde_json::from_str(ok(&resolve(&server)).trim()).unwrap();
+    assert_eq!(
+        resolved["addresses"],
+        serde_json::json!([format!("[{named}]:{}", server.port)]),
+        "{resolved}"
+    );
+    refused(
+        &asset(&server, s, &["alloc", "storage", "4K", "--name", "notes"]),
+        18,
+        "taken",
+    );
+    let memory_named = asset(&server, None, &["alloc", "memory", "4K", "--name", "x"]);
+    assert!(
+        String::from_utf8_lossy(&memory_named.stderr).contains("only storage assets take a name")
+    );
+    let listed = json(&asset(&server, None, &["list", "--json"]));
+    let entry = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["address"] == named.as_str())
+        .unwrap();
+    assert_eq!(entry["name"], "notes.assets.internet2.test.");
+    server.kill9_and_restart();
+    ok(&resolve(&server));
+    ok(&asset(&server, None, &["free", &named]));
+    let gone = resolve(&server);
+    assert!(
+        String::from_utf8_lossy(&gone.stderr).contains("NXDomain"),
+        "{}",
+        String::from_utf8_lossy(&gone.stderr)
+    );
 }

@@ -25,6 +25,7 @@
 //! (held by the dataplane's workers, which take the limits from here) and
 //! storage bytes. An identity without a row has the configured defaults.
 
+use crate::dns::ZoneChange;
 use dataplane::assets::StorageTotals;
 use dataplane::assets::address::{AssetId, BLOCK_LEN, NodeNumber, STORAGE_BLOCKS_FIRST};
 use dataplane::assets::memory::{
@@ -81,12 +82,16 @@ fn sequence_of(id: AssetId) -> Option<u64> {
 /// that they may.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AssetChange {
-    /// A new storage asset of `size` zero bytes for `owner`; its identifier
-    /// is the next of the counter, with `node`'s number in it.
+    /// A new storage asset of `size` zero bytes for `owner`, as `id`: the
+    /// counter's next identifier when it was proposed (refused as stale if
+    /// another came first). With `name`, the absolute name `zone` publishes
+    /// the asset's address at.
     Alloc {
         owner: Owner,
         size: u64,
-        node: NodeNumber,
+        id: AssetId,
+        name: Option<String>,
+        zone: Option<ZoneChange>,
     },
     Write {
         caller: Owner,
@@ -102,9 +107,11 @@ pub enum AssetChange {
         expected: Vec<u8>,
         new: Vec<u8>,
     },
+    /// Free `id`; `zone` removes its name, if it has one.
     Free {
         caller: Owner,
         id: AssetId,
+        zone: Option<ZoneChange>,
     },
     /// Set (`Some`) or withdraw (`None`) `grantee`'s access.
     Grant {
@@ -114,10 +121,17 @@ pub enum AssetChange {
         access: Option<Access>,
     },
     /// The operator's quotas for `owner`; `None` is the default.
-    Quota {
-        owner: Owner,
-        quota: Quota,
-    },
+    Quota { owner: Owner, quota: Quota },
+}
+
+impl AssetChange {
+    /// The zone change that comes with it.
+    pub fn zone(&self) -> Option<&ZoneChange> {
+        match self {
+            AssetChange::Alloc { zone, .. } | AssetChange::Free { zone, .. } => zone.as_ref(),
+            _ => None,
+        }
+    }
 }
 
 /// What an applied [`AssetChange`] did.
@@ -177,6 +191,8 @@ pub enum StorageError {
     TooManyGrants,
     #[error("every storage identifier has been handed out")]
     IdsExhausted,
+    #[error("another storage asset was allocated since this one was planned; retry")]
+    Stale,
     #[error("the stored asset records are corrupt: {0}")]
     Corrupt(String),
     #[error(transparent)]
@@ -234,6 +250,8 @@ struct Record {
     owner: Owner,
     size: u64,
     grants: Vec<(Owner, Access)>,
+    /// The absolute name the zone publishes its address at.
+    name: Option<String>,
 }
 
 impl Record {
@@ -259,6 +277,10 @@ impl Record {
             out.extend_from_slice(&grantee.0);
             out.push(access.byte());
         }
+        // A name of the zone: at most 253 bytes.
+        let name = self.name.as_deref().unwrap_or_default();
+        out.push(name.len() as u8);
+        out.extend_from_slice(name.as_bytes());
         out
     }
 
@@ -273,10 +295,17 @@ impl Record {
             grants.push((Owner(*grantee), Access::from_byte(access)?));
             rest = tail;
         }
-        rest.is_empty().then(|| Self {
+        let (&len, rest) = rest.split_first()?;
+        let name = match (len, rest.len() == usize::from(len)) {
+            (_, false) => return None,
+            (0, true) => None,
+            (_, true) => Some(std::str::from_utf8(rest).ok()?.to_owned()),
+        };
+        Some(Self {
             owner: Owner(*owner),
             size: u64::from_be_bytes(*size),
             grants,
+            name,
         })
     }
 }
@@ -308,6 +337,7 @@ pub struct StorageInfo {
     pub id: AssetId,
     pub size: u64,
     pub grants: usize,
+    pub name: Option<String>,
 }
 
 /// The storage assets and quotas, as the store holds them, in memory.
@@ -450,9 +480,21 @@ impl StorageAssets {
                     id: *id,
                     size: record.size,
                     grants: record.grants.len(),
+                    name: record.name.clone(),
                 }
             })
             .collect()
+    }
+
+    /// The name `id` is published at, if it has one and exists.
+    pub fn name_of(&self, id: AssetId) -> Option<&str> {
+        self.records.get(&id)?.name.as_deref()
+    }
+
+    /// The counter's next identifier, with `node`'s number in it: what an
+    /// allocation proposed now takes.
+    pub fn next_id(&self, node: NodeNumber) -> AssetId {
+        storage_id(node, self.next)
     }
 
     /// The record of `id`, or why there is none.
@@ -525,7 +567,16 @@ impl StorageAssets {
         change: &AssetChange,
     ) -> Result<AssetApplied, StorageError> {
         match change {
-            AssetChange::Alloc { owner, size, node } => {
+            AssetChange::Alloc {
+                owner,
+                size,
+                id,
+                name,
+                ..
+            } => {
+                if sequence_of(*id) != Some(self.next) {
+                    return Err(StorageError::Stale);
+                }
                 if *size == 0 || *size > STORAGE_SIZE_MAX {
                     return Err(StorageError::Size(*size));
                 }
@@ -540,16 +591,16 @@ impl StorageAssets {
                     return Err(StorageError::TooManyAssets);
                 }
                 self.check_charge(owner, size + ASSET_OVERHEAD_BYTES)?;
-                let id = storage_id(*node, self.next);
                 let record = Record {
                     owner: *owner,
                     size: *size,
                     grants: Vec::new(),
+                    name: name.clone(),
                 };
                 txn.open_table(STORAGE)?
                     .insert(id.0, record.encode().as_slice())?;
                 txn.open_table(META)?.insert(NEXT, self.next + 1)?;
-                Ok(AssetApplied::Allocated(id))
+                Ok(AssetApplied::Allocated(*id))
             }
             AssetChange::Write {
                 caller,
@@ -582,7 +633,7 @@ impl StorageAssets {
                 }
                 Ok(AssetApplied::Swapped(swapped, was))
             }
-            AssetChange::Free { caller, id } => {
+            AssetChange::Free { caller, id, .. } => {
                 let record = self.record(*id)?;
                 if record.owner != *caller {
                     return Err(StorageError::Forbidden(*id));
@@ -653,7 +704,12 @@ impl StorageAssets {
     /// Take in `change`, which [`Self::write`] wrote, answering `applied`.
     pub(crate) fn absorb(&mut self, change: AssetChange, applied: &AssetApplied) {
         match (change, applied) {
-            (AssetChange::Alloc { owner, size, .. }, AssetApplied::Allocated(id)) => {
+            (
+                AssetChange::Alloc {
+                    owner, size, name, ..
+                },
+                AssetApplied::Allocated(id),
+            ) => {
                 self.next += 1;
                 self.take(
                     *id,
@@ -661,6 +717,7 @@ impl StorageAssets {
                         owner,
                         size,
                         grants: Vec::new(),
+                        name,
                     },
                 );
             }

@@ -37,10 +37,13 @@ fn asset_rows(machine: &Machine) -> crate::machine::tests::Rows {
 }
 
 fn alloc(machine: &mut Machine, owner: Owner, size: u64) -> Result<AssetId, AuthorityErrorKind> {
+    let id = machine.assets().next_id(node());
     match machine.change_assets(AssetChange::Alloc {
         owner,
         size,
-        node: node(),
+        id,
+        name: None,
+        zone: None,
     }) {
         Ok(AssetApplied::Allocated(id)) => Ok(id),
         Ok(other) => panic!("an allocation answered {other:?}"),
@@ -129,7 +132,9 @@ fn storage_assets_in_a_group_refusals_write_nothing_and_a_replay_and_a_restart_a
             AssetChange::Alloc {
                 owner: OWNER,
                 size: 100 << 10,
-                node: node(),
+                id: machine.assets().next_id(node()),
+                name: None,
+                zone: None,
             },
             Quota,
         ),
@@ -138,9 +143,22 @@ fn storage_assets_in_a_group_refusals_write_nothing_and_a_replay_and_a_restart_a
             AssetChange::Alloc {
                 owner: OWNER,
                 size: 0,
-                node: node(),
+                id: machine.assets().next_id(node()),
+                name: None,
+                zone: None,
             },
             Limit,
+        ),
+        (
+            "an identifier not the counter's next",
+            AssetChange::Alloc {
+                owner: OWNER,
+                size: 1,
+                id: a,
+                name: None,
+                zone: None,
+            },
+            Other("another storage asset was allocated since this one was planned; retry".into()),
         ),
         (
             "past the end",
@@ -158,6 +176,7 @@ fn storage_assets_in_a_group_refusals_write_nothing_and_a_replay_and_a_restart_a
             AssetChange::Free {
                 caller: STRANGER,
                 id: a,
+                zone: None,
             },
             Forbidden,
         ),
@@ -251,7 +270,7 @@ fn storage_assets_in_a_group_refusals_write_nothing_and_a_replay_and_a_restart_a
     );
     assert_eq!(
         machine.make_durable().unwrap(),
-        21,
+        22,
         "each command counts, refused or not"
     );
 
@@ -290,7 +309,8 @@ fn storage_assets_in_a_group_refusals_write_nothing_and_a_replay_and_a_restart_a
         machine
             .change_assets(AssetChange::Free {
                 caller: OWNER,
-                id: a
+                id: a,
+                zone: None,
             })
             .unwrap(),
         AssetApplied::Freed(200 << 10)
@@ -322,6 +342,7 @@ fn storage_identifiers_and_records_round_trip_and_bad_ones_are_refused() {
         owner: OWNER,
         size: 77,
         grants: vec![(STRANGER, Access::Write), (Owner([3; 32]), Access::Read)],
+        name: Some("notes.assets.internet2.test.".into()),
     };
     let bytes = record.encode();
     assert_eq!(Record::decode(&bytes), Some(record));

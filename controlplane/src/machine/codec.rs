@@ -13,10 +13,11 @@
 //! - kind 4, admission: 1 grant or 2 withdraw ‖ identity (32 bytes) ‖ amount
 //!   u64; 3 plot ‖ identity (32 bytes) ‖ plot length u8 ‖ plot ‖ stake target (0,
 //!   or 1 ‖ u64); 4 tick ‖ tick length u8 ‖ tick;
-//! - kind 5, asset: 1 alloc ‖ owner (32) ‖ size u64 ‖ node u16; 2 write ‖
+//! - kind 5, asset: 1 alloc ‖ owner (32) ‖ size u64 ‖ id u64 ‖ name length
+//!   u8 ‖ name ‖ zone change; 2 write ‖
 //!   caller (32) ‖ id u64 ‖ offset u64 ‖ length u32 ‖ data; 3 compare-and-swap ‖
 //!   caller ‖ id ‖ offset ‖ length u32 ‖ expected ‖ length u32 ‖ new; 4 free ‖
-//!   caller ‖ id;
+//!   caller ‖ id ‖ zone change;
 //!   5 grant ‖ caller ‖ id ‖ grantee (32) ‖ access u8 (0 withdraws, 1 read, 2
 //!   write); 6 quota ‖ owner (32) ‖ memory (0, or 1 ‖ u64) ‖ storage (the same);
 //!
@@ -103,7 +104,7 @@ pub fn encode(command: &Command) -> Result<Vec<u8>, EncodeError> {
         }
         Command::Asset(change) => {
             out.push(ASSET);
-            encode_asset(change, &mut out);
+            encode_asset(change, &mut out)?;
         }
     }
     Ok(out)
@@ -177,7 +178,7 @@ fn encode_admission(change: &AdmissionChange, out: &mut Vec<u8>) {
     }
 }
 
-fn encode_asset(change: &AssetChange, out: &mut Vec<u8>) {
+fn encode_asset(change: &AssetChange, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     let long = |part: &[u8], out: &mut Vec<u8>| {
         // A request's payload is at most 64 KiB.
         out.extend_from_slice(&(part.len() as u32).to_be_bytes());
@@ -191,11 +192,22 @@ fn encode_asset(change: &AssetChange, out: &mut Vec<u8>) {
         }
     };
     match change {
-        AssetChange::Alloc { owner, size, node } => {
+        AssetChange::Alloc {
+            owner,
+            size,
+            id,
+            name,
+            zone,
+        } => {
             out.push(ASSET_ALLOC);
             out.extend_from_slice(&owner.0);
             out.extend_from_slice(&size.to_be_bytes());
-            out.extend_from_slice(&node.get().to_be_bytes());
+            out.extend_from_slice(&id.0.to_be_bytes());
+            let name = name.as_deref().unwrap_or_default();
+            let len = u8::try_from(name.len()).map_err(|_| EncodeError::Zone("a name too long"))?;
+            out.push(len);
+            out.extend_from_slice(name.as_bytes());
+            encode_zone(zone.as_ref(), out)?;
         }
         AssetChange::Write {
             caller,
@@ -223,10 +235,11 @@ fn encode_asset(change: &AssetChange, out: &mut Vec<u8>) {
             long(expected, out);
             long(new, out);
         }
-        AssetChange::Free { caller, id } => {
+        AssetChange::Free { caller, id, zone } => {
             out.push(ASSET_FREE);
             out.extend_from_slice(&caller.0);
             out.extend_from_slice(&id.0.to_be_bytes());
+            encode_zone(zone.as_ref(), out)?;
         }
         AssetChange::Grant {
             caller,
@@ -247,6 +260,7 @@ fn encode_asset(change: &AssetChange, out: &mut Vec<u8>) {
             optional(quota.storage, out);
         }
     }
+    Ok(())
 }
 
 /// [`encode`]'s output back; `None` for anything else.
@@ -355,7 +369,7 @@ fn decode_admission(r: &mut Reader<'_>) -> Option<AdmissionChange> {
 }
 
 fn decode_asset(r: &mut Reader<'_>) -> Option<AssetChange> {
-    use dataplane::assets::address::{AssetId, NodeNumber};
+    use dataplane::assets::address::AssetId;
     use dataplane::assets::memory::Owner;
     let owner = |r: &mut Reader<'_>| -> Option<Owner> { Some(Owner(r.take(32)?.try_into().ok()?)) };
     let long = |r: &mut Reader<'_>| -> Option<Vec<u8>> {
@@ -373,7 +387,12 @@ fn decode_asset(r: &mut Reader<'_>) -> Option<AssetChange> {
         ASSET_ALLOC => AssetChange::Alloc {
             owner: owner(r)?,
             size: r.u64()?,
-            node: NodeNumber::new(r.u16()?).ok()?,
+            id: AssetId(r.u64()?),
+            name: match usize::from(r.u8()?) {
+                0 => None,
+                len => Some(String::from_utf8(r.take(len)?.to_vec()).ok()?),
+            },
+            zone: decode_zone(r)?,
         },
         ASSET_WRITE => AssetChange::Write {
             caller: owner(r)?,
@@ -391,6 +410,7 @@ fn decode_asset(r: &mut Reader<'_>) -> Option<AssetChange> {
         ASSET_FREE => AssetChange::Free {
             caller: owner(r)?,
             id: AssetId(r.u64()?),
+            zone: decode_zone(r)?,
         },
         ASSET_GRANT => AssetChange::Grant {
             caller: owner(r)?,

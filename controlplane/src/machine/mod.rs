@@ -505,7 +505,12 @@ impl Machine {
                 })?;
                 Written::Admission(state.write(txn, change)?)
             }
-            Command::Asset(change) => Written::Asset(self.assets.write(txn, change)?),
+            Command::Asset(change) => {
+                let zone = self.check_zone(change.zone())?;
+                let applied = self.assets.write(txn, change)?;
+                self.write_zone(txn, zone)?;
+                Written::Asset(applied)
+            }
         })
     }
 
@@ -572,6 +577,7 @@ impl Machine {
                 Applied::Admission(applied)
             }
             (Command::Asset(change), Written::Asset(applied)) => {
+                self.absorb_zone(change.zone().cloned());
                 self.assets.absorb(change, &applied);
                 Applied::Asset(applied)
             }

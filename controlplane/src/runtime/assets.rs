@@ -9,6 +9,7 @@
 use crate::assets::{AssetApplied, AssetChange, Quota, StorageError};
 use crate::authority::api::{MALFORMED_REQUEST, STORAGE, UNAUTHORIZED};
 use crate::authority::logged::AuthorityError;
+use crate::dns::{RecordSet, ZoneChange};
 use crate::machine::Machine;
 use dataplane::assets::address::{AssetAddress, AssetId, Locator, NodeNumber};
 use dataplane::assets::memory::{MemoryAssets, Owner};
@@ -16,6 +17,9 @@ use dataplane::assets::wire::{AllocKind, AssetRequest};
 use dataplane::protocols::stoq::{ASSET_KINDS, ErrorCode};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+
+/// Where named storage assets are published: `NAME.assets.APEX`.
+pub const ASSET_NAMES: &str = "assets";
 
 /// Request kind (operator): set, reset or list asset quotas.
 pub const QUOTAS: u8 = dataplane::protocols::stoq_registry::QUOTAS;
@@ -155,13 +159,23 @@ impl AssetsRuntime {
             machine.change_assets(change).map_err(|e| self.refusal(e))
         };
         Ok(match request {
-            AssetRequest::Alloc { size, .. } => {
+            AssetRequest::Alloc { size, name, .. } => {
+                let id = machine.assets().next_id(self.node);
+                let (name, zone) = match name {
+                    None => (None, None),
+                    Some(label) => {
+                        let (name, zone) = publish(machine, owner, label, self.address(id))?;
+                        (Some(name), Some(zone))
+                    }
+                };
                 let AssetApplied::Allocated(id) = change(
                     machine,
                     AssetChange::Alloc {
                         owner: caller,
                         size,
-                        node: self.node,
+                        id,
+                        name,
+                        zone,
                     },
                 )?
                 else {
@@ -202,10 +216,13 @@ impl AssetsRuntime {
                 AssetApplied::Swapped(swapped, was) => [&[u8::from(swapped)][..], &was].concat(),
                 other => unreachable!("a compare-and-swap answered {other:?}"),
             },
-            AssetRequest::Free { .. } => match change(machine, AssetChange::Free { caller, id })? {
-                AssetApplied::Freed(bytes) => bytes.to_be_bytes().to_vec(),
-                other => unreachable!("a free answered {other:?}"),
-            },
+            AssetRequest::Free { .. } => {
+                let zone = unpublish(machine, id)?;
+                match change(machine, AssetChange::Free { caller, id, zone })? {
+                    AssetApplied::Freed(bytes) => bytes.to_be_bytes().to_vec(),
+                    other => unreachable!("a free answered {other:?}"),
+                }
+            }
             AssetRequest::Grant {
                 grantee, access, ..
             } => match change(
@@ -231,6 +248,7 @@ impl AssetsRuntime {
                             "kind": "storage",
                             "size": a.size,
                             "grants": a.grants,
+                            "name": a.name,
                         })
                     })
                     .collect();
@@ -267,6 +285,8 @@ impl AssetsRuntime {
             | StorageError::TooManyGrants
             | StorageError::IdsExhausted => ErrorCode::AssetLimit,
             StorageError::ReadLen(_) => ErrorCode::AssetRange,
+            // A single node plans on the state it applies to: not here.
+            StorageError::Stale => ErrorCode::Busy,
             StorageError::Corrupt(_) | StorageError::Storage(_) => {
                 return (STORAGE, e.to_string());
             }
@@ -339,4 +359,47 @@ impl AssetsRuntime {
             storage_used: used,
         }
     }
+}
+
+/// The zone change that publishes `address` at `LABEL.assets.APEX` for
+/// `owner`, and that name; refused when the server has no zone or the name
+/// holds records already.
+fn publish(
+    machine: &Machine,
+    owner: &Owner,
+    label: &str,
+    address: AssetAddress,
+) -> Result<(String, ZoneChange), (u16, String)> {
+    let no_zone = || {
+        (
+            ErrorCode::AssetName as u16,
+            "this server serves no DNS zone to publish an asset's name in".to_owned(),
+        )
+    };
+    let zone = machine.zone().ok_or_else(no_zone)?;
+    let name = zone
+        .qualify(&format!("{label}.{ASSET_NAMES}"))
+        .map_err(|e| (ErrorCode::Malformed as u16, e.to_string()))?;
+    if zone.get(&name).is_some() {
+        return Err((
+            ErrorCode::AssetName as u16,
+            format!("{name} is taken; choose another name"),
+        ));
+    }
+    let records = RecordSet::new(vec![address.into()], Vec::new(), Some(owner.0))
+        .map_err(|e| (ErrorCode::Malformed as u16, e.to_string()))?;
+    let change = zone
+        .plan(vec![(name.clone(), Some(records))])
+        .map_err(|e| (STORAGE, e.to_string()))?
+        .ok_or_else(no_zone)?;
+    Ok((name, change))
+}
+
+/// The zone change that removes `id`'s name, if it has one.
+fn unpublish(machine: &Machine, id: AssetId) -> Result<Option<ZoneChange>, (u16, String)> {
+    let (Some(name), Some(zone)) = (machine.assets().name_of(id), machine.zone()) else {
+        return Ok(None);
+    };
+    zone.plan(vec![(name.to_owned(), None)])
+        .map_err(|e| (STORAGE, e.to_string()))
 }

@@ -265,6 +265,7 @@ mod tests {
         let alloc = AssetRequest::Alloc {
             kind: AllocKind::Memory,
             size: 1 << 20,
+            name: None,
         };
         let (kind, address) = answer(&mut session, &caller, &alloc);
         assert_eq!(

@@ -44,8 +44,14 @@ impl AllocKind {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AssetRequest<'a> {
-    /// `kind: u8, size: u64` → the address (16 bytes).
-    Alloc { kind: AllocKind, size: u64 },
+    /// `kind: u8, size: u64`, then for storage an optional name (a DNS
+    /// label, [`NAME_LEN_MAX`] bytes at most: the asset is published as
+    /// `NAME.assets.APEX` in the zone) → the address (16 bytes).
+    Alloc {
+        kind: AllocKind,
+        size: u64,
+        name: Option<&'a str>,
+    },
     /// `address, offset: u64, len: u32` → the bytes.
     Read {
         address: AssetAddress,
@@ -93,12 +99,35 @@ pub enum WireError {
     AllocKind(u8),
     #[error("a list's payload is empty (memory assets) or 2 (storage assets), not {0}")]
     ListKind(u8),
+    #[error("only storage assets take a name (a memory asset's address ends with its lease)")]
+    NameForMemory,
+    #[error(
+        "an asset's name is one DNS label: 1 to {NAME_LEN_MAX} of a-z, 0-9 and '-', not starting or ending with '-'"
+    )]
+    Name,
     #[error("grant access {0} is not 0 (withdraw), 1 (read) or 2 (write)")]
     Access(u8),
     #[error("a read returns at most {READ_LEN_MAX} bytes, not {0}")]
     ReadLen(u32),
     #[error("not an asset request kind: {0:#04x}")]
     Kind(u8),
+}
+
+/// The longest asset name (one DNS label).
+pub const NAME_LEN_MAX: usize = 63;
+
+/// `bytes` as an asset name: one lowercase DNS label.
+pub fn label(bytes: &[u8]) -> Result<&str, WireError> {
+    let ok = (1..=NAME_LEN_MAX).contains(&bytes.len())
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes.first() != Some(&b'-')
+        && bytes.last() != Some(&b'-');
+    match ok {
+        true => std::str::from_utf8(bytes).map_err(|_| WireError::Name),
+        false => Err(WireError::Name),
+    }
 }
 
 /// A payload cut into fields, each taken once.
@@ -201,8 +230,12 @@ impl<'a> AssetRequest<'a> {
                 let mut f = Fields::new("ASSET_ALLOC", payload);
                 let kind = AllocKind::from_byte(f.take::<1>()?[0])?;
                 let size = f.u64()?;
-                f.end()?;
-                AssetRequest::Alloc { kind, size }
+                let name = match f.rest {
+                    [] => None,
+                    _ if kind == AllocKind::Memory => return Err(WireError::NameForMemory),
+                    bytes => Some(label(bytes)?),
+                };
+                AssetRequest::Alloc { kind, size, name }
             }
             ASSET_READ => {
                 let mut f = Fields::new("ASSET_READ", payload);
@@ -280,9 +313,10 @@ impl<'a> AssetRequest<'a> {
     pub fn encode(&self) -> (u8, Vec<u8>) {
         let mut out = Vec::new();
         let kind = match self {
-            AssetRequest::Alloc { kind, size } => {
+            AssetRequest::Alloc { kind, size, name } => {
                 out.push(*kind as u8);
                 out.extend_from_slice(&size.to_be_bytes());
+                out.extend_from_slice(name.unwrap_or_default().as_bytes());
                 ASSET_ALLOC
             }
             AssetRequest::Read {
@@ -358,6 +392,7 @@ mod tests {
             AssetRequest::Alloc {
                 kind: AllocKind::Memory,
                 size: 4096,
+                name: None,
             },
             AssetRequest::Read {
                 address: address(),
@@ -390,6 +425,7 @@ mod tests {
             AssetRequest::Alloc {
                 kind: AllocKind::Storage,
                 size: 1,
+                name: None,
             },
             AssetRequest::Grant {
                 address: address(),
@@ -433,6 +469,34 @@ mod tests {
     }
 
     #[test]
+    fn a_storage_allocation_may_carry_a_name_of_one_label() {
+        let named = AssetRequest::Alloc {
+            kind: AllocKind::Storage,
+            size: 1,
+            name: Some("notes-2"),
+        };
+        let (kind, payload) = named.encode();
+        assert_eq!(AssetRequest::decode(kind, &payload), Ok(named));
+        let mut head = vec![AllocKind::Storage as u8];
+        head.extend_from_slice(&1u64.to_be_bytes());
+        let long = "a".repeat(NAME_LEN_MAX + 1);
+        for bad in ["-a", "a-", "Notes", "a.b", "a b", "é", long.as_str()] {
+            let payload = [head.as_slice(), bad.as_bytes()].concat();
+            assert_eq!(
+                AssetRequest::decode(ASSET_ALLOC, &payload),
+                Err(WireError::Name),
+                "{bad:?}"
+            );
+        }
+        head[0] = AllocKind::Memory as u8;
+        let payload = [head.as_slice(), b"notes"].concat();
+        assert_eq!(
+            AssetRequest::decode(ASSET_ALLOC, &payload),
+            Err(WireError::NameForMemory)
+        );
+    }
+
+    #[test]
     fn storage_requests_are_known_by_their_identifier() {
         let storage = AssetAddress {
             locator: address().locator,
@@ -457,6 +521,7 @@ mod tests {
             AssetRequest::Alloc {
                 kind: AllocKind::Memory,
                 size: 1,
+                name: None,
             },
             AssetRequest::Read {
                 address: address(),
@@ -484,7 +549,7 @@ mod tests {
             long.push(0);
             assert!(matches!(
                 AssetRequest::decode(kind, &long),
-                Err(WireError::Length { .. })
+                Err(WireError::Length { .. } | WireError::NameForMemory)
             ));
         }
         fn odd(kind: u8, payload: &[u8]) -> Result<(), WireError> {

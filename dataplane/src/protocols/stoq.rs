@@ -107,6 +107,8 @@ pub enum ErrorCode {
     AssetLimit = 16,
     /// Asset addressing is off on this server (`nat_addressing = false`).
     AssetsOff = 17,
+    /// An asset's name is another's already (or the server has no zone).
+    AssetName = 18,
 }
 
 impl ErrorCode {
@@ -129,6 +131,7 @@ impl ErrorCode {
             15 => Some(ErrorCode::AssetQuota),
             16 => Some(ErrorCode::AssetLimit),
             17 => Some(ErrorCode::AssetsOff),
+            18 => Some(ErrorCode::AssetName),
             _ => None,
         }
     }

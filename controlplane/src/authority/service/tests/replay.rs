@@ -78,7 +78,9 @@ fn commands_replayed_on_a_fresh_store_give_the_same_store() {
         .change_assets(AssetChange::Alloc {
             owner,
             size: 100_000,
-            node,
+            id: machine.assets().next_id(node),
+            name: None,
+            zone: None,
         })
         .unwrap()
     {
