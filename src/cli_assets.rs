@@ -12,7 +12,7 @@ use dataplane::assets::wire::{AllocKind, AssetRequest, READ_LEN_MAX};
 use dataplane::client::rpc::{Framing, Reply, Request};
 use dataplane::client::{ClientTarget, rpc_framed};
 use dataplane::protocols::ALPN_STOQ;
-use dataplane::protocols::stoq::{HEADER_LEN, REQUEST_PAYLOAD_MAX, encode};
+use dataplane::protocols::stoq::{ErrorCode, HEADER_LEN, REQUEST_PAYLOAD_MAX, encode};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -232,7 +232,8 @@ pub fn asset<T: Connect>(command: &AssetCommand<T>) -> anyhow::Result<()> {
             address,
             json,
         } => {
-            let freed = free(&target.target()?, *address, target.timeout())?;
+            let body = one(target, &AssetRequest::Free { address: *address })?;
+            let freed = byte_count(&body)?;
             print(
                 *json,
                 &serde_json::json!({"address": address.to_string(), "freed_bytes": freed}),
@@ -240,15 +241,16 @@ pub fn asset<T: Connect>(command: &AssetCommand<T>) -> anyhow::Result<()> {
             )
         }
         AssetCommand::List { target, json } => {
-            let kinds = [AllocKind::Memory, AllocKind::Storage];
             let mut list: Vec<serde_json::Value> = Vec::new();
-            for body in many(
-                target,
-                kinds
-                    .iter()
-                    .map(|&kind| request(&AssetRequest::List { kind }))
-                    .collect(),
-            )? {
+            for kind in [AllocKind::Memory, AllocKind::Storage] {
+                let body = match one(target, &AssetRequest::List { kind }) {
+                    Ok(body) => body,
+                    // A cluster member serves memory assets only, so far.
+                    Err(e) if kind == AllocKind::Storage && is_code(&e, ErrorCode::AssetsOff) => {
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
                 let part: Vec<serde_json::Value> =
                     serde_json::from_slice(&body).context("the server's list is not JSON")?;
                 list.extend(part);
@@ -389,9 +391,13 @@ pub fn free(
         timeout,
     )?
     .remove(0);
+    byte_count(&body)
+}
+
+/// A `freed: u64` answer.
+fn byte_count(body: &[u8]) -> anyhow::Result<u64> {
     Ok(u64::from_be_bytes(
-        body.as_slice()
-            .try_into()
+        body.try_into()
             .context("the server's answer is not a byte count")?,
     ))
 }
@@ -429,8 +435,31 @@ pub fn free_storage(client: &ClientTarget, timeout: Duration) -> anyhow::Result<
     }
 }
 
+/// Send `requests` to the target; where it answers that the asset is held
+/// by another node (`ASSET_ELSEWHERE`) and the target is a cluster's members
+/// (several `--connect` addresses, or a cluster's name), to each other
+/// member in turn until one holds it.
 fn many<T: Connect>(target: &T, requests: Vec<Request>) -> anyhow::Result<Vec<Vec<u8>>> {
-    send(&target.target()?, requests, target.timeout())
+    let (first, members) = target.target_and_members()?;
+    let mut answered = send(&first, requests.clone(), target.timeout());
+    for member in members.into_iter().filter(|m| *m != first.remote) {
+        match &answered {
+            Err(e) if is_code(e, ErrorCode::AssetElsewhere) => {}
+            _ => break,
+        }
+        let other = ClientTarget {
+            remote: member,
+            ..first.clone()
+        };
+        answered = send(&other, requests.clone(), target.timeout());
+    }
+    answered
+}
+
+/// Whether `e` is the server's error `code` (as [`send`] words it).
+fn is_code(e: &anyhow::Error, code: ErrorCode) -> bool {
+    e.to_string()
+        .starts_with(&format!("server error {}:", code as u16))
 }
 
 /// Send `requests` (on one connection per [`REQUESTS_PER_CONNECTION`]) and

@@ -215,6 +215,10 @@ pub struct HypermeshAssets {
     pub memory_node_max_mib: u64,
     /// How long an identity's memory assets outlive its last connection.
     pub asset_lease_grace_s: u64,
+    /// This node's number among the cluster's members (0 to 4095, each
+    /// member its own): part of every identifier it hands out, and the
+    /// default locator's subnet.
+    pub node_number: u16,
     /// Durable storage an identity may hold on this node, in MiB.
     pub storage_quota_mib: u64,
     /// Storage all identities together may hold on this node, in MiB.
@@ -247,6 +251,7 @@ impl Default for HypermeshAssets {
             memory_quota_mib: 64,
             memory_node_max_mib: 4096,
             asset_lease_grace_s: dataplane::assets::memory::LEASE_GRACE.as_secs(),
+            node_number: 0,
             storage_quota_mib: 1024,
             storage_node_max_mib: 65_536,
         }
@@ -491,6 +496,7 @@ impl Resolved {
 /// Asset addressing, resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AssetSettings {
+    pub node: dataplane::assets::address::NodeNumber,
     pub locator: dataplane::assets::address::Locator,
     /// Memory an identity may hold, unless the operator set it otherwise.
     pub quota_bytes: u64,
@@ -1026,6 +1032,15 @@ impl Config {
             choices.push("asset addressing off: asset requests are refused".into());
             return Ok(None);
         }
+        let node = NodeNumber::new(h.node_number).map_err(|e| {
+            key_error(
+                file,
+                text,
+                "hypermesh_assets",
+                "node_number",
+                &e.to_string(),
+            )
+        })?;
         let locator = match &h.asset_prefix {
             Some(prefix) => {
                 let bad = || {
@@ -1046,10 +1061,7 @@ impl Config {
                 }
                 Locator::of_prefix(address)
             }
-            None => Locator::in_ula(
-                ula48(&self.trustchain_authority.dns_apex),
-                NodeNumber::new(0).expect("0 is a node number"),
-            ),
+            None => Locator::in_ula(ula48(&self.trustchain_authority.dns_apex), node),
         };
         let mib = |value: u64, key: &str| {
             value
@@ -1070,6 +1082,7 @@ impl Config {
             ));
         }
         let settings = AssetSettings {
+            node,
             locator,
             quota_bytes,
             node_bytes,
@@ -1078,7 +1091,8 @@ impl Config {
             storage_node_bytes,
         };
         choices.push(format!(
-            "asset addressing on: assets at {}/64; memory {} MiB per identity, {} MiB in all, released {} s after its last connection; storage {} MiB per identity, {} MiB in all",
+            "asset addressing on: node {}, assets at {}/64; memory {} MiB per identity, {} MiB in all, released {} s after its last connection; storage {} MiB per identity, {} MiB in all",
+            node.get(),
             std::net::Ipv6Addr::from(u128::from(locator.0) << 64),
             h.memory_quota_mib,
             h.memory_node_max_mib,

@@ -547,36 +547,27 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
     }
     // Before the control plane starts: it takes the workers' memory assets
     // (their quotas are the operator's, in its store).
-    resolved.settings.assets = match (&resolved.assets, args.bootstrap) {
-        (Some(assets), Bootstrap::Phase0) => {
-            match internet2_server::assets::reserve_blocks(&data_dir)? {
-                Some(blocks) => Some(Arc::new(
-                    dataplane::assets::memory::MemoryAssets::new(
-                        dataplane::assets::address::NodeNumber::new(0).expect("0 is a node number"),
-                        assets.locator,
-                        resolved.settings.workers,
-                        blocks,
-                        (assets.quota_bytes, assets.node_bytes),
-                    )
-                    .with_grace(assets.lease_grace),
-                )),
-                None => {
-                    tracing::warn!(
-                        file = %data_dir.join(internet2_server::assets::BLOCKS_FILE).display(),
-                        "this node has used up its asset identifiers: asset requests are refused"
-                    );
-                    None
-                }
+    resolved.settings.assets = match &resolved.assets {
+        Some(assets) => match internet2_server::assets::reserve_blocks(&data_dir)? {
+            Some(blocks) => Some(Arc::new(
+                dataplane::assets::memory::MemoryAssets::new(
+                    assets.node,
+                    assets.locator,
+                    resolved.settings.workers,
+                    blocks,
+                    (assets.quota_bytes, assets.node_bytes),
+                )
+                .with_grace(assets.lease_grace),
+            )),
+            None => {
+                tracing::warn!(
+                    file = %data_dir.join(internet2_server::assets::BLOCKS_FILE).display(),
+                    "this node has used up its asset identifiers: asset requests are refused"
+                );
+                None
             }
-        }
-        (Some(_), Bootstrap::Federated) => {
-            // Members would share node number 0 and the apex's locator.
-            tracing::warn!(
-                "asset addressing is not served by cluster members yet (each member needs its own node number and locator); asset requests are refused"
-            );
-            None
-        }
-        (None, _) => None,
+        },
+        None => None,
     };
     let mut resolver = None;
     let (control, identity) = match args.bootstrap {
@@ -617,7 +608,7 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
             let mut authority = authority;
             if let Some(assets) = &resolved.assets {
                 authority.attach_assets(
-                    dataplane::assets::address::NodeNumber::new(0).expect("0 is a node number"),
+                    assets.node,
                     assets.locator,
                     controlplane::assets::StorageLimits {
                         default_quota: assets.storage_quota_bytes,

@@ -77,6 +77,9 @@ impl AssetsRuntime {
         locator: Locator,
         memory: Option<Arc<MemoryAssets>>,
     ) -> Self {
+        if let Some(memory) = &memory {
+            memory.set_serves_storage();
+        }
         let runtime = Self {
             node,
             locator,

@@ -640,6 +640,9 @@ pub struct MemoryAssets {
     expiring: AtomicU64,
     /// The storage assets' totals, as the control plane last published them.
     storage: super::StorageGauge,
+    /// Whether the control plane serves storage assets (a single node's
+    /// does; a cluster member's not yet).
+    serves_storage: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -708,6 +711,7 @@ impl MemoryAssets {
             sweep_due_ms: AtomicU64::new(0),
             expiring: AtomicU64::new(0),
             storage: super::StorageGauge::default(),
+            serves_storage: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -727,6 +731,15 @@ impl MemoryAssets {
             lease_released_bytes: self.lease_released_bytes.load(Ordering::Relaxed),
             storage: self.storage.load(),
         }
+    }
+
+    /// The control plane serves storage assets from now on.
+    pub fn set_serves_storage(&self) {
+        self.serves_storage.store(true, Ordering::Relaxed);
+    }
+
+    pub fn serves_storage(&self) -> bool {
+        self.serves_storage.load(Ordering::Relaxed)
     }
 
     /// Where the control plane publishes the storage assets' totals.

@@ -99,6 +99,12 @@ impl AssetSession {
             ));
         }
         if request.asset_kind() == AllocKind::Storage {
+            if !assets.serves_storage() {
+                return Answer::Now(encode_error(
+                    ErrorCode::AssetsOff,
+                    "storage assets are not served by cluster members yet (memory assets are)",
+                ));
+            }
             return Answer::ControlPlane;
         }
         Answer::Now(self.answer_memory(kind, request, assets, caller))
