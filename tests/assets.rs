@@ -292,7 +292,7 @@ fn storage_assets_and_operator_quotas_survive_a_restart_on_production_defaults()
 
     // The operator's quotas: a second identity held to 100 KiB of storage
     // and 8 KiB of memory (the workers take the memory limit).
-    let (stranger, _) = issue_identity(&server, "stranger");
+    let (stranger, stranger_serial) = issue_identity(&server, "stranger");
     let stake = server
         .operator_command(Command::new(SERVER))
         .args(["stake", "grant", "--cert", stranger.to_str().unwrap()])
@@ -425,4 +425,22 @@ fn storage_assets_and_operator_quotas_survive_a_restart_on_production_defaults()
         "{}",
         String::from_utf8_lossy(&gone.stderr)
     );
+
+    // A revoked owner reaches none of its assets, durable or not; the
+    // operator's own are served as before.
+    let kept = json(&asset(&server, s, &["alloc", "storage", "4K", "--json"]));
+    let kept = kept["address"].as_str().unwrap().to_owned();
+    ok(&server.client(&["cert", "revoke", &stranger_serial]));
+    let after = asset(&server, s, &["read", &kept, "--len", "1"]);
+    assert!(
+        !after.status.success(),
+        "a revoked owner read its asset: {}",
+        String::from_utf8_lossy(&after.stdout)
+    );
+    let storage = &server.stats()["assets"]["storage"];
+    assert_eq!(
+        storage["assets"], 2,
+        "the revoked owner's assets stay, held: {storage}"
+    );
+    ok(&asset(&server, None, &["list"]));
 }
