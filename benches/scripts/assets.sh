@@ -55,3 +55,44 @@ print(f"medians: memory allocs/s {mem:.0f}, storage allocs/s {sto:.0f} "
       f"{m(lambda r: r['read_4k']['latency_us_p99'])} us, ping "
       f"{m(lambda r: r['ping_1k']['latency_us_p99'])} us")
 PY
+
+# Bulk: a 1 GiB memory asset read 16 MiB per request (4 in flight) on one
+# connection, beside a 5 s perf download, each against the same fresh
+# server in each round; server CPU (utime + stime of its process) sampled
+# around each, reported per Gbit moved (= server cores per Gbit/s).
+cpu_s() { awk '{print ($14 + $15) / 100}' "/proc/$1/stat"; }
+for round in $(seq 1 "$rounds"); do
+    data=$work/bulk$round
+    mkdir -p "$data"
+    "$bin/internet2-server" --data-dir "$data" >"$work/bulk-server$round.log" 2>&1 &
+    server=$!
+    for _ in $(seq 1 100); do
+        grep -q listening "$work/bulk-server$round.log" && break
+        sleep 0.1
+    done
+    "$bin/internet2-server" --data-dir "$data" quota set --cert "$data/operator.pem" \
+        --memory 2G >/dev/null
+    before=$(cpu_s "$server")
+    "$bin/internet2" asset-bench --ca "$data/ca.pem" --timeout-ms 20000 \
+        --allocs 1 --reads 1 --storage-allocs 0 --bulk-mib 1024 --bulk-total-mib 8192 \
+        --json "$work/bulk$round.json" >/dev/null 2>"$work/bulk-bench$round.log" \
+        || { cat "$work/bulk-bench$round.log"; exit 1; }
+    middle=$(cpu_s "$server")
+    "$bin/internet2" bench --ca "$data/ca.pem" --duration 5 \
+        --json "$work/perf$round.json" >/dev/null 2>&1
+    after=$(cpu_s "$server")
+    kill "$server"
+    wait "$server" 2>/dev/null || true
+    server=
+    python3 - "$work" "$round" "$before" "$middle" "$after" <<'PY'
+import json, sys
+work, r, before, middle, after = sys.argv[1], sys.argv[2], *map(float, sys.argv[3:])
+bulk = json.load(open(f"{work}/bulk{r}.json"))["bulk_read"]
+perf = json.load(open(f"{work}/perf{r}.json"))
+gbit_bulk = bulk["requests"] * bulk["request_bytes"] * 8 / 1e9
+gbit_perf = perf["goodput_gbps"] * perf["duration_s"]
+print(f"bulk round {r}: asset {bulk['gbps']:.2f} Gbit/s, {(middle - before) / gbit_bulk:.3f} server CPU-s per Gbit "
+      f"(the 1 GiB allocation included); perf {perf['goodput_gbps']:.2f} Gbit/s, "
+      f"{(after - middle) / gbit_perf:.3f} CPU-s per Gbit")
+PY
+done
