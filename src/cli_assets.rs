@@ -444,7 +444,9 @@ fn many<T: Connect>(target: &T, requests: Vec<Request>) -> anyhow::Result<Vec<Ve
     let mut answered = send(&first, requests.clone(), target.timeout());
     for member in members.into_iter().filter(|m| *m != first.remote) {
         match &answered {
-            Err(e) if is_code(e, ErrorCode::AssetElsewhere) => {}
+            // Another node's asset, or a member out of reach (the
+            // server's own refusals are answers: they stop the search).
+            Err(e) if is_code(e, ErrorCode::AssetElsewhere) || !is_server_error(e) => {}
             _ => break,
         }
         let other = ClientTarget {
@@ -454,6 +456,11 @@ fn many<T: Connect>(target: &T, requests: Vec<Request>) -> anyhow::Result<Vec<Ve
         answered = send(&other, requests.clone(), target.timeout());
     }
     answered
+}
+
+/// Whether `e` is an error the server answered (as [`send`] words it).
+fn is_server_error(e: &anyhow::Error) -> bool {
+    e.to_string().starts_with("server error ")
 }
 
 /// Whether `e` is the server's error `code` (as [`send`] words it).

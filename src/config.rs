@@ -217,8 +217,9 @@ pub struct HypermeshAssets {
     pub asset_lease_grace_s: u64,
     /// This node's number among the cluster's members (0 to 4095, each
     /// member its own): part of every identifier it hands out, and the
-    /// default locator's subnet.
-    pub node_number: u16,
+    /// default locator's subnet. A single node's default is 0; a cluster
+    /// member serves assets only with one set.
+    pub node_number: Option<u16>,
     /// Durable storage an identity may hold on this node, in MiB.
     pub storage_quota_mib: u64,
     /// Storage all identities together may hold on this node, in MiB.
@@ -251,7 +252,7 @@ impl Default for HypermeshAssets {
             memory_quota_mib: 64,
             memory_node_max_mib: 4096,
             asset_lease_grace_s: dataplane::assets::memory::LEASE_GRACE.as_secs(),
-            node_number: 0,
+            node_number: None,
             storage_quota_mib: 1024,
             storage_node_max_mib: 65_536,
         }
@@ -497,6 +498,8 @@ impl Resolved {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AssetSettings {
     pub node: dataplane::assets::address::NodeNumber,
+    /// Whether the file set `node_number` (a cluster member needs it).
+    pub node_set: bool,
     pub locator: dataplane::assets::address::Locator,
     /// Memory an identity may hold, unless the operator set it otherwise.
     pub quota_bytes: u64,
@@ -1032,7 +1035,7 @@ impl Config {
             choices.push("asset addressing off: asset requests are refused".into());
             return Ok(None);
         }
-        let node = NodeNumber::new(h.node_number).map_err(|e| {
+        let node = NodeNumber::new(h.node_number.unwrap_or(0)).map_err(|e| {
             key_error(
                 file,
                 text,
@@ -1083,6 +1086,7 @@ impl Config {
         }
         let settings = AssetSettings {
             node,
+            node_set: h.node_number.is_some(),
             locator,
             quota_bytes,
             node_bytes,

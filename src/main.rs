@@ -548,6 +548,13 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
     // Before the control plane starts: it takes the workers' memory assets
     // (their quotas are the operator's, in its store).
     resolved.settings.assets = match &resolved.assets {
+        Some(assets) if args.bootstrap == Bootstrap::Federated && !assets.node_set => {
+            // Members would share node 0's identifiers and locator.
+            tracing::warn!(
+                "asset addressing on a cluster member needs [hypermesh_assets] node_number (each member its own, 0 to 4095); asset requests are refused"
+            );
+            None
+        }
         Some(assets) => match internet2_server::assets::reserve_blocks(&data_dir)? {
             Some(blocks) => Some(Arc::new(
                 dataplane::assets::memory::MemoryAssets::new(

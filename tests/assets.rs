@@ -404,6 +404,22 @@ fn storage_assets_and_operator_quotas_survive_a_restart_on_production_defaults()
         18,
         "taken",
     );
+    // Nor through DNS: names under assets.APEX are the assets' (and the
+    // operator's).
+    let squat = server.client(&[
+        "dns",
+        "add",
+        "notes.assets",
+        "--address",
+        "fd71:7e57::66",
+        "--identity",
+        stranger.to_str().unwrap(),
+    ]);
+    let why = String::from_utf8_lossy(&squat.stderr);
+    assert!(
+        !squat.status.success() && why.contains("is an asset's name"),
+        "{why}"
+    );
     let memory_named = asset(&server, None, &["alloc", "memory", "4K", "--name", "x"]);
     assert!(
         String::from_utf8_lossy(&memory_named.stderr).contains("only storage assets take a name")
@@ -426,8 +442,8 @@ fn storage_assets_and_operator_quotas_survive_a_restart_on_production_defaults()
         String::from_utf8_lossy(&gone.stderr)
     );
 
-    // A revoked owner reaches none of its assets, durable or not; the
-    // operator's own are served as before.
+    // A revoked owner reaches its storage assets no more; the operator's
+    // own are served as before.
     let kept = json(&asset(&server, s, &["alloc", "storage", "4K", "--json"]));
     let kept = kept["address"].as_str().unwrap().to_owned();
     ok(&server.client(&["cert", "revoke", &stranger_serial]));

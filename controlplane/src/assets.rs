@@ -52,6 +52,9 @@ pub const STORAGE_SIZE_MAX: u64 = 1 << 40;
 /// Storage assets a node holds, all owners together: each is a record in
 /// the control plane's memory, loaded at every start.
 pub const STORAGE_ASSETS_NODE_MAX: usize = 1 << 22;
+/// Named storage assets one owner may hold: each name is one of the
+/// zone's (at most 65,536 for every use).
+pub const NAMED_PER_OWNER_MAX: usize = 64;
 /// The most bytes one storage read returns: 64 of them may wait in one
 /// group commit's answers, so a group holds at most 16 MiB of them, and a
 /// connection's answers waiting to be sent stay near the bound a memory
@@ -191,6 +194,8 @@ pub enum StorageError {
     TooManyGrants,
     #[error("every storage identifier has been handed out")]
     IdsExhausted,
+    #[error("at most {NAMED_PER_OWNER_MAX} named storage assets per owner")]
+    TooManyNames,
     #[error("another storage asset was allocated since this one was planned; retry")]
     Stale,
     #[error("the stored asset records are corrupt: {0}")]
@@ -345,6 +350,8 @@ pub struct StorageInfo {
 pub struct StorageAssets {
     records: HashMap<AssetId, Record>,
     by_owner: HashMap<Owner, BTreeSet<AssetId>>,
+    /// How many of each owner's assets have a name.
+    named: HashMap<Owner, usize>,
     /// Each owner's charge (sizes, overheads and grants).
     used: HashMap<Owner, u64>,
     quotas: BTreeMap<Owner, Quota>,
@@ -412,6 +419,9 @@ impl StorageAssets {
     }
 
     fn take(&mut self, id: AssetId, record: Record) {
+        if record.name.is_some() {
+            *self.named.entry(record.owner).or_default() += 1;
+        }
         *self.used.entry(record.owner).or_default() += record.charge();
         self.charged += record.charge();
         self.bytes += record.size;
@@ -484,6 +494,11 @@ impl StorageAssets {
                 }
             })
             .collect()
+    }
+
+    /// How many of `owner`'s assets have a name.
+    fn named_by(&self, owner: &Owner) -> usize {
+        self.named.get(owner).copied().unwrap_or(0)
     }
 
     /// The name `id` is published at, if it has one and exists.
@@ -585,6 +600,9 @@ impl StorageAssets {
                 }
                 if self.records.len() >= STORAGE_ASSETS_NODE_MAX {
                     return Err(StorageError::NodeAssetsFull);
+                }
+                if name.is_some() && self.named_by(owner) >= NAMED_PER_OWNER_MAX {
+                    return Err(StorageError::TooManyNames);
                 }
                 if self.by_owner.get(owner).map_or(0, BTreeSet::len) as u64 >= ASSETS_PER_OWNER_MAX
                 {
@@ -723,6 +741,14 @@ impl StorageAssets {
             }
             (AssetChange::Free { id, .. }, AssetApplied::Freed(_)) => {
                 if let Some(record) = self.records.remove(&id) {
+                    if record.name.is_some()
+                        && let Some(named) = self.named.get_mut(&record.owner)
+                    {
+                        *named -= 1;
+                        if *named == 0 {
+                            self.named.remove(&record.owner);
+                        }
+                    }
                     self.release(&record.owner, record.charge());
                     self.bytes -= record.size;
                     self.freed_assets += 1;

@@ -76,7 +76,8 @@ fn kind(e: crate::authority::logged::AuthorityError) -> AuthorityErrorKind {
             | StorageError::Size(_)
             | StorageError::TooManyGrants
             | StorageError::IdsExhausted
-            | StorageError::NodeAssetsFull => Limit,
+            | StorageError::NodeAssetsFull
+            | StorageError::TooManyNames => Limit,
             StorageError::ReadLen(_) => Range,
             other => Other(other.to_string()),
         },
@@ -354,4 +355,46 @@ fn storage_identifiers_and_records_round_trip_and_bad_ones_are_refused() {
     };
     assert_eq!(decode_quota(&encode_quota(&quota)), Some(quota));
     assert_eq!(decode_quota(&[4; 17]), None);
+}
+
+#[test]
+fn an_owner_names_at_most_its_share_of_the_zone_and_a_free_gives_one_back() {
+    let dir = TempDir::new("assets-names");
+    let mut machine = open(&dir);
+    let named = |machine: &mut Machine, n: usize| {
+        machine.change_assets(AssetChange::Alloc {
+            owner: OWNER,
+            size: 1,
+            id: machine.assets().next_id(node()),
+            name: Some(format!("a{n}.assets.internet2.test.")),
+            zone: None,
+        })
+    };
+    let mut first = None;
+    for n in 0..NAMED_PER_OWNER_MAX {
+        let applied = named(&mut machine, n).unwrap();
+        first.get_or_insert(applied);
+    }
+    assert!(matches!(
+        named(&mut machine, NAMED_PER_OWNER_MAX),
+        Err(crate::authority::logged::AuthorityError::Asset(
+            StorageError::TooManyNames
+        ))
+    ));
+    assert_eq!(
+        alloc(&mut machine, OWNER, 1).map(|_| ()),
+        Ok(()),
+        "unnamed ones go on"
+    );
+    let Some(AssetApplied::Allocated(id)) = first else {
+        panic!("no first asset");
+    };
+    machine
+        .change_assets(AssetChange::Free {
+            caller: OWNER,
+            id,
+            zone: None,
+        })
+        .unwrap();
+    named(&mut machine, NAMED_PER_OWNER_MAX).unwrap();
 }

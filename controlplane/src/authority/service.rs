@@ -1564,6 +1564,12 @@ impl AuthorityService {
                 "{name} is the server's own name; only the operator may change it"
             )));
         }
+        let assets = format!(".{}.{}", crate::runtime::assets::ASSET_NAMES, zone.apex());
+        if name.ends_with(&assets) {
+            return Err(unauthorized(format!(
+                "{name} is an asset's name: it is set by `asset alloc --name` and removed by the asset's free; only the operator may change it otherwise"
+            )));
+        }
         if !who.facts.carries_dns(&name) {
             return Err(unauthorized(format!(
                 "your certificate does not carry the name {:?} (as its CN or a DNS name); \

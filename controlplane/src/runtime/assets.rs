@@ -220,7 +220,7 @@ impl AssetsRuntime {
                 other => unreachable!("a compare-and-swap answered {other:?}"),
             },
             AssetRequest::Free { .. } => {
-                let zone = unpublish(machine, id)?;
+                let zone = unpublish(machine, owner, self.address(id))?;
                 match change(machine, AssetChange::Free { caller, id, zone })? {
                     AssetApplied::Freed(bytes) => bytes.to_be_bytes().to_vec(),
                     other => unreachable!("a free answered {other:?}"),
@@ -286,7 +286,8 @@ impl AssetsRuntime {
             | StorageError::NodeAssetsFull
             | StorageError::Size(_)
             | StorageError::TooManyGrants
-            | StorageError::IdsExhausted => ErrorCode::AssetLimit,
+            | StorageError::IdsExhausted
+            | StorageError::TooManyNames => ErrorCode::AssetLimit,
             StorageError::ReadLen(_) => ErrorCode::AssetRange,
             // A single node plans on the state it applies to: not here.
             StorageError::Stale => ErrorCode::Busy,
@@ -398,11 +399,23 @@ fn publish(
     Ok((name, change))
 }
 
-/// The zone change that removes `id`'s name, if it has one.
-fn unpublish(machine: &Machine, id: AssetId) -> Result<Option<ZoneChange>, (u16, String)> {
-    let (Some(name), Some(zone)) = (machine.assets().name_of(id), machine.zone()) else {
+/// The zone change that removes `id`'s name, if it has one and the name
+/// still holds what the asset published (its address, its owner's key): a
+/// name the operator changed since is left as it is.
+fn unpublish(
+    machine: &Machine,
+    owner: &Owner,
+    address: AssetAddress,
+) -> Result<Option<ZoneChange>, (u16, String)> {
+    let (Some(name), Some(zone)) = (machine.assets().name_of(address.id), machine.zone()) else {
         return Ok(None);
     };
+    let published = zone.get(name).is_some_and(|records| {
+        records.owner() == Some(owner.0) && records.aaaa() == [std::net::Ipv6Addr::from(address)]
+    });
+    if !published {
+        return Ok(None);
+    }
     zone.plan(vec![(name.to_owned(), None)])
         .map_err(|e| (STORAGE, e.to_string()))
 }
