@@ -270,17 +270,7 @@ impl Cluster {
     /// `internet2 ARGS` in member `n`'s namespace, at member `n`, as the
     /// operator.
     fn at_member(&self, n: usize, args: &[&str]) -> std::process::Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.members[n].ns, CLIENT])
-            .args(args)
-            .arg("--connect")
-            .arg(self.members[n].address())
-            .arg("--ca")
-            .arg(self.ca())
-            .arg("--identity")
-            .arg(self.identity())
-            .output()
-            .unwrap()
+        self.client_at(n, &self.members[n].address(), args)
     }
 
     fn status_from(&self, n: usize) -> Result<serde_json::Value, String> {

@@ -16,15 +16,20 @@ cleanup() {
     rm -rf "$work"
 }
 trap cleanup EXIT
-for round in $(seq 1 "$rounds"); do
-    data=$work/data$round
-    mkdir -p "$data"
-    "$bin/internet2-server" --data-dir "$data" >"$work/server$round.log" 2>&1 &
+# A fresh development server on data directory $1, logging to $2; sets
+# $server once it listens.
+start_server() {
+    mkdir -p "$1"
+    "$bin/internet2-server" --data-dir "$1" >"$2" 2>&1 &
     server=$!
     for _ in $(seq 1 100); do
-        grep -q listening "$work/server$round.log" && break
+        grep -q listening "$2" && break
         sleep 0.1
     done
+}
+for round in $(seq 1 "$rounds"); do
+    data=$work/data$round
+    start_server "$data" "$work/server$round.log"
     "$bin/internet2" asset-bench --ca "$data/ca.pem" --timeout-ms 20000 \
         --json "$work/round$round.json" >/dev/null 2>"$work/bench$round.log" \
         || { cat "$work/bench$round.log" "$work/server$round.log"; exit 1; }
@@ -63,13 +68,7 @@ PY
 cpu_s() { awk '{print ($14 + $15) / 100}' "/proc/$1/stat"; }
 for round in $(seq 1 "$rounds"); do
     data=$work/bulk$round
-    mkdir -p "$data"
-    "$bin/internet2-server" --data-dir "$data" >"$work/bulk-server$round.log" 2>&1 &
-    server=$!
-    for _ in $(seq 1 100); do
-        grep -q listening "$work/bulk-server$round.log" && break
-        sleep 0.1
-    done
+    start_server "$data" "$work/bulk-server$round.log"
     "$bin/internet2-server" --data-dir "$data" quota set --cert "$data/operator.pem" \
         --memory 2G >/dev/null
     before=$(cpu_s "$server")
