@@ -34,6 +34,26 @@ fn refused(out: &Output, code: u16, needle: &str) {
     );
 }
 
+/// Write `file` into the asset at `address` from offset 1000.
+fn write_at_1000(server: &Server, address: &str, file: &Path) {
+    let file = file.to_str().unwrap();
+    ok(&asset(
+        server,
+        None,
+        &["write", address, "--offset", "1000", "--in", file],
+    ));
+}
+
+/// The 150,001 bytes from offset 1000 of `address`, read into `back`.
+fn read_written(server: &Server, address: &str, back: &Path) -> Vec<u8> {
+    let back_path = back.to_str().unwrap();
+    let args = [
+        "read", address, "--offset", "1000", "--len", "150001", "--out", back_path,
+    ];
+    ok(&asset(server, None, &args));
+    std::fs::read(back).unwrap()
+}
+
 fn json(out: &Output) -> serde_json::Value {
     serde_json::from_str(&ok(out)).expect("JSON")
 }
@@ -54,29 +74,9 @@ fn memory_assets_on_production_defaults() {
     ));
     let address = alloc["address"].as_str().unwrap().to_owned();
     let a = address.as_str();
-    ok(&asset(
-        &server,
-        None,
-        &[
-            "write",
-            a,
-            "--offset",
-            "1000",
-            "--in",
-            file.to_str().unwrap(),
-        ],
-    ));
+    write_at_1000(&server, a, &file);
     let back = dir.join("out.bin");
-    let read_back = || {
-        let out = ["--out", back.to_str().unwrap()];
-        let args = [
-            &["read", a, "--offset", "1000", "--len", "150001"][..],
-            &out,
-        ]
-        .concat();
-        ok(&asset(&server, None, &args));
-        std::fs::read(&back).unwrap()
-    };
+    let read_back = || read_written(&server, a, &back);
     assert_eq!(read_back(), data);
     let head = asset(&server, None, &["read", a, "--len", "1000"]);
     assert_eq!(
@@ -221,29 +221,9 @@ fn storage_assets_and_operator_quotas_survive_a_restart_on_production_defaults()
     assert_eq!(alloc["kind"], "storage");
     let address = alloc["address"].as_str().unwrap().to_owned();
     let a = address.as_str();
-    ok(&asset(
-        &server,
-        None,
-        &[
-            "write",
-            a,
-            "--offset",
-            "1000",
-            "--in",
-            file.to_str().unwrap(),
-        ],
-    ));
+    write_at_1000(&server, a, &file);
     let back = dir.join("out.bin");
-    let read_back = |server: &Server| {
-        let out = ["--out", back.to_str().unwrap()];
-        let args = [
-            &["read", a, "--offset", "1000", "--len", "150001"][..],
-            &out,
-        ]
-        .concat();
-        ok(&asset(server, None, &args));
-        std::fs::read(&back).unwrap()
-    };
+    let read_back = |server: &Server| read_written(server, a, &back);
     assert_eq!(read_back(&server), data);
     let head = asset(&server, None, &["read", a, "--len", "1000"]);
     assert_eq!(

@@ -830,6 +830,8 @@ fn bad_and_unread_asset_requests_from_aioquic_change_nothing() {
         "free_empty",
         "header_only",
         "list_memory_as_a_byte",
+        "storage_alloc_bad_name",
+        "memory_alloc_named",
     ] {
         assert_eq!(code(name), malformed, "{name}: {result}");
     }

@@ -501,6 +501,11 @@ impl StorageAssets {
         self.named.get(owner).copied().unwrap_or(0)
     }
 
+    /// The quotas the operator set for `owner` (none: the defaults).
+    pub fn quota_of(&self, owner: &Owner) -> Quota {
+        self.quotas.get(owner).copied().unwrap_or_default()
+    }
+
     /// The name `id` is published at, if it has one and exists.
     pub fn name_of(&self, id: AssetId) -> Option<&str> {
         self.records.get(&id)?.name.as_deref()
@@ -562,15 +567,7 @@ impl StorageAssets {
             return Err(StorageError::ReadLen(len));
         }
         self.checked(who, id, offset, len, false)?;
-        let chunks = txn.open_table(CHUNKS)?;
-        let mut out = vec![0u8; len as usize];
-        for_chunks(offset, len, |chunk, within, at, n| {
-            if let Some(stored) = chunks.get((id.0, chunk))? {
-                copy_from_chunk(stored.value(), within, &mut out[at..at + n]);
-            }
-            Ok(())
-        })?;
-        Ok(out)
+        read_chunks(&txn.open_table(CHUNKS)?, id, offset, len as usize)
     }
 
     /// Check `change` against the state and write its rows in `txn` (the
@@ -644,7 +641,7 @@ impl StorageAssets {
                     });
                 }
                 self.checked(caller, *id, *offset, new.len() as u64, true)?;
-                let was = read_in_write(txn, *id, *offset, new.len())?;
+                let was = read_chunks(&txn.open_table(CHUNKS)?, *id, *offset, new.len())?;
                 let swapped = was == *expected;
                 if swapped {
                     write_bytes(txn, *id, *offset, new)?;
@@ -878,14 +875,14 @@ fn write_bytes(
     })
 }
 
-/// Bytes `offset..offset + len` of `id` as `txn` has them.
-fn read_in_write(
-    txn: &WriteTransaction,
+/// Bytes `offset..offset + len` of `id` from `chunks` (of a read or the
+/// write transaction).
+fn read_chunks(
+    chunks: &impl ReadableTable<(u64, u64), &'static [u8]>,
     id: AssetId,
     offset: u64,
     len: usize,
 ) -> Result<Vec<u8>, StorageError> {
-    let chunks = txn.open_table(CHUNKS)?;
     let mut out = vec![0u8; len];
     for_chunks(offset, len as u64, |chunk, within, at, n| {
         if let Some(stored) = chunks.get((id.0, chunk))? {

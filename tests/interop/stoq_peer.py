@@ -458,6 +458,8 @@ async def asset_kinds(args) -> dict:
         "header_only": bytes([VERSION, KIND_ASSET_READ, 0]),
         # Storage: handed on to the control plane, refused there.
         "storage_alloc_empty": frame(KIND_ASSET_ALLOC, bytes([2]) + u64(0)),
+        "storage_alloc_bad_name": frame(KIND_ASSET_ALLOC, bytes([2]) + u64(1) + b"-notes."),
+        "memory_alloc_named": frame(KIND_ASSET_ALLOC, bytes([1]) + u64(1) + b"notes"),
         "storage_read_forged": frame(KIND_ASSET_READ, forged_storage + u64(0) + u32(16)),
         "storage_write_forged": frame(KIND_ASSET_WRITE, forged_storage + u64(0) + b"x"),
         "list_memory_as_a_byte": frame(KIND_ASSET_LIST, bytes([1])),

@@ -329,13 +329,7 @@ impl AssetsRuntime {
                     ));
                 }
                 let owner = identity(&text)?;
-                let now = machine
-                    .assets()
-                    .quotas()
-                    .into_iter()
-                    .find(|(o, _, _)| *o == owner)
-                    .map(|(_, q, _)| q)
-                    .unwrap_or_default();
+                let now = machine.assets().quota_of(&owner);
                 let quota = Quota {
                     memory: memory.or(now.memory),
                     storage: storage.or(now.storage),
