@@ -12,6 +12,11 @@
 //! 4. durable storage allocations per second with many in flight (each
 //!    answered once its group commit is on disk), then a 4 KiB storage
 //!    read one at a time; the storage assets are freed at the end.
+//!
+//! Given a second member of the same cluster (`through`), phases 2 and 3
+//! also run through it, reading the same assets: each request is proxied
+//! to the member that holds them, beside the direct figures of the same
+//! run.
 
 use crate::cli_assets::{alloc, free, free_storage, storage_assets};
 
@@ -37,6 +42,8 @@ pub struct AssetBenchPlan {
     pub bulk_total_bytes: u64,
     /// Storage allocations in phase 4 (0 skips the phase).
     pub storage_allocs: u64,
+    /// Another member of the target's cluster, which proxies.
+    pub through: Option<std::net::SocketAddr>,
 }
 
 pub fn run(target: &ClientTarget, plan: &AssetBenchPlan) -> anyhow::Result<serde_json::Value> {
@@ -81,6 +88,34 @@ pub fn run(target: &ClientTarget, plan: &AssetBenchPlan) -> anyhow::Result<serde
         &config,
         plan_of(PING, Bytes::from(vec![7u8; 1024]), plan.reads, 1),
     )?)?;
+    let proxy = plan.through.map(|remote| ClientTarget {
+        remote,
+        ..target.clone()
+    });
+    let through = |request: &AssetRequest<'_>, total: u64, concurrency: usize| {
+        let proxy = proxy.as_ref().expect("only called with a proxy");
+        let (kind, payload) = request.encode();
+        checked(client::run_load(
+            proxy,
+            &config,
+            plan_of(kind, Bytes::from(payload), total, concurrency),
+        )?)
+    };
+    let proxied_reads = match &proxy {
+        Some(proxy) => {
+            eprintln!(
+                "asset-bench: {} reads of 4 KiB through {}, one at a time",
+                plan.reads, proxy.remote
+            );
+            let read = AssetRequest::Read {
+                address: small,
+                offset: 0,
+                len: 4096,
+            };
+            Some(through(&read, plan.reads, 1)?)
+        }
+        None => None,
+    };
 
     let bulk = alloc(target, AllocKind::Memory, plan.bulk_bytes, timeout)?;
     let chunk = plan.bulk_bytes.min(u64::from(READ_LEN_MAX)) as u32;
@@ -98,9 +133,21 @@ pub fn run(target: &ClientTarget, plan: &AssetBenchPlan) -> anyhow::Result<serde
         bulk_requests,
         4,
     )?;
-    let gbps = bulk_reads.ok as f64 * f64::from(chunk) * 8.0
-        / bulk_reads.elapsed.as_secs_f64().max(1e-9)
-        / 1e9;
+    let gbps = |report: &LoadReport| {
+        report.ok as f64 * f64::from(chunk) * 8.0 / report.elapsed.as_secs_f64().max(1e-9) / 1e9
+    };
+    let proxied_bulk = match &proxy {
+        Some(proxy) => {
+            eprintln!("asset-bench: the same reads through {}", proxy.remote);
+            let read = AssetRequest::Read {
+                address: bulk,
+                offset: 0,
+                len: chunk,
+            };
+            Some(through(&read, bulk_requests, 4)?)
+        }
+        None => None,
+    };
     for address in [small, bulk] {
         free(target, address, timeout)?;
     }
@@ -164,9 +211,14 @@ pub fn run(target: &ClientTarget, plan: &AssetBenchPlan) -> anyhow::Result<serde
         "bulk_read": {
             "requests": bulk_reads.ok,
             "request_bytes": chunk,
-            "gbps": gbps,
+            "gbps": gbps(&bulk_reads),
             "latency_us_p50": bulk_reads.latency_us.value_at_quantile(0.50),
         },
+        "proxied": proxy.as_ref().map(|proxy| json!({
+            "through": proxy.remote.to_string(),
+            "read_4k": proxied_reads.as_ref().map(phase),
+            "bulk_read_gbps": proxied_bulk.as_ref().map(gbps),
+        })),
         "alloc_size": plan.alloc_size,
         "concurrency": plan.concurrency,
     }))

@@ -12,18 +12,16 @@ use dataplane::assets::wire::{AllocKind, AssetRequest, READ_LEN_MAX};
 use dataplane::client::rpc::{Framing, Reply, Request};
 use dataplane::client::{ClientTarget, rpc_framed};
 use dataplane::protocols::ALPN_STOQ;
-use dataplane::protocols::stoq::{ErrorCode, HEADER_LEN, REQUEST_PAYLOAD_MAX, encode};
+use dataplane::protocols::stoq::{ErrorCode, encode};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Data bytes per `ASSET_WRITE` (the request's limit less its address and
-/// offset).
-const WRITE_CHUNK: usize = REQUEST_PAYLOAD_MAX - 24;
+/// Data bytes per `ASSET_WRITE`: the most one carries.
+const WRITE_CHUNK: usize = dataplane::assets::wire::WRITE_LEN_MAX;
 /// Requests sent on one connection at a time (what the server lets one
 /// connection have waiting at its control plane).
 const REQUESTS_PER_CONNECTION: usize = dataplane::protocols::stoq::FORWARDED_PER_CONNECTION_MAX;
-const _: () = assert!(HEADER_LEN + 24 + WRITE_CHUNK <= HEADER_LEN + REQUEST_PAYLOAD_MAX);
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum AllocKindArg {

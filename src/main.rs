@@ -644,6 +644,7 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
                     init: args.cluster_init,
                     backend: resolved.settings.backend,
                     transport: resolved.settings.transport.clone(),
+                    assets: resolved.settings.assets.clone(),
                 },
             };
             let (control, published) =
@@ -791,6 +792,11 @@ fn cluster_node(
             &name,
             &address,
             &service_config.server_names,
+            resolved
+                .settings
+                .assets
+                .as_ref()
+                .map(|assets| assets.locator().0),
         )
         .map_err(|e| anyhow::anyhow!("cannot join the cluster through {via}: {e}"))?;
         eprintln!(

@@ -36,6 +36,14 @@ impl Member {
     /// Start (or restart) the member's server with `args` after
     /// `--bootstrap federated`; waits for its `listening` line.
     fn start(&mut self, args: &[&str]) {
+        if let Err(why) = self.try_start(args) {
+            panic!("{why}");
+        }
+    }
+
+    /// [`Self::start`], or why the server did not start (it exited, or
+    /// printed no `listening` line within 60 s: then it is killed).
+    fn try_start(&mut self, args: &[&str]) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -75,13 +83,17 @@ impl Member {
             for _ in lines {}
         });
         let line = rx.recv_timeout(Duration::from_secs(60));
-        assert!(
-            line.as_ref().is_ok_and(|l| l.starts_with("listening on")),
-            "{} did not start ({line:?}):\n{}",
-            self.ns,
-            self.log()
-        );
+        if !line.as_ref().is_ok_and(|l| l.starts_with("listening on")) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "{} did not start ({line:?}):\n{}",
+                self.ns,
+                self.log()
+            ));
+        }
         self.child = Some(child);
+        Ok(())
     }
 
     fn kill9(&mut self) {
@@ -213,13 +225,19 @@ impl Cluster {
         self.members[0].start(&["--cluster-init"]);
         let mut spent = Vec::new();
         for (n, via) in [(1, 0), (2, 1)] {
-            let token = self.members[0].operator(&["cluster", "join-token"]);
-            let via = self.members[via].address();
-            self.members[n].start(&["--join", &via, "--join-token", &token]);
-            spent.push(token);
+            spent.push(self.join(n, via).unwrap_or_else(|why| panic!("{why}")));
         }
         self.wait_for_voters(3);
         spent
+    }
+
+    /// Start member `n` joining through member `via` with a new token;
+    /// the token, or why it did not start.
+    fn join(&mut self, n: usize, via: usize) -> Result<String, String> {
+        let token = self.members[0].operator(&["cluster", "join-token"]);
+        let via = self.members[via].address();
+        self.members[n].try_start(&["--join", &via, "--join-token", &token])?;
+        Ok(token)
     }
 
     /// Wait (up to 60 s) until a member reports `n` voters.
@@ -255,6 +273,18 @@ impl Cluster {
     /// `internet2 ARGS` in member `n`'s namespace with `--connect
     /// connect`, as the operator.
     fn client_at(&self, n: usize, connect: &str, args: &[&str]) -> std::process::Output {
+        self.client_as(n, connect, &self.identity(), args)
+    }
+
+    /// `internet2 ARGS` in member `n`'s namespace with `--connect
+    /// connect`, as `identity`.
+    fn client_as(
+        &self,
+        n: usize,
+        connect: &str,
+        identity: &std::path::Path,
+        args: &[&str],
+    ) -> std::process::Output {
         Command::new("ip")
             .args(["netns", "exec", &self.members[n].ns, CLIENT])
             .args(args)
@@ -262,7 +292,7 @@ impl Cluster {
             .arg("--ca")
             .arg(self.ca())
             .arg("--identity")
-            .arg(self.identity())
+            .arg(identity)
             .output()
             .unwrap()
     }
@@ -1037,15 +1067,46 @@ fn first_member_alone(tag: &str, wrapper: &[&str]) -> Server {
 }
 
 /// Memory assets on a cluster: each member hands out identifiers with its
-/// own node number under its own locator; a member asked for another's
-/// asset answers ASSET_ELSEWHERE, and a client given the members finds the
-/// holder. Storage is refused by name on members.
+/// own node number under its own locator, which the membership records
+/// (a member whose locator is another's is refused at its join); a member
+/// asked for another's asset proxies the request to the holder, for the
+/// caller's identity. Storage is refused by name on members.
 #[test]
-fn memory_assets_live_on_their_member_and_a_client_finds_them_through_any() {
+fn memory_assets_live_on_their_member_and_any_member_proxies_to_it() {
     let Some(mut cluster) = Cluster::create("assets") else {
         return;
     };
-    cluster.form();
+    cluster.members[0].start(&["--cluster-init"]);
+    cluster.join(1, 0).unwrap();
+    // Member 3 configured with member 1's node number: refused.
+    let config = cluster.members[2].dir.join("server.toml");
+    let own = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, own.replace("node_number = 3", "node_number = 1")).unwrap();
+    let why = cluster.join(2, 1).unwrap_err();
+    assert!(
+        why.contains("asset locator") && why.contains("is m1 "),
+        "{why}"
+    );
+    std::fs::write(&config, own).unwrap();
+    cluster.join(2, 0).unwrap();
+    cluster.wait_for_voters(3);
+    let status = cluster.status_from(2).unwrap();
+    let locators: Vec<_> = status["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["asset_locator"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert!(
+        locators.iter().all(|l| l.ends_with("::/64")) && {
+            let mut unique = locators.clone();
+            unique.sort();
+            unique.dedup();
+            unique.len() == 3
+        },
+        "{status}"
+    );
+
     let alloc = cluster.at_member(0, &["asset", "alloc", "memory", "4K", "--json"]);
     let alloc: serde_json::Value = serde_json::from_str(ok(&alloc).trim()).unwrap();
     let address = alloc["address"].as_str().unwrap().to_owned();
@@ -1061,24 +1122,69 @@ fn memory_assets_live_on_their_member_and_a_client_finds_them_through_any() {
     std::fs::write(&file, b"abc").unwrap();
     ok(&cluster.at_member(0, &["asset", "write", a, "--in", file.to_str().unwrap()]));
 
-    // Member 2 alone: not its asset.
-    let other = cluster.at_member(1, &["asset", "read", a, "--len", "3"]);
-    let why = String::from_utf8_lossy(&other.stderr);
+    // Member 2 alone, asked for member 1's asset: proxied.
+    let read = cluster.at_member(1, &["asset", "read", a, "--len", "3"]);
+    assert_eq!(ok(&read).as_bytes(), b"abc");
+    // Written through member 3, read back at the holder.
+    std::fs::write(&file, b"xyz").unwrap();
+    ok(&cluster.at_member(
+        2,
+        &[
+            "asset",
+            "write",
+            a,
+            "--offset",
+            "1",
+            "--in",
+            file.to_str().unwrap(),
+        ],
+    ));
+    let read = cluster.at_member(0, &["asset", "read", a, "--len", "4"]);
+    assert_eq!(ok(&read).as_bytes(), b"axyz");
+    // Another identity, through a proxy: the holder sees who it is.
+    cluster
+        .enroll(1, &cluster.members[1].address(), "stranger")
+        .unwrap();
+    let stranger = cluster.members[1].dir.join("stranger.pem");
+    let granted = Command::new("ip")
+        .args(["netns", "exec", &cluster.members[0].ns, SERVER])
+        .arg("--config")
+        .arg(cluster.members[0].dir.join("server.toml"))
+        .arg("--data-dir")
+        .arg(&cluster.members[0].dir)
+        .args(["stake", "grant", "--cert", stranger.to_str().unwrap()])
+        .output()
+        .unwrap();
+    ok(&granted);
+    // Member 2 applies the grant a moment after the leader answered it.
+    let mut why = String::new();
+    for _ in 0..50 {
+        let refused = cluster.client_as(
+            1,
+            &cluster.members[1].address(),
+            &stranger,
+            &["asset", "read", a, "--len", "3"],
+        );
+        assert!(!refused.status.success());
+        why = String::from_utf8_lossy(&refused.stderr).into_owned();
+        if !why.contains("stake") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(why.contains("server error 13:"), "{why}");
+    // An address under no member's locator: said so by the member asked.
+    let mut other = segments;
+    (other[2], other[3]) = (9, 9);
+    let nowhere = std::net::Ipv6Addr::from(other);
+    let unknown = cluster.at_member(1, &["asset", "read", &nowhere.to_string(), "--len", "3"]);
+    let why = String::from_utf8_lossy(&unknown.stderr);
     assert!(
-        !other.status.success() && why.contains("server error 12:"),
+        !unknown.status.success() && why.contains("server error 12:") && why.contains("no member"),
         "{why}"
     );
-    // The members, member 2 first: found at member 1.
-    let connect = format!(
-        "{},{},{}",
-        cluster.members[1].address(),
-        cluster.members[2].address(),
-        cluster.members[0].address()
-    );
-    let found = cluster.client_at(1, &connect, &["asset", "read", a, "--len", "3"]);
-    assert_eq!(ok(&found).as_bytes(), b"abc");
-    // What finding the holder costs a command (printed, never asserted):
-    // a read at the holder, against one that asks member 2 first.
+    // What the proxy costs a command (printed, never asserted): a read at
+    // the holder, against one through member 2.
     let median_ms = |connect: &str| {
         let mut ms: Vec<u128> = (0..5)
             .map(|_| {
@@ -1091,10 +1197,10 @@ fn memory_assets_live_on_their_member_and_a_client_finds_them_through_any() {
         ms[2]
     };
     let direct = median_ms(&cluster.members[0].address());
-    let found_ms = median_ms(&connect);
+    let proxied = median_ms(&cluster.members[1].address());
     eprintln!(
         "asset read command from member 2's namespace, median of 5: at the holder {direct} ms, \
-         asking member 2 and 3 first {found_ms} ms"
+         through member 2 {proxied} ms"
     );
     let listed = cluster.at_member(0, &["asset", "list", "--json"]);
     let listed: serde_json::Value = serde_json::from_str(ok(&listed).trim()).unwrap();
@@ -1109,7 +1215,13 @@ fn memory_assets_live_on_their_member_and_a_client_finds_them_through_any() {
             && why.contains("cluster members"),
         "{why}"
     );
-    let freed = cluster.client_at(2, &connect, &["asset", "free", a, "--json"]);
+    let freed = cluster.at_member(2, &["asset", "free", a, "--json"]);
     let freed: serde_json::Value = serde_json::from_str(ok(&freed).trim()).unwrap();
     assert_eq!(freed["freed_bytes"], 4096);
+    let gone = cluster.at_member(0, &["asset", "read", a, "--len", "3"]);
+    let why = String::from_utf8_lossy(&gone.stderr);
+    assert!(
+        !gone.status.success() && why.contains("server error 11:"),
+        "{why}"
+    );
 }

@@ -162,6 +162,7 @@ fn cluster(args: &Args, dir: &Path) -> anyhow::Result<Value> {
                 Member {
                     name: format!("node{id}"),
                     address: format!("[fd71:7e57::{id}]:443"),
+                    locator: None,
                 },
             );
             nodes.push((machine, raft));

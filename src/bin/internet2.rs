@@ -122,7 +122,8 @@ enum Command {
     /// Measure assets: memory allocations per second on one connection,
     /// 4 KiB read latency beside a ping's, bulk-read goodput; then durable
     /// storage allocations per second and 4 KiB storage reads (freed at
-    /// the end).
+    /// the end). With two --connect members of a cluster, the reads also
+    /// run through the second, which proxies them to the first.
     AssetBench {
         #[command(flatten)]
         target: TargetArgs,
@@ -384,6 +385,7 @@ fn main() -> ExitCode {
                 bulk_bytes: bulk_mib.max(1) << 20,
                 bulk_total_bytes: bulk_total_mib.max(1) << 20,
                 storage_allocs,
+                through: target.connect.get(1).copied(),
             },
             json.as_deref(),
         ),

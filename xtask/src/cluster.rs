@@ -8,7 +8,13 @@
 //!    (all members together) read from /proc around each run. With
 //!    `--baseline-server`, that binary (an older build) runs the same
 //!    cluster and single node after ours in each run, with the same client.
-//! 2. Failover: `internet2 failover-load` issues certificates through the
+//! 2. Assets (`--asset-runs`, each a fresh cluster): `internet2
+//!    asset-bench` from the client allocates memory assets at member 1 and
+//!    reads them there and through member 2, which proxies each request
+//!    to member 1 (`ASSET_PROXY`): 4 KiB reads one at a time (p50, p99)
+//!    and 16 MiB reads 4 in flight (Gbit/s), direct and proxied in the
+//!    same process.
+//! 3. Failover: `internet2 failover-load` issues certificates through the
 //!    members while the leader is killed (`kill -9`) and restarted, again
 //!    and again; for each kill, the time until a certificate is
 //!    acknowledged by another member. At the end the load checks every
@@ -47,6 +53,11 @@ pub struct ClusterBenchArgs {
     /// Leader kills in the failover phase (0: skip it).
     #[arg(long, default_value_t = 20)]
     pub kills: usize,
+    /// Runs of the asset phase (0: skip it): each a fresh cluster, and
+    /// `internet2 asset-bench` from the client's namespace allocating at
+    /// member 1, reading there and through member 2, which proxies.
+    #[arg(long, default_value_t = 3)]
+    pub asset_runs: usize,
     /// Also write the report as JSON here.
     #[arg(long, value_name = "PATH")]
     pub json: Option<PathBuf>,
@@ -159,8 +170,9 @@ impl Bench {
                  [internet2]\nbind = \"{}\"\nport = {PORT}\n\
                  [dataplane]\nworkers = 1\n\
                  [trustchain_authority]\ndns_name = \"m{}\"\n\
-                 [hypermesh_assets]\nplot_k = 12\n",
+                 [hypermesh_assets]\nplot_k = 12\nnode_number = {}\n",
                 member_ip(n),
+                n + 1,
                 n + 1
             ),
         )?;
@@ -463,6 +475,14 @@ pub fn bench_cluster(args: &ClusterBenchArgs) -> Result<()> {
         issuance["baseline"] = baseline;
         issuance["baseline"]["server"] = json!(path.display().to_string());
     }
+    let mut asset_runs = Vec::new();
+    for run in 0..args.asset_runs {
+        asset_runs.push(assets_run(&bench, run, args.asset_runs)?);
+    }
+    let assets = match asset_runs.is_empty() {
+        true => Value::Null,
+        false => json!({"median": medians(&asset_runs), "runs": asset_runs}),
+    };
     let failover = if args.kills > 0 {
         failover(&bench, args.kills)?
     } else {
@@ -470,6 +490,7 @@ pub fn bench_cluster(args: &ClusterBenchArgs) -> Result<()> {
     };
     let report = json!({
         "issuance": issuance,
+        "assets": assets,
         "failover": failover,
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
@@ -520,6 +541,49 @@ fn issuance_run(
     let single_run = bench.issuance(&dir, &address, &[single.proc.pid()], args, &out)?;
     drop(single);
     Ok((cluster, single_run))
+}
+
+/// One run of the asset phase: a fresh cluster of three; from the client's
+/// namespace, `internet2 asset-bench` with member 1 first and member 2
+/// second, so its reads run at the holder and through a member that
+/// proxies them, alternating phases in one process.
+fn assets_run(bench: &Bench, run: usize, runs: usize) -> Result<Value> {
+    check_interrupt()?;
+    eprintln!("bench-cluster: assets, run {}/{runs}", run + 1);
+    let tag = format!("assets{run}");
+    let nodes = bench.form(&tag)?;
+    let ca_dir = &nodes[0].as_ref().expect("started").dir;
+    let connect = format!("[{}]:{PORT},[{}]:{PORT}", member_ip(0), member_ip(1));
+    let out = bench.work.path.join(format!("{tag}.json"));
+    let status = bench
+        .client(ca_dir, &["asset-bench", "--connect", &connect])
+        .args([
+            "--allocs",
+            "10000",
+            "--reads",
+            "5000",
+            "--storage-allocs",
+            "0",
+        ])
+        .args(["--bulk-mib", "16", "--bulk-total-mib", "512", "--json"])
+        .arg(&out)
+        .stdout(Stdio::null())
+        .status()?;
+    drop(nodes);
+    if !status.success() {
+        bail!("asset-bench through {connect} failed ({status})");
+    }
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
+    let proxied = &report["proxied"];
+    Ok(json!({
+        "read_4k_us_p50": report["read_4k"]["latency_us_p50"],
+        "read_4k_us_p99": report["read_4k"]["latency_us_p99"],
+        "proxied_read_4k_us_p50": proxied["read_4k"]["latency_us_p50"],
+        "proxied_read_4k_us_p99": proxied["read_4k"]["latency_us_p99"],
+        "ping_1k_us_p99": report["ping_1k"]["latency_us_p99"],
+        "bulk_read_gbps": report["bulk_read"]["gbps"],
+        "proxied_bulk_read_gbps": proxied["bulk_read_gbps"],
+    }))
 }
 
 /// Kill the leader `kills` times under continuous issuance; see the module

@@ -5,8 +5,11 @@
 //! - log id: term u64 ‖ leader node u64 ‖ index u64;
 //! - optional log id: 0, or 1 ‖ log id;
 //! - vote: term u64 ‖ node u64 ‖ committed (0 or 1);
-//! - membership: configurations u8 ‖ per configuration, voters u16 ‖
-//!   node ids u64 … ‖ nodes u16 ‖ per node, id u64 ‖ name ‖ address;
+//! - membership: 0x80 + configurations u8 ‖ per configuration, voters u16
+//!   ‖ node ids u64 … ‖ nodes u16 ‖ per node, id u64 ‖ name ‖ address ‖
+//!   optional locator (0, or 1 ‖ u64). A membership written before
+//!   locators starts with the bare count (1 or 2) and has no locator
+//!   field: it still reads, with none;
 //! - stored membership: optional log id ‖ membership;
 //! - entry: log id ‖ 0 (blank) | 1 ‖ command (`crate::machine::codec`) |
 //!   2 ‖ membership.
@@ -100,7 +103,8 @@ fn read_short_text(r: &mut Reader<'_>) -> Option<String> {
 
 fn encode_membership(membership: &Membership<u64, Member>, out: &mut Vec<u8>) {
     let configs = membership.get_joint_config();
-    out.push(u8::try_from(configs.len()).expect("a joint configuration has at most two"));
+    let count = u8::try_from(configs.len()).expect("a joint configuration has at most two");
+    out.push(LOCATED | count);
     for config in configs {
         out.extend_from_slice(&(config.len() as u16).to_be_bytes());
         for id in config {
@@ -113,12 +117,24 @@ fn encode_membership(membership: &Membership<u64, Member>, out: &mut Vec<u8>) {
         out.extend_from_slice(&id.to_be_bytes());
         short_text(&member.name, out);
         short_text(&member.address, out);
+        match member.locator {
+            None => out.push(0),
+            Some(locator) => {
+                out.push(1);
+                out.extend_from_slice(&locator.to_be_bytes());
+            }
+        }
     }
 }
 
+/// The flag on a membership's first byte saying its nodes carry locators.
+const LOCATED: u8 = 0x80;
+
 fn read_membership(r: &mut Reader<'_>) -> Option<Membership<u64, Member>> {
+    let first = r.u8()?;
+    let located = first & LOCATED != 0;
     let mut configs = Vec::new();
-    for _ in 0..r.u8()? {
+    for _ in 0..first & !LOCATED {
         let mut config = BTreeSet::new();
         for _ in 0..r.u16()? {
             config.insert(r.u64()?);
@@ -128,9 +144,20 @@ fn read_membership(r: &mut Reader<'_>) -> Option<Membership<u64, Member>> {
     let mut nodes = BTreeMap::new();
     for _ in 0..r.u16()? {
         let id = r.u64()?;
+        let name = read_short_text(r)?;
+        let address = read_short_text(r)?;
+        let locator = match located {
+            false => None,
+            true => match r.u8()? {
+                0 => None,
+                1 => Some(r.u64()?),
+                _ => return None,
+            },
+        };
         let member = Member {
-            name: read_short_text(r)?,
-            address: read_short_text(r)?,
+            name,
+            address,
+            locator,
         };
         nodes.insert(id, member);
     }

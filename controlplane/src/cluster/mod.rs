@@ -41,11 +41,14 @@ use std::fmt;
 /// How often a leader sends its followers a heartbeat, in milliseconds.
 pub const HEARTBEAT_MS: u64 = 100;
 
-/// A node of the cluster: its name and the `[address]:port` it serves on.
+/// A node of the cluster: its name, the `[address]:port` it serves on,
+/// and the /64 locator of the memory assets it holds (`None` when it
+/// serves none), which the others proxy asset requests by.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Member {
     pub name: String,
     pub address: String,
+    pub locator: Option<u64>,
 }
 
 impl fmt::Display for Member {

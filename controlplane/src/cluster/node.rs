@@ -200,6 +200,10 @@ pub struct JoinRequest {
     pub server_names: Vec<String>,
     /// The new member's public key, SubjectPublicKeyInfo DER, base64.
     pub public_key: String,
+    /// The /64 locator of the memory assets it will hold, if it serves
+    /// them: no other member's.
+    #[serde(default)]
+    pub locator: Option<u64>,
 }
 
 /// `CLUSTER_JOIN`'s answer.
@@ -276,8 +280,9 @@ pub struct JoinVia {
 }
 
 /// Join the cluster through the member at `via` with `token_text`, as
-/// member `name` reachable at `address`: on success the data directory
-/// holds the cluster's keys, this member's node certificate and record.
+/// member `name` reachable at `address`, holding the memory assets of
+/// `locator` if any: on success the data directory holds the cluster's
+/// keys, this member's node certificate and record.
 /// The data directory must not hold a CA already.
 pub fn join(
     data_dir: &Path,
@@ -286,6 +291,7 @@ pub fn join(
     name: &str,
     address: &str,
     server_names: &[String],
+    locator: Option<u64>,
 ) -> Result<NodeRecord, String> {
     check_name(name)?;
     check_address(address)?;
@@ -304,6 +310,7 @@ pub fn join(
         address: address.to_owned(),
         server_names: server_names.to_vec(),
         public_key: STANDARD.encode(&spki),
+        locator,
     };
     let payload = serde_json::to_vec(&request).expect("JSON");
     let mut remote = via.remote;

@@ -250,6 +250,8 @@ mod tests {
                     Member {
                         name: format!("n{id}"),
                         address: format!("[::1]:{}", 4000 + id),
+                        // One member serves no memory assets.
+                        locator: (id != 2).then_some(0xfd71_7e57_0000_0000 | id),
                     },
                 )
             })
@@ -364,5 +366,28 @@ mod tests {
             ),
             response
         );
+    }
+
+    #[test]
+    fn a_membership_written_before_locators_reads_with_none() {
+        let address = "[::1]:4001";
+        let mut old = vec![0, 1, 0, 1];
+        old.extend_from_slice(&1u64.to_be_bytes());
+        old.extend_from_slice(&[0, 1]);
+        old.extend_from_slice(&1u64.to_be_bytes());
+        old.extend_from_slice(&[2, b'n', b'1', address.len() as u8]);
+        old.extend_from_slice(address.as_bytes());
+        let read = exact(&old, decode_stored_membership);
+        let member = read.membership().get_node(&1).unwrap();
+        assert_eq!(
+            (member.name.as_str(), member.address.as_str()),
+            ("n1", address)
+        );
+        assert_eq!(member.locator, None);
+        // Written again, it carries the flag and an absent locator.
+        let again = encode_stored_membership(&read);
+        assert_eq!(again.len(), old.len() + 1);
+        assert_eq!(again[1], 0x81);
+        assert_eq!(exact(&again, decode_stored_membership), read);
     }
 }

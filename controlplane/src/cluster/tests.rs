@@ -65,6 +65,7 @@ fn members() -> BTreeMap<u64, Member> {
             let member = Member {
                 name: format!("node{id}"),
                 address: format!("[fd71:7e57::{id}]:443"),
+                locator: None,
             };
             (id, member)
         })

@@ -33,8 +33,11 @@ use crate::machine::Command;
 use crate::{Control, ControlPlane};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use dataplane::assets::address::Locator;
+use dataplane::assets::memory::MemoryAssets;
 use dataplane::control::{ControlPort, Forwarded, Reply};
 use dataplane::protocols::doq::ZoneStore;
+use dataplane::protocols::stoq::{ASSET_KINDS, ErrorCode};
 use dataplane::protocols::stoq_registry as kinds;
 use dataplane::trust::{CertificateStore, TrustStore};
 use rustls::pki_types::CertificateDer;
@@ -61,6 +64,9 @@ const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
 const REMOVE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a member's request to the leader may take.
 const RELAY_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long an asset request proxied to the member holding the asset may
+/// take.
+const ASSET_PROXY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What makes a node a member.
 pub struct ClusterSettings {
@@ -70,6 +76,10 @@ pub struct ClusterSettings {
     pub init: bool,
     pub backend: dataplane::io::BackendKind,
     pub transport: dataplane::TransportSettings,
+    /// The workers' memory assets, where this member serves them: its
+    /// locator is in the membership, and requests for the others' assets
+    /// are proxied to them.
+    pub assets: Option<Arc<MemoryAssets>>,
 }
 
 /// What the workers read, published by the member's control plane.
@@ -176,6 +186,8 @@ struct Inner {
     renewing: Cell<bool>,
     backend: dataplane::io::BackendKind,
     transport: dataplane::TransportSettings,
+    /// This member's memory assets ([`ClusterSettings::assets`]).
+    assets: Option<Arc<MemoryAssets>>,
 }
 
 fn raft_config() -> openraft::Config {
@@ -248,11 +260,27 @@ impl MemberRuntime {
             let member = Member {
                 name: me.name.clone(),
                 address: me.address.clone(),
+                locator: cluster.assets.as_ref().map(|assets| assets.locator().0),
             };
             raft.initialize(BTreeMap::from([(me.id, member)]))
                 .await
                 .map_err(cluster_error)?;
             tracing::info!(id = me.id, name = %me.name, "a new cluster: this node is its first member");
+        }
+        let locator = cluster.assets.as_ref().map(|assets| assets.locator().0);
+        if let Some(known) = raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&me.id)
+            && known.locator != locator
+        {
+            tracing::warn!(
+                known = ?known.locator.map(|l| Locator(l).to_string()),
+                configured = ?locator.map(|l| Locator(l).to_string()),
+                "the cluster knows this member by another asset locator than its configuration's: the others proxy by the one they know (remove this member and join again to change it)"
+            );
         }
         let authority =
             ClusterAuthority::new(service.clone(), raft.clone()).forwarding(peers.clone(), recent);
@@ -300,7 +328,11 @@ impl MemberRuntime {
             renewing: Cell::new(false),
             backend: cluster.backend,
             transport: cluster.transport,
+            assets: cluster.assets,
         });
+        if let Some(assets) = &inner.assets {
+            assets.set_proxies();
+        }
         // The node certificate: made now by the first member of a new
         // cluster (it is the leader once its election is over).
         if node::node_identity(&inner.data_dir)
@@ -394,6 +426,13 @@ struct Who {
 
 fn error(code: u16, message: impl Into<String>) -> (u16, String) {
     (code, message.into())
+}
+
+fn assets_off() -> (u16, String) {
+    error(
+        ErrorCode::AssetsOff as u16,
+        "this member serves no assets ([hypermesh_assets] node_number is not set)",
+    )
 }
 
 fn unix_now() -> u64 {
@@ -910,6 +949,7 @@ impl Inner {
                 | kinds::CLUSTER_FORWARD
                 | kinds::CLUSTER_STATUS
                 | kinds::CLUSTER_REMOVE
+                | kinds::ASSET_PROXY
         );
         let member = verified
             .as_deref()
@@ -938,7 +978,11 @@ impl Inner {
         let kind = request.kind;
         let members_only = matches!(
             kind,
-            kinds::RAFT_APPEND | kinds::RAFT_VOTE | kinds::RAFT_SNAPSHOT | kinds::CLUSTER_FORWARD
+            kinds::RAFT_APPEND
+                | kinds::RAFT_VOTE
+                | kinds::RAFT_SNAPSHOT
+                | kinds::CLUSTER_FORWARD
+                | kinds::ASSET_PROXY
         );
         if members_only && who.member.is_none() {
             let refused = error(
@@ -993,8 +1037,107 @@ impl Inner {
                     "only the operator may remove a member",
                 )),
             ),
+            kinds::ASSET_PROXY => {
+                let result = match &self.assets {
+                    Some(assets) => {
+                        dataplane::assets::serve::answer_proxied(assets, &request.payload)
+                    }
+                    None => Err(assets_off()),
+                };
+                self.answer(&request, result);
+            }
+            kind if ASSET_KINDS.contains(&kind) => self.proxy_asset(request, who),
             _ => self.serve(request, who),
         }
+    }
+
+    /// An asset request for another member's asset (the worker answers
+    /// this member's own): sent on to the member whose locator the
+    /// address carries, over this member's connection to it, for the
+    /// caller's identity, which this member checked (chain, validity,
+    /// revocation). The holder's answer, or error, is the caller's.
+    fn proxy_asset(self: &Rc<Self>, request: Forwarded, who: Who) {
+        let Some(owner) = who
+            .verified
+            .as_deref()
+            .and_then(dataplane::trust::spki_sha256)
+        else {
+            let refused = error(
+                ErrorCode::CertificateRequired as u16,
+                "asset requests need a valid client certificate of this authority (revoked or expired ones are refused)",
+            );
+            return self.answer(&request, Err(refused));
+        };
+        let address =
+            match dataplane::assets::wire::AssetRequest::decode(request.kind, &request.payload) {
+                Ok(asked) => asked.address(),
+                Err(e) => {
+                    return self.answer(
+                        &request,
+                        Err(error(ErrorCode::Malformed as u16, e.to_string())),
+                    );
+                }
+            };
+        let Some(address) = address else {
+            // The worker answers what names no address itself.
+            return self.answer(&request, Err(assets_off()));
+        };
+        let holder = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .find(|(_, member)| member.locator == Some(address.locator.0))
+            .map(|(id, member)| (*id, member.clone()));
+        let Some((id, holder)) = holder.filter(|(id, _)| *id != self.me.id) else {
+            let unknown = error(
+                ErrorCode::AssetElsewhere as u16,
+                format!(
+                    "{address}: no member of this cluster holds the locator {:?}",
+                    address.locator
+                ),
+            );
+            return self.answer(&request, Err(unknown));
+        };
+        let Some(peers) = self.peers.borrow().clone() else {
+            let early = error(
+                ErrorCode::Busy as u16,
+                "this member cannot reach the others yet: ask again in a moment",
+            );
+            return self.answer(&request, Err(early));
+        };
+        let payload = dataplane::assets::wire::encode_proxied(
+            &dataplane::assets::memory::Owner(owner),
+            request.kind,
+            &request.payload,
+        );
+        let inner = self.clone();
+        tokio::task::spawn_local(async move {
+            let result = crate::cluster::network::request(
+                &peers,
+                &holder.address,
+                Some(id),
+                kinds::ASSET_PROXY,
+                payload,
+                ASSET_PROXY_TIMEOUT,
+            )
+            .await
+            .map(|answer| answer.to_vec())
+            .map_err(|e| match e {
+                crate::cluster::network::PeerError::Refused { code, message } => (code, message),
+                crate::cluster::network::PeerError::Unreachable(why) => error(
+                    ErrorCode::AssetElsewhere as u16,
+                    format!("{address} is held by member {holder}, which this member cannot reach ({why}): ask it directly"),
+                ),
+                crate::cluster::network::PeerError::Unknown(why) => error(
+                    ErrorCode::Busy as u16,
+                    format!("{address} is held by member {holder}, which did not answer ({why}); it may have done the request: read back, then retry"),
+                ),
+            });
+            inner.answer(&request, result);
+        });
     }
 
     /// An authority or admission request.
@@ -1196,6 +1339,20 @@ impl Inner {
         }
         let id = node::node_id(&spki);
         let membership = self.raft.metrics().borrow().membership_config.clone();
+        if let Some(locator) = request.locator
+            && let Some((_, holder)) = membership
+                .membership()
+                .nodes()
+                .find(|(other, member)| **other != id && member.locator == Some(locator))
+        {
+            return Err(error(
+                api::NAME_TAKEN,
+                format!(
+                    "the asset locator {} is {holder}'s: give this node another [hypermesh_assets] node_number (or asset_prefix)",
+                    Locator(locator)
+                ),
+            ));
+        }
         if let Some((_, taken)) = membership.membership().nodes().find(|(other, member)| {
             **other == id || member.name == request.name || member.address == request.address
         }) {
@@ -1232,6 +1389,7 @@ impl Inner {
         let member = Member {
             name: request.name.clone(),
             address: request.address.clone(),
+            locator: request.locator,
         };
         self.raft
             .add_learner(id, member, false)
@@ -1392,6 +1550,7 @@ impl Inner {
                     "address": member.address,
                     "role": if voters.contains(id) { "voter" } else { "learner" },
                     "lag": lag,
+                    "asset_locator": member.locator.map(|l| Locator(l).to_string()),
                 })
             })
             .collect();

@@ -63,8 +63,15 @@ impl Locator {
 
 impl fmt::Debug for Locator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Locator({self})")
+    }
+}
+
+/// The /64 prefix, e.g. `fd71:7e57:0:1::/64`.
+impl fmt::Display for Locator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let prefix = Ipv6Addr::from(u128::from(self.0) << 64);
-        write!(f, "Locator({prefix}/64)")
+        write!(f, "{prefix}/64")
     }
 }
 

@@ -643,6 +643,9 @@ pub struct MemoryAssets {
     /// Whether the control plane serves storage assets (a single node's
     /// does; a cluster member's not yet).
     serves_storage: std::sync::atomic::AtomicBool,
+    /// Whether the control plane proxies requests for other members'
+    /// assets (a cluster member's does).
+    proxies: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -712,6 +715,7 @@ impl MemoryAssets {
             expiring: AtomicU64::new(0),
             storage: super::StorageGauge::default(),
             serves_storage: std::sync::atomic::AtomicBool::new(false),
+            proxies: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -740,6 +744,16 @@ impl MemoryAssets {
 
     pub fn serves_storage(&self) -> bool {
         self.serves_storage.load(Ordering::Relaxed)
+    }
+
+    /// The control plane proxies requests for other locators from now on
+    /// (to the member that holds each).
+    pub fn set_proxies(&self) {
+        self.proxies.store(true, Ordering::Relaxed);
+    }
+
+    pub fn proxies(&self) -> bool {
+        self.proxies.load(Ordering::Relaxed)
     }
 
     /// Where the control plane publishes the storage assets' totals.

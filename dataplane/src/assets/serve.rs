@@ -77,8 +77,13 @@ impl AssetSession {
             Ok(request) => request,
             Err(e) => return Answer::Now(encode_error(ErrorCode::Malformed, &e.to_string())),
         };
-        if let Some(address) = request.address()
-            && address.locator != assets.locator()
+        // Another member's asset: proxied to it by the control plane where
+        // this node is a cluster member, else the client's to find.
+        let elsewhere = request
+            .address()
+            .filter(|address| address.locator != assets.locator());
+        if let Some(address) = elsewhere
+            && !assets.proxies()
         {
             let e = Error::Elsewhere {
                 address,
@@ -105,6 +110,9 @@ impl AssetSession {
                     "storage assets are not served by cluster members yet (memory assets are)",
                 ));
             }
+            return Answer::ControlPlane;
+        }
+        if elsewhere.is_some() {
             return Answer::ControlPlane;
         }
         Answer::Now(self.answer_memory(kind, request, assets, caller))
@@ -135,20 +143,42 @@ impl AssetSession {
                 owner
             }
         };
-        serve(assets, &owner, kind, request, caller.worker)
+        let ok = |body: &[u8]| encode(kind | RESPONSE_FLAG, body);
+        serve(assets, &owner, request, caller.worker, ok)
             .unwrap_or_else(|e| encode_error(code(&e), &e.to_string()))
     }
 }
 
-/// The answer to `request` (of `kind`), encoded.
-fn serve(
+/// The answer's payload to an `ASSET_PROXY` request (`payload`), which
+/// another member of the cluster sends for a client of its own whose
+/// certificate it verified: served as that owner's own request would be,
+/// for an asset this node holds (a proxied request is never proxied on).
+/// Each renews the caller's lease, as a connection of its own would hold
+/// it.
+pub fn answer_proxied(assets: &MemoryAssets, payload: &[u8]) -> Result<Vec<u8>, (u16, String)> {
+    let (owner, request) = super::wire::decode_proxied(payload)
+        .map_err(|e| (ErrorCode::Malformed as u16, e.to_string()))?;
+    if request.asset_kind() == AllocKind::Storage {
+        return Err((
+            ErrorCode::AssetsOff as u16,
+            "storage assets are not served by cluster members yet (memory assets are)".into(),
+        ));
+    }
+    assets.connected(&owner);
+    let answer = serve(assets, &owner, request, 0, <[u8]>::to_vec);
+    assets.disconnected(&owner, Instant::now());
+    answer.map_err(|e| (code(&e) as u16, e.to_string()))
+}
+
+/// The answer to `request`: its payload made into `T` by `ok` (straight
+/// from the asset's region for a read).
+fn serve<T>(
     assets: &MemoryAssets,
     owner: &Owner,
-    kind: u8,
     request: AssetRequest<'_>,
     worker: usize,
-) -> Result<Bytes, AssetError> {
-    let ok = |body: &[u8]| encode(kind | RESPONSE_FLAG, body);
+    ok: impl Fn(&[u8]) -> T,
+) -> Result<T, AssetError> {
     Ok(match request {
         AssetRequest::Alloc { size, .. } => ok(&assets.alloc(worker, owner, size)?.octets()),
         // Straight from the region into the answer: one copy.
@@ -157,7 +187,7 @@ fn serve(
             offset,
             len,
         } => assets.with(address, |s| {
-            s.read(owner, address, offset, u64::from(len)).map(ok)
+            s.read(owner, address, offset, u64::from(len)).map(&ok)
         })?,
         AssetRequest::Write {
             address,
@@ -296,5 +326,122 @@ mod tests {
         let (kind, payload) = answer(&mut session, &caller, &read);
         assert_eq!(kind, KIND_ERROR);
         assert_eq!(decode_error_payload(&payload).0, ErrorCode::Busy as u16);
+    }
+
+    #[test]
+    fn another_locator_is_proxied_only_by_a_member_and_the_holder_serves_the_caller_named() {
+        let node = NodeNumber::new(1).unwrap();
+        let locator = Locator::in_ula("fd71:7e57::".parse().unwrap(), node);
+        let assets = Arc::new(MemoryAssets::new(
+            node,
+            locator,
+            1,
+            (0, 16),
+            (1 << 20, u64::MAX),
+        ));
+        let key = rcgen::KeyPair::generate().unwrap();
+        let certificate = rcgen::CertificateParams::new(vec!["owner".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let caller = Caller {
+            assets: Some(&assets),
+            certificate: certificate.der(),
+            worker: 0,
+            queued_response_bytes: 0,
+        };
+        let owner = Owner(crate::trust::spki_sha256(certificate.der()).unwrap());
+        let mut session = AssetSession::default();
+        let alloc = AssetRequest::Alloc {
+            kind: AllocKind::Memory,
+            size: 4096,
+            name: None,
+        };
+        let (_, address) = answer(&mut session, &caller, &alloc);
+        let address = AssetAddress::from_octets(address.try_into().unwrap());
+        let write = AssetRequest::Write {
+            address,
+            offset: 0,
+            data: b"abc",
+        };
+        answer(&mut session, &caller, &write);
+
+        // Another node's asset: the client's to find on a single node, the
+        // control plane's to proxy on a member.
+        let elsewhere = AssetAddress {
+            locator: Locator(locator.0 + 1),
+            ..address
+        };
+        let (kind, payload) = AssetRequest::Read {
+            address: elsewhere,
+            offset: 0,
+            len: 3,
+        }
+        .encode();
+        let Answer::Now(bytes) = session.answer(kind, &payload, &caller) else {
+            panic!("handed on without a proxy");
+        };
+        let refused = decode(&bytes, usize::MAX).unwrap();
+        assert_eq!(
+            decode_error_payload(&refused.payload).0,
+            ErrorCode::AssetElsewhere as u16
+        );
+        assets.set_proxies();
+        assert_eq!(
+            session.answer(kind, &payload, &caller),
+            Answer::ControlPlane
+        );
+
+        // At the holder: the owner named in the envelope is who is served.
+        let proxied = |owner: &Owner, request: &AssetRequest<'_>| {
+            let (kind, payload) = request.encode();
+            answer_proxied(
+                &assets,
+                &super::super::wire::encode_proxied(owner, kind, &payload),
+            )
+        };
+        let read = AssetRequest::Read {
+            address,
+            offset: 0,
+            len: 3,
+        };
+        assert_eq!(proxied(&owner, &read).unwrap(), b"abc");
+        let stranger = Owner([7; 32]);
+        assert_eq!(
+            proxied(&stranger, &read).unwrap_err().0,
+            ErrorCode::AssetForbidden as u16
+        );
+        // Never proxied on, never an allocation or a list.
+        let onward = AssetRequest::Read {
+            address: elsewhere,
+            offset: 0,
+            len: 3,
+        };
+        assert_eq!(
+            proxied(&owner, &onward).unwrap_err().0,
+            ErrorCode::AssetElsewhere as u16
+        );
+        for local in [
+            alloc,
+            AssetRequest::List {
+                kind: AllocKind::Memory,
+            },
+        ] {
+            assert_eq!(
+                proxied(&owner, &local).unwrap_err().0,
+                ErrorCode::Malformed as u16
+            );
+        }
+        assert_eq!(
+            answer_proxied(&assets, &owner.0[..20]).unwrap_err().0,
+            ErrorCode::Malformed as u16
+        );
+        let written = AssetRequest::Write {
+            address,
+            offset: 1,
+            data: b"xy",
+        };
+        assert_eq!(proxied(&owner, &written).unwrap(), b"");
+        assert_eq!(proxied(&owner, &read).unwrap(), b"axy");
     }
 }

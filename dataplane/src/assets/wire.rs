@@ -13,6 +13,20 @@ use crate::protocols::stoq_registry::{
 /// several requests.
 pub const READ_LEN_MAX: u32 = 16 * 1024 * 1024 - 64;
 
+/// What a cluster member adds to a request it proxies to the member that
+/// holds the asset (`ASSET_PROXY`): the caller's owner key (32 bytes) and
+/// the request's kind.
+pub const PROXIED_HEADER_LEN: usize = 33;
+
+/// The longest asset request payload: a request's bound
+/// (`stoq::REQUEST_PAYLOAD_MAX`) less [`PROXIED_HEADER_LEN`], so that any
+/// request a member takes, it can also proxy.
+pub const PAYLOAD_MAX: usize = crate::protocols::stoq::REQUEST_PAYLOAD_MAX - PROXIED_HEADER_LEN;
+
+/// The most bytes one `ASSET_WRITE` carries (its address and offset take
+/// 24 of [`PAYLOAD_MAX`]).
+pub const WRITE_LEN_MAX: usize = PAYLOAD_MAX - 24;
+
 /// What an allocation asks for (and which assets a list shows). Compute
 /// and VM assets are later kinds; a number this build does not serve is
 /// refused by name.
@@ -111,6 +125,12 @@ pub enum WireError {
     ReadLen(u32),
     #[error("not an asset request kind: {0:#04x}")]
     Kind(u8),
+    #[error(
+        "an asset request's payload is at most {PAYLOAD_MAX} bytes, not {0} (a write carries at most {WRITE_LEN_MAX})"
+    )]
+    TooLong(usize),
+    #[error("a proxied request names an asset by address (not {0:#04x})")]
+    ProxiedKind(u8),
 }
 
 /// The longest asset name (one DNS label).
@@ -225,6 +245,9 @@ impl<'a> AssetRequest<'a> {
 
     /// Parse the payload of a request of `kind`.
     pub fn decode(kind: u8, payload: &'a [u8]) -> Result<Self, WireError> {
+        if payload.len() > PAYLOAD_MAX {
+            return Err(WireError::TooLong(payload.len()));
+        }
         let request = match kind {
             ASSET_ALLOC => {
                 let mut f = Fields::new("ASSET_ALLOC", payload);
@@ -376,6 +399,26 @@ impl<'a> AssetRequest<'a> {
         };
         (kind, out)
     }
+}
+
+/// `ASSET_PROXY`'s payload: the asset request `kind` with `payload`, which
+/// `owner` sent to this member: owner (32 bytes) ‖ kind ‖ payload.
+pub fn encode_proxied(owner: &Owner, kind: u8, payload: &[u8]) -> Vec<u8> {
+    [&owner.0[..], &[kind], payload].concat()
+}
+
+/// An `ASSET_PROXY` payload's owner and request. Only requests that name
+/// an asset by address are proxied (an allocation or a list is the
+/// receiving member's own).
+pub fn decode_proxied(payload: &[u8]) -> Result<(Owner, AssetRequest<'_>), WireError> {
+    let mut f = Fields::new("ASSET_PROXY", payload);
+    let owner = Owner(f.take::<32>()?);
+    let kind = f.take::<1>()?[0];
+    let request = AssetRequest::decode(kind, f.rest)?;
+    if request.address().is_none() {
+        return Err(WireError::ProxiedKind(kind));
+    }
+    Ok((owner, request))
 }
 
 #[cfg(test)]
@@ -580,5 +623,26 @@ mod tests {
         ));
         assert_eq!(odd(ASSET_LIST, b"x"), Err(WireError::ListKind(b'x')));
         assert_eq!(odd(0x01, b""), Err(WireError::Kind(0x01)));
+    }
+
+    #[test]
+    fn every_request_a_member_takes_it_can_proxy() {
+        let full = vec![0; WRITE_LEN_MAX];
+        let write = AssetRequest::Write {
+            address: address(),
+            offset: 0,
+            data: &full,
+        };
+        let (kind, payload) = write.encode();
+        assert_eq!(payload.len(), PAYLOAD_MAX);
+        let envelope = encode_proxied(&Owner([1; 32]), kind, &payload);
+        assert_eq!(envelope.len(), crate::protocols::stoq::REQUEST_PAYLOAD_MAX);
+        let (owner, back) = decode_proxied(&envelope).unwrap();
+        assert_eq!((owner, back), (Owner([1; 32]), write));
+        let longer = [payload.as_slice(), &[0]].concat();
+        assert!(matches!(
+            AssetRequest::decode(kind, &longer),
+            Err(WireError::TooLong(n)) if n == PAYLOAD_MAX + 1
+        ));
     }
 }

@@ -65,6 +65,9 @@ pub const CT_PROOF: u8 = 0x21;
 pub const CT_CONSISTENCY: u8 = 0x22;
 pub const CT_ENTRIES: u8 = 0x23;
 pub const CT_KEY: u8 = 0x24;
+/// An asset request a cluster member proxies to the member holding the
+/// asset (`crate::assets::wire::encode_proxied`).
+pub const ASSET_PROXY: u8 = 0x2f;
 pub const ROTATE: u8 = 0x30;
 pub const CLUSTER_JOIN: u8 = 0x31;
 pub const CLUSTER_STATUS: u8 = 0x32;
@@ -113,7 +116,7 @@ use Access::{Anyone, Certificate, Operator};
 use Answered::{Admission, Assets, Authority, Cluster, Worker};
 
 /// The table, in kind order.
-pub const KINDS: [KindSpec; 38] = [
+pub const KINDS: [KindSpec; 39] = [
     entry(PING, "PING", Certificate, Worker, false, true),
     entry(STATS, "STATS", Certificate, Worker, false, true),
     entry(ENROLL, "ENROLL", Anyone, Authority, true, false),
@@ -164,6 +167,15 @@ pub const KINDS: [KindSpec; 38] = [
     // The enrolling client checks its new certificate's log proof with it,
     // on the enrollment connection (no certificate, no admission yet).
     entry(CT_KEY, "CT_KEY", Anyone, Authority, true, false),
+    // Between members only, like `RAFT_*`.
+    entry(
+        ASSET_PROXY,
+        "ASSET_PROXY",
+        Certificate,
+        Cluster,
+        false,
+        false,
+    ),
     entry(ROTATE, "ROTATE", Operator, Authority, false, false),
     // A joining node has no certificate yet: its join token is its proof.
     entry(CLUSTER_JOIN, "CLUSTER_JOIN", Anyone, Cluster, true, false),
