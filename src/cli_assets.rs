@@ -8,7 +8,9 @@ use crate::cli_authority::Connect;
 use anyhow::{Context, bail};
 use dataplane::assets::address::AssetAddress;
 use dataplane::assets::memory::{Access, Owner};
-use dataplane::assets::wire::{AllocKind, AssetRequest, READ_LEN_MAX};
+use dataplane::assets::wire::{
+    AllocKind, AssetRequest, READ_LEN_MAX, STORAGE_WRITE_LEN_MAX, WRITE_LEN_MAX,
+};
 use dataplane::client::rpc::{Framing, Reply, Request};
 use dataplane::client::{ClientTarget, rpc_framed};
 use dataplane::protocols::ALPN_STOQ;
@@ -17,8 +19,6 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Data bytes per `ASSET_WRITE`: the most one carries.
-const WRITE_CHUNK: usize = dataplane::assets::wire::WRITE_LEN_MAX;
 /// Requests sent on one connection at a time (what the server lets one
 /// connection have waiting at its control plane).
 const REQUESTS_PER_CONNECTION: usize = dataplane::protocols::stoq::FORWARDED_PER_CONNECTION_MAX;
@@ -169,13 +169,17 @@ pub fn asset<T: Connect>(command: &AssetCommand<T>) -> anyhow::Result<()> {
             let end = offset
                 .checked_add(data.len() as u64)
                 .context("--offset plus the file's length overflows")?;
+            let per_request = match address.id.is_storage() {
+                true => STORAGE_WRITE_LEN_MAX,
+                false => WRITE_LEN_MAX,
+            };
             let requests: Vec<Request> = data
-                .chunks(WRITE_CHUNK)
+                .chunks(per_request)
                 .enumerate()
                 .map(|(i, chunk)| {
                     request(&AssetRequest::Write {
                         address: *address,
-                        offset: offset + (i * WRITE_CHUNK) as u64,
+                        offset: offset + (i * per_request) as u64,
                         data: chunk,
                     })
                 })

@@ -512,6 +512,18 @@ pub struct AssetSettings {
     pub storage_node_bytes: u64,
 }
 
+impl AssetSettings {
+    /// The limits the control plane checks storage (and reports memory)
+    /// quotas against.
+    pub fn limits(&self) -> controlplane::assets::StorageLimits {
+        controlplane::assets::StorageLimits {
+            default_quota: self.storage_quota_bytes,
+            default_memory_quota: self.quota_bytes,
+            node_max: self.storage_node_bytes,
+        }
+    }
+}
+
 /// A ULA /48 of `apex` (RFC 4193 §3.2: `fd` and a 40-bit global ID), for a
 /// node's default asset locator: stable for a deployment, and unlikely to
 /// meet another's.

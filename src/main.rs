@@ -617,11 +617,7 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
                 authority.attach_assets(
                     assets.node,
                     assets.locator,
-                    controlplane::assets::StorageLimits {
-                        default_quota: assets.storage_quota_bytes,
-                        default_memory_quota: assets.quota_bytes,
-                        node_max: assets.storage_node_bytes,
-                    },
+                    assets.limits(),
                     resolved.settings.assets.clone(),
                 );
             }
@@ -644,7 +640,16 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
                     init: args.cluster_init,
                     backend: resolved.settings.backend,
                     transport: resolved.settings.transport.clone(),
-                    assets: resolved.settings.assets.clone(),
+                    assets: match (&resolved.settings.assets, &resolved.assets) {
+                        (Some(memory), Some(assets)) => {
+                            Some(controlplane::runtime::cluster::MemberAssets {
+                                memory: memory.clone(),
+                                node: assets.node,
+                                limits: assets.limits(),
+                            })
+                        }
+                        _ => None,
+                    },
                 },
             };
             let (control, published) =

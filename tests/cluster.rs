@@ -297,6 +297,21 @@ impl Cluster {
             .unwrap()
     }
 
+    /// `internet2-server ARGS` on member `n`'s data directory, in its
+    /// namespace (an operator command that asks the running member).
+    fn operator_at(&self, n: usize, args: &[&str]) -> std::process::Output {
+        let member = &self.members[n];
+        Command::new("ip")
+            .args(["netns", "exec", &member.ns, SERVER])
+            .arg("--config")
+            .arg(member.dir.join("server.toml"))
+            .arg("--data-dir")
+            .arg(&member.dir)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
     /// `internet2 ARGS` in member `n`'s namespace, at member `n`, as the
     /// operator.
     fn at_member(&self, n: usize, args: &[&str]) -> std::process::Output {
@@ -1066,13 +1081,14 @@ fn first_member_alone(tag: &str, wrapper: &[&str]) -> Server {
     server
 }
 
-/// Memory assets on a cluster: each member hands out identifiers with its
+/// Assets on a cluster. Memory: each member hands out identifiers with its
 /// own node number under its own locator, which the membership records
 /// (a member whose locator is another's is refused at its join); a member
 /// asked for another's asset proxies the request to the holder, for the
-/// caller's identity. Storage is refused by name on members.
+/// caller's identity. Storage assets are replicated: any member serves
+/// each, and the operator's quotas hold on all.
 #[test]
-fn memory_assets_live_on_their_member_and_any_member_proxies_to_it() {
+fn memory_assets_are_proxied_to_their_member_and_storage_assets_replicated() {
     let Some(mut cluster) = Cluster::create("assets") else {
         return;
     };
@@ -1146,16 +1162,9 @@ fn memory_assets_live_on_their_member_and_any_member_proxies_to_it() {
         .enroll(1, &cluster.members[1].address(), "stranger")
         .unwrap();
     let stranger = cluster.members[1].dir.join("stranger.pem");
-    let granted = Command::new("ip")
-        .args(["netns", "exec", &cluster.members[0].ns, SERVER])
-        .arg("--config")
-        .arg(cluster.members[0].dir.join("server.toml"))
-        .arg("--data-dir")
-        .arg(&cluster.members[0].dir)
-        .args(["stake", "grant", "--cert", stranger.to_str().unwrap()])
-        .output()
-        .unwrap();
-    ok(&granted);
+    let granted = cluster.operator_at(0, &["stake", "grant", "--cert", stranger.to_str().unwrap()]);
+    let granted: serde_json::Value = serde_json::from_str(ok(&granted).trim()).unwrap();
+    let stranger_id = granted["identity"].as_str().unwrap().to_owned();
     // Member 2 applies the grant a moment after the leader answered it.
     let mut why = String::new();
     for _ in 0..50 {
@@ -1206,15 +1215,68 @@ fn memory_assets_live_on_their_member_and_any_member_proxies_to_it() {
     let listed: serde_json::Value = serde_json::from_str(ok(&listed).trim()).unwrap();
     assert_eq!(listed[0]["address"], a, "{listed}");
 
-    // Storage: not on members yet, said so.
-    let storage = cluster.at_member(2, &["asset", "alloc", "storage", "4K"]);
-    let why = String::from_utf8_lossy(&storage.stderr);
-    assert!(
-        !storage.status.success()
-            && why.contains("server error 17:")
-            && why.contains("cluster members"),
-        "{why}"
+    // Storage: every member's store holds every storage asset, each
+    // change a command of the log; a member answers once it applied it,
+    // the others a moment later.
+    let eventually = |n: usize, args: &[&str], expect: &dyn Fn(&std::process::Output) -> bool| {
+        let mut last = None;
+        for _ in 0..50 {
+            let out = cluster.at_member(n, args);
+            if expect(&out) {
+                return;
+            }
+            last = Some(out);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "member {} never answered {args:?} as expected: {last:?}",
+            n + 1
+        );
+    };
+    let stored = cluster.at_member(2, &["asset", "alloc", "storage", "100K", "--json"]);
+    let stored: serde_json::Value = serde_json::from_str(ok(&stored).trim()).unwrap();
+    let s = stored["address"].as_str().unwrap().to_owned();
+    // More than one storage write carries: the client sends several.
+    let data: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&file, &data).unwrap();
+    ok(&cluster.at_member(0, &["asset", "write", &s, "--in", file.to_str().unwrap()]));
+    let back = cluster.members[1].dir.join("back.bin");
+    let back_path = back.to_str().unwrap();
+    eventually(
+        1,
+        &["asset", "read", &s, "--len", "70000", "--out", back_path],
+        &|out| out.status.success() && std::fs::read(&back).is_ok_and(|b| b == data),
     );
+    // The operator's quota, set at member 1, holds at member 3.
+    ok(&cluster.operator_at(0, &["quota", "set", &stranger_id, "--storage", "50K"]));
+    let over = ["asset", "alloc", "storage", "60K"];
+    let mut why = String::new();
+    for _ in 0..50 {
+        let out = cluster.client_as(2, &cluster.members[2].address(), &stranger, &over);
+        assert!(!out.status.success(), "past the quota");
+        why = String::from_utf8_lossy(&out.stderr).into_owned();
+        if why.contains("server error 15:") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(why.contains("server error 15:"), "{why}");
+    let stranger_read = cluster.client_as(
+        2,
+        &cluster.members[2].address(),
+        &stranger,
+        &["asset", "read", &s, "--len", "3"],
+    );
+    assert!(
+        String::from_utf8_lossy(&stranger_read.stderr).contains("server error 13:"),
+        "{stranger_read:?}"
+    );
+    let freed = cluster.at_member(1, &["asset", "free", &s, "--json"]);
+    let freed: serde_json::Value = serde_json::from_str(ok(&freed).trim()).unwrap();
+    assert_eq!(freed["freed_bytes"], 100 * 1024);
+    eventually(0, &["asset", "read", &s, "--len", "3"], &|out| {
+        String::from_utf8_lossy(&out.stderr).contains("server error 11:")
+    });
     let freed = cluster.at_member(2, &["asset", "free", a, "--json"]);
     let freed: serde_json::Value = serde_json::from_str(ok(&freed).trim()).unwrap();
     assert_eq!(freed["freed_bytes"], 4096);

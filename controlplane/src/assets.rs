@@ -85,16 +85,20 @@ fn sequence_of(id: AssetId) -> Option<u64> {
 /// that they may.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AssetChange {
-    /// A new storage asset of `size` zero bytes for `owner`, as `id`: the
-    /// counter's next identifier when it was proposed (refused as stale if
-    /// another came first). With `name`, the absolute name `zone` publishes
-    /// the asset's address at.
+    /// A new storage asset of `size` zero bytes for `owner`, as `id`: an
+    /// identifier at or past the counter when it was proposed (refused as
+    /// stale if the counter passed it; the counter moves past it, so an
+    /// identifier a proposer skipped is never handed out). With `name`,
+    /// the absolute name `zone` publishes the asset's address at. The
+    /// proposer's `limits` are what it is checked against, so every
+    /// replica checks the same.
     Alloc {
         owner: Owner,
         size: u64,
         id: AssetId,
         name: Option<String>,
         zone: Option<ZoneChange>,
+        limits: AllocLimits,
     },
     Write {
         caller: Owner,
@@ -117,11 +121,14 @@ pub enum AssetChange {
         zone: Option<ZoneChange>,
     },
     /// Set (`Some`) or withdraw (`None`) `grantee`'s access.
+    /// A grant is charged to its owner's quota: checked against the
+    /// proposer's `limits`, as an allocation is.
     Grant {
         caller: Owner,
         id: AssetId,
         grantee: Owner,
         access: Option<Access>,
+        limits: AllocLimits,
     },
     /// The operator's quotas for `owner`; `None` is the default.
     Quota { owner: Owner, quota: Quota },
@@ -238,6 +245,25 @@ pub struct StorageLimits {
     pub default_memory_quota: u64,
     /// Storage bytes of all owners together.
     pub node_max: u64,
+}
+
+/// What an allocation is checked against beside the owner's quota: the
+/// proposer's configuration, carried in the command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AllocLimits {
+    /// The storage quota of an identity the operator set none for.
+    pub default_quota: u64,
+    /// Storage bytes of all owners together.
+    pub node_max: u64,
+}
+
+impl From<StorageLimits> for AllocLimits {
+    fn from(limits: StorageLimits) -> Self {
+        Self {
+            default_quota: limits.default_quota,
+            node_max: limits.node_max,
+        }
+    }
 }
 
 impl Default for StorageLimits {
@@ -429,13 +455,6 @@ impl StorageAssets {
         self.records.insert(id, record);
     }
 
-    fn storage_limit(&self, owner: &Owner) -> u64 {
-        self.quotas
-            .get(owner)
-            .and_then(|q| q.storage)
-            .unwrap_or(self.limits.default_quota)
-    }
-
     /// The memory limit of every identity the operator set one for (the
     /// workers' quota ledger takes these).
     pub fn memory_limits(&self) -> HashMap<Owner, u64> {
@@ -517,6 +536,11 @@ impl StorageAssets {
         storage_id(node, self.next)
     }
 
+    /// The counter: the sequence number of the next identifier.
+    pub fn next_sequence(&self) -> u64 {
+        self.next
+    }
+
     /// The record of `id`, or why there is none.
     fn record(&self, id: AssetId) -> Result<&Record, StorageError> {
         if let Some(record) = self.records.get(&id) {
@@ -584,15 +608,17 @@ impl StorageAssets {
                 size,
                 id,
                 name,
+                limits,
                 ..
             } => {
-                if sequence_of(*id) != Some(self.next) {
-                    return Err(StorageError::Stale);
-                }
+                let seq = match sequence_of(*id) {
+                    Some(seq) if seq >= self.next => seq,
+                    _ => return Err(StorageError::Stale),
+                };
                 if *size == 0 || *size > STORAGE_SIZE_MAX {
                     return Err(StorageError::Size(*size));
                 }
-                if self.next >= SEQUENCE_END {
+                if seq >= SEQUENCE_END {
                     return Err(StorageError::IdsExhausted);
                 }
                 if self.records.len() >= STORAGE_ASSETS_NODE_MAX {
@@ -605,7 +631,7 @@ impl StorageAssets {
                 {
                     return Err(StorageError::TooManyAssets);
                 }
-                self.check_charge(owner, size + ASSET_OVERHEAD_BYTES)?;
+                self.check_charge(owner, size + ASSET_OVERHEAD_BYTES, limits)?;
                 let record = Record {
                     owner: *owner,
                     size: *size,
@@ -614,7 +640,7 @@ impl StorageAssets {
                 };
                 txn.open_table(STORAGE)?
                     .insert(id.0, record.encode().as_slice())?;
-                txn.open_table(META)?.insert(NEXT, self.next + 1)?;
+                txn.open_table(META)?.insert(NEXT, seq + 1)?;
                 Ok(AssetApplied::Allocated(*id))
             }
             AssetChange::Write {
@@ -665,6 +691,7 @@ impl StorageAssets {
                 id,
                 grantee,
                 access,
+                limits,
             } => {
                 let record = self.record(*id)?;
                 if record.owner != *caller {
@@ -678,7 +705,7 @@ impl StorageAssets {
                     if record.grants.len() >= GRANTS_PER_ASSET_MAX {
                         return Err(StorageError::TooManyGrants);
                     }
-                    self.check_charge(caller, GRANT_OVERHEAD_BYTES)?;
+                    self.check_charge(caller, GRANT_OVERHEAD_BYTES, limits)?;
                 }
                 txn.open_table(STORAGE)?
                     .insert(id.0, next.encode().as_slice())?;
@@ -698,9 +725,18 @@ impl StorageAssets {
 
     /// Whether `owner` may be charged `more` bytes (its quota and the
     /// node's bound).
-    fn check_charge(&self, owner: &Owner, more: u64) -> Result<(), StorageError> {
+    fn check_charge(
+        &self,
+        owner: &Owner,
+        more: u64,
+        limits: &AllocLimits,
+    ) -> Result<(), StorageError> {
         let used = self.used_by(owner);
-        let limit = self.storage_limit(owner);
+        let limit = self
+            .quotas
+            .get(owner)
+            .and_then(|quota| quota.storage)
+            .unwrap_or(limits.default_quota);
         if used.saturating_add(more) > limit {
             return Err(StorageError::QuotaExceeded {
                 limit,
@@ -708,9 +744,9 @@ impl StorageAssets {
                 asked: more,
             });
         }
-        if self.charged.saturating_add(more) > self.limits.node_max {
+        if self.charged.saturating_add(more) > limits.node_max {
             return Err(StorageError::NodeFull {
-                limit: self.limits.node_max,
+                limit: limits.node_max,
             });
         }
         Ok(())
@@ -725,7 +761,7 @@ impl StorageAssets {
                 },
                 AssetApplied::Allocated(id),
             ) => {
-                self.next += 1;
+                self.next = sequence_of(*id).map_or(self.next, |seq| seq + 1);
                 self.take(
                     *id,
                     Record {

@@ -44,6 +44,7 @@ fn alloc(machine: &mut Machine, owner: Owner, size: u64) -> Result<AssetId, Auth
         id,
         name: None,
         zone: None,
+        limits: machine.assets().limits().into(),
     }) {
         Ok(AssetApplied::Allocated(id)) => Ok(id),
         Ok(other) => panic!("an allocation answered {other:?}"),
@@ -136,6 +137,7 @@ fn storage_assets_in_a_group_refusals_write_nothing_and_a_replay_and_a_restart_a
                 id: machine.assets().next_id(node()),
                 name: None,
                 zone: None,
+                limits: machine.assets().limits().into(),
             },
             Quota,
         ),
@@ -147,6 +149,7 @@ fn storage_assets_in_a_group_refusals_write_nothing_and_a_replay_and_a_restart_a
                 id: machine.assets().next_id(node()),
                 name: None,
                 zone: None,
+                limits: machine.assets().limits().into(),
             },
             Limit,
         ),
@@ -158,6 +161,7 @@ fn storage_assets_in_a_group_refusals_write_nothing_and_a_replay_and_a_restart_a
                 id: a,
                 name: None,
                 zone: None,
+                limits: machine.assets().limits().into(),
             },
             Other("another storage asset was allocated since this one was planned; retry".into()),
         ),
@@ -188,6 +192,7 @@ fn storage_assets_in_a_group_refusals_write_nothing_and_a_replay_and_a_restart_a
                 id: a,
                 grantee: STRANGER,
                 access: Some(Access::Write),
+                limits: machine.assets().limits().into(),
             },
             Forbidden,
         ),
@@ -223,11 +228,13 @@ fn storage_assets_in_a_group_refusals_write_nothing_and_a_replay_and_a_restart_a
     );
 
     // Grants: read, then write; each costs its owner 64 bytes.
+    let limits = machine.assets().limits().into();
     let grant = |access| AssetChange::Grant {
         caller: OWNER,
         id: a,
         grantee: STRANGER,
         access,
+        limits,
     };
     assert_eq!(
         machine.change_assets(grant(Some(Access::Read))).unwrap(),
@@ -368,6 +375,7 @@ fn an_owner_names_at_most_its_share_of_the_zone_and_a_free_gives_one_back() {
             id: machine.assets().next_id(node()),
             name: Some(format!("a{n}.assets.internet2.test.")),
             zone: None,
+            limits: machine.assets().limits().into(),
         })
     };
     let mut first = None;
@@ -397,4 +405,85 @@ fn an_owner_names_at_most_its_share_of_the_zone_and_a_free_gives_one_back() {
         })
         .unwrap();
     named(&mut machine, NAMED_PER_OWNER_MAX).unwrap();
+}
+
+/// Proposals in flight take identifiers past the counter; the apply takes
+/// any at or past it (the ones skipped are never handed out) and refuses
+/// one the counter passed. Limits come from the command, not the replica.
+#[test]
+fn an_allocation_takes_its_proposed_identifier_and_the_proposers_limits() {
+    use AuthorityErrorKind::*;
+    let dir = TempDir::new("assets-ahead");
+    let mut machine = open(&dir);
+    let first = machine.assets().next_sequence();
+    let alloc_at = |machine: &mut Machine, seq: u64, limits: AllocLimits| {
+        machine.change_assets(AssetChange::Alloc {
+            owner: OWNER,
+            size: 1,
+            id: storage_id(node(), seq),
+            name: None,
+            zone: None,
+            limits,
+        })
+    };
+    let limits: AllocLimits = machine.assets().limits().into();
+    // Two ahead of the counter: taken, and the counter moves past it.
+    let ahead = alloc_at(&mut machine, first + 2, limits).unwrap();
+    assert_eq!(
+        ahead,
+        AssetApplied::Allocated(storage_id(node(), first + 2))
+    );
+    assert_eq!(machine.assets().next_sequence(), first + 3);
+    // The skipped identifier and the taken one: both behind the counter now.
+    for seq in [first, first + 2] {
+        assert_eq!(
+            kind(alloc_at(&mut machine, seq, limits).unwrap_err()),
+            Other("another storage asset was allocated since this one was planned; retry".into())
+        );
+    }
+    assert_eq!(
+        kind(
+            machine
+                .read_storage(&OWNER, storage_id(node(), first), 0, 1)
+                .unwrap_err()
+        ),
+        Released
+    );
+    // The command's limits decide, whatever this replica's configuration.
+    let tight = AllocLimits {
+        default_quota: 100,
+        node_max: u64::MAX,
+    };
+    let next = machine.assets().next_sequence();
+    assert_eq!(
+        kind(alloc_at(&mut machine, next, tight).unwrap_err()),
+        Quota
+    );
+    let roomy = AllocLimits {
+        default_quota: 1 << 40,
+        node_max: 1 << 40,
+    };
+    let big = machine.change_assets(AssetChange::Alloc {
+        owner: OWNER,
+        size: 2 << 20,
+        id: storage_id(node(), next),
+        name: None,
+        zone: None,
+        limits: roomy,
+    });
+    assert!(big.is_ok(), "{big:?}");
+    // And the command carries them.
+    let change = AssetChange::Alloc {
+        owner: OWNER,
+        size: 1,
+        id: storage_id(node(), 9),
+        name: None,
+        zone: None,
+        limits: tight,
+    };
+    let command = crate::machine::Command::Asset(change.clone());
+    assert_eq!(
+        codec::decode(&codec::encode(&command).unwrap()).unwrap(),
+        command
+    );
 }

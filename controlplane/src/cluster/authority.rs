@@ -17,6 +17,10 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+/// The largest command one log entry holds: one entry with an append's
+/// framing fits one Raft message ([`super::network::MESSAGE_MAX`]).
+pub const ENTRY_MAX: usize = super::network::MESSAGE_MAX - 1024;
+
 /// How long a member waits for the leader to commit what it forwarded,
 /// and then to apply it itself.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -96,6 +100,20 @@ impl ClusterAuthority {
     /// appends it; a follower forwards it to the leader and waits until it
     /// applied it itself. The outcome is this member's apply of it.
     pub async fn submit(&self, command: Command) -> Result<Outcome, ServiceError> {
+        // One entry travels in one Raft message: a larger one could never
+        // be replicated.
+        let bytes = crate::machine::codec::encode(&command).map_err(|e| {
+            ServiceError::new(api::STORAGE, format!("the command cannot be encoded: {e}"))
+        })?;
+        if bytes.len() > ENTRY_MAX {
+            return Err(ServiceError::new(
+                api::OUT_OF_RANGE,
+                format!(
+                    "a change of {} bytes is more than one log entry holds ({ENTRY_MAX})",
+                    bytes.len()
+                ),
+            ));
+        }
         let me = self.raft.metrics().borrow().id;
         let leader = self.leader();
         if leader.as_ref().is_some_and(|(id, _)| *id == me) || self.forwarding.is_none() {
@@ -136,9 +154,6 @@ impl ClusterAuthority {
                 "this member cannot reach the others yet: ask another member",
             ));
         };
-        let bytes = crate::machine::codec::encode(&command).map_err(|e| {
-            ServiceError::new(api::STORAGE, format!("the command cannot be encoded: {e}"))
-        })?;
         let answer = super::network::request(
             &peers,
             &member.address,

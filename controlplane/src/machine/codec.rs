@@ -198,11 +198,14 @@ fn encode_asset(change: &AssetChange, out: &mut Vec<u8>) -> Result<(), EncodeErr
             id,
             name,
             zone,
+            limits,
         } => {
             out.push(ASSET_ALLOC);
             out.extend_from_slice(&owner.0);
             out.extend_from_slice(&size.to_be_bytes());
             out.extend_from_slice(&id.0.to_be_bytes());
+            out.extend_from_slice(&limits.default_quota.to_be_bytes());
+            out.extend_from_slice(&limits.node_max.to_be_bytes());
             let name = name.as_deref().unwrap_or_default();
             let len = u8::try_from(name.len()).map_err(|_| EncodeError::Zone("a name too long"))?;
             out.push(len);
@@ -246,12 +249,15 @@ fn encode_asset(change: &AssetChange, out: &mut Vec<u8>) -> Result<(), EncodeErr
             id,
             grantee,
             access,
+            limits,
         } => {
             out.push(ASSET_GRANT);
             out.extend_from_slice(&caller.0);
             out.extend_from_slice(&id.0.to_be_bytes());
             out.extend_from_slice(&grantee.0);
             out.push(access.map_or(0, Access::byte));
+            out.extend_from_slice(&limits.default_quota.to_be_bytes());
+            out.extend_from_slice(&limits.node_max.to_be_bytes());
         }
         AssetChange::Quota { owner, quota } => {
             out.push(ASSET_QUOTA);
@@ -388,6 +394,10 @@ fn decode_asset(r: &mut Reader<'_>) -> Option<AssetChange> {
             owner: owner(r)?,
             size: r.u64()?,
             id: AssetId(r.u64()?),
+            limits: crate::assets::AllocLimits {
+                default_quota: r.u64()?,
+                node_max: r.u64()?,
+            },
             name: match usize::from(r.u8()?) {
                 0 => None,
                 len => Some(String::from_utf8(r.take(len)?.to_vec()).ok()?),
@@ -419,6 +429,10 @@ fn decode_asset(r: &mut Reader<'_>) -> Option<AssetChange> {
             access: match r.u8()? {
                 0 => None,
                 byte => Some(Access::from_byte(byte)?),
+            },
+            limits: crate::assets::AllocLimits {
+                default_quota: r.u64()?,
+                node_max: r.u64()?,
             },
         },
         ASSET_QUOTA => AssetChange::Quota {

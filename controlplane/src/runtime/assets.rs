@@ -13,7 +13,7 @@ use crate::dns::{RecordSet, ZoneChange};
 use crate::machine::Machine;
 use dataplane::assets::address::{AssetAddress, AssetId, Locator, NodeNumber};
 use dataplane::assets::memory::{MemoryAssets, Owner};
-use dataplane::assets::wire::{AllocKind, AssetRequest};
+use dataplane::assets::wire::{AllocKind, AssetRequest, STORAGE_WRITE_LEN_MAX};
 use dataplane::protocols::stoq::{ASSET_KINDS, ErrorCode};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -65,6 +65,9 @@ pub struct AssetsRuntime {
     /// The workers' memory assets, whose quota ledger takes the operator's
     /// memory limits.
     memory: Option<Arc<MemoryAssets>>,
+    /// The sequence number this node's next allocation takes at least:
+    /// past those it proposed that are not applied yet.
+    cursor: std::cell::Cell<u64>,
 }
 
 impl AssetsRuntime {
@@ -84,6 +87,7 @@ impl AssetsRuntime {
             node,
             locator,
             memory,
+            cursor: std::cell::Cell::new(0),
         };
         runtime.publish_memory_limits(machine);
         runtime.publish(machine);
@@ -97,15 +101,17 @@ impl AssetsRuntime {
         }
     }
 
-    /// Hand the operator's memory limits to the workers.
-    fn publish_memory_limits(&self, machine: &Machine) {
+    /// Hand the operator's memory limits to the workers (after a quota
+    /// change is applied, whoever proposed it).
+    pub fn publish_memory_limits(&self, machine: &Machine) {
         if let Some(memory) = &self.memory {
             memory.ledger().set_limits(machine.assets().memory_limits());
         }
     }
 
-    /// Answer `kind` if it is an asset request: `verified` is the caller's
-    /// certificate, checked again (chain, validity, revocation).
+    /// Answer `kind` now if it is an asset request (a single node: a
+    /// change is applied in the request's group). `verified` is the
+    /// caller's certificate, checked again (chain, validity, revocation).
     pub fn handle(
         &self,
         machine: &mut Machine,
@@ -114,6 +120,32 @@ impl AssetsRuntime {
         operator: bool,
         payload: &[u8],
     ) -> Option<Answer> {
+        let ours = |locator: Locator| locator == self.locator;
+        let plan = self.plan(machine, kind, verified, operator, payload, &ours)?;
+        Some(plan.and_then(|plan| match plan {
+            Plan::Now(answer) => Ok(answer),
+            Plan::Change(change) => {
+                let asked = Asked::of(&change);
+                let applied = machine
+                    .change_assets(change)
+                    .map_err(|e| self.refusal(&e))?;
+                Ok(self.answer(machine, asked, applied))
+            }
+        }))
+    }
+
+    /// What asset request `kind` needs, if it is one: an answer now, or a
+    /// change to commit first (then [`Self::answer`]). `ours` says which
+    /// locators' storage assets this node's store holds.
+    pub fn plan(
+        &self,
+        machine: &Machine,
+        kind: u8,
+        verified: Option<&[u8]>,
+        operator: bool,
+        payload: &[u8],
+        ours: &dyn Fn(Locator) -> bool,
+    ) -> Option<Result<Plan, (u16, String)>> {
         if kind == QUOTAS {
             if !operator {
                 return Some(Err((
@@ -121,7 +153,7 @@ impl AssetsRuntime {
                     "only the operator may set asset quotas".into(),
                 )));
             }
-            return Some(self.quota(machine, payload));
+            return Some(self.plan_quota(machine, payload));
         }
         if !ASSET_KINDS.contains(&kind) {
             return None;
@@ -132,10 +164,17 @@ impl AssetsRuntime {
                 "asset requests need a valid client certificate of this authority (revoked or expired ones are refused)".into(),
             )));
         };
-        Some(self.storage(machine, &Owner(owner), kind, payload))
+        Some(self.plan_storage(machine, &Owner(owner), kind, payload, ours))
     }
 
-    fn storage(&self, machine: &mut Machine, owner: &Owner, kind: u8, payload: &[u8]) -> Answer {
+    fn plan_storage(
+        &self,
+        machine: &Machine,
+        owner: &Owner,
+        kind: u8,
+        payload: &[u8],
+        ours: &dyn Fn(Locator) -> bool,
+    ) -> Result<Plan, (u16, String)> {
         let request = AssetRequest::decode(kind, payload)
             .map_err(|e| (ErrorCode::Malformed as u16, e.to_string()))?;
         if request.asset_kind() != AllocKind::Storage {
@@ -145,11 +184,11 @@ impl AssetsRuntime {
             ));
         }
         let id = match request.address() {
-            Some(address) if address.locator != self.locator => {
+            Some(address) if !ours(address.locator) => {
                 return Err((
                     ErrorCode::AssetElsewhere as u16,
                     format!(
-                        "{address}: held by the node of locator {:?}, not this one",
+                        "{address}: held by the node of locator {}, not this one",
                         address.locator
                     ),
                 ));
@@ -158,12 +197,13 @@ impl AssetsRuntime {
             None => AssetId(0),
         };
         let caller = *owner;
-        let change = |machine: &mut Machine, change| {
-            machine.change_assets(change).map_err(|e| self.refusal(e))
-        };
-        Ok(match request {
+        Ok(Plan::Change(match request {
             AssetRequest::Alloc { size, name, .. } => {
-                let id = machine.assets().next_id(self.node);
+                // Past what this node proposed and what was applied: a
+                // member has several allocations in flight.
+                let seq = self.cursor.get().max(machine.assets().next_sequence());
+                self.cursor.set(seq + 1);
+                let id = crate::assets::storage_id(self.node, seq);
                 let (name, zone) = match name {
                     None => (None, None),
                     Some(label) => {
@@ -171,74 +211,61 @@ impl AssetsRuntime {
                         (Some(name), Some(zone))
                     }
                 };
-                let AssetApplied::Allocated(id) = change(
-                    machine,
-                    AssetChange::Alloc {
-                        owner: caller,
-                        size,
-                        id,
-                        name,
-                        zone,
-                    },
-                )?
-                else {
-                    unreachable!("an allocation answers its identifier")
-                };
-                self.address(id).octets().to_vec()
+                AssetChange::Alloc {
+                    owner: caller,
+                    size,
+                    id,
+                    name,
+                    zone,
+                    limits: machine.assets().limits().into(),
+                }
             }
-            AssetRequest::Read { offset, len, .. } => machine
-                .read_storage(owner, id, offset, u64::from(len))
-                .map_err(|e| self.refusal(e))?,
-            AssetRequest::Write { offset, data, .. } => {
-                change(
-                    machine,
-                    AssetChange::Write {
-                        caller,
-                        id,
-                        offset,
-                        data: data.to_vec(),
-                    },
-                )?;
-                Vec::new()
+            AssetRequest::Read { offset, len, .. } => {
+                return machine
+                    .read_storage(owner, id, offset, u64::from(len))
+                    .map(Plan::Now)
+                    .map_err(|e| self.refusal(&e));
             }
+            AssetRequest::Write { data, .. } if data.len() > STORAGE_WRITE_LEN_MAX => {
+                return Err((
+                    ErrorCode::AssetRange as u16,
+                    format!(
+                        "a storage write carries at most {STORAGE_WRITE_LEN_MAX} bytes, not {} (write more as several)",
+                        data.len()
+                    ),
+                ));
+            }
+            AssetRequest::Write { offset, data, .. } => AssetChange::Write {
+                caller,
+                id,
+                offset,
+                data: data.to_vec(),
+            },
             AssetRequest::Cas {
                 offset,
                 expected,
                 new,
                 ..
-            } => match change(
-                machine,
-                AssetChange::Cas {
-                    caller,
-                    id,
-                    offset,
-                    expected: expected.to_vec(),
-                    new: new.to_vec(),
-                },
-            )? {
-                AssetApplied::Swapped(swapped, was) => [&[u8::from(swapped)][..], &was].concat(),
-                other => unreachable!("a compare-and-swap answered {other:?}"),
+            } => AssetChange::Cas {
+                caller,
+                id,
+                offset,
+                expected: expected.to_vec(),
+                new: new.to_vec(),
             },
-            AssetRequest::Free { .. } => {
-                let zone = unpublish(machine, owner, self.address(id))?;
-                match change(machine, AssetChange::Free { caller, id, zone })? {
-                    AssetApplied::Freed(bytes) => bytes.to_be_bytes().to_vec(),
-                    other => unreachable!("a free answered {other:?}"),
-                }
-            }
+            AssetRequest::Free { .. } => AssetChange::Free {
+                caller,
+                id,
+                zone: unpublish(machine, owner, self.address(id))?,
+            },
             AssetRequest::Grant {
                 grantee, access, ..
-            } => match change(
-                machine,
-                AssetChange::Grant {
-                    caller,
-                    id,
-                    grantee,
-                    access,
-                },
-            )? {
-                AssetApplied::Granted(changed) => vec![u8::from(changed)],
-                other => unreachable!("a grant answered {other:?}"),
+            } => AssetChange::Grant {
+                caller,
+                id,
+                grantee,
+                access,
+                limits: machine.assets().limits().into(),
             },
             AssetRequest::List { .. } => {
                 let listed: Vec<serde_json::Value> = machine
@@ -255,9 +282,31 @@ impl AssetsRuntime {
                         })
                     })
                     .collect();
-                serde_json::to_vec(&listed).expect("a list serializes")
+                return Ok(Plan::Now(
+                    serde_json::to_vec(&listed).expect("a list serializes"),
+                ));
             }
-        })
+        }))
+    }
+
+    /// The answer to what `asked` for, once applying it did `applied`.
+    pub fn answer(&self, machine: &Machine, asked: Asked, applied: AssetApplied) -> Vec<u8> {
+        match (asked, applied) {
+            (Asked::Alloc, AssetApplied::Allocated(id)) => self.address(id).octets().to_vec(),
+            (Asked::Swap, AssetApplied::Swapped(swapped, was)) => {
+                [&[u8::from(swapped)][..], &was].concat()
+            }
+            (Asked::Free, AssetApplied::Freed(bytes)) => bytes.to_be_bytes().to_vec(),
+            (Asked::Grant, AssetApplied::Granted(changed)) => vec![u8::from(changed)],
+            (Asked::Quota(owner, quota), AssetApplied::Quota) => {
+                self.publish_memory_limits(machine);
+                let used = machine.assets().used_by(&owner);
+                let entry = self.entry(machine, &owner, quota, used);
+                serde_json::to_vec(&entry).expect("a quota serializes")
+            }
+            (Asked::Write, _) => Vec::new(),
+            (asked, applied) => unreachable!("{asked:?} was applied as {applied:?}"),
+        }
     }
 
     fn address(&self, id: AssetId) -> AssetAddress {
@@ -268,11 +317,11 @@ impl AssetsRuntime {
     }
 
     /// An error as the client sees it; the messages name addresses.
-    fn refusal(&self, e: AuthorityError) -> (u16, String) {
+    pub fn refusal(&self, e: &AuthorityError) -> (u16, String) {
         let AuthorityError::Asset(e) = e else {
             return (STORAGE, e.to_string());
         };
-        let code = match &e {
+        let code = match e {
             StorageError::Unknown(_) => ErrorCode::AssetUnknown,
             StorageError::Released(_) => ErrorCode::AssetReleased,
             StorageError::Forbidden(_) => ErrorCode::AssetForbidden,
@@ -289,7 +338,7 @@ impl AssetsRuntime {
             | StorageError::IdsExhausted
             | StorageError::TooManyNames => ErrorCode::AssetLimit,
             StorageError::ReadLen(_) => ErrorCode::AssetRange,
-            // A single node plans on the state it applies to: not here.
+            // Another member's allocation took the identifier first.
             StorageError::Stale => ErrorCode::Busy,
             StorageError::Corrupt(_) | StorageError::Storage(_) => {
                 return (STORAGE, e.to_string());
@@ -298,7 +347,7 @@ impl AssetsRuntime {
         (code as u16, e.to_string())
     }
 
-    fn quota(&self, machine: &mut Machine, payload: &[u8]) -> Answer {
+    fn plan_quota(&self, machine: &Machine, payload: &[u8]) -> Result<Plan, (u16, String)> {
         let request: QuotaRequest = serde_json::from_slice(payload)
             .map_err(|e| (MALFORMED_REQUEST, format!("not a quota request: {e}")))?;
         let identity = |text: &str| -> Result<Owner, (u16, String)> {
@@ -314,7 +363,9 @@ impl AssetsRuntime {
                     .into_iter()
                     .map(|(owner, quota, used)| self.entry(machine, &owner, quota, used))
                     .collect();
-                return Ok(serde_json::to_vec(&entries).expect("quotas serialize"));
+                return Ok(Plan::Now(
+                    serde_json::to_vec(&entries).expect("quotas serialize"),
+                ));
             }
             QuotaRequest::Reset { identity: text } => (identity(&text)?, Quota::default()),
             QuotaRequest::Set {
@@ -337,13 +388,7 @@ impl AssetsRuntime {
                 (owner, quota)
             }
         };
-        machine
-            .change_assets(AssetChange::Quota { owner, quota })
-            .map_err(|e| self.refusal(e))?;
-        self.publish_memory_limits(machine);
-        let used = machine.assets().used_by(&owner);
-        let entry = self.entry(machine, &owner, quota, used);
-        Ok(serde_json::to_vec(&entry).expect("a quota serializes"))
+        Ok(Plan::Change(AssetChange::Quota { owner, quota }))
     }
 
     fn entry(&self, machine: &Machine, owner: &Owner, quota: Quota, used: u64) -> QuotaEntry {
@@ -355,6 +400,40 @@ impl AssetsRuntime {
             memory_set: quota.memory.is_some(),
             storage_set: quota.storage.is_some(),
             storage_used: used,
+        }
+    }
+}
+
+/// What an asset request needs.
+#[derive(Debug)]
+pub enum Plan {
+    /// Its answer, now (a read, a list).
+    Now(Vec<u8>),
+    /// A change to commit; its answer comes from what applying it did.
+    Change(AssetChange),
+}
+
+/// What a change's answer is made of (the change itself goes to be
+/// applied).
+#[derive(Debug)]
+pub enum Asked {
+    Alloc,
+    Write,
+    Swap,
+    Free,
+    Grant,
+    Quota(Owner, Quota),
+}
+
+impl Asked {
+    pub fn of(change: &AssetChange) -> Self {
+        match change {
+            AssetChange::Alloc { .. } => Asked::Alloc,
+            AssetChange::Write { .. } => Asked::Write,
+            AssetChange::Cas { .. } => Asked::Swap,
+            AssetChange::Free { .. } => Asked::Free,
+            AssetChange::Grant { .. } => Asked::Grant,
+            AssetChange::Quota { owner, quota } => Asked::Quota(*owner, *quota),
         }
     }
 }

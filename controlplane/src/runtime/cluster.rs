@@ -35,6 +35,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use dataplane::assets::address::Locator;
 use dataplane::assets::memory::MemoryAssets;
+use dataplane::assets::wire::AllocKind;
 use dataplane::control::{ControlPort, Forwarded, Reply};
 use dataplane::protocols::doq::ZoneStore;
 use dataplane::protocols::stoq::{ASSET_KINDS, ErrorCode};
@@ -76,10 +77,20 @@ pub struct ClusterSettings {
     pub init: bool,
     pub backend: dataplane::io::BackendKind,
     pub transport: dataplane::TransportSettings,
-    /// The workers' memory assets, where this member serves them: its
-    /// locator is in the membership, and requests for the others' assets
-    /// are proxied to them.
-    pub assets: Option<Arc<MemoryAssets>>,
+    /// The assets this member serves, if any.
+    pub assets: Option<MemberAssets>,
+}
+
+/// A member's assets: its memory assets, whose locator is in the
+/// membership (requests for the others' are proxied to them), and the
+/// cluster's storage assets, replicated in every member's store.
+pub struct MemberAssets {
+    /// The workers' memory assets.
+    pub memory: Arc<MemoryAssets>,
+    pub node: dataplane::assets::address::NodeNumber,
+    /// This member's configured limits (an allocation carries the
+    /// proposer's in its command).
+    pub limits: crate::assets::StorageLimits,
 }
 
 /// What the workers read, published by the member's control plane.
@@ -186,8 +197,13 @@ struct Inner {
     renewing: Cell<bool>,
     backend: dataplane::io::BackendKind,
     transport: dataplane::TransportSettings,
-    /// This member's memory assets ([`ClusterSettings::assets`]).
+    /// This member's memory assets ([`MemberAssets::memory`]).
     assets: Option<Arc<MemoryAssets>>,
+    /// Storage assets and quotas, through the log.
+    storage: Option<super::assets::AssetsRuntime>,
+    /// The applied index the assets' totals and memory limits were last
+    /// published at.
+    assets_published: Cell<Option<u64>>,
 }
 
 fn raft_config() -> openraft::Config {
@@ -260,14 +276,20 @@ impl MemberRuntime {
             let member = Member {
                 name: me.name.clone(),
                 address: me.address.clone(),
-                locator: cluster.assets.as_ref().map(|assets| assets.locator().0),
+                locator: cluster
+                    .assets
+                    .as_ref()
+                    .map(|assets| assets.memory.locator().0),
             };
             raft.initialize(BTreeMap::from([(me.id, member)]))
                 .await
                 .map_err(cluster_error)?;
             tracing::info!(id = me.id, name = %me.name, "a new cluster: this node is its first member");
         }
-        let locator = cluster.assets.as_ref().map(|assets| assets.locator().0);
+        let locator = cluster
+            .assets
+            .as_ref()
+            .map(|assets| assets.memory.locator().0);
         if let Some(known) = raft
             .metrics()
             .borrow()
@@ -302,6 +324,17 @@ impl MemberRuntime {
         };
         let gate = admission.gate();
         let heard = authority.heard();
+        let storage = cluster.assets.as_ref().map(|assets| {
+            let mut service = service.borrow_mut();
+            let machine = service.machine_mut();
+            machine.set_asset_limits(assets.limits);
+            super::assets::AssetsRuntime::new(
+                machine,
+                assets.node,
+                assets.memory.locator(),
+                Some(assets.memory.clone()),
+            )
+        });
         let inner = Rc::new(Inner {
             me,
             data_dir,
@@ -328,7 +361,9 @@ impl MemberRuntime {
             renewing: Cell::new(false),
             backend: cluster.backend,
             transport: cluster.transport,
-            assets: cluster.assets,
+            assets: cluster.assets.map(|assets| assets.memory),
+            storage,
+            assets_published: Cell::new(None),
         });
         if let Some(assets) = &inner.assets {
             assets.set_proxies();
@@ -908,6 +943,14 @@ impl Inner {
             tracing::error!(error = %e, "could not publish the zone; the workers keep the one before");
         }
         self.admission.borrow_mut().publish(service.machine());
+        if let Some(storage) = &self.storage {
+            let applied = self.raft.metrics().borrow().last_applied.map(|id| id.index);
+            if applied != self.assets_published.get() {
+                storage.publish(service.machine());
+                storage.publish_memory_limits(service.machine());
+                self.assets_published.set(applied);
+            }
+        }
     }
 
     /// Send the answers of finished tasks (after [`Self::publish`]).
@@ -1046,7 +1089,15 @@ impl Inner {
                 };
                 self.answer(&request, result);
             }
-            kind if ASSET_KINDS.contains(&kind) => self.proxy_asset(request, who),
+            kinds::QUOTAS => self.serve_assets(request, who),
+            kind if ASSET_KINDS.contains(&kind) => {
+                let storage = dataplane::assets::wire::AssetRequest::decode(kind, &request.payload)
+                    .is_ok_and(|asked| asked.asset_kind() == AllocKind::Storage);
+                match storage {
+                    true => self.serve_assets(request, who),
+                    false => self.proxy_asset(request, who),
+                }
+            }
             _ => self.serve(request, who),
         }
     }
@@ -1136,6 +1187,56 @@ impl Inner {
                     format!("{address} is held by member {holder}, which did not answer ({why}); it may have done the request: read back, then retry"),
                 ),
             });
+            inner.answer(&request, result);
+        });
+    }
+
+    /// A storage asset request or the operator's `QUOTAS`: a read at once
+    /// from this member's store (every member holds every storage asset),
+    /// a change through the log, answered from this member's apply of it.
+    fn serve_assets(self: &Rc<Self>, request: Forwarded, who: Who) {
+        let Some(storage) = &self.storage else {
+            return self.answer(&request, Err(assets_off()));
+        };
+        // Every member holds every storage asset: the locator says which
+        // member allocated it, and any member answers it (also once that
+        // one has left).
+        let ours = |_: Locator| true;
+        let plan = {
+            let service = self.service.borrow();
+            storage.plan(
+                service.machine(),
+                request.kind,
+                who.verified.as_deref(),
+                who.operator,
+                &request.payload,
+                &ours,
+            )
+        };
+        let change = match plan {
+            None => return self.answer(&request, Err(assets_off())),
+            Some(Err(refused)) => return self.answer(&request, Err(refused)),
+            Some(Ok(super::assets::Plan::Now(answer))) => {
+                return self.answer(&request, Ok(answer));
+            }
+            Some(Ok(super::assets::Plan::Change(change))) => change,
+        };
+        let inner = self.clone();
+        tokio::task::spawn_local(async move {
+            let asked = super::assets::Asked::of(&change);
+            let storage = inner.storage.as_ref().expect("checked above");
+            let result = match inner.authority.submit(Command::Asset(change)).await {
+                Ok(Outcome::Applied(crate::machine::Applied::Asset(applied))) => {
+                    let service = inner.service.borrow();
+                    Ok(storage.answer(service.machine(), asked, applied))
+                }
+                Ok(Outcome::Refused(refused)) => Err(storage.refusal(&refused)),
+                Ok(other) => Err(error(
+                    api::STORAGE,
+                    format!("an asset change was applied as {other:?}"),
+                )),
+                Err(e) => Err((e.code, e.message)),
+            };
             inner.answer(&request, result);
         });
     }

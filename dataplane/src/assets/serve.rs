@@ -107,7 +107,7 @@ impl AssetSession {
             if !assets.serves_storage() {
                 return Answer::Now(encode_error(
                     ErrorCode::AssetsOff,
-                    "storage assets are not served by cluster members yet (memory assets are)",
+                    "this server's control plane serves no storage assets",
                 ));
             }
             return Answer::ControlPlane;
@@ -160,8 +160,8 @@ pub fn answer_proxied(assets: &MemoryAssets, payload: &[u8]) -> Result<Vec<u8>, 
         .map_err(|e| (ErrorCode::Malformed as u16, e.to_string()))?;
     if request.asset_kind() == AllocKind::Storage {
         return Err((
-            ErrorCode::AssetsOff as u16,
-            "storage assets are not served by cluster members yet (memory assets are)".into(),
+            ErrorCode::Malformed as u16,
+            "storage requests are not proxied: every member serves them from its own store".into(),
         ));
     }
     assets.connected(&owner);

@@ -27,6 +27,11 @@ pub const PAYLOAD_MAX: usize = crate::protocols::stoq::REQUEST_PAYLOAD_MAX - PRO
 /// 24 of [`PAYLOAD_MAX`]).
 pub const WRITE_LEN_MAX: usize = PAYLOAD_MAX - 24;
 
+/// The most bytes one `ASSET_WRITE` of a storage asset carries: each is a
+/// command of the control plane's log, which on a cluster goes to the
+/// other members as one Raft message (under 60 KiB).
+pub const STORAGE_WRITE_LEN_MAX: usize = 48 * 1024;
+
 /// What an allocation asks for (and which assets a list shows). Compute
 /// and VM assets are later kinds; a number this build does not serve is
 /// refused by name.

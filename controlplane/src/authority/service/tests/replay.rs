@@ -81,6 +81,7 @@ fn commands_replayed_on_a_fresh_store_give_the_same_store() {
             id: machine.assets().next_id(node),
             name: None,
             zone: None,
+            limits: machine.assets().limits().into(),
         })
         .unwrap()
     {
@@ -101,6 +102,7 @@ fn commands_replayed_on_a_fresh_store_give_the_same_store() {
             id: asset,
             grantee: dataplane::assets::memory::Owner([6; 32]),
             access: Some(dataplane::assets::memory::Access::Read),
+            limits: machine.assets().limits().into(),
         })
         .unwrap();
     machine
