@@ -21,7 +21,7 @@
 use crate::cli_assets::{alloc, free, free_storage, storage_assets};
 
 use bytes::Bytes;
-use dataplane::assets::wire::{AllocKind, AssetRequest, READ_LEN_MAX};
+use dataplane::assets::wire::{AllocKind, AssetRequest, PROXIED_READ_LEN_MAX, READ_LEN_MAX};
 use dataplane::client::load::{LoadPlan, LoadReport};
 use dataplane::client::rpc::Framing;
 use dataplane::client::{self, ClientTarget};
@@ -133,18 +133,26 @@ pub fn run(target: &ClientTarget, plan: &AssetBenchPlan) -> anyhow::Result<serde
         bulk_requests,
         4,
     )?;
-    let gbps = |report: &LoadReport| {
+    let gbps = |report: &LoadReport, chunk: u32| {
         report.ok as f64 * f64::from(chunk) * 8.0 / report.elapsed.as_secs_f64().max(1e-9) / 1e9
     };
+    // Through a member, a read returns at most PROXIED_READ_LEN_MAX: as
+    // many bytes in flight in smaller reads.
+    let proxied_chunk = chunk.min(PROXIED_READ_LEN_MAX);
+    let proxied_in_flight = (4 * chunk / proxied_chunk) as usize;
     let proxied_bulk = match &proxy {
         Some(proxy) => {
-            eprintln!("asset-bench: the same reads through {}", proxy.remote);
+            eprintln!(
+                "asset-bench: the same bytes through {} in reads of {proxied_chunk}, {proxied_in_flight} in flight",
+                proxy.remote
+            );
             let read = AssetRequest::Read {
                 address: bulk,
                 offset: 0,
-                len: chunk,
+                len: proxied_chunk,
             };
-            Some(through(&read, bulk_requests, 4)?)
+            let requests = bulk_requests * u64::from(chunk / proxied_chunk);
+            Some(through(&read, requests, proxied_in_flight)?)
         }
         None => None,
     };
@@ -211,13 +219,14 @@ pub fn run(target: &ClientTarget, plan: &AssetBenchPlan) -> anyhow::Result<serde
         "bulk_read": {
             "requests": bulk_reads.ok,
             "request_bytes": chunk,
-            "gbps": gbps(&bulk_reads),
+            "gbps": gbps(&bulk_reads, chunk),
             "latency_us_p50": bulk_reads.latency_us.value_at_quantile(0.50),
         },
         "proxied": proxy.as_ref().map(|proxy| json!({
             "through": proxy.remote.to_string(),
             "read_4k": proxied_reads.as_ref().map(phase),
-            "bulk_read_gbps": proxied_bulk.as_ref().map(gbps),
+            "bulk_read_gbps": proxied_bulk.as_ref().map(|report| gbps(report, proxied_chunk)),
+            "bulk_request_bytes": proxied_chunk,
         })),
         "alloc_size": plan.alloc_size,
         "concurrency": plan.concurrency,

@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use dataplane::assets::address::AssetAddress;
 use dataplane::assets::memory::{Access, Owner};
 use dataplane::assets::wire::{
-    AllocKind, AssetRequest, READ_LEN_MAX, STORAGE_WRITE_LEN_MAX, WRITE_LEN_MAX,
+    AllocKind, AssetRequest, PROXIED_READ_LEN_MAX, STORAGE_WRITE_LEN_MAX, WRITE_LEN_MAX,
 };
 use dataplane::client::rpc::{Framing, Reply, Request};
 use dataplane::client::{ClientTarget, rpc_framed};
@@ -202,13 +202,19 @@ pub fn asset<T: Connect>(command: &AssetCommand<T>) -> anyhow::Result<()> {
             let end = offset
                 .checked_add(*len)
                 .context("--offset plus --len overflows")?;
+            // What one read returns of storage; of memory, what one read
+            // through another member of a cluster returns.
+            let per_request = match address.id.is_storage() {
+                true => controlplane::assets::STORAGE_READ_LEN_MAX,
+                false => u64::from(PROXIED_READ_LEN_MAX),
+            };
             let requests: Vec<Request> = (*offset..end)
-                .step_by(READ_LEN_MAX as usize)
+                .step_by(per_request as usize)
                 .map(|at| {
                     request(&AssetRequest::Read {
                         address: *address,
                         offset: at,
-                        len: (end - at).min(u64::from(READ_LEN_MAX)) as u32,
+                        len: (end - at).min(per_request) as u32,
                     })
                 })
                 .collect();

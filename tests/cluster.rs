@@ -624,7 +624,8 @@ fn a_cluster_forms_fails_over_and_never_forks() {
         let config = std::fs::read_to_string(cluster.members[2].dir.join("server.toml"))
             .unwrap()
             .replace(&cluster.members[2].ip, "fd71:7e57:0:3::9")
-            .replace("dns_name = \"m3\"", "dns_name = \"spare\"");
+            .replace("dns_name = \"m3\"", "dns_name = \"spare\"")
+            .replace("node_number = 3", "node_number = 9");
         std::fs::write(spare.join("server.toml"), config).unwrap();
         let out = Command::new("ip")
             .args(["netns", "exec", &cluster.members[2].ns, SERVER])

@@ -857,6 +857,11 @@ fn bad_and_unread_asset_requests_from_aioquic_change_nothing() {
         Some(ErrorCode::AssetRange as u64),
         "{result}"
     );
+    assert_eq!(
+        code("proxy_from_a_client"),
+        Some(ErrorCode::CertificateRequired as u64),
+        "only members proxy: {result}"
+    );
     let busy = result["unread"]["busy"].as_u64().unwrap();
     assert!(busy >= 3, "at most two 8 MiB answers held: {result}");
     assert_eq!(result["control_ping"]["ok"], true, "{result}");

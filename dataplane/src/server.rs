@@ -1099,6 +1099,7 @@ impl Service for ServerService {
             early,
             peer: st.peer.as_ref().map(|peer| &peer.der),
             operator: st.peer.as_ref().is_some_and(|peer| peer.operator),
+            node: st.peer.as_ref().is_some_and(|peer| peer.node),
             authority: self.control.as_deref().map(|port| AuthorityRoute {
                 port,
                 worker: self.worker,

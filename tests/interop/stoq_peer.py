@@ -112,6 +112,7 @@ KIND_ASSET_CAS = 0x53
 KIND_ASSET_FREE = 0x54
 KIND_ASSET_LIST = 0x55
 KIND_ASSET_GRANT = 0x56
+KIND_ASSET_PROXY = 0x57
 ERROR_BUSY = 6
 KIND_ERROR = 0xFF
 RESPONSE_FLAG = 0x80
@@ -463,6 +464,10 @@ async def asset_kinds(args) -> dict:
         "storage_read_forged": frame(KIND_ASSET_READ, forged_storage + u64(0) + u32(16)),
         "storage_write_forged": frame(KIND_ASSET_WRITE, forged_storage + u64(0) + b"x"),
         "list_memory_as_a_byte": frame(KIND_ASSET_LIST, bytes([1])),
+        # A member's request, from a client naming another owner (zeros):
+        # refused, never served.
+        "proxy_from_a_client": frame(
+            KIND_ASSET_PROXY, bytes(32) + bytes([KIND_ASSET_READ]) + address + u64(0) + u32(16)),
     }
     out["answers"] = await ask_each(conn, bad, args.answer_timeout)
     # Reads of the whole asset, never read: the server may hold one answer

@@ -14,7 +14,8 @@
 //! - entry: log id ‖ 0 (blank) | 1 ‖ command (`crate::machine::codec`) |
 //!   2 ‖ membership.
 //!
-//! Each decoder takes exactly what its encoder writes; `None` otherwise.
+//! Each decoder takes exactly what its encoder writes (and a membership
+//! also as written before locators); `None` otherwise.
 
 use super::{Member, TypeConfig};
 use crate::authority::registry::Reader;

@@ -129,7 +129,7 @@ impl AssetsRuntime {
                 let applied = machine
                     .change_assets(change)
                     .map_err(|e| self.refusal(&e))?;
-                Ok(self.answer(machine, asked, applied))
+                self.answer(machine, asked, applied)
             }
         }))
     }
@@ -241,6 +241,16 @@ impl AssetsRuntime {
                 offset,
                 data: data.to_vec(),
             },
+            AssetRequest::Cas { expected, new, .. }
+                if expected.len() + new.len() > STORAGE_WRITE_LEN_MAX =>
+            {
+                return Err((
+                    ErrorCode::AssetRange as u16,
+                    format!(
+                        "a storage compare-and-swap carries at most {STORAGE_WRITE_LEN_MAX} bytes of expected and new together"
+                    ),
+                ));
+            }
             AssetRequest::Cas {
                 offset,
                 expected,
@@ -256,7 +266,7 @@ impl AssetsRuntime {
             AssetRequest::Free { .. } => AssetChange::Free {
                 caller,
                 id,
-                zone: unpublish(machine, owner, self.address(id))?,
+                zone: unpublish(machine, owner, id)?,
             },
             AssetRequest::Grant {
                 grantee, access, ..
@@ -290,8 +300,8 @@ impl AssetsRuntime {
     }
 
     /// The answer to what `asked` for, once applying it did `applied`.
-    pub fn answer(&self, machine: &Machine, asked: Asked, applied: AssetApplied) -> Vec<u8> {
-        match (asked, applied) {
+    pub fn answer(&self, machine: &Machine, asked: Asked, applied: AssetApplied) -> Answer {
+        Ok(match (asked, applied) {
             (Asked::Alloc, AssetApplied::Allocated(id)) => self.address(id).octets().to_vec(),
             (Asked::Swap, AssetApplied::Swapped(swapped, was)) => {
                 [&[u8::from(swapped)][..], &was].concat()
@@ -304,9 +314,11 @@ impl AssetsRuntime {
                 let entry = self.entry(machine, &owner, quota, used);
                 serde_json::to_vec(&entry).expect("a quota serializes")
             }
-            (Asked::Write, _) => Vec::new(),
-            (asked, applied) => unreachable!("{asked:?} was applied as {applied:?}"),
-        }
+            (Asked::Write, AssetApplied::Written) => Vec::new(),
+            (asked, applied) => {
+                return Err((STORAGE, format!("{asked:?} was applied as {applied:?}")));
+            }
+        })
     }
 
     fn address(&self, id: AssetId) -> AssetAddress {
@@ -318,8 +330,12 @@ impl AssetsRuntime {
 
     /// An error as the client sees it; the messages name addresses.
     pub fn refusal(&self, e: &AuthorityError) -> (u16, String) {
-        let AuthorityError::Asset(e) = e else {
-            return (STORAGE, e.to_string());
+        let e = match e {
+            AuthorityError::Asset(e) => e,
+            // The zone moved since the change was planned (another change
+            // to it came first): nothing was done; ask again.
+            AuthorityError::Stale(_) => return (ErrorCode::Busy as u16, e.to_string()),
+            _ => return (STORAGE, e.to_string()),
         };
         let code = match e {
             StorageError::Unknown(_) => ErrorCode::AssetUnknown,
@@ -473,18 +489,20 @@ fn publish(
 }
 
 /// The zone change that removes `id`'s name, if it has one and the name
-/// still holds what the asset published (its address, its owner's key): a
+/// still holds what the asset published (one address with its identifier,
+/// under whichever member's locator allocated it, and its owner's key): a
 /// name the operator changed since is left as it is.
 fn unpublish(
     machine: &Machine,
     owner: &Owner,
-    address: AssetAddress,
+    id: AssetId,
 ) -> Result<Option<ZoneChange>, (u16, String)> {
-    let (Some(name), Some(zone)) = (machine.assets().name_of(address.id), machine.zone()) else {
+    let (Some(name), Some(zone)) = (machine.assets().name_of(id), machine.zone()) else {
         return Ok(None);
     };
     let published = zone.get(name).is_some_and(|records| {
-        records.owner() == Some(owner.0) && records.aaaa() == [std::net::Ipv6Addr::from(address)]
+        records.owner() == Some(owner.0)
+            && matches!(records.aaaa(), [one] if AssetAddress::from(*one).id == id)
     });
     if !published {
         return Ok(None);

@@ -68,6 +68,10 @@ const RELAY_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long an asset request proxied to the member holding the asset may
 /// take.
 const ASSET_PROXY_TIMEOUT: Duration = Duration::from_secs(2);
+/// Asset requests a member has proxied to the others and not had answered
+/// (each read at most `PROXIED_READ_LEN_MAX`): what clients can make it
+/// hold, and add to the connections it shares with Raft, stays bounded.
+const PROXIED_IN_FLIGHT_MAX: usize = 64;
 
 /// What makes a node a member.
 pub struct ClusterSettings {
@@ -204,6 +208,8 @@ struct Inner {
     /// The applied index the assets' totals and memory limits were last
     /// published at.
     assets_published: Cell<Option<u64>>,
+    /// Asset requests proxied to other members and not answered yet.
+    proxied_in_flight: Cell<usize>,
 }
 
 fn raft_config() -> openraft::Config {
@@ -364,6 +370,7 @@ impl MemberRuntime {
             assets: cluster.assets.map(|assets| assets.memory),
             storage,
             assets_published: Cell::new(None),
+            proxied_in_flight: Cell::new(0),
         });
         if let Some(assets) = &inner.assets {
             assets.set_proxies();
@@ -1080,15 +1087,6 @@ impl Inner {
                     "only the operator may remove a member",
                 )),
             ),
-            kinds::ASSET_PROXY => {
-                let result = match &self.assets {
-                    Some(assets) => {
-                        dataplane::assets::serve::answer_proxied(assets, &request.payload)
-                    }
-                    None => Err(assets_off()),
-                };
-                self.answer(&request, result);
-            }
             kinds::QUOTAS => self.serve_assets(request, who),
             kind if ASSET_KINDS.contains(&kind) => {
                 let storage = dataplane::assets::wire::AssetRequest::decode(kind, &request.payload)
@@ -1119,39 +1117,76 @@ impl Inner {
             );
             return self.answer(&request, Err(refused));
         };
-        let address =
-            match dataplane::assets::wire::AssetRequest::decode(request.kind, &request.payload) {
-                Ok(asked) => asked.address(),
-                Err(e) => {
-                    return self.answer(
-                        &request,
-                        Err(error(ErrorCode::Malformed as u16, e.to_string())),
-                    );
-                }
-            };
-        let Some(address) = address else {
-            // The worker answers what names no address itself.
-            return self.answer(&request, Err(assets_off()));
+        use dataplane::assets::wire::{AssetRequest, WireError, check_proxied};
+        let address = AssetRequest::decode(request.kind, &request.payload).and_then(|asked| {
+            check_proxied(request.kind, &asked)?;
+            Ok(asked.address())
+        });
+        let address = match address {
+            Ok(Some(address)) => address,
+            // Only requests that name an address come here.
+            Ok(None) => return self.answer(&request, Err(assets_off())),
+            Err(e @ WireError::ProxiedReadLen(_)) => {
+                let refused = error(ErrorCode::AssetRange as u16, e.to_string());
+                return self.answer(&request, Err(refused));
+            }
+            Err(e) => {
+                let refused = error(ErrorCode::Malformed as u16, e.to_string());
+                return self.answer(&request, Err(refused));
+            }
         };
-        let holder = self
+        let holders: Vec<(u64, Member)> = self
             .raft
             .metrics()
             .borrow()
             .membership_config
             .membership()
             .nodes()
-            .find(|(_, member)| member.locator == Some(address.locator.0))
-            .map(|(id, member)| (*id, member.clone()));
-        let Some((id, holder)) = holder.filter(|(id, _)| *id != self.me.id) else {
-            let unknown = error(
-                ErrorCode::AssetElsewhere as u16,
+            .filter(|(_, member)| member.locator == Some(address.locator.0))
+            .map(|(id, member)| (*id, member.clone()))
+            .collect();
+        let (id, holder) = match holders.as_slice() {
+            [(id, _)] if *id == self.me.id => {
+                let moved = error(
+                    ErrorCode::AssetElsewhere as u16,
+                    format!(
+                        "{address}: the cluster knows this member by the locator {}, which its configuration no longer gives it (remove it and join again)",
+                        address.locator
+                    ),
+                );
+                return self.answer(&request, Err(moved));
+            }
+            [(id, holder)] => (*id, holder.clone()),
+            [] => {
+                let unknown = error(
+                    ErrorCode::AssetElsewhere as u16,
+                    format!(
+                        "{address}: no member of this cluster holds the locator {}",
+                        address.locator
+                    ),
+                );
+                return self.answer(&request, Err(unknown));
+            }
+            _ => {
+                let claimed = error(
+                    ErrorCode::AssetElsewhere as u16,
+                    format!(
+                        "{address}: several members claim the locator {}; the operator must remove all but one",
+                        address.locator
+                    ),
+                );
+                return self.answer(&request, Err(claimed));
+            }
+        };
+        if self.proxied_in_flight.get() >= PROXIED_IN_FLIGHT_MAX {
+            let busy = error(
+                ErrorCode::Busy as u16,
                 format!(
-                    "{address}: no member of this cluster holds the locator {:?}",
-                    address.locator
+                    "this member has {PROXIED_IN_FLIGHT_MAX} asset requests out to the others; retry in a moment, or ask {holder}"
                 ),
             );
-            return self.answer(&request, Err(unknown));
-        };
+            return self.answer(&request, Err(busy));
+        }
         let Some(peers) = self.peers.borrow().clone() else {
             let early = error(
                 ErrorCode::Busy as u16,
@@ -1165,6 +1200,7 @@ impl Inner {
             &request.payload,
         );
         let inner = self.clone();
+        self.proxied_in_flight.set(self.proxied_in_flight.get() + 1);
         tokio::task::spawn_local(async move {
             let result = crate::cluster::network::request(
                 &peers,
@@ -1187,6 +1223,9 @@ impl Inner {
                     format!("{address} is held by member {holder}, which did not answer ({why}); it may have done the request: read back, then retry"),
                 ),
             });
+            inner
+                .proxied_in_flight
+                .set(inner.proxied_in_flight.get() - 1);
             inner.answer(&request, result);
         });
     }
@@ -1228,7 +1267,7 @@ impl Inner {
             let result = match inner.authority.submit(Command::Asset(change)).await {
                 Ok(Outcome::Applied(crate::machine::Applied::Asset(applied))) => {
                     let service = inner.service.borrow();
-                    Ok(storage.answer(service.machine(), asked, applied))
+                    storage.answer(service.machine(), asked, applied)
                 }
                 Ok(Outcome::Refused(refused)) => Err(storage.refusal(&refused)),
                 Ok(other) => Err(error(
@@ -1424,6 +1463,26 @@ impl Inner {
         )
     }
 
+    /// Refused when `locator` is a member's other than `id`.
+    fn locator_free(&self, locator: Option<u64>, id: u64) -> Result<(), (u16, String)> {
+        let membership = self.raft.metrics().borrow().membership_config.clone();
+        if let Some(locator) = locator
+            && let Some((_, holder)) = membership
+                .membership()
+                .nodes()
+                .find(|(other, member)| **other != id && member.locator == Some(locator))
+        {
+            return Err(error(
+                api::NAME_TAKEN,
+                format!(
+                    "the asset locator {} is {holder}'s: give this node another [hypermesh_assets] node_number (or asset_prefix)",
+                    Locator(locator)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// `CLUSTER_JOIN` on the leader: spend the token with the new node's
     /// certificate, add it as a learner, hand it the cluster's keys.
     async fn join(self: &Rc<Self>, payload: &[u8]) -> Result<Vec<u8>, (u16, String)> {
@@ -1440,20 +1499,7 @@ impl Inner {
         }
         let id = node::node_id(&spki);
         let membership = self.raft.metrics().borrow().membership_config.clone();
-        if let Some(locator) = request.locator
-            && let Some((_, holder)) = membership
-                .membership()
-                .nodes()
-                .find(|(other, member)| **other != id && member.locator == Some(locator))
-        {
-            return Err(error(
-                api::NAME_TAKEN,
-                format!(
-                    "the asset locator {} is {holder}'s: give this node another [hypermesh_assets] node_number (or asset_prefix)",
-                    Locator(locator)
-                ),
-            ));
-        }
+        self.locator_free(request.locator, id)?;
         if let Some((_, taken)) = membership.membership().nodes().find(|(other, member)| {
             **other == id || member.name == request.name || member.address == request.address
         }) {
@@ -1487,6 +1533,8 @@ impl Inner {
             }
             Err(e) => return Err((e.code, e.message)),
         }
+        // Again: another join may have taken the locator meanwhile.
+        self.locator_free(request.locator, id)?;
         let member = Member {
             name: request.name.clone(),
             address: request.address.clone(),

@@ -149,25 +149,44 @@ impl AssetSession {
     }
 }
 
-/// The answer's payload to an `ASSET_PROXY` request (`payload`), which
-/// another member of the cluster sends for a client of its own whose
-/// certificate it verified: served as that owner's own request would be,
-/// for an asset this node holds (a proxied request is never proxied on).
-/// Each renews the caller's lease, as a connection of its own would hold
-/// it.
-pub fn answer_proxied(assets: &MemoryAssets, payload: &[u8]) -> Result<Vec<u8>, (u16, String)> {
-    let (owner, request) = super::wire::decode_proxied(payload)
-        .map_err(|e| (ErrorCode::Malformed as u16, e.to_string()))?;
+/// The response to an `ASSET_PROXY` request (`payload`), which another
+/// member of the cluster (the worker checked its node certificate) sends
+/// for a client of its own whose certificate it verified: served by this
+/// member's worker as that owner's own request would be, for an asset
+/// this node holds (a proxied request is never proxied on). Each renews
+/// the caller's lease, as a connection of its own would hold it.
+/// `queued_response_bytes` bounds reads as on any connection.
+pub fn answer_proxied(
+    assets: &MemoryAssets,
+    payload: &[u8],
+    queued_response_bytes: usize,
+) -> Bytes {
+    let kind = crate::protocols::stoq_registry::ASSET_PROXY;
+    let (owner, request) = match super::wire::decode_proxied(payload) {
+        Ok(decoded) => decoded,
+        Err(e) => return encode_error(ErrorCode::Malformed, &e.to_string()),
+    };
     if request.asset_kind() == AllocKind::Storage {
-        return Err((
-            ErrorCode::Malformed as u16,
-            "storage requests are not proxied: every member serves them from its own store".into(),
-        ));
+        return encode_error(
+            ErrorCode::Malformed,
+            "storage requests are not proxied: every member serves them from its own store",
+        );
+    }
+    if let AssetRequest::Read { len, .. } = request
+        && queued_response_bytes > 0
+        && queued_response_bytes + len as usize > QUEUED_RESPONSE_BYTES_MAX
+    {
+        return encode_error(
+            ErrorCode::Busy,
+            "the member's connection has answers not yet read; retry in a moment",
+        );
     }
     assets.connected(&owner);
-    let answer = serve(assets, &owner, request, 0, <[u8]>::to_vec);
+    let answer = serve(assets, &owner, request, 0, |body| {
+        encode(kind | RESPONSE_FLAG, body)
+    });
     assets.disconnected(&owner, Instant::now());
-    answer.map_err(|e| (code(&e) as u16, e.to_string()))
+    answer.unwrap_or_else(|e| encode_error(code(&e), &e.to_string()))
 }
 
 /// The answer to `request`: its payload made into `T` by `ok` (straight
@@ -393,12 +412,23 @@ mod tests {
         );
 
         // At the holder: the owner named in the envelope is who is served.
+        // The holder's response: its payload, or its error code.
+        let raw = |payload: &[u8]| {
+            let message = decode(&answer_proxied(&assets, payload, 0), usize::MAX).unwrap();
+            match message.kind {
+                KIND_ERROR => Err(decode_error_payload(&message.payload)),
+                kind => {
+                    assert_eq!(
+                        kind,
+                        crate::protocols::stoq_registry::ASSET_PROXY | RESPONSE_FLAG
+                    );
+                    Ok(message.payload.to_vec())
+                }
+            }
+        };
         let proxied = |owner: &Owner, request: &AssetRequest<'_>| {
             let (kind, payload) = request.encode();
-            answer_proxied(
-                &assets,
-                &super::super::wire::encode_proxied(owner, kind, &payload),
-            )
+            raw(&super::super::wire::encode_proxied(owner, kind, &payload))
         };
         let read = AssetRequest::Read {
             address,
@@ -433,7 +463,7 @@ mod tests {
             );
         }
         assert_eq!(
-            answer_proxied(&assets, &owner.0[..20]).unwrap_err().0,
+            raw(&owner.0[..20]).unwrap_err().0,
             ErrorCode::Malformed as u16
         );
         let written = AssetRequest::Write {

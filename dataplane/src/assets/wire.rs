@@ -18,6 +18,11 @@ pub const READ_LEN_MAX: u32 = 16 * 1024 * 1024 - 64;
 /// the request's kind.
 pub const PROXIED_HEADER_LEN: usize = 33;
 
+/// The most bytes a read through another member returns (`ASSET_PROXY`):
+/// what a member holds for the reads it proxies stays bounded. Longer
+/// reads are several, or asked of the holder.
+pub const PROXIED_READ_LEN_MAX: u32 = 1 << 20;
+
 /// The longest asset request payload: a request's bound
 /// (`stoq::REQUEST_PAYLOAD_MAX`) less [`PROXIED_HEADER_LEN`], so that any
 /// request a member takes, it can also proxy.
@@ -136,6 +141,10 @@ pub enum WireError {
     TooLong(usize),
     #[error("a proxied request names an asset by address (not {0:#04x})")]
     ProxiedKind(u8),
+    #[error(
+        "a read through another member returns at most {PROXIED_READ_LEN_MAX} bytes, not {0}; read in parts, or at the member that holds the asset"
+    )]
+    ProxiedReadLen(u32),
 }
 
 /// The longest asset name (one DNS label).
@@ -420,10 +429,20 @@ pub fn decode_proxied(payload: &[u8]) -> Result<(Owner, AssetRequest<'_>), WireE
     let owner = Owner(f.take::<32>()?);
     let kind = f.take::<1>()?[0];
     let request = AssetRequest::decode(kind, f.rest)?;
-    if request.address().is_none() {
-        return Err(WireError::ProxiedKind(kind));
-    }
+    check_proxied(kind, &request)?;
     Ok((owner, request))
+}
+
+/// Whether `request` (of `kind`) may go through another member: it names
+/// an address, and a read is at most [`PROXIED_READ_LEN_MAX`].
+pub fn check_proxied(kind: u8, request: &AssetRequest<'_>) -> Result<(), WireError> {
+    match request {
+        _ if request.address().is_none() => Err(WireError::ProxiedKind(kind)),
+        AssetRequest::Read { len, .. } if *len > PROXIED_READ_LEN_MAX => {
+            Err(WireError::ProxiedReadLen(*len))
+        }
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -644,6 +663,31 @@ mod tests {
         assert_eq!(envelope.len(), crate::protocols::stoq::REQUEST_PAYLOAD_MAX);
         let (owner, back) = decode_proxied(&envelope).unwrap();
         assert_eq!((owner, back), (Owner([1; 32]), write));
+        // A read through a member is bounded; an allocation never goes.
+        for (len, ok) in [
+            (PROXIED_READ_LEN_MAX, true),
+            (PROXIED_READ_LEN_MAX + 1, false),
+        ] {
+            let (kind, read) = AssetRequest::Read {
+                address: address(),
+                offset: 0,
+                len,
+            }
+            .encode();
+            let envelope = encode_proxied(&Owner([1; 32]), kind, &read);
+            let decoded = decode_proxied(&envelope);
+            assert_eq!(decoded.is_ok(), ok, "{len}: {decoded:?}");
+        }
+        let (kind, alloc) = AssetRequest::Alloc {
+            kind: AllocKind::Memory,
+            size: 1,
+            name: None,
+        }
+        .encode();
+        assert!(matches!(
+            decode_proxied(&encode_proxied(&Owner([1; 32]), kind, &alloc)),
+            Err(WireError::ProxiedKind(_))
+        ));
         let longer = [payload.as_slice(), &[0]].concat();
         assert!(matches!(
             AssetRequest::decode(kind, &longer),

@@ -11,6 +11,7 @@ use crate::admission::{
 };
 use crate::assets::serve::Answer;
 use crate::control::{ControlPort, Forwarded, Ticket};
+use crate::protocols::stoq_registry::ASSET_PROXY;
 use crate::stats::{Counters, StatsRegistry};
 use bytes::{BufMut, Bytes, BytesMut};
 use quinn_proto::{Connection, Dir, StreamId, VarInt};
@@ -279,6 +280,9 @@ pub struct StoqContext<'a> {
     pub peer: Option<&'a CertificateDer<'static>>,
     /// The peer is the operator (its certificate names it).
     pub operator: bool,
+    /// The peer is a member of this server's cluster (a node certificate
+    /// of this CA, checked like any peer's: revocation, validity).
+    pub node: bool,
     /// Where authority requests go, if this server has an authority.
     pub authority: Option<AuthorityRoute<'a>>,
     /// The admission gate, when connections must be admitted.
@@ -385,7 +389,7 @@ impl StoqServer {
         // What this connection's answers hold that the peer has not taken
         // yet, for an asset read to bound (a read answer can be 16 MiB).
         let queued = match self.streams.get(&id).and_then(|s| s.buf.get(1)) {
-            Some(kind) if ASSET_KINDS.contains(kind) => self
+            Some(kind) if ASSET_KINDS.contains(kind) || *kind == ASSET_PROXY => self
                 .streams
                 .values()
                 .filter_map(|s| s.unsent.as_ref().map(Bytes::len))
@@ -472,6 +476,23 @@ impl StoqServer {
                 ErrorCode::CertificateRequired,
                 "this request needs a client certificate; a connection without one may only enroll",
             )),
+            _ if kind == ASSET_PROXY => {
+                if ctx.early {
+                    counters.zero_rtt_deferred += 1;
+                    return;
+                }
+                let payload = &stream.buf[HEADER_LEN..];
+                Some(match ctx.assets {
+                    _ if !ctx.node => encode_error(
+                        ErrorCode::CertificateRequired,
+                        "only the cluster's members may send this (a node certificate)",
+                    ),
+                    None => {
+                        encode_error(ErrorCode::AssetsOff, "this member serves no memory assets")
+                    }
+                    Some(assets) => crate::assets::serve::answer_proxied(assets, payload, queued),
+                })
+            }
             _ if ASSET_KINDS.contains(&kind) => {
                 if ctx.early {
                     counters.zero_rtt_deferred += 1;

@@ -65,9 +65,6 @@ pub const CT_PROOF: u8 = 0x21;
 pub const CT_CONSISTENCY: u8 = 0x22;
 pub const CT_ENTRIES: u8 = 0x23;
 pub const CT_KEY: u8 = 0x24;
-/// An asset request a cluster member proxies to the member holding the
-/// asset (`crate::assets::wire::encode_proxied`).
-pub const ASSET_PROXY: u8 = 0x2f;
 pub const ROTATE: u8 = 0x30;
 pub const CLUSTER_JOIN: u8 = 0x31;
 pub const CLUSTER_STATUS: u8 = 0x32;
@@ -93,6 +90,9 @@ pub const ASSET_CAS: u8 = 0x53;
 pub const ASSET_FREE: u8 = 0x54;
 pub const ASSET_LIST: u8 = 0x55;
 pub const ASSET_GRANT: u8 = 0x56;
+/// An asset request a cluster member proxies to the member holding the
+/// asset (`crate::assets::wire::encode_proxied`), answered by its worker.
+pub const ASSET_PROXY: u8 = 0x57;
 
 const fn entry(
     kind: u8,
@@ -167,15 +167,6 @@ pub const KINDS: [KindSpec; 39] = [
     // The enrolling client checks its new certificate's log proof with it,
     // on the enrollment connection (no certificate, no admission yet).
     entry(CT_KEY, "CT_KEY", Anyone, Authority, true, false),
-    // Between members only, like `RAFT_*`.
-    entry(
-        ASSET_PROXY,
-        "ASSET_PROXY",
-        Certificate,
-        Cluster,
-        false,
-        false,
-    ),
     entry(ROTATE, "ROTATE", Operator, Authority, false, false),
     // A joining node has no certificate yet: its join token is its proof.
     entry(CLUSTER_JOIN, "CLUSTER_JOIN", Anyone, Cluster, true, false),
@@ -286,6 +277,16 @@ pub const KINDS: [KindSpec; 39] = [
     entry(
         ASSET_GRANT,
         "ASSET_GRANT",
+        Certificate,
+        Worker,
+        false,
+        false,
+    ),
+    // Between members only: the worker refuses a certificate that is not
+    // a member's (`trust::node_name`).
+    entry(
+        ASSET_PROXY,
+        "ASSET_PROXY",
         Certificate,
         Worker,
         false,
