@@ -50,11 +50,13 @@ pub fn run(target: &ClientTarget, plan: &AssetBenchPlan) -> anyhow::Result<serde
     let config = target.client_config(dataplane::protocols::ALPN_STOQ)?;
     let load = |request: &AssetRequest<'_>, total: u64, concurrency: usize| {
         let (kind, payload) = request.encode();
-        checked(client::run_load(
-            target,
-            &config,
-            plan_of(kind, Bytes::from(payload), total, concurrency),
-        )?)
+        timed(|| {
+            checked(client::run_load(
+                target,
+                &config,
+                plan_of(kind, Bytes::from(payload), total, concurrency),
+            )?)
+        })
     };
     eprintln!(
         "asset-bench: {} allocations of {} bytes, {} in flight",
@@ -83,11 +85,13 @@ pub fn run(target: &ClientTarget, plan: &AssetBenchPlan) -> anyhow::Result<serde
         1,
     )?;
     eprintln!("asset-bench: {} pings of 1 KiB, one at a time", plan.reads);
-    let pings = checked(client::run_load(
-        target,
-        &config,
-        plan_of(PING, Bytes::from(vec![7u8; 1024]), plan.reads, 1),
-    )?)?;
+    let pings = timed(|| {
+        checked(client::run_load(
+            target,
+            &config,
+            plan_of(PING, Bytes::from(vec![7u8; 1024]), plan.reads, 1),
+        )?)
+    })?;
     let proxy = plan.through.map(|remote| ClientTarget {
         remote,
         ..target.clone()
@@ -95,11 +99,13 @@ pub fn run(target: &ClientTarget, plan: &AssetBenchPlan) -> anyhow::Result<serde
     let through = |request: &AssetRequest<'_>, total: u64, concurrency: usize| {
         let proxy = proxy.as_ref().expect("only called with a proxy");
         let (kind, payload) = request.encode();
-        checked(client::run_load(
-            proxy,
-            &config,
-            plan_of(kind, Bytes::from(payload), total, concurrency),
-        )?)
+        timed(|| {
+            checked(client::run_load(
+                proxy,
+                &config,
+                plan_of(kind, Bytes::from(payload), total, concurrency),
+            )?)
+        })
     };
     let proxied_reads = match &proxy {
         Some(proxy) => {
@@ -133,7 +139,8 @@ pub fn run(target: &ClientTarget, plan: &AssetBenchPlan) -> anyhow::Result<serde
         bulk_requests,
         4,
     )?;
-    let gbps = |report: &LoadReport, chunk: u32| {
+    let gbps = |phase: &Phase, chunk: u32| {
+        let report = &phase.report;
         report.ok as f64 * f64::from(chunk) * 8.0 / report.elapsed.as_secs_f64().max(1e-9) / 1e9
     };
     // Through a member, a read returns at most PROXIED_READ_LEN_MAX: as
@@ -217,15 +224,18 @@ pub fn run(target: &ClientTarget, plan: &AssetBenchPlan) -> anyhow::Result<serde
         "read_4k": phase(&reads),
         "ping_1k": phase(&pings),
         "bulk_read": {
-            "requests": bulk_reads.ok,
+            "requests": bulk_reads.report.ok,
+            "window_unix_ms": bulk_reads.window,
             "request_bytes": chunk,
             "gbps": gbps(&bulk_reads, chunk),
-            "latency_us_p50": bulk_reads.latency_us.value_at_quantile(0.50),
+            "latency_us_p50": bulk_reads.report.latency_us.value_at_quantile(0.50),
         },
         "proxied": proxy.as_ref().map(|proxy| json!({
             "through": proxy.remote.to_string(),
             "read_4k": proxied_reads.as_ref().map(phase),
-            "bulk_read_gbps": proxied_bulk.as_ref().map(|report| gbps(report, proxied_chunk)),
+            "bulk_read_gbps": proxied_bulk.as_ref().map(|phase| gbps(phase, proxied_chunk)),
+            "bulk_read_requests": proxied_bulk.as_ref().map(|phase| phase.report.ok),
+            "bulk_read_window_unix_ms": proxied_bulk.as_ref().map(|phase| phase.window),
             "bulk_request_bytes": proxied_chunk,
         })),
         "alloc_size": plan.alloc_size,
@@ -249,6 +259,31 @@ fn checked(report: LoadReport) -> anyhow::Result<LoadReport> {
     report.complete().map_err(anyhow::Error::msg)
 }
 
-fn phase(report: &LoadReport) -> serde_json::Value {
-    report.summary()
+/// A phase's report, and when it ran (milliseconds since the Unix epoch),
+/// so that a caller sampling the servers' CPU meanwhile can charge each
+/// phase its share (`cargo xtask bench-cluster`).
+struct Phase {
+    report: LoadReport,
+    window: [u64; 2],
+}
+
+fn timed(run: impl FnOnce() -> anyhow::Result<LoadReport>) -> anyhow::Result<Phase> {
+    let started = unix_ms();
+    let report = run()?;
+    Ok(Phase {
+        report,
+        window: [started, unix_ms()],
+    })
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn phase(phase: &Phase) -> serde_json::Value {
+    let mut summary = phase.report.summary();
+    summary["window_unix_ms"] = json!(phase.window);
+    summary
 }

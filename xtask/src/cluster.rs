@@ -12,8 +12,9 @@
 //!    asset-bench` from the client allocates memory assets at member 1 and
 //!    reads them there and through member 2, which proxies each request
 //!    to member 1 (`ASSET_PROXY`): 4 KiB reads one at a time (p50, p99)
-//!    and 16 MiB reads 4 in flight (Gbit/s), direct and proxied in the
-//!    same process.
+//!    and 16 MiB in flight (Gbit/s), direct and proxied in the same
+//!    process; the members' CPU is sampled from /proc meanwhile and each
+//!    phase charged its window's share (per read, per Gbit).
 //! 3. Failover: `internet2 failover-load` issues certificates through the
 //!    members while the leader is killed (`kill -9`) and restarted, again
 //!    and again; for each kill, the time until a certificate is
@@ -555,34 +556,96 @@ fn assets_run(bench: &Bench, run: usize, runs: usize) -> Result<Value> {
     let ca_dir = &nodes[0].as_ref().expect("started").dir;
     let connect = format!("[{}]:{PORT},[{}]:{PORT}", member_ip(0), member_ip(1));
     let out = bench.work.path.join(format!("{tag}.json"));
-    let status = bench
+    let pids: Vec<u32> = nodes.iter().flatten().map(|n| n.proc.pid()).collect();
+    let mut client = bench
         .client(ca_dir, &["asset-bench", "--connect", &connect])
-        .args([
-            "--allocs",
-            "10000",
-            "--reads",
-            "5000",
-            "--storage-allocs",
-            "0",
-        ])
-        .args(["--bulk-mib", "16", "--bulk-total-mib", "512", "--json"])
+        .args(["--allocs", "10000", "--reads", "5000"])
+        .args(["--storage-allocs", "0", "--bulk-mib", "16"])
+        .args(["--bulk-total-mib", "512", "--json"])
         .arg(&out)
         .stdout(Stdio::null())
-        .status()?;
+        .spawn()?;
+    // The members' CPU, sampled while it runs: each phase is charged what
+    // they used within its window (ticks of 10 ms; phases last seconds).
+    let mut samples: Vec<(u64, Vec<u64>)> = Vec::new();
+    let status = loop {
+        let ticks = pids
+            .iter()
+            .map(|pid| proc_cpu_ticks(*pid))
+            .collect::<Result<Vec<u64>>>()?;
+        samples.push((now_ms(), ticks));
+        if let Some(status) = client.try_wait()? {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
     drop(nodes);
     if !status.success() {
         bail!("asset-bench through {connect} failed ({status})");
     }
     let report: Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
+    let tck = clk_tck()?;
+    // CPU seconds of each member within `window` ([start, end] in ms).
+    let cpu = |window: &Value| -> Option<Vec<f64>> {
+        let at = |ms: u64| {
+            samples
+                .iter()
+                .rev()
+                .find(|(t, _)| *t <= ms)
+                .or(samples.first())
+                .map(|(_, ticks)| ticks.clone())
+        };
+        let (start, end) = (at(window[0].as_u64()?)?, at(window[1].as_u64()?)?);
+        Some(
+            start
+                .iter()
+                .zip(&end)
+                .map(|(a, b)| b.saturating_sub(*a) as f64 / tck)
+                .collect(),
+        )
+    };
+    // Per unit of work (a request, a Gbit): all members, and the two the
+    // phases use (member 1 holds the assets, member 2 proxies).
+    let charged = |window: &Value, units: f64, scale: f64| -> Value {
+        match cpu(window) {
+            Some(members) if units > 0.0 => json!({
+                "all_members": members.iter().sum::<f64>() * scale / units,
+                "member_1": members[0] * scale / units,
+                "member_2": members[1] * scale / units,
+            }),
+            _ => Value::Null,
+        }
+    };
+    let per_read_us = |phase: &Value| {
+        let reads = phase["requests"].as_f64().unwrap_or(0.0);
+        charged(&phase["window_unix_ms"], reads, 1e6)
+    };
+    let per_gbit_s = |window: &Value, requests: &Value, bytes: &Value| {
+        let gbit = requests.as_f64().unwrap_or(0.0) * bytes.as_f64().unwrap_or(0.0) * 8.0 / 1e9;
+        charged(window, gbit, 1.0)
+    };
     let proxied = &report["proxied"];
+    let bulk = &report["bulk_read"];
     Ok(json!({
         "read_4k_us_p50": report["read_4k"]["latency_us_p50"],
         "read_4k_us_p99": report["read_4k"]["latency_us_p99"],
         "proxied_read_4k_us_p50": proxied["read_4k"]["latency_us_p50"],
         "proxied_read_4k_us_p99": proxied["read_4k"]["latency_us_p99"],
         "ping_1k_us_p99": report["ping_1k"]["latency_us_p99"],
-        "bulk_read_gbps": report["bulk_read"]["gbps"],
+        "bulk_read_gbps": bulk["gbps"],
         "proxied_bulk_read_gbps": proxied["bulk_read_gbps"],
+        "server_cpu_us_per_read_4k": per_read_us(&report["read_4k"]),
+        "server_cpu_us_per_proxied_read_4k": per_read_us(&proxied["read_4k"]),
+        "server_cpu_s_per_gbit_bulk": per_gbit_s(
+            &bulk["window_unix_ms"],
+            &bulk["requests"],
+            &bulk["request_bytes"],
+        ),
+        "server_cpu_s_per_gbit_proxied_bulk": per_gbit_s(
+            &proxied["bulk_read_window_unix_ms"],
+            &proxied["bulk_read_requests"],
+            &proxied["bulk_request_bytes"],
+        ),
     }))
 }
 
