@@ -48,15 +48,19 @@ pub struct AssetBenchPlan {
 
 pub fn run(target: &ClientTarget, plan: &AssetBenchPlan) -> anyhow::Result<serde_json::Value> {
     let config = target.client_config(dataplane::protocols::ALPN_STOQ)?;
-    let load = |request: &AssetRequest<'_>, total: u64, concurrency: usize| {
+    // `total` of `request`, `concurrency` in flight, at `at`.
+    let load_at = |at: &ClientTarget, request: &AssetRequest<'_>, total, concurrency| {
         let (kind, payload) = request.encode();
         timed(|| {
             checked(client::run_load(
-                target,
+                at,
                 &config,
                 plan_of(kind, Bytes::from(payload), total, concurrency),
             )?)
         })
+    };
+    let load = |request: &AssetRequest<'_>, total, concurrency| {
+        load_at(target, request, total, concurrency)
     };
     eprintln!(
         "asset-bench: {} allocations of {} bytes, {} in flight",
@@ -96,16 +100,9 @@ pub fn run(target: &ClientTarget, plan: &AssetBenchPlan) -> anyhow::Result<serde
         remote,
         ..target.clone()
     });
-    let through = |request: &AssetRequest<'_>, total: u64, concurrency: usize| {
+    let through = |request: &AssetRequest<'_>, total, concurrency| {
         let proxy = proxy.as_ref().expect("only called with a proxy");
-        let (kind, payload) = request.encode();
-        timed(|| {
-            checked(client::run_load(
-                proxy,
-                &config,
-                plan_of(kind, Bytes::from(payload), total, concurrency),
-            )?)
-        })
+        load_at(proxy, request, total, concurrency)
     };
     let proxied_reads = match &proxy {
         Some(proxy) => {

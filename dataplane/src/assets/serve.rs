@@ -294,22 +294,29 @@ mod tests {
         (message.kind, message.payload.to_vec())
     }
 
-    #[test]
-    fn a_read_waits_while_unread_answers_would_pass_the_bound() {
-        let node = NodeNumber::new(0).unwrap();
+    /// Node `node`'s memory assets (one shard, `quota` bytes per owner),
+    /// and an owner's certificate.
+    fn node_and_owner(node: u16, quota: u64) -> (Arc<MemoryAssets>, rcgen::Certificate) {
+        let node = NodeNumber::new(node).unwrap();
         let locator = Locator::in_ula("fd71:7e57::".parse().unwrap(), node);
         let assets = Arc::new(MemoryAssets::new(
             node,
             locator,
             1,
             (0, 16),
-            (64 << 20, u64::MAX),
+            (quota, u64::MAX),
         ));
         let key = rcgen::KeyPair::generate().unwrap();
         let certificate = rcgen::CertificateParams::new(vec!["owner".into()])
             .unwrap()
             .self_signed(&key)
             .unwrap();
+        (assets, certificate)
+    }
+
+    #[test]
+    fn a_read_waits_while_unread_answers_would_pass_the_bound() {
+        let (assets, certificate) = node_and_owner(0, 64 << 20);
         let mut caller = Caller {
             assets: Some(&assets),
             certificate: certificate.der(),
@@ -349,20 +356,8 @@ mod tests {
 
     #[test]
     fn another_locator_is_proxied_only_by_a_member_and_the_holder_serves_the_caller_named() {
-        let node = NodeNumber::new(1).unwrap();
-        let locator = Locator::in_ula("fd71:7e57::".parse().unwrap(), node);
-        let assets = Arc::new(MemoryAssets::new(
-            node,
-            locator,
-            1,
-            (0, 16),
-            (1 << 20, u64::MAX),
-        ));
-        let key = rcgen::KeyPair::generate().unwrap();
-        let certificate = rcgen::CertificateParams::new(vec!["owner".into()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
+        let (assets, certificate) = node_and_owner(1, 1 << 20);
+        let locator = assets.locator();
         let caller = Caller {
             assets: Some(&assets),
             certificate: certificate.der(),
