@@ -79,12 +79,32 @@ pub enum Returned {
 /// Takes a query for the resolver; hands it back when it cannot (full).
 pub type Resolver = Arc<dyn Fn(DnsQuery) -> Result<(), DnsQuery> + Send + Sync>;
 
+/// A memory asset request for another cluster member's asset, sent to
+/// that member from the worker's thread (`ASSET_PROXY`); its answer comes
+/// back as a [`Reply`] to `ticket`.
+#[derive(Debug)]
+pub struct ProxiedRequest {
+    pub worker: usize,
+    pub ticket: Ticket,
+    /// The client's request kind (its answer's).
+    pub kind: u8,
+    /// The locator the asset's address carries.
+    pub locator: crate::assets::address::Locator,
+    /// The `ASSET_PROXY` payload (`crate::assets::wire::encode_proxied`).
+    pub envelope: Bytes,
+}
+
+/// Sends a proxied request on, or says why not (an error code and a
+/// message for the client, answered at once).
+pub type AssetProxy = Arc<dyn Fn(ProxiedRequest) -> Result<(), (u16, String)> + Send + Sync>;
+
 pub struct ControlPort {
     requests: ArrayQueue<Forwarded>,
     replies: Box<[ArrayQueue<Returned>]>,
     control: OnceLock<Arc<dyn Fn() + Send + Sync>>,
     mailboxes: OnceLock<Arc<[Mailbox]>>,
     resolver: OnceLock<Resolver>,
+    asset_proxy: OnceLock<AssetProxy>,
 }
 
 impl ControlPort {
@@ -97,6 +117,7 @@ impl ControlPort {
             control: OnceLock::new(),
             mailboxes: OnceLock::new(),
             resolver: OnceLock::new(),
+            asset_proxy: OnceLock::new(),
         })
     }
 
@@ -149,6 +170,17 @@ impl ControlPort {
             Some(resolver) => resolver(query),
             None => Err(query),
         }
+    }
+
+    /// Plug in the proxy for other members' assets (at most once).
+    pub fn set_asset_proxy(&self, proxy: AssetProxy) {
+        let _ = self.asset_proxy.set(proxy);
+    }
+
+    /// Worker side: send a request for another member's asset on; `None`
+    /// when no proxy is plugged in.
+    pub fn proxy_asset(&self, request: ProxiedRequest) -> Option<Result<(), (u16, String)>> {
+        self.asset_proxy.get().map(|proxy| proxy(request))
     }
 
     /// Whether a resolver is plugged in.

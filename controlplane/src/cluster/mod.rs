@@ -15,6 +15,7 @@
 //! its current-thread runtime (`singlethreaded`), sharing the state machine
 //! with the service in the same thread.
 
+pub mod asset_proxy;
 mod authority;
 pub mod codec;
 pub mod local;

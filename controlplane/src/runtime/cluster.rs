@@ -35,7 +35,6 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use dataplane::assets::address::Locator;
 use dataplane::assets::memory::MemoryAssets;
-use dataplane::assets::wire::AllocKind;
 use dataplane::control::{ControlPort, Forwarded, Reply};
 use dataplane::protocols::doq::ZoneStore;
 use dataplane::protocols::stoq::{ASSET_KINDS, ErrorCode};
@@ -65,13 +64,6 @@ const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
 const REMOVE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a member's request to the leader may take.
 const RELAY_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long an asset request proxied to the member holding the asset may
-/// take.
-const ASSET_PROXY_TIMEOUT: Duration = Duration::from_secs(2);
-/// Asset requests a member has proxied to the others and not had answered
-/// (each read at most `PROXIED_READ_LEN_MAX`): what clients can make it
-/// hold, and add to the connections it shares with Raft, stays bounded.
-const PROXIED_IN_FLIGHT_MAX: usize = 64;
 
 /// What makes a node a member.
 pub struct ClusterSettings {
@@ -208,8 +200,11 @@ struct Inner {
     /// The applied index the assets' totals and memory limits were last
     /// published at.
     assets_published: Cell<Option<u64>>,
-    /// Asset requests proxied to other members and not answered yet.
-    proxied_in_flight: Cell<usize>,
+    /// The workers' proxy to the other members' memory assets, and the
+    /// membership and peers it was last given.
+    asset_proxy: Option<Arc<crate::cluster::asset_proxy::AssetProxy>>,
+    proxy_routes_at: Cell<Option<openraft::LogId<u64>>>,
+    proxy_peers: Cell<usize>,
 }
 
 fn raft_config() -> openraft::Config {
@@ -341,6 +336,10 @@ impl MemberRuntime {
                 Some(assets.memory.clone()),
             )
         });
+        let asset_proxy = cluster
+            .assets
+            .as_ref()
+            .map(|_| crate::cluster::asset_proxy::AssetProxy::install(&port, me.id));
         let inner = Rc::new(Inner {
             me,
             data_dir,
@@ -370,7 +369,9 @@ impl MemberRuntime {
             assets: cluster.assets.map(|assets| assets.memory),
             storage,
             assets_published: Cell::new(None),
-            proxied_in_flight: Cell::new(0),
+            asset_proxy,
+            proxy_routes_at: Cell::new(None),
+            proxy_peers: Cell::new(0),
         });
         if let Some(assets) = &inner.assets {
             assets.set_proxies();
@@ -950,6 +951,20 @@ impl Inner {
             tracing::error!(error = %e, "could not publish the zone; the workers keep the one before");
         }
         self.admission.borrow_mut().publish(service.machine());
+        if let Some(proxy) = &self.asset_proxy {
+            let metrics = self.raft.metrics().borrow().clone();
+            let membership = &metrics.membership_config;
+            if self.proxy_routes_at.get() != *membership.log_id() {
+                proxy.set_members(membership.membership().nodes());
+                self.proxy_routes_at.set(*membership.log_id());
+            }
+            let peers = self.peers.borrow().clone();
+            let at = peers.as_ref().map_or(0, |p| Arc::as_ptr(p) as usize);
+            if at != self.proxy_peers.get() {
+                proxy.set_peers(peers);
+                self.proxy_peers.set(at);
+            }
+        }
         if let Some(storage) = &self.storage {
             let applied = self.raft.metrics().borrow().last_applied.map(|id| id.index);
             if applied != self.assets_published.get() {
@@ -1088,146 +1103,11 @@ impl Inner {
                 )),
             ),
             kinds::QUOTAS => self.serve_assets(request, who),
-            kind if ASSET_KINDS.contains(&kind) => {
-                let storage = dataplane::assets::wire::AssetRequest::decode(kind, &request.payload)
-                    .is_ok_and(|asked| asked.asset_kind() == AllocKind::Storage);
-                match storage {
-                    true => self.serve_assets(request, who),
-                    false => self.proxy_asset(request, who),
-                }
-            }
+            // Storage requests (the workers answer memory ones, and proxy
+            // them to the other members).
+            kind if ASSET_KINDS.contains(&kind) => self.serve_assets(request, who),
             _ => self.serve(request, who),
         }
-    }
-
-    /// An asset request for another member's asset (the worker answers
-    /// this member's own): sent on to the member whose locator the
-    /// address carries, over this member's connection to it, for the
-    /// caller's identity, which this member checked (chain, validity,
-    /// revocation). The holder's answer, or error, is the caller's.
-    fn proxy_asset(self: &Rc<Self>, request: Forwarded, who: Who) {
-        let Some(owner) = who
-            .verified
-            .as_deref()
-            .and_then(dataplane::trust::spki_sha256)
-        else {
-            let refused = error(
-                ErrorCode::CertificateRequired as u16,
-                "asset requests need a valid client certificate of this authority (revoked or expired ones are refused)",
-            );
-            return self.answer(&request, Err(refused));
-        };
-        use dataplane::assets::wire::{AssetRequest, WireError, check_proxied};
-        let address = AssetRequest::decode(request.kind, &request.payload).and_then(|asked| {
-            check_proxied(request.kind, &asked)?;
-            Ok(asked.address())
-        });
-        let address = match address {
-            Ok(Some(address)) => address,
-            // Only requests that name an address come here.
-            Ok(None) => return self.answer(&request, Err(assets_off())),
-            Err(e @ WireError::ProxiedReadLen(_)) => {
-                let refused = error(ErrorCode::AssetRange as u16, e.to_string());
-                return self.answer(&request, Err(refused));
-            }
-            Err(e) => {
-                let refused = error(ErrorCode::Malformed as u16, e.to_string());
-                return self.answer(&request, Err(refused));
-            }
-        };
-        let holders: Vec<(u64, Member)> = self
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .nodes()
-            .filter(|(_, member)| member.locator == Some(address.locator.0))
-            .map(|(id, member)| (*id, member.clone()))
-            .collect();
-        let (id, holder) = match holders.as_slice() {
-            [(id, _)] if *id == self.me.id => {
-                let moved = error(
-                    ErrorCode::AssetElsewhere as u16,
-                    format!(
-                        "{address}: the cluster knows this member by the locator {}, which its configuration no longer gives it (remove it and join again)",
-                        address.locator
-                    ),
-                );
-                return self.answer(&request, Err(moved));
-            }
-            [(id, holder)] => (*id, holder.clone()),
-            [] => {
-                let unknown = error(
-                    ErrorCode::AssetElsewhere as u16,
-                    format!(
-                        "{address}: no member of this cluster holds the locator {}",
-                        address.locator
-                    ),
-                );
-                return self.answer(&request, Err(unknown));
-            }
-            _ => {
-                let claimed = error(
-                    ErrorCode::AssetElsewhere as u16,
-                    format!(
-                        "{address}: several members claim the locator {}; the operator must remove all but one",
-                        address.locator
-                    ),
-                );
-                return self.answer(&request, Err(claimed));
-            }
-        };
-        if self.proxied_in_flight.get() >= PROXIED_IN_FLIGHT_MAX {
-            let busy = error(
-                ErrorCode::Busy as u16,
-                format!(
-                    "this member has {PROXIED_IN_FLIGHT_MAX} asset requests out to the others; retry in a moment, or ask {holder}"
-                ),
-            );
-            return self.answer(&request, Err(busy));
-        }
-        let Some(peers) = self.peers.borrow().clone() else {
-            let early = error(
-                ErrorCode::Busy as u16,
-                "this member cannot reach the others yet: ask again in a moment",
-            );
-            return self.answer(&request, Err(early));
-        };
-        let payload = dataplane::assets::wire::encode_proxied(
-            &dataplane::assets::memory::Owner(owner),
-            request.kind,
-            &request.payload,
-        );
-        let inner = self.clone();
-        self.proxied_in_flight.set(self.proxied_in_flight.get() + 1);
-        tokio::task::spawn_local(async move {
-            let result = crate::cluster::network::request(
-                &peers,
-                &holder.address,
-                Some(id),
-                kinds::ASSET_PROXY,
-                payload,
-                ASSET_PROXY_TIMEOUT,
-            )
-            .await
-            .map(|answer| answer.to_vec())
-            .map_err(|e| match e {
-                crate::cluster::network::PeerError::Refused { code, message } => (code, message),
-                crate::cluster::network::PeerError::Unreachable(why) => error(
-                    ErrorCode::AssetElsewhere as u16,
-                    format!("{address} is held by member {holder}, which this member cannot reach ({why}): ask it directly"),
-                ),
-                crate::cluster::network::PeerError::Unknown(why) => error(
-                    ErrorCode::Busy as u16,
-                    format!("{address} is held by member {holder}, which did not answer ({why}); it may have done the request: read back, then retry"),
-                ),
-            });
-            inner
-                .proxied_in_flight
-                .set(inner.proxied_in_flight.get() - 1);
-            inner.answer(&request, result);
-        });
     }
 
     /// A storage asset request or the operator's `QUOTAS`: a read at once

@@ -1,7 +1,9 @@
 //! A `stoq/1` connection's asset requests: memory assets are answered by
 //! its worker from the shared [`MemoryAssets`]; storage assets are the
 //! control plane's (durable, in its store), so their requests go there
-//! ([`Answer::ControlPlane`]). The connection's client certificate names
+//! ([`Answer::ControlPlane`]); on a cluster member, a memory request for
+//! another member's locator goes to that member ([`Answer::Proxy`],
+//! answered there by [`answer_proxied`]). The connection's client certificate names
 //! the owner (SHA-256 of its key, as admission's ledger does); the first
 //! memory request takes a lease for that owner, which the connection holds
 //! until it closes.
@@ -62,6 +64,12 @@ pub enum Answer {
     /// A storage request, well formed and for this node: the control
     /// plane's to answer.
     ControlPlane,
+    /// A memory asset request for another cluster member's locator: to
+    /// send it as `envelope` (`ASSET_PROXY`, for the caller's identity).
+    Proxy {
+        locator: super::address::Locator,
+        envelope: Vec<u8>,
+    },
 }
 
 impl AssetSession {
@@ -112,8 +120,24 @@ impl AssetSession {
             }
             return Answer::ControlPlane;
         }
-        if elsewhere.is_some() {
-            return Answer::ControlPlane;
+        if let Some(address) = elsewhere {
+            if let Err(e) = super::wire::check_proxied(kind, &request) {
+                let code = match e {
+                    super::wire::WireError::ProxiedReadLen(_) => ErrorCode::AssetRange,
+                    _ => ErrorCode::Malformed,
+                };
+                return Answer::Now(encode_error(code, &e.to_string()));
+            }
+            let Some(key) = crate::trust::spki_sha256(caller.certificate) else {
+                return Answer::Now(encode_error(
+                    ErrorCode::Malformed,
+                    "the client certificate's key could not be read",
+                ));
+            };
+            return Answer::Proxy {
+                locator: address.locator,
+                envelope: super::wire::encode_proxied(&Owner(key), kind, payload),
+            };
         }
         Answer::Now(self.answer_memory(kind, request, assets, caller))
     }
@@ -401,10 +425,16 @@ mod tests {
             ErrorCode::AssetElsewhere as u16
         );
         assets.set_proxies();
-        assert_eq!(
-            session.answer(kind, &payload, &caller),
-            Answer::ControlPlane
-        );
+        let Answer::Proxy {
+            locator: to,
+            envelope,
+        } = session.answer(kind, &payload, &caller)
+        else {
+            panic!("not proxied");
+        };
+        assert_eq!(to, elsewhere.locator);
+        let (named, _) = super::super::wire::decode_proxied(&envelope).unwrap();
+        assert_eq!(named, owner, "the caller's own key");
 
         // At the holder: the owner named in the envelope is who is served.
         // The holder's response: its payload, or its error code.

@@ -513,6 +513,20 @@ impl StoqServer {
                             refused => refused,
                         }
                     }
+                    Answer::Proxy { locator, envelope } => {
+                        let sent = proxy_over(
+                            &mut self.forwarded,
+                            (kind, locator, envelope),
+                            id,
+                            stream,
+                            ctx,
+                            counters,
+                        );
+                        match sent {
+                            None => return,
+                            refused => refused,
+                        }
+                    }
                 }
             }
             _ => match Kind::from_u8(kind) {
@@ -725,21 +739,75 @@ fn hand_over(
     counters: &mut Counters,
 ) -> Option<Bytes> {
     if *forwarded >= FORWARDED_PER_CONNECTION_MAX {
-        return Some(encode_error(
-            ErrorCode::Busy,
-            "too many requests of this connection are waiting; retry when one is answered",
-        ));
+        return Some(too_many_waiting());
     }
     match forward(kind, id, stream, ctx) {
         Ok(()) => {
-            stream.answered = true;
-            // Forwarded with a copy of its payload.
-            stream.buf = Vec::new();
-            *forwarded += 1;
-            counters.stoq_requests += 1;
+            waiting(forwarded, stream, counters);
             None
         }
         Err(response) => Some(response),
+    }
+}
+
+fn too_many_waiting() -> Bytes {
+    encode_error(
+        ErrorCode::Busy,
+        "too many requests of this connection are waiting; retry when one is answered",
+    )
+}
+
+/// `stream`'s request went (with a copy of its payload) to be answered
+/// later: one more of the connection's waiting.
+fn waiting(forwarded: &mut usize, stream: &mut StoqStream, counters: &mut Counters) {
+    stream.answered = true;
+    stream.buf = Vec::new();
+    *forwarded += 1;
+    counters.stoq_requests += 1;
+}
+
+/// Send a request for another cluster member's memory asset to that
+/// member (`ASSET_PROXY`, `envelope`) through the proxy the control plane
+/// plugged into the port, from this thread, within the connection's bound
+/// on requests waiting: `None` once sent, else the response to send.
+fn proxy_over(
+    forwarded: &mut usize,
+    (kind, locator, envelope): (u8, crate::assets::address::Locator, Vec<u8>),
+    id: StreamId,
+    stream: &mut StoqStream,
+    ctx: &StoqContext<'_>,
+    counters: &mut Counters,
+) -> Option<Bytes> {
+    let Some(route) = ctx.authority else {
+        return Some(encode_error(
+            ErrorCode::AssetElsewhere,
+            "the asset is another node's, and this server proxies to no other",
+        ));
+    };
+    if *forwarded >= FORWARDED_PER_CONNECTION_MAX {
+        return Some(too_many_waiting());
+    }
+    let request = crate::control::ProxiedRequest {
+        worker: route.worker,
+        ticket: Ticket {
+            handle: route.handle,
+            conn_id: route.conn_id,
+            stream: id,
+        },
+        kind,
+        locator,
+        envelope: Bytes::from(envelope),
+    };
+    match route.port.proxy_asset(request) {
+        None => Some(encode_error(
+            ErrorCode::AssetElsewhere,
+            "the asset is another node's, and this server proxies to no other",
+        )),
+        Some(Ok(())) => {
+            waiting(forwarded, stream, counters);
+            None
+        }
+        Some(Err((code, message))) => Some(encode_error_code(code, &message)),
     }
 }
 
