@@ -1272,6 +1272,31 @@ fn memory_assets_are_proxied_to_their_member_and_storage_assets_replicated() {
         String::from_utf8_lossy(&stranger_read.stderr).contains("server error 13:"),
         "{stranger_read:?}"
     );
+    // A named storage asset: the name is the cluster's zone's, and freed
+    // through another member than the one that allocated it (another
+    // locator), it goes with the asset, so a new asset may take it.
+    let named = [
+        "asset", "alloc", "storage", "4K", "--name", "notes", "--json",
+    ];
+    let first = cluster.at_member(2, &named);
+    let first: serde_json::Value = serde_json::from_str(ok(&first).trim()).unwrap();
+    let n = first["address"].as_str().unwrap().to_owned();
+    eventually(0, &named[..6], &|out| {
+        String::from_utf8_lossy(&out.stderr).contains("server error 18:")
+    });
+    ok(&cluster.at_member(1, &["asset", "free", &n]));
+    let mut taken = None;
+    for _ in 0..50 {
+        let out = cluster.at_member(0, &named);
+        if out.status.success() {
+            taken = Some(out);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let taken = taken.expect("the freed asset's name is free again");
+    let taken: serde_json::Value = serde_json::from_str(ok(&taken).trim()).unwrap();
+    ok(&cluster.at_member(0, &["asset", "free", taken["address"].as_str().unwrap()]));
     let freed = cluster.at_member(1, &["asset", "free", &s, "--json"]);
     let freed: serde_json::Value = serde_json::from_str(ok(&freed).trim()).unwrap();
     assert_eq!(freed["freed_bytes"], 100 * 1024);
