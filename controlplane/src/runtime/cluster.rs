@@ -443,6 +443,9 @@ impl MemberRuntime {
             }
         }
         let _ = inner.raft.shutdown().await;
+        if let Some(proxy) = &inner.asset_proxy {
+            proxy.set_peers(None);
+        }
         inner.peers.borrow_mut().take();
     }
 }

@@ -455,7 +455,7 @@ impl AuthorityRuntime {
 
 /// Answer `worker`, retrying a full reply queue for a moment: a worker
 /// that stopped reading must not stall the control plane.
-pub(crate) fn send_reply(port: &ControlPort, worker: usize, mut reply: Reply) {
+fn send_reply(port: &ControlPort, worker: usize, mut reply: Reply) {
     {
         let deadline = Instant::now() + REPLY_RETRY;
         loop {

@@ -85,8 +85,8 @@ impl AssetSession {
             Ok(request) => request,
             Err(e) => return Answer::Now(encode_error(ErrorCode::Malformed, &e.to_string())),
         };
-        // Another member's asset: proxied to it by the control plane where
-        // this node is a cluster member, else the client's to find.
+        // Another member's asset: proxied to it where this node is a
+        // cluster member ([`Answer::Proxy`]), else the client's to find.
         let elsewhere = request
             .address()
             .filter(|address| address.locator != assets.locator());
