@@ -1017,7 +1017,6 @@ impl Inner {
                 | kinds::CLUSTER_FORWARD
                 | kinds::CLUSTER_STATUS
                 | kinds::CLUSTER_REMOVE
-                | kinds::ASSET_PROXY
         );
         let member = verified
             .as_deref()
@@ -1046,11 +1045,7 @@ impl Inner {
         let kind = request.kind;
         let members_only = matches!(
             kind,
-            kinds::RAFT_APPEND
-                | kinds::RAFT_VOTE
-                | kinds::RAFT_SNAPSHOT
-                | kinds::CLUSTER_FORWARD
-                | kinds::ASSET_PROXY
+            kinds::RAFT_APPEND | kinds::RAFT_VOTE | kinds::RAFT_SNAPSHOT | kinds::CLUSTER_FORWARD
         );
         if members_only && who.member.is_none() {
             let refused = error(
