@@ -955,7 +955,10 @@ impl Inner {
         }
         self.admission.borrow_mut().publish(service.machine());
         if let Some(proxy) = &self.asset_proxy {
-            let metrics = self.raft.metrics().borrow().clone();
+            // Looked at after every batch of requests: no copy of the
+            // metrics, only the membership's log id compared.
+            let metrics = self.raft.metrics();
+            let metrics = metrics.borrow();
             let membership = &metrics.membership_config;
             if self.proxy_routes_at.get() != *membership.log_id() {
                 proxy.set_members(membership.membership().nodes());

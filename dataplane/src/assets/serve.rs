@@ -20,6 +20,8 @@ use std::time::Instant;
 #[derive(Debug, Default)]
 pub struct AssetSession {
     lease: Option<Lease>,
+    /// The caller's key, read from its certificate once.
+    owner: Option<Owner>,
 }
 
 /// One open connection of an owner: its assets outlive it by the grace.
@@ -128,18 +130,31 @@ impl AssetSession {
                 };
                 return Answer::Now(encode_error(code, &e.to_string()));
             }
-            let Some(key) = crate::trust::spki_sha256(caller.certificate) else {
-                return Answer::Now(encode_error(
-                    ErrorCode::Malformed,
-                    "the client certificate's key could not be read",
-                ));
+            let owner = match self.owner(caller) {
+                Ok(owner) => owner,
+                Err(refused) => return Answer::Now(refused),
             };
             return Answer::Proxy {
                 locator: address.locator,
-                envelope: super::wire::encode_proxied(&Owner(key), kind, payload),
+                envelope: super::wire::encode_proxied(&owner, kind, payload),
             };
         }
         Answer::Now(self.answer_memory(kind, request, assets, caller))
+    }
+
+    /// The caller: its certificate's key (SHA-256 of it, as admission's
+    /// ledger names it), read once per connection.
+    fn owner(&mut self, caller: &Caller<'_>) -> Result<Owner, Bytes> {
+        if let Some(owner) = self.owner {
+            return Ok(owner);
+        }
+        let key = crate::trust::spki_sha256(caller.certificate).ok_or_else(|| {
+            encode_error(
+                ErrorCode::Malformed,
+                "the client certificate's key could not be read",
+            )
+        })?;
+        Ok(*self.owner.insert(Owner(key)))
     }
 
     fn answer_memory(
@@ -152,13 +167,10 @@ impl AssetSession {
         let owner = match &self.lease {
             Some(lease) => lease.owner,
             None => {
-                let Some(key) = crate::trust::spki_sha256(caller.certificate) else {
-                    return encode_error(
-                        ErrorCode::Malformed,
-                        "the client certificate's key could not be read",
-                    );
+                let owner = match self.owner(caller) {
+                    Ok(owner) => owner,
+                    Err(refused) => return refused,
                 };
-                let owner = Owner(key);
                 assets.connected(&owner);
                 self.lease = Some(Lease {
                     assets: assets.clone(),

@@ -307,6 +307,17 @@ pub struct AuthorityRoute<'a> {
     pub conn_id: u64,
 }
 
+impl AuthorityRoute<'_> {
+    /// Where the answer to stream `id`'s request goes back to.
+    fn ticket(&self, id: StreamId) -> Ticket {
+        Ticket {
+            handle: self.handle,
+            conn_id: self.conn_id,
+            stream: id,
+        }
+    }
+}
+
 impl StoqServer {
     pub fn on_readable(
         &mut self,
@@ -778,31 +789,27 @@ fn proxy_over(
     ctx: &StoqContext<'_>,
     counters: &mut Counters,
 ) -> Option<Bytes> {
-    let Some(route) = ctx.authority else {
-        return Some(encode_error(
+    let no_proxy = || {
+        encode_error(
             ErrorCode::AssetElsewhere,
             "the asset is another node's, and this server proxies to no other",
-        ));
+        )
+    };
+    let Some(route) = ctx.authority else {
+        return Some(no_proxy());
     };
     if *forwarded >= FORWARDED_PER_CONNECTION_MAX {
         return Some(too_many_waiting());
     }
     let request = crate::control::ProxiedRequest {
         worker: route.worker,
-        ticket: Ticket {
-            handle: route.handle,
-            conn_id: route.conn_id,
-            stream: id,
-        },
+        ticket: route.ticket(id),
         kind,
         locator,
         envelope: Bytes::from(envelope),
     };
     match route.port.proxy_asset(request) {
-        None => Some(encode_error(
-            ErrorCode::AssetElsewhere,
-            "the asset is another node's, and this server proxies to no other",
-        )),
+        None => Some(no_proxy()),
         Some(Ok(())) => {
             waiting(forwarded, stream, counters);
             None
@@ -836,11 +843,7 @@ fn forward(
     }
     let request = Forwarded {
         worker: route.worker,
-        ticket: Ticket {
-            handle: route.handle,
-            conn_id: route.conn_id,
-            stream: id,
-        },
+        ticket: route.ticket(id),
         kind,
         payload: Bytes::copy_from_slice(&stream.buf[HEADER_LEN..]),
         peer: ctx.peer.cloned(),
