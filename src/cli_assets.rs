@@ -337,7 +337,11 @@ pub fn asset<T: Connect>(command: &AssetCommand<T>) -> anyhow::Result<()> {
     }
 }
 
-fn print(json: bool, doc: &serde_json::Value, text: impl FnOnce() -> String) -> anyhow::Result<()> {
+pub(crate) fn print(
+    json: bool,
+    doc: &serde_json::Value,
+    text: impl FnOnce() -> String,
+) -> anyhow::Result<()> {
     if json {
         println!("{doc}");
     } else {
@@ -346,7 +350,7 @@ fn print(json: bool, doc: &serde_json::Value, text: impl FnOnce() -> String) -> 
     Ok(())
 }
 
-fn request(r: &AssetRequest<'_>) -> Request {
+pub(crate) fn request(r: &AssetRequest<'_>) -> Request {
     let (kind, payload) = r.encode();
     Request {
         message: encode(kind, &payload),
@@ -447,7 +451,7 @@ pub fn free_storage(client: &ClientTarget, timeout: Duration) -> anyhow::Result<
 /// by another node (`ASSET_ELSEWHERE`) and the target is a cluster's members
 /// (several `--connect` addresses, or a cluster's name), to each other
 /// member in turn until one holds it.
-fn many<T: Connect>(target: &T, requests: Vec<Request>) -> anyhow::Result<Vec<Vec<u8>>> {
+pub(crate) fn many<T: Connect>(target: &T, requests: Vec<Request>) -> anyhow::Result<Vec<Vec<u8>>> {
     let (first, members) = target.target_and_members()?;
     let mut answered = send(&first, requests.clone(), target.timeout());
     for member in members.into_iter().filter(|m| *m != first.remote) {
@@ -472,7 +476,7 @@ fn is_server_error(e: &anyhow::Error) -> bool {
 }
 
 /// Whether `e` is the server's error `code` (as [`send`] words it).
-fn is_code(e: &anyhow::Error, code: ErrorCode) -> bool {
+pub(crate) fn is_code(e: &anyhow::Error, code: ErrorCode) -> bool {
     e.to_string()
         .starts_with(&format!("server error {}:", code as u16))
 }

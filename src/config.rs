@@ -200,8 +200,20 @@ pub struct HypermeshAssets {
     /// networks). Loopback and the server's own bind address are always
     /// exempt.
     pub isolation_exempt: Vec<String>,
-    /// VM execution (not part of this build: true is a start-up warning).
+    /// VM execution: WebAssembly modules deployed as storage assets, run
+    /// on their own threads (needs `nat_addressing`).
     pub enable_vm_execution: bool,
+    /// VM threads (each runs one call at a time).
+    pub vm_threads: usize,
+    /// Cores to pin the VM threads to, in turn (empty: not pinned).
+    pub vm_cores: Vec<usize>,
+    /// The fuel each VM call of an identity may be given, unless the
+    /// operator set it otherwise (`quota set --fuel`).
+    pub vm_fuel_quota: u64,
+    /// The largest memory a VM may grow to, MiB.
+    pub vm_memory_mib_max: u32,
+    /// How long one VM call may run, wall clock.
+    pub vm_deadline_ms: u64,
     /// Asset addressing: memory assets at addresses of this node's /64
     /// locator, reached with the `stoq/1` asset requests.
     pub nat_addressing: bool,
@@ -246,7 +258,12 @@ impl Default for HypermeshAssets {
             isolation_ttl_s: 300,
             isolation_ipv6_prefix_len: 64,
             isolation_exempt: Vec::new(),
-            enable_vm_execution: false,
+            enable_vm_execution: true,
+            vm_threads: 1,
+            vm_cores: Vec::new(),
+            vm_fuel_quota: controlplane::vm::FUEL_QUOTA_DEFAULT,
+            vm_memory_mib_max: 64,
+            vm_deadline_ms: 1_000,
             nat_addressing: true,
             asset_prefix: None,
             memory_quota_mib: 64,
@@ -510,6 +527,11 @@ pub struct AssetSettings {
     pub storage_quota_bytes: u64,
     /// Storage all identities together may hold.
     pub storage_node_bytes: u64,
+    /// The fuel each VM call may be given, unless the operator set it
+    /// otherwise.
+    pub fuel_quota: u64,
+    /// The VM threads (None: VM execution is off).
+    pub vm: Option<vm::VmConfig>,
 }
 
 impl AssetSettings {
@@ -520,6 +542,7 @@ impl AssetSettings {
             default_quota: self.storage_quota_bytes,
             default_memory_quota: self.quota_bytes,
             node_max: self.storage_node_bytes,
+            default_fuel_quota: self.fuel_quota,
         }
     }
 }
@@ -812,7 +835,7 @@ impl Config {
         }
         let xdp = self.xdp_plan(file, text, workers)?;
         let admission = self.admission(file, text, bind)?;
-        let assets = self.assets(file, text, &mut choices)?;
+        let assets = self.assets(file, text, cores, &mut choices)?;
         let a = &mut self.trustchain_authority;
         let lifetime_given = given.has("trustchain_authority", "certificate_lifetime_hours");
         if !lifetime_given && a.certificate_rotation_hours.is_finite() {
@@ -1039,6 +1062,7 @@ impl Config {
         &self,
         file: &str,
         text: &str,
+        cores: usize,
         choices: &mut Vec<String>,
     ) -> Result<Option<AssetSettings>, ConfigError> {
         use dataplane::assets::address::{Locator, NodeNumber};
@@ -1096,6 +1120,23 @@ impl Config {
                 "must be within 1..=86400 seconds",
             ));
         }
+        let vm = self.vm(file, text, cores)?;
+        if let Some(vm) = &vm {
+            choices.push(format!(
+                "VM execution on: {} thread(s){}, at most {} MiB and {} ms a call, {} fuel a call per identity",
+                vm.threads,
+                if vm.cores.is_empty() {
+                    String::new()
+                } else {
+                    format!(" on cores {:?}", vm.cores)
+                },
+                vm.memory_mib_max,
+                vm.deadline.as_millis(),
+                h.vm_fuel_quota,
+            ));
+        } else {
+            choices.push("VM execution off: VM requests are refused".into());
+        }
         let settings = AssetSettings {
             node,
             node_set: h.node_number.is_some(),
@@ -1105,6 +1146,8 @@ impl Config {
             lease_grace: Duration::from_secs(h.asset_lease_grace_s),
             storage_quota_bytes,
             storage_node_bytes,
+            fuel_quota: h.vm_fuel_quota,
+            vm,
         };
         choices.push(format!(
             "asset addressing on: node {}, assets at {}/64; memory {} MiB per identity, {} MiB in all, released {} s after its last connection; storage {} MiB per identity, {} MiB in all",
@@ -1117,6 +1160,51 @@ impl Config {
             h.storage_node_max_mib,
         ));
         Ok(Some(settings))
+    }
+
+    /// The VM threads' settings, checked (None: VM execution is off).
+    fn vm(
+        &self,
+        file: &str,
+        text: &str,
+        cores: usize,
+    ) -> Result<Option<vm::VmConfig>, ConfigError> {
+        let h = &self.hypermesh_assets;
+        if !h.enable_vm_execution {
+            return Ok(None);
+        }
+        let bad =
+            |key: &str, message: &str| key_error(file, text, "hypermesh_assets", key, message);
+        if !(1..=256).contains(&h.vm_threads) {
+            return Err(bad("vm_threads", "must be within 1..=256"));
+        }
+        if let Some(core) = h.vm_cores.iter().find(|&&core| core >= cores) {
+            return Err(bad(
+                "vm_cores",
+                &format!(
+                    "core {core} does not exist; this machine has cores 0..={}",
+                    cores - 1
+                ),
+            ));
+        }
+        if !(1..=controlplane::vm::MEMORY_MIB_MAX).contains(&h.vm_memory_mib_max) {
+            return Err(bad(
+                "vm_memory_mib_max",
+                &format!("must be within 1..={}", controlplane::vm::MEMORY_MIB_MAX),
+            ));
+        }
+        if !(1..=60_000).contains(&h.vm_deadline_ms) {
+            return Err(bad("vm_deadline_ms", "must be within 1..=60000"));
+        }
+        if h.vm_fuel_quota == 0 {
+            return Err(bad("vm_fuel_quota", "must be at least 1"));
+        }
+        Ok(Some(vm::VmConfig {
+            threads: h.vm_threads,
+            cores: h.vm_cores.clone(),
+            memory_mib_max: h.vm_memory_mib_max,
+            deadline: Duration::from_millis(h.vm_deadline_ms),
+        }))
     }
 
     /// `[hypermesh_assets]`, checked.
@@ -1370,12 +1458,10 @@ impl Config {
     /// so the design document's file runs as written.
     fn features(&self, warnings: &mut Vec<String>) {
         let h = &self.hypermesh_assets;
-        for (on, key, what) in [(h.enable_vm_execution, "enable_vm_execution", "VM execution")] {
-            if on {
-                warnings.push(format!(
-                    "hypermesh_assets.{key} = true: {what} is not part of this build; the key has no effect"
-                ));
-            }
+        if h.enable_vm_execution && !h.nat_addressing {
+            warnings.push(
+                "hypermesh_assets.enable_vm_execution = true needs nat_addressing: a VM is a storage asset; VM requests are refused".into(),
+            );
         }
     }
 

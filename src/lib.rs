@@ -11,8 +11,10 @@ pub mod authority;
 pub mod authority_load;
 pub mod cli_assets;
 pub mod cli_authority;
+pub mod cli_vm;
 pub mod config;
 pub mod dns_bench;
+pub mod vm_bench;
 mod wire_agreement;
 
 use std::path::PathBuf;

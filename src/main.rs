@@ -109,8 +109,8 @@ enum ServerCommand {
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
     },
-    /// Set, reset or list the asset quotas of identities (memory and
-    /// storage) on the running server; durable.
+    /// Set, reset or list the asset quotas of identities (memory, storage
+    /// and VM fuel) on the running server; durable.
     Quota {
         #[command(subcommand)]
         action: QuotaAction,
@@ -206,14 +206,17 @@ enum QuotaAction {
         #[command(flatten)]
         who: IdentityArg,
         /// Memory assets the identity may hold on this node.
-        #[arg(long, value_name = "SIZE", required_unless_present = "storage")]
+        #[arg(long, value_name = "SIZE", required_unless_present_any = ["storage", "fuel"])]
         memory: Option<String>,
         /// Storage assets the identity may hold on this node.
         #[arg(long, value_name = "SIZE")]
         storage: Option<String>,
+        /// The fuel each call of the identity's VMs may be given.
+        #[arg(long, value_name = "N")]
+        fuel: Option<u64>,
     },
     /// Back to the node's defaults ([hypermesh_assets] memory_quota_mib,
-    /// storage_quota_mib).
+    /// storage_quota_mib, vm_fuel_quota).
     Reset {
         #[command(flatten)]
         who: IdentityArg,
@@ -391,10 +394,12 @@ fn operator_command(
                     who,
                     memory,
                     storage,
+                    fuel,
                 } => QuotaRequest::Set {
                     identity: who.resolve()?,
                     memory: size(memory)?,
                     storage: size(storage)?,
+                    fuel: *fuel,
                 },
                 QuotaAction::Reset { who } => QuotaRequest::Reset {
                     identity: who.resolve()?,
@@ -576,6 +581,22 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
         },
         None => None,
     };
+    // The VM threads run what the control plane checked, beside it.
+    let vm_pool = match resolved
+        .assets
+        .as_ref()
+        .and_then(|assets| assets.vm.as_ref())
+    {
+        Some(config) if resolved.settings.assets.is_some() => Some(
+            vm::VmPool::start(config, port.clone(), resolved.settings.assets.clone())
+                .map_err(anyhow::Error::msg)
+                .context("cannot start the VM threads")?,
+        ),
+        _ => None,
+    };
+    let vm_host = vm_pool
+        .clone()
+        .map(|pool| pool as Arc<dyn controlplane::vm::VmHost>);
     let mut resolver = None;
     let (control, identity) = match args.bootstrap {
         Bootstrap::Phase0 => {
@@ -620,6 +641,9 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
                     assets.limits(),
                     resolved.settings.assets.clone(),
                 );
+                if let Some(host) = vm_host {
+                    authority.attach_vm(host);
+                }
             }
             let control =
                 ControlPlane::spawn(resolved.control_plane_core, move |now| authority.poll(now))
@@ -646,6 +670,7 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
                                 memory: memory.clone(),
                                 node: assets.node,
                                 limits: assets.limits(),
+                                vm: vm_host,
                             })
                         }
                         _ => None,
@@ -742,6 +767,9 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
         resolver.stop();
     }
     control.stop();
+    if let Some(pool) = vm_pool {
+        pool.stop();
+    }
     let total = stats.snapshot().total;
     tracing::info!(
         accepted = total.accepted,

@@ -164,6 +164,9 @@ pub enum AssetApplied {
 pub struct Quota {
     pub memory: Option<u64>,
     pub storage: Option<u64>,
+    /// The fuel each call of the identity's VMs may be given.
+    #[serde(default)]
+    pub fuel: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -245,6 +248,8 @@ pub struct StorageLimits {
     pub default_memory_quota: u64,
     /// Storage bytes of all owners together.
     pub node_max: u64,
+    /// The fuel each VM call of such an identity may be given.
+    pub default_fuel_quota: u64,
 }
 
 /// What an allocation is checked against beside the owner's quota: the
@@ -272,6 +277,7 @@ impl Default for StorageLimits {
             default_quota: 1 << 30,
             default_memory_quota: 64 << 20,
             node_max: 64 << 30,
+            default_fuel_quota: crate::vm::FUEL_QUOTA_DEFAULT,
         }
     }
 }
@@ -341,24 +347,31 @@ impl Record {
     }
 }
 
-fn encode_quota(quota: &Quota) -> [u8; 17] {
-    let mut out = [0u8; 17];
-    out[0] = u8::from(quota.memory.is_some()) | (u8::from(quota.storage.is_some()) << 1);
+/// A quota row: which limits are set (a bit each), then memory, storage
+/// and fuel. Rows written before fuel existed are 17 bytes, without it.
+fn encode_quota(quota: &Quota) -> [u8; 25] {
+    let mut out = [0u8; 25];
+    out[0] = u8::from(quota.memory.is_some())
+        | (u8::from(quota.storage.is_some()) << 1)
+        | (u8::from(quota.fuel.is_some()) << 2);
     out[1..9].copy_from_slice(&quota.memory.unwrap_or(0).to_be_bytes());
-    out[9..].copy_from_slice(&quota.storage.unwrap_or(0).to_be_bytes());
+    out[9..17].copy_from_slice(&quota.storage.unwrap_or(0).to_be_bytes());
+    out[17..].copy_from_slice(&quota.fuel.unwrap_or(0).to_be_bytes());
     out
 }
 
 fn decode_quota(bytes: &[u8]) -> Option<Quota> {
-    let bytes: &[u8; 17] = bytes.try_into().ok()?;
-    if bytes[0] > 3 {
-        return None;
-    }
+    let (flags, fuel) = match bytes.len() {
+        17 if bytes[0] <= 3 => (bytes[0], 0),
+        25 if bytes[0] <= 7 => (bytes[0], u64::from_be_bytes(bytes[17..].try_into().ok()?)),
+        _ => return None,
+    };
     let memory = u64::from_be_bytes(bytes[1..9].try_into().ok()?);
-    let storage = u64::from_be_bytes(bytes[9..].try_into().ok()?);
+    let storage = u64::from_be_bytes(bytes[9..17].try_into().ok()?);
     Some(Quota {
-        memory: (bytes[0] & 1 != 0).then_some(memory),
-        storage: (bytes[0] & 2 != 0).then_some(storage),
+        memory: (flags & 1 != 0).then_some(memory),
+        storage: (flags & 2 != 0).then_some(storage),
+        fuel: (flags & 4 != 0).then_some(fuel),
     })
 }
 
@@ -518,6 +531,18 @@ impl StorageAssets {
     /// How many of `owner`'s assets have a name.
     fn named_by(&self, owner: &Owner) -> usize {
         self.named.get(owner).copied().unwrap_or(0)
+    }
+
+    /// The fuel each call of `owner`'s VMs may be given.
+    pub fn fuel_quota(&self, owner: &Owner) -> u64 {
+        self.quota_of(owner)
+            .fuel
+            .unwrap_or(self.limits.default_fuel_quota)
+    }
+
+    /// The owner and size of storage asset `id`, if it exists.
+    pub fn owner_and_size(&self, id: AssetId) -> Option<(Owner, u64)> {
+        self.records.get(&id).map(|r| (r.owner, r.size))
     }
 
     /// The quotas the operator set for `owner` (none: the defaults).

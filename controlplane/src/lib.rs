@@ -43,6 +43,7 @@ pub mod dns;
 pub mod machine;
 pub mod runtime;
 pub mod store;
+pub mod vm;
 
 use crossbeam_queue::ArrayQueue;
 use std::sync::Arc;

@@ -119,6 +119,10 @@ enum Command {
     /// list, grant.
     #[command(subcommand)]
     Asset(internet2_server::cli_assets::AssetCommand<TargetArgs>),
+    /// WebAssembly VMs on the server: run a module once, deploy one under a
+    /// name, call it, list and remove them.
+    #[command(subcommand)]
+    Vm(internet2_server::cli_vm::VmCommand<TargetArgs>),
     /// Measure assets: memory allocations per second on one connection,
     /// 4 KiB read latency beside a ping's, bulk-read goodput; then durable
     /// storage allocations per second and 4 KiB storage reads (freed at
@@ -147,6 +151,21 @@ enum Command {
         /// assets are freed at the end).
         #[arg(long, default_value_t = 20_000)]
         storage_allocs: u64,
+        #[arg(long, value_name = "PATH")]
+        json: Option<PathBuf>,
+    },
+    /// Measure VM calls: a small module's call one at a time (beside a
+    /// ping's latency), then calls per second with many in flight. The
+    /// module is deployed for the run and removed at the end.
+    VmBench {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(long, default_value_t = 5_000)]
+        calls: u64,
+        #[arg(long, default_value_t = 50_000)]
+        loaded_calls: u64,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
         #[arg(long, value_name = "PATH")]
         json: Option<PathBuf>,
     },
@@ -365,6 +384,22 @@ fn main() -> ExitCode {
         Command::Ct(command) => cli_authority::ct(&command),
         Command::Dns(command) => cli_authority::dns(&command),
         Command::Asset(command) => internet2_server::cli_assets::asset(&command),
+        Command::Vm(command) => internet2_server::cli_vm::vm(&command),
+        Command::VmBench {
+            target,
+            calls,
+            loaded_calls,
+            concurrency,
+            json,
+        } => {
+            let plan = internet2_server::vm_bench::VmBenchPlan {
+                calls: calls.max(1),
+                loaded_calls: loaded_calls.max(1),
+                concurrency: concurrency.max(1),
+            };
+            internet2_server::vm_bench::run(&target, &plan)
+                .and_then(|report| print_report(&report, json.as_deref()))
+        }
         Command::AssetBench {
             target,
             allocs,

@@ -272,7 +272,7 @@ fn micro(bins: &Binaries, args: &AdmissionBenchArgs, work: &Path, run: usize) ->
     Ok(read_json(&json_path)?["medians"].clone())
 }
 
-fn read_json(path: &Path) -> Result<Value> {
+pub(crate) fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("the client wrote no JSON to {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))
@@ -281,7 +281,7 @@ fn read_json(path: &Path) -> Result<Value> {
 /// Run a client command to completion within [`CLIENT_TIMEOUT`]: its
 /// stderr (progress) passes through, its stdout goes to `out`, shown if it
 /// fails.
-fn run_client(mut cmd: Command, name: &str, out: &Path) -> Result<()> {
+pub(crate) fn run_client(mut cmd: Command, name: &str, out: &Path) -> Result<()> {
     let file = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
     let mut child = cmd
         .stdin(Stdio::null())

@@ -1515,6 +1515,64 @@ impl ClientResult {
 // ---------------------------------------------------------------------------
 // /proc
 
+/// The CPU of some processes, sampled every 10 ms while a client runs, so
+/// each phase of the client's report can be charged what they used within
+/// its window (`window_unix_ms`; ticks of 10 ms, phases last seconds).
+pub(crate) struct CpuSamples {
+    /// (milliseconds since the Unix epoch, each process's ticks).
+    samples: Vec<(u64, Vec<u64>)>,
+    tck: f64,
+}
+
+impl CpuSamples {
+    /// Sample `pids` until `client` exits: its status and the samples.
+    pub(crate) fn while_running(
+        pids: &[u32],
+        client: &mut std::process::Child,
+    ) -> Result<(std::process::ExitStatus, Self)> {
+        let tck = clk_tck()?;
+        let mut samples = Vec::new();
+        loop {
+            let ticks = pids
+                .iter()
+                .map(|pid| proc_cpu_ticks(*pid))
+                .collect::<Result<Vec<u64>>>()?;
+            samples.push((now_ms(), ticks));
+            if let Some(status) = client.try_wait()? {
+                return Ok((status, Self { samples, tck }));
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// CPU seconds of each process within `window` ([start, end] in ms).
+    pub(crate) fn within(&self, window: &Value) -> Option<Vec<f64>> {
+        let at = |ms: u64| {
+            self.samples
+                .iter()
+                .rev()
+                .find(|(t, _)| *t <= ms)
+                .or(self.samples.first())
+                .map(|(_, ticks)| ticks.clone())
+        };
+        let (start, end) = (at(window[0].as_u64()?)?, at(window[1].as_u64()?)?);
+        Some(
+            start
+                .iter()
+                .zip(&end)
+                .map(|(a, b)| b.saturating_sub(*a) as f64 / self.tck)
+                .collect(),
+        )
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// utime + stime of the whole process (all threads), in clock ticks.
 pub(crate) fn proc_cpu_ticks(pid: u32) -> Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))

@@ -23,8 +23,8 @@
 //!    head against the latest (independent verifier).
 
 use crate::bench::{
-    Proc, WorkDir, build_release, check_interrupt, clk_tck, install_signal_handlers, medians,
-    proc_cpu_ticks, start_server,
+    CpuSamples, Proc, WorkDir, build_release, check_interrupt, clk_tck, install_signal_handlers,
+    medians, now_ms, proc_cpu_ticks, start_server,
 };
 use crate::netns::{ip, ns_sh, remove};
 use crate::report::Side;
@@ -33,7 +33,7 @@ use serde_json::{Value, json};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 const PREFIX: &str = "i2k-";
 const PORT: u16 = 4433;
@@ -396,12 +396,6 @@ fn operator(server: &Path, dir: &Path, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 pub fn bench_cluster(args: &ClusterBenchArgs) -> Result<()> {
     if args.runs == 0 || args.requests == 0 || args.concurrency == 0 {
         bail!("--runs, --requests and --concurrency must be at least 1");
@@ -566,44 +560,14 @@ fn assets_run(bench: &Bench, run: usize, runs: usize) -> Result<Value> {
         .stdout(Stdio::null())
         .spawn()?;
     // The members' CPU, sampled while it runs: each phase is charged what
-    // they used within its window (ticks of 10 ms; phases last seconds).
-    let mut samples: Vec<(u64, Vec<u64>)> = Vec::new();
-    let status = loop {
-        let ticks = pids
-            .iter()
-            .map(|pid| proc_cpu_ticks(*pid))
-            .collect::<Result<Vec<u64>>>()?;
-        samples.push((now_ms(), ticks));
-        if let Some(status) = client.try_wait()? {
-            break status;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    // they used within its window.
+    let (status, samples) = CpuSamples::while_running(&pids, &mut client)?;
     drop(nodes);
     if !status.success() {
         bail!("asset-bench through {connect} failed ({status})");
     }
     let report: Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
-    let tck = clk_tck()?;
-    // CPU seconds of each member within `window` ([start, end] in ms).
-    let cpu = |window: &Value| -> Option<Vec<f64>> {
-        let at = |ms: u64| {
-            samples
-                .iter()
-                .rev()
-                .find(|(t, _)| *t <= ms)
-                .or(samples.first())
-                .map(|(_, ticks)| ticks.clone())
-        };
-        let (start, end) = (at(window[0].as_u64()?)?, at(window[1].as_u64()?)?);
-        Some(
-            start
-                .iter()
-                .zip(&end)
-                .map(|(a, b)| b.saturating_sub(*a) as f64 / tck)
-                .collect(),
-        )
-    };
+    let cpu = |window: &Value| samples.within(window);
     // Per unit of work (a request, a Gbit): all members, and the two the
     // phases use (member 1 holds the assets, member 2 proxies).
     let charged = |window: &Value, units: f64, scale: f64| -> Value {

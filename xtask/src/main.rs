@@ -15,6 +15,7 @@ mod cluster;
 mod ebpf;
 mod netns;
 mod report;
+mod vm;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -51,6 +52,11 @@ enum Task {
     /// every member's log checked at the end. Needs root.
     #[command(name = "bench-cluster")]
     BenchCluster(cluster::ClusterBenchArgs),
+    /// Measure VM calls: in process (vm-micro: a call, fuel's cost,
+    /// asset_read against copies), then `internet2 vm-bench` against a
+    /// fresh server on [::1] with its CPU per call; medians over --runs.
+    #[command(name = "bench-vm")]
+    BenchVm(vm::VmBenchArgs),
     /// Compile the BPF programs in ebpf/ (objects are committed); with
     /// --check, fail if a committed object differs from its source.
     BuildEbpf {
@@ -307,6 +313,7 @@ fn main() -> ExitCode {
         Task::BenchAuthority(args) => bench::bench_authority(&args),
         Task::BenchAdmission(args) => admission::bench_admission(&args),
         Task::BenchCluster(args) => cluster::bench_cluster(&args),
+        Task::BenchVm(args) => vm::bench_vm(&args),
         Task::BuildEbpf { check } => ebpf::run(&workspace_root(), check),
         Task::Ci { smoke_seconds } => ci::run(&workspace_root(), smoke_seconds),
     };

@@ -20,6 +20,7 @@ fn open(dir: &TempDir) -> Machine {
         default_quota: 300 << 10,
         default_memory_quota: 64 << 20,
         node_max: 1 << 20,
+        default_fuel_quota: 1000,
     });
     machine
 }
@@ -268,6 +269,7 @@ fn storage_assets_in_a_group_refusals_write_nothing_and_a_replay_and_a_restart_a
             quota: super::Quota {
                 memory: Some(8 << 10),
                 storage: Some(100),
+                fuel: None,
             },
         })
         .unwrap();
@@ -359,9 +361,23 @@ fn storage_identifiers_and_records_round_trip_and_bad_ones_are_refused() {
     let quota = Quota {
         memory: None,
         storage: Some(9),
+        fuel: Some(5),
     };
     assert_eq!(decode_quota(&encode_quota(&quota)), Some(quota));
     assert_eq!(decode_quota(&[4; 17]), None);
+    assert_eq!(decode_quota(&[8; 25]), None);
+    // A row written before VMs had fuel: 17 bytes.
+    let old = &encode_quota(&Quota {
+        fuel: None,
+        ..quota
+    })[..17];
+    assert_eq!(
+        decode_quota(old),
+        Some(Quota {
+            fuel: None,
+            ..quota
+        })
+    );
 }
 
 #[test]

@@ -55,7 +55,10 @@ const ASSET_WRITE: u8 = 2;
 const ASSET_CAS: u8 = 3;
 const ASSET_FREE: u8 = 4;
 const ASSET_GRANT: u8 = 5;
+/// A quota without fuel, as written before VMs had it (read, not written).
 const ASSET_QUOTA: u8 = 6;
+/// A quota with its fuel.
+const ASSET_QUOTA_FUEL: u8 = 7;
 
 /// Why a command cannot be encoded: a part its table's encoding cannot
 /// hold (the proposers' checks keep commands far inside these limits).
@@ -260,10 +263,11 @@ fn encode_asset(change: &AssetChange, out: &mut Vec<u8>) -> Result<(), EncodeErr
             out.extend_from_slice(&limits.node_max.to_be_bytes());
         }
         AssetChange::Quota { owner, quota } => {
-            out.push(ASSET_QUOTA);
+            out.push(ASSET_QUOTA_FUEL);
             out.extend_from_slice(&owner.0);
             optional(quota.memory, out);
             optional(quota.storage, out);
+            optional(quota.fuel, out);
         }
     }
     Ok(())
@@ -435,11 +439,15 @@ fn decode_asset(r: &mut Reader<'_>) -> Option<AssetChange> {
                 node_max: r.u64()?,
             },
         },
-        ASSET_QUOTA => AssetChange::Quota {
+        kind @ (ASSET_QUOTA | ASSET_QUOTA_FUEL) => AssetChange::Quota {
             owner: owner(r)?,
             quota: Quota {
                 memory: optional(r)?,
                 storage: optional(r)?,
+                fuel: match kind {
+                    ASSET_QUOTA_FUEL => optional(r)?,
+                    _ => None,
+                },
             },
         },
         _ => return None,

@@ -36,6 +36,9 @@ pub enum QuotaRequest {
         identity: String,
         memory: Option<u64>,
         storage: Option<u64>,
+        /// The fuel each VM call may be given.
+        #[serde(default)]
+        fuel: Option<u64>,
     },
     /// Back to the node's defaults.
     Reset {
@@ -56,6 +59,11 @@ pub struct QuotaEntry {
     pub storage_set: bool,
     /// Storage bytes charged now.
     pub storage_used: u64,
+    /// The fuel each VM call may be given, and whether the operator set it.
+    #[serde(default)]
+    pub fuel: u64,
+    #[serde(default)]
+    pub fuel_set: bool,
 }
 
 /// The node's part in the asset requests.
@@ -321,7 +329,12 @@ impl AssetsRuntime {
         })
     }
 
-    fn address(&self, id: AssetId) -> AssetAddress {
+    /// This node's locator.
+    pub fn locator(&self) -> Locator {
+        self.locator
+    }
+
+    pub(crate) fn address(&self, id: AssetId) -> AssetAddress {
         AssetAddress {
             locator: self.locator,
             id,
@@ -388,11 +401,12 @@ impl AssetsRuntime {
                 identity: text,
                 memory,
                 storage,
+                fuel,
             } => {
-                if memory.is_none() && storage.is_none() {
+                if memory.is_none() && storage.is_none() && fuel.is_none() {
                     return Err((
                         MALFORMED_REQUEST,
-                        "a quota set names --memory, --storage or both".into(),
+                        "a quota set names at least one of --memory, --storage and --fuel".into(),
                     ));
                 }
                 let owner = identity(&text)?;
@@ -400,6 +414,7 @@ impl AssetsRuntime {
                 let quota = Quota {
                     memory: memory.or(now.memory),
                     storage: storage.or(now.storage),
+                    fuel: fuel.or(now.fuel),
                 };
                 (owner, quota)
             }
@@ -416,6 +431,8 @@ impl AssetsRuntime {
             memory_set: quota.memory.is_some(),
             storage_set: quota.storage.is_some(),
             storage_used: used,
+            fuel: machine.assets().fuel_quota(owner),
+            fuel_set: quota.fuel.is_some(),
         }
     }
 }

@@ -37,7 +37,7 @@ use dataplane::assets::address::Locator;
 use dataplane::assets::memory::MemoryAssets;
 use dataplane::control::{ControlPort, Forwarded, Reply};
 use dataplane::protocols::doq::ZoneStore;
-use dataplane::protocols::stoq::{ASSET_KINDS, ErrorCode};
+use dataplane::protocols::stoq::{ASSET_KINDS, ErrorCode, VM_KINDS};
 use dataplane::protocols::stoq_registry as kinds;
 use dataplane::trust::{CertificateStore, TrustStore};
 use rustls::pki_types::CertificateDer;
@@ -87,6 +87,8 @@ pub struct MemberAssets {
     /// This member's configured limits (an allocation carries the
     /// proposer's in its command).
     pub limits: crate::assets::StorageLimits,
+    /// The VM threads (None: VM execution is off).
+    pub vm: Option<Arc<dyn crate::vm::VmHost>>,
 }
 
 /// What the workers read, published by the member's control plane.
@@ -197,6 +199,8 @@ struct Inner {
     assets: Option<Arc<MemoryAssets>>,
     /// Storage assets and quotas, through the log.
     storage: Option<super::assets::AssetsRuntime>,
+    /// The VM threads, which run the VMs every member holds.
+    vm: Option<Arc<dyn crate::vm::VmHost>>,
     /// The applied index the assets' totals and memory limits were last
     /// published at.
     assets_published: Cell<Option<u64>>,
@@ -340,6 +344,7 @@ impl MemberRuntime {
             .assets
             .as_ref()
             .map(|_| crate::cluster::asset_proxy::AssetProxy::install(&port, me.id));
+        let vm = cluster.assets.as_ref().and_then(|assets| assets.vm.clone());
         let inner = Rc::new(Inner {
             me,
             data_dir,
@@ -368,6 +373,7 @@ impl MemberRuntime {
             transport: cluster.transport,
             assets: cluster.assets.map(|assets| assets.memory),
             storage,
+            vm,
             assets_published: Cell::new(None),
             asset_proxy,
             proxy_routes_at: Cell::new(None),
@@ -1107,7 +1113,33 @@ impl Inner {
             // Storage requests (the workers answer memory ones, and proxy
             // them to the other members).
             kind if ASSET_KINDS.contains(&kind) => self.serve_assets(request, who),
+            kind if VM_KINDS.contains(&kind) => self.serve_vm(request, who),
             _ => self.serve(request, who),
+        }
+    }
+
+    /// A VM request: every member holds every VM asset, and runs it on its
+    /// own VM threads (which answer the worker).
+    fn serve_vm(&self, request: Forwarded, who: Who) {
+        let Some(storage) = &self.storage else {
+            return self.answer(&request, Err(assets_off()));
+        };
+        let ours = |_: Locator| true;
+        let handled = {
+            let service = self.service.borrow();
+            super::vm::handle(
+                service.machine(),
+                storage,
+                self.vm.as_ref(),
+                &request,
+                who.verified.as_deref(),
+                &ours,
+            )
+        };
+        match handled {
+            Some(super::vm::Handled::Running) => {}
+            Some(super::vm::Handled::Now(result)) => self.answer(&request, result),
+            None => self.answer(&request, Err(assets_off())),
         }
     }
 

@@ -13,6 +13,7 @@ pub mod admission;
 pub mod assets;
 pub mod cluster;
 pub mod fair_queue;
+pub mod vm;
 
 use crate::authority::ca::Usage;
 use crate::authority::service::{
@@ -89,6 +90,8 @@ pub struct AuthorityRuntime {
     /// Storage assets and quotas (None until [`Self::attach_assets`]:
     /// asset addressing is off).
     assets: Option<self::assets::AssetsRuntime>,
+    /// The VM threads (None: VM execution is off).
+    vm: Option<Arc<dyn crate::vm::VmHost>>,
 }
 
 /// Where admission plugs into the authority at start.
@@ -189,6 +192,7 @@ impl AuthorityRuntime {
             admission,
             fair: self::fair_queue::FairQueue::default(),
             assets: None,
+            vm: None,
             service,
             port,
             trust,
@@ -313,7 +317,7 @@ impl AuthorityRuntime {
             let Some(request) = self.fair.pop() else {
                 break;
             };
-            answers.push(self.serve(request));
+            answers.extend(self.serve(request));
         }
         if let Err(e) = self.service.machine_mut().make_durable() {
             // What was applied in memory is not on disk: only a restart,
@@ -350,10 +354,11 @@ impl AuthorityRuntime {
         served
     }
 
-    /// Answer one request (the answer waits for the group's fsync).
-    fn serve(&mut self, request: dataplane::control::Forwarded) -> (usize, Reply) {
+    /// Answer one request (the answer waits for the group's fsync); None
+    /// when a VM thread answers it.
+    fn serve(&mut self, request: dataplane::control::Forwarded) -> Option<(usize, Reply)> {
         let caller = Caller {
-            cert_der: request.peer.map(|c| c.as_ref().to_vec()),
+            cert_der: request.peer.as_ref().map(|c| c.as_ref().to_vec()),
         };
         // The handshake checked the certificate, but a resumed session
         // skips that check: verify it again (chain, validity, revocation)
@@ -363,6 +368,22 @@ impl AuthorityRuntime {
             .as_deref()
             .filter(|der| caller_checks(self.service.authority(), der, Usage::Client));
         let operator = is_operator(verified);
+        if let Some(assets) = &self.assets {
+            let ours = |locator| locator == assets.locator();
+            let machine = self.service.machine();
+            match self::vm::handle(machine, assets, self.vm.as_ref(), &request, verified, &ours) {
+                None => {}
+                Some(self::vm::Handled::Running) => return None,
+                Some(self::vm::Handled::Now(result)) => {
+                    let reply = Reply {
+                        ticket: request.ticket,
+                        kind: request.kind,
+                        result,
+                    };
+                    return Some((request.worker, reply));
+                }
+            }
+        }
         let assets = self.assets.as_ref().and_then(|assets| {
             assets.handle(
                 self.service.machine_mut(),
@@ -394,7 +415,13 @@ impl AuthorityRuntime {
             kind: request.kind,
             result,
         };
-        (request.worker, reply)
+        Some((request.worker, reply))
+    }
+
+    /// Run VMs on `host` (the VM threads); without one, VM requests are
+    /// refused.
+    pub fn attach_vm(&mut self, host: Arc<dyn crate::vm::VmHost>) {
+        self.vm = Some(host);
     }
 
     /// Issue a new server certificate (overlapping the current one, which
@@ -454,8 +481,8 @@ impl AuthorityRuntime {
 }
 
 /// Answer `worker`, retrying a full reply queue for a moment: a worker
-/// that stopped reading must not stall the control plane.
-fn send_reply(port: &ControlPort, worker: usize, mut reply: Reply) {
+/// that stopped reading must not stall the control plane (or a VM thread).
+pub fn send_reply(port: &ControlPort, worker: usize, mut reply: Reply) {
     {
         let deadline = Instant::now() + REPLY_RETRY;
         loop {

@@ -199,6 +199,33 @@ impl QuotaLedger {
         self.release_bytes(usage, bytes);
         usage.assets.fetch_sub(1, Ordering::Relaxed);
     }
+
+    /// Hold `bytes` of `owner`'s quota (and the node's) outside the
+    /// shards, until the [`Held`] drops: a VM instance's memory while its
+    /// call runs. Refused with nothing taken past either limit.
+    pub fn hold(&self, owner: &Owner, bytes: u64) -> Result<Held<'_>, AssetError> {
+        let usage = self.usage(owner);
+        self.reserve_bytes(owner, &usage, bytes)?;
+        Ok(Held {
+            ledger: self,
+            usage,
+            bytes,
+        })
+    }
+}
+
+/// Bytes of an owner's memory quota held by [`QuotaLedger::hold`].
+#[derive(Debug)]
+pub struct Held<'a> {
+    ledger: &'a QuotaLedger,
+    usage: Arc<Usage>,
+    bytes: u64,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.ledger.release_bytes(&self.usage, self.bytes);
+    }
 }
 
 /// Add `n` to `counter` unless that passes `limit`; else the count and the

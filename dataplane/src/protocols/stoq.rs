@@ -72,6 +72,11 @@ impl Kind {
 pub const ASSET_KINDS: std::ops::RangeInclusive<u8> =
     super::stoq_registry::ASSET_ALLOC..=super::stoq_registry::ASSET_GRANT;
 
+/// The VM request kinds, handed to the control plane like storage asset
+/// requests; not idempotent (a call spends fuel and may write assets).
+pub const VM_KINDS: std::ops::RangeInclusive<u8> =
+    super::stoq_registry::VM_CALL..=super::stoq_registry::VM_LIST;
+
 /// Error codes carried in error responses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u16)]
@@ -110,6 +115,11 @@ pub enum ErrorCode {
     AssetsOff = 17,
     /// An asset's name is another's already (or the server has no zone).
     AssetName = 18,
+    /// Not a module this server runs: not WebAssembly, an import outside
+    /// the VM ABI, a missing export, or not a VM asset.
+    VmModule = 19,
+    /// VM execution is off on this server (`enable_vm_execution = false`).
+    VmOff = 20,
 }
 
 impl ErrorCode {
@@ -133,6 +143,8 @@ impl ErrorCode {
             16 => Some(ErrorCode::AssetLimit),
             17 => Some(ErrorCode::AssetsOff),
             18 => Some(ErrorCode::AssetName),
+            19 => Some(ErrorCode::VmModule),
+            20 => Some(ErrorCode::VmOff),
             _ => None,
         }
     }
@@ -503,6 +515,16 @@ impl StoqServer {
                     }
                     Some(assets) => crate::assets::serve::answer_proxied(assets, payload, queued),
                 })
+            }
+            _ if VM_KINDS.contains(&kind) => {
+                if ctx.early {
+                    counters.zero_rtt_deferred += 1;
+                    return;
+                }
+                match hand_over(&mut self.forwarded, kind, id, stream, ctx, counters) {
+                    None => return,
+                    refused => refused,
+                }
             }
             _ if ASSET_KINDS.contains(&kind) => {
                 if ctx.early {

@@ -36,6 +36,10 @@ pub enum Answered {
     /// Forwarded to the control plane's cluster (Raft between members,
     /// joining, membership).
     Cluster,
+    /// Handed by the worker to the control plane, which finds the VM's
+    /// module in its store and runs it on a VM thread; that thread
+    /// answers the worker.
+    Vm,
 }
 
 /// One request kind.
@@ -93,6 +97,10 @@ pub const ASSET_GRANT: u8 = 0x56;
 /// An asset request a cluster member proxies to the member holding the
 /// asset (`crate::assets::wire::encode_proxied`), answered by its worker.
 pub const ASSET_PROXY: u8 = 0x57;
+/// Run a VM (`vm run`, `vm call`), or only check its module (`vm deploy`).
+pub const VM_CALL: u8 = 0x58;
+/// The caller's VMs.
+pub const VM_LIST: u8 = 0x59;
 
 const fn entry(
     kind: u8,
@@ -113,10 +121,10 @@ const fn entry(
 }
 
 use Access::{Anyone, Certificate, Operator};
-use Answered::{Admission, Assets, Authority, Cluster, Worker};
+use Answered::{Admission, Assets, Authority, Cluster, Vm, Worker};
 
 /// The table, in kind order.
-pub const KINDS: [KindSpec; 39] = [
+pub const KINDS: [KindSpec; 41] = [
     entry(PING, "PING", Certificate, Worker, false, true),
     entry(STATS, "STATS", Certificate, Worker, false, true),
     entry(ENROLL, "ENROLL", Anyone, Authority, true, false),
@@ -292,6 +300,9 @@ pub const KINDS: [KindSpec; 39] = [
         false,
         false,
     ),
+    // VMs: their modules are storage assets of the control plane's store.
+    entry(VM_CALL, "VM_CALL", Certificate, Vm, false, false),
+    entry(VM_LIST, "VM_LIST", Certificate, Vm, false, false),
 ];
 
 /// The entry of `kind`, if it is a request kind.
@@ -317,7 +328,7 @@ const _: () = {
         assert!(i == 0 || KINDS[i - 1].kind < k);
         let forwarded =
             k >= *super::stoq::AUTHORITY_KINDS.start() && k <= *super::stoq::AUTHORITY_KINDS.end();
-        assert!(forwarded == !matches!(KINDS[i].answered, Worker));
+        assert!(forwarded == !matches!(KINDS[i].answered, Worker | Vm));
         i += 1;
     }
 };

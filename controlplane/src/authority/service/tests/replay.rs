@@ -111,6 +111,7 @@ fn commands_replayed_on_a_fresh_store_give_the_same_store() {
             quota: crate::assets::Quota {
                 memory: Some(4096),
                 storage: None,
+                fuel: Some(77),
             },
         })
         .unwrap();

@@ -1,0 +1,109 @@
+//! `internet2 vm-bench`: what a VM call costs over the network, against a
+//! running server, each phase on one established connection
+//! (`dataplane::client::run_load`: handshakes are not in the figures):
+//!
+//! 1. `vm call` of a small module (vm/modules/echo.wat, 64 bytes in and
+//!    out), one at a time: p50/p99, a fresh instance each;
+//! 2. a `PING` of 1 KiB, one at a time, on the same kind of connection:
+//!    the transport's floor;
+//! 3. the same calls with many in flight: calls per second (the server's
+//!    VM threads are the bound).
+//!
+//! The module is deployed under a name of this run and removed at the
+//! end. Each phase reports its window (milliseconds since the Unix epoch),
+//! so a caller sampling the server's CPU meanwhile can charge each phase
+//! its share (`cargo xtask bench-vm`). `vm-micro` (benches/) measures the
+//! same call in process, fuel's cost and `asset_read`'s.
+
+use crate::cli_assets::{many, request};
+use crate::cli_authority::Connect;
+use crate::cli_vm::{LimitArgs, deploy};
+use bytes::Bytes;
+use controlplane::vm::{CallRequest, Target};
+use dataplane::assets::wire::AssetRequest;
+use dataplane::client::load::{LoadPlan, LoadReport};
+use dataplane::client::rpc::Framing;
+use dataplane::protocols::stoq_registry::{PING, VM_CALL};
+use serde_json::json;
+use std::time::Duration;
+
+/// The module the calls run.
+pub const ECHO_WAT: &str = include_str!("../vm/modules/echo.wat");
+
+#[derive(Clone, Debug)]
+pub struct VmBenchPlan {
+    /// Calls (and pings) one at a time.
+    pub calls: u64,
+    /// Calls of the throughput phase, and how many in flight.
+    pub loaded_calls: u64,
+    pub concurrency: usize,
+}
+
+pub fn run<T: Connect>(target: &T, plan: &VmBenchPlan) -> anyhow::Result<serde_json::Value> {
+    let client = target.target()?;
+    let config = client.client_config(dataplane::protocols::ALPN_STOQ)?;
+    let module = wat::parse_str(ECHO_WAT)?;
+    let name = format!("vm-bench-{}", std::process::id());
+    let limits = LimitArgs {
+        fuel: 100_000,
+        memory_mib: 1,
+    };
+    eprintln!("vm-bench: deploying {name}");
+    let address = deploy(target, &module, &limits, &name)?;
+    let call = CallRequest {
+        check_only: false,
+        target: Target::Name(name.clone()),
+        input: vec![7; 64],
+    }
+    .encode();
+    let load = |kind: u8, payload: &[u8], total: u64, concurrency: usize| {
+        let plan = LoadPlan {
+            framing: Framing::Stoq,
+            kind,
+            payload: Bytes::copy_from_slice(payload),
+            total,
+            concurrency,
+            timeout: Duration::from_secs(120),
+        };
+        let started = unix_ms();
+        let report = dataplane::client::run_load(&client, &config, plan)?
+            .complete()
+            .map_err(anyhow::Error::msg)?;
+        Ok::<_, anyhow::Error>(phase(&report, [started, unix_ms()]))
+    };
+    let phases = (|| {
+        eprintln!("vm-bench: {} calls, one at a time", plan.calls);
+        let one = load(VM_CALL, &call, plan.calls, 1)?;
+        eprintln!("vm-bench: {} pings of 1 KiB, one at a time", plan.calls);
+        let ping = load(PING, &[7; 1024], plan.calls, 1)?;
+        eprintln!(
+            "vm-bench: {} calls, {} in flight",
+            plan.loaded_calls, plan.concurrency
+        );
+        let loaded = load(VM_CALL, &call, plan.loaded_calls, plan.concurrency)?;
+        Ok::<_, anyhow::Error>((one, ping, loaded))
+    })();
+    // Whatever happened, the VM goes.
+    let removed = many(target, vec![request(&AssetRequest::Free { address })]);
+    let (one, ping, loaded) = phases?;
+    removed?;
+    Ok(json!({
+        "call": one,
+        "ping_1k": ping,
+        "call_loaded": loaded,
+        "concurrency": plan.concurrency,
+        "input_bytes": 64,
+    }))
+}
+
+fn phase(report: &LoadReport, window: [u64; 2]) -> serde_json::Value {
+    let mut summary = report.summary();
+    summary["window_unix_ms"] = json!(window);
+    summary
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

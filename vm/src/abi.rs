@@ -1,0 +1,338 @@
+//! The host ABI: the only imports a guest may have (module `internet2`),
+//! the exports it must have, and the per-call state the host functions
+//! work on. `docs/VM.md` is the guest's side of this.
+
+use super::ModuleError;
+use controlplane::vm::{LOG_LEN_MAX, OUTPUT_LEN_MAX};
+use dataplane::assets::address::AssetAddress;
+use dataplane::assets::memory::{AssetError, MemoryAssets, Owner};
+use std::sync::Arc;
+use wasmtime::{Caller, Engine, ExternType, Linker, Module, ResourceLimiter, ValType};
+
+/// The module guests import from.
+pub const MODULE: &str = "internet2";
+
+/// The negative results of the host functions.
+pub mod error {
+    /// A pointer or length outside the guest's memory (or negative).
+    pub const BOUNDS: i32 = -1;
+    /// The call's output is full ([`controlplane::vm::OUTPUT_LEN_MAX`]).
+    pub const OUTPUT_FULL: i32 = -2;
+    /// No such asset.
+    pub const UNKNOWN: i32 = -3;
+    /// The asset was freed, its lease ended, or the node restarted.
+    pub const RELEASED: i32 = -4;
+    /// The VM's owner may not read (or write) it.
+    pub const FORBIDDEN: i32 = -5;
+    /// Bytes outside the asset.
+    pub const RANGE: i32 = -6;
+    /// Not reachable from a VM: another node's asset, or a storage asset.
+    pub const UNREACHABLE: i32 = -7;
+}
+
+/// The imports a guest may have: name, parameters, results.
+pub const IMPORTS: [(&str, &[ValKind], &[ValKind]); 5] = [
+    ("input", &[ValKind::I32, ValKind::I32], &[ValKind::I32]),
+    ("output", &[ValKind::I32, ValKind::I32], &[ValKind::I32]),
+    (
+        "asset_read",
+        &[ValKind::I32, ValKind::I64, ValKind::I32, ValKind::I32],
+        &[ValKind::I32],
+    ),
+    (
+        "asset_write",
+        &[ValKind::I32, ValKind::I64, ValKind::I32, ValKind::I32],
+        &[ValKind::I32],
+    ),
+    ("log", &[ValKind::I32, ValKind::I32], &[]),
+];
+
+/// The value types the ABI uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ValKind {
+    I32,
+    I64,
+}
+
+impl ValKind {
+    fn is(self, ty: &ValType) -> bool {
+        match self {
+            ValKind::I32 => matches!(ty, ValType::I32),
+            ValKind::I64 => matches!(ty, ValType::I64),
+        }
+    }
+}
+
+/// Check `module` against the ABI: every import one of [`IMPORTS`] with
+/// its type, and the exports `memory` and `run: () -> i32`.
+pub fn check(module: &Module) -> Result<(), ModuleError> {
+    let allowed = || {
+        IMPORTS
+            .iter()
+            .map(|(name, _, _)| format!("{MODULE}.{name}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for import in module.imports() {
+        let known = IMPORTS
+            .iter()
+            .find(|(name, _, _)| import.module() == MODULE && import.name() == *name);
+        let fits = match (known, import.ty()) {
+            (Some((_, params, results)), ExternType::Func(ty)) => {
+                ty.params().len() == params.len()
+                    && ty.params().zip(params.iter()).all(|(t, k)| k.is(&t))
+                    && ty.results().len() == results.len()
+                    && ty.results().zip(results.iter()).all(|(t, k)| k.is(&t))
+            }
+            _ => false,
+        };
+        if !fits {
+            return Err(ModuleError::Import {
+                module: import.module().to_owned(),
+                name: import.name().to_owned(),
+                allowed: allowed(),
+            });
+        }
+    }
+    if !matches!(module.get_export("memory"), Some(ExternType::Memory(_))) {
+        return Err(ModuleError::Export("a memory named `memory`"));
+    }
+    let run = match module.get_export("run") {
+        Some(ExternType::Func(ty)) => {
+            ty.params().len() == 0
+                && ty.results().len() == 1
+                && ty.results().all(|t| matches!(t, ValType::I32))
+        }
+        _ => false,
+    };
+    if !run {
+        return Err(ModuleError::Export("a function `run: () -> i32`"));
+    }
+    Ok(())
+}
+
+/// What one call's host functions work on.
+pub struct CallState {
+    owner: Owner,
+    input: Vec<u8>,
+    /// How much of the input `input` handed out already.
+    taken: usize,
+    pub output: Vec<u8>,
+    pub log: Vec<u8>,
+    memory_limit: u64,
+    /// Why a memory or table growth was refused, when one was.
+    pub memory_denied: Option<String>,
+    assets: Option<Arc<MemoryAssets>>,
+}
+
+impl CallState {
+    pub fn new(
+        owner: Owner,
+        memory_limit: u64,
+        input: &[u8],
+        assets: Option<Arc<MemoryAssets>>,
+    ) -> Self {
+        Self {
+            owner,
+            input: input.to_vec(),
+            taken: 0,
+            output: Vec::new(),
+            log: Vec::new(),
+            memory_limit,
+            memory_denied: None,
+            assets,
+        }
+    }
+}
+
+impl ResourceLimiter for CallState {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired as u64 > self.memory_limit {
+            let why = format!(
+                "the instance asked for {desired} bytes of memory; the VM's limit is {}",
+                self.memory_limit
+            );
+            self.memory_denied = Some(why.clone());
+            return Err(wasmtime::format_err!("{why}"));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > super::TABLE_ELEMENTS_MAX {
+            let why = format!(
+                "the instance asked for a table of {desired} elements; the limit is {}",
+                super::TABLE_ELEMENTS_MAX
+            );
+            self.memory_denied = Some(why.clone());
+            return Err(wasmtime::format_err!("{why}"));
+        }
+        Ok(true)
+    }
+}
+
+/// Fuel a host call costs: one, and one more per 64 bytes it moves, so a
+/// guest cannot move unbounded bytes on bounded fuel.
+fn charge(caller: &mut Caller<'_, CallState>, bytes: usize) -> wasmtime::Result<()> {
+    let Ok(fuel) = caller.get_fuel() else {
+        // The benchmark's unmetered baseline.
+        return Ok(());
+    };
+    let cost = 1 + bytes as u64 / 64;
+    if fuel < cost {
+        caller.set_fuel(0)?;
+        return Err(wasmtime::Trap::OutOfFuel.into());
+    }
+    caller.set_fuel(fuel - cost)
+}
+
+/// The guest's memory and the call's state, both at once.
+fn parts<'a>(
+    caller: &'a mut Caller<'_, CallState>,
+) -> wasmtime::Result<(&'a mut [u8], &'a mut CallState)> {
+    let memory = caller
+        .get_export("memory")
+        .and_then(|export| export.into_memory())
+        .ok_or_else(|| wasmtime::format_err!("the module exports no memory"))?;
+    Ok(memory.data_and_store_mut(caller))
+}
+
+/// `ptr..ptr + len` of a memory of `size` bytes, if it lies inside.
+fn span(size: usize, ptr: i32, len: i32) -> Option<std::ops::Range<usize>> {
+    let start = usize::try_from(ptr).ok()?;
+    let end = start.checked_add(usize::try_from(len).ok()?)?;
+    (end <= size).then_some(start..end)
+}
+
+fn asset_code(e: &AssetError) -> i32 {
+    match e {
+        AssetError::Unknown(_) => error::UNKNOWN,
+        AssetError::Released(_) => error::RELEASED,
+        AssetError::Forbidden(_) => error::FORBIDDEN,
+        AssetError::OutOfRange { .. } => error::RANGE,
+        AssetError::Elsewhere { .. } => error::UNREACHABLE,
+        _ => error::FORBIDDEN,
+    }
+}
+
+/// The asset address at `addr_ptr`, if it lies inside `memory`.
+fn address_at(memory: &[u8], addr_ptr: i32) -> Option<AssetAddress> {
+    let range = span(memory.len(), addr_ptr, 16)?;
+    let octets: [u8; 16] = memory[range].try_into().ok()?;
+    Some(AssetAddress::from_octets(octets))
+}
+
+/// Move bytes between a memory asset and the guest's memory, one copy:
+/// `write` false reads the asset into `ptr..ptr + len`, true writes it
+/// from there.
+fn asset_io(
+    mut caller: Caller<'_, CallState>,
+    (addr_ptr, offset, ptr, len): (i32, i64, i32, i32),
+    write: bool,
+) -> wasmtime::Result<i32> {
+    charge(&mut caller, usize::try_from(len).unwrap_or(0))?;
+    let (memory, state) = parts(&mut caller)?;
+    let (Some(address), Some(range), Ok(offset)) = (
+        address_at(memory, addr_ptr),
+        span(memory.len(), ptr, len),
+        u64::try_from(offset),
+    ) else {
+        return Ok(error::BOUNDS);
+    };
+    let Some(assets) = state.assets.as_ref() else {
+        return Ok(error::UNREACHABLE);
+    };
+    if address.id.is_storage() {
+        return Ok(error::UNREACHABLE);
+    }
+    let owner = state.owner;
+    let moved = assets.with(address, |shard| {
+        if write {
+            shard.write(&owner, address, offset, &memory[range.clone()])?;
+        } else {
+            let bytes = shard.read(&owner, address, offset, range.len() as u64)?;
+            memory[range.clone()].copy_from_slice(bytes);
+        }
+        Ok(range.len())
+    });
+    Ok(match moved {
+        Ok(n) => n as i32,
+        Err(e) => asset_code(&e),
+    })
+}
+
+/// The host functions, for every module.
+pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<CallState>> {
+    let mut linker = Linker::new(engine);
+    linker.func_wrap(
+        MODULE,
+        "input",
+        |mut caller: Caller<'_, CallState>, ptr: i32, len: i32| -> wasmtime::Result<i32> {
+            charge(&mut caller, usize::try_from(len).unwrap_or(0))?;
+            let (memory, state) = parts(&mut caller)?;
+            let Some(range) = span(memory.len(), ptr, len) else {
+                return Ok(error::BOUNDS);
+            };
+            let rest = &state.input[state.taken..];
+            let n = rest.len().min(range.len());
+            memory[range.start..range.start + n].copy_from_slice(&rest[..n]);
+            state.taken += n;
+            Ok(n as i32)
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "output",
+        |mut caller: Caller<'_, CallState>, ptr: i32, len: i32| -> wasmtime::Result<i32> {
+            charge(&mut caller, usize::try_from(len).unwrap_or(0))?;
+            let (memory, state) = parts(&mut caller)?;
+            let Some(range) = span(memory.len(), ptr, len) else {
+                return Ok(error::BOUNDS);
+            };
+            if state.output.len() + range.len() > OUTPUT_LEN_MAX {
+                return Ok(error::OUTPUT_FULL);
+            }
+            state.output.extend_from_slice(&memory[range]);
+            Ok(0)
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "asset_read",
+        |caller: Caller<'_, CallState>, addr: i32, offset: i64, ptr: i32, len: i32| {
+            asset_io(caller, (addr, offset, ptr, len), false)
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "asset_write",
+        |caller: Caller<'_, CallState>, addr: i32, offset: i64, ptr: i32, len: i32| {
+            asset_io(caller, (addr, offset, ptr, len), true)
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "log",
+        |mut caller: Caller<'_, CallState>, ptr: i32, len: i32| -> wasmtime::Result<()> {
+            charge(&mut caller, usize::try_from(len).unwrap_or(0))?;
+            let (memory, state) = parts(&mut caller)?;
+            if let Some(range) = span(memory.len(), ptr, len) {
+                let room = LOG_LEN_MAX.saturating_sub(state.log.len());
+                let bytes = &memory[range];
+                state.log.extend_from_slice(&bytes[..bytes.len().min(room)]);
+            }
+            Ok(())
+        },
+    )?;
+    Ok(linker)
+}

@@ -1,0 +1,456 @@
+//! VM execution: WebAssembly modules run under fuel, memory and time
+//! limits, with I/O only through the host ABI (`docs/VM.md`).
+//!
+//! [`Runtime`] is the engine (wasmtime with Cranelift, the pooling
+//! allocator and copy-on-write memory images, no WASI), the host functions
+//! and the cache of compiled modules: [`Runtime::compile`] checks a module
+//! against the ABI once, [`Runtime::call`] runs one call on a fresh
+//! instance. [`VmPool`] is the VM threads: the control plane queues the
+//! calls it checked ([`controlplane::vm::VmHost`]), a VM thread runs each
+//! and answers the worker that took the request. The dataplane's workers
+//! never run guest code.
+
+mod abi;
+
+use controlplane::vm::{Header, Outcome, Reason, VmHost, VmJob};
+use dataplane::assets::memory::{MemoryAssets, Owner};
+use dataplane::control::{ControlPort, Reply};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::Duration;
+use wasmtime::{Config, Engine, InstancePre, Linker, Module, Store, Trap};
+
+pub use abi::{IMPORTS, error as abi_error};
+
+/// Calls waiting for a VM thread, all threads together.
+pub const QUEUE_LEN: usize = 1024;
+/// Compiled modules kept; past it, the oldest is dropped (and compiled
+/// again when called).
+pub const MODULES_CACHED_MAX: usize = 256;
+/// How often the engine's epoch ticks: the deadline's granularity.
+pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+/// The stack a guest may use: deep recursion traps past it.
+pub const WASM_STACK_MAX: usize = 512 * 1024;
+/// Table elements an instance may have.
+pub const TABLE_ELEMENTS_MAX: usize = 10_000;
+
+/// How the VM threads run (`[hypermesh_assets]`, resolved).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    /// VM threads.
+    pub threads: usize,
+    /// Cores to pin them to, one each in turn (empty: not pinned).
+    pub cores: Vec<usize>,
+    /// The largest memory a VM may name, MiB: the pool's slot size.
+    pub memory_mib_max: u32,
+    /// How long one call may run, wall clock.
+    pub deadline: Duration,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            threads: 1,
+            cores: Vec::new(),
+            memory_mib_max: 64,
+            deadline: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Why a module is not run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModuleError {
+    #[error("not a WebAssembly module this server runs: {0}")]
+    Invalid(String),
+    #[error(
+        "import {module}.{name} is not part of the VM ABI (a module may import only {allowed})"
+    )]
+    Import {
+        module: String,
+        name: String,
+        allowed: String,
+    },
+    #[error("the module must export {0}")]
+    Export(&'static str),
+    #[error("the module's SHA-256 is not the one its VM header names")]
+    Digest,
+    #[error("the module needs more memory or table than this server gives a VM: {0}")]
+    TooLarge(String),
+}
+
+/// The limits one call runs under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub fuel: u64,
+    pub memory_bytes: u64,
+}
+
+impl From<&Header> for Limits {
+    fn from(header: &Header) -> Self {
+        Self {
+            fuel: header.fuel,
+            memory_bytes: header.memory_bytes(),
+        }
+    }
+}
+
+/// A module compiled and checked, ready to instantiate.
+#[derive(Clone)]
+pub struct Compiled(InstancePre<abi::CallState>);
+
+/// The engine, the host functions and the compiled modules.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<abi::CallState>,
+    modules: Mutex<Cache>,
+    deadline_ticks: u64,
+    /// Whether calls burn fuel (always, but in the benchmark's baseline).
+    metered: bool,
+    /// What the guests' asset calls reach: this node's memory assets.
+    memory: Option<Arc<MemoryAssets>>,
+}
+
+#[derive(Default)]
+struct Cache {
+    compiled: HashMap<[u8; 32], Compiled>,
+    order: VecDeque<[u8; 32]>,
+}
+
+impl Runtime {
+    /// An engine for `config`, whose guests reach `memory`'s assets. The
+    /// pool holds `instances` instances at once (one per VM thread).
+    pub fn new(
+        config: &VmConfig,
+        instances: u32,
+        memory: Option<Arc<MemoryAssets>>,
+    ) -> Result<Self, String> {
+        Self::metering(config, instances, memory, true)
+    }
+
+    /// [`Self::new`], with fuel metered or not (`vm-bench`'s baseline for
+    /// what metering costs; a server always meters).
+    pub fn metering(
+        config: &VmConfig,
+        instances: u32,
+        memory: Option<Arc<MemoryAssets>>,
+        metered: bool,
+    ) -> Result<Self, String> {
+        let mut pool = wasmtime::PoolingAllocationConfig::new();
+        pool.total_core_instances(instances)
+            .total_memories(instances)
+            .total_tables(instances)
+            .max_memories_per_module(1)
+            .max_tables_per_module(1)
+            .table_elements(TABLE_ELEMENTS_MAX)
+            .max_memory_size((config.memory_mib_max as usize) << 20);
+        let mut wasm = Config::new();
+        wasm.consume_fuel(metered)
+            .epoch_interruption(true)
+            .max_wasm_stack(WASM_STACK_MAX)
+            // A trap's reason, not thousands of frames of a deep recursion.
+            .wasm_backtrace_max_frames(None)
+            .memory_init_cow(true)
+            .allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&wasm).map_err(|e| format!("the VM engine: {e}"))?;
+        let linker = abi::linker(&engine).map_err(|e| format!("the VM host functions: {e}"))?;
+        Ok(Self {
+            engine,
+            linker,
+            modules: Mutex::new(Cache::default()),
+            deadline_ticks: (config.deadline.as_micros() / EPOCH_TICK.as_micros()).max(1) as u64
+                + 1,
+            metered,
+            memory,
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Whether the module with this SHA-256 is compiled.
+    pub fn compiled(&self, sha256: &[u8; 32]) -> bool {
+        lock(&self.modules).compiled.contains_key(sha256)
+    }
+
+    /// The compiled module with this SHA-256, if cached.
+    pub fn cached(&self, sha256: &[u8; 32]) -> Option<Compiled> {
+        lock(&self.modules).compiled.get(sha256).cloned()
+    }
+
+    /// Compile `bytes` (WebAssembly, or its text format), check it against
+    /// the ABI and cache it under `sha256` (checked against the bytes).
+    pub fn compile(&self, sha256: &[u8; 32], bytes: &[u8]) -> Result<Compiled, ModuleError> {
+        let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+        if digest.as_ref() != sha256 {
+            return Err(ModuleError::Digest);
+        }
+        if let Some(compiled) = self.cached(sha256) {
+            return Ok(compiled);
+        }
+        let module =
+            Module::new(&self.engine, bytes).map_err(|e| ModuleError::Invalid(format!("{e:#}")))?;
+        abi::check(&module)?;
+        let pre = self
+            .linker
+            .instantiate_pre(&module)
+            .map_err(|e| ModuleError::Invalid(format!("{e:#}")))?;
+        let compiled = Compiled(pre);
+        let mut cache = lock(&self.modules);
+        if cache.compiled.insert(*sha256, compiled.clone()).is_none() {
+            cache.order.push_back(*sha256);
+        }
+        while cache.order.len() > MODULES_CACHED_MAX {
+            if let Some(old) = cache.order.pop_front() {
+                cache.compiled.remove(&old);
+            }
+        }
+        Ok(compiled)
+    }
+
+    /// Run `run` of a fresh instance of `module` for `owner` (whose assets
+    /// the guest reaches) with `input`, under `limits` (the fuel only when
+    /// the engine meters it).
+    pub fn call(&self, module: &Compiled, owner: Owner, limits: Limits, input: &[u8]) -> Outcome {
+        let fuel = self.metered;
+        let given = if fuel { limits.fuel } else { 0 };
+        let state = abi::CallState::new(owner, limits.memory_bytes, input, self.memory.clone());
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| state);
+        if fuel {
+            let _ = store.set_fuel(given);
+        }
+        store.set_epoch_deadline(self.deadline_ticks);
+        store.epoch_deadline_trap();
+        let result = module.0.instantiate(&mut store).and_then(|instance| {
+            let run = instance.get_typed_func::<(), i32>(&mut store, "run")?;
+            run.call(&mut store, ())
+        });
+        let fuel_used = given.saturating_sub(store.get_fuel().unwrap_or(0));
+        let state = store.into_data();
+        let (reason, status, detail) = match result {
+            Ok(status) => (Reason::Finished, status, String::new()),
+            Err(_) if state.memory_denied.is_some() => (
+                Reason::Memory,
+                0,
+                state.memory_denied.clone().unwrap_or_default(),
+            ),
+            Err(e) => match e.downcast_ref::<Trap>() {
+                Some(Trap::OutOfFuel) => (Reason::Fuel, 0, Trap::OutOfFuel.to_string()),
+                Some(Trap::Interrupt) => (
+                    Reason::Deadline,
+                    0,
+                    "the call ran past its deadline".to_owned(),
+                ),
+                Some(trap) => (Reason::Trap, 0, format!("wasm trap: {trap}")),
+                None => (Reason::Trap, 0, format!("{e:#}")),
+            },
+        };
+        Outcome {
+            reason,
+            status,
+            fuel_used,
+            detail,
+            output: state.output,
+            log: state.log,
+        }
+    }
+
+    /// Run `job` (compiling its module if needed), charging its owner's
+    /// memory quota for the instance's limit while it runs.
+    pub fn run_job(&self, job: &VmJob) -> Result<Outcome, (u16, String)> {
+        use dataplane::protocols::stoq::ErrorCode;
+        let module = match (self.cached(&job.header.sha256), &job.module) {
+            (Some(compiled), _) => compiled,
+            (None, Some(bytes)) => self
+                .compile(&job.header.sha256, bytes)
+                .map_err(|e| (ErrorCode::VmModule as u16, e.to_string()))?,
+            (None, None) => {
+                return Err((
+                    ErrorCode::Busy as u16,
+                    "the VM's module left the cache before its call ran; call again".into(),
+                ));
+            }
+        };
+        if job.check_only {
+            return Ok(Outcome {
+                reason: Reason::Checked,
+                status: 0,
+                fuel_used: 0,
+                detail: String::new(),
+                output: Vec::new(),
+                log: Vec::new(),
+            });
+        }
+        let limits = Limits::from(&job.header);
+        let _held = match &self.memory {
+            Some(memory) => Some(
+                memory
+                    .ledger()
+                    .hold(&job.owner, limits.memory_bytes)
+                    .map_err(|e| {
+                        (
+                            ErrorCode::AssetQuota as u16,
+                            format!("the VM's memory: {e}"),
+                        )
+                    })?,
+            ),
+            None => None,
+        };
+        Ok(self.call(&module, job.owner, limits, &job.input))
+    }
+}
+
+/// The VM threads and their queue.
+pub struct VmPool {
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+struct Shared {
+    runtime: Runtime,
+    queue: Mutex<VecDeque<VmJob>>,
+    ready: Condvar,
+    stop: AtomicBool,
+    port: Arc<ControlPort>,
+    calls: AtomicU64,
+}
+
+impl VmPool {
+    /// Start `config.threads` VM threads (and the epoch's ticker), which
+    /// answer on `port` and reach `memory`'s assets.
+    pub fn start(
+        config: &VmConfig,
+        port: Arc<ControlPort>,
+        memory: Option<Arc<MemoryAssets>>,
+    ) -> Result<Arc<Self>, String> {
+        let threads = config.threads.max(1);
+        let runtime = Runtime::new(config, threads as u32, memory)?;
+        let shared = Arc::new(Shared {
+            runtime,
+            queue: Mutex::new(VecDeque::new()),
+            ready: Condvar::new(),
+            stop: AtomicBool::new(false),
+            port,
+            calls: AtomicU64::new(0),
+        });
+        let mut handles = Vec::new();
+        for i in 0..threads {
+            let shared = shared.clone();
+            let core = (!config.cores.is_empty()).then(|| config.cores[i % config.cores.len()]);
+            let handle = std::thread::Builder::new()
+                .name(format!("vm-{i}"))
+                .spawn(move || {
+                    if let Some(core) = core
+                        && !core_affinity::set_for_current(core_affinity::CoreId { id: core })
+                    {
+                        tracing::warn!(core, "could not pin a VM thread");
+                    }
+                    shared.serve();
+                })
+                .map_err(|e| format!("a VM thread: {e}"))?;
+            handles.push(handle);
+        }
+        let ticker = shared.clone();
+        handles.push(
+            std::thread::Builder::new()
+                .name("vm-epoch".into())
+                .spawn(move || {
+                    while !ticker.stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(EPOCH_TICK);
+                        ticker.runtime.engine.increment_epoch();
+                    }
+                })
+                .map_err(|e| format!("the VM epoch thread: {e}"))?,
+        );
+        Ok(Arc::new(Self {
+            shared,
+            threads: Mutex::new(handles),
+        }))
+    }
+
+    /// Calls run so far.
+    pub fn calls(&self) -> u64 {
+        self.shared.calls.load(Ordering::Relaxed)
+    }
+
+    /// Stop the threads once the calls running now end (queued ones are
+    /// dropped unanswered: their connections are closing too).
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        self.shared.ready.notify_all();
+        for handle in lock(&self.threads).drain(..) {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Shared {
+    fn serve(&self) {
+        loop {
+            let job = {
+                let mut queue = lock(&self.queue);
+                loop {
+                    if self.stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    if let Some(job) = queue.pop_front() {
+                        break job;
+                    }
+                    queue = self
+                        .ready
+                        .wait(queue)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+            };
+            let result = self.runtime.run_job(&job).map(|outcome| {
+                if !outcome.succeeded() {
+                    tracing::debug!(reason = ?outcome.reason, detail = %outcome.detail, "a VM call failed");
+                }
+                outcome.encode()
+            });
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            controlplane::runtime::send_reply(
+                &self.port,
+                job.worker,
+                Reply {
+                    ticket: job.ticket,
+                    kind: job.kind,
+                    result,
+                },
+            );
+        }
+    }
+}
+
+impl VmHost for VmPool {
+    fn compiled(&self, sha256: &[u8; 32]) -> bool {
+        self.shared.runtime.compiled(sha256)
+    }
+
+    fn submit(&self, job: VmJob) -> Result<(), Box<VmJob>> {
+        let mut queue = lock(&self.shared.queue);
+        if queue.len() >= QUEUE_LEN {
+            return Err(Box::new(job));
+        }
+        queue.push_back(job);
+        drop(queue);
+        self.shared.ready.notify_one();
+        Ok(())
+    }
+}
+
+impl Drop for VmPool {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests;
