@@ -8,7 +8,7 @@ mod common;
 
 use common::*;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 fn asset(server: &Server, identity: Option<&Path>, args: &[&str]) -> Output {
@@ -125,13 +125,7 @@ fn memory_assets_on_production_defaults() {
     assert_eq!(read_back(), data, "refusals changed nothing");
 
     // A second identity, with the stake production asks for.
-    let (stranger, _) = issue_identity(&server, "stranger");
-    let granted = server
-        .operator_command(Command::new(SERVER))
-        .args(["stake", "grant", "--cert", stranger.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let identity = json(&granted)["identity"].as_str().unwrap().to_owned();
+    let (stranger, _, identity) = staked_identity(&server, "stranger");
     let s = Some(stranger.as_path());
     refused(
         &asset(&server, s, &["read", a, "--len", "1"]),
@@ -272,13 +266,7 @@ fn storage_assets_and_operator_quotas_survive_a_restart_on_production_defaults()
 
     // The operator's quotas: a second identity held to 100 KiB of storage
     // and 8 KiB of memory (the workers take the memory limit).
-    let (stranger, stranger_serial) = issue_identity(&server, "stranger");
-    let stake = server
-        .operator_command(Command::new(SERVER))
-        .args(["stake", "grant", "--cert", stranger.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let identity = json(&stake)["identity"].as_str().unwrap().to_owned();
+    let (stranger, stranger_serial, identity) = staked_identity(&server, "stranger");
     let set = server.admin(&[
         "quota",
         "set",

@@ -228,13 +228,7 @@ fn vms_run_deploy_and_hit_their_limits_on_production_defaults() {
 
     // A second identity: no access to the first's VM without a grant, and
     // its own VMs held to its quotas.
-    let (stranger, _) = issue_identity(&server, "stranger");
-    let stake = server
-        .operator_command(Command::new(SERVER))
-        .args(["stake", "grant", "--cert", stranger.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let identity = json(&stake)["identity"].as_str().unwrap().to_owned();
+    let (stranger, _, identity) = staked_identity(&server, "stranger");
     let s = Some(stranger.as_path());
     refused(&vm(&server, s, &["call", "echo"]), 13, "neither owned");
     let set = server.admin(&[

@@ -408,6 +408,21 @@ pub fn operator_admitter(server: &Server) -> std::sync::Arc<dyn dataplane::admis
     internet2_server::admission::admitter_for_file(&identity, &path).unwrap()
 }
 
+/// An identity issued as [`issue_identity`] does, given the stake
+/// production asks for: its file, its serial and its identity (64 hex
+/// digits, as quotas and grants name it).
+pub fn staked_identity(server: &Server, name: &str) -> (PathBuf, String, String) {
+    let (path, serial) = issue_identity(server, name);
+    let granted = server
+        .operator_command(Command::new(SERVER))
+        .args(["stake", "grant", "--cert", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let out: serde_json::Value = serde_json::from_str(&ok(&granted)).expect("JSON");
+    let identity = out["identity"].as_str().unwrap().to_owned();
+    (path, serial, identity)
+}
+
 /// A client identity (chain + key PEM) issued by the server's CA through
 /// the operator's `CERT_ISSUE` request; returns the file and the serial.
 pub fn issue_identity(server: &Server, name: &str) -> (PathBuf, String) {

@@ -23,7 +23,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::bench::{
     WorkDir, build_release, check_interrupt, free_udp_port, install_signal_handlers, log_tail,
-    medians, remove_stale_work_dirs, start_server,
+    medians, remove_stale_work_dirs, start_server, write_report,
 };
 use crate::report::Side;
 use clap::Args;
@@ -157,9 +157,7 @@ pub fn bench_admission(args: &AdmissionBenchArgs) -> Result<()> {
             "medians": medians,
             "runs": rounds,
         });
-        std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
-            .with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("bench-admission: wrote {}", path.display());
+        write_report("bench-admission", path, &doc)?;
     }
     Ok(())
 }

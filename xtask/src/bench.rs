@@ -1566,6 +1566,14 @@ impl CpuSamples {
     }
 }
 
+/// Write a benchmark's JSON report to `path`, and say so.
+pub(crate) fn write_report(task: &str, path: &Path, doc: &Value) -> Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(doc)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("{task}: wrote {}", path.display());
+    Ok(())
+}
+
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -1757,9 +1765,7 @@ pub fn bench_authority(args: &crate::AuthorityBenchArgs) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(&medians)?);
     if let Some(path) = &args.json {
         let doc = json!({ "medians": medians, "runs": runs });
-        std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
-            .with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("bench-authority: wrote {}", path.display());
+        write_report("bench-authority", path, &doc)?;
     }
     Ok(())
 }

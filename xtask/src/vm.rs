@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 use crate::admission::{read_json, run_client};
 use crate::bench::{
     CpuSamples, WorkDir, build_release, check_interrupt, free_udp_port, install_signal_handlers,
-    log_tail, medians, remove_stale_work_dirs, start_server,
+    log_tail, medians, remove_stale_work_dirs, start_server, write_report,
 };
 use crate::report::Side;
 
@@ -120,9 +120,7 @@ pub fn bench_vm(args: &VmBenchArgs) -> Result<()> {
             "medians": medians,
             "runs": rounds,
         });
-        std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
-            .with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("bench-vm: wrote {}", path.display());
+        write_report("bench-vm", path, &doc)?;
     }
     Ok(())
 }
