@@ -1835,6 +1835,30 @@ mod tests {
                 "at least 1",
             ),
             (
+                "[hypermesh_assets]\nvm_threads = 0\n",
+                2,
+                "hypermesh_assets.vm_threads",
+                "within 1..=256",
+            ),
+            (
+                "[hypermesh_assets]\nvm_cores = [9]\n",
+                2,
+                "hypermesh_assets.vm_cores",
+                "core 9 does not exist",
+            ),
+            (
+                "[hypermesh_assets]\nvm_deadline_ms = 0\n",
+                2,
+                "hypermesh_assets.vm_deadline_ms",
+                "within 1..=60000",
+            ),
+            (
+                "[hypermesh_assets]\nvm_memory_mib_max = 5000\n",
+                2,
+                "hypermesh_assets.vm_memory_mib_max",
+                "within 1..=4096",
+            ),
+            (
                 "[hypermesh_assets]\nadmission_deadline_ms = 10\n",
                 2,
                 "hypermesh_assets.admission_deadline_ms",
@@ -2019,11 +2043,13 @@ mod tests {
             "{:?}",
             r.warnings
         );
-        // VM execution is not built: a warning. Asset addressing is.
-        assert!(r.warnings.iter().any(|w| w.contains("enable_vm_execution")));
+        // VM execution and asset addressing are both on, without a warning.
+        assert!(!r.warnings.iter().any(|w| w.contains("enable_vm_execution")));
         assert!(!r.warnings.iter().any(|w| w.contains("nat_addressing")));
         let assets = r.assets.as_ref().unwrap();
         assert_eq!(assets.quota_bytes, 64 << 20);
+        assert_eq!(assets.vm.as_ref().map(|vm| vm.threads), Some(1));
+        assert!(r.choices.iter().any(|c| c.starts_with("VM execution on")));
         assert!(
             r.choices
                 .iter()

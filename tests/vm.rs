@@ -206,19 +206,38 @@ fn vms_run_deploy_and_hit_their_limits_on_production_defaults() {
         "asset", "alloc", "storage", &size, "--name", "junk", "--json",
     ]));
     let junk_address = junk_asset["address"].as_str().unwrap().to_owned();
-    ok(&server.client(&[
-        "asset",
-        "write",
-        &junk_address,
-        "--in",
-        junk_file.to_str().unwrap(),
-    ]));
+    let write_junk = |file: &Path| {
+        let file = file.to_str().unwrap();
+        ok(&server.client(&["asset", "write", &junk_address, "--in", file]));
+    };
+    write_junk(&junk_file);
     refused(
         &vm(&server, None, &["call", "junk"]),
         19,
         "not a WebAssembly module",
     );
+    // A header naming a module the server has compiled (echo's), over
+    // other bytes: it runs nothing.
+    let echo_wasm = wat::parse_file(module("echo.wat")).unwrap();
+    let borrowed = controlplane::vm::Header::for_module(&echo_wasm, 1000, 1);
+    std::fs::write(&junk_file, [&borrowed.encode()[..], junk].concat()).unwrap();
+    write_junk(&junk_file);
+    refused(
+        &vm(&server, None, &["call", "junk"]),
+        19,
+        "not the one its VM header names",
+    );
     ok(&server.client(&["asset", "free", &junk_address]));
+    // More memory than this server gives a VM (vm_memory_mib_max, 64).
+    refused(
+        &vm(
+            &server,
+            None,
+            &["run", &module("echo.wat"), "--memory-mib", "65"],
+        ),
+        16,
+        "vm_memory_mib_max",
+    );
     assert_eq!(storage_assets(&server, None), 1, "only echo stays");
     refused(
         &vm(&server, None, &["call", "nobody"]),
@@ -231,6 +250,15 @@ fn vms_run_deploy_and_hit_their_limits_on_production_defaults() {
     let (stranger, _, identity) = staked_identity(&server, "stranger");
     let s = Some(stranger.as_path());
     refused(&vm(&server, s, &["call", "echo"]), 13, "neither owned");
+    // A reader of the VM may call it (as its owner); one that may write it
+    // may not: it could have put its own module there.
+    let echo_address = listed[0]["address"].as_str().unwrap().to_owned();
+    ok(&server.client(&["asset", "grant", &echo_address, &identity, "--read"]));
+    let as_reader = json(&vm(&server, s, &["call", "echo", "--input", "r", "--json"]));
+    assert_eq!(as_reader["output"], "r");
+    ok(&server.client(&["asset", "grant", &echo_address, &identity, "--write"]));
+    refused(&vm(&server, s, &["call", "echo"]), 13, "others may write");
+    ok(&server.client(&["asset", "revoke-grant", &echo_address, &identity]));
     let set = server.admin(&[
         "quota", "set", &identity, "--fuel", "5000", "--memory", "1M",
     ]);

@@ -348,22 +348,27 @@ impl Record {
 }
 
 /// A quota row: which limits are set (a bit each), then memory, storage
-/// and fuel. Rows written before fuel existed are 17 bytes, without it.
-fn encode_quota(quota: &Quota) -> [u8; 25] {
-    let mut out = [0u8; 25];
-    out[0] = u8::from(quota.memory.is_some())
-        | (u8::from(quota.storage.is_some()) << 1)
-        | (u8::from(quota.fuel.is_some()) << 2);
-    out[1..9].copy_from_slice(&quota.memory.unwrap_or(0).to_be_bytes());
-    out[9..17].copy_from_slice(&quota.storage.unwrap_or(0).to_be_bytes());
-    out[17..].copy_from_slice(&quota.fuel.unwrap_or(0).to_be_bytes());
+/// and fuel; without fuel, 17 bytes (as releases before VMs wrote it).
+fn encode_quota(quota: &Quota) -> Vec<u8> {
+    let mut out = vec![
+        u8::from(quota.memory.is_some())
+            | (u8::from(quota.storage.is_some()) << 1)
+            | (u8::from(quota.fuel.is_some()) << 2),
+    ];
+    out.extend_from_slice(&quota.memory.unwrap_or(0).to_be_bytes());
+    out.extend_from_slice(&quota.storage.unwrap_or(0).to_be_bytes());
+    if let Some(fuel) = quota.fuel {
+        out.extend_from_slice(&fuel.to_be_bytes());
+    }
     out
 }
 
 fn decode_quota(bytes: &[u8]) -> Option<Quota> {
     let (flags, fuel) = match bytes.len() {
         17 if bytes[0] <= 3 => (bytes[0], 0),
-        25 if bytes[0] <= 7 => (bytes[0], u64::from_be_bytes(bytes[17..].try_into().ok()?)),
+        25 if (4..=7).contains(&bytes[0]) => {
+            (bytes[0], u64::from_be_bytes(bytes[17..].try_into().ok()?))
+        }
         _ => return None,
     };
     let memory = u64::from_be_bytes(bytes[1..9].try_into().ok()?);
@@ -401,6 +406,9 @@ pub struct StorageAssets {
     limits: StorageLimits,
     freed_assets: u64,
     freed_bytes: u64,
+    /// VM assets whose module was hashed, with the SHA-256 it had, since
+    /// their bytes last changed (in memory only: a restart hashes again).
+    checked_modules: std::sync::Mutex<HashMap<AssetId, [u8; 32]>>,
 }
 
 /// Make the tables a new store lacks (in the store's first transaction).
@@ -538,6 +546,36 @@ impl StorageAssets {
         self.quota_of(owner)
             .fuel
             .unwrap_or(self.limits.default_fuel_quota)
+    }
+
+    /// The SHA-256 `id`'s module had when it was last hashed, if its bytes
+    /// have not changed since ([`Self::set_module_checked`]).
+    pub fn module_checked(&self, id: AssetId) -> Option<[u8; 32]> {
+        self.checked_modules
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&id)
+            .copied()
+    }
+
+    /// `id`'s module hashes to `sha256` (until its bytes change).
+    pub fn set_module_checked(&self, id: AssetId, sha256: [u8; 32]) {
+        if self.records.contains_key(&id) {
+            self.checked_modules
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(id, sha256);
+        }
+    }
+
+    /// Whether an identity other than `id`'s owner may write it.
+    pub fn writable_by_others(&self, id: AssetId) -> bool {
+        self.records.get(&id).is_some_and(|record| {
+            record
+                .grants
+                .iter()
+                .any(|(_, access)| *access == Access::Write)
+        })
     }
 
     /// The owner and size of storage asset `id`, if it exists.
@@ -779,6 +817,17 @@ impl StorageAssets {
 
     /// Take in `change`, which [`Self::write`] wrote, answering `applied`.
     pub(crate) fn absorb(&mut self, change: AssetChange, applied: &AssetApplied) {
+        // A VM's module hashed before a change to its bytes is hashed again
+        // before its next call.
+        if let AssetChange::Write { id, .. }
+        | AssetChange::Cas { id, .. }
+        | AssetChange::Free { id, .. } = &change
+        {
+            self.checked_modules
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(id);
+        }
         match (change, applied) {
             (
                 AssetChange::Alloc {

@@ -18,8 +18,9 @@ use std::sync::Arc;
 pub const MAGIC: [u8; 8] = *b"i2vm\0\0\0\x01";
 /// A VM asset's header: magic, fuel, memory (MiB), reserved, SHA-256.
 pub const HEADER_LEN: usize = 8 + 8 + 4 + 4 + 32;
-/// The largest module a VM asset may hold.
-pub const MODULE_LEN_MAX: usize = 4 << 20;
+/// The largest module a VM asset may hold (its compile, once per module,
+/// takes up to about a second of a VM thread).
+pub const MODULE_LEN_MAX: usize = 1 << 20;
 /// The largest input one call takes (it rides in one request with its
 /// target).
 pub const INPUT_LEN_MAX: usize = 32 * 1024;
@@ -135,9 +136,12 @@ impl CallRequest {
                 out.extend_from_slice(&address.octets());
             }
             Target::Name(name) => {
+                // A label: at most 63 bytes ([`CallRequest::decode`]
+                // refuses any other).
+                let name = &name.as_bytes()[..name.len().min(255)];
                 out.push(BY_NAME);
-                out.push(name.len().min(255) as u8);
-                out.extend_from_slice(&name.as_bytes()[..name.len().min(255)]);
+                out.push(name.len() as u8);
+                out.extend_from_slice(name);
             }
         }
         out.extend_from_slice(&self.input);
@@ -163,10 +167,7 @@ impl CallRequest {
                 let (name, input) = rest
                     .split_at_checked(usize::from(len))
                     .ok_or("a VM call's name is cut short")?;
-                let name = std::str::from_utf8(name).map_err(|_| "a VM name is not UTF-8")?;
-                if name.is_empty() {
-                    return Err("an empty VM name".into());
-                }
+                let name = dataplane::assets::wire::label(name).map_err(|e| e.to_string())?;
                 (Target::Name(name.to_owned()), input)
             }
             other => return Err(format!("unknown VM call target kind {other}")),
@@ -281,7 +282,6 @@ impl Outcome {
 }
 
 /// A call the control plane checked, for a VM thread to run.
-#[derive(Debug)]
 pub struct VmJob {
     /// Where the answer goes.
     pub worker: usize,
@@ -291,19 +291,39 @@ pub struct VmJob {
     /// and the call reaches the assets it may.
     pub owner: Owner,
     pub header: Header,
-    /// The module, when the VM threads had not compiled it when the call
-    /// was checked ([`VmHost::compiled`]).
+    /// The compiled module ([`VmHost::compiled`]), held for the call so
+    /// that it cannot leave the cache before the call runs.
+    pub compiled: Option<Arc<dyn std::any::Any + Send + Sync>>,
+    /// The module's bytes, when it was not compiled.
     pub module: Option<Arc<[u8]>>,
     pub input: Vec<u8>,
     pub check_only: bool,
 }
 
+impl std::fmt::Debug for VmJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmJob")
+            .field("worker", &self.worker)
+            .field("owner", &self.owner)
+            .field("header", &self.header)
+            .field("compiled", &self.compiled.is_some())
+            .field("module_bytes", &self.module.as_ref().map(|m| m.len()))
+            .finish()
+    }
+}
+
 /// The VM threads, as the control plane sees them.
 pub trait VmHost: Send + Sync {
-    /// Whether the module with this SHA-256 is compiled and cached.
-    fn compiled(&self, sha256: &[u8; 32]) -> bool;
-    /// Queue `job`; hands it back when the queue is full.
-    fn submit(&self, job: VmJob) -> Result<(), Box<VmJob>>;
+    /// The compiled module with this SHA-256, if cached: a handle that
+    /// keeps it for a call ([`VmJob::compiled`]).
+    fn compiled(&self, sha256: &[u8; 32]) -> Option<Arc<dyn std::any::Any + Send + Sync>>;
+    /// Whether a call of `owner` carrying `module_bytes` of module may
+    /// queue now; why not (the caller is answered `BUSY`).
+    fn room(&self, owner: &Owner, module_bytes: usize) -> Result<(), String>;
+    /// Queue `job`, or say why not (as [`Self::room`]).
+    fn submit(&self, job: VmJob) -> Result<(), String>;
+    /// The most memory a VM may name, MiB (`vm_memory_mib_max`).
+    fn memory_mib_max(&self) -> u32;
 }
 
 /// One VM as `vm list` shows it.

@@ -66,13 +66,6 @@ impl ValKind {
 /// Check `module` against the ABI: every import one of [`IMPORTS`] with
 /// its type, and the exports `memory` and `run: () -> i32`.
 pub fn check(module: &Module) -> Result<(), ModuleError> {
-    let allowed = || {
-        IMPORTS
-            .iter()
-            .map(|(name, _, _)| format!("{MODULE}.{name}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     for import in module.imports() {
         let known = IMPORTS
             .iter()
@@ -109,6 +102,57 @@ pub fn check(module: &Module) -> Result<(), ModuleError> {
         return Err(ModuleError::Export("a function `run: () -> i32`"));
     }
     Ok(())
+}
+
+/// Check a module's imports and exports by name before it compiles, so a
+/// module outside the ABI costs no compile: the parse reads the sections'
+/// headers and names, not the code.
+pub fn precheck(bytes: &[u8]) -> Result<(), ModuleError> {
+    use wasmtime::wasmparser::{ExternalKind, Parser, Payload};
+    let invalid = |e: wasmtime::wasmparser::BinaryReaderError| ModuleError::Invalid(e.to_string());
+    let (mut memory, mut run) = (false, false);
+    for payload in Parser::new(0).parse_all(bytes) {
+        match payload.map_err(invalid)? {
+            Payload::ImportSection(section) => {
+                for import in section.into_imports() {
+                    let import = import.map_err(invalid)?;
+                    let known = import.module == MODULE
+                        && IMPORTS.iter().any(|(name, _, _)| *name == import.name);
+                    if !known {
+                        return Err(ModuleError::Import {
+                            module: import.module.to_owned(),
+                            name: import.name.to_owned(),
+                            allowed: allowed(),
+                        });
+                    }
+                }
+            }
+            Payload::ExportSection(section) => {
+                for export in section {
+                    let export = export.map_err(invalid)?;
+                    memory |= export.name == "memory" && export.kind == ExternalKind::Memory;
+                    run |= export.name == "run" && export.kind == ExternalKind::Func;
+                }
+            }
+            _ => {}
+        }
+    }
+    if !memory {
+        return Err(ModuleError::Export("a memory named `memory`"));
+    }
+    if !run {
+        return Err(ModuleError::Export("a function `run: () -> i32`"));
+    }
+    Ok(())
+}
+
+/// The imports a module may have, as errors name them.
+fn allowed() -> String {
+    IMPORTS
+        .iter()
+        .map(|(name, _, _)| format!("{MODULE}.{name}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// What one call's host functions work on.
@@ -256,20 +300,35 @@ fn asset_io(
         return Ok(error::UNREACHABLE);
     }
     let owner = state.owner;
-    let moved = assets.with(address, |shard| {
-        if write {
-            shard.write(&owner, address, offset, &memory[range.clone()])?;
-        } else {
-            let bytes = shard.read(&owner, address, offset, range.len() as u64)?;
-            memory[range.clone()].copy_from_slice(bytes);
+    // The whole range is checked first, then moved a piece at a time: the
+    // worker's shard lock is held for one piece's copy, not a whole
+    // guest-sized one.
+    if let Err(e) = assets.with(address, |shard| {
+        shard.read(&owner, address, offset, range.len() as u64)?;
+        Ok(())
+    }) {
+        return Ok(asset_code(&e));
+    }
+    for (i, piece) in memory[range.clone()].chunks_mut(COPY_PIECE).enumerate() {
+        let at = offset + (i * COPY_PIECE) as u64;
+        let moved = assets.with(address, |shard| {
+            if write {
+                shard.write(&owner, address, at, piece)
+            } else {
+                let bytes = shard.read(&owner, address, at, piece.len() as u64)?;
+                piece.copy_from_slice(bytes);
+                Ok(())
+            }
+        });
+        if let Err(e) = moved {
+            return Ok(asset_code(&e));
         }
-        Ok(range.len())
-    });
-    Ok(match moved {
-        Ok(n) => n as i32,
-        Err(e) => asset_code(&e),
-    })
+    }
+    Ok(range.len() as i32)
 }
+
+/// The most an asset call copies under one hold of a worker's shard lock.
+const COPY_PIECE: usize = 64 * 1024;
 
 /// The host functions, for every module.
 pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<CallState>> {

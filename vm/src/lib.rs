@@ -25,9 +25,18 @@ pub use abi::{IMPORTS, error as abi_error};
 
 /// Calls waiting for a VM thread, all threads together.
 pub const QUEUE_LEN: usize = 1024;
-/// Compiled modules kept; past it, the oldest is dropped (and compiled
-/// again when called).
+/// Compiled modules kept; past it, the one called least recently is
+/// dropped (and compiled again when called).
 pub const MODULES_CACHED_MAX: usize = 256;
+/// Modules refused at compile time, remembered by SHA-256 so that calling
+/// one again costs no second compile.
+pub const MODULES_REFUSED_MAX: usize = 4096;
+/// Calls of one owner waiting for a VM thread: past it, its calls are
+/// answered `BUSY` while others' still queue.
+pub const QUEUED_PER_OWNER_MAX: usize = 64;
+/// Module bytes queued calls may carry (modules not compiled yet), all
+/// together.
+pub const QUEUED_MODULE_BYTES_MAX: usize = 64 << 20;
 /// How often the engine's epoch ticks: the deadline's granularity.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 /// The stack a guest may use: deep recursion traps past it.
@@ -115,7 +124,44 @@ pub struct Runtime {
 #[derive(Default)]
 struct Cache {
     compiled: HashMap<[u8; 32], Compiled>,
+    /// Least recently called first.
     order: VecDeque<[u8; 32]>,
+    refused: HashMap<[u8; 32], ModuleError>,
+    refused_order: VecDeque<[u8; 32]>,
+}
+
+impl Cache {
+    /// The compiled module, now the most recently called.
+    fn get(&mut self, sha256: &[u8; 32]) -> Option<Compiled> {
+        let compiled = self.compiled.get(sha256)?.clone();
+        if let Some(at) = self.order.iter().position(|s| s == sha256) {
+            self.order.remove(at);
+        }
+        self.order.push_back(*sha256);
+        Some(compiled)
+    }
+
+    fn keep(&mut self, sha256: [u8; 32], compiled: Compiled) {
+        if self.compiled.insert(sha256, compiled).is_none() {
+            self.order.push_back(sha256);
+        }
+        while self.order.len() > MODULES_CACHED_MAX {
+            if let Some(old) = self.order.pop_front() {
+                self.compiled.remove(&old);
+            }
+        }
+    }
+
+    fn refuse(&mut self, sha256: [u8; 32], why: ModuleError) {
+        if self.refused.insert(sha256, why).is_none() {
+            self.refused_order.push_back(sha256);
+        }
+        while self.refused_order.len() > MODULES_REFUSED_MAX {
+            if let Some(old) = self.refused_order.pop_front() {
+                self.refused.remove(&old);
+            }
+        }
+    }
 }
 
 impl Runtime {
@@ -170,44 +216,45 @@ impl Runtime {
         &self.engine
     }
 
-    /// Whether the module with this SHA-256 is compiled.
-    pub fn compiled(&self, sha256: &[u8; 32]) -> bool {
-        lock(&self.modules).compiled.contains_key(sha256)
-    }
-
-    /// The compiled module with this SHA-256, if cached.
+    /// The compiled module with this SHA-256, if cached (now the most
+    /// recently called).
     pub fn cached(&self, sha256: &[u8; 32]) -> Option<Compiled> {
-        lock(&self.modules).compiled.get(sha256).cloned()
+        lock(&self.modules).get(sha256)
     }
 
     /// Compile `bytes` (WebAssembly, or its text format), check it against
-    /// the ABI and cache it under `sha256` (checked against the bytes).
+    /// the ABI and cache it under `sha256` (checked against the bytes). The
+    /// imports and exports are checked before anything compiles, and a
+    /// module refused once is refused again without compiling.
     pub fn compile(&self, sha256: &[u8; 32], bytes: &[u8]) -> Result<Compiled, ModuleError> {
         let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
         if digest.as_ref() != sha256 {
             return Err(ModuleError::Digest);
         }
-        if let Some(compiled) = self.cached(sha256) {
-            return Ok(compiled);
-        }
-        let module =
-            Module::new(&self.engine, bytes).map_err(|e| ModuleError::Invalid(format!("{e:#}")))?;
-        abi::check(&module)?;
-        let pre = self
-            .linker
-            .instantiate_pre(&module)
-            .map_err(|e| ModuleError::Invalid(format!("{e:#}")))?;
-        let compiled = Compiled(pre);
-        let mut cache = lock(&self.modules);
-        if cache.compiled.insert(*sha256, compiled.clone()).is_none() {
-            cache.order.push_back(*sha256);
-        }
-        while cache.order.len() > MODULES_CACHED_MAX {
-            if let Some(old) = cache.order.pop_front() {
-                cache.compiled.remove(&old);
+        {
+            let mut cache = lock(&self.modules);
+            if let Some(compiled) = cache.get(sha256) {
+                return Ok(compiled);
+            }
+            if let Some(why) = cache.refused.get(sha256) {
+                return Err(why.clone());
             }
         }
-        Ok(compiled)
+        let compiled = abi::precheck(bytes).and_then(|()| {
+            let module = Module::new(&self.engine, bytes)
+                .map_err(|e| ModuleError::Invalid(format!("{e:#}")))?;
+            abi::check(&module)?;
+            self.linker
+                .instantiate_pre(&module)
+                .map(Compiled)
+                .map_err(|e| ModuleError::Invalid(format!("{e:#}")))
+        });
+        let mut cache = lock(&self.modules);
+        match &compiled {
+            Ok(compiled) => cache.keep(*sha256, compiled.clone()),
+            Err(why) => cache.refuse(*sha256, why.clone()),
+        }
+        compiled
     }
 
     /// Run `run` of a fresh instance of `module` for `owner` (whose assets
@@ -262,15 +309,19 @@ impl Runtime {
     /// memory quota for the instance's limit while it runs.
     pub fn run_job(&self, job: &VmJob) -> Result<Outcome, (u16, String)> {
         use dataplane::protocols::stoq::ErrorCode;
-        let module = match (self.cached(&job.header.sha256), &job.module) {
-            (Some(compiled), _) => compiled,
+        let held = job
+            .compiled
+            .as_ref()
+            .and_then(|handle| handle.downcast_ref::<Compiled>());
+        let module = match (held, &job.module) {
+            (Some(compiled), _) => compiled.clone(),
             (None, Some(bytes)) => self
                 .compile(&job.header.sha256, bytes)
                 .map_err(|e| (ErrorCode::VmModule as u16, e.to_string()))?,
             (None, None) => {
                 return Err((
-                    ErrorCode::Busy as u16,
-                    "the VM's module left the cache before its call ran; call again".into(),
+                    ErrorCode::VmModule as u16,
+                    "a call came without its module".into(),
                 ));
             }
         };
@@ -311,11 +362,55 @@ pub struct VmPool {
 
 struct Shared {
     runtime: Runtime,
-    queue: Mutex<VecDeque<VmJob>>,
+    queue: Mutex<Queue>,
     ready: Condvar,
     stop: AtomicBool,
+    /// Whether the epoch still ticks: until the VM threads are joined, so a
+    /// running call always meets its deadline.
+    ticking: AtomicBool,
     port: Arc<ControlPort>,
     calls: AtomicU64,
+    memory_mib_max: u32,
+}
+
+/// The calls waiting, and what bounds them.
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<VmJob>,
+    /// Calls waiting per owner.
+    per_owner: HashMap<Owner, usize>,
+    /// Module bytes the waiting calls carry.
+    module_bytes: usize,
+}
+
+impl Queue {
+    /// Whether a call of `owner` carrying `module_bytes` may wait: within
+    /// the queue's length and bytes, and the owner's share.
+    fn room(&self, owner: &Owner, module_bytes: usize) -> Result<(), String> {
+        if self.jobs.len() >= QUEUE_LEN
+            || self.module_bytes + module_bytes > QUEUED_MODULE_BYTES_MAX
+        {
+            return Err("the VM threads are busy; retry in a moment".into());
+        }
+        if self.per_owner.get(owner).copied().unwrap_or(0) >= QUEUED_PER_OWNER_MAX {
+            return Err(format!(
+                "{QUEUED_PER_OWNER_MAX} calls of this VM's owner are waiting; retry when one is answered"
+            ));
+        }
+        Ok(())
+    }
+
+    fn pop(&mut self) -> Option<VmJob> {
+        let job = self.jobs.pop_front()?;
+        if let Some(n) = self.per_owner.get_mut(&job.owner) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_owner.remove(&job.owner);
+            }
+        }
+        self.module_bytes -= job.module.as_ref().map_or(0, |m| m.len());
+        Some(job)
+    }
 }
 
 impl VmPool {
@@ -330,11 +425,13 @@ impl VmPool {
         let runtime = Runtime::new(config, threads as u32, memory)?;
         let shared = Arc::new(Shared {
             runtime,
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::new(Queue::default()),
             ready: Condvar::new(),
             stop: AtomicBool::new(false),
+            ticking: AtomicBool::new(true),
             port,
             calls: AtomicU64::new(0),
+            memory_mib_max: config.memory_mib_max,
         });
         let mut handles = Vec::new();
         for i in 0..threads {
@@ -358,7 +455,7 @@ impl VmPool {
             std::thread::Builder::new()
                 .name("vm-epoch".into())
                 .spawn(move || {
-                    while !ticker.stop.load(Ordering::Relaxed) {
+                    while ticker.ticking.load(Ordering::Relaxed) {
                         std::thread::sleep(EPOCH_TICK);
                         ticker.runtime.engine.increment_epoch();
                     }
@@ -376,13 +473,20 @@ impl VmPool {
         self.shared.calls.load(Ordering::Relaxed)
     }
 
-    /// Stop the threads once the calls running now end (queued ones are
-    /// dropped unanswered: their connections are closing too).
+    /// Stop the threads once the calls running now end, by their deadline
+    /// at the latest (queued ones are dropped unanswered: their
+    /// connections are closing too); the epoch ticks until then.
     pub fn stop(&self) {
         self.shared.stop.store(true, Ordering::Relaxed);
         self.shared.ready.notify_all();
-        for handle in lock(&self.threads).drain(..) {
+        let mut handles = std::mem::take(&mut *lock(&self.threads));
+        let ticker = handles.pop();
+        for handle in handles {
             let _ = handle.join();
+        }
+        self.shared.ticking.store(false, Ordering::Relaxed);
+        if let Some(ticker) = ticker {
+            let _ = ticker.join();
         }
     }
 }
@@ -396,7 +500,7 @@ impl Shared {
                     if self.stop.load(Ordering::Relaxed) {
                         return;
                     }
-                    if let Some(job) = queue.pop_front() {
+                    if let Some(job) = queue.pop() {
                         break job;
                     }
                     queue = self
@@ -405,12 +509,26 @@ impl Shared {
                         .unwrap_or_else(PoisonError::into_inner);
                 }
             };
-            let result = self.runtime.run_job(&job).map(|outcome| {
-                if !outcome.succeeded() {
-                    tracing::debug!(reason = ?outcome.reason, detail = %outcome.detail, "a VM call failed");
+            // A panic in a call (a bug of ours, not the guest's: its traps
+            // are outcomes) answers the call and keeps the thread serving.
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.runtime.run_job(&job)
+            }));
+            let result = match ran {
+                Ok(result) => result.map(|outcome| {
+                    if !outcome.succeeded() {
+                        tracing::debug!(reason = ?outcome.reason, detail = %outcome.detail, "a VM call failed");
+                    }
+                    outcome.encode()
+                }),
+                Err(_) => {
+                    tracing::error!("a VM call panicked; its caller is answered with an error");
+                    Err((
+                        dataplane::protocols::stoq::ErrorCode::VmModule as u16,
+                        "the call failed inside the server".to_owned(),
+                    ))
                 }
-                outcome.encode()
-            });
+            };
             self.calls.fetch_add(1, Ordering::Relaxed);
             controlplane::runtime::send_reply(
                 &self.port,
@@ -426,19 +544,31 @@ impl Shared {
 }
 
 impl VmHost for VmPool {
-    fn compiled(&self, sha256: &[u8; 32]) -> bool {
-        self.shared.runtime.compiled(sha256)
+    fn compiled(&self, sha256: &[u8; 32]) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
+        self.shared
+            .runtime
+            .cached(sha256)
+            .map(|compiled| Arc::new(compiled) as Arc<dyn std::any::Any + Send + Sync>)
     }
 
-    fn submit(&self, job: VmJob) -> Result<(), Box<VmJob>> {
+    fn room(&self, owner: &Owner, module_bytes: usize) -> Result<(), String> {
+        lock(&self.shared.queue).room(owner, module_bytes)
+    }
+
+    fn submit(&self, job: VmJob) -> Result<(), String> {
+        let module_bytes = job.module.as_ref().map_or(0, |m| m.len());
         let mut queue = lock(&self.shared.queue);
-        if queue.len() >= QUEUE_LEN {
-            return Err(Box::new(job));
-        }
-        queue.push_back(job);
+        queue.room(&job.owner, module_bytes)?;
+        *queue.per_owner.entry(job.owner).or_default() += 1;
+        queue.module_bytes += module_bytes;
+        queue.jobs.push_back(job);
         drop(queue);
         self.shared.ready.notify_one();
         Ok(())
+    }
+
+    fn memory_mib_max(&self) -> u32 {
+        self.shared.memory_mib_max
     }
 }
 

@@ -51,7 +51,10 @@ fn imports_outside_the_abi_and_missing_exports_are_refused_by_name() {
         runtime.compile(&[0; 32], bytes).err(),
         Some(ModuleError::Digest)
     );
-    assert!(!runtime.compiled(&sha), "nothing refused is cached");
+    assert!(
+        runtime.cached(&sha).is_none(),
+        "nothing refused is compiled"
+    );
 }
 
 #[test]
@@ -130,4 +133,53 @@ fn a_call_past_its_deadline_stops_and_the_next_one_runs() {
     }
     ticking.store(false, Ordering::Relaxed);
     ticker.join().unwrap();
+}
+
+#[test]
+fn one_owner_fills_at_most_its_share_of_the_queue_and_module_bytes_are_bounded() {
+    let job = |owner: Owner, module: Option<Arc<[u8]>>| VmJob {
+        worker: 0,
+        ticket: dataplane::control::Ticket {
+            handle: 0,
+            conn_id: 0,
+            stream: quinn_proto::StreamId::new(quinn_proto::Side::Client, quinn_proto::Dir::Bi, 0),
+        },
+        kind: 0,
+        owner,
+        header: controlplane::vm::Header::for_module(b"", 1, 1),
+        compiled: None,
+        module,
+        input: Vec::new(),
+        check_only: false,
+    };
+    let mut queue = Queue::default();
+    for _ in 0..QUEUED_PER_OWNER_MAX {
+        queue.room(&OWNER, 0).unwrap();
+        queue.jobs.push_back(job(OWNER, None));
+        *queue.per_owner.entry(OWNER).or_default() += 1;
+    }
+    assert!(queue.room(&OWNER, 0).unwrap_err().contains("owner"));
+    let other = Owner([9; 32]);
+    queue.room(&other, 0).unwrap();
+    assert!(queue.room(&other, QUEUED_MODULE_BYTES_MAX + 1).is_err());
+    // Popping gives the owner its share back.
+    queue.pop().unwrap();
+    queue.room(&OWNER, 0).unwrap();
+    let big: Arc<[u8]> = vec![0; 10].into();
+    queue.jobs.push_back(job(other, Some(big)));
+    *queue.per_owner.entry(other).or_default() += 1;
+    queue.module_bytes += 10;
+    while queue.pop().is_some() {}
+    assert_eq!((queue.module_bytes, queue.per_owner.len()), (0, 0));
+}
+
+#[test]
+fn a_refused_module_is_refused_again_without_a_compile() {
+    let runtime = runtime(None);
+    let text = r#"(module (import "env" "f" (func)) (memory (export "memory") 1)
+        (func (export "run") (result i32) (i32.const 0)))"#;
+    let first = compile(&runtime, text).err().unwrap();
+    assert!(matches!(first, ModuleError::Import { .. }));
+    assert_eq!(compile(&runtime, text).err(), Some(first));
+    assert_eq!(lock(&runtime.modules).refused.len(), 1);
 }

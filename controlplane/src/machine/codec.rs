@@ -263,11 +263,18 @@ fn encode_asset(change: &AssetChange, out: &mut Vec<u8>) -> Result<(), EncodeErr
             out.extend_from_slice(&limits.node_max.to_be_bytes());
         }
         AssetChange::Quota { owner, quota } => {
-            out.push(ASSET_QUOTA_FUEL);
+            // Without fuel, as releases before VMs wrote it (which they
+            // read).
+            out.push(match quota.fuel {
+                Some(_) => ASSET_QUOTA_FUEL,
+                None => ASSET_QUOTA,
+            });
             out.extend_from_slice(&owner.0);
             optional(quota.memory, out);
             optional(quota.storage, out);
-            optional(quota.fuel, out);
+            if quota.fuel.is_some() {
+                optional(quota.fuel, out);
+            }
         }
     }
     Ok(())

@@ -1121,15 +1121,12 @@ impl Inner {
     /// A VM request: every member holds every VM asset, and runs it on its
     /// own VM threads (which answer the worker).
     fn serve_vm(&self, request: Forwarded, who: Who) {
-        let Some(storage) = &self.storage else {
-            return self.answer(&request, Err(assets_off()));
-        };
         let ours = |_: Locator| true;
         let handled = {
             let service = self.service.borrow();
             super::vm::handle(
                 service.machine(),
-                storage,
+                self.storage.as_ref(),
                 self.vm.as_ref(),
                 &request,
                 who.verified.as_deref(),

@@ -368,20 +368,20 @@ impl AuthorityRuntime {
             .as_deref()
             .filter(|der| caller_checks(self.service.authority(), der, Usage::Client));
         let operator = is_operator(verified);
-        if let Some(assets) = &self.assets {
-            let ours = |locator| locator == assets.locator();
-            let machine = self.service.machine();
-            match self::vm::handle(machine, assets, self.vm.as_ref(), &request, verified, &ours) {
-                None => {}
-                Some(self::vm::Handled::Running) => return None,
-                Some(self::vm::Handled::Now(result)) => {
-                    let reply = Reply {
-                        ticket: request.ticket,
-                        kind: request.kind,
-                        result,
-                    };
-                    return Some((request.worker, reply));
-                }
+        let locator = self.assets.as_ref().map(|assets| assets.locator());
+        let ours = |l| Some(l) == locator;
+        let machine = self.service.machine();
+        let vm = self.assets.as_ref();
+        match self::vm::handle(machine, vm, self.vm.as_ref(), &request, verified, &ours) {
+            None => {}
+            Some(self::vm::Handled::Running) => return None,
+            Some(self::vm::Handled::Now(result)) => {
+                let reply = Reply {
+                    ticket: request.ticket,
+                    kind: request.kind,
+                    result,
+                };
+                return Some((request.worker, reply));
             }
         }
         let assets = self.assets.as_ref().and_then(|assets| {

@@ -29,11 +29,11 @@ pub enum Handled {
 
 /// Take VM request `request` (None if it is none); `verified` is the
 /// caller's certificate, checked again; `ours` says which locators' storage
-/// assets this node's store holds. Without `host` (VM execution off), a
-/// VM request is refused.
+/// assets this node's store holds. Without `host` (VM execution off) or
+/// `assets` (asset addressing off), a VM request is refused.
 pub fn handle(
     machine: &Machine,
-    assets: &AssetsRuntime,
+    assets: Option<&AssetsRuntime>,
     host: Option<&Arc<dyn VmHost>>,
     request: &Forwarded,
     verified: Option<&[u8]>,
@@ -42,10 +42,10 @@ pub fn handle(
     if request.kind != VM_CALL && request.kind != VM_LIST {
         return None;
     }
-    let Some(host) = host else {
+    let (Some(host), Some(assets)) = (host, assets) else {
         return Some(Handled::Now(Err((
             ErrorCode::VmOff as u16,
-            "VM execution is off on this server ([hypermesh_assets] enable_vm_execution = false)"
+            "VM execution is off on this server ([hypermesh_assets] enable_vm_execution, with nat_addressing)"
                 .into(),
         ))));
     };
@@ -114,12 +114,30 @@ fn call(
     };
     // The caller's access first: a stranger learns nothing of the asset.
     let header = read(0, (HEADER_LEN as u64).min(size))?;
+    // A call runs as the VM's owner: another identity may run it only if
+    // no one but the owner could have written it.
+    if owner != *caller && machine.assets().writable_by_others(id) {
+        return Err((
+            ErrorCode::AssetForbidden as u16,
+            "only its owner may call a VM that others may write".into(),
+        ));
+    }
     let header = Header::decode(&header).map_err(module_error)?;
     let module_len = size - HEADER_LEN as u64;
     if module_len == 0 || module_len > MODULE_LEN_MAX as u64 {
         return Err(module_error(format!(
             "a VM's module is 1 to {MODULE_LEN_MAX} bytes, not {module_len}"
         )));
+    }
+    let memory_max = host.memory_mib_max();
+    if header.memory_mib > memory_max {
+        return Err((
+            ErrorCode::AssetLimit as u16,
+            format!(
+                "the VM's instances may grow to {} MiB; this server gives a VM at most {memory_max} MiB (vm_memory_mib_max)",
+                header.memory_mib
+            ),
+        ));
     }
     let fuel_quota = machine.assets().fuel_quota(&owner);
     if header.fuel > fuel_quota {
@@ -142,19 +160,43 @@ fn call(
             ),
         ));
     }
-    let module = if host.compiled(&header.sha256) {
-        None
+    let busy = |why: String| (ErrorCode::Busy as u16, why);
+    // The module's bytes are read (and hashed) only when they changed
+    // since they were last hashed, or the VM threads need them to compile:
+    // a header naming another module's digest runs nothing but its own.
+    let checked = machine.assets().module_checked(id) == Some(header.sha256);
+    let mut compiled = if checked {
+        host.compiled(&header.sha256)
     } else {
-        let mut bytes = Vec::with_capacity(module_len as usize);
-        let step = crate::assets::STORAGE_READ_LEN_MAX;
-        while (bytes.len() as u64) < module_len {
-            let offset = bytes.len() as u64;
-            bytes.extend(read(
-                HEADER_LEN as u64 + offset,
-                step.min(module_len - offset),
-            )?);
+        None
+    };
+    let module = match compiled {
+        Some(_) => None,
+        None => {
+            host.room(&owner, module_len as usize).map_err(busy)?;
+            let mut bytes = Vec::with_capacity(module_len as usize);
+            let step = crate::assets::STORAGE_READ_LEN_MAX;
+            while (bytes.len() as u64) < module_len {
+                let offset = bytes.len() as u64;
+                bytes.extend(read(
+                    HEADER_LEN as u64 + offset,
+                    step.min(module_len - offset),
+                )?);
+            }
+            let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+            if digest.as_ref() != header.sha256 {
+                return Err(module_error(
+                    "the module's SHA-256 is not the one its VM header names",
+                ));
+            }
+            machine.assets().set_module_checked(id, header.sha256);
+            // Compiled for another asset of the same module: no bytes.
+            compiled = host.compiled(&header.sha256);
+            match compiled {
+                Some(_) => None,
+                None => Some(Arc::<[u8]>::from(bytes)),
+            }
         }
-        Some(Arc::<[u8]>::from(bytes))
     };
     let job = VmJob {
         worker: request.worker,
@@ -162,16 +204,12 @@ fn call(
         kind: request.kind,
         owner,
         header,
+        compiled,
         module,
         input: call.input,
         check_only: call.check_only,
     };
-    host.submit(job).map_err(|_| {
-        (
-            ErrorCode::Busy as u16,
-            "the VM threads are busy; retry in a moment".into(),
-        )
-    })
+    host.submit(job).map_err(busy)
 }
 
 /// The storage asset published as `LABEL.assets.APEX`.
