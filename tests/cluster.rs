@@ -1312,4 +1312,16 @@ fn memory_assets_are_proxied_to_their_member_and_storage_assets_replicated() {
         !gone.status.success() && why.contains("server error 11:"),
         "{why}"
     );
+
+    // A VM is a storage asset: deployed through member 1, every member
+    // holds it and runs it on its own VM threads.
+    let echo = concat!(env!("CARGO_MANIFEST_DIR"), "/vm/modules/echo.wat");
+    ok(&cluster.at_member(0, &["vm", "deploy", echo, "--name", "echo"]));
+    eventually(2, &["vm", "call", "echo", "--input", "hi"], &|out| {
+        out.status.success() && out.stdout == b"hi"
+    });
+    eventually(1, &["vm", "remove", "echo"], &|out| out.status.success());
+    eventually(0, &["vm", "call", "echo"], &|out| {
+        String::from_utf8_lossy(&out.stderr).contains("server error 10:")
+    });
 }

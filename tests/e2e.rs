@@ -790,7 +790,7 @@ fn the_design_documents_production_file_runs_as_written() {
     for line in [
         "config: congestion control bbr2",
         "config: target_throughput_gbps = 40",
-        "warning: hypermesh_assets.enable_vm_execution = true",
+        "config: VM execution on",
         "config: asset addressing on",
     ] {
         assert!(printed.contains(line), "{line} in {printed}");
