@@ -4,8 +4,11 @@
 //!
 //! 1. `vm call` of a small module (vm/modules/echo.wat, 64 bytes in and
 //!    out), one at a time: p50/p99, a fresh instance each;
-//! 2. a `PING` of 1 KiB, one at a time, on the same kind of connection:
-//!    the transport's floor;
+//! 2. what the call's path costs without the call, one at a time each: a
+//!    `PING` of 1 KiB (the worker answers: the transport's floor), a read
+//!    of the VM asset's 56-byte header (the worker hands it to the control
+//!    plane, which answers), and a check-only `VM_CALL` (the control plane
+//!    hands it to a VM thread, which answers without running anything);
 //! 3. the same calls with many in flight: calls per second (the server's
 //!    VM threads are the bound).
 //!
@@ -50,10 +53,19 @@ pub fn run<T: Connect>(target: &T, plan: &VmBenchPlan) -> anyhow::Result<serde_j
     };
     eprintln!("vm-bench: deploying {name}");
     let address = deploy(target, &module, &limits, &name)?;
-    let call = CallRequest {
-        check_only: false,
-        target: Target::Name(name.clone()),
-        input: vec![7; 64],
+    let call = |check_only| {
+        CallRequest {
+            check_only,
+            target: Target::Name(name.clone()),
+            input: vec![7; 64],
+        }
+        .encode()
+    };
+    let (call, check) = (call(false), call(true));
+    let (header_kind, header_read) = AssetRequest::Read {
+        address,
+        offset: 0,
+        len: controlplane::vm::HEADER_LEN as u32,
     }
     .encode();
     let load = |kind: u8, payload: &[u8], total: u64, concurrency: usize| {
@@ -74,22 +86,29 @@ pub fn run<T: Connect>(target: &T, plan: &VmBenchPlan) -> anyhow::Result<serde_j
     let phases = (|| {
         eprintln!("vm-bench: {} calls, one at a time", plan.calls);
         let one = load(VM_CALL, &call, plan.calls, 1)?;
-        eprintln!("vm-bench: {} pings of 1 KiB, one at a time", plan.calls);
+        eprintln!(
+            "vm-bench: {} pings of 1 KiB, header reads, check-only calls, one at a time",
+            plan.calls
+        );
         let ping = load(PING, &[7; 1024], plan.calls, 1)?;
+        let header = load(header_kind, &header_read, plan.calls, 1)?;
+        let checked = load(VM_CALL, &check, plan.calls, 1)?;
         eprintln!(
             "vm-bench: {} calls, {} in flight",
             plan.loaded_calls, plan.concurrency
         );
         let loaded = load(VM_CALL, &call, plan.loaded_calls, plan.concurrency)?;
-        Ok::<_, anyhow::Error>((one, ping, loaded))
+        Ok::<_, anyhow::Error>((one, ping, header, checked, loaded))
     })();
     // Whatever happened, the VM goes.
     let removed = many(target, vec![request(&AssetRequest::Free { address })]);
-    let (one, ping, loaded) = phases?;
+    let (one, ping, header, checked, loaded) = phases?;
     removed?;
     Ok(json!({
         "call": one,
         "ping_1k": ping,
+        "storage_header_read": header,
+        "check_only_call": checked,
         "call_loaded": loaded,
         "concurrency": plan.concurrency,
         "input_bytes": 64,

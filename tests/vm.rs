@@ -340,6 +340,38 @@ fn vms_run_deploy_and_hit_their_limits_on_production_defaults() {
     }
     spinner.join().unwrap();
 
+    // Deploys as fast as one identity can: each a storage asset, so its
+    // storage quota stops them with a typed error, and its VM still runs.
+    ok(&server.admin(&["quota", "set", &identity, "--storage", "3K"]));
+    let mut deployed = 0;
+    let why = loop {
+        let name = format!("flood{deployed}");
+        let args = [
+            "deploy",
+            &module("echo.wat"),
+            "--name",
+            &name,
+            "--fuel",
+            "5000",
+            "--memory-mib",
+            "1",
+        ];
+        let out = vm(&server, s, &args);
+        if !out.status.success() {
+            break String::from_utf8_lossy(&out.stderr).into_owned();
+        }
+        deployed += 1;
+        assert!(deployed < 20, "the storage quota never stopped the deploys");
+    };
+    assert!(why.contains("server error 15:"), "{why}");
+    assert!(deployed >= 1, "{why}");
+    let out = json(&vm(
+        &server,
+        s,
+        &["call", "mine", "--input", "still", "--json"],
+    ));
+    assert_eq!(out["output"], "still");
+
     // A restart keeps what was deployed (and compiles it again).
     server.kill9_and_restart();
     let called = json(&vm(

@@ -167,6 +167,9 @@ pub struct CallState {
     /// Why a memory or table growth was refused, when one was.
     pub memory_denied: Option<String>,
     assets: Option<Arc<MemoryAssets>>,
+    /// The instance's `memory`, once instantiated (the host calls find it
+    /// here rather than by name).
+    pub memory: Option<wasmtime::Memory>,
 }
 
 impl CallState {
@@ -185,6 +188,7 @@ impl CallState {
             memory_limit,
             memory_denied: None,
             assets,
+            memory: None,
         }
     }
 }
@@ -244,10 +248,13 @@ fn charge(caller: &mut Caller<'_, CallState>, bytes: usize) -> wasmtime::Result<
 fn parts<'a>(
     caller: &'a mut Caller<'_, CallState>,
 ) -> wasmtime::Result<(&'a mut [u8], &'a mut CallState)> {
-    let memory = caller
-        .get_export("memory")
-        .and_then(|export| export.into_memory())
-        .ok_or_else(|| wasmtime::format_err!("the module exports no memory"))?;
+    let memory = match caller.data().memory {
+        Some(memory) => memory,
+        None => caller
+            .get_export("memory")
+            .and_then(|export| export.into_memory())
+            .ok_or_else(|| wasmtime::format_err!("the module exports no memory"))?,
+    };
     Ok(memory.data_and_store_mut(caller))
 }
 
@@ -300,13 +307,15 @@ fn asset_io(
         return Ok(error::UNREACHABLE);
     }
     let owner = state.owner;
-    // The whole range is checked first, then moved a piece at a time: the
-    // worker's shard lock is held for one piece's copy, not a whole
-    // guest-sized one.
-    if let Err(e) = assets.with(address, |shard| {
-        shard.read(&owner, address, offset, range.len() as u64)?;
-        Ok(())
-    }) {
+    // A range longer than a piece is checked whole first, then moved a
+    // piece at a time: the worker's shard lock is held for one piece's
+    // copy, not a whole guest-sized one.
+    if range.len() > COPY_PIECE
+        && let Err(e) = assets.with(address, |shard| {
+            shard.read(&owner, address, offset, range.len() as u64)?;
+            Ok(())
+        })
+    {
         return Ok(asset_code(&e));
     }
     for (i, piece) in memory[range.clone()].chunks_mut(COPY_PIECE).enumerate() {

@@ -272,6 +272,7 @@ impl Runtime {
         store.set_epoch_deadline(self.deadline_ticks);
         store.epoch_deadline_trap();
         let result = module.0.instantiate(&mut store).and_then(|instance| {
+            store.data_mut().memory = instance.get_memory(&mut store, "memory");
             let run = instance.get_typed_func::<(), i32>(&mut store, "run")?;
             run.call(&mut store, ())
         });

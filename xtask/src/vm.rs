@@ -176,7 +176,13 @@ fn against_server(bins: &Binaries, args: &VmBenchArgs, dir: &Path) -> Result<Val
     stopped?;
     let mut report = read_json(&json_path)?;
     // Server CPU microseconds per request of each phase.
-    for phase in ["call", "ping_1k", "call_loaded"] {
+    for phase in [
+        "call",
+        "ping_1k",
+        "storage_header_read",
+        "check_only_call",
+        "call_loaded",
+    ] {
         let requests = report[phase]["requests"].as_f64().unwrap_or(0.0);
         let cpu = samples
             .within(&report[phase]["window_unix_ms"])
@@ -230,7 +236,12 @@ fn print_table(args: &VmBenchArgs, m: &Value) {
     );
     for (label, key) in [
         ("vm call, one at a time", "call"),
-        ("ping 1 KiB, one at a time", "ping_1k"),
+        ("ping 1 KiB (worker)", "ping_1k"),
+        (
+            "VM header read (worker, control plane)",
+            "storage_header_read",
+        ),
+        ("check-only call (.., VM thread, no run)", "check_only_call"),
         ("vm call, many in flight", "call_loaded"),
     ] {
         let phase = &server[key];
