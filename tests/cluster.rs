@@ -1321,6 +1321,22 @@ fn memory_assets_are_proxied_to_their_member_and_storage_assets_replicated() {
         out.status.success() && out.stdout == b"hi"
     });
     eventually(1, &["vm", "remove", "echo"], &|out| out.status.success());
+    // A VM run at member 2 reaches a memory asset of member 1 through the
+    // asset proxy, writing it and reading it back.
+    let alloc = cluster.at_member(0, &["asset", "alloc", "memory", "4K", "--json"]);
+    let alloc: serde_json::Value = serde_json::from_str(ok(&alloc).trim()).unwrap();
+    let held: std::net::Ipv6Addr = alloc["address"].as_str().unwrap().parse().unwrap();
+    let input = cluster.members[1].dir.join("round-trip.bin");
+    std::fs::write(&input, [&held.octets()[..], b"via a member"].concat()).unwrap();
+    let round_trip = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/vm/modules/asset_roundtrip.wat"
+    );
+    let input = input.to_str().unwrap();
+    let ran = cluster.at_member(1, &["vm", "run", round_trip, "--input-file", input]);
+    assert_eq!(ok(&ran), "via a member", "{ran:?}");
+    let read = cluster.at_member(0, &["asset", "read", &held.to_string(), "--len", "12"]);
+    assert_eq!(ok(&read), "via a member");
     eventually(0, &["vm", "call", "echo"], &|out| {
         String::from_utf8_lossy(&out.stderr).contains("server error 10:")
     });

@@ -81,8 +81,7 @@ pub type Resolver = Arc<dyn Fn(DnsQuery) -> Result<(), DnsQuery> + Send + Sync>;
 
 /// A memory asset request for another cluster member's asset, sent to
 /// that member from the worker's thread (`ASSET_PROXY`); its answer comes
-/// back as a [`Reply`] to `ticket`.
-#[derive(Debug)]
+/// back as a [`Reply`] to `ticket`, or to `answer` where it is given.
 pub struct ProxiedRequest {
     pub worker: usize,
     pub ticket: Ticket,
@@ -92,6 +91,24 @@ pub struct ProxiedRequest {
     pub locator: crate::assets::address::Locator,
     /// The `ASSET_PROXY` payload (`crate::assets::wire::encode_proxied`).
     pub envelope: Bytes,
+    /// Takes the answer instead of `worker`'s reply queue: a VM thread
+    /// waiting for it (called once, on the thread the answer arrives on).
+    pub answer: Option<ProxyAnswer>,
+}
+
+/// Where a proxied request's answer goes when no worker waits for it.
+pub type ProxyAnswer = Box<dyn FnOnce(Result<Vec<u8>, (u16, String)>) + Send>;
+
+impl std::fmt::Debug for ProxiedRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxiedRequest")
+            .field("worker", &self.worker)
+            .field("kind", &self.kind)
+            .field("locator", &self.locator)
+            .field("envelope_bytes", &self.envelope.len())
+            .field("answer", &self.answer.is_some())
+            .finish()
+    }
 }
 
 /// Sends a proxied request on, or says why not (an error code and a

@@ -170,14 +170,22 @@ pub struct CallState {
     /// The instance's `memory`, once instantiated (the host calls find it
     /// here rather than by name).
     pub memory: Option<wasmtime::Memory>,
+    /// Where requests for other members' assets go (the asset proxy).
+    port: Option<Arc<dataplane::control::ControlPort>>,
+    /// When the call's deadline passes: no host call waits past it.
+    deadline: std::time::Instant,
 }
 
 impl CallState {
+    /// A call of `owner`'s, reaching `assets` (and other members' through
+    /// `port`'s asset proxy) until `deadline`.
     pub fn new(
         owner: Owner,
         memory_limit: u64,
         input: &[u8],
         assets: Option<Arc<MemoryAssets>>,
+        port: Option<Arc<dataplane::control::ControlPort>>,
+        deadline: std::time::Instant,
     ) -> Self {
         Self {
             owner,
@@ -189,6 +197,8 @@ impl CallState {
             memory_denied: None,
             assets,
             memory: None,
+            port,
+            deadline,
         }
     }
 }
@@ -306,6 +316,9 @@ fn asset_io(
     if address.id.is_storage() {
         return Ok(error::UNREACHABLE);
     }
+    if address.locator != assets.locator() {
+        return remote(state, address, offset, &mut memory[range], write);
+    }
     let owner = state.owner;
     // A range longer than a piece is checked whole first, then moved a
     // piece at a time: the worker's shard lock is held for one piece's
@@ -338,6 +351,97 @@ fn asset_io(
 
 /// The most an asset call copies under one hold of a worker's shard lock.
 const COPY_PIECE: usize = 64 * 1024;
+
+/// Move bytes between another cluster member's memory asset and `guest`
+/// through the asset proxy, as the VM's owner, a request at a time (1 MiB
+/// a read, about 64 KiB a write); the VM thread waits for each answer,
+/// until the call's deadline at the latest (then the call stops with it).
+fn remote(
+    state: &CallState,
+    address: AssetAddress,
+    offset: u64,
+    guest: &mut [u8],
+    write: bool,
+) -> wasmtime::Result<i32> {
+    use dataplane::assets::wire::{
+        AssetRequest, PROXIED_READ_LEN_MAX, WRITE_LEN_MAX, encode_proxied,
+    };
+    use dataplane::protocols::stoq::ErrorCode;
+    let (Some(port), true) = (
+        state.port.as_ref(),
+        state.assets.as_ref().is_some_and(|a| a.proxies()),
+    ) else {
+        return Ok(error::UNREACHABLE);
+    };
+    let piece = if write {
+        WRITE_LEN_MAX
+    } else {
+        PROXIED_READ_LEN_MAX as usize
+    };
+    let len = guest.len();
+    for (i, part) in guest.chunks_mut(piece).enumerate() {
+        let at = offset + (i * piece) as u64;
+        let request = if write {
+            AssetRequest::Write {
+                address,
+                offset: at,
+                data: part,
+            }
+        } else {
+            AssetRequest::Read {
+                address,
+                offset: at,
+                len: part.len() as u32,
+            }
+        };
+        let (kind, payload) = request.encode();
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let sent = port.proxy_asset(dataplane::control::ProxiedRequest {
+            worker: 0,
+            ticket: dataplane::control::Ticket {
+                handle: 0,
+                conn_id: 0,
+                stream: quinn_proto::StreamId::new(
+                    quinn_proto::Side::Client,
+                    quinn_proto::Dir::Bi,
+                    0,
+                ),
+            },
+            kind,
+            locator: address.locator,
+            envelope: encode_proxied(&state.owner, kind, &payload).into(),
+            answer: Some(Box::new(move |answer| {
+                let _ = tx.send(answer);
+            })),
+        });
+        match sent {
+            Some(Ok(())) => {}
+            Some(Err(_)) | None => return Ok(error::UNREACHABLE),
+        }
+        let wait = state
+            .deadline
+            .saturating_duration_since(std::time::Instant::now());
+        let answer = match rx.recv_timeout(wait) {
+            Ok(answer) => answer,
+            Err(_) => return Err(wasmtime::Trap::Interrupt.into()),
+        };
+        match answer {
+            Ok(bytes) if !write && bytes.len() == part.len() => part.copy_from_slice(&bytes),
+            Ok(_) if write => {}
+            Ok(_) => return Ok(error::UNREACHABLE),
+            Err((code, _)) => {
+                return Ok(match ErrorCode::from_u16(code) {
+                    Some(ErrorCode::AssetUnknown) => error::UNKNOWN,
+                    Some(ErrorCode::AssetReleased) => error::RELEASED,
+                    Some(ErrorCode::AssetForbidden) => error::FORBIDDEN,
+                    Some(ErrorCode::AssetRange) => error::RANGE,
+                    _ => error::UNREACHABLE,
+                });
+            }
+        }
+    }
+    Ok(len as i32)
+}
 
 /// The host functions, for every module.
 pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<CallState>> {

@@ -18,7 +18,7 @@ use dataplane::control::{ControlPort, Reply};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use wasmtime::{Config, Engine, InstancePre, Linker, Module, Store, Trap};
 
 pub use abi::{IMPORTS, error as abi_error};
@@ -117,6 +117,11 @@ pub struct Runtime {
     deadline_ticks: u64,
     /// Whether calls burn fuel (always, but in the benchmark's baseline).
     metered: bool,
+    /// How long a call may run, wall clock.
+    deadline: Duration,
+    /// Where guests' requests for other members' memory assets go (the
+    /// VM threads' port; none in process).
+    port: Option<Arc<ControlPort>>,
     /// What the guests' asset calls reach: this node's memory assets.
     memory: Option<Arc<MemoryAssets>>,
 }
@@ -208,6 +213,8 @@ impl Runtime {
             deadline_ticks: (config.deadline.as_micros() / EPOCH_TICK.as_micros()).max(1) as u64
                 + 1,
             metered,
+            deadline: config.deadline,
+            port: None,
             memory,
         })
     }
@@ -263,7 +270,14 @@ impl Runtime {
     pub fn call(&self, module: &Compiled, owner: Owner, limits: Limits, input: &[u8]) -> Outcome {
         let fuel = self.metered;
         let given = if fuel { limits.fuel } else { 0 };
-        let state = abi::CallState::new(owner, limits.memory_bytes, input, self.memory.clone());
+        let state = abi::CallState::new(
+            owner,
+            limits.memory_bytes,
+            input,
+            self.memory.clone(),
+            self.port.clone(),
+            Instant::now() + self.deadline,
+        );
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| state);
         if fuel {
@@ -423,7 +437,8 @@ impl VmPool {
         memory: Option<Arc<MemoryAssets>>,
     ) -> Result<Arc<Self>, String> {
         let threads = config.threads.max(1);
-        let runtime = Runtime::new(config, threads as u32, memory)?;
+        let mut runtime = Runtime::new(config, threads as u32, memory)?;
+        runtime.port = Some(port.clone());
         let shared = Arc::new(Shared {
             runtime,
             queue: Mutex::new(Queue::default()),

@@ -145,6 +145,7 @@ impl AssetProxy {
             worker: request.worker,
             ticket: request.ticket,
             kind: request.kind,
+            answer_to: request.answer,
             answered: false,
         };
         let named = holder.to_string();
@@ -194,6 +195,8 @@ struct Pending {
     worker: usize,
     ticket: dataplane::control::Ticket,
     kind: u8,
+    /// Takes the answer instead of the worker (a VM thread's request).
+    answer_to: Option<dataplane::control::ProxyAnswer>,
     answered: bool,
 }
 
@@ -203,6 +206,9 @@ impl Pending {
             return;
         }
         self.proxy.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(answer_to) = self.answer_to.take() {
+            return answer_to(result);
+        }
         let Some(port) = self.port.upgrade() else {
             return;
         };
@@ -268,6 +274,7 @@ mod tests {
                 worker: 0,
                 ticket: ticket(),
                 kind: 0x51,
+                answer_to: None,
                 answered: false,
             }
         };
@@ -276,6 +283,17 @@ mod tests {
             panic!("no answer");
         };
         assert_eq!(reply.result.unwrap_err().0, ErrorCode::Busy as u16);
+        assert_eq!(proxy.in_flight.load(Ordering::Relaxed), 0);
+        // A VM thread's request: its answer goes to the VM thread, not to
+        // a worker.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut vm_request = pending(&proxy);
+        vm_request.answer_to = Some(Box::new(move |result| {
+            let _ = tx.send(result);
+        }));
+        drop(vm_request);
+        assert_eq!(rx.recv().unwrap().unwrap_err().0, ErrorCode::Busy as u16);
+        assert!(port.take_reply(0).is_none());
         assert_eq!(proxy.in_flight.load(Ordering::Relaxed), 0);
         // Answered, then dropped: one answer, counted once.
         let mut answered = pending(&proxy);
@@ -302,6 +320,7 @@ mod tests {
                 kind: 0x51,
                 locator: dataplane::assets::address::Locator(locator),
                 envelope: bytes::Bytes::new(),
+                answer: None,
             })
             .expect("a proxy is plugged in")
             .unwrap_err()

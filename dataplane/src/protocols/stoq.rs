@@ -829,6 +829,7 @@ fn proxy_over(
         kind,
         locator,
         envelope: Bytes::from(envelope),
+        answer: None,
     };
     match route.port.proxy_asset(request) {
         None => Some(no_proxy()),
