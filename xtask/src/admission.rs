@@ -22,10 +22,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::bench::{
-    WorkDir, build_release, check_interrupt, free_udp_port, install_signal_handlers, log_tail,
-    medians, remove_stale_work_dirs, start_server, write_report,
+    WorkDir, build_release, check_interrupt, install_signal_handlers, log_tail, medians,
+    remove_stale_work_dirs, start_loopback_server, write_report,
 };
-use crate::report::Side;
 use clap::Args;
 use serde_json::{Map, Value, json};
 
@@ -192,33 +191,9 @@ fn against_server(
     admission: Admission,
     dir: &Path,
 ) -> Result<Value> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let port = free_udp_port()?;
-    let config = dir.join("server.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "# Written by `cargo xtask bench-admission`.\n\
-             [internet2]\nbind = \"::1\"\nport = {port}\n\
-             [dataplane]\nworkers = {workers}\n\
-             [hypermesh_assets]\n\
-             consensus_mode = \"{mode}\"\n\
-             plot_k = 12\n\
-             challenges = 8\n\
-             difficulty_base = 8\n\
-             development_stake = 1\n",
-            workers = args.workers,
-            mode = admission.consensus_mode(),
-        ),
-    )
-    .with_context(|| format!("writing {}", config.display()))?;
-    let log = dir.join("server.log");
-    let mut cmd = Command::new(&bins.server);
-    cmd.arg("--config").arg(&config).arg("--data-dir").arg(dir);
-    let log_file =
-        std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-    let (mut server, _) =
-        start_server(cmd, Side::OURS, Stdio::from(log_file)).with_context(|| log_tail(&log))?;
+    let keys = format!("consensus_mode = \"{}\"\n", admission.consensus_mode());
+    let (mut server, port, log) =
+        start_loopback_server(&bins.server, "bench-admission", dir, args.workers, &keys)?;
     let json_path = dir.join("admission-bench.json");
     let mut cmd = Command::new(&bins.client);
     cmd.args(["admission-bench", "--connect", &format!("[::1]:{port}")])

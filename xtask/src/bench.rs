@@ -1566,6 +1566,45 @@ impl CpuSamples {
     }
 }
 
+/// A fresh server for a loopback bench: `dir` holds its configuration
+/// ([::1] on a free port, `workers` workers, the development admission
+/// settings and the `[hypermesh_assets]` keys in `assets`), its data and
+/// its log. The server, its port and its log's path.
+pub(crate) fn start_loopback_server(
+    server: &Path,
+    task: &str,
+    dir: &Path,
+    workers: usize,
+    assets: &str,
+) -> Result<(Proc, u16, PathBuf)> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let port = free_udp_port()?;
+    let config = dir.join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "# Written by `cargo xtask {task}`.\n\
+             [internet2]\nbind = \"::1\"\nport = {port}\n\
+             [dataplane]\nworkers = {workers}\n\
+             [hypermesh_assets]\n\
+             plot_k = 12\n\
+             challenges = 8\n\
+             difficulty_base = 8\n\
+             development_stake = 1\n\
+             {assets}",
+        ),
+    )
+    .with_context(|| format!("writing {}", config.display()))?;
+    let log = dir.join("server.log");
+    let mut cmd = Command::new(server);
+    cmd.arg("--config").arg(&config).arg("--data-dir").arg(dir);
+    let log_file =
+        std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let (proc, _) =
+        start_server(cmd, Side::OURS, Stdio::from(log_file)).with_context(|| log_tail(&log))?;
+    Ok((proc, port, log))
+}
+
 /// Write a benchmark's JSON report to `path`, and say so.
 pub(crate) fn write_report(task: &str, path: &Path, doc: &Value) -> Result<()> {
     std::fs::write(path, serde_json::to_string_pretty(doc)? + "\n")

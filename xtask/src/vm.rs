@@ -24,10 +24,9 @@ use serde_json::{Value, json};
 
 use crate::admission::{read_json, run_client};
 use crate::bench::{
-    CpuSamples, WorkDir, build_release, check_interrupt, free_udp_port, install_signal_handlers,
-    log_tail, medians, remove_stale_work_dirs, start_server, write_report,
+    CpuSamples, WorkDir, build_release, check_interrupt, install_signal_handlers, log_tail,
+    medians, remove_stale_work_dirs, start_loopback_server, write_report,
 };
-use crate::report::Side;
 
 /// Prefix of the scratch directories under the system temporary directory.
 const WORK_DIR_PREFIX: &str = "i2-bench-vm-";
@@ -126,32 +125,13 @@ pub fn bench_vm(args: &VmBenchArgs) -> Result<()> {
 }
 
 fn against_server(bins: &Binaries, args: &VmBenchArgs, dir: &Path) -> Result<Value> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let port = free_udp_port()?;
-    let config = dir.join("server.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "# Written by `cargo xtask bench-vm`.\n\
-             [internet2]\nbind = \"::1\"\nport = {port}\n\
-             [dataplane]\nworkers = {workers}\n\
-             [hypermesh_assets]\n\
-             plot_k = 12\n\
-             challenges = 8\n\
-             difficulty_base = 8\n\
-             development_stake = 1\n\
-             vm_threads = 1\n",
-            workers = args.workers,
-        ),
-    )
-    .with_context(|| format!("writing {}", config.display()))?;
-    let log = dir.join("server.log");
-    let mut cmd = Command::new(&bins.server);
-    cmd.arg("--config").arg(&config).arg("--data-dir").arg(dir);
-    let log_file =
-        std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-    let (mut server, _) =
-        start_server(cmd, Side::OURS, Stdio::from(log_file)).with_context(|| log_tail(&log))?;
+    let (mut server, port, log) = start_loopback_server(
+        &bins.server,
+        "bench-vm",
+        dir,
+        args.workers,
+        "vm_threads = 1\n",
+    )?;
     let json_path = dir.join("vm-bench.json");
     let spawned = Command::new(&bins.client)
         .args(["vm-bench", "--connect", &format!("[::1]:{port}")])
