@@ -26,7 +26,9 @@ pub mod error {
     pub const FORBIDDEN: i32 = -5;
     /// Bytes outside the asset.
     pub const RANGE: i32 = -6;
-    /// Not reachable from a VM: another node's asset, or a storage asset.
+    /// Not reachable from a VM: a storage asset, another node's asset no
+    /// member serves or the proxy could not reach, or past the call's
+    /// requests to other members (a write may have been done).
     pub const UNREACHABLE: i32 = -7;
 }
 
@@ -174,6 +176,8 @@ pub struct CallState {
     port: Option<Arc<dataplane::control::ControlPort>>,
     /// When the call's deadline passes: no host call waits past it.
     deadline: std::time::Instant,
+    /// Requests sent to other members so far.
+    remote_requests: std::cell::Cell<u32>,
 }
 
 impl CallState {
@@ -199,6 +203,7 @@ impl CallState {
             memory: None,
             port,
             deadline,
+            remote_requests: std::cell::Cell::new(0),
         }
     }
 }
@@ -242,11 +247,15 @@ impl ResourceLimiter for CallState {
 /// Fuel a host call costs: one, and one more per 64 bytes it moves, so a
 /// guest cannot move unbounded bytes on bounded fuel.
 fn charge(caller: &mut Caller<'_, CallState>, bytes: usize) -> wasmtime::Result<()> {
+    charge_fuel(caller, 1 + bytes as u64 / 64)
+}
+
+/// Take `cost` fuel, or stop the call (out of fuel).
+fn charge_fuel(caller: &mut Caller<'_, CallState>, cost: u64) -> wasmtime::Result<()> {
     let Ok(fuel) = caller.get_fuel() else {
         // The benchmark's unmetered baseline.
         return Ok(());
     };
-    let cost = 1 + bytes as u64 / 64;
     if fuel < cost {
         caller.set_fuel(0)?;
         return Err(wasmtime::Trap::OutOfFuel.into());
@@ -301,7 +310,22 @@ fn asset_io(
     (addr_ptr, offset, ptr, len): (i32, i64, i32, i32),
     write: bool,
 ) -> wasmtime::Result<i32> {
-    charge(&mut caller, usize::try_from(len).unwrap_or(0))?;
+    let bytes = usize::try_from(len).unwrap_or(0);
+    charge(&mut caller, bytes)?;
+    // Another member's asset: each request to it costs its own fuel.
+    let remote_requests = {
+        let (memory, state) = parts(&mut caller)?;
+        match (address_at(memory, addr_ptr), state.assets.as_ref()) {
+            (Some(address), Some(assets))
+                if !address.id.is_storage() && address.locator != assets.locator() =>
+            {
+                let piece = remote_piece(write);
+                bytes.div_ceil(piece) as u64 + u64::from(bytes > piece)
+            }
+            _ => 0,
+        }
+    };
+    charge_fuel(&mut caller, REMOTE_REQUEST_FUEL * remote_requests)?;
     let (memory, state) = parts(&mut caller)?;
     let (Some(address), Some(range), Ok(offset)) = (
         address_at(memory, addr_ptr),
@@ -363,85 +387,129 @@ fn remote(
     guest: &mut [u8],
     write: bool,
 ) -> wasmtime::Result<i32> {
-    use dataplane::assets::wire::{
-        AssetRequest, PROXIED_READ_LEN_MAX, WRITE_LEN_MAX, encode_proxied,
-    };
-    use dataplane::protocols::stoq::ErrorCode;
     let (Some(port), true) = (
         state.port.as_ref(),
         state.assets.as_ref().is_some_and(|a| a.proxies()),
     ) else {
         return Ok(error::UNREACHABLE);
     };
-    let piece = if write {
-        WRITE_LEN_MAX
-    } else {
-        PROXIED_READ_LEN_MAX as usize
-    };
+    let piece = remote_piece(write);
     let len = guest.len();
+    // A range of several requests is checked first by reading its last
+    // byte, so that a write past the end or a stranger's fails before any
+    // piece of it is written.
+    if len > piece {
+        let mut last = [0u8];
+        let end = offset + len as u64 - 1;
+        let checked = ask(state, port, address, end, &mut last, false)?;
+        if checked < 0 {
+            return Ok(checked);
+        }
+    }
     for (i, part) in guest.chunks_mut(piece).enumerate() {
         let at = offset + (i * piece) as u64;
-        let request = if write {
-            AssetRequest::Write {
-                address,
-                offset: at,
-                data: part,
-            }
-        } else {
-            AssetRequest::Read {
-                address,
-                offset: at,
-                len: part.len() as u32,
-            }
-        };
-        let (kind, payload) = request.encode();
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let sent = port.proxy_asset(dataplane::control::ProxiedRequest {
-            worker: 0,
-            ticket: dataplane::control::Ticket {
-                handle: 0,
-                conn_id: 0,
-                stream: quinn_proto::StreamId::new(
-                    quinn_proto::Side::Client,
-                    quinn_proto::Dir::Bi,
-                    0,
-                ),
-            },
-            kind,
-            locator: address.locator,
-            envelope: encode_proxied(&state.owner, kind, &payload).into(),
-            answer: Some(Box::new(move |answer| {
-                let _ = tx.send(answer);
-            })),
-        });
-        match sent {
-            Some(Ok(())) => {}
-            Some(Err(_)) | None => return Ok(error::UNREACHABLE),
-        }
-        let wait = state
-            .deadline
-            .saturating_duration_since(std::time::Instant::now());
-        let answer = match rx.recv_timeout(wait) {
-            Ok(answer) => answer,
-            Err(_) => return Err(wasmtime::Trap::Interrupt.into()),
-        };
-        match answer {
-            Ok(bytes) if !write && bytes.len() == part.len() => part.copy_from_slice(&bytes),
-            Ok(_) if write => {}
-            Ok(_) => return Ok(error::UNREACHABLE),
-            Err((code, _)) => {
-                return Ok(match ErrorCode::from_u16(code) {
-                    Some(ErrorCode::AssetUnknown) => error::UNKNOWN,
-                    Some(ErrorCode::AssetReleased) => error::RELEASED,
-                    Some(ErrorCode::AssetForbidden) => error::FORBIDDEN,
-                    Some(ErrorCode::AssetRange) => error::RANGE,
-                    _ => error::UNREACHABLE,
-                });
-            }
+        let moved = ask(state, port, address, at, part, write)?;
+        if moved < 0 {
+            return Ok(moved);
         }
     }
     Ok(len as i32)
 }
+
+/// One proxied request of a VM call: bytes `at..at + part.len()` of
+/// `address` read into `part` (or written from it); 0, or a negative
+/// result for the guest. It costs [`REMOTE_REQUEST_FUEL`]; past
+/// [`REMOTE_REQUESTS_PER_CALL_MAX`], or once the call's deadline has
+/// passed, nothing more is sent.
+fn ask(
+    state: &CallState,
+    port: &Arc<dataplane::control::ControlPort>,
+    address: AssetAddress,
+    at: u64,
+    part: &mut [u8],
+    write: bool,
+) -> wasmtime::Result<i32> {
+    use dataplane::assets::wire::{AssetRequest, encode_proxied};
+    use dataplane::protocols::stoq::ErrorCode;
+    if std::time::Instant::now() >= state.deadline {
+        return Err(wasmtime::Trap::Interrupt.into());
+    }
+    let sent_before = state.remote_requests.get();
+    if sent_before >= REMOTE_REQUESTS_PER_CALL_MAX {
+        return Ok(error::UNREACHABLE);
+    }
+    state.remote_requests.set(sent_before + 1);
+    let request = if write {
+        AssetRequest::Write {
+            address,
+            offset: at,
+            data: part,
+        }
+    } else {
+        AssetRequest::Read {
+            address,
+            offset: at,
+            len: part.len() as u32,
+        }
+    };
+    let (kind, payload) = request.encode();
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let sent = port.proxy_asset(dataplane::control::ProxiedRequest {
+        worker: 0,
+        ticket: dataplane::control::Ticket {
+            handle: 0,
+            conn_id: 0,
+            stream: quinn_proto::StreamId::new(quinn_proto::Side::Client, quinn_proto::Dir::Bi, 0),
+        },
+        kind,
+        locator: address.locator,
+        envelope: encode_proxied(&state.owner, kind, &payload).into(),
+        answer: Some(Box::new(move |answer| {
+            let _ = tx.send(answer);
+        })),
+    });
+    match sent {
+        Some(Ok(())) => {}
+        Some(Err(_)) | None => return Ok(error::UNREACHABLE),
+    }
+    let wait = state
+        .deadline
+        .saturating_duration_since(std::time::Instant::now());
+    let answer = match rx.recv_timeout(wait) {
+        Ok(answer) => answer,
+        Err(_) => return Err(wasmtime::Trap::Interrupt.into()),
+    };
+    Ok(match answer {
+        Ok(bytes) if !write && bytes.len() == part.len() => {
+            part.copy_from_slice(&bytes);
+            0
+        }
+        Ok(_) if write => 0,
+        Ok(_) => error::UNREACHABLE,
+        Err((code, _)) => match ErrorCode::from_u16(code) {
+            Some(ErrorCode::AssetUnknown) => error::UNKNOWN,
+            Some(ErrorCode::AssetReleased) => error::RELEASED,
+            Some(ErrorCode::AssetForbidden) => error::FORBIDDEN,
+            Some(ErrorCode::AssetRange) => error::RANGE,
+            _ => error::UNREACHABLE,
+        },
+    })
+}
+
+/// The most one request to another member moves: a proxied read's answer,
+/// or what a proxied write carries.
+fn remote_piece(write: bool) -> usize {
+    match write {
+        true => dataplane::assets::wire::WRITE_LEN_MAX,
+        false => dataplane::assets::wire::PROXIED_READ_LEN_MAX as usize,
+    }
+}
+
+/// Fuel each request to another member costs, beside the bytes it moves:
+/// a VM call cannot turn its fuel into an unbounded stream of requests.
+pub const REMOTE_REQUEST_FUEL: u64 = 10_000;
+/// Requests to other members one VM call may send.
+pub const REMOTE_REQUESTS_PER_CALL_MAX: u32 = 1024;
 
 /// The host functions, for every module.
 pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<CallState>> {
