@@ -240,7 +240,7 @@ pub fn run(target: &ClientTarget, plan: &AssetBenchPlan) -> anyhow::Result<serde
     }))
 }
 
-fn plan_of(kind: u8, payload: Bytes, total: u64, concurrency: usize) -> LoadPlan {
+pub(crate) fn plan_of(kind: u8, payload: Bytes, total: u64, concurrency: usize) -> LoadPlan {
     LoadPlan {
         framing: Framing::Stoq,
         kind,
@@ -252,19 +252,19 @@ fn plan_of(kind: u8, payload: Bytes, total: u64, concurrency: usize) -> LoadPlan
 }
 
 /// A phase that stopped early or met an error answer is not a figure.
-fn checked(report: LoadReport) -> anyhow::Result<LoadReport> {
+pub(crate) fn checked(report: LoadReport) -> anyhow::Result<LoadReport> {
     report.complete().map_err(anyhow::Error::msg)
 }
 
 /// A phase's report, and when it ran (milliseconds since the Unix epoch),
 /// so that a caller sampling the servers' CPU meanwhile can charge each
 /// phase its share (`cargo xtask bench-cluster`).
-struct Phase {
+pub(crate) struct Phase {
     report: LoadReport,
     window: [u64; 2],
 }
 
-fn timed(run: impl FnOnce() -> anyhow::Result<LoadReport>) -> anyhow::Result<Phase> {
+pub(crate) fn timed(run: impl FnOnce() -> anyhow::Result<LoadReport>) -> anyhow::Result<Phase> {
     let started = unix_ms();
     let report = run()?;
     Ok(Phase {
@@ -279,7 +279,7 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn phase(phase: &Phase) -> serde_json::Value {
+pub(crate) fn phase(phase: &Phase) -> serde_json::Value {
     let mut summary = phase.report.summary();
     summary["window_unix_ms"] = json!(phase.window);
     summary

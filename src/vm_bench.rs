@@ -18,17 +18,15 @@
 //! its share (`cargo xtask bench-vm`). `vm-micro` (benches/) measures the
 //! same call in process, fuel's cost and `asset_read`'s.
 
+use crate::asset_bench::{checked, phase, plan_of, timed};
 use crate::cli_assets::{many, request};
 use crate::cli_authority::Connect;
 use crate::cli_vm::{LimitArgs, deploy};
 use bytes::Bytes;
 use controlplane::vm::{CallRequest, Target};
 use dataplane::assets::wire::AssetRequest;
-use dataplane::client::load::{LoadPlan, LoadReport};
-use dataplane::client::rpc::Framing;
 use dataplane::protocols::stoq_registry::{PING, VM_CALL};
 use serde_json::json;
-use std::time::Duration;
 
 /// The module the calls run.
 pub const ECHO_WAT: &str = include_str!("../vm/modules/echo.wat");
@@ -69,19 +67,9 @@ pub fn run<T: Connect>(target: &T, plan: &VmBenchPlan) -> anyhow::Result<serde_j
     }
     .encode();
     let load = |kind: u8, payload: &[u8], total: u64, concurrency: usize| {
-        let plan = LoadPlan {
-            framing: Framing::Stoq,
-            kind,
-            payload: Bytes::copy_from_slice(payload),
-            total,
-            concurrency,
-            timeout: Duration::from_secs(120),
-        };
-        let started = unix_ms();
-        let report = dataplane::client::run_load(&client, &config, plan)?
-            .complete()
-            .map_err(anyhow::Error::msg)?;
-        Ok::<_, anyhow::Error>(phase(&report, [started, unix_ms()]))
+        let plan = plan_of(kind, Bytes::copy_from_slice(payload), total, concurrency);
+        let ran = timed(|| checked(dataplane::client::run_load(&client, &config, plan)?))?;
+        Ok::<_, anyhow::Error>(phase(&ran))
     };
     let phases = (|| {
         eprintln!("vm-bench: {} calls, one at a time", plan.calls);
@@ -113,16 +101,4 @@ pub fn run<T: Connect>(target: &T, plan: &VmBenchPlan) -> anyhow::Result<serde_j
         "concurrency": plan.concurrency,
         "input_bytes": 64,
     }))
-}
-
-fn phase(report: &LoadReport, window: [u64; 2]) -> serde_json::Value {
-    let mut summary = report.summary();
-    summary["window_unix_ms"] = json!(window);
-    summary
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -832,15 +832,28 @@ fn bad_and_unread_asset_requests_from_aioquic_change_nothing() {
         "list_memory_as_a_byte",
         "storage_alloc_bad_name",
         "memory_alloc_named",
+        "vm_call_empty",
+        "vm_call_cut_address",
+        "vm_call_unknown_flags",
+        "vm_call_bad_name",
     ] {
         assert_eq!(code(name), malformed, "{name}: {result}");
     }
+    assert_eq!(
+        code("vm_call_memory_asset"),
+        Some(ErrorCode::VmModule as u64),
+        "{result}"
+    );
     assert_eq!(
         code("read_forged_address"),
         Some(ErrorCode::AssetUnknown as u64),
         "{result}"
     );
-    for name in ["storage_read_forged", "storage_write_forged"] {
+    for name in [
+        "storage_read_forged",
+        "storage_write_forged",
+        "vm_call_forged_storage",
+    ] {
         assert_eq!(
             code(name),
             Some(ErrorCode::AssetUnknown as u64),

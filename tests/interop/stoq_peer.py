@@ -113,6 +113,7 @@ KIND_ASSET_FREE = 0x54
 KIND_ASSET_LIST = 0x55
 KIND_ASSET_GRANT = 0x56
 KIND_ASSET_PROXY = 0x57
+KIND_VM_CALL = 0x58
 ERROR_BUSY = 6
 KIND_ERROR = 0xFF
 RESPONSE_FLAG = 0x80
@@ -468,6 +469,14 @@ async def asset_kinds(args) -> dict:
         # refused, never served.
         "proxy_from_a_client": frame(
             KIND_ASSET_PROXY, bytes(32) + bytes([KIND_ASSET_READ]) + address + u64(0) + u32(16)),
+        # VM calls: cut short, unknown flags, a name that is no label, a
+        # memory asset or a storage address never handed out as the VM.
+        "vm_call_empty": frame(KIND_VM_CALL, b""),
+        "vm_call_cut_address": frame(KIND_VM_CALL, bytes([0, 0]) + address[:5]),
+        "vm_call_unknown_flags": frame(KIND_VM_CALL, bytes([6, 0]) + address),
+        "vm_call_bad_name": frame(KIND_VM_CALL, bytes([0, 1, 5]) + b"Ab.c!"),
+        "vm_call_memory_asset": frame(KIND_VM_CALL, bytes([0, 0]) + address),
+        "vm_call_forged_storage": frame(KIND_VM_CALL, bytes([0, 0]) + forged_storage),
     }
     out["answers"] = await ask_each(conn, bad, args.answer_timeout)
     # Reads of the whole asset, never read: the server may hold one answer

@@ -477,7 +477,9 @@ impl StoqServer {
                     "this connection is not admitted yet: fetch the admission parameters and submit a proof bundle first",
                 ))
             }
-            _ if AUTHORITY_KINDS.contains(&kind) => {
+            // VM requests go the same way: their control plane's checks
+            // first, then a VM thread.
+            _ if AUTHORITY_KINDS.contains(&kind) || VM_KINDS.contains(&kind) => {
                 if ctx.early {
                     // Not idempotent: wait for the handshake (and its
                     // verified certificate).
@@ -515,16 +517,6 @@ impl StoqServer {
                     }
                     Some(assets) => crate::assets::serve::answer_proxied(assets, payload, queued),
                 })
-            }
-            _ if VM_KINDS.contains(&kind) => {
-                if ctx.early {
-                    counters.zero_rtt_deferred += 1;
-                    return;
-                }
-                match hand_over(&mut self.forwarded, kind, id, stream, ctx, counters) {
-                    None => return,
-                    refused => refused,
-                }
             }
             _ if ASSET_KINDS.contains(&kind) => {
                 if ctx.early {
