@@ -1337,6 +1337,23 @@ fn memory_assets_are_proxied_to_their_member_and_storage_assets_replicated() {
     assert_eq!(ok(&ran), "via a member", "{ran:?}");
     let read = cluster.at_member(0, &["asset", "read", &held.to_string(), "--len", "12"]);
     assert_eq!(ok(&read), "via a member");
+    // A VM run at member 3 writes a storage asset through the cluster's
+    // log: every member reads what it wrote.
+    let alloc = cluster.at_member(0, &["asset", "alloc", "storage", "4K", "--json"]);
+    let alloc: serde_json::Value = serde_json::from_str(ok(&alloc).trim()).unwrap();
+    let stored = alloc["address"].as_str().unwrap().to_owned();
+    let octets = stored.parse::<std::net::Ipv6Addr>().unwrap().octets();
+    let input = cluster.members[2].dir.join("storage-trip.bin");
+    std::fs::write(&input, [&octets[..], b"in the log"].concat()).unwrap();
+    let input = input.to_str().unwrap();
+    eventually(
+        2,
+        &["vm", "run", round_trip, "--input-file", input],
+        &|out| out.status.success() && out.stdout == b"in the log",
+    );
+    eventually(1, &["asset", "read", &stored, "--len", "10"], &|out| {
+        out.status.success() && out.stdout == b"in the log"
+    });
     eventually(0, &["vm", "call", "echo"], &|out| {
         String::from_utf8_lossy(&out.stderr).contains("server error 10:")
     });

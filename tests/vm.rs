@@ -146,6 +146,34 @@ fn vms_run_deploy_and_hit_their_limits_on_production_defaults() {
     let read = server.client(&["asset", "read", &address.to_string(), "--len", "14"]);
     assert_eq!(ok(&read), "stored by a VM", "the VM's write is the asset's");
 
+    // A storage asset, through the control plane: the write is durable
+    // when the call answers.
+    let stored = json(&server.client(&["asset", "alloc", "storage", "4K", "--json"]));
+    let storage_address = stored["address"].as_str().unwrap().to_owned();
+    let storage_octets = storage_address
+        .parse::<std::net::Ipv6Addr>()
+        .unwrap()
+        .octets();
+    let kept = dir.join("kept.bin");
+    std::fs::write(&kept, [&storage_octets[..], b"kept by a VM"].concat()).unwrap();
+    let run_roundtrip = |identity: Option<&Path>, input: &Path| {
+        vm(
+            &server,
+            identity,
+            &[
+                "run",
+                &module("asset_roundtrip.wat"),
+                "--input-file",
+                input.to_str().unwrap(),
+                "--json",
+            ],
+        )
+    };
+    let trip = json(&run_roundtrip(None, &kept));
+    assert_eq!(trip["output"], "kept by a VM", "{trip}");
+    let read = server.client(&["asset", "read", &storage_address, "--len", "12"]);
+    assert_eq!(ok(&read), "kept by a VM");
+
     // Each limit, with its reason and the fuel used.
     let fuel = stopped(
         &vm(
@@ -238,7 +266,11 @@ fn vms_run_deploy_and_hit_their_limits_on_production_defaults() {
         16,
         "vm_memory_mib_max",
     );
-    assert_eq!(storage_assets(&server, None), 1, "only echo stays");
+    assert_eq!(
+        storage_assets(&server, None),
+        2,
+        "only echo and the storage asset a VM wrote stay"
+    );
     refused(
         &vm(&server, None, &["call", "nobody"]),
         10,
@@ -250,12 +282,35 @@ fn vms_run_deploy_and_hit_their_limits_on_production_defaults() {
     let (stranger, _, identity) = staked_identity(&server, "stranger");
     let s = Some(stranger.as_path());
     refused(&vm(&server, s, &["call", "echo"]), 13, "neither owned");
+    // Its VM reaches none of the first's assets, storage or memory: the
+    // host call answers FORBIDDEN (-5) and nothing is written.
+    let foreign = stopped(&run_roundtrip(s, &kept), "finished");
+    assert_eq!(foreign["status"], -5, "{foreign}");
+    let read = server.client(&["asset", "read", &storage_address, "--len", "12"]);
+    assert_eq!(ok(&read), "kept by a VM");
     // A reader of the VM may call it (as its owner); one that may write it
     // may not: it could have put its own module there.
     let echo_address = listed[0]["address"].as_str().unwrap().to_owned();
-    ok(&server.client(&["asset", "grant", &echo_address, &identity, "--read"]));
-    let as_reader = json(&vm(&server, s, &["call", "echo", "--input", "r", "--json"]));
-    assert_eq!(as_reader["output"], "r");
+    let grant_read = || {
+        ok(&server.client(&["asset", "grant", &echo_address, &identity, "--read"]));
+    };
+    grant_read();
+    // The first call is checked by the control plane, the next ones go
+    // from the worker to the VM threads on that check; a grant withdrawn
+    // is seen by the very next call.
+    for input in ["r", "s", "t"] {
+        let as_reader = json(&vm(
+            &server,
+            s,
+            &["call", "echo", "--input", input, "--json"],
+        ));
+        assert_eq!(as_reader["output"], input);
+    }
+    ok(&server.client(&["asset", "revoke-grant", &echo_address, &identity]));
+    refused(&vm(&server, s, &["call", "echo"]), 13, "neither owned");
+    grant_read();
+    let as_reader = json(&vm(&server, s, &["call", "echo", "--input", "u", "--json"]));
+    assert_eq!(as_reader["output"], "u");
     ok(&server.client(&["asset", "grant", &echo_address, &identity, "--write"]));
     refused(&vm(&server, s, &["call", "echo"]), 13, "others may write");
     ok(&server.client(&["asset", "revoke-grant", &echo_address, &identity]));

@@ -104,7 +104,7 @@ impl Header {
 }
 
 /// Which VM a call runs.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Target {
     /// The VM asset at this address.
     Address(AssetAddress),

@@ -17,7 +17,9 @@ use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
 use quinn_proto::StreamId;
 use rustls::pki_types::CertificateDer;
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 /// Requests waiting for the control plane, all workers together.
 pub const REQUEST_QUEUE_LEN: usize = 4096;
@@ -43,7 +45,15 @@ pub struct Forwarded {
     pub payload: Bytes,
     /// The client certificate the handshake verified (leaf), if any.
     pub peer: Option<CertificateDer<'static>>,
+    /// Set by a VM thread alone ([`ControlPort::ask`]): the request asks as
+    /// this VM's owner, without a certificate. A worker's request never
+    /// carries it. (Boxed: the queues move a `Forwarded` by value.)
+    pub vm_owner: Option<Box<crate::assets::memory::Owner>>,
 }
+
+/// The worker index of the requests a VM thread waits on
+/// ([`ControlPort::ask`]): their replies go to the thread's callback.
+pub const ASKER: usize = usize::MAX;
 
 /// The control plane's answer: a response payload, or an error code and a
 /// message for the client.
@@ -96,7 +106,8 @@ pub struct ProxiedRequest {
     pub answer: Option<ProxyAnswer>,
 }
 
-/// Where a proxied request's answer goes when no worker waits for it.
+/// Where the answer to a request of a VM thread goes (a proxied one, or
+/// one for the control plane): no worker waits for it.
 pub type ProxyAnswer = Box<dyn FnOnce(Result<Vec<u8>, (u16, String)>) + Send>;
 
 impl std::fmt::Debug for ProxiedRequest {
@@ -115,6 +126,11 @@ impl std::fmt::Debug for ProxiedRequest {
 /// message for the client, answered at once).
 pub type AssetProxy = Arc<dyn Fn(ProxiedRequest) -> Result<(), (u16, String)> + Send + Sync>;
 
+/// Takes a `VM_CALL` straight to the VM threads when the control plane's
+/// checks of the same caller and VM still hold (nothing changed since);
+/// hands the request back when they must run again.
+pub type VmFront = Arc<dyn Fn(Forwarded) -> Result<(), Forwarded> + Send + Sync>;
+
 pub struct ControlPort {
     requests: ArrayQueue<Forwarded>,
     replies: Box<[ArrayQueue<Returned>]>,
@@ -122,6 +138,10 @@ pub struct ControlPort {
     mailboxes: OnceLock<Arc<[Mailbox]>>,
     resolver: OnceLock<Resolver>,
     asset_proxy: OnceLock<AssetProxy>,
+    vm_front: OnceLock<VmFront>,
+    /// The requests VM threads wait on, by the id [`Self::ask`] gave them.
+    asked: Mutex<HashMap<u64, ProxyAnswer>>,
+    next_ask: AtomicU64,
 }
 
 impl ControlPort {
@@ -135,6 +155,9 @@ impl ControlPort {
             mailboxes: OnceLock::new(),
             resolver: OnceLock::new(),
             asset_proxy: OnceLock::new(),
+            vm_front: OnceLock::new(),
+            asked: Mutex::default(),
+            next_ask: AtomicU64::new(0),
         })
     }
 
@@ -200,6 +223,24 @@ impl ControlPort {
         self.asset_proxy.get().map(|proxy| proxy(request))
     }
 
+    /// Plug in the VM threads' front door (at most once).
+    pub fn set_vm_front(&self, front: VmFront) {
+        let _ = self.vm_front.set(front);
+    }
+
+    /// Worker side: a `VM_CALL` to the VM threads directly, or else to the
+    /// control plane ([`Self::forward`]); hands it back when the queue is
+    /// full.
+    pub fn call_vm(&self, request: Forwarded) -> Result<(), Forwarded> {
+        match self.vm_front.get() {
+            Some(front) => match front(request) {
+                Ok(()) => Ok(()),
+                Err(request) => self.forward(request),
+            },
+            None => self.forward(request),
+        }
+    }
+
     /// Whether a resolver is plugged in.
     pub fn resolves(&self) -> bool {
         self.resolver.get().is_some()
@@ -220,7 +261,40 @@ impl ControlPort {
             })
     }
 
+    /// VM thread side: queue `request` for the control plane, whose reply
+    /// goes to `answer` (on the thread that sends it); the request's id,
+    /// for [`Self::forget`]. Hands `answer` back when the queue is full.
+    pub fn ask(&self, mut request: Forwarded, answer: ProxyAnswer) -> Result<u64, ProxyAnswer> {
+        let id = self.next_ask.fetch_add(1, Ordering::Relaxed);
+        request.worker = ASKER;
+        request.ticket.conn_id = id;
+        self.asked().insert(id, answer);
+        match self.forward(request) {
+            Ok(()) => Ok(id),
+            Err(_) => Err(self.asked().remove(&id).expect("inserted above")),
+        }
+    }
+
+    /// VM thread side: stop waiting on request `id` (its reply, if it
+    /// comes, is dropped).
+    pub fn forget(&self, id: u64) {
+        self.asked().remove(&id);
+    }
+
+    fn asked(&self) -> std::sync::MutexGuard<'_, HashMap<u64, ProxyAnswer>> {
+        self.asked.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn give_back(&self, worker: usize, returned: Returned) -> Result<(), Returned> {
+        if worker == ASKER {
+            if let Returned::Stoq(reply) = returned {
+                let answer = self.asked().remove(&reply.ticket.conn_id);
+                if let Some(answer) = answer {
+                    answer(reply.result);
+                }
+            }
+            return Ok(());
+        }
         let Some(queue) = self.replies.get(worker) else {
             return Ok(());
         };
@@ -250,5 +324,66 @@ impl std::fmt::Debug for ControlPort {
             .field("requests", &self.requests.len())
             .field("workers", &self.replies.len())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quinn_proto::{Dir, Side};
+
+    fn request(kind: u8) -> Forwarded {
+        Forwarded {
+            worker: 0,
+            ticket: Ticket {
+                handle: 0,
+                conn_id: 0,
+                stream: StreamId::new(Side::Client, Dir::Bi, 0),
+            },
+            kind,
+            payload: Bytes::new(),
+            peer: None,
+            vm_owner: None,
+        }
+    }
+
+    #[test]
+    fn a_vm_threads_request_is_answered_to_its_callback_not_a_worker() {
+        let port = ControlPort::new(1);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let answer = move |id: u8| -> ProxyAnswer {
+            let tx = tx.clone();
+            Box::new(move |result| tx.send((id, result)).unwrap())
+        };
+        assert!(port.ask(request(1), answer(1)).is_ok());
+        let Ok(forgotten) = port.ask(request(2), answer(2)) else {
+            panic!("the queue has room");
+        };
+        port.forget(forgotten);
+        for _ in 0..2 {
+            let asked = port.next_request().unwrap();
+            assert_eq!(asked.worker, ASKER);
+            let reply = Reply {
+                ticket: asked.ticket,
+                kind: asked.kind,
+                result: Ok(vec![asked.kind]),
+            };
+            port.reply(asked.worker, reply).unwrap();
+        }
+        // The first is answered; the forgotten one's reply is dropped, and
+        // no worker got either.
+        assert_eq!(rx.try_recv().unwrap(), (1, Ok(vec![1])));
+        assert!(rx.try_recv().is_err());
+        assert!(port.take_reply(0).is_none());
+    }
+
+    #[test]
+    fn a_full_queue_hands_the_callback_back() {
+        let port = ControlPort::new(1);
+        for _ in 0..REQUEST_QUEUE_LEN {
+            port.forward(request(0)).unwrap();
+        }
+        assert!(port.ask(request(1), Box::new(|_| {})).is_err());
+        assert!(port.asked().is_empty());
     }
 }

@@ -1,6 +1,6 @@
 ;; The input is a 16-byte asset address, then bytes to store: writes them
-;; at offset 0 of that memory asset, reads them back into other memory and
-;; outputs what it read. Returns the negative error of a failed call.
+;; at offset 0 of that asset (memory or storage), reads them back into
+;; other memory and outputs what it read. Returns the negative error of a failed call.
 (module
   (import "internet2" "input" (func $input (param i32 i32) (result i32)))
   (import "internet2" "output" (func $output (param i32 i32) (result i32)))

@@ -26,9 +26,10 @@ pub mod error {
     pub const FORBIDDEN: i32 = -5;
     /// Bytes outside the asset.
     pub const RANGE: i32 = -6;
-    /// Not reachable from a VM: a storage asset, another node's asset no
-    /// member serves or the proxy could not reach, or past the call's
-    /// requests to other members (a write may have been done).
+    /// Not reachable from a VM: another node's asset no member serves or
+    /// the proxy could not reach, the control plane too busy for a storage
+    /// request, or past the call's requests for storage assets and other
+    /// members' (a write may have been done).
     pub const UNREACHABLE: i32 = -7;
 }
 
@@ -312,16 +313,18 @@ fn asset_io(
 ) -> wasmtime::Result<i32> {
     let bytes = usize::try_from(len).unwrap_or(0);
     charge(&mut caller, bytes)?;
-    // Another member's asset: each request to it costs its own fuel.
+    // A storage asset, or another member's memory asset: each request for
+    // it costs its own fuel.
     let remote_requests = {
         let (memory, state) = parts(&mut caller)?;
         match (address_at(memory, addr_ptr), state.assets.as_ref()) {
-            (Some(address), Some(assets))
-                if !address.id.is_storage() && address.locator != assets.locator() =>
-            {
-                let piece = remote_piece(write);
-                bytes.div_ceil(piece) as u64 + u64::from(bytes > piece)
-            }
+            (Some(address), Some(assets)) => match Route::of(address, assets) {
+                Some(route) => {
+                    let piece = route.piece(write);
+                    bytes.div_ceil(piece) as u64 + u64::from(bytes > piece)
+                }
+                None => 0,
+            },
             _ => 0,
         }
     };
@@ -337,11 +340,8 @@ fn asset_io(
     let Some(assets) = state.assets.as_ref() else {
         return Ok(error::UNREACHABLE);
     };
-    if address.id.is_storage() {
-        return Ok(error::UNREACHABLE);
-    }
-    if address.locator != assets.locator() {
-        return remote(state, address, offset, &mut memory[range], write);
+    if let Some(route) = Route::of(address, assets) {
+        return remote(state, route, address, offset, &mut memory[range], write);
     }
     let owner = state.owner;
     // A range longer than a piece is checked whole first, then moved a
@@ -376,24 +376,60 @@ fn asset_io(
 /// The most an asset call copies under one hold of a worker's shard lock.
 const COPY_PIECE: usize = 64 * 1024;
 
-/// Move bytes between another cluster member's memory asset and `guest`
-/// through the asset proxy, as the VM's owner, a request at a time (1 MiB
-/// a read, about 64 KiB a write); the VM thread waits for each answer,
-/// until the call's deadline at the latest (then the call stops with it).
+/// How a VM thread reaches an asset its own worker shards do not hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    /// A storage asset: the control plane's store (a write waits for its
+    /// group commit, or the cluster's log).
+    Store,
+    /// Another cluster member's memory asset: the asset proxy.
+    Member,
+}
+
+impl Route {
+    /// None for a memory asset of this node's.
+    fn of(address: AssetAddress, assets: &MemoryAssets) -> Option<Self> {
+        if address.id.is_storage() {
+            Some(Route::Store)
+        } else if address.locator != assets.locator() {
+            Some(Route::Member)
+        } else {
+            None
+        }
+    }
+
+    /// The most one request moves: what a read answers, or a write
+    /// carries.
+    fn piece(self, write: bool) -> usize {
+        match (self, write) {
+            (Route::Store, false) => controlplane::assets::STORAGE_READ_LEN_MAX as usize,
+            (Route::Store, true) => dataplane::assets::wire::STORAGE_WRITE_LEN_MAX,
+            (Route::Member, false) => dataplane::assets::wire::PROXIED_READ_LEN_MAX as usize,
+            (Route::Member, true) => dataplane::assets::wire::WRITE_LEN_MAX,
+        }
+    }
+}
+
+/// Move bytes between an asset reached by `route` and `guest`, as the VM's
+/// owner, a request at a time ([`Route::piece`]); the VM thread waits for
+/// each answer, until the call's deadline at the latest (then the call
+/// stops with it).
 fn remote(
     state: &CallState,
+    route: Route,
     address: AssetAddress,
     offset: u64,
     guest: &mut [u8],
     write: bool,
 ) -> wasmtime::Result<i32> {
-    let (Some(port), true) = (
-        state.port.as_ref(),
-        state.assets.as_ref().is_some_and(|a| a.proxies()),
-    ) else {
+    let reachable = match route {
+        Route::Store => true,
+        Route::Member => state.assets.as_ref().is_some_and(|a| a.proxies()),
+    };
+    let (Some(port), true) = (state.port.as_ref(), reachable) else {
         return Ok(error::UNREACHABLE);
     };
-    let piece = remote_piece(write);
+    let piece = route.piece(write);
     let len = guest.len();
     // A range of several requests is checked first by reading its last
     // byte, so that a write past the end or a stranger's fails before any
@@ -401,14 +437,14 @@ fn remote(
     if len > piece {
         let mut last = [0u8];
         let end = offset + len as u64 - 1;
-        let checked = ask(state, port, address, end, &mut last, false)?;
+        let checked = ask(state, port, route, (address, end), &mut last, false)?;
         if checked < 0 {
             return Ok(checked);
         }
     }
     for (i, part) in guest.chunks_mut(piece).enumerate() {
         let at = offset + (i * piece) as u64;
-        let moved = ask(state, port, address, at, part, write)?;
+        let moved = ask(state, port, route, (address, at), part, write)?;
         if moved < 0 {
             return Ok(moved);
         }
@@ -416,7 +452,7 @@ fn remote(
     Ok(len as i32)
 }
 
-/// One proxied request of a VM call: bytes `at..at + part.len()` of
+/// One request of a VM call, by `route`: bytes `at..at + part.len()` of
 /// `address` read into `part` (or written from it); 0, or a negative
 /// result for the guest. It costs [`REMOTE_REQUEST_FUEL`]; past
 /// [`REMOTE_REQUESTS_PER_CALL_MAX`], or once the call's deadline has
@@ -424,12 +460,13 @@ fn remote(
 fn ask(
     state: &CallState,
     port: &Arc<dataplane::control::ControlPort>,
-    address: AssetAddress,
-    at: u64,
+    route: Route,
+    (address, at): (AssetAddress, u64),
     part: &mut [u8],
     write: bool,
 ) -> wasmtime::Result<i32> {
     use dataplane::assets::wire::{AssetRequest, encode_proxied};
+    use dataplane::control::{Forwarded, ProxiedRequest, Ticket};
     use dataplane::protocols::stoq::ErrorCode;
     if std::time::Instant::now() >= state.deadline {
         return Err(wasmtime::Trap::Interrupt.into());
@@ -454,30 +491,60 @@ fn ask(
     };
     let (kind, payload) = request.encode();
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    let sent = port.proxy_asset(dataplane::control::ProxiedRequest {
-        worker: 0,
-        ticket: dataplane::control::Ticket {
-            handle: 0,
-            conn_id: 0,
-            stream: quinn_proto::StreamId::new(quinn_proto::Side::Client, quinn_proto::Dir::Bi, 0),
-        },
-        kind,
-        locator: address.locator,
-        envelope: encode_proxied(&state.owner, kind, &payload).into(),
-        answer: Some(Box::new(move |answer| {
-            let _ = tx.send(answer);
-        })),
+    let answer: dataplane::control::ProxyAnswer = Box::new(move |answer| {
+        let _ = tx.send(answer);
     });
-    match sent {
-        Some(Ok(())) => {}
-        Some(Err(_)) | None => return Ok(error::UNREACHABLE),
-    }
+    // Where a reply goes is the answer callback (or, for the control
+    // plane, the id `ask` gives): this ticket is never looked at.
+    let ticket = Ticket {
+        handle: 0,
+        conn_id: 0,
+        stream: quinn_proto::StreamId::new(quinn_proto::Side::Client, quinn_proto::Dir::Bi, 0),
+    };
+    let asked = match route {
+        Route::Member => {
+            let sent = port.proxy_asset(ProxiedRequest {
+                worker: 0,
+                ticket,
+                kind,
+                locator: address.locator,
+                envelope: encode_proxied(&state.owner, kind, &payload).into(),
+                answer: Some(answer),
+            });
+            match sent {
+                Some(Ok(())) => None,
+                Some(Err(_)) | None => return Ok(error::UNREACHABLE),
+            }
+        }
+        Route::Store => {
+            let sent = port.ask(
+                Forwarded {
+                    worker: 0,
+                    ticket,
+                    kind,
+                    payload: payload.into(),
+                    peer: None,
+                    vm_owner: Some(Box::new(state.owner)),
+                },
+                answer,
+            );
+            match sent {
+                Ok(id) => Some(id),
+                Err(_) => return Ok(error::UNREACHABLE),
+            }
+        }
+    };
     let wait = state
         .deadline
         .saturating_duration_since(std::time::Instant::now());
     let answer = match rx.recv_timeout(wait) {
         Ok(answer) => answer,
-        Err(_) => return Err(wasmtime::Trap::Interrupt.into()),
+        Err(_) => {
+            if let Some(id) = asked {
+                port.forget(id);
+            }
+            return Err(wasmtime::Trap::Interrupt.into());
+        }
     };
     Ok(match answer {
         Ok(bytes) if !write && bytes.len() == part.len() => {
@@ -496,19 +563,12 @@ fn ask(
     })
 }
 
-/// The most one request to another member moves: a proxied read's answer,
-/// or what a proxied write carries.
-fn remote_piece(write: bool) -> usize {
-    match write {
-        true => dataplane::assets::wire::WRITE_LEN_MAX,
-        false => dataplane::assets::wire::PROXIED_READ_LEN_MAX as usize,
-    }
-}
-
-/// Fuel each request to another member costs, beside the bytes it moves:
-/// a VM call cannot turn its fuel into an unbounded stream of requests.
+/// Fuel each request for a storage asset or another member's memory asset
+/// costs, beside the bytes it moves: a VM call cannot turn its fuel into an
+/// unbounded stream of requests.
 pub const REMOTE_REQUEST_FUEL: u64 = 10_000;
-/// Requests to other members one VM call may send.
+/// Requests for storage assets and other members' memory assets one VM
+/// call may send.
 pub const REMOTE_REQUESTS_PER_CALL_MAX: u32 = 1024;
 
 /// The host functions, for every module.

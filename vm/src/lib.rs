@@ -43,6 +43,9 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 pub const WASM_STACK_MAX: usize = 512 * 1024;
 /// Table elements an instance may have.
 pub const TABLE_ELEMENTS_MAX: usize = 10_000;
+/// Bytes of a memory or table slot reset in place between instances;
+/// past them, pages go back to the kernel.
+pub const KEEP_RESIDENT: usize = 1 << 20;
 
 /// How the VM threads run (`[hypermesh_assets]`, resolved).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -195,7 +198,14 @@ impl Runtime {
             .max_memories_per_module(1)
             .max_tables_per_module(1)
             .table_elements(TABLE_ELEMENTS_MAX)
-            .max_memory_size((config.memory_mib_max as usize) << 20);
+            .max_memory_size((config.memory_mib_max as usize) << 20)
+            // A slot is reset for its next instance by rewriting the pages
+            // the last one touched (found with PAGEMAP_SCAN where the kernel
+            // has it), not by `madvise`, whose TLB shootdowns interrupt
+            // every core the process runs on, the workers' included.
+            .linear_memory_keep_resident(KEEP_RESIDENT)
+            .table_keep_resident(KEEP_RESIDENT)
+            .pagemap_scan(wasmtime::Enabled::Auto);
         let mut wasm = Config::new();
         wasm.consume_fuel(metered)
             .epoch_interruption(true)

@@ -104,9 +104,17 @@ fn storage_assets_in_a_group_refusals_write_nothing_and_a_replay_and_a_restart_a
         offset,
         data: data.to_vec(),
     };
+    // Each change moves the machine's count on (what the VM front's
+    // checks are held against).
+    let changes = machine.changes();
+    let before = changes.load(std::sync::atomic::Ordering::Acquire);
     machine
         .change_assets(write(a, OWNER, CHUNK_LEN - 7, &bytes))
         .unwrap();
+    assert_eq!(
+        changes.load(std::sync::atomic::Ordering::Acquire),
+        before + 1
+    );
     assert_eq!(
         machine.read_storage(&OWNER, a, CHUNK_LEN - 10, 26).unwrap(),
         [&[0u8; 3][..], &bytes, &[0u8; 3]].concat()

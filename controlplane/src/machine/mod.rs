@@ -46,6 +46,8 @@ use crate::dns::{Zone, ZoneChange, ZoneConfig};
 use crate::store::{GroupError, Store};
 use redb::{Database, Durability, TableDefinition, WriteTransaction};
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 /// What a replicated store records beside its state (`crate::cluster`):
@@ -106,6 +108,11 @@ pub struct Machine {
     /// A cluster member's: only the Raft log's entries change it
     /// ([`Self::apply_with`]); [`Self::apply`] refuses.
     replicated: bool,
+    /// Counts the changes taken into memory, but the admission state's
+    /// (beacon ticks, stakes, plots): what was checked against the CA,
+    /// the zone and the assets at one count holds while the count stays
+    /// ([`Self::changes`]).
+    changes: Arc<AtomicU64>,
 }
 
 impl Machine {
@@ -144,6 +151,7 @@ impl Machine {
             journal: None,
             group: None,
             replicated: false,
+            changes: Arc::default(),
         })
     }
 
@@ -202,7 +210,20 @@ impl Machine {
     /// The node's asset limits (configuration: every replica must be given
     /// the same).
     pub fn set_asset_limits(&mut self, limits: StorageLimits) {
+        self.changed();
         self.assets.set_limits(limits);
+    }
+
+    /// The count of changes taken into memory so far, which every command
+    /// applied but the admission state's, every reload and every limit
+    /// change moves on: a reader on another thread compares it with the
+    /// count its checks of the CA, the zone or the assets were made at.
+    pub fn changes(&self) -> Arc<AtomicU64> {
+        self.changes.clone()
+    }
+
+    fn changed(&self) {
+        self.changes.fetch_add(1, Ordering::Release);
     }
 
     /// Bytes `offset..offset + len` of storage asset `id`, if `who` may
@@ -443,6 +464,7 @@ impl Machine {
 
     /// Load everything in memory again from the store.
     fn reload(&mut self) -> Result<(), AuthorityError> {
+        self.changed();
         self.authority.reload()?;
         let db = self.authority.database();
         if let Some(config) = &self.zone_config {
@@ -555,6 +577,9 @@ impl Machine {
     }
 
     fn absorb(&mut self, command: Command, written: Written) -> Applied {
+        if !matches!(command, Command::Admission(_)) {
+            self.changed();
+        }
         match (command, written) {
             (Command::Certify(certify), Written::Certified(written)) => {
                 self.absorb_zone(certify.zone);

@@ -15,6 +15,7 @@ use dataplane::assets::address::{AssetAddress, AssetId, Locator, NodeNumber};
 use dataplane::assets::memory::{MemoryAssets, Owner};
 use dataplane::assets::wire::{AllocKind, AssetRequest, STORAGE_WRITE_LEN_MAX};
 use dataplane::protocols::stoq::{ASSET_KINDS, ErrorCode};
+use dataplane::protocols::stoq_registry::{ASSET_READ, ASSET_WRITE};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -118,18 +119,16 @@ impl AssetsRuntime {
     }
 
     /// Answer `kind` now if it is an asset request (a single node: a
-    /// change is applied in the request's group). `verified` is the
-    /// caller's certificate, checked again (chain, validity, revocation).
+    /// change is applied in the request's group).
     pub fn handle(
         &self,
         machine: &mut Machine,
         kind: u8,
-        verified: Option<&[u8]>,
-        operator: bool,
+        asker: Asker<'_>,
         payload: &[u8],
     ) -> Option<Answer> {
         let ours = |locator: Locator| locator == self.locator;
-        let plan = self.plan(machine, kind, verified, operator, payload, &ours)?;
+        let plan = self.plan(machine, kind, asker, payload, &ours)?;
         Some(plan.and_then(|plan| match plan {
             Plan::Now(answer) => Ok(answer),
             Plan::Change(change) => {
@@ -149,11 +148,22 @@ impl AssetsRuntime {
         &self,
         machine: &Machine,
         kind: u8,
-        verified: Option<&[u8]>,
-        operator: bool,
+        asker: Asker<'_>,
         payload: &[u8],
         ours: &dyn Fn(Locator) -> bool,
     ) -> Option<Result<Plan, (u16, String)>> {
+        let (verified, operator) = match asker {
+            Asker::Vm(owner) if kind == ASSET_READ || kind == ASSET_WRITE => {
+                return Some(self.plan_storage(machine, &owner, kind, payload, ours));
+            }
+            Asker::Vm(_) => {
+                return Some(Err((
+                    ErrorCode::Malformed as u16,
+                    "a VM reads and writes storage assets, nothing more".into(),
+                )));
+            }
+            Asker::Client { verified, operator } => (verified, operator),
+        };
         if kind == QUOTAS {
             if !operator {
                 return Some(Err((
@@ -433,6 +443,33 @@ impl AssetsRuntime {
             storage_used: used,
             fuel: machine.assets().fuel_quota(owner),
             fuel_set: quota.fuel.is_some(),
+        }
+    }
+}
+
+/// Who asks for an asset request.
+#[derive(Clone, Copy, Debug)]
+pub enum Asker<'a> {
+    /// A client: its certificate, checked again (chain, validity,
+    /// revocation), and whether it is the operator's.
+    Client {
+        verified: Option<&'a [u8]>,
+        operator: bool,
+    },
+    /// A VM thread, as the VM's owner: storage reads and writes only.
+    Vm(Owner),
+}
+
+impl<'a> Asker<'a> {
+    /// The asker of `request`, whose certificate was checked as `verified`.
+    pub fn of(
+        request: &dataplane::control::Forwarded,
+        verified: Option<&'a [u8]>,
+        operator: bool,
+    ) -> Self {
+        match request.vm_owner.as_deref() {
+            Some(owner) => Asker::Vm(*owner),
+            None => Asker::Client { verified, operator },
         }
     }
 }

@@ -200,7 +200,7 @@ struct Inner {
     /// Storage assets and quotas, through the log.
     storage: Option<super::assets::AssetsRuntime>,
     /// The VM threads, which run the VMs every member holds.
-    vm: Option<Arc<dyn crate::vm::VmHost>>,
+    vm: Option<Arc<super::vm::Front>>,
     /// The applied index the assets' totals and memory limits were last
     /// published at.
     assets_published: Cell<Option<u64>>,
@@ -344,7 +344,12 @@ impl MemberRuntime {
             .assets
             .as_ref()
             .map(|_| crate::cluster::asset_proxy::AssetProxy::install(&port, me.id));
-        let vm = cluster.assets.as_ref().and_then(|assets| assets.vm.clone());
+        let vm = cluster.assets.as_ref().and_then(|assets| {
+            let front =
+                super::vm::Front::new(assets.vm.clone()?, service.borrow().machine().changes());
+            front.plug(&port);
+            Some(front)
+        });
         let inner = Rc::new(Inner {
             me,
             data_dir,
@@ -1156,8 +1161,7 @@ impl Inner {
             storage.plan(
                 service.machine(),
                 request.kind,
-                who.verified.as_deref(),
-                who.operator,
+                super::assets::Asker::of(&request, who.verified.as_deref(), who.operator),
                 &request.payload,
                 &ours,
             )

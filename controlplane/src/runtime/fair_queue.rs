@@ -5,8 +5,9 @@
 //! that floods it with plot registrations, issuances, zone updates or list
 //! scans would make everyone else wait behind its backlog. The control plane
 //! therefore moves what the workers queued into one FIFO per caller (the
-//! public key of its client certificate; all certificate-less connections
-//! together are one caller) and serves one request of each caller in turn.
+//! public key of its client certificate, or the VM owner a VM thread asks
+//! for; all certificate-less connections together are one caller) and
+//! serves one request of each caller in turn.
 //! A caller past [`CALLER_PENDING_MAX`] queued requests, or a new caller
 //! past [`CALLERS_MAX`], is answered `BUSY`
 //! at once and costs nothing more. Sans-IO: it only orders values.
@@ -35,6 +36,10 @@ pub enum CallerKey {
 
 impl CallerKey {
     pub fn of(request: &Forwarded) -> Self {
+        // A VM thread's request is its VM owner's.
+        if let Some(owner) = request.vm_owner.as_deref() {
+            return CallerKey::Key(owner.0);
+        }
         let Some(cert) = &request.peer else {
             return CallerKey::Anonymous;
         };
@@ -115,6 +120,7 @@ mod tests {
             kind: 0x14,
             payload: bytes::Bytes::new(),
             peer: Some(CertificateDer::from(peer.to_vec())),
+            vm_owner: None,
         }
     }
 

@@ -91,7 +91,7 @@ pub struct AuthorityRuntime {
     /// asset addressing is off).
     assets: Option<self::assets::AssetsRuntime>,
     /// The VM threads (None: VM execution is off).
-    vm: Option<Arc<dyn crate::vm::VmHost>>,
+    vm: Option<Arc<self::vm::Front>>,
 }
 
 /// Where admission plugs into the authority at start.
@@ -388,8 +388,7 @@ impl AuthorityRuntime {
             assets.handle(
                 self.service.machine_mut(),
                 request.kind,
-                verified,
-                operator,
+                self::assets::Asker::of(&request, verified, operator),
                 &request.payload,
             )
         });
@@ -421,7 +420,9 @@ impl AuthorityRuntime {
     /// Run VMs on `host` (the VM threads); without one, VM requests are
     /// refused.
     pub fn attach_vm(&mut self, host: Arc<dyn crate::vm::VmHost>) {
-        self.vm = Some(host);
+        let front = self::vm::Front::new(host, self.service.machine().changes());
+        front.plug(&self.port);
+        self.vm = Some(front);
     }
 
     /// Issue a new server certificate (overlapping the current one, which

@@ -3,6 +3,15 @@
 //! and hands the call to the VM threads ([`VmHost`]), which answer the
 //! worker themselves; `VM_LIST` it answers from its store. Nothing here
 //! changes the store: a call's answer does not wait for a group commit.
+//!
+//! A call that passed the checks leaves what they found with the [`Front`]
+//! (the VM's owner, header and module), keyed by the caller's certificate
+//! and the call's target. The next call of that caller to that target goes
+//! from the worker to the VM threads directly, while the machine's count
+//! of changes ([`Machine::changes`]) is the one the checks were made at
+//! and the certificate has not expired: every write, grant, quota, zone
+//! change and revocation moves the count on, and the call after it is
+//! checked here again.
 
 use super::assets::AssetsRuntime;
 use crate::authority::api::hex;
@@ -10,10 +19,162 @@ use crate::machine::Machine;
 use crate::vm::{CallRequest, HEADER_LEN, Header, MODULE_LEN_MAX, Target, VmHost, VmInfo, VmJob};
 use dataplane::assets::address::{AssetAddress, AssetId, Locator};
 use dataplane::assets::memory::Owner;
-use dataplane::control::Forwarded;
+use dataplane::control::{ControlPort, Forwarded};
 use dataplane::protocols::stoq::ErrorCode;
 use dataplane::protocols::stoq_registry::{VM_CALL, VM_LIST};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Checked (caller, VM) pairs the front remembers; past it, it forgets
+/// them all and the control plane checks each pair's next call again.
+pub const FRONT_ENTRIES_MAX: usize = 4096;
+
+/// The VM threads as the control plane and the workers reach them: the
+/// host, and the checks that let a worker skip the control plane.
+pub struct Front {
+    host: Arc<dyn VmHost>,
+    /// The machine's count of changes ([`Machine::changes`]).
+    changes: Arc<AtomicU64>,
+    hasher: RandomState,
+    checked: Mutex<HashMap<u64, Checked>>,
+    /// Calls taken straight to the VM threads.
+    direct: AtomicU64,
+}
+
+/// What the control plane's checks found for one caller and target.
+struct Checked {
+    certificate: Vec<u8>,
+    target: Target,
+    /// The machine's count of changes the checks were made at.
+    changes: u64,
+    /// The caller's certificate's notAfter, Unix seconds.
+    not_after_unix_s: i64,
+    owner: Owner,
+    header: Header,
+}
+
+impl Front {
+    /// The front of `host`, whose checks hold while `changes` stays.
+    pub fn new(host: Arc<dyn VmHost>, changes: Arc<AtomicU64>) -> Arc<Self> {
+        Arc::new(Self {
+            host,
+            changes,
+            hasher: RandomState::new(),
+            checked: Mutex::new(HashMap::new()),
+            direct: AtomicU64::new(0),
+        })
+    }
+
+    /// Let `port`'s workers call through this front.
+    pub fn plug(self: &Arc<Self>, port: &ControlPort) {
+        let front = self.clone();
+        port.set_vm_front(Arc::new(move |request| front.take(request)));
+    }
+
+    pub fn host(&self) -> &dyn VmHost {
+        self.host.as_ref()
+    }
+
+    /// Calls that went from a worker to the VM threads directly.
+    pub fn direct_calls(&self) -> u64 {
+        self.direct.load(Ordering::Relaxed)
+    }
+
+    fn key(&self, certificate: &[u8], target: &Target) -> u64 {
+        self.hasher.hash_one((certificate, target))
+    }
+
+    /// A worker's `VM_CALL`: to a VM thread if the same caller's call of
+    /// the same target passed the checks and nothing changed since; else
+    /// handed back for the control plane.
+    fn take(&self, request: Forwarded) -> Result<(), Forwarded> {
+        let Some(certificate) = request.peer.as_ref() else {
+            return Err(request);
+        };
+        let Ok(call) = CallRequest::decode(&request.payload) else {
+            return Err(request);
+        };
+        let (owner, header) = {
+            let key = self.key(certificate.as_ref(), &call.target);
+            let checked = self.checked.lock().unwrap_or_else(PoisonError::into_inner);
+            match checked.get(&key) {
+                Some(c)
+                    if c.changes == self.changes.load(Ordering::Acquire)
+                        && c.certificate == certificate.as_ref()
+                        && c.target == call.target
+                        && now_unix_s() <= c.not_after_unix_s =>
+                {
+                    (c.owner, c.header)
+                }
+                _ => return Err(request),
+            }
+        };
+        // Out of the VM threads' cache: the control plane sends its bytes.
+        let Some(compiled) = self.host.compiled(&header.sha256) else {
+            return Err(request);
+        };
+        let job = VmJob {
+            worker: request.worker,
+            ticket: request.ticket,
+            kind: request.kind,
+            owner,
+            header,
+            compiled: Some(compiled),
+            module: None,
+            input: call.input,
+            check_only: call.check_only,
+        };
+        // Busy: the control plane answers it (busy, or queued later).
+        match self.host.submit(job) {
+            Ok(()) => {
+                self.direct.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(_) => Err(request),
+        }
+    }
+
+    /// Remember that `certificate`'s call passed the checks made at
+    /// `changes`.
+    fn remember(&self, certificate: &[u8], passed: Passed, changes: u64) {
+        let Passed {
+            target,
+            owner,
+            header,
+        } = passed;
+        let Some(not_after_unix_s) = x509_parser::parse_x509_certificate(certificate)
+            .ok()
+            .map(|(_, cert)| cert.validity().not_after.timestamp())
+        else {
+            return;
+        };
+        let key = self.key(certificate, &target);
+        let mut checked = self.checked.lock().unwrap_or_else(PoisonError::into_inner);
+        if checked.len() >= FRONT_ENTRIES_MAX && !checked.contains_key(&key) {
+            checked.clear();
+        }
+        checked.insert(
+            key,
+            Checked {
+                certificate: certificate.to_vec(),
+                target,
+                changes,
+                not_after_unix_s,
+                owner,
+                header,
+            },
+        );
+    }
+}
+
+fn now_unix_s() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
 
 /// What a request answers: its payload, or an error code and message.
 type Answer = Result<Vec<u8>, (u16, String)>;
@@ -29,12 +190,12 @@ pub enum Handled {
 
 /// Take VM request `request` (None if it is none); `verified` is the
 /// caller's certificate, checked again; `ours` says which locators' storage
-/// assets this node's store holds. Without `host` (VM execution off) or
+/// assets this node's store holds. Without `front` (VM execution off) or
 /// `assets` (asset addressing off), a VM request is refused.
 pub fn handle(
     machine: &Machine,
     assets: Option<&AssetsRuntime>,
-    host: Option<&Arc<dyn VmHost>>,
+    front: Option<&Arc<Front>>,
     request: &Forwarded,
     verified: Option<&[u8]>,
     ours: &dyn Fn(Locator) -> bool,
@@ -42,14 +203,16 @@ pub fn handle(
     if request.kind != VM_CALL && request.kind != VM_LIST {
         return None;
     }
-    let (Some(host), Some(assets)) = (host, assets) else {
+    let (Some(front), Some(assets)) = (front, assets) else {
         return Some(Handled::Now(Err((
             ErrorCode::VmOff as u16,
             "VM execution is off on this server ([hypermesh_assets] enable_vm_execution, with nat_addressing)"
                 .into(),
         ))));
     };
-    let Some(caller) = verified.and_then(dataplane::trust::spki_sha256) else {
+    let Some((certificate, caller)) =
+        verified.and_then(|der| Some((der, dataplane::trust::spki_sha256(der)?)))
+    else {
         return Some(Handled::Now(Err((
             ErrorCode::CertificateRequired as u16,
             "VM requests need a valid client certificate of this authority (revoked or expired ones are refused)".into(),
@@ -59,8 +222,14 @@ pub fn handle(
     Some(if request.kind == VM_LIST {
         Handled::Now(Ok(list(machine, assets, &caller)))
     } else {
-        match call(machine, assets, host.as_ref(), request, &caller, ours) {
-            Ok(()) => Handled::Running,
+        let changes = machine.changes().load(Ordering::Acquire);
+        match call(machine, assets, front.host(), request, &caller, ours) {
+            Ok(checked) => {
+                if let Some(passed) = checked {
+                    front.remember(certificate, passed, changes);
+                }
+                Handled::Running
+            }
             Err(refused) => Handled::Now(Err(refused)),
         }
     })
@@ -70,7 +239,15 @@ fn module_error(message: impl Into<String>) -> (u16, String) {
     (ErrorCode::VmModule as u16, message.into())
 }
 
-/// Check a `VM_CALL` and queue it for a VM thread.
+/// What a call's checks found: the VM it names, its owner and header.
+struct Passed {
+    target: Target,
+    owner: Owner,
+    header: Header,
+}
+
+/// Check a `VM_CALL` and queue it for a VM thread; what the checks found
+/// when its module was compiled already.
 fn call(
     machine: &Machine,
     assets: &AssetsRuntime,
@@ -78,7 +255,7 @@ fn call(
     request: &Forwarded,
     caller: &Owner,
     ours: &dyn Fn(Locator) -> bool,
-) -> Result<(), (u16, String)> {
+) -> Result<Option<Passed>, (u16, String)> {
     let call =
         CallRequest::decode(&request.payload).map_err(|e| (ErrorCode::Malformed as u16, e))?;
     let id = match &call.target {
@@ -198,6 +375,11 @@ fn call(
             }
         }
     };
+    let passed = compiled.is_some().then_some(Passed {
+        target: call.target,
+        owner,
+        header,
+    });
     let job = VmJob {
         worker: request.worker,
         ticket: request.ticket,
@@ -209,7 +391,8 @@ fn call(
         input: call.input,
         check_only: call.check_only,
     };
-    host.submit(job).map_err(busy)
+    host.submit(job).map_err(busy)?;
+    Ok(passed)
 }
 
 /// The storage asset published as `LABEL.assets.APEX`.
@@ -264,4 +447,159 @@ fn list(machine: &Machine, assets: &AssetsRuntime, caller: &Owner) -> Vec<u8> {
         })
         .collect();
     serde_json::to_vec(&vms).expect("a VM list serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dataplane::control::Ticket;
+
+    /// VM threads that keep what they are given.
+    #[derive(Default)]
+    struct Threads {
+        compiled: Mutex<Vec<[u8; 32]>>,
+        jobs: Mutex<Vec<VmJob>>,
+        full: std::sync::atomic::AtomicBool,
+    }
+
+    impl VmHost for Threads {
+        fn compiled(&self, sha256: &[u8; 32]) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
+            let compiled = self.compiled.lock().unwrap();
+            compiled
+                .contains(sha256)
+                .then(|| Arc::new(()) as Arc<dyn std::any::Any + Send + Sync>)
+        }
+        fn room(&self, _: &Owner, _: usize) -> Result<(), String> {
+            Ok(())
+        }
+        fn submit(&self, job: VmJob) -> Result<(), String> {
+            if self.full.load(Ordering::Relaxed) {
+                return Err("busy".into());
+            }
+            self.jobs.lock().unwrap().push(job);
+            Ok(())
+        }
+        fn memory_mib_max(&self) -> u32 {
+            64
+        }
+    }
+
+    fn certificate(not_after_year: i32) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["caller".into()]).unwrap();
+        params.not_after = rcgen::date_time_ymd(not_after_year, 1, 1);
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    fn request(certificate: &[u8], target: &Target, input: &[u8]) -> Forwarded {
+        let call = CallRequest {
+            check_only: false,
+            target: target.clone(),
+            input: input.to_vec(),
+        };
+        Forwarded {
+            worker: 0,
+            ticket: Ticket {
+                handle: 1,
+                conn_id: 2,
+                stream: quinn_proto::StreamId::new(
+                    quinn_proto::Side::Client,
+                    quinn_proto::Dir::Bi,
+                    0,
+                ),
+            },
+            kind: VM_CALL,
+            payload: call.encode().into(),
+            peer: Some(certificate.to_vec().into()),
+            vm_owner: None,
+        }
+    }
+
+    fn passed(target: &Target, owner: Owner, header: Header) -> Passed {
+        Passed {
+            target: target.clone(),
+            owner,
+            header,
+        }
+    }
+
+    #[test]
+    fn a_checked_call_goes_straight_to_the_vm_threads_until_anything_changes() {
+        let threads = Arc::new(Threads::default());
+        let header = Header::for_module(b"module", 1000, 1);
+        threads.compiled.lock().unwrap().push(header.sha256);
+        let changes = Arc::new(AtomicU64::new(7));
+        let front = Front::new(threads.clone(), changes.clone());
+        let caller = certificate(2099);
+        let echo = Target::Name("echo".into());
+        let owner = Owner([3; 32]);
+
+        // Nothing checked yet: the control plane takes it.
+        assert!(front.take(request(&caller, &echo, b"a")).is_err());
+        front.remember(&caller, passed(&echo, owner, header), 7);
+        front.take(request(&caller, &echo, b"b")).unwrap();
+        {
+            let jobs = threads.jobs.lock().unwrap();
+            let job = jobs.last().unwrap();
+            assert_eq!(
+                (job.owner, job.header, &job.input[..]),
+                (owner, header, &b"b"[..])
+            );
+            assert!(job.compiled.is_some() && job.module.is_none());
+        }
+        assert_eq!(front.direct_calls(), 1);
+
+        // Another caller, another target, no certificate, bytes that are no
+        // call: each checked by the control plane.
+        assert!(front.take(request(&certificate(2099), &echo, b"")).is_err());
+        let other = Target::Name("other".into());
+        assert!(front.take(request(&caller, &other, b"")).is_err());
+        let mut anonymous = request(&caller, &echo, b"");
+        anonymous.peer = None;
+        assert!(front.take(anonymous).is_err());
+        let mut garbage = request(&caller, &echo, b"");
+        garbage.payload = bytes::Bytes::from_static(&[9, 9]);
+        assert!(front.take(garbage).is_err());
+
+        // VM threads busy, or the module out of their cache: the control
+        // plane again.
+        threads.full.store(true, Ordering::Relaxed);
+        assert!(front.take(request(&caller, &echo, b"")).is_err());
+        threads.full.store(false, Ordering::Relaxed);
+        threads.compiled.lock().unwrap().clear();
+        assert!(front.take(request(&caller, &echo, b"")).is_err());
+        threads.compiled.lock().unwrap().push(header.sha256);
+        front.take(request(&caller, &echo, b"")).unwrap();
+
+        // Any change to the machine (a write, a grant, a quota, a
+        // revocation): checked again.
+        changes.fetch_add(1, Ordering::Release);
+        assert!(front.take(request(&caller, &echo, b"")).is_err());
+        assert_eq!(front.direct_calls(), 2);
+    }
+
+    #[test]
+    fn an_expired_certificate_is_checked_by_the_control_plane() {
+        let threads = Arc::new(Threads::default());
+        let header = Header::for_module(b"module", 1000, 1);
+        threads.compiled.lock().unwrap().push(header.sha256);
+        let front = Front::new(threads, Arc::new(AtomicU64::new(0)));
+        let expired = certificate(2001);
+        let echo = Target::Name("echo".into());
+        front.remember(&expired, passed(&echo, Owner([1; 32]), header), 0);
+        assert!(front.take(request(&expired, &echo, b"")).is_err());
+    }
+
+    #[test]
+    fn the_front_forgets_past_its_bound() {
+        let threads = Arc::new(Threads::default());
+        let front = Front::new(threads, Arc::new(AtomicU64::new(0)));
+        let caller = certificate(2099);
+        let header = Header::for_module(b"module", 1000, 1);
+        for i in 0..FRONT_ENTRIES_MAX + 10 {
+            let target = Target::Name(format!("vm{i}"));
+            front.remember(&caller, passed(&target, Owner([1; 32]), header), 0);
+            assert!(front.checked.lock().unwrap().len() <= FRONT_ENTRIES_MAX);
+        }
+    }
 }

@@ -862,11 +862,14 @@ fn forward(
         kind,
         payload: Bytes::copy_from_slice(&stream.buf[HEADER_LEN..]),
         peer: ctx.peer.cloned(),
+        vm_owner: None,
     };
-    route
-        .port
-        .forward(request)
-        .map_err(|_| encode_error(ErrorCode::Busy, "the authority is busy; retry in a moment"))
+    let sent = if kind == super::stoq_registry::VM_CALL {
+        route.port.call_vm(request)
+    } else {
+        route.port.forward(request)
+    };
+    sent.map_err(|_| encode_error(ErrorCode::Busy, "the authority is busy; retry in a moment"))
 }
 
 fn answer(kind: Kind, payload: &[u8], ctx: &StoqContext<'_>) -> Bytes {
