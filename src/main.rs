@@ -766,10 +766,12 @@ fn run(args: &Args, resolved: config::Resolved) -> anyhow::Result<()> {
     if let Some(resolver) = resolver {
         resolver.stop();
     }
-    control.stop();
+    // The VM threads first: a call waiting on the control plane for a
+    // storage asset is answered before the control plane stops.
     if let Some(pool) = vm_pool {
         pool.stop();
     }
+    control.stop();
     let total = stats.snapshot().total;
     tracing::info!(
         accepted = total.accepted,

@@ -173,6 +173,24 @@ fn vms_run_deploy_and_hit_their_limits_on_production_defaults() {
     assert_eq!(trip["output"], "kept by a VM", "{trip}");
     let read = server.client(&["asset", "read", &storage_address, "--len", "12"]);
     assert_eq!(ok(&read), "kept by a VM");
+    // A VM writes no VM asset (its callers could steer it to put their
+    // module there): FORBIDDEN, and echo still runs.
+    let echo_octets = listed[0]["address"]
+        .as_str()
+        .unwrap()
+        .parse::<std::net::Ipv6Addr>()
+        .unwrap()
+        .octets();
+    let over_echo = dir.join("over-echo.bin");
+    std::fs::write(&over_echo, [&echo_octets[..], b"overwritten"].concat()).unwrap();
+    let refused_write = stopped(&run_roundtrip(None, &over_echo), "finished");
+    assert_eq!(refused_write["status"], -5, "{refused_write}");
+    let called = json(&vm(
+        &server,
+        None,
+        &["call", "echo", "--input", "ok", "--json"],
+    ));
+    assert_eq!(called["output"], "ok");
 
     // Each limit, with its reason and the fuel used.
     let fuel = stopped(
@@ -306,6 +324,11 @@ fn vms_run_deploy_and_hit_their_limits_on_production_defaults() {
         ));
         assert_eq!(as_reader["output"], input);
     }
+    let direct = |server: &Server| {
+        let stats = json(&server.client(&["stats", "--json"]));
+        stats["total"]["vm_direct_calls"].as_u64().unwrap()
+    };
+    assert!(direct(&server) >= 2, "the reader's later calls went direct");
     ok(&server.client(&["asset", "revoke-grant", &echo_address, &identity]));
     refused(&vm(&server, s, &["call", "echo"]), 13, "neither owned");
     grant_read();
@@ -426,6 +449,40 @@ fn vms_run_deploy_and_hit_their_limits_on_production_defaults() {
         &["call", "mine", "--input", "still", "--json"],
     ));
     assert_eq!(out["output"], "still");
+
+    // The fuel quota is also the owner's compute budget on the server:
+    // its VMs burn at most that much fuel a second, calls start while some
+    // is left, and time gives it back.
+    let (spender, _, spender_id) = staked_identity(&server, "spender");
+    let sp = Some(spender.as_path());
+    ok(&server.admin(&["quota", "set", &spender_id, "--fuel", "300000"]));
+    let burn = [
+        "deploy",
+        &module("spin.wat"),
+        "--name",
+        "burn",
+        "--fuel",
+        "300000",
+        "--memory-mib",
+        "1",
+    ];
+    ok(&vm(&server, sp, &burn));
+    let spent = (0..20)
+        .map(|_| vm(&server, sp, &["call", "burn", "--json"]))
+        .find(|out| String::from_utf8_lossy(&out.stderr).contains("server error 15:"))
+        .expect("the compute budget never ran out");
+    refused(&spent, 15, "compute budget is spent");
+    let mut back = false;
+    for _ in 0..100 {
+        let out = vm(&server, sp, &["call", "burn", "--json"]);
+        if out.stdout.starts_with(b"{") {
+            stopped(&out, "fuel");
+            back = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(back, "the compute budget never came back");
 
     // A restart keeps what was deployed (and compiles it again).
     server.kill9_and_restart();

@@ -291,6 +291,9 @@ pub struct VmJob {
     /// and the call reaches the assets it may.
     pub owner: Owner,
     pub header: Header,
+    /// The owner's fuel quota: the most fuel a call may be given, and its
+    /// VMs' compute budget, fuel a second.
+    pub fuel_quota: u64,
     /// The compiled module ([`VmHost::compiled`]), held for the call so
     /// that it cannot leave the cache before the call runs.
     pub compiled: Option<Arc<dyn std::any::Any + Send + Sync>>,

@@ -228,17 +228,18 @@ impl ControlPort {
         let _ = self.vm_front.set(front);
     }
 
-    /// Worker side: a `VM_CALL` to the VM threads directly, or else to the
-    /// control plane ([`Self::forward`]); hands it back when the queue is
-    /// full.
-    pub fn call_vm(&self, request: Forwarded) -> Result<(), Forwarded> {
-        match self.vm_front.get() {
+    /// Worker side: a `VM_CALL` to the VM threads directly (true), or else
+    /// to the control plane ([`Self::forward`], false); hands it back when
+    /// the queue is full.
+    pub fn call_vm(&self, request: Forwarded) -> Result<bool, Forwarded> {
+        let request = match self.vm_front.get() {
             Some(front) => match front(request) {
-                Ok(()) => Ok(()),
-                Err(request) => self.forward(request),
+                Ok(()) => return Ok(true),
+                Err(request) => request,
             },
-            None => self.forward(request),
-        }
+            None => request,
+        };
+        self.forward(request).map(|()| false)
     }
 
     /// Whether a resolver is plugged in.

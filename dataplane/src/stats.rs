@@ -92,6 +92,9 @@ counters! {
     stoq_requests,
     /// stoq/1 requests answered with an error code.
     stoq_errors,
+    /// VM calls handed to the VM threads directly, on the control plane's
+    /// earlier check of the same caller and VM.
+    vm_direct_calls,
     /// Streams served by the perf handler.
     perf_streams,
     /// perf uploads whose bytes did not match the documented pattern.

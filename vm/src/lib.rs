@@ -11,6 +11,7 @@
 //! never run guest code.
 
 mod abi;
+pub mod budget;
 
 use controlplane::vm::{Header, Outcome, Reason, VmHost, VmJob};
 use dataplane::assets::memory::{MemoryAssets, Owner};
@@ -127,6 +128,8 @@ pub struct Runtime {
     port: Option<Arc<ControlPort>>,
     /// What the guests' asset calls reach: this node's memory assets.
     memory: Option<Arc<MemoryAssets>>,
+    /// The owners' compute budgets on this node.
+    budgets: Mutex<budget::Budgets>,
 }
 
 #[derive(Default)]
@@ -199,10 +202,12 @@ impl Runtime {
             .max_tables_per_module(1)
             .table_elements(TABLE_ELEMENTS_MAX)
             .max_memory_size((config.memory_mib_max as usize) << 20)
-            // A slot is reset for its next instance by rewriting the pages
-            // the last one touched (found with PAGEMAP_SCAN where the kernel
-            // has it), not by `madvise`, whose TLB shootdowns interrupt
-            // every core the process runs on, the workers' included.
+            // A slot's first MiB is reset for its next instance in place
+            // (only the pages the last one touched, found with PAGEMAP_SCAN
+            // from Linux 6.7; all of it before), not by `madvise`, whose TLB
+            // shootdowns interrupt every core the process runs on, the
+            // workers' included. A guest that grew past it is still
+            // madvised beyond that first MiB.
             .linear_memory_keep_resident(KEEP_RESIDENT)
             .table_keep_resident(KEEP_RESIDENT)
             .pagemap_scan(wasmtime::Enabled::Auto);
@@ -226,6 +231,7 @@ impl Runtime {
             deadline: config.deadline,
             port: None,
             memory,
+            budgets: Mutex::default(),
         })
     }
 
@@ -375,7 +381,22 @@ impl Runtime {
             ),
             None => None,
         };
-        Ok(self.call(&module, job.owner, limits, &job.input))
+        // The owner's compute budget: its fuel quota a second.
+        let quota = job.fuel_quota;
+        lock(&self.budgets)
+            .draw(&job.owner, quota, Instant::now())
+            .map_err(|spent| {
+                (
+                    ErrorCode::AssetQuota as u16,
+                    format!(
+                        "the VM owner's compute budget is spent: its VMs burn at most {quota} fuel a second on this server (quota set --fuel); retry in {} ms",
+                        spent.wait.as_millis() + 1
+                    ),
+                )
+            })?;
+        let outcome = self.call(&module, job.owner, limits, &job.input);
+        lock(&self.budgets).charge(&job.owner, quota, outcome.fuel_used, Instant::now());
+        Ok(outcome)
     }
 }
 

@@ -147,6 +147,7 @@ fn one_owner_fills_at_most_its_share_of_the_queue_and_module_bytes_are_bounded()
         kind: 0,
         owner,
         header: controlplane::vm::Header::for_module(b"", 1, 1),
+        fuel_quota: 1,
         compiled: None,
         module,
         input: Vec::new(),

@@ -109,9 +109,10 @@ pub struct Machine {
     /// ([`Self::apply_with`]); [`Self::apply`] refuses.
     replicated: bool,
     /// Counts the changes taken into memory, but the admission state's
-    /// (beacon ticks, stakes, plots): what was checked against the CA,
+    /// (beacon ticks, stakes, plots) and the writes to storage assets that
+    /// hold no checked VM module: what a VM call's checks read of the CA,
     /// the zone and the assets at one count holds while the count stays
-    /// ([`Self::changes`]).
+    /// ([`Self::changes`]). Moved on after each change.
     changes: Arc<AtomicU64>,
 }
 
@@ -210,14 +211,15 @@ impl Machine {
     /// The node's asset limits (configuration: every replica must be given
     /// the same).
     pub fn set_asset_limits(&mut self, limits: StorageLimits) {
-        self.changed();
         self.assets.set_limits(limits);
+        self.changed();
     }
 
     /// The count of changes taken into memory so far, which every command
-    /// applied but the admission state's, every reload and every limit
-    /// change moves on: a reader on another thread compares it with the
-    /// count its checks of the CA, the zone or the assets were made at.
+    /// applied (but the admission state's, and writes to storage assets
+    /// holding no checked VM module), every reload and every limit change
+    /// moves on: a reader on another thread compares it with the count a
+    /// VM call's checks were made at.
     pub fn changes(&self) -> Arc<AtomicU64> {
         self.changes.clone()
     }
@@ -464,7 +466,12 @@ impl Machine {
 
     /// Load everything in memory again from the store.
     fn reload(&mut self) -> Result<(), AuthorityError> {
+        let reloaded = self.reload_counted();
         self.changed();
+        reloaded
+    }
+
+    fn reload_counted(&mut self) -> Result<(), AuthorityError> {
         self.authority.reload()?;
         let db = self.authority.database();
         if let Some(config) = &self.zone_config {
@@ -577,9 +584,23 @@ impl Machine {
     }
 
     fn absorb(&mut self, command: Command, written: Written) -> Applied {
-        if !matches!(command, Command::Admission(_)) {
+        // What a check of a VM call read: not the admission state, nor the
+        // bytes of a storage asset that holds no checked module.
+        let counted = match &command {
+            Command::Admission(_) => false,
+            Command::Asset(AssetChange::Write { id, .. } | AssetChange::Cas { id, .. }) => {
+                self.assets.module_checked(*id).is_some()
+            }
+            _ => true,
+        };
+        let applied = self.absorb_counted(command, written);
+        if counted {
             self.changed();
         }
+        applied
+    }
+
+    fn absorb_counted(&mut self, command: Command, written: Written) -> Applied {
         match (command, written) {
             (Command::Certify(certify), Written::Certified(written)) => {
                 self.absorb_zone(certify.zone);

@@ -154,6 +154,18 @@ impl AssetsRuntime {
     ) -> Option<Result<Plan, (u16, String)>> {
         let (verified, operator) = match asker {
             Asker::Vm(owner) if kind == ASSET_READ || kind == ASSET_WRITE => {
+                if let Ok(AssetRequest::Write {
+                    address,
+                    offset,
+                    data,
+                }) = AssetRequest::decode(kind, payload)
+                    && super::vm::writes_a_vm(machine, address.id, offset, data)
+                {
+                    return Some(Err((
+                        ErrorCode::AssetForbidden as u16,
+                        "a VM writes no VM asset".into(),
+                    )));
+                }
                 return Some(self.plan_storage(machine, &owner, kind, payload, ours));
             }
             Asker::Vm(_) => {

@@ -54,6 +54,7 @@ struct Checked {
     not_after_unix_s: i64,
     owner: Owner,
     header: Header,
+    fuel_quota: u64,
 }
 
 impl Front {
@@ -68,10 +69,14 @@ impl Front {
         })
     }
 
-    /// Let `port`'s workers call through this front.
+    /// Let `port`'s workers call through this front (while it lives: the
+    /// VM threads hold the port).
     pub fn plug(self: &Arc<Self>, port: &ControlPort) {
-        let front = self.clone();
-        port.set_vm_front(Arc::new(move |request| front.take(request)));
+        let front = Arc::downgrade(self);
+        port.set_vm_front(Arc::new(move |request| match front.upgrade() {
+            Some(front) => front.take(request),
+            None => Err(request),
+        }));
     }
 
     pub fn host(&self) -> &dyn VmHost {
@@ -97,7 +102,7 @@ impl Front {
         let Ok(call) = CallRequest::decode(&request.payload) else {
             return Err(request);
         };
-        let (owner, header) = {
+        let (owner, header, fuel_quota) = {
             let key = self.key(certificate.as_ref(), &call.target);
             let checked = self.checked.lock().unwrap_or_else(PoisonError::into_inner);
             match checked.get(&key) {
@@ -107,7 +112,7 @@ impl Front {
                         && c.target == call.target
                         && now_unix_s() <= c.not_after_unix_s =>
                 {
-                    (c.owner, c.header)
+                    (c.owner, c.header, c.fuel_quota)
                 }
                 _ => return Err(request),
             }
@@ -122,6 +127,7 @@ impl Front {
             kind: request.kind,
             owner,
             header,
+            fuel_quota,
             compiled: Some(compiled),
             module: None,
             input: call.input,
@@ -144,6 +150,7 @@ impl Front {
             target,
             owner,
             header,
+            fuel_quota,
         } = passed;
         let Some(not_after_unix_s) = x509_parser::parse_x509_certificate(certificate)
             .ok()
@@ -165,6 +172,7 @@ impl Front {
                 not_after_unix_s,
                 owner,
                 header,
+                fuel_quota,
             },
         );
     }
@@ -244,6 +252,7 @@ struct Passed {
     target: Target,
     owner: Owner,
     header: Header,
+    fuel_quota: u64,
 }
 
 /// Check a `VM_CALL` and queue it for a VM thread; what the checks found
@@ -379,6 +388,7 @@ fn call(
         target: call.target,
         owner,
         header,
+        fuel_quota,
     });
     let job = VmJob {
         worker: request.worker,
@@ -386,6 +396,7 @@ fn call(
         kind: request.kind,
         owner,
         header,
+        fuel_quota,
         compiled,
         module,
         input: call.input,
@@ -393,6 +404,35 @@ fn call(
     };
     host.submit(job).map_err(busy)?;
     Ok(passed)
+}
+
+/// Whether writing `data` at `offset` of storage asset `id` writes a VM
+/// asset: one whose bytes start with the VM magic before the write, or
+/// would after it. A VM writes no VM asset: callers its owner granted read
+/// access run its VMs, and a VM they steered could otherwise put a module
+/// of theirs where the owner's was.
+pub(super) fn writes_a_vm(machine: &Machine, id: AssetId, offset: u64, data: &[u8]) -> bool {
+    let magic = crate::vm::MAGIC.len() as u64;
+    let Some((owner, size)) = machine.assets().owner_and_size(id) else {
+        return false;
+    };
+    if size < magic {
+        return false;
+    }
+    let Ok(before) = machine.read_storage(&owner, id, 0, magic) else {
+        return false;
+    };
+    if before == crate::vm::MAGIC {
+        return true;
+    }
+    let mut after = before;
+    for (i, byte) in data.iter().enumerate() {
+        match offset.checked_add(i as u64) {
+            Some(at) if at < magic => after[at as usize] = *byte,
+            _ => break,
+        }
+    }
+    after == crate::vm::MAGIC
 }
 
 /// The storage asset published as `LABEL.assets.APEX`.
@@ -520,6 +560,7 @@ mod tests {
             target: target.clone(),
             owner,
             header,
+            fuel_quota: 5000,
         }
     }
 

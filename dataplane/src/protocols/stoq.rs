@@ -767,7 +767,8 @@ fn hand_over(
         return Some(too_many_waiting());
     }
     match forward(kind, id, stream, ctx) {
-        Ok(()) => {
+        Ok(direct) => {
+            counters.vm_direct_calls += u64::from(direct);
             waiting(forwarded, stream, counters);
             None
         }
@@ -833,13 +834,14 @@ fn proxy_over(
     }
 }
 
-/// Forward an authority request; on refusal, the error response to send.
+/// Forward an authority request (true: a VM call went to the VM threads
+/// directly); on refusal, the error response to send.
 fn forward(
     kind: u8,
     id: StreamId,
     stream: &StoqStream,
     ctx: &StoqContext<'_>,
-) -> Result<(), Bytes> {
+) -> Result<bool, Bytes> {
     let Some(route) = ctx.authority else {
         return Err(encode_error(
             ErrorCode::UnknownMessage,
@@ -867,7 +869,7 @@ fn forward(
     let sent = if kind == super::stoq_registry::VM_CALL {
         route.port.call_vm(request)
     } else {
-        route.port.forward(request)
+        route.port.forward(request).map(|()| false)
     };
     sent.map_err(|_| encode_error(ErrorCode::Busy, "the authority is busy; retry in a moment"))
 }
