@@ -134,31 +134,37 @@ pub struct Runtime {
 
 #[derive(Default)]
 struct Cache {
-    compiled: HashMap<[u8; 32], Compiled>,
-    /// Least recently called first.
-    order: VecDeque<[u8; 32]>,
+    /// Each compiled module, with the tick it was last called at.
+    compiled: HashMap<[u8; 32], (Compiled, u64)>,
+    /// Counts the lookups: a call's tick.
+    ticks: u64,
     refused: HashMap<[u8; 32], ModuleError>,
     refused_order: VecDeque<[u8; 32]>,
 }
 
 impl Cache {
-    /// The compiled module, now the most recently called.
+    /// The compiled module, now the most recently called (a lookup costs
+    /// the same however many modules are kept).
     fn get(&mut self, sha256: &[u8; 32]) -> Option<Compiled> {
-        let compiled = self.compiled.get(sha256)?.clone();
-        if let Some(at) = self.order.iter().position(|s| s == sha256) {
-            self.order.remove(at);
-        }
-        self.order.push_back(*sha256);
-        Some(compiled)
+        self.ticks += 1;
+        let (compiled, called) = self.compiled.get_mut(sha256)?;
+        *called = self.ticks;
+        Some(compiled.clone())
     }
 
+    /// Keep `compiled`; past [`MODULES_CACHED_MAX`], the least recently
+    /// called goes (a scan, once per module compiled).
     fn keep(&mut self, sha256: [u8; 32], compiled: Compiled) {
-        if self.compiled.insert(sha256, compiled).is_none() {
-            self.order.push_back(sha256);
-        }
-        while self.order.len() > MODULES_CACHED_MAX {
-            if let Some(old) = self.order.pop_front() {
-                self.compiled.remove(&old);
+        self.ticks += 1;
+        self.compiled.insert(sha256, (compiled, self.ticks));
+        while self.compiled.len() > MODULES_CACHED_MAX {
+            let oldest = self
+                .compiled
+                .iter()
+                .min_by_key(|(_, (_, called))| *called)
+                .map(|(sha256, _)| *sha256);
+            if let Some(oldest) = oldest {
+                self.compiled.remove(&oldest);
             }
         }
     }

@@ -52,9 +52,41 @@ struct Checked {
     changes: u64,
     /// The caller's certificate's notAfter, Unix seconds.
     not_after_unix_s: i64,
+    verdict: Verdict,
+}
+
+/// What the checks of a call found: the VM's owner and header, and the
+/// owner's fuel quota.
+#[derive(Clone, Copy, Debug)]
+struct Verdict {
     owner: Owner,
     header: Header,
     fuel_quota: u64,
+}
+
+impl Verdict {
+    /// The job that runs `request` (its `input`, or only its module's
+    /// check) on what the checks found.
+    fn job(
+        self,
+        request: &Forwarded,
+        (input, check_only): (Vec<u8>, bool),
+        compiled: Option<Arc<dyn std::any::Any + Send + Sync>>,
+        module: Option<Arc<[u8]>>,
+    ) -> VmJob {
+        VmJob {
+            worker: request.worker,
+            ticket: request.ticket,
+            kind: request.kind,
+            owner: self.owner,
+            header: self.header,
+            fuel_quota: self.fuel_quota,
+            compiled,
+            module,
+            input,
+            check_only,
+        }
+    }
 }
 
 impl Front {
@@ -102,7 +134,7 @@ impl Front {
         let Ok(call) = CallRequest::decode(&request.payload) else {
             return Err(request);
         };
-        let (owner, header, fuel_quota) = {
+        let verdict = {
             let key = self.key(certificate.as_ref(), &call.target);
             let checked = self.checked.lock().unwrap_or_else(PoisonError::into_inner);
             match checked.get(&key) {
@@ -112,27 +144,21 @@ impl Front {
                         && c.target == call.target
                         && now_unix_s() <= c.not_after_unix_s =>
                 {
-                    (c.owner, c.header, c.fuel_quota)
+                    c.verdict
                 }
                 _ => return Err(request),
             }
         };
         // Out of the VM threads' cache: the control plane sends its bytes.
-        let Some(compiled) = self.host.compiled(&header.sha256) else {
+        let Some(compiled) = self.host.compiled(&verdict.header.sha256) else {
             return Err(request);
         };
-        let job = VmJob {
-            worker: request.worker,
-            ticket: request.ticket,
-            kind: request.kind,
-            owner,
-            header,
-            fuel_quota,
-            compiled: Some(compiled),
-            module: None,
-            input: call.input,
-            check_only: call.check_only,
-        };
+        let job = verdict.job(
+            &request,
+            (call.input, call.check_only),
+            Some(compiled),
+            None,
+        );
         // Busy: the control plane answers it (busy, or queued later).
         match self.host.submit(job) {
             Ok(()) => {
@@ -146,12 +172,7 @@ impl Front {
     /// Remember that `certificate`'s call passed the checks made at
     /// `changes`.
     fn remember(&self, certificate: &[u8], passed: Passed, changes: u64) {
-        let Passed {
-            target,
-            owner,
-            header,
-            fuel_quota,
-        } = passed;
+        let Passed { target, verdict } = passed;
         let Some(not_after_unix_s) = x509_parser::parse_x509_certificate(certificate)
             .ok()
             .map(|(_, cert)| cert.validity().not_after.timestamp())
@@ -170,9 +191,7 @@ impl Front {
                 target,
                 changes,
                 not_after_unix_s,
-                owner,
-                header,
-                fuel_quota,
+                verdict,
             },
         );
     }
@@ -247,12 +266,10 @@ fn module_error(message: impl Into<String>) -> (u16, String) {
     (ErrorCode::VmModule as u16, message.into())
 }
 
-/// What a call's checks found: the VM it names, its owner and header.
+/// A call that passed the checks: the VM it names, and what they found.
 struct Passed {
     target: Target,
-    owner: Owner,
-    header: Header,
-    fuel_quota: u64,
+    verdict: Verdict,
 }
 
 /// Check a `VM_CALL` and queue it for a VM thread; what the checks found
@@ -384,26 +401,18 @@ fn call(
             }
         }
     };
-    let passed = compiled.is_some().then_some(Passed {
-        target: call.target,
+    let verdict = Verdict {
         owner,
         header,
         fuel_quota,
-    });
-    let job = VmJob {
-        worker: request.worker,
-        ticket: request.ticket,
-        kind: request.kind,
-        owner,
-        header,
-        fuel_quota,
-        compiled,
-        module,
-        input: call.input,
-        check_only: call.check_only,
     };
+    let remembered = compiled.is_some();
+    let job = verdict.job(request, (call.input, call.check_only), compiled, module);
     host.submit(job).map_err(busy)?;
-    Ok(passed)
+    Ok(remembered.then_some(Passed {
+        target: call.target,
+        verdict,
+    }))
 }
 
 /// Whether writing `data` at `offset` of storage asset `id` writes a VM
@@ -558,9 +567,11 @@ mod tests {
     fn passed(target: &Target, owner: Owner, header: Header) -> Passed {
         Passed {
             target: target.clone(),
-            owner,
-            header,
-            fuel_quota: 5000,
+            verdict: Verdict {
+                owner,
+                header,
+                fuel_quota: 5000,
+            },
         }
     }
 
