@@ -6,9 +6,10 @@
 //!    out), one at a time: p50/p99, a fresh instance each;
 //! 2. what the call's path costs without the call, one at a time each: a
 //!    `PING` of 1 KiB (the worker answers: the transport's floor), a read
-//!    of the VM asset's 56-byte header (the worker hands it to the control
-//!    plane, which answers), and a check-only `VM_CALL` (the control plane
-//!    hands it to a VM thread, which answers without running anything);
+//!    of the VM asset's 56-byte header (after the control plane checked
+//!    the first, the worker reads the store), and a check-only `VM_CALL`
+//!    (after the first, the worker hands it to a VM thread, which answers
+//!    without running anything);
 //! 3. the same calls with many in flight: calls per second (the server's
 //!    VM threads are the bound).
 //!

@@ -300,9 +300,27 @@ fn storage_assets_and_operator_quotas_survive_a_restart_on_production_defaults()
         "neither owned",
     );
     refused(&asset(&server, s, &["free", a]), 13, "neither owned");
-    ok(&asset(&server, None, &["grant", a, &identity, "--read"]));
-    let read = asset(&server, s, &["read", a, "--offset", "1000", "--len", "3"]);
-    assert_eq!(ok(&read).as_bytes(), &data[..3]);
+    let grant_read = || ok(&asset(&server, None, &["grant", a, &identity, "--read"]));
+    grant_read();
+    let read_3 = || asset(&server, s, &["read", a, "--offset", "1000", "--len", "3"]);
+    assert_eq!(ok(&read_3()).as_bytes(), &data[..3]);
+    // The control plane checked that read; the next ones are the worker's,
+    // from what the store committed: they see every write answered before
+    // them, and a grant withdrawn on the very next read.
+    let direct = |server: &Server| server.stats()["total"]["storage_direct_reads"].as_u64();
+    let before = direct(&server).unwrap();
+    assert_eq!(ok(&read_3()).as_bytes(), &data[..3]);
+    let three = dir.join("three.bin");
+    std::fs::write(&three, b"xyz").unwrap();
+    write_at_1000(&server, a, &three);
+    assert_eq!(ok(&read_3()), "xyz");
+    assert!(direct(&server).unwrap() >= before + 2, "the worker read");
+    std::fs::write(&three, &data[..3]).unwrap();
+    write_at_1000(&server, a, &three);
+    ok(&asset(&server, None, &["revoke-grant", a, &identity]));
+    refused(&read_3(), 13, "neither owned");
+    grant_read();
+    assert_eq!(ok(&read_3()).as_bytes(), &data[..3]);
     refused(
         &asset(&server, s, &["write", a, "--in", file.to_str().unwrap()]),
         13,

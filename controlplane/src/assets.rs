@@ -1003,6 +1003,18 @@ fn read_chunks(
     Ok(out)
 }
 
+/// Bytes `offset..offset + len` of storage asset `id` as `db` holds them
+/// committed: the caller checked the access and the range.
+pub(crate) fn read_committed(
+    db: &Database,
+    id: AssetId,
+    offset: u64,
+    len: usize,
+) -> Result<Vec<u8>, StorageError> {
+    let txn = db.begin_read().map_err(redb::Error::from)?;
+    read_chunks(&txn.open_table(CHUNKS)?, id, offset, len)
+}
+
 /// How many rows the chunk table holds (tests: a free leaves none).
 #[cfg(test)]
 pub(crate) fn chunk_rows(db: &Database) -> u64 {

@@ -117,6 +117,13 @@ impl Store {
         self.db.clone()
     }
 
+    /// The database, for reads of what is committed from another thread
+    /// (the workers' storage reads): a group's open writes are not seen
+    /// until it settles.
+    pub fn committed(&self) -> Arc<Database> {
+        self.db.clone()
+    }
+
     fn group(&self) -> std::sync::MutexGuard<'_, Group> {
         self.group.lock().unwrap_or_else(PoisonError::into_inner)
     }

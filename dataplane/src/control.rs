@@ -131,6 +131,11 @@ pub type AssetProxy = Arc<dyn Fn(ProxiedRequest) -> Result<(), (u16, String)> + 
 /// hands the request back when they must run again.
 pub type VmFront = Arc<dyn Fn(Forwarded) -> Result<(), Forwarded> + Send + Sync>;
 
+/// Answers a storage read (`ASSET_READ`'s payload, from the caller with
+/// this certificate) from the store when the control plane's checks of
+/// the same caller and asset still hold; None when they must run again.
+pub type StorageReads = Arc<dyn Fn(&[u8], &[u8]) -> Option<Vec<u8>> + Send + Sync>;
+
 pub struct ControlPort {
     requests: ArrayQueue<Forwarded>,
     replies: Box<[ArrayQueue<Returned>]>,
@@ -139,6 +144,7 @@ pub struct ControlPort {
     resolver: OnceLock<Resolver>,
     asset_proxy: OnceLock<AssetProxy>,
     vm_front: OnceLock<VmFront>,
+    storage_reads: OnceLock<StorageReads>,
     /// The requests VM threads wait on, by the id [`Self::ask`] gave them.
     asked: Mutex<HashMap<u64, ProxyAnswer>>,
     next_ask: AtomicU64,
@@ -156,6 +162,7 @@ impl ControlPort {
             resolver: OnceLock::new(),
             asset_proxy: OnceLock::new(),
             vm_front: OnceLock::new(),
+            storage_reads: OnceLock::new(),
             asked: Mutex::default(),
             next_ask: AtomicU64::new(0),
         })
@@ -226,6 +233,18 @@ impl ControlPort {
     /// Plug in the VM threads' front door (at most once).
     pub fn set_vm_front(&self, front: VmFront) {
         let _ = self.vm_front.set(front);
+    }
+
+    /// Plug in the storage reads the workers answer (at most once).
+    pub fn set_storage_reads(&self, reads: StorageReads) {
+        let _ = self.storage_reads.set(reads);
+    }
+
+    /// Worker side: the answer to a storage read (`payload`, from the
+    /// caller with `certificate`), read from the store on this thread;
+    /// None when the control plane must answer it.
+    pub fn read_storage(&self, certificate: &[u8], payload: &[u8]) -> Option<Vec<u8>> {
+        self.storage_reads.get()?(certificate, payload)
     }
 
     /// Worker side: a `VM_CALL` to the VM threads directly (true), or else

@@ -95,6 +95,9 @@ counters! {
     /// VM calls handed to the VM threads directly, on the control plane's
     /// earlier check of the same caller and VM.
     vm_direct_calls,
+    /// Storage reads answered by the worker from the store, on the control
+    /// plane's earlier check of the same caller and asset.
+    storage_direct_reads,
     /// Streams served by the perf handler.
     perf_streams,
     /// perf uploads whose bytes did not match the documented pattern.

@@ -218,7 +218,7 @@ fn print_table(args: &VmBenchArgs, m: &Value) {
         ("vm call, one at a time", "call"),
         ("ping 1 KiB (worker)", "ping_1k"),
         (
-            "VM header read (worker, control plane)",
+            "VM header read (worker, from the store)",
             "storage_header_read",
         ),
         ("check-only call (.., VM thread, no run)", "check_only_call"),

@@ -224,6 +224,11 @@ impl Machine {
         self.changes.clone()
     }
 
+    /// The store, for reads of what is committed from another thread.
+    pub fn committed_store(&self) -> Arc<Database> {
+        self.authority.store().committed()
+    }
+
     fn changed(&self) {
         self.changes.fetch_add(1, Ordering::Release);
     }

@@ -77,6 +77,57 @@ pub struct AssetsRuntime {
     /// The sequence number this node's next allocation takes at least:
     /// past those it proposed that are not applied yet.
     cursor: std::cell::Cell<u64>,
+    /// The storage reads the workers answer themselves, once plugged in.
+    reads: Option<Arc<Reads>>,
+}
+
+/// Storage reads a worker answers from the store itself: a caller whose
+/// read of an asset the control plane checked (its certificate, its
+/// access) reads that asset again on the worker's thread, while the
+/// machine's count of changes stays (a grant, a free, a revocation moves
+/// it; a write of the asset's bytes does not, and the worker reads what
+/// is committed: every write answered before the read was sent).
+pub struct Reads {
+    checked: super::checked::Checked<AssetAddress, Readable>,
+}
+
+/// What a worker needs to read an asset it may: which, how long, where.
+#[derive(Clone)]
+struct Readable {
+    id: AssetId,
+    size: u64,
+    store: Arc<redb::Database>,
+}
+
+impl Reads {
+    /// Let `port`'s workers answer the reads checked here (while this
+    /// lives).
+    fn plug(self: &Arc<Self>, port: &dataplane::control::ControlPort) {
+        let reads = Arc::downgrade(self);
+        port.set_storage_reads(Arc::new(move |certificate, payload| {
+            reads.upgrade()?.answer(certificate, payload)
+        }));
+    }
+
+    /// `ASSET_READ`'s answer from the store, if the checks of the same
+    /// caller's read of the same asset hold and the range lies inside it;
+    /// None sends the read to the control plane (which answers any error).
+    fn answer(&self, certificate: &[u8], payload: &[u8]) -> Option<Vec<u8>> {
+        let Ok(AssetRequest::Read {
+            address,
+            offset,
+            len,
+        }) = AssetRequest::decode(ASSET_READ, payload)
+        else {
+            return None;
+        };
+        let readable = self.checked.get(certificate, &address)?;
+        let end = offset.checked_add(u64::from(len))?;
+        if u64::from(len) > crate::assets::STORAGE_READ_LEN_MAX || end > readable.size {
+            return None;
+        }
+        crate::assets::read_committed(&readable.store, readable.id, offset, len as usize).ok()
+    }
 }
 
 impl AssetsRuntime {
@@ -97,10 +148,25 @@ impl AssetsRuntime {
             locator,
             memory,
             cursor: std::cell::Cell::new(0),
+            reads: None,
         };
         runtime.publish_memory_limits(machine);
         runtime.publish(machine);
         runtime
+    }
+
+    /// Let `port`'s workers answer storage reads this node checked, from
+    /// `machine`'s store.
+    pub fn serve_reads_from_workers(
+        &mut self,
+        machine: &Machine,
+        port: &dataplane::control::ControlPort,
+    ) {
+        let reads = Arc::new(Reads {
+            checked: super::checked::Checked::new(machine.changes()),
+        });
+        reads.plug(port);
+        self.reads = Some(reads);
     }
 
     /// Publish the storage totals for `stats` (after each group commit).
@@ -152,6 +218,7 @@ impl AssetsRuntime {
         payload: &[u8],
         ours: &dyn Fn(Locator) -> bool,
     ) -> Option<Result<Plan, (u16, String)>> {
+        let changes = self.reads.as_ref().map(|reads| reads.checked.count());
         let (verified, operator) = match asker {
             Asker::Vm(owner) if kind == ASSET_READ || kind == ASSET_WRITE => {
                 if let Ok(AssetRequest::Write {
@@ -188,13 +255,32 @@ impl AssetsRuntime {
         if !ASSET_KINDS.contains(&kind) {
             return None;
         }
-        let Some(owner) = verified.and_then(dataplane::trust::spki_sha256) else {
+        let Some((certificate, owner)) =
+            verified.and_then(|der| Some((der, dataplane::trust::spki_sha256(der)?)))
+        else {
             return Some(Err((
                 ErrorCode::CertificateRequired as u16,
                 "asset requests need a valid client certificate of this authority (revoked or expired ones are refused)".into(),
             )));
         };
-        Some(self.plan_storage(machine, &Owner(owner), kind, payload, ours))
+        let plan = self.plan_storage(machine, &Owner(owner), kind, payload, ours);
+        // A read the checks let through: the caller's next reads of the
+        // asset are the workers' while nothing changes.
+        if let (Some(reads), Some(changes), Ok(Plan::Now(_)), true) =
+            (&self.reads, changes, &plan, kind == ASSET_READ)
+            && let Ok(AssetRequest::Read { address, .. }) = AssetRequest::decode(kind, payload)
+            && let Some((_, size)) = machine.assets().owner_and_size(address.id)
+        {
+            let readable = Readable {
+                id: address.id,
+                size,
+                store: machine.committed_store(),
+            };
+            reads
+                .checked
+                .remember(certificate, address, changes, readable);
+        }
+        Some(plan)
     }
 
     fn plan_storage(

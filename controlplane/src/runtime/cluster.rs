@@ -333,12 +333,14 @@ impl MemberRuntime {
             let mut service = service.borrow_mut();
             let machine = service.machine_mut();
             machine.set_asset_limits(assets.limits);
-            super::assets::AssetsRuntime::new(
+            let mut storage = super::assets::AssetsRuntime::new(
                 machine,
                 assets.node,
                 assets.memory.locator(),
                 Some(assets.memory.clone()),
-            )
+            );
+            storage.serve_reads_from_workers(machine, &port);
+            storage
         });
         let asset_proxy = cluster
             .assets

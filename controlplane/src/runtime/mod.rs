@@ -11,6 +11,7 @@
 
 pub mod admission;
 pub mod assets;
+pub mod checked;
 pub mod cluster;
 pub mod fair_queue;
 pub mod vm;
@@ -218,9 +219,9 @@ impl AuthorityRuntime {
     ) {
         let machine = self.service.machine_mut();
         machine.set_asset_limits(limits);
-        self.assets = Some(self::assets::AssetsRuntime::new(
-            machine, node, locator, memory,
-        ));
+        let mut assets = self::assets::AssetsRuntime::new(machine, node, locator, memory);
+        assets.serve_reads_from_workers(machine, &self.port);
+        self.assets = Some(assets);
     }
 
     /// The zone store the workers read (None without a zone).

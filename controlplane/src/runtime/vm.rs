@@ -6,14 +6,15 @@
 //!
 //! A call that passed the checks leaves what they found with the [`Front`]
 //! (the VM's owner, header and module), keyed by the caller's certificate
-//! and the call's target. The next call of that caller to that target goes
-//! from the worker to the VM threads directly, while the machine's count
-//! of changes ([`Machine::changes`]) is the one the checks were made at
-//! and the certificate has not expired: every write, grant, quota, zone
-//! change and revocation moves the count on, and the call after it is
-//! checked here again.
+//! and the call's target ([`super::checked`]). The next call of that
+//! caller to that target goes from the worker to the VM threads directly,
+//! while the machine's count of changes ([`Machine::changes`]) is the one
+//! the checks were made at and the certificate has not expired: every
+//! grant, quota, zone change, revocation and write of a VM asset moves the
+//! count on, and the call after it is checked here again.
 
 use super::assets::AssetsRuntime;
+use super::checked::Checked;
 use crate::authority::api::hex;
 use crate::machine::Machine;
 use crate::vm::{CallRequest, HEADER_LEN, Header, MODULE_LEN_MAX, Target, VmHost, VmInfo, VmJob};
@@ -22,37 +23,16 @@ use dataplane::assets::memory::Owner;
 use dataplane::control::{ControlPort, Forwarded};
 use dataplane::protocols::stoq::ErrorCode;
 use dataplane::protocols::stoq_registry::{VM_CALL, VM_LIST};
-use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
-
-/// Checked (caller, VM) pairs the front remembers; past it, it forgets
-/// them all and the control plane checks each pair's next call again.
-pub const FRONT_ENTRIES_MAX: usize = 4096;
 
 /// The VM threads as the control plane and the workers reach them: the
 /// host, and the checks that let a worker skip the control plane.
 pub struct Front {
     host: Arc<dyn VmHost>,
-    /// The machine's count of changes ([`Machine::changes`]).
-    changes: Arc<AtomicU64>,
-    hasher: RandomState,
-    checked: Mutex<HashMap<u64, Checked>>,
+    checked: Checked<Target, Verdict>,
     /// Calls taken straight to the VM threads.
     direct: AtomicU64,
-}
-
-/// What the control plane's checks found for one caller and target.
-struct Checked {
-    certificate: Vec<u8>,
-    target: Target,
-    /// The machine's count of changes the checks were made at.
-    changes: u64,
-    /// The caller's certificate's notAfter, Unix seconds.
-    not_after_unix_s: i64,
-    verdict: Verdict,
 }
 
 /// What the checks of a call found: the VM's owner and header, and the
@@ -94,9 +74,7 @@ impl Front {
     pub fn new(host: Arc<dyn VmHost>, changes: Arc<AtomicU64>) -> Arc<Self> {
         Arc::new(Self {
             host,
-            changes,
-            hasher: RandomState::new(),
-            checked: Mutex::new(HashMap::new()),
+            checked: Checked::new(changes),
             direct: AtomicU64::new(0),
         })
     }
@@ -120,10 +98,6 @@ impl Front {
         self.direct.load(Ordering::Relaxed)
     }
 
-    fn key(&self, certificate: &[u8], target: &Target) -> u64 {
-        self.hasher.hash_one((certificate, target))
-    }
-
     /// A worker's `VM_CALL`: to a VM thread if the same caller's call of
     /// the same target passed the checks and nothing changed since; else
     /// handed back for the control plane.
@@ -134,20 +108,8 @@ impl Front {
         let Ok(call) = CallRequest::decode(&request.payload) else {
             return Err(request);
         };
-        let verdict = {
-            let key = self.key(certificate.as_ref(), &call.target);
-            let checked = self.checked.lock().unwrap_or_else(PoisonError::into_inner);
-            match checked.get(&key) {
-                Some(c)
-                    if c.changes == self.changes.load(Ordering::Acquire)
-                        && c.certificate == certificate.as_ref()
-                        && c.target == call.target
-                        && now_unix_s() <= c.not_after_unix_s =>
-                {
-                    c.verdict
-                }
-                _ => return Err(request),
-            }
+        let Some(verdict) = self.checked.get(certificate.as_ref(), &call.target) else {
+            return Err(request);
         };
         // Out of the VM threads' cache: the control plane sends its bytes.
         let Some(compiled) = self.host.compiled(&verdict.header.sha256) else {
@@ -172,35 +134,9 @@ impl Front {
     /// Remember that `certificate`'s call passed the checks made at
     /// `changes`.
     fn remember(&self, certificate: &[u8], passed: Passed, changes: u64) {
-        let Passed { target, verdict } = passed;
-        let Some(not_after_unix_s) = x509_parser::parse_x509_certificate(certificate)
-            .ok()
-            .map(|(_, cert)| cert.validity().not_after.timestamp())
-        else {
-            return;
-        };
-        let key = self.key(certificate, &target);
-        let mut checked = self.checked.lock().unwrap_or_else(PoisonError::into_inner);
-        if checked.len() >= FRONT_ENTRIES_MAX && !checked.contains_key(&key) {
-            checked.clear();
-        }
-        checked.insert(
-            key,
-            Checked {
-                certificate: certificate.to_vec(),
-                target,
-                changes,
-                not_after_unix_s,
-                verdict,
-            },
-        );
+        self.checked
+            .remember(certificate, passed.target, changes, passed.verdict);
     }
-}
-
-fn now_unix_s() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// What a request answers: its payload, or an error code and message.
@@ -249,7 +185,7 @@ pub fn handle(
     Some(if request.kind == VM_LIST {
         Handled::Now(Ok(list(machine, assets, &caller)))
     } else {
-        let changes = machine.changes().load(Ordering::Acquire);
+        let changes = front.checked.count();
         match call(machine, assets, front.host(), request, &caller, ours) {
             Ok(checked) => {
                 if let Some(passed) = checked {
@@ -502,6 +438,7 @@ fn list(machine: &Machine, assets: &AssetsRuntime, caller: &Owner) -> Vec<u8> {
 mod tests {
     use super::*;
     use dataplane::control::Ticket;
+    use std::sync::Mutex;
 
     /// VM threads that keep what they are given.
     #[derive(Default)]
@@ -648,10 +585,10 @@ mod tests {
         let front = Front::new(threads, Arc::new(AtomicU64::new(0)));
         let caller = certificate(2099);
         let header = Header::for_module(b"module", 1000, 1);
-        for i in 0..FRONT_ENTRIES_MAX + 10 {
+        for i in 0..super::super::checked::CHECKED_MAX + 10 {
             let target = Target::Name(format!("vm{i}"));
             front.remember(&caller, passed(&target, Owner([1; 32]), header), 0);
-            assert!(front.checked.lock().unwrap().len() <= FRONT_ENTRIES_MAX);
+            assert!(front.checked.len() <= super::super::checked::CHECKED_MAX);
         }
     }
 }

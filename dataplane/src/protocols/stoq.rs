@@ -533,9 +533,14 @@ impl StoqServer {
                 match self.assets.answer(kind, &stream.buf[HEADER_LEN..], &caller) {
                     Answer::Now(response) => Some(response),
                     Answer::ControlPlane => {
-                        match hand_over(&mut self.forwarded, kind, id, stream, ctx, counters) {
-                            None => return,
-                            refused => refused,
+                        if let Some(bytes) = read_storage(kind, &stream.buf[HEADER_LEN..], ctx) {
+                            counters.storage_direct_reads += 1;
+                            Some(encode(kind | RESPONSE_FLAG, &bytes))
+                        } else {
+                            match hand_over(&mut self.forwarded, kind, id, stream, ctx, counters) {
+                                None => return,
+                                refused => refused,
+                            }
                         }
                     }
                     Answer::Proxy { locator, envelope } => {
@@ -832,6 +837,19 @@ fn proxy_over(
         }
         Some(Err((code, message))) => Some(encode_error_code(code, &message)),
     }
+}
+
+/// A storage read answered on this thread, from the store, on the
+/// control plane's earlier check of the same caller and asset
+/// ([`ControlPort::read_storage`]); None when the control plane answers.
+fn read_storage(kind: u8, payload: &[u8], ctx: &StoqContext<'_>) -> Option<Vec<u8>> {
+    if kind != super::stoq_registry::ASSET_READ {
+        return None;
+    }
+    let certificate = ctx.peer?;
+    ctx.authority?
+        .port
+        .read_storage(certificate.as_ref(), payload)
 }
 
 /// Forward an authority request (true: a VM call went to the VM threads
