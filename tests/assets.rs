@@ -344,8 +344,11 @@ fn storage_assets_and_operator_quotas_survive_a_restart_on_production_defaults()
     assert_eq!(quotas[0]["storage_used"], 50 * 1024 + 256, "{quotas}");
     assert_eq!(server.stats()["assets"]["storage"]["assets"], 2);
 
-    // Free: the bytes return, the address answers "released", and a reset
-    // quota is the default again.
+    // Free: the bytes return, the address answers "released" (to the
+    // stranger too, whose reads of it the workers were answering), and a
+    // reset quota is the default again.
+    let stranger_read = || asset(&server, s, &["read", a, "--offset", "1000", "--len", "3"]);
+    assert_eq!(ok(&stranger_read()).as_bytes(), &data[..3]);
     let freed = json(&asset(&server, None, &["free", a, "--json"]));
     assert_eq!(freed["freed_bytes"], 200 * 1024);
     refused(
@@ -353,6 +356,7 @@ fn storage_assets_and_operator_quotas_survive_a_restart_on_production_defaults()
         11,
         "released",
     );
+    refused(&stranger_read(), 11, "released");
     ok(&asset(&server, s, &["free", &small]));
     let storage = &server.stats()["assets"]["storage"];
     assert_eq!(

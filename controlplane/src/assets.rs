@@ -1003,15 +1003,14 @@ fn read_chunks(
     Ok(out)
 }
 
-/// Bytes `offset..offset + len` of storage asset `id` as `db` holds them
-/// committed: the caller checked the access and the range.
-pub(crate) fn read_committed(
-    db: &Database,
+/// Bytes `offset..offset + len` of storage asset `id` as `txn` sees them:
+/// the caller checked the access and the range.
+pub(crate) fn read_in(
+    txn: &ReadTransaction,
     id: AssetId,
     offset: u64,
     len: usize,
 ) -> Result<Vec<u8>, StorageError> {
-    let txn = db.begin_read().map_err(redb::Error::from)?;
     read_chunks(&txn.open_table(CHUNKS)?, id, offset, len)
 }
 

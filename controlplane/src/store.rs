@@ -23,6 +23,7 @@
 //! the process reloads the store.
 
 use redb::{Database, Durability, ReadTransaction, ReadableDatabase, WriteTransaction};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 /// A handle on the store; clones share the database and the group's
@@ -31,6 +32,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 pub struct Store {
     db: Arc<Database>,
     group: Arc<Mutex<Group>>,
+    /// Set before a commit that does not wait for the disk, cleared after
+    /// one that does: while set, what a read sees may not be on disk yet.
+    unsynced: Arc<AtomicBool>,
 }
 
 #[derive(Default)]
@@ -103,6 +107,7 @@ impl Store {
         Self {
             db,
             group: Arc::default(),
+            unsynced: Arc::default(),
         }
     }
 
@@ -119,9 +124,16 @@ impl Store {
 
     /// The database, for reads of what is committed from another thread
     /// (the workers' storage reads): a group's open writes are not seen
-    /// until it settles.
+    /// until it settles, and what a settle committed is durable only once
+    /// [`Self::unsynced`] reads false after the read began.
     pub fn committed(&self) -> Arc<Database> {
         self.db.clone()
+    }
+
+    /// Whether a commit that did not wait for the disk may be in what a
+    /// read begun before this call sees.
+    pub fn unsynced(&self) -> Arc<AtomicBool> {
+        self.unsynced.clone()
     }
 
     fn group(&self) -> std::sync::MutexGuard<'_, Group> {
@@ -146,6 +158,7 @@ impl Store {
         let Some(mut txn) = group.open.take() else {
             return Ok(());
         };
+        self.unsynced.store(true, Ordering::Release);
         let committed = txn
             .set_durability(Durability::None)
             .map_err(redb::Error::from)
@@ -228,8 +241,9 @@ impl Store {
             txn.commit()?;
             Ok::<_, redb::Error>(())
         })();
-        if let Err(e) = &committed {
-            group.lost = Some(e.to_string());
+        match &committed {
+            Err(e) => group.lost = Some(e.to_string()),
+            Ok(()) => self.unsynced.store(false, Ordering::Release),
         }
         Ok(committed?)
     }
@@ -246,9 +260,16 @@ impl Store {
         self.settle().map_err(GroupError::widen)?;
         let mut txn = self.db.begin_write().map_err(redb::Error::from)?;
         txn.set_durability(durability).map_err(redb::Error::from)?;
+        let synced = matches!(durability, Durability::Immediate);
         match write(&txn) {
             Ok(value) => {
+                if !synced {
+                    self.unsynced.store(true, Ordering::Release);
+                }
                 txn.commit().map_err(redb::Error::from)?;
+                if synced {
+                    self.unsynced.store(false, Ordering::Release);
+                }
                 Ok(value)
             }
             Err(e) => {
@@ -357,5 +378,24 @@ mod tests {
         assert!(matches!(store.make_durable(true), Err(GroupError::Lost(_))));
         drop(store);
         assert_eq!(keys(&open(&dir)).unwrap(), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn what_a_read_may_see_unsynced_is_flagged_until_a_durable_commit() {
+        let dir = TempDir::new("store-unsynced");
+        let store = open(&dir);
+        let unsynced = store.unsynced();
+        let flagged = || unsynced.load(Ordering::Acquire);
+        assert!(!flagged());
+        store.write_grouped(put(1), |_| true).unwrap();
+        assert!(!flagged(), "open, not committed: no read sees it");
+        store.settle().unwrap();
+        assert!(flagged(), "committed without an fsync");
+        store.make_durable(true).unwrap();
+        assert!(!flagged());
+        store.transact(Durability::None, put(2)).unwrap();
+        assert!(flagged());
+        store.transact(Durability::Immediate, put(3)).unwrap();
+        assert!(!flagged(), "a durable commit syncs what came before");
     }
 }

@@ -224,9 +224,12 @@ impl Machine {
         self.changes.clone()
     }
 
-    /// The store, for reads of what is committed from another thread.
-    pub fn committed_store(&self) -> Arc<Database> {
-        self.authority.store().committed()
+    /// The store, for reads of what is committed from another thread, and
+    /// whether what such a read sees may not be on disk yet
+    /// ([`crate::store::Store::unsynced`]).
+    pub fn committed_store(&self) -> (Arc<Database>, Arc<std::sync::atomic::AtomicBool>) {
+        let store = self.authority.store();
+        (store.committed(), store.unsynced())
     }
 
     fn changed(&self) {
@@ -355,11 +358,12 @@ impl Machine {
         if let Some(applied) = &mut self.group {
             *applied += 1;
         }
+        let counted = self.counted(&command);
         let written = self.transact(|txn| self.write(txn, &command))?;
         if let Some(journal) = &mut self.journal {
             journal.push(command.clone());
         }
-        Ok(self.absorb(command, written))
+        Ok(self.absorb(command, written, counted))
     }
 
     /// Apply a replicated entry: `command` (if any) and, in the same
@@ -384,6 +388,7 @@ impl Machine {
             self.transact(|txn| also(txn).map_err(store))?;
             return Ok(None);
         };
+        let counted = self.counted(&command);
         let written = self.transact(|txn| {
             let written = self.write(txn, &command)?;
             also(txn).map_err(store)?;
@@ -394,7 +399,7 @@ impl Machine {
                 if let Some(journal) = &mut self.journal {
                     journal.push(command.clone());
                 }
-                Ok(Some(Ok(self.absorb(command, written))))
+                Ok(Some(Ok(self.absorb(command, written, counted))))
             }
             Err(e) if e.is_storage_failure() => Err(e),
             Err(refused) => {
@@ -414,6 +419,9 @@ impl Machine {
         also: impl Fn(&WriteTransaction) -> Result<(), redb::Error>,
     ) -> Result<(), AuthorityError> {
         self.check_snapshot(snapshot)?;
+        // Before the store changes too: a worker's read that began after
+        // the commit sees the count moved.
+        self.changed();
         let path = self.authority.store_path().to_owned();
         self.authority
             .store()
@@ -471,6 +479,7 @@ impl Machine {
 
     /// Load everything in memory again from the store.
     fn reload(&mut self) -> Result<(), AuthorityError> {
+        self.changed();
         let reloaded = self.reload_counted();
         self.changed();
         reloaded
@@ -588,16 +597,27 @@ impl Machine {
         })
     }
 
-    fn absorb(&mut self, command: Command, written: Written) -> Applied {
-        // What a check of a VM call read: not the admission state, nor the
-        // bytes of a storage asset that holds no checked module.
-        let counted = match &command {
+    /// Whether `command` moves the count of changes: not the admission
+    /// state's, nor a write of the bytes of a storage asset that holds no
+    /// checked module (no check the count guards reads them). A counted
+    /// command moves it before it is written (a worker's read that began
+    /// after its commit sees the count moved) and again once it is taken
+    /// into memory.
+    fn counted(&self, command: &Command) -> bool {
+        let counted = match command {
             Command::Admission(_) => false,
             Command::Asset(AssetChange::Write { id, .. } | AssetChange::Cas { id, .. }) => {
                 self.assets.module_checked(*id).is_some()
             }
             _ => true,
         };
+        if counted {
+            self.changed();
+        }
+        counted
+    }
+
+    fn absorb(&mut self, command: Command, written: Written, counted: bool) -> Applied {
         let applied = self.absorb_counted(command, written);
         if counted {
             self.changed();

@@ -85,8 +85,10 @@ pub struct AssetsRuntime {
 /// read of an asset the control plane checked (its certificate, its
 /// access) reads that asset again on the worker's thread, while the
 /// machine's count of changes stays (a grant, a free, a revocation moves
-/// it; a write of the asset's bytes does not, and the worker reads what
-/// is committed: every write answered before the read was sent).
+/// it; a write of the asset's bytes does not). The worker reads what is
+/// committed and on disk: a read that could see a commit not yet
+/// fsynced (a group's, whose answers wait for its fsync) goes to the
+/// control plane, whose answer waits too.
 pub struct Reads {
     checked: super::checked::Checked<AssetAddress, Readable>,
 }
@@ -97,6 +99,8 @@ struct Readable {
     id: AssetId,
     size: u64,
     store: Arc<redb::Database>,
+    /// Whether a commit not yet on disk may be in what a read sees.
+    unsynced: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Reads {
@@ -126,7 +130,15 @@ impl Reads {
         if u64::from(len) > crate::assets::STORAGE_READ_LEN_MAX || end > readable.size {
             return None;
         }
-        crate::assets::read_committed(&readable.store, readable.id, offset, len as usize).ok()
+        // The read first, then the checks again: a change committed before
+        // the read began moved the count before its commit, and a commit
+        // not yet on disk set `unsynced` before it.
+        let txn = redb::ReadableDatabase::begin_read(&*readable.store).ok()?;
+        if readable.unsynced.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        self.checked.get(certificate, &address)?;
+        crate::assets::read_in(&txn, readable.id, offset, len as usize).ok()
     }
 }
 
@@ -271,10 +283,12 @@ impl AssetsRuntime {
             && let Ok(AssetRequest::Read { address, .. }) = AssetRequest::decode(kind, payload)
             && let Some((_, size)) = machine.assets().owner_and_size(address.id)
         {
+            let (store, unsynced) = machine.committed_store();
             let readable = Readable {
                 id: address.id,
                 size,
-                store: machine.committed_store(),
+                store,
+                unsynced,
             };
             reads
                 .checked
