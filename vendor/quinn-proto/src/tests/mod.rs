@@ -4458,9 +4458,12 @@ fn pacing_follows_the_controllers_rate() {
     let elapsed = pair.time - start;
     let sent = pair.client_conn_mut(client_ch).stats().udp_tx.bytes - sent_before;
 
-    // The rate, plus at most one burst of the published size (10 datagrams at this rate).
+    // The rate, plus at most two bursts of the published size (10 datagrams at this rate):
+    // the step that crosses the two seconds and the pacer's first burst may each let one
+    // out (seen once in a full parallel run: 95 datagrams where 93.4 fit one burst). The
+    // published pacer, derived from the window, would send all 400 000 bytes instead.
     let paced = (RATE as f64 * elapsed.as_secs_f64()) as u64;
-    let burst = 10 * u64::from(pair.client_conn_mut(client_ch).current_mtu());
+    let burst = 20 * u64::from(pair.client_conn_mut(client_ch).current_mtu());
     assert!(
         sent <= paced + burst,
         "sent {sent} bytes in {elapsed:?}: more than {RATE} B/s allows"
