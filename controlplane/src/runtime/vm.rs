@@ -24,15 +24,13 @@ use dataplane::control::{ControlPort, Forwarded};
 use dataplane::protocols::stoq::ErrorCode;
 use dataplane::protocols::stoq_registry::{VM_CALL, VM_LIST};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
 /// The VM threads as the control plane and the workers reach them: the
 /// host, and the checks that let a worker skip the control plane.
 pub struct Front {
     host: Arc<dyn VmHost>,
     checked: Checked<Target, Verdict>,
-    /// Calls taken straight to the VM threads.
-    direct: AtomicU64,
 }
 
 /// What the checks of a call found: the VM's owner and header, and the
@@ -75,7 +73,6 @@ impl Front {
         Arc::new(Self {
             host,
             checked: Checked::new(changes),
-            direct: AtomicU64::new(0),
         })
     }
 
@@ -91,11 +88,6 @@ impl Front {
 
     pub fn host(&self) -> &dyn VmHost {
         self.host.as_ref()
-    }
-
-    /// Calls that went from a worker to the VM threads directly.
-    pub fn direct_calls(&self) -> u64 {
-        self.direct.load(Ordering::Relaxed)
     }
 
     /// A worker's `VM_CALL`: to a VM thread if the same caller's call of
@@ -121,14 +113,9 @@ impl Front {
             Some(compiled),
             None,
         );
-        // Busy: the control plane answers it (busy, or queued later).
-        match self.host.submit(job) {
-            Ok(()) => {
-                self.direct.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
-            Err(_) => Err(request),
-        }
+        // Busy: the control plane answers it (busy, or queued later);
+        // the worker counts what went direct (`vm_direct_calls`).
+        self.host.submit(job).map_err(|_| request)
     }
 
     /// Remember that `certificate`'s call passed the checks made at
@@ -439,6 +426,7 @@ mod tests {
     use super::*;
     use dataplane::control::Ticket;
     use std::sync::Mutex;
+    use std::sync::atomic::Ordering;
 
     /// VM threads that keep what they are given.
     #[derive(Default)]
@@ -536,7 +524,7 @@ mod tests {
             );
             assert!(job.compiled.is_some() && job.module.is_none());
         }
-        assert_eq!(front.direct_calls(), 1);
+        assert_eq!(threads.jobs.lock().unwrap().len(), 1);
 
         // Another caller, another target, no certificate, bytes that are no
         // call: each checked by the control plane.
@@ -564,7 +552,7 @@ mod tests {
         // revocation): checked again.
         changes.fetch_add(1, Ordering::Release);
         assert!(front.take(request(&caller, &echo, b"")).is_err());
-        assert_eq!(front.direct_calls(), 2);
+        assert_eq!(threads.jobs.lock().unwrap().len(), 2);
     }
 
     #[test]
