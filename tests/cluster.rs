@@ -1248,6 +1248,30 @@ fn memory_assets_are_proxied_to_their_member_and_storage_assets_replicated() {
         &["asset", "read", &s, "--len", "70000", "--out", back_path],
         &|out| out.status.success() && std::fs::read(&back).is_ok_and(|b| b == data),
     );
+    // Member 2 checked that read; its workers answer the caller's next
+    // ones from its store. What a member applied is in the Raft log of a
+    // majority already, so the member's store being fsynced only in
+    // batches does not send them back to its control plane.
+    let direct = || {
+        let stats = cluster.at_member(1, &["stats", "--json"]);
+        let stats: serde_json::Value = serde_json::from_str(ok(&stats).trim()).unwrap();
+        stats["total"]["storage_direct_reads"].as_u64().unwrap()
+    };
+    let before = direct();
+    for _ in 0..3 {
+        let _ = std::fs::remove_file(&back);
+        ok(&cluster.at_member(
+            1,
+            &["asset", "read", &s, "--len", "70000", "--out", back_path],
+        ));
+        assert_eq!(std::fs::read(&back).unwrap(), data);
+    }
+    let after = direct();
+    assert!(
+        after >= before + 2,
+        "member 2's workers answered {} of 3 reads",
+        after - before
+    );
     // The operator's quota, set at member 1, holds at member 3.
     ok(&cluster.operator_at(0, &["quota", "set", &stranger_id, "--storage", "50K"]));
     let over = ["asset", "alloc", "storage", "60K"];

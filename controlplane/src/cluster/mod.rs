@@ -9,7 +9,8 @@
 //! the last entry it applied, and the membership, in the transaction of
 //! that entry ([`StateMachine`]), so a restart neither skips nor repeats
 //! one. A snapshot is the whole store, row by row
-//! ([`crate::machine::snapshot`]).
+//! ([`crate::machine::snapshot`]), in a file streamed in chunks
+//! ([`snapshot_file`]).
 //!
 //! Single-threaded: the control plane is one thread, and openraft runs on
 //! its current-thread runtime (`singlethreaded`), sharing the state machine
@@ -27,6 +28,7 @@ pub mod node;
 #[allow(clippy::result_large_err)]
 mod log_store;
 pub mod rpc;
+pub mod snapshot_file;
 #[allow(clippy::result_large_err)]
 mod state_machine;
 #[cfg(test)]
@@ -79,7 +81,7 @@ openraft::declare_raft_types!(
         NodeId = u64,
         Node = Member,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = std::io::Cursor<Vec<u8>>,
+        SnapshotData = snapshot_file::SnapshotFile,
         AsyncRuntime = openraft::TokioRuntime
 );
 

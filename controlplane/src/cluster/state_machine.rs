@@ -8,12 +8,13 @@
 //! snapshot is built, since the log before a snapshot may then be purged
 //! ([`SNAPSHOT_EVERY`]), or at the latest every [`DURABLE_EVERY`]
 //! commands. Snapshots are the store's
-//! tables ([`snapshot`]).
+//! tables ([`snapshot`]), in files beside it ([`super::snapshot_file`]).
 
 use super::codec::{
     decode_optional_log_id, decode_stored_membership, encode_optional_log_id,
     encode_stored_membership,
 };
+use super::snapshot_file::{SnapshotFile, SnapshotPaths};
 use super::{Member, Outcome, TypeConfig};
 use crate::authority::logged::AuthorityError;
 use crate::machine::{CLUSTER_META, Machine, snapshot};
@@ -22,7 +23,6 @@ use openraft::{
     Entry, EntryPayload, LogId, RaftSnapshotBuilder, StorageError, StorageIOError, StoredMembership,
 };
 use std::cell::RefCell;
-use std::io::Cursor;
 use std::rc::Rc;
 
 const APPLIED: &str = "applied";
@@ -40,10 +40,14 @@ pub const SNAPSHOT_EVERY: u64 = 10_000;
 pub const DURABLE_EVERY: usize = 2 * SNAPSHOT_EVERY as usize;
 const MEMBERSHIP: &str = "membership";
 
+/// How much of a snapshot a build writes to its file at a time.
+const DUMP_BUFFER: usize = 256 * 1024;
+
 type Error = StorageError<u64>;
 
-/// The last snapshot built or installed: its metadata and its bytes.
-type Current = Rc<RefCell<Option<(SnapshotMeta<u64, Member>, Vec<u8>)>>>;
+/// The last snapshot built or installed: its metadata (its bytes are the
+/// file at [`SnapshotPaths::current`]).
+type Current = Rc<RefCell<Option<SnapshotMeta<u64, Member>>>>;
 
 /// What owns a node's [`Machine`]: the machine itself, or the authority
 /// service that answers requests from it.
@@ -80,6 +84,7 @@ pub type Host = Rc<RefCell<dyn HoldsMachine>>;
 pub struct StateMachine {
     host: Host,
     current: Current,
+    paths: SnapshotPaths,
     recent: Recent,
 }
 
@@ -111,10 +116,15 @@ impl Recent {
 }
 
 impl StateMachine {
+    /// The state machine of `host`'s machine; snapshot files an earlier
+    /// run left beside its store are removed.
     pub fn new(host: Host) -> Self {
+        let paths = SnapshotPaths::beside(host.borrow().machine().authority().store_path());
+        paths.remove_all();
         Self {
             host,
             current: Rc::default(),
+            paths,
             recent: Recent::default(),
         }
     }
@@ -261,43 +271,80 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         SnapshotBuilder {
             view: Some(view),
             current: self.current.clone(),
+            paths: self.paths.clone(),
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, Error> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    /// A fresh file for the chunks (openraft writes each at its offset).
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotFile>, Error> {
+        Ok(Box::new(
+            SnapshotFile::create(&self.paths.receiving).map_err(write_error)?,
+        ))
     }
 
+    /// Install the store from the received file, read row by row; the file
+    /// then becomes the snapshot this member hands out.
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<u64, Member>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        mut snapshot: Box<SnapshotFile>,
     ) -> Result<(), Error> {
-        let bytes = snapshot.into_inner();
         let membership = encode_stored_membership(&meta.last_membership);
         self.host
             .borrow_mut()
             .machine_mut()
-            .install(&bytes, |txn| {
+            .install(snapshot.file(), |txn| {
                 record(txn, meta.last_log_id.as_ref(), Some(&membership))
             })
             .map_err(|e: AuthorityError| {
                 StorageError::from(StorageIOError::write_snapshot(Some(meta.signature()), &e))
             })?;
         tracing::info!(snapshot = %meta.snapshot_id, "snapshot installed");
-        *self.current.borrow_mut() = Some((meta.clone(), bytes));
+        // The file received becomes the one handed out (it is the one at
+        // the receiving path unless a test handed over another member's
+        // build, which is copied). Should that fail, the store is
+        // installed all the same and the member holds no snapshot until
+        // its next build.
+        let receiving = &self.paths.receiving;
+        let kept = if snapshot.path() == receiving && same_file(snapshot.file(), receiving) {
+            std::fs::rename(receiving, &self.paths.current)
+        } else {
+            SnapshotFile::create(&self.paths.current).and_then(|mut copy| {
+                let file = snapshot.file();
+                std::io::Seek::rewind(file)?;
+                std::io::copy(file, copy.file()).map(drop)
+            })
+        };
+        if let Err(e) = kept {
+            tracing::warn!(error = %e, path = %self.paths.current.display(), "the installed snapshot is not kept to hand out; the next build will be");
+            let _ = std::fs::remove_file(&self.paths.current);
+            *self.current.borrow_mut() = None;
+            return Ok(());
+        }
+        *self.current.borrow_mut() = Some(meta.clone());
         Ok(())
     }
 
+    /// The snapshot held, on a file handle of its own: each stream reads
+    /// it at its own offset.
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, Error> {
-        Ok(self
-            .current
-            .borrow()
-            .as_ref()
-            .map(|(meta, bytes)| Snapshot {
-                meta: meta.clone(),
-                snapshot: Box::new(Cursor::new(bytes.clone())),
-            }))
+        let Some(meta) = self.current.borrow().clone() else {
+            return Ok(None);
+        };
+        let file = SnapshotFile::open(&self.paths.current).map_err(read_error)?;
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: Box::new(file),
+        }))
+    }
+}
+
+/// Whether `file` is the file at `path` (not one that replaced it).
+fn same_file(file: &std::fs::File, path: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
     }
 }
 
@@ -316,6 +363,7 @@ type View = Result<
 pub struct SnapshotBuilder {
     view: Option<View>,
     current: Current,
+    paths: SnapshotPaths,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -325,13 +373,19 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             .take()
             .unwrap_or_else(|| Err(read_error(std::io::Error::other("the snapshot was built"))))?;
         let (done, dumped) = tokio::sync::oneshot::channel();
+        let building = self.paths.building.clone();
         std::thread::Builder::new()
             .name("snapshot".into())
             .spawn(move || {
-                let _ = done.send(snapshot::dump_in(&txn));
+                let _ = done.send((|| {
+                    let mut file = SnapshotFile::create(&building)?;
+                    let out = std::io::BufWriter::with_capacity(DUMP_BUFFER, file.file());
+                    snapshot::dump_to(&txn, out)?;
+                    Ok::<_, redb::Error>(file)
+                })());
             })
             .map_err(read_error)?;
-        let bytes = dumped
+        let file = dumped
             .await
             .map_err(|_| read_error(std::io::Error::other("the snapshot thread stopped")))?
             .map_err(read_error)?;
@@ -348,17 +402,21 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             snapshot_id,
         };
         // The dump took a while: a newer snapshot may have been installed
-        // (or built) meanwhile, and stays the one handed out.
+        // (or built) meanwhile, and stays the one handed out. The file
+        // handle reads this build whatever happens to its name.
         let mut current = self.current.borrow_mut();
         if current
             .as_ref()
-            .is_none_or(|(held, _)| held.last_log_id < meta.last_log_id)
+            .is_none_or(|held| held.last_log_id < meta.last_log_id)
         {
-            *current = Some((meta.clone(), bytes.clone()));
+            std::fs::rename(&self.paths.building, &self.paths.current).map_err(write_error)?;
+            *current = Some(meta.clone());
+        } else {
+            let _ = std::fs::remove_file(&self.paths.building);
         }
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(bytes)),
+            snapshot: Box::new(file),
         })
     }
 }

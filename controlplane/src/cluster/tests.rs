@@ -216,6 +216,9 @@ fn a_node_cut_off_catches_up_from_a_snapshot() {
             // node that was away cannot be sent the entries it missed.
             snapshot_policy: SnapshotPolicy::Never,
             max_in_snapshot_log_to_keep: 0,
+            // In many chunks, each read from the leader's file and written
+            // into the node's.
+            snapshot_max_chunk_size: 1024,
             ..config()
         };
         let nodes = cluster("raft-snapshot", &routes, config).await;
@@ -272,6 +275,18 @@ fn a_node_cut_off_catches_up_from_a_snapshot() {
                 "what it missed is in its registry"
             );
             assert_eq!(away_machine.authority().log().size(), 21);
+            let leader_machine = leader.machine.borrow();
+            let files = |machine: &Machine| {
+                snapshot_file::SnapshotPaths::beside(machine.authority().store_path())
+            };
+            let sent = std::fs::read(files(&leader_machine).current).unwrap();
+            assert!(sent.len() > 10 * 1024, "{} bytes", sent.len());
+            assert_eq!(
+                std::fs::read(files(&away_machine).current).unwrap(),
+                sent,
+                "the node holds the file it was sent"
+            );
+            assert!(!files(&away_machine).receiving.exists());
         }
         for node in &nodes {
             node.raft.shutdown().await.unwrap();
@@ -813,9 +828,9 @@ fn a_snapshot_is_of_the_store_when_its_builder_was_made() {
         let expected = snapshot::dump(&machine.borrow().authority().database()).unwrap();
         let later = issuances(&machine.borrow(), 3, &["c.example", "d.example"]);
         state.apply(later).await.unwrap();
-        let built = builder.build_snapshot().await.unwrap();
+        let mut built = builder.build_snapshot().await.unwrap();
         assert_eq!(built.meta.last_log_id.map(|id| id.index), Some(2));
-        assert_eq!(built.snapshot.into_inner(), expected);
+        assert_eq!(built.snapshot.bytes().unwrap(), expected);
         assert_eq!(machine.borrow().authority().log().size(), 4);
     });
 }
@@ -857,5 +872,98 @@ fn a_snapshot_built_from_an_older_view_does_not_replace_a_newer_one() {
         let current = behind_state.get_current_snapshot().await.unwrap().unwrap();
         assert_eq!(current.meta.last_log_id.map(|id| id.index), Some(3));
         assert_eq!(behind.borrow().authority().log().size(), 3);
+    });
+}
+
+/// Read up to `len` bytes where `file` stands, as openraft's sender does.
+async fn read_chunk(file: &mut snapshot_file::SnapshotFile, len: usize) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = Vec::with_capacity(len);
+    while chunk.len() < len {
+        if file.read_buf(&mut chunk).await.unwrap() == 0 {
+            break;
+        }
+    }
+    chunk
+}
+
+/// A snapshot travels through files: two streams of the held snapshot
+/// read it from handles of their own (interleaved, neither moves the
+/// other's offset), the receiver takes the chunks at their offsets in any
+/// order, installs the sender's store from its file, and then hands out
+/// that file. Snapshot files an earlier run left are removed at start.
+#[test]
+fn a_snapshot_streams_from_a_file_and_is_installed_from_one() {
+    use crate::machine::snapshot;
+    use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+    use snapshot_file::SnapshotPaths;
+    use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+    run(async {
+        let keys = TempDir::new("snapshot-stream-keys");
+        drop(open_machine(&keys));
+        let (from_dir, to_dir) = (
+            TempDir::new("snapshot-stream-from"),
+            TempDir::new("snapshot-stream-to"),
+        );
+        copy_cluster_keys(&keys.0, &from_dir.0);
+        copy_cluster_keys(&keys.0, &to_dir.0);
+        let from = Rc::new(RefCell::new(open_machine(&from_dir)));
+        let to = Rc::new(RefCell::new(open_machine(&to_dir)));
+        let to_paths = SnapshotPaths::beside(to.borrow().authority().store_path());
+        std::fs::write(&to_paths.receiving, b"left by an earlier run").unwrap();
+        std::fs::write(&to_paths.current, b"left by an earlier run").unwrap();
+        let mut sender = StateMachine::new(from.clone());
+        let mut receiver = StateMachine::new(to.clone());
+        assert!(!to_paths.receiving.exists() && !to_paths.current.exists());
+        assert!(receiver.get_current_snapshot().await.unwrap().is_none());
+
+        let names: Vec<String> = (0..20).map(|i| format!("n{i}.example")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let entries = issuances(&from.borrow(), 1, &names);
+        sender.apply(entries).await.unwrap();
+        let built = sender
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let expected = snapshot::dump(&from.borrow().authority().database()).unwrap();
+        const CHUNK: usize = 1000;
+        assert!(expected.len() > 8 * CHUNK, "{} bytes", expected.len());
+
+        let mut one = sender.get_current_snapshot().await.unwrap().unwrap();
+        let mut two = sender.get_current_snapshot().await.unwrap().unwrap();
+        let mut chunks = Vec::new();
+        for offset in (0..expected.len()).step_by(CHUNK) {
+            let a = read_chunk(&mut one.snapshot, CHUNK).await;
+            let b = read_chunk(&mut two.snapshot, CHUNK).await;
+            let end = (offset + CHUNK).min(expected.len());
+            assert_eq!(a, expected[offset..end], "stream one at {offset}");
+            assert_eq!(b, a, "stream two at {offset}");
+            chunks.push((offset as u64, a));
+        }
+        assert!(read_chunk(&mut one.snapshot, CHUNK).await.is_empty());
+
+        let mut receiving = receiver.begin_receiving_snapshot().await.unwrap();
+        for (offset, chunk) in chunks.iter().rev() {
+            receiving
+                .seek(std::io::SeekFrom::Start(*offset))
+                .await
+                .unwrap();
+            receiving.write_all(chunk).await.unwrap();
+        }
+        receiver
+            .install_snapshot(&built.meta, receiving)
+            .await
+            .unwrap();
+        assert_eq!(
+            rows(&to.borrow().authority().database()),
+            rows(&from.borrow().authority().database())
+        );
+        assert_eq!(to.borrow().authority().log().size(), 20);
+        assert!(!to_paths.receiving.exists());
+        let mut held = receiver.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(held.meta.last_log_id, built.meta.last_log_id);
+        assert_eq!(held.snapshot.bytes().unwrap(), expected);
     });
 }

@@ -45,6 +45,7 @@ use crate::consensus::state::{self, AdmissionApplied, AdmissionChange, Admission
 use crate::dns::{Zone, ZoneChange, ZoneConfig};
 use crate::store::{GroupError, Store};
 use redb::{Database, Durability, TableDefinition, WriteTransaction};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -410,12 +411,12 @@ impl Machine {
     }
 
     /// Replace the whole state with a snapshot's tables
-    /// ([`snapshot::restore`]) and what `also` writes, in one durable
-    /// transaction, then load it into memory. Refused snapshot bytes change
-    /// nothing.
+    /// ([`snapshot::restore`], read from `snapshot` row by row) and what
+    /// `also` writes, in one durable transaction, then load it into
+    /// memory. Refused snapshot bytes change nothing.
     pub(crate) fn install(
         &mut self,
-        snapshot: &[u8],
+        snapshot: &mut (impl Read + Seek),
         also: impl Fn(&WriteTransaction) -> Result<(), redb::Error>,
     ) -> Result<(), AuthorityError> {
         self.check_snapshot(snapshot)?;
@@ -444,7 +445,7 @@ impl Machine {
     /// registry that disagrees with its log; installed, it would leave a
     /// node that cannot reopen. Refused here ([`AuthorityError::Stale`]),
     /// it changes nothing. Costs one more write of the snapshot.
-    fn check_snapshot(&self, snapshot: &[u8]) -> Result<(), AuthorityError> {
+    fn check_snapshot(&self, snapshot: &mut (impl Read + Seek)) -> Result<(), AuthorityError> {
         let path = snapshot_scratch(self.authority.store_path());
         let _ = std::fs::remove_file(&path);
         let refused = |e: AuthorityError| AuthorityError::Stale(format!("a snapshot refused: {e}"));
@@ -793,10 +794,21 @@ impl Machine {
     }
 }
 
-/// [`snapshot::restore`] into `txn` of the store at `path`: malformed bytes
-/// are a refusal ([`AuthorityError::Stale`]), a write that fails the store's.
-fn restore_in(txn: &WriteTransaction, bytes: &[u8], path: &Path) -> Result<(), AuthorityError> {
-    snapshot::restore(txn, bytes).map_err(|e| match e {
+/// [`snapshot::restore`] into `txn` of the store at `path`, from the start
+/// of `bytes` to their end, through a buffer: malformed or unreadable
+/// bytes are a refusal ([`AuthorityError::Stale`]), a write that fails
+/// the store's.
+fn restore_in(
+    txn: &WriteTransaction,
+    bytes: &mut (impl Read + Seek),
+    path: &Path,
+) -> Result<(), AuthorityError> {
+    let unreadable =
+        |e: std::io::Error| AuthorityError::Stale(format!("the snapshot could not be read: {e}"));
+    let len = bytes.seek(SeekFrom::End(0)).map_err(unreadable)?;
+    bytes.seek(SeekFrom::Start(0)).map_err(unreadable)?;
+    let buffered = std::io::BufReader::with_capacity(SNAPSHOT_READ_BUFFER, bytes);
+    snapshot::restore(txn, buffered, len).map_err(|e| match e {
         snapshot::RestoreError::Malformed(why) => AuthorityError::Stale(why),
         snapshot::RestoreError::Storage(source) => AuthorityError::Store {
             path: path.to_owned(),
@@ -824,6 +836,9 @@ fn asset_load_error(path: &Path, e: crate::assets::StorageError) -> AuthorityErr
         other => AuthorityError::Asset(other),
     }
 }
+
+/// How much of a snapshot is read from its file at a time.
+const SNAPSHOT_READ_BUFFER: usize = 256 * 1024;
 
 /// Where a snapshot is restored to be checked ([`Machine::check_snapshot`]):
 /// beside the store.

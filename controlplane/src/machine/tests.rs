@@ -211,6 +211,7 @@ mod snapshots {
     use super::group_support::{open, request};
     use crate::machine::snapshot;
     use crate::test_support::{TempDir, copy_cluster_keys};
+    use std::io::Cursor;
     use std::time::SystemTime;
 
     #[test]
@@ -248,7 +249,9 @@ mod snapshots {
                 .create_with_backend(redb::backends::InMemoryBackend::new())
                 .unwrap();
             let txn = db.begin_write().unwrap();
-            snapshot::restore(&txn, bad).unwrap_err().to_string()
+            snapshot::restore(&txn, bad, bad.len() as u64)
+                .unwrap_err()
+                .to_string()
         };
         assert!(
             refusal(&other_format).contains(&format!(
@@ -267,11 +270,13 @@ mod snapshots {
             &other_format[..],
             &bytes[6..],
         ] {
-            assert!(target.install(bad, |_| Ok(())).is_err());
+            assert!(target.install(&mut Cursor::new(bad), |_| Ok(())).is_err());
             assert_eq!(super::rows(&target.authority().database()), before);
             assert_eq!(target.authority().log().size(), 0);
         }
-        target.install(&bytes, |_| Ok(())).unwrap();
+        target
+            .install(&mut Cursor::new(&bytes), |_| Ok(()))
+            .unwrap();
         assert_eq!(
             super::rows(&target.authority().database()),
             super::rows(&source.authority().database())
@@ -294,6 +299,7 @@ mod snapshot_contents {
     use crate::authority::registry::tamper;
     use crate::machine::snapshot;
     use crate::test_support::{TempDir, copy_cluster_keys};
+    use std::io::Cursor;
     use std::time::SystemTime;
 
     /// A snapshot well formed table by table whose registry lacks a
@@ -318,7 +324,7 @@ mod snapshot_contents {
         let mut target = open(&to, now);
         target.issue(request("local.example"), now, None).unwrap();
         let before = super::rows(&target.authority().database());
-        let refused = target.install(&bad, |_| Ok(()));
+        let refused = target.install(&mut Cursor::new(&bad), |_| Ok(()));
         assert!(
             matches!(
                 refused,
@@ -331,7 +337,7 @@ mod snapshot_contents {
         drop(target);
         let mut target = open(&to, now);
         assert_eq!(super::rows(&target.authority().database()), before);
-        target.install(&good, |_| Ok(())).unwrap();
+        target.install(&mut Cursor::new(&good), |_| Ok(())).unwrap();
         assert_eq!(target.authority().log().size(), 2);
     }
 }

@@ -339,7 +339,7 @@ impl MemberRuntime {
                 assets.memory.locator(),
                 Some(assets.memory.clone()),
             );
-            storage.serve_reads_from_workers(machine, &port);
+            storage.serve_reads_from_workers(machine, &port, super::assets::ReadsSee::Applied);
             storage
         });
         let asset_proxy = cluster
