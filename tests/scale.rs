@@ -53,9 +53,11 @@ fn twenty_thousand_connections_are_held_used_and_released() {
     assert_eq!(result["errors"], 0, "{result}");
     assert_eq!(result["verify_failures"], 0, "{result}");
     // The client closed them all; the server lets every one go (the stats
-    // request's own connection is the one left).
+    // request's own connection is the one left). Right after 20 000
+    // handshakes the admission difficulty is up, and a stats client may
+    // miss the bundle deadline: it asks again.
     wait_until(Duration::from_secs(90), Duration::from_millis(500), || {
-        let stats = server.stats();
+        let stats = server.try_stats()?;
         match stats["total"]["connections"].as_u64() {
             Some(n) if n <= 1 => Ok(()),
             n => Err(format!("{n:?} connections still open on the server")),

@@ -210,13 +210,20 @@ impl Server {
 
     /// The server's counters through `internet2 stats --json`.
     pub fn stats(&self) -> serde_json::Value {
+        self.try_stats().unwrap_or_else(|why| panic!("{why}"))
+    }
+
+    /// [`Self::stats`], or why the request failed (a test that polls the
+    /// server while it is busy asks again).
+    pub fn try_stats(&self) -> Result<serde_json::Value, String> {
         let out = self.client(&["stats", "--json"]);
-        assert!(
-            out.status.success(),
-            "stats failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("stats is JSON")
+        if !out.status.success() {
+            return Err(format!(
+                "stats failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("stats is not JSON: {e}"))
     }
 
     /// SIGTERM and wait up to `limit`; returns the exit status and how long it took.

@@ -151,9 +151,25 @@ impl AsyncWrite for SnapshotFile {
 }
 
 impl AsyncSeek for SnapshotFile {
+    /// Never past the file's end: a snapshot is written chunk after chunk
+    /// (a chunk sent again goes back), so a chunk further on is refused
+    /// rather than leaving a hole that would make the file claim bytes no
+    /// member sent.
     fn start_seek(self: Pin<&mut Self>, position: SeekFrom) -> io::Result<()> {
         let this = self.get_mut();
-        this.seeked = Some(this.file.seek(position));
+        let len = this.file.metadata()?.len();
+        let target = match position {
+            SeekFrom::Start(at) => Some(at),
+            SeekFrom::End(by) => len.checked_add_signed(by),
+            SeekFrom::Current(by) => this.file.stream_position()?.checked_add_signed(by),
+        };
+        this.seeked = Some(match target {
+            Some(at) if at <= len => this.file.seek(SeekFrom::Start(at)),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a snapshot chunk past the {len} bytes received so far"),
+            )),
+        });
         Ok(())
     }
 

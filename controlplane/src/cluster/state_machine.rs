@@ -302,9 +302,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         tracing::info!(snapshot = %meta.snapshot_id, "snapshot installed");
         // The file received becomes the one handed out (it is the one at
         // the receiving path unless a test handed over another member's
-        // build, which is copied). Should that fail, the store is
-        // installed all the same and the member holds no snapshot until
-        // its next build.
+        // build, which is copied). Failing that, the member would hold a
+        // snapshot it cannot hand out, with its log purged behind it: an
+        // error of the data directory, which stops its Raft (logged).
         let receiving = &self.paths.receiving;
         let kept = if snapshot.path() == receiving && same_file(snapshot.file(), receiving) {
             std::fs::rename(receiving, &self.paths.current)
@@ -315,12 +315,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 std::io::copy(file, copy.file()).map(drop)
             })
         };
-        if let Err(e) = kept {
-            tracing::warn!(error = %e, path = %self.paths.current.display(), "the installed snapshot is not kept to hand out; the next build will be");
-            let _ = std::fs::remove_file(&self.paths.current);
-            *self.current.borrow_mut() = None;
-            return Ok(());
-        }
+        kept.map_err(|e| {
+            StorageError::from(StorageIOError::write_snapshot(Some(meta.signature()), &e))
+        })?;
         *self.current.borrow_mut() = Some(meta.clone());
         Ok(())
     }
@@ -377,12 +374,16 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         std::thread::Builder::new()
             .name("snapshot".into())
             .spawn(move || {
-                let _ = done.send((|| {
+                let dumped = (|| {
                     let mut file = SnapshotFile::create(&building)?;
                     let out = std::io::BufWriter::with_capacity(DUMP_BUFFER, file.file());
                     snapshot::dump_to(&txn, out)?;
                     Ok::<_, redb::Error>(file)
-                })());
+                })();
+                if dumped.is_err() {
+                    let _ = std::fs::remove_file(&building);
+                }
+                let _ = done.send(dumped);
             })
             .map_err(read_error)?;
         let file = dumped

@@ -889,9 +889,10 @@ async fn read_chunk(file: &mut snapshot_file::SnapshotFile, len: usize) -> Vec<u
 
 /// A snapshot travels through files: two streams of the held snapshot
 /// read it from handles of their own (interleaved, neither moves the
-/// other's offset), the receiver takes the chunks at their offsets in any
-/// order, installs the sender's store from its file, and then hands out
-/// that file. Snapshot files an earlier run left are removed at start.
+/// other's offset), the receiver takes the chunks at their offsets (a
+/// chunk sent again included, none past what it received), installs the
+/// sender's store from its file, and then hands out that file. Snapshot
+/// files an earlier run left are removed at start.
 #[test]
 fn a_snapshot_streams_from_a_file_and_is_installed_from_one() {
     use crate::machine::snapshot;
@@ -944,13 +945,24 @@ fn a_snapshot_streams_from_a_file_and_is_installed_from_one() {
         }
         assert!(read_chunk(&mut one.snapshot, CHUNK).await.is_empty());
 
+        // In order, with one chunk sent again (the receiver goes back to
+        // it); a chunk past what was received is refused.
         let mut receiving = receiver.begin_receiving_snapshot().await.unwrap();
-        for (offset, chunk) in chunks.iter().rev() {
-            receiving
-                .seek(std::io::SeekFrom::Start(*offset))
-                .await
-                .unwrap();
-            receiving.write_all(chunk).await.unwrap();
+        for (i, (offset, chunk)) in chunks.iter().enumerate() {
+            let again = if i == 5 { 2..=3 } else { 1..=1 };
+            for _ in again {
+                receiving
+                    .seek(std::io::SeekFrom::Start(*offset))
+                    .await
+                    .unwrap();
+                receiving.write_all(chunk).await.unwrap();
+            }
+            if i == 3 {
+                let past = receiving
+                    .seek(std::io::SeekFrom::Start(*offset + 2 * CHUNK as u64))
+                    .await;
+                assert!(past.is_err(), "{past:?}");
+            }
         }
         receiver
             .install_snapshot(&built.meta, receiving)

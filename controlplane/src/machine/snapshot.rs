@@ -172,6 +172,10 @@ fn valid<T: Value>(bytes: &[u8]) -> bool {
     }
 }
 
+/// The longest key or value a snapshot may carry: far above any row the
+/// store writes (an asset chunk is 64 KiB, a request at most 64 KiB).
+const PART_MAX: usize = 16 << 20;
+
 /// Snapshot bytes being read: at most `left` more, so that no length a
 /// snapshot claims makes a buffer larger than what is actually there.
 struct Source<R> {
@@ -180,8 +184,15 @@ struct Source<R> {
 }
 
 impl<R: Read> Source<R> {
-    /// The next `len` bytes; `None` when fewer are left.
+    /// The next `len` bytes; `None` when fewer are left. A key or value
+    /// longer than any the store holds is refused before anything is
+    /// allocated for it.
     fn take(&mut self, len: usize) -> Result<Option<Vec<u8>>, RestoreError> {
+        if len > PART_MAX {
+            return Err(RestoreError::Malformed(format!(
+                "a key or value of {len} bytes (the store holds none over {PART_MAX})"
+            )));
+        }
         if len as u64 > self.left {
             return Ok(None);
         }

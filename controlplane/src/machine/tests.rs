@@ -263,10 +263,19 @@ mod snapshots {
             refusal(&other_format)
         );
         assert!(refusal(&bytes[6..]).contains("not an internet2 snapshot"));
+        // A key claiming 4 GiB: refused before anything is allocated.
+        let mut huge = bytes.clone();
+        huge[first_key_len..first_key_len + 4].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(
+            refusal(&huge).contains("a key or value of 4294967295 bytes"),
+            "{}",
+            refusal(&huge)
+        );
         for bad in [
             &bytes[..bytes.len() - 1],
             &[&bytes[..], &[0]].concat()[..],
             &wrong_width[..],
+            &huge[..],
             &other_format[..],
             &bytes[6..],
         ] {
