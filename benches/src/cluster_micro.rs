@@ -28,7 +28,7 @@ use controlplane::cluster::{Member, Outcome, copy_shared_keys};
 use controlplane::machine::{Command, Machine};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
-use stats::median;
+use stats::medians_of;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -446,16 +446,15 @@ fn snapshots(args: &Args) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&dir);
         runs.push(report);
     }
-    let mut out = serde_json::Map::new();
-    for key in [
-        "store_mib",
-        "snapshot_build_ms",
-        "catch_up_ms",
-        "peak_rss_growth_mib",
-    ] {
-        let mut values: Vec<f64> = runs.iter().filter_map(|r| r[key].as_f64()).collect();
-        out.insert(key.into(), json!(median(&mut values)));
-    }
+    let mut out = medians_of(
+        &runs,
+        &[
+            "store_mib",
+            "snapshot_build_ms",
+            "catch_up_ms",
+            "peak_rss_growth_mib",
+        ],
+    );
     out.insert("snapshot_mib".into(), json!(args.snapshot_mib));
     out.insert("runs".into(), json!(runs));
     println!("{}", serde_json::to_string_pretty(&Value::Object(out))?);
@@ -481,11 +480,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
     }
     let mut out = serde_json::Map::new();
     for (name, reports) in &sides {
-        let mut side = serde_json::Map::new();
-        for key in ["per_second", "latency_us_p50", "latency_us_p99"] {
-            let mut values: Vec<f64> = reports.iter().filter_map(|r| r[key].as_f64()).collect();
-            side.insert(key.into(), json!(median(&mut values)));
-        }
+        let mut side = medians_of(reports, &["per_second", "latency_us_p50", "latency_us_p99"]);
         side.insert("runs".into(), json!(reports));
         out.insert((*name).into(), Value::Object(side));
     }

@@ -835,6 +835,19 @@ fn a_snapshot_is_of_the_store_when_its_builder_was_made() {
     });
 }
 
+/// Two machines holding one cluster's keys, as two members do, each in a
+/// directory of its own (kept while the machine is used).
+fn two_machines(tag: &str) -> [(TempDir, Rc<RefCell<Machine>>); 2] {
+    let keys = TempDir::new(&format!("{tag}-keys"));
+    drop(open_machine(&keys));
+    ["a", "b"].map(|side| {
+        let dir = TempDir::new(&format!("{tag}-{side}"));
+        copy_cluster_keys(&keys.0, &dir.0);
+        let machine = Rc::new(RefCell::new(open_machine(&dir)));
+        (dir, machine)
+    })
+}
+
 /// A newer snapshot installed while an older view is being dumped stays
 /// the one the member hands out: the older build finishing after it does
 /// not replace it.
@@ -842,16 +855,7 @@ fn a_snapshot_is_of_the_store_when_its_builder_was_made() {
 fn a_snapshot_built_from_an_older_view_does_not_replace_a_newer_one() {
     use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
     run(async {
-        let keys = TempDir::new("snapshot-order-keys");
-        drop(open_machine(&keys));
-        let (behind_dir, ahead_dir) = (
-            TempDir::new("snapshot-order-behind"),
-            TempDir::new("snapshot-order-ahead"),
-        );
-        copy_cluster_keys(&keys.0, &behind_dir.0);
-        copy_cluster_keys(&keys.0, &ahead_dir.0);
-        let behind = Rc::new(RefCell::new(open_machine(&behind_dir)));
-        let ahead = Rc::new(RefCell::new(open_machine(&ahead_dir)));
+        let [(_behind_dir, behind), (_ahead_dir, ahead)] = two_machines("snapshot-order");
         let mut behind_state = StateMachine::new(behind.clone());
         let mut ahead_state = StateMachine::new(ahead.clone());
         let entries = issuances(&ahead.borrow(), 1, &["a.example", "b.example", "c.example"]);
@@ -900,16 +904,7 @@ fn a_snapshot_streams_from_a_file_and_is_installed_from_one() {
     use snapshot_file::SnapshotPaths;
     use tokio::io::{AsyncSeekExt, AsyncWriteExt};
     run(async {
-        let keys = TempDir::new("snapshot-stream-keys");
-        drop(open_machine(&keys));
-        let (from_dir, to_dir) = (
-            TempDir::new("snapshot-stream-from"),
-            TempDir::new("snapshot-stream-to"),
-        );
-        copy_cluster_keys(&keys.0, &from_dir.0);
-        copy_cluster_keys(&keys.0, &to_dir.0);
-        let from = Rc::new(RefCell::new(open_machine(&from_dir)));
-        let to = Rc::new(RefCell::new(open_machine(&to_dir)));
+        let [(_from_dir, from), (_to_dir, to)] = two_machines("snapshot-stream");
         let to_paths = SnapshotPaths::beside(to.borrow().authority().store_path());
         std::fs::write(&to_paths.receiving, b"left by an earlier run").unwrap();
         std::fs::write(&to_paths.current, b"left by an earlier run").unwrap();
