@@ -18,7 +18,7 @@
 //! to the member that holds them, beside the direct figures of the same
 //! run.
 
-use crate::cli_assets::{alloc, free, free_storage, storage_assets};
+use crate::cli_assets::{alloc, free, free_storage, send, storage_assets, writes};
 
 use bytes::Bytes;
 use dataplane::assets::wire::{AllocKind, AssetRequest, PROXIED_READ_LEN_MAX, READ_LEN_MAX};
@@ -122,6 +122,10 @@ pub fn run(target: &ClientTarget, plan: &AssetBenchPlan) -> anyhow::Result<serde
 
     let bulk = alloc(target, AllocKind::Memory, plan.bulk_bytes, timeout)?;
     let chunk = plan.bulk_bytes.min(u64::from(READ_LEN_MAX)) as u32;
+    // What the reads return is written first: bytes in memory, not pages
+    // (or chunks) nobody wrote, which read as zeros without touching it.
+    let pattern: Vec<u8> = (0..chunk).map(|i| (i % 251) as u8 + 1).collect();
+    send(target, writes(bulk, 0, &pattern), timeout)?;
     let bulk_requests = plan.bulk_total_bytes.div_ceil(u64::from(chunk)).max(1);
     eprintln!(
         "asset-bench: {bulk_requests} reads of {chunk} bytes from a {} byte asset, 4 in flight",

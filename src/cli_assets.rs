@@ -169,22 +169,7 @@ pub fn asset<T: Connect>(command: &AssetCommand<T>) -> anyhow::Result<()> {
             let end = offset
                 .checked_add(data.len() as u64)
                 .context("--offset plus the file's length overflows")?;
-            let per_request = match address.id.is_storage() {
-                true => STORAGE_WRITE_LEN_MAX,
-                false => WRITE_LEN_MAX,
-            };
-            let requests: Vec<Request> = data
-                .chunks(per_request)
-                .enumerate()
-                .map(|(i, chunk)| {
-                    request(&AssetRequest::Write {
-                        address: *address,
-                        offset: offset + (i * per_request) as u64,
-                        data: chunk,
-                    })
-                })
-                .collect();
-            many(target, requests)?;
+            many(target, writes(*address, *offset, &data))?;
             print(
                 *json,
                 &serde_json::json!({"address": address.to_string(), "offset": offset, "bytes": data.len()}),
@@ -358,6 +343,25 @@ pub(crate) fn request(r: &AssetRequest<'_>) -> Request {
     }
 }
 
+/// The writes that put `data` at `offset` of `address`, each as long as
+/// the asset's kind allows.
+pub(crate) fn writes(address: AssetAddress, offset: u64, data: &[u8]) -> Vec<Request> {
+    let per_request = match address.id.is_storage() {
+        true => STORAGE_WRITE_LEN_MAX,
+        false => WRITE_LEN_MAX,
+    };
+    data.chunks(per_request)
+        .enumerate()
+        .map(|(i, chunk)| {
+            request(&AssetRequest::Write {
+                address,
+                offset: offset + (i * per_request) as u64,
+                data: chunk,
+            })
+        })
+        .collect()
+}
+
 fn one<T: Connect>(target: &T, r: &AssetRequest<'_>) -> anyhow::Result<Vec<u8>> {
     Ok(many(target, vec![request(r)])?.remove(0))
 }
@@ -483,7 +487,7 @@ pub(crate) fn is_code(e: &anyhow::Error, code: ErrorCode) -> bool {
 
 /// Send `requests` (on one connection per [`REQUESTS_PER_CONNECTION`]) and
 /// return their answers in order; the first error stops.
-fn send(
+pub(crate) fn send(
     client: &ClientTarget,
     requests: Vec<Request>,
     timeout: Duration,

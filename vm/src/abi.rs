@@ -362,7 +362,7 @@ fn asset_io(
                 shard.write(&owner, address, at, piece)
             } else {
                 let bytes = shard.read(&owner, address, at, piece.len() as u64)?;
-                piece.copy_from_slice(bytes);
+                bytes.copy_to(&mut &mut *piece);
                 Ok(())
             }
         });

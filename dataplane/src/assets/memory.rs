@@ -13,6 +13,7 @@ use super::address::{
     AssetAddress, AssetId, BLOCK_LEN, Locator, NodeNumber,
     STORAGE_BLOCKS_FIRST as MEMORY_BLOCKS_END,
 };
+use super::region::RegionBytes;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -306,7 +307,7 @@ struct Region {
     /// What the quotas hold for it: its size, [`ASSET_OVERHEAD_BYTES`] and
     /// [`GRANT_OVERHEAD_BYTES`] per grant.
     charged: u64,
-    bytes: Box<[u8]>,
+    bytes: RegionBytes,
     grants: Vec<(Owner, Access)>,
 }
 
@@ -326,6 +327,39 @@ pub struct MemoryAssetInfo {
     pub address: AssetAddress,
     pub size: u64,
     pub grants: usize,
+}
+
+/// A range of a region a read may see, while its shard is held.
+pub struct Span<'a> {
+    bytes: &'a RegionBytes,
+    range: std::ops::Range<usize>,
+}
+
+impl Span<'_> {
+    pub fn len(&self) -> usize {
+        self.range.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.range.is_empty()
+    }
+
+    /// The bytes, copied into `out`.
+    pub fn copy_to(&self, out: &mut impl bytes::BufMut) {
+        self.bytes.copy_to(self.range.clone(), out);
+    }
+
+    /// The bytes as pieces appended to `out`, sharing the region's chunks
+    /// (no copy; a later write to the region does not change them).
+    pub fn share(&self, out: &mut Vec<bytes::Bytes>) {
+        self.bytes.share(self.range.clone(), out);
+    }
+
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len());
+        self.copy_to(&mut out);
+        out
+    }
 }
 
 /// One worker's memory assets. See the module documentation.
@@ -414,7 +448,7 @@ impl MemoryShard {
             owner: *owner,
             usage,
             charged,
-            bytes: vec![0; size as usize].into_boxed_slice(),
+            bytes: RegionBytes::zeroed(size as usize),
             grants: Vec::new(),
         };
         self.regions.insert(id, region);
@@ -462,17 +496,21 @@ impl MemoryShard {
         size
     }
 
-    /// `len` bytes from `offset`, for the owner or a grantee.
+    /// `len` bytes from `offset`, for the owner or a grantee: copied by
+    /// [`Span::copy_to`] or shared by [`Span::share`].
     pub fn read(
         &self,
         who: &Owner,
         address: AssetAddress,
         offset: u64,
         len: u64,
-    ) -> Result<&[u8], AssetError> {
+    ) -> Result<Span<'_>, AssetError> {
         let region = self.allowed(who, address, Access::Read)?;
         let range = span(address, region, offset, len)?;
-        Ok(&region.bytes[range])
+        Ok(Span {
+            bytes: &region.bytes,
+            range,
+        })
     }
 
     /// Write `data` at `offset`, for the owner or a writer.
@@ -486,7 +524,7 @@ impl MemoryShard {
         self.allowed(who, address, Access::Write)?;
         let region = self.regions.get_mut(&address.id).expect("allowed above");
         let range = span(address, region, offset, data.len() as u64)?;
-        region.bytes[range].copy_from_slice(data);
+        region.bytes.write(range.start, data);
         Ok(())
     }
 
@@ -509,10 +547,11 @@ impl MemoryShard {
         self.allowed(who, address, Access::Write)?;
         let region = self.regions.get_mut(&address.id).expect("allowed above");
         let range = span(address, region, offset, new.len() as u64)?;
-        let was = region.bytes[range.clone()].to_vec();
+        let mut was = Vec::with_capacity(range.len());
+        region.bytes.copy_to(range.clone(), &mut was);
         let swapped = was == expected;
         if swapped {
-            region.bytes[range].copy_from_slice(new);
+            region.bytes.write(range.start, new);
         }
         Ok((swapped, was))
     }
@@ -1000,15 +1039,18 @@ mod tests {
         let s = &mut s[0];
         let a = s.alloc(&ALICE, 4096).unwrap();
         assert_eq!(a.locator, locator());
-        assert_eq!(s.read(&ALICE, a, 0, 4096).unwrap(), &[0; 4096][..]);
+        assert_eq!(s.read(&ALICE, a, 0, 4096).unwrap().to_vec(), &[0; 4096][..]);
         s.write(&ALICE, a, 100, b"hello").unwrap();
-        assert_eq!(s.read(&ALICE, a, 98, 9).unwrap(), b"\0\0hello\0\0");
+        assert_eq!(s.read(&ALICE, a, 98, 9).unwrap().to_vec(), b"\0\0hello\0\0");
         assert_eq!(ledger.usage(&ALICE).bytes(), 4096 + ASSET_OVERHEAD_BYTES);
         assert_eq!(s.list(&ALICE).len(), 1);
         assert_eq!(s.free(&ALICE, a), Ok(4096));
         assert_eq!(ledger.usage(&ALICE).bytes(), 0);
         assert_eq!(ledger.usage(&ALICE).assets(), 0);
-        assert_eq!(s.read(&ALICE, a, 0, 1), Err(AssetError::Released(a)));
+        assert_eq!(
+            s.read(&ALICE, a, 0, 1).map(|r| r.to_vec()),
+            Err(AssetError::Released(a))
+        );
         assert_eq!(s.free(&ALICE, a), Err(AssetError::Released(a)));
         assert!(s.is_empty());
     }
@@ -1022,7 +1064,7 @@ mod tests {
         for (offset, len) in [(0, 17), (16, 1), (u64::MAX, 1), (1, u64::MAX)] {
             assert!(
                 matches!(
-                    s.read(&ALICE, a, offset, len),
+                    s.read(&ALICE, a, offset, len).map(|r| r.to_vec()),
                     Err(AssetError::OutOfRange { .. })
                 ),
                 "{offset} {len}"
@@ -1036,7 +1078,10 @@ mod tests {
                 ..
             })
         ));
-        assert_eq!(s.read(&ALICE, a, 0, 16).unwrap(), b"0123456789abcdef");
+        assert_eq!(
+            s.read(&ALICE, a, 0, 16).unwrap().to_vec(),
+            b"0123456789abcdef"
+        );
         assert_eq!(s.alloc(&ALICE, 0), Err(AssetError::Size(0)));
         assert_eq!(
             s.alloc(&ALICE, REGION_BYTES_MAX + 1),
@@ -1053,7 +1098,7 @@ mod tests {
         };
         for forged in [other_node, unused_block] {
             assert_eq!(
-                s.read(&ALICE, forged, 0, 1),
+                s.read(&ALICE, forged, 0, 1).map(|r| r.to_vec()),
                 Err(AssetError::Unknown(forged))
             );
         }
@@ -1075,7 +1120,7 @@ mod tests {
         let s = &mut s[0];
         let a = s.alloc(&ALICE, 8).unwrap();
         let forbidden = Err(AssetError::Forbidden(a));
-        assert_eq!(s.read(&BOB, a, 0, 1).map(<[u8]>::to_vec), forbidden.clone());
+        assert_eq!(s.read(&BOB, a, 0, 1).map(|r| r.to_vec()), forbidden.clone());
         assert_eq!(
             s.write(&BOB, a, 0, b"x"),
             forbidden.clone().map(|_: Vec<u8>| ())
@@ -1093,7 +1138,7 @@ mod tests {
             Ok(false),
             "the same grant again"
         );
-        assert_eq!(s.read(&BOB, a, 0, 1).unwrap(), b"\0");
+        assert_eq!(s.read(&BOB, a, 0, 1).unwrap().to_vec(), b"\0");
         assert_eq!(s.write(&BOB, a, 0, b"x"), Err(AssetError::Forbidden(a)));
         s.grant(&ALICE, a, BOB, Access::Write).unwrap();
         s.write(&BOB, a, 0, b"x").unwrap();
@@ -1104,8 +1149,11 @@ mod tests {
         );
         assert_eq!(s.revoke_grant(&ALICE, a, &BOB), Ok(true));
         assert_eq!(s.revoke_grant(&ALICE, a, &BOB), Ok(false));
-        assert_eq!(s.read(&BOB, a, 0, 1), Err(AssetError::Forbidden(a)));
-        assert_eq!(s.read(&ALICE, a, 0, 1).unwrap(), b"x");
+        assert_eq!(
+            s.read(&BOB, a, 0, 1).map(|r| r.to_vec()),
+            Err(AssetError::Forbidden(a))
+        );
+        assert_eq!(s.read(&ALICE, a, 0, 1).unwrap().to_vec(), b"x");
         for n in 0..GRANTS_PER_ASSET_MAX {
             s.grant(&ALICE, a, Owner([n as u8 + 10; 32]), Access::Read)
                 .unwrap();
@@ -1145,7 +1193,10 @@ mod tests {
             1400 + O + GRANT_OVERHEAD_BYTES
         );
         assert_eq!(s[1].release_owner(&ALICE), (1, 1400));
-        assert_eq!(s[1].read(&ALICE, b, 0, 1), Err(AssetError::Released(b)));
+        assert_eq!(
+            s[1].read(&ALICE, b, 0, 1).map(|r| r.to_vec()),
+            Err(AssetError::Released(b))
+        );
         assert_eq!(ledger.usage(&ALICE).bytes(), 0);
         assert_eq!(ledger.usage(&BOB).bytes(), 1000 + O);
         assert!(s[1].list(&ALICE).is_empty());
@@ -1221,7 +1272,7 @@ mod tests {
                 .unwrap();
         }
         for (w, a) in on.iter().enumerate() {
-            let read = all.with(*a, |s| s.read(&ALICE, *a, 0, 10).map(<[u8]>::to_vec));
+            let read = all.with(*a, |s| s.read(&ALICE, *a, 0, 10).map(|r| r.to_vec()));
             assert_eq!(read.unwrap(), vec![w as u8; 10]);
         }
         assert_eq!(all.list(&ALICE).len(), 3);
@@ -1240,7 +1291,7 @@ mod tests {
             locator: Locator(1),
             ..on[0]
         };
-        let read = |a: AssetAddress| all.with(a, |s| s.read(&ALICE, a, 0, 1).map(<[u8]>::to_vec));
+        let read = |a: AssetAddress| all.with(a, |s| s.read(&ALICE, a, 0, 1).map(|r| r.to_vec()));
         assert_eq!(read(earlier_run), Err(AssetError::Released(earlier_run)));
         assert_eq!(read(other_node), Err(AssetError::Unknown(other_node)));
         assert!(matches!(read(elsewhere), Err(AssetError::Elsewhere { .. })));
@@ -1274,12 +1325,12 @@ mod tests {
             (1, 100)
         );
         assert_eq!(
-            all.with(a, |s| s.read(&ALICE, a, 0, 1).map(<[u8]>::to_vec)),
+            all.with(a, |s| s.read(&ALICE, a, 0, 1).map(|r| r.to_vec())),
             Err(AssetError::Released(a))
         );
         assert_eq!(all.ledger().usage(&ALICE).bytes(), 0);
         assert!(
-            all.with(b, |s| s.read(&BOB, b, 0, 1).map(<[u8]>::to_vec))
+            all.with(b, |s| s.read(&BOB, b, 0, 1).map(|r| r.to_vec()))
                 .is_ok()
         );
     }
@@ -1308,6 +1359,6 @@ mod tests {
             s.compare_and_swap(&ALICE, a, 7, b"ab", b"cd"),
             Err(AssetError::OutOfRange { .. })
         ));
-        assert_eq!(s.read(&ALICE, a, 0, 8).unwrap(), b"\0\0ab\0\0\0\0");
+        assert_eq!(s.read(&ALICE, a, 0, 8).unwrap().to_vec(), b"\0\0ab\0\0\0\0");
     }
 }

@@ -1,17 +1,18 @@
 //! HyperMesh assets held by the dataplane: their addresses
 //! (identifier-locator addressing, `address`), the memory assets each
-//! worker holds (`memory`), the `stoq/1` requests that reach them (`wire`)
-//! and a connection's side of serving them (`serve`).
+//! worker holds (`memory`, their bytes in `region`), the `stoq/1` requests
+//! that reach them (`wire`) and a connection's side of serving them
+//! (`serve`), including a request for another cluster member's asset.
 //!
 //! Storage assets live in the control plane's store (`controlplane::assets`);
 //! the workers hand their requests on, and the control plane publishes
-//! their totals here ([`StorageGauge`]) for `stats`. Compute and VM assets,
-//! and the proxy to other nodes, are still to come (issue 14); an
-//! allocation of another kind is refused by name.
+//! their totals here ([`StorageGauge`]) for `stats`. Compute (the fuel
+//! quota) and VMs are the control plane's and the `vm` crate's.
 #![forbid(unsafe_code)]
 
 pub mod address;
 pub mod memory;
+mod region;
 pub mod serve;
 pub mod wire;
 

@@ -9,10 +9,12 @@
 //! until it closes.
 
 use super::memory::AssetError as Error;
-use super::memory::{AssetError, MemoryAssets, Owner};
+use super::memory::{AssetError, MemoryAssets, Owner, Span};
 use super::wire::{AllocKind, AssetRequest};
-use crate::protocols::stoq::{ErrorCode, RESPONSE_FLAG, encode, encode_error};
-use bytes::Bytes;
+use crate::protocols::stoq::{
+    ErrorCode, HEADER_LEN, RESPONSE_FLAG, encode, encode_error, put_header,
+};
+use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -58,11 +60,21 @@ pub struct Caller<'a> {
 /// windows.
 pub const QUEUED_RESPONSE_BYTES_MAX: usize = super::wire::READ_LEN_MAX as usize;
 
+/// A read of at least this many bytes is answered with pieces that share
+/// the region's chunks (one chunk's worth): the transport encrypts straight
+/// from the region, and the only copy is into the packet. A shorter read is
+/// copied into its answer, so that a write soon after it does not have to
+/// copy a whole chunk the answer still holds.
+pub const SHARED_READ_MIN: usize = super::region::CHUNK_BYTES;
+
 /// Who answers an asset request.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Answer {
     /// The worker did: this response.
     Now(Bytes),
+    /// The worker did, for a bulk read: this response's header, then
+    /// pieces that share the region's bytes ([`SHARED_READ_MIN`]).
+    Shared(Vec<Bytes>),
     /// A storage request, well formed and for this node: the control
     /// plane's to answer.
     ControlPlane,
@@ -139,7 +151,7 @@ impl AssetSession {
                 envelope: super::wire::encode_proxied(&owner, kind, payload),
             };
         }
-        Answer::Now(self.answer_memory(kind, request, assets, caller))
+        self.answer_memory(kind, request, assets, caller)
     }
 
     /// The caller: its certificate's key (SHA-256 of it, as admission's
@@ -163,13 +175,13 @@ impl AssetSession {
         request: AssetRequest<'_>,
         assets: &Arc<MemoryAssets>,
         caller: &Caller<'_>,
-    ) -> Bytes {
+    ) -> Answer {
         let owner = match &self.lease {
             Some(lease) => lease.owner,
             None => {
                 let owner = match self.owner(caller) {
                     Ok(owner) => owner,
-                    Err(refused) => return refused,
+                    Err(refused) => return Answer::Now(refused),
                 };
                 assets.connected(&owner);
                 self.lease = Some(Lease {
@@ -179,10 +191,30 @@ impl AssetSession {
                 owner
             }
         };
-        let ok = |body: &[u8]| encode(kind | RESPONSE_FLAG, body);
-        serve(assets, &owner, request, caller.worker, ok)
-            .unwrap_or_else(|e| encode_error(code(&e), &e.to_string()))
+        let kind = kind | RESPONSE_FLAG;
+        let ok = |body: &[u8]| Answer::Now(encode(kind, body));
+        let read = |span: Span<'_>| {
+            if span.len() < SHARED_READ_MIN {
+                return Answer::Now(copied(kind, &span));
+            }
+            let mut head = BytesMut::with_capacity(HEADER_LEN);
+            put_header(&mut head, kind, span.len());
+            let mut pieces = Vec::with_capacity(2 + span.len() / super::region::CHUNK_BYTES);
+            pieces.push(head.freeze());
+            span.share(&mut pieces);
+            Answer::Shared(pieces)
+        };
+        serve(assets, &owner, request, caller.worker, ok, read)
+            .unwrap_or_else(|e| Answer::Now(encode_error(code(&e), &e.to_string())))
     }
+}
+
+/// A read's answer with the bytes copied into it.
+fn copied(kind: u8, span: &Span<'_>) -> Bytes {
+    let mut out = BytesMut::with_capacity(HEADER_LEN + span.len());
+    put_header(&mut out, kind, span.len());
+    span.copy_to(&mut out);
+    out.freeze()
 }
 
 /// The response to an `ASSET_PROXY` request (`payload`), which another
@@ -218,31 +250,39 @@ pub fn answer_proxied(
         );
     }
     assets.connected(&owner);
-    let answer = serve(assets, &owner, request, 0, |body| {
-        encode(kind | RESPONSE_FLAG, body)
-    });
+    let kind = kind | RESPONSE_FLAG;
+    // At most [`super::wire::PROXIED_READ_LEN_MAX`], and copied again by
+    // the member that proxies it: a copy here costs little.
+    let answer = serve(
+        assets,
+        &owner,
+        request,
+        0,
+        |body| encode(kind, body),
+        |span| copied(kind, &span),
+    );
     assets.disconnected(&owner, Instant::now());
     answer.unwrap_or_else(|e| encode_error(code(&e), &e.to_string()))
 }
 
-/// The answer to `request`: its payload made into `T` by `ok` (straight
-/// from the asset's region for a read).
+/// The answer to `request`: its payload made into `T` by `ok`, or for a
+/// read, the region's bytes by `read` (while the shard is held).
 fn serve<T>(
     assets: &MemoryAssets,
     owner: &Owner,
     request: AssetRequest<'_>,
     worker: usize,
     ok: impl Fn(&[u8]) -> T,
+    read: impl FnOnce(Span<'_>) -> T,
 ) -> Result<T, AssetError> {
     Ok(match request {
         AssetRequest::Alloc { size, .. } => ok(&assets.alloc(worker, owner, size)?.octets()),
-        // Straight from the region into the answer: one copy.
         AssetRequest::Read {
             address,
             offset,
             len,
         } => assets.with(address, |s| {
-            s.read(owner, address, offset, u64::from(len)).map(&ok)
+            s.read(owner, address, offset, u64::from(len)).map(read)
         })?,
         AssetRequest::Write {
             address,
@@ -323,8 +363,10 @@ mod tests {
         request: &AssetRequest<'_>,
     ) -> (u8, Vec<u8>) {
         let (kind, payload) = request.encode();
-        let Answer::Now(bytes) = session.answer(kind, &payload, caller) else {
-            panic!("a memory request was handed on");
+        let bytes = match session.answer(kind, &payload, caller) {
+            Answer::Now(bytes) => bytes.to_vec(),
+            Answer::Shared(pieces) => pieces.concat(),
+            _ => panic!("a memory request was handed on"),
         };
         let message = decode(&bytes, usize::MAX).unwrap();
         (message.kind, message.payload.to_vec())
@@ -388,6 +430,81 @@ mod tests {
         let (kind, payload) = answer(&mut session, &caller, &read);
         assert_eq!(kind, KIND_ERROR);
         assert_eq!(decode_error_payload(&payload).0, ErrorCode::Busy as u16);
+    }
+
+    #[test]
+    fn a_bulk_read_shares_the_region_and_keeps_its_bytes_through_a_later_write() {
+        let (assets, certificate) = node_and_owner(0, 64 << 20);
+        let caller = Caller {
+            assets: Some(&assets),
+            certificate: certificate.der(),
+            worker: 0,
+            queued_response_bytes: 0,
+        };
+        let mut session = AssetSession::default();
+        let alloc = AssetRequest::Alloc {
+            kind: AllocKind::Memory,
+            size: 1 << 20,
+            name: None,
+        };
+        let (_, address) = answer(&mut session, &caller, &alloc);
+        let address = AssetAddress::from_octets(address.try_into().unwrap());
+        let old: Vec<u8> = (0..1u32 << 20).map(|i| (i % 253) as u8).collect();
+        for (at, part) in old.chunks(60_000).enumerate() {
+            let write = AssetRequest::Write {
+                address,
+                offset: at as u64 * 60_000,
+                data: part,
+            };
+            assert_eq!(answer(&mut session, &caller, &write).1, b"");
+        }
+        let ask = |session: &mut AssetSession, offset: u64, len: u32| {
+            let (kind, payload) = AssetRequest::Read {
+                address,
+                offset,
+                len,
+            }
+            .encode();
+            session.answer(kind, &payload, &caller)
+        };
+        // Shorter than a chunk: one copied answer.
+        let short = SHARED_READ_MIN as u32 - 1;
+        assert!(matches!(ask(&mut session, 5, short), Answer::Now(_)));
+        // A chunk or more: the header, then the region's pieces.
+        let Answer::Shared(pieces) = ask(&mut session, 5, (1 << 20) - 5) else {
+            panic!("a bulk read was copied");
+        };
+        assert!(pieces.len() > 2, "{} pieces", pieces.len());
+        assert_eq!(pieces[0].len(), HEADER_LEN);
+        // The owner overwrites everything before the answer is sent: the
+        // answer still carries what was there when it was made.
+        let new = vec![0xee; 60_000];
+        for at in 0..(1u64 << 20).div_ceil(60_000) {
+            let len = (60_000).min((1 << 20) - at as usize * 60_000);
+            let write = AssetRequest::Write {
+                address,
+                offset: at * 60_000,
+                data: &new[..len],
+            };
+            assert_eq!(answer(&mut session, &caller, &write).1, b"");
+        }
+        let message = pieces.concat();
+        let message = decode(&message, usize::MAX).unwrap();
+        assert_eq!(
+            message.kind,
+            crate::protocols::stoq_registry::ASSET_READ | RESPONSE_FLAG
+        );
+        assert_eq!(message.payload, &old[5..]);
+        let (_, now) = answer(
+            &mut session,
+            &caller,
+            &AssetRequest::Read {
+                address,
+                offset: 0,
+                len: 1 << 20,
+            },
+        );
+        assert!(now.iter().all(|b| *b == 0xee));
     }
 
     #[test]

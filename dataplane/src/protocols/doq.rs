@@ -494,7 +494,7 @@ struct DoqStream {
     buf: Vec<u8>,
     answered: bool,
     /// The part of the answer the peer's flow control has not taken yet.
-    unsent: Option<Bytes>,
+    unsent: super::Unsent,
 }
 
 /// Server side of a `doq` connection.
@@ -552,11 +552,7 @@ impl DoqServer {
     /// Close a connection whose peer leaves more than
     /// [`UNREAD_ANSWER_BYTES_MAX`] of answers unread.
     fn bound_unread(&self, conn: &mut Connection, now: Instant, counters: &mut Counters) {
-        let unread: usize = self
-            .streams
-            .values()
-            .filter_map(|s| s.unsent.as_ref().map(Bytes::len))
-            .sum();
+        let unread: usize = self.streams.values().map(|s| s.unsent.len()).sum();
         if unread > UNREAD_ANSWER_BYTES_MAX && !conn.is_closed() {
             close_with(
                 conn,
@@ -574,10 +570,8 @@ impl DoqServer {
 
     /// The peer's flow control took more: write what is left of an answer.
     pub fn on_writable(&mut self, conn: &mut Connection, id: StreamId) {
-        if let Some(stream) = self.streams.get_mut(&id)
-            && let Some(rest) = stream.unsent.take()
-        {
-            stream.unsent = super::write_whole(conn, id, rest);
+        if let Some(stream) = self.streams.get_mut(&id) {
+            stream.unsent.resume(conn, id);
         }
     }
 
@@ -745,7 +739,7 @@ fn write_answer(
     framed.put_u16(len);
     framed.put_slice(message);
     counters.stream_bytes_tx += framed.len() as u64;
-    stream.unsent = super::write_whole(conn, id, framed.freeze());
+    stream.unsent = super::Unsent::send(conn, id, vec![framed.freeze()]);
 }
 
 #[cfg(test)]

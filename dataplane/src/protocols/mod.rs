@@ -106,25 +106,61 @@ pub fn read_stream(
     state
 }
 
-/// Write as much of a response as stream `id`'s flow control takes now and
-/// finish the stream once all of it is written. Returns what is left, to be
-/// written on the stream's next `Writable` event: a response larger than the
-/// peer's window is delivered whole, never cut short. `None` also when the
-/// peer stopped the stream or the connection is closing (nothing to send).
-pub(crate) fn write_whole(conn: &mut Connection, id: StreamId, mut rest: Bytes) -> Option<Bytes> {
-    let mut send = conn.send_stream(id);
-    // A partial write limited by connection-level credit does not arm a
-    // Writable event; write until the stream itself reports Blocked (which
-    // does), or all of it went.
-    loop {
-        match send.write_chunks(std::slice::from_mut(&mut rest)) {
-            Ok(_) if rest.is_empty() => {
-                let _ = send.finish();
-                return None;
+/// What is left to write of a response on one stream, in order. Most
+/// responses are one piece; a bulk asset read's are its header and then
+/// pieces that share its region's chunks (`assets::region`), handed to the
+/// transport as they are.
+#[derive(Debug, Default)]
+pub(crate) struct Unsent(Vec<Bytes>);
+
+impl Unsent {
+    /// Write as much of `pieces` as stream `id`'s flow control takes now
+    /// and finish the stream once all of it is written. What is left is
+    /// written by [`Unsent::resume`] on the stream's next `Writable` event:
+    /// a response larger than the peer's window is delivered whole, never
+    /// cut short. Nothing is left when the peer stopped the stream or the
+    /// connection is closing (nothing to send).
+    pub(crate) fn send(conn: &mut Connection, id: StreamId, pieces: Vec<Bytes>) -> Self {
+        let mut unsent = Self(pieces);
+        unsent.write(conn, id);
+        unsent
+    }
+
+    /// Write what is left, if anything.
+    pub(crate) fn resume(&mut self, conn: &mut Connection, id: StreamId) {
+        if !self.0.is_empty() {
+            self.write(conn, id);
+        }
+    }
+
+    /// Bytes left.
+    pub(crate) fn len(&self) -> usize {
+        self.0.iter().map(Bytes::len).sum()
+    }
+
+    fn write(&mut self, conn: &mut Connection, id: StreamId) {
+        let mut send = conn.send_stream(id);
+        // A partial write limited by connection-level credit does not arm a
+        // Writable event; write until the stream itself reports Blocked
+        // (which does), or all of it went.
+        loop {
+            match send.write_chunks(&mut self.0) {
+                Ok(written) => {
+                    self.0.drain(..written.chunks);
+                    if self.0.is_empty() {
+                        let _ = send.finish();
+                        return;
+                    }
+                    if written.bytes == 0 {
+                        return;
+                    }
+                }
+                Err(WriteError::Blocked) => return,
+                Err(WriteError::Stopped(_) | WriteError::ClosedStream) => {
+                    self.0.clear();
+                    return;
+                }
             }
-            Ok(written) if written.bytes > 0 => continue,
-            Ok(_) | Err(WriteError::Blocked) => return Some(rest),
-            Err(WriteError::Stopped(_) | WriteError::ClosedStream) => return None,
         }
     }
 }

@@ -186,12 +186,17 @@ impl DecodeError {
 
 pub fn encode(kind: u8, payload: &[u8]) -> Bytes {
     let mut out = BytesMut::with_capacity(HEADER_LEN + payload.len());
+    put_header(&mut out, kind, payload.len());
+    out.put_slice(payload);
+    out.freeze()
+}
+
+/// The header of a message of `kind` whose payload of `len` bytes follows.
+pub fn put_header(out: &mut impl BufMut, kind: u8, len: usize) {
     out.put_u8(VERSION);
     out.put_u8(kind);
     out.put_u16(0);
-    out.put_u32(u32::try_from(payload.len()).expect("payloads are bounded far below 4 GiB"));
-    out.put_slice(payload);
-    out.freeze()
+    out.put_u32(u32::try_from(len).expect("payloads are bounded far below 4 GiB"));
 }
 
 pub fn encode_error(code: ErrorCode, message: &str) -> Bytes {
@@ -257,7 +262,7 @@ struct StoqStream {
     /// Complete, and waiting for the connection to be admitted.
     held: bool,
     /// The part of the response the peer's flow control has not taken yet.
-    unsent: Option<Bytes>,
+    unsent: super::Unsent,
 }
 
 /// Server side of a `stoq/1` connection.
@@ -412,11 +417,9 @@ impl StoqServer {
         // What this connection's answers hold that the peer has not taken
         // yet, for an asset read to bound (a read answer can be 16 MiB).
         let queued = match self.streams.get(&id).and_then(|s| s.buf.get(1)) {
-            Some(kind) if ASSET_KINDS.contains(kind) || *kind == ASSET_PROXY => self
-                .streams
-                .values()
-                .filter_map(|s| s.unsent.as_ref().map(Bytes::len))
-                .sum(),
+            Some(kind) if ASSET_KINDS.contains(kind) || *kind == ASSET_PROXY => {
+                self.streams.values().map(|s| s.unsent.len()).sum()
+            }
             _ => 0,
         };
         let Some(stream) = self.streams.get_mut(&id) else {
@@ -532,6 +535,12 @@ impl StoqServer {
                 };
                 match self.assets.answer(kind, &stream.buf[HEADER_LEN..], &caller) {
                     Answer::Now(response) => Some(response),
+                    Answer::Shared(pieces) => {
+                        stream.answered = true;
+                        counters.stoq_requests += 1;
+                        Self::respond_in(stream, conn, id, pieces, counters);
+                        return;
+                    }
                     Answer::ControlPlane => {
                         if let Some(bytes) = read_storage(kind, &stream.buf[HEADER_LEN..], ctx) {
                             counters.storage_direct_reads += 1;
@@ -603,10 +612,8 @@ impl StoqServer {
 
     /// The peer's flow control took more: write what is left of a response.
     pub fn on_writable(&mut self, conn: &mut Connection, id: StreamId) {
-        if let Some(stream) = self.streams.get_mut(&id)
-            && let Some(rest) = stream.unsent.take()
-        {
-            stream.unsent = super::write_whole(conn, id, rest);
+        if let Some(stream) = self.streams.get_mut(&id) {
+            stream.unsent.resume(conn, id);
         }
     }
 
@@ -618,17 +625,29 @@ impl StoqServer {
         response: Bytes,
         counters: &mut Counters,
     ) {
-        if response.get(1) == Some(&KIND_ERROR) {
+        Self::respond_in(stream, conn, id, vec![response], counters);
+    }
+
+    /// Send a response made of `pieces` (the first holds its header) on
+    /// stream `id` and finish it.
+    fn respond_in(
+        stream: &mut StoqStream,
+        conn: &mut Connection,
+        id: StreamId,
+        pieces: Vec<Bytes>,
+        counters: &mut Counters,
+    ) {
+        if pieces.first().and_then(|head| head.get(1)) == Some(&KIND_ERROR) {
             counters.stoq_errors += 1;
             // Stop the peer from sending more of a request we rejected.
             let _ = conn
                 .recv_stream(id)
                 .stop(VarInt::from_u32(STREAM_ERROR_BAD_REQUEST));
         }
-        counters.stream_bytes_tx += response.len() as u64;
+        counters.stream_bytes_tx += pieces.iter().map(Bytes::len).sum::<usize>() as u64;
         // The request is answered: its bytes are not needed any more.
         stream.buf = Vec::new();
-        stream.unsent = super::write_whole(conn, id, response);
+        stream.unsent = super::Unsent::send(conn, id, pieces);
     }
 }
 
