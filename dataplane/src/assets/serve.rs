@@ -392,27 +392,40 @@ mod tests {
         (assets, certificate)
     }
 
-    #[test]
-    fn a_read_waits_while_unread_answers_would_pass_the_bound() {
-        let (assets, certificate) = node_and_owner(0, 64 << 20);
-        let mut caller = Caller {
-            assets: Some(&assets),
+    /// A caller on worker 0 with nothing queued.
+    fn first_worker<'a>(
+        assets: &'a Arc<MemoryAssets>,
+        certificate: &'a rcgen::Certificate,
+    ) -> Caller<'a> {
+        Caller {
+            assets: Some(assets),
             certificate: certificate.der(),
             worker: 0,
             queued_response_bytes: 0,
-        };
-        let mut session = AssetSession::default();
+        }
+    }
+
+    /// A memory asset of `size` bytes, allocated through `session`.
+    fn alloc_memory(session: &mut AssetSession, caller: &Caller<'_>, size: u64) -> AssetAddress {
         let alloc = AssetRequest::Alloc {
             kind: AllocKind::Memory,
-            size: 1 << 20,
+            size,
             name: None,
         };
-        let (kind, address) = answer(&mut session, &caller, &alloc);
+        let (kind, address) = answer(session, caller, &alloc);
         assert_eq!(
             kind,
             crate::protocols::stoq_registry::ASSET_ALLOC | RESPONSE_FLAG
         );
-        let address = AssetAddress::from_octets(address.try_into().unwrap());
+        AssetAddress::from_octets(address.try_into().unwrap())
+    }
+
+    #[test]
+    fn a_read_waits_while_unread_answers_would_pass_the_bound() {
+        let (assets, certificate) = node_and_owner(0, 64 << 20);
+        let mut caller = first_worker(&assets, &certificate);
+        let mut session = AssetSession::default();
+        let address = alloc_memory(&mut session, &caller, 1 << 20);
         let read = AssetRequest::Read {
             address,
             offset: 0,
@@ -435,20 +448,9 @@ mod tests {
     #[test]
     fn a_bulk_read_shares_the_region_and_keeps_its_bytes_through_a_later_write() {
         let (assets, certificate) = node_and_owner(0, 64 << 20);
-        let caller = Caller {
-            assets: Some(&assets),
-            certificate: certificate.der(),
-            worker: 0,
-            queued_response_bytes: 0,
-        };
+        let caller = first_worker(&assets, &certificate);
         let mut session = AssetSession::default();
-        let alloc = AssetRequest::Alloc {
-            kind: AllocKind::Memory,
-            size: 1 << 20,
-            name: None,
-        };
-        let (_, address) = answer(&mut session, &caller, &alloc);
-        let address = AssetAddress::from_octets(address.try_into().unwrap());
+        let address = alloc_memory(&mut session, &caller, 1 << 20);
         let old: Vec<u8> = (0..1u32 << 20).map(|i| (i % 253) as u8).collect();
         for (at, part) in old.chunks(60_000).enumerate() {
             let write = AssetRequest::Write {
