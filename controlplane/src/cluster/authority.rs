@@ -25,6 +25,10 @@ pub const ENTRY_MAX: usize = super::network::MESSAGE_MAX - 1024;
 /// and then to apply it itself.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a read waits to learn what the leader committed, and then to
+/// apply it here.
+const READ_FENCE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Where a member's connections to the others are, once it has its node
 /// certificate.
 pub type PeerSlot = Rc<RefCell<Option<Arc<Peers>>>>;
@@ -129,6 +133,45 @@ impl ClusterAuthority {
                 Err(e) => Err(self.not_committed(&e)),
             };
         }
+        let index = self
+            .leader_index(
+                leader,
+                dataplane::protocols::stoq_registry::CLUSTER_FORWARD,
+                bytes,
+                FORWARD_TIMEOUT,
+                "did not take the change",
+            )
+            .await?;
+        self.raft
+            .wait(Some(FORWARD_TIMEOUT))
+            .applied_index_at_least(Some(index), "a forwarded change")
+            .await
+            .map_err(|e| {
+                ServiceError::new(
+                    api::STORAGE,
+                    format!("the change was committed at {index} but not applied here yet: {e}"),
+                )
+            })?;
+        let (_, recent) = self.forwarding.as_ref().expect("leader_index checked it");
+        recent.take(index).ok_or_else(|| {
+            ServiceError::new(
+                api::STORAGE,
+                format!("the change was committed at {index}; this member took a snapshot past it: read the result back"),
+            )
+        })
+    }
+
+    /// As a follower, send `kind` with `payload` to the leader (heard
+    /// from lately) and take the log index it answers; `failed` says what
+    /// went wrong when no answer came.
+    async fn leader_index(
+        &self,
+        leader: Option<(u64, Member)>,
+        kind: u8,
+        payload: Vec<u8>,
+        timeout: Duration,
+        failed: &str,
+    ) -> Result<u64, ServiceError> {
         let Some((leader_id, member)) = leader else {
             return Err(ServiceError::new(
                 api::NOT_LEADER,
@@ -147,7 +190,12 @@ impl ClusterAuthority {
                 ),
             ));
         }
-        let (peers, recent) = self.forwarding.as_ref().expect("checked above");
+        let Some((peers, _)) = self.forwarding.as_ref() else {
+            return Err(ServiceError::new(
+                api::NOT_LEADER,
+                "this member is not the cluster's leader and does not forward: ask the leader",
+            ));
+        };
         let Some(peers) = peers.borrow().clone() else {
             return Err(ServiceError::new(
                 api::NOT_LEADER,
@@ -158,9 +206,9 @@ impl ClusterAuthority {
             &peers,
             &member.address,
             Some(leader_id),
-            dataplane::protocols::stoq_registry::CLUSTER_FORWARD,
-            bytes,
-            FORWARD_TIMEOUT,
+            kind,
+            payload,
+            timeout,
         )
         .await
         .map_err(|e| match e {
@@ -169,30 +217,69 @@ impl ClusterAuthority {
             }
             unreachable => ServiceError::new(
                 api::NOT_LEADER,
-                format!("the leader {member} did not take the change ({unreachable}); ask again"),
+                format!("the leader {member} {failed} ({unreachable}); ask again"),
             ),
         })?;
-        let index = <[u8; 8]>::try_from(answer.as_ref())
+        <[u8; 8]>::try_from(answer.as_ref())
             .map(u64::from_be_bytes)
-            .map_err(|_| {
-                ServiceError::new(api::STORAGE, "the leader's answer is not a log index")
-            })?;
+            .map_err(|_| ServiceError::new(api::STORAGE, "the leader's answer is not a log index"))
+    }
+
+    /// Wait until this member has applied everything the cluster had
+    /// committed when it was called: a read answered after it sees every
+    /// change any member answered before the read arrived, and a member
+    /// cut off from the majority answers an error, never old bytes. The
+    /// leader has a majority confirm that it still leads
+    /// ([`Self::read_index`]); a follower asks the leader for that index
+    /// (`CLUSTER_READ_INDEX`) and waits until it applied up to it.
+    pub async fn read_fence(&self) -> Result<(), ServiceError> {
+        let me = self.raft.metrics().borrow().id;
+        let leader = self.leader();
+        let index = if leader.as_ref().is_some_and(|(id, _)| *id == me) {
+            self.read_index().await?
+        } else {
+            self.leader_index(
+                leader,
+                dataplane::protocols::stoq_registry::CLUSTER_READ_INDEX,
+                Vec::new(),
+                READ_FENCE_TIMEOUT,
+                "did not say what it committed, so this member cannot tell whether it is up to date",
+            )
+            .await?
+        };
         self.raft
-            .wait(Some(FORWARD_TIMEOUT))
-            .applied_index_at_least(Some(index), "a forwarded change")
+            .wait(Some(READ_FENCE_TIMEOUT))
+            .applied_index_at_least(Some(index), "a read")
             .await
+            .map(|_| ())
             .map_err(|e| {
                 ServiceError::new(
-                    api::STORAGE,
-                    format!("the change was committed at {index} but not applied here yet: {e}"),
+                    api::NOT_LEADER,
+                    format!(
+                        "the cluster committed up to {index}, which this member has not applied yet ({e}): ask again, or another member"
+                    ),
                 )
-            })?;
-        recent.take(index).ok_or_else(|| {
+            })
+    }
+
+    /// On the leader, once a majority confirmed that it still leads: the
+    /// log index a read must see applied (`CLUSTER_READ_INDEX`).
+    pub async fn read_index(&self) -> Result<u64, ServiceError> {
+        let not_leader = |why: String| {
             ServiceError::new(
-                api::STORAGE,
-                format!("the change was committed at {index}; this member took a snapshot past it: read the result back"),
+                api::NOT_LEADER,
+                format!(
+                    "this member cannot confirm it leads the cluster ({why}): ask another member"
+                ),
             )
-        })
+        };
+        match tokio::time::timeout(READ_FENCE_TIMEOUT, self.raft.get_read_log_id()).await {
+            Ok(Ok((read, _))) => Ok(read.map_or(0, |log_id| log_id.index)),
+            Ok(Err(e)) => Err(not_leader(e.to_string())),
+            Err(_) => Err(not_leader(format!(
+                "no majority answered within {READ_FENCE_TIMEOUT:?}"
+            ))),
+        }
     }
 
     pub fn service(&self) -> &Rc<RefCell<AuthorityService>> {

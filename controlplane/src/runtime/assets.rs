@@ -86,23 +86,14 @@ pub struct AssetsRuntime {
 /// access) reads that asset again on the worker's thread, while the
 /// machine's count of changes stays (a grant, a free, a revocation moves
 /// it; a write of the asset's bytes does not). The worker reads what is
-/// committed and durable ([`ReadsSee`]).
+/// committed and on disk: a read that could see a commit not yet fsynced
+/// (a group's, whose answers wait for its fsync) goes to the control
+/// plane, whose answer waits too. A single node's only: a cluster member
+/// answers a read once it knows it applied everything the cluster
+/// committed before the read arrived, which only its control plane can
+/// learn (`ClusterAuthority::read_fence`).
 pub struct Reads {
     checked: super::checked::Checked<AssetAddress, Readable>,
-    see: ReadsSee,
-}
-
-/// What of the store a worker's read may return.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ReadsSee {
-    /// What is on disk (a single node): a read that could see a commit
-    /// not yet fsynced (a group's, whose answers wait for its fsync) goes
-    /// to the control plane, whose answer waits too.
-    Fsynced,
-    /// Whatever was applied (a cluster member): an entry is applied once
-    /// it is in the Raft logs of a majority, on their disks, so no crash
-    /// takes it back, whenever the member's store is fsynced.
-    Applied,
 }
 
 /// What a worker needs to read an asset it may: which, how long, where.
@@ -146,9 +137,7 @@ impl Reads {
         // the read began moved the count before its commit, and a commit
         // not yet on disk set `unsynced` before it.
         let txn = redb::ReadableDatabase::begin_read(&*readable.store).ok()?;
-        if self.see == ReadsSee::Fsynced
-            && readable.unsynced.load(std::sync::atomic::Ordering::Acquire)
-        {
+        if readable.unsynced.load(std::sync::atomic::Ordering::Acquire) {
             return None;
         }
         self.checked.get(certificate, &address)?;
@@ -182,16 +171,14 @@ impl AssetsRuntime {
     }
 
     /// Let `port`'s workers answer storage reads this node checked, from
-    /// `machine`'s store, returning what `see` says.
+    /// `machine`'s store ([`Reads`]).
     pub fn serve_reads_from_workers(
         &mut self,
         machine: &Machine,
         port: &dataplane::control::ControlPort,
-        see: ReadsSee,
     ) {
         let reads = Arc::new(Reads {
             checked: super::checked::Checked::new(machine.changes()),
-            see,
         });
         reads.plug(port);
         self.reads = Some(reads);

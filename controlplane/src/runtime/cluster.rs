@@ -154,6 +154,9 @@ struct MemberRuntime {
     inner: Rc<Inner>,
 }
 
+/// A request waiting for the next read fence: told how it went.
+type FenceWaiter = tokio::sync::oneshot::Sender<Result<(), (u16, String)>>;
+
 /// What the member's tasks share (one thread: no locks).
 struct Inner {
     me: NodeRecord,
@@ -209,6 +212,11 @@ struct Inner {
     asset_proxy: Option<Arc<crate::cluster::asset_proxy::AssetProxy>>,
     proxy_routes_at: Cell<Option<openraft::LogId<u64>>>,
     proxy_peers: Cell<usize>,
+    /// Storage requests answered from this member's state wait for a read
+    /// fence ([`Inner::fenced`]): those waiting for the next one, and
+    /// whether one is being taken.
+    fence_waiting: RefCell<Vec<FenceWaiter>>,
+    fencing: Cell<bool>,
 }
 
 fn raft_config() -> openraft::Config {
@@ -333,14 +341,14 @@ impl MemberRuntime {
             let mut service = service.borrow_mut();
             let machine = service.machine_mut();
             machine.set_asset_limits(assets.limits);
-            let mut storage = super::assets::AssetsRuntime::new(
+            // Its workers answer no storage read: the control plane does,
+            // once it knows it is up to date ([`Inner::fenced`]).
+            super::assets::AssetsRuntime::new(
                 machine,
                 assets.node,
                 assets.memory.locator(),
                 Some(assets.memory.clone()),
-            );
-            storage.serve_reads_from_workers(machine, &port, super::assets::ReadsSee::Applied);
-            storage
+            )
         });
         let asset_proxy = cluster
             .assets
@@ -385,6 +393,8 @@ impl MemberRuntime {
             asset_proxy,
             proxy_routes_at: Cell::new(None),
             proxy_peers: Cell::new(0),
+            fence_waiting: RefCell::default(),
+            fencing: Cell::new(false),
         });
         if let Some(assets) = &inner.assets {
             assets.set_proxies();
@@ -1031,6 +1041,7 @@ impl Inner {
                 | kinds::RAFT_VOTE
                 | kinds::RAFT_SNAPSHOT
                 | kinds::CLUSTER_FORWARD
+                | kinds::CLUSTER_READ_INDEX
                 | kinds::CLUSTER_STATUS
                 | kinds::CLUSTER_REMOVE
         );
@@ -1061,7 +1072,11 @@ impl Inner {
         let kind = request.kind;
         let members_only = matches!(
             kind,
-            kinds::RAFT_APPEND | kinds::RAFT_VOTE | kinds::RAFT_SNAPSHOT | kinds::CLUSTER_FORWARD
+            kinds::RAFT_APPEND
+                | kinds::RAFT_VOTE
+                | kinds::RAFT_SNAPSHOT
+                | kinds::CLUSTER_FORWARD
+                | kinds::CLUSTER_READ_INDEX
         );
         if members_only && who.member.is_none() {
             let refused = error(
@@ -1083,6 +1098,15 @@ impl Inner {
                 tokio::task::spawn_local(async move {
                     let result = inner.forwarded(&request.payload).await;
                     inner.answer(&request, result);
+                });
+            }
+            kinds::CLUSTER_READ_INDEX => {
+                tokio::task::spawn_local(async move {
+                    let result = inner.authority.read_index().await;
+                    let answer = result
+                        .map(|index| index.to_be_bytes().to_vec())
+                        .map_err(|e| (e.code, e.message));
+                    inner.answer(&request, answer);
                 });
             }
             kinds::CLUSTER_JOIN => {
@@ -1125,6 +1149,36 @@ impl Inner {
         }
     }
 
+    /// Wait for a read fence (`ClusterAuthority::read_fence`). The
+    /// requests that arrive while one is being taken share the next one,
+    /// which starts after they arrived.
+    async fn fenced(self: &Rc<Self>) -> Result<(), (u16, String)> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.fence_waiting.borrow_mut().push(tx);
+        if !self.fencing.replace(true) {
+            let inner = self.clone();
+            tokio::task::spawn_local(async move {
+                loop {
+                    let waiting = std::mem::take(&mut *inner.fence_waiting.borrow_mut());
+                    if waiting.is_empty() {
+                        inner.fencing.set(false);
+                        return;
+                    }
+                    let fence = inner
+                        .authority
+                        .read_fence()
+                        .await
+                        .map_err(|e| (e.code, e.message));
+                    for tx in waiting {
+                        let _ = tx.send(fence.clone());
+                    }
+                }
+            });
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(error(api::STORAGE, "the read fence was dropped")))
+    }
+
     /// A VM request: every member holds every VM asset, and runs it on its
     /// own VM threads (which answer the worker).
     fn serve_vm(&self, request: Forwarded, who: Who) {
@@ -1151,6 +1205,12 @@ impl Inner {
     /// from this member's store (every member holds every storage asset),
     /// a change through the log, answered from this member's apply of it.
     fn serve_assets(self: &Rc<Self>, request: Forwarded, who: Who) {
+        self.serve_assets_fenced(request, who, false);
+    }
+
+    /// A storage or quota request; `fenced` once this member applied what
+    /// the cluster had committed when it arrived.
+    fn serve_assets_fenced(self: &Rc<Self>, request: Forwarded, who: Who, fenced: bool) {
         let Some(storage) = &self.storage else {
             return self.answer(&request, Err(assets_off()));
         };
@@ -1170,11 +1230,25 @@ impl Inner {
         };
         let change = match plan {
             None => return self.answer(&request, Err(assets_off())),
+            Some(Ok(super::assets::Plan::Change(change))) => change,
+            // Answered from this member's state (a read, a list, or a
+            // refusal): first a fence, so that it sees every change the
+            // cluster committed before it arrived, wherever that was
+            // answered; then planned again.
+            _ if !fenced => {
+                let inner = self.clone();
+                tokio::task::spawn_local(async move {
+                    match inner.fenced().await {
+                        Ok(()) => inner.serve_assets_fenced(request, who, true),
+                        Err(refused) => inner.answer(&request, Err(refused)),
+                    }
+                });
+                return;
+            }
             Some(Err(refused)) => return self.answer(&request, Err(refused)),
             Some(Ok(super::assets::Plan::Now(answer))) => {
                 return self.answer(&request, Ok(answer));
             }
-            Some(Ok(super::assets::Plan::Change(change))) => change,
         };
         let inner = self.clone();
         tokio::task::spawn_local(async move {

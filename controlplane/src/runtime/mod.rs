@@ -220,7 +220,7 @@ impl AuthorityRuntime {
         let machine = self.service.machine_mut();
         machine.set_asset_limits(limits);
         let mut assets = self::assets::AssetsRuntime::new(machine, node, locator, memory);
-        assets.serve_reads_from_workers(machine, &self.port, self::assets::ReadsSee::Fsynced);
+        assets.serve_reads_from_workers(machine, &self.port);
         self.assets = Some(assets);
     }
 

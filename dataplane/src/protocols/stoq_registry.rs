@@ -69,6 +69,8 @@ pub const CT_PROOF: u8 = 0x21;
 pub const CT_CONSISTENCY: u8 = 0x22;
 pub const CT_ENTRIES: u8 = 0x23;
 pub const CT_KEY: u8 = 0x24;
+/// A member asks the leader for the log index a read must see applied.
+pub const CLUSTER_READ_INDEX: u8 = 0x2f;
 pub const ROTATE: u8 = 0x30;
 pub const CLUSTER_JOIN: u8 = 0x31;
 pub const CLUSTER_STATUS: u8 = 0x32;
@@ -124,7 +126,7 @@ use Access::{Anyone, Certificate, Operator};
 use Answered::{Admission, Assets, Authority, Cluster, Vm, Worker};
 
 /// The table, in kind order.
-pub const KINDS: [KindSpec; 41] = [
+pub const KINDS: [KindSpec; 42] = [
     entry(PING, "PING", Certificate, Worker, false, true),
     entry(STATS, "STATS", Certificate, Worker, false, true),
     entry(ENROLL, "ENROLL", Anyone, Authority, true, false),
@@ -175,6 +177,14 @@ pub const KINDS: [KindSpec; 41] = [
     // The enrolling client checks its new certificate's log proof with it,
     // on the enrollment connection (no certificate, no admission yet).
     entry(CT_KEY, "CT_KEY", Anyone, Authority, true, false),
+    entry(
+        CLUSTER_READ_INDEX,
+        "CLUSTER_READ_INDEX",
+        Certificate,
+        Cluster,
+        false,
+        false,
+    ),
     entry(ROTATE, "ROTATE", Operator, Authority, false, false),
     // A joining node has no certificate yet: its join token is its proof.
     entry(CLUSTER_JOIN, "CLUSTER_JOIN", Anyone, Cluster, true, false),
