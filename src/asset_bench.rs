@@ -201,22 +201,34 @@ pub fn run(target: &ClientTarget, plan: &AssetBenchPlan) -> anyhow::Result<serde
                     "asset-bench: {} storage reads of 4 KiB, one at a time",
                     plan.reads
                 );
-                let reads = load(
-                    &AssetRequest::Read {
-                        address: one,
-                        offset: 0,
-                        len: 4096,
-                    },
-                    plan.reads,
-                    1,
-                )?;
-                Ok((allocs, reads))
+                let read = AssetRequest::Read {
+                    address: one,
+                    offset: 0,
+                    len: 4096,
+                };
+                let reads = load(&read, plan.reads, 1)?;
+                // On a cluster every member holds every storage asset:
+                // the same reads at the other member, which answers them
+                // from its own store (not a proxy).
+                let other = match &proxy {
+                    Some(proxy) => {
+                        eprintln!("asset-bench: the same storage reads at {}", proxy.remote);
+                        Some(through(&read, plan.reads, 1)?)
+                    }
+                    None => None,
+                };
+                Ok((allocs, reads, other))
             });
             // Whatever happened, the storage assets go: they are durable.
             let freed = free_storage(target, timeout)?;
             eprintln!("asset-bench: {freed} storage assets freed");
-            let (allocs, reads) = reads?;
-            json!({"allocs": phase(&allocs), "read_4k": phase(&reads), "freed": freed})
+            let (allocs, reads, other) = reads?;
+            json!({
+                "allocs": phase(&allocs),
+                "read_4k": phase(&reads),
+                "read_4k_at_other_member": other.as_ref().map(phase),
+                "freed": freed,
+            })
         }
     };
     Ok(json!({

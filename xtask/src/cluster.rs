@@ -13,8 +13,11 @@
 //!    reads them there and through member 2, which proxies each request
 //!    to member 1 (`ASSET_PROXY`): 4 KiB reads one at a time (p50, p99)
 //!    and 16 MiB in flight (Gbit/s), direct and proxied in the same
-//!    process; the members' CPU is sampled from /proc meanwhile and each
-//!    phase charged its window's share (per read, per Gbit).
+//!    process; then 1 000 durable storage allocations and 4 KiB storage
+//!    reads one at a time at member 1 and at member 2 (each answers from
+//!    its own store after a read fence). The members' CPU is sampled from
+//!    /proc meanwhile and each phase charged its window's share (per read,
+//!    per Gbit).
 //! 3. Failover: `internet2 failover-load` issues certificates through the
 //!    members while the leader is killed (`kill -9`) and restarted, again
 //!    and again; for each kill, the time until a certificate is
@@ -554,7 +557,7 @@ fn assets_run(bench: &Bench, run: usize, runs: usize) -> Result<Value> {
     let mut client = bench
         .client(ca_dir, &["asset-bench", "--connect", &connect])
         .args(["--allocs", "10000", "--reads", "5000"])
-        .args(["--storage-allocs", "0", "--bulk-mib", "16"])
+        .args(["--storage-allocs", "1000", "--bulk-mib", "16"])
         .args(["--bulk-total-mib", "512", "--json"])
         .arg(&out)
         .stdout(Stdio::null())
@@ -590,12 +593,19 @@ fn assets_run(bench: &Bench, run: usize, runs: usize) -> Result<Value> {
     };
     let proxied = &report["proxied"];
     let bulk = &report["bulk_read"];
+    let storage = &report["storage"];
     Ok(json!({
         "read_4k_us_p50": report["read_4k"]["latency_us_p50"],
         "read_4k_us_p99": report["read_4k"]["latency_us_p99"],
         "proxied_read_4k_us_p50": proxied["read_4k"]["latency_us_p50"],
         "proxied_read_4k_us_p99": proxied["read_4k"]["latency_us_p99"],
         "ping_1k_us_p99": report["ping_1k"]["latency_us_p99"],
+        "storage_read_4k_us_p50": storage["read_4k"]["latency_us_p50"],
+        "storage_read_4k_us_p99": storage["read_4k"]["latency_us_p99"],
+        "storage_read_4k_at_member_2_us_p50": storage["read_4k_at_other_member"]["latency_us_p50"],
+        "storage_read_4k_at_member_2_us_p99": storage["read_4k_at_other_member"]["latency_us_p99"],
+        "server_cpu_us_per_storage_read_4k": per_read_us(&storage["read_4k"]),
+        "server_cpu_us_per_storage_read_4k_at_member_2": per_read_us(&storage["read_4k_at_other_member"]),
         "bulk_read_gbps": bulk["gbps"],
         "proxied_bulk_read_gbps": proxied["bulk_read_gbps"],
         "server_cpu_us_per_read_4k": per_read_us(&report["read_4k"]),

@@ -232,7 +232,7 @@ impl ClusterAuthority {
     /// leader has a majority confirm that it still leads
     /// ([`Self::read_index`]); a follower asks the leader for that index
     /// (`CLUSTER_READ_INDEX`) and waits until it applied up to it.
-    pub async fn read_fence(&self) -> Result<(), ServiceError> {
+    pub async fn read_fence(&self) -> Result<u64, ServiceError> {
         let me = self.raft.metrics().borrow().id;
         let leader = self.leader();
         let index = if leader.as_ref().is_some_and(|(id, _)| *id == me) {
@@ -251,7 +251,7 @@ impl ClusterAuthority {
             .wait(Some(READ_FENCE_TIMEOUT))
             .applied_index_at_least(Some(index), "a read")
             .await
-            .map(|_| ())
+            .map(|_| index)
             .map_err(|e| {
                 ServiceError::new(
                     api::NOT_LEADER,
@@ -263,7 +263,10 @@ impl ClusterAuthority {
     }
 
     /// On the leader, once a majority confirmed that it still leads: the
-    /// log index a read must see applied (`CLUSTER_READ_INDEX`).
+    /// log index a read must see applied (`CLUSTER_READ_INDEX`). openraft
+    /// waits one heartbeat interval for the majority's answers; a round
+    /// that misses it (a busy member) is tried again within
+    /// [`READ_FENCE_TIMEOUT`].
     pub async fn read_index(&self) -> Result<u64, ServiceError> {
         let not_leader = |why: String| {
             ServiceError::new(
@@ -273,12 +276,21 @@ impl ClusterAuthority {
                 ),
             )
         };
-        match tokio::time::timeout(READ_FENCE_TIMEOUT, self.raft.get_read_log_id()).await {
-            Ok(Ok((read, _))) => Ok(read.map_or(0, |log_id| log_id.index)),
-            Ok(Err(e)) => Err(not_leader(e.to_string())),
-            Err(_) => Err(not_leader(format!(
-                "no majority answered within {READ_FENCE_TIMEOUT:?}"
-            ))),
+        let deadline = tokio::time::Instant::now() + READ_FENCE_TIMEOUT;
+        loop {
+            let round = tokio::time::timeout_at(deadline, self.raft.get_read_log_id()).await;
+            match round {
+                Ok(Ok((read, _))) => return Ok(read.map_or(0, |log_id| log_id.index)),
+                Ok(Err(openraft::error::RaftError::APIError(
+                    openraft::error::CheckIsLeaderError::QuorumNotEnough(_),
+                ))) if tokio::time::Instant::now() < deadline => continue,
+                Ok(Err(e)) => return Err(not_leader(e.to_string())),
+                Err(_) => {
+                    return Err(not_leader(format!(
+                        "no majority answered within {READ_FENCE_TIMEOUT:?}"
+                    )));
+                }
+            }
         }
     }
 

@@ -155,7 +155,7 @@ struct MemberRuntime {
 }
 
 /// A request waiting for the next read fence: told how it went.
-type FenceWaiter = tokio::sync::oneshot::Sender<Result<(), (u16, String)>>;
+type FenceWaiter = tokio::sync::oneshot::Sender<Result<u64, (u16, String)>>;
 
 /// What the member's tasks share (one thread: no locks).
 struct Inner {
@@ -1100,12 +1100,17 @@ impl Inner {
                     inner.answer(&request, result);
                 });
             }
+            kinds::CLUSTER_READ_INDEX if !self.is_leader() => {
+                self.answer(&request, Err(self.not_leader()));
+            }
+            // The leader's own fences and the followers' asks share one
+            // confirmation round at a time.
             kinds::CLUSTER_READ_INDEX => {
                 tokio::task::spawn_local(async move {
-                    let result = inner.authority.read_index().await;
-                    let answer = result
-                        .map(|index| index.to_be_bytes().to_vec())
-                        .map_err(|e| (e.code, e.message));
+                    let answer = inner
+                        .fenced()
+                        .await
+                        .map(|index| index.to_be_bytes().to_vec());
                     inner.answer(&request, answer);
                 });
             }
@@ -1149,10 +1154,10 @@ impl Inner {
         }
     }
 
-    /// Wait for a read fence (`ClusterAuthority::read_fence`). The
-    /// requests that arrive while one is being taken share the next one,
-    /// which starts after they arrived.
-    async fn fenced(self: &Rc<Self>) -> Result<(), (u16, String)> {
+    /// Wait for a read fence (`ClusterAuthority::read_fence`): the index
+    /// it waited for. The requests that arrive while one is being taken
+    /// share the next one, which starts after they arrived.
+    async fn fenced(self: &Rc<Self>) -> Result<u64, (u16, String)> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.fence_waiting.borrow_mut().push(tx);
         if !self.fencing.replace(true) {
@@ -1239,7 +1244,12 @@ impl Inner {
                 let inner = self.clone();
                 tokio::task::spawn_local(async move {
                     match inner.fenced().await {
-                        Ok(()) => inner.serve_assets_fenced(request, who, true),
+                        // Who the caller is, as of the fence: a revocation
+                        // answered elsewhere is applied here now.
+                        Ok(_) => {
+                            let who = inner.who(&request);
+                            inner.serve_assets_fenced(request, who, true)
+                        }
                         Err(refused) => inner.answer(&request, Err(refused)),
                     }
                 });

@@ -83,9 +83,19 @@ impl RegionBytes {
         let mut at = 0;
         for (i, within) in pieces(offset..offset + data.len()) {
             let len = self.chunk_len(i);
-            let chunk = self.chunks[i].get_or_insert_with(|| Chunk(Arc::new(vec![0; len].into())));
             let part = &data[at..at + within.len()];
             at += within.len();
+            let slot = &mut self.chunks[i];
+            let shared = slot
+                .as_mut()
+                .is_some_and(|chunk| Arc::get_mut(&mut chunk.0).is_none());
+            if shared && within.len() == len {
+                // Written whole while an answer holds it: a new chunk of
+                // these bytes, nothing copied from the one it holds.
+                *slot = Some(Chunk(Arc::new(part.into())));
+                continue;
+            }
+            let chunk = slot.get_or_insert_with(|| Chunk(Arc::new(vec![0; len].into())));
             Arc::make_mut(&mut chunk.0)[within].copy_from_slice(part);
         }
     }
@@ -169,6 +179,18 @@ mod tests {
         let before = r.chunks[0].as_ref().map(|c| c.0.as_ptr());
         r.write(1, &[1]);
         assert_eq!(r.chunks[0].as_ref().map(|c| c.0.as_ptr()), before);
+    }
+
+    #[test]
+    fn a_shared_chunk_written_whole_is_replaced_and_the_answer_keeps_the_old() {
+        let mut r = RegionBytes::zeroed(CHUNK_BYTES + 10);
+        r.write(0, &[3; CHUNK_BYTES + 10]);
+        let mut answer = Vec::new();
+        r.share(0..CHUNK_BYTES + 10, &mut answer);
+        r.write(0, &[4; CHUNK_BYTES + 10]);
+        assert!(answer.concat().iter().all(|b| *b == 3));
+        assert!(read(&r, 0..CHUNK_BYTES + 10).iter().all(|b| *b == 4));
+        assert_eq!(r.chunks[1].as_ref().map(|c| c.0.len()), Some(10));
     }
 
     #[test]

@@ -140,6 +140,11 @@ impl Unsent {
 
     fn write(&mut self, conn: &mut Connection, id: StreamId) {
         let mut send = conn.send_stream(id);
+        if self.0.is_empty() {
+            // An empty response: the stream's end is all there is.
+            let _ = send.finish();
+            return;
+        }
         // A partial write limited by connection-level credit does not arm a
         // Writable event; write until the stream itself reports Blocked
         // (which does), or all of it went.
