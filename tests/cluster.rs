@@ -1289,6 +1289,46 @@ fn memory_assets_are_proxied_to_their_member_and_storage_assets_replicated() {
         &["asset", "read", &s, "--len", "70000", "--out", back_path],
         &|out| out.status.success() && std::fs::read(&back).is_ok_and(|b| b == newer),
     );
+    // The leader cut off: by the time the others elected a leader and
+    // committed a write, its read lease has run out and no majority
+    // confirms it leads, so it too answers `NOT_LEADER`, never its old
+    // bytes. (The lease's own bound is checked in process, in
+    // `controlplane::cluster::tests`.)
+    let status = cluster.status_from(1).unwrap();
+    let leader = Cluster::leader(&status).expect("a leader");
+    let other = (0..3).find(|n| *n != leader).unwrap();
+    let port = format!("p{}", leader + 1);
+    common::ip(&["-n", &cluster.hub, "link", "set", &port, "down"]);
+    let newest: Vec<u8> = data.iter().map(|b| b ^ 0xa5).collect();
+    std::fs::write(&file, &newest).unwrap();
+    wait_until(Duration::from_secs(30), Duration::from_millis(500), || {
+        let out = cluster.at_member(
+            other,
+            &["asset", "write", &s, "--in", file.to_str().unwrap()],
+        );
+        match out.status.success() {
+            true => Ok(()),
+            false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+        }
+    });
+    let (out, bytes) = read_back(leader);
+    let why = String::from_utf8_lossy(&out.stderr);
+    let old = if bytes == Some(newer.clone()) {
+        "its old bytes"
+    } else {
+        "other bytes"
+    };
+    assert!(
+        !out.status.success() && why.contains("server error 32:"),
+        "the old leader, cut off, answered a read ({}): {why}",
+        if bytes.is_some() { old } else { "none" }
+    );
+    common::ip(&["-n", &cluster.hub, "link", "set", &port, "up"]);
+    eventually(
+        leader,
+        &["asset", "read", &s, "--len", "70000", "--out", back_path],
+        &|out| out.status.success() && std::fs::read(&back).is_ok_and(|b| b == newest),
+    );
     // The operator's quota, set at member 1, holds at member 3.
     ok(&cluster.operator_at(0, &["quota", "set", &stranger_id, "--storage", "50K"]));
     let over = ["asset", "alloc", "storage", "60K"];

@@ -15,7 +15,7 @@ use dataplane::client::peers::Peers;
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 /// The largest command one log entry holds: one entry with an append's
 /// framing fits one Raft message ([`super::network::MESSAGE_MAX`]).
@@ -24,6 +24,12 @@ pub const ENTRY_MAX: usize = super::network::MESSAGE_MAX - 1024;
 /// How long a member waits for the leader to commit what it forwarded,
 /// and then to apply it itself.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long after sending an append a majority took the leader still
+/// answers reads from its lease: half of openraft's leader lease on the
+/// followers (500 ms), well under the 400 ms a follower waits without
+/// appends before it stands for election.
+const READ_LEASE: Duration = Duration::from_millis(250);
 
 /// How long a read waits to learn what the leader committed, and then to
 /// apply it here.
@@ -60,6 +66,9 @@ pub struct ClusterAuthority {
     /// When this member last heard from its leader (set by whoever takes
     /// its appends).
     heard: Heard,
+    /// The members' acknowledgements of this member's appends, for the
+    /// leader's read lease ([`Self::read_index`]); none: no lease.
+    acks: Option<super::network::Acks>,
 }
 
 impl ClusterAuthority {
@@ -72,7 +81,16 @@ impl ClusterAuthority {
             raft,
             forwarding: None,
             heard: Heard::default(),
+            acks: None,
         }
+    }
+
+    /// The leader answers reads from its lease while a majority took its
+    /// appends lately ([`Self::read_index`]); `acks` is what its network
+    /// records of that.
+    pub fn leasing(mut self, acks: super::network::Acks) -> Self {
+        self.acks = Some(acks);
+        self
     }
 
     /// What the member's Raft transport sets when it takes an append.
@@ -276,6 +294,9 @@ impl ClusterAuthority {
                 ),
             )
         };
+        if let Some(index) = self.leased_index() {
+            return Ok(index);
+        }
         let deadline = tokio::time::Instant::now() + READ_FENCE_TIMEOUT;
         loop {
             let round = tokio::time::timeout_at(deadline, self.raft.get_read_log_id()).await;
@@ -292,6 +313,50 @@ impl ClusterAuthority {
                 }
             }
         }
+    }
+
+    /// The read index without a confirmation round, while this leader's
+    /// lease holds: a majority of the voters (this member among them) took
+    /// an append of its current vote that it sent less than [`READ_LEASE`]
+    /// ago. Each of them refuses to vote for anyone else for openraft's
+    /// leader lease (`election_timeout_max`, 500 ms) from when it took it,
+    /// and stands for election itself only after 400 ms without an append,
+    /// so no other leader can be elected before the lease ends. The index
+    /// is the last one this leader appended, once it applied an entry of
+    /// its own term (before that, what earlier leaders committed is not
+    /// known to be in what it applied). None: a confirmation round it is.
+    pub(crate) fn leased_index(&self) -> Option<u64> {
+        let acks = self.acks.as_ref()?;
+        let metrics = self.raft.metrics().borrow().clone();
+        let me = metrics.id;
+        if metrics.current_leader != Some(me)
+            || !metrics.vote.is_committed()
+            || metrics.last_applied?.leader_id.term != metrics.vote.leader_id().term
+        {
+            return None;
+        }
+        let membership = metrics.membership_config.membership();
+        // A joint configuration needs a majority of each: not leased.
+        if membership.get_joint_config().len() != 1 {
+            return None;
+        }
+        let voters: Vec<u64> = membership.voter_ids().collect();
+        let majority = voters.len() / 2 + 1;
+        let acks = acks.borrow();
+        let mut sent: Vec<Instant> = voters
+            .iter()
+            .filter(|id| **id != me)
+            .filter_map(|id| acks.get(id))
+            .filter(|(vote, _)| *vote == metrics.vote)
+            .map(|(_, sent)| *sent)
+            .collect();
+        // This member is one of the majority; the rest are the latest.
+        sent.sort_unstable_by(|a, b| b.cmp(a));
+        let oldest_needed = match majority - 1 {
+            0 => return metrics.last_log_index,
+            others => *sent.get(others - 1)?,
+        };
+        (oldest_needed.elapsed() < READ_LEASE).then_some(metrics.last_log_index?)
     }
 
     pub fn service(&self) -> &Rc<RefCell<AuthorityService>> {

@@ -18,7 +18,10 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -121,9 +124,18 @@ pub fn holds_key_of(id: u64, address: &str) -> PeerCheck {
     })
 }
 
+/// When each member last took this member's appends as its leader's: the
+/// vote those appends carried, and when this member sent the latest one
+/// it answered (an answer other than "a higher vote": the member took the
+/// vote, and refuses to vote for another for openraft's leader lease from
+/// when it got it). What the leader's read lease stands on
+/// (`ClusterAuthority::read_index`).
+pub type Acks = Rc<RefCell<HashMap<u64, (openraft::Vote<u64>, Instant)>>>;
+
 /// One member's side of the network.
 pub struct StoqNetwork {
     pub peers: super::PeerSlot,
+    pub acks: Acks,
 }
 
 impl RaftNetworkFactory<TypeConfig> for StoqNetwork {
@@ -134,6 +146,7 @@ impl RaftNetworkFactory<TypeConfig> for StoqNetwork {
             target,
             address: node.address.clone(),
             peers: self.peers.clone(),
+            acks: self.acks.clone(),
         }
     }
 }
@@ -142,6 +155,7 @@ pub struct StoqConnection {
     target: u64,
     address: String,
     peers: super::PeerSlot,
+    acks: Acks,
 }
 
 type RpcError<E = openraft::error::Infallible> = RPCError<u64, Member, RaftError<u64, E>>;
@@ -200,11 +214,20 @@ impl RaftNetwork<TypeConfig> for StoqConnection {
                 PayloadTooLarge::new_entries_hint((entries / 2) as u64),
             ));
         }
+        let (vote, sent) = (rpc.vote, Instant::now());
         let answer = self
             .send(RAFT_APPEND, bytes, &option)
             .await
             .map_err(unreachable)?;
-        rpc::decode_append_response(&answer).ok_or_else(|| undecodable("append"))
+        let response = rpc::decode_append_response(&answer).ok_or_else(|| undecodable("append"))?;
+        if !matches!(response, AppendEntriesResponse::HigherVote(_)) {
+            let mut acks = self.acks.borrow_mut();
+            let ack = acks.entry(self.target).or_insert((vote, sent));
+            if ack.0 != vote || ack.1 < sent {
+                *ack = (vote, sent);
+            }
+        }
+        Ok(response)
     }
 
     async fn install_snapshot(

@@ -491,6 +491,76 @@ mod authority {
     }
 
     #[test]
+    fn the_leaders_read_lease_holds_only_while_a_majority_took_its_appends_lately() {
+        run(async {
+            let routes = Routes::default();
+            let members = members(&routes).await;
+            // A leader that applied an entry of its own term.
+            let leader_id = members[0]
+                .authority
+                .raft()
+                .wait(WAIT)
+                .metrics(|m| m.current_leader.is_some(), "a leader")
+                .await
+                .unwrap()
+                .current_leader
+                .unwrap();
+            let leader = &members[(leader_id - 1) as usize];
+            let metrics = leader
+                .authority
+                .raft()
+                .wait(WAIT)
+                .metrics(
+                    |m| {
+                        m.last_applied.is_some_and(|applied| {
+                            applied.leader_id.term == m.vote.leader_id().term
+                        })
+                    },
+                    "the leader applied its own entry",
+                )
+                .await
+                .unwrap();
+            let acks = network::Acks::default();
+            let leasing = ClusterAuthority::new(
+                leader.authority.service().clone(),
+                leader.authority.raft().clone(),
+            )
+            .leasing(acks.clone());
+            let follower = (1..=3u64).find(|id| *id != metrics.id).unwrap();
+            let vote = metrics.vote;
+            // No member took an append lately: a confirmation round.
+            assert_eq!(leasing.leased_index(), None);
+            // One follower took one sent just now: with the leader, a
+            // majority of three. The lease gives the last index appended.
+            acks.borrow_mut()
+                .insert(follower, (vote, std::time::Instant::now()));
+            assert_eq!(leasing.leased_index(), metrics.last_log_index);
+            // Sent 300 ms ago: past the lease (followers stand for
+            // election after 400 ms without an append).
+            let long_ago = std::time::Instant::now() - Duration::from_millis(300);
+            acks.borrow_mut().insert(follower, (vote, long_ago));
+            assert_eq!(leasing.leased_index(), None);
+            // Taken as another term's leader's: not this leader's lease.
+            let other = openraft::Vote::new_committed(vote.leader_id().term + 1, metrics.id);
+            acks.borrow_mut()
+                .insert(follower, (other, std::time::Instant::now()));
+            assert_eq!(leasing.leased_index(), None);
+            // A follower has no lease, whatever its acks say.
+            let follower_authority = ClusterAuthority::new(
+                members[(follower - 1) as usize].authority.service().clone(),
+                members[(follower - 1) as usize].authority.raft().clone(),
+            )
+            .leasing(acks.clone());
+            acks.borrow_mut()
+                .insert(follower, (vote, std::time::Instant::now()));
+            assert_eq!(follower_authority.leased_index(), None);
+            for member in &members {
+                member.authority.raft().shutdown().await.unwrap();
+            }
+        });
+    }
+
+    #[test]
     fn changes_go_through_the_log_and_followers_point_at_the_leader() {
         run(async {
             let routes = Routes::default();

@@ -278,8 +278,10 @@ impl MemberRuntime {
         let peers: PeerSlot = Rc::default();
         let log = LogStore::open(&data_dir.join(RAFT_LOG_FILE)).map_err(cluster_error)?;
         let raft_config = Arc::new(raft_config().validate().map_err(cluster_error)?);
+        let acks = crate::cluster::network::Acks::default();
         let network = StoqNetwork {
             peers: peers.clone(),
+            acks: acks.clone(),
         };
         let me = cluster.node.clone();
         let raft = Raft::new(me.id, raft_config, network, log, state_machine)
@@ -317,8 +319,9 @@ impl MemberRuntime {
                 "the cluster knows this member by another asset locator than its configuration's: the others proxy by the one they know (remove this member and join again to change it)"
             );
         }
-        let authority =
-            ClusterAuthority::new(service.clone(), raft.clone()).forwarding(peers.clone(), recent);
+        let authority = ClusterAuthority::new(service.clone(), raft.clone())
+            .forwarding(peers.clone(), recent)
+            .leasing(acks);
         let material = service.borrow().trust();
         let trust = TrustStore::new(trust_snapshot(&material)?);
         let zone = match &zone_config {
