@@ -341,6 +341,11 @@ impl ClusterAuthority {
             return None;
         }
         let voters: Vec<u64> = membership.voter_ids().collect();
+        // A leader removed as a voter (still leading as a learner) is not
+        // one of the majority that elects the next.
+        if !voters.contains(&me) {
+            return None;
+        }
         let majority = voters.len() / 2 + 1;
         let acks = acks.borrow();
         let mut sent: Vec<Instant> = voters

@@ -223,7 +223,9 @@ impl RaftNetwork<TypeConfig> for StoqConnection {
         if !matches!(response, AppendEntriesResponse::HigherVote(_)) {
             let mut acks = self.acks.borrow_mut();
             let ack = acks.entry(self.target).or_insert((vote, sent));
-            if ack.0 != vote || ack.1 < sent {
+            // A late answer to an older vote's append never replaces a
+            // newer one's.
+            if vote > ack.0 || (vote == ack.0 && sent > ack.1) {
                 *ack = (vote, sent);
             }
         }

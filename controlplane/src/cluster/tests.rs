@@ -551,8 +551,10 @@ mod authority {
                 members[(follower - 1) as usize].authority.raft().clone(),
             )
             .leasing(acks.clone());
-            acks.borrow_mut()
-                .insert(follower, (vote, std::time::Instant::now()));
+            for id in 1..=3u64 {
+                acks.borrow_mut()
+                    .insert(id, (vote, std::time::Instant::now()));
+            }
             assert_eq!(follower_authority.leased_index(), None);
             for member in &members {
                 member.authority.raft().shutdown().await.unwrap();
