@@ -1251,6 +1251,33 @@ fn memory_assets_are_proxied_to_their_member_and_storage_assets_replicated() {
         );
         (out, std::fs::read(&back).ok())
     };
+    // `file` written to the storage asset through member `n`, once a
+    // majority there commits it (after an election, when one is due).
+    let write_through = |n: usize| {
+        wait_until(Duration::from_secs(30), Duration::from_millis(500), || {
+            let write = ["asset", "write", &s, "--in", file.to_str().unwrap()];
+            let out = cluster.at_member(n, &write);
+            match out.status.success() {
+                true => Ok(()),
+                false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+            }
+        });
+    };
+    // Member `n`, cut off, refuses a read with `NOT_LEADER` (code 32)
+    // rather than answer with anything, `held` (its old bytes) above all.
+    let refuses_read = |n: usize, held: &[u8], name: &str| {
+        let (out, bytes) = read_back(n);
+        let why = String::from_utf8_lossy(&out.stderr);
+        let answered = match &bytes {
+            Some(bytes) if bytes == held => "its old bytes",
+            Some(_) => "other bytes",
+            None => "none",
+        };
+        assert!(
+            !out.status.success() && why.contains("server error 32:"),
+            "{name}, cut off, answered a read ({answered}): {why}"
+        );
+    };
     // Reads are linearizable: written through member 1, the bytes read
     // back at member 2 at once, whether or not member 2 had applied the
     // write when the read arrived.
@@ -1264,25 +1291,8 @@ fn memory_assets_are_proxied_to_their_member_and_storage_assets_replicated() {
     common::ip(&["-n", &cluster.hub, "link", "set", "p2", "down"]);
     let newer: Vec<u8> = data.iter().map(|b| b ^ 0x5a).collect();
     std::fs::write(&file, &newer).unwrap();
-    wait_until(Duration::from_secs(30), Duration::from_millis(500), || {
-        let out = cluster.at_member(0, &["asset", "write", &s, "--in", file.to_str().unwrap()]);
-        match out.status.success() {
-            true => Ok(()),
-            false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
-        }
-    });
-    let (out, bytes) = read_back(1);
-    let why = String::from_utf8_lossy(&out.stderr);
-    let old = if bytes == Some(data.clone()) {
-        "its old bytes"
-    } else {
-        "other bytes"
-    };
-    assert!(
-        !out.status.success() && why.contains("server error 32:"),
-        "member 2, cut off, answered a read ({}): {why}",
-        if bytes.is_some() { old } else { "none" }
-    );
+    write_through(0);
+    refuses_read(1, &data, "member 2");
     common::ip(&["-n", &cluster.hub, "link", "set", "p2", "up"]);
     eventually(
         1,
@@ -1301,28 +1311,8 @@ fn memory_assets_are_proxied_to_their_member_and_storage_assets_replicated() {
     common::ip(&["-n", &cluster.hub, "link", "set", &port, "down"]);
     let newest: Vec<u8> = data.iter().map(|b| b ^ 0xa5).collect();
     std::fs::write(&file, &newest).unwrap();
-    wait_until(Duration::from_secs(30), Duration::from_millis(500), || {
-        let out = cluster.at_member(
-            other,
-            &["asset", "write", &s, "--in", file.to_str().unwrap()],
-        );
-        match out.status.success() {
-            true => Ok(()),
-            false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
-        }
-    });
-    let (out, bytes) = read_back(leader);
-    let why = String::from_utf8_lossy(&out.stderr);
-    let old = if bytes == Some(newer.clone()) {
-        "its old bytes"
-    } else {
-        "other bytes"
-    };
-    assert!(
-        !out.status.success() && why.contains("server error 32:"),
-        "the old leader, cut off, answered a read ({}): {why}",
-        if bytes.is_some() { old } else { "none" }
-    );
+    write_through(other);
+    refuses_read(leader, &newer, "the old leader");
     common::ip(&["-n", &cluster.hub, "link", "set", &port, "up"]);
     eventually(
         leader,

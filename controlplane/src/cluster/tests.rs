@@ -478,6 +478,20 @@ mod authority {
         out
     }
 
+    /// The leader, once member 1 knows one: its id and its member.
+    async fn leader_of(members: &[Member]) -> (u64, &Member) {
+        let id = members[0]
+            .authority
+            .raft()
+            .wait(WAIT)
+            .metrics(|m| m.current_leader.is_some(), "a leader")
+            .await
+            .unwrap()
+            .current_leader
+            .unwrap();
+        (id, &members[(id - 1) as usize])
+    }
+
     fn enroll_payload(dir: &TempDir, name: &str) -> Vec<u8> {
         let key = rcgen::KeyPair::generate().unwrap();
         let csr = rcgen::CertificateParams::new(vec![name.to_owned()])
@@ -496,16 +510,7 @@ mod authority {
             let routes = Routes::default();
             let members = members(&routes).await;
             // A leader that applied an entry of its own term.
-            let leader_id = members[0]
-                .authority
-                .raft()
-                .wait(WAIT)
-                .metrics(|m| m.current_leader.is_some(), "a leader")
-                .await
-                .unwrap()
-                .current_leader
-                .unwrap();
-            let leader = &members[(leader_id - 1) as usize];
+            let (_, leader) = leader_of(&members).await;
             let metrics = leader
                 .authority
                 .raft()
@@ -567,15 +572,7 @@ mod authority {
         run(async {
             let routes = Routes::default();
             let members = members(&routes).await;
-            let metrics = members[0]
-                .authority
-                .raft()
-                .wait(WAIT)
-                .metrics(|m| m.current_leader.is_some(), "a leader")
-                .await
-                .unwrap();
-            let leader_id = metrics.current_leader.unwrap();
-            let leader = &members[(leader_id - 1) as usize];
+            let (leader_id, leader) = leader_of(&members).await;
             let follower = members
                 .iter()
                 .find(|m| m.authority.raft().metrics().borrow().id != leader_id)
